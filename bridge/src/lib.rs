@@ -1,0 +1,1 @@
+//! Verify, sequence-check and durably forward device telemetry (issue 4). Not built yet.

@@ -1,0 +1,372 @@
+//! Signature algorithms, device keys and the key-lookup seam.
+//!
+//! Verification keys are parsed and validated once, when a registry is loaded, so the
+//! per-message path never re-validates a point and never meets a weak key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::Verifier as _;
+use ring::signature::{self as ring_sig, KeyPair as _};
+
+use crate::DeviceId;
+
+/// The two algorithms of the profile (SPEC section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Algorithm {
+    /// EdDSA with Ed25519 only, COSE id -8, verified strictly.
+    #[serde(rename = "EdDSA")]
+    EdDsa,
+    /// ECDSA P-256 with SHA-256, COSE id -7, signature as raw `r || s`.
+    #[serde(rename = "ES256")]
+    Es256,
+}
+
+impl Algorithm {
+    /// The COSE algorithm identifier.
+    pub const fn cose_id(self) -> i64 {
+        match self {
+            Self::EdDsa => -8,
+            Self::Es256 => -7,
+        }
+    }
+
+    pub fn from_cose_id(id: i64) -> Option<Self> {
+        match id {
+            -8 => Some(Self::EdDsa),
+            -7 => Some(Self::Es256),
+            _ => None,
+        }
+    }
+
+    /// The name used in the registry, the CLI and JSON output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::EdDsa => "EdDSA",
+            Self::Es256 => "ES256",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "EdDSA" | "eddsa" | "Ed25519" | "ed25519" => Ok(Self::EdDsa),
+            "ES256" | "es256" => Ok(Self::Es256),
+            other => Err(KeyError::UnknownAlgorithm(other.escape_debug().to_string())),
+        }
+    }
+}
+
+/// Why key material was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    #[error("unknown algorithm `{0}` (expected EdDSA or ES256)")]
+    UnknownAlgorithm(String),
+    #[error("{alg} public key must be {expected} bytes, got {got}")]
+    Length {
+        alg: Algorithm,
+        expected: usize,
+        got: usize,
+    },
+    #[error("Ed25519 public key is not a valid point or has small order")]
+    WeakOrInvalidEd25519,
+    #[error("ES256 public key is not an uncompressed point on P-256")]
+    InvalidP256Point,
+    #[error("private key: {0}")]
+    Private(String),
+}
+
+/// A device's public key, validated for its algorithm.
+#[derive(Clone, PartialEq, Eq)]
+pub enum VerifyingKey {
+    Ed25519(ed25519_dalek::VerifyingKey),
+    /// The uncompressed SEC1 point `04 || x || y`, checked to lie on P-256.
+    Es256(Box<[u8; 65]>),
+}
+
+impl VerifyingKey {
+    /// Parses a public key: 32 bytes for Ed25519; the 65-byte uncompressed SEC1 point
+    /// for ES256. Small-order Ed25519 keys and points off the curve are refused.
+    pub fn from_bytes(alg: Algorithm, bytes: &[u8]) -> Result<Self, KeyError> {
+        match alg {
+            Algorithm::EdDsa => {
+                let raw: &[u8; 32] = bytes.try_into().map_err(|_| KeyError::Length {
+                    alg,
+                    expected: 32,
+                    got: bytes.len(),
+                })?;
+                let key = ed25519_dalek::VerifyingKey::from_bytes(raw)
+                    .map_err(|_| KeyError::WeakOrInvalidEd25519)?;
+                if key.is_weak() {
+                    return Err(KeyError::WeakOrInvalidEd25519);
+                }
+                Ok(Self::Ed25519(key))
+            }
+            Algorithm::Es256 => {
+                let raw: [u8; 65] = bytes.try_into().map_err(|_| KeyError::Length {
+                    alg,
+                    expected: 65,
+                    got: bytes.len(),
+                })?;
+                if raw[0] != 0x04 || p256::PublicKey::from_sec1_bytes(&raw).is_err() {
+                    return Err(KeyError::InvalidP256Point);
+                }
+                Ok(Self::Es256(Box::new(raw)))
+            }
+        }
+    }
+
+    /// Parses the hex form used by the registry and the CLI.
+    pub fn from_hex(alg: Algorithm, hex_str: &str) -> Result<Self, KeyError> {
+        let bytes = hex::decode(hex_str.trim()).map_err(|_| KeyError::Length {
+            alg,
+            expected: if alg == Algorithm::EdDsa { 32 } else { 65 },
+            got: 0,
+        })?;
+        Self::from_bytes(alg, &bytes)
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        match self {
+            Self::Ed25519(_) => Algorithm::EdDsa,
+            Self::Es256(_) => Algorithm::Es256,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            Self::Ed25519(key) => key.to_bytes().to_vec(),
+            Self::Es256(point) => point.to_vec(),
+        }
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.to_bytes())
+    }
+
+    /// Verifies `signature` over `message`. Ed25519 uses `verify_strict` (canonical `S`,
+    /// no small-order `R`); ES256 wants exactly 64 bytes of `r || s`.
+    pub(crate) fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), &'static str> {
+        match self {
+            Self::Ed25519(key) => {
+                let raw: &[u8; 64] = signature
+                    .try_into()
+                    .map_err(|_| "Ed25519 signature is not 64 bytes")?;
+                let signature = ed25519_dalek::Signature::from_bytes(raw);
+                key.verify_strict(message, &signature)
+                    .map_err(|_| "Ed25519 signature does not verify (strict)")
+            }
+            Self::Es256(point) => {
+                if signature.len() != 64 {
+                    return Err("ES256 signature is not 64 bytes of raw r || s");
+                }
+                ring_sig::UnparsedPublicKey::new(&ring_sig::ECDSA_P256_SHA256_FIXED, &point[..])
+                    .verify(message, signature)
+                    .map_err(|_| "ES256 signature does not verify")
+            }
+        }
+    }
+
+    /// Non-strict Ed25519 verification, used only by tests to show what strictness adds.
+    #[doc(hidden)]
+    pub fn verify_lenient_for_tests(&self, message: &[u8], signature: &[u8]) -> bool {
+        match self {
+            Self::Ed25519(key) => <&[u8; 64]>::try_from(signature).is_ok_and(|raw| {
+                key.verify(message, &ed25519_dalek::Signature::from_bytes(raw))
+                    .is_ok()
+            }),
+            Self::Es256(_) => self.verify(message, signature).is_ok(),
+        }
+    }
+}
+
+impl fmt::Debug for VerifyingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VerifyingKey({}, {})", self.algorithm(), self.to_hex())
+    }
+}
+
+/// A device's private COSE signing key (held by devices and the simulator, never by
+/// the bridge).
+pub enum SigningKey {
+    Ed25519(ed25519_dalek::SigningKey),
+    Es256(Box<Es256Signer>),
+}
+
+/// A P-256 key: `ring` signs (fast, constant time), the scalar is kept for export.
+pub struct Es256Signer {
+    pair: ring_sig::EcdsaKeyPair,
+    secret: p256::SecretKey,
+}
+
+impl SigningKey {
+    /// A fresh random key.
+    pub fn generate(alg: Algorithm) -> Result<Self, KeyError> {
+        match alg {
+            Algorithm::EdDsa => {
+                let mut seed = [0u8; 32];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+                    .map_err(|_| KeyError::Private("system randomness unavailable".into()))?;
+                Ok(Self::Ed25519(ed25519_dalek::SigningKey::from_bytes(&seed)))
+            }
+            Algorithm::Es256 => {
+                let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+                Self::from_private_bytes(alg, &secret.to_bytes())
+            }
+        }
+    }
+
+    /// From the raw private scalar: the 32-byte RFC 8032 seed for Ed25519, the 32-byte
+    /// big-endian `d` for P-256.
+    pub fn from_private_bytes(alg: Algorithm, bytes: &[u8]) -> Result<Self, KeyError> {
+        let raw: &[u8; 32] = bytes
+            .try_into()
+            .map_err(|_| KeyError::Private(format!("{alg} private key must be 32 bytes")))?;
+        match alg {
+            Algorithm::EdDsa => Ok(Self::Ed25519(ed25519_dalek::SigningKey::from_bytes(raw))),
+            Algorithm::Es256 => {
+                let secret = p256::SecretKey::from_slice(raw)
+                    .map_err(|_| KeyError::Private("P-256 scalar out of range".into()))?;
+                let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(
+                    &secret.public_key(),
+                    false,
+                );
+                ring_sig::EcdsaKeyPair::from_private_key_and_public_key(
+                    &ring_sig::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    raw,
+                    point.as_bytes(),
+                    &ring::rand::SystemRandom::new(),
+                )
+                .map(|pair| Self::Es256(Box::new(Es256Signer { pair, secret })))
+                .map_err(|e| KeyError::Private(format!("P-256 key rejected: {e}")))
+            }
+        }
+    }
+
+    /// Reads a PKCS#8 PEM private key ("PRIVATE KEY"), as `certs` writes them.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, KeyError> {
+        use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+        if let Ok(key) = ed25519_dalek::SigningKey::from_pkcs8_pem(pem) {
+            return Ok(Self::Ed25519(key));
+        }
+        let secret = <p256::SecretKey as p256::pkcs8::DecodePrivateKey>::from_pkcs8_pem(pem)
+            .map_err(|_| {
+                KeyError::Private("not a PKCS#8 PEM Ed25519 or P-256 private key".into())
+            })?;
+        Self::from_private_bytes(Algorithm::Es256, &secret.to_bytes())
+    }
+
+    /// Writes the key as PKCS#8 PEM, readable by openssl and pycose.
+    pub fn to_pkcs8_pem(&self) -> Result<String, KeyError> {
+        let pem = match self {
+            Self::Ed25519(key) => {
+                use ed25519_dalek::pkcs8::EncodePrivateKey as _;
+                key.to_pkcs8_pem(Default::default())
+            }
+            Self::Es256(signer) => {
+                use p256::pkcs8::EncodePrivateKey as _;
+                signer.secret.to_pkcs8_pem(Default::default())
+            }
+        };
+        pem.map(|pem| pem.to_string())
+            .map_err(|e| KeyError::Private(e.to_string()))
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        match self {
+            Self::Ed25519(_) => Algorithm::EdDsa,
+            Self::Es256(_) => Algorithm::Es256,
+        }
+    }
+
+    pub fn verifying_key(&self) -> VerifyingKey {
+        match self {
+            Self::Ed25519(key) => VerifyingKey::Ed25519(key.verifying_key()),
+            Self::Es256(signer) => {
+                let mut point = [0u8; 65];
+                point.copy_from_slice(signer.pair.public_key().as_ref());
+                VerifyingKey::Es256(Box::new(point))
+            }
+        }
+    }
+
+    /// Signs `message`: 64 bytes, `R || S` for Ed25519 and raw `r || s` for ES256.
+    pub(crate) fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        match self {
+            Self::Ed25519(key) => {
+                use ed25519_dalek::Signer as _;
+                Ok(key.sign(message).to_bytes().to_vec())
+            }
+            Self::Es256(signer) => signer
+                .pair
+                .sign(&ring::rand::SystemRandom::new(), message)
+                .map(|sig| sig.as_ref().to_vec())
+                .map_err(|_| KeyError::Private("ES256 signing failed".into())),
+        }
+    }
+}
+
+impl fmt::Debug for Es256Signer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Es256Signer(<secret>)")
+    }
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SigningKey({}, <secret>)", self.algorithm())
+    }
+}
+
+/// Where a verifier finds the key for a `kid`: the device registry in the bridge, a
+/// single key on the command line, a map in tests. The key always comes from here,
+/// never from the message (SPEC section 3).
+pub trait KeyLookup {
+    /// The registered key of `device`, or `None` when the device is not registered.
+    fn key_for(&self, device: &DeviceId) -> Option<&VerifyingKey>;
+}
+
+impl KeyLookup for HashMap<DeviceId, VerifyingKey> {
+    fn key_for(&self, device: &DeviceId) -> Option<&VerifyingKey> {
+        self.get(device)
+    }
+}
+
+impl KeyLookup for BTreeMap<DeviceId, VerifyingKey> {
+    fn key_for(&self, device: &DeviceId) -> Option<&VerifyingKey> {
+        self.get(device)
+    }
+}
+
+impl<T: KeyLookup + ?Sized> KeyLookup for &T {
+    fn key_for(&self, device: &DeviceId) -> Option<&VerifyingKey> {
+        (**self).key_for(device)
+    }
+}
+
+impl<T: KeyLookup + ?Sized> KeyLookup for std::sync::Arc<T> {
+    fn key_for(&self, device: &DeviceId) -> Option<&VerifyingKey> {
+        (**self).key_for(device)
+    }
+}
+
+/// One key that serves any `kid`: for `vitalmq envelope verify --pubkey-hex`, where
+/// the integrator names the key, and `--kid` (if given) pins the device.
+#[derive(Debug, Clone)]
+pub struct AnyKid(pub VerifyingKey);
+
+impl KeyLookup for AnyKid {
+    fn key_for(&self, _device: &DeviceId) -> Option<&VerifyingKey> {
+        Some(&self.0)
+    }
+}

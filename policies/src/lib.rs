@@ -1,0 +1,14 @@
+//! The vitalmq policy model: plain data loaded from files, validated into typed values.
+//!
+//! Architecture invariant: policies are data, not code paths. Loading either yields a
+//! complete, validated value or a [`PolicyErrors`] naming file, line and field for every
+//! problem found; it never yields half a policy.
+#![forbid(unsafe_code)]
+
+mod error;
+mod identity;
+mod registry;
+
+pub use error::{PolicyError, PolicyErrors};
+pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
+pub use registry::{DeviceEntry, DeviceRegistry, RegistryFile, SiteBound, SiteId};
