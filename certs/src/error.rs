@@ -1,0 +1,56 @@
+//! The errors of the PKI library. The CLI adds file context with `anyhow`.
+
+use std::path::PathBuf;
+
+use vitalmq_policies::{PrincipalId, Role};
+
+/// Why a PKI operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertsError {
+    /// `rcgen` refused to build or sign something (a bug or a bad key file).
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("system randomness unavailable")]
+    Random,
+    #[error("device key: {0}")]
+    DeviceKey(#[from] vitalmq_envelope::KeyError),
+    #[error("validity: not_after ({not_after}) must be later than not_before ({not_before})")]
+    Validity {
+        not_before: String,
+        not_after: String,
+    },
+    #[error("`{0}` is not a valid DNS name or IP address for the server certificate")]
+    ServerName(String),
+    #[error("`{0}` is not a certificate serial number (hex, at most 20 bytes)")]
+    Serial(String),
+    #[error("{path}: refusing to overwrite, it already exists")]
+    Exists { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
+    #[error("{role} `{id}` has already been issued (serial {serial})")]
+    AlreadyIssued {
+        role: Role,
+        id: PrincipalId,
+        serial: String,
+    },
+    #[error("no live certificate matches {0}")]
+    NotFound(String),
+    #[error("certificate {0} is already revoked")]
+    AlreadyRevoked(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CertsError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+}

@@ -1,0 +1,295 @@
+//! A whole demo/test deployment built in memory: CA, broker certificate, one identity
+//! per party, a COSE key per device and the device registry. [`crate::layout`] writes it
+//! out; broker and bridge tests may use it directly.
+//!
+//! Naming: sites `site-01`.., devices `dev-00001`.. assigned to sites round-robin
+//! (device *i* goes to site `((i - 1) mod S) + 1`), one gateway `gw-<site>` and one
+//! integrator `int-<site>` per site, one bridge `bridge-01`, one operator `ops-01`.
+
+use std::collections::BTreeSet;
+
+use time::OffsetDateTime;
+use vitalmq_envelope::{Algorithm, DeviceId, SigningKey};
+use vitalmq_policies::{
+    DeviceEntry, DeviceRegistry, PrincipalId, Role, SiteId, SpiffeId, TrustDomain,
+};
+
+use crate::ca::{Ca, Validity};
+use crate::error::CertsError;
+use crate::issue::{IssuedCert, ServerName};
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct FleetPlan {
+    pub trust_domain: TrustDomain,
+    pub devices: u32,
+    pub sites: u32,
+    /// Devices that sign with ES256 instead of the default Ed25519.
+    pub es256: BTreeSet<DeviceId>,
+    /// Also every K-th device (`dev-0000K`, `dev-000(2K)`, ..) signs with ES256.
+    pub es256_every: Option<u32>,
+    /// Validity of the CA, in days.
+    pub ca_days: u32,
+    /// Validity of the leaf certificates, in days.
+    pub leaf_days: u32,
+    pub server_names: Vec<ServerName>,
+}
+
+impl FleetPlan {
+    pub fn new(trust_domain: TrustDomain, devices: u32, sites: u32) -> Self {
+        Self {
+            trust_domain,
+            devices,
+            sites,
+            es256: BTreeSet::new(),
+            es256_every: None,
+            ca_days: 3650,
+            leaf_days: 365,
+            server_names: ServerName::local_defaults(),
+        }
+    }
+
+    /// The COSE algorithm of device number `n` (1-based) called `id`.
+    pub fn algorithm_of(&self, n: u32, id: &DeviceId) -> Algorithm {
+        let every = self.es256_every.is_some_and(|k| k > 0 && n % k == 0);
+        if every || self.es256.contains(id) {
+            Algorithm::Es256
+        } else {
+            Algorithm::EdDsa
+        }
+    }
+}
+
+/// An identity certificate together with who it is for.
+#[derive(Debug, Clone)]
+pub struct IssuedIdentity {
+    pub id: SpiffeId,
+    pub cert: IssuedCert,
+}
+
+/// A device's COSE signing key (its public half is in the registry).
+#[derive(Debug)]
+pub struct DeviceKey {
+    pub id: DeviceId,
+    pub key: SigningKey,
+}
+
+/// The built deployment.
+#[derive(Debug)]
+pub struct Fleet {
+    pub ca: Ca,
+    pub server: IssuedCert,
+    pub identities: Vec<IssuedIdentity>,
+    pub device_keys: Vec<DeviceKey>,
+    pub registry: DeviceRegistry,
+}
+
+/// `dev-00001` for `n = 1`.
+pub fn device_id(n: u32) -> DeviceId {
+    // The format always matches the id grammar (letters, digits, '-').
+    DeviceId::new(format!("dev-{n:05}")).expect("dev-NNNNN is a valid device id")
+}
+
+/// `site-01` for `n = 1`.
+pub fn site_id(n: u32) -> SiteId {
+    SiteId::new(format!("site-{n:02}")).expect("site-NN is a valid site id")
+}
+
+fn principal(s: String) -> Result<PrincipalId, CertsError> {
+    PrincipalId::new(s).map_err(|e| CertsError::Usage(e.to_string()))
+}
+
+/// A random pseudonymous patient reference, `pt-` and 16 hex digits: no meaning, no
+/// link to a person (the mapping, if any, lives outside vitalmq).
+pub fn random_patient_ref() -> Result<String, CertsError> {
+    let mut bytes = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| CertsError::Random)?;
+    Ok(format!("pt-{}", hex::encode(bytes)))
+}
+
+/// The PEM a device's COSE key is stored as: PKCS#8, and for Ed25519 the version 1 form
+/// (RFC 8410, seed only). `SigningKey::to_pkcs8_pem` writes the v2 form with the public
+/// key attached, which OpenSSL 3.0 cannot read; both forms load with
+/// `SigningKey::from_pkcs8_pem`.
+pub fn cose_key_pem(key: &SigningKey) -> Result<String, CertsError> {
+    match key {
+        SigningKey::Ed25519(ed) => {
+            use ed25519_dalek::pkcs8::{EncodePrivateKey as _, KeypairBytes};
+            let v1 = KeypairBytes {
+                secret_key: ed.to_bytes(),
+                public_key: None,
+            };
+            v1.to_pkcs8_pem(Default::default())
+                .map(|pem| pem.to_string())
+                .map_err(|e| {
+                    CertsError::DeviceKey(vitalmq_envelope::KeyError::Private(e.to_string()))
+                })
+        }
+        other => Ok(other.to_pkcs8_pem()?),
+    }
+}
+
+/// A new COSE key for a device and its registry entry.
+pub fn enroll_device(
+    id: DeviceId,
+    site: SiteId,
+    alg: Algorithm,
+) -> Result<(DeviceKey, DeviceEntry), CertsError> {
+    let key = SigningKey::generate(alg)?;
+    let entry = DeviceEntry {
+        id: id.clone(),
+        site,
+        patient_ref: random_patient_ref()?,
+        key: key.verifying_key(),
+        consent: None,
+    };
+    Ok((DeviceKey { id, key }, entry))
+}
+
+impl Fleet {
+    /// Builds everything in `plan`, valid from `now`.
+    pub fn build(plan: &FleetPlan, now: OffsetDateTime) -> Result<Self, CertsError> {
+        if plan.sites == 0 {
+            return Err(CertsError::Usage("at least one site is needed".into()));
+        }
+        if plan.sites > 99 || plan.devices > 99_999 {
+            return Err(CertsError::Usage(
+                "at most 99 sites and 99999 devices (ids are site-NN and dev-NNNNN)".into(),
+            ));
+        }
+        if let Some(unknown) = plan
+            .es256
+            .iter()
+            .find(|d| !(1..=plan.devices).any(|n| device_id(n) == **d))
+        {
+            return Err(CertsError::Usage(format!(
+                "--es256 names `{unknown}`, which is not one of the {} devices",
+                plan.devices
+            )));
+        }
+        let td = &plan.trust_domain;
+        let ca = Ca::generate(td.clone(), Validity::days_from(now, plan.ca_days))?;
+        let leaf = Validity::days_from(now, plan.leaf_days);
+        let server = ca.issue_server(&plan.server_names, leaf)?;
+        let mut registry = DeviceRegistry::new(td.clone());
+        let mut parties: Vec<(Role, PrincipalId)> = Vec::new();
+        let mut device_keys = Vec::new();
+        for n in 1..=plan.devices {
+            let id = device_id(n);
+            let site = site_id((n - 1) % plan.sites + 1);
+            let (key, entry) = enroll_device(id.clone(), site, plan.algorithm_of(n, &id))?;
+            // Ids are distinct by construction, so the registry cannot refuse one.
+            registry
+                .insert_device(entry)
+                .map_err(|dup| CertsError::Usage(format!("device `{dup}` twice")))?;
+            device_keys.push(key);
+            parties.push((Role::Device, PrincipalId::from(id)));
+        }
+        for s in 1..=plan.sites {
+            let site = site_id(s);
+            let gw = principal(format!("gw-{site}"))?;
+            let int = principal(format!("int-{site}"))?;
+            registry.insert_gateway(gw.clone(), site.clone());
+            registry.insert_integrator(int.clone(), site);
+            parties.push((Role::Gateway, gw));
+            parties.push((Role::Integrator, int));
+        }
+        parties.push((Role::Bridge, principal("bridge-01".into())?));
+        parties.push((Role::Operator, principal("ops-01".into())?));
+        let identities = parties
+            .into_iter()
+            .map(|(role, id)| {
+                let id = SpiffeId::new(td.clone(), role, id);
+                let cert = ca.issue_identity(&id, leaf)?;
+                Ok(IssuedIdentity { id, cert })
+            })
+            .collect::<Result<_, CertsError>>()?;
+        Ok(Self {
+            ca,
+            server,
+            identities,
+            device_keys,
+            registry,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_is_followed() {
+        let td = TrustDomain::new("demo.vitalmq").expect("td");
+        let mut plan = FleetPlan::new(td, 5, 2);
+        plan.es256.insert(device_id(2));
+        plan.es256_every = Some(5);
+        let fleet = Fleet::build(&plan, OffsetDateTime::now_utc()).expect("fleet");
+        let algs: Vec<_> = fleet
+            .registry
+            .devices()
+            .map(|d| d.key.algorithm())
+            .collect();
+        use Algorithm::{EdDsa, Es256};
+        assert_eq!(algs, [EdDsa, Es256, EdDsa, EdDsa, Es256]);
+        let sites: Vec<_> = fleet
+            .registry
+            .devices()
+            .map(|d| d.site.to_string())
+            .collect();
+        assert_eq!(
+            sites,
+            ["site-01", "site-02", "site-01", "site-02", "site-01"]
+        );
+        for key in &fleet.device_keys {
+            let entry = fleet.registry.device(&key.id).expect("registered");
+            assert_eq!(entry.key, key.key.verifying_key());
+            assert!(entry.patient_ref.starts_with("pt-") && entry.patient_ref.len() == 19);
+        }
+        let uris: Vec<_> = fleet.identities.iter().map(|i| i.id.uri()).collect();
+        assert_eq!(uris.len(), 5 + 2 * 2 + 2);
+        for expected in [
+            "spiffe://demo.vitalmq/device/dev-00005",
+            "spiffe://demo.vitalmq/gateway/gw-site-02",
+            "spiffe://demo.vitalmq/integrator/int-site-01",
+            "spiffe://demo.vitalmq/bridge/bridge-01",
+            "spiffe://demo.vitalmq/operator/ops-01",
+        ] {
+            assert!(uris.iter().any(|u| u == expected), "{expected} missing");
+        }
+        let gw = PrincipalId::new("gw-site-02").expect("id");
+        assert_eq!(
+            fleet.registry.gateway_site(&gw).map(|s| s.to_string()),
+            Some("site-02".into())
+        );
+        let serials: BTreeSet<_> = fleet.identities.iter().map(|i| &i.cert.serial).collect();
+        assert_eq!(serials.len(), fleet.identities.len(), "serials are unique");
+    }
+
+    #[test]
+    fn cose_key_pem_round_trips_and_ed25519_uses_pkcs8_v1() {
+        for alg in [Algorithm::EdDsa, Algorithm::Es256] {
+            let key = SigningKey::generate(alg).expect("key");
+            let pem = cose_key_pem(&key).expect("pem");
+            assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+            let back = SigningKey::from_pkcs8_pem(&pem).expect("reload");
+            assert_eq!(back.verifying_key(), key.verifying_key());
+            if alg == Algorithm::EdDsa {
+                let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("pem");
+                // RFC 8410 v1: SEQUENCE { 0, { id-Ed25519 }, OCTET STRING { OCTET STRING seed } }
+                assert_eq!(block.contents.len(), 48);
+                assert_eq!(&block.contents[..5], &[0x30, 0x2e, 0x02, 0x01, 0x00]);
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_es256_device_is_refused() {
+        let td = TrustDomain::new("demo.vitalmq").expect("td");
+        let mut plan = FleetPlan::new(td, 2, 1);
+        plan.es256.insert(device_id(3));
+        let err = Fleet::build(&plan, OffsetDateTime::now_utc()).expect_err("refused");
+        assert!(err.to_string().contains("dev-00003"), "{err}");
+    }
+}
