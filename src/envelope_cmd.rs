@@ -1,0 +1,233 @@
+//! `vitalmq envelope ...`: verify, inspect and sign signed telemetry, for integrators
+//! debugging their devices. Output is one JSON object on stdout.
+//!
+//! Exit codes: 0 accepted (or inspected/signed), 1 refused, 2 usage or I/O error.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value as Json, json};
+use vitalmq_envelope::{
+    Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey, Telemetry, VerifyingKey, inspect,
+    sign, verify,
+};
+use vitalmq_policies::DeviceRegistry;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum EnvelopeCommand {
+    /// Verify one message as the bridge would and print the verdict as JSON.
+    Verify(VerifyArgs),
+    /// Decode one message without a key and print headers and payload as JSON.
+    Inspect {
+        /// File with the raw COSE bytes; `-` reads stdin.
+        file: PathBuf,
+    },
+    /// Sign one telemetry payload with a device's COSE key (PKCS#8 PEM).
+    Sign(SignArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Algorithm of `--pubkey-hex`.
+    #[arg(long, value_parser = parse_alg, requires = "pubkey_hex")]
+    alg: Option<Algorithm>,
+    /// The device's public key: 32 bytes (EdDSA) or the uncompressed SEC1 point (ES256).
+    #[arg(long, requires = "alg", conflicts_with = "registry")]
+    pubkey_hex: Option<String>,
+    /// A device registry file; the key is looked up by the message's kid, as the bridge does.
+    #[arg(long, required_unless_present = "pubkey_hex")]
+    registry: Option<PathBuf>,
+    /// The device the message must belong to (what the topic's id is for the bridge).
+    #[arg(long)]
+    kid: Option<DeviceId>,
+    /// File with the raw COSE bytes; `-` reads stdin.
+    file: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SignArgs {
+    /// The device's COSE private key (PKCS#8 PEM, as `vitalmq certs init` writes it).
+    #[arg(long)]
+    key: PathBuf,
+    /// Device id; also the kid.
+    #[arg(long)]
+    dev: DeviceId,
+    #[arg(long, default_value_t = 1)]
+    epoch: u64,
+    #[arg(long)]
+    seq: u64,
+    /// Device clock in ms since the Unix epoch; defaults to now.
+    #[arg(long)]
+    ts: Option<u64>,
+    #[arg(long, default_value = "1.0.0")]
+    fw: String,
+    #[arg(long = "type", value_parser = parse_type, default_value = "vitals")]
+    kind: MessageType,
+    /// A measurement, `name=value`; repeat for more.
+    #[arg(long = "m", value_parser = parse_measurement)]
+    measurements: Vec<(String, Number)>,
+    #[arg(long)]
+    q: Option<f64>,
+    #[arg(long)]
+    model: Option<String>,
+    /// Where to write the COSE bytes; `-` writes stdout.
+    #[arg(long, short)]
+    output: PathBuf,
+}
+
+fn parse_alg(s: &str) -> Result<Algorithm, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+fn parse_type(s: &str) -> Result<MessageType, String> {
+    match s {
+        "vitals" => Ok(MessageType::Vitals),
+        "status" => Ok(MessageType::Status),
+        "alarm" => Ok(MessageType::Alarm),
+        _ => Err("expected vitals, status or alarm".into()),
+    }
+}
+
+fn parse_measurement(s: &str) -> Result<(String, Number), String> {
+    let (name, value) = s.split_once('=').ok_or("expected name=value")?;
+    let number = value
+        .parse::<i64>()
+        .map(|i| Number::Int(i.into()))
+        .or_else(|_| value.parse::<f64>().map(Number::Float))
+        .map_err(|_| format!("`{value}` is not a number"))?;
+    Ok((name.to_owned(), number))
+}
+
+impl EnvelopeCommand {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Self::Verify(args) => run_verify(args),
+            Self::Inspect { file } => {
+                let message = read_input(&file)?;
+                let out = match inspect(&message) {
+                    Ok(decoded) => serde_json::to_value(decoded)?,
+                    Err(refusal) => json!({
+                        "reason": refusal.reason,
+                        "detail": refusal.detail,
+                    }),
+                };
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                Ok(ExitCode::SUCCESS)
+            }
+            Self::Sign(args) => run_sign(args),
+        }
+    }
+}
+
+fn run_verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let message = read_input(&args.file)?;
+    let verdict = match (&args.registry, &args.alg, &args.pubkey_hex) {
+        (Some(path), _, _) => {
+            let registry = DeviceRegistry::load(path)?;
+            verify(&message, &registry, args.kid.as_ref())
+        }
+        (None, Some(alg), Some(hex_key)) => {
+            let key = VerifyingKey::from_hex(*alg, hex_key).context("--pubkey-hex")?;
+            verify(&message, &AnyKid(key), args.kid.as_ref())
+        }
+        _ => bail!("give --registry FILE, or --alg with --pubkey-hex"),
+    };
+    let decoded = inspect(&message).ok();
+    let headers = decoded
+        .as_ref()
+        .map(|d| serde_json::to_value(&d.headers))
+        .transpose()?;
+    let (out, code) = match verdict {
+        Ok(verified) => (
+            json!({
+                "verdict": "accepted",
+                "detail": format!("signature ({}), key binding and payload schema verified", verified.algorithm()),
+                "sha256": hex::encode(verified.message_sha256()),
+                "headers": headers,
+                "payload": serde_json::to_value(&*verified)?,
+            }),
+            ExitCode::SUCCESS,
+        ),
+        Err(refusal) => (
+            json!({
+                "verdict": "refused",
+                "reason": refusal.reason,
+                "detail": refusal.detail,
+                "sha256": decoded.as_ref().map(|d| d.sha256.clone()),
+                "headers": headers,
+                "payload": decoded.map_or(Json::Null, |d| d.payload),
+            }),
+            ExitCode::from(1),
+        ),
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(code)
+}
+
+fn run_sign(args: SignArgs) -> anyhow::Result<ExitCode> {
+    let pem = std::fs::read_to_string(&args.key)
+        .with_context(|| format!("reading {}", args.key.display()))?;
+    let key =
+        SigningKey::from_pkcs8_pem(&pem).with_context(|| format!("{}", args.key.display()))?;
+    let ts = match args.ts {
+        Some(ts) => ts,
+        None => u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis())?,
+    };
+    let measurements: BTreeMap<String, Number> = args.measurements.into_iter().collect();
+    let telemetry = Telemetry {
+        dev: args.dev,
+        epoch: args.epoch,
+        seq: args.seq,
+        ts,
+        fw: args.fw,
+        kind: args.kind,
+        m: (!measurements.is_empty()).then_some(measurements),
+        q: args.q,
+        model: args.model,
+        schema: None,
+        extra: BTreeMap::new(),
+    };
+    let message = sign(&telemetry, &key)?;
+    write_output(&args.output, &message)?;
+    eprintln!(
+        "signed {} bytes for {} ({}) epoch {} seq {}",
+        message.len(),
+        telemetry.dev,
+        key.algorithm(),
+        telemetry.epoch,
+        telemetry.seq
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads at most one byte more than the profile allows, so an oversized message is
+/// reported as `oversized` without reading an unbounded stream into memory.
+fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let limit = (vitalmq_envelope::MAX_MESSAGE_BYTES + 1) as u64;
+    let mut buf = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .take(limit)
+            .read_to_end(&mut buf)
+            .context("reading stdin")?;
+    } else {
+        std::fs::File::open(path)
+            .with_context(|| format!("opening {}", path.display()))?
+            .take(limit)
+            .read_to_end(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(buf)
+}
+
+fn write_output(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if path == Path::new("-") {
+        std::io::stdout().write_all(bytes).context("writing stdout")
+    } else {
+        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+    }
+}

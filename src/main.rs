@@ -1,0 +1,49 @@
+//! `vitalmq`: one binary, a subcommand per component.
+#![forbid(unsafe_code)]
+
+use clap::{Parser, Subcommand};
+
+mod envelope_cmd;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vitalmq",
+    version,
+    about = "Trustworthy MQTT ingest for medical-device telemetry"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The dev/test PKI: CA, identity certificates, CRLs, device keys, registry.
+    #[command(subcommand)]
+    Certs(vitalmq_certs::cli::CertsCommand),
+    /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
+    #[command(subcommand)]
+    Envelope(envelope_cmd::EnvelopeCommand),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Certs(cmd) => cmd.run().map(|()| std::process::ExitCode::SUCCESS),
+        Command::Envelope(cmd) => cmd.run(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! `vitalmq envelope verify|inspect|sign` as an integrator runs it: every shared telemetry
+//! vector through the CLI with a registry file built from `keys.json`, a key given on the
+//! command line, stdin input, and a sign -> verify round trip.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Ran, run_with_input, temp_dir};
+
+use serde_json::{Value as Json, json};
+use vitalmq_envelope::{Algorithm, DeviceId, SigningKey, VerifyingKey};
+use vitalmq_policies::{DeviceEntry, DeviceRegistry, SiteId, TrustDomain};
+
+fn vectors() -> PathBuf {
+    std::env::var_os("VITALMQ_VECTORS").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors"),
+        PathBuf::from,
+    )
+}
+
+fn read_json(path: &Path) -> Json {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json")
+}
+
+fn vitalmq(args: &[&str], stdin: Option<&[u8]>) -> Ran {
+    run_with_input(
+        Command::new(env!("CARGO_BIN_EXE_vitalmq")).args(args),
+        stdin,
+        Duration::from_secs(30),
+    )
+}
+
+fn stdout_json(out: &Ran) -> Json {
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", out.stdout, out.stderr))
+}
+
+fn registry_from_keys_json(dir: &Path) -> PathBuf {
+    let keys = read_json(&vectors().join("keys.json"));
+    let mut registry = DeviceRegistry::new(TrustDomain::new("vectors.vitalmq").expect("td"));
+    for (i, k) in keys["registry"]
+        .as_array()
+        .expect("registry")
+        .iter()
+        .enumerate()
+    {
+        let alg: Algorithm = k["alg"].as_str().expect("alg").parse().expect("alg");
+        let hex_of = |f: &str| k[f].as_str().expect("hex field").to_owned();
+        let public = match alg {
+            Algorithm::EdDsa => hex_of("x"),
+            Algorithm::Es256 => format!("04{}{}", hex_of("x"), hex_of("y")),
+        };
+        registry
+            .insert_device(DeviceEntry {
+                id: DeviceId::new(k["kid"].as_str().expect("kid")).expect("id"),
+                site: SiteId::new("site-01").expect("site"),
+                patient_ref: format!("pt-{i}"),
+                key: VerifyingKey::from_hex(alg, &public).expect("key"),
+                consent: None,
+            })
+            .expect("unique");
+    }
+    let path = dir.join("registry.toml");
+    std::fs::write(&path, registry.to_toml()).expect("write registry");
+    path
+}
+
+#[test]
+fn every_vector_gets_its_verdict_through_the_cli() {
+    let dir = temp_dir("vitalmq-envelope-cli");
+    let registry = registry_from_keys_json(dir.path());
+    let registry = registry.to_str().expect("utf-8 path");
+    let mut entries: Vec<_> = std::fs::read_dir(vectors().join("telemetry"))
+        .expect("vectors")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    entries.sort();
+    assert!(entries.len() >= 45, "found {} vectors", entries.len());
+    for path in entries {
+        let v = read_json(&path);
+        let message = hex::decode(v["cose_sign1_hex"].as_str().expect("hex")).expect("hex");
+        let out = vitalmq(
+            &["envelope", "verify", "--registry", registry, "-"],
+            Some(&message),
+        );
+        let answer = stdout_json(&out);
+        let id = v["id"].as_str().expect("id");
+        if v["expect_valid"] == json!(true) {
+            assert_eq!(out.code, Some(0), "{id}: {answer}");
+            assert_eq!(answer["verdict"], json!("accepted"), "{id}");
+            assert_eq!(answer["payload"], v["expected_telemetry"], "{id}");
+        } else {
+            assert_eq!(out.code, Some(1), "{id}: {answer}");
+            assert_eq!(answer["verdict"], json!("refused"), "{id}");
+            let acceptable = v["acceptable_reasons"].as_array().expect("reasons");
+            assert!(acceptable.contains(&answer["reason"]), "{id}: {answer}");
+            assert!(
+                answer["detail"].as_str().is_some_and(|d| !d.is_empty()),
+                "{id}"
+            );
+        }
+    }
+}
+
+#[test]
+fn pubkey_on_the_command_line_and_kid_pinning() {
+    let v = read_json(&vectors().join("telemetry/es256-valid-basic.json"));
+    let message = hex::decode(v["cose_sign1_hex"].as_str().expect("hex")).expect("hex");
+    let point = format!(
+        "04{}{}",
+        v["key"]["x"].as_str().expect("x"),
+        v["key"]["y"].as_str().expect("y")
+    );
+    let dir = temp_dir("vitalmq-envelope-cli");
+    let file = dir.path().join("m.cose");
+    std::fs::write(&file, &message).expect("write");
+    let file = file.to_str().expect("utf-8");
+    let base = [
+        "envelope",
+        "verify",
+        "--alg",
+        "ES256",
+        "--pubkey-hex",
+        point.as_str(),
+    ];
+
+    let ok = vitalmq(&[&base[..], &["--kid", "dev-00077", file]].concat(), None);
+    assert_eq!(stdout_json(&ok)["verdict"], json!("accepted"));
+
+    let wrong_device = vitalmq(&[&base[..], &["--kid", "dev-00078", file]].concat(), None);
+    assert_eq!(stdout_json(&wrong_device)["reason"], json!("kid_mismatch"));
+
+    let wrong_alg = vitalmq(
+        &[
+            "envelope",
+            "verify",
+            "--alg",
+            "EdDSA",
+            "--pubkey-hex",
+            &"11".repeat(32),
+            file,
+        ],
+        None,
+    );
+    assert_eq!(stdout_json(&wrong_alg)["reason"], json!("alg_mismatch"));
+
+    let bad_key = vitalmq(
+        &[
+            "envelope",
+            "verify",
+            "--alg",
+            "ES256",
+            "--pubkey-hex",
+            "04abcd",
+            file,
+        ],
+        None,
+    );
+    assert_eq!(
+        bad_key.code,
+        Some(2),
+        "a bad key is a usage error, not a verdict"
+    );
+    assert!(bad_key.stderr.contains("65 bytes"));
+
+    let oversized = vitalmq(&[&base[..], &["-"]].concat(), Some(&vec![0u8; 70_000]));
+    assert_eq!(stdout_json(&oversized)["reason"], json!("oversized"));
+
+    let inspected = stdout_json(&vitalmq(&["envelope", "inspect", file], None));
+    assert_eq!(inspected["headers"]["kid"], json!("dev-00077"));
+    assert_eq!(inspected["payload"], v["expected_telemetry"]);
+}
+
+#[test]
+fn sign_then_verify_with_a_pem_key() {
+    let dir = temp_dir("vitalmq-envelope-cli");
+    for alg in [Algorithm::EdDsa, Algorithm::Es256] {
+        let key = SigningKey::generate(alg).expect("key");
+        let pem = dir.path().join(format!("{alg}.key.pem"));
+        std::fs::write(&pem, key.to_pkcs8_pem().expect("pem")).expect("write pem");
+        let out_file = dir.path().join(format!("{alg}.cose"));
+        let signed = vitalmq(
+            &[
+                "envelope",
+                "sign",
+                "--key",
+                pem.to_str().expect("utf-8"),
+                "--dev",
+                "dev-00001",
+                "--seq",
+                "42",
+                "--m",
+                "spo2=88",
+                "--m",
+                "temp=38.4",
+                "--q",
+                "0.9",
+                "-o",
+                out_file.to_str().expect("utf-8"),
+            ],
+            None,
+        );
+        assert!(signed.success, "{}", signed.stderr);
+        let verified = stdout_json(&vitalmq(
+            &[
+                "envelope",
+                "verify",
+                "--alg",
+                alg.name(),
+                "--pubkey-hex",
+                &key.verifying_key().to_hex(),
+                "--kid",
+                "dev-00001",
+                out_file.to_str().expect("utf-8"),
+            ],
+            None,
+        ));
+        assert_eq!(verified["verdict"], json!("accepted"), "{alg}: {verified}");
+        assert_eq!(verified["payload"]["seq"], json!(42));
+        assert_eq!(verified["payload"]["m"], json!({"spo2": 88, "temp": 38.4}));
+    }
+}
