@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod demo_cmd;
 mod envelope_cmd;
 
 #[derive(Debug, Parser)]
@@ -21,6 +22,8 @@ enum Command {
     /// The dev/test PKI: CA, identity certificates, CRLs, device keys, registry.
     #[command(subcommand)]
     Certs(vitalmq_certs::cli::CertsCommand),
+    /// Run the system on an embedded default and show it working.
+    Demo(demo_cmd::DemoArgs),
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
@@ -38,6 +41,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Certs(cmd) => cmd.run().map(|()| std::process::ExitCode::SUCCESS),
         Command::Envelope(cmd) => cmd.run(),
+        Command::Demo(args) => demo_cmd::run(args),
     };
     match result {
         Ok(code) => code,
