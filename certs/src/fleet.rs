@@ -108,26 +108,10 @@ pub fn random_patient_ref() -> Result<String, CertsError> {
     Ok(format!("pt-{}", hex::encode(bytes)))
 }
 
-/// The PEM a device's COSE key is stored as: PKCS#8, and for Ed25519 the version 1 form
-/// (RFC 8410, seed only). `SigningKey::to_pkcs8_pem` writes the v2 form with the public
-/// key attached, which OpenSSL 3.0 cannot read; both forms load with
-/// `SigningKey::from_pkcs8_pem`.
+/// The PEM a device's COSE key is stored as: PKCS#8 (v1 for Ed25519, which OpenSSL 3.0
+/// reads), via [`SigningKey::to_pkcs8_pem`].
 pub fn cose_key_pem(key: &SigningKey) -> Result<String, CertsError> {
-    match key {
-        SigningKey::Ed25519(ed) => {
-            use ed25519_dalek::pkcs8::{EncodePrivateKey as _, KeypairBytes};
-            let v1 = KeypairBytes {
-                secret_key: ed.to_bytes(),
-                public_key: None,
-            };
-            v1.to_pkcs8_pem(Default::default())
-                .map(|pem| pem.to_string())
-                .map_err(|e| {
-                    CertsError::DeviceKey(vitalmq_envelope::KeyError::Private(e.to_string()))
-                })
-        }
-        other => Ok(other.to_pkcs8_pem()?),
-    }
+    Ok(key.to_pkcs8_pem()?)
 }
 
 /// A new COSE key for a device and its registry entry.

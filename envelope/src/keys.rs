@@ -198,6 +198,9 @@ impl fmt::Debug for VerifyingKey {
 
 /// A device's private COSE signing key (held by devices and the simulator, never by
 /// the bridge).
+// The Ed25519 variant is a few hundred bytes; there is one key per device, so boxing it
+// would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum SigningKey {
     Ed25519(ed25519_dalek::SigningKey),
     Es256(Box<Es256Signer>),
@@ -266,12 +269,18 @@ impl SigningKey {
         Self::from_private_bytes(Algorithm::Es256, &secret.to_bytes())
     }
 
-    /// Writes the key as PKCS#8 PEM, readable by openssl and pycose.
+    /// Writes the key as PKCS#8 PEM, readable by openssl and pycose. Ed25519 keys use
+    /// the version 1 form (RFC 8410, seed only): OpenSSL 3.0 cannot read the v2 form
+    /// with the public key attached. [`Self::from_pkcs8_pem`] reads both.
     pub fn to_pkcs8_pem(&self) -> Result<String, KeyError> {
         let pem = match self {
             Self::Ed25519(key) => {
-                use ed25519_dalek::pkcs8::EncodePrivateKey as _;
-                key.to_pkcs8_pem(Default::default())
+                use ed25519_dalek::pkcs8::{EncodePrivateKey as _, KeypairBytes};
+                KeypairBytes {
+                    secret_key: key.to_bytes(),
+                    public_key: None,
+                }
+                .to_pkcs8_pem(Default::default())
             }
             Self::Es256(signer) => {
                 use p256::pkcs8::EncodePrivateKey as _;

@@ -26,4 +26,6 @@ pub use keys::{Algorithm, AnyKid, Es256Signer, KeyError, KeyLookup, SigningKey, 
 pub use refusal::{ReasonClass, Refusal};
 pub use sign::{sign, sign_payload};
 pub use telemetry::{MessageType, Number, SchemaError, Telemetry, parse_payload};
+#[doc(hidden)]
+pub use verify::decode_unverified_for_bench;
 pub use verify::{COSE_SIGN1_TAG, MAX_MESSAGE_BYTES, Verified, verify, verify_signature_only};
