@@ -1,1 +1,15 @@
-//! The mTLS identity gate and topic ACLs in front of an embedded rumqttd (issue 3). Not built yet.
+//! The vitalmq broker: an mTLS identity gate with topic ACLs in front of an embedded
+//! rumqttd (SPEC sections 1 and 2).
+//!
+//! rumqttd 0.20 authorizes only username/password at CONNECT and handshakes TLS clients
+//! one at a time inside its accept loop, so the gate owns the network edge: it terminates
+//! TLS ([`tls`], [`accept`]), takes the identity from the certificate ([`identity`]),
+//! filters every MQTT frame through the authorization hook, and relays only what is
+//! allowed to rumqttd on an internal loopback listener.
+//!
+//! Architecture invariant: only this crate names rumqttd types.
+#![forbid(unsafe_code)]
+
+pub mod accept;
+pub mod identity;
+pub mod tls;

@@ -5,10 +5,15 @@
 //! problem found; it never yields half a policy.
 #![forbid(unsafe_code)]
 
+mod acl;
 mod error;
 mod identity;
 mod registry;
 
+pub use acl::{
+    AclPolicy, Decision, DeniedPublishV311, MAX_TOPIC_BYTES, RoleLimits, TopicError,
+    check_topic_filter, check_topic_name, strip_share,
+};
 pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use registry::{DeviceEntry, DeviceRegistry, RegistryFile, SiteBound, SiteId};

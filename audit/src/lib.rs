@@ -1,0 +1,19 @@
+//! Audit records shared by broker and bridge: one structured, versioned format
+//! (`vitalmq-audit/v1`), written as JSON lines, each chaining the SHA-256 of the one
+//! before it, so an edit, deletion, insertion or reordering breaks the chain at the
+//! first record it touched.
+//!
+//! Writers never block the hot path: [`AuditLog::sender`] hands out an [`Auditor`] that
+//! queues records to a writer thread through a bounded channel. They are never dropped
+//! silently either: when the queue is full or the file cannot be written, `record`
+//! returns an error and [`Auditor::healthy`] turns false, so the component refuses new
+//! work instead of continuing unaudited.
+#![forbid(unsafe_code)]
+
+mod chain;
+mod record;
+mod writer;
+
+pub use chain::{ChainError, GENESIS, verify_chain};
+pub use record::{Actor, AuditRecord, Component, Decision, Event, FORMAT};
+pub use writer::{AuditError, AuditLog, Auditor};

@@ -1,0 +1,164 @@
+//! The audit record.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Format tag carried by every record.
+pub const FORMAT: &str = "vitalmq-audit/v1";
+
+/// Which component wrote a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    Broker,
+    Bridge,
+    Cli,
+}
+
+/// What happened. New kinds are added at the end; readers keep unknown ones as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Event {
+    ConnectionAccepted,
+    ConnectionRefused,
+    ConnectionClosed,
+    AuthorizationDenied,
+    PolicyReloaded,
+    PolicyRejected,
+    MessageRefused,
+    Replay,
+    Gap,
+    AlertStateChanged,
+    AlertDelivered,
+    SinkFailed,
+    SinkRecovered,
+    OperatorAction,
+    ComponentStarted,
+    ComponentStopped,
+}
+
+/// The security decision a record documents, when there is one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    Deny,
+}
+
+/// Who acted: the verified identity and its certificate, and where it came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// SPIFFE URI, when the identity is known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cert_serial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cert_sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub addr: Option<String>,
+    /// The MQTT client id the party claimed, when it matters (binding refusals).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub client_id: Option<String>,
+}
+
+/// One audit record. `seq`, `at`, `prev` and `hash` are filled in by the writer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub format: String,
+    /// Position in this log, from 0.
+    pub seq: u64,
+    /// RFC 3339 UTC time the record was written.
+    pub at: String,
+    pub component: Component,
+    pub event: Event,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub actor: Option<Actor>,
+    /// `connect`, `publish`, `subscribe`, `unsubscribe`, `will`, `verify`, ...
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub action: Option<String>,
+    /// Topic, filter, device or alert the action was about.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub resource: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub decision: Option<Decision>,
+    /// A stable reason code (a SPEC refusal class, a handshake refusal reason, ...).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// The policy rule that decided, when one did.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub policy_sha256: Option<String>,
+    /// Further structured fields (counts, old/new hashes, ...). Never payload values.
+    #[serde(skip_serializing_if = "Map::is_empty", default)]
+    pub details: Map<String, Value>,
+    /// Hash of the previous record's line ([`crate::GENESIS`] for the first).
+    pub prev: String,
+    /// SHA-256 over this record serialized with `hash` empty.
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// A record of `event` by `component`; set the optional fields directly.
+    pub fn new(component: Component, event: Event) -> Self {
+        Self {
+            format: FORMAT.to_owned(),
+            seq: 0,
+            at: String::new(),
+            component,
+            event,
+            actor: None,
+            action: None,
+            resource: None,
+            decision: None,
+            reason: None,
+            rule: None,
+            policy_sha256: None,
+            details: Map::new(),
+            prev: String::new(),
+            hash: String::new(),
+        }
+    }
+
+    pub fn actor(mut self, actor: Actor) -> Self {
+        self.actor = Some(actor);
+        self
+    }
+
+    pub fn action(mut self, action: impl Into<String>) -> Self {
+        self.action = Some(action.into());
+        self
+    }
+
+    pub fn resource(mut self, resource: impl Into<String>) -> Self {
+        self.resource = Some(resource.into());
+        self
+    }
+
+    pub fn decision(mut self, decision: Decision) -> Self {
+        self.decision = Some(decision);
+        self
+    }
+
+    pub fn reason(mut self, reason: impl Into<String>) -> Self {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    pub fn rule(mut self, rule: impl Into<String>) -> Self {
+        self.rule = Some(rule.into());
+        self
+    }
+
+    pub fn policy_sha256(mut self, hash: impl Into<String>) -> Self {
+        self.policy_sha256 = Some(hash.into());
+        self
+    }
+
+    pub fn detail(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.details.insert(key.to_owned(), value.into());
+        self
+    }
+}
