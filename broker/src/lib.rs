@@ -11,5 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod authz;
+pub mod gate;
 pub mod identity;
 pub mod tls;

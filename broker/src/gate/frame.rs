@@ -1,0 +1,154 @@
+//! Framing client and broker byte streams into whole MQTT packets, with a size cap
+//! checked from the fixed header before a packet is buffered.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes as v4;
+use rumqttc::v5::mqttbytes::v5;
+
+/// The MQTT protocol version of a connection, fixed by its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    V311,
+    V5,
+}
+
+impl Version {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::V311 => "3.1.1",
+            Self::V5 => "5",
+        }
+    }
+}
+
+/// One complete packet: its type nibble, its parsed fixed header and its bytes.
+#[derive(Debug, Clone)]
+pub enum Frame {
+    V311 {
+        header: v4::FixedHeader,
+        bytes: Bytes,
+    },
+    V5 {
+        header: v5::FixedHeader,
+        bytes: Bytes,
+    },
+}
+
+impl Frame {
+    /// The MQTT control packet type (1 = CONNECT ... 15 = AUTH).
+    pub fn packet_type(&self) -> u8 {
+        self.bytes()[0] >> 4
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        match self {
+            Self::V311 { bytes, .. } | Self::V5 { bytes, .. } => bytes,
+        }
+    }
+}
+
+/// Why a stream could not be framed; the connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("packet of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    #[error("malformed MQTT: {0}")]
+    Malformed(String),
+    #[error("unsupported MQTT protocol level {0} (3.1.1 and 5 are supported)")]
+    UnsupportedLevel(u8),
+}
+
+/// Packet type numbers used by the gate.
+pub mod kind {
+    pub const CONNECT: u8 = 1;
+    pub const CONNACK: u8 = 2;
+    pub const PUBLISH: u8 = 3;
+    pub const PUBREL: u8 = 6;
+    pub const SUBSCRIBE: u8 = 8;
+    pub const SUBACK: u8 = 9;
+    pub const UNSUBSCRIBE: u8 = 10;
+    pub const UNSUBACK: u8 = 11;
+    pub const AUTH: u8 = 15;
+}
+
+/// Splits the next complete packet off `buf`, or `None` when more bytes are needed.
+pub fn next_frame(
+    buf: &mut BytesMut,
+    version: Version,
+    max_packet: usize,
+) -> Result<Option<Frame>, FrameError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    match version {
+        Version::V311 => match v4::check(buf.iter(), max_packet) {
+            Ok(header) => {
+                let bytes = buf.split_to(header.frame_length()).freeze();
+                Ok(Some(Frame::V311 { header, bytes }))
+            }
+            Err(v4::Error::InsufficientBytes(_)) => Ok(None),
+            Err(v4::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::TooLarge(n)),
+            Err(e) => Err(FrameError::Malformed(e.to_string())),
+        },
+        Version::V5 => {
+            let max = u32::try_from(max_packet).unwrap_or(u32::MAX);
+            match v5::check(buf.iter(), Some(max)) {
+                Ok(header) => {
+                    let bytes = buf.split_to(header.frame_length()).freeze();
+                    Ok(Some(Frame::V5 { header, bytes }))
+                }
+                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+                Err(rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded {
+                    pkt_size, ..
+                }) => Err(FrameError::TooLarge(pkt_size as usize)),
+                Err(e) => Err(FrameError::Malformed(e.to_string())),
+            }
+        }
+    }
+}
+
+/// Reads the protocol level from a CONNECT at the start of `buf` without consuming it:
+/// `None` until enough bytes have arrived.
+pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, FrameError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    if first != 0x10 {
+        return Err(FrameError::Malformed(
+            "the first packet must be CONNECT".into(),
+        ));
+    }
+    // Remaining length: 1 to 4 bytes of 7-bit groups.
+    let mut at = 1;
+    loop {
+        let Some(&b) = buf.get(at) else {
+            return Ok(None);
+        };
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if at > 4 {
+            return Err(FrameError::Malformed("bad remaining length".into()));
+        }
+    }
+    // Protocol name "MQTT" (length-prefixed), then the level.
+    let Some(header) = buf.get(at..at + 7) else {
+        return Ok(None);
+    };
+    if &header[..6] != b"\x00\x04MQTT" {
+        // MQTT 3.1 used "MQIsdp"; anything else is not MQTT we speak.
+        return Err(FrameError::UnsupportedLevel(
+            if header.starts_with(b"\x00\x06MQIsdp") {
+                3
+            } else {
+                0
+            },
+        ));
+    }
+    match header[6] {
+        4 => Ok(Some(Version::V311)),
+        5 => Ok(Some(Version::V5)),
+        other => Err(FrameError::UnsupportedLevel(other)),
+    }
+}

@@ -1,0 +1,152 @@
+//! Packets the gate writes itself: refusals the broker never sees, and acknowledgements
+//! for what the gate decided on its own. Each returns the encoded bytes.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+
+use super::frame::Version;
+
+fn encode(f: impl FnOnce(&mut BytesMut) -> Result<usize, String>) -> Bytes {
+    let mut buf = BytesMut::with_capacity(16);
+    // Encoding a fixed, small control packet into a growable buffer cannot fail.
+    f(&mut buf).expect("encoding a small control packet");
+    buf.freeze()
+}
+
+/// CONNACK refusing a connection: 0x05 not authorized (3.1.1), 0x87 (5).
+pub fn connack_not_authorized(version: Version) -> Bytes {
+    match version {
+        Version::V311 => encode(|b| {
+            v4::ConnAck::new(v4::ConnectReturnCode::NotAuthorized, false)
+                .write(b)
+                .map_err(|e| e.to_string())
+        }),
+        Version::V5 => encode(|b| {
+            v5::ConnAck {
+                session_present: false,
+                code: v5::ConnectReturnCode::NotAuthorized,
+                properties: None,
+            }
+            .write(b)
+            .map_err(|e| e.to_string())
+        }),
+    }
+}
+
+/// CONNACK for an MQTT 5 CONNECT asking for enhanced authentication we do not offer.
+pub fn connack_bad_auth_method() -> Bytes {
+    encode(|b| {
+        v5::ConnAck {
+            session_present: false,
+            code: v5::ConnectReturnCode::BadAuthenticationMethod,
+            properties: None,
+        }
+        .write(b)
+        .map_err(|e| e.to_string())
+    })
+}
+
+/// SUBACK with one code per requested filter: `None` marks a denied filter (0x80 in
+/// 3.1.1, 0x87 not authorized in 5), `Some` carries the broker's code for a forwarded one.
+pub fn suback_v311(pkid: u16, codes: Vec<v4::SubscribeReasonCode>) -> Bytes {
+    encode(|b| {
+        v4::SubAck::new(pkid, codes)
+            .write(b)
+            .map_err(|e| e.to_string())
+    })
+}
+
+pub fn suback_v5(
+    pkid: u16,
+    codes: Vec<v5::SubscribeReasonCode>,
+    properties: Option<v5::SubAckProperties>,
+) -> Bytes {
+    encode(|b| {
+        v5::SubAck {
+            pkid,
+            return_codes: codes,
+            properties,
+        }
+        .write(b)
+        .map_err(|e| e.to_string())
+    })
+}
+
+pub fn unsuback_v311(pkid: u16) -> Bytes {
+    encode(|b| v4::UnsubAck::new(pkid).write(b).map_err(|e| e.to_string()))
+}
+
+pub fn unsuback_v5(
+    pkid: u16,
+    reasons: Vec<v5::UnsubAckReason>,
+    properties: Option<v5::UnsubAckProperties>,
+) -> Bytes {
+    encode(|b| {
+        v5::UnsubAck {
+            pkid,
+            reasons,
+            properties,
+        }
+        .write(b)
+        .map_err(|e| e.to_string())
+    })
+}
+
+/// Answers a QoS 1 or 2 PUBLISH the gate will not route. In MQTT 5 with a reason
+/// (0x87 not authorized, 0x97 quota exceeded); in 3.1.1 a plain acknowledgement
+/// (acknowledge-and-drop policy).
+pub fn publish_refused(version: Version, qos2: bool, pkid: u16, reason: PublishRefusal) -> Bytes {
+    match (version, qos2) {
+        (Version::V311, false) => {
+            encode(|b| v4::PubAck::new(pkid).write(b).map_err(|e| e.to_string()))
+        }
+        (Version::V311, true) => {
+            encode(|b| v4::PubRec::new(pkid).write(b).map_err(|e| e.to_string()))
+        }
+        (Version::V5, false) => encode(|b| {
+            let mut ack = v5::PubAck::new(pkid, None);
+            ack.reason = match reason {
+                PublishRefusal::NotAuthorized => v5::PubAckReason::NotAuthorized,
+                PublishRefusal::QuotaExceeded => v5::PubAckReason::QuotaExceeded,
+            };
+            ack.write(b).map_err(|e| e.to_string())
+        }),
+        (Version::V5, true) => encode(|b| {
+            let mut rec = v5::PubRec::new(pkid, None);
+            rec.reason = match reason {
+                PublishRefusal::NotAuthorized => v5::PubRecReason::NotAuthorized,
+                PublishRefusal::QuotaExceeded => v5::PubRecReason::QuotaExceeded,
+            };
+            rec.write(b).map_err(|e| e.to_string())
+        }),
+    }
+}
+
+/// Why a PUBLISH is answered by the gate instead of routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishRefusal {
+    NotAuthorized,
+    QuotaExceeded,
+}
+
+/// PUBCOMP ending the QoS 2 flow of a PUBLISH the gate acknowledged and dropped.
+pub fn pubcomp(version: Version, pkid: u16) -> Bytes {
+    match version {
+        Version::V311 => encode(|b| v4::PubComp::new(pkid).write(b).map_err(|e| e.to_string())),
+        Version::V5 => encode(|b| {
+            v5::PubComp::new(pkid, None)
+                .write(b)
+                .map_err(|e| e.to_string())
+        }),
+    }
+}
+
+/// MQTT 5 DISCONNECT from the server with a reason; 3.1.1 has none (the socket closes).
+pub fn disconnect_v5(reason: v5::DisconnectReasonCode) -> Bytes {
+    encode(|b| {
+        v5::Disconnect::new(reason)
+            .write(b)
+            .map_err(|e| e.to_string())
+    })
+}

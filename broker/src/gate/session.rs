@@ -1,0 +1,1098 @@
+//! One client connection's frame filter, as a sans-IO state machine.
+//!
+//! The relay task feeds it the bytes each side sent and carries out the [`Output`]s it
+//! returns; nothing here touches a socket or a clock (rate limits come in through the
+//! [`RateGate`] seam), so the whole policy behaviour is unit-testable and fuzzable.
+//!
+//! Client to broker: CONNECT is checked (identity binding, connect and will
+//! authorization) and rewritten with the verified id and the gate's internal
+//! credentials; PUBLISH is size-checked, rate-limited, topic-alias-resolved and
+//! authorized; SUBSCRIBE and UNSUBSCRIBE are filtered per filter. Broker to client:
+//! SUBACK/UNSUBACK codes of filtered requests are merged back into the positions the
+//! client expects; everything else passes through unchanged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+use vitalmq_audit::{Actor, AuditRecord, Component, Decision, Event};
+use vitalmq_policies::DeniedPublishV311;
+
+use super::frame::{Frame, FrameError, Version, connect_version, kind, next_frame};
+use super::reply::{self, PublishRefusal};
+use crate::authz::{Authorizer, Verdict};
+use crate::identity::PeerIdentity;
+
+/// Room for a topic and properties on top of the largest payload a role may send.
+const HEADER_ROOM: usize = 66_000;
+/// Cached publish decisions per connection; the cache is cleared when it fills, which
+/// bounds memory for a client that publishes to many (denied) topics.
+const PUBLISH_CACHE_LIMIT: usize = 4_096;
+
+/// What the relay must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Open the internal connection to rumqttd for this protocol version; comes first.
+    OpenBroker(Version),
+    ToBroker(Bytes),
+    ToClient(Bytes),
+    /// Stop reading from the client this long before going on (rate-limit
+    /// back-pressure for MQTT 3.1.1, which has no reason code to say "slow down").
+    Pause(Duration),
+    /// Write what came before, then close both sides.
+    Close(CloseReason),
+}
+
+/// Why the gate ended a connection; `code` is stable (audit, metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl CloseReason {
+    fn new(code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Where audit records go; the server passes the audit log's handle.
+pub trait AuditSink: Send + Sync + std::fmt::Debug {
+    /// Err means the record could not be queued: the caller must stop the work.
+    fn record(&self, record: AuditRecord) -> Result<(), ()>;
+}
+
+impl AuditSink for vitalmq_audit::Auditor {
+    fn record(&self, record: AuditRecord) -> Result<(), ()> {
+        vitalmq_audit::Auditor::record(self, record).map_err(|e| {
+            tracing::error!(error = %e, "audit record could not be queued");
+        })
+    }
+}
+
+/// Per-identity publish rate limits.
+pub trait RateGate: Send + Sync + std::fmt::Debug {
+    /// `Ok` to admit one message of `bytes` now, or how long to wait.
+    fn admit(&self, bytes: usize) -> Result<(), Duration>;
+}
+
+/// A rate gate that admits everything (tests, and roles without limits).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unlimited;
+
+impl RateGate for Unlimited {
+    fn admit(&self, _bytes: usize) -> Result<(), Duration> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitConnect,
+    Connected(Version),
+    Closed,
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE whose filters were partly refused: per requested filter,
+/// `true` if it was forwarded, so the broker's answer can be spread back.
+#[derive(Debug)]
+struct Pending {
+    forwarded: Vec<bool>,
+}
+
+/// Everything the gate needs to know about one connection.
+#[derive(Debug)]
+pub struct GateSession {
+    peer: PeerIdentity,
+    addr: String,
+    authz: Arc<dyn Authorizer>,
+    audit: Arc<dyn AuditSink>,
+    rate: Arc<dyn RateGate>,
+    internal_password: Arc<str>,
+    state: State,
+    max_payload: usize,
+    publish_cache: HashMap<String, Verdict>,
+    /// Filters the broker was asked to subscribe (re-checked when the policy changes).
+    subscriptions: HashSet<String>,
+    pending_subacks: HashMap<u16, Pending>,
+    pending_unsubacks: HashMap<u16, Pending>,
+    /// MQTT 5 topic aliases the client set, resolved here so the ACL sees real topics.
+    aliases: HashMap<u16, String>,
+    /// QoS 2 packet ids the gate acknowledged and dropped (3.1.1 ack-and-drop policy).
+    dropped_qos2: HashSet<u16>,
+    /// The client sent an empty client id (MQTT 5: tell it the id it was given).
+    assign_client_id: bool,
+}
+
+impl GateSession {
+    pub fn new(
+        peer: PeerIdentity,
+        addr: impl Into<String>,
+        authz: Arc<dyn Authorizer>,
+        audit: Arc<dyn AuditSink>,
+        rate: Arc<dyn RateGate>,
+        internal_password: Arc<str>,
+    ) -> Self {
+        let max_payload = authz.limits(&peer).max_payload_bytes;
+        Self {
+            peer,
+            addr: addr.into(),
+            authz,
+            audit,
+            rate,
+            internal_password,
+            state: State::AwaitConnect,
+            max_payload,
+            publish_cache: HashMap::new(),
+            subscriptions: HashSet::new(),
+            pending_subacks: HashMap::new(),
+            pending_unsubacks: HashMap::new(),
+            aliases: HashMap::new(),
+            dropped_qos2: HashSet::new(),
+            assign_client_id: false,
+        }
+    }
+
+    pub fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    pub fn version(&self) -> Option<Version> {
+        match self.state {
+            State::Connected(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// The username the gate presents to rumqttd (with the internal password).
+    pub fn internal_username(&self) -> String {
+        self.peer.spiffe.uri()
+    }
+
+    fn max_packet(&self) -> usize {
+        self.max_payload.saturating_add(HEADER_ROOM)
+    }
+
+    /// Consumes every complete packet the client sent.
+    pub fn on_client_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
+        while self.state != State::Closed {
+            let version = match self.state {
+                State::Connected(v) => v,
+                State::AwaitConnect => match connect_version(buf) {
+                    Ok(Some(v)) => v,
+                    Ok(None) => return,
+                    Err(e) => return self.refuse_unframeable(e, out),
+                },
+                State::Closed => return,
+            };
+            match next_frame(buf, version, self.max_packet()) {
+                Ok(Some(frame)) => self.client_frame(version, frame, out),
+                Ok(None) => return,
+                Err(e) => return self.refuse_unframeable(e, out),
+            }
+        }
+    }
+
+    /// Consumes every complete packet rumqttd sent.
+    pub fn on_broker_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
+        let State::Connected(version) = self.state else {
+            return;
+        };
+        // rumqttd only sends what its own limits allow; the cap guards the gate anyway.
+        let max = self.max_packet().max(1 << 20);
+        loop {
+            match next_frame(buf, version, max) {
+                Ok(Some(frame)) => self.broker_frame(version, frame, out),
+                Ok(None) => return,
+                Err(e) => {
+                    return self.close(out, CloseReason::new("broker_protocol", e.to_string()));
+                }
+            }
+            if self.state == State::Closed {
+                return;
+            }
+        }
+    }
+
+    /// A new policy (or authorizer) is in force: forget cached answers, and close the
+    /// connection if the identity may no longer connect or holds a subscription the new
+    /// policy denies. Revocation takes effect at once, not at the next reconnect.
+    pub fn replace_authorizer(&mut self, authz: Arc<dyn Authorizer>, out: &mut Vec<Output>) {
+        self.authz = authz;
+        self.publish_cache.clear();
+        self.max_payload = self.authz.limits(&self.peer).max_payload_bytes;
+        if self.state != State::Connected(Version::V311)
+            && self.state != State::Connected(Version::V5)
+        {
+            return;
+        }
+        let verdict = self.authz.connect(&self.peer);
+        if !verdict.allowed {
+            self.audit_denial(
+                "connect",
+                self.peer.spiffe.uri(),
+                &verdict,
+                "revoked_by_policy",
+            );
+            return self.close(out, CloseReason::new("connect_revoked", verdict.rule));
+        }
+        let mut revoked: Vec<(String, Verdict)> = self
+            .subscriptions
+            .iter()
+            .map(|f| (f.clone(), self.authz.subscribe(&self.peer, f)))
+            .filter(|(_, v)| !v.allowed)
+            .collect();
+        revoked.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some((filter, verdict)) = revoked.first() {
+            for (f, v) in &revoked {
+                self.audit_denial("subscribe", f.clone(), v, "revoked_by_policy");
+            }
+            let detail = format!("subscription {filter} no longer allowed ({})", verdict.rule);
+            self.close(out, CloseReason::new("subscription_revoked", detail));
+        }
+    }
+
+    /// The certificate of this connection is no longer valid (revoked, expired).
+    pub fn certificate_revoked(&mut self, why: &str, out: &mut Vec<Output>) {
+        let record = self
+            .record(Event::ConnectionClosed)
+            .action("connect")
+            .decision(Decision::Deny)
+            .reason("certificate_no_longer_valid")
+            .detail("why", why.to_owned());
+        let _ = self.audit.record(record);
+        self.close(out, CloseReason::new("certificate_revoked", why));
+    }
+
+    fn close(&mut self, out: &mut Vec<Output>, reason: CloseReason) {
+        metrics::counter!("vitalmq_gate_closes_total", "reason" => reason.code).increment(1);
+        self.state = State::Closed;
+        out.push(Output::Close(reason));
+    }
+
+    fn refuse_unframeable(&mut self, e: FrameError, out: &mut Vec<Output>) {
+        let (code, event) = match (&e, self.state) {
+            (FrameError::TooLarge(_), State::Connected(_)) => {
+                ("packet_too_large", Event::MessageRefused)
+            }
+            (_, State::AwaitConnect) => ("malformed_connect", Event::ConnectionRefused),
+            _ => ("malformed_packet", Event::ConnectionClosed),
+        };
+        if let (FrameError::TooLarge(_), State::Connected(Version::V5)) = (&e, self.state) {
+            out.push(Output::ToClient(reply::disconnect_v5(
+                v5::DisconnectReasonCode::PacketTooLarge,
+            )));
+        }
+        let record = self
+            .record(event)
+            .decision(Decision::Deny)
+            .reason(code)
+            .detail("error", e.to_string());
+        let _ = self.audit.record(record);
+        self.close(out, CloseReason::new(code, e.to_string()));
+    }
+
+    fn record(&self, event: Event) -> AuditRecord {
+        AuditRecord::new(Component::Broker, event)
+            .actor(Actor {
+                identity: Some(self.peer.spiffe.uri()),
+                cert_serial: Some(self.peer.serial_hex.clone()),
+                cert_sha256: Some(self.peer.fingerprint_sha256_hex.clone()),
+                addr: Some(self.addr.clone()),
+                client_id: None,
+            })
+            .policy_sha256(self.authz.policy_sha256())
+    }
+
+    /// Audits a denial; returns false when the audit log refused the record, in which
+    /// case the caller must stop (the connection is closed here).
+    fn audit_denial(
+        &mut self,
+        action: &str,
+        resource: String,
+        verdict: &Verdict,
+        reason: &str,
+    ) -> bool {
+        metrics::counter!("vitalmq_denials_total", "kind" => action.to_owned()).increment(1);
+        tracing::info!(
+            peer.id = %self.peer.spiffe.id,
+            peer.role = %self.peer.spiffe.role,
+            action,
+            rule = %verdict.rule,
+            reason,
+            "denied"
+        );
+        let record = self
+            .record(Event::AuthorizationDenied)
+            .action(action)
+            .resource(resource)
+            .decision(Decision::Deny)
+            .reason(reason)
+            .rule(verdict.rule.clone());
+        self.audit.record(record).is_ok()
+    }
+
+    fn audit_failed(&mut self, out: &mut Vec<Output>) {
+        self.close(
+            out,
+            CloseReason::new(
+                "audit_unavailable",
+                "audit log not writable; refusing unaudited work",
+            ),
+        );
+    }
+
+    // ---------------------------------------------------------------- client side
+
+    fn client_frame(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let packet_type = frame.packet_type();
+        match (self.state, packet_type) {
+            (State::AwaitConnect, kind::CONNECT) => self.connect(version, frame, out),
+            (State::AwaitConnect, _) => self.close(
+                out,
+                CloseReason::new("protocol", "first packet must be CONNECT"),
+            ),
+            (State::Connected(_), kind::CONNECT) => {
+                self.close(out, CloseReason::new("protocol", "second CONNECT"))
+            }
+            (State::Connected(_), kind::PUBLISH) => self.publish(version, frame, out),
+            (State::Connected(_), kind::SUBSCRIBE) => self.subscribe(version, frame, out),
+            (State::Connected(_), kind::UNSUBSCRIBE) => self.unsubscribe(version, frame, out),
+            (State::Connected(_), kind::PUBREL) => self.pubrel(version, frame, out),
+            (State::Connected(_), kind::AUTH) => {
+                out.push(Output::ToClient(reply::disconnect_v5(
+                    v5::DisconnectReasonCode::ProtocolError,
+                )));
+                self.close(
+                    out,
+                    CloseReason::new("protocol", "enhanced authentication is not supported"),
+                )
+            }
+            (State::Connected(_), kind::CONNACK | kind::SUBACK | kind::UNSUBACK)
+            | (State::Connected(_), 13) => self.close(
+                out,
+                CloseReason::new(
+                    "protocol",
+                    format!("client sent server packet type {packet_type}"),
+                ),
+            ),
+            // PUBACK, PUBREC, PUBCOMP, PINGREQ, DISCONNECT: the broker's business.
+            (State::Connected(_), _) => out.push(Output::ToBroker(frame.bytes().clone())),
+            (State::Closed, _) => {}
+        }
+    }
+
+    fn connect(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let parsed = match frame {
+            Frame::V311 { header, bytes } => v4::Connect::read(header, bytes)
+                .map(|c| ConnectView::V311(Box::new(c)))
+                .map_err(|e| e.to_string()),
+            Frame::V5 { header, bytes } => v5::Connect::read(header, bytes)
+                .map(|(c, will, login)| ConnectView::V5(Box::new((c, will, login))))
+                .map_err(|e| e.to_string()),
+        };
+        let mut connect = match parsed {
+            Ok(c) => c,
+            Err(e) => return self.refuse_unframeable(FrameError::Malformed(e), out),
+        };
+        let claimed = connect.client_id().to_owned();
+        let own_id = self.peer.spiffe.id.as_str().to_owned();
+
+        // SPEC section 1: the client id is empty or the certificate's id.
+        let verdict = if !claimed.is_empty() && claimed != own_id {
+            Verdict::deny("client-id-binding")
+        } else if let ConnectView::V5(c) = &connect
+            && c.0
+                .properties
+                .as_ref()
+                .is_some_and(|p| p.authentication_method.is_some())
+        {
+            let connack = reply::connack_bad_auth_method();
+            return self.connection_refused(
+                connack,
+                "enhanced_auth",
+                &claimed,
+                Verdict::deny("enhanced-auth"),
+                out,
+            );
+        } else {
+            self.authz.connect(&self.peer)
+        };
+        if !verdict.allowed {
+            let reason = if verdict.rule == "client-id-binding" {
+                "client_id_mismatch"
+            } else {
+                "not_authorized"
+            };
+            return self.connection_refused(
+                reply::connack_not_authorized(version),
+                reason,
+                &claimed,
+                verdict,
+                out,
+            );
+        }
+        if let Some(topic) = connect.will_topic() {
+            let will = self.authz.will(&self.peer, &topic);
+            if !will.allowed {
+                self.audit_denial("will", topic, &will, "not_authorized");
+                let connack = reply::connack_not_authorized(version);
+                return self.connection_refused(
+                    connack,
+                    "will_not_authorized",
+                    &claimed,
+                    will,
+                    out,
+                );
+            }
+        }
+        if let Some(max) = connect.will_payload_len().filter(|n| *n > self.max_payload) {
+            let verdict = Verdict::deny("max-payload");
+            self.audit_denial("will", format!("{max} bytes"), &verdict, "oversized");
+            let connack = reply::connack_not_authorized(version);
+            return self.connection_refused(connack, "will_too_large", &claimed, verdict, out);
+        }
+        self.assign_client_id = claimed.is_empty();
+        connect.rewrite(&own_id, self.internal_username(), &self.internal_password);
+        let encoded = match connect.encode() {
+            Ok(b) => b,
+            Err(e) => return self.close(out, CloseReason::new("internal", e)),
+        };
+        let record = self
+            .record(Event::ConnectionAccepted)
+            .action("connect")
+            .decision(Decision::Allow)
+            .rule(verdict.rule.clone())
+            .detail("mqtt", version.as_str());
+        if self.audit.record(record).is_err() {
+            return self.audit_failed(out);
+        }
+        tracing::info!(peer.id = %self.peer.spiffe.id, peer.role = %self.peer.spiffe.role, mqtt = version.as_str(), "connected");
+        self.state = State::Connected(version);
+        out.push(Output::OpenBroker(version));
+        out.push(Output::ToBroker(encoded));
+    }
+
+    fn connection_refused(
+        &mut self,
+        connack: Bytes,
+        reason: &str,
+        claimed: &str,
+        verdict: Verdict,
+        out: &mut Vec<Output>,
+    ) {
+        metrics::counter!("vitalmq_denials_total", "kind" => "connect").increment(1);
+        tracing::info!(peer.id = %self.peer.spiffe.id, reason, rule = %verdict.rule, "connection refused");
+        let mut record = self
+            .record(Event::ConnectionRefused)
+            .action("connect")
+            .decision(Decision::Deny)
+            .reason(reason)
+            .rule(verdict.rule);
+        if let Some(actor) = record.actor.as_mut() {
+            actor.client_id = Some(claimed.chars().take(128).collect());
+        }
+        let _ = self.audit.record(record);
+        out.push(Output::ToClient(connack));
+        self.close(out, CloseReason::new("connect_denied", reason.to_owned()));
+    }
+
+    fn publish(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let publish = match PublishView::parse(frame) {
+            Ok(p) => p,
+            Err(e) => return self.refuse_unframeable(FrameError::Malformed(e), out),
+        };
+        let mut publish = publish;
+        if let Err(e) = publish.resolve_alias(&mut self.aliases) {
+            if version == Version::V5 {
+                out.push(Output::ToClient(reply::disconnect_v5(
+                    v5::DisconnectReasonCode::TopicAliasInvalid,
+                )));
+            }
+            return self.close(out, CloseReason::new("topic_alias", e));
+        }
+        let topic = publish.topic.clone();
+        if publish.payload_len > self.max_payload {
+            let verdict = Verdict::deny("max-payload");
+            if !self.audit_denial("publish", topic, &verdict, "oversized") {
+                return self.audit_failed(out);
+            }
+            if version == Version::V5 {
+                out.push(Output::ToClient(reply::disconnect_v5(
+                    v5::DisconnectReasonCode::PacketTooLarge,
+                )));
+            }
+            return self.close(
+                out,
+                CloseReason::new(
+                    "payload_too_large",
+                    format!("{} bytes", publish.payload_len),
+                ),
+            );
+        }
+        if let Err(wait) = self.rate.admit(publish.payload_len) {
+            match version {
+                // MQTT 3.1.1 cannot say "slow down": hold the client's input instead,
+                // which loses nothing.
+                Version::V311 => out.push(Output::Pause(wait)),
+                Version::V5 => {
+                    metrics::counter!("vitalmq_rate_limited_total").increment(1);
+                    let record = self
+                        .record(Event::MessageRefused)
+                        .action("publish")
+                        .resource(topic)
+                        .decision(Decision::Deny)
+                        .reason("rate_limited");
+                    if self.audit.record(record).is_err() {
+                        return self.audit_failed(out);
+                    }
+                    if publish.qos > 0 {
+                        out.push(Output::ToClient(reply::publish_refused(
+                            version,
+                            publish.qos == 2,
+                            publish.pkid,
+                            PublishRefusal::QuotaExceeded,
+                        )));
+                    }
+                    return;
+                }
+            }
+        }
+        let verdict = match self.publish_cache.get(&topic) {
+            Some(v) => v.clone(),
+            None => {
+                let v = self.authz.publish(&self.peer, &topic);
+                if self.publish_cache.len() >= PUBLISH_CACHE_LIMIT {
+                    self.publish_cache.clear();
+                }
+                self.publish_cache.insert(topic.clone(), v.clone());
+                v
+            }
+        };
+        if verdict.allowed {
+            metrics::counter!("vitalmq_messages_total", "direction" => "in").increment(1);
+            metrics::counter!("vitalmq_bytes_total", "direction" => "in")
+                .increment(publish.payload_len as u64);
+            return out.push(Output::ToBroker(publish.forwardable()));
+        }
+        if !self.audit_denial("publish", topic, &verdict, "not_authorized") {
+            return self.audit_failed(out);
+        }
+        match (version, self.authz.denied_publish_v311()) {
+            (Version::V311, DeniedPublishV311::Disconnect) => {
+                self.close(out, CloseReason::new("publish_denied", verdict.rule))
+            }
+            (Version::V311, DeniedPublishV311::AckAndDrop) | (Version::V5, _) => {
+                if publish.qos > 0 {
+                    if publish.qos == 2 && version == Version::V311 {
+                        self.dropped_qos2.insert(publish.pkid);
+                    }
+                    out.push(Output::ToClient(reply::publish_refused(
+                        version,
+                        publish.qos == 2,
+                        publish.pkid,
+                        PublishRefusal::NotAuthorized,
+                    )));
+                }
+            }
+        }
+    }
+
+    fn pubrel(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        // PUBREL: the fixed header, then the packet id in the two bytes after it.
+        let bytes = frame.bytes();
+        let header_len = fixed_header_len(bytes);
+        let pkid = bytes
+            .get(header_len..header_len + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]));
+        match pkid {
+            Some(pkid) if self.dropped_qos2.remove(&pkid) => {
+                out.push(Output::ToClient(reply::pubcomp(version, pkid)))
+            }
+            Some(_) => out.push(Output::ToBroker(bytes.clone())),
+            None => self.refuse_unframeable(FrameError::Malformed("short PUBREL".into()), out),
+        }
+    }
+
+    fn subscribe(&mut self, _version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let request = match SubscribeView::parse(frame) {
+            Ok(s) => s,
+            Err(e) => return self.refuse_unframeable(FrameError::Malformed(e), out),
+        };
+        let filters = request.filters();
+        let mut forwarded = Vec::with_capacity(filters.len());
+        for filter in &filters {
+            let verdict = self.authz.subscribe(&self.peer, filter);
+            if !verdict.allowed
+                && !self.audit_denial("subscribe", filter.clone(), &verdict, "not_authorized")
+            {
+                return self.audit_failed(out);
+            }
+            forwarded.push(verdict.allowed);
+        }
+        let pkid = request.pkid();
+        if forwarded.iter().all(|f| !f) {
+            return out.push(Output::ToClient(request.all_denied()));
+        }
+        for (filter, _) in filters.iter().zip(&forwarded).filter(|(_, f)| **f) {
+            self.subscriptions.insert(filter.clone());
+        }
+        let partial = forwarded.iter().any(|f| !f);
+        match request.keep(&forwarded) {
+            Ok(bytes) => out.push(Output::ToBroker(bytes)),
+            Err(e) => return self.close(out, CloseReason::new("internal", e)),
+        }
+        if partial {
+            self.pending_subacks.insert(pkid, Pending { forwarded });
+        }
+    }
+
+    fn unsubscribe(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let request = match UnsubscribeView::parse(frame) {
+            Ok(u) => u,
+            Err(e) => return self.refuse_unframeable(FrameError::Malformed(e), out),
+        };
+        let filters = request.filters();
+        let mut forwarded = Vec::with_capacity(filters.len());
+        for filter in &filters {
+            let verdict = self.authz.unsubscribe(&self.peer, filter);
+            if !verdict.allowed
+                && !self.audit_denial("unsubscribe", filter.clone(), &verdict, "not_authorized")
+            {
+                return self.audit_failed(out);
+            }
+            if verdict.allowed {
+                self.subscriptions.remove(filter);
+            }
+            forwarded.push(verdict.allowed);
+        }
+        let pkid = request.pkid();
+        if forwarded.iter().all(|f| !f) {
+            return out.push(Output::ToClient(match version {
+                Version::V311 => reply::unsuback_v311(pkid),
+                Version::V5 => reply::unsuback_v5(
+                    pkid,
+                    vec![v5::UnsubAckReason::NotAuthorized; filters.len()],
+                    None,
+                ),
+            }));
+        }
+        let partial = forwarded.iter().any(|f| !f);
+        match request.keep(&forwarded) {
+            Ok(bytes) => out.push(Output::ToBroker(bytes)),
+            Err(e) => return self.close(out, CloseReason::new("internal", e)),
+        }
+        if partial && version == Version::V5 {
+            self.pending_unsubacks.insert(pkid, Pending { forwarded });
+        }
+    }
+
+    // ---------------------------------------------------------------- broker side
+
+    fn broker_frame(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        match frame.packet_type() {
+            kind::CONNACK if version == Version::V5 && self.assign_client_id => {
+                let Frame::V5 { header, bytes } = frame else {
+                    return;
+                };
+                match v5::ConnAck::read(header, bytes.clone()) {
+                    Ok(mut ack) => {
+                        let props = ack.properties.get_or_insert_with(empty_connack_properties);
+                        props.assigned_client_identifier =
+                            Some(self.peer.spiffe.id.as_str().to_owned());
+                        let mut buf = BytesMut::new();
+                        match ack.write(&mut buf) {
+                            Ok(_) => out.push(Output::ToClient(buf.freeze())),
+                            Err(_) => out.push(Output::ToClient(bytes)),
+                        }
+                    }
+                    Err(_) => out.push(Output::ToClient(bytes)),
+                }
+            }
+            kind::SUBACK => self.merge_suback(frame, out),
+            kind::UNSUBACK if version == Version::V5 => self.merge_unsuback(frame, out),
+            kind::PUBLISH => {
+                metrics::counter!("vitalmq_messages_total", "direction" => "out").increment(1);
+                out.push(Output::ToClient(frame.bytes().clone()));
+            }
+            _ => out.push(Output::ToClient(frame.bytes().clone())),
+        }
+    }
+
+    fn merge_suback(&mut self, frame: Frame, out: &mut Vec<Output>) {
+        match frame {
+            Frame::V311 { header, bytes } => {
+                let Ok(ack) = v4::SubAck::read(header, bytes.clone()) else {
+                    return out.push(Output::ToClient(bytes));
+                };
+                let Some(pending) = self.pending_subacks.remove(&ack.pkid) else {
+                    return out.push(Output::ToClient(bytes));
+                };
+                let codes = spread(
+                    &pending.forwarded,
+                    ack.return_codes,
+                    v4::SubscribeReasonCode::Failure,
+                );
+                out.push(Output::ToClient(reply::suback_v311(ack.pkid, codes)));
+            }
+            Frame::V5 { header, bytes } => {
+                let Ok(ack) = v5::SubAck::read(header, bytes.clone()) else {
+                    return out.push(Output::ToClient(bytes));
+                };
+                let Some(pending) = self.pending_subacks.remove(&ack.pkid) else {
+                    return out.push(Output::ToClient(bytes));
+                };
+                let codes = spread(
+                    &pending.forwarded,
+                    ack.return_codes,
+                    v5::SubscribeReasonCode::NotAuthorized,
+                );
+                out.push(Output::ToClient(reply::suback_v5(
+                    ack.pkid,
+                    codes,
+                    ack.properties,
+                )));
+            }
+        }
+    }
+
+    fn merge_unsuback(&mut self, frame: Frame, out: &mut Vec<Output>) {
+        let Frame::V5 { header, bytes } = frame else {
+            return;
+        };
+        let Ok(ack) = v5::UnsubAck::read(header, bytes.clone()) else {
+            return out.push(Output::ToClient(bytes));
+        };
+        let Some(pending) = self.pending_unsubacks.remove(&ack.pkid) else {
+            return out.push(Output::ToClient(bytes));
+        };
+        let reasons = spread(
+            &pending.forwarded,
+            ack.reasons,
+            v5::UnsubAckReason::NotAuthorized,
+        );
+        out.push(Output::ToClient(reply::unsuback_v5(
+            ack.pkid,
+            reasons,
+            ack.properties,
+        )));
+    }
+}
+
+/// Puts the broker's answers for forwarded filters back at their positions and `denied`
+/// everywhere else. A broker answer with too few codes leaves the rest denied.
+fn spread<T: Clone>(forwarded: &[bool], answers: Vec<T>, denied: T) -> Vec<T> {
+    let mut answers = answers.into_iter();
+    forwarded
+        .iter()
+        .map(|f| {
+            if *f {
+                answers.next().unwrap_or_else(|| denied.clone())
+            } else {
+                denied.clone()
+            }
+        })
+        .collect()
+}
+
+/// Length of a framed packet's fixed header: the type byte and the 1 to 4 bytes of the
+/// remaining length (the frame was already validated by `next_frame`).
+fn fixed_header_len(bytes: &Bytes) -> usize {
+    let continued = bytes
+        .iter()
+        .skip(1)
+        .take(4)
+        .take_while(|b| *b & 0x80 != 0)
+        .count();
+    2 + continued
+}
+
+fn empty_connack_properties() -> v5::ConnAckProperties {
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+// ---------------------------------------------------------------- version views
+
+enum ConnectView {
+    V311(Box<v4::Connect>),
+    V5(Box<(v5::Connect, Option<v5::LastWill>, Option<v5::Login>)>),
+}
+
+impl ConnectView {
+    fn client_id(&self) -> &str {
+        match self {
+            Self::V311(c) => &c.client_id,
+            Self::V5(c) => &c.0.client_id,
+        }
+    }
+
+    fn will_topic(&self) -> Option<String> {
+        match self {
+            Self::V311(c) => c.last_will.as_ref().map(|w| w.topic.clone()),
+            Self::V5(c) => {
+                c.1.as_ref()
+                    .map(|w| String::from_utf8_lossy(&w.topic).into_owned())
+            }
+        }
+    }
+
+    fn will_payload_len(&self) -> Option<usize> {
+        match self {
+            Self::V311(c) => c.last_will.as_ref().map(|w| w.message.len()),
+            Self::V5(c) => c.1.as_ref().map(|w| w.message.len()),
+        }
+    }
+
+    /// Binds the verified id and replaces the credentials with the gate's own, which
+    /// rumqttd's auth handler checks (username and password from clients are ignored).
+    fn rewrite(&mut self, id: &str, username: String, password: &str) {
+        match self {
+            Self::V311(c) => {
+                c.client_id = id.to_owned();
+                c.login = Some(v4::Login::new(username, password));
+            }
+            Self::V5(c) => {
+                c.0.client_id = id.to_owned();
+                c.2 = Some(v5::Login::new(username, password));
+            }
+        }
+    }
+
+    fn encode(&self) -> Result<Bytes, String> {
+        let mut buf = BytesMut::new();
+        match self {
+            Self::V311(c) => c.write(&mut buf).map_err(|e| e.to_string())?,
+            Self::V5(c) => c.0.write(&c.1, &c.2, &mut buf).map_err(|e| e.to_string())?,
+        };
+        Ok(buf.freeze())
+    }
+}
+
+struct PublishView {
+    topic: String,
+    qos: u8,
+    pkid: u16,
+    payload_len: usize,
+    original: Bytes,
+    /// Set when the packet must be re-encoded (an alias was resolved).
+    rewritten: Option<Box<v5::Publish>>,
+}
+
+impl PublishView {
+    fn parse(frame: Frame) -> Result<Self, String> {
+        match frame {
+            Frame::V311 { header, bytes } => {
+                let p = v4::Publish::read(header, bytes.clone()).map_err(|e| e.to_string())?;
+                Ok(Self {
+                    topic: p.topic,
+                    qos: p.qos as u8,
+                    pkid: p.pkid,
+                    payload_len: p.payload.len(),
+                    original: bytes,
+                    rewritten: None,
+                })
+            }
+            Frame::V5 { header, bytes } => {
+                let p = v5::Publish::read(header, bytes.clone()).map_err(|e| e.to_string())?;
+                let topic = String::from_utf8(p.topic.to_vec())
+                    .map_err(|_| "topic is not UTF-8".to_owned())?;
+                let has_alias = p
+                    .properties
+                    .as_ref()
+                    .is_some_and(|pr| pr.topic_alias.is_some());
+                Ok(Self {
+                    topic,
+                    qos: p.qos as u8,
+                    pkid: p.pkid,
+                    payload_len: p.payload.len(),
+                    original: bytes,
+                    rewritten: has_alias.then(|| Box::new(p)),
+                })
+            }
+        }
+    }
+
+    /// MQTT 5 topic aliases: remember `alias -> topic`, or look the topic up, then strip
+    /// the alias so rumqttd and the ACL only ever see full topic names.
+    fn resolve_alias(&mut self, aliases: &mut HashMap<u16, String>) -> Result<(), String> {
+        let Some(p) = self.rewritten.as_mut() else {
+            return Ok(());
+        };
+        let Some(props) = p.properties.as_mut() else {
+            return Ok(());
+        };
+        let Some(alias) = props.topic_alias.take() else {
+            return Ok(());
+        };
+        if alias == 0 {
+            return Err("topic alias 0 is invalid".into());
+        }
+        if self.topic.is_empty() {
+            let topic = aliases
+                .get(&alias)
+                .ok_or_else(|| format!("unknown topic alias {alias}"))?;
+            self.topic = topic.clone();
+            p.topic = Bytes::from(topic.clone());
+        } else {
+            if aliases.len() >= 1024 && !aliases.contains_key(&alias) {
+                return Err("too many topic aliases".into());
+            }
+            aliases.insert(alias, self.topic.clone());
+        }
+        Ok(())
+    }
+
+    fn forwardable(&self) -> Bytes {
+        match &self.rewritten {
+            None => self.original.clone(),
+            Some(p) => {
+                let mut buf = BytesMut::with_capacity(self.original.len() + self.topic.len());
+                match p.write(&mut buf) {
+                    Ok(_) => buf.freeze(),
+                    Err(_) => self.original.clone(),
+                }
+            }
+        }
+    }
+}
+
+enum SubscribeView {
+    V311(v4::Subscribe),
+    V5(v5::Subscribe),
+}
+
+impl SubscribeView {
+    fn parse(frame: Frame) -> Result<Self, String> {
+        match frame {
+            Frame::V311 { header, bytes } => v4::Subscribe::read(header, bytes)
+                .map(Self::V311)
+                .map_err(|e| e.to_string()),
+            Frame::V5 { header, bytes } => v5::Subscribe::read(header, bytes)
+                .map(Self::V5)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn pkid(&self) -> u16 {
+        match self {
+            Self::V311(s) => s.pkid,
+            Self::V5(s) => s.pkid,
+        }
+    }
+
+    fn filters(&self) -> Vec<String> {
+        match self {
+            Self::V311(s) => s.filters.iter().map(|f| f.path.clone()).collect(),
+            Self::V5(s) => s.filters.iter().map(|f| f.path.clone()).collect(),
+        }
+    }
+
+    fn all_denied(&self) -> Bytes {
+        match self {
+            Self::V311(s) => reply::suback_v311(
+                s.pkid,
+                vec![v4::SubscribeReasonCode::Failure; s.filters.len()],
+            ),
+            Self::V5(s) => reply::suback_v5(
+                s.pkid,
+                vec![v5::SubscribeReasonCode::NotAuthorized; s.filters.len()],
+                None,
+            ),
+        }
+    }
+
+    /// The request with only the forwarded filters, encoded.
+    fn keep(self, forwarded: &[bool]) -> Result<Bytes, String> {
+        let mut buf = BytesMut::new();
+        match self {
+            Self::V311(mut s) => {
+                let mut keep = forwarded.iter();
+                s.filters.retain(|_| keep.next().copied().unwrap_or(false));
+                s.write(&mut buf).map_err(|e| e.to_string())?;
+            }
+            Self::V5(mut s) => {
+                let mut keep = forwarded.iter();
+                s.filters.retain(|_| keep.next().copied().unwrap_or(false));
+                s.write(&mut buf).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(buf.freeze())
+    }
+}
+
+enum UnsubscribeView {
+    V311(v4::Unsubscribe),
+    V5(v5::Unsubscribe),
+}
+
+impl UnsubscribeView {
+    fn parse(frame: Frame) -> Result<Self, String> {
+        match frame {
+            Frame::V311 { header, bytes } => v4::Unsubscribe::read(header, bytes)
+                .map(Self::V311)
+                .map_err(|e| e.to_string()),
+            Frame::V5 { header, bytes } => v5::Unsubscribe::read(header, bytes)
+                .map(Self::V5)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn pkid(&self) -> u16 {
+        match self {
+            Self::V311(s) => s.pkid,
+            Self::V5(s) => s.pkid,
+        }
+    }
+
+    fn filters(&self) -> Vec<String> {
+        match self {
+            Self::V311(s) => s.topics.clone(),
+            Self::V5(s) => s.filters.clone(),
+        }
+    }
+
+    fn keep(self, forwarded: &[bool]) -> Result<Bytes, String> {
+        let mut buf = BytesMut::new();
+        match self {
+            Self::V311(mut s) => {
+                let mut keep = forwarded.iter();
+                s.topics.retain(|_| keep.next().copied().unwrap_or(false));
+                s.write(&mut buf).map_err(|e| e.to_string())?;
+            }
+            Self::V5(mut s) => {
+                let mut keep = forwarded.iter();
+                s.filters.retain(|_| keep.next().copied().unwrap_or(false));
+                s.write(&mut buf).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(buf.freeze())
+    }
+}

@@ -1,0 +1,597 @@
+//! The gate session driven with real MQTT packets (encoded by rumqttc) against the
+//! shipped ACL policy: what is forwarded, what is answered, what is closed, what is
+//! audited.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{QoS, v4};
+use rumqttc::v5::mqttbytes::v5;
+use vitalmq_audit::{AuditRecord, Event};
+use vitalmq_envelope::{Algorithm, DeviceId, SigningKey};
+use vitalmq_policies::{
+    AclPolicy, DeviceEntry, DeviceRegistry, PrincipalId, Role, SiteId, SpiffeId, TrustDomain,
+};
+
+use super::*;
+use crate::authz::{Authorizer, PolicyAuthorizer};
+use crate::identity::{IdentitySource, PeerIdentity};
+
+const PASSWORD: &str = "internal-secret";
+
+#[derive(Debug, Default)]
+struct Audit(Mutex<Vec<AuditRecord>>);
+
+impl AuditSink for Audit {
+    fn record(&self, record: AuditRecord) -> Result<(), ()> {
+        self.0.lock().expect("audit lock").push(record);
+        Ok(())
+    }
+}
+
+impl Audit {
+    fn events(&self) -> Vec<(Event, Option<String>, Option<String>)> {
+        self.0
+            .lock()
+            .expect("audit lock")
+            .iter()
+            .map(|r| (r.event, r.action.clone(), r.reason.clone()))
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct AlwaysLimited;
+
+impl RateGate for AlwaysLimited {
+    fn admit(&self, _bytes: usize) -> Result<(), Duration> {
+        Err(Duration::from_millis(250))
+    }
+}
+
+fn registry() -> DeviceRegistry {
+    let mut registry = DeviceRegistry::new(TrustDomain::new("demo.vitalmq").expect("td"));
+    for (id, site) in [("dev-00001", "site-01"), ("dev-00002", "site-02")] {
+        registry
+            .insert_device(DeviceEntry {
+                id: DeviceId::new(id).expect("id"),
+                site: SiteId::new(site).expect("site"),
+                patient_ref: format!("pt-{id}"),
+                key: SigningKey::generate(Algorithm::EdDsa)
+                    .expect("key")
+                    .verifying_key(),
+                consent: None,
+            })
+            .expect("unique");
+    }
+    registry.insert_integrator(
+        PrincipalId::new("int-site-01").expect("id"),
+        SiteId::new("site-01").expect("site"),
+    );
+    registry
+}
+
+fn acl(text_edit: impl Fn(String) -> String) -> Arc<AclPolicy> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/acl.toml");
+    let text = text_edit(std::fs::read_to_string(&path).expect("example acl"));
+    Arc::new(AclPolicy::parse(&text, &path).expect("valid acl"))
+}
+
+fn authorizer() -> Arc<dyn Authorizer> {
+    Arc::new(PolicyAuthorizer::new(acl(|t| t), Arc::new(registry())))
+}
+
+fn peer(role: Role, id: &str) -> PeerIdentity {
+    PeerIdentity {
+        spiffe: SpiffeId::new(
+            TrustDomain::new("demo.vitalmq").expect("td"),
+            role,
+            PrincipalId::new(id).expect("id"),
+        ),
+        source: IdentitySource::SanUri,
+        serial_hex: "01AB".into(),
+        fingerprint_sha256_hex: "ff".repeat(32),
+        not_after: time::OffsetDateTime::now_utc() + time::Duration::days(1),
+    }
+}
+
+struct Harness {
+    session: GateSession,
+    audit: Arc<Audit>,
+}
+
+impl Harness {
+    fn new(role: Role, id: &str) -> Self {
+        Self::with_rate(role, id, Arc::new(Unlimited))
+    }
+
+    fn with_rate(role: Role, id: &str, rate: Arc<dyn RateGate>) -> Self {
+        let audit = Arc::new(Audit::default());
+        let session = GateSession::new(
+            peer(role, id),
+            "127.0.0.1:5555",
+            authorizer(),
+            audit.clone(),
+            rate,
+            PASSWORD.into(),
+        );
+        Self { session, audit }
+    }
+
+    fn client(&mut self, bytes: Bytes) -> Vec<Output> {
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut out = Vec::new();
+        self.session.on_client_bytes(&mut buf, &mut out);
+        assert!(
+            buf.is_empty() || self.session.is_closed(),
+            "unconsumed client bytes"
+        );
+        out
+    }
+
+    fn broker(&mut self, bytes: Bytes) -> Vec<Output> {
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut out = Vec::new();
+        self.session.on_broker_bytes(&mut buf, &mut out);
+        out
+    }
+}
+
+fn v4_bytes(write: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::new();
+    write(&mut buf);
+    buf.freeze()
+}
+
+fn v4_connect(client_id: &str, will: Option<&str>) -> Bytes {
+    let mut c = v4::Connect::new(client_id);
+    c.last_will = will.map(|t| v4::LastWill::new(t, "bye", QoS::AtLeastOnce, false));
+    c.login = Some(v4::Login::new("claimed-user", "claimed-pass"));
+    v4_bytes(|b| {
+        c.write(b).expect("encode");
+    })
+}
+
+fn v5_connect(client_id: &str) -> Bytes {
+    let c = v5::Connect {
+        keep_alive: 30,
+        client_id: client_id.into(),
+        clean_start: true,
+        properties: None,
+    };
+    v4_bytes(|b| {
+        c.write(&None, &None, b).expect("encode");
+    })
+}
+
+fn v4_publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Bytes {
+    let mut p = v4::Publish::new(topic, qos, payload.to_vec());
+    p.pkid = pkid;
+    v4_bytes(|b| {
+        p.write(b).expect("encode");
+    })
+}
+
+fn v5_publish(topic: &str, alias: Option<u16>, pkid: u16) -> Bytes {
+    let mut p = v5::Publish::new(
+        topic,
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        b"cose".to_vec(),
+        None,
+    );
+    p.pkid = pkid;
+    if let Some(alias) = alias {
+        p.properties = Some(v5::PublishProperties {
+            topic_alias: Some(alias),
+            ..Default::default()
+        });
+    }
+    v4_bytes(|b| {
+        p.write(b).expect("encode");
+    })
+}
+
+fn to_broker(out: &[Output]) -> Vec<Bytes> {
+    out.iter()
+        .filter_map(|o| {
+            if let Output::ToBroker(b) = o {
+                Some(b.clone())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn to_client(out: &[Output]) -> Vec<Bytes> {
+    out.iter()
+        .filter_map(|o| {
+            if let Output::ToClient(b) = o {
+                Some(b.clone())
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+fn closed(out: &[Output]) -> Option<&'static str> {
+    out.iter().find_map(|o| {
+        if let Output::Close(r) = o {
+            Some(r.code)
+        } else {
+            None
+        }
+    })
+}
+
+fn read_v4(bytes: &Bytes) -> v4::Packet {
+    v4::Packet::read(&mut BytesMut::from(&bytes[..]), 1 << 20).expect("valid packet")
+}
+
+fn read_v5(bytes: &Bytes) -> v5::Packet {
+    v5::Packet::read(&mut BytesMut::from(&bytes[..]), None).expect("valid packet")
+}
+
+fn connected_v4(role: Role, id: &str) -> Harness {
+    let mut h = Harness::new(role, id);
+    let out = h.client(v4_connect(id, None));
+    assert_eq!(out.first(), Some(&Output::OpenBroker(Version::V311)));
+    h
+}
+
+#[test]
+fn connect_binds_the_certificate_id_and_replaces_credentials() {
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let out = h.client(v4_connect("", None));
+    assert_eq!(out[0], Output::OpenBroker(Version::V311));
+    let v4::Packet::Connect(c) = read_v4(&to_broker(&out)[0]) else {
+        panic!("not a CONNECT")
+    };
+    assert_eq!(
+        c.client_id, "dev-00001",
+        "empty id gets the certificate's id"
+    );
+    let login = c.login.expect("gate credentials");
+    assert_eq!(login.username, "spiffe://demo.vitalmq/device/dev-00001");
+    assert_eq!(
+        login.password, PASSWORD,
+        "the client's claimed password never reaches rumqttd"
+    );
+    assert_eq!(h.audit.events()[0].0, Event::ConnectionAccepted);
+}
+
+#[test]
+fn claiming_another_client_id_is_refused_with_connack_5() {
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let out = h.client(v4_connect("dev-00002", None));
+    assert!(to_broker(&out).is_empty());
+    let v4::Packet::ConnAck(ack) = read_v4(&to_client(&out)[0]) else {
+        panic!("not a CONNACK")
+    };
+    assert_eq!(ack.code, v4::ConnectReturnCode::NotAuthorized);
+    assert_eq!(closed(&out), Some("connect_denied"));
+    assert_eq!(
+        h.audit.events(),
+        vec![(
+            Event::ConnectionRefused,
+            Some("connect".into()),
+            Some("client_id_mismatch".into())
+        )]
+    );
+}
+
+#[test]
+fn mqtt5_refusals_use_reason_0x87_and_an_empty_id_is_assigned() {
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let out = h.client(v5_connect("dev-00099"));
+    let v5::Packet::ConnAck(ack) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a CONNACK")
+    };
+    assert_eq!(ack.code, v5::ConnectReturnCode::NotAuthorized);
+
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let out = h.client(v5_connect(""));
+    assert_eq!(out[0], Output::OpenBroker(Version::V5));
+    let broker_ack = v4_bytes(|b| {
+        v5::ConnAck {
+            session_present: false,
+            code: v5::ConnectReturnCode::Success,
+            properties: None,
+        }
+        .write(b)
+        .expect("encode");
+    });
+    let out = h.broker(broker_ack);
+    let v5::Packet::ConnAck(ack) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a CONNACK")
+    };
+    let assigned = ack.properties.and_then(|p| p.assigned_client_identifier);
+    assert_eq!(assigned.as_deref(), Some("dev-00001"));
+}
+
+#[test]
+fn an_unregistered_device_and_a_foreign_will_topic_are_refused() {
+    let mut h = Harness::new(Role::Device, "dev-77777");
+    assert_eq!(
+        closed(&h.client(v4_connect("dev-77777", None))),
+        Some("connect_denied")
+    );
+
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let out = h.client(v4_connect("dev-00001", Some("devices/dev-00002/status")));
+    assert_eq!(closed(&out), Some("connect_denied"));
+    assert!(
+        h.audit
+            .events()
+            .iter()
+            .any(|e| e.1.as_deref() == Some("will"))
+    );
+}
+
+#[test]
+fn own_telemetry_is_forwarded_byte_for_byte() {
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    let publish = v4_publish(
+        "devices/dev-00001/telemetry",
+        QoS::AtLeastOnce,
+        7,
+        b"cose bytes",
+    );
+    let out = h.client(publish.clone());
+    assert_eq!(to_broker(&out), vec![publish]);
+}
+
+#[test]
+fn another_devices_topic_closes_a_311_connection_and_is_audited() {
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    let out = h.client(v4_publish(
+        "devices/dev-00002/telemetry",
+        QoS::AtLeastOnce,
+        7,
+        b"x",
+    ));
+    assert!(
+        to_broker(&out).is_empty(),
+        "a denied PUBLISH is never routed"
+    );
+    assert_eq!(closed(&out), Some("publish_denied"));
+    let denial = h
+        .audit
+        .0
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .expect("audited");
+    assert_eq!(denial.event, Event::AuthorizationDenied);
+    assert_eq!(
+        denial.resource.as_deref(),
+        Some("devices/dev-00002/telemetry")
+    );
+    assert_eq!(denial.rule.as_deref(), Some("default-deny"));
+}
+
+#[test]
+fn mqtt5_denied_publish_gets_puback_0x87_and_topic_aliases_cannot_bypass_the_acl() {
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect("dev-00001"));
+    // Alias 1 -> own telemetry: forwarded with the alias stripped.
+    let out = h.client(v5_publish("devices/dev-00001/telemetry", Some(1), 1));
+    let v5::Packet::Publish(p) = read_v5(&to_broker(&out)[0]) else {
+        panic!("not a PUBLISH")
+    };
+    assert!(
+        p.properties
+            .as_ref()
+            .is_none_or(|pr| pr.topic_alias.is_none())
+    );
+    // Alias only: resolved to the full topic.
+    let out = h.client(v5_publish("", Some(1), 2));
+    let v5::Packet::Publish(p) = read_v5(&to_broker(&out)[0]) else {
+        panic!("not a PUBLISH")
+    };
+    assert_eq!(&p.topic[..], b"devices/dev-00001/telemetry");
+    // Alias 2 -> another device's topic: denied, and stays denied when used alone.
+    for (topic, pkid) in [("devices/dev-00002/telemetry", 3), ("", 4)] {
+        let out = h.client(v5_publish(topic, Some(2), pkid));
+        assert!(to_broker(&out).is_empty(), "alias {topic:?} routed");
+        let v5::Packet::PubAck(ack) = read_v5(&to_client(&out)[0]) else {
+            panic!("not a PUBACK")
+        };
+        assert_eq!(
+            (ack.pkid, ack.reason),
+            (pkid, v5::PubAckReason::NotAuthorized)
+        );
+        assert_eq!(closed(&out), None, "MQTT 5 keeps the connection");
+    }
+    // An alias never set is a protocol error.
+    let out = h.client(v5_publish("", Some(9), 5));
+    assert_eq!(closed(&out), Some("topic_alias"));
+}
+
+#[test]
+fn denied_filters_get_0x80_in_place_and_allowed_ones_are_granted() {
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    let subscribe = v4::Subscribe::new_many([
+        v4::SubscribeFilter::new("devices/dev-00001/config".into(), QoS::AtLeastOnce),
+        v4::SubscribeFilter::new("#".into(), QoS::AtLeastOnce),
+        v4::SubscribeFilter::new("devices/dev-00001/ack".into(), QoS::AtLeastOnce),
+    ]);
+    let mut subscribe = subscribe;
+    subscribe.pkid = 11;
+    let out = h.client(v4_bytes(|b| {
+        subscribe.write(b).expect("encode");
+    }));
+    let v4::Packet::Subscribe(forwarded) = read_v4(&to_broker(&out)[0]) else {
+        panic!("not a SUBSCRIBE")
+    };
+    let paths: Vec<_> = forwarded.filters.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["devices/dev-00001/config", "devices/dev-00001/ack"]);
+
+    let broker_ack = v4::SubAck::new(
+        11,
+        vec![v4::SubscribeReasonCode::Success(QoS::AtLeastOnce); 2],
+    );
+    let out = h.broker(v4_bytes(|b| {
+        broker_ack.write(b).expect("encode");
+    }));
+    let v4::Packet::SubAck(ack) = read_v4(&to_client(&out)[0]) else {
+        panic!("not a SUBACK")
+    };
+    assert_eq!(
+        ack.return_codes,
+        vec![
+            v4::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            v4::SubscribeReasonCode::Failure,
+            v4::SubscribeReasonCode::Success(QoS::AtLeastOnce),
+        ]
+    );
+}
+
+#[test]
+fn a_fully_denied_subscribe_is_answered_by_the_gate_with_0x87_in_mqtt5() {
+    let mut h = Harness::new(Role::Integrator, "int-site-01");
+    h.client(v5_connect("int-site-01"));
+    let mut subscribe = v5::Subscribe::new(
+        v5::Filter::new("alerts/#", rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+        None,
+    );
+    subscribe.pkid = 3;
+    let out = h.client(v4_bytes(|b| {
+        subscribe.write(b).expect("encode");
+    }));
+    assert!(to_broker(&out).is_empty());
+    let v5::Packet::SubAck(ack) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a SUBACK")
+    };
+    assert_eq!(
+        ack.return_codes,
+        vec![v5::SubscribeReasonCode::NotAuthorized]
+    );
+}
+
+#[test]
+fn oversized_payloads_and_garbage_end_the_connection() {
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    let huge = vec![0u8; 70_000];
+    let out = h.client(v4_publish(
+        "devices/dev-00001/telemetry",
+        QoS::AtLeastOnce,
+        1,
+        &huge,
+    ));
+    assert!(to_broker(&out).is_empty());
+    assert_eq!(closed(&out), Some("payload_too_large"));
+
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    assert_eq!(
+        closed(&h.client(Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"))),
+        Some("malformed_connect")
+    );
+
+    // A packet announcing 200 MB is refused from its header, without buffering it.
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    assert_eq!(
+        closed(&h.client(Bytes::from_static(&[0x30, 0xff, 0xff, 0xff, 0x7f]))),
+        Some("packet_too_large")
+    );
+}
+
+#[test]
+fn rate_limits_pause_311_and_answer_0x97_in_mqtt5() {
+    let mut h = Harness::with_rate(Role::Device, "dev-00001", Arc::new(AlwaysLimited));
+    h.client(v4_connect("dev-00001", None));
+    let publish = v4_publish("devices/dev-00001/telemetry", QoS::AtLeastOnce, 1, b"x");
+    let out = h.client(publish.clone());
+    assert_eq!(
+        out,
+        vec![
+            Output::Pause(Duration::from_millis(250)),
+            Output::ToBroker(publish)
+        ],
+        "nothing is dropped"
+    );
+
+    let mut h = Harness::with_rate(Role::Device, "dev-00001", Arc::new(AlwaysLimited));
+    h.client(v5_connect("dev-00001"));
+    let out = h.client(v5_publish("devices/dev-00001/telemetry", None, 4));
+    let v5::Packet::PubAck(ack) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a PUBACK")
+    };
+    assert_eq!(ack.reason, v5::PubAckReason::QuotaExceeded);
+}
+
+#[test]
+fn a_new_policy_revokes_live_subscriptions_and_connections() {
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    let sub = v4::Subscribe::new("devices/dev-00001/config", QoS::AtLeastOnce);
+    h.client(v4_bytes(|b| {
+        sub.write(b).expect("encode");
+    }));
+    // The same policy: nothing happens.
+    let mut out = Vec::new();
+    h.session.replace_authorizer(authorizer(), &mut out);
+    assert!(out.is_empty());
+    // A policy without the device config rule: the connection goes.
+    let stricter = acl(|t| t.replace("\"devices/{id}/config\"", "\"devices/{id}/nothing\""));
+    h.session.replace_authorizer(
+        Arc::new(PolicyAuthorizer::new(stricter, Arc::new(registry()))),
+        &mut out,
+    );
+    assert_eq!(closed(&out), Some("subscription_revoked"));
+
+    // A registry without the device: the connection goes too.
+    let mut h = connected_v4(Role::Device, "dev-00002");
+    let mut out = Vec::new();
+    let mut smaller = DeviceRegistry::new(TrustDomain::new("demo.vitalmq").expect("td"));
+    smaller.insert_integrator(
+        PrincipalId::new("int-site-01").expect("id"),
+        SiteId::new("site-01").expect("site"),
+    );
+    h.session.replace_authorizer(
+        Arc::new(PolicyAuthorizer::new(acl(|t| t), Arc::new(smaller))),
+        &mut out,
+    );
+    assert_eq!(closed(&out), Some("connect_revoked"));
+}
+
+#[test]
+fn acknowledge_and_drop_completes_qos2_without_routing() {
+    let lenient = acl(|t| {
+        t.replace(
+            "denied_publish_v311 = \"disconnect\"",
+            "denied_publish_v311 = \"ack_and_drop\"",
+        )
+    });
+    let audit = Arc::new(Audit::default());
+    let authz = Arc::new(PolicyAuthorizer::new(lenient, Arc::new(registry())));
+    let mut h = Harness {
+        session: GateSession::new(
+            peer(Role::Device, "dev-00001"),
+            "a",
+            authz,
+            audit.clone(),
+            Arc::new(Unlimited),
+            PASSWORD.into(),
+        ),
+        audit,
+    };
+    h.client(v4_connect("dev-00001", None));
+    let out = h.client(v4_publish(
+        "devices/dev-00002/telemetry",
+        QoS::ExactlyOnce,
+        9,
+        b"x",
+    ));
+    assert!(to_broker(&out).is_empty());
+    assert!(matches!(read_v4(&to_client(&out)[0]), v4::Packet::PubRec(r) if r.pkid == 9));
+    let pubrel = v4::PubRel::new(9);
+    let out = h.client(v4_bytes(|b| {
+        pubrel.write(b).expect("encode");
+    }));
+    assert!(to_broker(&out).is_empty(), "the broker never saw pkid 9");
+    assert!(matches!(read_v4(&to_client(&out)[0]), v4::Packet::PubComp(c) if c.pkid == 9));
+}
