@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
 
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the broker: the mTLS identity gate and topic ACLs in front of rumqttd.
+    Broker(broker_cmd::BrokerArgs),
     /// The dev/test PKI: CA, identity certificates, CRLs, device keys, registry.
     #[command(subcommand)]
     Certs(vitalmq_certs::cli::CertsCommand),
@@ -42,6 +45,7 @@ fn main() -> std::process::ExitCode {
         Command::Certs(cmd) => cmd.run().map(|()| std::process::ExitCode::SUCCESS),
         Command::Envelope(cmd) => cmd.run(),
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Broker(args) => broker_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -12,6 +12,14 @@
 
 pub mod accept;
 pub mod authz;
+pub mod config;
+pub mod embedded;
 pub mod gate;
 pub mod identity;
+pub mod ratelimit;
+pub mod relay;
+pub mod server;
 pub mod tls;
+
+pub use config::BrokerConfig;
+pub use server::{Broker, StartError};

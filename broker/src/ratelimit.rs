@@ -1,0 +1,104 @@
+//! Per-identity publish limits (messages and bytes per second), shared by all of an
+//! identity's connections, from the role limits of the policy in force when the
+//! identity first connected.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock as _, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use vitalmq_policies::{RoleLimits, SpiffeId};
+
+use crate::gate::RateGate;
+
+/// The token buckets of one identity.
+#[derive(Debug)]
+pub struct IdentityRate {
+    messages: DefaultDirectRateLimiter,
+    bytes: DefaultDirectRateLimiter,
+    byte_burst: u32,
+}
+
+impl IdentityRate {
+    pub fn new(limits: &RoleLimits) -> Self {
+        let nz = |n: u64| {
+            NonZeroU32::new(u32::try_from(n.max(1)).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN)
+        };
+        let messages = Quota::per_second(nz(limits.messages_per_second.into()))
+            .allow_burst(nz(limits.burst.into()));
+        // Byte bucket depth: one second of bytes, and at least one largest message.
+        let byte_burst = nz(limits.bytes_per_second.max(limits.max_payload_bytes as u64));
+        let bytes = Quota::per_second(nz(limits.bytes_per_second)).allow_burst(byte_burst);
+        Self {
+            messages: RateLimiter::direct(messages),
+            bytes: RateLimiter::direct(bytes),
+            byte_burst: byte_burst.get(),
+        }
+    }
+}
+
+impl RateGate for IdentityRate {
+    fn admit(&self, bytes: usize) -> Result<(), Duration> {
+        let now = DefaultClock::default().now();
+        if let Err(not_until) = self.messages.check() {
+            return Err(not_until.wait_time_from(now));
+        }
+        let n = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.byte_burst);
+        match self
+            .bytes
+            .check_n(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(now)),
+            // n is clamped to the burst, so capacity is always sufficient.
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// Limiters by identity.
+#[derive(Debug, Default)]
+pub struct RateRegistry {
+    by_identity: Mutex<HashMap<SpiffeId, Arc<IdentityRate>>>,
+}
+
+impl RateRegistry {
+    pub fn for_identity(&self, id: &SpiffeId, limits: &RoleLimits) -> Arc<IdentityRate> {
+        let mut map = self
+            .by_identity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(
+            map.entry(id.clone())
+                .or_insert_with(|| Arc::new(IdentityRate::new(limits))),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_wait() {
+        let limits = RoleLimits {
+            max_payload_bytes: 100,
+            messages_per_second: 1,
+            bytes_per_second: 1_000,
+            burst: 3,
+        };
+        let rate = IdentityRate::new(&limits);
+        for _ in 0..3 {
+            assert_eq!(rate.admit(10), Ok(()));
+        }
+        let wait = rate.admit(10).expect_err("burst used up");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+    }
+}

@@ -1,0 +1,374 @@
+//! The broker process: the mTLS listener, the embedded rumqttd, policy and CRL reloads,
+//! metrics and audit, wired together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use vitalmq_audit::{Actor, AuditLog, AuditRecord, Component, Decision, Event};
+use vitalmq_policies::{AclPolicy, DeviceRegistry};
+
+use crate::accept::{AcceptLimits, Acceptor};
+use crate::authz::{Authorizer, PolicyAuthorizer};
+use crate::config::BrokerConfig;
+use crate::embedded::EmbeddedBroker;
+use crate::gate::AuditSink;
+use crate::ratelimit::RateRegistry;
+use crate::relay::{self, RelayContext};
+use crate::tls::{self, TlsEdge};
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Policy(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("audit log: {0}")]
+    Audit(#[from] vitalmq_audit::AuditError),
+    #[error("embedded broker: {0}")]
+    Embedded(#[from] crate::embedded::EmbeddedError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Everything one reload produces: all of it or none of it takes effect.
+struct Loaded {
+    acl: Arc<AclPolicy>,
+    registry: Arc<DeviceRegistry>,
+    edge: Arc<TlsEdge>,
+}
+
+fn load(config: &BrokerConfig) -> Result<Loaded, String> {
+    let acl = AclPolicy::load(&config.policy.acl).map_err(|e| e.to_string())?;
+    let registry = DeviceRegistry::load(&config.policy.registry).map_err(|e| e.to_string())?;
+    let mut tls_settings = config.tls.clone();
+    // SPEC section 1: the CN fallback is a policy decision.
+    tls_settings.cn_fallback = acl.cn_fallback();
+    let edge = tls::build(&tls_settings).map_err(|e| e.to_string())?;
+    Ok(Loaded {
+        acl: Arc::new(acl),
+        registry: Arc::new(registry),
+        edge: Arc::new(edge),
+    })
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct Broker {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    reload: mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    tasks: Vec<JoinHandle<()>>,
+    audit: Option<AuditLog>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Broker {
+    pub async fn start(config: BrokerConfig) -> Result<Self, StartError> {
+        let loaded = load(&config).map_err(StartError::Policy)?;
+        let audit_log = AuditLog::open(&config.audit.path, config.audit.queue)?;
+        let auditor = audit_log.auditor();
+        let audit: Arc<dyn AuditSink> = Arc::new(auditor.clone());
+        if let Some(addr) = config.metrics_listen {
+            install_metrics(addr);
+        }
+        let embedded = Arc::new(EmbeddedBroker::start(&config.embedded)?);
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+
+        let authz: Arc<dyn Authorizer> = Arc::new(PolicyAuthorizer::new(
+            loaded.acl.clone(),
+            loaded.registry.clone(),
+        ));
+        let (authz_tx, authz_rx) = watch::channel(authz);
+        let (edge_tx, edge_rx) = watch::channel(loaded.edge.clone());
+        let (registry_tx, registry_rx) = watch::channel(loaded.registry.clone());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let acceptor = Arc::new(
+            Acceptor::new(edge_rx.clone(), AcceptLimits::from_settings(&config.tls))
+                .with_registry(registry_rx),
+        );
+        let ctx = Arc::new(RelayContext {
+            embedded,
+            authz: authz_rx,
+            edge: edge_rx,
+            audit: Arc::clone(&audit),
+            rates: RateRegistry::default(),
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            shutdown: shutdown_rx.clone(),
+        });
+        let _ = audit.record(
+            AuditRecord::new(Component::Broker, Event::ComponentStarted)
+                .policy_sha256(loaded.acl.sha256_hex())
+                .detail("listen", addr.to_string()),
+        );
+        tracing::info!(%addr, policy_sha256 = loaded.acl.sha256_hex(), "broker listening (mTLS)");
+
+        let accept_task = tokio::spawn(accept_loop(
+            listener,
+            acceptor,
+            ctx,
+            Arc::clone(&audit),
+            config.max_connections,
+            shutdown_rx.clone(),
+        ));
+
+        let (reload_tx, reload_rx) = mpsc::channel(8);
+        let reloader = Reloader {
+            config: config.clone(),
+            acl_sha: loaded.acl.sha256_hex().to_owned(),
+            authz_tx,
+            edge_tx,
+            registry_tx,
+            audit: Arc::clone(&audit),
+        };
+        let reload_task = tokio::spawn(reloader.run(reload_rx, shutdown_rx));
+        let watcher = if config.policy.watch {
+            watch_files(&config, reload_tx.clone())
+        } else {
+            None
+        };
+        Ok(Self {
+            addr,
+            shutdown: shutdown_tx,
+            reload: reload_tx,
+            tasks: vec![accept_task, reload_task],
+            audit: Some(audit_log),
+            _watcher: watcher,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Reloads policy, registry, certificates and CRLs now (what SIGHUP does). A broken
+    /// file is refused with its error, and the policy in force stays.
+    pub async fn reload(&self) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.reload
+            .send(tx)
+            .await
+            .map_err(|_| "broker stopped".to_owned())?;
+        rx.await.map_err(|_| "broker stopped".to_owned())?
+    }
+
+    /// Stops accepting, closes every connection and flushes the audit log.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks.drain(..) {
+            let _ = task.await;
+        }
+        if let Some(log) = self.audit.take() {
+            let auditor = log.auditor();
+            let _ = auditor.record(AuditRecord::new(Component::Broker, Event::ComponentStopped));
+            let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Arc<Acceptor>,
+    ctx: Arc<RelayContext>,
+    audit: Arc<dyn AuditSink>,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    loop {
+        let (tcp, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            refused(&audit, remote, "max_connections", "max_connections");
+            continue;
+        };
+        let acceptor = Arc::clone(&acceptor);
+        let ctx = Arc::clone(&ctx);
+        let audit = Arc::clone(&audit);
+        tokio::spawn(async move {
+            let _slot = slot;
+            match acceptor.accept(tcp, remote).await {
+                Err(refusal) => refused(&audit, remote, refusal.reason(), refusal.detail()),
+                Ok((tls, peer)) => {
+                    metrics::gauge!("vitalmq_connections").increment(1.0);
+                    let id = peer.identity.spiffe.clone();
+                    let ended = relay::serve(tls, peer, ctx).await;
+                    metrics::gauge!("vitalmq_connections").decrement(1.0);
+                    tracing::debug!(peer.id = %id.id, ?ended, "connection ended");
+                }
+            }
+        });
+    }
+}
+
+fn refused(audit: &Arc<dyn AuditSink>, remote: SocketAddr, reason: &str, detail: &str) {
+    tracing::info!(peer.addr = %remote, reason, detail, "connection refused");
+    metrics::counter!("vitalmq_denials_total", "kind" => "handshake").increment(1);
+    let _ = audit.record(
+        AuditRecord::new(Component::Broker, Event::ConnectionRefused)
+            .actor(Actor {
+                addr: Some(remote.to_string()),
+                ..Actor::default()
+            })
+            .action("handshake")
+            .decision(Decision::Deny)
+            .reason(detail.to_owned())
+            .detail("class", reason.to_owned()),
+    );
+}
+
+struct Reloader {
+    config: BrokerConfig,
+    acl_sha: String,
+    authz_tx: watch::Sender<Arc<dyn Authorizer>>,
+    edge_tx: watch::Sender<Arc<TlsEdge>>,
+    registry_tx: watch::Sender<Arc<DeviceRegistry>>,
+    audit: Arc<dyn AuditSink>,
+}
+
+impl Reloader {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<tokio::sync::oneshot::Sender<Result<(), String>>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let sighup = async {
+                match hangup.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let sighup = std::future::pending::<Option<()>>();
+            tokio::select! {
+                request = requests.recv() => match request {
+                    Some(reply) => {
+                        // Coalesce a burst of file events into one reload.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        while let Ok(extra) = requests.try_recv() { let _ = extra.send(Ok(())); }
+                        let _ = reply.send(self.reload());
+                    }
+                    None => return,
+                },
+                Some(()) = sighup => { let _ = self.reload(); }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    fn reload(&mut self) -> Result<(), String> {
+        match load(&self.config) {
+            Ok(loaded) => {
+                let new_sha = loaded.acl.sha256_hex().to_owned();
+                let _ = self.audit.record(
+                    AuditRecord::new(Component::Broker, Event::PolicyReloaded)
+                        .policy_sha256(new_sha.clone())
+                        .detail("old_sha256", self.acl_sha.clone())
+                        .detail("new_sha256", new_sha.clone()),
+                );
+                tracing::info!(old = %self.acl_sha, new = %new_sha, "policy reloaded");
+                self.acl_sha = new_sha;
+                let authz: Arc<dyn Authorizer> =
+                    Arc::new(PolicyAuthorizer::new(loaded.acl, loaded.registry.clone()));
+                self.registry_tx.send_replace(loaded.registry);
+                self.edge_tx.send_replace(loaded.edge);
+                self.authz_tx.send_replace(authz);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload refused; the policy in force stays");
+                let _ = self.audit.record(
+                    AuditRecord::new(Component::Broker, Event::PolicyRejected)
+                        .policy_sha256(self.acl_sha.clone())
+                        .reason("invalid_policy")
+                        .detail("error", e.clone()),
+                );
+                Err(e)
+            }
+        }
+    }
+}
+
+fn watch_files(
+    config: &BrokerConfig,
+    reload: mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let files: Vec<PathBuf> = [config.policy.acl.clone(), config.policy.registry.clone()]
+        .into_iter()
+        .chain(config.tls.crls.iter().cloned())
+        .chain(config.tls.client_ca.iter().cloned())
+        .collect();
+    let watched = files.clone();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let relevant = event.kind.is_modify() || event.kind.is_create();
+        if relevant
+            && event
+                .paths
+                .iter()
+                .any(|p| watched.iter().any(|w| p.file_name() == w.file_name()))
+        {
+            let (tx, _rx) = tokio::sync::oneshot::channel();
+            let _ = reload.try_send(tx);
+        }
+    })
+    .map_err(|e| tracing::warn!(error = %e, "file watching unavailable; SIGHUP still reloads"))
+    .ok()?;
+    // Watch directories: editors replace files by rename, which a file watch would miss.
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .filter_map(|f| f.parent().map(PathBuf::from))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs {
+        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch");
+        }
+    }
+    Some(watcher)
+}
+
+fn install_metrics(addr: SocketAddr) {
+    match metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+    {
+        Ok(()) => tracing::info!(%addr, "metrics on /metrics"),
+        Err(e) => tracing::warn!(%addr, error = %e, "metrics endpoint not started"),
+    }
+}
