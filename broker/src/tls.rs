@@ -160,7 +160,7 @@ pub fn build(settings: &TlsSettings) -> Result<TlsEdge, TlsError> {
         path: settings.server_key.clone(),
         message: format!("no usable private key: {e}"),
     })?;
-    let server = ServerConfig::builder_with_provider(provider)
+    let mut server = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(TlsError::Protocol)?
         .with_client_cert_verifier(verifier.clone())
@@ -170,6 +170,12 @@ pub fn build(settings: &TlsSettings) -> Result<TlsEdge, TlsError> {
             key: settings.server_key.clone(),
             source,
         })?;
+    // Session resumption, so a reconnect storm does not redo every certificate chain
+    // check: stateless TLS 1.3 tickets, plus a bounded cache for TLS 1.2 session ids.
+    // Both belong to this config; a reload builds a new one with a new ticket key, so a
+    // certificate revoked since cannot resume a session it had before.
+    server.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::Protocol)?;
+    server.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     Ok(TlsEdge {
         server: Arc::new(server),
         verifier,

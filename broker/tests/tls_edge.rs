@@ -634,3 +634,49 @@ fn configuration_errors_name_the_file() {
     let err = tls::build(&settings).expect_err("key does not match");
     assert!(err.to_string().contains("wrong.key.pem"), "{err}");
 }
+
+/// Reconnect storms rely on TLS 1.3 resumption; a resumed session must carry the same
+/// verified identity, and a reload (new ticket key) must force a full handshake, so a
+/// certificate revoked since cannot ride an old ticket back in.
+#[tokio::test]
+async fn sessions_resume_with_their_identity_until_a_reload() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pki = Pki::new();
+    let settings = pki.settings(&[], 1);
+    let mut server = Server::start(&settings, limits()).await;
+    let cert = pki.identity(Role::Device, "dev-00001");
+    let config = client_config(&pki.fleet.ca, Some(full(cert)), &[&rustls::version::TLS13]);
+
+    let mut kinds = Vec::new();
+    for round in 0..3 {
+        if round == 2 {
+            server
+                .edge
+                .send_replace(Arc::new(tls::build(&settings).expect("reloaded config")));
+        }
+        let (_, client) = connect(server.addr, Arc::clone(&config)).await;
+        let mut client = client.expect("handshake");
+        let (mut stream, peer) = server.next().await.result.expect("accepted");
+        assert_eq!(
+            peer.identity.spiffe.id.as_str(),
+            "dev-00001",
+            "round {round}"
+        );
+        assert_eq!(
+            peer.identity.serial_hex,
+            cert.serial.to_hex(),
+            "round {round}"
+        );
+        kinds.push(client.get_ref().1.handshake_kind());
+        // Let the client read past the server's session tickets.
+        stream.write_all(b"x").await.expect("server write");
+        stream.flush().await.expect("flush");
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(WAIT, client.read_exact(&mut byte))
+            .await
+            .expect("bounded")
+            .expect("read");
+    }
+    use rustls::HandshakeKind::{Full, Resumed};
+    assert_eq!(kinds, vec![Some(Full), Some(Resumed), Some(Full)]);
+}
