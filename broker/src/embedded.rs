@@ -141,8 +141,14 @@ impl EmbeddedBroker {
             .map_err(EmbeddedError::Thread)?;
         let deadline = Duration::from_secs(10);
         let started = Instant::now();
-        for addr in v4.iter().chain(&v5) {
-            while StdStream::connect_timeout(addr, Duration::from_millis(200)).is_err() {
+        for (addr, version) in v4
+            .iter()
+            .map(|a| (a, Version::V311))
+            .chain(v5.iter().map(|a| (a, Version::V5)))
+        {
+            let mut attempt = 0u32;
+            while !probe(addr, version, &password, attempt) {
+                attempt += 1;
                 if started.elapsed() > deadline {
                     return Err(EmbeddedError::NotListening(deadline));
                 }
@@ -171,6 +177,54 @@ impl EmbeddedBroker {
     pub fn password(&self) -> Arc<str> {
         Arc::clone(&self.password)
     }
+}
+
+/// Connects to an internal listener as the gate does (CONNECT with the secret), waits
+/// for a successful CONNACK and disconnects cleanly: proves the listener is up and the
+/// auth handler admits the gate.
+fn probe(addr: &SocketAddr, version: Version, password: &str, attempt: u32) -> bool {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut stream) = StdStream::connect_timeout(addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    // A fresh client id per attempt: an abandoned attempt must not collide (see
+    // GateSession::awaiting_broker_connack for what a collision does to rumqttd 0.20).
+    let client_id = format!("vitalmq-gate-probe-{attempt}");
+    let mut buf = bytes::BytesMut::new();
+    let encoded = match version {
+        Version::V311 => {
+            let mut c = rumqttc::mqttbytes::v4::Connect::new(client_id);
+            c.login = Some(rumqttc::mqttbytes::v4::Login::new("vitalmq-gate", password));
+            c.write(&mut buf).is_ok()
+        }
+        Version::V5 => {
+            let c = rumqttc::v5::mqttbytes::v5::Connect {
+                keep_alive: 10,
+                client_id,
+                clean_start: true,
+                properties: None,
+            };
+            let login = Some(rumqttc::v5::mqttbytes::v5::Login::new(
+                "vitalmq-gate",
+                password,
+            ));
+            c.write(&None, &login, &mut buf).is_ok()
+        }
+    };
+    if !encoded || stream.write_all(&buf).is_err() {
+        return false;
+    }
+    // CONNACK: type 0x20, then (3.1.1) flags and return code 0 / (5) flags, reason 0.
+    let mut ack = [0u8; 4];
+    let accepted = stream.read_exact(&mut ack).is_ok() && ack[0] == 0x20 && ack[3] == 0;
+    let disconnect: &[u8] = if version == Version::V5 {
+        &[0xe0, 0x01, 0x00]
+    } else {
+        &[0xe0, 0x00]
+    };
+    let _ = stream.write_all(disconnect);
+    accepted
 }
 
 /// Reserves `n` loopback ports by binding and releasing them; rumqttd binds them right

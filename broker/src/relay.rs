@@ -110,6 +110,19 @@ where
         }
     };
     let _ = client_wr.shutdown().await;
+    if session.awaiting_broker_connack() {
+        // See GateSession::awaiting_broker_connack: let rumqttd finish the CONNECT.
+        let wait = tokio::time::timeout(ctx.connect_timeout, async {
+            while session.awaiting_broker_connack() {
+                out.clear();
+                match read_broker(&mut broker, &mut broker_buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => session.on_broker_bytes(&mut broker_buf, &mut out),
+                }
+            }
+        });
+        let _ = wait.await;
+    }
     if let Some((_, mut w)) = broker {
         let _ = w.shutdown().await;
     }

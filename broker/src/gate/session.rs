@@ -128,6 +128,10 @@ pub struct GateSession {
     dropped_qos2: HashSet<u16>,
     /// The client sent an empty client id (MQTT 5: tell it the id it was given).
     assign_client_id: bool,
+    /// CONNECT was forwarded to rumqttd.
+    opened_broker: bool,
+    /// rumqttd has answered the forwarded CONNECT.
+    broker_connack_seen: bool,
 }
 
 impl GateSession {
@@ -156,7 +160,21 @@ impl GateSession {
             aliases: HashMap::new(),
             dropped_qos2: HashSet::new(),
             assign_client_id: false,
+            opened_broker: false,
+            broker_connack_seen: false,
         }
+    }
+
+    /// True between forwarding CONNECT and seeing rumqttd's CONNACK. The relay must not
+    /// close the internal connection in that window: rumqttd 0.20 registers the client's
+    /// will handler before writing CONNACK and leaves it behind if that write fails, and
+    /// the next CONNECT with the same client id then panics its listener thread while
+    /// holding a lock (server/broker.rs, `sender.try_send(awaiting_will).unwrap()`),
+    /// killing that listener. Waiting for CONNACK keeps rumqttd on its normal path.
+    pub fn awaiting_broker_connack(&self) -> bool {
+        matches!(self.state, State::Connected(_) | State::Closed)
+            && self.opened_broker
+            && !self.broker_connack_seen
     }
 
     pub fn peer(&self) -> &PeerIdentity {
@@ -206,6 +224,14 @@ impl GateSession {
     /// Consumes every complete packet rumqttd sent.
     pub fn on_broker_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
         let State::Connected(version) = self.state else {
+            // Closed: only watch for the CONNACK the relay may be waiting for.
+            if self.opened_broker
+                && !self.broker_connack_seen
+                && buf.first().is_some_and(|b| b >> 4 == kind::CONNACK)
+            {
+                self.broker_connack_seen = true;
+            }
+            buf.clear();
             return;
         };
         // rumqttd only sends what its own limits allow; the cap guards the gate anyway.
@@ -479,6 +505,7 @@ impl GateSession {
         }
         tracing::info!(peer.id = %self.peer.spiffe.id, peer.role = %self.peer.spiffe.role, mqtt = version.as_str(), "connected");
         self.state = State::Connected(version);
+        self.opened_broker = true;
         out.push(Output::OpenBroker(version));
         out.push(Output::ToBroker(encoded));
     }
@@ -700,6 +727,9 @@ impl GateSession {
     // ---------------------------------------------------------------- broker side
 
     fn broker_frame(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        if frame.packet_type() == kind::CONNACK {
+            self.broker_connack_seen = true;
+        }
         match frame.packet_type() {
             kind::CONNACK if version == Version::V5 && self.assign_client_id => {
                 let Frame::V5 { header, bytes } = frame else {

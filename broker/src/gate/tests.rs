@@ -595,3 +595,35 @@ fn acknowledge_and_drop_completes_qos2_without_routing() {
     assert!(to_broker(&out).is_empty(), "the broker never saw pkid 9");
     assert!(matches!(read_v4(&to_client(&out)[0]), v4::Packet::PubComp(c) if c.pkid == 9));
 }
+
+#[test]
+fn the_relay_is_told_to_wait_for_rumqttds_connack_before_closing() {
+    // CONNECT and a denied PUBLISH in one read (pipelining): the gate closes the session
+    // before rumqttd has answered the forwarded CONNECT.
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let mut both = BytesMut::from(&v4_connect("dev-00001", None)[..]);
+    both.extend_from_slice(&v4_publish(
+        "devices/dev-00002/telemetry",
+        QoS::AtLeastOnce,
+        1,
+        b"x",
+    ));
+    let out = h.client(both.freeze());
+    assert_eq!(closed(&out), Some("publish_denied"));
+    assert!(
+        h.session.awaiting_broker_connack(),
+        "must not drop the internal connection yet"
+    );
+    let connack = v4_bytes(|b| {
+        v4::ConnAck::new(v4::ConnectReturnCode::Success, false)
+            .write(b)
+            .expect("encode");
+    });
+    h.broker(connack);
+    assert!(!h.session.awaiting_broker_connack());
+
+    // A refused CONNECT never reached rumqttd: nothing to wait for.
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v4_connect("dev-00002", None));
+    assert!(!h.session.awaiting_broker_connack());
+}
