@@ -166,11 +166,27 @@ impl EmbeddedBroker {
 
     /// The next internal listener for `version`, round-robin.
     pub fn addr(&self, version: Version) -> SocketAddr {
-        let list = match version {
+        let list = self.listeners(version);
+        list[self.next.fetch_add(1, Ordering::Relaxed) % list.len()]
+    }
+
+    /// The internal listener for a client id: always the same one. rumqttd keeps
+    /// pending will messages per listener, so a reconnecting client must land where its
+    /// previous connection was for MQTT 5 will-delay cancellation and session takeover
+    /// to behave as the protocol says.
+    pub fn addr_for(&self, version: Version, client_id: &str) -> SocketAddr {
+        use std::hash::{Hash as _, Hasher as _};
+        let list = self.listeners(version);
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        client_id.hash(&mut hasher);
+        list[(hasher.finish() % list.len() as u64) as usize]
+    }
+
+    fn listeners(&self, version: Version) -> &[SocketAddr] {
+        match version {
             Version::V311 => &self.v4,
             Version::V5 => &self.v5,
-        };
-        list[self.next.fetch_add(1, Ordering::Relaxed) % list.len()]
+        }
     }
 
     /// The password the gate puts into every forwarded CONNECT.
@@ -190,7 +206,7 @@ fn probe(addr: &SocketAddr, version: Version, password: &str, attempt: u32) -> b
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     // A fresh client id per attempt: an abandoned attempt must not collide (see
     // GateSession::awaiting_broker_connack for what a collision does to rumqttd 0.20).
-    let client_id = format!("vitalmq-gate-probe-{attempt}");
+    let client_id = format!("vitalmq-gate-probe-{addr}-{attempt}");
     let mut buf = bytes::BytesMut::new();
     let encoded = match version {
         Version::V311 => {

@@ -103,7 +103,16 @@ where
             }
             _ = shutdown.changed() => break Ended::Shutdown,
         }
-        match apply(&mut out, &mut client_wr, &mut broker, &ctx, peer.remote).await {
+        match apply(
+            &mut out,
+            &mut client_wr,
+            &mut broker,
+            &ctx,
+            peer.remote,
+            peer.identity.spiffe.id.as_str(),
+        )
+        .await
+        {
             Ok(None) => {}
             Ok(Some(code)) => break Ended::Gate(code),
             Err(e) => break Ended::Io(e.to_string()),
@@ -153,6 +162,7 @@ async fn apply<W: AsyncWrite + Unpin>(
     )>,
     ctx: &RelayContext,
     remote: SocketAddr,
+    client_id: &str,
 ) -> std::io::Result<Option<&'static str>> {
     let mut to_client = BytesMut::new();
     let mut to_broker = BytesMut::new();
@@ -160,7 +170,7 @@ async fn apply<W: AsyncWrite + Unpin>(
     for output in out.drain(..) {
         match output {
             Output::OpenBroker(version) => {
-                let stream = TcpStream::connect(ctx.embedded.addr(version)).await?;
+                let stream = TcpStream::connect(ctx.embedded.addr_for(version, client_id)).await?;
                 stream.set_nodelay(true)?;
                 *broker = Some(stream.into_split());
             }

@@ -324,7 +324,7 @@ pub fn tls_reason(error: &rustls::Error) -> &'static str {
             C::UnknownRevocationStatus => "unknown_revocation_status",
             C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => "crl_expired",
             C::BadEncoding => "bad_encoding",
-            C::BadSignature => "bad_signature",
+            C::BadSignature => "certificate_bad_signature",
             C::InvalidPurpose | C::InvalidPurposeContext { .. } => "invalid_purpose",
             C::Other(_) => "certificate_refused",
             _ => "invalid_certificate",

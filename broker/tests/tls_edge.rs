@@ -321,7 +321,7 @@ async fn bad_certificates_fail_the_handshake_with_their_reason() {
     );
     // A CA of another name, and an impostor CA with the same name as ours.
     let foreign_ca = Ca::generate(td("evil.vitalmq"), Validity::days_from(now, 2)).expect("ca");
-    let impostor_ca = Ca::generate(td("demo.vitalmq"), Validity::days_from(now, 2)).expect("ca");
+    let impostor_ca = impostor_of(&pki.fleet.ca);
     let impostor = impostor_ca
         .issue_identity(
             &SpiffeId::parse("spiffe://demo.vitalmq/device/dev-00001").expect("id"),
@@ -369,7 +369,12 @@ async fn bad_certificates_fail_the_handshake_with_their_reason() {
             "certificate_revoked",
         ),
         ("foreign CA", Some(full(&foreign)), "tls", "unknown_issuer"),
-        ("impostor CA", Some(full(&impostor)), "tls", "bad_signature"),
+        (
+            "impostor CA",
+            Some(full(&impostor)),
+            "tls",
+            "certificate_bad_signature",
+        ),
         ("no client certificate", None, "tls", "no_certificate"),
         (
             "other trust domain",
@@ -679,4 +684,33 @@ async fn sessions_resume_with_their_identity_until_a_reload() {
     }
     use rustls::HandshakeKind::{Full, Resumed};
     assert_eq!(kinds, vec![Some(Full), Some(Resumed), Some(Full)]);
+}
+
+/// A CA that copies our CA's subject name with a key of its own: a forgery that name
+/// matching alone would take for ours.
+fn impostor_of(ca: &Ca) -> Ca {
+    use x509_parser::prelude::FromDer as _;
+    let (_, ours) =
+        x509_parser::certificate::X509Certificate::from_der(ca.cert_der()).expect("our CA parses");
+    let mut dn = rcgen::DistinguishedName::new();
+    for attr in ours.subject().iter_attributes() {
+        let value = attr.as_str().expect("text attribute").to_owned();
+        if attr.attr_type() == &x509_parser::oid_registry::OID_X509_COMMON_NAME {
+            dn.push(rcgen::DnType::CommonName, value);
+        } else if attr.attr_type() == &x509_parser::oid_registry::OID_X509_ORGANIZATION_NAME {
+            dn.push(rcgen::DnType::OrganizationName, value);
+        }
+    }
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params.not_before = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    params.not_after = OffsetDateTime::now_utc() + time::Duration::days(2);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let cert = params.self_signed(&key).expect("self-signed");
+    Ca::from_pem(td("demo.vitalmq"), &cert.pem(), &key.serialize_pem()).expect("impostor CA loads")
 }

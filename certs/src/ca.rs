@@ -161,9 +161,19 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "vitalmq");
+        // A random tag per CA: two dev PKIs must not share an issuer name, or a
+        // certificate of one is matched to the other's CA by name and reported as a bad
+        // signature instead of an unknown issuer.
+        let mut tag = [0u8; 4];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag)
+            .map_err(|_| CertsError::Usage("system randomness unavailable".into()))?;
         dn.push(
             DnType::CommonName,
-            format!("vitalmq dev CA {}", trust_domain.as_str()),
+            format!(
+                "vitalmq dev CA {} {}",
+                trust_domain.as_str(),
+                hex::encode(tag)
+            ),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));

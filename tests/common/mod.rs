@@ -87,3 +87,226 @@ pub fn run_with_input(cmd: &mut Command, input: Option<&[u8]>, timeout: Duration
         stderr: err.join().expect("stderr reader"),
     }
 }
+
+/// A child process running in the background (a subscriber, a server), its stdout and
+/// stderr collected line by line; killed on drop.
+pub struct Spawned {
+    child: std::process::Child,
+    shown: String,
+    stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Spawned {
+    /// Starts `cmd` (stdin closed) in the background.
+    pub fn start(cmd: &mut Command) -> Self {
+        let shown = format!("{cmd:?}");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {shown}: {e}"));
+        let stdout = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let readers = vec![
+            collect(child.stdout.take().expect("piped stdout"), &stdout),
+            collect(child.stderr.take().expect("piped stderr"), &stderr),
+        ];
+        Self {
+            child,
+            shown,
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything printed on stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().expect("stdout lock").clone()
+    }
+
+    /// Everything printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// stdout and stderr so far, for failure messages.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout(), self.stderr())
+    }
+
+    /// Waits until `found` holds for stdout + stderr; false after `timeout`.
+    pub fn wait_output(&self, timeout: Duration, found: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if found(&self.all()) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; `None` if it did not
+    /// (it keeps running; drop kills it).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<Ran> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                return Some(Ran {
+                    success: status.success(),
+                    code: status.code(),
+                    stdout: self.stdout(),
+                    stderr: self.stderr(),
+                });
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; panics if it is still running.
+    pub fn finish(&mut self, timeout: Duration) -> Ran {
+        match self.wait_exit(timeout) {
+            Some(ran) => ran,
+            None => panic!(
+                "{} did not finish within {timeout:?}; output so far:\n{}",
+                self.shown,
+                self.all()
+            ),
+        }
+    }
+
+    /// Sends `signal` (e.g. "HUP") with the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let ran = run(
+            Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(self.child.id().to_string()),
+            Duration::from_secs(5),
+        );
+        assert!(
+            ran.success,
+            "kill -{signal} {}: {}",
+            self.child.id(),
+            ran.all()
+        );
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(
+    mut from: impl std::io::Read + Send + 'static,
+    into: &std::sync::Arc<std::sync::Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
+    let into = std::sync::Arc::clone(into);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => into
+                    .lock()
+                    .expect("output lock")
+                    .push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    })
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released: another process may take it
+/// in between, which is unlikely enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// `vitalmq broker` running on a free port of 127.0.0.1; killed on drop.
+pub struct BrokerProcess {
+    pub process: Spawned,
+    pub port: u16,
+    pub config: std::path::PathBuf,
+}
+
+impl BrokerProcess {
+    /// Writes `config` to `dir/broker.toml` with `{listen}` replaced by a free
+    /// 127.0.0.1 address, starts `bin broker --config ...` and waits (up to `timeout`)
+    /// for its ready line on stderr.
+    pub fn start(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        config: &str,
+        timeout: Duration,
+    ) -> Self {
+        let port = free_port();
+        let path = dir.join("broker.toml");
+        std::fs::write(
+            &path,
+            config.replace("{listen}", &format!("127.0.0.1:{port}")),
+        )
+        .expect("write broker config");
+        let process = Spawned::start(
+            Command::new(bin)
+                .env("NO_COLOR", "1")
+                .arg("broker")
+                .arg("--config")
+                .arg(&path),
+        );
+        let mut broker = Self {
+            process,
+            port,
+            config: path,
+        };
+        let ready = broker.process.wait_output(timeout, |out| {
+            out.contains("vitalmq broker listening on") || out.contains("Error")
+        });
+        assert!(
+            ready
+                && broker
+                    .process
+                    .stderr()
+                    .contains("vitalmq broker listening on")
+                && broker.process.running(),
+            "broker not ready within {timeout:?}:\n{}",
+            broker.process.all()
+        );
+        broker
+    }
+
+    /// Everything the broker logged so far.
+    pub fn stderr(&self) -> String {
+        self.process.stderr()
+    }
+
+    /// Asks the broker to reload policy, registry and CRLs.
+    pub fn sighup(&self) {
+        self.process.signal("HUP");
+    }
+}
