@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BrokerProcess, Ran, Spawned, run, temp_dir};
+use common::{BrokerProcess, Ran, Spawned, free_port, run, temp_dir};
 use serde_json::Value as Json;
 
 /// Deadline of one client command (connect, one message, disconnect).
@@ -93,6 +93,7 @@ struct Gate {
     pki: PathBuf,
     audit: PathBuf,
     broker: BrokerProcess,
+    metrics_port: u16,
 }
 
 impl Gate {
@@ -108,8 +109,10 @@ impl Gate {
         let acl_copy = tmp.path().join("acl.toml");
         std::fs::copy(acl, &acl_copy).expect("copy the ACL");
         let audit = tmp.path().join("audit.jsonl");
+        let metrics_port = free_port();
         let config = format!(
             r#"listen = "{{listen}}"
+metrics_listen = "127.0.0.1:{metrics_port}"
 connect_timeout_ms = 10000
 [tls]
 server_cert = "pki/broker/server.pem"
@@ -140,7 +143,24 @@ listeners = 2
             pki,
             audit,
             broker,
+            metrics_port,
         }
+    }
+
+    /// The Prometheus text the broker serves on /metrics.
+    fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .expect("metrics endpoint");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut body = String::new();
+        stream.read_to_string(&mut body).expect("response");
+        body
     }
 
     fn creds(&self, role: &str, id: &str) -> Creds {
@@ -937,4 +957,51 @@ fn a_broken_acl_on_reload_keeps_the_policy_in_force() {
         stderr.contains(&location),
         "broker log does not name {location}:\n{stderr}"
     );
+}
+
+#[test]
+fn metrics_count_connections_handshakes_denials_and_messages() {
+    let gate = Gate::start("metrics");
+    gate.publish_ok(
+        "device",
+        "dev-00001",
+        "mqttv311",
+        "devices/dev-00001/telemetry",
+        "ok",
+    );
+    let denied = gate.publish(
+        &gate.creds("device", "dev-00001"),
+        "dev-00001",
+        "mqttv5",
+        "devices/dev-00002/telemetry",
+        "x",
+    );
+    assert!(denied.all().contains("Not authorized"), "{}", denied.all());
+    let refused = gate.publish(
+        &Creds::none(),
+        "dev-00001",
+        "mqttv311",
+        "devices/dev-00001/telemetry",
+        "x",
+    );
+    assert!(!refused.success);
+    gate.audited(&[
+        ("/event", "connection_refused"),
+        ("/reason", "no_certificate"),
+    ]);
+
+    let text = gate.metrics();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from /metrics:\n{text}"))
+    };
+    assert!(value("vitalmq_handshakes_total{outcome=\"ok\"}") >= 2.0);
+    assert!(value("vitalmq_handshakes_total{outcome=\"tls\"}") >= 1.0);
+    assert!(value("vitalmq_denials_total{kind=\"publish\"}") >= 1.0);
+    assert!(value("vitalmq_messages_total{direction=\"in\"}") >= 1.0);
+    assert!(value("vitalmq_bytes_total{direction=\"in\"}") >= 2.0);
+    assert!(text.contains("vitalmq_connections"), "{text}");
 }
