@@ -7,7 +7,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::json::cbor_to_json;
 use crate::refusal::{ReasonClass, Refusal};
-use crate::verify::{COSE_SIGN1_TAG, MAX_MESSAGE_BYTES};
+use crate::verify::COSE_SIGN1_TAG;
 use crate::{Algorithm, cbor};
 
 /// What could be decoded of a message, without any judgement of its signature.
@@ -38,15 +38,7 @@ pub struct Headers {
 /// (oversized, not strict CBOR, not a four-element COSE_Sign1 array).
 pub fn inspect(message: &[u8]) -> Result<Inspection, Refusal> {
     let malformed = |d: &str| Refusal::new(ReasonClass::Malformed, d);
-    if message.len() > MAX_MESSAGE_BYTES {
-        return Err(Refusal::new(
-            ReasonClass::Oversized,
-            format!(
-                "message is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
-                message.len()
-            ),
-        ));
-    }
+    crate::verify::check_size(message)?;
     cbor::check_single_item(message).map_err(|e| malformed(&e.to_string()))?;
     let value: Value =
         ciborium::de::from_reader(message).map_err(|e| malformed(&format!("CBOR: {e}")))?;

@@ -190,8 +190,8 @@ fn malformed(detail: impl Into<String>) -> Refusal {
     Refusal::new(ReasonClass::Malformed, detail)
 }
 
-/// Size, strict CBOR, tag and COSE_Sign1 shape.
-fn parse_envelope(message: &[u8], tag_rule: TagRule) -> Result<CoseSign1, Refusal> {
+/// The 64 KiB cap, checked before any parsing.
+pub(crate) fn check_size(message: &[u8]) -> Result<(), Refusal> {
     if message.len() > MAX_MESSAGE_BYTES {
         return Err(Refusal::new(
             ReasonClass::Oversized,
@@ -201,6 +201,12 @@ fn parse_envelope(message: &[u8], tag_rule: TagRule) -> Result<CoseSign1, Refusa
             ),
         ));
     }
+    Ok(())
+}
+
+/// Size, strict CBOR, tag and COSE_Sign1 shape.
+fn parse_envelope(message: &[u8], tag_rule: TagRule) -> Result<CoseSign1, Refusal> {
+    check_size(message)?;
     cbor::check_single_item(message).map_err(|e| malformed(e.to_string()))?;
     let head = cbor::read_head(message, 0).map_err(|e| malformed(e.to_string()))?;
     let tagged = head.major == 6;

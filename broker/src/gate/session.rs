@@ -819,6 +819,12 @@ impl GateSession {
     }
 }
 
+/// Keeps the items whose position is marked forwarded.
+fn retain_forwarded<T>(items: &mut Vec<T>, forwarded: &[bool]) {
+    let mut keep = forwarded.iter();
+    items.retain(|_| keep.next().copied().unwrap_or(false));
+}
+
 /// Puts the broker's answers for forwarded filters back at their positions and `denied`
 /// everywhere else. A broker answer with too few codes leaves the rest denied.
 fn spread<T: Clone>(forwarded: &[bool], answers: Vec<T>, denied: T) -> Vec<T> {
@@ -1064,13 +1070,11 @@ impl SubscribeView {
         let mut buf = BytesMut::new();
         match self {
             Self::V311(mut s) => {
-                let mut keep = forwarded.iter();
-                s.filters.retain(|_| keep.next().copied().unwrap_or(false));
+                retain_forwarded(&mut s.filters, forwarded);
                 s.write(&mut buf).map_err(|e| e.to_string())?;
             }
             Self::V5(mut s) => {
-                let mut keep = forwarded.iter();
-                s.filters.retain(|_| keep.next().copied().unwrap_or(false));
+                retain_forwarded(&mut s.filters, forwarded);
                 s.write(&mut buf).map_err(|e| e.to_string())?;
             }
         }
@@ -1113,13 +1117,11 @@ impl UnsubscribeView {
         let mut buf = BytesMut::new();
         match self {
             Self::V311(mut s) => {
-                let mut keep = forwarded.iter();
-                s.topics.retain(|_| keep.next().copied().unwrap_or(false));
+                retain_forwarded(&mut s.topics, forwarded);
                 s.write(&mut buf).map_err(|e| e.to_string())?;
             }
             Self::V5(mut s) => {
-                let mut keep = forwarded.iter();
-                s.filters.retain(|_| keep.next().copied().unwrap_or(false));
+                retain_forwarded(&mut s.filters, forwarded);
                 s.write(&mut buf).map_err(|e| e.to_string())?;
             }
         }
