@@ -3,9 +3,11 @@
 
 use clap::{Parser, Subcommand};
 
+mod audit_cmd;
 mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
+mod loadgen_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +22,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Check audit logs.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
     /// Run the broker: the mTLS identity gate and topic ACLs in front of rumqttd.
     Broker(broker_cmd::BrokerArgs),
     /// The dev/test PKI: CA, identity certificates, CRLs, device keys, registry.
@@ -30,6 +35,8 @@ enum Command {
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
+    /// Load generator: throughput, latency, losses and reconnect storms over mTLS.
+    Loadgen(loadgen_cmd::LoadgenArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +53,8 @@ fn main() -> std::process::ExitCode {
         Command::Envelope(cmd) => cmd.run(),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args),
+        Command::Audit(cmd) => cmd.run(),
+        Command::Loadgen(args) => loadgen_cmd::run(args),
     };
     match result {
         Ok(code) => code,

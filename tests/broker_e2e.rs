@@ -1005,3 +1005,49 @@ fn metrics_count_connections_handshakes_denials_and_messages() {
     assert!(value("vitalmq_bytes_total{direction=\"in\"}") >= 2.0);
     assert!(text.contains("vitalmq_connections"), "{text}");
 }
+
+/// The broker's audit log verifies with `vitalmq audit verify`, and an edited copy is
+/// reported at the edited record with exit code 1.
+#[test]
+fn the_broker_audit_log_is_a_verifiable_chain() {
+    let gate = Gate::start("audit-chain");
+    let denied = gate.publish(
+        &gate.creds("device", "dev-00001"),
+        "dev-00001",
+        "mqttv5",
+        "devices/dev-00002/telemetry",
+        "x",
+    );
+    assert!(denied.all().contains("Not authorized"), "{}", denied.all());
+    gate.audited(&[("/event", "authorization_denied")]);
+    let ok = vitalmq(&["audit", "verify", s(&gate.audit)]);
+    assert!(
+        ok.success && ok.stdout.contains("chain intact"),
+        "{}",
+        ok.all()
+    );
+
+    let text = std::fs::read_to_string(&gate.audit).expect("audit log");
+    let edited = text.replacen(
+        "devices/dev-00002/telemetry",
+        "devices/dev-00001/telemetry",
+        1,
+    );
+    let line = text
+        .lines()
+        .position(|l| l.contains("devices/dev-00002/telemetry"))
+        .expect("denial line")
+        + 1;
+    let copy = gate.tmp.path().join("edited.jsonl");
+    std::fs::write(&copy, edited).expect("write copy");
+    let broken = run(
+        Command::new(env!("CARGO_BIN_EXE_vitalmq")).args(["audit", "verify", s(&copy)]),
+        CLIENT,
+    );
+    assert_eq!(broken.code, Some(1), "{}", broken.all());
+    assert!(
+        broken.stdout.contains(&format!("line {line}:")),
+        "{}",
+        broken.all()
+    );
+}
