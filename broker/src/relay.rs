@@ -71,15 +71,21 @@ where
         tokio::net::tcp::OwnedReadHalf,
         tokio::net::tcp::OwnedWriteHalf,
     )> = None;
-    let mut client_buf = BytesMut::with_capacity(8 * 1024);
-    let mut broker_buf = BytesMut::with_capacity(8 * 1024);
+    // Small to start: most connections are idle devices; the buffers grow with use.
+    let mut client_buf = BytesMut::with_capacity(1024);
+    let mut broker_buf = BytesMut::with_capacity(1024);
     let mut out = Vec::new();
     let connect_deadline = tokio::time::sleep(ctx.connect_timeout);
     tokio::pin!(connect_deadline);
 
     let ended = loop {
         out.clear();
-        tokio::select! {
+        if session.has_deferred() {
+            // A rate-limited PUBLISH waited out its pause: retry it (it is admitted
+            // again, taking a token) before anything else from this client.
+            session.on_client_bytes(&mut client_buf, &mut out);
+        } else {
+            tokio::select! {
             read = client_rd.read_buf(&mut client_buf) => match read {
                 Ok(0) => break Ended::ClientClosed,
                 Ok(_) => session.on_client_bytes(&mut client_buf, &mut out),
@@ -102,6 +108,7 @@ where
                 }
             }
             _ = shutdown.changed() => break Ended::Shutdown,
+            }
         }
         match apply(
             &mut out,

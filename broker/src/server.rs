@@ -72,7 +72,10 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub async fn start(config: BrokerConfig) -> Result<Self, StartError> {
+    pub async fn start(mut config: BrokerConfig) -> Result<Self, StartError> {
+        config.max_connections = connection_budget(config.max_connections);
+        config.embedded.max_connections =
+            config.embedded.max_connections.max(config.max_connections);
         let loaded = load(&config).map_err(StartError::Policy)?;
         let audit_log = AuditLog::open(&config.audit.path, config.audit.queue)?;
         let auditor = audit_log.auditor();
@@ -361,6 +364,38 @@ fn watch_files(
         }
     }
     Some(watcher)
+}
+
+/// File descriptors each client connection holds: its TLS socket and both ends of the
+/// loopback connection to the embedded rumqttd.
+const FDS_PER_CONNECTION: u64 = 3;
+/// Descriptors kept for everything else (listeners, files, the audit log, metrics).
+const FDS_RESERVED: u64 = 256;
+
+/// Raises the soft descriptor limit to the hard one and caps `wanted` connections to
+/// what it allows. Running out of descriptors would make rumqttd's accept loop spin
+/// and flood its log, so the gate refuses (and audits) connections beyond the budget.
+fn connection_budget(wanted: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the file descriptor limit");
+            return wanted;
+        }
+    };
+    let budget = usize::try_from(limit.saturating_sub(FDS_RESERVED) / FDS_PER_CONNECTION)
+        .unwrap_or(usize::MAX);
+    if wanted > budget {
+        tracing::warn!(
+            wanted,
+            budget,
+            fd_limit = limit,
+            "max_connections lowered to fit the file descriptor limit (3 per connection)"
+        );
+        budget.max(1)
+    } else {
+        wanted
+    }
 }
 
 fn install_metrics(addr: SocketAddr) {

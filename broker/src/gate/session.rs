@@ -130,6 +130,9 @@ pub struct GateSession {
     assign_client_id: bool,
     /// CONNECT was forwarded to rumqttd.
     opened_broker: bool,
+    /// A 3.1.1 PUBLISH held back by the rate limit, retried (and re-admitted) before
+    /// anything the client sent after it.
+    deferred: Option<Frame>,
     /// rumqttd has answered the forwarded CONNECT.
     broker_connack_seen: bool,
 }
@@ -162,6 +165,7 @@ impl GateSession {
             assign_client_id: false,
             opened_broker: false,
             broker_connack_seen: false,
+            deferred: None,
         }
     }
 
@@ -201,9 +205,20 @@ impl GateSession {
         self.max_payload.saturating_add(HEADER_ROOM)
     }
 
+    /// True while a rate-limited PUBLISH waits: the relay pauses, then calls
+    /// [`Self::on_client_bytes`] again (with or without new bytes) to retry it.
+    pub fn has_deferred(&self) -> bool {
+        self.deferred.is_some()
+    }
+
     /// Consumes every complete packet the client sent.
     pub fn on_client_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
-        while self.state != State::Closed {
+        if let Some(frame) = self.deferred.take() {
+            if let State::Connected(version) = self.state {
+                self.client_frame(version, frame, out);
+            }
+        }
+        while self.state != State::Closed && self.deferred.is_none() {
             let version = match self.state {
                 State::Connected(v) => v,
                 State::AwaitConnect => match connect_version(buf) {
@@ -535,6 +550,7 @@ impl GateSession {
     }
 
     fn publish(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let raw = frame.clone();
         let publish = match PublishView::parse(frame) {
             Ok(p) => p,
             Err(e) => return self.refuse_unframeable(FrameError::Malformed(e), out),
@@ -571,7 +587,10 @@ impl GateSession {
             match version {
                 // MQTT 3.1.1 cannot say "slow down": hold the client's input instead,
                 // which loses nothing.
-                Version::V311 => out.push(Output::Pause(wait)),
+                Version::V311 => {
+                    self.deferred = Some(raw);
+                    return out.push(Output::Pause(wait));
+                }
                 Version::V5 => {
                     metrics::counter!("vitalmq_rate_limited_total").increment(1);
                     let record = self

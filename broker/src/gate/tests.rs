@@ -42,6 +42,22 @@ impl Audit {
     }
 }
 
+/// Refuses the first admission, then admits everything; counts admissions.
+#[derive(Debug, Default)]
+struct LimitedOnce {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl RateGate for LimitedOnce {
+    fn admit(&self, _bytes: usize) -> Result<(), Duration> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Err(Duration::from_millis(250))
+        } else {
+            Ok(())
+        }
+    }
+}
+
 #[derive(Debug)]
 struct AlwaysLimited;
 
@@ -502,17 +518,30 @@ fn oversized_payloads_and_garbage_end_the_connection() {
 
 #[test]
 fn rate_limits_pause_311_and_answer_0x97_in_mqtt5() {
-    let mut h = Harness::with_rate(Role::Device, "dev-00001", Arc::new(AlwaysLimited));
+    let limited_once = Arc::new(LimitedOnce::default());
+    let mut h = Harness::with_rate(Role::Device, "dev-00001", limited_once.clone());
     h.client(v4_connect("dev-00001", None));
-    let publish = v4_publish("devices/dev-00001/telemetry", QoS::AtLeastOnce, 1, b"x");
-    let out = h.client(publish.clone());
+    let first = v4_publish("devices/dev-00001/telemetry", QoS::AtLeastOnce, 1, b"x");
+    let second = v4_publish("devices/dev-00001/telemetry", QoS::AtLeastOnce, 2, b"y");
+    let mut buf = BytesMut::from(&first[..]);
+    buf.extend_from_slice(&second);
+    let mut out = Vec::new();
+    h.session.on_client_bytes(&mut buf, &mut out);
     assert_eq!(
         out,
-        vec![
-            Output::Pause(Duration::from_millis(250)),
-            Output::ToBroker(publish)
-        ],
-        "nothing is dropped"
+        vec![Output::Pause(Duration::from_millis(250))],
+        "held, not forwarded"
+    );
+    assert!(h.session.has_deferred());
+    // After the pause the relay calls again: the held PUBLISH is admitted anew and goes
+    // first, then the one queued behind it. Nothing dropped, order kept.
+    let mut out = Vec::new();
+    h.session.on_client_bytes(&mut buf, &mut out);
+    assert_eq!(out, vec![Output::ToBroker(first), Output::ToBroker(second)]);
+    assert_eq!(
+        limited_once.calls.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "every forward took a token"
     );
 
     let mut h = Harness::with_rate(Role::Device, "dev-00001", Arc::new(AlwaysLimited));
