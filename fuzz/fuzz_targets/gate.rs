@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use vitalmq_audit::AuditRecord;
 use vitalmq_broker::authz::{Authorizer, PolicyAuthorizer};
-use vitalmq_broker::gate::{AuditSink, GateSession, Output, Unlimited};
+use vitalmq_broker::gate::{AuditSink, AuditUnavailable, GateSession, Output, Unlimited};
 use vitalmq_broker::identity::{IdentitySource, PeerIdentity};
 use vitalmq_envelope::{DeviceId, SigningKey};
 use vitalmq_policies::{AclPolicy, DeviceEntry, DeviceRegistry, PrincipalId, Role, SiteId, SpiffeId, TrustDomain};
@@ -18,7 +18,7 @@ use vitalmq_policies::{AclPolicy, DeviceEntry, DeviceRegistry, PrincipalId, Role
 struct Discard;
 
 impl AuditSink for Discard {
-    fn record(&self, _record: AuditRecord) -> Result<(), ()> {
+    fn record(&self, _record: AuditRecord) -> Result<(), AuditUnavailable> {
         Ok(())
     }
 }

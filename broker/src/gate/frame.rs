@@ -100,7 +100,7 @@ pub fn next_frame(
                 Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
                 Err(rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded {
                     pkt_size, ..
-                }) => Err(FrameError::TooLarge(pkt_size as usize)),
+                }) => Err(FrameError::TooLarge(pkt_size)),
                 Err(e) => Err(FrameError::Malformed(e.to_string())),
             }
         }

@@ -5,7 +5,9 @@ mod reply;
 mod session;
 
 pub use frame::{Frame, FrameError, Version, connect_version, next_frame};
-pub use session::{AuditSink, CloseReason, GateSession, Output, RateGate, Unlimited};
+pub use session::{
+    AuditSink, AuditUnavailable, CloseReason, GateSession, Output, RateGate, Unlimited,
+};
 
 #[cfg(test)]
 mod tests;

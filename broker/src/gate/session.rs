@@ -65,13 +65,19 @@ impl CloseReason {
 /// Where audit records go; the server passes the audit log's handle.
 pub trait AuditSink: Send + Sync + std::fmt::Debug {
     /// Err means the record could not be queued: the caller must stop the work.
-    fn record(&self, record: AuditRecord) -> Result<(), ()>;
+    fn record(&self, record: AuditRecord) -> Result<(), AuditUnavailable>;
 }
 
+/// The audit log cannot take the record (full queue, failed write, stopped writer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("audit log unavailable")]
+pub struct AuditUnavailable;
+
 impl AuditSink for vitalmq_audit::Auditor {
-    fn record(&self, record: AuditRecord) -> Result<(), ()> {
+    fn record(&self, record: AuditRecord) -> Result<(), AuditUnavailable> {
         vitalmq_audit::Auditor::record(self, record).map_err(|e| {
             tracing::error!(error = %e, "audit record could not be queued");
+            AuditUnavailable
         })
     }
 }

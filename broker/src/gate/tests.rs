@@ -25,7 +25,7 @@ const PASSWORD: &str = "internal-secret";
 struct Audit(Mutex<Vec<AuditRecord>>);
 
 impl AuditSink for Audit {
-    fn record(&self, record: AuditRecord) -> Result<(), ()> {
+    fn record(&self, record: AuditRecord) -> Result<(), AuditUnavailable> {
         self.0.lock().expect("audit lock").push(record);
         Ok(())
     }
