@@ -108,12 +108,6 @@ pub fn random_patient_ref() -> Result<String, CertsError> {
     Ok(format!("pt-{}", hex::encode(bytes)))
 }
 
-/// The PEM a device's COSE key is stored as: PKCS#8 (v1 for Ed25519, which OpenSSL 3.0
-/// reads), via [`SigningKey::to_pkcs8_pem`].
-pub fn cose_key_pem(key: &SigningKey) -> Result<String, CertsError> {
-    Ok(key.to_pkcs8_pem()?)
-}
-
 /// A new COSE key for a device and its registry entry.
 pub fn enroll_device(
     id: DeviceId,
@@ -252,10 +246,10 @@ mod tests {
     }
 
     #[test]
-    fn cose_key_pem_round_trips_and_ed25519_uses_pkcs8_v1() {
+    fn device_key_pem_round_trips_and_ed25519_uses_pkcs8_v1() {
         for alg in [Algorithm::EdDsa, Algorithm::Es256] {
             let key = SigningKey::generate(alg).expect("key");
-            let pem = cose_key_pem(&key).expect("pem");
+            let pem = key.to_pkcs8_pem().expect("pem");
             assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
             let back = SigningKey::from_pkcs8_pem(&pem).expect("reload");
             assert_eq!(back.verifying_key(), key.verifying_key());

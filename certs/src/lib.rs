@@ -22,8 +22,8 @@ pub use ca::{CLOCK_SKEW, Ca, Serial, Validity, rfc3339};
 pub use crl::{DEFAULT_CRL_DAYS, Reason, Revoked};
 pub use error::CertsError;
 pub use fleet::{
-    DeviceKey, Fleet, FleetPlan, IssuedIdentity, cose_key_pem, device_id, enroll_device,
-    random_patient_ref, site_id,
+    DeviceKey, Fleet, FleetPlan, IssuedIdentity, device_id, enroll_device, random_patient_ref,
+    site_id,
 };
 pub use issue::{IssuedCert, ServerName};
 pub use layout::Layout;

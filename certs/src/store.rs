@@ -11,7 +11,7 @@ use vitalmq_policies::{DeviceRegistry, PrincipalId, Role, SiteId, SpiffeId};
 use crate::ca::{Ca, Validity, rfc3339};
 use crate::crl::{DEFAULT_CRL_DAYS, Reason};
 use crate::error::CertsError;
-use crate::fleet::{Fleet, FleetPlan, cose_key_pem, enroll_device};
+use crate::fleet::{Fleet, FleetPlan, enroll_device};
 use crate::index::{CertKind, Index, IndexEntry, Target};
 use crate::issue::IssuedCert;
 use crate::layout::{self, Layout, Mode};
@@ -89,7 +89,7 @@ impl Pki {
         }
         for device in &fleet.device_keys {
             let path = layout.cose_key(&PrincipalId::from(device.id.clone()));
-            layout::write_new(&path, &cose_key_pem(&device.key)?, Mode::Secret)?;
+            layout::write_new(&path, &device.key.to_pkcs8_pem()?, Mode::Secret)?;
         }
         layout::write_new(&layout.registry(), &fleet.registry.to_toml(), Mode::Public)?;
         let mut pki = Self {
@@ -183,7 +183,7 @@ impl Pki {
         write_leaf(&cert_path, &key_path, &issued)?;
         if let Some((registry, device_key)) = registry {
             if let Some(key) = device_key {
-                layout::write_new(&cose_path, &cose_key_pem(&key)?, Mode::Secret)?;
+                layout::write_new(&cose_path, &key.to_pkcs8_pem()?, Mode::Secret)?;
             }
             layout::replace(&self.layout.registry(), &registry.to_toml(), Mode::Public)?;
         }

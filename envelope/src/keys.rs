@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
-use ed25519_dalek::Verifier as _;
 use ring::signature::{self as ring_sig, KeyPair as _};
 
 use crate::DeviceId;
@@ -174,18 +173,6 @@ impl VerifyingKey {
                     .verify(message, signature)
                     .map_err(|_| "ES256 signature does not verify")
             }
-        }
-    }
-
-    /// Non-strict Ed25519 verification, used only by tests to show what strictness adds.
-    #[doc(hidden)]
-    pub fn verify_lenient_for_tests(&self, message: &[u8], signature: &[u8]) -> bool {
-        match self {
-            Self::Ed25519(key) => <&[u8; 64]>::try_from(signature).is_ok_and(|raw| {
-                key.verify(message, &ed25519_dalek::Signature::from_bytes(raw))
-                    .is_ok()
-            }),
-            Self::Es256(_) => self.verify(message, signature).is_ok(),
         }
     }
 }
