@@ -141,6 +141,25 @@ pub struct GateSession {
     deferred: Option<Frame>,
     /// rumqttd has answered the forwarded CONNECT.
     broker_connack_seen: bool,
+    /// Per-message counters, resolved once per connection rather than per PUBLISH.
+    counters: Counters,
+}
+
+#[derive(Debug)]
+struct Counters {
+    messages_in: metrics::Counter,
+    bytes_in: metrics::Counter,
+    messages_out: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Self {
+            messages_in: metrics::counter!("vitalmq_messages_total", "direction" => "in"),
+            bytes_in: metrics::counter!("vitalmq_bytes_total", "direction" => "in"),
+            messages_out: metrics::counter!("vitalmq_messages_total", "direction" => "out"),
+        }
+    }
 }
 
 impl GateSession {
@@ -172,6 +191,7 @@ impl GateSession {
             opened_broker: false,
             broker_connack_seen: false,
             deferred: None,
+            counters: Counters::new(),
         }
     }
 
@@ -278,9 +298,7 @@ impl GateSession {
         self.authz = authz;
         self.publish_cache.clear();
         self.max_payload = self.authz.limits(&self.peer).max_payload_bytes;
-        if self.state != State::Connected(Version::V311)
-            && self.state != State::Connected(Version::V5)
-        {
+        if !matches!(self.state, State::Connected(_)) {
             return;
         }
         let verdict = self.authz.connect(&self.peer);
@@ -413,8 +431,12 @@ impl GateSession {
                 self.close(out, CloseReason::new("protocol", "second CONNECT"))
             }
             (State::Connected(_), kind::PUBLISH) => self.publish(version, frame, out),
-            (State::Connected(_), kind::SUBSCRIBE) => self.subscribe(version, frame, out),
-            (State::Connected(_), kind::UNSUBSCRIBE) => self.unsubscribe(version, frame, out),
+            (State::Connected(_), kind::SUBSCRIBE) => {
+                self.filter_request(FilterAction::Subscribe, frame, out)
+            }
+            (State::Connected(_), kind::UNSUBSCRIBE) => {
+                self.filter_request(FilterAction::Unsubscribe, frame, out)
+            }
             (State::Connected(_), kind::PUBREL) => self.pubrel(version, frame, out),
             (State::Connected(_), kind::AUTH) => {
                 out.push(Output::ToClient(reply::disconnect_v5(
@@ -632,9 +654,8 @@ impl GateSession {
             }
         };
         if verdict.allowed {
-            metrics::counter!("vitalmq_messages_total", "direction" => "in").increment(1);
-            metrics::counter!("vitalmq_bytes_total", "direction" => "in")
-                .increment(publish.payload_len as u64);
+            self.counters.messages_in.increment(1);
+            self.counters.bytes_in.increment(publish.payload_len as u64);
             return out.push(Output::ToBroker(publish.forwardable()));
         }
         if !self.audit_denial("publish", topic, &verdict, "not_authorized") {
@@ -676,76 +697,50 @@ impl GateSession {
         }
     }
 
-    fn subscribe(&mut self, _version: Version, frame: Frame, out: &mut Vec<Output>) {
-        let request = match SubscribeView::parse(frame) {
-            Ok(s) => s,
+    /// SUBSCRIBE and UNSUBSCRIBE: authorize (and audit) each filter, forward the
+    /// allowed ones, answer alone when none is, and remember the positions of refused
+    /// ones so the broker's acknowledgement can be spread back.
+    fn filter_request(&mut self, action: FilterAction, frame: Frame, out: &mut Vec<Output>) {
+        let request = match FilterRequest::parse(action, frame) {
+            Ok(r) => r,
             Err(e) => return self.refuse_unframeable(FrameError::Malformed(e), out),
         };
         let filters = request.filters();
         let mut forwarded = Vec::with_capacity(filters.len());
         for filter in &filters {
-            let verdict = self.authz.subscribe(&self.peer, filter);
+            let verdict = match action {
+                FilterAction::Subscribe => self.authz.subscribe(&self.peer, filter),
+                FilterAction::Unsubscribe => self.authz.unsubscribe(&self.peer, filter),
+            };
             if !verdict.allowed
-                && !self.audit_denial("subscribe", filter.clone(), &verdict, "not_authorized")
+                && !self.audit_denial(action.as_str(), filter.clone(), &verdict, "not_authorized")
             {
                 return self.audit_failed(out);
             }
             forwarded.push(verdict.allowed);
         }
-        let pkid = request.pkid();
         if forwarded.iter().all(|f| !f) {
             return out.push(Output::ToClient(request.all_denied()));
         }
         for (filter, _) in filters.iter().zip(&forwarded).filter(|(_, f)| **f) {
-            self.subscriptions.insert(filter.clone());
-        }
-        let partial = forwarded.iter().any(|f| !f);
-        match request.keep(&forwarded) {
-            Ok(bytes) => out.push(Output::ToBroker(bytes)),
-            Err(e) => return self.close(out, CloseReason::new("internal", e)),
-        }
-        if partial {
-            self.pending_subacks.insert(pkid, Pending { forwarded });
-        }
-    }
-
-    fn unsubscribe(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
-        let request = match UnsubscribeView::parse(frame) {
-            Ok(u) => u,
-            Err(e) => return self.refuse_unframeable(FrameError::Malformed(e), out),
-        };
-        let filters = request.filters();
-        let mut forwarded = Vec::with_capacity(filters.len());
-        for filter in &filters {
-            let verdict = self.authz.unsubscribe(&self.peer, filter);
-            if !verdict.allowed
-                && !self.audit_denial("unsubscribe", filter.clone(), &verdict, "not_authorized")
-            {
-                return self.audit_failed(out);
-            }
-            if verdict.allowed {
-                self.subscriptions.remove(filter);
-            }
-            forwarded.push(verdict.allowed);
+            match action {
+                FilterAction::Subscribe => self.subscriptions.insert(filter.clone()),
+                FilterAction::Unsubscribe => self.subscriptions.remove(filter),
+            };
         }
         let pkid = request.pkid();
-        if forwarded.iter().all(|f| !f) {
-            return out.push(Output::ToClient(match version {
-                Version::V311 => reply::unsuback_v311(pkid),
-                Version::V5 => reply::unsuback_v5(
-                    pkid,
-                    vec![v5::UnsubAckReason::NotAuthorized; filters.len()],
-                    None,
-                ),
-            }));
-        }
-        let partial = forwarded.iter().any(|f| !f);
+        // A 3.1.1 UNSUBACK carries no per-filter codes: nothing to spread back.
+        let spread_back = !matches!(request, FilterRequest::Unsubscribe311(_));
         match request.keep(&forwarded) {
             Ok(bytes) => out.push(Output::ToBroker(bytes)),
             Err(e) => return self.close(out, CloseReason::new("internal", e)),
         }
-        if partial && version == Version::V5 {
-            self.pending_unsubacks.insert(pkid, Pending { forwarded });
+        if spread_back && forwarded.iter().any(|f| !f) {
+            let pending = match action {
+                FilterAction::Subscribe => &mut self.pending_subacks,
+                FilterAction::Unsubscribe => &mut self.pending_unsubacks,
+            };
+            pending.insert(pkid, Pending { forwarded });
         }
     }
 
@@ -777,7 +772,7 @@ impl GateSession {
             kind::SUBACK => self.merge_suback(frame, out),
             kind::UNSUBACK if version == Version::V5 => self.merge_unsuback(frame, out),
             kind::PUBLISH => {
-                metrics::counter!("vitalmq_messages_total", "direction" => "out").increment(1);
+                self.counters.messages_out.increment(1);
                 out.push(Output::ToClient(frame.bytes().clone()));
             }
             _ => out.push(Output::ToClient(frame.bytes().clone())),
@@ -1045,46 +1040,90 @@ impl PublishView {
     }
 }
 
-enum SubscribeView {
-    V311(v4::Subscribe),
-    V5(v5::Subscribe),
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FilterAction {
+    Subscribe,
+    Unsubscribe,
 }
 
-impl SubscribeView {
-    fn parse(frame: Frame) -> Result<Self, String> {
-        match frame {
-            Frame::V311 { header, bytes } => v4::Subscribe::read(header, bytes)
-                .map(Self::V311)
-                .map_err(|e| e.to_string()),
-            Frame::V5 { header, bytes } => v5::Subscribe::read(header, bytes)
-                .map(Self::V5)
-                .map_err(|e| e.to_string()),
+impl FilterAction {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Subscribe => "subscribe",
+            Self::Unsubscribe => "unsubscribe",
+        }
+    }
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE in either protocol version.
+enum FilterRequest {
+    Subscribe311(v4::Subscribe),
+    Subscribe5(v5::Subscribe),
+    Unsubscribe311(v4::Unsubscribe),
+    Unsubscribe5(v5::Unsubscribe),
+}
+
+impl FilterRequest {
+    fn parse(action: FilterAction, frame: Frame) -> Result<Self, String> {
+        match (action, frame) {
+            (FilterAction::Subscribe, Frame::V311 { header, bytes }) => {
+                v4::Subscribe::read(header, bytes)
+                    .map(Self::Subscribe311)
+                    .map_err(|e| e.to_string())
+            }
+            (FilterAction::Subscribe, Frame::V5 { header, bytes }) => {
+                v5::Subscribe::read(header, bytes)
+                    .map(Self::Subscribe5)
+                    .map_err(|e| e.to_string())
+            }
+            (FilterAction::Unsubscribe, Frame::V311 { header, bytes }) => {
+                v4::Unsubscribe::read(header, bytes)
+                    .map(Self::Unsubscribe311)
+                    .map_err(|e| e.to_string())
+            }
+            (FilterAction::Unsubscribe, Frame::V5 { header, bytes }) => {
+                v5::Unsubscribe::read(header, bytes)
+                    .map(Self::Unsubscribe5)
+                    .map_err(|e| e.to_string())
+            }
         }
     }
 
     fn pkid(&self) -> u16 {
         match self {
-            Self::V311(s) => s.pkid,
-            Self::V5(s) => s.pkid,
+            Self::Subscribe311(r) => r.pkid,
+            Self::Subscribe5(r) => r.pkid,
+            Self::Unsubscribe311(r) => r.pkid,
+            Self::Unsubscribe5(r) => r.pkid,
         }
     }
 
     fn filters(&self) -> Vec<String> {
         match self {
-            Self::V311(s) => s.filters.iter().map(|f| f.path.clone()).collect(),
-            Self::V5(s) => s.filters.iter().map(|f| f.path.clone()).collect(),
+            Self::Subscribe311(r) => r.filters.iter().map(|f| f.path.clone()).collect(),
+            Self::Subscribe5(r) => r.filters.iter().map(|f| f.path.clone()).collect(),
+            Self::Unsubscribe311(r) => r.topics.clone(),
+            Self::Unsubscribe5(r) => r.filters.clone(),
         }
     }
 
+    /// The gate's own answer when every filter was refused: 0x80 (3.1.1) or 0x87 (5)
+    /// per filter; a 3.1.1 UNSUBACK has no codes.
     fn all_denied(&self) -> Bytes {
         match self {
-            Self::V311(s) => reply::suback_v311(
-                s.pkid,
-                vec![v4::SubscribeReasonCode::Failure; s.filters.len()],
+            Self::Subscribe311(r) => reply::suback_v311(
+                r.pkid,
+                vec![v4::SubscribeReasonCode::Failure; r.filters.len()],
             ),
-            Self::V5(s) => reply::suback_v5(
-                s.pkid,
-                vec![v5::SubscribeReasonCode::NotAuthorized; s.filters.len()],
+            Self::Subscribe5(r) => reply::suback_v5(
+                r.pkid,
+                vec![v5::SubscribeReasonCode::NotAuthorized; r.filters.len()],
+                None,
+            ),
+            Self::Unsubscribe311(r) => reply::unsuback_v311(r.pkid),
+            Self::Unsubscribe5(r) => reply::unsuback_v5(
+                r.pkid,
+                vec![v5::UnsubAckReason::NotAuthorized; r.filters.len()],
                 None,
             ),
         }
@@ -1093,63 +1132,24 @@ impl SubscribeView {
     /// The request with only the forwarded filters, encoded.
     fn keep(self, forwarded: &[bool]) -> Result<Bytes, String> {
         let mut buf = BytesMut::new();
-        match self {
-            Self::V311(mut s) => {
-                retain_forwarded(&mut s.filters, forwarded);
-                s.write(&mut buf).map_err(|e| e.to_string())?;
+        let written = match self {
+            Self::Subscribe311(mut r) => {
+                retain_forwarded(&mut r.filters, forwarded);
+                r.write(&mut buf).map_err(|e| e.to_string())
             }
-            Self::V5(mut s) => {
-                retain_forwarded(&mut s.filters, forwarded);
-                s.write(&mut buf).map_err(|e| e.to_string())?;
+            Self::Subscribe5(mut r) => {
+                retain_forwarded(&mut r.filters, forwarded);
+                r.write(&mut buf).map_err(|e| e.to_string())
             }
-        }
-        Ok(buf.freeze())
-    }
-}
-
-enum UnsubscribeView {
-    V311(v4::Unsubscribe),
-    V5(v5::Unsubscribe),
-}
-
-impl UnsubscribeView {
-    fn parse(frame: Frame) -> Result<Self, String> {
-        match frame {
-            Frame::V311 { header, bytes } => v4::Unsubscribe::read(header, bytes)
-                .map(Self::V311)
-                .map_err(|e| e.to_string()),
-            Frame::V5 { header, bytes } => v5::Unsubscribe::read(header, bytes)
-                .map(Self::V5)
-                .map_err(|e| e.to_string()),
-        }
-    }
-
-    fn pkid(&self) -> u16 {
-        match self {
-            Self::V311(s) => s.pkid,
-            Self::V5(s) => s.pkid,
-        }
-    }
-
-    fn filters(&self) -> Vec<String> {
-        match self {
-            Self::V311(s) => s.topics.clone(),
-            Self::V5(s) => s.filters.clone(),
-        }
-    }
-
-    fn keep(self, forwarded: &[bool]) -> Result<Bytes, String> {
-        let mut buf = BytesMut::new();
-        match self {
-            Self::V311(mut s) => {
-                retain_forwarded(&mut s.topics, forwarded);
-                s.write(&mut buf).map_err(|e| e.to_string())?;
+            Self::Unsubscribe311(mut r) => {
+                retain_forwarded(&mut r.topics, forwarded);
+                r.write(&mut buf).map_err(|e| e.to_string())
             }
-            Self::V5(mut s) => {
-                retain_forwarded(&mut s.filters, forwarded);
-                s.write(&mut buf).map_err(|e| e.to_string())?;
+            Self::Unsubscribe5(mut r) => {
+                retain_forwarded(&mut r.filters, forwarded);
+                r.write(&mut buf).map_err(|e| e.to_string())
             }
-        }
-        Ok(buf.freeze())
+        };
+        written.map(|_| buf.freeze())
     }
 }
