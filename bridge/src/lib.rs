@@ -1,1 +1,3 @@
-//! Verify, sequence-check and durably forward device telemetry (issue 4). Not built yet.
+//! Verify, sequence-check and durably forward device telemetry (issue 4).
+
+pub mod sink;

@@ -1,0 +1,1 @@
+//! Object-storage sink (placeholder, being written).
