@@ -60,6 +60,7 @@ fn registry_from_keys_json(dir: &Path) -> PathBuf {
                 patient_ref: format!("pt-{i}"),
                 key: VerifyingKey::from_hex(alg, &public).expect("key"),
                 consent: None,
+                processing_policy: None,
             })
             .expect("unique");
     }

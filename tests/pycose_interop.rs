@@ -158,6 +158,7 @@ fn messages_pycose_signs_verify_in_envelope_and_the_cli() {
                 patient_ref: format!("pt-{i:04}"),
                 key: public,
                 consent: None,
+                processing_policy: None,
             })
             .expect("unique device");
         signed.push((alg, dev, message, payload));

@@ -121,6 +121,7 @@ pub fn enroll_device(
         patient_ref: random_patient_ref()?,
         key: key.verifying_key(),
         consent: None,
+        processing_policy: None,
     };
     Ok((DeviceKey { id, key }, entry))
 }

@@ -63,6 +63,8 @@ pub struct DeviceEntry {
     pub key: VerifyingKey,
     /// Consent context under which the data is processed (e.g. `care`, `research`).
     pub consent: Option<String>,
+    /// Name of the processing policy the data falls under (retention, permitted use).
+    pub processing_policy: Option<String>,
 }
 
 /// A gateway or integrator bound to a site.
@@ -106,6 +108,8 @@ pub struct RawDevice {
     pub public_key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processing_policy: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -186,6 +190,7 @@ impl DeviceRegistry {
                     patient_ref: d.patient_ref.clone(),
                     key,
                     consent: d.consent.clone(),
+                    processing_policy: d.processing_policy.clone(),
                 };
                 if let Err(dup) = registry.insert_device(device) {
                     problems.add(
@@ -297,6 +302,7 @@ impl DeviceRegistry {
                             alg: d.key.algorithm().name().to_owned(),
                             public_key: d.key.to_hex(),
                             consent: d.consent.clone(),
+                            processing_policy: d.processing_policy.clone(),
                         },
                     )
                 })

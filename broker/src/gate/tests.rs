@@ -79,6 +79,7 @@ fn registry() -> DeviceRegistry {
                     .expect("key")
                     .verifying_key(),
                 consent: None,
+                processing_policy: None,
             })
             .expect("unique");
     }

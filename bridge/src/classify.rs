@@ -1,0 +1,388 @@
+//! Steps 2 and 3 of the pipeline without I/O: verify one message against the registry,
+//! then sequence a batch of verified messages into a [`Commit`] for the store.
+//!
+//! [`Sequencer::sequence`] stages the windows and gaps it touches; the recorder calls
+//! [`Sequencer::adopt`] only after the store committed the batch, so a failed commit
+//! (disk full) leaves the in-memory state exactly as durable state is.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use vitalmq_envelope::{DeviceId, MessageType, ReasonClass, Refusal, Telemetry, Verified};
+use vitalmq_policies::DeviceRegistry;
+
+use crate::gaps::{Gap, OpenGaps};
+use crate::normalize::{self, Receipt};
+use crate::store::{Commit, NewEvent, Quarantined};
+use crate::window::{self, Accepted, DeviceSequence, ReceiptPoint, Rejected, Verdict, WindowSize};
+
+/// A message as it came off the broker.
+#[derive(Debug, Clone)]
+pub struct Incoming<T> {
+    pub topic: String,
+    pub payload: Bytes,
+    pub received_at_ms: u64,
+    /// What the caller needs to acknowledge the message (the MQTT PUBLISH).
+    pub token: T,
+}
+
+/// Which of the two device topics a message arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceTopic {
+    Telemetry,
+    Status,
+}
+
+/// Splits `devices/{id}/telemetry|status`; `None` for anything else.
+pub fn parse_topic(topic: &str) -> Option<(&str, DeviceTopic)> {
+    let rest = topic.strip_prefix("devices/")?;
+    let (id, kind) = rest.split_once('/')?;
+    let kind = match kind {
+        "telemetry" => DeviceTopic::Telemetry,
+        "status" => DeviceTopic::Status,
+        _ => return None,
+    };
+    Some((id, kind))
+}
+
+/// The outcome of verifying one message.
+#[derive(Debug)]
+pub enum Checked<T> {
+    Verified {
+        incoming: Incoming<T>,
+        verified: Box<Verified<Telemetry>>,
+    },
+    Refused {
+        incoming: Incoming<T>,
+        device: Option<DeviceId>,
+        refusal: Refusal,
+    },
+}
+
+/// Step 2: verify against the registry. The topic's `{id}`, `kid`, `dev` and the
+/// registry key must agree (SPEC section 3); the message type must fit the topic.
+pub fn verify<T>(registry: &DeviceRegistry, incoming: Incoming<T>) -> Checked<T> {
+    let refused = |incoming, device, reason, detail: &str| Checked::Refused {
+        incoming,
+        device,
+        refusal: Refusal::new(reason, detail),
+    };
+    let Some((id, kind)) = parse_topic(&incoming.topic) else {
+        return refused(incoming, None, ReasonClass::Malformed, "not a device topic");
+    };
+    let device = match DeviceId::new(id) {
+        Ok(d) => d,
+        Err(_) => return refused(incoming, None, ReasonClass::Malformed, "topic device id"),
+    };
+    match vitalmq_envelope::verify(&incoming.payload, registry, Some(&device)) {
+        Err(refusal) => Checked::Refused {
+            incoming,
+            device: Some(device),
+            refusal,
+        },
+        Ok(v) => {
+            let fits = match kind {
+                DeviceTopic::Status => v.kind == MessageType::Status,
+                DeviceTopic::Telemetry => v.kind != MessageType::Status,
+            };
+            if fits {
+                Checked::Verified {
+                    incoming,
+                    verified: Box::new(v),
+                }
+            } else {
+                refused(
+                    incoming,
+                    Some(device),
+                    ReasonClass::PayloadSchema,
+                    "message type does not match the topic",
+                )
+            }
+        }
+    }
+}
+
+/// What happened to one message, for acknowledgement, metrics and audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    Accepted {
+        device: DeviceId,
+        event_id: String,
+        verdict: Accepted,
+    },
+    Rejected {
+        device: DeviceId,
+        epoch: u64,
+        seq: u64,
+        why: Rejected,
+    },
+    Refused {
+        device: Option<DeviceId>,
+        reason: ReasonClass,
+        detail: String,
+        sha256_hex: String,
+    },
+}
+
+/// The sequencing result of one batch: what to write, and what each message became.
+#[derive(Debug)]
+pub struct Sequenced<T> {
+    pub commit: Commit,
+    /// One per input message, in input order, with its acknowledgement token.
+    pub dispositions: Vec<(Disposition, T)>,
+    staged: HashMap<DeviceId, Track>,
+}
+
+impl<T> Sequenced<T> {
+    /// Gap changes in this batch (for audit and operational reporting).
+    pub fn gaps(&self) -> &[(DeviceId, Gap)] {
+        &self.commit.gaps
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Track {
+    window: Option<DeviceSequence>,
+    gaps: OpenGaps,
+}
+
+/// Identity facts the normalized events record.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// Broker address the bridge subscribes at.
+    pub broker: String,
+    /// This bridge's SPIFFE identity.
+    pub bridge: String,
+}
+
+/// Per-device sequence state (step 3).
+#[derive(Debug)]
+pub struct Sequencer {
+    size: WindowSize,
+    tracks: HashMap<DeviceId, Track>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl Sequencer {
+    pub fn new(
+        size: WindowSize,
+        windows: HashMap<DeviceId, DeviceSequence>,
+        gaps: HashMap<DeviceId, Vec<Gap>>,
+    ) -> Self {
+        let mut tracks: HashMap<DeviceId, Track> = windows
+            .into_iter()
+            .map(|(d, w)| {
+                (
+                    d,
+                    Track {
+                        window: Some(w),
+                        gaps: OpenGaps::default(),
+                    },
+                )
+            })
+            .collect();
+        for (d, g) in gaps {
+            tracks.entry(d).or_default().gaps = OpenGaps::new(g);
+        }
+        Self { size, tracks }
+    }
+
+    /// The receipt point a device's committed state supports.
+    pub fn receipt(&self, device: &DeviceId) -> Option<ReceiptPoint> {
+        self.tracks.get(device)?.window.as_ref()?.receipt()
+    }
+
+    /// Sequences one verified batch in arrival order.
+    pub fn sequence<T>(
+        &self,
+        registry: &DeviceRegistry,
+        origin: &Origin,
+        batch: Vec<Checked<T>>,
+        now_ms: u64,
+    ) -> Sequenced<T> {
+        let mut staged: HashMap<DeviceId, Track> = HashMap::new();
+        let mut commit = Commit {
+            now_ms,
+            ..Commit::default()
+        };
+        let mut dispositions = Vec::with_capacity(batch.len());
+        for checked in batch {
+            match checked {
+                Checked::Refused {
+                    incoming,
+                    device,
+                    refusal,
+                } => refuse(&mut commit, &mut dispositions, incoming, device, refusal),
+                Checked::Verified { incoming, verified } => {
+                    let device = verified.dev.clone();
+                    let (epoch, seq) = (verified.epoch, verified.seq);
+                    let track = staged
+                        .entry(device.clone())
+                        .or_insert_with(|| self.tracks.get(&device).cloned().unwrap_or_default());
+                    let verdict = window::check(track.window.as_ref(), epoch, seq);
+                    let accepted = match verdict {
+                        Verdict::Reject(why) => {
+                            commit.counters.push((device.to_string(), why.class(), 1));
+                            dispositions.push((
+                                Disposition::Rejected {
+                                    device,
+                                    epoch,
+                                    seq,
+                                    why,
+                                },
+                                incoming.token,
+                            ));
+                            continue;
+                        }
+                        Verdict::Accept(a) => a,
+                    };
+                    let Some(entry) = registry.device(&device) else {
+                        // Only if the registry was reloaded between verify and here.
+                        let refusal =
+                            Refusal::new(ReasonClass::UnknownKey, "device left the registry");
+                        refuse(
+                            &mut commit,
+                            &mut dispositions,
+                            incoming,
+                            Some(device),
+                            refusal,
+                        );
+                        continue;
+                    };
+                    // Window and gaps.
+                    let mut changed = Vec::new();
+                    match (&mut track.window, accepted) {
+                        (Some(w), Accepted::NewEpoch) => {
+                            track.gaps.on_new_epoch(epoch, &mut changed);
+                            w.apply(epoch, seq, accepted);
+                        }
+                        (Some(w), Accepted::Gap { missing }) => {
+                            track
+                                .gaps
+                                .open(epoch, w.highest() + 1, seq - 1, now_ms, &mut changed);
+                            debug_assert_eq!(missing, seq - w.highest() - 1);
+                            w.apply(epoch, seq, accepted);
+                            track.gaps.slide(epoch, w.low(), &mut changed);
+                        }
+                        (Some(w), Accepted::InOrder) => {
+                            w.apply(epoch, seq, accepted);
+                            track.gaps.slide(epoch, w.low(), &mut changed);
+                        }
+                        (Some(w), Accepted::OutOfOrder) => {
+                            w.apply(epoch, seq, accepted);
+                            track.gaps.fill(epoch, seq, &mut changed);
+                        }
+                        (slot, _) => *slot = Some(DeviceSequence::first(self.size, epoch, seq)),
+                    }
+                    commit
+                        .gaps
+                        .extend(changed.into_iter().map(|g| (device.clone(), g)));
+                    let verdict_text = Verdict::Accept(accepted).to_string();
+                    let sha = hex::encode(verified.message_sha256());
+                    let publisher = publisher_of(&incoming.topic);
+                    let receipt = Receipt {
+                        received_at_ms: incoming.received_at_ms,
+                        topic: &incoming.topic,
+                        broker: &origin.broker,
+                        publisher: &publisher,
+                        bridge: &origin.bridge,
+                        verdict: &verdict_text,
+                    };
+                    let normalized_json = normalize::normalize(&verified, entry, &receipt);
+                    let event_id = normalize::event_id(&device, epoch, seq);
+                    commit.events.push(NewEvent {
+                        event_id: event_id.clone(),
+                        device: device.clone(),
+                        site: entry.site.to_string(),
+                        epoch,
+                        seq,
+                        observed_at_ms: verified.ts,
+                        received_at_ms: incoming.received_at_ms,
+                        verdict: verdict_text,
+                        broker: origin.broker.clone(),
+                        publisher,
+                        topic: incoming.topic,
+                        sha256_hex: sha,
+                        raw: incoming.payload,
+                        normalized_json,
+                    });
+                    dispositions.push((
+                        Disposition::Accepted {
+                            device,
+                            event_id,
+                            verdict: accepted,
+                        },
+                        incoming.token,
+                    ));
+                }
+            }
+        }
+        commit.sequences = staged
+            .iter()
+            .filter_map(|(d, t)| t.window.clone().map(|w| (d.clone(), w)))
+            .collect();
+        Sequenced {
+            commit,
+            dispositions,
+            staged,
+        }
+    }
+
+    /// Makes a committed batch's state the current one.
+    pub fn adopt<T>(&mut self, sequenced: &mut Sequenced<T>) {
+        for (device, track) in sequenced.staged.drain() {
+            self.tracks.insert(device, track);
+        }
+    }
+}
+
+/// Quarantines a refused message.
+fn refuse<T>(
+    commit: &mut Commit,
+    dispositions: &mut Vec<(Disposition, T)>,
+    incoming: Incoming<T>,
+    device: Option<DeviceId>,
+    refusal: Refusal,
+) {
+    let sha = sha256_hex(&incoming.payload);
+    if let Some(d) = &device {
+        commit
+            .counters
+            .push((d.to_string(), refusal.reason.as_str(), 1));
+    }
+    commit.quarantine.push(Quarantined {
+        received_at_ms: incoming.received_at_ms,
+        topic: incoming.topic,
+        device: device.as_ref().map(ToString::to_string),
+        reason: refusal.reason.as_str().to_owned(),
+        detail: refusal.detail.clone(),
+        sha256_hex: sha.clone(),
+        raw: incoming.payload,
+    });
+    dispositions.push((
+        Disposition::Refused {
+            device,
+            reason: refusal.reason,
+            detail: refusal.detail,
+            sha256_hex: sha,
+        },
+        incoming.token,
+    ));
+}
+
+/// What the bridge can attest about the publisher: the broker's ACL lets only the
+/// device itself or a gateway of its site publish on `devices/{id}/...` (SPEC section
+/// 2), and MQTT does not tell a subscriber which of the two it was.
+fn publisher_of(topic: &str) -> String {
+    match parse_topic(topic) {
+        Some((id, _)) => format!("device {id} or a gateway of its site (broker ACL)"),
+        None => "unknown".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

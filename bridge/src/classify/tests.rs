@@ -1,0 +1,282 @@
+use std::collections::{BTreeMap, HashMap};
+
+use vitalmq_envelope::{Algorithm, Number, SigningKey};
+use vitalmq_policies::{DeviceEntry, SiteId, TrustDomain};
+
+use super::*;
+
+struct Fixture {
+    registry: DeviceRegistry,
+    keys: HashMap<String, SigningKey>,
+    origin: Origin,
+}
+
+fn fixture() -> Fixture {
+    let mut registry = DeviceRegistry::new(TrustDomain::new("test.vitalmq").expect("td"));
+    let mut keys = HashMap::new();
+    for (id, alg) in [
+        ("dev-00001", Algorithm::EdDsa),
+        ("dev-00002", Algorithm::Es256),
+    ] {
+        let key = SigningKey::generate(alg).expect("key");
+        registry
+            .insert_device(DeviceEntry {
+                id: DeviceId::new(id).expect("id"),
+                site: SiteId::new("site-01").expect("site"),
+                patient_ref: "pt-7f3a".into(),
+                key: key.verifying_key(),
+                consent: Some("care".into()),
+                processing_policy: None,
+            })
+            .expect("insert");
+        keys.insert(id.to_owned(), key);
+    }
+    Fixture {
+        registry,
+        keys,
+        origin: Origin {
+            broker: "127.0.0.1:8883".into(),
+            bridge: "spiffe://test.vitalmq/bridge/bridge-01".into(),
+        },
+    }
+}
+
+fn telemetry(dev: &str, epoch: u64, seq: u64, kind: MessageType) -> Telemetry {
+    Telemetry {
+        dev: DeviceId::new(dev).expect("id"),
+        epoch,
+        seq,
+        ts: 1_718_260_201_000 + seq,
+        fw: "5.12.1".into(),
+        kind,
+        m: (kind == MessageType::Vitals)
+            .then(|| BTreeMap::from([("spo2".to_owned(), Number::Int(97))])),
+        q: Some(0.9),
+        model: None,
+        schema: None,
+        extra: BTreeMap::new(),
+    }
+}
+
+impl Fixture {
+    fn message(&self, dev: &str, epoch: u64, seq: u64) -> Incoming<u32> {
+        self.on_topic(
+            dev,
+            &format!("devices/{dev}/telemetry"),
+            epoch,
+            seq,
+            MessageType::Vitals,
+        )
+    }
+
+    fn on_topic(
+        &self,
+        dev: &str,
+        topic: &str,
+        epoch: u64,
+        seq: u64,
+        kind: MessageType,
+    ) -> Incoming<u32> {
+        let bytes = vitalmq_envelope::sign(&telemetry(dev, epoch, seq, kind), &self.keys[dev])
+            .expect("sign");
+        Incoming {
+            topic: topic.to_owned(),
+            payload: Bytes::from(bytes),
+            received_at_ms: 1_718_260_202_000,
+            token: u32::try_from(seq).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn run(&self, seq: &mut Sequencer, batch: Vec<Incoming<u32>>) -> Sequenced<u32> {
+        let checked = batch
+            .into_iter()
+            .map(|m| verify(&self.registry, m))
+            .collect();
+        let mut out = seq.sequence(&self.registry, &self.origin, checked, 1_718_260_202_000);
+        seq.adopt(&mut out);
+        out
+    }
+}
+
+fn sequencer() -> Sequencer {
+    Sequencer::new(WindowSize::default(), HashMap::new(), HashMap::new())
+}
+
+#[test]
+fn accepted_messages_become_events_and_repeats_do_not() {
+    let f = fixture();
+    let mut s = sequencer();
+    let out = f.run(
+        &mut s,
+        vec![
+            f.message("dev-00001", 1, 0),
+            f.message("dev-00001", 1, 1),
+            f.message("dev-00001", 1, 1),
+        ],
+    );
+    assert_eq!(out.commit.events.len(), 2);
+    assert_eq!(
+        out.dispositions.len(),
+        3,
+        "every message gets a disposition (and an ack)"
+    );
+    assert!(matches!(
+        out.dispositions[2].0,
+        Disposition::Rejected {
+            why: Rejected::Duplicate,
+            ..
+        }
+    ));
+    assert_eq!(
+        out.commit.counters,
+        vec![("dev-00001".to_owned(), "duplicate", 1)]
+    );
+    let event: serde_json::Value =
+        serde_json::from_str(&out.commit.events[1].normalized_json).expect("json");
+    assert_eq!(
+        event["event_id"],
+        normalize::event_id(&DeviceId::new("dev-00001").expect("id"), 1, 1)
+    );
+    assert_eq!(event["site"], "site-01");
+    assert_eq!(event["patient_ref"], "pt-7f3a");
+    assert_eq!(event["provenance"]["consent"], "care");
+    assert_eq!(event["provenance"]["sequence"], "in_order");
+    assert_eq!(event["provenance"]["alg"], "EdDSA");
+    assert_eq!(event["m"]["spo2"], 97);
+    assert_eq!(
+        s.receipt(&DeviceId::new("dev-00001").expect("id")),
+        Some(ReceiptPoint { epoch: 1, seq: 1 })
+    );
+    // The next batch sees the adopted state: seq 0 and 1 are duplicates now.
+    let again = f.run(&mut s, vec![f.message("dev-00001", 1, 0)]);
+    assert!(again.commit.events.is_empty());
+}
+
+#[test]
+fn state_is_not_adopted_until_the_caller_says_it_is_durable() {
+    let f = fixture();
+    let s = sequencer();
+    let checked = vec![verify(&f.registry, f.message("dev-00002", 4, 10))];
+    let staged = s.sequence(&f.registry, &f.origin, checked, 0);
+    assert_eq!(staged.commit.events.len(), 1);
+    // Not adopted (the commit "failed"): the same message is still new.
+    let checked = vec![verify(&f.registry, f.message("dev-00002", 4, 10))];
+    let retry = s.sequence(&f.registry, &f.origin, checked, 0);
+    assert_eq!(retry.commit.events.len(), 1);
+    assert_eq!(s.receipt(&DeviceId::new("dev-00002").expect("id")), None);
+}
+
+#[test]
+fn refusals_are_quarantined_with_their_class_and_never_move_the_window() {
+    let f = fixture();
+    let mut s = sequencer();
+    let mut forged = f.message("dev-00001", 9, 0);
+    let mut bytes = forged.payload.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    forged.payload = Bytes::from(bytes);
+    let wrong_topic = f.on_topic(
+        "dev-00001",
+        "devices/dev-00002/telemetry",
+        1,
+        0,
+        MessageType::Vitals,
+    );
+    let status_on_telemetry = f.on_topic(
+        "dev-00001",
+        "devices/dev-00001/telemetry",
+        1,
+        0,
+        MessageType::Status,
+    );
+    let not_a_device_topic = f.on_topic(
+        "dev-00001",
+        "devices/dev-00001/config",
+        1,
+        0,
+        MessageType::Vitals,
+    );
+    let out = f.run(
+        &mut s,
+        vec![forged, wrong_topic, status_on_telemetry, not_a_device_topic],
+    );
+    let reasons: Vec<&str> = out
+        .commit
+        .quarantine
+        .iter()
+        .map(|q| q.reason.as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "bad_signature",
+            "kid_mismatch",
+            "payload_schema",
+            "malformed"
+        ]
+    );
+    assert!(out.commit.events.is_empty());
+    assert!(out.commit.sequences.is_empty(), "no window moved");
+    assert_eq!(out.dispositions.len(), 4);
+    // The forged epoch-9 message did not reset anything: epoch 1 is still fresh.
+    let ok = f.run(&mut s, vec![f.message("dev-00001", 1, 0)]);
+    assert_eq!(ok.commit.events.len(), 1);
+}
+
+#[test]
+fn gaps_open_fill_and_are_lost_on_a_new_epoch() {
+    let f = fixture();
+    let mut s = sequencer();
+    let out = f.run(
+        &mut s,
+        vec![
+            f.message("dev-00001", 1, 0),
+            f.message("dev-00001", 1, 4),
+            f.message("dev-00001", 1, 2),
+        ],
+    );
+    let states: Vec<(u64, u64, u64, &str)> = out
+        .gaps()
+        .iter()
+        .map(|(_, g)| (g.first, g.last, g.filled, g.state.as_str()))
+        .collect();
+    assert_eq!(states, [(1, 3, 0, "open"), (1, 3, 1, "open")]);
+    let out = f.run(&mut s, vec![f.message("dev-00001", 2, 0)]);
+    let lost: Vec<(u64, u64, &str)> = out
+        .gaps()
+        .iter()
+        .map(|(_, g)| (g.epoch, g.unfilled(), g.state.as_str()))
+        .collect();
+    assert_eq!(lost, [(1, 2, "lost")]);
+}
+
+#[test]
+fn status_messages_share_the_device_sequence() {
+    let f = fixture();
+    let mut s = sequencer();
+    let out = f.run(
+        &mut s,
+        vec![
+            f.message("dev-00001", 1, 0),
+            f.on_topic(
+                "dev-00001",
+                "devices/dev-00001/status",
+                1,
+                1,
+                MessageType::Status,
+            ),
+            f.on_topic(
+                "dev-00001",
+                "devices/dev-00001/status",
+                1,
+                1,
+                MessageType::Status,
+            ),
+        ],
+    );
+    assert_eq!(out.commit.events.len(), 2);
+    assert!(matches!(
+        out.dispositions[2].0,
+        Disposition::Rejected { .. }
+    ));
+}

@@ -1,0 +1,610 @@
+//! The bridge's durable store: one SQLite database, `DATA_DIR/bridge.sqlite3`.
+//!
+//! SQLite in WAL mode with `synchronous = FULL`: a transaction that returned from
+//! COMMIT survives `kill -9` and power loss. The recorder writes one transaction per
+//! batch of messages (group commit), and only then acknowledges them to the broker and
+//! sends receipts; so whatever a device was told is durable, is.
+//!
+//! Tables (all append-only except the state tables, which are replaced in place):
+//!
+//! | table | plane | contents |
+//! |---|---|---|
+//! | `raw_messages` | raw | exact COSE bytes of every accepted message, with receipt metadata (received_at, broker, publisher, topic, SHA-256) |
+//! | `events` | normalized | the canonical event (JSON) per accepted message, keyed by its deterministic event id; `position` orders the outbox |
+//! | `quarantine` | — | raw bytes of refused messages with their SPEC reason class |
+//! | `device_state` | — | the sequence window per device (epoch, highest, bitmap) |
+//! | `gaps` | — | data-completeness events: skipped sequence ranges, open, closed or lost |
+//! | `counters` | — | per-device counts of duplicates, replays and refusals |
+//! | `sink_cursors` | — | per sink: last outbox position confirmed, and the batch in flight |
+//!
+//! The raw and normalized planes are written once, in the same transaction, and never
+//! updated; `event_id` is UNIQUE, so even a bug upstream cannot store an event twice.
+//! `u64` values (`epoch`, `seq`, gap bounds) are stored bit-cast to SQLite's `i64`;
+//! compare them in Rust, not in SQL.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use vitalmq_envelope::DeviceId;
+
+use crate::gaps::{Gap, GapState};
+use crate::sink::{Batch, OutboxRecord};
+use crate::window::{DeviceSequence, WindowSize};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "bridge.sqlite3";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS raw_messages (
+    id              INTEGER PRIMARY KEY,
+    received_at_ms  INTEGER NOT NULL,
+    broker          TEXT    NOT NULL,
+    publisher       TEXT    NOT NULL,
+    topic           TEXT    NOT NULL,
+    sha256          TEXT    NOT NULL,
+    bytes           BLOB    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    position        INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id        TEXT    NOT NULL UNIQUE,
+    raw_id          INTEGER NOT NULL REFERENCES raw_messages(id),
+    device          TEXT    NOT NULL,
+    site            TEXT    NOT NULL,
+    epoch           INTEGER NOT NULL,
+    seq             INTEGER NOT NULL,
+    observed_at_ms  INTEGER NOT NULL,
+    received_at_ms  INTEGER NOT NULL,
+    verdict         TEXT    NOT NULL,
+    normalized      TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_device ON events(device, received_at_ms);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id              INTEGER PRIMARY KEY,
+    received_at_ms  INTEGER NOT NULL,
+    topic           TEXT    NOT NULL,
+    device          TEXT,
+    reason          TEXT    NOT NULL,
+    detail          TEXT    NOT NULL,
+    sha256          TEXT    NOT NULL,
+    bytes           BLOB    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_state (
+    device          TEXT    PRIMARY KEY,
+    epoch           INTEGER NOT NULL,
+    highest         INTEGER NOT NULL,
+    window          INTEGER NOT NULL,
+    bitmap          BLOB    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    device          TEXT    NOT NULL,
+    epoch           INTEGER NOT NULL,
+    first           INTEGER NOT NULL,
+    last            INTEGER NOT NULL,
+    filled          INTEGER NOT NULL,
+    state           TEXT    NOT NULL,
+    opened_at_ms    INTEGER NOT NULL,
+    changed_at_ms   INTEGER NOT NULL,
+    PRIMARY KEY (device, epoch, first)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    device          TEXT    NOT NULL,
+    name            TEXT    NOT NULL,
+    value           INTEGER NOT NULL,
+    PRIMARY KEY (device, name)
+);
+CREATE TABLE IF NOT EXISTS sink_cursors (
+    sink            TEXT    PRIMARY KEY,
+    delivered_through INTEGER NOT NULL,
+    pending_first   INTEGER,
+    pending_last    INTEGER
+);
+";
+
+/// A store failure. `Full` is told apart because the bridge reacts to it (stops
+/// acknowledging, raises an operational alert) instead of treating it as a bug.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("{path}: cannot create the data directory: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: the disk is full: {source}")]
+    Full {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path}: stored state of device {device} is corrupt: {detail}")]
+    Corrupt {
+        path: PathBuf,
+        device: String,
+        detail: String,
+    },
+}
+
+/// An accepted message, both planes, as the recorder hands it to [`Store::commit`].
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub device: DeviceId,
+    pub site: String,
+    pub epoch: u64,
+    pub seq: u64,
+    pub observed_at_ms: u64,
+    pub received_at_ms: u64,
+    /// Sequence verdict detail (`in_order`, `missing=3`, ...).
+    pub verdict: String,
+    pub broker: String,
+    pub publisher: String,
+    pub topic: String,
+    pub sha256_hex: String,
+    pub raw: bytes::Bytes,
+    pub normalized_json: String,
+}
+
+/// A refused message kept for investigation.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    pub received_at_ms: u64,
+    pub topic: String,
+    pub device: Option<String>,
+    pub reason: String,
+    pub detail: String,
+    pub sha256_hex: String,
+    pub raw: bytes::Bytes,
+}
+
+/// Everything one batch changes, written in one transaction.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub events: Vec<NewEvent>,
+    pub quarantine: Vec<Quarantined>,
+    pub sequences: Vec<(DeviceId, DeviceSequence)>,
+    pub gaps: Vec<(DeviceId, Gap)>,
+    /// `(device, counter name, increment)`.
+    pub counters: Vec<(String, &'static str, u64)>,
+    pub now_ms: u64,
+}
+
+/// A sink's position in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// Every position up to and including this one is confirmed by the sink.
+    pub delivered_through: i64,
+    /// The batch planned and possibly partly delivered before a crash.
+    pub pending: Option<(i64, i64)>,
+}
+
+/// One connection to the bridge database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// Tells a full disk apart from other SQLite failures.
+fn classify(path: &Path, source: rusqlite::Error) -> StoreError {
+    let full = matches!(
+        &source,
+        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::DiskFull
+    );
+    let path = path.to_path_buf();
+    if full {
+        StoreError::Full { path, source }
+    } else {
+        StoreError::Sqlite { path, source }
+    }
+}
+
+fn u2i(v: u64) -> i64 {
+    v as i64
+}
+
+fn i2u(v: i64) -> u64 {
+    v as u64
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        let store = Self { conn, path };
+        store
+            .conn
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(|e| store.err(e))?;
+        store
+            .conn
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 PRAGMA foreign_keys = ON;",
+            )
+            .map_err(|e| store.err(e))?;
+        store.conn.execute_batch(SCHEMA).map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        classify(&self.path, source)
+    }
+
+    /// The stored sequence windows, converted to `size` if it changed.
+    pub fn load_sequences(
+        &self,
+        size: WindowSize,
+    ) -> Result<HashMap<DeviceId, DeviceSequence>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, epoch, highest, window, bitmap FROM device_state")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (device, epoch, highest, window, bitmap) = row.map_err(|e| self.err(e))?;
+            let corrupt = |detail: String| StoreError::Corrupt {
+                path: self.path.clone(),
+                device: device.clone(),
+                detail,
+            };
+            let id = DeviceId::new(&device).map_err(|e| corrupt(e.to_string()))?;
+            let window = u32::try_from(window).map_err(|e| corrupt(e.to_string()))?;
+            let state = DeviceSequence::restore(size, window, i2u(epoch), i2u(highest), &bitmap)
+                .map_err(corrupt)?;
+            out.insert(id, state);
+        }
+        Ok(out)
+    }
+
+    /// Gaps still open, per device.
+    pub fn load_open_gaps(&self) -> Result<HashMap<DeviceId, Vec<Gap>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT device, epoch, first, last, filled, opened_at_ms FROM gaps
+                 WHERE state = 'open'",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: HashMap<DeviceId, Vec<Gap>> = HashMap::new();
+        for row in rows {
+            let (device, epoch, first, last, filled, opened) = row.map_err(|e| self.err(e))?;
+            let id = DeviceId::new(&device).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                device: device.clone(),
+                detail: e.to_string(),
+            })?;
+            out.entry(id).or_default().push(Gap {
+                epoch: i2u(epoch),
+                first: i2u(first),
+                last: i2u(last),
+                filled: i2u(filled),
+                state: GapState::Open,
+                opened_at_ms: i2u(opened),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes one batch in one transaction, durable when this returns `Ok`.
+    pub fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| classify(&path, source);
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut raw = tx
+                .prepare_cached(
+                    "INSERT INTO raw_messages (received_at_ms, broker, publisher, topic, sha256, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            let mut event = tx
+                .prepare_cached(
+                    "INSERT INTO events (event_id, raw_id, device, site, epoch, seq,
+                         observed_at_ms, received_at_ms, verdict, normalized)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .map_err(err)?;
+            for e in &c.events {
+                raw.execute(params![
+                    u2i(e.received_at_ms),
+                    e.broker,
+                    e.publisher,
+                    e.topic,
+                    e.sha256_hex,
+                    &e.raw[..]
+                ])
+                .map_err(err)?;
+                let raw_id = tx.last_insert_rowid();
+                event
+                    .execute(params![
+                        e.event_id,
+                        raw_id,
+                        e.device.as_str(),
+                        e.site,
+                        u2i(e.epoch),
+                        u2i(e.seq),
+                        u2i(e.observed_at_ms),
+                        u2i(e.received_at_ms),
+                        e.verdict,
+                        e.normalized_json
+                    ])
+                    .map_err(err)?;
+            }
+            let mut q = tx
+                .prepare_cached(
+                    "INSERT INTO quarantine (received_at_ms, topic, device, reason, detail, sha256, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(err)?;
+            for m in &c.quarantine {
+                q.execute(params![
+                    u2i(m.received_at_ms),
+                    m.topic,
+                    m.device,
+                    m.reason,
+                    m.detail,
+                    m.sha256_hex,
+                    &m.raw[..]
+                ])
+                .map_err(err)?;
+            }
+            let mut state = tx
+                .prepare_cached(
+                    "INSERT INTO device_state (device, epoch, highest, window, bitmap)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(device) DO UPDATE SET epoch = ?2, highest = ?3, window = ?4, bitmap = ?5",
+                )
+                .map_err(err)?;
+            for (device, s) in &c.sequences {
+                state
+                    .execute(params![
+                        device.as_str(),
+                        u2i(s.epoch()),
+                        u2i(s.highest()),
+                        s.size().get(),
+                        s.bitmap_bytes()
+                    ])
+                    .map_err(err)?;
+            }
+            let mut gap = tx
+                .prepare_cached(
+                    "INSERT INTO gaps (device, epoch, first, last, filled, state, opened_at_ms, changed_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT(device, epoch, first) DO UPDATE SET filled = ?5, state = ?6, changed_at_ms = ?8",
+                )
+                .map_err(err)?;
+            for (device, g) in &c.gaps {
+                gap.execute(params![
+                    device.as_str(),
+                    u2i(g.epoch),
+                    u2i(g.first),
+                    u2i(g.last),
+                    u2i(g.filled),
+                    g.state.as_str(),
+                    u2i(g.opened_at_ms),
+                    u2i(c.now_ms)
+                ])
+                .map_err(err)?;
+            }
+            let mut counter = tx
+                .prepare_cached(
+                    "INSERT INTO counters (device, name, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(device, name) DO UPDATE SET value = value + ?3",
+                )
+                .map_err(err)?;
+            for (device, name, n) in &c.counters {
+                counter
+                    .execute(params![device, name, u2i(*n)])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Makes sure `sink` has a cursor (starting before the first event).
+    pub fn register_sink(&self, sink: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO sink_cursors (sink, delivered_through) VALUES (?1, 0)
+                 ON CONFLICT(sink) DO NOTHING",
+                params![sink],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn cursor(&self, sink: &str) -> Result<Cursor, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT delivered_through, pending_first, pending_last FROM sink_cursors WHERE sink = ?1",
+                params![sink],
+                |r| {
+                    let first: Option<i64> = r.get(1)?;
+                    let last: Option<i64> = r.get(2)?;
+                    Ok(Cursor {
+                        delivered_through: r.get(0)?,
+                        pending: first.zip(last),
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .map_or_else(
+                || {
+                    self.register_sink(sink)?;
+                    Ok(Cursor {
+                        delivered_through: 0,
+                        pending: None,
+                    })
+                },
+                Ok,
+            )
+    }
+
+    /// Highest outbox position written so far (0 when empty).
+    pub fn head(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))
+    }
+
+    /// Events written but not yet confirmed by the slowest of `sinks`.
+    pub fn backlog(&self, sinks: &[String]) -> Result<u64, StoreError> {
+        let head = self.head()?;
+        let mut slowest = head;
+        for sink in sinks {
+            slowest = slowest.min(self.cursor(sink)?.delivered_through);
+        }
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE position > ?1",
+                params![slowest],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(i2u(n))
+    }
+
+    /// The next batch for `sink`: the pending one left by a crash if there is one
+    /// (identical range, so a redelivery rewrites the same objects), else up to `max`
+    /// events after the cursor, persisted as pending before it is returned. `None`
+    /// when nothing is waiting.
+    pub fn next_batch(&mut self, sink: &str, max: usize) -> Result<Option<Batch>, StoreError> {
+        let cursor = self.cursor(sink)?;
+        let (first, last) = match cursor.pending {
+            Some(range) => range,
+            None => {
+                let range: Option<(i64, i64)> = self
+                    .conn
+                    .query_row(
+                        "SELECT MIN(position), MAX(position) FROM
+                           (SELECT position FROM events WHERE position > ?1 ORDER BY position LIMIT ?2)",
+                        params![cursor.delivered_through, i64::try_from(max).unwrap_or(i64::MAX)],
+                        |r| Ok(r.get::<_, Option<i64>>(0)?.zip(r.get::<_, Option<i64>>(1)?)),
+                    )
+                    .map_err(|e| self.err(e))?;
+                let Some(range) = range else {
+                    return Ok(None);
+                };
+                self.conn
+                    .execute(
+                        "UPDATE sink_cursors SET pending_first = ?2, pending_last = ?3 WHERE sink = ?1",
+                        params![sink, range.0, range.1],
+                    )
+                    .map_err(|e| self.err(e))?;
+                range
+            }
+        };
+        let records = self.read_range(first, last)?;
+        Ok(Some(Batch {
+            first,
+            last,
+            records,
+        }))
+    }
+
+    /// Records that `sink` confirmed the batch ending at `last`.
+    pub fn batch_delivered(&mut self, sink: &str, last: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "UPDATE sink_cursors SET delivered_through = ?2, pending_first = NULL, pending_last = NULL
+                 WHERE sink = ?1",
+                params![sink, last],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The outbox records with positions in `first..=last`, in order.
+    pub fn read_range(&self, first: i64, last: i64) -> Result<Vec<OutboxRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT e.position, e.event_id, e.device, e.site, e.epoch, e.seq,
+                        e.observed_at_ms, e.received_at_ms, r.topic, r.bytes, e.normalized
+                 FROM events e JOIN raw_messages r ON r.id = e.raw_id
+                 WHERE e.position BETWEEN ?1 AND ?2 ORDER BY e.position",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![first, last], |r| {
+                Ok(OutboxRecord {
+                    position: r.get(0)?,
+                    event_id: r.get(1)?,
+                    device: r.get(2)?,
+                    site: r.get(3)?,
+                    epoch: i2u(r.get(4)?),
+                    seq: i2u(r.get(5)?),
+                    observed_at_ms: i2u(r.get(6)?),
+                    received_at_ms: i2u(r.get(7)?),
+                    topic: r.get(8)?,
+                    raw: bytes::Bytes::from(r.get::<_, Vec<u8>>(9)?),
+                    normalized_json: r.get(10)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// A counter's value for one device (0 when never incremented).
+    pub fn counter(&self, device: &str, name: &str) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM counters WHERE device = ?1 AND name = ?2",
+                params![device, name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(v.map_or(0, i2u))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,155 @@
+use super::*;
+use crate::window::{Accepted, WindowSize};
+
+fn event(device: &str, epoch: u64, seq: u64) -> NewEvent {
+    let id = DeviceId::new(device).expect("id");
+    NewEvent {
+        event_id: crate::normalize::event_id(&id, epoch, seq),
+        device: id,
+        site: "site-01".into(),
+        epoch,
+        seq,
+        observed_at_ms: 1,
+        received_at_ms: 2,
+        verdict: "in_order".into(),
+        broker: "b".into(),
+        publisher: "p".into(),
+        topic: format!("devices/{device}/telemetry"),
+        sha256_hex: "00".into(),
+        raw: bytes::Bytes::from(vec![0xd2, seq as u8]),
+        normalized_json: format!("{{\"seq\":{seq}}}"),
+    }
+}
+
+#[test]
+fn committed_state_survives_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = DeviceId::new("dev-00001").expect("id");
+    let mut window = DeviceSequence::first(WindowSize::default(), u64::MAX, 0);
+    window.apply(
+        u64::MAX,
+        u64::MAX - 1,
+        Accepted::Gap {
+            missing: u64::MAX - 2,
+        },
+    );
+    {
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .commit(&Commit {
+                events: vec![
+                    event("dev-00001", u64::MAX, 0),
+                    event("dev-00001", u64::MAX, u64::MAX - 1),
+                ],
+                sequences: vec![(id.clone(), window.clone())],
+                gaps: vec![(
+                    id.clone(),
+                    Gap {
+                        epoch: u64::MAX,
+                        first: 1,
+                        last: u64::MAX - 2,
+                        filled: 0,
+                        state: GapState::Open,
+                        opened_at_ms: 5,
+                    },
+                )],
+                counters: vec![
+                    ("dev-00001".into(), "duplicate", 2),
+                    ("dev-00001".into(), "duplicate", 1),
+                ],
+                now_ms: 5,
+                ..Commit::default()
+            })
+            .expect("commit");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(
+        store.load_sequences(WindowSize::default()).expect("load")[&id],
+        window
+    );
+    let gaps = store.load_open_gaps().expect("gaps");
+    assert_eq!(gaps[&id][0].last, u64::MAX - 2);
+    assert_eq!(store.counter("dev-00001", "duplicate").expect("counter"), 3);
+    assert_eq!(store.head().expect("head"), 2);
+}
+
+#[test]
+fn the_same_event_cannot_be_stored_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    let c = Commit {
+        events: vec![event("dev-00001", 1, 7)],
+        ..Commit::default()
+    };
+    store.commit(&c).expect("first");
+    assert!(
+        store.commit(&c).is_err(),
+        "UNIQUE(event_id) refuses a second copy"
+    );
+    assert_eq!(
+        store.head().expect("head"),
+        1,
+        "the failed transaction left nothing"
+    );
+}
+
+#[test]
+fn a_pending_batch_is_resumed_with_the_same_range_after_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .commit(&Commit {
+                events: (0..10).map(|s| event("dev-00001", 1, s)).collect(),
+                ..Commit::default()
+            })
+            .expect("commit");
+        store.register_sink("objects").expect("register");
+        let batch = store
+            .next_batch("objects", 4)
+            .expect("plan")
+            .expect("batch");
+        assert_eq!((batch.first, batch.last, batch.records.len()), (1, 4, 4));
+        // More events arrive, then the process dies before the sink confirmed.
+        store
+            .commit(&Commit {
+                events: (10..20).map(|s| event("dev-00001", 1, s)).collect(),
+                ..Commit::default()
+            })
+            .expect("commit");
+    }
+    let mut store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.backlog(&["objects".into()]).expect("backlog"), 20);
+    let again = store
+        .next_batch("objects", 100)
+        .expect("plan")
+        .expect("batch");
+    assert_eq!(
+        (again.first, again.last),
+        (1, 4),
+        "same range, so the same objects"
+    );
+    assert_eq!(again.records[3].seq, 3);
+    store
+        .batch_delivered("objects", again.last)
+        .expect("delivered");
+    let next = store
+        .next_batch("objects", 100)
+        .expect("plan")
+        .expect("batch");
+    assert_eq!((next.first, next.last, next.records.len()), (5, 20, 16));
+    store
+        .batch_delivered("objects", next.last)
+        .expect("delivered");
+    assert!(store.next_batch("objects", 100).expect("plan").is_none());
+    assert_eq!(store.backlog(&["objects".into()]).expect("backlog"), 0);
+}
+
+#[test]
+fn an_unusable_data_directory_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").expect("write");
+    let err = Store::open(&file.join("data")).expect_err("a file where a directory should be");
+    assert!(err.to_string().contains("not-a-dir"), "{err}");
+}
