@@ -26,31 +26,9 @@ pub fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
             "vitalmq broker listening on {} (mTLS); SIGHUP reloads policy and CRLs",
             broker.local_addr()
         );
-        wait_for_stop().await;
+        crate::stop::wait_for_stop().await;
         eprintln!("vitalmq broker stopping");
         broker.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-async fn wait_for_stop() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let terminate = async {
-            match term.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            () = terminate => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -4,10 +4,12 @@
 use clap::{Parser, Subcommand};
 
 mod audit_cmd;
+mod bridge_cmd;
 mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
 mod loadgen_cmd;
+mod stop;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +27,8 @@ enum Command {
     /// Check audit logs.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
+    /// Run the bridge: verify, sequence-check, store and forward device telemetry.
+    Bridge(bridge_cmd::BridgeArgs),
     /// Run the broker: the mTLS identity gate and topic ACLs in front of rumqttd.
     Broker(broker_cmd::BrokerArgs),
     /// The dev/test PKI: CA, identity certificates, CRLs, device keys, registry.
@@ -35,6 +39,9 @@ enum Command {
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
+    /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines).
+    #[command(subcommand)]
+    Store(bridge_cmd::StoreCommand),
     /// Load generator: throughput, latency, losses and reconnect storms over mTLS.
     Loadgen(loadgen_cmd::LoadgenArgs),
 }
@@ -52,7 +59,9 @@ fn main() -> std::process::ExitCode {
         Command::Certs(cmd) => cmd.run().map(|()| std::process::ExitCode::SUCCESS),
         Command::Envelope(cmd) => cmd.run(),
         Command::Demo(args) => demo_cmd::run(args),
+        Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args),
+        Command::Store(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),
     };

@@ -1,8 +1,18 @@
-//! Verify, sequence-check and durably forward device telemetry (issue 4).
+//! Verify, sequence-check and durably forward device telemetry (issue 4, SPEC sections
+//! 3 and 4). See ARCHITECTURE.md for the pipeline and its invariants.
 
 pub mod classify;
+pub mod config;
+pub mod drain;
 pub mod gaps;
+pub mod mqtt;
 pub mod normalize;
+pub mod ops;
+pub mod recorder;
+pub mod run;
 pub mod sink;
 pub mod store;
 pub mod window;
+
+pub use config::BridgeConfig;
+pub use run::{READY, run};

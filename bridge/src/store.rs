@@ -606,5 +606,123 @@ impl Store {
     }
 }
 
+/// Read-only views for `vitalmq store` and tests: one JSON object per row.
+impl Store {
+    fn rows_json(&self, sql: &str, columns: &[&str]) -> Result<Vec<serde_json::Value>, StoreError> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let mut obj = serde_json::Map::new();
+                for (i, name) in columns.iter().enumerate() {
+                    let v = match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => serde_json::Value::Null,
+                        rusqlite::types::ValueRef::Integer(n) if U64_COLUMNS.contains(name) => {
+                            serde_json::Value::from(i2u(n))
+                        }
+                        rusqlite::types::ValueRef::Integer(n) => serde_json::Value::from(n),
+                        rusqlite::types::ValueRef::Real(f) => serde_json::Value::from(f),
+                        rusqlite::types::ValueRef::Text(t) => {
+                            serde_json::Value::from(String::from_utf8_lossy(t).into_owned())
+                        }
+                        rusqlite::types::ValueRef::Blob(b) => {
+                            serde_json::Value::from(hex::encode(b))
+                        }
+                    };
+                    obj.insert((*name).to_owned(), v);
+                }
+                Ok(serde_json::Value::Object(obj))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Accepted events in outbox order (without the normalized body).
+    pub fn list_events(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.rows_json(
+            "SELECT e.position, e.event_id, e.device, e.site, e.epoch, e.seq, e.verdict,
+                    e.received_at_ms, r.sha256 AS raw_sha256
+             FROM events e JOIN raw_messages r ON r.id = e.raw_id ORDER BY e.position",
+            &[
+                "position",
+                "event_id",
+                "device",
+                "site",
+                "epoch",
+                "seq",
+                "verdict",
+                "received_at_ms",
+                "raw_sha256",
+            ],
+        )
+    }
+
+    /// Refused messages (without the bytes).
+    pub fn list_quarantine(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.rows_json(
+            "SELECT id, received_at_ms, topic, device, reason, detail, sha256 FROM quarantine ORDER BY id",
+            &["id", "received_at_ms", "topic", "device", "reason", "detail", "sha256"],
+        )
+    }
+
+    /// Every gap with its state.
+    pub fn list_gaps(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.rows_json(
+            "SELECT device, epoch, first, last, filled, state, opened_at_ms, changed_at_ms
+             FROM gaps ORDER BY device, epoch, first",
+            &[
+                "device",
+                "epoch",
+                "first",
+                "last",
+                "filled",
+                "state",
+                "opened_at_ms",
+                "changed_at_ms",
+            ],
+        )
+    }
+
+    /// Totals: events, quarantine by reason, counters by name, gaps by state, cursors.
+    pub fn stats(&self) -> Result<serde_json::Value, StoreError> {
+        let pairs = |sql: &str| -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
+            let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(|e| self.err(e))?;
+            let mut m = serde_json::Map::new();
+            for row in rows {
+                let (k, v) = row.map_err(|e| self.err(e))?;
+                m.insert(k, serde_json::Value::from(v));
+            }
+            Ok(m)
+        };
+        let events: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok(serde_json::json!({
+            "events": events,
+            "devices": self.conn.query_row("SELECT COUNT(*) FROM device_state", [], |r| r.get::<_, i64>(0)).map_err(|e| self.err(e))?,
+            "quarantine": pairs("SELECT reason, COUNT(*) FROM quarantine GROUP BY reason")?,
+            "counters": pairs("SELECT name, SUM(value) FROM counters GROUP BY name")?,
+            "gaps": pairs("SELECT state, COUNT(*) FROM gaps GROUP BY state")?,
+            "sinks": pairs("SELECT sink, delivered_through FROM sink_cursors")?,
+            "head": self.head()?,
+        }))
+    }
+}
+
+/// Columns holding bit-cast `u64` values.
+const U64_COLUMNS: &[&str] = &[
+    "epoch",
+    "seq",
+    "first",
+    "last",
+    "filled",
+    "received_at_ms",
+    "opened_at_ms",
+    "changed_at_ms",
+];
+
 #[cfg(test)]
 mod tests;

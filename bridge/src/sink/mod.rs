@@ -13,6 +13,7 @@
 //! * Errors are retried by the caller with backoff; a sink never drops a record.
 
 pub mod object;
+pub mod upstream;
 
 use std::fmt;
 

@@ -1,1 +1,560 @@
-//! Object-storage sink (placeholder, being written).
+//! The object-storage sink: batches of the outbox as files in a bucket or a directory.
+//!
+//! [`ObjectStoreSink`] writes through [`object_store`], so the same code serves S3 and
+//! S3-compatible servers ([`ObjectStoreSink::s3`]), a local directory, the default
+//! embedded sink ([`ObjectStoreSink::local`]), and memory in tests
+//! ([`ObjectStoreSink::in_memory`]).
+//!
+//! # Layout
+//!
+//! This is an external format: people read it with `aws s3 cp`, `jq`, `ls` and CBOR tools.
+//! The records of one [`Batch`] (outbox positions `first..=last`) are grouped into
+//! partitions by `(site, device, date)`, where `date` is the UTC calendar date
+//! (`YYYY-MM-DD`) of the record's `received_at_ms`, the bridge's clock at receipt (not the
+//! device's `ts`). Each partition of the batch becomes two objects:
+//!
+//! ```text
+//! {prefix}/raw/site={site}/device={device}/date={date}/{first:020}-{last:020}.cborseq
+//! {prefix}/normalized/site={site}/device={device}/date={date}/{first:020}-{last:020}.ndjson
+//! ```
+//!
+//! `{prefix}/` is absent when the prefix is empty (always so for [`ObjectStoreSink::local`]).
+//! `first` and `last` are the batch's range, zero-padded to 20 digits so that name order
+//! is outbox order; every partition of a batch carries the same range, and the ranges of
+//! different batches never overlap.
+//!
+//! * `.ndjson` (`application/x-ndjson`): UTF-8, one line per record, each line the
+//!   record's normalized event (one JSON object) followed by `\n`, in outbox order.
+//! * `.cborseq` (`application/cbor-seq`, an RFC 8742 CBOR sequence): the `raw` bytes of
+//!   the same records, concatenated in the same order, each exactly the COSE_Sign1
+//!   message the device published, so its signature still verifies.
+//!
+//! Line *i* of an `.ndjson` object and item *i* of the `.cborseq` object with the same
+//! name stem are the same record. The Content-Type is set where the store keeps one (S3).
+//!
+//! # Invariants
+//!
+//! * Object names derive only from the batch range and the records' partition keys, and
+//!   the bytes only from the records, so a retry of the same batch overwrites the same
+//!   objects with identical bytes ([`PutMode::Overwrite`]): delivery is idempotent.
+//! * A partition's raw object is written before its normalized object, so a reader that
+//!   finds an `.ndjson` object also finds its `.cborseq` (after a failed attempt a batch
+//!   may have some objects written; its retry completes it).
+//! * [`Sink::deliver`] returns `Ok` only after every object of the batch was written (the
+//!   store answered every PUT; on a local directory the files and their directories were
+//!   also `fsync`ed).
+//! * A batch is checked whole before anything is written; a record that cannot be placed
+//!   exactly (a site or device that is not an id, an out-of-range date, a normalized
+//!   event that is not one line, `raw` that is not one CBOR item) refuses the batch with
+//!   [`SinkError::Refused`] and nothing is written.
+//! * Store errors are [`SinkError::Unavailable`] (retryable: network, timeouts, server
+//!   errors, permissions, a full disk, a missing bucket), except the ones retrying cannot
+//!   fix (an invalid path, an unsupported operation), which are [`SinkError::Refused`].
+//!   Messages name the sink and the object path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::{StreamExt as _, TryStreamExt as _};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig,
+};
+use time::{Date, OffsetDateTime};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::SiteId;
+
+use super::{Batch, OutboxRecord, Sink, SinkError};
+
+/// How many PUTs of one batch run at once.
+pub const PARALLEL_PUTS: usize = 8;
+/// TCP connect timeout for S3: an unreachable endpoint fails fast.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Timeout of one HTTP request to S3.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline of one PUT, retries inside `object_store` included. The drain loop retries
+/// with its own backoff, so a slow or hung store must not hold a batch for minutes.
+const PUT_DEADLINE: Duration = Duration::from_secs(30);
+/// Retries inside `object_store` (each request); few and quick, see [`PUT_DEADLINE`].
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: 2,
+        retry_timeout: Duration::from_secs(5),
+    }
+}
+
+/// The two objects written per partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ObjectKind {
+    /// `.cborseq` under `raw/`: the COSE_Sign1 bytes as published.
+    Raw,
+    /// `.ndjson` under `normalized/`: the normalized events.
+    Normalized,
+}
+
+impl ObjectKind {
+    /// The top-level directory under the prefix.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Normalized => "normalized",
+        }
+    }
+
+    /// The file extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Raw => "cborseq",
+            Self::Normalized => "ndjson",
+        }
+    }
+
+    /// The media type (set as Content-Type where the store keeps one).
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Self::Raw => "application/cbor-seq",
+            Self::Normalized => "application/x-ndjson",
+        }
+    }
+}
+
+/// Where an S3 (or S3-compatible) sink writes.
+#[derive(Clone)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// Custom endpoint (MinIO, moto, ...), e.g. `http://127.0.0.1:9000`; requests are then
+    /// path-style (`{endpoint}/{bucket}/{key}`). `None` means AWS.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Allow a plain `http://` endpoint.
+    pub allow_http: bool,
+    /// Key prefix under which the layout starts (may be empty).
+    pub prefix: String,
+}
+
+impl fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"******")
+            .field("allow_http", &self.allow_http)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// A [`Sink`] writing the layout of the module docs into an [`ObjectStore`].
+pub struct ObjectStoreSink {
+    name: String,
+    store: Arc<dyn ObjectStore>,
+    prefix: ObjectPath,
+    /// Set for a local directory, whose writes `object_store` does not `fsync`.
+    local: Option<LocalRoot>,
+}
+
+/// The local filesystem behind a sink, to `fsync` what it wrote.
+#[derive(Debug)]
+struct LocalRoot {
+    fs: Arc<LocalFileSystem>,
+    /// Canonical root directory; directories are synced up to and including it.
+    root: std::path::PathBuf,
+}
+
+impl fmt::Debug for ObjectStoreSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The store's Display names backend and bucket; its Debug may show configuration.
+        f.debug_struct("ObjectStoreSink")
+            .field("name", &self.name)
+            .field("store", &format_args!("{}", self.store))
+            .field("prefix", &self.prefix.as_ref())
+            .finish()
+    }
+}
+
+impl ObjectStoreSink {
+    /// A sink over any store, writing under `prefix` (`a/b`; empty for the store's root).
+    pub fn new(
+        name: impl Into<String>,
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+    ) -> Result<Self, SinkError> {
+        let name = name.into();
+        let prefix = ObjectPath::parse(prefix).map_err(|e| SinkError::Refused {
+            sink: name.clone(),
+            detail: format!("invalid key prefix: {e}"),
+        })?;
+        Ok(Self {
+            name,
+            store,
+            prefix,
+            local: None,
+        })
+    }
+
+    /// A sink writing into the directory `root_dir` (created if missing).
+    pub fn local(name: impl Into<String>, root_dir: &std::path::Path) -> Result<Self, SinkError> {
+        let name = name.into();
+        let unavailable = |what: &str, e: &dyn fmt::Display| SinkError::Unavailable {
+            sink: name.clone(),
+            detail: format!("{what} {}: {e}", root_dir.display()),
+        };
+        std::fs::create_dir_all(root_dir).map_err(|e| unavailable("creating directory", &e))?;
+        let root = std::fs::canonicalize(root_dir).map_err(|e| unavailable("resolving", &e))?;
+        let fs = Arc::new(
+            LocalFileSystem::new_with_prefix(&root).map_err(|e| unavailable("opening", &e))?,
+        );
+        let mut sink = Self::new(name.clone(), Arc::clone(&fs) as Arc<dyn ObjectStore>, "")?;
+        sink.local = Some(LocalRoot { fs, root });
+        Ok(sink)
+    }
+
+    /// A sink writing into an S3 bucket. Requests time out quickly (connect 2 s, request
+    /// 10 s, two quick retries, 30 s per PUT at most): the drain loop does the patient
+    /// retrying. The bucket must exist; it is not created.
+    pub fn s3(name: impl Into<String>, settings: S3Settings) -> Result<Self, SinkError> {
+        let name = name.into();
+        let bucket = &settings.bucket;
+        if bucket.is_empty() || bucket.contains(|c: char| c == '/' || c.is_whitespace()) {
+            return Err(SinkError::Refused {
+                sink: name,
+                detail: format!("invalid S3 bucket name {bucket:?}"),
+            });
+        }
+        let mut client = ClientOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_allow_http(settings.allow_http);
+        for kind in [ObjectKind::Raw, ObjectKind::Normalized] {
+            client = client.with_content_type_for_suffix(kind.extension(), kind.media_type());
+        }
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(&settings.region)
+            .with_access_key_id(&settings.access_key_id)
+            .with_secret_access_key(&settings.secret_access_key)
+            .with_retry(retry_config())
+            // Carries allow_http: `with_client_options` replaces the builder's options.
+            .with_client_options(client);
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_virtual_hosted_style_request(false);
+        }
+        let store = builder.build().map_err(|e| SinkError::Refused {
+            sink: name.clone(),
+            detail: format!("invalid S3 configuration: {e}"),
+        })?;
+        Self::new(name, Arc::new(store), &settings.prefix)
+    }
+
+    /// A sink over an empty in-memory store, for tests.
+    pub fn in_memory(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            store: Arc::new(InMemory::new()),
+            prefix: ObjectPath::default(),
+            local: None,
+        }
+    }
+
+    /// The store written to (tests and tools read back through it).
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The key prefix, possibly empty.
+    pub fn prefix(&self) -> &str {
+        self.prefix.as_ref()
+    }
+
+    /// The directory of one partition's objects of `kind`, without a trailing `/`:
+    /// `{prefix}/{kind}/site={site}/device={device}/date={YYYY-MM-DD}`.
+    pub fn partition_prefix(
+        &self,
+        kind: ObjectKind,
+        site: &SiteId,
+        device: &DeviceId,
+        date: Date,
+    ) -> String {
+        let mut name = String::new();
+        if !self.prefix.as_ref().is_empty() {
+            name.push_str(self.prefix.as_ref());
+            name.push('/');
+        }
+        // The id grammar keeps site and device inside one `key=value` segment (no '/',
+        // '=', control characters; never empty or "."/".."). The date of a record's
+        // u64 milliseconds is in 1970..=9999 (`PartitionKey::of`), so `{:04}` is exact.
+        name.push_str(&format!(
+            "{}/site={}/device={}/date={:04}-{:02}-{:02}",
+            kind.dir(),
+            site.as_str(),
+            device.as_str(),
+            date.year(),
+            u8::from(date.month()),
+            date.day(),
+        ));
+        name
+    }
+
+    /// Names of all objects under `under` (relative to the sink's prefix; `""` for all),
+    /// full names as stored, sorted.
+    pub async fn list_objects(&self, under: &str) -> Result<Vec<String>, SinkError> {
+        let relative = ObjectPath::parse(under).map_err(|e| SinkError::Refused {
+            sink: self.name.clone(),
+            detail: format!("invalid listing prefix {under:?}: {e}"),
+        })?;
+        let location: ObjectPath = self.prefix.parts().chain(relative.parts()).collect();
+        let mut names: Vec<String> = self
+            .store
+            .list(Some(&location))
+            .map_ok(|meta| meta.location.to_string())
+            .try_collect()
+            .await
+            .map_err(|e| self.store_error("LIST", &location, e))?;
+        names.sort();
+        Ok(names)
+    }
+
+    fn object_path(
+        &self,
+        kind: ObjectKind,
+        key: &PartitionKey,
+        batch: &Batch,
+    ) -> Result<ObjectPath, SinkError> {
+        let name = format!(
+            "{}/{:020}-{:020}.{}",
+            self.partition_prefix(kind, &key.site, &key.device, key.date),
+            batch.first,
+            batch.last,
+            kind.extension(),
+        );
+        ObjectPath::parse(&name).map_err(|e| SinkError::Refused {
+            sink: self.name.clone(),
+            detail: format!("invalid object path {name}: {e}"),
+        })
+    }
+
+    async fn deliver_batch(&self, batch: &Batch) -> Result<(), SinkError> {
+        let partitions = partition(batch).map_err(|detail| SinkError::Refused {
+            sink: self.name.clone(),
+            detail: format!("batch {}..={}: {detail}", batch.first, batch.last),
+        })?;
+        let mut puts = Vec::with_capacity(partitions.len());
+        for (key, part) in partitions {
+            let raw = self.object_path(ObjectKind::Raw, &key, batch)?;
+            let normalized = self.object_path(ObjectKind::Normalized, &key, batch)?;
+            puts.push(async move {
+                // Raw first: an .ndjson object is never visible without its .cborseq.
+                self.put(&raw, part.raw.into_iter().collect()).await?;
+                self.put(&normalized, part.ndjson.into()).await?;
+                Ok::<_, SinkError>([raw, normalized])
+            });
+        }
+        let written: Vec<[ObjectPath; 2]> = futures::stream::iter(puts)
+            .buffer_unordered(PARALLEL_PUTS)
+            .try_collect()
+            .await?;
+        if let Some(local) = &self.local {
+            self.sync_local(local, written.into_iter().flatten().collect())
+                .await?;
+        }
+        tracing::debug!(
+            sink = %self.name,
+            batch.first = batch.first,
+            batch.last = batch.last,
+            records = batch.records.len(),
+            "batch written"
+        );
+        Ok(())
+    }
+
+    async fn put(&self, location: &ObjectPath, payload: PutPayload) -> Result<(), SinkError> {
+        let options = PutOptions {
+            mode: PutMode::Overwrite,
+            ..PutOptions::default()
+        };
+        match tokio::time::timeout(
+            PUT_DEADLINE,
+            self.store.put_opts(location, payload, options),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.store_error("PUT", location, e)),
+            Err(_) => Err(SinkError::Unavailable {
+                sink: self.name.clone(),
+                detail: format!("PUT {location}: no answer within {PUT_DEADLINE:?}"),
+            }),
+        }
+    }
+
+    /// `fsync`s the written files, then every directory from theirs up to the root, so
+    /// that the files and their names survive a power loss.
+    async fn sync_local(
+        &self,
+        local: &LocalRoot,
+        written: Vec<ObjectPath>,
+    ) -> Result<(), SinkError> {
+        let mut files = Vec::with_capacity(written.len());
+        for location in &written {
+            let file = local
+                .fs
+                .path_to_filesystem(location)
+                .map_err(|e| self.store_error("SYNC", location, e))?;
+            files.push(file);
+        }
+        let root = local.root.clone();
+        let sink = self.name.clone();
+        let synced = tokio::task::spawn_blocking(move || {
+            let sync = |path: &std::path::Path| {
+                std::fs::File::open(path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| format!("fsync {}: {e}", path.display()))
+            };
+            let mut dirs = BTreeSet::new();
+            for file in &files {
+                sync(file)?;
+                dirs.extend(
+                    file.ancestors()
+                        .skip(1)
+                        .take_while(|dir| dir.starts_with(&root))
+                        .map(std::path::Path::to_path_buf),
+                );
+            }
+            dirs.iter().try_for_each(|dir| sync(dir))
+        })
+        .await;
+        match synced {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(detail)) => Err(SinkError::Unavailable { sink, detail }),
+            Err(e) => Err(SinkError::Unavailable {
+                sink,
+                detail: format!("fsync task failed: {e}"),
+            }),
+        }
+    }
+
+    /// Classifies an `object_store` error: only what a retry cannot fix is `Refused`.
+    fn store_error(&self, op: &str, location: &ObjectPath, e: object_store::Error) -> SinkError {
+        let sink = self.name.clone();
+        let detail = format!("{op} {location}: {e}");
+        match e {
+            object_store::Error::InvalidPath { .. }
+            | object_store::Error::NotSupported { .. }
+            | object_store::Error::NotImplemented
+            | object_store::Error::UnknownConfigurationKey { .. } => {
+                SinkError::Refused { sink, detail }
+            }
+            // Network, timeouts, 5xx, permissions, a full disk, a missing bucket: an
+            // operator or time can fix these; the records wait in the outbox.
+            _ => SinkError::Unavailable { sink, detail },
+        }
+    }
+}
+
+impl Sink for ObjectStoreSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(self.deliver_batch(batch))
+    }
+}
+
+/// Which partition a record belongs to. Holding one proves the site and device are ids
+/// that stay inside their path segment.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct PartitionKey {
+    site: SiteId,
+    device: DeviceId,
+    date: Date,
+}
+
+impl PartitionKey {
+    fn of(record: &OutboxRecord) -> Result<Self, String> {
+        // The id grammar `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` already excludes '/', '=' and
+        // the empty string; ".." is refused on top so no segment can look like a parent.
+        let site = SiteId::new(record.site.as_str())
+            .ok()
+            .filter(|_| !record.site.contains(".."))
+            .ok_or("site is not an id ([A-Za-z0-9][A-Za-z0-9._-]{0,63}, no \"..\")")?;
+        let device = DeviceId::new(record.device.as_str())
+            .ok()
+            .filter(|_| !record.device.contains(".."))
+            .ok_or("device is not an id ([A-Za-z0-9][A-Za-z0-9._-]{0,63}, no \"..\")")?;
+        let nanos = i128::from(record.received_at_ms) * 1_000_000;
+        let date = OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .map_err(|_| "received_at_ms is past year 9999".to_owned())?
+            .date();
+        Ok(Self { site, device, date })
+    }
+}
+
+/// The bodies of one partition's two objects.
+#[derive(Debug, Default)]
+struct Partition {
+    /// The records' `raw` bytes in order; concatenated they are the CBOR sequence.
+    raw: Vec<Bytes>,
+    ndjson: Vec<u8>,
+}
+
+/// Checks the batch and groups its records into partitions, keeping outbox order within
+/// each. Errors name the record (position and event id) and the rule, not its values.
+fn partition(batch: &Batch) -> Result<BTreeMap<PartitionKey, Partition>, String> {
+    if batch.first < 0 || batch.first > batch.last {
+        return Err("not a range of outbox positions".to_owned());
+    }
+    let mut partitions: BTreeMap<PartitionKey, Partition> = BTreeMap::new();
+    let mut previous = None;
+    for record in &batch.records {
+        let at = || {
+            format!(
+                "record at position {} (event {})",
+                record.position, record.event_id
+            )
+        };
+        if record.position < batch.first
+            || record.position > batch.last
+            || previous.is_some_and(|p| record.position <= p)
+        {
+            return Err(format!("{}: outside the range or out of order", at()));
+        }
+        previous = Some(record.position);
+        let key = PartitionKey::of(record).map_err(|rule| format!("{}: {rule}", at()))?;
+        if record.normalized_json.is_empty() || record.normalized_json.contains('\n') {
+            return Err(format!(
+                "{}: normalized event is not one non-empty line",
+                at()
+            ));
+        }
+        vitalmq_envelope::cbor::check_single_item(&record.raw)
+            .map_err(|e| format!("{}: raw is not one CBOR item: {e}", at()))?;
+        let part = partitions.entry(key).or_default();
+        part.raw.push(record.raw.clone());
+        part.ndjson
+            .extend_from_slice(record.normalized_json.as_bytes());
+        part.ndjson.push(b'\n');
+    }
+    Ok(partitions)
+}
+
+#[cfg(test)]
+mod tests;

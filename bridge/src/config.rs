@@ -1,0 +1,226 @@
+//! `vitalmq bridge --config FILE`: the configuration file. See
+//! `bridge/examples/bridge.toml` for a commented example. Relative paths are relative
+//! to the file's directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::window::WindowSize;
+
+/// The parsed configuration, paths resolved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// The bridge's identity id; must be the `{id}` of its certificate (it is also the
+    /// MQTT client id, and the persistent session the broker keeps).
+    pub id: String,
+    /// Where the store, quarantine and audit log live.
+    pub data_dir: PathBuf,
+    /// Device registry (`vitalmq-registry/v1`).
+    pub registry: PathBuf,
+    /// Audit log; default `DATA_DIR/audit.jsonl`.
+    #[serde(default)]
+    pub audit: Option<PathBuf>,
+    pub broker: BrokerLink,
+    #[serde(default)]
+    pub pipeline: Pipeline,
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// An MQTT connection over mTLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerLink {
+    /// `host:port`; the host is also the TLS server name verified.
+    pub address: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default = "default_keepalive")]
+    pub keepalive_s: u64,
+}
+
+fn default_keepalive() -> u64 {
+    30
+}
+
+/// Batching, windows, receipts and backpressure.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pipeline {
+    /// Anti-replay window W (SPEC section 4): a multiple of 64 up to 4096.
+    pub window: u32,
+    /// Most messages recorded in one transaction.
+    pub batch_max: usize,
+    /// How often receipts are sent (coalesced per device).
+    pub receipt_interval_ms: u64,
+    /// Outbox size (events not yet confirmed by every sink) at which the bridge stops
+    /// acknowledging new messages; the broker holds them meanwhile.
+    pub max_backlog: u64,
+    /// Outbox size below which acknowledging resumes.
+    pub resume_backlog: u64,
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self {
+            window: crate::window::DEFAULT_WINDOW,
+            batch_max: 512,
+            receipt_interval_ms: 250,
+            max_backlog: 1_000_000,
+            resume_backlog: 900_000,
+        }
+    }
+}
+
+/// One outbox sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum SinkConfig {
+    /// Object storage: a local directory, or S3-compatible storage.
+    Objects {
+        name: String,
+        /// Local directory (the embedded default).
+        #[serde(default)]
+        path: Option<PathBuf>,
+        #[serde(default)]
+        s3: Option<S3Config>,
+        #[serde(default = "default_batch_events")]
+        batch_max_events: usize,
+        #[serde(default = "default_batch_age")]
+        batch_max_age_ms: u64,
+    },
+    /// An upstream (cloud) broker: verified messages forwarded unmodified.
+    Upstream {
+        name: String,
+        #[serde(flatten)]
+        link: BrokerLink,
+        /// MQTT client id at the upstream broker (its certificate's id).
+        client_id: String,
+        #[serde(default = "default_batch_events")]
+        batch_max_events: usize,
+    },
+}
+
+fn default_batch_events() -> usize {
+    1000
+}
+
+fn default_batch_age() -> u64 {
+    1000
+}
+
+/// S3-compatible storage; credentials come from the environment
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), never from this file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default)]
+    pub prefix: String,
+    /// Allow a plain-HTTP endpoint (a local test server).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+
+impl SinkConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Objects { name, .. } | Self::Upstream { name, .. } => name,
+        }
+    }
+}
+
+/// A configuration the bridge cannot run with, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {detail}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub detail: String,
+}
+
+impl BridgeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |detail: String| ConfigError {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve(base);
+        config.validate().map_err(err)?;
+        Ok(config)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        fix(&mut self.registry);
+        if let Some(a) = &mut self.audit {
+            fix(a);
+        }
+        let fix_link = |l: &mut BrokerLink| {
+            for p in [&mut l.ca, &mut l.cert, &mut l.key] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        };
+        fix_link(&mut self.broker);
+        for sink in &mut self.sinks {
+            match sink {
+                SinkConfig::Objects { path: Some(p), .. } => fix(p),
+                SinkConfig::Upstream { link, .. } => fix_link(link),
+                SinkConfig::Objects { path: None, .. } => {}
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        WindowSize::new(self.pipeline.window).map_err(|e| format!("pipeline.window: {e}"))?;
+        if self.pipeline.batch_max == 0 {
+            return Err("pipeline.batch_max: must be at least 1".into());
+        }
+        if self.pipeline.resume_backlog > self.pipeline.max_backlog {
+            return Err("pipeline.resume_backlog: must not exceed max_backlog".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for sink in &self.sinks {
+            if !names.insert(sink.name()) {
+                return Err(format!("sinks: the name {:?} is used twice", sink.name()));
+            }
+            if let SinkConfig::Objects { name, path, s3, .. } = sink
+                && path.is_some() == s3.is_some()
+            {
+                return Err(format!("sinks.{name}: give exactly one of `path` and `s3`"));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn window(&self) -> WindowSize {
+        // validate() checked it.
+        WindowSize::new(self.pipeline.window).unwrap_or_default()
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("audit.jsonl"))
+    }
+}

@@ -1,0 +1,295 @@
+//! The recorder thread: sequences verified batches, commits each in one transaction,
+//! audits what was refused, and only then hands the acknowledgements and receipts back.
+//!
+//! Order per batch, and why: (1) wait while the outbox is over `max_backlog`, so the
+//! broker keeps what we cannot store yet; (2) commit, retrying while the disk is full,
+//! never acknowledging what is not durable; (3) adopt the staged window state; (4)
+//! audit refusals, replays and gaps; (5) acknowledge to the broker and compute receipts.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, json};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use vitalmq_audit::{AuditRecord, Auditor, Component, Decision, Event};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::DeviceRegistry;
+
+use crate::classify::{Checked, Disposition, Origin, Sequencer};
+use crate::gaps::GapState;
+use crate::ops::{Episodes, OpsAlert, OpsKind};
+use crate::store::{Store, StoreError};
+use crate::window::{Accepted, ReceiptPoint};
+
+/// What the recorder hands back after a durable commit.
+#[derive(Debug)]
+pub struct Recorded<T> {
+    /// Acknowledge these to the broker.
+    pub tokens: Vec<T>,
+    /// Current receipt point of every device the batch touched.
+    pub receipts: Vec<(DeviceId, ReceiptPoint)>,
+}
+
+/// Settings of the recorder.
+#[derive(Debug, Clone)]
+pub struct RecorderSettings {
+    pub max_backlog: u64,
+    pub resume_backlog: u64,
+    /// Sink names whose cursors count for the backlog.
+    pub sinks: Vec<String>,
+}
+
+/// Everything the recorder thread owns.
+#[derive(Debug)]
+pub struct Recorder {
+    pub store: Store,
+    pub sequencer: Sequencer,
+    pub registry: Arc<DeviceRegistry>,
+    pub origin: Origin,
+    pub auditor: Auditor,
+    pub settings: RecorderSettings,
+    pub ops: mpsc::UnboundedSender<OpsAlert>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Recorder {
+    /// Runs until `batches` closes.
+    pub fn run<T: Send>(
+        mut self,
+        mut batches: mpsc::Receiver<Vec<Checked<T>>>,
+        done: mpsc::UnboundedSender<Recorded<T>>,
+    ) {
+        let mut episodes = Episodes::default();
+        let mut paused = false;
+        while let Some(batch) = batches.blocking_recv() {
+            self.hold_while_backlogged(&mut episodes, &mut paused);
+            let mut sequenced =
+                self.sequencer
+                    .sequence(&self.registry, &self.origin, batch, now_ms());
+            let mut delay = Duration::from_millis(100);
+            loop {
+                match self.store.commit(&sequenced.commit) {
+                    Ok(()) => {
+                        if let Some(a) = episodes.resolve(OpsKind::Store, "store", now_ms()) {
+                            info!(store = %self.store.path().display(), "store writable again");
+                            let _ = self.ops.send(a);
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        let full = matches!(e, StoreError::Full { .. });
+                        error!(error = %e, disk_full = full, "cannot record batch; not acknowledging, will retry");
+                        let mut details = Map::new();
+                        details.insert("disk_full".into(), json!(full));
+                        details.insert("error".into(), json!(e.to_string()));
+                        if let Some(a) = episodes.raise(
+                            OpsKind::Store,
+                            "store",
+                            if full { "disk_full" } else { "store_error" },
+                            details,
+                            now_ms(),
+                        ) {
+                            let _ = self.ops.send(a);
+                        }
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            self.sequencer.adopt(&mut sequenced);
+            let audited = self.audit(&sequenced.dispositions, &sequenced.commit.gaps);
+            let mut touched = BTreeSet::new();
+            let mut tokens = Vec::with_capacity(sequenced.dispositions.len());
+            for (d, token) in sequenced.dispositions {
+                match &d {
+                    Disposition::Accepted {
+                        device, verdict, ..
+                    } => {
+                        metrics::counter!("vitalmq_bridge_accepted_total").increment(1);
+                        if matches!(verdict, Accepted::Gap { .. }) {
+                            metrics::counter!("vitalmq_bridge_gaps_total").increment(1);
+                        }
+                        touched.insert(device.clone());
+                    }
+                    Disposition::Rejected { device, why, .. } => {
+                        metrics::counter!("vitalmq_bridge_rejected_total", "class" => why.class())
+                            .increment(1);
+                        touched.insert(device.clone());
+                    }
+                    Disposition::Refused { reason, .. } => {
+                        metrics::counter!("vitalmq_bridge_refused_total", "class" => reason.as_str())
+                            .increment(1);
+                    }
+                }
+                tokens.push(token);
+            }
+            let receipts = touched
+                .into_iter()
+                .filter_map(|d| self.sequencer.receipt(&d).map(|r| (d, r)))
+                .collect();
+            if done.send(Recorded { tokens, receipts }).is_err() {
+                return;
+            }
+            if !audited {
+                self.hold_while_audit_broken(&mut episodes);
+            }
+        }
+    }
+
+    /// Blocks while the outbox is over its limit (with hysteresis).
+    fn hold_while_backlogged(&mut self, episodes: &mut Episodes, paused: &mut bool) {
+        loop {
+            let backlog = match self.store.backlog(&self.settings.sinks) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the outbox size");
+                    return;
+                }
+            };
+            metrics::gauge!("vitalmq_bridge_backlog").set(backlog as f64);
+            let limit = if *paused {
+                self.settings.resume_backlog
+            } else {
+                self.settings.max_backlog
+            };
+            if backlog < limit.max(1) {
+                if *paused {
+                    *paused = false;
+                    info!(
+                        backlog,
+                        "outbox drained below the resume mark; acknowledging again"
+                    );
+                    if let Some(a) = episodes.resolve(OpsKind::Backlog, "outbox", now_ms()) {
+                        let _ = self.ops.send(a);
+                    }
+                }
+                return;
+            }
+            if !*paused {
+                *paused = true;
+                warn!(
+                    backlog,
+                    limit = self.settings.max_backlog,
+                    "outbox full; not acknowledging new messages"
+                );
+                let mut details = Map::new();
+                details.insert("backlog".into(), json!(backlog));
+                details.insert("max_backlog".into(), json!(self.settings.max_backlog));
+                if let Some(a) = episodes.raise(
+                    OpsKind::Backlog,
+                    "outbox",
+                    "backlog_high_water",
+                    details,
+                    now_ms(),
+                ) {
+                    let _ = self.ops.send(a);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Takes no new work until the audit log is writable again.
+    fn hold_while_audit_broken(&mut self, episodes: &mut Episodes) {
+        if let Some(a) = episodes.raise(
+            OpsKind::Audit,
+            "audit",
+            "audit_unwritable",
+            Map::new(),
+            now_ms(),
+        ) {
+            let _ = self.ops.send(a);
+        }
+        while !self.auditor.healthy() {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if let Some(a) = episodes.resolve(OpsKind::Audit, "audit", now_ms()) {
+            let _ = self.ops.send(a);
+        }
+    }
+
+    /// One audit record per refused, rejected message and gap change. False when the
+    /// audit log refused a record.
+    fn audit<T>(
+        &self,
+        dispositions: &[(Disposition, T)],
+        gaps: &[(DeviceId, crate::gaps::Gap)],
+    ) -> bool {
+        let mut ok = true;
+        let mut write = |r: AuditRecord| {
+            if let Err(e) = self.auditor.record(r) {
+                error!(error = %e, "audit log refused a record");
+                ok = false;
+            }
+        };
+        for (d, _) in dispositions {
+            match d {
+                Disposition::Accepted { .. } => {}
+                Disposition::Rejected {
+                    device,
+                    epoch,
+                    seq,
+                    why,
+                } => write(
+                    AuditRecord::new(
+                        Component::Bridge,
+                        if why.class() == "replay" {
+                            Event::Replay
+                        } else {
+                            Event::MessageRefused
+                        },
+                    )
+                    .action("sequence")
+                    .resource(device.to_string())
+                    .decision(Decision::Deny)
+                    .reason(why.class())
+                    .detail("detail", why.detail())
+                    .detail("epoch", *epoch)
+                    .detail("seq", *seq),
+                ),
+                Disposition::Refused {
+                    device,
+                    reason,
+                    detail,
+                    sha256_hex,
+                } => write(
+                    AuditRecord::new(Component::Bridge, Event::MessageRefused)
+                        .action("verify")
+                        .resource(
+                            device
+                                .as_ref()
+                                .map_or_else(|| "unknown".to_owned(), ToString::to_string),
+                        )
+                        .decision(Decision::Deny)
+                        .reason(reason.as_str())
+                        .detail("detail", detail.as_str())
+                        .detail("raw_sha256", sha256_hex.as_str()),
+                ),
+            }
+        }
+        for (device, g) in gaps {
+            if g.state == GapState::Open && g.filled > 0 {
+                continue; // a partial fill is not news; opening, closing and losing are
+            }
+            write(
+                AuditRecord::new(Component::Bridge, Event::Gap)
+                    .action("sequence")
+                    .resource(device.to_string())
+                    .reason(g.state.as_str())
+                    .detail("epoch", g.epoch)
+                    .detail("first", g.first)
+                    .detail("last", g.last)
+                    .detail("missing", g.missing())
+                    .detail("unfilled", g.unfilled()),
+            );
+        }
+        ok
+    }
+}

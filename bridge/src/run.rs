@@ -1,0 +1,413 @@
+//! The bridge process: wires the MQTT connection, the verify stage, the recorder
+//! thread, acknowledgements and receipts, operational alerts and the sink drains.
+//!
+//! ```text
+//! broker ──PUBLISH──▶ event loop ──▶ ingest (batch, verify on 2 threads)
+//!                                        │ bounded channel (backpressure)
+//!                                        ▼
+//!                                     recorder thread: sequence, commit (fsync), audit
+//!                                        │
+//!            PUBACK, receipts ◀── acker ◀┘        store ──▶ drain per sink ──▶ objects / upstream
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+use vitalmq_audit::{AuditLog, AuditRecord, Component, Event as AuditEvent};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::DeviceRegistry;
+
+use crate::classify::{self, Checked, Incoming, Origin, Sequencer};
+use crate::config::{BridgeConfig, SinkConfig};
+use crate::drain::{self, DrainSettings};
+use crate::mqtt;
+use crate::ops::OpsAlert;
+use crate::recorder::{Recorded, Recorder, RecorderSettings, now_ms};
+use crate::sink::Sink;
+use crate::sink::object::{ObjectStoreSink, S3Settings};
+use crate::sink::upstream::UpstreamSink;
+use crate::store::Store;
+use crate::window::ReceiptPoint;
+
+/// Filters the bridge subscribes to (SPEC section 2).
+pub const SUBSCRIPTIONS: [&str; 2] = ["devices/+/telemetry", "devices/+/status"];
+
+/// The line printed (to stderr, through tracing) once the bridge is subscribed.
+pub const READY: &str = "vitalmq bridge ready";
+
+/// Encodes a receipt as SPEC section 4 fixes it: `{"epoch": uint, "seq": uint}`.
+pub fn receipt_cbor(r: ReceiptPoint) -> Vec<u8> {
+    use ciborium::value::{Integer, Value};
+    let map = Value::Map(vec![
+        (
+            Value::Text("epoch".into()),
+            Value::Integer(Integer::from(r.epoch)),
+        ),
+        (
+            Value::Text("seq".into()),
+            Value::Integer(Integer::from(r.seq)),
+        ),
+    ]);
+    let mut out = Vec::with_capacity(24);
+    // Writing into a Vec cannot fail.
+    let _ = ciborium::ser::into_writer(&map, &mut out);
+    out
+}
+
+fn build_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+    Ok(match config {
+        SinkConfig::Objects {
+            name,
+            path: Some(path),
+            ..
+        } => Arc::new(ObjectStoreSink::local(name.clone(), path)?),
+        SinkConfig::Objects {
+            name, s3: Some(s3), ..
+        } => {
+            let env = |k: &str| {
+                std::env::var(k)
+                    .with_context(|| format!("sink {name}: environment variable {k} is not set"))
+            };
+            Arc::new(ObjectStoreSink::s3(
+                name.clone(),
+                S3Settings {
+                    bucket: s3.bucket.clone(),
+                    endpoint: s3.endpoint.clone(),
+                    region: s3.region.clone(),
+                    access_key_id: env("AWS_ACCESS_KEY_ID")?,
+                    secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
+                    allow_http: s3.allow_http,
+                    prefix: s3.prefix.clone(),
+                },
+            )?)
+        }
+        SinkConfig::Objects { name, .. } => anyhow::bail!("sink {name}: neither path nor s3"),
+        SinkConfig::Upstream {
+            name,
+            link,
+            client_id,
+            ..
+        } => Arc::new(UpstreamSink::start(name.clone(), link, client_id)?),
+    })
+}
+
+fn drain_settings(config: &SinkConfig) -> DrainSettings {
+    match config {
+        SinkConfig::Objects {
+            batch_max_events,
+            batch_max_age_ms,
+            ..
+        } => DrainSettings {
+            batch_max_events: (*batch_max_events).max(1),
+            batch_max_age: Duration::from_millis(*batch_max_age_ms),
+            down_after: 3,
+        },
+        SinkConfig::Upstream {
+            batch_max_events, ..
+        } => DrainSettings {
+            batch_max_events: (*batch_max_events).max(1),
+            batch_max_age: Duration::from_millis(20),
+            down_after: 3,
+        },
+    }
+}
+
+/// Runs the bridge until `shutdown` resolves.
+pub async fn run(
+    config: BridgeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let registry =
+        Arc::new(DeviceRegistry::load(&config.registry).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let store = Store::open(&config.data_dir)?;
+    let audit = AuditLog::open(&config.audit_path(), 65_536)
+        .with_context(|| format!("audit log {}", config.audit_path().display()))?;
+    let auditor = audit.auditor();
+    let sequencer = Sequencer::new(
+        config.window(),
+        store.load_sequences(config.window())?,
+        store.load_open_gaps()?,
+    );
+    let mut sinks = Vec::new();
+    for s in &config.sinks {
+        store.register_sink(s.name())?;
+        sinks.push((build_sink(s)?, drain_settings(s)));
+    }
+    let bridge_identity = format!("spiffe://{}/bridge/{}", registry.trust_domain(), config.id);
+    auditor.record(
+        AuditRecord::new(Component::Bridge, AuditEvent::ComponentStarted)
+            .resource(bridge_identity.clone())
+            .detail("devices_known", sequencer_devices(&store, &config)?)
+            .detail(
+                "sinks",
+                config
+                    .sinks
+                    .iter()
+                    .map(|s| s.name().to_owned())
+                    .collect::<Vec<_>>(),
+            ),
+    )?;
+
+    let options = mqtt::options(&config.broker, &config.id, true)?;
+    let (client, eventloop) = AsyncClient::new(options, 4096);
+
+    let (ops_tx, ops_rx) = mpsc::unbounded_channel::<OpsAlert>();
+    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel::<Incoming<rumqttc::Publish>>();
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Checked<rumqttc::Publish>>>(2);
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Recorded<rumqttc::Publish>>();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let recorder = Recorder {
+        store,
+        sequencer,
+        registry: Arc::clone(&registry),
+        origin: Origin {
+            broker: config.broker.address.clone(),
+            bridge: bridge_identity.clone(),
+        },
+        auditor: auditor.clone(),
+        settings: RecorderSettings {
+            max_backlog: config.pipeline.max_backlog,
+            resume_backlog: config.pipeline.resume_backlog,
+            sinks: config.sinks.iter().map(|s| s.name().to_owned()).collect(),
+        },
+        ops: ops_tx.clone(),
+    };
+    let recorder = std::thread::Builder::new()
+        .name("vitalmq-recorder".into())
+        .spawn(move || recorder.run(batch_rx, done_tx))
+        .context("start the recorder thread")?;
+
+    let ingest = tokio::spawn(ingest(
+        incoming_rx,
+        batch_tx,
+        Arc::clone(&registry),
+        config.pipeline.batch_max,
+    ));
+    let acker = tokio::spawn(acker(
+        client.clone(),
+        done_rx,
+        ops_rx,
+        Duration::from_millis(config.pipeline.receipt_interval_ms.max(10)),
+    ));
+    let mut drains = Vec::new();
+    for (sink, settings) in sinks {
+        let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
+        drains.push(tokio::spawn(drain::drain(
+            sink,
+            store,
+            settings,
+            auditor.clone(),
+            ops_tx.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    drop(ops_tx);
+
+    let events = tokio::spawn(event_loop(client.clone(), eventloop, incoming_tx));
+    shutdown.await;
+    info!("stopping: finishing the batch in progress");
+    events.abort();
+    let _ = events.await;
+    let _ = stop_tx.send(true);
+    // The ingest task ends when the event loop's sender is gone; then the recorder.
+    let _ = tokio::time::timeout(Duration::from_secs(10), ingest).await;
+    let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), acker).await;
+    for d in drains {
+        let _ = tokio::time::timeout(Duration::from_secs(5), d).await;
+    }
+    let _ = client.disconnect().await;
+    let _ = auditor.record(
+        AuditRecord::new(Component::Bridge, AuditEvent::ComponentStopped).resource(bridge_identity),
+    );
+    audit.close().context("close the audit log")?;
+    Ok(())
+}
+
+fn sequencer_devices(store: &Store, config: &BridgeConfig) -> anyhow::Result<usize> {
+    Ok(store.load_sequences(config.window())?.len())
+}
+
+/// Polls the MQTT connection: subscribes after every CONNACK, forwards every PUBLISH.
+async fn event_loop(
+    client: AsyncClient,
+    mut eventloop: rumqttc::EventLoop,
+    incoming: mpsc::UnboundedSender<Incoming<rumqttc::Publish>>,
+) {
+    let mut announced = false;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let item = Incoming {
+                    topic: p.topic.clone(),
+                    payload: p.payload.clone(),
+                    received_at_ms: now_ms(),
+                    token: p,
+                };
+                if incoming.send(item).is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                delay = Duration::from_millis(200);
+                info!(
+                    session_present = ack.session_present,
+                    "connected to the broker"
+                );
+                for filter in SUBSCRIPTIONS {
+                    if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
+                        error!(error = %e, filter, "cannot subscribe");
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                if refused {
+                    error!(
+                        "the broker refused a subscription: check the bridge's certificate and the ACL"
+                    );
+                } else if !announced {
+                    announced = true;
+                    info!(filters = ?SUBSCRIPTIONS, "{READY}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Batches incoming messages and verifies them on both cores.
+async fn ingest(
+    mut incoming: mpsc::UnboundedReceiver<Incoming<rumqttc::Publish>>,
+    batches: mpsc::Sender<Vec<Checked<rumqttc::Publish>>>,
+    registry: Arc<DeviceRegistry>,
+    batch_max: usize,
+) {
+    while let Some(first) = incoming.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < batch_max {
+            match incoming.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let registry = Arc::clone(&registry);
+        let verified = tokio::task::spawn_blocking(move || verify_batch(&registry, batch)).await;
+        match verified {
+            Ok(checked) => {
+                if batches.send(checked).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => error!(error = %e, "verify task failed; the batch stays unacknowledged"),
+        }
+    }
+}
+
+/// Verifies a batch, splitting it over two threads when it is large enough to pay.
+fn verify_batch(
+    registry: &DeviceRegistry,
+    mut batch: Vec<Incoming<rumqttc::Publish>>,
+) -> Vec<Checked<rumqttc::Publish>> {
+    if batch.len() < 16 {
+        return batch
+            .into_iter()
+            .map(|m| classify::verify(registry, m))
+            .collect();
+    }
+    let second = batch.split_off(batch.len() / 2);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            second
+                .into_iter()
+                .map(|m| classify::verify(registry, m))
+                .collect::<Vec<_>>()
+        });
+        let mut out: Vec<_> = batch
+            .into_iter()
+            .map(|m| classify::verify(registry, m))
+            .collect();
+        match other.join() {
+            Ok(rest) => out.extend(rest),
+            // verify() does not panic on any input (fuzzed); if it ever did, the
+            // second half stays unacknowledged and the broker redelivers it.
+            Err(_) => error!("verify thread panicked"),
+        }
+        out
+    })
+}
+
+/// Acknowledges recorded messages, sends coalesced receipts and operational alerts.
+async fn acker(
+    client: AsyncClient,
+    mut recorded: mpsc::UnboundedReceiver<Recorded<rumqttc::Publish>>,
+    mut ops: mpsc::UnboundedReceiver<OpsAlert>,
+    interval: Duration,
+) {
+    let mut pending: HashMap<DeviceId, ReceiptPoint> = HashMap::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ops_open = true;
+    loop {
+        tokio::select! {
+            r = recorded.recv() => match r {
+                Some(r) => {
+                    for p in &r.tokens {
+                        if let Err(e) = client.ack(p).await {
+                            warn!(error = %e, "cannot acknowledge; the broker will redeliver");
+                        }
+                    }
+                    for (d, point) in r.receipts {
+                        pending.insert(d, point);
+                    }
+                }
+                None => {
+                    flush_receipts(&client, &mut pending).await;
+                    return;
+                }
+            },
+            a = ops.recv(), if ops_open => match a {
+                Some(a) => {
+                    warn!(topic = %a.topic(), state = a.state, reason = %a.reason, "operational alert");
+                    if let Err(e) = client.publish(a.topic(), QoS::AtLeastOnce, false, a.to_json()).await {
+                        warn!(error = %e, "cannot publish an operational alert");
+                    }
+                }
+                None => ops_open = false,
+            },
+            _ = tick.tick() => flush_receipts(&client, &mut pending).await,
+        }
+    }
+}
+
+async fn flush_receipts(client: &AsyncClient, pending: &mut HashMap<DeviceId, ReceiptPoint>) {
+    for (device, point) in pending.drain() {
+        debug!(device = %device, epoch = point.epoch, seq = point.seq, "receipt");
+        if let Err(e) = client
+            .publish(
+                format!("devices/{device}/ack"),
+                QoS::AtLeastOnce,
+                false,
+                receipt_cbor(point),
+            )
+            .await
+        {
+            warn!(error = %e, device = %device, "cannot send a receipt; the next one covers it");
+        }
+    }
+}
