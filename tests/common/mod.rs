@@ -310,3 +310,105 @@ impl BrokerProcess {
         self.process.signal("HUP");
     }
 }
+
+/// A broker configuration for tests in `dir` (with `pki/` made by `certs init` and
+/// `acl.toml` beside it); `{listen}` is filled in by [`BrokerProcess::start`].
+pub fn broker_config(trust_domain: &str) -> String {
+    format!(
+        r#"listen = "{{listen}}"
+connect_timeout_ms = 10000
+[tls]
+server_cert = "pki/broker/server.pem"
+server_key = "pki/broker/server.key.pem"
+client_ca = ["pki/ca/ca.pem"]
+crls = ["pki/crl.pem"]
+trust_domain = "{trust_domain}"
+handshake_timeout_ms = 30000
+per_ip_per_second = 0
+[policy]
+acl = "acl.toml"
+registry = "pki/registry.toml"
+watch = false
+[audit]
+path = "broker-audit.jsonl"
+[embedded]
+listeners = 2
+"#
+    )
+}
+
+/// `vitalmq bridge` with a configuration written to `dir/bridge.toml`; killed on drop.
+pub struct BridgeProcess {
+    pub process: Spawned,
+    pub config: std::path::PathBuf,
+}
+
+impl BridgeProcess {
+    /// A bridge configuration: PKI at `dir/pki`, data in `dir/bridge-data`, `sinks` is
+    /// TOML appended verbatim (`[[sinks]]` tables, may be empty).
+    pub fn config(broker_port: u16, sinks: &str) -> String {
+        format!(
+            r#"id = "bridge-01"
+data_dir = "bridge-data"
+registry = "pki/registry.toml"
+[broker]
+address = "127.0.0.1:{broker_port}"
+ca = "pki/ca/ca.pem"
+cert = "pki/identities/bridge/bridge-01.pem"
+key = "pki/identities/bridge/bridge-01.key.pem"
+[pipeline]
+receipt_interval_ms = 100
+{sinks}
+"#
+        )
+    }
+
+    /// Starts `bin bridge` and waits for its ready line.
+    pub fn start(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        config: &str,
+        timeout: Duration,
+    ) -> Self {
+        let path = dir.join("bridge.toml");
+        std::fs::write(&path, config).expect("write bridge config");
+        let process = Spawned::start(
+            Command::new(bin)
+                .env("NO_COLOR", "1")
+                .env("RUST_LOG", "info")
+                .arg("bridge")
+                .arg("--config")
+                .arg(&path),
+        );
+        let bridge = Self {
+            process,
+            config: path,
+        };
+        let ready = bridge.process.wait_output(timeout, |out| {
+            out.contains("vitalmq bridge ready") || out.contains("error: ")
+        });
+        assert!(
+            ready && bridge.process.all().contains("vitalmq bridge ready"),
+            "bridge not ready within {timeout:?}:\n{}",
+            bridge.process.all()
+        );
+        bridge
+    }
+}
+
+/// `vitalmq store KIND --data DIR`: the JSON lines it prints.
+pub fn store_rows(
+    bin: &std::path::Path,
+    kind: &str,
+    data: &std::path::Path,
+) -> Vec<serde_json::Value> {
+    let ran = run(
+        Command::new(bin).args(["store", kind, "--data"]).arg(data),
+        Duration::from_secs(20),
+    );
+    assert!(ran.success, "vitalmq store {kind}: {}", ran.all());
+    ran.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
