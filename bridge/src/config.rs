@@ -61,6 +61,9 @@ pub struct Pipeline {
     pub max_backlog: u64,
     /// Outbox size below which acknowledging resumes.
     pub resume_backlog: u64,
+    /// Largest size of the store in bytes (0 = only the disk limits it). Reaching it
+    /// behaves exactly like a full disk.
+    pub max_store_bytes: u64,
 }
 
 impl Default for Pipeline {
@@ -71,6 +74,7 @@ impl Default for Pipeline {
             receipt_interval_ms: 250,
             max_backlog: 1_000_000,
             resume_backlog: 900_000,
+            max_store_bytes: 0,
         }
     }
 }
@@ -222,5 +226,56 @@ impl BridgeConfig {
         self.audit
             .clone()
             .unwrap_or_else(|| self.data_dir.join("audit.jsonl"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses_with_paths_resolved() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/bridge.toml");
+        let c = BridgeConfig::load(&path).expect("example config");
+        assert_eq!(c.id, "bridge-01");
+        assert!(c.data_dir.is_absolute());
+        assert_eq!(c.sinks.len(), 1);
+        assert_eq!(c.window().get(), 64);
+    }
+
+    #[test]
+    fn mistakes_name_the_file_and_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n[broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
+        for (extra, expect) in [
+            ("[pipeline]\nwindow = 100\n", "pipeline.window"),
+            (
+                "[pipeline]\nmax_backlog = 5\nresume_backlog = 6\n",
+                "resume_backlog",
+            ),
+            (
+                "[[sinks]]\nkind = \"objects\"\nname = \"a\"\n",
+                "exactly one of",
+            ),
+            (
+                "[[sinks]]\nkind = \"objects\"\nname = \"a\"\npath = \"x\"\n[[sinks]]\nkind = \"objects\"\nname = \"a\"\npath = \"y\"\n",
+                "used twice",
+            ),
+            ("colour = 1\n", "colour"),
+        ] {
+            let path = dir.path().join("bridge.toml");
+            // Top-level keys must come before the first table.
+            let text = if extra.starts_with('[') {
+                format!("{base}{extra}")
+            } else {
+                format!("{extra}{base}")
+            };
+            std::fs::write(&path, text).expect("write");
+            let err = BridgeConfig::load(&path).expect_err(expect).to_string();
+            assert!(
+                err.contains("bridge.toml") && err.contains(expect),
+                "{expect}: {err}"
+            );
+        }
     }
 }

@@ -125,6 +125,9 @@ pub async fn run(
     let registry =
         Arc::new(DeviceRegistry::load(&config.registry).map_err(|e| anyhow::anyhow!("{e}"))?);
     let store = Store::open(&config.data_dir)?;
+    if config.pipeline.max_store_bytes > 0 {
+        store.set_quota(config.pipeline.max_store_bytes)?;
+    }
     let audit = AuditLog::open(&config.audit_path(), 65_536)
         .with_context(|| format!("audit log {}", config.audit_path().display()))?;
     let auditor = audit.auditor();

@@ -245,6 +245,21 @@ impl Store {
         &self.path
     }
 
+    /// Caps the database at about `bytes` (SQLite `max_page_count`). Past it, writes
+    /// fail exactly as on a full disk (SQLITE_FULL), so the quota and a real full disk
+    /// take the same path: nothing more is acknowledged, an operational alert is raised.
+    pub fn set_quota(&self, bytes: u64) -> Result<(), StoreError> {
+        let page: i64 = self
+            .conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        let pages = (bytes / u64::try_from(page.max(512)).unwrap_or(4096)).max(1);
+        self.conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     fn err(&self, source: rusqlite::Error) -> StoreError {
         classify(&self.path, source)
     }

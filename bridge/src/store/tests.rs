@@ -153,3 +153,36 @@ fn an_unusable_data_directory_is_a_clear_error() {
     let err = Store::open(&file.join("data")).expect_err("a file where a directory should be");
     assert!(err.to_string().contains("not-a-dir"), "{err}");
 }
+
+#[test]
+fn a_full_store_is_reported_as_full_and_keeps_what_it_had() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    store.set_quota(96 * 1024).expect("quota");
+    let mut stored = 0u64;
+    let err = loop {
+        let c = Commit {
+            events: vec![event("dev-00001", 1, stored)],
+            ..Commit::default()
+        };
+        match store.commit(&c) {
+            Ok(()) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 100_000, "the quota never bit");
+    };
+    assert!(matches!(err, StoreError::Full { .. }), "{err}");
+    assert!(err.to_string().contains("disk is full"), "{err}");
+    assert_eq!(
+        store.head().expect("head"),
+        i64::try_from(stored).expect("i64")
+    );
+    // Raising the quota lets the same commit through.
+    store.set_quota(10 << 20).expect("quota");
+    store
+        .commit(&Commit {
+            events: vec![event("dev-00001", 1, stored)],
+            ..Commit::default()
+        })
+        .expect("commit after the quota was raised");
+}
