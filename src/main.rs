@@ -9,6 +9,7 @@ mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
 mod loadgen_cmd;
+mod sim_cmd;
 mod stop;
 
 #[derive(Debug, Parser)]
@@ -44,6 +45,8 @@ enum Command {
     Store(bridge_cmd::StoreCommand),
     /// Load generator: throughput, latency, losses and reconnect storms over mTLS.
     Loadgen(loadgen_cmd::LoadgenArgs),
+    /// Simulated wearables: signed vitals over mTLS, kept until a receipt covers them.
+    Sim(sim_cmd::SimArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -64,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Command::Store(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),
+        Command::Sim(args) => sim_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -342,3 +342,174 @@ fn replay_scenarios_end_to_end_through_broker_and_bridge() {
         .count() as u64;
     assert_eq!(refused, invalid);
 }
+
+impl System {
+    /// Signs `(epoch, seq)` for `device` with its COSE key (`vitalmq envelope sign`).
+    fn signed(&self, device: &str, epoch: u64, seq: u64) -> Vec<u8> {
+        let key = self.pki().join("devices").join(device).join("cose.key.pem");
+        let out = self.dir().join("signed.cbor");
+        vitalmq(&[
+            "envelope",
+            "sign",
+            "--key",
+            s(&key),
+            "--dev",
+            device,
+            "--epoch",
+            &epoch.to_string(),
+            "--seq",
+            &seq.to_string(),
+            "--m",
+            "spo2=97",
+            "--m",
+            "pulse=72",
+            "--q",
+            "0.95",
+            "--output",
+            s(&out),
+        ]);
+        std::fs::read(&out).expect("signed message")
+    }
+
+    fn publish_signed(&self, device: &str, epoch: u64, seqs: std::ops::Range<u64>) {
+        for seq in seqs {
+            let bytes = self.signed(device, epoch, seq);
+            self.mosquitto_pub(device, &format!("devices/{device}/telemetry"), &bytes);
+        }
+    }
+
+    fn wait_events(&self, n: u64, within: Duration) -> Vec<Json> {
+        let deadline = Instant::now() + within;
+        loop {
+            let events = self.rows("events");
+            if events.len() as u64 >= n {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} events stored within {within:?}",
+                events.len()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn seqs(events: &[Json]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect()
+}
+
+/// A site bridge forwards accepted messages unmodified to a cloud broker with the
+/// gateway's certificate; a cloud-side bridge verifies them again. While the cloud
+/// broker is down (kill -9) the backlog waits on disk; after it is back, it drains in
+/// order and nothing is lost or doubled.
+#[test]
+fn upstream_forwarding_survives_a_cloud_broker_outage() {
+    let site = System::start("site", 2, |_| {});
+    let cloud_dir = temp_dir("vitalmq-bridge-e2e-cloud");
+    copy_dir(&site.pki(), &cloud_dir.path().join("pki"));
+    std::fs::copy(
+        site.dir().join("acl.toml"),
+        cloud_dir.path().join("acl.toml"),
+    )
+    .expect("acl");
+    let config = broker_config(TRUST_DOMAIN);
+    let mut cloud_broker = BrokerProcess::start(bin(), cloud_dir.path(), &config, START);
+    let cloud_port = cloud_broker.port;
+    let cloud_bridge = BridgeProcess::start(
+        bin(),
+        cloud_dir.path(),
+        &BridgeProcess::config(cloud_port, ""),
+        START,
+    );
+    let upstream = format!(
+        r#"[[sinks]]
+kind = "upstream"
+name = "cloud"
+address = "127.0.0.1:{cloud_port}"
+ca = "pki/ca/ca.pem"
+cert = "pki/identities/gateway/gw-site-01.pem"
+key = "pki/identities/gateway/gw-site-01.key.pem"
+client_id = "gw-site-01"
+"#
+    );
+    let site_bridge = site.bridge(&upstream);
+    let cloud =
+        |within| store_rows(bin(), "events", &cloud_dir.path().join("bridge-data")).len() >= within;
+    // dev-00001 is registered at site-01, the gateway's site.
+    site.publish_signed("dev-00001", 1, 0..10);
+    wait_until(
+        Duration::from_secs(30),
+        || cloud(10),
+        "10 events forwarded to the cloud",
+    );
+
+    cloud_broker.kill9();
+    site.publish_signed("dev-00001", 1, 10..25);
+    site.wait_events(25, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let site_stats = site.stats();
+    assert!(
+        site_stats["sinks"]["cloud"].as_i64().unwrap_or(0) < 25,
+        "the cloud cannot have confirmed: {site_stats}"
+    );
+
+    cloud_broker.restart(bin(), START);
+    if !poll_until(Duration::from_secs(60), || cloud(25)) {
+        panic!(
+            "the backlog did not drain to the cloud:\n--- site bridge\n{}\n--- cloud bridge\n{}\n--- site stats {}\n--- cloud events {}",
+            site_bridge.process.all(),
+            cloud_bridge.process.all(),
+            site.stats(),
+            store_rows(bin(), "events", &cloud_dir.path().join("bridge-data")).len()
+        );
+    }
+    let cloud_events = store_rows(bin(), "events", &cloud_dir.path().join("bridge-data"));
+    assert_eq!(
+        seqs(&cloud_events),
+        (0..25).collect::<Vec<_>>(),
+        "in order, once each"
+    );
+    // Byte for byte: the cloud stored the very message the device signed.
+    let site_events = site.rows("events");
+    for (a, b) in site_events.iter().zip(&cloud_events) {
+        assert_eq!(a["raw_sha256"], b["raw_sha256"]);
+        assert_eq!(a["event_id"], b["event_id"]);
+    }
+    wait_until(
+        Duration::from_secs(30),
+        || site.stats()["sinks"]["cloud"].as_i64() == Some(25),
+        "site cursor at 25",
+    );
+}
+
+fn wait_until(within: Duration, done: impl FnMut() -> bool, what: &str) {
+    assert!(poll_until(within, done), "not within {within:?}: {what}");
+}
+
+fn poll_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    true
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}

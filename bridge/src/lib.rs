@@ -8,6 +8,7 @@ pub mod gaps;
 pub mod mqtt;
 pub mod normalize;
 pub mod ops;
+pub mod receipt;
 pub mod recorder;
 pub mod run;
 pub mod sink;

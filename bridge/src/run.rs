@@ -40,25 +40,6 @@ pub const SUBSCRIPTIONS: [&str; 2] = ["devices/+/telemetry", "devices/+/status"]
 /// The line printed (to stderr, through tracing) once the bridge is subscribed.
 pub const READY: &str = "vitalmq bridge ready";
 
-/// Encodes a receipt as SPEC section 4 fixes it: `{"epoch": uint, "seq": uint}`.
-pub fn receipt_cbor(r: ReceiptPoint) -> Vec<u8> {
-    use ciborium::value::{Integer, Value};
-    let map = Value::Map(vec![
-        (
-            Value::Text("epoch".into()),
-            Value::Integer(Integer::from(r.epoch)),
-        ),
-        (
-            Value::Text("seq".into()),
-            Value::Integer(Integer::from(r.seq)),
-        ),
-    ]);
-    let mut out = Vec::with_capacity(24);
-    // Writing into a Vec cannot fail.
-    let _ = ciborium::ser::into_writer(&map, &mut out);
-    out
-}
-
 fn build_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
     Ok(match config {
         SinkConfig::Objects {
@@ -406,7 +387,7 @@ async fn flush_receipts(client: &AsyncClient, pending: &mut HashMap<DeviceId, Re
                 format!("devices/{device}/ack"),
                 QoS::AtLeastOnce,
                 false,
-                receipt_cbor(point),
+                crate::receipt::encode(point),
             )
             .await
         {

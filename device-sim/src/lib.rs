@@ -1,7 +1,25 @@
-//! Simulated wearables, gateways and the load generator (issue 6).
+//! Simulated wearables and the vitalmq load generator (issue 6).
 //!
-//! Only the load generator ([`loadgen`]) exists so far: it drives a broker over mTLS with
-//! many device identities and measures delivered throughput, latency, losses and
-//! reconnect storms.
+//! * [`runner`] runs N simulated devices (`vitalmq sim`): each a [`device::SimDevice`]
+//!   (epoch, sequence, signing, [`vitals`], the bounded [`ring`] outbox, [`receipt`]s)
+//!   inside a [`link::DeviceLink`] that keeps it connected over mTLS ([`mqtt`]) and
+//!   resends whatever no receipt covers yet (SPEC section 4).
+//! * [`loadgen`] drives a broker with many identities and measures throughput, latency,
+//!   losses and reconnect storms (`vitalmq loadgen`).
+//! * [`pki`] reads the identities of a PKI made by `vitalmq certs init`, for both.
+//!
+//! Layering: `ring`, `vitals`, `receipt`, `epoch` and `device` do no network I/O and read
+//! no clock (time is an argument), so they are tested directly; `mqtt`, `link` and
+//! `runner` are the async shell around them.
+#![forbid(unsafe_code)]
 
+pub mod device;
+pub mod epoch;
+pub mod link;
 pub mod loadgen;
+pub mod mqtt;
+pub mod pki;
+pub mod receipt;
+pub mod ring;
+pub mod runner;
+pub mod vitals;

@@ -20,7 +20,7 @@
 //! [`probe_resumption`] tells whether the server resumes TLS sessions.
 
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -29,11 +29,13 @@ use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
 use rumqttc::tokio_rustls::{TlsConnector, rustls};
 use rustls::ClientConfig;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::{Semaphore, watch};
+
+pub use crate::mqtt::{MqttVersion, Target};
+pub use crate::pki::{Identity, Pki};
 
 /// Length of the header every generated payload starts with.
 pub const HEADER_LEN: usize = 20;
@@ -69,127 +71,7 @@ pub fn parse_payload(p: &[u8]) -> Option<(u64, u32, u64)> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Identities
-
-/// A client identity: its id and a TLS client configuration (kept for all its
-/// reconnects so that the session cache inside is reused).
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub id: String,
-    pub tls: Arc<ClientConfig>,
-}
-
-/// The PKI directory made by `vitalmq certs init`.
-#[derive(Debug, Clone)]
-pub struct Pki {
-    pub dir: PathBuf,
-    roots: Arc<rustls::RootCertStore>,
-}
-
-impl Pki {
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let ca_path = dir.join("ca/ca.pem");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&ca_path)
-            .with_context(|| format!("{}", ca_path.display()))?
-        {
-            roots
-                .add(cert.with_context(|| format!("{}", ca_path.display()))?)
-                .context("CA certificate")?;
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            roots: Arc::new(roots),
-        })
-    }
-
-    /// Ids of a role's identities (`identities/<role>/<id>.pem`), sorted.
-    pub fn ids(&self, role: &str) -> anyhow::Result<Vec<String>> {
-        let dir = self.dir.join("identities").join(role);
-        let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".pem")
-                && !id.ends_with(".key")
-            {
-                ids.push(id.to_owned());
-            }
-        }
-        ids.sort();
-        Ok(ids)
-    }
-
-    /// Loads one identity's certificate and key into a TLS client configuration.
-    pub fn identity(&self, role: &str, id: &str) -> anyhow::Result<Identity> {
-        let base = self.dir.join("identities").join(role);
-        let cert_path = base.join(format!("{id}.pem"));
-        let key_path = base.join(format!("{id}.key.pem"));
-        let chain = CertificateDer::pem_file_iter(&cert_path)
-            .with_context(|| format!("{}", cert_path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("{}", cert_path.display()))?;
-        let key = PrivateKeyDer::from_pem_file(&key_path)
-            .with_context(|| format!("{}", key_path.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .context("TLS versions")?
-            .with_root_certificates(Arc::clone(&self.roots))
-            .with_client_auth_cert(chain, key)
-            .with_context(|| format!("identity {role}/{id}"))?;
-        Ok(Identity {
-            id: id.to_owned(),
-            tls: Arc::new(config),
-        })
-    }
-
-    /// The first `n` device identities (all of them when fewer exist is an error).
-    pub fn devices(&self, n: usize) -> anyhow::Result<Vec<Identity>> {
-        let ids = self.ids("device")?;
-        if ids.len() < n {
-            bail!(
-                "{} has {} device identities, {n} needed (vitalmq certs init --devices {n})",
-                self.dir.display(),
-                ids.len()
-            );
-        }
-        ids[..n]
-            .iter()
-            .map(|id| self.identity("device", id))
-            .collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // MQTT 3.1.1 / 5 behind one small interface
-
-/// MQTT protocol version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum MqttVersion {
-    #[serde(rename = "3.1.1")]
-    V311,
-    #[serde(rename = "5")]
-    V5,
-}
-
-impl std::str::FromStr for MqttVersion {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "3.1.1" | "311" | "4" | "v4" => Ok(Self::V311),
-            "5" | "v5" | "5.0" => Ok(Self::V5),
-            _ => Err(format!("unknown MQTT version {s:?} (3.1.1 or 5)")),
-        }
-    }
-}
-
-/// Where to connect.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-    pub version: MqttVersion,
-}
 
 enum Client {
     V4(rumqttc::AsyncClient),

@@ -196,6 +196,16 @@ impl Spawned {
         }
     }
 
+    /// `kill -9` and wait until the process is gone.
+    pub fn kill9(&mut self) {
+        self.signal("KILL");
+        assert!(
+            self.wait_exit(Duration::from_secs(10)).is_some(),
+            "{} survived kill -9",
+            self.shown
+        );
+    }
+
     /// Sends `signal` (e.g. "HUP") with the `kill` command.
     pub fn signal(&self, signal: &str) {
         let ran = run(
@@ -265,7 +275,17 @@ impl BrokerProcess {
         config: &str,
         timeout: Duration,
     ) -> Self {
-        let port = free_port();
+        Self::start_on(bin, dir, config, free_port(), timeout)
+    }
+
+    /// Like [`Self::start`], on a given port (a restart after `kill -9`).
+    pub fn start_on(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        config: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Self {
         let path = dir.join("broker.toml");
         std::fs::write(
             &path,
@@ -303,6 +323,24 @@ impl BrokerProcess {
     /// Everything the broker logged so far.
     pub fn stderr(&self) -> String {
         self.process.stderr()
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    /// Starts the broker again with the same configuration, so on the same port.
+    pub fn restart(&mut self, bin: &std::path::Path, timeout: Duration) {
+        let config = std::fs::read_to_string(&self.config).expect("broker config");
+        let dir = self.config.parent().expect("config dir").to_path_buf();
+        *self = Self::start_on(
+            bin,
+            &dir,
+            &config.replace(&format!("127.0.0.1:{}", self.port), "{listen}"),
+            self.port,
+            timeout,
+        );
     }
 
     /// Asks the broker to reload policy, registry and CRLs.

@@ -4,12 +4,21 @@
 //! again; it drops a redelivered message as a `duplicate` by `(device, epoch, seq)`,
 //! which is what makes redelivery after a failure idempotent.
 //!
-//! A batch is confirmed when the upstream broker acknowledged (PUBACK) every PUBLISH
-//! of it. If the connection fails midway, the connection and all its in-flight state
-//! are dropped and the next attempt starts a fresh one, so acknowledgements of an old
+//! A batch is confirmed end to end, not by the upstream broker's PUBACK: a broker
+//! acknowledges before anything is durable, and drops what no session is subscribed
+//! to (a restarted cloud broker before the cloud bridge is back). So, like a device
+//! (SPEC section 4), the sink subscribes to `devices/{id}/ack` for the devices it
+//! forwards for, and a batch is confirmed when the cloud bridge's receipts cover the
+//! last `(epoch, seq)` of every device in it. Until then the batch is redelivered
+//! after a timeout; the cloud bridge drops what it already has as `duplicate` and
+//! fills what it missed. The cloud bridge should run a window at least as large as the
+//! batches, so a message missed at the start of a batch is still inside it.
+//!
+//! If the connection fails midway, the connection and all its in-flight state are
+//! dropped and the next attempt starts a fresh one, so acknowledgements of an old
 //! attempt can never be counted for a new one.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -19,9 +28,10 @@ use tracing::{debug, warn};
 
 use super::{Batch, Sink, SinkError};
 use crate::config::BrokerLink;
-use crate::mqtt;
+use crate::window::ReceiptPoint;
+use crate::{mqtt, receipt};
 
-/// How long one batch may wait for its acknowledgements.
+/// How long one batch may wait for its acknowledgements and receipts.
 const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new connection may take to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -30,6 +40,8 @@ enum Note {
     Connected,
     Sent(u16),
     Acked(u16),
+    Subscribed(bool),
+    Receipt(String, ReceiptPoint),
     Failed(String),
 }
 
@@ -37,6 +49,17 @@ struct Connection {
     client: AsyncClient,
     notes: mpsc::UnboundedReceiver<Note>,
     task: tokio::task::JoinHandle<()>,
+    /// Devices whose receipt topic this connection is subscribed to.
+    subscribed: HashSet<String>,
+    /// Highest receipt seen per device on this connection.
+    receipts: HashMap<String, ReceiptPoint>,
+}
+
+impl Connection {
+    fn note_receipt(&mut self, device: String, point: ReceiptPoint) {
+        let slot = self.receipts.entry(device).or_insert(point);
+        *slot = (*slot).max(point);
+    }
 }
 
 impl Drop for Connection {
@@ -90,6 +113,17 @@ impl UpstreamSink {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => Note::Connected,
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Note::Sent(pkid),
                     Ok(Event::Incoming(Packet::PubAck(ack))) => Note::Acked(ack.pkid),
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => Note::Subscribed(
+                        ack.return_codes
+                            .iter()
+                            .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+                    ),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        match (receipt::topic_device(&p.topic), receipt::decode(&p.payload)) {
+                            (Some(device), Some(point)) => Note::Receipt(device.to_owned(), point),
+                            _ => continue,
+                        }
+                    }
                     Ok(_) => continue,
                     Err(e) => {
                         let _ = tx.send(Note::Failed(e.to_string()));
@@ -106,6 +140,8 @@ impl UpstreamSink {
             client,
             notes,
             task,
+            subscribed: HashSet::new(),
+            receipts: HashMap::new(),
         };
         match first {
             Ok(Some(Note::Connected)) => Ok(connection),
@@ -116,17 +152,33 @@ impl UpstreamSink {
     }
 
     async fn forward(&self, conn: &mut Connection, batch: &Batch) -> Result<(), SinkError> {
-        let need = batch.records.len();
+        // What the receipts must cover: the last (epoch, seq) per device.
+        let mut needed: BTreeMap<String, ReceiptPoint> = BTreeMap::new();
         for r in &batch.records {
-            conn.client
-                .publish(r.topic.clone(), QoS::AtLeastOnce, false, r.raw.clone())
-                .await
-                .map_err(|e| self.unavailable(format!("publish: {e}")))?;
+            let p = ReceiptPoint {
+                epoch: r.epoch,
+                seq: r.seq,
+            };
+            let slot = needed.entry(r.device.clone()).or_insert(p);
+            *slot = (*slot).max(p);
         }
-        let mut sent = 0usize;
-        let mut outstanding = HashSet::new();
         let wait = async {
-            while sent < need || !outstanding.is_empty() {
+            self.subscribe(conn, needed.keys()).await?;
+            for r in &batch.records {
+                conn.client
+                    .publish(r.topic.clone(), QoS::AtLeastOnce, false, r.raw.clone())
+                    .await
+                    .map_err(|e| self.unavailable(format!("publish: {e}")))?;
+            }
+            let need = batch.records.len();
+            let mut sent = 0usize;
+            let mut outstanding = HashSet::new();
+            let covered = |conn: &Connection| {
+                needed
+                    .iter()
+                    .all(|(d, p)| conn.receipts.get(d).is_some_and(|r| r >= p))
+            };
+            while sent < need || !outstanding.is_empty() || !covered(conn) {
                 match conn.notes.recv().await {
                     Some(Note::Sent(pkid)) => {
                         sent += 1;
@@ -135,7 +187,8 @@ impl UpstreamSink {
                     Some(Note::Acked(pkid)) => {
                         outstanding.remove(&pkid);
                     }
-                    Some(Note::Connected) => {}
+                    Some(Note::Receipt(device, point)) => conn.note_receipt(device, point),
+                    Some(Note::Connected | Note::Subscribed(_)) => {}
                     Some(Note::Failed(e)) => return Err(self.unavailable(e)),
                     None => return Err(self.unavailable("connection closed")),
                 }
@@ -144,7 +197,45 @@ impl UpstreamSink {
         };
         tokio::time::timeout(BATCH_TIMEOUT, wait)
             .await
-            .map_err(|_| self.unavailable("no acknowledgement in time"))?
+            .map_err(|_| {
+                self.unavailable("the upstream bridge did not receipt the batch in time")
+            })?
+    }
+
+    /// Subscribes to the receipt topics of `devices` not yet subscribed to.
+    async fn subscribe<'d>(
+        &self,
+        conn: &mut Connection,
+        devices: impl Iterator<Item = &'d String>,
+    ) -> Result<(), SinkError> {
+        let new: Vec<String> = devices
+            .filter(|d| !conn.subscribed.contains(*d))
+            .cloned()
+            .collect();
+        for d in &new {
+            conn.client
+                .subscribe(format!("devices/{d}/ack"), QoS::AtLeastOnce)
+                .await
+                .map_err(|e| self.unavailable(format!("subscribe: {e}")))?;
+        }
+        let mut acked = 0;
+        while acked < new.len() {
+            match conn.notes.recv().await {
+                Some(Note::Subscribed(true)) => acked += 1,
+                Some(Note::Subscribed(false)) => {
+                    return Err(SinkError::Refused {
+                        sink: self.name.clone(),
+                        detail: "the upstream broker refused a receipt subscription: is the gateway certificate's site the devices' site?".into(),
+                    });
+                }
+                Some(Note::Receipt(device, point)) => conn.note_receipt(device, point),
+                Some(Note::Failed(e)) => return Err(self.unavailable(e)),
+                None => return Err(self.unavailable("connection closed")),
+                Some(_) => {}
+            }
+        }
+        conn.subscribed.extend(new);
+        Ok(())
     }
 }
 
