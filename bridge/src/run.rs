@@ -269,7 +269,8 @@ async fn event_loop(
             Err(e) => {
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                // Capped low: devices buffer while the bridge is away.
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }

@@ -385,6 +385,11 @@ impl BridgeProcess {
     /// A bridge configuration: PKI at `dir/pki`, data in `dir/bridge-data`, `sinks` is
     /// TOML appended verbatim (`[[sinks]]` tables, may be empty).
     pub fn config(broker_port: u16, sinks: &str) -> String {
+        Self::config_with(broker_port, "", sinks)
+    }
+
+    /// Like [`Self::config`], with extra `[pipeline]` keys (`pipeline`, TOML lines).
+    pub fn config_with(broker_port: u16, pipeline: &str, sinks: &str) -> String {
         format!(
             r#"id = "bridge-01"
 data_dir = "bridge-data"
@@ -396,6 +401,7 @@ cert = "pki/identities/bridge/bridge-01.pem"
 key = "pki/identities/bridge/bridge-01.key.pem"
 [pipeline]
 receipt_interval_ms = 100
+{pipeline}
 {sinks}
 "#
         )
