@@ -414,16 +414,25 @@ receipt_interval_ms = 100
         config: &str,
         timeout: Duration,
     ) -> Self {
+        Self::start_with_env(bin, dir, config, &[], timeout)
+    }
+
+    /// Like [`Self::start`], with extra environment variables (S3 credentials).
+    pub fn start_with_env(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        config: &str,
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Self {
         let path = dir.join("bridge.toml");
         std::fs::write(&path, config).expect("write bridge config");
-        let process = Spawned::start(
-            Command::new(bin)
-                .env("NO_COLOR", "1")
-                .env("RUST_LOG", "info")
-                .arg("bridge")
-                .arg("--config")
-                .arg(&path),
-        );
+        let mut cmd = Command::new(bin);
+        cmd.env("NO_COLOR", "1").env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let process = Spawned::start(cmd.arg("bridge").arg("--config").arg(&path));
         let bridge = Self {
             process,
             config: path,
@@ -455,4 +464,81 @@ pub fn store_rows(
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
         .collect()
+}
+
+/// moto's S3-compatible server (`python3 -m pip install 'moto[server]==5.*'`, which
+/// `scripts/test` does) on a free 127.0.0.1 port, with one bucket; killed on drop.
+pub struct Moto {
+    pub process: Spawned,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start(bucket: &str, port: Option<u16>) -> Self {
+        let probe = run(
+            Command::new("python3").args(["-c", "import moto, boto3"]),
+            Duration::from_secs(30),
+        );
+        assert!(
+            probe.success,
+            "moto is not installed (run scripts/test, which installs 'moto[server]==5.*'): {}",
+            probe.all()
+        );
+        let port = port.unwrap_or_else(free_port);
+        let process = Spawned::start(Command::new("python3").args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto did not start: {}",
+                process.all()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let moto = Self { process, port };
+        moto.boto3(&format!("s3.create_bucket(Bucket={bucket:?})"));
+        moto
+    }
+
+    /// Runs python `code` with `s3` a boto3 client of this server; returns stdout.
+    pub fn boto3(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3, json\ns3 = boto3.client('s3', endpoint_url='http://127.0.0.1:{}', \
+             aws_access_key_id='testing', aws_secret_access_key='testing', region_name='us-east-1')\n{code}\n",
+            self.port
+        );
+        let ran = run(
+            Command::new("python3").args(["-c", &script]),
+            Duration::from_secs(30),
+        );
+        assert!(ran.success, "boto3: {}", ran.all());
+        ran.stdout
+    }
+
+    /// Every object of `bucket` as (key, body as text).
+    pub fn objects(&self, bucket: &str) -> Vec<(String, Vec<u8>)> {
+        let out = self.boto3(&format!(
+            "out = []\nfor o in s3.list_objects_v2(Bucket={bucket:?}).get('Contents', []):\n    \
+             out.append([o['Key'], s3.get_object(Bucket={bucket:?}, Key=o['Key'])['Body'].read().hex()])\n\
+             print(json.dumps(out))"
+        ));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("boto3 listing");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|o| {
+                (
+                    o[0].as_str().expect("key").to_owned(),
+                    hex::decode(o[1].as_str().expect("hex")).expect("hex"),
+                )
+            })
+            .collect()
+    }
 }

@@ -1,0 +1,436 @@
+//! The bridge when things around it fail, across real processes: a cloud sink that is
+//! down (local directory, and a real S3-compatible server, moto), a full store, an
+//! outbox over its limit, an unusable data directory. In each case nothing acknowledged
+//! is lost, the condition is reported as an operational alert on `ops/bridge/...`
+//! (seen here by an operator's mosquitto_sub), and the backlog drains in order after
+//! recovery.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{
+    BridgeProcess, BrokerProcess, Moto, Ran, Spawned, broker_config, run, store_rows, temp_dir,
+};
+use serde_json::Value as Json;
+
+const TRUST_DOMAIN: &str = "demo.vitalmq";
+const START: Duration = Duration::from_secs(30);
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_vitalmq"))
+}
+
+fn vitalmq(args: &[&str]) -> Ran {
+    let ran = run(Command::new(bin()).args(args), Duration::from_secs(20));
+    assert!(ran.success, "vitalmq {args:?} failed:\n{}", ran.all());
+    ran
+}
+
+struct Rig {
+    tmp: tempfile::TempDir,
+    broker: BrokerProcess,
+}
+
+impl Rig {
+    fn start(name: &str, devices: u32) -> Self {
+        let tmp = temp_dir(&format!("vitalmq-failures-{name}"));
+        let pki = tmp.path().join("pki");
+        vitalmq(&[
+            "certs",
+            "init",
+            "--dir",
+            pki.to_str().expect("utf-8"),
+            "--trust-domain",
+            TRUST_DOMAIN,
+            "--devices",
+            &devices.to_string(),
+            "--sites",
+            "2",
+        ]);
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/acl.toml"),
+            tmp.path().join("acl.toml"),
+        )
+        .expect("copy the ACL");
+        let broker = BrokerProcess::start(bin(), tmp.path(), &broker_config(TRUST_DOMAIN), START);
+        Self { tmp, broker }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir().join("bridge-data")
+    }
+
+    fn bridge(&self, pipeline: &str, sinks: &str) -> BridgeProcess {
+        BridgeProcess::start(
+            bin(),
+            self.dir(),
+            &BridgeProcess::config_with(self.broker.port, pipeline, sinks),
+            START,
+        )
+    }
+
+    /// An operator watching `ops/#` with mosquitto_sub.
+    fn operator(&self) -> Spawned {
+        let pki = self.dir().join("pki");
+        let sub = Spawned::start(
+            Command::new("stdbuf")
+                .args([
+                    "-oL",
+                    "mosquitto_sub",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.broker.port.to_string(),
+                ])
+                .arg("--cafile")
+                .arg(pki.join("ca/ca.pem"))
+                .arg("--cert")
+                .arg(pki.join("identities/operator/ops-01.pem"))
+                .arg("--key")
+                .arg(pki.join("identities/operator/ops-01.key.pem"))
+                .args(["-i", "ops-01", "-q", "1", "-t", "ops/#", "-v"]),
+        );
+        // Give the subscription a moment to be in place before anything can fire.
+        std::thread::sleep(Duration::from_millis(500));
+        sub
+    }
+
+    /// `vitalmq sim` in the background: `devices` devices, `count` messages each.
+    fn sim(&self, devices: u32, count: u32) -> Spawned {
+        Spawned::start(
+            Command::new(bin())
+                .args(["sim", "--pki"])
+                .arg(self.dir().join("pki"))
+                .arg("--broker")
+                .arg(format!("127.0.0.1:{}", self.broker.port))
+                .arg("--state")
+                .arg(self.dir().join("sim-state"))
+                .args([
+                    "--devices",
+                    &devices.to_string(),
+                    "--count",
+                    &count.to_string(),
+                ])
+                .args([
+                    "--rate",
+                    "20",
+                    "--resend-after",
+                    "1s",
+                    "--until-receipted",
+                    "120s",
+                ]),
+        )
+    }
+
+    fn stats(&self) -> Json {
+        store_rows(bin(), "stats", &self.data()).remove(0)
+    }
+
+    fn wait_stats(&self, within: Duration, what: &str, done: impl Fn(&Json) -> bool) -> Json {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.stats();
+            if done(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not within {within:?}: {what}; stats {st}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// The operational alerts an operator received: (topic, payload).
+fn ops_alerts(sub: &Spawned) -> Vec<(String, Json)> {
+    sub.stdout()
+        .lines()
+        .filter_map(|l| {
+            let (topic, payload) = l.split_once(' ')?;
+            Some((topic.to_owned(), serde_json::from_str(payload).ok()?))
+        })
+        .collect()
+}
+
+fn wait_alert(sub: &Spawned, topic: &str, state: &str) -> Json {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((_, a)) = ops_alerts(sub)
+            .into_iter()
+            .find(|(t, a)| t == topic && a["state"] == state)
+        {
+            assert_eq!(a["kind"], "operational");
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {state} alert on {topic}; operator saw:\n{}",
+            sub.all()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The sim's summary: everything it made was receipted.
+fn assert_all_receipted(sim: &mut Spawned) -> Json {
+    let ran = sim.finish(Duration::from_secs(180));
+    let summary: Json = ran
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no summary from vitalmq sim:\n{}", ran.all()));
+    assert!(ran.success && summary["all_receipted"] == true, "{summary}");
+    summary
+}
+
+fn objects_sink(path: &str, batch: usize) -> String {
+    format!(
+        "[[sinks]]\nkind = \"objects\"\nname = \"objects\"\npath = \"{path}\"\nbatch_max_events = {batch}\nbatch_max_age_ms = 200\n"
+    )
+}
+
+/// Every normalized line under `root` (local object layout), as (device, seq).
+fn local_lines(root: &Path) -> Vec<(String, u64)> {
+    let mut files = Vec::new();
+    let mut stack = vec![root.join("normalized")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "ndjson") {
+                files.push(p);
+            }
+        }
+    }
+    files.sort_by_key(|p| p.file_name().map(|n| n.to_owned()));
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .expect("object")
+                .lines()
+                .map(|l| {
+                    let v: Json = serde_json::from_str(l).expect("ndjson line");
+                    (
+                        v["device"].as_str().expect("device").to_owned(),
+                        v["seq"].as_u64().expect("seq"),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The local object sink is unavailable (a regular file where its directory should
+/// be): the bridge keeps recording and receipting, reports the sink down, and after
+/// the file is gone drains the whole backlog, in order, once.
+#[test]
+fn a_cloud_sink_outage_keeps_the_backlog_and_drains_it_in_order() {
+    let rig = Rig::start("sink-outage", 2);
+    let objects = rig.dir().join("objects");
+    std::fs::create_dir_all(&objects).expect("objects dir");
+    std::fs::write(objects.join("normalized"), b"in the way").expect("block the sink");
+    let ops = rig.operator();
+    let _bridge = rig.bridge("", &objects_sink("objects", 50));
+    let mut sim = rig.sim(2, 100);
+    let alert = wait_alert(&ops, "ops/bridge/sink", "open");
+    assert_eq!(alert["sink"], "objects");
+    assert_all_receipted(&mut sim);
+    let st = rig.stats();
+    assert_eq!(st["events"], 200, "{st}");
+    assert_eq!(
+        st["sinks"]["objects"], 0,
+        "nothing confirmed while the sink is down: {st}"
+    );
+
+    std::fs::remove_file(objects.join("normalized")).expect("unblock the sink");
+    rig.wait_stats(Duration::from_secs(60), "the backlog drained", |s| {
+        s["sinks"]["objects"] == 200
+    });
+    wait_alert(&ops, "ops/bridge/sink", "resolved");
+    let lines = local_lines(&objects);
+    assert_eq!(lines.len(), 200, "each event exactly once in storage");
+    for device in ["dev-00001", "dev-00002"] {
+        let seqs: Vec<u64> = lines
+            .iter()
+            .filter(|(d, _)| d == device)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(
+            seqs,
+            (0..100).collect::<Vec<_>>(),
+            "{device}: in sequence order"
+        );
+    }
+    let audit = std::fs::read_to_string(rig.data().join("audit.jsonl")).expect("audit");
+    assert!(
+        audit.contains("\"event\":\"sink_failed\"")
+            && audit.contains("\"event\":\"sink_recovered\"")
+    );
+}
+
+/// The same through a real S3-compatible server (moto): objects land in the bucket
+/// with the documented layout; while the server is down the backlog waits; a fresh
+/// server gets the rest.
+#[test]
+fn s3_sink_through_a_real_s3_server_with_an_outage() {
+    const BUCKET: &str = "vitalmq-e2e";
+    let rig = Rig::start("s3", 2);
+    let mut moto = Moto::start(BUCKET, None);
+    let sink = format!(
+        "[[sinks]]\nkind = \"objects\"\nname = \"s3\"\nbatch_max_events = 40\nbatch_max_age_ms = 200\n\
+         s3 = {{ bucket = \"{BUCKET}\", endpoint = \"http://127.0.0.1:{}\", prefix = \"site-a\", allow_http = true }}\n",
+        moto.port
+    );
+    let _bridge = BridgeProcess::start_with_env(
+        bin(),
+        rig.dir(),
+        &BridgeProcess::config_with(rig.broker.port, "", &sink),
+        &[
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ],
+        START,
+    );
+    let mut sim = rig.sim(2, 40);
+    assert_all_receipted(&mut sim);
+    rig.wait_stats(Duration::from_secs(30), "delivered to S3", |s| {
+        s["sinks"]["s3"] == 80
+    });
+    let stored = moto.objects(BUCKET);
+    let lines: usize = stored
+        .iter()
+        .filter(|(k, _)| k.starts_with("site-a/normalized/site=") && k.ends_with(".ndjson"))
+        .map(|(_, body)| body.iter().filter(|b| **b == b'\n').count())
+        .sum();
+    assert_eq!(
+        lines,
+        80,
+        "objects: {:?}",
+        stored.iter().map(|o| &o.0).collect::<Vec<_>>()
+    );
+    assert!(
+        stored
+            .iter()
+            .any(|(k, _)| k.starts_with("site-a/raw/site=") && k.ends_with(".cborseq"))
+    );
+
+    let port = moto.port;
+    moto.process.kill9();
+    let mut sim = rig.sim(2, 80); // the same devices go on from seq 40 (a new boot, in fact)
+    assert_all_receipted(&mut sim);
+    std::thread::sleep(Duration::from_secs(2));
+    let st = rig.stats();
+    assert_eq!(
+        st["sinks"]["s3"], 80,
+        "nothing more confirmed while S3 is down: {st}"
+    );
+    let moto = Moto::start(BUCKET, Some(port));
+    let st = rig.wait_stats(Duration::from_secs(60), "the backlog drained to S3", |s| {
+        s["sinks"]["s3"] == s["head"]
+    });
+    let lines: usize = moto
+        .objects(BUCKET)
+        .iter()
+        .filter(|(k, _)| k.ends_with(".ndjson"))
+        .map(|(_, body)| body.iter().filter(|b| **b == b'\n').count())
+        .sum();
+    assert_eq!(
+        Some(lines as u64 + 80),
+        st["head"].as_u64(),
+        "the fresh server got exactly the backlog"
+    );
+}
+
+/// The store fills up (a quota, which fails exactly like a full disk: SQLITE_FULL):
+/// the bridge stops acknowledging and receipting, raises ops/bridge/store, loses
+/// nothing; restarted with room, it stores everything the devices still hold.
+#[test]
+fn a_full_store_acknowledges_nothing_more_and_loses_nothing() {
+    let rig = Rig::start("disk-full", 2);
+    let ops = rig.operator();
+    let mut bridge = rig.bridge("max_store_bytes = 131072", "");
+    let mut sim = rig.sim(2, 150);
+    let alert = wait_alert(&ops, "ops/bridge/store", "open");
+    assert_eq!(alert["reason"], "disk_full");
+    assert_eq!(alert["disk_full"], true);
+    assert!(
+        bridge.process.all().contains("the disk is full"),
+        "a clear error in the log"
+    );
+    let full = rig.stats()["events"].as_u64().expect("events");
+    assert!(
+        full < 300,
+        "the quota must bite before everything is stored ({full})"
+    );
+    bridge.process.kill9();
+    // Room again: every message the devices still hold arrives, once.
+    let _bridge = rig.bridge("max_store_bytes = 0", "");
+    let summary = assert_all_receipted(&mut sim);
+    let st = rig.stats();
+    assert_eq!(st["events"], summary["totals"]["sent"], "{st}");
+    assert_eq!(st["quarantine"], serde_json::json!({}), "{st}");
+}
+
+/// The outbox reaches max_backlog while its sink is down: the bridge stops
+/// acknowledging (the broker and the devices hold the rest), raises ops/bridge/backlog,
+/// and once the sink is back everything is stored and delivered.
+#[test]
+fn a_full_outbox_applies_backpressure_instead_of_dropping() {
+    let rig = Rig::start("backlog", 2);
+    let objects = rig.dir().join("objects");
+    std::fs::create_dir_all(&objects).expect("objects dir");
+    std::fs::write(objects.join("normalized"), b"in the way").expect("block the sink");
+    let ops = rig.operator();
+    let _bridge = rig.bridge(
+        "max_backlog = 60\nresume_backlog = 30",
+        &objects_sink("objects", 20),
+    );
+    let mut sim = rig.sim(2, 120);
+    let alert = wait_alert(&ops, "ops/bridge/backlog", "open");
+    assert_eq!(alert["max_backlog"], 60);
+    std::thread::sleep(Duration::from_secs(3));
+    let held = rig.stats()["events"].as_u64().expect("events");
+    assert!(held < 120, "stored beyond the limit while paused: {held}");
+    std::fs::remove_file(objects.join("normalized")).expect("unblock the sink");
+    let summary = assert_all_receipted(&mut sim);
+    let st = rig.wait_stats(Duration::from_secs(60), "all delivered", |s| {
+        s["events"] == summary["totals"]["sent"] && s["sinks"]["objects"] == s["head"]
+    });
+    wait_alert(&ops, "ops/bridge/backlog", "resolved");
+    assert_eq!(
+        local_lines(&objects).len() as u64,
+        st["events"].as_u64().expect("events")
+    );
+}
+
+/// A data directory the bridge cannot use is a clear error at start, naming the path.
+#[test]
+fn an_unusable_data_directory_stops_the_bridge_with_a_clear_error() {
+    let rig = Rig::start("bad-data-dir", 1);
+    std::fs::write(rig.data(), b"a file, not a directory").expect("write");
+    std::fs::write(
+        rig.dir().join("bridge.toml"),
+        BridgeProcess::config(rig.broker.port, ""),
+    )
+    .expect("config");
+    let ran = run(
+        Command::new(bin())
+            .arg("bridge")
+            .arg("--config")
+            .arg(rig.dir().join("bridge.toml")),
+        Duration::from_secs(20),
+    );
+    assert!(!ran.success);
+    assert!(ran.stderr.contains("bridge-data"), "{}", ran.stderr);
+}
