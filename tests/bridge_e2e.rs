@@ -5,29 +5,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BridgeProcess, BrokerProcess, Ran, broker_config, run, store_rows, temp_dir};
+use common::{BridgeProcess, Rig, TRUST_DOMAIN, broker_config, store_rows, temp_dir, vitalmq_ok};
 use serde_json::Value as Json;
-
-const TRUST_DOMAIN: &str = "demo.vitalmq";
-const CLIENT: Duration = Duration::from_secs(15);
-const START: Duration = Duration::from_secs(30);
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_vitalmq"))
-}
-
-fn vitalmq(args: &[&str]) -> Ran {
-    let ran = run(Command::new(bin()).args(args), CLIENT);
-    assert!(ran.success, "vitalmq {args:?} failed:\n{}", ran.all());
-    ran
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
-}
 
 fn vectors_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors")
@@ -38,115 +19,32 @@ fn read_json(path: &Path) -> Json {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// A PKI with `devices` devices on 2 sites, the shipped ACL, and a running broker.
-struct System {
-    tmp: tempfile::TempDir,
-    broker: BrokerProcess,
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
 }
 
-impl System {
-    fn start(name: &str, devices: u32, prepare: impl FnOnce(&Path)) -> Self {
-        let tmp = temp_dir(&format!("vitalmq-bridge-e2e-{name}"));
-        let pki = tmp.path().join("pki");
-        vitalmq(&[
-            "certs",
-            "init",
-            "--dir",
-            s(&pki),
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--devices",
-            &devices.to_string(),
-            "--sites",
-            "2",
-        ]);
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/acl.toml"),
-            tmp.path().join("acl.toml"),
-        )
-        .expect("copy the ACL");
-        prepare(tmp.path());
-        let broker = BrokerProcess::start(bin(), tmp.path(), &broker_config(TRUST_DOMAIN), START);
-        Self { tmp, broker }
-    }
+/// Waits until the bridge has stored `events` events and `refused` quarantined
+/// messages, and counted `rejected` duplicates + replays.
+fn wait_stored(rig: &Rig, events: u64, refused: u64, rejected: u64) -> Json {
+    rig.wait_stats(Duration::from_secs(30), "all verdicts recorded", |st| {
+        let quarantined: u64 = st["quarantine"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Json::as_u64).sum());
+        let counted = st["counters"]["duplicate"].as_u64().unwrap_or(0)
+            + st["counters"]["replay"].as_u64().unwrap_or(0);
+        st["events"].as_u64() == Some(events) && quarantined == refused && counted == rejected
+    })
+}
 
-    fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn pki(&self) -> PathBuf {
-        self.dir().join("pki")
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir().join("bridge-data")
-    }
-
-    fn bridge(&self, sinks: &str) -> BridgeProcess {
-        BridgeProcess::start(
-            bin(),
-            self.dir(),
-            &BridgeProcess::config(self.broker.port, sinks),
-            START,
-        )
-    }
-
-    /// One QoS 1 PUBLISH of `payload` with mosquitto_pub as device `id`.
-    fn mosquitto_pub(&self, id: &str, topic: &str, payload: &[u8]) {
-        let file = self.dir().join("payload.bin");
-        std::fs::write(&file, payload).expect("write payload");
-        let identities = self.pki().join("identities/device");
-        let ran = run(
-            Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &self.broker.port.to_string()])
-                .arg("--cafile")
-                .arg(self.pki().join("ca/ca.pem"))
-                .arg("--cert")
-                .arg(identities.join(format!("{id}.pem")))
-                .arg("--key")
-                .arg(identities.join(format!("{id}.key.pem")))
-                .args(["-i", id, "-V", "mqttv311", "-q", "1", "-t", topic, "-f"])
-                .arg(&file),
-            CLIENT,
+fn publish_signed(rig: &Rig, device: &str, epoch: u64, seqs: std::ops::Range<u64>) {
+    for seq in seqs {
+        let bytes = rig.signed(device, epoch, seq);
+        rig.mosquitto_pub(
+            "device",
+            device,
+            &format!("devices/{device}/telemetry"),
+            &bytes,
         );
-        assert!(
-            ran.success,
-            "mosquitto_pub as {id} to {topic}: {}",
-            ran.all()
-        );
-    }
-
-    fn rows(&self, kind: &str) -> Vec<Json> {
-        store_rows(bin(), kind, &self.data())
-    }
-
-    fn stats(&self) -> Json {
-        self.rows("stats").remove(0)
-    }
-
-    /// Waits until the bridge has stored `events` events and `refused` quarantined
-    /// messages, and counted `rejected` duplicates + replays.
-    fn wait_stored(&self, events: u64, refused: u64, rejected: u64, within: Duration) -> Json {
-        let deadline = Instant::now() + within;
-        loop {
-            let st = self.stats();
-            let quarantined: u64 = st["quarantine"]
-                .as_object()
-                .map_or(0, |m| m.values().filter_map(Json::as_u64).sum());
-            let counted = st["counters"]["duplicate"].as_u64().unwrap_or(0)
-                + st["counters"]["replay"].as_u64().unwrap_or(0);
-            if st["events"].as_u64() == Some(events)
-                && quarantined == refused
-                && counted == rejected
-            {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bridge store did not reach {events}/{refused}/{rejected} within {within:?}: {st}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 }
 
@@ -154,18 +52,21 @@ impl System {
 /// issuing it an identity certificate at site-01.
 fn enroll_vector_device(dir: &Path, device: &str) {
     let pki = dir.join("pki");
-    vitalmq(&[
-        "certs",
-        "issue",
-        "--dir",
-        s(&pki),
-        "--role",
-        "device",
-        "--id",
-        device,
-        "--site",
-        "site-01",
-    ]);
+    vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "certs",
+            "issue",
+            "--dir",
+            s(&pki),
+            "--role",
+            "device",
+            "--id",
+            device,
+            "--site",
+            "site-01",
+        ],
+    );
     let keys = read_json(&vectors_dir().join("keys.json"));
     let entry = keys["registry"]
         .as_array()
@@ -219,11 +120,11 @@ fn replay_scenarios_end_to_end_through_broker_and_bridge() {
     .iter()
     .map(|f| read_json(&vectors_dir().join("replay").join(f)))
     .collect();
-    let system = System::start("replay", 2, |dir| {
+    let system = Rig::start(vitalmq_bin!(), "bridge-e2e-replay", 2, |dir| {
         enroll_vector_device(dir, "dev-00042");
         enroll_vector_device(dir, "dev-00077");
     });
-    let _bridge = system.bridge("");
+    let _bridge = system.bridge("", "");
     let (mut accepted, mut invalid, mut rejected) = (Vec::new(), 0u64, 0u64);
     let mut expected_gaps = Vec::new();
     for scenario in &scenarios {
@@ -231,7 +132,12 @@ fn replay_scenarios_end_to_end_through_broker_and_bridge() {
         for step in scenario["steps"].as_array().expect("steps") {
             let device = step["device"].as_str().expect("device");
             let bytes = hex::decode(step["cose_sign1_hex"].as_str().expect("hex")).expect("hex");
-            system.mosquitto_pub(device, &format!("devices/{device}/telemetry"), &bytes);
+            system.mosquitto_pub(
+                "device",
+                device,
+                &format!("devices/{device}/telemetry"),
+                &bytes,
+            );
             let (epoch, seq) = (
                 step["epoch"].as_u64().expect("epoch"),
                 step["seq"].as_u64().expect("seq"),
@@ -259,12 +165,7 @@ fn replay_scenarios_end_to_end_through_broker_and_bridge() {
             ));
         }
     }
-    system.wait_stored(
-        accepted.len() as u64,
-        invalid,
-        rejected,
-        Duration::from_secs(30),
-    );
+    wait_stored(&system, accepted.len() as u64, invalid, rejected);
     let events: Vec<(String, u64, u64, String)> = system
         .rows("events")
         .iter()
@@ -329,7 +230,7 @@ fn replay_scenarios_end_to_end_through_broker_and_bridge() {
     assert_eq!(closed["state"], "closed");
     // Every replay and refusal is in the bridge's audit log, which verifies.
     let audit = system.data().join("audit.jsonl");
-    vitalmq(&["audit", "verify", s(&audit)]);
+    vitalmq_ok(vitalmq_bin!(), &["audit", "verify", s(&audit)]);
     let text = std::fs::read_to_string(&audit).expect("audit log");
     let replays = text
         .lines()
@@ -341,58 +242,6 @@ fn replay_scenarios_end_to_end_through_broker_and_bridge() {
         .filter(|l| l.contains("\"reason\":\"bad_signature\""))
         .count() as u64;
     assert_eq!(refused, invalid);
-}
-
-impl System {
-    /// Signs `(epoch, seq)` for `device` with its COSE key (`vitalmq envelope sign`).
-    fn signed(&self, device: &str, epoch: u64, seq: u64) -> Vec<u8> {
-        let key = self.pki().join("devices").join(device).join("cose.key.pem");
-        let out = self.dir().join("signed.cbor");
-        vitalmq(&[
-            "envelope",
-            "sign",
-            "--key",
-            s(&key),
-            "--dev",
-            device,
-            "--epoch",
-            &epoch.to_string(),
-            "--seq",
-            &seq.to_string(),
-            "--m",
-            "spo2=97",
-            "--m",
-            "pulse=72",
-            "--q",
-            "0.95",
-            "--output",
-            s(&out),
-        ]);
-        std::fs::read(&out).expect("signed message")
-    }
-
-    fn publish_signed(&self, device: &str, epoch: u64, seqs: std::ops::Range<u64>) {
-        for seq in seqs {
-            let bytes = self.signed(device, epoch, seq);
-            self.mosquitto_pub(device, &format!("devices/{device}/telemetry"), &bytes);
-        }
-    }
-
-    fn wait_events(&self, n: u64, within: Duration) -> Vec<Json> {
-        let deadline = Instant::now() + within;
-        loop {
-            let events = self.rows("events");
-            if events.len() as u64 >= n {
-                return events;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} of {n} events stored within {within:?}",
-                events.len()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
 }
 
 fn seqs(events: &[Json]) -> Vec<u64> {
@@ -408,7 +257,7 @@ fn seqs(events: &[Json]) -> Vec<u64> {
 /// order and nothing is lost or doubled.
 #[test]
 fn upstream_forwarding_survives_a_cloud_broker_outage() {
-    let site = System::start("site", 2, |_| {});
+    let site = Rig::start(vitalmq_bin!(), "bridge-e2e-site", 2, |_| {});
     let cloud_dir = temp_dir("vitalmq-bridge-e2e-cloud");
     copy_dir(&site.pki(), &cloud_dir.path().join("pki"));
     std::fs::copy(
@@ -417,13 +266,18 @@ fn upstream_forwarding_survives_a_cloud_broker_outage() {
     )
     .expect("acl");
     let config = broker_config(TRUST_DOMAIN);
-    let mut cloud_broker = BrokerProcess::start(bin(), cloud_dir.path(), &config, START);
+    let mut cloud_broker = common::BrokerProcess::start(
+        vitalmq_bin!(),
+        cloud_dir.path(),
+        &config,
+        Duration::from_secs(30),
+    );
     let cloud_port = cloud_broker.port;
     let cloud_bridge = BridgeProcess::start(
-        bin(),
+        vitalmq_bin!(),
         cloud_dir.path(),
         &BridgeProcess::config(cloud_port, ""),
-        START,
+        Duration::from_secs(30),
     );
     let upstream = format!(
         r#"[[sinks]]
@@ -436,11 +290,18 @@ key = "pki/identities/gateway/gw-site-01.key.pem"
 client_id = "gw-site-01"
 "#
     );
-    let site_bridge = site.bridge(&upstream);
-    let cloud =
-        |within| store_rows(bin(), "events", &cloud_dir.path().join("bridge-data")).len() >= within;
+    let site_bridge = site.bridge("", &upstream);
+    let cloud = |within| {
+        store_rows(
+            vitalmq_bin!(),
+            "events",
+            &cloud_dir.path().join("bridge-data"),
+        )
+        .len()
+            >= within
+    };
     // dev-00001 is registered at site-01, the gateway's site.
-    site.publish_signed("dev-00001", 1, 0..10);
+    publish_signed(&site, "dev-00001", 1, 0..10);
     wait_until(
         Duration::from_secs(30),
         || cloud(10),
@@ -448,8 +309,10 @@ client_id = "gw-site-01"
     );
 
     cloud_broker.kill9();
-    site.publish_signed("dev-00001", 1, 10..25);
-    site.wait_events(25, Duration::from_secs(30));
+    publish_signed(&site, "dev-00001", 1, 10..25);
+    site.wait_stats(Duration::from_secs(30), "25 events at the site", |st| {
+        st["events"] == 25
+    });
     std::thread::sleep(Duration::from_secs(2));
     let site_stats = site.stats();
     assert!(
@@ -457,17 +320,26 @@ client_id = "gw-site-01"
         "the cloud cannot have confirmed: {site_stats}"
     );
 
-    cloud_broker.restart(bin(), START);
+    cloud_broker.restart(vitalmq_bin!(), Duration::from_secs(30));
     if !poll_until(Duration::from_secs(60), || cloud(25)) {
         panic!(
             "the backlog did not drain to the cloud:\n--- site bridge\n{}\n--- cloud bridge\n{}\n--- site stats {}\n--- cloud events {}",
             site_bridge.process.all(),
             cloud_bridge.process.all(),
             site.stats(),
-            store_rows(bin(), "events", &cloud_dir.path().join("bridge-data")).len()
+            store_rows(
+                vitalmq_bin!(),
+                "events",
+                &cloud_dir.path().join("bridge-data")
+            )
+            .len()
         );
     }
-    let cloud_events = store_rows(bin(), "events", &cloud_dir.path().join("bridge-data"));
+    let cloud_events = store_rows(
+        vitalmq_bin!(),
+        "events",
+        &cloud_dir.path().join("bridge-data"),
+    );
     assert_eq!(
         seqs(&cloud_events),
         (0..25).collect::<Vec<_>>(),

@@ -7,146 +7,20 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{
-    BridgeProcess, BrokerProcess, Moto, Ran, Spawned, broker_config, run, store_rows, temp_dir,
-};
+use common::{BridgeProcess, Moto, Rig, Spawned, run, sim_summary_all_receipted};
 use serde_json::Value as Json;
 
-const TRUST_DOMAIN: &str = "demo.vitalmq";
-const START: Duration = Duration::from_secs(30);
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_vitalmq"))
+fn rig(name: &str, devices: u32) -> Rig {
+    Rig::start(vitalmq_bin!(), &format!("failures-{name}"), devices, |_| {})
 }
 
-fn vitalmq(args: &[&str]) -> Ran {
-    let ran = run(Command::new(bin()).args(args), Duration::from_secs(20));
-    assert!(ran.success, "vitalmq {args:?} failed:\n{}", ran.all());
-    ran
-}
-
-struct Rig {
-    tmp: tempfile::TempDir,
-    broker: BrokerProcess,
-}
-
-impl Rig {
-    fn start(name: &str, devices: u32) -> Self {
-        let tmp = temp_dir(&format!("vitalmq-failures-{name}"));
-        let pki = tmp.path().join("pki");
-        vitalmq(&[
-            "certs",
-            "init",
-            "--dir",
-            pki.to_str().expect("utf-8"),
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--devices",
-            &devices.to_string(),
-            "--sites",
-            "2",
-        ]);
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/acl.toml"),
-            tmp.path().join("acl.toml"),
-        )
-        .expect("copy the ACL");
-        let broker = BrokerProcess::start(bin(), tmp.path(), &broker_config(TRUST_DOMAIN), START);
-        Self { tmp, broker }
-    }
-
-    fn dir(&self) -> &Path {
-        self.tmp.path()
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir().join("bridge-data")
-    }
-
-    fn bridge(&self, pipeline: &str, sinks: &str) -> BridgeProcess {
-        BridgeProcess::start(
-            bin(),
-            self.dir(),
-            &BridgeProcess::config_with(self.broker.port, pipeline, sinks),
-            START,
-        )
-    }
-
-    /// An operator watching `ops/#` with mosquitto_sub.
-    fn operator(&self) -> Spawned {
-        let pki = self.dir().join("pki");
-        let sub = Spawned::start(
-            Command::new("stdbuf")
-                .args([
-                    "-oL",
-                    "mosquitto_sub",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.broker.port.to_string(),
-                ])
-                .arg("--cafile")
-                .arg(pki.join("ca/ca.pem"))
-                .arg("--cert")
-                .arg(pki.join("identities/operator/ops-01.pem"))
-                .arg("--key")
-                .arg(pki.join("identities/operator/ops-01.key.pem"))
-                .args(["-i", "ops-01", "-q", "1", "-t", "ops/#", "-v"]),
-        );
-        // Give the subscription a moment to be in place before anything can fire.
-        std::thread::sleep(Duration::from_millis(500));
-        sub
-    }
-
-    /// `vitalmq sim` in the background: `devices` devices, `count` messages each.
-    fn sim(&self, devices: u32, count: u32) -> Spawned {
-        Spawned::start(
-            Command::new(bin())
-                .args(["sim", "--pki"])
-                .arg(self.dir().join("pki"))
-                .arg("--broker")
-                .arg(format!("127.0.0.1:{}", self.broker.port))
-                .arg("--state")
-                .arg(self.dir().join("sim-state"))
-                .args([
-                    "--devices",
-                    &devices.to_string(),
-                    "--count",
-                    &count.to_string(),
-                ])
-                .args([
-                    "--rate",
-                    "20",
-                    "--resend-after",
-                    "1s",
-                    "--until-receipted",
-                    "120s",
-                ]),
-        )
-    }
-
-    fn stats(&self) -> Json {
-        store_rows(bin(), "stats", &self.data()).remove(0)
-    }
-
-    fn wait_stats(&self, within: Duration, what: &str, done: impl Fn(&Json) -> bool) -> Json {
-        let deadline = Instant::now() + within;
-        loop {
-            let st = self.stats();
-            if done(&st) {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not within {within:?}: {what}; stats {st}"
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
+/// An operator watching `ops/#` with mosquitto_sub.
+fn operator(rig: &Rig) -> Spawned {
+    rig.mosquitto_sub("operator", "ops-01", "ops/#")
 }
 
 /// The operational alerts an operator received: (topic, payload).
@@ -177,19 +51,6 @@ fn wait_alert(sub: &Spawned, topic: &str, state: &str) -> Json {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// The sim's summary: everything it made was receipted.
-fn assert_all_receipted(sim: &mut Spawned) -> Json {
-    let ran = sim.finish(Duration::from_secs(180));
-    let summary: Json = ran
-        .stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| panic!("no summary from vitalmq sim:\n{}", ran.all()));
-    assert!(ran.success && summary["all_receipted"] == true, "{summary}");
-    summary
 }
 
 fn objects_sink(path: &str, batch: usize) -> String {
@@ -236,16 +97,16 @@ fn local_lines(root: &Path) -> Vec<(String, u64)> {
 /// the file is gone drains the whole backlog, in order, once.
 #[test]
 fn a_cloud_sink_outage_keeps_the_backlog_and_drains_it_in_order() {
-    let rig = Rig::start("sink-outage", 2);
+    let rig = rig("sink-outage", 2);
     let objects = rig.dir().join("objects");
     std::fs::create_dir_all(&objects).expect("objects dir");
     std::fs::write(objects.join("normalized"), b"in the way").expect("block the sink");
-    let ops = rig.operator();
+    let ops = operator(&rig);
     let _bridge = rig.bridge("", &objects_sink("objects", 50));
     let mut sim = rig.sim(2, 100);
     let alert = wait_alert(&ops, "ops/bridge/sink", "open");
     assert_eq!(alert["sink"], "objects");
-    assert_all_receipted(&mut sim);
+    sim_summary_all_receipted(&mut sim);
     let st = rig.stats();
     assert_eq!(st["events"], 200, "{st}");
     assert_eq!(
@@ -285,7 +146,7 @@ fn a_cloud_sink_outage_keeps_the_backlog_and_drains_it_in_order() {
 #[test]
 fn s3_sink_through_a_real_s3_server_with_an_outage() {
     const BUCKET: &str = "vitalmq-e2e";
-    let rig = Rig::start("s3", 2);
+    let rig = rig("s3", 2);
     let mut moto = Moto::start(BUCKET, None);
     let sink = format!(
         "[[sinks]]\nkind = \"objects\"\nname = \"s3\"\nbatch_max_events = 40\nbatch_max_age_ms = 200\n\
@@ -293,17 +154,17 @@ fn s3_sink_through_a_real_s3_server_with_an_outage() {
         moto.port
     );
     let _bridge = BridgeProcess::start_with_env(
-        bin(),
+        vitalmq_bin!(),
         rig.dir(),
         &BridgeProcess::config_with(rig.broker.port, "", &sink),
         &[
             ("AWS_ACCESS_KEY_ID", "testing"),
             ("AWS_SECRET_ACCESS_KEY", "testing"),
         ],
-        START,
+        Duration::from_secs(30),
     );
     let mut sim = rig.sim(2, 40);
-    assert_all_receipted(&mut sim);
+    sim_summary_all_receipted(&mut sim);
     rig.wait_stats(Duration::from_secs(30), "delivered to S3", |s| {
         s["sinks"]["s3"] == 80
     });
@@ -328,7 +189,7 @@ fn s3_sink_through_a_real_s3_server_with_an_outage() {
     let port = moto.port;
     moto.process.kill9();
     let mut sim = rig.sim(2, 80); // the same devices go on from seq 40 (a new boot, in fact)
-    assert_all_receipted(&mut sim);
+    sim_summary_all_receipted(&mut sim);
     std::thread::sleep(Duration::from_secs(2));
     let st = rig.stats();
     assert_eq!(
@@ -357,8 +218,8 @@ fn s3_sink_through_a_real_s3_server_with_an_outage() {
 /// nothing; restarted with room, it stores everything the devices still hold.
 #[test]
 fn a_full_store_acknowledges_nothing_more_and_loses_nothing() {
-    let rig = Rig::start("disk-full", 2);
-    let ops = rig.operator();
+    let rig = rig("disk-full", 2);
+    let ops = operator(&rig);
     let mut bridge = rig.bridge("max_store_bytes = 131072", "");
     let mut sim = rig.sim(2, 150);
     let alert = wait_alert(&ops, "ops/bridge/store", "open");
@@ -376,7 +237,7 @@ fn a_full_store_acknowledges_nothing_more_and_loses_nothing() {
     bridge.process.kill9();
     // Room again: every message the devices still hold arrives, once.
     let _bridge = rig.bridge("max_store_bytes = 0", "");
-    let summary = assert_all_receipted(&mut sim);
+    let summary = sim_summary_all_receipted(&mut sim);
     let st = rig.stats();
     assert_eq!(st["events"], summary["totals"]["sent"], "{st}");
     assert_eq!(st["quarantine"], serde_json::json!({}), "{st}");
@@ -387,11 +248,11 @@ fn a_full_store_acknowledges_nothing_more_and_loses_nothing() {
 /// and once the sink is back everything is stored and delivered.
 #[test]
 fn a_full_outbox_applies_backpressure_instead_of_dropping() {
-    let rig = Rig::start("backlog", 2);
+    let rig = rig("backlog", 2);
     let objects = rig.dir().join("objects");
     std::fs::create_dir_all(&objects).expect("objects dir");
     std::fs::write(objects.join("normalized"), b"in the way").expect("block the sink");
-    let ops = rig.operator();
+    let ops = operator(&rig);
     let _bridge = rig.bridge(
         "max_backlog = 60\nresume_backlog = 30",
         &objects_sink("objects", 20),
@@ -403,7 +264,7 @@ fn a_full_outbox_applies_backpressure_instead_of_dropping() {
     let held = rig.stats()["events"].as_u64().expect("events");
     assert!(held < 120, "stored beyond the limit while paused: {held}");
     std::fs::remove_file(objects.join("normalized")).expect("unblock the sink");
-    let summary = assert_all_receipted(&mut sim);
+    let summary = sim_summary_all_receipted(&mut sim);
     let st = rig.wait_stats(Duration::from_secs(60), "all delivered", |s| {
         s["events"] == summary["totals"]["sent"] && s["sinks"]["objects"] == s["head"]
     });
@@ -417,7 +278,7 @@ fn a_full_outbox_applies_backpressure_instead_of_dropping() {
 /// A data directory the bridge cannot use is a clear error at start, naming the path.
 #[test]
 fn an_unusable_data_directory_stops_the_bridge_with_a_clear_error() {
-    let rig = Rig::start("bad-data-dir", 1);
+    let rig = rig("bad-data-dir", 1);
     std::fs::write(rig.data(), b"a file, not a directory").expect("write");
     std::fs::write(
         rig.dir().join("bridge.toml"),
@@ -425,7 +286,7 @@ fn an_unusable_data_directory_stops_the_bridge_with_a_clear_error() {
     )
     .expect("config");
     let ran = run(
-        Command::new(bin())
+        Command::new(vitalmq_bin!())
             .arg("bridge")
             .arg("--config")
             .arg(rig.dir().join("bridge.toml")),

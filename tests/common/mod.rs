@@ -542,3 +542,254 @@ impl Moto {
             .collect()
     }
 }
+
+/// The `vitalmq` binary of the package under test (root-package integration tests only).
+#[macro_export]
+macro_rules! vitalmq_bin {
+    () => {
+        std::path::Path::new(env!("CARGO_BIN_EXE_vitalmq"))
+    };
+}
+
+/// Trust domain of every test PKI.
+pub const TRUST_DOMAIN: &str = "demo.vitalmq";
+
+/// Runs `bin args` (20 s deadline) and asserts it succeeded.
+pub fn vitalmq_ok(bin: &std::path::Path, args: &[&str]) -> Ran {
+    let ran = run(Command::new(bin).args(args), Duration::from_secs(20));
+    assert!(ran.success, "vitalmq {args:?} failed:\n{}", ran.all());
+    ran
+}
+
+/// A scratch directory with a PKI (`certs init`, `devices` devices on 2 sites), the
+/// shipped ACL, and `vitalmq broker` running in front of them.
+pub struct Rig {
+    pub bin: std::path::PathBuf,
+    pub tmp: tempfile::TempDir,
+    pub broker: BrokerProcess,
+}
+
+impl Rig {
+    /// `prepare` may change the PKI directory before the broker reads it.
+    pub fn start(
+        bin: &std::path::Path,
+        name: &str,
+        devices: u32,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> Self {
+        let tmp = temp_dir(&format!("vitalmq-{name}"));
+        let pki = tmp.path().join("pki");
+        vitalmq_ok(
+            bin,
+            &[
+                "certs",
+                "init",
+                "--dir",
+                pki.to_str().expect("utf-8"),
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--devices",
+                &devices.to_string(),
+                "--sites",
+                "2",
+            ],
+        );
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/acl.toml"),
+            tmp.path().join("acl.toml"),
+        )
+        .expect("copy the ACL");
+        prepare(tmp.path());
+        let broker = BrokerProcess::start(
+            bin,
+            tmp.path(),
+            &broker_config(TRUST_DOMAIN),
+            Duration::from_secs(30),
+        );
+        Self {
+            bin: bin.to_path_buf(),
+            tmp,
+            broker,
+        }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.tmp.path()
+    }
+
+    pub fn pki(&self) -> std::path::PathBuf {
+        self.dir().join("pki")
+    }
+
+    /// The bridge's data directory (as [`BridgeProcess::config`] sets it).
+    pub fn data(&self) -> std::path::PathBuf {
+        self.dir().join("bridge-data")
+    }
+
+    /// Starts a bridge with extra `[pipeline]` keys and `[[sinks]]`.
+    pub fn bridge(&self, pipeline: &str, sinks: &str) -> BridgeProcess {
+        BridgeProcess::start(
+            &self.bin,
+            self.dir(),
+            &BridgeProcess::config_with(self.broker.port, pipeline, sinks),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// `vitalmq sim` in the background: the first `devices` devices, `count` messages
+    /// each at 20/s (room under the ACL's 50/s for resends after a reconnect, so the
+    /// 256-message device outbox never overflows), resending after 1 s without receipt
+    /// progress, until everything is receipted (120 s at most).
+    pub fn sim(&self, devices: u32, count: u32) -> Spawned {
+        Spawned::start(
+            Command::new(&self.bin)
+                .args(["sim", "--pki"])
+                .arg(self.pki())
+                .arg("--broker")
+                .arg(format!("127.0.0.1:{}", self.broker.port))
+                .arg("--state")
+                .arg(self.dir().join("sim-state"))
+                .args([
+                    "--devices",
+                    &devices.to_string(),
+                    "--count",
+                    &count.to_string(),
+                ])
+                .args([
+                    "--rate",
+                    "20",
+                    "--resend-after",
+                    "1s",
+                    "--until-receipted",
+                    "120s",
+                ]),
+        )
+    }
+
+    /// `vitalmq store KIND` of this rig's bridge.
+    pub fn rows(&self, kind: &str) -> Vec<serde_json::Value> {
+        store_rows(&self.bin, kind, &self.data())
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        self.rows("stats").remove(0)
+    }
+
+    /// Polls the bridge's stats until `done` holds; panics after `within`.
+    pub fn wait_stats(
+        &self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let st = self.stats();
+            if done(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not within {within:?}: {what}; stats {st}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// One QoS 1 PUBLISH of `payload` with mosquitto_pub as `role`/`id`.
+    pub fn mosquitto_pub(&self, role: &str, id: &str, topic: &str, payload: &[u8]) {
+        let file = self.dir().join(format!("payload-{id}.bin"));
+        std::fs::write(&file, payload).expect("write payload");
+        let identities = self.pki().join("identities").join(role);
+        let ran = run(
+            Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &self.broker.port.to_string()])
+                .arg("--cafile")
+                .arg(self.pki().join("ca/ca.pem"))
+                .arg("--cert")
+                .arg(identities.join(format!("{id}.pem")))
+                .arg("--key")
+                .arg(identities.join(format!("{id}.key.pem")))
+                .args(["-i", id, "-V", "mqttv311", "-q", "1", "-t", topic, "-f"])
+                .arg(&file),
+            Duration::from_secs(15),
+        );
+        assert!(
+            ran.success,
+            "mosquitto_pub as {id} to {topic}: {}",
+            ran.all()
+        );
+    }
+
+    /// A line-buffered mosquitto_sub as `role`/`id` on `filter` (`-v`: topic, payload).
+    pub fn mosquitto_sub(&self, role: &str, id: &str, filter: &str) -> Spawned {
+        let identities = self.pki().join("identities").join(role);
+        let sub = Spawned::start(
+            Command::new("stdbuf")
+                .args([
+                    "-oL",
+                    "mosquitto_sub",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.broker.port.to_string(),
+                ])
+                .arg("--cafile")
+                .arg(self.pki().join("ca/ca.pem"))
+                .arg("--cert")
+                .arg(identities.join(format!("{id}.pem")))
+                .arg("--key")
+                .arg(identities.join(format!("{id}.key.pem")))
+                .args(["-i", id, "-q", "1", "-t", filter, "-v"]),
+        );
+        // Let the subscription be in place before anything can be published.
+        std::thread::sleep(Duration::from_millis(500));
+        sub
+    }
+
+    /// Signs `(epoch, seq)` for `device` with its COSE key (`vitalmq envelope sign`).
+    pub fn signed(&self, device: &str, epoch: u64, seq: u64) -> Vec<u8> {
+        let key = self.pki().join("devices").join(device).join("cose.key.pem");
+        let out = self.dir().join(format!("signed-{device}.cbor"));
+        vitalmq_ok(
+            &self.bin,
+            &[
+                "envelope",
+                "sign",
+                "--key",
+                key.to_str().expect("utf-8"),
+                "--dev",
+                device,
+                "--epoch",
+                &epoch.to_string(),
+                "--seq",
+                &seq.to_string(),
+                "--m",
+                "spo2=97",
+                "--m",
+                "pulse=72",
+                "--q",
+                "0.95",
+                "--output",
+                out.to_str().expect("utf-8"),
+            ],
+        );
+        std::fs::read(&out).expect("signed message")
+    }
+}
+
+/// The last stdout line of a finished `vitalmq sim`, asserting everything was receipted.
+pub fn sim_summary_all_receipted(sim: &mut Spawned) -> serde_json::Value {
+    let ran = sim.finish(Duration::from_secs(180));
+    let summary: serde_json::Value = ran
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no summary from vitalmq sim:\n{}", ran.all()));
+    assert!(
+        ran.success && summary["all_receipted"] == true,
+        "not everything receipted: {summary}"
+    );
+    summary
+}
