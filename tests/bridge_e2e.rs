@@ -385,3 +385,63 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Bad input from a connected device, published with mosquitto_pub: each message is
+/// refused with its SPEC reason class and kept in quarantine (SHA-256 of the exact
+/// bytes), audited, and the pipeline carries on with the next good message.
+#[test]
+fn refused_messages_are_quarantined_with_their_reason_and_the_pipeline_goes_on() {
+    let rig = Rig::start(vitalmq_bin!(), "bridge-e2e-refusals", 2, |_| {});
+    let _bridge = rig.bridge("", "");
+    let topic = "devices/dev-00001/telemetry";
+    let good = rig.signed("dev-00001", 1, 0);
+    // Signed by dev-00002 (its kid), published on dev-00001's topic by dev-00001.
+    let foreign = rig.signed("dev-00002", 1, 0);
+    let mut forged = rig.signed("dev-00001", 1, 1);
+    let last = forged.len() - 1;
+    forged[last] ^= 0x01;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("malformed", b"not cbor at all".to_vec()),
+        ("oversized", vec![0xd2; 65_537]),
+        ("kid_mismatch", foreign),
+        ("bad_signature", forged),
+    ];
+    for (_, bytes) in &cases {
+        rig.mosquitto_pub("device", "dev-00001", topic, bytes);
+    }
+    rig.mosquitto_pub("device", "dev-00001", topic, &good);
+    let st = rig.wait_stats(
+        Duration::from_secs(30),
+        "refusals and the good message",
+        |st| {
+            st["events"] == 1
+                && st["quarantine"].as_object().map_or(0, serde_json::Map::len) == cases.len()
+        },
+    );
+    let quarantine = rig.rows("quarantine");
+    let reasons: Vec<&str> = quarantine
+        .iter()
+        .map(|q| q["reason"].as_str().expect("reason"))
+        .collect();
+    let expected: Vec<&str> = cases.iter().map(|(r, _)| *r).collect();
+    assert_eq!(reasons, expected, "{st}");
+    for ((_, bytes), q) in cases.iter().zip(&quarantine) {
+        use sha2::Digest as _;
+        assert_eq!(
+            q["sha256"],
+            hex::encode(sha2::Sha256::digest(bytes)),
+            "the exact bytes are kept"
+        );
+        assert_eq!(q["topic"], topic);
+    }
+    let audit = std::fs::read_to_string(rig.data().join("audit.jsonl")).expect("audit");
+    for reason in expected {
+        assert!(
+            audit
+                .lines()
+                .any(|l| l.contains("\"event\":\"message_refused\"")
+                    && l.contains(&format!("\"reason\":\"{reason}\""))),
+            "{reason} audited"
+        );
+    }
+}
