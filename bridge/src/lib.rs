@@ -5,6 +5,7 @@ pub mod classify;
 pub mod config;
 pub mod drain;
 pub mod gaps;
+pub mod link;
 pub mod mqtt;
 pub mod normalize;
 pub mod ops;

@@ -4,7 +4,9 @@
 //!
 //! Naming: sites `site-01`.., devices `dev-00001`.. assigned to sites round-robin
 //! (device *i* goes to site `((i - 1) mod S) + 1`), one gateway `gw-<site>` and one
-//! integrator `int-<site>` per site, one bridge `bridge-01`, one operator `ops-01`.
+//! integrator `int-<site>` per site, one bridge `bridge-01` with its alert publisher
+//! `bridge-01-alerts` (a second identity of role bridge: see bridge/src/alerts), one
+//! operator `ops-01`.
 
 use std::collections::BTreeSet;
 
@@ -175,6 +177,7 @@ impl Fleet {
             parties.push((Role::Integrator, int));
         }
         parties.push((Role::Bridge, principal("bridge-01".into())?));
+        parties.push((Role::Bridge, principal("bridge-01-alerts".into())?));
         parties.push((Role::Operator, principal("ops-01".into())?));
         let identities = parties
             .into_iter()
@@ -227,12 +230,13 @@ mod tests {
             assert!(entry.patient_ref.starts_with("pt-") && entry.patient_ref.len() == 19);
         }
         let uris: Vec<_> = fleet.identities.iter().map(|i| i.id.uri()).collect();
-        assert_eq!(uris.len(), 5 + 2 * 2 + 2);
+        assert_eq!(uris.len(), 5 + 2 * 2 + 3);
         for expected in [
             "spiffe://demo.vitalmq/device/dev-00005",
             "spiffe://demo.vitalmq/gateway/gw-site-02",
             "spiffe://demo.vitalmq/integrator/int-site-01",
             "spiffe://demo.vitalmq/bridge/bridge-01",
+            "spiffe://demo.vitalmq/bridge/bridge-01-alerts",
             "spiffe://demo.vitalmq/operator/ops-01",
         ] {
             assert!(uris.iter().any(|u| u == expected), "{expected} missing");

@@ -336,7 +336,7 @@ mod tests {
                 devices: 3,
                 es256_devices: 1,
                 sites: 2,
-                identities: 3 + 2 + 2 + 2
+                identities: 3 + 2 + 2 + 3
             }
         );
         assert!(Pki::init(&root, &plan, now).is_err(), "second init refused");

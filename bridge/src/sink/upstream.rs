@@ -18,16 +18,16 @@
 //! dropped and the next attempt starts a fresh one, so acknowledgements of an old
 //! attempt can never be counted for a new one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
 use super::{Batch, Sink, SinkError};
 use crate::config::BrokerLink;
+use crate::link::{Link, LinkError};
 use crate::window::ReceiptPoint;
 use crate::{mqtt, receipt};
 
@@ -36,35 +36,17 @@ const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new connection may take to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-enum Note {
-    Connected,
-    Sent(u16),
-    Acked(u16),
-    Subscribed(bool),
-    Receipt(String, ReceiptPoint),
-    Failed(String),
-}
-
+/// A link and the receipts seen on it.
 struct Connection {
-    client: AsyncClient,
-    notes: mpsc::UnboundedReceiver<Note>,
-    task: tokio::task::JoinHandle<()>,
-    /// Devices whose receipt topic this connection is subscribed to.
-    subscribed: HashSet<String>,
+    link: Link,
     /// Highest receipt seen per device on this connection.
     receipts: HashMap<String, ReceiptPoint>,
 }
 
-impl Connection {
-    fn note_receipt(&mut self, device: String, point: ReceiptPoint) {
-        let slot = self.receipts.entry(device).or_insert(point);
+fn note_receipt(receipts: &mut HashMap<String, ReceiptPoint>, topic: &str, payload: &[u8]) {
+    if let (Some(device), Some(point)) = (receipt::topic_device(topic), receipt::decode(payload)) {
+        let slot = receipts.entry(device.to_owned()).or_insert(point);
         *slot = (*slot).max(point);
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -104,50 +86,13 @@ impl UpstreamSink {
         }
     }
 
-    async fn connect(&self) -> Result<Connection, SinkError> {
-        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 1024);
-        let (tx, mut notes) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                let note = match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => Note::Connected,
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Note::Sent(pkid),
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => Note::Acked(ack.pkid),
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => Note::Subscribed(
-                        ack.return_codes
-                            .iter()
-                            .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
-                    ),
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        match (receipt::topic_device(&p.topic), receipt::decode(&p.payload)) {
-                            (Some(device), Some(point)) => Note::Receipt(device.to_owned(), point),
-                            _ => continue,
-                        }
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        let _ = tx.send(Note::Failed(e.to_string()));
-                        return;
-                    }
-                };
-                if tx.send(note).is_err() {
-                    return;
-                }
-            }
-        });
-        let first = tokio::time::timeout(CONNECT_TIMEOUT, notes.recv()).await;
-        let connection = Connection {
-            client,
-            notes,
-            task,
-            subscribed: HashSet::new(),
-            receipts: HashMap::new(),
-        };
-        match first {
-            Ok(Some(Note::Connected)) => Ok(connection),
-            Ok(Some(Note::Failed(e))) => Err(self.unavailable(format!("connect: {e}"))),
-            Ok(_) => Err(self.unavailable("connect: connection closed")),
-            Err(_) => Err(self.unavailable("connect: timed out")),
+    fn link_error(&self, e: LinkError) -> SinkError {
+        match e {
+            LinkError::Failed(d) => self.unavailable(d),
+            LinkError::Refused(d) => SinkError::Refused {
+                sink: self.name.clone(),
+                detail: format!("{d}: is the gateway certificate's site the devices' site?"),
+            },
         }
     }
 
@@ -162,80 +107,41 @@ impl UpstreamSink {
             let slot = needed.entry(r.device.clone()).or_insert(p);
             *slot = (*slot).max(p);
         }
-        let wait = async {
-            self.subscribe(conn, needed.keys()).await?;
-            for r in &batch.records {
-                conn.client
-                    .publish(r.topic.clone(), QoS::AtLeastOnce, false, r.raw.clone())
-                    .await
-                    .map_err(|e| self.unavailable(format!("publish: {e}")))?;
-            }
-            let need = batch.records.len();
-            let mut sent = 0usize;
-            let mut outstanding = HashSet::new();
-            let covered = |conn: &Connection| {
-                needed
-                    .iter()
-                    .all(|(d, p)| conn.receipts.get(d).is_some_and(|r| r >= p))
-            };
-            while sent < need || !outstanding.is_empty() || !covered(conn) {
-                match conn.notes.recv().await {
-                    Some(Note::Sent(pkid)) => {
-                        sent += 1;
-                        outstanding.insert(pkid);
-                    }
-                    Some(Note::Acked(pkid)) => {
-                        outstanding.remove(&pkid);
-                    }
-                    Some(Note::Receipt(device, point)) => conn.note_receipt(device, point),
-                    Some(Note::Connected | Note::Subscribed(_)) => {}
-                    Some(Note::Failed(e)) => return Err(self.unavailable(e)),
-                    None => return Err(self.unavailable("connection closed")),
-                }
-            }
-            Ok(())
-        };
-        tokio::time::timeout(BATCH_TIMEOUT, wait)
-            .await
-            .map_err(|_| {
-                self.unavailable("the upstream bridge did not receipt the batch in time")
-            })?
-    }
-
-    /// Subscribes to the receipt topics of `devices` not yet subscribed to.
-    async fn subscribe<'d>(
-        &self,
-        conn: &mut Connection,
-        devices: impl Iterator<Item = &'d String>,
-    ) -> Result<(), SinkError> {
-        let new: Vec<String> = devices
-            .filter(|d| !conn.subscribed.contains(*d))
-            .cloned()
+        let Connection { link, receipts } = conn;
+        let filters: Vec<String> = needed.keys().map(|d| format!("devices/{d}/ack")).collect();
+        let items: Vec<(String, bytes::Bytes)> = batch
+            .records
+            .iter()
+            .map(|r| (r.topic.clone(), r.raw.clone()))
             .collect();
-        for d in &new {
-            conn.client
-                .subscribe(format!("devices/{d}/ack"), QoS::AtLeastOnce)
-                .await
-                .map_err(|e| self.unavailable(format!("subscribe: {e}")))?;
-        }
-        let mut acked = 0;
-        while acked < new.len() {
-            match conn.notes.recv().await {
-                Some(Note::Subscribed(true)) => acked += 1,
-                Some(Note::Subscribed(false)) => {
-                    return Err(SinkError::Refused {
-                        sink: self.name.clone(),
-                        detail: "the upstream broker refused a receipt subscription: is the gateway certificate's site the devices' site?".into(),
-                    });
-                }
-                Some(Note::Receipt(device, point)) => conn.note_receipt(device, point),
-                Some(Note::Failed(e)) => return Err(self.unavailable(e)),
-                None => return Err(self.unavailable("connection closed")),
-                Some(_) => {}
+        let work = async {
+            link.subscribe(filters, |t, p| note_receipt(receipts, &t, &p))
+                .await?;
+            // Both closures see the receipts; they never run at the same time.
+            let receipts = std::sync::Mutex::new(receipts);
+            let seen = || {
+                receipts
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            };
+            link.publish_confirmed(
+                items,
+                |t, p| note_receipt(&mut seen(), &t, &p),
+                || {
+                    let seen = seen();
+                    needed
+                        .iter()
+                        .all(|(d, p)| seen.get(d).is_some_and(|r| r >= p))
+                },
+            )
+            .await
+        };
+        match tokio::time::timeout(BATCH_TIMEOUT, work).await {
+            Ok(result) => result.map_err(|e| self.link_error(e)),
+            Err(_) => {
+                Err(self.unavailable("the upstream bridge did not receipt the batch in time"))
             }
         }
-        conn.subscribed.extend(new);
-        Ok(())
     }
 }
 
@@ -248,7 +154,13 @@ impl Sink for UpstreamSink {
         Box::pin(async move {
             let mut guard = self.connection.lock().await;
             if guard.is_none() {
-                *guard = Some(self.connect().await?);
+                let link = Link::connect(self.options.clone(), CONNECT_TIMEOUT)
+                    .await
+                    .map_err(|e| self.link_error(e))?;
+                *guard = Some(Connection {
+                    link,
+                    receipts: HashMap::new(),
+                });
             }
             let Some(conn) = guard.as_mut() else {
                 return Err(self.unavailable("no connection"));
