@@ -343,7 +343,7 @@ mod tests {
 
         let mut pki = Pki::open(&root).expect("open");
         assert_eq!(pki.index().crl_number, 1);
-        assert_eq!(pki.index().certs.len(), 1 + 9);
+        assert_eq!(pki.index().certs.len(), 1 + 10);
         let req = IssueRequest {
             role: Role::Device,
             id: PrincipalId::new("dev-00100").expect("id"),
