@@ -125,9 +125,9 @@ fn certs_init_issue_revoke_against_openssl() {
     );
 
     // Every certificate chains to the CA: server + 4 devices + 2 gateways + 2 integrators
-    // + bridge + operator.
+    // + bridge and its alert publisher + operator.
     let certs = all_certs(&dir);
-    assert_eq!(certs.len(), 1 + 4 + 2 + 2 + 1 + 1, "{certs:?}");
+    assert_eq!(certs.len(), 1 + 4 + 2 + 2 + 2 + 1, "{certs:?}");
     for cert in &certs {
         let ran = verify(&dir, cert, false);
         assert!(ran.success, "{}: {}", cert.display(), ran.all());
