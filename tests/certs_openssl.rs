@@ -209,7 +209,7 @@ fn certs_init_issue_revoke_against_openssl() {
 
     // Private keys: mode 0600, and OpenSSL reads every one (COSE keys included).
     let keys = key_files(&dir);
-    assert_eq!(keys.len(), 1 + 1 + 10 + 4, "{keys:?}");
+    assert_eq!(keys.len(), 1 + 1 + 11 + 4, "{keys:?}");
     for key in &keys {
         let mode = std::fs::metadata(key).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", key.display());
