@@ -37,6 +37,8 @@ pub enum StoreCommand {
     Quarantine(DataDir),
     /// Data-completeness events (sequence gaps), one per line.
     Gaps(DataDir),
+    /// Alert state changes (clinical and operational) as published, one per line.
+    Alerts(DataDir),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +60,7 @@ impl StoreCommand {
             Self::Events(d) => open(d)?.list_events()?,
             Self::Quarantine(d) => open(d)?.list_quarantine()?,
             Self::Gaps(d) => open(d)?.list_gaps()?,
+            Self::Alerts(d) => open(d)?.list_alerts()?,
         };
         for row in rows {
             println!("{row}");

@@ -16,7 +16,7 @@ use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
 use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
 use crate::sink::{Batch, Sink};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, lock};
 
 /// How one sink is drained.
 #[derive(Debug, Clone)]
@@ -101,13 +101,6 @@ pub async fn drain(
             Err(e) => warn!(sink = %name, error = %e, "cursor task failed"),
         }
     }
-}
-
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    // A panic while holding the lock leaves the connection usable: SQLite rolls back.
-    store
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum Plan {

@@ -3,6 +3,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod delivery;
 pub mod drain;
 pub mod gaps;
 pub mod link;

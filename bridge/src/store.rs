@@ -15,6 +15,9 @@
 //! | `device_state` | — | the sequence window per device (epoch, highest, bitmap) |
 //! | `gaps` | — | data-completeness events: skipped sequence ranges, open, closed or lost |
 //! | `counters` | — | per-device counts of duplicates, replays and refusals |
+//! | `alerts` | clinical outputs | every alert state change (clinical and operational) as published, in order; the outbox of the alert handlers |
+//! | `alert_state` | — | the alert engine's state per device (open episodes, persistence, baselines), JSON |
+//! | `handler_cursors` | — | per alert handler (MQTT, webhooks): last alert position confirmed |
 //! | `sink_cursors` | — | per sink: last outbox position confirmed, and the batch in flight |
 //!
 //! The raw and normalized planes are written once, in the same transaction, and never
@@ -94,6 +97,26 @@ CREATE TABLE IF NOT EXISTS counters (
     value           INTEGER NOT NULL,
     PRIMARY KEY (device, name)
 );
+CREATE TABLE IF NOT EXISTS alerts (
+    position        INTEGER PRIMARY KEY AUTOINCREMENT,
+    alert_id        TEXT    NOT NULL,
+    state           TEXT    NOT NULL,
+    kind            TEXT    NOT NULL,
+    topic           TEXT    NOT NULL,
+    device          TEXT,
+    rule            TEXT,
+    created_at_ms   INTEGER NOT NULL,
+    body            TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_by_id ON alerts(alert_id);
+CREATE TABLE IF NOT EXISTS alert_state (
+    device          TEXT    PRIMARY KEY,
+    state           TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS handler_cursors (
+    handler         TEXT    PRIMARY KEY,
+    delivered_through INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sink_cursors (
     sink            TEXT    PRIMARY KEY,
     delivered_through INTEGER NOT NULL,
@@ -162,6 +185,31 @@ pub struct Quarantined {
     pub raw: bytes::Bytes,
 }
 
+/// One alert state change to record and deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAlert {
+    pub alert_id: String,
+    pub state: String,
+    /// `clinical` or `operational`.
+    pub kind: String,
+    pub topic: String,
+    pub device: Option<String>,
+    pub rule: Option<String>,
+    pub created_at_ms: u64,
+    /// The alert JSON exactly as published.
+    pub body: String,
+}
+
+/// A recorded alert, as the handlers read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAlert {
+    pub position: i64,
+    pub alert_id: String,
+    pub state: String,
+    pub topic: String,
+    pub body: String,
+}
+
 /// Everything one batch changes, written in one transaction.
 #[derive(Debug, Default)]
 pub struct Commit {
@@ -171,6 +219,9 @@ pub struct Commit {
     pub gaps: Vec<(DeviceId, Gap)>,
     /// `(device, counter name, increment)`.
     pub counters: Vec<(String, &'static str, u64)>,
+    pub alerts: Vec<NewAlert>,
+    /// The alert engine's state of each device the batch touched, JSON.
+    pub alert_states: Vec<(DeviceId, String)>,
     pub now_ms: u64,
 }
 
@@ -188,6 +239,14 @@ pub struct Cursor {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+}
+
+/// Locks a store shared between tasks. A panic while holding the lock leaves the
+/// connection usable (SQLite rolled the transaction back), so poisoning is ignored.
+pub fn lock(store: &std::sync::Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    store
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Tells a full disk apart from other SQLite failures.
@@ -458,6 +517,76 @@ impl Store {
         tx.commit().map_err(err)
     }
 
+    /// The alert engine's stored state per device (JSON).
+    pub fn load_alert_states(&self) -> Result<HashMap<DeviceId, String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, state FROM alert_state")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (device, state) = row.map_err(|e| self.err(e))?;
+            let id = DeviceId::new(&device).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                device: device.clone(),
+                detail: e.to_string(),
+            })?;
+            out.insert(id, state);
+        }
+        Ok(out)
+    }
+
+    /// Up to `max` alerts after `handler`'s cursor, in order.
+    pub fn alerts_after(&self, handler: &str, max: usize) -> Result<Vec<StoredAlert>, StoreError> {
+        let through: i64 = self
+            .conn
+            .query_row(
+                "SELECT delivered_through FROM handler_cursors WHERE handler = ?1",
+                params![handler],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?
+            .unwrap_or(0);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT position, alert_id, state, topic, body FROM alerts
+                 WHERE position > ?1 ORDER BY position LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(
+                params![through, i64::try_from(max).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(StoredAlert {
+                        position: r.get(0)?,
+                        alert_id: r.get(1)?,
+                        state: r.get(2)?,
+                        topic: r.get(3)?,
+                        body: r.get(4)?,
+                    })
+                },
+            )
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Records that `handler` delivered every alert up to `position`.
+    pub fn alert_delivered(&self, handler: &str, position: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO handler_cursors (handler, delivered_through) VALUES (?1, ?2)
+                 ON CONFLICT(handler) DO UPDATE SET delivered_through = MAX(delivered_through, ?2)",
+                params![handler, position],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Makes sure `sink` has a cursor (starting before the first event).
     pub fn register_sink(&self, sink: &str) -> Result<(), StoreError> {
         self.conn
@@ -697,6 +826,25 @@ impl Store {
         )
     }
 
+    /// Every recorded alert state change, in order (the bodies as published).
+    pub fn list_alerts(&self) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.rows_json(
+            "SELECT position, alert_id, state, kind, topic, device, rule, created_at_ms, body
+             FROM alerts ORDER BY position",
+            &[
+                "position",
+                "alert_id",
+                "state",
+                "kind",
+                "topic",
+                "device",
+                "rule",
+                "created_at_ms",
+                "body",
+            ],
+        )
+    }
+
     /// Totals: events, quarantine by reason, counters by name, gaps by state, cursors.
     pub fn stats(&self) -> Result<serde_json::Value, StoreError> {
         let pairs = |sql: &str| -> Result<serde_json::Map<String, serde_json::Value>, StoreError> {
@@ -722,6 +870,8 @@ impl Store {
             "counters": pairs("SELECT name, SUM(value) FROM counters GROUP BY name")?,
             "gaps": pairs("SELECT state, COUNT(*) FROM gaps GROUP BY state")?,
             "sinks": pairs("SELECT sink, delivered_through FROM sink_cursors")?,
+            "alerts": pairs("SELECT kind || '/' || state, COUNT(*) FROM alerts GROUP BY kind, state")?,
+            "alert_handlers": pairs("SELECT handler, delivered_through FROM handler_cursors")?,
             "head": self.head()?,
         }))
     }

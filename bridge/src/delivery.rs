@@ -1,0 +1,262 @@
+//! Alert handlers: deliver every recorded alert state change, in order, to MQTT
+//! (`alerts/{site}/{severity}/{device}`, `ops/bridge/...`) and to webhooks.
+//!
+//! The `alerts` table is their outbox: the recorder writes an alert in the same
+//! transaction as the event that raised it, then wakes the handlers. Each handler has
+//! its own cursor and task, so a slow webhook never delays the MQTT hot path, and
+//! neither waits for cloud storage. A handler's cursor advances only after the
+//! destination confirmed (PUBACK; HTTP 2xx); failures are retried with backoff and
+//! reported as an operational alert; nothing is dropped. Delivery is at-least-once:
+//! receivers deduplicate by `(alert_id, state)`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac as _};
+use serde_json::{Map, json};
+use sha2::Sha256;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{debug, info, warn};
+use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
+
+use crate::link::{Link, LinkError};
+use crate::ops::{Episodes, OpsAlert, OpsKind};
+use crate::recorder::now_ms;
+use crate::store::{Store, StoredAlert, lock};
+
+/// Header carrying the HMAC-SHA256 of the body: `sha256=<hex>`.
+pub const SIGNATURE_HEADER: &str = "X-Vitalmq-Signature";
+/// Header carrying the alert id; with the state it is the idempotency key.
+pub const ALERT_ID_HEADER: &str = "X-Vitalmq-Alert-Id";
+/// `Idempotency-Key: <alert_id>/<state>`.
+pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+
+/// `sha256=` + hex HMAC-SHA256 of `body` under `secret`.
+pub fn signature(secret: &[u8], body: &[u8]) -> String {
+    // HMAC accepts keys of any length.
+    let mut mac = <Hmac<Sha256>>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Where alerts go.
+pub enum Handler {
+    /// The broker, over the alert publisher's own connection.
+    Mqtt {
+        options: rumqttc::MqttOptions,
+        link: Option<Link>,
+    },
+    /// An HTTP endpoint; the body is the alert JSON, signed.
+    Webhook {
+        name: String,
+        url: String,
+        secret: Vec<u8>,
+        client: reqwest::Client,
+    },
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl Handler {
+    pub fn webhook(name: String, url: String, secret: Vec<u8>) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self::Webhook {
+            name,
+            url,
+            secret,
+            client,
+        })
+    }
+
+    /// The cursor key in the store.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Mqtt { .. } => "mqtt".to_owned(),
+            Self::Webhook { name, .. } => format!("webhook:{name}"),
+        }
+    }
+
+    /// Delivers `alerts` in order; `Ok` only when every one was confirmed.
+    async fn deliver(&mut self, alerts: &[StoredAlert]) -> Result<(), String> {
+        match self {
+            Self::Mqtt { options, link } => {
+                if link.is_none() {
+                    *link = Some(
+                        Link::connect(options.clone(), Duration::from_secs(5))
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                let Some(l) = link.as_mut() else {
+                    return Err("no connection".into());
+                };
+                let items: Vec<(String, Bytes)> = alerts
+                    .iter()
+                    .map(|a| (a.topic.clone(), Bytes::from(a.body.clone())))
+                    .collect();
+                let sent = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    l.publish_confirmed(items, |_, _| {}, || true),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(LinkError::Failed(e) | LinkError::Refused(e))) => {
+                        *link = None;
+                        Err(e)
+                    }
+                    Err(_) => {
+                        *link = None;
+                        Err("no PUBACK in time".into())
+                    }
+                }
+            }
+            Self::Webhook {
+                url,
+                secret,
+                client,
+                ..
+            } => {
+                for a in alerts {
+                    let response = client
+                        .post(url.as_str())
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .header(SIGNATURE_HEADER, signature(secret, a.body.as_bytes()))
+                        .header(ALERT_ID_HEADER, &a.alert_id)
+                        .header(IDEMPOTENCY_HEADER, format!("{}/{}", a.alert_id, a.state))
+                        .body(a.body.clone())
+                        .send()
+                        .await
+                        .map_err(|e| format!("POST {url}: {e}"))?;
+                    if !response.status().is_success() {
+                        return Err(format!("POST {url}: HTTP {}", response.status()));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs one handler until `stop`: wakes on `wake` (a new alert) or every second.
+pub async fn run_handler(
+    mut handler: Handler,
+    store: Arc<Mutex<Store>>,
+    wake: Arc<Notify>,
+    auditor: Auditor,
+    ops: mpsc::UnboundedSender<OpsAlert>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = handler.name();
+    let mut episodes = Episodes::default();
+    let mut failures = 0u32;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let pending = {
+            let store = Arc::clone(&store);
+            let name = name.clone();
+            tokio::task::spawn_blocking(move || lock(&store).alerts_after(&name, 100)).await
+        };
+        let alerts = match pending {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                warn!(handler = %name, error = %e, "cannot read the alert outbox");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!(handler = %name, error = %e, "alert outbox task failed");
+                Vec::new()
+            }
+        };
+        if alerts.is_empty() {
+            tokio::select! {
+                () = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        match handler.deliver(&alerts).await {
+            Ok(()) => {
+                failures = 0;
+                delay = Duration::from_millis(100);
+                let last = alerts.last().map_or(0, |a| a.position);
+                let store = Arc::clone(&store);
+                let n = name.clone();
+                match tokio::task::spawn_blocking(move || lock(&store).alert_delivered(&n, last))
+                    .await
+                {
+                    Ok(Ok(())) => debug!(handler = %name, n = alerts.len(), "alerts delivered"),
+                    Ok(Err(e)) => {
+                        warn!(handler = %name, error = %e, "cannot advance the alert cursor; will deliver again")
+                    }
+                    Err(e) => warn!(handler = %name, error = %e, "alert cursor task failed"),
+                }
+                metrics::counter!("vitalmq_bridge_alerts_delivered_total", "handler" => name.clone())
+                    .increment(alerts.len() as u64);
+                if let Some(a) = episodes.resolve(OpsKind::Sink, &name, now_ms()) {
+                    info!(handler = %name, "alert handler recovered");
+                    let _ = auditor.record(
+                        AuditRecord::new(Component::Bridge, Event::SinkRecovered)
+                            .resource(name.clone()),
+                    );
+                    let _ = ops.send(a);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                warn!(handler = %name, error = %e, failures, retry_in_ms = delay.as_millis() as u64, "alert delivery failed");
+                if failures >= 3 {
+                    let mut details = Map::new();
+                    details.insert("sink".into(), json!(name));
+                    details.insert("error".into(), json!(e));
+                    if let Some(a) = episodes.raise(
+                        OpsKind::Sink,
+                        &name,
+                        "alert_handler_down",
+                        details,
+                        now_ms(),
+                    ) {
+                        let _ = auditor.record(
+                            AuditRecord::new(Component::Bridge, Event::SinkFailed)
+                                .resource(name.clone())
+                                .reason("alert_handler_down")
+                                .detail("error", e.clone()),
+                        );
+                        let _ = ops.send(a);
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_rfc_4231_hmac_sha256() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+}
