@@ -9,6 +9,7 @@ mod acl;
 mod error;
 mod identity;
 mod registry;
+mod rules;
 
 pub use acl::{
     AclPolicy, Decision, DeniedPublishV311, MAX_TOPIC_BYTES, RoleLimits, TopicError,
@@ -17,3 +18,7 @@ pub use acl::{
 pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use registry::{DeviceEntry, DeviceRegistry, RegistryFile, SiteBound, SiteId};
+pub use rules::{
+    AlertRule, ChangeDirection, Compare, CompareOp, DeviationSide, Escalation, MAX_N, MAX_SECONDS,
+    MIN_BASELINE_S, Measure, Persist, QualityPolicy, RuleKind, RuleParams, RuleSet, Severity,
+};

@@ -1,0 +1,102 @@
+//! The alert engine (issue 5, SPEC section 5): turns one device's accepted vitals into
+//! clinical and operational alert messages, without I/O.
+//!
+//! [`evaluate`] is a pure function of the [`RuleSet`](vitalmq_policies::RuleSet), the
+//! hash of the policy in force, ONE device's [`DeviceAlertState`] and one [`Sample`].
+//! It reads no clock: every time window is measured on the device clock (`ts_ms`). The
+//! bridge stages a copy of the device's state, evaluates the batch on it, and adopts the
+//! copy (and publishes the changes) only after the store committed it, exactly as it
+//! does with the sequence window.
+//!
+//! Per rule, an alert is an episode `quiet -> open -> escalated -> resolved`; each step
+//! is one [`AlertChange`] with the same deterministic `alert_id`
+//! ([`alert_id`]). Readings that meet the trigger while the episode is open are
+//! not sent again; they are counted in the state (`suppressed`, with the reason) and the
+//! counts go out with the resolution.
+//!
+//! Invariants:
+//! - the same rule set, state and sample always give the same changes and the same new
+//!   state, and a state that went through serde gives the same as one that did not;
+//! - the state of a device is bounded whatever the input: per rule at most
+//!   [`EVIDENCE_CAP`] event ids per run, [`CHANGE_BUCKETS`]` + 1`
+//!   buckets, one moving average and a 64-bit ring; rules no longer in the rule set are
+//!   dropped from it;
+//! - `evaluate` never panics, whatever the numbers (NaN and infinite readings are
+//!   ignored, times use saturating arithmetic).
+//!
+//! Decisions, documented once here:
+//! - Readings with `q` below a rule's `min_quality` are invisible to that rule. Readings
+//!   without `q` are good; with a non-finite `q`, low.
+//! - A reading older than the newest one evaluated for the device is ignored (counted in
+//!   [`DeviceAlertState::late_ignored`]) unless it is more than
+//!   [`CLOCK_RESET_MS`] older: then the device clock was reset, and every run,
+//!   window and baseline starts afresh while open alerts stay open (their escalation
+//!   clock restarts).
+//! - Persistence is judged on the readings received: a gap in readings does not break a
+//!   run, only a (good) reading that does not meet the trigger does. A device that
+//!   reports rarely must not be kept from alerting by its own sampling interval.
+//! - A rule removed from the rule set (or whose metric, kind or direction changed) has
+//!   its open alert resolved with reason `rule_removed` (`rule_changed`) at the device's
+//!   next sample, so no subscriber keeps an alert nobody will ever resolve.
+
+mod engine;
+mod measure;
+mod message;
+mod state;
+
+use std::collections::BTreeMap;
+
+use vitalmq_envelope::{DeviceId, Telemetry};
+use vitalmq_policies::{DeviceEntry, SiteId};
+
+pub use engine::{CLOCK_RESET_MS, evaluate};
+pub use measure::CHANGE_BUCKETS;
+pub use message::{
+    AlertChange, AlertState, ClinicalAlert, EscalationCause, OperationalAlert, OpsAlertType,
+    ResolveReason, SuppressedCounts, SuppressionReason, alert_id,
+};
+pub use state::{DeviceAlertState, EVIDENCE_CAP, OpenAlert};
+
+/// One accepted vitals event as the alert engine sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The normalized event's id (`ev1-...`); becomes the alerts' evidence.
+    pub event_id: String,
+    pub device: DeviceId,
+    pub site: SiteId,
+    /// Pseudonym from the registry; never a direct identifier.
+    pub patient_ref: String,
+    /// Device clock, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// Measurements by metric name.
+    pub metrics: BTreeMap<String, f64>,
+    /// Signal quality, 0..=1, when the device reports it.
+    pub q: Option<f64>,
+    pub fw: String,
+    pub model: Option<String>,
+}
+
+impl Sample {
+    /// The sample of a verified telemetry payload from a registered device.
+    pub fn from_telemetry(event_id: String, telemetry: &Telemetry, device: &DeviceEntry) -> Self {
+        Self {
+            event_id,
+            device: telemetry.dev.clone(),
+            site: device.site.clone(),
+            patient_ref: device.patient_ref.clone(),
+            ts_ms: telemetry.ts,
+            metrics: telemetry
+                .m
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_f64()))
+                .collect(),
+            q: telemetry.q,
+            fw: telemetry.fw.clone(),
+            model: telemetry.model.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

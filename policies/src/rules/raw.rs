@@ -1,0 +1,147 @@
+//! The rule file as written: serde types that mirror the TOML, every value [`Spanned`]
+//! so validation can name its line, `deny_unknown_fields` everywhere. Nothing here is
+//! checked beyond TOML types; [`super::validate`] turns it into a `RuleSet`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFile {
+    pub(super) format: Spanned<String>,
+    pub(super) version: Spanned<String>,
+    pub(super) quality: Spanned<RawQuality>,
+    #[serde(default)]
+    pub(super) cohorts: BTreeMap<Spanned<String>, Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub(super) rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    pub(super) overrides: Vec<Spanned<RawOverride>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQuality {
+    pub(super) low_below: Spanned<f64>,
+    pub(super) max_low_fraction: Spanned<f64>,
+    pub(super) over_n: Spanned<u64>,
+    pub(super) resolve_fraction: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    pub(super) id: Spanned<String>,
+    pub(super) version: Spanned<String>,
+    pub(super) metric: Spanned<String>,
+    pub(super) kind: Spanned<String>,
+    pub(super) severity: Spanned<String>,
+    pub(super) below: Option<Spanned<f64>>,
+    pub(super) at_or_below: Option<Spanned<f64>>,
+    pub(super) above: Option<Spanned<f64>>,
+    pub(super) at_or_above: Option<Spanned<f64>>,
+    pub(super) resolve_at: Option<Spanned<f64>>,
+    pub(super) resolve_after_s: Option<Spanned<u64>>,
+    pub(super) persist: Option<Spanned<RawPersist>>,
+    pub(super) rate: Option<Spanned<RawRate>>,
+    pub(super) baseline: Option<Spanned<RawBaseline>>,
+    pub(super) min_quality: Option<Spanned<f64>>,
+    pub(super) escalate: Option<Spanned<RawEscalate>>,
+}
+
+/// The parameters a rule states and an override may `set`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawParams {
+    pub(super) severity: Option<Spanned<String>>,
+    pub(super) below: Option<Spanned<f64>>,
+    pub(super) at_or_below: Option<Spanned<f64>>,
+    pub(super) above: Option<Spanned<f64>>,
+    pub(super) at_or_above: Option<Spanned<f64>>,
+    pub(super) resolve_at: Option<Spanned<f64>>,
+    pub(super) resolve_after_s: Option<Spanned<u64>>,
+    pub(super) persist: Option<Spanned<RawPersist>>,
+    pub(super) rate: Option<Spanned<RawRate>>,
+    pub(super) baseline: Option<Spanned<RawBaseline>>,
+    pub(super) min_quality: Option<Spanned<f64>>,
+    pub(super) escalate: Option<Spanned<RawEscalate>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPersist {
+    pub(super) seconds: Option<Spanned<u64>>,
+    pub(super) k: Option<Spanned<u64>>,
+    pub(super) n: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRate {
+    pub(super) fall: Option<Spanned<f64>>,
+    pub(super) rise: Option<Spanned<f64>>,
+    pub(super) within_s: Spanned<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBaseline {
+    pub(super) window_s: Spanned<u64>,
+    pub(super) deviation: Spanned<f64>,
+    pub(super) resolve_within: Spanned<f64>,
+    pub(super) direction: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEscalate {
+    pub(super) beyond: Option<Spanned<f64>>,
+    pub(super) after_s: Option<Spanned<u64>>,
+    pub(super) to: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOverride {
+    pub(super) rule: Spanned<String>,
+    pub(super) site: Option<Spanned<String>>,
+    pub(super) cohort: Option<Spanned<String>>,
+    pub(super) set: Spanned<RawParams>,
+}
+
+impl RawRule {
+    /// Splits the rule into its identity and its parameters.
+    pub(super) fn split(self) -> (RuleHead, RawParams) {
+        let head = RuleHead {
+            id: self.id,
+            version: self.version,
+            metric: self.metric,
+            kind: self.kind,
+        };
+        let params = RawParams {
+            severity: Some(self.severity),
+            below: self.below,
+            at_or_below: self.at_or_below,
+            above: self.above,
+            at_or_above: self.at_or_above,
+            resolve_at: self.resolve_at,
+            resolve_after_s: self.resolve_after_s,
+            persist: self.persist,
+            rate: self.rate,
+            baseline: self.baseline,
+            min_quality: self.min_quality,
+            escalate: self.escalate,
+        };
+        (head, params)
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct RuleHead {
+    pub(super) id: Spanned<String>,
+    pub(super) version: Spanned<String>,
+    pub(super) metric: Spanned<String>,
+    pub(super) kind: Spanned<String>,
+}
