@@ -5,16 +5,18 @@
 //! [`Sequencer::adopt`] only after the store committed the batch, so a failed commit
 //! (disk full) leaves the in-memory state exactly as durable state is.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use vitalmq_envelope::{DeviceId, MessageType, ReasonClass, Refusal, Telemetry, Verified};
-use vitalmq_policies::DeviceRegistry;
+use vitalmq_policies::{DeviceRegistry, RuleSet};
 
+use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
 use crate::gaps::{Gap, OpenGaps};
 use crate::normalize::{self, Receipt};
-use crate::store::{Commit, NewEvent, Quarantined};
+use crate::store::{Commit, NewAlert, NewEvent, Quarantined};
 use crate::window::{self, Accepted, DeviceSequence, ReceiptPoint, Rejected, Verdict, WindowSize};
 
 /// A message as it came off the broker.
@@ -145,6 +147,7 @@ impl<T> Sequenced<T> {
 struct Track {
     window: Option<DeviceSequence>,
     gaps: OpenGaps,
+    alerts: DeviceAlertState,
 }
 
 /// Identity facts the normalized events record.
@@ -156,11 +159,13 @@ pub struct Origin {
     pub bridge: String,
 }
 
-/// Per-device sequence state (step 3).
+/// Per-device sequence and alert state (steps 3 and 4).
 #[derive(Debug)]
 pub struct Sequencer {
     size: WindowSize,
     tracks: HashMap<DeviceId, Track>,
+    /// The alert rules in force; `None` runs no alert engine.
+    rules: Option<Arc<RuleSet>>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -172,6 +177,8 @@ impl Sequencer {
         size: WindowSize,
         windows: HashMap<DeviceId, DeviceSequence>,
         gaps: HashMap<DeviceId, Vec<Gap>>,
+        alert_states: HashMap<DeviceId, DeviceAlertState>,
+        rules: Option<Arc<RuleSet>>,
     ) -> Self {
         let mut tracks: HashMap<DeviceId, Track> = windows
             .into_iter()
@@ -180,7 +187,7 @@ impl Sequencer {
                     d,
                     Track {
                         window: Some(w),
-                        gaps: OpenGaps::default(),
+                        ..Track::default()
                     },
                 )
             })
@@ -188,7 +195,23 @@ impl Sequencer {
         for (d, g) in gaps {
             tracks.entry(d).or_default().gaps = OpenGaps::new(g);
         }
-        Self { size, tracks }
+        for (d, a) in alert_states {
+            tracks.entry(d).or_default().alerts = a;
+        }
+        Self {
+            size,
+            tracks,
+            rules,
+        }
+    }
+
+    /// Puts a reloaded rule set in force for the next batch.
+    pub fn set_rules(&mut self, rules: Option<Arc<RuleSet>>) {
+        self.rules = rules;
+    }
+
+    pub fn rules(&self) -> Option<&Arc<RuleSet>> {
+        self.rules.as_ref()
     }
 
     /// The receipt point a device's committed state supports.
@@ -210,6 +233,7 @@ impl Sequencer {
             ..Commit::default()
         };
         let mut dispositions = Vec::with_capacity(batch.len());
+        let mut alerted = BTreeSet::new();
         for checked in batch {
             match checked {
                 Checked::Refused {
@@ -294,6 +318,17 @@ impl Sequencer {
                     };
                     let normalized_json = normalize::normalize(&verified, entry, &receipt);
                     let event_id = normalize::event_id(&device, epoch, seq);
+                    if let Some(rules) = &self.rules
+                        && verified.kind == MessageType::Vitals
+                    {
+                        let sample = Sample::from_telemetry(event_id.clone(), &verified, entry);
+                        let changes =
+                            alerts::evaluate(rules, rules.sha256(), &mut track.alerts, &sample);
+                        commit
+                            .alerts
+                            .extend(changes.iter().map(|c| new_alert(c, now_ms)));
+                        alerted.insert(device.clone());
+                    }
                     commit.events.push(NewEvent {
                         event_id: event_id.clone(),
                         device: device.clone(),
@@ -325,6 +360,13 @@ impl Sequencer {
             .iter()
             .filter_map(|(d, t)| t.window.clone().map(|w| (d.clone(), w)))
             .collect();
+        commit.alert_states = alerted
+            .into_iter()
+            .filter_map(|d| {
+                let json = serde_json::to_string(&staged.get(&d)?.alerts).ok()?;
+                Some((d, json))
+            })
+            .collect();
         Sequenced {
             commit,
             dispositions,
@@ -337,6 +379,24 @@ impl Sequencer {
         for (device, track) in sequenced.staged.drain() {
             self.tracks.insert(device, track);
         }
+    }
+}
+
+/// The store row of one alert state change.
+fn new_alert(change: &AlertChange, now_ms: u64) -> NewAlert {
+    let (kind, device, rule) = match change {
+        AlertChange::Clinical(a) => ("clinical", a.device.to_string(), Some(a.rule.clone())),
+        AlertChange::Operational(a) => ("operational", a.device.to_string(), None),
+    };
+    NewAlert {
+        alert_id: change.alert_id().to_owned(),
+        state: change.state().as_str().to_owned(),
+        kind: kind.to_owned(),
+        topic: change.topic(),
+        device: Some(device),
+        rule,
+        created_at_ms: now_ms,
+        body: change.to_json(),
     }
 }
 

@@ -27,6 +27,42 @@ pub struct BridgeConfig {
     pub pipeline: Pipeline,
     #[serde(default)]
     pub sinks: Vec<SinkConfig>,
+    /// The alert engine and its handlers; no alerts without it.
+    #[serde(default)]
+    pub alerts: Option<AlertsConfig>,
+}
+
+/// Alert rules and where alerts go (SPEC section 5).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Rule file (`vitalmq-rules/v1`); reloaded on change or SIGHUP.
+    pub rules: PathBuf,
+    /// The alert publisher's identity (role bridge, e.g. `bridge-01-alerts`): alerts go
+    /// over a connection of their own so each PUBACK confirms one. Address and CA are
+    /// the `[broker]` ones.
+    pub publisher: AlertPublisher,
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// Certificate and key of the alert publisher, and its client id (the certificate's id).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertPublisher {
+    pub client_id: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// One HTTP endpoint that receives every alert, signed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub name: String,
+    pub url: String,
+    /// Environment variable holding the HMAC-SHA256 key (never the key itself here).
+    pub secret_env: String,
 }
 
 /// An MQTT connection over mTLS.
@@ -186,6 +222,13 @@ impl BridgeConfig {
             }
         };
         fix_link(&mut self.broker);
+        if let Some(a) = &mut self.alerts {
+            for p in [&mut a.rules, &mut a.publisher.cert, &mut a.publisher.key] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         for sink in &mut self.sinks {
             match sink {
                 SinkConfig::Objects { path: Some(p), .. } => fix(p),
@@ -202,6 +245,17 @@ impl BridgeConfig {
         }
         if self.pipeline.resume_backlog > self.pipeline.max_backlog {
             return Err("pipeline.resume_backlog: must not exceed max_backlog".into());
+        }
+        if let Some(a) = &self.alerts {
+            let mut hooks = std::collections::HashSet::new();
+            for w in &a.webhooks {
+                if !hooks.insert(&w.name) {
+                    return Err(format!("alerts.webhooks: the name {:?} is used twice", w.name));
+                }
+                if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                    return Err(format!("alerts.webhooks.{}: url must be http:// or https://", w.name));
+                }
+            }
         }
         let mut names = std::collections::HashSet::new();
         for sink in &self.sinks {

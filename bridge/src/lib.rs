@@ -1,6 +1,7 @@
 //! Verify, sequence-check and durably forward device telemetry (issue 4, SPEC sections
 //! 3 and 4). See ARCHITECTURE.md for the pipeline and its invariants.
 
+pub mod alerts;
 pub mod classify;
 pub mod config;
 pub mod delivery;
@@ -12,6 +13,7 @@ pub mod normalize;
 pub mod ops;
 pub mod receipt;
 pub mod recorder;
+pub mod reload;
 pub mod run;
 pub mod sink;
 pub mod store;

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Map, json};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{error, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Decision, Event};
 use vitalmq_envelope::DeviceId;
-use vitalmq_policies::DeviceRegistry;
+use vitalmq_policies::{DeviceRegistry, RuleSet};
 
 use crate::classify::{Checked, Disposition, Origin, Sequencer};
 use crate::gaps::GapState;
@@ -51,6 +51,10 @@ pub struct Recorder {
     pub auditor: Auditor,
     pub settings: RecorderSettings,
     pub ops: mpsc::UnboundedSender<OpsAlert>,
+    /// Reloaded alert rules, when the alert engine runs.
+    pub rules: Option<watch::Receiver<Arc<RuleSet>>>,
+    /// One per alert handler: woken after a commit that recorded alerts.
+    pub alert_wakers: Vec<Arc<Notify>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -70,6 +74,12 @@ impl Recorder {
         let mut paused = false;
         while let Some(batch) = batches.blocking_recv() {
             self.hold_while_backlogged(&mut episodes, &mut paused);
+            if let Some(rules) = &mut self.rules
+                && rules.has_changed().unwrap_or(false)
+            {
+                let fresh = Arc::clone(&rules.borrow_and_update());
+                self.sequencer.set_rules(Some(fresh));
+            }
             let mut sequenced =
                 self.sequencer
                     .sequence(&self.registry, &self.origin, batch, now_ms());
@@ -104,7 +114,13 @@ impl Recorder {
                 }
             }
             self.sequencer.adopt(&mut sequenced);
-            let audited = self.audit(&sequenced.dispositions, &sequenced.commit.gaps);
+            if !sequenced.commit.alerts.is_empty() {
+                for waker in &self.alert_wakers {
+                    waker.notify_one();
+                }
+            }
+            let audited = self.audit(&sequenced.dispositions, &sequenced.commit.gaps)
+                & self.audit_alerts(&sequenced.commit.alerts);
             let mut touched = BTreeSet::new();
             let mut tokens = Vec::with_capacity(sequenced.dispositions.len());
             for (d, token) in sequenced.dispositions {
@@ -213,6 +229,32 @@ impl Recorder {
         if let Some(a) = episodes.resolve(OpsKind::Audit, "audit", now_ms()) {
             let _ = self.ops.send(a);
         }
+    }
+
+    /// One audit record per alert state change, with the policy that decided it.
+    fn audit_alerts(&self, alerts: &[crate::store::NewAlert]) -> bool {
+        let policy = self.sequencer.rules().map(|r| r.sha256().to_owned());
+        let mut ok = true;
+        for a in alerts {
+            let mut r = AuditRecord::new(Component::Bridge, Event::AlertStateChanged)
+                .action("alert")
+                .resource(a.alert_id.clone())
+                .reason(a.state.clone())
+                .detail("kind", a.kind.as_str())
+                .detail("topic", a.topic.as_str())
+                .detail("device", a.device.clone().unwrap_or_default());
+            if let Some(rule) = &a.rule {
+                r = r.rule(rule.clone());
+            }
+            if let Some(p) = &policy {
+                r = r.policy_sha256(p.clone());
+            }
+            if let Err(e) = self.auditor.record(r) {
+                error!(error = %e, "audit log refused a record");
+                ok = false;
+            }
+        }
+        ok
     }
 
     /// One audit record per refused, rejected message and gap change. False when the

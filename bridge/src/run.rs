@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, error, info, warn};
 use vitalmq_audit::{AuditLog, AuditRecord, Component, Event as AuditEvent};
 use vitalmq_envelope::DeviceId;
@@ -24,6 +24,7 @@ use vitalmq_policies::DeviceRegistry;
 
 use crate::classify::{self, Checked, Incoming, Origin, Sequencer};
 use crate::config::{BridgeConfig, SinkConfig};
+use crate::delivery::Handler;
 use crate::drain::{self, DrainSettings};
 use crate::mqtt;
 use crate::ops::OpsAlert;
@@ -112,10 +113,24 @@ pub async fn run(
     let audit = AuditLog::open(&config.audit_path(), 65_536)
         .with_context(|| format!("audit log {}", config.audit_path().display()))?;
     let auditor = audit.auditor();
+    let rules = match &config.alerts {
+        Some(a) => Some(Arc::new(
+            vitalmq_policies::RuleSet::load(&a.rules).map_err(|e| anyhow::anyhow!("{e}"))?,
+        )),
+        None => None,
+    };
+    let mut alert_states = HashMap::new();
+    for (device, json) in store.load_alert_states()? {
+        let state = serde_json::from_str(&json)
+            .with_context(|| format!("{}: stored alert state of {device}", store.path().display()))?;
+        alert_states.insert(device, state);
+    }
     let sequencer = Sequencer::new(
         config.window(),
         store.load_sequences(config.window())?,
         store.load_open_gaps()?,
+        alert_states,
+        rules.clone(),
     );
     let mut sinks = Vec::new();
     for s in &config.sinks {
@@ -146,6 +161,33 @@ pub async fn run(
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Recorded<rumqttc::Publish>>();
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    // Alert rules (reloaded on change) and handlers, each with its own cursor and task.
+    let mut rules_watch = None;
+    let mut handlers = Vec::new();
+    if let (Some(a), Some(initial)) = (&config.alerts, &rules) {
+        rules_watch = Some(crate::reload::watch_rules(
+            a.rules.clone(),
+            Arc::clone(initial),
+            auditor.clone(),
+        ));
+        let publisher = crate::config::BrokerLink {
+            cert: a.publisher.cert.clone(),
+            key: a.publisher.key.clone(),
+            ..config.broker.clone()
+        };
+        handlers.push(Handler::Mqtt {
+            options: mqtt::options(&publisher, &a.publisher.client_id, false)?,
+            link: None,
+        });
+        for w in &a.webhooks {
+            let secret = std::env::var(&w.secret_env).with_context(|| {
+                format!("webhook {}: environment variable {} is not set", w.name, w.secret_env)
+            })?;
+            handlers.push(Handler::webhook(w.name.clone(), w.url.clone(), secret.into_bytes())?);
+        }
+    }
+    let alert_wakers: Vec<Arc<Notify>> = handlers.iter().map(|_| Arc::new(Notify::new())).collect();
+
     let recorder = Recorder {
         store,
         sequencer,
@@ -161,6 +203,8 @@ pub async fn run(
             sinks: config.sinks.iter().map(|s| s.name().to_owned()).collect(),
         },
         ops: ops_tx.clone(),
+        rules: rules_watch.as_ref().map(|w| w.rules.clone()),
+        alert_wakers: alert_wakers.clone(),
     };
     let recorder = std::thread::Builder::new()
         .name("vitalmq-recorder".into())
@@ -191,6 +235,17 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
+    for (handler, wake) in handlers.into_iter().zip(alert_wakers) {
+        let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
+        drains.push(tokio::spawn(crate::delivery::run_handler(
+            handler,
+            store,
+            wake,
+            auditor.clone(),
+            ops_tx.clone(),
+            stop_rx.clone(),
+        )));
+    }
     drop(ops_tx);
 
     let events = tokio::spawn(event_loop(client.clone(), eventloop, incoming_tx));
@@ -210,6 +265,7 @@ pub async fn run(
     let _ = auditor.record(
         AuditRecord::new(Component::Bridge, AuditEvent::ComponentStopped).resource(bridge_identity),
     );
+    drop(rules_watch);
     audit.close().context("close the audit log")?;
     Ok(())
 }

@@ -99,7 +99,7 @@ impl Fixture {
 }
 
 fn sequencer() -> Sequencer {
-    Sequencer::new(WindowSize::default(), HashMap::new(), HashMap::new())
+    Sequencer::new(WindowSize::default(), HashMap::new(), HashMap::new(), HashMap::new(), None)
 }
 
 #[test]

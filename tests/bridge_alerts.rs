@@ -1,0 +1,237 @@
+//! Clinical alerts end to end (issue 5, SPEC section 5): a scripted desaturation,
+//! signed with the device's key (device clock set per reading) and published by the
+//! device through the real broker, reaches the real bridge; the alert goes out on
+//! `alerts/{site}/{severity}/{device}` to an integrator of that site (mosquitto_sub,
+//! software nobody here wrote) and to a signed webhook received by an HTTP server
+//! started here; an integrator of the other site gets nothing. The bridge is killed
+//! with `kill -9` in the middle of the episode: the open alert is neither lost nor
+//! raised twice.
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Rig, Spawned, vitalmq_ok};
+use serde_json::Value as Json;
+
+const SECRET: &str = "webhook-test-secret";
+
+/// One HTTP request the webhook receiver got.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Received {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 server on 127.0.0.1 that records every POST and answers 200.
+fn webhook_receiver() -> (u16, Arc<Mutex<Vec<Received>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&got);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let sink = Arc::clone(&sink);
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut writer = stream.try_clone().expect("clone");
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut headers = Vec::new();
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+                        }
+                    }
+                    let len: usize = headers
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                        .and_then(|(_, v)| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    sink.lock().expect("lock").push(Received { headers, body });
+                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+/// HMAC-SHA256 as the receiver checks it (independently of the bridge's code).
+fn hmac_sha256(key: &[u8], body: &[u8]) -> String {
+    use hmac::Mac as _;
+    let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key).expect("any key length");
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn alerts_config(webhook_port: u16) -> String {
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
+    format!(
+        r#"[alerts]
+rules = "{}"
+publisher = {{ client_id = "bridge-01-alerts", cert = "pki/identities/bridge/bridge-01-alerts.pem", key = "pki/identities/bridge/bridge-01-alerts.key.pem" }}
+webhooks = [{{ name = "ehr", url = "http://127.0.0.1:{webhook_port}/alerts", secret_env = "VITALMQ_TEST_WEBHOOK_SECRET" }}]
+"#,
+        rules.display()
+    )
+}
+
+/// `(device time in s, spo2)`: 97 for a minute, a fall to 86 held for minutes, a dip to
+/// 84, then recovery to 93 for two minutes. One reading every 10 s of device time.
+fn desaturation() -> Vec<(u64, f64)> {
+    let mut t = Vec::new();
+    let mut s = 0;
+    let mut push = |v: f64, n: usize| {
+        for _ in 0..n {
+            t.push((s, v));
+            s += 10;
+        }
+    };
+    push(97.0, 7);
+    for v in [89.0, 88.0, 87.0, 86.0] {
+        push(v, 1);
+    }
+    push(86.0, 10);
+    push(84.0, 2);
+    push(93.0, 14);
+    t
+}
+
+fn received_alerts(sub: &Spawned) -> Vec<(String, Json)> {
+    sub.stdout()
+        .lines()
+        .filter_map(|l| {
+            let (topic, payload) = l.split_once(' ')?;
+            Some((topic.to_owned(), serde_json::from_str(payload).ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_crash() {
+    let rig = Rig::start(vitalmq_bin!(), "alerts-e2e", 4, |_| {});
+    let (port, webhook) = webhook_receiver();
+    let own_site = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
+    let other_site = rig.mosquitto_sub("integrator", "int-site-02", "alerts/site-02/#");
+    let config = common::BridgeProcess::config_with(rig.broker.port, "", "") + &alerts_config(port);
+    let start = |rig: &Rig| {
+        common::BridgeProcess::start_with_env(
+            vitalmq_bin!(),
+            rig.dir(),
+            &config,
+            &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRET)],
+            Duration::from_secs(30),
+        )
+    };
+    let mut bridge = start(&rig);
+    let t0_ms: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    let trajectory = desaturation();
+    let key = rig.pki().join("devices/dev-00001/cose.key.pem");
+    let out = rig.dir().join("reading.cbor");
+    let publish = |seq: usize, t_s: u64, spo2: f64| {
+        vitalmq_ok(
+            vitalmq_bin!(),
+            &[
+                "envelope", "sign", "--key", key.to_str().expect("utf-8"), "--dev", "dev-00001",
+                "--epoch", "1", "--seq", &seq.to_string(), "--ts", &(t0_ms + t_s * 1000).to_string(),
+                "--m", &format!("spo2={spo2}"), "--m", "pulse=72", "--q", "0.95", "--fw", "5.12.1",
+                "--output", out.to_str().expect("utf-8"),
+            ],
+        );
+        let bytes = std::fs::read(&out).expect("signed");
+        rig.mosquitto_pub("device", "dev-00001", "devices/dev-00001/telemetry", &bytes);
+    };
+    let spo2_low = |alerts: &[(String, Json)]| -> Vec<(String, Json)> {
+        alerts.iter().filter(|(_, a)| a["rule"] == "spo2-low").cloned().collect()
+    };
+    // Up to the open alert, then a crash.
+    let crash_at = trajectory.iter().position(|(t, _)| *t >= 160).expect("crash point");
+    for (seq, (t, v)) in trajectory.iter().enumerate().take(crash_at) {
+        publish(seq, *t, *v);
+    }
+    assert!(
+        own_site.wait_output(Duration::from_secs(20), |o| o.contains("\"spo2-low\"")),
+        "no spo2-low alert at the integrator:\n{}\nbridge:\n{}",
+        own_site.all(),
+        bridge.process.all()
+    );
+    bridge.process.kill9();
+    let _bridge = start(&rig);
+    for (seq, (t, v)) in trajectory.iter().enumerate().skip(crash_at) {
+        publish(seq, *t, *v);
+    }
+    assert!(
+        own_site.wait_output(Duration::from_secs(20), |o| o.contains("\"resolved\"")),
+        "no resolution:\n{}",
+        own_site.all()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    let got = spo2_low(&received_alerts(&own_site));
+    let states: Vec<&str> = got.iter().map(|(_, a)| a["state"].as_str().expect("state")).collect();
+    assert_eq!(states, ["open", "escalated", "resolved"], "exactly one episode: {got:?}");
+    let id = &got[0].1["alert_id"];
+    for (topic, a) in &got {
+        assert_eq!(&a["alert_id"], id, "one alert id for the episode");
+        assert_eq!(a["kind"], "clinical");
+        assert_eq!(a["device"], "dev-00001");
+        assert_eq!(a["site"], "site-01");
+        assert_eq!(a["fw"], "5.12.1");
+        assert!(a["policy_sha256"].as_str().is_some_and(|h| h.len() == 64));
+        assert!(a["evidence"].as_array().is_some_and(|e| !e.is_empty()));
+        assert_eq!(topic, &format!("alerts/site-01/{}/dev-00001", a["severity"].as_str().expect("severity")));
+    }
+    assert!(received_alerts(&other_site).is_empty(), "another site's integrator got: {}", other_site.all());
+
+    // The webhook got the same state changes, each signed over its exact body.
+    std::thread::sleep(Duration::from_secs(2));
+    let hooks = webhook.lock().expect("lock").clone();
+    let mut hook_states = Vec::new();
+    for r in &hooks {
+        let sig = r.header("x-vitalmq-signature").expect("signature header");
+        assert_eq!(sig, format!("sha256={}", hmac_sha256(SECRET.as_bytes(), &r.body)));
+        let a: Json = serde_json::from_slice(&r.body).expect("json body");
+        assert_eq!(r.header("x-vitalmq-alert-id"), a["alert_id"].as_str());
+        if a["rule"] == "spo2-low" {
+            hook_states.push((a["alert_id"].clone(), a["state"].as_str().expect("state").to_owned()));
+        }
+    }
+    hook_states.dedup();
+    let expected: Vec<(Json, String)> =
+        ["open", "escalated", "resolved"].iter().map(|s| (id.clone(), (*s).to_owned())).collect();
+    assert_eq!(hook_states, expected);
+    // The store has the alert history too, and the audit log still verifies.
+    let stored = rig.rows("alerts");
+    assert!(stored.iter().any(|a| a["alert_id"] == *id && a["state"] == "resolved"));
+    vitalmq_ok(vitalmq_bin!(), &["audit", "verify", rig.data().join("audit.jsonl").to_str().expect("utf-8")]);
+}
