@@ -95,7 +95,8 @@ fn hmac_sha256(key: &[u8], body: &[u8]) -> String {
 }
 
 fn alerts_config(webhook_port: u16) -> String {
-    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
     format!(
         r#"[alerts]
 rules = "{}"
@@ -162,28 +163,56 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
         vitalmq_ok(
             vitalmq_bin!(),
             &[
-                "envelope", "sign", "--key", key.to_str().expect("utf-8"), "--dev", "dev-00001",
-                "--epoch", "1", "--seq", &seq.to_string(), "--ts", &(t0_ms + t_s * 1000).to_string(),
-                "--m", &format!("spo2={spo2}"), "--m", "pulse=72", "--q", "0.95", "--fw", "5.12.1",
-                "--output", out.to_str().expect("utf-8"),
+                "envelope",
+                "sign",
+                "--key",
+                key.to_str().expect("utf-8"),
+                "--dev",
+                "dev-00001",
+                "--epoch",
+                "1",
+                "--seq",
+                &seq.to_string(),
+                "--ts",
+                &(t0_ms + t_s * 1000).to_string(),
+                "--m",
+                &format!("spo2={spo2}"),
+                "--m",
+                "pulse=72",
+                "--q",
+                "0.95",
+                "--fw",
+                "5.12.1",
+                "--output",
+                out.to_str().expect("utf-8"),
             ],
         );
         let bytes = std::fs::read(&out).expect("signed");
         rig.mosquitto_pub("device", "dev-00001", "devices/dev-00001/telemetry", &bytes);
     };
     let spo2_low = |alerts: &[(String, Json)]| -> Vec<(String, Json)> {
-        alerts.iter().filter(|(_, a)| a["rule"] == "spo2-low").cloned().collect()
+        alerts
+            .iter()
+            .filter(|(_, a)| a["rule"] == "spo2-low")
+            .cloned()
+            .collect()
     };
     // Up to the open alert, then a crash.
-    let crash_at = trajectory.iter().position(|(t, _)| *t >= 160).expect("crash point");
+    let crash_at = trajectory
+        .iter()
+        .position(|(t, _)| *t >= 160)
+        .expect("crash point");
     for (seq, (t, v)) in trajectory.iter().enumerate().take(crash_at) {
         publish(seq, *t, *v);
     }
     assert!(
         own_site.wait_output(Duration::from_secs(20), |o| o.contains("\"spo2-low\"")),
-        "no spo2-low alert at the integrator:\n{}\nbridge:\n{}",
+        "no spo2-low alert at the integrator:\n{}\nbridge:\n{}\nstored alerts: {:?}\nstats: {}\nevents: {:?}",
         own_site.all(),
-        bridge.process.all()
+        bridge.process.all(),
+        rig.rows("alerts"),
+        rig.stats(),
+        rig.rows("events").iter().take(3).collect::<Vec<_>>()
     );
     bridge.process.kill9();
     let _bridge = start(&rig);
@@ -198,8 +227,15 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
     std::thread::sleep(Duration::from_secs(1));
 
     let got = spo2_low(&received_alerts(&own_site));
-    let states: Vec<&str> = got.iter().map(|(_, a)| a["state"].as_str().expect("state")).collect();
-    assert_eq!(states, ["open", "escalated", "resolved"], "exactly one episode: {got:?}");
+    let states: Vec<&str> = got
+        .iter()
+        .map(|(_, a)| a["state"].as_str().expect("state"))
+        .collect();
+    assert_eq!(
+        states,
+        ["open", "escalated", "resolved"],
+        "exactly one episode: {got:?}"
+    );
     let id = &got[0].1["alert_id"];
     for (topic, a) in &got {
         assert_eq!(&a["alert_id"], id, "one alert id for the episode");
@@ -209,9 +245,19 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
         assert_eq!(a["fw"], "5.12.1");
         assert!(a["policy_sha256"].as_str().is_some_and(|h| h.len() == 64));
         assert!(a["evidence"].as_array().is_some_and(|e| !e.is_empty()));
-        assert_eq!(topic, &format!("alerts/site-01/{}/dev-00001", a["severity"].as_str().expect("severity")));
+        assert_eq!(
+            topic,
+            &format!(
+                "alerts/site-01/{}/dev-00001",
+                a["severity"].as_str().expect("severity")
+            )
+        );
     }
-    assert!(received_alerts(&other_site).is_empty(), "another site's integrator got: {}", other_site.all());
+    assert!(
+        received_alerts(&other_site).is_empty(),
+        "another site's integrator got: {}",
+        other_site.all()
+    );
 
     // The webhook got the same state changes, each signed over its exact body.
     std::thread::sleep(Duration::from_secs(2));
@@ -219,19 +265,38 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
     let mut hook_states = Vec::new();
     for r in &hooks {
         let sig = r.header("x-vitalmq-signature").expect("signature header");
-        assert_eq!(sig, format!("sha256={}", hmac_sha256(SECRET.as_bytes(), &r.body)));
+        assert_eq!(
+            sig,
+            format!("sha256={}", hmac_sha256(SECRET.as_bytes(), &r.body))
+        );
         let a: Json = serde_json::from_slice(&r.body).expect("json body");
         assert_eq!(r.header("x-vitalmq-alert-id"), a["alert_id"].as_str());
         if a["rule"] == "spo2-low" {
-            hook_states.push((a["alert_id"].clone(), a["state"].as_str().expect("state").to_owned()));
+            hook_states.push((
+                a["alert_id"].clone(),
+                a["state"].as_str().expect("state").to_owned(),
+            ));
         }
     }
     hook_states.dedup();
-    let expected: Vec<(Json, String)> =
-        ["open", "escalated", "resolved"].iter().map(|s| (id.clone(), (*s).to_owned())).collect();
+    let expected: Vec<(Json, String)> = ["open", "escalated", "resolved"]
+        .iter()
+        .map(|s| (id.clone(), (*s).to_owned()))
+        .collect();
     assert_eq!(hook_states, expected);
     // The store has the alert history too, and the audit log still verifies.
     let stored = rig.rows("alerts");
-    assert!(stored.iter().any(|a| a["alert_id"] == *id && a["state"] == "resolved"));
-    vitalmq_ok(vitalmq_bin!(), &["audit", "verify", rig.data().join("audit.jsonl").to_str().expect("utf-8")]);
+    assert!(
+        stored
+            .iter()
+            .any(|a| a["alert_id"] == *id && a["state"] == "resolved")
+    );
+    vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "audit",
+            "verify",
+            rig.data().join("audit.jsonl").to_str().expect("utf-8"),
+        ],
+    );
 }

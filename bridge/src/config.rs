@@ -250,10 +250,16 @@ impl BridgeConfig {
             let mut hooks = std::collections::HashSet::new();
             for w in &a.webhooks {
                 if !hooks.insert(&w.name) {
-                    return Err(format!("alerts.webhooks: the name {:?} is used twice", w.name));
+                    return Err(format!(
+                        "alerts.webhooks: the name {:?} is used twice",
+                        w.name
+                    ));
                 }
                 if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                    return Err(format!("alerts.webhooks.{}: url must be http:// or https://", w.name));
+                    return Err(format!(
+                        "alerts.webhooks.{}: url must be http:// or https://",
+                        w.name
+                    ));
                 }
             }
         }

@@ -44,7 +44,7 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 pub enum Handler {
     /// The broker, over the alert publisher's own connection.
     Mqtt {
-        options: rumqttc::MqttOptions,
+        options: Box<rumqttc::MqttOptions>,
         link: Option<Link>,
     },
     /// An HTTP endpoint; the body is the alert JSON, signed.
@@ -90,7 +90,7 @@ impl Handler {
             Self::Mqtt { options, link } => {
                 if link.is_none() {
                     *link = Some(
-                        Link::connect(options.clone(), Duration::from_secs(5))
+                        Link::connect((**options).clone(), Duration::from_secs(5))
                             .await
                             .map_err(|e| e.to_string())?,
                     );

@@ -82,13 +82,19 @@ pub fn watch_rules(path: PathBuf, initial: Arc<RuleSet>, auditor: Auditor) -> Ru
     }
 }
 
-fn file_watcher(path: &std::path::Path, trigger: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+fn file_watcher(
+    path: &std::path::Path,
+    trigger: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let name = path.file_name()?.to_owned();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if (event.kind.is_modify() || event.kind.is_create())
-            && event.paths.iter().any(|p| p.file_name() == Some(name.as_os_str()))
+            && event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_os_str()))
         {
             let _ = trigger.try_send(());
         }
@@ -96,7 +102,10 @@ fn file_watcher(path: &std::path::Path, trigger: mpsc::Sender<()>) -> Option<not
     .map_err(|e| tracing::warn!(error = %e, "file watching unavailable; SIGHUP still reloads"))
     .ok()?;
     // The directory, not the file: editors replace files by rename.
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
     if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot watch");
     }

@@ -119,10 +119,17 @@ pub async fn run(
         )),
         None => None,
     };
+    match &rules {
+        Some(r) => {
+            info!(rules_version = %r.version(), policy_sha256 = %r.sha256(), rules = r.rules().len(), "alert engine on")
+        }
+        None => info!("alert engine off: no [alerts] in the configuration"),
+    }
     let mut alert_states = HashMap::new();
     for (device, json) in store.load_alert_states()? {
-        let state = serde_json::from_str(&json)
-            .with_context(|| format!("{}: stored alert state of {device}", store.path().display()))?;
+        let state = serde_json::from_str(&json).with_context(|| {
+            format!("{}: stored alert state of {device}", store.path().display())
+        })?;
         alert_states.insert(device, state);
     }
     let sequencer = Sequencer::new(
@@ -176,14 +183,21 @@ pub async fn run(
             ..config.broker.clone()
         };
         handlers.push(Handler::Mqtt {
-            options: mqtt::options(&publisher, &a.publisher.client_id, false)?,
+            options: Box::new(mqtt::options(&publisher, &a.publisher.client_id, false)?),
             link: None,
         });
         for w in &a.webhooks {
             let secret = std::env::var(&w.secret_env).with_context(|| {
-                format!("webhook {}: environment variable {} is not set", w.name, w.secret_env)
+                format!(
+                    "webhook {}: environment variable {} is not set",
+                    w.name, w.secret_env
+                )
             })?;
-            handlers.push(Handler::webhook(w.name.clone(), w.url.clone(), secret.into_bytes())?);
+            handlers.push(Handler::webhook(
+                w.name.clone(),
+                w.url.clone(),
+                secret.into_bytes(),
+            )?);
         }
     }
     let alert_wakers: Vec<Arc<Notify>> = handlers.iter().map(|_| Arc::new(Notify::new())).collect();

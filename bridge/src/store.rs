@@ -513,6 +513,37 @@ impl Store {
                     .execute(params![device, name, u2i(*n)])
                     .map_err(err)?;
             }
+            let mut alert = tx
+                .prepare_cached(
+                    "INSERT INTO alerts (alert_id, state, kind, topic, device, rule, created_at_ms, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(err)?;
+            for a in &c.alerts {
+                alert
+                    .execute(params![
+                        a.alert_id,
+                        a.state,
+                        a.kind,
+                        a.topic,
+                        a.device,
+                        a.rule,
+                        u2i(a.created_at_ms),
+                        a.body
+                    ])
+                    .map_err(err)?;
+            }
+            let mut alert_state = tx
+                .prepare_cached(
+                    "INSERT INTO alert_state (device, state) VALUES (?1, ?2)
+                     ON CONFLICT(device) DO UPDATE SET state = ?2",
+                )
+                .map_err(err)?;
+            for (device, state) in &c.alert_states {
+                alert_state
+                    .execute(params![device.as_str(), state])
+                    .map_err(err)?;
+            }
         }
         tx.commit().map_err(err)
     }

@@ -99,7 +99,13 @@ impl Fixture {
 }
 
 fn sequencer() -> Sequencer {
-    Sequencer::new(WindowSize::default(), HashMap::new(), HashMap::new(), HashMap::new(), None)
+    Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        None,
+    )
 }
 
 #[test]
@@ -279,4 +285,56 @@ fn status_messages_share_the_device_sequence() {
         out.dispositions[2].0,
         Disposition::Rejected { .. }
     ));
+}
+
+#[test]
+fn accepted_vitals_run_through_the_alert_engine_and_stage_its_state() {
+    let f = fixture();
+    let rules_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/rules.toml");
+    let rules = Arc::new(RuleSet::load(&rules_path).expect("example rules"));
+    let mut s = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        Some(rules),
+    );
+    let t0 = 1_767_225_600_000u64;
+    let reading = |seq: u64, t_s: u64, spo2: i128| {
+        let mut t = telemetry("dev-00001", 1, seq, MessageType::Vitals);
+        t.ts = t0 + t_s * 1000;
+        t.m = Some(BTreeMap::from([
+            ("spo2".to_owned(), Number::Int(spo2)),
+            ("pulse".to_owned(), Number::Int(72)),
+        ]));
+        let bytes = vitalmq_envelope::sign(&t, &f.keys["dev-00001"]).expect("sign");
+        Incoming {
+            topic: "devices/dev-00001/telemetry".to_owned(),
+            payload: Bytes::from(bytes),
+            received_at_ms: t0,
+            token: 0u32,
+        }
+    };
+    let values = [97, 97, 97, 97, 97, 97, 97, 89, 88, 87, 86, 86, 86];
+    // One message per batch, as at low rates: the state carries over through adopt().
+    let mut raised = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        let out = f.run(&mut s, vec![reading(i as u64, i as u64 * 10, *v)]);
+        assert_eq!(
+            out.commit.alert_states.len(),
+            1,
+            "the device's alert state is written with the batch"
+        );
+        raised.extend(
+            out.commit
+                .alerts
+                .iter()
+                .map(|a| (a.rule.clone().unwrap_or_default(), a.state.clone())),
+        );
+    }
+    assert!(
+        raised.contains(&("spo2-low".to_owned(), "open".to_owned())),
+        "{raised:?}"
+    );
 }

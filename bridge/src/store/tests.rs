@@ -186,3 +186,50 @@ fn a_full_store_is_reported_as_full_and_keeps_what_it_had() {
         })
         .expect("commit after the quota was raised");
 }
+
+#[test]
+fn alerts_and_alert_state_are_committed_and_read_back_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let mut store = store;
+    let id = DeviceId::new("dev-00001").expect("id");
+    let alert = |state: &str| NewAlert {
+        alert_id: "al-1".into(),
+        state: state.into(),
+        kind: "clinical".into(),
+        topic: "alerts/site-01/review/dev-00001".into(),
+        device: Some("dev-00001".into()),
+        rule: Some("spo2-low".into()),
+        created_at_ms: 7,
+        body: format!("{{\"state\":\"{state}\"}}"),
+    };
+    store
+        .commit(&Commit {
+            alerts: vec![alert("open"), alert("escalated")],
+            alert_states: vec![(id.clone(), "{\"v\":1}".into())],
+            ..Commit::default()
+        })
+        .expect("commit");
+    assert_eq!(store.load_alert_states().expect("states")[&id], "{\"v\":1}");
+    let pending = store.alerts_after("mqtt", 10).expect("pending");
+    assert_eq!(
+        pending.iter().map(|a| a.state.as_str()).collect::<Vec<_>>(),
+        ["open", "escalated"]
+    );
+    store
+        .alert_delivered("mqtt", pending[0].position)
+        .expect("cursor");
+    let rest = store.alerts_after("mqtt", 10).expect("pending");
+    assert_eq!(rest.len(), 1);
+    // A late, lower confirmation never moves the cursor back.
+    store.alert_delivered("mqtt", 0).expect("cursor");
+    assert_eq!(store.alerts_after("mqtt", 10).expect("pending").len(), 1);
+    assert_eq!(
+        store
+            .alerts_after("webhook:ehr", 10)
+            .expect("pending")
+            .len(),
+        2,
+        "cursors are per handler"
+    );
+}
