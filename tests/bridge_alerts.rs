@@ -300,3 +300,131 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
         ],
     );
 }
+
+/// A rule change takes effect without a restart and is audited (old and new SHA-256);
+/// a rule file with a mistake is refused with its file and line, and the rules in
+/// force stay.
+#[test]
+fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
+    let rig = Rig::start(vitalmq_bin!(), "alerts-reload", 2, |_| {});
+    let rules = rig.dir().join("rules.toml");
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml"),
+    )
+    .expect("shipped rules");
+    std::fs::write(&rules, &shipped).expect("rules");
+    let (port, _webhook) = webhook_receiver();
+    let config = common::BridgeProcess::config_with(rig.broker.port, "", "")
+        + &alerts_config(port).replace(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("policies/examples/rules.toml")
+                .display()
+                .to_string(),
+            &rules.display().to_string(),
+        );
+    let bridge = common::BridgeProcess::start_with_env(
+        vitalmq_bin!(),
+        rig.dir(),
+        &config,
+        &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRET)],
+        Duration::from_secs(30),
+    );
+    let audit = rig.data().join("audit.jsonl");
+    let audited = |event: &str| -> Vec<Json> {
+        std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+            .filter(|r| r["event"] == event)
+            .collect()
+    };
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}:\n{}",
+                bridge.process.all()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // A mistake on line 2 of the file: refused, named, audited.
+    let broken = shipped.replacen("version = \"2025-06-01.1\"", "version = 7", 1);
+    let line = broken
+        .lines()
+        .position(|l| l == "version = 7")
+        .expect("edited line")
+        + 1;
+    std::fs::write(&rules, &broken).expect("break the rules");
+    wait("the broken rules refused", &|| {
+        !audited("policy_rejected").is_empty()
+    });
+    let rejected = &audited("policy_rejected")[0];
+    let error = rejected["details"]["error"].as_str().expect("error text");
+    assert!(error.contains(&format!("rules.toml:{line}")), "{error}");
+    assert!(bridge.process.all().contains("alert rules refused"));
+    // A real change: the spo2-low rule's version moves on.
+    std::fs::write(
+        &rules,
+        shipped.replacen(
+            "id = \"spo2-low\"\nversion = \"3\"",
+            "id = \"spo2-low\"\nversion = \"4\"",
+            1,
+        ),
+    )
+    .expect("change the rules");
+    wait("the new rules in force", &|| {
+        !audited("policy_reloaded").is_empty()
+    });
+    let reloaded = &audited("policy_reloaded")[0];
+    assert_ne!(
+        reloaded["details"]["old_sha256"],
+        reloaded["details"]["new_sha256"]
+    );
+    // An alert raised now carries the new rule version and policy hash.
+    let sub = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
+    let key = rig.pki().join("devices/dev-00001/cose.key.pem");
+    let out = rig.dir().join("reading.cbor");
+    for (seq, spo2) in [97, 88, 87, 86, 86, 86].iter().enumerate() {
+        vitalmq_ok(
+            vitalmq_bin!(),
+            &[
+                "envelope",
+                "sign",
+                "--key",
+                key.to_str().expect("utf-8"),
+                "--dev",
+                "dev-00001",
+                "--seq",
+                &seq.to_string(),
+                "--ts",
+                &(1_767_225_600_000u64 + seq as u64 * 10_000).to_string(),
+                "--m",
+                &format!("spo2={spo2}"),
+                "--q",
+                "0.95",
+                "--output",
+                out.to_str().expect("utf-8"),
+            ],
+        );
+        rig.mosquitto_pub(
+            "device",
+            "dev-00001",
+            "devices/dev-00001/telemetry",
+            &std::fs::read(&out).expect("signed"),
+        );
+    }
+    assert!(
+        sub.wait_output(Duration::from_secs(20), |o| o.contains("\"spo2-low\"")),
+        "{}",
+        sub.all()
+    );
+    let alert = received_alerts(&sub)
+        .into_iter()
+        .find(|(_, a)| a["rule"] == "spo2-low")
+        .expect("alert")
+        .1;
+    assert_eq!(alert["rule_version"], "4");
+    assert_eq!(alert["policy_sha256"], reloaded["details"]["new_sha256"]);
+}
