@@ -295,3 +295,42 @@ fn an_unusable_data_directory_stops_the_bridge_with_a_clear_error() {
     assert!(!ran.success);
     assert!(ran.stderr.contains("bridge-data"), "{}", ran.stderr);
 }
+
+/// Replay attempts above the configured rate and a certificate close to expiry are
+/// raised as operational alerts on their own topics, for the operator only.
+#[test]
+fn replay_rates_and_expiring_certificates_raise_operational_alerts() {
+    let rig = rig("ops-rates", 2);
+    let ops = operator(&rig);
+    let _bridge = BridgeProcess::start(
+        vitalmq_bin!(),
+        rig.dir(),
+        // Certificates from `certs init` are valid for 365 days: 400 days' notice fires.
+        &(BridgeProcess::config_with(rig.broker.port, "", "")
+            + "[ops]\nreplays_per_minute = 2\ncert_expiry_days = 400\n"),
+        Duration::from_secs(30),
+    );
+    let expiry = wait_alert(&ops, "ops/bridge/cert_expiry", "open");
+    assert!(
+        expiry["certificate"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("bridge-01.pem")),
+        "{expiry}"
+    );
+    assert!(
+        expiry["days_left"]
+            .as_i64()
+            .is_some_and(|d| (360..=366).contains(&d)),
+        "{expiry}"
+    );
+    // Epoch 2 first, then three messages of the older epoch 1: replays.
+    let fresh = rig.signed("dev-00001", 2, 0);
+    rig.mosquitto_pub("device", "dev-00001", "devices/dev-00001/telemetry", &fresh);
+    for seq in 0..3 {
+        let old = rig.signed("dev-00001", 1, seq);
+        rig.mosquitto_pub("device", "dev-00001", "devices/dev-00001/telemetry", &old);
+    }
+    let replays = wait_alert(&ops, "ops/bridge/replays", "open");
+    assert_eq!(replays["count_last_minute"], 3);
+    assert_eq!(replays["reason"], "rate_above_limit");
+}

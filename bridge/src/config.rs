@@ -30,6 +30,34 @@ pub struct BridgeConfig {
     /// The alert engine and its handlers; no alerts without it.
     #[serde(default)]
     pub alerts: Option<AlertsConfig>,
+    #[serde(default)]
+    pub ops: OpsConfig,
+}
+
+/// When the bridge raises operational alerts on `ops/bridge/<kind>` (0 turns one off).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsConfig {
+    /// Messages refused by verification per sliding minute (`ops/bridge/refusals`).
+    pub refusals_per_minute: u64,
+    /// Replay attempts per minute (`ops/bridge/replays`).
+    pub replays_per_minute: u64,
+    /// New sequence gaps per minute (`ops/bridge/gaps`).
+    pub gaps_per_minute: u64,
+    /// Warn when a certificate the bridge uses expires within this many days
+    /// (`ops/bridge/cert_expiry`).
+    pub cert_expiry_days: u64,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        Self {
+            refusals_per_minute: 30,
+            replays_per_minute: 5,
+            gaps_per_minute: 30,
+            cert_expiry_days: 30,
+        }
+    }
 }
 
 /// Alert rules and where alerts go (SPEC section 5).

@@ -15,6 +15,14 @@ pub enum OpsKind {
     Audit,
     /// A sink has been failing.
     Sink,
+    /// Messages failing verification above the configured rate.
+    Refusals,
+    /// Replay attempts above the configured rate.
+    Replays,
+    /// Sequence gaps (data-completeness events) above the configured rate.
+    Gaps,
+    /// A certificate the bridge uses expires within the configured number of days.
+    CertExpiry,
 }
 
 impl OpsKind {
@@ -24,6 +32,10 @@ impl OpsKind {
             Self::Store => "store",
             Self::Audit => "audit",
             Self::Sink => "sink",
+            Self::Refusals => "refusals",
+            Self::Replays => "replays",
+            Self::Gaps => "gaps",
+            Self::CertExpiry => "cert_expiry",
         }
     }
 }
@@ -112,9 +124,104 @@ impl Episodes {
     }
 }
 
+/// Counts events per kind over a sliding minute and says when a rate crosses its limit
+/// (raise) and when it has been back under it for a whole minute (resolve). Pure: the
+/// caller passes the time.
+#[derive(Debug)]
+pub struct RateWatch {
+    kind: OpsKind,
+    per_minute: u64,
+    /// (second, count) buckets of the last 60 s.
+    buckets: std::collections::VecDeque<(u64, u64)>,
+    raised: bool,
+    quiet_since_ms: Option<u64>,
+}
+
+/// What a [`RateWatch`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateChange {
+    Raise { count: u64 },
+    Resolve,
+}
+
+impl RateWatch {
+    /// `per_minute == 0` disables the watch.
+    pub fn new(kind: OpsKind, per_minute: u64) -> Self {
+        Self {
+            kind,
+            per_minute,
+            buckets: std::collections::VecDeque::new(),
+            raised: false,
+            quiet_since_ms: None,
+        }
+    }
+
+    pub fn kind(&self) -> OpsKind {
+        self.kind
+    }
+
+    /// Records `n` events at `now_ms` and returns a change, if any.
+    pub fn observe(&mut self, n: u64, now_ms: u64) -> Option<RateChange> {
+        if self.per_minute == 0 {
+            return None;
+        }
+        let second = now_ms / 1000;
+        while self.buckets.front().is_some_and(|(s, _)| *s + 60 <= second) {
+            self.buckets.pop_front();
+        }
+        if n > 0 {
+            match self.buckets.back_mut() {
+                Some((s, c)) if *s == second => *c += n,
+                _ => self.buckets.push_back((second, n)),
+            }
+        }
+        let count: u64 = self.buckets.iter().map(|(_, c)| c).sum();
+        if count > self.per_minute {
+            self.quiet_since_ms = None;
+            if !self.raised {
+                self.raised = true;
+                return Some(RateChange::Raise { count });
+            }
+        } else if self.raised {
+            let since = *self.quiet_since_ms.get_or_insert(now_ms);
+            if now_ms.saturating_sub(since) >= 60_000 {
+                self.raised = false;
+                self.quiet_since_ms = None;
+                return Some(RateChange::Resolve);
+            }
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_over_the_limit_raises_once_and_resolves_after_a_quiet_minute() {
+        let mut w = RateWatch::new(OpsKind::Replays, 5);
+        let t0 = 1_000_000;
+        for i in 0..5 {
+            assert_eq!(
+                w.observe(1, t0 + i * 1000),
+                None,
+                "at the limit, not over it"
+            );
+        }
+        assert_eq!(
+            w.observe(1, t0 + 5000),
+            Some(RateChange::Raise { count: 6 })
+        );
+        assert_eq!(w.observe(3, t0 + 6000), None, "raised once");
+        // The events age out of the minute; then a quiet minute resolves it.
+        assert_eq!(w.observe(0, t0 + 70_000), None);
+        assert_eq!(w.observe(0, t0 + 129_000), None);
+        assert_eq!(w.observe(0, t0 + 130_000), Some(RateChange::Resolve));
+        assert_eq!(w.observe(0, t0 + 200_000), None);
+        let mut off = RateWatch::new(OpsKind::Gaps, 0);
+        assert_eq!(off.observe(1_000, t0), None, "0 disables");
+    }
 
     #[test]
     fn a_condition_is_raised_once_and_resolved_once_with_the_same_id() {

@@ -19,7 +19,7 @@ use vitalmq_policies::{DeviceRegistry, RuleSet};
 
 use crate::classify::{Checked, Disposition, Origin, Sequencer};
 use crate::gaps::GapState;
-use crate::ops::{Episodes, OpsAlert, OpsKind};
+use crate::ops::{Episodes, OpsAlert, OpsKind, RateChange, RateWatch};
 use crate::store::{Store, StoreError};
 use crate::window::{Accepted, ReceiptPoint};
 
@@ -55,6 +55,8 @@ pub struct Recorder {
     pub rules: Option<watch::Receiver<Arc<RuleSet>>>,
     /// One per alert handler: woken after a commit that recorded alerts.
     pub alert_wakers: Vec<Arc<Notify>>,
+    /// Rates that raise operational alerts (refusals, replays, gaps).
+    pub rate_watches: Vec<RateWatch>,
 }
 
 pub fn now_ms() -> u64 {
@@ -121,6 +123,11 @@ impl Recorder {
             }
             let audited = self.audit(&sequenced.dispositions, &sequenced.commit.gaps)
                 & self.audit_alerts(&sequenced.commit.alerts);
+            self.watch_rates(
+                &sequenced.dispositions,
+                &sequenced.commit.gaps,
+                &mut episodes,
+            );
             let mut touched = BTreeSet::new();
             let mut tokens = Vec::with_capacity(sequenced.dispositions.len());
             for (d, token) in sequenced.dispositions {
@@ -228,6 +235,55 @@ impl Recorder {
         }
         if let Some(a) = episodes.resolve(OpsKind::Audit, "audit", now_ms()) {
             let _ = self.ops.send(a);
+        }
+    }
+
+    /// Feeds this batch's refusals, replays and new gaps to the rate watches and sends
+    /// the operational alerts they decide.
+    fn watch_rates<T>(
+        &mut self,
+        dispositions: &[(Disposition, T)],
+        gaps: &[(DeviceId, crate::gaps::Gap)],
+        episodes: &mut Episodes,
+    ) {
+        let refused = dispositions
+            .iter()
+            .filter(|(d, _)| matches!(d, Disposition::Refused { .. }))
+            .count() as u64;
+        let replays = dispositions
+            .iter()
+            .filter(
+                |(d, _)| matches!(d, Disposition::Rejected { why, .. } if why.class() == "replay"),
+            )
+            .count() as u64;
+        let new_gaps = gaps
+            .iter()
+            .filter(|(_, g)| g.state == GapState::Open && g.filled == 0)
+            .count() as u64;
+        let now = now_ms();
+        for w in &mut self.rate_watches {
+            let n = match w.kind() {
+                OpsKind::Refusals => refused,
+                OpsKind::Replays => replays,
+                OpsKind::Gaps => new_gaps,
+                _ => 0,
+            };
+            let alert = match w.observe(n, now) {
+                Some(RateChange::Raise { count }) => {
+                    let mut details = Map::new();
+                    details.insert("count_last_minute".into(), json!(count));
+                    warn!(
+                        kind = w.kind().as_str(),
+                        count, "operational rate limit crossed"
+                    );
+                    episodes.raise(w.kind(), "rate", "rate_above_limit", details, now)
+                }
+                Some(RateChange::Resolve) => episodes.resolve(w.kind(), "rate", now),
+                None => None,
+            };
+            if let Some(a) = alert {
+                let _ = self.ops.send(a);
+            }
         }
     }
 

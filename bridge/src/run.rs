@@ -27,7 +27,7 @@ use crate::config::{BridgeConfig, SinkConfig};
 use crate::delivery::Handler;
 use crate::drain::{self, DrainSettings};
 use crate::mqtt;
-use crate::ops::OpsAlert;
+use crate::ops::{OpsAlert, OpsKind, RateWatch};
 use crate::recorder::{Recorded, Recorder, RecorderSettings, now_ms};
 use crate::sink::Sink;
 use crate::sink::object::{ObjectStoreSink, S3Settings};
@@ -219,6 +219,11 @@ pub async fn run(
         ops: ops_tx.clone(),
         rules: rules_watch.as_ref().map(|w| w.rules.clone()),
         alert_wakers: alert_wakers.clone(),
+        rate_watches: vec![
+            RateWatch::new(OpsKind::Refusals, config.ops.refusals_per_minute),
+            RateWatch::new(OpsKind::Replays, config.ops.replays_per_minute),
+            RateWatch::new(OpsKind::Gaps, config.ops.gaps_per_minute),
+        ],
     };
     let recorder = std::thread::Builder::new()
         .name("vitalmq-recorder".into())
@@ -260,6 +265,12 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
+    tokio::spawn(crate::certwatch::watch(
+        certificates_in_use(&config),
+        config.ops.cert_expiry_days,
+        ops_tx.clone(),
+        stop_rx.clone(),
+    ));
     drop(ops_tx);
 
     let events = tokio::spawn(event_loop(client.clone(), eventloop, incoming_tx));
@@ -282,6 +293,21 @@ pub async fn run(
     drop(rules_watch);
     audit.close().context("close the audit log")?;
     Ok(())
+}
+
+/// Every certificate this bridge presents: its own, the alert publisher's, and those of
+/// upstream sinks.
+fn certificates_in_use(config: &BridgeConfig) -> Vec<std::path::PathBuf> {
+    let mut certs = vec![config.broker.cert.clone()];
+    if let Some(a) = &config.alerts {
+        certs.push(a.publisher.cert.clone());
+    }
+    for s in &config.sinks {
+        if let SinkConfig::Upstream { link, .. } = s {
+            certs.push(link.cert.clone());
+        }
+    }
+    certs
 }
 
 fn sequencer_devices(store: &Store, config: &BridgeConfig) -> anyhow::Result<usize> {
