@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::{BridgeProcess, Rig, sim_summary_all_receipted, vitalmq_ok};
 use serde_json::Value as Json;
 
-const DEVICES: u32 = 8;
-const PER_DEVICE: u32 = 200;
+const DEVICES: u32 = 10;
+const PER_DEVICE: u32 = 300;
 
 /// A rig with a bridge whose window comfortably exceeds what a device sends while a
 /// lost message waits for its resend (20/s x (1 s resend timeout + reconnects)): a gap
@@ -22,17 +22,29 @@ const PER_DEVICE: u32 = 200;
 struct Durability {
     rig: Rig,
     bridge: Option<BridgeProcess>,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+/// The tests of this file run one at a time: each already loads both cores with a
+/// broker, a bridge and ten devices, and overload would only measure the machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Durability {
     fn start(name: &str) -> Self {
+        let turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let rig = Rig::start(
             vitalmq_bin!(),
             &format!("durability-{name}"),
             DEVICES,
             |_| {},
         );
-        let mut d = Self { rig, bridge: None };
+        let mut d = Self {
+            rig,
+            bridge: None,
+            _turn: turn,
+        };
         d.start_bridge();
         d
     }
