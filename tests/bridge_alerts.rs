@@ -284,6 +284,44 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
         .map(|s| (id.clone(), (*s).to_owned()))
         .collect();
     assert_eq!(hook_states, expected);
+    // The broker audited each delivery: which identity was handed which alert state.
+    let broker_audit =
+        std::fs::read_to_string(rig.dir().join("broker-audit.jsonl")).expect("broker audit");
+    let deliveries: Vec<Json> = broker_audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+        .filter(|r| r["event"] == "alert_delivered" && r["resource"] == *id)
+        .collect();
+    let to: Vec<(&str, &str)> = deliveries
+        .iter()
+        .map(|r| {
+            (
+                r["actor"]["identity"].as_str().unwrap_or(""),
+                r["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    for state in ["open", "escalated", "resolved"] {
+        assert!(
+            to.contains(&("spiffe://demo.vitalmq/integrator/int-site-01", state)),
+            "delivery of {state} to int-site-01 not audited: {to:?}"
+        );
+    }
+    assert!(
+        to.iter().all(|(who, _)| !who.contains("int-site-02")),
+        "{to:?}"
+    );
+    vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "audit",
+            "verify",
+            rig.dir()
+                .join("broker-audit.jsonl")
+                .to_str()
+                .expect("utf-8"),
+        ],
+    );
     // The store has the alert history too, and the audit log still verifies.
     let stored = rig.rows("alerts");
     assert!(

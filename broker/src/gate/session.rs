@@ -773,6 +773,18 @@ impl GateSession {
             kind::UNSUBACK if version == Version::V5 => self.merge_unsuback(frame, out),
             kind::PUBLISH => {
                 self.counters.messages_out.increment(1);
+                if let Some(delivery) = alert_delivery(&frame) {
+                    let record = self
+                        .record(Event::AlertDelivered)
+                        .action("deliver")
+                        .resource(delivery.alert_id)
+                        .reason(delivery.state)
+                        .detail("topic", delivery.topic)
+                        .detail("qos", delivery.qos);
+                    if self.audit.record(record).is_err() {
+                        return self.audit_failed(out);
+                    }
+                }
                 out.push(Output::ToClient(frame.bytes().clone()));
             }
             _ => out.push(Output::ToClient(frame.bytes().clone())),
@@ -863,6 +875,52 @@ fn spread<T: Clone>(forwarded: &[bool], answers: Vec<T>, denied: T) -> Vec<T> {
 
 /// Length of a framed packet's fixed header: the type byte and the 1 to 4 bytes of the
 /// remaining length (the frame was already validated by `next_frame`).
+/// An alert on its way to a subscriber (SPEC section 5).
+struct AlertDelivery {
+    topic: String,
+    alert_id: String,
+    state: String,
+    qos: u8,
+}
+
+/// For a PUBLISH on `alerts/...` or `ops/...`: the alert it carries, so the gate can
+/// audit which identity was handed which alert (issue 7: who saw it). Other topics are
+/// told apart by their first bytes without decoding the packet.
+fn alert_delivery(frame: &Frame) -> Option<AlertDelivery> {
+    let bytes = frame.bytes();
+    let at = fixed_header_len(bytes) + 2;
+    let head = bytes.get(at..at + 7)?;
+    if !(head.starts_with(b"alerts/") || head.starts_with(b"ops/")) {
+        return None;
+    }
+    let (topic, qos, payload) = match frame {
+        Frame::V311 { header, bytes } => {
+            let p = v4::Publish::read(*header, bytes.clone()).ok()?;
+            (p.topic, p.qos as u8, p.payload)
+        }
+        Frame::V5 { header, bytes } => {
+            let p = v5::Publish::read(*header, bytes.clone()).ok()?;
+            (
+                String::from_utf8(p.topic.to_vec()).ok()?,
+                p.qos as u8,
+                p.payload,
+            )
+        }
+    };
+    #[derive(serde::Deserialize)]
+    struct Alert {
+        alert_id: String,
+        state: String,
+    }
+    let alert: Alert = serde_json::from_slice(&payload).ok()?;
+    Some(AlertDelivery {
+        topic,
+        alert_id: alert.alert_id,
+        state: alert.state,
+        qos,
+    })
+}
+
 fn fixed_header_len(bytes: &Bytes) -> usize {
     let continued = bytes
         .iter()
