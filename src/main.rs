@@ -11,6 +11,7 @@ mod envelope_cmd;
 mod loadgen_cmd;
 mod sim_cmd;
 mod stop;
+mod trace_cmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,6 +46,8 @@ enum Command {
     Store(bridge_cmd::StoreCommand),
     /// Load generator: throughput, latency, losses and reconnect storms over mTLS.
     Loadgen(loadgen_cmd::LoadgenArgs),
+    /// The provenance chain of an alert or event, from the local records.
+    Trace(trace_cmd::TraceArgs),
     /// Simulated wearables: signed vitals over mTLS, kept until a receipt covers them.
     Sim(sim_cmd::SimArgs),
 }
@@ -68,6 +71,7 @@ fn main() -> std::process::ExitCode {
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),
         Command::Sim(args) => sim_cmd::run(args),
+        Command::Trace(args) => trace_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -322,6 +322,93 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
                 .expect("utf-8"),
         ],
     );
+    // `vitalmq trace` answers who, what, which version, who saw it, from local records.
+    let trace = vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "trace",
+            id.as_str().expect("id"),
+            "--data",
+            rig.data().to_str().expect("utf-8"),
+            "--broker-audit",
+            rig.dir()
+                .join("broker-audit.jsonl")
+                .to_str()
+                .expect("utf-8"),
+            "--json",
+        ],
+    );
+    let t: Json = serde_json::from_str(trace.stdout.trim()).expect("trace json");
+    assert_eq!(t["device"], "dev-00001");
+    assert_eq!(t["fw"], "5.12.1");
+    assert_eq!(t["rule"], "spo2-low");
+    assert_eq!(t["rule_version"], got[0].1["rule_version"]);
+    assert_eq!(t["policy_sha256"], got[0].1["policy_sha256"]);
+    let states: Vec<&str> = t["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| c["state"].as_str().expect("state"))
+        .collect();
+    assert_eq!(states, ["open", "escalated", "resolved"]);
+    let evidence = t["evidence"].as_array().expect("evidence");
+    assert!(!evidence.is_empty());
+    for e in evidence {
+        assert_eq!(e["normalized"]["provenance"]["kid"], "dev-00001");
+        assert!(
+            e["raw"]["sha256"].as_str().is_some_and(|h| h.len() == 64),
+            "{e}"
+        );
+        assert!(
+            e["publisher_certificate"]["identity"]
+                .as_str()
+                .is_some_and(|i| i.ends_with("/device/dev-00001")),
+            "{e}"
+        );
+        assert!(e["publisher_certificate"]["cert_sha256"].is_string(), "{e}");
+    }
+    let recipients: Vec<&str> = t["recipients"]
+        .as_array()
+        .expect("recipients")
+        .iter()
+        .map(|r| r["identity"].as_str().expect("who"))
+        .collect();
+    assert!(
+        recipients.contains(&"spiffe://demo.vitalmq/integrator/int-site-01"),
+        "{recipients:?}"
+    );
+    // The same as text, and an evidence event traced on its own.
+    let text = vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "trace",
+            id.as_str().expect("id"),
+            "--data",
+            rig.data().to_str().expect("utf-8"),
+        ],
+    );
+    assert!(
+        text.stdout.contains("rule spo2-low") && text.stdout.contains("evidence ("),
+        "{}",
+        text.stdout
+    );
+    let ev = evidence[0]["event_id"].as_str().expect("event id");
+    let one = vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "trace",
+            ev,
+            "--data",
+            rig.data().to_str().expect("utf-8"),
+            "--json",
+        ],
+    );
+    let one: Json = serde_json::from_str(one.stdout.trim()).expect("event trace");
+    assert!(
+        one["cited_by_alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["alert_id"] == *id))
+    );
     // The store has the alert history too, and the audit log still verifies.
     let stored = rig.rows("alerts");
     assert!(

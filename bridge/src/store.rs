@@ -857,6 +857,91 @@ impl Store {
         )
     }
 
+    /// One event with its raw-plane row and normalized body, by event id.
+    pub fn event_detail(&self, event_id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT e.position, e.event_id, e.device, e.site, e.epoch, e.seq, e.verdict,
+                        e.observed_at_ms, e.received_at_ms, e.normalized,
+                        r.id, r.sha256, r.topic, r.broker, r.publisher, length(r.bytes)
+                 FROM events e JOIN raw_messages r ON r.id = e.raw_id WHERE e.event_id = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_row(params![event_id], |r| {
+            let normalized: String = r.get(9)?;
+            Ok(serde_json::json!({
+                "position": r.get::<_, i64>(0)?,
+                "event_id": r.get::<_, String>(1)?,
+                "device": r.get::<_, String>(2)?,
+                "site": r.get::<_, String>(3)?,
+                "epoch": i2u(r.get(4)?),
+                "seq": i2u(r.get(5)?),
+                "verdict": r.get::<_, String>(6)?,
+                "observed_at_ms": i2u(r.get(7)?),
+                "received_at_ms": i2u(r.get(8)?),
+                "normalized": serde_json::from_str::<serde_json::Value>(&normalized)
+                    .unwrap_or(serde_json::Value::String(normalized)),
+                "raw": {
+                    "store_row": r.get::<_, i64>(10)?,
+                    "sha256": r.get::<_, String>(11)?,
+                    "topic": r.get::<_, String>(12)?,
+                    "broker": r.get::<_, String>(13)?,
+                    "publisher": r.get::<_, String>(14)?,
+                    "bytes": r.get::<_, i64>(15)?,
+                },
+            }))
+        })
+        .optional()
+        .map_err(|e| self.err(e))
+    }
+
+    /// Every state change of one alert, in order.
+    pub fn alert_history(&self, alert_id: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.alert_rows("WHERE alert_id = ?1", alert_id)
+    }
+
+    /// Alert state changes whose evidence names `event_id`.
+    pub fn alerts_citing(&self, event_id: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        self.alert_rows("WHERE body LIKE '%' || ?1 || '%'", event_id)
+    }
+
+    fn alert_rows(&self, filter: &str, arg: &str) -> Result<Vec<serde_json::Value>, StoreError> {
+        let sql = format!(
+            "SELECT position, alert_id, state, topic, created_at_ms, body FROM alerts {filter} ORDER BY position"
+        );
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![arg], |r| {
+                let body: String = r.get(5)?;
+                Ok(serde_json::json!({
+                    "position": r.get::<_, i64>(0)?,
+                    "alert_id": r.get::<_, String>(1)?,
+                    "state": r.get::<_, String>(2)?,
+                    "topic": r.get::<_, String>(3)?,
+                    "recorded_at_ms": i2u(r.get(4)?),
+                    "body": serde_json::from_str::<serde_json::Value>(&body)
+                        .unwrap_or(serde_json::Value::String(body)),
+                }))
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Sinks whose cursor has passed `position`: `(sink, delivered_through)`.
+    pub fn sinks_past(&self, position: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT sink, delivered_through FROM sink_cursors WHERE delivered_through >= ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![position], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
     /// Every recorded alert state change, in order (the bodies as published).
     pub fn list_alerts(&self) -> Result<Vec<serde_json::Value>, StoreError> {
         self.rows_json(
