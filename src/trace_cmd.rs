@@ -105,8 +105,7 @@ impl BrokerAudit {
         let suffix = format!("/device/{device}");
         self.connections
             .iter()
-            .filter(|(who, when, _, _)| who.ends_with(&suffix) && when.as_str() <= at)
-            .next_back()
+            .rfind(|(who, when, _, _)| who.ends_with(&suffix) && when.as_str() <= at)
             .map(|(who, when, serial, sha)| {
                 json!({"identity": who, "connected_at": when, "cert_serial": serial, "cert_sha256": sha})
             })
