@@ -1,199 +1,479 @@
-//! `vitalmq demo`: what the foundation does, end to end on one machine, in seconds.
+//! `vitalmq demo`: the whole system in one process, on an embedded default.
 //!
-//! Today this is the PKI and the signed wire format: it creates a dev PKI, has every
-//! device sign a reading with its own COSE key, verifies each against the registry file
-//! exactly as the bridge will (key from the registry, topic device pinned), and shows how
-//! the verifier refuses forged, misrouted, unknown, oversized and malformed messages.
-//! The broker, bridge and simulator join this command as their issues land.
+//! It creates a work directory with a dev PKI ([`setup`]), starts the broker gate on a
+//! free port of 127.0.0.1 with the shipped ACL, the bridge with its store and a local
+//! object sink, an operator's subscription to `alerts/#` and `ops/#` ([`operator`]), and
+//! a fleet of simulated wearables on two sites with one scripted clinical episode and a
+//! set of injected faults. While it runs it prints a progress line ([`progress`]) and
+//! every alert as it arrives; after `--duration` (or Ctrl-C) it stops the devices (they
+//! send what they hold and wait for receipts), then the bridge, then the broker, and
+//! checks what happened ([`report`]): every device connected, every fault refused by
+//! the party and with the reason the SPEC gives, nothing lost, audit chains intact.
+//! Logs go to `demo.log` in the work directory ([`log`]).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+mod log;
+mod operator;
+mod progress;
+mod report;
+mod setup;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, ensure};
-use vitalmq_certs::{FleetPlan, Layout, Pki};
-use vitalmq_envelope::{
-    DeviceId, MessageType, Number, ReasonClass, SigningKey, Telemetry, sign, verify,
-};
-use vitalmq_policies::{DeviceRegistry, PrincipalId, TrustDomain};
+use anyhow::{Context as _, bail};
+use tokio::sync::{mpsc, watch};
+use vitalmq_bridge::BridgeConfig;
+use vitalmq_broker::{Broker, BrokerConfig};
+use vitalmq_device_sim::faults::{FaultSpec, Scope};
+use vitalmq_device_sim::link::{LinkOptions, Schedule};
+use vitalmq_device_sim::mqtt::{MqttVersion, Target};
+use vitalmq_device_sim::runner::{self, Control, LiveCounts, SimOptions, Summary, parse_duration};
+
+use self::operator::{AlertSeen, OperatorView};
+use self::progress::Progress;
+use self::report::{BrokerAudit, Check, Evidence, StoreView};
+use self::setup::WorkDir;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Work directory for the PKI; defaults to a new `vitalmq-demo/run-<time>`.
+    /// Work directory (must be new or empty); defaults to `vitalmq-demo/run-<time>`.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Number of simulated devices.
-    #[arg(long, default_value_t = 24)]
+    /// Number of simulated devices (at least 12: the scenario uses devices 1 to 11 and
+    /// the last one).
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(i64::from(setup::MIN_DEVICES)..=5000))]
     devices: u32,
     /// Number of sites the devices are spread over.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
     sites: u32,
+    /// How long the devices generate (at least 15s); Ctrl-C stops earlier.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Run the device clock and the vitals model this many times faster than real time
+    /// (at 30, the 4-minute desaturation episode plays in 8 seconds).
+    #[arg(long = "time-scale", default_value_t = 30.0, value_name = "X")]
+    time_scale: f64,
+    /// Vitals messages per second per device.
+    #[arg(long, default_value_t = 2.0)]
+    rate: f64,
 }
 
+/// How long devices may take, after generating, for their last receipts.
+const UNTIL_RECEIPTED: Duration = Duration::from_secs(20);
+
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let now_ms = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis())?;
+    if args.duration < setup::MIN_DURATION {
+        bail!(
+            "--duration: at least {} s (the scenario needs the time)",
+            setup::MIN_DURATION.as_secs()
+        );
+    }
+    if !(args.time_scale.is_finite() && args.time_scale > 0.0) {
+        bail!("--time-scale must be a positive number");
+    }
+    if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 20.0) {
+        bail!("--rate must be between 0 and 20 messages per second");
+    }
+    let now_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let dir = args
         .dir
-        .unwrap_or_else(|| PathBuf::from(format!("vitalmq-demo/run-{}", now_ms / 1000)));
-
-    println!("vitalmq demo: PKI and signed telemetry\n");
-    let mut plan = FleetPlan::new(TrustDomain::new("demo.vitalmq")?, args.devices, args.sites);
-    plan.es256_every = Some(3);
-    let summary = Pki::init(&dir, &plan, time::OffsetDateTime::now_utc())
-        .with_context(|| format!("creating the demo PKI in {}", dir.display()))?;
-    let layout = Layout::new(&dir);
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("vitalmq-demo/run-{now_s}")));
+    let (work, pki) = setup::create(&dir, args.devices, args.sites)?;
+    let bridge_ready = log::init(&work.log())?;
     println!(
-        "  PKI      {} devices ({} ES256, the rest Ed25519) on {} sites, {} identity certificates",
-        summary.devices, summary.es256_devices, summary.sites, summary.identities
+        "vitalmq demo: {} simulated wearables on {} sites, through the broker gate and the bridge\n",
+        args.devices, args.sites
+    );
+    println!("  work dir  {}", work.root.display());
+    println!(
+        "  PKI       {} devices ({} ES256, the rest Ed25519) on {} sites, {} identity certificates, trust domain {}",
+        pki.devices,
+        pki.es256_devices,
+        pki.sites,
+        pki.identities,
+        setup::TRUST_DOMAIN
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let code = runtime.block_on(demo(&args, &work, bridge_ready))?;
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(code)
+}
+
+/// Everything started, in the order it must stop in reverse.
+async fn demo(
+    args: &DemoArgs,
+    work: &WorkDir,
+    mut bridge_ready: watch::Receiver<bool>,
+) -> anyhow::Result<ExitCode> {
+    let broker_config = BrokerConfig::load(&work.broker_config())?;
+    let broker = Broker::start(broker_config).await.with_context(|| {
+        format!(
+            "starting the broker from {}",
+            work.broker_config().display()
+        )
+    })?;
+    let port = broker.local_addr().port();
+    println!(
+        "  broker    mTLS on 127.0.0.1:{port}, shipped ACL {}, audit {}",
+        work.acl().display(),
+        work.broker_audit().display()
     );
 
-    // The bridge's view: the registry file, nothing else.
-    let registry = DeviceRegistry::load(&layout.registry())?;
-    let mut accepted = 0usize;
-    let mut devices = Vec::new();
-    for entry in registry.devices() {
-        let pem_path = layout.cose_key(&PrincipalId::from(entry.id.clone()));
-        let pem = std::fs::read_to_string(&pem_path)
-            .with_context(|| format!("reading {}", pem_path.display()))?;
-        let key = SigningKey::from_pkcs8_pem(&pem)?;
-        let message = sign(&reading(&entry.id, 1, now_ms), &key)?;
-        let verified = verify(&message, &registry, Some(&entry.id))
-            .map_err(|r| anyhow::anyhow!("{}: {r}", entry.id))?;
-        ensure!(verified.seq == 1, "round trip changed the reading");
-        accepted += 1;
-        devices.push((entry.id.clone(), key, message));
+    std::fs::write(work.bridge_config(), setup::bridge_config_toml(port))
+        .with_context(|| format!("writing {}", work.bridge_config().display()))?;
+    let bridge_config = BridgeConfig::load(&work.bridge_config())?;
+    let (bridge_stop, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut bridge = tokio::spawn(vitalmq_bridge::run(bridge_config, async {
+        let _ = bridge_stopped.await;
+    }));
+    tokio::select! {
+        ready = tokio::time::timeout(Duration::from_secs(30), bridge_ready.wait_for(|r| *r)) => {
+            if !matches!(ready, Ok(Ok(_))) {
+                bail!("the bridge did not subscribe within 30 s (see {})", work.log().display());
+            }
+        }
+        ended = &mut bridge => bail!("the bridge stopped at start: {:?}", ended.map(|r| r.map_err(|e| format!("{e:#}")))),
     }
-    println!("  signed   {accepted} readings, one per device, each with the device's own key");
     println!(
-        "  verified {accepted}/{} against {} (as the bridge will)",
-        devices.len(),
-        layout.registry().display()
+        "  bridge    subscribed; store, quarantine and audit in {}, objects in {}",
+        work.bridge_data().display(),
+        work.objects().display()
+    );
+    let mut view = OperatorView::start(&work.pki(), port).await?;
+    println!(
+        "  operator  {} watching {}",
+        operator::OPERATOR,
+        operator::FILTERS.join(" and ")
     );
 
-    let faults = injected_faults(&devices, &registry, now_ms)?;
-    println!("\n  refused, as SPEC section 3 requires:");
-    for (what, reason) in &faults {
-        println!("    {:<14} {what}", reason.as_str());
+    let (sim_opts, live, mut revoked) = sim_options(args, work, port);
+    describe_scenario(args, &sim_opts);
+    let (control, control_rx) = watch::channel(Control::Run);
+    let devices = args.devices as usize;
+    let connected = Arc::clone(&live);
+    let sim_started = tokio::time::Instant::now();
+    let mut stopped_at = args.duration;
+    let mut sim = tokio::spawn(runner::run(sim_opts.clone(), control_rx, move |_| {
+        println!(
+            "  {}/{devices} devices connected and subscribed to their receipts",
+            connected.connected()
+        );
+    }));
+
+    let mut progress = Progress::open(&work.bridge_data())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    let deadline = tokio::time::sleep(args.duration);
+    tokio::pin!(deadline);
+    let (interrupt_tx, mut interrupts) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            if interrupt_tx.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    let mut alerts: Vec<AlertSeen> = Vec::new();
+    let mut finishing = false;
+    let summary: Summary = loop {
+        tokio::select! {
+            done = &mut sim => break done.context("the simulator")??,
+            () = &mut deadline, if !finishing => {
+                finishing = true;
+                println!("  {} s: devices stop generating, send what they hold and wait for their receipts", args.duration.as_secs());
+            }
+            Some(()) = interrupts.recv() => {
+                if finishing {
+                    println!("  interrupted again: stopping the devices at once");
+                    let _ = control.send(Control::Stop);
+                } else {
+                    finishing = true;
+                    stopped_at = sim_started.elapsed();
+                    println!("  interrupted: devices stop generating, send what they hold and wait for their receipts (Ctrl-C again stops at once)");
+                    let _ = control.send(Control::Finish);
+                }
+            }
+            Some(device) = revoked.recv() => match broker.reload().await {
+                Ok(()) => println!("  revoked the certificate of {device}; the broker reloaded its CRL"),
+                Err(e) => println!("  revoked the certificate of {device}, but the broker reload failed: {e}"),
+            },
+            Some(alert) = view.next() => {
+                println!("  {alert}");
+                alerts.push(alert);
+            }
+            _ = tick.tick() => println!("{}", progress.line(live.connected(), devices, alerts.len())),
+        }
+    };
+    println!("{}", progress.line(live.connected(), devices, alerts.len()));
+
+    println!(
+        "\nstopping: devices done; waiting for the object sink, then the bridge, then the broker"
+    );
+    wait_for_sink(&progress).await;
+    let _ = bridge_stop.send(());
+    match tokio::time::timeout(Duration::from_secs(30), bridge).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => println!("  the bridge stopped with an error: {e:#}"),
+        Ok(Err(e)) => println!("  the bridge task failed: {e}"),
+        Err(_) => println!("  the bridge did not stop within 30 s"),
     }
+    for alert in view.stop().await {
+        println!("  {alert}");
+        alerts.push(alert);
+    }
+    broker.shutdown().await;
+    println!("  stopped cleanly");
 
-    println!("\n  look around:");
-    println!("    PKI and registry   {}", dir.display());
-    println!(
-        "    check a cert       openssl verify -CAfile {} {}",
-        layout.ca_cert().display(),
-        layout
-            .identity_cert(
-                vitalmq_policies::Role::Device,
-                &PrincipalId::from(devices[0].0.clone())
-            )
-            .display()
-    );
-    println!(
-        "    sign and verify    vitalmq envelope sign --key {} --dev {} --seq 2 --m spo2=97 -o /tmp/m.cose",
-        layout
-            .cose_key(&PrincipalId::from(devices[0].0.clone()))
-            .display(),
-        devices[0].0
-    );
-    println!(
-        "                       vitalmq envelope verify --registry {} /tmp/m.cose",
-        layout.registry().display()
-    );
-    println!(
-        "\ndemo ok: {accepted} accepted, {} refused with the expected reason",
-        faults.len()
-    );
+    let checks = evidence_and_checks(work, &summary, &sim_opts.mqtt5, stopped_at)?;
+    print_summary(work, &summary, &checks, &alerts)?;
+    let failed = checks.iter().filter(|c| c.failed()).count();
+    let skipped = checks
+        .iter()
+        .filter(|c| c.outcome == report::Outcome::Skipped)
+        .count();
+    if failed > 0 {
+        println!(
+            "\ndemo FAILED: {failed} of {} checks failed (details in {})",
+            checks.len(),
+            work.log().display()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if skipped == 0 {
+        println!("\ndemo ok: all {} checks passed", checks.len());
+    } else {
+        println!(
+            "\ndemo ok: {} checks passed, {skipped} skipped (stopped before those faults were due)",
+            checks.len() - skipped
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-fn reading(dev: &DeviceId, seq: u64, ts: u64) -> Telemetry {
-    Telemetry {
-        dev: dev.clone(),
-        epoch: 1,
-        seq,
-        ts,
-        fw: "5.12.1".into(),
-        kind: MessageType::Vitals,
-        m: Some(BTreeMap::from([
-            ("spo2".into(), Number::Int(97)),
-            ("pulse".into(), Number::Int(72)),
-        ])),
-        q: Some(0.95),
-        model: None,
-        schema: None,
-        extra: BTreeMap::new(),
-    }
+/// The simulator's options for the scenario, with the live counts and the channel on
+/// which it reports revocations.
+fn sim_options(
+    args: &DemoArgs,
+    work: &WorkDir,
+    port: u16,
+) -> (SimOptions, Arc<LiveCounts>, mpsc::UnboundedReceiver<String>) {
+    let mut link = LinkOptions::new(Target {
+        host: "127.0.0.1".into(),
+        port,
+        version: MqttVersion::V311,
+    });
+    link.resend_after = Duration::from_secs(2);
+    link.backoff_max = Duration::from_secs(2);
+    let schedule = Schedule {
+        rate: args.rate,
+        count: None,
+        duration: Some(args.duration),
+        status_every: Some(Duration::from_secs(10)),
+        reboot_every: None,
+        until_receipted: Some(UNTIL_RECEIPTED),
+        drain: Duration::from_secs(5),
+        time_scale: args.time_scale,
+    };
+    let live = Arc::new(LiveCounts::default());
+    let (revoked_tx, revoked_rx) = mpsc::unbounded_channel();
+    let opts = SimOptions {
+        episodes: vec![setup::episode(args.time_scale)],
+        faults: setup::faults(args.devices, args.duration),
+        mqtt5: setup::mqtt5_devices(args.devices),
+        live: Some(Arc::clone(&live)),
+        revoked: Some(revoked_tx),
+        ..SimOptions::new(
+            work.pki(),
+            work.sim_state(),
+            args.devices as usize,
+            link,
+            schedule,
+        )
+    };
+    (opts, live, revoked_rx)
 }
 
-/// Each fault once, checked for the reason class the SPEC gives it.
-fn injected_faults(
-    devices: &[(DeviceId, SigningKey, Vec<u8>)],
-    registry: &DeviceRegistry,
-    now_ms: u64,
-) -> anyhow::Result<Vec<(&'static str, ReasonClass)>> {
-    let (first, _, message) = &devices[0];
-    let (second, second_key, _) = &devices[1];
-    let mut tampered = message.clone();
-    let at = tampered.len() - 70; // inside the payload, before the 64-byte signature
-    tampered[at] ^= 0x01;
-    let rogue_id = DeviceId::new("dev-rogue")?;
-    let rogue = sign(
-        &reading(&rogue_id, 1, now_ms),
-        &SigningKey::generate(vitalmq_envelope::Algorithm::EdDsa)?,
-    )?;
-    // Signed by the second device (its kid, its key) but the payload names the first.
-    let impostor = reading(first, 9, now_ms);
-    let impostor = vitalmq_envelope::sign_payload(&impostor.to_cbor(), second, second_key)?;
-    let cases: Vec<(&'static str, Vec<u8>, &DeviceId, ReasonClass)> = vec![
-        (
-            "one bit flipped in transit",
-            tampered,
-            first,
-            ReasonClass::BadSignature,
-        ),
-        (
-            "a valid message on another device's topic",
-            message.clone(),
-            second,
-            ReasonClass::KidMismatch,
-        ),
-        (
-            "a device not in the registry",
-            rogue,
-            &rogue_id,
-            ReasonClass::UnknownKey,
-        ),
-        (
-            "a device claiming another's reading",
-            impostor,
-            second,
-            ReasonClass::KidMismatch,
-        ),
-        (
-            "70 KB payload",
-            vec![0u8; 70_000],
-            first,
-            ReasonClass::Oversized,
-        ),
-        (
-            "JSON instead of COSE",
-            br#"{"spo2":97}"#.to_vec(),
-            first,
-            ReasonClass::Malformed,
-        ),
-    ];
-    let mut seen = Vec::new();
-    for (what, bytes, topic_device, expected) in cases {
-        let refusal = match verify(&bytes, registry, Some(topic_device)) {
-            Ok(_) => anyhow::bail!("{what}: accepted, expected {expected}"),
-            Err(r) => r,
-        };
-        ensure!(
-            refusal.reason == expected,
-            "{what}: {refusal}, expected {expected}"
-        );
-        seen.push((what, refusal.reason));
+fn describe_scenario(args: &DemoArgs, opts: &SimOptions) {
+    let episode = setup::episode(args.time_scale);
+    let length = episode.kind.duration();
+    println!(
+        "  devices   {} at {} msg/s each for {} s ({} over MQTT 5); device clock x{}",
+        args.devices,
+        args.rate,
+        args.duration.as_secs(),
+        opts.mqtt5.len(),
+        args.time_scale
+    );
+    println!(
+        "  episode   {} on {}, {} s in, lasting {} s of device time ({:.0} s here)",
+        episode.kind,
+        episode.device,
+        setup::EPISODE_AFTER.as_secs(),
+        length.as_secs(),
+        length.as_secs_f64() / args.time_scale
+    );
+    let faults: Vec<String> = opts.faults.iter().map(fault_label).collect();
+    println!("  faults    {}", faults.join(", "));
+    println!("  Ctrl-C stops early; either way everything stops cleanly\n");
+}
+
+fn fault_label(f: &FaultSpec) -> String {
+    let who = match &f.scope {
+        Scope::Device(d) => d.as_str(),
+        Scope::All => "all",
+    };
+    format!("{} {who} @{}s", f.kind, f.at.as_secs())
+}
+
+/// Waits (up to 15 s) until the object sink has confirmed everything stored.
+async fn wait_for_sink(progress: &Progress) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        if progress.sink_caught_up().unwrap_or(false) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Ok(seen)
+    println!(
+        "  the object sink had not caught up after 15 s; it resumes when the bridge runs again"
+    );
+}
+
+fn evidence_and_checks(
+    work: &WorkDir,
+    summary: &Summary,
+    mqtt5: &[String],
+    stopped_at: Duration,
+) -> anyhow::Result<Vec<Check>> {
+    let store = vitalmq_bridge::store::Store::open(&work.bridge_data())?;
+    let view = StoreView::read(&store)?;
+    let broker = BrokerAudit::read(&work.broker_audit())?;
+    let (broker_audit, bridge_audit) = (work.broker_audit(), work.bridge_audit());
+    let evidence = Evidence {
+        sim: summary,
+        store: &view,
+        broker: &broker,
+        mqtt5,
+        stopped_at_s: stopped_at.as_secs_f64(),
+        audit_chains: vec![
+            (
+                "broker",
+                broker_audit.as_path(),
+                verify_chain(&broker_audit),
+            ),
+            (
+                "bridge",
+                bridge_audit.as_path(),
+                verify_chain(&bridge_audit),
+            ),
+        ],
+    };
+    Ok(report::checks(&evidence))
+}
+
+fn verify_chain(path: &Path) -> Result<u64, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    vitalmq_audit::verify_chain(std::io::BufReader::new(file))
+        .map_err(|e| format!("chain broken at {e}"))
+}
+
+fn print_summary(
+    work: &WorkDir,
+    summary: &Summary,
+    checks: &[Check],
+    alerts: &[AlertSeen],
+) -> anyhow::Result<()> {
+    let store = vitalmq_bridge::store::Store::open(&work.bridge_data())?;
+    let counts = progress::Counts::from_stats(&store.stats()?);
+    let t = &summary.totals;
+    let made: u64 = summary
+        .devices
+        .iter()
+        .flat_map(|d| &d.epochs)
+        .map(|e| e.made)
+        .sum();
+    let clinical = alerts.iter().filter(|a| a.clinical).count();
+    let episode = alerts
+        .iter()
+        .filter(|a| a.clinical && a.device.as_deref() == Some(setup::EPISODE_DEVICE))
+        .count();
+    let connected = summary.devices.iter().filter(|d| d.connects > 0).count();
+    println!("\nsummary");
+    let revoked: Vec<String> = summary
+        .revocations
+        .iter()
+        .filter(|r| r.ok)
+        .map(|r| format!("{} at {} s", r.device, r.at_s))
+        .collect();
+    println!(
+        "  devices     {connected}/{} connected; certificates revoked during the run: {}",
+        summary.devices.len(),
+        if revoked.is_empty() {
+            "none".to_owned()
+        } else {
+            revoked.join(", ")
+        }
+    );
+    println!(
+        "  messages    {made} made, {} sent ({} resent after reconnects), {} stored",
+        t.sent, t.resent, counts.events
+    );
+    println!(
+        "  refused     {} (kept in the quarantine)",
+        counts.refused_text()
+    );
+    println!(
+        "  sequence    duplicates dropped {}, replays refused {}; gaps: {} closed, {} open, {} lost",
+        counts.duplicates, counts.replays, counts.gaps_closed, counts.gaps_open, counts.gaps_lost
+    );
+    println!(
+        "  faults      {} injected; each matched with its refusal below",
+        t.faults_injected
+    );
+    println!(
+        "  alerts seen: {} (clinical {clinical}, operational {})",
+        alerts.len(),
+        alerts.len() - clinical
+    );
+    println!(
+        "  alerts for the scripted episode (desaturation on {}): {episode}",
+        setup::EPISODE_DEVICE
+    );
+    println!("\nchecks");
+    for c in checks {
+        println!("  {c}");
+    }
+    let data = work.bridge_data();
+    println!("\nlook around");
+    println!("  work dir     {}", work.root.display());
+    println!(
+        "  store        vitalmq store stats --data {}   (also: events, gaps)",
+        data.display()
+    );
+    println!("  objects      {}", work.objects().display());
+    println!(
+        "  quarantine   vitalmq store quarantine --data {}",
+        data.display()
+    );
+    println!(
+        "  audit logs   vitalmq audit verify {}",
+        work.broker_audit().display()
+    );
+    println!(
+        "               vitalmq audit verify {}",
+        work.bridge_audit().display()
+    );
+    println!(
+        "  configs      {} and {} (vitalmq broker/bridge --config ...)",
+        work.broker_config().display(),
+        work.bridge_config().display()
+    );
+    println!("  log          {}", work.log().display());
+    Ok(())
 }

@@ -53,14 +53,17 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The demo logs to a file in its work directory; everything else to stderr.
+    if !matches!(cli.command, Command::Demo(_)) {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let result = match cli.command {
         Command::Certs(cmd) => cmd.run().map(|()| std::process::ExitCode::SUCCESS),
         Command::Envelope(cmd) => cmd.run(),

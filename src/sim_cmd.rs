@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use vitalmq_device_sim::device::DEFAULT_FW;
+use vitalmq_device_sim::faults::FaultSpec;
 use vitalmq_device_sim::link::{LinkOptions, Schedule};
 use vitalmq_device_sim::mqtt::{MqttVersion, Target};
-use vitalmq_device_sim::runner::{self, EpisodeSpec, SimOptions, parse_duration};
+use vitalmq_device_sim::runner::{self, Control, EpisodeSpec, SimOptions, parse_duration};
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
@@ -23,7 +24,25 @@ and after every reconnect resends what is not covered, oldest first. Its epoch i
 in <state>/<id>.epoch and advanced (durably) on every start and simulated reboot.
 
 Episodes: desaturation, tachycardia, fever, motion, dropout, as KIND:DEVICE[@START]
-(START after the simulation starts, default 10s), comma-separated or repeated.
+(START in device time after the simulation starts, default 10s), comma-separated or
+repeated. --time-scale X runs the device clock (ts) and the vitals model X times faster
+than the wall clock; rates, --duration and fault times stay wall-clock.
+
+Faults, as KIND[=ARG]:DEVICE[@AT] (AT wall-clock after the start, default 5s; DEVICE may
+be `all`), comma-separated or repeated; each is accounted in the device's `faults`:
+  duplicate[=N]            resend a copy of a receipted message       bridge: duplicate
+  replay[=N]               reboot, then send an old-epoch copy        bridge: replay
+  out-of-order[=N]         send two consecutive messages swapped      accepted late
+  bad-signature[=N]        a copy with one signature bit flipped      bridge: bad_signature
+  wrong-topic[=DEV]        a copy on DEV's topic (default: next)      broker ACL: 0x87 / close
+  foreign-client-id[=DEV]  a 2nd connection claiming DEV's client id  broker: CONNACK refused
+  revoked-certificate      revoke its certificate in --pki at AT      broker: TLS handshake
+  clock-skew[=OFFSET]      offset ts, e.g. =-2m (default +5m)         accepted (no ts rule)
+  reboot-storm[=N]         N reboots half a second apart (default 5)  accepted
+  reconnect-storm[=N]      drop the connection and reconnect at once  accepted
+For wrong-topic under MQTT 3.1.1 the shipped ACL closes the connection; list the device
+in --mqtt5 to see PUBACK 0x87 instead. revoked-certificate needs the broker to reload
+its CRL (it does when it watches its files, or on SIGHUP).
 
 Exit status: 0 when done (with --until-receipted: only if every message of every device
 was receipted and none was dropped from a full outbox), 1 if not or if a device stopped
@@ -32,7 +51,12 @@ on an error (see its `error` in the summary), 2 if the run could not start.
 Examples:
   vitalmq sim --pki pki --broker 127.0.0.1:8883 --state sim-state --devices 10 --rate 1
   vitalmq sim --pki pki --broker 127.0.0.1:8883 --state s --devices 2 --count 50 \\
-      --rate 10 --episode desaturation:dev-00001@5s --until-receipted 30s")]
+      --rate 10 --episode desaturation:dev-00001@5s --until-receipted 30s
+  vitalmq sim --pki pki --broker 127.0.0.1:8883 --state s --devices 4 --duration 30s \
+      --rate 2 --fault duplicate:dev-00002,bad-signature:dev-00003@8s --time-scale 30
+
+Ctrl-C stops generating and finishes as at the end of the schedule; a second Ctrl-C
+stops at once.")]
 pub struct SimArgs {
     /// PKI directory made by `vitalmq certs init`.
     #[arg(long)]
@@ -62,6 +86,19 @@ pub struct SimArgs {
         value_name = "KIND:DEVICE[@START]"
     )]
     episodes: Vec<EpisodeSpec>,
+    /// Faults to inject, KIND[=ARG]:DEVICE[@AT] (see below).
+    #[arg(
+        long = "fault",
+        value_delimiter = ',',
+        value_name = "KIND[=ARG]:DEVICE[@AT]"
+    )]
+    faults: Vec<FaultSpec>,
+    /// Devices that use MQTT 5 whatever --mqtt-version says.
+    #[arg(long = "mqtt5", value_delimiter = ',', value_name = "DEVICE")]
+    mqtt5: Vec<String>,
+    /// Run the device clock and the vitals model this many times faster than real time.
+    #[arg(long = "time-scale", default_value_t = 1.0, value_name = "X")]
+    time_scale: f64,
     /// After generating, run until every message is receipted, at most this long.
     #[arg(long = "until-receipted", value_name = "TIMEOUT", value_parser = parse_duration)]
     until_receipted: Option<Duration>,
@@ -111,37 +148,41 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     link.resend_after = args.resend_after;
     link.backoff_max = args.backoff_max;
     let until_receipted = args.until_receipted.is_some();
+    let schedule = Schedule {
+        rate: args.rate,
+        count: args.count,
+        duration: args.duration,
+        status_every: (!args.status_every.is_zero()).then_some(args.status_every),
+        reboot_every: args.reboot_every,
+        until_receipted: args.until_receipted,
+        drain: Duration::from_secs(5),
+        time_scale: args.time_scale,
+    };
     let opts = SimOptions {
-        pki: args.pki,
-        state: args.state,
-        devices: args.devices,
         seed: args.seed,
         fw: args.fw,
         episodes: args.episodes,
-        link,
-        schedule: Schedule {
-            rate: args.rate,
-            count: args.count,
-            duration: args.duration,
-            status_every: (!args.status_every.is_zero()).then_some(args.status_every),
-            reboot_every: args.reboot_every,
-            until_receipted: args.until_receipted,
-            drain: Duration::from_secs(5),
-        },
+        faults: args.faults,
+        mqtt5: args.mqtt5,
+        ..SimOptions::new(args.pki, args.state, args.devices, link, schedule)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
     let summary = runtime.block_on(async {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let (control_tx, control_rx) = tokio::sync::watch::channel(Control::Run);
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::info!("interrupted; stopping the devices");
-                let _ = stop_tx.send(true);
+                tracing::info!("interrupted; finishing (Ctrl-C again stops at once)");
+                let _ = control_tx.send(Control::Finish);
+            }
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("interrupted again; stopping the devices");
+                let _ = control_tx.send(Control::Stop);
             }
         });
-        runner::run(opts, stop_rx, move |n| {
+        runner::run(opts, control_rx, move |n| {
             eprintln!(
                 "vitalmq sim: {n} devices connected to {}:{}",
                 target.host, target.port

@@ -93,6 +93,41 @@ pub struct DeviceStats {
     pub reboots: u64,
 }
 
+/// How many messages the device made in one epoch: `seq` 0 to `made - 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EpochMade {
+    pub epoch: u64,
+    pub made: u64,
+}
+
+/// Consecutive held messages of one epoch, `first..=last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KeyRange {
+    pub epoch: u64,
+    pub first: u64,
+    pub last: u64,
+}
+
+impl KeyRange {
+    /// Compresses keys in increasing order into ranges.
+    pub fn compress(keys: impl IntoIterator<Item = Key>) -> Vec<Self> {
+        let mut out: Vec<Self> = Vec::new();
+        for k in keys {
+            match out.last_mut() {
+                Some(r) if r.epoch == k.epoch && r.last.checked_add(1) == Some(k.seq) => {
+                    r.last = k.seq;
+                }
+                _ => out.push(Self {
+                    epoch: k.epoch,
+                    first: k.seq,
+                    last: k.seq,
+                }),
+            }
+        }
+        out
+    }
+}
+
 /// The end-of-run account of one device (the `vitalmq sim` summary).
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceReport {
@@ -114,6 +149,13 @@ pub struct DeviceReport {
     pub receipts_malformed: u64,
     /// Every message made is covered by a receipt and none was dropped.
     pub all_receipted: bool,
+    /// Messages made per epoch, oldest epoch first (each epoch's `seq` starts at 0).
+    pub epochs: Vec<EpochMade>,
+    /// The messages still held (made, not covered by a receipt), as ranges.
+    pub held: Vec<KeyRange>,
+    /// Faults injected into this device and what became of them (`--fault`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<crate::faults::FaultReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -124,12 +166,13 @@ pub struct SimDevice {
     id: DeviceId,
     key: SigningKey,
     fw: String,
-    epochs: EpochStore,
+    epoch_store: EpochStore,
     epoch: u64,
     next_seq: u64,
     vitals: VitalsModel,
     outbox: Box<Outbox>,
     stats: DeviceStats,
+    epochs: Vec<EpochMade>,
 }
 
 impl SimDevice {
@@ -141,28 +184,33 @@ impl SimDevice {
         vitals: VitalsModel,
         state_dir: &Path,
     ) -> Result<Self, DeviceError> {
-        let epochs = EpochStore::new(state_dir, id.as_str());
-        let epoch = epochs.advance()?;
+        let epoch_store = EpochStore::new(state_dir, id.as_str());
+        let epoch = epoch_store.advance()?;
         tracing::info!(device.id = %id, epoch, "device booted");
         Ok(Self {
             id,
             key,
             fw: fw.into(),
-            epochs,
+            epoch_store,
             epoch,
             next_seq: 0,
             vitals,
             outbox: Box::default(),
             stats: DeviceStats::default(),
+            epochs: vec![EpochMade { epoch, made: 0 }],
         })
     }
 
     /// A simulated reboot: a new durable epoch, seq back to 0. The outbox survives (it
     /// models retained memory), so its older epoch is sent before the new one.
     pub fn reboot(&mut self) -> Result<u64, DeviceError> {
-        self.epoch = self.epochs.advance()?;
+        self.epoch = self.epoch_store.advance()?;
         self.next_seq = 0;
         self.stats.reboots += 1;
+        self.epochs.push(EpochMade {
+            epoch: self.epoch,
+            made: 0,
+        });
         tracing::info!(device.id = %self.id, epoch = self.epoch, held = self.outbox.len(), "device rebooted");
         Ok(self.epoch)
     }
@@ -261,6 +309,9 @@ impl SimDevice {
         };
         let pushed = self.outbox.push(key, channel, &bytes)?;
         self.next_seq = next;
+        if let Some(current) = self.epochs.last_mut() {
+            current.made = next;
+        }
         let evicted = match pushed {
             Pushed::Stored => None,
             Pushed::Evicted { key: old, was_sent } => {
@@ -342,6 +393,9 @@ impl SimDevice {
             connects,
             receipts_malformed: self.stats.receipts_malformed,
             all_receipted: error.is_none() && overflow_dropped == 0 && self.fully_receipted(),
+            epochs: self.epochs.clone(),
+            held: KeyRange::compress(self.outbox.iter().map(Entry::key)),
+            faults: Vec::new(),
             error,
         }
     }
@@ -469,6 +523,48 @@ mod tests {
         let model = VitalsModel::new(1, id.as_str(), vec![]);
         let again = SimDevice::boot(id, key, DEFAULT_FW, model, &f.state).expect("boot");
         assert_eq!(again.epoch(), 3);
+    }
+
+    #[test]
+    fn the_report_accounts_every_epoch_and_what_is_still_held() {
+        let mut f = fixture();
+        for i in 0..4 {
+            vitals(&mut f.device, i);
+        }
+        f.device.reboot().expect("reboot");
+        f.device.reboot().expect("reboot");
+        vitals(&mut f.device, 4);
+        vitals(&mut f.device, 5);
+        f.device.apply_receipt(&receipt::encode(Key::new(1, 1)));
+        let r = f.device.report(1, None);
+        assert_eq!(
+            r.epochs,
+            [
+                EpochMade { epoch: 1, made: 4 },
+                EpochMade { epoch: 2, made: 0 },
+                EpochMade { epoch: 3, made: 2 },
+            ]
+        );
+        assert_eq!(
+            r.held,
+            [
+                KeyRange {
+                    epoch: 1,
+                    first: 2,
+                    last: 3
+                },
+                KeyRange {
+                    epoch: 3,
+                    first: 0,
+                    last: 1
+                },
+            ]
+        );
+        assert!(r.faults.is_empty());
+        assert_eq!(
+            KeyRange::compress([Key::new(1, 0), Key::new(1, 2), Key::new(1, 3)]).len(),
+            2
+        );
     }
 
     #[test]

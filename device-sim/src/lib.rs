@@ -7,14 +7,20 @@
 //! * [`loadgen`] drives a broker with many identities and measures throughput, latency,
 //!   losses and reconnect storms (`vitalmq loadgen`).
 //! * [`pki`] reads the identities of a PKI made by `vitalmq certs init`, for both.
+//! * [`faults`] injects the faults a trustworthy ingest path must refuse or survive
+//!   (`--fault`); [`clock`] is the device clock, optionally faster than real time
+//!   (`--time-scale`) or skewed.
 //!
-//! Layering: `ring`, `vitals`, `receipt`, `epoch` and `device` do no network I/O and read
-//! no clock (time is an argument), so they are tested directly; `mqtt`, `link` and
-//! `runner` are the async shell around them.
+//! Layering: `ring`, `vitals`, `receipt`, `epoch`, `device`, `clock` and `faults` do no
+//! network I/O and read no clock (time is an argument), so they are tested directly;
+//! `mqtt`, `link` and `runner` are the async shell around them.
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod device;
+pub mod duration;
 pub mod epoch;
+pub mod faults;
 pub mod link;
 pub mod loadgen;
 pub mod mqtt;

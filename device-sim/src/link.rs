@@ -20,14 +20,20 @@
 //!   after twice that, and so on up to eight times it; any progress resets the wait.
 //! * Reconnects back off exponentially with jitter between `backoff_min` and
 //!   `backoff_max`; the backoff resets once a connection is fully up.
+//! * Injected faults ([`crate::faults`]) never bypass the outbox for the device's own
+//!   messages: an injected PUBLISH is an extra copy, and the out-of-order fault only
+//!   swaps the send order of two held messages, both of which stay held until receipted.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 
+use crate::clock::DeviceClock;
 use crate::device::{DeviceError, DeviceReport, ReceiptOutcome, SimDevice};
+use crate::faults::{Action, Injector, LinkState};
 use crate::mqtt::{Event, Session, SessionOptions, Target};
 use crate::pki::Identity;
 use crate::ring::Key;
@@ -86,6 +92,9 @@ pub struct Schedule {
     /// Without `until_receipted`: after generating, wait at most this long for the last
     /// messages to be sent and acknowledged by the broker.
     pub drain: Duration,
+    /// Device time per wall time (see [`crate::clock`]): 1 is real time. `rate`,
+    /// `duration`, `status_every` and fault times stay wall-clock.
+    pub time_scale: f64,
 }
 
 /// Exponential backoff with jitter (75-125 %), deterministic per device.
@@ -172,6 +181,40 @@ struct Conn {
     inflight: usize,
 }
 
+/// What the caller tells a running fleet, through a `watch` channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Follow the schedule.
+    Run,
+    /// Stop generating now, then finish as at the end of the schedule: send what is
+    /// held and wait for receipts (`until_receipted`) or the broker (`drain`).
+    Finish,
+    /// Stop at once.
+    Stop,
+}
+
+/// Live counts over all devices of a fleet, for progress displays.
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    connected: AtomicUsize,
+}
+
+impl LiveCounts {
+    /// Devices connected and subscribed right now.
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// How the next send goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendPlan {
+    /// The next held message.
+    One,
+    /// The out-of-order fault: `newer` first, then `older`.
+    Swap { older: Key, newer: Key },
+}
+
 /// One device's shell; see the module documentation.
 #[derive(Debug)]
 pub struct DeviceLink {
@@ -181,6 +224,7 @@ pub struct DeviceLink {
     schedule: Arc<Schedule>,
     ack_topic: String,
     t0: Instant,
+    clock: DeviceClock,
     conn: Option<Conn>,
     next_attempt: Instant,
     backoff: Backoff,
@@ -196,6 +240,10 @@ pub struct DeviceLink {
     resend_wait: Duration,
     connects: u64,
     first_connected: Option<oneshot::Sender<()>>,
+    faults: Injector,
+    /// The second connection of the foreign-client-id fault, and when it was opened.
+    side: Option<(Session, Instant)>,
+    live: Option<Arc<LiveCounts>>,
 }
 
 impl DeviceLink {
@@ -218,14 +266,18 @@ impl DeviceLink {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             });
         let now = Instant::now();
+        let since_t0 = u64::try_from(now.saturating_duration_since(t0).as_millis()).unwrap_or(0);
+        let clock = DeviceClock::new(wall_ms().saturating_sub(since_t0), schedule.time_scale);
         Self {
             backoff: Backoff::new(link.backoff_min, link.backoff_max, seed),
             pacer: Pacer::new(link.send_rate, link.send_burst, now),
             next_status: schedule.status_every.map(|d| t0 + d),
+            faults: Injector::none(device.id().as_str()),
             device,
             identity,
             ack_topic,
             t0,
+            clock,
             conn: None,
             next_attempt: now,
             ticks: 0,
@@ -234,14 +286,29 @@ impl DeviceLink {
             resend_wait: link.resend_after,
             connects: 0,
             first_connected: Some(first_connected),
+            side: None,
+            live: None,
             link,
             schedule,
         }
     }
 
+    /// Injects these faults (see [`crate::faults`]).
+    pub fn with_faults(mut self, faults: Injector) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Keeps `live` up to date with this device's connection.
+    pub fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
+        self.live = Some(live);
+        self
+    }
+
     /// Runs until the schedule is done (and, with `until_receipted`, everything is
-    /// receipted or the time is up) or `stop` turns true; returns the device's account.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> DeviceReport {
+    /// receipted or the time is up) or `control` says otherwise; returns the device's
+    /// account.
+    pub async fn run(mut self, mut control: watch::Receiver<Control>) -> DeviceReport {
         let mut housekeeping = tokio::time::interval(Duration::from_millis(200));
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let generate_until = self.schedule.duration.map(|d| self.t0 + d);
@@ -250,15 +317,21 @@ impl DeviceLink {
         let mut error = None;
         loop {
             let now = Instant::now();
+            let told = *control.borrow();
+            if told == Control::Stop {
+                break;
+            }
             if generating
-                && (self
-                    .schedule
-                    .count
-                    .is_some_and(|c| self.device.stats().vitals_made >= c)
+                && (told == Control::Finish
+                    || self
+                        .schedule
+                        .count
+                        .is_some_and(|c| self.device.stats().vitals_made >= c)
                     || generate_until.is_some_and(|end| now >= end))
             {
                 generating = false;
                 done_at = Some(now);
+                self.faults.cancel_swap();
                 tracing::info!(
                     device.id = %self.device.id(),
                     vitals = self.device.stats().vitals_made,
@@ -271,21 +344,14 @@ impl DeviceLink {
             {
                 break;
             }
-            if *stop.borrow() {
-                break;
-            }
 
-            let can_send = self.conn.as_ref().is_some_and(|c| {
-                c.phase == Phase::Ready
-                    && c.inflight < self.link.window
-                    && self.device.next_after(c.cursor).is_some()
-            });
+            let can_send = self.send_plan().is_some();
             let status_at = self.next_status.filter(|_| generating);
             let (next_tick, next_attempt, send_at) =
                 (self.next_tick, self.next_attempt, self.pacer.ready_at());
             let offline = self.conn.is_none();
             let step: Result<(), DeviceError> = tokio::select! {
-                changed = stop.changed() => {
+                changed = control.changed() => {
                     if changed.is_err() {
                         break;
                     }
@@ -293,6 +359,10 @@ impl DeviceLink {
                 }
                 event = next_event(&mut self.conn) => {
                     self.on_event(event);
+                    Ok(())
+                }
+                event = next_side_event(&mut self.side) => {
+                    self.on_side_event(event);
                     Ok(())
                 }
                 () = sleep_until(next_tick), if generating => self.on_tick(),
@@ -307,7 +377,7 @@ impl DeviceLink {
                 }
                 _ = housekeeping.tick() => {
                     self.housekeeping();
-                    Ok(())
+                    self.inject_faults()
                 }
             };
             if let Err(e) = step {
@@ -316,13 +386,21 @@ impl DeviceLink {
                 break;
             }
         }
-        if let Some(conn) = self.conn.take() {
+        self.side = None;
+        if let Some(conn) = self.take_conn() {
             conn.session.close(Duration::from_millis(500)).await;
         }
-        self.device.report(self.connects, error)
+        let mut report = self.device.report(self.connects, error);
+        report.faults = self.faults.reports();
+        report
     }
 
     fn finished(&self, now: Instant, done: Instant) -> bool {
+        let ready = self.conn.as_ref().is_some_and(|c| c.phase == Phase::Ready);
+        if self.faults.revoked() && !ready {
+            // Its certificate is revoked: no receipt can come any more.
+            return true;
+        }
         match self.schedule.until_receipted {
             Some(timeout) => self.device.fully_receipted() || now >= done + timeout,
             None => {
@@ -336,11 +414,18 @@ impl DeviceLink {
         }
     }
 
+    /// Wall time since time zero.
+    fn elapsed(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.t0)
+    }
+
     fn on_tick(&mut self) -> Result<(), DeviceError> {
-        let t = Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
+        let wall = Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
+        let t = self.clock.device_time(wall);
         self.ticks += 1;
         self.next_tick = self.t0 + Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
-        let Some(made) = self.device.make_vitals(t, wall_ms())? else {
+        let ts = self.clock.ts_ms(self.elapsed(Instant::now()));
+        let Some(made) = self.device.make_vitals(t, ts)? else {
             tracing::debug!(device.id = %self.device.id(), "sensor dropout; no sample");
             return Ok(());
         };
@@ -355,13 +440,18 @@ impl DeviceLink {
             && made_so_far % n == 0
             && !last
         {
-            // Power cycle: the connection goes without a goodbye, the new epoch is
-            // durable before anything of it is made, the outbox is retained.
-            self.conn = None;
-            self.device.reboot()?;
-            self.backoff.reset();
-            self.next_attempt = Instant::now() + self.link.backoff_min;
+            self.power_cycle()?;
         }
+        Ok(())
+    }
+
+    /// A simulated power cycle: the connection goes without a goodbye, the new epoch is
+    /// durable before anything of it is made, the outbox is retained.
+    fn power_cycle(&mut self) -> Result<(), DeviceError> {
+        drop(self.take_conn());
+        self.device.reboot()?;
+        self.backoff.reset();
+        self.next_attempt = Instant::now() + self.link.backoff_min;
         Ok(())
     }
 
@@ -371,7 +461,10 @@ impl DeviceLink {
             .status_every
             .unwrap_or(Duration::from_secs(60));
         self.next_status = self.next_status.map(|at| at + every);
-        let made = self.device.make_status(wall_ms(), self.t0.elapsed())?;
+        let elapsed = self.elapsed(Instant::now());
+        let made = self
+            .device
+            .make_status(self.clock.ts_ms(elapsed), self.clock.device_time(elapsed))?;
         tracing::debug!(
             device.id = %self.device.id(),
             epoch = made.key.epoch,
@@ -399,8 +492,21 @@ impl DeviceLink {
         });
     }
 
+    /// Takes the connection away (dropping it closes it without DISCONNECT), keeping the
+    /// live count right.
+    fn take_conn(&mut self) -> Option<Conn> {
+        let conn = self.conn.take()?;
+        if conn.phase == Phase::Ready
+            && let Some(live) = &self.live
+        {
+            live.connected.fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(conn)
+    }
+
     fn on_event(&mut self, event: Event) {
         let id = self.device.id().clone();
+        let elapsed = self.elapsed(Instant::now());
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -418,9 +524,13 @@ impl DeviceLink {
                 conn.phase = Phase::Ready;
                 conn.cursor = None;
                 conn.inflight = 0;
+                if let Some(live) = &self.live {
+                    live.connected.fetch_add(1, Ordering::Relaxed);
+                }
                 self.connects += 1;
                 self.backoff.reset();
                 self.progress(Instant::now());
+                self.faults.on_connected(elapsed);
                 tracing::info!(
                     device.id = %id,
                     epoch = self.device.epoch(),
@@ -432,7 +542,13 @@ impl DeviceLink {
                     let _ = tx.send(());
                 }
             }
-            Event::Acked => conn.inflight = conn.inflight.saturating_sub(1),
+            Event::Acked { refused } => {
+                conn.inflight = conn.inflight.saturating_sub(1);
+                if let Some(reason) = refused {
+                    tracing::info!(device.id = %id, reason, "publish refused by the broker");
+                    self.faults.on_puback_refused(&reason);
+                }
+            }
             Event::Message { topic, payload } if topic == self.ack_topic => {
                 match self.device.apply_receipt(&payload) {
                     ReceiptOutcome::Applied { receipt, released } => {
@@ -466,6 +582,18 @@ impl DeviceLink {
         }
     }
 
+    /// An event of the foreign-client-id connection: its first answer is the outcome.
+    fn on_side_event(&mut self, event: Event) {
+        let outcome = match event {
+            Event::Connected => Ok(()),
+            Event::Down { reason } => Err(reason),
+            _ => return,
+        };
+        tracing::info!(device.id = %self.device.id(), outcome = ?outcome, "foreign client id connection answered");
+        self.side = None;
+        self.faults.on_side_outcome(outcome);
+    }
+
     /// Receipts moved (or nothing waits for one): restart the resend clock.
     fn progress(&mut self, now: Instant) {
         self.last_progress = now;
@@ -474,7 +602,9 @@ impl DeviceLink {
 
     /// The connection is gone: schedule the next attempt.
     fn lost(&mut self, reason: &str) {
-        let was_ready = self.conn.take().is_some_and(|c| c.phase == Phase::Ready);
+        let was_ready = self.take_conn().is_some_and(|c| c.phase == Phase::Ready);
+        let elapsed = self.elapsed(Instant::now());
+        self.faults.on_connection_lost(elapsed, reason, was_ready);
         let delay = self.backoff.delay();
         self.next_attempt = Instant::now() + delay;
         let retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
@@ -486,24 +616,134 @@ impl DeviceLink {
         }
     }
 
+    /// What to send next, if anything may go now.
+    fn send_plan(&self) -> Option<SendPlan> {
+        let conn = self
+            .conn
+            .as_ref()
+            .filter(|c| c.phase == Phase::Ready && c.inflight < self.link.window)?;
+        let first = self.device.next_after(conn.cursor)?;
+        if !self.faults.swap_pending() || first.resend {
+            return Some(SendPlan::One);
+        }
+        // Out of order: wait for a second fresh message of the same epoch, then send
+        // it first.
+        let second = self.device.next_after(Some(first.key))?;
+        if second.resend || second.key.epoch != first.key.epoch {
+            return Some(SendPlan::One);
+        }
+        (conn.inflight + 1 < self.link.window).then_some(SendPlan::Swap {
+            older: first.key,
+            newer: second.key,
+        })
+    }
+
     fn send_one(&mut self) {
+        match self.send_plan() {
+            Some(SendPlan::One) => {
+                if let Some(key) = self
+                    .conn
+                    .as_ref()
+                    .and_then(|c| self.device.next_after(c.cursor).map(|o| o.key))
+                {
+                    self.send_key(key);
+                }
+            }
+            Some(SendPlan::Swap { older, newer }) => {
+                let sent = self.send_key(newer) && self.send_key(older);
+                if sent {
+                    tracing::info!(device.id = %self.device.id(), first = %newer, second = %older, "sent out of order");
+                    self.faults.on_swapped(newer, older);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Publishes the held message `key`; false if the connection was lost doing it.
+    fn send_key(&mut self, key: Key) -> bool {
         let Some(conn) = self.conn.as_mut() else {
-            return;
+            return false;
         };
-        let Some(out) = self.device.next_after(conn.cursor) else {
-            return;
+        let Some(out) = self.device.outbox().iter().find(|e| e.key() == key) else {
+            return false;
         };
-        let (key, resend) = (out.key, out.resend);
-        let topic = out.channel.topic(self.device.id().as_str());
-        match conn.session.publish(topic, out.bytes.to_vec()) {
+        let (channel, resend) = (out.channel(), out.sends() > 0);
+        let topic = channel.topic(self.device.id().as_str());
+        if !resend {
+            self.faults.on_sent(key, channel, out.bytes());
+        }
+        match conn.session.publish(topic, out.bytes().to_vec()) {
             Ok(()) => {
-                conn.cursor = Some(key);
+                if conn.cursor.is_none_or(|c| c < key) {
+                    conn.cursor = Some(key);
+                }
                 conn.inflight += 1;
                 self.pacer.take(Instant::now());
                 self.device.mark_sent(key);
                 tracing::trace!(device.id = %self.device.id(), epoch = key.epoch, seq = key.seq, resend, "published");
+                true
             }
-            Err(e) => self.lost(&format!("publish: {e}")),
+            Err(e) => {
+                self.lost(&format!("publish: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Carries out whatever faults are due (see [`crate::faults`]).
+    fn inject_faults(&mut self) -> Result<(), DeviceError> {
+        if self.faults.is_empty() {
+            return Ok(());
+        }
+        let elapsed = self.elapsed(Instant::now());
+        loop {
+            let state = LinkState {
+                connected: self.conn.as_ref().is_some_and(|c| c.phase == Phase::Ready),
+                covered: self.device.outbox().covered(),
+            };
+            let Some(action) = self.faults.poll(elapsed, state) else {
+                return Ok(());
+            };
+            let id = self.device.id().clone();
+            match action {
+                Action::Publish { topic, bytes } => {
+                    tracing::info!(device.id = %id, topic = %topic, "fault: publishing an injected message");
+                    if let Some(conn) = self.conn.as_mut() {
+                        match conn.session.publish(topic, bytes) {
+                            Ok(()) => conn.inflight += 1,
+                            Err(e) => self.lost(&format!("publish: {e}")),
+                        }
+                    }
+                }
+                Action::ConnectAs { client_id } => {
+                    tracing::info!(device.id = %id, claimed = %client_id, "fault: connecting with another device's client id");
+                    let session = Session::open(
+                        &self.link.target,
+                        &client_id,
+                        &self.identity.tls,
+                        &self.link.session,
+                    );
+                    self.side = Some((session, Instant::now()));
+                }
+                Action::SwapNext => {
+                    tracing::info!(device.id = %id, "fault: the next two messages go out of order");
+                }
+                Action::Reboot => {
+                    tracing::info!(device.id = %id, "fault: reboot");
+                    self.power_cycle()?;
+                }
+                Action::DropConnection => {
+                    tracing::info!(device.id = %id, "fault: dropping the connection");
+                    drop(self.take_conn());
+                    self.backoff.reset();
+                    self.next_attempt = Instant::now();
+                }
+                Action::SkewClock { ms } => {
+                    tracing::info!(device.id = %id, skew_ms = ms, "fault: device clock skewed");
+                    self.clock.set_skew_ms(ms);
+                }
+            }
         }
     }
 
@@ -511,6 +751,13 @@ impl DeviceLink {
         let now = Instant::now();
         if self.device.outbox().is_empty() {
             self.progress(now);
+        }
+        if self.side.as_ref().is_some_and(|(_, opened)| {
+            now.duration_since(*opened) > self.link.session.connect_timeout
+        }) {
+            self.side = None;
+            self.faults
+                .on_side_outcome(Err("no answer to CONNECT in time".into()));
         }
         let Some(conn) = self.conn.as_mut() else {
             return;
@@ -538,6 +785,14 @@ impl DeviceLink {
                 }
             }
         }
+    }
+}
+
+/// The next event of the foreign-client-id connection, or never when there is none.
+async fn next_side_event(side: &mut Option<(Session, Instant)>) -> Event {
+    match side {
+        Some((s, _)) => s.next().await,
+        None => std::future::pending().await,
     }
 }
 

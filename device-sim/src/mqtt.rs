@@ -60,8 +60,9 @@ pub enum Event {
     Connected,
     /// SUBACK: whether every filter was granted.
     Subscribed { granted: bool },
-    /// PUBACK of one QoS 1 publish.
-    Acked,
+    /// PUBACK of one QoS 1 publish; `refused` holds the reason when an MQTT 5 broker
+    /// refused it (e.g. `NotAuthorized`, 0x87). MQTT 3.1.1 cannot refuse in a PUBACK.
+    Acked { refused: Option<String> },
     /// An incoming PUBLISH (acknowledged by rumqttc).
     Message { topic: String, payload: Bytes },
     /// The connection ended (refused, lost, or closed); the session is finished.
@@ -232,7 +233,7 @@ async fn drive_v4(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<Event>) {
                     .iter()
                     .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
             },
-            Ok(E::Incoming(Packet::PubAck(_))) => Event::Acked,
+            Ok(E::Incoming(Packet::PubAck(_))) => Event::Acked { refused: None },
             Ok(E::Incoming(Packet::Publish(p))) => Event::Message {
                 topic: p.topic,
                 payload: p.payload,
@@ -255,7 +256,9 @@ async fn drive_v4(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<Event>) {
 async fn drive_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<Event>) {
     use rumqttc::Outgoing;
     use rumqttc::v5::Event as E;
-    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, SubscribeReasonCode};
+    use rumqttc::v5::mqttbytes::v5::{
+        ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode,
+    };
     loop {
         let event = match eventloop.poll().await {
             Ok(E::Incoming(Packet::ConnAck(c))) if c.code == ConnectReturnCode::Success => {
@@ -270,7 +273,12 @@ async fn drive_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<Event>
                     .iter()
                     .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
             },
-            Ok(E::Incoming(Packet::PubAck(_))) => Event::Acked,
+            Ok(E::Incoming(Packet::PubAck(a))) => Event::Acked {
+                refused: match a.reason {
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
+                    other => Some(format!("{other:?}")),
+                },
+            },
             Ok(E::Incoming(Packet::Publish(p))) => Event::Message {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 payload: p.payload,

@@ -7,18 +7,28 @@
 //! says, per device and in total, what was sent, resent, receipted and still held;
 //! `all_receipted` is true only when every device's every message is covered by a
 //! receipt and no device dropped one from a full outbox.
+//!
+//! Faults (`--fault`, [`crate::faults`]) are injected by each device's shell, except the
+//! one thing a device cannot do to itself: for `revoked-certificate` the runner revokes
+//! the device's certificate in the PKI directory (as `vitalmq certs revoke` does) at
+//! the fault's time, and tells `SimOptions::revoked` so that whoever runs the broker can
+//! make it reload (a broker watching its files reloads by itself).
 
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use vitalmq_envelope::DeviceId;
 
 use crate::device::{DeviceReport, SimDevice};
+use crate::faults::{FaultKind, FaultSpec, Injector, Scope};
+pub use crate::link::{Control, LiveCounts};
 use crate::link::{DeviceLink, LinkOptions, Schedule};
+use crate::mqtt::MqttVersion;
 use crate::pki::Pki;
 use crate::vitals::{Episode, EpisodeKind, VitalsModel};
 
@@ -56,25 +66,7 @@ impl FromStr for EpisodeSpec {
     }
 }
 
-/// A duration as `500ms`, `30s`, `5m`, `1h` or plain seconds (`2.5`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 30s, 5m, 1h)"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" | "min" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{s}` is not a duration"))
-}
+pub use crate::duration::parse_duration;
 
 /// What `vitalmq sim` runs.
 #[derive(Debug, Clone)]
@@ -85,8 +77,51 @@ pub struct SimOptions {
     pub seed: u64,
     pub fw: String,
     pub episodes: Vec<EpisodeSpec>,
+    pub faults: Vec<FaultSpec>,
+    /// Devices that speak MQTT 5 whatever `link.target.version` says.
+    pub mqtt5: Vec<String>,
     pub link: LinkOptions,
     pub schedule: Schedule,
+    /// Kept up to date with how many devices are connected.
+    pub live: Option<Arc<LiveCounts>>,
+    /// Told the id of every device whose certificate the runner revoked.
+    pub revoked: Option<mpsc::UnboundedSender<String>>,
+}
+
+impl SimOptions {
+    /// Options with no episodes, faults, MQTT 5 devices or observers.
+    pub fn new(
+        pki: PathBuf,
+        state: PathBuf,
+        devices: usize,
+        link: LinkOptions,
+        schedule: Schedule,
+    ) -> Self {
+        Self {
+            pki,
+            state,
+            devices,
+            seed: 1,
+            fw: crate::device::DEFAULT_FW.to_owned(),
+            episodes: Vec::new(),
+            faults: Vec::new(),
+            mqtt5: Vec::new(),
+            link,
+            schedule,
+            live: None,
+            revoked: None,
+        }
+    }
+}
+
+/// A certificate revocation the runner carried out for a `revoked-certificate` fault.
+#[derive(Debug, Clone, Serialize)]
+pub struct Revocation {
+    pub device: String,
+    pub at_s: f64,
+    /// `revoked serial ...` or why the revocation failed.
+    pub outcome: String,
+    pub ok: bool,
 }
 
 /// Sums over all devices.
@@ -101,6 +136,7 @@ pub struct Totals {
     pub status: u64,
     pub connects: u64,
     pub errors: usize,
+    pub faults_injected: u64,
 }
 
 /// The one-line JSON summary of a run.
@@ -110,10 +146,12 @@ pub struct Summary {
     pub elapsed_s: f64,
     pub totals: Totals,
     pub devices: Vec<DeviceReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub revocations: Vec<Revocation>,
 }
 
 impl Summary {
-    fn new(devices: Vec<DeviceReport>, elapsed: Duration) -> Self {
+    fn new(devices: Vec<DeviceReport>, revocations: Vec<Revocation>, elapsed: Duration) -> Self {
         let mut totals = Totals {
             devices: devices.len(),
             ..Totals::default()
@@ -127,12 +165,14 @@ impl Summary {
             totals.status += d.status;
             totals.connects += d.connects;
             totals.errors += usize::from(d.error.is_some());
+            totals.faults_injected += d.faults.iter().map(|f| u64::from(f.injected)).sum::<u64>();
         }
         Self {
             all_receipted: devices.iter().all(|d| d.all_receipted),
             elapsed_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             totals,
             devices,
+            revocations,
         }
     }
 }
@@ -141,7 +181,7 @@ impl Summary {
 /// `on_ready(n)` is called once, when all `n` devices have connected the first time.
 pub async fn run(
     opts: SimOptions,
-    stop: watch::Receiver<bool>,
+    control: watch::Receiver<Control>,
     on_ready: impl FnOnce(usize) + Send + 'static,
 ) -> anyhow::Result<Summary> {
     if opts.devices == 0 {
@@ -152,6 +192,9 @@ pub async fn run(
     }
     if !(opts.link.send_rate.is_finite() && opts.link.send_rate > 0.0) {
         bail!("--resend-rate must be a positive number of messages per second");
+    }
+    if !(opts.schedule.time_scale.is_finite() && opts.schedule.time_scale > 0.0) {
+        bail!("--time-scale must be a positive number");
     }
     let pki = Pki::open(&opts.pki)?;
     let identities = pki.devices(opts.devices)?;
@@ -165,13 +208,50 @@ pub async fn run(
             );
         }
     }
+    let fleet: Vec<String> = identities.iter().map(|i| i.id.clone()).collect();
+    for f in &opts.faults {
+        if let Scope::Device(d) = &f.scope
+            && !fleet.contains(d)
+        {
+            bail!(
+                "--fault {}:{d}: not one of the {} simulated devices",
+                f.kind,
+                opts.devices
+            );
+        }
+        if let Some(p) = &f.peer
+            && !fleet.contains(p)
+        {
+            bail!(
+                "--fault {}={p}: not one of the {} simulated devices",
+                f.kind,
+                opts.devices
+            );
+        }
+    }
+    for d in &opts.mqtt5 {
+        if !fleet.contains(d) {
+            bail!(
+                "--mqtt5 {d}: not one of the {} simulated devices",
+                opts.devices
+            );
+        }
+    }
     std::fs::create_dir_all(&opts.state)
         .with_context(|| format!("state directory {}", opts.state.display()))?;
 
-    let link = std::sync::Arc::new(opts.link.clone());
-    let schedule = std::sync::Arc::new(opts.schedule.clone());
+    let link = Arc::new(opts.link.clone());
+    let link_v5 = Arc::new(LinkOptions {
+        target: crate::mqtt::Target {
+            version: MqttVersion::V5,
+            ..opts.link.target.clone()
+        },
+        ..opts.link.clone()
+    });
+    let schedule = Arc::new(opts.schedule.clone());
     let t0 = tokio::time::Instant::now();
     let started = std::time::Instant::now();
+    let revocations = revoke_on_schedule(&opts, &fleet, t0);
     let mut tasks = Vec::with_capacity(identities.len());
     let mut ready = Vec::with_capacity(identities.len());
     for identity in identities {
@@ -188,21 +268,32 @@ pub async fn run(
             })
             .collect();
         let model = VitalsModel::new(opts.seed, &identity.id, episodes);
+        let injector =
+            Injector::new(&identity.id, &opts.faults, &fleet).map_err(|e| anyhow::anyhow!(e))?;
         let device = SimDevice::boot(id, key, opts.fw.clone(), model, &opts.state)
             .with_context(|| format!("booting {}", identity.id))?;
         let (tx, rx) = oneshot::channel();
-        ready.push(rx);
-        let shell = DeviceLink::new(
-            device,
-            identity,
-            std::sync::Arc::clone(&link),
-            std::sync::Arc::clone(&schedule),
-            t0,
-            tx,
-        );
-        tasks.push(tokio::spawn(shell.run(stop.clone())));
+        let revoked = injector
+            .reports()
+            .iter()
+            .any(|r| r.fault == FaultKind::RevokedCertificate);
+        if !revoked {
+            // A device whose certificate gets revoked may never connect.
+            ready.push(rx);
+        }
+        let link = if opts.mqtt5.contains(&identity.id) {
+            Arc::clone(&link_v5)
+        } else {
+            Arc::clone(&link)
+        };
+        let mut shell = DeviceLink::new(device, identity, link, Arc::clone(&schedule), t0, tx)
+            .with_faults(injector);
+        if let Some(live) = &opts.live {
+            shell = shell.with_live(Arc::clone(live));
+        }
+        tasks.push(tokio::spawn(shell.run(control.clone())));
     }
-    let n = tasks.len();
+    let n = ready.len();
     tokio::spawn(async move {
         for rx in ready {
             if rx.await.is_err() {
@@ -212,28 +303,91 @@ pub async fn run(
         }
         on_ready(n);
     });
-    let mut reports = Vec::with_capacity(n);
+    let mut reports = Vec::with_capacity(tasks.len());
     for task in tasks {
         reports.push(task.await.context("device task")?);
     }
-    Ok(Summary::new(reports, started.elapsed()))
+    let mut done = Vec::new();
+    for r in revocations {
+        // A revocation not yet due when the devices finished never happens.
+        if r.is_finished() {
+            done.push(r.await.context("revocation task")?);
+        } else {
+            r.abort();
+        }
+    }
+    Ok(Summary::new(reports, done, started.elapsed()))
+}
+
+/// Starts one task per `revoked-certificate` fault that revokes the device's identity
+/// certificate in the PKI directory at the fault's time.
+fn revoke_on_schedule(
+    opts: &SimOptions,
+    fleet: &[String],
+    t0: tokio::time::Instant,
+) -> Vec<tokio::task::JoinHandle<Revocation>> {
+    let mut tasks = Vec::new();
+    for spec in opts
+        .faults
+        .iter()
+        .filter(|f| f.kind == FaultKind::RevokedCertificate)
+    {
+        for device in fleet.iter().filter(|d| spec.scope.includes(d)) {
+            let (device, at, pki) = (device.clone(), spec.at, opts.pki.clone());
+            let notify = opts.revoked.clone();
+            tasks.push(tokio::spawn(async move {
+                tokio::time::sleep_until(t0 + at).await;
+                let revoking = device.clone();
+                let outcome = tokio::task::spawn_blocking(move || revoke(&pki, &revoking))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r);
+                match &outcome {
+                    Ok(serial) => {
+                        tracing::info!(device.id = %device, serial = %serial, "fault: certificate revoked");
+                        if let Some(tx) = notify {
+                            let _ = tx.send(device.clone());
+                        }
+                    }
+                    Err(e) => tracing::error!(device.id = %device, error = %e, "fault: cannot revoke the certificate"),
+                }
+                Revocation {
+                    device,
+                    at_s: at.as_secs_f64(),
+                    ok: outcome.is_ok(),
+                    outcome: match outcome {
+                        Ok(serial) => format!("revoked serial {serial}"),
+                        Err(e) => e,
+                    },
+                }
+            }));
+        }
+    }
+    tasks
+}
+
+/// Revokes a device's identity certificate (reason key compromise) and re-signs the
+/// CRL; returns the serial.
+fn revoke(pki: &std::path::Path, device: &str) -> Result<String, String> {
+    use vitalmq_certs::index::Target;
+    let id = vitalmq_policies::PrincipalId::new(device).map_err(|e| e.to_string())?;
+    let mut store = vitalmq_certs::Pki::open(pki).map_err(|e| format!("{}: {e}", pki.display()))?;
+    let entry = store
+        .revoke(
+            &Target::Identity {
+                role: vitalmq_policies::Role::Device,
+                id,
+            },
+            vitalmq_certs::Reason::KeyCompromise,
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(entry.serial)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("3d").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
 
     #[test]
     fn episode_specs() {

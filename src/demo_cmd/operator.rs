@@ -1,0 +1,201 @@
+//! The operator's view of the demo: an MQTT subscription to `alerts/#` and `ops/#` with
+//! the PKI's operator identity (`identities/operator/ops-01`), over mTLS through the
+//! broker's ACL like any other client. Each alert is shown by topic, state, rule and
+//! device; patient references and measured values are never shown.
+//!
+//! The demo shows whatever arrives there and nothing else: the clinical alerts the
+//! bridge publishes (`alerts/{site}/{severity}/{device}`, SPEC section 5) and its
+//! operational ones (`ops/bridge/<kind>`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde_json::Value as Json;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use vitalmq_device_sim::mqtt::{Event, MqttVersion, Session, SessionOptions, Target};
+
+/// The operator identity the demo subscribes with.
+pub const OPERATOR: &str = "ops-01";
+
+/// The filters it subscribes to.
+pub const FILTERS: [&str; 2] = ["alerts/#", "ops/#"];
+
+/// One alert message as the demo shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertSeen {
+    pub topic: String,
+    pub clinical: bool,
+    pub state: Option<String>,
+    /// The rule (clinical) or the operational kind.
+    pub rule: Option<String>,
+    pub device: Option<String>,
+}
+
+impl AlertSeen {
+    /// Reads the fields the demo shows from an alert payload (SPEC section 5); an
+    /// unreadable payload still counts, with the fields missing.
+    pub fn parse(topic: &str, payload: &[u8]) -> Self {
+        let json: Json = serde_json::from_slice(payload).unwrap_or(Json::Null);
+        let text = |k: &str| json.get(k).and_then(Json::as_str).map(str::to_owned);
+        let clinical = topic.starts_with("alerts/");
+        Self {
+            topic: topic.to_owned(),
+            clinical,
+            state: text("state"),
+            rule: if clinical { text("rule") } else { text("type") },
+            device: text("device"),
+        }
+    }
+}
+
+impl std::fmt::Display for AlertSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+        write!(
+            f,
+            "{} {}  state {}  {} {}  device {}",
+            if self.clinical { "ALERT" } else { "OPS  " },
+            self.topic,
+            dash(&self.state),
+            if self.clinical { "rule" } else { "kind" },
+            dash(&self.rule),
+            dash(&self.device),
+        )
+    }
+}
+
+/// The running subscription.
+#[derive(Debug)]
+pub struct OperatorView {
+    alerts: mpsc::UnboundedReceiver<AlertSeen>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl OperatorView {
+    /// Connects to the broker on 127.0.0.1:`port` and returns once both filters are
+    /// granted.
+    pub async fn start(pki: &Path, port: u16) -> anyhow::Result<Self> {
+        let identity = vitalmq_device_sim::pki::Pki::open(pki)?
+            .identity("operator", OPERATOR)
+            .context("the operator identity")?;
+        let target = Target {
+            host: "127.0.0.1".into(),
+            port,
+            version: MqttVersion::V5,
+        };
+        let (tx, alerts) = mpsc::unbounded_channel();
+        let (stop, stopped) = watch::channel(false);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = tokio::spawn(subscribe(target, identity, tx, stopped, ready_tx));
+        match tokio::time::timeout(Duration::from_secs(20), ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(Self { alerts, stop, task }),
+            Ok(Ok(Err(e))) => bail!("operator subscription: {e}"),
+            _ => bail!("operator subscription: not granted within 20 s"),
+        }
+    }
+
+    /// The next alert (cancel-safe).
+    pub async fn next(&mut self) -> Option<AlertSeen> {
+        self.alerts.recv().await
+    }
+
+    /// Unsubscribes and returns what arrived and was not taken yet.
+    pub async fn stop(mut self) -> Vec<AlertSeen> {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        let mut rest = Vec::new();
+        while let Ok(a) = self.alerts.try_recv() {
+            rest.push(a);
+        }
+        rest
+    }
+}
+
+/// Keeps the subscription up (reconnecting after a second) until told to stop.
+async fn subscribe(
+    target: Target,
+    identity: vitalmq_device_sim::pki::Identity,
+    alerts: mpsc::UnboundedSender<AlertSeen>,
+    mut stop: watch::Receiver<bool>,
+    ready: oneshot::Sender<Result<(), String>>,
+) {
+    let mut ready = Some(ready);
+    while !*stop.borrow() {
+        let mut session =
+            Session::open(&target, OPERATOR, &identity.tls, &SessionOptions::default());
+        let mut granted = 0;
+        loop {
+            let event = tokio::select! {
+                e = session.next() => e,
+                _ = stop.changed() => {
+                    session.close(Duration::from_millis(500)).await;
+                    return;
+                }
+            };
+            match event {
+                Event::Connected => {
+                    for filter in FILTERS {
+                        if let Err(e) = session.subscribe(filter) {
+                            tracing::warn!(filter, error = %e, "operator subscription");
+                        }
+                    }
+                }
+                Event::Subscribed { granted: true } => {
+                    granted += 1;
+                    if granted == FILTERS.len()
+                        && let Some(tx) = ready.take()
+                    {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Event::Subscribed { granted: false } => {
+                    if let Some(tx) = ready.take() {
+                        let _ = tx.send(Err("a filter was refused by the ACL".into()));
+                    }
+                }
+                Event::Message { topic, payload } => {
+                    let _ = alerts.send(AlertSeen::parse(&topic, &payload));
+                }
+                Event::Acked { .. } => {}
+                Event::Down { reason } => {
+                    tracing::warn!(reason, "operator connection lost; reconnecting");
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shows_topic_state_rule_and_device_only() {
+        let payload = br#"{"alert_id":"a1","kind":"clinical","state":"open","severity":"urgent",
+            "rule":"spo2-low","device":"dev-00001","site":"site-01","patient_ref":"p-secret",
+            "metric":"spo2","value":86,"threshold":90}"#;
+        let a = AlertSeen::parse("alerts/site-01/urgent/dev-00001", payload);
+        let shown = a.to_string();
+        assert_eq!(
+            shown,
+            "ALERT alerts/site-01/urgent/dev-00001  state open  rule spo2-low  device dev-00001"
+        );
+        assert!(!shown.contains("p-secret") && !shown.contains("86"));
+        let ops = AlertSeen::parse(
+            "ops/bridge/sink",
+            br#"{"kind":"operational","type":"sink","state":"resolved"}"#,
+        );
+        assert!(!ops.clinical);
+        assert_eq!(
+            ops.to_string(),
+            "OPS   ops/bridge/sink  state resolved  kind sink  device -"
+        );
+        let junk = AlertSeen::parse("alerts/x", b"\xff");
+        assert_eq!((junk.clinical, junk.state), (true, None));
+    }
+}

@@ -1,0 +1,629 @@
+//! The demo's checks, made after everything stopped: what the simulated devices say
+//! they made, sent, injected and saw (the simulator's summary) against what the bridge
+//! stored and refused (its store) and what the broker refused (its audit log).
+//!
+//! Each check is one line, `ok` or `FAIL`; the demo exits 0 only if all pass. Nothing
+//! here prints measured values or patient references.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde_json::Value as Json;
+use vitalmq_audit::{AuditRecord, Event};
+use vitalmq_bridge::store::Store;
+use vitalmq_device_sim::device::DeviceReport;
+use vitalmq_device_sim::faults::{FaultKind, FaultReport};
+use vitalmq_device_sim::ring::Key;
+use vitalmq_device_sim::runner::Summary;
+
+use super::setup::TRUST_DOMAIN;
+
+/// What a check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Passed,
+    Failed,
+    /// Not checked: the run was stopped (Ctrl-C) before the fault was due.
+    Skipped,
+}
+
+/// One check and its verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub outcome: Outcome,
+    pub text: String,
+}
+
+impl Check {
+    fn new(ok: bool, text: impl Into<String>) -> Self {
+        Self {
+            outcome: if ok { Outcome::Passed } else { Outcome::Failed },
+            text: text.into(),
+        }
+    }
+
+    fn skipped(text: impl Into<String>) -> Self {
+        Self {
+            outcome: Outcome::Skipped,
+            text: text.into(),
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        self.outcome == Outcome::Failed
+    }
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let label = match self.outcome {
+            Outcome::Passed => "ok",
+            Outcome::Failed => "FAIL",
+            Outcome::Skipped => "skip",
+        };
+        write!(f, "{label:<5} {}", self.text)
+    }
+}
+
+/// What the bridge's store holds, by device.
+#[derive(Debug, Default)]
+pub struct StoreView {
+    /// Per device, `(epoch, seq) -> verdict`, and how many rows each key has.
+    events: BTreeMap<String, BTreeMap<Key, (String, u32)>>,
+    quarantine: BTreeMap<(String, String), u64>,
+    pub quarantine_by_reason: BTreeMap<String, u64>,
+    gaps: BTreeMap<(String, String), u64>,
+    counters: BTreeMap<(String, String), u64>,
+    pub total_events: u64,
+}
+
+impl StoreView {
+    pub fn read(store: &Store) -> anyhow::Result<Self> {
+        let mut v = Self::default();
+        let text = |row: &Json, k: &str| row[k].as_str().unwrap_or_default().to_owned();
+        for row in store.list_events()? {
+            let key = Key::new(
+                row["epoch"].as_u64().unwrap_or_default(),
+                row["seq"].as_u64().unwrap_or_default(),
+            );
+            let slot = v
+                .events
+                .entry(text(&row, "device"))
+                .or_default()
+                .entry(key)
+                .or_insert_with(|| (text(&row, "verdict"), 0));
+            slot.1 += 1;
+            v.total_events += 1;
+        }
+        for row in store.list_quarantine()? {
+            let reason = text(&row, "reason");
+            *v.quarantine
+                .entry((text(&row, "device"), reason.clone()))
+                .or_default() += 1;
+            *v.quarantine_by_reason.entry(reason).or_default() += 1;
+        }
+        for row in store.list_gaps()? {
+            *v.gaps
+                .entry((text(&row, "device"), text(&row, "state")))
+                .or_default() += 1;
+        }
+        let devices: BTreeSet<String> = v.events.keys().cloned().collect();
+        for device in devices {
+            for name in ["duplicate", "replay"] {
+                let n = store.counter(&device, name)?;
+                v.counters.insert((device.clone(), name.to_owned()), n);
+            }
+        }
+        Ok(v)
+    }
+
+    fn counter(&self, device: &str, name: &str) -> u64 {
+        self.counters
+            .get(&(device.to_owned(), name.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn quarantined(&self, device: &str, reason: &str) -> u64 {
+        self.quarantine
+            .get(&(device.to_owned(), reason.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn quarantined_any(&self, device: &str) -> u64 {
+        self.quarantine
+            .iter()
+            .filter(|((d, _), _)| d == device)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn gaps(&self, device: &str, state: &str) -> u64 {
+        self.gaps
+            .get(&(device.to_owned(), state.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn verdict(&self, device: &str, key: Key) -> Option<&str> {
+        self.events.get(device)?.get(&key).map(|(v, _)| v.as_str())
+    }
+
+    fn keys(&self, device: &str) -> Option<&BTreeMap<Key, (String, u32)>> {
+        self.events.get(device)
+    }
+}
+
+/// The broker's audit records that matter here.
+#[derive(Debug, Default)]
+pub struct BrokerAudit {
+    records: Vec<AuditRecord>,
+}
+
+impl BrokerAudit {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let records = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<Result<Vec<AuditRecord>, _>>()
+            .with_context(|| format!("parsing {}", path.display()))?;
+        Ok(Self { records })
+    }
+
+    /// Records of `event` by device `id` with `reason`.
+    fn count(&self, event: Event, device: &str, reason: &str) -> usize {
+        let identity = format!("spiffe://{TRUST_DOMAIN}/device/{device}");
+        self.records
+            .iter()
+            .filter(|r| {
+                r.event == event
+                    && r.reason.as_deref() == Some(reason)
+                    && r.actor.as_ref().and_then(|a| a.identity.as_deref()) == Some(&identity)
+            })
+            .count()
+    }
+
+    /// Publish denials of device `id` on topics of device `peer`.
+    fn publish_denials(&self, device: &str, peer: &str) -> usize {
+        let identity = format!("spiffe://{TRUST_DOMAIN}/device/{device}");
+        let prefix = format!("devices/{peer}/");
+        self.records
+            .iter()
+            .filter(|r| {
+                r.event == Event::AuthorizationDenied
+                    && r.action.as_deref() == Some("publish")
+                    && r.resource
+                        .as_deref()
+                        .is_some_and(|t| t.starts_with(&prefix))
+                    && r.actor.as_ref().and_then(|a| a.identity.as_deref()) == Some(&identity)
+            })
+            .count()
+    }
+
+    /// Handshakes refused for a revoked certificate (the identity is unknown then).
+    fn revoked_handshakes(&self) -> usize {
+        self.records
+            .iter()
+            .filter(|r| {
+                r.event == Event::ConnectionRefused
+                    && r.reason.as_deref() == Some("certificate_revoked")
+            })
+            .count()
+    }
+}
+
+/// Everything the checks look at.
+#[derive(Debug)]
+pub struct Evidence<'a> {
+    pub sim: &'a Summary,
+    pub store: &'a StoreView,
+    pub broker: &'a BrokerAudit,
+    pub mqtt5: &'a [String],
+    /// When the devices were told to stop generating, seconds after they started.
+    pub stopped_at_s: f64,
+    /// `(name, path, records or the error)` of each audit log's chain verification.
+    pub audit_chains: Vec<(&'static str, &'a Path, Result<u64, String>)>,
+}
+
+/// `n thing` or `n things`.
+fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn keys_text(keys: &[Key]) -> String {
+    keys.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn seen_text(r: &FaultReport) -> String {
+    if r.seen.is_empty() {
+        return "nothing".to_owned();
+    }
+    r.seen
+        .iter()
+        .map(|(what, n)| {
+            if *n == 1 {
+                what.clone()
+            } else {
+                format!("{what} ×{n}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn seen_with(r: &FaultReport, prefix: &str) -> u32 {
+    r.seen
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+/// All checks, in the order shown.
+pub fn checks(e: &Evidence<'_>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let devices = &e.sim.devices;
+    let connected = devices.iter().filter(|d| d.connects > 0).count();
+    let v5 = devices.iter().filter(|d| e.mqtt5.contains(&d.id)).count();
+    out.push(Check::new(
+        connected == devices.len(),
+        format!(
+            "every device connected ({connected}/{}; {v5} over MQTT 5, {} over 3.1.1)",
+            devices.len(),
+            devices.len() - v5
+        ),
+    ));
+    let mut storm: Vec<(&DeviceReport, &FaultReport)> = Vec::new();
+    let too_late = |f: &FaultReport| f.injected == 0 && f.at_s >= e.stopped_at_s;
+    for d in devices {
+        for f in &d.faults {
+            if f.fault == FaultKind::ReconnectStorm {
+                storm.push((d, f));
+            } else if too_late(f) {
+                out.push(Check::skipped(format!(
+                    "{} on {}: due at {} s, the run stopped at {:.0} s",
+                    f.fault, d.id, f.at_s, e.stopped_at_s
+                )));
+            } else {
+                out.push(fault_check(e, d, f));
+            }
+        }
+    }
+    if storm.iter().all(|(_, f)| too_late(f)) {
+        if let Some((_, f)) = storm.first() {
+            out.push(Check::skipped(format!(
+                "reconnect storm: due at {} s, the run stopped at {:.0} s",
+                f.at_s, e.stopped_at_s
+            )));
+        }
+    } else {
+        out.push(storm_check(&storm));
+    }
+    out.push(quarantine_check(e));
+    out.push(nothing_lost(e));
+    for (name, path, chain) in &e.audit_chains {
+        out.push(match chain {
+            Ok(n) => Check::new(
+                true,
+                format!(
+                    "audit log of the {name}: chain intact, {n} records ({})",
+                    path.display()
+                ),
+            ),
+            Err(why) => Check::new(false, format!("audit log of the {name}: {why}")),
+        });
+    }
+    out
+}
+
+fn fault_check(e: &Evidence<'_>, d: &DeviceReport, f: &FaultReport) -> Check {
+    let id = d.id.as_str();
+    let all_injected = f.injected == f.planned;
+    let version = if e.mqtt5.contains(&d.id) {
+        "MQTT 5"
+    } else {
+        "MQTT 3.1.1"
+    };
+    let head = if f.fault == FaultKind::WrongTopic {
+        format!("{} on {id} ({version}):", f.fault)
+    } else {
+        format!("{} on {id}:", f.fault)
+    };
+    match f.fault {
+        FaultKind::Duplicate => {
+            let refused = e.store.counter(id, "duplicate");
+            let others = if refused > u64::from(f.injected) {
+                " (the rest are resends after reconnects)"
+            } else {
+                ""
+            };
+            Check::new(
+                all_injected && refused >= u64::from(f.injected),
+                format!(
+                    "{head} resent {} ({}) -> bridge dropped {} as duplicate{others}",
+                    count(f.injected, "receipted message", "receipted messages"),
+                    keys_text(&f.messages),
+                    count(refused, "message", "messages"),
+                ),
+            )
+        }
+        FaultKind::Replay => {
+            let refused = e.store.counter(id, "replay");
+            Check::new(
+                all_injected && refused >= u64::from(f.injected),
+                format!(
+                    "{head} rebooted, then sent {} of the old epoch ({}) -> bridge refused {} as replay",
+                    count(f.injected, "message", "messages"),
+                    keys_text(&f.messages),
+                    count(refused, "message", "messages"),
+                ),
+            )
+        }
+        FaultKind::BadSignature => {
+            let refused = e.store.quarantined(id, "bad_signature");
+            Check::new(
+                all_injected && refused >= u64::from(f.injected),
+                format!(
+                    "{head} sent {} with one signature bit flipped ({}) -> bridge quarantined {} as bad_signature",
+                    count(f.injected, "copy", "copies"),
+                    keys_text(&f.messages),
+                    count(refused, "message", "messages"),
+                ),
+            )
+        }
+        FaultKind::OutOfOrder => {
+            let (first, second) = match f.messages.as_slice() {
+                [a, b, ..] => (*a, *b),
+                _ => {
+                    return Check::new(false, format!("{head} not injected ({})", seen_text(f)));
+                }
+            };
+            let late = e.store.verdict(id, second);
+            let ok = all_injected
+                && late == Some("out_of_order")
+                && e.store.gaps(id, "closed") >= 1
+                && e.store.gaps(id, "open") == 0;
+            Check::new(
+                ok,
+                format!(
+                    "{head} sent {first} before {second} -> bridge accepted {second} late ({}), the gap it opened closed ({} closed, {} open)",
+                    late.unwrap_or("not stored"),
+                    e.store.gaps(id, "closed"),
+                    e.store.gaps(id, "open"),
+                ),
+            )
+        }
+        FaultKind::WrongTopic => {
+            let peer = f.peer.as_deref().unwrap_or("?");
+            let refused = seen_with(f, "PUBACK") + seen_with(f, "connection closed");
+            let audited = e.broker.publish_denials(id, peer);
+            Check::new(
+                all_injected && refused >= f.injected && audited >= f.injected as usize,
+                format!(
+                    "{head} published a copy on devices/{peer}/... -> device saw: {}; broker audited {}",
+                    seen_text(f),
+                    count(audited as u64, "publish denial", "publish denials"),
+                ),
+            )
+        }
+        FaultKind::ForeignClientId => {
+            let peer = f.peer.as_deref().unwrap_or("?");
+            let accepted = seen_with(f, "CONNACK accepted");
+            let audited = e
+                .broker
+                .count(Event::ConnectionRefused, id, "client_id_mismatch");
+            Check::new(
+                all_injected
+                    && accepted == 0
+                    && !f.seen.is_empty()
+                    && audited >= f.injected as usize,
+                format!(
+                    "{head} connected claiming client id {peer} -> device saw: {}; broker audited {audited} client_id_mismatch",
+                    seen_text(f)
+                ),
+            )
+        }
+        FaultKind::RevokedCertificate => revoked_check(e, d, f),
+        FaultKind::ClockSkew => {
+            let stored = e.store.keys(id).map_or(0, BTreeMap::len);
+            let refused = e.store.quarantined_any(id);
+            Check::new(
+                all_injected && refused == 0 && stored > 0,
+                format!(
+                    "{head} ts offset {:+} s from {} s on -> accepted, as the SPEC has no rule on ts ({stored} events stored, {refused} refused)",
+                    f.offset_ms.unwrap_or(0) / 1000,
+                    f.at_s
+                ),
+            )
+        }
+        FaultKind::RebootStorm => {
+            let replays = e.store.counter(id, "replay");
+            let made: BTreeSet<u64> = d
+                .epochs
+                .iter()
+                .filter(|m| m.made > 0)
+                .map(|m| m.epoch)
+                .collect();
+            let stored: BTreeSet<u64> = e
+                .store
+                .keys(id)
+                .map(|k| k.keys().map(|k| k.epoch).collect())
+                .unwrap_or_default();
+            let (lo, hi) = (
+                d.epochs.first().map_or(0, |m| m.epoch),
+                d.epochs.last().map_or(0, |m| m.epoch),
+            );
+            Check::new(
+                all_injected && replays == 0 && made.is_subset(&stored),
+                format!(
+                    "{head} {} reboots (epochs {lo} to {hi}) -> every epoch with messages stored ({} of {}), {replays} replays refused",
+                    f.injected,
+                    made.intersection(&stored).count(),
+                    made.len()
+                ),
+            )
+        }
+        FaultKind::ReconnectStorm => storm_check(&[(d, f)]),
+    }
+}
+
+fn revoked_check(e: &Evidence<'_>, d: &DeviceReport, f: &FaultReport) -> Check {
+    let id = d.id.as_str();
+    let head = format!("{} on {id}:", f.fault);
+    let revocation = e.sim.revocations.iter().find(|r| r.device == d.id);
+    let Some(revocation) = revocation.filter(|r| r.ok) else {
+        return Check::new(
+            false,
+            format!(
+                "{head} not revoked ({})",
+                revocation.map_or("never due", |r| r.outcome.as_str())
+            ),
+        );
+    };
+    let closed = seen_with(f, "connection closed");
+    let refused = seen_with(f, "reconnect refused");
+    let accepted = seen_with(f, "connected:");
+    let audited_close = e
+        .broker
+        .count(Event::ConnectionClosed, id, "certificate_no_longer_valid");
+    let handshakes = e.broker.revoked_handshakes();
+    Check::new(
+        closed >= 1 && refused >= 1 && accepted == 0 && audited_close >= 1 && handshakes >= 1,
+        format!(
+            "{head} {} at {} s, broker reloaded -> device saw: {}; broker audited the close ({audited_close}) and {} refused as certificate_revoked",
+            revocation.outcome,
+            revocation.at_s,
+            seen_text(f),
+            count(handshakes as u64, "handshake", "handshakes"),
+        ),
+    )
+}
+
+fn storm_check(storm: &[(&DeviceReport, &FaultReport)]) -> Check {
+    let dropped: Vec<_> = storm.iter().filter(|(_, f)| f.injected > 0).collect();
+    let offline = storm.len() - dropped.len();
+    let reconnected = dropped
+        .iter()
+        .filter(|(_, f)| f.reconnect_ms.is_some())
+        .count();
+    let slowest = dropped
+        .iter()
+        .filter_map(|(_, f)| f.reconnect_ms)
+        .max()
+        .unwrap_or(0);
+    let at = storm.first().map_or(0.0, |(_, f)| f.at_s);
+    Check::new(
+        !dropped.is_empty() && reconnected == dropped.len(),
+        format!(
+            "reconnect storm at {at} s: {} dropped their connections at once ({offline} offline) -> {reconnected} reconnected, the slowest after {slowest} ms",
+            count(dropped.len() as u64, "device", "devices"),
+        ),
+    )
+}
+
+/// Everything quarantined is explained by an injected fault.
+fn quarantine_check(e: &Evidence<'_>) -> Check {
+    let injected: u64 = e
+        .sim
+        .devices
+        .iter()
+        .flat_map(|d| &d.faults)
+        .filter(|f| f.fault == FaultKind::BadSignature)
+        .map(|f| u64::from(f.injected))
+        .sum();
+    let q = &e.store.quarantine_by_reason;
+    let bad = q.get("bad_signature").copied().unwrap_or(0);
+    let others: u64 = q
+        .iter()
+        .filter(|(k, _)| *k != "bad_signature")
+        .map(|(_, n)| n)
+        .sum();
+    let shown = if q.is_empty() {
+        "empty".to_owned()
+    } else {
+        q.iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Check::new(
+        bad == injected && others == 0,
+        format!("the quarantine holds exactly the injected forgeries: {shown}"),
+    )
+}
+
+/// Every message a device made is stored exactly once, or still held by the device
+/// awaiting a receipt; nothing is stored that a device did not make.
+fn nothing_lost(e: &Evidence<'_>) -> Check {
+    let mut problems = Vec::new();
+    let mut held_notes = Vec::new();
+    let mut sent_and_stored = 0u64;
+    for d in &e.sim.devices {
+        let revoked = d
+            .faults
+            .iter()
+            .any(|f| f.fault == FaultKind::RevokedCertificate);
+        let made: BTreeSet<Key> = d
+            .epochs
+            .iter()
+            .flat_map(|m| (0..m.made).map(move |s| Key::new(m.epoch, s)))
+            .collect();
+        let held: BTreeSet<Key> = d
+            .held
+            .iter()
+            .flat_map(|r| (r.first..=r.last).map(move |s| Key::new(r.epoch, s)))
+            .collect();
+        let empty = BTreeMap::new();
+        let stored = e.store.keys(&d.id).unwrap_or(&empty);
+        let twice = stored.values().filter(|(_, n)| *n > 1).count();
+        let foreign = stored.keys().filter(|k| !made.contains(k)).count();
+        let missing = made
+            .iter()
+            .filter(|k| !stored.contains_key(k) && !held.contains(k))
+            .count();
+        sent_and_stored += stored.len() as u64;
+        if twice + foreign + missing > 0 {
+            problems.push(format!(
+                "{}: {missing} missing, {twice} stored twice, {foreign} never made",
+                d.id
+            ));
+        }
+        if d.overflow_dropped > 0 {
+            problems.push(format!(
+                "{}: {} dropped from a full outbox",
+                d.id, d.overflow_dropped
+            ));
+        }
+        if !held.is_empty() {
+            if revoked {
+                held_notes.push(format!(
+                    "{} still holds {} awaiting receipts it cannot get since its certificate was revoked",
+                    d.id,
+                    held.len()
+                ));
+            } else {
+                problems.push(format!("{}: {} never receipted", d.id, held.len()));
+            }
+        }
+    }
+    let mut text = format!(
+        "nothing lost: every message a device sent is stored exactly once ({sent_and_stored} events from {} devices)",
+        e.sim.devices.len()
+    );
+    if !held_notes.is_empty() {
+        text.push_str(&format!("; {}", held_notes.join("; ")));
+    }
+    if !problems.is_empty() {
+        text.push_str(&format!(" -- but {}", problems.join("; ")));
+    }
+    Check::new(problems.is_empty(), text)
+}

@@ -1,0 +1,267 @@
+//! The demo's embedded default: a work directory holding a dev PKI, the shipped ACL and
+//! the broker's and bridge's configuration files (written out, so that what the demo
+//! ran can be read and rerun by hand), and the scripted scenario: which device has the
+//! clinical episode and which faults are injected when.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use vitalmq_certs::{FleetPlan, InitSummary, Pki};
+use vitalmq_device_sim::faults::{FaultKind, FaultSpec, Scope};
+use vitalmq_device_sim::runner::EpisodeSpec;
+use vitalmq_device_sim::vitals::EpisodeKind;
+use vitalmq_policies::TrustDomain;
+
+/// Trust domain of the demo PKI.
+pub const TRUST_DOMAIN: &str = "demo.vitalmq";
+
+/// The shipped topic ACL, embedded so that the demo runs from any directory.
+const SHIPPED_ACL: &str = include_str!("../../policies/examples/acl.toml");
+/// The shipped alert rules, embedded for the same reason.
+const SHIPPED_RULES: &str = include_str!("../../policies/examples/rules.toml");
+
+/// The device with the scripted clinical episode.
+pub const EPISODE_DEVICE: &str = "dev-00001";
+
+/// The scripted episode starts this long (wall clock) after the devices start.
+pub const EPISODE_AFTER: Duration = Duration::from_secs(6);
+
+/// Fewest devices the scenario needs: one clean device, one with the episode, one per
+/// fault, and the one whose certificate is revoked.
+pub const MIN_DEVICES: u32 = 12;
+
+/// Shortest run the scenario fits in.
+pub const MIN_DURATION: Duration = Duration::from_secs(15);
+
+/// Where everything of one demo run lives.
+#[derive(Debug, Clone)]
+pub struct WorkDir {
+    pub root: PathBuf,
+}
+
+impl WorkDir {
+    pub fn pki(&self) -> PathBuf {
+        self.root.join("pki")
+    }
+    pub fn acl(&self) -> PathBuf {
+        self.root.join("acl.toml")
+    }
+    pub fn broker_config(&self) -> PathBuf {
+        self.root.join("broker.toml")
+    }
+    pub fn broker_audit(&self) -> PathBuf {
+        self.root.join("broker/audit.jsonl")
+    }
+    pub fn bridge_config(&self) -> PathBuf {
+        self.root.join("bridge.toml")
+    }
+    pub fn bridge_data(&self) -> PathBuf {
+        self.root.join("bridge-data")
+    }
+    pub fn bridge_audit(&self) -> PathBuf {
+        self.bridge_data().join("audit.jsonl")
+    }
+    pub fn objects(&self) -> PathBuf {
+        self.root.join("objects")
+    }
+    pub fn sim_state(&self) -> PathBuf {
+        self.root.join("sim-state")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("demo.log")
+    }
+}
+
+/// Creates the work directory (which must be missing or empty) with the PKI, the ACL
+/// and the broker configuration.
+pub fn create(root: &Path, devices: u32, sites: u32) -> anyhow::Result<(WorkDir, InitSummary)> {
+    let empty = match std::fs::read_dir(root) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(e).with_context(|| format!("{}", root.display())),
+    };
+    ensure!(
+        empty,
+        "{}: directory exists and is not empty; give another --dir",
+        root.display()
+    );
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let work = WorkDir {
+        root: root.to_path_buf(),
+    };
+    let mut plan = FleetPlan::new(TrustDomain::new(TRUST_DOMAIN)?, devices, sites);
+    plan.es256_every = Some(3);
+    let summary = Pki::init(&work.pki(), &plan, time::OffsetDateTime::now_utc())
+        .with_context(|| format!("creating the demo PKI in {}", work.pki().display()))?;
+    write(&work.acl(), SHIPPED_ACL)?;
+    write(&work.root.join("rules.toml"), SHIPPED_RULES)?;
+    write(&work.broker_config(), &broker_config_toml())?;
+    Ok((work, summary))
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The broker's configuration: mTLS on a free port of 127.0.0.1, the shipped ACL, the
+/// PKI's CRL, no per-IP connection rate limit (every simulated device connects from
+/// 127.0.0.1, all at once in a reconnect storm). No file watching: the demo reloads the
+/// broker itself after revoking a certificate, as an operator would with SIGHUP.
+pub fn broker_config_toml() -> String {
+    format!(
+        r#"# Written by `vitalmq demo`; paths are relative to this file.
+# Port 0 takes any free port; the demo prints the one it got.
+listen = "127.0.0.1:0"
+connect_timeout_ms = 10000
+
+[tls]
+server_cert = "pki/broker/server.pem"
+server_key = "pki/broker/server.key.pem"
+client_ca = ["pki/ca/ca.pem"]
+crls = ["pki/crl.pem"]
+trust_domain = "{TRUST_DOMAIN}"
+per_ip_per_second = 0
+
+[policy]
+acl = "acl.toml"
+registry = "pki/registry.toml"
+watch = false
+
+[audit]
+path = "broker/audit.jsonl"
+
+[embedded]
+listeners = 2
+"#
+    )
+}
+
+/// The bridge's configuration: the PKI's bridge identity, its store, quarantine and
+/// audit log in `bridge-data/`, and one local object sink in `objects/`.
+///
+/// This is the one place to change when the bridge gains settings the demo should use
+/// (e.g. `rules = "rules.toml"` for clinical alert rules).
+pub fn bridge_config_toml(broker_port: u16) -> String {
+    format!(
+        r#"# Written by `vitalmq demo`; paths are relative to this file.
+id = "bridge-01"
+data_dir = "bridge-data"
+registry = "pki/registry.toml"
+
+[broker]
+address = "127.0.0.1:{broker_port}"
+ca = "pki/ca/ca.pem"
+cert = "pki/identities/bridge/bridge-01.pem"
+key = "pki/identities/bridge/bridge-01.key.pem"
+
+[pipeline]
+receipt_interval_ms = 100
+
+[[sinks]]
+kind = "objects"
+name = "objects"
+path = "objects"
+
+[alerts]
+rules = "rules.toml"
+publisher = {{ client_id = "bridge-01-alerts", cert = "pki/identities/bridge/bridge-01-alerts.pem", key = "pki/identities/bridge/bridge-01-alerts.key.pem" }}
+"#
+    )
+}
+
+/// Device `n` (1-based) of the PKI.
+pub fn device(n: u32) -> String {
+    vitalmq_certs::device_id(n).to_string()
+}
+
+/// The scripted clinical episode: a desaturation on [`EPISODE_DEVICE`], starting
+/// [`EPISODE_AFTER`] into the run (in device time, so scaled).
+pub fn episode(time_scale: f64) -> EpisodeSpec {
+    EpisodeSpec {
+        kind: EpisodeKind::Desaturation,
+        device: EPISODE_DEVICE.to_owned(),
+        start: EPISODE_AFTER.mul_f64(time_scale),
+    }
+}
+
+/// The devices that speak MQTT 5 (every fourth); the rest speak 3.1.1.
+pub fn mqtt5_devices(devices: u32) -> Vec<String> {
+    (4..=devices).step_by(4).map(device).collect()
+}
+
+/// The faults of the scenario, on devices 3 to 11 and the last one, and a reconnect
+/// storm of the whole fleet. Times are wall clock; the revocation and the storm come
+/// at 40 % and 60 % of the run so that the devices reconnect while still generating.
+pub fn faults(devices: u32, duration: Duration) -> Vec<FaultSpec> {
+    let at = |s: u64| Duration::from_secs(s);
+    let fault = |kind, n, when| FaultSpec::new(kind, &device(n), when);
+    vec![
+        FaultSpec {
+            count: 2,
+            ..fault(FaultKind::Duplicate, 3, at(3))
+        },
+        fault(FaultKind::Replay, 4, at(4)),
+        fault(FaultKind::BadSignature, 5, at(5)),
+        fault(FaultKind::OutOfOrder, 6, at(5)),
+        // Device 7 speaks MQTT 3.1.1 (the broker closes its connection), device 8
+        // MQTT 5 (PUBACK 0x87).
+        fault(FaultKind::WrongTopic, 7, at(6)),
+        fault(FaultKind::WrongTopic, 8, at(6)),
+        fault(FaultKind::ForeignClientId, 9, at(7)),
+        fault(FaultKind::ClockSkew, 10, at(3)),
+        FaultSpec {
+            count: 3,
+            ..fault(FaultKind::RebootStorm, 11, at(8))
+        },
+        fault(
+            FaultKind::RevokedCertificate,
+            devices,
+            duration.mul_f64(0.4).max(at(9)),
+        ),
+        FaultSpec {
+            scope: Scope::All,
+            ..FaultSpec::new(
+                FaultKind::ReconnectStorm,
+                "",
+                duration.mul_f64(0.6).max(at(11)),
+            )
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_configs_parse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = dir.path().join("broker.toml");
+        std::fs::write(&broker, broker_config_toml()).expect("write");
+        let b = vitalmq_broker::BrokerConfig::load(&broker).expect("broker config");
+        assert_eq!(b.listen.port(), 0);
+        assert!(b.policy.acl.starts_with(dir.path()));
+        let bridge = dir.path().join("bridge.toml");
+        std::fs::write(&bridge, bridge_config_toml(8883)).expect("write");
+        let c = vitalmq_bridge::BridgeConfig::load(&bridge).expect("bridge config");
+        assert_eq!(c.broker.address, "127.0.0.1:8883");
+        assert_eq!(c.sinks.len(), 1);
+        assert!(SHIPPED_ACL.contains("vitalmq-acl/v1"));
+    }
+
+    #[test]
+    fn the_scenario_fits_the_smallest_fleet() {
+        let specs = faults(MIN_DEVICES, MIN_DURATION);
+        for spec in &specs {
+            if let Scope::Device(d) = &spec.scope {
+                let n: u32 = d.trim_start_matches("dev-").parse().expect("number");
+                assert!((3..=MIN_DEVICES).contains(&n), "{d}");
+                assert!(spec.at < MIN_DURATION, "{spec:?}");
+            }
+        }
+        assert!(mqtt5_devices(MIN_DEVICES).contains(&device(8)));
+        assert!(!mqtt5_devices(MIN_DEVICES).contains(&device(7)));
+        assert_eq!(episode(30.0).start, Duration::from_secs(180));
+    }
+}
