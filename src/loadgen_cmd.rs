@@ -1,12 +1,14 @@
 //! `vitalmq loadgen`: drives a broker over mTLS with device identities from a PKI made by
 //! `vitalmq certs init` and reports throughput, latency, losses, connect and reconnect
-//! times as JSON (see `vitalmq_device_sim::loadgen`).
+//! times as JSON (see `vitalmq_device_sim::loadgen`); with `--signed`, drives a bridge
+//! with pre-signed telemetry (see `vitalmq_device_sim::signed`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use vitalmq_device_sim::loadgen::{self, ConnOptions, MqttVersion, Pki, RunOptions, Target};
+use vitalmq_device_sim::signed::{self, AlgFilter, SignedOptions};
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
@@ -20,11 +22,22 @@ Modes:
                          every one has its CONNACK again, and whether TLS sessions resume.
   --idle N               N device identities connect and stay idle for --hold seconds
                          (with --broker-pid: broker RSS per connection).
+  --signed               N publishers (device identities whose COSE key is --alg) publish
+                         --messages pre-signed COSE_Sign1 vitals in total (epoch --epoch,
+                         seq 0..) at QoS 1, each subscribed to its devices/{id}/ack; a
+                         message counts when a bridge receipt covers it (recorded, or
+                         reported lost: compare with the bridge's store). Reports the
+                         receipted rate and broker/bridge CPU (--bridge-pid).
+  --verify-reference S   One-core verification rates (bare verify_strict / P-256 and the
+                         full envelope verify) of a message from the PKI: 3 rounds of S
+                         seconds per measurement, the best round kept.
 
 Examples:
   vitalmq loadgen --pki pki --port 8883 --publishers 10 --rate 0 --duration 20 --report r.json
   vitalmq loadgen --pki pki --port 8883 --rate 10000 --duration 30 --broker-pid $PID
-  vitalmq loadgen --pki pki --port 8883 --reconnect-storm 10000 --concurrency 512")]
+  vitalmq loadgen --pki pki --port 8883 --reconnect-storm 10000 --concurrency 512
+  vitalmq loadgen --pki pki --port 8883 --signed --alg eddsa --publishers 100 --messages 50000
+  vitalmq loadgen --pki pki --verify-reference 2")]
 pub struct LoadgenArgs {
     /// PKI directory made by `vitalmq certs init` (identities/device/*.pem, bridge, CA).
     #[arg(long)]
@@ -67,15 +80,37 @@ pub struct LoadgenArgs {
     #[arg(long = "reconnect-storm", value_name = "N", conflicts_with = "idle")]
     reconnect_storm: Option<usize>,
     /// Idle-connections mode with N identities.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "signed")]
     idle: Option<usize>,
+    /// Signed mode: pre-signed telemetry for a bridge, counted by its receipts.
+    #[arg(long, conflicts_with = "reconnect_storm")]
+    signed: bool,
+    /// Signed mode: devices whose COSE key is eddsa, es256, or any.
+    #[arg(long, default_value = "any", requires = "signed")]
+    alg: AlgFilter,
+    /// Signed mode: messages in total, spread evenly over the publishers.
+    #[arg(long, default_value_t = 10_000, requires = "signed")]
+    messages: u64,
+    /// Signed mode: most messages per publisher without a receipt (0 = no limit).
+    #[arg(long, default_value_t = 0, requires = "signed")]
+    window: u64,
+    /// Signed mode: the devices' epoch (a bridge refuses an epoch it has seen end).
+    #[arg(long, default_value_t = 1, requires = "signed")]
+    epoch: u64,
+    /// Signed mode: the bridge process id, sampled like --broker-pid.
+    #[arg(long = "bridge-pid", requires = "signed")]
+    bridge_pid: Option<u32>,
+    /// Time one-core verification (best of 3 rounds of S seconds each) and exit.
+    #[arg(long = "verify-reference", value_name = "S", conflicts_with_all = ["signed", "idle", "reconnect_storm"])]
+    verify_reference: Option<f64>,
     /// Connections being set up at once (storm and idle modes).
     #[arg(long, default_value_t = 512)]
     concurrency: usize,
     /// Seconds to hold connections after they are up (idle and storm modes).
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
-    /// Longest time per connect phase, seconds (storm and idle modes).
+    /// Longest time per connect phase, seconds (storm and idle modes); in signed mode,
+    /// from the first publish until every message is receipted.
     #[arg(long, default_value_t = 120.0)]
     timeout: f64,
     /// Broker process id: its CPU time and RSS are sampled from /proc.
@@ -97,11 +132,39 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<std::process::ExitCode> {
         port: args.port,
         version: args.mqtt_version,
     };
+    if let Some(seconds) = args.verify_reference {
+        let report = signed::verify_reference(&pki, seconds)?;
+        let json = serde_json::to_string_pretty(&report)?;
+        if let Some(path) = &args.report {
+            std::fs::write(path, format!("{json}\n"))
+                .with_context(|| format!("{}", path.display()))?;
+        }
+        println!("{json}");
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let (json, text) = if let Some(n) = args.reconnect_storm.or(args.idle) {
+    let (json, text) = if args.signed {
+        let opts = SignedOptions {
+            target,
+            publishers: args.publishers,
+            alg: args.alg,
+            messages: args.messages,
+            rate: args.rate,
+            window: args.window,
+            epoch: args.epoch,
+            timeout: secs(args.timeout, "timeout")?,
+            broker_pid: args.broker_pid,
+            bridge_pid: args.bridge_pid,
+        };
+        let report = runtime.block_on(signed::run(&pki, &opts))?;
+        (
+            serde_json::to_string_pretty(&report)?,
+            signed::summary(&report),
+        )
+    } else if let Some(n) = args.reconnect_storm.or(args.idle) {
         let opts = ConnOptions {
             target,
             connections: n,

@@ -5,7 +5,8 @@
 //!   inside a [`link::DeviceLink`] that keeps it connected over mTLS ([`mqtt`]) and
 //!   resends whatever no receipt covers yet (SPEC section 4).
 //! * [`loadgen`] drives a broker with many identities and measures throughput, latency,
-//!   losses and reconnect storms (`vitalmq loadgen`).
+//!   losses and reconnect storms (`vitalmq loadgen`); [`signed`] is its signed mode for
+//!   the bridge benchmark (pre-signed telemetry, counted by the bridge's receipts).
 //! * [`pki`] reads the identities of a PKI made by `vitalmq certs init`, for both.
 //! * [`faults`] injects the faults a trustworthy ingest path must refuse or survive
 //!   (`--fault`); [`clock`] is the device clock, optionally faster than real time
@@ -28,4 +29,5 @@ pub mod pki;
 pub mod receipt;
 pub mod ring;
 pub mod runner;
+pub mod signed;
 pub mod vitals;
