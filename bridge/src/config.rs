@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(c.id, "bridge-01");
         assert!(c.data_dir.is_absolute());
         assert_eq!(c.sinks.len(), 1);
-        assert_eq!(c.window().get(), 64);
+        assert_eq!(c.window().get(), 1024);
     }
 
     #[test]

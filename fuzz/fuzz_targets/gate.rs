@@ -40,6 +40,7 @@ static SETUP: LazyLock<(Arc<dyn Authorizer>, PeerIdentity)> = LazyLock::new(|| {
                 .expect("constant key")
                 .verifying_key(),
             consent: None,
+            processing_policy: None,
         })
         .expect("one device");
     let authz: Arc<dyn Authorizer> = Arc::new(PolicyAuthorizer::new(Arc::new(acl), Arc::new(registry)));
