@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 use vitalmq_envelope::DeviceId;
 
-use crate::error::{PolicyError, PolicyErrors, Problems};
+use crate::error::{PolicyErrors, Problems};
 use crate::identity::{Role, SpiffeId};
 use crate::registry::{DeviceRegistry, SiteId};
 
@@ -201,16 +201,7 @@ struct RawRule {
 impl AclPolicy {
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyErrors> {
-        let cannot = |message: String| {
-            PolicyErrors(vec![PolicyError {
-                file: path.to_path_buf(),
-                line: None,
-                field: None,
-                message,
-            }])
-        };
-        let bytes = std::fs::read(path).map_err(|e| cannot(format!("cannot read: {e}")))?;
-        let text = String::from_utf8(bytes).map_err(|e| cannot(format!("not UTF-8: {e}")))?;
+        let text = crate::error::read_policy_file(path)?;
         Self::parse(&text, path)
     }
 

@@ -44,6 +44,20 @@ impl fmt::Display for PolicyErrors {
 
 impl std::error::Error for PolicyErrors {}
 
+/// Reads a policy file as UTF-8 text; a failure is one problem naming the file.
+pub(crate) fn read_policy_file(path: &Path) -> Result<String, PolicyErrors> {
+    let cannot = |message: String| {
+        PolicyErrors(vec![PolicyError {
+            file: path.to_path_buf(),
+            line: None,
+            field: None,
+            message,
+        }])
+    };
+    let bytes = std::fs::read(path).map_err(|e| cannot(format!("cannot read: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| cannot(format!("not UTF-8: {e}")))
+}
+
 /// Collects problems for one file, turning byte spans into line numbers.
 #[derive(Debug)]
 pub(crate) struct Problems<'a> {

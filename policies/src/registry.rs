@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use vitalmq_envelope::{Algorithm, DeviceId, KeyLookup, VerifyingKey};
 
-use crate::error::{PolicyError, PolicyErrors, Problems};
+use crate::error::{PolicyErrors, Problems};
 use crate::identity::{PrincipalId, TrustDomain};
 
 const FORMAT: &str = "vitalmq-registry/v1";
@@ -131,14 +131,7 @@ impl DeviceRegistry {
 
     /// Reads and validates a registry file.
     pub fn load(path: &Path) -> Result<Self, PolicyErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            PolicyErrors(vec![PolicyError {
-                file: path.to_path_buf(),
-                line: None,
-                field: None,
-                message: format!("cannot read: {e}"),
-            }])
-        })?;
+        let text = crate::error::read_policy_file(path)?;
         Self::parse(&text, path)
     }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use vitalmq_envelope::DeviceId;
 
-use crate::error::{PolicyError, PolicyErrors, Problems};
+use crate::error::{PolicyErrors, Problems};
 use crate::registry::SiteId;
 
 mod raw;
@@ -347,16 +347,7 @@ pub struct RuleSet {
 impl RuleSet {
     /// Reads and validates a rule file.
     pub fn load(path: &Path) -> Result<Self, PolicyErrors> {
-        let cannot = |message: String| {
-            PolicyErrors(vec![PolicyError {
-                file: path.to_path_buf(),
-                line: None,
-                field: None,
-                message,
-            }])
-        };
-        let bytes = std::fs::read(path).map_err(|e| cannot(format!("cannot read: {e}")))?;
-        let text = String::from_utf8(bytes).map_err(|e| cannot(format!("not UTF-8: {e}")))?;
+        let text = crate::error::read_policy_file(path)?;
         Self::parse(&text, path)
     }
 
