@@ -35,8 +35,9 @@ impl Received {
     }
 }
 
-/// A minimal HTTP/1.1 server on 127.0.0.1 that records every POST and answers 200.
-fn webhook_receiver() -> (u16, Arc<Mutex<Vec<Received>>>) {
+/// A minimal HTTP/1.1 server on 127.0.0.1 that records every POST and answers 200,
+/// except the first `fail_first` requests, which get 503 (a receiver that is down).
+fn webhook_receiver(fail_first: usize) -> (u16, Arc<Mutex<Vec<Received>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -77,8 +78,17 @@ fn webhook_receiver() -> (u16, Arc<Mutex<Vec<Received>>>) {
                     if reader.read_exact(&mut body).is_err() {
                         return;
                     }
-                    sink.lock().expect("lock").push(Received { headers, body });
-                    let _ = writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    let n = {
+                        let mut got = sink.lock().expect("lock");
+                        got.push(Received { headers, body });
+                        got.len()
+                    };
+                    let status: &[u8] = if n <= fail_first {
+                        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+                    };
+                    let _ = writer.write_all(status);
                 }
             });
         }
@@ -141,7 +151,8 @@ fn received_alerts(sub: &Spawned) -> Vec<(String, Json)> {
 #[test]
 fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_crash() {
     let rig = Rig::start(vitalmq_bin!(), "alerts-e2e", 4, |_| {});
-    let (port, webhook) = webhook_receiver();
+    // The receiver is down for its first two requests: the alert is retried, not lost.
+    let (port, webhook) = webhook_receiver(2);
     let own_site = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
     let other_site = rig.mosquitto_sub("integrator", "int-site-02", "alerts/site-02/#");
     let config = common::BridgeProcess::config_with(rig.broker.port, "", "") + &alerts_config(port);
@@ -278,6 +289,15 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
             ));
         }
     }
+    // The refused first attempt was retried with the same idempotency key.
+    let keys: Vec<&str> = hooks
+        .iter()
+        .filter_map(|r| r.header("idempotency-key"))
+        .collect();
+    assert!(
+        keys.len() >= 3 && keys[0] == keys[2],
+        "retries keep the key: {keys:?}"
+    );
     hook_states.dedup();
     let expected: Vec<(Json, String)> = ["open", "escalated", "resolved"]
         .iter()
@@ -438,7 +458,7 @@ fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
     )
     .expect("shipped rules");
     std::fs::write(&rules, &shipped).expect("rules");
-    let (port, _webhook) = webhook_receiver();
+    let (port, _webhook) = webhook_receiver(0);
     let config = common::BridgeProcess::config_with(rig.broker.port, "", "")
         + &alerts_config(port).replace(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
