@@ -453,13 +453,18 @@ fn print_summary(
     println!("\nlook around");
     println!("  work dir     {}", work.root.display());
     println!(
-        "  store        vitalmq store stats --data {}   (also: events, gaps)",
+        "  store        vitalmq store stats --data {}   (also: events, gaps, alerts)",
         data.display()
     );
     println!("  objects      {}", work.objects().display());
     println!(
         "  quarantine   vitalmq store quarantine --data {}",
         data.display()
+    );
+    println!(
+        "  provenance   vitalmq trace <alert id from `store alerts`> --data {} --broker-audit {}",
+        data.display(),
+        work.broker_audit().display()
     );
     println!(
         "  audit logs   vitalmq audit verify {}",
