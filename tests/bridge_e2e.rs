@@ -124,7 +124,7 @@ fn replay_scenarios_end_to_end_through_broker_and_bridge() {
         enroll_vector_device(dir, "dev-00042");
         enroll_vector_device(dir, "dev-00077");
     });
-    let _bridge = system.bridge("", "");
+    let mut bridge = system.bridge("", "");
     let (mut accepted, mut invalid, mut rejected) = (Vec::new(), 0u64, 0u64);
     let mut expected_gaps = Vec::new();
     for scenario in &scenarios {
@@ -242,6 +242,40 @@ fn replay_scenarios_end_to_end_through_broker_and_bridge() {
         .filter(|l| l.contains("\"reason\":\"bad_signature\""))
         .count() as u64;
     assert_eq!(refused, invalid);
+    // A clean stop ends the log with a checkpoint signed by the bridge's own key; it
+    // verifies under that key and is refused under any other.
+    bridge.process.signal("TERM");
+    assert!(
+        bridge.process.wait_exit(Duration::from_secs(20)).is_some(),
+        "bridge did not stop"
+    );
+    let public = std::fs::read_to_string(system.data().join("audit-signing.key.pem.pub"))
+        .expect("public key");
+    let ok = vitalmq_ok(
+        vitalmq_bin!(),
+        &["audit", "verify", s(&audit), "--trusted-key", public.trim()],
+    );
+    assert!(
+        ok.stdout.contains("signed checkpoints") && ok.stdout.contains("(trusted key)"),
+        "{}",
+        ok.stdout
+    );
+    let wrong = common::run(
+        std::process::Command::new(vitalmq_bin!()).args([
+            "audit",
+            "verify",
+            s(&audit),
+            "--trusted-key",
+            &"ab".repeat(32),
+        ]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(wrong.code, Some(1), "{}", wrong.all());
+    assert!(
+        wrong.stdout.contains("not a trusted key"),
+        "{}",
+        wrong.stdout
+    );
 }
 
 fn seqs(events: &[Json]) -> Vec<u64> {

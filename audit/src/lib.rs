@@ -11,9 +11,14 @@
 #![forbid(unsafe_code)]
 
 mod chain;
+mod checkpoint;
 mod record;
 mod writer;
 
 pub use chain::{ChainError, GENESIS, verify_chain};
+pub use checkpoint::{
+    CheckpointError, CheckpointKey, CheckpointReport, KeyError, key_id, signing_key_path,
+    verify_checkpoints,
+};
 pub use record::{Actor, AuditRecord, Component, Decision, Event, FORMAT};
 pub use writer::{AuditError, AuditLog, Auditor};

@@ -36,6 +36,8 @@ pub enum Event {
     OperatorAction,
     ComponentStarted,
     ComponentStopped,
+    /// A signed checkpoint over the chain so far (see `checkpoint`).
+    Checkpoint,
 }
 
 /// The security decision a record documents, when there is one.

@@ -16,6 +16,13 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::AuditRecord;
 use crate::chain::{GENESIS, record_hash};
+use crate::checkpoint::CheckpointKey;
+
+/// A signed checkpoint is written after this many records at the latest, and at every
+/// sync and at close.
+pub const CHECKPOINT_EVERY: u64 = 1000;
+/// ... or when this much time passed since the last one and records were written.
+const CHECKPOINT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why a record could not be accepted.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +80,15 @@ impl AuditLog {
     /// Opens (or creates) the log at `path`, continuing the chain from its last record.
     /// `capacity` bounds the queue between the hot path and the writer.
     pub fn open(path: &Path, capacity: usize) -> Result<Self, AuditError> {
+        Self::open_signed(path, capacity, None)
+    }
+
+    /// Like [`Self::open`], appending signed checkpoints with `key` (see `checkpoint`).
+    pub fn open_signed(
+        path: &Path,
+        capacity: usize,
+        key: Option<CheckpointKey>,
+    ) -> Result<Self, AuditError> {
         let io = |source| AuditError::Io {
             path: path.to_path_buf(),
             source,
@@ -103,6 +119,9 @@ impl AuditLog {
             next_seq,
             prev,
             healthy: Arc::clone(&healthy),
+            key,
+            since_checkpoint: 0,
+            last_checkpoint: std::time::Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("vitalmq-audit".into())
@@ -178,6 +197,10 @@ struct Writer {
     next_seq: u64,
     prev: String,
     healthy: Arc<AtomicBool>,
+    key: Option<CheckpointKey>,
+    /// Records written since the last checkpoint.
+    since_checkpoint: u64,
+    last_checkpoint: std::time::Instant,
 }
 
 impl Writer {
@@ -189,11 +212,23 @@ impl Writer {
             let mut next = Some(first);
             while let Some(message) = next {
                 match message {
-                    Message::Record(record) => self.append(*record),
+                    Message::Record(record) => {
+                        self.append(*record);
+                        if self.since_checkpoint >= CHECKPOINT_EVERY {
+                            self.checkpoint();
+                        }
+                    }
                     Message::Barrier(done) => barriers.push(done),
                     Message::Stop => stop = true,
                 }
                 next = if stop { None } else { rx.try_recv().ok() };
+            }
+            let due = self.since_checkpoint > 0
+                && (stop
+                    || !barriers.is_empty()
+                    || self.last_checkpoint.elapsed() >= CHECKPOINT_MAX_AGE);
+            if due {
+                self.checkpoint();
             }
             self.commit();
             let ok = self.healthy.load(Ordering::Acquire);
@@ -220,6 +255,19 @@ impl Writer {
         }
         self.prev = record.hash;
         self.next_seq += 1;
+        self.since_checkpoint += 1;
+    }
+
+    /// Appends a signed checkpoint over the last record written.
+    fn checkpoint(&mut self) {
+        let Some(key) = &self.key else { return };
+        let Some(covered) = self.next_seq.checked_sub(1) else {
+            return;
+        };
+        let record = key.checkpoint(covered, &self.prev);
+        self.append(record);
+        self.since_checkpoint = 0;
+        self.last_checkpoint = std::time::Instant::now();
     }
 
     fn commit(&mut self) {

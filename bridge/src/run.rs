@@ -110,7 +110,13 @@ pub async fn run(
     if config.pipeline.max_store_bytes > 0 {
         store.set_quota(config.pipeline.max_store_bytes)?;
     }
-    let audit = AuditLog::open(&config.audit_path(), 65_536)
+    // Checkpoints are signed with the bridge's own key, kept beside its audit log.
+    let key = vitalmq_audit::CheckpointKey::load_or_create(
+        &vitalmq_audit::signing_key_path(&config.audit_path()),
+        vitalmq_audit::Component::Bridge,
+    )?;
+    info!(public_key = %key.public_hex(), "audit checkpoints signed with this key");
+    let audit = AuditLog::open_signed(&config.audit_path(), 65_536, Some(key))
         .with_context(|| format!("audit log {}", config.audit_path().display()))?;
     let auditor = audit.auditor();
     let rules = match &config.alerts {

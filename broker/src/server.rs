@@ -30,6 +30,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("audit log: {0}")]
     Audit(#[from] vitalmq_audit::AuditError),
+    #[error("{0}")]
+    AuditKey(#[from] vitalmq_audit::KeyError),
     #[error("embedded broker: {0}")]
     Embedded(#[from] crate::embedded::EmbeddedError),
     #[error("listening on {addr}: {source}")]
@@ -77,7 +79,13 @@ impl Broker {
         config.embedded.max_connections =
             config.embedded.max_connections.max(config.max_connections);
         let loaded = load(&config).map_err(StartError::Policy)?;
-        let audit_log = AuditLog::open(&config.audit.path, config.audit.queue)?;
+        // Checkpoints are signed with the broker's own key, kept beside its audit log.
+        let key = vitalmq_audit::CheckpointKey::load_or_create(
+            &vitalmq_audit::signing_key_path(&config.audit.path),
+            vitalmq_audit::Component::Broker,
+        )?;
+        tracing::info!(public_key = %key.public_hex(), "audit checkpoints signed with this key");
+        let audit_log = AuditLog::open_signed(&config.audit.path, config.audit.queue, Some(key))?;
         let auditor = audit_log.auditor();
         let audit: Arc<dyn AuditSink> = Arc::new(auditor.clone());
         if let Some(addr) = config.metrics_listen {
