@@ -244,10 +244,10 @@ mod tests {
     fn a_closed_log_ends_with_a_checkpoint_that_verifies_under_the_trusted_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (path, public) = write_log(dir.path(), 5);
-        let report = check(&path, &[public.clone()]).expect("checkpoints hold");
+        let report = check(&path, std::slice::from_ref(&public)).expect("checkpoints hold");
         assert_eq!(report.checkpoints, 1);
         assert_eq!(report.last_covered_seq, Some(4));
-        assert_eq!(report.keys, [public.clone()]);
+        assert_eq!(report.keys, std::slice::from_ref(&public));
         // The key is kept (0600) with its public half beside it, and reused on reopen.
         let key_path = dir.path().join("audit-signing.key.pem");
         use std::os::unix::fs::PermissionsExt as _;
