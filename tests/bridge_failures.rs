@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BridgeProcess, Moto, Rig, Spawned, run, sim_summary_all_receipted};
+use common::{BridgeProcess, Moto, Rig, Spawned, run, sim_summary_all_receipted, vitalmq_ok};
 use serde_json::Value as Json;
 
 fn rig(name: &str, devices: u32) -> Rig {
@@ -333,4 +333,77 @@ fn replay_rates_and_expiring_certificates_raise_operational_alerts() {
     let replays = wait_alert(&ops, "ops/bridge/replays", "open");
     assert_eq!(replays["count_last_minute"], 3);
     assert_eq!(replays["reason"], "rate_above_limit");
+}
+
+/// The bridge's audit log reaches cloud storage through its objects sink as a plane of
+/// its own, with its retention class in the object name; each shipped segment ends with
+/// a checkpoint signed by the bridge's key and verifies on its own.
+#[test]
+fn audit_records_are_shipped_to_object_storage_with_a_signed_checkpoint() {
+    let rig = rig("audit-ship", 1);
+    let objects = rig.dir().join("objects");
+    let _bridge = rig.bridge("", &objects_sink("objects", 10));
+    let forged = {
+        let mut m = rig.signed("dev-00001", 1, 0);
+        let last = m.len() - 1;
+        m[last] ^= 1;
+        m
+    };
+    rig.mosquitto_pub(
+        "device",
+        "dev-00001",
+        "devices/dev-00001/telemetry",
+        &forged,
+    );
+    let dir = objects.join("audit/retention=audit-7y/component=bridge");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let segment = loop {
+        let found: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|date| {
+                std::fs::read_dir(date.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .map(|f| f.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+            .collect();
+        if let Some(first) = found.into_iter().min() {
+            let text = std::fs::read_to_string(&first).expect("segment");
+            if text.contains("bad_signature") {
+                break first;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit segment with the refusal under {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let public =
+        std::fs::read_to_string(rig.data().join("audit-signing.key.pem.pub")).expect("public key");
+    let ran = vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "audit",
+            "verify",
+            segment.to_str().expect("utf-8"),
+            "--trusted-key",
+            public.trim(),
+        ],
+    );
+    assert!(ran.stdout.contains("(trusted key)"), "{}", ran.stdout);
+    assert!(
+        std::fs::read_to_string(&segment)
+            .expect("segment")
+            .trim_end()
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("\"event\":\"checkpoint\"")),
+        "a segment ends with its checkpoint"
+    );
 }

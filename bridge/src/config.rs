@@ -22,6 +22,10 @@ pub struct BridgeConfig {
     /// Audit log; default `DATA_DIR/audit.jsonl`.
     #[serde(default)]
     pub audit: Option<PathBuf>,
+    /// Retention class of the audit segments shipped to the objects sinks (a path
+    /// component, `audit/retention=<class>/...`, for the bucket's lifecycle rules).
+    #[serde(default = "default_audit_retention")]
+    pub audit_retention: String,
     pub broker: BrokerLink,
     #[serde(default)]
     pub pipeline: Pipeline,
@@ -104,6 +108,10 @@ pub struct BrokerLink {
     pub key: PathBuf,
     #[serde(default = "default_keepalive")]
     pub keepalive_s: u64,
+}
+
+fn default_audit_retention() -> String {
+    "audit-7y".to_owned()
 }
 
 fn default_keepalive() -> u64 {
@@ -268,6 +276,14 @@ impl BridgeConfig {
 
     fn validate(&self) -> Result<(), String> {
         WindowSize::new(self.pipeline.window).map_err(|e| format!("pipeline.window: {e}"))?;
+        if self.audit_retention.is_empty()
+            || !self
+                .audit_retention
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err("audit_retention: letters, digits, '-' and '_' only".into());
+        }
         if self.pipeline.batch_max == 0 {
             return Err("pipeline.batch_max: must be at least 1".into());
         }

@@ -2,6 +2,7 @@
 //! 3 and 4). See ARCHITECTURE.md for the pipeline and its invariants.
 
 pub mod alerts;
+pub mod audit_ship;
 pub mod certwatch;
 pub mod classify;
 pub mod config;

@@ -41,13 +41,21 @@ pub const SUBSCRIPTIONS: [&str; 2] = ["devices/+/telemetry", "devices/+/status"]
 /// The line printed (to stderr, through tracing) once the bridge is subscribed.
 pub const READY: &str = "vitalmq bridge ready";
 
-fn build_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
+/// The sink of `config`; for object storage also the concrete sink, which the audit
+/// shipper writes to.
+fn build_sink(
+    config: &SinkConfig,
+) -> anyhow::Result<(Arc<dyn Sink>, Option<Arc<ObjectStoreSink>>)> {
+    let objects = |s: ObjectStoreSink| {
+        let s = Arc::new(s);
+        (Arc::clone(&s) as Arc<dyn Sink>, Some(s))
+    };
     Ok(match config {
         SinkConfig::Objects {
             name,
             path: Some(path),
             ..
-        } => Arc::new(ObjectStoreSink::local(name.clone(), path)?),
+        } => objects(ObjectStoreSink::local(name.clone(), path)?),
         SinkConfig::Objects {
             name, s3: Some(s3), ..
         } => {
@@ -55,7 +63,7 @@ fn build_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
                 std::env::var(k)
                     .with_context(|| format!("sink {name}: environment variable {k} is not set"))
             };
-            Arc::new(ObjectStoreSink::s3(
+            objects(ObjectStoreSink::s3(
                 name.clone(),
                 S3Settings {
                     bucket: s3.bucket.clone(),
@@ -74,7 +82,10 @@ fn build_sink(config: &SinkConfig) -> anyhow::Result<Arc<dyn Sink>> {
             link,
             client_id,
             ..
-        } => Arc::new(UpstreamSink::start(name.clone(), link, client_id)?),
+        } => (
+            Arc::new(UpstreamSink::start(name.clone(), link, client_id)?),
+            None,
+        ),
     })
 }
 
@@ -146,9 +157,12 @@ pub async fn run(
         rules.clone(),
     );
     let mut sinks = Vec::new();
+    let mut object_sinks = Vec::new();
     for s in &config.sinks {
         store.register_sink(s.name())?;
-        sinks.push((build_sink(s)?, drain_settings(s)));
+        let (sink, objects) = build_sink(s)?;
+        object_sinks.extend(objects);
+        sinks.push((sink, drain_settings(s)));
     }
     let bridge_identity = format!("spiffe://{}/bridge/{}", registry.trust_domain(), config.id);
     auditor.record(
@@ -271,6 +285,14 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
+    drains.push(tokio::spawn(crate::audit_ship::ship(
+        config.audit_path(),
+        config.audit_retention.clone(),
+        object_sinks,
+        Arc::new(Mutex::new(Store::open(&config.data_dir)?)),
+        auditor.clone(),
+        stop_rx.clone(),
+    )));
     tokio::spawn(crate::certwatch::watch(
         certificates_in_use(&config),
         config.ops.cert_expiry_days,

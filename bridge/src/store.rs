@@ -117,6 +117,10 @@ CREATE TABLE IF NOT EXISTS handler_cursors (
     handler         TEXT    PRIMARY KEY,
     delivered_through INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_cursors (
+    target          TEXT    PRIMARY KEY,
+    shipped_through INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sink_cursors (
     sink            TEXT    PRIMARY KEY,
     delivered_through INTEGER NOT NULL,
@@ -613,6 +617,31 @@ impl Store {
                 "INSERT INTO handler_cursors (handler, delivered_through) VALUES (?1, ?2)
                  ON CONFLICT(handler) DO UPDATE SET delivered_through = MAX(delivered_through, ?2)",
                 params![handler, position],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The last audit record shipped to `target`, if any.
+    pub fn audit_shipped(&self, target: &str) -> Result<Option<u64>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT shipped_through FROM audit_cursors WHERE target = ?1",
+                params![target],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.map(i2u))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records that `target` holds every audit record up to `seq`.
+    pub fn set_audit_shipped(&self, target: &str, seq: u64) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO audit_cursors (target, shipped_through) VALUES (?1, ?2)
+                 ON CONFLICT(target) DO UPDATE SET shipped_through = ?2",
+                params![target, u2i(seq)],
             )
             .map_err(|e| self.err(e))?;
         Ok(())

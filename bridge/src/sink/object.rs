@@ -385,6 +385,25 @@ impl ObjectStoreSink {
         Ok(())
     }
 
+    /// Writes one object at `{prefix}/{key}` durably (idempotent: same key, same bytes);
+    /// for other planes than telemetry, such as audit segments.
+    pub async fn put_durable(&self, key: &str, bytes: bytes::Bytes) -> Result<(), SinkError> {
+        let full = if self.prefix.as_ref().is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.prefix.as_ref())
+        };
+        let location = ObjectPath::parse(&full).map_err(|e| SinkError::Refused {
+            sink: self.name.clone(),
+            detail: format!("invalid object path {full}: {e}"),
+        })?;
+        self.put(&location, bytes.into()).await?;
+        if let Some(local) = &self.local {
+            self.sync_local(local, vec![location]).await?;
+        }
+        Ok(())
+    }
+
     async fn put(&self, location: &ObjectPath, payload: PutPayload) -> Result<(), SinkError> {
         let options = PutOptions {
             mode: PutMode::Overwrite,
