@@ -41,11 +41,11 @@ pub const SUBSCRIPTIONS: [&str; 2] = ["devices/+/telemetry", "devices/+/status"]
 /// The line printed (to stderr, through tracing) once the bridge is subscribed.
 pub const READY: &str = "vitalmq bridge ready";
 
-/// The sink of `config`; for object storage also the concrete sink, which the audit
-/// shipper writes to.
-fn build_sink(
-    config: &SinkConfig,
-) -> anyhow::Result<(Arc<dyn Sink>, Option<Arc<ObjectStoreSink>>)> {
+/// A sink, and for object storage also the concrete sink the audit shipper writes to.
+type BuiltSink = (Arc<dyn Sink>, Option<Arc<ObjectStoreSink>>);
+
+/// The sink of `config`.
+fn build_sink(config: &SinkConfig) -> anyhow::Result<BuiltSink> {
     let objects = |s: ObjectStoreSink| {
         let s = Arc::new(s);
         (Arc::clone(&s) as Arc<dyn Sink>, Some(s))
