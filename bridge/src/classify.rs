@@ -1,7 +1,8 @@
-//! Steps 2 and 3 of the pipeline without I/O: verify one message against the registry,
-//! then sequence a batch of verified messages into a [`Commit`] for the store.
+//! Steps 2 to 4 of the pipeline without I/O: verify one message against the registry,
+//! then sequence a batch of verified messages, normalize the accepted ones and run the
+//! alert engine on them, into one [`Commit`] for the store.
 //!
-//! [`Sequencer::sequence`] stages the windows and gaps it touches; the recorder calls
+//! [`Sequencer::sequence`] stages the windows, gaps and alert states it touches; the recorder calls
 //! [`Sequencer::adopt`] only after the store committed the batch, so a failed commit
 //! (disk full) leaves the in-memory state exactly as durable state is.
 
