@@ -55,6 +55,15 @@ Examples:
   vitalmq sim --pki pki --broker 127.0.0.1:8883 --state s --devices 4 --duration 30s \
       --rate 2 --fault duplicate:dev-00002,bad-signature:dev-00003@8s --time-scale 30
 
+Gateways (--via-gateway): the devices do not connect. For each site of the registry
+(<pki>/registry.toml) that has simulated devices, one connection with the site's gateway
+identity (identities/gateway/gw-<site>.pem, client id gw-<site>) publishes the devices'
+messages, still signed with each device's own COSE key, to devices/<id>/telemetry, and
+subscribes to devices/<id>/ack for each of them (one filter per device), routing every
+receipt to its device's outbox. After a gateway reconnect each device's unreceipted
+messages are resent oldest first. Each device in the summary names its `gateway`;
+`gateways` lists them. --fault and --mqtt5 are not available with --via-gateway.
+
 Ctrl-C stops generating and finishes as at the end of the schedule; a second Ctrl-C
 stops at once.")]
 pub struct SimArgs {
@@ -126,6 +135,10 @@ pub struct SimArgs {
     /// Firmware version the devices report.
     #[arg(long, default_value = DEFAULT_FW)]
     fw: String,
+    /// Devices do not connect themselves: per site, one connection with the site's
+    /// gateway identity relays their signed messages and routes back their receipts.
+    #[arg(long = "via-gateway", alias = "gateways")]
+    via_gateway: bool,
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
@@ -164,6 +177,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         episodes: args.episodes,
         faults: args.faults,
         mqtt5: args.mqtt5,
+        via_gateway: args.via_gateway,
         ..SimOptions::new(args.pki, args.state, args.devices, link, schedule)
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

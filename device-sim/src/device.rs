@@ -153,6 +153,10 @@ pub struct DeviceReport {
     pub epochs: Vec<EpochMade>,
     /// The messages still held (made, not covered by a receipt), as ranges.
     pub held: Vec<KeyRange>,
+    /// The gateway whose connection carried this device's messages (`--via-gateway`);
+    /// absent when the device connected itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
     /// Faults injected into this device and what became of them (`--fault`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<crate::faults::FaultReport>,
@@ -395,6 +399,7 @@ impl SimDevice {
             all_receipted: error.is_none() && overflow_dropped == 0 && self.fully_receipted(),
             epochs: self.epochs.clone(),
             held: KeyRange::compress(self.outbox.iter().map(Entry::key)),
+            gateway: None,
             faults: Vec::new(),
             error,
         }

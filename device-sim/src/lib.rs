@@ -7,6 +7,9 @@
 //! * [`loadgen`] drives a broker with many identities and measures throughput, latency,
 //!   losses and reconnect storms (`vitalmq loadgen`); [`signed`] is its signed mode for
 //!   the bridge benchmark (pre-signed telemetry, counted by the bridge's receipts).
+//! * [`gateway`] is `vitalmq sim --via-gateway`: one connection per site, with the
+//!   site's gateway identity, relays the signed messages of the devices at that site and
+//!   routes their receipts back to each device's outbox.
 //! * [`pki`] reads the identities of a PKI made by `vitalmq certs init`, for both.
 //! * [`faults`] injects the faults a trustworthy ingest path must refuse or survive
 //!   (`--fault`); [`clock`] is the device clock, optionally faster than real time
@@ -14,7 +17,8 @@
 //!
 //! Layering: `ring`, `vitals`, `receipt`, `epoch`, `device`, `clock` and `faults` do no
 //! network I/O and read no clock (time is an argument), so they are tested directly;
-//! `mqtt`, `link` and `runner` are the async shell around them.
+//! `mqtt`, `link`, `gateway` (apart from its routing and planning) and `runner` are the
+//! async shell around them.
 #![forbid(unsafe_code)]
 
 pub mod clock;
@@ -22,6 +26,7 @@ pub mod device;
 pub mod duration;
 pub mod epoch;
 pub mod faults;
+pub mod gateway;
 pub mod link;
 pub mod loadgen;
 pub mod mqtt;

@@ -99,7 +99,7 @@ pub struct Schedule {
 
 /// Exponential backoff with jitter (75-125 %), deterministic per device.
 #[derive(Debug)]
-struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
@@ -107,7 +107,7 @@ struct Backoff {
 }
 
 impl Backoff {
-    fn new(min: Duration, max: Duration, seed: u64) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration, seed: u64) -> Self {
         Self {
             min,
             max: max.max(min),
@@ -116,7 +116,7 @@ impl Backoff {
         }
     }
 
-    fn delay(&mut self) -> Duration {
+    pub(crate) fn delay(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(self.max);
         // splitmix64 step for the jitter.
@@ -128,14 +128,14 @@ impl Backoff {
         base.mul_f64(0.75 + 0.5 * unit).min(self.max)
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
     }
 }
 
 /// A generic cell rate pacer: `rate` per second with a burst of `burst`.
 #[derive(Debug)]
-struct Pacer {
+pub(crate) struct Pacer {
     interval: Duration,
     tolerance: Duration,
     /// Theoretical arrival time of the next message.
@@ -143,7 +143,7 @@ struct Pacer {
 }
 
 impl Pacer {
-    fn new(rate: f64, burst: u32, now: Instant) -> Self {
+    pub(crate) fn new(rate: f64, burst: u32, now: Instant) -> Self {
         let interval = Duration::from_secs_f64(1.0 / rate.max(0.001));
         Self {
             interval,
@@ -152,11 +152,11 @@ impl Pacer {
         }
     }
 
-    fn ready_at(&self) -> Instant {
+    pub(crate) fn ready_at(&self) -> Instant {
         self.tat.checked_sub(self.tolerance).unwrap_or(self.tat)
     }
 
-    fn take(&mut self, now: Instant) {
+    pub(crate) fn take(&mut self, now: Instant) {
         self.tat = self.tat.max(now) + self.interval;
     }
 }
@@ -203,6 +203,16 @@ impl LiveCounts {
     /// Devices connected and subscribed right now.
     pub fn connected(&self) -> usize {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// `n` more devices connected (a gateway carries several).
+    pub(crate) fn add(&self, n: usize) {
+        self.connected.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` devices fewer connected.
+    pub(crate) fn sub(&self, n: usize) {
+        self.connected.fetch_sub(n, Ordering::Relaxed);
     }
 }
 
@@ -805,7 +815,7 @@ async fn next_event(conn: &mut Option<Conn>) -> Event {
 }
 
 /// The device clock: milliseconds since the Unix epoch.
-fn wall_ms() -> u64 {
+pub(crate) fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -198,6 +198,28 @@ impl Session {
         }
     }
 
+    /// Queues one QoS 1 SUBSCRIBE with all of `filters` without waiting (a gateway's
+    /// per-device receipt topics); its SUBACK is one [`Event::Subscribed`].
+    pub fn subscribe_many(&self, filters: &[String]) -> Result<(), String> {
+        match &self.client {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters.iter().map(|f| {
+                        rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtLeastOnce)
+                    }),
+                )
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_subscribe_many(filters.iter().map(|f| {
+                    rumqttc::v5::mqttbytes::v5::Filter::new(
+                        f.clone(),
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    )
+                }))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     /// Sends DISCONNECT and waits (up to `grace`) for it to go out, then drops the
     /// connection.
     pub async fn close(mut self, grace: Duration) {

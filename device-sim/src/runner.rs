@@ -26,6 +26,7 @@ use vitalmq_envelope::DeviceId;
 
 use crate::device::{DeviceReport, SimDevice};
 use crate::faults::{FaultKind, FaultSpec, Injector, Scope};
+use crate::gateway::{GatewayLink, GatewayReport, plan_sites};
 pub use crate::link::{Control, LiveCounts};
 use crate::link::{DeviceLink, LinkOptions, Schedule};
 use crate::mqtt::MqttVersion;
@@ -86,6 +87,9 @@ pub struct SimOptions {
     pub live: Option<Arc<LiveCounts>>,
     /// Told the id of every device whose certificate the runner revoked.
     pub revoked: Option<mpsc::UnboundedSender<String>>,
+    /// The devices do not connect themselves: one gateway per site (its identity from
+    /// the registry) relays their messages ([`crate::gateway`]).
+    pub via_gateway: bool,
 }
 
 impl SimOptions {
@@ -110,6 +114,7 @@ impl SimOptions {
             schedule,
             live: None,
             revoked: None,
+            via_gateway: false,
         }
     }
 }
@@ -146,6 +151,9 @@ pub struct Summary {
     pub elapsed_s: f64,
     pub totals: Totals,
     pub devices: Vec<DeviceReport>,
+    /// The gateways that carried the devices (`--via-gateway`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<GatewayReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub revocations: Vec<Revocation>,
 }
@@ -172,6 +180,7 @@ impl Summary {
             elapsed_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             totals,
             devices,
+            gateways: Vec::new(),
             revocations,
         }
     }
@@ -239,6 +248,9 @@ pub async fn run(
     }
     std::fs::create_dir_all(&opts.state)
         .with_context(|| format!("state directory {}", opts.state.display()))?;
+    if opts.via_gateway {
+        return run_via_gateways(&opts, &pki, &fleet, control, on_ready).await;
+    }
 
     let link = Arc::new(opts.link.clone());
     let link_v5 = Arc::new(LinkOptions {
@@ -255,23 +267,9 @@ pub async fn run(
     let mut tasks = Vec::with_capacity(identities.len());
     let mut ready = Vec::with_capacity(identities.len());
     for identity in identities {
-        let id = DeviceId::new(identity.id.clone())
-            .map_err(|e| anyhow::anyhow!("device identity `{}`: {e}", identity.id))?;
-        let key = pki.signing_key(&identity.id)?;
-        let episodes = opts
-            .episodes
-            .iter()
-            .filter(|e| e.device == identity.id)
-            .map(|e| Episode {
-                kind: e.kind,
-                start: e.start,
-            })
-            .collect();
-        let model = VitalsModel::new(opts.seed, &identity.id, episodes);
         let injector =
             Injector::new(&identity.id, &opts.faults, &fleet).map_err(|e| anyhow::anyhow!(e))?;
-        let device = SimDevice::boot(id, key, opts.fw.clone(), model, &opts.state)
-            .with_context(|| format!("booting {}", identity.id))?;
+        let device = boot_device(&opts, &pki, &identity.id)?;
         let (tx, rx) = oneshot::channel();
         let revoked = injector
             .reports()
@@ -317,6 +315,98 @@ pub async fn run(
         }
     }
     Ok(Summary::new(reports, done, started.elapsed()))
+}
+
+/// The `--via-gateway` fleet: the devices are grouped by their registered site and each
+/// site's gateway carries them over one connection.
+async fn run_via_gateways(
+    opts: &SimOptions,
+    pki: &Pki,
+    fleet: &[String],
+    control: watch::Receiver<Control>,
+    on_ready: impl FnOnce(usize) + Send + 'static,
+) -> anyhow::Result<Summary> {
+    if !opts.faults.is_empty() {
+        bail!(
+            "--fault is not supported with --via-gateway (faults are injected by a device's own connection)"
+        );
+    }
+    if !opts.mqtt5.is_empty() {
+        bail!("--mqtt5 is not supported with --via-gateway (use --mqtt-version for the gateways)");
+    }
+    let registry_path = pki.dir.join("registry.toml");
+    let registry = vitalmq_policies::DeviceRegistry::load(&registry_path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", registry_path.display()))?;
+    let sites = plan_sites(fleet, &registry).map_err(|e| anyhow::anyhow!(e))?;
+    let schedule = Arc::new(opts.schedule.clone());
+    let t0 = tokio::time::Instant::now();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::with_capacity(sites.len());
+    let mut ready = Vec::with_capacity(sites.len());
+    for site in sites {
+        let identity = pki
+            .identity("gateway", &site.gateway)
+            .with_context(|| format!("gateway identity of {}", site.site))?;
+        let mut devices = Vec::with_capacity(site.devices.len());
+        for d in &site.devices {
+            devices.push(boot_device(opts, pki, d)?);
+        }
+        tracing::info!(gateway.id = %site.gateway, site = %site.site, devices = ?site.devices, "gateway carries");
+        let (tx, rx) = oneshot::channel();
+        ready.push(rx);
+        let mut shell = GatewayLink::new(
+            identity,
+            site.site,
+            devices,
+            &opts.link,
+            Arc::clone(&schedule),
+            t0,
+            tx,
+        );
+        if let Some(live) = &opts.live {
+            shell = shell.with_live(Arc::clone(live));
+        }
+        tasks.push(tokio::spawn(shell.run(control.clone())));
+    }
+    let n = fleet.len();
+    tokio::spawn(async move {
+        for rx in ready {
+            if rx.await.is_err() {
+                return;
+            }
+        }
+        on_ready(n);
+    });
+    let mut reports = Vec::with_capacity(n);
+    let mut gateways = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let (gateway, devices) = task.await.context("gateway task")?;
+        gateways.push(gateway);
+        reports.extend(devices);
+    }
+    reports.sort_by_key(|r| fleet.iter().position(|d| *d == r.id));
+    let mut summary = Summary::new(reports, Vec::new(), started.elapsed());
+    summary.gateways = gateways;
+    Ok(summary)
+}
+
+/// Boots one device (durable epoch, COSE key, vitals model with its episodes).
+fn boot_device(opts: &SimOptions, pki: &Pki, device: &str) -> anyhow::Result<SimDevice> {
+    let id = DeviceId::new(device.to_owned())
+        .map_err(|e| anyhow::anyhow!("device identity `{device}`: {e}"))?;
+    let key = pki.signing_key(device)?;
+    let episodes = opts
+        .episodes
+        .iter()
+        .filter(|e| e.device == device)
+        .map(|e| Episode {
+            kind: e.kind,
+            start: e.start,
+        })
+        .collect();
+    let model = VitalsModel::new(opts.seed, device, episodes);
+    SimDevice::boot(id, key, opts.fw.clone(), model, &opts.state)
+        .with_context(|| format!("booting {device}"))
 }
 
 /// Starts one task per `revoked-certificate` fault that revokes the device's identity
