@@ -244,11 +244,12 @@ impl Pattern {
                 return false;
             };
             let ok = match (p, f) {
-                // A filter `#` matches one or more levels at the top (a topic name is
-                // never empty), zero or more below; only a pattern `#` covers that,
-                // or `+/#` at the top.
-                (Level::Plus, "#") if i == 0 => {
-                    return self.levels.get(1) == Some(&Level::Hash);
+                // A filter `#` matches zero or more levels, but never so few that the
+                // topic name would be empty: at the top, and right under an empty first
+                // level (`/#` cannot match the empty topic ""), it means one or more.
+                // Only a pattern `#` covers that, or `+/#` there.
+                (Level::Plus, "#") if i == 0 || (i == 1 && filter.starts_with('/')) => {
+                    return self.levels.get(i + 1) == Some(&Level::Hash);
                 }
                 (_, "#") => false,
                 (Level::Plus, _) => !(i == 0 && dollar),
