@@ -66,27 +66,7 @@ impl Setup {
         assert!(ran.success, "certs init:\n{}", ran.all());
         let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/acl.toml");
         std::fs::copy(acl, tmp.path().join("acl.toml")).expect("copy the ACL");
-        let config = format!(
-            r#"listen = "{{listen}}"
-connect_timeout_ms = 10000
-[tls]
-server_cert = "pki/broker/server.pem"
-server_key = "pki/broker/server.key.pem"
-client_ca = ["pki/ca/ca.pem"]
-crls = ["pki/crl.pem"]
-trust_domain = "{TRUST_DOMAIN}"
-handshake_timeout_ms = 30000
-per_ip_per_second = 0
-[policy]
-acl = "acl.toml"
-registry = "pki/registry.toml"
-watch = false
-[audit]
-path = "audit.jsonl"
-[embedded]
-listeners = 2
-"#
-        );
+        let config = common::broker_config(TRUST_DOMAIN);
         let broker = BrokerProcess::start(bin(), tmp.path(), &config, Duration::from_secs(20));
         Self { tmp, pki, broker }
     }

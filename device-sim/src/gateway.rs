@@ -43,7 +43,7 @@ use vitalmq_policies::DeviceRegistry;
 
 use crate::clock::DeviceClock;
 use crate::device::{DeviceError, DeviceReport, ReceiptOutcome, SimDevice};
-use crate::link::{Backoff, Control, LinkOptions, LiveCounts, Pacer, Schedule, wall_ms};
+use crate::link::{Backoff, Control, LinkOptions, LiveCounts, Pacer, Phase, Schedule, wall_ms};
 use crate::mqtt::{Event, Session};
 use crate::pki::Identity;
 use crate::ring::Key;
@@ -176,13 +176,6 @@ struct Member {
     last_progress: Instant,
     resend_wait: Duration,
     error: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Connecting,
-    Subscribing,
-    Ready,
 }
 
 #[derive(Debug)]

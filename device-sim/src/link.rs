@@ -161,8 +161,9 @@ impl Pacer {
     }
 }
 
+/// Where a connection stands; shared by a device's own link and a gateway's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     /// Waiting for CONNACK.
     Connecting,
     /// CONNACK received, SUBACK of the receipt subscription awaited.
