@@ -32,6 +32,46 @@ pub struct Recorded<T> {
     pub receipts: Vec<(DeviceId, ReceiptPoint)>,
 }
 
+/// Commits and their sizes, reported when the recorder stops: how well group commit
+/// amortizes the fsync is the first thing to look at when ingest is slow.
+#[derive(Debug, Default)]
+struct CommitStats {
+    commits: u64,
+    messages: u64,
+    largest: usize,
+    busy: Duration,
+    first_batch: Option<std::time::Instant>,
+}
+
+impl CommitStats {
+    fn add(&mut self, messages: usize, took: Duration) {
+        self.first_batch
+            .get_or_insert_with(|| std::time::Instant::now() - took);
+        self.commits += 1;
+        self.messages += messages as u64;
+        self.largest = self.largest.max(messages);
+        self.busy += took;
+    }
+
+    fn report(&self) {
+        if self.commits == 0 {
+            return;
+        }
+        info!(
+            commits = self.commits,
+            messages = self.messages,
+            mean_batch = self.messages as f64 / self.commits as f64,
+            largest_batch = self.largest,
+            commit_ms_total = self.busy.as_millis() as u64,
+            mean_commit_us = (self.busy.as_micros() as u64) / self.commits,
+            wall_ms = self
+                .first_batch
+                .map_or(0, |t| t.elapsed().as_millis() as u64),
+            "recorder stopped"
+        );
+    }
+}
+
 /// Settings of the recorder.
 #[derive(Debug, Clone)]
 pub struct RecorderSettings {
@@ -74,6 +114,7 @@ impl Recorder {
     ) {
         let mut episodes = Episodes::default();
         let mut paused = false;
+        let mut stats = CommitStats::default();
         while let Some(batch) = batches.blocking_recv() {
             self.hold_while_backlogged(&mut episodes, &mut paused);
             if let Some(rules) = &mut self.rules
@@ -87,8 +128,10 @@ impl Recorder {
                     .sequence(&self.registry, &self.origin, batch, now_ms());
             let mut delay = Duration::from_millis(100);
             loop {
+                let started = std::time::Instant::now();
                 match self.store.commit(&sequenced.commit) {
                     Ok(()) => {
+                        stats.add(sequenced.dispositions.len(), started.elapsed());
                         if let Some(a) = episodes.resolve(OpsKind::Store, "store", now_ms()) {
                             info!(store = %self.store.path().display(), "store writable again");
                             let _ = self.ops.send(a);
@@ -158,12 +201,13 @@ impl Recorder {
                 .filter_map(|d| self.sequencer.receipt(&d).map(|r| (d, r)))
                 .collect();
             if done.send(Recorded { tokens, receipts }).is_err() {
-                return;
+                break;
             }
             if !audited {
                 self.hold_while_audit_broken(&mut episodes);
             }
         }
+        stats.report();
     }
 
     /// Blocks while the outbox is over its limit (with hysteresis).
