@@ -64,7 +64,7 @@ impl Link {
         timeout: Duration,
     ) -> Result<Self, LinkError> {
         options.set_clean_session(true).set_manual_acks(false);
-        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let (client, mut eventloop) = crate::mqtt::client(options, 1024);
         let (tx, mut notes) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {

@@ -69,3 +69,18 @@ pub fn options(
     .set_max_packet_size(1 << 20, 1 << 20);
     Ok(o)
 }
+
+/// A client and its event loop for `options`, with Nagle's algorithm off. rumqttc
+/// leaves it on and flushes every acknowledgement on its own, so without this each
+/// PUBACK can wait for the broker's delayed TCP ACK, and with rumqttd's fixed window of
+/// 100 unacknowledged messages per subscriber that wait caps the bridge's throughput.
+pub fn client(
+    options: rumqttc::MqttOptions,
+    capacity: usize,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
+}
