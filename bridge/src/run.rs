@@ -11,6 +11,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -180,12 +181,12 @@ pub async fn run(
     )?;
 
     let options = mqtt::options(&config.broker, &config.id, true)?;
-    let (client, eventloop) = AsyncClient::new(options, 4096);
+    let (client, eventloop) = mqtt::client(options, 4096);
 
     let (ops_tx, ops_rx) = mpsc::unbounded_channel::<OpsAlert>();
-    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel::<Incoming<rumqttc::Publish>>();
-    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Checked<rumqttc::Publish>>>(2);
-    let (done_tx, done_rx) = mpsc::unbounded_channel::<Recorded<rumqttc::Publish>>();
+    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel::<Incoming<AckToken>>();
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Checked<AckToken>>>(2);
+    let (done_tx, done_rx) = mpsc::unbounded_channel::<Recorded<AckToken>>();
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Alert rules (reloaded on change) and handlers, each with its own cursor and task.
@@ -256,11 +257,13 @@ pub async fn run(
         Arc::clone(&registry),
         config.pipeline.batch_max,
     ));
+    let connection = Arc::new(AtomicU64::new(0));
     let acker = tokio::spawn(acker(
         client.clone(),
         done_rx,
         ops_rx,
         Duration::from_millis(config.pipeline.receipt_interval_ms.max(10)),
+        Arc::clone(&connection),
     ));
     let mut drains = Vec::new();
     for (sink, settings) in sinks {
@@ -301,7 +304,12 @@ pub async fn run(
     ));
     drop(ops_tx);
 
-    let events = tokio::spawn(event_loop(client.clone(), eventloop, incoming_tx));
+    let events = tokio::spawn(event_loop(
+        client.clone(),
+        eventloop,
+        incoming_tx,
+        Arc::clone(&connection),
+    ));
     shutdown.await;
     info!("stopping: finishing the batch in progress");
     events.abort();
@@ -342,11 +350,26 @@ fn sequencer_devices(store: &Store, config: &BridgeConfig) -> anyhow::Result<usi
     Ok(store.load_sequences(config.window())?.len())
 }
 
+/// What acknowledges one message to the broker: the PUBLISH and the connection it came
+/// on. rumqttd does not resend a persistent session's unacknowledged messages with their
+/// packet ids after a reconnect; it resends them with fresh ones. An acknowledgement
+/// of an earlier connection's packet id would hit another message (or, as rumqttd
+/// refuses out-of-order acknowledgements, drop the connection again), so those are
+/// never sent: the broker redelivers the message, and the sequence window counts the
+/// copy as a duplicate.
+#[derive(Debug)]
+pub struct AckToken {
+    /// Counts CONNACKs; see [`event_loop`].
+    connection: u64,
+    publish: rumqttc::Publish,
+}
+
 /// Polls the MQTT connection: subscribes after every CONNACK, forwards every PUBLISH.
 async fn event_loop(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
-    incoming: mpsc::UnboundedSender<Incoming<rumqttc::Publish>>,
+    incoming: mpsc::UnboundedSender<Incoming<AckToken>>,
+    connection: Arc<AtomicU64>,
 ) {
     let mut announced = false;
     let mut delay = Duration::from_millis(200);
@@ -357,7 +380,10 @@ async fn event_loop(
                     topic: p.topic.clone(),
                     payload: p.payload.clone(),
                     received_at_ms: now_ms(),
-                    token: p,
+                    token: AckToken {
+                        connection: connection.load(Ordering::Acquire),
+                        publish: p,
+                    },
                 };
                 if incoming.send(item).is_err() {
                     return;
@@ -365,6 +391,7 @@ async fn event_loop(
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 delay = Duration::from_millis(200);
+                connection.fetch_add(1, Ordering::AcqRel);
                 info!(
                     session_present = ack.session_present,
                     "connected to the broker"
@@ -402,8 +429,8 @@ async fn event_loop(
 
 /// Batches incoming messages and verifies them on both cores.
 async fn ingest(
-    mut incoming: mpsc::UnboundedReceiver<Incoming<rumqttc::Publish>>,
-    batches: mpsc::Sender<Vec<Checked<rumqttc::Publish>>>,
+    mut incoming: mpsc::UnboundedReceiver<Incoming<AckToken>>,
+    batches: mpsc::Sender<Vec<Checked<AckToken>>>,
     registry: Arc<DeviceRegistry>,
     batch_max: usize,
 ) {
@@ -431,8 +458,8 @@ async fn ingest(
 /// Verifies a batch, splitting it over two threads when it is large enough to pay.
 fn verify_batch(
     registry: &DeviceRegistry,
-    mut batch: Vec<Incoming<rumqttc::Publish>>,
-) -> Vec<Checked<rumqttc::Publish>> {
+    mut batch: Vec<Incoming<AckToken>>,
+) -> Vec<Checked<AckToken>> {
     if batch.len() < 16 {
         return batch
             .into_iter()
@@ -464,9 +491,10 @@ fn verify_batch(
 /// Acknowledges recorded messages, sends coalesced receipts and operational alerts.
 async fn acker(
     client: AsyncClient,
-    mut recorded: mpsc::UnboundedReceiver<Recorded<rumqttc::Publish>>,
+    mut recorded: mpsc::UnboundedReceiver<Recorded<AckToken>>,
     mut ops: mpsc::UnboundedReceiver<OpsAlert>,
     interval: Duration,
+    connection: Arc<AtomicU64>,
 ) {
     let mut pending: HashMap<DeviceId, ReceiptPoint> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
@@ -476,10 +504,19 @@ async fn acker(
         tokio::select! {
             r = recorded.recv() => match r {
                 Some(r) => {
-                    for p in &r.tokens {
-                        if let Err(e) = client.ack(p).await {
+                    let current = connection.load(Ordering::Acquire);
+                    let mut stale = 0usize;
+                    for t in &r.tokens {
+                        if t.connection != current {
+                            stale += 1;
+                            continue;
+                        }
+                        if let Err(e) = client.ack(&t.publish).await {
                             warn!(error = %e, "cannot acknowledge; the broker will redeliver");
                         }
+                    }
+                    if stale > 0 {
+                        debug!(stale, "not acknowledging messages of an earlier connection; the broker redelivers them");
                     }
                     for (d, point) in r.receipts {
                         pending.insert(d, point);
