@@ -483,10 +483,10 @@ fn broker_checkpointed_through(rig: &Rig) -> Option<u64> {
     std::fs::read_to_string(rig.dir().join("broker-audit.jsonl"))
         .expect("broker audit log")
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Json>(l).ok())
-        .filter(|r| r["event"] == "checkpoint")
-        .filter_map(|r| r["seq"].as_u64())
-        .last()
+        .find(|r| r["event"] == "checkpoint")
+        .and_then(|r| r["seq"].as_u64())
 }
 
 /// The broker's audit log reaches cloud storage through the bridge's objects sink: a
