@@ -458,6 +458,10 @@ fn print_summary(
     );
     println!("  objects      {}", work.objects().display());
     println!(
+        "  shipped      {}   (broker and bridge audit logs)",
+        work.objects().join("audit/retention=audit-7y").display()
+    );
+    println!(
         "  quarantine   vitalmq store quarantine --data {}",
         data.display()
     );

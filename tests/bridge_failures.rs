@@ -407,3 +407,191 @@ fn audit_records_are_shipped_to_object_storage_with_a_signed_checkpoint() {
         "a segment ends with its checkpoint"
     );
 }
+
+/// `[[audit_ship]]` for the broker's log of this rig (`broker-audit.jsonl`, in the
+/// rig's directory beside `bridge.toml`).
+const SHIP_BROKER_AUDIT: &str = "[[audit_ship]]\ncomponent = \"broker\"\npath = \"broker-audit.jsonl\"\nretention = \"audit-7y\"\n";
+
+/// A TCP client that speaks no TLS: the broker refuses it at the handshake and audits it.
+fn refused_connection(port: u16) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let _ = s.read_to_end(&mut Vec::new()); // until the broker closes it
+}
+
+/// The shipped segments of `component` under the local objects sink `objects`, in
+/// record order (names are zero-padded record ranges, whatever the date directory).
+fn shipped_segments(objects: &Path, component: &str) -> Vec<std::path::PathBuf> {
+    let dir = objects.join(format!("audit/retention=audit-7y/component={component}"));
+    let mut found: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|date| {
+            std::fs::read_dir(date.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|f| f.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .collect();
+    found.sort_by_key(|p| p.file_name().map(|n| n.to_owned()));
+    found
+}
+
+/// The shipped segments of `component` concatenated, and their records.
+fn shipped_log(objects: &Path, component: &str) -> (String, Vec<Json>) {
+    let text: String = shipped_segments(objects, component)
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("segment"))
+        .collect();
+    let records = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a shipped line is a record"))
+        .collect();
+    (text, records)
+}
+
+/// `vitalmq audit verify` of `text` (written to `file`) under the broker's key.
+fn verifies_under_the_broker_key(rig: &Rig, file: &Path, text: &str) {
+    std::fs::write(file, text).expect("write");
+    let public =
+        std::fs::read_to_string(rig.dir().join("audit-signing.key.pem.pub")).expect("public key");
+    let ran = vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "audit",
+            "verify",
+            file.to_str().expect("utf-8"),
+            "--trusted-key",
+            public.trim(),
+        ],
+    );
+    assert!(
+        ran.stdout.contains("chain intact") && ran.stdout.contains("(trusted key)"),
+        "{}",
+        ran.stdout
+    );
+}
+
+/// The seq of the newest checkpoint in the broker's log now.
+fn broker_checkpointed_through(rig: &Rig) -> Option<u64> {
+    std::fs::read_to_string(rig.dir().join("broker-audit.jsonl"))
+        .expect("broker audit log")
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+        .find(|r| r["event"] == "checkpoint")
+        .and_then(|r| r["seq"].as_u64())
+}
+
+/// The broker's audit log reaches cloud storage through the bridge's objects sink: a
+/// refused connection ends up in a `component=broker` segment, every segment ends with
+/// a checkpoint, and the shipped segments together (from record 0) verify under the
+/// broker's own key.
+#[test]
+fn broker_refusals_are_shipped_to_object_storage_and_verify_under_the_broker_key() {
+    let rig = rig("audit-ship-broker", 1);
+    let objects = rig.dir().join("objects");
+    let _bridge = rig.bridge(
+        "",
+        &format!("{}{SHIP_BROKER_AUDIT}", objects_sink("objects", 10)),
+    );
+    for _ in 0..3 {
+        refused_connection(rig.broker.port);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (text, records) = loop {
+        let (text, records) = shipped_log(&objects, "broker");
+        let refusals = records
+            .iter()
+            .filter(|r| r["event"] == "connection_refused" && r["action"] == "handshake")
+            .count();
+        if refusals == 3 {
+            break (text, records);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker's refusals were not shipped; shipped so far:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(records.iter().all(|r| r["component"] == "broker"));
+    for segment in shipped_segments(&objects, "broker") {
+        let text = std::fs::read_to_string(&segment).expect("segment");
+        assert!(
+            text.lines()
+                .last()
+                .is_some_and(|l| l.contains("\"event\":\"checkpoint\"")),
+            "{} ends with its checkpoint",
+            segment.display()
+        );
+    }
+    verifies_under_the_broker_key(&rig, &rig.dir().join("shipped-broker.jsonl"), &text);
+}
+
+/// `kill -9` of the bridge while it ships the broker's log: once right after its first
+/// segment was shipped (so the next bridge resumes from a cursor), then twice around
+/// its next shipping pass. Across all shipped segments every record of the broker's log
+/// up to its newest checkpoint is there exactly once, in order, and the whole verifies
+/// under the broker's key.
+#[test]
+fn shipping_the_broker_log_survives_kill_9_without_duplicates_or_holes() {
+    let rig = rig("audit-ship-kill", 1);
+    let objects = rig.dir().join("objects");
+    let sinks = format!("{}{SHIP_BROKER_AUDIT}", objects_sink("objects", 10));
+    let mut bridge = rig.bridge("", &sinks);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while shipped_segments(&objects, "broker").is_empty() {
+        assert!(Instant::now() < deadline, "no broker segment shipped");
+        refused_connection(rig.broker.port);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bridge.process.kill9();
+    // The shipper passes every 5 s from the bridge's start; kill around that.
+    for kill_after_ms in [4_900u64, 5_300] {
+        let mut bridge = rig.bridge("", &sinks);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(kill_after_ms) {
+            refused_connection(rig.broker.port);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        bridge.process.kill9();
+    }
+    let _bridge = rig.bridge("", &sinks);
+    refused_connection(rig.broker.port);
+    let broker_log = rig.dir().join("broker-audit.jsonl");
+    let refusals_in = |text: &str| text.matches("\"event\":\"connection_refused\"").count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (text, records) = loop {
+        let (text, records) = shipped_log(&objects, "broker");
+        let shipped_through = records.last().and_then(|r| r["seq"].as_u64());
+        let written = std::fs::read_to_string(&broker_log).expect("broker audit log");
+        // Every refusal the broker wrote is shipped, and everything it checkpointed.
+        if refusals_in(&text) == refusals_in(&written)
+            && shipped_through == broker_checkpointed_through(&rig)
+        {
+            break (text, records);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "shipped through {shipped_through:?}, the broker checkpointed through {:?}",
+            broker_checkpointed_through(&rig)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let seqs: Vec<u64> = records
+        .iter()
+        .map(|r| r["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(
+        seqs,
+        (0..seqs.len() as u64).collect::<Vec<_>>(),
+        "every record once, in order, no holes"
+    );
+    verifies_under_the_broker_key(&rig, &rig.dir().join("shipped-broker.jsonl"), &text);
+}

@@ -1,160 +1,238 @@
-//! The bridge's audit log goes to cloud storage through the objects sinks, as its own
-//! plane with its own retention class (issue 7):
-//! `{prefix}/audit/retention={class}/component=bridge/date={YYYY-MM-DD}/{first:020}-{last:020}.jsonl`.
+//! Audit logs go to cloud storage through the objects sinks, as their own plane with
+//! their own retention class (issue 7): the bridge's own log, and every log configured
+//! in `[[audit_ship]]` (the broker's, on the same host), each under its component label:
+//! `{prefix}/audit/retention={class}/component={label}/date={YYYY-MM-DD}/{first:020}-{last:020}.jsonl`.
 //!
-//! Every few seconds the shipper asks the audit writer to sync (which appends a signed
-//! checkpoint when records were written since the last one), then ships the records
-//! after its cursor up to and including the newest checkpoint, so every shipped segment
-//! ends with a signature over everything in it. Object names come from the record
-//! sequence numbers, so a retry after a crash rewrites the same object with the same
-//! bytes; the cursor (per sink, in the store) advances only after the sink confirmed.
+//! A log on disk is the durable outbox of its records. Every few seconds the shipper asks
+//! the bridge's own audit writer to sync (which appends a signed checkpoint when records
+//! were written since the last one; the broker checkpoints on its own timer), then per
+//! (sink, log) ships the records after the cursor up to and including the newest
+//! checkpoint ([`tail`]), so every segment ends with a signature over everything in it.
+//!
+//! Exactly-once across crashes, like the outbox drains: a segment's range is persisted
+//! as pending before its first write and re-read whole after a crash; its object name
+//! comes only from its record sequence numbers and the first record's date, and its
+//! bytes only from the log, so a retry rewrites the same object with the same bytes; the
+//! cursor (per sink and log, in the store) advances only after the sink confirmed.
+//!
+//! A log that no longer continues the shipped chain (rotated, replaced, truncated,
+//! edited) is not shipped: the shipper raises `ops/bridge/audit_ship` and a `sink_failed`
+//! audit record, and resolves both if the log lines up again. Shipping a new chain under
+//! the same label would overwrite shipped objects with other records; give a new log a
+//! new component label instead.
 
-use std::io::BufRead as _;
+pub mod tail;
+
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
-use tracing::{debug, warn};
-use vitalmq_audit::{AuditRecord, Auditor, Event};
+use serde_json::{Map, json};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
 
+use crate::ops::{Episodes, OpsAlert, OpsKind};
+use crate::recorder::now_ms;
 use crate::sink::object::ObjectStoreSink;
-use crate::store::{Store, lock};
+use crate::store::{Store, StoreError, lock};
+use tail::{Limits, Segment, Tail, TailError};
 
 /// How often the shipper looks for new checkpointed records.
 const INTERVAL: Duration = Duration::from_secs(5);
 
-/// The records of `log` with `seq > after`, up to and including the last checkpoint:
-/// `(first seq, last seq, bytes)`, or `None` when no checkpoint covers anything new.
-pub fn next_segment(
-    log: &std::path::Path,
-    after: Option<u64>,
-) -> std::io::Result<Option<(u64, u64, Vec<u8>)>> {
-    let file = std::fs::File::open(log)?;
-    let mut pending: Vec<(u64, String)> = Vec::new();
-    let mut segment = None;
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line?;
-        let Ok(record) = serde_json::from_str::<AuditRecord>(&line) else {
-            break; // a torn last line: stop at what is complete
-        };
-        if after.is_some_and(|a| record.seq <= a) {
-            continue;
-        }
-        let is_checkpoint = record.event == Event::Checkpoint;
-        pending.push((record.seq, line));
-        if is_checkpoint {
-            segment = Some(pending.len());
-        }
-    }
-    let Some(n) = segment else { return Ok(None) };
-    let first = pending[0].0;
-    let last = pending[n - 1].0;
-    let mut bytes = Vec::new();
-    for (_, line) in &pending[..n] {
-        bytes.extend_from_slice(line.as_bytes());
-        bytes.push(b'\n');
-    }
-    Ok(Some((first, last, bytes)))
+/// A segment ends at the first checkpoint once it holds this many records (a writer
+/// checkpoints at least every 1,000), so a long backlog ships in bounded objects.
+const MAX_SEGMENT_RECORDS: usize = 10_000;
+
+/// Segments shipped per (sink, log) in one pass before the others get their turn.
+const MAX_SEGMENTS_PER_PASS: usize = 64;
+
+/// One audit log to ship.
+#[derive(Debug, Clone)]
+pub struct ShippedLog {
+    /// Label in object names (`component=<label>`) and in cursors.
+    pub component: String,
+    pub path: PathBuf,
+    /// Retention class in object names (`retention=<class>`).
+    pub retention: String,
+    /// The bridge's own writer, synced before each pass so its records get a checkpoint.
+    pub own: Option<Auditor>,
+}
+
+/// What went wrong in one shipping step.
+#[derive(Debug, thiserror::Error)]
+enum PassError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tail(#[from] TailError),
 }
 
 /// Runs until `stop`.
 pub async fn ship(
-    log: PathBuf,
-    retention: String,
+    logs: Vec<ShippedLog>,
     sinks: Vec<Arc<ObjectStoreSink>>,
     store: Arc<Mutex<Store>>,
     auditor: Auditor,
+    ops: mpsc::UnboundedSender<OpsAlert>,
     mut stop: watch::Receiver<bool>,
 ) {
-    if sinks.is_empty() {
+    if sinks.is_empty() || logs.is_empty() {
         return;
     }
+    let mut episodes = Episodes::default();
+    let mut missing = std::collections::HashSet::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(INTERVAL) => {}
             _ = stop.changed() => return,
         }
-        let a = auditor.clone();
-        let _ = tokio::task::spawn_blocking(move || a.sync()).await;
+        for log in &logs {
+            if let Some(own) = log.own.clone() {
+                let _ = tokio::task::spawn_blocking(move || own.sync()).await;
+            }
+        }
         for sink in &sinks {
-            let key = format!("audit:{}", sink_name(sink));
-            let cursor = {
-                let store = Arc::clone(&store);
-                let key = key.clone();
-                tokio::task::spawn_blocking(move || lock(&store).audit_shipped(&key)).await
-            };
-            let after = match cursor {
-                Ok(Ok(c)) => c,
-                _ => continue,
-            };
-            let segment = match next_segment(&log, after) {
-                Ok(Some(s)) => s,
-                Ok(None) => continue,
-                Err(e) => {
-                    warn!(log = %log.display(), error = %e, "cannot read the audit log to ship it");
-                    continue;
+            for log in &logs {
+                if *stop.borrow() {
+                    return;
                 }
-            };
-            let (first, last, bytes) = segment;
-            let date = crate::normalize::rfc3339_ms(crate::recorder::now_ms())
-                .map(|t| t[..10].to_owned())
-                .unwrap_or_else(|| "unknown".to_owned());
-            let object = format!(
-                "audit/retention={retention}/component=bridge/date={date}/{first:020}-{last:020}.jsonl"
-            );
-            match sink.put_durable(&object, bytes.into()).await {
-                Ok(()) => {
-                    let store = Arc::clone(&store);
-                    let k = key.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        lock(&store).set_audit_shipped(&k, last)
-                    })
-                    .await;
-                    debug!(object = %object, "audit segment shipped");
+                let outcome = ship_log(sink, log, &store).await;
+                let sink_name = crate::sink::Sink::name(&**sink);
+                let subject = format!("{sink_name}-{}", log.component);
+                match outcome {
+                    Ok(found) => {
+                        if found == Found::Missing {
+                            if missing.insert(log.component.clone()) {
+                                info!(component = %log.component, log = %log.path.display(), "audit log not there yet; will ship it once it is");
+                            }
+                        } else {
+                            missing.remove(&log.component);
+                        }
+                        if let Some(a) = episodes.resolve(OpsKind::AuditShip, &subject, now_ms()) {
+                            info!(component = %log.component, sink = %sink_name, "audit log lines up again; shipping resumed");
+                            let _ = auditor.record(
+                                AuditRecord::new(Component::Bridge, Event::SinkRecovered)
+                                    .action("audit_ship")
+                                    .resource(log.component.clone())
+                                    .detail("sink", sink_name),
+                            );
+                            let _ = ops.send(a);
+                        }
+                    }
+                    Err(PassError::Tail(
+                        e @ (TailError::Diverged(_) | TailError::Broken { .. }),
+                    )) => {
+                        let reason = match e {
+                            TailError::Diverged(_) => "audit_log_diverged",
+                            _ => "audit_log_broken",
+                        };
+                        let mut details = Map::new();
+                        details.insert("sink".into(), json!(sink_name));
+                        details.insert("component".into(), json!(log.component));
+                        details.insert("log".into(), json!(log.path.display().to_string()));
+                        details.insert("error".into(), json!(e.to_string()));
+                        if let Some(a) =
+                            episodes.raise(OpsKind::AuditShip, &subject, reason, details, now_ms())
+                        {
+                            warn!(component = %log.component, sink = %sink_name, reason, error = %e, "audit log not shipped: it does not continue the shipped chain");
+                            let _ = auditor.record(
+                                AuditRecord::new(Component::Bridge, Event::SinkFailed)
+                                    .action("audit_ship")
+                                    .resource(log.component.clone())
+                                    .reason(reason)
+                                    .detail("sink", sink_name)
+                                    .detail("error", e.to_string()),
+                            );
+                            let _ = ops.send(a);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(component = %log.component, sink = %sink_name, error = %e, "audit segment not shipped; will retry");
+                    }
                 }
-                Err(e) => warn!(error = %e, "audit segment not shipped; will retry"),
             }
         }
     }
 }
 
-fn sink_name(sink: &ObjectStoreSink) -> &str {
-    crate::sink::Sink::name(sink)
+/// What a (sink, log) pass found.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    Missing,
+    Shipped,
+}
+
+/// Ships the segments of `log` waiting for `sink`, up to [`MAX_SEGMENTS_PER_PASS`].
+async fn ship_log(
+    sink: &Arc<ObjectStoreSink>,
+    log: &ShippedLog,
+    store: &Arc<Mutex<Store>>,
+) -> Result<Found, PassError> {
+    let sink_name = crate::sink::Sink::name(&**sink).to_owned();
+    for _ in 0..MAX_SEGMENTS_PER_PASS {
+        let planned = {
+            let store = Arc::clone(store);
+            let (sink_name, log) = (sink_name.clone(), log.clone());
+            tokio::task::spawn_blocking(move || plan(&store, &sink_name, &log))
+                .await
+                .map_err(|e| TailError::Io(std::io::Error::other(e)))??
+        };
+        let segment = match planned {
+            Tail::Segment(s) => s,
+            Tail::Nothing => return Ok(Found::Shipped),
+            Tail::Missing => return Ok(Found::Missing),
+        };
+        let object = object_name(&log.retention, &log.component, &segment);
+        let records = segment.last - segment.first + 1;
+        if let Err(e) = sink.put_durable(&object, segment.bytes.into()).await {
+            warn!(component = %log.component, sink = %sink_name, error = %e, "audit segment not shipped; will retry");
+            return Ok(Found::Shipped);
+        }
+        let store = Arc::clone(store);
+        let (s, c, end) = (sink_name.clone(), log.component.clone(), segment.end);
+        tokio::task::spawn_blocking(move || lock(&store).set_audit_shipped(&s, &c, &end))
+            .await
+            .map_err(|e| TailError::Io(std::io::Error::other(e)))??;
+        metrics::counter!("vitalmq_bridge_audit_shipped_records_total", "sink" => sink_name.clone(), "component" => log.component.clone())
+            .increment(records);
+        debug!(object = %object, records, "audit segment shipped");
+    }
+    Ok(Found::Shipped)
+}
+
+/// The next segment of `log` for `sink`: the one in flight before a crash (the same
+/// range), else the next one, persisted as in flight before it is returned.
+fn plan(store: &Mutex<Store>, sink: &str, log: &ShippedLog) -> Result<Tail, PassError> {
+    let store = lock(store);
+    let cursor = store.audit_cursor(sink, &log.component)?;
+    let limits = Limits {
+        max_records: MAX_SEGMENT_RECORDS,
+        until: cursor.pending.map(|(_, last)| last),
+    };
+    let found = tail::next_segment(&log.path, cursor.shipped.as_ref(), limits)?;
+    match (cursor.pending, &found) {
+        (None, Tail::Segment(s)) => store.audit_pending(sink, &log.component, s.first, s.last)?,
+        (Some((first, last)), Tail::Segment(s)) if (s.first, s.last) == (first, last) => {}
+        (Some((first, last)), _) => {
+            return Err(TailError::Diverged(format!(
+                "the segment in flight, seq {first} to {last}, is no longer in the log as it was"
+            ))
+            .into());
+        }
+        (None, _) => {}
+    }
+    Ok(found)
+}
+
+/// The object a segment is written to (see the module docs).
+pub fn object_name(retention: &str, component: &str, s: &Segment) -> String {
+    format!(
+        "audit/retention={retention}/component={component}/date={}/{:020}-{:020}.jsonl",
+        s.date, s.first, s.last
+    )
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use vitalmq_audit::{AuditLog, CheckpointKey, Component};
-
-    #[test]
-    fn segments_end_at_the_newest_checkpoint_and_continue_after_the_cursor() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log_path = dir.path().join("audit.jsonl");
-        let key = CheckpointKey::load_or_create(&dir.path().join("k.pem"), Component::Bridge)
-            .expect("key");
-        let log = AuditLog::open_signed(&log_path, 64, Some(key)).expect("open");
-        let auditor = log.auditor();
-        for _ in 0..3 {
-            auditor
-                .record(AuditRecord::new(Component::Bridge, Event::Gap))
-                .expect("record");
-        }
-        auditor.sync().expect("sync"); // records 0..=2, checkpoint 3
-        auditor
-            .record(AuditRecord::new(Component::Bridge, Event::Gap))
-            .expect("record");
-        log.close().expect("close"); // record 4, checkpoint 5
-        let (first, last, bytes) = next_segment(&log_path, None)
-            .expect("read")
-            .expect("segment");
-        assert_eq!((first, last), (0, 5));
-        assert_eq!(bytes.iter().filter(|b| **b == b'\n').count(), 6);
-        let (first, last, _) = next_segment(&log_path, Some(3))
-            .expect("read")
-            .expect("segment");
-        assert_eq!((first, last), (4, 5));
-        assert!(next_segment(&log_path, Some(5)).expect("read").is_none());
-    }
-}
+mod tests;

@@ -26,6 +26,9 @@ pub struct BridgeConfig {
     /// component, `audit/retention=<class>/...`, for the bucket's lifecycle rules).
     #[serde(default = "default_audit_retention")]
     pub audit_retention: String,
+    /// Further audit logs on this host to ship through the objects sinks (the broker's).
+    #[serde(default)]
+    pub audit_ship: Vec<AuditShipConfig>,
     pub broker: BrokerLink,
     #[serde(default)]
     pub pipeline: Pipeline,
@@ -36,6 +39,21 @@ pub struct BridgeConfig {
     pub alerts: Option<AlertsConfig>,
     #[serde(default)]
     pub ops: OpsConfig,
+}
+
+/// Another component's audit log, shipped like the bridge's own: its file on disk is
+/// the durable outbox of its records (the component writes, the bridge reads).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditShipConfig {
+    /// Label in object names, `component=<label>`, and in the shipping cursors; unique,
+    /// and not `bridge` (the bridge's own log).
+    pub component: String,
+    /// The log file (JSON lines, `vitalmq-audit/v1`); it need not exist yet.
+    pub path: PathBuf,
+    /// Retention class in object names, `retention=<class>`.
+    #[serde(default = "default_audit_retention")]
+    pub retention: String,
 }
 
 /// When the bridge raises operational alerts on `ops/bridge/<kind>` (0 turns one off).
@@ -108,6 +126,14 @@ pub struct BrokerLink {
     pub key: PathBuf,
     #[serde(default = "default_keepalive")]
     pub keepalive_s: u64,
+}
+
+/// A label that is safe as one component of an object name.
+fn is_object_name_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn default_audit_retention() -> String {
@@ -250,6 +276,9 @@ impl BridgeConfig {
         if let Some(a) = &mut self.audit {
             fix(a);
         }
+        for a in &mut self.audit_ship {
+            fix(&mut a.path);
+        }
         let fix_link = |l: &mut BrokerLink| {
             for p in [&mut l.ca, &mut l.cert, &mut l.key] {
                 if p.is_relative() {
@@ -276,13 +305,35 @@ impl BridgeConfig {
 
     fn validate(&self) -> Result<(), String> {
         WindowSize::new(self.pipeline.window).map_err(|e| format!("pipeline.window: {e}"))?;
-        if self.audit_retention.is_empty()
-            || !self
-                .audit_retention
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !is_object_name_part(&self.audit_retention) {
             return Err("audit_retention: letters, digits, '-' and '_' only".into());
+        }
+        let mut labels = std::collections::HashSet::from(["bridge"]);
+        for a in &self.audit_ship {
+            if !is_object_name_part(&a.component) {
+                return Err(format!(
+                    "audit_ship.component {:?}: letters, digits, '-' and '_' only (at most 64)",
+                    a.component
+                ));
+            }
+            if !labels.insert(&a.component) {
+                return Err(format!(
+                    "audit_ship.component {:?}: used twice (\"bridge\" is the bridge's own log)",
+                    a.component
+                ));
+            }
+            if !is_object_name_part(&a.retention) {
+                return Err(format!(
+                    "audit_ship.{}.retention: letters, digits, '-' and '_' only",
+                    a.component
+                ));
+            }
+            if a.path == self.audit_path() {
+                return Err(format!(
+                    "audit_ship.{}.path: the bridge's own audit log is shipped already",
+                    a.component
+                ));
+            }
         }
         if self.pipeline.batch_max == 0 {
             return Err("pipeline.batch_max: must be at least 1".into());
@@ -345,6 +396,12 @@ mod tests {
         assert!(c.data_dir.is_absolute());
         assert_eq!(c.sinks.len(), 1);
         assert_eq!(c.window().get(), 1024);
+        let broker = &c.audit_ship[0];
+        assert_eq!(
+            (broker.component.as_str(), broker.retention.as_str()),
+            ("broker", "audit-7y")
+        );
+        assert!(broker.path.is_absolute() && broker.path.ends_with("data/broker/audit.jsonl"));
     }
 
     #[test]
@@ -366,6 +423,27 @@ mod tests {
                 "used twice",
             ),
             ("colour = 1\n", "colour"),
+            (
+                "[[audit_ship]]\ncomponent = \"broker/x\"\npath = \"a.jsonl\"\n",
+                "audit_ship.component",
+            ),
+            (
+                "[[audit_ship]]\ncomponent = \"broker\"\npath = \"a.jsonl\"\n[[audit_ship]]\ncomponent = \"broker\"\npath = \"b.jsonl\"\n",
+                "used twice",
+            ),
+            (
+                "[[audit_ship]]\ncomponent = \"bridge\"\npath = \"a.jsonl\"\n",
+                "used twice",
+            ),
+            (
+                "[[audit_ship]]\ncomponent = \"broker\"\npath = \"a.jsonl\"\nretention = \"7 years\"\n",
+                "audit_ship.broker.retention",
+            ),
+            (
+                "[[audit_ship]]\ncomponent = \"broker\"\npath = \"d/audit.jsonl\"\n",
+                "own audit log",
+            ),
+            ("[[audit_ship]]\ncomponent = \"broker\"\n", "path"),
         ] {
             let path = dir.path().join("bridge.toml");
             // Top-level keys must come before the first table.

@@ -23,6 +23,9 @@ pub enum OpsKind {
     Gaps,
     /// A certificate the bridge uses expires within the configured number of days.
     CertExpiry,
+    /// An audit log to ship no longer continues the chain already shipped (rotated,
+    /// replaced, truncated or edited), so it is not shipped.
+    AuditShip,
 }
 
 impl OpsKind {
@@ -36,6 +39,7 @@ impl OpsKind {
             Self::Replays => "replays",
             Self::Gaps => "gaps",
             Self::CertExpiry => "cert_expiry",
+            Self::AuditShip => "audit_ship",
         }
     }
 }

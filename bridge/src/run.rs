@@ -289,11 +289,11 @@ pub async fn run(
         )));
     }
     drains.push(tokio::spawn(crate::audit_ship::ship(
-        config.audit_path(),
-        config.audit_retention.clone(),
+        shipped_audit_logs(&config, &auditor),
         object_sinks,
         Arc::new(Mutex::new(Store::open(&config.data_dir)?)),
         auditor.clone(),
+        ops_tx.clone(),
         stop_rx.clone(),
     )));
     tokio::spawn(crate::certwatch::watch(
@@ -329,6 +329,31 @@ pub async fn run(
     drop(rules_watch);
     audit.close().context("close the audit log")?;
     Ok(())
+}
+
+/// The bridge's own audit log, then those of `[[audit_ship]]`.
+fn shipped_audit_logs(
+    config: &BridgeConfig,
+    own: &vitalmq_audit::Auditor,
+) -> Vec<crate::audit_ship::ShippedLog> {
+    let mut logs = vec![crate::audit_ship::ShippedLog {
+        component: "bridge".to_owned(),
+        path: config.audit_path(),
+        retention: config.audit_retention.clone(),
+        own: Some(own.clone()),
+    }];
+    logs.extend(
+        config
+            .audit_ship
+            .iter()
+            .map(|a| crate::audit_ship::ShippedLog {
+                component: a.component.clone(),
+                path: a.path.clone(),
+                retention: a.retention.clone(),
+                own: None,
+            }),
+    );
+    logs
 }
 
 /// Every certificate this bridge presents: its own, the alert publisher's, and those of

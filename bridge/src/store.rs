@@ -19,6 +19,7 @@
 //! | `alert_state` | — | the alert engine's state per device (open episodes, persistence, baselines), JSON |
 //! | `handler_cursors` | — | per alert handler (MQTT, webhooks): last alert position confirmed |
 //! | `sink_cursors` | — | per sink: last outbox position confirmed, and the batch in flight |
+//! | `audit_ship_cursors` | — | per (objects sink, audit log): last record shipped (seq, hash, where its line starts) and the segment in flight |
 //!
 //! The raw and normalized planes are written once, in the same transaction, and never
 //! updated; `event_id` is UNIQUE, so even a bug upstream cannot store an event twice.
@@ -121,6 +122,20 @@ CREATE TABLE IF NOT EXISTS audit_cursors (
     target          TEXT    PRIMARY KEY,
     shipped_through INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_ship_cursors (
+    sink            TEXT    NOT NULL,
+    log             TEXT    NOT NULL,
+    shipped_through INTEGER,
+    shipped_hash    TEXT,
+    line_start      INTEGER,
+    pending_first   INTEGER,
+    pending_last    INTEGER,
+    PRIMARY KEY (sink, log)
+);
+-- Cursors of bridges from before per-log shipping: `audit:<sink>` was the bridge's log.
+INSERT OR IGNORE INTO audit_ship_cursors (sink, log, shipped_through)
+    SELECT substr(target, 7), 'bridge', shipped_through FROM audit_cursors
+    WHERE target LIKE 'audit:%';
 CREATE TABLE IF NOT EXISTS sink_cursors (
     sink            TEXT    PRIMARY KEY,
     delivered_through INTEGER NOT NULL,
@@ -236,6 +251,26 @@ pub struct Cursor {
     pub delivered_through: i64,
     /// The batch planned and possibly partly delivered before a crash.
     pub pending: Option<(i64, i64)>,
+}
+
+/// Where shipping one audit log to one objects sink stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditCursor {
+    /// The last record the sink confirmed holding, if any.
+    pub shipped: Option<ShippedAudit>,
+    /// The segment `(first, last)` planned and possibly written before a crash.
+    pub pending: Option<(u64, u64)>,
+}
+
+/// The last record of an audit log a sink holds, and where its line starts in the log,
+/// so the next pass reads only what follows (and can check it is still there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShippedAudit {
+    pub seq: u64,
+    /// The record's hash; unknown only for cursors written before it was kept.
+    pub hash: Option<String>,
+    /// Byte offset of the record's line in the log (0 when unknown).
+    pub line_start: u64,
 }
 
 /// One connection to the bridge database.
@@ -622,26 +657,75 @@ impl Store {
         Ok(())
     }
 
-    /// The last audit record shipped to `target`, if any.
-    pub fn audit_shipped(&self, target: &str) -> Result<Option<u64>, StoreError> {
+    /// Where shipping audit log `log` (its component label) to `sink` stands.
+    pub fn audit_cursor(&self, sink: &str, log: &str) -> Result<AuditCursor, StoreError> {
         self.conn
             .query_row(
-                "SELECT shipped_through FROM audit_cursors WHERE target = ?1",
-                params![target],
-                |r| r.get::<_, i64>(0),
+                "SELECT shipped_through, shipped_hash, line_start, pending_first, pending_last
+                 FROM audit_ship_cursors WHERE sink = ?1 AND log = ?2",
+                params![sink, log],
+                |r| {
+                    let seq: Option<i64> = r.get(0)?;
+                    let hash: Option<String> = r.get(1)?;
+                    let line_start: Option<i64> = r.get(2)?;
+                    let first: Option<i64> = r.get(3)?;
+                    let last: Option<i64> = r.get(4)?;
+                    Ok(AuditCursor {
+                        shipped: seq.map(|s| ShippedAudit {
+                            seq: i2u(s),
+                            hash,
+                            line_start: line_start.map_or(0, i2u),
+                        }),
+                        pending: first.zip(last).map(|(f, l)| (i2u(f), i2u(l))),
+                    })
+                },
             )
             .optional()
-            .map(|v| v.map(i2u))
+            .map(Option::unwrap_or_default)
             .map_err(|e| self.err(e))
     }
 
-    /// Records that `target` holds every audit record up to `seq`.
-    pub fn set_audit_shipped(&self, target: &str, seq: u64) -> Result<(), StoreError> {
+    /// Persists the segment `first..=last` of `log` as in flight to `sink`, before its
+    /// first attempt, so a retry after a crash ships exactly the same range.
+    pub fn audit_pending(
+        &self,
+        sink: &str,
+        log: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<(), StoreError> {
         self.conn
             .execute(
-                "INSERT INTO audit_cursors (target, shipped_through) VALUES (?1, ?2)
-                 ON CONFLICT(target) DO UPDATE SET shipped_through = ?2",
-                params![target, u2i(seq)],
+                "INSERT INTO audit_ship_cursors (sink, log, pending_first, pending_last)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(sink, log) DO UPDATE SET pending_first = ?3, pending_last = ?4",
+                params![sink, log, u2i(first), u2i(last)],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Records that `sink` holds every record of `log` up to `shipped` (and nothing is
+    /// in flight).
+    pub fn set_audit_shipped(
+        &self,
+        sink: &str,
+        log: &str,
+        shipped: &ShippedAudit,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO audit_ship_cursors (sink, log, shipped_through, shipped_hash, line_start)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(sink, log) DO UPDATE SET shipped_through = ?3, shipped_hash = ?4,
+                     line_start = ?5, pending_first = NULL, pending_last = NULL",
+                params![
+                    sink,
+                    log,
+                    u2i(shipped.seq),
+                    shipped.hash,
+                    u2i(shipped.line_start)
+                ],
             )
             .map_err(|e| self.err(e))?;
         Ok(())

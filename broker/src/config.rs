@@ -47,6 +47,12 @@ pub struct AuditSettings {
     /// Records queued between the connections and the writer.
     #[serde(default = "default_audit_queue")]
     pub queue: usize,
+    /// When records were written since the last signed checkpoint, append one at least
+    /// this often (0: only every 1,000 records, at the first record a minute after the
+    /// last checkpoint, and at shutdown). The bridge ships the log up to its newest
+    /// checkpoint, so this bounds how long a refusal waits to reach cloud storage.
+    #[serde(default = "default_checkpoint_interval_s")]
+    pub checkpoint_interval_s: u64,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -57,6 +63,9 @@ fn default_max_connections() -> usize {
 }
 fn default_audit_queue() -> usize {
     65_536
+}
+fn default_checkpoint_interval_s() -> u64 {
+    5
 }
 fn yes() -> bool {
     true

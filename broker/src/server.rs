@@ -150,6 +150,11 @@ impl Broker {
             registry_tx,
             audit: Arc::clone(&audit),
         };
+        let checkpoint_task = tokio::spawn(checkpoint_periodically(
+            auditor.clone(),
+            Duration::from_secs(config.audit.checkpoint_interval_s),
+            shutdown_rx.clone(),
+        ));
         let reload_task = tokio::spawn(reloader.run(reload_rx, shutdown_rx));
         let watcher = if config.policy.watch {
             watch_files(&config, reload_tx.clone())
@@ -160,7 +165,7 @@ impl Broker {
             addr,
             shutdown: shutdown_tx,
             reload: reload_tx,
-            tasks: vec![accept_task, reload_task],
+            tasks: vec![accept_task, reload_task, checkpoint_task],
             audit: Some(audit_log),
             _watcher: watcher,
         })
@@ -191,6 +196,30 @@ impl Broker {
             let auditor = log.auditor();
             let _ = auditor.record(AuditRecord::new(Component::Broker, Event::ComponentStopped));
             let _ = tokio::task::spawn_blocking(move || log.close()).await;
+        }
+    }
+}
+
+/// Syncs the audit log every `every`, which appends a signed checkpoint when records
+/// were written since the last one. The writer checkpoints on its own only when records
+/// arrive, so without this a burst of refusals followed by quiet would wait, unsigned
+/// and so unshipped, for the next record.
+async fn checkpoint_periodically(
+    auditor: vitalmq_audit::Auditor,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if every.is_zero() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let a = auditor.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || a.sync()).await {
+            tracing::warn!(error = %e, "audit log sync for a checkpoint failed");
         }
     }
 }
@@ -413,5 +442,58 @@ fn install_metrics(addr: SocketAddr) {
     {
         Ok(()) => tracing::info!(%addr, "metrics on /metrics"),
         Err(e) => tracing::warn!(%addr, error = %e, "metrics endpoint not started"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record followed by quiet gets a signed checkpoint from the timer, not only at
+    /// the next record or at shutdown (the bridge ships only checkpointed records).
+    #[tokio::test]
+    async fn quiet_after_records_still_gets_a_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let key = vitalmq_audit::CheckpointKey::load_or_create(
+            &vitalmq_audit::signing_key_path(&path),
+            Component::Broker,
+        )
+        .expect("key");
+        let log = AuditLog::open_signed(&path, 16, Some(key)).expect("open");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(checkpoint_periodically(
+            log.auditor(),
+            Duration::from_millis(50),
+            stop_rx,
+        ));
+        log.auditor()
+            .record(AuditRecord::new(
+                Component::Broker,
+                Event::ConnectionRefused,
+            ))
+            .expect("record");
+        let checkpointed = || {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines.len() == 2 && lines[1].contains("\"event\":\"checkpoint\"")
+        };
+        // Bounded wait for the effect, not a timing assertion.
+        for _ in 0..200 {
+            if checkpointed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            checkpointed(),
+            "{}",
+            std::fs::read_to_string(&path).unwrap_or_default()
+        );
+        // Nothing new: no checkpoint of a checkpoint.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(checkpointed());
+        let _ = stop_tx.send(true);
+        task.await.expect("task");
     }
 }

@@ -138,7 +138,8 @@ listeners = 2
 }
 
 /// The bridge's configuration: the PKI's bridge identity, its store, quarantine and
-/// audit log in `bridge-data/`, and one local object sink in `objects/`.
+/// audit log in `bridge-data/`, and one local object sink in `objects/`, which also
+/// receives the broker's audit log (`objects/audit/.../component=broker/`).
 ///
 /// This is the one place to change when the bridge gains settings the demo should use
 /// (e.g. `rules = "rules.toml"` for clinical alert rules).
@@ -157,6 +158,12 @@ key = "pki/identities/bridge/bridge-01.key.pem"
 
 [pipeline]
 receipt_interval_ms = 100
+
+# The broker's audit log goes to the objects sink too, beside the bridge's own.
+[[audit_ship]]
+component = "broker"
+path = "broker/audit.jsonl"
+retention = "audit-7y"
 
 [[sinks]]
 kind = "objects"
@@ -247,6 +254,12 @@ mod tests {
         let c = vitalmq_bridge::BridgeConfig::load(&bridge).expect("bridge config");
         assert_eq!(c.broker.address, "127.0.0.1:8883");
         assert_eq!(c.sinks.len(), 1);
+        assert_eq!(c.audit_ship.len(), 1);
+        assert_eq!(c.audit_ship[0].component, "broker");
+        assert_eq!(
+            c.audit_ship[0].path, b.audit.path,
+            "the bridge ships the log the broker writes"
+        );
         assert!(SHIPPED_ACL.contains("vitalmq-acl/v1"));
     }
 

@@ -233,3 +233,74 @@ fn alerts_and_alert_state_are_committed_and_read_back_in_order() {
         "cursors are per handler"
     );
 }
+
+#[test]
+fn audit_cursors_are_per_sink_and_log_keep_the_pending_segment_and_survive_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A store written by a bridge from before per-log cursors: `audit:<sink>`.
+    {
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .conn
+            .execute(
+                "INSERT INTO audit_cursors (target, shipped_through) VALUES ('audit:objects', 41)",
+                [],
+            )
+            .expect("legacy cursor");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(
+        store.audit_cursor("objects", "bridge").expect("cursor"),
+        AuditCursor {
+            shipped: Some(ShippedAudit {
+                seq: 41,
+                hash: None,
+                line_start: 0
+            }),
+            pending: None
+        },
+        "the legacy cursor is the bridge log's"
+    );
+    assert_eq!(
+        store.audit_cursor("objects", "broker").expect("cursor"),
+        AuditCursor::default()
+    );
+    store
+        .audit_pending("objects", "broker", 0, 7)
+        .expect("pending");
+    drop(store);
+    let store = Store::open(dir.path()).expect("reopen");
+    let cursor = store.audit_cursor("objects", "broker").expect("cursor");
+    assert_eq!((cursor.shipped, cursor.pending), (None, Some((0, 7))));
+    assert_eq!(
+        store.audit_cursor("s3", "broker").expect("cursor"),
+        AuditCursor::default(),
+        "cursors are per sink"
+    );
+    let shipped = ShippedAudit {
+        seq: 7,
+        hash: Some("ab".repeat(32)),
+        line_start: 1234,
+    };
+    store
+        .set_audit_shipped("objects", "broker", &shipped)
+        .expect("shipped");
+    drop(store);
+    let store = Store::open(dir.path()).expect("reopen");
+    assert_eq!(
+        store.audit_cursor("objects", "broker").expect("cursor"),
+        AuditCursor {
+            shipped: Some(shipped),
+            pending: None
+        }
+    );
+    assert_eq!(
+        store
+            .audit_cursor("objects", "bridge")
+            .expect("cursor")
+            .shipped
+            .map(|s| s.seq),
+        Some(41),
+        "the migration does not overwrite later cursors"
+    );
+}
