@@ -122,6 +122,9 @@ pub struct CheckpointReport {
     pub checkpoints: u64,
     /// The last record a checkpoint covers, if any.
     pub last_covered_seq: Option<u64>,
+    /// The seq of the last record read (a checkpoint is itself a record, so a log or
+    /// segment that ends with one has `last_seq == last_covered_seq + 1`).
+    pub last_seq: Option<u64>,
     /// Public keys (hex) that signed, in order of first use.
     pub keys: Vec<String>,
 }
@@ -140,16 +143,31 @@ pub enum CheckpointError {
     Untrusted { line: usize, key: String },
 }
 
+impl CheckpointError {
+    pub fn line(&self) -> usize {
+        match self {
+            Self::Malformed { line, .. }
+            | Self::BadSignature { line }
+            | Self::Mismatch { line, .. }
+            | Self::Untrusted { line, .. } => *line,
+        }
+    }
+}
+
 /// Checks every checkpoint of a log (run [`crate::verify_chain`] first for the chain).
 /// With `trusted` keys given, a checkpoint signed by any other key is an error.
 pub fn verify_checkpoints(
     reader: impl BufRead,
     trusted: &[String],
 ) -> Result<CheckpointReport, CheckpointError> {
+    // Hashes by seq, from the first record's seq on (0 for a whole log; a segment
+    // starts later), so a checkpoint can only cover a record it follows.
+    let mut first_seq: Option<u64> = None;
     let mut hashes: Vec<String> = Vec::new();
     let mut report = CheckpointReport {
         checkpoints: 0,
         last_covered_seq: None,
+        last_seq: None,
         keys: Vec::new(),
     };
     for (i, line) in reader.lines().enumerate() {
@@ -187,7 +205,10 @@ pub fn verify_checkpoints(
                 &Signature::from_bytes(&signature),
             )
             .map_err(|_| CheckpointError::BadSignature { line: line_no })?;
-            let actual = usize::try_from(seq).ok().and_then(|s| hashes.get(s));
+            let actual = seq
+                .checked_sub(first_seq.unwrap_or(0))
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| hashes.get(i));
             if actual.map(String::as_str) != Some(covered) {
                 return Err(CheckpointError::Mismatch { line: line_no, seq });
             }
@@ -203,6 +224,8 @@ pub fn verify_checkpoints(
             report.checkpoints += 1;
             report.last_covered_seq = Some(seq);
         }
+        first_seq.get_or_insert(record.seq);
+        report.last_seq = Some(record.seq);
         hashes.push(record.hash);
     }
     Ok(report)
@@ -326,5 +349,65 @@ mod tests {
         let (path, _) = write_log(dir.path(), 2_500);
         let report = check(&path, &[]).expect("checkpoints hold");
         assert!(report.checkpoints >= 3, "{report:?}");
+    }
+
+    /// The lines of a log, and the 0-based indexes of its checkpoint lines.
+    fn lines_and_checkpoints(path: &Path) -> (Vec<String>, Vec<usize>) {
+        let text = std::fs::read_to_string(path).expect("read");
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let checkpoints = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("\"event\":\"checkpoint\""))
+            .map(|(i, _)| i)
+            .collect();
+        (lines, checkpoints)
+    }
+
+    #[test]
+    fn a_segment_cut_after_a_checkpoint_verifies_on_its_own_and_not_as_a_whole_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, public) = write_log(dir.path(), 2_500);
+        let (lines, checkpoints) = lines_and_checkpoints(&path);
+        assert!(checkpoints.len() >= 3, "{checkpoints:?}");
+        // What a shipper sends: the records after one checkpoint up to the next one.
+        let segment = lines[checkpoints[0] + 1..=checkpoints[1]].join("\n") + "\n";
+        let n = u64::try_from(checkpoints[1] - checkpoints[0]).expect("small");
+        assert_eq!(
+            crate::verify_chain_from(segment.as_bytes(), crate::Start::Segment),
+            Ok(n)
+        );
+        assert!(matches!(
+            verify_chain(segment.as_bytes()),
+            Err(crate::ChainError::Sequence { line: 1, .. })
+        ));
+        let report = verify_checkpoints(segment.as_bytes(), std::slice::from_ref(&public))
+            .expect("the segment's checkpoint covers its records");
+        assert_eq!(report.checkpoints, 1);
+        assert_eq!(
+            report.last_seq,
+            Some(report.last_covered_seq.expect("covered") + 1)
+        );
+    }
+
+    #[test]
+    fn a_segment_with_a_record_removed_or_a_foreign_checkpoint_does_not_verify() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, public) = write_log(dir.path(), 2_500);
+        let (lines, checkpoints) = lines_and_checkpoints(&path);
+        let mut cut: Vec<String> = lines[checkpoints[0] + 1..=checkpoints[1]].to_vec();
+        cut.remove(10);
+        let removed = cut.join("\n") + "\n";
+        assert!(matches!(
+            crate::verify_chain_from(removed.as_bytes(), crate::Start::Segment),
+            Err(crate::ChainError::Sequence { line: 11, .. })
+        ));
+        // A checkpoint of the *previous* segment cannot vouch for this one's records:
+        // the record it covers is not in the segment.
+        let with_old = lines[checkpoints[0]..checkpoints[1]].join("\n") + "\n";
+        assert!(matches!(
+            verify_checkpoints(with_old.as_bytes(), &[public]),
+            Err(CheckpointError::Mismatch { line: 1, .. })
+        ));
     }
 }

@@ -15,7 +15,7 @@ mod checkpoint;
 mod record;
 mod writer;
 
-pub use chain::{ChainError, GENESIS, verify_chain};
+pub use chain::{ChainError, GENESIS, Start, verify_chain, verify_chain_from};
 pub use checkpoint::{
     CheckpointError, CheckpointKey, CheckpointReport, KeyError, key_id, signing_key_path,
     verify_checkpoints,
