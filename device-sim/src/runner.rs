@@ -248,6 +248,18 @@ pub async fn run(
     if !(opts.schedule.time_scale.is_finite() && opts.schedule.time_scale > 0.0) {
         bail!("--time-scale must be a positive number");
     }
+    if let Some(load) = &opts.load {
+        if opts.via_gateway {
+            bail!(
+                "load mode (--aggregate-rate, --latency-report) is not supported with --via-gateway"
+            );
+        }
+        if let Some(r) = load.connect_rate
+            && !(r.is_finite() && r > 0.0)
+        {
+            bail!("--connect-rate must be a positive number of connections per second");
+        }
+    }
     let pki = Pki::open(&opts.pki)?;
     let identities = pki.devices(opts.devices)?;
     for e in &opts.episodes {
@@ -287,18 +299,6 @@ pub async fn run(
                 "--mqtt5 {d}: not one of the {} simulated devices",
                 opts.devices
             );
-        }
-    }
-    if let Some(load) = &opts.load {
-        if opts.via_gateway {
-            bail!(
-                "load mode (--aggregate-rate, --latency-report) is not supported with --via-gateway"
-            );
-        }
-        if let Some(r) = load.connect_rate
-            && !(r.is_finite() && r > 0.0)
-        {
-            bail!("--connect-rate must be a positive number of connections per second");
         }
     }
     std::fs::create_dir_all(&opts.state)
