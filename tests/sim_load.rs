@@ -55,14 +55,23 @@ fn a_load_run_times_every_receipted_message_and_the_alerts_it_raises() {
             // desaturation (1 min ramp, 2 min hold) crosses the spo2-low rule's 30 s
             // persistence within a few wall-clock seconds.
             .args(["--aggregate-rate", "72", "--duration", "6s"])
-            .args(["--time-scale", "30", "--episode", "desaturation:dev-00001@5s"])
+            .args([
+                "--time-scale",
+                "30",
+                "--episode",
+                "desaturation:dev-00001@5s",
+            ])
             .args(["--connect-rate", "40", "--status-every", "0"])
             .args(["--resend-after", "2s", "--until-receipted", "60s"])
             .args(["--receipt-interval", "100ms", "--latency-report"])
             .arg(&report_path),
         Duration::from_secs(150),
     );
-    assert!(ran.success, "vitalmq sim (load mode) failed:\n{}", ran.all());
+    assert!(
+        ran.success,
+        "vitalmq sim (load mode) failed:\n{}",
+        ran.all()
+    );
     let text = std::fs::read_to_string(&report_path).expect("latency report written");
     let report: Json = serde_json::from_str(&text).expect("report is JSON");
     let ctx = format!("report:\n{text}\nsim stderr:\n{}", ran.stderr);
@@ -82,7 +91,11 @@ fn a_load_run_times_every_receipted_message_and_the_alerts_it_raises() {
     assert!(made >= u64::from(DEVICES), "messages made: {ctx}");
     assert_eq!(u(&m["lost"]), 0, "nothing lost: {ctx}");
     assert_eq!(u(&m["receipted"]), made, "{ctx}");
-    assert_eq!(u(&m["sent"]), made, "each message published once first: {ctx}");
+    assert_eq!(
+        u(&m["sent"]),
+        made,
+        "each message published once first: {ctx}"
+    );
     assert_eq!(u(&m["untimed"]), 0, "{ctx}");
     let bridge = &report["bridge"];
     assert_eq!(
@@ -111,7 +124,11 @@ fn a_load_run_times_every_receipted_message_and_the_alerts_it_raises() {
         .iter()
         .map(|w| w["site"].as_str().expect("site"))
         .collect();
-    assert_eq!(sites, ["site-01", "site-02"], "one integrator per site: {ctx}");
+    assert_eq!(
+        sites,
+        ["site-01", "site-02"],
+        "one integrator per site: {ctx}"
+    );
     assert!(
         u(&alerts["latency"]["count"]) >= 1,
         "at least one alert timed: {ctx}\nstore alerts: {:?}",
@@ -131,7 +148,8 @@ fn a_load_run_times_every_receipted_message_and_the_alerts_it_raises() {
         "received alerts are ones the bridge raised ({stored}): {ctx}"
     );
     assert!(
-        ran.stderr.contains("to the bridge (publish -> receipt, receipt interval 100 ms)"),
+        ran.stderr
+            .contains("to the bridge (publish -> receipt, receipt interval 100 ms)"),
         "human summary on stderr: {ctx}"
     );
 }
