@@ -1,18 +1,28 @@
 //! `vitalmq sim`: simulated wearables that sign realistic vitals, publish them over mTLS
 //! and keep every message until a receipt covers it (see `vitalmq_device_sim::runner`).
 //! Prints a ready line on stderr once every device is connected, and one JSON summary
-//! line on stdout at the end.
+//! line on stdout at the end. In load mode (`--aggregate-rate`, `--latency-report`) it
+//! also times every message to the bridge's receipt and to the alert topics, writes the
+//! JSON report and prints a human summary on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use vitalmq_device_sim::device::DEFAULT_FW;
 use vitalmq_device_sim::faults::FaultSpec;
+use vitalmq_device_sim::latency::Recorder;
 use vitalmq_device_sim::link::{LinkOptions, Schedule};
+use vitalmq_device_sim::load_report::{self, LoadReport, LoadSetup};
 use vitalmq_device_sim::mqtt::{MqttVersion, Target};
-use vitalmq_device_sim::runner::{self, Control, EpisodeSpec, SimOptions, parse_duration};
+use vitalmq_device_sim::runner::{
+    self, Control, EpisodeSpec, LoadOptions, SimOptions, parse_duration,
+};
+
+/// How long the alert watchers keep listening after the devices finished.
+const ALERT_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\
@@ -64,8 +74,43 @@ receipt to its device's outbox. After a gateway reconnect each device's unreceip
 messages are resent oldest first. Each device in the summary names its `gateway`;
 `gateways` lists them. --fault and --mqtt5 are not available with --via-gateway.
 
+Load mode (--aggregate-rate R and/or --latency-report FILE): thousands of devices at a
+set aggregate rate, with publish-to-receive latency measured per message.
+  * Each device makes R / N vitals a second (N = --devices); device i of N starts i/N of
+    a period late, so the broker and bridge see a steady R a second, not N messages at
+    every tick.
+  * --connect-rate C paces the first connections to C a second. The gate limits new
+    connections per source address (broker config [tls] per_ip_per_second and
+    per_ip_burst: 200/s with a burst of 1000 in broker/examples/broker.toml, 20/s and 50
+    by default); everything here comes from one address, so stay below it, or raise it
+    for a benchmark. Devices generate from time zero whether connected or not, but
+    latency counts from the first PUBLISH, so waiting to connect is not in it.
+  * To the bridge: for every message, first PUBLISH -> the first receipt on
+    devices/<id>/ack covering it. The bridge sends receipts only after the durable commit
+    and coalesces them every receipt_interval_ms, so up to one interval of the figure is
+    deliberate; pass that interval as --receipt-interval to have it in the report.
+  * To the alert topics: per site of the simulated devices, the site's integrator
+    identity (identities/integrator/<id>, bound to the site in <pki>/registry.toml)
+    subscribes to alerts/<site>/# before any device starts. For each alert received, its
+    newest evidence event id (SPEC section 5) is matched to the device's recent publishes
+    (event id = hash of device, epoch, seq, as the bridge computes it): latency =
+    receive time - first PUBLISH of that message. Alerts need a bridge with [alerts]
+    configured and something to alert on, e.g. --episode desaturation:dev-00001.
+  * The report (JSON, format vitalmq-sim-load/v1) has the setup, the time until all
+    devices were connected, messages made / sent / resent / receipted / lost, receipts,
+    p50/p90/p99/p99.9/max/mean in microseconds for both latencies, alerts by state,
+    this process's RSS; a summary goes to stderr. Latencies are kept in HDR histograms
+    and per device a fixed ring of the last 256 publish times, so memory stays bounded.
+  * Not with --via-gateway. A device holds about 110 KB (its 256-message outbox), and one
+    connection each: check `ulimit -n` for thousands of devices.
+
+  vitalmq sim --pki pki --broker 127.0.0.1:8883 --state s --devices 3000 \
+      --aggregate-rate 1000 --duration 60s --connect-rate 150 --until-receipted 60s \
+      --receipt-interval 250ms --latency-report load.json
+
 Ctrl-C stops generating and finishes as at the end of the schedule; a second Ctrl-C
 stops at once.")]
+#[command(group = clap::ArgGroup::new("load").multiple(true).args(["aggregate_rate", "latency_report"]))]
 pub struct SimArgs {
     /// PKI directory made by `vitalmq certs init`.
     #[arg(long)]
@@ -83,8 +128,21 @@ pub struct SimArgs {
     #[arg(long, value_name = "M")]
     count: Option<u64>,
     /// Vitals messages per second per device.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, conflicts_with = "aggregate_rate")]
     rate: f64,
+    /// Load mode: vitals messages per second over all devices (each makes R / N).
+    #[arg(long = "aggregate-rate", value_name = "R")]
+    aggregate_rate: Option<f64>,
+    /// Load mode: write the latency report (JSON) here.
+    #[arg(long = "latency-report", value_name = "FILE")]
+    latency_report: Option<PathBuf>,
+    /// Load mode: first connections per second at start-up (default: all at once).
+    #[arg(long = "connect-rate", value_name = "C", requires = "load")]
+    connect_rate: Option<f64>,
+    /// Load mode: the bridge's receipt interval, recorded in the report beside the
+    /// figures it bounds (e.g. 250ms).
+    #[arg(long = "receipt-interval", value_name = "DURATION", value_parser = parse_duration, requires = "load")]
+    receipt_interval: Option<Duration>,
     /// Stop generating after this long (e.g. 30s, 5m).
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -156,13 +214,21 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         version: args.mqtt_version,
     };
     let mut link = LinkOptions::new(target.clone());
-    // Catching up must at least keep pace with generation.
-    link.send_rate = args.resend_rate.max(args.rate);
     link.resend_after = args.resend_after;
     link.backoff_max = args.backoff_max;
     let until_receipted = args.until_receipted.is_some();
+    let load_mode = args.aggregate_rate.is_some() || args.latency_report.is_some();
+    let rate = match args.aggregate_rate {
+        Some(r) if !(r.is_finite() && r > 0.0) => {
+            anyhow::bail!("--aggregate-rate must be a positive number of messages per second")
+        }
+        Some(r) => r / args.devices.max(1) as f64,
+        None => args.rate,
+    };
+    // Catching up must at least keep pace with generation.
+    link.send_rate = args.resend_rate.max(rate);
     let schedule = Schedule {
-        rate: args.rate,
+        rate,
         count: args.count,
         duration: args.duration,
         status_every: (!args.status_every.is_zero()).then_some(args.status_every),
@@ -171,7 +237,25 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         drain: Duration::from_secs(5),
         time_scale: args.time_scale,
     };
+    let recorder = Arc::new(Recorder::new());
+    let setup = LoadSetup {
+        devices: args.devices,
+        aggregate_rate: args.aggregate_rate.unwrap_or(rate * args.devices as f64),
+        per_device_rate: rate,
+        connect_rate: args.connect_rate,
+        time_scale: args.time_scale,
+        duration_s: args.duration.map(|d| d.as_secs_f64()),
+        receipt_interval_ms: args
+            .receipt_interval
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    };
     let opts = SimOptions {
+        load: load_mode.then(|| LoadOptions {
+            connect_rate: args.connect_rate,
+            recorder: Arc::clone(&recorder),
+            alert_grace: ALERT_GRACE,
+            watch_timeout: Duration::from_secs(30),
+        }),
         seed: args.seed,
         fw: args.fw,
         episodes: args.episodes,
@@ -205,6 +289,24 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         .await
     })?;
     runtime.shutdown_timeout(Duration::from_secs(2));
+    if load_mode {
+        let rss_end = vitalmq_device_sim::loadgen::proc_sample(None).map(|p| p.rss_kib);
+        let report = LoadReport::new(
+            setup,
+            &summary,
+            recorder.snapshot(),
+            rss_end,
+            load_report::rss_peak_kib(),
+        );
+        if let Some(path) = &args.latency_report {
+            std::fs::write(
+                path,
+                format!("{}\n", serde_json::to_string_pretty(&report)?),
+            )
+            .with_context(|| format!("--latency-report {}", path.display()))?;
+        }
+        eprintln!("{}", report.human());
+    }
     println!("{}", serde_json::to_string(&summary)?);
     let ok = summary.totals.errors == 0 && (!until_receipted || summary.all_receipted);
     Ok(if ok {

@@ -10,6 +10,10 @@
 //! * [`gateway`] is `vitalmq sim --via-gateway`: one connection per site, with the
 //!   site's gateway identity, relays the signed messages of the devices at that site and
 //!   routes their receipts back to each device's outbox.
+//! * Load mode (`vitalmq sim --aggregate-rate R --latency-report FILE`): the same
+//!   devices by the thousand at a set aggregate rate, with [`latency`] timing every
+//!   message from its first publish to the bridge's receipt and to the alert an
+//!   integrator ([`alert_watch`]) receives; [`load_report`] writes the result.
 //! * [`pki`] reads the identities of a PKI made by `vitalmq certs init`, for both.
 //! * [`faults`] injects the faults a trustworthy ingest path must refuse or survive
 //!   (`--fault`); [`clock`] is the device clock, optionally faster than real time
@@ -21,13 +25,16 @@
 //! async shell around them.
 #![forbid(unsafe_code)]
 
+pub mod alert_watch;
 pub mod clock;
 pub mod device;
 pub mod duration;
 pub mod epoch;
 pub mod faults;
 pub mod gateway;
+pub mod latency;
 pub mod link;
+pub mod load_report;
 pub mod loadgen;
 pub mod mqtt;
 pub mod pki;

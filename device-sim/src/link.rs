@@ -24,8 +24,8 @@
 //!   messages: an injected PUBLISH is an extra copy, and the out-of-order fault only
 //!   swaps the send order of two held messages, both of which stay held until receipted.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, watch};
@@ -34,6 +34,7 @@ use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 use crate::clock::DeviceClock;
 use crate::device::{DeviceError, DeviceReport, ReceiptOutcome, SimDevice};
 use crate::faults::{Action, Injector, LinkState};
+use crate::latency::{Recorder, SendTimes};
 use crate::mqtt::{Event, Session, SessionOptions, Target};
 use crate::pki::Identity;
 use crate::ring::Key;
@@ -255,6 +256,11 @@ pub struct DeviceLink {
     /// The second connection of the foreign-client-id fault, and when it was opened.
     side: Option<(Session, Instant)>,
     live: Option<Arc<LiveCounts>>,
+    /// Offset of this device's generation schedule from time zero (load mode spreads
+    /// the devices' ticks over one period instead of making them all at once).
+    phase: Duration,
+    /// Load mode: where first publishes and receipts are timed.
+    latency: Option<(Arc<Recorder>, Arc<Mutex<SendTimes>>)>,
 }
 
 impl DeviceLink {
@@ -299,9 +305,28 @@ impl DeviceLink {
             first_connected: Some(first_connected),
             side: None,
             live: None,
+            phase: Duration::ZERO,
+            latency: None,
             link,
             schedule,
         }
+    }
+
+    /// Offsets the generation (and status) schedule by `phase` from time zero, and makes
+    /// the first connection attempt no earlier than `first_attempt`.
+    pub fn with_start(mut self, phase: Duration, first_attempt: Instant) -> Self {
+        self.phase = phase;
+        self.next_tick = self.t0 + phase;
+        self.next_status = self.schedule.status_every.map(|d| self.t0 + phase + d);
+        self.next_attempt = first_attempt;
+        self
+    }
+
+    /// Times every first publish and the receipt that covers it into `recorder`
+    /// (`times` is this device's ring, shared with whoever matches alerts).
+    pub fn with_latency(mut self, recorder: Arc<Recorder>, times: Arc<Mutex<SendTimes>>) -> Self {
+        self.latency = Some((recorder, times));
+        self
     }
 
     /// Injects these faults (see [`crate::faults`]).
@@ -431,10 +456,11 @@ impl DeviceLink {
     }
 
     fn on_tick(&mut self) -> Result<(), DeviceError> {
-        let wall = Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
+        let wall = self.phase + Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
         let t = self.clock.device_time(wall);
         self.ticks += 1;
-        self.next_tick = self.t0 + Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
+        self.next_tick =
+            self.t0 + self.phase + Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
         let ts = self.clock.ts_ms(self.elapsed(Instant::now()));
         let Some(made) = self.device.make_vitals(t, ts)? else {
             tracing::debug!(device.id = %self.device.id(), "sensor dropout; no sample");
@@ -563,6 +589,9 @@ impl DeviceLink {
             Event::Message { topic, payload } if topic == self.ack_topic => {
                 match self.device.apply_receipt(&payload) {
                     ReceiptOutcome::Applied { receipt, released } => {
+                        if let Some((recorder, times)) = &self.latency {
+                            recorder.on_receipt(times, receipt, released, Instant::now());
+                        }
                         if released > 0 || self.device.outbox().is_empty() {
                             self.progress(Instant::now());
                         }
@@ -690,8 +719,12 @@ impl DeviceLink {
                     conn.cursor = Some(key);
                 }
                 conn.inflight += 1;
-                self.pacer.take(Instant::now());
+                let now = Instant::now();
+                self.pacer.take(now);
                 self.device.mark_sent(key);
+                if !resend && let Some((recorder, times)) = &self.latency {
+                    recorder.on_sent(times, key, now);
+                }
                 tracing::trace!(device.id = %self.device.id(), epoch = key.epoch, seq = key.seq, resend, "published");
                 true
             }

@@ -13,6 +13,15 @@
 //! the device's certificate in the PKI directory (as `vitalmq certs revoke` does) at
 //! the fault's time, and tells `SimOptions::revoked` so that whoever runs the broker can
 //! make it reload (a broker watching its files reloads by itself).
+//!
+//! Load mode ([`LoadOptions`], `vitalmq sim --aggregate-rate/--latency-report`): the
+//! devices' generation schedules are spread evenly over one period (device `i` of `n`
+//! starts `i / n` of a period late), so an aggregate rate arrives as a steady stream
+//! instead of `n` messages at every tick; first connections are paced at
+//! `connect_rate` a second, under the gate's per-source-address limit; and every
+//! device's first publishes and receipts are timed into a shared
+//! [`crate::latency::Recorder`], with one integrator per site ([`crate::alert_watch`])
+//! subscribed before the first device starts.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -24,9 +33,11 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use vitalmq_envelope::DeviceId;
 
+use crate::alert_watch::{self, FleetTimes, WatchReport};
 use crate::device::{DeviceReport, SimDevice};
 use crate::faults::{FaultKind, FaultSpec, Injector, Scope};
 use crate::gateway::{GatewayLink, GatewayReport, plan_sites};
+use crate::latency::{Recorder, SendTimes};
 pub use crate::link::{Control, LiveCounts};
 use crate::link::{DeviceLink, LinkOptions, Schedule};
 use crate::mqtt::MqttVersion;
@@ -90,6 +101,33 @@ pub struct SimOptions {
     /// The devices do not connect themselves: one gateway per site (its identity from
     /// the registry) relays their messages ([`crate::gateway`]).
     pub via_gateway: bool,
+    /// Load mode: spread schedules, paced connects, latency measurement.
+    pub load: Option<LoadOptions>,
+}
+
+/// What load mode adds to a run (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// New device connections per second at start-up; `None`: all at once.
+    pub connect_rate: Option<f64>,
+    /// Where first publishes, receipts and alerts are timed.
+    pub recorder: Arc<Recorder>,
+    /// How long the alert watchers keep listening after the devices finished, for alerts
+    /// still on their way.
+    pub alert_grace: Duration,
+    /// Longest wait for the alert watchers' subscriptions before the devices start.
+    pub watch_timeout: Duration,
+}
+
+/// What a load run observed besides the recorder's figures.
+#[derive(Debug, Clone, Default)]
+pub struct LoadObserved {
+    /// From the first device starting until every device was connected and subscribed.
+    pub all_connected: Option<Duration>,
+    /// This process's resident set when every device was connected, KiB.
+    pub rss_connected_kib: Option<u64>,
+    /// One per site: the integrators that watched the alerts.
+    pub watchers: Vec<WatchReport>,
 }
 
 impl SimOptions {
@@ -115,6 +153,7 @@ impl SimOptions {
             live: None,
             revoked: None,
             via_gateway: false,
+            load: None,
         }
     }
 }
@@ -156,6 +195,9 @@ pub struct Summary {
     pub gateways: Vec<GatewayReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub revocations: Vec<Revocation>,
+    /// Load mode only; reported separately (`vitalmq sim --latency-report`).
+    #[serde(skip)]
+    pub load: Option<LoadObserved>,
 }
 
 impl Summary {
@@ -182,6 +224,7 @@ impl Summary {
             devices,
             gateways: Vec::new(),
             revocations,
+            load: None,
         }
     }
 }
@@ -204,6 +247,18 @@ pub async fn run(
     }
     if !(opts.schedule.time_scale.is_finite() && opts.schedule.time_scale > 0.0) {
         bail!("--time-scale must be a positive number");
+    }
+    if let Some(load) = &opts.load {
+        if opts.via_gateway {
+            bail!(
+                "load mode (--aggregate-rate, --latency-report) is not supported with --via-gateway"
+            );
+        }
+        if let Some(r) = load.connect_rate
+            && !(r.is_finite() && r > 0.0)
+        {
+            bail!("--connect-rate must be a positive number of connections per second");
+        }
     }
     let pki = Pki::open(&opts.pki)?;
     let identities = pki.devices(opts.devices)?;
@@ -252,6 +307,35 @@ pub async fn run(
         return run_via_gateways(&opts, &pki, &fleet, control, on_ready).await;
     }
 
+    // Load mode: every device's send times, and the alert watchers, before any device.
+    let times: Arc<FleetTimes> = Arc::new(
+        fleet
+            .iter()
+            .filter(|_| opts.load.is_some())
+            .map(|d| (d.clone(), Arc::new(std::sync::Mutex::new(SendTimes::new()))))
+            .collect(),
+    );
+    let watchers = match &opts.load {
+        Some(load) => {
+            let registry_path = pki.dir.join("registry.toml");
+            let registry = vitalmq_policies::DeviceRegistry::load(&registry_path)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", registry_path.display()))?;
+            let sites = alert_watch::plan(&fleet, &registry).map_err(|e| anyhow::anyhow!(e))?;
+            Some(
+                alert_watch::start(
+                    &pki,
+                    &opts.link.target,
+                    sites,
+                    Arc::clone(&load.recorder),
+                    Arc::clone(&times),
+                    load.watch_timeout,
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+
     let link = Arc::new(opts.link.clone());
     let link_v5 = Arc::new(LinkOptions {
         target: crate::mqtt::Target {
@@ -266,10 +350,13 @@ pub async fn run(
     let revocations = revoke_on_schedule(&opts, &fleet, t0);
     let mut tasks = Vec::with_capacity(identities.len());
     let mut ready = Vec::with_capacity(identities.len());
-    for identity in identities {
+    let period = Duration::from_secs_f64(1.0 / opts.schedule.rate);
+    let n_devices = identities.len();
+    for (i, identity) in identities.into_iter().enumerate() {
         let injector =
             Injector::new(&identity.id, &opts.faults, &fleet).map_err(|e| anyhow::anyhow!(e))?;
         let device = boot_device(&opts, &pki, &identity.id)?;
+        let own = times.get(&identity.id).map(Arc::clone).unwrap_or_default();
         let (tx, rx) = oneshot::channel();
         let revoked = injector
             .reports()
@@ -289,9 +376,20 @@ pub async fn run(
         if let Some(live) = &opts.live {
             shell = shell.with_live(Arc::clone(live));
         }
+        if let Some(load) = &opts.load {
+            let phase = period.mul_f64(i as f64 / n_devices as f64);
+            let first_attempt = load
+                .connect_rate
+                .map_or(t0, |r| t0 + Duration::from_secs_f64(i as f64 / r));
+            shell = shell
+                .with_start(phase, first_attempt)
+                .with_latency(Arc::clone(&load.recorder), own);
+        }
         tasks.push(tokio::spawn(shell.run(control.clone())));
     }
     let n = ready.len();
+    let connected: Arc<std::sync::OnceLock<(Duration, Option<u64>)>> = Arc::default();
+    let connected_at = Arc::clone(&connected);
     tokio::spawn(async move {
         for rx in ready {
             if rx.await.is_err() {
@@ -299,6 +397,8 @@ pub async fn run(
                 return;
             }
         }
+        let rss = crate::loadgen::proc_sample(None).map(|p| p.rss_kib);
+        let _ = connected_at.set((t0.elapsed(), rss));
         on_ready(n);
     });
     let mut reports = Vec::with_capacity(tasks.len());
@@ -314,7 +414,20 @@ pub async fn run(
             r.abort();
         }
     }
-    Ok(Summary::new(reports, done, started.elapsed()))
+    let mut summary = Summary::new(reports, done, started.elapsed());
+    if let (Some(load), Some(watchers)) = (&opts.load, watchers) {
+        // Alerts for the last messages may still be on their way.
+        tokio::time::sleep(load.alert_grace).await;
+        let (all_connected, rss_connected_kib) = connected
+            .get()
+            .map_or((None, None), |&(d, rss)| (Some(d), rss));
+        summary.load = Some(LoadObserved {
+            all_connected,
+            rss_connected_kib,
+            watchers: watchers.stop().await,
+        });
+    }
+    Ok(summary)
 }
 
 /// The `--via-gateway` fleet: the devices are grouped by their registered site and each
