@@ -336,7 +336,7 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            // vitalmq patch: grow on demand.
+            // vitalmq patch 1: grow on demand.
             cache: VecDeque::new(),
         }
     }

@@ -51,7 +51,7 @@ impl<P: Protocol> Network<P> {
     ) -> Network<P> {
         Network {
             socket,
-            // vitalmq patch: start small and grow with the traffic (BytesMut doubles
+            // vitalmq patch 1: start small and grow with the traffic (BytesMut doubles
             // on demand) instead of 20 KiB for every connection, most of which are idle.
             read: BytesMut::with_capacity(2 * 1024),
             write: BytesMut::with_capacity(2 * 1024),

@@ -120,7 +120,7 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            // vitalmq patch: grow on demand.
+            // vitalmq patch 1: grow on demand.
             notifications: VecDeque::new(),
             will_delay_interval,
         })

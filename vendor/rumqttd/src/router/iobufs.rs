@@ -15,7 +15,10 @@ use crate::{
 
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
-const MAX_INFLIGHT: usize = 100;
+// vitalmq patch 2: 100 unacknowledged messages per subscriber capped a subscriber
+// that acknowledges only after a durable group commit (the vitalmq bridge) at one
+// window per commit round trip. Packet ids stay within 1..=1000.
+const MAX_INFLIGHT: usize = 1000;
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 
 #[derive(Debug)]
@@ -32,7 +35,7 @@ impl Incoming {
     #[inline]
     pub(crate) fn new(client_id: String) -> Self {
         Self {
-            // vitalmq patch: grow on demand instead of reserving MAX_CHANNEL_CAPACITY
+            // vitalmq patch 1: grow on demand instead of reserving MAX_CHANNEL_CAPACITY
             // packets for every connection, most of which stay idle.
             buffer: Arc::new(Mutex::new(VecDeque::new())),
             meter: Default::default(),
@@ -74,7 +77,7 @@ impl Outgoing {
     #[inline]
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
-        // vitalmq patch: grow on demand (see Incoming::new).
+        // vitalmq patch 1: grow on demand (see Incoming::new).
         let data_buffer = VecDeque::new();
         let inflight_buffer = VecDeque::new();
         let unacked_pubrels = VecDeque::new();

@@ -379,7 +379,7 @@ pub struct AckLog {
 impl AckLog {
     /// New log
     pub fn new() -> AckLog {
-        // vitalmq patch: grow on demand (see iobufs::Incoming::new).
+        // vitalmq patch 1: grow on demand (see iobufs::Incoming::new).
         AckLog {
             committed: VecDeque::new(),
             recorded: VecDeque::new(),
