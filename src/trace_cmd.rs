@@ -29,20 +29,36 @@ pub struct TraceArgs {
 }
 
 pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
-    let db = args.data.join(vitalmq_bridge::store::DB_FILE);
-    anyhow::ensure!(db.exists(), "{}: no bridge store here", db.display());
-    let store = Store::open(&args.data)?;
+    let store = crate::bridge_cmd::open_existing(&args.data)?;
+    let mut action = crate::operator_audit::Action::new(
+        "trace",
+        crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&args.data)),
+    )
+    .resource(Some(args.id.clone()))
+    .detail("data_dir", crate::operator_audit::absolute(&args.data));
+    if let Some(b) = &args.broker_audit {
+        action = action.detail("broker_audit", crate::operator_audit::absolute(b));
+    }
+    action.run(|| {
+        let code = trace(&args, &store)?;
+        let mut done = serde_json::Map::new();
+        done.insert("found".into(), (code == ExitCode::SUCCESS).into());
+        Ok((code, done))
+    })
+}
+
+fn trace(args: &TraceArgs, store: &Store) -> anyhow::Result<ExitCode> {
     let broker = match &args.broker_audit {
         Some(p) => Some(BrokerAudit::read(p)?),
         None => None,
     };
     let trace = if args.id.starts_with("al-") {
-        trace_alert(&store, &args.id, broker.as_ref())?
+        trace_alert(store, &args.id, broker.as_ref())?
     } else {
-        trace_event(&store, &args.id, broker.as_ref())?
+        trace_event(store, &args.id, broker.as_ref())?
     };
     let Some(trace) = trace else {
-        eprintln!("{}: not found in {}", args.id, db.display());
+        eprintln!("{}: not found in {}", args.id, store.path().display());
         return Ok(ExitCode::from(1));
     };
     if args.json {
