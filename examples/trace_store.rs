@@ -48,6 +48,10 @@ struct Args {
     hours: u64,
     interval_s: u64,
     reconnect_s: u64,
+    /// Days of broker log: the store's day and the days before it (connections only).
+    broker_days: u64,
+    /// Keep the store, (re)write only the broker log (from the store's alerts).
+    broker_only: bool,
     seed: u64,
 }
 
@@ -64,6 +68,8 @@ fn parse_args() -> anyhow::Result<Args> {
         hours: 24,
         interval_s: 5,
         reconnect_s: 1800,
+        broker_days: 1,
+        broker_only: false,
         seed: 7,
     };
     let mut it = std::env::args().skip(1);
@@ -78,6 +84,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--hours" => a.hours = value()?.parse().context("--hours")?,
             "--interval" => a.interval_s = value()?.parse().context("--interval")?,
             "--reconnect" => a.reconnect_s = value()?.parse().context("--reconnect")?,
+            "--broker-days" => a.broker_days = value()?.parse().context("--broker-days")?,
+            "--broker-only" => a.broker_only = true,
             "--seed" => a.seed = value()?.parse().context("--seed")?,
             other => anyhow::bail!("unknown argument {other}"),
         }
@@ -89,8 +97,8 @@ fn parse_args() -> anyhow::Result<Args> {
         "--pki, --data and --broker-audit are required"
     );
     anyhow::ensure!(
-        a.interval_s > 0 && a.reconnect_s > 0,
-        "--interval and --reconnect must be positive"
+        a.interval_s > 0 && a.reconnect_s > 0 && a.broker_days > 0,
+        "--interval, --reconnect and --broker-days must be positive"
     );
     Ok(a)
 }
@@ -194,84 +202,27 @@ impl Peer {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = parse_args()?;
-    let registry = Arc::new(
-        DeviceRegistry::load(&args.pki.join("registry.toml"))
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
-    let rules = Arc::new(RuleSet::load(&args.rules).map_err(|e| anyhow::anyhow!("{e}"))?);
-    let pki = vitalmq_device_sim::pki::Pki::open(&args.pki)?;
-    let index: Value =
-        serde_json::from_str(&std::fs::read_to_string(args.pki.join("ca/index.json"))?)?;
-    let serial_of = |id: &str| -> String {
-        index["certs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["id"] == id)
-            .and_then(|c| c["serial"].as_str())
-            .unwrap_or("")
-            .to_owned()
-    };
-    let td = registry.trust_domain().to_string();
-    let span = Duration::from_secs(args.hours * 3600);
-    let span_ms = u64::try_from(span.as_millis())?;
-    // The day ends now: the store holds the last `hours` hours.
-    let t0_ms = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis(),
-    )? - span_ms;
+struct Dev {
+    id: DeviceId,
+    key: vitalmq_envelope::SigningKey,
+    vitals: VitalsModel,
+    seq: u64,
+    peer: Peer,
+}
 
-    struct Dev {
-        id: DeviceId,
-        key: vitalmq_envelope::SigningKey,
-        vitals: VitalsModel,
-        seq: u64,
-        peer: Peer,
-        next_reconnect_ms: u64,
-    }
-    let mut devices = Vec::new();
-    for (i, id) in pki
-        .ids("device")?
-        .into_iter()
-        .take(args.devices)
-        .enumerate()
-    {
-        let i = i as u64;
-        let serial = serial_of(&id);
-        devices.push(Dev {
-            key: pki.signing_key(&id)?,
-            vitals: VitalsModel::new(args.seed, &id, episodes(args.seed, i, span)),
-            seq: 0,
-            peer: Peer {
-                identity: format!("spiffe://{td}/device/{id}"),
-                sha256: hex::encode(Sha256::digest(serial.as_bytes())),
-                serial,
-                addr: format!("10.0.{}.{}:{}", i / 250, i % 250 + 1, 40_000 + i),
-            },
-            id: DeviceId::new(&id)?,
-            next_reconnect_ms: 0,
-        });
-    }
-    anyhow::ensure!(
-        devices.len() == args.devices,
-        "the PKI has {} devices, {} wanted",
-        devices.len(),
-        args.devices
-    );
-    let subscribers: Vec<Peer> = ["operator/ops-01", "integrator/int-site-01"]
-        .iter()
-        .map(|who| Peer {
-            identity: format!("spiffe://{td}/{who}"),
-            serial: serial_of(who.split('/').nth(1).unwrap_or("")),
-            sha256: "0".repeat(64),
-            addr: "10.1.0.1:50000".into(),
-        })
-        .collect();
-
-    let mut store = Store::open(&args.data)?;
+/// Runs the day's readings through the bridge's path into `store`; returns the time
+/// zero of device time and collects every alert change into `changes`.
+#[allow(clippy::too_many_arguments)]
+fn build_store(
+    args: &Args,
+    registry: &DeviceRegistry,
+    rules: Arc<RuleSet>,
+    td: &str,
+    devices: &mut [Dev],
+    store: &mut Store,
+    t0_ms: u64,
+    changes: &mut Vec<(u64, String, String, String)>,
+) -> anyhow::Result<u64> {
     store.register_sink("objects")?;
     let window = WindowSize::new(1024).map_err(|e| anyhow::anyhow!(e))?;
     let mut sequencer = Sequencer::new(
@@ -285,57 +236,21 @@ fn main() -> anyhow::Result<()> {
         broker: "127.0.0.1:8883".into(),
         bridge: format!("spiffe://{td}/bridge/bridge-01"),
     };
-    let mut broker = BrokerLog::create(&args.broker_audit)?;
-    for s in &subscribers {
-        broker.append(
-            s.record(vitalmq_audit::Event::ConnectionAccepted)
-                .action("connect")
-                .decision(vitalmq_audit::Decision::Allow)
-                .rule("operator.connect")
-                .detail("mqtt", "5"),
-            t0_ms,
-        )?;
-    }
-
     // A batch is what the bridge might take at once: every reading of 10 ticks.
     let ticks_per_batch = 10;
     let interval_ms = args.interval_s * 1000;
-    let ticks = span_ms / interval_ms;
-    let (mut events, mut alerts) = (0u64, 0u64);
-    let mut alert_ids: BTreeMap<String, u64> = BTreeMap::new();
+    let ticks = args.hours * 3600 * 1000 / interval_ms;
+    let n = devices.len() as u64;
     let started = std::time::Instant::now();
+    let mut events = 0u64;
     let mut tick = 0;
     while tick < ticks {
         let mut batch = Vec::new();
         let last = (tick + ticks_per_batch).min(ticks);
         for t in tick..last {
-            let t_ms = t * interval_ms;
             for (i, d) in devices.iter_mut().enumerate() {
                 // Devices do not tick in lockstep: spread them over the interval.
-                let at_ms = t_ms + (i as u64 * interval_ms) / args.devices as u64;
-                if at_ms >= d.next_reconnect_ms {
-                    if d.next_reconnect_ms > 0 {
-                        broker.append(
-                            d.peer
-                                .record(vitalmq_audit::Event::ConnectionClosed)
-                                .action("connect")
-                                .reason("client_disconnected"),
-                            t0_ms + at_ms - 1,
-                        )?;
-                    }
-                    broker.append(
-                        d.peer
-                            .record(vitalmq_audit::Event::ConnectionAccepted)
-                            .action("connect")
-                            .decision(vitalmq_audit::Decision::Allow)
-                            .rule("device.connect")
-                            .detail("mqtt", "3.1.1"),
-                        t0_ms + at_ms,
-                    )?;
-                    let jitter =
-                        mix(args.seed ^ at_ms ^ (i as u64) << 40) % (args.reconnect_s * 1000);
-                    d.next_reconnect_ms = at_ms + args.reconnect_s * 500 + jitter;
-                }
+                let at_ms = t * interval_ms + (i as u64 * interval_ms) / n;
                 let Some(s) = d.vitals.sample(Duration::from_millis(at_ms)) else {
                     continue;
                 };
@@ -370,26 +285,14 @@ fn main() -> anyhow::Result<()> {
         let now_ms = batch.last().map_or(t0_ms, |m| m.received_at_ms);
         let checked: Vec<_> = batch
             .into_iter()
-            .map(|m| classify::verify(&registry, m))
+            .map(|m| classify::verify(registry, m))
             .collect();
-        let mut sequenced = sequencer.sequence(&registry, &origin, checked, now_ms);
+        let mut sequenced = sequencer.sequence(registry, &origin, checked, now_ms);
         store.commit(&sequenced.commit)?;
         sequencer.adopt(&mut sequenced);
         events += sequenced.commit.events.len() as u64;
         for a in &sequenced.commit.alerts {
-            alerts += 1;
-            *alert_ids.entry(a.alert_id.clone()).or_default() += 1;
-            for s in &subscribers {
-                broker.append(
-                    s.record(vitalmq_audit::Event::AlertDelivered)
-                        .action("deliver")
-                        .resource(a.alert_id.clone())
-                        .reason(a.state.clone())
-                        .detail("topic", a.topic.clone())
-                        .detail("qos", 1),
-                    now_ms + 15,
-                )?;
-            }
+            changes.push((now_ms, a.alert_id.clone(), a.state.clone(), a.topic.clone()));
         }
         // The objects sink keeps up: its cursor is at the head.
         let head = store.head()?;
@@ -397,14 +300,194 @@ fn main() -> anyhow::Result<()> {
         tick = last;
         if tick % (ticks / 20).max(1) < ticks_per_batch {
             eprintln!(
-                "[trace_store] {:>3}% device time, {events} events, {alerts} alert changes, {:.0} s",
+                "[trace_store] {:>3}% device time, {events} events, {} alert changes, {:.0} s",
                 tick * 100 / ticks,
+                changes.len(),
                 started.elapsed().as_secs_f64()
             );
         }
     }
+    Ok(t0_ms)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let registry = Arc::new(
+        DeviceRegistry::load(&args.pki.join("registry.toml"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let rules = Arc::new(RuleSet::load(&args.rules).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let pki = vitalmq_device_sim::pki::Pki::open(&args.pki)?;
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(args.pki.join("ca/index.json"))?)?;
+    let serial_of = |id: &str| -> String {
+        index["certs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["id"] == id)
+            .and_then(|c| c["serial"].as_str())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let td = registry.trust_domain().to_string();
+    let span = Duration::from_secs(args.hours * 3600);
+    let span_ms = u64::try_from(span.as_millis())?;
+    // The day ends now: the store holds the last `hours` hours.
+    let t0_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )? - span_ms;
+
+    let mut devices = Vec::new();
+    for (i, id) in pki
+        .ids("device")?
+        .into_iter()
+        .take(args.devices)
+        .enumerate()
+    {
+        let i = i as u64;
+        let serial = serial_of(&id);
+        devices.push(Dev {
+            key: pki.signing_key(&id)?,
+            vitals: VitalsModel::new(args.seed, &id, episodes(args.seed, i, span)),
+            seq: 0,
+            peer: Peer {
+                identity: format!("spiffe://{td}/device/{id}"),
+                sha256: hex::encode(Sha256::digest(serial.as_bytes())),
+                serial,
+                addr: format!("10.0.{}.{}:{}", i / 250, i % 250 + 1, 40_000 + i),
+            },
+            id: DeviceId::new(&id)?,
+        });
+    }
+    anyhow::ensure!(
+        devices.len() == args.devices,
+        "the PKI has {} devices, {} wanted",
+        devices.len(),
+        args.devices
+    );
+    let subscribers: Vec<Peer> = ["operator/ops-01", "integrator/int-site-01"]
+        .iter()
+        .map(|who| Peer {
+            identity: format!("spiffe://{td}/{who}"),
+            serial: serial_of(who.split('/').nth(1).unwrap_or("")),
+            sha256: "0".repeat(64),
+            addr: "10.1.0.1:50000".into(),
+        })
+        .collect();
+
+    let mut store = Store::open(&args.data)?;
+    let started = std::time::Instant::now();
+    // (time, alert id, state, topic) of every alert change, for the deliveries.
+    let mut changes: Vec<(u64, String, String, String)> = Vec::new();
+    let t0_ms = if args.broker_only {
+        let first = store.read_range(1, 1)?;
+        let first = first.first().context("--broker-only: the store is empty")?;
+        for a in store.list_alerts()? {
+            let text = |k: &str| a[k].as_str().unwrap_or("").to_owned();
+            changes.push((
+                a["created_at_ms"].as_u64().unwrap_or(0),
+                text("alert_id"),
+                text("state"),
+                text("topic"),
+            ));
+        }
+        first.observed_at_ms
+    } else {
+        build_store(
+            &args,
+            &registry,
+            rules,
+            &td,
+            &mut devices,
+            &mut store,
+            t0_ms,
+            &mut changes,
+        )?
+    };
+    let events = store.head()?;
+
+    // The broker log: `broker_days` days of connections ending with the store's day,
+    // and on that day the deliveries of every alert change, in time order.
+    let mut broker = BrokerLog::create(&args.broker_audit)?;
+    let day_ms = 24 * 3600 * 1000;
+    for day in (0..args.broker_days).rev() {
+        let from = t0_ms.saturating_sub(day * day_ms);
+        let until = if day == 0 {
+            t0_ms + span_ms
+        } else {
+            from + day_ms.min(span_ms)
+        };
+        let mut day_records: Vec<(u64, vitalmq_audit::AuditRecord)> = Vec::new();
+        for s in &subscribers {
+            day_records.push((
+                from,
+                s.record(vitalmq_audit::Event::ConnectionAccepted)
+                    .action("connect")
+                    .decision(vitalmq_audit::Decision::Allow)
+                    .rule("operator.connect")
+                    .detail("mqtt", "5"),
+            ));
+        }
+        for (i, d) in devices.iter().enumerate() {
+            let i = i as u64;
+            // Connected at the start of the day (spread over the first reading interval),
+            // then reconnecting every `reconnect` s on average.
+            let mut at = from + i * args.interval_s * 1000 / args.devices as u64;
+            let mut first = true;
+            while at < until {
+                if !first {
+                    day_records.push((
+                        at - 1,
+                        d.peer
+                            .record(vitalmq_audit::Event::ConnectionClosed)
+                            .action("connect")
+                            .reason("client_disconnected"),
+                    ));
+                }
+                first = false;
+                day_records.push((
+                    at,
+                    d.peer
+                        .record(vitalmq_audit::Event::ConnectionAccepted)
+                        .action("connect")
+                        .decision(vitalmq_audit::Decision::Allow)
+                        .rule("device.connect")
+                        .detail("mqtt", "3.1.1"),
+                ));
+                let jitter = mix(args.seed ^ at ^ (i << 40)) % (args.reconnect_s * 1000);
+                at += args.reconnect_s * 500 + jitter;
+            }
+        }
+        if day == 0 {
+            for (at, id, state, topic) in &changes {
+                for s in &subscribers {
+                    day_records.push((
+                        at + 15,
+                        s.record(vitalmq_audit::Event::AlertDelivered)
+                            .action("deliver")
+                            .resource(id.clone())
+                            .reason(state.clone())
+                            .detail("topic", topic.clone())
+                            .detail("qos", 1),
+                    ));
+                }
+            }
+        }
+        day_records.sort_by_key(|(at, _)| *at);
+        for (at, r) in day_records {
+            broker.append(r, at)?;
+        }
+    }
     broker.out.flush()?;
     broker.out.get_ref().sync_all()?;
+    let mut alert_ids: BTreeMap<String, u64> = BTreeMap::new();
+    for (_, id, _, _) in &changes {
+        *alert_ids.entry(id.clone()).or_default() += 1;
+    }
+    let alerts = changes.len();
     // An alert with the most changes (raise, escalations, resolve) to trace.
     let alert = alert_ids
         .iter()
