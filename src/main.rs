@@ -57,8 +57,15 @@ enum Command {
 fn certs(cmd: vitalmq_certs::cli::CertsCommand) -> anyhow::Result<std::process::ExitCode> {
     let what = cmd.describe();
     let layout = vitalmq_certs::Layout::new(&what.dir);
-    // Nothing to act on, nothing to audit: do not create a directory tree for a typo.
-    if what.action != "certs.init" && !layout.index().exists() {
+    // Nothing to act on, nothing to audit: do not create a directory tree (or an audit
+    // log in someone else's directory) for a typo.
+    if what.action == "certs.init" {
+        anyhow::ensure!(
+            vitalmq_certs::layout::is_absent_or_empty(&what.dir)?,
+            "{}: directory exists and is not empty; refusing to overwrite a PKI",
+            what.dir.display()
+        );
+    } else if !layout.index().exists() {
         anyhow::bail!(
             "{}: no PKI here (made by `certs init`?)",
             what.dir.display()

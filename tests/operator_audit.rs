@@ -317,3 +317,36 @@ fn an_unwritable_operator_log_refuses_the_action() {
         2
     );
 }
+
+#[test]
+fn a_mistyped_directory_gets_no_audit_log_created_in_it() {
+    let dir = temp_dir("opaudit-typo");
+    let missing = dir.path().join("no-such-pki");
+    let ran = vitalmq(&["certs", "revoke", "--dir", s(&missing), "--serial", "0A"]);
+    assert!(
+        !ran.success && ran.stderr.contains("no PKI here"),
+        "{}",
+        ran.all()
+    );
+    assert!(!missing.exists(), "a directory tree was created for a typo");
+
+    let foreign = dir.path().join("someone-elses");
+    std::fs::create_dir(&foreign).expect("mkdir");
+    std::fs::write(foreign.join("notes.txt"), "x").expect("write");
+    let ran = vitalmq(&["certs", "init", "--dir", s(&foreign)]);
+    assert!(
+        !ran.success && ran.stderr.contains("not empty"),
+        "{}",
+        ran.all()
+    );
+    assert!(!foreign.join("audit").exists());
+
+    let no_store = dir.path().join("no-store");
+    let ran = vitalmq(&["store", "alerts", "--data", s(&no_store)]);
+    assert!(
+        !ran.success && ran.stderr.contains("no bridge store"),
+        "{}",
+        ran.all()
+    );
+    assert!(!no_store.exists());
+}
