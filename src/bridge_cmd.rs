@@ -49,22 +49,57 @@ pub struct DataDir {
 }
 
 impl StoreCommand {
+    /// The operator action name of a read of patient-linked records; `None` for
+    /// `stats` (totals only, not audited).
+    fn audited_action(&self) -> Option<&'static str> {
+        match self {
+            Self::Stats(_) => None,
+            Self::Events(_) => Some("store.events"),
+            Self::Quarantine(_) => Some("store.quarantine"),
+            Self::Gaps(_) => Some("store.gaps"),
+            Self::Alerts(_) => Some("store.alerts"),
+        }
+    }
+
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        let open = |d: &DataDir| -> anyhow::Result<Store> {
-            let db = d.data.join(vitalmq_bridge::store::DB_FILE);
-            anyhow::ensure!(db.exists(), "{}: no bridge store here", db.display());
-            Ok(Store::open(&d.data)?)
+        let (Self::Stats(d)
+        | Self::Events(d)
+        | Self::Quarantine(d)
+        | Self::Gaps(d)
+        | Self::Alerts(d)) = &self;
+        let store = open_existing(&d.data)?;
+        let read = || -> anyhow::Result<((), serde_json::Map<String, serde_json::Value>)> {
+            let rows = match &self {
+                Self::Stats(_) => vec![store.stats()?],
+                Self::Events(_) => store.list_events()?,
+                Self::Quarantine(_) => store.list_quarantine()?,
+                Self::Gaps(_) => store.list_gaps()?,
+                Self::Alerts(_) => store.list_alerts()?,
+            };
+            for row in &rows {
+                println!("{row}");
+            }
+            let mut done = serde_json::Map::new();
+            done.insert("rows".into(), rows.len().into());
+            Ok(((), done))
         };
-        let rows = match &self {
-            Self::Stats(d) => vec![open(d)?.stats()?],
-            Self::Events(d) => open(d)?.list_events()?,
-            Self::Quarantine(d) => open(d)?.list_quarantine()?,
-            Self::Gaps(d) => open(d)?.list_gaps()?,
-            Self::Alerts(d) => open(d)?.list_alerts()?,
-        };
-        for row in rows {
-            println!("{row}");
+        match self.audited_action() {
+            None => read().map(|((), _)| ())?,
+            Some(action) => crate::operator_audit::Action::new(
+                action,
+                crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&d.data)),
+            )
+            .detail("data_dir", crate::operator_audit::absolute(&d.data))
+            .run(read)?,
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Opens the store of a bridge data directory that must already hold one (a typo in
+/// `--data` must not create an empty store, or an operator audit log, somewhere).
+pub fn open_existing(data: &std::path::Path) -> anyhow::Result<Store> {
+    let db = data.join(vitalmq_bridge::store::DB_FILE);
+    anyhow::ensure!(db.exists(), "{}: no bridge store here", db.display());
+    Ok(Store::open(data)?)
 }

@@ -9,6 +9,7 @@ mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
 mod loadgen_cmd;
+mod operator_audit;
 mod sim_cmd;
 mod stop;
 mod trace_cmd;
@@ -52,6 +53,34 @@ enum Command {
     Sim(sim_cmd::SimArgs),
 }
 
+/// `vitalmq certs ...`, recorded in the operator audit log (see `operator_audit`).
+fn certs(cmd: vitalmq_certs::cli::CertsCommand) -> anyhow::Result<std::process::ExitCode> {
+    let what = cmd.describe();
+    let layout = vitalmq_certs::Layout::new(&what.dir);
+    // Nothing to act on, nothing to audit: do not create a directory tree (or an audit
+    // log in someone else's directory) for a typo.
+    if what.action == "certs.init" {
+        anyhow::ensure!(
+            vitalmq_certs::layout::is_absent_or_empty(&what.dir)?,
+            "{}: directory exists and is not empty; refusing to overwrite a PKI",
+            what.dir.display()
+        );
+    } else if !layout.index().exists() {
+        anyhow::bail!(
+            "{}: no PKI here (made by `certs init`?)",
+            what.dir.display()
+        );
+    }
+    operator_audit::Action::new(
+        what.action,
+        operator_audit::log_path(layout.operator_audit()),
+    )
+    .resource(what.resource)
+    .detail("dir", crate::operator_audit::absolute(&what.dir))
+    .run(|| Ok(((), cmd.run()?)))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The demo logs to a file in its work directory; everything else to stderr.
@@ -65,7 +94,7 @@ fn main() -> std::process::ExitCode {
             .init();
     }
     let result = match cli.command {
-        Command::Certs(cmd) => cmd.run().map(|()| std::process::ExitCode::SUCCESS),
+        Command::Certs(cmd) => certs(cmd),
         Command::Envelope(cmd) => cmd.run(),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Bridge(args) => bridge_cmd::run(args),

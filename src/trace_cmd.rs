@@ -29,20 +29,36 @@ pub struct TraceArgs {
 }
 
 pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
-    let db = args.data.join(vitalmq_bridge::store::DB_FILE);
-    anyhow::ensure!(db.exists(), "{}: no bridge store here", db.display());
-    let store = Store::open(&args.data)?;
+    let store = crate::bridge_cmd::open_existing(&args.data)?;
+    let mut action = crate::operator_audit::Action::new(
+        "trace",
+        crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&args.data)),
+    )
+    .resource(Some(args.id.clone()))
+    .detail("data_dir", crate::operator_audit::absolute(&args.data));
+    if let Some(b) = &args.broker_audit {
+        action = action.detail("broker_audit", crate::operator_audit::absolute(b));
+    }
+    action.run(|| {
+        let code = trace(&args, &store)?;
+        let mut done = serde_json::Map::new();
+        done.insert("found".into(), (code == ExitCode::SUCCESS).into());
+        Ok((code, done))
+    })
+}
+
+fn trace(args: &TraceArgs, store: &Store) -> anyhow::Result<ExitCode> {
     let broker = match &args.broker_audit {
-        Some(p) => Some(BrokerAudit::read(p)?),
+        Some(p) => Some(BrokerAudit::read(p, &wanted(store, &args.id)?)?),
         None => None,
     };
     let trace = if args.id.starts_with("al-") {
-        trace_alert(&store, &args.id, broker.as_ref())?
+        trace_alert(store, &args.id, broker.as_ref())?
     } else {
-        trace_event(&store, &args.id, broker.as_ref())?
+        trace_event(store, &args.id, broker.as_ref())?
     };
     let Some(trace) = trace else {
-        eprintln!("{}: not found in {}", args.id, db.display());
+        eprintln!("{}: not found in {}", args.id, store.path().display());
         return Ok(ExitCode::from(1));
     };
     if args.json {
@@ -53,6 +69,23 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a trace needs from the broker audit log, known from the store before reading
+/// it: the devices whose connections matter, the alert whose deliveries matter, and
+/// for an event trace the time after which nothing can matter.
+#[derive(Debug, Default)]
+struct Wanted {
+    /// `/device/<id>"`: how a device's identity ends in a record's `actor.identity`.
+    device_suffixes: Vec<String>,
+    /// The alert whose deliveries to list.
+    alert: Option<String>,
+    /// Stop reading at the first record stamped after this (RFC 3339, to the second).
+    stop_after: Option<String>,
+}
+
+/// Records this far past the newest time a trace needs still get read: the log is in
+/// write order, and the broker's wall clock may step back a little.
+const CLOCK_STEP_MARGIN_MS: u64 = 5 * 60 * 1000;
+
 /// The parts of the broker audit log a trace needs.
 struct BrokerAudit {
     /// Accepted connections: (identity, time, certificate serial, certificate SHA-256).
@@ -61,18 +94,52 @@ struct BrokerAudit {
     deliveries: BTreeMap<String, Vec<(String, String, String)>>,
 }
 
+/// `at` of a record line, to the second, without parsing the line (the writer puts it
+/// third: `{"format":...,"seq":...,"at":"..."`).
+fn line_time(line: &str) -> Option<&str> {
+    let head = line.get(..line.len().min(120))?;
+    let at = head.find("\"at\":\"")? + 6;
+    line.get(at..at + 19)
+}
+
 impl BrokerAudit {
-    fn read(path: &Path) -> anyhow::Result<Self> {
+    /// Reads the records `wanted` names. The log is read line by line, but only lines
+    /// that mention a wanted device or alert are parsed, and an event trace stops at
+    /// the first record written after its newest event (plus a margin): a day's log
+    /// or a month's costs about one pass over the bytes, not a JSON parse per record.
+    fn read(path: &Path, wanted: &Wanted) -> anyhow::Result<Self> {
         let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
         let mut audit = Self {
             connections: Vec::new(),
             deliveries: BTreeMap::new(),
         };
-        for line in std::io::BufReader::new(file).lines() {
-            let line = line.with_context(|| format!("{}", path.display()))?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader
+                .read_line(&mut line)
+                .with_context(|| format!("{}", path.display()))?
+                == 0
+            {
+                break;
+            }
+            if let Some(stop) = &wanted.stop_after
+                && line_time(&line).is_some_and(|at| at > stop.as_str())
+            {
+                break;
+            }
             // Cheap filters first: a day's log is mostly other records.
-            let accepted = line.contains("\"connection_accepted\"");
-            let delivered = line.contains("\"alert_delivered\"");
+            let accepted = line.contains("\"connection_accepted\"")
+                && wanted
+                    .device_suffixes
+                    .iter()
+                    .any(|d| line.contains(d.as_str()));
+            let delivered = line.contains("\"alert_delivered\"")
+                && wanted
+                    .alert
+                    .as_ref()
+                    .is_some_and(|a| line.contains(a.as_str()));
             if !(accepted || delivered) {
                 continue;
             }
@@ -88,7 +155,9 @@ impl BrokerAudit {
                     r["actor"]["cert_serial"].clone(),
                     r["actor"]["cert_sha256"].clone(),
                 ));
-            } else if let Some(id) = r["resource"].as_str() {
+            } else if let Some(id) = r["resource"].as_str()
+                && wanted.alert.as_deref() == Some(id)
+            {
                 let state = r["reason"].as_str().unwrap_or("").to_owned();
                 audit
                     .deliveries
@@ -103,13 +172,48 @@ impl BrokerAudit {
     /// The last accepted connection of `device` at or before `at` (RFC 3339).
     fn publisher(&self, device: &str, at: &str) -> Option<Json> {
         let suffix = format!("/device/{device}");
+        // Compared as times: RFC 3339 text with and without fractional seconds does not
+        // sort as text ("...:00Z" > "...:00.5Z").
+        let parse = |t: &str| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+        };
+        let at = parse(at)?;
         self.connections
             .iter()
-            .rfind(|(who, when, _, _)| who.ends_with(&suffix) && when.as_str() <= at)
+            .rfind(|(who, when, _, _)| {
+                who.ends_with(&suffix) && parse(when).is_some_and(|w| w <= at)
+            })
             .map(|(who, when, serial, sha)| {
                 json!({"identity": who, "connected_at": when, "cert_serial": serial, "cert_sha256": sha})
             })
     }
+}
+
+/// What to read from the broker log for `id`: the alert's device and deliveries (read
+/// to the end: a delivery may come long after the change, to a subscriber that was
+/// offline), or the event's device up to its reception.
+fn wanted(store: &Store, id: &str) -> anyhow::Result<Wanted> {
+    let suffix = |device: &str| format!("/device/{device}\"");
+    if id.starts_with("al-") {
+        let device = store
+            .alert_history(id)?
+            .first()
+            .and_then(|h| h["body"]["device"].as_str().map(suffix));
+        return Ok(Wanted {
+            device_suffixes: device.into_iter().collect(),
+            alert: Some(id.to_owned()),
+            stop_after: None,
+        });
+    }
+    let Some(e) = store.event_detail(id)? else {
+        return Ok(Wanted::default());
+    };
+    let until = e["received_at_ms"].as_u64().unwrap_or(0) + CLOCK_STEP_MARGIN_MS;
+    Ok(Wanted {
+        device_suffixes: e["device"].as_str().map(suffix).into_iter().collect(),
+        alert: None,
+        stop_after: rfc3339(until).as_str().map(|t| t[..19].to_owned()),
+    })
 }
 
 fn rfc3339(ms: u64) -> Json {
@@ -349,4 +453,115 @@ fn render(t: &Json) -> String {
         _ => {}
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(seq: u64, at: &str, event: &str, who: &str, resource: Option<&str>) -> String {
+        let mut r = json!({
+            "format": "vitalmq-audit/v1", "seq": seq, "at": at, "component": "broker",
+            "event": event, "actor": {"identity": who, "cert_serial": format!("S{seq}")},
+            "prev": "", "hash": "",
+        });
+        if let Some(id) = resource {
+            r["resource"] = json!(id);
+            r["reason"] = json!("open");
+        }
+        r.to_string()
+    }
+
+    fn log(lines: &[String]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(&mut f, (lines.join("\n") + "\n").as_bytes()).expect("write");
+        f
+    }
+
+    const DEV1: &str = "spiffe://td/device/dev-1";
+    const DEV12: &str = "spiffe://td/device/dev-12";
+    const OPS: &str = "spiffe://td/operator/ops-01";
+
+    #[test]
+    fn reads_only_the_wanted_device_and_alert() {
+        let f = log(&[
+            line(0, "2030-01-01T00:00:00Z", "connection_accepted", DEV1, None),
+            line(
+                1,
+                "2030-01-01T00:00:01Z",
+                "connection_accepted",
+                DEV12,
+                None,
+            ),
+            line(
+                2,
+                "2030-01-01T00:00:02Z",
+                "alert_delivered",
+                OPS,
+                Some("al-a"),
+            ),
+            line(
+                3,
+                "2030-01-01T00:00:03Z",
+                "alert_delivered",
+                OPS,
+                Some("al-b"),
+            ),
+            line(4, "2030-01-01T00:00:04Z", "connection_closed", DEV1, None),
+            line(
+                5,
+                "2030-01-02T00:00:00Z",
+                "alert_delivered",
+                OPS,
+                Some("al-a"),
+            ),
+        ]);
+        let wanted = Wanted {
+            device_suffixes: vec!["/device/dev-1\"".into()],
+            alert: Some("al-a".into()),
+            stop_after: None,
+        };
+        let audit = BrokerAudit::read(f.path(), &wanted).expect("read");
+        // dev-12 shares dev-1's prefix but is another device.
+        assert_eq!(audit.connections.len(), 1);
+        assert_eq!(audit.connections[0].0, DEV1);
+        assert_eq!(audit.deliveries.keys().collect::<Vec<_>>(), ["al-a"]);
+        // A delivery long after the change is still found (alerts read to the end).
+        assert_eq!(audit.deliveries["al-a"].len(), 2);
+        assert!(
+            audit
+                .publisher("dev-1", "2030-01-01T00:00:00.500Z")
+                .is_some()
+        );
+        assert!(audit.publisher("dev-12", "2030-01-01T00:00:05Z").is_none());
+    }
+
+    #[test]
+    fn an_event_trace_stops_after_its_time() {
+        let f = log(&[
+            line(0, "2030-01-01T00:00:00Z", "connection_accepted", DEV1, None),
+            line(
+                1,
+                "2030-01-01T00:10:00.123Z",
+                "connection_accepted",
+                DEV1,
+                None,
+            ),
+            line(2, "2030-01-01T00:10:01Z", "connection_accepted", DEV1, None),
+            "not a record, never read".to_owned(),
+        ]);
+        let wanted = Wanted {
+            device_suffixes: vec!["/device/dev-1\"".into()],
+            alert: None,
+            stop_after: Some("2030-01-01T00:10:00".into()),
+        };
+        let audit = BrokerAudit::read(f.path(), &wanted).expect("read");
+        let times: Vec<&str> = audit.connections.iter().map(|c| c.1.as_str()).collect();
+        // Same second as the bound: kept (the bound is to the second).
+        assert_eq!(times, ["2030-01-01T00:00:00Z", "2030-01-01T00:10:00.123Z"]);
+        assert_eq!(
+            line_time(&line(7, "2030-01-01T00:10:01Z", "x", DEV1, None)),
+            Some("2030-01-01T00:10:01")
+        );
+    }
 }

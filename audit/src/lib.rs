@@ -8,10 +8,14 @@
 //! silently either: when the queue is full or the file cannot be written, `record`
 //! returns an error and [`Auditor::healthy`] turns false, so the component refuses new
 //! work instead of continuing unaudited.
+//!
+//! [`operator`] is the log of what people do with the CLI: short sessions appended
+//! under a file lock, each ending with a signed checkpoint.
 #![forbid(unsafe_code)]
 
 mod chain;
 mod checkpoint;
+pub mod operator;
 mod record;
 mod writer;
 

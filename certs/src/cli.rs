@@ -1,9 +1,15 @@
 //! `vitalmq certs ...`: thin argument handling over [`crate::Pki`].
+//!
+//! Every subcommand writes keys, certificates or CRLs, so the binary records each in
+//! the operator audit log: [`CertsCommand::describe`] says what is about to happen
+//! (recorded before it runs), and [`CertsCommand::run`] returns what it did (serials,
+//! CRL number) for the outcome record.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
+use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
 use vitalmq_envelope::{Algorithm, DeviceId};
@@ -142,8 +148,44 @@ fn parse_alg(s: &str) -> Result<Algorithm, String> {
     s.parse::<Algorithm>().map_err(|e| e.to_string())
 }
 
+/// What a certs command is about to do, for the operator audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    /// `certs.init`, `certs.issue`, `certs.revoke` or `certs.crl`.
+    pub action: &'static str,
+    /// The PKI directory acted on.
+    pub dir: PathBuf,
+    /// The identity (`<role>/<id>`) or serial (`serial:<hex>`) acted on, as given.
+    pub resource: Option<String>,
+}
+
 impl CertsCommand {
-    pub fn run(self) -> anyhow::Result<()> {
+    /// What this command will act on, before it runs (arguments as given, unchecked).
+    pub fn describe(&self) -> Described {
+        let (action, dir, resource) = match self {
+            Self::Init(a) => ("certs.init", &a.dir, None),
+            Self::Issue(a) => ("certs.issue", &a.dir, Some(format!("{}/{}", a.role, a.id))),
+            Self::Revoke(a) => (
+                "certs.revoke",
+                &a.dir,
+                match (&a.role, &a.id, &a.serial) {
+                    (_, _, Some(serial)) => Some(format!("serial:{serial}")),
+                    (Some(role), Some(id), None) => Some(format!("{role}/{id}")),
+                    _ => None,
+                },
+            ),
+            Self::Crl { dir } => ("certs.crl", dir, None),
+        };
+        Described {
+            action,
+            dir: dir.clone(),
+            resource,
+        }
+    }
+
+    /// Runs the command; returns what it did (no secrets): serials, identities, CRL
+    /// number.
+    pub fn run(self) -> anyhow::Result<Map<String, Value>> {
         match self {
             Self::Init(args) => init(args),
             Self::Issue(args) => issue(args),
@@ -157,10 +199,14 @@ impl CertsCommand {
                     "wrote {} (CRL number {number}, valid {DEFAULT_CRL_DAYS} days)",
                     pki.layout().crl().display()
                 );
-                Ok(())
+                Ok(done([("crl_number", Value::from(number))]))
             }
         }
     }
+}
+
+fn done<const N: usize>(fields: [(&str, Value); N]) -> Map<String, Value> {
+    fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
 fn open(dir: &std::path::Path) -> anyhow::Result<Pki> {
@@ -172,7 +218,7 @@ fn open(dir: &std::path::Path) -> anyhow::Result<Pki> {
     })
 }
 
-fn init(args: InitArgs) -> anyhow::Result<()> {
+fn init(args: InitArgs) -> anyhow::Result<Map<String, Value>> {
     let td = TrustDomain::new(args.trust_domain).context("--trust-domain")?;
     let mut plan = FleetPlan::new(td, args.devices, args.sites);
     plan.es256 = args
@@ -209,10 +255,15 @@ fn init(args: InitArgs) -> anyhow::Result<()> {
         summary.devices - summary.es256_devices,
         summary.sites,
     );
-    Ok(())
+    Ok(done([
+        ("trust_domain", Value::from(plan.trust_domain.to_string())),
+        ("identities", Value::from(summary.identities)),
+        ("devices", Value::from(summary.devices)),
+        ("sites", Value::from(summary.sites)),
+    ]))
 }
 
-fn issue(args: IssueArgs) -> anyhow::Result<()> {
+fn issue(args: IssueArgs) -> anyhow::Result<Map<String, Value>> {
     let role: Role = args.role.parse().context("--role")?;
     let id = PrincipalId::new(args.id).context("--id")?;
     let site = args.site.map(SiteId::new).transpose().context("--site")?;
@@ -260,10 +311,23 @@ fn issue(args: IssueArgs) -> anyhow::Result<()> {
             pki.layout().registry().display()
         );
     }
-    Ok(())
+    Ok(done([
+        (
+            "identity",
+            Value::from(format!(
+                "spiffe://{}/{}/{}",
+                pki.index().trust_domain,
+                req.role,
+                req.id
+            )),
+        ),
+        ("serial", Value::from(entry.serial.clone())),
+        ("not_before", Value::from(rfc3339(validity.not_before()))),
+        ("not_after", Value::from(rfc3339(validity.not_after()))),
+    ]))
 }
 
-fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
+fn revoke(args: RevokeArgs) -> anyhow::Result<Map<String, Value>> {
     let target = match (args.id, args.role, args.serial) {
         (Some(id), Some(role), None) => Target::Identity {
             role: role.parse().context("--role")?,
@@ -285,5 +349,19 @@ fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
         pki.layout().crl().display(),
         pki.index().crl_number
     );
-    Ok(())
+    Ok(done([
+        ("serial", Value::from(entry.serial.clone())),
+        (
+            "identity",
+            Value::from(match entry.role {
+                Some(role) => format!("spiffe://{}/{role}/{}", pki.index().trust_domain, entry.id),
+                None => entry.id.clone(),
+            }),
+        ),
+        (
+            "reason",
+            serde_json::to_value(args.reason).unwrap_or(Value::Null),
+        ),
+        ("crl_number", Value::from(pki.index().crl_number)),
+    ]))
 }

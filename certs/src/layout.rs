@@ -12,6 +12,8 @@
 //!   identities/<role>/<id>.key.pem   its key, 0600
 //!   devices/<id>/cose.key.pem        device COSE signing key (PKCS#8), 0600
 //!   registry.toml                    device registry (public keys only)
+//!   audit/operator.jsonl             operator audit log of `vitalmq certs` (written by the CLI)
+//!   audit/audit-signing.key.pem      its checkpoint signing key, 0600 (`.pub` beside it)
 //! ```
 //!
 //! Invariants: a private key is created with mode 0600 from the start (never widened
@@ -27,6 +29,10 @@ use std::path::{Path, PathBuf};
 use vitalmq_policies::{PrincipalId, Role};
 
 use crate::error::CertsError;
+
+/// Subdirectory of the operator audit log; `certs init` accepts a directory holding
+/// only this (the record of the init itself is written before the PKI).
+pub const OPERATOR_AUDIT_DIR: &str = "audit";
 
 /// The paths of a PKI directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +79,11 @@ impl Layout {
 
     pub fn identity_key(&self, role: Role, id: &PrincipalId) -> PathBuf {
         self.root.join(format!("identities/{role}/{id}.key.pem"))
+    }
+
+    /// The operator audit log of actions on this PKI (`vitalmq certs ...`).
+    pub fn operator_audit(&self) -> PathBuf {
+        self.root.join(OPERATOR_AUDIT_DIR).join("operator.jsonl")
     }
 
     pub fn cose_key(&self, device: &PrincipalId) -> PathBuf {
@@ -153,10 +164,21 @@ pub fn read(path: &Path) -> Result<String, CertsError> {
     fs::read_to_string(path).map_err(CertsError::io(path))
 }
 
-/// Whether `dir` is missing or an empty directory (so `init` may use it).
+/// Whether `dir` is missing or an empty directory (so `init` may use it); a lone
+/// operator audit directory ([`OPERATOR_AUDIT_DIR`]) counts as empty.
 pub fn is_absent_or_empty(dir: &Path) -> Result<bool, CertsError> {
     match fs::read_dir(dir) {
-        Ok(mut entries) => Ok(entries.next().is_none()),
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry.map_err(CertsError::io(dir))?;
+                let audit_dir = entry.file_name() == OPERATOR_AUDIT_DIR
+                    && entry.file_type().is_ok_and(|t| t.is_dir());
+                if !audit_dir {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(CertsError::io(dir)(e)),
     }
@@ -195,6 +217,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(is_absent_or_empty(dir.path()).expect("empty"));
         assert!(is_absent_or_empty(&dir.path().join("nope")).expect("missing"));
+        // The operator audit directory alone does not count (it records the init).
+        fs::create_dir(dir.path().join(OPERATOR_AUDIT_DIR)).expect("mkdir");
+        assert!(is_absent_or_empty(dir.path()).expect("only the audit dir"));
         fs::write(dir.path().join("x"), "x").expect("write");
         assert!(!is_absent_or_empty(dir.path()).expect("not empty"));
     }
