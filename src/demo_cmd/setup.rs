@@ -165,6 +165,13 @@ component = "broker"
 path = "broker/audit.jsonl"
 retention = "audit-7y"
 
+# So does the operator log of `vitalmq store` and `vitalmq trace` on this store (who
+# read which patient-linked records), once someone has used them.
+[[audit_ship]]
+component = "operator"
+path = "bridge-data/operator-audit/operator.jsonl"
+retention = "audit-7y"
+
 [[sinks]]
 kind = "objects"
 name = "objects"
@@ -254,7 +261,7 @@ mod tests {
         let c = vitalmq_bridge::BridgeConfig::load(&bridge).expect("bridge config");
         assert_eq!(c.broker.address, "127.0.0.1:8883");
         assert_eq!(c.sinks.len(), 1);
-        assert_eq!(c.audit_ship.len(), 1);
+        assert_eq!(c.audit_ship.len(), 2);
         assert_eq!(c.audit_ship[0].component, "broker");
         assert_eq!(
             c.audit_ship[0].path, b.audit.path,
