@@ -99,7 +99,7 @@ fn a_load_run_times_every_receipted_message_and_the_alerts_it_raises() {
     assert_eq!(u(&m["untimed"]), 0, "{ctx}");
     let bridge = &report["bridge"];
     assert_eq!(
-        u(&bridge["latency"]["count"]),
+        u(&bridge["latency"]["samples"]),
         made,
         "one bridge latency per receipted message: {ctx}"
     );
@@ -130,7 +130,7 @@ fn a_load_run_times_every_receipted_message_and_the_alerts_it_raises() {
         "one integrator per site: {ctx}"
     );
     assert!(
-        u(&alerts["latency"]["count"]) >= 1,
+        u(&alerts["latency"]["samples"]) >= 1,
         "at least one alert timed: {ctx}\nstore alerts: {:?}",
         rig.rows("alerts")
     );

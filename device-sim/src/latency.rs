@@ -150,34 +150,9 @@ impl SendTimes {
     }
 }
 
-/// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Percentiles {
-    pub count: u64,
-    pub p50_us: u64,
-    pub p90_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
-    pub mean_us: f64,
-}
-
-impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Self::default();
-        }
-        Self {
-            count: h.len(),
-            p50_us: h.value_at_quantile(0.50),
-            p90_us: h.value_at_quantile(0.90),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
-            mean_us: (h.mean() * 10.0).round() / 10.0,
-        }
-    }
-}
+/// Latency percentiles in microseconds: the load generator's summary, so every report
+/// of the project reads the same way.
+pub use crate::loadgen::Latency as Percentiles;
 
 /// What became of one alert message received by an integrator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -318,12 +293,12 @@ impl Recorder {
             receipted: self.receipted.load(Ordering::Relaxed),
             receipts: self.receipts.load(Ordering::Relaxed),
             untimed: self.untimed.load(Ordering::Relaxed),
-            bridge: Percentiles::of(&lock(&self.bridge)),
+            bridge: Percentiles::from_hist(&lock(&self.bridge)),
             alerts_received: self.alerts_received.load(Ordering::Relaxed),
             alerts_unmatched: self.alerts_unmatched.load(Ordering::Relaxed),
             alerts_malformed: self.alerts_malformed.load(Ordering::Relaxed),
             alerts_by_state: by_state,
-            alerts: Percentiles::of(&lock(&self.alerts)),
+            alerts: Percentiles::from_hist(&lock(&self.alerts)),
         }
     }
 }
@@ -465,7 +440,7 @@ mod tests {
         );
         let snap = rec.snapshot();
         assert_eq!(snap.alerts_received, 3);
-        assert_eq!(snap.alerts.count, 1);
+        assert_eq!(snap.alerts.samples, 1);
         // 50 ms - 7 ms, within the histogram's 3 significant digits.
         assert!((42_950..=43_050).contains(&snap.alerts.max_us), "{snap:?}");
         assert_eq!(snap.alerts_unmatched, 1);
@@ -484,7 +459,7 @@ mod tests {
         rec.on_receipt(&times, k(3), 4, t0 + Duration::from_millis(5));
         let snap = rec.snapshot();
         assert_eq!(
-            (snap.receipted, snap.receipts, snap.bridge.count),
+            (snap.receipted, snap.receipts, snap.bridge.samples),
             (4, 1, 4)
         );
         assert!((4_990..=5_010).contains(&snap.bridge.p50_us), "{snap:?}");

@@ -5,7 +5,7 @@
 //! Accounting: `made` counts every vitals and status message the devices signed;
 //! `receipted` the ones a bridge receipt released from an outbox; `lost` is
 //! `made - receipted`, i.e. still held at the end or dropped from a full outbox.
-//! `bridge.latency.count + untimed` equals `receipted` unless an outbox overflowed.
+//! `bridge.latency.samples + untimed` equals `receipted` unless an outbox overflowed.
 
 use serde::Serialize;
 
@@ -173,7 +173,7 @@ impl LoadReport {
         );
         out += &format!(
             "to the bridge (publish -> receipt, receipt interval {interval}): n {} p50 {:.1} ms p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} ms; {} receipts\n",
-            b.count,
+            b.samples,
             ms(b.p50_us),
             ms(b.p90_us),
             ms(b.p99_us),
@@ -183,7 +183,7 @@ impl LoadReport {
         );
         out += &format!(
             "to the alert topics (publish -> integrator): n {} p50 {:.1} ms p99 {:.1} max {:.1} ms; {} alerts received, {} unmatched\n",
-            a.count,
+            a.samples,
             ms(a.p50_us),
             ms(a.p99_us),
             ms(a.max_us),

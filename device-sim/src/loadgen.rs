@@ -311,7 +311,7 @@ pub struct RunOptions {
 }
 
 /// Latency summary in microseconds.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
 pub struct Latency {
     pub samples: u64,
     pub p50_us: u64,
@@ -323,7 +323,10 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn from_hist(h: &Histogram<u64>) -> Self {
+    pub fn from_hist(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
         Self {
             samples: h.len(),
             p50_us: h.value_at_quantile(0.50),
