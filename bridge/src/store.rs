@@ -22,7 +22,8 @@
 //! | `audit_ship_cursors` | — | per (objects sink, audit log): last record shipped (seq, hash, where its line starts) and the segment in flight |
 //!
 //! The raw and normalized planes are written once, in the same transaction, and never
-//! updated; `event_id` is UNIQUE, so even a bug upstream cannot store an event twice.
+//! updated; `(device, epoch, seq)` is UNIQUE, so even a bug upstream cannot store an
+//! event twice. `event_index` finds an event by its id (see [`EVENT_INDEX_BUCKET`]).
 //! `u64` values (`epoch`, `seq`, gap bounds) are stored bit-cast to SQLite's `i64`;
 //! compare them in Rust, not in SQL.
 
@@ -40,6 +41,27 @@ use crate::window::{DeviceSequence, WindowSize};
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "bridge.sqlite3";
 
+/// Outbox positions per `event_index` bucket.
+///
+/// Event ids are hashes, so an index on them takes every insert to a random leaf page: a
+/// commit of 500 events dirtied ~400 pages (1.6 MB of WAL), more as the store grew, and
+/// that was most of the recorder's time (`scripts/bench-bridge`). `event_index` is keyed
+/// by (position / bucket, hash of the id): inserts stay within the newest bucket, a few
+/// dozen pages that one commit rewrites once. A lookup probes each bucket once, newest
+/// first: ~420 index probes for a day of 100 devices at one reading per 5 s.
+pub const EVENT_INDEX_BUCKET: i64 = 4096;
+
+/// The `event_index` key of an event id: its SHA-256 truncated to 64 bits. Any string
+/// works (ids are opaque here); a rare collision only costs a second candidate row,
+/// which the lookup compares by the full id.
+fn event_key(event_id: &str) -> i64 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(event_id.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS raw_messages (
     id              INTEGER PRIMARY KEY,
@@ -52,7 +74,7 @@ CREATE TABLE IF NOT EXISTS raw_messages (
 );
 CREATE TABLE IF NOT EXISTS events (
     position        INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id        TEXT    NOT NULL UNIQUE,
+    event_id        TEXT    NOT NULL,
     raw_id          INTEGER NOT NULL REFERENCES raw_messages(id),
     device          TEXT    NOT NULL,
     site            TEXT    NOT NULL,
@@ -63,7 +85,19 @@ CREATE TABLE IF NOT EXISTS events (
     verdict         TEXT    NOT NULL,
     normalized      TEXT    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_by_device ON events(device, received_at_ms);
+-- An event's identity is (device, epoch, seq) (SPEC section 4): even a bug upstream
+-- cannot store one twice. Each device appends at its own end of this index, so a commit
+-- touches one leaf page per device. (Stores made before it had UNIQUE(event_id), a
+-- random key that dirtied a leaf page per event, and an unused index by time.)
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_sequence ON events(device, epoch, seq);
+DROP INDEX IF EXISTS events_by_device;
+-- Lookup of an event by its id (trace), see `EVENT_INDEX_BUCKET`.
+CREATE TABLE IF NOT EXISTS event_index (
+    bucket          INTEGER NOT NULL,
+    key             INTEGER NOT NULL,
+    position        INTEGER NOT NULL,
+    PRIMARY KEY (bucket, key, position)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine (
     id              INTEGER PRIMARY KEY,
     received_at_ms  INTEGER NOT NULL,
@@ -336,6 +370,7 @@ impl Store {
             )
             .map_err(|e| store.err(e))?;
         store.conn.execute_batch(SCHEMA).map_err(|e| store.err(e))?;
+        store.index_unindexed_events()?;
         Ok(store)
     }
 
@@ -459,6 +494,11 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )
                 .map_err(err)?;
+            let mut index = tx
+                .prepare_cached(
+                    "INSERT INTO event_index (bucket, key, position) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(err)?;
             for e in &c.events {
                 raw.execute(params![
                     u2i(e.received_at_ms),
@@ -482,6 +522,14 @@ impl Store {
                         u2i(e.received_at_ms),
                         e.verdict,
                         e.normalized_json
+                    ])
+                    .map_err(err)?;
+                let position = tx.last_insert_rowid();
+                index
+                    .execute(params![
+                        position / EVENT_INDEX_BUCKET,
+                        event_key(&e.event_id),
+                        position
                     ])
                     .map_err(err)?;
             }
@@ -966,18 +1014,93 @@ impl Store {
         )
     }
 
+    /// Adds the events that have no `event_index` row (those of a store made before the
+    /// index existed; every commit indexes its own events) in one transaction.
+    fn index_unindexed_events(&self) -> Result<(), StoreError> {
+        // Head first: an event committed after this read was indexed by its own commit,
+        // so a running recorder never makes this open start a write.
+        let head = self.head()?;
+        let indexed: i64 = self
+            .conn
+            .query_row(
+                "SELECT COALESCE(MAX(position), 0) FROM event_index
+                 WHERE bucket = (SELECT MAX(bucket) FROM event_index)",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        if head <= indexed {
+            return Ok(());
+        }
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(|e| self.err(e))?;
+        {
+            let mut rows = tx
+                .prepare("SELECT position, event_id FROM events WHERE position > ?1")
+                .map_err(|e| self.err(e))?;
+            let mut insert = tx
+                .prepare(
+                    "INSERT OR IGNORE INTO event_index (bucket, key, position) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(|e| self.err(e))?;
+            let mut found = rows.query(params![indexed]).map_err(|e| self.err(e))?;
+            while let Some(r) = found.next().map_err(|e| self.err(e))? {
+                let position: i64 = r.get(0).map_err(|e| self.err(e))?;
+                let event_id: String = r.get(1).map_err(|e| self.err(e))?;
+                insert
+                    .execute(params![
+                        position / EVENT_INDEX_BUCKET,
+                        event_key(&event_id),
+                        position
+                    ])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The outbox position of the event with this id, if stored.
+    fn event_position(&self, event_id: &str) -> Result<Option<i64>, StoreError> {
+        let key = event_key(event_id);
+        let mut candidates = self
+            .conn
+            .prepare_cached(
+                "SELECT i.position FROM event_index i JOIN events e ON e.position = i.position
+                 WHERE i.bucket = ?1 AND i.key = ?2 AND e.event_id = ?3",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut bucket = self.head()? / EVENT_INDEX_BUCKET;
+        while bucket >= 0 {
+            let found = candidates
+                .query_row(params![bucket, key, event_id], |r| r.get(0))
+                .optional()
+                .map_err(|e| self.err(e))?;
+            if found.is_some() {
+                return Ok(found);
+            }
+            bucket -= 1;
+        }
+        Ok(None)
+    }
+
     /// One event with its raw-plane row and normalized body, by event id.
     pub fn event_detail(&self, event_id: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        let Some(position) = self.event_position(event_id)? else {
+            return Ok(None);
+        };
         let mut stmt = self
             .conn
             .prepare_cached(
                 "SELECT e.position, e.event_id, e.device, e.site, e.epoch, e.seq, e.verdict,
                         e.observed_at_ms, e.received_at_ms, e.normalized,
                         r.id, r.sha256, r.topic, r.broker, r.publisher, length(r.bytes)
-                 FROM events e JOIN raw_messages r ON r.id = e.raw_id WHERE e.event_id = ?1",
+                 FROM events e JOIN raw_messages r ON r.id = e.raw_id WHERE e.position = ?1",
             )
             .map_err(|e| self.err(e))?;
-        stmt.query_row(params![event_id], |r| {
+        stmt.query_row(params![position], |r| {
             let normalized: String = r.get(9)?;
             Ok(serde_json::json!({
                 "position": r.get::<_, i64>(0)?,

@@ -84,13 +84,104 @@ fn the_same_event_cannot_be_stored_twice() {
     store.commit(&c).expect("first");
     assert!(
         store.commit(&c).is_err(),
-        "UNIQUE(event_id) refuses a second copy"
+        "UNIQUE(device, epoch, seq) refuses a second copy"
     );
     assert_eq!(
         store.head().expect("head"),
         1,
         "the failed transaction left nothing"
     );
+}
+
+#[test]
+fn the_same_sequence_number_under_another_event_id_is_refused_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    let first = event("dev-00001", 1, 7);
+    let mut second = event("dev-00001", 1, 7);
+    second.event_id = "ev1-a-different-id".into();
+    store
+        .commit(&Commit {
+            events: vec![first],
+            ..Commit::default()
+        })
+        .expect("first");
+    assert!(
+        store
+            .commit(&Commit {
+                events: vec![second],
+                ..Commit::default()
+            })
+            .is_err(),
+        "the event identity is (device, epoch, seq), whatever its id"
+    );
+}
+
+/// Commits `n` events of two devices in batches of 500, as the recorder does.
+fn commit_events(store: &mut Store, n: u64) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut seq = 0;
+    while seq < n {
+        let events: Vec<NewEvent> = (seq..(seq + 500).min(n))
+            .map(|s| event(if s % 2 == 0 { "dev-00001" } else { "dev-00002" }, 1, s))
+            .collect();
+        ids.extend(events.iter().map(|e| e.event_id.clone()));
+        store
+            .commit(&Commit {
+                events,
+                ..Commit::default()
+            })
+            .expect("commit");
+        seq += 500;
+    }
+    ids
+}
+
+#[test]
+fn events_are_found_by_id_in_every_index_bucket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    let n = 3 * EVENT_INDEX_BUCKET as u64 + 10;
+    let ids = commit_events(&mut store, n);
+    for position in [1, 2, 4095, 4096, 4097, 8192, 12_000, n] {
+        let id = &ids[position as usize - 1];
+        let found = store.event_detail(id).expect("lookup").expect("stored");
+        assert_eq!(found["position"], position, "{id}");
+        assert_eq!(found["event_id"], id.as_str());
+        assert_eq!(found["seq"], position - 1);
+    }
+    assert!(
+        store
+            .event_detail("ev1-00000000000000000000000000000000")
+            .expect("lookup")
+            .is_none()
+    );
+    assert!(store.event_detail("").expect("lookup").is_none());
+}
+
+#[test]
+fn a_store_without_the_event_index_is_indexed_when_opened() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = {
+        let mut store = Store::open(dir.path()).expect("open");
+        let ids = commit_events(&mut store, 5_000);
+        // As a store written before event_index existed.
+        store
+            .conn
+            .execute("DELETE FROM event_index WHERE position > 10", [])
+            .expect("delete");
+        assert!(store.event_detail(&ids[4_999]).expect("lookup").is_none());
+        ids
+    };
+    let store = Store::open(dir.path()).expect("reopen");
+    for id in [&ids[0], &ids[10], &ids[4_096], &ids[4_999]] {
+        assert!(store.event_detail(id).expect("lookup").is_some(), "{id}");
+    }
+    let rows: i64 = store
+        .conn
+        .query_row("SELECT COUNT(*) FROM event_index", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(rows, 5_000);
 }
 
 #[test]
