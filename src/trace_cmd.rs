@@ -224,9 +224,10 @@ fn rfc3339(ms: u64) -> Json {
 fn event_chain(
     store: &Store,
     event_id: &str,
+    near: Option<i64>,
     broker: Option<&BrokerAudit>,
 ) -> anyhow::Result<Option<Json>> {
-    let Some(mut e) = store.event_detail(event_id)? else {
+    let Some(mut e) = store.event_detail_near(event_id, near)? else {
         return Ok(None);
     };
     let received = rfc3339(e["received_at_ms"].as_u64().unwrap_or(0));
@@ -259,7 +260,7 @@ fn trace_event(
     event_id: &str,
     broker: Option<&BrokerAudit>,
 ) -> anyhow::Result<Option<Json>> {
-    let Some(event) = event_chain(store, event_id, broker)? else {
+    let Some(event) = event_chain(store, event_id, None, broker)? else {
         return Ok(None);
     };
     let alerts: Vec<Json> = store
@@ -282,20 +283,24 @@ fn trace_alert(
         return Ok(None);
     };
     let body = &first["body"];
-    let mut evidence_ids: Vec<String> = Vec::new();
+    // Each evidence id with the time of the first change citing it: the event was
+    // received shortly before, which tells the store where to look first.
+    let mut evidence_ids: Vec<(String, u64)> = Vec::new();
     for h in &history {
         for id in h["body"]["evidence"].as_array().into_iter().flatten() {
             if let Some(id) = id.as_str()
-                && !evidence_ids.iter().any(|e| e == id)
+                && !evidence_ids.iter().any(|(e, _)| e == id)
             {
-                evidence_ids.push(id.to_owned());
+                let at = h["recorded_at_ms"].as_u64().unwrap_or(u64::MAX);
+                evidence_ids.push((id.to_owned(), at));
             }
         }
     }
     let mut evidence = Vec::new();
-    for id in &evidence_ids {
+    for (id, at) in &evidence_ids {
+        let near = store.position_near_time(*at)?;
         evidence.push(
-            event_chain(store, id, broker)?
+            event_chain(store, id, Some(near), broker)?
                 .unwrap_or_else(|| json!({"event_id": id, "missing": true})),
         );
     }

@@ -1062,8 +1062,53 @@ impl Store {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// The outbox position of the event with this id, if stored.
-    fn event_position(&self, event_id: &str) -> Result<Option<i64>, StoreError> {
+    /// An outbox position whose event was received about `ms` (bridge clock): a lookup
+    /// hint for [`Store::event_detail_near`]. Binary search over positions, which follow
+    /// reception order except across a clock step, where the hint is merely less good.
+    pub fn position_near_time(&self, ms: u64) -> Result<i64, StoreError> {
+        let mut at = self
+            .conn
+            .prepare_cached("SELECT received_at_ms FROM events WHERE position = ?1")
+            .map_err(|e| self.err(e))?;
+        let (mut lo, mut hi) = (1, self.head()?);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let received: Option<i64> = at
+                .query_row(params![mid], |r| r.get(0))
+                .optional()
+                .map_err(|e| self.err(e))?;
+            if received.is_some_and(|r| i2u(r) < ms) {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// The outbox position of the event with this id, if stored. Buckets are probed
+    /// outwards from the one holding `near` (earlier ones first), or newest first.
+    fn event_position(&self, event_id: &str, near: Option<i64>) -> Result<Option<i64>, StoreError> {
+        let last = self.head()? / EVENT_INDEX_BUCKET;
+        let start = near.map_or(last, |p| (p / EVENT_INDEX_BUCKET).clamp(0, last));
+        let order = std::iter::once(start).chain((1..).flat_map(|d| [start - d, start + d]));
+        let mut probed = 0;
+        for bucket in order {
+            if probed > last {
+                break;
+            }
+            if !(0..=last).contains(&bucket) {
+                continue;
+            }
+            probed += 1;
+            if let Some(found) = self.event_in_bucket(event_id, bucket)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    fn event_in_bucket(&self, event_id: &str, bucket: i64) -> Result<Option<i64>, StoreError> {
         let key = event_key(event_id);
         let mut candidates = self
             .conn
@@ -1072,23 +1117,25 @@ impl Store {
                  WHERE i.bucket = ?1 AND i.key = ?2 AND e.event_id = ?3",
             )
             .map_err(|e| self.err(e))?;
-        let mut bucket = self.head()? / EVENT_INDEX_BUCKET;
-        while bucket >= 0 {
-            let found = candidates
-                .query_row(params![bucket, key, event_id], |r| r.get(0))
-                .optional()
-                .map_err(|e| self.err(e))?;
-            if found.is_some() {
-                return Ok(found);
-            }
-            bucket -= 1;
-        }
-        Ok(None)
+        candidates
+            .query_row(params![bucket, key, event_id], |r| r.get(0))
+            .optional()
+            .map_err(|e| self.err(e))
     }
 
     /// One event with its raw-plane row and normalized body, by event id.
     pub fn event_detail(&self, event_id: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        let Some(position) = self.event_position(event_id)? else {
+        self.event_detail_near(event_id, None)
+    }
+
+    /// As [`Store::event_detail`], searching from outbox position `near` (for example
+    /// from [`Store::position_near_time`] of an alert that cites the event).
+    pub fn event_detail_near(
+        &self,
+        event_id: &str,
+        near: Option<i64>,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let Some(position) = self.event_position(event_id, near)? else {
             return Ok(None);
         };
         let mut stmt = self

@@ -160,6 +160,50 @@ fn events_are_found_by_id_in_every_index_bucket() {
 }
 
 #[test]
+fn a_lookup_from_a_hint_finds_events_in_any_bucket_and_the_hint_follows_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    let n = 3 * EVENT_INDEX_BUCKET as u64 + 10;
+    let mut ids = Vec::new();
+    for first in (0..n).step_by(500) {
+        let events: Vec<NewEvent> = (first..(first + 500).min(n))
+            .map(|s| NewEvent {
+                received_at_ms: 1_000 + 10 * s,
+                ..event("dev-00001", 1, s)
+            })
+            .collect();
+        ids.extend(events.iter().map(|e| e.event_id.clone()));
+        store
+            .commit(&Commit {
+                events,
+                ..Commit::default()
+            })
+            .expect("commit");
+    }
+    // Position p holds seq p - 1, received at 1_000 + 10 * (p - 1).
+    assert_eq!(store.position_near_time(0).expect("near"), 1);
+    assert_eq!(store.position_near_time(1_000 + 10 * 5_000).expect("near"), 5_001);
+    assert_eq!(store.position_near_time(1_000 + 10 * 5_000 - 5).expect("near"), 5_001);
+    assert_eq!(store.position_near_time(u64::MAX).expect("near"), n as i64);
+    for near in [None, Some(1), Some(6_000), Some(n as i64), Some(-5), Some(1 << 40)] {
+        for position in [1, 4096, 9_000, n] {
+            let id = &ids[position as usize - 1];
+            let found = store
+                .event_detail_near(id, near)
+                .expect("lookup")
+                .expect("stored");
+            assert_eq!(found["position"], position, "{id} from {near:?}");
+        }
+        assert!(
+            store
+                .event_detail_near("ev1-not-stored", near)
+                .expect("lookup")
+                .is_none()
+        );
+    }
+}
+
+#[test]
 fn a_store_without_the_event_index_is_indexed_when_opened() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = {
