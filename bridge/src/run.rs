@@ -2,7 +2,7 @@
 //! thread, acknowledgements and receipts, operational alerts and the sink drains.
 //!
 //! ```text
-//! broker ──PUBLISH──▶ event loop ──▶ ingest (batch, verify on 2 threads)
+//! broker ──PUBLISH──▶ event loop ──▶ ingest (batches, 2 verified at a time, in order)
 //!                                        │ bounded channel (backpressure)
 //!                                        ▼
 //!                                     recorder thread: sequence, commit (fsync), audit
@@ -452,65 +452,60 @@ async fn event_loop(
     }
 }
 
-/// Batches incoming messages and verifies them on both cores.
+/// Batches verified at once: one per core, so that both cores verify while the
+/// recorder commits, and a batch delayed on one core does not leave the other idle.
+const VERIFY_IN_FLIGHT: usize = 2;
+
+/// Batches incoming messages and verifies them on both cores, handing the results to the
+/// recorder in arrival order (the sequence check depends on it).
+///
+/// Up to [`VERIFY_IN_FLIGHT`] batches are verified at the same time, each on one
+/// blocking thread. A new batch starts as soon as a slot is free, with whatever has
+/// arrived (up to `batch_max`): small batches at low rates, full ones under load.
 async fn ingest(
     mut incoming: mpsc::UnboundedReceiver<Incoming<AckToken>>,
     batches: mpsc::Sender<Vec<Checked<AckToken>>>,
     registry: Arc<DeviceRegistry>,
     batch_max: usize,
 ) {
-    while let Some(first) = incoming.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < batch_max {
-            match incoming.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let registry = Arc::clone(&registry);
-        let verified = tokio::task::spawn_blocking(move || verify_batch(&registry, batch)).await;
-        match verified {
-            Ok(checked) => {
-                if batches.send(checked).await.is_err() {
-                    return;
+    use futures::StreamExt as _;
+    let mut verifying = futures::stream::FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(verified) = verifying.next(), if !verifying.is_empty() => match verified {
+                Ok(checked) => {
+                    if batches.send(checked).await.is_err() {
+                        return;
+                    }
                 }
-            }
-            Err(e) => error!(error = %e, "verify task failed; the batch stays unacknowledged"),
+                // verify() does not panic on any input (fuzzed); if it ever did, the
+                // batch stays unacknowledged and the broker redelivers it.
+                Err(e) => error!(error = %e, "verify task failed; the batch stays unacknowledged"),
+            },
+            first = incoming.recv(), if open && verifying.len() < VERIFY_IN_FLIGHT => match first {
+                Some(first) => {
+                    let mut batch = vec![first];
+                    while batch.len() < batch_max {
+                        match incoming.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
+                        }
+                    }
+                    let registry = Arc::clone(&registry);
+                    verifying.push_back(tokio::task::spawn_blocking(move || {
+                        batch
+                            .into_iter()
+                            .map(|m| classify::verify(&registry, m))
+                            .collect::<Vec<_>>()
+                    }));
+                }
+                None => open = false,
+            },
+            else => return,
         }
     }
-}
-
-/// Verifies a batch, splitting it over two threads when it is large enough to pay.
-fn verify_batch(
-    registry: &DeviceRegistry,
-    mut batch: Vec<Incoming<AckToken>>,
-) -> Vec<Checked<AckToken>> {
-    if batch.len() < 16 {
-        return batch
-            .into_iter()
-            .map(|m| classify::verify(registry, m))
-            .collect();
-    }
-    let second = batch.split_off(batch.len() / 2);
-    std::thread::scope(|s| {
-        let other = s.spawn(|| {
-            second
-                .into_iter()
-                .map(|m| classify::verify(registry, m))
-                .collect::<Vec<_>>()
-        });
-        let mut out: Vec<_> = batch
-            .into_iter()
-            .map(|m| classify::verify(registry, m))
-            .collect();
-        match other.join() {
-            Ok(rest) => out.extend(rest),
-            // verify() does not panic on any input (fuzzed); if it ever did, the
-            // second half stays unacknowledged and the broker redelivers it.
-            Err(_) => error!("verify thread panicked"),
-        }
-        out
-    })
 }
 
 /// Acknowledges recorded messages, sends coalesced receipts and operational alerts.
