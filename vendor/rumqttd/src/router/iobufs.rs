@@ -17,8 +17,8 @@ use super::{Forward, IncomingMeter, OutgoingMeter};
 
 // vitalmq patch 2: 100 unacknowledged messages per subscriber capped a subscriber
 // that acknowledges only after a durable group commit (the vitalmq bridge) at one
-// window per commit round trip. Packet ids stay within 1..=1000.
-const MAX_INFLIGHT: usize = 1000;
+// window per commit round trip. Packet ids stay within 1..=3000.
+const MAX_INFLIGHT: usize = 3000;
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 
 #[derive(Debug)]

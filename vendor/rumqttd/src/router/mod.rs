@@ -33,9 +33,9 @@ pub use waiters::Waiters;
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;
 // vitalmq patch 2: above iobufs::MAX_INFLIGHT, so that a subscriber's in-flight window,
 // not this queue, is what pauses deliveries to it. With the queue (200) smaller than a
-// 1,000-message window, a persistent session that reconnected with a full window was
+// 1,000-message window (patch 2's first version), a persistent session that reconnected with a full window was
 // paused as Busy and received messages only when other traffic woke it.
-pub const MAX_CHANNEL_CAPACITY: usize = 1200;
+pub const MAX_CHANNEL_CAPACITY: usize = 3600;
 
 pub(crate) type FilterIdx = usize;
 
