@@ -117,13 +117,17 @@ fn the_same_sequence_number_under_another_event_id_is_refused_too() {
     );
 }
 
-/// Commits `n` events of two devices in batches of 500, as the recorder does.
+/// Commits `n` events of two devices in batches of 500, as the recorder does; the
+/// event at position p has seq p - 1 and was received at 1_000 + 10 * (p - 1).
 fn commit_events(store: &mut Store, n: u64) -> Vec<String> {
     let mut ids = Vec::new();
     let mut seq = 0;
     while seq < n {
         let events: Vec<NewEvent> = (seq..(seq + 500).min(n))
-            .map(|s| event(if s % 2 == 0 { "dev-00001" } else { "dev-00002" }, 1, s))
+            .map(|s| NewEvent {
+                received_at_ms: 1_000 + 10 * s,
+                ..event(if s % 2 == 0 { "dev-00001" } else { "dev-00002" }, 1, s)
+            })
             .collect();
         ids.extend(events.iter().map(|e| e.event_id.clone()));
         store
@@ -164,23 +168,7 @@ fn a_lookup_from_a_hint_finds_events_in_any_bucket_and_the_hint_follows_time() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = Store::open(dir.path()).expect("open");
     let n = 3 * EVENT_INDEX_BUCKET as u64 + 10;
-    let mut ids = Vec::new();
-    for first in (0..n).step_by(500) {
-        let events: Vec<NewEvent> = (first..(first + 500).min(n))
-            .map(|s| NewEvent {
-                received_at_ms: 1_000 + 10 * s,
-                ..event("dev-00001", 1, s)
-            })
-            .collect();
-        ids.extend(events.iter().map(|e| e.event_id.clone()));
-        store
-            .commit(&Commit {
-                events,
-                ..Commit::default()
-            })
-            .expect("commit");
-    }
-    // Position p holds seq p - 1, received at 1_000 + 10 * (p - 1).
+    let ids = commit_events(&mut store, n);
     assert_eq!(store.position_near_time(0).expect("near"), 1);
     assert_eq!(store.position_near_time(1_000 + 10 * 5_000).expect("near"), 5_001);
     assert_eq!(store.position_near_time(1_000 + 10 * 5_000 - 5).expect("near"), 5_001);
