@@ -91,7 +91,9 @@ impl Broker {
         if let Some(addr) = config.metrics_listen {
             install_metrics(addr);
         }
-        let embedded = Arc::new(EmbeddedBroker::start(&config.embedded)?);
+        // The public listener first: the embedded broker's loopback listeners take
+        // ephemeral ports, and one of them could otherwise take a configured port that
+        // happens to be in the ephemeral range.
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -99,6 +101,7 @@ impl Broker {
                     addr: config.listen,
                     source,
                 })?;
+        let embedded = Arc::new(EmbeddedBroker::start(&config.embedded)?);
         let addr = listener.local_addr().map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
