@@ -275,7 +275,18 @@ impl BrokerProcess {
         config: &str,
         timeout: Duration,
     ) -> Self {
-        Self::start_on(bin, dir, config, free_port(), timeout)
+        // free_port() releases the port before the broker binds it, so another test's
+        // process can take it meanwhile: then try another one.
+        let mut attempts = 0;
+        loop {
+            match Self::try_start_on(bin, dir, config, free_port(), timeout) {
+                Ok(broker) => return broker,
+                Err(log) if attempts < 2 && log.contains("Address already in use") => {
+                    attempts += 1;
+                }
+                Err(log) => panic!("broker not ready within {timeout:?}:\n{log}"),
+            }
+        }
     }
 
     /// Like [`Self::start`], on a given port (a restart after `kill -9`).
@@ -286,6 +297,18 @@ impl BrokerProcess {
         port: u16,
         timeout: Duration,
     ) -> Self {
+        Self::try_start_on(bin, dir, config, port, timeout)
+            .unwrap_or_else(|log| panic!("broker not ready within {timeout:?}:\n{log}"))
+    }
+
+    /// Starts the broker on `port`; its output if it did not become ready.
+    fn try_start_on(
+        bin: &std::path::Path,
+        dir: &std::path::Path,
+        config: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let path = dir.join("broker.toml");
         std::fs::write(
             &path,
@@ -307,17 +330,17 @@ impl BrokerProcess {
         let ready = broker.process.wait_output(timeout, |out| {
             out.contains("vitalmq broker listening on") || out.contains("Error")
         });
-        assert!(
-            ready
-                && broker
-                    .process
-                    .stderr()
-                    .contains("vitalmq broker listening on")
-                && broker.process.running(),
-            "broker not ready within {timeout:?}:\n{}",
-            broker.process.all()
-        );
-        broker
+        if ready
+            && broker
+                .process
+                .stderr()
+                .contains("vitalmq broker listening on")
+            && broker.process.running()
+        {
+            Ok(broker)
+        } else {
+            Err(broker.process.all())
+        }
     }
 
     /// Everything the broker logged so far.
