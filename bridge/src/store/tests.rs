@@ -170,10 +170,25 @@ fn a_lookup_from_a_hint_finds_events_in_any_bucket_and_the_hint_follows_time() {
     let n = 3 * EVENT_INDEX_BUCKET as u64 + 10;
     let ids = commit_events(&mut store, n);
     assert_eq!(store.position_near_time(0).expect("near"), 1);
-    assert_eq!(store.position_near_time(1_000 + 10 * 5_000).expect("near"), 5_001);
-    assert_eq!(store.position_near_time(1_000 + 10 * 5_000 - 5).expect("near"), 5_001);
+    assert_eq!(
+        store.position_near_time(1_000 + 10 * 5_000).expect("near"),
+        5_001
+    );
+    assert_eq!(
+        store
+            .position_near_time(1_000 + 10 * 5_000 - 5)
+            .expect("near"),
+        5_001
+    );
     assert_eq!(store.position_near_time(u64::MAX).expect("near"), n as i64);
-    for near in [None, Some(1), Some(6_000), Some(n as i64), Some(-5), Some(1 << 40)] {
+    for near in [
+        None,
+        Some(1),
+        Some(6_000),
+        Some(n as i64),
+        Some(-5),
+        Some(1 << 40),
+    ] {
         for position in [1, 4096, 9_000, n] {
             let id = &ids[position as usize - 1];
             let found = store
