@@ -243,19 +243,7 @@ mod tests {
 
     #[test]
     fn plans_one_integrator_per_site_of_the_fleet() {
-        let mut registry = vitalmq_policies::DeviceRegistry::new(
-            vitalmq_policies::TrustDomain::new("demo.vitalmq").expect("trust domain"),
-        );
-        for n in 1..=5 {
-            let site = vitalmq_certs::site_id((n - 1) % 3 + 1);
-            let (_, entry) = vitalmq_certs::enroll_device(
-                vitalmq_certs::device_id(n),
-                site,
-                vitalmq_envelope::Algorithm::EdDsa,
-            )
-            .expect("enroll");
-            registry.insert_device(entry).expect("new device");
-        }
+        let mut registry = crate::test_fixtures::registry_of(5, 3);
         for (id, site) in [("int-b", 2), ("int-a", 2), ("int-site-01", 1)] {
             let id = vitalmq_policies::PrincipalId::new(id).expect("id");
             registry.insert_integrator(id, vitalmq_certs::site_id(site));

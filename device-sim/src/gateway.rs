@@ -734,19 +734,7 @@ mod tests {
 
     #[test]
     fn devices_are_grouped_by_their_registered_site() {
-        let mut registry = DeviceRegistry::new(
-            vitalmq_policies::TrustDomain::new("demo.vitalmq").expect("trust domain"),
-        );
-        for n in 1..=5 {
-            let site = vitalmq_certs::site_id((n - 1) % 2 + 1);
-            let (_, entry) = vitalmq_certs::enroll_device(
-                vitalmq_certs::device_id(n),
-                site,
-                vitalmq_envelope::Algorithm::EdDsa,
-            )
-            .expect("enroll");
-            registry.insert_device(entry).expect("new device");
-        }
+        let mut registry = crate::test_fixtures::registry_of(5, 2);
         for n in [2, 1] {
             let site = vitalmq_certs::site_id(n);
             let gw = vitalmq_policies::PrincipalId::new(format!("gw-{site}")).expect("id");

@@ -42,4 +42,6 @@ pub mod receipt;
 pub mod ring;
 pub mod runner;
 pub mod signed;
+#[cfg(test)]
+mod test_fixtures;
 pub mod vitals;
