@@ -128,8 +128,6 @@ registry = "pki/registry.toml"
 watch = true
 [audit]
 path = "audit.jsonl"
-[embedded]
-listeners = 2
 "#
         );
         let broker = BrokerProcess::start(

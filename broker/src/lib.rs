@@ -5,7 +5,7 @@
 //! one at a time inside its accept loop, so the gate owns the network edge: it terminates
 //! TLS ([`tls`], [`accept`]), takes the identity from the certificate ([`identity`]),
 //! filters every MQTT frame through the authorization hook, and relays only what is
-//! allowed to rumqttd on an internal loopback listener.
+//! allowed to rumqttd, which serves it over an in-process pipe ([`embedded`]).
 //!
 //! Architecture invariant: only this crate names rumqttd types.
 #![forbid(unsafe_code)]

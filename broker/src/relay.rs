@@ -1,5 +1,5 @@
 //! One client connection's I/O: moves bytes between the client's TLS stream and its
-//! internal connection to rumqttd through the [`GateSession`], and reacts to policy and
+//! in-process pipe to rumqttd through the [`GateSession`], and reacts to policy and
 //! certificate reloads while the connection lives.
 
 use std::net::SocketAddr;
@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rustls_pki_types::UnixTime;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, DuplexStream};
 use tokio::sync::watch;
 
 use crate::accept::{AcceptedPeer, verify_peer_again};
@@ -67,10 +66,7 @@ where
     edge_rx.mark_unchanged();
 
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
-    let mut broker: Option<(
-        tokio::net::tcp::OwnedReadHalf,
-        tokio::net::tcp::OwnedWriteHalf,
-    )> = None;
+    let mut broker: Option<DuplexStream> = None;
     // Small to start: most connections are idle devices; the buffers grow with use.
     let mut client_buf = BytesMut::with_capacity(1024);
     let mut broker_buf = BytesMut::with_capacity(1024);
@@ -110,16 +106,7 @@ where
             _ = shutdown.changed() => break Ended::Shutdown,
             }
         }
-        match apply(
-            &mut out,
-            &mut client_wr,
-            &mut broker,
-            &ctx,
-            peer.remote,
-            peer.identity.spiffe.id.as_str(),
-        )
-        .await
-        {
+        match apply(&mut out, &mut client_wr, &mut broker, &ctx, peer.remote).await {
             Ok(None) => {}
             Ok(Some(code)) => break Ended::Gate(code),
             Err(e) => break Ended::Io(e.to_string()),
@@ -139,21 +126,18 @@ where
         });
         let _ = wait.await;
     }
-    if let Some((_, mut w)) = broker {
-        let _ = w.shutdown().await;
+    if let Some(mut pipe) = broker {
+        let _ = pipe.shutdown().await;
     }
     ended
 }
 
 async fn read_broker(
-    broker: &mut Option<(
-        tokio::net::tcp::OwnedReadHalf,
-        tokio::net::tcp::OwnedWriteHalf,
-    )>,
+    broker: &mut Option<DuplexStream>,
     buf: &mut BytesMut,
 ) -> std::io::Result<usize> {
     match broker {
-        Some((r, _)) => r.read_buf(buf).await,
+        Some(pipe) => pipe.read_buf(buf).await,
         None => std::future::pending().await,
     }
 }
@@ -163,24 +147,16 @@ async fn read_broker(
 async fn apply<W: AsyncWrite + Unpin>(
     out: &mut Vec<Output>,
     client: &mut W,
-    broker: &mut Option<(
-        tokio::net::tcp::OwnedReadHalf,
-        tokio::net::tcp::OwnedWriteHalf,
-    )>,
+    broker: &mut Option<DuplexStream>,
     ctx: &RelayContext,
     remote: SocketAddr,
-    client_id: &str,
 ) -> std::io::Result<Option<&'static str>> {
     let mut to_client = BytesMut::new();
     let mut to_broker = BytesMut::new();
     let mut closed = None;
     for output in out.drain(..) {
         match output {
-            Output::OpenBroker(version) => {
-                let stream = TcpStream::connect(ctx.embedded.addr_for(version, client_id)).await?;
-                stream.set_nodelay(true)?;
-                *broker = Some(stream.into_split());
-            }
+            Output::OpenBroker(version) => *broker = Some(ctx.embedded.connect(version)),
             Output::ToBroker(bytes) => to_broker.extend_from_slice(&bytes),
             Output::ToClient(bytes) => to_client.extend_from_slice(&bytes),
             Output::Pause(wait) => {
@@ -201,16 +177,13 @@ async fn apply<W: AsyncWrite + Unpin>(
 
 async fn flush<W: AsyncWrite + Unpin>(
     client: &mut W,
-    broker: &mut Option<(
-        tokio::net::tcp::OwnedReadHalf,
-        tokio::net::tcp::OwnedWriteHalf,
-    )>,
+    broker: &mut Option<DuplexStream>,
     to_client: &mut BytesMut,
     to_broker: &mut BytesMut,
 ) -> std::io::Result<()> {
     if !to_broker.is_empty() {
-        if let Some((_, w)) = broker.as_mut() {
-            w.write_all(to_broker).await?;
+        if let Some(pipe) = broker.as_mut() {
+            pipe.write_all(to_broker).await?;
         }
         to_broker.clear();
     }

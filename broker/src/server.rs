@@ -91,9 +91,6 @@ impl Broker {
         if let Some(addr) = config.metrics_listen {
             install_metrics(addr);
         }
-        // The public listener first: the embedded broker's loopback listeners take
-        // ephemeral ports, and one of them could otherwise take a configured port that
-        // happens to be in the ephemeral range.
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -406,15 +403,15 @@ fn watch_files(
     Some(watcher)
 }
 
-/// File descriptors each client connection holds: its TLS socket and both ends of the
-/// loopback connection to the embedded rumqttd.
-const FDS_PER_CONNECTION: u64 = 3;
+/// File descriptors each client connection holds: its TLS socket (the connection to the
+/// embedded rumqttd is an in-process pipe).
+const FDS_PER_CONNECTION: u64 = 1;
 /// Descriptors kept for everything else (listeners, files, the audit log, metrics).
 const FDS_RESERVED: u64 = 256;
 
 /// Raises the soft descriptor limit to the hard one and caps `wanted` connections to
-/// what it allows. Running out of descriptors would make rumqttd's accept loop spin
-/// and flood its log, so the gate refuses (and audits) connections beyond the budget.
+/// what it allows. Running out of descriptors would make the accept loop fail on every
+/// new client, so the gate refuses (and audits) connections beyond the budget.
 fn connection_budget(wanted: usize) -> usize {
     let limit = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => limit,
@@ -430,7 +427,7 @@ fn connection_budget(wanted: usize) -> usize {
             wanted,
             budget,
             fd_limit = limit,
-            "max_connections lowered to fit the file descriptor limit (3 per connection)"
+            "max_connections lowered to fit the file descriptor limit (1 per connection)"
         );
         budget.max(1)
     } else {

@@ -1,56 +1,136 @@
-//! The embedded rumqttd listens on loopback, but only the gate may use it: a CONNECT
-//! without the per-process secret is refused, one with it is accepted.
+//! The embedded rumqttd serves in-process pipes: it admits a CONNECT only with the
+//! per-process secret, routes between pipes like between sockets, and treats a dropped
+//! pipe like a dropped socket (the will message fires).
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4;
+use rumqttc::mqttbytes::{QoS, v4};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
 use vitalmq_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
 use vitalmq_broker::gate::Version;
 
-/// Sends a 3.1.1 CONNECT with `password`; returns the CONNACK return code, or `None`
-/// when the connection was closed without one.
-fn connect_with(addr: std::net::SocketAddr, password: &str) -> Option<u8> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let mut connect = v4::Connect::new("outsider");
-    connect.login = Some(v4::Login::new("anyone", password));
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn send(pipe: &mut DuplexStream, packet: impl FnOnce(&mut BytesMut)) {
     let mut buf = BytesMut::new();
-    connect.write(&mut buf).expect("encode");
-    stream.write_all(&buf).expect("send");
-    let mut ack = [0u8; 4];
-    match stream.read_exact(&mut ack) {
-        Ok(()) if ack[0] == 0x20 => Some(ack[3]),
-        _ => None,
+    packet(&mut buf);
+    pipe.write_all(&buf).await.expect("write to rumqttd");
+}
+
+/// Reads one whole packet from rumqttd, or `None` when the pipe closed first.
+async fn read_packet(pipe: &mut DuplexStream, buf: &mut BytesMut) -> Option<v4::Packet> {
+    loop {
+        match v4::Packet::read(buf, 1 << 20) {
+            Ok(packet) => return Some(packet),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("rumqttd sent a malformed packet: {e:?}"),
+        }
+        let n = tokio::time::timeout(WAIT, pipe.read_buf(buf))
+            .await
+            .expect("rumqttd answers in time")
+            .expect("read from rumqttd");
+        if n == 0 {
+            return None;
+        }
     }
 }
 
-#[test]
-fn only_the_gate_secret_opens_the_internal_listeners() {
+/// Connects `client_id` with `password` (and an optional will); returns the pipe and
+/// the CONNACK return code, or `None` when rumqttd closed without one.
+async fn connect(
+    embedded: &EmbeddedBroker,
+    client_id: &str,
+    password: &str,
+    will: Option<v4::LastWill>,
+) -> (DuplexStream, Option<v4::ConnectReturnCode>) {
+    let mut pipe = embedded.connect(Version::V311);
+    let mut connect = v4::Connect::new(client_id);
+    connect.login = Some(v4::Login::new("anyone", password));
+    connect.last_will = will;
+    send(&mut pipe, |b| {
+        connect.write(b).expect("encode CONNECT");
+    })
+    .await;
+    let mut buf = BytesMut::new();
+    let code = match read_packet(&mut pipe, &mut buf).await {
+        Some(v4::Packet::ConnAck(ack)) => Some(ack.code),
+        Some(other) => panic!("expected CONNACK, got {other:?}"),
+        None => None,
+    };
+    (pipe, code)
+}
+
+#[tokio::test]
+async fn only_the_gate_secret_is_admitted() {
+    let embedded = EmbeddedBroker::start(&EmbeddedSettings::default()).expect("starts");
+    let (_, guessed) = connect(&embedded, "outsider", "guess", None).await;
+    assert_ne!(
+        guessed,
+        Some(v4::ConnectReturnCode::Success),
+        "a wrong password must not be accepted"
+    );
+    let (_, admitted) = connect(&embedded, "gate-client", &embedded.password(), None).await;
+    assert_eq!(admitted, Some(v4::ConnectReturnCode::Success));
+}
+
+#[tokio::test]
+async fn messages_route_between_pipes_and_a_dropped_pipe_fires_its_will() {
     let settings = EmbeddedSettings {
-        listeners: 2,
+        // Small pipes: a 20 KiB message must still pass (the writer waits for room).
+        pipe_bytes: 4096,
         ..EmbeddedSettings::default()
     };
-    let embedded = EmbeddedBroker::start(&settings).expect("embedded rumqttd starts");
-    let first = embedded.addr(Version::V311);
-    let second = embedded.addr(Version::V311);
-    assert_ne!(first, second, "round-robin over the internal listeners");
-    assert!(first.ip().is_loopback());
+    let embedded = EmbeddedBroker::start(&settings).expect("starts");
+    let secret = embedded.password();
+    let (mut subscriber, code) = connect(&embedded, "watcher", &secret, None).await;
+    assert_eq!(code, Some(v4::ConnectReturnCode::Success));
+    send(&mut subscriber, |b| {
+        v4::Subscribe::new("t/#", QoS::AtLeastOnce)
+            .write(b)
+            .expect("encode SUBSCRIBE");
+    })
+    .await;
+    let mut sub_buf = BytesMut::new();
+    assert!(matches!(
+        read_packet(&mut subscriber, &mut sub_buf).await,
+        Some(v4::Packet::SubAck(_))
+    ));
 
-    for addr in [first, second] {
-        assert_ne!(
-            connect_with(addr, "guess"),
-            Some(0),
-            "a wrong password must not be accepted"
-        );
-        assert_eq!(
-            connect_with(addr, &embedded.password()),
-            Some(0),
-            "the gate's secret is accepted"
-        );
+    let will = v4::LastWill::new("t/will", "gone", QoS::AtLeastOnce, false);
+    let (mut publisher, code) = connect(&embedded, "sender", &secret, Some(will)).await;
+    assert_eq!(code, Some(v4::ConnectReturnCode::Success));
+    let big = vec![7u8; 20 * 1024];
+    let mut publish = v4::Publish::new("t/data", QoS::AtLeastOnce, big.clone());
+    publish.pkid = 1;
+    send(&mut publisher, |b| {
+        publish.write(b).expect("encode PUBLISH");
+    })
+    .await;
+    let mut pub_buf = BytesMut::new();
+    assert!(matches!(
+        read_packet(&mut publisher, &mut pub_buf).await,
+        Some(v4::Packet::PubAck(ack)) if ack.pkid == 1
+    ));
+    match read_packet(&mut subscriber, &mut sub_buf).await {
+        Some(v4::Packet::Publish(p)) => {
+            assert_eq!(p.topic, "t/data");
+            assert_eq!(&p.payload[..], &big[..]);
+            send(&mut subscriber, |b| {
+                v4::PubAck::new(p.pkid).write(b).expect("encode PUBACK");
+            })
+            .await;
+        }
+        other => panic!("expected the PUBLISH, got {other:?}"),
+    }
+
+    // No DISCONNECT: the gate drops the pipe as when a client's socket dies.
+    drop(publisher);
+    match read_packet(&mut subscriber, &mut sub_buf).await {
+        Some(v4::Packet::Publish(p)) => {
+            assert_eq!(p.topic, "t/will");
+            assert_eq!(&p.payload[..], b"gone");
+        }
+        other => panic!("expected the will message, got {other:?}"),
     }
 }

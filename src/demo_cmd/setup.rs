@@ -131,8 +131,6 @@ watch = false
 [audit]
 path = "broker/audit.jsonl"
 
-[embedded]
-listeners = 2
 "#
     )
 }

@@ -392,8 +392,6 @@ registry = "pki/registry.toml"
 watch = false
 [audit]
 path = "broker-audit.jsonl"
-[embedded]
-listeners = 2
 "#
     )
 }

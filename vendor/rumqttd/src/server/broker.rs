@@ -155,6 +155,17 @@ impl Broker {
         Ok((link_tx, link_rx))
     }
 
+    /// vitalmq patch 3: a server for MQTT 3.1.1 connections handed over in-process
+    /// (see [`StreamServer`]), sharing this broker's router.
+    pub fn stream_server_v4(&self, settings: ConnectionSettings) -> StreamServer<V4> {
+        StreamServer::new(settings, self.router_tx.clone(), V4)
+    }
+
+    /// vitalmq patch 3: as [`Broker::stream_server_v4`], for MQTT 5.
+    pub fn stream_server_v5(&self, settings: ConnectionSettings) -> StreamServer<V5> {
+        StreamServer::new(settings, self.router_tx.clone(), V5)
+    }
+
     #[tracing::instrument(skip(self))]
     pub fn start(&mut self) -> Result<(), Error> {
         if self.config.v4.is_none()
@@ -463,6 +474,55 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 
             time::sleep(delay).await;
         }
+    }
+}
+
+/// vitalmq patch 3: serves MQTT connections whose bytes arrive on an in-process
+/// stream (for example one end of `tokio::io::duplex`) instead of a socket accepted on
+/// a listener. Each connection is the same `remote` link a listener would start, on the
+/// caller's tokio runtime. Pending will messages are kept per server, as per listener.
+pub struct StreamServer<P> {
+    config: Arc<ConnectionSettings>,
+    router_tx: Sender<(ConnectionId, Event)>,
+    protocol: P,
+    awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+}
+
+impl<P: Protocol + Clone + Send + 'static> StreamServer<P> {
+    fn new(
+        settings: ConnectionSettings,
+        router_tx: Sender<(ConnectionId, Event)>,
+        protocol: P,
+    ) -> Self {
+        StreamServer {
+            config: Arc::new(settings),
+            router_tx,
+            protocol,
+            awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+        }
+    }
+
+    /// Starts serving one connection over `stream`; the task ends when the
+    /// connection does. Must be called within a tokio runtime.
+    pub fn serve<S>(&self, stream: S) -> task::JoinHandle<()>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        task::spawn(
+            remote(
+                self.config.clone(),
+                None,
+                self.router_tx.clone(),
+                Box::new(stream),
+                self.protocol.clone(),
+                self.awaiting_will_handler.clone(),
+            )
+            .instrument(tracing::error_span!(
+                "remote_link",
+                client_id = field::Empty,
+                connection_id = field::Empty,
+            )),
+        )
     }
 }
 
