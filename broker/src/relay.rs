@@ -74,12 +74,17 @@ where
     let connect_deadline = tokio::time::sleep(ctx.connect_timeout);
     tokio::pin!(connect_deadline);
 
+    // Bytes rumqttd sent while the gate was writing to it (see `write_draining`).
+    let mut broker_bytes_waiting = false;
+
     let ended = loop {
         out.clear();
         if session.has_deferred() {
             // A rate-limited PUBLISH waited out its pause: retry it (it is admitted
             // again, taking a token) before anything else from this client.
             session.on_client_bytes(&mut client_buf, &mut out);
+        } else if std::mem::take(&mut broker_bytes_waiting) {
+            session.on_broker_bytes(&mut broker_buf, &mut out);
         } else {
             tokio::select! {
             read = client_rd.read_buf(&mut client_buf) => match read {
@@ -106,9 +111,18 @@ where
             _ = shutdown.changed() => break Ended::Shutdown,
             }
         }
-        match apply(&mut out, &mut client_wr, &mut broker, &ctx, peer.remote).await {
-            Ok(None) => {}
-            Ok(Some(code)) => break Ended::Gate(code),
+        let mut sides = Sides {
+            client: &mut client_wr,
+            broker: &mut broker,
+            broker_inbox: &mut broker_buf,
+        };
+        match apply(&mut out, &mut sides, &ctx, peer.remote).await {
+            Ok(applied) => {
+                broker_bytes_waiting = applied.broker_bytes_read;
+                if let Some(code) = applied.closed {
+                    break Ended::Gate(code);
+                }
+            }
             Err(e) => break Ended::Io(e.to_string()),
         }
     };
@@ -142,57 +156,179 @@ async fn read_broker(
     }
 }
 
+/// Where [`apply`] writes: the client, and rumqttd with the buffer its bytes go to.
+struct Sides<'a, W> {
+    client: &'a mut W,
+    broker: &'a mut Option<DuplexStream>,
+    broker_inbox: &'a mut BytesMut,
+}
+
+/// What [`apply`] did besides writing.
+#[derive(Debug, Default)]
+struct Applied {
+    /// The session closed the connection with this reason code.
+    closed: Option<&'static str>,
+    /// Bytes from rumqttd arrived in the inbox while writing to it.
+    broker_bytes_read: bool,
+}
+
 /// Carries out the session's outputs in order. Consecutive writes to one side are
 /// coalesced into a single write (one TLS record where possible).
 async fn apply<W: AsyncWrite + Unpin>(
     out: &mut Vec<Output>,
-    client: &mut W,
-    broker: &mut Option<DuplexStream>,
+    sides: &mut Sides<'_, W>,
     ctx: &RelayContext,
     remote: SocketAddr,
-) -> std::io::Result<Option<&'static str>> {
+) -> std::io::Result<Applied> {
     let mut to_client = BytesMut::new();
     let mut to_broker = BytesMut::new();
-    let mut closed = None;
+    let mut applied = Applied::default();
     for output in out.drain(..) {
         match output {
-            Output::OpenBroker(version) => *broker = Some(ctx.embedded.connect(version)),
+            Output::OpenBroker(version) => *sides.broker = Some(ctx.embedded.connect(version)),
             Output::ToBroker(bytes) => to_broker.extend_from_slice(&bytes),
             Output::ToClient(bytes) => to_client.extend_from_slice(&bytes),
             Output::Pause(wait) => {
-                flush(client, broker, &mut to_client, &mut to_broker).await?;
+                applied.broker_bytes_read |= flush(sides, &mut to_client, &mut to_broker).await?;
                 tracing::debug!(peer.addr = %remote, ?wait, "rate limit: pausing client input");
                 tokio::time::sleep(wait).await;
             }
             Output::Close(reason) => {
                 tracing::info!(peer.addr = %remote, reason = reason.code, detail = %reason.detail, "gate closed connection");
-                closed = Some(reason.code);
+                applied.closed = Some(reason.code);
                 break;
             }
         }
     }
-    flush(client, broker, &mut to_client, &mut to_broker).await?;
-    Ok(closed)
+    applied.broker_bytes_read |= flush(sides, &mut to_client, &mut to_broker).await?;
+    Ok(applied)
 }
 
+/// Writes what is pending to each side; true when bytes from rumqttd were read meanwhile.
 async fn flush<W: AsyncWrite + Unpin>(
-    client: &mut W,
-    broker: &mut Option<DuplexStream>,
+    sides: &mut Sides<'_, W>,
     to_client: &mut BytesMut,
     to_broker: &mut BytesMut,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
+    let mut read = false;
     if !to_broker.is_empty() {
-        if let Some(pipe) = broker.as_mut() {
-            pipe.write_all(to_broker).await?;
+        if let Some(pipe) = sides.broker.as_mut() {
+            read = write_draining(pipe, to_broker, sides.broker_inbox).await?;
         }
         to_broker.clear();
     }
     if !to_client.is_empty() {
         metrics::counter!("vitalmq_bytes_total", "direction" => "out")
             .increment(to_client.len() as u64);
-        client.write_all(to_client).await?;
-        client.flush().await?;
+        sides.client.write_all(to_client).await?;
+        sides.client.flush().await?;
         to_client.clear();
     }
-    Ok(())
+    Ok(read)
+}
+
+/// Writes all of `data` to rumqttd and, whenever the pipe is full, reads what rumqttd
+/// has for the gate into `inbox`; true when anything was read.
+///
+/// rumqttd's connection task does not read while one of its own writes waits. A gate
+/// that only wrote would deadlock with it once both directions of the pipe are full,
+/// as when a client publishes large messages to a topic it subscribes to. The inbox
+/// grows by at most what rumqttd queues for one connection (its notification limit).
+async fn write_draining<P: AsyncRead + AsyncWrite + Unpin>(
+    pipe: &mut P,
+    data: &[u8],
+    inbox: &mut BytesMut,
+) -> std::io::Result<bool> {
+    use std::pin::Pin;
+    use std::task::Poll;
+    let mut written = 0;
+    let mut read = false;
+    let mut chunk = [0u8; 4096];
+    std::future::poll_fn(|cx| {
+        while written < data.len() {
+            match Pin::new(&mut *pipe).poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    let mut buf = tokio::io::ReadBuf::new(&mut chunk);
+                    match Pin::new(&mut *pipe).poll_read(cx, &mut buf) {
+                        Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                            return Poll::Ready(Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "rumqttd closed the connection",
+                            )));
+                        }
+                        Poll::Ready(Ok(())) => {
+                            inbox.extend_from_slice(buf.filled());
+                            read = true;
+                        }
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    })
+    .await?;
+    Ok(read)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::write_draining;
+
+    /// The peer behaves like rumqttd's connection task: it answers everything it reads
+    /// with as many bytes, and does not read while its answer waits for room.
+    #[tokio::test]
+    async fn writing_to_a_peer_that_answers_before_reading_does_not_deadlock() {
+        let (mut gate, mut peer) = tokio::io::duplex(1024);
+        let echo = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut echoed = 0;
+            while echoed < 64 * 1024 {
+                let n = peer.read(&mut buf).await.expect("read");
+                assert!(n > 0);
+                peer.write_all(&buf[..n]).await.expect("write");
+                echoed += n;
+            }
+        });
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let mut inbox = BytesMut::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            write_draining(&mut gate, &data, &mut inbox),
+        )
+        .await
+        .expect("no deadlock: the write completes")
+        .expect("write");
+        assert!(read);
+        while inbox.len() < data.len() {
+            let n = gate.read_buf(&mut inbox).await.expect("read the rest");
+            assert!(n > 0);
+        }
+        assert_eq!(&inbox[..], &data[..], "everything the peer sent, in order");
+        echo.await.expect("peer done");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_is_an_error_not_a_hang() {
+        let (mut gate, peer) = tokio::io::duplex(16);
+        drop(peer);
+        let err = write_draining(&mut gate, &[0u8; 64], &mut BytesMut::new())
+            .await
+            .expect_err("closed");
+        assert!(matches!(
+            err.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof
+        ));
+    }
 }
