@@ -100,6 +100,8 @@ struct Seen {
     refused: Vec<String>,
     receipts_sent: u64,
     connects: u64,
+    /// The stand-in's last connection error, for the failure message.
+    last_error: Option<String>,
 }
 
 impl Seen {
@@ -137,7 +139,8 @@ struct StandIn {
 }
 
 impl StandIn {
-    fn start(pki: &Path, port: u16) -> Self {
+    fn start(pki: &Path, broker: &BrokerProcess) -> Self {
+        let port = broker.port;
         let seen = Arc::new(Mutex::new(Seen::default()));
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let pki = pki.to_path_buf();
@@ -156,7 +159,12 @@ impl StandIn {
         };
         let deadline = Instant::now() + Duration::from_secs(15);
         while standin.snapshot().connects == 0 {
-            assert!(Instant::now() < deadline, "stand-in bridge did not connect");
+            assert!(
+                Instant::now() < deadline,
+                "stand-in bridge did not connect; its last error: {:?}\nbroker:\n{}",
+                standin.snapshot().last_error,
+                broker.stderr()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         standin
@@ -272,7 +280,10 @@ async fn stand_in(
                 }
                 Ok(_) => {}
                 // The broker is away; rumqttc reconnects on the next poll.
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    seen.lock().expect("seen lock").last_error = Some(e.to_string());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             },
             _ = flush.tick() => {
                 let mut seen = seen.lock().expect("seen lock");
@@ -339,7 +350,7 @@ fn assert_saw_everything(seen: &Seen) {
 #[test]
 fn every_message_is_receipted() {
     let setup = Setup::start("receipts");
-    let standin = StandIn::start(&setup.pki, setup.broker.port);
+    let standin = StandIn::start(&setup.pki, &setup.broker);
     let t = Instant::now();
     let ran = run(
         &mut setup.sim(&["--rate", "25", "--until-receipted", "30s"]),
@@ -378,7 +389,7 @@ fn every_message_is_receipted() {
 #[test]
 fn broker_crash_loses_nothing() {
     let mut setup = Setup::start("crash");
-    let standin = StandIn::start(&setup.pki, setup.broker.port);
+    let standin = StandIn::start(&setup.pki, &setup.broker);
     let t = Instant::now();
     let mut sim = Spawned::start(&mut setup.sim(&[
         "--rate",
@@ -439,7 +450,7 @@ fn broker_crash_loses_nothing() {
 #[test]
 fn reboots_send_the_older_epoch_first() {
     let setup = Setup::start("reboot");
-    let standin = StandIn::start(&setup.pki, setup.broker.port);
+    let standin = StandIn::start(&setup.pki, &setup.broker);
     let ran = run(
         &mut setup.sim(&[
             "--rate",
