@@ -100,7 +100,9 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
-            .build()?;
+            // vitalmq patch 4: await the router, do not block the runtime's thread
+            .build_async()
+            .await?;
 
         let id = link_rx.id();
         Span::current().record("connection_id", id);

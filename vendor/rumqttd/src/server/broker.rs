@@ -656,7 +656,8 @@ async fn remote<P: Protocol>(
     if send_disconnect {
         let disconnect = Event::Disconnect;
         let message = (connection_id, disconnect);
-        router_tx.send(message).ok();
+        // vitalmq patch 4: await, do not block the runtime's thread
+        router_tx.send_async(message).await.ok();
     }
 
     // this is important to stop the connection
@@ -684,6 +685,7 @@ async fn remote<P: Protocol>(
         // might be using this connection ID!
         // It won't matter in this case as we don't use it
         // but might affect logs?
-        router_tx.send((connection_id, message)).ok();
+        // vitalmq patch 4: await, do not block the runtime's thread
+        router_tx.send_async((connection_id, message)).await.ok();
     }
 }
