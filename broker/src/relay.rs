@@ -243,7 +243,9 @@ async fn write_draining<P: AsyncRead + AsyncWrite + Unpin>(
     use std::task::Poll;
     let mut written = 0;
     let mut read = false;
-    let mut chunk = [0u8; 4096];
+    // On the heap and only once the pipe is full: this future lives inside every
+    // connection's task, and most writes never wait.
+    let mut chunk = Vec::new();
     std::future::poll_fn(|cx| {
         while written < data.len() {
             match Pin::new(&mut *pipe).poll_write(cx, &data[written..]) {
@@ -253,6 +255,7 @@ async fn write_draining<P: AsyncRead + AsyncWrite + Unpin>(
                 Poll::Ready(Ok(n)) => written += n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
+                    chunk.resize(4096, 0);
                     let mut buf = tokio::io::ReadBuf::new(&mut chunk);
                     match Pin::new(&mut *pipe).poll_read(cx, &mut buf) {
                         Poll::Ready(Ok(())) if buf.filled().is_empty() => {
