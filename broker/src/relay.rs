@@ -118,7 +118,8 @@ where
         };
         match apply(&mut out, &mut sides, &ctx, peer.remote).await {
             Ok(applied) => {
-                broker_bytes_waiting = applied.broker_bytes_read;
+                // `|=`: when a deferred PUBLISH was retried first, earlier bytes still wait.
+                broker_bytes_waiting |= applied.broker_bytes_read;
                 if let Some(code) = applied.closed {
                     break Ended::Gate(code);
                 }
@@ -132,6 +133,10 @@ where
         let wait = tokio::time::timeout(ctx.connect_timeout, async {
             while session.awaiting_broker_connack() {
                 out.clear();
+                if std::mem::take(&mut broker_bytes_waiting) {
+                    session.on_broker_bytes(&mut broker_buf, &mut out);
+                    continue;
+                }
                 match read_broker(&mut broker, &mut broker_buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(_) => session.on_broker_bytes(&mut broker_buf, &mut out),
