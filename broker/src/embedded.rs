@@ -15,6 +15,7 @@ use std::sync::Arc;
 use rumqttd::protocol::{v4::V4, v5::V5};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, StreamServer};
 use serde::Deserialize;
+use subtle::ConstantTimeEq as _;
 use tokio::io::DuplexStream;
 
 use crate::gate::Version;
@@ -99,7 +100,7 @@ impl EmbeddedBroker {
                 dynamic_filters: true,
             };
             connections.set_auth_handler(move |_client: String, _user: String, pass: String| {
-                let ok = constant_time_eq(pass.as_bytes(), expected.as_bytes());
+                let ok = bool::from(pass.as_bytes().ct_eq(expected.as_bytes()));
                 async move { ok }
             });
             connections
@@ -142,8 +143,4 @@ impl EmbeddedBroker {
     pub fn password(&self) -> Arc<str> {
         Arc::clone(&self.password)
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
