@@ -102,43 +102,22 @@ impl<'a> LinkBuilder<'a> {
     /// blocking the thread: connections are served on a shared tokio runtime (patch 3),
     /// where a worker blocked on the router stalls every other connection on it.
     pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
-        let mut connection = Connection::new(
-            self.tenant_id,
-            self.client_id.to_owned(),
-            self.clean_session,
-            self.dynamic_filters,
-        );
-
-        connection
-            .last_will(self.last_will, self.last_will_properties)
-            .topic_alias_max(self.topic_alias_max);
-        let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
-        let outgoing_data_buffer = outgoing.buffer();
-        let incoming_data_buffer = incoming.buffer();
-
-        let event = Event::Connect {
-            connection,
-            incoming,
-            outgoing,
-        };
-
-        self.router_tx.send_async((0, event)).await?;
-
-        link_rx.recv_async().await?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
-
-        let id = match notification {
-            Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
-            _message => return Err(LinkError::NotConnectionAck),
-        };
-
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
-        Ok((tx, rx, notification))
+        let (event, registration) = self.connect_event();
+        registration.router_tx.send_async((0, event)).await?;
+        registration.link_rx.recv_async().await?;
+        registration.finish()
     }
 
     pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (event, registration) = self.connect_event();
+        registration.router_tx.send((0, event))?;
+        registration.link_rx.recv()?;
+        registration.finish()
+    }
+
+    /// vitalmq patch 4: the connect event for the router, and what [`Registration::finish`]
+    /// needs once the router answered (shared by `build` and `build_async`).
+    fn connect_event(self) -> (Event, Registration) {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
         let mut connection = Connection::new(
@@ -153,19 +132,34 @@ impl<'a> LinkBuilder<'a> {
             .topic_alias_max(self.topic_alias_max);
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
-        let outgoing_data_buffer = outgoing.buffer();
-        let incoming_data_buffer = incoming.buffer();
+        let registration = Registration {
+            router_tx: self.router_tx,
+            link_rx,
+            outgoing_data_buffer: outgoing.buffer(),
+            incoming_data_buffer: incoming.buffer(),
+        };
 
         let event = Event::Connect {
             connection,
             incoming,
             outgoing,
         };
+        (event, registration)
+    }
+}
 
-        self.router_tx.send((0, event))?;
+/// vitalmq patch 4: a connection the router was asked to register.
+struct Registration {
+    router_tx: Sender<(ConnectionId, Event)>,
+    link_rx: Receiver<()>,
+    outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+    incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+}
 
-        link_rx.recv()?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
+impl Registration {
+    /// Builds the link halves from the router's answer.
+    fn finish(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let notification = self.outgoing_data_buffer.lock().pop_front().unwrap();
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
@@ -174,8 +168,8 @@ impl<'a> LinkBuilder<'a> {
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let tx = LinkTx::new(id, self.router_tx.clone(), self.incoming_data_buffer);
+        let rx = LinkRx::new(id, self.router_tx, self.link_rx, self.outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
 }
