@@ -28,7 +28,8 @@ Modes:
                          message counts when a bridge receipt covers it (recorded, or
                          reported lost: compare with the bridge's store). Reports the
                          receipted rate and broker/bridge CPU (--bridge-pid).
-  --verify-reference S   One-core verification rates (bare verify_strict / P-256 and the
+  --verify-reference S   One-core verification rates (bare ed25519-dalek verify_strict /
+                         ring P-256, the bridge's own AWS-LC signature check, and the
                          full envelope verify) of a message from the PKI: 3 rounds of S
                          seconds per measurement, the best round kept.
 

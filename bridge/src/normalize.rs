@@ -351,7 +351,9 @@ mod tests {
         );
         // What the replaced construction did with it: a panic in the recorder, so a
         // validly signed message could stop the pipeline.
-        let old = std::panic::catch_unwind(|| normalize_via_value(&verified, &entry, &receipt()));
+        let old = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            normalize_via_value(&verified, &entry, &receipt())
+        }));
         assert!(old.is_err());
     }
 

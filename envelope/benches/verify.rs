@@ -119,9 +119,11 @@ fn bare_verify(public: &VerifyingKey, tbs: &[u8], signature: &[u8]) -> bool {
             let signature = ed25519_dalek::Signature::from_bytes(raw);
             key.verify_strict(tbs, &signature).is_ok()
         }
-        VerifyingKey::Es256(point) => UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &point[..])
-            .verify(tbs, signature)
-            .is_ok(),
+        VerifyingKey::Es256(key) => {
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, &key.point()[..])
+                .verify(tbs, signature)
+                .is_ok()
+        }
     }
 }
 

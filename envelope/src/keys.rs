@@ -2,11 +2,27 @@
 //!
 //! Verification keys are parsed and validated once, when a registry is loaded, so the
 //! per-message path never re-validates a point and never meets a weak key.
+//!
+//! # Strict Ed25519, computed by AWS-LC
+//!
+//! The SPEC's strict verification is ed25519-dalek's `verify_strict`: `S` canonical,
+//! neither `A` nor `R` of small order, and the cofactorless equation, compared as the
+//! canonical encoding of `[S]B - [k]A` against the bytes of `R`. AWS-LC's `ED25519_verify`
+//! (formally verified s2n-bignum arithmetic, about 1.27x dalek's rate on this project's
+//! machines) checks all of that except the two small-order rules, so they are added here:
+//! `A` when the key is loaded (with its encoding required to be canonical, so that both
+//! libraries hash and decode the same key), `R` per message against the eight canonical
+//! encodings of the small-order points. A non-canonical `R` never equals the encoding
+//! AWS-LC computes, so it fails as in dalek. `tests/strict_ed25519.rs` compares both on
+//! valid, tampered, torsion-carrying and small-order signatures.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
+use std::sync::LazyLock;
+
+use aws_lc_rs::signature as lc_sig;
 use ring::signature::{self as ring_sig, KeyPair as _};
 
 use crate::DeviceId;
@@ -77,7 +93,7 @@ pub enum KeyError {
         expected: usize,
         got: usize,
     },
-    #[error("Ed25519 public key is not a valid point or has small order")]
+    #[error("Ed25519 public key is not a canonically encoded point or has small order")]
     WeakOrInvalidEd25519,
     #[error("ES256 public key is not an uncompressed point on P-256")]
     InvalidP256Point,
@@ -90,12 +106,43 @@ pub enum KeyError {
 pub enum VerifyingKey {
     Ed25519(ed25519_dalek::VerifyingKey),
     /// The uncompressed SEC1 point `04 || x || y`, checked to lie on P-256.
-    Es256(Box<[u8; 65]>),
+    Es256(Box<P256Key>),
 }
+
+/// A P-256 public key: its uncompressed SEC1 point, and AWS-LC's parsed form of it, so
+/// that a verification does not decode and check the point again (about 10% of an
+/// ES256 verify).
+#[derive(Clone)]
+pub struct P256Key {
+    point: [u8; 65],
+    parsed: lc_sig::ParsedPublicKey,
+}
+
+impl P256Key {
+    /// `04 || x || y`.
+    pub fn point(&self) -> &[u8; 65] {
+        &self.point
+    }
+}
+
+impl fmt::Debug for P256Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "P256Key({})", hex::encode(self.point))
+    }
+}
+
+impl PartialEq for P256Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.point == other.point
+    }
+}
+
+impl Eq for P256Key {}
 
 impl VerifyingKey {
     /// Parses a public key: 32 bytes for Ed25519; the 65-byte uncompressed SEC1 point
-    /// for ES256. Small-order Ed25519 keys and points off the curve are refused.
+    /// for ES256. Small-order or non-canonically encoded Ed25519 keys and points off the
+    /// curve are refused.
     pub fn from_bytes(alg: Algorithm, bytes: &[u8]) -> Result<Self, KeyError> {
         match alg {
             Algorithm::EdDsa => {
@@ -106,7 +153,7 @@ impl VerifyingKey {
                 })?;
                 let key = ed25519_dalek::VerifyingKey::from_bytes(raw)
                     .map_err(|_| KeyError::WeakOrInvalidEd25519)?;
-                if key.is_weak() {
+                if key.is_weak() || key.to_edwards().compress().as_bytes() != raw {
                     return Err(KeyError::WeakOrInvalidEd25519);
                 }
                 Ok(Self::Ed25519(key))
@@ -120,7 +167,9 @@ impl VerifyingKey {
                 if raw[0] != 0x04 || p256::PublicKey::from_sec1_bytes(&raw).is_err() {
                     return Err(KeyError::InvalidP256Point);
                 }
-                Ok(Self::Es256(Box::new(raw)))
+                let parsed = lc_sig::ParsedPublicKey::new(&lc_sig::ECDSA_P256_SHA256_FIXED, raw)
+                    .map_err(|_| KeyError::InvalidP256Point)?;
+                Ok(Self::Es256(Box::new(P256Key { point: raw, parsed })))
             }
         }
     }
@@ -145,7 +194,7 @@ impl VerifyingKey {
     pub fn to_bytes(&self) -> Vec<u8> {
         match self {
             Self::Ed25519(key) => key.to_bytes().to_vec(),
-            Self::Es256(point) => point.to_vec(),
+            Self::Es256(key) => key.point.to_vec(),
         }
     }
 
@@ -153,29 +202,39 @@ impl VerifyingKey {
         hex::encode(self.to_bytes())
     }
 
-    /// Verifies `signature` over `message`. Ed25519 uses `verify_strict` (canonical `S`,
-    /// no small-order `R`); ES256 wants exactly 64 bytes of `r || s`.
-    pub(crate) fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), &'static str> {
+    /// Verifies `signature` over `message`. Ed25519 is strict, with the semantics of
+    /// ed25519-dalek's `verify_strict` (module docs); ES256 wants exactly 64 bytes of
+    /// `r || s`. Both are computed by AWS-LC.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), &'static str> {
         match self {
             Self::Ed25519(key) => {
                 let raw: &[u8; 64] = signature
                     .try_into()
                     .map_err(|_| "Ed25519 signature is not 64 bytes")?;
-                let signature = ed25519_dalek::Signature::from_bytes(raw);
-                key.verify_strict(message, &signature)
+                if SMALL_ORDER_ENCODINGS.iter().any(|r| raw[..32] == r[..]) {
+                    return Err("Ed25519 signature does not verify (strict): R has small order");
+                }
+                lc_sig::UnparsedPublicKey::new(&lc_sig::ED25519, key.as_bytes())
+                    .verify(message, raw)
                     .map_err(|_| "Ed25519 signature does not verify (strict)")
             }
-            Self::Es256(point) => {
+            Self::Es256(key) => {
                 if signature.len() != 64 {
                     return Err("ES256 signature is not 64 bytes of raw r || s");
                 }
-                ring_sig::UnparsedPublicKey::new(&ring_sig::ECDSA_P256_SHA256_FIXED, &point[..])
-                    .verify(message, signature)
+                key.parsed
+                    .verify_sig(message, signature)
                     .map_err(|_| "ES256 signature does not verify")
             }
         }
     }
 }
+
+/// The canonical encodings of the eight points of small order, taken from
+/// curve25519-dalek's torsion subgroup: what `verify_strict` refuses as `R`.
+static SMALL_ORDER_ENCODINGS: LazyLock<[[u8; 32]; 8]> = LazyLock::new(|| {
+    curve25519_dalek::constants::EIGHT_TORSION.map(|point| point.compress().to_bytes())
+});
 
 impl fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -289,9 +348,8 @@ impl SigningKey {
         match self {
             Self::Ed25519(key) => VerifyingKey::Ed25519(key.verifying_key()),
             Self::Es256(signer) => {
-                let mut point = [0u8; 65];
-                point.copy_from_slice(signer.pair.public_key().as_ref());
-                VerifyingKey::Es256(Box::new(point))
+                VerifyingKey::from_bytes(Algorithm::Es256, signer.pair.public_key().as_ref())
+                    .expect("ring's P-256 public key is an uncompressed point on the curve")
             }
         }
     }

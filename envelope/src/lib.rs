@@ -22,7 +22,9 @@ mod verify;
 
 pub use device_id::{DeviceId, InvalidDeviceId};
 pub use inspect::{Headers, Inspection, inspect};
-pub use keys::{Algorithm, AnyKid, Es256Signer, KeyError, KeyLookup, SigningKey, VerifyingKey};
+pub use keys::{
+    Algorithm, AnyKid, Es256Signer, KeyError, KeyLookup, P256Key, SigningKey, VerifyingKey,
+};
 pub use refusal::{ReasonClass, Refusal};
 pub use sign::{sign, sign_payload};
 pub use telemetry::{MessageType, Number, SchemaError, Telemetry, parse_payload};
