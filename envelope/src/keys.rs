@@ -19,7 +19,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
-
 use std::sync::LazyLock;
 
 use aws_lc_rs::signature as lc_sig;
