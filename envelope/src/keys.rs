@@ -163,9 +163,10 @@ impl VerifyingKey {
                     expected: 65,
                     got: bytes.len(),
                 })?;
-                if raw[0] != 0x04 || p256::PublicKey::from_sec1_bytes(&raw).is_err() {
+                if raw[0] != 0x04 {
                     return Err(KeyError::InvalidP256Point);
                 }
+                // AWS-LC's parse checks that the point lies on the curve.
                 let parsed = lc_sig::ParsedPublicKey::new(&lc_sig::ECDSA_P256_SHA256_FIXED, raw)
                     .map_err(|_| KeyError::InvalidP256Point)?;
                 Ok(Self::Es256(Box::new(P256Key { point: raw, parsed })))
