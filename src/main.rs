@@ -83,6 +83,15 @@ fn certs(cmd: vitalmq_certs::cli::CertsCommand) -> anyhow::Result<std::process::
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Everything the components write may be patient-linked (store, objects, audit
+    // logs, device state): owner-only, including files made by libraries that take the
+    // umask's default (SQLite's -wal/-shm, object_store's local files). `certs` sets
+    // its files' modes itself: certificates and the registry are meant to be shared.
+    if !matches!(cli.command, Command::Certs(_)) {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+            vitalmq_private_fs::UMASK,
+        ));
+    }
     // The demo logs to a file in its work directory; everything else to stderr.
     if !matches!(cli.command, Command::Demo(_)) {
         tracing_subscriber::fmt()

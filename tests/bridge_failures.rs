@@ -99,7 +99,10 @@ fn local_lines(root: &Path) -> Vec<(String, u64)> {
 fn a_cloud_sink_outage_keeps_the_backlog_and_drains_it_in_order() {
     let rig = rig("sink-outage", 2);
     let objects = rig.dir().join("objects");
-    std::fs::create_dir_all(&objects).expect("objects dir");
+    // Owner-only, as the bridge requires of a data root it did not create itself.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&objects)
+        .expect("objects dir");
     std::fs::write(objects.join("normalized"), b"in the way").expect("block the sink");
     let ops = operator(&rig);
     let _bridge = rig.bridge("", &objects_sink("objects", 50));
@@ -250,7 +253,10 @@ fn a_full_store_acknowledges_nothing_more_and_loses_nothing() {
 fn a_full_outbox_applies_backpressure_instead_of_dropping() {
     let rig = rig("backlog", 2);
     let objects = rig.dir().join("objects");
-    std::fs::create_dir_all(&objects).expect("objects dir");
+    // Owner-only, as the bridge requires of a data root it did not create itself.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&objects)
+        .expect("objects dir");
     std::fs::write(objects.join("normalized"), b"in the way").expect("block the sink");
     let ops = operator(&rig);
     let _bridge = rig.bridge(

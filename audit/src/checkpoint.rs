@@ -73,7 +73,7 @@ impl CheckpointKey {
             SigningKey::from_pkcs8_pem(&pem).map_err(|e| err(e.to_string()))?
         } else {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                vitalmq_private_fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
             }
             let key = SigningKey::generate(&mut rand_core::OsRng);
             let pem = key

@@ -13,7 +13,6 @@
 //! on, never a patient value), `reason` the outcome (`started`, `succeeded`, `failed`)
 //! and `details` with who ([`Operator`]) and what the action needs to be understood.
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -157,9 +156,11 @@ pub fn append(path: &Path, records: Vec<AuditRecord>) -> Result<(), OperatorLogE
         source,
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(io)?;
+        vitalmq_private_fs::dir_builder()
+            .create(parent)
+            .map_err(io)?;
     }
-    let file = OpenOptions::new()
+    let file = vitalmq_private_fs::create_options()
         .create(true)
         .append(true)
         .open(path)

@@ -3,7 +3,7 @@
 //! Records are group-committed: the thread writes every record already queued, then
 //! flushes and `fdatasync`s once, so a burst of denials costs one sync, not one each.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead as _, BufReader, BufWriter, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,9 +94,11 @@ impl AuditLog {
             source,
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(io)?;
+            vitalmq_private_fs::dir_builder()
+                .create(parent)
+                .map_err(io)?;
         }
-        let mut file = OpenOptions::new()
+        let mut file = vitalmq_private_fs::create_options()
             .create(true)
             .read(true)
             .append(true)

@@ -39,6 +39,10 @@ pub struct BridgeConfig {
     pub alerts: Option<AlertsConfig>,
     #[serde(default)]
     pub ops: OpsConfig,
+    /// What to do at start when the data directory, an object directory or the audit
+    /// log is readable by other local users: `refuse` (default) or `warn`.
+    #[serde(default)]
+    pub private_files: vitalmq_private_fs::ExposurePolicy,
 }
 
 /// Another component's audit log, shipped like the bridge's own: its file on disk is
@@ -233,6 +237,26 @@ pub struct S3Config {
 
 fn default_region() -> String {
     "us-east-1".to_owned()
+}
+
+impl BridgeConfig {
+    /// What the start check looks at: the data directory and each local object
+    /// directory (dedicated to vitalmq, so owner-only as a whole), the audit log and its
+    /// signing key (perhaps in a shared log directory, so the files themselves).
+    pub fn private_paths(&self) -> Vec<PathBuf> {
+        let audit = self.audit_path();
+        let mut paths = vec![self.data_dir.clone()];
+        paths.push(vitalmq_audit::signing_key_path(&audit));
+        paths.push(audit);
+        for sink in &self.sinks {
+            if let SinkConfig::Objects { path: Some(p), .. } = sink {
+                paths.push(p.clone());
+            }
+        }
+        paths.sort();
+        paths.dedup();
+        paths
+    }
 }
 
 impl SinkConfig {

@@ -11,6 +11,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -118,6 +119,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let registry =
         Arc::new(DeviceRegistry::load(&config.registry).map_err(|e| anyhow::anyhow!("{e}"))?);
+    // Before anything is opened: patient data must not be readable by other users.
+    let private_paths = config.private_paths();
+    let exposed = vitalmq_private_fs::check(
+        &private_paths
+            .iter()
+            .map(PathBuf::as_path)
+            .collect::<Vec<_>>(),
+        config.private_files,
+    )?;
     let store = Store::open(&config.data_dir)?;
     if config.pipeline.max_store_bytes > 0 {
         store.set_quota(config.pipeline.max_store_bytes)?;
@@ -177,6 +187,10 @@ pub async fn run(
                     .iter()
                     .map(|s| s.name().to_owned())
                     .collect::<Vec<_>>(),
+            )
+            .detail(
+                "exposed_paths",
+                exposed.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ),
     )?;
 

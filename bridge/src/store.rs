@@ -188,6 +188,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: cannot create the database file: {source}")]
+    CreateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: the disk is full: {source}")]
     Full {
         path: PathBuf,
@@ -347,11 +352,23 @@ fn i2u(v: i64) -> u64 {
 impl Store {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::CreateDir {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        vitalmq_private_fs::dir_builder()
+            .create(data_dir)
+            .map_err(|source| StoreError::CreateDir {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
         let path = data_dir.join(DB_FILE);
+        // Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+        // database file's mode.
+        vitalmq_private_fs::create_options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| StoreError::CreateFile {
+                path: path.clone(),
+                source,
+            })?;
         let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
             path: path.clone(),
             source,

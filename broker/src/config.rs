@@ -28,6 +28,10 @@ pub struct BrokerConfig {
     pub audit: AuditSettings,
     #[serde(default)]
     pub embedded: EmbeddedSettings,
+    /// What to do at start when the audit log or its directory is readable by other
+    /// local users: `refuse` (default) or `warn`.
+    #[serde(default)]
+    pub private_files: vitalmq_private_fs::ExposurePolicy,
 }
 
 #[derive(Debug, Clone, Deserialize)]

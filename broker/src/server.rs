@@ -30,6 +30,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("audit log: {0}")]
     Audit(#[from] vitalmq_audit::AuditError),
+    #[error(transparent)]
+    PrivateFiles(#[from] vitalmq_private_fs::PrivateFsError),
     #[error("{0}")]
     AuditKey(#[from] vitalmq_audit::KeyError),
     #[error("embedded broker: {0}")]
@@ -79,6 +81,14 @@ impl Broker {
         config.embedded.max_connections =
             config.embedded.max_connections.max(config.max_connections);
         let loaded = load(&config).map_err(StartError::Policy)?;
+        // The audit log names devices, sites and addresses, its key vouches for it:
+        // owner-only. Its directory may be a shared log directory, so only the files
+        // are checked.
+        let key_path = vitalmq_audit::signing_key_path(&config.audit.path);
+        let exposed = vitalmq_private_fs::check(
+            &[config.audit.path.as_path(), key_path.as_path()],
+            config.private_files,
+        )?;
         // Checkpoints are signed with the broker's own key, kept beside its audit log.
         let key = vitalmq_audit::CheckpointKey::load_or_create(
             &vitalmq_audit::signing_key_path(&config.audit.path),
@@ -128,7 +138,11 @@ impl Broker {
         let _ = audit.record(
             AuditRecord::new(Component::Broker, Event::ComponentStarted)
                 .policy_sha256(loaded.acl.sha256_hex())
-                .detail("listen", addr.to_string()),
+                .detail("listen", addr.to_string())
+                .detail(
+                    "exposed_paths",
+                    exposed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                ),
         );
         tracing::info!(%addr, policy_sha256 = loaded.acl.sha256_hex(), "broker listening (mTLS)");
 

@@ -215,7 +215,8 @@ impl ObjectStoreSink {
             sink: name.clone(),
             detail: format!("{what} {}: {e}", root_dir.display()),
         };
-        std::fs::create_dir_all(root_dir).map_err(|e| unavailable("creating directory", &e))?;
+        vitalmq_private_fs::create_dir_all(root_dir)
+            .map_err(|e| unavailable("creating directory", &e))?;
         let root = std::fs::canonicalize(root_dir).map_err(|e| unavailable("resolving", &e))?;
         let fs = Arc::new(
             LocalFileSystem::new_with_prefix(&root).map_err(|e| unavailable("opening", &e))?,
