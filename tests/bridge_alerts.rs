@@ -17,7 +17,15 @@ use std::time::Duration;
 use common::{Rig, Spawned, vitalmq_ok};
 use serde_json::Value as Json;
 
-const SECRET: &str = "webhook-test-secret";
+/// The webhook's secrets during a key rotation, newest first (Standard Webhooks keys:
+/// `whsec_` + base64 of 32 bytes), as the bridge's environment variable holds them.
+const NEW_SECRET: &str = "whsec_bmV3LWtleS1uZXcta2V5LW5ldy1rZXktbmV3LWtleS0=";
+const OLD_SECRET: &str = "whsec_b2xkLWtleS1vbGQta2V5LW9sZC1rZXktb2xkLWtleS0=";
+const SECRETS: &str = concat!(
+    "whsec_bmV3LWtleS1uZXcta2V5LW5ldy1rZXktbmV3LWtleS0=",
+    " ",
+    "whsec_b2xkLWtleS1vbGQta2V5LW9sZC1rZXktb2xkLWtleS0="
+);
 
 /// One HTTP request the webhook receiver got.
 #[derive(Debug, Clone)]
@@ -96,12 +104,51 @@ fn webhook_receiver(fail_first: usize) -> (u16, Arc<Mutex<Vec<Received>>>) {
     (port, got)
 }
 
-/// HMAC-SHA256 as the receiver checks it (independently of the bridge's code).
-fn hmac_sha256(key: &[u8], body: &[u8]) -> String {
-    use hmac::Mac as _;
-    let mut mac = <hmac::Hmac<sha2::Sha256>>::new_from_slice(key).expect("any key length");
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
+/// Verifies the captured requests with the Standard Webhooks reference library for
+/// Python (`tests/py/webhook_verify.py`) under each of `secrets`: now, and as if replayed
+/// `later_s` seconds after signing. Per secret: (verdicts now, verdicts later).
+fn standard_webhooks_verdicts(
+    secrets: &[&str],
+    hooks: &[Received],
+    later_s: u64,
+) -> Vec<(Vec<String>, Vec<String>)> {
+    use base64::Engine as _;
+    let requests: Vec<Json> = hooks
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "headers": r.headers.iter().map(|(k, v)| (k.clone(), Json::from(v.as_str()))).collect::<serde_json::Map<String, Json>>(),
+                "body_b64": base64::engine::general_purpose::STANDARD.encode(&r.body),
+            })
+        })
+        .collect();
+    let job = serde_json::json!({ "secrets": secrets, "later_s": later_s, "requests": requests });
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/webhook_verify.py");
+    let ran = common::run_with_input(
+        std::process::Command::new("python3").arg(script),
+        Some(job.to_string().as_bytes()),
+        Duration::from_secs(60),
+    );
+    assert!(
+        ran.success,
+        "the Standard Webhooks verifier failed (scripts/test installs standardwebhooks):\n{}",
+        ran.all()
+    );
+    let out: Json = serde_json::from_str(ran.stdout.trim()).expect("verifier JSON");
+    let list = |v: &Json| -> Vec<String> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|x| x.as_str().expect("verdict").to_owned())
+            .collect()
+    };
+    (0..secrets.len())
+        .map(|i| {
+            let r = &out[i.to_string()];
+            (list(&r["now"]), list(&r["later"]))
+        })
+        .collect()
 }
 
 fn alerts_config(webhook_port: u16) -> String {
@@ -161,7 +208,7 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
             vitalmq_bin!(),
             rig.dir(),
             &config,
-            &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRET)],
+            &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRETS)],
             Duration::from_secs(30),
         )
     };
@@ -270,15 +317,32 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
         other_site.all()
     );
 
-    // The webhook got the same state changes, each signed over its exact body.
+    // The webhook got the same state changes, each signed over its id, timestamp and
+    // exact body as Standard Webhooks specifies: the specification's reference library
+    // for Python accepts every request under either key of the rotation, and refuses
+    // each one replayed ten minutes later.
     std::thread::sleep(Duration::from_secs(2));
     let hooks = webhook.lock().expect("lock").clone();
+    let verdicts = standard_webhooks_verdicts(&[NEW_SECRET, OLD_SECRET], &hooks, 600);
+    for (now, later) in &verdicts {
+        assert!(now.iter().all(|v| v == "ok"), "refused now: {now:?}");
+        assert!(
+            later.iter().all(|v| v == "Message timestamp too old"),
+            "a replay was accepted: {later:?}"
+        );
+    }
+    let stranger = "whsec_c3RyYW5nZXJzdHJhbmdlcnN0cmFuZ2Vyc3RyYW5nZXI=";
+    let (forged, _) = &standard_webhooks_verdicts(&[stranger], &hooks, 0)[0];
+    assert!(
+        forged.iter().all(|v| v == "No matching signature found"),
+        "another key verified: {forged:?}"
+    );
     let mut hook_states = Vec::new();
     for r in &hooks {
-        let sig = r.header("x-vitalmq-signature").expect("signature header");
         assert_eq!(
-            sig,
-            format!("sha256={}", hmac_sha256(SECRET.as_bytes(), &r.body))
+            r.header("webhook-id"),
+            r.header("idempotency-key"),
+            "one message id per state change, retries included"
         );
         let a: Json = serde_json::from_slice(&r.body).expect("json body");
         assert_eq!(r.header("x-vitalmq-alert-id"), a["alert_id"].as_str());
@@ -471,7 +535,7 @@ fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
         vitalmq_bin!(),
         rig.dir(),
         &config,
-        &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRET)],
+        &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRETS)],
         Duration::from_secs(30),
     );
     let audit = rig.data().join("audit.jsonl");

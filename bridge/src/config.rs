@@ -115,7 +115,8 @@ pub struct AlertPublisher {
 pub struct WebhookConfig {
     pub name: String,
     pub url: String,
-    /// Environment variable holding the HMAC-SHA256 key (never the key itself here).
+    /// Environment variable holding the signing secrets (never a secret itself here):
+    /// Standard Webhooks `whsec_<base64>` keys, separated by white space, newest first.
     pub secret_env: String,
 }
 

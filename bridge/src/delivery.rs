@@ -13,9 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hmac::{Hmac, Mac as _};
 use serde_json::{Map, json};
-use sha2::Sha256;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
@@ -24,21 +22,14 @@ use crate::link::{Link, LinkError};
 use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
 use crate::store::{Store, StoredAlert, lock};
+use crate::webhook::{
+    HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP, WebhookSigner,
+};
 
-/// Header carrying the HMAC-SHA256 of the body: `sha256=<hex>`.
-pub const SIGNATURE_HEADER: &str = "X-Vitalmq-Signature";
 /// Header carrying the alert id; with the state it is the idempotency key.
 pub const ALERT_ID_HEADER: &str = "X-Vitalmq-Alert-Id";
-/// `Idempotency-Key: <alert_id>/<state>`.
+/// `Idempotency-Key: <alert_id>/<state>`, also the Standard Webhooks `webhook-id`.
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
-
-/// `sha256=` + hex HMAC-SHA256 of `body` under `secret`.
-pub fn signature(secret: &[u8], body: &[u8]) -> String {
-    // HMAC accepts keys of any length.
-    let mut mac = <Hmac<Sha256>>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
 
 /// Where alerts go.
 pub enum Handler {
@@ -47,11 +38,12 @@ pub enum Handler {
         options: Box<rumqttc::MqttOptions>,
         link: Option<Link>,
     },
-    /// An HTTP endpoint; the body is the alert JSON, signed.
+    /// An HTTP endpoint; the body is the alert JSON, signed as Standard Webhooks
+    /// specifies (`crate::webhook`).
     Webhook {
         name: String,
         url: String,
-        secret: Vec<u8>,
+        signer: WebhookSigner,
         client: reqwest::Client,
     },
 }
@@ -63,7 +55,7 @@ impl std::fmt::Debug for Handler {
 }
 
 impl Handler {
-    pub fn webhook(name: String, url: String, secret: Vec<u8>) -> anyhow::Result<Self> {
+    pub fn webhook(name: String, url: String, signer: WebhookSigner) -> anyhow::Result<Self> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
@@ -71,7 +63,7 @@ impl Handler {
         Ok(Self::Webhook {
             name,
             url,
-            secret,
+            signer,
             client,
         })
     }
@@ -121,17 +113,26 @@ impl Handler {
             }
             Self::Webhook {
                 url,
-                secret,
+                signer,
                 client,
                 ..
             } => {
                 for a in alerts {
+                    // One id for every attempt at this state change; a fresh timestamp
+                    // (and so signature) per attempt.
+                    let id = format!("{}/{}", a.alert_id, a.state);
+                    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                    let signed = signer
+                        .sign(&id, now, a.body.as_bytes())
+                        .map_err(|e| e.to_string())?;
                     let response = client
                         .post(url.as_str())
                         .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .header(SIGNATURE_HEADER, signature(secret, a.body.as_bytes()))
+                        .header(HEADER_WEBHOOK_ID, signed.id)
+                        .header(HEADER_WEBHOOK_TIMESTAMP, signed.timestamp)
+                        .header(HEADER_WEBHOOK_SIGNATURE, signed.signature)
                         .header(ALERT_ID_HEADER, &a.alert_id)
-                        .header(IDEMPOTENCY_HEADER, format!("{}/{}", a.alert_id, a.state))
+                        .header(IDEMPOTENCY_HEADER, id)
                         .body(a.body.clone())
                         .send()
                         .await
@@ -244,19 +245,5 @@ pub async fn run_handler(
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_signature_is_rfc_4231_hmac_sha256() {
-        // RFC 4231 test case 2.
-        assert_eq!(
-            signature(b"Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
     }
 }

@@ -19,6 +19,7 @@ pub mod reload;
 pub mod run;
 pub mod sink;
 pub mod store;
+pub mod webhook;
 pub mod window;
 
 pub use config::BridgeConfig;

@@ -228,11 +228,9 @@ pub async fn run(
                     w.name, w.secret_env
                 )
             })?;
-            handlers.push(Handler::webhook(
-                w.name.clone(),
-                w.url.clone(),
-                secret.into_bytes(),
-            )?);
+            let signer = crate::webhook::WebhookSigner::parse(&secret)
+                .with_context(|| format!("webhook {}: the secret in {}", w.name, w.secret_env))?;
+            handlers.push(Handler::webhook(w.name.clone(), w.url.clone(), signer)?);
         }
     }
     let alert_wakers: Vec<Arc<Notify>> = handlers.iter().map(|_| Arc::new(Notify::new())).collect();
