@@ -1,13 +1,19 @@
-//! issue 15, item 1: the reconnect race. Two connections with one device certificate
-//! and client id, each looping "TLS connect, CONNECT, read CONNACK, close without
-//! DISCONNECT", once per MQTT version. rumqttd 0.20 used to leave a stale will handler
-//! behind, panic on the next CONNECT of that client id while holding its will-handler
-//! lock, and from then on refuse every CONNECT of that MQTT version, while the gate
-//! audited every dead connection as accepted.
+//! The gate's connect path end to end: TLS clients sending raw MQTT frames to an
+//! in-process broker on 127.0.0.1 (issue 15, items 1 and 6).
 //!
-//! Afterwards other devices of both versions (and the racing ones) must connect, and
-//! the audit log must hold a `connection_accepted` record exactly for the connections
-//! whose client received a successful CONNACK (matched by the client's address).
+//! The reconnect race: two connections with one device certificate and client id,
+//! each looping "TLS connect, CONNECT, read CONNACK, close without DISCONNECT", once
+//! per MQTT version. rumqttd 0.20 used to leave a stale will handler behind, panic on
+//! the next CONNECT of that client id while holding its will-handler lock, and from
+//! then on refuse every CONNECT of that MQTT version, while the gate audited every
+//! dead connection as accepted. Afterwards other devices of both versions (and the
+//! racing ones) must connect, and the audit log must hold a `connection_accepted`
+//! record exactly for the connections whose client received a successful CONNACK
+//! (matched by the client's address).
+//!
+//! Protocol violations after CONNECT that stock clients do not produce (a second
+//! CONNECT, a PUBACK or PUBREL for a packet id nobody used) close the connection with
+//! an audit record saying why.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -319,4 +325,83 @@ async fn reconnect_loops_on_one_identity_leave_both_mqtt_versions_usable() {
         unaudited, 0,
         "connections that got a CONNACK without a connection_accepted record"
     );
+}
+
+/// A connected raw client: sends `after` once its CONNACK came, then reads until the
+/// broker closes. Returns the client's address and everything read after CONNACK.
+async fn violate(
+    tls: &TlsConnector,
+    broker: SocketAddr,
+    version: Mqtt,
+    client_id: &str,
+    after: &[u8],
+) -> (SocketAddr, Vec<u8>) {
+    let exchange = async {
+        let tcp = TcpStream::connect(broker).await.expect("tcp");
+        let local = tcp.local_addr().expect("addr");
+        let name = ServerName::try_from("localhost").expect("name");
+        let mut stream = tls.connect(name, tcp).await.expect("handshake");
+        stream
+            .write_all(&connect_packet(version, client_id))
+            .await
+            .expect("CONNECT");
+        // CONNACK: 0x20, remaining length (< 128 here), the rest.
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).await.expect("CONNACK");
+        assert_eq!(head[0], 0x20, "CONNACK first");
+        let mut rest = vec![0u8; usize::from(head[1])];
+        stream.read_exact(&mut rest).await.expect("CONNACK body");
+        assert_eq!(rest.get(1), Some(&0), "CONNACK success");
+        stream.write_all(after).await.expect("violation");
+        let mut tail = Vec::new();
+        let _ = stream.read_to_end(&mut tail).await;
+        (local, tail)
+    };
+    tokio::time::timeout(EXCHANGE, exchange)
+        .await
+        .expect("the broker closes the connection in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_after_connect_are_audited_with_their_reason() {
+    let (deployment, config) = Deployment::new();
+    let broker = Broker::start(config).await.expect("broker starts");
+    let addr = broker.local_addr();
+    let tls = deployment.device("dev-00001");
+
+    let second_connect_5 = connect_packet(Mqtt::V5, "dev-00001");
+    let cases: [(Mqtt, &[u8], &str); 5] = [
+        (
+            Mqtt::V311,
+            &connect_packet(Mqtt::V311, "dev-00001"),
+            "second_connect",
+        ),
+        (Mqtt::V5, &second_connect_5, "second_connect"),
+        (Mqtt::V311, &[0x40, 2, 0x12, 0x34], "unknown_packet_id"),
+        (Mqtt::V5, &[0x40, 2, 0x12, 0x34], "unknown_packet_id"),
+        (Mqtt::V311, &[0x62, 2, 0x12, 0x34], "unknown_packet_id"),
+    ];
+    let mut expected = Vec::new();
+    for (version, after, reason) in cases {
+        let (local, tail) = violate(&tls, addr, version, "dev-00001", after).await;
+        if version == Mqtt::V5 {
+            assert_eq!(
+                tail.get(..3),
+                Some(&[0xE0, 1, 0x82][..]),
+                "{reason}: DISCONNECT with 0x82 (protocol error)"
+            );
+        }
+        expected.push((local.to_string(), reason));
+    }
+    broker.shutdown().await;
+
+    let records = audit_records(&deployment.audit);
+    for (local, reason) in expected {
+        assert!(
+            records.iter().any(|r| r["event"] == "connection_closed"
+                && r["reason"] == reason
+                && r["actor"]["addr"] == local.as_str()),
+            "no connection_closed record with reason {reason} for {local}"
+        );
+    }
 }
