@@ -73,6 +73,12 @@ impl CloseReason {
 pub trait AuditSink: Send + Sync + std::fmt::Debug {
     /// Err means the record could not be queued: the caller must stop the work.
     fn record(&self, record: AuditRecord) -> Result<(), AuditUnavailable>;
+
+    /// False while the log is known not to be writing (a write failed): the gate then
+    /// hands no new connection to rumqttd.
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 /// The audit log cannot take the record (full queue, failed write, stopped writer).
@@ -86,6 +92,10 @@ impl AuditSink for vitalmq_audit::Auditor {
             tracing::error!(error = %e, "audit record could not be queued");
             AuditUnavailable
         })
+    }
+
+    fn healthy(&self) -> bool {
+        vitalmq_audit::Auditor::healthy(self)
     }
 }
 
@@ -560,6 +570,13 @@ impl GateSession {
             self.audit_denial("will", format!("{max} bytes"), &verdict, "oversized");
             let connack = reply::connack_not_authorized(version);
             return self.connection_refused(connack, "will_too_large", &claimed, verdict, out);
+        }
+        if !self.audit.healthy() {
+            // Fail closed: nothing reaches rumqttd (not even a takeover of the client
+            // id's live session) while its acceptance could not be recorded.
+            tracing::error!(peer.id = %self.peer.spiffe.id, "audit log unavailable: connection refused");
+            out.push(Output::ToClient(reply::connack_unavailable(version)));
+            return self.audit_failed(out);
         }
         self.assign_client_id = claimed.is_empty();
         self.clean_session = connect.clean_session();

@@ -704,6 +704,10 @@ impl AuditSink for BreakableAudit {
         }
         self.inner.record(record)
     }
+
+    fn healthy(&self) -> bool {
+        !self.broken.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[test]
@@ -797,6 +801,38 @@ fn no_connack_reaches_the_client_when_its_accepted_record_cannot_be_written() {
     assert_eq!(closed(&out), Some("audit_unavailable"));
     assert!(session.is_closed());
     assert!(!session.awaiting_broker_connack(), "the pipe may close");
+
+    // While the log is known broken, a CONNECT does not even reach rumqttd.
+    for version in [Version::V311, Version::V5] {
+        let mut session = GateSession::new(
+            peer(Role::Device, "dev-00001"),
+            "127.0.0.1:5555",
+            authorizer(),
+            audit.clone(),
+            Arc::new(Unlimited),
+            PASSWORD.into(),
+        );
+        let connect = match version {
+            Version::V311 => v4_connect("dev-00001", None),
+            Version::V5 => v5_connect("dev-00001"),
+        };
+        let mut out = Vec::new();
+        session.on_client_bytes(&mut BytesMut::from(&connect[..]), &mut out);
+        assert!(to_broker(&out).is_empty(), "{version:?}");
+        assert!(!out.contains(&Output::OpenBroker(version)), "{version:?}");
+        assert_eq!(closed(&out), Some("audit_unavailable"), "{version:?}");
+        let refused = &to_client(&out)[0];
+        match version {
+            Version::V311 => assert!(matches!(
+                read_v4(refused),
+                v4::Packet::ConnAck(a) if a.code == v4::ConnectReturnCode::ServiceUnavailable
+            )),
+            Version::V5 => assert!(matches!(
+                read_v5(refused),
+                v5::Packet::ConnAck(a) if a.code == v5::ConnectReturnCode::ServerUnavailable
+            )),
+        }
+    }
 }
 
 #[test]
