@@ -236,10 +236,10 @@ impl GateSession {
 
     /// True between forwarding CONNECT and seeing rumqttd's CONNACK. The relay must not
     /// close the internal connection in that window: rumqttd 0.20 registers the client's
-    /// will handler before writing CONNACK and leaves it behind if that write fails, and
-    /// the next CONNECT with the same client id then panics its listener thread while
-    /// holding a lock (server/broker.rs, `sender.try_send(awaiting_will).unwrap()`),
-    /// killing that listener. Waiting for CONNACK keeps rumqttd on its normal path.
+    /// will handler before writing CONNACK and left it behind if that write failed, and
+    /// the next CONNECT with the same client id then panicked while holding the
+    /// will-handler lock (patched: `vendor/rumqttd/VITALMQ-PATCHES.md` 5). Waiting for
+    /// CONNACK keeps rumqttd on its normal path anyway.
     pub fn awaiting_broker_connack(&self) -> bool {
         matches!(self.state, State::Connected(_) | State::Closed)
             && self.opened_broker
