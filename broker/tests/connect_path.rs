@@ -405,3 +405,127 @@ async fn protocol_violations_after_connect_are_audited_with_their_reason() {
         );
     }
 }
+
+/// Collects audit records in memory.
+#[derive(Debug, Default)]
+struct Records(std::sync::Mutex<Vec<vitalmq_audit::AuditRecord>>);
+
+impl vitalmq_broker::gate::AuditSink for Records {
+    fn record(
+        &self,
+        record: vitalmq_audit::AuditRecord,
+    ) -> Result<(), vitalmq_broker::gate::AuditUnavailable> {
+        self.0.lock().expect("records").push(record);
+        Ok(())
+    }
+}
+
+/// Keepalive 0 ("no keepalive") is valid MQTT; rumqttd refuses it and, asked for a
+/// keepalive instead, closes a connection it hears nothing from for 1.5 times that.
+/// The gate keeps rumqttd's side alive for such a client: after minutes of silence
+/// (tokio's paused clock, through the relay and the embedded rumqttd) it still answers.
+#[tokio::test]
+async fn a_silent_client_with_keepalive_0_stays_connected() {
+    use tokio::sync::watch;
+    use vitalmq_broker::accept::AcceptedPeer;
+    use vitalmq_broker::authz::{Authorizer, PolicyAuthorizer};
+    use vitalmq_broker::embedded::{EmbeddedBroker, EmbeddedSettings};
+    use vitalmq_broker::identity::{IdentitySource, PeerIdentity};
+    use vitalmq_broker::ratelimit::RateRegistry;
+    use vitalmq_broker::relay::{self, RelayContext};
+    use vitalmq_policies::{AclPolicy, DeviceRegistry, SpiffeId};
+
+    let (deployment, config) = Deployment::new();
+    let acl = AclPolicy::load(&config.policy.acl).expect("acl");
+    let registry = DeviceRegistry::load(&config.policy.registry).expect("registry");
+    let authz: Arc<dyn Authorizer> =
+        Arc::new(PolicyAuthorizer::new(Arc::new(acl), Arc::new(registry)));
+    let edge = vitalmq_broker::tls::build(&config.tls).expect("tls");
+    let (_authz_tx, authz_rx) = watch::channel(authz);
+    let (_edge_tx, edge_rx) = watch::channel(Arc::new(edge));
+    let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+    let audit = Arc::new(Records::default());
+    let ctx = Arc::new(RelayContext {
+        embedded: Arc::new(EmbeddedBroker::start(&EmbeddedSettings::default()).expect("rumqttd")),
+        authz: authz_rx,
+        edge: edge_rx,
+        audit: audit.clone(),
+        rates: RateRegistry::default(),
+        connect_timeout: Duration::from_secs(10),
+        shutdown: shutdown_rx,
+    });
+    let id = PrincipalId::new("dev-00001").expect("id");
+    let leaf = CertificateDer::pem_file_iter(deployment.layout.identity_cert(Role::Device, &id))
+        .expect("cert")
+        .next()
+        .expect("one certificate")
+        .expect("pem");
+    let peer = AcceptedPeer {
+        identity: PeerIdentity {
+            spiffe: SpiffeId::new(
+                TrustDomain::new("demo.vitalmq").expect("td"),
+                Role::Device,
+                id,
+            ),
+            source: IdentitySource::SanUri,
+            serial_hex: "01".into(),
+            fingerprint_sha256_hex: "00".repeat(32),
+            not_after: time::OffsetDateTime::now_utc() + time::Duration::days(1),
+        },
+        remote: "127.0.0.1:5555".parse().expect("addr"),
+        leaf,
+        intermediates: Vec::new(),
+    };
+    let (mut client, gate_end) = tokio::io::duplex(64 << 10);
+    let served = tokio::spawn(relay::serve(gate_end, peer, ctx));
+
+    let mut connect = v4::Connect::new("dev-00001");
+    connect.keep_alive = 0;
+    let mut buf = BytesMut::new();
+    connect.write(&mut buf).expect("encode");
+    client.write_all(&buf).await.expect("CONNECT");
+    let mut inbox = BytesMut::new();
+    let read_packet = async |client: &mut tokio::io::DuplexStream, inbox: &mut BytesMut| loop {
+        match v4::Packet::read(inbox, 1 << 16) {
+            Ok(packet) => return Some(packet),
+            Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("malformed packet from the gate: {e:?}"),
+        }
+        match tokio::time::timeout(EXCHANGE, client.read_buf(inbox)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return None,
+        }
+    };
+    assert!(matches!(
+        read_packet(&mut client, &mut inbox).await,
+        Some(v4::Packet::ConnAck(a)) if a.code == v4::ConnectReturnCode::Success
+    ));
+
+    // Five silent minutes, one second at a time so every timer and task gets its turn.
+    tokio::time::pause();
+    for _ in 0..300 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    tokio::time::resume();
+
+    client.write_all(&[0xC0, 0]).await.expect("PINGREQ");
+    assert!(
+        matches!(
+            read_packet(&mut client, &mut inbox).await,
+            Some(v4::Packet::PingResp)
+        ),
+        "still connected: the gate pinged rumqttd on the client's behalf"
+    );
+    assert!(!served.is_finished());
+    let events: Vec<_> = audit
+        .0
+        .lock()
+        .expect("records")
+        .iter()
+        .map(|r| r.event)
+        .collect();
+    assert_eq!(events, vec![vitalmq_audit::Event::ConnectionAccepted]);
+}
