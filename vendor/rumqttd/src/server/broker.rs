@@ -533,7 +533,9 @@ type WillHandlers = Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>;
 fn lock_will_handlers(
     handlers: &Mutex<HashMap<String, Sender<AwaitingWill>>>,
 ) -> std::sync::MutexGuard<'_, HashMap<String, Sender<AwaitingWill>>> {
-    handlers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    handlers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// vitalmq patch 5: one connection's entry in the will-handler map. Dropping it (the
