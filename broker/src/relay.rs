@@ -258,6 +258,8 @@ async fn apply<W: AsyncWrite + Unpin>(
                         *sides.handover = Some(handover);
                     }
                     Err(busy) => {
+                        metrics::counter!("vitalmq_gate_closes_total", "reason" => "handover_busy")
+                            .increment(1);
                         tracing::info!(peer.addr = %remote, reason = %busy, "gate closed connection");
                         applied.closed = Some("handover_busy");
                         break;
