@@ -817,6 +817,46 @@ fn paho_mqtt311_suback_disconnect_retained_and_will() {
     paho("311");
 }
 
+/// issue 15, item 6: MQTT keepalive 0 means "no keepalive" and is valid in both
+/// versions; rumqttd refuses it without a CONNACK, and the gate used to audit such a
+/// connection as accepted anyway. Now the gate accepts it (and keeps rumqttd's side of
+/// the connection alive itself).
+#[test]
+fn paho_with_keepalive_0_connects_and_publishes_in_both_versions() {
+    let gate = Gate::start("paho-keepalive0");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/paho_keepalive0.py");
+    for (version, device) in [("311", "dev-00003"), ("5", "dev-00004")] {
+        let ran = run(
+            Command::new("python3")
+                .arg(&script)
+                .args(["--port", &gate.broker.port.to_string()])
+                .args(["--pki", s(&gate.pki), "--device", device])
+                .args(["--version", version]),
+            Duration::from_secs(30),
+        );
+        assert!(
+            !ran.stderr.contains("ModuleNotFoundError"),
+            "paho-mqtt is not installed: python3 -m pip install 'paho-mqtt==2.*' (scripts/test does)\n{}",
+            ran.stderr
+        );
+        assert!(ran.success, "paho_keepalive0.py failed:\n{}", ran.all());
+        let out: Json = serde_json::from_str(ran.stdout.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", ran.all()));
+        let shown = format!("{version}: {out}\nbroker:\n{}", gate.broker.stderr());
+        assert_eq!(out["connect"], 0, "CONNACK success: {shown}");
+        assert_eq!(out["puback"], 0, "own telemetry acknowledged: {shown}");
+        gate.audited(&[
+            ("/event", "connection_accepted"),
+            ("/actor/identity", &spiffe("device", device)),
+        ]);
+    }
+    assert_eq!(
+        gate.count(&[("/reason", "closed_before_connack")]),
+        0,
+        "no connection died before its CONNACK"
+    );
+}
+
 // ------------------------------------------------------------------------ reloads
 
 #[test]

@@ -19,6 +19,7 @@ use subtle::ConstantTimeEq as _;
 use tokio::io::DuplexStream;
 
 use crate::gate::Version;
+use crate::handover::{Handover, HandoverBusy, Handovers};
 
 /// Tuning of the embedded broker.
 #[derive(Debug, Clone, Deserialize)]
@@ -64,6 +65,7 @@ pub struct EmbeddedBroker {
     v5: StreamServer<V5>,
     password: Arc<str>,
     pipe_bytes: usize,
+    handovers: Handovers,
 }
 
 impl std::fmt::Debug for EmbeddedBroker {
@@ -125,6 +127,7 @@ impl EmbeddedBroker {
             v5: broker.stream_server_v5(connections()),
             password,
             pipe_bytes: settings.pipe_bytes.max(4096),
+            handovers: Handovers::default(),
         })
     }
 
@@ -137,6 +140,31 @@ impl EmbeddedBroker {
             Version::V5 => self.v5.serve(broker),
         };
         gate
+    }
+
+    /// [`Self::connect`] for `client_id` once no other connection of that client id is
+    /// being handed over (waiting at most `wait`); the caller holds the [`Handover`]
+    /// until rumqttd's CONNACK or the end of the connection. See [`crate::handover`].
+    pub async fn hand_over(
+        &self,
+        client_id: &str,
+        version: Version,
+        wait: std::time::Duration,
+    ) -> Result<(DuplexStream, Handover), HandoverBusy> {
+        let handover = self.handovers.begin(client_id, wait).await?;
+        Ok((self.connect(version), handover))
+    }
+
+    /// Waits (at most `wait`) until no connection of `client_id` is being handed over,
+    /// for closing one: the caller holds the [`Handover`] until rumqttd has closed its
+    /// end, so rumqttd has queued the old connection's disconnect before a new CONNECT
+    /// of the client id can reach it (see [`crate::handover`]).
+    pub async fn hand_back(
+        &self,
+        client_id: &str,
+        wait: std::time::Duration,
+    ) -> Result<Handover, HandoverBusy> {
+        self.handovers.begin(client_id, wait).await
     }
 
     /// The password the gate puts into every forwarded CONNECT.

@@ -15,6 +15,7 @@ pub mod authz;
 pub mod config;
 pub mod embedded;
 pub mod gate;
+pub mod handover;
 pub mod identity;
 pub mod ratelimit;
 pub mod relay;

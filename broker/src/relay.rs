@@ -14,7 +14,8 @@ use tokio::sync::watch;
 use crate::accept::{AcceptedPeer, verify_peer_again};
 use crate::authz::Authorizer;
 use crate::embedded::EmbeddedBroker;
-use crate::gate::{AuditSink, GateSession, Output};
+use crate::gate::{AuditSink, BROKER_PING_EVERY, GateSession, Output};
+use crate::handover::Handover;
 use crate::ratelimit::RateRegistry;
 use crate::tls::TlsEdge;
 
@@ -42,6 +43,20 @@ pub enum Ended {
     Shutdown,
 }
 
+impl Ended {
+    /// A short stable word for audit records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Ended::ClientClosed => "client_closed",
+            Ended::BrokerClosed => "broker_closed",
+            Ended::Gate(code) => code,
+            Ended::ConnectTimeout => "connect_timeout",
+            Ended::Io(_) => "io_error",
+            Ended::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Serves one authenticated client until either side closes.
 pub async fn serve<S>(client: S, peer: AcceptedPeer, ctx: Arc<RelayContext>) -> Ended
 where
@@ -67,17 +82,29 @@ where
 
     let (mut client_rd, mut client_wr) = tokio::io::split(client);
     let mut broker: Option<DuplexStream> = None;
+    // Held from forwarding CONNECT until rumqttd's CONNACK: see `crate::handover`.
+    let mut handover: Option<Handover> = None;
+    let client_id = peer.identity.spiffe.id.as_str().to_owned();
     // Small to start: most connections are idle devices; the buffers grow with use.
     let mut client_buf = BytesMut::with_capacity(1024);
     let mut broker_buf = BytesMut::with_capacity(1024);
     let mut out = Vec::new();
     let connect_deadline = tokio::time::sleep(ctx.connect_timeout);
     tokio::pin!(connect_deadline);
+    // Polled only for clients with keepalive 0 (`GateSession::pings_broker`).
+    let mut broker_ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + BROKER_PING_EVERY,
+        BROKER_PING_EVERY,
+    );
+    broker_ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     // Bytes rumqttd sent while the gate was writing to it (see `write_draining`).
     let mut broker_bytes_waiting = false;
 
     let ended = loop {
+        if handover.is_some() && !session.awaiting_broker_connack() {
+            handover = None;
+        }
         out.clear();
         if session.has_deferred() {
             // A rate-limited PUBLISH waited out its pause: retry it (it is admitted
@@ -98,6 +125,7 @@ where
                 Err(e) => break Ended::Io(e.to_string()),
             },
             () = &mut connect_deadline, if session.version().is_none() => break Ended::ConnectTimeout,
+            _ = broker_ping.tick(), if session.pings_broker() => session.ping_broker(&mut out),
             Ok(()) = authz_rx.changed() => {
                 let latest = authz_rx.borrow_and_update().clone();
                 session.replace_authorizer(latest, &mut out);
@@ -115,6 +143,8 @@ where
             client: &mut client_wr,
             broker: &mut broker,
             broker_inbox: &mut broker_buf,
+            client_id: &client_id,
+            handover: &mut handover,
         };
         match apply(&mut out, &mut sides, &ctx, peer.remote).await {
             Ok(applied) => {
@@ -128,7 +158,7 @@ where
         }
     };
     let _ = client_wr.shutdown().await;
-    if session.awaiting_broker_connack() {
+    if session.awaiting_broker_connack() && broker.is_some() {
         // See GateSession::awaiting_broker_connack: let rumqttd finish the CONNECT.
         let wait = tokio::time::timeout(ctx.connect_timeout, async {
             while session.awaiting_broker_connack() {
@@ -146,9 +176,33 @@ where
         let _ = wait.await;
     }
     if let Some(mut pipe) = broker {
+        // rumqttd identifies connections by a number it reuses: a disconnect it queues
+        // for this connection after a newer one of the client id took the number over
+        // ends the newer one. Closing under the client id's hand-over slot, until
+        // rumqttd has closed its end, orders this disconnect before the next CONNECT.
+        if handover.is_none() {
+            handover = ctx
+                .embedded
+                .hand_back(&client_id, ctx.connect_timeout)
+                .await
+                .ok();
+        }
         let _ = pipe.shutdown().await;
+        let _ = tokio::time::timeout(ctx.connect_timeout, drain_until_closed(&mut pipe)).await;
     }
+    drop(handover);
+    session.finish(ended.code());
     ended
+}
+
+/// Reads and discards what rumqttd still sends until it closes its end.
+async fn drain_until_closed(pipe: &mut DuplexStream) {
+    let mut sink = [0u8; 4096];
+    while let Ok(n) = pipe.read(&mut sink).await {
+        if n == 0 {
+            return;
+        }
+    }
 }
 
 async fn read_broker(
@@ -166,6 +220,9 @@ struct Sides<'a, W> {
     client: &'a mut W,
     broker: &'a mut Option<DuplexStream>,
     broker_inbox: &'a mut BytesMut,
+    /// The client id rumqttd knows the connection by, and its hand-over once begun.
+    client_id: &'a str,
+    handover: &'a mut Option<Handover>,
 }
 
 /// What [`apply`] did besides writing.
@@ -190,7 +247,25 @@ async fn apply<W: AsyncWrite + Unpin>(
     let mut applied = Applied::default();
     for output in out.drain(..) {
         match output {
-            Output::OpenBroker(version) => *sides.broker = Some(ctx.embedded.connect(version)),
+            Output::OpenBroker(version) => {
+                let begun = ctx
+                    .embedded
+                    .hand_over(sides.client_id, version, ctx.connect_timeout)
+                    .await;
+                match begun {
+                    Ok((pipe, handover)) => {
+                        *sides.broker = Some(pipe);
+                        *sides.handover = Some(handover);
+                    }
+                    Err(busy) => {
+                        metrics::counter!("vitalmq_gate_closes_total", "reason" => "handover_busy")
+                            .increment(1);
+                        tracing::info!(peer.addr = %remote, reason = %busy, "gate closed connection");
+                        applied.closed = Some("handover_busy");
+                        break;
+                    }
+                }
+            }
             Output::ToBroker(bytes) => to_broker.extend_from_slice(&bytes),
             Output::ToClient(bytes) => to_client.extend_from_slice(&bytes),
             Output::Pause(wait) => {

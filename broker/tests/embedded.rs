@@ -134,3 +134,55 @@ async fn messages_route_between_pipes_and_a_dropped_pipe_fires_its_will() {
         other => panic!("expected the will message, got {other:?}"),
     }
 }
+
+/// issue 15: a CONNECT whose connection is gone before rumqttd writes its CONNACK (a
+/// device on a flapping link, or a takeover racing it) used to leave a stale will
+/// handler behind; the next CONNECT with that client id then panicked while holding
+/// the server's will-handler lock, and every later CONNECT of the version panicked on
+/// the poisoned lock. Both must now connect.
+#[tokio::test]
+async fn a_connect_abandoned_before_its_connack_leaves_rumqttd_usable() {
+    let embedded = EmbeddedBroker::start(&EmbeddedSettings::default()).expect("starts");
+    let secret = embedded.password();
+    for round in 0..3 {
+        let mut abandoned = embedded.connect(Version::V311);
+        let mut connect = v4::Connect::new("flappy");
+        connect.login = Some(v4::Login::new("anyone", &*secret));
+        send(&mut abandoned, |b| {
+            connect.write(b).expect("encode CONNECT");
+        })
+        .await;
+        // Gone before rumqttd answers: its CONNACK write fails.
+        drop(abandoned);
+
+        let (_same_id, code) = connect_when_ready(&embedded, "flappy", &secret).await;
+        assert_eq!(
+            code,
+            Some(v4::ConnectReturnCode::Success),
+            "round {round}: the same client id connects again"
+        );
+        let (_other, code) = connect_when_ready(&embedded, "bystander", &secret).await;
+        assert_eq!(
+            code,
+            Some(v4::ConnectReturnCode::Success),
+            "round {round}: another client of the version connects"
+        );
+    }
+}
+
+/// [`connect`], retried while rumqttd has not yet processed an abandoned connection
+/// (its connection task runs concurrently), bounded by [`WAIT`].
+async fn connect_when_ready(
+    embedded: &EmbeddedBroker,
+    client_id: &str,
+    password: &str,
+) -> (DuplexStream, Option<v4::ConnectReturnCode>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (pipe, code) = connect(embedded, client_id, password, None).await;
+        if code.is_some() || tokio::time::Instant::now() >= deadline {
+            return (pipe, code);
+        }
+        tokio::task::yield_now().await;
+    }
+}

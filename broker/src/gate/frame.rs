@@ -63,11 +63,15 @@ pub mod kind {
     pub const CONNECT: u8 = 1;
     pub const CONNACK: u8 = 2;
     pub const PUBLISH: u8 = 3;
+    pub const PUBACK: u8 = 4;
+    pub const PUBREC: u8 = 5;
     pub const PUBREL: u8 = 6;
     pub const SUBSCRIBE: u8 = 8;
     pub const SUBACK: u8 = 9;
     pub const UNSUBSCRIBE: u8 = 10;
     pub const UNSUBACK: u8 = 11;
+    pub const PINGREQ: u8 = 12;
+    pub const PINGRESP: u8 = 13;
     pub const AUTH: u8 = 15;
 }
 

@@ -6,7 +6,8 @@ mod session;
 
 pub use frame::{Frame, FrameError, Version, connect_version, next_frame};
 pub use session::{
-    AuditSink, AuditUnavailable, CloseReason, GateSession, Output, RateGate, Unlimited,
+    AuditSink, AuditUnavailable, BROKER_PING_EVERY, CloseReason, GateSession, Output, RateGate,
+    Unlimited,
 };
 
 #[cfg(test)]

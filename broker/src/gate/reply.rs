@@ -34,6 +34,27 @@ pub fn connack_not_authorized(version: Version) -> Bytes {
     }
 }
 
+/// CONNACK refusing a connection the gate cannot audit: 0x03 server unavailable
+/// (3.1.1), 0x88 (5).
+pub fn connack_unavailable(version: Version) -> Bytes {
+    match version {
+        Version::V311 => encode(|b| {
+            v4::ConnAck::new(v4::ConnectReturnCode::ServiceUnavailable, false)
+                .write(b)
+                .map_err(|e| e.to_string())
+        }),
+        Version::V5 => encode(|b| {
+            v5::ConnAck {
+                session_present: false,
+                code: v5::ConnectReturnCode::ServerUnavailable,
+                properties: None,
+            }
+            .write(b)
+            .map_err(|e| e.to_string())
+        }),
+    }
+}
+
 /// CONNACK for an MQTT 5 CONNECT asking for enhanced authentication we do not offer.
 pub fn connack_bad_auth_method() -> Bytes {
     encode(|b| {

@@ -31,6 +31,13 @@ const HEADER_ROOM: usize = 66_000;
 /// Cached publish decisions per connection; the cache is cleared when it fills, which
 /// bounds memory for a client that publishes to many (denied) topics.
 const PUBLISH_CACHE_LIMIT: usize = 4_096;
+/// Keepalive the gate asks rumqttd for when the client asked for none (MQTT keepalive
+/// 0, which rumqttd refuses); the gate then keeps the internal connection alive itself
+/// with a PINGREQ every [`BROKER_PING_EVERY`].
+const INTERNAL_KEEPALIVE_S: u16 = 60;
+/// How often the gate pings rumqttd for a client with keepalive 0 (half the keepalive,
+/// well inside rumqttd's 1.5 x keepalive read timeout).
+pub const BROKER_PING_EVERY: Duration = Duration::from_secs(INTERNAL_KEEPALIVE_S as u64 / 2);
 
 /// What the relay must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +73,12 @@ impl CloseReason {
 pub trait AuditSink: Send + Sync + std::fmt::Debug {
     /// Err means the record could not be queued: the caller must stop the work.
     fn record(&self, record: AuditRecord) -> Result<(), AuditUnavailable>;
+
+    /// False while the log is known not to be writing (a write failed): the gate then
+    /// hands no new connection to rumqttd.
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 /// The audit log cannot take the record (full queue, failed write, stopped writer).
@@ -79,6 +92,10 @@ impl AuditSink for vitalmq_audit::Auditor {
             tracing::error!(error = %e, "audit record could not be queued");
             AuditUnavailable
         })
+    }
+
+    fn healthy(&self) -> bool {
+        vitalmq_audit::Auditor::healthy(self)
     }
 }
 
@@ -141,6 +158,22 @@ pub struct GateSession {
     deferred: Option<Frame>,
     /// rumqttd has answered the forwarded CONNECT.
     broker_connack_seen: bool,
+    /// The rule that allowed the forwarded CONNECT, until rumqttd's CONNACK decides the
+    /// outcome: `connection_accepted` is audited only for a successful CONNACK that
+    /// reaches the client; a connection that ends first gets a record saying so.
+    connect_pending: Option<String>,
+    /// A successful CONNACK was audited and passed to the client.
+    accepted: bool,
+    /// The client asked for keepalive 0: the gate pings rumqttd (see
+    /// [`BROKER_PING_EVERY`]) and swallows this many PINGRESPs answering its own pings.
+    gate_pings: Option<u32>,
+    /// The client's session is clean (3.1.1 clean session, 5 clean start): every
+    /// packet id it may acknowledge was seen on this connection.
+    clean_session: bool,
+    /// Packet ids of QoS 1 PUBLISHes passed to the client and not yet acknowledged.
+    unacked_to_client: HashSet<u16>,
+    /// Packet ids rumqttd answered with PUBREC, awaiting the client's PUBREL.
+    awaiting_pubrel: HashSet<u16>,
     /// Per-message counters, resolved once per connection rather than per PUBLISH.
     counters: Counters,
 }
@@ -190,6 +223,12 @@ impl GateSession {
             assign_client_id: false,
             opened_broker: false,
             broker_connack_seen: false,
+            connect_pending: None,
+            accepted: false,
+            gate_pings: None,
+            clean_session: true,
+            unacked_to_client: HashSet::new(),
+            awaiting_pubrel: HashSet::new(),
             deferred: None,
             counters: Counters::new(),
         }
@@ -197,10 +236,10 @@ impl GateSession {
 
     /// True between forwarding CONNECT and seeing rumqttd's CONNACK. The relay must not
     /// close the internal connection in that window: rumqttd 0.20 registers the client's
-    /// will handler before writing CONNACK and leaves it behind if that write fails, and
-    /// the next CONNECT with the same client id then panics its listener thread while
-    /// holding a lock (server/broker.rs, `sender.try_send(awaiting_will).unwrap()`),
-    /// killing that listener. Waiting for CONNACK keeps rumqttd on its normal path.
+    /// will handler before writing CONNACK and left it behind if that write failed, and
+    /// the next CONNECT with the same client id then panicked while holding the
+    /// will-handler lock (patched: `vendor/rumqttd/VITALMQ-PATCHES.md` 5). Waiting for
+    /// CONNACK keeps rumqttd on its normal path anyway.
     pub fn awaiting_broker_connack(&self) -> bool {
         matches!(self.state, State::Connected(_) | State::Closed)
             && self.opened_broker
@@ -428,7 +467,7 @@ impl GateSession {
                 CloseReason::new("protocol", "first packet must be CONNECT"),
             ),
             (State::Connected(_), kind::CONNECT) => {
-                self.close(out, CloseReason::new("protocol", "second CONNECT"))
+                self.protocol_violation(version, "second_connect", "second CONNECT".into(), out)
             }
             (State::Connected(_), kind::PUBLISH) => self.publish(version, frame, out),
             (State::Connected(_), kind::SUBSCRIBE) => {
@@ -438,6 +477,7 @@ impl GateSession {
                 self.filter_request(FilterAction::Unsubscribe, frame, out)
             }
             (State::Connected(_), kind::PUBREL) => self.pubrel(version, frame, out),
+            (State::Connected(_), kind::PUBACK) => self.puback(version, frame, out),
             (State::Connected(_), kind::AUTH) => {
                 out.push(Output::ToClient(reply::disconnect_v5(
                     v5::DisconnectReasonCode::ProtocolError,
@@ -531,26 +571,184 @@ impl GateSession {
             let connack = reply::connack_not_authorized(version);
             return self.connection_refused(connack, "will_too_large", &claimed, verdict, out);
         }
+        if !self.audit.healthy() {
+            // Fail closed: nothing reaches rumqttd (not even a takeover of the client
+            // id's live session) while its acceptance could not be recorded.
+            tracing::error!(peer.id = %self.peer.spiffe.id, "audit log unavailable: connection refused");
+            out.push(Output::ToClient(reply::connack_unavailable(version)));
+            return self.audit_failed(out);
+        }
         self.assign_client_id = claimed.is_empty();
+        self.clean_session = connect.clean_session();
         connect.rewrite(&own_id, self.internal_username(), &self.internal_password);
+        if connect.keep_alive() == 0 {
+            // Valid MQTT ("no keepalive"), refused by rumqttd: the gate owns liveness.
+            connect.set_keep_alive(INTERNAL_KEEPALIVE_S);
+            self.gate_pings = Some(0);
+        }
         let encoded = match connect.encode() {
             Ok(b) => b,
             Err(e) => return self.close(out, CloseReason::new("internal", e)),
         };
-        let record = self
-            .record(Event::ConnectionAccepted)
-            .action("connect")
-            .decision(Decision::Allow)
-            .rule(verdict.rule.clone())
-            .detail("mqtt", version.as_str());
-        if self.audit.record(record).is_err() {
-            return self.audit_failed(out);
-        }
-        tracing::info!(peer.id = %self.peer.spiffe.id, peer.role = %self.peer.spiffe.role, mqtt = version.as_str(), "connected");
+        // Audited once rumqttd's CONNACK says how it went (`connack`), or when the
+        // connection ends before that (`finish`).
+        tracing::debug!(peer.id = %self.peer.spiffe.id, mqtt = version.as_str(), "CONNECT forwarded");
+        self.connect_pending = Some(verdict.rule);
         self.state = State::Connected(version);
         self.opened_broker = true;
         out.push(Output::OpenBroker(version));
         out.push(Output::ToBroker(encoded));
+    }
+
+    /// rumqttd answered the forwarded CONNECT. Success: audit `connection_accepted`
+    /// and let the CONNACK through (false, and the connection closed, when the audit
+    /// log cannot take the record: no unaudited connection). Failure: audit the
+    /// refusal, pass the CONNACK on and close.
+    fn connack(&mut self, version: Version, frame: &Frame, out: &mut Vec<Output>) -> bool {
+        let Some(rule) = self.connect_pending.take() else {
+            return true;
+        };
+        let code = connack_code(frame);
+        if code == Some(0) {
+            let record = self
+                .record(Event::ConnectionAccepted)
+                .action("connect")
+                .decision(Decision::Allow)
+                .rule(rule)
+                .detail("mqtt", version.as_str());
+            if self.audit.record(record).is_err() {
+                self.audit_failed(out);
+                return false;
+            }
+            self.accepted = true;
+            tracing::info!(peer.id = %self.peer.spiffe.id, peer.role = %self.peer.spiffe.role, mqtt = version.as_str(), "connected");
+            return true;
+        }
+        let code = code.map_or_else(|| "unreadable".to_owned(), |c| format!("0x{c:02x}"));
+        tracing::info!(peer.id = %self.peer.spiffe.id, code, "broker refused connection");
+        let record = self
+            .record(Event::ConnectionRefused)
+            .action("connect")
+            .decision(Decision::Deny)
+            .reason("broker_refused")
+            .detail("connack", code.clone())
+            .detail("mqtt", version.as_str());
+        let _ = self.audit.record(record);
+        out.push(Output::ToClient(frame.bytes().clone()));
+        self.close(out, CloseReason::new("broker_refused", code));
+        false
+    }
+
+    /// The relay is done with this connection (`ended` says why, e.g. `client_closed`).
+    /// A CONNECT that was forwarded but never answered with a successful CONNACK the
+    /// client saw is audited as such, never as accepted; an accepted connection that
+    /// rumqttd ended (keepalive expiry, a newer connection of the client id, a packet
+    /// it refused) is audited too. Idempotent.
+    pub fn finish(&mut self, ended: &str) {
+        let record = if self.connect_pending.take().is_some() {
+            tracing::info!(peer.id = %self.peer.spiffe.id, ended, "connection ended before CONNACK");
+            self.record(Event::ConnectionClosed)
+                .action("connect")
+                .reason("closed_before_connack")
+                .detail("ended", ended.to_owned())
+        } else if self.accepted && ended == "broker_closed" {
+            self.record(Event::ConnectionClosed)
+                .reason("broker_closed")
+                .detail("ended", ended.to_owned())
+        } else {
+            return;
+        };
+        self.accepted = false;
+        let _ = self.audit.record(record);
+    }
+
+    /// The client broke the protocol on an established connection: audit why, tell a
+    /// 5 client (DISCONNECT 0x82) and close.
+    fn protocol_violation(
+        &mut self,
+        version: Version,
+        reason: &'static str,
+        detail: String,
+        out: &mut Vec<Output>,
+    ) {
+        let record = self
+            .record(Event::ConnectionClosed)
+            .decision(Decision::Deny)
+            .reason(reason)
+            .detail("error", detail.clone());
+        let _ = self.audit.record(record);
+        if version == Version::V5 {
+            out.push(Output::ToClient(reply::disconnect_v5(
+                v5::DisconnectReasonCode::ProtocolError,
+            )));
+        }
+        self.close(out, CloseReason::new(reason, detail));
+    }
+
+    /// True while the gate keeps the internal connection alive for a client that asked
+    /// for keepalive 0: the relay calls [`Self::ping_broker`] every [`BROKER_PING_EVERY`].
+    pub fn pings_broker(&self) -> bool {
+        self.gate_pings.is_some() && matches!(self.state, State::Connected(_))
+    }
+
+    /// Sends rumqttd a PINGREQ on the client's behalf; its PINGRESP is not forwarded.
+    pub fn ping_broker(&mut self, out: &mut Vec<Output>) {
+        if let Some(pending) = self.gate_pings.as_mut()
+            && matches!(self.state, State::Connected(_))
+        {
+            *pending = pending.saturating_add(1);
+            out.push(Output::ToBroker(Bytes::from_static(&[
+                kind::PINGREQ << 4,
+                0,
+            ])));
+        }
+    }
+
+    /// A client PUBACK must acknowledge a QoS 1 PUBLISH this connection delivered.
+    fn puback(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let bytes = frame.bytes();
+        let header_len = fixed_header_len(bytes);
+        match bytes
+            .get(header_len..header_len + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        {
+            Some(pkid) if self.unacked_to_client.remove(&pkid) => {
+                out.push(Output::ToBroker(bytes.clone()))
+            }
+            Some(pkid) => self.protocol_violation(
+                version,
+                "unknown_packet_id",
+                format!("PUBACK for packet id {pkid}, which was not delivered"),
+                out,
+            ),
+            None => self.refuse_unframeable(FrameError::Malformed("short PUBACK".into()), out),
+        }
+    }
+
+    /// Remembers the packet ids the client must acknowledge (QoS 1 PUBLISH to it) or
+    /// may release (PUBREC to it), as they pass from rumqttd.
+    fn track_packet_id(&mut self, frame: &Frame) {
+        let bytes = frame.bytes();
+        let header_len = fixed_header_len(bytes);
+        match frame.packet_type() {
+            kind::PUBLISH if bytes.first().is_some_and(|b| (b >> 1) & 0b11 == 1) => {
+                let topic_len = bytes
+                    .get(header_len..header_len + 2)
+                    .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+                let at = header_len + 2 + topic_len;
+                if let Some(b) = bytes.get(at..at + 2) {
+                    self.unacked_to_client
+                        .insert(u16::from_be_bytes([b[0], b[1]]));
+                }
+            }
+            kind::PUBREC => {
+                if let Some(b) = bytes.get(header_len..header_len + 2) {
+                    self.awaiting_pubrel
+                        .insert(u16::from_be_bytes([b[0], b[1]]));
+                }
+            }
+            _ => {}
+        }
     }
 
     fn connection_refused(
@@ -692,6 +890,14 @@ impl GateSession {
             Some(pkid) if self.dropped_qos2.remove(&pkid) => {
                 out.push(Output::ToClient(reply::pubcomp(version, pkid)))
             }
+            // A resumed session may release what it published on an earlier connection.
+            Some(pkid) if !self.awaiting_pubrel.remove(&pkid) && self.clean_session => self
+                .protocol_violation(
+                    version,
+                    "unknown_packet_id",
+                    format!("PUBREL for packet id {pkid}, which has no PUBREC"),
+                    out,
+                ),
             Some(_) => out.push(Output::ToBroker(bytes.clone())),
             None => self.refuse_unframeable(FrameError::Malformed("short PUBREL".into()), out),
         }
@@ -749,7 +955,19 @@ impl GateSession {
     fn broker_frame(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
         if frame.packet_type() == kind::CONNACK {
             self.broker_connack_seen = true;
+            if !self.connack(version, &frame, out) {
+                return;
+            }
         }
+        if frame.packet_type() == kind::PINGRESP
+            && let Some(pending) = self.gate_pings.as_mut()
+            && *pending > 0
+        {
+            // The answer to the gate's own PINGREQ (`ping_broker`).
+            *pending -= 1;
+            return;
+        }
+        self.track_packet_id(&frame);
         match frame.packet_type() {
             kind::CONNACK if version == Version::V5 && self.assign_client_id => {
                 let Frame::V5 { header, bytes } = frame else {
@@ -921,6 +1139,18 @@ fn alert_delivery(frame: &Frame) -> Option<AlertDelivery> {
     })
 }
 
+/// The return code (3.1.1) or reason code (5) of a framed CONNACK.
+fn connack_code(frame: &Frame) -> Option<u8> {
+    match frame {
+        Frame::V311 { header, bytes } => v4::ConnAck::read(*header, bytes.clone())
+            .ok()
+            .map(|a| a.code as u8),
+        Frame::V5 { header, bytes } => v5::ConnAck::read(*header, bytes.clone())
+            .ok()
+            .map(|a| a.code as u8),
+    }
+}
+
 fn fixed_header_len(bytes: &Bytes) -> usize {
     let continued = bytes
         .iter()
@@ -982,6 +1212,27 @@ impl ConnectView {
         match self {
             Self::V311(c) => c.last_will.as_ref().map(|w| w.message.len()),
             Self::V5(c) => c.1.as_ref().map(|w| w.message.len()),
+        }
+    }
+
+    fn keep_alive(&self) -> u16 {
+        match self {
+            Self::V311(c) => c.keep_alive,
+            Self::V5(c) => c.0.keep_alive,
+        }
+    }
+
+    fn set_keep_alive(&mut self, seconds: u16) {
+        match self {
+            Self::V311(c) => c.keep_alive = seconds,
+            Self::V5(c) => c.0.keep_alive = seconds,
+        }
+    }
+
+    fn clean_session(&self) -> bool {
+        match self {
+            Self::V311(c) => c.clean_session,
+            Self::V5(c) => c.0.clean_start,
         }
     }
 

@@ -277,7 +277,19 @@ fn connect_binds_the_certificate_id_and_replaces_credentials() {
         login.password, PASSWORD,
         "the client's claimed password never reaches rumqttd"
     );
-    assert_eq!(h.audit.events()[0].0, Event::ConnectionAccepted);
+    assert!(
+        h.audit.events().is_empty(),
+        "accepted only once rumqttd's CONNACK says so"
+    );
+    let out = h.broker(v4_connack(v4::ConnectReturnCode::Success));
+    assert!(matches!(
+        read_v4(&to_client(&out)[0]),
+        v4::Packet::ConnAck(_)
+    ));
+    assert_eq!(
+        h.audit.events(),
+        vec![(Event::ConnectionAccepted, Some("connect".into()), None)]
+    );
 }
 
 #[test]
@@ -656,4 +668,307 @@ fn the_relay_is_told_to_wait_for_rumqttds_connack_before_closing() {
     let mut h = Harness::new(Role::Device, "dev-00001");
     h.client(v4_connect("dev-00002", None));
     assert!(!h.session.awaiting_broker_connack());
+}
+
+// ---------------------------------------------------------------- connect outcome (issue 15)
+
+fn v4_connack(code: v4::ConnectReturnCode) -> Bytes {
+    v4_bytes(|b| {
+        v4::ConnAck::new(code, false).write(b).expect("encode");
+    })
+}
+
+fn v5_connack() -> Bytes {
+    v4_bytes(|b| {
+        v5::ConnAck {
+            session_present: false,
+            code: v5::ConnectReturnCode::Success,
+            properties: None,
+        }
+        .write(b)
+        .expect("encode");
+    })
+}
+
+/// Takes records until it is told to fail, like an audit log whose disk filled up.
+#[derive(Debug, Default)]
+struct BreakableAudit {
+    inner: Audit,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl AuditSink for BreakableAudit {
+    fn record(&self, record: AuditRecord) -> Result<(), AuditUnavailable> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(AuditUnavailable);
+        }
+        self.inner.record(record)
+    }
+
+    fn healthy(&self) -> bool {
+        !self.broken.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn a_connection_that_ends_before_rumqttds_connack_is_never_audited_as_accepted() {
+    for ended in ["client_closed", "broker_closed", "handover_busy"] {
+        let mut h = connected_v4(Role::Device, "dev-00001");
+        h.session.finish(ended);
+        h.session.finish(ended);
+        let records = h.audit.0.lock().expect("audit lock").clone();
+        assert_eq!(records.len(), 1, "{ended}: one record, once");
+        assert_eq!(records[0].event, Event::ConnectionClosed);
+        assert_eq!(records[0].reason.as_deref(), Some("closed_before_connack"));
+        assert_eq!(
+            records[0].details.get("ended").and_then(|v| v.as_str()),
+            Some(ended)
+        );
+    }
+
+    // The client left; rumqttd's CONNACK came while the relay waited for it: the
+    // client never saw it, so the connection was not accepted either.
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let mut both = BytesMut::from(&v4_connect("dev-00001", None)[..]);
+    both.extend_from_slice(&v4_publish(
+        "devices/dev-00002/telemetry",
+        QoS::AtLeastOnce,
+        1,
+        b"x",
+    ));
+    h.client(both.freeze());
+    h.broker(v4_connack(v4::ConnectReturnCode::Success));
+    h.session.finish("publish_denied");
+    let events = h.audit.events();
+    assert!(
+        !events.iter().any(|e| e.0 == Event::ConnectionAccepted),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last(),
+        Some(&(
+            Event::ConnectionClosed,
+            Some("connect".into()),
+            Some("closed_before_connack".into())
+        ))
+    );
+}
+
+#[test]
+fn a_connack_refusal_from_rumqttd_is_audited_as_refused_and_passed_on() {
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    let out = h.broker(v4_connack(v4::ConnectReturnCode::ServiceUnavailable));
+    assert!(matches!(
+        read_v4(&to_client(&out)[0]),
+        v4::Packet::ConnAck(a) if a.code == v4::ConnectReturnCode::ServiceUnavailable
+    ));
+    assert_eq!(closed(&out), Some("broker_refused"));
+    h.session.finish("broker_refused");
+    assert_eq!(
+        h.audit.events(),
+        vec![(
+            Event::ConnectionRefused,
+            Some("connect".into()),
+            Some("broker_refused".into())
+        )]
+    );
+}
+
+#[test]
+fn no_connack_reaches_the_client_when_its_accepted_record_cannot_be_written() {
+    let audit = Arc::new(BreakableAudit::default());
+    let mut session = GateSession::new(
+        peer(Role::Device, "dev-00001"),
+        "127.0.0.1:5555",
+        authorizer(),
+        audit.clone(),
+        Arc::new(Unlimited),
+        PASSWORD.into(),
+    );
+    let mut out = Vec::new();
+    session.on_client_bytes(
+        &mut BytesMut::from(&v4_connect("dev-00001", None)[..]),
+        &mut out,
+    );
+    assert_eq!(out[0], Output::OpenBroker(Version::V311));
+    audit
+        .broken
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut out = Vec::new();
+    let connack = v4_connack(v4::ConnectReturnCode::Success);
+    session.on_broker_bytes(&mut BytesMut::from(&connack[..]), &mut out);
+    assert!(to_client(&out).is_empty(), "fail closed: no CONNACK");
+    assert_eq!(closed(&out), Some("audit_unavailable"));
+    assert!(session.is_closed());
+    assert!(!session.awaiting_broker_connack(), "the pipe may close");
+
+    // While the log is known broken, a CONNECT does not even reach rumqttd.
+    for version in [Version::V311, Version::V5] {
+        let mut session = GateSession::new(
+            peer(Role::Device, "dev-00001"),
+            "127.0.0.1:5555",
+            authorizer(),
+            audit.clone(),
+            Arc::new(Unlimited),
+            PASSWORD.into(),
+        );
+        let connect = match version {
+            Version::V311 => v4_connect("dev-00001", None),
+            Version::V5 => v5_connect("dev-00001"),
+        };
+        let mut out = Vec::new();
+        session.on_client_bytes(&mut BytesMut::from(&connect[..]), &mut out);
+        assert!(to_broker(&out).is_empty(), "{version:?}");
+        assert!(!out.contains(&Output::OpenBroker(version)), "{version:?}");
+        assert_eq!(closed(&out), Some("audit_unavailable"), "{version:?}");
+        let refused = &to_client(&out)[0];
+        match version {
+            Version::V311 => assert!(matches!(
+                read_v4(refused),
+                v4::Packet::ConnAck(a) if a.code == v4::ConnectReturnCode::ServiceUnavailable
+            )),
+            Version::V5 => assert!(matches!(
+                read_v5(refused),
+                v5::Packet::ConnAck(a) if a.code == v5::ConnectReturnCode::ServerUnavailable
+            )),
+        }
+    }
+}
+
+#[test]
+fn keepalive_0_is_accepted_and_the_gate_keeps_rumqttd_alive() {
+    for version in [Version::V311, Version::V5] {
+        let mut h = Harness::new(Role::Device, "dev-00001");
+        let connect = match version {
+            Version::V311 => {
+                let mut c = v4::Connect::new("dev-00001");
+                c.keep_alive = 0;
+                v4_bytes(|b| {
+                    c.write(b).expect("encode");
+                })
+            }
+            Version::V5 => {
+                let c = v5::Connect {
+                    keep_alive: 0,
+                    client_id: "dev-00001".into(),
+                    clean_start: true,
+                    properties: None,
+                };
+                v4_bytes(|b| {
+                    c.write(&None, &None, b).expect("encode");
+                })
+            }
+        };
+        let out = h.client(connect);
+        let forwarded = &to_broker(&out)[0];
+        let keep_alive = match version {
+            Version::V311 => match read_v4(forwarded) {
+                v4::Packet::Connect(c) => c.keep_alive,
+                other => panic!("{other:?}"),
+            },
+            Version::V5 => match read_v5(forwarded) {
+                v5::Packet::Connect(c, _, _) => c.keep_alive,
+                other => panic!("{other:?}"),
+            },
+        };
+        assert!(keep_alive > 0, "{version:?}: rumqttd refuses keepalive 0");
+        assert!(h.session.pings_broker());
+        let connack = match version {
+            Version::V311 => v4_connack(v4::ConnectReturnCode::Success),
+            Version::V5 => v5_connack(),
+        };
+        assert_eq!(to_client(&h.broker(connack)).len(), 1);
+
+        let mut out = Vec::new();
+        h.session.ping_broker(&mut out);
+        assert_eq!(to_broker(&out), vec![Bytes::from_static(&[0xC0, 0])]);
+        // The client pings too: one PINGRESP is the gate's, one the client's.
+        let out = h.client(Bytes::from_static(&[0xC0, 0]));
+        assert_eq!(to_broker(&out), vec![Bytes::from_static(&[0xC0, 0])]);
+        let pingresp = Bytes::from_static(&[0xD0, 0]);
+        assert!(
+            h.broker(pingresp.clone()).is_empty(),
+            "the gate's own answer"
+        );
+        assert_eq!(
+            to_client(&h.broker(pingresp)),
+            vec![Bytes::from_static(&[0xD0, 0])]
+        );
+    }
+
+    // A client with a keepalive keeps its own liveness.
+    let h = connected_v4(Role::Device, "dev-00001");
+    assert!(!h.session.pings_broker());
+}
+
+#[test]
+fn a_second_connect_is_audited_and_closes_the_connection() {
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    h.broker(v4_connack(v4::ConnectReturnCode::Success));
+    let out = h.client(v4_connect("dev-00001", None));
+    assert!(to_broker(&out).is_empty());
+    assert_eq!(closed(&out), Some("second_connect"));
+    assert_eq!(
+        h.audit.events().last(),
+        Some(&(Event::ConnectionClosed, None, Some("second_connect".into())))
+    );
+
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect("dev-00001"));
+    h.broker(v5_connack());
+    let out = h.client(v5_connect("dev-00001"));
+    assert_eq!(
+        to_client(&out),
+        vec![reply::disconnect_v5(
+            v5::DisconnectReasonCode::ProtocolError
+        )]
+    );
+    assert_eq!(closed(&out), Some("second_connect"));
+}
+
+#[test]
+fn acknowledgements_for_unknown_packet_ids_are_audited_and_close_the_connection() {
+    let puback = |pkid| {
+        v4_bytes(|b| {
+            v4::PubAck::new(pkid).write(b).expect("encode");
+        })
+    };
+    let pubrel = |pkid| {
+        v4_bytes(|b| {
+            v4::PubRel::new(pkid).write(b).expect("encode");
+        })
+    };
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    h.broker(v4_connack(v4::ConnectReturnCode::Success));
+    // Known ids pass: a QoS 1 PUBLISH delivered to the client, a PUBREC rumqttd sent.
+    h.broker(v4_publish(
+        "devices/dev-00001/ack",
+        QoS::AtLeastOnce,
+        7,
+        b"r",
+    ));
+    assert_eq!(to_broker(&h.client(puback(7))), vec![puback(7)]);
+    h.client(v4_publish(
+        "devices/dev-00001/telemetry",
+        QoS::ExactlyOnce,
+        3,
+        b"x",
+    ));
+    h.broker(v4_bytes(|b| {
+        v4::PubRec::new(3).write(b).expect("encode");
+    }));
+    assert_eq!(to_broker(&h.client(pubrel(3))), vec![pubrel(3)]);
+
+    // The same ids again are unknown now.
+    for (ack, what) in [(puback(7), "PUBACK"), (pubrel(3), "PUBREL")] {
+        let mut h = connected_v4(Role::Device, "dev-00001");
+        h.broker(v4_connack(v4::ConnectReturnCode::Success));
+        let out = h.client(ack);
+        assert!(to_broker(&out).is_empty(), "{what}");
+        assert_eq!(closed(&out), Some("unknown_packet_id"), "{what}");
+        let records = h.audit.0.lock().expect("audit lock").clone();
+        let last = records.last().expect("a record");
+        assert_eq!(last.event, Event::ConnectionClosed, "{what}");
+        assert_eq!(last.reason.as_deref(), Some("unknown_packet_id"), "{what}");
+    }
 }

@@ -526,6 +526,46 @@ impl<P: Protocol + Clone + Send + 'static> StreamServer<P> {
     }
 }
 
+type WillHandlers = Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>;
+
+/// vitalmq patch 5: the will-handler map, also after a thread panicked while holding
+/// it. Every update is a single insert or remove, so the map is never half-changed.
+fn lock_will_handlers(
+    handlers: &Mutex<HashMap<String, Sender<AwaitingWill>>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Sender<AwaitingWill>>> {
+    handlers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// vitalmq patch 5: one connection's entry in the will-handler map. Dropping it (the
+/// connection task returns, early or not) removes the entry if it is still this
+/// connection's: a handler whose receiver is gone is never left behind for the next
+/// CONNECT with the same client id, and a newer connection's handler is never removed.
+struct WillHandlerGuard {
+    handlers: WillHandlers,
+    client_id: String,
+    own: Sender<AwaitingWill>,
+}
+
+impl WillHandlerGuard {
+    fn remove(&self) {
+        let mut handlers = lock_will_handlers(&self.handlers);
+        if handlers
+            .get(&self.client_id)
+            .is_some_and(|current| current.same_channel(&self.own))
+        {
+            handlers.remove(&self.client_id);
+        }
+    }
+}
+
+impl Drop for WillHandlerGuard {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 /// Configures the Websocket connection to indicate the correct protocol
 /// by adding the "sec-websocket-protocol" with value of "mqtt" to the response header
 #[cfg(feature = "websocket")]
@@ -595,20 +635,30 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // vitalmq patch 5: the previous connection's task may be gone (its receiver
+    // dropped); telling it is then moot, not fatal. The lock is released before the
+    // send, and a poisoned lock is recovered: the map stays consistent either way.
+    let previous = lock_will_handlers(&will_handlers).remove(&client_id);
+    if let Some(sender) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        if sender.try_send(awaiting_will).is_err() {
+            info!("previous connection with this client id already ended");
+        }
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
+    // vitalmq patch 5: removes this connection's will handler on every way out of this
+    // function, unless a newer connection with the same client id replaced it.
+    let will_handler = WillHandlerGuard {
+        handlers: Arc::clone(&will_handlers),
+        client_id: client_id.clone(),
+        own: will_tx.clone(),
+    };
+    lock_will_handlers(&will_handlers).insert(client_id.clone(), will_tx);
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -672,7 +722,8 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            // vitalmq patch 5: only our own; a newer connection's stays
+            will_handler.remove();
             // as will delay interval has passed, publish the will message
             true
         }
