@@ -8,13 +8,32 @@ use std::io::Write as _;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{BrokerProcess, TRUST_DOMAIN, broker_config, temp_dir, vitalmq_ok};
+use common::{BrokerProcess, TRUST_DOMAIN, broker_config, free_port, temp_dir, vitalmq_ok};
 use serde_json::Value;
 
 /// Connects made by the flood: bounded, all from 127.0.0.1.
 const CONNECTS: u64 = 400;
-/// Appended to the `[audit]` section (the last one) of the test configuration.
-const AGGREGATE: &str = "aggregate_interval_s = 2\n";
+/// Appended to the `[audit]` section (the last one) of the test configuration; the
+/// size alert is set below what the flood writes.
+const AGGREGATE: &str = "aggregate_interval_s = 2\nalert_bytes = 1000\n";
+
+/// The broker's Prometheus text, fetched with a plain HTTP/1.0 GET.
+fn scrape(port: u16) -> String {
+    use std::io::Read as _;
+    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut text = String::new();
+    let _ = tcp.read_to_string(&mut text);
+    text
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
 
 fn refusals(log: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(log)
@@ -56,7 +75,10 @@ fn a_flood_of_unauthenticated_connects_writes_a_record_and_a_count() {
         dir.join("acl.toml"),
     )
     .expect("copy the ACL");
-    let config = broker_config(TRUST_DOMAIN) + AGGREGATE;
+    let metrics_port = free_port();
+    let config = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n")
+        + &broker_config(TRUST_DOMAIN)
+        + AGGREGATE;
     let broker = BrokerProcess::start(bin, dir, &config, Duration::from_secs(30));
     let log = dir.join("broker-audit.jsonl");
 
@@ -80,7 +102,11 @@ fn a_flood_of_unauthenticated_connects_writes_a_record_and_a_count() {
     };
     assert_eq!(represented(&records), CONNECTS, "{records:#?}");
     // A first record per kind and interval, and one summary each: a handful, not 400.
-    assert!(records.len() <= 12, "{} records: {records:#?}", records.len());
+    assert!(
+        records.len() <= 12,
+        "{} records: {records:#?}",
+        records.len()
+    );
     let summaries: Vec<&Value> = records
         .iter()
         .filter(|r| r["details"]["repeats"].is_u64())
@@ -90,5 +116,25 @@ fn a_flood_of_unauthenticated_connects_writes_a_record_and_a_count() {
         assert_eq!(s["actor"]["addr"], "127.0.0.1", "{s}");
         assert_eq!(s["decision"], "deny", "{s}");
     }
+
+    // Its size is exported, and above alert_bytes the alert gauge is up and the broker
+    // says so.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape(metrics_port);
+        let bytes = metric(&text, "vitalmq_audit_bytes").unwrap_or(0.0);
+        if bytes > 1000.0 && metric(&text, "vitalmq_audit_size_alert") == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no size alert in:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        broker
+            .stderr()
+            .contains("audit log is above its configured size"),
+        "{}",
+        broker.stderr()
+    );
     drop(broker);
 }
