@@ -185,3 +185,19 @@ fn a_log_cut_after_shipping_is_found_against_the_shipped_segments() {
     let ran = verify(&[s(&cut), "--trusted-key", &key, "--shipped", s(&shipped)]);
     assert_refused(&ran, "cut after shipping");
 }
+
+/// A live log read while the writer is half-way through a line: the complete records
+/// are checked and the partial one is reported as unsigned, not as a broken chain.
+#[test]
+fn a_live_log_read_mid_write_reports_its_partial_line_as_unsigned() {
+    let dir = temp_dir("audit-tamper");
+    let (lines, key) = signed_log(dir.path());
+    let log = dir.path().join("audit.jsonl");
+    let half = &lines[33][..lines[33].len() / 2];
+    std::fs::write(&log, lines[..33].join("\n") + "\n" + half).expect("write");
+    let ran = verify(&[s(&log), "--trusted-key", &key]);
+    assert_refused(&ran, "incomplete last line");
+    let ran = verify(&[s(&log), "--trusted-key", &key, "--allow-unsigned-tail"]);
+    assert!(ran.success, "{}", ran.all());
+    assert!(ran.stdout.contains("chain intact, 33 records"), "{}", ran.all());
+}
