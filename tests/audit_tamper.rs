@@ -199,5 +199,9 @@ fn a_live_log_read_mid_write_reports_its_partial_line_as_unsigned() {
     assert_refused(&ran, "incomplete last line");
     let ran = verify(&[s(&log), "--trusted-key", &key, "--allow-unsigned-tail"]);
     assert!(ran.success, "{}", ran.all());
-    assert!(ran.stdout.contains("chain intact, 33 records"), "{}", ran.all());
+    assert!(
+        ran.stdout.contains("chain intact, 33 records"),
+        "{}",
+        ran.all()
+    );
 }
