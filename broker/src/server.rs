@@ -71,6 +71,8 @@ pub struct Broker {
     reload: mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>,
     tasks: Vec<JoinHandle<()>>,
     audit: Option<AuditLog>,
+    /// Flushed once more at shutdown, after the tasks that may still count refusals.
+    refusals: Arc<RefusalAudit>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -148,7 +150,7 @@ impl Broker {
             listener,
             acceptor,
             ctx,
-            refusals,
+            Arc::clone(&refusals),
             config.max_connections,
             shutdown_rx.clone(),
         ));
@@ -185,6 +187,7 @@ impl Broker {
                 size_task,
             ],
             audit: Some(audit_log),
+            refusals,
             _watcher: watcher,
         })
     }
@@ -210,6 +213,7 @@ impl Broker {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+        self.refusals.flush();
         if let Some(log) = self.audit.take() {
             let auditor = log.auditor();
             let _ = auditor.record(AuditRecord::new(Component::Broker, Event::ComponentStopped));
