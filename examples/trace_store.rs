@@ -14,7 +14,8 @@
 //! (jittered; wearables on mobile links), each alert change is delivered to two
 //! subscribers (the site's integrator and the operator). Its `at` times are device
 //! time, so it is hash-chained here rather than by the live writer (which stamps the
-//! wall clock); it has no checkpoints. `vitalmq audit verify` accepts its chain.
+//! wall clock); it has no checkpoints. `vitalmq audit verify --allow-unsigned-tail`
+//! accepts its chain.
 //!
 //! Prints one JSON summary line: counts, and an alert id and event ids to trace.
 //!

@@ -189,6 +189,14 @@ pub fn verify_checkpoints(
                 .get("covers_seq")
                 .and_then(Value::as_u64)
                 .ok_or_else(|| malformed("covers_seq"))?;
+            // The writer signs the record right before each checkpoint; the signature
+            // does not cover the checkpoint's own place, so a copy moved elsewhere
+            // would otherwise still verify there.
+            if record.seq.checked_sub(1) != Some(seq) {
+                return Err(malformed(
+                    "covers_seq is not the record before the checkpoint",
+                ));
+            }
             let covered = text("covers_hash")?;
             let public_hex = text("public_key")?;
             let public: [u8; 32] = hex::decode(public_hex)
@@ -341,6 +349,35 @@ mod tests {
             check(&path, &[])
                 .is_err_and(|e| matches!(e, CheckpointError::BadSignature { line: 3 }))
         );
+    }
+
+    #[test]
+    fn a_checkpoint_copied_to_another_place_does_not_vouch_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (path, public) = write_log(dir.path(), 3);
+        let mut lines: Vec<String> = std::fs::read_to_string(&path)
+            .expect("log")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        // Someone appends a record and, after it, a copy of the genuine checkpoint,
+        // with the chain recomputed, so the new record looks signed.
+        let mut forged: AuditRecord = serde_json::from_str(&lines[2]).expect("record");
+        let mut copy: AuditRecord = serde_json::from_str(&lines[3]).expect("checkpoint");
+        let mut prev: AuditRecord = serde_json::from_str(&lines[3]).expect("checkpoint");
+        for (seq, r) in [(4, &mut forged), (5, &mut copy)] {
+            r.seq = seq;
+            r.prev = prev.hash.clone();
+            r.hash = crate::chain::record_hash(r);
+            lines.push(serde_json::to_string(r).expect("json"));
+            prev = r.clone();
+        }
+        let text = lines.join("\n") + "\n";
+        assert_eq!(verify_chain(text.as_bytes()), Ok(6));
+        assert!(matches!(
+            verify_checkpoints(text.as_bytes(), &[public]),
+            Err(CheckpointError::Malformed { line: 6, .. })
+        ));
     }
 
     #[test]

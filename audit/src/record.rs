@@ -38,6 +38,9 @@ pub enum Event {
     ComponentStopped,
     /// A signed checkpoint over the chain so far (see `checkpoint`).
     Checkpoint,
+    /// The log is writable again after a failed write; records refused meanwhile are
+    /// counted in `details.refused_records`.
+    AuditRecovered,
 }
 
 /// The security decision a record documents, when there is one.
@@ -50,6 +53,7 @@ pub enum Decision {
 
 /// Who acted: the verified identity and its certificate, and where it came from.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Actor {
     /// SPIFFE URI, when the identity is known.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -66,7 +70,11 @@ pub struct Actor {
 }
 
 /// One audit record. `seq`, `at`, `prev` and `hash` are filled in by the writer.
+/// Unknown fields are refused: a field inserted into a record is tampering, not an
+/// extension (a new field comes with a new `format`). `hash` must stay the last field:
+/// the hash covers the line's bytes up to its value (`chain::line_hash`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuditRecord {
     pub format: String,
     /// Position in this log, from 0.
@@ -98,7 +106,7 @@ pub struct AuditRecord {
     pub details: Map<String, Value>,
     /// Hash of the previous record's line ([`crate::GENESIS`] for the first).
     pub prev: String,
-    /// SHA-256 over this record serialized with `hash` empty.
+    /// SHA-256 over this record's line with the value of `hash` empty.
     pub hash: String,
 }
 

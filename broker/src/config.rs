@@ -57,6 +57,19 @@ pub struct AuditSettings {
     /// checkpoint, so this bounds how long a refusal waits to reach cloud storage.
     #[serde(default = "default_checkpoint_interval_s")]
     pub checkpoint_interval_s: u64,
+    /// Repeated connection refusals of one kind from one source address are written
+    /// once per this many seconds, plus a summary with their count at its end
+    /// (`audit_aggregate`); 0 writes one record per refusal.
+    #[serde(default = "default_aggregate_interval_s")]
+    pub aggregate_interval_s: u64,
+    /// Distinct (source, kind) pairs counted per interval; refusals beyond are counted
+    /// per class in one overflow summary.
+    #[serde(default = "default_aggregate_max_sources")]
+    pub aggregate_max_sources: usize,
+    /// Above this size in bytes the log raises `vitalmq_audit_size_alert` and a
+    /// warning (0: never). Its size is always exported as `vitalmq_audit_bytes`.
+    #[serde(default = "default_alert_bytes")]
+    pub alert_bytes: u64,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -70,6 +83,15 @@ fn default_audit_queue() -> usize {
 }
 fn default_checkpoint_interval_s() -> u64 {
     5
+}
+fn default_aggregate_interval_s() -> u64 {
+    10
+}
+fn default_aggregate_max_sources() -> usize {
+    1024
+}
+fn default_alert_bytes() -> u64 {
+    1 << 30
 }
 fn yes() -> bool {
     true

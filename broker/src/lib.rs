@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
+pub mod audit_aggregate;
 pub mod authz;
 pub mod config;
 pub mod embedded;

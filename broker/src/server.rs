@@ -9,10 +9,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
-use vitalmq_audit::{Actor, AuditLog, AuditRecord, Component, Decision, Event};
+use vitalmq_audit::{AuditLog, AuditRecord, Component, Event};
 use vitalmq_policies::{AclPolicy, DeviceRegistry};
 
 use crate::accept::{AcceptLimits, Acceptor};
+use crate::audit_aggregate::RefusalAudit;
 use crate::authz::{Authorizer, PolicyAuthorizer};
 use crate::config::BrokerConfig;
 use crate::embedded::EmbeddedBroker;
@@ -72,6 +73,8 @@ pub struct Broker {
     reload: mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>,
     tasks: Vec<JoinHandle<()>>,
     audit: Option<AuditLog>,
+    /// Flushed once more at shutdown, after the tasks that may still count refusals.
+    refusals: Arc<RefusalAudit>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -146,11 +149,22 @@ impl Broker {
         );
         tracing::info!(%addr, policy_sha256 = loaded.acl.sha256_hex(), "broker listening (mTLS)");
 
+        let refusals = Arc::new(RefusalAudit::new(
+            Arc::clone(&audit),
+            Duration::from_secs(config.audit.aggregate_interval_s),
+            config.audit.aggregate_max_sources,
+        ));
+        let summaries_task = tokio::spawn(Arc::clone(&refusals).run(shutdown_rx.clone()));
+        let size_task = tokio::spawn(watch_audit_size(
+            auditor.clone(),
+            config.audit.alert_bytes,
+            shutdown_rx.clone(),
+        ));
         let accept_task = tokio::spawn(accept_loop(
             listener,
             acceptor,
             ctx,
-            Arc::clone(&audit),
+            Arc::clone(&refusals),
             config.max_connections,
             shutdown_rx.clone(),
         ));
@@ -179,8 +193,15 @@ impl Broker {
             addr,
             shutdown: shutdown_tx,
             reload: reload_tx,
-            tasks: vec![accept_task, reload_task, checkpoint_task],
+            tasks: vec![
+                accept_task,
+                reload_task,
+                checkpoint_task,
+                summaries_task,
+                size_task,
+            ],
             audit: Some(audit_log),
+            refusals,
             _watcher: watcher,
         })
     }
@@ -206,6 +227,7 @@ impl Broker {
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
+        self.refusals.flush();
         if let Some(log) = self.audit.take() {
             let auditor = log.auditor();
             let _ = auditor.record(AuditRecord::new(Component::Broker, Event::ComponentStopped));
@@ -238,11 +260,47 @@ async fn checkpoint_periodically(
     }
 }
 
+/// How often the audit log's size is exported and checked against `alert_bytes`.
+const AUDIT_SIZE_EVERY: Duration = Duration::from_secs(5);
+
+/// Exports the audit log's size (`vitalmq_audit_bytes`) and raises
+/// `vitalmq_audit_size_alert` with a warning while it is above `alert_bytes`. The
+/// broker has no ops topic of its own; alerting rules read the metric.
+async fn watch_audit_size(
+    auditor: vitalmq_audit::Auditor,
+    alert_bytes: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut above = false;
+    loop {
+        let bytes = auditor.bytes();
+        metrics::gauge!("vitalmq_audit_bytes").set(bytes as f64);
+        let now_above = alert_bytes > 0 && bytes > alert_bytes;
+        if now_above != above {
+            above = now_above;
+            metrics::gauge!("vitalmq_audit_size_alert").set(if above { 1.0 } else { 0.0 });
+            if above {
+                tracing::warn!(bytes, alert_bytes, "audit log is above its configured size");
+            } else {
+                tracing::info!(
+                    bytes,
+                    alert_bytes,
+                    "audit log is below its configured size again"
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(AUDIT_SIZE_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     acceptor: Arc<Acceptor>,
     ctx: Arc<RelayContext>,
-    audit: Arc<dyn AuditSink>,
+    refusals: Arc<RefusalAudit>,
     max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -261,16 +319,16 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refused(&audit, remote, "max_connections", "max_connections");
+            refused(&refusals, remote, "max_connections", "max_connections");
             continue;
         };
         let acceptor = Arc::clone(&acceptor);
         let ctx = Arc::clone(&ctx);
-        let audit = Arc::clone(&audit);
+        let refusals = Arc::clone(&refusals);
         tokio::spawn(async move {
             let _slot = slot;
             match acceptor.accept(tcp, remote).await {
-                Err(refusal) => refused(&audit, remote, refusal.reason(), refusal.detail()),
+                Err(refusal) => refused(&refusals, remote, refusal.reason(), refusal.detail()),
                 Ok((tls, peer)) => {
                     metrics::gauge!("vitalmq_connections").increment(1.0);
                     let id = peer.identity.spiffe.clone();
@@ -283,20 +341,14 @@ async fn accept_loop(
     }
 }
 
-fn refused(audit: &Arc<dyn AuditSink>, remote: SocketAddr, reason: &str, detail: &str) {
-    tracing::info!(peer.addr = %remote, reason, detail, "connection refused");
+fn refused(refusals: &RefusalAudit, remote: SocketAddr, reason: &str, detail: &str) {
     metrics::counter!("vitalmq_denials_total", "kind" => "handshake").increment(1);
-    let _ = audit.record(
-        AuditRecord::new(Component::Broker, Event::ConnectionRefused)
-            .actor(Actor {
-                addr: Some(remote.to_string()),
-                ..Actor::default()
-            })
-            .action("handshake")
-            .decision(Decision::Deny)
-            .reason(detail.to_owned())
-            .detail("class", reason.to_owned()),
-    );
+    // Repeats go to the log as a count, and to the debug log only.
+    if let Ok(crate::audit_aggregate::Admit::Counted) = refusals.refused(remote, reason, detail) {
+        tracing::debug!(peer.addr = %remote, reason, detail, "connection refused (repeat)");
+    } else {
+        tracing::info!(peer.addr = %remote, reason, detail, "connection refused");
+    }
 }
 
 struct Reloader {
