@@ -118,7 +118,8 @@ impl Decision {
     pub const DEFAULT_DENY: &'static str = "default-deny";
     /// The policy has `connect = false` for the caller's role.
     pub const ROLE_DISABLED: &'static str = "role-disabled";
-    /// A device not in the registry, or a gateway or integrator without a registered site.
+    /// A device not in the registry, a gateway or integrator without a registered site,
+    /// or an operator the registry does not list.
     pub const NOT_REGISTERED: &'static str = "not-registered";
     /// The caller's trust domain is not the registry's.
     pub const TRUST_DOMAIN: &'static str = "trust-domain-mismatch";
@@ -586,7 +587,14 @@ impl AclPolicy {
                     .integrator_site(&who.id)
                     .ok_or_else(|| Decision::deny(Decision::NOT_REGISTERED))?,
             ),
-            Role::Bridge | Role::Operator => None,
+            // Operators are enrolled in the registry (no site: they see every site).
+            Role::Operator => {
+                if !registry.is_operator(&who.id) {
+                    return Err(Decision::deny(Decision::NOT_REGISTERED));
+                }
+                None
+            }
+            Role::Bridge => None,
         };
         Ok(Subject {
             id: who.id.as_str(),

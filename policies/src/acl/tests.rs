@@ -16,7 +16,8 @@ fn registry() -> DeviceRegistry {
         "format = \"vitalmq-registry/v1\"\ntrust_domain = \"demo.vitalmq\"\n{}{}{}\
          [[gateways]]\nid = \"gw-01\"\nsite = \"site-01\"\n\
          [[gateways]]\nid = \"gw-02\"\nsite = \"site-02\"\n\
-         [[integrators]]\nid = \"int-01\"\nsite = \"site-01\"\n",
+         [[integrators]]\nid = \"int-01\"\nsite = \"site-01\"\n\
+         [[operators]]\nid = \"ops-alice\"\n",
         device("dev-00001", "site-01"),
         device("dev-00002", "site-01"),
         device("dev-00003", "site-02"),
@@ -91,7 +92,7 @@ fn example_policy_loads_with_spec_defaults() {
 }
 
 #[test]
-fn connect_requires_registration_for_devices_gateways_integrators() {
+fn connect_requires_registration_for_devices_gateways_integrators_operators() {
     let (p, r) = (policy(), registry());
     allowed(
         p.connect(&who(Role::Device, "dev-00001"), &r),
@@ -119,6 +120,9 @@ fn connect_requires_registration_for_devices_gateways_integrators() {
         (Role::Integrator, "int-99"),
         // Registered as a gateway, not as an integrator.
         (Role::Integrator, "gw-01"),
+        // An operator certificate alone does not admit its holder.
+        (Role::Operator, "ops-mallory"),
+        (Role::Operator, "int-01"),
     ] {
         denied(p.connect(&who(role, id), &r), Decision::NOT_REGISTERED);
     }
