@@ -608,7 +608,11 @@ fn subscribe_limits_default_per_role_and_are_validated() {
     let p = policy();
     let dev = p.limits(Role::Device);
     assert_eq!(
-        (dev.max_subscribe_filters, dev.subscribes_per_second, dev.subscribe_burst),
+        (
+            dev.max_subscribe_filters,
+            dev.subscribes_per_second,
+            dev.subscribe_burst
+        ),
         (16, 10, 50)
     );
     assert_eq!(p.limits(Role::Gateway).max_subscribe_filters, 4_096);
@@ -663,7 +667,10 @@ fn retained_telemetry_is_stripped_unless_the_policy_refuses_it() {
     assert_ne!(without, EXAMPLE);
     let p = AclPolicy::parse(&without, Path::new("acl.toml")).expect("default");
     assert_eq!(p.retained_telemetry(), RetainedTelemetry::Strip);
-    let refuse = EXAMPLE.replace("retained_telemetry = \"strip\"", "retained_telemetry = \"refuse\"");
+    let refuse = EXAMPLE.replace(
+        "retained_telemetry = \"strip\"",
+        "retained_telemetry = \"refuse\"",
+    );
     let p = AclPolicy::parse(&refuse, Path::new("acl.toml")).expect("refuse");
     assert_eq!(p.retained_telemetry(), RetainedTelemetry::Refuse);
     for (topic, is) in [
