@@ -63,11 +63,15 @@ pub mod kind {
     pub const CONNECT: u8 = 1;
     pub const CONNACK: u8 = 2;
     pub const PUBLISH: u8 = 3;
+    pub const PUBACK: u8 = 4;
+    pub const PUBCOMP: u8 = 7;
     pub const PUBREL: u8 = 6;
     pub const SUBSCRIBE: u8 = 8;
     pub const SUBACK: u8 = 9;
     pub const UNSUBSCRIBE: u8 = 10;
     pub const UNSUBACK: u8 = 11;
+    pub const PINGREQ: u8 = 12;
+    pub const DISCONNECT: u8 = 14;
     pub const AUTH: u8 = 15;
 }
 
@@ -105,6 +109,70 @@ pub fn next_frame(
             }
         }
     }
+}
+
+/// Checks what a client's packet says about itself in its fixed header, which the codecs
+/// do not: the flag bits every packet type fixes (MQTT 3.1.1 2.2.2 and MQTT 5 2.1.3:
+/// `0010` for PUBREL, SUBSCRIBE and UNSUBSCRIBE, `0000` for the others except
+/// PUBLISH), a PUBLISH's QoS (never 3) and DUP (never with QoS 0, MQTT-3.3.1-2), and
+/// the remaining length of packets whose length the standard fixes (PINGREQ 0; in
+/// 3.1.1 DISCONNECT 0 and PUBACK..PUBCOMP 2; in 5 PUBACK..PUBCOMP at least 2). Either
+/// standard says to close the connection on such a packet (MQTT 5: Malformed Packet).
+pub fn check_fixed_header(frame: &Frame, version: Version) -> Result<(), FrameError> {
+    let bytes = frame.bytes();
+    let packet_type = frame.packet_type();
+    let flags = bytes[0] & 0x0f;
+    // The frame is exactly one packet: the type byte, 1 to 4 length bytes, the rest.
+    let length_bytes = 1 + bytes
+        .iter()
+        .skip(1)
+        .take(4)
+        .take_while(|b| *b & 0x80 != 0)
+        .count();
+    let remaining = bytes.len().saturating_sub(1 + length_bytes);
+    let malformed = |what: String| Err(FrameError::Malformed(what));
+    match packet_type {
+        kind::PUBLISH => {
+            let qos = (flags >> 1) & 0b11;
+            if qos == 3 {
+                return malformed("PUBLISH with QoS 3".into());
+            }
+            if qos == 0 && flags & 0b1000 != 0 {
+                return malformed("PUBLISH with QoS 0 and DUP set".into());
+            }
+        }
+        kind::PUBREL | kind::SUBSCRIBE | kind::UNSUBSCRIBE if flags != 0b0010 => {
+            return malformed(format!(
+                "packet type {packet_type} with fixed-header flags {flags:04b}, not 0010"
+            ));
+        }
+        kind::PUBREL | kind::SUBSCRIBE | kind::UNSUBSCRIBE => {}
+        _ if flags != 0 => {
+            return malformed(format!(
+                "packet type {packet_type} with fixed-header flags {flags:04b}, not 0000"
+            ));
+        }
+        _ => {}
+    }
+    let fixed_len = match (packet_type, version) {
+        (kind::PINGREQ, _) => Some(0),
+        (kind::DISCONNECT, Version::V311) => Some(0),
+        (kind::PUBACK..=kind::PUBCOMP, Version::V311) => Some(2),
+        _ => None,
+    };
+    if let Some(want) = fixed_len
+        && remaining != want
+    {
+        return malformed(format!(
+            "packet type {packet_type} with remaining length {remaining}, not {want}"
+        ));
+    }
+    if matches!(packet_type, kind::PUBACK..=kind::PUBCOMP) && remaining < 2 {
+        return malformed(format!(
+            "packet type {packet_type} without a packet identifier"
+        ));
+    }
+    Ok(())
 }
 
 /// Reads the protocol level from a CONNECT at the start of `buf` without consuming it:
