@@ -34,6 +34,15 @@ impl Broker {
 
     /// With the shipped ACL edited by `edit_acl`.
     fn start_with(name: &str, edit_acl: impl FnOnce(String) -> String) -> Self {
+        Self::start_configured(name, edit_acl, |config| config)
+    }
+
+    /// With the shipped ACL and the test broker configuration edited.
+    fn start_configured(
+        name: &str,
+        edit_acl: impl FnOnce(String) -> String,
+        edit_config: impl FnOnce(String) -> String,
+    ) -> Self {
         let tmp = temp_dir(&format!("vitalmq-broker-protocol-{name}"));
         let pki = tmp.path().join("pki");
         let ran = run(
@@ -58,7 +67,7 @@ impl Broker {
         let broker = BrokerProcess::start(
             Path::new(env!("CARGO_BIN_EXE_vitalmq")),
             tmp.path(),
-            &broker_config(TRUST_DOMAIN),
+            &edit_config(broker_config(TRUST_DOMAIN)),
             Duration::from_secs(20),
         );
         Self { tmp, broker }
@@ -653,4 +662,55 @@ fn a_subscribe_over_the_filter_limit_costs_one_audit_record() {
         "audit bytes for 2 x 5 SUBSCRIBEs of 10,000 filters (and 2 connects): {}",
         audit_after - audit_before
     );
+}
+
+// ------------------------------------------------------------------------ silent sockets
+
+#[test]
+fn silent_sockets_do_not_hold_back_a_real_client_and_are_closed() {
+    use std::io::Read as _;
+    // Few handshake slots and a handshake timeout far beyond the client's deadline: a
+    // slot held by a silent socket would not come back in time.
+    let broker = Broker::start_configured(
+        "silent",
+        |acl| acl,
+        |config| {
+            config.replace(
+                "handshake_timeout_ms = 30000\n",
+                "handshake_timeout_ms = 120000\nfirst_byte_timeout_ms = 1500\nmax_concurrent_handshakes = 4\n",
+            )
+        },
+    );
+    let silent: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", broker.broker.port)).expect("connect"))
+        .collect();
+    let device = "dev-00001";
+    let session = broker
+        .raw(
+            "device",
+            device,
+            &[Step::Send(connect_v4(device)), Step::Recv(1)],
+        )
+        .ok();
+    assert_eq!(
+        session.packets[0],
+        [0x20, 0x02, 0x00, 0x00],
+        "CONNACK accepted"
+    );
+    for mut socket in silent {
+        socket
+            .set_read_timeout(Some(EVENTUALLY))
+            .expect("read timeout");
+        let mut buf = [0u8; 1];
+        match socket.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("silent socket not closed: {other:?}"),
+        }
+    }
+    let deadline = Instant::now() + EVENTUALLY;
+    while broker.count(&[("/event", "connection_refused"), ("/reason", "silent")]) < 20 {
+        assert!(Instant::now() < deadline, "not all silent sockets audited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

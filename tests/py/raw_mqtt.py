@@ -57,8 +57,14 @@ def main():
     ctx = ssl.create_default_context(cafile=args.ca)
     ctx.load_cert_chain(args.cert, args.key)
     result = {"packets": [], "closed": False, "error": None}
-    raw = socket.create_connection(("127.0.0.1", args.port), timeout=DEADLINE_S)
-    sock = ctx.wrap_socket(raw, server_hostname="localhost")
+    try:
+        raw = socket.create_connection(("127.0.0.1", args.port), timeout=DEADLINE_S)
+        sock = ctx.wrap_socket(raw, server_hostname="localhost")
+    except (OSError, ssl.SSLError) as e:
+        result["error"] = "connect or TLS handshake failed: %r" % e
+        json.dump(result, sys.stdout)
+        print()
+        return
     sock.settimeout(DEADLINE_S)
     step = {}
     try:
