@@ -220,3 +220,56 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, FrameError> {
         other => Err(FrameError::UnsupportedLevel(other)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(bytes: &[u8], version: Version) -> Result<(), FrameError> {
+        let mut buf = BytesMut::from(bytes);
+        let frame = next_frame(&mut buf, version, 1 << 16)
+            .expect("frames")
+            .expect("one whole packet");
+        check_fixed_header(&frame, version)
+    }
+
+    #[test]
+    fn fixed_headers_are_checked_as_the_standard_fixes_them() {
+        use Version::{V5, V311};
+        let publish = |first: u8| vec![first, 0x05, 0x00, 0x01, b't', 0x00, 0x01];
+        for (bytes, version, ok) in [
+            // PUBLISH: QoS 0..2 with or without DUP (not with QoS 0), never QoS 3.
+            (publish(0x30), V311, true),
+            (publish(0x31), V311, true),
+            (publish(0x3A), V5, true),
+            (publish(0x38), V311, false),
+            (publish(0x38), V5, false),
+            (publish(0x36), V311, false),
+            // PUBREL, SUBSCRIBE, UNSUBSCRIBE need 0010; the rest 0000.
+            (vec![0x62, 0x02, 0x00, 0x01], V311, true),
+            (vec![0x60, 0x02, 0x00, 0x01], V311, false),
+            (vec![0x82, 0x04, 0x00, 0x01, 0x00, 0x00], V311, true),
+            (vec![0x80, 0x04, 0x00, 0x01, 0x00, 0x00], V5, false),
+            (vec![0xA3, 0x03, 0x00, 0x01, 0x00], V311, false),
+            (vec![0x41, 0x02, 0x00, 0x01], V311, false),
+            (vec![0xC1, 0x00], V5, false),
+            // Lengths: PINGREQ 0; 3.1.1 DISCONNECT 0 and PUBACK..PUBCOMP 2; MQTT 5
+            // acknowledgements at least the packet id, DISCONNECT with a reason.
+            (vec![0xC0, 0x00], V311, true),
+            (vec![0xC0, 0x01, 0x00], V311, false),
+            (vec![0xC0, 0x01, 0x00], V5, false),
+            (vec![0xE0, 0x00], V311, true),
+            (vec![0xE0, 0x01, 0x00], V311, false),
+            (vec![0xE0, 0x02, 0x00, 0x00], V5, true),
+            (vec![0x40, 0x03, 0x00, 0x01, 0x00], V311, false),
+            (vec![0x40, 0x03, 0x00, 0x01, 0x10], V5, true),
+            (vec![0x40, 0x01, 0x00], V5, false),
+        ] {
+            assert_eq!(
+                checked(&bytes, version).is_ok(),
+                ok,
+                "{bytes:02x?} {version:?}"
+            );
+        }
+    }
+}
