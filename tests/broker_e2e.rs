@@ -120,6 +120,7 @@ server_key = "pki/broker/server.key.pem"
 client_ca = ["pki/ca/ca.pem"]
 crls = ["pki/crl.pem"]
 trust_domain = "{TRUST_DOMAIN}"
+first_byte_timeout_ms = 30000
 handshake_timeout_ms = 30000
 per_ip_per_second = 0
 [policy]

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{Ran, run, temp_dir};
 use vitalmq_envelope::{Algorithm, DeviceId, SigningKey};
-use vitalmq_policies::DeviceRegistry;
+use vitalmq_policies::{DeviceRegistry, PrincipalId};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const OPENSSL: &str = "/usr/bin/openssl";
@@ -404,6 +404,13 @@ fn certs_init_issue_revoke_against_openssl() {
         .expect("registered");
     assert_eq!(new.key.algorithm(), Algorithm::Es256);
     assert_eq!(new.site.as_str(), "site-02");
+    // Operators are enrolled too: the broker admits only listed ones.
+    for operator in ["ops-01", "ops-future"] {
+        assert!(
+            registry.is_operator(&PrincipalId::new(operator).expect("id")),
+            "{operator} not in the registry"
+        );
+    }
 
     // issue never replaces an identity, and site rules are enforced.
     let dup = vitalmq(&[

@@ -6,11 +6,15 @@
 //!
 //! 1. is checked against the per-source-IP rate limit (a keyed GCRA limiter) before any
 //!    TLS work: refused with [`HandshakeRefusal::RateLimited`];
-//! 2. waits for one of `max_concurrent_handshakes` slots, then handshakes with the
+//! 2. waits, at most `first_byte_timeout`, for the client's first byte (the start of its
+//!    ClientHello) without holding anything but its own task: refused with
+//!    [`HandshakeRefusal::Silent`]. Sockets that never send cannot take the handshake
+//!    slots real clients need (500 silent sockets delayed a real client by 4-5 s);
+//! 3. waits for one of `max_concurrent_handshakes` slots, then handshakes with the
 //!    [`TlsEdge`] current *at that accept* (read from a `watch`, so a reload applies to
 //!    new handshakes); slot wait and handshake together are bounded by
 //!    `handshake_timeout`: refused with [`HandshakeRefusal::Timeout`];
-//! 3. has its verified leaf turned into a [`PeerIdentity`] (a CN-only certificate gets
+//! 4. has its verified leaf turned into a [`PeerIdentity`] (a CN-only certificate gets
 //!    its role from the registry, if one was given with [`Acceptor::with_registry`]).
 //!
 //! Every outcome is counted in `vitalmq_handshakes_total{outcome}` and timed in
@@ -44,6 +48,8 @@ use crate::tls::{SpiffeClientVerifier, TlsEdge, TlsSettings, identity_error, tls
 /// Bounds on the accept path (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcceptLimits {
+    /// Time from TCP accept to the client's first byte; no handshake slot is held.
+    pub first_byte_timeout: Duration,
     pub handshake_timeout: Duration,
     pub max_concurrent_handshakes: usize,
     /// Sustained new connections per second and source IP; 0 disables the limit.
@@ -54,6 +60,7 @@ pub struct AcceptLimits {
 impl Default for AcceptLimits {
     fn default() -> Self {
         Self {
+            first_byte_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(5),
             max_concurrent_handshakes: 256,
             per_ip_per_second: 20,
@@ -65,6 +72,7 @@ impl Default for AcceptLimits {
 impl AcceptLimits {
     pub fn from_settings(settings: &TlsSettings) -> Self {
         Self {
+            first_byte_timeout: settings.first_byte_timeout(),
             handshake_timeout: settings.handshake_timeout(),
             max_concurrent_handshakes: settings.max_concurrent_handshakes,
             per_ip_per_second: settings.per_ip_per_second,
@@ -90,6 +98,9 @@ pub struct AcceptedPeer {
 pub enum HandshakeRefusal {
     #[error("too many new connections from {ip}")]
     RateLimited { ip: IpAddr },
+    /// The client sent nothing (no ClientHello) within the first-byte timeout.
+    #[error("nothing received within {after:?}")]
+    Silent { after: Duration },
     #[error("handshake not finished within {after:?}")]
     Timeout { after: Duration },
     /// The TLS handshake failed (the certificate chain, validity or revocation, no
@@ -104,10 +115,11 @@ pub enum HandshakeRefusal {
 }
 
 impl HandshakeRefusal {
-    /// A stable token: `rate_limited`, `timeout`, `tls`, `identity` or `io`.
+    /// A stable token: `rate_limited`, `silent`, `timeout`, `tls`, `identity` or `io`.
     pub const fn reason(&self) -> &'static str {
         match self {
             Self::RateLimited { .. } => "rate_limited",
+            Self::Silent { .. } => "silent",
             Self::Timeout { .. } => "timeout",
             Self::Tls { .. } => "tls",
             Self::Identity(_) => "identity",
@@ -243,6 +255,19 @@ impl Acceptor {
             limiter
                 .check_key(&remote.ip())
                 .map_err(|_| HandshakeRefusal::RateLimited { ip: remote.ip() })?;
+        }
+        // A peek, not a read: the byte stays for rustls. Ok(0) is a client that closed.
+        let first_byte = self.limits.first_byte_timeout;
+        match tokio::time::timeout(first_byte, tcp.peek(&mut [0u8; 1])).await {
+            Err(_) => return Err(HandshakeRefusal::Silent { after: first_byte }),
+            Ok(Ok(0)) => {
+                return Err(HandshakeRefusal::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before sending anything",
+                )));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(HandshakeRefusal::Io(e)),
         }
         let edge = Arc::clone(&self.edge.borrow());
         let handshake = async {

@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use vitalmq_policies::{AclPolicy, DeniedPublishV311, DeviceRegistry, RoleLimits};
+use vitalmq_policies::{
+    AclPolicy, DeniedPublishV311, DeviceRegistry, RetainedTelemetry, RoleLimits,
+};
 
 use crate::identity::PeerIdentity;
 
@@ -54,6 +56,10 @@ pub trait Authorizer: Send + Sync + std::fmt::Debug {
     /// What to do with a denied PUBLISH from an MQTT 3.1.1 client.
     fn denied_publish_v311(&self) -> DeniedPublishV311 {
         DeniedPublishV311::Disconnect
+    }
+    /// What to do with a retained PUBLISH on a device's telemetry or status topic.
+    fn retained_telemetry(&self) -> RetainedTelemetry {
+        RetainedTelemetry::Strip
     }
     /// A digest identifying the policy in force, for audit records.
     fn policy_sha256(&self) -> &str;
@@ -106,6 +112,10 @@ impl Authorizer for PolicyAuthorizer {
 
     fn denied_publish_v311(&self) -> DeniedPublishV311 {
         self.acl.denied_publish_v311()
+    }
+
+    fn retained_telemetry(&self) -> RetainedTelemetry {
+        self.acl.retained_telemetry()
     }
 
     fn policy_sha256(&self) -> &str {

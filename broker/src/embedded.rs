@@ -56,6 +56,10 @@ impl Default for EmbeddedSettings {
     }
 }
 
+/// The Topic Alias Maximum rumqttd advertises in its MQTT 5 CONNACK (which the gate
+/// passes on); the gate resolves client aliases itself and refuses larger ones.
+pub const TOPIC_ALIAS_MAXIMUM: u16 = rumqttd::TOPIC_ALIAS_MAX;
+
 /// A running embedded rumqttd: its router thread, and one in-process server per MQTT
 /// version (rumqttd keeps pending will messages per server, so all connections of a
 /// version share one for will-delay cancellation and session takeover to behave as

@@ -1,6 +1,7 @@
-//! Per-identity publish limits (messages and bytes per second), shared by all of an
-//! identity's connections, from the role limits of the policy in force when the
-//! identity first connected.
+//! Per-identity publish limits (messages and bytes per second) and SUBSCRIBE limits
+//! (packets per second), shared by all of an identity's connections (so also bounding
+//! each one), from the role limits of the policy in force when the identity first
+//! connected.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -19,6 +20,7 @@ pub struct IdentityRate {
     messages: DefaultDirectRateLimiter,
     bytes: DefaultDirectRateLimiter,
     byte_burst: u32,
+    subscribes: DefaultDirectRateLimiter,
 }
 
 impl IdentityRate {
@@ -31,10 +33,13 @@ impl IdentityRate {
         // Byte bucket depth: one second of bytes, and at least one largest message.
         let byte_burst = nz(limits.bytes_per_second.max(limits.max_payload_bytes as u64));
         let bytes = Quota::per_second(nz(limits.bytes_per_second)).allow_burst(byte_burst);
+        let subscribes = Quota::per_second(nz(limits.subscribes_per_second.into()))
+            .allow_burst(nz(limits.subscribe_burst.into()));
         Self {
             messages: RateLimiter::direct(messages),
             bytes: RateLimiter::direct(bytes),
             byte_burst: byte_burst.get(),
+            subscribes: RateLimiter::direct(subscribes),
         }
     }
 }
@@ -59,6 +64,13 @@ impl RateGate for IdentityRate {
             // n is clamped to the burst, so capacity is always sufficient.
             Err(_) => Ok(()),
         }
+    }
+
+    fn admit_subscribe(&self) -> Result<(), Duration> {
+        let now = self.subscribes.clock().now();
+        self.subscribes
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(now))
     }
 }
 
@@ -92,6 +104,9 @@ mod tests {
             messages_per_second: 1,
             bytes_per_second: 1_000,
             burst: 3,
+            max_subscribe_filters: 8,
+            subscribes_per_second: 1,
+            subscribe_burst: 2,
         };
         let rate = IdentityRate::new(&limits);
         for _ in 0..3 {
@@ -102,5 +117,10 @@ mod tests {
             wait > Duration::ZERO && wait <= Duration::from_secs(1),
             "{wait:?}"
         );
+        // SUBSCRIBE has its own bucket.
+        assert_eq!(rate.admit_subscribe(), Ok(()));
+        assert_eq!(rate.admit_subscribe(), Ok(()));
+        let wait = rate.admit_subscribe().expect_err("subscribe burst used up");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
     }
 }

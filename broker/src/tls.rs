@@ -53,8 +53,12 @@ pub struct TlsSettings {
     /// Refuse every client once a CRL's nextUpdate has passed (stale revocation data).
     #[serde(default)]
     pub enforce_crl_next_update: bool,
-    /// Time allowed from TCP accept to a finished handshake, waiting for a handshake
-    /// slot included.
+    /// Time allowed from TCP accept to the client's first byte; a client that sends
+    /// nothing holds no handshake slot meanwhile.
+    #[serde(default = "default_first_byte_timeout_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Time allowed from the client's first byte to a finished handshake, waiting for a
+    /// handshake slot included.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
     /// Handshakes running at once; further connections wait (within their timeout).
@@ -68,6 +72,9 @@ pub struct TlsSettings {
     pub per_ip_burst: u32,
 }
 
+fn default_first_byte_timeout_ms() -> u64 {
+    3_000
+}
 fn default_handshake_timeout_ms() -> u64 {
     5_000
 }
@@ -98,11 +105,16 @@ impl TlsSettings {
             cn_fallback: false,
             allow_unknown_revocation_status: false,
             enforce_crl_next_update: false,
+            first_byte_timeout_ms: default_first_byte_timeout_ms(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
             max_concurrent_handshakes: default_max_concurrent_handshakes(),
             per_ip_per_second: default_per_ip_per_second(),
             per_ip_burst: default_per_ip_burst(),
         }
+    }
+
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_byte_timeout_ms)
     }
 
     pub fn handshake_timeout(&self) -> Duration {

@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsConnector;
@@ -195,6 +195,7 @@ impl Server {
 
 fn limits() -> AcceptLimits {
     AcceptLimits {
+        first_byte_timeout: Duration::from_secs(5),
         handshake_timeout: Duration::from_secs(5),
         max_concurrent_handshakes: 8,
         per_ip_per_second: 1000,
@@ -482,6 +483,7 @@ async fn cn_fallback_takes_the_role_from_the_registry() {
 async fn a_silent_client_does_not_delay_a_real_one_and_is_cut_off() {
     let pki = Pki::new();
     let limits = AcceptLimits {
+        first_byte_timeout: Duration::from_millis(300),
         handshake_timeout: Duration::from_millis(300),
         ..limits()
     };
@@ -502,12 +504,12 @@ async fn a_silent_client_does_not_delay_a_real_one_and_is_cut_off() {
     let first = server.next().await;
     assert_eq!(first.remote, real_local);
     assert!(first.result.is_ok());
-    // ...and the silent one is then cut off by the timeout.
+    // ...and the silent one is then cut off by the first-byte timeout.
     let second = server.next().await;
     assert_eq!(second.remote, silent_local);
     match second.result {
-        Err(refusal @ HandshakeRefusal::Timeout { .. }) => assert_eq!(refusal.reason(), "timeout"),
-        Err(other) => panic!("expected a timeout, got {other}"),
+        Err(refusal @ HandshakeRefusal::Silent { .. }) => assert_eq!(refusal.reason(), "silent"),
+        Err(other) => panic!("expected a first-byte timeout, got {other}"),
         Ok(_) => panic!("a silent client was accepted"),
     }
     let mut buf = [0u8; 1];
@@ -515,6 +517,54 @@ async fn a_silent_client_does_not_delay_a_real_one_and_is_cut_off() {
         .await
         .expect("the server closes the silent connection");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
+#[tokio::test]
+async fn silent_sockets_hold_no_handshake_slot_and_are_cut_off_after_the_first_byte_timeout() {
+    let pki = Pki::new();
+    let limits = AcceptLimits {
+        first_byte_timeout: Duration::from_millis(1_500),
+        // Far beyond the test's deadline: a slot taken by a silent socket would never
+        // come back in time, so the real client could not finish.
+        handshake_timeout: Duration::from_secs(120),
+        max_concurrent_handshakes: 4,
+        ..limits()
+    };
+    let mut server = Server::start(&pki.settings(&[], 1), limits).await;
+    let silent_count = 12;
+    let mut silent = Vec::new();
+    for _ in 0..silent_count {
+        silent.push(
+            TcpStream::connect(server.addr)
+                .await
+                .expect("silent connect"),
+        );
+    }
+    let cert = pki.identity(Role::Device, "dev-00001");
+    let (real_local, client) = connect(
+        server.addr,
+        client_config(&pki.fleet.ca, Some(full(cert)), BOTH),
+    )
+    .await;
+    client.expect("the real client completes while the silent sockets are open");
+    let mut silent_refused = 0;
+    for _ in 0..=silent_count {
+        let event = server.next().await;
+        if event.remote == real_local {
+            assert!(event.result.is_ok(), "{:?}", event.result.err());
+        } else {
+            assert_eq!(event.result.err().map(|r| r.reason()), Some("silent"));
+            silent_refused += 1;
+        }
+    }
+    assert_eq!(silent_refused, silent_count);
+    for mut socket in silent {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(WAIT, socket.read(&mut buf))
+            .await
+            .expect("the server closed the silent socket");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
 }
 
 #[tokio::test]
@@ -526,9 +576,12 @@ async fn waiting_for_a_handshake_slot_counts_against_the_timeout() {
         ..limits()
     };
     let mut server = Server::start(&pki.settings(&[], 1), limits).await;
-    // The first silent client takes the only slot; the second waits for it.
-    let _a = TcpStream::connect(server.addr).await.expect("connect");
-    let _b = TcpStream::connect(server.addr).await.expect("connect");
+    // The first client to start a ClientHello (one byte of it) takes the only slot;
+    // the second waits for it. (A client that sends nothing takes no slot at all.)
+    let mut a = TcpStream::connect(server.addr).await.expect("connect");
+    a.write_all(&[0x16]).await.expect("first byte");
+    let mut b = TcpStream::connect(server.addr).await.expect("connect");
+    b.write_all(&[0x16]).await.expect("first byte");
     let started = std::time::Instant::now();
     for _ in 0..2 {
         let event = server.next().await;
@@ -549,6 +602,7 @@ async fn the_per_ip_rate_limit_refuses_the_connection_after_the_burst() {
     let pki = Pki::new();
     let burst = 4;
     let limits = AcceptLimits {
+        first_byte_timeout: Duration::from_millis(300),
         handshake_timeout: Duration::from_millis(300),
         per_ip_per_second: 1,
         per_ip_burst: burst,
@@ -563,7 +617,8 @@ async fn the_per_ip_rate_limit_refuses_the_connection_after_the_burst() {
     for _ in 0..=burst {
         reasons.push(server.next().await.result.err().map(|r| r.reason()));
     }
-    // The refusal comes first (no handshake is attempted), then the held ones time out.
+    // The refusal comes first (no handshake is attempted), then the held ones, which
+    // sent nothing, are cut off by the first-byte timeout.
     assert_eq!(reasons[0], Some("rate_limited"), "{reasons:?}");
     assert_eq!(
         reasons
@@ -574,7 +629,7 @@ async fn the_per_ip_rate_limit_refuses_the_connection_after_the_burst() {
         "{reasons:?}"
     );
     assert_eq!(
-        reasons.iter().filter(|r| **r == Some("timeout")).count(),
+        reasons.iter().filter(|r| **r == Some("silent")).count(),
         burst as usize,
         "{reasons:?}"
     );

@@ -178,7 +178,9 @@ impl Fleet {
         }
         parties.push((Role::Bridge, principal("bridge-01".into())?));
         parties.push((Role::Bridge, principal("bridge-01-alerts".into())?));
-        parties.push((Role::Operator, principal("ops-01".into())?));
+        let operator = principal("ops-01".into())?;
+        registry.insert_operator(operator.clone());
+        parties.push((Role::Operator, operator));
         let identities = parties
             .into_iter()
             .map(|(role, id)| {
@@ -241,6 +243,11 @@ mod tests {
         ] {
             assert!(uris.iter().any(|u| u == expected), "{expected} missing");
         }
+        assert!(
+            fleet
+                .registry
+                .is_operator(&PrincipalId::new("ops-01").expect("id"))
+        );
         let gw = PrincipalId::new("gw-site-02").expect("id");
         assert_eq!(
             fleet.registry.gateway_site(&gw).map(|s| s.to_string()),

@@ -174,9 +174,12 @@ impl Pki {
         }
 
         // The registry change is prepared (and checked) before anything is written.
-        let registry = match site {
-            Some(site) => Some(self.registry_with(req, site)?),
-            None => None,
+        let registry = match (site, req.role) {
+            (Some(site), _) => Some(self.registry_with(req, site)?),
+            // Operators are enrolled in the registry too (no site): the broker admits
+            // only listed ones.
+            (None, Role::Operator) => Some(self.registry_with_operator(req)?),
+            (None, _) => None,
         };
         let spiffe = SpiffeId::new(self.index.trust_domain.clone(), req.role, req.id.clone());
         let issued = self.ca.issue_identity(&spiffe, req.validity)?;
@@ -200,14 +203,28 @@ impl Pki {
         Ok(new)
     }
 
-    /// The registry with `req` added, and the new device's COSE key if it is a device.
-    fn registry_with(
+    /// The registry with the operator of `req` added.
+    fn registry_with_operator(
         &self,
         req: &IssueRequest,
-        site: SiteId,
     ) -> Result<(DeviceRegistry, Option<vitalmq_envelope::SigningKey>), CertsError> {
         let path = self.layout.registry();
-        let mut registry = DeviceRegistry::load(&path).map_err(|e| CertsError::BadFile {
+        let mut registry = self.load_registry()?;
+        if registry.is_operator(&req.id) {
+            return Err(CertsError::Usage(format!(
+                "operator `{}` is already in {}",
+                req.id,
+                path.display()
+            )));
+        }
+        registry.insert_operator(req.id.clone());
+        Ok((registry, None))
+    }
+
+    /// The registry file, checked to be of this CA's trust domain.
+    fn load_registry(&self) -> Result<DeviceRegistry, CertsError> {
+        let path = self.layout.registry();
+        let registry = DeviceRegistry::load(&path).map_err(|e| CertsError::BadFile {
             path: path.clone(),
             message: e.to_string(),
         })?;
@@ -221,6 +238,17 @@ impl Pki {
                 ),
             });
         }
+        Ok(registry)
+    }
+
+    /// The registry with `req` added, and the new device's COSE key if it is a device.
+    fn registry_with(
+        &self,
+        req: &IssueRequest,
+        site: SiteId,
+    ) -> Result<(DeviceRegistry, Option<vitalmq_envelope::SigningKey>), CertsError> {
+        let path = self.layout.registry();
+        let mut registry = self.load_registry()?;
         let taken = |what: &str| {
             CertsError::Usage(format!(
                 "{what} `{}` is already in {}",
@@ -252,6 +280,7 @@ impl Pki {
                 registry.insert_integrator(req.id.clone(), site);
                 Ok((registry, None))
             }
+            // Not reached: `issue` calls this only for roles bound to a site.
             Role::Bridge | Role::Operator => Ok((registry, None)),
         }
     }

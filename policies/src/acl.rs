@@ -48,6 +48,21 @@ pub enum DeniedPublishV311 {
     AckAndDrop,
 }
 
+/// What to do with a PUBLISH that has the retain flag set on a device's telemetry or
+/// status topic (SPEC section 2: `devices/{id}/telemetry`, `devices/{id}/status`).
+/// Telemetry is a stream of signed readings for the bridge; a retained copy would be
+/// handed to every later subscriber as if it were current.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetainedTelemetry {
+    /// Clear the retain flag and route the message (the reading still reaches the
+    /// bridge; the first stripped message of a connection is audited).
+    #[default]
+    Strip,
+    /// Close the connection (MQTT 5: DISCONNECT 0x9A, retain not supported), audited.
+    Refuse,
+}
+
 /// Rate and size limits for one role, applied per connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct RoleLimits {
@@ -59,6 +74,34 @@ pub struct RoleLimits {
     pub bytes_per_second: u64,
     /// Messages that may arrive at once above the sustained rate (token-bucket depth).
     pub burst: u32,
+    /// Most topic filters one SUBSCRIBE may carry; a larger one is refused as a whole.
+    pub max_subscribe_filters: usize,
+    /// Sustained SUBSCRIBE rate (packets, not filters).
+    pub subscribes_per_second: u32,
+    /// SUBSCRIBE packets that may arrive at once above the sustained rate.
+    pub subscribe_burst: u32,
+}
+
+impl RoleLimits {
+    /// Upper bound of `max_subscribe_filters`.
+    pub const MAX_SUBSCRIBE_FILTERS: u64 = 65_535;
+
+    /// `max_subscribe_filters` when the policy does not say: a device needs two
+    /// filters (config, ack); a gateway subscribes to one ack topic per device of its
+    /// site in one SUBSCRIBE (`device-sim/src/gateway.rs`); the others need a handful.
+    pub const fn default_max_subscribe_filters(role: Role) -> u64 {
+        match role {
+            Role::Device => 16,
+            Role::Gateway => 4_096,
+            Role::Bridge | Role::Integrator | Role::Operator => 64,
+        }
+    }
+
+    /// `subscribes_per_second` when the policy does not say. Clients subscribe after
+    /// each CONNACK; the bridge sends one SUBSCRIBE per filter.
+    pub const DEFAULT_SUBSCRIBES_PER_SECOND: u32 = 10;
+    /// `subscribe_burst` when the policy does not say.
+    pub const DEFAULT_SUBSCRIBE_BURST: u32 = 50;
 }
 
 /// The answer to one authorization question.
@@ -75,7 +118,8 @@ impl Decision {
     pub const DEFAULT_DENY: &'static str = "default-deny";
     /// The policy has `connect = false` for the caller's role.
     pub const ROLE_DISABLED: &'static str = "role-disabled";
-    /// A device not in the registry, or a gateway or integrator without a registered site.
+    /// A device not in the registry, a gateway or integrator without a registered site,
+    /// or an operator the registry does not list.
     pub const NOT_REGISTERED: &'static str = "not-registered";
     /// The caller's trust domain is not the registry's.
     pub const TRUST_DOMAIN: &'static str = "trust-domain-mismatch";
@@ -132,6 +176,7 @@ pub struct AclPolicy {
     sha256: String,
     cn_fallback: bool,
     denied_publish_v311: DeniedPublishV311,
+    retained_telemetry: RetainedTelemetry,
     /// Indexed by [`role_index`].
     roles: [RolePolicy; 5],
 }
@@ -156,6 +201,8 @@ struct RawPolicy {
     cn_fallback: bool,
     #[serde(default)]
     denied_publish_v311: DeniedPublishV311,
+    #[serde(default)]
+    retained_telemetry: RetainedTelemetry,
     roles: RawRoles,
 }
 
@@ -187,6 +234,10 @@ struct RawLimits {
     messages_per_second: u32,
     bytes_per_second: u64,
     burst: u32,
+    /// Optional, so policy files written before these limits existed stay valid.
+    max_subscribe_filters: Option<u64>,
+    subscribes_per_second: Option<u32>,
+    subscribe_burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +264,7 @@ impl AclPolicy {
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
             cn_fallback: false,
             denied_publish_v311: DeniedPublishV311::Disconnect,
+            retained_telemetry: RetainedTelemetry::Strip,
             roles: Default::default(),
         };
         let raw: RawPolicy = match toml::from_str(text) {
@@ -231,6 +283,7 @@ impl AclPolicy {
         }
         policy.cn_fallback = raw.cn_fallback;
         policy.denied_publish_v311 = raw.denied_publish_v311;
+        policy.retained_telemetry = raw.retained_telemetry;
 
         let mut names = std::collections::BTreeMap::<String, String>::new();
         let RawRoles {
@@ -368,16 +421,48 @@ fn validate_limits(
     }
     if l.bytes_per_second < l.max_payload_bytes {
         problems.add(
-            span,
+            span.clone(),
             field("bytes_per_second"),
             "must be at least max_payload_bytes, or a largest message could never pass",
         );
+    }
+    let max_filters = l
+        .max_subscribe_filters
+        .unwrap_or(RoleLimits::default_max_subscribe_filters(role));
+    if max_filters == 0 || max_filters > RoleLimits::MAX_SUBSCRIBE_FILTERS {
+        problems.add(
+            span.clone(),
+            field("max_subscribe_filters"),
+            format!(
+                "must be between 1 and {}",
+                RoleLimits::MAX_SUBSCRIBE_FILTERS
+            ),
+        );
+    }
+    let subscribes = l
+        .subscribes_per_second
+        .unwrap_or(RoleLimits::DEFAULT_SUBSCRIBES_PER_SECOND);
+    if subscribes == 0 {
+        problems.add(
+            span.clone(),
+            field("subscribes_per_second"),
+            "must be at least 1",
+        );
+    }
+    let subscribe_burst = l
+        .subscribe_burst
+        .unwrap_or(RoleLimits::DEFAULT_SUBSCRIBE_BURST);
+    if subscribe_burst == 0 {
+        problems.add(span, field("subscribe_burst"), "must be at least 1");
     }
     RoleLimits {
         max_payload_bytes: usize::try_from(l.max_payload_bytes).unwrap_or(usize::MAX),
         messages_per_second: l.messages_per_second,
         bytes_per_second: l.bytes_per_second,
         burst: l.burst,
+        max_subscribe_filters: usize::try_from(max_filters).unwrap_or(usize::MAX),
+        subscribes_per_second: subscribes,
+        subscribe_burst,
     }
 }
 
@@ -403,6 +488,16 @@ fn check_rule_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Is `topic` a device's telemetry or status topic (`devices/{id}/telemetry`,
+/// `devices/{id}/status`, SPEC section 2), the topics [`RetainedTelemetry`] is about?
+pub fn is_telemetry_topic(topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    matches!(
+        (levels.next(), levels.next(), levels.next(), levels.next()),
+        (Some("devices"), Some(id), Some("telemetry" | "status"), None) if !id.is_empty()
+    )
 }
 
 // ---- decisions -------------------------------------------------------------------------
@@ -451,6 +546,10 @@ impl AclPolicy {
         self.denied_publish_v311
     }
 
+    pub fn retained_telemetry(&self) -> RetainedTelemetry {
+        self.retained_telemetry
+    }
+
     pub fn limits(&self, role: Role) -> &RoleLimits {
         &self.roles[role_index(role)].limits
     }
@@ -488,7 +587,14 @@ impl AclPolicy {
                     .integrator_site(&who.id)
                     .ok_or_else(|| Decision::deny(Decision::NOT_REGISTERED))?,
             ),
-            Role::Bridge | Role::Operator => None,
+            // Operators are enrolled in the registry (no site: they see every site).
+            Role::Operator => {
+                if !registry.is_operator(&who.id) {
+                    return Err(Decision::deny(Decision::NOT_REGISTERED));
+                }
+                None
+            }
+            Role::Bridge => None,
         };
         Ok(Subject {
             id: who.id.as_str(),

@@ -12,8 +12,8 @@ mod registry;
 mod rules;
 
 pub use acl::{
-    AclPolicy, Decision, DeniedPublishV311, MAX_TOPIC_BYTES, RoleLimits, TopicError,
-    check_topic_filter, check_topic_name, strip_share,
+    AclPolicy, Decision, DeniedPublishV311, MAX_TOPIC_BYTES, RetainedTelemetry, RoleLimits,
+    TopicError, check_topic_filter, check_topic_name, is_telemetry_topic, strip_share,
 };
 pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};

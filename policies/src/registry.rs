@@ -1,5 +1,6 @@
 //! The device registry: which devices exist, their site, their pseudonymous patient
-//! reference and their COSE public key; which gateways and integrators serve which site.
+//! reference and their COSE public key; which gateways and integrators serve which site;
+//! which operators are enrolled (an operator certificate alone does not admit its holder).
 //!
 //! The file is TOML (`vitalmq-registry/v1`); see `policies/examples/registry.toml`.
 //! The bridge verifies telemetry against it (it implements [`KeyLookup`]) and the broker
@@ -81,6 +82,7 @@ pub struct DeviceRegistry {
     devices: BTreeMap<DeviceId, DeviceEntry>,
     gateways: BTreeMap<PrincipalId, SiteId>,
     integrators: BTreeMap<PrincipalId, SiteId>,
+    operators: std::collections::BTreeSet<PrincipalId>,
 }
 
 /// The registry file as written on disk.
@@ -95,6 +97,16 @@ pub struct RegistryFile {
     pub gateways: Vec<Spanned<RawSiteBound>>,
     #[serde(default)]
     pub integrators: Vec<Spanned<RawSiteBound>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<Spanned<RawOperator>>,
+}
+
+/// An enrolled operator (SPEC section 5.2 names operators next to integrators; the
+/// registry is where a principal's enrolment lives).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOperator {
+    pub id: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,6 +138,7 @@ impl DeviceRegistry {
             devices: BTreeMap::new(),
             gateways: BTreeMap::new(),
             integrators: BTreeMap::new(),
+            operators: std::collections::BTreeSet::new(),
         }
     }
 
@@ -223,6 +236,21 @@ impl DeviceRegistry {
                 }
             }
         }
+        for (i, entry) in raw.operators.iter().enumerate() {
+            let span = Some(entry.span());
+            match PrincipalId::new(entry.get_ref().id.clone()) {
+                Ok(id) => {
+                    if !registry.operators.insert(id.clone()) {
+                        problems.add(
+                            span,
+                            format!("operators[{i}].id"),
+                            format!("`{id}` is listed twice"),
+                        );
+                    }
+                }
+                Err(err) => problems.add(span, format!("operators[{i}].id"), err.to_string()),
+            }
+        }
         problems.finish(registry)
     }
 
@@ -241,6 +269,15 @@ impl DeviceRegistry {
 
     pub fn insert_integrator(&mut self, id: PrincipalId, site: SiteId) {
         self.integrators.insert(id, site);
+    }
+
+    pub fn insert_operator(&mut self, id: PrincipalId) {
+        self.operators.insert(id);
+    }
+
+    /// Is this operator enrolled?
+    pub fn is_operator(&self, id: &PrincipalId) -> bool {
+        self.operators.contains(id)
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -324,6 +361,11 @@ impl DeviceRegistry {
                     )
                 })
                 .collect(),
+            operators: self
+                .operators
+                .iter()
+                .map(|id| Spanned::new(0..0, RawOperator { id: id.to_string() }))
+                .collect(),
         };
         let body = toml::to_string(&file).expect("the registry model always serializes to TOML");
         format!("# vitalmq device registry (SPEC sections 1 and 3). Public keys only.\n{body}")
@@ -370,6 +412,9 @@ site = "site-a"
 [[integrators]]
 id = "int-site-a"
 site = "site-a"
+
+[[operators]]
+id = "ops-01"
 "#;
 
     #[test]
@@ -385,6 +430,8 @@ site = "site-a"
                 .map(SiteId::as_str),
             Some("site-a")
         );
+        assert!(reg.is_operator(&PrincipalId::new("ops-01").expect("id")));
+        assert!(!reg.is_operator(&PrincipalId::new("ops-02").expect("id")));
         let again =
             DeviceRegistry::parse(&reg.to_toml(), Path::new("out.toml")).expect("round trip");
         assert_eq!(again, reg);

@@ -66,12 +66,14 @@ pub mod kind {
     pub const PUBACK: u8 = 4;
     pub const PUBREC: u8 = 5;
     pub const PUBREL: u8 = 6;
+    pub const PUBCOMP: u8 = 7;
     pub const SUBSCRIBE: u8 = 8;
     pub const SUBACK: u8 = 9;
     pub const UNSUBSCRIBE: u8 = 10;
     pub const UNSUBACK: u8 = 11;
     pub const PINGREQ: u8 = 12;
     pub const PINGRESP: u8 = 13;
+    pub const DISCONNECT: u8 = 14;
     pub const AUTH: u8 = 15;
 }
 
@@ -109,6 +111,70 @@ pub fn next_frame(
             }
         }
     }
+}
+
+/// Checks what a client's packet says about itself in its fixed header, which the codecs
+/// do not: the flag bits every packet type fixes (MQTT 3.1.1 2.2.2 and MQTT 5 2.1.3:
+/// `0010` for PUBREL, SUBSCRIBE and UNSUBSCRIBE, `0000` for the others except
+/// PUBLISH), a PUBLISH's QoS (never 3) and DUP (never with QoS 0, MQTT-3.3.1-2), and
+/// the remaining length of packets whose length the standard fixes (PINGREQ 0; in
+/// 3.1.1 DISCONNECT 0 and PUBACK..PUBCOMP 2; in 5 PUBACK..PUBCOMP at least 2). Either
+/// standard says to close the connection on such a packet (MQTT 5: Malformed Packet).
+pub fn check_fixed_header(frame: &Frame, version: Version) -> Result<(), FrameError> {
+    let bytes = frame.bytes();
+    let packet_type = frame.packet_type();
+    let flags = bytes[0] & 0x0f;
+    // The frame is exactly one packet: the type byte, 1 to 4 length bytes, the rest.
+    let length_bytes = 1 + bytes
+        .iter()
+        .skip(1)
+        .take(4)
+        .take_while(|b| *b & 0x80 != 0)
+        .count();
+    let remaining = bytes.len().saturating_sub(1 + length_bytes);
+    let malformed = |what: String| Err(FrameError::Malformed(what));
+    match packet_type {
+        kind::PUBLISH => {
+            let qos = (flags >> 1) & 0b11;
+            if qos == 3 {
+                return malformed("PUBLISH with QoS 3".into());
+            }
+            if qos == 0 && flags & 0b1000 != 0 {
+                return malformed("PUBLISH with QoS 0 and DUP set".into());
+            }
+        }
+        kind::PUBREL | kind::SUBSCRIBE | kind::UNSUBSCRIBE if flags != 0b0010 => {
+            return malformed(format!(
+                "packet type {packet_type} with fixed-header flags {flags:04b}, not 0010"
+            ));
+        }
+        kind::PUBREL | kind::SUBSCRIBE | kind::UNSUBSCRIBE => {}
+        _ if flags != 0 => {
+            return malformed(format!(
+                "packet type {packet_type} with fixed-header flags {flags:04b}, not 0000"
+            ));
+        }
+        _ => {}
+    }
+    let fixed_len = match (packet_type, version) {
+        (kind::PINGREQ, _) => Some(0),
+        (kind::DISCONNECT, Version::V311) => Some(0),
+        (kind::PUBACK..=kind::PUBCOMP, Version::V311) => Some(2),
+        _ => None,
+    };
+    if let Some(want) = fixed_len
+        && remaining != want
+    {
+        return malformed(format!(
+            "packet type {packet_type} with remaining length {remaining}, not {want}"
+        ));
+    }
+    if matches!(packet_type, kind::PUBACK..=kind::PUBCOMP) && remaining < 2 {
+        return malformed(format!(
+            "packet type {packet_type} without a packet identifier"
+        ));
+    }
+    Ok(())
 }
 
 /// Reads the protocol level from a CONNECT at the start of `buf` without consuming it:
@@ -154,5 +220,58 @@ pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, FrameError> {
         4 => Ok(Some(Version::V311)),
         5 => Ok(Some(Version::V5)),
         other => Err(FrameError::UnsupportedLevel(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(bytes: &[u8], version: Version) -> Result<(), FrameError> {
+        let mut buf = BytesMut::from(bytes);
+        let frame = next_frame(&mut buf, version, 1 << 16)
+            .expect("frames")
+            .expect("one whole packet");
+        check_fixed_header(&frame, version)
+    }
+
+    #[test]
+    fn fixed_headers_are_checked_as_the_standard_fixes_them() {
+        use Version::{V5, V311};
+        let publish = |first: u8| vec![first, 0x05, 0x00, 0x01, b't', 0x00, 0x01];
+        for (bytes, version, ok) in [
+            // PUBLISH: QoS 0..2 with or without DUP (not with QoS 0), never QoS 3.
+            (publish(0x30), V311, true),
+            (publish(0x31), V311, true),
+            (publish(0x3A), V5, true),
+            (publish(0x38), V311, false),
+            (publish(0x38), V5, false),
+            (publish(0x36), V311, false),
+            // PUBREL, SUBSCRIBE, UNSUBSCRIBE need 0010; the rest 0000.
+            (vec![0x62, 0x02, 0x00, 0x01], V311, true),
+            (vec![0x60, 0x02, 0x00, 0x01], V311, false),
+            (vec![0x82, 0x04, 0x00, 0x01, 0x00, 0x00], V311, true),
+            (vec![0x80, 0x04, 0x00, 0x01, 0x00, 0x00], V5, false),
+            (vec![0xA3, 0x03, 0x00, 0x01, 0x00], V311, false),
+            (vec![0x41, 0x02, 0x00, 0x01], V311, false),
+            (vec![0xC1, 0x00], V5, false),
+            // Lengths: PINGREQ 0; 3.1.1 DISCONNECT 0 and PUBACK..PUBCOMP 2; MQTT 5
+            // acknowledgements at least the packet id, DISCONNECT with a reason.
+            (vec![0xC0, 0x00], V311, true),
+            (vec![0xC0, 0x01, 0x00], V311, false),
+            (vec![0xC0, 0x01, 0x00], V5, false),
+            (vec![0xE0, 0x00], V311, true),
+            (vec![0xE0, 0x01, 0x00], V311, false),
+            (vec![0xE0, 0x02, 0x00, 0x00], V5, true),
+            (vec![0x40, 0x03, 0x00, 0x01, 0x00], V311, false),
+            (vec![0x40, 0x03, 0x00, 0x01, 0x10], V5, true),
+            (vec![0x40, 0x01, 0x00], V5, false),
+        ] {
+            assert_eq!(
+                checked(&bytes, version).is_ok(),
+                ok,
+                "{bytes:02x?} {version:?}"
+            );
+        }
     }
 }

@@ -165,9 +165,9 @@ pub fn pubcomp(version: Version, pkid: u16) -> Bytes {
 
 /// MQTT 5 DISCONNECT from the server with a reason; 3.1.1 has none (the socket closes).
 pub fn disconnect_v5(reason: v5::DisconnectReasonCode) -> Bytes {
-    encode(|b| {
-        v5::Disconnect::new(reason)
-            .write(b)
-            .map_err(|e| e.to_string())
-    })
+    // Written by hand: rumqttc's `Disconnect::write` without properties counts a
+    // remaining length of 1 but writes 2 bytes (the reason and a property length), so a
+    // client reads a stray byte after it. This is remaining length 2: the reason and an
+    // empty property list (MQTT 5 3.14.2).
+    Bytes::from(vec![0xE0, 0x02, reason as u8, 0x00])
 }

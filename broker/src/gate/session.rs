@@ -19,11 +19,14 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use vitalmq_audit::{Actor, AuditRecord, Component, Decision, Event};
-use vitalmq_policies::DeniedPublishV311;
+use vitalmq_policies::{DeniedPublishV311, RetainedTelemetry, is_telemetry_topic};
 
-use super::frame::{Frame, FrameError, Version, connect_version, kind, next_frame};
+use super::frame::{
+    Frame, FrameError, Version, check_fixed_header, connect_version, kind, next_frame,
+};
 use super::reply::{self, PublishRefusal};
 use crate::authz::{Authorizer, Verdict};
+use crate::embedded::TOPIC_ALIAS_MAXIMUM;
 use crate::identity::PeerIdentity;
 
 /// Room for a topic and properties on top of the largest payload a role may send.
@@ -99,10 +102,14 @@ impl AuditSink for vitalmq_audit::Auditor {
     }
 }
 
-/// Per-identity publish rate limits.
+/// Per-identity publish and SUBSCRIBE rate limits.
 pub trait RateGate: Send + Sync + std::fmt::Debug {
     /// `Ok` to admit one message of `bytes` now, or how long to wait.
     fn admit(&self, bytes: usize) -> Result<(), Duration>;
+    /// `Ok` to admit one SUBSCRIBE now, or how long to wait.
+    fn admit_subscribe(&self) -> Result<(), Duration> {
+        Ok(())
+    }
 }
 
 /// A rate gate that admits everything (tests, and roles without limits).
@@ -140,6 +147,11 @@ pub struct GateSession {
     internal_password: Arc<str>,
     state: State,
     max_payload: usize,
+    /// Most filters one SUBSCRIBE may carry (role limit).
+    max_subscribe_filters: usize,
+    /// A retained telemetry PUBLISH was stripped and audited on this connection (later
+    /// ones are only counted).
+    retain_stripped: bool,
     publish_cache: HashMap<String, Verdict>,
     /// Filters the broker was asked to subscribe (re-checked when the policy changes).
     subscriptions: HashSet<String>,
@@ -204,7 +216,7 @@ impl GateSession {
         rate: Arc<dyn RateGate>,
         internal_password: Arc<str>,
     ) -> Self {
-        let max_payload = authz.limits(&peer).max_payload_bytes;
+        let limits = authz.limits(&peer);
         Self {
             peer,
             addr: addr.into(),
@@ -213,7 +225,9 @@ impl GateSession {
             rate,
             internal_password,
             state: State::AwaitConnect,
-            max_payload,
+            max_payload: limits.max_payload_bytes,
+            max_subscribe_filters: limits.max_subscribe_filters,
+            retain_stripped: false,
             publish_cache: HashMap::new(),
             subscriptions: HashSet::new(),
             pending_subacks: HashMap::new(),
@@ -294,7 +308,12 @@ impl GateSession {
                 State::Closed => return,
             };
             match next_frame(buf, version, self.max_packet()) {
-                Ok(Some(frame)) => self.client_frame(version, frame, out),
+                Ok(Some(frame)) => {
+                    if let Err(e) = check_fixed_header(&frame, version) {
+                        return self.refuse_unframeable(e, out);
+                    }
+                    self.client_frame(version, frame, out)
+                }
                 Ok(None) => return,
                 Err(e) => return self.refuse_unframeable(e, out),
             }
@@ -336,7 +355,9 @@ impl GateSession {
     pub fn replace_authorizer(&mut self, authz: Arc<dyn Authorizer>, out: &mut Vec<Output>) {
         self.authz = authz;
         self.publish_cache.clear();
-        self.max_payload = self.authz.limits(&self.peer).max_payload_bytes;
+        let limits = self.authz.limits(&self.peer);
+        self.max_payload = limits.max_payload_bytes;
+        self.max_subscribe_filters = limits.max_subscribe_filters;
         if !matches!(self.state, State::Connected(_)) {
             return;
         }
@@ -392,10 +413,12 @@ impl GateSession {
             (_, State::AwaitConnect) => ("malformed_connect", Event::ConnectionRefused),
             _ => ("malformed_packet", Event::ConnectionClosed),
         };
-        if let (FrameError::TooLarge(_), State::Connected(Version::V5)) = (&e, self.state) {
-            out.push(Output::ToClient(reply::disconnect_v5(
-                v5::DisconnectReasonCode::PacketTooLarge,
-            )));
+        if let State::Connected(Version::V5) = self.state {
+            let code = match &e {
+                FrameError::TooLarge(_) => v5::DisconnectReasonCode::PacketTooLarge,
+                _ => v5::DisconnectReasonCode::MalformedPacket,
+            };
+            out.push(Output::ToClient(reply::disconnect_v5(code)));
         }
         let record = self
             .record(event)
@@ -783,11 +806,18 @@ impl GateSession {
         };
         let mut publish = publish;
         if let Err(e) = publish.resolve_alias(&mut self.aliases) {
-            if version == Version::V5 {
-                out.push(Output::ToClient(reply::disconnect_v5(
-                    v5::DisconnectReasonCode::TopicAliasInvalid,
-                )));
-            }
+            // MQTT 5 3.3.2.3.4: an alias of 0, above the Topic Alias Maximum, or unknown
+            // is a protocol error: DISCONNECT 0x94.
+            out.push(Output::ToClient(reply::disconnect_v5(
+                v5::DisconnectReasonCode::TopicAliasInvalid,
+            )));
+            let record = self
+                .record(Event::ConnectionClosed)
+                .action("publish")
+                .decision(Decision::Deny)
+                .reason("topic_alias_invalid")
+                .detail("error", e.clone());
+            let _ = self.audit.record(record);
             return self.close(out, CloseReason::new("topic_alias", e));
         }
         let topic = publish.topic.clone();
@@ -852,6 +882,19 @@ impl GateSession {
             }
         };
         if verdict.allowed {
+            if publish.retain && is_telemetry_topic(&topic) {
+                match self.authz.retained_telemetry() {
+                    RetainedTelemetry::Strip => {
+                        if !self.retain_stripped_audited(&topic) {
+                            return self.audit_failed(out);
+                        }
+                        publish.strip_retain();
+                    }
+                    RetainedTelemetry::Refuse => {
+                        return self.refuse_retained_telemetry(version, topic, out);
+                    }
+                }
+            }
             self.counters.messages_in.increment(1);
             self.counters.bytes_in.increment(publish.payload_len as u64);
             return out.push(Output::ToBroker(publish.forwardable()));
@@ -877,6 +920,48 @@ impl GateSession {
                 }
             }
         }
+    }
+
+    /// Counts a retained telemetry PUBLISH whose flag is cleared; the first one of a
+    /// connection is audited. False when the audit log refused that record.
+    fn retain_stripped_audited(&mut self, topic: &str) -> bool {
+        metrics::counter!("vitalmq_retain_stripped_total").increment(1);
+        if std::mem::replace(&mut self.retain_stripped, true) {
+            return true;
+        }
+        tracing::info!(peer.id = %self.peer.spiffe.id, "retain flag stripped from telemetry");
+        let record = self
+            .record(Event::MessageRefused)
+            .action("publish")
+            .resource(topic.to_owned())
+            .decision(Decision::Deny)
+            .reason("retain_stripped")
+            .detail("outcome", "routed without the retain flag")
+            .detail("policy", "retained_telemetry = strip")
+            .detail("later", "counted in vitalmq_retain_stripped_total");
+        self.audit.record(record).is_ok()
+    }
+
+    /// `retained_telemetry = "refuse"`: close (MQTT 5: DISCONNECT 0x9A), audited.
+    fn refuse_retained_telemetry(
+        &mut self,
+        version: Version,
+        topic: String,
+        out: &mut Vec<Output>,
+    ) {
+        let verdict = Verdict::deny("retained-telemetry");
+        if !self.audit_denial("publish", topic, &verdict, "retain_not_supported") {
+            return self.audit_failed(out);
+        }
+        if version == Version::V5 {
+            out.push(Output::ToClient(reply::disconnect_v5(
+                v5::DisconnectReasonCode::RetainNotSupported,
+            )));
+        }
+        self.close(
+            out,
+            CloseReason::new("retain_refused", "retained PUBLISH on a telemetry topic"),
+        );
     }
 
     fn pubrel(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
@@ -907,10 +992,22 @@ impl GateSession {
     /// allowed ones, answer alone when none is, and remember the positions of refused
     /// ones so the broker's acknowledgement can be spread back.
     fn filter_request(&mut self, action: FilterAction, frame: Frame, out: &mut Vec<Output>) {
+        if action == FilterAction::Subscribe
+            && let Err(wait) = self.rate.admit_subscribe()
+        {
+            // Above the SUBSCRIBE rate: stop reading from the client and retry this
+            // packet after the wait (loses nothing, writes nothing).
+            metrics::counter!("vitalmq_subscribe_throttled_total").increment(1);
+            self.deferred = Some(frame);
+            return out.push(Output::Pause(wait));
+        }
         let request = match FilterRequest::parse(action, frame) {
             Ok(r) => r,
             Err(e) => return self.refuse_unframeable(FrameError::Malformed(e), out),
         };
+        if action == FilterAction::Subscribe && request.len() > self.max_subscribe_filters {
+            return self.too_many_filters(request, out);
+        }
         let filters = request.filters();
         let mut forwarded = Vec::with_capacity(filters.len());
         for filter in &filters {
@@ -948,6 +1045,33 @@ impl GateSession {
             };
             pending.insert(pkid, Pending { forwarded });
         }
+    }
+
+    /// A SUBSCRIBE with more filters than the role allows is refused as a whole, before
+    /// any filter is looked at: one audit record (not one per filter) and every code
+    /// 0x80 (3.1.1) or 0x97 quota exceeded (5). The connection stays.
+    fn too_many_filters(&mut self, request: FilterRequest, out: &mut Vec<Output>) {
+        let count = request.len();
+        metrics::counter!("vitalmq_denials_total", "kind" => "subscribe").increment(1);
+        tracing::info!(
+            peer.id = %self.peer.spiffe.id,
+            filters = count,
+            limit = self.max_subscribe_filters,
+            "SUBSCRIBE refused: too many filters"
+        );
+        let record = self
+            .record(Event::AuthorizationDenied)
+            .action("subscribe")
+            .resource(format!("{count} filters"))
+            .decision(Decision::Deny)
+            .reason("too_many_filters")
+            .rule("max-subscribe-filters")
+            .detail("filters", count)
+            .detail("limit", self.max_subscribe_filters);
+        if self.audit.record(record).is_err() {
+            return self.audit_failed(out);
+        }
+        out.push(Output::ToClient(request.all_refused_over_quota()));
     }
 
     // ---------------------------------------------------------------- broker side
@@ -1264,6 +1388,7 @@ impl ConnectView {
 struct PublishView {
     topic: String,
     qos: u8,
+    retain: bool,
     pkid: u16,
     payload_len: usize,
     original: Bytes,
@@ -1279,6 +1404,7 @@ impl PublishView {
                 Ok(Self {
                     topic: p.topic,
                     qos: p.qos as u8,
+                    retain: p.retain,
                     pkid: p.pkid,
                     payload_len: p.payload.len(),
                     original: bytes,
@@ -1296,6 +1422,7 @@ impl PublishView {
                 Ok(Self {
                     topic,
                     qos: p.qos as u8,
+                    retain: p.retain,
                     pkid: p.pkid,
                     payload_len: p.payload.len(),
                     original: bytes,
@@ -1317,8 +1444,10 @@ impl PublishView {
         let Some(alias) = props.topic_alias.take() else {
             return Ok(());
         };
-        if alias == 0 {
-            return Err("topic alias 0 is invalid".into());
+        if alias == 0 || alias > TOPIC_ALIAS_MAXIMUM {
+            return Err(format!(
+                "topic alias {alias} outside 1..={TOPIC_ALIAS_MAXIMUM} (the advertised maximum)"
+            ));
         }
         if self.topic.is_empty() {
             let topic = aliases
@@ -1327,12 +1456,21 @@ impl PublishView {
             self.topic = topic.clone();
             p.topic = Bytes::from(topic.clone());
         } else {
-            if aliases.len() >= 1024 && !aliases.contains_key(&alias) {
-                return Err("too many topic aliases".into());
-            }
+            // At most TOPIC_ALIAS_MAXIMUM entries: the alias range bounds the map.
             aliases.insert(alias, self.topic.clone());
         }
         Ok(())
+    }
+
+    /// Clears the retain flag (bit 0 of the fixed header, in both versions).
+    fn strip_retain(&mut self) {
+        self.retain = false;
+        if let Some(p) = self.rewritten.as_mut() {
+            p.retain = false;
+        }
+        let mut bytes = BytesMut::from(&self.original[..]);
+        bytes[0] &= !0x01;
+        self.original = bytes.freeze();
     }
 
     fn forwardable(&self) -> Bytes {
@@ -1407,6 +1545,16 @@ impl FilterRequest {
         }
     }
 
+    /// Number of filters requested.
+    fn len(&self) -> usize {
+        match self {
+            Self::Subscribe311(r) => r.filters.len(),
+            Self::Subscribe5(r) => r.filters.len(),
+            Self::Unsubscribe311(r) => r.topics.len(),
+            Self::Unsubscribe5(r) => r.filters.len(),
+        }
+    }
+
     fn filters(&self) -> Vec<String> {
         match self {
             Self::Subscribe311(r) => r.filters.iter().map(|f| f.path.clone()).collect(),
@@ -1435,6 +1583,19 @@ impl FilterRequest {
                 vec![v5::UnsubAckReason::NotAuthorized; r.filters.len()],
                 None,
             ),
+        }
+    }
+
+    /// The gate's answer to a SUBSCRIBE over the filter limit: 0x80 (3.1.1) or 0x97
+    /// quota exceeded (5) per filter. Not used for UNSUBSCRIBE.
+    fn all_refused_over_quota(&self) -> Bytes {
+        match self {
+            Self::Subscribe5(r) => reply::suback_v5(
+                r.pkid,
+                vec![v5::SubscribeReasonCode::QuotaExceeded; r.filters.len()],
+                None,
+            ),
+            _ => self.all_denied(),
         }
     }
 

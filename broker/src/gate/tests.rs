@@ -972,3 +972,284 @@ fn acknowledgements_for_unknown_packet_ids_are_audited_and_close_the_connection(
         assert_eq!(last.reason.as_deref(), Some("unknown_packet_id"), "{what}");
     }
 }
+
+// ------------------------------------------------------------- SUBSCRIBE limits
+
+fn v4_subscribe_many(n: usize, pkid: u16) -> Bytes {
+    let mut subscribe = v4::Subscribe::new_many(
+        (0..n).map(|i| v4::SubscribeFilter::new(format!("d/{i}"), QoS::AtLeastOnce)),
+    );
+    subscribe.pkid = pkid;
+    v4_bytes(|b| {
+        subscribe.write(b).expect("encode");
+    })
+}
+
+#[test]
+fn a_subscribe_over_the_filter_limit_is_refused_whole_with_one_audit_record() {
+    // The shipped policy allows a device 16 filters per SUBSCRIBE.
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    let before = h.audit.events().len();
+    let out = h.client(v4_subscribe_many(10_000, 7));
+    assert!(to_broker(&out).is_empty(), "nothing reaches rumqttd");
+    assert_eq!(closed(&out), None, "the connection stays");
+    let v4::Packet::SubAck(ack) = read_v4(&to_client(&out)[0]) else {
+        panic!("not a SUBACK")
+    };
+    assert_eq!(ack.pkid, 7);
+    assert_eq!(ack.return_codes.len(), 10_000);
+    assert!(
+        ack.return_codes
+            .iter()
+            .all(|c| *c == v4::SubscribeReasonCode::Failure)
+    );
+    assert_eq!(
+        h.audit.events()[before..],
+        [(
+            Event::AuthorizationDenied,
+            Some("subscribe".into()),
+            Some("too_many_filters".into())
+        )]
+    );
+
+    // MQTT 5: 0x97 quota exceeded per filter.
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect("dev-00001"));
+    let mut subscribe = v5::Subscribe::new_many(
+        (0..17).map(|i| {
+            v5::Filter::new(
+                format!("devices/dev-00001/x{i}"),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            )
+        }),
+        None,
+    );
+    subscribe.pkid = 8;
+    let out = h.client(v4_bytes(|b| {
+        subscribe.write(b).expect("encode");
+    }));
+    assert!(to_broker(&out).is_empty());
+    let v5::Packet::SubAck(ack) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a SUBACK")
+    };
+    assert_eq!(ack.return_codes.len(), 17);
+    assert!(
+        ack.return_codes
+            .iter()
+            .all(|c| *c == v5::SubscribeReasonCode::QuotaExceeded)
+    );
+    // The one refusal record: the connection itself is audited only at rumqttd's
+    // CONNACK, which this harness did not send.
+    assert_eq!(h.audit.0.lock().expect("audit").len(), 1);
+}
+
+/// Refuses every SUBSCRIBE admission once, then admits; publishes always pass.
+#[derive(Debug, Default)]
+struct SubscribeLimitedOnce {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl RateGate for SubscribeLimitedOnce {
+    fn admit(&self, _bytes: usize) -> Result<(), Duration> {
+        Ok(())
+    }
+
+    fn admit_subscribe(&self) -> Result<(), Duration> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            Err(Duration::from_millis(100))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[test]
+fn a_subscribe_above_the_rate_waits_and_is_then_handled() {
+    let mut h = Harness::with_rate(
+        Role::Device,
+        "dev-00001",
+        Arc::new(SubscribeLimitedOnce::default()),
+    );
+    h.client(v4_connect("dev-00001", None));
+    let mut sub = v4::Subscribe::new("devices/dev-00001/config", QoS::AtLeastOnce);
+    sub.pkid = 3;
+    let out = h.client(v4_bytes(|b| {
+        sub.write(b).expect("encode");
+    }));
+    assert_eq!(out, vec![Output::Pause(Duration::from_millis(100))]);
+    assert!(h.session.has_deferred());
+    // The relay retries after the pause: now it is forwarded, nothing was audited (the
+    // connection is audited only at rumqttd's CONNACK, which this harness did not send).
+    let out = h.client(Bytes::new());
+    assert_eq!(to_broker(&out).len(), 1);
+    assert!(h.audit.events().is_empty(), "{:?}", h.audit.events());
+}
+
+// ------------------------------------------------------------- malformed packets
+
+#[test]
+fn malformed_fixed_headers_close_with_an_audit_record_and_0x81_in_mqtt5() {
+    let publish_qos0_dup = {
+        let mut b = BytesMut::from(
+            &v4_publish("devices/dev-00001/telemetry", QoS::AtMostOnce, 0, b"x")[..],
+        );
+        b[0] |= 0b1000;
+        b.freeze()
+    };
+    let subscribe_bad_flags = {
+        let mut sub = v4::Subscribe::new("devices/dev-00001/config", QoS::AtLeastOnce);
+        sub.pkid = 1;
+        let mut b = BytesMut::from(
+            &v4_bytes(|b| {
+                sub.write(b).expect("encode");
+            })[..],
+        );
+        b[0] = 0x80; // flags 0000 instead of 0010
+        b.freeze()
+    };
+    let pingreq_with_body = Bytes::from_static(&[0xC0, 0x01, 0x00]);
+    let unsubscribe_bad_flags = Bytes::from_static(&[0xA0, 0x05, 0x00, 0x01, 0x00, 0x01, b'a']);
+    for (name, packet) in [
+        ("QoS 0 with DUP", publish_qos0_dup),
+        ("SUBSCRIBE flags", subscribe_bad_flags),
+        ("PINGREQ body", pingreq_with_body),
+        ("UNSUBSCRIBE flags", unsubscribe_bad_flags),
+    ] {
+        for v5 in [false, true] {
+            let mut h = Harness::new(Role::Device, "dev-00001");
+            if v5 {
+                h.client(v5_connect("dev-00001"));
+            } else {
+                h.client(v4_connect("dev-00001", None));
+            }
+            let out = h.client(packet.clone());
+            assert!(to_broker(&out).is_empty(), "{name}: forwarded");
+            assert_eq!(closed(&out), Some("malformed_packet"), "{name}");
+            if v5 {
+                let v5::Packet::Disconnect(d) = read_v5(&to_client(&out)[0]) else {
+                    panic!("{name}: not a DISCONNECT")
+                };
+                assert_eq!(d.reason_code, v5::DisconnectReasonCode::MalformedPacket);
+            } else {
+                assert!(to_client(&out).is_empty(), "{name}: 3.1.1 just closes");
+            }
+            assert_eq!(
+                h.audit.events().last(),
+                Some(&(
+                    Event::ConnectionClosed,
+                    None,
+                    Some("malformed_packet".into())
+                )),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_topic_alias_above_the_advertised_maximum_is_refused_with_0x94() {
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect("dev-00001"));
+    let max = crate::embedded::TOPIC_ALIAS_MAXIMUM;
+    let out = h.client(v5_publish("devices/dev-00001/telemetry", Some(max), 1));
+    assert_eq!(to_broker(&out).len(), 1, "the largest alias is fine");
+    let out = h.client(v5_publish("devices/dev-00001/telemetry", Some(max + 1), 2));
+    assert!(to_broker(&out).is_empty());
+    let v5::Packet::Disconnect(d) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a DISCONNECT")
+    };
+    assert_eq!(d.reason_code, v5::DisconnectReasonCode::TopicAliasInvalid);
+    assert_eq!(closed(&out), Some("topic_alias"));
+    assert_eq!(
+        h.audit.events().last(),
+        Some(&(
+            Event::ConnectionClosed,
+            Some("publish".into()),
+            Some("topic_alias_invalid".into())
+        ))
+    );
+}
+
+// ------------------------------------------------------------- retained telemetry
+
+fn retained(bytes: Bytes) -> Bytes {
+    let mut b = BytesMut::from(&bytes[..]);
+    b[0] |= 0x01;
+    b.freeze()
+}
+
+#[test]
+fn retained_telemetry_is_stripped_and_audited_once_per_connection() {
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    for pkid in 1..=3 {
+        let out = h.client(retained(v4_publish(
+            "devices/dev-00001/telemetry",
+            QoS::AtLeastOnce,
+            pkid,
+            b"cose",
+        )));
+        let v4::Packet::Publish(p) = read_v4(&to_broker(&out)[0]) else {
+            panic!("not a PUBLISH")
+        };
+        assert!(!p.retain, "retain flag reached rumqttd");
+        assert_eq!((p.pkid, &p.payload[..]), (pkid, &b"cose"[..]));
+    }
+    let stripped = h
+        .audit
+        .events()
+        .into_iter()
+        .filter(|e| e.2.as_deref() == Some("retain_stripped"))
+        .count();
+    assert_eq!(stripped, 1);
+}
+
+#[test]
+fn retained_telemetry_closes_the_connection_when_the_policy_refuses_it() {
+    let authz: Arc<dyn Authorizer> = Arc::new(PolicyAuthorizer::new(
+        acl(|t| {
+            t.replace(
+                "retained_telemetry = \"strip\"",
+                "retained_telemetry = \"refuse\"",
+            )
+        }),
+        Arc::new(registry()),
+    ));
+    for v5 in [false, true] {
+        let audit = Arc::new(Audit::default());
+        let mut h = Harness {
+            session: GateSession::new(
+                peer(Role::Device, "dev-00001"),
+                "127.0.0.1:5555",
+                Arc::clone(&authz),
+                audit.clone(),
+                Arc::new(Unlimited),
+                PASSWORD.into(),
+            ),
+            audit,
+        };
+        let publish = if v5 {
+            h.client(v5_connect("dev-00001"));
+            v5_publish("devices/dev-00001/telemetry", None, 1)
+        } else {
+            h.client(v4_connect("dev-00001", None));
+            v4_publish("devices/dev-00001/telemetry", QoS::AtLeastOnce, 1, b"cose")
+        };
+        let out = h.client(retained(publish));
+        assert!(to_broker(&out).is_empty());
+        assert_eq!(closed(&out), Some("retain_refused"));
+        if v5 {
+            let v5::Packet::Disconnect(d) = read_v5(&to_client(&out)[0]) else {
+                panic!("not a DISCONNECT")
+            };
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::RetainNotSupported);
+        }
+        assert_eq!(
+            h.audit.events().last(),
+            Some(&(
+                Event::AuthorizationDenied,
+                Some("publish".into()),
+                Some("retain_not_supported".into())
+            ))
+        );
+    }
+}

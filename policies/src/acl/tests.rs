@@ -16,7 +16,8 @@ fn registry() -> DeviceRegistry {
         "format = \"vitalmq-registry/v1\"\ntrust_domain = \"demo.vitalmq\"\n{}{}{}\
          [[gateways]]\nid = \"gw-01\"\nsite = \"site-01\"\n\
          [[gateways]]\nid = \"gw-02\"\nsite = \"site-02\"\n\
-         [[integrators]]\nid = \"int-01\"\nsite = \"site-01\"\n",
+         [[integrators]]\nid = \"int-01\"\nsite = \"site-01\"\n\
+         [[operators]]\nid = \"ops-alice\"\n",
         device("dev-00001", "site-01"),
         device("dev-00002", "site-01"),
         device("dev-00003", "site-02"),
@@ -91,7 +92,7 @@ fn example_policy_loads_with_spec_defaults() {
 }
 
 #[test]
-fn connect_requires_registration_for_devices_gateways_integrators() {
+fn connect_requires_registration_for_devices_gateways_integrators_operators() {
     let (p, r) = (policy(), registry());
     allowed(
         p.connect(&who(Role::Device, "dev-00001"), &r),
@@ -119,6 +120,9 @@ fn connect_requires_registration_for_devices_gateways_integrators() {
         (Role::Integrator, "int-99"),
         // Registered as a gateway, not as an integrator.
         (Role::Integrator, "gw-01"),
+        // An operator certificate alone does not admit its holder.
+        (Role::Operator, "ops-mallory"),
+        (Role::Operator, "int-01"),
     ] {
         denied(p.connect(&who(role, id), &r), Decision::NOT_REGISTERED);
     }
@@ -597,4 +601,86 @@ fn structural_problems_are_reported() {
             .contains("/nonexistent/acl.toml: cannot read"),
         "{err}"
     );
+}
+
+#[test]
+fn subscribe_limits_default_per_role_and_are_validated() {
+    let p = policy();
+    let dev = p.limits(Role::Device);
+    assert_eq!(
+        (
+            dev.max_subscribe_filters,
+            dev.subscribes_per_second,
+            dev.subscribe_burst
+        ),
+        (16, 10, 50)
+    );
+    assert_eq!(p.limits(Role::Gateway).max_subscribe_filters, 4_096);
+    // Not written in the file: the defaults, so older policy files stay valid.
+    let bridge = p.limits(Role::Bridge);
+    assert_eq!(
+        (
+            bridge.max_subscribe_filters,
+            bridge.subscribes_per_second,
+            bridge.subscribe_burst
+        ),
+        (
+            64,
+            RoleLimits::DEFAULT_SUBSCRIBES_PER_SECOND,
+            RoleLimits::DEFAULT_SUBSCRIBE_BURST
+        )
+    );
+    let path = Path::new("acl.toml");
+    for (from, to, field) in [
+        (
+            "max_subscribe_filters = 16,",
+            "max_subscribe_filters = 0,",
+            "roles.device.limits.max_subscribe_filters",
+        ),
+        (
+            "max_subscribe_filters = 4_096",
+            "max_subscribe_filters = 65_536",
+            "roles.gateway.limits.max_subscribe_filters",
+        ),
+        (
+            "subscribes_per_second = 10,",
+            "subscribes_per_second = 0,",
+            "roles.device.limits.subscribes_per_second",
+        ),
+        (
+            "subscribe_burst = 50 }",
+            "subscribe_burst = 0 }",
+            "roles.device.limits.subscribe_burst",
+        ),
+    ] {
+        let bad = EXAMPLE.replace(from, to);
+        assert_ne!(bad, EXAMPLE, "{from} not in the example");
+        let err = AclPolicy::parse(&bad, path).expect_err(field);
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
+
+#[test]
+fn retained_telemetry_is_stripped_unless_the_policy_refuses_it() {
+    assert_eq!(policy().retained_telemetry(), RetainedTelemetry::Strip);
+    let without = EXAMPLE.replace("retained_telemetry = \"strip\"\n", "");
+    assert_ne!(without, EXAMPLE);
+    let p = AclPolicy::parse(&without, Path::new("acl.toml")).expect("default");
+    assert_eq!(p.retained_telemetry(), RetainedTelemetry::Strip);
+    let refuse = EXAMPLE.replace(
+        "retained_telemetry = \"strip\"",
+        "retained_telemetry = \"refuse\"",
+    );
+    let p = AclPolicy::parse(&refuse, Path::new("acl.toml")).expect("refuse");
+    assert_eq!(p.retained_telemetry(), RetainedTelemetry::Refuse);
+    for (topic, is) in [
+        ("devices/dev-00001/telemetry", true),
+        ("devices/dev-00001/status", true),
+        ("devices/dev-00001/config", false),
+        ("devices//telemetry", false),
+        ("devices/dev-00001/telemetry/x", false),
+        ("alerts/site-01/urgent/dev-00001", false),
+    ] {
+        assert_eq!(is_telemetry_topic(topic), is, "{topic}");
+    }
 }

@@ -22,6 +22,7 @@ pub use link::alerts;
 pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
+pub use router::TOPIC_ALIAS_MAX; // vitalmq patch 7
 use segments::Storage;
 pub use server::{Broker, LinkType, Server, StreamServer}; // vitalmq patch 3: StreamServer
 
