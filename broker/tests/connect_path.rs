@@ -387,7 +387,7 @@ async fn protocol_violations_after_connect_are_audited_with_their_reason() {
         if version == Mqtt::V5 {
             assert_eq!(
                 tail.get(..3),
-                Some(&[0xE0, 1, 0x82][..]),
+                Some(&[0xE0, 2, 0x82][..]),
                 "{reason}: DISCONNECT with 0x82 (protocol error)"
             );
         }
