@@ -675,10 +675,17 @@ fn silent_sockets_do_not_hold_back_a_real_client_and_are_closed() {
         "silent",
         |acl| acl,
         |config| {
-            config.replace(
-                "handshake_timeout_ms = 30000\n",
-                "handshake_timeout_ms = 120000\nfirst_byte_timeout_ms = 1500\nmax_concurrent_handshakes = 4\n",
-            )
+            // Repeated refusals from one address are one record plus a count at the end
+            // of the aggregation interval: a short one, so the count comes soon.
+            config
+                .replace(
+                    "handshake_timeout_ms = 30000\n",
+                    "handshake_timeout_ms = 120000\nfirst_byte_timeout_ms = 1500\nmax_concurrent_handshakes = 4\n",
+                )
+                .replace(
+                    "path = \"broker-audit.jsonl\"",
+                    "path = \"broker-audit.jsonl\"\naggregate_interval_s = 1",
+                )
         },
     );
     let silent: Vec<std::net::TcpStream> = (0..20)
@@ -708,9 +715,23 @@ fn silent_sockets_do_not_hold_back_a_real_client_and_are_closed() {
             other => panic!("silent socket not closed: {other:?}"),
         }
     }
+    // Each refusal is a record of its own or counted in a summary's `details.repeats`.
+    let silent_refusals = || -> u64 {
+        broker
+            .records()
+            .iter()
+            .filter(|r| r["event"] == "connection_refused" && r["reason"] == "silent")
+            .map(|r| r["details"]["repeats"].as_u64().unwrap_or(1))
+            .sum()
+    };
     let deadline = Instant::now() + EVENTUALLY;
-    while broker.count(&[("/event", "connection_refused"), ("/reason", "silent")]) < 20 {
-        assert!(Instant::now() < deadline, "not all silent sockets audited");
+    while silent_refusals() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "not all silent sockets audited: {}",
+            silent_refusals()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(silent_refusals(), 20);
 }
