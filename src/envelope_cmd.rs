@@ -141,31 +141,48 @@ fn run_verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map(|d| serde_json::to_value(&d.headers))
         .transpose()?;
+    // Written straight from the typed payload, as the bridge writes its normalized
+    // event: a `serde_json::Value` cannot hold the integers beyond 64 bits that CBOR
+    // (and so an accepted message) can carry, and converting to one made the CLI fail
+    // with "number out of range" on messages the bridge accepted.
     let (out, code) = match verdict {
         Ok(verified) => (
-            json!({
-                "verdict": "accepted",
-                "detail": format!("signature ({}), key binding and payload schema verified", verified.algorithm()),
-                "sha256": hex::encode(verified.message_sha256()),
-                "headers": headers,
-                "payload": serde_json::to_value(&*verified)?,
-            }),
+            serde_json::to_string_pretty(&Accepted {
+                verdict: "accepted",
+                detail: format!(
+                    "signature ({}), key binding and payload schema verified",
+                    verified.algorithm()
+                ),
+                sha256: hex::encode(verified.message_sha256()),
+                headers,
+                payload: &verified,
+            })?,
             ExitCode::SUCCESS,
         ),
         Err(refusal) => (
-            json!({
+            serde_json::to_string_pretty(&json!({
                 "verdict": "refused",
                 "reason": refusal.reason,
                 "detail": refusal.detail,
                 "sha256": decoded.as_ref().map(|d| d.sha256.clone()),
                 "headers": headers,
                 "payload": decoded.map_or(Json::Null, |d| d.payload),
-            }),
+            }))?,
             ExitCode::from(1),
         ),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    println!("{out}");
     Ok(code)
+}
+
+/// The verdict on an accepted message.
+#[derive(serde::Serialize)]
+struct Accepted<'a> {
+    verdict: &'static str,
+    detail: String,
+    sha256: String,
+    headers: Option<Json>,
+    payload: &'a Telemetry,
 }
 
 fn run_sign(args: SignArgs) -> anyhow::Result<ExitCode> {
