@@ -20,7 +20,7 @@ pub const MAX_RESOLVE_AFTER: u64 = 1000;
 
 /// Physiological limits of one metric: a reading outside `min..=max` cannot be a
 /// measurement of a living patient and is treated as a sensor fault.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[non_exhaustive]
 pub struct PlausibleRange {
     pub min: f64,
