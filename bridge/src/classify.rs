@@ -392,6 +392,16 @@ impl Sequencer {
         }
     }
 
+    /// Forgets a device's sequence window and open gaps (an operator reset the store
+    /// applied, see `store::resets`): its next message is its first. Its alert state
+    /// stays: the patient's open alerts are not the sequence's business.
+    pub fn reset_sequence(&mut self, device: &DeviceId) {
+        if let Some(track) = self.tracks.get_mut(device) {
+            track.window = None;
+            track.gaps = OpenGaps::default();
+        }
+    }
+
     /// Makes a committed batch's state the current one.
     pub fn adopt<T>(&mut self, sequenced: &mut Sequenced<T>) {
         for (device, track) in sequenced.staged.drain() {

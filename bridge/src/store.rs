@@ -20,6 +20,7 @@
 //! | `handler_cursors` | — | per alert handler (MQTT, webhooks): last alert position confirmed |
 //! | `sink_cursors` | — | per sink: last outbox position confirmed, and the batch in flight |
 //! | `audit_ship_cursors` | — | per (objects sink, audit log): last record shipped (seq, hash, where its line starts) and the segment in flight |
+//! | `sequence_resets` | — | operator requests to reset a device's sequence state, and when the bridge applied each (see `resets`) |
 //!
 //! The raw and normalized planes are written once, in the same transaction, and never
 //! updated; `(device, epoch, seq)` is UNIQUE, so even a bug upstream cannot store an
@@ -175,6 +176,17 @@ CREATE TABLE IF NOT EXISTS sink_cursors (
     delivered_through INTEGER NOT NULL,
     pending_first   INTEGER,
     pending_last    INTEGER
+);
+-- Operator requests to reset a device's sequence state, applied by the bridge
+-- (see `resets`).
+CREATE TABLE IF NOT EXISTS sequence_resets (
+    id              INTEGER PRIMARY KEY,
+    device          TEXT    NOT NULL,
+    requested_at_ms INTEGER NOT NULL,
+    requested_by    TEXT    NOT NULL,
+    reason          TEXT    NOT NULL,
+    applied_at_ms   INTEGER,
+    previous        TEXT
 );
 ";
 
@@ -1283,6 +1295,9 @@ const U64_COLUMNS: &[&str] = &[
     "opened_at_ms",
     "changed_at_ms",
 ];
+
+mod resets;
+pub use resets::SequenceReset;
 
 #[cfg(test)]
 mod tests;
