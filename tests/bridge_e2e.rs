@@ -489,10 +489,11 @@ fn refused_messages_are_quarantined_with_their_reason_and_the_pipeline_goes_on()
 fn an_operator_reset_lets_a_locked_out_device_back_in_while_the_bridge_runs() {
     let rig = Rig::start(vitalmq_bin!(), "bridge-reset", 2, |_| {});
     let _bridge = rig.bridge("", "");
-    publish_signed(&rig, "dev-00001", u64::MAX, 0..1);
-    wait_stored(&rig, 1, 0, 0);
     publish_signed(&rig, "dev-00001", 1, 0..1);
-    wait_stored(&rig, 1, 0, 1);
+    publish_signed(&rig, "dev-00001", u64::MAX, 0..1);
+    wait_stored(&rig, 2, 0, 0);
+    publish_signed(&rig, "dev-00001", 1, 1..2);
+    wait_stored(&rig, 2, 0, 1);
     assert_eq!(rig.stats()["counters"]["replay"], 1, "locked out");
 
     let data = rig.data();
@@ -512,9 +513,11 @@ fn an_operator_reset_lets_a_locked_out_device_back_in_while_the_bridge_runs() {
     let request: Json = serde_json::from_str(ran.stdout.trim()).expect("request JSON");
     assert_eq!(request["device"], "dev-00001");
 
-    // The device resends what was refused, then goes on: both are accepted now.
-    publish_signed(&rig, "dev-00001", 1, 0..2);
-    wait_stored(&rig, 3, 0, 1);
+    // The device, re-keyed, boots into epoch 1 again: (1, 0) is stored already and is a
+    // duplicate (it used to fail the commit and stop the recorder), what follows is new.
+    publish_signed(&rig, "dev-00001", 1, 0..3);
+    wait_stored(&rig, 4, 0, 2);
+    assert_eq!(rig.stats()["counters"]["duplicate"], 1);
     let events = rig.rows("events");
     let epochs: Vec<(u64, u64)> = events
         .iter()
@@ -525,7 +528,7 @@ fn an_operator_reset_lets_a_locked_out_device_back_in_while_the_bridge_runs() {
             )
         })
         .collect();
-    assert_eq!(epochs, [(u64::MAX, 0), (1, 0), (1, 1)]);
+    assert_eq!(epochs, [(1, 0), (u64::MAX, 0), (1, 1), (1, 2)]);
 
     let applied = vitalmq_bridge::store::Store::open(&data)
         .expect("store")

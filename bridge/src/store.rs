@@ -503,7 +503,8 @@ impl Store {
                 .prepare_cached(
                     "INSERT INTO events (event_id, raw_id, device, site, epoch, seq,
                          observed_at_ms, received_at_ms, verdict, normalized)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT(device, epoch, seq) DO NOTHING",
                 )
                 .map_err(err)?;
             let mut index = tx
@@ -522,7 +523,7 @@ impl Store {
                 ])
                 .map_err(err)?;
                 let raw_id = tx.last_insert_rowid();
-                event
+                let inserted = event
                     .execute(params![
                         e.event_id,
                         raw_id,
@@ -536,6 +537,20 @@ impl Store {
                         e.normalized_json
                     ])
                     .map_err(err)?;
+                if inserted == 0 {
+                    // Already stored: only reachable after an operator reset the
+                    // device's window (`resets`). A duplicate, not a second event, and
+                    // never a failed commit that would stop the recorder.
+                    tx.execute("DELETE FROM raw_messages WHERE id = ?1", params![raw_id])
+                        .map_err(err)?;
+                    tx.execute(
+                        "INSERT INTO counters (device, name, value) VALUES (?1, 'duplicate', 1)
+                         ON CONFLICT(device, name) DO UPDATE SET value = value + 1",
+                        params![e.device.as_str()],
+                    )
+                    .map_err(err)?;
+                    continue;
+                }
                 let position = tx.last_insert_rowid();
                 index
                     .execute(params![

@@ -218,6 +218,48 @@ mod tests {
         assert_eq!(cli.sequence_reset(request.id).expect("read"), Some(applied));
     }
 
+    /// After a reset the window no longer knows what is stored: a resent message that
+    /// is stored already must be a duplicate, not a failed commit (the recorder retries
+    /// a failed commit for ever, so the whole bridge would stop).
+    #[test]
+    fn an_event_stored_before_a_reset_is_a_duplicate_not_a_failed_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let dev = DeviceId::new("dev-00001").expect("id");
+        let event = |seq: u64| super::super::NewEvent {
+            event_id: crate::normalize::event_id(&dev, 1, seq),
+            device: dev.clone(),
+            site: "site-01".into(),
+            epoch: 1,
+            seq,
+            observed_at_ms: 1,
+            received_at_ms: 2,
+            verdict: "first_seen".into(),
+            broker: "b".into(),
+            publisher: "p".into(),
+            topic: "devices/dev-00001/telemetry".into(),
+            sha256_hex: "00".into(),
+            raw: bytes::Bytes::from_static(&[0xd2]),
+            normalized_json: "{}".into(),
+        };
+        for events in [vec![event(0)], vec![event(0), event(1)]] {
+            store
+                .commit(&Commit {
+                    events,
+                    ..Commit::default()
+                })
+                .expect("commit");
+        }
+        let stats = store.stats().expect("stats");
+        assert_eq!(stats["events"], 2, "{stats}");
+        assert_eq!(stats["counters"]["duplicate"], 1, "{stats}");
+        let raw: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM raw_messages", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(raw, 2, "no raw row without its event");
+    }
+
     #[test]
     fn a_store_made_before_resets_gains_the_table_on_open() {
         let dir = tempfile::tempdir().expect("tempdir");
