@@ -117,6 +117,17 @@ webhooks = [{{ name = "ehr", url = "http://127.0.0.1:{webhook_port}/alerts", sec
     )
 }
 
+/// Device time zero of a scripted trajectory: ten minutes ago. The script plays minutes
+/// of device time in seconds, so it must lie within the rule file's `[clock]` limits of
+/// the bridge's clock (300 s ahead, 7 days behind): a reading outside them is marked as
+/// clock skew and evaluated at its reception time, which would squeeze the script.
+fn recent_device_time_origin() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(now.as_millis()).expect("ms fit u64") - 600_000
+}
+
 /// `(device time in s, spo2)`: 97 for a minute, a fall to 86 held for minutes, a dip to
 /// 84, then recovery to 93 for two minutes. One reading every 10 s of device time.
 fn desaturation() -> Vec<(u64, f64)> {
@@ -166,7 +177,7 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
         )
     };
     let mut bridge = start(&rig);
-    let t0_ms: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    let t0_ms = recent_device_time_origin();
     let trajectory = desaturation();
     let key = rig.pki().join("devices/dev-00001/cose.key.pem");
     let out = rig.dir().join("reading.cbor");
@@ -531,6 +542,7 @@ fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
     let sub = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
     let key = rig.pki().join("devices/dev-00001/cose.key.pem");
     let out = rig.dir().join("reading.cbor");
+    let t0_ms = recent_device_time_origin();
     for (seq, spo2) in [97, 88, 87, 86, 86, 86].iter().enumerate() {
         vitalmq_ok(
             vitalmq_bin!(),
@@ -544,7 +556,7 @@ fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
                 "--seq",
                 &seq.to_string(),
                 "--ts",
-                &(1_767_225_600_000u64 + seq as u64 * 10_000).to_string(),
+                &(t0_ms + seq as u64 * 10_000).to_string(),
                 "--m",
                 &format!("spo2={spo2}"),
                 "--q",

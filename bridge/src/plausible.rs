@@ -161,8 +161,8 @@ mod tests {
             (NOW + 300_001, true),
             (NOW + ten_years_ms, true),
             (u64::MAX, true),
-            (NOW - 86_400_000, false),
-            (NOW - 86_400_001, true),
+            (NOW - 604_800_000, false),
+            (NOW - 604_800_001, true),
             (0, true),
         ] {
             let a = assess(&reading(ts, &[("spo2", Number::Int(97))]));
@@ -180,7 +180,7 @@ mod tests {
             assess(&reading(0, &[])).clock,
             ClockCheck::Behind {
                 by_ms: NOW,
-                allowed_ms: 86_400_000
+                allowed_ms: 604_800_000
             }
         );
     }

@@ -73,11 +73,12 @@ pub struct ClockPolicy {
 }
 
 impl Default for ClockPolicy {
-    /// Five minutes ahead, a day behind.
+    /// Five minutes ahead, seven days behind (a device may hold readings that long
+    /// while offline, and sends them when it is back).
     fn default() -> Self {
         Self {
             max_ahead_s: 300,
-            max_behind_s: 24 * 3600,
+            max_behind_s: 7 * 24 * 3600,
         }
     }
 }

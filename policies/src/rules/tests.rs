@@ -663,7 +663,7 @@ fn the_example_states_physiological_limits_and_clock_skew() {
         "metrics without limits are not checked"
     );
     assert_eq!(set.clock().max_ahead_s, 300);
-    assert_eq!(set.clock().max_behind_s, 86_400);
+    assert_eq!(set.clock().max_behind_s, 604_800);
 
     // Both sections are optional, with documented defaults.
     let bare = one_rule("kind = \"threshold\"\nbelow = 90\nresolve_at = 92", "");
@@ -687,7 +687,7 @@ fn plausibility_and_clock_mistakes_are_named_with_line_and_field() {
         "pulse = { min = 20, max = nan, unit = \"\" }\nSpO2 = { min = 0, max = 1, unit = \"x\" }",
     );
     let bad = edit(&bad, "max_ahead_s = 300", "max_ahead_s = 0");
-    let bad = edit(&bad, "max_behind_s = 86400", "max_behind_s = 99999999999");
+    let bad = edit(&bad, "max_behind_s = 604800", "max_behind_s = 99999999999");
     let err = RuleSet::parse(&bad, Path::new(PATH)).expect_err("broken limits");
     has(
         &err,
