@@ -226,8 +226,9 @@ fn sign_then_verify_with_a_pem_key() {
 }
 
 /// The probes and their neighbours: each message goes through `vitalmq envelope
-/// verify` and through the bridge's own verify and sequencing code, and both must give
-/// the same verdict, the same refusal class and, when accepted, the same `m`. The CLI
+/// verify --rules` and through the bridge's own verify and sequencing code under the
+/// same rules, and both must give the same verdict, the same refusal class and, when
+/// accepted, the same `m` and the same marks (implausible values, clock skew). The CLI
 /// used to exit 2 ("number out of range") on `m.spo2` = -2^64, which the bridge stored.
 #[test]
 fn the_cli_and_the_bridge_agree_on_every_probe() {
@@ -255,11 +256,19 @@ fn the_cli_and_the_bridge_agree_on_every_probe() {
     let registry_file = dir.path().join("registry.toml");
     std::fs::write(&registry_file, registry.to_toml()).expect("write registry");
 
+    // Device time now: the clock marks then come from the probes' own ts.
+    let start_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms");
     let base = |seq: u64, m: Vec<(&str, Number)>| Telemetry {
         dev: dev.clone(),
         epoch: 1,
         seq,
-        ts: 1_767_225_600_000,
+        ts: start_ms,
         fw: "5.12.1".into(),
         kind: MessageType::Vitals,
         m: Some(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()),
@@ -303,13 +312,25 @@ fn the_cli_and_the_bridge_agree_on_every_probe() {
         broker: "127.0.0.1:1".into(),
         bridge: "spiffe://test.vitalmq/bridge/bridge-01".into(),
     };
+    let rules_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
+    let rules = vitalmq_policies::RuleSet::load(&rules_file).expect("shipped rules");
     let mut sequencer = Sequencer::new(
         Default::default(),
         Default::default(),
         Default::default(),
         Default::default(),
-        None,
+        Some(std::sync::Arc::new(rules)),
     );
+    let now_ms = || {
+        u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("ms")
+    };
+    let mut marked = 0;
     for (i, telemetry) in probes.iter().enumerate() {
         let message = vitalmq_envelope::sign(telemetry, &key).expect("sign");
         let file = dir.path().join(format!("probe-{i}.cose"));
@@ -322,6 +343,8 @@ fn the_cli_and_the_bridge_agree_on_every_probe() {
                 registry_file.to_str().expect("utf-8"),
                 "--kid",
                 "dev-00001",
+                "--rules",
+                rules_file.to_str().expect("utf-8"),
                 file.to_str().expect("utf-8"),
             ],
             None,
@@ -331,11 +354,11 @@ fn the_cli_and_the_bridge_agree_on_every_probe() {
         let incoming = Incoming {
             topic: "devices/dev-00001/telemetry".to_owned(),
             payload: Bytes::from(message),
-            received_at_ms: 1_767_225_600_000,
+            received_at_ms: now_ms(),
             token: (),
         };
         let checked = classify::verify(&registry, incoming);
-        let mut out = sequencer.sequence(&registry, &origin, vec![checked], 1_767_225_600_000);
+        let mut out = sequencer.sequence(&registry, &origin, vec![checked], now_ms());
         sequencer.adopt(&mut out);
         match &out.dispositions[0].0 {
             Disposition::Accepted { .. } => {
@@ -345,6 +368,13 @@ fn the_cli_and_the_bridge_agree_on_every_probe() {
                     serde_json::from_str(&out.commit.events[0].normalized_json).expect("event");
                 assert_eq!(cli_json["payload"]["m"], event["m"], "probe {i}");
                 assert_eq!(cli_json["payload"]["ts"], event["ts"], "probe {i}");
+                let marks = &cli_json["marks"];
+                marked += usize::from(marks.as_object().is_some_and(|m| !m.is_empty()));
+                assert_eq!(marks["implausible"], event["implausible"], "probe {i}");
+                assert_eq!(
+                    marks["clock_skew"]["direction"], event["clock_skew"]["direction"],
+                    "probe {i}"
+                );
             }
             Disposition::Refused { reason, .. } => {
                 assert_eq!(cli.code, Some(1), "probe {i}: {}{}", cli.stdout, cli.stderr);
@@ -353,4 +383,6 @@ fn the_cli_and_the_bridge_agree_on_every_probe() {
             other => panic!("probe {i}: the bridge sequenced it as {other:?}"),
         }
     }
+    // 2^64-1, -5, -2^64, 1.8e19, pulse i64::MIN; ts 0, u64::MAX, 2036.
+    assert_eq!(marked, 8, "marked probes");
 }

@@ -93,6 +93,30 @@ impl Assessment {
     pub fn is_implausible(&self, metric: &str) -> bool {
         self.implausible.contains_key(metric)
     }
+
+    /// The marks as the normalized event carries them (`implausible`, `clock_skew`),
+    /// each only when it applies; for tools that judge a message as the bridge would.
+    pub fn marks(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        if !self.implausible.is_empty() {
+            out.insert(
+                "implausible".into(),
+                serde_json::to_value(&self.implausible).unwrap_or_default(),
+            );
+        }
+        let skew = match self.clock {
+            ClockCheck::Within => None,
+            ClockCheck::Ahead { by_ms, allowed_ms } => Some(("ahead", by_ms, allowed_ms)),
+            ClockCheck::Behind { by_ms, allowed_ms } => Some(("behind", by_ms, allowed_ms)),
+        };
+        if let Some((direction, by_ms, allowed_ms)) = skew {
+            out.insert(
+                "clock_skew".into(),
+                serde_json::json!({"direction": direction, "by_ms": by_ms, "allowed_ms": allowed_ms}),
+            );
+        }
+        out
+    }
 }
 
 #[cfg(test)]
