@@ -1,5 +1,6 @@
 //! `vitalmq bridge --config FILE` runs the bridge; `vitalmq store ...` reads what a
-//! bridge stored (running or stopped) as JSON lines.
+//! bridge stored (running or stopped) as JSON lines, and `vitalmq store reset-sequence`
+//! asks the bridge to forget a device's sequence state.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,28 @@ pub enum StoreCommand {
     Gaps(DataDir),
     /// Alert state changes (clinical and operational) as published, one per line.
     Alerts(DataDir),
+    /// Ask the bridge to forget a device's sequence state (window and open gaps), e.g.
+    /// after re-keying it or after it sent `epoch` = u64::MAX and is locked out. The
+    /// bridge applies the request before its next batch (or when it starts) and audits
+    /// it; this command records it and is audited in the operator log.
+    ResetSequence(ResetArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ResetArgs {
+    /// The bridge's data directory (`data_dir` in its configuration).
+    #[arg(long)]
+    data: PathBuf,
+    /// The device whose sequence state to reset.
+    #[arg(long)]
+    device: vitalmq_envelope::DeviceId,
+    /// Why (recorded in both audit logs), e.g. "re-keyed, ticket 4711".
+    #[arg(long)]
+    reason: String,
+    /// Wait this long for a running bridge to apply it (e.g. `10s`); without it the
+    /// command returns once the request is recorded.
+    #[arg(long, value_parser = vitalmq_device_sim::runner::parse_duration)]
+    wait: Option<std::time::Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,15 +81,19 @@ impl StoreCommand {
             Self::Quarantine(_) => Some("store.quarantine"),
             Self::Gaps(_) => Some("store.gaps"),
             Self::Alerts(_) => Some("store.alerts"),
+            Self::ResetSequence(_) => Some("store.reset_sequence"),
         }
     }
 
     pub fn run(self) -> anyhow::Result<ExitCode> {
-        let (Self::Stats(d)
-        | Self::Events(d)
-        | Self::Quarantine(d)
-        | Self::Gaps(d)
-        | Self::Alerts(d)) = &self;
+        let d = match &self {
+            Self::ResetSequence(args) => return reset_sequence(args),
+            Self::Stats(d)
+            | Self::Events(d)
+            | Self::Quarantine(d)
+            | Self::Gaps(d)
+            | Self::Alerts(d) => d,
+        };
         let store = open_existing(&d.data)?;
         let read = || -> anyhow::Result<((), serde_json::Map<String, serde_json::Value>)> {
             let rows = match &self {
@@ -75,6 +102,8 @@ impl StoreCommand {
                 Self::Quarantine(_) => store.list_quarantine()?,
                 Self::Gaps(_) => store.list_gaps()?,
                 Self::Alerts(_) => store.list_alerts()?,
+                // Returned above.
+                Self::ResetSequence(_) => Vec::new(),
             };
             for row in &rows {
                 println!("{row}");
@@ -94,6 +123,67 @@ impl StoreCommand {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Records a sequence reset request for the bridge (see `vitalmq_bridge::store::resets`)
+/// as an audited operator action, and optionally waits until the bridge applied it.
+/// Exit code 0 when recorded (and applied, with `--wait`), 1 when `--wait` ran out.
+fn reset_sequence(args: &ResetArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !args.reason.trim().is_empty() && args.reason.len() <= 256,
+        "--reason must say why, in at most 256 bytes"
+    );
+    let store = open_existing(&args.data)?;
+    let who = vitalmq_audit::operator::Operator::current();
+    let by = match &who.sudo_user {
+        Some(s) => format!("{} (sudo from {s})", who.identity()),
+        None => who.identity(),
+    };
+    let log = crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&args.data));
+    let done = crate::operator_audit::Action::new("store.reset_sequence", log)
+        .resource(Some(args.device.to_string()))
+        .detail("data_dir", crate::operator_audit::absolute(&args.data))
+        .detail("reason", args.reason.as_str())
+        .run(|| {
+            let now = vitalmq_bridge::recorder::now_ms();
+            let request =
+                store.request_sequence_reset(args.device.as_str(), &by, &args.reason, now)?;
+            let deadline = args.wait.map(|w| std::time::Instant::now() + w);
+            let mut current = request.clone();
+            while let Some(deadline) = deadline
+                && current.applied_at_ms.is_none()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                current = store.sequence_reset(request.id)?.unwrap_or(current);
+            }
+            let mut details = serde_json::Map::new();
+            details.insert("request".into(), current.id.into());
+            details.insert(
+                "state".into(),
+                if current.applied_at_ms.is_some() {
+                    "applied"
+                } else {
+                    "pending"
+                }
+                .into(),
+            );
+            if let Some(p) = &current.previous {
+                details.insert("previous".into(), p.as_str().into());
+            }
+            Ok((current, details))
+        })?;
+    println!("{}", serde_json::to_string(&done)?);
+    if done.applied_at_ms.is_none() {
+        eprintln!(
+            "request {} recorded; the bridge applies it before its next batch, or when it starts",
+            done.id
+        );
+        if args.wait.is_some() {
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Opens the store of a bridge data directory that must already hold one (a typo in

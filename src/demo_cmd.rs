@@ -81,7 +81,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("vitalmq-demo/run-{now_s}")));
-    let (work, pki) = setup::create(&dir, args.devices, args.sites)?;
+    let (work, pki) = setup::create(
+        &dir,
+        args.devices,
+        args.sites,
+        args.duration.mul_f64(args.time_scale),
+    )?;
     let bridge_ready = log::init(&work.log())?;
     println!(
         "vitalmq demo: {} simulated wearables on {} sites, through the broker gate and the bridge\n",

@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value as Json, json};
+use vitalmq_bridge::plausible::Assessment;
 use vitalmq_envelope::{
     Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey, Telemetry, VerifyingKey, inspect,
     sign, verify,
@@ -44,6 +45,11 @@ pub struct VerifyArgs {
     /// The device the message must belong to (what the topic's id is for the bridge).
     #[arg(long)]
     kid: Option<DeviceId>,
+    /// The bridge's rule file (`vitalmq-rules/v1`): report what the bridge would mark
+    /// (`implausible` values, `clock_skew` against now) with its limits instead of the
+    /// defaults.
+    #[arg(long)]
+    rules: Option<PathBuf>,
     /// File with the raw COSE bytes; `-` reads stdin.
     file: PathBuf,
 }
@@ -136,36 +142,70 @@ fn run_verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
         _ => bail!("give --registry FILE, or --alg with --pubkey-hex"),
     };
+    let rules = args
+        .rules
+        .as_deref()
+        .map(vitalmq_policies::RuleSet::load)
+        .transpose()?;
     let decoded = inspect(&message).ok();
     let headers = decoded
         .as_ref()
         .map(|d| serde_json::to_value(&d.headers))
         .transpose()?;
+    // Written straight from the typed payload, as the bridge writes its normalized
+    // event: a `serde_json::Value` cannot hold the integers beyond 64 bits that CBOR
+    // (and so an accepted message) can carry, and converting to one made the CLI fail
+    // with "number out of range" on messages the bridge accepted.
     let (out, code) = match verdict {
-        Ok(verified) => (
-            json!({
-                "verdict": "accepted",
-                "detail": format!("signature ({}), key binding and payload schema verified", verified.algorithm()),
-                "sha256": hex::encode(verified.message_sha256()),
-                "headers": headers,
-                "payload": serde_json::to_value(&*verified)?,
-            }),
-            ExitCode::SUCCESS,
-        ),
+        Ok(verified) => {
+            // The bridge's own judgement, as if it received the message now.
+            let now = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis())?;
+            let (plausibility, clock) = match &rules {
+                Some(r) => (r.plausibility().clone(), *r.clock()),
+                None => Default::default(),
+            };
+            let marks = Assessment::of(&verified, now, &plausibility, &clock).marks();
+            (
+                serde_json::to_string_pretty(&Accepted {
+                    verdict: "accepted",
+                    detail: format!(
+                        "signature ({}), key binding and payload schema verified",
+                        verified.algorithm()
+                    ),
+                    sha256: hex::encode(verified.message_sha256()),
+                    headers,
+                    payload: &verified,
+                    marks,
+                })?,
+                ExitCode::SUCCESS,
+            )
+        }
         Err(refusal) => (
-            json!({
+            serde_json::to_string_pretty(&json!({
                 "verdict": "refused",
                 "reason": refusal.reason,
                 "detail": refusal.detail,
                 "sha256": decoded.as_ref().map(|d| d.sha256.clone()),
                 "headers": headers,
                 "payload": decoded.map_or(Json::Null, |d| d.payload),
-            }),
+            }))?,
             ExitCode::from(1),
         ),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    println!("{out}");
     Ok(code)
+}
+
+/// The verdict on an accepted message.
+#[derive(serde::Serialize)]
+struct Accepted<'a> {
+    verdict: &'static str,
+    detail: String,
+    sha256: String,
+    headers: Option<Json>,
+    payload: &'a Telemetry,
+    /// What the bridge would mark in the normalized event (`implausible`, `clock_skew`).
+    marks: serde_json::Map<String, Json>,
 }
 
 fn run_sign(args: SignArgs) -> anyhow::Result<ExitCode> {

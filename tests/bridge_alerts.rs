@@ -164,6 +164,17 @@ webhooks = [{{ name = "ehr", url = "http://127.0.0.1:{webhook_port}/alerts", sec
     )
 }
 
+/// Device time zero of a scripted trajectory: ten minutes ago. The script plays minutes
+/// of device time in seconds, so it must lie within the rule file's `[clock]` limits of
+/// the bridge's clock (300 s ahead, 7 days behind): a reading outside them is marked as
+/// clock skew and evaluated at its reception time, which would squeeze the script.
+fn recent_device_time_origin() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(now.as_millis()).expect("ms fit u64") - 600_000
+}
+
 /// `(device time in s, spo2)`: 97 for a minute, a fall to 86 held for minutes, a dip to
 /// 84, then recovery to 93 for two minutes. One reading every 10 s of device time.
 fn desaturation() -> Vec<(u64, f64)> {
@@ -213,7 +224,7 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
         )
     };
     let mut bridge = start(&rig);
-    let t0_ms: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    let t0_ms = recent_device_time_origin();
     let trajectory = desaturation();
     let key = rig.pki().join("devices/dev-00001/cose.key.pem");
     let out = rig.dir().join("reading.cbor");
@@ -599,6 +610,7 @@ fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
     let sub = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
     let key = rig.pki().join("devices/dev-00001/cose.key.pem");
     let out = rig.dir().join("reading.cbor");
+    let t0_ms = recent_device_time_origin();
     for (seq, spo2) in [97, 88, 87, 86, 86, 86].iter().enumerate() {
         vitalmq_ok(
             vitalmq_bin!(),
@@ -612,7 +624,7 @@ fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
                 "--seq",
                 &seq.to_string(),
                 "--ts",
-                &(1_767_225_600_000u64 + seq as u64 * 10_000).to_string(),
+                &(t0_ms + seq as u64 * 10_000).to_string(),
                 "--m",
                 &format!("spo2={spo2}"),
                 "--q",
@@ -640,4 +652,151 @@ fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
         .1;
     assert_eq!(alert["rule_version"], "4");
     assert_eq!(alert["policy_sha256"], reloaded["details"]["new_sha256"]);
+}
+
+/// The probes through the real broker and bridge, signed with the device's own
+/// key: spo2 = 2^64-1 then 80 (which opened `spo2-falling`), -5 and -2^64 (stored as
+/// normal readings), a reading dated ten years ahead (which escalated `spo2-low` to
+/// urgent at once), `ts` = 0 (observed in 1970) and `ts` = u64::MAX (observed_at null).
+/// Every one is stored; the impossible values are marked and raise one sensor-fault
+/// operational alert instead of clinical ones; the skewed clocks are marked and
+/// observed at reception.
+#[test]
+fn impossible_readings_and_skewed_clocks_are_stored_marked_and_raise_no_clinical_alert() {
+    use std::collections::BTreeMap;
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+    use vitalmq_envelope::{DeviceId, MessageType, Number, SigningKey, Telemetry};
+
+    let rig = Rig::start(vitalmq_bin!(), "alerts-plausible", 2, |_| {});
+    let (port, _webhook) = webhook_receiver(0);
+    let integrator = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
+    let operator = rig.mosquitto_sub("operator", "ops-01", "ops/bridge/sensor_fault");
+    let config = common::BridgeProcess::config_with(rig.broker.port, "", "") + &alerts_config(port);
+    let bridge = common::BridgeProcess::start_with_env(
+        vitalmq_bin!(),
+        rig.dir(),
+        &config,
+        &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRETS)],
+        Duration::from_secs(30),
+    );
+    let pem = std::fs::read_to_string(rig.pki().join("devices/dev-00001/cose.key.pem"))
+        .expect("device key");
+    let key = SigningKey::from_pkcs8_pem(&pem).expect("key");
+    let now = u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms");
+    let ten_years_ms = 10 * 365 * 24 * 3600 * 1000;
+    // (ts, spo2): what each probe sends.
+    let probes: Vec<(u64, Number)> = vec![
+        (now, Number::Int(u64::MAX.into())),
+        (now + 5_000, Number::Int(80)),
+        (now + 10_000, Number::Int(80)),
+        (now + 15_000, Number::Int(-5)),
+        (now + 20_000, Number::Int(-(1i128 << 64))),
+        (now + ten_years_ms, Number::Int(86)),
+        (0, Number::Int(86)),
+        (u64::MAX, Number::Int(86)),
+    ];
+    let mut ids = Vec::new();
+    for (seq, (ts, spo2)) in probes.iter().enumerate() {
+        let t = Telemetry {
+            dev: DeviceId::new("dev-00001").expect("id"),
+            epoch: 1,
+            seq: seq as u64,
+            ts: *ts,
+            fw: "5.12.1".into(),
+            kind: MessageType::Vitals,
+            m: Some(BTreeMap::from([
+                ("spo2".to_owned(), *spo2),
+                ("pulse".to_owned(), Number::Int(72)),
+            ])),
+            q: Some(0.95),
+            model: None,
+            schema: None,
+            extra: BTreeMap::new(),
+        };
+        let message = vitalmq_envelope::sign(&t, &key).expect("sign");
+        rig.mosquitto_pub(
+            "device",
+            "dev-00001",
+            "devices/dev-00001/telemetry",
+            &message,
+        );
+        ids.push(vitalmq_bridge::normalize::event_id(&t.dev, 1, seq as u64));
+    }
+    rig.wait_stats(Duration::from_secs(30), "all probes stored", |st| {
+        st["events"] == probes.len()
+    });
+    assert!(
+        operator.wait_output(Duration::from_secs(20), |o| o.contains("\"open\"")),
+        "no sensor-fault alert:\n{}\nbridge:\n{}",
+        operator.all(),
+        bridge.process.all()
+    );
+
+    let store = vitalmq_bridge::store::Store::open(&rig.data()).expect("store");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, id) in ids.iter().enumerate() {
+        let detail = loop {
+            if let Some(d) = store.event_detail(id).expect("read") {
+                break d;
+            }
+            assert!(Instant::now() < deadline, "event {i} not stored");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let event = &detail["normalized"];
+        let implausible = [0, 3, 4].contains(&i);
+        assert_eq!(
+            event["implausible"]["spo2"]["unit"].as_str(),
+            implausible.then_some("%"),
+            "event {i}: {event}"
+        );
+        let skewed = i >= 5;
+        assert_eq!(
+            event["clock_skew"]["direction"].as_str().is_some(),
+            skewed,
+            "event {i}: {event}"
+        );
+        let observed = event["observed_at"]
+            .as_str()
+            .expect("observed_at never null");
+        assert!(
+            observed.starts_with("20") && !observed.starts_with("2036"),
+            "{observed}"
+        );
+        assert_eq!(
+            event["ts"],
+            serde_json::json!(probes[i].0),
+            "the device's ts is kept"
+        );
+    }
+
+    // No clinical alert at all: not spo2-falling from 2^64-1 to 80, not spo2-low
+    // escalated by a reading from 2036.
+    std::thread::sleep(Duration::from_secs(1));
+    let clinical = received_alerts(&integrator);
+    assert!(clinical.is_empty(), "clinical alerts: {clinical:?}");
+    let stored: Vec<Json> = rig.rows("alerts");
+    assert!(
+        stored.iter().all(|a| a["kind"] == "operational"),
+        "{stored:?}"
+    );
+    let ops: Vec<Json> = operator
+        .stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l.split_once(' ')?.1).ok())
+        .collect();
+    assert_eq!(
+        ops.len(),
+        1,
+        "one sensor-fault alert for the device: {ops:?}"
+    );
+    assert_eq!(ops[0]["device"], "dev-00001");
+    assert_eq!(ops[0]["metrics"], serde_json::json!(["spo2"]));
+    assert!(ops[0].get("patient_ref").is_none());
 }

@@ -483,3 +483,96 @@ fn refused_messages_are_quarantined_with_their_reason_and_the_pipeline_goes_on()
         );
     }
 }
+
+/// `epoch` = u64::MAX locks a device out for good: no later epoch exists and a lower one
+/// is `replay` (SPEC section 4). `vitalmq store reset-sequence`, run while the bridge
+/// runs, lets it back in: the bridge applies the request before its next batch (its
+/// in-memory window, not only the stored one, is forgotten), and the reset is in the
+/// operator audit log (who, why) and in the bridge's (what it removed).
+#[test]
+fn an_operator_reset_lets_a_locked_out_device_back_in_while_the_bridge_runs() {
+    let rig = Rig::start(vitalmq_bin!(), "bridge-reset", 2, |_| {});
+    let _bridge = rig.bridge("", "");
+    publish_signed(&rig, "dev-00001", 1, 0..1);
+    publish_signed(&rig, "dev-00001", u64::MAX, 0..1);
+    wait_stored(&rig, 2, 0, 0);
+    publish_signed(&rig, "dev-00001", 1, 1..2);
+    wait_stored(&rig, 2, 0, 1);
+    assert_eq!(rig.stats()["counters"]["replay"], 1, "locked out");
+
+    let data = rig.data();
+    let ran = vitalmq_ok(
+        vitalmq_bin!(),
+        &[
+            "store",
+            "reset-sequence",
+            "--data",
+            s(&data),
+            "--device",
+            "dev-00001",
+            "--reason",
+            "epoch overflow, ticket 4711",
+        ],
+    );
+    let request: Json = serde_json::from_str(ran.stdout.trim()).expect("request JSON");
+    assert_eq!(request["device"], "dev-00001");
+
+    // The device, re-keyed, boots into epoch 1 again: (1, 0) is stored already and is a
+    // duplicate (it used to fail the commit and stop the recorder), what follows is new.
+    publish_signed(&rig, "dev-00001", 1, 0..3);
+    wait_stored(&rig, 4, 0, 2);
+    assert_eq!(rig.stats()["counters"]["duplicate"], 1);
+    let events = rig.rows("events");
+    let epochs: Vec<(u64, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["epoch"].as_u64().expect("epoch"),
+                e["seq"].as_u64().expect("seq"),
+            )
+        })
+        .collect();
+    assert_eq!(epochs, [(1, 0), (u64::MAX, 0), (1, 1), (1, 2)]);
+
+    let applied = vitalmq_bridge::store::Store::open(&data)
+        .expect("store")
+        .sequence_reset(request["id"].as_i64().expect("id"))
+        .expect("read")
+        .expect("recorded");
+    assert!(applied.applied_at_ms.is_some(), "{applied:?}");
+    assert_eq!(applied.previous.as_deref(), Some("18446744073709551615:0"));
+
+    let records = |path: &Path| -> Vec<Json> {
+        std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let bridge_audit = records(&data.join("audit.jsonl"));
+    let reset = bridge_audit
+        .iter()
+        .find(|r| r["action"] == "sequence_reset")
+        .unwrap_or_else(|| panic!("no sequence_reset in the bridge's audit log"));
+    assert_eq!(reset["component"], "bridge");
+    assert_eq!(reset["resource"], "dev-00001");
+    assert_eq!(reset["decision"], "allow");
+    assert_eq!(reset["details"]["previous"], "18446744073709551615:0");
+    assert_eq!(
+        reset["details"]["request_reason"],
+        "epoch overflow, ticket 4711"
+    );
+    let operator = records(&data.join("operator-audit/operator.jsonl"));
+    let outcomes: Vec<&str> = operator
+        .iter()
+        .filter(|r| r["action"] == "store.reset_sequence")
+        .map(|r| r["reason"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(outcomes, ["started", "succeeded"]);
+    assert!(
+        operator
+            .iter()
+            .any(|r| r["action"] == "store.reset_sequence" && r["resource"] == "dev-00001"),
+        "{operator:?}"
+    );
+}

@@ -224,3 +224,165 @@ fn sign_then_verify_with_a_pem_key() {
         assert_eq!(verified["payload"]["m"], json!({"spo2": 88, "temp": 38.4}));
     }
 }
+
+/// The probes and their neighbours: each message goes through `vitalmq envelope
+/// verify --rules` and through the bridge's own verify and sequencing code under the
+/// same rules, and both must give the same verdict, the same refusal class and, when
+/// accepted, the same `m` and the same marks (implausible values, clock skew). The CLI
+/// used to exit 2 ("number out of range") on `m.spo2` = -2^64, which the bridge stored.
+#[test]
+fn the_cli_and_the_bridge_agree_on_every_probe() {
+    use std::collections::BTreeMap;
+
+    use bytes::Bytes;
+    use ciborium::Value;
+    use vitalmq_bridge::classify::{self, Disposition, Incoming, Origin, Sequencer};
+    use vitalmq_envelope::{MessageType, Number, Telemetry};
+
+    let dir = temp_dir("vitalmq-envelope-agree");
+    let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+    let dev = DeviceId::new("dev-00001").expect("id");
+    let mut registry = DeviceRegistry::new(TrustDomain::new("test.vitalmq").expect("td"));
+    registry
+        .insert_device(DeviceEntry {
+            id: dev.clone(),
+            site: SiteId::new("site-01").expect("site"),
+            patient_ref: "pt-1".into(),
+            key: key.verifying_key(),
+            consent: None,
+            processing_policy: None,
+        })
+        .expect("insert");
+    let registry_file = dir.path().join("registry.toml");
+    std::fs::write(&registry_file, registry.to_toml()).expect("write registry");
+
+    // Device time now: the clock marks then come from the probes' own ts.
+    let start_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_millis(),
+    )
+    .expect("ms");
+    let base = |seq: u64, m: Vec<(&str, Number)>| Telemetry {
+        dev: dev.clone(),
+        epoch: 1,
+        seq,
+        ts: start_ms,
+        fw: "5.12.1".into(),
+        kind: MessageType::Vitals,
+        m: Some(m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()),
+        q: None,
+        model: None,
+        schema: None,
+        extra: BTreeMap::new(),
+    };
+    let spo2 = |seq, v| base(seq, vec![("spo2", v)]);
+    let mut probes = vec![
+        spo2(1, Number::Int(u64::MAX.into())),
+        spo2(2, Number::Int(80)),
+        spo2(3, Number::Int(-5)),
+        spo2(4, Number::Int(-(1i128 << 64))),
+        spo2(5, Number::Float(1.8446744073709552e19)),
+        spo2(6, Number::Float(-0.0)),
+        base(
+            7,
+            vec![
+                ("spo2", Number::Int(97)),
+                ("pulse", Number::Int(i64::MIN.into())),
+            ],
+        ),
+    ];
+    for (seq, ts) in [(8, 0), (9, u64::MAX), (10, 2_082_758_400_000)] {
+        let mut t = spo2(seq, Number::Int(95));
+        t.ts = ts;
+        probes.push(t);
+    }
+    let mut dup = spo2(11, Number::Int(95));
+    dup.extra.insert(
+        "calib".into(),
+        Value::Map(vec![
+            (Value::Text("gain".into()), Value::Integer(1.into())),
+            (Value::Text("gain".into()), Value::Integer(2.into())),
+        ]),
+    );
+    probes.push(dup);
+
+    let origin = Origin {
+        broker: "127.0.0.1:1".into(),
+        bridge: "spiffe://test.vitalmq/bridge/bridge-01".into(),
+    };
+    let rules_file = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
+    let rules = vitalmq_policies::RuleSet::load(&rules_file).expect("shipped rules");
+    let mut sequencer = Sequencer::new(
+        Default::default(),
+        Default::default(),
+        Default::default(),
+        Default::default(),
+        Some(std::sync::Arc::new(rules)),
+    );
+    let now_ms = || {
+        u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("ms")
+    };
+    let mut marked = 0;
+    for (i, telemetry) in probes.iter().enumerate() {
+        let message = vitalmq_envelope::sign(telemetry, &key).expect("sign");
+        let file = dir.path().join(format!("probe-{i}.cose"));
+        std::fs::write(&file, &message).expect("write probe");
+        let cli = vitalmq(
+            &[
+                "envelope",
+                "verify",
+                "--registry",
+                registry_file.to_str().expect("utf-8"),
+                "--kid",
+                "dev-00001",
+                "--rules",
+                rules_file.to_str().expect("utf-8"),
+                file.to_str().expect("utf-8"),
+            ],
+            None,
+        );
+        let cli_json = stdout_json(&cli);
+
+        let incoming = Incoming {
+            topic: "devices/dev-00001/telemetry".to_owned(),
+            payload: Bytes::from(message),
+            received_at_ms: now_ms(),
+            token: (),
+        };
+        let checked = classify::verify(&registry, incoming);
+        let mut out = sequencer.sequence(&registry, &origin, vec![checked], now_ms());
+        sequencer.adopt(&mut out);
+        match &out.dispositions[0].0 {
+            Disposition::Accepted { .. } => {
+                assert_eq!(cli.code, Some(0), "probe {i}: {}{}", cli.stdout, cli.stderr);
+                assert_eq!(cli_json["verdict"], json!("accepted"), "probe {i}");
+                let event: Json =
+                    serde_json::from_str(&out.commit.events[0].normalized_json).expect("event");
+                assert_eq!(cli_json["payload"]["m"], event["m"], "probe {i}");
+                assert_eq!(cli_json["payload"]["ts"], event["ts"], "probe {i}");
+                let marks = &cli_json["marks"];
+                marked += usize::from(marks.as_object().is_some_and(|m| !m.is_empty()));
+                assert_eq!(marks["implausible"], event["implausible"], "probe {i}");
+                assert_eq!(
+                    marks["clock_skew"]["direction"], event["clock_skew"]["direction"],
+                    "probe {i}"
+                );
+            }
+            Disposition::Refused { reason, .. } => {
+                assert_eq!(cli.code, Some(1), "probe {i}: {}{}", cli.stdout, cli.stderr);
+                assert_eq!(cli_json["reason"], json!(reason.as_str()), "probe {i}");
+            }
+            other => panic!("probe {i}: the bridge sequenced it as {other:?}"),
+        }
+    }
+    // 2^64-1, -5, -2^64, 1.8e19, pulse i64::MIN; ts 0, u64::MAX, 2036.
+    assert_eq!(marked, 8, "marked probes");
+}

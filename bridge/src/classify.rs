@@ -17,6 +17,7 @@ use vitalmq_policies::{DeviceRegistry, RuleSet};
 use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
 use crate::gaps::{Gap, OpenGaps};
 use crate::normalize::{self, Receipt};
+use crate::plausible::Assessment;
 use crate::store::{Commit, NewAlert, NewEvent, Quarantined};
 use crate::window::{self, Accepted, DeviceSequence, ReceiptPoint, Rejected, Verdict, WindowSize};
 
@@ -317,12 +318,28 @@ impl Sequencer {
                         bridge: &origin.bridge,
                         verdict: &verdict_text,
                     };
-                    let normalized_json = normalize::normalize(&verified, entry, &receipt);
+                    let assessment = match &self.rules {
+                        Some(r) => Assessment::of(
+                            &verified,
+                            incoming.received_at_ms,
+                            r.plausibility(),
+                            r.clock(),
+                        ),
+                        None => Assessment::of(
+                            &verified,
+                            incoming.received_at_ms,
+                            &Default::default(),
+                            &Default::default(),
+                        ),
+                    };
+                    let normalized_json =
+                        normalize::normalize(&verified, entry, &receipt, &assessment);
                     let event_id = normalize::event_id(&device, epoch, seq);
                     if let Some(rules) = &self.rules
                         && verified.kind == MessageType::Vitals
                     {
-                        let sample = Sample::from_telemetry(event_id.clone(), &verified, entry);
+                        let sample = Sample::from_telemetry(event_id.clone(), &verified, entry)
+                            .assessed(&assessment);
                         let changes =
                             alerts::evaluate(rules, rules.sha256(), &mut track.alerts, &sample);
                         commit
@@ -336,7 +353,7 @@ impl Sequencer {
                         site: entry.site.to_string(),
                         epoch,
                         seq,
-                        observed_at_ms: verified.ts,
+                        observed_at_ms: assessment.observed_at_ms,
                         received_at_ms: incoming.received_at_ms,
                         verdict: verdict_text,
                         broker: origin.broker.clone(),
@@ -372,6 +389,16 @@ impl Sequencer {
             commit,
             dispositions,
             staged,
+        }
+    }
+
+    /// Forgets a device's sequence window and open gaps (an operator reset the store
+    /// applied, see `store::resets`): its next message is its first. Its alert state
+    /// stays: the patient's open alerts are not the sequence's business.
+    pub fn reset_sequence(&mut self, device: &DeviceId) {
+        if let Some(track) = self.tracks.get_mut(device) {
+            track.window = None;
+            track.gaps = OpenGaps::default();
         }
     }
 

@@ -13,6 +13,7 @@ pub mod link;
 pub mod mqtt;
 pub mod normalize;
 pub mod ops;
+pub mod plausible;
 pub mod receipt;
 pub mod recorder;
 pub mod reload;

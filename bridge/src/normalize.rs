@@ -12,11 +12,14 @@ use serde::Serialize;
 use serde::ser::{SerializeMap as _, Serializer};
 use sha2::{Digest as _, Sha256};
 use vitalmq_envelope::{DeviceId, Number, Telemetry, Verified, json::cbor_to_json};
-use vitalmq_policies::DeviceEntry;
+use vitalmq_policies::{DeviceEntry, PlausibleRange};
+
+use crate::plausible::{Assessment, ClockCheck};
 
 /// Version of this transformation, recorded in every event's provenance. Bump it when
-/// the mapping from message to event changes.
-pub const TRANSFORMATION: &str = "vitalmq-normalize/1";
+/// the mapping from message to event changes (2: `observed_at` is the reception time
+/// for a skewed device clock; `implausible` and `clock_skew` added).
+pub const TRANSFORMATION: &str = "vitalmq-normalize/2";
 /// Format tag of the normalized event.
 pub const EVENT_FORMAT: &str = "vitalmq-event/v1";
 
@@ -57,6 +60,12 @@ pub fn rfc3339_ms(ms: u64) -> Option<String> {
 
 /// Builds the normalized event JSON (one line, no trailing newline).
 ///
+/// `observed_at` is the time the bridge relies on ([`Assessment::observed_at_ms`]):
+/// the device's `ts`, or the reception time when the device clock is outside the
+/// policy; `ts` is always the device's value. Two fields appear only when they apply:
+/// `implausible` (metric -> the limits it broke, `{"min", "max", "unit"}`) and
+/// `clock_skew` (`{"direction": "ahead" | "behind", "by_ms", "allowed_ms"}`).
+///
 /// Serialized straight from borrowed fields: building a `serde_json::Value` first cost
 /// about 7 us per message in the bridge's profile (a map entry and a key allocation per
 /// field). The bytes are the same as that construction gave (pinned by a test against
@@ -66,6 +75,7 @@ pub fn normalize(
     verified: &Verified<Telemetry>,
     device: &DeviceEntry,
     receipt: &Receipt<'_>,
+    assessment: &Assessment,
 ) -> String {
     let t: &Telemetry = verified;
     let event = EventJson {
@@ -78,7 +88,8 @@ pub fn normalize(
         seq: t.seq,
         kind: t.kind.as_str(),
         ts: t.ts,
-        observed_at: rfc3339_ms(t.ts),
+        observed_at: rfc3339_ms(assessment.observed_at_ms)
+            .or_else(|| rfc3339_ms(receipt.received_at_ms)),
         received_at: rfc3339_ms(receipt.received_at_ms),
         m: Measurements(t.m.as_ref()),
         q: t.q,
@@ -99,6 +110,8 @@ pub fn normalize(
             consent: device.consent.as_deref(),
             processing_policy: device.processing_policy.as_deref(),
         },
+        implausible: (!assessment.implausible.is_empty()).then_some(&assessment.implausible),
+        clock_skew: ClockSkew::of(assessment.clock),
     };
     // Serializing these types cannot fail: every map key is a string.
     serde_json::to_string(&event).unwrap_or_default()
@@ -126,6 +139,32 @@ struct EventJson<'a> {
     schema: u64,
     extra: Extra<'a>,
     provenance: Provenance<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    implausible: Option<&'a std::collections::BTreeMap<String, PlausibleRange>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    clock_skew: Option<ClockSkew>,
+}
+
+#[derive(Serialize)]
+struct ClockSkew {
+    direction: &'static str,
+    by_ms: u64,
+    allowed_ms: u64,
+}
+
+impl ClockSkew {
+    fn of(check: ClockCheck) -> Option<Self> {
+        let (direction, by_ms, allowed_ms) = match check {
+            ClockCheck::Within => return None,
+            ClockCheck::Ahead { by_ms, allowed_ms } => ("ahead", by_ms, allowed_ms),
+            ClockCheck::Behind { by_ms, allowed_ms } => ("behind", by_ms, allowed_ms),
+        };
+        Some(Self {
+            direction,
+            by_ms,
+            allowed_ms,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -188,6 +227,7 @@ mod tests {
         verified: &Verified<Telemetry>,
         device: &DeviceEntry,
         receipt: &Receipt<'_>,
+        assessment: &Assessment,
     ) -> String {
         let t: &Telemetry = verified;
         let measurements: Map<String, Json> =
@@ -207,7 +247,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.clone(), cbor_to_json(v)))
             .collect();
-        json!({
+        let mut v = json!({
             "format": EVENT_FORMAT,
             "event_id": event_id(&t.dev, t.epoch, t.seq),
             "device": t.dev.as_str(),
@@ -217,7 +257,7 @@ mod tests {
             "seq": t.seq,
             "type": t.kind.as_str(),
             "ts": t.ts,
-            "observed_at": rfc3339_ms(t.ts),
+            "observed_at": rfc3339_ms(assessment.observed_at_ms),
             "received_at": rfc3339_ms(receipt.received_at_ms),
             "m": measurements,
             "q": t.q,
@@ -238,8 +278,23 @@ mod tests {
                 "consent": device.consent,
                 "processing_policy": device.processing_policy,
             },
-        })
-        .to_string()
+        });
+        let obj = v.as_object_mut().expect("an object");
+        if !assessment.implausible.is_empty() {
+            obj.insert("implausible".into(), json!(assessment.implausible));
+        }
+        let skew = match assessment.clock {
+            ClockCheck::Within => None,
+            ClockCheck::Ahead { by_ms, allowed_ms } => Some(("ahead", by_ms, allowed_ms)),
+            ClockCheck::Behind { by_ms, allowed_ms } => Some(("behind", by_ms, allowed_ms)),
+        };
+        if let Some((direction, by_ms, allowed_ms)) = skew {
+            obj.insert(
+                "clock_skew".into(),
+                json!({"direction": direction, "by_ms": by_ms, "allowed_ms": allowed_ms}),
+            );
+        }
+        v.to_string()
     }
 
     fn signed(t: &Telemetry, alg: Algorithm) -> (Verified<Telemetry>, DeviceEntry) {
@@ -256,6 +311,21 @@ mod tests {
         let bytes = vitalmq_envelope::sign(t, &key).expect("sign");
         let verified = vitalmq_envelope::verify(&bytes, &keys, Some(&t.dev)).expect("verify");
         (verified, entry)
+    }
+
+    /// The assessment under the shipped example policy.
+    fn assessed(t: &Telemetry) -> Assessment {
+        let rules = vitalmq_policies::RuleSet::parse(
+            include_str!("../../policies/examples/rules.toml"),
+            std::path::Path::new("rules.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Assessment::of(
+            t,
+            receipt().received_at_ms,
+            rules.plausibility(),
+            rules.clock(),
+        )
     }
 
     fn receipt() -> Receipt<'static> {
@@ -320,16 +390,25 @@ mod tests {
         t.seq = u64::MAX;
         t.ts = u64::MAX;
         cases.push(t);
+        let mut t = telemetry();
+        t.m = Some(BTreeMap::from([
+            ("spo2".to_owned(), Number::Int(-5)),
+            ("pulse".to_owned(), Number::Int(400)),
+            ("resp".to_owned(), Number::Int(12)),
+        ]));
+        t.ts = 0;
+        cases.push(t);
         for (i, t) in cases.iter().enumerate() {
+            let a = assessed(t);
             for alg in [Algorithm::EdDsa, Algorithm::Es256] {
                 let (verified, mut entry) = signed(t, alg);
                 for consent in [Some("care".to_owned()), None] {
                     entry.consent = consent;
                     entry.processing_policy = Some("retain-10y".into());
-                    let new = normalize(&verified, &entry, &receipt());
+                    let new = normalize(&verified, &entry, &receipt(), &a);
                     assert_eq!(
                         new,
-                        normalize_via_value(&verified, &entry, &receipt()),
+                        normalize_via_value(&verified, &entry, &receipt(), &a),
                         "case {i}"
                     );
                     let _: Json = serde_json::from_str(&new).expect("valid JSON");
@@ -344,7 +423,7 @@ mod tests {
         let low = -(1i128 << 64);
         t.m = Some(BTreeMap::from([("x".to_owned(), Number::Int(low))]));
         let (verified, entry) = signed(&t, Algorithm::EdDsa);
-        let json = normalize(&verified, &entry, &receipt());
+        let json = normalize(&verified, &entry, &receipt(), &assessed(&t));
         assert!(
             json.contains(r#""m":{"x":-18446744073709551616}"#),
             "{json}"
@@ -352,9 +431,59 @@ mod tests {
         // What the replaced construction did with it: a panic in the recorder, so a
         // validly signed message could stop the pipeline.
         let old = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            normalize_via_value(&verified, &entry, &receipt())
+            normalize_via_value(&verified, &entry, &receipt(), &assessed(&t))
         }));
         assert!(old.is_err());
+    }
+
+    /// The issue's probes: `ts` = u64::MAX stored `observed_at: null`, `ts` = 0 stored
+    /// 1970, and impossible values looked like any other reading.
+    #[test]
+    fn observed_at_is_never_null_and_skew_and_implausible_values_are_marked() {
+        let received = receipt().received_at_ms;
+        let ten_years_ahead = received + 10 * 365 * 24 * 3600 * 1000;
+        for (ts, direction) in [
+            (u64::MAX, Some("ahead")),
+            (ten_years_ahead, Some("ahead")),
+            (0, Some("behind")),
+            (received - 1000, None),
+        ] {
+            let mut t = telemetry();
+            t.ts = ts;
+            t.m = Some(BTreeMap::from([
+                ("spo2".to_owned(), Number::Int(-5)),
+                ("pulse".to_owned(), Number::Int(72)),
+            ]));
+            let (verified, entry) = signed(&t, Algorithm::EdDsa);
+            let event: Json =
+                serde_json::from_str(&normalize(&verified, &entry, &receipt(), &assessed(&t)))
+                    .expect("json");
+            let expected = if direction.is_some() {
+                rfc3339_ms(received)
+            } else {
+                rfc3339_ms(ts)
+            };
+            assert_eq!(event["observed_at"], json!(expected), "ts {ts}");
+            assert_eq!(event["ts"], json!(ts), "the device's ts is kept");
+            assert_eq!(
+                event["clock_skew"].get("direction").and_then(Json::as_str),
+                direction,
+                "ts {ts}"
+            );
+            assert_eq!(
+                event["implausible"],
+                json!({"spo2": {"min": 0.0, "max": 100.0, "unit": "%"}})
+            );
+            assert_eq!(event["m"]["spo2"], json!(-5), "the value is kept as sent");
+        }
+        // A clean reading gains no field.
+        let t = telemetry();
+        let (verified, entry) = signed(&t, Algorithm::EdDsa);
+        let clean = normalize(&verified, &entry, &receipt(), &assessed(&t));
+        assert!(
+            !clean.contains("implausible") && !clean.contains("clock_skew"),
+            "{clean}"
+        );
     }
 
     #[test]

@@ -115,8 +115,10 @@ impl Recorder {
         let mut episodes = Episodes::default();
         let mut paused = false;
         let mut stats = CommitStats::default();
+        let mut data_version = None;
         while let Some(batch) = batches.blocking_recv() {
             self.hold_while_backlogged(&mut episodes, &mut paused);
+            self.apply_sequence_resets(&mut data_version);
             if let Some(rules) = &mut self.rules
                 && rules.has_changed().unwrap_or(false)
             {
@@ -208,6 +210,71 @@ impl Recorder {
             }
         }
         stats.report();
+    }
+
+    /// Applies the operator's pending sequence resets (`vitalmq store reset-sequence`),
+    /// if another connection changed the store since the last look (always on the
+    /// first batch, for requests made while the bridge was down). Each is durable
+    /// before the in-memory window goes, and audited; one that fails stays pending and
+    /// is retried before the next batch.
+    fn apply_sequence_resets(&mut self, seen: &mut Option<i64>) {
+        let version = match self.store.data_version() {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(error = %e, "cannot read the store's data version");
+                return;
+            }
+        };
+        // Unaudited, a reset would be an unrecorded security decision: wait.
+        if *seen == Some(version) || !self.auditor.healthy() {
+            return;
+        }
+        let pending = match self.store.pending_sequence_resets() {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "cannot read pending sequence resets");
+                return;
+            }
+        };
+        let mut all_applied = true;
+        for request in pending {
+            let Ok(device) = DeviceId::new(request.device.clone()) else {
+                warn!(
+                    request = request.id,
+                    "sequence reset for an invalid device id; ignored"
+                );
+                continue;
+            };
+            match self.store.apply_sequence_reset(request.id, now_ms()) {
+                Ok(Some(applied)) => {
+                    self.sequencer.reset_sequence(&device);
+                    info!(device = %device, request = applied.id, previous = ?applied.previous, "sequence state reset by an operator");
+                    let mut r = AuditRecord::new(Component::Bridge, Event::OperatorAction)
+                        .action("sequence_reset")
+                        .resource(device.as_str())
+                        .decision(Decision::Allow)
+                        .reason("operator_request")
+                        .detail("request", applied.id)
+                        .detail("requested_by", applied.requested_by.as_str())
+                        .detail("requested_at_ms", applied.requested_at_ms)
+                        .detail("request_reason", applied.reason.as_str());
+                    if let Some(previous) = &applied.previous {
+                        r = r.detail("previous", previous.as_str());
+                    }
+                    if let Err(e) = self.auditor.record(r) {
+                        error!(error = %e, device = %device, "the sequence reset could not be audited");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    all_applied = false;
+                    error!(error = %e, request = request.id, "cannot apply a sequence reset; retrying before the next batch");
+                }
+            }
+        }
+        if all_applied {
+            *seen = Some(version);
+        }
     }
 
     /// Blocks while the outbox is over its limit (with hysteresis).

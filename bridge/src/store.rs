@@ -20,6 +20,7 @@
 //! | `handler_cursors` | — | per alert handler (MQTT, webhooks): last alert position confirmed |
 //! | `sink_cursors` | — | per sink: last outbox position confirmed, and the batch in flight |
 //! | `audit_ship_cursors` | — | per (objects sink, audit log): last record shipped (seq, hash, where its line starts) and the segment in flight |
+//! | `sequence_resets` | — | operator requests to reset a device's sequence state, and when the bridge applied each (see `resets`) |
 //!
 //! The raw and normalized planes are written once, in the same transaction, and never
 //! updated; `(device, epoch, seq)` is UNIQUE, so even a bug upstream cannot store an
@@ -175,6 +176,17 @@ CREATE TABLE IF NOT EXISTS sink_cursors (
     delivered_through INTEGER NOT NULL,
     pending_first   INTEGER,
     pending_last    INTEGER
+);
+-- Operator requests to reset a device's sequence state, applied by the bridge
+-- (see `resets`).
+CREATE TABLE IF NOT EXISTS sequence_resets (
+    id              INTEGER PRIMARY KEY,
+    device          TEXT    NOT NULL,
+    requested_at_ms INTEGER NOT NULL,
+    requested_by    TEXT    NOT NULL,
+    reason          TEXT    NOT NULL,
+    applied_at_ms   INTEGER,
+    previous        TEXT
 );
 ";
 
@@ -508,7 +520,8 @@ impl Store {
                 .prepare_cached(
                     "INSERT INTO events (event_id, raw_id, device, site, epoch, seq,
                          observed_at_ms, received_at_ms, verdict, normalized)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT(device, epoch, seq) DO NOTHING",
                 )
                 .map_err(err)?;
             let mut index = tx
@@ -527,7 +540,7 @@ impl Store {
                 ])
                 .map_err(err)?;
                 let raw_id = tx.last_insert_rowid();
-                event
+                let inserted = event
                     .execute(params![
                         e.event_id,
                         raw_id,
@@ -541,6 +554,20 @@ impl Store {
                         e.normalized_json
                     ])
                     .map_err(err)?;
+                if inserted == 0 {
+                    // Already stored: only reachable after an operator reset the
+                    // device's window (`resets`). A duplicate, not a second event, and
+                    // never a failed commit that would stop the recorder.
+                    tx.execute("DELETE FROM raw_messages WHERE id = ?1", params![raw_id])
+                        .map_err(err)?;
+                    tx.execute(
+                        "INSERT INTO counters (device, name, value) VALUES (?1, 'duplicate', 1)
+                         ON CONFLICT(device, name) DO UPDATE SET value = value + 1",
+                        params![e.device.as_str()],
+                    )
+                    .map_err(err)?;
+                    continue;
+                }
                 let position = tx.last_insert_rowid();
                 index
                     .execute(params![
@@ -1300,6 +1327,9 @@ const U64_COLUMNS: &[&str] = &[
     "opened_at_ms",
     "changed_at_ms",
 ];
+
+mod resets;
+pub use resets::SequenceReset;
 
 #[cfg(test)]
 mod tests;

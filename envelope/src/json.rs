@@ -42,6 +42,36 @@ pub fn cbor_to_json(value: &Value) -> Json {
     }
 }
 
+/// The first key that occurs twice in a map anywhere inside `value` (maps inside arrays,
+/// tags and maps included), as a dotted path below `at`. Keys count as the same when
+/// [`cbor_to_json`] would give them the same JSON name (which includes equal CBOR
+/// values): a pass-through value becomes a JSON object, and an object keeps only the last
+/// of two equal names, so accepting them would silently drop a signed value.
+pub(crate) fn duplicate_key(value: &Value, at: &str) -> Option<String> {
+    match value {
+        Value::Map(entries) => {
+            let mut seen = std::collections::BTreeSet::new();
+            for (k, v) in entries {
+                let name = map_key(k);
+                let path = format!("{at}.{}", name.escape_debug().take(64).collect::<String>());
+                if !seen.insert(name) {
+                    return Some(path);
+                }
+                if let Some(dup) = duplicate_key(v, &path) {
+                    return Some(dup);
+                }
+            }
+            None
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| duplicate_key(v, &format!("{at}[{i}]"))),
+        Value::Tag(_, inner) => duplicate_key(inner, at),
+        _ => None,
+    }
+}
+
 fn map_key(key: &Value) -> String {
     match key {
         Value::Text(t) => t.clone(),

@@ -248,6 +248,13 @@ pub fn parse_payload(bytes: &[u8]) -> Result<Telemetry, SchemaError> {
         Some(value) => Some(uint(&value).ok_or_else(|| wrong("schema", "an unsigned integer"))?),
         None => None,
     };
+    // Unknown keys pass through as JSON: a repeated key inside them would lose a value.
+    if let Some(dup) = fields
+        .iter()
+        .find_map(|(k, v)| json::duplicate_key(v, &k.escape_debug().take(64).collect::<String>()))
+    {
+        return Err(SchemaError::DuplicateKey(dup));
+    }
     Ok(Telemetry {
         dev,
         epoch,
@@ -354,6 +361,35 @@ mod tests {
             parse_payload(&hex::decode("a10101").expect("hex")),
             Err(SchemaError::NonTextKey)
         );
+        // a repeated key inside a pass-through map, also as 1 and "1"
+        let mut t = sample();
+        t.extra = BTreeMap::from([(
+            "calib".to_owned(),
+            Value::Array(vec![Value::Map(vec![
+                (text("gain"), Value::Integer(1.into())),
+                (text("gain"), Value::Integer(2.into())),
+            ])]),
+        )]);
+        assert_eq!(
+            parse_payload(&t.to_cbor()),
+            Err(SchemaError::DuplicateKey("calib[0].gain".into()))
+        );
+        t.extra = BTreeMap::from([(
+            "x".to_owned(),
+            Value::Map(vec![
+                (Value::Integer(1.into()), Value::Null),
+                (text("1"), Value::Null),
+            ]),
+        )]);
+        assert_eq!(
+            parse_payload(&t.to_cbor()),
+            Err(SchemaError::DuplicateKey("x.1".into()))
+        );
+        t.extra = BTreeMap::from([(
+            "x".to_owned(),
+            Value::Map(vec![(text("a"), Value::Null), (text("b"), Value::Null)]),
+        )]);
+        assert!(parse_payload(&t.to_cbor()).is_ok(), "distinct keys pass");
         // indefinite map
         assert!(matches!(
             parse_payload(&hex::decode("bf616101ff").expect("hex")),

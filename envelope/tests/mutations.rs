@@ -104,6 +104,14 @@ fn extra_value() -> impl Strategy<Value = Value> {
         "[ -~]{0,12}".prop_map(Value::Text),
         any::<bool>().prop_map(Value::Bool),
         proptest::collection::vec(any::<u8>(), 0..8).prop_map(Value::Bytes),
+        // A nested map with distinct keys passes through.
+        proptest::collection::btree_map("[a-z]{1,4}", any::<i64>(), 0..4).prop_map(|m| {
+            Value::Map(
+                m.into_iter()
+                    .map(|(k, v)| (Value::Text(k), Value::Integer(v.into())))
+                    .collect(),
+            )
+        }),
     ]
 }
 
@@ -295,6 +303,28 @@ proptest! {
                 )?;
             }
         }
+    }
+
+    /// A key repeated inside a pass-through map (at any depth) is `payload_schema`, as
+    /// at the top level: the normalized event's JSON object would keep only one value.
+    #[test]
+    fn duplicate_keys_inside_pass_through_maps_are_refused(
+        (signer, mut telemetry) in telemetry(),
+        key in "[a-z]{1,4}",
+        (first, second) in (any::<i64>(), any::<i64>()),
+        nested in any::<bool>(),
+    ) {
+        let (dev, signing) = &SIGNERS[signer];
+        let repeated = Value::Map(vec![
+            (Value::Text(key.clone()), Value::Integer(first.into())),
+            (Value::Text(key), Value::Integer(second.into())),
+        ]);
+        let value = if nested { Value::Array(vec![Value::Null, repeated]) } else { repeated };
+        telemetry.extra.insert("x-dup".into(), value);
+        let message = sign(&telemetry, signing).expect("signing");
+        let refusal = verify(&message, &*REGISTRY, Some(dev)).expect_err("repeated key");
+        prop_assert_eq!(refusal.reason, ReasonClass::PayloadSchema);
+        prop_assert!(refusal.detail.contains("x-dup"), "{}", refusal.detail);
     }
 
     /// Stacking several edits on one message (not each alone) is never accepted either.

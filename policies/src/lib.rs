@@ -19,6 +19,7 @@ pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use registry::{DeviceEntry, DeviceRegistry, RegistryFile, SiteBound, SiteId};
 pub use rules::{
-    AlertRule, ChangeDirection, Compare, CompareOp, DeviationSide, Escalation, MAX_N, MAX_SECONDS,
-    MIN_BASELINE_S, Measure, Persist, QualityPolicy, RuleKind, RuleParams, RuleSet, Severity,
+    AlertRule, ChangeDirection, ClockPolicy, Compare, CompareOp, DeviationSide, Escalation, MAX_N,
+    MAX_SECONDS, MIN_BASELINE_S, Measure, Persist, Plausibility, PlausibleRange, QualityPolicy,
+    RuleKind, RuleParams, RuleSet, Severity,
 };

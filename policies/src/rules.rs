@@ -31,7 +31,10 @@ use crate::error::{PolicyErrors, Problems};
 use crate::registry::SiteId;
 
 mod raw;
+mod readings;
 mod validate;
+
+pub use readings::{ClockPolicy, Plausibility, PlausibleRange};
 
 use raw::RawFile;
 use validate::validate;
@@ -342,6 +345,8 @@ pub struct RuleSet {
     quality: QualityPolicy,
     cohorts: BTreeMap<String, BTreeSet<DeviceId>>,
     rules: Vec<AlertRule>,
+    plausibility: Plausibility,
+    clock: ClockPolicy,
 }
 
 impl RuleSet {
@@ -366,6 +371,8 @@ impl RuleSet {
             },
             cohorts: BTreeMap::new(),
             rules: Vec::new(),
+            plausibility: Plausibility::default(),
+            clock: ClockPolicy::default(),
         };
         let raw: RawFile = match toml::from_str(text) {
             Ok(raw) => raw,
@@ -399,6 +406,16 @@ impl RuleSet {
 
     pub fn rule(&self, id: &str) -> Option<&AlertRule> {
         self.rules.iter().find(|r| r.id == id)
+    }
+
+    /// Physiological limits per metric (`[plausibility]`).
+    pub fn plausibility(&self) -> &Plausibility {
+        &self.plausibility
+    }
+
+    /// How far device clocks may be from the bridge's (`[clock]`).
+    pub fn clock(&self) -> &ClockPolicy {
+        &self.clock
     }
 
     /// The cohorts by name.

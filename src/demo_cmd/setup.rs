@@ -73,9 +73,15 @@ impl WorkDir {
     }
 }
 
-/// Creates the work directory (which must be missing or empty) with the PKI, the ACL
-/// and the broker configuration.
-pub fn create(root: &Path, devices: u32, sites: u32) -> anyhow::Result<(WorkDir, InitSummary)> {
+/// Creates the work directory (which must be missing or empty) with the PKI, the ACL,
+/// the rules and the broker configuration. `clock_ahead` is how far the simulated
+/// device clocks will run ahead of real time (`--time-scale` x `--duration`).
+pub fn create(
+    root: &Path,
+    devices: u32,
+    sites: u32,
+    clock_ahead: Duration,
+) -> anyhow::Result<(WorkDir, InitSummary)> {
     let empty = match std::fs::read_dir(root) {
         Ok(mut entries) => entries.next().is_none(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
@@ -95,7 +101,7 @@ pub fn create(root: &Path, devices: u32, sites: u32) -> anyhow::Result<(WorkDir,
     let summary = Pki::init(&work.pki(), &plan, time::OffsetDateTime::now_utc())
         .with_context(|| format!("creating the demo PKI in {}", work.pki().display()))?;
     write(&work.acl(), SHIPPED_ACL)?;
-    write(&work.root.join("rules.toml"), SHIPPED_RULES)?;
+    write(&work.root.join("rules.toml"), &demo_rules(clock_ahead))?;
     write(&work.broker_config(), &broker_config_toml())?;
     Ok((work, summary))
 }
@@ -182,6 +188,18 @@ publisher = {{ client_id = "bridge-01-alerts", cert = "pki/identities/bridge/bri
     )
 }
 
+/// The shipped rules with `[clock] max_ahead_s` widened by `clock_ahead`: at
+/// `--time-scale` X a device's `ts` advances X times faster than real time, so it runs
+/// ahead of reception, which the shipped 300 s would mark as clock skew (and the rules
+/// would then evaluate at reception time, slowing the scripted episode down X times).
+fn demo_rules(clock_ahead: Duration) -> String {
+    let ahead = clock_ahead
+        .as_secs()
+        .saturating_add(300)
+        .min(vitalmq_policies::MAX_SECONDS);
+    SHIPPED_RULES.replacen("max_ahead_s = 300", &format!("max_ahead_s = {ahead}"), 1)
+}
+
 /// Device `n` (1-based) of the PKI.
 pub fn device(n: u32) -> String {
     vitalmq_certs::device_id(n).to_string()
@@ -245,6 +263,15 @@ pub fn faults(devices: u32, duration: Duration) -> Vec<FaultSpec> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_demo_rules_allow_its_fast_device_clocks() {
+        let text = demo_rules(Duration::from_secs(25 * 30));
+        let rules = vitalmq_policies::RuleSet::parse(&text, Path::new("rules.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rules.clock().max_ahead_s, 25 * 30 + 300);
+        assert_eq!(rules.rules().len(), 5, "otherwise the shipped rules");
+    }
 
     #[test]
     fn the_embedded_configs_parse() {

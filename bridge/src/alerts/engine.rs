@@ -2,6 +2,8 @@
 //! rule (see the module doc of `alerts` for the decisions it implements).
 //!
 //! Order of work for a sample, and so the order of the changes it returns:
+//! 0. sensor fault: the device's operational alert for implausible values opens,
+//!    counts or resolves (whatever the reading's time);
 //! 1. time: a late reading is ignored, a device clock reset restarts the runs;
 //! 2. reconciliation: open alerts of rules that left the rule set or changed what they
 //!    measure are resolved, and their state dropped;
@@ -26,7 +28,7 @@ use super::Sample;
 use super::measure::{Baseline, ChangeWindow};
 use super::message::{
     AlertChange, AlertState, ClinicalAlert, EscalationCause, OperationalAlert, OpsAlertType,
-    ResolveReason, SuppressionReason, alert_id,
+    ResolveReason, SensorFaultCounts, SuppressionReason, alert_id,
 };
 use super::state::{DeviceAlertState, Episode, OpsEpisode, RuleState, Run, push_bounded};
 
@@ -36,6 +38,8 @@ pub const CLOCK_RESET_MS: u64 = 10 * 60 * 1000;
 /// The rule name of the operational signal-quality alert (in alert ids and
 /// [`OpenAlert`](super::OpenAlert)); rule ids cannot contain `/`, so it never collides.
 pub(crate) const SIGNAL_QUALITY_RULE: &str = "ops/signal_quality";
+/// The rule name of the operational sensor-fault alert.
+pub(crate) const SENSOR_FAULT_RULE: &str = "ops/sensor_fault";
 
 /// Evaluates one sample of one device and returns the alert changes to publish, in order.
 ///
@@ -49,6 +53,12 @@ pub fn evaluate(
     sample: &Sample,
 ) -> Vec<AlertChange> {
     let mut out = Vec::new();
+    let cx = Context {
+        policy_sha256,
+        sample,
+    };
+    // Before the time check: an implausible value counts even in a late reading.
+    sensor_fault(rules.plausibility().resolve_after, state, &cx, &mut out);
     let ts = sample.ts_ms;
     if let Some(newest) = state.newest_ts_ms
         && ts < newest
@@ -62,10 +72,6 @@ pub fn evaluate(
         }
     }
     state.newest_ts_ms = Some(ts);
-    let cx = Context {
-        policy_sha256,
-        sample,
-    };
     reconcile(rules, state, &cx, &mut out);
     quality(rules.quality(), state, &cx, &mut out);
     for rule in rules.rules() {
@@ -209,6 +215,7 @@ fn quality(
             policy_sha256: cx.policy_sha256.to_owned(),
             evidence: vec![sample.event_id.clone()],
             raised_at_ms: sample.ts_ms,
+            sensor: None,
         })
     };
     match &q.open {
@@ -237,6 +244,91 @@ fn quality(
             ));
         }
         _ => {}
+    }
+}
+
+/// The device's implausible readings and its operational sensor-fault alert: opens at
+/// the first implausible value, counts them while open, resolves after `resolve_after`
+/// readings in a row without one.
+fn sensor_fault(
+    resolve_after: u32,
+    state: &mut DeviceAlertState,
+    cx: &Context<'_>,
+    out: &mut Vec<AlertChange>,
+) {
+    let sample = cx.sample;
+    let s = &mut state.sensor;
+    let faulty = !sample.implausible.is_empty();
+    let change = |state: AlertState, alert_id: String, reason: String, counts| {
+        AlertChange::Operational(OperationalAlert {
+            alert_id,
+            alert_type: OpsAlertType::SensorFault,
+            state,
+            device: sample.device.clone(),
+            site: sample.site.clone(),
+            reason,
+            low_quality: 0,
+            over_n: 0,
+            low_below: 0.0,
+            policy_sha256: cx.policy_sha256.to_owned(),
+            evidence: vec![sample.event_id.clone()],
+            raised_at_ms: sample.ts_ms,
+            sensor: Some(counts),
+        })
+    };
+    match &s.open {
+        None if faulty => {
+            let id = alert_id(&sample.device, SENSOR_FAULT_RULE, &sample.event_id);
+            s.open = Some(OpsEpisode {
+                alert_id: id.clone(),
+                opened_at_ms: sample.ts_ms,
+            });
+            s.implausible = 1;
+            s.clean_run = 0;
+            s.metrics.clone_from(&sample.implausible);
+            out.push(change(
+                AlertState::Open,
+                id,
+                format!(
+                    "reading outside the physiological limits of {}: clinical rules ignore the value",
+                    s.metrics.join(", ")
+                ),
+                SensorFaultCounts {
+                    implausible: 1,
+                    metrics: s.metrics.clone(),
+                    resolve_after,
+                },
+            ));
+        }
+        Some(_) if faulty => {
+            s.implausible = s.implausible.saturating_add(1);
+            s.clean_run = 0;
+            for m in &sample.implausible {
+                if !s.metrics.contains(m) && s.metrics.len() < 64 {
+                    s.metrics.push(m.clone());
+                }
+            }
+            s.metrics.sort();
+        }
+        Some(open) => {
+            s.clean_run = s.clean_run.saturating_add(1);
+            if s.clean_run >= u64::from(resolve_after) {
+                let id = open.alert_id.clone();
+                let counts = SensorFaultCounts {
+                    implausible: s.implausible,
+                    metrics: std::mem::take(&mut s.metrics),
+                    resolve_after,
+                };
+                *s = Default::default();
+                out.push(change(
+                    AlertState::Resolved,
+                    id,
+                    format!("{resolve_after} readings in a row within the physiological limits"),
+                    counts,
+                ));
+            }
+        }
+        None => {}
     }
 }
 

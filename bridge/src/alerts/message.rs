@@ -20,7 +20,8 @@
 //! - `severity`: on `resolved`, the episode's last severity, so the resolution reaches
 //!   the subscribers of the topic the escalation went to.
 //!
-//! Operational alerts go to `ops/bridge/{type}` and carry no patient reference.
+//! Operational alerts go to `ops/bridge/{type}` and carry no patient reference (and no
+//! reading's value: a sensor-fault alert names the metrics, not what they said).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
@@ -178,12 +179,16 @@ pub struct ClinicalAlert {
 pub enum OpsAlertType {
     /// Too many low-quality readings from one device.
     SignalQuality,
+    /// Readings outside the physiological limits: the sensor (or the device's
+    /// software) is faulty; clinical rules ignore those values.
+    SensorFault,
 }
 
 impl OpsAlertType {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::SignalQuality => "signal_quality",
+            Self::SensorFault => "sensor_fault",
         }
     }
 }
@@ -206,6 +211,19 @@ pub struct OperationalAlert {
     /// The reading behind the change.
     pub evidence: Vec<String>,
     pub raised_at_ms: u64,
+    /// On a sensor-fault alert.
+    pub sensor: Option<SensorFaultCounts>,
+}
+
+/// What a sensor-fault alert reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SensorFaultCounts {
+    /// Implausible readings in the episode so far.
+    pub implausible: u64,
+    /// Metrics that were implausible in the episode, in name order.
+    pub metrics: Vec<String>,
+    /// Readings in a row without an implausible value that resolve it.
+    pub resolve_after: u32,
 }
 
 /// What [`evaluate`](super::evaluate) emits.
@@ -307,6 +325,24 @@ fn clinical_json(a: &ClinicalAlert) -> Json {
 }
 
 fn operational_json(a: &OperationalAlert) -> Json {
+    if let Some(s) = &a.sensor {
+        return json!({
+            "alert_id": a.alert_id,
+            "kind": "operational",
+            "component": "bridge",
+            "type": a.alert_type.as_str(),
+            "state": a.state.as_str(),
+            "device": a.device.as_str(),
+            "site": a.site.as_str(),
+            "reason": a.reason,
+            "implausible": s.implausible,
+            "metrics": s.metrics,
+            "resolve_after": s.resolve_after,
+            "policy_sha256": a.policy_sha256,
+            "evidence": a.evidence,
+            "raised_at": rfc3339_ms(a.raised_at_ms),
+        });
+    }
     json!({
         "alert_id": a.alert_id,
         "kind": "operational",

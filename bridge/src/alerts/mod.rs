@@ -25,6 +25,11 @@
 //!   ignored, times use saturating arithmetic).
 //!
 //! Decisions, documented once here:
+//! - A value outside its metric's physiological limits (`[plausibility]`) is invisible
+//!   to every clinical rule and counts toward the device's `sensor_fault` operational
+//!   alert, which opens at the first one and resolves after `resolve_after` readings in
+//!   a row without one. A reading dated outside `[clock]` is evaluated at its reception
+//!   time (see `crate::plausible`).
 //! - Readings with `q` below a rule's `min_quality` are invisible to that rule. Readings
 //!   without `q` are good; with a non-finite `q`, low.
 //! - A reading older than the newest one evaluated for the device is ignored (counted in
@@ -49,11 +54,13 @@ use std::collections::BTreeMap;
 use vitalmq_envelope::{DeviceId, Telemetry};
 use vitalmq_policies::{DeviceEntry, SiteId};
 
+use crate::plausible::Assessment;
+
 pub use engine::{CLOCK_RESET_MS, evaluate};
 pub use measure::CHANGE_BUCKETS;
 pub use message::{
     AlertChange, AlertState, ClinicalAlert, EscalationCause, OperationalAlert, OpsAlertType,
-    ResolveReason, SuppressedCounts, SuppressionReason, alert_id,
+    ResolveReason, SensorFaultCounts, SuppressedCounts, SuppressionReason, alert_id,
 };
 pub use state::{DeviceAlertState, EVIDENCE_CAP, OpenAlert};
 
@@ -68,8 +75,12 @@ pub struct Sample {
     pub patient_ref: String,
     /// Device clock, milliseconds since the Unix epoch.
     pub ts_ms: u64,
-    /// Measurements by metric name.
+    /// Measurements by metric name; implausible ones are not here.
     pub metrics: BTreeMap<String, f64>,
+    /// Metrics of the reading that were outside their physiological limits, removed
+    /// from `metrics`: no clinical rule sees them; they count toward the device's
+    /// sensor-fault alert.
+    pub implausible: Vec<String>,
     /// Signal quality, 0..=1, when the device reports it.
     pub q: Option<f64>,
     pub fw: String,
@@ -91,10 +102,24 @@ impl Sample {
                 .flatten()
                 .map(|(k, v)| (k.clone(), v.as_f64()))
                 .collect(),
+            implausible: Vec::new(),
             q: telemetry.q,
             fw: telemetry.fw.clone(),
             model: telemetry.model.clone(),
         }
+    }
+
+    /// Applies the bridge's [`Assessment`]: implausible values leave `metrics`, and a
+    /// reading whose device clock is outside the policy is evaluated at the time the
+    /// bridge relies on (its reception), so it cannot move the device's alert clock.
+    pub fn assessed(mut self, assessment: &Assessment) -> Self {
+        for metric in assessment.implausible.keys() {
+            if self.metrics.remove(metric).is_some() {
+                self.implausible.push(metric.clone());
+            }
+        }
+        self.ts_ms = assessment.observed_at_ms;
+        self
     }
 }
 

@@ -36,6 +36,9 @@ pub struct DeviceAlertState {
     pub(crate) rules: BTreeMap<String, RuleState>,
     #[serde(default)]
     pub(crate) quality: QualityState,
+    /// Implausible readings and the device's sensor-fault alert.
+    #[serde(default, skip_serializing_if = "SensorState::is_quiet")]
+    pub(crate) sensor: SensorState,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -45,7 +48,7 @@ fn is_zero(n: &u64) -> bool {
 /// An open alert, for status pages and metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpenAlert<'a> {
-    /// The rule id, or `ops/signal_quality` for the operational alert.
+    /// The rule id, or `ops/signal_quality` / `ops/sensor_fault` for the operational ones.
     pub rule: &'a str,
     pub alert_id: &'a str,
     pub state: AlertState,
@@ -87,6 +90,13 @@ impl DeviceAlertState {
                 state: AlertState::Open,
                 opened_at_ms: o.opened_at_ms,
                 suppressed: 0,
+            }))
+            .chain(self.sensor.open.as_ref().map(|o| OpenAlert {
+                rule: super::engine::SENSOR_FAULT_RULE,
+                alert_id: &o.alert_id,
+                state: AlertState::Open,
+                opened_at_ms: o.opened_at_ms,
+                suppressed: self.sensor.implausible.saturating_sub(1),
             }))
     }
 }
@@ -288,6 +298,29 @@ pub(crate) struct QualityState {
     pub(crate) bits: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) open: Option<OpsEpisode>,
+}
+
+/// Implausible readings of a device (values outside the physiological limits) and its
+/// sensor-fault alert.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SensorState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) open: Option<OpsEpisode>,
+    /// Implausible readings during the open episode.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) implausible: u64,
+    /// Readings in a row without an implausible value, while the episode is open.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) clean_run: u64,
+    /// Metrics found implausible during the open episode, at most the reading's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) metrics: Vec<String>,
+}
+
+impl SensorState {
+    fn is_quiet(&self) -> bool {
+        self.open.is_none()
+    }
 }
 
 /// An open operational alert.

@@ -62,6 +62,7 @@ impl Patient {
             patient_ref: "pt-3f9c2a1b".to_owned(),
             ts_ms: T0_MS + t_s * 1000,
             metrics: metrics.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            implausible: Vec::new(),
             q,
             fw: "5.12.1".to_owned(),
             model: None,
@@ -808,4 +809,53 @@ fn a_sample_is_made_from_verified_telemetry_and_the_registry_entry() {
         (s.ts_ms, s.q, s.model.as_deref()),
         (T0_MS, Some(0.9), Some("ppg-2"))
     );
+}
+
+/// An implausible value hides only itself: the reading's other metrics still reach their
+/// rules, and the sensor-fault alert opens once, counts, survives serde and resolves
+/// after `resolve_after` clean readings.
+#[test]
+fn h_implausible_values_raise_one_sensor_fault_and_other_metrics_still_alert() {
+    let mut p = Patient::new("dev-00042", "site-a");
+    p.round_trip = true;
+    let mut out = Vec::new();
+    for t in [0, 10, 20] {
+        let mut sample = p.sample(t, &[("pulse", 130.0)], GOOD);
+        sample.implausible = vec!["spo2".to_owned()];
+        out.extend(p.feed_sample(&sample));
+    }
+    assert_eq!(
+        seen(&out),
+        [
+            s("sensor_fault", "open", "-", 0),
+            s("pulse-high", "open", "review", 20),
+        ]
+    );
+    let ops: Vec<_> = out
+        .iter()
+        .filter_map(|c| match c {
+            AlertChange::Operational(a) => Some(a),
+            AlertChange::Clinical(_) => None,
+        })
+        .collect();
+    let change = AlertChange::Operational(ops[0].clone());
+    assert_eq!(change.topic(), "ops/bridge/sensor_fault");
+    let body: Json = serde_json::from_str(&change.to_json()).expect("json");
+    assert_eq!(body["metrics"], serde_json::json!(["spo2"]));
+    assert!(body.get("patient_ref").is_none());
+    assert_eq!(p.state.open_alerts().count(), 2);
+    let mut later = Vec::new();
+    for t in [30, 40, 50, 60] {
+        later.extend(p.feed(t, &[("pulse", 72.0)], GOOD));
+    }
+    assert!(
+        seen(&later).iter().all(|c| c.0 != "sensor_fault"),
+        "{later:?}"
+    );
+    later = p.feed(70, &[("pulse", 72.0)], GOOD);
+    let resolved: Vec<_> = seen(&later)
+        .into_iter()
+        .filter(|c| c.0 == "sensor_fault")
+        .collect();
+    assert_eq!(resolved, [s("sensor_fault", "resolved", "-", 70)]);
 }

@@ -338,3 +338,157 @@ fn accepted_vitals_run_through_the_alert_engine_and_stage_its_state() {
         "{raised:?}"
     );
 }
+
+fn example_sequencer() -> Sequencer {
+    let rules_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/rules.toml");
+    let rules = Arc::new(RuleSet::load(&rules_path).expect("example rules"));
+    Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        Some(rules),
+    )
+}
+
+/// One signed spo2 reading of dev-00001 with device time `ts`, received at `received`.
+fn spo2_reading(f: &Fixture, seq: u64, ts: u64, received: u64, spo2: Number) -> Incoming<u32> {
+    let mut t = telemetry("dev-00001", 1, seq, MessageType::Vitals);
+    t.ts = ts;
+    t.q = Some(0.95);
+    t.m = Some(BTreeMap::from([
+        ("spo2".to_owned(), spo2),
+        ("pulse".to_owned(), Number::Int(72)),
+    ]));
+    let bytes = vitalmq_envelope::sign(&t, &f.keys["dev-00001"]).expect("sign");
+    Incoming {
+        topic: "devices/dev-00001/telemetry".to_owned(),
+        payload: Bytes::from(bytes),
+        received_at_ms: received,
+        token: u32::try_from(seq).expect("small"),
+    }
+}
+
+/// (topic, state) of every alert change in the batch.
+fn alert_changes(out: &Sequenced<u32>) -> Vec<(String, String)> {
+    out.commit
+        .alerts
+        .iter()
+        .map(|a| (a.topic.clone(), a.state.clone()))
+        .collect()
+}
+
+/// The issue's probes: spo2 = 2^64-1 then 80 opened `spo2-falling` with a measured fall
+/// of 1.8e19; -5 and -2^64 were stored as normal readings. Now each is stored, marked
+/// implausible, kept from the rules, and the device gets one sensor-fault alert that
+/// resolves after `resolve_after` clean readings.
+#[test]
+fn implausible_values_are_stored_marked_and_never_reach_the_clinical_rules() {
+    let f = fixture();
+    let mut s = example_sequencer();
+    let t0 = 1_767_225_600_000u64;
+    let values = [
+        Number::Int(u64::MAX.into()),
+        Number::Int(80),
+        Number::Int(80),
+        Number::Int(-5),
+        Number::Int(-(1i128 << 64)),
+    ];
+    let mut changes = Vec::new();
+    let mut events = Vec::new();
+    for (i, v) in values.into_iter().enumerate() {
+        let ts = t0 + i as u64 * 5000;
+        let out = f.run(&mut s, vec![spo2_reading(&f, i as u64, ts, ts, v)]);
+        changes.extend(alert_changes(&out));
+        events.extend(out.commit.events.iter().map(|e| e.normalized_json.clone()));
+    }
+    assert_eq!(events.len(), 5, "every reading is stored");
+    for (i, e) in events.iter().enumerate() {
+        let e: serde_json::Value = serde_json::from_str(e).expect("json");
+        let marked = e.get("implausible").is_some();
+        assert_eq!(marked, ![1, 2].contains(&i), "event {i}: {e}");
+        if marked {
+            assert_eq!(e["implausible"]["spo2"]["unit"], "%", "event {i}");
+        }
+    }
+    assert_eq!(
+        changes,
+        [("ops/bridge/sensor_fault".to_owned(), "open".to_owned())],
+        "no clinical alert, one sensor-fault alert"
+    );
+    // Five clean readings resolve it, with the count of implausible readings.
+    let mut resolved = Vec::new();
+    for i in 5..10u64 {
+        let ts = t0 + i * 5000;
+        let out = f.run(&mut s, vec![spo2_reading(&f, i, ts, ts, Number::Int(97))]);
+        resolved.extend(out.commit.alerts.iter().cloned());
+    }
+    assert_eq!(resolved.len(), 1, "{resolved:?}");
+    assert_eq!(resolved[0].state, "resolved");
+    let body: serde_json::Value = serde_json::from_str(&resolved[0].body).expect("json");
+    assert_eq!(body["type"], "sensor_fault");
+    assert_eq!(body["implausible"], 3);
+    assert_eq!(body["metrics"], serde_json::json!(["spo2"]));
+    assert!(
+        !resolved[0].body.contains("pt-7f3a"),
+        "no patient reference"
+    );
+}
+
+/// The issue's probes: one reading dated ten years ahead escalated `spo2-low` to urgent
+/// at once (`raised_at` 2036), `ts` = 0 stored `observed_at` 1970 and `ts` = u64::MAX
+/// stored null. Now a skewed reading is marked, observed at its reception, and evaluated
+/// then: it neither escalates the open alert nor restarts the device's runs.
+#[test]
+fn a_skewed_device_clock_cannot_move_the_alert_clock() {
+    let f = fixture();
+    let mut s = example_sequencer();
+    let t0 = 1_767_225_600_000u64;
+    let ten_years_ms = 10 * 365 * 24 * 3600 * 1000;
+    let mut changes = Vec::new();
+    let mut bodies = Vec::new();
+    let mut seq = 0;
+    let mut feed = |s: &mut Sequencer, ts: u64, received: u64| {
+        let out = f.run(
+            s,
+            vec![spo2_reading(&f, seq, ts, received, Number::Int(86))],
+        );
+        seq += 1;
+        out
+    };
+    let mut record = |out: Sequenced<u32>| {
+        changes.extend(alert_changes(&out));
+        bodies.extend(out.commit.alerts.iter().map(|a| a.body.clone()));
+        out.commit.events.into_iter().next().expect("stored")
+    };
+    for t_s in (0..=60).step_by(10) {
+        record(feed(&mut s, t0 + t_s * 1000, t0 + t_s * 1000));
+    }
+    let mut skewed = Vec::new();
+    for ts in [t0 + 70_000 + ten_years_ms, 0, u64::MAX] {
+        skewed.push((ts, record(feed(&mut s, ts, t0 + 70_000))));
+    }
+    // Normal readings go on: no escalation (after_s = 300 has not passed), no reset.
+    for t_s in [80, 90] {
+        record(feed(&mut s, t0 + t_s * 1000, t0 + t_s * 1000));
+    }
+    for (ts, event) in skewed {
+        assert_eq!(event.observed_at_ms, t0 + 70_000, "ts {ts}");
+        let e: serde_json::Value = serde_json::from_str(&event.normalized_json).expect("json");
+        assert_eq!(e["observed_at"], "2026-01-01T00:01:10Z", "ts {ts}");
+        assert!(e["clock_skew"]["direction"].is_string(), "ts {ts}: {e}");
+    }
+    assert_eq!(
+        changes,
+        [(
+            "alerts/site-01/review/dev-00001".to_owned(),
+            "open".to_owned()
+        )],
+        "spo2-low opened once and nothing changed after the skewed readings"
+    );
+    assert!(
+        bodies.iter().all(|b| b.contains("\"raised_at\":\"2026-")),
+        "{bodies:?}"
+    );
+}

@@ -19,6 +19,31 @@ pub(super) struct RawFile {
     pub(super) rules: Vec<Spanned<RawRule>>,
     #[serde(default)]
     pub(super) overrides: Vec<Spanned<RawOverride>>,
+    pub(super) plausibility: Option<Spanned<RawPlausibility>>,
+    pub(super) clock: Option<Spanned<RawClock>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPlausibility {
+    pub(super) resolve_after: Option<Spanned<u64>>,
+    #[serde(default)]
+    pub(super) limits: BTreeMap<Spanned<String>, Spanned<RawRange>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRange {
+    pub(super) min: Spanned<f64>,
+    pub(super) max: Spanned<f64>,
+    pub(super) unit: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawClock {
+    pub(super) max_ahead_s: Option<Spanned<u64>>,
+    pub(super) max_behind_s: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

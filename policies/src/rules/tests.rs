@@ -632,3 +632,113 @@ fn load_hashes_the_file_bytes() {
     assert_eq!(set, example());
     assert_eq!(set.sha256().len(), 64);
 }
+
+#[test]
+fn the_example_states_physiological_limits_and_clock_skew() {
+    let set = example();
+    let p = set.plausibility();
+    assert_eq!(p.resolve_after, 5);
+    let spo2 = p.range("spo2").expect("spo2 limits");
+    assert_eq!((spo2.min, spo2.max, spo2.unit.as_str()), (0.0, 100.0, "%"));
+    // The probes: impossible values out, alarming but possible values in.
+    for v in [
+        -5.0,
+        18_446_744_073_709_551_615.0,
+        -18_446_744_073_709_551_616.0,
+        100.5,
+    ] {
+        assert!(!spo2.contains(v), "{v}");
+    }
+    for v in [0.0, 80.0, 100.0] {
+        assert!(spo2.contains(v), "{v}");
+    }
+    assert!(!spo2.contains(f64::NAN));
+    let temp = p.range("temp").expect("temp limits");
+    assert_eq!(temp.unit, "°C");
+    for metric in ["pulse", "resp", "sbp", "dbp"] {
+        assert!(p.range(metric).is_some(), "{metric}");
+    }
+    assert!(
+        p.range("steps").is_none(),
+        "metrics without limits are not checked"
+    );
+    assert_eq!(set.clock().max_ahead_s, 300);
+    assert_eq!(set.clock().max_behind_s, 604_800);
+
+    // Both sections are optional, with documented defaults.
+    let bare = one_rule("kind = \"threshold\"\nbelow = 90\nresolve_at = 92", "");
+    let set = RuleSet::parse(&bare, Path::new(PATH)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(set.plausibility().limits.is_empty());
+    assert_eq!(*set.clock(), ClockPolicy::default());
+    assert_eq!(set.clock().max_ahead_s, 300);
+}
+
+#[test]
+fn plausibility_and_clock_mistakes_are_named_with_line_and_field() {
+    let bad = edit(
+        EXAMPLE,
+        "spo2 = { min = 0, max = 100, unit = \"%\" }",
+        "spo2 = { min = 100, max = 0, unit = \"%\" }",
+    );
+    let bad = edit(&bad, "resolve_after = 5", "resolve_after = 0");
+    let bad = edit(
+        &bad,
+        "pulse = { min = 20, max = 300, unit = \"/min\" }",
+        "pulse = { min = 20, max = nan, unit = \"\" }\nSpO2 = { min = 0, max = 1, unit = \"x\" }",
+    );
+    let bad = edit(&bad, "max_ahead_s = 300", "max_ahead_s = 0");
+    let bad = edit(&bad, "max_behind_s = 604800", "max_behind_s = 99999999999");
+    let err = RuleSet::parse(&bad, Path::new(PATH)).expect_err("broken limits");
+    has(
+        &err,
+        &bad,
+        "spo2 = { min = 100",
+        "plausibility.limits.spo2.max",
+        "above min",
+    );
+    has(
+        &err,
+        &bad,
+        "resolve_after = 0",
+        "plausibility.resolve_after",
+        "between 1 and",
+    );
+    has(
+        &err,
+        &bad,
+        "pulse = { min = 20",
+        "plausibility.limits.pulse.max",
+        "finite",
+    );
+    has(
+        &err,
+        &bad,
+        "pulse = { min = 20",
+        "plausibility.limits.pulse.unit",
+        "printable",
+    );
+    has(&err, &bad, "SpO2 = {", "plausibility.limits.SpO2", "[a-z]");
+    has(
+        &err,
+        &bad,
+        "max_ahead_s = 0",
+        "clock.max_ahead_s",
+        "between 1 and",
+    );
+    has(
+        &err,
+        &bad,
+        "max_behind_s = 9",
+        "clock.max_behind_s",
+        "between 1 and",
+    );
+    assert_eq!(err.0.len(), 7, "{err}");
+
+    let unknown = edit(EXAMPLE, "max_ahead_s = 300", "max_ahead_s = 300\nahead = 1");
+    let err = RuleSet::parse(&unknown, Path::new(PATH)).expect_err("unknown key");
+    assert!(
+        err.to_string()
+            .contains(&format!("{PATH}:{}", line_of(&unknown, "ahead = 1"))),
+        "{err}"
+    );
+}

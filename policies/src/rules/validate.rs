@@ -164,6 +164,8 @@ pub(super) fn validate(raw: RawFile, set: &mut RuleSet, problems: &mut Problems<
     }
     set.version = raw.version.get_ref().clone();
     set.quality = validate_quality(raw.quality.get_ref(), problems);
+    set.plausibility = super::readings::validate_plausibility(raw.plausibility.as_ref(), problems);
+    set.clock = super::readings::validate_clock(raw.clock.as_ref(), problems);
 
     // Cohorts.
     for (name, devices) in &raw.cohorts {
@@ -952,7 +954,7 @@ fn check_name(name: &str, max: usize) -> Result<(), String> {
 }
 
 /// Metric names as devices send them in `m`: `[a-z][a-z0-9_]{0,31}`.
-fn check_metric(name: &str) -> Result<(), String> {
+pub(super) fn check_metric(name: &str) -> Result<(), String> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 32
