@@ -603,3 +603,36 @@ fn shipping_the_broker_log_survives_kill_9_without_duplicates_or_holes() {
     );
     verifies_under_the_broker_key(&rig, &rig.dir().join("shipped-broker.jsonl"), &text);
 }
+
+/// Audit disk use (issue 15, item 3): the bridge measures its own audit log and the
+/// broker's (which it ships) and raises `ops/bridge/audit_disk` for each log past
+/// `ops.audit_max_bytes`, with the sizes; the operator sees both. (That it is raised
+/// once, and resolved, is `bridge/src/audit_size.rs`'s paused-clock test.)
+#[test]
+fn an_audit_log_past_its_size_limit_raises_an_operational_alert() {
+    let rig = rig("audit-disk", 1);
+    let ops = operator(&rig);
+    let limits = "[ops]\naudit_max_bytes = 100\naudit_check_interval_s = 1\n";
+    let _bridge = rig.bridge("", &format!("{SHIP_BROKER_AUDIT}{limits}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let open = |component: &str| {
+        ops_alerts(&ops).into_iter().find(|(t, a)| {
+            t == "ops/bridge/audit_disk"
+                && a["state"] == "open"
+                && a["audit_component"] == component
+        })
+    };
+    while open("broker").is_none() || open("bridge").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no audit_disk alert for both logs; operator saw:\n{}",
+            ops.all()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, broker) = open("broker").expect("broker alert");
+    assert_eq!(broker["reason"], "audit_log_large");
+    assert_eq!(broker["max_bytes"], 100);
+    assert!(broker["log_bytes"].as_u64() > Some(100), "{broker}");
+    assert!(broker["free_bytes"].as_u64() > Some(0), "{broker}");
+}

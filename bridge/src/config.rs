@@ -73,6 +73,13 @@ pub struct OpsConfig {
     /// Warn when a certificate the bridge uses expires within this many days
     /// (`ops/bridge/cert_expiry`).
     pub cert_expiry_days: u64,
+    /// An audit log on this host (the bridge's, and those in `[[audit_ship]]`) larger
+    /// than this raises `ops/bridge/audit_disk` (0: off).
+    pub audit_max_bytes: u64,
+    /// ... as does less free space than this on an audit log's file system (0: off).
+    pub audit_min_free_bytes: u64,
+    /// How often audit disk use is measured.
+    pub audit_check_interval_s: u64,
 }
 
 impl Default for OpsConfig {
@@ -82,6 +89,9 @@ impl Default for OpsConfig {
             replays_per_minute: 5,
             gaps_per_minute: 30,
             cert_expiry_days: 30,
+            audit_max_bytes: 1 << 30,
+            audit_min_free_bytes: 256 << 20,
+            audit_check_interval_s: 60,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod alerts;
 pub mod audit_ship;
+pub mod audit_size;
 pub mod certwatch;
 pub mod classify;
 pub mod config;

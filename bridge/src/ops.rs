@@ -26,6 +26,9 @@ pub enum OpsKind {
     /// An audit log to ship no longer continues the chain already shipped (rotated,
     /// replaced, truncated or edited), so it is not shipped.
     AuditShip,
+    /// An audit log on this host grew past its limit, or its disk is nearly full
+    /// (`audit_size`).
+    AuditDisk,
 }
 
 impl OpsKind {
@@ -40,6 +43,7 @@ impl OpsKind {
             Self::Gaps => "gaps",
             Self::CertExpiry => "cert_expiry",
             Self::AuditShip => "audit_ship",
+            Self::AuditDisk => "audit_disk",
         }
     }
 }

@@ -308,6 +308,22 @@ pub async fn run(
         ops_tx.clone(),
         stop_rx.clone(),
     )));
+    tokio::spawn(crate::audit_size::watch(
+        shipped_audit_logs(&config, &auditor)
+            .into_iter()
+            .map(|l| crate::audit_size::WatchedLog {
+                component: l.component,
+                path: l.path,
+            })
+            .collect(),
+        crate::audit_size::Limits {
+            max_bytes: config.ops.audit_max_bytes,
+            min_free_bytes: config.ops.audit_min_free_bytes,
+        },
+        Duration::from_secs(config.ops.audit_check_interval_s.max(1)),
+        ops_tx.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(crate::certwatch::watch(
         certificates_in_use(&config),
         config.ops.cert_expiry_days,
