@@ -58,7 +58,7 @@ fn measure(path: &Path) -> std::io::Result<Measured> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let fs = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
-    let free_bytes = u64::from(fs.blocks_available()).saturating_mul(fs.fragment_size());
+    let free_bytes = fs.blocks_available().saturating_mul(fs.fragment_size());
     Ok(Measured {
         log_bytes,
         free_bytes,
