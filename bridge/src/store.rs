@@ -372,15 +372,23 @@ impl Store {
             })?;
         let path = data_dir.join(DB_FILE);
         // Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
-        // database file's mode.
-        vitalmq_private_fs::create_options()
-            .create(true)
-            .append(true)
+        // database file's mode. Only a missing file is opened here: closing a descriptor
+        // of a database this process already has open would drop the POSIX locks of
+        // its SQLite connections (the bridge opens the store more than once).
+        match vitalmq_private_fs::create_options()
+            .write(true)
+            .create_new(true)
             .open(&path)
-            .map_err(|source| StoreError::CreateFile {
-                path: path.clone(),
-                source,
-            })?;
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(StoreError::CreateFile {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        }
         let conn = Connection::open(&path).map_err(|source| StoreError::Sqlite {
             path: path.clone(),
             source,
