@@ -325,25 +325,7 @@ fn clinical_json(a: &ClinicalAlert) -> Json {
 }
 
 fn operational_json(a: &OperationalAlert) -> Json {
-    if let Some(s) = &a.sensor {
-        return json!({
-            "alert_id": a.alert_id,
-            "kind": "operational",
-            "component": "bridge",
-            "type": a.alert_type.as_str(),
-            "state": a.state.as_str(),
-            "device": a.device.as_str(),
-            "site": a.site.as_str(),
-            "reason": a.reason,
-            "implausible": s.implausible,
-            "metrics": s.metrics,
-            "resolve_after": s.resolve_after,
-            "policy_sha256": a.policy_sha256,
-            "evidence": a.evidence,
-            "raised_at": rfc3339_ms(a.raised_at_ms),
-        });
-    }
-    json!({
+    let mut v = json!({
         "alert_id": a.alert_id,
         "kind": "operational",
         "component": "bridge",
@@ -352,13 +334,31 @@ fn operational_json(a: &OperationalAlert) -> Json {
         "device": a.device.as_str(),
         "site": a.site.as_str(),
         "reason": a.reason,
-        "low_quality": a.low_quality,
-        "over_n": a.over_n,
-        "low_below": num(a.low_below),
+    });
+    // What the alert is about: a sensor fault's implausible readings, or a rule's
+    // quality gate.
+    let about = match &a.sensor {
+        Some(s) => json!({
+            "implausible": s.implausible,
+            "metrics": s.metrics,
+            "resolve_after": s.resolve_after,
+        }),
+        None => json!({
+            "low_quality": a.low_quality,
+            "over_n": a.over_n,
+            "low_below": num(a.low_below),
+        }),
+    };
+    let tail = json!({
         "policy_sha256": a.policy_sha256,
         "evidence": a.evidence,
         "raised_at": rfc3339_ms(a.raised_at_ms),
-    })
+    });
+    if let (Json::Object(m), Json::Object(about), Json::Object(tail)) = (&mut v, about, tail) {
+        m.extend(about);
+        m.extend(tail);
+    }
+    v
 }
 
 #[cfg(test)]
