@@ -11,7 +11,6 @@
 //! Signed bytes: `vitalmq-audit-checkpoint/v1\n<covers_seq>\n<covers_hash>`.
 
 use std::io::{BufRead, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
@@ -79,10 +78,9 @@ impl CheckpointKey {
             let pem = key
                 .to_pkcs8_pem(Default::default())
                 .map_err(|e| err(e.to_string()))?;
-            let mut file = std::fs::OpenOptions::new()
+            let mut file = vitalmq_private_fs::create_options()
                 .write(true)
                 .create_new(true)
-                .mode(0o600)
                 .open(path)
                 .map_err(|e| err(e.to_string()))?;
             file.write_all(pem.as_bytes())

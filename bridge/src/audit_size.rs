@@ -9,22 +9,16 @@
 //! [`assess`] is the pure rule; [`watch`] the loop that measures every
 //! `ops.audit_check_interval_s`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Map, json};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
+use crate::audit_ship::ShippedLog;
 use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
-
-/// One audit log to watch.
-#[derive(Debug, Clone)]
-pub struct WatchedLog {
-    pub component: String,
-    pub path: PathBuf,
-}
 
 /// The limits, from `[ops]` (0 turns one off).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +61,7 @@ fn measure(path: &Path) -> std::io::Result<Measured> {
 
 /// Measures every `every` until `stop`, sending alert changes to `ops`.
 pub async fn watch(
-    logs: Vec<WatchedLog>,
+    logs: Vec<ShippedLog>,
     limits: Limits,
     every: Duration,
     ops: mpsc::UnboundedSender<OpsAlert>,
@@ -174,9 +168,11 @@ mod tests {
             max_bytes: 1_000,
             min_free_bytes: 0,
         };
-        let logs = vec![WatchedLog {
+        let logs = vec![ShippedLog {
             component: "broker".into(),
             path: path.clone(),
+            retention: "audit-7y".into(),
+            own: None,
         }];
         let task = tokio::spawn(super::watch(
             logs,

@@ -300,8 +300,10 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
+    // The audit logs on this host: shipped to object storage, and measured.
+    let audit_logs = shipped_audit_logs(&config, &auditor);
     drains.push(tokio::spawn(crate::audit_ship::ship(
-        shipped_audit_logs(&config, &auditor),
+        audit_logs.clone(),
         object_sinks,
         Arc::new(Mutex::new(Store::open(&config.data_dir)?)),
         auditor.clone(),
@@ -309,13 +311,7 @@ pub async fn run(
         stop_rx.clone(),
     )));
     tokio::spawn(crate::audit_size::watch(
-        shipped_audit_logs(&config, &auditor)
-            .into_iter()
-            .map(|l| crate::audit_size::WatchedLog {
-                component: l.component,
-                path: l.path,
-            })
-            .collect(),
+        audit_logs,
         crate::audit_size::Limits {
             max_bytes: config.ops.audit_max_bytes,
             min_free_bytes: config.ops.audit_min_free_bytes,

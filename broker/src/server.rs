@@ -94,7 +94,7 @@ impl Broker {
         )?;
         // Checkpoints are signed with the broker's own key, kept beside its audit log.
         let key = vitalmq_audit::CheckpointKey::load_or_create(
-            &vitalmq_audit::signing_key_path(&config.audit.path),
+            &key_path,
             vitalmq_audit::Component::Broker,
         )?;
         tracing::info!(public_key = %key.public_hex(), "audit checkpoints signed with this key");

@@ -94,14 +94,6 @@ pub fn create_dir_all(path: &Path) -> Result<(), PrivateFsError> {
         })
 }
 
-/// Creates the parent directory of `file` (if any) with mode `0700`.
-pub fn create_parent(file: &Path) -> Result<(), PrivateFsError> {
-    match file.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => create_dir_all(parent),
-        _ => Ok(()),
-    }
-}
-
 /// `OpenOptions` whose newly created file gets mode `0600`.
 pub fn create_options() -> OpenOptions {
     let mut options = OpenOptions::new();
