@@ -151,6 +151,17 @@ fn standard_webhooks_verdicts(
         .collect()
 }
 
+/// `vitalmq bridge` with `config`, the webhook's secrets in its environment.
+fn start_alerting_bridge(rig: &Rig, config: &str) -> common::BridgeProcess {
+    common::BridgeProcess::start_with_env(
+        vitalmq_bin!(),
+        rig.dir(),
+        config,
+        &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRETS)],
+        Duration::from_secs(30),
+    )
+}
+
 fn alerts_config(webhook_port: u16) -> String {
     let rules =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
@@ -214,15 +225,7 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
     let own_site = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
     let other_site = rig.mosquitto_sub("integrator", "int-site-02", "alerts/site-02/#");
     let config = common::BridgeProcess::config_with(rig.broker.port, "", "") + &alerts_config(port);
-    let start = |rig: &Rig| {
-        common::BridgeProcess::start_with_env(
-            vitalmq_bin!(),
-            rig.dir(),
-            &config,
-            &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRETS)],
-            Duration::from_secs(30),
-        )
-    };
+    let start = |rig: &Rig| start_alerting_bridge(rig, &config);
     let mut bridge = start(&rig);
     let t0_ms = recent_device_time_origin();
     let trajectory = desaturation();
@@ -546,13 +549,7 @@ fn rule_changes_apply_live_and_a_broken_file_keeps_the_rules_in_force() {
                 .to_string(),
             &rules.display().to_string(),
         );
-    let bridge = common::BridgeProcess::start_with_env(
-        vitalmq_bin!(),
-        rig.dir(),
-        &config,
-        &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRETS)],
-        Duration::from_secs(30),
-    );
+    let bridge = start_alerting_bridge(&rig, &config);
     let audit = rig.data().join("audit.jsonl");
     let audited = |event: &str| -> Vec<Json> {
         std::fs::read_to_string(&audit)
@@ -673,13 +670,7 @@ fn impossible_readings_and_skewed_clocks_are_stored_marked_and_raise_no_clinical
     let integrator = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
     let operator = rig.mosquitto_sub("operator", "ops-01", "ops/bridge/sensor_fault");
     let config = common::BridgeProcess::config_with(rig.broker.port, "", "") + &alerts_config(port);
-    let bridge = common::BridgeProcess::start_with_env(
-        vitalmq_bin!(),
-        rig.dir(),
-        &config,
-        &[("VITALMQ_TEST_WEBHOOK_SECRET", SECRETS)],
-        Duration::from_secs(30),
-    );
+    let bridge = start_alerting_bridge(&rig, &config);
     let pem = std::fs::read_to_string(rig.pki().join("devices/dev-00001/cose.key.pem"))
         .expect("device key");
     let key = SigningKey::from_pkcs8_pem(&pem).expect("key");

@@ -46,10 +46,7 @@ fn refusals(log: &std::path::Path) -> Vec<Value> {
 
 /// Refusals a record stands for: itself, or the repeats its summary counts.
 fn represented(records: &[Value]) -> u64 {
-    records
-        .iter()
-        .map(|r| r["details"]["repeats"].as_u64().unwrap_or(1))
-        .sum()
+    records.iter().map(common::refusals_represented).sum()
 }
 
 #[test]

@@ -233,12 +233,7 @@ aggregate_interval_s = 1
     }
 
     fn records(&self) -> Vec<Json> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l}: {e}")))
-            .collect()
+        common::audit_records(&self.audit)
     }
 
     /// Waits for an audit record with these fields (each `(pointer, value)`), returns it.
@@ -246,11 +241,7 @@ aggregate_interval_s = 1
         let deadline = Instant::now() + EVENTUALLY;
         loop {
             let records = self.records();
-            if let Some(r) = records.iter().find(|r| {
-                fields
-                    .iter()
-                    .all(|(k, v)| r.pointer(k).and_then(Json::as_str) == Some(v))
-            }) {
+            if let Some(r) = records.iter().find(|r| common::has_fields(r, fields)) {
                 return r.clone();
             }
             assert!(
@@ -292,11 +283,7 @@ aggregate_interval_s = 1
     fn count(&self, fields: &[(&str, &str)]) -> usize {
         self.records()
             .iter()
-            .filter(|r| {
-                fields
-                    .iter()
-                    .all(|(k, v)| r.pointer(k).and_then(Json::as_str) == Some(v))
-            })
+            .filter(|r| common::has_fields(r, fields))
             .count()
     }
 }
@@ -508,12 +495,8 @@ fn assert_handshake_refused(gate: &Gate, creds: &Creds, id: &str, reason: &str) 
     let represented = || -> u64 {
         gate.records()
             .iter()
-            .filter(|r| {
-                refusal
-                    .iter()
-                    .all(|(k, v)| r.pointer(k).and_then(Json::as_str) == Some(*v))
-            })
-            .map(|r| r["details"]["repeats"].as_u64().unwrap_or(1))
+            .filter(|r| common::has_fields(r, &refusal))
+            .map(common::refusals_represented)
             .sum()
     };
     let deadline = Instant::now() + EVENTUALLY;

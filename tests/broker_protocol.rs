@@ -117,22 +117,13 @@ impl Broker {
     }
 
     fn records(&self) -> Vec<Json> {
-        std::fs::read_to_string(self.audit_path())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-            .collect()
+        common::audit_records(&self.audit_path())
     }
 
     fn count(&self, fields: &[(&str, &str)]) -> usize {
         self.records()
             .iter()
-            .filter(|r| {
-                fields
-                    .iter()
-                    .all(|(k, v)| r.pointer(k).and_then(Json::as_str) == Some(v))
-            })
+            .filter(|r| common::has_fields(r, fields))
             .count()
     }
 
@@ -721,7 +712,7 @@ fn silent_sockets_do_not_hold_back_a_real_client_and_are_closed() {
             .records()
             .iter()
             .filter(|r| r["event"] == "connection_refused" && r["reason"] == "silent")
-            .map(|r| r["details"]["repeats"].as_u64().unwrap_or(1))
+            .map(common::refusals_represented)
             .sum()
     };
     let deadline = Instant::now() + EVENTUALLY;

@@ -814,3 +814,26 @@ pub fn sim_summary_all_receipted(sim: &mut Spawned) -> serde_json::Value {
     );
     summary
 }
+
+/// The records of an audit log (JSON lines); none while the file does not exist.
+pub fn audit_records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l}: {e}")))
+        .collect()
+}
+
+/// Whether `record` has every field of `fields`, each a (JSON pointer, string value).
+pub fn has_fields(record: &serde_json::Value, fields: &[(&str, &str)]) -> bool {
+    fields
+        .iter()
+        .all(|(k, v)| record.pointer(k).and_then(serde_json::Value::as_str) == Some(*v))
+}
+
+/// The refusals an audit record stands for: itself, or the repeats its aggregation
+/// summary counts (`details.repeats`).
+pub fn refusals_represented(record: &serde_json::Value) -> u64 {
+    record["details"]["repeats"].as_u64().unwrap_or(1)
+}
