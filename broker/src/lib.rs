@@ -18,6 +18,7 @@ pub mod embedded;
 pub mod gate;
 pub mod handover;
 pub mod identity;
+mod metrics_http;
 pub mod ratelimit;
 pub mod relay;
 pub mod server;

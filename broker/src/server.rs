@@ -102,7 +102,7 @@ impl Broker {
         let auditor = audit_log.auditor();
         let audit: Arc<dyn AuditSink> = Arc::new(auditor.clone());
         if let Some(addr) = config.metrics_listen {
-            install_metrics(addr);
+            crate::metrics_http::install(addr).await;
         }
         let listener =
             TcpListener::bind(config.listen)
@@ -498,16 +498,6 @@ fn connection_budget(wanted: usize) -> usize {
         budget.max(1)
     } else {
         wanted
-    }
-}
-
-fn install_metrics(addr: SocketAddr) {
-    match metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-    {
-        Ok(()) => tracing::info!(%addr, "metrics on /metrics"),
-        Err(e) => tracing::warn!(%addr, error = %e, "metrics endpoint not started"),
     }
 }
 
