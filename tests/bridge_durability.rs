@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{BridgeProcess, Rig, sim_summary_all_receipted, vitalmq_ok};
+use common::{BridgeProcess, Rig, Spawned, sim_summary_all_receipted, vitalmq_ok, wait_until};
 use serde_json::Value as Json;
 
 const DEVICES: u32 = 10;
@@ -53,19 +53,54 @@ impl Durability {
         self.bridge = Some(self.rig.bridge("window = 1024", ""));
     }
 
+    /// `kill -9` of the bridge (restarted at once: its start takes long enough for the
+    /// broker to hold what the devices send meanwhile).
     fn kill_bridge(&mut self) {
         if let Some(mut b) = self.bridge.take() {
             b.process.kill9();
         }
     }
 
-    fn sim(&self) -> common::Spawned {
+    /// `kill -9` of the broker, then waits until every device has noticed (logged its
+    /// connection lost): from then on the devices hold what they make in their outboxes.
+    fn kill_broker(&mut self, sim: &Spawned) {
+        let lost = connections_lost(sim);
+        self.rig.broker.kill9();
+        wait_until(
+            EVENTUALLY,
+            "every device noticed the broker is gone",
+            || connections_lost(sim) >= lost + DEVICES as usize,
+        );
+    }
+
+    fn sim(&self) -> Spawned {
         self.rig.sim(DEVICES, PER_DEVICE)
+    }
+
+    /// Waits until the store holds at least `n` events (the stream ran that far).
+    fn wait_stored(&self, n: u64) -> u64 {
+        let st = self
+            .rig
+            .wait_stats(EVENTUALLY, &format!("{n} events stored"), |st| {
+                st["events"].as_u64() >= Some(n)
+            });
+        st["events"].as_u64().expect("events")
     }
 }
 
+/// How long a stream, a kill or a restart may take to show its effect.
+const EVENTUALLY: Duration = Duration::from_secs(60);
+/// Stored between two kills: well into the run (10 devices at 20/s store about 200 a
+/// second), far from its end (3000).
+const BETWEEN_KILLS: u64 = 300;
+
+/// How many times the simulator's devices logged a lost connection.
+fn connections_lost(sim: &Spawned) -> usize {
+    sim.stderr().matches("connection lost").count()
+}
+
 /// Waits for the simulator's summary and checks the store against it.
-fn assert_exactly_once(rig: &Rig, mut sim: common::Spawned) {
+fn assert_exactly_once(rig: &Rig, mut sim: Spawned) {
     let summary = sim_summary_all_receipted(&mut sim);
     let mut made: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for d in summary["devices"].as_array().expect("devices") {
@@ -134,10 +169,10 @@ fn assert_exactly_once(rig: &Rig, mut sim: common::Spawned) {
 fn every_message_is_stored_exactly_once_while_the_bridge_is_killed_repeatedly() {
     let mut d = Durability::start("bridge-kill");
     let sim = d.sim();
-    for round in 0..4 {
-        std::thread::sleep(Duration::from_millis(1500));
+    let mut stored = 0;
+    for _ in 0..4 {
+        stored = d.wait_stored(stored + BETWEEN_KILLS);
         d.kill_bridge();
-        std::thread::sleep(Duration::from_millis(300 * round));
         d.start_bridge();
     }
     assert_exactly_once(&d.rig, sim);
@@ -186,10 +221,10 @@ fn every_message_is_stored_exactly_once_while_the_bridge_is_killed_repeatedly() 
 fn every_message_is_stored_exactly_once_when_the_broker_is_killed() {
     let mut d = Durability::start("broker-kill");
     let sim = d.sim();
+    let mut stored = 0;
     for _ in 0..2 {
-        std::thread::sleep(Duration::from_secs(2));
-        d.rig.broker.kill9();
-        std::thread::sleep(Duration::from_millis(500));
+        stored = d.wait_stored(stored + BETWEEN_KILLS);
+        d.kill_broker(&sim);
         d.rig
             .broker
             .restart(vitalmq_bin!(), Duration::from_secs(30));
@@ -201,10 +236,9 @@ fn every_message_is_stored_exactly_once_when_the_broker_is_killed() {
 fn every_message_is_stored_exactly_once_when_broker_and_bridge_die_together() {
     let mut d = Durability::start("both-kill");
     let sim = d.sim();
-    std::thread::sleep(Duration::from_secs(3));
+    d.wait_stored(2 * BETWEEN_KILLS);
     d.kill_bridge();
-    d.rig.broker.kill9();
-    std::thread::sleep(Duration::from_millis(500));
+    d.kill_broker(&sim);
     d.rig
         .broker
         .restart(vitalmq_bin!(), Duration::from_secs(30));

@@ -5,9 +5,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BridgeProcess, Rig, TRUST_DOMAIN, broker_config, store_rows, temp_dir, vitalmq_ok};
+use common::{
+    BridgeProcess, Rig, TRUST_DOMAIN, broker_config, poll_until, store_rows, temp_dir, vitalmq_ok,
+    wait_until,
+};
 use serde_json::Value as Json;
 
 fn vectors_dir() -> PathBuf {
@@ -342,8 +345,8 @@ client_id = "gw-site-01"
     publish_signed(&site, "dev-00001", 1, 0..10);
     wait_until(
         Duration::from_secs(30),
-        || cloud(10),
         "10 events forwarded to the cloud",
+        || cloud(10),
     );
 
     cloud_broker.kill9();
@@ -351,7 +354,14 @@ client_id = "gw-site-01"
     site.wait_stats(Duration::from_secs(30), "25 events at the site", |st| {
         st["events"] == 25
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // The site bridge tried to forward them and gave the cloud up as down (it audits
+    // that).
+    let audit = site.data().join("audit.jsonl");
+    wait_until(Duration::from_secs(60), "the cloud outage audited", || {
+        common::audit_records(&audit)
+            .iter()
+            .any(|r| common::has_fields(r, &[("/event", "sink_failed"), ("/resource", "cloud")]))
+    });
     let site_stats = site.stats();
     assert!(
         site_stats["sinks"]["cloud"].as_i64().unwrap_or(0) < 25,
@@ -359,7 +369,9 @@ client_id = "gw-site-01"
     );
 
     cloud_broker.restart(vitalmq_bin!(), Duration::from_secs(30));
-    if !poll_until(Duration::from_secs(60), || cloud(25)) {
+    if !poll_until(Duration::from_secs(60), Duration::from_millis(250), || {
+        cloud(25)
+    }) {
         panic!(
             "the backlog did not drain to the cloud:\n--- site bridge\n{}\n--- cloud bridge\n{}\n--- site stats {}\n--- cloud events {}",
             site_bridge.process.all(),
@@ -389,26 +401,9 @@ client_id = "gw-site-01"
         assert_eq!(a["raw_sha256"], b["raw_sha256"]);
         assert_eq!(a["event_id"], b["event_id"]);
     }
-    wait_until(
-        Duration::from_secs(30),
-        || site.stats()["sinks"]["cloud"].as_i64() == Some(25),
-        "site cursor at 25",
-    );
-}
-
-fn wait_until(within: Duration, done: impl FnMut() -> bool, what: &str) {
-    assert!(poll_until(within, done), "not within {within:?}: {what}");
-}
-
-fn poll_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while !done() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    true
+    wait_until(Duration::from_secs(30), "site cursor at 25", || {
+        site.stats()["sinks"]["cloud"].as_i64() == Some(25)
+    });
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -11,7 +11,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BridgeProcess, Moto, Rig, Spawned, run, sim_summary_all_receipted, vitalmq_ok};
+use common::{
+    BridgeProcess, Moto, Rig, Spawned, audit_records, has_fields, run, sim_summary_all_receipted,
+    vitalmq_ok, wait_until,
+};
 use serde_json::Value as Json;
 
 fn rig(name: &str, devices: u32) -> Rig {
@@ -193,7 +196,13 @@ fn s3_sink_through_a_real_s3_server_with_an_outage() {
     moto.process.kill9();
     let mut sim = rig.sim(2, 80); // the same devices go on from seq 40 (a new boot, in fact)
     sim_summary_all_receipted(&mut sim);
-    std::thread::sleep(Duration::from_secs(2));
+    // The bridge tried to deliver the new events and gave S3 up as down (it audits that).
+    let audit = rig.data().join("audit.jsonl");
+    wait_until(Duration::from_secs(60), "the S3 outage audited", || {
+        audit_records(&audit)
+            .iter()
+            .any(|r| has_fields(r, &[("/event", "sink_failed"), ("/resource", "s3")]))
+    });
     let st = rig.stats();
     assert_eq!(
         st["sinks"]["s3"], 80,
@@ -266,7 +275,12 @@ fn a_full_outbox_applies_backpressure_instead_of_dropping() {
     let mut sim = rig.sim(2, 120);
     let alert = wait_alert(&ops, "ops/bridge/backlog", "open");
     assert_eq!(alert["max_backlog"], 60);
-    std::thread::sleep(Duration::from_secs(3));
+    // Every message is made (and sent: the broker is up) while the bridge holds back.
+    wait_until(
+        Duration::from_secs(60),
+        "both devices done generating",
+        || sim.stderr().matches("generation done").count() >= 2,
+    );
     let held = rig.stats()["events"].as_u64().expect("events");
     assert!(held < 120, "stored beyond the limit while paused: {held}");
     std::fs::remove_file(objects.join("normalized")).expect("unblock the sink");

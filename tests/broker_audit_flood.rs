@@ -8,7 +8,7 @@ use std::io::Write as _;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{BrokerProcess, TRUST_DOMAIN, broker_config, free_port, temp_dir, vitalmq_ok};
+use common::{BrokerProcess, TRUST_DOMAIN, broker_config, temp_dir, vitalmq_ok};
 use serde_json::Value;
 
 /// Connects made by the flood: bounded, all from 127.0.0.1.
@@ -72,11 +72,11 @@ fn a_flood_of_unauthenticated_connects_writes_a_record_and_a_count() {
         dir.join("acl.toml"),
     )
     .expect("copy the ACL");
-    let metrics_port = free_port();
-    let config = format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n")
-        + &broker_config(TRUST_DOMAIN)
-        + AGGREGATE;
+    // Port 0: the broker logs the port it bound.
+    let config =
+        "metrics_listen = \"127.0.0.1:0\"\n".to_owned() + &broker_config(TRUST_DOMAIN) + AGGREGATE;
     let broker = BrokerProcess::start(bin, dir, &config, Duration::from_secs(30));
+    let metrics_port = broker.metrics_port();
     let log = dir.join("broker-audit.jsonl");
 
     for _ in 0..CONNECTS {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{BrokerProcess, Ran, Spawned, free_port, run, temp_dir};
+use common::{BrokerProcess, Ran, Spawned, run, temp_dir};
 use serde_json::Value as Json;
 
 /// Deadline of one client command (connect, one message, disconnect).
@@ -109,10 +109,9 @@ impl Gate {
         let acl_copy = tmp.path().join("acl.toml");
         std::fs::copy(acl, &acl_copy).expect("copy the ACL");
         let audit = tmp.path().join("audit.jsonl");
-        let metrics_port = free_port();
         let config = format!(
             r#"listen = "{{listen}}"
-metrics_listen = "127.0.0.1:{metrics_port}"
+metrics_listen = "127.0.0.1:0"
 connect_timeout_ms = 10000
 [tls]
 server_cert = "pki/broker/server.pem"
@@ -138,6 +137,7 @@ aggregate_interval_s = 1
             &config,
             Duration::from_secs(20),
         );
+        let metrics_port = broker.metrics_port();
         Self {
             tmp,
             pki,

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Rig, Spawned, sim_summary_all_receipted, store_rows};
+use common::{Rig, Spawned, sim_summary_all_receipted, store_rows, wait_until};
 use serde_json::Value as Json;
 
 const DEVICES: u32 = 4;
@@ -148,11 +148,24 @@ fn gateways_lose_nothing_when_the_broker_is_killed() {
         "the gateways did not connect:\n{}",
         sim.all()
     );
-    // About a third of the messages are out (50 at 20/s): kill the broker mid-run,
-    // let the devices keep generating into their outboxes, then bring it back.
-    std::thread::sleep(Duration::from_millis(800));
+    // Once about a third of the messages are stored, kill the broker mid-run; when both
+    // gateways noticed, let the devices finish generating into their outboxes, then
+    // bring it back.
+    let third = u64::from(DEVICES) * COUNT / 3;
+    rig.wait_stats(Duration::from_secs(30), "a third stored", |st| {
+        st["events"].as_u64() >= Some(third)
+    });
     rig.broker.kill9();
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_until(
+        Duration::from_secs(30),
+        "both gateways lost the broker",
+        || sim.stderr().matches("gateway connection lost").count() >= 2,
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "every device done generating",
+        || sim.stderr().matches("generation done").count() >= DEVICES as usize,
+    );
     rig.broker.restart(bin(), Duration::from_secs(30));
     let summary = sim_summary_all_receipted(&mut sim);
     let connects: Vec<u64> = summary["gateways"]

@@ -1,6 +1,7 @@
 //! The object sink against a real S3-compatible server: moto's standalone server
-//! (`python3 -m pip install 'moto[server]==5.*'`; `scripts/test` installs it), started on
-//! a free 127.0.0.1 port per test and killed on drop.
+//! (`python3 -m pip install 'moto[server]==5.*'`; `scripts/test` installs it), started by
+//! `tests/py/moto_server.py` on 127.0.0.1 port 0 (it reports the port it bound) per test
+//! and killed on drop.
 //!
 //! Objects are read back through `object_store` and, independently, with plain HTTP GETs
 //! of the literal key, and the COSE signatures in the `.cborseq` objects are verified
@@ -37,55 +38,57 @@ struct Moto {
     log: PathBuf,
 }
 
+/// What `tests/py/moto_server.py` prints once it listens, followed by its address.
+const MOTO_READY: &str = "moto listening on ";
+
 impl Moto {
-    /// Starts moto on `port` and waits until it answers HTTP.
+    /// Starts moto on `port` (0: a port it picks and reports) and waits for its ready
+    /// line.
     async fn start(port: u16, log_dir: &Path) -> Self {
         let log = log_dir.join(format!("moto-{port}-{}.log", unique()));
         let out = std::fs::File::create(&log).expect("create moto log");
         let err = out.try_clone().expect("clone log handle");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/py/moto_server.py");
         let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
+            .arg(script)
+            .arg(port.to_string())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
-            .expect("spawn python3 -m moto.server");
+            .expect("spawn python3 tests/py/moto_server.py");
         let mut moto = Self {
             child: Some(child),
             port,
             log,
         };
-        moto.wait_ready().await;
+        moto.port = moto.wait_ready().await;
+        assert!(port == 0 || moto.port == port, "moto bound {}", moto.port);
         moto
     }
 
-    async fn wait_ready(&mut self) {
+    /// The port moto reports once it listens.
+    async fn wait_ready(&mut self) -> u16 {
         let deadline = Instant::now() + MOTO_START;
         loop {
             if let Some(child) = &mut self.child {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!("moto exited ({status}) before answering:\n{}", self.log());
+                    panic!("moto exited ({status}) before listening:\n{}", self.log());
                 }
             }
-            if let Ok((head, _)) = http(self.port, "GET", "/").await {
-                if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") {
-                    return;
-                }
+            let bound = self.log().lines().find_map(|l| {
+                let addr: std::net::SocketAddr = l.strip_prefix(MOTO_READY)?.trim().parse().ok()?;
+                Some(addr.port())
+            });
+            if let Some(port) = bound {
+                return port;
             }
             assert!(
                 Instant::now() < deadline,
-                "moto did not answer on port {} within {MOTO_START:?}:\n{}",
-                self.port,
+                "moto did not listen within {MOTO_START:?}:\n{}",
                 self.log()
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -140,13 +143,6 @@ fn require_moto() {
         "moto is not installed: run scripts/test, which installs it \
          (python3 -m pip install 'moto[server]==5.*')"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// One HTTP/1.0 request (so the answer is neither chunked nor kept alive): the head as
@@ -290,7 +286,7 @@ print(json.dumps({"keys": keys, "objects": objects}))
 async fn s3_objects_round_trip_verify_and_are_idempotent() {
     require_moto();
     let logs = tempfile::tempdir().expect("tempdir");
-    let moto = Moto::start(free_port(), logs.path()).await;
+    let moto = Moto::start(0, logs.path()).await;
     moto.create_bucket().await;
     let sink = ObjectStoreSink::s3(SINK, settings(moto.port)).expect("s3 sink");
     let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
@@ -362,8 +358,8 @@ async fn s3_objects_round_trip_verify_and_are_idempotent() {
 async fn s3_outage_is_unavailable_promptly_and_delivery_resumes() {
     require_moto();
     let logs = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let mut moto = Moto::start(port, logs.path()).await;
+    let mut moto = Moto::start(0, logs.path()).await;
+    let port = moto.port;
     moto.create_bucket().await;
     let sink = ObjectStoreSink::s3(SINK, settings(port)).expect("s3 sink");
     let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
@@ -398,7 +394,7 @@ async fn s3_outage_is_unavailable_promptly_and_delivery_resumes() {
     }
     assert!(took < PROMPT_FAILURE, "took {took:?}");
 
-    // Same port, fresh state: without the bucket the store is still unavailable.
+    // Same port (bound before, so known), fresh state: without the bucket the store is still unavailable.
     let moto = Moto::start(port, logs.path()).await;
     let no_bucket = tokio::time::timeout(2 * PROMPT_FAILURE, sink.deliver(&second))
         .await

@@ -249,44 +249,61 @@ fn collect(
     })
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released: another process may take it
-/// in between, which is unlikely enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+/// Polls `done` every `every` until it holds; false once `within` has passed.
+pub fn poll_until(within: Duration, every: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
 }
 
-/// `vitalmq broker` running on a free port of 127.0.0.1; killed on drop.
+/// Waits (polling every 50 ms) until `done` holds; panics naming `what` after `within`.
+pub fn wait_until(within: Duration, what: &str, done: impl FnMut() -> bool) {
+    assert!(
+        poll_until(within, Duration::from_millis(50), done),
+        "not within {within:?}: {what}"
+    );
+}
+
+/// The address after `marker` in `text` (`ADDR` in "... {marker}ADDR ..."), e.g. the
+/// real address a process bound for a configured port 0.
+pub fn reported_addr(text: &str, marker: &str) -> Option<std::net::SocketAddr> {
+    text.lines().find_map(|l| {
+        let (_, rest) = l.split_once(marker)?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// `vitalmq broker` on 127.0.0.1; killed on drop. It binds port 0 and the port is the
+/// one its ready line reports, so tests never race another process for a free port.
 pub struct BrokerProcess {
     pub process: Spawned,
     pub port: u16,
     pub config: std::path::PathBuf,
+    /// The configuration with `{listen}` still in it, for [`Self::restart`].
+    template: String,
 }
 
+/// The broker's ready line, followed by the address it listens on.
+const BROKER_READY: &str = "vitalmq broker listening on ";
+
 impl BrokerProcess {
-    /// Writes `config` to `dir/broker.toml` with `{listen}` replaced by a free
-    /// 127.0.0.1 address, starts `bin broker --config ...` and waits (up to `timeout`)
-    /// for its ready line on stderr.
+    /// Writes `config` to `dir/broker.toml` with `{listen}` replaced by `127.0.0.1:0`,
+    /// starts `bin broker --config ...` and waits (up to `timeout`) for its ready line
+    /// on stderr, which names the port it bound.
     pub fn start(
         bin: &std::path::Path,
         dir: &std::path::Path,
         config: &str,
         timeout: Duration,
     ) -> Self {
-        // free_port() releases the port before the broker binds it, so another test's
-        // process can take it meanwhile: then try another one.
-        let mut attempts = 0;
-        loop {
-            match Self::try_start_on(bin, dir, config, free_port(), timeout) {
-                Ok(broker) => return broker,
-                Err(log) if attempts < 2 && log.contains("Address already in use") => {
-                    attempts += 1;
-                }
-                Err(log) => panic!("broker not ready within {timeout:?}:\n{log}"),
-            }
-        }
+        Self::start_on(bin, dir, config, 0, timeout)
     }
 
     /// Like [`Self::start`], on a given port (a restart after `kill -9`).
@@ -297,50 +314,50 @@ impl BrokerProcess {
         port: u16,
         timeout: Duration,
     ) -> Self {
-        Self::try_start_on(bin, dir, config, port, timeout)
-            .unwrap_or_else(|log| panic!("broker not ready within {timeout:?}:\n{log}"))
-    }
-
-    /// Starts the broker on `port`; its output if it did not become ready.
-    fn try_start_on(
-        bin: &std::path::Path,
-        dir: &std::path::Path,
-        config: &str,
-        port: u16,
-        timeout: Duration,
-    ) -> Result<Self, String> {
         let path = dir.join("broker.toml");
         std::fs::write(
             &path,
             config.replace("{listen}", &format!("127.0.0.1:{port}")),
         )
         .expect("write broker config");
-        let process = Spawned::start(
+        let mut process = Spawned::start(
             Command::new(bin)
                 .env("NO_COLOR", "1")
                 .arg("broker")
                 .arg("--config")
                 .arg(&path),
         );
-        let mut broker = Self {
-            process,
-            port,
-            config: path,
-        };
-        let ready = broker.process.wait_output(timeout, |out| {
-            out.contains("vitalmq broker listening on") || out.contains("Error")
+        let ready = process.wait_output(timeout, |out| {
+            out.contains(BROKER_READY) || out.contains("Error")
         });
-        if ready
-            && broker
-                .process
-                .stderr()
-                .contains("vitalmq broker listening on")
-            && broker.process.running()
-        {
-            Ok(broker)
-        } else {
-            Err(broker.process.all())
+        let bound = reported_addr(&process.stderr(), BROKER_READY);
+        match bound {
+            Some(addr) if ready && process.running() => {
+                assert!(port == 0 || addr.port() == port, "bound {addr}, not {port}");
+                Self {
+                    process,
+                    port: addr.port(),
+                    config: path,
+                    template: config.to_owned(),
+                }
+            }
+            _ => panic!("broker not ready within {timeout:?}:\n{}", process.all()),
         }
+    }
+
+    /// The port of the broker's /metrics endpoint (`metrics_listen`, which may be port
+    /// 0), as its log reports it once the listener is bound.
+    pub fn metrics_port(&self) -> u16 {
+        let mut port = None;
+        wait_until(
+            Duration::from_secs(20),
+            "the metrics listener reported",
+            || {
+                port = reported_addr(&self.stderr(), "metrics on /metrics addr=").map(|a| a.port());
+                port.is_some()
+            },
+        );
+        port.expect("reported")
     }
 
     /// Everything the broker logged so far.
@@ -353,17 +370,12 @@ impl BrokerProcess {
         self.process.kill9();
     }
 
-    /// Starts the broker again with the same configuration, so on the same port.
+    /// Starts the broker again with the same configuration, on the same port (bound
+    /// before, so known to be this test's).
     pub fn restart(&mut self, bin: &std::path::Path, timeout: Duration) {
-        let config = std::fs::read_to_string(&self.config).expect("broker config");
         let dir = self.config.parent().expect("config dir").to_path_buf();
-        *self = Self::start_on(
-            bin,
-            &dir,
-            &config.replace(&format!("127.0.0.1:{}", self.port), "{listen}"),
-            self.port,
-            timeout,
-        );
+        let template = std::mem::take(&mut self.template);
+        *self = Self::start_on(bin, &dir, &template, self.port, timeout);
     }
 
     /// Asks the broker to reload policy, registry and CRLs.
@@ -488,11 +500,15 @@ pub fn store_rows(
 }
 
 /// moto's S3-compatible server (`python3 -m pip install 'moto[server]==5.*'`, which
-/// `scripts/test` does) on a free 127.0.0.1 port, with one bucket; killed on drop.
+/// `scripts/test` does) on 127.0.0.1 (port 0, or a given port), with one bucket; killed
+/// on drop.
 pub struct Moto {
     pub process: Spawned,
     pub port: u16,
 }
+
+/// What `tests/py/moto_server.py` prints, followed by the address it bound.
+pub const MOTO_READY: &str = "moto listening on ";
 
 impl Moto {
     pub fn start(bucket: &str, port: Option<u16>) -> Self {
@@ -505,24 +521,24 @@ impl Moto {
             "moto is not installed (run scripts/test, which installs 'moto[server]==5.*'): {}",
             probe.all()
         );
-        let port = port.unwrap_or_else(free_port);
-        let process = Spawned::start(Command::new("python3").args([
-            "-m",
-            "moto.server",
-            "-H",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ]));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto did not start: {}",
-                process.all()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // Port 0 unless a restart must keep the port: the server reports what it bound.
+        let process = Spawned::start(
+            Command::new("python3")
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/py/moto_server.py"
+                ))
+                .arg(port.unwrap_or(0).to_string()),
+        );
+        assert!(
+            process.wait_output(Duration::from_secs(30), |out| out.contains(MOTO_READY)
+                || out.contains("Error")),
+            "moto did not start: {}",
+            process.all()
+        );
+        let port = reported_addr(&process.stdout(), MOTO_READY)
+            .unwrap_or_else(|| panic!("moto did not start: {}", process.all()))
+            .port();
         let moto = Self { process, port };
         moto.boto3(&format!("s3.create_bucket(Bucket={bucket:?})"));
         moto
@@ -661,9 +677,12 @@ impl Rig {
     /// each at 20/s (room under the ACL's 50/s for resends after a reconnect, so the
     /// 256-message device outbox never overflows), resending after 1 s without receipt
     /// progress, until everything is receipted (120 s at most).
+    /// Logs at info (tests wait for its "generation done" and "connection lost").
     pub fn sim(&self, devices: u32, count: u32) -> Spawned {
         Spawned::start(
             Command::new(&self.bin)
+                .env("NO_COLOR", "1")
+                .env("RUST_LOG", "info,rumqttc=warn")
                 .args(["sim", "--pki"])
                 .arg(self.pki())
                 .arg("--broker")
@@ -742,7 +761,8 @@ impl Rig {
         );
     }
 
-    /// A line-buffered mosquitto_sub as `role`/`id` on `filter` (`-v`: topic, payload).
+    /// A line-buffered mosquitto_sub as `role`/`id` on `filter` (`-v`: topic, payload),
+    /// once its SUBACK arrived.
     pub fn mosquitto_sub(&self, role: &str, id: &str, filter: &str) -> Spawned {
         let identities = self.pki().join("identities").join(role);
         let sub = Spawned::start(
@@ -761,10 +781,17 @@ impl Rig {
                 .arg(identities.join(format!("{id}.pem")))
                 .arg("--key")
                 .arg(identities.join(format!("{id}.key.pem")))
-                .args(["-i", id, "-q", "1", "-t", filter, "-v"]),
+                // `-d` prints the SUBACK ("Subscribed (mid: ...)"): the subscription is
+                // in place before the caller can make anything publish. Debug lines
+                // never take the `topic payload` form of a message.
+                .args(["-i", id, "-q", "1", "-t", filter, "-v", "-d"]),
         );
-        // Let the subscription be in place before anything can be published.
-        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            sub.wait_output(Duration::from_secs(20), |out| out
+                .contains("Subscribed (mid:")),
+            "{id} did not get its SUBACK for {filter}:\n{}",
+            sub.all()
+        );
         sub
     }
 
