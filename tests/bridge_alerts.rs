@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Rig, Spawned, vitalmq_ok};
+use common::{Rig, Spawned, audit_records, has_fields, vitalmq_ok, wait_until};
 use serde_json::Value as Json;
 
 /// The webhook's secrets during a key rotation, newest first (Standard Webhooks keys:
@@ -207,6 +207,54 @@ fn desaturation() -> Vec<(u64, f64)> {
     t
 }
 
+/// Alert handlers of [`alerts_config`]: the MQTT publisher and one webhook.
+const HANDLERS: [&str; 2] = ["mqtt", "webhook:ehr"];
+const INT_SITE_01: &str = "spiffe://demo.vitalmq/integrator/int-site-01";
+const INT_SITE_02: &str = "spiffe://demo.vitalmq/integrator/int-site-02";
+
+/// Waits until each alert handler has delivered every alert the bridge stored (MQTT:
+/// the broker acknowledged it; the webhook: the receiver answered 200, after recording
+/// the request): the bridge sends nothing more for what it has seen.
+fn wait_alerts_delivered(rig: &Rig) {
+    wait_until(
+        Duration::from_secs(30),
+        "every stored alert delivered by every handler",
+        || {
+            let head = rig
+                .rows("alerts")
+                .iter()
+                .filter_map(|a| a["position"].as_i64())
+                .max();
+            let st = rig.stats();
+            HANDLERS
+                .iter()
+                .all(|h| st["alert_handlers"][h].as_i64() == head)
+        },
+    );
+}
+
+/// Waits until `sub` (connected as `identity`) printed every alert the broker audited
+/// as delivered to it; the broker audits a delivery before it writes it out.
+fn wait_received_all_delivered(rig: &Rig, sub: &Spawned, identity: &str) {
+    let log = rig.dir().join("broker-audit.jsonl");
+    let delivered = || {
+        audit_records(&log)
+            .iter()
+            .filter(|r| {
+                has_fields(
+                    r,
+                    &[("/event", "alert_delivered"), ("/actor/identity", identity)],
+                )
+            })
+            .count()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{identity} received every alert the broker delivered to it"),
+        || received_alerts(sub).len() == delivered(),
+    );
+}
+
 fn received_alerts(sub: &Spawned) -> Vec<(String, Json)> {
     sub.stdout()
         .lines()
@@ -296,7 +344,11 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
         "no resolution:\n{}",
         own_site.all()
     );
-    std::thread::sleep(Duration::from_secs(1));
+    // Nothing more is on its way: every handler is through the outbox, and each
+    // integrator printed what the broker handed it.
+    wait_alerts_delivered(&rig);
+    wait_received_all_delivered(&rig, &own_site, INT_SITE_01);
+    wait_received_all_delivered(&rig, &other_site, INT_SITE_02);
 
     let got = spo2_low(&received_alerts(&own_site));
     let states: Vec<&str> = got
@@ -334,8 +386,8 @@ fn a_desaturation_reaches_its_sites_integrator_and_the_webhook_once_through_a_cr
     // The webhook got the same state changes, each signed over its id, timestamp and
     // exact body as Standard Webhooks specifies: the specification's reference library
     // for Python accepts every request under either key of the rotation, and refuses
-    // each one replayed ten minutes later.
-    std::thread::sleep(Duration::from_secs(2));
+    // each one replayed ten minutes later. (The webhook handler is through the outbox,
+    // above: every request is in.)
     let hooks = webhook.lock().expect("lock").clone();
     let verdicts = standard_webhooks_verdicts(&[NEW_SECRET, OLD_SECRET], &hooks, 600);
     for (now, later) in &verdicts {
@@ -768,8 +820,11 @@ fn impossible_readings_and_skewed_clocks_are_stored_marked_and_raise_no_clinical
     }
 
     // No clinical alert at all: not spo2-falling from 2^64-1 to 80, not spo2-low
-    // escalated by a reading from 2036.
-    std::thread::sleep(Duration::from_secs(1));
+    // escalated by a reading from 2036. Every probe is stored and every stored alert
+    // delivered, and each subscriber printed what the broker handed it.
+    wait_alerts_delivered(&rig);
+    wait_received_all_delivered(&rig, &integrator, INT_SITE_01);
+    wait_received_all_delivered(&rig, &operator, "spiffe://demo.vitalmq/operator/ops-01");
     let clinical = received_alerts(&integrator);
     assert!(clinical.is_empty(), "clinical alerts: {clinical:?}");
     let stored: Vec<Json> = rig.rows("alerts");

@@ -258,14 +258,14 @@ aggregate_interval_s = 1
     }
 
     /// Waits until exactly `n` audit records have these fields (records are written
-    /// asynchronously, possibly after the client saw the refusal).
+    /// asynchronously, possibly after the client saw the refusal); a surplus record
+    /// would be written before the audit marker that follows.
     fn assert_count(&self, fields: &[(&str, &str)], n: usize) {
         let deadline = Instant::now() + EVENTUALLY;
         while self.count(fields) < n && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }
-        // Give a surplus record a moment to show up.
-        std::thread::sleep(Duration::from_millis(100));
+        self.audit_marker();
         let records = self.records();
         let found = self.count(fields);
         assert_eq!(
@@ -278,6 +278,37 @@ aggregate_interval_s = 1
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+    }
+
+    /// A connection of its own (ops-01 subscribes and leaves) and waits for its
+    /// `connection_accepted` record. The gate queues a connection's records as it
+    /// decides, before it answers, and the log writes them in order: once this record
+    /// is written, so is every record of the connections the test made before.
+    fn audit_marker(&self) {
+        let accepted = [
+            ("/event", "connection_accepted"),
+            ("/actor/identity", &spiffe("operator", "ops-01")),
+        ];
+        let before = self.count(&accepted);
+        let ran = run(
+            self.mosquitto(
+                "mosquitto_sub",
+                &self.creds("operator", "ops-01"),
+                "ops-01",
+                V5,
+            )
+            .args(["-q", "1", "-t", "ops/audit-marker", "-E"]),
+            CLIENT,
+        );
+        assert!(ran.success, "the audit marker connection:\n{}", ran.all());
+        let deadline = Instant::now() + EVENTUALLY;
+        while self.count(&accepted) <= before {
+            assert!(
+                Instant::now() < deadline,
+                "the audit marker was not written"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn count(&self, fields: &[(&str, &str)]) -> usize {
@@ -328,10 +359,18 @@ fn device_telemetry_reaches_the_bridge_over_both_protocol_versions() {
         "devices/dev-00001/telemetry",
         "reading-5",
     );
-    wait_message(&bridge, "devices/", "devices/dev-00001/telemetry reading-5");
-    // Exactly those two messages, each once.
-    std::thread::sleep(Duration::from_millis(300));
+    // Exactly those two messages, each once: a marker published after them arrives
+    // after them (one topic, in order), so a duplicate would have arrived by then.
+    gate.publish_ok(
+        "device",
+        "dev-00001",
+        V5,
+        "devices/dev-00001/telemetry",
+        "marker",
+    );
+    wait_message(&bridge, "devices/", "devices/dev-00001/telemetry marker");
     let mut got = received(&bridge.stdout(), "devices/");
+    got.retain(|l| !l.ends_with(" marker"));
     got.sort();
     assert_eq!(
         got,
@@ -915,8 +954,9 @@ fn live_connection_is_closed_when_its_certificate_is_revoked() {
 #[test]
 fn a_silent_tcp_client_does_not_delay_a_real_one() {
     let gate = Gate::start("silent");
+    // Connected: the silent socket is ahead of the real client in the listener's
+    // accept queue, so the broker takes it first.
     let mut silent = TcpStream::connect(("127.0.0.1", gate.broker.port)).expect("connect");
-    std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
     // run() panics after CLIENT (15 s), well below the 30 s handshake timeout.
     gate.publish_ok(

@@ -507,7 +507,10 @@ mod tests {
 
     /// A record followed by quiet gets a signed checkpoint from the timer, not only at
     /// the next record or at shutdown (the bridge ships only checkpointed records).
-    #[tokio::test]
+    /// Paused clock: time does not auto-advance while a tick's `sync` runs on the
+    /// blocking pool, so once the test's own sleep returns, every tick before it has
+    /// finished writing.
+    #[tokio::test(start_paused = true)]
     async fn quiet_after_records_still_gets_a_checkpoint() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
@@ -546,7 +549,7 @@ mod tests {
             "{}",
             std::fs::read_to_string(&path).unwrap_or_default()
         );
-        // Nothing new: no checkpoint of a checkpoint.
+        // Nothing new: no checkpoint of a checkpoint, after four more ticks.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(checkpointed());
         let _ = stop_tx.send(true);
