@@ -45,6 +45,30 @@ impl Frame {
             Self::V311 { bytes, .. } | Self::V5 { bytes, .. } => bytes,
         }
     }
+
+    /// Length of the fixed header: the type byte and the 1 to 4 bytes of the remaining
+    /// length (the frame was validated by [`next_frame`]).
+    pub(crate) fn header_len(&self) -> usize {
+        2 + self
+            .bytes()
+            .iter()
+            .skip(1)
+            .take(4)
+            .take_while(|b| *b & 0x80 != 0)
+            .count()
+    }
+
+    /// The big-endian two bytes at `at`, if the packet is that long.
+    pub(crate) fn u16_at(&self, at: usize) -> Option<u16> {
+        self.bytes()
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// The packet id of an acknowledgement (PUBACK..PUBCOMP): right after the header.
+    pub(crate) fn ack_packet_id(&self) -> Option<u16> {
+        self.u16_at(self.header_len())
+    }
 }
 
 /// Why a stream could not be framed; the connection is closed.
@@ -124,14 +148,8 @@ pub fn check_fixed_header(frame: &Frame, version: Version) -> Result<(), FrameEr
     let bytes = frame.bytes();
     let packet_type = frame.packet_type();
     let flags = bytes[0] & 0x0f;
-    // The frame is exactly one packet: the type byte, 1 to 4 length bytes, the rest.
-    let length_bytes = 1 + bytes
-        .iter()
-        .skip(1)
-        .take(4)
-        .take_while(|b| *b & 0x80 != 0)
-        .count();
-    let remaining = bytes.len().saturating_sub(1 + length_bytes);
+    // The frame is exactly one packet: the fixed header, then the rest.
+    let remaining = bytes.len().saturating_sub(frame.header_len());
     let malformed = |what: String| Err(FrameError::Malformed(what));
     match packet_type {
         kind::PUBLISH => {
