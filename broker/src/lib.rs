@@ -24,4 +24,4 @@ pub mod server;
 pub mod tls;
 
 pub use config::BrokerConfig;
-pub use server::{Broker, StartError};
+pub use server::{Broker, LoadError, ReloadError, StartError};
