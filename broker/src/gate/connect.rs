@@ -326,7 +326,7 @@ impl GateSession {
     /// client saw is audited as such, never as accepted; an accepted connection that
     /// rumqttd ended (keepalive expiry, a newer connection of the client id, a packet
     /// it refused) is audited too. Idempotent.
-    pub fn finish(&mut self, ended: &str) {
+    pub(crate) fn finish(&mut self, ended: &str) {
         let record = if self.connect_pending.take().is_some() {
             tracing::info!(peer.id = %self.peer.spiffe.id, ended, "connection ended before CONNACK");
             self.record(Event::ConnectionClosed)
@@ -347,12 +347,12 @@ impl GateSession {
     /// True while the gate keeps the internal connection alive for a client that asked
     /// for keepalive 0: the relay calls [`Self::ping_broker`] every
     /// [`BROKER_PING_EVERY`](super::BROKER_PING_EVERY).
-    pub fn pings_broker(&self) -> bool {
+    pub(crate) fn pings_broker(&self) -> bool {
         self.gate_pings.is_some() && matches!(self.state, State::Connected(_))
     }
 
     /// Sends rumqttd a PINGREQ on the client's behalf; its PINGRESP is not forwarded.
-    pub fn ping_broker(&mut self, out: &mut Vec<Output>) {
+    pub(crate) fn ping_broker(&mut self, out: &mut Vec<Output>) {
         if let Some(pending) = self.gate_pings.as_mut()
             && matches!(self.state, State::Connected(_))
         {

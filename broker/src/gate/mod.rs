@@ -16,7 +16,8 @@ pub use audit::{AuditSink, AuditUnavailable};
 pub use frame::Version;
 pub use publish::PublishPacket;
 pub use rate::{RateGate, Unlimited};
-pub use session::{BROKER_PING_EVERY, CloseReason, GateSession, Output};
+pub(crate) use session::BROKER_PING_EVERY;
+pub use session::{CloseReason, GateSession, Output};
 
 #[cfg(test)]
 mod tests;

@@ -34,7 +34,7 @@ use crate::identity::PeerIdentity;
 const HEADER_ROOM: usize = 66_000;
 /// How often the gate pings rumqttd for a client with keepalive 0 (half the keepalive,
 /// well inside rumqttd's 1.5 x keepalive read timeout).
-pub const BROKER_PING_EVERY: Duration = Duration::from_secs(INTERNAL_KEEPALIVE_S as u64 / 2);
+pub(crate) const BROKER_PING_EVERY: Duration = Duration::from_secs(INTERNAL_KEEPALIVE_S as u64 / 2);
 
 /// What the relay must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,13 +199,13 @@ impl GateSession {
     /// the next CONNECT with the same client id then panicked while holding the
     /// will-handler lock (patched: `vendor/rumqttd/VITALMQ-PATCHES.md` 5). Waiting for
     /// CONNACK keeps rumqttd on its normal path anyway.
-    pub fn awaiting_broker_connack(&self) -> bool {
+    pub(crate) fn awaiting_broker_connack(&self) -> bool {
         matches!(self.state, State::Connected(_) | State::Closed)
             && self.opened_broker
             && !self.broker_connack_seen
     }
 
-    pub fn version(&self) -> Option<Version> {
+    pub(crate) fn version(&self) -> Option<Version> {
         match self.state {
             State::Connected(v) => Some(v),
             _ => None,
@@ -222,7 +222,7 @@ impl GateSession {
 
     /// True while a rate-limited PUBLISH waits: the relay pauses, then calls
     /// [`Self::on_client_bytes`] again (with or without new bytes) to retry it.
-    pub fn has_deferred(&self) -> bool {
+    pub(crate) fn has_deferred(&self) -> bool {
         self.deferred.is_some()
     }
 
@@ -288,7 +288,7 @@ impl GateSession {
     /// A new policy (or authorizer) is in force: forget cached answers, and close the
     /// connection if the identity may no longer connect or holds a subscription the new
     /// policy denies. Revocation takes effect at once, not at the next reconnect.
-    pub fn replace_authorizer(&mut self, authz: Arc<dyn Authorizer>, out: &mut Vec<Output>) {
+    pub(crate) fn replace_authorizer(&mut self, authz: Arc<dyn Authorizer>, out: &mut Vec<Output>) {
         self.authz = authz;
         self.publish_cache.clear();
         let limits = self.authz.limits(&self.peer);
@@ -324,7 +324,7 @@ impl GateSession {
     }
 
     /// The certificate of this connection is no longer valid (revoked, expired).
-    pub fn certificate_revoked(&mut self, why: &str, out: &mut Vec<Output>) {
+    pub(crate) fn certificate_revoked(&mut self, why: &str, out: &mut Vec<Output>) {
         let record = self
             .record(Event::ConnectionClosed)
             .action("connect")
