@@ -28,7 +28,8 @@ pub(super) enum ForwardFiltersError {
 /// The two filter requests, as decision kinds: how each is parsed and asked about,
 /// and what the session remembers of a forwarded one.
 pub(super) trait FilterKind: Kind + Sized {
-    fn parse(frame: Frame) -> Result<FilterPacket<Self>, FrameError>;
+    /// SUBSCRIBE (true) or UNSUBSCRIBE.
+    const SUBSCRIBE: bool;
     fn ask(
         authz: &dyn Authorizer,
         who: &PeerIdentity,
@@ -41,17 +42,7 @@ pub(super) trait FilterKind: Kind + Sized {
 }
 
 impl FilterKind for decision::Subscribe {
-    fn parse(frame: Frame) -> Result<FilterPacket<Self>, FrameError> {
-        let packet = match frame {
-            Frame::V311 { header, bytes } => v4::Subscribe::read(header, bytes)
-                .map(Packet::Subscribe311)
-                .map_err(|e| FrameError::Malformed(e.to_string()))?,
-            Frame::V5 { header, bytes } => v5::Subscribe::read(header, bytes)
-                .map(Packet::Subscribe5)
-                .map_err(|e| FrameError::Malformed(e.to_string()))?,
-        };
-        Ok(FilterPacket::new(packet))
-    }
+    const SUBSCRIBE: bool = true;
 
     fn ask(
         authz: &dyn Authorizer,
@@ -71,17 +62,7 @@ impl FilterKind for decision::Subscribe {
 }
 
 impl FilterKind for decision::Unsubscribe {
-    fn parse(frame: Frame) -> Result<FilterPacket<Self>, FrameError> {
-        let packet = match frame {
-            Frame::V311 { header, bytes } => v4::Unsubscribe::read(header, bytes)
-                .map(Packet::Unsubscribe311)
-                .map_err(|e| FrameError::Malformed(e.to_string()))?,
-            Frame::V5 { header, bytes } => v5::Unsubscribe::read(header, bytes)
-                .map(Packet::Unsubscribe5)
-                .map_err(|e| FrameError::Malformed(e.to_string()))?,
-        };
-        Ok(FilterPacket::new(packet))
-    }
+    const SUBSCRIBE: bool = false;
 
     fn ask(
         authz: &dyn Authorizer,
@@ -108,18 +89,33 @@ enum Packet {
 }
 
 /// A SUBSCRIBE (`K` = subscribe) or UNSUBSCRIBE (`K` = unsubscribe) in either protocol
-/// version; only `K::parse` makes one, so its packet matches its kind.
+/// version; only `parse` makes one, so its packet matches its kind.
 pub(super) struct FilterPacket<K> {
     packet: Packet,
     kind: PhantomData<fn() -> K>,
 }
 
 impl<K: FilterKind> FilterPacket<K> {
-    fn new(packet: Packet) -> Self {
-        Self {
+    fn parse(frame: Frame) -> Result<Self, FrameError> {
+        let malformed = |e: &dyn std::fmt::Display| FrameError::Malformed(e.to_string());
+        let packet = match (K::SUBSCRIBE, frame) {
+            (true, Frame::V311 { header, bytes }) => v4::Subscribe::read(header, bytes)
+                .map(Packet::Subscribe311)
+                .map_err(|e| malformed(&e)),
+            (true, Frame::V5 { header, bytes }) => v5::Subscribe::read(header, bytes)
+                .map(Packet::Subscribe5)
+                .map_err(|e| malformed(&e)),
+            (false, Frame::V311 { header, bytes }) => v4::Unsubscribe::read(header, bytes)
+                .map(Packet::Unsubscribe311)
+                .map_err(|e| malformed(&e)),
+            (false, Frame::V5 { header, bytes }) => v5::Unsubscribe::read(header, bytes)
+                .map(Packet::Unsubscribe5)
+                .map_err(|e| malformed(&e)),
+        }?;
+        Ok(Self {
             packet,
             kind: PhantomData,
-        }
+        })
     }
 
     fn pkid(&self) -> u16 {
@@ -234,7 +230,7 @@ impl GateSession {
             self.deferred = Some(frame);
             return out.push(Output::Pause(wait));
         }
-        let request = match decision::Subscribe::parse(frame) {
+        let request = match FilterPacket::<decision::Subscribe>::parse(frame) {
             Ok(r) => r,
             Err(e) => return self.refuse_unframeable(e, out),
         };
@@ -245,7 +241,7 @@ impl GateSession {
     }
 
     pub(super) fn unsubscribe(&mut self, frame: Frame, out: &mut Vec<Output>) {
-        let request = match decision::Unsubscribe::parse(frame) {
+        let request = match FilterPacket::<decision::Unsubscribe>::parse(frame) {
             Ok(r) => r,
             Err(e) => return self.refuse_unframeable(e, out),
         };
