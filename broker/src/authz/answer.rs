@@ -210,3 +210,37 @@ impl Denial {
         Self::new(DenyReason::NotAuthorized, rule)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_permit_covers_only_the_resource_it_was_granted_for() {
+        let permit = Ask::<kind::Publish>::new("devices/dev-00001/telemetry").grant("own");
+        assert_eq!(permit.rule(), "own");
+        assert!(permit.covers("devices/dev-00001/telemetry").is_ok());
+        let err = permit
+            .covers("devices/dev-00002/telemetry")
+            .expect_err("another topic");
+        assert_eq!(
+            err.to_string(),
+            "publish permit for \"devices/dev-00001/telemetry\" offered for \"devices/dev-00002/telemetry\""
+        );
+    }
+
+    #[test]
+    fn each_reason_names_its_audit_reason() {
+        for (reason, text) in [
+            (DenyReason::NotAuthorized, "not_authorized"),
+            (DenyReason::ClientIdMismatch, "client_id_mismatch"),
+            (DenyReason::EnhancedAuth, "enhanced_auth"),
+            (DenyReason::Oversized, "oversized"),
+            (DenyReason::RetainNotSupported, "retain_not_supported"),
+            (DenyReason::TooManyFilters, "too_many_filters"),
+            (DenyReason::RevokedByPolicy, "revoked_by_policy"),
+        ] {
+            assert_eq!(reason.as_str(), text);
+        }
+    }
+}

@@ -10,7 +10,7 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use vitalmq_audit::{Decision, Event};
 
-use super::frame::{Frame, FrameError};
+use super::frame::{Frame, FrameError, kind};
 use super::reply::{self, EncodeError};
 use super::session::{CloseReason, GateSession, Output, Pending};
 use crate::authz::{Authorizer, Denial, Kind, Misdirected, Permit, kind as decision};
@@ -314,58 +314,45 @@ impl GateSession {
         out.push(Output::ToClient(request.all_refused_over_quota()));
     }
 
-    /// rumqttd's SUBACK for a request with refused filters: its codes go back to the
-    /// positions of the forwarded filters, 0x80 (3.1.1) or 0x87 (5) everywhere else.
-    pub(super) fn merge_suback(&mut self, frame: Frame, out: &mut Vec<Output>) {
-        let merged =
-            match &frame {
-                Frame::V311 { header, bytes } => v4::SubAck::read(*header, bytes.clone())
-                    .ok()
-                    .and_then(|ack| {
-                        let pending = self.pending_subacks.remove(&ack.pkid)?;
-                        let codes = spread(
-                            &pending.forwarded,
-                            ack.return_codes,
-                            v4::SubscribeReasonCode::Failure,
-                        );
-                        Some(reply::suback_v311(ack.pkid, codes))
-                    }),
-                Frame::V5 { header, bytes } => v5::SubAck::read(*header, bytes.clone())
-                    .ok()
-                    .and_then(|ack| {
-                        let pending = self.pending_subacks.remove(&ack.pkid)?;
-                        let codes = spread(
-                            &pending.forwarded,
-                            ack.return_codes,
-                            v5::SubscribeReasonCode::NotAuthorized,
-                        );
-                        Some(reply::suback_v5(ack.pkid, codes, ack.properties))
-                    }),
-            };
+    /// rumqttd's SUBACK (or MQTT 5 UNSUBACK) for a request with refused filters: its
+    /// codes go back to the positions of the forwarded filters, 0x80 (3.1.1) or 0x87
+    /// (5) everywhere else. Other acknowledgements pass unchanged.
+    pub(super) fn merge_ack(&mut self, frame: Frame, out: &mut Vec<Output>) {
+        let merged = match frame.packet_type() {
+            kind::SUBACK => self.merged_suback(&frame),
+            _ => self.merged_unsuback(&frame),
+        };
         out.push(Output::ToClient(
             merged.unwrap_or_else(|| frame.bytes().clone()),
         ));
     }
 
-    /// rumqttd's MQTT 5 UNSUBACK, spread back as [`Self::merge_suback`] does.
-    pub(super) fn merge_unsuback(&mut self, frame: Frame, out: &mut Vec<Output>) {
-        let merged = match &frame {
-            Frame::V311 { .. } => None,
-            Frame::V5 { header, bytes } => v5::UnsubAck::read(*header, bytes.clone())
-                .ok()
-                .and_then(|ack| {
-                    let pending = self.pending_unsubacks.remove(&ack.pkid)?;
-                    let reasons = spread(
-                        &pending.forwarded,
-                        ack.reasons,
-                        v5::UnsubAckReason::NotAuthorized,
-                    );
-                    Some(reply::unsuback_v5(ack.pkid, reasons, ack.properties))
-                }),
+    fn merged_suback(&mut self, frame: &Frame) -> Option<Bytes> {
+        let pending = &mut self.pending_subacks;
+        Some(match frame {
+            Frame::V311 { header, bytes } => {
+                let ack = v4::SubAck::read(*header, bytes.clone()).ok()?;
+                let denied = v4::SubscribeReasonCode::Failure;
+                let codes = spread(pending, ack.pkid, ack.return_codes, denied)?;
+                reply::suback_v311(ack.pkid, codes)
+            }
+            Frame::V5 { header, bytes } => {
+                let ack = v5::SubAck::read(*header, bytes.clone()).ok()?;
+                let denied = v5::SubscribeReasonCode::NotAuthorized;
+                let codes = spread(pending, ack.pkid, ack.return_codes, denied)?;
+                reply::suback_v5(ack.pkid, codes, ack.properties)
+            }
+        })
+    }
+
+    fn merged_unsuback(&mut self, frame: &Frame) -> Option<Bytes> {
+        let Frame::V5 { header, bytes } = frame else {
+            return None;
         };
-        out.push(Output::ToClient(
-            merged.unwrap_or_else(|| frame.bytes().clone()),
-        ));
+        let ack = v5::UnsubAck::read(*header, bytes.clone()).ok()?;
+        let denied = v5::UnsubAckReason::NotAuthorized;
+        let reasons = spread(&mut self.pending_unsubacks, ack.pkid, ack.reasons, denied)?;
+        Some(reply::unsuback_v5(ack.pkid, reasons, ack.properties))
     }
 }
 
@@ -375,11 +362,19 @@ fn retain_forwarded<T>(items: &mut Vec<T>, forwarded: &[bool]) {
     items.retain(|_| keep.next().copied().unwrap_or(false));
 }
 
-/// Puts the broker's answers for forwarded filters back at their positions and `denied`
-/// everywhere else. A broker answer with too few codes leaves the rest denied.
-fn spread<T: Clone>(forwarded: &[bool], answers: Vec<T>, denied: T) -> Vec<T> {
+/// For a request `pkid` that had refused filters: the broker's answers for the
+/// forwarded ones back at their positions and `denied` everywhere else (a broker answer
+/// with too few codes leaves the rest denied). `None` when nothing was refused.
+fn spread<T: Clone>(
+    pending: &mut HashMap<u16, Pending>,
+    pkid: u16,
+    answers: Vec<T>,
+    denied: T,
+) -> Option<Vec<T>> {
+    let pending = pending.remove(&pkid)?;
     let mut answers = answers.into_iter();
-    forwarded
+    let spread = pending
+        .forwarded
         .iter()
         .map(|f| {
             if *f {
@@ -388,5 +383,6 @@ fn spread<T: Clone>(forwarded: &[bool], answers: Vec<T>, denied: T) -> Vec<T> {
                 denied.clone()
             }
         })
-        .collect()
+        .collect();
+    Some(spread)
 }

@@ -489,8 +489,7 @@ impl GateSession {
             kind::CONNACK if version == Version::V5 && self.assign_client_id => {
                 out.push(Output::ToClient(self.connack_assigning_id(frame)))
             }
-            kind::SUBACK => self.merge_suback(frame, out),
-            kind::UNSUBACK if version == Version::V5 => self.merge_unsuback(frame, out),
+            kind::SUBACK | kind::UNSUBACK => self.merge_ack(frame, out),
             kind::PUBLISH => self.deliver(frame, out),
             _ => out.push(Output::ToClient(frame.bytes().clone())),
         }
