@@ -9,7 +9,7 @@
 //! `Store::commit`, `Sequencer::adopt`. Only the MQTT hop is left out; device time is
 //! the clock, so the day takes minutes.
 //!
-//! The broker audit log has the broker's record shapes (`broker/src/gate/session.rs`):
+//! The broker audit log has the broker's record shapes (`broker/src/gate/`):
 //! every device connects at the start and reconnects every `--reconnect` seconds
 //! (jittered; wearables on mobile links), each alert change is delivered to two
 //! subscribers (the site's integrator and the operator). Its `at` times are device

@@ -70,7 +70,7 @@ impl Default for AcceptLimits {
 }
 
 impl AcceptLimits {
-    pub fn from_settings(settings: &TlsSettings) -> Self {
+    pub(crate) fn from_settings(settings: &TlsSettings) -> Self {
         Self {
             first_byte_timeout: settings.first_byte_timeout(),
             handshake_timeout: settings.handshake_timeout(),
@@ -203,10 +203,6 @@ impl Acceptor {
     pub fn with_registry(mut self, registry: watch::Receiver<Arc<DeviceRegistry>>) -> Self {
         self.registry = Some(registry);
         self
-    }
-
-    pub fn limits(&self) -> &AcceptLimits {
-        &self.limits
     }
 
     /// Handshakes `tcp` (accepted from `remote`) and authenticates the peer.

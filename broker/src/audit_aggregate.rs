@@ -26,17 +26,17 @@ use crate::gate::{AuditSink, AuditUnavailable};
 
 /// The kind of a refusal and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RefusalKey {
-    pub source: IpAddr,
+pub(crate) struct RefusalKey {
+    pub(crate) source: IpAddr,
     /// Coarse class (`tls`, `rate_limited`, `max_connections`, ...).
-    pub class: String,
+    pub(crate) class: String,
     /// The finer reason token the record carries.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// What to do with one refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     /// The first of its kind from its source this interval: write its record.
     Write,
     /// A repeat (or past the bound): counted into a summary.
@@ -45,7 +45,7 @@ pub enum Admit {
 
 /// A summary due at an interval's end.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Summary {
+pub(crate) enum Summary {
     /// `repeats` refusals of `key` after the one written.
     Repeats { key: RefusalKey, repeats: u64 },
     /// Refusals of keys beyond the bound, per class.
@@ -54,14 +54,14 @@ pub enum Summary {
 
 /// Counts per interval; see the module docs.
 #[derive(Debug)]
-pub struct Aggregator {
+pub(crate) struct Aggregator {
     max_sources: usize,
     repeats: HashMap<RefusalKey, u64>,
     overflow: BTreeMap<String, u64>,
 }
 
 impl Aggregator {
-    pub fn new(max_sources: usize) -> Self {
+    pub(crate) fn new(max_sources: usize) -> Self {
         Self {
             max_sources,
             repeats: HashMap::new(),
@@ -69,7 +69,7 @@ impl Aggregator {
         }
     }
 
-    pub fn offer(&mut self, key: RefusalKey) -> Admit {
+    pub(crate) fn offer(&mut self, key: RefusalKey) -> Admit {
         if let Some(n) = self.repeats.get_mut(&key) {
             *n += 1;
             return Admit::Counted;
@@ -83,7 +83,7 @@ impl Aggregator {
     }
 
     /// Ends the interval: the summaries to write, in a stable order.
-    pub fn flush(&mut self) -> Vec<Summary> {
+    pub(crate) fn flush(&mut self) -> Vec<Summary> {
         let mut repeats: Vec<Summary> = std::mem::take(&mut self.repeats)
             .into_iter()
             .filter(|(_, n)| *n > 0)
@@ -101,7 +101,7 @@ impl Aggregator {
     }
 
     /// Takes back a summary that could not be written, into the current interval.
-    pub fn carry(&mut self, summary: Summary) {
+    pub(crate) fn carry(&mut self, summary: Summary) {
         match summary {
             Summary::Repeats { key, repeats } => {
                 if let Some(n) = self.repeats.get_mut(&key) {
@@ -127,7 +127,7 @@ impl Aggregator {
 }
 
 /// The record of one refused connection, as the accept loop has always written it.
-pub fn refusal_record(remote: SocketAddr, class: &str, reason: &str) -> AuditRecord {
+pub(crate) fn refusal_record(remote: SocketAddr, class: &str, reason: &str) -> AuditRecord {
     AuditRecord::new(Component::Broker, Event::ConnectionRefused)
         .actor(Actor {
             addr: Some(remote.to_string()),
@@ -175,7 +175,7 @@ fn summary_record(summary: &Summary, interval: Duration, max_sources: usize) -> 
 
 /// Writes refusal records through an [`Aggregator`] (off when `interval` is zero).
 #[derive(Debug)]
-pub struct RefusalAudit {
+pub(crate) struct RefusalAudit {
     sink: Arc<dyn AuditSink>,
     interval: Duration,
     max_sources: usize,
@@ -183,7 +183,7 @@ pub struct RefusalAudit {
 }
 
 impl RefusalAudit {
-    pub fn new(sink: Arc<dyn AuditSink>, interval: Duration, max_sources: usize) -> Self {
+    pub(crate) fn new(sink: Arc<dyn AuditSink>, interval: Duration, max_sources: usize) -> Self {
         Self {
             sink,
             interval,
@@ -194,7 +194,7 @@ impl RefusalAudit {
 
     /// Audits one refused connection: its record now ([`Admit::Write`]), or a count for
     /// the summary ([`Admit::Counted`]).
-    pub fn refused(
+    pub(crate) fn refused(
         &self,
         remote: SocketAddr,
         class: &str,
@@ -222,7 +222,7 @@ impl RefusalAudit {
     }
 
     /// Writes the summaries of the interval that ends now.
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         let summaries = self
             .core
             .lock()
@@ -244,7 +244,7 @@ impl RefusalAudit {
     }
 
     /// Flushes at the end of every interval, and once more when `shutdown` turns.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         if self.interval.is_zero() {
             return;
         }

@@ -131,7 +131,7 @@ impl BrokerConfig {
     }
 
     /// Makes every relative path relative to `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);

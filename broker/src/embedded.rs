@@ -58,7 +58,7 @@ impl Default for EmbeddedSettings {
 
 /// The Topic Alias Maximum rumqttd advertises in its MQTT 5 CONNACK (which the gate
 /// passes on); the gate resolves client aliases itself and refuses larger ones.
-pub const TOPIC_ALIAS_MAXIMUM: u16 = rumqttd::TOPIC_ALIAS_MAX;
+pub(crate) const TOPIC_ALIAS_MAXIMUM: u16 = rumqttd::TOPIC_ALIAS_MAX;
 
 /// A running embedded rumqttd: its router thread, and one in-process server per MQTT
 /// version (rumqttd keeps pending will messages per server, so all connections of a
@@ -149,7 +149,7 @@ impl EmbeddedBroker {
     /// [`Self::connect`] for `client_id` once no other connection of that client id is
     /// being handed over (waiting at most `wait`); the caller holds the [`Handover`]
     /// until rumqttd's CONNACK or the end of the connection. See [`crate::handover`].
-    pub async fn hand_over(
+    pub(crate) async fn hand_over(
         &self,
         client_id: &str,
         version: Version,
@@ -163,7 +163,7 @@ impl EmbeddedBroker {
     /// for closing one: the caller holds the [`Handover`] until rumqttd has closed its
     /// end, so rumqttd has queued the old connection's disconnect before a new CONNECT
     /// of the client id can reach it (see [`crate::handover`]).
-    pub async fn hand_back(
+    pub(crate) async fn hand_back(
         &self,
         client_id: &str,
         wait: std::time::Duration,

@@ -19,18 +19,18 @@ type Slot = Arc<tokio::sync::Mutex<()>>;
 
 /// The client ids whose hand-over is under way (or waited for).
 #[derive(Debug, Default)]
-pub struct Handovers {
+pub(crate) struct Handovers {
     slots: Arc<Mutex<HashMap<String, Slot>>>,
 }
 
 /// Another connection of this client id did not finish its hand-over in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("another connection of this client id is still being handed over")]
-pub struct HandoverBusy;
+pub(crate) struct HandoverBusy;
 
 /// Held while a connection is being handed over; dropping it lets the next one start.
 #[derive(Debug)]
-pub struct Handover {
+pub(crate) struct Handover {
     slots: Arc<Mutex<HashMap<String, Slot>>>,
     client_id: String,
     slot: Slot,
@@ -40,7 +40,11 @@ pub struct Handover {
 impl Handovers {
     /// Waits (at most `wait`) until no other hand-over of `client_id` is under way.
     /// Waiters are served in arrival order (tokio's mutex is fair).
-    pub async fn begin(&self, client_id: &str, wait: Duration) -> Result<Handover, HandoverBusy> {
+    pub(crate) async fn begin(
+        &self,
+        client_id: &str,
+        wait: Duration,
+    ) -> Result<Handover, HandoverBusy> {
         let slot = Arc::clone(lock(&self.slots).entry(client_id.to_owned()).or_default());
         let mut handover = Handover {
             slots: Arc::clone(&self.slots),
@@ -56,13 +60,10 @@ impl Handovers {
         Ok(handover)
     }
 
-    /// Client ids with a hand-over under way or waited for (tests, metrics).
-    pub fn len(&self) -> usize {
-        lock(&self.slots).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// No client id has a hand-over under way or waited for.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        lock(&self.slots).is_empty()
     }
 }
 

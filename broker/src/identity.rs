@@ -166,21 +166,10 @@ pub fn cert_identity(
     })
 }
 
-/// The identity of a leaf certificate, with a CN-only identity's role resolved from
-/// `registry` (`None`: no registry, so a CN-only certificate is refused).
-pub fn identity_from_leaf(
-    der: &[u8],
-    trust_domain: &TrustDomain,
-    cn_fallback: bool,
-    registry: Option<&DeviceRegistry>,
-) -> Result<PeerIdentity, IdentityError> {
-    cert_identity(der, trust_domain, cn_fallback)?.resolve(trust_domain, registry)
-}
-
 impl CertIdentity {
     /// Turns what the certificate proves into a [`PeerIdentity`]; a CN-only identity
     /// gets its role from [`resolve_cn_role`].
-    pub fn resolve(
+    pub(crate) fn resolve(
         self,
         trust_domain: &TrustDomain,
         registry: Option<&DeviceRegistry>,
@@ -210,7 +199,7 @@ impl CertIdentity {
 /// The role of a CN-only identity: `device` if the registry lists it as a device,
 /// `gateway` / `integrator` if it is bound to a site as one. `None` if it is in none of
 /// the lists, or in more than one (ambiguous, so refused).
-pub fn resolve_cn_role(cn: &PrincipalId, registry: &DeviceRegistry) -> Option<Role> {
+pub(crate) fn resolve_cn_role(cn: &PrincipalId, registry: &DeviceRegistry) -> Option<Role> {
     let mut found = [
         (registry.device(&cn.to_device_id()).is_some(), Role::Device),
         (registry.gateway_site(cn).is_some(), Role::Gateway),
@@ -257,6 +246,17 @@ mod tests {
     use vitalmq_certs::{Ca, Validity};
 
     use super::*;
+
+    /// The identity of a leaf certificate, with a CN-only identity's role resolved from
+    /// `registry` (`None`: no registry, so a CN-only certificate is refused).
+    fn identity_from_leaf(
+        der: &[u8],
+        trust_domain: &TrustDomain,
+        cn_fallback: bool,
+        registry: Option<&DeviceRegistry>,
+    ) -> Result<PeerIdentity, IdentityError> {
+        cert_identity(der, trust_domain, cn_fallback)?.resolve(trust_domain, registry)
+    }
 
     fn td(s: &str) -> TrustDomain {
         TrustDomain::new(s).expect("trust domain")

@@ -11,18 +11,18 @@
 #![forbid(unsafe_code)]
 
 pub mod accept;
-pub mod audit_aggregate;
+mod audit_aggregate;
 pub mod authz;
 pub mod config;
 pub mod embedded;
 pub mod gate;
-pub mod handover;
+mod handover;
 pub mod identity;
 mod metrics_http;
 pub mod ratelimit;
 pub mod relay;
-pub mod server;
+mod server;
 pub mod tls;
 
 pub use config::BrokerConfig;
-pub use server::{Broker, StartError};
+pub use server::{Broker, LoadError, ReloadError, StartError};

@@ -16,7 +16,7 @@ use crate::gate::RateGate;
 
 /// The token buckets of one identity.
 #[derive(Debug)]
-pub struct IdentityRate {
+pub(crate) struct IdentityRate {
     messages: DefaultDirectRateLimiter,
     bytes: DefaultDirectRateLimiter,
     byte_burst: u32,
@@ -24,7 +24,7 @@ pub struct IdentityRate {
 }
 
 impl IdentityRate {
-    pub fn new(limits: &RoleLimits) -> Self {
+    pub(crate) fn new(limits: &RoleLimits) -> Self {
         let nz = |n: u64| {
             NonZeroU32::new(u32::try_from(n.max(1)).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN)
         };
@@ -81,7 +81,7 @@ pub struct RateRegistry {
 }
 
 impl RateRegistry {
-    pub fn for_identity(&self, id: &SpiffeId, limits: &RoleLimits) -> Arc<IdentityRate> {
+    pub(crate) fn for_identity(&self, id: &SpiffeId, limits: &RoleLimits) -> Arc<IdentityRate> {
         let mut map = self
             .by_identity
             .lock()

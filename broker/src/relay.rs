@@ -45,7 +45,7 @@ pub enum Ended {
 
 impl Ended {
     /// A short stable word for audit records.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Ended::ClientClosed => "client_closed",
             Ended::BrokerClosed => "broker_closed",

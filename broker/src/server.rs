@@ -25,10 +25,8 @@ use crate::tls::{self, TlsEdge};
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
-    Policy(String),
-    #[error("TLS: {0}")]
-    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error("audit log: {0}")]
     Audit(#[from] vitalmq_audit::AuditError),
     #[error(transparent)]
@@ -44,6 +42,31 @@ pub enum StartError {
     },
 }
 
+/// Why the policy, registry or TLS files could not be loaded; every message names
+/// the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The ACL policy or the device registry.
+    #[error(transparent)]
+    Policy(#[from] vitalmq_policies::PolicyErrors),
+    /// Certificates, keys, CAs or CRLs. Not chained as a source: the message already
+    /// ends with its cause, which an error report would otherwise print twice.
+    #[error("{0}")]
+    Tls(tls::TlsError),
+}
+
+/// Why a reload did not take effect; the policy in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("broker stopped")]
+    Stopped,
+}
+
+/// A reload request and where its outcome goes.
+type ReloadRequest = tokio::sync::oneshot::Sender<Result<(), LoadError>>;
+
 /// Everything one reload produces: all of it or none of it takes effect.
 struct Loaded {
     acl: Arc<AclPolicy>,
@@ -51,13 +74,13 @@ struct Loaded {
     edge: Arc<TlsEdge>,
 }
 
-fn load(config: &BrokerConfig) -> Result<Loaded, String> {
-    let acl = AclPolicy::load(&config.policy.acl).map_err(|e| e.to_string())?;
-    let registry = DeviceRegistry::load(&config.policy.registry).map_err(|e| e.to_string())?;
+fn load(config: &BrokerConfig) -> Result<Loaded, LoadError> {
+    let acl = AclPolicy::load(&config.policy.acl)?;
+    let registry = DeviceRegistry::load(&config.policy.registry)?;
     let mut tls_settings = config.tls.clone();
     // SPEC section 1: the CN fallback is a policy decision.
     tls_settings.cn_fallback = acl.cn_fallback();
-    let edge = tls::build(&tls_settings).map_err(|e| e.to_string())?;
+    let edge = tls::build(&tls_settings).map_err(LoadError::Tls)?;
     Ok(Loaded {
         acl: Arc::new(acl),
         registry: Arc::new(registry),
@@ -70,7 +93,7 @@ fn load(config: &BrokerConfig) -> Result<Loaded, String> {
 pub struct Broker {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
-    reload: mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    reload: mpsc::Sender<ReloadRequest>,
     tasks: Vec<JoinHandle<()>>,
     audit: Option<AuditLog>,
     /// Flushed once more at shutdown, after the tasks that may still count refusals.
@@ -83,7 +106,7 @@ impl Broker {
         config.max_connections = connection_budget(config.max_connections);
         config.embedded.max_connections =
             config.embedded.max_connections.max(config.max_connections);
-        let loaded = load(&config).map_err(StartError::Policy)?;
+        let loaded = load(&config)?;
         // The audit log names devices, sites and addresses, its key vouches for it:
         // owner-only. Its directory may be a shared log directory, so only the files
         // are checked.
@@ -212,13 +235,13 @@ impl Broker {
 
     /// Reloads policy, registry, certificates and CRLs now (what SIGHUP does). A broken
     /// file is refused with its error, and the policy in force stays.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(&self) -> Result<(), ReloadError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.reload
             .send(tx)
             .await
-            .map_err(|_| "broker stopped".to_owned())?;
-        rx.await.map_err(|_| "broker stopped".to_owned())?
+            .map_err(|_| ReloadError::Stopped)?;
+        Ok(rx.await.map_err(|_| ReloadError::Stopped)??)
     }
 
     /// Stops accepting, closes every connection and flushes the audit log.
@@ -363,7 +386,7 @@ struct Reloader {
 impl Reloader {
     async fn run(
         mut self,
-        mut requests: mpsc::Receiver<tokio::sync::oneshot::Sender<Result<(), String>>>,
+        mut requests: mpsc::Receiver<ReloadRequest>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         #[cfg(unix)]
@@ -395,7 +418,7 @@ impl Reloader {
         }
     }
 
-    fn reload(&mut self) -> Result<(), String> {
+    fn reload(&mut self) -> Result<(), LoadError> {
         match load(&self.config) {
             Ok(loaded) => {
                 let new_sha = loaded.acl.sha256_hex().to_owned();
@@ -420,7 +443,7 @@ impl Reloader {
                     AuditRecord::new(Component::Broker, Event::PolicyRejected)
                         .policy_sha256(self.acl_sha.clone())
                         .reason("invalid_policy")
-                        .detail("error", e.clone()),
+                        .detail("error", e.to_string()),
                 );
                 Err(e)
             }
@@ -430,7 +453,7 @@ impl Reloader {
 
 fn watch_files(
     config: &BrokerConfig,
-    reload: mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    reload: mpsc::Sender<ReloadRequest>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let files: Vec<PathBuf> = [config.policy.acl.clone(), config.policy.registry.clone()]

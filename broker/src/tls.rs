@@ -157,11 +157,6 @@ pub struct TlsEdge {
     pub verifier: Arc<SpiffeClientVerifier>,
 }
 
-/// Builds the server configuration (see [`build`]).
-pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
-    Ok(build(settings)?.server)
-}
-
 /// Reads the configured files and builds the TLS edge.
 pub fn build(settings: &TlsSettings) -> Result<TlsEdge, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -207,7 +202,7 @@ pub struct SpiffeClientVerifier {
 
 impl SpiffeClientVerifier {
     /// Reads the CA and CRL files of `settings`.
-    pub fn from_settings(
+    pub(crate) fn from_settings(
         settings: &TlsSettings,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, TlsError> {
@@ -244,16 +239,16 @@ impl SpiffeClientVerifier {
         })
     }
 
-    pub fn trust_domain(&self) -> &TrustDomain {
+    pub(crate) fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
 
-    pub fn cn_fallback(&self) -> bool {
+    pub(crate) fn cn_fallback(&self) -> bool {
         self.cn_fallback
     }
 
     /// Everything the handshake checks about a client chain, at time `now`.
-    pub fn verify_chain(
+    pub(crate) fn verify_chain(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -314,7 +309,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// The [`IdentityError`] inside a rustls error made by [`SpiffeClientVerifier`], if any.
-pub fn identity_error(error: &rustls::Error) -> Option<&IdentityError> {
+pub(crate) fn identity_error(error: &rustls::Error) -> Option<&IdentityError> {
     match error {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
             inner.downcast_ref::<IdentityError>()

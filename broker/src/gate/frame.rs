@@ -13,7 +13,7 @@ pub enum Version {
 }
 
 impl Version {
-    pub const fn as_str(self) -> &'static str {
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
             Self::V311 => "3.1.1",
             Self::V5 => "5",
@@ -23,7 +23,7 @@ impl Version {
 
 /// One complete packet: its type nibble, its parsed fixed header and its bytes.
 #[derive(Debug, Clone)]
-pub enum Frame {
+pub(crate) enum Frame {
     V311 {
         header: v4::FixedHeader,
         bytes: Bytes,
@@ -36,20 +36,44 @@ pub enum Frame {
 
 impl Frame {
     /// The MQTT control packet type (1 = CONNECT ... 15 = AUTH).
-    pub fn packet_type(&self) -> u8 {
+    pub(crate) fn packet_type(&self) -> u8 {
         self.bytes()[0] >> 4
     }
 
-    pub fn bytes(&self) -> &Bytes {
+    pub(crate) fn bytes(&self) -> &Bytes {
         match self {
             Self::V311 { bytes, .. } | Self::V5 { bytes, .. } => bytes,
         }
+    }
+
+    /// Length of the fixed header: the type byte and the 1 to 4 bytes of the remaining
+    /// length (the frame was validated by [`next_frame`]).
+    pub(crate) fn header_len(&self) -> usize {
+        2 + self
+            .bytes()
+            .iter()
+            .skip(1)
+            .take(4)
+            .take_while(|b| *b & 0x80 != 0)
+            .count()
+    }
+
+    /// The big-endian two bytes at `at`, if the packet is that long.
+    pub(crate) fn u16_at(&self, at: usize) -> Option<u16> {
+        self.bytes()
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// The packet id of an acknowledgement (PUBACK..PUBCOMP): right after the header.
+    pub(crate) fn ack_packet_id(&self) -> Option<u16> {
+        self.u16_at(self.header_len())
     }
 }
 
 /// Why a stream could not be framed; the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FrameError {
+pub(crate) enum FrameError {
     #[error("packet of {0} bytes exceeds the limit")]
     TooLarge(usize),
     #[error("malformed MQTT: {0}")]
@@ -59,26 +83,26 @@ pub enum FrameError {
 }
 
 /// Packet type numbers used by the gate.
-pub mod kind {
-    pub const CONNECT: u8 = 1;
-    pub const CONNACK: u8 = 2;
-    pub const PUBLISH: u8 = 3;
-    pub const PUBACK: u8 = 4;
-    pub const PUBREC: u8 = 5;
-    pub const PUBREL: u8 = 6;
-    pub const PUBCOMP: u8 = 7;
-    pub const SUBSCRIBE: u8 = 8;
-    pub const SUBACK: u8 = 9;
-    pub const UNSUBSCRIBE: u8 = 10;
-    pub const UNSUBACK: u8 = 11;
-    pub const PINGREQ: u8 = 12;
-    pub const PINGRESP: u8 = 13;
-    pub const DISCONNECT: u8 = 14;
-    pub const AUTH: u8 = 15;
+pub(crate) mod kind {
+    pub(crate) const CONNECT: u8 = 1;
+    pub(crate) const CONNACK: u8 = 2;
+    pub(crate) const PUBLISH: u8 = 3;
+    pub(crate) const PUBACK: u8 = 4;
+    pub(crate) const PUBREC: u8 = 5;
+    pub(crate) const PUBREL: u8 = 6;
+    pub(crate) const PUBCOMP: u8 = 7;
+    pub(crate) const SUBSCRIBE: u8 = 8;
+    pub(crate) const SUBACK: u8 = 9;
+    pub(crate) const UNSUBSCRIBE: u8 = 10;
+    pub(crate) const UNSUBACK: u8 = 11;
+    pub(crate) const PINGREQ: u8 = 12;
+    pub(crate) const PINGRESP: u8 = 13;
+    pub(crate) const DISCONNECT: u8 = 14;
+    pub(crate) const AUTH: u8 = 15;
 }
 
 /// Splits the next complete packet off `buf`, or `None` when more bytes are needed.
-pub fn next_frame(
+pub(crate) fn next_frame(
     buf: &mut BytesMut,
     version: Version,
     max_packet: usize,
@@ -120,18 +144,12 @@ pub fn next_frame(
 /// the remaining length of packets whose length the standard fixes (PINGREQ 0; in
 /// 3.1.1 DISCONNECT 0 and PUBACK..PUBCOMP 2; in 5 PUBACK..PUBCOMP at least 2). Either
 /// standard says to close the connection on such a packet (MQTT 5: Malformed Packet).
-pub fn check_fixed_header(frame: &Frame, version: Version) -> Result<(), FrameError> {
+pub(crate) fn check_fixed_header(frame: &Frame, version: Version) -> Result<(), FrameError> {
     let bytes = frame.bytes();
     let packet_type = frame.packet_type();
     let flags = bytes[0] & 0x0f;
-    // The frame is exactly one packet: the type byte, 1 to 4 length bytes, the rest.
-    let length_bytes = 1 + bytes
-        .iter()
-        .skip(1)
-        .take(4)
-        .take_while(|b| *b & 0x80 != 0)
-        .count();
-    let remaining = bytes.len().saturating_sub(1 + length_bytes);
+    // The frame is exactly one packet: the fixed header, then the rest.
+    let remaining = bytes.len().saturating_sub(frame.header_len());
     let malformed = |what: String| Err(FrameError::Malformed(what));
     match packet_type {
         kind::PUBLISH => {
@@ -179,7 +197,7 @@ pub fn check_fixed_header(frame: &Frame, version: Version) -> Result<(), FrameEr
 
 /// Reads the protocol level from a CONNECT at the start of `buf` without consuming it:
 /// `None` until enough bytes have arrived.
-pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, FrameError> {
+pub(crate) fn connect_version(buf: &[u8]) -> Result<Option<Version>, FrameError> {
     let Some(&first) = buf.first() else {
         return Ok(None);
     };

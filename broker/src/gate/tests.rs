@@ -16,7 +16,7 @@ use vitalmq_policies::{
 };
 
 use super::*;
-use crate::authz::{Authorizer, PolicyAuthorizer};
+use crate::authz::{Ask, Authorizer, Denial, Permit, PolicyAuthorizer, kind as decision};
 use crate::identity::{IdentitySource, PeerIdentity};
 
 const PASSWORD: &str = "internal-secret";
@@ -1252,4 +1252,83 @@ fn retained_telemetry_closes_the_connection_when_the_policy_refuses_it() {
             ))
         );
     }
+}
+
+/// Grants publishes (and so wills) on `site/` topics only; everything else by default.
+#[derive(Debug)]
+struct SiteOnly;
+
+impl Authorizer for SiteOnly {
+    fn connect(
+        &self,
+        _who: &PeerIdentity,
+        ask: Ask<'_, decision::Connect>,
+    ) -> Result<Permit<decision::Connect>, Denial> {
+        Ok(ask.grant("site-connect"))
+    }
+
+    fn publish(
+        &self,
+        _who: &PeerIdentity,
+        ask: Ask<'_, decision::Publish>,
+    ) -> Result<Permit<decision::Publish>, Denial> {
+        if ask.resource().starts_with("site/") {
+            Ok(ask.grant("site-publish"))
+        } else {
+            Err(Denial::not_authorized("site-only"))
+        }
+    }
+
+    fn subscribe(
+        &self,
+        _who: &PeerIdentity,
+        _ask: Ask<'_, decision::Subscribe>,
+    ) -> Result<Permit<decision::Subscribe>, Denial> {
+        Err(Denial::not_authorized("site-only"))
+    }
+
+    fn limits(&self, _who: &PeerIdentity) -> vitalmq_policies::RoleLimits {
+        *acl(|t| t).limits(Role::Device)
+    }
+
+    fn policy_sha256(&self) -> &str {
+        "00"
+    }
+}
+
+/// An authorizer of its own answers through its asks: its permits forward (the will
+/// by the default rule, a publish), its denials are audited with its rule.
+#[test]
+fn a_third_party_authorizer_grants_and_denies_through_its_asks() {
+    let audit = Arc::new(Audit::default());
+    let mut session = GateSession::new(
+        peer(Role::Device, "dev-00001"),
+        "127.0.0.1:5555",
+        Arc::new(SiteOnly),
+        audit.clone(),
+        Arc::new(Unlimited),
+        PASSWORD.into(),
+    );
+    let mut out = Vec::new();
+    session.on_client_bytes(
+        &mut BytesMut::from(&v4_connect("dev-00001", Some("site/will"))[..]),
+        &mut out,
+    );
+    assert_eq!(out.first(), Some(&Output::OpenBroker(Version::V311)));
+    let allowed = v4_publish("site/a", QoS::AtLeastOnce, 1, b"x");
+    out.clear();
+    session.on_client_bytes(&mut BytesMut::from(&allowed[..]), &mut out);
+    assert_eq!(to_broker(&out), vec![allowed]);
+    out.clear();
+    session.on_client_bytes(
+        &mut BytesMut::from(&v4_publish("other/a", QoS::AtLeastOnce, 2, b"x")[..]),
+        &mut out,
+    );
+    assert!(to_broker(&out).is_empty());
+    assert_eq!(closed(&out), Some("publish_denied"));
+    let records = audit.0.lock().expect("audit lock");
+    let denied = records.last().expect("a record");
+    assert_eq!(denied.event, Event::AuthorizationDenied);
+    assert_eq!(denied.rule.as_deref(), Some("site-only"));
+    assert_eq!(denied.reason.as_deref(), Some("not_authorized"));
 }

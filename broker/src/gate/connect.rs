@@ -1,0 +1,412 @@
+//! CONNECT and its outcome: the identity binding of the client id, connect and will
+//! authorization, the rewrite rumqttd sees (verified id, internal credentials), the
+//! CONNACK that decides whether the connection was accepted, and the keepalive the
+//! gate keeps for clients that asked for none.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+use vitalmq_audit::{Decision, Event};
+
+use super::frame::{Frame, FrameError, Version, kind};
+use super::reply;
+use super::session::{CloseReason, GateSession, Output, State};
+use crate::authz::{Denial, DenyReason, Kind as _, Misdirected, Permit, kind as decision};
+
+/// Keepalive the gate asks rumqttd for when the client asked for none (MQTT keepalive
+/// 0, which rumqttd refuses); the gate then keeps the internal connection alive itself
+/// with a PINGREQ every [`BROKER_PING_EVERY`](super::BROKER_PING_EVERY).
+pub(super) const INTERNAL_KEEPALIVE_S: u16 = 60;
+
+/// Why a permitted CONNECT could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ForwardConnectError {
+    #[error(transparent)]
+    Misdirected(#[from] Misdirected),
+    #[error("CONNECT carries a will on {0:?} but no will permit")]
+    WillWithoutPermit(String),
+    #[error(transparent)]
+    Encode(#[from] super::reply::EncodeError),
+}
+
+/// A CONNECT in either protocol version.
+pub(super) enum ConnectPacket {
+    V311(Box<v4::Connect>),
+    V5(Box<(v5::Connect, Option<v5::LastWill>, Option<v5::Login>)>),
+}
+
+impl ConnectPacket {
+    fn parse(frame: Frame) -> Result<Self, FrameError> {
+        match frame {
+            Frame::V311 { header, bytes } => v4::Connect::read(header, bytes)
+                .map(|c| Self::V311(Box::new(c)))
+                .map_err(|e| FrameError::Malformed(e.to_string())),
+            Frame::V5 { header, bytes } => v5::Connect::read(header, bytes)
+                .map(|(c, will, login)| Self::V5(Box::new((c, will, login))))
+                .map_err(|e| FrameError::Malformed(e.to_string())),
+        }
+    }
+
+    fn client_id(&self) -> &str {
+        match self {
+            Self::V311(c) => &c.client_id,
+            Self::V5(c) => &c.0.client_id,
+        }
+    }
+
+    /// MQTT 5 enhanced authentication (an authentication method) was asked for.
+    fn asks_enhanced_auth(&self) -> bool {
+        match self {
+            Self::V311(_) => false,
+            Self::V5(c) => {
+                c.0.properties
+                    .as_ref()
+                    .is_some_and(|p| p.authentication_method.is_some())
+            }
+        }
+    }
+
+    fn will_topic(&self) -> Option<String> {
+        match self {
+            Self::V311(c) => c.last_will.as_ref().map(|w| w.topic.clone()),
+            Self::V5(c) => {
+                c.1.as_ref()
+                    .map(|w| String::from_utf8_lossy(&w.topic).into_owned())
+            }
+        }
+    }
+
+    fn will_payload_len(&self) -> Option<usize> {
+        match self {
+            Self::V311(c) => c.last_will.as_ref().map(|w| w.message.len()),
+            Self::V5(c) => c.1.as_ref().map(|w| w.message.len()),
+        }
+    }
+
+    fn keep_alive(&self) -> u16 {
+        match self {
+            Self::V311(c) => c.keep_alive,
+            Self::V5(c) => c.0.keep_alive,
+        }
+    }
+
+    fn set_keep_alive(&mut self, seconds: u16) {
+        match self {
+            Self::V311(c) => c.keep_alive = seconds,
+            Self::V5(c) => c.0.keep_alive = seconds,
+        }
+    }
+
+    fn clean_session(&self) -> bool {
+        match self {
+            Self::V311(c) => c.clean_session,
+            Self::V5(c) => c.0.clean_start,
+        }
+    }
+
+    /// The CONNECT rumqttd gets, for the identity `permit` admits and the will `will`
+    /// allows: the client id bound to `id`, and the client's credentials replaced with
+    /// the gate's own (the permit's identity URI and the internal password), which
+    /// rumqttd's auth handler checks.
+    fn forward(
+        mut self,
+        permit: &Permit<decision::Connect>,
+        will: Option<&Permit<decision::Will>>,
+        id: &str,
+        password: &str,
+    ) -> Result<Bytes, ForwardConnectError> {
+        if let Some(topic) = self.will_topic() {
+            will.ok_or_else(|| ForwardConnectError::WillWithoutPermit(topic.clone()))?
+                .covers(&topic)?;
+        }
+        let username = permit.resource().to_owned();
+        let mut buf = BytesMut::new();
+        match &mut self {
+            Self::V311(c) => {
+                c.client_id = id.to_owned();
+                c.login = Some(v4::Login::new(username, password));
+                c.write(&mut buf).map_err(reply::EncodeError::from)?;
+            }
+            Self::V5(c) => {
+                c.0.client_id = id.to_owned();
+                c.2 = Some(v5::Login::new(username, password));
+                c.0.write(&c.1, &c.2, &mut buf)
+                    .map_err(reply::EncodeError::from)?;
+            }
+        }
+        Ok(buf.freeze())
+    }
+}
+
+impl GateSession {
+    pub(super) fn connect(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let mut connect = match ConnectPacket::parse(frame) {
+            Ok(c) => c,
+            Err(e) => return self.refuse_unframeable(e, out),
+        };
+        let claimed = connect.client_id().to_owned();
+        let permit = match self.admit(&connect) {
+            Ok(permit) => permit,
+            Err(denial) => {
+                let reason = denial.reason.as_str();
+                return self.connection_refused(version, reason, &claimed, denial, out);
+            }
+        };
+        let will = match self.admit_will(&connect) {
+            Ok(will) => will,
+            Err((resource, denial)) => {
+                self.audit_denial(decision::Will::ACTION, resource, &denial);
+                let reason = match denial.reason {
+                    DenyReason::Oversized => "will_too_large",
+                    _ => "will_not_authorized",
+                };
+                return self.connection_refused(version, reason, &claimed, denial, out);
+            }
+        };
+        if !self.audit.healthy() {
+            // Fail closed: nothing reaches rumqttd (not even a takeover of the client
+            // id's live session) while its acceptance could not be recorded.
+            tracing::error!(peer.id = %self.peer.spiffe.id, "audit log unavailable: connection refused");
+            out.push(Output::ToClient(reply::connack_unavailable(version)));
+            return self.audit_failed(out);
+        }
+        self.assign_client_id = claimed.is_empty();
+        self.clean_session = connect.clean_session();
+        if connect.keep_alive() == 0 {
+            // Valid MQTT ("no keepalive"), refused by rumqttd: the gate owns liveness.
+            connect.set_keep_alive(INTERNAL_KEEPALIVE_S);
+            self.gate_pings = Some(0);
+        }
+        let own_id = self.peer.spiffe.id.as_str().to_owned();
+        let encoded =
+            match connect.forward(&permit, will.as_ref(), &own_id, &self.internal_password) {
+                Ok(b) => b,
+                Err(e) => return self.close(out, CloseReason::new("internal", e.to_string())),
+            };
+        // Audited once rumqttd's CONNACK says how it went (`connack`), or when the
+        // connection ends before that (`finish`).
+        tracing::debug!(peer.id = %self.peer.spiffe.id, mqtt = version.as_str(), "CONNECT forwarded");
+        self.connect_pending = Some(permit);
+        self.state = State::Connected(version);
+        self.opened_broker = true;
+        out.push(Output::OpenBroker(version));
+        out.push(Output::ToBroker(encoded));
+    }
+
+    /// SPEC section 1 first (the client id is empty or the certificate's id), then
+    /// enhanced authentication (not offered), then the authorizer.
+    fn admit(&self, connect: &ConnectPacket) -> Result<Permit<decision::Connect>, Denial> {
+        let claimed = connect.client_id();
+        if !claimed.is_empty() && claimed != self.peer.spiffe.id.as_str() {
+            return Err(Denial::new(
+                DenyReason::ClientIdMismatch,
+                "client-id-binding",
+            ));
+        }
+        if connect.asks_enhanced_auth() {
+            return Err(Denial::new(DenyReason::EnhancedAuth, "enhanced-auth"));
+        }
+        self.authz.may_connect(&self.peer)
+    }
+
+    /// The will's permit (none without a will), or what was refused and why: the
+    /// authorizer's answer on its topic first, then its size against the role's limit.
+    fn admit_will(
+        &self,
+        connect: &ConnectPacket,
+    ) -> Result<Option<Permit<decision::Will>>, (String, Denial)> {
+        let Some(topic) = connect.will_topic() else {
+            return Ok(None);
+        };
+        let permit = match self.authz.may_will(&self.peer, &topic) {
+            Ok(permit) => permit,
+            Err(denial) => return Err((topic, denial)),
+        };
+        if let Some(len) = connect.will_payload_len().filter(|n| *n > self.max_payload) {
+            let denial = Denial::new(DenyReason::Oversized, "max-payload");
+            return Err((format!("{len} bytes"), denial));
+        }
+        Ok(Some(permit))
+    }
+
+    /// Audits a refused CONNECT as `reason`, answers with the CONNACK its denial calls
+    /// for and closes.
+    fn connection_refused(
+        &mut self,
+        version: Version,
+        reason: &str,
+        claimed: &str,
+        denial: Denial,
+        out: &mut Vec<Output>,
+    ) {
+        metrics::counter!("vitalmq_denials_total", "kind" => "connect").increment(1);
+        tracing::info!(peer.id = %self.peer.spiffe.id, reason, rule = %denial.rule, "connection refused");
+        let connack = match denial.reason {
+            DenyReason::EnhancedAuth => reply::connack_bad_auth_method(),
+            _ => reply::connack_not_authorized(version),
+        };
+        let mut record = self
+            .record(Event::ConnectionRefused)
+            .action(decision::Connect::ACTION)
+            .decision(Decision::Deny)
+            .reason(reason)
+            .rule(denial.rule);
+        if let Some(actor) = record.actor.as_mut() {
+            actor.client_id = Some(claimed.chars().take(128).collect());
+        }
+        let _ = self.audit.record(record);
+        out.push(Output::ToClient(connack));
+        self.close(out, CloseReason::new("connect_denied", reason.to_owned()));
+    }
+
+    /// rumqttd answered the forwarded CONNECT. Success: audit `connection_accepted`
+    /// and let the CONNACK through (false, and the connection closed, when the audit
+    /// log cannot take the record: no unaudited connection). Failure: audit the
+    /// refusal, pass the CONNACK on and close.
+    pub(super) fn connack(
+        &mut self,
+        version: Version,
+        frame: &Frame,
+        out: &mut Vec<Output>,
+    ) -> bool {
+        let Some(permit) = self.connect_pending.take() else {
+            return true;
+        };
+        let code = connack_code(frame);
+        if code == Some(0) {
+            let record = self
+                .record(Event::ConnectionAccepted)
+                .action(decision::Connect::ACTION)
+                .decision(Decision::Allow)
+                .rule(permit.rule().to_owned())
+                .detail("mqtt", version.as_str());
+            if self.audit.record(record).is_err() {
+                self.audit_failed(out);
+                return false;
+            }
+            self.accepted = true;
+            tracing::info!(peer.id = %self.peer.spiffe.id, peer.role = %self.peer.spiffe.role, mqtt = version.as_str(), "connected");
+            return true;
+        }
+        let code = code.map_or_else(|| "unreadable".to_owned(), |c| format!("0x{c:02x}"));
+        tracing::info!(peer.id = %self.peer.spiffe.id, code, "broker refused connection");
+        let record = self
+            .record(Event::ConnectionRefused)
+            .action(decision::Connect::ACTION)
+            .decision(Decision::Deny)
+            .reason("broker_refused")
+            .detail("connack", code.clone())
+            .detail("mqtt", version.as_str());
+        let _ = self.audit.record(record);
+        out.push(Output::ToClient(frame.bytes().clone()));
+        self.close(out, CloseReason::new("broker_refused", code));
+        false
+    }
+
+    /// An MQTT 5 client that sent an empty client id is told the id it was given
+    /// (the certificate's) in rumqttd's CONNACK.
+    pub(super) fn connack_assigning_id(&self, frame: Frame) -> Bytes {
+        let Frame::V5 { header, bytes } = frame else {
+            return frame.bytes().clone();
+        };
+        let Ok(mut ack) = v5::ConnAck::read(header, bytes.clone()) else {
+            return bytes;
+        };
+        let props = ack.properties.get_or_insert_with(empty_connack_properties);
+        props.assigned_client_identifier = Some(self.peer.spiffe.id.as_str().to_owned());
+        let mut buf = BytesMut::new();
+        match ack.write(&mut buf) {
+            Ok(_) => buf.freeze(),
+            Err(_) => bytes,
+        }
+    }
+
+    /// The relay is done with this connection (`ended` says why, e.g. `client_closed`).
+    /// A CONNECT that was forwarded but never answered with a successful CONNACK the
+    /// client saw is audited as such, never as accepted; an accepted connection that
+    /// rumqttd ended (keepalive expiry, a newer connection of the client id, a packet
+    /// it refused) is audited too. Idempotent.
+    pub(crate) fn finish(&mut self, ended: &str) {
+        let record = if self.connect_pending.take().is_some() {
+            tracing::info!(peer.id = %self.peer.spiffe.id, ended, "connection ended before CONNACK");
+            self.record(Event::ConnectionClosed)
+                .action(decision::Connect::ACTION)
+                .reason("closed_before_connack")
+                .detail("ended", ended.to_owned())
+        } else if self.accepted && ended == "broker_closed" {
+            self.record(Event::ConnectionClosed)
+                .reason("broker_closed")
+                .detail("ended", ended.to_owned())
+        } else {
+            return;
+        };
+        self.accepted = false;
+        let _ = self.audit.record(record);
+    }
+
+    /// True while the gate keeps the internal connection alive for a client that asked
+    /// for keepalive 0: the relay calls [`Self::ping_broker`] every
+    /// [`BROKER_PING_EVERY`](super::BROKER_PING_EVERY).
+    pub(crate) fn pings_broker(&self) -> bool {
+        self.gate_pings.is_some() && matches!(self.state, State::Connected(_))
+    }
+
+    /// Sends rumqttd a PINGREQ on the client's behalf; its PINGRESP is not forwarded.
+    pub(crate) fn ping_broker(&mut self, out: &mut Vec<Output>) {
+        if let Some(pending) = self.gate_pings.as_mut()
+            && matches!(self.state, State::Connected(_))
+        {
+            *pending = pending.saturating_add(1);
+            out.push(Output::ToBroker(Bytes::from_static(&[
+                kind::PINGREQ << 4,
+                0,
+            ])));
+        }
+    }
+
+    /// A PINGRESP from rumqttd answering the gate's own PINGREQ (`ping_broker`): it is
+    /// counted off and not passed to the client.
+    pub(super) fn own_pingresp(&mut self) -> bool {
+        match self.gate_pings.as_mut() {
+            Some(pending) if *pending > 0 => {
+                *pending -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The return code (3.1.1) or reason code (5) of a framed CONNACK.
+fn connack_code(frame: &Frame) -> Option<u8> {
+    match frame {
+        Frame::V311 { header, bytes } => v4::ConnAck::read(*header, bytes.clone())
+            .ok()
+            .map(|a| a.code as u8),
+        Frame::V5 { header, bytes } => v5::ConnAck::read(*header, bytes.clone())
+            .ok()
+            .map(|a| a.code as u8),
+    }
+}
+
+fn empty_connack_properties() -> v5::ConnAckProperties {
+    v5::ConnAckProperties {
+        session_expiry_interval: None,
+        receive_max: None,
+        max_qos: None,
+        retain_available: None,
+        max_packet_size: None,
+        assigned_client_identifier: None,
+        topic_alias_max: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+        wildcard_subscription_available: None,
+        subscription_identifiers_available: None,
+        shared_subscription_available: None,
+        server_keep_alive: None,
+        response_information: None,
+        server_reference: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
