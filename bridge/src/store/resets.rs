@@ -267,7 +267,7 @@ mod tests {
             let store = Store::open(dir.path()).expect("open");
             store
                 .conn
-                .execute_batch("DROP TABLE sequence_resets")
+                .execute_batch("DROP TABLE sequence_resets; PRAGMA user_version = 0;")
                 .expect("an older store");
         }
         let store = Store::open(dir.path()).expect("reopen");

@@ -1,5 +1,7 @@
 use super::*;
-use crate::window::{Accepted, WindowSize};
+use crate::gaps::{Gap, GapState};
+use crate::window::{Accepted, DeviceSequence, WindowSize};
+use vitalmq_envelope::DeviceId;
 
 fn event(device: &str, epoch: u64, seq: u64) -> NewEvent {
     let id = DeviceId::new(device).expect("id");
@@ -217,7 +219,7 @@ fn a_store_without_the_event_index_is_indexed_when_opened() {
         // As a store written before event_index existed.
         store
             .conn
-            .execute("DELETE FROM event_index WHERE position > 10", [])
+            .execute_batch("DELETE FROM event_index WHERE position > 10; PRAGMA user_version = 0;")
             .expect("delete");
         assert!(store.event_detail(&ids[4_999]).expect("lookup").is_none());
         ids
@@ -382,9 +384,9 @@ fn audit_cursors_are_per_sink_and_log_keep_the_pending_segment_and_survive_reope
         let store = Store::open(dir.path()).expect("open");
         store
             .conn
-            .execute(
-                "INSERT INTO audit_cursors (target, shipped_through) VALUES ('audit:objects', 41)",
-                [],
+            .execute_batch(
+                "INSERT INTO audit_cursors (target, shipped_through) VALUES ('audit:objects', 41);
+                 PRAGMA user_version = 0;",
             )
             .expect("legacy cursor");
     }
