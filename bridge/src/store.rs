@@ -210,7 +210,7 @@ mod write;
 pub use outbox::{AuditCursor, Cursor, ShippedAudit, StoredAlert};
 pub use resets::SequenceReset;
 pub use schema::EVENT_INDEX_BUCKET;
-pub use write::{Commit, NewAlert, NewEvent, Quarantined};
+pub use write::{Commit, NewAlert, Quarantined, RecordedEvent};
 
 #[cfg(test)]
 mod tests;

@@ -225,23 +225,7 @@ mod tests {
     fn an_event_stored_before_a_reset_is_a_duplicate_not_a_failed_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut store = Store::open(dir.path()).expect("open");
-        let dev = DeviceId::new("dev-00001").expect("id");
-        let event = |seq: u64| super::super::NewEvent {
-            event_id: crate::normalize::event_id(&dev, 1, seq),
-            device: dev.clone(),
-            site: "site-01".into(),
-            epoch: 1,
-            seq,
-            observed_at_ms: 1,
-            received_at_ms: 2,
-            verdict: "first_seen".into(),
-            broker: "b".into(),
-            publisher: "p".into(),
-            topic: "devices/dev-00001/telemetry".into(),
-            sha256_hex: "00".into(),
-            raw: bytes::Bytes::from_static(&[0xd2]),
-            normalized_json: "{}".into(),
-        };
+        let event = |seq: u64| super::super::write::test_events::event("dev-00001", 1, seq);
         for events in [vec![event(0)], vec![event(0), event(1)]] {
             store
                 .commit(&Commit {

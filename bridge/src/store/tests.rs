@@ -3,25 +3,7 @@ use crate::gaps::{Gap, GapState};
 use crate::window::{Accepted, DeviceSequence, WindowSize};
 use vitalmq_envelope::DeviceId;
 
-fn event(device: &str, epoch: u64, seq: u64) -> NewEvent {
-    let id = DeviceId::new(device).expect("id");
-    NewEvent {
-        event_id: crate::normalize::event_id(&id, epoch, seq),
-        device: id,
-        site: "site-01".into(),
-        epoch,
-        seq,
-        observed_at_ms: 1,
-        received_at_ms: 2,
-        verdict: "in_order".into(),
-        broker: "b".into(),
-        publisher: "p".into(),
-        topic: format!("devices/{device}/telemetry"),
-        sha256_hex: "00".into(),
-        raw: bytes::Bytes::from(vec![0xd2, seq as u8]),
-        normalized_json: format!("{{\"seq\":{seq}}}"),
-    }
-}
+use super::write::test_events::event;
 
 #[test]
 fn committed_state_survives_reopening() {
@@ -100,8 +82,7 @@ fn the_same_sequence_number_under_another_event_id_is_refused_too() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = Store::open(dir.path()).expect("open");
     let first = event("dev-00001", 1, 7);
-    let mut second = event("dev-00001", 1, 7);
-    second.event_id = "ev1-a-different-id".into();
+    let second = event("dev-00001", 1, 7).with_event_id("ev1-a-different-id");
     store
         .commit(&Commit {
             events: vec![first],
@@ -127,13 +108,13 @@ fn commit_events(store: &mut Store, n: u64) -> Vec<String> {
     let mut ids = Vec::new();
     let mut seq = 0;
     while seq < n {
-        let events: Vec<NewEvent> = (seq..(seq + 500).min(n))
-            .map(|s| NewEvent {
-                received_at_ms: 1_000 + 10 * s,
-                ..event(if s % 2 == 0 { "dev-00001" } else { "dev-00002" }, 1, s)
+        let events: Vec<RecordedEvent> = (seq..(seq + 500).min(n))
+            .map(|s| {
+                event(if s % 2 == 0 { "dev-00001" } else { "dev-00002" }, 1, s)
+                    .received_at(1_000 + 10 * s)
             })
             .collect();
-        ids.extend(events.iter().map(|e| e.event_id.clone()));
+        ids.extend(events.iter().map(|e| e.event_id().to_owned()));
         store
             .commit(&Commit {
                 events,

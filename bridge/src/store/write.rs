@@ -4,31 +4,197 @@
 use std::collections::HashMap;
 
 use rusqlite::{OptionalExtension as _, params};
-use vitalmq_envelope::DeviceId;
+use vitalmq_envelope::{DeviceId, Telemetry, Verified};
+use vitalmq_policies::{DeviceEntry, SiteId};
 
 use super::schema::{EVENT_INDEX_BUCKET, event_key};
 use super::{Store, StoreError, classify, i2u, u2i};
 use crate::gaps::{Gap, GapState};
-use crate::window::{DeviceSequence, WindowSize};
+use crate::normalize::{self, Receipt};
+use crate::plausible::Assessment;
+use crate::window::{Accepted, DeviceSequence, Verdict, WindowSize};
 
-/// An accepted message, both planes, as the recorder hands it to [`Store::commit`].
+/// An accepted message, both planes, as the recorder hands it to [`Store::commit`]: the
+/// only way an event reaches the store.
+///
+/// Only [`RecordedEvent::new`] makes one, from a [`Verified`]`<`[`Telemetry`]`>` and the
+/// sequence verdict: the raw plane is the exact bytes that were verified (shared with
+/// the `Verified` value, not copied), and the normalized plane, the event id, device,
+/// epoch and seq are derived from the verified value. Bytes that were never verified
+/// cannot be stored; the fields are private, so this does not compile:
+///
+/// ```compile_fail
+/// use vitalmq_bridge::store::RecordedEvent;
+///
+/// let forged = RecordedEvent {
+///     event_id: "ev1-00000000000000000000000000000000".to_owned(),
+///     device: vitalmq_envelope::DeviceId::new("dev-00001").unwrap(),
+///     site: vitalmq_policies::SiteId::new("site-01").unwrap(),
+///     epoch: 1,
+///     seq: 1,
+///     observed_at_ms: 0,
+///     received_at_ms: 0,
+///     verdict: "in_order".to_owned(),
+///     broker: String::new(),
+///     publisher: String::new(),
+///     topic: "devices/dev-00001/telemetry".to_owned(),
+///     sha256_hex: String::new(),
+///     raw: bytes::Bytes::from_static(b"never verified"),
+///     normalized_json: "{}".to_owned(),
+/// };
+/// ```
 #[derive(Debug, Clone)]
-pub struct NewEvent {
-    pub event_id: String,
-    pub device: DeviceId,
-    pub site: String,
-    pub epoch: u64,
-    pub seq: u64,
-    pub observed_at_ms: u64,
-    pub received_at_ms: u64,
-    /// Sequence verdict detail (`in_order`, `missing=3`, ...).
-    pub verdict: String,
-    pub broker: String,
-    pub publisher: String,
-    pub topic: String,
-    pub sha256_hex: String,
-    pub raw: bytes::Bytes,
-    pub normalized_json: String,
+pub struct RecordedEvent {
+    event_id: String,
+    device: DeviceId,
+    site: SiteId,
+    epoch: u64,
+    seq: u64,
+    observed_at_ms: u64,
+    received_at_ms: u64,
+    /// The stored form of the verdict (`in_order`, `missing=3`, ...).
+    verdict: String,
+    broker: String,
+    publisher: String,
+    topic: String,
+    sha256_hex: String,
+    raw: bytes::Bytes,
+    normalized_json: String,
+}
+
+impl RecordedEvent {
+    /// The event of an accepted message: `verdict` is what the sequence window said,
+    /// `entry` the device's registry entry, `receipt` where the bridge received it,
+    /// `assessment` what the plausibility and clock policies made of it.
+    pub fn new(
+        verified: &Verified<Telemetry>,
+        verdict: Accepted,
+        entry: &DeviceEntry,
+        receipt: &Receipt<'_>,
+        assessment: &Assessment,
+    ) -> Self {
+        let t: &Telemetry = verified;
+        let verdict = Verdict::Accept(verdict).to_string();
+        let normalized_json = normalize::normalize(verified, entry, receipt, &verdict, assessment);
+        Self {
+            event_id: normalize::event_id(&t.dev, t.epoch, t.seq),
+            device: t.dev.clone(),
+            site: entry.site.clone(),
+            epoch: t.epoch,
+            seq: t.seq,
+            observed_at_ms: assessment.observed_at_ms,
+            received_at_ms: receipt.received_at_ms,
+            verdict,
+            broker: receipt.broker.to_owned(),
+            publisher: receipt.publisher.to_owned(),
+            topic: receipt.topic.to_owned(),
+            sha256_hex: hex::encode(verified.message_sha256()),
+            raw: verified.message().clone(),
+            normalized_json,
+        }
+    }
+
+    /// The deterministic event id of `(device, epoch, seq)`.
+    pub fn event_id(&self) -> &str {
+        &self.event_id
+    }
+
+    pub fn device(&self) -> &DeviceId {
+        &self.device
+    }
+
+    /// The time the bridge relies on for the reading (see `plausible`).
+    pub fn observed_at_ms(&self) -> u64 {
+        self.observed_at_ms
+    }
+
+    /// The normalized event JSON (plane 2).
+    pub fn normalized_json(&self) -> &str {
+        &self.normalized_json
+    }
+
+    /// For tests of the store: the same event received at another time.
+    #[cfg(test)]
+    pub(crate) fn received_at(mut self, ms: u64) -> Self {
+        self.received_at_ms = ms;
+        self
+    }
+
+    /// For tests of the store: the same `(device, epoch, seq)` under another id, as
+    /// only a bug could make it.
+    #[cfg(test)]
+    pub(crate) fn with_event_id(mut self, event_id: &str) -> Self {
+        event_id.clone_into(&mut self.event_id);
+        self
+    }
+}
+
+/// Events for tests: signed by per-device keys made once, verified, recorded.
+#[cfg(test)]
+pub(crate) mod test_events {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::LazyLock;
+
+    use vitalmq_envelope::{
+        Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey, Telemetry,
+    };
+    use vitalmq_policies::{DeviceEntry, SiteId};
+
+    use super::RecordedEvent;
+    use crate::normalize::Receipt;
+    use crate::plausible::Assessment;
+    use crate::window::Accepted;
+
+    static DEVICES: LazyLock<HashMap<&'static str, (SigningKey, DeviceEntry)>> =
+        LazyLock::new(|| {
+            ["dev-00001", "dev-00002"]
+                .into_iter()
+                .map(|id| {
+                    let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+                    let entry = DeviceEntry {
+                        id: DeviceId::new(id).expect("id"),
+                        site: SiteId::new("site-01").expect("site"),
+                        patient_ref: "pt-7f3a".into(),
+                        key: key.verifying_key(),
+                        consent: None,
+                        processing_policy: None,
+                    };
+                    (id, (key, entry))
+                })
+                .collect()
+        });
+
+    /// `device`'s message `(epoch, seq)`, accepted in order and received at 2 ms.
+    pub(crate) fn event(device: &str, epoch: u64, seq: u64) -> RecordedEvent {
+        let (key, entry) = &DEVICES[device];
+        let telemetry = Telemetry {
+            dev: entry.id.clone(),
+            epoch,
+            seq,
+            ts: 1,
+            fw: "1.0.0".into(),
+            kind: MessageType::Vitals,
+            m: Some(BTreeMap::from([("spo2".to_owned(), Number::Int(97))])),
+            q: None,
+            model: None,
+            schema: None,
+            extra: BTreeMap::new(),
+        };
+        let bytes = vitalmq_envelope::sign(&telemetry, key).expect("sign");
+        let verified =
+            vitalmq_envelope::verify(&bytes, &AnyKid(entry.key.clone()), Some(&entry.id))
+                .expect("verify");
+        let topic = format!("devices/{device}/telemetry");
+        let receipt = Receipt {
+            received_at_ms: 2,
+            topic: &topic,
+            broker: "b",
+            publisher: "p",
+            bridge: "spiffe://test.vitalmq/bridge/bridge-01",
+        };
+        let assessment = Assessment::of(&verified, 2, &Default::default(), &Default::default());
+        RecordedEvent::new(&verified, Accepted::InOrder, entry, &receipt, &assessment)
+    }
 }
 
 /// A refused message kept for investigation.
@@ -61,7 +227,7 @@ pub struct NewAlert {
 /// Everything one batch changes, written in one transaction.
 #[derive(Debug, Default)]
 pub struct Commit {
-    pub events: Vec<NewEvent>,
+    pub events: Vec<RecordedEvent>,
     pub quarantine: Vec<Quarantined>,
     pub sequences: Vec<(DeviceId, DeviceSequence)>,
     pub gaps: Vec<(DeviceId, Gap)>,
@@ -193,7 +359,7 @@ impl Store {
                         e.event_id,
                         raw_id,
                         e.device.as_str(),
-                        e.site,
+                        e.site.as_str(),
                         u2i(e.epoch),
                         u2i(e.seq),
                         u2i(e.observed_at_ms),
