@@ -11,6 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use serde_json::{Value as Json, json};
+use vitalmq_bridge::sink::object::PartitionKey;
 use vitalmq_bridge::store::Store;
 
 #[derive(Debug, clap::Args)]
@@ -198,7 +199,7 @@ fn wanted(store: &Store, id: &str) -> anyhow::Result<Wanted> {
         let device = store
             .alert_history(id)?
             .first()
-            .and_then(|h| h["body"]["device"].as_str().map(suffix));
+            .and_then(|h| h.body["device"].as_str().map(suffix));
         return Ok(Wanted {
             device_suffixes: device.into_iter().collect(),
             alert: Some(id.to_owned()),
@@ -208,9 +209,9 @@ fn wanted(store: &Store, id: &str) -> anyhow::Result<Wanted> {
     let Some(e) = store.event_detail(id)? else {
         return Ok(Wanted::default());
     };
-    let until = e["received_at_ms"].as_u64().unwrap_or(0) + CLOCK_STEP_MARGIN_MS;
+    let until = e.received_at_ms.saturating_add(CLOCK_STEP_MARGIN_MS);
     Ok(Wanted {
-        device_suffixes: e["device"].as_str().map(suffix).into_iter().collect(),
+        device_suffixes: vec![suffix(e.device.as_str())],
         alert: None,
         stop_after: rfc3339(until).as_str().map(|t| t[..19].to_owned()),
     })
@@ -227,30 +228,38 @@ fn event_chain(
     near: Option<i64>,
     broker: Option<&BrokerAudit>,
 ) -> anyhow::Result<Option<Json>> {
-    let Some(mut e) = store.event_detail_near(event_id, near)? else {
+    let Some(detail) = store.event_detail_near(event_id, near)? else {
         return Ok(None);
     };
-    let received = rfc3339(e["received_at_ms"].as_u64().unwrap_or(0));
-    let position = e["position"].as_i64().unwrap_or(0);
+    let received = rfc3339(detail.received_at_ms);
+    let position = detail.position;
+    let partition = PartitionKey::new(
+        detail.site.as_str(),
+        detail.device.as_str(),
+        detail.received_at_ms,
+    )
+    .map(|key| key.name())
+    .unwrap_or_default();
     let sinks: Vec<Json> = store
         .sinks_past(position)?
         .into_iter()
         .map(|(sink, _)| {
-            let n = &e["normalized"];
-            let date = received.as_str().map(|t| t[..10].to_owned()).unwrap_or_default();
             json!({
                 "sink": sink,
-                "partition": format!("site={}/device={}/date={date}", n["site"].as_str().unwrap_or(""), n["device"].as_str().unwrap_or("")),
+                "partition": partition,
                 "note": "objects named <first>-<last> by outbox position; this event is position ".to_owned() + &position.to_string(),
             })
         })
         .collect();
+    let mut e = serde_json::to_value(&detail)?;
     e["received_at"] = received.clone();
-    e["raw"]["stored_in"] = json!({"bridge_store": format!("raw_messages row {}", e["raw"]["store_row"]), "sinks": sinks});
+    e["raw"]["stored_in"] = json!({"bridge_store": format!("raw_messages row {}", detail.raw.store_row), "sinks": sinks});
     if let Some(b) = broker
-        && let (Some(device), Some(at)) = (e["device"].as_str(), received.as_str())
+        && let Some(at) = received.as_str()
     {
-        e["publisher_certificate"] = b.publisher(device, at).unwrap_or(Json::Null);
+        e["publisher_certificate"] = b
+            .publisher(detail.device.as_str(), at)
+            .unwrap_or(Json::Null);
     }
     Ok(Some(e))
 }
@@ -266,7 +275,7 @@ fn trace_event(
     let alerts: Vec<Json> = store
         .alerts_citing(event_id)?
         .into_iter()
-        .map(|a| json!({"alert_id": a["alert_id"], "state": a["state"], "rule": a["body"]["rule"]}))
+        .map(|a| json!({"alert_id": a.alert_id, "state": a.state, "rule": a.body["rule"]}))
         .collect();
     Ok(Some(
         json!({"kind": "event", "event": event, "cited_by_alerts": alerts}),
@@ -282,16 +291,16 @@ fn trace_alert(
     let Some(first) = history.first() else {
         return Ok(None);
     };
-    let body = &first["body"];
+    let body = &first.body;
     // Each evidence id with the time of the first change citing it: the event was
     // received shortly before, which tells the store where to look first.
     let mut evidence_ids: Vec<(String, u64)> = Vec::new();
     for h in &history {
-        for id in h["body"]["evidence"].as_array().into_iter().flatten() {
+        for id in h.body["evidence"].as_array().into_iter().flatten() {
             if let Some(id) = id.as_str()
                 && !evidence_ids.iter().any(|(e, _)| e == id)
             {
-                let at = h["recorded_at_ms"].as_u64().unwrap_or(u64::MAX);
+                let at = h.recorded_at_ms;
                 evidence_ids.push((id.to_owned(), at));
             }
         }
@@ -308,10 +317,10 @@ fn trace_alert(
         .iter()
         .map(|h| {
             json!({
-                "state": h["state"], "severity": h["body"]["severity"], "topic": h["topic"],
-                "raised_at": h["body"]["raised_at"], "recorded_at": rfc3339(h["recorded_at_ms"].as_u64().unwrap_or(0)),
-                "value": h["body"]["value"], "threshold": h["body"]["threshold"],
-                "rule_version": h["body"]["rule_version"], "policy_sha256": h["body"]["policy_sha256"],
+                "state": h.state, "severity": h.body["severity"], "topic": h.topic,
+                "raised_at": h.body["raised_at"], "recorded_at": rfc3339(h.recorded_at_ms),
+                "value": h.body["value"], "threshold": h.body["threshold"],
+                "rule_version": h.body["rule_version"], "policy_sha256": h.body["policy_sha256"],
             })
         })
         .collect();

@@ -35,6 +35,33 @@ pub fn event_id(device: &DeviceId, epoch: u64, seq: u64) -> String {
     format!("ev1-{}", hex::encode(&digest[..16]))
 }
 
+/// An event id as stored and cited (`ev1-...`, see [`event_id`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct EventId(String);
+
+impl EventId {
+    /// The id of `(device, epoch, seq)`.
+    pub fn of(device: &DeviceId, epoch: u64, seq: u64) -> Self {
+        Self(event_id(device, epoch, seq))
+    }
+
+    /// An id read back from the store, which holds only ids it was given by [`event_id`].
+    pub(crate) fn stored(id: String) -> Self {
+        Self(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Where and how the bridge received a message.
 #[derive(Debug, Clone)]
 pub struct Receipt<'a> {

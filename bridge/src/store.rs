@@ -208,6 +208,10 @@ pub mod schema;
 mod write;
 
 pub use outbox::{AuditCursor, Cursor, ShippedAudit, StoredAlert};
+pub use read::{
+    AlertChangeRow, AlertRow, EventDetail, EventRow, GapRow, QuarantineRow, RawRef, StoreStats,
+    Tally,
+};
 pub use resets::SequenceReset;
 pub use schema::EVENT_INDEX_BUCKET;
 pub use write::{Commit, NewAlert, Quarantined, RecordedEvent};

@@ -235,8 +235,8 @@ mod tests {
                 .expect("commit");
         }
         let stats = store.stats().expect("stats");
-        assert_eq!(stats["events"], 2, "{stats}");
-        assert_eq!(stats["counters"]["duplicate"], 1, "{stats}");
+        assert_eq!(stats.events, 2, "{stats:?}");
+        assert_eq!(stats.counters.get("duplicate"), 1, "{stats:?}");
         let raw: i64 = store
             .conn
             .query_row("SELECT COUNT(*) FROM raw_messages", [], |r| r.get(0))
