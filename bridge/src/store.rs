@@ -26,8 +26,10 @@
 //! updated; `(device, epoch, seq)` is UNIQUE, so even a bug upstream cannot store an
 //! event twice. `event_index` finds an event by its id (see [`EVENT_INDEX_BUCKET`]).
 //! `u64` values (`epoch`, `seq`, gap bounds) are stored bit-cast to SQLite's `i64`;
-//! compare them in Rust, not in SQL.
-
+//! compare them in Rust, not in SQL. Events reach the planes only as [`RecordedEvent`]s,
+//! made from a `Verified<Telemetry>`: the raw plane holds the bytes that were verified.
+//! The store records its schema version (`PRAGMA user_version`) and is migrated forward
+//! when opened; a store newer than this code is refused ([`schema`]).
 //!
 //! The module is split by concept: [`schema`] (tables and their versions), `write` (the
 //! recorder's commit transaction and the state it loads at start), `outbox` (the sink and
