@@ -387,13 +387,7 @@ fn main() -> anyhow::Result<()> {
         let first = store.read_range(1, 1)?;
         let first = first.first().context("--broker-only: the store is empty")?;
         for a in store.list_alerts()? {
-            let text = |k: &str| a[k].as_str().unwrap_or("").to_owned();
-            changes.push((
-                a["created_at_ms"].as_u64().unwrap_or(0),
-                text("alert_id"),
-                text("state"),
-                text("topic"),
-            ));
+            changes.push((a.created_at_ms, a.alert_id, a.state, a.topic));
         }
         first.observed_at_ms
     } else {
@@ -499,7 +493,7 @@ fn main() -> anyhow::Result<()> {
     let mut event_ids = Vec::new();
     if let Some(id) = &alert
         && let Some(first) = store.alert_history(id)?.first()
-        && let Some(e) = first["body"]["evidence"][0].as_str()
+        && let Some(e) = first.body["evidence"][0].as_str()
     {
         event_ids.push(e.to_owned());
     }

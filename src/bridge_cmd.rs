@@ -97,11 +97,11 @@ impl StoreCommand {
         let store = open_existing(&d.data)?;
         let read = || -> anyhow::Result<((), serde_json::Map<String, serde_json::Value>)> {
             let rows = match &self {
-                Self::Stats(_) => vec![store.stats()?],
-                Self::Events(_) => store.list_events()?,
-                Self::Quarantine(_) => store.list_quarantine()?,
-                Self::Gaps(_) => store.list_gaps()?,
-                Self::Alerts(_) => store.list_alerts()?,
+                Self::Stats(_) => json_lines(&[store.stats()?])?,
+                Self::Events(_) => json_lines(&store.list_events()?)?,
+                Self::Quarantine(_) => json_lines(&store.list_quarantine()?)?,
+                Self::Gaps(_) => json_lines(&store.list_gaps()?)?,
+                Self::Alerts(_) => json_lines(&store.list_alerts()?)?,
                 // Returned above.
                 Self::ResetSequence(_) => Vec::new(),
             };
@@ -123,6 +123,14 @@ impl StoreCommand {
         }
         Ok(ExitCode::SUCCESS)
     }
+}
+
+/// Typed store rows as the JSON lines `vitalmq store` prints.
+fn json_lines<T: serde::Serialize>(rows: &[T]) -> anyhow::Result<Vec<String>> {
+    Ok(rows
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?)
 }
 
 /// Records a sequence reset request for the bridge (see `vitalmq_bridge::store::resets`)

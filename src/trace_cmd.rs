@@ -11,7 +11,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use serde_json::{Value as Json, json};
+use vitalmq_audit::{AuditRecord, Event};
+use vitalmq_bridge::sink::object::PartitionKey;
 use vitalmq_bridge::store::Store;
+use vitalmq_policies::{Role, SpiffeId};
 
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
@@ -74,12 +77,32 @@ fn trace(args: &TraceArgs, store: &Store) -> anyhow::Result<ExitCode> {
 /// for an event trace the time after which nothing can matter.
 #[derive(Debug, Default)]
 struct Wanted {
-    /// `/device/<id>"`: how a device's identity ends in a record's `actor.identity`.
+    /// The devices whose accepted connections matter.
+    devices: Vec<String>,
+    /// `/device/<id>"` of each: how its identity ends in a record's line, a cheap
+    /// filter before a line is parsed.
     device_suffixes: Vec<String>,
     /// The alert whose deliveries to list.
     alert: Option<String>,
     /// Stop reading at the first record stamped after this (RFC 3339, to the second).
     stop_after: Option<String>,
+}
+
+impl Wanted {
+    fn new(devices: Vec<String>, alert: Option<String>, stop_after: Option<String>) -> Self {
+        Self {
+            device_suffixes: devices.iter().map(|d| format!("/device/{d}\"")).collect(),
+            devices,
+            alert,
+            stop_after,
+        }
+    }
+}
+
+/// The device id of a device's SPIFFE identity (`spiffe://<trust domain>/device/<id>`).
+fn device_of(identity: &str) -> Option<String> {
+    let id = SpiffeId::parse(identity).ok()?;
+    (id.role == Role::Device).then(|| id.id.as_str().to_owned())
 }
 
 /// Records this far past the newest time a trace needs still get read: the log is in
@@ -89,7 +112,7 @@ const CLOCK_STEP_MARGIN_MS: u64 = 5 * 60 * 1000;
 /// The parts of the broker audit log a trace needs.
 struct BrokerAudit {
     /// Accepted connections: (identity, time, certificate serial, certificate SHA-256).
-    connections: Vec<(String, String, Json, Json)>,
+    connections: Vec<(String, String, Option<String>, Option<String>)>,
     /// Alert deliveries: alert id -> (identity, state, time).
     deliveries: BTreeMap<String, Vec<(String, String, String)>>,
 }
@@ -143,27 +166,27 @@ impl BrokerAudit {
             if !(accepted || delivered) {
                 continue;
             }
-            let Ok(r) = serde_json::from_str::<Json>(&line) else {
+            let Ok(r) = serde_json::from_str::<AuditRecord>(&line) else {
                 continue;
             };
-            let who = r["actor"]["identity"].as_str().unwrap_or("").to_owned();
-            let at = r["at"].as_str().unwrap_or("").to_owned();
-            if accepted {
-                audit.connections.push((
-                    who,
-                    at,
-                    r["actor"]["cert_serial"].clone(),
-                    r["actor"]["cert_sha256"].clone(),
-                ));
-            } else if let Some(id) = r["resource"].as_str()
-                && wanted.alert.as_deref() == Some(id)
+            let actor = r.actor.unwrap_or_default();
+            let who = actor.identity.unwrap_or_default();
+            if r.event == Event::ConnectionAccepted {
+                if device_of(&who).is_some_and(|d| wanted.devices.contains(&d)) {
+                    audit
+                        .connections
+                        .push((who, r.at, actor.cert_serial, actor.cert_sha256));
+                }
+            } else if r.event == Event::AlertDelivered
+                && let Some(id) = r.resource
+                && wanted.alert.as_deref() == Some(id.as_str())
             {
-                let state = r["reason"].as_str().unwrap_or("").to_owned();
+                let state = r.reason.unwrap_or_default();
                 audit
                     .deliveries
-                    .entry(id.to_owned())
+                    .entry(id)
                     .or_default()
-                    .push((who, state, at));
+                    .push((who, state, r.at));
             }
         }
         Ok(audit)
@@ -171,7 +194,6 @@ impl BrokerAudit {
 
     /// The last accepted connection of `device` at or before `at` (RFC 3339).
     fn publisher(&self, device: &str, at: &str) -> Option<Json> {
-        let suffix = format!("/device/{device}");
         // Compared as times: RFC 3339 text with and without fractional seconds does not
         // sort as text ("...:00Z" > "...:00.5Z").
         let parse = |t: &str| {
@@ -181,7 +203,7 @@ impl BrokerAudit {
         self.connections
             .iter()
             .rfind(|(who, when, _, _)| {
-                who.ends_with(&suffix) && parse(when).is_some_and(|w| w <= at)
+                device_of(who).as_deref() == Some(device) && parse(when).is_some_and(|w| w <= at)
             })
             .map(|(who, when, serial, sha)| {
                 json!({"identity": who, "connected_at": when, "cert_serial": serial, "cert_sha256": sha})
@@ -193,27 +215,26 @@ impl BrokerAudit {
 /// to the end: a delivery may come long after the change, to a subscriber that was
 /// offline), or the event's device up to its reception.
 fn wanted(store: &Store, id: &str) -> anyhow::Result<Wanted> {
-    let suffix = |device: &str| format!("/device/{device}\"");
     if id.starts_with("al-") {
         let device = store
             .alert_history(id)?
             .first()
-            .and_then(|h| h["body"]["device"].as_str().map(suffix));
-        return Ok(Wanted {
-            device_suffixes: device.into_iter().collect(),
-            alert: Some(id.to_owned()),
-            stop_after: None,
-        });
+            .and_then(|h| h.body["device"].as_str().map(str::to_owned));
+        return Ok(Wanted::new(
+            device.into_iter().collect(),
+            Some(id.to_owned()),
+            None,
+        ));
     }
     let Some(e) = store.event_detail(id)? else {
         return Ok(Wanted::default());
     };
-    let until = e["received_at_ms"].as_u64().unwrap_or(0) + CLOCK_STEP_MARGIN_MS;
-    Ok(Wanted {
-        device_suffixes: e["device"].as_str().map(suffix).into_iter().collect(),
-        alert: None,
-        stop_after: rfc3339(until).as_str().map(|t| t[..19].to_owned()),
-    })
+    let until = e.received_at_ms.saturating_add(CLOCK_STEP_MARGIN_MS);
+    Ok(Wanted::new(
+        vec![e.device.to_string()],
+        None,
+        rfc3339(until).as_str().map(|t| t[..19].to_owned()),
+    ))
 }
 
 fn rfc3339(ms: u64) -> Json {
@@ -227,30 +248,38 @@ fn event_chain(
     near: Option<i64>,
     broker: Option<&BrokerAudit>,
 ) -> anyhow::Result<Option<Json>> {
-    let Some(mut e) = store.event_detail_near(event_id, near)? else {
+    let Some(detail) = store.event_detail_near(event_id, near)? else {
         return Ok(None);
     };
-    let received = rfc3339(e["received_at_ms"].as_u64().unwrap_or(0));
-    let position = e["position"].as_i64().unwrap_or(0);
+    let received = rfc3339(detail.received_at_ms);
+    let position = detail.position;
+    let partition = PartitionKey::new(
+        detail.site.as_str(),
+        detail.device.as_str(),
+        detail.received_at_ms,
+    )
+    .map(|key| key.name())
+    .unwrap_or_default();
     let sinks: Vec<Json> = store
         .sinks_past(position)?
         .into_iter()
         .map(|(sink, _)| {
-            let n = &e["normalized"];
-            let date = received.as_str().map(|t| t[..10].to_owned()).unwrap_or_default();
             json!({
                 "sink": sink,
-                "partition": format!("site={}/device={}/date={date}", n["site"].as_str().unwrap_or(""), n["device"].as_str().unwrap_or("")),
+                "partition": partition,
                 "note": "objects named <first>-<last> by outbox position; this event is position ".to_owned() + &position.to_string(),
             })
         })
         .collect();
+    let mut e = serde_json::to_value(&detail)?;
     e["received_at"] = received.clone();
-    e["raw"]["stored_in"] = json!({"bridge_store": format!("raw_messages row {}", e["raw"]["store_row"]), "sinks": sinks});
+    e["raw"]["stored_in"] = json!({"bridge_store": format!("raw_messages row {}", detail.raw.store_row), "sinks": sinks});
     if let Some(b) = broker
-        && let (Some(device), Some(at)) = (e["device"].as_str(), received.as_str())
+        && let Some(at) = received.as_str()
     {
-        e["publisher_certificate"] = b.publisher(device, at).unwrap_or(Json::Null);
+        e["publisher_certificate"] = b
+            .publisher(detail.device.as_str(), at)
+            .unwrap_or(Json::Null);
     }
     Ok(Some(e))
 }
@@ -266,7 +295,7 @@ fn trace_event(
     let alerts: Vec<Json> = store
         .alerts_citing(event_id)?
         .into_iter()
-        .map(|a| json!({"alert_id": a["alert_id"], "state": a["state"], "rule": a["body"]["rule"]}))
+        .map(|a| json!({"alert_id": a.alert_id, "state": a.state, "rule": a.body["rule"]}))
         .collect();
     Ok(Some(
         json!({"kind": "event", "event": event, "cited_by_alerts": alerts}),
@@ -282,16 +311,16 @@ fn trace_alert(
     let Some(first) = history.first() else {
         return Ok(None);
     };
-    let body = &first["body"];
+    let body = &first.body;
     // Each evidence id with the time of the first change citing it: the event was
     // received shortly before, which tells the store where to look first.
     let mut evidence_ids: Vec<(String, u64)> = Vec::new();
     for h in &history {
-        for id in h["body"]["evidence"].as_array().into_iter().flatten() {
+        for id in h.body["evidence"].as_array().into_iter().flatten() {
             if let Some(id) = id.as_str()
                 && !evidence_ids.iter().any(|(e, _)| e == id)
             {
-                let at = h["recorded_at_ms"].as_u64().unwrap_or(u64::MAX);
+                let at = h.recorded_at_ms;
                 evidence_ids.push((id.to_owned(), at));
             }
         }
@@ -308,10 +337,10 @@ fn trace_alert(
         .iter()
         .map(|h| {
             json!({
-                "state": h["state"], "severity": h["body"]["severity"], "topic": h["topic"],
-                "raised_at": h["body"]["raised_at"], "recorded_at": rfc3339(h["recorded_at_ms"].as_u64().unwrap_or(0)),
-                "value": h["body"]["value"], "threshold": h["body"]["threshold"],
-                "rule_version": h["body"]["rule_version"], "policy_sha256": h["body"]["policy_sha256"],
+                "state": h.state, "severity": h.body["severity"], "topic": h.topic,
+                "raised_at": h.body["raised_at"], "recorded_at": rfc3339(h.recorded_at_ms),
+                "value": h.body["value"], "threshold": h.body["threshold"],
+                "rule_version": h.body["rule_version"], "policy_sha256": h.body["policy_sha256"],
             })
         })
         .collect();
@@ -521,11 +550,7 @@ mod tests {
                 Some("al-a"),
             ),
         ]);
-        let wanted = Wanted {
-            device_suffixes: vec!["/device/dev-1\"".into()],
-            alert: Some("al-a".into()),
-            stop_after: None,
-        };
+        let wanted = Wanted::new(vec!["dev-1".into()], Some("al-a".into()), None);
         let audit = BrokerAudit::read(f.path(), &wanted).expect("read");
         // dev-12 shares dev-1's prefix but is another device.
         assert_eq!(audit.connections.len(), 1);
@@ -555,11 +580,11 @@ mod tests {
             line(2, "2030-01-01T00:10:01Z", "connection_accepted", DEV1, None),
             "not a record, never read".to_owned(),
         ]);
-        let wanted = Wanted {
-            device_suffixes: vec!["/device/dev-1\"".into()],
-            alert: None,
-            stop_after: Some("2030-01-01T00:10:00".into()),
-        };
+        let wanted = Wanted::new(
+            vec!["dev-1".into()],
+            None,
+            Some("2030-01-01T00:10:00".into()),
+        );
         let audit = BrokerAudit::read(f.path(), &wanted).expect("read");
         let times: Vec<&str> = audit.connections.iter().map(|c| c.1.as_str()).collect();
         // Same second as the bound: kept (the bound is to the second).

@@ -792,7 +792,7 @@ fn impossible_readings_and_skewed_clocks_are_stored_marked_and_raise_no_clinical
             assert!(Instant::now() < deadline, "event {i} not stored");
             std::thread::sleep(Duration::from_millis(100));
         };
-        let event = &detail["normalized"];
+        let event = &detail.normalized;
         let implausible = [0, 3, 4].contains(&i);
         assert_eq!(
             event["implausible"]["spo2"]["unit"].as_str(),

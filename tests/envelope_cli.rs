@@ -365,7 +365,7 @@ fn the_cli_and_the_bridge_agree_on_every_probe() {
                 assert_eq!(cli.code, Some(0), "probe {i}: {}{}", cli.stdout, cli.stderr);
                 assert_eq!(cli_json["verdict"], json!("accepted"), "probe {i}");
                 let event: Json =
-                    serde_json::from_str(&out.commit.events[0].normalized_json).expect("event");
+                    serde_json::from_str(out.commit.events[0].normalized_json()).expect("event");
                 assert_eq!(cli_json["payload"]["m"], event["m"], "probe {i}");
                 assert_eq!(cli_json["payload"]["ts"], event["ts"], "probe {i}");
                 let marks = &cli_json["marks"];

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{Ran, run, temp_dir, vitalmq_ok};
 use serde_json::Value;
-use vitalmq_bridge::store::{Commit, NewEvent, Store};
+use vitalmq_bridge::store::{Commit, RecordedEvent, Store};
 use vitalmq_envelope::DeviceId;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -177,29 +177,66 @@ fn a_failed_action_is_recorded_with_its_error() {
     assert!(error.contains("dev-99999"), "{error}");
 }
 
-/// A bridge data directory with a store holding one event.
+/// A bridge data directory with a store holding one event (signed, verified and
+/// recorded as the bridge does).
 fn store_with_one_event(dir: &Path) -> (PathBuf, String) {
+    use vitalmq_bridge::normalize::Receipt;
+    use vitalmq_bridge::plausible::Assessment;
+    use vitalmq_bridge::window::Accepted;
+    use vitalmq_envelope::{Algorithm, AnyKid, MessageType, Number, SigningKey, Telemetry};
+    use vitalmq_policies::{DeviceEntry, SiteId};
+
     let data = dir.join("data");
     let mut store = Store::open(&data).expect("store");
-    let event_id = "ev1-operator-audit-test".to_owned();
+    let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+    let entry = DeviceEntry {
+        id: DeviceId::new("dev-00001").expect("device id"),
+        site: SiteId::new("site-01").expect("site"),
+        patient_ref: "pt-operator-audit".into(),
+        key: key.verifying_key(),
+        consent: None,
+        processing_policy: None,
+    };
+    let telemetry = Telemetry {
+        dev: entry.id.clone(),
+        epoch: 1,
+        seq: 0,
+        ts: 1_700_000_000_000,
+        fw: "1.0.0".into(),
+        kind: MessageType::Vitals,
+        m: Some([("spo2".to_owned(), Number::Int(97))].into()),
+        q: None,
+        model: None,
+        schema: None,
+        extra: Default::default(),
+    };
+    let message = vitalmq_envelope::sign(&telemetry, &key).expect("sign");
+    let verified = vitalmq_envelope::verify(&message, &AnyKid(entry.key.clone()), Some(&entry.id))
+        .expect("verify");
+    let receipt = Receipt {
+        received_at_ms: 1_700_000_000_100,
+        topic: "devices/dev-00001/telemetry",
+        broker: "127.0.0.1:1",
+        publisher: "spiffe://demo.vitalmq/device/dev-00001",
+        bridge: "spiffe://demo.vitalmq/bridge/bridge-01",
+    };
+    let assessment = Assessment::of(
+        &verified,
+        receipt.received_at_ms,
+        &Default::default(),
+        &Default::default(),
+    );
+    let event = RecordedEvent::new(
+        &verified,
+        Accepted::FirstSeen,
+        &entry,
+        &receipt,
+        &assessment,
+    );
+    let event_id = event.event_id().to_owned();
     store
         .commit(&Commit {
-            events: vec![NewEvent {
-                event_id: event_id.clone(),
-                device: DeviceId::new("dev-00001").expect("device id"),
-                site: "site-01".into(),
-                epoch: 1,
-                seq: 0,
-                observed_at_ms: 1_700_000_000_000,
-                received_at_ms: 1_700_000_000_100,
-                verdict: "in_order".into(),
-                broker: "127.0.0.1:1".into(),
-                publisher: "spiffe://demo.vitalmq/device/dev-00001".into(),
-                topic: "devices/dev-00001/telemetry".into(),
-                sha256_hex: "00".repeat(32),
-                raw: bytes::Bytes::from_static(b"raw"),
-                normalized_json: r#"{"device":"dev-00001","m":{"spo2":97}}"#.into(),
-            }],
+            events: vec![event],
             now_ms: 1_700_000_000_100,
             ..Commit::default()
         })

@@ -16,9 +16,9 @@ use vitalmq_policies::{DeviceRegistry, RuleSet};
 
 use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
 use crate::gaps::{Gap, OpenGaps};
-use crate::normalize::{self, Receipt};
+use crate::normalize::Receipt;
 use crate::plausible::Assessment;
-use crate::store::{Commit, NewAlert, NewEvent, Quarantined};
+use crate::store::{Commit, NewAlert, Quarantined, RecordedEvent};
 use crate::window::{self, Accepted, DeviceSequence, ReceiptPoint, Rejected, Verdict, WindowSize};
 
 /// A message as it came off the broker.
@@ -79,7 +79,7 @@ pub fn verify<T>(registry: &DeviceRegistry, incoming: Incoming<T>) -> Checked<T>
         Ok(d) => d,
         Err(_) => return refused(incoming, None, ReasonClass::Malformed, "topic device id"),
     };
-    match vitalmq_envelope::verify(&incoming.payload, registry, Some(&device)) {
+    match vitalmq_envelope::verify_bytes(&incoming.payload, registry, Some(&device)) {
         Err(refusal) => Checked::Refused {
             incoming,
             device: Some(device),
@@ -307,8 +307,6 @@ impl Sequencer {
                     commit
                         .gaps
                         .extend(changed.into_iter().map(|g| (device.clone(), g)));
-                    let verdict_text = Verdict::Accept(accepted).to_string();
-                    let sha = hex::encode(verified.message_sha256());
                     let publisher = publisher_of(&incoming.topic);
                     let receipt = Receipt {
                         received_at_ms: incoming.received_at_ms,
@@ -316,7 +314,6 @@ impl Sequencer {
                         broker: &origin.broker,
                         publisher: &publisher,
                         bridge: &origin.bridge,
-                        verdict: &verdict_text,
                     };
                     let assessment = match &self.rules {
                         Some(r) => Assessment::of(
@@ -332,9 +329,9 @@ impl Sequencer {
                             &Default::default(),
                         ),
                     };
-                    let normalized_json =
-                        normalize::normalize(&verified, entry, &receipt, &assessment);
-                    let event_id = normalize::event_id(&device, epoch, seq);
+                    let event =
+                        RecordedEvent::new(&verified, accepted, entry, &receipt, &assessment);
+                    let event_id = event.event_id().to_owned();
                     if let Some(rules) = &self.rules
                         && verified.kind == MessageType::Vitals
                     {
@@ -347,22 +344,7 @@ impl Sequencer {
                             .extend(changes.iter().map(|c| new_alert(c, now_ms)));
                         alerted.insert(device.clone());
                     }
-                    commit.events.push(NewEvent {
-                        event_id: event_id.clone(),
-                        device: device.clone(),
-                        site: entry.site.to_string(),
-                        epoch,
-                        seq,
-                        observed_at_ms: assessment.observed_at_ms,
-                        received_at_ms: incoming.received_at_ms,
-                        verdict: verdict_text,
-                        broker: origin.broker.clone(),
-                        publisher,
-                        topic: incoming.topic,
-                        sha256_hex: sha,
-                        raw: incoming.payload,
-                        normalized_json,
-                    });
+                    commit.events.push(event);
                     dispositions.push((
                         Disposition::Accepted {
                             device,

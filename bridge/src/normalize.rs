@@ -35,6 +35,33 @@ pub fn event_id(device: &DeviceId, epoch: u64, seq: u64) -> String {
     format!("ev1-{}", hex::encode(&digest[..16]))
 }
 
+/// An event id as stored and cited (`ev1-...`, see [`event_id`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct EventId(String);
+
+impl EventId {
+    /// The id of `(device, epoch, seq)`.
+    pub fn of(device: &DeviceId, epoch: u64, seq: u64) -> Self {
+        Self(event_id(device, epoch, seq))
+    }
+
+    /// An id read back from the store, which holds only ids it was given by [`event_id`].
+    pub(crate) fn stored(id: String) -> Self {
+        Self(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Where and how the bridge received a message.
 #[derive(Debug, Clone)]
 pub struct Receipt<'a> {
@@ -46,8 +73,6 @@ pub struct Receipt<'a> {
     pub publisher: &'a str,
     /// This bridge's identity.
     pub bridge: &'a str,
-    /// Sequence verdict detail.
-    pub verdict: &'a str,
 }
 
 /// RFC 3339 UTC text of a Unix time in milliseconds, `None` when out of range.
@@ -75,6 +100,7 @@ pub fn normalize(
     verified: &Verified<Telemetry>,
     device: &DeviceEntry,
     receipt: &Receipt<'_>,
+    verdict: &str,
     assessment: &Assessment,
 ) -> String {
     let t: &Telemetry = verified;
@@ -105,7 +131,7 @@ pub fn normalize(
             broker: receipt.broker,
             publisher: receipt.publisher,
             bridge: receipt.bridge,
-            sequence: receipt.verdict,
+            sequence: verdict,
             transformation: TRANSFORMATION,
             consent: device.consent.as_deref(),
             processing_policy: device.processing_policy.as_deref(),
@@ -273,7 +299,7 @@ mod tests {
                 "broker": receipt.broker,
                 "publisher": receipt.publisher,
                 "bridge": receipt.bridge,
-                "sequence": receipt.verdict,
+                "sequence": "in_order",
                 "transformation": TRANSFORMATION,
                 "consent": device.consent,
                 "processing_policy": device.processing_policy,
@@ -335,7 +361,6 @@ mod tests {
             broker: "127.0.0.1:8883",
             publisher: "spiffe://test.vitalmq/device/dev-00042",
             bridge: "spiffe://test.vitalmq/bridge/bridge-01",
-            verdict: "in_order",
         }
     }
 
@@ -405,7 +430,7 @@ mod tests {
                 for consent in [Some("care".to_owned()), None] {
                     entry.consent = consent;
                     entry.processing_policy = Some("retain-10y".into());
-                    let new = normalize(&verified, &entry, &receipt(), &a);
+                    let new = normalize(&verified, &entry, &receipt(), "in_order", &a);
                     assert_eq!(
                         new,
                         normalize_via_value(&verified, &entry, &receipt(), &a),
@@ -423,7 +448,7 @@ mod tests {
         let low = -(1i128 << 64);
         t.m = Some(BTreeMap::from([("x".to_owned(), Number::Int(low))]));
         let (verified, entry) = signed(&t, Algorithm::EdDsa);
-        let json = normalize(&verified, &entry, &receipt(), &assessed(&t));
+        let json = normalize(&verified, &entry, &receipt(), "in_order", &assessed(&t));
         assert!(
             json.contains(r#""m":{"x":-18446744073709551616}"#),
             "{json}"
@@ -455,9 +480,14 @@ mod tests {
                 ("pulse".to_owned(), Number::Int(72)),
             ]));
             let (verified, entry) = signed(&t, Algorithm::EdDsa);
-            let event: Json =
-                serde_json::from_str(&normalize(&verified, &entry, &receipt(), &assessed(&t)))
-                    .expect("json");
+            let event: Json = serde_json::from_str(&normalize(
+                &verified,
+                &entry,
+                &receipt(),
+                "in_order",
+                &assessed(&t),
+            ))
+            .expect("json");
             let expected = if direction.is_some() {
                 rfc3339_ms(received)
             } else {
@@ -479,7 +509,7 @@ mod tests {
         // A clean reading gains no field.
         let t = telemetry();
         let (verified, entry) = signed(&t, Algorithm::EdDsa);
-        let clean = normalize(&verified, &entry, &receipt(), &assessed(&t));
+        let clean = normalize(&verified, &entry, &receipt(), "in_order", &assessed(&t));
         assert!(
             !clean.contains("implausible") && !clean.contains("clock_skew"),
             "{clean}"

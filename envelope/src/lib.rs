@@ -30,4 +30,6 @@ pub use sign::{sign, sign_payload};
 pub use telemetry::{MessageType, Number, SchemaError, Telemetry, parse_payload};
 #[doc(hidden)]
 pub use verify::decode_unverified_for_bench;
-pub use verify::{COSE_SIGN1_TAG, MAX_MESSAGE_BYTES, Verified, verify, verify_signature_only};
+pub use verify::{
+    COSE_SIGN1_TAG, MAX_MESSAGE_BYTES, Verified, verify, verify_bytes, verify_signature_only,
+};

@@ -7,6 +7,7 @@
 
 use std::ops::Deref;
 
+use bytes::Bytes;
 use coset::iana::EnumI64 as _;
 use coset::{
     CborSerializable as _, CoseSign1, Header, Label, RegisteredLabelWithPrivate,
@@ -25,15 +26,23 @@ pub const MAX_MESSAGE_BYTES: usize = 65_536;
 pub const COSE_SIGN1_TAG: u64 = 18;
 
 /// A value that passed verification. Only this crate can make one, so code that holds a
-/// `Verified<Telemetry>` holds proof that the signature, key binding and schema held.
+/// `Verified<Telemetry>` holds proof that the signature, key binding and schema held,
+/// and holds the exact signed bytes they held for ([`Verified::message`]): whoever
+/// stores or forwards "the verified message" takes these, not bytes from elsewhere.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verified<T> {
     value: T,
     algorithm: Algorithm,
+    message: Bytes,
     message_sha256: [u8; 32],
 }
 
 impl<T> Verified<T> {
+    /// The exact message bytes that were verified (a cheap, shared handle).
+    pub fn message(&self) -> &Bytes {
+        &self.message
+    }
+
     /// SHA-256 of the exact message bytes that were verified.
     pub fn message_sha256(&self) -> &[u8; 32] {
         &self.message_sha256
@@ -61,12 +70,38 @@ impl<T> Deref for Verified<T> {
 /// `expected_device` is the device the message must belong to: the `{id}` of the topic
 /// it arrived on (or `--kid` on the command line). When given, a message whose `kid`
 /// names another device is `kid_mismatch` before any signature work is spent on it.
+///
+/// An accepted message's bytes are copied into the [`Verified`] value; a caller that
+/// already holds them in [`Bytes`] (the bridge, from its MQTT client) uses
+/// [`verify_bytes`], which shares them instead.
 pub fn verify<K: KeyLookup + ?Sized>(
     message: &[u8],
     keys: &K,
     expected_device: Option<&DeviceId>,
 ) -> Result<Verified<Telemetry>, Refusal> {
-    verify_profile(message, keys, expected_device, SignatureCheck::Verify)
+    verify_profile(
+        message,
+        keys,
+        expected_device,
+        SignatureCheck::Verify,
+        || Bytes::copy_from_slice(message),
+    )
+}
+
+/// [`verify`] of a message held in [`Bytes`]: the [`Verified`] value keeps a handle on
+/// the same buffer (no copy).
+pub fn verify_bytes<K: KeyLookup + ?Sized>(
+    message: &Bytes,
+    keys: &K,
+    expected_device: Option<&DeviceId>,
+) -> Result<Verified<Telemetry>, Refusal> {
+    verify_profile(
+        message,
+        keys,
+        expected_device,
+        SignatureCheck::Verify,
+        || message.clone(),
+    )
 }
 
 /// Runs every step of [`verify`] except the cryptographic signature check (the
@@ -79,8 +114,14 @@ pub fn decode_unverified_for_bench<K: KeyLookup + ?Sized>(
     keys: &K,
     expected_device: Option<&DeviceId>,
 ) -> Result<Telemetry, Refusal> {
-    verify_profile(message, keys, expected_device, SignatureCheck::SkipForBench)
-        .map(Verified::into_inner)
+    verify_profile(
+        message,
+        keys,
+        expected_device,
+        SignatureCheck::SkipForBench,
+        Bytes::new,
+    )
+    .map(Verified::into_inner)
 }
 
 /// Whether [`verify_profile`] runs the signature primitive; only the benchmark skips it.
@@ -96,6 +137,7 @@ fn verify_profile<K: KeyLookup + ?Sized>(
     keys: &K,
     expected_device: Option<&DeviceId>,
     signature_check: SignatureCheck,
+    keep: impl FnOnce() -> Bytes,
 ) -> Result<Verified<Telemetry>, Refusal> {
     let sign1 = parse_envelope(message, TagRule::Required)?;
     check_profile_headers(&sign1)?;
@@ -145,6 +187,7 @@ fn verify_profile<K: KeyLookup + ?Sized>(
         value: telemetry,
         algorithm: alg,
         message_sha256: Sha256::digest(message).into(),
+        message: keep(),
     })
 }
 

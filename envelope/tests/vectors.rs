@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde_json::Value as Json;
 use vitalmq_envelope::{
-    Algorithm, DeviceId, ReasonClass, VerifyingKey, verify, verify_signature_only,
+    Algorithm, DeviceId, ReasonClass, VerifyingKey, verify, verify_bytes, verify_signature_only,
 };
 
 fn vectors_dir() -> PathBuf {
@@ -132,6 +132,22 @@ fn accepted_vectors_bind_to_their_topic_device() {
     assert_eq!(verified.message_sha256(), &expected_hash);
     let refusal = verify(&message, &registry, Some(&other)).expect_err("another device's topic");
     assert_eq!(refusal.reason, ReasonClass::KidMismatch);
+}
+
+#[test]
+fn a_verified_value_keeps_the_exact_bytes_it_verified() {
+    let registry = registry();
+    let v = read_json(&vectors_dir().join("telemetry/ed25519-valid-basic.json"));
+    let message = hex_field(&v, "cose_sign1_hex");
+    let own = DeviceId::new("dev-00042").expect("id");
+    let copied = verify(&message, &registry, Some(&own)).expect("accepted");
+    assert_eq!(&copied.message()[..], &message[..]);
+    // From Bytes, the same buffer is shared, not copied.
+    let shared = bytes::Bytes::from(message.clone());
+    let verified = verify_bytes(&shared, &registry, Some(&own)).expect("accepted");
+    assert_eq!(verified.message(), &shared);
+    assert_eq!(verified.message().as_ptr(), shared.as_ptr());
+    assert_eq!(verified.message_sha256(), &sha2_digest(&shared));
 }
 
 fn sha2_digest(bytes: &[u8]) -> [u8; 32] {

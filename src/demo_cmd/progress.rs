@@ -6,8 +6,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use serde_json::Value as Json;
-use vitalmq_bridge::store::Store;
+use vitalmq_bridge::store::{Store, StoreStats};
 
 /// Reads the bridge's store for the progress line.
 #[derive(Debug)]
@@ -32,21 +31,20 @@ pub struct Counts {
 
 impl Counts {
     /// From `Store::stats()`.
-    pub fn from_stats(stats: &Json) -> Self {
-        let n = |v: &Json| v.as_u64().unwrap_or(0);
-        let counters = &stats["counters"];
-        let gaps = &stats["gaps"];
+    pub fn from_stats(stats: &StoreStats) -> Self {
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
         Self {
-            events: n(&stats["events"]),
-            refused: stats["quarantine"]
-                .as_object()
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), n(v))).collect())
-                .unwrap_or_default(),
-            duplicates: n(&counters["duplicate"]),
-            replays: n(&counters["replay"]),
-            gaps_open: n(&gaps["open"]),
-            gaps_closed: n(&gaps["closed"]),
-            gaps_lost: n(&gaps["lost"]),
+            events: stats.events,
+            refused: stats
+                .quarantine
+                .iter()
+                .map(|(reason, count)| (reason.to_owned(), n(count)))
+                .collect(),
+            duplicates: n(stats.counters.get("duplicate")),
+            replays: n(stats.counters.get("replay")),
+            gaps_open: n(stats.gaps.get("open")),
+            gaps_closed: n(stats.gaps.get("closed")),
+            gaps_lost: n(stats.gaps.get("lost")),
         }
     }
 
@@ -79,10 +77,7 @@ impl Progress {
     /// Whether every sink has confirmed everything stored.
     pub fn sink_caught_up(&self) -> anyhow::Result<bool> {
         let stats = self.store.stats()?;
-        let head = stats["head"].as_i64().unwrap_or(0);
-        Ok(stats["sinks"]
-            .as_object()
-            .is_some_and(|m| m.values().all(|v| v.as_i64().unwrap_or(0) >= head)))
+        Ok(stats.sinks.iter().all(|(_, through)| through >= stats.head))
     }
 
     /// One progress line.
@@ -114,17 +109,25 @@ impl Progress {
 
 #[cfg(test)]
 mod tests {
+    use vitalmq_bridge::store::Tally;
+
     use super::*;
 
     #[test]
     fn counts_from_store_stats() {
-        let stats = serde_json::json!({
-            "events": 120, "devices": 3,
-            "quarantine": {"bad_signature": 1},
-            "counters": {"duplicate": 2, "replay": 1, "bad_signature": 1},
-            "gaps": {"closed": 1},
-            "sinks": {"objects": 100}, "head": 120
-        });
+        let stats = StoreStats {
+            events: 120,
+            devices: 3,
+            quarantine: [("bad_signature", 1)].into_iter().collect(),
+            counters: [("duplicate", 2), ("replay", 1), ("bad_signature", 1)]
+                .into_iter()
+                .collect(),
+            gaps: [("closed", 1)].into_iter().collect(),
+            sinks: [("objects", 100)].into_iter().collect(),
+            alerts: Tally::default(),
+            alert_handlers: Tally::default(),
+            head: 120,
+        };
         let c = Counts::from_stats(&stats);
         assert_eq!(
             c,

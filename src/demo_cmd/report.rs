@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::Context as _;
-use serde_json::Value as Json;
 use vitalmq_audit::{AuditRecord, Event};
 use vitalmq_bridge::store::Store;
+use vitalmq_bridge::window::Verdict;
 use vitalmq_device_sim::device::DeviceReport;
 use vitalmq_device_sim::faults::{FaultKind, FaultReport};
 use vitalmq_device_sim::ring::Key;
@@ -81,31 +81,29 @@ pub struct StoreView {
 impl StoreView {
     pub fn read(store: &Store) -> anyhow::Result<Self> {
         let mut v = Self::default();
-        let text = |row: &Json, k: &str| row[k].as_str().unwrap_or_default().to_owned();
         for row in store.list_events()? {
-            let key = Key::new(
-                row["epoch"].as_u64().unwrap_or_default(),
-                row["seq"].as_u64().unwrap_or_default(),
-            );
             let slot = v
                 .events
-                .entry(text(&row, "device"))
+                .entry(row.device.to_string())
                 .or_default()
-                .entry(key)
-                .or_insert_with(|| (text(&row, "verdict"), 0));
+                .entry(Key::new(row.epoch, row.seq))
+                .or_insert_with(|| (Verdict::Accept(row.verdict).to_string(), 0));
             slot.1 += 1;
             v.total_events += 1;
         }
         for row in store.list_quarantine()? {
-            let reason = text(&row, "reason");
-            *v.quarantine
-                .entry((text(&row, "device"), reason.clone()))
-                .or_default() += 1;
+            let reason = row.reason.as_str().to_owned();
+            let device = row
+                .device
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            *v.quarantine.entry((device, reason.clone())).or_default() += 1;
             *v.quarantine_by_reason.entry(reason).or_default() += 1;
         }
         for row in store.list_gaps()? {
             *v.gaps
-                .entry((text(&row, "device"), text(&row, "state")))
+                .entry((row.device.to_string(), row.state.as_str().to_owned()))
                 .or_default() += 1;
         }
         let devices: BTreeSet<String> = v.events.keys().cloned().collect();

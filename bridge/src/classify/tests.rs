@@ -138,10 +138,10 @@ fn accepted_messages_become_events_and_repeats_do_not() {
         vec![("dev-00001".to_owned(), "duplicate", 1)]
     );
     let event: serde_json::Value =
-        serde_json::from_str(&out.commit.events[1].normalized_json).expect("json");
+        serde_json::from_str(out.commit.events[1].normalized_json()).expect("json");
     assert_eq!(
         event["event_id"],
-        normalize::event_id(&DeviceId::new("dev-00001").expect("id"), 1, 1)
+        crate::normalize::event_id(&DeviceId::new("dev-00001").expect("id"), 1, 1)
     );
     assert_eq!(event["site"], "site-01");
     assert_eq!(event["patient_ref"], "pt-7f3a");
@@ -401,7 +401,12 @@ fn implausible_values_are_stored_marked_and_never_reach_the_clinical_rules() {
         let ts = t0 + i as u64 * 5000;
         let out = f.run(&mut s, vec![spo2_reading(&f, i as u64, ts, ts, v)]);
         changes.extend(alert_changes(&out));
-        events.extend(out.commit.events.iter().map(|e| e.normalized_json.clone()));
+        events.extend(
+            out.commit
+                .events
+                .iter()
+                .map(|e| e.normalized_json().to_owned()),
+        );
     }
     assert_eq!(events.len(), 5, "every reading is stored");
     for (i, e) in events.iter().enumerate() {
@@ -474,8 +479,8 @@ fn a_skewed_device_clock_cannot_move_the_alert_clock() {
         record(feed(&mut s, t0 + t_s * 1000, t0 + t_s * 1000));
     }
     for (ts, event) in skewed {
-        assert_eq!(event.observed_at_ms, t0 + 70_000, "ts {ts}");
-        let e: serde_json::Value = serde_json::from_str(&event.normalized_json).expect("json");
+        assert_eq!(event.observed_at_ms(), t0 + 70_000, "ts {ts}");
+        let e: serde_json::Value = serde_json::from_str(event.normalized_json()).expect("json");
         assert_eq!(e["observed_at"], "2026-01-01T00:01:10Z", "ts {ts}");
         assert!(e["clock_skew"]["direction"].is_string(), "ts {ts}: {e}");
     }

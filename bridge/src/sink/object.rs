@@ -286,31 +286,16 @@ impl ObjectStoreSink {
     }
 
     /// The directory of one partition's objects of `kind`, without a trailing `/`:
-    /// `{prefix}/{kind}/site={site}/device={device}/date={YYYY-MM-DD}`.
-    pub fn partition_prefix(
-        &self,
-        kind: ObjectKind,
-        site: &SiteId,
-        device: &DeviceId,
-        date: Date,
-    ) -> String {
+    /// `{prefix}/{kind}/` and the partition's [`PartitionKey::name`].
+    pub fn partition_prefix(&self, kind: ObjectKind, key: &PartitionKey) -> String {
         let mut name = String::new();
         if !self.prefix.as_ref().is_empty() {
             name.push_str(self.prefix.as_ref());
             name.push('/');
         }
-        // The id grammar keeps site and device inside one `key=value` segment (no '/',
-        // '=', control characters; never empty or "."/".."). The date of a record's
-        // u64 milliseconds is in 1970..=9999 (`PartitionKey::of`), so `{:04}` is exact.
-        name.push_str(&format!(
-            "{}/site={}/device={}/date={:04}-{:02}-{:02}",
-            kind.dir(),
-            site.as_str(),
-            device.as_str(),
-            date.year(),
-            u8::from(date.month()),
-            date.day(),
-        ));
+        name.push_str(kind.dir());
+        name.push('/');
+        name.push_str(&key.name());
         name
     }
 
@@ -341,7 +326,7 @@ impl ObjectStoreSink {
     ) -> Result<ObjectPath, SinkError> {
         let name = format!(
             "{}/{:020}-{:020}.{}",
-            self.partition_prefix(kind, &key.site, &key.device, key.date),
+            self.partition_prefix(kind, key),
             batch.first,
             batch.last,
             kind.extension(),
@@ -499,32 +484,54 @@ impl Sink for ObjectStoreSink {
     }
 }
 
-/// Which partition a record belongs to. Holding one proves the site and device are ids
-/// that stay inside their path segment.
+/// Which partition a record belongs to: the one place that names partitions (the sink
+/// writes them, `vitalmq trace` cites them). Holding one proves the site and device are
+/// ids that stay inside their path segment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct PartitionKey {
+pub struct PartitionKey {
     site: SiteId,
     device: DeviceId,
     date: Date,
 }
 
 impl PartitionKey {
-    fn of(record: &OutboxRecord) -> Result<Self, String> {
+    /// The partition of an event of `device` at `site` received at `received_at_ms`
+    /// (the UTC date of reception).
+    pub fn new(site: &str, device: &str, received_at_ms: u64) -> Result<Self, String> {
         // The id grammar `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` already excludes '/', '=' and
         // the empty string; ".." is refused on top so no segment can look like a parent.
-        let site = SiteId::new(record.site.as_str())
+        let site = SiteId::new(site)
             .ok()
-            .filter(|_| !record.site.contains(".."))
+            .filter(|_| !site.contains(".."))
             .ok_or("site is not an id ([A-Za-z0-9][A-Za-z0-9._-]{0,63}, no \"..\")")?;
-        let device = DeviceId::new(record.device.as_str())
+        let device = DeviceId::new(device)
             .ok()
-            .filter(|_| !record.device.contains(".."))
+            .filter(|_| !device.contains(".."))
             .ok_or("device is not an id ([A-Za-z0-9][A-Za-z0-9._-]{0,63}, no \"..\")")?;
-        let nanos = i128::from(record.received_at_ms) * 1_000_000;
+        let nanos = i128::from(received_at_ms) * 1_000_000;
         let date = OffsetDateTime::from_unix_timestamp_nanos(nanos)
             .map_err(|_| "received_at_ms is past year 9999".to_owned())?
             .date();
         Ok(Self { site, device, date })
+    }
+
+    fn of(record: &OutboxRecord) -> Result<Self, String> {
+        Self::new(&record.site, &record.device, record.received_at_ms)
+    }
+
+    /// `site={site}/device={device}/date={YYYY-MM-DD}`.
+    pub fn name(&self) -> String {
+        // The id grammar keeps site and device inside one `key=value` segment (no '/',
+        // '=', control characters; never empty or "."/".."). The date of a record's
+        // u64 milliseconds is in 1970..=9999 (`PartitionKey::new`), so `{:04}` is exact.
+        format!(
+            "site={}/device={}/date={:04}-{:02}-{:02}",
+            self.site.as_str(),
+            self.device.as_str(),
+            self.date.year(),
+            u8::from(self.date.month()),
+            self.date.day(),
+        )
     }
 }
 

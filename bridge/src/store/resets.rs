@@ -225,23 +225,7 @@ mod tests {
     fn an_event_stored_before_a_reset_is_a_duplicate_not_a_failed_commit() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut store = Store::open(dir.path()).expect("open");
-        let dev = DeviceId::new("dev-00001").expect("id");
-        let event = |seq: u64| super::super::NewEvent {
-            event_id: crate::normalize::event_id(&dev, 1, seq),
-            device: dev.clone(),
-            site: "site-01".into(),
-            epoch: 1,
-            seq,
-            observed_at_ms: 1,
-            received_at_ms: 2,
-            verdict: "first_seen".into(),
-            broker: "b".into(),
-            publisher: "p".into(),
-            topic: "devices/dev-00001/telemetry".into(),
-            sha256_hex: "00".into(),
-            raw: bytes::Bytes::from_static(&[0xd2]),
-            normalized_json: "{}".into(),
-        };
+        let event = |seq: u64| super::super::write::test_events::event("dev-00001", 1, seq);
         for events in [vec![event(0)], vec![event(0), event(1)]] {
             store
                 .commit(&Commit {
@@ -251,8 +235,8 @@ mod tests {
                 .expect("commit");
         }
         let stats = store.stats().expect("stats");
-        assert_eq!(stats["events"], 2, "{stats}");
-        assert_eq!(stats["counters"]["duplicate"], 1, "{stats}");
+        assert_eq!(stats.events, 2, "{stats:?}");
+        assert_eq!(stats.counters.get("duplicate"), 1, "{stats:?}");
         let raw: i64 = store
             .conn
             .query_row("SELECT COUNT(*) FROM raw_messages", [], |r| r.get(0))
@@ -267,7 +251,7 @@ mod tests {
             let store = Store::open(dir.path()).expect("open");
             store
                 .conn
-                .execute_batch("DROP TABLE sequence_resets")
+                .execute_batch("DROP TABLE sequence_resets; PRAGMA user_version = 0;")
                 .expect("an older store");
         }
         let store = Store::open(dir.path()).expect("reopen");

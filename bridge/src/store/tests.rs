@@ -1,25 +1,9 @@
 use super::*;
-use crate::window::{Accepted, WindowSize};
+use crate::gaps::{Gap, GapState};
+use crate::window::{Accepted, DeviceSequence, WindowSize};
+use vitalmq_envelope::DeviceId;
 
-fn event(device: &str, epoch: u64, seq: u64) -> NewEvent {
-    let id = DeviceId::new(device).expect("id");
-    NewEvent {
-        event_id: crate::normalize::event_id(&id, epoch, seq),
-        device: id,
-        site: "site-01".into(),
-        epoch,
-        seq,
-        observed_at_ms: 1,
-        received_at_ms: 2,
-        verdict: "in_order".into(),
-        broker: "b".into(),
-        publisher: "p".into(),
-        topic: format!("devices/{device}/telemetry"),
-        sha256_hex: "00".into(),
-        raw: bytes::Bytes::from(vec![0xd2, seq as u8]),
-        normalized_json: format!("{{\"seq\":{seq}}}"),
-    }
-}
+use super::write::test_events::event;
 
 #[test]
 fn committed_state_survives_reopening() {
@@ -98,8 +82,7 @@ fn the_same_sequence_number_under_another_event_id_is_refused_too() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut store = Store::open(dir.path()).expect("open");
     let first = event("dev-00001", 1, 7);
-    let mut second = event("dev-00001", 1, 7);
-    second.event_id = "ev1-a-different-id".into();
+    let second = event("dev-00001", 1, 7).with_event_id("ev1-a-different-id");
     store
         .commit(&Commit {
             events: vec![first],
@@ -125,13 +108,13 @@ fn commit_events(store: &mut Store, n: u64) -> Vec<String> {
     let mut ids = Vec::new();
     let mut seq = 0;
     while seq < n {
-        let events: Vec<NewEvent> = (seq..(seq + 500).min(n))
-            .map(|s| NewEvent {
-                received_at_ms: 1_000 + 10 * s,
-                ..event(if s % 2 == 0 { "dev-00001" } else { "dev-00002" }, 1, s)
+        let events: Vec<RecordedEvent> = (seq..(seq + 500).min(n))
+            .map(|s| {
+                event(if s % 2 == 0 { "dev-00001" } else { "dev-00002" }, 1, s)
+                    .received_at(1_000 + 10 * s)
             })
             .collect();
-        ids.extend(events.iter().map(|e| e.event_id.clone()));
+        ids.extend(events.iter().map(|e| e.event_id().to_owned()));
         store
             .commit(&Commit {
                 events,
@@ -152,9 +135,9 @@ fn events_are_found_by_id_in_every_index_bucket() {
     for position in [1, 2, 4095, 4096, 4097, 8192, 12_000, n] {
         let id = &ids[position as usize - 1];
         let found = store.event_detail(id).expect("lookup").expect("stored");
-        assert_eq!(found["position"], position, "{id}");
-        assert_eq!(found["event_id"], id.as_str());
-        assert_eq!(found["seq"], position - 1);
+        assert_eq!(u64::try_from(found.position), Ok(position), "{id}");
+        assert_eq!(found.event_id.as_str(), id.as_str());
+        assert_eq!(found.seq, position - 1);
     }
     assert!(
         store
@@ -197,7 +180,11 @@ fn a_lookup_from_a_hint_finds_events_in_any_bucket_and_the_hint_follows_time() {
                 .event_detail_near(id, near)
                 .expect("lookup")
                 .expect("stored");
-            assert_eq!(found["position"], position, "{id} from {near:?}");
+            assert_eq!(
+                u64::try_from(found.position),
+                Ok(position),
+                "{id} from {near:?}"
+            );
         }
         assert!(
             store
@@ -217,7 +204,7 @@ fn a_store_without_the_event_index_is_indexed_when_opened() {
         // As a store written before event_index existed.
         store
             .conn
-            .execute("DELETE FROM event_index WHERE position > 10", [])
+            .execute_batch("DELETE FROM event_index WHERE position > 10; PRAGMA user_version = 0;")
             .expect("delete");
         assert!(store.event_detail(&ids[4_999]).expect("lookup").is_none());
         ids
@@ -382,9 +369,9 @@ fn audit_cursors_are_per_sink_and_log_keep_the_pending_segment_and_survive_reope
         let store = Store::open(dir.path()).expect("open");
         store
             .conn
-            .execute(
-                "INSERT INTO audit_cursors (target, shipped_through) VALUES ('audit:objects', 41)",
-                [],
+            .execute_batch(
+                "INSERT INTO audit_cursors (target, shipped_through) VALUES ('audit:objects', 41);
+                 PRAGMA user_version = 0;",
             )
             .expect("legacy cursor");
     }

@@ -1,0 +1,531 @@
+//! The write side: what the recorder commits, in one transaction per batch, and the
+//! state it loads back at start (windows, open gaps, alert engine state).
+
+use std::collections::HashMap;
+
+use rusqlite::{OptionalExtension as _, params};
+use vitalmq_envelope::{DeviceId, Telemetry, Verified};
+use vitalmq_policies::{DeviceEntry, SiteId};
+
+use super::schema::{EVENT_INDEX_BUCKET, event_key};
+use super::{Store, StoreError, classify, i2u, u2i};
+use crate::gaps::{Gap, GapState};
+use crate::normalize::{self, Receipt};
+use crate::plausible::Assessment;
+use crate::window::{Accepted, DeviceSequence, Verdict, WindowSize};
+
+/// An accepted message, both planes, as the recorder hands it to [`Store::commit`]: the
+/// only way an event reaches the store.
+///
+/// Only [`RecordedEvent::new`] makes one, from a [`Verified`]`<`[`Telemetry`]`>` and the
+/// sequence verdict: the raw plane is the exact bytes that were verified (shared with
+/// the `Verified` value, not copied), and the normalized plane, the event id, device,
+/// epoch and seq are derived from the verified value. Bytes that were never verified
+/// cannot be stored; the fields are private, so this does not compile:
+///
+/// ```compile_fail
+/// use vitalmq_bridge::store::RecordedEvent;
+///
+/// let forged = RecordedEvent {
+///     event_id: "ev1-00000000000000000000000000000000".to_owned(),
+///     device: vitalmq_envelope::DeviceId::new("dev-00001").unwrap(),
+///     site: vitalmq_policies::SiteId::new("site-01").unwrap(),
+///     epoch: 1,
+///     seq: 1,
+///     observed_at_ms: 0,
+///     received_at_ms: 0,
+///     verdict: "in_order".to_owned(),
+///     broker: String::new(),
+///     publisher: String::new(),
+///     topic: "devices/dev-00001/telemetry".to_owned(),
+///     sha256_hex: String::new(),
+///     raw: bytes::Bytes::from_static(b"never verified"),
+///     normalized_json: "{}".to_owned(),
+/// };
+/// ```
+#[derive(Debug, Clone)]
+pub struct RecordedEvent {
+    event_id: String,
+    device: DeviceId,
+    site: SiteId,
+    epoch: u64,
+    seq: u64,
+    observed_at_ms: u64,
+    received_at_ms: u64,
+    /// The stored form of the verdict (`in_order`, `missing=3`, ...).
+    verdict: String,
+    broker: String,
+    publisher: String,
+    topic: String,
+    sha256_hex: String,
+    raw: bytes::Bytes,
+    normalized_json: String,
+}
+
+impl RecordedEvent {
+    /// The event of an accepted message: `verdict` is what the sequence window said,
+    /// `entry` the device's registry entry, `receipt` where the bridge received it,
+    /// `assessment` what the plausibility and clock policies made of it.
+    pub fn new(
+        verified: &Verified<Telemetry>,
+        verdict: Accepted,
+        entry: &DeviceEntry,
+        receipt: &Receipt<'_>,
+        assessment: &Assessment,
+    ) -> Self {
+        let t: &Telemetry = verified;
+        let verdict = Verdict::Accept(verdict).to_string();
+        let normalized_json = normalize::normalize(verified, entry, receipt, &verdict, assessment);
+        Self {
+            event_id: normalize::event_id(&t.dev, t.epoch, t.seq),
+            device: t.dev.clone(),
+            site: entry.site.clone(),
+            epoch: t.epoch,
+            seq: t.seq,
+            observed_at_ms: assessment.observed_at_ms,
+            received_at_ms: receipt.received_at_ms,
+            verdict,
+            broker: receipt.broker.to_owned(),
+            publisher: receipt.publisher.to_owned(),
+            topic: receipt.topic.to_owned(),
+            sha256_hex: hex::encode(verified.message_sha256()),
+            raw: verified.message().clone(),
+            normalized_json,
+        }
+    }
+
+    /// The deterministic event id of `(device, epoch, seq)`.
+    pub fn event_id(&self) -> &str {
+        &self.event_id
+    }
+
+    pub fn device(&self) -> &DeviceId {
+        &self.device
+    }
+
+    /// The time the bridge relies on for the reading (see `plausible`).
+    pub fn observed_at_ms(&self) -> u64 {
+        self.observed_at_ms
+    }
+
+    /// The normalized event JSON (plane 2).
+    pub fn normalized_json(&self) -> &str {
+        &self.normalized_json
+    }
+
+    /// For tests of the store: the same event received at another time.
+    #[cfg(test)]
+    pub(crate) fn received_at(mut self, ms: u64) -> Self {
+        self.received_at_ms = ms;
+        self
+    }
+
+    /// For tests of the store: the same `(device, epoch, seq)` under another id, as
+    /// only a bug could make it.
+    #[cfg(test)]
+    pub(crate) fn with_event_id(mut self, event_id: &str) -> Self {
+        event_id.clone_into(&mut self.event_id);
+        self
+    }
+}
+
+/// Events for tests: signed by per-device keys made once, verified, recorded.
+#[cfg(test)]
+pub(crate) mod test_events {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::LazyLock;
+
+    use vitalmq_envelope::{
+        Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey, Telemetry,
+    };
+    use vitalmq_policies::{DeviceEntry, SiteId};
+
+    use super::RecordedEvent;
+    use crate::normalize::Receipt;
+    use crate::plausible::Assessment;
+    use crate::window::Accepted;
+
+    static DEVICES: LazyLock<HashMap<&'static str, (SigningKey, DeviceEntry)>> =
+        LazyLock::new(|| {
+            ["dev-00001", "dev-00002"]
+                .into_iter()
+                .map(|id| {
+                    let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+                    let entry = DeviceEntry {
+                        id: DeviceId::new(id).expect("id"),
+                        site: SiteId::new("site-01").expect("site"),
+                        patient_ref: "pt-7f3a".into(),
+                        key: key.verifying_key(),
+                        consent: None,
+                        processing_policy: None,
+                    };
+                    (id, (key, entry))
+                })
+                .collect()
+        });
+
+    /// `device`'s message `(epoch, seq)`, accepted in order and received at 2 ms.
+    pub(crate) fn event(device: &str, epoch: u64, seq: u64) -> RecordedEvent {
+        let (key, entry) = &DEVICES[device];
+        let telemetry = Telemetry {
+            dev: entry.id.clone(),
+            epoch,
+            seq,
+            ts: 1,
+            fw: "1.0.0".into(),
+            kind: MessageType::Vitals,
+            m: Some(BTreeMap::from([("spo2".to_owned(), Number::Int(97))])),
+            q: None,
+            model: None,
+            schema: None,
+            extra: BTreeMap::new(),
+        };
+        let bytes = vitalmq_envelope::sign(&telemetry, key).expect("sign");
+        let verified =
+            vitalmq_envelope::verify(&bytes, &AnyKid(entry.key.clone()), Some(&entry.id))
+                .expect("verify");
+        let topic = format!("devices/{device}/telemetry");
+        let receipt = Receipt {
+            received_at_ms: 2,
+            topic: &topic,
+            broker: "b",
+            publisher: "p",
+            bridge: "spiffe://test.vitalmq/bridge/bridge-01",
+        };
+        let assessment = Assessment::of(&verified, 2, &Default::default(), &Default::default());
+        RecordedEvent::new(&verified, Accepted::InOrder, entry, &receipt, &assessment)
+    }
+}
+
+/// A refused message kept for investigation.
+#[derive(Debug, Clone)]
+pub struct Quarantined {
+    pub received_at_ms: u64,
+    pub topic: String,
+    pub device: Option<String>,
+    pub reason: String,
+    pub detail: String,
+    pub sha256_hex: String,
+    pub raw: bytes::Bytes,
+}
+
+/// One alert state change to record and deliver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAlert {
+    pub alert_id: String,
+    pub state: String,
+    /// `clinical` or `operational`.
+    pub kind: String,
+    pub topic: String,
+    pub device: Option<String>,
+    pub rule: Option<String>,
+    pub created_at_ms: u64,
+    /// The alert JSON exactly as published.
+    pub body: String,
+}
+
+/// Everything one batch changes, written in one transaction.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub events: Vec<RecordedEvent>,
+    pub quarantine: Vec<Quarantined>,
+    pub sequences: Vec<(DeviceId, DeviceSequence)>,
+    pub gaps: Vec<(DeviceId, Gap)>,
+    /// `(device, counter name, increment)`.
+    pub counters: Vec<(String, &'static str, u64)>,
+    pub alerts: Vec<NewAlert>,
+    /// The alert engine's state of each device the batch touched, JSON.
+    pub alert_states: Vec<(DeviceId, String)>,
+    pub now_ms: u64,
+}
+
+impl Store {
+    /// The stored sequence windows, converted to `size` if it changed.
+    pub fn load_sequences(
+        &self,
+        size: WindowSize,
+    ) -> Result<HashMap<DeviceId, DeviceSequence>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, epoch, highest, window, bitmap FROM device_state")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (device, epoch, highest, window, bitmap) = row.map_err(|e| self.err(e))?;
+            let corrupt = |detail: String| StoreError::Corrupt {
+                path: self.path.clone(),
+                device: device.clone(),
+                detail,
+            };
+            let id = DeviceId::new(&device).map_err(|e| corrupt(e.to_string()))?;
+            let window = u32::try_from(window).map_err(|e| corrupt(e.to_string()))?;
+            let state = DeviceSequence::restore(size, window, i2u(epoch), i2u(highest), &bitmap)
+                .map_err(corrupt)?;
+            out.insert(id, state);
+        }
+        Ok(out)
+    }
+
+    /// Gaps still open, per device.
+    pub fn load_open_gaps(&self) -> Result<HashMap<DeviceId, Vec<Gap>>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT device, epoch, first, last, filled, opened_at_ms FROM gaps
+                 WHERE state = 'open'",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out: HashMap<DeviceId, Vec<Gap>> = HashMap::new();
+        for row in rows {
+            let (device, epoch, first, last, filled, opened) = row.map_err(|e| self.err(e))?;
+            let id = DeviceId::new(&device).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                device: device.clone(),
+                detail: e.to_string(),
+            })?;
+            out.entry(id).or_default().push(Gap {
+                epoch: i2u(epoch),
+                first: i2u(first),
+                last: i2u(last),
+                filled: i2u(filled),
+                state: GapState::Open,
+                opened_at_ms: i2u(opened),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Writes one batch in one transaction, durable when this returns `Ok`.
+    pub fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| classify(&path, source);
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut raw = tx
+                .prepare_cached(
+                    "INSERT INTO raw_messages (received_at_ms, broker, publisher, topic, sha256, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            let mut event = tx
+                .prepare_cached(
+                    "INSERT INTO events (event_id, raw_id, device, site, epoch, seq,
+                         observed_at_ms, received_at_ms, verdict, normalized)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT(device, epoch, seq) DO NOTHING",
+                )
+                .map_err(err)?;
+            let mut index = tx
+                .prepare_cached(
+                    "INSERT INTO event_index (bucket, key, position) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(err)?;
+            for e in &c.events {
+                raw.execute(params![
+                    u2i(e.received_at_ms),
+                    e.broker,
+                    e.publisher,
+                    e.topic,
+                    e.sha256_hex,
+                    &e.raw[..]
+                ])
+                .map_err(err)?;
+                let raw_id = tx.last_insert_rowid();
+                let inserted = event
+                    .execute(params![
+                        e.event_id,
+                        raw_id,
+                        e.device.as_str(),
+                        e.site.as_str(),
+                        u2i(e.epoch),
+                        u2i(e.seq),
+                        u2i(e.observed_at_ms),
+                        u2i(e.received_at_ms),
+                        e.verdict,
+                        e.normalized_json
+                    ])
+                    .map_err(err)?;
+                if inserted == 0 {
+                    // Already stored: only reachable after an operator reset the
+                    // device's window (`resets`). A duplicate, not a second event, and
+                    // never a failed commit that would stop the recorder.
+                    tx.execute("DELETE FROM raw_messages WHERE id = ?1", params![raw_id])
+                        .map_err(err)?;
+                    tx.execute(
+                        "INSERT INTO counters (device, name, value) VALUES (?1, 'duplicate', 1)
+                         ON CONFLICT(device, name) DO UPDATE SET value = value + 1",
+                        params![e.device.as_str()],
+                    )
+                    .map_err(err)?;
+                    continue;
+                }
+                let position = tx.last_insert_rowid();
+                index
+                    .execute(params![
+                        position / EVENT_INDEX_BUCKET,
+                        event_key(&e.event_id),
+                        position
+                    ])
+                    .map_err(err)?;
+            }
+            let mut q = tx
+                .prepare_cached(
+                    "INSERT INTO quarantine (received_at_ms, topic, device, reason, detail, sha256, bytes)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(err)?;
+            for m in &c.quarantine {
+                q.execute(params![
+                    u2i(m.received_at_ms),
+                    m.topic,
+                    m.device,
+                    m.reason,
+                    m.detail,
+                    m.sha256_hex,
+                    &m.raw[..]
+                ])
+                .map_err(err)?;
+            }
+            let mut state = tx
+                .prepare_cached(
+                    "INSERT INTO device_state (device, epoch, highest, window, bitmap)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(device) DO UPDATE SET epoch = ?2, highest = ?3, window = ?4, bitmap = ?5",
+                )
+                .map_err(err)?;
+            for (device, s) in &c.sequences {
+                state
+                    .execute(params![
+                        device.as_str(),
+                        u2i(s.epoch()),
+                        u2i(s.highest()),
+                        s.size().get(),
+                        s.bitmap_bytes()
+                    ])
+                    .map_err(err)?;
+            }
+            let mut gap = tx
+                .prepare_cached(
+                    "INSERT INTO gaps (device, epoch, first, last, filled, state, opened_at_ms, changed_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT(device, epoch, first) DO UPDATE SET filled = ?5, state = ?6, changed_at_ms = ?8",
+                )
+                .map_err(err)?;
+            for (device, g) in &c.gaps {
+                gap.execute(params![
+                    device.as_str(),
+                    u2i(g.epoch),
+                    u2i(g.first),
+                    u2i(g.last),
+                    u2i(g.filled),
+                    g.state.as_str(),
+                    u2i(g.opened_at_ms),
+                    u2i(c.now_ms)
+                ])
+                .map_err(err)?;
+            }
+            let mut counter = tx
+                .prepare_cached(
+                    "INSERT INTO counters (device, name, value) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(device, name) DO UPDATE SET value = value + ?3",
+                )
+                .map_err(err)?;
+            for (device, name, n) in &c.counters {
+                counter
+                    .execute(params![device, name, u2i(*n)])
+                    .map_err(err)?;
+            }
+            let mut alert = tx
+                .prepare_cached(
+                    "INSERT INTO alerts (alert_id, state, kind, topic, device, rule, created_at_ms, body)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(err)?;
+            for a in &c.alerts {
+                alert
+                    .execute(params![
+                        a.alert_id,
+                        a.state,
+                        a.kind,
+                        a.topic,
+                        a.device,
+                        a.rule,
+                        u2i(a.created_at_ms),
+                        a.body
+                    ])
+                    .map_err(err)?;
+            }
+            let mut alert_state = tx
+                .prepare_cached(
+                    "INSERT INTO alert_state (device, state) VALUES (?1, ?2)
+                     ON CONFLICT(device) DO UPDATE SET state = ?2",
+                )
+                .map_err(err)?;
+            for (device, state) in &c.alert_states {
+                alert_state
+                    .execute(params![device.as_str(), state])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// The alert engine's stored state per device (JSON).
+    pub fn load_alert_states(&self) -> Result<HashMap<DeviceId, String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT device, state FROM alert_state")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let (device, state) = row.map_err(|e| self.err(e))?;
+            let id = DeviceId::new(&device).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                device: device.clone(),
+                detail: e.to_string(),
+            })?;
+            out.insert(id, state);
+        }
+        Ok(out)
+    }
+
+    /// A counter's value for one device (0 when never incremented).
+    pub fn counter(&self, device: &str, name: &str) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM counters WHERE device = ?1 AND name = ?2",
+                params![device, name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(v.map_or(0, i2u))
+    }
+}
