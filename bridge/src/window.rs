@@ -20,12 +20,19 @@ pub const MAX_WINDOW: u32 = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowSize(u32);
 
+/// A window size or stored window state the bridge cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("window size {0}: must be a multiple of 64 between 64 and {MAX_WINDOW}")]
+    Size(u32),
+    #[error("stored bitmap has {len} bytes, window {window} needs {}", window / 8)]
+    Bitmap { len: usize, window: u32 },
+}
+
 impl WindowSize {
-    pub fn new(size: u32) -> Result<Self, String> {
+    pub fn new(size: u32) -> Result<Self, WindowError> {
         if size == 0 || size % 64 != 0 || size > MAX_WINDOW {
-            return Err(format!(
-                "window size {size}: must be a multiple of 64 between 64 and {MAX_WINDOW}"
-            ));
+            return Err(WindowError::Size(size));
         }
         Ok(Self(size))
     }
@@ -283,15 +290,13 @@ impl DeviceSequence {
         epoch: u64,
         highest: u64,
         bitmap: &[u8],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, WindowError> {
         let stored = WindowSize::new(stored_size)?;
         if bitmap.len() != (stored.get() / 8) as usize {
-            return Err(format!(
-                "stored bitmap has {} bytes, window {} needs {}",
-                bitmap.len(),
-                stored.get(),
-                stored.get() / 8
-            ));
+            return Err(WindowError::Bitmap {
+                len: bitmap.len(),
+                window: stored.get(),
+            });
         }
         let old = Self {
             size: stored,

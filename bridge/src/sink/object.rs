@@ -509,23 +509,55 @@ struct PartitionKey {
 }
 
 impl PartitionKey {
-    fn of(record: &OutboxRecord) -> Result<Self, String> {
+    fn of(record: &OutboxRecord) -> Result<Self, BadRecord> {
         // The id grammar `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` already excludes '/', '=' and
         // the empty string; ".." is refused on top so no segment can look like a parent.
         let site = SiteId::new(record.site.as_str())
             .ok()
             .filter(|_| !record.site.contains(".."))
-            .ok_or("site is not an id ([A-Za-z0-9][A-Za-z0-9._-]{0,63}, no \"..\")")?;
+            .ok_or(BadRecord::Site)?;
         let device = DeviceId::new(record.device.as_str())
             .ok()
             .filter(|_| !record.device.contains(".."))
-            .ok_or("device is not an id ([A-Za-z0-9][A-Za-z0-9._-]{0,63}, no \"..\")")?;
+            .ok_or(BadRecord::Device)?;
         let nanos = i128::from(record.received_at_ms) * 1_000_000;
         let date = OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .map_err(|_| "received_at_ms is past year 9999".to_owned())?
+            .map_err(|_| BadRecord::Time)?
             .date();
         Ok(Self { site, device, date })
     }
+}
+
+/// A batch that cannot be written as it is. Names the record (position and event id)
+/// and the rule, not its values.
+#[derive(Debug, thiserror::Error)]
+enum BadBatch {
+    #[error("not a range of outbox positions")]
+    NotARange,
+    #[error("record at position {position} (event {event_id}): {why}")]
+    Record {
+        position: i64,
+        event_id: String,
+        #[source]
+        why: BadRecord,
+    },
+}
+
+/// The rule a record of a batch breaks.
+#[derive(Debug, thiserror::Error)]
+enum BadRecord {
+    #[error("outside the range or out of order")]
+    Order,
+    #[error("site is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, no \"..\")")]
+    Site,
+    #[error("device is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, no \"..\")")]
+    Device,
+    #[error("received_at_ms is past year 9999")]
+    Time,
+    #[error("normalized event is not one non-empty line")]
+    Normalized,
+    #[error("raw is not one CBOR item: {0}")]
+    Raw(#[source] vitalmq_envelope::cbor::CborError),
 }
 
 /// The bodies of one partition's two objects.
@@ -538,35 +570,31 @@ struct Partition {
 
 /// Checks the batch and groups its records into partitions, keeping outbox order within
 /// each. Errors name the record (position and event id) and the rule, not its values.
-fn partition(batch: &Batch) -> Result<BTreeMap<PartitionKey, Partition>, String> {
+fn partition(batch: &Batch) -> Result<BTreeMap<PartitionKey, Partition>, BadBatch> {
     if batch.first < 0 || batch.first > batch.last {
-        return Err("not a range of outbox positions".to_owned());
+        return Err(BadBatch::NotARange);
     }
     let mut partitions: BTreeMap<PartitionKey, Partition> = BTreeMap::new();
     let mut previous = None;
     for record in &batch.records {
-        let at = || {
-            format!(
-                "record at position {} (event {})",
-                record.position, record.event_id
-            )
+        let at = |why| BadBatch::Record {
+            position: record.position,
+            event_id: record.event_id.clone(),
+            why,
         };
         if record.position < batch.first
             || record.position > batch.last
             || previous.is_some_and(|p| record.position <= p)
         {
-            return Err(format!("{}: outside the range or out of order", at()));
+            return Err(at(BadRecord::Order));
         }
         previous = Some(record.position);
-        let key = PartitionKey::of(record).map_err(|rule| format!("{}: {rule}", at()))?;
+        let key = PartitionKey::of(record).map_err(at)?;
         if record.normalized_json.is_empty() || record.normalized_json.contains('\n') {
-            return Err(format!(
-                "{}: normalized event is not one non-empty line",
-                at()
-            ));
+            return Err(at(BadRecord::Normalized));
         }
         vitalmq_envelope::cbor::check_single_item(&record.raw)
-            .map_err(|e| format!("{}: raw is not one CBOR item: {e}", at()))?;
+            .map_err(|e| at(BadRecord::Raw(e)))?;
         let part = partitions.entry(key).or_default();
         part.raw.push(record.raw.clone());
         part.ndjson

@@ -68,7 +68,11 @@ impl std::fmt::Debug for UpstreamSink {
 
 impl UpstreamSink {
     /// Prepares the sink; it connects on the first delivery.
-    pub fn start(name: String, link: &BrokerLink, client_id: &str) -> anyhow::Result<Self> {
+    pub fn start(
+        name: String,
+        link: &BrokerLink,
+        client_id: &str,
+    ) -> Result<Self, crate::run::MqttSetupError> {
         let mut options = mqtt::options(link, client_id, false)?;
         // Each connection starts clean: redelivery is the drain loop's job.
         options.set_clean_session(true);
