@@ -64,7 +64,7 @@ pub(crate) fn read_line(line: &str, line_no: usize) -> Result<AuditRecord, Chain
         line: line_no,
         why: e.to_string(),
     })?;
-    if record.format != crate::FORMAT {
+    if record.format != crate::record::FORMAT {
         return Err(ChainError::Unreadable {
             line: line_no,
             why: format!("unknown format {:?}", record.format),

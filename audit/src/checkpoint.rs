@@ -33,7 +33,7 @@ pub fn signing_key_path(log: &Path) -> PathBuf {
 }
 
 /// Short id of a public key: the first 8 bytes of its SHA-256, hex.
-pub fn key_id(public: &[u8; 32]) -> String {
+pub(crate) fn key_id(public: &[u8; 32]) -> String {
     hex::encode(&Sha256::digest(public)[..8])
 }
 
@@ -53,45 +53,57 @@ impl std::fmt::Debug for CheckpointKey {
 
 /// A key file that cannot be read or created.
 #[derive(Debug, thiserror::Error)]
-#[error("audit signing key {path}: {detail}")]
+#[error("audit signing key {path}: {why}")]
 pub struct KeyError {
     pub path: PathBuf,
-    pub detail: String,
+    #[source]
+    pub why: KeyProblem,
+}
+
+/// What went wrong with a key file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyProblem {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Dir(#[from] vitalmq_private_fs::PrivateFsError),
+    /// Not a PKCS#8 Ed25519 key, or one that cannot be encoded.
+    #[error(transparent)]
+    Pkcs8(#[from] ed25519_dalek::pkcs8::Error),
 }
 
 impl CheckpointKey {
     /// Loads the PKCS#8 PEM key at `path`, or creates one (mode 0600, never overwriting)
     /// with its public key in hex beside it at `<path>.pub`.
     pub fn load_or_create(path: &Path, component: Component) -> Result<Self, KeyError> {
-        let err = |detail: String| KeyError {
+        Self::load_or_create_at(path, component).map_err(|why| KeyError {
             path: path.to_path_buf(),
-            detail,
-        };
+            why,
+        })
+    }
+
+    fn load_or_create_at(path: &Path, component: Component) -> Result<Self, KeyProblem> {
         let key = if path.exists() {
-            let pem = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-            SigningKey::from_pkcs8_pem(&pem).map_err(|e| err(e.to_string()))?
+            SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path)?)?
         } else {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                vitalmq_private_fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                vitalmq_private_fs::create_dir_all(dir)?;
             }
             let key = SigningKey::generate(&mut rand_core::OsRng);
-            let pem = key
-                .to_pkcs8_pem(Default::default())
-                .map_err(|e| err(e.to_string()))?;
+            let pem = key.to_pkcs8_pem(Default::default())?;
             let mut file = vitalmq_private_fs::create_options()
                 .write(true)
                 .create_new(true)
-                .open(path)
-                .map_err(|e| err(e.to_string()))?;
-            file.write_all(pem.as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(|e| err(e.to_string()))?;
+                .open(path)?;
+            file.write_all(pem.as_bytes())?;
+            file.sync_all()?;
             key
         };
         let public = hex::encode(key.verifying_key().as_bytes());
         let pub_path = PathBuf::from(format!("{}.pub", path.display()));
         if !pub_path.exists() {
-            std::fs::write(&pub_path, format!("{public}\n")).map_err(|e| err(e.to_string()))?;
+            std::fs::write(&pub_path, format!("{public}\n"))?;
         }
         Ok(Self { key, component })
     }

@@ -24,9 +24,9 @@ mod writer;
 
 pub use chain::{ChainError, GENESIS, Start, verify_chain, verify_chain_from};
 pub use checkpoint::{
-    CheckpointError, CheckpointKey, CheckpointReport, KeyError, key_id, signing_key_path,
+    CheckpointError, CheckpointKey, CheckpointReport, KeyError, KeyProblem, signing_key_path,
     verify_checkpoints,
 };
-pub use record::{Actor, AuditRecord, Component, Decision, Event, FORMAT};
+pub use record::{Actor, AuditRecord, Component, Decision, Event};
 pub use shipped::{ShippedError, ShippedReport, ShippedSegment, compare_shipped};
 pub use writer::{AuditError, AuditLog, Auditor};
