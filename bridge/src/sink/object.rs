@@ -71,7 +71,7 @@ use time::{Date, OffsetDateTime};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::SiteId;
 
-use super::{Batch, OutboxRecord, Sink, SinkError};
+use super::{Batch, OutboxRecord, Sink, SinkError, SinkFailure};
 
 /// How many PUTs of one batch run at once.
 pub const PARALLEL_PUTS: usize = 8;
@@ -198,7 +198,7 @@ impl ObjectStoreSink {
         let name = name.into();
         let prefix = ObjectPath::parse(prefix).map_err(|e| SinkError::Refused {
             sink: name.clone(),
-            detail: format!("invalid key prefix: {e}"),
+            detail: SinkFailure::Prefix(e),
         })?;
         Ok(Self {
             name,
@@ -211,15 +211,17 @@ impl ObjectStoreSink {
     /// A sink writing into the directory `root_dir` (created if missing).
     pub fn local(name: impl Into<String>, root_dir: &std::path::Path) -> Result<Self, SinkError> {
         let name = name.into();
-        let unavailable = |what: &str, e: &dyn fmt::Display| SinkError::Unavailable {
+        let unavailable = |detail| SinkError::Unavailable {
             sink: name.clone(),
-            detail: format!("{what} {}: {e}", root_dir.display()),
+            detail,
         };
-        vitalmq_private_fs::create_dir_all(root_dir)
-            .map_err(|e| unavailable("creating directory", &e))?;
-        let root = std::fs::canonicalize(root_dir).map_err(|e| unavailable("resolving", &e))?;
+        let dir = || root_dir.to_path_buf();
+        vitalmq_private_fs::create_dir_all(root_dir).map_err(|e| unavailable(e.into()))?;
+        let root = std::fs::canonicalize(root_dir)
+            .map_err(|source| unavailable(SinkFailure::Resolve { dir: dir(), source }))?;
         let fs = Arc::new(
-            LocalFileSystem::new_with_prefix(&root).map_err(|e| unavailable("opening", &e))?,
+            LocalFileSystem::new_with_prefix(&root)
+                .map_err(|source| unavailable(SinkFailure::Open { dir: dir(), source }))?,
         );
         let mut sink = Self::new(name.clone(), Arc::clone(&fs) as Arc<dyn ObjectStore>, "")?;
         sink.local = Some(LocalRoot { fs, root });
@@ -235,7 +237,7 @@ impl ObjectStoreSink {
         if bucket.is_empty() || bucket.contains(|c: char| c == '/' || c.is_whitespace()) {
             return Err(SinkError::Refused {
                 sink: name,
-                detail: format!("invalid S3 bucket name {bucket:?}"),
+                detail: SinkFailure::Bucket(bucket.clone()),
             });
         }
         let mut client = ClientOptions::new()
@@ -260,7 +262,7 @@ impl ObjectStoreSink {
         }
         let store = builder.build().map_err(|e| SinkError::Refused {
             sink: name.clone(),
-            detail: format!("invalid S3 configuration: {e}"),
+            detail: SinkFailure::S3Config(e),
         })?;
         Self::new(name, Arc::new(store), &settings.prefix)
     }
@@ -319,7 +321,10 @@ impl ObjectStoreSink {
     pub async fn list_objects(&self, under: &str) -> Result<Vec<String>, SinkError> {
         let relative = ObjectPath::parse(under).map_err(|e| SinkError::Refused {
             sink: self.name.clone(),
-            detail: format!("invalid listing prefix {under:?}: {e}"),
+            detail: SinkFailure::ListPrefix {
+                under: under.to_owned(),
+                source: e,
+            },
         })?;
         let location: ObjectPath = self.prefix.parts().chain(relative.parts()).collect();
         let mut names: Vec<String> = self
@@ -348,14 +353,18 @@ impl ObjectStoreSink {
         );
         ObjectPath::parse(&name).map_err(|e| SinkError::Refused {
             sink: self.name.clone(),
-            detail: format!("invalid object path {name}: {e}"),
+            detail: SinkFailure::ObjectPath { name, source: e },
         })
     }
 
     async fn deliver_batch(&self, batch: &Batch) -> Result<(), SinkError> {
-        let partitions = partition(batch).map_err(|detail| SinkError::Refused {
+        let partitions = partition(batch).map_err(|source| SinkError::Refused {
             sink: self.name.clone(),
-            detail: format!("batch {}..={}: {detail}", batch.first, batch.last),
+            detail: SinkFailure::Batch {
+                first: batch.first,
+                last: batch.last,
+                source,
+            },
         })?;
         let mut puts = Vec::with_capacity(partitions.len());
         for (key, part) in partitions {
@@ -396,7 +405,10 @@ impl ObjectStoreSink {
         };
         let location = ObjectPath::parse(&full).map_err(|e| SinkError::Refused {
             sink: self.name.clone(),
-            detail: format!("invalid object path {full}: {e}"),
+            detail: SinkFailure::ObjectPath {
+                name: full,
+                source: e,
+            },
         })?;
         self.put(&location, bytes.into()).await?;
         if let Some(local) = &self.local {
@@ -420,7 +432,10 @@ impl ObjectStoreSink {
             Ok(Err(e)) => Err(self.store_error("PUT", location, e)),
             Err(_) => Err(SinkError::Unavailable {
                 sink: self.name.clone(),
-                detail: format!("PUT {location}: no answer within {PUT_DEADLINE:?}"),
+                detail: SinkFailure::PutTimeout {
+                    location: location.clone(),
+                    deadline: PUT_DEADLINE,
+                },
             }),
         }
     }
@@ -446,7 +461,10 @@ impl ObjectStoreSink {
             let sync = |path: &std::path::Path| {
                 std::fs::File::open(path)
                     .and_then(|f| f.sync_all())
-                    .map_err(|e| format!("fsync {}: {e}", path.display()))
+                    .map_err(|source| SinkFailure::Fsync {
+                        path: path.to_path_buf(),
+                        source,
+                    })
             };
             let mut dirs = BTreeSet::new();
             for file in &files {
@@ -466,25 +484,37 @@ impl ObjectStoreSink {
             Ok(Err(detail)) => Err(SinkError::Unavailable { sink, detail }),
             Err(e) => Err(SinkError::Unavailable {
                 sink,
-                detail: format!("fsync task failed: {e}"),
+                detail: SinkFailure::FsyncTask(e),
             }),
         }
     }
 
     /// Classifies an `object_store` error: only what a retry cannot fix is `Refused`.
-    fn store_error(&self, op: &str, location: &ObjectPath, e: object_store::Error) -> SinkError {
+    fn store_error(
+        &self,
+        op: &'static str,
+        location: &ObjectPath,
+        e: object_store::Error,
+    ) -> SinkError {
         let sink = self.name.clone();
-        let detail = format!("{op} {location}: {e}");
-        match e {
+        let retryable = !matches!(
+            e,
             object_store::Error::InvalidPath { .. }
-            | object_store::Error::NotSupported { .. }
-            | object_store::Error::NotImplemented
-            | object_store::Error::UnknownConfigurationKey { .. } => {
-                SinkError::Refused { sink, detail }
-            }
-            // Network, timeouts, 5xx, permissions, a full disk, a missing bucket: an
-            // operator or time can fix these; the records wait in the outbox.
-            _ => SinkError::Unavailable { sink, detail },
+                | object_store::Error::NotSupported { .. }
+                | object_store::Error::NotImplemented
+                | object_store::Error::UnknownConfigurationKey { .. }
+        );
+        let detail = SinkFailure::Store {
+            op,
+            location: location.clone(),
+            source: e,
+        };
+        // Network, timeouts, 5xx, permissions, a full disk, a missing bucket: an
+        // operator or time can fix these; the records wait in the outbox.
+        if retryable {
+            SinkError::Unavailable { sink, detail }
+        } else {
+            SinkError::Refused { sink, detail }
         }
     }
 }
@@ -531,7 +561,7 @@ impl PartitionKey {
 /// A batch that cannot be written as it is. Names the record (position and event id)
 /// and the rule, not its values.
 #[derive(Debug, thiserror::Error)]
-enum BadBatch {
+pub enum BadBatch {
     #[error("not a range of outbox positions")]
     NotARange,
     #[error("record at position {position} (event {event_id}): {why}")]
@@ -545,7 +575,7 @@ enum BadBatch {
 
 /// The rule a record of a batch breaks.
 #[derive(Debug, thiserror::Error)]
-enum BadRecord {
+pub enum BadRecord {
     #[error("outside the range or out of order")]
     Order,
     #[error("site is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, no \"..\")")]

@@ -25,7 +25,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
-use super::{Batch, Sink, SinkError};
+use super::{Batch, Sink, SinkError, SinkFailure};
 use crate::config::BrokerLink;
 use crate::link::{Link, LinkError};
 use crate::window::ReceiptPoint;
@@ -83,19 +83,19 @@ impl UpstreamSink {
         })
     }
 
-    fn unavailable(&self, detail: impl Into<String>) -> SinkError {
+    fn unavailable(&self, detail: SinkFailure) -> SinkError {
         SinkError::Unavailable {
             sink: self.name.clone(),
-            detail: detail.into(),
+            detail,
         }
     }
 
     fn link_error(&self, e: LinkError) -> SinkError {
         match e {
-            LinkError::Failed(d) => self.unavailable(d),
-            LinkError::Refused(d) => SinkError::Refused {
+            LinkError::Failed(_) => self.unavailable(SinkFailure::Link(e)),
+            LinkError::Refused(_) => SinkError::Refused {
                 sink: self.name.clone(),
-                detail: format!("{d}: is the gateway certificate's site the devices' site?"),
+                detail: SinkFailure::ReceiptsRefused(e),
             },
         }
     }
@@ -142,9 +142,7 @@ impl UpstreamSink {
         };
         match tokio::time::timeout(BATCH_TIMEOUT, work).await {
             Ok(result) => result.map_err(|e| self.link_error(e)),
-            Err(_) => {
-                Err(self.unavailable("the upstream bridge did not receipt the batch in time"))
-            }
+            Err(_) => Err(self.unavailable(SinkFailure::NoReceipt)),
         }
     }
 }
@@ -167,7 +165,7 @@ impl Sink for UpstreamSink {
                 });
             }
             let Some(conn) = guard.as_mut() else {
-                return Err(self.unavailable("no connection"));
+                return Err(self.unavailable(SinkFailure::NotConnected));
             };
             match self.forward(conn, batch).await {
                 Ok(()) => {
