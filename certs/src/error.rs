@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use vitalmq_envelope::DeviceId;
-use vitalmq_policies::{IdentityError, PrincipalId, Role};
+use vitalmq_policies::{IdentityError, PrincipalId, Role, TrustDomain};
 
 /// Why a PKI operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +33,32 @@ pub enum CertsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    BadFile { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Index {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path}: format: expected \"{}\", found {found:?}",
+        crate::index::FORMAT
+    )]
+    IndexFormat { path: PathBuf, found: String },
+    #[error("ca/index.json: revoked_at of {serial}: {source}")]
+    RevokedAt {
+        serial: String,
+        source: time::error::Parse,
+    },
+    #[error("{path}: {source}")]
+    Registry {
+        path: PathBuf,
+        source: vitalmq_policies::PolicyErrors,
+    },
+    #[error("{path}: trust domain `{found}` differs from the CA's `{ca}`")]
+    RegistryDomain {
+        path: PathBuf,
+        found: TrustDomain,
+        ca: TrustDomain,
+    },
     #[error("{role} `{id}` has already been issued (serial {serial})")]
     AlreadyIssued {
         role: Role,

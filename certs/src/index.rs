@@ -21,7 +21,7 @@ use crate::ca::{Serial, rfc3339};
 use crate::crl::{Reason, Revoked};
 use crate::error::CertsError;
 
-const FORMAT: &str = "vitalmq-ca-index/v1";
+pub(crate) const FORMAT: &str = "vitalmq-ca-index/v1";
 
 /// What kind of leaf an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,14 +90,14 @@ impl Index {
     }
 
     pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, CertsError> {
-        let index: Self = serde_json::from_str(text).map_err(|e| CertsError::BadFile {
+        let index: Self = serde_json::from_str(text).map_err(|source| CertsError::Index {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })?;
         if index.format != FORMAT {
-            return Err(CertsError::BadFile {
+            return Err(CertsError::IndexFormat {
                 path: path.to_path_buf(),
-                message: format!("format: expected \"{FORMAT}\", found {:?}", index.format),
+                found: index.format,
             });
         }
         Ok(index)
@@ -158,14 +158,14 @@ impl Index {
             .iter()
             .filter_map(|e| e.revoked_at.as_ref().map(|at| (e, at)))
             .map(|(e, at)| {
-                let bad = |message: String| CertsError::BadFile {
-                    path: PathBuf::from("ca/index.json"),
-                    message,
-                };
                 Ok(Revoked {
                     serial: Serial::from_hex(&e.serial)?,
-                    revoked_at: OffsetDateTime::parse(at, &Rfc3339)
-                        .map_err(|err| bad(format!("revoked_at of {}: {err}", e.serial)))?,
+                    revoked_at: OffsetDateTime::parse(at, &Rfc3339).map_err(|source| {
+                        CertsError::RevokedAt {
+                            serial: e.serial.clone(),
+                            source,
+                        }
+                    })?,
                     reason: e.reason.unwrap_or(Reason::Unspecified),
                 })
             })

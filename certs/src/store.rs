@@ -211,18 +211,15 @@ impl Pki {
     /// The registry file, checked to be of this CA's trust domain.
     fn load_registry(&self) -> Result<DeviceRegistry, CertsError> {
         let path = self.layout.registry();
-        let registry = DeviceRegistry::load(&path).map_err(|e| CertsError::BadFile {
+        let registry = DeviceRegistry::load(&path).map_err(|source| CertsError::Registry {
             path: path.clone(),
-            message: e.to_string(),
+            source,
         })?;
         if registry.trust_domain() != &self.index.trust_domain {
-            return Err(CertsError::BadFile {
+            return Err(CertsError::RegistryDomain {
                 path,
-                message: format!(
-                    "trust domain `{}` differs from the CA's `{}`",
-                    registry.trust_domain(),
-                    self.index.trust_domain
-                ),
+                found: registry.trust_domain().clone(),
+                ca: self.index.trust_domain.clone(),
             });
         }
         Ok(registry)
