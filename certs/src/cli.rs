@@ -157,7 +157,7 @@ pub enum CliError {
     Arg {
         arg: &'static str,
         #[source]
-        source: CertsError,
+        source: Box<CertsError>,
     },
     #[error("pass either --id and --role, or --serial")]
     Target,
@@ -165,13 +165,13 @@ pub enum CliError {
     Open {
         dir: PathBuf,
         #[source]
-        source: CertsError,
+        source: Box<CertsError>,
     },
     #[error("creating the PKI in {}", dir.display())]
     Init {
         dir: PathBuf,
         #[source]
-        source: CertsError,
+        source: Box<CertsError>,
     },
     #[error("issuing {role} `{id}` in {}", dir.display())]
     Issue {
@@ -179,20 +179,20 @@ pub enum CliError {
         id: PrincipalId,
         dir: PathBuf,
         #[source]
-        source: CertsError,
+        source: Box<CertsError>,
     },
     #[error("revoking {target} in {}", dir.display())]
     Revoke {
         target: Target,
         dir: PathBuf,
         #[source]
-        source: CertsError,
+        source: Box<CertsError>,
     },
     #[error("re-signing the CRL in {}", dir.display())]
     Crl {
         dir: PathBuf,
         #[source]
-        source: CertsError,
+        source: Box<CertsError>,
     },
 }
 
@@ -210,7 +210,10 @@ fn identity<T>(arg: &'static str, r: Result<T, IdentityError>) -> Result<T, CliE
 }
 
 fn certs_arg<T>(arg: &'static str, r: Result<T, CertsError>) -> Result<T, CliError> {
-    r.map_err(|source| CliError::Arg { arg, source })
+    r.map_err(|source| CliError::Arg {
+        arg,
+        source: Box::new(source),
+    })
 }
 
 /// What a certs command is about to do, for the operator audit log.
@@ -261,7 +264,7 @@ impl CertsCommand {
                     pki.write_crl(OffsetDateTime::now_utc())
                         .map_err(|source| CliError::Crl {
                             dir: dir.clone(),
-                            source,
+                            source: Box::new(source),
                         })?;
                 println!(
                     "wrote {} (CRL number {number}, valid {DEFAULT_CRL_DAYS} days)",
@@ -280,7 +283,7 @@ fn done<const N: usize>(fields: [(&str, Value); N]) -> Map<String, Value> {
 fn open(dir: &Path) -> Result<Pki, CliError> {
     Pki::open(dir).map_err(|source| CliError::Open {
         dir: dir.to_path_buf(),
-        source,
+        source: Box::new(source),
     })
 }
 
@@ -303,7 +306,7 @@ fn init(args: InitArgs) -> Result<Map<String, Value>, CliError> {
     let summary = Pki::init(&args.dir, &plan, OffsetDateTime::now_utc()).map_err(|source| {
         CliError::Init {
             dir: args.dir.clone(),
-            source,
+            source: Box::new(source),
         }
     })?;
     let d = args.dir.display();
@@ -362,7 +365,7 @@ fn issue(args: IssueArgs) -> Result<Map<String, Value>, CliError> {
         role: req.role,
         id: req.id.clone(),
         dir: args.dir.clone(),
-        source,
+        source: Box::new(source),
     })?;
     println!(
         "issued spiffe://{}/{}/{} serial {} valid {} .. {}\n  certificate {}",
@@ -415,7 +418,7 @@ fn revoke(args: RevokeArgs) -> Result<Map<String, Value>, CliError> {
         .map_err(|source| CliError::Revoke {
             target: target.clone(),
             dir: args.dir.clone(),
-            source,
+            source: Box::new(source),
         })?;
     println!(
         "revoked serial {} ({}), wrote {} (CRL number {})",

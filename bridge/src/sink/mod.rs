@@ -13,7 +13,7 @@
 //! * Errors are retried by the caller with backoff; a sink never drops a record.
 
 pub mod object;
-pub mod upstream;
+pub(crate) mod upstream;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -65,7 +65,7 @@ pub enum SinkError {
     Unavailable {
         sink: String,
         #[source]
-        detail: SinkFailure,
+        detail: Box<SinkFailure>,
     },
     /// The batch cannot be written as it is (a bug or a misconfiguration); retrying
     /// will not help, but the records are kept.
@@ -73,8 +73,24 @@ pub enum SinkError {
     Refused {
         sink: String,
         #[source]
-        detail: SinkFailure,
+        detail: Box<SinkFailure>,
     },
+}
+
+impl SinkError {
+    pub(crate) fn unavailable(sink: impl Into<String>, detail: SinkFailure) -> Self {
+        Self::Unavailable {
+            sink: sink.into(),
+            detail: Box::new(detail),
+        }
+    }
+
+    pub(crate) fn refused(sink: impl Into<String>, detail: SinkFailure) -> Self {
+        Self::Refused {
+            sink: sink.into(),
+            detail: Box::new(detail),
+        }
+    }
 }
 
 /// What a sink could not do; [`SinkError`] says whether a retry can help.

@@ -74,7 +74,7 @@ use vitalmq_policies::SiteId;
 use super::{Batch, OutboxRecord, Sink, SinkError, SinkFailure};
 
 /// How many PUTs of one batch run at once.
-pub const PARALLEL_PUTS: usize = 8;
+pub(crate) const PARALLEL_PUTS: usize = 8;
 /// TCP connect timeout for S3: an unreachable endpoint fails fast.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of one HTTP request to S3.
@@ -97,7 +97,7 @@ fn retry_config() -> RetryConfig {
 
 /// The two objects written per partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ObjectKind {
+pub(crate) enum ObjectKind {
     /// `.cborseq` under `raw/`: the COSE_Sign1 bytes as published.
     Raw,
     /// `.ndjson` under `normalized/`: the normalized events.
@@ -196,10 +196,8 @@ impl ObjectStoreSink {
         prefix: &str,
     ) -> Result<Self, SinkError> {
         let name = name.into();
-        let prefix = ObjectPath::parse(prefix).map_err(|e| SinkError::Refused {
-            sink: name.clone(),
-            detail: SinkFailure::Prefix(e),
-        })?;
+        let prefix = ObjectPath::parse(prefix)
+            .map_err(|e| SinkError::refused(name.clone(), SinkFailure::Prefix(e)))?;
         Ok(Self {
             name,
             store,
@@ -211,18 +209,17 @@ impl ObjectStoreSink {
     /// A sink writing into the directory `root_dir` (created if missing).
     pub fn local(name: impl Into<String>, root_dir: &std::path::Path) -> Result<Self, SinkError> {
         let name = name.into();
-        let unavailable = |detail| SinkError::Unavailable {
-            sink: name.clone(),
-            detail,
-        };
+        let unavailable = |detail| SinkError::unavailable(name.clone(), detail);
         let dir = || root_dir.to_path_buf();
         vitalmq_private_fs::create_dir_all(root_dir).map_err(|e| unavailable(e.into()))?;
         let root = std::fs::canonicalize(root_dir)
             .map_err(|source| unavailable(SinkFailure::Resolve { dir: dir(), source }))?;
-        let fs = Arc::new(
-            LocalFileSystem::new_with_prefix(&root)
-                .map_err(|source| unavailable(SinkFailure::Open { dir: dir(), source }))?,
-        );
+        let fs = Arc::new(LocalFileSystem::new_with_prefix(&root).map_err(|e| {
+            unavailable(SinkFailure::Open {
+                dir: dir(),
+                source: e,
+            })
+        })?);
         let mut sink = Self::new(name.clone(), Arc::clone(&fs) as Arc<dyn ObjectStore>, "")?;
         sink.local = Some(LocalRoot { fs, root });
         Ok(sink)
@@ -235,10 +232,10 @@ impl ObjectStoreSink {
         let name = name.into();
         let bucket = &settings.bucket;
         if bucket.is_empty() || bucket.contains(|c: char| c == '/' || c.is_whitespace()) {
-            return Err(SinkError::Refused {
-                sink: name,
-                detail: SinkFailure::Bucket(bucket.clone()),
-            });
+            return Err(SinkError::refused(
+                name,
+                SinkFailure::Bucket(bucket.clone()),
+            ));
         }
         let mut client = ClientOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
@@ -260,10 +257,9 @@ impl ObjectStoreSink {
                 .with_endpoint(endpoint)
                 .with_virtual_hosted_style_request(false);
         }
-        let store = builder.build().map_err(|e| SinkError::Refused {
-            sink: name.clone(),
-            detail: SinkFailure::S3Config(e),
-        })?;
+        let store = builder
+            .build()
+            .map_err(|e| SinkError::refused(name.clone(), SinkFailure::S3Config(e)))?;
         Self::new(name, Arc::new(store), &settings.prefix)
     }
 
@@ -282,14 +278,9 @@ impl ObjectStoreSink {
         &self.store
     }
 
-    /// The key prefix, possibly empty.
-    pub fn prefix(&self) -> &str {
-        self.prefix.as_ref()
-    }
-
     /// The directory of one partition's objects of `kind`, without a trailing `/`:
     /// `{prefix}/{kind}/site={site}/device={device}/date={YYYY-MM-DD}`.
-    pub fn partition_prefix(
+    pub(crate) fn partition_prefix(
         &self,
         kind: ObjectKind,
         site: &SiteId,
@@ -319,12 +310,14 @@ impl ObjectStoreSink {
     /// Names of all objects under `under` (relative to the sink's prefix; `""` for all),
     /// full names as stored, sorted.
     pub async fn list_objects(&self, under: &str) -> Result<Vec<String>, SinkError> {
-        let relative = ObjectPath::parse(under).map_err(|e| SinkError::Refused {
-            sink: self.name.clone(),
-            detail: SinkFailure::ListPrefix {
-                under: under.to_owned(),
-                source: e,
-            },
+        let relative = ObjectPath::parse(under).map_err(|e| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::ListPrefix {
+                    under: under.to_owned(),
+                    source: e,
+                },
+            )
         })?;
         let location: ObjectPath = self.prefix.parts().chain(relative.parts()).collect();
         let mut names: Vec<String> = self
@@ -351,20 +344,24 @@ impl ObjectStoreSink {
             batch.last,
             kind.extension(),
         );
-        ObjectPath::parse(&name).map_err(|e| SinkError::Refused {
-            sink: self.name.clone(),
-            detail: SinkFailure::ObjectPath { name, source: e },
+        ObjectPath::parse(&name).map_err(|e| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::ObjectPath { name, source: e },
+            )
         })
     }
 
     async fn deliver_batch(&self, batch: &Batch) -> Result<(), SinkError> {
-        let partitions = partition(batch).map_err(|source| SinkError::Refused {
-            sink: self.name.clone(),
-            detail: SinkFailure::Batch {
-                first: batch.first,
-                last: batch.last,
-                source,
-            },
+        let partitions = partition(batch).map_err(|source| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::Batch {
+                    first: batch.first,
+                    last: batch.last,
+                    source,
+                },
+            )
         })?;
         let mut puts = Vec::with_capacity(partitions.len());
         for (key, part) in partitions {
@@ -403,12 +400,14 @@ impl ObjectStoreSink {
         } else {
             format!("{}/{key}", self.prefix.as_ref())
         };
-        let location = ObjectPath::parse(&full).map_err(|e| SinkError::Refused {
-            sink: self.name.clone(),
-            detail: SinkFailure::ObjectPath {
-                name: full,
-                source: e,
-            },
+        let location = ObjectPath::parse(&full).map_err(|e| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::ObjectPath {
+                    name: full,
+                    source: e,
+                },
+            )
         })?;
         self.put(&location, bytes.into()).await?;
         if let Some(local) = &self.local {
@@ -430,13 +429,13 @@ impl ObjectStoreSink {
         {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.store_error("PUT", location, e)),
-            Err(_) => Err(SinkError::Unavailable {
-                sink: self.name.clone(),
-                detail: SinkFailure::PutTimeout {
+            Err(_) => Err(SinkError::unavailable(
+                self.name.clone(),
+                SinkFailure::PutTimeout {
                     location: location.clone(),
                     deadline: PUT_DEADLINE,
                 },
-            }),
+            )),
         }
     }
 
@@ -481,11 +480,8 @@ impl ObjectStoreSink {
         .await;
         match synced {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(detail)) => Err(SinkError::Unavailable { sink, detail }),
-            Err(e) => Err(SinkError::Unavailable {
-                sink,
-                detail: SinkFailure::FsyncTask(e),
-            }),
+            Ok(Err(detail)) => Err(SinkError::unavailable(sink, detail)),
+            Err(e) => Err(SinkError::unavailable(sink, SinkFailure::FsyncTask(e))),
         }
     }
 
@@ -512,9 +508,9 @@ impl ObjectStoreSink {
         // Network, timeouts, 5xx, permissions, a full disk, a missing bucket: an
         // operator or time can fix these; the records wait in the outbox.
         if retryable {
-            SinkError::Unavailable { sink, detail }
+            SinkError::unavailable(sink, detail)
         } else {
-            SinkError::Refused { sink, detail }
+            SinkError::refused(sink, detail)
         }
     }
 }

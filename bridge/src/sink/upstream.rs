@@ -84,19 +84,15 @@ impl UpstreamSink {
     }
 
     fn unavailable(&self, detail: SinkFailure) -> SinkError {
-        SinkError::Unavailable {
-            sink: self.name.clone(),
-            detail,
-        }
+        SinkError::unavailable(self.name.clone(), detail)
     }
 
     fn link_error(&self, e: LinkError) -> SinkError {
         match e {
             LinkError::Failed(_) => self.unavailable(SinkFailure::Link(e)),
-            LinkError::Refused(_) => SinkError::Refused {
-                sink: self.name.clone(),
-                detail: SinkFailure::ReceiptsRefused(e),
-            },
+            LinkError::Refused(_) => {
+                SinkError::refused(self.name.clone(), SinkFailure::ReceiptsRefused(e))
+            }
         }
     }
 
