@@ -245,13 +245,6 @@ pub enum BadSignature {
     Es256,
 }
 
-/// A `bad-signature` refusal's detail is the failed check (see `verify::check_signature`).
-impl From<BadSignature> for String {
-    fn from(e: BadSignature) -> Self {
-        e.to_string()
-    }
-}
-
 /// The canonical encodings of the eight points of small order, taken from
 /// curve25519-dalek's torsion subgroup: what `verify_strict` refuses as `R`.
 static SMALL_ORDER_ENCODINGS: LazyLock<[[u8; 32]; 8]> = LazyLock::new(|| {
