@@ -199,7 +199,7 @@ pub enum CliError {
 /// A `--not-before`/`--not-after` value that is not RFC 3339.
 #[derive(Debug, thiserror::Error)]
 #[error("not an RFC 3339 time: {0}")]
-pub struct NotRfc3339(time::error::Parse);
+struct NotRfc3339(time::error::Parse);
 
 fn parse_time(s: &str) -> Result<OffsetDateTime, NotRfc3339> {
     OffsetDateTime::parse(s, &Rfc3339).map_err(NotRfc3339)
