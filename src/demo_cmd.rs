@@ -382,10 +382,10 @@ fn evidence_and_checks(
     Ok(report::checks(&evidence))
 }
 
-fn verify_chain(path: &Path) -> Result<u64, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn verify_chain(path: &Path) -> anyhow::Result<u64> {
+    let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
     vitalmq_audit::verify_chain(std::io::BufReader::new(file))
-        .map_err(|e| format!("chain broken at {e}"))
+        .map_err(|e| anyhow::anyhow!("chain broken at {e}"))
 }
 
 fn print_summary(

@@ -34,7 +34,7 @@ pub enum EnvelopeCommand {
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
     /// Algorithm of `--pubkey-hex`.
-    #[arg(long, value_parser = parse_alg, requires = "pubkey_hex")]
+    #[arg(long, requires = "pubkey_hex")]
     alg: Option<Algorithm>,
     /// The device's public key: 32 bytes (EdDSA) or the uncompressed SEC1 point (ES256).
     #[arg(long, requires = "alg", conflicts_with = "registry")]
@@ -85,26 +85,25 @@ pub struct SignArgs {
     output: PathBuf,
 }
 
-fn parse_alg(s: &str) -> Result<Algorithm, String> {
-    s.parse().map_err(|e| format!("{e}"))
-}
-
-fn parse_type(s: &str) -> Result<MessageType, String> {
+fn parse_type(s: &str) -> anyhow::Result<MessageType> {
     match s {
         "vitals" => Ok(MessageType::Vitals),
         "status" => Ok(MessageType::Status),
         "alarm" => Ok(MessageType::Alarm),
-        _ => Err("expected vitals, status or alarm".into()),
+        _ => bail!("expected vitals, status or alarm"),
     }
 }
 
-fn parse_measurement(s: &str) -> Result<(String, Number), String> {
-    let (name, value) = s.split_once('=').ok_or("expected name=value")?;
-    let number = value
-        .parse::<i64>()
-        .map(|i| Number::Int(i.into()))
-        .or_else(|_| value.parse::<f64>().map(Number::Float))
-        .map_err(|_| format!("`{value}` is not a number"))?;
+fn parse_measurement(s: &str) -> anyhow::Result<(String, Number)> {
+    let (name, value) = s.split_once('=').context("expected name=value")?;
+    let number = match value.parse::<i64>() {
+        Ok(i) => Number::Int(i.into()),
+        Err(_) => Number::Float(
+            value
+                .parse::<f64>()
+                .with_context(|| format!("`{value}` is not a number"))?,
+        ),
+    };
     Ok((name.to_owned(), number))
 }
 

@@ -62,12 +62,12 @@ pub(crate) fn line_hash(line: &str) -> Option<String> {
 pub(crate) fn read_line(line: &str, line_no: usize) -> Result<AuditRecord, ChainError> {
     let record: AuditRecord = serde_json::from_str(line).map_err(|e| ChainError::Unreadable {
         line: line_no,
-        why: e.to_string(),
+        why: Unreadable::Json(e),
     })?;
-    if record.format != crate::FORMAT {
+    if record.format != crate::record::FORMAT {
         return Err(ChainError::Unreadable {
             line: line_no,
-            why: format!("unknown format {:?}", record.format),
+            why: Unreadable::Format(record.format),
         });
     }
     if line_hash(line).as_deref() != Some(record.hash.as_str()) {
@@ -77,11 +77,15 @@ pub(crate) fn read_line(line: &str, line_no: usize) -> Result<AuditRecord, Chain
 }
 
 /// Where and why a log stopped being a valid chain. Lines are 1-based.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ChainError {
     #[error("line {line}: not an audit record: {why}")]
-    Unreadable { line: usize, why: String },
+    Unreadable {
+        line: usize,
+        #[source]
+        why: Unreadable,
+    },
     #[error(
         "line {line}: record seq {found}, expected {expected} (a record was deleted, inserted or moved)"
     )]
@@ -94,6 +98,18 @@ pub enum ChainError {
     BrokenLink { line: usize },
     #[error("line {line}: record content does not match its hash (edited)")]
     Tampered { line: usize },
+}
+
+/// Why a line is not a record of this format.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Unreadable {
+    #[error(transparent)]
+    Io(std::io::Error),
+    #[error(transparent)]
+    Json(serde_json::Error),
+    #[error("unknown format {0:?}")]
+    Format(String),
 }
 
 impl ChainError {
@@ -133,7 +149,7 @@ pub fn verify_chain_from(reader: impl BufRead, start: Start) -> Result<u64, Chai
         let line_no = i + 1;
         let line = line.map_err(|e| ChainError::Unreadable {
             line: line_no,
-            why: e.to_string(),
+            why: Unreadable::Io(e),
         })?;
         let record = read_line(&line, line_no)?;
         if count == 0 && start == Start::Segment {
@@ -172,7 +188,7 @@ mod tests {
     #[test]
     fn a_log_written_before_the_line_hash_still_verifies() {
         let log = WRITTEN_BEFORE.join("\n") + "\n";
-        assert_eq!(verify_chain(log.as_bytes()), Ok(3));
+        assert_eq!(verify_chain(log.as_bytes()).expect("intact"), 3);
     }
 
     #[test]

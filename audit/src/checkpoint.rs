@@ -33,7 +33,7 @@ pub fn signing_key_path(log: &Path) -> PathBuf {
 }
 
 /// Short id of a public key: the first 8 bytes of its SHA-256, hex.
-pub fn key_id(public: &[u8; 32]) -> String {
+pub(crate) fn key_id(public: &[u8; 32]) -> String {
     hex::encode(&Sha256::digest(public)[..8])
 }
 
@@ -53,45 +53,57 @@ impl std::fmt::Debug for CheckpointKey {
 
 /// A key file that cannot be read or created.
 #[derive(Debug, thiserror::Error)]
-#[error("audit signing key {path}: {detail}")]
+#[error("audit signing key {path}: {why}")]
 pub struct KeyError {
     pub path: PathBuf,
-    pub detail: String,
+    #[source]
+    pub why: KeyProblem,
+}
+
+/// What went wrong with a key file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyProblem {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Dir(#[from] vitalmq_private_fs::PrivateFsError),
+    /// Not a PKCS#8 Ed25519 key, or one that cannot be encoded.
+    #[error(transparent)]
+    Pkcs8(#[from] ed25519_dalek::pkcs8::Error),
 }
 
 impl CheckpointKey {
     /// Loads the PKCS#8 PEM key at `path`, or creates one (mode 0600, never overwriting)
     /// with its public key in hex beside it at `<path>.pub`.
     pub fn load_or_create(path: &Path, component: Component) -> Result<Self, KeyError> {
-        let err = |detail: String| KeyError {
+        Self::load_or_create_at(path, component).map_err(|why| KeyError {
             path: path.to_path_buf(),
-            detail,
-        };
+            why,
+        })
+    }
+
+    fn load_or_create_at(path: &Path, component: Component) -> Result<Self, KeyProblem> {
         let key = if path.exists() {
-            let pem = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-            SigningKey::from_pkcs8_pem(&pem).map_err(|e| err(e.to_string()))?
+            SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path)?)?
         } else {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                vitalmq_private_fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+                vitalmq_private_fs::create_dir_all(dir)?;
             }
             let key = SigningKey::generate(&mut rand_core::OsRng);
-            let pem = key
-                .to_pkcs8_pem(Default::default())
-                .map_err(|e| err(e.to_string()))?;
+            let pem = key.to_pkcs8_pem(Default::default())?;
             let mut file = vitalmq_private_fs::create_options()
                 .write(true)
                 .create_new(true)
-                .open(path)
-                .map_err(|e| err(e.to_string()))?;
-            file.write_all(pem.as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(|e| err(e.to_string()))?;
+                .open(path)?;
+            file.write_all(pem.as_bytes())?;
+            file.sync_all()?;
             key
         };
         let public = hex::encode(key.verifying_key().as_bytes());
         let pub_path = PathBuf::from(format!("{}.pub", path.display()));
         if !pub_path.exists() {
-            std::fs::write(&pub_path, format!("{public}\n")).map_err(|e| err(e.to_string()))?;
+            std::fs::write(&pub_path, format!("{public}\n"))?;
         }
         Ok(Self { key, component })
     }
@@ -128,17 +140,36 @@ pub struct CheckpointReport {
 }
 
 /// A checkpoint that does not hold. Lines are 1-based.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckpointError {
     #[error("line {line}: checkpoint is malformed: {why}")]
-    Malformed { line: usize, why: String },
+    Malformed {
+        line: usize,
+        #[source]
+        why: Malformed,
+    },
     #[error("line {line}: checkpoint signature does not verify")]
     BadSignature { line: usize },
     #[error("line {line}: checkpoint covers record {seq}, whose hash is not the one signed")]
     Mismatch { line: usize, seq: u64 },
     #[error("line {line}: checkpoint signed by key {key}, which is not a trusted key")]
     Untrusted { line: usize, key: String },
+}
+
+/// What is wrong with a checkpoint line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Malformed {
+    #[error(transparent)]
+    Io(std::io::Error),
+    #[error(transparent)]
+    Json(serde_json::Error),
+    /// A detail that is missing or not of its form, by name.
+    #[error("{0}")]
+    Field(&'static str),
+    #[error("covers_seq is not the record before the checkpoint")]
+    NotAdjacent,
 }
 
 impl CheckpointError {
@@ -170,42 +201,38 @@ pub fn verify_checkpoints(
     };
     for (i, line) in reader.lines().enumerate() {
         let line_no = i + 1;
-        let malformed = |why: &str| CheckpointError::Malformed {
-            line: line_no,
-            why: why.to_owned(),
-        };
-        let line = line.map_err(|e| malformed(&e.to_string()))?;
+        let malformed = |why| CheckpointError::Malformed { line: line_no, why };
+        let field = |name| malformed(Malformed::Field(name));
+        let line = line.map_err(|e| malformed(Malformed::Io(e)))?;
         if line.trim().is_empty() {
             continue;
         }
         let record: AuditRecord =
-            serde_json::from_str(&line).map_err(|e| malformed(&e.to_string()))?;
+            serde_json::from_str(&line).map_err(|e| malformed(Malformed::Json(e)))?;
         if record.event == Event::Checkpoint {
             let d = &record.details;
-            let text = |k: &str| d.get(k).and_then(Value::as_str).ok_or_else(|| malformed(k));
+            let text = |k| d.get(k).and_then(Value::as_str).ok_or_else(|| field(k));
             let seq = d
                 .get("covers_seq")
                 .and_then(Value::as_u64)
-                .ok_or_else(|| malformed("covers_seq"))?;
+                .ok_or_else(|| field("covers_seq"))?;
             // The writer signs the record right before each checkpoint; the signature
             // does not cover the checkpoint's own place, so a copy moved elsewhere
             // would otherwise still verify there.
             if record.seq.checked_sub(1) != Some(seq) {
-                return Err(malformed(
-                    "covers_seq is not the record before the checkpoint",
-                ));
+                return Err(malformed(Malformed::NotAdjacent));
             }
             let covered = text("covers_hash")?;
             let public_hex = text("public_key")?;
             let public: [u8; 32] = hex::decode(public_hex)
                 .ok()
                 .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| malformed("public_key"))?;
+                .ok_or_else(|| field("public_key"))?;
             let signature: [u8; 64] = hex::decode(text("signature")?)
                 .ok()
                 .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| malformed("signature"))?;
-            let key = VerifyingKey::from_bytes(&public).map_err(|_| malformed("public_key"))?;
+                .ok_or_else(|| field("signature"))?;
+            let key = VerifyingKey::from_bytes(&public).map_err(|_| field("public_key"))?;
             key.verify_strict(
                 &signed_bytes(seq, covered),
                 &Signature::from_bytes(&signature),
@@ -323,7 +350,10 @@ mod tests {
         std::fs::write(&path, rewritten.join("\n") + "\n").expect("write");
         assert!(verify_chain(BufReader::new(std::fs::File::open(&path).expect("open"))).is_ok());
         let err = check(&path, &[public]).expect_err("the checkpoint no longer matches");
-        assert_eq!(err, CheckpointError::Mismatch { line: 4, seq: 2 });
+        assert!(
+            matches!(err, CheckpointError::Mismatch { line: 4, seq: 2 }),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -371,7 +401,7 @@ mod tests {
             prev = r.clone();
         }
         let text = lines.join("\n") + "\n";
-        assert_eq!(verify_chain(text.as_bytes()), Ok(6));
+        assert_eq!(verify_chain(text.as_bytes()).expect("intact"), 6);
         assert!(matches!(
             verify_checkpoints(text.as_bytes(), &[public]),
             Err(CheckpointError::Malformed { line: 6, .. })
@@ -409,8 +439,8 @@ mod tests {
         let segment = lines[checkpoints[0] + 1..=checkpoints[1]].join("\n") + "\n";
         let n = u64::try_from(checkpoints[1] - checkpoints[0]).expect("small");
         assert_eq!(
-            crate::verify_chain_from(segment.as_bytes(), crate::Start::Segment),
-            Ok(n)
+            crate::verify_chain_from(segment.as_bytes(), crate::Start::Segment).expect("intact"),
+            n
         );
         assert!(matches!(
             verify_chain(segment.as_bytes()),

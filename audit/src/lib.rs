@@ -22,11 +22,11 @@ mod record;
 mod shipped;
 mod writer;
 
-pub use chain::{ChainError, GENESIS, Start, verify_chain, verify_chain_from};
+pub use chain::{ChainError, GENESIS, Start, Unreadable, verify_chain, verify_chain_from};
 pub use checkpoint::{
-    CheckpointError, CheckpointKey, CheckpointReport, KeyError, key_id, signing_key_path,
-    verify_checkpoints,
+    CheckpointError, CheckpointKey, CheckpointReport, KeyError, KeyProblem, Malformed,
+    signing_key_path, verify_checkpoints,
 };
-pub use record::{Actor, AuditRecord, Component, Decision, Event, FORMAT};
+pub use record::{Actor, AuditRecord, Component, Decision, Event};
 pub use shipped::{ShippedError, ShippedReport, ShippedSegment, compare_shipped};
 pub use writer::{AuditError, AuditLog, Auditor};

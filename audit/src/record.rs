@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Format tag carried by every record.
-pub const FORMAT: &str = "vitalmq-audit/v1";
+pub(crate) const FORMAT: &str = "vitalmq-audit/v1";
 
 /// Which component wrote a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -161,11 +161,7 @@ impl AuditLog {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            vitalmq_private_fs::dir_builder()
-                .create(parent)
-                .map_err(io)?;
-        }
+        vitalmq_private_fs::create_parent(path).map_err(io)?;
         let (next_seq, prev) = {
             let mut file = vitalmq_private_fs::create_options()
                 .create(true)

@@ -36,7 +36,7 @@ use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
 use crate::sink::object::ObjectStoreSink;
 use crate::store::{Store, StoreError, lock};
-use tail::{Limits, Segment, Tail, TailError};
+use tail::{Divergence, Limits, Segment, Tail, TailError};
 
 /// How often the shipper looks for new checkpointed records.
 const INTERVAL: Duration = Duration::from_secs(5);
@@ -216,10 +216,7 @@ fn plan(store: &Mutex<Store>, sink: &str, log: &ShippedLog) -> Result<Tail, Pass
         (None, Tail::Segment(s)) => store.audit_pending(sink, &log.component, s.first, s.last)?,
         (Some((first, last)), Tail::Segment(s)) if (s.first, s.last) == (first, last) => {}
         (Some((first, last)), _) => {
-            return Err(TailError::Diverged(format!(
-                "the segment in flight, seq {first} to {last}, is no longer in the log as it was"
-            ))
-            .into());
+            return Err(TailError::Diverged(Divergence::InFlightGone { first, last }).into());
         }
         (None, _) => {}
     }

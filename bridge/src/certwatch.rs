@@ -12,10 +12,21 @@ use tracing::warn;
 use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
 
+/// Why a certificate's expiry cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum ExpiryError {
+    #[error(transparent)]
+    Read(std::io::Error),
+    #[error(transparent)]
+    Pem(x509_parser::nom::Err<x509_parser::error::PEMError>),
+    #[error(transparent)]
+    X509(x509_parser::nom::Err<x509_parser::error::X509Error>),
+}
+
 /// Seconds until `pem`'s first certificate expires (negative: expired).
-pub fn seconds_left(pem: &[u8], now_s: i64) -> Result<i64, String> {
-    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| e.to_string())?;
-    let cert = pem.parse_x509().map_err(|e| e.to_string())?;
+fn seconds_left(pem: &[u8], now_s: i64) -> Result<i64, ExpiryError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem).map_err(ExpiryError::Pem)?;
+    let cert = pem.parse_x509().map_err(ExpiryError::X509)?;
     Ok(cert.validity().not_after.timestamp() - now_s)
 }
 
@@ -36,7 +47,7 @@ pub async fn watch(
         for path in &certs {
             let subject = path.display().to_string();
             let left = match std::fs::read(path)
-                .map_err(|e| e.to_string())
+                .map_err(ExpiryError::Read)
                 .and_then(|pem| seconds_left(&pem, now_s))
             {
                 Ok(left) => left,

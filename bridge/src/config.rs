@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::window::WindowSize;
+use crate::window::{WindowError, WindowSize};
 
 /// The parsed configuration, paths resolved.
 #[derive(Debug, Clone, Deserialize)]
@@ -278,25 +278,76 @@ impl SinkConfig {
     }
 }
 
-/// A configuration the bridge cannot run with, naming the file.
+/// A configuration the bridge cannot run with, naming the file; the cause is the source
+/// (so `{:#}` reads `<path>: <cause>`).
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {detail}")]
-pub struct ConfigError {
-    pub path: PathBuf,
-    pub detail: String,
+pub enum ConfigError {
+    #[error("{}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{}", path.display())]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: Invalid,
+    },
+}
+
+/// A setting that parses but cannot be used, named by its field.
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    #[error("pipeline.window")]
+    Window(#[source] WindowError),
+    #[error("audit_retention: letters, digits, '-' and '_' only")]
+    AuditRetention,
+    #[error("audit_ship.component {0:?}: letters, digits, '-' and '_' only (at most 64)")]
+    ShipComponent(String),
+    #[error("audit_ship.component {0:?}: used twice (\"bridge\" is the bridge's own log)")]
+    ShipComponentTwice(String),
+    #[error("audit_ship.{0}.retention: letters, digits, '-' and '_' only")]
+    ShipRetention(String),
+    #[error("audit_ship.{0}.path: the bridge's own audit log is shipped already")]
+    ShipsOwnLog(String),
+    #[error("pipeline.batch_max: must be at least 1")]
+    BatchMax,
+    #[error("pipeline.resume_backlog: must not exceed max_backlog")]
+    ResumeBacklog,
+    #[error("alerts.webhooks: the name {0:?} is used twice")]
+    WebhookTwice(String),
+    #[error("alerts.webhooks.{0}: url must be http:// or https://")]
+    WebhookUrl(String),
+    #[error("sinks: the name {0:?} is used twice")]
+    SinkTwice(String),
+    #[error("sinks.{0}: give exactly one of `path` and `s3`")]
+    SinkTarget(String),
 }
 
 impl BridgeConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let err = |detail: String| ConfigError {
-            path: path.to_path_buf(),
-            detail,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let path_buf = || path.to_path_buf();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path_buf(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path_buf(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve(base);
-        config.validate().map_err(err)?;
+        config.validate().map_err(|source| ConfigError::Invalid {
+            path: path_buf(),
+            source,
+        })?;
         Ok(config)
     }
 
@@ -338,70 +389,52 @@ impl BridgeConfig {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
-        WindowSize::new(self.pipeline.window).map_err(|e| format!("pipeline.window: {e}"))?;
+    fn validate(&self) -> Result<(), Invalid> {
+        WindowSize::new(self.pipeline.window).map_err(Invalid::Window)?;
         if !is_object_name_part(&self.audit_retention) {
-            return Err("audit_retention: letters, digits, '-' and '_' only".into());
+            return Err(Invalid::AuditRetention);
         }
         let mut labels = std::collections::HashSet::from(["bridge"]);
         for a in &self.audit_ship {
             if !is_object_name_part(&a.component) {
-                return Err(format!(
-                    "audit_ship.component {:?}: letters, digits, '-' and '_' only (at most 64)",
-                    a.component
-                ));
+                return Err(Invalid::ShipComponent(a.component.clone()));
             }
             if !labels.insert(&a.component) {
-                return Err(format!(
-                    "audit_ship.component {:?}: used twice (\"bridge\" is the bridge's own log)",
-                    a.component
-                ));
+                return Err(Invalid::ShipComponentTwice(a.component.clone()));
             }
             if !is_object_name_part(&a.retention) {
-                return Err(format!(
-                    "audit_ship.{}.retention: letters, digits, '-' and '_' only",
-                    a.component
-                ));
+                return Err(Invalid::ShipRetention(a.component.clone()));
             }
             if a.path == self.audit_path() {
-                return Err(format!(
-                    "audit_ship.{}.path: the bridge's own audit log is shipped already",
-                    a.component
-                ));
+                return Err(Invalid::ShipsOwnLog(a.component.clone()));
             }
         }
         if self.pipeline.batch_max == 0 {
-            return Err("pipeline.batch_max: must be at least 1".into());
+            return Err(Invalid::BatchMax);
         }
         if self.pipeline.resume_backlog > self.pipeline.max_backlog {
-            return Err("pipeline.resume_backlog: must not exceed max_backlog".into());
+            return Err(Invalid::ResumeBacklog);
         }
         if let Some(a) = &self.alerts {
             let mut hooks = std::collections::HashSet::new();
             for w in &a.webhooks {
                 if !hooks.insert(&w.name) {
-                    return Err(format!(
-                        "alerts.webhooks: the name {:?} is used twice",
-                        w.name
-                    ));
+                    return Err(Invalid::WebhookTwice(w.name.clone()));
                 }
                 if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                    return Err(format!(
-                        "alerts.webhooks.{}: url must be http:// or https://",
-                        w.name
-                    ));
+                    return Err(Invalid::WebhookUrl(w.name.clone()));
                 }
             }
         }
         let mut names = std::collections::HashSet::new();
         for sink in &self.sinks {
             if !names.insert(sink.name()) {
-                return Err(format!("sinks: the name {:?} is used twice", sink.name()));
+                return Err(Invalid::SinkTwice(sink.name().to_owned()));
             }
             if let SinkConfig::Objects { name, path, s3, .. } = sink
                 && path.is_some() == s3.is_some()
             {
-                return Err(format!("sinks.{name}: give exactly one of `path` and `s3`"));
+                return Err(Invalid::SinkTarget(name.clone()));
             }
         }
         Ok(())
@@ -488,7 +521,17 @@ mod tests {
                 format!("{extra}{base}")
             };
             std::fs::write(&path, text).expect("write");
-            let err = BridgeConfig::load(&path).expect_err(expect).to_string();
+            // As the binary prints it: the error, then each source.
+            let err = BridgeConfig::load(&path).expect_err(expect);
+            let mut chain: Vec<&dyn std::error::Error> = vec![&err];
+            while let Some(s) = chain.last().and_then(|e| e.source()) {
+                chain.push(s);
+            }
+            let err = chain
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(": ");
             assert!(
                 err.contains("bridge.toml") && err.contains(expect),
                 "{expect}: {err}"

@@ -23,13 +23,33 @@ use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
 use crate::store::{Store, StoredAlert, lock};
 use crate::webhook::{
-    HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP, WebhookSigner,
+    HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP, SignError, WebhookSigner,
 };
 
 /// Header carrying the alert id; with the state it is the idempotency key.
 pub const ALERT_ID_HEADER: &str = "X-Vitalmq-Alert-Id";
 /// `Idempotency-Key: <alert_id>/<state>`, also the Standard Webhooks `webhook-id`.
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+
+/// Why a batch of alerts was not confirmed; reported in the `alert_handler_down` alert.
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("no connection")]
+    NotConnected,
+    #[error("no PUBACK in time")]
+    NoPuback,
+    #[error(transparent)]
+    Sign(#[from] SignError),
+    #[error("POST {url}: {source}")]
+    Post { url: String, source: reqwest::Error },
+    #[error("POST {url}: HTTP {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+}
 
 /// Where alerts go.
 pub enum Handler {
@@ -55,7 +75,11 @@ impl std::fmt::Debug for Handler {
 }
 
 impl Handler {
-    pub fn webhook(name: String, url: String, signer: WebhookSigner) -> anyhow::Result<Self> {
+    pub fn webhook(
+        name: String,
+        url: String,
+        signer: WebhookSigner,
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(10))
@@ -77,18 +101,14 @@ impl Handler {
     }
 
     /// Delivers `alerts` in order; `Ok` only when every one was confirmed.
-    async fn deliver(&mut self, alerts: &[StoredAlert]) -> Result<(), String> {
+    async fn deliver(&mut self, alerts: &[StoredAlert]) -> Result<(), DeliveryError> {
         match self {
             Self::Mqtt { options, link } => {
                 if link.is_none() {
-                    *link = Some(
-                        Link::connect((**options).clone(), Duration::from_secs(5))
-                            .await
-                            .map_err(|e| e.to_string())?,
-                    );
+                    *link = Some(Link::connect((**options).clone(), Duration::from_secs(5)).await?);
                 }
                 let Some(l) = link.as_mut() else {
-                    return Err("no connection".into());
+                    return Err(DeliveryError::NotConnected);
                 };
                 let items: Vec<(String, Bytes)> = alerts
                     .iter()
@@ -101,13 +121,13 @@ impl Handler {
                 .await;
                 match sent {
                     Ok(Ok(())) => Ok(()),
-                    Ok(Err(LinkError::Failed(e) | LinkError::Refused(e))) => {
+                    Ok(Err(e)) => {
                         *link = None;
-                        Err(e)
+                        Err(e.into())
                     }
                     Err(_) => {
                         *link = None;
-                        Err("no PUBACK in time".into())
+                        Err(DeliveryError::NoPuback)
                     }
                 }
             }
@@ -122,9 +142,7 @@ impl Handler {
                     // (and so signature) per attempt.
                     let id = format!("{}/{}", a.alert_id, a.state);
                     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-                    let signed = signer
-                        .sign(&id, now, a.body.as_bytes())
-                        .map_err(|e| e.to_string())?;
+                    let signed = signer.sign(&id, now, a.body.as_bytes())?;
                     let response = client
                         .post(url.as_str())
                         .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -136,9 +154,15 @@ impl Handler {
                         .body(a.body.clone())
                         .send()
                         .await
-                        .map_err(|e| format!("POST {url}: {e}"))?;
+                        .map_err(|source| DeliveryError::Post {
+                            url: url.clone(),
+                            source,
+                        })?;
                     if !response.status().is_success() {
-                        return Err(format!("POST {url}: HTTP {}", response.status()));
+                        return Err(DeliveryError::Status {
+                            url: url.clone(),
+                            status: response.status(),
+                        });
                     }
                 }
                 Ok(())
@@ -221,7 +245,7 @@ pub async fn run_handler(
                 if failures >= 3 {
                     let mut details = Map::new();
                     details.insert("sink".into(), json!(name));
-                    details.insert("error".into(), json!(e));
+                    details.insert("error".into(), json!(e.to_string()));
                     if let Some(a) = episodes.raise(
                         OpsKind::Sink,
                         &name,
@@ -233,7 +257,7 @@ pub async fn run_handler(
                             AuditRecord::new(Component::Bridge, Event::SinkFailed)
                                 .resource(name.clone())
                                 .reason("alert_handler_down")
-                                .detail("error", e.clone()),
+                                .detail("error", e.to_string()),
                         );
                         let _ = ops.send(a);
                     }

@@ -62,6 +62,7 @@ impl OpenGaps {
         Self { gaps }
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.gaps.is_empty()
     }

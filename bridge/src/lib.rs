@@ -1,28 +1,31 @@
 //! Verify, sequence-check and durably forward device telemetry (issue 4, SPEC sections
 //! 3 and 4). See ARCHITECTURE.md for the pipeline and its invariants.
+//!
+//! The public modules are what the binary, tests and examples use; the rest is the
+//! bridge process's own machinery, reached through [`run`].
 
-pub mod alerts;
-pub mod audit_ship;
-pub mod audit_size;
-pub mod certwatch;
+mod alerts;
+mod audit_ship;
+mod audit_size;
+mod certwatch;
 pub mod classify;
-pub mod config;
-pub mod delivery;
-pub mod drain;
-pub mod gaps;
-pub mod link;
-pub mod mqtt;
+mod config;
+mod delivery;
+mod drain;
+mod gaps;
+mod link;
+mod mqtt;
 pub mod normalize;
-pub mod ops;
+mod ops;
 pub mod plausible;
-pub mod receipt;
+mod receipt;
 pub mod recorder;
-pub mod reload;
-pub mod run;
+mod reload;
+mod run;
 pub mod sink;
 pub mod store;
-pub mod webhook;
+mod webhook;
 pub mod window;
 
-pub use config::BridgeConfig;
-pub use run::{READY, run};
+pub use config::{BridgeConfig, ConfigError, Invalid};
+pub use run::{READY, RunError, run};

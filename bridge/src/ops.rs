@@ -126,10 +126,6 @@ impl Episodes {
             at_ms: now_ms,
         })
     }
-
-    pub fn is_open(&self, kind: OpsKind, subject: &str) -> bool {
-        self.open.contains_key(&(kind, subject.to_owned()))
-    }
 }
 
 /// Counts events per kind over a sliding minute and says when a rate crosses its limit

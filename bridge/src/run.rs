@@ -16,13 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, error, info, warn};
-use vitalmq_audit::{AuditLog, AuditRecord, Component, Event as AuditEvent};
+use vitalmq_audit::{AuditError, AuditLog, AuditRecord, Component, Event as AuditEvent};
 use vitalmq_envelope::DeviceId;
-use vitalmq_policies::DeviceRegistry;
+use vitalmq_policies::{DeviceRegistry, PolicyErrors};
+use vitalmq_private_fs::PrivateFsError;
 
 use crate::classify::{self, Checked, Incoming, Origin, Sequencer};
 use crate::config::{BridgeConfig, SinkConfig};
@@ -31,10 +31,11 @@ use crate::drain::{self, DrainSettings};
 use crate::mqtt;
 use crate::ops::{OpsAlert, OpsKind, RateWatch};
 use crate::recorder::{Recorded, Recorder, RecorderSettings, now_ms};
-use crate::sink::Sink;
 use crate::sink::object::{ObjectStoreSink, S3Settings};
 use crate::sink::upstream::UpstreamSink;
-use crate::store::Store;
+use crate::sink::{Sink, SinkError};
+use crate::store::{Store, StoreError};
+use crate::webhook::WebhookSecretError;
 use crate::window::ReceiptPoint;
 
 /// Filters the bridge subscribes to (SPEC section 2).
@@ -43,11 +44,78 @@ pub const SUBSCRIPTIONS: [&str; 2] = ["devices/+/telemetry", "devices/+/status"]
 /// The line printed (to stderr, through tracing) once the bridge is subscribed.
 pub const READY: &str = "vitalmq bridge ready";
 
+/// The error of `mqtt::options`, which has no type of its own yet.
+pub(crate) type MqttSetupError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the bridge could not start, or not stop cleanly. The context is the message and
+/// the cause its source, so `{:#}` reads `<context>: <cause>`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Registry(PolicyErrors),
+    #[error(transparent)]
+    Rules(PolicyErrors),
+    #[error(transparent)]
+    PrivateFs(#[from] PrivateFsError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    CheckpointKey(#[from] vitalmq_audit::KeyError),
+    #[error("audit log {}", path.display())]
+    AuditLog {
+        path: PathBuf,
+        #[source]
+        source: AuditError,
+    },
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("{}: stored alert state of {device}", path.display())]
+    AlertState {
+        path: PathBuf,
+        device: DeviceId,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("sink {sink}: environment variable {var} is not set")]
+    SinkEnv {
+        sink: String,
+        var: &'static str,
+        #[source]
+        source: std::env::VarError,
+    },
+    #[error("sink {0}: neither path nor s3")]
+    SinkTarget(String),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Mqtt(MqttSetupError),
+    #[error("webhook {webhook}: environment variable {var} is not set")]
+    WebhookEnv {
+        webhook: String,
+        var: String,
+        #[source]
+        source: std::env::VarError,
+    },
+    #[error("webhook {webhook}: the secret in {var}")]
+    WebhookSecret {
+        webhook: String,
+        var: String,
+        #[source]
+        source: WebhookSecretError,
+    },
+    #[error(transparent)]
+    WebhookClient(#[from] reqwest::Error),
+    #[error("start the recorder thread")]
+    RecorderThread(#[source] std::io::Error),
+    #[error("close the audit log")]
+    CloseAudit(#[source] AuditError),
+}
+
 /// A sink, and for object storage also the concrete sink the audit shipper writes to.
 type BuiltSink = (Arc<dyn Sink>, Option<Arc<ObjectStoreSink>>);
 
 /// The sink of `config`.
-fn build_sink(config: &SinkConfig) -> anyhow::Result<BuiltSink> {
+fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
     let objects = |s: ObjectStoreSink| {
         let s = Arc::new(s);
         (Arc::clone(&s) as Arc<dyn Sink>, Some(s))
@@ -61,9 +129,12 @@ fn build_sink(config: &SinkConfig) -> anyhow::Result<BuiltSink> {
         SinkConfig::Objects {
             name, s3: Some(s3), ..
         } => {
-            let env = |k: &str| {
-                std::env::var(k)
-                    .with_context(|| format!("sink {name}: environment variable {k} is not set"))
+            let env = |var: &'static str| {
+                std::env::var(var).map_err(|source| RunError::SinkEnv {
+                    sink: name.clone(),
+                    var,
+                    source,
+                })
             };
             objects(ObjectStoreSink::s3(
                 name.clone(),
@@ -78,14 +149,14 @@ fn build_sink(config: &SinkConfig) -> anyhow::Result<BuiltSink> {
                 },
             )?)
         }
-        SinkConfig::Objects { name, .. } => anyhow::bail!("sink {name}: neither path nor s3"),
+        SinkConfig::Objects { name, .. } => return Err(RunError::SinkTarget(name.clone())),
         SinkConfig::Upstream {
             name,
             link,
             client_id,
             ..
         } => (
-            Arc::new(UpstreamSink::start(name.clone(), link, client_id)?),
+            Arc::new(UpstreamSink::start(name.clone(), link, client_id).map_err(RunError::Mqtt)?),
             None,
         ),
     })
@@ -116,9 +187,8 @@ fn drain_settings(config: &SinkConfig) -> DrainSettings {
 pub async fn run(
     config: BridgeConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let registry =
-        Arc::new(DeviceRegistry::load(&config.registry).map_err(|e| anyhow::anyhow!("{e}"))?);
+) -> Result<(), RunError> {
+    let registry = Arc::new(DeviceRegistry::load(&config.registry).map_err(RunError::Registry)?);
     // Before anything is opened: patient data must not be readable by other users.
     let private_paths = config.private_paths();
     let exposed = vitalmq_private_fs::check(
@@ -138,12 +208,17 @@ pub async fn run(
         vitalmq_audit::Component::Bridge,
     )?;
     info!(public_key = %key.public_hex(), "audit checkpoints signed with this key");
-    let audit = AuditLog::open_signed(&config.audit_path(), 65_536, Some(key))
-        .with_context(|| format!("audit log {}", config.audit_path().display()))?;
+    let audit =
+        AuditLog::open_signed(&config.audit_path(), 65_536, Some(key)).map_err(|source| {
+            RunError::AuditLog {
+                path: config.audit_path(),
+                source,
+            }
+        })?;
     let auditor = audit.auditor();
     let rules = match &config.alerts {
         Some(a) => Some(Arc::new(
-            vitalmq_policies::RuleSet::load(&a.rules).map_err(|e| anyhow::anyhow!("{e}"))?,
+            vitalmq_policies::RuleSet::load(&a.rules).map_err(RunError::Rules)?,
         )),
         None => None,
     };
@@ -155,8 +230,10 @@ pub async fn run(
     }
     let mut alert_states = HashMap::new();
     for (device, json) in store.load_alert_states()? {
-        let state = serde_json::from_str(&json).with_context(|| {
-            format!("{}: stored alert state of {device}", store.path().display())
+        let state = serde_json::from_str(&json).map_err(|source| RunError::AlertState {
+            path: store.path().to_path_buf(),
+            device: device.clone(),
+            source,
         })?;
         alert_states.insert(device, state);
     }
@@ -194,7 +271,8 @@ pub async fn run(
             ),
     )?;
 
-    let options = mqtt::options(&config.broker, &config.id, true)?;
+    let options =
+        mqtt::options(&config.broker, &config.id, true).map_err(|e| RunError::Mqtt(e.into()))?;
     let (client, eventloop) = mqtt::client(options, 4096);
 
     let (ops_tx, ops_rx) = mpsc::unbounded_channel::<OpsAlert>();
@@ -218,18 +296,25 @@ pub async fn run(
             ..config.broker.clone()
         };
         handlers.push(Handler::Mqtt {
-            options: Box::new(mqtt::options(&publisher, &a.publisher.client_id, false)?),
+            options: Box::new(
+                mqtt::options(&publisher, &a.publisher.client_id, false)
+                    .map_err(|e| RunError::Mqtt(e.into()))?,
+            ),
             link: None,
         });
         for w in &a.webhooks {
-            let secret = std::env::var(&w.secret_env).with_context(|| {
-                format!(
-                    "webhook {}: environment variable {} is not set",
-                    w.name, w.secret_env
-                )
+            let secret = std::env::var(&w.secret_env).map_err(|source| RunError::WebhookEnv {
+                webhook: w.name.clone(),
+                var: w.secret_env.clone(),
+                source,
             })?;
-            let signer = crate::webhook::WebhookSigner::parse(&secret)
-                .with_context(|| format!("webhook {}: the secret in {}", w.name, w.secret_env))?;
+            let signer = crate::webhook::WebhookSigner::parse(&secret).map_err(|source| {
+                RunError::WebhookSecret {
+                    webhook: w.name.clone(),
+                    var: w.secret_env.clone(),
+                    source,
+                }
+            })?;
             handlers.push(Handler::webhook(w.name.clone(), w.url.clone(), signer)?);
         }
     }
@@ -261,7 +346,7 @@ pub async fn run(
     let recorder = std::thread::Builder::new()
         .name("vitalmq-recorder".into())
         .spawn(move || recorder.run(batch_rx, done_tx))
-        .context("start the recorder thread")?;
+        .map_err(RunError::RecorderThread)?;
 
     let ingest = tokio::spawn(ingest(
         incoming_rx,
@@ -351,7 +436,7 @@ pub async fn run(
         AuditRecord::new(Component::Bridge, AuditEvent::ComponentStopped).resource(bridge_identity),
     );
     drop(rules_watch);
-    audit.close().context("close the audit log")?;
+    audit.close().map_err(RunError::CloseAudit)?;
     Ok(())
 }
 
@@ -395,7 +480,7 @@ fn certificates_in_use(config: &BridgeConfig) -> Vec<std::path::PathBuf> {
     certs
 }
 
-fn sequencer_devices(store: &Store, config: &BridgeConfig) -> anyhow::Result<usize> {
+fn sequencer_devices(store: &Store, config: &BridgeConfig) -> Result<usize, StoreError> {
     Ok(store.load_sequences(config.window())?.len())
 }
 

@@ -12,20 +12,27 @@
 use std::fmt;
 
 /// Default window size W (SPEC section 4).
-pub const DEFAULT_WINDOW: u32 = 64;
+pub(crate) const DEFAULT_WINDOW: u32 = 64;
 /// Largest window the bridge accepts (the SPEC asks for at least 1024).
-pub const MAX_WINDOW: u32 = 4096;
+pub(crate) const MAX_WINDOW: u32 = 4096;
 
 /// A window size: a multiple of 64 in `64..=MAX_WINDOW`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowSize(u32);
 
+/// A window size or stored window state the bridge cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error("window size {0}: must be a multiple of 64 between 64 and {MAX_WINDOW}")]
+    Size(u32),
+    #[error("stored bitmap has {len} bytes, window {window} needs {}", window / 8)]
+    Bitmap { len: usize, window: u32 },
+}
+
 impl WindowSize {
-    pub fn new(size: u32) -> Result<Self, String> {
+    pub fn new(size: u32) -> Result<Self, WindowError> {
         if size == 0 || size % 64 != 0 || size > MAX_WINDOW {
-            return Err(format!(
-                "window size {size}: must be a multiple of 64 between 64 and {MAX_WINDOW}"
-            ));
+            return Err(WindowError::Size(size));
         }
         Ok(Self(size))
     }
@@ -156,12 +163,12 @@ impl DeviceSequence {
         self.highest
     }
 
-    pub fn size(&self) -> WindowSize {
+    pub(crate) fn size(&self) -> WindowSize {
         self.size
     }
 
     /// Lowest sequence number inside the window.
-    pub fn low(&self) -> u64 {
+    pub(crate) fn low(&self) -> u64 {
         self.highest.saturating_sub(u64::from(self.size.get()) - 1)
     }
 
@@ -217,7 +224,7 @@ impl DeviceSequence {
     }
 
     /// Whether `seq` of the current epoch was seen; false outside the window.
-    pub fn seen(&self, seq: u64) -> bool {
+    pub(crate) fn seen(&self, seq: u64) -> bool {
         if seq > self.highest || seq < self.low() {
             return false;
         }
@@ -240,7 +247,7 @@ impl DeviceSequence {
     /// number inside the window. If even seq 0 of the current epoch may still arrive,
     /// only the previous epochs are covered (`(epoch - 1, u64::MAX)`: anything older is
     /// a replay now), or nothing at all in epoch 0.
-    pub fn receipt(&self) -> Option<ReceiptPoint> {
+    pub(crate) fn receipt(&self) -> Option<ReceiptPoint> {
         let mut s = self.low();
         loop {
             if !self.seen(s) {
@@ -270,28 +277,26 @@ impl DeviceSequence {
     }
 
     /// Serialized state for the store: the bitmap words, little-endian.
-    pub fn bitmap_bytes(&self) -> Vec<u8> {
+    pub(crate) fn bitmap_bytes(&self) -> Vec<u8> {
         self.bits.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 
     /// Rebuilds a stored state. When the configured window size changed since it was
     /// stored, numbers the old window cannot vouch for are treated as seen, so a
     /// resize can never accept a message twice (it may call a late one a duplicate).
-    pub fn restore(
+    pub(crate) fn restore(
         size: WindowSize,
         stored_size: u32,
         epoch: u64,
         highest: u64,
         bitmap: &[u8],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, WindowError> {
         let stored = WindowSize::new(stored_size)?;
         if bitmap.len() != (stored.get() / 8) as usize {
-            return Err(format!(
-                "stored bitmap has {} bytes, window {} needs {}",
-                bitmap.len(),
-                stored.get(),
-                stored.get() / 8
-            ));
+            return Err(WindowError::Bitmap {
+                len: bitmap.len(),
+                window: stored.get(),
+            });
         }
         let old = Self {
             size: stored,

@@ -386,7 +386,9 @@ async fn s3_outage_is_unavailable_promptly_and_delivery_resumes() {
             eprintln!("stopped server: Unavailable after {took:?}: {detail}");
             assert_eq!(name, SINK);
             assert!(
-                detail.contains(&format!("{PREFIX}/raw/site=north/")),
+                detail
+                    .to_string()
+                    .contains(&format!("{PREFIX}/raw/site=north/")),
                 "names the object: {detail}"
             );
         }

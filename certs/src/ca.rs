@@ -17,7 +17,7 @@ use crate::error::CertsError;
 
 /// How far back `not_before` is set by default, so that a peer whose clock is a little
 /// behind does not see a brand-new certificate as "not yet valid".
-pub const CLOCK_SKEW: Duration = Duration::minutes(5);
+pub(crate) const CLOCK_SKEW: Duration = Duration::minutes(5);
 
 /// A certificate serial number: 16 random bytes, top bit clear (a positive DER INTEGER)
 /// and first byte non-zero (so every tool prints the same 32 hex digits).
@@ -26,7 +26,7 @@ pub struct Serial(Vec<u8>);
 
 impl Serial {
     /// A fresh random serial (RFC 5280 allows up to 20 octets; CAs should use >= 64 random bits).
-    pub fn random() -> Result<Self, CertsError> {
+    pub(crate) fn random() -> Result<Self, CertsError> {
         let mut bytes = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
             .map_err(|_| CertsError::Random)?;
@@ -133,7 +133,7 @@ fn truncate(t: OffsetDateTime) -> OffsetDateTime {
 }
 
 /// RFC 3339 text of a time (for the index and messages).
-pub fn rfc3339(t: OffsetDateTime) -> String {
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
 }
@@ -166,7 +166,7 @@ impl Ca {
         // signature instead of an unknown issuer.
         let mut tag = [0u8; 4];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut tag)
-            .map_err(|_| CertsError::Usage("system randomness unavailable".into()))?;
+            .map_err(|_| CertsError::Random)?;
         dn.push(
             DnType::CommonName,
             format!(

@@ -6,22 +6,21 @@
 //! CRL number) for the outcome record.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, bail};
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::{Duration, OffsetDateTime};
-use vitalmq_envelope::{Algorithm, DeviceId};
-use vitalmq_policies::{PrincipalId, Role, SiteId, TrustDomain};
+use vitalmq_envelope::{Algorithm, DeviceId, InvalidDeviceId};
+use vitalmq_policies::{IdentityError, PrincipalId, Role, SiteId, TrustDomain};
 
 use crate::ca::{CLOCK_SKEW, Validity, rfc3339};
-use crate::crl::Reason;
+use crate::crl::{DEFAULT_CRL_DAYS, Reason};
 use crate::fleet::FleetPlan;
 use crate::index::Target;
 use crate::issue::ServerName;
 use crate::store::{IssueRequest, Pki};
-use crate::{DEFAULT_CRL_DAYS, Serial};
+use crate::{CertsError, Serial};
 
 const LAYOUT_HELP: &str = "\
 Files in DIR:
@@ -116,7 +115,7 @@ pub struct IssueArgs {
     #[arg(long, value_parser = parse_time)]
     pub not_after: Option<OffsetDateTime>,
     /// COSE algorithm of a new device's signing key.
-    #[arg(long, default_value = "EdDSA", value_parser = parse_alg)]
+    #[arg(long, default_value = "EdDSA")]
     pub alg: Algorithm,
 }
 
@@ -140,12 +139,81 @@ pub struct RevokeArgs {
     pub reason: Reason,
 }
 
-fn parse_time(s: &str) -> Result<OffsetDateTime, String> {
-    OffsetDateTime::parse(s, &Rfc3339).map_err(|e| format!("not an RFC 3339 time: {e}"))
+/// Why a `vitalmq certs` command failed: the argument or step, with the cause as source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// `--trust-domain`, `--role`, `--id` or `--site` is not a valid identity part.
+    #[error("{arg}")]
+    Identity {
+        arg: &'static str,
+        #[source]
+        source: IdentityError,
+    },
+    #[error("--es256")]
+    Es256(#[source] InvalidDeviceId),
+    /// `--server-name`, `--not-before/--not-after` or `--serial` is refused by the PKI.
+    #[error("{arg}")]
+    Arg {
+        arg: &'static str,
+        #[source]
+        source: Box<CertsError>,
+    },
+    #[error("pass either --id and --role, or --serial")]
+    Target,
+    #[error("opening the PKI in {} (made by `certs init`?)", dir.display())]
+    Open {
+        dir: PathBuf,
+        #[source]
+        source: Box<CertsError>,
+    },
+    #[error("creating the PKI in {}", dir.display())]
+    Init {
+        dir: PathBuf,
+        #[source]
+        source: Box<CertsError>,
+    },
+    #[error("issuing {role} `{id}` in {}", dir.display())]
+    Issue {
+        role: Role,
+        id: PrincipalId,
+        dir: PathBuf,
+        #[source]
+        source: Box<CertsError>,
+    },
+    #[error("revoking {target} in {}", dir.display())]
+    Revoke {
+        target: Target,
+        dir: PathBuf,
+        #[source]
+        source: Box<CertsError>,
+    },
+    #[error("re-signing the CRL in {}", dir.display())]
+    Crl {
+        dir: PathBuf,
+        #[source]
+        source: Box<CertsError>,
+    },
 }
 
-fn parse_alg(s: &str) -> Result<Algorithm, String> {
-    s.parse::<Algorithm>().map_err(|e| e.to_string())
+/// A `--not-before`/`--not-after` value that is not RFC 3339.
+#[derive(Debug, thiserror::Error)]
+#[error("not an RFC 3339 time: {0}")]
+struct NotRfc3339(time::error::Parse);
+
+fn parse_time(s: &str) -> Result<OffsetDateTime, NotRfc3339> {
+    OffsetDateTime::parse(s, &Rfc3339).map_err(NotRfc3339)
+}
+
+fn identity<T>(arg: &'static str, r: Result<T, IdentityError>) -> Result<T, CliError> {
+    r.map_err(|source| CliError::Identity { arg, source })
+}
+
+fn certs_arg<T>(arg: &'static str, r: Result<T, CertsError>) -> Result<T, CliError> {
+    r.map_err(|source| CliError::Arg {
+        arg,
+        source: Box::new(source),
+    })
 }
 
 /// What a certs command is about to do, for the operator audit log.
@@ -185,16 +253,19 @@ impl CertsCommand {
 
     /// Runs the command; returns what it did (no secrets): serials, identities, CRL
     /// number.
-    pub fn run(self) -> anyhow::Result<Map<String, Value>> {
+    pub fn run(self) -> Result<Map<String, Value>, CliError> {
         match self {
             Self::Init(args) => init(args),
             Self::Issue(args) => issue(args),
             Self::Revoke(args) => revoke(args),
             Self::Crl { dir } => {
                 let mut pki = open(&dir)?;
-                let number = pki
-                    .write_crl(OffsetDateTime::now_utc())
-                    .with_context(|| format!("re-signing the CRL in {}", dir.display()))?;
+                let number =
+                    pki.write_crl(OffsetDateTime::now_utc())
+                        .map_err(|source| CliError::Crl {
+                            dir: dir.clone(),
+                            source: Box::new(source),
+                        })?;
                 println!(
                     "wrote {} (CRL number {number}, valid {DEFAULT_CRL_DAYS} days)",
                     pki.layout().crl().display()
@@ -209,33 +280,35 @@ fn done<const N: usize>(fields: [(&str, Value); N]) -> Map<String, Value> {
     fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
 }
 
-fn open(dir: &std::path::Path) -> anyhow::Result<Pki> {
-    Pki::open(dir).with_context(|| {
-        format!(
-            "opening the PKI in {} (made by `certs init`?)",
-            dir.display()
-        )
+fn open(dir: &Path) -> Result<Pki, CliError> {
+    Pki::open(dir).map_err(|source| CliError::Open {
+        dir: dir.to_path_buf(),
+        source: Box::new(source),
     })
 }
 
-fn init(args: InitArgs) -> anyhow::Result<Map<String, Value>> {
-    let td = TrustDomain::new(args.trust_domain).context("--trust-domain")?;
+fn init(args: InitArgs) -> Result<Map<String, Value>, CliError> {
+    let td = identity("--trust-domain", TrustDomain::new(args.trust_domain))?;
     let mut plan = FleetPlan::new(td, args.devices, args.sites);
     plan.es256 = args
         .es256
         .iter()
         .filter(|s| !s.trim().is_empty())
-        .map(|s| DeviceId::new(s.trim()).map_err(|e| anyhow::anyhow!("--es256: {e}")))
-        .collect::<anyhow::Result<BTreeSet<_>>>()?;
+        .map(|s| DeviceId::new(s.trim()).map_err(CliError::Es256))
+        .collect::<Result<BTreeSet<_>, _>>()?;
     plan.es256_every = args.es256_every;
     plan.leaf_days = args.days;
     plan.ca_days = args.ca_days;
     for name in &args.server_names {
         plan.server_names
-            .push(ServerName::parse(name).context("--server-name")?);
+            .push(certs_arg("--server-name", ServerName::parse(name))?);
     }
-    let summary = Pki::init(&args.dir, &plan, OffsetDateTime::now_utc())
-        .with_context(|| format!("creating the PKI in {}", args.dir.display()))?;
+    let summary = Pki::init(&args.dir, &plan, OffsetDateTime::now_utc()).map_err(|source| {
+        CliError::Init {
+            dir: args.dir.clone(),
+            source: Box::new(source),
+        }
+    })?;
     let d = args.dir.display();
     println!(
         "vitalmq PKI for trust domain {} in {d}:\n  \
@@ -263,10 +336,10 @@ fn init(args: InitArgs) -> anyhow::Result<Map<String, Value>> {
     ]))
 }
 
-fn issue(args: IssueArgs) -> anyhow::Result<Map<String, Value>> {
-    let role: Role = args.role.parse().context("--role")?;
-    let id = PrincipalId::new(args.id).context("--id")?;
-    let site = args.site.map(SiteId::new).transpose().context("--site")?;
+fn issue(args: IssueArgs) -> Result<Map<String, Value>, CliError> {
+    let role: Role = identity("--role", args.role.parse())?;
+    let id = identity("--id", PrincipalId::new(args.id))?;
+    let site = identity("--site", args.site.map(SiteId::new).transpose())?;
     let now = OffsetDateTime::now_utc();
     let days = Duration::days(i64::from(args.days.max(1)));
     let (not_before, not_after) = match (args.not_before, args.not_after) {
@@ -276,7 +349,10 @@ fn issue(args: IssueArgs) -> anyhow::Result<Map<String, Value>> {
         (None, Some(na)) => ((now - CLOCK_SKEW).min(na - days), na),
         (None, None) => (now - CLOCK_SKEW, now + days),
     };
-    let validity = Validity::new(not_before, not_after).context("--not-before/--not-after")?;
+    let validity = certs_arg(
+        "--not-before/--not-after",
+        Validity::new(not_before, not_after),
+    )?;
     let mut pki = open(&args.dir)?;
     let req = IssueRequest {
         role,
@@ -285,13 +361,11 @@ fn issue(args: IssueArgs) -> anyhow::Result<Map<String, Value>> {
         validity,
         device_alg: args.alg,
     };
-    let entry = pki.issue(&req).with_context(|| {
-        format!(
-            "issuing {} `{}` in {}",
-            req.role,
-            req.id,
-            args.dir.display()
-        )
+    let entry = pki.issue(&req).map_err(|source| CliError::Issue {
+        role: req.role,
+        id: req.id.clone(),
+        dir: args.dir.clone(),
+        source: Box::new(source),
     })?;
     println!(
         "issued spiffe://{}/{}/{} serial {} valid {} .. {}\n  certificate {}",
@@ -327,21 +401,25 @@ fn issue(args: IssueArgs) -> anyhow::Result<Map<String, Value>> {
     ]))
 }
 
-fn revoke(args: RevokeArgs) -> anyhow::Result<Map<String, Value>> {
+fn revoke(args: RevokeArgs) -> Result<Map<String, Value>, CliError> {
     let target = match (args.id, args.role, args.serial) {
         (Some(id), Some(role), None) => Target::Identity {
-            role: role.parse().context("--role")?,
-            id: PrincipalId::new(id).context("--id")?,
+            role: identity("--role", role.parse())?,
+            id: identity("--id", PrincipalId::new(id))?,
         },
         (None, None, Some(serial)) => {
-            Target::Serial(Serial::from_hex(&serial).context("--serial")?)
+            Target::Serial(certs_arg("--serial", Serial::from_hex(&serial))?)
         }
-        _ => bail!("pass either --id and --role, or --serial"),
+        _ => return Err(CliError::Target),
     };
     let mut pki = open(&args.dir)?;
     let entry = pki
         .revoke(&target, args.reason, OffsetDateTime::now_utc())
-        .with_context(|| format!("revoking {target} in {}", args.dir.display()))?;
+        .map_err(|source| CliError::Revoke {
+            target: target.clone(),
+            dir: args.dir.clone(),
+            source: Box::new(source),
+        })?;
     println!(
         "revoked serial {} ({}), wrote {} (CRL number {})",
         entry.serial,

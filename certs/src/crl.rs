@@ -11,7 +11,7 @@ use crate::error::CertsError;
 
 /// How long a CRL is valid by default: after `next_update` OpenSSL-based peers treat the
 /// CRL as expired and refuse every certificate, so dev setups want a generous window.
-pub const DEFAULT_CRL_DAYS: u32 = 30;
+pub(crate) const DEFAULT_CRL_DAYS: u32 = 30;
 
 /// Why a certificate was revoked (RFC 5280 CRLReason, the ones that make sense here).
 #[derive(

@@ -1,8 +1,9 @@
-//! The errors of the PKI library. The CLI adds file context with `anyhow`.
+//! The errors of the PKI library. The CLI adds the argument or step ([`crate::cli::CliError`]).
 
 use std::path::PathBuf;
 
-use vitalmq_policies::{PrincipalId, Role};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::{IdentityError, PrincipalId, Role, TrustDomain};
 
 /// Why a PKI operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +33,32 @@ pub enum CertsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    BadFile { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Index {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path}: format: expected \"{}\", found {found:?}",
+        crate::index::FORMAT
+    )]
+    IndexFormat { path: PathBuf, found: String },
+    #[error("ca/index.json: revoked_at of {serial}: {source}")]
+    RevokedAt {
+        serial: String,
+        source: time::error::Parse,
+    },
+    #[error("{path}: {source}")]
+    Registry {
+        path: PathBuf,
+        source: vitalmq_policies::PolicyErrors,
+    },
+    #[error("{path}: trust domain `{found}` differs from the CA's `{ca}`")]
+    RegistryDomain {
+        path: PathBuf,
+        found: TrustDomain,
+        ca: TrustDomain,
+    },
     #[error("{role} `{id}` has already been issued (serial {serial})")]
     AlreadyIssued {
         role: Role,
@@ -44,8 +69,28 @@ pub enum CertsError {
     NotFound(String),
     #[error("certificate {0} is already revoked")]
     AlreadyRevoked(String),
-    #[error("{0}")]
-    Usage(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("at least one site is needed")]
+    NoSites,
+    #[error("at most 99 sites and 99999 devices (ids are site-NN and dev-NNNNN)")]
+    TooMany,
+    #[error("--es256 names `{device}`, which is not one of the {devices} devices")]
+    UnknownEs256 { device: DeviceId, devices: u32 },
+    #[error("device `{0}` twice")]
+    DuplicateDevice(DeviceId),
+    #[error("{}: directory exists and is not empty; refusing to overwrite a PKI", .0.display())]
+    NotEmpty(PathBuf),
+    #[error("a {0} must be bound to a site: pass --site")]
+    SiteRequired(Role),
+    #[error("a {0} is not bound to a site: drop --site")]
+    SiteNotAllowed(Role),
+    #[error("{role} `{id}` is already in {}", path.display())]
+    InRegistry {
+        role: Role,
+        id: PrincipalId,
+        path: PathBuf,
+    },
 }
 
 impl CertsError {

@@ -98,12 +98,12 @@ pub fn site_id(n: u32) -> SiteId {
 }
 
 fn principal(s: String) -> Result<PrincipalId, CertsError> {
-    PrincipalId::new(s).map_err(|e| CertsError::Usage(e.to_string()))
+    Ok(PrincipalId::new(s)?)
 }
 
 /// A random pseudonymous patient reference, `pt-` and 16 hex digits: no meaning, no
 /// link to a person (the mapping, if any, lives outside vitalmq).
-pub fn random_patient_ref() -> Result<String, CertsError> {
+pub(crate) fn random_patient_ref() -> Result<String, CertsError> {
     let mut bytes = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| CertsError::Random)?;
@@ -132,22 +132,20 @@ impl Fleet {
     /// Builds everything in `plan`, valid from `now`.
     pub fn build(plan: &FleetPlan, now: OffsetDateTime) -> Result<Self, CertsError> {
         if plan.sites == 0 {
-            return Err(CertsError::Usage("at least one site is needed".into()));
+            return Err(CertsError::NoSites);
         }
         if plan.sites > 99 || plan.devices > 99_999 {
-            return Err(CertsError::Usage(
-                "at most 99 sites and 99999 devices (ids are site-NN and dev-NNNNN)".into(),
-            ));
+            return Err(CertsError::TooMany);
         }
         if let Some(unknown) = plan
             .es256
             .iter()
             .find(|d| !(1..=plan.devices).any(|n| device_id(n) == **d))
         {
-            return Err(CertsError::Usage(format!(
-                "--es256 names `{unknown}`, which is not one of the {} devices",
-                plan.devices
-            )));
+            return Err(CertsError::UnknownEs256 {
+                device: unknown.clone(),
+                devices: plan.devices,
+            });
         }
         let td = &plan.trust_domain;
         let ca = Ca::generate(td.clone(), Validity::days_from(now, plan.ca_days))?;
@@ -163,7 +161,7 @@ impl Fleet {
             // Ids are distinct by construction, so the registry cannot refuse one.
             registry
                 .insert_device(entry)
-                .map_err(|dup| CertsError::Usage(format!("device `{dup}` twice")))?;
+                .map_err(CertsError::DuplicateDevice)?;
             device_keys.push(key);
             parties.push((Role::Device, PrincipalId::from(id)));
         }

@@ -21,7 +21,7 @@ use crate::ca::{Serial, rfc3339};
 use crate::crl::{Reason, Revoked};
 use crate::error::CertsError;
 
-const FORMAT: &str = "vitalmq-ca-index/v1";
+pub(crate) const FORMAT: &str = "vitalmq-ca-index/v1";
 
 /// What kind of leaf an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +55,7 @@ pub struct IndexEntry {
 /// The whole index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Index {
+pub(crate) struct Index {
     pub format: String,
     pub trust_domain: TrustDomain,
     /// Number of the CRL last written (`crl.pem`); the next one gets this plus one.
@@ -80,7 +80,7 @@ impl std::fmt::Display for Target {
 }
 
 impl Index {
-    pub fn new(trust_domain: TrustDomain) -> Self {
+    pub(crate) fn new(trust_domain: TrustDomain) -> Self {
         Self {
             format: FORMAT.to_owned(),
             trust_domain,
@@ -89,21 +89,21 @@ impl Index {
         }
     }
 
-    pub fn parse(text: &str, path: &Path) -> Result<Self, CertsError> {
-        let index: Self = serde_json::from_str(text).map_err(|e| CertsError::BadFile {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, CertsError> {
+        let index: Self = serde_json::from_str(text).map_err(|source| CertsError::Index {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            source,
         })?;
         if index.format != FORMAT {
-            return Err(CertsError::BadFile {
+            return Err(CertsError::IndexFormat {
                 path: path.to_path_buf(),
-                message: format!("format: expected \"{FORMAT}\", found {:?}", index.format),
+                found: index.format,
             });
         }
         Ok(index)
     }
 
-    pub fn to_json(&self) -> String {
+    pub(crate) fn to_json(&self) -> String {
         let mut s = serde_json::to_string_pretty(self)
             .expect("the index is plain data with string keys, it always serializes");
         s.push('\n');
@@ -111,7 +111,7 @@ impl Index {
     }
 
     /// The live (unrevoked) certificate of an identity, if any.
-    pub fn live_identity(&self, role: Role, id: &PrincipalId) -> Option<&IndexEntry> {
+    pub(crate) fn live_identity(&self, role: Role, id: &PrincipalId) -> Option<&IndexEntry> {
         self.certs.iter().find(|e| {
             e.kind == CertKind::Identity
                 && e.role == Some(role)
@@ -121,7 +121,7 @@ impl Index {
     }
 
     /// Marks the certificate `target` names as revoked; returns the entry.
-    pub fn revoke(
+    pub(crate) fn revoke(
         &mut self,
         target: &Target,
         at: OffsetDateTime,
@@ -153,19 +153,19 @@ impl Index {
     }
 
     /// The revoked certificates, for the CRL.
-    pub fn revoked(&self) -> Result<Vec<Revoked>, CertsError> {
+    pub(crate) fn revoked(&self) -> Result<Vec<Revoked>, CertsError> {
         self.certs
             .iter()
             .filter_map(|e| e.revoked_at.as_ref().map(|at| (e, at)))
             .map(|(e, at)| {
-                let bad = |message: String| CertsError::BadFile {
-                    path: PathBuf::from("ca/index.json"),
-                    message,
-                };
                 Ok(Revoked {
                     serial: Serial::from_hex(&e.serial)?,
-                    revoked_at: OffsetDateTime::parse(at, &Rfc3339)
-                        .map_err(|err| bad(format!("revoked_at of {}: {err}", e.serial)))?,
+                    revoked_at: OffsetDateTime::parse(at, &Rfc3339).map_err(|source| {
+                        CertsError::RevokedAt {
+                            serial: e.serial.clone(),
+                            source,
+                        }
+                    })?,
                     reason: e.reason.unwrap_or(Reason::Unspecified),
                 })
             })

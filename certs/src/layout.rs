@@ -32,7 +32,7 @@ use crate::error::CertsError;
 
 /// Subdirectory of the operator audit log; `certs init` accepts a directory holding
 /// only this (the record of the init itself is written before the PKI).
-pub const OPERATOR_AUDIT_DIR: &str = "audit";
+pub(crate) const OPERATOR_AUDIT_DIR: &str = "audit";
 
 /// The paths of a PKI directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +53,7 @@ impl Layout {
         self.root.join("ca/ca.pem")
     }
 
-    pub fn ca_key(&self) -> PathBuf {
+    pub(crate) fn ca_key(&self) -> PathBuf {
         self.root.join("ca/ca.key.pem")
     }
 
@@ -86,7 +86,7 @@ impl Layout {
         self.root.join(OPERATOR_AUDIT_DIR).join("operator.jsonl")
     }
 
-    pub fn cose_key(&self, device: &PrincipalId) -> PathBuf {
+    pub(crate) fn cose_key(&self, device: &PrincipalId) -> PathBuf {
         self.root.join(format!("devices/{device}/cose.key.pem"))
     }
 
@@ -95,14 +95,14 @@ impl Layout {
     }
 
     /// `path` relative to the root, for the index (so a PKI directory can be moved).
-    pub fn relative(&self, path: &Path) -> PathBuf {
+    pub(crate) fn relative(&self, path: &Path) -> PathBuf {
         path.strip_prefix(&self.root).unwrap_or(path).to_path_buf()
     }
 }
 
 /// Who may read a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Certificates, CRL, registry: 0644.
     Public,
     /// Private keys: 0600, set when the file is created.
@@ -126,7 +126,7 @@ fn create_parent(path: &Path) -> Result<(), CertsError> {
 }
 
 /// Creates `path` with `contents`; fails if it exists.
-pub fn write_new(path: &Path, contents: &str, mode: Mode) -> Result<(), CertsError> {
+pub(crate) fn write_new(path: &Path, contents: &str, mode: Mode) -> Result<(), CertsError> {
     create_parent(path)?;
     let mut file = OpenOptions::new()
         .write(true)
@@ -148,7 +148,7 @@ pub fn write_new(path: &Path, contents: &str, mode: Mode) -> Result<(), CertsErr
 }
 
 /// Replaces `path` atomically (write a temporary sibling, then rename over it).
-pub fn replace(path: &Path, contents: &str, mode: Mode) -> Result<(), CertsError> {
+pub(crate) fn replace(path: &Path, contents: &str, mode: Mode) -> Result<(), CertsError> {
     create_parent(path)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -160,7 +160,7 @@ pub fn replace(path: &Path, contents: &str, mode: Mode) -> Result<(), CertsError
 }
 
 /// Reads a text file with the path in the error.
-pub fn read(path: &Path) -> Result<String, CertsError> {
+pub(crate) fn read(path: &Path) -> Result<String, CertsError> {
     fs::read_to_string(path).map_err(CertsError::io(path))
 }
 

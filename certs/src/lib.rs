@@ -18,13 +18,10 @@ mod issue;
 pub mod layout;
 mod store;
 
-pub use ca::{CLOCK_SKEW, Ca, Serial, Validity, rfc3339};
-pub use crl::{DEFAULT_CRL_DAYS, Reason, Revoked};
+pub use ca::{Ca, Serial, Validity};
+pub use crl::{Reason, Revoked};
 pub use error::CertsError;
-pub use fleet::{
-    DeviceKey, Fleet, FleetPlan, IssuedIdentity, device_id, enroll_device, random_patient_ref,
-    site_id,
-};
+pub use fleet::{DeviceKey, Fleet, FleetPlan, IssuedIdentity, device_id, enroll_device, site_id};
 pub use issue::{IssuedCert, ServerName};
 pub use layout::Layout;
-pub use store::{InitSummary, IssueRequest, Pki};
+pub use store::{InitSummary, Pki};

@@ -35,7 +35,7 @@ pub struct InitSummary {
 
 /// One more identity to issue from an existing CA.
 #[derive(Debug, Clone)]
-pub struct IssueRequest {
+pub(crate) struct IssueRequest {
     pub role: Role,
     pub id: PrincipalId,
     /// Required for devices, gateways and integrators (they are bound to a site in the
@@ -54,10 +54,7 @@ impl Pki {
         now: OffsetDateTime,
     ) -> Result<InitSummary, CertsError> {
         if !layout::is_absent_or_empty(dir)? {
-            return Err(CertsError::Usage(format!(
-                "{}: directory exists and is not empty; refusing to overwrite a PKI",
-                dir.display()
-            )));
+            return Err(CertsError::NotEmpty(dir.to_path_buf()));
         }
         // Everything is generated before the first file is written.
         let fleet = Fleet::build(plan, now)?;
@@ -123,36 +120,26 @@ impl Pki {
         Ok(Self { layout, ca, index })
     }
 
-    pub fn layout(&self) -> &Layout {
+    pub(crate) fn layout(&self) -> &Layout {
         &self.layout
     }
 
-    pub fn ca(&self) -> &Ca {
-        &self.ca
-    }
-
-    pub fn index(&self) -> &Index {
+    pub(crate) fn index(&self) -> &Index {
         &self.index
     }
 
     /// Issues one identity; a device also gets a COSE key and a registry entry, a
     /// gateway or integrator a registry binding to its site. Refuses to replace anything.
-    pub fn issue(&mut self, req: &IssueRequest) -> Result<IndexEntry, CertsError> {
+    pub(crate) fn issue(&mut self, req: &IssueRequest) -> Result<IndexEntry, CertsError> {
         let needs_site = matches!(req.role, Role::Device | Role::Gateway | Role::Integrator);
         let site = match (&req.site, needs_site) {
             (Some(site), true) => Some(site.clone()),
             (None, false) => None,
             (None, true) => {
-                return Err(CertsError::Usage(format!(
-                    "a {} must be bound to a site: pass --site",
-                    req.role
-                )));
+                return Err(CertsError::SiteRequired(req.role));
             }
             (Some(_), false) => {
-                return Err(CertsError::Usage(format!(
-                    "a {} is not bound to a site: drop --site",
-                    req.role
-                )));
+                return Err(CertsError::SiteNotAllowed(req.role));
             }
         };
         if let Some(live) = self.index.live_identity(req.role, &req.id) {
@@ -211,11 +198,11 @@ impl Pki {
         let path = self.layout.registry();
         let mut registry = self.load_registry()?;
         if registry.is_operator(&req.id) {
-            return Err(CertsError::Usage(format!(
-                "operator `{}` is already in {}",
-                req.id,
-                path.display()
-            )));
+            return Err(CertsError::InRegistry {
+                role: req.role,
+                id: req.id.clone(),
+                path,
+            });
         }
         registry.insert_operator(req.id.clone());
         Ok((registry, None))
@@ -224,18 +211,15 @@ impl Pki {
     /// The registry file, checked to be of this CA's trust domain.
     fn load_registry(&self) -> Result<DeviceRegistry, CertsError> {
         let path = self.layout.registry();
-        let registry = DeviceRegistry::load(&path).map_err(|e| CertsError::BadFile {
+        let registry = DeviceRegistry::load(&path).map_err(|source| CertsError::Registry {
             path: path.clone(),
-            message: e.to_string(),
+            source,
         })?;
         if registry.trust_domain() != &self.index.trust_domain {
-            return Err(CertsError::BadFile {
+            return Err(CertsError::RegistryDomain {
                 path,
-                message: format!(
-                    "trust domain `{}` differs from the CA's `{}`",
-                    registry.trust_domain(),
-                    self.index.trust_domain
-                ),
+                found: registry.trust_domain().clone(),
+                ca: self.index.trust_domain.clone(),
             });
         }
         Ok(registry)
@@ -249,33 +233,31 @@ impl Pki {
     ) -> Result<(DeviceRegistry, Option<vitalmq_envelope::SigningKey>), CertsError> {
         let path = self.layout.registry();
         let mut registry = self.load_registry()?;
-        let taken = |what: &str| {
-            CertsError::Usage(format!(
-                "{what} `{}` is already in {}",
-                req.id,
-                path.display()
-            ))
+        let taken = || CertsError::InRegistry {
+            role: req.role,
+            id: req.id.clone(),
+            path: path.clone(),
         };
         match req.role {
             Role::Device => {
                 let id: DeviceId = req.id.to_device_id();
                 if registry.device(&id).is_some() {
-                    return Err(taken("device"));
+                    return Err(taken());
                 }
                 let (key, entry) = enroll_device(id, site, req.device_alg)?;
-                registry.insert_device(entry).map_err(|_| taken("device"))?;
+                registry.insert_device(entry).map_err(|_| taken())?;
                 Ok((registry, Some(key.key)))
             }
             Role::Gateway => {
                 if registry.gateway_site(&req.id).is_some() {
-                    return Err(taken("gateway"));
+                    return Err(taken());
                 }
                 registry.insert_gateway(req.id.clone(), site);
                 Ok((registry, None))
             }
             Role::Integrator => {
                 if registry.integrator_site(&req.id).is_some() {
-                    return Err(taken("integrator"));
+                    return Err(taken());
                 }
                 registry.insert_integrator(req.id.clone(), site);
                 Ok((registry, None))
@@ -403,7 +385,10 @@ mod tests {
             role: Role::Gateway,
             ..req.clone()
         };
-        assert!(matches!(pki.issue(&no_site), Err(CertsError::Usage(_))));
+        assert!(matches!(
+            pki.issue(&no_site),
+            Err(CertsError::SiteRequired(Role::Gateway))
+        ));
 
         let target = Target::Identity {
             role: Role::Device,

@@ -10,7 +10,7 @@ use std::fmt;
 
 /// Deepest nesting of arrays and maps accepted. Telemetry is at most three levels deep
 /// (envelope array, payload map, measurement map); headroom is left for unknown keys.
-pub const MAX_DEPTH: usize = 16;
+pub(crate) const MAX_DEPTH: usize = 16;
 
 /// Why bytes are not exactly one strict CBOR data item. Offsets are byte positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -205,29 +205,44 @@ impl VerifyingKey {
     /// Verifies `signature` over `message`. Ed25519 is strict, with the semantics of
     /// ed25519-dalek's `verify_strict` (module docs); ES256 wants exactly 64 bytes of
     /// `r || s`. Both are computed by AWS-LC.
-    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), &'static str> {
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), BadSignature> {
         match self {
             Self::Ed25519(key) => {
                 let raw: &[u8; 64] = signature
                     .try_into()
-                    .map_err(|_| "Ed25519 signature is not 64 bytes")?;
+                    .map_err(|_| BadSignature::Ed25519Length)?;
                 if SMALL_ORDER_ENCODINGS.iter().any(|r| raw[..32] == r[..]) {
-                    return Err("Ed25519 signature does not verify (strict): R has small order");
+                    return Err(BadSignature::Ed25519SmallOrder);
                 }
                 lc_sig::UnparsedPublicKey::new(&lc_sig::ED25519, key.as_bytes())
                     .verify(message, raw)
-                    .map_err(|_| "Ed25519 signature does not verify (strict)")
+                    .map_err(|_| BadSignature::Ed25519)
             }
             Self::Es256(key) => {
                 if signature.len() != 64 {
-                    return Err("ES256 signature is not 64 bytes of raw r || s");
+                    return Err(BadSignature::Es256Length);
                 }
                 key.parsed
                     .verify_sig(message, signature)
-                    .map_err(|_| "ES256 signature does not verify")
+                    .map_err(|_| BadSignature::Es256)
             }
         }
     }
+}
+
+/// Why a signature does not verify under a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BadSignature {
+    #[error("Ed25519 signature is not 64 bytes")]
+    Ed25519Length,
+    #[error("Ed25519 signature does not verify (strict): R has small order")]
+    Ed25519SmallOrder,
+    #[error("Ed25519 signature does not verify (strict)")]
+    Ed25519,
+    #[error("ES256 signature is not 64 bytes of raw r || s")]
+    Es256Length,
+    #[error("ES256 signature does not verify")]
+    Es256,
 }
 
 /// The canonical encodings of the eight points of small order, taken from

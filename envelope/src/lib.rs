@@ -23,13 +23,12 @@ mod verify;
 pub use device_id::{DeviceId, InvalidDeviceId};
 pub use inspect::{Headers, Inspection, inspect};
 pub use keys::{
-    Algorithm, AnyKid, Es256Signer, KeyError, KeyLookup, P256Key, SigningKey, VerifyingKey,
+    Algorithm, AnyKid, BadSignature, Es256Signer, KeyError, KeyLookup, P256Key, SigningKey,
+    VerifyingKey,
 };
 pub use refusal::{ReasonClass, Refusal};
 pub use sign::{sign, sign_payload};
 pub use telemetry::{MessageType, Number, SchemaError, Telemetry, parse_payload};
 #[doc(hidden)]
 pub use verify::decode_unverified_for_bench;
-pub use verify::{
-    COSE_SIGN1_TAG, MAX_MESSAGE_BYTES, Verified, verify, verify_bytes, verify_signature_only,
-};
+pub use verify::{MAX_MESSAGE_BYTES, Verified, verify, verify_bytes, verify_signature_only};

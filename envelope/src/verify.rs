@@ -476,7 +476,7 @@ fn push_head(out: &mut Vec<u8>, major: u8, len: usize) {
 
 fn check_signature(key: &VerifyingKey, tbs: &[u8], signature: &[u8]) -> Result<(), Refusal> {
     key.verify(tbs, signature)
-        .map_err(|why| Refusal::new(ReasonClass::BadSignature, why))
+        .map_err(|why| Refusal::new(ReasonClass::BadSignature, why.to_string()))
 }
 
 #[cfg(test)]

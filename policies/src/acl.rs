@@ -29,7 +29,7 @@ use crate::identity::{Role, SpiffeId};
 use crate::registry::{DeviceRegistry, SiteId};
 
 use topic::{Bindings, Pattern};
-pub use topic::{MAX_TOPIC_BYTES, TopicError, check_topic_filter, check_topic_name, strip_share};
+use topic::{check_topic_filter, check_topic_name, strip_share};
 
 const FORMAT: &str = "vitalmq-acl/v1";
 
@@ -84,12 +84,12 @@ pub struct RoleLimits {
 
 impl RoleLimits {
     /// Upper bound of `max_subscribe_filters`.
-    pub const MAX_SUBSCRIBE_FILTERS: u64 = 65_535;
+    pub(crate) const MAX_SUBSCRIBE_FILTERS: u64 = 65_535;
 
     /// `max_subscribe_filters` when the policy does not say: a device needs two
     /// filters (config, ack); a gateway subscribes to one ack topic per device of its
     /// site in one SUBSCRIBE (`device-sim/src/gateway.rs`); the others need a handful.
-    pub const fn default_max_subscribe_filters(role: Role) -> u64 {
+    pub(crate) const fn default_max_subscribe_filters(role: Role) -> u64 {
         match role {
             Role::Device => 16,
             Role::Gateway => 4_096,
@@ -99,9 +99,9 @@ impl RoleLimits {
 
     /// `subscribes_per_second` when the policy does not say. Clients subscribe after
     /// each CONNACK; the bridge sends one SUBSCRIBE per filter.
-    pub const DEFAULT_SUBSCRIBES_PER_SECOND: u32 = 10;
+    pub(crate) const DEFAULT_SUBSCRIBES_PER_SECOND: u32 = 10;
     /// `subscribe_burst` when the policy does not say.
-    pub const DEFAULT_SUBSCRIBE_BURST: u32 = 50;
+    pub(crate) const DEFAULT_SUBSCRIBE_BURST: u32 = 50;
 }
 
 /// The answer to one authorization question.
@@ -129,7 +129,7 @@ impl Decision {
     pub const INVALID_FILTER: &'static str = "invalid-filter";
 
     /// Every reason a decision can be denied with; no rule may use these names.
-    pub const REASONS: [&'static str; 6] = [
+    pub(crate) const REASONS: [&'static str; 6] = [
         Self::DEFAULT_DENY,
         Self::ROLE_DISABLED,
         Self::NOT_REGISTERED,
@@ -347,7 +347,7 @@ fn validate_role(
                 Some(name) => {
                     let text = name.get_ref();
                     if let Err(why) = check_rule_name(text) {
-                        problems.add(Some(name.span()), format!("{field}.name"), why);
+                        problems.add(Some(name.span()), format!("{field}.name"), why.to_string());
                     }
                     (text.clone(), Some(name.span()))
                 }
@@ -382,7 +382,7 @@ fn validate_role(
                         });
                     }
                 }
-                Err(why) => problems.add(Some(rule.pattern.span()), pattern_field, why),
+                Err(why) => problems.add(Some(rule.pattern.span()), pattern_field, why.to_string()),
             }
         }
         if kind == "publish" {
@@ -466,26 +466,24 @@ fn validate_limits(
     }
 }
 
+/// Why a rule name cannot be used.
+#[derive(Debug, thiserror::Error)]
+enum BadRuleName {
+    #[error("a rule name must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")]
+    Grammar,
+    #[error("`{0}` is reserved for decisions the broker makes")]
+    Reserved(String),
+}
+
 /// Rule names are audit keys: `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`, not a denial reason and
 /// not a derived `<role>.connect` name.
-fn check_rule_name(name: &str) -> Result<(), String> {
-    let bytes = name.as_bytes();
-    let grammar = !bytes.is_empty()
-        && bytes.len() <= 64
-        && bytes[0].is_ascii_alphanumeric()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if !grammar {
-        return Err("a rule name must match [A-Za-z0-9][A-Za-z0-9._-]{0,63}".to_owned());
-    }
+fn check_rule_name(name: &str) -> Result<(), BadRuleName> {
+    crate::rules::check_name(name, 64).map_err(|_| BadRuleName::Grammar)?;
     let connect = Role::ALL
         .iter()
         .any(|r| name.strip_prefix(r.as_str()) == Some(".connect"));
     if Decision::REASONS.contains(&name) || connect {
-        return Err(format!(
-            "`{name}` is reserved for decisions the broker makes"
-        ));
+        return Err(BadRuleName::Reserved(name.to_owned()));
     }
     Ok(())
 }
@@ -671,7 +669,8 @@ impl AclPolicy {
     }
 
     /// May this role connect at all (before registration checks)?
-    pub fn role_may_connect(&self, role: Role) -> bool {
+    #[cfg(test)]
+    pub(crate) fn role_may_connect(&self, role: Role) -> bool {
         self.role(role).connect
     }
 }

@@ -12,14 +12,13 @@ mod registry;
 mod rules;
 
 pub use acl::{
-    AclPolicy, Decision, DeniedPublishV311, MAX_TOPIC_BYTES, RetainedTelemetry, RoleLimits,
-    TopicError, check_topic_filter, check_topic_name, is_telemetry_topic, strip_share,
+    AclPolicy, Decision, DeniedPublishV311, RetainedTelemetry, RoleLimits, is_telemetry_topic,
 };
 pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
-pub use registry::{DeviceEntry, DeviceRegistry, RegistryFile, SiteBound, SiteId};
+pub use registry::{DeviceEntry, DeviceRegistry, SiteBound, SiteId};
 pub use rules::{
-    AlertRule, ChangeDirection, ClockPolicy, Compare, CompareOp, DeviationSide, Escalation, MAX_N,
-    MAX_SECONDS, MIN_BASELINE_S, Measure, Persist, Plausibility, PlausibleRange, QualityPolicy,
-    RuleKind, RuleParams, RuleSet, Severity,
+    AlertRule, ChangeDirection, ClockPolicy, Compare, CompareOp, DeviationSide, Escalation,
+    MAX_SECONDS, Measure, Persist, Plausibility, PlausibleRange, QualityPolicy, RuleKind,
+    RuleParams, RuleSet, Severity,
 };

@@ -88,7 +88,7 @@ pub struct DeviceRegistry {
 /// The registry file as written on disk.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RegistryFile {
+pub(crate) struct RegistryFile {
     pub format: String,
     pub trust_domain: String,
     #[serde(default)]
@@ -105,13 +105,13 @@ pub struct RegistryFile {
 /// registry is where a principal's enrolment lives).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawOperator {
+pub(crate) struct RawOperator {
     pub id: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDevice {
+pub(crate) struct RawDevice {
     pub id: String,
     pub site: String,
     pub patient_ref: String,
@@ -126,7 +126,7 @@ pub struct RawDevice {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawSiteBound {
+pub(crate) struct RawSiteBound {
     pub id: String,
     pub site: String,
 }
@@ -316,6 +316,10 @@ impl DeviceRegistry {
 
     /// Renders the registry in its file format (round-trips through [`Self::parse`]).
     pub fn to_toml(&self) -> String {
+        let raw_site_bound = |b: SiteBound| {
+            let (id, site) = (b.id.to_string(), b.site.to_string());
+            Spanned::new(0..0, RawSiteBound { id, site })
+        };
         let file = RegistryFile {
             format: FORMAT.to_owned(),
             trust_domain: self.trust_domain.to_string(),
@@ -337,30 +341,8 @@ impl DeviceRegistry {
                     )
                 })
                 .collect(),
-            gateways: self
-                .gateways()
-                .map(|g| {
-                    Spanned::new(
-                        0..0,
-                        RawSiteBound {
-                            id: g.id.to_string(),
-                            site: g.site.to_string(),
-                        },
-                    )
-                })
-                .collect(),
-            integrators: self
-                .integrators()
-                .map(|g| {
-                    Spanned::new(
-                        0..0,
-                        RawSiteBound {
-                            id: g.id.to_string(),
-                            site: g.site.to_string(),
-                        },
-                    )
-                })
-                .collect(),
+            gateways: self.gateways().map(raw_site_bound).collect(),
+            integrators: self.integrators().map(raw_site_bound).collect(),
             operators: self
                 .operators
                 .iter()

@@ -37,6 +37,7 @@ mod validate;
 pub use readings::{ClockPolicy, Plausibility, PlausibleRange};
 
 use raw::RawFile;
+pub(crate) use validate::check_name;
 use validate::validate;
 
 const FORMAT: &str = "vitalmq-rules/v1";
@@ -45,9 +46,9 @@ const FORMAT: &str = "vitalmq-rules/v1";
 pub const MAX_SECONDS: u64 = 7 * 24 * 3600;
 /// Largest `n` of a `persist = { k, n }` and of `quality.over_n`: one bit per reading in
 /// a `u64`.
-pub const MAX_N: u8 = 64;
+pub(crate) const MAX_N: u8 = 64;
 /// Shortest baseline window: a baseline over less than a minute is not a baseline.
-pub const MIN_BASELINE_S: u64 = 60;
+pub(crate) const MIN_BASELINE_S: u64 = 60;
 
 // ---- the validated model ----------------------------------------------------------------
 
@@ -95,7 +96,7 @@ pub enum CompareOp {
 }
 
 impl CompareOp {
-    pub const fn symbol(self) -> &'static str {
+    pub(crate) const fn symbol(self) -> &'static str {
         match self {
             Self::Below => "<",
             Self::AtOrBelow => "<=",
@@ -297,7 +298,8 @@ impl AlertRule {
     }
 
     /// Names of the cohorts and sites with an override of this rule.
-    pub fn overridden_for(&self) -> impl Iterator<Item = String> + '_ {
+    #[cfg(test)]
+    pub(crate) fn overridden_for(&self) -> impl Iterator<Item = String> + '_ {
         self.by_cohort
             .iter()
             .map(|c| format!("cohort {}", c.cohort))
@@ -419,7 +421,8 @@ impl RuleSet {
     }
 
     /// The cohorts by name.
-    pub fn cohorts(&self) -> &BTreeMap<String, BTreeSet<DeviceId>> {
+    #[cfg(test)]
+    pub(crate) fn cohorts(&self) -> &BTreeMap<String, BTreeSet<DeviceId>> {
         &self.cohorts
     }
 }

@@ -22,9 +22,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// Mode of the directories vitalmq creates.
-pub const DIR_MODE: u32 = 0o700;
+pub(crate) const DIR_MODE: u32 = 0o700;
 /// Mode of the files vitalmq creates.
-pub const FILE_MODE: u32 = 0o600;
+pub(crate) const FILE_MODE: u32 = 0o600;
 /// The umask the `vitalmq` binary runs under.
 pub const UMASK: u32 = 0o077;
 /// Permission bits for group and others: any of them set means exposed.
@@ -94,6 +94,15 @@ pub fn create_dir_all(path: &Path) -> Result<(), PrivateFsError> {
         })
 }
 
+/// Creates the directory `file` is to be in, and its missing parents, with mode `0700`;
+/// nothing when `file` names no directory.
+pub fn create_parent(file: &Path) -> std::io::Result<()> {
+    match file.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => dir_builder().create(parent),
+        None => Ok(()),
+    }
+}
+
 /// `OpenOptions` whose newly created file gets mode `0600`.
 pub fn create_options() -> OpenOptions {
     let mut options = OpenOptions::new();
@@ -103,7 +112,7 @@ pub fn create_options() -> OpenOptions {
 
 /// The paths among `paths` that exist and grant their group or others any access.
 /// Missing paths are not exposed (they will be created owner-only).
-pub fn exposed(paths: &[&Path]) -> Result<Vec<Exposed>, PrivateFsError> {
+pub(crate) fn exposed(paths: &[&Path]) -> Result<Vec<Exposed>, PrivateFsError> {
     let mut found = Vec::new();
     for path in paths {
         let meta = match std::fs::metadata(path) {

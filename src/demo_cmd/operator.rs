@@ -91,8 +91,8 @@ impl OperatorView {
         let (ready_tx, ready_rx) = oneshot::channel();
         let task = tokio::spawn(subscribe(target, identity, tx, stopped, ready_tx));
         match tokio::time::timeout(Duration::from_secs(20), ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(Self { alerts, stop, task }),
-            Ok(Ok(Err(e))) => bail!("operator subscription: {e}"),
+            Ok(Ok(true)) => Ok(Self { alerts, stop, task }),
+            Ok(Ok(false)) => bail!("operator subscription: a filter was refused by the ACL"),
             _ => bail!("operator subscription: not granted within 20 s"),
         }
     }
@@ -120,7 +120,8 @@ async fn subscribe(
     identity: vitalmq_device_sim::pki::Identity,
     alerts: mpsc::UnboundedSender<AlertSeen>,
     mut stop: watch::Receiver<bool>,
-    ready: oneshot::Sender<Result<(), String>>,
+    // Whether every filter was granted, sent once.
+    ready: oneshot::Sender<bool>,
 ) {
     let mut ready = Some(ready);
     while !*stop.borrow() {
@@ -148,12 +149,12 @@ async fn subscribe(
                     if granted == FILTERS.len()
                         && let Some(tx) = ready.take()
                     {
-                        let _ = tx.send(Ok(()));
+                        let _ = tx.send(true);
                     }
                 }
                 Event::Subscribed { granted: false } => {
                     if let Some(tx) = ready.take() {
-                        let _ = tx.send(Err("a filter was refused by the ACL".into()));
+                        let _ = tx.send(false);
                     }
                 }
                 Event::Message { topic, payload } => {

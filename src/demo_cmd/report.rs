@@ -225,7 +225,7 @@ pub struct Evidence<'a> {
     /// When the devices were told to stop generating, seconds after they started.
     pub stopped_at_s: f64,
     /// `(name, path, records or the error)` of each audit log's chain verification.
-    pub audit_chains: Vec<(&'static str, &'a Path, Result<u64, String>)>,
+    pub audit_chains: Vec<(&'static str, &'a Path, anyhow::Result<u64>)>,
 }
 
 /// `n thing` or `n things`.
@@ -317,7 +317,7 @@ pub fn checks(e: &Evidence<'_>) -> Vec<Check> {
                     path.display()
                 ),
             ),
-            Err(why) => Check::new(false, format!("audit log of the {name}: {why}")),
+            Err(why) => Check::new(false, format!("audit log of the {name}: {why:#}")),
         });
     }
     out

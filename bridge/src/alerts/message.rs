@@ -113,15 +113,6 @@ pub enum SuppressionReason {
     AlreadyEscalated,
 }
 
-impl SuppressionReason {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::AlreadyOpen => "already_open",
-            Self::AlreadyEscalated => "already_escalated",
-        }
-    }
-}
-
 /// Repeats not sent during an episode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SuppressedCounts {

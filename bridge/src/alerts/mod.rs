@@ -10,7 +10,7 @@
 //!
 //! Per rule, an alert is an episode `quiet -> open -> escalated -> resolved`; each step
 //! is one [`AlertChange`] with the same deterministic `alert_id`
-//! ([`alert_id`]). Readings that meet the trigger while the episode is open are
+//! ([`alert_id`](message::alert_id)). Readings that meet the trigger while the episode is open are
 //! not sent again; they are counted in the state (`suppressed`, with the reason) and the
 //! counts go out with the resolution.
 //!
@@ -18,7 +18,8 @@
 //! - the same rule set, state and sample always give the same changes and the same new
 //!   state, and a state that went through serde gives the same as one that did not;
 //! - the state of a device is bounded whatever the input: per rule at most
-//!   [`EVIDENCE_CAP`] event ids per run, [`CHANGE_BUCKETS`]` + 1`
+//!   [`EVIDENCE_CAP`](state::EVIDENCE_CAP) event ids per run,
+//!   [`CHANGE_BUCKETS`](measure::CHANGE_BUCKETS)` + 1`
 //!   buckets, one moving average and a 64-bit ring; rules no longer in the rule set are
 //!   dropped from it;
 //! - `evaluate` never panics, whatever the numbers (NaN and infinite readings are
@@ -34,7 +35,7 @@
 //!   without `q` are good; with a non-finite `q`, low.
 //! - A reading older than the newest one evaluated for the device is ignored (counted in
 //!   [`DeviceAlertState::late_ignored`]) unless it is more than
-//!   [`CLOCK_RESET_MS`] older: then the device clock was reset, and every run,
+//!   [`CLOCK_RESET_MS`](engine::CLOCK_RESET_MS) older: then the device clock was reset, and every run,
 //!   window and baseline starts afresh while open alerts stay open (their escalation
 //!   clock restarts).
 //! - Persistence is judged on the readings received: a gap in readings does not break a
@@ -56,13 +57,9 @@ use vitalmq_policies::{DeviceEntry, SiteId};
 
 use crate::plausible::Assessment;
 
-pub use engine::{CLOCK_RESET_MS, evaluate};
-pub use measure::CHANGE_BUCKETS;
-pub use message::{
-    AlertChange, AlertState, ClinicalAlert, EscalationCause, OperationalAlert, OpsAlertType,
-    ResolveReason, SensorFaultCounts, SuppressedCounts, SuppressionReason, alert_id,
-};
-pub use state::{DeviceAlertState, EVIDENCE_CAP, OpenAlert};
+pub(crate) use engine::evaluate;
+pub(crate) use message::AlertChange;
+pub(crate) use state::DeviceAlertState;
 
 /// One accepted vitals event as the alert engine sees it.
 #[derive(Debug, Clone, PartialEq)]

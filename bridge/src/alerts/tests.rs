@@ -9,6 +9,8 @@ use serde_json::Value as Json;
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{RuleSet, SiteId};
 
+use super::message::{ClinicalAlert, EscalationCause, ResolveReason, SuppressionReason, alert_id};
+use super::state::{EVIDENCE_CAP, OpenAlert};
 use super::*;
 use crate::normalize::event_id;
 

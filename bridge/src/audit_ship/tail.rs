@@ -53,11 +53,48 @@ pub enum TailError {
     Io(#[from] std::io::Error),
     /// The log no longer continues the chain the cursor is on.
     #[error("the log no longer continues the shipped chain: {0}")]
-    Diverged(String),
+    Diverged(#[source] Divergence),
     /// A complete line that is not the next record of the chain.
     #[error("at byte {offset}: {why}")]
-    Broken { offset: u64, why: String },
+    Broken {
+        offset: u64,
+        #[source]
+        why: BrokenLine,
+    },
 }
+
+/// How the log parted from the shipped chain.
+#[derive(Debug, thiserror::Error)]
+pub enum Divergence {
+    #[error("the segment in flight ended at seq {0}, which is no longer a checkpoint")]
+    NotCheckpoint(u64),
+    #[error("the segment in flight, seq {first} to {last}, is no longer in the log as it was")]
+    InFlightGone { first: u64, last: u64 },
+    #[error("record seq {0} is not in the log (truncated, or replaced by a shorter log)")]
+    Missing(u64),
+    #[error("while looking for record seq {seq}: {source}")]
+    Unreadable { seq: u64, source: NotARecord },
+    #[error("record seq {0} has another hash than the one shipped (the log was replaced)")]
+    Replaced(u64),
+    #[error("record seq {seq} is not in the log (it continues at seq {continues})")]
+    Skipped { seq: u64, continues: u64 },
+}
+
+/// Why a complete line is not the next record of the chain.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokenLine {
+    #[error(transparent)]
+    NotARecord(#[from] NotARecord),
+    #[error("the log does not start a chain (first record seq {0})")]
+    NoStart(u64),
+    #[error("record seq {seq} does not follow seq {after} of the chain")]
+    OutOfChain { seq: u64, after: u64 },
+}
+
+/// A line that does not parse as an audit record.
+#[derive(Debug, thiserror::Error)]
+#[error("not an audit record: {0}")]
+pub struct NotARecord(#[source] serde_json::Error);
 
 /// Limits of one read.
 #[derive(Debug, Clone, Copy)]
@@ -103,20 +140,16 @@ pub fn next_segment(
         offset += n as u64;
         let record = match parse(&line) {
             Ok(r) => r,
-            Err(why) => return broken(done, bytes, line_start, why),
+            Err(why) => return broken(done, bytes, line_start, why.into()),
         };
         if record.seq != expect_seq || record.prev != prev {
             let why = if expect_seq == 0 && after.is_none() {
-                format!(
-                    "the log does not start a chain (first record seq {})",
-                    record.seq
-                )
+                BrokenLine::NoStart(record.seq)
             } else {
-                format!(
-                    "record seq {} does not follow seq {} of the chain",
-                    record.seq,
-                    expect_seq.wrapping_sub(1)
-                )
+                BrokenLine::OutOfChain {
+                    seq: record.seq,
+                    after: expect_seq.wrapping_sub(1),
+                }
             };
             return broken(done, bytes, line_start, why);
         }
@@ -141,10 +174,7 @@ pub fn next_segment(
             }
         }
         if limits.until == Some(record.seq) {
-            return Err(TailError::Diverged(format!(
-                "the segment in flight ended at seq {}, which is no longer a checkpoint",
-                record.seq
-            )));
+            return Err(TailError::Diverged(Divergence::NotCheckpoint(record.seq)));
         }
     }
     match done {
@@ -205,43 +235,42 @@ fn locate(
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 || line.last() != Some(&b'\n') {
-            return Err(TailError::Diverged(format!(
-                "record seq {} is not in the log (truncated, or replaced by a shorter log)",
-                cursor.seq
-            )));
+            return Err(TailError::Diverged(Divergence::Missing(cursor.seq)));
         }
         offset += n as u64;
-        let r = parse(&line).map_err(|why| {
-            TailError::Diverged(format!(
-                "while looking for record seq {}: {why}",
-                cursor.seq
-            ))
+        let r = parse(&line).map_err(|source| {
+            TailError::Diverged(Divergence::Unreadable {
+                seq: cursor.seq,
+                source,
+            })
         })?;
         if r.seq == cursor.seq {
             if matches(&r) {
                 return Ok((offset, r.hash));
             }
-            return Err(TailError::Diverged(format!(
-                "record seq {} has another hash than the one shipped (the log was replaced)",
-                cursor.seq
-            )));
+            return Err(TailError::Diverged(Divergence::Replaced(cursor.seq)));
         }
         if r.seq > cursor.seq {
-            return Err(TailError::Diverged(format!(
-                "record seq {} is not in the log (it continues at seq {})",
-                cursor.seq, r.seq
-            )));
+            return Err(TailError::Diverged(Divergence::Skipped {
+                seq: cursor.seq,
+                continues: r.seq,
+            }));
         }
     }
 }
 
-fn parse(line: &[u8]) -> Result<AuditRecord, String> {
-    serde_json::from_slice::<AuditRecord>(line).map_err(|e| format!("not an audit record: {e}"))
+fn parse(line: &[u8]) -> Result<AuditRecord, NotARecord> {
+    serde_json::from_slice::<AuditRecord>(line).map_err(NotARecord)
 }
 
 /// A complete line that breaks the chain: ship what ended at a checkpoint before it (the
 /// next pass reports the break), or report it now.
-fn broken(done: Option<Done>, bytes: Vec<u8>, offset: u64, why: String) -> Result<Tail, TailError> {
+fn broken(
+    done: Option<Done>,
+    bytes: Vec<u8>,
+    offset: u64,
+    why: BrokenLine,
+) -> Result<Tail, TailError> {
     match done {
         Some(d) => Ok(Tail::Segment(d.into_segment(bytes))),
         None => Err(TailError::Broken { offset, why }),

@@ -13,11 +13,16 @@
 //! * Errors are retried by the caller with backoff; a sink never drops a record.
 
 pub mod object;
-pub mod upstream;
+pub(crate) mod upstream;
 
 use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
+use object_store::path::Path as ObjectPath;
+
+use crate::link::LinkError;
 
 /// One accepted event as the outbox holds it.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,11 +62,103 @@ pub struct Batch {
 pub enum SinkError {
     /// The destination could not be reached or refused the write; retry later.
     #[error("{sink}: destination unavailable: {detail}")]
-    Unavailable { sink: String, detail: String },
+    Unavailable {
+        sink: String,
+        #[source]
+        detail: Box<SinkFailure>,
+    },
     /// The batch cannot be written as it is (a bug or a misconfiguration); retrying
     /// will not help, but the records are kept.
     #[error("{sink}: write refused: {detail}")]
-    Refused { sink: String, detail: String },
+    Refused {
+        sink: String,
+        #[source]
+        detail: Box<SinkFailure>,
+    },
+}
+
+impl SinkError {
+    pub(crate) fn unavailable(sink: impl Into<String>, detail: SinkFailure) -> Self {
+        Self::Unavailable {
+            sink: sink.into(),
+            detail: Box::new(detail),
+        }
+    }
+
+    pub(crate) fn refused(sink: impl Into<String>, detail: SinkFailure) -> Self {
+        Self::Refused {
+            sink: sink.into(),
+            detail: Box::new(detail),
+        }
+    }
+}
+
+/// What a sink could not do; [`SinkError`] says whether a retry can help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkFailure {
+    #[error("invalid key prefix: {0}")]
+    Prefix(#[source] object_store::path::Error),
+    #[error(transparent)]
+    CreateDir(#[from] vitalmq_private_fs::PrivateFsError),
+    #[error("resolving {}: {source}", dir.display())]
+    Resolve {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening {}: {source}", dir.display())]
+    Open {
+        dir: PathBuf,
+        source: object_store::Error,
+    },
+    #[error("invalid S3 bucket name {0:?}")]
+    Bucket(String),
+    #[error("invalid S3 configuration: {0}")]
+    S3Config(#[source] object_store::Error),
+    #[error("invalid listing prefix {under:?}: {source}")]
+    ListPrefix {
+        under: String,
+        source: object_store::path::Error,
+    },
+    #[error("invalid object path {name}: {source}")]
+    ObjectPath {
+        name: String,
+        source: object_store::path::Error,
+    },
+    #[error("batch {first}..={last}: {source}")]
+    Batch {
+        first: i64,
+        last: i64,
+        source: object::BadBatch,
+    },
+    /// An object store operation (`PUT`, `SYNC`) on one object failed.
+    #[error("{op} {location}: {source}")]
+    Store {
+        op: &'static str,
+        location: ObjectPath,
+        source: object_store::Error,
+    },
+    #[error("PUT {location}: no answer within {deadline:?}")]
+    PutTimeout {
+        location: ObjectPath,
+        deadline: Duration,
+    },
+    #[error("fsync {}: {source}", path.display())]
+    Fsync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("fsync task failed: {0}")]
+    FsyncTask(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Link(LinkError),
+    /// The upstream broker refused to let the sink subscribe to the devices' receipts.
+    #[error("{0}: is the gateway certificate's site the devices' site?")]
+    ReceiptsRefused(#[source] LinkError),
+    #[error("the upstream bridge did not receipt the batch in time")]
+    NoReceipt,
+    #[error("no connection")]
+    NotConnected,
 }
 
 /// A destination the outbox drains to. See the module docs for the contract.

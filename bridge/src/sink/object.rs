@@ -71,10 +71,10 @@ use time::{Date, OffsetDateTime};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::SiteId;
 
-use super::{Batch, OutboxRecord, Sink, SinkError};
+use super::{Batch, OutboxRecord, Sink, SinkError, SinkFailure};
 
 /// How many PUTs of one batch run at once.
-pub const PARALLEL_PUTS: usize = 8;
+pub(crate) const PARALLEL_PUTS: usize = 8;
 /// TCP connect timeout for S3: an unreachable endpoint fails fast.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of one HTTP request to S3.
@@ -97,7 +97,7 @@ fn retry_config() -> RetryConfig {
 
 /// The two objects written per partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ObjectKind {
+pub(crate) enum ObjectKind {
     /// `.cborseq` under `raw/`: the COSE_Sign1 bytes as published.
     Raw,
     /// `.ndjson` under `normalized/`: the normalized events.
@@ -196,10 +196,8 @@ impl ObjectStoreSink {
         prefix: &str,
     ) -> Result<Self, SinkError> {
         let name = name.into();
-        let prefix = ObjectPath::parse(prefix).map_err(|e| SinkError::Refused {
-            sink: name.clone(),
-            detail: format!("invalid key prefix: {e}"),
-        })?;
+        let prefix = ObjectPath::parse(prefix)
+            .map_err(|e| SinkError::refused(name.clone(), SinkFailure::Prefix(e)))?;
         Ok(Self {
             name,
             store,
@@ -211,16 +209,17 @@ impl ObjectStoreSink {
     /// A sink writing into the directory `root_dir` (created if missing).
     pub fn local(name: impl Into<String>, root_dir: &std::path::Path) -> Result<Self, SinkError> {
         let name = name.into();
-        let unavailable = |what: &str, e: &dyn fmt::Display| SinkError::Unavailable {
-            sink: name.clone(),
-            detail: format!("{what} {}: {e}", root_dir.display()),
-        };
-        vitalmq_private_fs::create_dir_all(root_dir)
-            .map_err(|e| unavailable("creating directory", &e))?;
-        let root = std::fs::canonicalize(root_dir).map_err(|e| unavailable("resolving", &e))?;
-        let fs = Arc::new(
-            LocalFileSystem::new_with_prefix(&root).map_err(|e| unavailable("opening", &e))?,
-        );
+        let unavailable = |detail| SinkError::unavailable(name.clone(), detail);
+        let dir = || root_dir.to_path_buf();
+        vitalmq_private_fs::create_dir_all(root_dir).map_err(|e| unavailable(e.into()))?;
+        let root = std::fs::canonicalize(root_dir)
+            .map_err(|source| unavailable(SinkFailure::Resolve { dir: dir(), source }))?;
+        let fs = Arc::new(LocalFileSystem::new_with_prefix(&root).map_err(|e| {
+            unavailable(SinkFailure::Open {
+                dir: dir(),
+                source: e,
+            })
+        })?);
         let mut sink = Self::new(name.clone(), Arc::clone(&fs) as Arc<dyn ObjectStore>, "")?;
         sink.local = Some(LocalRoot { fs, root });
         Ok(sink)
@@ -233,10 +232,10 @@ impl ObjectStoreSink {
         let name = name.into();
         let bucket = &settings.bucket;
         if bucket.is_empty() || bucket.contains(|c: char| c == '/' || c.is_whitespace()) {
-            return Err(SinkError::Refused {
-                sink: name,
-                detail: format!("invalid S3 bucket name {bucket:?}"),
-            });
+            return Err(SinkError::refused(
+                name,
+                SinkFailure::Bucket(bucket.clone()),
+            ));
         }
         let mut client = ClientOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
@@ -258,10 +257,9 @@ impl ObjectStoreSink {
                 .with_endpoint(endpoint)
                 .with_virtual_hosted_style_request(false);
         }
-        let store = builder.build().map_err(|e| SinkError::Refused {
-            sink: name.clone(),
-            detail: format!("invalid S3 configuration: {e}"),
-        })?;
+        let store = builder
+            .build()
+            .map_err(|e| SinkError::refused(name.clone(), SinkFailure::S3Config(e)))?;
         Self::new(name, Arc::new(store), &settings.prefix)
     }
 
@@ -278,11 +276,6 @@ impl ObjectStoreSink {
     /// The store written to (tests and tools read back through it).
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
-    }
-
-    /// The key prefix, possibly empty.
-    pub fn prefix(&self) -> &str {
-        self.prefix.as_ref()
     }
 
     /// The directory of one partition's objects of `kind`, without a trailing `/`:
@@ -302,9 +295,14 @@ impl ObjectStoreSink {
     /// Names of all objects under `under` (relative to the sink's prefix; `""` for all),
     /// full names as stored, sorted.
     pub async fn list_objects(&self, under: &str) -> Result<Vec<String>, SinkError> {
-        let relative = ObjectPath::parse(under).map_err(|e| SinkError::Refused {
-            sink: self.name.clone(),
-            detail: format!("invalid listing prefix {under:?}: {e}"),
+        let relative = ObjectPath::parse(under).map_err(|e| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::ListPrefix {
+                    under: under.to_owned(),
+                    source: e,
+                },
+            )
         })?;
         let location: ObjectPath = self.prefix.parts().chain(relative.parts()).collect();
         let mut names: Vec<String> = self
@@ -331,16 +329,24 @@ impl ObjectStoreSink {
             batch.last,
             kind.extension(),
         );
-        ObjectPath::parse(&name).map_err(|e| SinkError::Refused {
-            sink: self.name.clone(),
-            detail: format!("invalid object path {name}: {e}"),
+        ObjectPath::parse(&name).map_err(|e| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::ObjectPath { name, source: e },
+            )
         })
     }
 
     async fn deliver_batch(&self, batch: &Batch) -> Result<(), SinkError> {
-        let partitions = partition(batch).map_err(|detail| SinkError::Refused {
-            sink: self.name.clone(),
-            detail: format!("batch {}..={}: {detail}", batch.first, batch.last),
+        let partitions = partition(batch).map_err(|source| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::Batch {
+                    first: batch.first,
+                    last: batch.last,
+                    source,
+                },
+            )
         })?;
         let mut puts = Vec::with_capacity(partitions.len());
         for (key, part) in partitions {
@@ -379,9 +385,14 @@ impl ObjectStoreSink {
         } else {
             format!("{}/{key}", self.prefix.as_ref())
         };
-        let location = ObjectPath::parse(&full).map_err(|e| SinkError::Refused {
-            sink: self.name.clone(),
-            detail: format!("invalid object path {full}: {e}"),
+        let location = ObjectPath::parse(&full).map_err(|e| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::ObjectPath {
+                    name: full,
+                    source: e,
+                },
+            )
         })?;
         self.put(&location, bytes.into()).await?;
         if let Some(local) = &self.local {
@@ -403,10 +414,13 @@ impl ObjectStoreSink {
         {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.store_error("PUT", location, e)),
-            Err(_) => Err(SinkError::Unavailable {
-                sink: self.name.clone(),
-                detail: format!("PUT {location}: no answer within {PUT_DEADLINE:?}"),
-            }),
+            Err(_) => Err(SinkError::unavailable(
+                self.name.clone(),
+                SinkFailure::PutTimeout {
+                    location: location.clone(),
+                    deadline: PUT_DEADLINE,
+                },
+            )),
         }
     }
 
@@ -431,7 +445,10 @@ impl ObjectStoreSink {
             let sync = |path: &std::path::Path| {
                 std::fs::File::open(path)
                     .and_then(|f| f.sync_all())
-                    .map_err(|e| format!("fsync {}: {e}", path.display()))
+                    .map_err(|source| SinkFailure::Fsync {
+                        path: path.to_path_buf(),
+                        source,
+                    })
             };
             let mut dirs = BTreeSet::new();
             for file in &files {
@@ -448,28 +465,37 @@ impl ObjectStoreSink {
         .await;
         match synced {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(detail)) => Err(SinkError::Unavailable { sink, detail }),
-            Err(e) => Err(SinkError::Unavailable {
-                sink,
-                detail: format!("fsync task failed: {e}"),
-            }),
+            Ok(Err(detail)) => Err(SinkError::unavailable(sink, detail)),
+            Err(e) => Err(SinkError::unavailable(sink, SinkFailure::FsyncTask(e))),
         }
     }
 
     /// Classifies an `object_store` error: only what a retry cannot fix is `Refused`.
-    fn store_error(&self, op: &str, location: &ObjectPath, e: object_store::Error) -> SinkError {
+    fn store_error(
+        &self,
+        op: &'static str,
+        location: &ObjectPath,
+        e: object_store::Error,
+    ) -> SinkError {
         let sink = self.name.clone();
-        let detail = format!("{op} {location}: {e}");
-        match e {
+        let retryable = !matches!(
+            e,
             object_store::Error::InvalidPath { .. }
-            | object_store::Error::NotSupported { .. }
-            | object_store::Error::NotImplemented
-            | object_store::Error::UnknownConfigurationKey { .. } => {
-                SinkError::Refused { sink, detail }
-            }
-            // Network, timeouts, 5xx, permissions, a full disk, a missing bucket: an
-            // operator or time can fix these; the records wait in the outbox.
-            _ => SinkError::Unavailable { sink, detail },
+                | object_store::Error::NotSupported { .. }
+                | object_store::Error::NotImplemented
+                | object_store::Error::UnknownConfigurationKey { .. }
+        );
+        let detail = SinkFailure::Store {
+            op,
+            location: location.clone(),
+            source: e,
+        };
+        // Network, timeouts, 5xx, permissions, a full disk, a missing bucket: an
+        // operator or time can fix these; the records wait in the outbox.
+        if retryable {
+            SinkError::unavailable(sink, detail)
+        } else {
+            SinkError::refused(sink, detail)
         }
     }
 }
@@ -497,25 +523,25 @@ pub struct PartitionKey {
 impl PartitionKey {
     /// The partition of an event of `device` at `site` received at `received_at_ms`
     /// (the UTC date of reception).
-    pub fn new(site: &str, device: &str, received_at_ms: u64) -> Result<Self, String> {
+    pub fn new(site: &str, device: &str, received_at_ms: u64) -> Result<Self, BadRecord> {
         // The id grammar `[A-Za-z0-9][A-Za-z0-9._-]{0,63}` already excludes '/', '=' and
         // the empty string; ".." is refused on top so no segment can look like a parent.
         let site = SiteId::new(site)
             .ok()
             .filter(|_| !site.contains(".."))
-            .ok_or("site is not an id ([A-Za-z0-9][A-Za-z0-9._-]{0,63}, no \"..\")")?;
+            .ok_or(BadRecord::Site)?;
         let device = DeviceId::new(device)
             .ok()
             .filter(|_| !device.contains(".."))
-            .ok_or("device is not an id ([A-Za-z0-9][A-Za-z0-9._-]{0,63}, no \"..\")")?;
+            .ok_or(BadRecord::Device)?;
         let nanos = i128::from(received_at_ms) * 1_000_000;
         let date = OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .map_err(|_| "received_at_ms is past year 9999".to_owned())?
+            .map_err(|_| BadRecord::Time)?
             .date();
         Ok(Self { site, device, date })
     }
 
-    fn of(record: &OutboxRecord) -> Result<Self, String> {
+    fn of(record: &OutboxRecord) -> Result<Self, BadRecord> {
         Self::new(&record.site, &record.device, record.received_at_ms)
     }
 
@@ -535,6 +561,38 @@ impl PartitionKey {
     }
 }
 
+/// A batch that cannot be written as it is. Names the record (position and event id)
+/// and the rule, not its values.
+#[derive(Debug, thiserror::Error)]
+pub enum BadBatch {
+    #[error("not a range of outbox positions")]
+    NotARange,
+    #[error("record at position {position} (event {event_id}): {why}")]
+    Record {
+        position: i64,
+        event_id: String,
+        #[source]
+        why: BadRecord,
+    },
+}
+
+/// The rule a record of a batch breaks.
+#[derive(Debug, thiserror::Error)]
+pub enum BadRecord {
+    #[error("outside the range or out of order")]
+    Order,
+    #[error("site is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, no \"..\")")]
+    Site,
+    #[error("device is not an id ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}, no \"..\")")]
+    Device,
+    #[error("received_at_ms is past year 9999")]
+    Time,
+    #[error("normalized event is not one non-empty line")]
+    Normalized,
+    #[error("raw is not one CBOR item: {0}")]
+    Raw(#[source] vitalmq_envelope::cbor::CborError),
+}
+
 /// The bodies of one partition's two objects.
 #[derive(Debug, Default)]
 struct Partition {
@@ -545,35 +603,31 @@ struct Partition {
 
 /// Checks the batch and groups its records into partitions, keeping outbox order within
 /// each. Errors name the record (position and event id) and the rule, not its values.
-fn partition(batch: &Batch) -> Result<BTreeMap<PartitionKey, Partition>, String> {
+fn partition(batch: &Batch) -> Result<BTreeMap<PartitionKey, Partition>, BadBatch> {
     if batch.first < 0 || batch.first > batch.last {
-        return Err("not a range of outbox positions".to_owned());
+        return Err(BadBatch::NotARange);
     }
     let mut partitions: BTreeMap<PartitionKey, Partition> = BTreeMap::new();
     let mut previous = None;
     for record in &batch.records {
-        let at = || {
-            format!(
-                "record at position {} (event {})",
-                record.position, record.event_id
-            )
+        let at = |why| BadBatch::Record {
+            position: record.position,
+            event_id: record.event_id.clone(),
+            why,
         };
         if record.position < batch.first
             || record.position > batch.last
             || previous.is_some_and(|p| record.position <= p)
         {
-            return Err(format!("{}: outside the range or out of order", at()));
+            return Err(at(BadRecord::Order));
         }
         previous = Some(record.position);
-        let key = PartitionKey::of(record).map_err(|rule| format!("{}: {rule}", at()))?;
+        let key = PartitionKey::of(record).map_err(at)?;
         if record.normalized_json.is_empty() || record.normalized_json.contains('\n') {
-            return Err(format!(
-                "{}: normalized event is not one non-empty line",
-                at()
-            ));
+            return Err(at(BadRecord::Normalized));
         }
         vitalmq_envelope::cbor::check_single_item(&record.raw)
-            .map_err(|e| format!("{}: raw is not one CBOR item: {e}", at()))?;
+            .map_err(|e| at(BadRecord::Raw(e)))?;
         let part = partitions.entry(key).or_default();
         part.raw.push(record.raw.clone());
         part.ndjson

@@ -25,7 +25,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
-use super::{Batch, Sink, SinkError};
+use super::{Batch, Sink, SinkError, SinkFailure};
 use crate::config::BrokerLink;
 use crate::link::{Link, LinkError};
 use crate::window::ReceiptPoint;
@@ -68,7 +68,11 @@ impl std::fmt::Debug for UpstreamSink {
 
 impl UpstreamSink {
     /// Prepares the sink; it connects on the first delivery.
-    pub fn start(name: String, link: &BrokerLink, client_id: &str) -> anyhow::Result<Self> {
+    pub fn start(
+        name: String,
+        link: &BrokerLink,
+        client_id: &str,
+    ) -> Result<Self, crate::run::MqttSetupError> {
         let mut options = mqtt::options(link, client_id, false)?;
         // Each connection starts clean: redelivery is the drain loop's job.
         options.set_clean_session(true);
@@ -79,20 +83,16 @@ impl UpstreamSink {
         })
     }
 
-    fn unavailable(&self, detail: impl Into<String>) -> SinkError {
-        SinkError::Unavailable {
-            sink: self.name.clone(),
-            detail: detail.into(),
-        }
+    fn unavailable(&self, detail: SinkFailure) -> SinkError {
+        SinkError::unavailable(self.name.clone(), detail)
     }
 
     fn link_error(&self, e: LinkError) -> SinkError {
         match e {
-            LinkError::Failed(d) => self.unavailable(d),
-            LinkError::Refused(d) => SinkError::Refused {
-                sink: self.name.clone(),
-                detail: format!("{d}: is the gateway certificate's site the devices' site?"),
-            },
+            LinkError::Failed(_) => self.unavailable(SinkFailure::Link(e)),
+            LinkError::Refused(_) => {
+                SinkError::refused(self.name.clone(), SinkFailure::ReceiptsRefused(e))
+            }
         }
     }
 
@@ -138,9 +138,7 @@ impl UpstreamSink {
         };
         match tokio::time::timeout(BATCH_TIMEOUT, work).await {
             Ok(result) => result.map_err(|e| self.link_error(e)),
-            Err(_) => {
-                Err(self.unavailable("the upstream bridge did not receipt the batch in time"))
-            }
+            Err(_) => Err(self.unavailable(SinkFailure::NoReceipt)),
         }
     }
 }
@@ -163,7 +161,7 @@ impl Sink for UpstreamSink {
                 });
             }
             let Some(conn) = guard.as_mut() else {
-                return Err(self.unavailable("no connection"));
+                return Err(self.unavailable(SinkFailure::NotConnected));
             };
             match self.forward(conn, batch).await {
                 Ok(()) => {

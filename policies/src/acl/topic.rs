@@ -12,10 +12,8 @@
 //! Both follow the MQTT rule that a topic starting with `$` is never matched by a
 //! wildcard (`+` or `#`) in the first level.
 
-use std::fmt;
-
 /// Longest topic name or filter MQTT can carry (a UTF-8 string with a 16-bit length).
-pub const MAX_TOPIC_BYTES: usize = 65_535;
+pub(crate) const MAX_TOPIC_BYTES: usize = 65_535;
 
 /// Values the identity variables take for one caller.
 pub(crate) trait Bindings {
@@ -29,36 +27,27 @@ pub(crate) trait Bindings {
 }
 
 /// Why a topic name or filter is not acceptable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TopicError {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TopicError {
+    #[error("is empty")]
     Empty,
+    #[error("is longer than 65535 bytes")]
     TooLong,
+    #[error("contains a NUL character")]
     Nul,
     /// A topic name (PUBLISH) with `+` or `#`.
+    #[error("a topic name cannot contain `+` or `#`")]
     WildcardInName,
     /// `#` that is not alone in the last level, or `+` not alone in its level.
+    #[error("`#` must be alone in the last level and `+` alone in its level")]
     MisplacedWildcard,
     /// `$share/<group>/<filter>` with an empty or wildcard group, or no filter.
+    #[error("a shared subscription must be `$share/<group>/<filter>`")]
     BadShare,
 }
 
-impl fmt::Display for TopicError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Empty => "is empty",
-            Self::TooLong => "is longer than 65535 bytes",
-            Self::Nul => "contains a NUL character",
-            Self::WildcardInName => "a topic name cannot contain `+` or `#`",
-            Self::MisplacedWildcard => {
-                "`#` must be alone in the last level and `+` alone in its level"
-            }
-            Self::BadShare => "a shared subscription must be `$share/<group>/<filter>`",
-        })
-    }
-}
-
 /// Checks a PUBLISH topic name: non-empty, no NUL, no wildcards.
-pub fn check_topic_name(topic: &str) -> Result<(), TopicError> {
+pub(crate) fn check_topic_name(topic: &str) -> Result<(), TopicError> {
     check_common(topic)?;
     if topic.bytes().any(|b| b == b'+' || b == b'#') {
         return Err(TopicError::WildcardInName);
@@ -67,7 +56,7 @@ pub fn check_topic_name(topic: &str) -> Result<(), TopicError> {
 }
 
 /// Checks a SUBSCRIBE topic filter (MQTT wildcard syntax).
-pub fn check_topic_filter(filter: &str) -> Result<(), TopicError> {
+pub(crate) fn check_topic_filter(filter: &str) -> Result<(), TopicError> {
     check_common(filter)?;
     let mut levels = filter.split('/').peekable();
     while let Some(level) = levels.next() {
@@ -84,7 +73,7 @@ pub fn check_topic_filter(filter: &str) -> Result<(), TopicError> {
 
 /// Splits an MQTT 5 shared subscription `$share/<group>/<filter>` into its filter; other
 /// filters are returned unchanged. The group must be non-empty and wildcard-free.
-pub fn strip_share(filter: &str) -> Result<&str, TopicError> {
+pub(crate) fn strip_share(filter: &str) -> Result<&str, TopicError> {
     let Some(rest) = filter.strip_prefix("$share/") else {
         return Ok(filter);
     };
@@ -128,6 +117,21 @@ pub(crate) enum Level {
     SiteDevice,
 }
 
+/// Why an ACL pattern is not acceptable; levels are shown escaped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PatternError {
+    #[error("pattern {0}")]
+    Topic(#[from] TopicError),
+    #[error("`#` must be the last level")]
+    HashNotLast,
+    #[error("level `{0}`: `+` and `#` must be alone in their level")]
+    Wildcard(String),
+    #[error("unknown variable `{0}` (known: {VARIABLES})")]
+    UnknownVariable(String),
+    #[error("level `{0}`: a variable must be a whole level, e.g. `devices/{{id}}/status`")]
+    PartialVariable(String),
+}
+
 /// A validated ACL pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Pattern {
@@ -140,39 +144,27 @@ pub(crate) struct Pattern {
 pub(crate) const VARIABLES: &str = "{id}, {site}, {site_device}";
 
 impl Pattern {
-    /// Parses pattern text; the error is a message for a policy problem.
-    pub(crate) fn parse(text: &str) -> Result<Self, String> {
-        if let Err(e) = check_common(text) {
-            return Err(format!("pattern {e}"));
-        }
+    /// Parses pattern text; the error becomes a policy problem's message.
+    pub(crate) fn parse(text: &str) -> Result<Self, PatternError> {
+        check_common(text)?;
         let mut levels = Vec::new();
         let mut iter = text.split('/').peekable();
         while let Some(level) = iter.next() {
             let last = iter.peek().is_none();
+            let shown = || level.escape_debug().to_string();
             let parsed = match level {
                 "#" if last => Level::Hash,
-                "#" => return Err("`#` must be the last level".to_owned()),
+                "#" => return Err(PatternError::HashNotLast),
                 "+" => Level::Plus,
                 "{id}" => Level::Id,
                 "{site}" => Level::Site,
                 "{site_device}" => Level::SiteDevice,
-                _ if level.contains(['+', '#']) => {
-                    return Err(format!(
-                        "level `{}`: `+` and `#` must be alone in their level",
-                        level.escape_debug()
-                    ));
-                }
+                _ if level.contains(['+', '#']) => return Err(PatternError::Wildcard(shown())),
                 _ if level.starts_with('{') && level.ends_with('}') => {
-                    return Err(format!(
-                        "unknown variable `{}` (known: {VARIABLES})",
-                        level.escape_debug()
-                    ));
+                    return Err(PatternError::UnknownVariable(shown()));
                 }
                 _ if level.contains(['{', '}']) => {
-                    return Err(format!(
-                        "level `{}`: a variable must be a whole level, e.g. `devices/{{id}}/status`",
-                        level.escape_debug()
-                    ));
+                    return Err(PatternError::PartialVariable(shown()));
                 }
                 _ => Level::Literal(level.into()),
             };
@@ -367,7 +359,7 @@ mod tests {
             ("dev-{id}", "whole level"),
             ("", "empty"),
         ] {
-            let err = Pattern::parse(bad).expect_err(bad);
+            let err = Pattern::parse(bad).expect_err(bad).to_string();
             assert!(err.contains(needle), "{bad}: {err}");
         }
     }

@@ -55,43 +55,61 @@ pub(super) struct RawQuality {
     pub(super) resolve_fraction: Option<Spanned<f64>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawRule {
-    pub(super) id: Spanned<String>,
-    pub(super) version: Spanned<String>,
-    pub(super) metric: Spanned<String>,
-    pub(super) kind: Spanned<String>,
-    pub(super) severity: Spanned<String>,
-    pub(super) below: Option<Spanned<f64>>,
-    pub(super) at_or_below: Option<Spanned<f64>>,
-    pub(super) above: Option<Spanned<f64>>,
-    pub(super) at_or_above: Option<Spanned<f64>>,
-    pub(super) resolve_at: Option<Spanned<f64>>,
-    pub(super) resolve_after_s: Option<Spanned<u64>>,
-    pub(super) persist: Option<Spanned<RawPersist>>,
-    pub(super) rate: Option<Spanned<RawRate>>,
-    pub(super) baseline: Option<Spanned<RawBaseline>>,
-    pub(super) min_quality: Option<Spanned<f64>>,
-    pub(super) escalate: Option<Spanned<RawEscalate>>,
+/// Declares [`RawRule`] and [`RawParams`] from one list of the optional parameters, so
+/// a rule and an override's `set` accept the same ones; a rule also has its identity and
+/// must state its severity.
+macro_rules! rule_tables {
+    ($($field:ident: $ty:ty,)*) => {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub(super) struct RawRule {
+            pub(super) id: Spanned<String>,
+            pub(super) version: Spanned<String>,
+            pub(super) metric: Spanned<String>,
+            pub(super) kind: Spanned<String>,
+            pub(super) severity: Spanned<String>,
+            $(pub(super) $field: Option<Spanned<$ty>>,)*
+        }
+
+        /// The parameters a rule states and an override may `set`.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub(super) struct RawParams {
+            pub(super) severity: Option<Spanned<String>>,
+            $(pub(super) $field: Option<Spanned<$ty>>,)*
+        }
+
+        impl RawRule {
+            /// Splits the rule into its identity and its parameters.
+            pub(super) fn split(self) -> (RuleHead, RawParams) {
+                let head = RuleHead {
+                    id: self.id,
+                    version: self.version,
+                    metric: self.metric,
+                    kind: self.kind,
+                };
+                let params = RawParams {
+                    severity: Some(self.severity),
+                    $($field: self.$field,)*
+                };
+                (head, params)
+            }
+        }
+    };
 }
 
-/// The parameters a rule states and an override may `set`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RawParams {
-    pub(super) severity: Option<Spanned<String>>,
-    pub(super) below: Option<Spanned<f64>>,
-    pub(super) at_or_below: Option<Spanned<f64>>,
-    pub(super) above: Option<Spanned<f64>>,
-    pub(super) at_or_above: Option<Spanned<f64>>,
-    pub(super) resolve_at: Option<Spanned<f64>>,
-    pub(super) resolve_after_s: Option<Spanned<u64>>,
-    pub(super) persist: Option<Spanned<RawPersist>>,
-    pub(super) rate: Option<Spanned<RawRate>>,
-    pub(super) baseline: Option<Spanned<RawBaseline>>,
-    pub(super) min_quality: Option<Spanned<f64>>,
-    pub(super) escalate: Option<Spanned<RawEscalate>>,
+rule_tables! {
+    below: f64,
+    at_or_below: f64,
+    above: f64,
+    at_or_above: f64,
+    resolve_at: f64,
+    resolve_after_s: u64,
+    persist: RawPersist,
+    rate: RawRate,
+    baseline: RawBaseline,
+    min_quality: f64,
+    escalate: RawEscalate,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,33 +152,6 @@ pub(super) struct RawOverride {
     pub(super) site: Option<Spanned<String>>,
     pub(super) cohort: Option<Spanned<String>>,
     pub(super) set: Spanned<RawParams>,
-}
-
-impl RawRule {
-    /// Splits the rule into its identity and its parameters.
-    pub(super) fn split(self) -> (RuleHead, RawParams) {
-        let head = RuleHead {
-            id: self.id,
-            version: self.version,
-            metric: self.metric,
-            kind: self.kind,
-        };
-        let params = RawParams {
-            severity: Some(self.severity),
-            below: self.below,
-            at_or_below: self.at_or_below,
-            above: self.above,
-            at_or_above: self.at_or_above,
-            resolve_at: self.resolve_at,
-            resolve_after_s: self.resolve_after_s,
-            persist: self.persist,
-            rate: self.rate,
-            baseline: self.baseline,
-            min_quality: self.min_quality,
-            escalate: self.escalate,
-        };
-        (head, params)
-    }
 }
 
 #[derive(Debug)]

@@ -14,9 +14,9 @@ use super::raw::{RawClock, RawPlausibility};
 use crate::error::Problems;
 
 /// Longest `max_behind_s`: a year.
-pub const MAX_BEHIND_S: u64 = 366 * 24 * 3600;
+pub(crate) const MAX_BEHIND_S: u64 = 366 * 24 * 3600;
 /// Largest `resolve_after`: readings in a row.
-pub const MAX_RESOLVE_AFTER: u64 = 1000;
+pub(crate) const MAX_RESOLVE_AFTER: u64 = 1000;
 
 /// Physiological limits of one metric: a reading outside `min..=max` cannot be a
 /// measurement of a living patient and is treated as a sensor fault.
@@ -105,7 +105,7 @@ pub(super) fn validate_plausibility(
     for (metric, range) in &raw.limits {
         let field = format!("plausibility.limits.{}", metric.get_ref());
         if let Err(why) = super::validate::check_metric(metric.get_ref()) {
-            problems.add(Some(metric.span()), field.clone(), why);
+            problems.add(Some(metric.span()), field.clone(), why.to_string());
         }
         let r = range.get_ref();
         let (min, max) = (*r.min.get_ref(), *r.max.get_ref());

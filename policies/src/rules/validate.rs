@@ -160,7 +160,7 @@ pub(super) fn validate(raw: RawFile, set: &mut RuleSet, problems: &mut Problems<
         );
     }
     if let Err(why) = check_name(raw.version.get_ref(), 64) {
-        problems.add(Some(raw.version.span()), "version", why);
+        problems.add(Some(raw.version.span()), "version", why.to_string());
     }
     set.version = raw.version.get_ref().clone();
     set.quality = validate_quality(raw.quality.get_ref(), problems);
@@ -171,7 +171,7 @@ pub(super) fn validate(raw: RawFile, set: &mut RuleSet, problems: &mut Problems<
     for (name, devices) in &raw.cohorts {
         let field = format!("cohorts.{}", name.get_ref());
         if let Err(why) = check_name(name.get_ref(), 64) {
-            problems.add(Some(name.span()), field.clone(), why);
+            problems.add(Some(name.span()), field.clone(), why.to_string());
         }
         if devices.get_ref().is_empty() {
             problems.add(
@@ -208,7 +208,7 @@ pub(super) fn validate(raw: RawFile, set: &mut RuleSet, problems: &mut Problems<
         let path = format!("rules[{j}]");
         let id = head.id.get_ref();
         if let Err(why) = check_name(id, 64) {
-            problems.add(Some(head.id.span()), format!("{path}.id"), why);
+            problems.add(Some(head.id.span()), format!("{path}.id"), why.to_string());
         }
         if let Some(first) = ids.get(id) {
             problems.add(
@@ -220,10 +220,18 @@ pub(super) fn validate(raw: RawFile, set: &mut RuleSet, problems: &mut Problems<
             ids.insert(id.clone(), j);
         }
         if let Err(why) = check_name(head.version.get_ref(), 32) {
-            problems.add(Some(head.version.span()), format!("{path}.version"), why);
+            problems.add(
+                Some(head.version.span()),
+                format!("{path}.version"),
+                why.to_string(),
+            );
         }
         if let Err(why) = check_metric(head.metric.get_ref()) {
-            problems.add(Some(head.metric.span()), format!("{path}.metric"), why);
+            problems.add(
+                Some(head.metric.span()),
+                format!("{path}.metric"),
+                why.to_string(),
+            );
         }
         let kind = parse_kind(head.kind.get_ref());
         if kind.is_none() {
@@ -935,35 +943,36 @@ fn check_escalation(
     }))
 }
 
+/// A name, id or version outside `[A-Za-z0-9][A-Za-z0-9._-]{0,max-1}`.
+#[derive(Debug, thiserror::Error)]
+#[error("must match [A-Za-z0-9][A-Za-z0-9._-]{{0,{}}}", .max - 1)]
+pub(crate) struct BadName {
+    max: usize,
+}
+
+/// A metric name outside `[a-z][a-z0-9_]{0,31}`.
+#[derive(Debug, thiserror::Error)]
+#[error("must match [a-z][a-z0-9_]{{0,31}}")]
+pub(crate) struct BadMetric;
+
 /// Names, ids and versions: `[A-Za-z0-9][A-Za-z0-9._-]{0,max-1}`.
-fn check_name(name: &str, max: usize) -> Result<(), String> {
+pub(crate) fn check_name(name: &str, max: usize) -> Result<(), BadName> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= max
         && b[0].is_ascii_alphanumeric()
         && b.iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "must match [A-Za-z0-9][A-Za-z0-9._-]{{0,{}}}",
-            max - 1
-        ))
-    }
+    if ok { Ok(()) } else { Err(BadName { max }) }
 }
 
 /// Metric names as devices send them in `m`: `[a-z][a-z0-9_]{0,31}`.
-pub(super) fn check_metric(name: &str) -> Result<(), String> {
+pub(super) fn check_metric(name: &str) -> Result<(), BadMetric> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 32
         && b[0].is_ascii_lowercase()
         && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_');
-    if ok {
-        Ok(())
-    } else {
-        Err("must match [a-z][a-z0-9_]{0,31}".to_owned())
-    }
+    if ok { Ok(()) } else { Err(BadMetric) }
 }

@@ -271,7 +271,7 @@ async fn a_record_that_cannot_be_placed_refuses_the_whole_batch() {
             Err(SinkError::Refused { sink: name, detail }) => {
                 assert_eq!(name, NAME, "{case}");
                 assert!(
-                    detail.contains("position 7 (event ev-7)"),
+                    detail.to_string().contains("position 7 (event ev-7)"),
                     "{case}: {detail}"
                 );
             }
@@ -333,7 +333,10 @@ fn store_errors_are_retryable_unless_no_retry_can_help() {
             (SinkError::Unavailable { sink, detail }, true)
             | (SinkError::Refused { sink, detail }, false) => {
                 assert_eq!(sink, NAME);
-                assert!(detail.contains("PUT raw/site=north/x.cborseq"), "{detail}");
+                assert!(
+                    detail.to_string().contains("PUT raw/site=north/x.cborseq"),
+                    "{detail}"
+                );
             }
             (other, _) => panic!("{shown}: classified as {other:?}"),
         }
@@ -451,10 +454,13 @@ async fn local_failure_to_write_raw_is_unavailable_and_writes_no_normalized() {
         Err(SinkError::Unavailable { sink: name, detail }) => {
             assert_eq!(name, NAME);
             assert!(
-                detail.contains("PUT raw/site="),
+                detail.to_string().contains("PUT raw/site="),
                 "names the object: {detail}"
             );
-            assert!(detail.contains(&format!("{RANGE}.cborseq")), "{detail}");
+            assert!(
+                detail.to_string().contains(&format!("{RANGE}.cborseq")),
+                "{detail}"
+            );
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
@@ -541,7 +547,9 @@ async fn s3_endpoint_refusing_connections_is_unavailable_at_once() {
     match result {
         Err(SinkError::Unavailable { detail, .. }) => {
             assert!(
-                detail.contains("PUT raw/site=north/device=dev-a/"),
+                detail
+                    .to_string()
+                    .contains("PUT raw/site=north/device=dev-a/"),
                 "{detail}"
             );
         }
