@@ -36,7 +36,8 @@ pub mod latency;
 pub mod link;
 pub mod load_report;
 pub mod loadgen;
-pub mod mqtt;
+/// The MQTT connection and TLS client setup all vitalmq clients share.
+pub use vitalmq_mqtt_client as mqtt;
 pub mod pki;
 pub mod receipt;
 pub mod ring;

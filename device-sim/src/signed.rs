@@ -296,6 +296,7 @@ async fn connect(target: &Target, identity: &Identity) -> anyhow::Result<Session
         connect_timeout: CONNECT_TIMEOUT,
         // Above MAX_UNACKED, so a publish never finds the request channel full.
         request_capacity: usize::try_from(MAX_UNACKED).unwrap_or(100) + 28,
+        ..SessionOptions::default()
     };
     let mut session = Session::open(target, &identity.id, &identity.tls, &options);
     let id = &identity.id;

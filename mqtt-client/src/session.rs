@@ -1,5 +1,5 @@
 //! One MQTT connection (3.1.1 or 5, over mTLS) behind a small interface, for the
-//! simulated devices.
+//! simulated devices and gateways, the load generator and the demo's operator.
 //!
 //! Invariants:
 //!
@@ -20,37 +20,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::tokio_rustls::rustls::ClientConfig;
-use serde::Serialize;
+use rustls::ClientConfig;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// MQTT protocol version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum MqttVersion {
-    #[serde(rename = "3.1.1")]
-    V311,
-    #[serde(rename = "5")]
-    V5,
-}
+use crate::options::{self, ConnectOptions, MqttVersion, Qos, Target};
 
-impl std::str::FromStr for MqttVersion {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "3.1.1" | "311" | "4" | "v4" => Ok(Self::V311),
-            "5" | "v5" | "5.0" => Ok(Self::V5),
-            _ => Err(format!("unknown MQTT version {s:?} (3.1.1 or 5)")),
-        }
-    }
-}
-
-/// Where to connect.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub host: String,
-    pub port: u16,
-    pub version: MqttVersion,
+/// A request the event loop could not take (its queue is full, or it has ended).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    V4(#[from] rumqttc::ClientError),
+    #[error(transparent)]
+    V5(#[from] rumqttc::v5::ClientError),
 }
 
 /// What happened on a session's connection.
@@ -77,6 +59,8 @@ pub struct SessionOptions {
     pub connect_timeout: Duration,
     /// Requests (publishes, subscribes) that may wait for the event loop.
     pub request_capacity: usize,
+    /// Largest packet either way, bytes.
+    pub max_packet_size: usize,
 }
 
 impl Default for SessionOptions {
@@ -85,6 +69,7 @@ impl Default for SessionOptions {
             keep_alive: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             request_capacity: 64,
+            max_packet_size: 1 << 17,
         }
     }
 }
@@ -113,34 +98,29 @@ impl Session {
         tls: &Arc<ClientConfig>,
         options: &SessionOptions,
     ) -> Self {
-        let transport =
-            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::clone(tls)));
-        let timeout_s = options.connect_timeout.as_secs().max(1);
+        let connect = ConnectOptions {
+            keep_alive: options.keep_alive,
+            connect_timeout: options.connect_timeout,
+            max_packet_size: options.max_packet_size,
+            ..ConnectOptions::default()
+        };
         let (tx, events) = mpsc::channel(options.request_capacity.max(8) * 2);
+        let (host, port) = (target.host.as_str(), target.port);
         let (client, driver) = match target.version {
             MqttVersion::V311 => {
-                let mut o = rumqttc::MqttOptions::new(client_id, target.host.clone(), target.port);
-                o.set_transport(transport)
-                    .set_keep_alive(options.keep_alive)
-                    .set_clean_session(true)
-                    .set_max_packet_size(1 << 17, 1 << 17);
-                let (client, mut eventloop) =
-                    rumqttc::AsyncClient::new(o, options.request_capacity);
-                let mut network = eventloop.network_options();
-                network.set_connection_timeout(timeout_s);
-                eventloop.set_network_options(network);
+                let o = options::v4_options(host, port, client_id, tls, &connect);
+                let (client, eventloop) = options::v4_client(o, options.request_capacity, &connect);
                 (Client::V4(client), tokio::spawn(drive_v4(eventloop, tx)))
             }
             MqttVersion::V5 => {
-                let mut o =
-                    rumqttc::v5::MqttOptions::new(client_id, target.host.clone(), target.port);
-                o.set_transport(transport)
-                    .set_keep_alive(options.keep_alive)
-                    .set_clean_start(true)
-                    .set_connection_timeout(timeout_s)
-                    .set_max_packet_size(Some(1 << 17));
-                let (client, eventloop) =
-                    rumqttc::v5::AsyncClient::new(o, options.request_capacity);
+                let (client, eventloop) = options::v5_client(
+                    host,
+                    port,
+                    client_id,
+                    tls,
+                    &connect,
+                    options.request_capacity,
+                );
                 (Client::V5(client), tokio::spawn(drive_v5(eventloop, tx)))
             }
         };
@@ -170,54 +150,55 @@ impl Session {
     }
 
     /// Queues a QoS 1 PUBLISH without waiting.
-    pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+    pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), RequestError> {
+        let qos = Qos::AtLeastOnce;
         match &self.client {
-            Client::V4(c) => c
-                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .try_publish(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
-                    payload,
-                )
-                .map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_publish(topic, qos.v4(), false, payload)?,
+            Client::V5(c) => c.try_publish(topic, qos.v5(), false, payload)?,
         }
+        Ok(())
+    }
+
+    /// Queues a PUBLISH at `qos`, waiting while the request queue is full.
+    pub async fn send(&self, topic: &str, qos: Qos, payload: Vec<u8>) -> Result<(), RequestError> {
+        match &self.client {
+            Client::V4(c) => c.publish(topic, qos.v4(), false, payload).await?,
+            Client::V5(c) => c.publish(topic, qos.v5(), false, payload).await?,
+        }
+        Ok(())
     }
 
     /// Queues a QoS 1 SUBSCRIBE to one filter without waiting.
-    pub fn subscribe(&self, filter: &str) -> Result<(), String> {
+    pub fn subscribe(&self, filter: &str) -> Result<(), RequestError> {
+        self.subscribe_at(filter, Qos::AtLeastOnce)
+    }
+
+    /// Queues a SUBSCRIBE to one filter at `qos` without waiting.
+    pub fn subscribe_at(&self, filter: &str, qos: Qos) -> Result<(), RequestError> {
         match &self.client {
-            Client::V4(c) => c
-                .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                .map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_subscribe(filter, qos.v4())?,
+            Client::V5(c) => c.try_subscribe(filter, qos.v5())?,
         }
+        Ok(())
     }
 
     /// Queues one QoS 1 SUBSCRIBE with all of `filters` without waiting (a gateway's
     /// per-device receipt topics); its SUBACK is one [`Event::Subscribed`].
-    pub fn subscribe_many(&self, filters: &[String]) -> Result<(), String> {
+    pub fn subscribe_many(&self, filters: &[String]) -> Result<(), RequestError> {
+        let qos = Qos::AtLeastOnce;
         match &self.client {
-            Client::V4(c) => c
-                .try_subscribe_many(
-                    filters.iter().map(|f| {
-                        rumqttc::SubscribeFilter::new(f.clone(), rumqttc::QoS::AtLeastOnce)
-                    }),
-                )
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .try_subscribe_many(filters.iter().map(|f| {
-                    rumqttc::v5::mqttbytes::v5::Filter::new(
-                        f.clone(),
-                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    )
-                }))
-                .map_err(|e| e.to_string()),
+            Client::V4(c) => c.try_subscribe_many(
+                filters
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos.v4())),
+            )?,
+            Client::V5(c) => c.try_subscribe_many(
+                filters
+                    .iter()
+                    .map(|f| rumqttc::v5::mqttbytes::v5::Filter::new(f.clone(), qos.v5())),
+            )?,
         }
+        Ok(())
     }
 
     /// Sends DISCONNECT and waits (up to `grace`) for it to go out, then drops the
