@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::duration::{parse_duration, parse_offset_ms};
+use crate::duration::{DurationError, parse_duration, parse_offset_ms};
 use crate::ring::{Channel, Key};
 
 /// When a fault is injected if `@AT` is not given.
@@ -155,20 +155,55 @@ impl FaultKind {
     }
 }
 
+/// A name that is not a fault kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown fault `{}` (one of: {})", .0.escape_debug(), FaultKind::names())]
+pub struct UnknownFault(pub String);
+
+/// Why a `--fault` value does not parse (`fault `SPEC`: ...`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultSpecError {
+    #[error("fault `{0}`: expected KIND[=ARG]:DEVICE[@AT]")]
+    Syntax(String),
+    #[error("fault `{0}`: {1}")]
+    Kind(String, UnknownFault),
+    #[error("fault `{0}`: {1}")]
+    Duration(String, DurationError),
+    #[error("fault `{0}`: `{1}` is not a device id (or `all`)")]
+    NotADevice(String, String),
+    #[error("fault `{0}`: `{1}` is not a positive count")]
+    NotACount(String, String),
+    #[error("fault `{0}`: `{1}` is not a device id")]
+    NotAPeer(String, String),
+    #[error("fault `{0}`: {1} takes no `=ARG`")]
+    NoArgument(String, FaultKind),
+    #[error("fault `{0}`: the other device must not be the device itself")]
+    OwnPeer(String),
+}
+
+/// A fault that cannot apply to a device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("fault {kind} on {device}: needs another device")]
+pub struct NoPeer {
+    pub kind: FaultKind,
+    pub device: String,
+}
+
+impl FaultKind {
+    /// Every kind's name, comma-separated.
+    fn names() -> String {
+        let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+        names.join(", ")
+    }
+}
+
 impl FromStr for FaultKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownFault;
+    fn from_str(s: &str) -> Result<Self, UnknownFault> {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
-                format!(
-                    "unknown fault `{}` (one of: {})",
-                    s.escape_debug(),
-                    names.join(", ")
-                )
-            })
+            .ok_or_else(|| UnknownFault(s.to_owned()))
     }
 }
 
@@ -232,19 +267,18 @@ fn valid_device_id(s: &str) -> bool {
 }
 
 impl FromStr for FaultSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: String| format!("fault `{s}`: {why}");
-        let (head, rest) = s
-            .split_once(':')
-            .ok_or_else(|| bad("expected KIND[=ARG]:DEVICE[@AT]".into()))?;
+    type Err = FaultSpecError;
+    fn from_str(s: &str) -> Result<Self, FaultSpecError> {
+        use FaultSpecError as E;
+        let input = || s.to_owned();
+        let (head, rest) = s.split_once(':').ok_or_else(|| E::Syntax(input()))?;
         let (kind, arg) = match head.split_once('=') {
             Some((k, a)) => (k, Some(a)),
             None => (head, None),
         };
-        let kind: FaultKind = kind.parse().map_err(bad)?;
+        let kind: FaultKind = kind.parse().map_err(|e| E::Kind(input(), e))?;
         let (device, at) = match rest.split_once('@') {
-            Some((d, t)) => (d, parse_duration(t).map_err(bad)?),
+            Some((d, t)) => (d, parse_duration(t).map_err(|e| E::Duration(input(), e))?),
             None => (rest, DEFAULT_FAULT_AT),
         };
         let scope = if device == "all" {
@@ -252,7 +286,7 @@ impl FromStr for FaultSpec {
         } else if valid_device_id(device) {
             Scope::Device(device.to_owned())
         } else {
-            return Err(bad(format!("`{device}` is not a device id (or `all`)")));
+            return Err(E::NotADevice(input(), device.to_owned()));
         };
         let mut spec = Self {
             scope,
@@ -265,17 +299,19 @@ impl FromStr for FaultSpec {
                     .parse()
                     .ok()
                     .filter(|n| *n > 0)
-                    .ok_or_else(|| bad(format!("`{a}` is not a positive count")))?;
+                    .ok_or_else(|| E::NotACount(input(), a.to_owned()))?;
             }
             (ArgKind::Peer, Some(a)) if valid_device_id(a) => spec.peer = Some(a.to_owned()),
-            (ArgKind::Peer, Some(a)) => return Err(bad(format!("`{a}` is not a device id"))),
-            (ArgKind::Offset, Some(a)) => spec.offset_ms = Some(parse_offset_ms(a).map_err(bad)?),
-            (ArgKind::None, Some(_)) => return Err(bad(format!("{kind} takes no `=ARG`"))),
+            (ArgKind::Peer, Some(a)) => return Err(E::NotAPeer(input(), a.to_owned())),
+            (ArgKind::Offset, Some(a)) => {
+                spec.offset_ms = Some(parse_offset_ms(a).map_err(|e| E::Duration(input(), e))?);
+            }
+            (ArgKind::None, Some(_)) => return Err(E::NoArgument(input(), kind)),
         }
         if let (Some(peer), Scope::Device(device)) = (&spec.peer, &spec.scope)
             && peer == device
         {
-            return Err(bad("the other device must not be the device itself".into()));
+            return Err(E::OwnPeer(input()));
         }
         Ok(spec)
     }
@@ -401,15 +437,16 @@ impl Injector {
     /// The faults of `specs` that apply to `device`. `fleet` lists every simulated
     /// device; the default other device of `wrong-topic` and `foreign-client-id` is the
     /// one after `device` in it.
-    pub fn new(device: &str, specs: &[FaultSpec], fleet: &[String]) -> Result<Self, String> {
+    pub fn new(device: &str, specs: &[FaultSpec], fleet: &[String]) -> Result<Self, NoPeer> {
         let mut injector = Self::none(device);
         let (steps, reports) = (&mut injector.steps, &mut injector.reports);
         for spec in specs.iter().filter(|s| s.scope.includes(device)) {
             let peer = match spec.kind.arg() {
                 ArgKind::Peer => Some(match &spec.peer {
                     Some(p) => p.clone(),
-                    None => next_in_fleet(device, fleet).ok_or_else(|| {
-                        format!("fault {} on {device}: needs another device", spec.kind)
+                    None => next_in_fleet(device, fleet).ok_or_else(|| NoPeer {
+                        kind: spec.kind,
+                        device: device.to_owned(),
                     })?,
                 }),
                 _ => None,
@@ -851,6 +888,7 @@ mod tests {
             ("clock-skew=later:dev-1", "not a duration"),
         ] {
             let err = s.parse::<FaultSpec>().expect_err(s);
+            let err = err.to_string();
             assert!(err.contains(why) && err.contains(s), "{s}: {err}");
         }
     }
@@ -871,7 +909,12 @@ mod tests {
             "wraps around"
         );
         let alone = Injector::new(DEV, &specs, &[DEV.to_owned()]);
-        assert!(alone.expect_err("no peer").contains("needs another device"));
+        assert!(
+            alone
+                .expect_err("no peer")
+                .to_string()
+                .contains("needs another device")
+        );
         assert!(Injector::none(DEV).is_empty());
     }
 

@@ -20,5 +20,5 @@ pub mod tls;
 pub use options::{
     BadAddress, ConnectOptions, MqttVersion, Qos, Target, UnknownVersion, host_port,
 };
-pub use session::{Event, RequestError, Session, SessionOptions};
+pub use session::{Event, Publisher, RequestError, Session, SessionError, SessionOptions};
 pub use tls::TlsError;

@@ -26,13 +26,36 @@ use tokio::task::JoinHandle;
 
 use crate::options::{self, ConnectOptions, MqttVersion, Qos, Target};
 
+/// Why a session did not get where it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The connection ended first (refused, lost or closed).
+    #[error("{0}")]
+    Down(String),
+    #[error(transparent)]
+    Request(#[from] RequestError),
+}
+
 /// A request the event loop could not take (its queue is full, or it has ended).
+/// Boxed: rumqttc's errors carry the whole request.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     #[error(transparent)]
-    V4(#[from] rumqttc::ClientError),
+    V4(Box<rumqttc::ClientError>),
     #[error(transparent)]
-    V5(#[from] rumqttc::v5::ClientError),
+    V5(Box<rumqttc::v5::ClientError>),
+}
+
+impl From<rumqttc::ClientError> for RequestError {
+    fn from(e: rumqttc::ClientError) -> Self {
+        Self::V4(Box::new(e))
+    }
+}
+
+impl From<rumqttc::v5::ClientError> for RequestError {
+    fn from(e: rumqttc::v5::ClientError) -> Self {
+        Self::V5(Box::new(e))
+    }
 }
 
 /// What happened on a session's connection.
@@ -74,7 +97,7 @@ impl Default for SessionOptions {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Client {
     V4(rumqttc::AsyncClient),
     V5(rumqttc::v5::AsyncClient),
@@ -159,13 +182,33 @@ impl Session {
         Ok(())
     }
 
-    /// Queues a PUBLISH at `qos`, waiting while the request queue is full.
-    pub async fn send(&self, topic: &str, qos: Qos, payload: Vec<u8>) -> Result<(), RequestError> {
-        match &self.client {
-            Client::V4(c) => c.publish(topic, qos.v4(), false, payload).await?,
-            Client::V5(c) => c.publish(topic, qos.v5(), false, payload).await?,
+    /// A handle that publishes on this session from another task.
+    pub fn publisher(&self) -> Publisher {
+        Publisher(self.client.clone())
+    }
+
+    /// Waits for CONNACK; other events before it are dropped.
+    pub async fn connected(&mut self) -> Result<(), SessionError> {
+        loop {
+            match self.next().await {
+                Event::Connected => return Ok(()),
+                Event::Down { reason } => return Err(SessionError::Down(reason)),
+                _ => {}
+            }
         }
-        Ok(())
+    }
+
+    /// Subscribes to `filter` at `qos` and waits for the SUBACK: whether it was
+    /// granted. Other events before it are dropped.
+    pub async fn subscribed(&mut self, filter: &str, qos: Qos) -> Result<bool, SessionError> {
+        self.subscribe_at(filter, qos)?;
+        loop {
+            match self.next().await {
+                Event::Subscribed { granted } => return Ok(granted),
+                Event::Down { reason } => return Err(SessionError::Down(reason)),
+                _ => {}
+            }
+        }
     }
 
     /// Queues a QoS 1 SUBSCRIBE to one filter without waiting.
@@ -211,6 +254,21 @@ impl Session {
         if sent && !self.down {
             let _ = tokio::time::timeout(grace, &mut self.driver).await;
         }
+    }
+}
+
+/// Publishes on a [`Session`] from another task than the one taking its events.
+#[derive(Debug, Clone)]
+pub struct Publisher(Client);
+
+impl Publisher {
+    /// Queues a PUBLISH at `qos`, waiting while the request queue is full.
+    pub async fn send(&self, topic: &str, qos: Qos, payload: Vec<u8>) -> Result<(), RequestError> {
+        match &self.0 {
+            Client::V4(c) => c.publish(topic, qos.v4(), false, payload).await?,
+            Client::V5(c) => c.publish(topic, qos.v5(), false, payload).await?,
+        }
+        Ok(())
     }
 }
 

@@ -30,7 +30,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
-use crate::ring::{DEFAULT_CAPACITY, Key};
+use vitalmq_device_sim::ring::{DEFAULT_CAPACITY, Key};
 
 /// Publish instants kept per device: as many as the outbox holds.
 pub const SEND_TIMES: usize = DEFAULT_CAPACITY;
@@ -152,7 +152,7 @@ impl SendTimes {
 
 /// Latency percentiles in microseconds: the load generator's summary, so every report
 /// of the project reads the same way.
-pub use crate::loadgen::Latency as Percentiles;
+pub use crate::broker::Latency as Percentiles;
 
 /// What became of one alert message received by an integrator.
 #[derive(Debug, Clone, PartialEq, Eq)]
