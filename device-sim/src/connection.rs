@@ -23,6 +23,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder as _, ExponentialBackoff, ExponentialBuilder};
 use bytes::Bytes;
 use rustls::ClientConfig;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::link::{LinkOptions, LiveCounts};
@@ -129,17 +130,21 @@ pub(crate) struct Connection {
     backoff: Backoff,
     /// Connections that became ready.
     connects: u64,
+    /// Told when the connection is ready the first time.
+    first_ready: Option<oneshot::Sender<()>>,
 }
 
 impl Connection {
     /// A connection (not yet open) as `client_id`, subscribing to `filters` and
     /// carrying `carried` devices; its jitter is seeded from the client id.
+    /// `first_ready` fires when it is ready the first time.
     pub(crate) fn new(
         client_id: &str,
         tls: Arc<ClientConfig>,
         link: Arc<LinkOptions>,
         filters: Vec<String>,
         carried: usize,
+        first_ready: oneshot::Sender<()>,
     ) -> Self {
         let seed = client_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -155,6 +160,7 @@ impl Connection {
             conn: None,
             next_attempt: Instant::now(),
             connects: 0,
+            first_ready: Some(first_ready),
         }
     }
 
@@ -236,6 +242,9 @@ impl Connection {
                 }
                 self.connects += 1;
                 self.backoff.reset();
+                if let Some(tx) = self.first_ready.take() {
+                    let _ = tx.send(());
+                }
                 Happened::Up { granted }
             }
             Event::Acked { refused } => {

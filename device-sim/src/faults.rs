@@ -333,7 +333,7 @@ pub fn flip_signature_bit(message: &[u8]) -> Vec<u8> {
 
 /// What the shell must do for a fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Publish `bytes` (QoS 1) on `topic` on the device's connection, outside the outbox.
     Publish { topic: String, bytes: Vec<u8> },
     /// Open a second, short-lived connection with the device's certificate claiming
@@ -352,7 +352,7 @@ pub enum Action {
 
 /// What the shell knows about its connection when it asks for the next action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkState {
+pub(crate) struct LinkState {
     /// Connected and subscribed to receipts.
     pub connected: bool,
     /// The highest receipt applied.
@@ -411,7 +411,7 @@ struct SentCopy {
 
 /// The faults of one device; see the module documentation.
 #[derive(Debug, Clone)]
-pub struct Injector {
+pub(crate) struct Injector {
     device: String,
     steps: Vec<Step>,
     reports: Vec<FaultReport>,
@@ -437,7 +437,7 @@ impl Injector {
     /// The faults of `specs` that apply to `device`. `fleet` lists every simulated
     /// device; the default other device of `wrong-topic` and `foreign-client-id` is the
     /// one after `device` in it.
-    pub fn new(device: &str, specs: &[FaultSpec], fleet: &[String]) -> Result<Self, NoPeer> {
+    pub(crate) fn new(device: &str, specs: &[FaultSpec], fleet: &[String]) -> Result<Self, NoPeer> {
         let mut injector = Self::none(device);
         let (steps, reports) = (&mut injector.steps, &mut injector.reports);
         for spec in specs.iter().filter(|s| s.scope.includes(device)) {
@@ -482,7 +482,7 @@ impl Injector {
     }
 
     /// An injector with no faults.
-    pub fn none(device: &str) -> Self {
+    pub(crate) fn none(device: &str) -> Self {
         Self {
             device: device.to_owned(),
             keeps_copies: false,
@@ -499,12 +499,12 @@ impl Injector {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.reports.is_empty()
     }
 
     /// A message was handed to the network for the first time.
-    pub fn on_sent(&mut self, key: Key, channel: Channel, bytes: &[u8]) {
+    pub(crate) fn on_sent(&mut self, key: Key, channel: Channel, bytes: &[u8]) {
         if self.keeps_copies {
             self.last_sent = Some(SentCopy {
                 key,
@@ -516,7 +516,7 @@ impl Injector {
 
     /// The next action due at `now` (wall time since the start), if any. Call until it
     /// returns `None`.
-    pub fn poll(&mut self, now: Duration, link: LinkState) -> Option<Action> {
+    pub(crate) fn poll(&mut self, now: Duration, link: LinkState) -> Option<Action> {
         if let Some(action) = self.replay_second_half(link) {
             return Some(action);
         }
@@ -665,7 +665,7 @@ impl Injector {
     }
 
     /// A PUBACK refused a publish (MQTT 5), with its reason.
-    pub fn on_puback_refused(&mut self, reason: &str) {
+    pub(crate) fn on_puback_refused(&mut self, reason: &str) {
         let report = self.awaiting_refusal.take().or(self.last_wrong_topic);
         match report {
             Some(r) => self.reports[r].saw(format!("PUBACK {reason}")),
@@ -676,7 +676,7 @@ impl Injector {
     }
 
     /// The device's connection ended at `now`; `was_ready` if it had been fully up.
-    pub fn on_connection_lost(&mut self, now: Duration, reason: &str, was_ready: bool) {
+    pub(crate) fn on_connection_lost(&mut self, now: Duration, reason: &str, was_ready: bool) {
         self.revocation_due(now);
         if let Some(r) = self.awaiting_refusal.take() {
             self.reports[r].saw("connection closed by the broker");
@@ -692,7 +692,7 @@ impl Injector {
     }
 
     /// The device is connected and subscribed; `now` is wall time since the start.
-    pub fn on_connected(&mut self, now: Duration) {
+    pub(crate) fn on_connected(&mut self, now: Duration) {
         self.revocation_due(now);
         if let Some(r) = self.revoked {
             self.reports[r].saw("connected: certificate still accepted");
@@ -707,7 +707,7 @@ impl Injector {
 
     /// The outcome of a [`Action::ConnectAs`] connection: `Ok` if the broker accepted it,
     /// else what refused it.
-    pub fn on_side_outcome(&mut self, outcome: Result<(), String>) {
+    pub(crate) fn on_side_outcome(&mut self, outcome: Result<(), String>) {
         let Some(r) = self.side.take() else {
             return;
         };
@@ -719,7 +719,7 @@ impl Injector {
 
     /// The swap asked for by [`Action::SwapNext`] happened: `first` was sent before
     /// `second`, though `second` is the older.
-    pub fn on_swapped(&mut self, first: Key, second: Key) {
+    pub(crate) fn on_swapped(&mut self, first: Key, second: Key) {
         if let Some(r) = self.swap.take() {
             let report = &mut self.reports[r];
             report.injected += 1;
@@ -729,25 +729,25 @@ impl Injector {
     }
 
     /// The swap asked for cannot happen any more (generation ended).
-    pub fn cancel_swap(&mut self) {
+    pub(crate) fn cancel_swap(&mut self) {
         if let Some(r) = self.swap.take() {
             self.reports[r].saw("not injected: no two fresh messages left");
         }
     }
 
     /// A swap was asked for and is not done yet.
-    pub fn swap_pending(&self) -> bool {
+    pub(crate) fn swap_pending(&self) -> bool {
         self.swap.is_some()
     }
 
     /// The device's certificate is revoked: it is not expected to connect again, so the
     /// shell need not wait for receipts it cannot get.
-    pub fn revoked(&self) -> bool {
+    pub(crate) fn revoked(&self) -> bool {
         self.revoked.is_some()
     }
 
     /// The account of every fault, in the order given.
-    pub fn reports(&self) -> Vec<FaultReport> {
+    pub(crate) fn reports(&self) -> Vec<FaultReport> {
         self.reports.clone()
     }
 }

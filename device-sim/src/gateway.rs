@@ -44,17 +44,19 @@ use vitalmq_policies::{DeviceRegistry, PolicyErrors};
 
 use crate::clock::DeviceClock;
 use crate::connection::{Connection, Happened, Lost};
-use crate::device::{DeviceError, DeviceReport, ReceiptOutcome, SimDevice};
-use crate::link::{Control, LinkOptions, LiveCounts, Pacer, Resend, Schedule, wall_ms};
+use crate::device::{DeviceError, DeviceReport, SimDevice};
+use crate::link::{
+    Control, LinkOptions, LiveCounts, Pacer, Resend, Schedule, receive_receipt, wall_ms,
+};
 use crate::pki::{Identity, Pki};
 
 /// Most PUBLISHes without PUBACK on one gateway connection, whatever the device count
 /// (below rumqttc's own in-flight limit, so a publish is never refused locally).
-pub const MAX_GATEWAY_WINDOW: usize = 96;
+pub(crate) const MAX_GATEWAY_WINDOW: usize = 96;
 
 /// One site's gateway and the devices it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SitePlan {
+pub(crate) struct SitePlan {
     pub site: String,
     /// The gateway identity bound to the site in the registry (`gw-<site>`).
     pub gateway: String,
@@ -100,7 +102,7 @@ pub fn site_of(device: &str, registry: &DeviceRegistry) -> Result<String, PlanEr
 /// Groups `devices` by the site the registry assigns them and picks each site's gateway
 /// (the registry's gateway bound to that site, the lowest id if several). Sites come in
 /// order; an unregistered device or a site without a gateway is an error.
-pub fn plan_sites(
+pub(crate) fn plan_sites(
     devices: &[String],
     registry: &DeviceRegistry,
 ) -> Result<Vec<SitePlan>, PlanError> {
@@ -132,14 +134,14 @@ pub fn plan_sites(
 
 /// Maps each carried device's receipt topic `devices/{id}/ack` to its index.
 #[derive(Debug, Clone)]
-pub struct AckRouter {
+pub(crate) struct AckRouter {
     filters: Vec<String>,
     index: HashMap<String, usize>,
 }
 
 impl AckRouter {
     /// A router for these devices, index = position.
-    pub fn new<'a>(devices: impl IntoIterator<Item = &'a str>) -> Self {
+    pub(crate) fn new<'a>(devices: impl IntoIterator<Item = &'a str>) -> Self {
         let filters: Vec<String> = devices
             .into_iter()
             .map(|d| format!("devices/{d}/ack"))
@@ -153,30 +155,30 @@ impl AckRouter {
     }
 
     /// The topic filters to subscribe to, one per device (no wildcard).
-    pub fn filters(&self) -> &[String] {
+    pub(crate) fn filters(&self) -> &[String] {
         &self.filters
     }
 
     /// Which device a message on `topic` is for; `None` for any other topic.
-    pub fn route(&self, topic: &str) -> Option<usize> {
+    pub(crate) fn route(&self, topic: &str) -> Option<usize> {
         self.index.get(topic).copied()
     }
 }
 
 /// Round robin over `len` members: each pick starts after the last one picked.
 #[derive(Debug, Clone)]
-pub struct Rotation {
+pub(crate) struct Rotation {
     len: usize,
     next: usize,
 }
 
 impl Rotation {
-    pub fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         Self { len, next: 0 }
     }
 
     /// The first member from the current position on for which `ready` holds.
-    pub fn pick(&mut self, ready: impl Fn(usize) -> bool) -> Option<usize> {
+    pub(crate) fn pick(&mut self, ready: impl Fn(usize) -> bool) -> Option<usize> {
         let found = (0..self.len)
             .map(|k| (self.next + k) % self.len)
             .find(|&i| ready(i))?;
@@ -214,7 +216,7 @@ struct Member {
 
 /// One gateway's shell; see the module documentation.
 #[derive(Debug)]
-pub struct GatewayLink {
+pub(crate) struct GatewayLink {
     identity: Identity,
     site: String,
     members: Vec<Member>,
@@ -225,14 +227,13 @@ pub struct GatewayLink {
     t0: Instant,
     connection: Connection,
     granted: bool,
-    first_connected: Option<oneshot::Sender<()>>,
 }
 
 impl GatewayLink {
     /// A gateway for `site` connecting as `identity` and carrying `devices`; time zero of
     /// every device's vitals model and schedule is `t0`. `first_connected` fires when the
     /// gateway is connected and subscribed the first time.
-    pub fn new(
+    pub(crate) fn new(
         identity: Identity,
         site: String,
         devices: Vec<SimDevice>,
@@ -274,6 +275,7 @@ impl GatewayLink {
                 Arc::clone(&link),
                 router.filters().to_vec(),
                 members.len(),
+                first_connected,
             ),
             identity,
             site,
@@ -283,12 +285,11 @@ impl GatewayLink {
             schedule,
             t0,
             granted: false,
-            first_connected: Some(first_connected),
         }
     }
 
     /// Keeps `live` up to date with the devices this gateway has connected.
-    pub fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
+    pub(crate) fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
         self.connection.set_live(live);
         self
     }
@@ -296,7 +297,7 @@ impl GatewayLink {
     /// Runs until every device's schedule is done (and, with `until_receipted`, all
     /// their messages are receipted or the time is up) or `control` says otherwise;
     /// returns the gateway's account and each device's, in the order given.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         mut control: watch::Receiver<Control>,
     ) -> (GatewayReport, Vec<DeviceReport>) {
@@ -470,9 +471,6 @@ impl GatewayLink {
                     connects = self.connection.connects(),
                     "gateway connected"
                 );
-                if let Some(tx) = self.first_connected.take() {
-                    let _ = tx.send(());
-                }
             }
             Happened::Acked { refused } => {
                 if let Some(reason) = refused {
@@ -486,31 +484,12 @@ impl GatewayLink {
                 };
                 // The router was built from `members`, so its indexes are theirs.
                 let m = &mut self.members[i];
-                match m.device.apply_receipt(&payload) {
-                    ReceiptOutcome::Applied { receipt, released } => {
-                        if released > 0 || m.device.outbox().is_empty() {
-                            m.resend.progress(Instant::now());
-                        }
-                        tracing::debug!(
-                            device.id = %m.device.id(),
-                            gateway.id = %self.identity.id,
-                            receipt.epoch = receipt.epoch,
-                            receipt.seq = receipt.seq,
-                            released,
-                            held = m.device.outbox().len(),
-                            "receipt"
-                        );
-                    }
-                    ReceiptOutcome::BeyondNewest { receipt } => tracing::warn!(
-                        device.id = %m.device.id(),
-                        receipt.epoch = receipt.epoch,
-                        receipt.seq = receipt.seq,
-                        "receipt for a message never made; ignored"
-                    ),
-                    ReceiptOutcome::Malformed(e) => {
-                        tracing::warn!(device.id = %m.device.id(), error = %e, "malformed receipt ignored");
-                    }
-                }
+                receive_receipt(
+                    &mut m.device,
+                    &mut m.resend,
+                    &payload,
+                    Some(&self.identity.id),
+                );
             }
             Happened::Lost(lost) => self.lost(&lost),
             Happened::Nothing => {}

@@ -7,11 +7,11 @@
 //! * [`gateway`] is `vitalmq sim --via-gateway`: one connection per site, with the
 //!   site's gateway identity, relays the signed messages of the devices at that site and
 //!   routes their receipts back to each device's outbox.
-//! * [`connection`] is the one reconnecting connection both of them use (backoff,
+//! * `connection` is the one reconnecting connection both of them use (backoff,
 //!   connect and subscribe deadlines, the in-flight window).
 //! * [`pki`] reads the identities of a PKI made by `vitalmq certs init`.
 //! * [`faults`] injects the faults a trustworthy ingest path must refuse or survive
-//!   (`--fault`); [`clock`] is the device clock, optionally faster than real time
+//!   (`--fault`); `clock` is the device clock, optionally faster than real time
 //!   (`--time-scale`) or skewed; [`duration`] parses the durations of the options.
 //!
 //! The benchmark drivers (`vitalmq loadgen`, the load mode of `vitalmq sim`) are in
@@ -25,8 +25,8 @@
 //! are the async shell around them.
 #![forbid(unsafe_code)]
 
-pub mod clock;
-pub mod connection;
+mod clock;
+mod connection;
 pub mod device;
 pub mod duration;
 pub mod epoch;

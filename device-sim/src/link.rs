@@ -240,7 +240,7 @@ enum SendPlan {
 
 /// One device's shell; see the module documentation.
 #[derive(Debug)]
-pub struct DeviceLink {
+pub(crate) struct DeviceLink {
     device: SimDevice,
     identity: Identity,
     link: Arc<LinkOptions>,
@@ -254,7 +254,6 @@ pub struct DeviceLink {
     ticks: u64,
     next_tick: Instant,
     next_status: Option<Instant>,
-    first_connected: Option<oneshot::Sender<()>>,
     faults: Injector,
     /// The second connection of the foreign-client-id fault, and when it was opened.
     side: Option<(Session, Instant)>,
@@ -268,7 +267,7 @@ pub struct DeviceLink {
 impl DeviceLink {
     /// Prepares the shell; time zero of the vitals model and the schedule is `t0`.
     /// `first_connected` fires when the device is connected and subscribed the first time.
-    pub fn new(
+    pub(crate) fn new(
         device: SimDevice,
         identity: Identity,
         link: Arc<LinkOptions>,
@@ -283,6 +282,7 @@ impl DeviceLink {
             Arc::clone(&link),
             vec![ack_topic.clone()],
             1,
+            first_connected,
         );
         let now = Instant::now();
         let since_t0 = u64::try_from(now.saturating_duration_since(t0).as_millis()).unwrap_or(0);
@@ -300,7 +300,6 @@ impl DeviceLink {
             clock,
             ticks: 0,
             next_tick: t0,
-            first_connected: Some(first_connected),
             side: None,
             phase: Duration::ZERO,
             observer: None,
@@ -311,7 +310,7 @@ impl DeviceLink {
 
     /// Offsets the generation (and status) schedule by `phase` from time zero, and makes
     /// the first connection attempt no earlier than `first_attempt`.
-    pub fn with_start(mut self, phase: Duration, first_attempt: Instant) -> Self {
+    pub(crate) fn with_start(mut self, phase: Duration, first_attempt: Instant) -> Self {
         self.phase = phase;
         self.next_tick = self.t0 + phase;
         self.next_status = self.schedule.status_every.map(|d| self.t0 + phase + d);
@@ -320,19 +319,19 @@ impl DeviceLink {
     }
 
     /// Tells `observer` of every first publish and every receipt applied.
-    pub fn with_observer(mut self, observer: Arc<dyn SendObserver>) -> Self {
+    pub(crate) fn with_observer(mut self, observer: Arc<dyn SendObserver>) -> Self {
         self.observer = Some(observer);
         self
     }
 
     /// Injects these faults (see [`crate::faults`]).
-    pub fn with_faults(mut self, faults: Injector) -> Self {
+    pub(crate) fn with_faults(mut self, faults: Injector) -> Self {
         self.faults = faults;
         self
     }
 
     /// Keeps `live` up to date with this device's connection.
-    pub fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
+    pub(crate) fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
         self.connection.set_live(live);
         self
     }
@@ -340,7 +339,7 @@ impl DeviceLink {
     /// Runs until the schedule is done (and, with `until_receipted`, everything is
     /// receipted or the time is up) or `control` says otherwise; returns the device's
     /// account.
-    pub async fn run(mut self, mut control: watch::Receiver<Control>) -> DeviceReport {
+    pub(crate) async fn run(mut self, mut control: watch::Receiver<Control>) -> DeviceReport {
         let mut housekeeping = tokio::time::interval(Duration::from_millis(200));
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let generate_until = self.schedule.duration.map(|d| self.t0 + d);
@@ -519,9 +518,6 @@ impl DeviceLink {
                     connects = self.connection.connects(),
                     "connected"
                 );
-                if let Some(tx) = self.first_connected.take() {
-                    let _ = tx.send(());
-                }
             }
             Happened::Acked { refused } => {
                 if let Some(reason) = refused {
@@ -530,32 +526,9 @@ impl DeviceLink {
                 }
             }
             Happened::Message { topic, payload } if topic == self.ack_topic => {
-                match self.device.apply_receipt(&payload) {
-                    ReceiptOutcome::Applied { receipt, released } => {
-                        if let Some(observer) = &self.observer {
-                            observer.on_receipt(receipt, released, Instant::now());
-                        }
-                        if released > 0 || self.device.outbox().is_empty() {
-                            self.resend.progress(Instant::now());
-                        }
-                        tracing::debug!(
-                            device.id = %id,
-                            receipt.epoch = receipt.epoch,
-                            receipt.seq = receipt.seq,
-                            released,
-                            held = self.device.outbox().len(),
-                            "receipt"
-                        );
-                    }
-                    ReceiptOutcome::BeyondNewest { receipt } => tracing::warn!(
-                        device.id = %id,
-                        receipt.epoch = receipt.epoch,
-                        receipt.seq = receipt.seq,
-                        "receipt for a message never made; ignored"
-                    ),
-                    ReceiptOutcome::Malformed(e) => {
-                        tracing::warn!(device.id = %id, error = %e, "malformed receipt ignored");
-                    }
+                let applied = receive_receipt(&mut self.device, &mut self.resend, &payload, None);
+                if let (Some((receipt, released)), Some(observer)) = (applied, &self.observer) {
+                    observer.on_receipt(receipt, released, Instant::now());
                 }
             }
             Happened::Message { topic, .. } => {
@@ -750,6 +723,47 @@ async fn next_side_event(side: &mut Option<(Session, Instant)>) -> Event {
     match side {
         Some((s, _)) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Applies a payload of `device`'s ack topic (carried by `gateway`, if any): restarts
+/// its resend clock when the receipt released something or nothing waits, and logs.
+/// The receipt and how many messages it released, if it applied.
+pub(crate) fn receive_receipt(
+    device: &mut SimDevice,
+    resend: &mut Resend,
+    payload: &[u8],
+    gateway: Option<&str>,
+) -> Option<(Key, usize)> {
+    match device.apply_receipt(payload) {
+        ReceiptOutcome::Applied { receipt, released } => {
+            if released > 0 || device.outbox().is_empty() {
+                resend.progress(Instant::now());
+            }
+            tracing::debug!(
+                device.id = %device.id(),
+                gateway.id = gateway,
+                receipt.epoch = receipt.epoch,
+                receipt.seq = receipt.seq,
+                released,
+                held = device.outbox().len(),
+                "receipt"
+            );
+            Some((receipt, released))
+        }
+        ReceiptOutcome::BeyondNewest { receipt } => {
+            tracing::warn!(
+                device.id = %device.id(),
+                receipt.epoch = receipt.epoch,
+                receipt.seq = receipt.seq,
+                "receipt for a message never made; ignored"
+            );
+            None
+        }
+        ReceiptOutcome::Malformed(e) => {
+            tracing::warn!(device.id = %device.id(), error = %e, "malformed receipt ignored");
+            None
+        }
     }
 }
 

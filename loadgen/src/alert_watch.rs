@@ -25,18 +25,18 @@ use crate::Error;
 use crate::latency::{Recorder, SendTimes};
 
 /// Each simulated device's send times, by device id; fixed once the devices exist.
-pub type FleetTimes = HashMap<String, Arc<Mutex<SendTimes>>>;
+pub(crate) type FleetTimes = HashMap<String, Arc<Mutex<SendTimes>>>;
 
 /// One site to watch and the integrator that watches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SiteWatch {
+pub(crate) struct SiteWatch {
     pub site: String,
     pub integrator: String,
 }
 
 /// The sites of `devices` (registry order is irrelevant: sorted by site) and, for each,
 /// the first integrator the registry binds to it.
-pub fn plan(
+pub(crate) fn plan(
     devices: &[String],
     registry: &vitalmq_policies::DeviceRegistry,
 ) -> Result<Vec<SiteWatch>, Error> {
@@ -76,14 +76,14 @@ pub struct WatchReport {
 
 /// Running watchers; [`Watchers::stop`] ends them and returns their reports.
 #[derive(Debug)]
-pub struct Watchers {
+pub(crate) struct Watchers {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<WatchReport>>,
 }
 
 /// Starts one watcher per site and returns once every one is subscribed (or fails if
 /// one is not within `timeout`, or its subscription is refused).
-pub async fn start(
+pub(crate) async fn start(
     pki: &Pki,
     target: &Target,
     sites: Vec<SiteWatch>,
@@ -129,7 +129,7 @@ pub async fn start(
 
 impl Watchers {
     /// Stops every watcher (closing its connection) and returns what each saw.
-    pub async fn stop(self) -> Vec<WatchReport> {
+    pub(crate) async fn stop(self) -> Vec<WatchReport> {
         let _ = self.stop.send(true);
         let mut out = Vec::with_capacity(self.tasks.len());
         for t in self.tasks {

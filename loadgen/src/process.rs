@@ -64,7 +64,7 @@ fn status_kib(base: &std::path::Path, field: &str) -> Option<u64> {
 }
 
 /// The 1-minute load average.
-pub fn loadavg() -> f64 {
+pub(crate) fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))

@@ -47,9 +47,9 @@ use crate::Error;
 use crate::process::{loadavg, proc_sample};
 
 /// PUBLISHes a publisher keeps without PUBACK (rumqttc's default in-flight limit).
-pub const MAX_UNACKED: u64 = 100;
+pub(crate) const MAX_UNACKED: u64 = 100;
 /// TCP, TLS, CONNACK and SUBACK of one publisher.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Device clock of the first message (2024-06-13T06:30:01Z); one reading per second.
 const FIRST_TS_MS: u64 = 1_718_260_201_000;
 /// Seed of the simulated patients' vitals.
@@ -93,7 +93,7 @@ impl std::str::FromStr for AlgFilter {
 
 /// The vitals message `seq` of device `dev` in `epoch`, as a wearable would make it:
 /// spo2, pulse, resp, temp and signal quality from the simulated patient.
-pub fn telemetry(dev: &DeviceId, model: &VitalsModel, epoch: u64, seq: u64) -> Telemetry {
+pub(crate) fn telemetry(dev: &DeviceId, model: &VitalsModel, epoch: u64, seq: u64) -> Telemetry {
     let t = Duration::from_secs(seq);
     let (spo2, pulse, resp, temp, q) = model.sample(t).map_or((97, 72, 14, 36.8, 0.95), |s| {
         (s.spo2, s.pulse, s.resp, s.temp, s.q)

@@ -133,7 +133,7 @@ impl Session {
             MqttVersion::V311 => {
                 let o = options::v4_options(host, port, client_id, tls, &connect);
                 let (client, eventloop) = options::v4_client(o, options.request_capacity, &connect);
-                (Client::V4(client), tokio::spawn(drive_v4(eventloop, tx)))
+                (Client::V4(client), tokio::spawn(drive(eventloop, tx)))
             }
             MqttVersion::V5 => {
                 let (client, eventloop) = options::v5_client(
@@ -144,7 +144,7 @@ impl Session {
                     &connect,
                     options.request_capacity,
                 );
-                (Client::V5(client), tokio::spawn(drive_v5(eventloop, tx)))
+                (Client::V5(client), tokio::spawn(drive(eventloop, tx)))
             }
         };
         Self {
@@ -278,76 +278,110 @@ impl Drop for Session {
     }
 }
 
-async fn drive_v4(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<Event>) {
-    use rumqttc::{ConnectReturnCode, Event as E, Outgoing, Packet, SubscribeReasonCode};
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(E::Incoming(Packet::ConnAck(c))) if c.code == ConnectReturnCode::Success => {
-                Event::Connected
-            }
-            Ok(E::Incoming(Packet::ConnAck(c))) => Event::Down {
-                reason: format!("CONNACK {:?}", c.code),
-            },
-            Ok(E::Incoming(Packet::SubAck(s))) => Event::Subscribed {
-                granted: s
-                    .return_codes
-                    .iter()
-                    .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
-            },
-            Ok(E::Incoming(Packet::PubAck(_))) => Event::Acked { refused: None },
-            Ok(E::Incoming(Packet::Publish(p))) => Event::Message {
-                topic: p.topic,
-                payload: p.payload,
-            },
-            Ok(E::Outgoing(Outgoing::Disconnect)) => Event::Down {
-                reason: "closed".into(),
-            },
-            Ok(_) => continue,
-            Err(e) => Event::Down {
-                reason: e.to_string(),
-            },
-        };
-        let last = matches!(event, Event::Down { .. });
-        if tx.send(event).await.is_err() || last {
-            return;
+/// One version's event loop, seen by the one driver loop.
+trait EventSource: Send + 'static {
+    type Polled: Send;
+    type Error: std::fmt::Display + Send;
+    fn poll(&mut self) -> impl Future<Output = Result<Self::Polled, Self::Error>> + Send;
+    /// What an event means to the session; `None` for those it ignores.
+    fn translate(polled: Self::Polled) -> Option<Event>;
+}
+
+/// CONNACK: accepted, or the end of the session with its code.
+fn connack(accepted: bool, code: impl std::fmt::Debug) -> Event {
+    if accepted {
+        Event::Connected
+    } else {
+        Event::Down {
+            reason: format!("CONNACK {code:?}"),
         }
     }
 }
 
-async fn drive_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<Event>) {
-    use rumqttc::Outgoing;
-    use rumqttc::v5::Event as E;
-    use rumqttc::v5::mqttbytes::v5::{
-        ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode,
-    };
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(E::Incoming(Packet::ConnAck(c))) if c.code == ConnectReturnCode::Success => {
-                Event::Connected
+/// The DISCONNECT the session sent itself.
+fn closed() -> Event {
+    Event::Down {
+        reason: "closed".into(),
+    }
+}
+
+impl EventSource for rumqttc::EventLoop {
+    type Polled = rumqttc::Event;
+    type Error = rumqttc::ConnectionError;
+
+    fn poll(&mut self) -> impl Future<Output = Result<Self::Polled, Self::Error>> + Send {
+        rumqttc::EventLoop::poll(self)
+    }
+
+    fn translate(polled: rumqttc::Event) -> Option<Event> {
+        use rumqttc::{ConnectReturnCode, Event as E, Outgoing, Packet, SubscribeReasonCode};
+        Some(match polled {
+            E::Incoming(Packet::ConnAck(c)) => {
+                connack(c.code == ConnectReturnCode::Success, c.code)
             }
-            Ok(E::Incoming(Packet::ConnAck(c))) => Event::Down {
-                reason: format!("CONNACK {:?}", c.code),
-            },
-            Ok(E::Incoming(Packet::SubAck(s))) => Event::Subscribed {
+            E::Incoming(Packet::SubAck(s)) => Event::Subscribed {
                 granted: s
                     .return_codes
                     .iter()
                     .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
             },
-            Ok(E::Incoming(Packet::PubAck(a))) => Event::Acked {
+            E::Incoming(Packet::PubAck(_)) => Event::Acked { refused: None },
+            E::Incoming(Packet::Publish(p)) => Event::Message {
+                topic: p.topic,
+                payload: p.payload,
+            },
+            E::Outgoing(Outgoing::Disconnect) => closed(),
+            _ => return None,
+        })
+    }
+}
+
+impl EventSource for rumqttc::v5::EventLoop {
+    type Polled = rumqttc::v5::Event;
+    type Error = rumqttc::v5::ConnectionError;
+
+    fn poll(&mut self) -> impl Future<Output = Result<Self::Polled, Self::Error>> + Send {
+        rumqttc::v5::EventLoop::poll(self)
+    }
+
+    fn translate(polled: rumqttc::v5::Event) -> Option<Event> {
+        use rumqttc::Outgoing;
+        use rumqttc::v5::Event as E;
+        use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+        use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as Code, Packet, PubAckReason};
+        Some(match polled {
+            E::Incoming(Packet::ConnAck(c)) => connack(c.code == Code::Success, c.code),
+            E::Incoming(Packet::SubAck(s)) => Event::Subscribed {
+                granted: s
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, SubscribeReasonCode::Success(_))),
+            },
+            E::Incoming(Packet::PubAck(a)) => Event::Acked {
                 refused: match a.reason {
                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
                     other => Some(format!("{other:?}")),
                 },
             },
-            Ok(E::Incoming(Packet::Publish(p))) => Event::Message {
+            E::Incoming(Packet::Publish(p)) => Event::Message {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 payload: p.payload,
             },
-            Ok(E::Outgoing(Outgoing::Disconnect)) => Event::Down {
-                reason: "closed".into(),
+            E::Outgoing(Outgoing::Disconnect) => closed(),
+            _ => return None,
+        })
+    }
+}
+
+/// Polls the event loop and forwards what the session reports, until the connection
+/// ends (the last event is [`Event::Down`]) or nobody listens.
+async fn drive<S: EventSource>(mut source: S, tx: mpsc::Sender<Event>) {
+    loop {
+        let event = match source.poll().await {
+            Ok(polled) => match S::translate(polled) {
+                Some(event) => event,
+                None => continue,
             },
-            Ok(_) => continue,
             Err(e) => Event::Down {
                 reason: e.to_string(),
             },
