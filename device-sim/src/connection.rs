@@ -256,16 +256,21 @@ impl Connection {
         }
     }
 
-    /// Hands a QoS 1 PUBLISH to the session; the connection is lost if it cannot take
-    /// it.
-    pub(crate) fn publish(&mut self, topic: String, payload: Vec<u8>) -> Result<(), Lost> {
+    /// Whether a session is open (in any phase).
+    pub(crate) fn is_open(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Hands a QoS 1 PUBLISH to the session: whether one was open to take it. The
+    /// connection is lost if the session cannot take it.
+    pub(crate) fn publish(&mut self, topic: String, payload: Vec<u8>) -> Result<bool, Lost> {
         let Some(conn) = self.conn.as_mut() else {
-            return Err(self.lost("not connected"));
+            return Ok(false);
         };
         match conn.session.publish(topic, payload) {
             Ok(()) => {
                 conn.inflight += 1;
-                Ok(())
+                Ok(true)
             }
             Err(e) => Err(self.lost(&format!("publish: {e}"))),
         }

@@ -536,7 +536,8 @@ impl GatewayLink {
         let (key, resend) = (out.key, out.resend);
         let topic = out.channel.topic(m.device.id().as_str());
         match self.connection.publish(topic, out.bytes.to_vec()) {
-            Ok(()) => {
+            Ok(false) => false,
+            Ok(true) => {
                 m.resend.cursor = Some(key);
                 m.pacer.take(now);
                 m.device.mark_sent(key);

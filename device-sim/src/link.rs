@@ -606,6 +606,9 @@ impl DeviceLink {
 
     /// Publishes the held message `key`; false if the connection was lost doing it.
     fn send_key(&mut self, key: Key) -> bool {
+        if !self.connection.is_open() {
+            return false;
+        }
         let Some(out) = self.device.outbox().iter().find(|e| e.key() == key) else {
             return false;
         };
@@ -615,7 +618,8 @@ impl DeviceLink {
             self.faults.on_sent(key, channel, out.bytes());
         }
         match self.connection.publish(topic, out.bytes().to_vec()) {
-            Ok(()) => {
+            Ok(false) => false,
+            Ok(true) => {
                 if self.resend.cursor.is_none_or(|c| c < key) {
                     self.resend.cursor = Some(key);
                 }
@@ -653,9 +657,7 @@ impl DeviceLink {
             match action {
                 Action::Publish { topic, bytes } => {
                     tracing::info!(device.id = %id, topic = %topic, "fault: publishing an injected message");
-                    if self.connection.retry_at().is_none()
-                        && let Err(lost) = self.connection.publish(topic, bytes)
-                    {
+                    if let Err(lost) = self.connection.publish(topic, bytes) {
                         self.lost(&lost);
                     }
                 }
