@@ -1,14 +1,14 @@
 //! `vitalmq loadgen`: drives a broker over mTLS with device identities from a PKI made by
 //! `vitalmq certs init` and reports throughput, latency, losses, connect and reconnect
-//! times as JSON (see `vitalmq_device_sim::loadgen`); with `--signed`, drives a bridge
-//! with pre-signed telemetry (see `vitalmq_device_sim::signed`).
+//! times as JSON (see `vitalmq_loadgen::broker`); with `--signed`, drives a bridge
+//! with pre-signed telemetry (see `vitalmq_loadgen::signed`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use vitalmq_device_sim::loadgen::{self, ConnOptions, MqttVersion, Pki, RunOptions, Target};
-use vitalmq_device_sim::signed::{self, AlgFilter, SignedOptions};
+use vitalmq_loadgen::broker::{self as loadgen, ConnOptions, MqttVersion, Pki, RunOptions, Target};
+use vitalmq_loadgen::signed::{self, AlgFilter, SignedOptions};
 
 #[derive(Debug, clap::Args)]
 #[command(after_long_help = "\

@@ -1,5 +1,6 @@
 //! `vitalmq sim`: simulated wearables that sign realistic vitals, publish them over mTLS
-//! and keep every message until a receipt covers it (see `vitalmq_device_sim::runner`).
+//! and keep every message until a receipt covers it (see `vitalmq_device_sim::runner`;
+//! load mode is `vitalmq_loadgen::sim_load`).
 //! Prints a ready line on stderr once every device is connected, and one JSON summary
 //! line on stdout at the end. In load mode (`--aggregate-rate`, `--latency-report`) it
 //! also times every message to the bridge's receipt and to the alert topics, writes the
@@ -13,13 +14,13 @@ use std::time::Duration;
 use anyhow::Context as _;
 use vitalmq_device_sim::device::DEFAULT_FW;
 use vitalmq_device_sim::faults::FaultSpec;
-use vitalmq_device_sim::latency::Recorder;
 use vitalmq_device_sim::link::{LinkOptions, Schedule};
-use vitalmq_device_sim::load_report::{self, LoadReport, LoadSetup};
 use vitalmq_device_sim::mqtt::{MqttVersion, Target};
-use vitalmq_device_sim::runner::{
-    self, Control, EpisodeSpec, LoadOptions, SimOptions, parse_duration,
-};
+use vitalmq_device_sim::runner::{self, Control, EpisodeSpec, SimOptions, parse_duration};
+use vitalmq_loadgen::latency::Recorder;
+use vitalmq_loadgen::load_report::{LoadReport, LoadSetup};
+use vitalmq_loadgen::process::{proc_sample, rss_peak_kib};
+use vitalmq_loadgen::sim_load::{self, LoadOptions};
 
 /// How long the alert watchers keep listening after the devices finished.
 const ALERT_GRACE: Duration = Duration::from_secs(2);
@@ -249,13 +250,13 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
             .receipt_interval
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     };
+    let load = load_mode.then(|| LoadOptions {
+        connect_rate: args.connect_rate,
+        recorder: Arc::clone(&recorder),
+        alert_grace: ALERT_GRACE,
+        watch_timeout: Duration::from_secs(30),
+    });
     let opts = SimOptions {
-        load: load_mode.then(|| LoadOptions {
-            connect_rate: args.connect_rate,
-            recorder: Arc::clone(&recorder),
-            alert_grace: ALERT_GRACE,
-            watch_timeout: Duration::from_secs(30),
-        }),
         seed: args.seed,
         fw: args.fw,
         episodes: args.episodes,
@@ -268,7 +269,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let summary = runtime.block_on(async {
+    let (summary, observed) = runtime.block_on(async {
         let (control_tx, control_rx) = tokio::sync::watch::channel(Control::Run);
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
@@ -280,23 +281,30 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
                 let _ = control_tx.send(Control::Stop);
             }
         });
-        runner::run(opts, control_rx, move |n| {
+        let on_ready = move |n| {
             eprintln!(
                 "vitalmq sim: {n} devices connected to {}:{}",
                 target.host, target.port
             );
+        };
+        anyhow::Ok(match &load {
+            Some(load) => {
+                let (summary, observed) = sim_load::run(opts, load, control_rx, on_ready).await?;
+                (summary, Some(observed))
+            }
+            None => (runner::run(opts, control_rx, on_ready).await?, None),
         })
-        .await
     })?;
     runtime.shutdown_timeout(Duration::from_secs(2));
-    if load_mode {
-        let rss_end = vitalmq_device_sim::loadgen::proc_sample(None).map(|p| p.rss_kib);
+    if let Some(observed) = observed {
+        let rss_end = proc_sample(None).map(|p| p.rss_kib);
         let report = LoadReport::new(
             setup,
             &summary,
+            observed,
             recorder.snapshot(),
             rss_end,
-            load_report::rss_peak_kib(),
+            rss_peak_kib(),
         );
         if let Some(path) = &args.latency_report {
             std::fs::write(

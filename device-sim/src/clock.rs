@@ -14,7 +14,7 @@ use std::time::Duration;
 
 /// A device clock; see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DeviceClock {
+pub(crate) struct DeviceClock {
     /// Milliseconds since the Unix epoch at time zero.
     origin_ms: u64,
     scale: f64,
@@ -24,7 +24,7 @@ pub struct DeviceClock {
 impl DeviceClock {
     /// A clock reading `origin_ms` at time zero and running `scale` times the wall
     /// clock. `scale` must be positive and finite (the runner checks it).
-    pub fn new(origin_ms: u64, scale: f64) -> Self {
+    pub(crate) fn new(origin_ms: u64, scale: f64) -> Self {
         Self {
             origin_ms,
             scale,
@@ -32,26 +32,18 @@ impl DeviceClock {
         }
     }
 
-    pub fn scale(&self) -> f64 {
-        self.scale
-    }
-
     /// Sets the clock's offset from true (scaled) time.
-    pub fn set_skew_ms(&mut self, skew_ms: i64) {
+    pub(crate) fn set_skew_ms(&mut self, skew_ms: i64) {
         self.skew_ms = skew_ms;
     }
 
-    pub fn skew_ms(&self) -> i64 {
-        self.skew_ms
-    }
-
     /// Device time for a wall time `elapsed` after time zero.
-    pub fn device_time(&self, elapsed: Duration) -> Duration {
+    pub(crate) fn device_time(&self, elapsed: Duration) -> Duration {
         elapsed.mul_f64(self.scale)
     }
 
     /// The `ts` the device writes at wall time `elapsed` after time zero.
-    pub fn ts_ms(&self, elapsed: Duration) -> u64 {
+    pub(crate) fn ts_ms(&self, elapsed: Duration) -> u64 {
         let since = u64::try_from(self.device_time(elapsed).as_millis()).unwrap_or(u64::MAX);
         let ts = self.origin_ms.saturating_add(since);
         if self.skew_ms >= 0 {

@@ -51,7 +51,7 @@ pub enum DeviceError {
 
 /// A message just made and stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Made {
+pub(crate) struct Made {
     pub key: Key,
     /// The oldest message dropped to make room, and whether it had ever been sent.
     pub evicted: Option<(Key, bool)>,
@@ -59,7 +59,7 @@ pub struct Made {
 
 /// What a payload on the ack topic did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReceiptOutcome {
+pub(crate) enum ReceiptOutcome {
     /// A valid receipt; `released` messages were freed (0 for a repeated or old one).
     Applied { receipt: Key, released: usize },
     /// A well-formed receipt for something this device never made.
@@ -70,7 +70,7 @@ pub enum ReceiptOutcome {
 
 /// A message the shell should publish next.
 #[derive(Debug, Clone, Copy)]
-pub struct Outgoing<'a> {
+pub(crate) struct Outgoing<'a> {
     pub key: Key,
     pub channel: Channel,
     pub bytes: &'a [u8],
@@ -166,7 +166,7 @@ pub struct DeviceReport {
 
 /// One simulated wearable; see the module documentation.
 #[derive(Debug)]
-pub struct SimDevice {
+pub(crate) struct SimDevice {
     id: DeviceId,
     key: SigningKey,
     fw: String,
@@ -181,7 +181,7 @@ pub struct SimDevice {
 
 impl SimDevice {
     /// Boots the device: advances its epoch in `state_dir` (durably) and starts at seq 0.
-    pub fn boot(
+    pub(crate) fn boot(
         id: DeviceId,
         key: SigningKey,
         fw: impl Into<String>,
@@ -207,7 +207,7 @@ impl SimDevice {
 
     /// A simulated reboot: a new durable epoch, seq back to 0. The outbox survives (it
     /// models retained memory), so its older epoch is sent before the new one.
-    pub fn reboot(&mut self) -> Result<u64, DeviceError> {
+    pub(crate) fn reboot(&mut self) -> Result<u64, DeviceError> {
         self.epoch = self.epoch_store.advance()?;
         self.next_seq = 0;
         self.stats.reboots += 1;
@@ -219,25 +219,29 @@ impl SimDevice {
         Ok(self.epoch)
     }
 
-    pub fn id(&self) -> &DeviceId {
+    pub(crate) fn id(&self) -> &DeviceId {
         &self.id
     }
 
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
-    pub fn stats(&self) -> DeviceStats {
+    pub(crate) fn stats(&self) -> DeviceStats {
         self.stats
     }
 
-    pub fn outbox(&self) -> &Outbox {
+    pub(crate) fn outbox(&self) -> &Outbox {
         &self.outbox
     }
 
     /// Makes the vitals message for simulated time `t` (device clock `ts_ms`), signs and
     /// stores it. `None` while the sensor has dropped out.
-    pub fn make_vitals(&mut self, t: Duration, ts_ms: u64) -> Result<Option<Made>, DeviceError> {
+    pub(crate) fn make_vitals(
+        &mut self,
+        t: Duration,
+        ts_ms: u64,
+    ) -> Result<Option<Made>, DeviceError> {
         let Some(s) = self.vitals.sample(t) else {
             return Ok(None);
         };
@@ -260,7 +264,11 @@ impl SimDevice {
 
     /// Makes a status message: `dropped` (overflow drops since start), `held` (messages
     /// awaiting a receipt) and `uptime_s`.
-    pub fn make_status(&mut self, ts_ms: u64, uptime: Duration) -> Result<Made, DeviceError> {
+    pub(crate) fn make_status(
+        &mut self,
+        ts_ms: u64,
+        uptime: Duration,
+    ) -> Result<Made, DeviceError> {
         let extra = BTreeMap::from([
             (
                 "dropped".to_owned(),
@@ -333,7 +341,7 @@ impl SimDevice {
     }
 
     /// Handles a payload from `devices/{id}/ack`.
-    pub fn apply_receipt(&mut self, payload: &[u8]) -> ReceiptOutcome {
+    pub(crate) fn apply_receipt(&mut self, payload: &[u8]) -> ReceiptOutcome {
         let receipt = match receipt::decode(payload) {
             Ok(k) => k,
             Err(e) => {
@@ -351,7 +359,7 @@ impl SimDevice {
     }
 
     /// The oldest held message after `cursor` (all of them from `None`), in send order.
-    pub fn next_after(&self, cursor: Option<Key>) -> Option<Outgoing<'_>> {
+    pub(crate) fn next_after(&self, cursor: Option<Key>) -> Option<Outgoing<'_>> {
         self.outbox.next_after(cursor).map(|e: &Entry| Outgoing {
             key: e.key(),
             channel: e.channel(),
@@ -361,7 +369,7 @@ impl SimDevice {
     }
 
     /// Records that `key` was handed to the network.
-    pub fn mark_sent(&mut self, key: Key) {
+    pub(crate) fn mark_sent(&mut self, key: Key) {
         match self.outbox.mark_sent(key) {
             Some(0) => self.stats.sent += 1,
             Some(_) => self.stats.resent += 1,
@@ -370,7 +378,7 @@ impl SimDevice {
     }
 
     /// Every message made is covered by a receipt (trivially true before the first).
-    pub fn fully_receipted(&self) -> bool {
+    pub(crate) fn fully_receipted(&self) -> bool {
         self.outbox.is_empty()
             && match (self.outbox.newest(), self.outbox.covered()) {
                 (None, _) => true,
@@ -380,7 +388,7 @@ impl SimDevice {
     }
 
     /// The account for the summary; `connects` and `error` come from the shell.
-    pub fn report(&self, connects: u64, error: Option<String>) -> DeviceReport {
+    pub(crate) fn report(&self, connects: u64, error: Option<String>) -> DeviceReport {
         let overflow_dropped = self.outbox.counters().overflow_dropped;
         DeviceReport {
             id: self.id.as_str().to_owned(),

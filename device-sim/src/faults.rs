@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::duration::{parse_duration, parse_offset_ms};
+use crate::duration::{DurationError, parse_duration, parse_offset_ms};
 use crate::ring::{Channel, Key};
 
 /// When a fault is injected if `@AT` is not given.
@@ -155,20 +155,55 @@ impl FaultKind {
     }
 }
 
+/// A name that is not a fault kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown fault `{}` (one of: {})", .0.escape_debug(), FaultKind::names())]
+pub struct UnknownFault(pub String);
+
+/// Why a `--fault` value does not parse (`fault `SPEC`: ...`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FaultSpecError {
+    #[error("fault `{0}`: expected KIND[=ARG]:DEVICE[@AT]")]
+    Syntax(String),
+    #[error("fault `{0}`: {1}")]
+    Kind(String, UnknownFault),
+    #[error("fault `{0}`: {1}")]
+    Duration(String, DurationError),
+    #[error("fault `{0}`: `{1}` is not a device id (or `all`)")]
+    NotADevice(String, String),
+    #[error("fault `{0}`: `{1}` is not a positive count")]
+    NotACount(String, String),
+    #[error("fault `{0}`: `{1}` is not a device id")]
+    NotAPeer(String, String),
+    #[error("fault `{0}`: {1} takes no `=ARG`")]
+    NoArgument(String, FaultKind),
+    #[error("fault `{0}`: the other device must not be the device itself")]
+    OwnPeer(String),
+}
+
+/// A fault that cannot apply to a device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("fault {kind} on {device}: needs another device")]
+pub struct NoPeer {
+    pub kind: FaultKind,
+    pub device: String,
+}
+
+impl FaultKind {
+    /// Every kind's name, comma-separated.
+    fn names() -> String {
+        let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+        names.join(", ")
+    }
+}
+
 impl FromStr for FaultKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownFault;
+    fn from_str(s: &str) -> Result<Self, UnknownFault> {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
-                format!(
-                    "unknown fault `{}` (one of: {})",
-                    s.escape_debug(),
-                    names.join(", ")
-                )
-            })
+            .ok_or_else(|| UnknownFault(s.to_owned()))
     }
 }
 
@@ -232,19 +267,18 @@ fn valid_device_id(s: &str) -> bool {
 }
 
 impl FromStr for FaultSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: String| format!("fault `{s}`: {why}");
-        let (head, rest) = s
-            .split_once(':')
-            .ok_or_else(|| bad("expected KIND[=ARG]:DEVICE[@AT]".into()))?;
+    type Err = FaultSpecError;
+    fn from_str(s: &str) -> Result<Self, FaultSpecError> {
+        use FaultSpecError as E;
+        let input = || s.to_owned();
+        let (head, rest) = s.split_once(':').ok_or_else(|| E::Syntax(input()))?;
         let (kind, arg) = match head.split_once('=') {
             Some((k, a)) => (k, Some(a)),
             None => (head, None),
         };
-        let kind: FaultKind = kind.parse().map_err(bad)?;
+        let kind: FaultKind = kind.parse().map_err(|e| E::Kind(input(), e))?;
         let (device, at) = match rest.split_once('@') {
-            Some((d, t)) => (d, parse_duration(t).map_err(bad)?),
+            Some((d, t)) => (d, parse_duration(t).map_err(|e| E::Duration(input(), e))?),
             None => (rest, DEFAULT_FAULT_AT),
         };
         let scope = if device == "all" {
@@ -252,7 +286,7 @@ impl FromStr for FaultSpec {
         } else if valid_device_id(device) {
             Scope::Device(device.to_owned())
         } else {
-            return Err(bad(format!("`{device}` is not a device id (or `all`)")));
+            return Err(E::NotADevice(input(), device.to_owned()));
         };
         let mut spec = Self {
             scope,
@@ -265,17 +299,19 @@ impl FromStr for FaultSpec {
                     .parse()
                     .ok()
                     .filter(|n| *n > 0)
-                    .ok_or_else(|| bad(format!("`{a}` is not a positive count")))?;
+                    .ok_or_else(|| E::NotACount(input(), a.to_owned()))?;
             }
             (ArgKind::Peer, Some(a)) if valid_device_id(a) => spec.peer = Some(a.to_owned()),
-            (ArgKind::Peer, Some(a)) => return Err(bad(format!("`{a}` is not a device id"))),
-            (ArgKind::Offset, Some(a)) => spec.offset_ms = Some(parse_offset_ms(a).map_err(bad)?),
-            (ArgKind::None, Some(_)) => return Err(bad(format!("{kind} takes no `=ARG`"))),
+            (ArgKind::Peer, Some(a)) => return Err(E::NotAPeer(input(), a.to_owned())),
+            (ArgKind::Offset, Some(a)) => {
+                spec.offset_ms = Some(parse_offset_ms(a).map_err(|e| E::Duration(input(), e))?);
+            }
+            (ArgKind::None, Some(_)) => return Err(E::NoArgument(input(), kind)),
         }
         if let (Some(peer), Scope::Device(device)) = (&spec.peer, &spec.scope)
             && peer == device
         {
-            return Err(bad("the other device must not be the device itself".into()));
+            return Err(E::OwnPeer(input()));
         }
         Ok(spec)
     }
@@ -297,7 +333,7 @@ pub fn flip_signature_bit(message: &[u8]) -> Vec<u8> {
 
 /// What the shell must do for a fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Publish `bytes` (QoS 1) on `topic` on the device's connection, outside the outbox.
     Publish { topic: String, bytes: Vec<u8> },
     /// Open a second, short-lived connection with the device's certificate claiming
@@ -316,7 +352,7 @@ pub enum Action {
 
 /// What the shell knows about its connection when it asks for the next action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkState {
+pub(crate) struct LinkState {
     /// Connected and subscribed to receipts.
     pub connected: bool,
     /// The highest receipt applied.
@@ -375,7 +411,7 @@ struct SentCopy {
 
 /// The faults of one device; see the module documentation.
 #[derive(Debug, Clone)]
-pub struct Injector {
+pub(crate) struct Injector {
     device: String,
     steps: Vec<Step>,
     reports: Vec<FaultReport>,
@@ -401,15 +437,16 @@ impl Injector {
     /// The faults of `specs` that apply to `device`. `fleet` lists every simulated
     /// device; the default other device of `wrong-topic` and `foreign-client-id` is the
     /// one after `device` in it.
-    pub fn new(device: &str, specs: &[FaultSpec], fleet: &[String]) -> Result<Self, String> {
+    pub(crate) fn new(device: &str, specs: &[FaultSpec], fleet: &[String]) -> Result<Self, NoPeer> {
         let mut injector = Self::none(device);
         let (steps, reports) = (&mut injector.steps, &mut injector.reports);
         for spec in specs.iter().filter(|s| s.scope.includes(device)) {
             let peer = match spec.kind.arg() {
                 ArgKind::Peer => Some(match &spec.peer {
                     Some(p) => p.clone(),
-                    None => next_in_fleet(device, fleet).ok_or_else(|| {
-                        format!("fault {} on {device}: needs another device", spec.kind)
+                    None => next_in_fleet(device, fleet).ok_or_else(|| NoPeer {
+                        kind: spec.kind,
+                        device: device.to_owned(),
                     })?,
                 }),
                 _ => None,
@@ -445,7 +482,7 @@ impl Injector {
     }
 
     /// An injector with no faults.
-    pub fn none(device: &str) -> Self {
+    pub(crate) fn none(device: &str) -> Self {
         Self {
             device: device.to_owned(),
             keeps_copies: false,
@@ -462,12 +499,12 @@ impl Injector {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.reports.is_empty()
     }
 
     /// A message was handed to the network for the first time.
-    pub fn on_sent(&mut self, key: Key, channel: Channel, bytes: &[u8]) {
+    pub(crate) fn on_sent(&mut self, key: Key, channel: Channel, bytes: &[u8]) {
         if self.keeps_copies {
             self.last_sent = Some(SentCopy {
                 key,
@@ -479,7 +516,7 @@ impl Injector {
 
     /// The next action due at `now` (wall time since the start), if any. Call until it
     /// returns `None`.
-    pub fn poll(&mut self, now: Duration, link: LinkState) -> Option<Action> {
+    pub(crate) fn poll(&mut self, now: Duration, link: LinkState) -> Option<Action> {
         if let Some(action) = self.replay_second_half(link) {
             return Some(action);
         }
@@ -628,7 +665,7 @@ impl Injector {
     }
 
     /// A PUBACK refused a publish (MQTT 5), with its reason.
-    pub fn on_puback_refused(&mut self, reason: &str) {
+    pub(crate) fn on_puback_refused(&mut self, reason: &str) {
         let report = self.awaiting_refusal.take().or(self.last_wrong_topic);
         match report {
             Some(r) => self.reports[r].saw(format!("PUBACK {reason}")),
@@ -639,7 +676,7 @@ impl Injector {
     }
 
     /// The device's connection ended at `now`; `was_ready` if it had been fully up.
-    pub fn on_connection_lost(&mut self, now: Duration, reason: &str, was_ready: bool) {
+    pub(crate) fn on_connection_lost(&mut self, now: Duration, reason: &str, was_ready: bool) {
         self.revocation_due(now);
         if let Some(r) = self.awaiting_refusal.take() {
             self.reports[r].saw("connection closed by the broker");
@@ -655,7 +692,7 @@ impl Injector {
     }
 
     /// The device is connected and subscribed; `now` is wall time since the start.
-    pub fn on_connected(&mut self, now: Duration) {
+    pub(crate) fn on_connected(&mut self, now: Duration) {
         self.revocation_due(now);
         if let Some(r) = self.revoked {
             self.reports[r].saw("connected: certificate still accepted");
@@ -670,7 +707,7 @@ impl Injector {
 
     /// The outcome of a [`Action::ConnectAs`] connection: `Ok` if the broker accepted it,
     /// else what refused it.
-    pub fn on_side_outcome(&mut self, outcome: Result<(), String>) {
+    pub(crate) fn on_side_outcome(&mut self, outcome: Result<(), String>) {
         let Some(r) = self.side.take() else {
             return;
         };
@@ -682,7 +719,7 @@ impl Injector {
 
     /// The swap asked for by [`Action::SwapNext`] happened: `first` was sent before
     /// `second`, though `second` is the older.
-    pub fn on_swapped(&mut self, first: Key, second: Key) {
+    pub(crate) fn on_swapped(&mut self, first: Key, second: Key) {
         if let Some(r) = self.swap.take() {
             let report = &mut self.reports[r];
             report.injected += 1;
@@ -692,25 +729,25 @@ impl Injector {
     }
 
     /// The swap asked for cannot happen any more (generation ended).
-    pub fn cancel_swap(&mut self) {
+    pub(crate) fn cancel_swap(&mut self) {
         if let Some(r) = self.swap.take() {
             self.reports[r].saw("not injected: no two fresh messages left");
         }
     }
 
     /// A swap was asked for and is not done yet.
-    pub fn swap_pending(&self) -> bool {
+    pub(crate) fn swap_pending(&self) -> bool {
         self.swap.is_some()
     }
 
     /// The device's certificate is revoked: it is not expected to connect again, so the
     /// shell need not wait for receipts it cannot get.
-    pub fn revoked(&self) -> bool {
+    pub(crate) fn revoked(&self) -> bool {
         self.revoked.is_some()
     }
 
     /// The account of every fault, in the order given.
-    pub fn reports(&self) -> Vec<FaultReport> {
+    pub(crate) fn reports(&self) -> Vec<FaultReport> {
         self.reports.clone()
     }
 }
@@ -851,6 +888,7 @@ mod tests {
             ("clock-skew=later:dev-1", "not a duration"),
         ] {
             let err = s.parse::<FaultSpec>().expect_err(s);
+            let err = err.to_string();
             assert!(err.contains(why) && err.contains(s), "{s}: {err}");
         }
     }
@@ -871,7 +909,12 @@ mod tests {
             "wraps around"
         );
         let alone = Injector::new(DEV, &specs, &[DEV.to_owned()]);
-        assert!(alone.expect_err("no peer").contains("needs another device"));
+        assert!(
+            alone
+                .expect_err("no peer")
+                .to_string()
+                .contains("needs another device")
+        );
         assert!(Injector::none(DEV).is_empty());
     }
 

@@ -32,29 +32,31 @@
 //! directly; [`GatewayLink`] is the async shell.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior, sleep_until};
-use vitalmq_envelope::DeviceId;
-use vitalmq_policies::DeviceRegistry;
+use vitalmq_envelope::{DeviceId, InvalidDeviceId};
+use vitalmq_policies::{DeviceRegistry, PolicyErrors};
 
 use crate::clock::DeviceClock;
-use crate::device::{DeviceError, DeviceReport, ReceiptOutcome, SimDevice};
-use crate::link::{Backoff, Control, LinkOptions, LiveCounts, Pacer, Phase, Schedule, wall_ms};
-use crate::mqtt::{Event, Session};
-use crate::pki::Identity;
-use crate::ring::Key;
+use crate::connection::{Connection, Happened, Lost};
+use crate::device::{DeviceError, DeviceReport, SimDevice};
+use crate::link::{
+    Control, LinkOptions, LiveCounts, Pacer, Resend, Schedule, receive_receipt, wall_ms,
+};
+use crate::pki::{Identity, Pki};
 
 /// Most PUBLISHes without PUBACK on one gateway connection, whatever the device count
 /// (below rumqttc's own in-flight limit, so a publish is never refused locally).
-pub const MAX_GATEWAY_WINDOW: usize = 96;
+pub(crate) const MAX_GATEWAY_WINDOW: usize = 96;
 
 /// One site's gateway and the devices it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SitePlan {
+pub(crate) struct SitePlan {
     pub site: String,
     /// The gateway identity bound to the site in the registry (`gw-<site>`).
     pub gateway: String,
@@ -62,18 +64,51 @@ pub struct SitePlan {
     pub devices: Vec<String>,
 }
 
+/// Why the devices cannot be placed at their sites.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("{}: {source}", path.display())]
+    Registry { path: PathBuf, source: PolicyErrors },
+    #[error("device `{device}`: {source}")]
+    DeviceId {
+        device: String,
+        source: InvalidDeviceId,
+    },
+    #[error("device `{0}` is not in the registry")]
+    Unregistered(String),
+    #[error("site `{site}` (of `{device}`) has no gateway in the registry")]
+    NoGateway { site: String, device: String },
+}
+
+/// The registry of the PKI directory (`registry.toml`).
+pub fn load_registry(pki: &Pki) -> Result<DeviceRegistry, PlanError> {
+    let path = pki.dir.join("registry.toml");
+    DeviceRegistry::load(&path).map_err(|source| PlanError::Registry { path, source })
+}
+
+/// The site the registry assigns `device` to.
+pub fn site_of(device: &str, registry: &DeviceRegistry) -> Result<String, PlanError> {
+    let id = DeviceId::new(device).map_err(|source| PlanError::DeviceId {
+        device: device.to_owned(),
+        source,
+    })?;
+    Ok(registry
+        .device(&id)
+        .ok_or_else(|| PlanError::Unregistered(device.to_owned()))?
+        .site
+        .to_string())
+}
+
 /// Groups `devices` by the site the registry assigns them and picks each site's gateway
 /// (the registry's gateway bound to that site, the lowest id if several). Sites come in
 /// order; an unregistered device or a site without a gateway is an error.
-pub fn plan_sites(devices: &[String], registry: &DeviceRegistry) -> Result<Vec<SitePlan>, String> {
+pub(crate) fn plan_sites(
+    devices: &[String],
+    registry: &DeviceRegistry,
+) -> Result<Vec<SitePlan>, PlanError> {
     let mut plans: Vec<SitePlan> = Vec::new();
     for d in devices {
-        let id = DeviceId::new(d.clone()).map_err(|e| format!("device `{d}`: {e}"))?;
-        let site = registry
-            .device(&id)
-            .ok_or_else(|| format!("device `{d}` is not in the registry"))?
-            .site
-            .to_string();
+        let site = site_of(d, registry)?;
         if let Some(plan) = plans.iter_mut().find(|p| p.site == site) {
             plan.devices.push(d.clone());
             continue;
@@ -83,7 +118,10 @@ pub fn plan_sites(devices: &[String], registry: &DeviceRegistry) -> Result<Vec<S
             .filter(|g| g.site.to_string() == site)
             .map(|g| g.id.to_string())
             .min()
-            .ok_or_else(|| format!("site `{site}` (of `{d}`) has no gateway in the registry"))?;
+            .ok_or_else(|| PlanError::NoGateway {
+                site: site.clone(),
+                device: d.clone(),
+            })?;
         plans.push(SitePlan {
             site,
             gateway,
@@ -96,14 +134,14 @@ pub fn plan_sites(devices: &[String], registry: &DeviceRegistry) -> Result<Vec<S
 
 /// Maps each carried device's receipt topic `devices/{id}/ack` to its index.
 #[derive(Debug, Clone)]
-pub struct AckRouter {
+pub(crate) struct AckRouter {
     filters: Vec<String>,
     index: HashMap<String, usize>,
 }
 
 impl AckRouter {
     /// A router for these devices, index = position.
-    pub fn new<'a>(devices: impl IntoIterator<Item = &'a str>) -> Self {
+    pub(crate) fn new<'a>(devices: impl IntoIterator<Item = &'a str>) -> Self {
         let filters: Vec<String> = devices
             .into_iter()
             .map(|d| format!("devices/{d}/ack"))
@@ -117,30 +155,30 @@ impl AckRouter {
     }
 
     /// The topic filters to subscribe to, one per device (no wildcard).
-    pub fn filters(&self) -> &[String] {
+    pub(crate) fn filters(&self) -> &[String] {
         &self.filters
     }
 
     /// Which device a message on `topic` is for; `None` for any other topic.
-    pub fn route(&self, topic: &str) -> Option<usize> {
+    pub(crate) fn route(&self, topic: &str) -> Option<usize> {
         self.index.get(topic).copied()
     }
 }
 
 /// Round robin over `len` members: each pick starts after the last one picked.
 #[derive(Debug, Clone)]
-pub struct Rotation {
+pub(crate) struct Rotation {
     len: usize,
     next: usize,
 }
 
 impl Rotation {
-    pub fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         Self { len, next: 0 }
     }
 
     /// The first member from the current position on for which `ready` holds.
-    pub fn pick(&mut self, ready: impl Fn(usize) -> bool) -> Option<usize> {
+    pub(crate) fn pick(&mut self, ready: impl Fn(usize) -> bool) -> Option<usize> {
         let found = (0..self.len)
             .map(|k| (self.next + k) % self.len)
             .find(|&i| ready(i))?;
@@ -171,47 +209,31 @@ struct Member {
     next_tick: Instant,
     next_status: Option<Instant>,
     generating: bool,
-    /// The last message of this device sent on the current connection.
-    cursor: Option<Key>,
-    last_progress: Instant,
-    resend_wait: Duration,
+    /// This device's walk through its outbox on the current connection.
+    resend: Resend,
     error: Option<String>,
-}
-
-#[derive(Debug)]
-struct Conn {
-    session: Session,
-    phase: Phase,
-    opened: Instant,
-    inflight: usize,
 }
 
 /// One gateway's shell; see the module documentation.
 #[derive(Debug)]
-pub struct GatewayLink {
+pub(crate) struct GatewayLink {
     identity: Identity,
     site: String,
     members: Vec<Member>,
     router: AckRouter,
     rotation: Rotation,
-    link: Arc<LinkOptions>,
     window: usize,
     schedule: Arc<Schedule>,
     t0: Instant,
-    conn: Option<Conn>,
-    next_attempt: Instant,
-    backoff: Backoff,
-    connects: u64,
+    connection: Connection,
     granted: bool,
-    first_connected: Option<oneshot::Sender<()>>,
-    live: Option<Arc<LiveCounts>>,
 }
 
 impl GatewayLink {
     /// A gateway for `site` connecting as `identity` and carrying `devices`; time zero of
     /// every device's vitals model and schedule is `t0`. `first_connected` fires when the
     /// gateway is connected and subscribed the first time.
-    pub fn new(
+    pub(crate) fn new(
         identity: Identity,
         site: String,
         devices: Vec<SimDevice>,
@@ -230,9 +252,7 @@ impl GatewayLink {
         let mut link = link.clone();
         // Every PUBLISH of the window and the SUBSCRIBE must fit in the request channel.
         link.session.request_capacity = link.session.request_capacity.max(window + 16);
-        let seed = identity.id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let link = Arc::new(link);
         let members = devices
             .into_iter()
             .map(|device| Member {
@@ -243,42 +263,41 @@ impl GatewayLink {
                 next_tick: t0,
                 next_status: schedule.status_every.map(|d| t0 + d),
                 generating: true,
-                cursor: None,
-                last_progress: now,
-                resend_wait: link.resend_after,
+                resend: Resend::new(link.resend_after, now),
                 error: None,
             })
             .collect::<Vec<_>>();
         Self {
             rotation: Rotation::new(members.len()),
-            backoff: Backoff::new(link.backoff_min, link.backoff_max, seed),
+            connection: Connection::new(
+                &identity.id,
+                Arc::clone(&identity.tls),
+                Arc::clone(&link),
+                router.filters().to_vec(),
+                members.len(),
+                first_connected,
+            ),
             identity,
             site,
             members,
             router,
             window,
-            link: Arc::new(link),
             schedule,
             t0,
-            conn: None,
-            next_attempt: now,
-            connects: 0,
             granted: false,
-            first_connected: Some(first_connected),
-            live: None,
         }
     }
 
     /// Keeps `live` up to date with the devices this gateway has connected.
-    pub fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
-        self.live = Some(live);
+    pub(crate) fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
+        self.connection.set_live(live);
         self
     }
 
     /// Runs until every device's schedule is done (and, with `until_receipted`, all
     /// their messages are receipted or the time is up) or `control` says otherwise;
     /// returns the gateway's account and each device's, in the order given.
-    pub async fn run(
+    pub(crate) async fn run(
         mut self,
         mut control: watch::Receiver<Control>,
     ) -> (GatewayReport, Vec<DeviceReport>) {
@@ -321,25 +340,29 @@ impl GatewayLink {
             let next_tick = generating.clone().map(|m| m.next_tick).min();
             let status_at = generating.filter_map(|m| m.next_status).min();
             let send_at = self.send_at();
-            let next_attempt = self.next_attempt;
-            let offline = self.conn.is_none();
+            let retry_at = self.connection.retry_at();
             tokio::select! {
                 changed = control.changed() => {
                     if changed.is_err() {
                         break;
                     }
                 }
-                event = next_event(&mut self.conn) => self.on_event(event),
+                event = self.connection.next() => {
+                    let happened = self.connection.on_event(event);
+                    self.on_event(happened);
+                }
                 () = sleep_until(next_tick.unwrap_or(now)), if next_tick.is_some() => self.on_ticks(),
                 () = sleep_until(status_at.unwrap_or(now)), if status_at.is_some() => self.on_status(),
-                () = sleep_until(next_attempt), if offline => self.open(),
+                () = sleep_until(retry_at.unwrap_or(now)), if retry_at.is_some() => {
+                    tracing::debug!(gateway.id = %self.identity.id, "connecting");
+                    self.connection.open();
+                }
                 () = sleep_until(send_at.unwrap_or(now)), if send_at.is_some() => self.send_ready(),
                 _ = housekeeping.tick() => self.housekeeping(),
             }
         }
-        if let Some(conn) = self.take_conn() {
-            conn.session.close(Duration::from_millis(500)).await;
-        }
+        self.connection.close(Duration::from_millis(500)).await;
+        let connects = self.connection.connects();
         let gateway = GatewayReport {
             id: self.identity.id.clone(),
             site: self.site.clone(),
@@ -348,14 +371,14 @@ impl GatewayLink {
                 .iter()
                 .map(|m| m.device.id().as_str().to_owned())
                 .collect(),
-            connects: self.connects,
+            connects,
             subscriptions_granted: self.granted,
         };
         let reports = self
             .members
             .into_iter()
             .map(|m| {
-                let mut r = m.device.report(self.connects, m.error);
+                let mut r = m.device.report(connects, m.error);
                 r.gateway = Some(self.identity.id.clone());
                 r
             })
@@ -369,14 +392,12 @@ impl GatewayLink {
                 self.members.iter().all(|m| m.device.fully_receipted()) || now >= done + timeout
             }
             None => {
-                let drained = self.conn.as_ref().is_some_and(|c| {
-                    c.phase == Phase::Ready
-                        && c.inflight == 0
-                        && self
-                            .members
-                            .iter()
-                            .all(|m| m.device.next_after(m.cursor).is_none())
-                });
+                let drained = self.connection.is_ready()
+                    && self.connection.inflight() == 0
+                    && self
+                        .members
+                        .iter()
+                        .all(|m| m.device.next_after(m.resend.cursor).is_none());
                 drained || now >= done + self.schedule.drain
             }
         }
@@ -384,13 +405,12 @@ impl GatewayLink {
 
     /// When the next message may go, if any waits and the connection can take it.
     fn send_at(&self) -> Option<Instant> {
-        let conn = self.conn.as_ref()?;
-        if conn.phase != Phase::Ready || conn.inflight >= self.window {
+        if !self.connection.has_room(self.window) {
             return None;
         }
         self.members
             .iter()
-            .filter(|m| m.device.next_after(m.cursor).is_some())
+            .filter(|m| m.device.next_after(m.resend.cursor).is_some())
             .map(|m| m.pacer.ready_at())
             .min()
     }
@@ -432,125 +452,55 @@ impl GatewayLink {
         }
     }
 
-    fn open(&mut self) {
-        tracing::debug!(gateway.id = %self.identity.id, "connecting");
-        let session = Session::open(
-            &self.link.target,
-            &self.identity.id,
-            &self.identity.tls,
-            &self.link.session,
-        );
-        self.conn = Some(Conn {
-            session,
-            phase: Phase::Connecting,
-            opened: Instant::now(),
-            inflight: 0,
-        });
-    }
-
-    /// Takes the connection away (dropping it closes it without DISCONNECT), keeping the
-    /// live count right.
-    fn take_conn(&mut self) -> Option<Conn> {
-        let conn = self.conn.take()?;
-        if conn.phase == Phase::Ready
-            && let Some(live) = &self.live
-        {
-            live.sub(self.members.len());
-        }
-        Some(conn)
-    }
-
-    fn on_event(&mut self, event: Event) {
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        match event {
-            Event::Connected => {
-                conn.phase = Phase::Subscribing;
-                if let Err(e) = conn.session.subscribe_many(self.router.filters()) {
-                    self.lost(&format!("subscribe: {e}"));
-                }
-            }
-            Event::Subscribed { granted } => {
+    fn on_event(&mut self, happened: Happened) {
+        match happened {
+            Happened::Up { granted } => {
                 if !granted {
                     tracing::warn!(gateway.id = %self.identity.id, "a receipt subscription was refused; those devices' messages will not be released");
                 }
                 self.granted = granted;
-                conn.phase = Phase::Ready;
-                conn.inflight = 0;
                 let now = Instant::now();
                 for m in &mut self.members {
-                    m.cursor = None;
-                    progress(m, &self.link, now);
+                    m.resend.restart(now);
                 }
-                if let Some(live) = &self.live {
-                    live.add(self.members.len());
-                }
-                self.connects += 1;
-                self.backoff.reset();
                 tracing::info!(
                     gateway.id = %self.identity.id,
                     site = %self.site,
                     devices = self.members.len(),
                     backlog = self.members.iter().map(|m| m.device.outbox().len()).sum::<usize>(),
-                    connects = self.connects,
+                    connects = self.connection.connects(),
                     "gateway connected"
                 );
-                if let Some(tx) = self.first_connected.take() {
-                    let _ = tx.send(());
-                }
             }
-            Event::Acked { refused } => {
-                conn.inflight = conn.inflight.saturating_sub(1);
+            Happened::Acked { refused } => {
                 if let Some(reason) = refused {
                     tracing::warn!(gateway.id = %self.identity.id, reason, "publish refused by the broker");
                 }
             }
-            Event::Message { topic, payload } => {
+            Happened::Message { topic, payload } => {
                 let Some(i) = self.router.route(&topic) else {
                     tracing::debug!(gateway.id = %self.identity.id, topic = %topic, "message on an unexpected topic ignored");
                     return;
                 };
                 // The router was built from `members`, so its indexes are theirs.
                 let m = &mut self.members[i];
-                match m.device.apply_receipt(&payload) {
-                    ReceiptOutcome::Applied { receipt, released } => {
-                        if released > 0 || m.device.outbox().is_empty() {
-                            progress(m, &self.link, Instant::now());
-                        }
-                        tracing::debug!(
-                            device.id = %m.device.id(),
-                            gateway.id = %self.identity.id,
-                            receipt.epoch = receipt.epoch,
-                            receipt.seq = receipt.seq,
-                            released,
-                            held = m.device.outbox().len(),
-                            "receipt"
-                        );
-                    }
-                    ReceiptOutcome::BeyondNewest { receipt } => tracing::warn!(
-                        device.id = %m.device.id(),
-                        receipt.epoch = receipt.epoch,
-                        receipt.seq = receipt.seq,
-                        "receipt for a message never made; ignored"
-                    ),
-                    ReceiptOutcome::Malformed(e) => {
-                        tracing::warn!(device.id = %m.device.id(), error = %e, "malformed receipt ignored");
-                    }
-                }
+                receive_receipt(
+                    &mut m.device,
+                    &mut m.resend,
+                    &payload,
+                    Some(&self.identity.id),
+                );
             }
-            Event::Down { reason } => self.lost(&reason),
+            Happened::Lost(lost) => self.lost(&lost),
+            Happened::Nothing => {}
         }
     }
 
-    /// The connection is gone: schedule the next attempt.
-    fn lost(&mut self, reason: &str) {
-        let was_ready = self.take_conn().is_some_and(|c| c.phase == Phase::Ready);
-        let delay = self.backoff.delay();
-        self.next_attempt = Instant::now() + delay;
-        let retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    /// The connection is gone (its next attempt is scheduled): log it.
+    fn lost(&self, lost: &Lost) {
+        let (reason, retry_ms) = (lost.reason.as_str(), lost.retry_ms());
         let held: usize = self.members.iter().map(|m| m.device.outbox().len()).sum();
-        if was_ready {
+        if lost.was_ready {
             tracing::warn!(gateway.id = %self.identity.id, reason, retry_ms, held, "gateway connection lost");
         } else {
             tracing::info!(gateway.id = %self.identity.id, reason, retry_ms, held, "gateway connect failed");
@@ -561,16 +511,12 @@ impl GatewayLink {
     /// while the window has room.
     fn send_ready(&mut self) {
         let now = Instant::now();
-        while self
-            .conn
-            .as_ref()
-            .is_some_and(|c| c.phase == Phase::Ready && c.inflight < self.window)
-        {
+        while self.connection.has_room(self.window) {
             let members = &self.members;
             // The rotation spans exactly `members`, so every index it offers is valid.
             let Some(i) = self.rotation.pick(|i| {
                 let m = &members[i];
-                m.pacer.ready_at() <= now && m.device.next_after(m.cursor).is_some()
+                m.pacer.ready_at() <= now && m.device.next_after(m.resend.cursor).is_some()
             }) else {
                 return;
             };
@@ -582,27 +528,24 @@ impl GatewayLink {
 
     /// Publishes member `i`'s next held message; false if the connection was lost.
     fn send_next_of(&mut self, i: usize, now: Instant) -> bool {
-        let Some(conn) = self.conn.as_mut() else {
-            return false;
-        };
         // `i` comes from the rotation over `members`.
         let m = &mut self.members[i];
-        let Some(out) = m.device.next_after(m.cursor) else {
+        let Some(out) = m.device.next_after(m.resend.cursor) else {
             return true;
         };
         let (key, resend) = (out.key, out.resend);
         let topic = out.channel.topic(m.device.id().as_str());
-        match conn.session.publish(topic, out.bytes.to_vec()) {
-            Ok(()) => {
-                m.cursor = Some(key);
-                conn.inflight += 1;
+        match self.connection.publish(topic, out.bytes.to_vec()) {
+            Ok(false) => false,
+            Ok(true) => {
+                m.resend.cursor = Some(key);
                 m.pacer.take(now);
                 m.device.mark_sent(key);
                 tracing::trace!(device.id = %m.device.id(), gateway.id = %self.identity.id, epoch = key.epoch, seq = key.seq, resend, "relayed");
                 true
             }
-            Err(e) => {
-                self.lost(&format!("publish: {e}"));
+            Err(lost) => {
+                self.lost(&lost);
                 false
             }
         }
@@ -612,35 +555,23 @@ impl GatewayLink {
         let now = Instant::now();
         for m in &mut self.members {
             if m.device.outbox().is_empty() {
-                progress(m, &self.link, now);
+                m.resend.progress(now);
             }
         }
-        let phase = match self.conn.as_ref() {
-            Some(c) => (c.phase, c.opened),
-            None => return,
-        };
-        match phase {
-            (Phase::Connecting | Phase::Subscribing, opened) => {
-                let limit = self.link.session.connect_timeout + self.link.subscribe_timeout;
-                if now.duration_since(opened) > limit {
-                    self.lost("no CONNACK or SUBACK in time");
-                }
-            }
-            (Phase::Ready, _) => {
-                for m in &mut self.members {
-                    let front = m.device.outbox().front().map(|e| e.key());
-                    let front_sent = front.is_some_and(|f| m.cursor.is_some_and(|c| c >= f));
-                    if front_sent && now.duration_since(m.last_progress) >= m.resend_wait {
-                        m.cursor = None;
-                        m.last_progress = now;
-                        m.resend_wait = (m.resend_wait * 2).min(self.link.resend_after * 8);
-                        tracing::info!(
-                            device.id = %m.device.id(),
-                            gateway.id = %self.identity.id,
-                            backlog = m.device.outbox().len(),
-                            "no receipt progress; resending backlog"
-                        );
-                    }
+        if let Some(lost) = self.connection.check_deadline(now) {
+            self.lost(&lost);
+            return;
+        }
+        if self.connection.is_ready() {
+            for m in &mut self.members {
+                let front = m.device.outbox().front().map(|e| e.key());
+                if m.resend.resend_due(front, now) {
+                    tracing::info!(
+                        device.id = %m.device.id(),
+                        gateway.id = %self.identity.id,
+                        backlog = m.device.outbox().len(),
+                        "no receipt progress; resending backlog"
+                    );
                 }
             }
         }
@@ -680,20 +611,6 @@ fn stop_member(m: &mut Member, e: &DeviceError) {
     tracing::error!(device.id = %m.device.id(), error = %e, "device stopped");
     m.generating = false;
     m.error = Some(e.to_string());
-}
-
-/// Receipts moved for `m` (or nothing waits for one): restart its resend clock.
-fn progress(m: &mut Member, link: &LinkOptions, now: Instant) {
-    m.last_progress = now;
-    m.resend_wait = link.resend_after;
-}
-
-/// The next event of the connection, or never when there is none.
-async fn next_event(conn: &mut Option<Conn>) -> Event {
-    match conn {
-        Some(c) => c.session.next().await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

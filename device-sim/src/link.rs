@@ -19,25 +19,36 @@
 //!   subscriber), the backlog is resent after `resend_after` without a receipt, then
 //!   after twice that, and so on up to eight times it; any progress resets the wait.
 //! * Reconnects back off exponentially with jitter between `backoff_min` and
-//!   `backoff_max`; the backoff resets once a connection is fully up.
+//!   `backoff_max`; the backoff resets once a connection is fully up (the connection
+//!   itself is [`crate::connection`]'s, shared with the gateways).
 //! * Injected faults ([`crate::faults`]) never bypass the outbox for the device's own
 //!   messages: an injected PUBLISH is an extra copy, and the out-of-order fault only
 //!   swaps the send order of two held messages, both of which stay held until receipted.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior, sleep_until};
 
 use crate::clock::DeviceClock;
+use crate::connection::{Connection, Happened, Lost};
 use crate::device::{DeviceError, DeviceReport, ReceiptOutcome, SimDevice};
 use crate::faults::{Action, Injector, LinkState};
-use crate::latency::{Recorder, SendTimes};
 use crate::mqtt::{Event, Session, SessionOptions, Target};
 use crate::pki::Identity;
 use crate::ring::Key;
+
+/// Watches one device's first publishes and the receipts it applies (the load mode of
+/// `vitalmq sim` times them; see `vitalmq-loadgen`).
+pub trait SendObserver: Send + Sync + std::fmt::Debug {
+    /// The device published `key` for the first time at `at`.
+    fn on_sent(&self, key: Key, at: Instant);
+    /// The device applied a receipt through `receipt` at `at`, which released
+    /// `released` messages from its outbox.
+    fn on_receipt(&self, receipt: Key, released: usize, at: Instant);
+}
 
 /// How a device talks to the broker.
 #[derive(Debug, Clone)]
@@ -98,39 +109,60 @@ pub struct Schedule {
     pub time_scale: f64,
 }
 
-/// Exponential backoff with jitter (75-125 %), deterministic per device.
+/// Where a device's walk through its outbox stands on the current connection, and when
+/// to start it over for lack of receipts (shared by a device's own link and a gateway's
+/// members).
 #[derive(Debug)]
-pub(crate) struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-    state: u64,
+pub(crate) struct Resend {
+    /// The last message sent on the current connection.
+    pub(crate) cursor: Option<Key>,
+    /// Last time receipts made progress, the backlog was (re)started, or the outbox was
+    /// empty: the reference for the wait.
+    last_progress: Instant,
+    /// The current wait for receipt progress before resending: `resend_after`, doubled
+    /// after each resend that brought no receipt, up to eight times it.
+    wait: Duration,
+    resend_after: Duration,
 }
 
-impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration, seed: u64) -> Self {
+impl Resend {
+    pub(crate) fn new(resend_after: Duration, now: Instant) -> Self {
         Self {
-            min,
-            max: max.max(min),
-            next: min,
-            state: seed,
+            cursor: None,
+            last_progress: now,
+            wait: resend_after,
+            resend_after,
         }
     }
 
-    pub(crate) fn delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        // splitmix64 step for the jitter.
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        let unit = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
-        base.mul_f64(0.75 + 0.5 * unit).min(self.max)
+    /// Receipts moved (or nothing waits for one): restart the resend clock.
+    pub(crate) fn progress(&mut self, now: Instant) {
+        self.last_progress = now;
+        self.wait = self.resend_after;
     }
 
-    pub(crate) fn reset(&mut self) {
-        self.next = self.min;
+    /// A new connection: the walk starts over at the oldest held message.
+    pub(crate) fn restart(&mut self, now: Instant) {
+        self.cursor = None;
+        self.progress(now);
+    }
+
+    /// Starts the walk over if the oldest held message (`front`) was sent and no
+    /// receipt progress came for the current wait, doubling the wait; whether it did.
+    pub(crate) fn resend_due(&mut self, front: Option<Key>, now: Instant) -> bool {
+        let front_sent = front.is_some_and(|f| self.cursor.is_some_and(|c| c >= f));
+        if !front_sent || now.duration_since(self.last_progress) < self.wait {
+            return false;
+        }
+        self.cursor = None;
+        self.last_progress = now;
+        self.wait = (self.wait * 2).min(self.resend_after * 8);
+        true
+    }
+
+    /// The current wait, in ms, for the logs.
+    pub(crate) fn wait_ms(&self) -> u64 {
+        u64::try_from(self.wait.as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -160,27 +192,6 @@ impl Pacer {
     pub(crate) fn take(&mut self, now: Instant) {
         self.tat = self.tat.max(now) + self.interval;
     }
-}
-
-/// Where a connection stands; shared by a device's own link and a gateway's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
-    /// Waiting for CONNACK.
-    Connecting,
-    /// CONNACK received, SUBACK of the receipt subscription awaited.
-    Subscribing,
-    /// Sending.
-    Ready,
-}
-
-#[derive(Debug)]
-struct Conn {
-    session: Session,
-    phase: Phase,
-    opened: Instant,
-    /// The last message sent on this connection.
-    cursor: Option<Key>,
-    inflight: usize,
 }
 
 /// What the caller tells a running fleet, through a `watch` channel.
@@ -229,7 +240,7 @@ enum SendPlan {
 
 /// One device's shell; see the module documentation.
 #[derive(Debug)]
-pub struct DeviceLink {
+pub(crate) struct DeviceLink {
     device: SimDevice,
     identity: Identity,
     link: Arc<LinkOptions>,
@@ -237,36 +248,26 @@ pub struct DeviceLink {
     ack_topic: String,
     t0: Instant,
     clock: DeviceClock,
-    conn: Option<Conn>,
-    next_attempt: Instant,
-    backoff: Backoff,
+    connection: Connection,
+    resend: Resend,
     pacer: Pacer,
     ticks: u64,
     next_tick: Instant,
     next_status: Option<Instant>,
-    /// Last time receipts made progress, the backlog was (re)started, or the outbox was
-    /// empty: the reference for `resend_after`.
-    last_progress: Instant,
-    /// The current wait for receipt progress before resending: `resend_after`, doubled
-    /// after each resend that brought no receipt.
-    resend_wait: Duration,
-    connects: u64,
-    first_connected: Option<oneshot::Sender<()>>,
     faults: Injector,
     /// The second connection of the foreign-client-id fault, and when it was opened.
     side: Option<(Session, Instant)>,
-    live: Option<Arc<LiveCounts>>,
     /// Offset of this device's generation schedule from time zero (load mode spreads
     /// the devices' ticks over one period instead of making them all at once).
     phase: Duration,
-    /// Load mode: where first publishes and receipts are timed.
-    latency: Option<(Arc<Recorder>, Arc<Mutex<SendTimes>>)>,
+    /// Load mode: told of first publishes and receipts.
+    observer: Option<Arc<dyn SendObserver>>,
 }
 
 impl DeviceLink {
     /// Prepares the shell; time zero of the vitals model and the schedule is `t0`.
     /// `first_connected` fires when the device is connected and subscribed the first time.
-    pub fn new(
+    pub(crate) fn new(
         device: SimDevice,
         identity: Identity,
         link: Arc<LinkOptions>,
@@ -275,18 +276,20 @@ impl DeviceLink {
         first_connected: oneshot::Sender<()>,
     ) -> Self {
         let ack_topic = format!("devices/{}/ack", device.id());
-        let seed = device
-            .id()
-            .as_str()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
+        let connection = Connection::new(
+            &identity.id,
+            Arc::clone(&identity.tls),
+            Arc::clone(&link),
+            vec![ack_topic.clone()],
+            1,
+            first_connected,
+        );
         let now = Instant::now();
         let since_t0 = u64::try_from(now.saturating_duration_since(t0).as_millis()).unwrap_or(0);
         let clock = DeviceClock::new(wall_ms().saturating_sub(since_t0), schedule.time_scale);
         Self {
-            backoff: Backoff::new(link.backoff_min, link.backoff_max, seed),
+            connection,
+            resend: Resend::new(link.resend_after, now),
             pacer: Pacer::new(link.send_rate, link.send_burst, now),
             next_status: schedule.status_every.map(|d| t0 + d),
             faults: Injector::none(device.id().as_str()),
@@ -295,18 +298,11 @@ impl DeviceLink {
             ack_topic,
             t0,
             clock,
-            conn: None,
-            next_attempt: now,
             ticks: 0,
             next_tick: t0,
-            last_progress: now,
-            resend_wait: link.resend_after,
-            connects: 0,
-            first_connected: Some(first_connected),
             side: None,
-            live: None,
             phase: Duration::ZERO,
-            latency: None,
+            observer: None,
             link,
             schedule,
         }
@@ -314,37 +310,36 @@ impl DeviceLink {
 
     /// Offsets the generation (and status) schedule by `phase` from time zero, and makes
     /// the first connection attempt no earlier than `first_attempt`.
-    pub fn with_start(mut self, phase: Duration, first_attempt: Instant) -> Self {
+    pub(crate) fn with_start(mut self, phase: Duration, first_attempt: Instant) -> Self {
         self.phase = phase;
         self.next_tick = self.t0 + phase;
         self.next_status = self.schedule.status_every.map(|d| self.t0 + phase + d);
-        self.next_attempt = first_attempt;
+        self.connection.retry_no_earlier(first_attempt);
         self
     }
 
-    /// Times every first publish and the receipt that covers it into `recorder`
-    /// (`times` is this device's ring, shared with whoever matches alerts).
-    pub fn with_latency(mut self, recorder: Arc<Recorder>, times: Arc<Mutex<SendTimes>>) -> Self {
-        self.latency = Some((recorder, times));
+    /// Tells `observer` of every first publish and every receipt applied.
+    pub(crate) fn with_observer(mut self, observer: Arc<dyn SendObserver>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
     /// Injects these faults (see [`crate::faults`]).
-    pub fn with_faults(mut self, faults: Injector) -> Self {
+    pub(crate) fn with_faults(mut self, faults: Injector) -> Self {
         self.faults = faults;
         self
     }
 
     /// Keeps `live` up to date with this device's connection.
-    pub fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
-        self.live = Some(live);
+    pub(crate) fn with_live(mut self, live: Arc<LiveCounts>) -> Self {
+        self.connection.set_live(live);
         self
     }
 
     /// Runs until the schedule is done (and, with `until_receipted`, everything is
     /// receipted or the time is up) or `control` says otherwise; returns the device's
     /// account.
-    pub async fn run(mut self, mut control: watch::Receiver<Control>) -> DeviceReport {
+    pub(crate) async fn run(mut self, mut control: watch::Receiver<Control>) -> DeviceReport {
         let mut housekeeping = tokio::time::interval(Duration::from_millis(200));
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let generate_until = self.schedule.duration.map(|d| self.t0 + d);
@@ -383,9 +378,8 @@ impl DeviceLink {
 
             let can_send = self.send_plan().is_some();
             let status_at = self.next_status.filter(|_| generating);
-            let (next_tick, next_attempt, send_at) =
-                (self.next_tick, self.next_attempt, self.pacer.ready_at());
-            let offline = self.conn.is_none();
+            let (next_tick, send_at) = (self.next_tick, self.pacer.ready_at());
+            let retry_at = self.connection.retry_at();
             let step: Result<(), DeviceError> = tokio::select! {
                 changed = control.changed() => {
                     if changed.is_err() {
@@ -393,8 +387,9 @@ impl DeviceLink {
                     }
                     Ok(())
                 }
-                event = next_event(&mut self.conn) => {
-                    self.on_event(event);
+                event = self.connection.next() => {
+                    let happened = self.connection.on_event(event);
+                    self.on_event(happened);
                     Ok(())
                 }
                 event = next_side_event(&mut self.side) => {
@@ -403,8 +398,9 @@ impl DeviceLink {
                 }
                 () = sleep_until(next_tick), if generating => self.on_tick(),
                 () = sleep_until(status_at.unwrap_or(now)), if status_at.is_some() => self.on_status(),
-                () = sleep_until(next_attempt), if offline => {
-                    self.open();
+                () = sleep_until(retry_at.unwrap_or(now)), if retry_at.is_some() => {
+                    tracing::debug!(device.id = %self.device.id(), "connecting");
+                    self.connection.open();
                     Ok(())
                 }
                 () = sleep_until(send_at), if can_send => {
@@ -423,28 +419,23 @@ impl DeviceLink {
             }
         }
         self.side = None;
-        if let Some(conn) = self.take_conn() {
-            conn.session.close(Duration::from_millis(500)).await;
-        }
-        let mut report = self.device.report(self.connects, error);
+        self.connection.close(Duration::from_millis(500)).await;
+        let mut report = self.device.report(self.connection.connects(), error);
         report.faults = self.faults.reports();
         report
     }
 
     fn finished(&self, now: Instant, done: Instant) -> bool {
-        let ready = self.conn.as_ref().is_some_and(|c| c.phase == Phase::Ready);
-        if self.faults.revoked() && !ready {
+        if self.faults.revoked() && !self.connection.is_ready() {
             // Its certificate is revoked: no receipt can come any more.
             return true;
         }
         match self.schedule.until_receipted {
             Some(timeout) => self.device.fully_receipted() || now >= done + timeout,
             None => {
-                let drained = self.conn.as_ref().is_some_and(|c| {
-                    c.phase == Phase::Ready
-                        && c.inflight == 0
-                        && self.device.next_after(c.cursor).is_none()
-                });
+                let drained = self.connection.is_ready()
+                    && self.connection.inflight() == 0
+                    && self.device.next_after(self.resend.cursor).is_none();
                 drained || now >= done + self.schedule.drain
             }
         }
@@ -468,7 +459,7 @@ impl DeviceLink {
         };
         tracing::debug!(device.id = %self.device.id(), epoch = made.key.epoch, seq = made.key.seq, "vitals made");
         if self.device.outbox().len() == 1 {
-            self.progress(Instant::now());
+            self.resend.progress(Instant::now());
         }
         let made_so_far = self.device.stats().vitals_made;
         let last = self.schedule.count.is_some_and(|c| made_so_far >= c);
@@ -485,10 +476,9 @@ impl DeviceLink {
     /// A simulated power cycle: the connection goes without a goodbye, the new epoch is
     /// durable before anything of it is made, the outbox is retained.
     fn power_cycle(&mut self) -> Result<(), DeviceError> {
-        drop(self.take_conn());
+        self.connection
+            .drop_now(Instant::now() + self.link.backoff_min);
         self.device.reboot()?;
-        self.backoff.reset();
-        self.next_attempt = Instant::now() + self.link.backoff_min;
         Ok(())
     }
 
@@ -512,113 +502,40 @@ impl DeviceLink {
         Ok(())
     }
 
-    fn open(&mut self) {
-        tracing::debug!(device.id = %self.device.id(), "connecting");
-        let session = Session::open(
-            &self.link.target,
-            &self.identity.id,
-            &self.identity.tls,
-            &self.link.session,
-        );
-        self.conn = Some(Conn {
-            session,
-            phase: Phase::Connecting,
-            opened: Instant::now(),
-            cursor: None,
-            inflight: 0,
-        });
-    }
-
-    /// Takes the connection away (dropping it closes it without DISCONNECT), keeping the
-    /// live count right.
-    fn take_conn(&mut self) -> Option<Conn> {
-        let conn = self.conn.take()?;
-        if conn.phase == Phase::Ready
-            && let Some(live) = &self.live
-        {
-            live.connected.fetch_sub(1, Ordering::Relaxed);
-        }
-        Some(conn)
-    }
-
-    fn on_event(&mut self, event: Event) {
+    fn on_event(&mut self, happened: Happened) {
         let id = self.device.id().clone();
-        let elapsed = self.elapsed(Instant::now());
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        match event {
-            Event::Connected => {
-                conn.phase = Phase::Subscribing;
-                if let Err(e) = conn.session.subscribe(&self.ack_topic) {
-                    self.lost(&format!("subscribe: {e}"));
-                }
-            }
-            Event::Subscribed { granted } => {
+        match happened {
+            Happened::Up { granted } => {
                 if !granted {
                     tracing::warn!(device.id = %id, topic = %self.ack_topic, "receipt subscription refused; nothing will be released");
                 }
-                conn.phase = Phase::Ready;
-                conn.cursor = None;
-                conn.inflight = 0;
-                if let Some(live) = &self.live {
-                    live.connected.fetch_add(1, Ordering::Relaxed);
-                }
-                self.connects += 1;
-                self.backoff.reset();
-                self.progress(Instant::now());
-                self.faults.on_connected(elapsed);
+                self.resend.restart(Instant::now());
+                self.faults.on_connected(self.elapsed(Instant::now()));
                 tracing::info!(
                     device.id = %id,
                     epoch = self.device.epoch(),
                     backlog = self.device.outbox().len(),
-                    connects = self.connects,
+                    connects = self.connection.connects(),
                     "connected"
                 );
-                if let Some(tx) = self.first_connected.take() {
-                    let _ = tx.send(());
-                }
             }
-            Event::Acked { refused } => {
-                conn.inflight = conn.inflight.saturating_sub(1);
+            Happened::Acked { refused } => {
                 if let Some(reason) = refused {
                     tracing::info!(device.id = %id, reason, "publish refused by the broker");
                     self.faults.on_puback_refused(&reason);
                 }
             }
-            Event::Message { topic, payload } if topic == self.ack_topic => {
-                match self.device.apply_receipt(&payload) {
-                    ReceiptOutcome::Applied { receipt, released } => {
-                        if let Some((recorder, times)) = &self.latency {
-                            recorder.on_receipt(times, receipt, released, Instant::now());
-                        }
-                        if released > 0 || self.device.outbox().is_empty() {
-                            self.progress(Instant::now());
-                        }
-                        tracing::debug!(
-                            device.id = %id,
-                            receipt.epoch = receipt.epoch,
-                            receipt.seq = receipt.seq,
-                            released,
-                            held = self.device.outbox().len(),
-                            "receipt"
-                        );
-                    }
-                    ReceiptOutcome::BeyondNewest { receipt } => tracing::warn!(
-                        device.id = %id,
-                        receipt.epoch = receipt.epoch,
-                        receipt.seq = receipt.seq,
-                        "receipt for a message never made; ignored"
-                    ),
-                    ReceiptOutcome::Malformed(e) => {
-                        tracing::warn!(device.id = %id, error = %e, "malformed receipt ignored");
-                    }
+            Happened::Message { topic, payload } if topic == self.ack_topic => {
+                let applied = receive_receipt(&mut self.device, &mut self.resend, &payload, None);
+                if let (Some((receipt, released)), Some(observer)) = (applied, &self.observer) {
+                    observer.on_receipt(receipt, released, Instant::now());
                 }
             }
-            Event::Message { topic, .. } => {
+            Happened::Message { topic, .. } => {
                 tracing::debug!(device.id = %id, topic = %topic, "message on an unexpected topic ignored");
             }
-            Event::Down { reason } => self.lost(&reason),
+            Happened::Lost(lost) => self.lost(&lost),
+            Happened::Nothing => {}
         }
     }
 
@@ -634,22 +551,14 @@ impl DeviceLink {
         self.faults.on_side_outcome(outcome);
     }
 
-    /// Receipts moved (or nothing waits for one): restart the resend clock.
-    fn progress(&mut self, now: Instant) {
-        self.last_progress = now;
-        self.resend_wait = self.link.resend_after;
-    }
-
-    /// The connection is gone: schedule the next attempt.
-    fn lost(&mut self, reason: &str) {
-        let was_ready = self.take_conn().is_some_and(|c| c.phase == Phase::Ready);
+    /// The connection is gone (its next attempt is scheduled): tell the faults, log.
+    fn lost(&mut self, lost: &Lost) {
+        let (reason, retry_ms) = (lost.reason.as_str(), lost.retry_ms());
         let elapsed = self.elapsed(Instant::now());
-        self.faults.on_connection_lost(elapsed, reason, was_ready);
-        let delay = self.backoff.delay();
-        self.next_attempt = Instant::now() + delay;
-        let retry_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.faults
+            .on_connection_lost(elapsed, reason, lost.was_ready);
         let held = self.device.outbox().len();
-        if was_ready {
+        if lost.was_ready {
             tracing::warn!(device.id = %self.device.id(), reason, retry_ms, held, "connection lost");
         } else {
             tracing::info!(device.id = %self.device.id(), reason, retry_ms, held, "connect failed");
@@ -658,11 +567,10 @@ impl DeviceLink {
 
     /// What to send next, if anything may go now.
     fn send_plan(&self) -> Option<SendPlan> {
-        let conn = self
-            .conn
-            .as_ref()
-            .filter(|c| c.phase == Phase::Ready && c.inflight < self.link.window)?;
-        let first = self.device.next_after(conn.cursor)?;
+        if !self.connection.has_room(self.link.window) {
+            return None;
+        }
+        let first = self.device.next_after(self.resend.cursor)?;
         if !self.faults.swap_pending() || first.resend {
             return Some(SendPlan::One);
         }
@@ -672,7 +580,7 @@ impl DeviceLink {
         if second.resend || second.key.epoch != first.key.epoch {
             return Some(SendPlan::One);
         }
-        (conn.inflight + 1 < self.link.window).then_some(SendPlan::Swap {
+        (self.connection.inflight() + 1 < self.link.window).then_some(SendPlan::Swap {
             older: first.key,
             newer: second.key,
         })
@@ -681,11 +589,7 @@ impl DeviceLink {
     fn send_one(&mut self) {
         match self.send_plan() {
             Some(SendPlan::One) => {
-                if let Some(key) = self
-                    .conn
-                    .as_ref()
-                    .and_then(|c| self.device.next_after(c.cursor).map(|o| o.key))
-                {
+                if let Some(key) = self.device.next_after(self.resend.cursor).map(|o| o.key) {
                     self.send_key(key);
                 }
             }
@@ -702,9 +606,9 @@ impl DeviceLink {
 
     /// Publishes the held message `key`; false if the connection was lost doing it.
     fn send_key(&mut self, key: Key) -> bool {
-        let Some(conn) = self.conn.as_mut() else {
+        if !self.connection.is_open() {
             return false;
-        };
+        }
         let Some(out) = self.device.outbox().iter().find(|e| e.key() == key) else {
             return false;
         };
@@ -713,23 +617,23 @@ impl DeviceLink {
         if !resend {
             self.faults.on_sent(key, channel, out.bytes());
         }
-        match conn.session.publish(topic, out.bytes().to_vec()) {
-            Ok(()) => {
-                if conn.cursor.is_none_or(|c| c < key) {
-                    conn.cursor = Some(key);
+        match self.connection.publish(topic, out.bytes().to_vec()) {
+            Ok(false) => false,
+            Ok(true) => {
+                if self.resend.cursor.is_none_or(|c| c < key) {
+                    self.resend.cursor = Some(key);
                 }
-                conn.inflight += 1;
                 let now = Instant::now();
                 self.pacer.take(now);
                 self.device.mark_sent(key);
-                if !resend && let Some((recorder, times)) = &self.latency {
-                    recorder.on_sent(times, key, now);
+                if !resend && let Some(observer) = &self.observer {
+                    observer.on_sent(key, now);
                 }
                 tracing::trace!(device.id = %self.device.id(), epoch = key.epoch, seq = key.seq, resend, "published");
                 true
             }
-            Err(e) => {
-                self.lost(&format!("publish: {e}"));
+            Err(lost) => {
+                self.lost(&lost);
                 false
             }
         }
@@ -743,7 +647,7 @@ impl DeviceLink {
         let elapsed = self.elapsed(Instant::now());
         loop {
             let state = LinkState {
-                connected: self.conn.as_ref().is_some_and(|c| c.phase == Phase::Ready),
+                connected: self.connection.is_ready(),
                 covered: self.device.outbox().covered(),
             };
             let Some(action) = self.faults.poll(elapsed, state) else {
@@ -753,11 +657,8 @@ impl DeviceLink {
             match action {
                 Action::Publish { topic, bytes } => {
                     tracing::info!(device.id = %id, topic = %topic, "fault: publishing an injected message");
-                    if let Some(conn) = self.conn.as_mut() {
-                        match conn.session.publish(topic, bytes) {
-                            Ok(()) => conn.inflight += 1,
-                            Err(e) => self.lost(&format!("publish: {e}")),
-                        }
+                    if let Err(lost) = self.connection.publish(topic, bytes) {
+                        self.lost(&lost);
                     }
                 }
                 Action::ConnectAs { client_id } => {
@@ -779,9 +680,7 @@ impl DeviceLink {
                 }
                 Action::DropConnection => {
                     tracing::info!(device.id = %id, "fault: dropping the connection");
-                    drop(self.take_conn());
-                    self.backoff.reset();
-                    self.next_attempt = Instant::now();
+                    self.connection.drop_now(Instant::now());
                 }
                 Action::SkewClock { ms } => {
                     tracing::info!(device.id = %id, skew_ms = ms, "fault: device clock skewed");
@@ -794,7 +693,7 @@ impl DeviceLink {
     fn housekeeping(&mut self) {
         let now = Instant::now();
         if self.device.outbox().is_empty() {
-            self.progress(now);
+            self.resend.progress(now);
         }
         if self.side.as_ref().is_some_and(|(_, opened)| {
             now.duration_since(*opened) > self.link.session.connect_timeout
@@ -803,30 +702,19 @@ impl DeviceLink {
             self.faults
                 .on_side_outcome(Err("no answer to CONNECT in time".into()));
         }
-        let Some(conn) = self.conn.as_mut() else {
+        if let Some(lost) = self.connection.check_deadline(now) {
+            self.lost(&lost);
             return;
-        };
-        match conn.phase {
-            Phase::Connecting | Phase::Subscribing => {
-                let limit = self.link.session.connect_timeout + self.link.subscribe_timeout;
-                if now.duration_since(conn.opened) > limit {
-                    self.lost("no CONNACK or SUBACK in time");
-                }
-            }
-            Phase::Ready => {
-                let front = self.device.outbox().front().map(|e| e.key());
-                let front_sent = front.is_some_and(|f| conn.cursor.is_some_and(|c| c >= f));
-                if front_sent && now.duration_since(self.last_progress) >= self.resend_wait {
-                    conn.cursor = None;
-                    self.last_progress = now;
-                    self.resend_wait = (self.resend_wait * 2).min(self.link.resend_after * 8);
-                    tracing::info!(
-                        device.id = %self.device.id(),
-                        backlog = self.device.outbox().len(),
-                        next_wait_ms = u64::try_from(self.resend_wait.as_millis()).unwrap_or(u64::MAX),
-                        "no receipt progress; resending backlog"
-                    );
-                }
+        }
+        if self.connection.is_ready() {
+            let front = self.device.outbox().front().map(|e| e.key());
+            if self.resend.resend_due(front, now) {
+                tracing::info!(
+                    device.id = %self.device.id(),
+                    backlog = self.device.outbox().len(),
+                    next_wait_ms = self.resend.wait_ms(),
+                    "no receipt progress; resending backlog"
+                );
             }
         }
     }
@@ -840,11 +728,44 @@ async fn next_side_event(side: &mut Option<(Session, Instant)>) -> Event {
     }
 }
 
-/// The next event of the connection, or never when there is none.
-async fn next_event(conn: &mut Option<Conn>) -> Event {
-    match conn {
-        Some(c) => c.session.next().await,
-        None => std::future::pending().await,
+/// Applies a payload of `device`'s ack topic (carried by `gateway`, if any): restarts
+/// its resend clock when the receipt released something or nothing waits, and logs.
+/// The receipt and how many messages it released, if it applied.
+pub(crate) fn receive_receipt(
+    device: &mut SimDevice,
+    resend: &mut Resend,
+    payload: &[u8],
+    gateway: Option<&str>,
+) -> Option<(Key, usize)> {
+    match device.apply_receipt(payload) {
+        ReceiptOutcome::Applied { receipt, released } => {
+            if released > 0 || device.outbox().is_empty() {
+                resend.progress(Instant::now());
+            }
+            tracing::debug!(
+                device.id = %device.id(),
+                gateway.id = gateway,
+                receipt.epoch = receipt.epoch,
+                receipt.seq = receipt.seq,
+                released,
+                held = device.outbox().len(),
+                "receipt"
+            );
+            Some((receipt, released))
+        }
+        ReceiptOutcome::BeyondNewest { receipt } => {
+            tracing::warn!(
+                device.id = %device.id(),
+                receipt.epoch = receipt.epoch,
+                receipt.seq = receipt.seq,
+                "receipt for a message never made; ignored"
+            );
+            None
+        }
+        ReceiptOutcome::Malformed(e) => {
+            tracing::warn!(device.id = %device.id(), error = %e, "malformed receipt ignored");
+            None
+        }
     }
 }
 
@@ -858,21 +779,6 @@ pub(crate) fn wall_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2), 7);
-        let delays: Vec<Duration> = (0..8).map(|_| b.delay()).collect();
-        for (i, d) in delays.iter().enumerate() {
-            let base = Duration::from_millis(100 * (1 << i.min(5))).min(Duration::from_secs(2));
-            assert!(
-                *d >= base.mul_f64(0.75) && *d <= base.mul_f64(1.25).min(Duration::from_secs(2)),
-                "{i}: {d:?}"
-            );
-        }
-        b.reset();
-        assert!(b.delay() <= Duration::from_millis(125));
-    }
 
     #[test]
     fn pacer_allows_a_burst_then_the_rate() {

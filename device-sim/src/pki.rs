@@ -2,18 +2,41 @@
 //! `vitalmq_certs::layout`): the CA that anchors the broker's certificate, each party's
 //! SPIFFE identity certificate and key, and each device's COSE signing key.
 //!
-//! Shared by the load generator and the simulated devices. Reading the PKI is the only
-//! thing this module does; nothing here opens a connection.
+//! Shared by the simulated devices and gateways and the load generator. Reading the PKI
+//! is the only thing this module does; nothing here opens a connection. The TLS client
+//! configuration is built by [`vitalmq_mqtt_client::tls`], as for every vitalmq client.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context as _, bail};
-use rumqttc::tokio_rustls::rustls;
-use rustls::ClientConfig;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
 use vitalmq_envelope::SigningKey;
+use vitalmq_mqtt_client::{TlsError, tls};
+
+/// Why an identity or key could not be read from the PKI.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{dir} has {have} device identities, {need} needed (vitalmq certs init --devices {need})"
+    )]
+    TooFewDevices {
+        dir: String,
+        have: usize,
+        need: usize,
+    },
+    #[error("{}: {source}", path.display())]
+    SigningKey {
+        path: PathBuf,
+        source: vitalmq_envelope::KeyError,
+    },
+}
 
 /// A client identity: its id and a TLS client configuration (kept for all its
 /// reconnects so that the session cache inside is reused).
@@ -27,32 +50,31 @@ pub struct Identity {
 #[derive(Debug, Clone)]
 pub struct Pki {
     pub dir: PathBuf,
-    roots: Arc<rustls::RootCertStore>,
+    roots: Arc<RootCertStore>,
 }
 
 impl Pki {
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        let ca_path = dir.join("ca/ca.pem");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&ca_path)
-            .with_context(|| format!("{}", ca_path.display()))?
-        {
-            roots
-                .add(cert.with_context(|| format!("{}", ca_path.display()))?)
-                .context("CA certificate")?;
-        }
+    pub fn open(dir: &Path) -> Result<Self, PkiError> {
         Ok(Self {
             dir: dir.to_path_buf(),
-            roots: Arc::new(roots),
+            roots: Arc::new(tls::read_roots(&dir.join("ca/ca.pem"))?),
         })
     }
 
     /// Ids of a role's identities (`identities/<role>/<id>.pem`), sorted.
-    pub fn ids(&self, role: &str) -> anyhow::Result<Vec<String>> {
+    pub fn ids(&self, role: &str) -> Result<Vec<String>, PkiError> {
         let dir = self.dir.join("identities").join(role);
+        let io = |source| PkiError::Io {
+            path: dir.clone(),
+            source,
+        };
         let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&dir).with_context(|| format!("{}", dir.display()))? {
-            let name = entry?.file_name().to_string_lossy().into_owned();
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let name = entry
+                .map_err(io)?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
             if let Some(id) = name.strip_suffix(".pem")
                 && !id.ends_with(".key")
             {
@@ -64,51 +86,42 @@ impl Pki {
     }
 
     /// Loads one identity's certificate and key into a TLS client configuration.
-    pub fn identity(&self, role: &str, id: &str) -> anyhow::Result<Identity> {
+    pub fn identity(&self, role: &str, id: &str) -> Result<Identity, PkiError> {
         let base = self.dir.join("identities").join(role);
-        let cert_path = base.join(format!("{id}.pem"));
-        let key_path = base.join(format!("{id}.key.pem"));
-        let chain = CertificateDer::pem_file_iter(&cert_path)
-            .with_context(|| format!("{}", cert_path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("{}", cert_path.display()))?;
-        let key = PrivateKeyDer::from_pem_file(&key_path)
-            .with_context(|| format!("{}", key_path.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .context("TLS versions")?
-            .with_root_certificates(Arc::clone(&self.roots))
-            .with_client_auth_cert(chain, key)
-            .with_context(|| format!("identity {role}/{id}"))?;
+        let tls = tls::client_config(
+            Arc::clone(&self.roots),
+            &base.join(format!("{id}.pem")),
+            &base.join(format!("{id}.key.pem")),
+        )?;
         Ok(Identity {
             id: id.to_owned(),
-            tls: Arc::new(config),
+            tls,
         })
     }
 
     /// The first `n` device identities (all of them when fewer exist is an error).
-    pub fn devices(&self, n: usize) -> anyhow::Result<Vec<Identity>> {
+    pub fn devices(&self, n: usize) -> Result<Vec<Identity>, PkiError> {
         let ids = self.ids("device")?;
         if ids.len() < n {
-            bail!(
-                "{} has {} device identities, {n} needed (vitalmq certs init --devices {n})",
-                self.dir.display(),
-                ids.len()
-            );
+            return Err(PkiError::TooFewDevices {
+                dir: self.dir.display().to_string(),
+                have: ids.len(),
+                need: n,
+            });
         }
         ids[..n]
             .iter()
             .map(|id| self.identity("device", id))
             .collect()
     }
-}
 
-impl Pki {
     /// A device's COSE signing key (`devices/<id>/cose.key.pem`, PKCS#8).
-    pub fn signing_key(&self, device: &str) -> anyhow::Result<SigningKey> {
+    pub fn signing_key(&self, device: &str) -> Result<SigningKey, PkiError> {
         let path = self.dir.join("devices").join(device).join("cose.key.pem");
-        let pem = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-        SigningKey::from_pkcs8_pem(&pem).with_context(|| format!("{}", path.display()))
+        let pem = std::fs::read_to_string(&path).map_err(|source| PkiError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        SigningKey::from_pkcs8_pem(&pem).map_err(|source| PkiError::SigningKey { path, source })
     }
 }

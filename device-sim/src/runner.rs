@@ -14,35 +14,76 @@
 //! the fault's time, and tells `SimOptions::revoked` so that whoever runs the broker can
 //! make it reload (a broker watching its files reloads by itself).
 //!
-//! Load mode ([`LoadOptions`], `vitalmq sim --aggregate-rate/--latency-report`): the
-//! devices' generation schedules are spread evenly over one period (device `i` of `n`
-//! starts `i / n` of a period late), so an aggregate rate arrives as a steady stream
-//! instead of `n` messages at every tick; first connections are paced at
-//! `connect_rate` a second, under the gate's per-source-address limit; and every
-//! device's first publishes and receipts are timed into a shared
-//! [`crate::latency::Recorder`], with one integrator per site ([`crate::alert_watch`])
-//! subscribed before the first device starts.
+//! Load mode (`vitalmq sim --aggregate-rate/--latency-report`, run by
+//! `vitalmq-loadgen`) shapes a run through [`Spread`]: the devices' generation schedules
+//! are spread evenly over one period (device `i` of `n` starts `i / n` of a period
+//! late), so an aggregate rate arrives as a steady stream instead of `n` messages at
+//! every tick; first connections are paced at `connect_rate` a second, under the gate's
+//! per-source-address limit; and each device tells its [`SendObserver`] of its first
+//! publishes and receipts.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use vitalmq_envelope::DeviceId;
 
-use crate::alert_watch::{self, FleetTimes, WatchReport};
-use crate::device::{DeviceReport, SimDevice};
-use crate::faults::{FaultKind, FaultSpec, Injector, Scope};
-use crate::gateway::{GatewayLink, GatewayReport, plan_sites};
-use crate::latency::{Recorder, SendTimes};
-pub use crate::link::{Control, LiveCounts};
+use crate::device::{DeviceError, DeviceReport, SimDevice};
+use crate::duration::DurationError;
+use crate::faults::{FaultKind, FaultSpec, Injector, NoPeer, Scope};
+use crate::gateway::{GatewayLink, GatewayReport, PlanError, load_registry, plan_sites};
+pub use crate::link::{Control, LiveCounts, SendObserver};
 use crate::link::{DeviceLink, LinkOptions, Schedule};
 use crate::mqtt::MqttVersion;
-use crate::pki::Pki;
-use crate::vitals::{Episode, EpisodeKind, VitalsModel};
+use crate::pki::{Pki, PkiError};
+use crate::vitals::{Episode, EpisodeKind, UnknownEpisode, VitalsModel};
+
+/// Why a run could not start or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The options ask for something impossible; the message names the option.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Fault(#[from] NoPeer),
+    #[error("state directory {}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("device identity `{device}`: {source}")]
+    DeviceId {
+        device: String,
+        source: vitalmq_envelope::InvalidDeviceId,
+    },
+    #[error("booting {device}: {source}")]
+    Boot { device: String, source: DeviceError },
+    #[error("gateway identity of {site}: {source}")]
+    GatewayIdentity { site: String, source: PkiError },
+    #[error("device task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why an `--episode` value does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EpisodeSpecError {
+    #[error("episode `{0}`: expected KIND:DEVICE[@START]")]
+    Syntax(String),
+    #[error("episode `{0}`: {1}")]
+    Start(String, DurationError),
+    #[error("episode `{0}`: `{1}` is not a device id")]
+    NotADevice(String, String),
+    #[error(transparent)]
+    Kind(#[from] UnknownEpisode),
+}
 
 /// When an episode starts if `@START` is not given.
 pub const DEFAULT_EPISODE_START: Duration = Duration::from_secs(10);
@@ -56,20 +97,15 @@ pub struct EpisodeSpec {
 }
 
 impl FromStr for EpisodeSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, rest) = s
-            .split_once(':')
-            .ok_or_else(|| format!("episode `{s}`: expected KIND:DEVICE[@START]"))?;
+    type Err = EpisodeSpecError;
+    fn from_str(s: &str) -> Result<Self, EpisodeSpecError> {
+        use EpisodeSpecError as E;
+        let (kind, rest) = s.split_once(':').ok_or_else(|| E::Syntax(s.to_owned()))?;
         let (device, start) = match rest.split_once('@') {
-            Some((d, t)) => (
-                d,
-                parse_duration(t).map_err(|e| format!("episode `{s}`: {e}"))?,
-            ),
+            Some((d, t)) => (d, parse_duration(t).map_err(|e| E::Start(s.to_owned(), e))?),
             None => (rest, DEFAULT_EPISODE_START),
         };
-        DeviceId::new(device)
-            .map_err(|_| format!("episode `{s}`: `{device}` is not a device id"))?;
+        DeviceId::new(device).map_err(|_| E::NotADevice(s.to_owned(), device.to_owned()))?;
         Ok(Self {
             kind: kind.parse()?,
             device: device.to_owned(),
@@ -101,33 +137,17 @@ pub struct SimOptions {
     /// The devices do not connect themselves: one gateway per site (its identity from
     /// the registry) relays their messages ([`crate::gateway`]).
     pub via_gateway: bool,
-    /// Load mode: spread schedules, paced connects, latency measurement.
-    pub load: Option<LoadOptions>,
+    /// Load mode: spread schedules, paced connects, observed sends.
+    pub spread: Option<Spread>,
 }
 
-/// What load mode adds to a run (see the module documentation).
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
+/// How load mode shapes a run (see the module documentation).
+#[derive(Debug, Clone, Default)]
+pub struct Spread {
     /// New device connections per second at start-up; `None`: all at once.
     pub connect_rate: Option<f64>,
-    /// Where first publishes, receipts and alerts are timed.
-    pub recorder: Arc<Recorder>,
-    /// How long the alert watchers keep listening after the devices finished, for alerts
-    /// still on their way.
-    pub alert_grace: Duration,
-    /// Longest wait for the alert watchers' subscriptions before the devices start.
-    pub watch_timeout: Duration,
-}
-
-/// What a load run observed besides the recorder's figures.
-#[derive(Debug, Clone, Default)]
-pub struct LoadObserved {
-    /// From the first device starting until every device was connected and subscribed.
-    pub all_connected: Option<Duration>,
-    /// This process's resident set when every device was connected, KiB.
-    pub rss_connected_kib: Option<u64>,
-    /// One per site: the integrators that watched the alerts.
-    pub watchers: Vec<WatchReport>,
+    /// Told of each device's first publishes and receipts, by device id.
+    pub observers: HashMap<String, Arc<dyn SendObserver>>,
 }
 
 impl SimOptions {
@@ -153,7 +173,7 @@ impl SimOptions {
             live: None,
             revoked: None,
             via_gateway: false,
-            load: None,
+            spread: None,
         }
     }
 }
@@ -195,9 +215,10 @@ pub struct Summary {
     pub gateways: Vec<GatewayReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub revocations: Vec<Revocation>,
-    /// Load mode only; reported separately (`vitalmq sim --latency-report`).
+    /// From the first device starting until every device was connected and subscribed
+    /// (not in the summary line; load mode reports it).
     #[serde(skip)]
-    pub load: Option<LoadObserved>,
+    pub all_connected: Option<Duration>,
 }
 
 impl Summary {
@@ -224,9 +245,72 @@ impl Summary {
             devices,
             gateways: Vec::new(),
             revocations,
-            load: None,
+            all_connected: None,
         }
     }
+}
+
+/// Checks the options that need no PKI: the counts and rates, and load mode's.
+pub fn validate(opts: &SimOptions) -> Result<(), RunError> {
+    let invalid = |m: &str| Err(RunError::Invalid(m.to_owned()));
+    if opts.devices == 0 {
+        return invalid("--devices must be at least 1");
+    }
+    if !(opts.schedule.rate.is_finite() && opts.schedule.rate > 0.0) {
+        return invalid("--rate must be a positive number of messages per second");
+    }
+    if !(opts.link.send_rate.is_finite() && opts.link.send_rate > 0.0) {
+        return invalid("--resend-rate must be a positive number of messages per second");
+    }
+    if !(opts.schedule.time_scale.is_finite() && opts.schedule.time_scale > 0.0) {
+        return invalid("--time-scale must be a positive number");
+    }
+    if let Some(spread) = &opts.spread {
+        if opts.via_gateway {
+            return invalid(
+                "load mode (--aggregate-rate, --latency-report) is not supported with --via-gateway",
+            );
+        }
+        if let Some(r) = spread.connect_rate
+            && !(r.is_finite() && r > 0.0)
+        {
+            return invalid("--connect-rate must be a positive number of connections per second");
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every device the options name is one of `fleet`.
+fn check_named_devices(opts: &SimOptions, fleet: &[String]) -> Result<(), RunError> {
+    let n = opts.devices;
+    let not_simulated = |what: String| {
+        Err(RunError::Invalid(format!(
+            "{what}: not one of the {n} simulated devices"
+        )))
+    };
+    for e in &opts.episodes {
+        if !fleet.contains(&e.device) {
+            return not_simulated(format!("--episode {}:{}", e.kind, e.device));
+        }
+    }
+    for f in &opts.faults {
+        if let Scope::Device(d) = &f.scope
+            && !fleet.contains(d)
+        {
+            return not_simulated(format!("--fault {}:{d}", f.kind));
+        }
+        if let Some(p) = &f.peer
+            && !fleet.contains(p)
+        {
+            return not_simulated(format!("--fault {}={p}", f.kind));
+        }
+    }
+    for d in &opts.mqtt5 {
+        if !fleet.contains(d) {
+            return not_simulated(format!("--mqtt5 {d}"));
+        }
+    }
+    Ok(())
 }
 
 /// Boots the devices and runs them until their schedule is done or `stop` turns true.
@@ -235,106 +319,19 @@ pub async fn run(
     opts: SimOptions,
     control: watch::Receiver<Control>,
     on_ready: impl FnOnce(usize) + Send + 'static,
-) -> anyhow::Result<Summary> {
-    if opts.devices == 0 {
-        bail!("--devices must be at least 1");
-    }
-    if !(opts.schedule.rate.is_finite() && opts.schedule.rate > 0.0) {
-        bail!("--rate must be a positive number of messages per second");
-    }
-    if !(opts.link.send_rate.is_finite() && opts.link.send_rate > 0.0) {
-        bail!("--resend-rate must be a positive number of messages per second");
-    }
-    if !(opts.schedule.time_scale.is_finite() && opts.schedule.time_scale > 0.0) {
-        bail!("--time-scale must be a positive number");
-    }
-    if let Some(load) = &opts.load {
-        if opts.via_gateway {
-            bail!(
-                "load mode (--aggregate-rate, --latency-report) is not supported with --via-gateway"
-            );
-        }
-        if let Some(r) = load.connect_rate
-            && !(r.is_finite() && r > 0.0)
-        {
-            bail!("--connect-rate must be a positive number of connections per second");
-        }
-    }
+) -> Result<Summary, RunError> {
+    validate(&opts)?;
     let pki = Pki::open(&opts.pki)?;
     let identities = pki.devices(opts.devices)?;
-    for e in &opts.episodes {
-        if !identities.iter().any(|i| i.id == e.device) {
-            bail!(
-                "--episode {}:{}: not one of the {} simulated devices",
-                e.kind,
-                e.device,
-                opts.devices
-            );
-        }
-    }
     let fleet: Vec<String> = identities.iter().map(|i| i.id.clone()).collect();
-    for f in &opts.faults {
-        if let Scope::Device(d) = &f.scope
-            && !fleet.contains(d)
-        {
-            bail!(
-                "--fault {}:{d}: not one of the {} simulated devices",
-                f.kind,
-                opts.devices
-            );
-        }
-        if let Some(p) = &f.peer
-            && !fleet.contains(p)
-        {
-            bail!(
-                "--fault {}={p}: not one of the {} simulated devices",
-                f.kind,
-                opts.devices
-            );
-        }
-    }
-    for d in &opts.mqtt5 {
-        if !fleet.contains(d) {
-            bail!(
-                "--mqtt5 {d}: not one of the {} simulated devices",
-                opts.devices
-            );
-        }
-    }
-    std::fs::create_dir_all(&opts.state)
-        .with_context(|| format!("state directory {}", opts.state.display()))?;
+    check_named_devices(&opts, &fleet)?;
+    std::fs::create_dir_all(&opts.state).map_err(|source| RunError::StateDir {
+        path: opts.state.clone(),
+        source,
+    })?;
     if opts.via_gateway {
         return run_via_gateways(&opts, &pki, &fleet, control, on_ready).await;
     }
-
-    // Load mode: every device's send times, and the alert watchers, before any device.
-    let times: Arc<FleetTimes> = Arc::new(
-        fleet
-            .iter()
-            .filter(|_| opts.load.is_some())
-            .map(|d| (d.clone(), Arc::new(std::sync::Mutex::new(SendTimes::new()))))
-            .collect(),
-    );
-    let watchers = match &opts.load {
-        Some(load) => {
-            let registry_path = pki.dir.join("registry.toml");
-            let registry = vitalmq_policies::DeviceRegistry::load(&registry_path)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", registry_path.display()))?;
-            let sites = alert_watch::plan(&fleet, &registry).map_err(|e| anyhow::anyhow!(e))?;
-            Some(
-                alert_watch::start(
-                    &pki,
-                    &opts.link.target,
-                    sites,
-                    Arc::clone(&load.recorder),
-                    Arc::clone(&times),
-                    load.watch_timeout,
-                )
-                .await?,
-            )
-        }
-        None => None,
-    };
 
     let link = Arc::new(opts.link.clone());
     let link_v5 = Arc::new(LinkOptions {
@@ -353,10 +350,8 @@ pub async fn run(
     let period = Duration::from_secs_f64(1.0 / opts.schedule.rate);
     let n_devices = identities.len();
     for (i, identity) in identities.into_iter().enumerate() {
-        let injector =
-            Injector::new(&identity.id, &opts.faults, &fleet).map_err(|e| anyhow::anyhow!(e))?;
+        let injector = Injector::new(&identity.id, &opts.faults, &fleet)?;
         let device = boot_device(&opts, &pki, &identity.id)?;
-        let own = times.get(&identity.id).map(Arc::clone).unwrap_or_default();
         let (tx, rx) = oneshot::channel();
         let revoked = injector
             .reports()
@@ -371,24 +366,30 @@ pub async fn run(
         } else {
             Arc::clone(&link)
         };
+        let observer = opts
+            .spread
+            .as_ref()
+            .and_then(|s| s.observers.get(&identity.id))
+            .map(Arc::clone);
         let mut shell = DeviceLink::new(device, identity, link, Arc::clone(&schedule), t0, tx)
             .with_faults(injector);
         if let Some(live) = &opts.live {
             shell = shell.with_live(Arc::clone(live));
         }
-        if let Some(load) = &opts.load {
+        if let Some(spread) = &opts.spread {
             let phase = period.mul_f64(i as f64 / n_devices as f64);
-            let first_attempt = load
+            let first_attempt = spread
                 .connect_rate
                 .map_or(t0, |r| t0 + Duration::from_secs_f64(i as f64 / r));
-            shell = shell
-                .with_start(phase, first_attempt)
-                .with_latency(Arc::clone(&load.recorder), own);
+            shell = shell.with_start(phase, first_attempt);
+        }
+        if let Some(observer) = observer {
+            shell = shell.with_observer(observer);
         }
         tasks.push(tokio::spawn(shell.run(control.clone())));
     }
     let n = ready.len();
-    let connected: Arc<std::sync::OnceLock<(Duration, Option<u64>)>> = Arc::default();
+    let connected: Arc<std::sync::OnceLock<Duration>> = Arc::default();
     let connected_at = Arc::clone(&connected);
     tokio::spawn(async move {
         for rx in ready {
@@ -397,36 +398,24 @@ pub async fn run(
                 return;
             }
         }
-        let rss = crate::loadgen::proc_sample(None).map(|p| p.rss_kib);
-        let _ = connected_at.set((t0.elapsed(), rss));
+        let _ = connected_at.set(t0.elapsed());
         on_ready(n);
     });
     let mut reports = Vec::with_capacity(tasks.len());
     for task in tasks {
-        reports.push(task.await.context("device task")?);
+        reports.push(task.await?);
     }
     let mut done = Vec::new();
     for r in revocations {
         // A revocation not yet due when the devices finished never happens.
         if r.is_finished() {
-            done.push(r.await.context("revocation task")?);
+            done.push(r.await?);
         } else {
             r.abort();
         }
     }
     let mut summary = Summary::new(reports, done, started.elapsed());
-    if let (Some(load), Some(watchers)) = (&opts.load, watchers) {
-        // Alerts for the last messages may still be on their way.
-        tokio::time::sleep(load.alert_grace).await;
-        let (all_connected, rss_connected_kib) = connected
-            .get()
-            .map_or((None, None), |&(d, rss)| (Some(d), rss));
-        summary.load = Some(LoadObserved {
-            all_connected,
-            rss_connected_kib,
-            watchers: watchers.stop().await,
-        });
-    }
+    summary.all_connected = connected.get().copied();
     Ok(summary)
 }
 
@@ -438,28 +427,31 @@ async fn run_via_gateways(
     fleet: &[String],
     control: watch::Receiver<Control>,
     on_ready: impl FnOnce(usize) + Send + 'static,
-) -> anyhow::Result<Summary> {
+) -> Result<Summary, RunError> {
     if !opts.faults.is_empty() {
-        bail!(
-            "--fault is not supported with --via-gateway (faults are injected by a device's own connection)"
-        );
+        return Err(RunError::Invalid(
+            "--fault is not supported with --via-gateway (faults are injected by a device's own connection)".into(),
+        ));
     }
     if !opts.mqtt5.is_empty() {
-        bail!("--mqtt5 is not supported with --via-gateway (use --mqtt-version for the gateways)");
+        return Err(RunError::Invalid(
+            "--mqtt5 is not supported with --via-gateway (use --mqtt-version for the gateways)"
+                .into(),
+        ));
     }
-    let registry_path = pki.dir.join("registry.toml");
-    let registry = vitalmq_policies::DeviceRegistry::load(&registry_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", registry_path.display()))?;
-    let sites = plan_sites(fleet, &registry).map_err(|e| anyhow::anyhow!(e))?;
+    let sites = plan_sites(fleet, &load_registry(pki)?)?;
     let schedule = Arc::new(opts.schedule.clone());
     let t0 = tokio::time::Instant::now();
     let started = std::time::Instant::now();
     let mut tasks = Vec::with_capacity(sites.len());
     let mut ready = Vec::with_capacity(sites.len());
     for site in sites {
-        let identity = pki
-            .identity("gateway", &site.gateway)
-            .with_context(|| format!("gateway identity of {}", site.site))?;
+        let identity =
+            pki.identity("gateway", &site.gateway)
+                .map_err(|source| RunError::GatewayIdentity {
+                    site: site.site.clone(),
+                    source,
+                })?;
         let mut devices = Vec::with_capacity(site.devices.len());
         for d in &site.devices {
             devices.push(boot_device(opts, pki, d)?);
@@ -493,7 +485,7 @@ async fn run_via_gateways(
     let mut reports = Vec::with_capacity(n);
     let mut gateways = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let (gateway, devices) = task.await.context("gateway task")?;
+        let (gateway, devices) = task.await?;
         gateways.push(gateway);
         reports.extend(devices);
     }
@@ -504,9 +496,11 @@ async fn run_via_gateways(
 }
 
 /// Boots one device (durable epoch, COSE key, vitals model with its episodes).
-fn boot_device(opts: &SimOptions, pki: &Pki, device: &str) -> anyhow::Result<SimDevice> {
-    let id = DeviceId::new(device.to_owned())
-        .map_err(|e| anyhow::anyhow!("device identity `{device}`: {e}"))?;
+fn boot_device(opts: &SimOptions, pki: &Pki, device: &str) -> Result<SimDevice, RunError> {
+    let id = DeviceId::new(device.to_owned()).map_err(|source| RunError::DeviceId {
+        device: device.to_owned(),
+        source,
+    })?;
     let key = pki.signing_key(device)?;
     let episodes = opts
         .episodes
@@ -518,8 +512,10 @@ fn boot_device(opts: &SimOptions, pki: &Pki, device: &str) -> anyhow::Result<Sim
         })
         .collect();
     let model = VitalsModel::new(opts.seed, device, episodes);
-    SimDevice::boot(id, key, opts.fw.clone(), model, &opts.state)
-        .with_context(|| format!("booting {device}"))
+    SimDevice::boot(id, key, opts.fw.clone(), model, &opts.state).map_err(|source| RunError::Boot {
+        device: device.to_owned(),
+        source,
+    })
 }
 
 /// Starts one task per `revoked-certificate` fault that revokes the device's identity
@@ -543,7 +539,7 @@ fn revoke_on_schedule(
                 let revoking = device.clone();
                 let outcome = tokio::task::spawn_blocking(move || revoke(&pki, &revoking))
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(RevokeError::from)
                     .and_then(|r| r);
                 match &outcome {
                     Ok(serial) => {
@@ -560,7 +556,7 @@ fn revoke_on_schedule(
                     ok: outcome.is_ok(),
                     outcome: match outcome {
                         Ok(serial) => format!("revoked serial {serial}"),
-                        Err(e) => e,
+                        Err(e) => e.to_string(),
                     },
                 }
             }));
@@ -569,22 +565,39 @@ fn revoke_on_schedule(
     tasks
 }
 
+/// Why a `revoked-certificate` fault could not revoke.
+#[derive(Debug, thiserror::Error)]
+enum RevokeError {
+    #[error(transparent)]
+    Id(#[from] vitalmq_policies::IdentityError),
+    #[error("{}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: vitalmq_certs::CertsError,
+    },
+    #[error(transparent)]
+    Revoke(#[from] vitalmq_certs::CertsError),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Revokes a device's identity certificate (reason key compromise) and re-signs the
 /// CRL; returns the serial.
-fn revoke(pki: &std::path::Path, device: &str) -> Result<String, String> {
+fn revoke(pki: &std::path::Path, device: &str) -> Result<String, RevokeError> {
     use vitalmq_certs::index::Target;
-    let id = vitalmq_policies::PrincipalId::new(device).map_err(|e| e.to_string())?;
-    let mut store = vitalmq_certs::Pki::open(pki).map_err(|e| format!("{}: {e}", pki.display()))?;
-    let entry = store
-        .revoke(
-            &Target::Identity {
-                role: vitalmq_policies::Role::Device,
-                id,
-            },
-            vitalmq_certs::Reason::KeyCompromise,
-            time::OffsetDateTime::now_utc(),
-        )
-        .map_err(|e| e.to_string())?;
+    let id = vitalmq_policies::PrincipalId::new(device)?;
+    let mut store = vitalmq_certs::Pki::open(pki).map_err(|source| RevokeError::Open {
+        path: pki.to_path_buf(),
+        source,
+    })?;
+    let entry = store.revoke(
+        &Target::Identity {
+            role: vitalmq_policies::Role::Device,
+            id,
+        },
+        vitalmq_certs::Reason::KeyCompromise,
+        time::OffsetDateTime::now_utc(),
+    )?;
     Ok(entry.serial)
 }
 

@@ -76,18 +76,21 @@ impl EpisodeKind {
     }
 }
 
+/// A name that is not an episode kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown episode `{}` (one of: desaturation, tachycardia, fever, motion, dropout)",
+    .0.escape_debug()
+)]
+pub struct UnknownEpisode(pub String);
+
 impl FromStr for EpisodeKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownEpisode;
+    fn from_str(s: &str) -> Result<Self, UnknownEpisode> {
         Self::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown episode `{}` (one of: desaturation, tachycardia, fever, motion, dropout)",
-                    s.escape_debug()
-                )
-            })
+            .ok_or_else(|| UnknownEpisode(s.to_owned()))
     }
 }
 

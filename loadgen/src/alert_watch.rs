@@ -14,40 +14,35 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
+use vitalmq_device_sim::gateway::site_of;
+use vitalmq_device_sim::pki::{Identity, Pki};
+use vitalmq_mqtt_client::{Event, Session, SessionOptions, Target};
 
+use crate::Error;
 use crate::latency::{Recorder, SendTimes};
-use crate::mqtt::{Event, Session, SessionOptions, Target};
-use crate::pki::{Identity, Pki};
 
 /// Each simulated device's send times, by device id; fixed once the devices exist.
-pub type FleetTimes = HashMap<String, Arc<Mutex<SendTimes>>>;
+pub(crate) type FleetTimes = HashMap<String, Arc<Mutex<SendTimes>>>;
 
 /// One site to watch and the integrator that watches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SiteWatch {
+pub(crate) struct SiteWatch {
     pub site: String,
     pub integrator: String,
 }
 
 /// The sites of `devices` (registry order is irrelevant: sorted by site) and, for each,
 /// the first integrator the registry binds to it.
-pub fn plan(
+pub(crate) fn plan(
     devices: &[String],
     registry: &vitalmq_policies::DeviceRegistry,
-) -> Result<Vec<SiteWatch>, String> {
+) -> Result<Vec<SiteWatch>, Error> {
     let mut sites: Vec<String> = Vec::new();
     for d in devices {
-        let id =
-            vitalmq_envelope::DeviceId::new(d.clone()).map_err(|e| format!("device `{d}`: {e}"))?;
-        let site = registry
-            .device(&id)
-            .ok_or_else(|| format!("device `{d}` is not in the registry"))?
-            .site
-            .to_string();
+        let site = site_of(d, registry)?;
         if !sites.contains(&site) {
             sites.push(site);
         }
@@ -61,9 +56,7 @@ pub fn plan(
                 .filter(|i| i.site.to_string() == site)
                 .map(|i| i.id.to_string())
                 .min()
-                .ok_or_else(|| {
-                    format!("site `{site}` has no integrator in the registry to watch its alerts")
-                })?;
+                .ok_or_else(|| Error::NoIntegrator(site.clone()))?;
             Ok(SiteWatch { site, integrator })
         })
         .collect()
@@ -83,28 +76,26 @@ pub struct WatchReport {
 
 /// Running watchers; [`Watchers::stop`] ends them and returns their reports.
 #[derive(Debug)]
-pub struct Watchers {
+pub(crate) struct Watchers {
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<WatchReport>>,
 }
 
 /// Starts one watcher per site and returns once every one is subscribed (or fails if
 /// one is not within `timeout`, or its subscription is refused).
-pub async fn start(
+pub(crate) async fn start(
     pki: &Pki,
     target: &Target,
     sites: Vec<SiteWatch>,
     recorder: Arc<Recorder>,
     fleet: Arc<FleetTimes>,
     timeout: Duration,
-) -> anyhow::Result<Watchers> {
+) -> Result<Watchers, Error> {
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::with_capacity(sites.len());
     let mut ready = Vec::with_capacity(sites.len());
     for s in sites {
-        let identity = pki
-            .identity("integrator", &s.integrator)
-            .with_context(|| format!("integrator identity of {}", s.site))?;
+        let identity = pki.identity("integrator", &s.integrator)?;
         let (tx, rx) = oneshot::channel();
         ready.push((s.site.clone(), rx));
         let watcher = Watcher {
@@ -123,11 +114,13 @@ pub async fn start(
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => {
                 watchers.stop().await;
-                bail!("alert watcher of {site}: {e}");
+                return Err(Error::Refused(format!("alert watcher of {site}: {e}")));
             }
             Ok(Err(_)) | Err(_) => {
                 watchers.stop().await;
-                bail!("alert watcher of {site}: not subscribed within {timeout:?}");
+                return Err(Error::Timeout(format!(
+                    "alert watcher of {site}: not subscribed within {timeout:?}"
+                )));
             }
         }
     }
@@ -136,7 +129,7 @@ pub async fn start(
 
 impl Watchers {
     /// Stops every watcher (closing its connection) and returns what each saw.
-    pub async fn stop(self) -> Vec<WatchReport> {
+    pub(crate) async fn stop(self) -> Vec<WatchReport> {
         let _ = self.stop.send(true);
         let mut out = Vec::with_capacity(self.tasks.len());
         for t in self.tasks {
@@ -241,9 +234,27 @@ impl Watcher {
 mod tests {
     use super::*;
 
+    /// A registry of devices 1..=`devices`, device n registered at site
+    /// `(n - 1) % sites + 1`.
+    fn registry_of(devices: u32, sites: u32) -> vitalmq_policies::DeviceRegistry {
+        let mut registry = vitalmq_policies::DeviceRegistry::new(
+            vitalmq_policies::TrustDomain::new("demo.vitalmq").expect("trust domain"),
+        );
+        for n in 1..=devices {
+            let (_, entry) = vitalmq_certs::enroll_device(
+                vitalmq_certs::device_id(n),
+                vitalmq_certs::site_id((n - 1) % sites + 1),
+                vitalmq_envelope::Algorithm::EdDsa,
+            )
+            .expect("enroll");
+            registry.insert_device(entry).expect("new device");
+        }
+        registry
+    }
+
     #[test]
     fn plans_one_integrator_per_site_of_the_fleet() {
-        let mut registry = crate::test_fixtures::registry_of(5, 3);
+        let mut registry = registry_of(5, 3);
         for (id, site) in [("int-b", 2), ("int-a", 2), ("int-site-01", 1)] {
             let id = vitalmq_policies::PrincipalId::new(id).expect("id");
             registry.insert_integrator(id, vitalmq_certs::site_id(site));
@@ -264,7 +275,9 @@ mod tests {
             ]
         );
         // Device 3's site has no integrator: a clear error, not a silent gap.
-        let err = plan(&["dev-00003".to_owned()], &registry).expect_err("no integrator");
+        let err = plan(&["dev-00003".to_owned()], &registry)
+            .expect_err("no integrator")
+            .to_string();
         assert!(
             err.contains("site-03") && err.contains("no integrator"),
             "{err}"

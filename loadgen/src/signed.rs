@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
 use coset::{CoseSign1, TaggedCborSerializable as _};
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -39,16 +38,18 @@ use vitalmq_envelope::{
     Algorithm, DeviceId, MessageType, Number, SigningKey, Telemetry, VerifyingKey, sign, verify,
 };
 
-use crate::device::DEFAULT_FW;
-use crate::loadgen::{loadavg, proc_sample};
-use crate::mqtt::{Event, Session, SessionOptions, Target};
-use crate::pki::{Identity, Pki};
-use crate::vitals::VitalsModel;
+use vitalmq_device_sim::device::DEFAULT_FW;
+use vitalmq_device_sim::pki::{Identity, Pki};
+use vitalmq_device_sim::vitals::VitalsModel;
+use vitalmq_mqtt_client::{Event, Qos, Session, SessionOptions, Target};
+
+use crate::Error;
+use crate::process::{loadavg, proc_sample};
 
 /// PUBLISHes a publisher keeps without PUBACK (rumqttc's default in-flight limit).
-pub const MAX_UNACKED: u64 = 100;
+pub(crate) const MAX_UNACKED: u64 = 100;
 /// TCP, TLS, CONNACK and SUBACK of one publisher.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Device clock of the first message (2024-06-13T06:30:01Z); one reading per second.
 const FIRST_TS_MS: u64 = 1_718_260_201_000;
 /// Seed of the simulated patients' vitals.
@@ -73,21 +74,26 @@ impl AlgFilter {
     }
 }
 
+/// A name that is not an algorithm filter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown algorithm {0:?} (any, eddsa or es256)")]
+pub struct UnknownAlgorithm(pub String);
+
 impl std::str::FromStr for AlgFilter {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownAlgorithm;
+    fn from_str(s: &str) -> Result<Self, UnknownAlgorithm> {
         match s.to_ascii_lowercase().as_str() {
             "any" => Ok(Self::Any),
             "eddsa" | "ed25519" => Ok(Self::EdDsa),
             "es256" => Ok(Self::Es256),
-            _ => Err(format!("unknown algorithm {s:?} (any, eddsa or es256)")),
+            _ => Err(UnknownAlgorithm(s.to_owned())),
         }
     }
 }
 
 /// The vitals message `seq` of device `dev` in `epoch`, as a wearable would make it:
 /// spo2, pulse, resp, temp and signal quality from the simulated patient.
-pub fn telemetry(dev: &DeviceId, model: &VitalsModel, epoch: u64, seq: u64) -> Telemetry {
+pub(crate) fn telemetry(dev: &DeviceId, model: &VitalsModel, epoch: u64, seq: u64) -> Telemetry {
     let t = Duration::from_secs(seq);
     let (spo2, pulse, resp, temp, q) = model.sample(t).map_or((97, 72, 14, 36.8, 0.95), |s| {
         (s.spo2, s.pulse, s.resp, s.temp, s.q)
@@ -119,7 +125,7 @@ struct Chosen {
 }
 
 /// The first `n` devices of the PKI whose COSE key `filter` admits.
-fn choose(pki: &Pki, n: usize, filter: AlgFilter) -> anyhow::Result<Vec<Chosen>> {
+fn choose(pki: &Pki, n: usize, filter: AlgFilter) -> Result<Vec<Chosen>, Error> {
     let mut out = Vec::with_capacity(n);
     for id in pki.ids("device")? {
         if out.len() == n {
@@ -134,17 +140,17 @@ fn choose(pki: &Pki, n: usize, filter: AlgFilter) -> anyhow::Result<Vec<Chosen>>
         }
     }
     if out.len() < n {
-        bail!(
+        return Err(Error::Invalid(format!(
             "{} has {} devices with {filter:?} keys, {n} needed",
             pki.dir.display(),
             out.len()
-        );
+        )));
     }
     Ok(out)
 }
 
 /// Signs `counts[i]` messages for device `i`, on every available core.
-fn presign(devices: &[Chosen], counts: &[u64], epoch: u64) -> anyhow::Result<Vec<Vec<Vec<u8>>>> {
+fn presign(devices: &[Chosen], counts: &[u64], epoch: u64) -> Result<Vec<Vec<Vec<u8>>>, Error> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let per_thread = devices.len().div_ceil(threads).max(1);
     let jobs: Vec<_> = devices.iter().zip(counts).collect();
@@ -156,17 +162,20 @@ fn presign(devices: &[Chosen], counts: &[u64], epoch: u64) -> anyhow::Result<Vec
                     chunk
                         .iter()
                         .map(|&(d, &count)| {
-                            let dev = DeviceId::new(&d.identity.id)
-                                .with_context(|| format!("device id {}", d.identity.id))?;
+                            let dev = device_id(&d.identity.id)?;
                             let model = VitalsModel::new(VITALS_SEED, dev.as_str(), Vec::new());
                             (0..count)
                                 .map(|seq| {
-                                    sign(&telemetry(&dev, &model, epoch, seq), &d.key)
-                                        .with_context(|| format!("signing for {dev}"))
+                                    sign(&telemetry(&dev, &model, epoch, seq), &d.key).map_err(
+                                        |source| Error::Sign {
+                                            device: dev.to_string(),
+                                            source,
+                                        },
+                                    )
                                 })
-                                .collect::<anyhow::Result<Vec<_>>>()
+                                .collect::<Result<Vec<_>, Error>>()
                         })
-                        .collect::<anyhow::Result<Vec<_>>>()
+                        .collect::<Result<Vec<_>, Error>>()
                 })
             })
             .collect();
@@ -174,7 +183,7 @@ fn presign(devices: &[Chosen], counts: &[u64], epoch: u64) -> anyhow::Result<Vec
         for h in handles {
             match h.join() {
                 Ok(part) => all.extend(part?),
-                Err(_) => bail!("a signing thread panicked"),
+                Err(_) => return Err(Error::Invalid("a signing thread panicked".into())),
             }
         }
         Ok(all)
@@ -290,40 +299,40 @@ struct Publisher {
 }
 
 /// Connects, subscribes to the publisher's receipts and waits for the SUBACK.
-async fn connect(target: &Target, identity: &Identity) -> anyhow::Result<Session> {
+async fn connect(target: &Target, identity: &Identity) -> Result<Session, Error> {
     let options = SessionOptions {
         keep_alive: Duration::from_secs(30),
         connect_timeout: CONNECT_TIMEOUT,
         // Above MAX_UNACKED, so a publish never finds the request channel full.
         request_capacity: usize::try_from(MAX_UNACKED).unwrap_or(100) + 28,
+        ..SessionOptions::default()
     };
     let mut session = Session::open(target, &identity.id, &identity.tls, &options);
     let id = &identity.id;
-    tokio::time::timeout(CONNECT_TIMEOUT, async {
-        loop {
-            match session.next().await {
-                Event::Connected => break,
-                Event::Down { reason } => bail!("{id}: {reason}"),
-                _ => {}
-            }
-        }
-        session
-            .subscribe(&format!("devices/{id}/ack"))
-            .map_err(|e| anyhow::anyhow!("{id}: subscribe: {e}"))?;
-        loop {
-            match session.next().await {
-                Event::Subscribed { granted: true } => return Ok(()),
-                Event::Subscribed { granted: false } => {
-                    bail!("{id}: subscription to its receipts refused")
-                }
-                Event::Down { reason } => bail!("{id}: {reason}"),
-                _ => {}
-            }
-        }
+    let filter = format!("devices/{id}/ack");
+    let granted = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        session.connected().await?;
+        session.subscribed(&filter, Qos::AtLeastOnce).await
     })
     .await
-    .with_context(|| format!("{id}: not connected and subscribed within {CONNECT_TIMEOUT:?}"))??;
+    .map_err(|_| {
+        Error::Timeout(format!(
+            "{id}: not connected and subscribed within {CONNECT_TIMEOUT:?}"
+        ))
+    })?
+    .map_err(|e| Error::session(id, e))?;
+    if !granted {
+        return Err(Error::Refused(filter));
+    }
     Ok(session)
+}
+
+/// A device id of the PKI.
+fn device_id(id: &str) -> Result<DeviceId, Error> {
+    DeviceId::new(id).map_err(|source| Error::DeviceId {
+        device: id.to_owned(),
+        source,
+    })
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -401,7 +410,7 @@ async fn publish(p: Publisher, pace: Pace, phase: Duration, shared: Arc<Shared>)
                     tracing::warn!(device = %id, %reason, "publish refused by the broker");
                     shared.errors.fetch_add(1, Ordering::Relaxed);
                 }
-                Event::Message { payload, .. } => match crate::receipt::decode(&payload) {
+                Event::Message { payload, .. } => match vitalmq_device_sim::receipt::decode(&payload) {
                     Ok(key) if key.epoch == epoch && key.seq < total => {
                         let now_covered = key.seq + 1;
                         if now_covered > covered {
@@ -456,12 +465,14 @@ fn crossing(timeline: &[Sample], level: f64) -> Option<f64> {
 }
 
 /// Runs the signed load; see the module documentation.
-pub async fn run(pki: &Pki, opts: &SignedOptions) -> anyhow::Result<SignedReport> {
+pub async fn run(pki: &Pki, opts: &SignedOptions) -> Result<SignedReport, Error> {
     if opts.publishers == 0 || opts.messages == 0 {
-        bail!("--publishers and --messages must be at least 1");
+        return Err(Error::Invalid(
+            "--publishers and --messages must be at least 1".into(),
+        ));
     }
     if opts.timeout > Duration::from_secs(3600) {
-        bail!("timeout at most 3600 s");
+        return Err(Error::Invalid("timeout at most 3600 s".into()));
     }
     let chosen = choose(pki, opts.publishers, opts.alg)?;
     let n = opts.publishers as u64;
@@ -495,7 +506,7 @@ pub async fn run(pki: &Pki, opts: &SignedOptions) -> anyhow::Result<SignedReport
         handles.push(tokio::spawn(async move {
             let _permit = sem.acquire().await;
             let session = connect(&target, &identity).await?;
-            anyhow::Ok(Publisher {
+            Ok::<_, Error>(Publisher {
                 id: identity.id,
                 session,
                 messages,
@@ -504,7 +515,7 @@ pub async fn run(pki: &Pki, opts: &SignedOptions) -> anyhow::Result<SignedReport
     }
     let mut publishers = Vec::with_capacity(handles.len());
     for h in handles {
-        publishers.push(h.await.context("connect task")??);
+        publishers.push(h.await??);
     }
 
     let loadavg_start = loadavg();
@@ -566,7 +577,7 @@ pub async fn run(pki: &Pki, opts: &SignedOptions) -> anyhow::Result<SignedReport
     );
     let mut sessions = Vec::with_capacity(tasks.len());
     for t in tasks {
-        sessions.push(t.await.context("publisher task")?);
+        sessions.push(t.await?);
     }
     for s in sessions {
         s.close(Duration::from_millis(300)).await;
@@ -749,14 +760,16 @@ fn bare_verify(key: &VerifyingKey, tbs: &[u8], signature: &[u8]) -> bool {
 
 /// Calls `op` in rounds of 64 until `seconds` passed; operations per second. Fails if
 /// `op` ever refuses (the fixture is valid, so that is a broken measurement).
-fn per_second(seconds: f64, mut op: impl FnMut() -> bool) -> anyhow::Result<f64> {
+fn per_second(seconds: f64, mut op: impl FnMut() -> bool) -> Result<f64, Error> {
     let limit = Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < limit {
         for _ in 0..64 {
             if !op() {
-                bail!("the reference message did not verify");
+                return Err(Error::Reference(
+                    "the reference message did not verify".into(),
+                ));
             }
         }
         n += 64;
@@ -777,17 +790,21 @@ struct Fixture {
 }
 
 /// The first device of the PKI with an `alg` key, and a vitals message it signed.
-fn fixture(pki: &Pki, alg: Algorithm) -> anyhow::Result<Option<Fixture>> {
+fn fixture(pki: &Pki, alg: Algorithm) -> Result<Option<Fixture>, Error> {
     for id in pki.ids("device")? {
         let key = pki.signing_key(&id)?;
         if key.algorithm() != alg {
             continue;
         }
-        let dev = DeviceId::new(&id).with_context(|| format!("device id {id}"))?;
+        let dev = device_id(&id)?;
         let model = VitalsModel::new(VITALS_SEED, dev.as_str(), Vec::new());
-        let message = sign(&telemetry(&dev, &model, 1, 1000), &key)?;
+        let message =
+            sign(&telemetry(&dev, &model, 1, 1000), &key).map_err(|source| Error::Sign {
+                device: id.clone(),
+                source,
+            })?;
         let parsed = CoseSign1::from_tagged_slice(&message)
-            .map_err(|e| anyhow::anyhow!("own message does not parse: {e}"))?;
+            .map_err(|e| Error::Reference(format!("own message does not parse: {e}")))?;
         let public = key.verifying_key();
         return Ok(Some(Fixture {
             alg,
@@ -806,9 +823,11 @@ fn fixture(pki: &Pki, alg: Algorithm) -> anyhow::Result<Option<Fixture>> {
 /// Times one-core verification of a vitals message of the first Ed25519 and the first
 /// ES256 device of the PKI on the calling thread: [`REFERENCE_ROUNDS`] rounds of
 /// `seconds` per measurement, the best round kept.
-pub fn verify_reference(pki: &Pki, seconds: f64) -> anyhow::Result<VerifyReference> {
+pub fn verify_reference(pki: &Pki, seconds: f64) -> Result<VerifyReference, Error> {
     if !(0.1..=60.0).contains(&seconds) {
-        bail!("--verify-reference: 0.1 to 60 seconds per measurement");
+        return Err(Error::Invalid(
+            "--verify-reference: 0.1 to 60 seconds per measurement".into(),
+        ));
     }
     let loadavg_start = loadavg();
     let mut fixtures = Vec::new();

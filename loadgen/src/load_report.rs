@@ -9,9 +9,11 @@
 
 use serde::Serialize;
 
+use vitalmq_device_sim::runner::Summary;
+
 use crate::alert_watch::WatchReport;
 use crate::latency::{Percentiles, Recorded};
-use crate::runner::Summary;
+use crate::sim_load::LoadObserved;
 
 /// How the load run was set up (echoed into the report).
 #[derive(Debug, Clone, Serialize)]
@@ -100,19 +102,19 @@ impl LoadReport {
     pub fn new(
         setup: LoadSetup,
         summary: &Summary,
+        load: LoadObserved,
         recorded: Recorded,
         rss_end_kib: Option<u64>,
         rss_peak_kib: Option<u64>,
     ) -> Self {
         let t = &summary.totals;
         let made = t.vitals + t.status;
-        let load = summary.load.clone().unwrap_or_default();
         Self {
             format: "vitalmq-sim-load/v1",
             setup,
             elapsed_s: summary.elapsed_s,
             connect: Connect {
-                all_connected_ms: load
+                all_connected_ms: summary
                     .all_connected
                     .map(|d| (d.as_secs_f64() * 10_000.0).round() / 10.0),
                 connects: t.connects,
@@ -201,13 +203,4 @@ impl LoadReport {
         );
         out
     }
-}
-
-/// This process's peak resident set (`VmHWM`), KiB.
-pub fn rss_peak_kib() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -30,10 +30,10 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
-use crate::ring::{DEFAULT_CAPACITY, Key};
+use vitalmq_device_sim::ring::{DEFAULT_CAPACITY, Key};
 
 /// Publish instants kept per device: as many as the outbox holds.
-pub const SEND_TIMES: usize = DEFAULT_CAPACITY;
+pub(crate) const SEND_TIMES: usize = DEFAULT_CAPACITY;
 
 /// Highest latency a histogram records exactly (one hour, in microseconds); larger
 /// values are clamped to it.
@@ -42,7 +42,7 @@ const HIGHEST_US: u64 = 3_600_000_000;
 /// The bridge's event id of `(device, epoch, seq)`: `ev1-` and the first 16 bytes of
 /// SHA-256 over a domain tag, the device id, a zero byte and the big-endian epoch and
 /// seq (as `bridge/src/normalize.rs` makes it).
-pub fn event_id(device: &str, key: Key) -> String {
+pub(crate) fn event_id(device: &str, key: Key) -> String {
     let mut h = Sha256::new();
     h.update(b"vitalmq/event/v1\0");
     h.update(device.as_bytes());
@@ -64,7 +64,7 @@ struct Sent {
 /// entries stay until pushed out, so that an alert arriving after the receipt can still
 /// be matched to its trigger.
 #[derive(Debug)]
-pub struct SendTimes {
+pub(crate) struct SendTimes {
     ring: Deque<Sent, SEND_TIMES>,
     /// Entries not yet receipted (they are at the back, apart from a swapped pair).
     pending: usize,
@@ -77,7 +77,7 @@ impl Default for SendTimes {
 }
 
 impl SendTimes {
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             ring: Deque::new(),
             pending: 0,
@@ -86,7 +86,7 @@ impl SendTimes {
 
     /// Records the first publish of `key` at `at`. Returns true when the ring was full
     /// and the oldest entry dropped had no receipt yet (its latency is lost: untimed).
-    pub fn sent(&mut self, key: Key, at: Instant) -> bool {
+    pub(crate) fn sent(&mut self, key: Key, at: Instant) -> bool {
         let mut untimed = false;
         if self.ring.is_full()
             && let Some(old) = self.ring.pop_front()
@@ -107,7 +107,7 @@ impl SendTimes {
 
     /// A receipt covering everything up to `receipt` arrived at `now`: calls `each` with
     /// the latency of every entry it covers for the first time; returns how many.
-    pub fn receipted_through(
+    pub(crate) fn receipted_through(
         &mut self,
         receipt: Key,
         now: Instant,
@@ -136,7 +136,7 @@ impl SendTimes {
 
     /// The first-publish instant of the message of `device` whose event id is `id`,
     /// newest first (an alert's trigger is a recent message).
-    pub fn find(&self, device: &str, id: &str) -> Option<(Key, Instant)> {
+    pub(crate) fn find(&self, device: &str, id: &str) -> Option<(Key, Instant)> {
         self.ring
             .iter()
             .rev()
@@ -145,14 +145,15 @@ impl SendTimes {
     }
 
     /// Entries still waiting for a receipt.
-    pub fn pending(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
         self.pending
     }
 }
 
 /// Latency percentiles in microseconds: the load generator's summary, so every report
 /// of the project reads the same way.
-pub use crate::loadgen::Latency as Percentiles;
+pub use crate::broker::Latency as Percentiles;
 
 /// What became of one alert message received by an integrator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,7 +218,7 @@ impl Recorder {
     }
 
     /// A device published `key` for the first time at `at`.
-    pub fn on_sent(&self, times: &Mutex<SendTimes>, key: Key, at: Instant) {
+    pub(crate) fn on_sent(&self, times: &Mutex<SendTimes>, key: Key, at: Instant) {
         if lock(times).sent(key, at) {
             self.untimed.fetch_add(1, Ordering::Relaxed);
         }
@@ -225,7 +226,7 @@ impl Recorder {
 
     /// A device applied a receipt through `receipt` at `now` that released `released`
     /// messages from its outbox.
-    pub fn on_receipt(
+    pub(crate) fn on_receipt(
         &self,
         times: &Mutex<SendTimes>,
         receipt: Key,
@@ -249,7 +250,7 @@ impl Recorder {
 
     /// An integrator received `payload` on an alert topic at `now`; `times` finds the
     /// send times of a simulated device.
-    pub fn on_alert<'a>(
+    pub(crate) fn on_alert<'a>(
         &self,
         payload: &[u8],
         now: Instant,
