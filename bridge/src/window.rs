@@ -163,7 +163,7 @@ impl DeviceSequence {
         self.highest
     }
 
-    pub(crate) fn size(&self) -> WindowSize {
+    pub fn size(&self) -> WindowSize {
         self.size
     }
 
@@ -277,7 +277,7 @@ impl DeviceSequence {
     }
 
     /// Serialized state for the store: the bitmap words, little-endian.
-    pub(crate) fn bitmap_bytes(&self) -> Vec<u8> {
+    pub fn bitmap_bytes(&self) -> Vec<u8> {
         self.bits.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 

@@ -280,7 +280,7 @@ impl ObjectStoreSink {
 
     /// The directory of one partition's objects of `kind`, without a trailing `/`:
     /// `{prefix}/{kind}/` and the partition's [`PartitionKey::name`].
-    pub fn partition_prefix(&self, kind: ObjectKind, key: &PartitionKey) -> String {
+    pub(crate) fn partition_prefix(&self, kind: ObjectKind, key: &PartitionKey) -> String {
         let mut name = String::new();
         if !self.prefix.as_ref().is_empty() {
             name.push_str(self.prefix.as_ref());

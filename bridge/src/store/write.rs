@@ -271,7 +271,7 @@ impl Store {
             let id = DeviceId::new(&device).map_err(|e| corrupt(e.to_string()))?;
             let window = u32::try_from(window).map_err(|e| corrupt(e.to_string()))?;
             let state = DeviceSequence::restore(size, window, i2u(epoch), i2u(highest), &bitmap)
-                .map_err(corrupt)?;
+                .map_err(|e| corrupt(e.to_string()))?;
             out.insert(id, state);
         }
         Ok(out)
