@@ -44,9 +44,6 @@ pub const SUBSCRIPTIONS: [&str; 2] = ["devices/+/telemetry", "devices/+/status"]
 /// The line printed (to stderr, through tracing) once the bridge is subscribed.
 pub const READY: &str = "vitalmq bridge ready";
 
-/// The error of `mqtt::options`, which has no type of its own yet.
-pub(crate) type MqttSetupError = Box<dyn std::error::Error + Send + Sync>;
-
 /// Why the bridge could not start, or not stop cleanly. The context is the message and
 /// the cause its source, so `{:#}` reads `<context>: <cause>`.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +85,7 @@ pub enum RunError {
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error(transparent)]
-    Mqtt(MqttSetupError),
+    Mqtt(#[from] crate::mqtt::MqttSetupError),
     #[error("webhook {webhook}: environment variable {var} is not set")]
     WebhookEnv {
         webhook: String,
@@ -271,8 +268,7 @@ pub async fn run(
             ),
     )?;
 
-    let options =
-        mqtt::options(&config.broker, &config.id, true).map_err(|e| RunError::Mqtt(e.into()))?;
+    let options = mqtt::options(&config.broker, &config.id, true).map_err(RunError::Mqtt)?;
     let (client, eventloop) = mqtt::client(options, 4096);
 
     let (ops_tx, ops_rx) = mpsc::unbounded_channel::<OpsAlert>();
@@ -297,8 +293,7 @@ pub async fn run(
         };
         handlers.push(Handler::Mqtt {
             options: Box::new(
-                mqtt::options(&publisher, &a.publisher.client_id, false)
-                    .map_err(|e| RunError::Mqtt(e.into()))?,
+                mqtt::options(&publisher, &a.publisher.client_id, false).map_err(RunError::Mqtt)?,
             ),
             link: None,
         });

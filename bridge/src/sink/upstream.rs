@@ -72,7 +72,7 @@ impl UpstreamSink {
         name: String,
         link: &BrokerLink,
         client_id: &str,
-    ) -> Result<Self, crate::run::MqttSetupError> {
+    ) -> Result<Self, crate::mqtt::MqttSetupError> {
         let mut options = mqtt::options(link, client_id, false)?;
         // Each connection starts clean: redelivery is the drain loop's job.
         options.set_clean_session(true);
