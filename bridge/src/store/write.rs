@@ -23,7 +23,7 @@ use crate::window::{Accepted, DeviceSequence, Verdict, WindowSize};
 /// epoch and seq are derived from the verified value. Bytes that were never verified
 /// cannot be stored; the fields are private, so this does not compile:
 ///
-/// ```compile_fail
+/// ```compile_fail,E0451
 /// use vitalmq_bridge::store::RecordedEvent;
 ///
 /// let forged = RecordedEvent {
