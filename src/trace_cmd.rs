@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use serde_json::{Value as Json, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Number, Value as Json};
 use vitalmq_audit::{AuditRecord, Event};
 use vitalmq_bridge::sink::object::PartitionKey;
-use vitalmq_bridge::store::Store;
+use vitalmq_bridge::store::{EventDetail, RawRef, Store};
+use vitalmq_bridge::window::Verdict;
 use vitalmq_policies::{Role, SpiffeId};
 
 #[derive(Debug, clap::Args)]
@@ -65,7 +67,7 @@ fn trace(args: &TraceArgs, store: &Store) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(1));
     };
     if args.json {
-        println!("{trace}");
+        println!("{}", serde_json::to_string(&trace)?);
     } else {
         print!("{}", render(&trace));
     }
@@ -111,10 +113,10 @@ const CLOCK_STEP_MARGIN_MS: u64 = 5 * 60 * 1000;
 
 /// The parts of the broker audit log a trace needs.
 struct BrokerAudit {
-    /// Accepted connections: (identity, time, certificate serial, certificate SHA-256).
-    connections: Vec<(String, String, Option<String>, Option<String>)>,
-    /// Alert deliveries: alert id -> (identity, state, time).
-    deliveries: BTreeMap<String, Vec<(String, String, String)>>,
+    /// Accepted connections of the wanted devices, in log order.
+    connections: Vec<Publisher>,
+    /// Alert deliveries: alert id -> deliveries in log order.
+    deliveries: BTreeMap<String, Vec<Delivery>>,
 }
 
 /// `at` of a record line, to the second, without parsing the line (the writer puts it
@@ -173,9 +175,12 @@ impl BrokerAudit {
             let who = actor.identity.unwrap_or_default();
             if r.event == Event::ConnectionAccepted {
                 if device_of(&who).is_some_and(|d| wanted.devices.contains(&d)) {
-                    audit
-                        .connections
-                        .push((who, r.at, actor.cert_serial, actor.cert_sha256));
+                    audit.connections.push(Publisher {
+                        identity: who,
+                        connected_at: r.at,
+                        cert_serial: actor.cert_serial,
+                        cert_sha256: actor.cert_sha256,
+                    });
                 }
             } else if r.event == Event::AlertDelivered
                 && let Some(id) = r.resource
@@ -186,14 +191,18 @@ impl BrokerAudit {
                     .deliveries
                     .entry(id)
                     .or_default()
-                    .push((who, state, r.at));
+                    .push(Delivery {
+                        identity: who,
+                        state,
+                        at: r.at,
+                    });
             }
         }
         Ok(audit)
     }
 
     /// The last accepted connection of `device` at or before `at` (RFC 3339).
-    fn publisher(&self, device: &str, at: &str) -> Option<Json> {
+    fn publisher(&self, device: &str, at: &str) -> Option<Publisher> {
         // Compared as times: RFC 3339 text with and without fractional seconds does not
         // sort as text ("...:00Z" > "...:00.5Z").
         let parse = |t: &str| {
@@ -202,12 +211,11 @@ impl BrokerAudit {
         let at = parse(at)?;
         self.connections
             .iter()
-            .rfind(|(who, when, _, _)| {
-                device_of(who).as_deref() == Some(device) && parse(when).is_some_and(|w| w <= at)
+            .rfind(|c| {
+                device_of(&c.identity).as_deref() == Some(device)
+                    && parse(&c.connected_at).is_some_and(|w| w <= at)
             })
-            .map(|(who, when, serial, sha)| {
-                json!({"identity": who, "connected_at": when, "cert_serial": serial, "cert_sha256": sha})
-            })
+            .cloned()
     }
 }
 
@@ -219,7 +227,7 @@ fn wanted(store: &Store, id: &str) -> anyhow::Result<Wanted> {
         let device = store
             .alert_history(id)?
             .first()
-            .and_then(|h| h.body["device"].as_str().map(str::to_owned));
+            .and_then(|h| AlertBody::of(&h.body).device);
         return Ok(Wanted::new(
             device.into_iter().collect(),
             Some(id.to_owned()),
@@ -233,12 +241,176 @@ fn wanted(store: &Store, id: &str) -> anyhow::Result<Wanted> {
     Ok(Wanted::new(
         vec![e.device.to_string()],
         None,
-        rfc3339(until).as_str().map(|t| t[..19].to_owned()),
+        rfc3339(until).map(|t| t[..19].to_owned()),
     ))
 }
 
-fn rfc3339(ms: u64) -> Json {
-    vitalmq_bridge::normalize::rfc3339_ms(ms).map_or(Json::Null, Json::String)
+fn rfc3339(ms: u64) -> Option<String> {
+    vitalmq_bridge::normalize::rfc3339_ms(ms)
+}
+
+/// A trace, as `--json` prints it and the text is rendered from.
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum Trace {
+    Event(EventTrace),
+    Alert(AlertTrace),
+}
+
+/// `vitalmq trace ev1-...`: the event's chain and the alerts citing it.
+#[derive(Debug, Serialize)]
+struct EventTrace {
+    event: EventChain,
+    cited_by_alerts: Vec<Citation>,
+}
+
+/// An alert state change citing the traced event.
+#[derive(Debug, Serialize)]
+struct Citation {
+    alert_id: String,
+    state: String,
+    rule: Option<String>,
+}
+
+/// `vitalmq trace al-...`: who raised what under which rule and policy, on which
+/// events, and (with the broker audit log) who was handed it.
+#[derive(Debug, Serialize)]
+struct AlertTrace {
+    alert_id: String,
+    rule: Option<String>,
+    rule_version: Option<String>,
+    policy_sha256: Option<String>,
+    device: Option<String>,
+    site: Option<String>,
+    patient_ref: Option<String>,
+    fw: Option<String>,
+    model: Option<String>,
+    changes: Vec<Change>,
+    evidence: Vec<Evidence>,
+    /// `None` (null) without the broker audit log: unknown, not "nobody".
+    recipients: Option<Vec<Delivery>>,
+}
+
+/// One recorded state change of the alert.
+#[derive(Debug, Serialize)]
+struct Change {
+    state: String,
+    severity: Option<String>,
+    topic: String,
+    raised_at: Option<String>,
+    recorded_at: Option<String>,
+    value: Option<Number>,
+    threshold: Option<Number>,
+    rule_version: Option<String>,
+    policy_sha256: Option<String>,
+}
+
+/// An evidence id of the alert: its event's chain, or that the store lacks it.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Evidence {
+    Found(EventChain),
+    Missing { event_id: String, missing: bool },
+}
+
+/// One event's chain: the stored event, where its raw bytes are, and (with the broker
+/// audit log) the certificate its publisher connected with.
+#[derive(Debug, Serialize)]
+struct EventChain {
+    #[serde(flatten)]
+    detail: EventDetail,
+    raw: RawTrace,
+    received_at: Option<String>,
+    /// Present only with the broker audit log (and a reception time); null when no
+    /// connection of the device before the reception is recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publisher_certificate: Option<Option<Publisher>>,
+}
+
+/// The raw-plane row and where its bytes are kept.
+#[derive(Debug, Serialize)]
+struct RawTrace {
+    #[serde(flatten)]
+    row: RawRef,
+    stored_in: StoredIn,
+}
+
+#[derive(Debug, Serialize)]
+struct StoredIn {
+    bridge_store: String,
+    sinks: Vec<SinkDelivery>,
+}
+
+/// A sink that has delivered the event, and the partition its object is in.
+#[derive(Debug, Serialize)]
+struct SinkDelivery {
+    sink: String,
+    partition: String,
+    note: String,
+}
+
+/// An accepted connection of a device, from the broker audit log.
+#[derive(Debug, Clone, Serialize)]
+struct Publisher {
+    identity: String,
+    connected_at: String,
+    cert_serial: Option<String>,
+    cert_sha256: Option<String>,
+}
+
+/// An alert handed to a subscriber, from the broker audit log.
+#[derive(Debug, Clone, Serialize)]
+struct Delivery {
+    identity: String,
+    state: String,
+    at: String,
+}
+
+/// The fields of a published alert (a document, kept as such in the store) a trace
+/// shows; absent or mistyped ones are unknown.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct AlertBody {
+    rule: Option<String>,
+    rule_version: Option<String>,
+    policy_sha256: Option<String>,
+    device: Option<String>,
+    site: Option<String>,
+    patient_ref: Option<String>,
+    fw: Option<String>,
+    model: Option<String>,
+    severity: Option<String>,
+    raised_at: Option<String>,
+    value: Option<Number>,
+    threshold: Option<Number>,
+    evidence: Vec<String>,
+}
+
+impl AlertBody {
+    fn of(body: &Json) -> Self {
+        Self::deserialize(body).unwrap_or_default()
+    }
+}
+
+/// The fields of a normalized event (a published document) the text shows.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NormalizedView {
+    observed_at: Option<String>,
+    fw: Option<String>,
+    model: Option<String>,
+    schema: Option<u64>,
+    provenance: ProvenanceView,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ProvenanceView {
+    kid: Option<String>,
+    alg: Option<String>,
+    transformation: Option<String>,
+    consent: Option<String>,
+    processing_policy: Option<String>,
 }
 
 /// The chain of one event: message, verdicts, normalized form, where the bytes are.
@@ -247,11 +419,11 @@ fn event_chain(
     event_id: &str,
     near: Option<i64>,
     broker: Option<&BrokerAudit>,
-) -> anyhow::Result<Option<Json>> {
+) -> anyhow::Result<Option<EventChain>> {
     let Some(detail) = store.event_detail_near(event_id, near)? else {
         return Ok(None);
     };
-    let received = rfc3339(detail.received_at_ms);
+    let received_at = rfc3339(detail.received_at_ms);
     let position = detail.position;
     let partition = PartitionKey::new(
         detail.site.as_str(),
@@ -260,231 +432,253 @@ fn event_chain(
     )
     .map(|key| key.name())
     .unwrap_or_default();
-    let sinks: Vec<Json> = store
+    let sinks = store
         .sinks_past(position)?
         .into_iter()
-        .map(|(sink, _)| {
-            json!({
-                "sink": sink,
-                "partition": partition,
-                "note": "objects named <first>-<last> by outbox position; this event is position ".to_owned() + &position.to_string(),
-            })
+        .map(|(sink, _)| SinkDelivery {
+            sink,
+            partition: partition.clone(),
+            note: format!(
+                "objects named <first>-<last> by outbox position; this event is position {position}"
+            ),
         })
         .collect();
-    let mut e = serde_json::to_value(&detail)?;
-    e["received_at"] = received.clone();
-    e["raw"]["stored_in"] = json!({"bridge_store": format!("raw_messages row {}", detail.raw.store_row), "sinks": sinks});
-    if let Some(b) = broker
-        && let Some(at) = received.as_str()
-    {
-        e["publisher_certificate"] = b
-            .publisher(detail.device.as_str(), at)
-            .unwrap_or(Json::Null);
-    }
-    Ok(Some(e))
+    let raw = RawTrace {
+        stored_in: StoredIn {
+            bridge_store: format!("raw_messages row {}", detail.raw.store_row),
+            sinks,
+        },
+        row: detail.raw.clone(),
+    };
+    let publisher_certificate = match (broker, &received_at) {
+        (Some(b), Some(at)) => Some(b.publisher(detail.device.as_str(), at)),
+        _ => None,
+    };
+    Ok(Some(EventChain {
+        detail,
+        raw,
+        received_at,
+        publisher_certificate,
+    }))
 }
 
 fn trace_event(
     store: &Store,
     event_id: &str,
     broker: Option<&BrokerAudit>,
-) -> anyhow::Result<Option<Json>> {
+) -> anyhow::Result<Option<Trace>> {
     let Some(event) = event_chain(store, event_id, None, broker)? else {
         return Ok(None);
     };
-    let alerts: Vec<Json> = store
+    let cited_by_alerts = store
         .alerts_citing(event_id)?
         .into_iter()
-        .map(|a| json!({"alert_id": a.alert_id, "state": a.state, "rule": a.body["rule"]}))
+        .map(|a| Citation {
+            rule: AlertBody::of(&a.body).rule,
+            alert_id: a.alert_id,
+            state: a.state,
+        })
         .collect();
-    Ok(Some(
-        json!({"kind": "event", "event": event, "cited_by_alerts": alerts}),
-    ))
+    Ok(Some(Trace::Event(EventTrace {
+        event,
+        cited_by_alerts,
+    })))
 }
 
 fn trace_alert(
     store: &Store,
     alert_id: &str,
     broker: Option<&BrokerAudit>,
-) -> anyhow::Result<Option<Json>> {
+) -> anyhow::Result<Option<Trace>> {
     let history = store.alert_history(alert_id)?;
-    let Some(first) = history.first() else {
+    let bodies: Vec<AlertBody> = history.iter().map(|h| AlertBody::of(&h.body)).collect();
+    let Some(body) = bodies.first() else {
         return Ok(None);
     };
-    let body = &first.body;
     // Each evidence id with the time of the first change citing it: the event was
     // received shortly before, which tells the store where to look first.
-    let mut evidence_ids: Vec<(String, u64)> = Vec::new();
-    for h in &history {
-        for id in h.body["evidence"].as_array().into_iter().flatten() {
-            if let Some(id) = id.as_str()
-                && !evidence_ids.iter().any(|(e, _)| e == id)
-            {
-                let at = h.recorded_at_ms;
-                evidence_ids.push((id.to_owned(), at));
+    let mut evidence_ids: Vec<(&str, u64)> = Vec::new();
+    for (h, b) in history.iter().zip(&bodies) {
+        for id in &b.evidence {
+            if !evidence_ids.iter().any(|(e, _)| e == id) {
+                evidence_ids.push((id, h.recorded_at_ms));
             }
         }
     }
     let mut evidence = Vec::new();
-    for (id, at) in &evidence_ids {
-        let near = store.position_near_time(*at)?;
-        evidence.push(
-            event_chain(store, id, Some(near), broker)?
-                .unwrap_or_else(|| json!({"event_id": id, "missing": true})),
-        );
+    for (id, at) in evidence_ids {
+        let near = store.position_near_time(at)?;
+        evidence.push(match event_chain(store, id, Some(near), broker)? {
+            Some(chain) => Evidence::Found(chain),
+            None => Evidence::Missing {
+                event_id: id.to_owned(),
+                missing: true,
+            },
+        });
     }
-    let changes: Vec<Json> = history
+    let changes = history
         .iter()
-        .map(|h| {
-            json!({
-                "state": h.state, "severity": h.body["severity"], "topic": h.topic,
-                "raised_at": h.body["raised_at"], "recorded_at": rfc3339(h.recorded_at_ms),
-                "value": h.body["value"], "threshold": h.body["threshold"],
-                "rule_version": h.body["rule_version"], "policy_sha256": h.body["policy_sha256"],
-            })
+        .zip(&bodies)
+        .map(|(h, b)| Change {
+            state: h.state.clone(),
+            severity: b.severity.clone(),
+            topic: h.topic.clone(),
+            raised_at: b.raised_at.clone(),
+            recorded_at: rfc3339(h.recorded_at_ms),
+            value: b.value.clone(),
+            threshold: b.threshold.clone(),
+            rule_version: b.rule_version.clone(),
+            policy_sha256: b.policy_sha256.clone(),
         })
         .collect();
-    let recipients: Vec<Json> = broker
-        .and_then(|b| b.deliveries.get(alert_id))
-        .into_iter()
-        .flatten()
-        .map(|(who, state, at)| json!({"identity": who, "state": state, "at": at}))
-        .collect();
-    Ok(Some(json!({
-        "kind": "alert",
-        "alert_id": alert_id,
-        "rule": body["rule"],
-        "rule_version": body["rule_version"],
-        "policy_sha256": body["policy_sha256"],
-        "device": body["device"],
-        "site": body["site"],
-        "patient_ref": body["patient_ref"],
-        "fw": body["fw"],
-        "model": body["model"],
-        "changes": changes,
-        "evidence": evidence,
-        "recipients": if broker.is_some() { Json::Array(recipients) } else { Json::Null },
+    let recipients = broker.map(|b| b.deliveries.get(alert_id).cloned().unwrap_or_default());
+    Ok(Some(Trace::Alert(AlertTrace {
+        alert_id: alert_id.to_owned(),
+        rule: body.rule.clone(),
+        rule_version: body.rule_version.clone(),
+        policy_sha256: body.policy_sha256.clone(),
+        device: body.device.clone(),
+        site: body.site.clone(),
+        patient_ref: body.patient_ref.clone(),
+        fw: body.fw.clone(),
+        model: body.model.clone(),
+        changes,
+        evidence,
+        recipients,
     })))
 }
 
-fn s(v: &Json) -> String {
-    match v {
-        Json::String(s) => s.clone(),
-        Json::Null => "-".to_owned(),
-        other => other.to_string(),
-    }
+/// The text of a value the trace may not know: `-` when it does not.
+fn or_dash<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-fn render_event(out: &mut String, e: &Json, indent: &str) {
-    let n = &e["normalized"];
-    let p = &n["provenance"];
+fn render_event(out: &mut String, e: &EventChain, indent: &str) {
+    let d = &e.detail;
+    let n = NormalizedView::deserialize(&d.normalized).unwrap_or_default();
+    let p = &n.provenance;
+    let raw = &e.raw;
     out.push_str(&format!(
         "{indent}event {}  device {} epoch {} seq {}  sequence {}\n",
-        s(&e["event_id"]),
-        s(&e["device"]),
-        s(&e["epoch"]),
-        s(&e["seq"]),
-        s(&e["verdict"])
+        d.event_id,
+        d.device,
+        d.epoch,
+        d.seq,
+        Verdict::Accept(d.verdict)
     ));
     out.push_str(&format!(
         "{indent}  observed {}  received {}  fw {}  model {}  schema {}\n",
-        s(&n["observed_at"]),
-        s(&e["received_at"]),
-        s(&n["fw"]),
-        s(&n["model"]),
-        s(&n["schema"])
+        or_dash(n.observed_at.as_ref()),
+        or_dash(e.received_at.as_ref()),
+        or_dash(n.fw.as_ref()),
+        or_dash(n.model.as_ref()),
+        or_dash(n.schema)
     ));
     out.push_str(&format!(
         "{indent}  verified: kid {} {}  raw sha256 {} ({} bytes)  topic {}\n",
-        s(&p["kid"]),
-        s(&p["alg"]),
-        s(&e["raw"]["sha256"]),
-        s(&e["raw"]["bytes"]),
-        s(&e["raw"]["topic"])
+        or_dash(p.kid.as_ref()),
+        or_dash(p.alg.as_ref()),
+        raw.row.sha256,
+        raw.row.bytes,
+        raw.row.topic
     ));
     out.push_str(&format!(
         "{indent}  raw bytes: bridge store {}{}\n",
-        s(&e["raw"]["stored_in"]["bridge_store"]),
-        e["raw"]["stored_in"]["sinks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|x| format!("; sink {} {}", s(&x["sink"]), s(&x["partition"])))
+        raw.stored_in.bridge_store,
+        raw.stored_in
+            .sinks
+            .iter()
+            .map(|x| format!("; sink {} {}", x.sink, x.partition))
             .collect::<String>()
     ));
     out.push_str(&format!(
         "{indent}  normalized by {}  consent {}  processing policy {}\n",
-        s(&p["transformation"]),
-        s(&p["consent"]),
-        s(&p["processing_policy"])
+        or_dash(p.transformation.as_ref()),
+        or_dash(p.consent.as_ref()),
+        or_dash(p.processing_policy.as_ref())
     ));
-    match &e["publisher_certificate"] {
-        Json::Null => out.push_str(&format!(
-            "{indent}  publisher: {}\n",
-            s(&e["raw"]["publisher"])
-        )),
-        c => out.push_str(&format!(
+    match &e.publisher_certificate {
+        Some(Some(c)) => out.push_str(&format!(
             "{indent}  publisher: {} (cert serial {}, sha256 {}, connected {})\n",
-            s(&c["identity"]),
-            s(&c["cert_serial"]),
-            s(&c["cert_sha256"]),
-            s(&c["connected_at"])
+            c.identity,
+            or_dash(c.cert_serial.as_ref()),
+            or_dash(c.cert_sha256.as_ref()),
+            c.connected_at
         )),
+        _ => out.push_str(&format!("{indent}  publisher: {}\n", raw.row.publisher)),
     }
 }
 
-fn render(t: &Json) -> String {
-    let mut out = String::new();
-    if t["kind"] == "event" {
-        render_event(&mut out, &t["event"], "");
-        for a in t["cited_by_alerts"].as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "  evidence of alert {} ({} {})\n",
-                s(&a["alert_id"]),
-                s(&a["rule"]),
-                s(&a["state"])
-            ));
-        }
-        return out;
-    }
+/// An evidence id the store does not hold, in the shape of an event with nothing known.
+fn render_missing(out: &mut String, event_id: &str, indent: &str) {
     out.push_str(&format!(
-        "alert {}  rule {} version {}  policy sha256 {}\n  device {} at {}  patient {}  fw {}  model {}\n",
-        s(&t["alert_id"]), s(&t["rule"]), s(&t["rule_version"]), s(&t["policy_sha256"]),
-        s(&t["device"]), s(&t["site"]), s(&t["patient_ref"]), s(&t["fw"]), s(&t["model"])
+        "{indent}event {event_id}  device - epoch - seq -  sequence -\n\
+         {indent}  observed -  received -  fw -  model -  schema -\n\
+         {indent}  verified: kid - -  raw sha256 - (- bytes)  topic -\n\
+         {indent}  raw bytes: bridge store -\n\
+         {indent}  normalized by -  consent -  processing policy -\n\
+         {indent}  publisher: -\n"
     ));
-    out.push_str("state changes:\n");
-    for c in t["changes"].as_array().into_iter().flatten() {
-        out.push_str(&format!(
-            "  {:<10} {:<7} value {} threshold {}  raised {}  recorded {}  rule v{}\n",
-            s(&c["state"]),
-            s(&c["severity"]),
-            s(&c["value"]),
-            s(&c["threshold"]),
-            s(&c["raised_at"]),
-            s(&c["recorded_at"]),
-            s(&c["rule_version"])
-        ));
-    }
-    let evidence = t["evidence"].as_array().map_or(0, Vec::len);
-    out.push_str(&format!("evidence ({evidence} events):\n"));
-    for e in t["evidence"].as_array().into_iter().flatten() {
-        render_event(&mut out, e, "  ");
-    }
-    match &t["recipients"] {
-        Json::Null => out.push_str("recipients: give --broker-audit to list who received it\n"),
-        Json::Array(r) if r.is_empty() => out.push_str("recipients: none recorded\n"),
-        Json::Array(r) => {
-            out.push_str("received by:\n");
-            for x in r {
+}
+
+fn render(t: &Trace) -> String {
+    let mut out = String::new();
+    let t = match t {
+        Trace::Event(t) => {
+            render_event(&mut out, &t.event, "");
+            for a in &t.cited_by_alerts {
                 out.push_str(&format!(
-                    "  {}  {}  at {}\n",
-                    s(&x["identity"]),
-                    s(&x["state"]),
-                    s(&x["at"])
+                    "  evidence of alert {} ({} {})\n",
+                    a.alert_id,
+                    or_dash(a.rule.as_ref()),
+                    a.state
                 ));
             }
+            return out;
         }
-        _ => {}
+        Trace::Alert(t) => t,
+    };
+    out.push_str(&format!(
+        "alert {}  rule {} version {}  policy sha256 {}\n  device {} at {}  patient {}  fw {}  model {}\n",
+        t.alert_id,
+        or_dash(t.rule.as_ref()),
+        or_dash(t.rule_version.as_ref()),
+        or_dash(t.policy_sha256.as_ref()),
+        or_dash(t.device.as_ref()),
+        or_dash(t.site.as_ref()),
+        or_dash(t.patient_ref.as_ref()),
+        or_dash(t.fw.as_ref()),
+        or_dash(t.model.as_ref())
+    ));
+    out.push_str("state changes:\n");
+    for c in &t.changes {
+        out.push_str(&format!(
+            "  {:<10} {:<7} value {} threshold {}  raised {}  recorded {}  rule v{}\n",
+            c.state,
+            or_dash(c.severity.as_ref()),
+            or_dash(c.value.as_ref()),
+            or_dash(c.threshold.as_ref()),
+            or_dash(c.raised_at.as_ref()),
+            or_dash(c.recorded_at.as_ref()),
+            or_dash(c.rule_version.as_ref())
+        ));
+    }
+    out.push_str(&format!("evidence ({} events):\n", t.evidence.len()));
+    for e in &t.evidence {
+        match e {
+            Evidence::Found(e) => render_event(&mut out, e, "  "),
+            Evidence::Missing { event_id, .. } => render_missing(&mut out, event_id, "  "),
+        }
+    }
+    match &t.recipients {
+        None => out.push_str("recipients: give --broker-audit to list who received it\n"),
+        Some(r) if r.is_empty() => out.push_str("recipients: none recorded\n"),
+        Some(r) => {
+            out.push_str("received by:\n");
+            for x in r {
+                out.push_str(&format!("  {}  {}  at {}\n", x.identity, x.state, x.at));
+            }
+        }
     }
     out
 }
@@ -492,6 +686,7 @@ fn render(t: &Json) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn line(seq: u64, at: &str, event: &str, who: &str, resource: Option<&str>) -> String {
         let mut r = json!({
@@ -554,7 +749,7 @@ mod tests {
         let audit = BrokerAudit::read(f.path(), &wanted).expect("read");
         // dev-12 shares dev-1's prefix but is another device.
         assert_eq!(audit.connections.len(), 1);
-        assert_eq!(audit.connections[0].0, DEV1);
+        assert_eq!(audit.connections[0].identity, DEV1);
         assert_eq!(audit.deliveries.keys().collect::<Vec<_>>(), ["al-a"]);
         // A delivery long after the change is still found (alerts read to the end).
         assert_eq!(audit.deliveries["al-a"].len(), 2);
@@ -586,7 +781,7 @@ mod tests {
             Some("2030-01-01T00:10:00".into()),
         );
         let audit = BrokerAudit::read(f.path(), &wanted).expect("read");
-        let times: Vec<&str> = audit.connections.iter().map(|c| c.1.as_str()).collect();
+        let times: Vec<&str> = audit.connections.iter().map(|c| c.connected_at.as_str()).collect();
         // Same second as the bound: kept (the bound is to the second).
         assert_eq!(times, ["2030-01-01T00:00:00Z", "2030-01-01T00:10:00.123Z"]);
         assert_eq!(

@@ -87,7 +87,8 @@ pub struct AlertChangeRow {
     pub body: serde_json::Value,
 }
 
-/// One event with its raw-plane row and normalized body (`vitalmq trace`).
+/// One event with its raw-plane row and normalized body (`vitalmq trace`). Serializes
+/// without `raw`: the trace writes that with where the raw bytes are kept.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventDetail {
     pub position: i64,
@@ -102,6 +103,7 @@ pub struct EventDetail {
     pub received_at_ms: u64,
     /// The normalized event (a string if it somehow is not JSON).
     pub normalized: serde_json::Value,
+    #[serde(skip)]
     pub raw: RawRef,
 }
 
