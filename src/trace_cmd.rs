@@ -187,15 +187,11 @@ impl BrokerAudit {
                 && wanted.alert.as_deref() == Some(id.as_str())
             {
                 let state = r.reason.unwrap_or_default();
-                audit
-                    .deliveries
-                    .entry(id)
-                    .or_default()
-                    .push(Delivery {
-                        identity: who,
-                        state,
-                        at: r.at,
-                    });
+                audit.deliveries.entry(id).or_default().push(Delivery {
+                    identity: who,
+                    state,
+                    at: r.at,
+                });
             }
         }
         Ok(audit)
@@ -781,12 +777,68 @@ mod tests {
             Some("2030-01-01T00:10:00".into()),
         );
         let audit = BrokerAudit::read(f.path(), &wanted).expect("read");
-        let times: Vec<&str> = audit.connections.iter().map(|c| c.connected_at.as_str()).collect();
+        let times: Vec<&str> = audit
+            .connections
+            .iter()
+            .map(|c| c.connected_at.as_str())
+            .collect();
         // Same second as the bound: kept (the bound is to the second).
         assert_eq!(times, ["2030-01-01T00:00:00Z", "2030-01-01T00:10:00.123Z"]);
         assert_eq!(
             line_time(&line(7, "2030-01-01T00:10:01Z", "x", DEV1, None)),
             Some("2030-01-01T00:10:01")
+        );
+    }
+
+    /// What the fixture-pinned test (`tests/bridge_alerts.rs`) cannot reach: an
+    /// operational alert (no rule, severity or values), evidence the store lacks, and a
+    /// broker log without deliveries of it.
+    #[test]
+    fn unknown_fields_and_missing_evidence_keep_their_shape() {
+        let body = json!({"alert_id": "al-op", "kind": "operational", "device": "dev-1",
+            "site": "site-1", "policy_sha256": "ab", "evidence": ["ev1-gone"], "raised_at": null});
+        let b = AlertBody::of(&body);
+        let trace = Trace::Alert(AlertTrace {
+            alert_id: "al-op".into(),
+            rule: b.rule,
+            rule_version: b.rule_version,
+            policy_sha256: b.policy_sha256.clone(),
+            device: b.device,
+            site: b.site,
+            patient_ref: b.patient_ref,
+            fw: b.fw,
+            model: b.model,
+            changes: vec![Change {
+                state: "open".into(),
+                severity: b.severity,
+                topic: "alerts/site-1/ops/dev-1".into(),
+                raised_at: b.raised_at,
+                recorded_at: rfc3339(1_000),
+                value: b.value,
+                threshold: Some(Number::from_f64(90.0).expect("finite")),
+                rule_version: None,
+                policy_sha256: b.policy_sha256,
+            }],
+            evidence: vec![Evidence::Missing {
+                event_id: "ev1-gone".into(),
+                missing: true,
+            }],
+            recipients: Some(Vec::new()),
+        });
+        assert_eq!(
+            serde_json::to_string(&trace).expect("json"),
+            r#"{"kind":"alert","alert_id":"al-op","rule":null,"rule_version":null,"policy_sha256":"ab","device":"dev-1","site":"site-1","patient_ref":null,"fw":null,"model":null,"changes":[{"state":"open","severity":null,"topic":"alerts/site-1/ops/dev-1","raised_at":null,"recorded_at":"1970-01-01T00:00:01Z","value":null,"threshold":90.0,"rule_version":null,"policy_sha256":"ab"}],"evidence":[{"event_id":"ev1-gone","missing":true}],"recipients":[]}"#
+        );
+        assert_eq!(
+            render(&trace),
+            "alert al-op  rule - version -  policy sha256 ab\n  device dev-1 at site-1  patient -  fw -  model -\n\
+             state changes:\n  open       -       value - threshold 90.0  raised -  recorded 1970-01-01T00:00:01Z  rule v-\n\
+             evidence (1 events):\n  event ev1-gone  device - epoch - seq -  sequence -\n\
+             \x20   observed -  received -  fw -  model -  schema -\n\
+             \x20   verified: kid - -  raw sha256 - (- bytes)  topic -\n\
+             \x20   raw bytes: bridge store -\n\
+             \x20   normalized by -  consent -  processing policy -\n\
+             \x20   publisher: -\nrecipients: none recorded\n"
         );
     }
 }

@@ -846,3 +846,75 @@ fn impossible_readings_and_skewed_clocks_are_stored_marked_and_raise_no_clinical
     assert_eq!(ops[0]["metrics"], serde_json::json!(["spo2"]));
     assert!(ops[0].get("patient_ref").is_none());
 }
+
+/// `vitalmq trace` prints exactly what it printed before its result became a typed
+/// model: alert and event, text and `--json`, with and without the broker audit log,
+/// on the committed v1 store (`bridge/tests/fixtures/v1-store.sqlite3`) and a hand-made
+/// broker log (`tests/fixtures/trace/broker-audit.jsonl`: a device connecting twice,
+/// another without a certificate hash, deliveries of two alerts). The expected output
+/// was recorded with the `Value`-built trace; `VITALMQ_BLESS=1` records it anew.
+#[test]
+fn trace_output_is_pinned_on_the_v1_store() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = common::temp_dir("trace-pinned");
+    std::fs::copy(
+        root.join("bridge/tests/fixtures/v1-store.sqlite3"),
+        dir.path().join(vitalmq_bridge::store::DB_FILE),
+    )
+    .expect("copy the fixture (opening migrates it)");
+    let data = dir.path().to_str().expect("utf-8");
+    let fixtures = root.join("tests/fixtures/trace");
+    let broker = fixtures.join("broker-audit.jsonl");
+    let broker = broker.to_str().expect("utf-8");
+    let mut got = String::new();
+    for id in [
+        "al-0b1526c9cc91269ce6663b8eecb5602b",
+        "ev1-83e9288f51274ff1ce42463bb90079ef",
+        "ev1-fe55c547609d45b670d813fe9dd63efd",
+    ] {
+        for flags in [&[][..], &["--json"], &["--broker-audit", broker]] {
+            let mut args = vec!["trace", id, "--data", data];
+            args.extend_from_slice(flags);
+            let shown = flags.first().map_or("", |f| *f);
+            got.push_str(&format!("=== trace {id} {shown}\n"));
+            got.push_str(&vitalmq_ok(vitalmq_bin!(), &args).stdout);
+        }
+        let both = [
+            "trace",
+            id,
+            "--data",
+            data,
+            "--json",
+            "--broker-audit",
+            broker,
+        ];
+        got.push_str(&format!("=== trace {id} --json --broker-audit\n"));
+        got.push_str(&vitalmq_ok(vitalmq_bin!(), &both).stdout);
+    }
+    let expected = fixtures.join("v1-store.expected");
+    if std::env::var_os("VITALMQ_BLESS").is_some() {
+        std::fs::write(&expected, &got).expect("record the expected output");
+    }
+    let want = std::fs::read_to_string(&expected).expect("expected output");
+    for (n, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+        assert_eq!(g, w, "line {} of {}", n + 1, expected.display());
+    }
+    assert_eq!(got, want);
+    // An id the store does not hold: exit 1, nothing on stdout.
+    let missing = common::run(
+        std::process::Command::new(vitalmq_bin!()).args([
+            "trace",
+            "al-00000000000000000000000000000000",
+            "--data",
+            data,
+        ]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(missing.code, Some(1), "{}", missing.all());
+    assert_eq!(missing.stdout, "");
+    assert!(
+        missing.stderr.contains("not found in"),
+        "{}",
+        missing.stderr
+    );
+}
