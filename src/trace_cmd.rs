@@ -235,7 +235,7 @@ fn wanted(store: &Store, id: &str) -> anyhow::Result<Wanted> {
     };
     let until = e.received_at_ms.saturating_add(CLOCK_STEP_MARGIN_MS);
     Ok(Wanted::new(
-        vec![e.device.to_string()],
+        vec![e.head.device.to_string()],
         None,
         rfc3339(until).map(|t| t[..19].to_owned()),
     ))
@@ -420,10 +420,10 @@ fn event_chain(
         return Ok(None);
     };
     let received_at = rfc3339(detail.received_at_ms);
-    let position = detail.position;
+    let position = detail.head.position;
     let partition = PartitionKey::new(
-        detail.site.as_str(),
-        detail.device.as_str(),
+        detail.head.site.as_str(),
+        detail.head.device.as_str(),
         detail.received_at_ms,
     )
     .map(|key| key.name())
@@ -447,7 +447,7 @@ fn event_chain(
         row: detail.raw.clone(),
     };
     let publisher_certificate = match (broker, &received_at) {
-        (Some(b), Some(at)) => Some(b.publisher(detail.device.as_str(), at)),
+        (Some(b), Some(at)) => Some(b.publisher(detail.head.device.as_str(), at)),
         _ => None,
     };
     Ok(Some(EventChain {
@@ -556,11 +556,11 @@ fn render_event(out: &mut String, e: &EventChain, indent: &str) {
     let raw = &e.raw;
     out.push_str(&format!(
         "{indent}event {}  device {} epoch {} seq {}  sequence {}\n",
-        d.event_id,
-        d.device,
-        d.epoch,
-        d.seq,
-        Verdict::Accept(d.verdict)
+        d.head.event_id,
+        d.head.device,
+        d.head.epoch,
+        d.head.seq,
+        Verdict::Accept(d.head.verdict)
     ));
     out.push_str(&format!(
         "{indent}  observed {}  received {}  fw {}  model {}  schema {}\n",

@@ -211,8 +211,8 @@ mod write;
 
 pub use outbox::{AuditCursor, Cursor, ShippedAudit, StoredAlert};
 pub use read::{
-    AlertChangeRow, AlertRow, EventDetail, EventRow, GapRow, QuarantineRow, RawRef, StoreStats,
-    Tally,
+    AlertChangeRow, AlertRow, EventDetail, EventHead, EventRow, GapRow, QuarantineRow, RawRef,
+    StoreStats, Tally,
 };
 pub use resets::SequenceReset;
 pub use schema::EVENT_INDEX_BUCKET;

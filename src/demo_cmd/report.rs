@@ -84,10 +84,10 @@ impl StoreView {
         for row in store.list_events()? {
             let slot = v
                 .events
-                .entry(row.device.to_string())
+                .entry(row.head.device.to_string())
                 .or_default()
-                .entry(Key::new(row.epoch, row.seq))
-                .or_insert_with(|| (Verdict::Accept(row.verdict).to_string(), 0));
+                .entry(Key::new(row.head.epoch, row.head.seq))
+                .or_insert_with(|| (Verdict::Accept(row.head.verdict).to_string(), 0));
             slot.1 += 1;
             v.total_events += 1;
         }

@@ -15,9 +15,11 @@ use crate::gaps::GapState;
 use crate::normalize::EventId;
 use crate::window::{Accepted, Verdict};
 
-/// One accepted event, without its bodies (`vitalmq store events`).
+/// What every read of an accepted event starts with: where it is in the outbox, which
+/// event of which device it is, and how its sequence number was judged. Flattened into
+/// [`EventRow`] and [`EventDetail`], read from [`EVENT_HEAD_COLUMNS`] by one mapping.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct EventRow {
+pub struct EventHead {
     /// Its outbox position.
     pub position: i64,
     pub event_id: EventId,
@@ -27,6 +29,17 @@ pub struct EventRow {
     pub seq: u64,
     #[serde(serialize_with = "verdict_text")]
     pub verdict: Accepted,
+}
+
+/// The columns of an [`EventHead`] (`events e`), in the order [`event_head`] reads them.
+const EVENT_HEAD_COLUMNS: &str =
+    "e.position, e.event_id, e.device, e.site, e.epoch, e.seq, e.verdict";
+
+/// One accepted event, without its bodies (`vitalmq store events`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventRow {
+    #[serde(flatten)]
+    pub head: EventHead,
     pub received_at_ms: u64,
     /// SHA-256 (hex) of the raw message.
     pub raw_sha256: String,
@@ -91,14 +104,8 @@ pub struct AlertChangeRow {
 /// without `raw`: the trace writes that with where the raw bytes are kept.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EventDetail {
-    pub position: i64,
-    pub event_id: EventId,
-    pub device: DeviceId,
-    pub site: SiteId,
-    pub epoch: u64,
-    pub seq: u64,
-    #[serde(serialize_with = "verdict_text")]
-    pub verdict: Accepted,
+    #[serde(flatten)]
+    pub head: EventHead,
     pub observed_at_ms: u64,
     pub received_at_ms: u64,
     /// The normalized event (a string if it somehow is not JSON).
@@ -232,6 +239,19 @@ fn verdict(r: &Row<'_>, i: usize) -> rusqlite::Result<Accepted> {
     typed(r, i, "a sequence verdict", parse_verdict)
 }
 
+/// The [`EventHead`] in the first columns of `r` ([`EVENT_HEAD_COLUMNS`]).
+fn event_head(r: &Row<'_>) -> rusqlite::Result<EventHead> {
+    Ok(EventHead {
+        position: r.get(0)?,
+        event_id: EventId::stored(r.get(1)?),
+        device: device(r, 2)?,
+        site: site(r, 3)?,
+        epoch: i2u(r.get(4)?),
+        seq: i2u(r.get(5)?),
+        verdict: verdict(r, 6)?,
+    })
+}
+
 fn optional_device(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<DeviceId>> {
     match r.get::<_, Option<String>>(i)? {
         None => Ok(None),
@@ -258,18 +278,13 @@ impl Store {
     /// Accepted events in outbox order.
     pub fn list_events(&self) -> Result<Vec<EventRow>, StoreError> {
         self.rows(
-            "SELECT e.position, e.event_id, e.device, e.site, e.epoch, e.seq, e.verdict,
-                    e.received_at_ms, r.sha256
-             FROM events e JOIN raw_messages r ON r.id = e.raw_id ORDER BY e.position",
+            &format!(
+                "SELECT {EVENT_HEAD_COLUMNS}, e.received_at_ms, r.sha256
+                 FROM events e JOIN raw_messages r ON r.id = e.raw_id ORDER BY e.position"
+            ),
             |r| {
                 Ok(EventRow {
-                    position: r.get(0)?,
-                    event_id: EventId::stored(r.get(1)?),
-                    device: device(r, 2)?,
-                    site: site(r, 3)?,
-                    epoch: i2u(r.get(4)?),
-                    seq: i2u(r.get(5)?),
-                    verdict: verdict(r, 6)?,
+                    head: event_head(r)?,
                     received_at_ms: i2u(r.get(7)?),
                     raw_sha256: r.get(8)?,
                 })
@@ -414,22 +429,15 @@ impl Store {
         };
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT e.position, e.event_id, e.device, e.site, e.epoch, e.seq, e.verdict,
-                        e.observed_at_ms, e.received_at_ms, e.normalized,
+            .prepare_cached(&format!(
+                "SELECT {EVENT_HEAD_COLUMNS}, e.observed_at_ms, e.received_at_ms, e.normalized,
                         r.id, r.sha256, r.topic, r.broker, r.publisher, length(r.bytes)
-                 FROM events e JOIN raw_messages r ON r.id = e.raw_id WHERE e.position = ?1",
-            )
+                 FROM events e JOIN raw_messages r ON r.id = e.raw_id WHERE e.position = ?1"
+            ))
             .map_err(|e| self.err(e))?;
         stmt.query_row(params![position], |r| {
             Ok(EventDetail {
-                position: r.get(0)?,
-                event_id: EventId::stored(r.get(1)?),
-                device: device(r, 2)?,
-                site: site(r, 3)?,
-                epoch: i2u(r.get(4)?),
-                seq: i2u(r.get(5)?),
-                verdict: verdict(r, 6)?,
+                head: event_head(r)?,
                 observed_at_ms: i2u(r.get(7)?),
                 received_at_ms: i2u(r.get(8)?),
                 normalized: json_or_text(r.get(9)?),

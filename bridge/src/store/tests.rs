@@ -135,9 +135,9 @@ fn events_are_found_by_id_in_every_index_bucket() {
     for position in [1, 2, 4095, 4096, 4097, 8192, 12_000, n] {
         let id = &ids[position as usize - 1];
         let found = store.event_detail(id).expect("lookup").expect("stored");
-        assert_eq!(u64::try_from(found.position), Ok(position), "{id}");
-        assert_eq!(found.event_id.as_str(), id.as_str());
-        assert_eq!(found.seq, position - 1);
+        assert_eq!(u64::try_from(found.head.position), Ok(position), "{id}");
+        assert_eq!(found.head.event_id.as_str(), id.as_str());
+        assert_eq!(found.head.seq, position - 1);
     }
     assert!(
         store
@@ -181,7 +181,7 @@ fn a_lookup_from_a_hint_finds_events_in_any_bucket_and_the_hint_follows_time() {
                 .expect("lookup")
                 .expect("stored");
             assert_eq!(
-                u64::try_from(found.position),
+                u64::try_from(found.head.position),
                 Ok(position),
                 "{id} from {near:?}"
             );
