@@ -249,8 +249,8 @@ fn rfc3339(ms: u64) -> Option<String> {
 #[derive(Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 enum Trace {
-    Event(EventTrace),
-    Alert(AlertTrace),
+    Event(Box<EventTrace>),
+    Alert(Box<AlertTrace>),
 }
 
 /// `vitalmq trace ev1-...`: the event's chain and the alerts citing it.
@@ -305,7 +305,7 @@ struct Change {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum Evidence {
-    Found(EventChain),
+    Found(Box<EventChain>),
     Missing { event_id: String, missing: bool },
 }
 
@@ -475,10 +475,10 @@ fn trace_event(
             state: a.state,
         })
         .collect();
-    Ok(Some(Trace::Event(EventTrace {
+    Ok(Some(Trace::Event(Box::new(EventTrace {
         event,
         cited_by_alerts,
-    })))
+    }))))
 }
 
 fn trace_alert(
@@ -505,7 +505,7 @@ fn trace_alert(
     for (id, at) in evidence_ids {
         let near = store.position_near_time(at)?;
         evidence.push(match event_chain(store, id, Some(near), broker)? {
-            Some(chain) => Evidence::Found(chain),
+            Some(chain) => Evidence::Found(Box::new(chain)),
             None => Evidence::Missing {
                 event_id: id.to_owned(),
                 missing: true,
@@ -528,7 +528,7 @@ fn trace_alert(
         })
         .collect();
     let recipients = broker.map(|b| b.deliveries.get(alert_id).cloned().unwrap_or_default());
-    Ok(Some(Trace::Alert(AlertTrace {
+    Ok(Some(Trace::Alert(Box::new(AlertTrace {
         alert_id: alert_id.to_owned(),
         rule: body.rule.clone(),
         rule_version: body.rule_version.clone(),
@@ -541,7 +541,7 @@ fn trace_alert(
         changes,
         evidence,
         recipients,
-    })))
+    }))))
 }
 
 /// The text of a value the trace may not know: `-` when it does not.
@@ -798,7 +798,7 @@ mod tests {
         let body = json!({"alert_id": "al-op", "kind": "operational", "device": "dev-1",
             "site": "site-1", "policy_sha256": "ab", "evidence": ["ev1-gone"], "raised_at": null});
         let b = AlertBody::of(&body);
-        let trace = Trace::Alert(AlertTrace {
+        let trace = Trace::Alert(Box::new(AlertTrace {
             alert_id: "al-op".into(),
             rule: b.rule,
             rule_version: b.rule_version,
@@ -824,7 +824,7 @@ mod tests {
                 missing: true,
             }],
             recipients: Some(Vec::new()),
-        });
+        }));
         assert_eq!(
             serde_json::to_string(&trace).expect("json"),
             r#"{"kind":"alert","alert_id":"al-op","rule":null,"rule_version":null,"policy_sha256":"ab","device":"dev-1","site":"site-1","patient_ref":null,"fw":null,"model":null,"changes":[{"state":"open","severity":null,"topic":"alerts/site-1/ops/dev-1","raised_at":null,"recorded_at":"1970-01-01T00:00:01Z","value":null,"threshold":90.0,"rule_version":null,"policy_sha256":"ab"}],"evidence":[{"event_id":"ev1-gone","missing":true}],"recipients":[]}"#
