@@ -272,9 +272,12 @@ pub fn wait_until(within: Duration, what: &str, done: impl FnMut() -> bool) {
 }
 
 /// The address after `marker` in `text` (`ADDR` in "... {marker}ADDR ..."), e.g. the
-/// real address a process bound for a configured port 0.
+/// real address a process bound for a configured port 0. Only complete lines count:
+/// stderr is unbuffered, so a line can arrive in pieces (`eprintln!` writes each
+/// formatted fragment on its own).
 pub fn reported_addr(text: &str, marker: &str) -> Option<std::net::SocketAddr> {
-    text.lines().find_map(|l| {
+    let complete = &text[..text.rfind('\n')?];
+    complete.lines().find_map(|l| {
         let (_, rest) = l.split_once(marker)?;
         rest.split_whitespace().next()?.parse().ok()
     })
@@ -328,7 +331,7 @@ impl BrokerProcess {
                 .arg(&path),
         );
         let ready = process.wait_output(timeout, |out| {
-            out.contains(BROKER_READY) || out.contains("Error")
+            reported_addr(out, BROKER_READY).is_some() || out.contains("Error")
         });
         let bound = reported_addr(&process.stderr(), BROKER_READY);
         match bound {
@@ -531,7 +534,10 @@ impl Moto {
                 .arg(port.unwrap_or(0).to_string()),
         );
         assert!(
-            process.wait_output(Duration::from_secs(30), |out| out.contains(MOTO_READY)
+            process.wait_output(Duration::from_secs(30), |out| reported_addr(
+                out, MOTO_READY
+            )
+            .is_some()
                 || out.contains("Error")),
             "moto did not start: {}",
             process.all()
