@@ -22,10 +22,13 @@ pub fn run(args: BrokerArgs) -> anyhow::Result<ExitCode> {
         let broker = Broker::start(config)
             .await
             .with_context(|| format!("starting the broker from {}", args.config.display()))?;
-        eprintln!(
-            "vitalmq broker listening on {} (mTLS); SIGHUP reloads policy and CRLs",
+        // One write: stderr is unbuffered and `eprintln!` writes each fragment on its
+        // own, so a reader of this line (tests, scripts) could see it without its address.
+        let ready = format!(
+            "vitalmq broker listening on {} (mTLS); SIGHUP reloads policy and CRLs\n",
             broker.local_addr()
         );
+        std::io::Write::write_all(&mut std::io::stderr().lock(), ready.as_bytes())?;
         crate::stop::wait_for_stop().await;
         eprintln!("vitalmq broker stopping");
         broker.shutdown().await;
