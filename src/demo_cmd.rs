@@ -28,8 +28,8 @@ use vitalmq_bridge::BridgeConfig;
 use vitalmq_broker::{Broker, BrokerConfig};
 use vitalmq_device_sim::faults::{FaultSpec, Scope};
 use vitalmq_device_sim::link::{LinkOptions, Schedule};
-use vitalmq_device_sim::mqtt::{MqttVersion, Target};
 use vitalmq_device_sim::runner::{self, Control, LiveCounts, SimOptions, Summary, parse_duration};
+use vitalmq_mqtt_client::{MqttVersion, Target};
 
 use self::operator::{AlertSeen, OperatorView};
 use self::progress::Progress;

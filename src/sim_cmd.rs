@@ -15,12 +15,12 @@ use anyhow::Context as _;
 use vitalmq_device_sim::device::DEFAULT_FW;
 use vitalmq_device_sim::faults::FaultSpec;
 use vitalmq_device_sim::link::{LinkOptions, Schedule};
-use vitalmq_device_sim::mqtt::{MqttVersion, Target};
 use vitalmq_device_sim::runner::{self, Control, EpisodeSpec, SimOptions, parse_duration};
 use vitalmq_loadgen::latency::Recorder;
 use vitalmq_loadgen::load_report::{LoadReport, LoadSetup};
 use vitalmq_loadgen::process::{proc_sample, rss_peak_kib};
 use vitalmq_loadgen::sim_load::{self, LoadOptions};
+use vitalmq_mqtt_client::{MqttVersion, Target};
 
 /// How long the alert watchers keep listening after the devices finished.
 const ALERT_GRACE: Duration = Duration::from_secs(2);

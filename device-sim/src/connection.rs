@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::link::{LinkOptions, LiveCounts};
-use crate::mqtt::{Event, Session};
+use vitalmq_mqtt_client::{Event, Session};
 
 /// Exponential backoff with jitter between `min` and `max`, deterministic per seed.
 #[derive(Debug)]

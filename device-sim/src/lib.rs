@@ -2,7 +2,7 @@
 //!
 //! * [`runner`] runs N simulated devices (`vitalmq sim`): each a [`device::SimDevice`]
 //!   (epoch, sequence, signing, [`vitals`], the bounded [`ring`] outbox, [`receipt`]s)
-//!   inside a [`link::DeviceLink`] that keeps it connected over mTLS ([`mqtt`]) and
+//!   inside a [`link::DeviceLink`] that keeps it connected over mTLS (`vitalmq_mqtt_client`) and
 //!   resends whatever no receipt covers yet (SPEC section 4).
 //! * [`gateway`] is `vitalmq sim --via-gateway`: one connection per site, with the
 //!   site's gateway identity, relays the signed messages of the devices at that site and
@@ -33,8 +33,6 @@ pub mod epoch;
 pub mod faults;
 pub mod gateway;
 pub mod link;
-/// The MQTT connection and TLS client setup all vitalmq clients share.
-pub use vitalmq_mqtt_client as mqtt;
 pub mod pki;
 pub mod receipt;
 pub mod ring;

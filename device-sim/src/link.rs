@@ -36,9 +36,9 @@ use crate::clock::DeviceClock;
 use crate::connection::{Connection, Happened, Lost};
 use crate::device::{DeviceError, DeviceReport, ReceiptOutcome, SimDevice};
 use crate::faults::{Action, Injector, LinkState};
-use crate::mqtt::{Event, Session, SessionOptions, Target};
 use crate::pki::Identity;
 use crate::ring::Key;
+use vitalmq_mqtt_client::{Event, Session, SessionOptions, Target};
 
 /// Watches one device's first publishes and the receipts it applies (the load mode of
 /// `vitalmq sim` times them; see `vitalmq-loadgen`).

@@ -38,9 +38,9 @@ use crate::faults::{FaultKind, FaultSpec, Injector, NoPeer, Scope};
 use crate::gateway::{GatewayLink, GatewayReport, PlanError, load_registry, plan_sites};
 pub use crate::link::{Control, LiveCounts, SendObserver};
 use crate::link::{DeviceLink, LinkOptions, Schedule};
-use crate::mqtt::MqttVersion;
 use crate::pki::{Pki, PkiError};
 use crate::vitals::{Episode, EpisodeKind, UnknownEpisode, VitalsModel};
+use vitalmq_mqtt_client::MqttVersion;
 
 /// Why a run could not start or finish.
 #[derive(Debug, thiserror::Error)]
@@ -335,7 +335,7 @@ pub async fn run(
 
     let link = Arc::new(opts.link.clone());
     let link_v5 = Arc::new(LinkOptions {
-        target: crate::mqtt::Target {
+        target: vitalmq_mqtt_client::Target {
             version: MqttVersion::V5,
             ..opts.link.target.clone()
         },

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value as Json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use vitalmq_device_sim::mqtt::{Event, MqttVersion, Session, SessionOptions, Target};
+use vitalmq_mqtt_client::{Event, MqttVersion, Session, SessionOptions, Target};
 
 /// The operator identity the demo subscribes with.
 pub const OPERATOR: &str = "ops-01";
