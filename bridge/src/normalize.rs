@@ -96,8 +96,12 @@ pub fn rfc3339_ms(ms: u64) -> Option<String> {
 /// field). The bytes are the same as that construction gave (pinned by a test against
 /// it), and integers beyond the 64-bit range (CBOR allows down to -2^64) are written
 /// as they are instead of failing.
+///
+/// `event_id` is [`event_id`] of the reading, computed once by the caller (the
+/// recorded event keeps it too).
 pub fn normalize(
     verified: &Verified<Telemetry>,
+    event_id: &str,
     device: &DeviceEntry,
     receipt: &Receipt<'_>,
     verdict: &str,
@@ -106,7 +110,7 @@ pub fn normalize(
     let t: &Telemetry = verified;
     let event = EventJson {
         format: EVENT_FORMAT,
-        event_id: event_id(&t.dev, t.epoch, t.seq),
+        event_id,
         device: t.dev.as_str(),
         site: device.site.as_str(),
         patient_ref: &device.patient_ref,
@@ -147,7 +151,7 @@ pub fn normalize(
 #[derive(Serialize)]
 struct EventJson<'a> {
     format: &'static str,
-    event_id: String,
+    event_id: &'a str,
     device: &'a str,
     site: &'a str,
     patient_ref: &'a str,
@@ -246,6 +250,18 @@ mod tests {
     use vitalmq_policies::SiteId;
 
     use super::*;
+
+    /// [`normalize`] with the reading's own event id.
+    fn normalized(
+        verified: &Verified<Telemetry>,
+        device: &DeviceEntry,
+        receipt: &Receipt<'_>,
+        verdict: &str,
+        assessment: &Assessment,
+    ) -> String {
+        let id = event_id(&verified.dev, verified.epoch, verified.seq);
+        normalize(verified, &id, device, receipt, verdict, assessment)
+    }
 
     /// The construction `normalize` replaced (a `serde_json::Value`, then `to_string`):
     /// the oracle for byte-identical output.
@@ -430,7 +446,7 @@ mod tests {
                 for consent in [Some("care".to_owned()), None] {
                     entry.consent = consent;
                     entry.processing_policy = Some("retain-10y".into());
-                    let new = normalize(&verified, &entry, &receipt(), "in_order", &a);
+                    let new = normalized(&verified, &entry, &receipt(), "in_order", &a);
                     assert_eq!(
                         new,
                         normalize_via_value(&verified, &entry, &receipt(), &a),
@@ -448,7 +464,7 @@ mod tests {
         let low = -(1i128 << 64);
         t.m = Some(BTreeMap::from([("x".to_owned(), Number::Int(low))]));
         let (verified, entry) = signed(&t, Algorithm::EdDsa);
-        let json = normalize(&verified, &entry, &receipt(), "in_order", &assessed(&t));
+        let json = normalized(&verified, &entry, &receipt(), "in_order", &assessed(&t));
         assert!(
             json.contains(r#""m":{"x":-18446744073709551616}"#),
             "{json}"
@@ -480,7 +496,7 @@ mod tests {
                 ("pulse".to_owned(), Number::Int(72)),
             ]));
             let (verified, entry) = signed(&t, Algorithm::EdDsa);
-            let event: Json = serde_json::from_str(&normalize(
+            let event: Json = serde_json::from_str(&normalized(
                 &verified,
                 &entry,
                 &receipt(),
@@ -509,7 +525,7 @@ mod tests {
         // A clean reading gains no field.
         let t = telemetry();
         let (verified, entry) = signed(&t, Algorithm::EdDsa);
-        let clean = normalize(&verified, &entry, &receipt(), "in_order", &assessed(&t));
+        let clean = normalized(&verified, &entry, &receipt(), "in_order", &assessed(&t));
         assert!(
             !clean.contains("implausible") && !clean.contains("clock_skew"),
             "{clean}"

@@ -75,9 +75,11 @@ impl RecordedEvent {
     ) -> Self {
         let t: &Telemetry = verified;
         let verdict = Verdict::Accept(verdict).to_string();
-        let normalized_json = normalize::normalize(verified, entry, receipt, &verdict, assessment);
+        let event_id = normalize::event_id(&t.dev, t.epoch, t.seq);
+        let normalized_json =
+            normalize::normalize(verified, &event_id, entry, receipt, &verdict, assessment);
         Self {
-            event_id: normalize::event_id(&t.dev, t.epoch, t.seq),
+            event_id,
             device: t.dev.clone(),
             site: entry.site.clone(),
             epoch: t.epoch,
