@@ -128,6 +128,25 @@ pub fn enroll_device(
     Ok((DeviceKey { id, key }, entry))
 }
 
+/// A registry (trust domain `trust_domain`) of devices 1..=`devices`, device n at site
+/// `(n - 1) % sites + 1` as [`Fleet::build`] assigns them, each with a new Ed25519 key;
+/// no certificates, gateways or operators. For tests that need only the registry.
+pub fn device_registry(
+    trust_domain: TrustDomain,
+    devices: u32,
+    sites: u32,
+) -> Result<DeviceRegistry, CertsError> {
+    let mut registry = DeviceRegistry::new(trust_domain);
+    for n in 1..=devices {
+        let site = site_id((n - 1) % sites.max(1) + 1);
+        let (_, entry) = enroll_device(device_id(n), site, Algorithm::EdDsa)?;
+        registry
+            .insert_device(entry)
+            .map_err(CertsError::DuplicateDevice)?;
+    }
+    Ok(registry)
+}
+
 impl Fleet {
     /// Builds everything in `plan`, valid from `now`.
     pub fn build(plan: &FleetPlan, now: OffsetDateTime) -> Result<Self, CertsError> {

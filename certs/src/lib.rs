@@ -21,7 +21,9 @@ mod store;
 pub use ca::{Ca, Serial, Validity};
 pub use crl::{Reason, Revoked};
 pub use error::CertsError;
-pub use fleet::{DeviceKey, Fleet, FleetPlan, IssuedIdentity, device_id, enroll_device, site_id};
+pub use fleet::{
+    DeviceKey, Fleet, FleetPlan, IssuedIdentity, device_id, device_registry, enroll_device, site_id,
+};
 pub use issue::{IssuedCert, ServerName};
 pub use layout::Layout;
 pub use store::{InitSummary, Pki};

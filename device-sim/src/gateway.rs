@@ -651,7 +651,12 @@ mod tests {
 
     #[test]
     fn devices_are_grouped_by_their_registered_site() {
-        let mut registry = crate::test_fixtures::registry_of(5, 2);
+        let mut registry = vitalmq_certs::device_registry(
+            vitalmq_policies::TrustDomain::new("demo.vitalmq").expect("trust domain"),
+            5,
+            2,
+        )
+        .expect("registry");
         for n in [2, 1] {
             let site = vitalmq_certs::site_id(n);
             let gw = vitalmq_policies::PrincipalId::new(format!("gw-{site}")).expect("id");

@@ -37,6 +37,4 @@ pub mod pki;
 pub mod receipt;
 pub mod ring;
 pub mod runner;
-#[cfg(test)]
-mod test_fixtures;
 pub mod vitals;

@@ -234,22 +234,9 @@ impl Watcher {
 mod tests {
     use super::*;
 
-    /// A registry of devices 1..=`devices`, device n registered at site
-    /// `(n - 1) % sites + 1`.
     fn registry_of(devices: u32, sites: u32) -> vitalmq_policies::DeviceRegistry {
-        let mut registry = vitalmq_policies::DeviceRegistry::new(
-            vitalmq_policies::TrustDomain::new("demo.vitalmq").expect("trust domain"),
-        );
-        for n in 1..=devices {
-            let (_, entry) = vitalmq_certs::enroll_device(
-                vitalmq_certs::device_id(n),
-                vitalmq_certs::site_id((n - 1) % sites + 1),
-                vitalmq_envelope::Algorithm::EdDsa,
-            )
-            .expect("enroll");
-            registry.insert_device(entry).expect("new device");
-        }
-        registry
+        let domain = vitalmq_policies::TrustDomain::new("demo.vitalmq").expect("trust domain");
+        vitalmq_certs::device_registry(domain, devices, sites).expect("registry")
     }
 
     #[test]
