@@ -135,6 +135,13 @@ pub struct Sequenced<T> {
     pub commit: Commit,
     /// One per input message, in input order, with its acknowledgement token.
     pub dispositions: Vec<(Disposition, T)>,
+    /// Audit records the recorder writes once the commit is durable (or, when the
+    /// store cannot take it, at once): acknowledgements applied and refused, and
+    /// whatever else a control input decided.
+    pub audit: Vec<vitalmq_audit::AuditRecord>,
+    /// Operational alerts the recorder sends once the commit is durable (or, when the
+    /// store cannot take it, at once).
+    pub ops: Vec<crate::ops::OpsAlert>,
     staged: HashMap<DeviceId, Track>,
 }
 
@@ -370,6 +377,8 @@ impl Sequencer {
         Sequenced {
             commit,
             dispositions,
+            audit: Vec::new(),
+            ops: Vec::new(),
             staged,
         }
     }
@@ -382,6 +391,17 @@ impl Sequencer {
             track.window = None;
             track.gaps = OpenGaps::default();
         }
+    }
+
+    /// Makes a batch's alert state current although the store could not record it
+    /// (full disk, quota, or the outbox at `max_backlog`): the alerts it raised were
+    /// delivered from memory, so the engine must not raise them again when the devices
+    /// resend; the sequence windows and gaps stay as durable state is, so the resent
+    /// messages are recorded.
+    ///
+    /// SEAM (issue 17): the alert part of the staged state is adopted here.
+    pub fn adopt_unrecorded<T>(&mut self, sequenced: &mut Sequenced<T>) {
+        let _ = sequenced;
     }
 
     /// Makes a committed batch's state the current one.
@@ -407,6 +427,7 @@ fn new_alert(change: &AlertChange, now_ms: u64) -> NewAlert {
         rule,
         created_at_ms: now_ms,
         body: change.to_json(),
+        level: 0,
     }
 }
 
@@ -453,6 +474,9 @@ fn publisher_of(topic: &str) -> String {
         None => "unknown".to_owned(),
     }
 }
+
+mod control;
+pub use control::{AlertGauges, Control};
 
 #[cfg(test)]
 mod tests;

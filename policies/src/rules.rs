@@ -388,6 +388,15 @@ impl RuleSet {
     }
 
     /// SHA-256 of the file bytes as loaded, lowercase hex.
+    /// The handlers (by name: `mqtt`, `webhook:<name>`) an alert change at escalation
+    /// `level` goes to; `None` means every handler.
+    ///
+    /// SEAM (issue 17): every handler at every level yet.
+    pub fn handlers_for_level(&self, level: u32) -> Option<&[String]> {
+        let _ = level;
+        None
+    }
+
     pub fn sha256(&self) -> &str {
         &self.sha256
     }

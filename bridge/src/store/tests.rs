@@ -329,6 +329,7 @@ fn alerts_and_alert_state_are_committed_and_read_back_in_order() {
         rule: Some("spo2-low".into()),
         created_at_ms: 7,
         body: format!("{{\"state\":\"{state}\"}}"),
+        level: 0,
     };
     store
         .commit(&Commit {

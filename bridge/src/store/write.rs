@@ -224,6 +224,9 @@ pub struct NewAlert {
     pub created_at_ms: u64,
     /// The alert JSON exactly as published.
     pub body: String,
+    /// The escalation level this change is delivered at (SPEC 5.2): 0 for the first
+    /// message of an episode; the policy names the handlers of each level.
+    pub level: u32,
 }
 
 /// Everything one batch changes, written in one transaction.
