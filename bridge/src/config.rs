@@ -39,10 +39,21 @@ pub struct BridgeConfig {
     pub alerts: Option<AlertsConfig>,
     #[serde(default)]
     pub ops: OpsConfig,
+    /// The operations endpoint (`/metrics`, `/healthz`, `/readyz`); none when absent.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     /// What to do at start when the data directory, an object directory or the audit
     /// log is readable by other local users: `refuse` (default) or `warn`.
     #[serde(default)]
     pub private_files: vitalmq_private_fs::ExposurePolicy,
+}
+
+/// `[metrics]`: where the bridge serves Prometheus `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The address to bind; port 0 picks a free port (the log says which).
+    pub listen: std::net::SocketAddr,
 }
 
 /// Another component's audit log, shipped like the bridge's own: its file on disk is
@@ -464,6 +475,10 @@ mod tests {
         assert!(c.data_dir.is_absolute());
         assert_eq!(c.sinks.len(), 1);
         assert_eq!(c.window().get(), 1024);
+        assert_eq!(
+            c.metrics.as_ref().map(|m| m.listen),
+            Some("127.0.0.1:9465".parse().expect("address"))
+        );
         let broker = &c.audit_ship[0];
         assert_eq!(
             (broker.component.as_str(), broker.retention.as_str()),
@@ -491,6 +506,7 @@ mod tests {
                 "used twice",
             ),
             ("colour = 1\n", "colour"),
+            ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
             (
                 "[[audit_ship]]\ncomponent = \"broker/x\"\npath = \"a.jsonl\"\n",
                 "audit_ship.component",

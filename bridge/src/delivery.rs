@@ -212,7 +212,10 @@ pub async fn run_handler(
             }
             continue;
         }
-        match handler.deliver(&alerts).await {
+        let started = std::time::Instant::now();
+        let delivered = handler.deliver(&alerts).await;
+        crate::observe::alert_delivery_duration(&name, started.elapsed(), delivered.is_ok());
+        match delivered {
             Ok(()) => {
                 failures = 0;
                 delay = Duration::from_millis(100);

@@ -15,6 +15,7 @@ mod drain;
 mod gaps;
 mod link;
 mod mqtt;
+mod observe;
 pub mod normalize;
 mod ops;
 pub mod plausible;

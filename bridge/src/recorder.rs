@@ -133,6 +133,7 @@ impl Recorder {
                 let started = std::time::Instant::now();
                 match self.store.commit(&sequenced.commit) {
                     Ok(()) => {
+                        crate::observe::commit_duration(started.elapsed());
                         stats.add(sequenced.dispositions.len(), started.elapsed());
                         if let Some(a) = episodes.resolve(OpsKind::Store, "store", now_ms()) {
                             info!(store = %self.store.path().display(), "store writable again");

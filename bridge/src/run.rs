@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,6 +106,8 @@ pub enum RunError {
     RecorderThread(#[source] std::io::Error),
     #[error("close the audit log")]
     CloseAudit(#[source] AuditError),
+    #[error(transparent)]
+    Observe(#[from] vitalmq_ops_http::OpsHttpError),
 }
 
 /// A sink, and for object storage also the concrete sink the audit shipper writes to.
@@ -185,6 +187,16 @@ pub async fn run(
     config: BridgeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
+    // Readiness for /readyz (issue 17). Interim until the recorder sets store_writable
+    // from its commits: only `connected` follows the connection (event_loop).
+    let connected = Arc::new(AtomicBool::new(false));
+    let store_writable = Arc::new(AtomicBool::new(true));
+    let _ops_http = crate::observe::serve(
+        config.metrics.as_ref(),
+        Arc::clone(&connected),
+        Arc::clone(&store_writable),
+    )
+    .await?;
     let registry = Arc::new(DeviceRegistry::load(&config.registry).map_err(RunError::Registry)?);
     // Before anything is opened: patient data must not be readable by other users.
     let private_paths = config.private_paths();
@@ -413,6 +425,7 @@ pub async fn run(
         eventloop,
         incoming_tx,
         Arc::clone(&connection),
+        connected,
     ));
     shutdown.await;
     info!("stopping: finishing the batch in progress");
@@ -499,6 +512,7 @@ async fn event_loop(
     mut eventloop: rumqttc::EventLoop,
     incoming: mpsc::UnboundedSender<Incoming<AckToken>>,
     connection: Arc<AtomicU64>,
+    connected: Arc<AtomicBool>,
 ) {
     let mut announced = false;
     let mut delay = Duration::from_millis(200);
@@ -521,6 +535,7 @@ async fn event_loop(
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 delay = Duration::from_millis(200);
                 connection.fetch_add(1, Ordering::AcqRel);
+                connected.store(true, Ordering::Release);
                 info!(
                     session_present = ack.session_present,
                     "connected to the broker"
@@ -547,6 +562,7 @@ async fn event_loop(
             }
             Ok(_) => {}
             Err(e) => {
+                connected.store(false, Ordering::Release);
                 warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost");
                 tokio::time::sleep(delay).await;
                 // Capped low: devices buffer while the bridge is away.
@@ -599,10 +615,13 @@ async fn ingest(
                     }
                     let registry = Arc::clone(&registry);
                     verifying.push_back(tokio::task::spawn_blocking(move || {
-                        batch
+                        let started = std::time::Instant::now();
+                        let checked = batch
                             .into_iter()
                             .map(|m| classify::verify(&registry, m))
-                            .collect::<Vec<_>>()
+                            .collect::<Vec<_>>();
+                        crate::observe::verify_batch_duration(started.elapsed());
+                        checked
                     }));
                 }
                 None => open = false,

@@ -1,84 +1,59 @@
-//! The Prometheus `/metrics` endpoint (`metrics_listen`). The exporter crate's own HTTP
-//! listener binds inside and cannot tell which port it got, so the broker binds the
-//! listener itself and logs the address it really bound: `metrics_listen` may ask for
-//! port 0, as tests do.
+//! The broker's operations endpoint (`metrics_listen`): Prometheus `/metrics`,
+//! `/healthz` and `/readyz` (the `vitalmq-ops-http` crate), ready once the broker has
+//! loaded its policy and listens. Bound by the broker itself, so `metrics_listen` may
+//! ask for port 0 (tests do) and the log says which port it got.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+use vitalmq_ops_http::{Endpoints, OpsServer, Readiness};
 
-/// How often the recorder's histograms are maintained (the exporter's default).
-const UPKEEP_EVERY: Duration = Duration::from_secs(5);
-
-/// Binds `addr`, installs the global Prometheus recorder and serves it there. A
-/// failure is logged, not fatal: the broker runs without metrics.
-pub(crate) async fn install(addr: SocketAddr) {
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "metrics endpoint not started");
-            return;
-        }
-    };
-    let handle = match PrometheusBuilder::new().install_recorder() {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "metrics endpoint not started");
-            return;
-        }
-    };
-    let bound = listener.local_addr().unwrap_or(addr);
-    tracing::info!(addr = %bound, "metrics on /metrics");
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(UPKEEP_EVERY).await;
-            upkeep.run_upkeep();
-        }
-    });
-    tokio::spawn(serve(listener, handle));
+/// The broker's readiness checks, set by `Broker::start` as it gets there.
+#[derive(Debug, Default)]
+pub(crate) struct Ready {
+    /// The ACL, registry and TLS settings loaded (a later broken reload keeps them).
+    policy_loaded: Arc<AtomicBool>,
+    /// The mTLS listener bound and accepting.
+    listening: Arc<AtomicBool>,
 }
 
-/// Serves the metrics text on every connection.
-async fn serve(listener: TcpListener, handle: PrometheusHandle) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics connection not accepted");
-                continue;
-            }
-        };
-        let handle = handle.clone();
-        // As the exporter's own listener answered: `/health` is "OK", any other path
-        // the metrics text.
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let body = if req.uri().path() == "/health" {
-                "OK".to_owned()
-            } else {
-                handle.render()
-            };
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            async move { Ok::<_, Infallible>(response) }
-        });
-        tokio::spawn(async move {
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics connection ended");
-            }
-        });
+impl Ready {
+    pub(crate) fn policy_loaded(&self) {
+        self.policy_loaded.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn listening(&self) {
+        self.listening.store(true, Ordering::Release);
+    }
+
+    fn readiness(&self) -> Readiness {
+        Readiness::new()
+            .flag("policy_loaded", Arc::clone(&self.policy_loaded))
+            .flag("listening", Arc::clone(&self.listening))
+    }
+}
+
+/// Installs the process's Prometheus recorder and serves the endpoint on `addr`. A
+/// failure is logged, not fatal: the broker runs without it (without metrics, when
+/// another recorder was installed in this process).
+pub(crate) async fn install(addr: SocketAddr, ready: &Ready) -> Option<OpsServer> {
+    let metrics = match vitalmq_ops_http::recorder() {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "metrics not recorded");
+            None
+        }
+    };
+    let endpoints = Endpoints {
+        metrics,
+        readiness: ready.readiness(),
+    };
+    match vitalmq_ops_http::serve(addr, endpoints).await {
+        Ok(server) => Some(server),
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "metrics endpoint not started");
+            None
+        }
     }
 }

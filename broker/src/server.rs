@@ -99,6 +99,8 @@ pub struct Broker {
     /// Flushed once more at shutdown, after the tasks that may still count refusals.
     refusals: Arc<RefusalAudit>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// `/metrics`, `/healthz`, `/readyz` (`metrics_listen`); stops with the broker.
+    _ops: Option<vitalmq_ops_http::OpsServer>,
 }
 
 impl Broker {
@@ -106,7 +108,9 @@ impl Broker {
         config.max_connections = connection_budget(config.max_connections);
         config.embedded.max_connections =
             config.embedded.max_connections.max(config.max_connections);
+        let ready = crate::metrics_http::Ready::default();
         let loaded = load(&config)?;
+        ready.policy_loaded();
         // The audit log names devices, sites and addresses, its key vouches for it:
         // owner-only. Its directory may be a shared log directory, so only the files
         // are checked.
@@ -124,9 +128,10 @@ impl Broker {
         let audit_log = AuditLog::open_signed(&config.audit.path, config.audit.queue, Some(key))?;
         let auditor = audit_log.auditor();
         let audit: Arc<dyn AuditSink> = Arc::new(auditor.clone());
-        if let Some(addr) = config.metrics_listen {
-            crate::metrics_http::install(addr).await;
-        }
+        let ops = match config.metrics_listen {
+            Some(addr) => crate::metrics_http::install(addr, &ready).await,
+            None => None,
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -212,6 +217,7 @@ impl Broker {
         } else {
             None
         };
+        ready.listening();
         Ok(Self {
             addr,
             shutdown: shutdown_tx,
@@ -226,6 +232,7 @@ impl Broker {
             audit: Some(audit_log),
             refusals,
             _watcher: watcher,
+            _ops: ops,
         })
     }
 
