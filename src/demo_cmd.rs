@@ -63,7 +63,7 @@ pub struct DemoArgs {
 /// How long devices may take, after generating, for their last receipts.
 const UNTIL_RECEIPTED: Duration = Duration::from_secs(20);
 
-pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: DemoArgs, log_format: crate::log_format::LogFormat) -> anyhow::Result<ExitCode> {
     if args.duration < setup::MIN_DURATION {
         bail!(
             "--duration: at least {} s (the scenario needs the time)",
@@ -87,7 +87,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         args.sites,
         args.duration.mul_f64(args.time_scale),
     )?;
-    let bridge_ready = log::init(&work.log())?;
+    let bridge_ready = log::init(&work.log(), log_format)?;
     println!(
         "vitalmq demo: {} simulated wearables on {} sites, through the broker gate and the bridge\n",
         args.devices, args.sites

@@ -9,6 +9,7 @@ mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
 mod loadgen_cmd;
+mod log_format;
 mod operator_audit;
 mod sim_cmd;
 mod stop;
@@ -21,6 +22,10 @@ mod trace_cmd;
     about = "Trustworthy MQTT ingest for medical-device telemetry"
 )]
 struct Cli {
+    /// Log lines: `text`, or `json` (one JSON object per line, with the structured
+    /// fields as keys) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = log_format::LogFormat::Text)]
+    log_format: log_format::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,20 +99,18 @@ fn main() -> std::process::ExitCode {
     }
     // The demo logs to a file in its work directory; everything else to stderr.
     if !matches!(cli.command, Command::Demo(_)) {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-            )
-            .with_writer(std::io::stderr)
-            .init();
+        log_format::init_stderr(cli.log_format);
     }
+    // With `--log-format json` stderr holds JSON lines only, the final error too (the
+    // demo's log is its file, so its error stays a line for the terminal).
+    let json_stderr =
+        cli.log_format == log_format::LogFormat::Json && !matches!(cli.command, Command::Demo(_));
     let result = match cli.command {
         Command::Certs(cmd) => certs(cmd),
         Command::Envelope(cmd) => cmd.run(),
-        Command::Demo(args) => demo_cmd::run(args),
+        Command::Demo(args) => demo_cmd::run(args, cli.log_format),
         Command::Bridge(args) => bridge_cmd::run(args),
-        Command::Broker(args) => broker_cmd::run(args),
+        Command::Broker(args) => broker_cmd::run(args, cli.log_format),
         Command::Store(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),
@@ -117,7 +120,11 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if json_stderr {
+                tracing::error!(error = format!("{e:#}"), "vitalmq failed");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             std::process::ExitCode::from(2)
         }
     }

@@ -2,32 +2,42 @@
 //! (the terminal is for the demo's own lines; `RUST_LOG` sets the level, default
 //! `info`), and one event is watched for: the bridge's ready line
 //! ([`vitalmq_bridge::READY`]), which says it is subscribed, so devices may start.
+//! `--log-format json` writes the file as JSON lines.
 
 use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::Context as _;
+
+use crate::log_format::LogFormat;
 use tokio::sync::watch;
 use tracing::field::{Field, Visit};
-use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{Layer, fmt};
 
 /// Sends the log to `path`; the receiver turns true once the bridge is ready.
-pub fn init(path: &Path) -> anyhow::Result<watch::Receiver<bool>> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let level = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init(path: &Path, format: LogFormat) -> anyhow::Result<watch::Receiver<bool>> {
+    let file = Mutex::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    let level = crate::log_format::level();
     let (tx, rx) = watch::channel(false);
     let ready = BridgeReady { tx }
         .with_filter(Targets::new().with_target("vitalmq_bridge", tracing::Level::INFO));
     tracing_subscriber::registry()
         .with(
-            fmt::layer()
-                .with_ansi(false)
-                .with_writer(Mutex::new(file))
-                .with_filter(level),
+            match format {
+                LogFormat::Text => fmt::layer().with_ansi(false).with_writer(file).boxed(),
+                LogFormat::Json => fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_writer(file)
+                    .boxed(),
+            }
+            .with_filter(level),
         )
         .with(ready)
         .try_init()
