@@ -50,8 +50,7 @@ pub(crate) fn commit_duration(took: Duration) {
 
 /// Verifying one batch of messages (signature, envelope, registry) on one core.
 pub(crate) fn verify_batch_duration(took: Duration) {
-    metrics::histogram!("vitalmq_bridge_verify_batch_duration_seconds")
-        .record(took.as_secs_f64());
+    metrics::histogram!("vitalmq_bridge_verify_batch_duration_seconds").record(took.as_secs_f64());
 }
 
 /// One delivery attempt of a batch of alert rows to a handler, until it confirmed

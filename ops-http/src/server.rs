@@ -172,7 +172,10 @@ mod tests {
         assert!(!body.contains("quantile="), "{body}");
 
         assert_eq!(get(&server, "/healthz").await, (200, "ok\n".to_owned()));
-        assert_eq!(get(&server, "/readyz").await, (503, "connected\n".to_owned()));
+        assert_eq!(
+            get(&server, "/readyz").await,
+            (503, "connected\n".to_owned())
+        );
         connected.store(true, Ordering::Release);
         assert_eq!(get(&server, "/readyz").await, (200, "ready\n".to_owned()));
         assert_eq!(get(&server, "/health").await.0, 404);
