@@ -506,7 +506,7 @@ mod tests {
                 "used twice",
             ),
             ("colour = 1\n", "colour"),
-            ("[metrics]\nlisten = \"localhost\"\n", "metrics.listen"),
+            ("[metrics]\nlisten = \"localhost\"\n", "invalid socket address"),
             (
                 "[[audit_ship]]\ncomponent = \"broker/x\"\npath = \"a.jsonl\"\n",
                 "audit_ship.component",
