@@ -506,7 +506,10 @@ mod tests {
                 "used twice",
             ),
             ("colour = 1\n", "colour"),
-            ("[metrics]\nlisten = \"localhost\"\n", "invalid socket address"),
+            (
+                "[metrics]\nlisten = \"localhost\"\n",
+                "invalid socket address",
+            ),
             (
                 "[[audit_ship]]\ncomponent = \"broker/x\"\npath = \"a.jsonl\"\n",
                 "audit_ship.component",

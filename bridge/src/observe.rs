@@ -29,7 +29,10 @@ pub(crate) async fn serve(
         return Ok(None);
     };
     let metrics = match vitalmq_ops_http::recorder() {
-        Ok(handle) => Some(handle),
+        Ok(handle) => {
+            describe();
+            Some(handle)
+        }
         Err(e) => {
             tracing::warn!(addr = %config.listen, error = %e, "metrics not recorded");
             None
@@ -41,6 +44,55 @@ pub(crate) async fn serve(
     vitalmq_ops_http::serve(config.listen, Endpoints { metrics, readiness })
         .await
         .map(Some)
+}
+
+/// The `# HELP` lines of the bridge's metrics (a series appears once it has a value).
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "vitalmq_bridge_accepted_total",
+        "Messages accepted and recorded."
+    );
+    describe_counter!("vitalmq_bridge_gaps_total", "Sequence gaps opened.");
+    describe_counter!(
+        "vitalmq_bridge_rejected_total",
+        "Messages rejected by the sequence check, by class."
+    );
+    describe_counter!(
+        "vitalmq_bridge_refused_total",
+        "Messages refused by verification, by class."
+    );
+    describe_counter!(
+        "vitalmq_bridge_sink_delivered_total",
+        "Events confirmed by each sink."
+    );
+    describe_counter!(
+        "vitalmq_bridge_sink_failures_total",
+        "Failed deliveries to each sink."
+    );
+    describe_counter!(
+        "vitalmq_bridge_alerts_delivered_total",
+        "Alert rows confirmed by each handler."
+    );
+    describe_gauge!(
+        "vitalmq_bridge_backlog",
+        "Events recorded and not yet confirmed by a sink."
+    );
+    describe_histogram!(
+        "vitalmq_bridge_commit_duration_seconds",
+        Unit::Seconds,
+        "One store commit, fsync included."
+    );
+    describe_histogram!(
+        "vitalmq_bridge_verify_batch_duration_seconds",
+        Unit::Seconds,
+        "Verifying one batch of messages on one core."
+    );
+    describe_histogram!(
+        "vitalmq_bridge_alert_delivery_duration_seconds",
+        Unit::Seconds,
+        "One delivery attempt of alert rows to a handler, by outcome."
+    );
 }
 
 /// One store commit (a batch of messages, or an alerts-only part), its fsync included.
