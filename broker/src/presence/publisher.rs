@@ -1,0 +1,269 @@
+//! The task that publishes presence: one internal MQTT 3.1.1 connection to the
+//! embedded rumqttd (never through a `GateSession`: it is the broker speaking), with
+//! the per-process secret in its CONNECT and a client id no certificate can have.
+//!
+//! Messages go out in the book's order with at most [`WINDOW`] unacknowledged; a
+//! change is taken off the feed only when the window has room, so what waits is the
+//! feed (one small entry per connection event, which `accept` rate-limits) and never
+//! more than the window here. When the connection to rumqttd drops, the task opens a
+//! new one and sends the unacknowledged messages again, in order, before new ones
+//! (a repeat is harmless: retained, and the bridge orders by `seq`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::{QoS, v4};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+use tokio::sync::{mpsc, watch};
+
+use super::book::{Book, Change, Message};
+use crate::embedded::EmbeddedBroker;
+use crate::gate::Version;
+
+/// The internal client id: `$` cannot start a certificate id (SPEC section 1), so no
+/// client can take this session over.
+const CLIENT_ID: &str = "$vitalmq-presence";
+/// Unacknowledged PUBLISHes at most (rumqttd allows `max_inflight`, 100 by default).
+const WINDOW: usize = 32;
+const KEEPALIVE_S: u16 = 60;
+/// How long rumqttd may take to answer the CONNECT.
+const CONNACK_WAIT: Duration = Duration::from_secs(10);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Largest packet read from rumqttd (it sends PUBACKs, PINGRESPs and a CONNACK).
+const MAX_PACKET: usize = 1 << 16;
+
+/// Why the internal connection ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("rumqttd closed the connection")]
+    Closed,
+    #[error("rumqttd refused the CONNECT: {0:?}")]
+    Refused(v4::ConnectReturnCode),
+    #[error("rumqttd did not answer the CONNECT in time")]
+    ConnackTimeout,
+    #[error("unexpected packet from rumqttd: {0}")]
+    Unexpected(&'static str),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Mqtt(#[from] rumqttc::mqttbytes::Error),
+}
+
+/// Messages sent and not yet acknowledged, and those not yet sent, in order.
+#[derive(Debug, Default)]
+struct Queue {
+    in_flight: VecDeque<(u16, Message)>,
+    waiting: VecDeque<Message>,
+    last_pkid: u16,
+}
+
+impl Queue {
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.last_pkid = self.last_pkid.wrapping_add(1).max(1);
+            let pkid = self.last_pkid;
+            if !self.in_flight.iter().any(|(p, _)| *p == pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    /// After a reconnect: everything unacknowledged is sent again first.
+    fn requeue(&mut self) {
+        while let Some((_, m)) = self.in_flight.pop_back() {
+            self.waiting.push_front(m);
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        self.in_flight.len() < WINDOW
+    }
+
+    /// Encodes what the window allows into `out`.
+    fn fill(&mut self, out: &mut BytesMut) -> Result<(), LinkError> {
+        while self.has_room() {
+            let Some(message) = self.waiting.pop_front() else {
+                break;
+            };
+            let pkid = self.next_pkid();
+            let mut publish = v4::Publish::new(
+                message.topic.clone(),
+                QoS::AtLeastOnce,
+                message.payload.clone(),
+            );
+            publish.retain = true;
+            publish.pkid = pkid;
+            publish.write(out)?;
+            tracing::debug!(topic = %message.topic, pkid, "presence published");
+            self.in_flight.push_back((pkid, message));
+        }
+        Ok(())
+    }
+
+    fn acked(&mut self, pkid: u16) {
+        if let Some(at) = self.in_flight.iter().position(|(p, _)| *p == pkid) {
+            self.in_flight.remove(at);
+        }
+    }
+}
+
+/// Publishes until shutdown (or until every feed is gone, i.e. the broker stopped).
+pub(super) async fn run(
+    embedded: Arc<EmbeddedBroker>,
+    mut feed: mpsc::UnboundedReceiver<Change>,
+    mut book: Book,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut queue = Queue::default();
+    queue.waiting.push_back(book.boot_message());
+    let mut retry = RETRY_MIN;
+    loop {
+        let ended = async {
+            let mut pipe = open(&embedded).await?;
+            retry = RETRY_MIN;
+            queue.requeue();
+            serve(&mut pipe, &mut queue, &mut feed, &mut book).await
+        };
+        let ended = tokio::select! {
+            ended = ended => ended,
+            _ = shutdown.changed() => return,
+        };
+        match ended {
+            Ok(()) => return,
+            Err(e) => {
+                metrics::counter!("vitalmq_presence_reconnects_total").increment(1);
+                tracing::warn!(error = %e, retry_in = ?retry, "presence: internal connection to rumqttd lost; reconnecting");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(retry) => {}
+            _ = shutdown.changed() => return,
+        }
+        retry = (retry * 2).min(RETRY_MAX);
+    }
+}
+
+/// Opens the internal connection: CONNECT with the gate's secret, then CONNACK.
+async fn open(embedded: &EmbeddedBroker) -> Result<DuplexStream, LinkError> {
+    let mut pipe = embedded.connect(Version::V311);
+    let mut connect = v4::Connect::new(CLIENT_ID);
+    connect.keep_alive = KEEPALIVE_S;
+    connect.clean_session = true;
+    connect.login = Some(v4::Login::new("vitalmq-presence", &*embedded.password()));
+    let mut buf = BytesMut::new();
+    connect.write(&mut buf)?;
+    pipe.write_all(&buf).await?;
+    buf.clear();
+    let ack = tokio::time::timeout(CONNACK_WAIT, async {
+        loop {
+            if let Some(packet) = read_packet(&mut buf)? {
+                return Ok::<_, LinkError>(packet);
+            }
+            if pipe.read_buf(&mut buf).await? == 0 {
+                return Err(LinkError::Closed);
+            }
+        }
+    })
+    .await
+    .map_err(|_| LinkError::ConnackTimeout)??;
+    match ack {
+        v4::Packet::ConnAck(a) if a.code == v4::ConnectReturnCode::Success => Ok(pipe),
+        v4::Packet::ConnAck(a) => Err(LinkError::Refused(a.code)),
+        _ => Err(LinkError::Unexpected("expected CONNACK")),
+    }
+}
+
+fn read_packet(buf: &mut BytesMut) -> Result<Option<v4::Packet>, LinkError> {
+    match v4::Packet::read(buf, MAX_PACKET) {
+        Ok(packet) => Ok(Some(packet)),
+        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Publishes over one connection until it fails (`Err`) or the feed closed (`Ok`).
+async fn serve(
+    pipe: &mut DuplexStream,
+    queue: &mut Queue,
+    feed: &mut mpsc::UnboundedReceiver<Change>,
+    book: &mut Book,
+) -> Result<(), LinkError> {
+    let every = Duration::from_secs(u64::from(KEEPALIVE_S) / 2);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inbox = BytesMut::with_capacity(256);
+    let mut out = BytesMut::with_capacity(1024);
+    loop {
+        queue.fill(&mut out)?;
+        if !out.is_empty() {
+            pipe.write_all(&out).await?;
+            out.clear();
+        }
+        let take = queue.waiting.is_empty() && queue.has_room();
+        tokio::select! {
+            change = feed.recv(), if take => {
+                let Some(change) = change else { return Ok(()) };
+                queue.waiting.extend(book.apply(change));
+                metrics::gauge!("vitalmq_presence_connected").set(book.connected() as f64);
+            }
+            read = pipe.read_buf(&mut inbox) => {
+                if read? == 0 {
+                    return Err(LinkError::Closed);
+                }
+                while let Some(packet) = read_packet(&mut inbox)? {
+                    match packet {
+                        v4::Packet::PubAck(ack) => queue.acked(ack.pkid),
+                        v4::Packet::PingResp => {}
+                        _ => return Err(LinkError::Unexpected("only PUBACK and PINGRESP expected")),
+                    }
+                }
+            }
+            _ = ping.tick() => v4::PingReq.write(&mut out).map(|_| ())?,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(n: u8) -> Message {
+        Message {
+            topic: format!("presence/device/d{n}"),
+            payload: vec![n],
+        }
+    }
+
+    #[test]
+    fn the_window_bounds_what_is_in_flight_and_a_reconnect_resends_in_order() {
+        let mut q = Queue::default();
+        for n in 0..40 {
+            q.waiting.push_back(message(n));
+        }
+        let mut out = BytesMut::new();
+        q.fill(&mut out).expect("encode");
+        assert_eq!((q.in_flight.len(), q.waiting.len()), (WINDOW, 40 - WINDOW));
+        q.acked(1);
+        q.acked(3);
+        q.requeue();
+        let order: Vec<u8> = q.waiting.iter().map(|m| m.payload[0]).collect();
+        let mut want: Vec<u8> = (0..40).filter(|n| *n != 0 && *n != 2).collect();
+        want.sort_unstable();
+        assert_eq!(order, want, "unacknowledged first, in their order");
+        assert!(q.in_flight.is_empty());
+    }
+
+    #[test]
+    fn packet_ids_skip_zero_and_those_in_flight() {
+        let mut q = Queue {
+            last_pkid: u16::MAX - 1,
+            ..Queue::default()
+        };
+        q.in_flight.push_back((1, message(0)));
+        assert_eq!(q.next_pkid(), u16::MAX);
+        assert_eq!(q.next_pkid(), 2);
+    }
+}
