@@ -22,9 +22,11 @@ use super::book::{Book, Change, Message};
 use crate::embedded::EmbeddedBroker;
 use crate::gate::Version;
 
-/// The internal client id: `$` cannot start a certificate id (SPEC section 1), so no
-/// client can take this session over.
-const CLIENT_ID: &str = "$vitalmq-presence";
+/// The internal client id: `_` cannot start a certificate id (SPEC section 1: the
+/// first character is a letter or digit), and the gate binds every client's id to its
+/// certificate, so no client can take this session over. (rumqttd closes a CONNECT
+/// whose client id starts with `$` without a CONNACK.)
+const CLIENT_ID: &str = "_vitalmq-presence";
 /// Unacknowledged PUBLISHes at most (rumqttd allows `max_inflight`, 100 by default).
 const WINDOW: usize = 32;
 const KEEPALIVE_S: u16 = 60;
@@ -229,6 +231,59 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::embedded::EmbeddedSettings;
+
+    /// A subscriber on its own pipe to rumqttd, as the gate would hand the bridge over.
+    async fn subscriber(embedded: &EmbeddedBroker, filter: &str) -> (DuplexStream, BytesMut) {
+        let mut pipe = embedded.connect(Version::V311);
+        let mut connect = v4::Connect::new("bridge-01");
+        connect.login = Some(v4::Login::new("u", &*embedded.password()));
+        let mut buf = BytesMut::new();
+        connect.write(&mut buf).expect("encode");
+        v4::Subscribe::new(filter, QoS::AtLeastOnce)
+            .write(&mut buf)
+            .expect("encode");
+        pipe.write_all(&buf).await.expect("write");
+        (pipe, BytesMut::new())
+    }
+
+    async fn next_publish(pipe: &mut DuplexStream, inbox: &mut BytesMut) -> v4::Publish {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                while let Some(packet) = read_packet(inbox).expect("well-formed") {
+                    if let v4::Packet::Publish(p) = packet {
+                        return p;
+                    }
+                }
+                assert!(pipe.read_buf(inbox).await.expect("read") > 0, "closed");
+            }
+        })
+        .await
+        .expect("a PUBLISH in time")
+    }
+
+    /// Through the real embedded rumqttd: the boot message first, then a change, all
+    /// retained, so a subscriber that comes later gets them too.
+    #[tokio::test]
+    async fn publishes_retained_through_rumqttd() {
+        let embedded =
+            Arc::new(EmbeddedBroker::start(&EmbeddedSettings::default()).expect("rumqttd"));
+        let (_stop, shutdown) = watch::channel(false);
+        let (feed, task) = super::super::start(Arc::clone(&embedded), shutdown).expect("start");
+        let (mut pipe, mut inbox) = subscriber(&embedded, "presence/#").await;
+        let boot = next_publish(&mut pipe, &mut inbox).await;
+        assert_eq!(boot.topic, "presence/broker/boot");
+        let who =
+            vitalmq_policies::SpiffeId::parse("spiffe://demo.vitalmq/device/dev-1").expect("id");
+        let presence = feed.admitted(&who).expect("devices have presence");
+        let up = next_publish(&mut pipe, &mut inbox).await;
+        assert_eq!(up.topic, "presence/device/dev-1");
+        presence.end("client_closed");
+        let down = next_publish(&mut pipe, &mut inbox).await;
+        assert!(String::from_utf8_lossy(&down.payload).contains(r#""connected":false"#));
+        drop(feed);
+        let _ = task.await;
+    }
 
     fn message(n: u8) -> Message {
         Message {
