@@ -235,12 +235,21 @@ mod tests {
 
     /// A subscriber on its own pipe to rumqttd, as the gate would hand the bridge over.
     async fn subscriber(embedded: &EmbeddedBroker, filter: &str) -> (DuplexStream, BytesMut) {
+        subscriber_as(embedded, "bridge-01", filter, QoS::AtLeastOnce).await
+    }
+
+    async fn subscriber_as(
+        embedded: &EmbeddedBroker,
+        id: &str,
+        filter: &str,
+        qos: QoS,
+    ) -> (DuplexStream, BytesMut) {
         let mut pipe = embedded.connect(Version::V311);
-        let mut connect = v4::Connect::new("bridge-01");
+        let mut connect = v4::Connect::new(id);
         connect.login = Some(v4::Login::new("u", &*embedded.password()));
         let mut buf = BytesMut::new();
         connect.write(&mut buf).expect("encode");
-        v4::Subscribe::new(filter, QoS::AtLeastOnce)
+        v4::Subscribe::new(filter, qos)
             .write(&mut buf)
             .expect("encode");
         pipe.write_all(&buf).await.expect("write");
@@ -276,7 +285,12 @@ mod tests {
         let who =
             vitalmq_policies::SpiffeId::parse("spiffe://demo.vitalmq/device/dev-1").expect("id");
         let presence = feed.admitted(&who).expect("devices have presence");
-        let up = next_publish(&mut pipe, &mut inbox).await;
+        // A subscription that races the boot message may get it twice (retained, and
+        // live from the log); the bridge orders by `seq`, so a repeat is harmless.
+        let mut up = next_publish(&mut pipe, &mut inbox).await;
+        if up.topic == "presence/broker/boot" {
+            up = next_publish(&mut pipe, &mut inbox).await;
+        }
         assert_eq!(up.topic, "presence/device/dev-1");
         presence.end("client_closed");
         let down = next_publish(&mut pipe, &mut inbox).await;
@@ -320,5 +334,53 @@ mod tests {
         q.in_flight.push_back((1, message(0)));
         assert_eq!(q.next_pkid(), u16::MAX);
         assert_eq!(q.next_pkid(), 2);
+    }
+
+    /// rumqttd 0.20 sent a new subscription at most one read's worth of retained
+    /// messages (its free in-flight slots, or `max_outgoing_packets` at QoS 0) and
+    /// dropped the rest; a bridge subscribing after 500 devices connected must still
+    /// learn about every one (vendor/rumqttd patch 8).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_subscriber_gets_every_identity_not_only_one_read() {
+        const DEVICES: usize = 500;
+        let settings = EmbeddedSettings {
+            max_outgoing_packets: 50,
+            ..EmbeddedSettings::default()
+        };
+        let embedded = Arc::new(EmbeddedBroker::start(&settings).expect("rumqttd"));
+        let (_stop, shutdown) = watch::channel(false);
+        let (feed, _task) = super::super::start(Arc::clone(&embedded), shutdown).expect("start");
+        let (mut live, mut live_inbox) =
+            subscriber_as(&embedded, "live", "presence/#", QoS::AtMostOnce).await;
+        let mut held = Vec::new();
+        for n in 0..DEVICES {
+            let who = vitalmq_policies::SpiffeId::parse(&format!(
+                "spiffe://demo.vitalmq/device/dev-{n:05}"
+            ))
+            .expect("id");
+            held.push(feed.admitted(&who).expect("presence"));
+        }
+        // Every message has gone through rumqttd once the live subscriber saw the last.
+        let mut seen = 0;
+        while seen < DEVICES + 1 {
+            next_publish(&mut live, &mut live_inbox).await;
+            seen += 1;
+        }
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            let id = format!("late-{qos:?}");
+            let (mut late, mut inbox) = subscriber_as(&embedded, &id, "presence/#", qos).await;
+            let mut topics = std::collections::HashSet::new();
+            while topics.len() < DEVICES + 1 {
+                let p = next_publish(&mut late, &mut inbox).await;
+                assert!(p.retain, "{p:?}");
+                if qos == QoS::AtLeastOnce {
+                    let mut ack = BytesMut::new();
+                    v4::PubAck::new(p.pkid).write(&mut ack).expect("encode");
+                    late.write_all(&ack).await.expect("PUBACK");
+                }
+                topics.insert(p.topic);
+            }
+        }
+        drop(held);
     }
 }
