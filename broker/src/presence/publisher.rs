@@ -383,4 +383,55 @@ mod tests {
         }
         drop(held);
     }
+
+    /// When rumqttd drops the internal connection (here: another connection of its
+    /// client id takes the session over), the publisher connects again and goes on;
+    /// a change made meanwhile is published.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_connection_to_rumqttd_is_reopened() {
+        let embedded =
+            Arc::new(EmbeddedBroker::start(&EmbeddedSettings::default()).expect("rumqttd"));
+        let (_stop, shutdown) = watch::channel(false);
+        let (feed, _task) = super::super::start(Arc::clone(&embedded), shutdown).expect("start");
+        let (mut pipe, mut inbox) = subscriber(&embedded, "presence/#").await;
+        assert_eq!(
+            next_publish(&mut pipe, &mut inbox).await.topic,
+            "presence/broker/boot"
+        );
+        // The impostor takes the session over; the publisher takes it back.
+        let (mut impostor, mut impostor_inbox) =
+            subscriber_as(&embedded, CLIENT_ID, "nothing", QoS::AtMostOnce).await;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(v4::Packet::ConnAck(_)) =
+                    read_packet(&mut impostor_inbox).expect("well-formed")
+                {
+                    return;
+                }
+                assert!(impostor.read_buf(&mut impostor_inbox).await.expect("read") > 0);
+            }
+        })
+        .await
+        .expect("the impostor is connected");
+        let who =
+            vitalmq_policies::SpiffeId::parse("spiffe://demo.vitalmq/gateway/gw-1").expect("id");
+        let _presence = feed.admitted(&who).expect("gateways have presence");
+        loop {
+            let p = next_publish(&mut pipe, &mut inbox).await;
+            if p.topic == "presence/gateway/gw-1" {
+                break;
+            }
+            assert_eq!(
+                p.topic, "presence/broker/boot",
+                "only a repeat of the boot message"
+            );
+        }
+        // The publisher's new connection took the session back.
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut sink = [0u8; 256];
+            while matches!(impostor.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        assert!(closed.is_ok(), "the impostor was taken over");
+    }
 }
