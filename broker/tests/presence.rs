@@ -487,3 +487,36 @@ async fn a_takeover_ends_with_the_identity_connected() {
     drop(bridge);
     setup.stop().await;
 }
+
+/// A connection the broker ends because its certificate was revoked (CRL reloaded) is
+/// announced disconnected with that reason; the client's reconnects fail the handshake
+/// and announce nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_announced_disconnected() {
+    let mut setup = Setup::start().await;
+    let mut bridge = setup.watch("bridge-01");
+    let _device = setup.device("dev-00004");
+    bridge.wait_for("dev-00004 connected", presence_of("dev-00004", true));
+
+    let mut pki = Pki::open(setup.layout.root()).expect("pki");
+    pki.revoke(
+        &vitalmq_certs::index::Target::Identity {
+            role: Role::Device,
+            id: PrincipalId::new("dev-00004").expect("id"),
+        },
+        vitalmq_certs::Reason::KeyCompromise,
+        time::OffsetDateTime::now_utc(),
+    )
+    .expect("revoke");
+    setup
+        .broker
+        .as_ref()
+        .expect("running")
+        .reload()
+        .await
+        .expect("reload");
+    let (_, down) = bridge.wait_for("dev-00004 disconnected", presence_of("dev-00004", false));
+    assert_eq!(down["reason"], "certificate_revoked", "{down}");
+    drop(bridge);
+    setup.stop().await;
+}

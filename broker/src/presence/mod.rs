@@ -131,3 +131,52 @@ pub(crate) fn start(
     };
     Ok((feed, task))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Devices and gateways have presence, other roles none; an admitted connection
+    /// reports its end once, also when dropped without a reason.
+    #[test]
+    fn only_devices_and_gateways_are_reported_and_each_end_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let feed = PresenceFeed {
+            tx: Some(tx),
+            next_conn: Arc::default(),
+        };
+        let who = |uri: &str| SpiffeId::parse(uri).expect("id");
+        for role in ["bridge", "integrator", "operator"] {
+            let id = who(&format!("spiffe://demo.vitalmq/{role}/x-1"));
+            assert!(feed.admitted(&id).is_none(), "{role}");
+        }
+        assert!(rx.try_recv().is_err());
+        let device = feed
+            .admitted(&who("spiffe://demo.vitalmq/device/dev-1"))
+            .expect("device");
+        let gateway = feed
+            .admitted(&who("spiffe://demo.vitalmq/gateway/gw-1"))
+            .expect("gateway");
+        device.end("client_closed");
+        drop(gateway);
+        let changes: Vec<Change> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        let summary: Vec<_> = changes
+            .iter()
+            .map(|c| (c.role, c.id.as_str(), c.conn, c.ended))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (Role::Device, "dev-1", 0, None),
+                (Role::Gateway, "gw-1", 1, None),
+                (Role::Device, "dev-1", 0, Some("client_closed")),
+                (Role::Gateway, "gw-1", 1, Some("ended")),
+            ]
+        );
+        assert!(
+            PresenceFeed::disabled()
+                .admitted(&who("spiffe://demo.vitalmq/device/dev-1"))
+                .is_none()
+        );
+    }
+}
