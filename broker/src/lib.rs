@@ -19,6 +19,7 @@ pub mod gate;
 mod handover;
 pub mod identity;
 mod metrics_http;
+pub mod presence;
 pub mod ratelimit;
 pub mod relay;
 mod server;

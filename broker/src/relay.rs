@@ -16,6 +16,7 @@ use crate::authz::Authorizer;
 use crate::embedded::EmbeddedBroker;
 use crate::gate::{AuditSink, BROKER_PING_EVERY, GateSession, Output};
 use crate::handover::Handover;
+use crate::presence::{Presence, PresenceFeed};
 use crate::ratelimit::RateRegistry;
 use crate::tls::TlsEdge;
 
@@ -30,6 +31,8 @@ pub struct RelayContext {
     /// How long a client may take to send CONNECT after the handshake.
     pub connect_timeout: Duration,
     pub shutdown: watch::Receiver<bool>,
+    /// Where admitted device and gateway connections report (see [`crate::presence`]).
+    pub presence: PresenceFeed,
 }
 
 /// How a connection ended, for logs and metrics.
@@ -100,6 +103,8 @@ where
 
     // Bytes rumqttd sent while the gate was writing to it (see `write_draining`).
     let mut broker_bytes_waiting = false;
+    // Set once the client has the successful CONNACK; reports the end when taken.
+    let mut presence: Option<Presence> = None;
 
     let ended = loop {
         if handover.is_some() && !session.awaiting_broker_connack() {
@@ -153,6 +158,9 @@ where
                 if let Some(code) = applied.closed {
                     break Ended::Gate(code);
                 }
+                if presence.is_none() && session.is_accepted() {
+                    presence = ctx.presence.admitted(&peer.identity.spiffe);
+                }
             }
             Err(e) => break Ended::Io(e.to_string()),
         }
@@ -192,6 +200,11 @@ where
     }
     drop(handover);
     session.finish(ended.code());
+    // After rumqttd has closed its end, so the bridge hears "disconnected" only once
+    // the connection is gone; a takeover's order is the book's business.
+    if let Some(presence) = presence {
+        presence.end(ended.code());
+    }
     ended
 }
 

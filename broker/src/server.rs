@@ -35,6 +35,8 @@ pub enum StartError {
     AuditKey(#[from] vitalmq_audit::KeyError),
     #[error("embedded broker: {0}")]
     Embedded(#[from] crate::embedded::EmbeddedError),
+    #[error("presence: {0}")]
+    Presence(#[from] crate::presence::PresenceError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -153,6 +155,8 @@ impl Broker {
         let (edge_tx, edge_rx) = watch::channel(loaded.edge.clone());
         let (registry_tx, registry_rx) = watch::channel(loaded.registry.clone());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (presence, presence_task) =
+            crate::presence::start(Arc::clone(&embedded), shutdown_rx.clone())?;
         let acceptor = Arc::new(
             Acceptor::new(edge_rx.clone(), AcceptLimits::from_settings(&config.tls))
                 .with_registry(registry_rx),
@@ -165,6 +169,7 @@ impl Broker {
             rates: RateRegistry::default(),
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             shutdown: shutdown_rx.clone(),
+            presence,
         });
         let _ = audit.record(
             AuditRecord::new(Component::Broker, Event::ComponentStarted)
@@ -228,6 +233,7 @@ impl Broker {
                 checkpoint_task,
                 summaries_task,
                 size_task,
+                presence_task,
             ],
             audit: Some(audit_log),
             refusals,

@@ -453,6 +453,7 @@ async fn a_silent_client_with_keepalive_0_stays_connected() {
         rates: RateRegistry::default(),
         connect_timeout: Duration::from_secs(10),
         shutdown: shutdown_rx,
+        presence: vitalmq_broker::presence::PresenceFeed::disabled(),
     });
     let id = PrincipalId::new("dev-00001").expect("id");
     let leaf = CertificateDer::pem_file_iter(deployment.layout.identity_cert(Role::Device, &id))

@@ -212,6 +212,12 @@ impl GateSession {
         }
     }
 
+    /// A successful CONNACK was audited as `connection_accepted` and handed to the
+    /// relay for the client.
+    pub(crate) fn is_accepted(&self) -> bool {
+        self.accepted
+    }
+
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
     }

@@ -402,6 +402,99 @@ fn ops() {
     denied(subscribe(&p, &r, OP, "#"), Decision::DEFAULT_DENY);
 }
 
+/// SPEC 2 row `alerts/{site}/ack/{id}` (v1.1): an integrator acknowledges only on its
+/// own site under its own id, an operator on any site under its own id; the bridge
+/// receives them all.
+#[test]
+fn alert_acknowledgements() {
+    let (p, r) = (policy(), registry());
+    allowed(
+        publish(&p, &r, INT, "alerts/site-01/ack/int-01"),
+        "integrator-ack",
+    );
+    for topic in [
+        // Another site's ack topic, under its own id.
+        "alerts/site-02/ack/int-01",
+        // Its own site, under another id (an integrator of the site, or not).
+        "alerts/site-01/ack/int-02",
+        "alerts/site-01/ack/ops-alice",
+        // Not an ack topic at all.
+        "alerts/site-01/urgent/dev-00001",
+        "alerts/site-01/ack/int-01/extra",
+    ] {
+        denied(publish(&p, &r, INT, topic), Decision::DEFAULT_DENY);
+    }
+    // An integrator the registry binds to no site matches no site.
+    denied(
+        publish(
+            &p,
+            &r,
+            (Role::Integrator, "int-99"),
+            "alerts/site-01/ack/int-99",
+        ),
+        Decision::NOT_REGISTERED,
+    );
+    for site in ["site-01", "site-02"] {
+        allowed(
+            publish(&p, &r, OP, &format!("alerts/{site}/ack/ops-alice")),
+            "operator-ack",
+        );
+        denied(
+            publish(&p, &r, OP, &format!("alerts/{site}/ack/int-01")),
+            Decision::DEFAULT_DENY,
+        );
+    }
+    for who in [DEV, GW] {
+        denied(
+            publish(&p, &r, who, "alerts/site-01/ack/dev-00001"),
+            Decision::DEFAULT_DENY,
+        );
+    }
+    allowed(subscribe(&p, &r, BRIDGE, "alerts/+/ack/+"), "bridge-acks");
+    allowed(
+        subscribe(&p, &r, BRIDGE, "alerts/site-01/ack/int-01"),
+        "bridge-acks",
+    );
+    // The bridge still may not read the alerts it publishes, nor more than acks.
+    for filter in ["alerts/#", "alerts/+/+/+", "alerts/site-01/urgent/+"] {
+        denied(subscribe(&p, &r, BRIDGE, filter), Decision::DEFAULT_DENY);
+    }
+    for who in [DEV, GW] {
+        denied(
+            subscribe(&p, &r, who, "alerts/+/ack/+"),
+            Decision::DEFAULT_DENY,
+        );
+    }
+}
+
+/// Presence (`presence/...`) is the broker's own voice: the bridge subscribes to all
+/// of it, and no client may publish any of it, not even the bridge.
+#[test]
+fn presence_is_read_by_the_bridge_and_published_by_nobody() {
+    let (p, r) = (policy(), registry());
+    for filter in [
+        "presence/#",
+        "presence/broker/boot",
+        "presence/device/+",
+        "presence/gateway/gw-01",
+    ] {
+        allowed(subscribe(&p, &r, BRIDGE, filter), "bridge-presence");
+    }
+    for who in [DEV, GW, INT, OP] {
+        denied(subscribe(&p, &r, who, "presence/#"), Decision::DEFAULT_DENY);
+    }
+    for who in [DEV, GW, BRIDGE, INT, OP] {
+        for topic in [
+            "presence/broker/boot",
+            "presence/device/dev-00001",
+            "presence/gateway/gw-01",
+            "presence/device/x",
+        ] {
+            denied(publish(&p, &r, who, topic), Decision::DEFAULT_DENY);
+        }
+    }
+}
+
 #[test]
 fn invalid_topics_and_filters_and_dollar_topics() {
     let (p, r) = (policy(), registry());

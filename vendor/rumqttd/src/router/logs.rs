@@ -269,7 +269,16 @@ impl DataLog {
         self.retained_publishes.remove(&topic);
     }
 
-    pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
+    /// vitalmq patch 8: the retained messages matching `filter` whose topic sorts after
+    /// `after`, in topic order, at most `limit` of them, and whether more remain, so a
+    /// subscription gets every retained message over several reads instead of the
+    /// first read's worth.
+    pub fn read_retained_messages(
+        &mut self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(Topic, PubWithProp)>, bool) {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
 
@@ -300,11 +309,23 @@ impl DataLog {
         });
 
         // no need to include timestamp when returning
-        self.retained_publishes
-            .iter()
-            .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
-            .collect()
+        let mut topics: Vec<&Topic> = self
+            .retained_publishes
+            .keys()
+            .filter(|topic| after.map_or(true, |after| topic.as_str() > after))
+            .filter(|topic| matches(topic, filter))
+            .collect();
+        topics.sort_unstable();
+        let more = topics.len() > limit;
+        let read = topics
+            .into_iter()
+            .take(limit)
+            .filter_map(|topic| {
+                let p = self.retained_publishes.get(topic)?;
+                Some((topic.clone(), (p.publish.clone(), p.properties.clone())))
+            })
+            .collect();
+        (read, more)
     }
 }
 

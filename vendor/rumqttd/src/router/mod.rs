@@ -199,6 +199,9 @@ pub struct DataRequest {
     /// Maximum count of payload buffer per replica
     max_count: usize,
     pub(crate) forward_retained: bool,
+    /// vitalmq patch 8: the topic of the last retained message forwarded, while
+    /// `forward_retained` has more to send.
+    pub(crate) retained_after: Option<String>,
     pub(crate) group: Option<String>,
 }
 

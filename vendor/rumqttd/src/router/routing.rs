@@ -982,6 +982,7 @@ impl Router {
                 max_count: 100,
                 // set true for new subscriptions
                 forward_retained,
+                retained_after: None,
                 group,
             };
 
@@ -1469,28 +1470,50 @@ fn forward_device_data(
 
     let mut publishes = Vec::new();
 
+    // vitalmq patch 8: retained messages go out over as many reads as they need, in
+    // topic order, resuming after the last topic sent (rumqttd 0.20 sent the first
+    // read's worth and dropped the rest). A topic retained meanwhile that sorts before
+    // that point was published after the subscription began, so the log carries it.
+    let mut retained_left = false;
     if request.forward_retained {
-        // NOTE: ideally we want to limit the number of read messages
-        // and skip the messages previously read while reading next time.
-        // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
-        retained_publishes.truncate(inflight_slots as usize);
-
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
+        let (retained_publishes, more) = datalog.read_retained_messages(
+            &request.filter,
+            request.retained_after.as_deref(),
+            inflight_slots as usize,
+        );
+        if let Some((topic, _)) = retained_publishes.last() {
+            request.retained_after = Some(topic.clone());
+        }
+        publishes.extend(retained_publishes.into_iter().map(|(_, p)| (p, None)));
         inflight_slots -= publishes.len() as u64;
 
         // we only want to forward retained messages once
-        request.forward_retained = false;
+        retained_left = more;
+        if !more {
+            request.forward_retained = false;
+            request.retained_after = None;
+        }
     }
 
-    let (next, publishes_from_datalog) =
+    let (next, publishes_from_datalog) = if retained_left {
+        // The log's turn comes once the retained messages are out.
+        let cursor = request.cursor;
+        (
+            Position::Next {
+                start: cursor,
+                end: cursor,
+            },
+            Vec::new(),
+        )
+    } else {
         match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);
                 return ConsumeStatus::FilterCaughtup;
             }
-        };
+        }
+    };
 
     publishes.extend(
         publishes_from_datalog
