@@ -30,10 +30,12 @@ use vitalmq_envelope::DeviceId;
 use crate::error::{PolicyErrors, Problems};
 use crate::registry::SiteId;
 
+mod alerting;
 mod raw;
 mod readings;
 mod validate;
 
+pub use alerting::{Alerting, BatteryPolicy, SilencePolicy};
 pub use readings::{ClockPolicy, Plausibility, PlausibleRange};
 
 use raw::RawFile;
@@ -70,7 +72,7 @@ impl Severity {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "info" => Some(Self::Info),
             "review" => Some(Self::Review),
@@ -349,6 +351,7 @@ pub struct RuleSet {
     rules: Vec<AlertRule>,
     plausibility: Plausibility,
     clock: ClockPolicy,
+    alerting: Alerting,
 }
 
 impl RuleSet {
@@ -375,6 +378,7 @@ impl RuleSet {
             rules: Vec::new(),
             plausibility: Plausibility::default(),
             clock: ClockPolicy::default(),
+            alerting: Alerting::default(),
         };
         let raw: RawFile = match toml::from_str(text) {
             Ok(raw) => raw,
@@ -387,16 +391,25 @@ impl RuleSet {
         problems.finish(set)
     }
 
-    /// SHA-256 of the file bytes as loaded, lowercase hex.
     /// The handlers (by name: `mqtt`, `webhook:<name>`) an alert change at escalation
-    /// `level` goes to; `None` means every handler.
-    ///
-    /// SEAM (issue 17): every handler at every level yet.
+    /// `level` goes to; `None` means every handler. Levels beyond the last the policy
+    /// names use the last.
     pub fn handlers_for_level(&self, level: u32) -> Option<&[String]> {
-        let _ = level;
-        None
+        self.alerting.handlers_for_level(level)
     }
 
+    /// Every handler name the policy references (`[escalation] levels`), so the bridge
+    /// can refuse a policy naming a handler it does not have.
+    pub fn handler_names(&self) -> BTreeSet<&str> {
+        self.alerting.handler_names()
+    }
+
+    /// Acknowledgement, escalation levels, silence, alarm mapping and battery (issue 17).
+    pub fn alerting(&self) -> &Alerting {
+        &self.alerting
+    }
+
+    /// SHA-256 of the file bytes as loaded, lowercase hex.
     pub fn sha256(&self) -> &str {
         &self.sha256
     }
