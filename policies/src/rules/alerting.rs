@@ -56,6 +56,8 @@ pub struct SilencePolicy {
     /// When a device reported `interval_s`, its silence time is at least
     /// `interval_factor x interval_s`; default 3.
     pub interval_factor: f64,
+    /// Severity of a `no-data` alert; default urgent (a patient who is not monitored).
+    pub severity: Severity,
     pub by_site: BTreeMap<SiteId, u64>,
     /// By cohort name (the cohort's devices resolved at load).
     pub by_cohort: Vec<(String, BTreeSet<DeviceId>, u64)>,
@@ -66,6 +68,7 @@ impl Default for SilencePolicy {
         Self {
             after_s: 300,
             interval_factor: 3.0,
+            severity: Severity::Urgent,
             by_site: BTreeMap::new(),
             by_cohort: Vec::new(),
         }
@@ -242,6 +245,16 @@ pub(super) fn validate_alerting(
                 );
             } else {
                 out.silence.interval_factor = v;
+            }
+        }
+        if let Some(sev) = &s.severity {
+            match Severity::parse(sev.get_ref()) {
+                Some(v) => out.silence.severity = v,
+                None => problems.add(
+                    Some(sev.span()),
+                    "silence.severity",
+                    "a severity is info, review or urgent",
+                ),
             }
         }
         for (site, v) in &s.sites {

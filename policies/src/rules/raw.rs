@@ -50,6 +50,7 @@ pub(super) struct RawEscalationLevels {
 pub(super) struct RawSilence {
     pub(super) after_s: Option<Spanned<u64>>,
     pub(super) interval_factor: Option<Spanned<f64>>,
+    pub(super) severity: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) sites: BTreeMap<Spanned<String>, Spanned<u64>>,
     #[serde(default)]
