@@ -17,7 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use vitalmq_policies::{Alerting, DeviceEntry, Severity};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::{Alerting, DeviceEntry, Severity, SiteId};
 
 use super::book::Outgoing;
 use super::message::alert_id;
@@ -78,13 +79,11 @@ impl SilenceState {
     }
 
     /// When the alert opens if nothing arrives, or `None` while one is open.
-    pub fn deadline_ms(&self, policy: &Alerting, entry: &DeviceEntry) -> Option<u64> {
+    pub fn deadline_ms(&self, policy: &Alerting, device: &DeviceId, site: &SiteId) -> Option<u64> {
         if self.open.is_some() {
             return None;
         }
-        let after = policy
-            .silence
-            .after_s(&entry.id, &entry.site, self.interval_s);
+        let after = policy.silence.after_s(device, site, self.interval_s);
         Some(self.since_ms()?.saturating_add(after.saturating_mul(1000)))
     }
 
@@ -120,7 +119,7 @@ impl SilenceState {
         connected: bool,
         now_ms: u64,
     ) -> Option<Outgoing> {
-        let deadline = self.deadline_ms(policy, entry)?;
+        let deadline = self.deadline_ms(policy, &entry.id, &entry.site)?;
         if now_ms < deadline {
             return None;
         }
