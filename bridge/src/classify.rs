@@ -700,3 +700,6 @@ pub use control::{AlertGauges, Control};
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod alert_tests;

@@ -76,7 +76,7 @@ use vitalmq_policies::{DeviceEntry, SiteId};
 use crate::plausible::Assessment;
 
 pub(crate) use engine::evaluate;
-pub(crate) use message::{AlertChange, alert_id};
+pub(crate) use message::AlertChange;
 pub(crate) use state::DeviceAlertState;
 
 /// One accepted vitals event as the alert engine sees it.
