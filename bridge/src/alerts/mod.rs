@@ -140,3 +140,6 @@ impl Sample {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod machine_tests;
