@@ -554,10 +554,10 @@ fn an_unacknowledged_alert_is_re_sent_one_level_higher_and_a_worse_one_needs_a_n
     };
     keep(&mut s, 1, T0 + 200_000);
     tick(&f, &mut s, T0 + 200_001);
-    let review_s = 1800_000;
-    let early = tick(&f, &mut s, T0 + review_s - 1);
+    let review_ms = 1_800_000;
+    let early = tick(&f, &mut s, T0 + review_ms - 1);
     assert!(early.commit.alerts.iter().all(|a| a.alert_id != id));
-    let due = tick(&f, &mut s, T0 + review_s);
+    let due = tick(&f, &mut s, T0 + review_ms);
     let row = due
         .commit
         .alerts
@@ -582,15 +582,15 @@ fn an_unacknowledged_alert_is_re_sent_one_level_higher_and_a_worse_one_needs_a_n
         "site-01",
         "int-ward",
         &format!(r#"{{"alert_id":"{id}"}}"#),
-        T0 + review_s + 1000,
+        T0 + review_ms + 1000,
     );
     assert_eq!(acked.commit.alerts[0].state, "acknowledged");
     assert_eq!(acked.commit.alerts[0].level, 1);
     let worse = run(
         &f,
         &mut s,
-        vec![vitals(&f, "dev-00001", 2, 80.0, T0 + review_s + 2000)],
-        T0 + review_s + 2000,
+        vec![vitals(&f, "dev-00001", 2, 80.0, T0 + review_ms + 2000)],
+        T0 + review_ms + 2000,
     );
     let up = worse
         .commit
@@ -607,8 +607,8 @@ fn an_unacknowledged_alert_is_re_sent_one_level_higher_and_a_worse_one_needs_a_n
     assert_eq!(s.gauges().unacknowledged, 3);
     assert_eq!(s.gauges().open_by_severity, [0, 0, 3]);
     // Urgent now: 300 s later without an ack it goes to level 2.
-    keep(&mut s, 3, T0 + review_s + 200_000);
-    let t = T0 + review_s + 2000 + 300_000;
+    keep(&mut s, 3, T0 + review_ms + 200_000);
+    let t = T0 + review_ms + 2000 + 300_000;
     let again = tick(&f, &mut s, t);
     let row = again
         .commit

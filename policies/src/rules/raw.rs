@@ -62,9 +62,11 @@ pub(super) struct RawSilence {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAlarms {
     #[serde(default)]
-    pub(super) sites:
-        BTreeMap<Spanned<String>, Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    pub(super) sites: BTreeMap<Spanned<String>, Spanned<RawLevelMap>>,
 }
+
+/// Device level -> severity, as written.
+pub(super) type RawLevelMap = BTreeMap<Spanned<String>, Spanned<String>>;
 
 /// `[battery]`: the low-battery operational alert.
 #[derive(Debug, Deserialize)]
