@@ -232,14 +232,17 @@ impl Book {
             at_ms: now_ms,
         });
         e.last_sent_ms = now_ms;
-        e.body = edit(
-            &e.body,
-            &[
-                ("state", Some(json!("acknowledged"))),
-                ("ack", Some(json!({"by": by, "at": rfc3339_ms(now_ms)}))),
-                ("reason", None),
-            ],
-        );
+        // `reason` "unacknowledged" no longer holds; any other reason (a silence's) does.
+        let unacked =
+            serde_json::from_str::<Json>(&e.body).is_ok_and(|b| b["reason"] == "unacknowledged");
+        let mut fields = vec![
+            ("state", Some(json!("acknowledged"))),
+            ("ack", Some(json!({"by": by, "at": rfc3339_ms(now_ms)}))),
+        ];
+        if unacked {
+            fields.push(("reason", None));
+        }
+        e.body = edit(&e.body, &fields);
         let out = Outgoing {
             alert_id: alert_id.to_owned(),
             state: "acknowledged".into(),

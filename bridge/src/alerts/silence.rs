@@ -184,9 +184,8 @@ impl SilenceState {
             body["refusal"] = json!(self.refused);
             body["refused_count"] = json!(self.refused_count);
         }
-        if state == "resolved" {
-            body["silent_reason"] = json!(ep.reason);
-        }
+        // Kept apart from `reason`, which a re-send for want of an ack overwrites.
+        body["silence_reason"] = json!(ep.reason);
         Outgoing {
             alert_id: ep.alert_id.clone(),
             state: state.to_owned(),

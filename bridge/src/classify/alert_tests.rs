@@ -332,6 +332,11 @@ fn silence_opens_offline_silent_or_refused_and_data_resolves_it() {
     // The others, urgent and unacknowledged, are re-sent 300 s after they opened.
     let resent = tick(&f, &mut s, T0 + 600_000);
     assert_eq!(resent.commit.alerts.len(), 2);
+    for a in &resent.commit.alerts {
+        let b = body(a);
+        assert_eq!(b["reason"], "unacknowledged");
+        assert!(b["silence_reason"] == "silent" || b["silence_reason"] == "refused");
+    }
     assert!(
         resent
             .commit
