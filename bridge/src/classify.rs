@@ -179,6 +179,23 @@ impl<T> Sequenced<T> {
     pub fn gaps(&self) -> &[(DeviceId, Gap)] {
         &self.commit.gaps
     }
+
+    /// True when there is nothing to write, audit or send (most ticks): the caller may
+    /// skip the commit, but must still adopt it (it may carry in-memory state: presence,
+    /// cached sites, the next registry scan).
+    pub fn writes_nothing(&self) -> bool {
+        let c = &self.commit;
+        c.events.is_empty()
+            && c.quarantine.is_empty()
+            && c.sequences.is_empty()
+            && c.gaps.is_empty()
+            && c.counters.is_empty()
+            && c.alerts.is_empty()
+            && c.alert_states.is_empty()
+            && self.dispositions.is_empty()
+            && self.audit.is_empty()
+            && self.ops.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Default)]

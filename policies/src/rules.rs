@@ -1,6 +1,9 @@
 //! Alert rules (issue 5, SPEC section 5): which readings open, escalate and resolve a
 //! clinical alert, per rule, site and cohort; and when poor signal quality raises an
 //! operational alert instead.
+//! Since issue 17 (SPEC 5.1, 5.2) also what happens after an alert is sent and the
+//! alerts no reading raises ([`Alerting`]): acknowledgement times per severity, handlers
+//! per escalation level, silence times, device alarm level mapping, battery threshold.
 //!
 //! The file is TOML (`vitalmq-rules/v1`); `policies/examples/rules.toml` is the shipped
 //! example and documents every field. It is parsed into raw serde types (every field
