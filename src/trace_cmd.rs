@@ -299,6 +299,43 @@ struct Change {
     threshold: Option<Number>,
     rule_version: Option<String>,
     policy_sha256: Option<String>,
+    /// The escalation level it was sent at, when above 0 (SPEC 5.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    escalation_level: Option<u64>,
+    /// Re-sent because nobody acknowledged it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    unacknowledged: bool,
+    /// Who acknowledged it and when (an `acknowledged` change).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ack: Option<AckView>,
+}
+
+impl Change {
+    /// One stored change: its row's state, topic and time, and what its body says.
+    fn of(state: &str, topic: &str, recorded_at_ms: u64, b: &AlertBody) -> Self {
+        Self {
+            state: state.to_owned(),
+            severity: b.severity.clone(),
+            topic: topic.to_owned(),
+            raised_at: b.raised_at.clone(),
+            recorded_at: rfc3339(recorded_at_ms),
+            value: b.value.clone(),
+            threshold: b.threshold.clone(),
+            rule_version: b.rule_version.clone(),
+            policy_sha256: b.policy_sha256.clone(),
+            escalation_level: b.escalation_level.filter(|l| *l > 0),
+            unacknowledged: state == "escalated" && b.reason.as_deref() == Some("unacknowledged"),
+            ack: b.ack.clone().filter(|_| state == "acknowledged"),
+        }
+    }
+}
+
+/// An acknowledgement as the re-sent alert states it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct AckView {
+    by: Option<String>,
+    at: Option<String>,
 }
 
 /// An evidence id of the alert: its event's chain, or that the store lacks it.
@@ -380,6 +417,9 @@ struct AlertBody {
     value: Option<Number>,
     threshold: Option<Number>,
     evidence: Vec<String>,
+    escalation_level: Option<u64>,
+    reason: Option<String>,
+    ack: Option<AckView>,
 }
 
 impl AlertBody {
@@ -515,17 +555,7 @@ fn trace_alert(
     let changes = history
         .iter()
         .zip(&bodies)
-        .map(|(h, b)| Change {
-            state: h.state.clone(),
-            severity: b.severity.clone(),
-            topic: h.topic.clone(),
-            raised_at: b.raised_at.clone(),
-            recorded_at: rfc3339(h.recorded_at_ms),
-            value: b.value.clone(),
-            threshold: b.threshold.clone(),
-            rule_version: b.rule_version.clone(),
-            policy_sha256: b.policy_sha256.clone(),
-        })
+        .map(|(h, b)| Change::of(&h.state, &h.topic, h.recorded_at_ms, b))
         .collect();
     let recipients = broker.map(|b| b.deliveries.get(alert_id).cloned().unwrap_or_default());
     Ok(Some(Trace::Alert(Box::new(AlertTrace {
@@ -658,6 +688,21 @@ fn render(t: &Trace) -> String {
             or_dash(c.recorded_at.as_ref()),
             or_dash(c.rule_version.as_ref())
         ));
+        if let Some(level) = c.escalation_level {
+            let why = if c.unacknowledged {
+                "  (not acknowledged in time)"
+            } else {
+                ""
+            };
+            out.push_str(&format!("             escalation level {level}{why}\n"));
+        }
+        if let Some(a) = &c.ack {
+            out.push_str(&format!(
+                "             acknowledged by {} at {}\n",
+                or_dash(a.by.as_ref()),
+                or_dash(a.at.as_ref())
+            ));
+        }
     }
     out.push_str(&format!("evidence ({} events):\n", t.evidence.len()));
     for e in &t.evidence {
@@ -818,6 +863,9 @@ mod tests {
                 threshold: Some(Number::from_f64(90.0).expect("finite")),
                 rule_version: None,
                 policy_sha256: b.policy_sha256,
+                escalation_level: None,
+                unacknowledged: false,
+                ack: None,
             }],
             evidence: vec![Evidence::Missing {
                 event_id: "ev1-gone".into(),
@@ -839,6 +887,60 @@ mod tests {
              \x20   raw bytes: bridge store -\n\
              \x20   normalized by -  consent -  processing policy -\n\
              \x20   publisher: -\nrecipients: none recorded\n"
+        );
+    }
+
+    /// An acknowledged, then unacknowledged-escalated alert shows who acknowledged it,
+    /// when, and each escalation level.
+    #[test]
+    fn acknowledgements_and_escalation_levels_are_shown() {
+        let change = |body: Json, state: &str| {
+            Change::of(
+                state,
+                "alerts/site-1/urgent/dev-1",
+                1_000,
+                &AlertBody::of(&body),
+            )
+        };
+        let up = change(
+            json!({"severity": "urgent", "state": "escalated", "reason": "unacknowledged", "escalation_level": 1}),
+            "escalated",
+        );
+        let acked = change(
+            json!({"severity": "urgent", "state": "acknowledged", "escalation_level": 1,
+                "ack": {"by": "spiffe://d/integrator/int-1", "at": "2024-06-13T06:35:00.000Z"}}),
+            "acknowledged",
+        );
+        let j = serde_json::to_value(&acked).expect("json");
+        assert_eq!(j["ack"]["by"], "spiffe://d/integrator/int-1");
+        assert_eq!(
+            serde_json::to_value(&up).expect("json")["unacknowledged"],
+            true
+        );
+        let trace = Trace::Alert(Box::new(AlertTrace {
+            alert_id: "al-1".into(),
+            rule: Some("no-data".into()),
+            rule_version: None,
+            policy_sha256: None,
+            device: None,
+            site: None,
+            patient_ref: None,
+            fw: None,
+            model: None,
+            changes: vec![up, acked],
+            evidence: Vec::new(),
+            recipients: None,
+        }));
+        let text = render(&trace);
+        assert!(
+            text.contains("escalation level 1  (not acknowledged in time)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "acknowledged by spiffe://d/integrator/int-1 at 2024-06-13T06:35:00.000Z"
+            ),
+            "{text}"
         );
     }
 }

@@ -41,6 +41,11 @@ pub enum Event {
     /// The log is writable again after a failed write; records refused meanwhile are
     /// counted in `details.refused_records`.
     AuditRecovered,
+    /// An alert acknowledgement was applied (SPEC 5.2); `actor.identity` is who.
+    AlertAcknowledged,
+    /// An alert acknowledgement was refused (`reason`: malformed, unknown_acknowledger,
+    /// unknown_alert, other_site, resolved).
+    AlertAckRefused,
 }
 
 /// The security decision a record documents, when there is one.
@@ -170,5 +175,21 @@ impl AuditRecord {
     pub fn detail(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.details.insert(key.to_owned(), value.into());
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgement_events_have_stable_names() {
+        for (event, name) in [
+            (Event::AlertAcknowledged, "\"alert_acknowledged\""),
+            (Event::AlertAckRefused, "\"alert_ack_refused\""),
+        ] {
+            assert_eq!(serde_json::to_string(&event).expect("json"), name);
+            assert_eq!(serde_json::from_str::<Event>(name).expect("parse"), event);
+        }
     }
 }

@@ -6,14 +6,19 @@
 //! [`Sequencer::adopt`] only after the store committed the batch, so a failed commit
 //! (disk full) leaves the in-memory state exactly as durable state is.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use vitalmq_envelope::{DeviceId, MessageType, ReasonClass, Refusal, Telemetry, Verified};
-use vitalmq_policies::{DeviceRegistry, RuleSet};
+use vitalmq_policies::{DeviceRegistry, RuleSet, SiteId};
 
+use crate::alerts::alarm::{self, AlarmEvent};
+use crate::alerts::book::Outgoing;
+use crate::alerts::evaluated::Evaluated;
+use crate::alerts::presence::Presence;
+use crate::alerts::status::StatusKeys;
 use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
 use crate::gaps::{Gap, OpenGaps};
 use crate::normalize::Receipt;
@@ -143,12 +148,53 @@ pub struct Sequenced<T> {
     /// store cannot take it, at once).
     pub ops: Vec<crate::ops::OpsAlert>,
     staged: HashMap<DeviceId, Track>,
+    /// Presence messages to apply on adoption.
+    presence: Vec<(String, Bytes)>,
+    /// Fleet-wide bookkeeping of a tick, to adopt.
+    fleet: Option<control::Fleet>,
+    /// Devices no longer in the registry: out of the deadline index.
+    forget: Vec<DeviceId>,
+}
+
+impl<T> Sequenced<T> {
+    fn empty(now_ms: u64) -> Self {
+        Self {
+            commit: Commit {
+                now_ms,
+                ..Commit::default()
+            },
+            dispositions: Vec::new(),
+            audit: Vec::new(),
+            ops: Vec::new(),
+            staged: HashMap::new(),
+            presence: Vec::new(),
+            fleet: None,
+            forget: Vec::new(),
+        }
+    }
 }
 
 impl<T> Sequenced<T> {
     /// Gap changes in this batch (for audit and operational reporting).
     pub fn gaps(&self) -> &[(DeviceId, Gap)] {
         &self.commit.gaps
+    }
+
+    /// True when there is nothing to write, audit or send (most ticks): the caller may
+    /// skip the commit, but must still adopt it (it may carry in-memory state: presence,
+    /// cached sites, the next registry scan).
+    pub fn writes_nothing(&self) -> bool {
+        let c = &self.commit;
+        c.events.is_empty()
+            && c.quarantine.is_empty()
+            && c.sequences.is_empty()
+            && c.gaps.is_empty()
+            && c.counters.is_empty()
+            && c.alerts.is_empty()
+            && c.alert_states.is_empty()
+            && self.dispositions.is_empty()
+            && self.audit.is_empty()
+            && self.ops.is_empty()
     }
 }
 
@@ -157,6 +203,9 @@ struct Track {
     window: Option<DeviceSequence>,
     gaps: OpenGaps,
     alerts: DeviceAlertState,
+    /// The device's site as the registry last said (in memory): silence deadlines
+    /// depend on it.
+    site: Option<SiteId>,
 }
 
 /// Identity facts the normalized events record.
@@ -175,6 +224,20 @@ pub struct Sequencer {
     tracks: HashMap<DeviceId, Track>,
     /// The alert rules in force; `None` runs no alert engine.
     rules: Option<Arc<RuleSet>>,
+    /// Open and recently resolved clinical alert ids -> device (rebuilt at load).
+    index: HashMap<String, DeviceId>,
+    /// The ids each device put in `index`.
+    by_device: HashMap<DeviceId, Vec<String>>,
+    /// `(bridge time, device)` of each device's next silence or re-escalation deadline,
+    /// so a tick visits only the devices due.
+    deadlines: BTreeSet<(u64, DeviceId)>,
+    due: HashMap<DeviceId, u64>,
+    /// Devices with an open `no-data` alert.
+    silent: HashSet<DeviceId>,
+    presence: Presence,
+    fleet: control::Fleet,
+    /// The newest bridge time adopted (for ages in the gauges).
+    clock_ms: u64,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -207,16 +270,86 @@ impl Sequencer {
         for (d, a) in alert_states {
             tracks.entry(d).or_default().alerts = a;
         }
-        Self {
+        let mut s = Self {
             size,
-            tracks,
+            tracks: HashMap::new(),
             rules,
+            index: HashMap::new(),
+            by_device: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            due: HashMap::new(),
+            silent: HashSet::new(),
+            presence: Presence::default(),
+            fleet: control::Fleet::default(),
+            clock_ms: 0,
+        };
+        for (device, track) in tracks {
+            s.install(device, track);
+        }
+        s
+    }
+
+    /// Puts a reloaded rule set in force for the next batch (deadlines depend on it).
+    pub fn set_rules(&mut self, rules: Option<Arc<RuleSet>>) {
+        self.rules = rules;
+        self.deadlines.clear();
+        self.due.clear();
+        let devices: Vec<DeviceId> = self.tracks.keys().cloned().collect();
+        for d in devices {
+            self.schedule(&d);
         }
     }
 
-    /// Puts a reloaded rule set in force for the next batch.
-    pub fn set_rules(&mut self, rules: Option<Arc<RuleSet>>) {
-        self.rules = rules;
+    /// Makes `track` the device's current state and updates the indexes.
+    fn install(&mut self, device: DeviceId, track: Track) {
+        for id in self.by_device.remove(&device).unwrap_or_default() {
+            if self.index.get(&id) == Some(&device) {
+                self.index.remove(&id);
+            }
+        }
+        let book = &track.alerts.book;
+        let ids: Vec<String> = book
+            .entries()
+            .map(|(id, _)| id.clone())
+            .chain(book.resolved.iter().cloned())
+            .collect();
+        for id in &ids {
+            self.index.insert(id.clone(), device.clone());
+        }
+        if !ids.is_empty() {
+            self.by_device.insert(device.clone(), ids);
+        }
+        if track.alerts.silence.open.is_some() {
+            self.silent.insert(device.clone());
+        } else {
+            self.silent.remove(&device);
+        }
+        self.tracks.insert(device.clone(), track);
+        self.schedule(&device);
+    }
+
+    /// Puts the device's next deadline in the index.
+    fn schedule(&mut self, device: &DeviceId) {
+        if let Some(old) = self.due.remove(device) {
+            self.deadlines.remove(&(old, device.clone()));
+        }
+        let (Some(rules), Some(track)) = (&self.rules, self.tracks.get(device)) else {
+            return;
+        };
+        let policy = rules.alerting();
+        let silence = track
+            .site
+            .as_ref()
+            .and_then(|site| track.alerts.silence.deadline_ms(policy, device, site));
+        let book = track.alerts.book.next_due_ms(policy);
+        let next = match (silence, book) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(t) = next {
+            self.deadlines.insert((t, device.clone()));
+            self.due.insert(device.clone(), t);
+        }
     }
 
     pub fn rules(&self) -> Option<&Arc<RuleSet>> {
@@ -243,13 +376,26 @@ impl Sequencer {
         };
         let mut dispositions = Vec::with_capacity(batch.len());
         let mut alerted = BTreeSet::new();
+        let mut ops = Vec::new();
         for checked in batch {
             match checked {
                 Checked::Refused {
                     incoming,
                     device,
                     refusal,
-                } => refuse(&mut commit, &mut dispositions, incoming, device, refusal),
+                } => {
+                    if self.rules.is_some()
+                        && let Some(d) = &device
+                        && registry.device(d).is_some()
+                    {
+                        let track = staged
+                            .entry(d.clone())
+                            .or_insert_with(|| self.tracks.get(d).cloned().unwrap_or_default());
+                        track.alerts.silence.on_refused(refusal.reason.as_str());
+                        alerted.insert(d.clone());
+                    }
+                    refuse(&mut commit, &mut dispositions, incoming, device, refusal);
+                }
                 Checked::Verified { incoming, verified } => {
                     let device = verified.dev.clone();
                     let (epoch, seq) = (verified.epoch, verified.seq);
@@ -339,16 +485,61 @@ impl Sequencer {
                     let event =
                         RecordedEvent::new(&verified, accepted, entry, &receipt, &assessment);
                     let event_id = event.event_id().to_owned();
-                    if let Some(rules) = &self.rules
-                        && verified.kind == MessageType::Vitals
-                    {
-                        let sample = Sample::from_telemetry(event_id.clone(), &verified, entry)
-                            .assessed(&assessment);
-                        let changes =
-                            alerts::evaluate(rules, rules.sha256(), &mut track.alerts, &sample);
-                        commit
-                            .alerts
-                            .extend(changes.iter().map(|c| new_alert(c, now_ms)));
+                    if let Some(rules) = &self.rules {
+                        track.site = Some(entry.site.clone());
+                        let state = &mut track.alerts;
+                        let mut out = Vec::new();
+                        out.extend(state.silence.on_accepted(
+                            rules.sha256(),
+                            entry,
+                            incoming.received_at_ms,
+                        ));
+                        // Once per (epoch, seq), however often the store could not
+                        // record it and the device resent it.
+                        if Evaluated::admit(&mut state.evaluated, epoch, seq) {
+                            match verified.kind {
+                                MessageType::Vitals => {
+                                    let sample =
+                                        Sample::from_telemetry(event_id.clone(), &verified, entry)
+                                            .assessed(&assessment);
+                                    let changes =
+                                        alerts::evaluate(rules, rules.sha256(), state, &sample);
+                                    out.extend(changes.iter().map(outgoing));
+                                }
+                                MessageType::Alarm => {
+                                    if let Some(alarm) = AlarmEvent::of(&verified) {
+                                        out.extend(alarm::on_alarm(
+                                            &mut state.alarms,
+                                            rules.alerting(),
+                                            rules.sha256(),
+                                            entry,
+                                            &verified,
+                                            &event_id,
+                                            &alarm,
+                                            now_ms,
+                                        ));
+                                    }
+                                }
+                                MessageType::Status => {
+                                    let keys = StatusKeys::of(&verified);
+                                    if keys.interval_s.is_some() {
+                                        state.silence.interval_s = keys.interval_s;
+                                    }
+                                    ops.extend(state.status.on_status(
+                                        &rules.alerting().battery,
+                                        entry,
+                                        epoch,
+                                        &event_id,
+                                        &keys,
+                                        now_ms,
+                                    ));
+                                }
+                            }
+                        }
+                        for mut o in out {
+                            state.book.record(&mut o, now_ms);
+                            commit.alerts.push(new_alert(o, now_ms));
+                        }
                         alerted.insert(device.clone());
                     }
                     commit.events.push(event);
@@ -374,22 +565,23 @@ impl Sequencer {
                 Some((d, json))
             })
             .collect();
-        Sequenced {
-            commit,
-            dispositions,
-            audit: Vec::new(),
-            ops: Vec::new(),
-            staged,
-        }
+        let mut out = Sequenced::empty(now_ms);
+        out.commit = commit;
+        out.dispositions = dispositions;
+        out.ops = ops;
+        out.staged = staged;
+        out
     }
 
     /// Forgets a device's sequence window and open gaps (an operator reset the store
     /// applied, see `store::resets`): its next message is its first. Its alert state
-    /// stays: the patient's open alerts are not the sequence's business.
+    /// stays (the patient's open alerts are not the sequence's business), except the
+    /// evaluated window, which follows the sequence.
     pub fn reset_sequence(&mut self, device: &DeviceId) {
         if let Some(track) = self.tracks.get_mut(device) {
             track.window = None;
             track.gaps = OpenGaps::default();
+            track.alerts.evaluated = None;
         }
     }
 
@@ -399,35 +591,80 @@ impl Sequencer {
     /// resend; the sequence windows and gaps stay as durable state is, so the resent
     /// messages are recorded.
     ///
-    /// SEAM (issue 17): the alert part of the staged state is adopted here.
+    /// Adopts the alert part of the staged state (alert book, alarms, silence,
+    /// status, the evaluated window) and presence; not the windows and gaps.
     pub fn adopt_unrecorded<T>(&mut self, sequenced: &mut Sequenced<T>) {
-        let _ = sequenced;
+        for (device, staged) in std::mem::take(&mut sequenced.staged) {
+            let mut track = self.tracks.get(&device).cloned().unwrap_or_default();
+            track.alerts = staged.alerts;
+            track.site = staged.site;
+            self.install(device, track);
+        }
+        self.adopt_control(sequenced);
     }
 
     /// Makes a committed batch's state the current one.
     pub fn adopt<T>(&mut self, sequenced: &mut Sequenced<T>) {
-        for (device, track) in sequenced.staged.drain() {
-            self.tracks.insert(device, track);
+        for (device, track) in std::mem::take(&mut sequenced.staged) {
+            self.install(device, track);
+        }
+        self.adopt_control(sequenced);
+    }
+
+    /// Presence, fleet counts and forgotten devices of a control input.
+    fn adopt_control<T>(&mut self, sequenced: &mut Sequenced<T>) {
+        self.clock_ms = self.clock_ms.max(sequenced.commit.now_ms);
+        for (topic, payload) in std::mem::take(&mut sequenced.presence) {
+            // Checked when staged; a failure here changes nothing.
+            let _ = self.presence.apply(&topic, &payload);
+        }
+        if let Some(fleet) = sequenced.fleet.take() {
+            self.fleet = fleet;
+        }
+        for device in std::mem::take(&mut sequenced.forget) {
+            if let Some(t) = self.due.remove(&device) {
+                self.deadlines.remove(&(t, device));
+            }
         }
     }
 }
 
-/// The store row of one alert state change.
-fn new_alert(change: &AlertChange, now_ms: u64) -> NewAlert {
-    let (kind, device, rule) = match change {
-        AlertChange::Clinical(a) => ("clinical", a.device.to_string(), Some(a.rule.clone())),
-        AlertChange::Operational(a) => ("operational", a.device.to_string(), None),
+/// An engine change on its way to the book and the store.
+fn outgoing(change: &AlertChange) -> Outgoing {
+    let (kind, device, rule, severity) = match change {
+        AlertChange::Clinical(a) => (
+            "clinical",
+            a.device.to_string(),
+            Some(a.rule.clone()),
+            Some(a.severity),
+        ),
+        AlertChange::Operational(a) => ("operational", a.device.to_string(), None, None),
     };
-    NewAlert {
+    Outgoing {
         alert_id: change.alert_id().to_owned(),
         state: change.state().as_str().to_owned(),
-        kind: kind.to_owned(),
+        kind,
         topic: change.topic(),
-        device: Some(device),
+        device,
         rule,
-        created_at_ms: now_ms,
+        severity,
         body: change.to_json(),
         level: 0,
+    }
+}
+
+/// The store row of one alert state change, at the level the book decided.
+fn new_alert(o: Outgoing, now_ms: u64) -> NewAlert {
+    NewAlert {
+        alert_id: o.alert_id,
+        state: o.state,
+        kind: o.kind.to_owned(),
+        topic: o.topic,
+        device: Some(o.device),
+        rule: o.rule,
+        created_at_ms: now_ms,
+        body: o.body,
+        level: o.level,
     }
 }
 
@@ -480,3 +717,6 @@ pub use control::{AlertGauges, Control};
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod alert_tests;

@@ -29,6 +29,16 @@ pub enum OpsKind {
     /// An audit log on this host grew past its limit, or its disk is nearly full
     /// (`audit_size`).
     AuditDisk,
+    /// A device's battery is low and it is not charging (issue 17).
+    Battery,
+    /// A device dropped messages from its own buffer (`dropped` in `status`): data lost
+    /// before the bridge could record it.
+    Dropped,
+    /// An acknowledgement was refused (malformed, unknown alert, another site's alert,
+    /// already resolved, unknown acknowledger); a one-off record (`state` = `event`).
+    AckRefused,
+    /// The fleet-wide count of devices with an open `no-data` alert.
+    NoData,
 }
 
 impl OpsKind {
@@ -44,6 +54,10 @@ impl OpsKind {
             Self::CertExpiry => "cert_expiry",
             Self::AuditShip => "audit_ship",
             Self::AuditDisk => "audit_disk",
+            Self::Battery => "battery",
+            Self::Dropped => "dropped",
+            Self::AckRefused => "ack_refused",
+            Self::NoData => "no_data",
         }
     }
 }
@@ -52,7 +66,8 @@ impl OpsKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OpsAlert {
     pub kind: OpsKind,
-    /// `open` or `resolved`.
+    /// `open` or `resolved`; `event` for a one-off record (a refused ack, dropped
+    /// messages).
     pub state: &'static str,
     pub alert_id: String,
     pub reason: String,

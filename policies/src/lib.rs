@@ -18,7 +18,7 @@ pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use registry::{DeviceEntry, DeviceRegistry, SiteBound, SiteId};
 pub use rules::{
-    AlertRule, ChangeDirection, ClockPolicy, Compare, CompareOp, DeviationSide, Escalation,
-    MAX_SECONDS, Measure, Persist, Plausibility, PlausibleRange, QualityPolicy, RuleKind,
-    RuleParams, RuleSet, Severity,
+    AlertRule, Alerting, BatteryPolicy, ChangeDirection, ClockPolicy, Compare, CompareOp,
+    DeviationSide, Escalation, MAX_SECONDS, Measure, Persist, Plausibility, PlausibleRange,
+    QualityPolicy, RuleKind, RuleParams, RuleSet, Severity, SilencePolicy,
 };

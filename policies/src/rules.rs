@@ -1,6 +1,9 @@
 //! Alert rules (issue 5, SPEC section 5): which readings open, escalate and resolve a
 //! clinical alert, per rule, site and cohort; and when poor signal quality raises an
 //! operational alert instead.
+//! Since issue 17 (SPEC 5.1, 5.2) also what happens after an alert is sent and the
+//! alerts no reading raises ([`Alerting`]): acknowledgement times per severity, handlers
+//! per escalation level, silence times, device alarm level mapping, battery threshold.
 //!
 //! The file is TOML (`vitalmq-rules/v1`); `policies/examples/rules.toml` is the shipped
 //! example and documents every field. It is parsed into raw serde types (every field
@@ -30,10 +33,12 @@ use vitalmq_envelope::DeviceId;
 use crate::error::{PolicyErrors, Problems};
 use crate::registry::SiteId;
 
+mod alerting;
 mod raw;
 mod readings;
 mod validate;
 
+pub use alerting::{Alerting, BatteryPolicy, SilencePolicy};
 pub use readings::{ClockPolicy, Plausibility, PlausibleRange};
 
 use raw::RawFile;
@@ -70,7 +75,7 @@ impl Severity {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "info" => Some(Self::Info),
             "review" => Some(Self::Review),
@@ -349,6 +354,7 @@ pub struct RuleSet {
     rules: Vec<AlertRule>,
     plausibility: Plausibility,
     clock: ClockPolicy,
+    alerting: Alerting,
 }
 
 impl RuleSet {
@@ -375,6 +381,7 @@ impl RuleSet {
             rules: Vec::new(),
             plausibility: Plausibility::default(),
             clock: ClockPolicy::default(),
+            alerting: Alerting::default(),
         };
         let raw: RawFile = match toml::from_str(text) {
             Ok(raw) => raw,
@@ -387,16 +394,25 @@ impl RuleSet {
         problems.finish(set)
     }
 
-    /// SHA-256 of the file bytes as loaded, lowercase hex.
     /// The handlers (by name: `mqtt`, `webhook:<name>`) an alert change at escalation
-    /// `level` goes to; `None` means every handler.
-    ///
-    /// SEAM (issue 17): every handler at every level yet.
+    /// `level` goes to; `None` means every handler. Levels beyond the last the policy
+    /// names use the last.
     pub fn handlers_for_level(&self, level: u32) -> Option<&[String]> {
-        let _ = level;
-        None
+        self.alerting.handlers_for_level(level)
     }
 
+    /// Every handler name the policy references (`[escalation] levels`), so the bridge
+    /// can refuse a policy naming a handler it does not have.
+    pub fn handler_names(&self) -> BTreeSet<&str> {
+        self.alerting.handler_names()
+    }
+
+    /// Acknowledgement, escalation levels, silence, alarm mapping and battery (issue 17).
+    pub fn alerting(&self) -> &Alerting {
+        &self.alerting
+    }
+
+    /// SHA-256 of the file bytes as loaded, lowercase hex.
     pub fn sha256(&self) -> &str {
         &self.sha256
     }

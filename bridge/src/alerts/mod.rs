@@ -45,10 +45,28 @@
 //!   its open alert resolved with reason `rule_removed` (`rule_changed`) at the device's
 //!   next sample, so no subscriber keeps an alert nobody will ever resolve.
 
+//!
+//! Issue 17 adds the alerts no reading raises, and what happens after an alert is sent,
+//! all in the same [`DeviceAlertState`] (serde, fields `#[serde(default)]`) and all pure,
+//! on the bridge's clock (`now_ms` given explicitly):
+//! - `book`: acknowledgement and re-escalation of every open clinical alert;
+//! - `alarm`: device alarms (`device-alarm:<code>`);
+//! - `silence`: `no-data` alerts (offline, silent, refused);
+//! - `status`: battery and dropped-message operational alerts;
+//! - `evaluated`: the `(epoch, seq)` window of messages already evaluated, so a message
+//!   the store could not record is evaluated once however often it is resent;
+//! - `presence`: who is connected, from the broker's presence messages (in memory).
+
+pub(crate) mod alarm;
+pub(crate) mod book;
 mod engine;
+pub(crate) mod evaluated;
 mod measure;
 mod message;
+pub(crate) mod presence;
+pub(crate) mod silence;
 mod state;
+pub(crate) mod status;
 
 use std::collections::BTreeMap;
 
@@ -122,3 +140,6 @@ impl Sample {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod machine_tests;

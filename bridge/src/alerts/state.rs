@@ -39,6 +39,19 @@ pub struct DeviceAlertState {
     /// Implausible readings and the device's sensor-fault alert.
     #[serde(default, skip_serializing_if = "SensorState::is_quiet")]
     pub(crate) sensor: SensorState,
+    /// Acknowledgement and re-escalation of the open clinical alerts (issue 17).
+    #[serde(default)]
+    pub(crate) book: super::book::Book,
+    /// Open device alarms by code.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub(crate) alarms: super::alarm::Alarms,
+    #[serde(default)]
+    pub(crate) silence: super::silence::SilenceState,
+    #[serde(default)]
+    pub(crate) status: super::status::StatusState,
+    /// The `(epoch, seq)` the engine has evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) evaluated: Option<super::evaluated::Evaluated>,
 }
 
 fn is_zero(n: &u64) -> bool {

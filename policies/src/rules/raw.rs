@@ -21,6 +21,59 @@ pub(super) struct RawFile {
     pub(super) overrides: Vec<Spanned<RawOverride>>,
     pub(super) plausibility: Option<Spanned<RawPlausibility>>,
     pub(super) clock: Option<Spanned<RawClock>>,
+    pub(super) acknowledge: Option<Spanned<RawAcknowledge>>,
+    pub(super) escalation: Option<Spanned<RawEscalationLevels>>,
+    pub(super) silence: Option<Spanned<RawSilence>>,
+    pub(super) alarms: Option<Spanned<RawAlarms>>,
+    pub(super) battery: Option<Spanned<RawBattery>>,
+}
+
+/// `[acknowledge]`: seconds an alert of each severity may stay unacknowledged; 0 = never.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAcknowledge {
+    pub(super) urgent_s: Option<Spanned<u64>>,
+    pub(super) review_s: Option<Spanned<u64>>,
+    pub(super) info_s: Option<Spanned<u64>>,
+}
+
+/// `[escalation]`: handler names per escalation level, level 0 first.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEscalationLevels {
+    pub(super) levels: Spanned<Vec<Spanned<Vec<Spanned<String>>>>>,
+}
+
+/// `[silence]`: when a device that sends nothing opens a `no-data` alert.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSilence {
+    pub(super) after_s: Option<Spanned<u64>>,
+    pub(super) interval_factor: Option<Spanned<f64>>,
+    pub(super) severity: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) sites: BTreeMap<Spanned<String>, Spanned<u64>>,
+    #[serde(default)]
+    pub(super) cohorts: BTreeMap<Spanned<String>, Spanned<u64>>,
+}
+
+/// `[alarms]`: device alarm level -> alert severity, per site.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAlarms {
+    #[serde(default)]
+    pub(super) sites: BTreeMap<Spanned<String>, Spanned<RawLevelMap>>,
+}
+
+/// Device level -> severity, as written.
+pub(super) type RawLevelMap = BTreeMap<Spanned<String>, Spanned<String>>;
+
+/// `[battery]`: the low-battery operational alert.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBattery {
+    pub(super) low_below: Option<Spanned<f64>>,
+    pub(super) resolve_at: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -742,3 +742,124 @@ fn plausibility_and_clock_mistakes_are_named_with_line_and_field() {
         "{err}"
     );
 }
+
+#[test]
+fn the_example_states_how_alerts_are_acknowledged_silenced_and_mapped() {
+    let set = example();
+    let a = set.alerting();
+    assert_eq!(a.ack_after_s(Severity::Urgent), Some(300));
+    assert_eq!(a.ack_after_s(Severity::Review), Some(1800));
+    assert_eq!(a.ack_after_s(Severity::Info), None);
+    assert_eq!(
+        set.handlers_for_level(0),
+        None,
+        "the example names no levels"
+    );
+    assert!(set.handler_names().is_empty());
+    let hdu = site("site-hdu");
+    let other = site("site-uk-03");
+    assert_eq!(a.alarm_severity(&hdu, Severity::Review), Severity::Urgent);
+    assert_eq!(a.alarm_severity(&hdu, Severity::Info), Severity::Info);
+    assert_eq!(a.alarm_severity(&other, Severity::Review), Severity::Review);
+    assert_eq!(a.silence.after_s(&device("dev-00001"), &other, None), 300);
+    assert_eq!(a.silence.after_s(&device("dev-00001"), &hdu, None), 120);
+    assert_eq!(a.silence.after_s(&device("dev-00077"), &hdu, None), 900);
+    assert_eq!(
+        a.silence.after_s(&device("dev-00001"), &other, Some(600)),
+        1800,
+        "a slow device's reported interval raises its silence time"
+    );
+    assert_eq!(
+        a.silence.after_s(&device("dev-00001"), &other, Some(10)),
+        300
+    );
+    assert_eq!(a.battery.low_below, 0.15);
+    assert_eq!(a.battery.resolve_at, 0.25);
+
+    // Without the sections: the SPEC defaults.
+    let bare = RuleSet::parse(
+        "format = \"vitalmq-rules/v1\"\nversion = \"1\"\n[quality]\nlow_below = 0.5\nmax_low_fraction = 0.5\nover_n = 20\n",
+        Path::new("bare.toml"),
+    )
+    .expect("bare");
+    assert_eq!(bare.alerting(), &crate::Alerting::default());
+    assert_eq!(bare.alerting().ack_after_s(Severity::Urgent), Some(300));
+}
+
+#[test]
+fn escalation_levels_route_handlers_and_the_last_level_repeats() {
+    let text =
+        format!("{EXAMPLE}\n[escalation]\nlevels = [[\"mqtt\"], [\"mqtt\", \"webhook:pager\"]]\n");
+    let set = RuleSet::parse(&text, Path::new(PATH)).expect("valid");
+    assert_eq!(set.handlers_for_level(0), Some(&["mqtt".to_owned()][..]));
+    let pager = ["mqtt".to_owned(), "webhook:pager".to_owned()];
+    assert_eq!(set.handlers_for_level(1), Some(&pager[..]));
+    assert_eq!(set.handlers_for_level(7), Some(&pager[..]));
+    assert_eq!(
+        set.handler_names().into_iter().collect::<Vec<_>>(),
+        ["mqtt", "webhook:pager"]
+    );
+}
+
+#[test]
+fn alert_handling_mistakes_are_named_with_line_and_field() {
+    let text = format!(
+        "{}\n[escalation]\nlevels = [[\"mqtt\", \"pager\"], []]\n",
+        EXAMPLE
+            .replace("urgent_s = 300", "urgent_s = 99999999")
+            .replace("interval_factor = 3", "interval_factor = 0.5")
+            .replace("cohorts = { copd = 900 }", "cohorts = { nope = 900 }")
+            .replace("review = \"urgent\"", "review = \"loud\"")
+            .replace("resolve_at = 0.25", "resolve_at = 0.1")
+    );
+    let err = RuleSet::parse(&text, Path::new(PATH)).expect_err("invalid");
+    has(
+        &err,
+        &text,
+        "urgent_s = 99999999",
+        "acknowledge.urgent_s",
+        "at most",
+    );
+    has(
+        &err,
+        &text,
+        "interval_factor = 0.5",
+        "silence.interval_factor",
+        "between 1",
+    );
+    has(
+        &err,
+        &text,
+        "cohorts = { nope",
+        "silence.cohorts.nope",
+        "no cohort `nope`",
+    );
+    has(
+        &err,
+        &text,
+        "review = \"loud\"",
+        "alarms.sites.site-hdu.review",
+        "severity",
+    );
+    has(
+        &err,
+        &text,
+        "resolve_at = 0.1",
+        "battery.resolve_at",
+        "hysteresis",
+    );
+    has(
+        &err,
+        &text,
+        "levels = [[",
+        "escalation.levels[0][1]",
+        "not a handler name",
+    );
+    has(
+        &err,
+        &text,
+        "levels = [[",
+        "escalation.levels[1]",
+        "at least one handler",
+    );
+}

@@ -198,6 +198,18 @@ pub(super) fn validate(raw: RawFile, set: &mut RuleSet, problems: &mut Problems<
         set.cohorts.insert(name.get_ref().clone(), members);
     }
 
+    set.alerting = super::alerting::validate_alerting(
+        &super::alerting::RawAlerting {
+            acknowledge: raw.acknowledge.as_ref(),
+            escalation: raw.escalation.as_ref(),
+            silence: raw.silence.as_ref(),
+            alarms: raw.alarms.as_ref(),
+            battery: raw.battery.as_ref(),
+        },
+        &set.cohorts,
+        problems,
+    );
+
     // Rules.
     let low_below = set.quality.low_below;
     let mut rules: Vec<(Option<RuleKind>, RawParams, Option<AlertRule>)> = Vec::new();
