@@ -399,9 +399,13 @@ impl Sequencer {
     /// resend; the sequence windows and gaps stay as durable state is, so the resent
     /// messages are recorded.
     ///
-    /// SEAM (issue 17): the alert part of the staged state is adopted here.
+    /// SEAM (issue 17): the alert part of the staged state is adopted here (helper E:
+    /// the alert state only, so the recorder's paused path works before D's evaluated
+    /// window lands).
     pub fn adopt_unrecorded<T>(&mut self, sequenced: &mut Sequenced<T>) {
-        let _ = sequenced;
+        for (device, track) in sequenced.staged.drain() {
+            self.tracks.entry(device).or_default().alerts = track.alerts;
+        }
     }
 
     /// Makes a committed batch's state the current one.

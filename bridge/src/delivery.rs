@@ -8,7 +8,19 @@
 //! destination confirmed (PUBACK; HTTP 2xx); failures are retried with backoff and
 //! reported as an operational alert; nothing is dropped. Delivery is at-least-once:
 //! receivers deduplicate by `(alert_id, state)`.
+//!
+//! Each row carries the escalation level it goes out at; a handler delivers the rows
+//! the rule set in force routes to it (`RuleSet::handlers_for_level`, reloaded with the
+//! rules) and moves its cursor over the others.
+//!
+//! While the store cannot take alert rows (recording paused, see `recorder`), the
+//! recorder hands them to each handler directly ([`HandlerFeed`]): a bounded queue the
+//! handler delivers before its store outbox. It remembers what it delivered from
+//! memory, so the same row, written to the store once it takes writes again, is not
+//! delivered a second time.
 
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash as _, Hasher as _};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +29,7 @@ use serde_json::{Map, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
+use vitalmq_policies::RuleSet;
 
 use crate::link::{Link, LinkError};
 use crate::ops::{Episodes, OpsAlert, OpsKind};
@@ -171,16 +184,71 @@ impl Handler {
     }
 }
 
+/// Alert rows for a handler that the store could not take, delivered from memory.
+pub const MEMORY_QUEUE: usize = 1024;
+
+/// The recorder's side of one handler: its wake-up and its in-memory queue.
+#[derive(Debug, Clone)]
+pub struct HandlerFeed {
+    pub wake: Arc<Notify>,
+    pub memory: mpsc::Sender<StoredAlert>,
+}
+
+/// The handler's side of [`HandlerFeed`].
+#[derive(Debug)]
+pub struct HandlerInbox {
+    pub wake: Arc<Notify>,
+    pub memory: mpsc::Receiver<StoredAlert>,
+}
+
+/// A connected feed and inbox.
+pub fn feed() -> (HandlerFeed, HandlerInbox) {
+    let wake = Arc::new(Notify::new());
+    let (tx, rx) = mpsc::channel(MEMORY_QUEUE);
+    (
+        HandlerFeed {
+            wake: Arc::clone(&wake),
+            memory: tx,
+        },
+        HandlerInbox { wake, memory: rx },
+    )
+}
+
+/// Whether the rule set in force routes a row of escalation `level` to `handler`
+/// (no rule set, or no routing for the level: every handler).
+fn routed(rules: Option<&watch::Receiver<Arc<RuleSet>>>, handler: &str, level: u32) -> bool {
+    let Some(rules) = rules else { return true };
+    let rules = rules.borrow();
+    rules
+        .handlers_for_level(level)
+        .is_none_or(|names| names.iter().any(|n| n == handler))
+}
+
+/// The identity of one alert message for "already delivered from memory": the state
+/// change and its exact body (a re-escalation repeats the state at a new level).
+fn delivered_key(a: &StoredAlert) -> (String, String, u64) {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    a.body.hash(&mut h);
+    (a.alert_id.clone(), a.state.clone(), h.finish())
+}
+
 /// Runs one handler until `stop`: wakes on `wake` (a new alert) or every second.
 pub async fn run_handler(
     mut handler: Handler,
     store: Arc<Mutex<Store>>,
-    wake: Arc<Notify>,
+    inbox: HandlerInbox,
+    rules: Option<watch::Receiver<Arc<RuleSet>>>,
     auditor: Auditor,
     ops: mpsc::UnboundedSender<OpsAlert>,
     mut stop: watch::Receiver<bool>,
 ) {
     let name = handler.name();
+    let HandlerInbox {
+        wake,
+        memory: mut from_memory,
+    } = inbox;
+    let mut memory: VecDeque<StoredAlert> = VecDeque::new();
+    let mut from_memory_delivered: HashSet<(String, String, u64)> = HashSet::new();
     let mut episodes = Episodes::default();
     let mut failures = 0u32;
     let mut delay = Duration::from_millis(100);
@@ -188,48 +256,95 @@ pub async fn run_handler(
         if *stop.borrow() {
             return;
         }
-        let pending = {
-            let store = Arc::clone(&store);
-            let name = name.clone();
-            tokio::task::spawn_blocking(move || lock(&store).alerts_after(&name, 100)).await
-        };
-        let alerts = match pending {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                warn!(handler = %name, error = %e, "cannot read the alert outbox");
-                Vec::new()
+        while let Ok(a) = from_memory.try_recv() {
+            if routed(rules.as_ref(), &name, a.level) {
+                memory.push_back(a);
             }
-            Err(e) => {
-                warn!(handler = %name, error = %e, "alert outbox task failed");
-                Vec::new()
-            }
-        };
-        if alerts.is_empty() {
-            tokio::select! {
-                () = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
         }
-        match handler.deliver(&alerts).await {
+        // Rows the store could not take go first: they are the newest news.
+        let (alerts, skipped_last, already) = if memory.is_empty() {
+            let pending = {
+                let store = Arc::clone(&store);
+                let name = name.clone();
+                tokio::task::spawn_blocking(move || lock(&store).alerts_after(&name, 100)).await
+            };
+            let rows = match pending {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    warn!(handler = %name, error = %e, "cannot read the alert outbox");
+                    Vec::new()
+                }
+                Err(e) => {
+                    warn!(handler = %name, error = %e, "alert outbox task failed");
+                    Vec::new()
+                }
+            };
+            if rows.is_empty() {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    a = from_memory.recv() => if let Some(a) = a
+                        && routed(rules.as_ref(), &name, a.level)
+                    {
+                        memory.push_back(a);
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let last = rows.last().map(|a| a.position);
+            let mut already = Vec::new();
+            let mut send = Vec::new();
+            for a in rows {
+                let key = delivered_key(&a);
+                if from_memory_delivered.contains(&key) {
+                    already.push(key);
+                } else if routed(rules.as_ref(), &name, a.level) {
+                    send.push(a);
+                }
+            }
+            (send, last, already)
+        } else {
+            let n = memory.len().min(100);
+            (memory.iter().take(n).cloned().collect(), None, Vec::new())
+        };
+        let outcome = if alerts.is_empty() {
+            Ok(())
+        } else {
+            handler.deliver(&alerts).await
+        };
+        match outcome {
             Ok(()) => {
                 failures = 0;
                 delay = Duration::from_millis(100);
-                let last = alerts.last().map_or(0, |a| a.position);
-                let store = Arc::clone(&store);
-                let n = name.clone();
-                match tokio::task::spawn_blocking(move || lock(&store).alert_delivered(&n, last))
-                    .await
-                {
-                    Ok(Ok(())) => debug!(handler = %name, n = alerts.len(), "alerts delivered"),
-                    Ok(Err(e)) => {
-                        warn!(handler = %name, error = %e, "cannot advance the alert cursor; will deliver again")
+                if let Some(last) = skipped_last {
+                    for key in &already {
+                        from_memory_delivered.remove(key);
                     }
-                    Err(e) => warn!(handler = %name, error = %e, "alert cursor task failed"),
+                    let store = Arc::clone(&store);
+                    let n = name.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        lock(&store).alert_delivered(&n, last)
+                    })
+                    .await
+                    {
+                        Ok(Ok(())) => debug!(handler = %name, n = alerts.len(), "alerts delivered"),
+                        Ok(Err(e)) => {
+                            warn!(handler = %name, error = %e, "cannot advance the alert cursor; will deliver again")
+                        }
+                        Err(e) => warn!(handler = %name, error = %e, "alert cursor task failed"),
+                    }
+                } else {
+                    for a in memory.drain(..alerts.len()) {
+                        from_memory_delivered.insert(delivered_key(&a));
+                    }
+                    info!(handler = %name, n = alerts.len(), "alerts delivered from memory (not recorded yet)");
                 }
                 metrics::counter!("vitalmq_bridge_alerts_delivered_total", "handler" => name.clone())
                     .increment(alerts.len() as u64);
+                if alerts.is_empty() {
+                    continue;
+                }
                 if let Some(a) = episodes.resolve(OpsKind::Sink, &name, now_ms()) {
                     info!(handler = %name, "alert handler recovered");
                     let _ = auditor.record(
