@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    BridgeProcess, Moto, Rig, Spawned, audit_records, has_fields, run, sim_summary_all_receipted,
-    vitalmq_ok, wait_until,
+    BridgeProcess, Moto, Rig, Spawned, audit_records, has_fields, poll_until, run,
+    sim_summary_all_receipted, vitalmq_ok, wait_until,
 };
 use serde_json::Value as Json;
 
@@ -313,6 +313,35 @@ fn publish_readings(rig: &Rig, device: &str, readings: &[(u64, Vec<u8>)]) {
     }
 }
 
+/// Publishes `readings` as `device` until the store holds every one of them, as a
+/// device resends what got no receipt (recording may pause again while the outbox
+/// drains).
+fn resend_until_stored(rig: &Rig, device: &str, readings: &[(u64, Vec<u8>)]) {
+    let all: Vec<u64> = readings.iter().map(|(seq, _)| *seq).collect();
+    for _ in 0..5 {
+        publish_readings(rig, device, readings);
+        let stored = poll_until(Duration::from_secs(10), Duration::from_millis(250), || {
+            let mut seqs = stored_seqs(rig, device);
+            seqs.sort_unstable();
+            seqs == all
+        });
+        if stored {
+            return;
+        }
+    }
+    panic!(
+        "{device}'s readings not stored: {:?}",
+        stored_seqs(rig, device)
+    );
+}
+
+/// Whether `sub` (mosquitto_sub -v) printed a message on `topic`.
+fn got_message_on(sub: &Spawned, topic: &str) -> bool {
+    sub.stdout()
+        .lines()
+        .any(|l| l.starts_with(&format!("{topic} ")))
+}
+
 /// The `spo2-low` alerts an integrator's mosquitto_sub printed: (topic, alert).
 fn spo2_low(sub: &Spawned) -> Vec<(String, Json)> {
     ops_alerts(sub)
@@ -384,7 +413,10 @@ fn a_full_store_keeps_alerting_receipts_nothing_unrecorded_and_loses_nothing() {
     // dev-00003 is on site-01; its site's gateway may read its receipts.
     let receipts = rig.mosquitto_sub("gateway", "gw-site-01", "devices/dev-00003/ack");
     let readings = signed_desaturation(&rig, "dev-00003");
-    let bridge = rig.bridge("max_store_bytes = 131072", &alerts_section());
+    // W = 1024, as in the durability tests: larger than what a device holds
+    // unreceipted, which while recording is paused is its whole backlog; resent after
+    // the pause in order, its oldest must not fall out of the window unseen.
+    let bridge = rig.bridge("max_store_bytes = 131072\nwindow = 1024", &alerts_section());
     let mut sim = rig.sim(2, 150);
     let alert = wait_alert(&ops, "ops/bridge/store", "open");
     assert_eq!(alert["reason"], "recording_paused");
@@ -411,7 +443,7 @@ fn a_full_store_keeps_alerting_receipts_nothing_unrecorded_and_loses_nothing() {
     // Every reading before the alert's was handled seconds ago; receipts go out every
     // 100 ms: none came, nothing of dev-00003 is stored.
     assert!(
-        !receipts.stdout().contains("devices/dev-00003/ack"),
+        !got_message_on(&receipts, "devices/dev-00003/ack"),
         "a receipt for an unrecorded message: {}",
         receipts.stdout()
     );
@@ -426,8 +458,8 @@ fn a_full_store_keeps_alerting_receipts_nothing_unrecorded_and_loses_nothing() {
     bridge.process.kill9();
     // Room again. The devices resend what was not receipted (the simulator by itself;
     // dev-00003's readings here), and everything is stored once.
-    let _bridge = rig.bridge("max_store_bytes = 0", &alerts_section());
-    publish_readings(&rig, "dev-00003", &readings);
+    let _bridge = rig.bridge("max_store_bytes = 0\nwindow = 1024", &alerts_section());
+    resend_until_stored(&rig, "dev-00003", &readings);
     let summary = sim_summary_all_receipted(&mut sim);
     let sent = summary["totals"]["sent"].as_u64().expect("sent");
     let st = rig.wait_stats(Duration::from_secs(60), "everything stored", |s| {
@@ -470,7 +502,8 @@ fn a_full_outbox_pauses_recording_but_never_alerting() {
     let integrator = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
     let readings = signed_desaturation(&rig, "dev-00003");
     let bridge = rig.bridge(
-        "max_backlog = 60\nresume_backlog = 30",
+        // W = 1024: see the full-store test.
+        "max_backlog = 60\nresume_backlog = 30\nwindow = 1024",
         &(objects_sink("objects", 20) + &alerts_section()),
     );
     let mut sim = rig.sim(2, 120);
@@ -499,7 +532,15 @@ fn a_full_outbox_pauses_recording_but_never_alerting() {
     let summary = sim_summary_all_receipted(&mut sim);
     wait_alert(&ops, "ops/bridge/store", "resolved");
     // dev-00003 got no receipt: it resends.
-    publish_readings(&rig, "dev-00003", &readings);
+    resend_until_stored(&rig, "dev-00003", &readings);
+    for l in bridge.process.all().lines().filter(|l| {
+        l.contains("WARN")
+            || l.contains("ERROR")
+            || l.contains("INFO vitalmq_bridge::recorder")
+            || l.contains("DBGREC")
+    }) {
+        eprintln!("DEBUG log {l}");
+    }
     let sent = summary["totals"]["sent"].as_u64().expect("sent") + readings.len() as u64;
     let st = rig.wait_stats(Duration::from_secs(60), "all delivered", |s| {
         s["events"].as_u64() == Some(sent) && s["sinks"]["objects"] == s["head"]
