@@ -798,3 +798,69 @@ impl Recorder {
         ok
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(id: &str, state: &str) -> NewAlert {
+        NewAlert {
+            alert_id: id.into(),
+            state: state.into(),
+            kind: "clinical".into(),
+            topic: "alerts/site-01/review/dev-00001".into(),
+            device: Some("dev-00001".into()),
+            rule: Some("spo2-low".into()),
+            created_at_ms: 1,
+            body: format!("{{\"alert_id\":\"{id}\",\"state\":\"{state}\"}}"),
+            level: 0,
+        }
+    }
+
+    fn device(id: &str) -> DeviceId {
+        DeviceId::new(id).expect("id")
+    }
+
+    /// Rows kept while the store refused them go in front of the next commit's own, in
+    /// order; a device's newer state wins; a failed commit gives everything back, in
+    /// the same order, for the next attempt.
+    #[test]
+    fn unrecorded_alerts_keep_their_order_across_failed_commits() {
+        let mut kept = Unrecorded::default();
+        let mut first = Commit {
+            alerts: vec![alert("a", "open")],
+            alert_states: vec![(device("dev-00001"), "old".into())],
+            ..Commit::default()
+        };
+        kept.merge_into(&mut first);
+        kept.take_back(&mut first);
+        let mut next = Commit {
+            alerts: vec![alert("a", "escalated"), alert("b", "open")],
+            alert_states: vec![(device("dev-00001"), "new".into())],
+            ..Commit::default()
+        };
+        kept.merge_into(&mut next);
+        let order: Vec<(&str, &str)> = next
+            .alerts
+            .iter()
+            .map(|a| (a.alert_id.as_str(), a.state.as_str()))
+            .collect();
+        assert_eq!(order, [("a", "open"), ("a", "escalated"), ("b", "open")]);
+        assert_eq!(next.alert_states, [(device("dev-00001"), "new".to_owned())]);
+        assert!(kept.alerts.is_empty() && kept.states.is_empty());
+        kept.take_back(&mut next);
+        assert_eq!(kept.alerts.len(), 3);
+        assert_eq!(kept.states[&device("dev-00001")], "new");
+        assert!(next.alerts.is_empty() && next.alert_states.is_empty());
+    }
+
+    #[test]
+    fn only_a_commit_with_messages_probes_a_failing_store() {
+        let mut c = Commit::default();
+        assert!(is_empty(&c) && !carries_messages(&c));
+        c.alerts.push(alert("a", "open"));
+        assert!(!is_empty(&c) && !carries_messages(&c));
+        c.counters.push(("dev-00001".into(), "duplicate", 1));
+        assert!(carries_messages(&c));
+    }
+}
