@@ -386,3 +386,150 @@ pub async fn run_handler(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::store::{Commit, NewAlert};
+
+    /// An HTTP endpoint on 127.0.0.1 that answers every request 200 and counts them.
+    async fn counting_endpoint() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/alerts", listener.local_addr().expect("addr"));
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&count);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    let mut have = Vec::new();
+                    loop {
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        have.extend_from_slice(&buf[..n]);
+                        // One small request at a time: headers, then a body of
+                        // content-length bytes.
+                        let text = String::from_utf8_lossy(&have).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        if have.len() < end + 4 + len {
+                            continue;
+                        }
+                        have.drain(..end + 4 + len);
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if socket.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, count)
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("not within 20 s: {what}"));
+    }
+
+    /// An alert the store could not take goes out from memory at once; written to the
+    /// store later, the same row is not delivered a second time, but the handler's
+    /// cursor moves over it, and a new row after it goes out as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_delivered_from_memory_is_not_delivered_again_from_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let (url, requests) = counting_endpoint().await;
+        let signer = WebhookSigner::parse("whsec_bmV3LWtleS1uZXcta2V5LW5ldy1rZXktbmV3LWtleS0=")
+            .expect("secret");
+        let handler = Handler::webhook("ehr".into(), url, signer).expect("client");
+        let (feed, inbox) = feed();
+        let (ops, _ops_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(run_handler(
+            handler,
+            Arc::clone(&store),
+            inbox,
+            None,
+            audit.auditor(),
+            ops,
+            stop,
+        ));
+        let row = |id: &str| NewAlert {
+            alert_id: id.into(),
+            state: "open".into(),
+            kind: "clinical".into(),
+            topic: "alerts/site-01/urgent/dev-00001".into(),
+            device: Some("dev-00001".into()),
+            rule: Some("spo2-low".into()),
+            created_at_ms: 1,
+            body: format!("{{\"alert_id\":\"{id}\",\"state\":\"open\"}}"),
+            level: 0,
+        };
+        let first = row("al-1");
+        feed.memory
+            .try_send(StoredAlert {
+                position: 0,
+                alert_id: first.alert_id.clone(),
+                state: first.state.clone(),
+                topic: first.topic.clone(),
+                body: first.body.clone(),
+                level: 0,
+            })
+            .expect("queue");
+        feed.wake.notify_one();
+        until("delivered from memory", || {
+            requests.load(Ordering::SeqCst) == 1
+        })
+        .await;
+
+        // The store takes writes again: the row and a newer one are recorded.
+        lock(&store)
+            .commit_alerts_only(&Commit {
+                alerts: vec![first, row("al-2")],
+                ..Commit::default()
+            })
+            .expect("commit");
+        feed.wake.notify_one();
+        until("the cursor over both rows", || {
+            lock(&store).handler_cursor("webhook:ehr").expect("cursor") == 2
+        })
+        .await;
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            2,
+            "al-1 once (from memory), al-2 once (from the store)"
+        );
+        stop_tx.send(true).expect("stop");
+        let _ = task.await;
+        audit.close().expect("close");
+    }
+}
