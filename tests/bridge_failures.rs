@@ -1,9 +1,10 @@
 //! The bridge when things around it fail, across real processes: a cloud sink that is
 //! down (local directory, and a real S3-compatible server, moto), a full store, an
-//! outbox over its limit, an unusable data directory. In each case nothing acknowledged
+//! outbox over its limit, an unusable data directory. In each case nothing receipted
 //! is lost, the condition is reported as an operational alert on `ops/bridge/...`
 //! (seen here by an operator's mosquitto_sub), and the backlog drains in order after
-//! recovery.
+//! recovery. Alerting never waits for archiving (issue 17): with the outbox at
+//! `max_backlog` or the store full, a desaturation still reaches the site's integrator.
 
 mod common;
 
@@ -12,8 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    BridgeProcess, Moto, Rig, Spawned, audit_records, has_fields, run, sim_summary_all_receipted,
-    vitalmq_ok, wait_until,
+    BridgeProcess, Moto, Rig, Spawned, audit_records, has_fields, poll_until, run,
+    sim_summary_all_receipted, vitalmq_ok, wait_until,
 };
 use serde_json::Value as Json;
 
@@ -225,42 +226,272 @@ fn s3_sink_through_a_real_s3_server_with_an_outage() {
     );
 }
 
-/// The store fills up (a quota, which fails exactly like a full disk: SQLITE_FULL):
-/// the bridge stops acknowledging and receipting, raises ops/bridge/store, loses
-/// nothing; restarted with room, it stores everything the devices still hold.
+/// `[alerts]` of a bridge configuration: the shipped rule set, the MQTT handler only.
+fn alerts_section() -> String {
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
+    format!(
+        r#"
+[alerts]
+rules = "{}"
+publisher = {{ client_id = "bridge-01-alerts", cert = "pki/identities/bridge/bridge-01-alerts.pem", key = "pki/identities/bridge/bridge-01-alerts.key.pem" }}
+"#,
+        rules.display()
+    )
+}
+
+/// `(device time in s, spo2)`, one reading every 10 s: 97 for a minute, then a fall to
+/// 86 held long enough for the shipped `spo2-low` rule to open (as in
+/// `tests/bridge_alerts.rs`, up to its open alert).
+fn desaturation() -> Vec<(u64, f64)> {
+    let mut values = vec![97.0; 7];
+    values.extend([89.0, 88.0, 87.0, 86.0]);
+    values.extend([86.0; 5]);
+    values
+        .into_iter()
+        .zip((0..).step_by(10))
+        .map(|(v, t)| (t, v))
+        .collect()
+}
+
+/// The readings of [`desaturation`] for `device`, signed with its key (device clock ten
+/// minutes ago, inside the rule file's clock limits), as `(seq, bytes)` from seq 0.
+fn signed_desaturation(rig: &Rig, device: &str) -> Vec<(u64, Vec<u8>)> {
+    let t0_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_millis(),
+    )
+    .expect("ms fit u64")
+        - 600_000;
+    let key = rig.pki().join(format!("devices/{device}/cose.key.pem"));
+    let out = rig.dir().join(format!("reading-{device}.cbor"));
+    desaturation()
+        .into_iter()
+        .zip(0u64..)
+        .map(|((t_s, spo2), seq)| {
+            vitalmq_ok(
+                vitalmq_bin!(),
+                &[
+                    "envelope",
+                    "sign",
+                    "--key",
+                    key.to_str().expect("utf-8"),
+                    "--dev",
+                    device,
+                    "--epoch",
+                    "1",
+                    "--seq",
+                    &seq.to_string(),
+                    "--ts",
+                    &(t0_ms + t_s * 1000).to_string(),
+                    "--m",
+                    &format!("spo2={spo2}"),
+                    "--m",
+                    "pulse=72",
+                    "--q",
+                    "0.95",
+                    "--output",
+                    out.to_str().expect("utf-8"),
+                ],
+            );
+            (seq, std::fs::read(&out).expect("signed"))
+        })
+        .collect()
+}
+
+/// Publishes `readings` as `device` (QoS 1, through the broker), in order.
+fn publish_readings(rig: &Rig, device: &str, readings: &[(u64, Vec<u8>)]) {
+    for (_, bytes) in readings {
+        rig.mosquitto_pub(
+            "device",
+            device,
+            &format!("devices/{device}/telemetry"),
+            bytes,
+        );
+    }
+}
+
+/// Publishes `readings` as `device` until the store holds every one of them, as a
+/// device resends what got no receipt (recording may pause again while the outbox
+/// drains).
+fn resend_until_stored(rig: &Rig, device: &str, readings: &[(u64, Vec<u8>)]) {
+    let all: Vec<u64> = readings.iter().map(|(seq, _)| *seq).collect();
+    for _ in 0..5 {
+        publish_readings(rig, device, readings);
+        let stored = poll_until(Duration::from_secs(10), Duration::from_millis(250), || {
+            let mut seqs = stored_seqs(rig, device);
+            seqs.sort_unstable();
+            seqs == all
+        });
+        if stored {
+            return;
+        }
+    }
+    panic!(
+        "{device}'s readings not stored: {:?}",
+        stored_seqs(rig, device)
+    );
+}
+
+/// Whether `sub` (mosquitto_sub -v) printed a message on `topic`.
+fn got_message_on(sub: &Spawned, topic: &str) -> bool {
+    sub.stdout()
+        .lines()
+        .any(|l| l.starts_with(&format!("{topic} ")))
+}
+
+/// The `spo2-low` alerts an integrator's mosquitto_sub printed: (topic, alert).
+fn spo2_low(sub: &Spawned) -> Vec<(String, Json)> {
+    ops_alerts(sub)
+        .into_iter()
+        .filter(|(_, a)| a["rule"] == "spo2-low")
+        .collect()
+}
+
+/// Waits for the integrator's `spo2-low` open alert of `device` and returns it.
+fn wait_spo2_open(sub: &Spawned, device: &str, bridge: &BridgeProcess) -> Json {
+    wait_until(
+        Duration::from_secs(30),
+        "the spo2-low alert at the integrator",
+        || {
+            spo2_low(sub)
+                .iter()
+                .any(|(_, a)| a["state"] == "open" && a["device"] == device)
+        },
+    );
+    let (topic, alert) = spo2_low(sub)
+        .into_iter()
+        .find(|(_, a)| a["state"] == "open")
+        .unwrap_or_else(|| panic!("bridge:\n{}", bridge.process.all()));
+    assert_eq!(
+        topic,
+        format!(
+            "alerts/site-01/{}/{device}",
+            alert["severity"].as_str().expect("severity")
+        )
+    );
+    alert
+}
+
+/// The stored events of `device`, as seqs.
+fn stored_seqs(rig: &Rig, device: &str) -> Vec<u64> {
+    rig.rows("events")
+        .iter()
+        .filter(|e| e["device"] == device)
+        .filter_map(|e| e["seq"].as_u64())
+        .collect()
+}
+
+/// The bridge's audit records of the paused-recording episode, as (event, reason).
+fn recording_audit(rig: &Rig) -> Vec<(String, String)> {
+    audit_records(&rig.data().join("audit.jsonl"))
+        .iter()
+        .filter(|r| r["resource"] == "store" && r["action"] == "record")
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap_or_default().to_owned(),
+                r["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The store fills up (a quota, which fails exactly like a full disk: SQLITE_FULL).
+/// Recording pauses, alerting does not: a desaturation of another device still reaches
+/// its site's integrator, while the bridge says loudly that it records nothing
+/// (ops/bridge/store `recording_paused`, an audit record) and receipts nothing it did
+/// not record. Restarted with room (the quota raised), every message the devices still
+/// hold, and the desaturation's readings resent, is stored exactly once, and the
+/// alert exists once in the store under the id the integrator got.
 #[test]
-fn a_full_store_acknowledges_nothing_more_and_loses_nothing() {
-    let rig = rig("disk-full", 2);
+fn a_full_store_keeps_alerting_receipts_nothing_unrecorded_and_loses_nothing() {
+    let rig = rig("disk-full", 4);
     let ops = operator(&rig);
-    let mut bridge = rig.bridge("max_store_bytes = 131072", "");
+    let integrator = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
+    // dev-00003 is on site-01; its site's gateway may read its receipts.
+    let receipts = rig.mosquitto_sub("gateway", "gw-site-01", "devices/dev-00003/ack");
+    let readings = signed_desaturation(&rig, "dev-00003");
+    // W = 1024, as in the durability tests: larger than what a device holds
+    // unreceipted, which while recording is paused is its whole backlog; resent after
+    // the pause in order, its oldest must not fall out of the window unseen.
+    let bridge = rig.bridge("max_store_bytes = 131072\nwindow = 1024", &alerts_section());
     let mut sim = rig.sim(2, 150);
     let alert = wait_alert(&ops, "ops/bridge/store", "open");
-    assert_eq!(alert["reason"], "disk_full");
+    assert_eq!(alert["reason"], "recording_paused");
+    assert_eq!(alert["cause"], "disk_full");
     assert_eq!(alert["disk_full"], true);
     assert!(
         bridge.process.all().contains("the disk is full"),
         "a clear error in the log"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the paused episode audited",
+        || recording_audit(&rig) == [("sink_failed".to_owned(), "recording_paused".to_owned())],
     );
     let full = rig.stats()["events"].as_u64().expect("events");
     assert!(
         full < 300,
         "the quota must bite before everything is stored ({full})"
     );
+
+    publish_readings(&rig, "dev-00003", &readings);
+    let open = wait_spo2_open(&integrator, "dev-00003", &bridge);
+    assert_eq!(open["kind"], "clinical");
+    // Every reading before the alert's was handled seconds ago; receipts go out every
+    // 100 ms: none came, nothing of dev-00003 is stored.
+    assert!(
+        !got_message_on(&receipts, "devices/dev-00003/ack"),
+        "a receipt for an unrecorded message: {}",
+        receipts.stdout()
+    );
+    assert_eq!(stored_seqs(&rig, "dev-00003"), Vec::<u64>::new());
+    assert_eq!(
+        recording_audit(&rig).len(),
+        1,
+        "one audit record per episode"
+    );
+
+    let mut bridge = bridge;
     bridge.process.kill9();
-    // Room again: every message the devices still hold arrives, once.
-    let _bridge = rig.bridge("max_store_bytes = 0", "");
+    // Room again. The devices resend what was not receipted (the simulator by itself;
+    // dev-00003's readings here), and everything is stored once.
+    let _bridge = rig.bridge("max_store_bytes = 0\nwindow = 1024", &alerts_section());
+    resend_until_stored(&rig, "dev-00003", &readings);
     let summary = sim_summary_all_receipted(&mut sim);
-    let st = rig.stats();
-    assert_eq!(st["events"], summary["totals"]["sent"], "{st}");
+    let sent = summary["totals"]["sent"].as_u64().expect("sent");
+    let st = rig.wait_stats(Duration::from_secs(60), "everything stored", |s| {
+        s["events"].as_u64() == Some(sent + readings.len() as u64)
+    });
     assert_eq!(st["quarantine"], serde_json::json!({}), "{st}");
+    let mut seqs = stored_seqs(&rig, "dev-00003");
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..readings.len() as u64).collect::<Vec<_>>());
+    assert!(
+        receipts.wait_output(Duration::from_secs(20), |o| o
+            .contains("devices/dev-00003/ack")),
+        "recorded readings are receipted"
+    );
+    // The alert is in the store once, opened once, under the id the integrator got.
+    let rows: Vec<Json> = rig
+        .rows("alerts")
+        .into_iter()
+        .filter(|a| a["rule"] == "spo2-low")
+        .collect();
+    let opened: Vec<&Json> = rows.iter().filter(|a| a["state"] == "open").collect();
+    assert_eq!(opened.len(), 1, "opened once: {rows:?}");
+    assert_eq!(opened[0]["alert_id"], open["alert_id"]);
 }
 
-/// The outbox reaches max_backlog while its sink is down: the bridge stops
-/// acknowledging (the broker and the devices hold the rest), raises ops/bridge/backlog,
-/// and once the sink is back everything is stored and delivered.
+/// Every sink is down and the outbox reaches max_backlog: recording pauses (the
+/// broker's in-flight window does not stall, devices resend what they get no receipt
+/// for), ops/bridge/store says so, and a desaturation still reaches the integrator.
+/// Once the sink is back everything is stored and delivered, the alert once.
 #[test]
-fn a_full_outbox_applies_backpressure_instead_of_dropping() {
-    let rig = rig("backlog", 2);
+fn a_full_outbox_pauses_recording_but_never_alerting() {
+    let rig = rig("backlog", 4);
     let objects = rig.dir().join("objects");
     // Owner-only, as the bridge requires of a data root it did not create itself.
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
@@ -268,12 +499,17 @@ fn a_full_outbox_applies_backpressure_instead_of_dropping() {
         .expect("objects dir");
     std::fs::write(objects.join("normalized"), b"in the way").expect("block the sink");
     let ops = operator(&rig);
-    let _bridge = rig.bridge(
-        "max_backlog = 60\nresume_backlog = 30",
-        &objects_sink("objects", 20),
+    let integrator = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
+    let readings = signed_desaturation(&rig, "dev-00003");
+    let bridge = rig.bridge(
+        // W = 1024: see the full-store test.
+        "max_backlog = 60\nresume_backlog = 30\nwindow = 1024",
+        &(objects_sink("objects", 20) + &alerts_section()),
     );
     let mut sim = rig.sim(2, 120);
-    let alert = wait_alert(&ops, "ops/bridge/backlog", "open");
+    let alert = wait_alert(&ops, "ops/bridge/store", "open");
+    assert_eq!(alert["reason"], "recording_paused");
+    assert_eq!(alert["cause"], "backlog");
     assert_eq!(alert["max_backlog"], 60);
     // Every message is made (and sent: the broker is up) while the bridge holds back.
     wait_until(
@@ -283,16 +519,49 @@ fn a_full_outbox_applies_backpressure_instead_of_dropping() {
     );
     let held = rig.stats()["events"].as_u64().expect("events");
     assert!(held < 120, "stored beyond the limit while paused: {held}");
+
+    publish_readings(&rig, "dev-00003", &readings);
+    let open = wait_spo2_open(&integrator, "dev-00003", &bridge);
+    assert_eq!(
+        stored_seqs(&rig, "dev-00003"),
+        Vec::<u64>::new(),
+        "recorded while paused"
+    );
+
     std::fs::remove_file(objects.join("normalized")).expect("unblock the sink");
     let summary = sim_summary_all_receipted(&mut sim);
+    wait_alert(&ops, "ops/bridge/store", "resolved");
+    // dev-00003 got no receipt: it resends.
+    resend_until_stored(&rig, "dev-00003", &readings);
+    for l in bridge.process.all().lines().filter(|l| {
+        l.contains("WARN")
+            || l.contains("ERROR")
+            || l.contains("INFO vitalmq_bridge::recorder")
+            || l.contains("DBGREC")
+    }) {
+        eprintln!("DEBUG log {l}");
+    }
+    let sent = summary["totals"]["sent"].as_u64().expect("sent") + readings.len() as u64;
     let st = rig.wait_stats(Duration::from_secs(60), "all delivered", |s| {
-        s["events"] == summary["totals"]["sent"] && s["sinks"]["objects"] == s["head"]
+        s["events"].as_u64() == Some(sent) && s["sinks"]["objects"] == s["head"]
     });
-    wait_alert(&ops, "ops/bridge/backlog", "resolved");
     assert_eq!(
         local_lines(&objects).len() as u64,
         st["events"].as_u64().expect("events")
     );
+    let opened: Vec<Json> = rig
+        .rows("alerts")
+        .into_iter()
+        .filter(|a| a["rule"] == "spo2-low" && a["state"] == "open")
+        .collect();
+    assert_eq!(opened.len(), 1, "opened once: {opened:?}");
+    assert_eq!(opened[0]["alert_id"], open["alert_id"]);
+    let got: Vec<Json> = spo2_low(&integrator)
+        .into_iter()
+        .map(|(_, a)| a)
+        .filter(|a| a["state"] == "open")
+        .collect();
+    assert_eq!(got.len(), 1, "delivered once: {got:?}");
 }
 
 /// A data directory the bridge cannot use is a clear error at start, naming the path.

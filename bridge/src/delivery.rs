@@ -8,7 +8,19 @@
 //! destination confirmed (PUBACK; HTTP 2xx); failures are retried with backoff and
 //! reported as an operational alert; nothing is dropped. Delivery is at-least-once:
 //! receivers deduplicate by `(alert_id, state)`.
+//!
+//! Each row carries the escalation level it goes out at; a handler delivers the rows
+//! the rule set in force routes to it (`RuleSet::handlers_for_level`, reloaded with the
+//! rules) and moves its cursor over the others.
+//!
+//! While the store cannot take alert rows (recording paused, see `recorder`), the
+//! recorder hands them to each handler directly ([`HandlerFeed`]): a bounded queue the
+//! handler delivers before its store outbox. It remembers what it delivered from
+//! memory, so the same row, written to the store once it takes writes again, is not
+//! delivered a second time.
 
+use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash as _, Hasher as _};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +29,7 @@ use serde_json::{Map, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
+use vitalmq_policies::RuleSet;
 
 use crate::link::{Link, LinkError};
 use crate::ops::{Episodes, OpsAlert, OpsKind};
@@ -171,16 +184,71 @@ impl Handler {
     }
 }
 
+/// Alert rows for a handler that the store could not take, delivered from memory.
+pub const MEMORY_QUEUE: usize = 1024;
+
+/// The recorder's side of one handler: its wake-up and its in-memory queue.
+#[derive(Debug, Clone)]
+pub struct HandlerFeed {
+    pub wake: Arc<Notify>,
+    pub memory: mpsc::Sender<StoredAlert>,
+}
+
+/// The handler's side of [`HandlerFeed`].
+#[derive(Debug)]
+pub struct HandlerInbox {
+    pub wake: Arc<Notify>,
+    pub memory: mpsc::Receiver<StoredAlert>,
+}
+
+/// A connected feed and inbox.
+pub fn feed() -> (HandlerFeed, HandlerInbox) {
+    let wake = Arc::new(Notify::new());
+    let (tx, rx) = mpsc::channel(MEMORY_QUEUE);
+    (
+        HandlerFeed {
+            wake: Arc::clone(&wake),
+            memory: tx,
+        },
+        HandlerInbox { wake, memory: rx },
+    )
+}
+
+/// Whether the rule set in force routes a row of escalation `level` to `handler`
+/// (no rule set, or no routing for the level: every handler).
+fn routed(rules: Option<&watch::Receiver<Arc<RuleSet>>>, handler: &str, level: u32) -> bool {
+    let Some(rules) = rules else { return true };
+    let rules = rules.borrow();
+    rules
+        .handlers_for_level(level)
+        .is_none_or(|names| names.iter().any(|n| n == handler))
+}
+
+/// The identity of one alert message for "already delivered from memory": the state
+/// change and its exact body (a re-escalation repeats the state at a new level).
+fn delivered_key(a: &StoredAlert) -> (String, String, u64) {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    a.body.hash(&mut h);
+    (a.alert_id.clone(), a.state.clone(), h.finish())
+}
+
 /// Runs one handler until `stop`: wakes on `wake` (a new alert) or every second.
 pub async fn run_handler(
     mut handler: Handler,
     store: Arc<Mutex<Store>>,
-    wake: Arc<Notify>,
+    inbox: HandlerInbox,
+    rules: Option<watch::Receiver<Arc<RuleSet>>>,
     auditor: Auditor,
     ops: mpsc::UnboundedSender<OpsAlert>,
     mut stop: watch::Receiver<bool>,
 ) {
     let name = handler.name();
+    let HandlerInbox {
+        wake,
+        memory: mut from_memory,
+    } = inbox;
+    let mut memory: VecDeque<StoredAlert> = VecDeque::new();
+    let mut from_memory_delivered: HashSet<(String, String, u64)> = HashSet::new();
     let mut episodes = Episodes::default();
     let mut failures = 0u32;
     let mut delay = Duration::from_millis(100);
@@ -188,51 +256,98 @@ pub async fn run_handler(
         if *stop.borrow() {
             return;
         }
-        let pending = {
-            let store = Arc::clone(&store);
-            let name = name.clone();
-            tokio::task::spawn_blocking(move || lock(&store).alerts_after(&name, 100)).await
-        };
-        let alerts = match pending {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                warn!(handler = %name, error = %e, "cannot read the alert outbox");
-                Vec::new()
+        while let Ok(a) = from_memory.try_recv() {
+            if routed(rules.as_ref(), &name, a.level) {
+                memory.push_back(a);
             }
-            Err(e) => {
-                warn!(handler = %name, error = %e, "alert outbox task failed");
-                Vec::new()
-            }
-        };
-        if alerts.is_empty() {
-            tokio::select! {
-                () = wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.changed() => {}
-            }
-            continue;
         }
-        let started = std::time::Instant::now();
-        let delivered = handler.deliver(&alerts).await;
-        crate::observe::alert_delivery_duration(&name, started.elapsed(), delivered.is_ok());
-        match delivered {
+        // Rows the store could not take go first: they are the newest news.
+        let (alerts, skipped_last, already) = if memory.is_empty() {
+            let pending = {
+                let store = Arc::clone(&store);
+                let name = name.clone();
+                tokio::task::spawn_blocking(move || lock(&store).alerts_after(&name, 100)).await
+            };
+            let rows = match pending {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => {
+                    warn!(handler = %name, error = %e, "cannot read the alert outbox");
+                    Vec::new()
+                }
+                Err(e) => {
+                    warn!(handler = %name, error = %e, "alert outbox task failed");
+                    Vec::new()
+                }
+            };
+            if rows.is_empty() {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    a = from_memory.recv() => if let Some(a) = a
+                        && routed(rules.as_ref(), &name, a.level)
+                    {
+                        memory.push_back(a);
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            let last = rows.last().map(|a| a.position);
+            let mut already = Vec::new();
+            let mut send = Vec::new();
+            for a in rows {
+                let key = delivered_key(&a);
+                if from_memory_delivered.contains(&key) {
+                    already.push(key);
+                } else if routed(rules.as_ref(), &name, a.level) {
+                    send.push(a);
+                }
+            }
+            (send, last, already)
+        } else {
+            let n = memory.len().min(100);
+            (memory.iter().take(n).cloned().collect(), None, Vec::new())
+        };
+        let outcome = if alerts.is_empty() {
+            Ok(())
+        } else {
+            let started = std::time::Instant::now();
+            let delivered = handler.deliver(&alerts).await;
+            crate::observe::alert_delivery_duration(&name, started.elapsed(), delivered.is_ok());
+            delivered
+        };
+        match outcome {
             Ok(()) => {
                 failures = 0;
                 delay = Duration::from_millis(100);
-                let last = alerts.last().map_or(0, |a| a.position);
-                let store = Arc::clone(&store);
-                let n = name.clone();
-                match tokio::task::spawn_blocking(move || lock(&store).alert_delivered(&n, last))
-                    .await
-                {
-                    Ok(Ok(())) => debug!(handler = %name, n = alerts.len(), "alerts delivered"),
-                    Ok(Err(e)) => {
-                        warn!(handler = %name, error = %e, "cannot advance the alert cursor; will deliver again")
+                if let Some(last) = skipped_last {
+                    for key in &already {
+                        from_memory_delivered.remove(key);
                     }
-                    Err(e) => warn!(handler = %name, error = %e, "alert cursor task failed"),
+                    let store = Arc::clone(&store);
+                    let n = name.clone();
+                    match tokio::task::spawn_blocking(move || {
+                        lock(&store).alert_delivered(&n, last)
+                    })
+                    .await
+                    {
+                        Ok(Ok(())) => debug!(handler = %name, n = alerts.len(), "alerts delivered"),
+                        Ok(Err(e)) => {
+                            warn!(handler = %name, error = %e, "cannot advance the alert cursor; will deliver again")
+                        }
+                        Err(e) => warn!(handler = %name, error = %e, "alert cursor task failed"),
+                    }
+                } else {
+                    for a in memory.drain(..alerts.len()) {
+                        from_memory_delivered.insert(delivered_key(&a));
+                    }
+                    info!(handler = %name, n = alerts.len(), "alerts delivered from memory (not recorded yet)");
                 }
                 metrics::counter!("vitalmq_bridge_alerts_delivered_total", "handler" => name.clone())
                     .increment(alerts.len() as u64);
+                if alerts.is_empty() {
+                    continue;
+                }
                 if let Some(a) = episodes.resolve(OpsKind::Sink, &name, now_ms()) {
                     info!(handler = %name, "alert handler recovered");
                     let _ = auditor.record(
@@ -272,5 +387,152 @@ pub async fn run_handler(
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::store::{Commit, NewAlert};
+
+    /// An HTTP endpoint on 127.0.0.1 that answers every request 200 and counts them.
+    async fn counting_endpoint() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/alerts", listener.local_addr().expect("addr"));
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&count);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let seen = Arc::clone(&seen);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    let mut have = Vec::new();
+                    loop {
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        have.extend_from_slice(&buf[..n]);
+                        // One small request at a time: headers, then a body of
+                        // content-length bytes.
+                        let text = String::from_utf8_lossy(&have).to_string();
+                        let Some(end) = text.find("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len: usize = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        if have.len() < end + 4 + len {
+                            continue;
+                        }
+                        have.drain(..end + 4 + len);
+                        seen.fetch_add(1, Ordering::SeqCst);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if socket.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, count)
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("not within 20 s: {what}"));
+    }
+
+    /// An alert the store could not take goes out from memory at once; written to the
+    /// store later, the same row is not delivered a second time, but the handler's
+    /// cursor moves over it, and a new row after it goes out as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_row_delivered_from_memory_is_not_delivered_again_from_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let (url, requests) = counting_endpoint().await;
+        let signer = WebhookSigner::parse("whsec_bmV3LWtleS1uZXcta2V5LW5ldy1rZXktbmV3LWtleS0=")
+            .expect("secret");
+        let handler = Handler::webhook("ehr".into(), url, signer).expect("client");
+        let (feed, inbox) = feed();
+        let (ops, _ops_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(run_handler(
+            handler,
+            Arc::clone(&store),
+            inbox,
+            None,
+            audit.auditor(),
+            ops,
+            stop,
+        ));
+        let row = |id: &str| NewAlert {
+            alert_id: id.into(),
+            state: "open".into(),
+            kind: "clinical".into(),
+            topic: "alerts/site-01/urgent/dev-00001".into(),
+            device: Some("dev-00001".into()),
+            rule: Some("spo2-low".into()),
+            created_at_ms: 1,
+            body: format!("{{\"alert_id\":\"{id}\",\"state\":\"open\"}}"),
+            level: 0,
+        };
+        let first = row("al-1");
+        feed.memory
+            .try_send(StoredAlert {
+                position: 0,
+                alert_id: first.alert_id.clone(),
+                state: first.state.clone(),
+                topic: first.topic.clone(),
+                body: first.body.clone(),
+                level: 0,
+            })
+            .expect("queue");
+        feed.wake.notify_one();
+        until("delivered from memory", || {
+            requests.load(Ordering::SeqCst) == 1
+        })
+        .await;
+
+        // The store takes writes again: the row and a newer one are recorded.
+        lock(&store)
+            .commit_alerts_only(&Commit {
+                alerts: vec![first, row("al-2")],
+                ..Commit::default()
+            })
+            .expect("commit");
+        feed.wake.notify_one();
+        until("the cursor over both rows", || {
+            lock(&store).handler_cursor("webhook:ehr").expect("cursor") == 2
+        })
+        .await;
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            2,
+            "al-1 once (from memory), al-2 once (from the store)"
+        );
+        stop_tx.send(true).expect("stop");
+        let _ = task.await;
+        audit.close().expect("close");
     }
 }

@@ -1,34 +1,72 @@
-//! The recorder thread: sequences verified batches, commits each in one transaction,
-//! audits what was refused, and only then hands the acknowledgements and receipts back.
+//! The recorder thread: takes the bridge's work in order (batches of verified
+//! messages, and control inputs: acknowledgements of alerts, presence, the ticks of
+//! the clock), turns each into a [`Sequenced`], commits it, audits it and hands back
+//! the acknowledgements and receipts.
 //!
-//! Order per batch, and why: (1) wait while the outbox is over `max_backlog`, so the
-//! broker keeps what we cannot store yet; (2) commit, retrying while the disk is full,
-//! never acknowledging what is not durable; (3) adopt the staged window state; (4)
-//! audit refusals, replays and gaps; (5) acknowledge to the broker and compute receipts.
+//! Alerting never waits for archiving (issue 17). Recording is *paused* while the
+//! outbox is at `max_backlog` (until it drains below `resume_backlog`) or after the
+//! store refused a commit (disk full, quota, I/O); the recorder does not block then:
+//!
+//! ```text
+//! work ─▶ sequence / control (evaluate alerts) ─▶ recording?
+//!   yes: commit all (+ alert rows the store missed) ─ok─▶ adopt ─▶ audit, ops, wake
+//!        │                                                   handlers ─▶ ack + receipts
+//!        └─fails─▶ paused (store) ─┐
+//!   no:  alerts-only commit ───────┴─fails─▶ alert rows to the handlers from memory,
+//!        │                                   kept to be written later
+//!        └─▶ adopt_unrecorded ─▶ audit, ops, wake handlers ─▶ ack, NO receipts
+//! ```
+//!
+//! Paused, nothing a device sent is recorded: its PUBLISH is acknowledged to the
+//! broker (its in-flight window must not stall alerting) and the device gets no
+//! receipt, so it resends. While the store is failing a whole commit is retried at
+//! most once per [`RETRY_EVERY`] (not per batch). A paused episode raises
+//! `ops/bridge/store` (`recording_paused`, with its cause) and an audit record once,
+//! and resolves both when recording resumes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, json};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Decision, Event};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{DeviceRegistry, RuleSet};
 
-use crate::classify::{Checked, Disposition, Origin, Sequencer};
+use crate::classify::{Checked, Control, Disposition, Origin, Sequenced, Sequencer};
+use crate::delivery::HandlerFeed;
 use crate::gaps::GapState;
 use crate::ops::{Episodes, OpsAlert, OpsKind, RateChange, RateWatch};
-use crate::store::{Store, StoreError};
+use crate::store::{Commit, NewAlert, Store, StoreError, StoredAlert};
 use crate::window::{Accepted, ReceiptPoint};
 
-/// What the recorder hands back after a durable commit.
+/// How often a failing store is tried again with a whole commit.
+pub const RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// Alert rows kept for the store while it cannot take them; beyond, the oldest are
+/// dropped from what will be written (they were delivered from memory).
+const PENDING_ALERTS_MAX: usize = 65_536;
+
+/// One unit of the recorder's work, in arrival order.
+#[derive(Debug)]
+pub enum Work<T> {
+    /// Device messages, verified.
+    Batch(Vec<Checked<T>>),
+    /// An input that is not a device message; `token` acknowledges its PUBLISH (none
+    /// for a tick).
+    Control { control: Control, token: Option<T> },
+}
+
+/// What the recorder hands back after a work item.
 #[derive(Debug)]
 pub struct Recorded<T> {
     /// Acknowledge these to the broker.
     pub tokens: Vec<T>,
-    /// Current receipt point of every device the batch touched.
+    /// Current receipt point of every device the batch touched (none for a batch that
+    /// was not recorded).
     pub receipts: Vec<(DeviceId, ReceiptPoint)>,
 }
 
@@ -93,10 +131,13 @@ pub struct Recorder {
     pub ops: mpsc::UnboundedSender<OpsAlert>,
     /// Reloaded alert rules, when the alert engine runs.
     pub rules: Option<watch::Receiver<Arc<RuleSet>>>,
-    /// One per alert handler: woken after a commit that recorded alerts.
-    pub alert_wakers: Vec<Arc<Notify>>,
+    /// One per alert handler: woken after alerts were recorded, and fed the alert rows
+    /// the store could not take.
+    pub handlers: Vec<HandlerFeed>,
     /// Rates that raise operational alerts (refusals, replays, gaps).
     pub rate_watches: Vec<RateWatch>,
+    /// True while the store takes whole commits (for `/readyz`).
+    pub store_writable: Arc<AtomicBool>,
 }
 
 pub fn now_ms() -> u64 {
@@ -105,112 +146,420 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The store refused a commit: why, and when it was last tried.
+#[derive(Debug)]
+struct StoreFailure {
+    /// `disk_full` or `store_error`.
+    cause: &'static str,
+    error: String,
+    last_attempt: Instant,
+}
+
+/// Alert rows and alert states decided while the store could not take them, in
+/// order: written with the first commit the store takes.
+#[derive(Debug, Default)]
+struct Unrecorded {
+    alerts: Vec<NewAlert>,
+    states: BTreeMap<DeviceId, String>,
+}
+
+impl Unrecorded {
+    /// Puts what is kept in front of `commit`'s own alert part.
+    fn merge_into(&mut self, commit: &mut Commit) {
+        commit.alerts.splice(0..0, self.alerts.drain(..));
+        let fresh: BTreeSet<DeviceId> =
+            commit.alert_states.iter().map(|(d, _)| d.clone()).collect();
+        // The commit's own states are newer: they were staged from the adopted ones.
+        commit.alert_states.extend(
+            std::mem::take(&mut self.states)
+                .into_iter()
+                .filter(|(d, _)| !fresh.contains(d)),
+        );
+    }
+
+    /// Undoes [`Self::merge_into`] after the commit failed, keeping the commit's own
+    /// alert part too (it was not recorded either).
+    fn take_back(&mut self, commit: &mut Commit) {
+        self.alerts.append(&mut commit.alerts);
+        for (d, s) in commit.alert_states.drain(..) {
+            self.states.insert(d, s);
+        }
+        if self.alerts.len() > PENDING_ALERTS_MAX {
+            let over = self.alerts.len() - PENDING_ALERTS_MAX;
+            error!(
+                dropped = over,
+                "too many alert rows waiting for the store; the oldest will not be recorded (they were delivered)"
+            );
+            self.alerts.drain(..over);
+        }
+    }
+}
+
+/// What the recorder keeps between work items.
+#[derive(Debug, Default)]
+struct State {
+    episodes: Episodes,
+    stats: CommitStats,
+    data_version: Option<i64>,
+    /// The outbox is at `max_backlog` (until it drains below `resume_backlog`).
+    backlogged: bool,
+    store_failure: Option<StoreFailure>,
+    unrecorded: Unrecorded,
+}
+
+impl State {
+    fn recording(&self) -> bool {
+        !self.backlogged && self.store_failure.is_none()
+    }
+}
+
+/// What became of one work item.
+struct Handled<U> {
+    recorded: bool,
+    dispositions: Vec<(Disposition, U)>,
+}
+
+/// Whether `commit` holds anything beyond its alert part.
+fn carries_messages(c: &Commit) -> bool {
+    !(c.events.is_empty()
+        && c.quarantine.is_empty()
+        && c.sequences.is_empty()
+        && c.gaps.is_empty()
+        && c.counters.is_empty())
+}
+
+fn is_empty(c: &Commit) -> bool {
+    !carries_messages(c) && c.alerts.is_empty() && c.alert_states.is_empty()
+}
+
 impl Recorder {
-    /// Runs until `batches` closes.
+    /// Runs until `work` closes.
     pub fn run<T: Send>(
         mut self,
-        mut batches: mpsc::Receiver<Vec<Checked<T>>>,
+        mut work: mpsc::Receiver<Work<T>>,
         done: mpsc::UnboundedSender<Recorded<T>>,
     ) {
-        let mut episodes = Episodes::default();
-        let mut paused = false;
-        let mut stats = CommitStats::default();
-        let mut data_version = None;
-        while let Some(batch) = batches.blocking_recv() {
-            self.hold_while_backlogged(&mut episodes, &mut paused);
-            self.apply_sequence_resets(&mut data_version);
+        let mut st = State::default();
+        while let Some(item) = work.blocking_recv() {
+            if st.store_failure.is_none() {
+                self.apply_sequence_resets(&mut st.data_version);
+            }
             if let Some(rules) = &mut self.rules
                 && rules.has_changed().unwrap_or(false)
             {
                 let fresh = Arc::clone(&rules.borrow_and_update());
                 self.sequencer.set_rules(Some(fresh));
             }
-            let mut sequenced =
-                self.sequencer
-                    .sequence(&self.registry, &self.origin, batch, now_ms());
-            let mut delay = Duration::from_millis(100);
-            loop {
-                let started = std::time::Instant::now();
-                match self.store.commit(&sequenced.commit) {
-                    Ok(()) => {
-                        crate::observe::commit_duration(started.elapsed());
-                        stats.add(sequenced.dispositions.len(), started.elapsed());
-                        if let Some(a) = episodes.resolve(OpsKind::Store, "store", now_ms()) {
-                            info!(store = %self.store.path().display(), "store writable again");
-                            let _ = self.ops.send(a);
-                        }
-                        break;
-                    }
-                    Err(e) => {
-                        let full = matches!(e, StoreError::Full { .. });
-                        error!(error = %e, disk_full = full, "cannot record batch; not acknowledging, will retry");
-                        let mut details = Map::new();
-                        details.insert("disk_full".into(), json!(full));
-                        details.insert("error".into(), json!(e.to_string()));
-                        if let Some(a) = episodes.raise(
-                            OpsKind::Store,
-                            "store",
-                            if full { "disk_full" } else { "store_error" },
-                            details,
-                            now_ms(),
-                        ) {
-                            let _ = self.ops.send(a);
-                        }
-                        std::thread::sleep(delay);
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
+            self.watch_backlog(&mut st);
+            let (tokens, receipts, audited) = match item {
+                Work::Batch(batch) => {
+                    let sequenced =
+                        self.sequencer
+                            .sequence(&self.registry, &self.origin, batch, now_ms());
+                    let (h, audited) = self.handle(&mut st, sequenced);
+                    let (tokens, receipts) = self.account(h);
+                    (tokens, receipts, audited)
                 }
-            }
-            self.sequencer.adopt(&mut sequenced);
-            if !sequenced.commit.alerts.is_empty() {
-                for waker in &self.alert_wakers {
-                    waker.notify_one();
+                Work::Control { control, token } => {
+                    let sequenced = self.sequencer.control(&self.registry, control, now_ms());
+                    let (_, audited) = self.handle(&mut st, sequenced);
+                    (token.into_iter().collect(), Vec::new(), audited)
                 }
-            }
-            let audited = self.audit(&sequenced.dispositions, &sequenced.commit.gaps)
-                & self.audit_alerts(&sequenced.commit.alerts);
-            self.watch_rates(
-                &sequenced.dispositions,
-                &sequenced.commit.gaps,
-                &mut episodes,
-            );
-            let mut touched = BTreeSet::new();
-            let mut tokens = Vec::with_capacity(sequenced.dispositions.len());
-            for (d, token) in sequenced.dispositions {
-                match &d {
-                    Disposition::Accepted {
-                        device, verdict, ..
-                    } => {
-                        metrics::counter!("vitalmq_bridge_accepted_total").increment(1);
-                        if matches!(verdict, Accepted::Gap { .. }) {
-                            metrics::counter!("vitalmq_bridge_gaps_total").increment(1);
-                        }
-                        touched.insert(device.clone());
-                    }
-                    Disposition::Rejected { device, why, .. } => {
-                        metrics::counter!("vitalmq_bridge_rejected_total", "class" => why.class())
-                            .increment(1);
-                        touched.insert(device.clone());
-                    }
-                    Disposition::Refused { reason, .. } => {
-                        metrics::counter!("vitalmq_bridge_refused_total", "class" => reason.as_str())
-                            .increment(1);
-                    }
-                }
-                tokens.push(token);
-            }
-            let receipts = touched
-                .into_iter()
-                .filter_map(|d| self.sequencer.receipt(&d).map(|r| (d, r)))
-                .collect();
+            };
+            self.report_episode(&mut st);
             if done.send(Recorded { tokens, receipts }).is_err() {
                 break;
             }
             if !audited {
-                self.hold_while_audit_broken(&mut episodes);
+                self.hold_while_audit_broken(&mut st.episodes);
             }
         }
-        stats.report();
+        st.stats.report();
+    }
+
+    /// Commits (or, paused, keeps alerting without recording) one sequenced item;
+    /// false in the second value when the audit log refused a record.
+    fn handle<U>(&mut self, st: &mut State, mut s: Sequenced<U>) -> (Handled<U>, bool) {
+        // Decided now, whatever the store does: they go out one way or another.
+        let fresh = s.commit.alerts.clone();
+        let mut audited = self.audit_alerts(&fresh);
+        let retry_due = st
+            .store_failure
+            .as_ref()
+            .is_none_or(|f| f.last_attempt.elapsed() >= RETRY_EVERY);
+        let try_whole = !st.backlogged
+            && (st.store_failure.is_none() || (retry_due && carries_messages(&s.commit)));
+        let mut recorded = false;
+        if try_whole {
+            st.unrecorded.merge_into(&mut s.commit);
+            if is_empty(&s.commit) {
+                recorded = true; // nothing to write: a quiet tick
+            } else {
+                let started = Instant::now();
+                match self.store.commit(&s.commit) {
+                    Ok(()) => {
+                        crate::observe::commit_duration(started.elapsed());
+                        st.stats.add(s.dispositions.len(), started.elapsed());
+                        if st.store_failure.take().is_some() {
+                            info!(store = %self.store.path().display(), "store writable again; recording resumed");
+                        }
+                        recorded = true;
+                    }
+                    Err(e) => {
+                        self.store_failed(st, &e);
+                        st.unrecorded.take_back(&mut s.commit);
+                    }
+                }
+            }
+        }
+        if recorded {
+            self.sequencer.adopt(&mut s);
+            if !s.commit.alerts.is_empty() {
+                self.wake_handlers();
+            }
+            audited &= self.audit(&s.dispositions, &s.commit.gaps);
+            self.watch_rates(&s.dispositions, &s.commit.gaps, &mut st.episodes);
+        } else {
+            self.alert_without_recording(st, &mut s, &fresh);
+            self.sequencer.adopt_unrecorded(&mut s);
+            // Refusals and rejections are security facts, audited now; gaps are not
+            // news until the messages are recorded (the windows did not move).
+            audited &= self.audit(&s.dispositions, &[]);
+        }
+        for r in std::mem::take(&mut s.audit) {
+            if let Err(e) = self.auditor.record(r) {
+                error!(error = %e, "audit log refused a record");
+                audited = false;
+            }
+        }
+        for a in std::mem::take(&mut s.ops) {
+            let _ = self.ops.send(a);
+        }
+        self.set_gauges(st);
+        (
+            Handled {
+                recorded,
+                dispositions: s.dispositions,
+            },
+            audited,
+        )
+    }
+
+    /// Paused: records the alert part alone if the store takes it, else hands this
+    /// item's alert rows to the handlers from memory and keeps them for the store.
+    fn alert_without_recording<U>(
+        &mut self,
+        st: &mut State,
+        s: &mut Sequenced<U>,
+        fresh: &[NewAlert],
+    ) {
+        // Only the alert part is written; the rest waits for the devices' resends.
+        let mut alerts_only = Commit {
+            alerts: std::mem::take(&mut s.commit.alerts),
+            alert_states: std::mem::take(&mut s.commit.alert_states),
+            now_ms: s.commit.now_ms,
+            ..Commit::default()
+        };
+        let worth_trying = st.store_failure.is_none() || !fresh.is_empty();
+        st.unrecorded.merge_into(&mut alerts_only);
+        if is_empty(&alerts_only) {
+            return;
+        }
+        if worth_trying {
+            match self.store.commit_alerts_only(&alerts_only) {
+                Ok(()) => {
+                    if !alerts_only.alerts.is_empty() {
+                        self.wake_handlers();
+                    }
+                    return;
+                }
+                Err(e) => self.store_failed(st, &e),
+            }
+        }
+        st.unrecorded.take_back(&mut alerts_only);
+        if fresh.is_empty() {
+            return;
+        }
+        for feed in &self.handlers {
+            for a in fresh {
+                let row = StoredAlert {
+                    position: 0,
+                    alert_id: a.alert_id.clone(),
+                    state: a.state.clone(),
+                    topic: a.topic.clone(),
+                    body: a.body.clone(),
+                    level: a.level,
+                };
+                if feed.memory.try_send(row).is_err() {
+                    warn!(alert_id = %a.alert_id, "alert handler's memory queue full; the alert goes out once the store takes it");
+                }
+            }
+            feed.wake.notify_one();
+        }
+    }
+
+    fn store_failed(&mut self, st: &mut State, e: &StoreError) {
+        let full = matches!(e, StoreError::Full { .. });
+        if st.store_failure.is_none() {
+            error!(error = %e, disk_full = full, "cannot record; alerting goes on without durable recording, devices get no receipts");
+        }
+        st.store_failure = Some(StoreFailure {
+            cause: if full { "disk_full" } else { "store_error" },
+            error: e.to_string(),
+            last_attempt: Instant::now(),
+        });
+    }
+
+    fn wake_handlers(&self) {
+        for feed in &self.handlers {
+            feed.wake.notify_one();
+        }
+    }
+
+    /// Metrics and the acknowledgements and receipts of a handled batch.
+    fn account<T>(&self, h: Handled<T>) -> (Vec<T>, Vec<(DeviceId, ReceiptPoint)>) {
+        if !h.recorded {
+            metrics::counter!("vitalmq_bridge_unrecorded_total")
+                .increment(h.dispositions.len() as u64);
+            return (
+                h.dispositions.into_iter().map(|(_, t)| t).collect(),
+                Vec::new(),
+            );
+        }
+        let mut touched = BTreeSet::new();
+        let mut tokens = Vec::with_capacity(h.dispositions.len());
+        for (d, token) in h.dispositions {
+            match &d {
+                Disposition::Accepted {
+                    device, verdict, ..
+                } => {
+                    metrics::counter!("vitalmq_bridge_accepted_total").increment(1);
+                    if matches!(verdict, Accepted::Gap { .. }) {
+                        metrics::counter!("vitalmq_bridge_gaps_total").increment(1);
+                    }
+                    touched.insert(device.clone());
+                }
+                Disposition::Rejected { device, why, .. } => {
+                    metrics::counter!("vitalmq_bridge_rejected_total", "class" => why.class())
+                        .increment(1);
+                    touched.insert(device.clone());
+                }
+                Disposition::Refused { reason, .. } => {
+                    metrics::counter!("vitalmq_bridge_refused_total", "class" => reason.as_str())
+                        .increment(1);
+                }
+            }
+            tokens.push(token);
+        }
+        let receipts = touched
+            .into_iter()
+            .filter_map(|d| self.sequencer.receipt(&d).map(|r| (d, r)))
+            .collect();
+        (tokens, receipts)
+    }
+
+    /// Reads the outbox size per sink and pauses or resumes recording for it (with
+    /// hysteresis: at `max_backlog` it pauses, below `resume_backlog` it resumes).
+    fn watch_backlog(&mut self, st: &mut State) {
+        let per_sink = match self.store.backlog_per_sink(&self.settings.sinks) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "cannot read the outbox size");
+                return;
+            }
+        };
+        let mut backlog = 0;
+        for (sink, n) in &per_sink {
+            metrics::gauge!("vitalmq_bridge_backlog", "sink" => sink.clone()).set(*n as f64);
+            backlog = backlog.max(*n);
+        }
+        if !st.backlogged && backlog >= self.settings.max_backlog.max(1) {
+            st.backlogged = true;
+            warn!(
+                backlog,
+                limit = self.settings.max_backlog,
+                "outbox full; alerting goes on, messages are not recorded (devices resend them)"
+            );
+        } else if st.backlogged && backlog < self.settings.resume_backlog.max(1) {
+            st.backlogged = false;
+            info!(
+                backlog,
+                "outbox drained below the resume mark; recording again"
+            );
+        }
+    }
+
+    /// Raises the paused episode once (operational alert and audit record), and
+    /// resolves both when recording resumes.
+    fn report_episode(&mut self, st: &mut State) {
+        let now = now_ms();
+        if st.recording() {
+            if let Some(a) = st.episodes.resolve(OpsKind::Store, "recording", now) {
+                info!("recording resumed");
+                if let Err(e) = self.auditor.record(
+                    AuditRecord::new(Component::Bridge, Event::SinkRecovered)
+                        .action("record")
+                        .resource("store")
+                        .reason("recording_resumed"),
+                ) {
+                    error!(error = %e, "audit log refused a record");
+                }
+                let _ = self.ops.send(a);
+            }
+            return;
+        }
+        let (cause, error) = match &st.store_failure {
+            Some(f) => (f.cause, Some(f.error.clone())),
+            None => ("backlog", None),
+        };
+        let mut details = Map::new();
+        details.insert("cause".into(), json!(cause));
+        details.insert("disk_full".into(), json!(cause == "disk_full"));
+        details.insert("max_backlog".into(), json!(self.settings.max_backlog));
+        if let Some(e) = &error {
+            details.insert("error".into(), json!(e));
+        }
+        if let Some(a) = st.episodes.raise(
+            OpsKind::Store,
+            "recording",
+            "recording_paused",
+            details,
+            now,
+        ) {
+            warn!(
+                cause,
+                "recording paused: alerts are evaluated and delivered without durable recording"
+            );
+            let mut r = AuditRecord::new(Component::Bridge, Event::SinkFailed)
+                .action("record")
+                .resource("store")
+                .reason("recording_paused")
+                .detail("cause", cause);
+            if let Some(e) = error {
+                r = r.detail("error", e);
+            }
+            if let Err(e) = self.auditor.record(r) {
+                error!(error = %e, "audit log refused a record");
+            }
+            let _ = self.ops.send(a);
+        }
+    }
+
+    /// The alert figures of the adopted state and whether the bridge records.
+    fn set_gauges(&self, st: &State) {
+        let g = self.sequencer.gauges();
+        for (i, severity) in ["info", "review", "urgent"].into_iter().enumerate() {
+            metrics::gauge!("vitalmq_bridge_open_alerts", "severity" => severity)
+                .set(g.open_by_severity[i] as f64);
+        }
+        metrics::gauge!("vitalmq_bridge_silent_devices").set(g.silent_devices as f64);
+        metrics::gauge!("vitalmq_bridge_unacknowledged_alerts").set(g.unacknowledged as f64);
+        metrics::gauge!("vitalmq_bridge_oldest_unacknowledged_urgent_seconds")
+            .set(g.oldest_unacknowledged_urgent_s.unwrap_or(0.0));
+        let recording = st.recording();
+        metrics::gauge!("vitalmq_bridge_recording").set(if recording { 1.0 } else { 0.0 });
+        self.store_writable
+            .store(st.store_failure.is_none(), Ordering::Release);
     }
 
     /// Applies the operator's pending sequence resets (`vitalmq store reset-sequence`),
@@ -275,59 +624,6 @@ impl Recorder {
         }
         if all_applied {
             *seen = Some(version);
-        }
-    }
-
-    /// Blocks while the outbox is over its limit (with hysteresis).
-    fn hold_while_backlogged(&mut self, episodes: &mut Episodes, paused: &mut bool) {
-        loop {
-            let backlog = match self.store.backlog(&self.settings.sinks) {
-                Ok(b) => b,
-                Err(e) => {
-                    warn!(error = %e, "cannot read the outbox size");
-                    return;
-                }
-            };
-            metrics::gauge!("vitalmq_bridge_backlog").set(backlog as f64);
-            let limit = if *paused {
-                self.settings.resume_backlog
-            } else {
-                self.settings.max_backlog
-            };
-            if backlog < limit.max(1) {
-                if *paused {
-                    *paused = false;
-                    info!(
-                        backlog,
-                        "outbox drained below the resume mark; acknowledging again"
-                    );
-                    if let Some(a) = episodes.resolve(OpsKind::Backlog, "outbox", now_ms()) {
-                        let _ = self.ops.send(a);
-                    }
-                }
-                return;
-            }
-            if !*paused {
-                *paused = true;
-                warn!(
-                    backlog,
-                    limit = self.settings.max_backlog,
-                    "outbox full; not acknowledging new messages"
-                );
-                let mut details = Map::new();
-                details.insert("backlog".into(), json!(backlog));
-                details.insert("max_backlog".into(), json!(self.settings.max_backlog));
-                if let Some(a) = episodes.raise(
-                    OpsKind::Backlog,
-                    "outbox",
-                    "backlog_high_water",
-                    details,
-                    now_ms(),
-                ) {
-                    let _ = self.ops.send(a);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -501,5 +797,71 @@ impl Recorder {
             );
         }
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(id: &str, state: &str) -> NewAlert {
+        NewAlert {
+            alert_id: id.into(),
+            state: state.into(),
+            kind: "clinical".into(),
+            topic: "alerts/site-01/review/dev-00001".into(),
+            device: Some("dev-00001".into()),
+            rule: Some("spo2-low".into()),
+            created_at_ms: 1,
+            body: format!("{{\"alert_id\":\"{id}\",\"state\":\"{state}\"}}"),
+            level: 0,
+        }
+    }
+
+    fn device(id: &str) -> DeviceId {
+        DeviceId::new(id).expect("id")
+    }
+
+    /// Rows kept while the store refused them go in front of the next commit's own, in
+    /// order; a device's newer state wins; a failed commit gives everything back, in
+    /// the same order, for the next attempt.
+    #[test]
+    fn unrecorded_alerts_keep_their_order_across_failed_commits() {
+        let mut kept = Unrecorded::default();
+        let mut first = Commit {
+            alerts: vec![alert("a", "open")],
+            alert_states: vec![(device("dev-00001"), "old".into())],
+            ..Commit::default()
+        };
+        kept.merge_into(&mut first);
+        kept.take_back(&mut first);
+        let mut next = Commit {
+            alerts: vec![alert("a", "escalated"), alert("b", "open")],
+            alert_states: vec![(device("dev-00001"), "new".into())],
+            ..Commit::default()
+        };
+        kept.merge_into(&mut next);
+        let order: Vec<(&str, &str)> = next
+            .alerts
+            .iter()
+            .map(|a| (a.alert_id.as_str(), a.state.as_str()))
+            .collect();
+        assert_eq!(order, [("a", "open"), ("a", "escalated"), ("b", "open")]);
+        assert_eq!(next.alert_states, [(device("dev-00001"), "new".to_owned())]);
+        assert!(kept.alerts.is_empty() && kept.states.is_empty());
+        kept.take_back(&mut next);
+        assert_eq!(kept.alerts.len(), 3);
+        assert_eq!(kept.states[&device("dev-00001")], "new");
+        assert!(next.alerts.is_empty() && next.alert_states.is_empty());
+    }
+
+    #[test]
+    fn only_a_commit_with_messages_probes_a_failing_store() {
+        let mut c = Commit::default();
+        assert!(is_empty(&c) && !carries_messages(&c));
+        c.alerts.push(alert("a", "open"));
+        assert!(!is_empty(&c) && !carries_messages(&c));
+        c.counters.push(("dev-00001".into(), "duplicate", 1));
+        assert!(carries_messages(&c));
     }
 }

@@ -2,12 +2,14 @@
 //! thread, acknowledgements and receipts, operational alerts and the sink drains.
 //!
 //! ```text
-//! broker ──PUBLISH──▶ event loop ──▶ ingest (batches, 2 verified at a time, in order)
-//!                                        │ bounded channel (backpressure)
+//! broker ──PUBLISH──▶ event loop ──▶ ingest (batches, 2 verified at a time, in order;
+//!            acks, presence ─┘  ▲        control inputs keep their place between them)
+//!                    tick (1 s) ┘        │ bounded channel of `Work` (backpressure)
 //!                                        ▼
-//!                                     recorder thread: sequence, commit (fsync), audit
-//!                                        │
+//!                                     recorder thread: sequence/control, commit (fsync)
+//!                                        │ or, paused, alerts only; audit
 //!            PUBACK, receipts ◀── acker ◀┘        store ──▶ drain per sink ──▶ objects / upstream
+//!                                                 store / memory ──▶ alert handlers
 //! ```
 
 use std::collections::HashMap;
@@ -17,20 +19,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Packet, QoS};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 use vitalmq_audit::{AuditError, AuditLog, AuditRecord, Component, Event as AuditEvent};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{DeviceRegistry, PolicyErrors};
 use vitalmq_private_fs::PrivateFsError;
 
-use crate::classify::{self, Checked, Incoming, Origin, Sequencer};
+use crate::classify::{self, Control, Incoming, Origin, Sequencer};
 use crate::config::{BridgeConfig, SinkConfig};
 use crate::delivery::Handler;
 use crate::drain::{self, DrainSettings};
 use crate::mqtt;
 use crate::ops::{OpsAlert, OpsKind, RateWatch};
-use crate::recorder::{Recorded, Recorder, RecorderSettings, now_ms};
+use crate::recorder::{Recorded, Recorder, RecorderSettings, Work, now_ms};
 use crate::sink::object::{ObjectStoreSink, S3Settings};
 use crate::sink::upstream::UpstreamSink;
 use crate::sink::{Sink, SinkError};
@@ -38,8 +40,18 @@ use crate::store::{Store, StoreError};
 use crate::webhook::WebhookSecretError;
 use crate::window::ReceiptPoint;
 
-/// Filters the bridge subscribes to (SPEC section 2).
-pub const SUBSCRIPTIONS: [&str; 2] = ["devices/+/telemetry", "devices/+/status"];
+/// Filters the bridge subscribes to (SPEC section 2): device messages, then the
+/// control inputs (acknowledgements of alerts, the broker's presence messages).
+pub const SUBSCRIPTIONS: [&str; 4] = [
+    "devices/+/telemetry",
+    "devices/+/status",
+    "alerts/+/ack/+",
+    "presence/#",
+];
+
+/// How many of [`SUBSCRIPTIONS`] carry device messages: without them the bridge is
+/// not ready; without the others it runs, saying loudly what it does not receive.
+const DEVICE_FILTERS: usize = 2;
 
 /// The line printed (to stderr, through tracing) once the bridge is subscribed.
 pub const READY: &str = "vitalmq bridge ready";
@@ -187,8 +199,8 @@ pub async fn run(
     config: BridgeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
-    // Readiness for /readyz (issue 17). Interim until the recorder sets store_writable
-    // from its commits: only `connected` follows the connection (event_loop).
+    // For `/readyz`: CONNACK seen and not lost since (the event loop); the store takes
+    // whole commits (the recorder).
     let connected = Arc::new(AtomicBool::new(false));
     let store_writable = Arc::new(AtomicBool::new(true));
     let _ops_http = crate::observe::serve(
@@ -284,8 +296,8 @@ pub async fn run(
     let (client, eventloop) = mqtt::client(options, 4096);
 
     let (ops_tx, ops_rx) = mpsc::unbounded_channel::<OpsAlert>();
-    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel::<Incoming<AckToken>>();
-    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Checked<AckToken>>>(2);
+    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel::<Inbound>();
+    let (batch_tx, batch_rx) = mpsc::channel::<Work<AckToken>>(2);
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Recorded<AckToken>>();
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -325,7 +337,8 @@ pub async fn run(
             handlers.push(Handler::webhook(w.name.clone(), w.url.clone(), signer)?);
         }
     }
-    let alert_wakers: Vec<Arc<Notify>> = handlers.iter().map(|_| Arc::new(Notify::new())).collect();
+    let (feeds, inboxes): (Vec<_>, Vec<_>) =
+        handlers.iter().map(|_| crate::delivery::feed()).unzip();
 
     let recorder = Recorder {
         store,
@@ -343,12 +356,13 @@ pub async fn run(
         },
         ops: ops_tx.clone(),
         rules: rules_watch.as_ref().map(|w| w.rules.clone()),
-        alert_wakers: alert_wakers.clone(),
+        handlers: feeds,
         rate_watches: vec![
             RateWatch::new(OpsKind::Refusals, config.ops.refusals_per_minute),
             RateWatch::new(OpsKind::Replays, config.ops.replays_per_minute),
             RateWatch::new(OpsKind::Gaps, config.ops.gaps_per_minute),
         ],
+        store_writable: Arc::clone(&store_writable),
     };
     let recorder = std::thread::Builder::new()
         .name("vitalmq-recorder".into())
@@ -381,12 +395,13 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
-    for (handler, wake) in handlers.into_iter().zip(alert_wakers) {
+    for (handler, inbox) in handlers.into_iter().zip(inboxes) {
         let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
         drains.push(tokio::spawn(crate::delivery::run_handler(
             handler,
             store,
-            wake,
+            inbox,
+            rules_watch.as_ref().map(|w| w.rules.clone()),
             auditor.clone(),
             ops_tx.clone(),
             stop_rx.clone(),
@@ -420,15 +435,18 @@ pub async fn run(
     ));
     drop(ops_tx);
 
+    let ticks = tokio::spawn(tick(incoming_tx.clone()));
     let events = tokio::spawn(event_loop(
         client.clone(),
         eventloop,
         incoming_tx,
         Arc::clone(&connection),
-        connected,
+        Arc::clone(&connected),
     ));
     shutdown.await;
     info!("stopping: finishing the batch in progress");
+    ticks.abort();
+    let _ = ticks.await;
     events.abort();
     let _ = events.await;
     let _ = stop_tx.send(true);
@@ -506,11 +524,63 @@ pub struct AckToken {
     publish: rumqttc::Publish,
 }
 
+/// What the event loop hands the ingest stage, in arrival order.
+#[derive(Debug)]
+enum Inbound {
+    /// A device message, to verify and sequence.
+    Message(Incoming<AckToken>),
+    /// Anything else for the recorder; the token acknowledges its PUBLISH (none for a
+    /// tick).
+    Control(Control, Option<AckToken>),
+}
+
+/// Sorts a PUBLISH by topic: acknowledgements of alerts (`alerts/{site}/ack/{id}`) and
+/// presence (`presence/...`) are control inputs, the rest device messages.
+fn inbound(topic: &str, payload: bytes::Bytes, received_at_ms: u64, token: AckToken) -> Inbound {
+    let parts: Vec<&str> = topic.split('/').collect();
+    let control = match parts.as_slice() {
+        ["alerts", _, "ack", _] => Some(Control::Ack {
+            topic: topic.to_owned(),
+            payload: payload.clone(),
+            received_at_ms,
+        }),
+        ["presence", ..] => Some(Control::Presence {
+            topic: topic.to_owned(),
+            payload: payload.clone(),
+            received_at_ms,
+        }),
+        _ => None,
+    };
+    match control {
+        Some(c) => Inbound::Control(c, Some(token)),
+        None => Inbound::Message(Incoming {
+            topic: topic.to_owned(),
+            payload,
+            received_at_ms,
+            token,
+        }),
+    }
+}
+
+/// The bridge's clock for the recorder: a `Control::Tick` about once a second, in line
+/// with the messages (silence and re-escalation timers, the paused store's retry).
+async fn tick(incoming: mpsc::UnboundedSender<Inbound>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let tick = Control::Tick { now_ms: now_ms() };
+        if incoming.send(Inbound::Control(tick, None)).is_err() {
+            return;
+        }
+    }
+}
+
 /// Polls the MQTT connection: subscribes after every CONNACK, forwards every PUBLISH.
 async fn event_loop(
     client: AsyncClient,
     mut eventloop: rumqttc::EventLoop,
-    incoming: mpsc::UnboundedSender<Incoming<AckToken>>,
+    incoming: mpsc::UnboundedSender<Inbound>,
     connection: Arc<AtomicU64>,
     connected: Arc<AtomicBool>,
 ) {
@@ -519,16 +589,16 @@ async fn event_loop(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let item = Incoming {
-                    topic: p.topic.clone(),
-                    payload: p.payload.clone(),
-                    received_at_ms: now_ms(),
-                    token: AckToken {
-                        connection: connection.load(Ordering::Acquire),
-                        publish: p,
-                    },
+                let topic = p.topic.clone();
+                let payload = p.payload.clone();
+                let token = AckToken {
+                    connection: connection.load(Ordering::Acquire),
+                    publish: p,
                 };
-                if incoming.send(item).is_err() {
+                if incoming
+                    .send(inbound(&topic, payload, now_ms(), token))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -540,22 +610,32 @@ async fn event_loop(
                     session_present = ack.session_present,
                     "connected to the broker"
                 );
-                for filter in SUBSCRIPTIONS {
-                    if let Err(e) = client.try_subscribe(filter, QoS::AtLeastOnce) {
-                        error!(error = %e, filter, "cannot subscribe");
-                    }
+                let filters = SUBSCRIPTIONS
+                    .iter()
+                    .map(|f| rumqttc::SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    error!(error = %e, "cannot subscribe");
                 }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack
+                let refused: Vec<&str> = ack
                     .return_codes
                     .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                if refused {
+                    .zip(SUBSCRIPTIONS)
+                    .filter(|(c, _)| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .map(|(_, f)| f)
+                    .collect();
+                let devices_refused = refused
+                    .iter()
+                    .any(|f| SUBSCRIPTIONS[..DEVICE_FILTERS].contains(f));
+                if !refused.is_empty() {
                     error!(
-                        "the broker refused a subscription: check the bridge's certificate and the ACL"
+                        filters = ?refused,
+                        "the broker refused a subscription: check the bridge's certificate and the ACL{}",
+                        if devices_refused { "" } else { " (alert acknowledgements or presence will not reach the bridge)" }
                     );
-                } else if !announced {
+                }
+                if !devices_refused && !announced {
                     announced = true;
                     info!(filters = ?SUBSCRIPTIONS, "{READY}");
                 }
@@ -576,57 +656,94 @@ async fn event_loop(
 /// recorder commits, and a batch delayed on one core does not leave the other idle.
 const VERIFY_IN_FLIGHT: usize = 2;
 
+/// One item of the ingest stage's ordered output: a batch being verified, or a control
+/// input already in its final form.
+type Pending = futures::future::BoxFuture<'static, Result<Work<AckToken>, tokio::task::JoinError>>;
+
 /// Batches incoming messages and verifies them on both cores, handing the results to the
-/// recorder in arrival order (the sequence check depends on it).
+/// recorder in arrival order (the sequence check depends on it); control inputs keep
+/// their place between the batches.
 ///
 /// Up to [`VERIFY_IN_FLIGHT`] batches are verified at the same time, each on one
 /// blocking thread. A new batch starts as soon as a slot is free, with whatever has
-/// arrived (up to `batch_max`): small batches at low rates, full ones under load.
+/// arrived (up to `batch_max`, and up to the next control input): small batches at low
+/// rates, full ones under load.
 async fn ingest(
-    mut incoming: mpsc::UnboundedReceiver<Incoming<AckToken>>,
-    batches: mpsc::Sender<Vec<Checked<AckToken>>>,
+    mut incoming: mpsc::UnboundedReceiver<Inbound>,
+    batches: mpsc::Sender<Work<AckToken>>,
     registry: Arc<DeviceRegistry>,
     batch_max: usize,
 ) {
-    use futures::StreamExt as _;
-    let mut verifying = futures::stream::FuturesOrdered::new();
+    use futures::{FutureExt as _, StreamExt as _};
+    let mut verifying: futures::stream::FuturesOrdered<Pending> =
+        futures::stream::FuturesOrdered::new();
     let mut open = true;
+    // A control input that ended the batch before it, next in line.
+    let mut held: Option<Inbound> = None;
     loop {
-        tokio::select! {
-            biased;
-            Some(verified) = verifying.next(), if !verifying.is_empty() => match verified {
-                Ok(checked) => {
-                    if batches.send(checked).await.is_err() {
-                        return;
+        let next = if verifying.len() < VERIFY_IN_FLIGHT {
+            held.take()
+        } else {
+            None
+        };
+        let next = match next {
+            Some(n) => Some(n),
+            None => tokio::select! {
+                biased;
+                Some(verified) = verifying.next(), if !verifying.is_empty() => {
+                    match verified {
+                        Ok(work) => {
+                            if batches.send(work).await.is_err() {
+                                return;
+                            }
+                        }
+                        // verify() does not panic on any input (fuzzed); if it ever did,
+                        // the batch stays unacknowledged and the broker redelivers it.
+                        Err(e) => error!(error = %e, "verify task failed; the batch stays unacknowledged"),
+                    }
+                    continue;
+                },
+                first = incoming.recv(), if open && held.is_none() && verifying.len() < VERIFY_IN_FLIGHT => match first {
+                    Some(first) => Some(first),
+                    None => {
+                        open = false;
+                        continue;
+                    }
+                },
+                else => return,
+            },
+        };
+        match next {
+            Some(Inbound::Control(control, token)) => {
+                verifying.push_back(async move { Ok(Work::Control { control, token }) }.boxed());
+            }
+            Some(Inbound::Message(first)) => {
+                let mut batch = vec![first];
+                while batch.len() < batch_max {
+                    match incoming.try_recv() {
+                        Ok(Inbound::Message(m)) => batch.push(m),
+                        Ok(control) => {
+                            held = Some(control);
+                            break;
+                        }
+                        Err(_) => break,
                     }
                 }
-                // verify() does not panic on any input (fuzzed); if it ever did, the
-                // batch stays unacknowledged and the broker redelivers it.
-                Err(e) => error!(error = %e, "verify task failed; the batch stays unacknowledged"),
-            },
-            first = incoming.recv(), if open && verifying.len() < VERIFY_IN_FLIGHT => match first {
-                Some(first) => {
-                    let mut batch = vec![first];
-                    while batch.len() < batch_max {
-                        match incoming.try_recv() {
-                            Ok(m) => batch.push(m),
-                            Err(_) => break,
-                        }
-                    }
-                    let registry = Arc::clone(&registry);
-                    verifying.push_back(tokio::task::spawn_blocking(move || {
+                let registry = Arc::clone(&registry);
+                verifying.push_back(
+                    tokio::task::spawn_blocking(move || {
                         let started = std::time::Instant::now();
                         let checked = batch
                             .into_iter()
                             .map(|m| classify::verify(&registry, m))
                             .collect::<Vec<_>>();
                         crate::observe::verify_batch_duration(started.elapsed());
-                        checked
-                    }));
-                }
-                None => open = false,
-            },
-            else => return,
+                        Work::Batch(checked)
+                    })
+                    .boxed(),
+                );
+            }
+            None => {}
         }
     }
 }

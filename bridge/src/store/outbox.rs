@@ -14,6 +14,9 @@ pub struct StoredAlert {
     pub state: String,
     pub topic: String,
     pub body: String,
+    /// The escalation level it is delivered at: the policy names the handlers of each
+    /// (`RuleSet::handlers_for_level`).
+    pub level: u32,
 }
 
 /// A sink's position in the outbox.
@@ -52,7 +55,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT position, alert_id, state, topic, body FROM alerts
+                "SELECT position, alert_id, state, topic, body, level FROM alerts
                  WHERE position > ?1 ORDER BY position LIMIT ?2",
             )
             .map_err(|e| self.err(e))?;
@@ -66,6 +69,7 @@ impl Store {
                         state: r.get(2)?,
                         topic: r.get(3)?,
                         body: r.get(4)?,
+                        level: r.get(5)?,
                     })
                 },
             )
@@ -233,6 +237,19 @@ impl Store {
             slowest = slowest.min(self.cursor(sink)?.delivered_through);
         }
         Ok(u64::try_from(head - slowest).unwrap_or(0))
+    }
+
+    /// Events written but not yet confirmed, per sink of `sinks` (same arithmetic as
+    /// [`Self::backlog`]).
+    pub fn backlog_per_sink(&self, sinks: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        let head = self.head()?;
+        sinks
+            .iter()
+            .map(|sink| {
+                let through = self.cursor(sink)?.delivered_through;
+                Ok((sink.clone(), u64::try_from(head - through).unwrap_or(0)))
+            })
+            .collect()
     }
 
     /// The next batch for `sink`: the pending one left by a crash if there is one

@@ -244,12 +244,32 @@ fn adopt_v1(tx: &Transaction<'_>) -> HookResult {
     Ok(())
 }
 
+/// Version 2 (issue 17): each alert row carries the escalation level it is delivered
+/// at (SPEC 5.2), so a handler delivers only the levels the policy routes to it. Rows
+/// written before it are level 0, the first message of an episode. The column is added
+/// by the hook, and only when missing, so a second run of this migration is harmless.
+fn add_alert_level(tx: &Transaction<'_>) -> HookResult {
+    let present: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('alerts') WHERE name = 'level'",
+        [],
+        |r| r.get(0),
+    )?;
+    if present == 0 {
+        tx.execute_batch("ALTER TABLE alerts ADD COLUMN level INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
+}
+
 /// The migrations, oldest first; the store's version is how many have run.
-static MIGRATIONS: std::sync::LazyLock<Migrations<'static>> =
-    std::sync::LazyLock::new(|| Migrations::new(vec![M::up_with_hook(V1, adopt_v1)]));
+static MIGRATIONS: std::sync::LazyLock<Migrations<'static>> = std::sync::LazyLock::new(|| {
+    Migrations::new(vec![
+        M::up_with_hook(V1, adopt_v1),
+        M::up_with_hook("", add_alert_level),
+    ])
+});
 
 /// The schema version this code writes.
-pub const VERSION: usize = 1;
+pub const VERSION: usize = 2;
 
 /// The store's recorded schema version.
 pub fn version(conn: &Connection) -> rusqlite::Result<usize> {

@@ -463,38 +463,21 @@ impl Store {
                     .execute(params![device, name, u2i(*n)])
                     .map_err(err)?;
             }
-            let mut alert = tx
-                .prepare_cached(
-                    "INSERT INTO alerts (alert_id, state, kind, topic, device, rule, created_at_ms, body)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )
-                .map_err(err)?;
-            for a in &c.alerts {
-                alert
-                    .execute(params![
-                        a.alert_id,
-                        a.state,
-                        a.kind,
-                        a.topic,
-                        a.device,
-                        a.rule,
-                        u2i(a.created_at_ms),
-                        a.body
-                    ])
-                    .map_err(err)?;
-            }
-            let mut alert_state = tx
-                .prepare_cached(
-                    "INSERT INTO alert_state (device, state) VALUES (?1, ?2)
-                     ON CONFLICT(device) DO UPDATE SET state = ?2",
-                )
-                .map_err(err)?;
-            for (device, state) in &c.alert_states {
-                alert_state
-                    .execute(params![device.as_str(), state])
-                    .map_err(err)?;
-            }
         }
+        write_alerts(&tx, c).map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Writes only the alert part of `c` (alert rows and alert states), in one
+    /// transaction: what the recorder commits while recording is paused (the outbox at
+    /// `max_backlog`, or a store that refused the whole batch), so the alert handlers
+    /// deliver as usual while events, quarantine, windows, gaps and counters wait for
+    /// the devices to resend.
+    pub fn commit_alerts_only(&mut self, c: &Commit) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = |source| classify(&path, source);
+        let tx = self.conn.transaction().map_err(err)?;
+        write_alerts(&tx, c).map_err(err)?;
         tx.commit().map_err(err)
     }
 
@@ -533,4 +516,33 @@ impl Store {
             .map_err(|e| self.err(e))?;
         Ok(v.map_or(0, i2u))
     }
+}
+
+/// The alert rows and alert states of `c`, inside the caller's transaction.
+fn write_alerts(tx: &rusqlite::Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
+    let mut alert = tx.prepare_cached(
+        "INSERT INTO alerts (alert_id, state, kind, topic, device, rule, created_at_ms, body, level)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for a in &c.alerts {
+        alert.execute(params![
+            a.alert_id,
+            a.state,
+            a.kind,
+            a.topic,
+            a.device,
+            a.rule,
+            u2i(a.created_at_ms),
+            a.body,
+            a.level
+        ])?;
+    }
+    let mut alert_state = tx.prepare_cached(
+        "INSERT INTO alert_state (device, state) VALUES (?1, ?2)
+         ON CONFLICT(device) DO UPDATE SET state = ?2",
+    )?;
+    for (device, state) in &c.alert_states {
+        alert_state.execute(params![device.as_str(), state])?;
+    }
+    Ok(())
 }
