@@ -180,33 +180,9 @@ pub struct SimArgs {
         value_name = "KIND:DEVICE[@START]"
     )]
     episodes: Vec<EpisodeSpec>,
-    /// Scripted device alarms, DEVICE:CODE:LEVEL[:at=START][:for=DURATION|never][:model=NAME]
-    /// (see below).
-    #[arg(
-        long = "alarm-episode",
-        value_delimiter = ',',
-        value_name = "DEVICE:CODE:LEVEL[:at=START][:for=DURATION]"
-    )]
-    alarm_episodes: Vec<AlarmEpisodeSpec>,
-    /// Battery charge at the start, 0..1, reported in every status.
-    #[arg(long, default_value_t = DEFAULT_BATTERY_START, value_name = "CHARGE")]
-    battery: f64,
-    /// Battery used per hour of device time (a fraction of a full charge).
-    #[arg(long = "battery-drain", default_value_t = DEFAULT_BATTERY_DRAIN_PER_HOUR, value_name = "PER_HOUR")]
-    battery_drain: f64,
-    /// Devices on external power (`charging` true), or `all`.
-    #[arg(long, value_delimiter = ',', value_name = "DEVICE", value_parser = parse_scope)]
-    charging: Vec<Scope>,
-    /// Devices that stop publishing but stay connected, DURATION (all) or DEVICE@DURATION.
-    #[arg(
-        long = "silent-after",
-        value_delimiter = ',',
-        value_name = "[DEVICE@]DURATION"
-    )]
-    silent_after: Vec<SilentSpec>,
-    /// Devices whose every message is signed with a wrong key, or `all`.
-    #[arg(long = "forged-only", value_delimiter = ',', value_name = "DEVICE", value_parser = parse_scope)]
-    forged_only: Vec<Scope>,
+    /// Alarms, battery, silent and forged-only devices (boxed: `Command` stays small).
+    #[command(flatten)]
+    behaviour: Box<Behaviour>,
     /// Faults to inject, KIND[=ARG]:DEVICE[@AT] (see below).
     #[arg(
         long = "fault",
@@ -251,6 +227,38 @@ pub struct SimArgs {
     /// gateway identity relays their signed messages and routes back their receipts.
     #[arg(long = "via-gateway", alias = "gateways")]
     via_gateway: bool,
+}
+
+/// What the devices do besides vitals (issue 17).
+#[derive(Debug, clap::Args)]
+struct Behaviour {
+    /// Scripted device alarms, DEVICE:CODE:LEVEL[:at=START][:for=DURATION|never][:model=NAME]
+    /// (see below).
+    #[arg(
+        long = "alarm-episode",
+        value_delimiter = ',',
+        value_name = "DEVICE:CODE:LEVEL[:at=START][:for=DURATION]"
+    )]
+    alarm_episodes: Vec<AlarmEpisodeSpec>,
+    /// Battery charge at the start, 0..1, reported in every status.
+    #[arg(long, default_value_t = DEFAULT_BATTERY_START, value_name = "CHARGE")]
+    battery: f64,
+    /// Battery used per hour of device time (a fraction of a full charge).
+    #[arg(long = "battery-drain", default_value_t = DEFAULT_BATTERY_DRAIN_PER_HOUR, value_name = "PER_HOUR")]
+    battery_drain: f64,
+    /// Devices on external power (`charging` true), or `all`.
+    #[arg(long, value_delimiter = ',', value_name = "DEVICE", value_parser = parse_scope)]
+    charging: Vec<Scope>,
+    /// Devices that stop publishing but stay connected, DURATION (all) or DEVICE@DURATION.
+    #[arg(
+        long = "silent-after",
+        value_delimiter = ',',
+        value_name = "[DEVICE@]DURATION"
+    )]
+    silent_after: Vec<SilentSpec>,
+    /// Devices whose every message is signed with a wrong key, or `all`.
+    #[arg(long = "forged-only", value_delimiter = ',', value_name = "DEVICE", value_parser = parse_scope)]
+    forged_only: Vec<Scope>,
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
@@ -313,15 +321,15 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         fw: args.fw,
         episodes: args.episodes,
-        alarm_episodes: args.alarm_episodes,
+        alarm_episodes: args.behaviour.alarm_episodes,
         battery: Battery {
-            start: args.battery,
-            drain_per_hour: args.battery_drain,
+            start: args.behaviour.battery,
+            drain_per_hour: args.behaviour.battery_drain,
             charging: false,
         },
-        charging: args.charging,
-        silent: args.silent_after,
-        forged_only: args.forged_only,
+        charging: args.behaviour.charging,
+        silent: args.behaviour.silent_after,
+        forged_only: args.behaviour.forged_only,
         faults: args.faults,
         mqtt5: args.mqtt5,
         via_gateway: args.via_gateway,
