@@ -13,8 +13,8 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value as Json, json};
 use vitalmq_bridge::plausible::Assessment;
 use vitalmq_envelope::{
-    Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey, Telemetry, VerifyingKey, inspect,
-    sign, verify,
+    Alarm, AlarmCode, AlarmLevel, Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey,
+    StatusReport, Telemetry, VerifyingKey, inspect, sign, verify,
 };
 use vitalmq_policies::DeviceRegistry;
 
@@ -80,6 +80,30 @@ pub struct SignArgs {
     q: Option<f64>,
     #[arg(long)]
     model: Option<String>,
+    /// `--type alarm` (SPEC 3.1): the alarm code, `[a-z0-9_-]{1,32}`.
+    #[arg(long, requires = "level")]
+    alarm: Option<AlarmCode>,
+    /// `--type alarm`: the device's level, `info`, `review` or `urgent`.
+    #[arg(long, requires = "alarm")]
+    level: Option<AlarmLevel>,
+    /// `--type alarm`: `true` raises the alarm, `false` clears it.
+    #[arg(long, requires = "alarm", default_value_t = true, action = clap::ArgAction::Set)]
+    active: bool,
+    /// `--type alarm`: free text for the clinician, at most 256 bytes.
+    #[arg(long, requires = "alarm")]
+    detail: Option<String>,
+    /// `--type status`: remaining charge, 0..1.
+    #[arg(long)]
+    battery: Option<f64>,
+    /// `--type status`: messages dropped from the device's buffer this boot.
+    #[arg(long)]
+    dropped: Option<u64>,
+    /// `--type status`: the reporting interval the device runs with, in seconds.
+    #[arg(long)]
+    interval_s: Option<u64>,
+    /// `--type status`: on external power.
+    #[arg(long, action = clap::ArgAction::Set)]
+    charging: Option<bool>,
     /// Where to write the COSE bytes; `-` writes stdout.
     #[arg(long, short)]
     output: PathBuf,
@@ -217,6 +241,31 @@ fn run_sign(args: SignArgs) -> anyhow::Result<ExitCode> {
         None => u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis())?,
     };
     let measurements: BTreeMap<String, Number> = args.measurements.into_iter().collect();
+    let mut extra = BTreeMap::new();
+    match (args.kind, args.alarm, args.level) {
+        (MessageType::Alarm, Some(code), Some(level)) => extra.extend(
+            Alarm {
+                code,
+                level,
+                active: args.active,
+                detail: args.detail,
+            }
+            .to_fields(),
+        ),
+        (MessageType::Alarm, ..) => bail!("an alarm message needs --alarm and --level"),
+        (_, Some(_), _) => bail!("--alarm needs --type alarm"),
+        _ => {}
+    }
+    let status = StatusReport {
+        battery: args.battery,
+        dropped: args.dropped,
+        interval_s: args.interval_s,
+        charging: args.charging,
+    };
+    if status != StatusReport::default() && args.kind != MessageType::Status {
+        bail!("--battery, --dropped, --interval-s and --charging need --type status");
+    }
+    extra.extend(status.to_fields());
     let telemetry = Telemetry {
         dev: args.dev,
         epoch: args.epoch,
@@ -228,7 +277,7 @@ fn run_sign(args: SignArgs) -> anyhow::Result<ExitCode> {
         q: args.q,
         model: args.model,
         schema: None,
-        extra: BTreeMap::new(),
+        extra,
     };
     let message = sign(&telemetry, &key)?;
     write_output(&args.output, &message)?;

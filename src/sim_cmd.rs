@@ -12,9 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use vitalmq_device_sim::alarms::AlarmEpisodeSpec;
+use vitalmq_device_sim::battery::{Battery, DEFAULT_BATTERY_DRAIN_PER_HOUR, DEFAULT_BATTERY_START};
 use vitalmq_device_sim::device::DEFAULT_FW;
-use vitalmq_device_sim::faults::FaultSpec;
+use vitalmq_device_sim::faults::{FaultSpec, Scope};
 use vitalmq_device_sim::link::{LinkOptions, Schedule};
+use vitalmq_device_sim::modes::{SilentSpec, parse_scope};
 use vitalmq_device_sim::runner::{self, Control, EpisodeSpec, SimOptions, parse_duration};
 use vitalmq_loadgen::latency::Recorder;
 use vitalmq_loadgen::load_report::{LoadReport, LoadSetup};
@@ -51,6 +54,29 @@ be `all`), comma-separated or repeated; each is accounted in the device's `fault
   clock-skew[=OFFSET]      offset ts, e.g. =-2m (default +5m)         accepted (no ts rule)
   reboot-storm[=N]         N reboots half a second apart (default 5)  accepted
   reconnect-storm[=N]      drop the connection and reconnect at once  accepted
+Device alarms (SPEC 3.1), as DEVICE:CODE:LEVEL[:at=START][:for=DURATION|never][:model=NAME]
+(LEVEL info, review or urgent; START in device time like the episodes, default 10s;
+cleared after --for, default 60s, or never), comma-separated or repeated, e.g.
+  --alarm-episode dev-00001:arrhythmia:urgent:at=20s:for=30s
+The device sends an `alarm` message (active true, `model` default arrhythmia-net/2.1.0)
+at START and one with active false at START + DURATION, on its telemetry topic, each
+with the next seq like any message. Every status message carries `dropped`, `battery`
+(--battery at the start, minus --battery-drain per hour of device time; devices listed
+in --charging report charging true and charge up), `charging` and `interval_s` (the
+vitals interval in whole seconds, at least 1).
+
+Modes for alerting tests (not with --via-gateway):
+  --silent-after DURATION | DEVICE@DURATION   from then on (wall-clock after the start)
+      the device publishes nothing more (no vitals, status, alarms, resends, faults) but
+      stays connected and answers keepalive until the run ends; with --count it needs
+      --duration, since a silent device never reaches its count.
+  --forged-only DEVICE|all   every message the device makes is signed with a random key
+      of its own algorithm: the bridge refuses each as bad_signature. Its messages still
+      take their seq and wait in the outbox (never receipted; they may overflow it).
+      Its summary entry says `forged_only: true` and the run's all_receipted (and the
+      exit status of --until-receipted) leaves it out: exclude such devices from any
+      `stored exactly once` accounting, none of their messages is stored.
+
 For wrong-topic under MQTT 3.1.1 the shipped ACL closes the connection; list the device
 in --mqtt5 to see PUBACK 0x87 instead. revoked-certificate needs the broker to reload
 its CRL (it does when it watches its files, or on SIGHUP).
@@ -154,6 +180,9 @@ pub struct SimArgs {
         value_name = "KIND:DEVICE[@START]"
     )]
     episodes: Vec<EpisodeSpec>,
+    /// Alarms, battery, silent and forged-only devices (boxed: `Command` stays small).
+    #[command(flatten)]
+    behaviour: Box<Behaviour>,
     /// Faults to inject, KIND[=ARG]:DEVICE[@AT] (see below).
     #[arg(
         long = "fault",
@@ -198,6 +227,38 @@ pub struct SimArgs {
     /// gateway identity relays their signed messages and routes back their receipts.
     #[arg(long = "via-gateway", alias = "gateways")]
     via_gateway: bool,
+}
+
+/// What the devices do besides vitals (issue 17).
+#[derive(Debug, clap::Args)]
+struct Behaviour {
+    /// Scripted device alarms, DEVICE:CODE:LEVEL[:at=START][:for=DURATION|never][:model=NAME]
+    /// (see below).
+    #[arg(
+        long = "alarm-episode",
+        value_delimiter = ',',
+        value_name = "DEVICE:CODE:LEVEL[:at=START][:for=DURATION]"
+    )]
+    alarm_episodes: Vec<AlarmEpisodeSpec>,
+    /// Battery charge at the start, 0..1, reported in every status.
+    #[arg(long, default_value_t = DEFAULT_BATTERY_START, value_name = "CHARGE")]
+    battery: f64,
+    /// Battery used per hour of device time (a fraction of a full charge).
+    #[arg(long = "battery-drain", default_value_t = DEFAULT_BATTERY_DRAIN_PER_HOUR, value_name = "PER_HOUR")]
+    battery_drain: f64,
+    /// Devices on external power (`charging` true), or `all`.
+    #[arg(long, value_delimiter = ',', value_name = "DEVICE", value_parser = parse_scope)]
+    charging: Vec<Scope>,
+    /// Devices that stop publishing but stay connected, DURATION (all) or DEVICE@DURATION.
+    #[arg(
+        long = "silent-after",
+        value_delimiter = ',',
+        value_name = "[DEVICE@]DURATION"
+    )]
+    silent_after: Vec<SilentSpec>,
+    /// Devices whose every message is signed with a wrong key, or `all`.
+    #[arg(long = "forged-only", value_delimiter = ',', value_name = "DEVICE", value_parser = parse_scope)]
+    forged_only: Vec<Scope>,
 }
 
 pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
@@ -260,6 +321,15 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         fw: args.fw,
         episodes: args.episodes,
+        alarm_episodes: args.behaviour.alarm_episodes,
+        battery: Battery {
+            start: args.behaviour.battery,
+            drain_per_hour: args.behaviour.battery_drain,
+            charging: false,
+        },
+        charging: args.behaviour.charging,
+        silent: args.behaviour.silent_after,
+        forged_only: args.behaviour.forged_only,
         faults: args.faults,
         mqtt5: args.mqtt5,
         via_gateway: args.via_gateway,

@@ -74,12 +74,21 @@ fn every_vector_gets_its_verdict_through_the_cli() {
     let dir = temp_dir("vitalmq-envelope-cli");
     let registry = registry_from_keys_json(dir.path());
     let registry = registry.to_str().expect("utf-8 path");
-    let mut entries: Vec<_> = std::fs::read_dir(vectors().join("telemetry"))
-        .expect("vectors")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    entries.sort();
-    assert!(entries.len() >= 45, "found {} vectors", entries.len());
+    // v1 and the SPEC 3.1 (v1.1) status and alarm payloads.
+    let mut entries = Vec::new();
+    for (folder, at_least) in [("telemetry", 45), ("telemetry-v1.1", 8)] {
+        let mut found: Vec<_> = std::fs::read_dir(vectors().join(folder))
+            .expect("vectors")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        found.sort();
+        assert!(
+            found.len() >= at_least,
+            "found {} vectors in {folder}",
+            found.len()
+        );
+        entries.extend(found);
+    }
     for path in entries {
         let v = read_json(&path);
         let message = hex::decode(v["cose_sign1_hex"].as_str().expect("hex")).expect("hex");
@@ -223,6 +232,126 @@ fn sign_then_verify_with_a_pem_key() {
         assert_eq!(verified["payload"]["seq"], json!(42));
         assert_eq!(verified["payload"]["m"], json!({"spo2": 88, "temp": 38.4}));
     }
+}
+
+/// SPEC 3.1: `sign` writes alarm and status payloads that `verify` accepts and shows
+/// key for key, and refuses an alarm without its code.
+#[test]
+fn sign_makes_alarm_and_status_payloads() {
+    let dir = temp_dir("vitalmq-envelope-cli");
+    let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+    let pem = dir.path().join("dev.key.pem");
+    std::fs::write(&pem, key.to_pkcs8_pem().expect("pem")).expect("write pem");
+    let pem = pem.to_str().expect("utf-8");
+    let pubkey = key.verifying_key().to_hex();
+    let cases: [(&[&str], Json); 3] = [
+        (
+            &[
+                "--type",
+                "alarm",
+                "--alarm",
+                "arrhythmia",
+                "--level",
+                "urgent",
+                "--detail",
+                "irregular rhythm for 30 s",
+                "--model",
+                "ecg-af-2.1.0",
+            ],
+            json!({"type": "alarm", "alarm": "arrhythmia", "level": "urgent", "active": true,
+                   "detail": "irregular rhythm for 30 s", "model": "ecg-af-2.1.0"}),
+        ),
+        (
+            &[
+                "--type",
+                "alarm",
+                "--alarm",
+                "arrhythmia",
+                "--level",
+                "review",
+                "--active",
+                "false",
+            ],
+            json!({"type": "alarm", "alarm": "arrhythmia", "level": "review", "active": false}),
+        ),
+        (
+            &[
+                "--type",
+                "status",
+                "--battery",
+                "0.42",
+                "--dropped",
+                "3",
+                "--interval-s",
+                "60",
+                "--charging",
+                "false",
+            ],
+            json!({"type": "status", "battery": 0.42, "dropped": 3, "interval_s": 60,
+                   "charging": false}),
+        ),
+    ];
+    for (i, (flags, expected)) in cases.iter().enumerate() {
+        let out_file = dir.path().join(format!("{i}.cose"));
+        let out_file = out_file.to_str().expect("utf-8");
+        let mut args = vec![
+            "envelope",
+            "sign",
+            "--key",
+            pem,
+            "--dev",
+            "dev-00001",
+            "--seq",
+            "7",
+        ];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["-o", out_file]);
+        let signed = vitalmq(&args, None);
+        assert!(signed.success, "{flags:?}: {}", signed.stderr);
+        let verified = stdout_json(&vitalmq(
+            &[
+                "envelope",
+                "verify",
+                "--alg",
+                "EdDSA",
+                "--pubkey-hex",
+                &pubkey,
+                out_file,
+            ],
+            None,
+        ));
+        assert_eq!(
+            verified["verdict"],
+            json!("accepted"),
+            "{flags:?}: {verified}"
+        );
+        for (k, v) in expected.as_object().expect("object") {
+            assert_eq!(&verified["payload"][k], v, "{flags:?}: {k} in {verified}");
+        }
+    }
+    let incomplete = vitalmq(
+        &[
+            "envelope",
+            "sign",
+            "--key",
+            pem,
+            "--dev",
+            "dev-00001",
+            "--seq",
+            "7",
+            "--type",
+            "alarm",
+            "-o",
+            "-",
+        ],
+        None,
+    );
+    assert_eq!(incomplete.code, Some(2), "{}", incomplete.stderr);
+    assert!(
+        incomplete.stderr.contains("--alarm"),
+        "{}",
+        incomplete.stderr
+    );
 }
 
 /// The probes and their neighbours: each message goes through `vitalmq envelope

@@ -98,6 +98,8 @@ struct Seen {
     first_arrivals: BTreeMap<String, Vec<(u64, u64)>>,
     /// Messages that failed verification or arrived on a topic they do not belong to.
     refused: Vec<String>,
+    /// Every verified message at its first arrival, per device.
+    verified: BTreeMap<String, Vec<vitalmq_envelope::Telemetry>>,
     receipts_sent: u64,
     connects: u64,
     /// The stand-in's last connection error, for the failure message.
@@ -253,11 +255,11 @@ async fn stand_in(
                     let mut seen = seen.lock().expect("seen lock");
                     match verify(&p.payload, &registry, Some(&device)) {
                         Ok(t) => {
-                            let expected = match kind {
-                                "telemetry" => MessageType::Vitals,
-                                _ => MessageType::Status,
+                            let expected: &[MessageType] = match kind {
+                                "telemetry" => &[MessageType::Vitals, MessageType::Alarm],
+                                _ => &[MessageType::Status],
                             };
-                            if t.kind != expected {
+                            if !expected.contains(&t.kind) {
                                 seen.refused.push(format!("{} on {}", t.kind, p.topic));
                             }
                             let n = seen
@@ -272,6 +274,10 @@ async fn stand_in(
                                     .entry(id.to_owned())
                                     .or_default()
                                     .push((t.epoch, t.seq));
+                                seen.verified
+                                    .entry(id.to_owned())
+                                    .or_default()
+                                    .push(t.into_inner());
                             }
                             dirty.insert(id.to_owned());
                         }
@@ -512,4 +518,136 @@ fn reboots_send_the_older_epoch_first() {
             "{id}: first arrivals in (epoch, seq) order"
         );
     }
+}
+
+/// Issue 17: a scripted alarm is raised and cleared in verified `alarm` messages, every
+/// status carries `battery`, `charging`, `interval_s` and `dropped`, and a forged-only
+/// device's every message is refused as bad_signature while the run still counts as
+/// all receipted (the forged device is left out and says so).
+#[test]
+fn alarms_status_keys_and_a_forged_only_device() {
+    let setup = Setup::start("alarms");
+    let standin = StandIn::start(&setup.pki, &setup.broker);
+    let ran = run(
+        &mut setup.sim(&[
+            "--rate",
+            "10",
+            "--status-every",
+            "1s",
+            "--alarm-episode",
+            "dev-00001:arrhythmia:urgent:at=1s:for=1s",
+            "--battery",
+            "0.5",
+            "--forged-only",
+            "dev-00002",
+            "--until-receipted",
+            "30s",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        ran.success,
+        "vitalmq sim failed ({:?}):\n{}",
+        ran.code,
+        ran.all()
+    );
+    let summary = summary(&ran.stdout);
+    assert_eq!(summary["all_receipted"], true, "{summary:#}");
+    let (honest, forged) = (&summary["devices"][0], &summary["devices"][1]);
+    assert_eq!(honest["alarms"], 2, "{honest}");
+    assert!(honest.get("forged_only").is_none(), "{honest}");
+    assert_eq!(honest["all_receipted"], true, "{honest}");
+    assert_eq!(forged["forged_only"], true, "{forged}");
+    assert_eq!(forged["all_receipted"], false, "{forged}");
+    assert!(forged.get("alarms").is_none(), "{forged}");
+
+    let seen = standin.snapshot();
+    let messages = &seen.verified["dev-00001"];
+    let alarms: Vec<_> = messages.iter().filter_map(|t| t.alarm()).collect();
+    assert_eq!(alarms.len(), 2, "raised and cleared: {alarms:?}");
+    assert!(alarms[0].active && !alarms[1].active, "{alarms:?}");
+    assert!(alarms.iter().all(|a| a.code.as_str() == "arrhythmia"));
+    assert!(
+        messages
+            .iter()
+            .filter(|t| t.kind == MessageType::Alarm)
+            .all(|t| t.model.as_deref() == Some("arrhythmia-net/2.1.0"))
+    );
+    let statuses: Vec<_> = messages
+        .iter()
+        .filter(|t| t.kind == MessageType::Status)
+        .map(|t| t.status())
+        .collect();
+    assert!(!statuses.is_empty(), "status messages arrive");
+    for s in &statuses {
+        assert_eq!(s.interval_s, Some(1), "{s:?}");
+        assert_eq!(s.charging, Some(false), "{s:?}");
+        assert_eq!(s.dropped, Some(0), "{s:?}");
+        assert!(s.battery.is_some_and(|b| b <= 0.5 && b > 0.4), "{s:?}");
+    }
+
+    assert!(
+        !seen.verified.contains_key("dev-00002"),
+        "nothing forged verifies"
+    );
+    let forged_refusals: Vec<_> = seen
+        .refused
+        .iter()
+        .filter(|r| r.starts_with("devices/dev-00002/"))
+        .collect();
+    assert!(!forged_refusals.is_empty(), "the forged messages arrive");
+    assert!(
+        forged_refusals.iter().all(|r| r.contains("bad_signature")),
+        "{forged_refusals:?}"
+    );
+    assert_eq!(
+        forged_refusals.len(),
+        seen.refused.len(),
+        "only the forged device is refused: {:?}",
+        seen.refused
+    );
+}
+
+/// Issue 17: a device told `--silent-after` stops publishing at that time but keeps its
+/// one connection until the run ends, while the others go on.
+#[test]
+fn a_silent_device_stops_publishing_but_stays_connected() {
+    let setup = Setup::start("silent");
+    let standin = StandIn::start(&setup.pki, &setup.broker);
+    let ran = run(
+        &mut setup.sim(&[
+            "--rate",
+            "10",
+            "--duration",
+            "4s",
+            "--silent-after",
+            "dev-00001@1s",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        ran.success,
+        "vitalmq sim failed ({:?}):\n{}",
+        ran.code,
+        ran.all()
+    );
+    assert!(ran.stderr.contains("going silent"), "{}", ran.stderr);
+    let summary = summary(&ran.stdout);
+    let (silent, talking) = (&summary["devices"][0], &summary["devices"][1]);
+    assert_eq!(silent["connects"], 1, "never reconnected: {silent}");
+    assert_eq!(talking["connects"], 1, "{talking}");
+    let silent_vitals = silent["vitals"].as_u64().expect("vitals");
+    let talking_vitals = talking["vitals"].as_u64().expect("vitals");
+    assert!(
+        (5..=15).contains(&silent_vitals),
+        "about a second of vitals: {silent}"
+    );
+    assert!(talking_vitals >= 30, "the other device went on: {talking}");
+    let seen = standin.snapshot();
+    assert_eq!(
+        seen.distinct("dev-00001") as u64,
+        silent["sent"].as_u64().expect("sent"),
+        "what the silent device made before its time, nothing after"
+    );
+    assert!(seen.refused.is_empty(), "{:?}", seen.refused);
 }

@@ -15,7 +15,15 @@
 //!   never made: a receipt above the newest message made is ignored (and counted), since
 //!   no honest bridge can have recorded it.
 //! * Overflow drops are reported in every status message (`dropped`, cumulative since the
-//!   simulator started, so one lost status loses no information).
+//!   simulator started, so one lost status loses no information), with the SPEC 3.1
+//!   keys `battery` ([`crate::battery`]), `charging` and `interval_s` (the interval the
+//!   device really runs with).
+//! * Alarm messages ([`crate::alarms`]) take the next `seq` like vitals and status.
+//! * A forged-only device ([`DeviceProfile::forged_only`]) signs every message with a
+//!   key of its own algorithm that is not its registered one: each is refused as
+//!   `bad_signature`, never receipted, so its report says `forged_only` and the run's
+//!   `all_receipted` leaves it out. Its messages still take their `seq` and wait in the
+//!   outbox (and overflow it, counted), like any device whose messages are not receipted.
 //! * Nothing here logs measurement values.
 
 use std::collections::BTreeMap;
@@ -26,6 +34,8 @@ use ciborium::value::Value;
 use serde::Serialize;
 use vitalmq_envelope::{DeviceId, KeyError, MessageType, Number, SigningKey, Telemetry, sign};
 
+use crate::alarms::AlarmScript;
+use crate::battery::Battery;
 use crate::epoch::{EpochError, EpochStore};
 use crate::receipt::{self, ReceiptError};
 use crate::ring::{Channel, Entry, Key, Outbox, PushError, Pushed};
@@ -83,6 +93,7 @@ pub(crate) struct Outgoing<'a> {
 pub struct DeviceStats {
     pub vitals_made: u64,
     pub status_made: u64,
+    pub alarms_made: u64,
     /// Messages handed to the network for the first time.
     pub sent: u64,
     /// Messages handed to the network again (after a reconnect or a receipt timeout).
@@ -144,6 +155,13 @@ pub struct DeviceReport {
     pub overflow_dropped: u64,
     pub vitals: u64,
     pub status: u64,
+    /// Alarm messages made (raises and clears); absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub alarms: u64,
+    /// Every message was signed with a key that is not the device's (`--forged-only`):
+    /// none can be stored or receipted, so `all_receipted` of the run leaves it out.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub forged_only: bool,
     pub reboots: u64,
     pub connects: u64,
     pub receipts_malformed: u64,
@@ -164,6 +182,21 @@ pub struct DeviceReport {
     pub error: Option<String>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What a device reports besides its vitals, and how it signs (issue 17).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DeviceProfile {
+    pub alarms: AlarmScript,
+    pub battery: Battery,
+    /// The reporting interval it runs with, in whole seconds (`interval_s` in status).
+    pub interval_s: Option<u64>,
+    /// Sign every message with a foreign key of the same algorithm.
+    pub forged_only: bool,
+}
+
 /// One simulated wearable; see the module documentation.
 #[derive(Debug)]
 pub(crate) struct SimDevice {
@@ -177,6 +210,11 @@ pub(crate) struct SimDevice {
     outbox: Box<Outbox>,
     stats: DeviceStats,
     epochs: Vec<EpochMade>,
+    alarms: AlarmScript,
+    battery: Battery,
+    interval_s: Option<u64>,
+    /// `Some` for a forged-only device: the key it signs with instead of `key`.
+    forger: Option<SigningKey>,
 }
 
 impl SimDevice {
@@ -202,7 +240,30 @@ impl SimDevice {
             outbox: Box::default(),
             stats: DeviceStats::default(),
             epochs: vec![EpochMade { epoch, made: 0 }],
+            alarms: AlarmScript::default(),
+            battery: Battery::default(),
+            interval_s: None,
+            forger: None,
         })
+    }
+
+    /// Sets what the device reports besides vitals and whether it forges; a forged-only
+    /// device gets a fresh random key of its registered key's algorithm.
+    pub(crate) fn with_profile(mut self, profile: DeviceProfile) -> Result<Self, DeviceError> {
+        self.alarms = profile.alarms;
+        self.battery = profile.battery;
+        self.interval_s = profile.interval_s;
+        self.forger = if profile.forged_only {
+            tracing::info!(device.id = %self.id, "forged-only: every message is signed with a foreign key");
+            Some(SigningKey::generate(self.key.algorithm())?)
+        } else {
+            None
+        };
+        Ok(self)
+    }
+
+    pub(crate) fn forged_only(&self) -> bool {
+        self.forger.is_some()
     }
 
     /// A simulated reboot: a new durable epoch, seq back to 0. The outbox survives (it
@@ -256,24 +317,54 @@ impl SimDevice {
             ts_ms,
             Some(m),
             Some(s.q),
+            None,
             BTreeMap::new(),
         )?;
         self.stats.vitals_made += 1;
         Ok(Some(made))
     }
 
-    /// Makes a status message: `dropped` (overflow drops since start), `held` (messages
-    /// awaiting a receipt) and `uptime_s`.
+    /// Makes the alarm messages the script has due by device time `t`; how many.
+    pub(crate) fn make_alarms(&mut self, t: Duration, ts_ms: u64) -> Result<usize, DeviceError> {
+        let due = self.alarms.due(t).to_vec();
+        for event in &due {
+            let made = self.make(
+                MessageType::Alarm,
+                ts_ms,
+                None,
+                None,
+                Some(event.model.clone()),
+                event.alarm.to_fields().collect(),
+            )?;
+            self.stats.alarms_made += 1;
+            tracing::info!(
+                device.id = %self.id,
+                epoch = made.key.epoch,
+                seq = made.key.seq,
+                alarm = %event.alarm.code,
+                level = %event.alarm.level,
+                active = event.alarm.active,
+                "alarm made"
+            );
+        }
+        Ok(due.len())
+    }
+
+    /// Makes a status message: `dropped` (overflow drops since start), `battery` and
+    /// `charging` at device time `uptime`, `interval_s`, and `held` (messages awaiting a
+    /// receipt) and `uptime_s`.
     pub(crate) fn make_status(
         &mut self,
         ts_ms: u64,
         uptime: Duration,
     ) -> Result<Made, DeviceError> {
-        let extra = BTreeMap::from([
-            (
-                "dropped".to_owned(),
-                Value::Integer(self.outbox.counters().overflow_dropped.into()),
-            ),
+        let report = vitalmq_envelope::StatusReport {
+            battery: Some(self.battery.level(uptime)),
+            dropped: Some(self.outbox.counters().overflow_dropped),
+            interval_s: self.interval_s,
+            charging: Some(self.battery.charging),
+        };
+        let mut extra = BTreeMap::from([
             (
                 "held".to_owned(),
                 Value::Integer((self.outbox.len() as u64).into()),
@@ -283,7 +374,8 @@ impl SimDevice {
                 Value::Integer(uptime.as_secs().into()),
             ),
         ]);
-        let made = self.make(MessageType::Status, ts_ms, None, None, extra)?;
+        extra.extend(report.to_fields());
+        let made = self.make(MessageType::Status, ts_ms, None, None, None, extra)?;
         self.stats.status_made += 1;
         Ok(made)
     }
@@ -294,6 +386,7 @@ impl SimDevice {
         ts: u64,
         m: Option<BTreeMap<String, Number>>,
         q: Option<f64>,
+        model: Option<String>,
         extra: BTreeMap<String, Value>,
     ) -> Result<Made, DeviceError> {
         let seq = self.next_seq;
@@ -309,11 +402,11 @@ impl SimDevice {
             kind,
             m,
             q,
-            model: None,
+            model,
             schema: None,
             extra,
         };
-        let bytes = sign(&telemetry, &self.key)?;
+        let bytes = sign(&telemetry, self.forger.as_ref().unwrap_or(&self.key))?;
         let key = Key::new(self.epoch, seq);
         let channel = match kind {
             MessageType::Status => Channel::Status,
@@ -401,6 +494,8 @@ impl SimDevice {
             overflow_dropped,
             vitals: self.stats.vitals_made,
             status: self.stats.status_made,
+            alarms: self.stats.alarms_made,
+            forged_only: self.forged_only(),
             reboots: self.stats.reboots,
             connects,
             receipts_malformed: self.stats.receipts_malformed,
@@ -675,5 +770,146 @@ mod tests {
             f.device.next_after(None).map(|o| o.key),
             Some(Key::new(1, extra + 1))
         );
+    }
+
+    fn verified(f: &Fixture, key: Key) -> Telemetry {
+        let held = f
+            .device
+            .outbox()
+            .iter()
+            .find(|e| e.key() == key)
+            .expect("held");
+        verify(held.bytes(), &f.keys, None)
+            .expect("verifies")
+            .into_inner()
+    }
+
+    #[test]
+    fn scripted_alarms_are_verified_alarm_messages_in_the_sequence() {
+        let episodes: Vec<crate::alarms::AlarmEpisodeSpec> = vec![
+            "dev-00001:arrhythmia:urgent:at=2s:for=3s"
+                .parse()
+                .expect("spec"),
+        ];
+        let f = fixture();
+        let mut f = Fixture {
+            device: f
+                .device
+                .with_profile(DeviceProfile {
+                    alarms: AlarmScript::new(&episodes),
+                    ..DeviceProfile::default()
+                })
+                .expect("profile"),
+            ..f
+        };
+        let mut made = Vec::new();
+        for i in 0..8 {
+            let ts = 1_700_000_000_000 + i * 1000;
+            if f.device
+                .make_alarms(Duration::from_secs(i), ts)
+                .expect("alarms")
+                > 0
+            {
+                made.push(Key::new(1, f.device.next_seq - 1));
+            }
+            vitals(&mut f.device, i);
+        }
+        // vitals 0, 1, alarm raised at 2 s (seq 2) before vitals 2, ..., cleared at 5 s.
+        assert_eq!(made, [Key::new(1, 2), Key::new(1, 6)]);
+        assert_eq!(f.device.stats().alarms_made, 2);
+        let raised = verified(&f, made[0]);
+        assert_eq!(raised.kind, MessageType::Alarm);
+        assert_eq!(
+            raised.model.as_deref(),
+            Some(crate::alarms::DEFAULT_ALARM_MODEL)
+        );
+        let alarm = raised.alarm().expect("an alarm");
+        assert_eq!((alarm.code.as_str(), alarm.active), ("arrhythmia", true));
+        assert_eq!(alarm.level, vitalmq_envelope::AlarmLevel::Urgent);
+        assert!(alarm.detail.is_some());
+        let cleared = verified(&f, made[1]).alarm().expect("an alarm");
+        assert!(!cleared.active);
+        assert_eq!(f.device.outbox().len(), 10, "alarms wait for receipts too");
+        assert_eq!(f.device.report(0, None).alarms, 2);
+    }
+
+    #[test]
+    fn status_reports_battery_charging_interval_and_dropped() {
+        let f = fixture();
+        let battery = Battery {
+            start: 0.5,
+            drain_per_hour: 0.1,
+            charging: false,
+        };
+        let mut f = Fixture {
+            device: f
+                .device
+                .with_profile(DeviceProfile {
+                    battery,
+                    interval_s: Some(5),
+                    ..DeviceProfile::default()
+                })
+                .expect("profile"),
+            ..f
+        };
+        let first = f
+            .device
+            .make_status(1_700_000_000_000, Duration::ZERO)
+            .expect("status");
+        let later = f
+            .device
+            .make_status(1_700_003_600_000, Duration::from_secs(3600))
+            .expect("status");
+        let (first, later) = (
+            verified(&f, first.key).status(),
+            verified(&f, later.key).status(),
+        );
+        assert_eq!(
+            first,
+            vitalmq_envelope::StatusReport {
+                battery: Some(0.5),
+                dropped: Some(0),
+                interval_s: Some(5),
+                charging: Some(false),
+            }
+        );
+        assert_eq!(later.battery, Some(0.4), "declines over device time");
+    }
+
+    #[test]
+    fn a_forged_only_device_signs_everything_with_a_foreign_key() {
+        let episodes: Vec<crate::alarms::AlarmEpisodeSpec> =
+            vec!["dev-00001:fall:review:at=0s".parse().expect("spec")];
+        let f = fixture();
+        let mut f = Fixture {
+            device: f
+                .device
+                .with_profile(DeviceProfile {
+                    alarms: AlarmScript::new(&episodes),
+                    forged_only: true,
+                    ..DeviceProfile::default()
+                })
+                .expect("profile"),
+            ..f
+        };
+        assert!(f.device.forged_only());
+        f.device
+            .make_alarms(Duration::ZERO, 1_700_000_000_000)
+            .expect("alarm");
+        vitals(&mut f.device, 0);
+        f.device
+            .make_status(1_700_000_000_000, Duration::ZERO)
+            .expect("status");
+        // Sequenced and held like any device's messages ...
+        let keys: Vec<Key> = f.device.outbox().iter().map(Entry::key).collect();
+        assert_eq!(keys, [Key::new(1, 0), Key::new(1, 1), Key::new(1, 2)]);
+        // ... and every one refused as bad_signature under the registered key.
+        for held in f.device.outbox().iter() {
+            let refusal = verify(held.bytes(), &f.keys, None).expect_err("forged");
+            assert_eq!(refusal.reason, vitalmq_envelope::ReasonClass::BadSignature);
+        }
+        let r = f.device.report(0, None);
+        assert!(r.forged_only);
+        assert!(!r.all_receipted, "its own report stays truthful");
     }
 }

@@ -589,6 +589,7 @@ fn tick(
     let t = m.clock.device_time(wall);
     m.ticks += 1;
     m.next_tick = t0 + Duration::from_secs_f64(m.ticks as f64 / schedule.rate);
+    m.device.make_alarms(t, m.clock.ts_ms(elapsed))?;
     let Some(made) = m.device.make_vitals(t, m.clock.ts_ms(elapsed))? else {
         tracing::debug!(device.id = %m.device.id(), "sensor dropout; no sample");
         return Ok(());

@@ -13,18 +13,24 @@
 //! * [`faults`] injects the faults a trustworthy ingest path must refuse or survive
 //!   (`--fault`); `clock` is the device clock, optionally faster than real time
 //!   (`--time-scale`) or skewed; [`duration`] parses the durations of the options.
+//! * [`alarms`] scripts device alarm episodes (`--alarm-episode`), [`battery`] is the
+//!   charge `status` reports, [`modes`] the silent (`--silent-after`) and forged-only
+//!   (`--forged-only`) devices (issue 17).
 //!
 //! The benchmark drivers (`vitalmq loadgen`, the load mode of `vitalmq sim`) are in
 //! `vitalmq-loadgen`, which uses this crate; this crate does not know them. Load mode
 //! reaches in only through [`runner::Spread`]: a start offset per device, paced first
 //! connections, and a [`link::SendObserver`] per device.
 //!
-//! Layering: `ring`, `vitals`, `receipt`, `epoch`, `device`, `clock` and `faults` do no
+//! Layering: `ring`, `vitals`, `alarms`, `battery`, `modes`, `receipt`, `epoch`, `device`,
+//! `clock` and `faults` do no
 //! network I/O and read no clock (time is an argument), so they are tested directly;
 //! `connection`, `link`, `gateway` (apart from its routing and planning) and `runner`
 //! are the async shell around them.
 #![forbid(unsafe_code)]
 
+pub mod alarms;
+pub mod battery;
 mod clock;
 mod connection;
 pub mod device;
@@ -33,6 +39,7 @@ pub mod epoch;
 pub mod faults;
 pub mod gateway;
 pub mod link;
+pub mod modes;
 pub mod pki;
 pub mod receipt;
 pub mod ring;

@@ -21,6 +21,9 @@
 //! * Reconnects back off exponentially with jitter between `backoff_min` and
 //!   `backoff_max`; the backoff resets once a connection is fully up (the connection
 //!   itself is [`crate::connection`]'s, shared with the gateways).
+//! * A silent device (`--silent-after`, [`crate::modes`]) stops generating and publishing
+//!   at its time but keeps polling its connection, so the MQTT client keeps answering
+//!   keepalive and receipts still arrive; it disconnects only when the run ends.
 //! * Injected faults ([`crate::faults`]) never bypass the outbox for the device's own
 //!   messages: an injected PUBLISH is an extra copy, and the out-of-order fault only
 //!   swaps the send order of two held messages, both of which stay held until receipted.
@@ -262,6 +265,8 @@ pub(crate) struct DeviceLink {
     phase: Duration,
     /// Load mode: told of first publishes and receipts.
     observer: Option<Arc<dyn SendObserver>>,
+    /// From this time on the device publishes nothing (`--silent-after`).
+    silent_at: Option<Instant>,
 }
 
 impl DeviceLink {
@@ -303,6 +308,7 @@ impl DeviceLink {
             side: None,
             phase: Duration::ZERO,
             observer: None,
+            silent_at: None,
             link,
             schedule,
         }
@@ -322,6 +328,16 @@ impl DeviceLink {
     pub(crate) fn with_observer(mut self, observer: Arc<dyn SendObserver>) -> Self {
         self.observer = Some(observer);
         self
+    }
+
+    /// Goes silent `after` time zero: see the module documentation.
+    pub(crate) fn silent_after(mut self, after: Duration) -> Self {
+        self.silent_at = Some(self.t0 + after);
+        self
+    }
+
+    fn silent(&self, now: Instant) -> bool {
+        self.silent_at.is_some_and(|at| now >= at)
     }
 
     /// Injects these faults (see [`crate::faults`]).
@@ -376,8 +392,11 @@ impl DeviceLink {
                 break;
             }
 
-            let can_send = self.send_plan().is_some();
-            let status_at = self.next_status.filter(|_| generating);
+            let silent = self.silent(now);
+            let silence_at = self.silent_at.filter(|_| !silent);
+            let publishing = generating && !silent;
+            let can_send = !silent && self.send_plan().is_some();
+            let status_at = self.next_status.filter(|_| publishing);
             let (next_tick, send_at) = (self.next_tick, self.pacer.ready_at());
             let retry_at = self.connection.retry_at();
             let step: Result<(), DeviceError> = tokio::select! {
@@ -396,7 +415,15 @@ impl DeviceLink {
                     self.on_side_event(event);
                     Ok(())
                 }
-                () = sleep_until(next_tick), if generating => self.on_tick(),
+                () = sleep_until(silence_at.unwrap_or(now)), if silence_at.is_some() => {
+                    tracing::info!(
+                        device.id = %self.device.id(),
+                        held = self.device.outbox().len(),
+                        "going silent: connected, publishing nothing more"
+                    );
+                    Ok(())
+                }
+                () = sleep_until(next_tick), if publishing => self.on_tick(),
                 () = sleep_until(status_at.unwrap_or(now)), if status_at.is_some() => self.on_status(),
                 () = sleep_until(retry_at.unwrap_or(now)), if retry_at.is_some() => {
                     tracing::debug!(device.id = %self.device.id(), "connecting");
@@ -409,7 +436,11 @@ impl DeviceLink {
                 }
                 _ = housekeeping.tick() => {
                     self.housekeeping();
-                    self.inject_faults()
+                    if self.silent(Instant::now()) {
+                        Ok(())
+                    } else {
+                        self.inject_faults()
+                    }
                 }
             };
             if let Err(e) = step {
@@ -430,14 +461,22 @@ impl DeviceLink {
             // Its certificate is revoked: no receipt can come any more.
             return true;
         }
+        if self.silent(now) {
+            // It publishes nothing more; what was in flight has had its answer.
+            return self.connection.inflight() == 0 || now >= done + self.schedule.drain;
+        }
+        let drained = || {
+            self.connection.is_ready()
+                && self.connection.inflight() == 0
+                && self.device.next_after(self.resend.cursor).is_none()
+        };
+        if self.device.forged_only() {
+            // No receipt will ever come: done once everything went out once.
+            return drained() || now >= done + self.schedule.drain;
+        }
         match self.schedule.until_receipted {
             Some(timeout) => self.device.fully_receipted() || now >= done + timeout,
-            None => {
-                let drained = self.connection.is_ready()
-                    && self.connection.inflight() == 0
-                    && self.device.next_after(self.resend.cursor).is_none();
-                drained || now >= done + self.schedule.drain
-            }
+            None => drained() || now >= done + self.schedule.drain,
         }
     }
 
@@ -447,12 +486,18 @@ impl DeviceLink {
     }
 
     fn on_tick(&mut self) -> Result<(), DeviceError> {
+        if self.silent(Instant::now()) {
+            return Ok(());
+        }
         let wall = self.phase + Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
         let t = self.clock.device_time(wall);
         self.ticks += 1;
         self.next_tick =
             self.t0 + self.phase + Duration::from_secs_f64(self.ticks as f64 / self.schedule.rate);
         let ts = self.clock.ts_ms(self.elapsed(Instant::now()));
+        if self.device.make_alarms(t, ts)? > 0 && self.device.outbox().len() == 1 {
+            self.resend.progress(Instant::now());
+        }
         let Some(made) = self.device.make_vitals(t, ts)? else {
             tracing::debug!(device.id = %self.device.id(), "sensor dropout; no sample");
             return Ok(());
@@ -483,6 +528,9 @@ impl DeviceLink {
     }
 
     fn on_status(&mut self) -> Result<(), DeviceError> {
+        if self.silent(Instant::now()) {
+            return Ok(());
+        }
         let every = self
             .schedule
             .status_every
@@ -587,6 +635,9 @@ impl DeviceLink {
     }
 
     fn send_one(&mut self) {
+        if self.silent(Instant::now()) {
+            return;
+        }
         match self.send_plan() {
             Some(SendPlan::One) => {
                 if let Some(key) = self.device.next_after(self.resend.cursor).map(|o| o.key) {

@@ -32,12 +32,15 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use vitalmq_envelope::DeviceId;
 
-use crate::device::{DeviceError, DeviceReport, SimDevice};
+use crate::alarms::{AlarmEpisodeSpec, AlarmScript};
+use crate::battery::Battery;
+use crate::device::{DeviceError, DeviceProfile, DeviceReport, SimDevice};
 use crate::duration::DurationError;
 use crate::faults::{FaultKind, FaultSpec, Injector, NoPeer, Scope};
 use crate::gateway::{GatewayLink, GatewayReport, PlanError, load_registry, plan_sites};
 pub use crate::link::{Control, LiveCounts, SendObserver};
 use crate::link::{DeviceLink, LinkOptions, Schedule};
+use crate::modes::{SilentSpec, silent_after};
 use crate::pki::{Pki, PkiError};
 use crate::vitals::{Episode, EpisodeKind, UnknownEpisode, VitalsModel};
 use vitalmq_mqtt_client::MqttVersion;
@@ -125,6 +128,16 @@ pub struct SimOptions {
     pub seed: u64,
     pub fw: String,
     pub episodes: Vec<EpisodeSpec>,
+    /// Scripted device alarms (`--alarm-episode`).
+    pub alarm_episodes: Vec<AlarmEpisodeSpec>,
+    /// Charge at the start and drain per hour of device time; `charging` is per device.
+    pub battery: Battery,
+    /// Devices on external power (`--charging`).
+    pub charging: Vec<Scope>,
+    /// Devices that go silent while staying connected (`--silent-after`).
+    pub silent: Vec<SilentSpec>,
+    /// Devices whose every message is signed with a foreign key (`--forged-only`).
+    pub forged_only: Vec<Scope>,
     pub faults: Vec<FaultSpec>,
     /// Devices that speak MQTT 5 whatever `link.target.version` says.
     pub mqtt5: Vec<String>,
@@ -166,6 +179,11 @@ impl SimOptions {
             seed: 1,
             fw: crate::device::DEFAULT_FW.to_owned(),
             episodes: Vec::new(),
+            alarm_episodes: Vec::new(),
+            battery: Battery::default(),
+            charging: Vec::new(),
+            silent: Vec::new(),
+            forged_only: Vec::new(),
             faults: Vec::new(),
             mqtt5: Vec::new(),
             link,
@@ -227,6 +245,11 @@ impl Summary {
             devices: devices.len(),
             ..Totals::default()
         };
+        // A forged-only device can never be receipted: it is there to be refused.
+        let all_receipted = devices
+            .iter()
+            .filter(|d| !d.forged_only)
+            .all(|d| d.all_receipted);
         for d in &devices {
             totals.sent += d.sent;
             totals.resent += d.resent;
@@ -239,7 +262,7 @@ impl Summary {
             totals.faults_injected += d.faults.iter().map(|f| u64::from(f.injected)).sum::<u64>();
         }
         Self {
-            all_receipted: devices.iter().all(|d| d.all_receipted),
+            all_receipted,
             elapsed_s: (elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
             totals,
             devices,
@@ -264,6 +287,23 @@ pub fn validate(opts: &SimOptions) -> Result<(), RunError> {
     }
     if !(opts.schedule.time_scale.is_finite() && opts.schedule.time_scale > 0.0) {
         return invalid("--time-scale must be a positive number");
+    }
+    if !(opts.battery.start.is_finite() && (0.0..=1.0).contains(&opts.battery.start)) {
+        return invalid("--battery must be a charge from 0 to 1");
+    }
+    if !(opts.battery.drain_per_hour.is_finite() && opts.battery.drain_per_hour >= 0.0) {
+        return invalid("--battery-drain must be a non-negative fraction per hour");
+    }
+    if opts.via_gateway && !(opts.silent.is_empty() && opts.forged_only.is_empty()) {
+        return invalid(
+            "--silent-after and --forged-only are not supported with --via-gateway (a gateway's devices share its connection)",
+        );
+    }
+    if !opts.silent.is_empty() && opts.schedule.count.is_some() && opts.schedule.duration.is_none()
+    {
+        return invalid(
+            "--silent-after with --count needs --duration (a silent device never reaches its count)",
+        );
     }
     if let Some(spread) = &opts.spread {
         if opts.via_gateway {
@@ -291,6 +331,28 @@ fn check_named_devices(opts: &SimOptions, fleet: &[String]) -> Result<(), RunErr
     for e in &opts.episodes {
         if !fleet.contains(&e.device) {
             return not_simulated(format!("--episode {}:{}", e.kind, e.device));
+        }
+    }
+    for a in &opts.alarm_episodes {
+        if !fleet.contains(&a.device) {
+            return not_simulated(format!("--alarm-episode {}:{}", a.device, a.code));
+        }
+    }
+    let scopes = [
+        ("--charging", opts.charging.iter().collect::<Vec<_>>()),
+        (
+            "--silent-after",
+            opts.silent.iter().map(|s| &s.scope).collect(),
+        ),
+        ("--forged-only", opts.forged_only.iter().collect()),
+    ];
+    for (option, scopes) in scopes {
+        for scope in scopes {
+            if let Scope::Device(d) = scope
+                && !fleet.contains(d)
+            {
+                return not_simulated(format!("{option} {d}"));
+            }
         }
     }
     for f in &opts.faults {
@@ -350,6 +412,7 @@ pub async fn run(
     let period = Duration::from_secs_f64(1.0 / opts.schedule.rate);
     let n_devices = identities.len();
     for (i, identity) in identities.into_iter().enumerate() {
+        let identity_id = identity.id.clone();
         let injector = Injector::new(&identity.id, &opts.faults, &fleet)?;
         let device = boot_device(&opts, &pki, &identity.id)?;
         let (tx, rx) = oneshot::channel();
@@ -373,6 +436,9 @@ pub async fn run(
             .map(Arc::clone);
         let mut shell = DeviceLink::new(device, identity, link, Arc::clone(&schedule), t0, tx)
             .with_faults(injector);
+        if let Some(after) = silent_after(&opts.silent, &identity_id) {
+            shell = shell.silent_after(after);
+        }
         if let Some(live) = &opts.live {
             shell = shell.with_live(Arc::clone(live));
         }
@@ -512,10 +578,30 @@ fn boot_device(opts: &SimOptions, pki: &Pki, device: &str) -> Result<SimDevice, 
         })
         .collect();
     let model = VitalsModel::new(opts.seed, device, episodes);
-    SimDevice::boot(id, key, opts.fw.clone(), model, &opts.state).map_err(|source| RunError::Boot {
-        device: device.to_owned(),
-        source,
-    })
+    let profile = DeviceProfile {
+        alarms: AlarmScript::new(opts.alarm_episodes.iter().filter(|a| a.device == device)),
+        battery: Battery {
+            charging: opts.charging.iter().any(|s| s.includes(device)),
+            ..opts.battery
+        },
+        interval_s: Some(interval_s(opts.schedule.rate)),
+        forged_only: opts.forged_only.iter().any(|s| s.includes(device)),
+    };
+    SimDevice::boot(id, key, opts.fw.clone(), model, &opts.state)
+        .and_then(|d| d.with_profile(profile))
+        .map_err(|source| RunError::Boot {
+            device: device.to_owned(),
+            source,
+        })
+}
+
+/// The vitals interval a device runs with at `rate` a second, in whole seconds (at least
+/// 1): what its status reports as `interval_s`.
+fn interval_s(rate: f64) -> u64 {
+    // A validated rate is positive and finite; the cast saturates for absurdly low ones.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let seconds = (1.0 / rate).ceil() as u64;
+    seconds.max(1)
 }
 
 /// Starts one task per `revoked-certificate` fault that revokes the device's identity
@@ -625,5 +711,57 @@ mod tests {
         assert!("seizure:dev-00001".parse::<EpisodeSpec>().is_err());
         assert!("fever:dev 1".parse::<EpisodeSpec>().is_err());
         assert!("fever:dev-00001@later".parse::<EpisodeSpec>().is_err());
+    }
+
+    #[test]
+    fn status_reports_the_interval_in_whole_seconds() {
+        assert_eq!(interval_s(1.0), 1);
+        assert_eq!(interval_s(10.0), 1);
+        assert_eq!(interval_s(0.2), 5);
+        assert_eq!(interval_s(0.3), 4);
+    }
+
+    fn report(id: &str, all_receipted: bool, forged_only: bool) -> DeviceReport {
+        DeviceReport {
+            id: id.into(),
+            epoch: 1,
+            sent: 3,
+            resent: 0,
+            highest_seq: Some(2),
+            receipted: None,
+            unreceipted: 3,
+            overflow_dropped: 0,
+            vitals: 3,
+            status: 0,
+            alarms: 0,
+            forged_only,
+            reboots: 0,
+            connects: 1,
+            receipts_malformed: 0,
+            all_receipted,
+            epochs: Vec::new(),
+            held: Vec::new(),
+            gateway: None,
+            faults: Vec::new(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_forged_only_device_is_left_out_of_all_receipted() {
+        let forged = report("dev-00002", false, true);
+        let s = Summary::new(
+            vec![report("dev-00001", true, false), forged.clone()],
+            Vec::new(),
+            Duration::ZERO,
+        );
+        assert!(s.all_receipted);
+        assert_eq!(s.totals.unreceipted, 6, "totals still count everything");
+        let s = Summary::new(
+            vec![report("dev-00001", false, false), forged],
+            Vec::new(),
+            Duration::ZERO,
+        );
+        assert!(!s.all_receipted, "an honest device still counts");
     }
 }

@@ -10,6 +10,7 @@
 //! the property tests drive it directly.
 #![forbid(unsafe_code)]
 
+mod alarm;
 pub mod cbor;
 mod device_id;
 mod inspect;
@@ -17,9 +18,13 @@ pub mod json;
 mod keys;
 mod refusal;
 mod sign;
+mod status;
 mod telemetry;
 mod verify;
 
+pub use alarm::{
+    Alarm, AlarmCode, AlarmLevel, InvalidAlarmCode, InvalidAlarmLevel, MAX_ALARM_DETAIL_BYTES,
+};
 pub use device_id::{DeviceId, InvalidDeviceId};
 pub use inspect::{Headers, Inspection, inspect};
 pub use keys::{
@@ -28,6 +33,7 @@ pub use keys::{
 };
 pub use refusal::{ReasonClass, Refusal};
 pub use sign::{sign, sign_payload};
+pub use status::StatusReport;
 pub use telemetry::{MessageType, Number, SchemaError, Telemetry, parse_payload};
 #[doc(hidden)]
 pub use verify::decode_unverified_for_bench;

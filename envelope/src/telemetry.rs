@@ -1,5 +1,9 @@
 //! The telemetry payload (SPEC section 3): a CBOR map with text keys, parsed into a typed
 //! record ("parse, don't validate"). Unknown keys are kept and passed through.
+//!
+//! The v1.1 keys of `status` and `alarm` messages (SPEC 3.1) are checked here too but stay
+//! in [`Telemetry::extra`], so the normalized JSON of a message is what the device sent;
+//! [`Telemetry::alarm`] and [`Telemetry::status`] read them back typed.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -7,7 +11,7 @@ use std::fmt;
 
 use ciborium::value::{Integer, Value};
 
-use crate::{DeviceId, cbor, json};
+use crate::{Alarm, DeviceId, StatusReport, cbor, json};
 
 /// What a message reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -105,6 +109,25 @@ impl Telemetry {
     /// The schema version, 1 when the payload does not say.
     pub fn schema_version(&self) -> u64 {
         self.schema.unwrap_or(1)
+    }
+
+    /// The device alarm an `alarm` message carries; `None` for other types. Every parsed
+    /// (so every verified) `alarm` message has one; a hand-built record whose `extra`
+    /// breaks SPEC 3.1 has none.
+    pub fn alarm(&self) -> Option<Alarm> {
+        (self.kind == MessageType::Alarm)
+            .then(|| Alarm::from_fields(&self.extra).ok())
+            .flatten()
+    }
+
+    /// What a `status` message reports; all `None` for other types (and for a hand-built
+    /// record whose `extra` breaks SPEC 3.1).
+    pub fn status(&self) -> StatusReport {
+        if self.kind == MessageType::Status {
+            StatusReport::from_fields(&self.extra).unwrap_or_default()
+        } else {
+            StatusReport::default()
+        }
     }
 
     /// Encodes the payload as a definite-length CBOR map, keys in SPEC order, then the
@@ -248,6 +271,16 @@ pub fn parse_payload(bytes: &[u8]) -> Result<Telemetry, SchemaError> {
         Some(value) => Some(uint(&value).ok_or_else(|| wrong("schema", "an unsigned integer"))?),
         None => None,
     };
+    // SPEC 3.1: the type's own keys, checked in place; they pass through with the rest.
+    match kind {
+        MessageType::Alarm => {
+            Alarm::from_fields(&fields)?;
+        }
+        MessageType::Status => {
+            StatusReport::from_fields(&fields)?;
+        }
+        MessageType::Vitals => {}
+    }
     // Unknown keys pass through as JSON: a repeated key inside them would lose a value.
     if let Some(dup) = fields
         .iter()
@@ -270,11 +303,11 @@ pub fn parse_payload(bytes: &[u8]) -> Result<Telemetry, SchemaError> {
     })
 }
 
-fn wrong(field: &'static str, expected: &'static str) -> SchemaError {
+pub(crate) fn wrong(field: &'static str, expected: &'static str) -> SchemaError {
     SchemaError::WrongType { field, expected }
 }
 
-fn uint(value: &Value) -> Option<u64> {
+pub(crate) fn uint(value: &Value) -> Option<u64> {
     match value {
         Value::Integer(i) => u64::try_from(*i).ok(),
         _ => None,
@@ -286,7 +319,7 @@ fn required_uint(value: Option<Value>, field: &'static str) -> Result<u64, Schem
     uint(&value).ok_or_else(|| wrong(field, "an unsigned integer"))
 }
 
-fn number(value: &Value) -> Option<Number> {
+pub(crate) fn number(value: &Value) -> Option<Number> {
     match value {
         Value::Integer(i) => Some(Number::Int(i128::from(*i))),
         Value::Float(f) if f.is_finite() => Some(Number::Float(*f)),

@@ -1,7 +1,8 @@
 //! Property tests of the verifier against its own signer.
 //!
 //! - Random telemetry, both algorithms, round-trips through `sign` -> `verify`
-//!   unchanged, including `u64::MAX` counters.
+//!   unchanged, including `u64::MAX` counters; `alarm` and `status` messages carry
+//!   random SPEC 3.1 keys of their kind.
 //! - A signed message, mutated (bit flip, byte change, truncation, insertion, range
 //!   deletion, append, swap), is never accepted and never panics, and the refusal is
 //!   one of the classes SPEC section 3 gives the envelope layer.
@@ -16,8 +17,9 @@ use ciborium::value::Value;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use vitalmq_envelope::{
-    Algorithm, DeviceId, MessageType, Number, ReasonClass, SigningKey, Telemetry, VerifyingKey,
-    inspect, sign, verify, verify_signature_only,
+    Alarm, AlarmCode, AlarmLevel, Algorithm, DeviceId, MessageType, Number, ReasonClass,
+    SigningKey, StatusReport, Telemetry, VerifyingKey, inspect, sign, verify,
+    verify_signature_only,
 };
 
 /// Private keys from `keys.json`: (kid, algorithm, d).
@@ -115,6 +117,42 @@ fn extra_value() -> impl Strategy<Value = Value> {
     ]
 }
 
+/// A valid SPEC 3.1 alarm.
+fn alarm() -> impl Strategy<Value = Alarm> {
+    (
+        "[a-z0-9_-]{1,32}",
+        prop_oneof![
+            Just(AlarmLevel::Info),
+            Just(AlarmLevel::Review),
+            Just(AlarmLevel::Urgent)
+        ],
+        any::<bool>(),
+        proptest::option::of("[ -~]{0,40}"),
+    )
+        .prop_map(|(code, level, active, detail)| Alarm {
+            code: AlarmCode::new(code).expect("generated from the code alphabet"),
+            level,
+            active,
+            detail,
+        })
+}
+
+/// A valid SPEC 3.1 status report, every key optional.
+fn status() -> impl Strategy<Value = StatusReport> {
+    (
+        proptest::option::of(0.0f64..=1.0),
+        proptest::option::of(counter()),
+        proptest::option::of(counter()),
+        proptest::option::of(any::<bool>()),
+    )
+        .prop_map(|(battery, dropped, interval_s, charging)| StatusReport {
+            battery,
+            dropped,
+            interval_s,
+            charging,
+        })
+}
+
 /// Random telemetry for signer `signer` (an index into [`SIGNERS`]).
 fn telemetry() -> impl Strategy<Value = (usize, Telemetry)> {
     let kind = prop_oneof![
@@ -134,14 +172,26 @@ fn telemetry() -> impl Strategy<Value = (usize, Telemetry)> {
             proptest::option::of(counter()),
             extra,
         ),
+        (alarm(), status()),
     )
         .prop_map(
-            |((signer, epoch, seq, ts), (fw, kind, m), (q, model, schema, extra))| {
+            |(
+                (signer, epoch, seq, ts),
+                (fw, kind, m),
+                (q, model, schema, mut extra),
+                (alarm, status),
+            )| {
                 // `vitals` requires `m`; the others may carry it or not.
                 let m = match (kind, m) {
                     (MessageType::Vitals, None) => Some(BTreeMap::new()),
                     (_, m) => m,
                 };
+                // SPEC 3.1: an alarm needs its keys; a status may carry its own.
+                match kind {
+                    MessageType::Alarm => extra.extend(alarm.to_fields()),
+                    MessageType::Status => extra.extend(status.to_fields()),
+                    MessageType::Vitals => {}
+                }
                 let telemetry = Telemetry {
                     dev: SIGNERS[signer].0.clone(),
                     epoch,

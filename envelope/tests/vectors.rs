@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use serde_json::Value as Json;
+use serde_json::{Value as Json, json};
 use vitalmq_envelope::{
-    Algorithm, DeviceId, ReasonClass, VerifyingKey, verify, verify_bytes, verify_signature_only,
+    Algorithm, DeviceId, MessageType, ReasonClass, VerifyingKey, verify, verify_bytes,
+    verify_signature_only,
 };
 
 fn vectors_dir() -> PathBuf {
@@ -63,13 +64,19 @@ fn registry() -> HashMap<DeviceId, VerifyingKey> {
         .collect()
 }
 
-#[test]
-fn every_telemetry_vector_gets_its_verdict() {
+/// Feeds every vector of `folder` to the verifier; returns one line per disagreement.
+/// `accepted` sees each accepted vector's record; `refused` each refusal with its vector.
+fn check_folder(
+    folder: &str,
+    at_least: usize,
+    mut accepted: impl FnMut(&str, &Json, &vitalmq_envelope::Telemetry) -> Option<String>,
+    mut refused: impl FnMut(&str, &Json, &vitalmq_envelope::Refusal) -> Option<String>,
+) {
     let registry = registry();
-    let files = json_files(&vectors_dir().join("telemetry"));
+    let files = json_files(&vectors_dir().join(folder));
     assert!(
-        files.len() >= 45,
-        "expected the 45 telemetry vectors, found {}",
+        files.len() >= at_least,
+        "expected {at_least} vectors in {folder}, found {}",
         files.len()
     );
     let mut failures = Vec::new();
@@ -95,6 +102,7 @@ fn every_telemetry_vector_gets_its_verdict() {
                         v["expected_telemetry"]
                     ));
                 }
+                failures.extend(accepted(id, &v, &verified));
             }
             (Ok(_), false) => failures.push(format!("{id}: accepted, expected {acceptable:?}")),
             (Err(refusal), true) => {
@@ -106,17 +114,66 @@ fn every_telemetry_vector_gets_its_verdict() {
                         "{id}: refused as {refusal}, acceptable {acceptable:?}"
                     ));
                 }
+                failures.extend(refused(id, &v, &refusal));
             }
         }
     }
     assert!(
         failures.is_empty(),
-        "{} of {} vectors differ:\n{}",
+        "{} of {} vectors in {folder} differ:\n{}",
         failures.len(),
         files.len(),
         failures.join("\n")
     );
-    eprintln!("telemetry vectors checked: {}", files.len());
+    eprintln!("{folder} vectors checked: {}", files.len());
+}
+
+#[test]
+fn every_telemetry_vector_gets_its_verdict() {
+    check_folder("telemetry", 45, |_, _, _| None, |_, _, _| None);
+}
+
+/// SPEC 3.1 (v1.1): the status and alarm payload vectors. Accepted ones must also read
+/// back through the typed accessors the bridge uses; refusals must name the field whose
+/// rule the vector breaks (`profile_rule` is `alarm_code`, `status_battery`, ...).
+#[test]
+fn every_v1_1_payload_vector_gets_its_verdict() {
+    check_folder(
+        "telemetry-v1.1",
+        8,
+        |id, v, t| {
+            let expected = &v["expected_telemetry"];
+            let typed = match t.kind {
+                MessageType::Alarm => {
+                    let Some(alarm) = t.alarm() else {
+                        return Some(format!("{id}: accepted alarm without an alarm()"));
+                    };
+                    json!({"alarm": alarm.code.as_str(), "level": alarm.level.as_str(),
+                           "active": alarm.active, "detail": alarm.detail})
+                }
+                MessageType::Status => {
+                    let s = t.status();
+                    json!({"battery": s.battery, "dropped": s.dropped,
+                           "interval_s": s.interval_s, "charging": s.charging})
+                }
+                MessageType::Vitals => return None,
+            };
+            let typed = typed.as_object().expect("object");
+            let differs = typed
+                .iter()
+                .any(|(k, got)| expected.get(k).unwrap_or(&Json::Null) != got);
+            differs.then(|| format!("{id}: typed accessors give {typed:?}, payload {expected}"))
+        },
+        |id, v, refusal| {
+            let rule = v["profile_rule"].as_str().expect("profile_rule");
+            let field = rule
+                .strip_prefix("alarm_")
+                .map(|f| if f == "code" { "alarm" } else { f })
+                .or_else(|| rule.strip_prefix("status_"))?;
+            (!refusal.detail.contains(&format!("`{field}`")))
+                .then(|| format!("{id}: detail `{}` does not name `{field}`", refusal.detail))
+        },
+    );
 }
 
 #[test]
