@@ -20,7 +20,24 @@ pub struct RulesWatch {
 }
 
 /// Starts watching `path` (already loaded as `initial`).
-pub fn watch_rules(path: PathBuf, initial: Arc<RuleSet>, auditor: Auditor) -> RulesWatch {
+/// The escalation handlers `rules` names that the bridge does not have (`handlers` are
+/// the bridge's: `mqtt`, `webhook:<name>`); a rule set naming one is refused, at start
+/// and on reload, so no escalation level can go nowhere.
+pub fn unknown_handlers(rules: &RuleSet, handlers: &[String]) -> Vec<String> {
+    rules
+        .handler_names()
+        .into_iter()
+        .filter(|n| !handlers.iter().any(|h| h == n))
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn watch_rules(
+    path: PathBuf,
+    initial: Arc<RuleSet>,
+    handlers: Vec<String>,
+    auditor: Auditor,
+) -> RulesWatch {
     let (tx, rx) = watch::channel(initial);
     let (trigger, mut triggers) = mpsc::channel::<()>(1);
     let watcher = file_watcher(&path, trigger.clone());
@@ -46,6 +63,19 @@ pub fn watch_rules(path: PathBuf, initial: Arc<RuleSet>, auditor: Auditor) -> Ru
             match loaded {
                 Ok(Ok(rules)) => {
                     if rules.sha256() == old {
+                        continue;
+                    }
+                    let unknown = unknown_handlers(&rules, &handlers);
+                    if !unknown.is_empty() {
+                        error!(rules = %path.display(), unknown = ?unknown, "alert rules name handlers this bridge does not have; the rules in force stay");
+                        let _ = auditor.record(
+                            AuditRecord::new(Component::Bridge, Event::PolicyRejected)
+                                .resource(path.display().to_string())
+                                .decision(Decision::Deny)
+                                .policy_sha256(old)
+                                .reason("unknown_handler")
+                                .detail("unknown_handlers", unknown),
+                        );
                         continue;
                     }
                     info!(rules = %path.display(), old = %old, new = %rules.sha256(), "alert rules reloaded");

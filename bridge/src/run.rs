@@ -114,6 +114,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     WebhookClient(#[from] reqwest::Error),
+    #[error("{}: [escalation] names handlers this bridge does not have: {}", path.display(), unknown.join(", "))]
+    UnknownHandlers { path: PathBuf, unknown: Vec<String> },
     #[error("start the recorder thread")]
     RecorderThread(#[source] std::io::Error),
     #[error("close the audit log")]
@@ -243,6 +245,15 @@ pub async fn run(
         )),
         None => None,
     };
+    if let (Some(a), Some(r)) = (&config.alerts, &rules) {
+        let unknown = crate::reload::unknown_handlers(r, &handler_names(a));
+        if !unknown.is_empty() {
+            return Err(RunError::UnknownHandlers {
+                path: a.rules.clone(),
+                unknown,
+            });
+        }
+    }
     match &rules {
         Some(r) => {
             info!(rules_version = %r.version(), policy_sha256 = %r.sha256(), rules = r.rules().len(), "alert engine on")
@@ -305,9 +316,11 @@ pub async fn run(
     let mut rules_watch = None;
     let mut handlers = Vec::new();
     if let (Some(a), Some(initial)) = (&config.alerts, &rules) {
+        let names = handler_names(a);
         rules_watch = Some(crate::reload::watch_rules(
             a.rules.clone(),
             Arc::clone(initial),
+            names,
             auditor.clone(),
         ));
         let publisher = crate::config::BrokerLink {
@@ -464,6 +477,19 @@ pub async fn run(
     drop(rules_watch);
     audit.close().map_err(RunError::CloseAudit)?;
     Ok(())
+}
+
+/// The names of the alert handlers `alerts` configures, as the rule set's `[escalation]`
+/// names them: `mqtt`, then `webhook:<name>` per webhook.
+fn handler_names(alerts: &crate::config::AlertsConfig) -> Vec<String> {
+    std::iter::once("mqtt".to_owned())
+        .chain(
+            alerts
+                .webhooks
+                .iter()
+                .map(|w| format!("webhook:{}", w.name)),
+        )
+        .collect()
 }
 
 /// The bridge's own audit log, then those of `[[audit_ship]]`.

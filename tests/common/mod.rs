@@ -2,6 +2,8 @@
 //! running a command with a deadline.
 #![allow(dead_code)]
 
+pub mod webhook;
+
 use std::io::{Read as _, Write as _};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -770,6 +772,13 @@ impl Rig {
     /// A line-buffered mosquitto_sub as `role`/`id` on `filter` (`-v`: topic, payload),
     /// once its SUBACK arrived.
     pub fn mosquitto_sub(&self, role: &str, id: &str, filter: &str) -> Spawned {
+        self.mosquitto_sub_all(role, id, &[filter])
+    }
+
+    /// Like [`Self::mosquitto_sub`], on several filters in one SUBSCRIBE (one
+    /// connection per identity: a second one would take the first one over).
+    pub fn mosquitto_sub_all(&self, role: &str, id: &str, filters: &[&str]) -> Spawned {
+        let filter = filters.join(" ");
         let identities = self.pki().join("identities").join(role);
         let sub = Spawned::start(
             Command::new("stdbuf")
@@ -790,7 +799,8 @@ impl Rig {
                 // `-d` prints the SUBACK ("Subscribed (mid: ...)"): the subscription is
                 // in place before the caller can make anything publish. Debug lines
                 // never take the `topic payload` form of a message.
-                .args(["-i", id, "-q", "1", "-t", filter, "-v", "-d"]),
+                .args(["-i", id, "-q", "1", "-v", "-d"])
+                .args(filters.iter().flat_map(|f| ["-t", f])),
         );
         assert!(
             sub.wait_output(Duration::from_secs(20), |out| out
