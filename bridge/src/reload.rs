@@ -141,3 +141,29 @@ fn file_watcher(
     }
     Some(watcher)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use vitalmq_policies::RuleSet;
+
+    use super::unknown_handlers;
+
+    fn rules(escalation: &str) -> RuleSet {
+        let text = format!(
+            "format = \"vitalmq-rules/v1\"\nversion = \"t\"\n[quality]\nlow_below = 0.5\nmax_low_fraction = 0.5\nover_n = 20\n{escalation}"
+        );
+        RuleSet::parse(&text, Path::new("rules.toml")).expect("valid rules")
+    }
+
+    #[test]
+    fn a_rule_set_naming_a_handler_the_bridge_lacks_is_named() {
+        let have = vec!["mqtt".to_owned(), "webhook:ehr".to_owned()];
+        assert!(unknown_handlers(&rules(""), &have).is_empty());
+        let paging = rules("[escalation]\nlevels = [[\"mqtt\"], [\"mqtt\", \"webhook:pager\"]]\n");
+        assert_eq!(unknown_handlers(&paging, &have), vec!["webhook:pager"]);
+        let known = rules("[escalation]\nlevels = [[\"mqtt\"], [\"mqtt\", \"webhook:ehr\"]]\n");
+        assert!(unknown_handlers(&known, &have).is_empty());
+    }
+}
