@@ -361,6 +361,7 @@ impl DeviceLink {
         let generate_until = self.schedule.duration.map(|d| self.t0 + d);
         let mut generating = true;
         let mut done_at: Option<Instant> = None;
+        let mut announced_silence = false;
         let mut error = None;
         loop {
             let now = Instant::now();
@@ -393,6 +394,16 @@ impl DeviceLink {
             }
 
             let silent = self.silent(now);
+            // Announced on the first turn of the loop past the time, whichever branch
+            // woke it (a receipt may arrive at the very moment).
+            if silent && !announced_silence {
+                announced_silence = true;
+                tracing::info!(
+                    device.id = %self.device.id(),
+                    held = self.device.outbox().len(),
+                    "going silent: connected, publishing nothing more"
+                );
+            }
             let silence_at = self.silent_at.filter(|_| !silent);
             let publishing = generating && !silent;
             let can_send = !silent && self.send_plan().is_some();
@@ -415,14 +426,8 @@ impl DeviceLink {
                     self.on_side_event(event);
                     Ok(())
                 }
-                () = sleep_until(silence_at.unwrap_or(now)), if silence_at.is_some() => {
-                    tracing::info!(
-                        device.id = %self.device.id(),
-                        held = self.device.outbox().len(),
-                        "going silent: connected, publishing nothing more"
-                    );
-                    Ok(())
-                }
+                // Only wakes the loop, which announces it.
+                () = sleep_until(silence_at.unwrap_or(now)), if silence_at.is_some() => Ok(()),
                 () = sleep_until(next_tick), if publishing => self.on_tick(),
                 () = sleep_until(status_at.unwrap_or(now)), if status_at.is_some() => self.on_status(),
                 () = sleep_until(retry_at.unwrap_or(now)), if retry_at.is_some() => {
