@@ -346,9 +346,8 @@ fn describe_scenario(args: &DemoArgs, opts: &SimOptions) {
         length.as_secs_f64() / args.time_scale
     );
     println!(
-        "  alarm     {} ({}) on {} at {} s, cleared {} s later; {} acknowledges it",
+        "  alarm     {} (urgent) on {} at {} s, cleared {} s later; {} acknowledges it",
         setup::ALARM_CODE,
-        "urgent",
         setup::ALARM_DEVICE,
         setup::ALARM_AFTER.as_secs(),
         setup::ALARM_FOR.as_secs(),

@@ -324,8 +324,8 @@ mod tests {
             "OPS   ops/bridge/sink  state resolved  kind sink  device -"
         );
         let junk = AlertSeen::parse("alerts/x", b"\xff");
-        assert_eq!((junk.clinical, junk.state), (true, None));
         assert_eq!(junk.to_acknowledge(), None);
+        assert_eq!((junk.clinical, junk.state), (true, None));
     }
 
     #[test]

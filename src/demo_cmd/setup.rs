@@ -429,6 +429,16 @@ mod tests {
                 assert!(spec.at < MIN_DURATION, "{spec:?}");
             }
         }
+        let faulted = |d: &str| {
+            specs
+                .iter()
+                .any(|s| matches!(&s.scope, Scope::Device(x) if x == d))
+        };
+        assert!(
+            !faulted(SILENT_DEVICE) && !faulted(ALARM_DEVICE),
+            "the silence and the alarm are alone on their devices' alerts"
+        );
+        assert_ne!(SILENT_DEVICE, ALARM_DEVICE);
         assert!(mqtt5_devices(MIN_DEVICES).contains(&device(8)));
         assert!(!mqtt5_devices(MIN_DEVICES).contains(&device(7)));
         assert_eq!(episode(30.0).start, Duration::from_secs(180));
