@@ -3,12 +3,14 @@
 //! It creates a work directory with a dev PKI ([`setup`]), starts the broker gate on a
 //! free port of 127.0.0.1 with the shipped ACL, the bridge with its store and a local
 //! object sink, an operator's subscription to `alerts/#` and `ops/#` ([`operator`]), and
-//! a fleet of simulated wearables on two sites with one scripted clinical episode and a
-//! set of injected faults. While it runs it prints a progress line ([`progress`]) and
+//! a fleet of simulated wearables on two sites with one scripted clinical episode, a
+//! device alarm (which the operator acknowledges), a device that goes silent (and is
+//! not acknowledged, so its alert is re-sent escalated) and a set of injected faults. While it runs it prints a progress line ([`progress`]) and
 //! every alert as it arrives; after `--duration` (or Ctrl-C) it stops the devices (they
 //! send what they hold and wait for receipts), then the bridge, then the broker, and
 //! checks what happened ([`report`]): every device connected, every fault refused by
-//! the party and with the reason the SPEC gives, nothing lost, audit chains intact.
+//! the party and with the reason the SPEC gives, nothing lost, every alert path taken
+//! (alarm, silence, acknowledgement, re-escalation), audit chains intact.
 //! Logs go to `demo.log` in the work directory ([`log`]).
 
 mod log;
@@ -31,10 +33,10 @@ use vitalmq_device_sim::link::{LinkOptions, Schedule};
 use vitalmq_device_sim::runner::{self, Control, LiveCounts, SimOptions, Summary, parse_duration};
 use vitalmq_mqtt_client::{MqttVersion, Target};
 
-use self::operator::{AlertSeen, OperatorView};
+use self::operator::{AckSent, AlertSeen, Note, OperatorView};
 use self::progress::Progress;
-use self::report::{BrokerAudit, Check, Evidence, StoreView};
-use self::setup::WorkDir;
+use self::report::{AuditLog, Check, Evidence, StoreView};
+use self::setup::{AlertTimes, WorkDir};
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -85,6 +87,7 @@ pub fn run(args: DemoArgs, log_format: crate::log_format::LogFormat) -> anyhow::
         &dir,
         args.devices,
         args.sites,
+        args.duration,
         args.duration.mul_f64(args.time_scale),
     )?;
     let bridge_ready = log::init(&work.log(), log_format)?;
@@ -157,7 +160,7 @@ async fn demo(
         operator::FILTERS.join(" and ")
     );
 
-    let (sim_opts, live, mut revoked) = sim_options(args, work, port);
+    let (sim_opts, live, mut revoked) = sim_options(args, work, port)?;
     describe_scenario(args, &sim_opts);
     let (control, control_rx) = watch::channel(Control::Run);
     let devices = args.devices as usize;
@@ -185,6 +188,7 @@ async fn demo(
         }
     });
     let mut alerts: Vec<AlertSeen> = Vec::new();
+    let mut ack: Option<AckSent> = None;
     let mut finishing = false;
     let summary: Summary = loop {
         tokio::select! {
@@ -208,9 +212,9 @@ async fn demo(
                 Ok(()) => println!("  revoked the certificate of {device}; the broker reloaded its CRL"),
                 Err(e) => println!("  revoked the certificate of {device}, but the broker reload failed: {e}"),
             },
-            Some(alert) = view.next() => {
-                println!("  {alert}");
-                alerts.push(alert);
+            Some(note) = view.next() => {
+                println!("  {note}");
+                keep(note, &mut alerts, &mut ack);
             }
             _ = tick.tick() => println!("{}", progress.line(live.connected(), devices, alerts.len())),
         }
@@ -228,15 +232,23 @@ async fn demo(
         Ok(Err(e)) => println!("  the bridge task failed: {e}"),
         Err(_) => println!("  the bridge did not stop within 30 s"),
     }
-    for alert in view.stop().await {
-        println!("  {alert}");
-        alerts.push(alert);
+    for note in view.stop().await {
+        println!("  {note}");
+        keep(note, &mut alerts, &mut ack);
     }
     broker.shutdown().await;
     println!("  stopped cleanly");
 
-    let checks = evidence_and_checks(work, &summary, &sim_opts.mqtt5, stopped_at)?;
-    print_summary(work, &summary, &checks, &alerts)?;
+    let times = AlertTimes::for_run(args.duration);
+    let checks = evidence_and_checks(
+        work,
+        &summary,
+        &sim_opts.mqtt5,
+        stopped_at,
+        times,
+        ack.as_ref(),
+    )?;
+    print_summary(work, port, &summary, &checks, &alerts)?;
     let failed = checks.iter().filter(|c| c.failed()).count();
     let skipped = checks
         .iter()
@@ -261,13 +273,21 @@ async fn demo(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Files what the operator view reported.
+fn keep(note: Note, alerts: &mut Vec<AlertSeen>, ack: &mut Option<AckSent>) {
+    match note {
+        Note::Alert(a) => alerts.push(a),
+        Note::Ack(a) => *ack = Some(a),
+    }
+}
+
 /// The simulator's options for the scenario, with the live counts and the channel on
 /// which it reports revocations.
 fn sim_options(
     args: &DemoArgs,
     work: &WorkDir,
     port: u16,
-) -> (SimOptions, Arc<LiveCounts>, mpsc::UnboundedReceiver<String>) {
+) -> anyhow::Result<(SimOptions, Arc<LiveCounts>, mpsc::UnboundedReceiver<String>)> {
     let mut link = LinkOptions::new(Target {
         host: "127.0.0.1".into(),
         port,
@@ -289,6 +309,8 @@ fn sim_options(
     let (revoked_tx, revoked_rx) = mpsc::unbounded_channel();
     let opts = SimOptions {
         episodes: vec![setup::episode(args.time_scale)],
+        alarm_episodes: vec![setup::alarm_episode(args.time_scale)?],
+        silent: vec![setup::silent(AlertTimes::for_run(args.duration))],
         faults: setup::faults(args.devices, args.duration),
         mqtt5: setup::mqtt5_devices(args.devices),
         live: Some(Arc::clone(&live)),
@@ -301,7 +323,7 @@ fn sim_options(
             schedule,
         )
     };
-    (opts, live, revoked_rx)
+    Ok((opts, live, revoked_rx))
 }
 
 fn describe_scenario(args: &DemoArgs, opts: &SimOptions) {
@@ -322,6 +344,22 @@ fn describe_scenario(args: &DemoArgs, opts: &SimOptions) {
         setup::EPISODE_AFTER.as_secs(),
         length.as_secs(),
         length.as_secs_f64() / args.time_scale
+    );
+    println!(
+        "  alarm     {} (urgent) on {} at {} s, cleared {} s later; {} acknowledges it",
+        setup::ALARM_CODE,
+        setup::ALARM_DEVICE,
+        setup::ALARM_AFTER.as_secs(),
+        setup::ALARM_FOR.as_secs(),
+        operator::OPERATOR
+    );
+    let times = AlertTimes::for_run(args.duration);
+    println!(
+        "  silence   {} stays connected and publishes nothing from {} s; rules: no-data after {} s, unacknowledged urgent alerts re-sent after {} s",
+        setup::SILENT_DEVICE,
+        times.silent_at.as_secs(),
+        times.silence_after_s,
+        times.urgent_ack_s
     );
     let faults: Vec<String> = opts.faults.iter().map(fault_label).collect();
     println!("  faults    {}", faults.join(", "));
@@ -355,15 +393,21 @@ fn evidence_and_checks(
     summary: &Summary,
     mqtt5: &[String],
     stopped_at: Duration,
+    times: AlertTimes,
+    ack: Option<&AckSent>,
 ) -> anyhow::Result<Vec<Check>> {
     let store = vitalmq_bridge::store::Store::open(&work.bridge_data())?;
     let view = StoreView::read(&store)?;
-    let broker = BrokerAudit::read(&work.broker_audit())?;
+    let broker = AuditLog::read(&work.broker_audit())?;
+    let bridge = AuditLog::read(&work.bridge_audit())?;
     let (broker_audit, bridge_audit) = (work.broker_audit(), work.bridge_audit());
     let evidence = Evidence {
         sim: summary,
         store: &view,
         broker: &broker,
+        bridge: &bridge,
+        ack,
+        times,
         mqtt5,
         stopped_at_s: stopped_at.as_secs_f64(),
         audit_chains: vec![
@@ -390,6 +434,7 @@ fn verify_chain(path: &Path) -> anyhow::Result<u64> {
 
 fn print_summary(
     work: &WorkDir,
+    port: u16,
     summary: &Summary,
     checks: &[Check],
     alerts: &[AlertSeen],
@@ -406,7 +451,14 @@ fn print_summary(
     let clinical = alerts.iter().filter(|a| a.clinical).count();
     let episode = alerts
         .iter()
-        .filter(|a| a.clinical && a.device.as_deref() == Some(setup::EPISODE_DEVICE))
+        .filter(|a| {
+            a.clinical
+                && a.device.as_deref() == Some(setup::EPISODE_DEVICE)
+                && !a
+                    .rule
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with(operator::ACK_RULE_PREFIX))
+        })
         .count();
     let connected = summary.devices.iter().filter(|d| d.connects > 0).count();
     println!("\nsummary");
@@ -475,6 +527,12 @@ fn print_summary(
         data.display(),
         work.broker_audit().display()
     );
+    let (command, what) = ack_command(work, port, alerts);
+    println!("  acknowledge  {command}");
+    println!(
+        "               ({what}, as {}; with this run's broker and bridge running)",
+        operator::OPERATOR
+    );
     println!(
         "  audit logs   vitalmq audit verify {}",
         work.broker_audit().display()
@@ -490,4 +548,49 @@ fn print_summary(
     );
     println!("  log          {}", work.log().display());
     Ok(())
+}
+
+/// A ready-to-run `mosquitto_pub` that acknowledges an alert as the demo's operator
+/// (SPEC 5.2), and which alert: the silent device's `no-data` if it was raised (still
+/// open, nobody acknowledged it), else the last clinical alert seen.
+fn ack_command(work: &WorkDir, port: u16, alerts: &[AlertSeen]) -> (String, String) {
+    let clinical = || alerts.iter().rev().filter(|a| a.clinical);
+    let target = clinical()
+        .find(|a| {
+            a.device.as_deref() == Some(setup::SILENT_DEVICE)
+                && a.rule.as_deref() == Some("no-data")
+        })
+        .or_else(|| clinical().next());
+    let (alert_id, site, what) =
+        match target.and_then(|a| Some((a, a.alert_id.as_deref()?, a.site.as_deref()?))) {
+            Some((a, id, site)) => (
+                id,
+                site,
+                format!(
+                    "acknowledges the {} alert of {}",
+                    a.rule.as_deref().unwrap_or("-"),
+                    a.device.as_deref().unwrap_or("-")
+                ),
+            ),
+            None => (
+                "<alert id>",
+                "site-01",
+                "acknowledges an alert of site-01".to_owned(),
+            ),
+        };
+    let identities = work.pki().join("identities/operator");
+    let command = format!(
+        "mosquitto_pub -h 127.0.0.1 -p {port} --cafile {} --cert {} --key {} -i {op} -V mqttv5 -q 1 -t {} -m '{}'",
+        work.pki().join("ca/ca.pem").display(),
+        identities
+            .join(format!("{}.pem", operator::OPERATOR))
+            .display(),
+        identities
+            .join(format!("{}.key.pem", operator::OPERATOR))
+            .display(),
+        operator::ack_topic(site),
+        operator::ack_payload(alert_id),
+        op = operator::OPERATOR,
+    );
+    (command, what)
 }

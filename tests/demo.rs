@@ -1,15 +1,19 @@
 //! `vitalmq demo` as a new user runs it: the whole system in one process (broker gate,
 //! bridge, simulated devices with injected faults) for 20 seconds. It must stop on its
 //! own and report every device connected, every injected fault refused by the party and
-//! with the reason the SPEC gives, nothing lost, and audit logs whose chains verify; and
-//! the commands it suggests for looking around must work on what it left behind.
+//! with the reason the SPEC gives, nothing lost, every alert path of SPEC 5.1/5.2 taken
+//! (a device alarm opened and resolved, a silent device's `no-data`, the operator's
+//! acknowledgement, an unacknowledged alert re-sent escalated), and audit logs whose
+//! chains verify; and the commands it suggests for looking around must work on what it
+//! left behind, the `mosquitto_pub` acknowledgement included (against the demo's broker
+//! and bridge started again from the configurations it wrote).
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use common::{run, temp_dir};
+use common::{BridgeProcess, BrokerProcess, run, temp_dir};
 
 const DEVICES: u32 = 12;
 
@@ -137,6 +141,36 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
         stdout,
         "nothing lost: every message a device sent is stored exactly once",
     );
+    // The alert paths of issue 17, each checked against the store and the audit log.
+    for (what, evidence) in [
+        (
+            "device alarm on dev-00001",
+            "alert device-alarm:arrhythmia opened (urgent) and resolved, one episode (1 alert id: open -> acknowledged -> resolved)",
+        ),
+        (
+            "silence on dev-00002",
+            "no-data alert opened with reason silent",
+        ),
+        ("silence on dev-00002", "no healthy device alerted"),
+        (
+            "acknowledgement: ops-01 published",
+            "acknowledged, ack.by spiffe://demo.vitalmq/operator/ops-01; audited alert_acknowledged 1x; re-sent for want of an ack after it: 0",
+        ),
+        (
+            "re-escalation: no-data of dev-00002",
+            "re-sent escalated, reason unacknowledged, escalation_level 1",
+        ),
+    ] {
+        let line = passed(stdout, what);
+        assert!(
+            line.contains(evidence),
+            "{what}: {evidence:?} missing in {line}"
+        );
+    }
+    assert!(
+        stdout.contains("ACK   ops-01 acknowledged al-") && stdout.contains("PUBACK ok"),
+        "{stdout}"
+    );
     passed(stdout, "audit log of the broker: chain intact");
     passed(stdout, "audit log of the bridge: chain intact");
 
@@ -205,6 +239,8 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
     );
     assert!(verified.success, "{}", verified.all());
 
+    acknowledge_as_printed(&dir, stdout);
+
     // A second run into the same directory refuses rather than overwrite anything.
     let again = run(
         Command::new(bin()).args(["demo", "--dir"]).arg(&dir),
@@ -212,4 +248,76 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
     );
     assert!(!again.success, "re-running into a used directory must fail");
     assert!(again.stderr.contains("not empty"), "{}", again.stderr);
+}
+
+/// Runs the `mosquitto_pub` of the "look around" block against the demo's broker and
+/// bridge, started again from the configurations the demo wrote (the broker on a new
+/// port, which replaces the demo's in the bridge config and in the command): the
+/// bridge must re-send the alert it names `acknowledged` by the demo's operator.
+fn acknowledge_as_printed(dir: &std::path::Path, stdout: &str) {
+    let command = stdout
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("acknowledge  "))
+        .unwrap_or_else(|| panic!("no acknowledge command in:\n{stdout}"))
+        .trim();
+    assert!(command.starts_with("mosquitto_pub "), "{command}");
+    let alert_id = command
+        .split("\"alert_id\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no alert id in {command}"))
+        .to_owned();
+    assert!(alert_id.starts_with("al-"), "a real alert id: {command}");
+    let old_port = number_after(command, " -p ");
+
+    let broker_toml = std::fs::read_to_string(dir.join("broker.toml")).expect("broker.toml");
+    let template = broker_toml.replace("listen = \"127.0.0.1:0\"", "listen = \"{listen}\"");
+    assert_ne!(template, broker_toml, "the demo's broker listens on port 0");
+    let broker = BrokerProcess::start(bin(), dir, &template, Duration::from_secs(30));
+    let bridge_toml = std::fs::read_to_string(dir.join("bridge.toml")).expect("bridge.toml");
+    let old_address = format!("127.0.0.1:{old_port}");
+    assert!(bridge_toml.contains(&old_address), "{bridge_toml}");
+    let bridge_config = bridge_toml.replace(&old_address, &format!("127.0.0.1:{}", broker.port));
+    let _bridge = BridgeProcess::start(bin(), dir, &bridge_config, Duration::from_secs(30));
+
+    let command = command.replace(
+        &format!(" -p {old_port} "),
+        &format!(" -p {} ", broker.port),
+    );
+    let published = run(
+        Command::new("sh").args(["-c", &format!("{command} -d")]),
+        Duration::from_secs(20),
+    );
+    assert!(published.success, "{command}\n{}", published.all());
+    assert!(
+        published.all().contains("PUBACK") && !published.all().contains("failed"),
+        "the broker took the ack: {}",
+        published.all()
+    );
+
+    let by = "spiffe://demo.vitalmq/operator/ops-01";
+    let data = dir.join("bridge-data");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let acked = common::store_rows(bin(), "alerts", &data)
+            .into_iter()
+            .any(|row| {
+                row["alert_id"] == alert_id.as_str() && row["state"] == "acknowledged" && {
+                    let body: serde_json::Value = match &row["body"] {
+                        serde_json::Value::String(s) => serde_json::from_str(s).unwrap_or_default(),
+                        other => other.clone(),
+                    };
+                    body["ack"]["by"] == by
+                }
+            });
+        if acked {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bridge never re-sent {alert_id} acknowledged by {by} (broker:\n{})",
+            broker.process.all()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

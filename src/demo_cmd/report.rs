@@ -1,6 +1,9 @@
 //! The demo's checks, made after everything stopped: what the simulated devices say
 //! they made, sent, injected and saw (the simulator's summary) against what the bridge
-//! stored and refused (its store) and what the broker refused (its audit log).
+//! stored, refused and alerted (its store and audit log) and what the broker refused
+//! (its audit log). The alert checks ([`alert_checks`]) read the alert rows as the
+//! bridge published them: the device alarm opened and resolved, the silent device's
+//! `no-data`, the operator's acknowledgement and the unacknowledged re-send.
 //!
 //! Each check is one line, `ok` or `FAIL`; the demo exits 0 only if all pass. Nothing
 //! here prints measured values or patient references.
@@ -17,7 +20,8 @@ use vitalmq_device_sim::faults::{FaultKind, FaultReport};
 use vitalmq_device_sim::ring::Key;
 use vitalmq_device_sim::runner::Summary;
 
-use super::setup::TRUST_DOMAIN;
+use super::operator::{AckSent, OPERATOR};
+use super::setup::{self, AlertTimes, TRUST_DOMAIN};
 
 /// What a check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +80,24 @@ pub struct StoreView {
     gaps: BTreeMap<(String, String), u64>,
     counters: BTreeMap<(String, String), u64>,
     pub total_events: u64,
+    /// Every alert row (clinical and operational), in the order written.
+    alerts: Vec<AlertChange>,
+}
+
+/// One alert row: the state change and the body as published.
+#[derive(Debug)]
+struct AlertChange {
+    alert_id: String,
+    state: String,
+    device: Option<String>,
+    rule: Option<String>,
+    body: serde_json::Value,
+}
+
+impl AlertChange {
+    fn text(&self, key: &str) -> Option<&str> {
+        self.body.get(key).and_then(serde_json::Value::as_str)
+    }
 }
 
 impl StoreView {
@@ -105,6 +127,15 @@ impl StoreView {
             *v.gaps
                 .entry((row.device.to_string(), row.state.as_str().to_owned()))
                 .or_default() += 1;
+        }
+        for row in store.list_alerts()? {
+            v.alerts.push(AlertChange {
+                body: serde_json::from_str(&row.body).unwrap_or(serde_json::Value::Null),
+                alert_id: row.alert_id,
+                state: row.state,
+                device: row.device.map(|d| d.to_string()),
+                rule: row.rule,
+            });
         }
         let devices: BTreeSet<String> = v.events.keys().cloned().collect();
         for device in devices {
@@ -152,15 +183,31 @@ impl StoreView {
     fn keys(&self, device: &str) -> Option<&BTreeMap<Key, (String, u32)>> {
         self.events.get(device)
     }
+
+    /// The state changes of clinical alerts of `rule` on `device`.
+    fn alert_changes<'a>(
+        &'a self,
+        rule: &'a str,
+        device: &'a str,
+    ) -> impl Iterator<Item = &'a AlertChange> + 'a {
+        self.alerts
+            .iter()
+            .filter(move |a| a.rule.as_deref() == Some(rule) && a.device.as_deref() == Some(device))
+    }
+
+    /// The changes of one alert.
+    fn changes_of<'a>(&'a self, alert_id: &'a str) -> impl Iterator<Item = &'a AlertChange> + 'a {
+        self.alerts.iter().filter(move |a| a.alert_id == alert_id)
+    }
 }
 
-/// The broker's audit records that matter here.
+/// The records of an audit log (the broker's or the bridge's).
 #[derive(Debug, Default)]
-pub struct BrokerAudit {
+pub struct AuditLog {
     records: Vec<AuditRecord>,
 }
 
-impl BrokerAudit {
+impl AuditLog {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -220,7 +267,12 @@ impl BrokerAudit {
 pub struct Evidence<'a> {
     pub sim: &'a Summary,
     pub store: &'a StoreView,
-    pub broker: &'a BrokerAudit,
+    pub broker: &'a AuditLog,
+    pub bridge: &'a AuditLog,
+    /// The operator's acknowledgement, if it gave one.
+    pub ack: Option<&'a AckSent>,
+    /// The alert timings of the demo's rules.
+    pub times: AlertTimes,
     pub mqtt5: &'a [String],
     /// When the devices were told to stop generating, seconds after they started.
     pub stopped_at_s: f64,
@@ -308,6 +360,7 @@ pub fn checks(e: &Evidence<'_>) -> Vec<Check> {
     }
     out.push(quarantine_check(e));
     out.push(nothing_lost(e));
+    out.extend(alert_checks(e));
     for (name, path, chain) in &e.audit_chains {
         out.push(match chain {
             Ok(n) => Check::new(
@@ -565,11 +618,20 @@ fn nothing_lost(e: &Evidence<'_>) -> Check {
     let mut problems = Vec::new();
     let mut held_notes = Vec::new();
     let mut sent_and_stored = 0u64;
+    let silent_since = e.times.silent_at.as_secs_f64();
     for d in &e.sim.devices {
+        if d.forged_only {
+            // Every message it made was forged: refused, never stored (the quarantine
+            // check accounts for them).
+            continue;
+        }
         let revoked = d
             .faults
             .iter()
             .any(|f| f.fault == FaultKind::RevokedCertificate);
+        // It publishes nothing once silent, resends included, so what it held then
+        // stays held.
+        let silent = d.id == setup::SILENT_DEVICE && e.stopped_at_s >= silent_since;
         let made: BTreeSet<Key> = d
             .epochs
             .iter()
@@ -608,6 +670,12 @@ fn nothing_lost(e: &Evidence<'_>) -> Check {
                     d.id,
                     held.len()
                 ));
+            } else if silent {
+                held_notes.push(format!(
+                    "{} went silent holding {} it never sent",
+                    d.id,
+                    held.len()
+                ));
             } else {
                 problems.push(format!("{}: {} never receipted", d.id, held.len()));
             }
@@ -624,4 +692,211 @@ fn nothing_lost(e: &Evidence<'_>) -> Check {
         text.push_str(&format!(" -- but {}", problems.join("; ")));
     }
     Check::new(problems.is_empty(), text)
+}
+
+/// The issue 17 checks: every path that must end in an alert did, and an acknowledged
+/// alert stopped being re-sent while an unacknowledged one was.
+fn alert_checks(e: &Evidence<'_>) -> Vec<Check> {
+    vec![
+        alarm_check(e),
+        silence_check(e),
+        ack_check(e),
+        escalation_check(e),
+    ]
+}
+
+/// The devices whose certificate the run revoked (they go offline for good).
+fn revoked_devices<'a>(e: &'a Evidence<'_>) -> BTreeSet<&'a str> {
+    e.sim
+        .revocations
+        .iter()
+        .filter(|r| r.ok)
+        .map(|r| r.device.as_str())
+        .collect()
+}
+
+fn states_text<'a>(changes: impl Iterator<Item = &'a AlertChange>) -> String {
+    changes
+        .map(|a| a.state.as_str())
+        .collect::<Vec<_>>()
+        .join(" -> ")
+}
+
+fn alarm_check(e: &Evidence<'_>) -> Check {
+    let device = setup::ALARM_DEVICE;
+    let rule = format!("device-alarm:{}", setup::ALARM_CODE);
+    let cleared_at = setup::ALARM_AFTER + setup::ALARM_FOR;
+    let head = format!(
+        "device alarm on {device}: {} raised at {} s, cleared at {} s ->",
+        setup::ALARM_CODE,
+        setup::ALARM_AFTER.as_secs(),
+        cleared_at.as_secs()
+    );
+    if e.stopped_at_s < cleared_at.as_secs_f64() {
+        return Check::skipped(format!("{head} the run stopped at {:.0} s", e.stopped_at_s));
+    }
+    let changes: Vec<&AlertChange> = e.store.alert_changes(&rule, device).collect();
+    let ids: BTreeSet<&str> = changes.iter().map(|a| a.alert_id.as_str()).collect();
+    let has = |state: &str| changes.iter().filter(|a| a.state == state).count();
+    let severity = changes
+        .first()
+        .and_then(|a| a.text("severity"))
+        .unwrap_or("-");
+    Check::new(
+        ids.len() == 1 && has("open") == 1 && has("resolved") == 1,
+        format!(
+            "{head} alert {rule} opened ({severity}) and resolved, one episode ({}: {})",
+            count(ids.len() as u64, "alert id", "alert ids"),
+            states_text(changes.into_iter()),
+        ),
+    )
+}
+
+fn silence_check(e: &Evidence<'_>) -> Check {
+    let device = setup::SILENT_DEVICE;
+    let t = e.times;
+    let head = format!(
+        "silence on {device}: connected, publishing nothing from {} s ->",
+        t.silent_at.as_secs()
+    );
+    if e.stopped_at_s < t.silence_alert_due().as_secs_f64() {
+        return Check::skipped(format!("{head} the run stopped at {:.0} s", e.stopped_at_s));
+    }
+    let revoked = revoked_devices(e);
+    let opened: Vec<&AlertChange> = e
+        .store
+        .alerts
+        .iter()
+        .filter(|a| a.rule.as_deref() == Some("no-data") && a.state == "open")
+        .collect();
+    let reason = |a: &AlertChange| {
+        a.text("silence_reason")
+            .or_else(|| a.text("reason"))
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let silent: Vec<String> = opened
+        .iter()
+        .filter(|a| a.device.as_deref() == Some(device))
+        .map(|a| reason(a))
+        .collect();
+    let mut expected_others = Vec::new();
+    let mut unexpected = Vec::new();
+    for a in opened
+        .iter()
+        .filter(|a| a.device.as_deref() != Some(device))
+    {
+        let who = a.device.as_deref().unwrap_or("-");
+        if revoked.contains(who) {
+            expected_others.push(format!("{who} ({}, its certificate revoked)", reason(a)));
+        } else {
+            unexpected.push(format!("{who} ({})", reason(a)));
+        }
+    }
+    let mut text = format!(
+        "{head} no-data alert opened with reason {} after {} s without data",
+        if silent.is_empty() {
+            "- (none opened)".to_owned()
+        } else {
+            silent.join(", ")
+        },
+        t.silence_after_s
+    );
+    if !expected_others.is_empty() {
+        text.push_str(&format!(
+            "; also for {}, as it should",
+            expected_others.join(", ")
+        ));
+    }
+    if unexpected.is_empty() {
+        text.push_str("; no healthy device alerted");
+    } else {
+        text.push_str(&format!(" -- but also for {}", unexpected.join(", ")));
+    }
+    Check::new(silent == ["silent"] && unexpected.is_empty(), text)
+}
+
+fn ack_check(e: &Evidence<'_>) -> Check {
+    let by = format!("spiffe://{TRUST_DOMAIN}/operator/{OPERATOR}");
+    let due = setup::ALARM_AFTER.as_secs_f64() + 1.0;
+    let Some(ack) = e.ack else {
+        if e.stopped_at_s < due {
+            return Check::skipped(format!(
+                "acknowledgement: the device alarm was due at {} s, the run stopped at {:.0} s",
+                setup::ALARM_AFTER.as_secs(),
+                e.stopped_at_s
+            ));
+        }
+        return Check::new(
+            false,
+            format!("acknowledgement: {OPERATOR} acknowledged nothing (no device alarm seen open)"),
+        );
+    };
+    let changes: Vec<&AlertChange> = e.store.changes_of(&ack.alert_id).collect();
+    let acked_at = changes.iter().position(|a| {
+        a.state == "acknowledged" && a.body["ack"]["by"].as_str() == Some(by.as_str())
+    });
+    let nagged_after = acked_at.map_or(0, |i| {
+        changes[i..]
+            .iter()
+            .filter(|a| a.state == "escalated" && a.text("reason") == Some("unacknowledged"))
+            .count()
+    });
+    let audited = e
+        .bridge
+        .records
+        .iter()
+        .filter(|r| {
+            r.event == Event::AlertAcknowledged
+                && r.resource.as_deref() == Some(ack.alert_id.as_str())
+                && r.actor.as_ref().and_then(|a| a.identity.as_deref()) == Some(by.as_str())
+        })
+        .count();
+    Check::new(
+        ack.refused.is_none() && acked_at.is_some() && audited >= 1 && nagged_after == 0,
+        format!(
+            "acknowledgement: {OPERATOR} published {} on {} ({}) -> bridge re-sent {} of {} {}, ack.by {by}; audited alert_acknowledged {audited}x; re-sent for want of an ack after it: {nagged_after}",
+            super::operator::ack_payload(&ack.alert_id),
+            ack.topic,
+            ack.refused
+                .as_deref()
+                .map_or("PUBACK ok".to_owned(), |r| format!("refused: {r}")),
+            ack.rule.as_deref().unwrap_or("-"),
+            ack.device.as_deref().unwrap_or("-"),
+            if acked_at.is_some() {
+                "acknowledged"
+            } else {
+                "NOT acknowledged"
+            },
+        ),
+    )
+}
+
+fn escalation_check(e: &Evidence<'_>) -> Check {
+    let device = setup::SILENT_DEVICE;
+    let t = e.times;
+    let head = format!(
+        "re-escalation: no-data of {device} (urgent) not acknowledged within {} s ->",
+        t.urgent_ack_s
+    );
+    if e.stopped_at_s < t.escalation_due().as_secs_f64() {
+        return Check::skipped(format!("{head} the run stopped at {:.0} s", e.stopped_at_s));
+    }
+    let escalated: Vec<&AlertChange> = e
+        .store
+        .alert_changes("no-data", device)
+        .filter(|a| a.state == "escalated" && a.text("reason") == Some("unacknowledged"))
+        .collect();
+    let first = escalated
+        .iter()
+        .filter_map(|a| a.body["escalation_level"].as_u64())
+        .min();
+    Check::new(
+        first == Some(1),
+        format!(
+            "{head} re-sent escalated, reason unacknowledged, escalation_level {} ({} in all)",
+            first.map_or("-".to_owned(), |l| l.to_string()),
+            count(escalated.len() as u64, "re-send", "re-sends"),
+        ),
+    )
 }

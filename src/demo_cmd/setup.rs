@@ -1,14 +1,18 @@
 //! The demo's embedded default: a work directory holding a dev PKI, the shipped ACL and
 //! the broker's and bridge's configuration files (written out, so that what the demo
 //! ran can be read and rerun by hand), and the scripted scenario: which device has the
-//! clinical episode and which faults are injected when.
+//! clinical episode and the device alarm, which one goes silent, which faults are
+//! injected when, and the alert timings the demo's rules use so that all of it happens
+//! within the run.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use vitalmq_certs::{FleetPlan, InitSummary, Pki};
+use vitalmq_device_sim::alarms::AlarmEpisodeSpec;
 use vitalmq_device_sim::faults::{FaultKind, FaultSpec, Scope};
+use vitalmq_device_sim::modes::SilentSpec;
 use vitalmq_device_sim::runner::EpisodeSpec;
 use vitalmq_device_sim::vitals::EpisodeKind;
 use vitalmq_policies::TrustDomain;
@@ -27,8 +31,22 @@ pub const EPISODE_DEVICE: &str = "dev-00001";
 /// The scripted episode starts this long (wall clock) after the devices start.
 pub const EPISODE_AFTER: Duration = Duration::from_secs(6);
 
-/// Fewest devices the scenario needs: one clean device, one with the episode, one per
-/// fault, and the one whose certificate is revoked.
+/// The device whose on-device model raises an alarm (SPEC 5.1), which the demo's
+/// operator acknowledges.
+pub const ALARM_DEVICE: &str = "dev-00001";
+/// The alarm's code and level (`level` urgent: an urgent clinical alert).
+pub const ALARM_CODE: &str = "arrhythmia";
+/// The alarm is raised this long (wall clock) after the devices start...
+pub const ALARM_AFTER: Duration = Duration::from_secs(2);
+/// ... and cleared this long after it was raised.
+pub const ALARM_FOR: Duration = Duration::from_secs(6);
+
+/// The device that goes silent: it stays connected and publishes nothing more, so the
+/// bridge raises `no-data` with reason `silent` for it.
+pub const SILENT_DEVICE: &str = "dev-00002";
+
+/// Fewest devices the scenario needs: one with the episode and the alarm, one that goes
+/// silent, one per fault, and the one whose certificate is revoked.
 pub const MIN_DEVICES: u32 = 12;
 
 /// Shortest run the scenario fits in.
@@ -74,12 +92,14 @@ impl WorkDir {
 }
 
 /// Creates the work directory (which must be missing or empty) with the PKI, the ACL,
-/// the rules and the broker configuration. `clock_ahead` is how far the simulated
-/// device clocks will run ahead of real time (`--time-scale` x `--duration`).
+/// the rules (timed for a run of `duration`) and the broker configuration.
+/// `clock_ahead` is how far the simulated device clocks will run ahead of real time
+/// (`--time-scale` x `--duration`).
 pub fn create(
     root: &Path,
     devices: u32,
     sites: u32,
+    duration: Duration,
     clock_ahead: Duration,
 ) -> anyhow::Result<(WorkDir, InitSummary)> {
     let empty = match std::fs::read_dir(root) {
@@ -101,7 +121,10 @@ pub fn create(
     let summary = Pki::init(&work.pki(), &plan, time::OffsetDateTime::now_utc())
         .with_context(|| format!("creating the demo PKI in {}", work.pki().display()))?;
     write(&work.acl(), SHIPPED_ACL)?;
-    write(&work.root.join("rules.toml"), &demo_rules(clock_ahead))?;
+    write(
+        &work.root.join("rules.toml"),
+        &demo_rules(clock_ahead, AlertTimes::for_run(duration)),
+    )?;
     write(&work.broker_config(), &broker_config_toml())?;
     Ok((work, summary))
 }
@@ -192,12 +215,83 @@ publisher = {{ client_id = "bridge-01-alerts", cert = "pki/identities/bridge/bri
 /// `--time-scale` X a device's `ts` advances X times faster than real time, so it runs
 /// ahead of reception, which the shipped 300 s would mark as clock skew (and the rules
 /// would then evaluate at reception time, slowing the scripted episode down X times).
-fn demo_rules(clock_ahead: Duration) -> String {
+/// `[silence] after_s` and `[acknowledge] urgent_s` come from `times` (the shipped
+/// 300 s each would not happen within a demo run); both are on the bridge's clock, so
+/// `--time-scale` does not shorten them.
+fn demo_rules(clock_ahead: Duration, times: AlertTimes) -> String {
     let ahead = clock_ahead
         .as_secs()
         .saturating_add(300)
         .min(vitalmq_policies::MAX_SECONDS);
-    SHIPPED_RULES.replacen("max_ahead_s = 300", &format!("max_ahead_s = {ahead}"), 1)
+    SHIPPED_RULES
+        .replacen("max_ahead_s = 300", &format!("max_ahead_s = {ahead}"), 1)
+        .replacen(
+            "[silence]\nafter_s = 300",
+            &format!("[silence]\nafter_s = {}", times.silence_after_s),
+            1,
+        )
+        .replacen(
+            "[acknowledge]\nurgent_s = 300",
+            &format!("[acknowledge]\nurgent_s = {}", times.urgent_ack_s),
+            1,
+        )
+}
+
+/// When the silent device goes quiet and how long the bridge waits before it says so
+/// and before it re-sends an unacknowledged urgent alert, for a run of a given length:
+/// short enough that the silence alert opens and is re-sent once within the run, long
+/// enough that no healthy device (reconnecting after the storm, rebooting, or between
+/// the end of generation and the bridge stopping) looks silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertTimes {
+    /// When [`SILENT_DEVICE`] goes silent (wall clock after the devices start).
+    pub silent_at: Duration,
+    /// `[silence] after_s` of the demo's rules.
+    pub silence_after_s: u64,
+    /// `[acknowledge] urgent_s` of the demo's rules.
+    pub urgent_ack_s: u64,
+}
+
+impl AlertTimes {
+    pub fn for_run(duration: Duration) -> Self {
+        let secs = duration.as_secs();
+        Self {
+            silent_at: Duration::from_secs((secs / 10).max(3)),
+            silence_after_s: (secs / 5).clamp(6, 10),
+            urgent_ack_s: (secs / 4).clamp(5, 15),
+        }
+    }
+
+    /// When the silent device's `no-data` alert is due (before the bridge's next tick).
+    pub fn silence_alert_due(&self) -> Duration {
+        self.silent_at + Duration::from_secs(self.silence_after_s)
+    }
+
+    /// When its unacknowledged re-send is due.
+    pub fn escalation_due(&self) -> Duration {
+        self.silence_alert_due() + Duration::from_secs(self.urgent_ack_s)
+    }
+}
+
+/// The scripted device alarm on [`ALARM_DEVICE`]: raised [`ALARM_AFTER`] into the run
+/// and cleared [`ALARM_FOR`] later (given in device time, so scaled).
+pub fn alarm_episode(time_scale: f64) -> anyhow::Result<AlarmEpisodeSpec> {
+    let ms = |d: Duration| (d.as_secs_f64() * time_scale * 1000.0).round();
+    let spec = format!(
+        "{ALARM_DEVICE}:{ALARM_CODE}:urgent:at={}ms:for={}ms",
+        ms(ALARM_AFTER),
+        ms(ALARM_FOR)
+    );
+    spec.parse()
+        .with_context(|| format!("the demo's alarm episode {spec}"))
+}
+
+/// [`SILENT_DEVICE`] goes silent at `times.silent_at`.
+pub fn silent(times: AlertTimes) -> SilentSpec {
+    SilentSpec {
+        scope: Scope::Device(SILENT_DEVICE.to_owned()),
+        after: times.silent_at,
+    }
 }
 
 /// Device `n` (1-based) of the PKI.
@@ -266,11 +360,41 @@ mod tests {
 
     #[test]
     fn the_demo_rules_allow_its_fast_device_clocks() {
-        let text = demo_rules(Duration::from_secs(25 * 30));
+        let times = AlertTimes::for_run(Duration::from_secs(60));
+        let text = demo_rules(Duration::from_secs(25 * 30), times);
         let rules = vitalmq_policies::RuleSet::parse(&text, Path::new("rules.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rules.clock().max_ahead_s, 25 * 30 + 300);
         assert_eq!(rules.rules().len(), 5, "otherwise the shipped rules");
+        let alerting = rules.alerting();
+        assert_eq!(alerting.silence.after_s, 10);
+        assert_eq!(
+            alerting.ack_after_s(vitalmq_policies::Severity::Urgent),
+            Some(15)
+        );
+        assert_eq!(
+            alerting.ack_after_s(vitalmq_policies::Severity::Review),
+            Some(1800),
+            "the rest as shipped"
+        );
+    }
+
+    #[test]
+    fn the_alert_timings_happen_within_every_run() {
+        for secs in [15, 20, 60, 600] {
+            let duration = Duration::from_secs(secs);
+            let t = AlertTimes::for_run(duration);
+            assert!(t.escalation_due() < duration, "{secs} s: {t:?}");
+            assert!(
+                t.silence_after_s >= 6,
+                "healthy devices reconnect within it"
+            );
+            assert!(ALARM_AFTER + ALARM_FOR < MIN_DURATION);
+        }
+        let alarm = alarm_episode(30.0).expect("alarm spec");
+        assert_eq!(alarm.device, ALARM_DEVICE);
+        assert_eq!(alarm.start, Duration::from_secs(60));
+        assert_eq!(alarm.duration, Some(Duration::from_secs(180)));
     }
 
     #[test]
@@ -305,6 +429,16 @@ mod tests {
                 assert!(spec.at < MIN_DURATION, "{spec:?}");
             }
         }
+        let faulted = |d: &str| {
+            specs
+                .iter()
+                .any(|s| matches!(&s.scope, Scope::Device(x) if x == d))
+        };
+        assert!(
+            !faulted(SILENT_DEVICE) && !faulted(ALARM_DEVICE),
+            "the silence and the alarm are alone on their devices' alerts"
+        );
+        assert_ne!(SILENT_DEVICE, ALARM_DEVICE);
         assert!(mqtt5_devices(MIN_DEVICES).contains(&device(8)));
         assert!(!mqtt5_devices(MIN_DEVICES).contains(&device(7)));
         assert_eq!(episode(30.0).start, Duration::from_secs(180));
