@@ -62,6 +62,7 @@ def main():
     time.sleep(0.5)
 
     latencies = {"open": [], "resolved": []}
+    timed = []  # (ms, wall time of the publish, state): the slowest are reported
     missed = 0
     last_publish_wall = None
     for i in range(args.first, args.first + args.pairs):
@@ -69,7 +70,7 @@ def main():
             with open(f"{args.dir}/{kind}-{i}.cose", "rb") as f:
                 body = f.read()
             t0 = time.perf_counter()
-            last_publish_wall = time.time()
+            last_publish_wall = wall_t0 = time.time()
             pub.publish(f"devices/{args.device}/telemetry", body, qos=1)
             deadline = t0 + 5
             while True:
@@ -80,6 +81,7 @@ def main():
                     break
                 if alert.get("rule") == "probe-low" and alert.get("state") == state:
                     latencies[state].append((t1 - t0) * 1000.0)
+                    timed.append(((t1 - t0) * 1000.0, wall_t0, state))
                     break
             time.sleep(0.02)
     everything = sorted(latencies["open"] + latencies["resolved"])
@@ -94,6 +96,10 @@ def main():
         "p99_ms": pct(everything, 0.99),
         "max_ms": round(max(everything), 3) if everything else None,
         "mean_ms": round(statistics.mean(everything), 3) if everything else None,
+        # to find the slowest in the logs: publish time (UTC), state, latency
+        "slowest": [{"published_at": datetime.datetime.fromtimestamp(w, datetime.timezone.utc)
+                     .isoformat(timespec="milliseconds"), "state": st, "ms": round(ms, 3)}
+                    for ms, w, st in sorted(timed, reverse=True)[:5]],
     }
     if args.silence_after is not None:
         report["silence"] = silence(args, arrivals, last_publish_wall)
