@@ -102,6 +102,8 @@ struct Seen {
     verified: BTreeMap<String, Vec<vitalmq_envelope::Telemetry>>,
     receipts_sent: u64,
     connects: u64,
+    /// SUBACKs received: the stand-in is ready once both filters are in place.
+    subacks: u64,
     /// The stand-in's last connection error, for the failure message.
     last_error: Option<String>,
 }
@@ -160,7 +162,9 @@ impl StandIn {
             thread: Some(thread),
         };
         let deadline = Instant::now() + Duration::from_secs(15);
-        while standin.snapshot().connects == 0 {
+        // Ready at the SUBACKs, not at the CONNACK: a device publishing in between
+        // would have its first messages routed to nobody (and resent out of order).
+        while standin.snapshot().subacks < 2 {
             assert!(
                 Instant::now() < deadline,
                 "stand-in bridge did not connect; its last error: {:?}\nbroker:\n{}",
@@ -243,6 +247,9 @@ async fn stand_in(
                     for filter in ["devices/+/telemetry", "devices/+/status"] {
                         client.try_subscribe(filter, QoS::AtLeastOnce).expect("subscribe");
                     }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    seen.lock().expect("seen lock").subacks += 1;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let mut parts = p.topic.split('/');
