@@ -496,7 +496,12 @@ impl Sequencer {
                         ));
                         // Once per (epoch, seq), however often the store could not
                         // record it and the device resent it.
-                        if Evaluated::admit(&mut state.evaluated, epoch, seq) {
+                        if Evaluated::admit(
+                            &mut state.evaluated,
+                            epoch,
+                            seq,
+                            self.size.get() as usize / 64,
+                        ) {
                             match verified.kind {
                                 MessageType::Vitals => {
                                     let sample =

@@ -133,6 +133,14 @@ impl Store {
             params![device],
         )
         .map_err(|e| self.err(e))?;
+        // The alert engine's evaluated window follows the sequence: left in the stored
+        // alert state, a restart before the device's next message would count every
+        // message of its new (lower) epoch as evaluated and raise no alert.
+        tx.execute(
+            "UPDATE alert_state SET state = json_remove(state, '$.evaluated') WHERE device = ?1",
+            params![device],
+        )
+        .map_err(|e| self.err(e))?;
         tx.execute(
             "UPDATE gaps SET state = 'lost', changed_at_ms = ?2 WHERE device = ?1 AND state = 'open'",
             params![device, u2i(now_ms)],
@@ -177,6 +185,13 @@ mod tests {
             .commit(&Commit {
                 sequences: vec![(dev.clone(), locked.clone()), (other.clone(), locked)],
                 gaps: vec![(dev.clone(), gap.clone()), (other.clone(), gap)],
+                alert_states: [&dev, &other]
+                    .map(|d| {
+                        let state =
+                            r#"{"evaluated":{"epoch":9,"highest":7,"words":[1]},"late_ignored":2}"#;
+                        (d.clone(), state.to_owned())
+                    })
+                    .to_vec(),
                 ..Commit::default()
             })
             .expect("commit");
@@ -215,6 +230,11 @@ mod tests {
         assert!(windows.contains_key(&other), "other devices keep theirs");
         let open = store.load_open_gaps().expect("gaps");
         assert!(!open.contains_key(&dev) && open.contains_key(&other));
+        // The alert engine's evaluated window goes with it (durably: a restart before
+        // the device's next message must not count its new epoch as evaluated).
+        let states = store.load_alert_states().expect("alert states");
+        assert_eq!(states[&dev], r#"{"late_ignored":2}"#);
+        assert!(states[&other].contains("evaluated"));
         assert_eq!(cli.sequence_reset(request.id).expect("read"), Some(applied));
     }
 
