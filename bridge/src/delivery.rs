@@ -7,7 +7,9 @@
 //! neither waits for cloud storage. A handler's cursor advances only after the
 //! destination confirmed (PUBACK; HTTP 2xx); failures are retried with backoff and
 //! reported as an operational alert; nothing is dropped. Delivery is at-least-once:
-//! receivers deduplicate by `(alert_id, state)`.
+//! receivers deduplicate by the webhook id ([`change_id`]), or by the whole body; not by
+//! `(alert_id, state)` alone, which repeats (each unacknowledged re-send is `escalated`
+//! one level higher; an alert can be acknowledged again after it worsened).
 //!
 //! Each row carries the escalation level it goes out at; a handler delivers the rows
 //! the rule set in force routes to it (`RuleSet::handlers_for_level`, reloaded with the
@@ -41,7 +43,7 @@ use crate::webhook::{
 
 /// Header carrying the alert id; with the state it is the idempotency key.
 pub const ALERT_ID_HEADER: &str = "X-Vitalmq-Alert-Id";
-/// `Idempotency-Key: <alert_id>/<state>`, also the Standard Webhooks `webhook-id`.
+/// `Idempotency-Key: <alert_id>/<state>/<change>`, also the Standard Webhooks `webhook-id`.
 pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 
 /// Why a batch of alerts was not confirmed; reported in the `alert_handler_down` alert.
@@ -62,6 +64,21 @@ enum DeliveryError {
         url: String,
         status: reqwest::StatusCode,
     },
+}
+
+/// The id of one alert change: `<alert_id>/<state>/<16 hex of SHA-256(body)>`. The
+/// same for every attempt at one change (the stored body does not change), and
+/// different for each change, including a second `escalated` (another level) or a
+/// second `acknowledged`.
+pub fn change_id(alert: &StoredAlert) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(alert.body.as_bytes());
+    format!(
+        "{}/{}/{}",
+        alert.alert_id,
+        alert.state,
+        hex::encode(&digest[..8])
+    )
 }
 
 /// Where alerts go.
@@ -153,7 +170,7 @@ impl Handler {
                 for a in alerts {
                     // One id for every attempt at this state change; a fresh timestamp
                     // (and so signature) per attempt.
-                    let id = format!("{}/{}", a.alert_id, a.state);
+                    let id = change_id(a);
                     let now = time::OffsetDateTime::now_utc().unix_timestamp();
                     let signed = signer.sign(&id, now, a.body.as_bytes())?;
                     let response = client
@@ -398,6 +415,26 @@ mod tests {
 
     use super::*;
     use crate::store::{Commit, NewAlert};
+
+    /// Re-sends for want of an acknowledgement repeat the state `escalated` at each
+    /// level; a receiver deduplicating by the webhook id must still get each one, and
+    /// every retry of one change must carry the same id.
+    #[test]
+    fn each_alert_change_has_its_own_webhook_id_and_retries_share_it() {
+        let row = |state: &str, level: u32| StoredAlert {
+            position: 1,
+            alert_id: "al-1".into(),
+            state: state.into(),
+            topic: "alerts/site-01/urgent/dev-00001".into(),
+            body: format!(r#"{{"alert_id":"al-1","state":"{state}","escalation_level":{level}}}"#),
+            level,
+        };
+        let first = change_id(&row("escalated", 1));
+        assert!(first.starts_with("al-1/escalated/"), "{first}");
+        assert_eq!(first, change_id(&row("escalated", 1)), "a retry");
+        assert_ne!(first, change_id(&row("escalated", 2)), "the next level");
+        assert_ne!(first, change_id(&row("acknowledged", 1)));
+    }
 
     /// An HTTP endpoint on 127.0.0.1 that answers every request 200 and counts them.
     async fn counting_endpoint() -> (String, Arc<AtomicUsize>) {

@@ -4,8 +4,10 @@
 //! What is signed is `{webhook-id}.{webhook-timestamp}.{body}`, so a captured request
 //! cannot be replayed later: a receiver refuses a timestamp older than its tolerance
 //! (the specification's libraries: five minutes) and deduplicates by `webhook-id`. The
-//! id is `<alert_id>/<state>`, the same for every retry of one alert state change (it is
-//! also the `Idempotency-Key`); each attempt is signed with its own timestamp.
+//! id is `<alert_id>/<state>/<16 hex of the body's SHA-256>` (`delivery::change_id`),
+//! the same for every retry of one alert change and different for each change, repeated
+//! states included (it is also the `Idempotency-Key`); each attempt is signed with its
+//! own timestamp.
 //!
 //! Key rotation: the secret's environment variable holds one or more secrets
 //! (`whsec_<base64>`, separated by white space, the newest first); every request
