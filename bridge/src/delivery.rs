@@ -236,10 +236,18 @@ pub fn feed() -> (HandlerFeed, HandlerInbox) {
 fn routed(rules: Option<&watch::Receiver<Arc<RuleSet>>>, handler: &str, level: u32) -> bool {
     let Some(rules) = rules else { return true };
     let rules = rules.borrow();
-    rules
-        .handlers_for_level(level)
-        .is_none_or(|names| names.iter().any(|n| n == handler))
+    // Cumulative: a change at level L reaches the handlers of levels 0 to L, so those
+    // that got the alert when it opened also get its escalation, acknowledgement and
+    // resolution (levels past the policy's last repeat the last).
+    (0..=level.min(MAX_ROUTED_LEVEL)).any(|l| {
+        rules
+            .handlers_for_level(l)
+            .is_none_or(|names| names.iter().any(|n| n == handler))
+    })
 }
+
+/// Levels looked at when routing; a policy lists far fewer.
+const MAX_ROUTED_LEVEL: u32 = 63;
 
 /// The identity of one alert message for "already delivered from memory": the state
 /// change and its exact body (a re-escalation repeats the state at a new level).
@@ -415,6 +423,23 @@ mod tests {
 
     use super::*;
     use crate::store::{Commit, NewAlert};
+
+    /// Levels add up: with `[["mqtt"], ["webhook:pager"]]` the pager gets level 1 and
+    /// up, and mqtt, which got the alert at level 0, also gets its later changes.
+    #[test]
+    fn a_change_reaches_the_handlers_of_its_level_and_every_level_below() {
+        let text = "format = \"vitalmq-rules/v1\"\nversion = \"t\"\n[quality]\nlow_below = 0.5\nmax_low_fraction = 0.5\nover_n = 20\n[escalation]\nlevels = [[\"mqtt\"], [\"webhook:pager\"]]\n";
+        let rules = RuleSet::parse(text, std::path::Path::new("rules.toml")).expect("rules");
+        let (_tx, rx) = watch::channel(Arc::new(rules));
+        assert!(routed(Some(&rx), "mqtt", 0));
+        assert!(!routed(Some(&rx), "webhook:pager", 0));
+        for level in [1, 2, 700] {
+            assert!(routed(Some(&rx), "mqtt", level), "{level}");
+            assert!(routed(Some(&rx), "webhook:pager", level), "{level}");
+        }
+        assert!(!routed(Some(&rx), "webhook:other", 3));
+        assert!(routed(None, "webhook:other", 3), "no rules: every handler");
+    }
 
     /// Re-sends for want of an acknowledgement repeat the state `escalated` at each
     /// level; a receiver deduplicating by the webhook id must still get each one, and
