@@ -195,9 +195,64 @@ impl Unrecorded {
     }
 }
 
+/// Acknowledgements that arrived while the audit log could not write: an
+/// acknowledgement is applied only with its audit record, so they wait (their PUBLISHes
+/// unacknowledged to the broker) and are applied, in order, once it writes again.
+#[derive(Debug)]
+struct DeferredAcks<T> {
+    waiting: std::collections::VecDeque<(Control, Option<T>)>,
+}
+
+/// Most acknowledgements kept waiting for the audit log; beyond, the newest is not
+/// taken (its PUBLISH stays unacknowledged: the broker resends it on reconnect).
+const DEFERRED_ACKS_MAX: usize = 1024;
+
+impl<T> Default for DeferredAcks<T> {
+    fn default() -> Self {
+        Self {
+            waiting: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl<T> DeferredAcks<T> {
+    /// Keeps `control` for later if it is an acknowledgement and the audit log cannot
+    /// write; gives it back otherwise.
+    fn defer(
+        &mut self,
+        audit_broken: bool,
+        control: Control,
+        token: Option<T>,
+    ) -> Option<(Control, Option<T>)> {
+        if !(audit_broken && matches!(control, Control::Ack { .. })) {
+            return Some((control, token));
+        }
+        if self.waiting.len() < DEFERRED_ACKS_MAX {
+            self.waiting.push_back((control, token));
+        } else {
+            error!(
+                "too many acknowledgements waiting for the audit log; one dropped unacknowledged (the broker resends it after a reconnect)"
+            );
+        }
+        None
+    }
+
+    /// The waiting acknowledgements, oldest first, once the audit log writes again.
+    fn release(&mut self, audit_broken: bool) -> Vec<(Control, Option<T>)> {
+        if audit_broken {
+            return Vec::new();
+        }
+        self.waiting.drain(..).collect()
+    }
+}
+
 /// What the recorder keeps between work items.
 #[derive(Debug, Default)]
 struct State {
+    /// The audit log refused a record and has not recovered: recording pauses (no
+    /// security decision is recorded unaudited) and acknowledgements wait; alerting
+    /// goes on.
+    audit_broken: bool,
     episodes: Episodes,
     stats: CommitStats,
     data_version: Option<i64>,
@@ -209,7 +264,7 @@ struct State {
 
 impl State {
     fn recording(&self) -> bool {
-        !self.backlogged && self.store_failure.is_none()
+        !self.backlogged && self.store_failure.is_none() && !self.audit_broken
     }
 }
 
@@ -240,8 +295,10 @@ impl Recorder {
         done: mpsc::UnboundedSender<Recorded<T>>,
     ) {
         let mut st = State::default();
+        let mut deferred = DeferredAcks::default();
         while let Some(item) = work.blocking_recv() {
-            if st.store_failure.is_none() {
+            self.watch_audit(&mut st);
+            if st.store_failure.is_none() && !st.audit_broken {
                 self.apply_sequence_resets(&mut st.data_version);
             }
             if let Some(rules) = &mut self.rules
@@ -251,27 +308,42 @@ impl Recorder {
                 self.sequencer.set_rules(Some(fresh));
             }
             self.watch_backlog(&mut st);
-            let (tokens, receipts, audited) = match item {
+            let mut tokens = Vec::new();
+            let mut receipts = Vec::new();
+            let mut audited = true;
+            for (control, token) in deferred.release(st.audit_broken) {
+                let sequenced = self.sequencer.control(&self.registry, control, now_ms());
+                let (_, ok) = self.handle(&mut st, sequenced);
+                audited &= ok;
+                tokens.extend(token);
+            }
+            match item {
                 Work::Batch(batch) => {
                     let sequenced =
                         self.sequencer
                             .sequence(&self.registry, &self.origin, batch, now_ms());
-                    let (h, audited) = self.handle(&mut st, sequenced);
-                    let (tokens, receipts) = self.account(h);
-                    (tokens, receipts, audited)
+                    let (h, ok) = self.handle(&mut st, sequenced);
+                    let (t, r) = self.account(h);
+                    tokens.extend(t);
+                    receipts = r;
+                    audited &= ok;
                 }
                 Work::Control { control, token } => {
-                    let sequenced = self.sequencer.control(&self.registry, control, now_ms());
-                    let (_, audited) = self.handle(&mut st, sequenced);
-                    (token.into_iter().collect(), Vec::new(), audited)
+                    if let Some((control, token)) = deferred.defer(st.audit_broken, control, token)
+                    {
+                        let sequenced = self.sequencer.control(&self.registry, control, now_ms());
+                        let (_, ok) = self.handle(&mut st, sequenced);
+                        audited &= ok;
+                        tokens.extend(token);
+                    }
                 }
-            };
+            }
+            if !audited {
+                st.audit_broken = true;
+            }
             self.report_episode(&mut st);
             if done.send(Recorded { tokens, receipts }).is_err() {
                 break;
-            }
-            if !audited {
-                self.hold_while_audit_broken(&mut st.episodes);
             }
         }
         st.stats.report();
@@ -288,6 +360,7 @@ impl Recorder {
             .as_ref()
             .is_none_or(|f| f.last_attempt.elapsed() >= RETRY_EVERY);
         let try_whole = !st.backlogged
+            && !st.audit_broken
             && (st.store_failure.is_none() || (retry_due && carries_messages(&s.commit)));
         let mut recorded = false;
         if try_whole {
@@ -510,6 +583,7 @@ impl Recorder {
         }
         let (cause, error) = match &st.store_failure {
             Some(f) => (f.cause, Some(f.error.clone())),
+            None if st.audit_broken => ("audit_unwritable", None),
             None => ("backlog", None),
         };
         let mut details = Map::new();
@@ -627,22 +701,34 @@ impl Recorder {
         }
     }
 
-    /// Takes no new work until the audit log is writable again.
-    fn hold_while_audit_broken(&mut self, episodes: &mut Episodes) {
-        if let Some(a) = episodes.raise(
-            OpsKind::Audit,
-            "audit",
-            "audit_unwritable",
-            Map::new(),
-            now_ms(),
-        ) {
-            let _ = self.ops.send(a);
+    /// Follows the audit log's health: while it cannot write (a full disk, say),
+    /// recording pauses and acknowledgements wait, but the recorder never stops taking
+    /// work, so alerts are still evaluated and delivered (`ops/bridge/audit`).
+    fn watch_audit(&mut self, st: &mut State) {
+        let broken = !self.auditor.healthy();
+        if broken && !st.audit_broken {
+            st.audit_broken = true;
         }
-        while !self.auditor.healthy() {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        if let Some(a) = episodes.resolve(OpsKind::Audit, "audit", now_ms()) {
-            let _ = self.ops.send(a);
+        if st.audit_broken {
+            if let Some(a) = st.episodes.raise(
+                OpsKind::Audit,
+                "audit",
+                "audit_unwritable",
+                Map::new(),
+                now_ms(),
+            ) {
+                error!(
+                    "the audit log cannot write: recording paused, acknowledgements wait; alerting goes on"
+                );
+                let _ = self.ops.send(a);
+            }
+            if !broken {
+                st.audit_broken = false;
+                if let Some(a) = st.episodes.resolve(OpsKind::Audit, "audit", now_ms()) {
+                    info!("the audit log writes again");
+                    let _ = self.ops.send(a);
+                }
+            }
         }
     }
 
@@ -853,6 +939,37 @@ mod tests {
         assert_eq!(kept.alerts.len(), 3);
         assert_eq!(kept.states[&device("dev-00001")], "new");
         assert!(next.alerts.is_empty() && next.alert_states.is_empty());
+    }
+
+    /// While the audit log cannot write, acknowledgements wait (an ack is applied only
+    /// with its audit record) and come back in order once it writes; every other
+    /// control input, ticks and presence, goes on at once.
+    #[test]
+    fn acknowledgements_wait_for_a_writable_audit_log_and_nothing_else_does() {
+        let ack = |n: u8| Control::Ack {
+            topic: "alerts/site-01/ack/int-site-01".into(),
+            payload: bytes::Bytes::from(vec![n]),
+            received_at_ms: 1,
+        };
+        let mut d: DeferredAcks<u8> = DeferredAcks::default();
+        assert!(
+            d.defer(false, ack(0), Some(0)).is_some(),
+            "healthy: at once"
+        );
+        assert!(d.defer(true, ack(1), Some(1)).is_none());
+        assert!(d.defer(true, ack(2), Some(2)).is_none());
+        assert!(
+            d.defer(true, Control::Tick { now_ms: 5 }, None).is_some(),
+            "ticks keep silence and re-escalation going"
+        );
+        assert!(d.release(true).is_empty(), "still broken");
+        let back: Vec<Option<u8>> = d.release(false).into_iter().map(|(_, t)| t).collect();
+        assert_eq!(back, [Some(1), Some(2)]);
+        assert!(d.release(false).is_empty());
+        for n in 0..=DEFERRED_ACKS_MAX {
+            let _ = d.defer(true, ack(3), Some(u8::try_from(n % 200).expect("small")));
+        }
+        assert_eq!(d.waiting.len(), DEFERRED_ACKS_MAX, "bounded");
     }
 
     #[test]
