@@ -271,6 +271,9 @@ impl State {
 /// What became of one work item.
 struct Handled<U> {
     recorded: bool,
+    /// Its alert part (alert rows, alert states) is in the store: recorded whole, or
+    /// by an alerts-only commit.
+    alerts_durable: bool,
     dispositions: Vec<(Disposition, U)>,
 }
 
@@ -296,6 +299,10 @@ impl Recorder {
     ) {
         let mut st = State::default();
         let mut deferred = DeferredAcks::default();
+        // PUBLISHes of acknowledgements applied while nothing could be written: released
+        // once a commit makes their alert state durable, so a crash meanwhile has the
+        // broker resend them (applying one again is harmless).
+        let mut held: Vec<T> = Vec::new();
         while let Some(item) = work.blocking_recv() {
             self.watch_audit(&mut st);
             if st.store_failure.is_none() && !st.audit_broken {
@@ -313,9 +320,13 @@ impl Recorder {
             let mut audited = true;
             for (control, token) in deferred.release(st.audit_broken) {
                 let sequenced = self.sequencer.control(&self.registry, control, now_ms());
-                let (_, ok) = self.handle(&mut st, sequenced);
+                let (h, ok) = self.handle(&mut st, sequenced);
                 audited &= ok;
-                tokens.extend(token);
+                if h.alerts_durable {
+                    tokens.extend(token);
+                } else {
+                    held.extend(token);
+                }
             }
             match item {
                 Work::Batch(batch) => {
@@ -331,12 +342,21 @@ impl Recorder {
                 Work::Control { control, token } => {
                     if let Some((control, token)) = deferred.defer(st.audit_broken, control, token)
                     {
+                        let is_ack = matches!(control, Control::Ack { .. });
                         let sequenced = self.sequencer.control(&self.registry, control, now_ms());
-                        let (_, ok) = self.handle(&mut st, sequenced);
+                        let (h, ok) = self.handle(&mut st, sequenced);
                         audited &= ok;
-                        tokens.extend(token);
+                        if is_ack && !h.alerts_durable {
+                            held.extend(token);
+                        } else {
+                            tokens.extend(token);
+                        }
                     }
                 }
+            }
+            if st.recording() {
+                // A whole commit went through, with every alert state kept meanwhile.
+                tokens.append(&mut held);
             }
             if !audited {
                 st.audit_broken = true;
@@ -363,6 +383,7 @@ impl Recorder {
             && !st.audit_broken
             && (st.store_failure.is_none() || (retry_due && carries_messages(&s.commit)));
         let mut recorded = false;
+        let mut alerts_durable = false;
         if try_whole {
             st.unrecorded.merge_into(&mut s.commit);
             if is_empty(&s.commit) {
@@ -393,7 +414,7 @@ impl Recorder {
             audited &= self.audit(&s.dispositions, &s.commit.gaps);
             self.watch_rates(&s.dispositions, &s.commit.gaps, &mut st.episodes);
         } else {
-            self.alert_without_recording(st, &mut s, &fresh);
+            alerts_durable = self.alert_without_recording(st, &mut s, &fresh);
             self.sequencer.adopt_unrecorded(&mut s);
             // Refusals and rejections are security facts, audited now; gaps are not
             // news until the messages are recorded (the windows did not move).
@@ -412,6 +433,7 @@ impl Recorder {
         (
             Handled {
                 recorded,
+                alerts_durable: recorded || alerts_durable,
                 dispositions: s.dispositions,
             },
             audited,
@@ -425,7 +447,7 @@ impl Recorder {
         st: &mut State,
         s: &mut Sequenced<U>,
         fresh: &[NewAlert],
-    ) {
+    ) -> bool {
         // Only the alert part is written; the rest waits for the devices' resends.
         let mut alerts_only = Commit {
             alerts: std::mem::take(&mut s.commit.alerts),
@@ -436,7 +458,7 @@ impl Recorder {
         let worth_trying = st.store_failure.is_none() || !fresh.is_empty();
         st.unrecorded.merge_into(&mut alerts_only);
         if is_empty(&alerts_only) {
-            return;
+            return true;
         }
         if worth_trying {
             match self.store.commit_alerts_only(&alerts_only) {
@@ -444,14 +466,14 @@ impl Recorder {
                     if !alerts_only.alerts.is_empty() {
                         self.wake_handlers();
                     }
-                    return;
+                    return true;
                 }
                 Err(e) => self.store_failed(st, &e),
             }
         }
         st.unrecorded.take_back(&mut alerts_only);
         if fresh.is_empty() {
-            return;
+            return false;
         }
         for feed in &self.handlers {
             for a in fresh {
@@ -469,6 +491,7 @@ impl Recorder {
             }
             feed.wake.notify_one();
         }
+        false
     }
 
     fn store_failed(&mut self, st: &mut State, e: &StoreError) {
