@@ -281,7 +281,11 @@ pub async fn run_handler(
         if *stop.borrow() {
             return;
         }
-        while let Ok(a) = from_memory.try_recv() {
+        // Bounded: beyond MEMORY_QUEUE rows the channel fills, the recorder's try_send
+        // fails, and those rows go out from the store once it takes them.
+        while memory.len() < MEMORY_QUEUE
+            && let Ok(a) = from_memory.try_recv()
+        {
             if routed(rules.as_ref(), &name, a.level) {
                 memory.push_back(a);
             }
@@ -346,21 +350,37 @@ pub async fn run_handler(
                 failures = 0;
                 delay = Duration::from_millis(100);
                 if let Some(last) = skipped_last {
-                    for key in &already {
-                        from_memory_delivered.remove(key);
-                    }
                     let store = Arc::clone(&store);
                     let n = name.clone();
-                    match tokio::task::spawn_blocking(move || {
+                    let moved = match tokio::task::spawn_blocking(move || {
                         lock(&store).alert_delivered(&n, last)
                     })
                     .await
                     {
-                        Ok(Ok(())) => debug!(handler = %name, n = alerts.len(), "alerts delivered"),
-                        Ok(Err(e)) => {
-                            warn!(handler = %name, error = %e, "cannot advance the alert cursor; will deliver again")
+                        Ok(Ok(())) => {
+                            debug!(handler = %name, n = alerts.len(), "alerts delivered");
+                            true
                         }
-                        Err(e) => warn!(handler = %name, error = %e, "alert cursor task failed"),
+                        Ok(Err(e)) => {
+                            warn!(handler = %name, error = %e, "cannot advance the alert cursor; will deliver again");
+                            false
+                        }
+                        Err(e) => {
+                            warn!(handler = %name, error = %e, "alert cursor task failed");
+                            false
+                        }
+                    };
+                    if moved {
+                        for key in &already {
+                            from_memory_delivered.remove(key);
+                        }
+                    } else {
+                        // The same rows come back next time: not in a tight loop.
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = stop.changed() => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(10));
                     }
                 } else {
                     for a in memory.drain(..alerts.len()) {
