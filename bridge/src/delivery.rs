@@ -22,7 +22,6 @@
 //! delivered a second time.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{Hash as _, Hasher as _};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -249,14 +248,6 @@ fn routed(rules: Option<&watch::Receiver<Arc<RuleSet>>>, handler: &str, level: u
 /// Levels looked at when routing; a policy lists far fewer.
 const MAX_ROUTED_LEVEL: u32 = 63;
 
-/// The identity of one alert message for "already delivered from memory": the state
-/// change and its exact body (a re-escalation repeats the state at a new level).
-fn delivered_key(a: &StoredAlert) -> (String, String, u64) {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    a.body.hash(&mut h);
-    (a.alert_id.clone(), a.state.clone(), h.finish())
-}
-
 /// Runs one handler until `stop`: wakes on `wake` (a new alert) or every second.
 pub async fn run_handler(
     mut handler: Handler,
@@ -273,7 +264,7 @@ pub async fn run_handler(
         memory: mut from_memory,
     } = inbox;
     let mut memory: VecDeque<StoredAlert> = VecDeque::new();
-    let mut from_memory_delivered: HashSet<(String, String, u64)> = HashSet::new();
+    let mut from_memory_delivered: HashSet<String> = HashSet::new();
     let mut episodes = Episodes::default();
     let mut failures = 0u32;
     let mut delay = Duration::from_millis(100);
@@ -325,7 +316,7 @@ pub async fn run_handler(
             let mut already = Vec::new();
             let mut send = Vec::new();
             for a in rows {
-                let key = delivered_key(&a);
+                let key = change_id(&a);
                 if from_memory_delivered.contains(&key) {
                     already.push(key);
                 } else if routed(rules.as_ref(), &name, a.level) {
@@ -384,7 +375,7 @@ pub async fn run_handler(
                     }
                 } else {
                     for a in memory.drain(..alerts.len()) {
-                        from_memory_delivered.insert(delivered_key(&a));
+                        from_memory_delivered.insert(change_id(&a));
                     }
                     info!(handler = %name, n = alerts.len(), "alerts delivered from memory (not recorded yet)");
                 }
