@@ -12,7 +12,10 @@ mod common;
 use std::time::Duration;
 
 use common::webhook::{Received, webhook_receiver};
-use common::{Rig, Spawned, audit_records, has_fields, vitalmq_ok, wait_until};
+use common::{
+    Rig, Spawned, audit_records, desaturation, has_fields, recent_device_time_origin, vitalmq_ok,
+    wait_until,
+};
 use serde_json::Value as Json;
 
 /// The webhook's secrets during a key rotation, newest first (Standard Webhooks keys:
@@ -94,38 +97,6 @@ webhooks = [{{ name = "ehr", url = "http://127.0.0.1:{webhook_port}/alerts", sec
 "#,
         rules.display()
     )
-}
-
-/// Device time zero of a scripted trajectory: ten minutes ago. The script plays minutes
-/// of device time in seconds, so it must lie within the rule file's `[clock]` limits of
-/// the bridge's clock (300 s ahead, 7 days behind): a reading outside them is marked as
-/// clock skew and evaluated at its reception time, which would squeeze the script.
-fn recent_device_time_origin() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970");
-    u64::try_from(now.as_millis()).expect("ms fit u64") - 600_000
-}
-
-/// `(device time in s, spo2)`: 97 for a minute, a fall to 86 held for minutes, a dip to
-/// 84, then recovery to 93 for two minutes. One reading every 10 s of device time.
-fn desaturation() -> Vec<(u64, f64)> {
-    let mut t = Vec::new();
-    let mut s = 0;
-    let mut push = |v: f64, n: usize| {
-        for _ in 0..n {
-            t.push((s, v));
-            s += 10;
-        }
-    };
-    push(97.0, 7);
-    for v in [89.0, 88.0, 87.0, 86.0] {
-        push(v, 1);
-    }
-    push(86.0, 10);
-    push(84.0, 2);
-    push(93.0, 14);
-    t
 }
 
 /// Alert handlers of [`alerts_config`]: the MQTT publisher and one webhook.

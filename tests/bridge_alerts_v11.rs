@@ -89,36 +89,13 @@ fn start_bridge(rig: &Rig, config: &str) -> common::BridgeProcess {
     )
 }
 
-/// `vitalmq envelope sign` for `device` with `args` after the identity, signed with
-/// `key_of`'s COSE key (another device's key forges the message).
+/// A message of epoch 1 for `device`, dated now, signed with `key_of`'s key (another
+/// device's key forges it); `args` are the payload flags.
 fn sign(rig: &Rig, device: &str, key_of: &str, seq: u64, args: &[&str]) -> Vec<u8> {
-    let key = rig.pki().join("devices").join(key_of).join("cose.key.pem");
-    let out = rig.dir().join(format!("signed-{device}-{seq}.cbor"));
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis()
-        .to_string();
-    let mut all = vec![
-        "envelope",
-        "sign",
-        "--key",
-        key.to_str().expect("utf-8"),
-        "--dev",
-        device,
-        "--epoch",
-        "1",
-        "--ts",
-        &now_ms,
-        "--fw",
-        "5.12.1",
-    ];
-    let seq = seq.to_string();
-    all.extend(["--seq", &seq]);
+    let ts = common::now_ms().to_string();
+    let mut all = vec!["--ts", &ts, "--fw", "5.12.1"];
     all.extend(args);
-    all.extend(["--output", out.to_str().expect("utf-8")]);
-    vitalmq_ok(&rig.bin, &all);
-    std::fs::read(&out).expect("signed")
+    rig.sign(device, key_of, 1, seq, &all)
 }
 
 fn reading(rig: &Rig, device: &str, seq: u64, spo2: u32) -> Vec<u8> {

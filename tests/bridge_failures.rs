@@ -13,8 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    BridgeProcess, Moto, Rig, Spawned, audit_records, has_fields, poll_until, run,
-    sim_summary_all_receipted, vitalmq_ok, wait_until,
+    BridgeProcess, Moto, Rig, Spawned, audit_records, desaturation, has_fields, poll_until,
+    recent_device_time_origin, run, sim_summary_all_receipted, vitalmq_ok, wait_until,
 };
 use serde_json::Value as Json;
 
@@ -240,63 +240,21 @@ publisher = {{ client_id = "bridge-01-alerts", cert = "pki/identities/bridge/bri
     )
 }
 
-/// `(device time in s, spo2)`, one reading every 10 s: 97 for a minute, then a fall to
-/// 86 held long enough for the shipped `spo2-low` rule to open (as in
-/// `tests/bridge_alerts.rs`, up to its open alert).
-fn desaturation() -> Vec<(u64, f64)> {
-    let mut values = vec![97.0; 7];
-    values.extend([89.0, 88.0, 87.0, 86.0]);
-    values.extend([86.0; 5]);
-    values
-        .into_iter()
-        .zip((0..).step_by(10))
-        .map(|(v, t)| (t, v))
-        .collect()
-}
-
-/// The readings of [`desaturation`] for `device`, signed with its key (device clock ten
-/// minutes ago, inside the rule file's clock limits), as `(seq, bytes)` from seq 0.
+/// The readings of [`desaturation`] for `device` up to the open `spo2-low` alert (its
+/// first 16: 97 for a minute, then a fall to 86 held long enough), signed with its key
+/// (device clock ten minutes ago, inside the rule file's clock limits), as
+/// `(seq, bytes)` from seq 0.
 fn signed_desaturation(rig: &Rig, device: &str) -> Vec<(u64, Vec<u8>)> {
-    let t0_ms = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock after 1970")
-            .as_millis(),
-    )
-    .expect("ms fit u64")
-        - 600_000;
-    let key = rig.pki().join(format!("devices/{device}/cose.key.pem"));
-    let out = rig.dir().join(format!("reading-{device}.cbor"));
+    let t0_ms = recent_device_time_origin();
     desaturation()
         .into_iter()
+        .take(16)
         .zip(0u64..)
         .map(|((t_s, spo2), seq)| {
-            vitalmq_ok(
-                vitalmq_bin!(),
-                &[
-                    "envelope",
-                    "sign",
-                    "--key",
-                    key.to_str().expect("utf-8"),
-                    "--dev",
-                    device,
-                    "--epoch",
-                    "1",
-                    "--seq",
-                    &seq.to_string(),
-                    "--ts",
-                    &(t0_ms + t_s * 1000).to_string(),
-                    "--m",
-                    &format!("spo2={spo2}"),
-                    "--m",
-                    "pulse=72",
-                    "--q",
-                    "0.95",
-                    "--output",
-                    out.to_str().expect("utf-8"),
-                ],
-            );
-            (seq, std::fs::read(&out).expect("signed"))
+            let ts = (t0_ms + t_s * 1000).to_string();
+            let spo2 = format!("spo2={spo2}");
+            let args = ["--ts", &ts, "--m", &spo2, "--m", "pulse=72", "--q", "0.95"];
+            (seq, rig.sign(device, device, 1, seq, &args))
         })
         .collect()
 }

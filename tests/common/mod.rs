@@ -813,33 +813,76 @@ impl Rig {
 
     /// Signs `(epoch, seq)` for `device` with its COSE key (`vitalmq envelope sign`).
     pub fn signed(&self, device: &str, epoch: u64, seq: u64) -> Vec<u8> {
-        let key = self.pki().join("devices").join(device).join("cose.key.pem");
+        self.sign(
+            device,
+            device,
+            epoch,
+            seq,
+            &["--m", "spo2=97", "--m", "pulse=72", "--q", "0.95"],
+        )
+    }
+
+    /// `vitalmq envelope sign` of `(epoch, seq)` for `device` with `args` (payload
+    /// flags), signed with `key_of`'s COSE key: another device's key forges it.
+    pub fn sign(&self, device: &str, key_of: &str, epoch: u64, seq: u64, args: &[&str]) -> Vec<u8> {
+        let key = self.pki().join("devices").join(key_of).join("cose.key.pem");
         let out = self.dir().join(format!("signed-{device}.cbor"));
-        vitalmq_ok(
-            &self.bin,
-            &[
-                "envelope",
-                "sign",
-                "--key",
-                key.to_str().expect("utf-8"),
-                "--dev",
-                device,
-                "--epoch",
-                &epoch.to_string(),
-                "--seq",
-                &seq.to_string(),
-                "--m",
-                "spo2=97",
-                "--m",
-                "pulse=72",
-                "--q",
-                "0.95",
-                "--output",
-                out.to_str().expect("utf-8"),
-            ],
-        );
+        let (epoch, seq) = (epoch.to_string(), seq.to_string());
+        let mut all = vec![
+            "envelope",
+            "sign",
+            "--key",
+            key.to_str().expect("utf-8"),
+            "--dev",
+            device,
+            "--epoch",
+            &epoch,
+            "--seq",
+            &seq,
+        ];
+        all.extend(args);
+        all.extend(["--output", out.to_str().expect("utf-8")]);
+        vitalmq_ok(&self.bin, &all);
         std::fs::read(&out).expect("signed message")
     }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(now.as_millis()).expect("ms fit u64")
+}
+
+/// Device time zero of a scripted trajectory: ten minutes ago. The script plays minutes
+/// of device time in seconds, so it must lie within the rule file's `[clock]` limits of
+/// the bridge's clock (300 s ahead, 7 days behind): a reading outside them is marked as
+/// clock skew and evaluated at its reception time, which would squeeze the script.
+pub fn recent_device_time_origin() -> u64 {
+    now_ms() - 600_000
+}
+
+/// `(device time in s, spo2)`: 97 for a minute, a fall to 86 held for minutes (the
+/// shipped `spo2-low` rule opens after the 16th reading), a dip to 84, then recovery to
+/// 93 for two minutes. One reading every 10 s of device time.
+pub fn desaturation() -> Vec<(u64, f64)> {
+    let mut t = Vec::new();
+    let mut s = 0;
+    let mut push = |v: f64, n: usize| {
+        for _ in 0..n {
+            t.push((s, v));
+            s += 10;
+        }
+    };
+    push(97.0, 7);
+    for v in [89.0, 88.0, 87.0, 86.0] {
+        push(v, 1);
+    }
+    push(86.0, 10);
+    push(84.0, 2);
+    push(93.0, 14);
+    t
 }
 
 /// The last stdout line of a finished `vitalmq sim`, asserting everything was receipted.
