@@ -15,6 +15,8 @@
 //! CONNECT, a PUBACK or PUBREL for a packet id nobody used) close the connection with
 //! an audit record saying why.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -30,7 +32,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use vitalmq_broker::{Broker, BrokerConfig};
-use vitalmq_certs::{FleetPlan, Layout, Pki};
+use vitalmq_certs::Layout;
 use vitalmq_policies::{PrincipalId, Role, TrustDomain};
 
 /// Connections per racing loop, and the time the race may take at most. On a release
@@ -56,43 +58,8 @@ struct Deployment {
 
 impl Deployment {
     fn new() -> (Self, BrokerConfig) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let td = TrustDomain::new("demo.vitalmq").expect("trust domain");
-        let pki_dir = dir.path().join("pki");
-        Pki::init(
-            &pki_dir,
-            &FleetPlan::new(td, 4, 2),
-            time::OffsetDateTime::now_utc(),
-        )
-        .expect("pki");
+        let (dir, pki_dir, config) = common::deployment();
         let layout = Layout::new(&pki_dir);
-        let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/acl.toml");
-        let config_path = dir.path().join("broker.toml");
-        std::fs::write(
-            &config_path,
-            format!(
-                r#"listen = "127.0.0.1:0"
-connect_timeout_ms = 10000
-[tls]
-server_cert = "pki/broker/server.pem"
-server_key = "pki/broker/server.key.pem"
-client_ca = ["pki/ca/ca.pem"]
-crls = ["pki/crl.pem"]
-trust_domain = "demo.vitalmq"
-handshake_timeout_ms = 10000
-per_ip_per_second = 0
-[policy]
-acl = "{}"
-registry = "pki/registry.toml"
-watch = false
-[audit]
-path = "audit.jsonl"
-"#,
-                acl.display()
-            ),
-        )
-        .expect("config");
-        let config = BrokerConfig::load(&config_path).expect("config loads");
         let ca = CertificateDer::pem_file_iter(layout.ca_cert())
             .expect("ca")
             .collect::<Result<Vec<_>, _>>()

@@ -4,8 +4,10 @@
 //! `mosquitto_pub` / `mosquitto_sub` processes (and, for the takeover, a raw TLS client
 //! that does not reconnect by itself).
 
+mod common;
+
 use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -17,9 +19,9 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value as Json;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use vitalmq_broker::{Broker, BrokerConfig};
-use vitalmq_certs::{FleetPlan, Layout, Pki};
-use vitalmq_policies::{PrincipalId, Role, TrustDomain};
+use vitalmq_broker::Broker;
+use vitalmq_certs::{Layout, Pki};
+use vitalmq_policies::{PrincipalId, Role};
 
 /// How long something that should happen may take.
 const EVENTUALLY: Duration = Duration::from_secs(15);
@@ -35,42 +37,7 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let td = TrustDomain::new("demo.vitalmq").expect("trust domain");
-        let pki_dir = dir.path().join("pki");
-        Pki::init(
-            &pki_dir,
-            &FleetPlan::new(td, 4, 2),
-            time::OffsetDateTime::now_utc(),
-        )
-        .expect("pki");
-        let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples/acl.toml");
-        let config_path = dir.path().join("broker.toml");
-        std::fs::write(
-            &config_path,
-            format!(
-                r#"listen = "127.0.0.1:0"
-connect_timeout_ms = 10000
-[tls]
-server_cert = "pki/broker/server.pem"
-server_key = "pki/broker/server.key.pem"
-client_ca = ["pki/ca/ca.pem"]
-crls = ["pki/crl.pem"]
-trust_domain = "demo.vitalmq"
-handshake_timeout_ms = 10000
-per_ip_per_second = 0
-[policy]
-acl = "{}"
-registry = "pki/registry.toml"
-watch = false
-[audit]
-path = "audit.jsonl"
-"#,
-                acl.display()
-            ),
-        )
-        .expect("config");
-        let config = BrokerConfig::load(&config_path).expect("config loads");
+        let (dir, pki_dir, config) = common::deployment();
         let broker = Broker::start(config).await.expect("broker starts");
         let port = broker.local_addr().port();
         Self {
