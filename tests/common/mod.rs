@@ -2,6 +2,7 @@
 //! running a command with a deadline.
 #![allow(dead_code)]
 
+pub mod conformance;
 pub mod webhook;
 
 use std::io::{Read as _, Write as _};
