@@ -8,11 +8,12 @@ use parking_lot::Mutex;
 use tracing::{error, warn};
 
 use crate::{
-    protocol::Packet,
+    protocol::{Packet, QoS},
     router::{FilterIdx, MAX_CHANNEL_CAPACITY},
     Cursor, Notification,
 };
 
+use super::logs::Origin;
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
 // vitalmq patch 2: 100 unacknowledged messages per subscriber capped a subscriber
@@ -25,6 +26,9 @@ const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 pub struct Incoming {
     /// Identifier associated with connected client
     pub(crate) client_id: String,
+    /// vitalmq patch 10b: the same id, shared with every message this connection
+    /// publishes (for No Local).
+    pub(crate) origin: Origin,
     /// Recv buffer
     pub(crate) buffer: Arc<Mutex<VecDeque<Packet>>>,
     /// incoming metrics
@@ -39,6 +43,7 @@ impl Incoming {
             // packets for every connection, most of which stay idle.
             buffer: Arc::new(Mutex::new(VecDeque::new())),
             meter: Default::default(),
+            origin: Origin::from(client_id.as_str()),
             client_id,
         }
     }
@@ -111,39 +116,33 @@ impl Outgoing {
     }
 
     /// Push packets to the outgoing buffer.
+    ///
+    /// vitalmq patch 10a: each forward is sent at its own QoS (the minimum of the
+    /// published and the granted QoS, MQTT 5 3.8.4 / 4.3), so one read can mix QoS 0
+    /// and QoS 1/2 messages: only those at QoS 1/2 take a packet id and an in-flight
+    /// slot. rumqttd decided this once per read from the subscription's QoS.
     pub fn push_forwards(
         &mut self,
         publishes: impl Iterator<Item = Forward>,
-        qos: u8,
         filter_idx: usize,
     ) -> (usize, usize) {
         let mut buffer = self.data_buffer.lock();
-        let publishes = publishes;
-
-        if qos == 0 {
-            for p in publishes {
-                self.meter.publish_count += 1;
-                buffer.push_back(Notification::Forward(p));
-                // self.meter.total_size += p.len();
-            }
-
-            // self.meter.update_data_rate(total_size);
-            let buffer_count = buffer.len();
-            let inflight_count = self.inflight_buffer.len();
-            return (buffer_count, inflight_count);
-        }
 
         for mut p in publishes {
-            // Index and pkid of current outgoing packet
-            self.last_pkid += 1;
-            p.publish.pkid = self.last_pkid;
+            if p.publish.qos == QoS::AtMostOnce {
+                p.publish.pkid = 0;
+            } else {
+                // Index and pkid of current outgoing packet
+                self.last_pkid += 1;
+                p.publish.pkid = self.last_pkid;
 
-            self.inflight_buffer
-                .push_back((self.last_pkid, filter_idx, p.cursor));
+                self.inflight_buffer
+                    .push_back((self.last_pkid, filter_idx, p.cursor));
 
-            // Place max pkid packet at index 0
-            if self.last_pkid == MAX_PKID {
-                self.last_pkid = 0;
+                // Place max pkid packet at index 0
+                if self.last_pkid == MAX_PKID {
+                    self.last_pkid = 0;
+                }
             }
 
             self.meter.publish_count += 1;

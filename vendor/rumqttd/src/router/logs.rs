@@ -13,23 +13,36 @@ use crate::segments::{CommitLog, Position};
 use crate::Storage;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::Arc;
 use std::time::Instant;
 
 type PubWithProp = (Publish, Option<PublishProperties>);
+
+/// vitalmq patch 10b: the client id of the connection that published a message, kept
+/// with each stored copy so that a No Local subscription (MQTT 5 3.8.3.1,
+/// MQTT-3.8.3-3) can leave out its own client's messages. Shared, one allocation per
+/// connection: storing a message clones the pointer, not the string.
+pub(crate) type Origin = Arc<str>;
 
 #[derive(Clone)]
 pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
+    pub(crate) origin: Origin,
 }
 
-impl From<PubWithProp> for PublishData {
-    fn from((publish, properties): PubWithProp) -> Self {
+impl PublishData {
+    pub(crate) fn new(
+        publish: Publish,
+        properties: Option<PublishProperties>,
+        origin: Origin,
+    ) -> Self {
         PublishData {
             publish,
             properties,
             timestamp: Instant::now(),
+            origin,
         }
     }
 }
@@ -122,6 +135,23 @@ impl DataLog {
             })
     }
 
+    /// vitalmq patch 10c: takes the parked request of connection `id` for subscription
+    /// `filter` (the filter as subscribed, `$share/...` included) on log `filter_idx`,
+    /// so that a SUBSCRIBE to a filter the connection already holds can replace its
+    /// options.
+    pub(crate) fn take_waiter(
+        &mut self,
+        id: ConnectionId,
+        filter_idx: FilterIdx,
+        filter: &str,
+    ) -> Option<DataRequest> {
+        let waiters = self.native.get_mut(filter_idx)?.waiters.get_mut();
+        let index = waiters
+            .iter()
+            .position(|(conn_id, request)| *conn_id == id && request.filter == filter)?;
+        waiters.remove(index).map(|(_, request)| request)
+    }
+
     // TODO: Currently returning a Option<Vec> instead of Option<&Vec> due to Rust borrow checker
     // limitation
     pub fn matches(&mut self, topic: &str) -> Option<Vec<usize>> {
@@ -172,11 +202,14 @@ impl DataLog {
         (filter_idx, data.log.next_offset())
     }
 
+    /// Reads up to `len` messages of the log at `offset`, leaving out expired ones and
+    /// (vitalmq patch 10b, No Local) those published by the client `exclude_origin`.
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
+        exclude_origin: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
@@ -192,6 +225,10 @@ impl DataLog {
 
         let now = Instant::now();
         o.retain_mut(|(pubdata, _)| {
+            if exclude_origin.is_some_and(|me| *pubdata.origin == *me) {
+                return false;
+            }
+
             // Keep data if no properties exists, which implies no message expiry!
             let Some(properties) = pubdata.properties.as_mut() else {
                 return true;
@@ -260,9 +297,10 @@ impl DataLog {
         publish: Publish,
         publish_properties: Option<PublishProperties>,
         topic: Topic,
+        origin: Origin,
     ) {
-        let pub_with_props = (publish, publish_properties);
-        self.retained_publishes.insert(topic, pub_with_props.into());
+        let data = PublishData::new(publish, publish_properties, origin);
+        self.retained_publishes.insert(topic, data);
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {

@@ -190,7 +190,8 @@ pub struct DataRequest {
     /// Commitlog this request is pulling data from
     pub filter: Filter,
     pub filter_idx: FilterIdx,
-    /// Qos of the outgoing data
+    /// The granted QoS: the most a forward is sent at (vitalmq patch 10a: each message
+    /// goes out at the minimum of this and its published QoS)
     pub qos: u8,
     /// (segment, offset) tuples per replica (1 native and 2 replicas)
     pub cursor: (u64, u64),
@@ -203,6 +204,12 @@ pub struct DataRequest {
     /// `forward_retained` has more to send.
     pub(crate) retained_after: Option<String>,
     pub(crate) group: Option<String>,
+    /// vitalmq patch 10b: No Local (MQTT 5 3.8.3.1): leave out the messages this
+    /// connection's client published.
+    pub(crate) nolocal: bool,
+    /// vitalmq patch 10b: Retain As Published (MQTT 5 3.8.3.1): forward the RETAIN flag
+    /// as published instead of clearing it.
+    pub(crate) preserve_retain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 use crate::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck,
+    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, RetainForwardRule, SubAck,
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use crate::router::alertlog::alert;
@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, Origin, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -544,6 +544,8 @@ impl Router {
         };
 
         let client_id = incoming.client_id.clone();
+        // vitalmq patch 10b: stored with each message, for No Local.
+        let origin = incoming.origin.clone();
         let span = tracing::error_span!("incoming_payload", client_id);
         let _guard = span.enter();
 
@@ -614,6 +616,7 @@ impl Router {
                         id,
                         publish.clone(),
                         properties,
+                        &origin,
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
@@ -674,6 +677,15 @@ impl Router {
                             group = Some(grp);
                             filter = filter_path;
                         };
+
+                        // vitalmq patch 10b: MQTT-3.8.3-4, No Local on a shared
+                        // subscription is a Protocol Error.
+                        if group.is_some() && f.nolocal {
+                            warn!("No Local set on a shared subscription");
+                            disconnect = true;
+                            disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
+                            break;
+                        }
 
                         let subscription_id = props.as_ref().and_then(|p| p.id);
 
@@ -831,6 +843,7 @@ impl Router {
                         id,
                         publish,
                         props,
+                        &origin,
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
@@ -917,6 +930,12 @@ impl Router {
 
     /// Apply filter and prepare this connection to receive subscription data
     /// Handle retained messages as per subscription options!
+    ///
+    /// vitalmq patch 10c: a SUBSCRIBE to a filter the connection already holds replaces
+    /// that subscription's options (MQTT 3.1.1 3.8.4, MQTT 5 3.8.4: granted QoS, No
+    /// Local, Retain As Published, Subscription Identifier) and follows Retain Handling
+    /// (MQTT 5 3.8.3.1); rumqttd ignored it ("TODO: figure out how we can update
+    /// existing DataRequest") and sent retained messages on every new subscription.
     fn prepare_filter(
         &mut self,
         id: ConnectionId,
@@ -959,44 +978,96 @@ impl Router {
             shared_group.add_client(client_id);
         };
 
-        if let Some(subscription_id) = subscription_id {
-            connection
-                .subscription_ids
-                .insert(filter_path.clone(), subscription_id);
+        // The identifier belongs to the subscription this SUBSCRIBE creates or replaces
+        // (MQTT 5 3.8.2.1.2): a re-subscription without one drops the old one.
+        match subscription_id {
+            Some(subscription_id) => {
+                connection
+                    .subscription_ids
+                    .insert(filter_path.clone(), subscription_id);
+            }
+            None => {
+                connection.subscription_ids.remove(filter_path);
+            }
         }
-
-        // check is group is None because retained messages aren't sent
-        // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
 
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
-        if connection.subscriptions.insert(filter_path.clone()) {
-            let request = DataRequest {
+        let new_subscription = connection.subscriptions.insert(filter_path.clone());
+
+        // Retained messages are never sent for shared subscriptions (MQTT 5 4.8.2).
+        let forward_retained = group.is_none()
+            && match filter.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => new_subscription,
+                RetainForwardRule::Never => false,
+            };
+
+        let existing = if new_subscription {
+            None
+        } else {
+            self.take_data_request(id, filter_idx, filter_path)
+        };
+
+        let request = match existing {
+            Some(mut request) => {
+                if forward_retained {
+                    request.forward_retained = true;
+                    request.retained_after = None;
+                }
+                request.qos = filter.qos as u8;
+                request.nolocal = filter.nolocal;
+                request.preserve_retain = filter.preserve_retain;
+                request
+            }
+            None => DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
                 qos: filter.qos as u8,
                 cursor,
                 read_count: 0,
                 max_count: 100,
-                // set true for new subscriptions
                 forward_retained,
                 retained_after: None,
                 group,
-            };
+                nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
+            },
+        };
 
-            self.scheduler.track(id, request);
-            self.scheduler.reschedule(id, ScheduleReason::NewFilter);
-            debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
-        }
-
-        // TODO: figure out how we can update existing DataRequest
-        // helpful in re-subscriptions and forwarding retained messages on
-        // every subscribe
+        self.scheduler.track(id, request);
+        self.scheduler.reschedule(id, ScheduleReason::NewFilter);
+        debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none());
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
+    }
+
+    /// vitalmq patch 10c: takes connection `id`'s request for subscription `filter` out
+    /// of wherever it waits: the connection's tracker, the log's waiters (caught up),
+    /// or the notifications of a message appended earlier in the same batch.
+    fn take_data_request(
+        &mut self,
+        id: ConnectionId,
+        filter_idx: FilterIdx,
+        filter: &str,
+    ) -> Option<DataRequest> {
+        if let Some(tracker) = self.scheduler.trackers.get_mut(id) {
+            let requests = &mut tracker.data_requests;
+            if let Some(index) = requests.iter().position(|r| r.filter == filter) {
+                return requests.remove(index);
+            }
+        }
+
+        if let Some(request) = self.datalog.take_waiter(id, filter_idx, filter) {
+            return Some(request);
+        }
+
+        let index = self
+            .notifications
+            .iter()
+            .position(|(conn_id, r)| *conn_id == id && r.filter == filter)?;
+        self.notifications.remove(index).map(|(_, request)| request)
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
@@ -1135,6 +1206,7 @@ impl Router {
         match append_will_message(
             publish,
             properties,
+            Origin::from(client_id),
             &mut self.datalog,
             &mut self.notifications,
             #[cfg(feature = "validate-tenant-prefix")]
@@ -1197,6 +1269,7 @@ fn append_to_commitlog(
     id: ConnectionId,
     mut publish: Publish,
     mut properties: Option<PublishProperties>,
+    origin: &Origin,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
@@ -1239,12 +1312,17 @@ fn append_to_commitlog(
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+        datalog.insert_to_retained_publishes(
+            publish.clone(),
+            properties.clone(),
+            topic.to_owned(),
+            origin.clone(),
+        );
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // vitalmq patch 10b: the log keeps the RETAIN flag as published; forwarding clears
+    // it unless the subscription has Retain As Published (rumqttd cleared it here, for
+    // every subscriber).
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1262,8 +1340,8 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let publish_data = PublishData::new(publish.clone(), properties.clone(), origin.clone());
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1277,8 +1355,9 @@ fn append_to_commitlog(
 }
 
 fn append_will_message(
-    mut publish: Publish,
+    publish: Publish,
     properties: Option<PublishProperties>,
+    origin: Origin,
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
@@ -1310,12 +1389,15 @@ fn append_will_message(
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+        datalog.insert_to_retained_publishes(
+            publish.clone(),
+            properties.clone(),
+            topic.to_owned(),
+            origin.clone(),
+        );
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // vitalmq patch 10b: RETAIN stays as published in the log (see append_to_commitlog).
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1328,8 +1410,8 @@ fn append_will_message(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let publish_data = PublishData::new(publish.clone(), properties.clone(), origin.clone());
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1506,7 +1588,14 @@ fn forward_device_data(
             Vec::new(),
         )
     } else {
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
+        // vitalmq patch 10b: No Local leaves out this client's own messages.
+        let exclude_origin = request.nolocal.then_some(outgoing.client_id.as_str());
+        match datalog.native_readv(
+            request.filter_idx,
+            request.cursor,
+            inflight_slots,
+            exclude_origin,
+        ) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);
@@ -1562,14 +1651,21 @@ fn forward_device_data(
         publishes.len()
     );
 
-    let qos = request.qos;
+    let granted = protocol::qos(request.qos).unwrap_or(QoS::AtMostOnce);
+    let preserve_retain = request.preserve_retain;
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        // vitalmq patch 10b: a read whose messages were all left out (No Local,
+        // expired) has not necessarily reached the end of the log.
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
@@ -1592,7 +1688,19 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // vitalmq patch 10a: delivered QoS = min(published, granted) (MQTT 3.1.1
+            // 3.8.4, MQTT 5 3.8.4 and 4.3); rumqttd sent every message at the granted QoS.
+            if publish.qos > granted {
+                publish.qos = granted;
+            }
+
+            // vitalmq patch 10b: a message from the log matches an established
+            // subscription: RETAIN is cleared (MQTT-3.3.1-9, MQTT 5 3.3.1.3) unless the
+            // subscription has Retain As Published. Retained messages sent because of
+            // the subscription (no log offset) keep RETAIN=1 (MQTT-3.3.1-8).
+            if offset.is_some() && !preserve_retain {
+                publish.retain = false;
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
@@ -1621,7 +1729,7 @@ fn forward_device_data(
             }
         });
 
-    let (len, inflight) = outgoing.push_forwards(forwards, qos, filter_idx);
+    let (len, inflight) = outgoing.push_forwards(forwards, filter_idx);
 
     debug!(
         inflight_count = inflight,
@@ -1787,6 +1895,11 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
             .map(|(group, path)| (group.to_string(), path.to_string()))
     })
 }
+
+#[cfg(test)]
+#[path = "routing_tests.rs"]
+mod vitalmq_tests;
+
 // #[cfg(test)]
 // #[allow(non_snake_case)]
 // mod test {

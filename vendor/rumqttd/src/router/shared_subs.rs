@@ -29,7 +29,11 @@ impl SharedGroup {
     }
 
     pub fn add_client(&mut self, client: String) {
-        self.clients.push(client)
+        // vitalmq patch 10c: a re-subscription (which now replaces the subscription's
+        // options) must not make the client a second member of the group.
+        if !self.clients.contains(&client) {
+            self.clients.push(client)
+        }
     }
 
     pub fn remove_client(&mut self, client: &String) {
