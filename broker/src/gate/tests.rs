@@ -1373,8 +1373,7 @@ fn v5_pubrel(pkid: u16) -> Bytes {
 /// earlier connection is legitimate in a resumed session (MQTT-4.4.0-1) and an unknown
 /// packet id otherwise.
 #[test]
-fn mqtt5_3_2_2_1_1_a_pubrel_from_an_earlier_connection_passes_only_when_the_session_was_resumed()
-{
+fn mqtt5_3_2_2_1_1_a_pubrel_from_an_earlier_connection_passes_only_when_the_session_was_resumed() {
     let mut h = Harness::new(Role::Device, "dev-00001");
     h.client(v5_connect_resuming("dev-00001", 3600));
     h.broker(v5_connack_session(true));
