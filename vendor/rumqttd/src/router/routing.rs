@@ -310,9 +310,10 @@ impl Router {
                     "Duplicate client_id, dropping previous connection with connection_id: {}",
                     connection_id
                 );
-                // vitalmq patch 9a: the new connection takes the session over (MQTT 5
-                // 3.1.4-3), whatever its expiry; its own Clean Start decides below.
-                self.end_connection(*connection_id, None, SessionEnd::TakenOver);
+                // vitalmq patch 9a: the old connection's session is then kept as its
+                // expiry says, and the new connection's Clean Start decides below
+                // whether it resumes it (MQTT 5 3.1.4-3).
+                self.handle_disconnection(*connection_id, None);
             }
         }
 
@@ -431,18 +432,6 @@ impl Router {
     }
 
     fn handle_disconnection(&mut self, id: ConnectionId, reason: Option<DisconnectReasonCode>) {
-        self.end_connection(id, reason, SessionEnd::Disconnected(Instant::now()));
-    }
-
-    /// Removes connection `id` from the router; its session is saved (vitalmq patch 9a)
-    /// when it outlives the connection, as its [`SessionExpiry`] says, or when it is
-    /// taken over.
-    fn end_connection(
-        &mut self,
-        id: ConnectionId,
-        reason: Option<DisconnectReasonCode>,
-        end: SessionEnd,
-    ) {
         // Some clients can choose to send Disconnect packet before network disconnection.
         // This will lead to double Disconnect packets in router `events`
         let client_id = match &self.obufs.get(id) {
@@ -531,11 +520,7 @@ impl Router {
 
         // Save state for persistent sessions. vitalmq patch 9a: kept as long as the
         // session expiry says (rumqttd kept it for ever iff clean session was false).
-        let kept_until = match end {
-            // Resumed or discarded at once by the taking-over connection.
-            SessionEnd::TakenOver => Some(None),
-            SessionEnd::Disconnected(now) => connection.session_expiry.deadline(now),
-        };
+        let kept_until = connection.session_expiry.deadline(Instant::now());
         if let Some(expires_at) = kept_until {
             // Add inflight data requests back to tracker
             inflight_data_requests
@@ -1807,16 +1792,6 @@ fn print_status(router: &mut Router, metrics: Print) {
 #[cfg(test)]
 #[path = "session_tests.rs"]
 mod session_tests;
-
-/// vitalmq patch 9a: how a connection ended, for what becomes of its session.
-#[derive(Debug, Clone, Copy)]
-enum SessionEnd {
-    /// The network connection ended (DISCONNECT, network loss, keepalive, error) at
-    /// this time: the session's expiry decides.
-    Disconnected(Instant),
-    /// A new connection with the same client id took over.
-    TakenOver,
-}
 
 fn validate_subscription(
     connection: &mut Connection,

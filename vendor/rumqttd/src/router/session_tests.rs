@@ -327,13 +327,13 @@ fn mqtt311_3_1_2_4_clean_session_rules_are_unchanged() {
 }
 
 #[test]
-fn mqtt5_3_1_4_3_a_takeover_hands_the_session_to_the_new_connection() {
+fn mqtt5_3_1_4_3_a_takeover_resumes_the_old_session_only_if_it_outlives_its_connection() {
     let mut router = router();
-    // The old connection's session would end with it; the new one takes it over.
-    let (old, _) = connect(&mut router, "sub", false, Some(SessionExpiry::AtDisconnect));
+    let hour = SessionExpiry::from_interval(3600);
+    let (old, _) = connect(&mut router, "sub", false, Some(hour));
     subscribe(&mut router, &old);
-    let (new, session_present) =
-        connect(&mut router, "sub", false, Some(SessionExpiry::AtDisconnect));
+    // The same client id connects while the first connection is up.
+    let (new, session_present) = connect(&mut router, "sub", false, Some(hour));
     assert!(
         session_present,
         "Clean Start=0 resumes the taken-over session"
@@ -341,4 +341,15 @@ fn mqtt5_3_1_4_3_a_takeover_hands_the_session_to_the_new_connection() {
     let (publisher, _) = connect(&mut router, "pub", true, None);
     publish(&mut router, &publisher, "live");
     assert_eq!(payloads(&new), [Bytes::from("live")]);
+
+    // A session that ends with its connection ends with a taken-over one too.
+    let (old, _) = connect(
+        &mut router,
+        "other",
+        false,
+        Some(SessionExpiry::AtDisconnect),
+    );
+    subscribe(&mut router, &old);
+    let (_, session_present) = connect(&mut router, "other", false, Some(hour));
+    assert!(!session_present);
 }
