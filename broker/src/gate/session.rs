@@ -124,8 +124,11 @@ pub struct GateSession {
     /// The client asked for keepalive 0: the gate pings rumqttd (see
     /// [`BROKER_PING_EVERY`]) and swallows this many PINGRESPs answering its own pings.
     pub(super) gate_pings: Option<u32>,
-    /// The client's session is clean (3.1.1 clean session, 5 clean start): every
-    /// packet id it may acknowledge was seen on this connection.
+    /// No earlier session was resumed, so every packet id the client may release was
+    /// seen on this connection. Set from the client's CleanSession / Clean Start at
+    /// CONNECT, then from rumqttd's CONNACK (`session_present` = 0): in MQTT 5 a session
+    /// is resumed by Clean Start=0 only if one was kept (Session Expiry), and in either
+    /// version only CONNACK says whether one was.
     pub(super) clean_session: bool,
     /// Packet ids of QoS 1 PUBLISHes passed to the client and not yet acknowledged.
     pub(super) unacked_to_client: HashSet<u16>,
@@ -486,6 +489,7 @@ impl GateSession {
             if !self.connack(version, &frame, out) {
                 return;
             }
+            self.clean_session = !session_present(&frame);
         }
         if frame.packet_type() == kind::PINGRESP && self.own_pingresp() {
             return;
@@ -500,4 +504,13 @@ impl GateSession {
             _ => out.push(Output::ToClient(frame.bytes().clone())),
         }
     }
+}
+
+/// The Session Present flag of a CONNACK (bit 0 of its first variable-header byte, in
+/// both versions).
+fn session_present(connack: &Frame) -> bool {
+    connack
+        .bytes()
+        .get(connack.header_len())
+        .is_some_and(|flags| flags & 1 == 1)
 }

@@ -1332,3 +1332,83 @@ fn a_third_party_authorizer_grants_and_denies_through_its_asks() {
     assert_eq!(denied.rule.as_deref(), Some("site-only"));
     assert_eq!(denied.reason.as_deref(), Some("not_authorized"));
 }
+
+// ------------------------------------------------- MQTT 5 sessions (issue 18, point 4)
+
+fn v5_connect_resuming(client_id: &str, session_expiry: u32) -> Bytes {
+    let c = v5::Connect {
+        keep_alive: 30,
+        client_id: client_id.into(),
+        clean_start: false,
+        properties: Some(v5::ConnectProperties {
+            session_expiry_interval: Some(session_expiry),
+            ..v5::ConnectProperties::new()
+        }),
+    };
+    v4_bytes(|b| {
+        c.write(&None, &None, b).expect("encode");
+    })
+}
+
+fn v5_connack_session(session_present: bool) -> Bytes {
+    v4_bytes(|b| {
+        v5::ConnAck {
+            session_present,
+            code: v5::ConnectReturnCode::Success,
+            properties: None,
+        }
+        .write(b)
+        .expect("encode");
+    })
+}
+
+fn v5_pubrel(pkid: u16) -> Bytes {
+    v4_bytes(|b| {
+        v5::PubRel::new(pkid, None).write(b).expect("encode");
+    })
+}
+
+/// MQTT 5 3.1.2.4 / 3.2.2.1.1: with Clean Start=0 a session is resumed only if one was
+/// kept, which only CONNACK's Session Present says. A PUBREL for a QoS 2 flow of an
+/// earlier connection is legitimate in a resumed session (MQTT-4.4.0-1) and an unknown
+/// packet id otherwise.
+#[test]
+fn mqtt5_3_2_2_1_1_a_pubrel_from_an_earlier_connection_passes_only_when_the_session_was_resumed() {
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect_resuming("dev-00001", 3600));
+    h.broker(v5_connack_session(true));
+    assert_eq!(to_broker(&h.client(v5_pubrel(4))), vec![v5_pubrel(4)]);
+
+    // Clean Start=0, but rumqttd had no session to resume (none kept or it expired).
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect_resuming("dev-00001", 3600));
+    h.broker(v5_connack_session(false));
+    let out = h.client(v5_pubrel(4));
+    assert!(to_broker(&out).is_empty());
+    assert_eq!(closed(&out), Some("unknown_packet_id"));
+}
+
+/// MQTT 5 3.14.2.2.2: the Session Expiry Interval a client sets on DISCONNECT reaches
+/// rumqttd unchanged (it decides whether the session is kept).
+#[test]
+fn mqtt5_3_14_2_2_2_a_disconnect_with_session_expiry_reaches_the_broker_unchanged() {
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect_resuming("dev-00001", 3600));
+    h.broker(v5_connack_session(false));
+    let disconnect = v4_bytes(|b| {
+        v5::Disconnect {
+            reason_code: v5::DisconnectReasonCode::NormalDisconnection,
+            properties: Some(v5::DisconnectProperties {
+                session_expiry_interval: Some(0),
+                reason_string: None,
+                user_properties: vec![("k".into(), "v".into())],
+                server_reference: None,
+            }),
+        }
+        .write(b)
+        .expect("encode");
+    });
+    let out = h.client(disconnect.clone());
+    assert_eq!(to_broker(&out), vec![disconnect]);
+    assert_eq!(closed(&out), None);
+}

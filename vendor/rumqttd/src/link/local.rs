@@ -5,7 +5,7 @@ use crate::protocol::{
 use crate::router::Ack;
 use crate::router::{
     iobufs::{Incoming, Outgoing},
-    Connection, Event, Notification, ShadowRequest,
+    Connection, Event, Notification, SessionExpiry, ShadowRequest,
 };
 use crate::ConnectionId;
 use bytes::Bytes;
@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // vitalmq patch 9a: None by default, the MQTT 3.1.1 rule from `clean_session`
+    session_expiry: Option<SessionExpiry>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,6 +64,7 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            session_expiry: None,
         }
     }
 
@@ -90,6 +93,14 @@ impl<'a> LinkBuilder<'a> {
 
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
+        self
+    }
+
+    /// vitalmq patch 9a: how long the session outlives the connection (MQTT 5 Session
+    /// Expiry Interval). Unset, the MQTT 3.1.1 rule applies: kept for ever iff
+    /// `clean_session` is false.
+    pub fn session_expiry(mut self, expiry: SessionExpiry) -> Self {
+        self.session_expiry = Some(expiry);
         self
     }
 
@@ -130,6 +141,9 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        if let Some(expiry) = self.session_expiry {
+            connection.session_expiry(expiry);
+        }
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let registration = Registration {

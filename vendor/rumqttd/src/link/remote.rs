@@ -3,7 +3,7 @@ use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
 use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
-use crate::router::{Event, Notification};
+use crate::router::{Event, Notification, SessionExpiry};
 use crate::{ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
@@ -93,9 +93,16 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
-        let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
+        let mut builder = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
-            .clean_session(clean_session)
+            .clean_session(clean_session);
+        // vitalmq patch 9a: in MQTT 5 the Session Expiry Interval (absent = 0) decides
+        // how long the session outlives the connection, and Clean Start only whether a
+        // saved one is resumed; MQTT 3.1.1 keeps its CleanSession rule (the default).
+        if P::PROTOCOL_LEVEL == 5 {
+            builder = builder.session_expiry(SessionExpiry::from_interval(session_expiry));
+        }
+        let (link_tx, link_rx, notification) = builder
             .last_will(lastwill)
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)

@@ -746,6 +746,10 @@ pub enum Error {
 }
 
 pub trait Protocol {
+    /// vitalmq patch 9a: the CONNECT protocol level this codec speaks (4: MQTT 3.1.1,
+    /// 5: MQTT 5), for the rules that differ between them (session lifetime).
+    const PROTOCOL_LEVEL: u8;
+
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
 }

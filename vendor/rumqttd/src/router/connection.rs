@@ -4,6 +4,7 @@ use crate::protocol::LastWillProperties;
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use super::ConnectionEvents;
 
@@ -17,8 +18,12 @@ pub struct Connection {
     pub tenant_prefix: Option<String>,
     /// Dynamically create subscription filters incase they didn't exist during a publish
     pub dynamic_filters: bool,
-    /// Clean session
+    /// Clean session (MQTT 3.1.1) / Clean Start (MQTT 5): discard any saved session of
+    /// this client id at connect.
     pub clean: bool,
+    /// vitalmq patch 9a: how long the session outlives this connection (decided at
+    /// disconnect; an MQTT 5 DISCONNECT may replace it).
+    pub session_expiry: SessionExpiry,
     /// Subscriptions
     pub subscriptions: HashSet<Filter>,
     /// Last will of this connection
@@ -59,6 +64,7 @@ impl Connection {
             tenant_prefix,
             dynamic_filters,
             clean,
+            session_expiry: SessionExpiry::from_clean_session(clean),
             subscriptions: HashSet::default(),
             last_will: None,
             last_will_properties: None,
@@ -67,6 +73,13 @@ impl Connection {
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
         }
+    }
+
+    /// vitalmq patch 9a: the session's lifetime after disconnect, when it is not the
+    /// MQTT 3.1.1 rule [`SessionExpiry::from_clean_session`] (MQTT 5 Session Expiry).
+    pub fn session_expiry(&mut self, expiry: SessionExpiry) -> &mut Connection {
+        self.session_expiry = expiry;
+        self
     }
 
     pub fn topic_alias_max(&mut self, max: u16) -> &mut Connection {
@@ -85,6 +98,51 @@ impl Connection {
         self.last_will = will;
         self.last_will_properties = props;
         self
+    }
+}
+
+/// vitalmq patch 9a: how long a session outlives its network connection (MQTT 5
+/// 3.1.2.11.2, 4.1; MQTT 3.1.1 3.1.2.4). Independent of Clean Start, which only decides
+/// whether a saved session is resumed at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionExpiry {
+    /// The session ends with the connection (MQTT 5 interval 0 or absent, MQTT 3.1.1
+    /// CleanSession=1).
+    AtDisconnect,
+    /// The session is kept this long after the connection ends.
+    After(Duration),
+    /// The session never expires (MQTT 5 interval 0xFFFFFFFF, MQTT 3.1.1 CleanSession=0).
+    Never,
+}
+
+impl SessionExpiry {
+    /// An MQTT 5 Session Expiry Interval in seconds.
+    pub fn from_interval(seconds: u32) -> SessionExpiry {
+        match seconds {
+            0 => SessionExpiry::AtDisconnect,
+            u32::MAX => SessionExpiry::Never,
+            s => SessionExpiry::After(Duration::from_secs(u64::from(s))),
+        }
+    }
+
+    /// The MQTT 3.1.1 rule: a session of CleanSession=0 is kept with no expiry.
+    pub fn from_clean_session(clean: bool) -> SessionExpiry {
+        if clean {
+            SessionExpiry::AtDisconnect
+        } else {
+            SessionExpiry::Never
+        }
+    }
+
+    /// When a session that ends its connection at `now` expires: `None` when it is not
+    /// kept at all, `Some(None)` when it is kept for ever.
+    pub fn deadline(self, now: Instant) -> Option<Option<Instant>> {
+        match self {
+            SessionExpiry::AtDisconnect => None,
+            // Beyond what `Instant` can hold (~136 years ahead): as good as never.
+            SessionExpiry::After(d) => Some(now.checked_add(d)),
+            SessionExpiry::Never => Some(None),
+        }
     }
 }
 

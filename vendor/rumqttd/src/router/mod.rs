@@ -26,7 +26,7 @@ pub(crate) mod shared_subs;
 mod waiters;
 
 pub use alertlog::Alert;
-pub use connection::Connection;
+pub use connection::{Connection, SessionExpiry}; // vitalmq patch 9a: SessionExpiry
 pub use routing::{Router, TOPIC_ALIAS_MAX}; // vitalmq patch 7: TOPIC_ALIAS_MAX
 pub use waiters::Waiters;
 

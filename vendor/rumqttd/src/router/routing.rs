@@ -9,12 +9,12 @@ use crate::router::scheduler::{PauseReason, Tracker};
 use crate::router::{ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
-use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
+use flume::{bounded, Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
 use std::thread;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 use thiserror::Error;
 use tracing::{debug, error, info, trace, warn};
 
@@ -24,6 +24,7 @@ use super::iobufs::{Incoming, Outgoing};
 use super::logs::{AckLog, DataLog, Origin, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
+use super::SessionExpiry;
 use super::{
     packetid, Connection, DataRequest, Event, FilterIdx, Meter, Notification, Print, RouterMeter,
     ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
@@ -198,9 +199,20 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
-            self.events(id, data);
+            // vitalmq patch 9a: but not past the next session expiry, which frees it.
+            let event = match self.graveyard.next_expiry() {
+                Some(at) => match self.router_rx.recv_deadline(at) {
+                    Ok(event) => Some(event),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return Err(RouterError::Disconnected),
+                },
+                None => Some(self.router_rx.recv()?),
+            };
+            if let Some((id, data)) = event {
+                self.events(id, data);
+            }
         }
+        self.expire_sessions(Instant::now());
 
         // Try reading more from connections in a non-blocking
         // fashion to accumulate data and handle subscriptions.
@@ -266,6 +278,13 @@ impl Router {
         }
     }
 
+    /// vitalmq patch 9a: frees the sessions expired at `now` (MQTT 5 3.1.2.11.2).
+    pub(crate) fn expire_sessions(&mut self, now: Instant) {
+        for client_id in self.graveyard.expire(now) {
+            info!(client_id, "Session expired");
+        }
+    }
+
     fn handle_new_connection(
         &mut self,
         mut connection: Connection,
@@ -291,6 +310,9 @@ impl Router {
                     "Duplicate client_id, dropping previous connection with connection_id: {}",
                     connection_id
                 );
+                // vitalmq patch 9a: the old connection's session is then kept as its
+                // expiry says, and the new connection's Clean Start decides below
+                // whether it resumes it (MQTT 5 3.1.4-3).
                 self.handle_disconnection(*connection_id, None);
             }
         }
@@ -303,7 +325,7 @@ impl Router {
         }
 
         // Retrieve previous connection state from graveyard
-        let saved = self.graveyard.retrieve(&client_id);
+        let saved = self.graveyard.retrieve(&client_id, Instant::now());
         let clean_session = connection.clean;
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
@@ -496,8 +518,10 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions
-        if !connection.clean {
+        // Save state for persistent sessions. vitalmq patch 9a: kept as long as the
+        // session expiry says (rumqttd kept it for ever iff clean session was false).
+        let kept_until = connection.session_expiry.deadline(Instant::now());
+        if let Some(expires_at) = kept_until {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -522,6 +546,7 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                expires_at,
             );
         } else {
             tracker.pause(PauseReason::Busy);
@@ -887,12 +912,29 @@ impl Router {
 
                     force_ack = true;
                 }
-                Packet::Disconnect(_, _) => {
+                Packet::Disconnect(_, properties) => {
                     let span = tracing::info_span!("disconnect");
                     let _guard = span.enter();
                     disconnect = true;
                     // delete the last will message
                     self.last_wills.remove(&client_id);
+                    // vitalmq patch 9a: DISCONNECT's Session Expiry Interval replaces
+                    // CONNECT's, except that a session which was to end with the
+                    // connection cannot be given one (MQTT 5 3.14.2.2.2, protocol error).
+                    let interval = properties.and_then(|p| p.session_expiry_interval);
+                    if let Some(interval) = interval {
+                        let connection = &mut self.connections[id];
+                        if connection.session_expiry == SessionExpiry::AtDisconnect && interval != 0
+                        {
+                            warn!(
+                                interval,
+                                "Session expiry set on DISCONNECT after 0 on CONNECT"
+                            );
+                            disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
+                        } else {
+                            connection.session_expiry = SessionExpiry::from_interval(interval);
+                        }
+                    }
                     break;
                 }
                 incoming => {
@@ -1805,7 +1847,7 @@ fn print_status(router: &mut Router, metrics: Print) {
 
             let metrics = match metrics {
                 Some(v) => Some(v),
-                None => router.graveyard.retrieve(&id).map(|v| {
+                None => router.graveyard.retrieve(&id, Instant::now()).map(|v| {
                     (
                         v.metrics,
                         v.session_state
@@ -1854,6 +1896,10 @@ fn print_status(router: &mut Router, metrics: Print) {
         }
     };
 }
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod session_tests;
 
 fn validate_subscription(
     connection: &mut Connection,

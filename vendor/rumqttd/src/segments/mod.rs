@@ -272,7 +272,7 @@ where
 mod tests {
     use super::{Position::*, *};
     use bytes::Bytes;
-    use pretty_assertions::assert_eq;
+    // vitalmq: std assert_eq (dev-dependencies of this non-member crate are not resolved).
 
     fn random_payload(id: u8, size: u64) -> Bytes {
         Bytes::from(vec![id; size as usize])

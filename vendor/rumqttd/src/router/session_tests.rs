@@ -1,0 +1,355 @@
+//! vitalmq patch 9a: session lifetime at the router (MQTT 5 3.1.2.4 Clean Start,
+//! 3.1.2.11.2 Session Expiry Interval, 3.14.2.2.2 DISCONNECT's Session Expiry Interval,
+//! 4.1 Session State; MQTT 3.1.1 3.1.2.4 Clean Session). Each test drives a `Router`
+//! directly: events in, the connection's outgoing buffer out, time as an argument.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::*;
+use crate::protocol::{Disconnect, DisconnectProperties, Filter as SubFilter, RetainForwardRule};
+use crate::protocol::{Subscribe, SubscribeReasonCode};
+use crate::router::iobufs::{Incoming, Outgoing};
+use crate::router::{Ack, Connection, SessionExpiry};
+use crate::RouterConfig;
+
+const TOPIC: &str = "alerts/site-01/spo2";
+
+fn router() -> Router {
+    Router::new(
+        0,
+        RouterConfig {
+            max_connections: 10,
+            max_outgoing_packet_count: 100,
+            max_segment_size: 1 << 20,
+            max_segment_count: 2,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+    )
+}
+
+/// One connection as its link sees it: the router's buffers for it.
+struct Client {
+    id: ConnectionId,
+    incoming: Arc<Mutex<VecDeque<Packet>>>,
+    outgoing: Arc<Mutex<VecDeque<Notification>>>,
+    _wake: flume::Receiver<()>,
+}
+
+/// Runs the router until it has nothing left to do.
+fn pump(router: &mut Router) {
+    for _ in 0..1000 {
+        let mut busy = false;
+        while let Ok((id, event)) = router.router_rx.try_recv() {
+            router.events(id, event);
+            busy = true;
+        }
+        while router.consume().is_some() {
+            busy = true;
+        }
+        if !busy {
+            return;
+        }
+    }
+    panic!("router never settled");
+}
+
+/// Connects `client_id` (Clean Start / CleanSession `clean`; `expiry` None for the
+/// MQTT 3.1.1 rule) and returns the connection and CONNACK's session_present.
+fn connect(
+    router: &mut Router,
+    client_id: &str,
+    clean: bool,
+    expiry: Option<SessionExpiry>,
+) -> (Client, bool) {
+    let mut connection = Connection::new(None, client_id.to_owned(), clean, false);
+    if let Some(expiry) = expiry {
+        connection.session_expiry(expiry);
+    }
+    let incoming = Incoming::new(client_id.to_owned());
+    let (outgoing, wake) = Outgoing::new(client_id.to_owned());
+    let (incoming_buf, outgoing_buf) = (incoming.buffer(), outgoing.buffer());
+    router.events(
+        0,
+        Event::Connect {
+            connection,
+            incoming,
+            outgoing,
+        },
+    );
+    pump(router);
+    let first = outgoing_buf.lock().pop_front();
+    let Some(Notification::DeviceAck(Ack::ConnAck(id, ack, _))) = first else {
+        panic!("expected CONNACK, got {first:?}");
+    };
+    let client = Client {
+        id,
+        incoming: incoming_buf,
+        outgoing: outgoing_buf,
+        _wake: wake,
+    };
+    (client, ack.session_present)
+}
+
+fn send(router: &mut Router, client: &Client, packet: Packet) {
+    client.incoming.lock().push_back(packet);
+    router.events(client.id, Event::DeviceData);
+    pump(router);
+}
+
+fn subscribe(router: &mut Router, client: &Client) {
+    let filter = SubFilter {
+        path: TOPIC.to_owned(),
+        qos: QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    };
+    let subscribe = Subscribe {
+        pkid: 1,
+        filters: vec![filter],
+    };
+    send(router, client, Packet::Subscribe(subscribe, None));
+    let acks = drain(client);
+    assert!(
+        acks.iter().any(|n| matches!(
+            n,
+            Notification::DeviceAck(Ack::SubAck(s)) if s.return_codes == [SubscribeReasonCode::QoS1]
+        )),
+        "no SUBACK: {acks:?}"
+    );
+}
+
+fn publish(router: &mut Router, client: &Client, payload: &'static str) {
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: TOPIC.into(),
+        pkid: 0,
+        payload: payload.into(),
+    };
+    send(router, client, Packet::Publish(publish, None));
+}
+
+fn disconnect(router: &mut Router, client: &Client, expiry: Option<u32>) {
+    let properties = expiry.map(|e| DisconnectProperties {
+        session_expiry_interval: Some(e),
+        reason_string: None,
+        user_properties: Vec::new(),
+        server_reference: None,
+    });
+    let disconnect = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    send(router, client, Packet::Disconnect(disconnect, properties));
+}
+
+/// The network connection is gone without DISCONNECT (network loss, keepalive).
+fn drop_connection(router: &mut Router, client: &Client) {
+    router.events(client.id, Event::Disconnect);
+    pump(router);
+}
+
+fn drain(client: &Client) -> Vec<Notification> {
+    client.outgoing.lock().drain(..).collect()
+}
+
+fn payloads(client: &Client) -> Vec<Bytes> {
+    drain(client)
+        .into_iter()
+        .filter_map(|n| match n {
+            Notification::Forward(f) => Some(f.publish.payload),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A subscriber `sub` with a session made with `expiry`, offline while "queued" is
+/// published; returns the publisher.
+fn queue_while_offline(router: &mut Router, expiry: Option<SessionExpiry>, clean: bool) -> Client {
+    let (sub, _) = connect(router, "sub", clean, expiry);
+    subscribe(router, &sub);
+    drop_connection(router, &sub);
+    let (publisher, _) = connect(router, "pub", true, Some(SessionExpiry::AtDisconnect));
+    publish(router, &publisher, "queued");
+    publisher
+}
+
+#[test]
+fn mqtt5_3_1_2_11_2_expiry_above_zero_keeps_the_session_and_its_queue_across_a_reconnect() {
+    let mut router = router();
+    let hour = SessionExpiry::from_interval(3600);
+    // Made with Clean Start=1: Clean Start says nothing about how long it lives.
+    queue_while_offline(&mut router, Some(hour), true);
+
+    let (sub, session_present) = connect(&mut router, "sub", false, Some(hour));
+    assert!(session_present, "MQTT-3.2.2-3: session resumed");
+    assert_eq!(payloads(&sub), [Bytes::from("queued")]);
+}
+
+#[test]
+fn mqtt5_3_1_2_11_2_expiry_zero_ends_the_session_with_the_connection() {
+    let mut router = router();
+    // Clean Start=0 with no Session Expiry Interval (= 0): not a persistent session.
+    queue_while_offline(&mut router, Some(SessionExpiry::from_interval(0)), false);
+    assert!(!router.graveyard.has_session("sub"));
+
+    let (sub, session_present) =
+        connect(&mut router, "sub", false, Some(SessionExpiry::AtDisconnect));
+    assert!(!session_present);
+    assert!(payloads(&sub).is_empty());
+}
+
+#[test]
+fn mqtt5_4_1_an_expired_session_is_freed_by_the_sweep_and_not_resumed() {
+    let mut router = router();
+    let minute = SessionExpiry::from_interval(60);
+    queue_while_offline(&mut router, Some(minute), false);
+    let expires = router.graveyard.next_expiry().expect("an expiring session");
+    assert!(expires > Instant::now() + Duration::from_secs(59));
+
+    router.expire_sessions(expires - Duration::from_millis(1));
+    assert!(router.graveyard.has_session("sub"), "not yet expired");
+    router.expire_sessions(expires);
+    assert!(!router.graveyard.has_session("sub"), "freed at expiry");
+    assert_eq!(router.graveyard.next_expiry(), None);
+
+    let (sub, session_present) = connect(&mut router, "sub", false, Some(minute));
+    assert!(!session_present, "an expired session is not resumed");
+    assert!(payloads(&sub).is_empty());
+}
+
+#[test]
+fn mqtt5_3_1_2_11_2_never_expiring_session_has_no_deadline() {
+    let mut router = router();
+    queue_while_offline(
+        &mut router,
+        Some(SessionExpiry::from_interval(u32::MAX)),
+        true,
+    );
+    assert_eq!(router.graveyard.next_expiry(), None);
+    router.expire_sessions(Instant::now() + Duration::from_secs(200 * 365 * 86400));
+    let (sub, session_present) = connect(&mut router, "sub", false, None);
+    assert!(session_present);
+    assert_eq!(payloads(&sub), [Bytes::from("queued")]);
+}
+
+#[test]
+fn mqtt5_3_1_2_4_clean_start_discards_a_kept_session() {
+    let mut router = router();
+    let hour = SessionExpiry::from_interval(3600);
+    queue_while_offline(&mut router, Some(hour), false);
+
+    let (sub, session_present) = connect(&mut router, "sub", true, Some(hour));
+    assert!(
+        !session_present,
+        "MQTT-3.2.2-2: Clean Start=1, session_present=0"
+    );
+    assert!(payloads(&sub).is_empty());
+    // Its expiry went with it.
+    assert_eq!(router.graveyard.next_expiry(), None);
+    drop_connection(&mut router, &sub);
+    let (sub, session_present) = connect(&mut router, "sub", false, Some(hour));
+    assert!(session_present, "the new (empty) session was kept");
+    assert!(payloads(&sub).is_empty(), "the old subscription is gone");
+}
+
+#[test]
+fn mqtt5_3_14_2_2_2_disconnect_zero_ends_a_session_connect_made_persistent() {
+    let mut router = router();
+    let hour = SessionExpiry::from_interval(3600);
+    let (sub, _) = connect(&mut router, "sub", false, Some(hour));
+    subscribe(&mut router, &sub);
+    disconnect(&mut router, &sub, Some(0));
+    assert!(!router.graveyard.has_session("sub"));
+
+    let (_, session_present) = connect(&mut router, "sub", false, Some(hour));
+    assert!(!session_present);
+}
+
+#[test]
+fn mqtt5_3_14_2_2_2_disconnect_expiry_replaces_connects() {
+    let mut router = router();
+    let (sub, _) = connect(
+        &mut router,
+        "sub",
+        false,
+        Some(SessionExpiry::from_interval(3600)),
+    );
+    subscribe(&mut router, &sub);
+    disconnect(&mut router, &sub, Some(10));
+    let expires = router.graveyard.next_expiry().expect("kept for 10 s");
+    assert!(expires < Instant::now() + Duration::from_secs(11));
+    router.expire_sessions(expires);
+    assert!(!router.graveyard.has_session("sub"));
+}
+
+#[test]
+fn mqtt5_3_14_2_2_2_disconnect_cannot_give_expiry_to_a_session_connect_ended() {
+    let mut router = router();
+    let (sub, _) = connect(&mut router, "sub", false, Some(SessionExpiry::AtDisconnect));
+    subscribe(&mut router, &sub);
+    disconnect(&mut router, &sub, Some(3600));
+    // The server answers DISCONNECT 0x82 and the session ends as CONNECT said.
+    let notifications = drain(&sub);
+    assert!(
+        notifications.iter().any(|n| matches!(
+            n,
+            Notification::Disconnect(d, _) if d.reason_code == DisconnectReasonCode::ProtocolError
+        )),
+        "no DISCONNECT 0x82: {notifications:?}"
+    );
+    assert!(!router.graveyard.has_session("sub"));
+}
+
+#[test]
+fn mqtt311_3_1_2_4_clean_session_rules_are_unchanged() {
+    let mut router = router();
+    // CleanSession=0: kept with no expiry, also across a network loss.
+    queue_while_offline(&mut router, None, false);
+    assert_eq!(router.graveyard.next_expiry(), None);
+    let (sub, session_present) = connect(&mut router, "sub", false, None);
+    assert!(session_present);
+    assert_eq!(payloads(&sub), [Bytes::from("queued")]);
+
+    // CleanSession=1: discarded at connect and ends with the connection.
+    let (sub, session_present) = connect(&mut router, "sub", true, None);
+    assert!(!session_present);
+    subscribe(&mut router, &sub);
+    disconnect(&mut router, &sub, None);
+    assert!(!router.graveyard.has_session("sub"));
+}
+
+#[test]
+fn mqtt5_3_1_4_3_a_takeover_resumes_the_old_session_only_if_it_outlives_its_connection() {
+    let mut router = router();
+    let hour = SessionExpiry::from_interval(3600);
+    let (old, _) = connect(&mut router, "sub", false, Some(hour));
+    subscribe(&mut router, &old);
+    // The same client id connects while the first connection is up.
+    let (new, session_present) = connect(&mut router, "sub", false, Some(hour));
+    assert!(
+        session_present,
+        "Clean Start=0 resumes the taken-over session"
+    );
+    let (publisher, _) = connect(&mut router, "pub", true, None);
+    publish(&mut router, &publisher, "live");
+    assert_eq!(payloads(&new), [Bytes::from("live")]);
+
+    // A session that ends with its connection ends with a taken-over one too.
+    let (old, _) = connect(
+        &mut router,
+        "other",
+        false,
+        Some(SessionExpiry::AtDisconnect),
+    );
+    subscribe(&mut router, &old);
+    let (_, session_present) = connect(&mut router, "other", false, Some(hour));
+    assert!(!session_present);
+}
