@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // vitalmq patch 11a: the client's Receive Maximum, 65,535 by default
+    receive_maximum: u16,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,6 +64,7 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            receive_maximum: u16::MAX,
         }
     }
 
@@ -85,6 +88,13 @@ impl<'a> LinkBuilder<'a> {
 
     pub fn topic_alias_max(mut self, max: u16) -> Self {
         self.topic_alias_max = max;
+        self
+    }
+
+    /// vitalmq patch 11a: most QoS 1/2 deliveries the client takes unacknowledged
+    /// (its MQTT 5 Receive Maximum), within the router's own in-flight limit.
+    pub fn receive_maximum(mut self, max: u16) -> Self {
+        self.receive_maximum = max;
         self
     }
 
@@ -131,7 +141,8 @@ impl<'a> LinkBuilder<'a> {
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        outgoing.limit_inflight(self.receive_maximum);
         let registration = Registration {
             router_tx: self.router_tx,
             link_rx,

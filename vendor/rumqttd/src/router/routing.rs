@@ -867,6 +867,9 @@ impl Router {
                         disconnect = true;
                         break;
                     }
+                    // vitalmq patch 11a: a QoS 2 delivery holds its in-flight slot until
+                    // PUBCOMP, so PUBCOMP may resume a connection paused as InflightFull.
+                    self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PingReq(_) => {
                     let ackslog = self.ackslog.get_mut(id).unwrap();
@@ -893,7 +896,11 @@ impl Router {
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
         if force_ack {
-            self.scheduler.reschedule(id, ScheduleReason::FreshData);
+            // vitalmq patch 11a: also wake a connection paused with its in-flight window
+            // full (FreshData woke only a caught-up one), or its PINGRESP, SUBACK and
+            // PUBACKs wait for the client to acknowledge a delivery first; with a small
+            // Receive Maximum a client that pings before acking never hears back.
+            self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
         }
 
         // Notify waiting consumers only if there is publish data. During
