@@ -118,6 +118,7 @@ pub(crate) fn next_frame(
     }
 }
 
+/// [`next_frame`] with only the codecs' remaining-length check.
 fn remaining_within(
     buf: &mut BytesMut,
     version: Version,
