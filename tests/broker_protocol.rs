@@ -609,14 +609,18 @@ fn an_operator_not_in_the_registry_is_refused() {
 
 // ------------------------------------------------------------------------ SUBSCRIBE limits
 
-/// The issue's probe: one SUBSCRIBE with 10,000 filters, five times.
+/// The issue's probe: one SUBSCRIBE with 10,000 filters, five times. In MQTT 5 with
+/// 5,000: 10,000 make a packet (~79 KB) above the Maximum Packet Size the CONNACK
+/// announces for a device (its 66,000-byte payload limit plus 1,024), which is
+/// DISCONNECT 0x95 (MQTT-3.2.2-15, issue 18), not a filter-limit refusal.
 #[test]
 fn a_subscribe_over_the_filter_limit_costs_one_audit_record() {
     let broker = Broker::start("filters");
     let device = "dev-00001";
-    let filters: Vec<String> = (0..10_000).map(|i| format!("x/{i}")).collect();
     let audit_before = std::fs::metadata(broker.audit_path()).map_or(0, |m| m.len());
     for v5 in [false, true] {
+        let count = if v5 { 5_000 } else { 10_000 };
+        let filters: Vec<String> = (0..count).map(|i| format!("x/{i}")).collect();
         let mut steps = vec![Step::Send(connect(v5, device)), Step::Recv(1)];
         for pkid in 1..=5 {
             steps.push(Step::Send(subscribe(v5, pkid, &filters)));
@@ -628,7 +632,7 @@ fn a_subscribe_over_the_filter_limit_costs_one_audit_record() {
         for suback in &session.packets[1..] {
             assert_eq!(kind(suback), 9, "SUBACK");
             let codes = ack_codes(v5, suback);
-            assert_eq!(codes.len(), 10_000);
+            assert_eq!(codes.len(), count);
             assert!(codes.iter().all(|c| *c == refused), "{}", version(v5));
         }
     }
@@ -650,7 +654,7 @@ fn a_subscribe_over_the_filter_limit_costs_one_audit_record() {
     );
     let audit_after = std::fs::metadata(broker.audit_path()).map_or(0, |m| m.len());
     eprintln!(
-        "audit bytes for 2 x 5 SUBSCRIBEs of 10,000 filters (and 2 connects): {}",
+        "audit bytes for 5 SUBSCRIBEs of 10,000 and 5 of 5,000 filters (and 2 connects): {}",
         audit_after - audit_before
     );
 }

@@ -163,6 +163,8 @@ pub enum DenyReason {
     NotAuthorized,
     /// CONNECT claimed a client id other than the certificate's (SPEC section 1).
     ClientIdMismatch,
+    /// MQTT 3.1.1: an empty client id with CleanSession = 0 (MQTT-3.1.3-8, CONNACK 0x02).
+    IdentifierRejected,
     /// MQTT 5 enhanced authentication was asked for; the gate offers none.
     EnhancedAuth,
     /// A payload (or will message) above the role's limit.
@@ -181,6 +183,7 @@ impl DenyReason {
         match self {
             Self::NotAuthorized => "not_authorized",
             Self::ClientIdMismatch => "client_id_mismatch",
+            Self::IdentifierRejected => "identifier_rejected",
             Self::EnhancedAuth => "enhanced_auth",
             Self::Oversized => "oversized",
             Self::RetainNotSupported => "retain_not_supported",

@@ -9,9 +9,11 @@ use rumqttc::v5::mqttbytes::v5;
 use vitalmq_audit::{Decision, Event};
 
 use super::frame::{Frame, FrameError, Version, kind};
+use super::limits;
 use super::reply;
 use super::session::{CloseReason, GateSession, Output, State};
 use crate::authz::{Denial, DenyReason, Kind as _, Misdirected, Permit, kind as decision};
+use crate::embedded::TOPIC_ALIAS_MAXIMUM;
 
 /// Keepalive the gate asks rumqttd for when the client asked for none (MQTT keepalive
 /// 0, which rumqttd refuses); the gate then keeps the internal connection alive itself
@@ -194,7 +196,8 @@ impl GateSession {
     }
 
     /// SPEC section 1 first (the client id is empty or the certificate's id), then
-    /// enhanced authentication (not offered), then the authorizer.
+    /// the standard's rule for an empty id (3.1.1 only), then enhanced authentication
+    /// (not offered), then the authorizer.
     fn admit(&self, connect: &ConnectPacket) -> Result<Permit<decision::Connect>, Denial> {
         let claimed = connect.client_id();
         if !claimed.is_empty() && claimed != self.peer.spiffe.id.as_str() {
@@ -202,6 +205,16 @@ impl GateSession {
                 DenyReason::ClientIdMismatch,
                 "client-id-binding",
             ));
+        }
+        // MQTT-3.1.3-8: a 3.1.1 client without an id cannot resume a session, so it
+        // must not ask for one; refused before the gate binds the certificate's id,
+        // which would otherwise hand it that id's persistent session. MQTT 5 assigns
+        // the id instead (3.1.3.1: Clean Start 0 with an assigned id is allowed).
+        if claimed.is_empty()
+            && !connect.clean_session()
+            && matches!(connect, ConnectPacket::V311(_))
+        {
+            return Err(Denial::new(DenyReason::IdentifierRejected, "mqtt-3.1.3-8"));
         }
         if connect.asks_enhanced_auth() {
             return Err(Denial::new(DenyReason::EnhancedAuth, "enhanced-auth"));
@@ -243,6 +256,7 @@ impl GateSession {
         tracing::info!(peer.id = %self.peer.spiffe.id, reason, rule = %denial.rule, "connection refused");
         let connack = match denial.reason {
             DenyReason::EnhancedAuth => reply::connack_bad_auth_method(),
+            DenyReason::IdentifierRejected => reply::connack_identifier_rejected(version),
             _ => reply::connack_not_authorized(version),
         };
         let mut record = self
@@ -303,20 +317,35 @@ impl GateSession {
         false
     }
 
-    /// An MQTT 5 client that sent an empty client id is told the id it was given
-    /// (the certificate's) in rumqttd's CONNACK.
-    pub(super) fn connack_assigning_id(&self, frame: Frame) -> Bytes {
+    /// rumqttd's successful MQTT 5 CONNACK as the client gets it: rumqttd's own
+    /// properties (session expiry, ...) kept, plus the limits the gate enforces on this
+    /// connection (MQTT 5 3.2.2.3): Maximum Packet Size, Receive Maximum and Topic Alias
+    /// Maximum (see [`super::limits`]), and, for a client that sent an empty client id,
+    /// the id it was given (the certificate's). Availability flags stay absent: retain,
+    /// wildcards, subscription identifiers and shared subscriptions are all available,
+    /// and absent means available. From here on the announced packet size is the one
+    /// the gate enforces on this connection.
+    pub(super) fn connack_v5(&mut self, frame: Frame) -> Bytes {
         let Frame::V5 { header, bytes } = frame else {
             return frame.bytes().clone();
         };
         let Ok(mut ack) = v5::ConnAck::read(header, bytes.clone()) else {
             return bytes;
         };
+        let announced = limits::max_packet_size(self.max_payload);
         let props = ack.properties.get_or_insert_with(empty_connack_properties);
-        props.assigned_client_identifier = Some(self.peer.spiffe.id.as_str().to_owned());
+        props.max_packet_size = Some(announced);
+        props.receive_max = Some(limits::RECEIVE_MAXIMUM);
+        props.topic_alias_max = Some(TOPIC_ALIAS_MAXIMUM);
+        if self.assign_client_id {
+            props.assigned_client_identifier = Some(self.peer.spiffe.id.as_str().to_owned());
+        }
         let mut buf = BytesMut::new();
         match ack.write(&mut buf) {
-            Ok(_) => buf.freeze(),
+            Ok(_) => {
+                self.announced_max_packet = Some(announced as usize);
+                buf.freeze()
+            }
             Err(_) => bytes,
         }
     }
@@ -389,7 +418,7 @@ fn connack_code(frame: &Frame) -> Option<u8> {
     }
 }
 
-fn empty_connack_properties() -> v5::ConnAckProperties {
+pub(super) fn empty_connack_properties() -> v5::ConnAckProperties {
     v5::ConnAckProperties {
         session_expiry_interval: None,
         receive_max: None,

@@ -102,7 +102,24 @@ pub(crate) mod kind {
 }
 
 /// Splits the next complete packet off `buf`, or `None` when more bytes are needed.
+/// `max_packet` bounds the whole packet, fixed header included (MQTT 5's Maximum Packet
+/// Size, 3.1.2.11.4); the codecs bound the remaining length, checked from the header
+/// before anything is buffered, so at most the few header bytes more are read before
+/// the whole size is checked.
 pub(crate) fn next_frame(
+    buf: &mut BytesMut,
+    version: Version,
+    max_packet: usize,
+) -> Result<Option<Frame>, FrameError> {
+    let frame = remaining_within(buf, version, max_packet)?;
+    match frame {
+        Some(f) if f.bytes().len() > max_packet => Err(FrameError::TooLarge(f.bytes().len())),
+        other => Ok(other),
+    }
+}
+
+/// [`next_frame`] with only the codecs' remaining-length check.
+fn remaining_within(
     buf: &mut BytesMut,
     version: Version,
     max_packet: usize,

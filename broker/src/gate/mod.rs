@@ -7,6 +7,7 @@ mod connect;
 mod delivery;
 mod filters;
 mod frame;
+mod limits;
 mod publish;
 mod rate;
 mod reply;

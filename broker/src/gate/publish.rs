@@ -188,7 +188,9 @@ impl GateSession {
             let _ = self.audit.record(record);
             return self.close(out, CloseReason::new("topic_alias", e.to_string()));
         }
-        if publish.payload_len > self.max_payload {
+        // Once MQTT 5 announced a Maximum Packet Size, the frame limit is the size check
+        // (`limits`); before that, and in 3.1.1, the payload is checked.
+        if self.announced_max_packet.is_none() && publish.payload_len > self.max_payload {
             let denial = Denial::new(DenyReason::Oversized, "max-payload");
             return self.refuse_publish(version, &publish, denial, out);
         }
@@ -212,6 +214,9 @@ impl GateSession {
                     return self.refuse_publish(version, &publish, denial, out);
                 }
             }
+        }
+        if version == Version::V5 && publish.qos > 0 && !self.admit_inbound(publish.pkid, out) {
+            return;
         }
         match publish.forward(&permit) {
             Ok(bytes) => {

@@ -33,6 +33,15 @@ pub(super) fn connack_not_authorized(version: Version) -> Bytes {
     )
 }
 
+/// CONNACK refusing a client id: 0x02 identifier rejected (3.1.1), 0x85 (5).
+pub(super) fn connack_identifier_rejected(version: Version) -> Bytes {
+    connack(
+        version,
+        v4::ConnectReturnCode::BadClientId,
+        v5::ConnectReturnCode::ClientIdentifierNotValid,
+    )
+}
+
 /// CONNACK refusing a connection the gate cannot audit: 0x03 server unavailable
 /// (3.1.1), 0x88 (5).
 pub(super) fn connack_unavailable(version: Version) -> Bytes {

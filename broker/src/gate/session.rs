@@ -8,8 +8,8 @@
 //! every refusal shares (audit, close). What happens to each kind of packet lives in the
 //! sibling modules: `connect` (CONNECT, will, CONNACK, keepalive), `publish` (client
 //! PUBLISH), `filters` (SUBSCRIBE and UNSUBSCRIBE, SUBACK and UNSUBACK), `acks`
-//! (packet ids the client acknowledges or releases) and `delivery` (PUBLISH to the
-//! client). Client frames reach rumqttd only through their module's forwarding path,
+//! (packet ids the client acknowledges or releases), `delivery` (PUBLISH to the
+//! client) and `limits` (what the MQTT 5 CONNACK announces and the gate enforces). Client frames reach rumqttd only through their module's forwarding path,
 //! which takes the [`Permit`](crate::authz::Permit) of its kind.
 
 use std::collections::{HashMap, HashSet};
@@ -134,6 +134,12 @@ pub struct GateSession {
     pub(super) unacked_to_client: HashSet<u16>,
     /// Packet ids rumqttd answered with PUBREC, awaiting the client's PUBREL.
     pub(super) awaiting_pubrel: HashSet<u16>,
+    /// The Maximum Packet Size the MQTT 5 CONNACK announced (the limit enforced from
+    /// then on, for the whole connection).
+    pub(super) announced_max_packet: Option<usize>,
+    /// Packet ids of the client's QoS 1 and 2 PUBLISHes rumqttd has not completed
+    /// (MQTT 5 Receive Maximum, see `limits`).
+    pub(super) inbound_unacked: HashSet<u16>,
     /// Per-message counters, resolved once per connection rather than per PUBLISH.
     pub(super) counters: Counters,
 }
@@ -191,6 +197,8 @@ impl GateSession {
             clean_session: true,
             unacked_to_client: HashSet::new(),
             awaiting_pubrel: HashSet::new(),
+            announced_max_packet: None,
+            inbound_unacked: HashSet::new(),
             deferred: None,
             counters: Counters::new(),
         }
@@ -225,8 +233,12 @@ impl GateSession {
         self.state == State::Closed
     }
 
+    /// The largest packet the client may send: once an MQTT 5 CONNACK announced a
+    /// Maximum Packet Size, that (MQTT-3.2.2-15); otherwise the role's payload limit
+    /// plus room for a topic and properties.
     pub(super) fn max_packet(&self) -> usize {
-        self.max_payload.saturating_add(HEADER_ROOM)
+        self.announced_max_packet
+            .unwrap_or_else(|| self.max_payload.saturating_add(HEADER_ROOM))
     }
 
     /// True while a rate-limited PUBLISH waits: the relay pauses, then calls
@@ -495,9 +507,13 @@ impl GateSession {
             return;
         }
         self.track_packet_id(&frame);
+        if version == Version::V5 {
+            self.release_inbound(&frame);
+        }
         match frame.packet_type() {
-            kind::CONNACK if version == Version::V5 && self.assign_client_id => {
-                out.push(Output::ToClient(self.connack_assigning_id(frame)))
+            kind::CONNACK if version == Version::V5 => {
+                let connack = self.connack_v5(frame);
+                out.push(Output::ToClient(connack))
             }
             kind::SUBACK | kind::UNSUBACK => self.merge_ack(frame, out),
             kind::PUBLISH => self.deliver(frame, out),

@@ -17,6 +17,7 @@ use vitalmq_policies::{
 
 use super::*;
 use crate::authz::{Ask, Authorizer, Denial, Permit, PolicyAuthorizer, kind as decision};
+use crate::embedded::TOPIC_ALIAS_MAXIMUM;
 use crate::identity::{IdentitySource, PeerIdentity};
 
 const PASSWORD: &str = "internal-secret";
@@ -835,6 +836,9 @@ fn no_connack_reaches_the_client_when_its_accepted_record_cannot_be_written() {
     }
 }
 
+/// MQTT 3.1.1 3.1.2.10 and MQTT 5 3.1.2.10: a Keep Alive of 0 turns the mechanism off,
+/// a valid CONNECT in both versions (issue 18 point 2); rumqttd refuses it, so the gate
+/// owns liveness towards rumqttd.
 #[test]
 fn keepalive_0_is_accepted_and_the_gate_keeps_rumqttd_alive() {
     for version in [Version::V311, Version::V5] {
@@ -1411,4 +1415,230 @@ fn mqtt5_3_14_2_2_2_a_disconnect_with_session_expiry_reaches_the_broker_unchange
     let out = h.client(disconnect.clone());
     assert_eq!(to_broker(&out), vec![disconnect]);
     assert_eq!(closed(&out), None);
+}
+
+// ---------------------------------------------------------------- issue 18: client id, CONNACK limits
+
+/// MQTT-3.1.3-8 (3.1.1): an empty client id with CleanSession = 0 is refused with CONNACK
+/// 0x02 and audited, before the gate binds the certificate's id (which would hand the
+/// client that id's persistent session). MQTT 5 3.1.3.1: the same CONNECT gets the
+/// assigned id.
+#[test]
+fn mqtt_3_1_3_8_an_empty_id_without_clean_session_is_refused_with_0x02_in_311() {
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let mut c = v4::Connect::new("");
+    c.clean_session = false;
+    let out = h.client(v4_bytes(|b| {
+        c.write(b).expect("encode");
+    }));
+    assert!(to_broker(&out).is_empty(), "rumqttd never sees it");
+    let v4::Packet::ConnAck(ack) = read_v4(&to_client(&out)[0]) else {
+        panic!("not a CONNACK")
+    };
+    assert_eq!(ack.code, v4::ConnectReturnCode::BadClientId);
+    assert_eq!(closed(&out), Some("connect_denied"));
+    assert_eq!(
+        h.audit.events(),
+        vec![(
+            Event::ConnectionRefused,
+            Some("connect".into()),
+            Some("identifier_rejected".into())
+        )]
+    );
+
+    // MQTT 5: Clean Start 0 with an empty id is answered with the assigned id.
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let c = v5::Connect {
+        keep_alive: 30,
+        client_id: String::new(),
+        clean_start: false,
+        properties: None,
+    };
+    let out = h.client(v4_bytes(|b| {
+        c.write(&None, &None, b).expect("encode");
+    }));
+    let v5::Packet::Connect(forwarded, _, _) = read_v5(&to_broker(&out)[0]) else {
+        panic!("not a CONNECT")
+    };
+    assert_eq!(forwarded.client_id, "dev-00001");
+    let v5::Packet::ConnAck(ack) = read_v5(&to_client(&h.broker(v5_connack()))[0]) else {
+        panic!("not a CONNACK")
+    };
+    assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+    assert_eq!(
+        ack.properties
+            .and_then(|p| p.assigned_client_identifier)
+            .as_deref(),
+        Some("dev-00001")
+    );
+}
+
+/// A connected MQTT 5 session of `role`/`id`; returns the CONNACK the client got.
+fn connected_v5(role: Role, id: &str, broker_connack: Bytes) -> (Harness, v5::ConnAck) {
+    let mut h = Harness::new(role, id);
+    let out = h.client(v5_connect(id));
+    assert_eq!(out.first(), Some(&Output::OpenBroker(Version::V5)));
+    let v5::Packet::ConnAck(ack) = read_v5(&to_client(&h.broker(broker_connack))[0]) else {
+        panic!("not a CONNACK")
+    };
+    (h, ack)
+}
+
+/// MQTT 5 3.2.2.3 (CONNACK properties): Maximum Packet Size (3.2.2.3.6), Receive
+/// Maximum (3.2.2.3.3) and Topic Alias Maximum (3.2.2.3.8) are the limits the gate
+/// enforces; availability flags stay absent (= available); rumqttd's own properties
+/// are kept.
+#[test]
+fn mqtt5_3_2_2_3_connack_announces_the_limits_the_gate_enforces() {
+    let broker_connack = v4_bytes(|b| {
+        v5::ConnAck {
+            session_present: true,
+            code: v5::ConnectReturnCode::Success,
+            properties: Some(v5::ConnAckProperties {
+                session_expiry_interval: Some(3600),
+                topic_alias_max: Some(TOPIC_ALIAS_MAXIMUM),
+                ..super::connect::empty_connack_properties()
+            }),
+        }
+        .write(b)
+        .expect("encode");
+    });
+    let (_, ack) = connected_v5(Role::Integrator, "int-site-01", broker_connack);
+    assert!(ack.session_present);
+    let props = ack.properties.expect("CONNACK properties");
+    assert_eq!(
+        props.max_packet_size,
+        Some(4096 + 1024),
+        "role limit + headroom"
+    );
+    assert_eq!(props.receive_max, Some(1000));
+    assert_eq!(props.topic_alias_max, Some(TOPIC_ALIAS_MAXIMUM));
+    assert_eq!(props.session_expiry_interval, Some(3600), "rumqttd's kept");
+    assert_eq!(
+        props.assigned_client_identifier, None,
+        "the client chose its id"
+    );
+    assert_eq!(props.max_qos, None, "QoS 2 is available");
+    assert_eq!(props.retain_available, None);
+    assert_eq!(props.wildcard_subscription_available, None);
+    assert_eq!(props.subscription_identifiers_available, None);
+    assert_eq!(props.shared_subscription_available, None);
+
+    // Without properties from rumqttd, the limits are announced all the same.
+    let (_, ack) = connected_v5(Role::Device, "dev-00001", v5_connack());
+    let props = ack.properties.expect("CONNACK properties");
+    assert_eq!(props.max_packet_size, Some(66_000 + 1024));
+}
+
+/// An MQTT 5 QoS 1 PUBLISH of `topic` whose whole packet is exactly `size` bytes.
+fn v5_publish_of_size(topic: &str, pkid: u16, size: usize) -> Bytes {
+    let encode = |payload_len: usize| {
+        let mut p = v5::Publish::new(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            vec![b'y'; payload_len],
+            None,
+        );
+        p.pkid = pkid;
+        v4_bytes(|b| {
+            p.write(b).expect("encode");
+        })
+    };
+    let overhead = encode(0).len();
+    // The remaining length's own size grows with the packet; settle it.
+    let mut payload = size - overhead;
+    loop {
+        let len = encode(payload).len();
+        if len == size {
+            return encode(payload);
+        }
+        payload = payload + size - len;
+    }
+}
+
+/// MQTT-3.2.2-15 / MQTT 5 3.2.2.3.6: the gate enforces the Maximum Packet Size it
+/// announced, on the whole packet: a PUBLISH of exactly that size passes (even with a
+/// payload above the role's `max_payload_bytes`, which the headroom covers), one byte
+/// more gets DISCONNECT 0x95 and an audit record.
+#[test]
+fn mqtt_3_2_2_15_the_announced_maximum_packet_size_is_what_is_enforced() {
+    let topic = "alerts/site-01/ack/int-site-01";
+    let (mut h, ack) = connected_v5(Role::Integrator, "int-site-01", v5_connack());
+    let announced = ack
+        .properties
+        .and_then(|p| p.max_packet_size)
+        .expect("announced") as usize;
+    let at_limit = v5_publish_of_size(topic, 1, announced);
+    assert_eq!(at_limit.len(), announced);
+    let out = h.client(at_limit.clone());
+    assert_eq!(to_broker(&out), vec![at_limit], "one at the limit passes");
+    assert_eq!(closed(&out), None);
+    let payload_over_role_limit = v5_publish_of_size(topic, 2, 4096 + 200);
+    let out = h.client(payload_over_role_limit);
+    assert_eq!(to_broker(&out).len(), 1, "whole-packet check, not payload");
+
+    let out = h.client(v5_publish_of_size(topic, 3, announced + 1));
+    assert!(to_broker(&out).is_empty());
+    let v5::Packet::Disconnect(d) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a DISCONNECT")
+    };
+    assert_eq!(d.reason_code, v5::DisconnectReasonCode::PacketTooLarge);
+    assert_eq!(closed(&out), Some("packet_too_large"));
+    assert!(h.audit.events().contains(&(
+        Event::MessageRefused,
+        None,
+        Some("packet_too_large".into())
+    )));
+
+    // 3.1.1 announces nothing: the role's payload limit applies as before.
+    let mut h = connected_v4(Role::Integrator, "int-site-01");
+    h.broker(v4_connack(v4::ConnectReturnCode::Success));
+    let out = h.client(v4_publish(topic, QoS::AtLeastOnce, 1, &[0u8; 4097]));
+    assert_eq!(closed(&out), Some("payload_too_large"));
+}
+
+fn v5_puback(pkid: u16) -> Bytes {
+    v4_bytes(|b| {
+        v5::PubAck::new(pkid, None).write(b).expect("encode");
+    })
+}
+
+/// MQTT 5 3.3.4 (MQTT-3.3.4-7) and 4.9 flow control: the gate announces a Receive
+/// Maximum and counts the client's QoS 1/2 PUBLISHes until rumqttd's PUBACK (PUBCOMP,
+/// or PUBREC >= 0x80) reaches the client; one more than announced gets DISCONNECT 0x93.
+#[test]
+fn mqtt5_4_9_more_unacknowledged_publishes_than_the_receive_maximum_get_0x93() {
+    let topic = "devices/dev-00001/telemetry";
+    let (mut h, ack) = connected_v5(Role::Device, "dev-00001", v5_connack());
+    let receive_max = ack
+        .properties
+        .and_then(|p| p.receive_max)
+        .expect("announced");
+    for pkid in 1..=receive_max {
+        let out = h.client(v5_publish(topic, None, pkid));
+        assert_eq!(to_broker(&out).len(), 1, "pkid {pkid} within the window");
+    }
+    assert_eq!(h.session.inbound_in_flight(), usize::from(receive_max));
+    // A retransmission of a counted packet id is not a new one.
+    assert_eq!(to_broker(&h.client(v5_publish(topic, None, 1))).len(), 1);
+    // rumqttd's PUBACK reaching the client frees a place.
+    assert_eq!(to_client(&h.broker(v5_puback(1))).len(), 1);
+    let next = receive_max + 1;
+    assert_eq!(to_broker(&h.client(v5_publish(topic, None, next))).len(), 1);
+    // The window is full again: one more is a protocol violation.
+    let out = h.client(v5_publish(topic, None, next + 1));
+    assert!(to_broker(&out).is_empty());
+    let v5::Packet::Disconnect(d) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a DISCONNECT")
+    };
+    assert_eq!(
+        d.reason_code,
+        v5::DisconnectReasonCode::ReceiveMaximumExceeded
+    );
+    assert_eq!(closed(&out), Some("receive_maximum_exceeded"));
+    assert!(h.audit.events().contains(&(
+        Event::ConnectionClosed,
+        Some("publish".into()),
+        Some("receive_maximum_exceeded".into())
+    )));
 }

@@ -49,8 +49,10 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
-    // vitalmq patch 9a: None by default, the MQTT 3.1.1 rule from `clean_session`
+    // vitalmq patch 9: None by default, the MQTT 3.1.1 rule from `clean_session`
     session_expiry: Option<SessionExpiry>,
+    // vitalmq patch 13: the client's Receive Maximum, 65,535 by default
+    receive_maximum: u16,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -65,6 +67,7 @@ impl<'a> LinkBuilder<'a> {
             dynamic_filters: false,
             topic_alias_max: 0,
             session_expiry: None,
+            receive_maximum: u16::MAX,
         }
     }
 
@@ -91,12 +94,19 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// vitalmq patch 13: most QoS 1/2 deliveries the client takes unacknowledged
+    /// (its MQTT 5 Receive Maximum), within the router's own in-flight limit.
+    pub fn receive_maximum(mut self, max: u16) -> Self {
+        self.receive_maximum = max;
+        self
+    }
+
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
         self
     }
 
-    /// vitalmq patch 9a: how long the session outlives the connection (MQTT 5 Session
+    /// vitalmq patch 9: how long the session outlives the connection (MQTT 5 Session
     /// Expiry Interval). Unset, the MQTT 3.1.1 rule applies: kept for ever iff
     /// `clean_session` is false.
     pub fn session_expiry(mut self, expiry: SessionExpiry) -> Self {
@@ -145,7 +155,8 @@ impl<'a> LinkBuilder<'a> {
             connection.session_expiry(expiry);
         }
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        outgoing.limit_inflight(self.receive_maximum);
         let registration = Registration {
             router_tx: self.router_tx,
             link_rx,

@@ -38,6 +38,8 @@ pub struct Network<P> {
     max_connection_buffer_len: usize,
     /// Keep alive timeout
     keepalive: Duration,
+    /// vitalmq patch 14: the peer's Maximum Packet Size (MQTT 5 3.1.2.11.4), if any
+    max_outgoing_size: Option<usize>,
     /// Protocol
     protocol: P,
 }
@@ -61,6 +63,7 @@ impl<P: Protocol> Network<P> {
             // would wait indefinitely until we get a packet / network error
             // when we call read.
             keepalive: Duration::MAX,
+            max_outgoing_size: None,
             protocol,
         }
     }
@@ -133,22 +136,91 @@ impl<P: Protocol> Network<P> {
         }
     }
 
-    pub async fn write(&mut self, packet: Packet) -> Result<(), Error> {
-        Protocol::write(&self.protocol, packet, &mut self.write)?;
-        self.socket.write_all(&self.write).await?;
-        self.write.clear();
-        Ok(())
+    /// vitalmq patch 14: never write a packet larger than `max` bytes to this peer
+    /// (MQTT-3.1.2-24), `None` for no limit.
+    pub fn set_max_outgoing_size(&mut self, max: Option<usize>) {
+        self.max_outgoing_size = max;
     }
 
-    pub async fn writev(&mut self, packets: VecDeque<Packet>) -> Result<(), Error> {
-        for packet in packets {
-            Protocol::write(&self.protocol, packet, &mut self.write)?;
-        }
+    /// Writes `packet`, unless it exceeds the peer's Maximum Packet Size (patch 14):
+    /// then it is returned, not written (see [`Network::writev`]).
+    pub async fn write(&mut self, packet: Packet) -> Result<Option<Packet>, Error> {
+        let dropped = self.encode(packet)?;
         self.socket.write_all(&self.write).await?;
         self.write.clear();
-        Ok(())
+        Ok(dropped)
+    }
+
+    /// Writes `packets` in one go. vitalmq patch 14: a packet larger than the peer's
+    /// Maximum Packet Size is not written (MQTT-3.1.2-24): an acknowledgement is first
+    /// tried without its reason string and user properties (which the standard lets a
+    /// sender leave out for that reason, MQTT-3.2.2-19/20, 3.4.2-2/3, ...); what still
+    /// does not fit (a PUBLISH always) is returned, for the caller to complete as if it
+    /// had been sent (MQTT-3.1.2-25).
+    pub async fn writev(&mut self, packets: VecDeque<Packet>) -> Result<Vec<Packet>, Error> {
+        let mut dropped = Vec::new();
+        for packet in packets {
+            dropped.extend(self.encode(packet)?);
+        }
+        if !self.write.is_empty() {
+            self.socket.write_all(&self.write).await?;
+            self.write.clear();
+        }
+        Ok(dropped)
+    }
+
+    /// Appends `packet` to the write buffer if it fits the peer's limit; returns it
+    /// otherwise (patch 14).
+    fn encode(&mut self, packet: Packet) -> Result<Option<Packet>, Error> {
+        let Some(max) = self.max_outgoing_size else {
+            Protocol::write(&self.protocol, packet, &mut self.write)?;
+            return Ok(None);
+        };
+        let start = self.write.len();
+        Protocol::write(&self.protocol, packet.clone(), &mut self.write)?;
+        if self.write.len() - start <= max {
+            return Ok(None);
+        }
+        self.write.truncate(start);
+        if let Some(lean) = without_optional_properties(&packet) {
+            Protocol::write(&self.protocol, lean, &mut self.write)?;
+            if self.write.len() - start <= max {
+                return Ok(None);
+            }
+            self.write.truncate(start);
+        }
+        Ok(Some(packet))
     }
 }
+
+/// vitalmq patch 14: `packet` without the properties a sender may leave out to stay
+/// within the receiver's Maximum Packet Size (reason string, user properties); `None`
+/// for a packet that has none to leave out (a PUBLISH's properties are part of the
+/// application message).
+fn without_optional_properties(packet: &Packet) -> Option<Packet> {
+    macro_rules! lean {
+        ($props:expr) => {
+            $props.as_ref().map(|p| {
+                let mut p = p.clone();
+                p.reason_string = None;
+                p.user_properties.clear();
+                p
+            })
+        };
+    }
+    Some(match packet {
+        Packet::ConnAck(ack, props) => Packet::ConnAck(ack.clone(), lean!(props)),
+        Packet::PubAck(ack, props) => Packet::PubAck(ack.clone(), lean!(props)),
+        Packet::PubRec(ack, props) => Packet::PubRec(ack.clone(), lean!(props)),
+        Packet::PubRel(ack, props) => Packet::PubRel(ack.clone(), lean!(props)),
+        Packet::PubComp(ack, props) => Packet::PubComp(ack.clone(), lean!(props)),
+        Packet::SubAck(ack, props) => Packet::SubAck(ack.clone(), lean!(props)),
+        Packet::UnsubAck(ack, props) => Packet::UnsubAck(ack.clone(), lean!(props)),
+        Packet::Disconnect(d, props) => Packet::Disconnect(d.clone(), lean!(props)),
+        _ => return None,
+    })
+}
+
 
 pub trait N: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T> N for T where T: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -2,20 +2,23 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{
+    ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol, PubAck, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecReason, QoS,
+};
 use crate::router::{Event, Notification, SessionExpiry};
 use crate::{ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
 use tokio::time::error::Elapsed;
 use tokio::{select, time};
-use tracing::{trace, Span};
+use tracing::{debug, trace, warn, Span};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -58,6 +61,9 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// vitalmq patch 14: QoS 2 deliveries too large for the client, completed towards
+    /// the router by the link: their PUBREL is answered here, not sent.
+    undelivered_qos2: HashSet<u16>,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -79,6 +85,10 @@ impl<P: Protocol> RemoteLink<P> {
         let clean_session = connect.clean_session;
 
         let topic_alias_max = props.as_ref().and_then(|p| p.topic_alias_max);
+        // vitalmq patches 13/14: the client's limits (MQTT 5 3.1.2.11.3/4).
+        let receive_maximum = props.as_ref().and_then(|p| p.receive_maximum);
+        let max_packet_size = props.as_ref().and_then(|p| p.max_packet_size);
+        network.set_max_outgoing_size(max_packet_size.and_then(|m| usize::try_from(m).ok()));
         let session_expiry = props
             .as_ref()
             .and_then(|p| p.session_expiry_interval)
@@ -96,7 +106,7 @@ impl<P: Protocol> RemoteLink<P> {
         let mut builder = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session);
-        // vitalmq patch 9a: in MQTT 5 the Session Expiry Interval (absent = 0) decides
+        // vitalmq patch 9: in MQTT 5 the Session Expiry Interval (absent = 0) decides
         // how long the session outlives the connection, and Clean Start only whether a
         // saved one is resumed; MQTT 3.1.1 keeps its CleanSession rule (the default).
         if P::PROTOCOL_LEVEL == 5 {
@@ -107,6 +117,7 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            .receive_maximum(receive_maximum.unwrap_or(u16::MAX))
             // vitalmq patch 4: await the router, do not block the runtime's thread
             .build_async()
             .await?;
@@ -132,6 +143,7 @@ impl<P: Protocol> RemoteLink<P> {
             // vitalmq patch 1: grow on demand.
             notifications: VecDeque::new(),
             will_delay_interval,
+            undelivered_qos2: HashSet::new(),
         })
     }
 
@@ -161,21 +173,75 @@ impl<P: Protocol> RemoteLink<P> {
                     let mut packets = VecDeque::new();
                     let mut unscheduled = false;
 
+                    let mut completions = Vec::new();
                     for notif in self.notifications.drain(..) {
-                        if let Some(packet) = notif.into() {
-                            packets.push_back(packet);
-                        } else {
-                            unscheduled = true;
+                        match notif.into() {
+                            // vitalmq patch 14: the PUBREL of a QoS 2 delivery the client
+                            // never got is answered by the link.
+                            Some(Packet::PubRel(pubrel, _))
+                                if self.undelivered_qos2.remove(&pubrel.pkid) =>
+                            {
+                                completions.push(Packet::PubComp(
+                                    PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success },
+                                    None,
+                                ));
+                            }
+                            Some(packet) => packets.push_back(packet),
+                            None => unscheduled = true,
                         }
-
                     }
-                    self.network.writev(packets).await?;
+                    let dropped = self.network.writev(packets).await?;
+                    completions.extend(self.complete_undelivered(dropped));
+                    if !completions.is_empty() {
+                        self.link_tx.buffer().extend(completions);
+                        self.link_tx.notify().await?;
+                    }
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }
                 }
             }
         }
+    }
+}
+
+impl<P> RemoteLink<P> {
+    /// vitalmq patch 14: packets the client's Maximum Packet Size kept from it. The
+    /// server "MUST discard it without sending it and then behave as if it had completed
+    /// sending that Application Message" (MQTT-3.1.2-25): for a QoS 1 delivery the link
+    /// hands the router the PUBACK, for QoS 2 the PUBREC (and later the PUBCOMP), as if
+    /// the client had sent them, so its in-flight slot is freed and the next messages
+    /// flow. Returns those acknowledgements.
+    fn complete_undelivered(&mut self, dropped: Vec<Packet>) -> Vec<Packet> {
+        let mut completions = Vec::new();
+        for packet in dropped {
+            let Packet::Publish(publish, _) = packet else {
+                warn!(client_id = %self.connect.client_id, packet = ?packet, "packet above the client's maximum packet size not sent");
+                continue;
+            };
+            debug!(
+                client_id = %self.connect.client_id,
+                topic = ?publish.topic,
+                qos = ?publish.qos,
+                "PUBLISH above the client's maximum packet size discarded (MQTT-3.1.2-25)"
+            );
+            let pkid = publish.pkid;
+            match publish.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => completions.push(Packet::PubAck(
+                    PubAck { pkid, reason: PubAckReason::Success },
+                    None,
+                )),
+                QoS::ExactlyOnce => {
+                    self.undelivered_qos2.insert(pkid);
+                    completions.push(Packet::PubRec(
+                        PubRec { pkid, reason: PubRecReason::Success },
+                        None,
+                    ));
+                }
+            }
+        }
+        completions
     }
 }
 

@@ -746,7 +746,7 @@ pub enum Error {
 }
 
 pub trait Protocol {
-    /// vitalmq patch 9a: the CONNECT protocol level this codec speaks (4: MQTT 3.1.1,
+    /// vitalmq patch 9: the CONNECT protocol level this codec speaks (4: MQTT 3.1.1,
     /// 5: MQTT 5), for the rules that differ between them (session lifetime).
     const PROTOCOL_LEVEL: u8;
 

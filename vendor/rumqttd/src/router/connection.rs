@@ -21,7 +21,7 @@ pub struct Connection {
     /// Clean session (MQTT 3.1.1) / Clean Start (MQTT 5): discard any saved session of
     /// this client id at connect.
     pub clean: bool,
-    /// vitalmq patch 9a: how long the session outlives this connection (decided at
+    /// vitalmq patch 9: how long the session outlives this connection (decided at
     /// disconnect; an MQTT 5 DISCONNECT may replace it).
     pub session_expiry: SessionExpiry,
     /// Subscriptions
@@ -75,7 +75,7 @@ impl Connection {
         }
     }
 
-    /// vitalmq patch 9a: the session's lifetime after disconnect, when it is not the
+    /// vitalmq patch 9: the session's lifetime after disconnect, when it is not the
     /// MQTT 3.1.1 rule [`SessionExpiry::from_clean_session`] (MQTT 5 Session Expiry).
     pub fn session_expiry(&mut self, expiry: SessionExpiry) -> &mut Connection {
         self.session_expiry = expiry;
@@ -101,7 +101,7 @@ impl Connection {
     }
 }
 
-/// vitalmq patch 9a: how long a session outlives its network connection (MQTT 5
+/// vitalmq patch 9: how long a session outlives its network connection (MQTT 5
 /// 3.1.2.11.2, 4.1; MQTT 3.1.1 3.1.2.4). Independent of Clean Start, which only decides
 /// whether a saved session is resumed at connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

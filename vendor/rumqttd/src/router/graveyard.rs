@@ -9,7 +9,7 @@ use super::{
 /// Saved state of connections that ended: metrics of every client id, and the session
 /// of those whose session outlives the connection.
 ///
-/// vitalmq patch 9a: a session carries its expiry (MQTT 5 Session Expiry Interval). An
+/// vitalmq patch 9: a session carries its expiry (MQTT 5 Session Expiry Interval). An
 /// expired session is never resumed ([`Graveyard::retrieve`] checks) and is freed by
 /// [`Graveyard::expire`], which the router calls as time passes (it wakes up at
 /// [`Graveyard::next_expiry`]).
@@ -84,12 +84,12 @@ impl Graveyard {
         );
     }
 
-    /// vitalmq patch 9a: the earliest time a saved session expires.
+    /// vitalmq patch 9: the earliest time a saved session expires.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.expiries.first().map(|(at, _)| *at)
     }
 
-    /// vitalmq patch 9a: frees every session expired at `now` (its subscriptions,
+    /// vitalmq patch 9: frees every session expired at `now` (its subscriptions,
     /// cursors and unacknowledged packet ids; the client id's metrics stay). Returns the
     /// client ids whose session ended.
     pub fn expire(&mut self, now: Instant) -> Vec<String> {
@@ -141,6 +141,6 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
-    /// vitalmq patch 9a: when the session expires (`None`: never).
+    /// vitalmq patch 9: when the session expires (`None`: never).
     pub expires_at: Option<Instant>,
 }

@@ -5,7 +5,7 @@ use std::{
 
 use flume::{Receiver, Sender};
 use parking_lot::Mutex;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::{
     protocol::{Packet, QoS},
@@ -26,7 +26,7 @@ const MAX_PKID: u16 = MAX_INFLIGHT as u16;
 pub struct Incoming {
     /// Identifier associated with connected client
     pub(crate) client_id: String,
-    /// vitalmq patch 10b: the same id, shared with every message this connection
+    /// vitalmq patch 11: the same id, shared with every message this connection
     /// publishes (for No Local).
     pub(crate) origin: Origin,
     /// Recv buffer
@@ -74,6 +74,9 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// vitalmq patch 13: most unacknowledged QoS 1/2 deliveries: the client's Receive
+    /// Maximum (MQTT 5 3.1.2.11.3, 65,535 when absent) within `MAX_INFLIGHT`.
+    max_inflight: usize,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -94,6 +97,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            max_inflight: MAX_INFLIGHT,
             meter: Default::default(),
         };
 
@@ -105,8 +109,18 @@ impl Outgoing {
         self.data_buffer.clone()
     }
 
+    /// vitalmq patch 13: flow control (MQTT 5 4.9, MQTT-4.9.0-2): at most the client's
+    /// Receive Maximum QoS 1/2 deliveries in flight at once, never more than `MAX_INFLIGHT`.
+    pub fn limit_inflight(&mut self, receive_maximum: u16) {
+        self.max_inflight = usize::from(receive_maximum).clamp(1, MAX_INFLIGHT);
+    }
+
+    /// Deliveries that may still go out at QoS 1/2. A QoS 2 delivery counts until its
+    /// PUBCOMP (vitalmq patch 13; rumqttd freed its slot at PUBREC, but MQTT 5 4.9
+    /// counts it until PUBCOMP, and its packet id is in use until then too).
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        self.max_inflight
+            .saturating_sub(self.inflight_buffer.len() + self.unacked_pubrels.len())
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
@@ -117,7 +131,7 @@ impl Outgoing {
 
     /// Push packets to the outgoing buffer.
     ///
-    /// vitalmq patch 10a: each forward is sent at its own QoS (the minimum of the
+    /// vitalmq patch 10: each forward is sent at its own QoS (the minimum of the
     /// published and the granted QoS, MQTT 5 3.8.4 / 4.3), so one read can mix QoS 0
     /// and QoS 1/2 messages: only those at QoS 1/2 take a packet id and an in-flight
     /// slot. rumqttd decided this once per read from the subscription's QoS.
@@ -165,15 +179,21 @@ impl Outgoing {
 
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
+    ///
+    /// vitalmq patch 14: an ack may come out of order (rumqttd refused that): the link
+    /// completes a delivery it could not send (larger than the client's Maximum Packet
+    /// Size, MQTT-3.1.2-25) ahead of the client's acks for earlier ones. An ack for a
+    /// packet id not in flight is still refused.
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
-
-        // We don't support out of order acks
-        if pkid != head {
-            error!(pkid, head, "out of order ack.");
+        let at = self.inflight_buffer.iter().position(|(id, ..)| *id == pkid);
+        let Some(at) = at else {
+            error!(pkid, "ack for a packet id not in flight.");
             return None;
+        };
+        if at != 0 {
+            debug!(pkid, "out of order ack.");
         }
-
+        self.inflight_buffer.remove(at);
         Some(())
     }
 
@@ -187,15 +207,14 @@ impl Outgoing {
     // https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901240
     // But we don't support out of order / unsolicited pubcomps
     // to be consistent with the behaviour with other acks
+    //
+    // vitalmq patch 14: out of order, like `register_ack`.
     pub fn register_pubcomp(&mut self, pkid: u16) -> Option<()> {
-        let id = self.unacked_pubrels.pop_front()?;
-
-        // out of order acks
-        if pkid != id {
-            error!(pkid, id, "out of order ack.");
+        let Some(at) = self.unacked_pubrels.iter().position(|id| *id == pkid) else {
+            error!(pkid, "pubcomp for a packet id without a pubrel.");
             return None;
-        }
-
+        };
+        self.unacked_pubrels.remove(at);
         Some(())
     }
 

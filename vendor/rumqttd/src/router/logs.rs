@@ -18,7 +18,7 @@ use std::time::Instant;
 
 type PubWithProp = (Publish, Option<PublishProperties>);
 
-/// vitalmq patch 10b: the client id of the connection that published a message, kept
+/// vitalmq patch 11: the client id of the connection that published a message, kept
 /// with each stored copy so that a No Local subscription (MQTT 5 3.8.3.1,
 /// MQTT-3.8.3-3) can leave out its own client's messages. Shared, one allocation per
 /// connection: storing a message clones the pointer, not the string.
@@ -135,7 +135,7 @@ impl DataLog {
             })
     }
 
-    /// vitalmq patch 10c: takes the parked request of connection `id` for subscription
+    /// vitalmq patch 12: takes the parked request of connection `id` for subscription
     /// `filter` (the filter as subscribed, `$share/...` included) on log `filter_idx`,
     /// so that a SUBSCRIBE to a filter the connection already holds can replace its
     /// options.
@@ -203,7 +203,7 @@ impl DataLog {
     }
 
     /// Reads up to `len` messages of the log at `offset`, leaving out expired ones and
-    /// (vitalmq patch 10b, No Local) those published by the client `exclude_origin`.
+    /// (vitalmq patch 11, No Local) those published by the client `exclude_origin`.
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,

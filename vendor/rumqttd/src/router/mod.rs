@@ -26,7 +26,7 @@ pub(crate) mod shared_subs;
 mod waiters;
 
 pub use alertlog::Alert;
-pub use connection::{Connection, SessionExpiry}; // vitalmq patch 9a: SessionExpiry
+pub use connection::{Connection, SessionExpiry}; // vitalmq patch 9: SessionExpiry
 pub use routing::{Router, TOPIC_ALIAS_MAX}; // vitalmq patch 7: TOPIC_ALIAS_MAX
 pub use waiters::Waiters;
 
@@ -190,7 +190,7 @@ pub struct DataRequest {
     /// Commitlog this request is pulling data from
     pub filter: Filter,
     pub filter_idx: FilterIdx,
-    /// The granted QoS: the most a forward is sent at (vitalmq patch 10a: each message
+    /// The granted QoS: the most a forward is sent at (vitalmq patch 10: each message
     /// goes out at the minimum of this and its published QoS)
     pub qos: u8,
     /// (segment, offset) tuples per replica (1 native and 2 replicas)
@@ -204,10 +204,10 @@ pub struct DataRequest {
     /// `forward_retained` has more to send.
     pub(crate) retained_after: Option<String>,
     pub(crate) group: Option<String>,
-    /// vitalmq patch 10b: No Local (MQTT 5 3.8.3.1): leave out the messages this
+    /// vitalmq patch 11: No Local (MQTT 5 3.8.3.1): leave out the messages this
     /// connection's client published.
     pub(crate) nolocal: bool,
-    /// vitalmq patch 10b: Retain As Published (MQTT 5 3.8.3.1): forward the RETAIN flag
+    /// vitalmq patch 11: Retain As Published (MQTT 5 3.8.3.1): forward the RETAIN flag
     /// as published instead of clearing it.
     pub(crate) preserve_retain: bool,
 }

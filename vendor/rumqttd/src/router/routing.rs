@@ -199,7 +199,7 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            // vitalmq patch 9a: but not past the next session expiry, which frees it.
+            // vitalmq patch 9: but not past the next session expiry, which frees it.
             let event = match self.graveyard.next_expiry() {
                 Some(at) => match self.router_rx.recv_deadline(at) {
                     Ok(event) => Some(event),
@@ -278,7 +278,7 @@ impl Router {
         }
     }
 
-    /// vitalmq patch 9a: frees the sessions expired at `now` (MQTT 5 3.1.2.11.2).
+    /// vitalmq patch 9: frees the sessions expired at `now` (MQTT 5 3.1.2.11.2).
     pub(crate) fn expire_sessions(&mut self, now: Instant) {
         for client_id in self.graveyard.expire(now) {
             info!(client_id, "Session expired");
@@ -310,7 +310,7 @@ impl Router {
                     "Duplicate client_id, dropping previous connection with connection_id: {}",
                     connection_id
                 );
-                // vitalmq patch 9a: the old connection's session is then kept as its
+                // vitalmq patch 9: the old connection's session is then kept as its
                 // expiry says, and the new connection's Clean Start decides below
                 // whether it resumes it (MQTT 5 3.1.4-3).
                 self.handle_disconnection(*connection_id, None);
@@ -518,7 +518,7 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions. vitalmq patch 9a: kept as long as the
+        // Save state for persistent sessions. vitalmq patch 9: kept as long as the
         // session expiry says (rumqttd kept it for ever iff clean session was false).
         let kept_until = connection.session_expiry.deadline(Instant::now());
         if let Some(expires_at) = kept_until {
@@ -569,7 +569,7 @@ impl Router {
         };
 
         let client_id = incoming.client_id.clone();
-        // vitalmq patch 10b: stored with each message, for No Local.
+        // vitalmq patch 11: stored with each message, for No Local.
         let origin = incoming.origin.clone();
         let span = tracing::error_span!("incoming_payload", client_id);
         let _guard = span.enter();
@@ -703,7 +703,7 @@ impl Router {
                             filter = filter_path;
                         };
 
-                        // vitalmq patch 10b: MQTT-3.8.3-4, No Local on a shared
+                        // vitalmq patch 11: MQTT-3.8.3-4, No Local on a shared
                         // subscription is a Protocol Error.
                         if group.is_some() && f.nolocal {
                             warn!("No Local set on a shared subscription");
@@ -905,6 +905,9 @@ impl Router {
                         disconnect = true;
                         break;
                     }
+                    // vitalmq patch 13: a QoS 2 delivery holds its in-flight slot until
+                    // PUBCOMP, so PUBCOMP may resume a connection paused as InflightFull.
+                    self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PingReq(_) => {
                     let ackslog = self.ackslog.get_mut(id).unwrap();
@@ -918,7 +921,7 @@ impl Router {
                     disconnect = true;
                     // delete the last will message
                     self.last_wills.remove(&client_id);
-                    // vitalmq patch 9a: DISCONNECT's Session Expiry Interval replaces
+                    // vitalmq patch 9: DISCONNECT's Session Expiry Interval replaces
                     // CONNECT's, except that a session which was to end with the
                     // connection cannot be given one (MQTT 5 3.14.2.2.2, protocol error).
                     let interval = properties.and_then(|p| p.session_expiry_interval);
@@ -948,7 +951,11 @@ impl Router {
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
         if force_ack {
-            self.scheduler.reschedule(id, ScheduleReason::FreshData);
+            // vitalmq patch 13: also wake a connection paused with its in-flight window
+            // full (FreshData woke only a caught-up one), or its PINGRESP, SUBACK and
+            // PUBACKs wait for the client to acknowledge a delivery first; with a small
+            // Receive Maximum a client that pings before acking never hears back.
+            self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
         }
 
         // Notify waiting consumers only if there is publish data. During
@@ -973,7 +980,7 @@ impl Router {
     /// Apply filter and prepare this connection to receive subscription data
     /// Handle retained messages as per subscription options!
     ///
-    /// vitalmq patch 10c: a SUBSCRIBE to a filter the connection already holds replaces
+    /// vitalmq patch 12: a SUBSCRIBE to a filter the connection already holds replaces
     /// that subscription's options (MQTT 3.1.1 3.8.4, MQTT 5 3.8.4: granted QoS, No
     /// Local, Retain As Published, Subscription Identifier) and follows Retain Handling
     /// (MQTT 5 3.8.3.1); rumqttd ignored it ("TODO: figure out how we can update
@@ -1085,7 +1092,7 @@ impl Router {
         meter.register_subscription(filter_path.clone());
     }
 
-    /// vitalmq patch 10c: takes connection `id`'s request for subscription `filter` out
+    /// vitalmq patch 12: takes connection `id`'s request for subscription `filter` out
     /// of wherever it waits: the connection's tracker, the log's waiters (caught up),
     /// or the notifications of a message appended earlier in the same batch.
     fn take_data_request(
@@ -1362,7 +1369,7 @@ fn append_to_commitlog(
         );
     }
 
-    // vitalmq patch 10b: the log keeps the RETAIN flag as published; forwarding clears
+    // vitalmq patch 11: the log keeps the RETAIN flag as published; forwarding clears
     // it unless the subscription has Retain As Published (rumqttd cleared it here, for
     // every subscriber).
     let pkid = publish.pkid;
@@ -1439,7 +1446,7 @@ fn append_will_message(
         );
     }
 
-    // vitalmq patch 10b: RETAIN stays as published in the log (see append_to_commitlog).
+    // vitalmq patch 11: RETAIN stays as published in the log (see append_to_commitlog).
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1630,7 +1637,7 @@ fn forward_device_data(
             Vec::new(),
         )
     } else {
-        // vitalmq patch 10b: No Local leaves out this client's own messages.
+        // vitalmq patch 11: No Local leaves out this client's own messages.
         let exclude_origin = request.nolocal.then_some(outgoing.client_id.as_str());
         match datalog.native_readv(
             request.filter_idx,
@@ -1701,7 +1708,7 @@ fn forward_device_data(
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        // vitalmq patch 10b: a read whose messages were all left out (No Local,
+        // vitalmq patch 11: a read whose messages were all left out (No Local,
         // expired) has not necessarily reached the end of the log.
         return if caughtup {
             ConsumeStatus::FilterCaughtup
@@ -1730,13 +1737,13 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            // vitalmq patch 10a: delivered QoS = min(published, granted) (MQTT 3.1.1
+            // vitalmq patch 10: delivered QoS = min(published, granted) (MQTT 3.1.1
             // 3.8.4, MQTT 5 3.8.4 and 4.3); rumqttd sent every message at the granted QoS.
             if publish.qos > granted {
                 publish.qos = granted;
             }
 
-            // vitalmq patch 10b: a message from the log matches an established
+            // vitalmq patch 11: a message from the log matches an established
             // subscription: RETAIN is cleared (MQTT-3.3.1-9, MQTT 5 3.3.1.3) unless the
             // subscription has Retain As Published. Retained messages sent because of
             // the subscription (no log offset) keep RETAIN=1 (MQTT-3.3.1-8).

@@ -1,4 +1,4 @@
-//! vitalmq patches 10a-10c at router level: what a subscriber is handed, driven through
+//! vitalmq patches 10-12 at router level: what a subscriber is handed, driven through
 //! the router's own event handling (`events`, `consume`) without links or sockets.
 
 use super::*;

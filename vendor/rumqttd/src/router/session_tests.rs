@@ -1,4 +1,4 @@
-//! vitalmq patch 9a: session lifetime at the router (MQTT 5 3.1.2.4 Clean Start,
+//! vitalmq patch 9: session lifetime at the router (MQTT 5 3.1.2.4 Clean Start,
 //! 3.1.2.11.2 Session Expiry Interval, 3.14.2.2.2 DISCONNECT's Session Expiry Interval,
 //! 4.1 Session State; MQTT 3.1.1 3.1.2.4 Clean Session). Each test drives a `Router`
 //! directly: events in, the connection's outgoing buffer out, time as an argument.

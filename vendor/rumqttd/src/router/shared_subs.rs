@@ -29,7 +29,7 @@ impl SharedGroup {
     }
 
     pub fn add_client(&mut self, client: String) {
-        // vitalmq patch 10c: a re-subscription (which now replaces the subscription's
+        // vitalmq patch 12: a re-subscription (which now replaces the subscription's
         // options) must not make the client a second member of the group.
         if !self.clients.contains(&client) {
             self.clients.push(client)
