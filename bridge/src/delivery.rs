@@ -6,7 +6,8 @@
 //! its own cursor and task, so a slow webhook never delays the MQTT hot path, and
 //! neither waits for cloud storage. A handler's cursor advances only after the
 //! destination confirmed (PUBACK; HTTP 2xx); failures are retried with backoff and
-//! reported as an operational alert; nothing is dropped. Delivery is at-least-once:
+//! reported as an operational alert; nothing is dropped (but for MQTT alerts whose
+//! expiry passed first, below). Delivery is at-least-once:
 //! receivers deduplicate by the webhook id ([`change_id`]), or by the whole body; not by
 //! `(alert_id, state)` alone, which repeats (each unacknowledged re-send is `escalated`
 //! one level higher; an alert can be acknowledged again after it worsened).
