@@ -6,10 +6,20 @@
 //! its own cursor and task, so a slow webhook never delays the MQTT hot path, and
 //! neither waits for cloud storage. A handler's cursor advances only after the
 //! destination confirmed (PUBACK; HTTP 2xx); failures are retried with backoff and
-//! reported as an operational alert; nothing is dropped. Delivery is at-least-once:
+//! reported as an operational alert; nothing is dropped (but for MQTT alerts whose
+//! expiry passed first, below). Delivery is at-least-once:
 //! receivers deduplicate by the webhook id ([`change_id`]), or by the whole body; not by
 //! `(alert_id, state)` alone, which repeats (each unacknowledged re-send is `escalated`
 //! one level higher; an alert can be acknowledged again after it worsened).
+//!
+//! The MQTT handler publishes over MQTT 5 ([`crate::link5`]) with the Message Expiry
+//! Interval the rule set in force gives the alert's severity (`[alert_expiry]`, issue
+//! 18), Content Type `application/json` and Payload Format Indicator 1 (UTF-8). The
+//! expiry counts from when the bridge made the change (`created_at_ms`), not from the
+//! publish: a change that waited in the outbox (broker down, bridge restarted) goes out
+//! with only the time it has left ([`expiry_at`]), and one whose time is up is not
+//! published at all; it is counted (`vitalmq_bridge_alerts_expired_total`), logged at
+//! debug, and the cursor moves over it as over a delivered one. Webhooks have no expiry.
 //!
 //! Each row carries the escalation level it goes out at; a handler delivers the rows
 //! the rule set in force routes to it (`RuleSet::handlers_for_level`, reloaded with the
@@ -30,9 +40,11 @@ use serde_json::{Map, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
-use vitalmq_policies::RuleSet;
+use vitalmq_policies::{RuleSet, Severity};
 
-use crate::link::{Link, LinkError};
+use crate::link::LinkError;
+use crate::link5::{Link5, Publish5};
+use crate::mqtt::V5Endpoint;
 use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
 use crate::store::{Store, StoredAlert, lock};
@@ -82,10 +94,10 @@ pub fn change_id(alert: &StoredAlert) -> String {
 
 /// Where alerts go.
 pub enum Handler {
-    /// The broker, over the alert publisher's own connection.
+    /// The broker, over the alert publisher's own MQTT 5 connection.
     Mqtt {
-        options: Box<rumqttc::MqttOptions>,
-        link: Option<Link>,
+        endpoint: Box<V5Endpoint>,
+        link: Option<Link5>,
     },
     /// An HTTP endpoint; the body is the alert JSON, signed as Standard Webhooks
     /// specifies (`crate::webhook`).
@@ -104,6 +116,14 @@ impl std::fmt::Debug for Handler {
 }
 
 impl Handler {
+    /// The alert publisher, connecting to `endpoint` when it first has something to send.
+    pub fn mqtt(endpoint: V5Endpoint) -> Self {
+        Self::Mqtt {
+            endpoint: Box::new(endpoint),
+            link: None,
+        }
+    }
+
     pub fn webhook(
         name: String,
         url: String,
@@ -129,27 +149,31 @@ impl Handler {
         }
     }
 
-    /// Delivers `alerts` in order; `Ok` only when every one was confirmed.
-    async fn deliver(&mut self, alerts: &[StoredAlert]) -> Result<(), DeliveryError> {
+    /// Delivers `alerts` in order; `Ok` only when every one was confirmed or (MQTT)
+    /// had expired by `now_ms` under `rules`' `[alert_expiry]`; `Ok(n)`: `n` expired and
+    /// were not published.
+    async fn deliver(
+        &mut self,
+        alerts: &[StoredAlert],
+        rules: Option<&RuleSet>,
+        now_ms: u64,
+    ) -> Result<usize, DeliveryError> {
         match self {
-            Self::Mqtt { options, link } => {
+            Self::Mqtt { endpoint, link } => {
+                let (items, expired) = mqtt_publishes(alerts, rules, now_ms);
+                if items.is_empty() {
+                    return Ok(expired);
+                }
                 if link.is_none() {
-                    *link = Some(Link::connect((**options).clone(), Duration::from_secs(5)).await?);
+                    *link = Some(Link5::connect(endpoint, Duration::from_secs(5)).await?);
                 }
                 let Some(l) = link.as_mut() else {
                     return Err(DeliveryError::NotConnected);
                 };
-                let items: Vec<(String, Bytes)> = alerts
-                    .iter()
-                    .map(|a| (a.topic.clone(), Bytes::from(a.body.clone())))
-                    .collect();
-                let sent = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    l.publish_confirmed(items, |_, _| {}, || true),
-                )
-                .await;
+                let sent =
+                    tokio::time::timeout(Duration::from_secs(10), l.publish_confirmed(items)).await;
                 match sent {
-                    Ok(Ok(())) => Ok(()),
+                    Ok(Ok(())) => Ok(expired),
                     Ok(Err(e)) => {
                         *link = None;
                         Err(e.into())
@@ -194,10 +218,90 @@ impl Handler {
                         });
                     }
                 }
-                Ok(())
+                Ok(0)
             }
         }
     }
+}
+
+/// An alert message's Message Expiry Interval when published at some time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Its severity does not expire: no property.
+    Never,
+    /// Seconds left, at least 1.
+    Left(u32),
+    /// Its time is up (less than a second left): not to be published.
+    Expired,
+}
+
+/// The expiry of a change made at `created_at_ms` with `expiry_s` to live, published at
+/// `now_ms` (both the bridge's clock, ms since the Unix epoch): the policy's interval
+/// less the time already passed, rounded down so that no integrator holds it longer
+/// than the policy says. A clock that went back counts as no time passed.
+pub fn expiry_at(expiry_s: Option<u64>, created_at_ms: u64, now_ms: u64) -> Expiry {
+    let Some(expiry_s) = expiry_s else {
+        return Expiry::Never;
+    };
+    let waited_ms = now_ms.saturating_sub(created_at_ms);
+    let left_s = expiry_s.saturating_mul(1000).saturating_sub(waited_ms) / 1000;
+    match u32::try_from(left_s) {
+        Ok(0) => Expiry::Expired,
+        Ok(s) => Expiry::Left(s),
+        Err(_) => Expiry::Left(u32::MAX),
+    }
+}
+
+/// The severity of a clinical alert topic `alerts/{site}/{severity}/{device}`; `None`
+/// for operational alerts (`ops/...`), which never expire.
+fn topic_severity(topic: &str) -> Option<Severity> {
+    let mut levels = topic.split('/');
+    match (levels.next(), levels.next(), levels.next(), levels.next()) {
+        (Some("alerts"), Some(_), Some(severity), Some(_)) => Severity::parse(severity),
+        _ => None,
+    }
+}
+
+/// The PUBLISHes of `alerts` at `now_ms` (in order, the expired left out) and how many
+/// expired.
+fn mqtt_publishes(
+    alerts: &[StoredAlert],
+    rules: Option<&RuleSet>,
+    now_ms: u64,
+) -> (Vec<Publish5>, usize) {
+    let mut expired = 0;
+    let mut items = Vec::with_capacity(alerts.len());
+    for a in alerts {
+        let policy = topic_severity(&a.topic)
+            .and_then(|s| rules.and_then(|r| r.alerting().expiry_after_s(s)));
+        let message_expiry_interval = match expiry_at(policy, a.created_at_ms, now_ms) {
+            Expiry::Never => None,
+            Expiry::Left(s) => Some(s),
+            Expiry::Expired => {
+                expired += 1;
+                debug!(
+                    alert_id = %a.alert_id,
+                    state = %a.state,
+                    topic = %a.topic,
+                    expiry_s = policy,
+                    waited_ms = now_ms.saturating_sub(a.created_at_ms),
+                    "alert expired before it could be published; not published"
+                );
+                continue;
+            }
+        };
+        items.push(Publish5 {
+            topic: a.topic.clone(),
+            payload: Bytes::from(a.body.clone()),
+            properties: rumqttc::v5::mqttbytes::v5::PublishProperties {
+                payload_format_indicator: Some(1),
+                message_expiry_interval,
+                content_type: Some("application/json".to_owned()),
+                ..Default::default()
+            },
+        });
+    }
+    (items, expired)
 }
 
 /// Alert rows for a handler that the store could not take, delivered from memory.
@@ -329,15 +433,16 @@ pub async fn run_handler(
             (memory.iter().take(n).cloned().collect(), None, Vec::new())
         };
         let outcome = if alerts.is_empty() {
-            Ok(())
+            Ok(0)
         } else {
             let started = std::time::Instant::now();
-            let delivered = handler.deliver(&alerts).await;
+            let policy = rules.as_ref().map(|r| Arc::clone(&r.borrow()));
+            let delivered = handler.deliver(&alerts, policy.as_deref(), now_ms()).await;
             crate::observe::alert_delivery_duration(&name, started.elapsed(), delivered.is_ok());
             delivered
         };
         match outcome {
-            Ok(()) => {
+            Ok(expired) => {
                 failures = 0;
                 delay = Duration::from_millis(100);
                 if let Some(last) = skipped_last {
@@ -380,7 +485,11 @@ pub async fn run_handler(
                     info!(handler = %name, n = alerts.len(), "alerts delivered from memory (not recorded yet)");
                 }
                 metrics::counter!("vitalmq_bridge_alerts_delivered_total", "handler" => name.clone())
-                    .increment(alerts.len() as u64);
+                    .increment((alerts.len() - expired) as u64);
+                if expired > 0 {
+                    metrics::counter!("vitalmq_bridge_alerts_expired_total", "handler" => name.clone())
+                        .increment(expired as u64);
+                }
                 if alerts.is_empty() {
                     continue;
                 }
@@ -464,12 +573,103 @@ mod tests {
             topic: "alerts/site-01/urgent/dev-00001".into(),
             body: format!(r#"{{"alert_id":"al-1","state":"{state}","escalation_level":{level}}}"#),
             level,
+            created_at_ms: 1,
         };
         let first = change_id(&row("escalated", 1));
         assert!(first.starts_with("al-1/escalated/"), "{first}");
         assert_eq!(first, change_id(&row("escalated", 1)), "a retry");
         assert_ne!(first, change_id(&row("escalated", 2)), "the next level");
         assert_ne!(first, change_id(&row("acknowledged", 1)));
+    }
+
+    /// Issue 18: the Message Expiry Interval counts from when the change was made; what
+    /// waited goes out with the time it has left (rounded down, never longer than the
+    /// policy), and with less than a second left not at all.
+    #[test]
+    fn the_expiry_left_counts_from_when_the_change_was_made() {
+        let made = 1_700_000_000_000;
+        assert_eq!(expiry_at(None, made, made + 86_400_000), Expiry::Never);
+        assert_eq!(expiry_at(Some(3600), made, made), Expiry::Left(3600));
+        assert_eq!(expiry_at(Some(3600), made, made + 1), Expiry::Left(3599));
+        assert_eq!(
+            expiry_at(Some(3600), made, made + 600_000),
+            Expiry::Left(3000)
+        );
+        assert_eq!(expiry_at(Some(2), made, made + 1_000), Expiry::Left(1));
+        assert_eq!(expiry_at(Some(2), made, made + 1_001), Expiry::Expired);
+        assert_eq!(expiry_at(Some(2), made, made + 2_000), Expiry::Expired);
+        assert_eq!(expiry_at(Some(2), made, made + 3_600_000), Expiry::Expired);
+        assert_eq!(
+            expiry_at(Some(60), made, made - 5_000),
+            Expiry::Left(60),
+            "a clock that went back: no time passed"
+        );
+        assert_eq!(
+            expiry_at(Some(u64::MAX), made, made),
+            Expiry::Left(u32::MAX),
+            "saturates"
+        );
+    }
+
+    /// Clinical alerts take their severity's expiry from the rule set in force, with
+    /// content type and payload format on every PUBLISH; operational alerts and a rule
+    /// set without `[alert_expiry]` never expire; expired rows are left out, in order.
+    #[test]
+    fn mqtt_publishes_carry_the_expiry_left_and_leave_out_the_expired() {
+        let text = "format = \"vitalmq-rules/v1\"\nversion = \"t\"\n[quality]\nlow_below = 0.5\nmax_low_fraction = 0.5\nover_n = 20\n[alert_expiry]\ninfo_s = 2\nreview_s = 3600\n";
+        let rules = RuleSet::parse(text, std::path::Path::new("rules.toml")).expect("rules");
+        let now = 1_700_000_010_000;
+        let row = |position: i64, topic: &str, created_at_ms: u64| StoredAlert {
+            position,
+            alert_id: format!("al-{position}"),
+            state: "open".into(),
+            topic: topic.into(),
+            body: "{}".into(),
+            level: 0,
+            created_at_ms,
+        };
+        let rows = [
+            row(1, "alerts/site-01/info/dev-00001", now - 2_500),
+            row(2, "alerts/site-01/review/dev-00001", now - 2_500),
+            row(3, "alerts/site-01/urgent/dev-00001", now - 86_400_000),
+            row(4, "ops/bridge/battery", now - 86_400_000),
+            row(5, "alerts/site-01/info/dev-00001", now - 500),
+        ];
+        let (items, expired) = mqtt_publishes(&rows, Some(&rules), now);
+        assert_eq!(expired, 1);
+        let got: Vec<(&str, Option<u32>)> = items
+            .iter()
+            .map(|p| (p.topic.as_str(), p.properties.message_expiry_interval))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("alerts/site-01/review/dev-00001", Some(3597)),
+                ("alerts/site-01/urgent/dev-00001", None),
+                ("ops/bridge/battery", None),
+                ("alerts/site-01/info/dev-00001", Some(1)),
+            ]
+        );
+        for p in &items {
+            assert_eq!(
+                p.properties.content_type.as_deref(),
+                Some("application/json")
+            );
+            assert_eq!(p.properties.payload_format_indicator, Some(1));
+        }
+        let (items, expired) = mqtt_publishes(&rows, None, now);
+        assert_eq!(
+            (items.len(), expired),
+            (5, 0),
+            "no rule set: nothing expires"
+        );
+        assert!(
+            items
+                .iter()
+                .all(|p| p.properties.message_expiry_interval.is_none())
+        );
+        assert_eq!(topic_severity("alerts/site-01/ack/int-01"), None);
+        assert_eq!(topic_severity("alerts/site-01/urgent"), None);
     }
 
     /// An HTTP endpoint on 127.0.0.1 that answers every request 200 and counts them.
@@ -579,6 +779,7 @@ mod tests {
                 topic: first.topic.clone(),
                 body: first.body.clone(),
                 level: 0,
+                created_at_ms: first.created_at_ms,
             })
             .expect("queue");
         feed.wake.notify_one();

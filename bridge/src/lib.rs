@@ -14,6 +14,7 @@ mod delivery;
 mod drain;
 mod gaps;
 mod link;
+mod link5;
 mod mqtt;
 pub mod normalize;
 mod observe;

@@ -1,7 +1,8 @@
 //! A publishing MQTT connection whose every PUBLISH is confirmed: a fresh clean-session
 //! rumqttc connection with its own event loop, reporting what it sent, what the broker
-//! acknowledged, and what arrived on its subscriptions. Used by the upstream sink and
-//! the alert publisher; each owns its connection, so every PUBACK on it is its own.
+//! acknowledged, and what arrived on its subscriptions. Used by the upstream sink, which
+//! owns its connection, so every PUBACK on it is its own. (The alert publisher has the
+//! MQTT 5 counterpart, `crate::link5`, with the same guarantees.)
 //!
 //! On any failure the caller drops the link and connects a new one: rumqttc would
 //! otherwise retransmit the old in-flight PUBLISHes on reconnect, and acknowledgements

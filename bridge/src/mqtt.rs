@@ -1,6 +1,8 @@
-//! MQTT over mTLS with rumqttc: the bridge's connection to its broker, and the upstream
-//! sink's connection to a cloud broker. The TLS client configuration and the rumqttc
-//! options come from `vitalmq_mqtt_client`, as for every vitalmq client.
+//! MQTT over mTLS with rumqttc: the bridge's connection to its broker and the upstream
+//! sink's connection to a cloud broker (MQTT 3.1.1), and the alert publisher's
+//! connection (MQTT 5, [`V5Endpoint`]: an alert's Message Expiry Interval, Content Type
+//! and Payload Format Indicator are MQTT 5 properties). The TLS client configuration
+//! and the rumqttc options come from `vitalmq_mqtt_client`, as for every vitalmq client.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,4 +77,57 @@ pub fn client(
     capacity: usize,
 ) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     options::v4_client(options, capacity, &network())
+}
+
+/// Where and as whom the alert publisher connects: MQTT 5 over mTLS, a clean start and
+/// no session kept (Session Expiry Interval 0), so that no PUBLISH of a failed
+/// connection is retransmitted on a new one (see `crate::link5`).
+#[derive(Clone)]
+pub struct V5Endpoint {
+    host: String,
+    port: u16,
+    client_id: String,
+    tls: Arc<ClientConfig>,
+    connect: ConnectOptions,
+}
+
+impl std::fmt::Debug for V5Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("V5Endpoint")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl V5Endpoint {
+    /// The endpoint of `link` (address, CA, certificate and key) as `client_id`, with
+    /// the bridge's keep-alive, packet size and network options.
+    pub fn new(link: &BrokerLink, client_id: &str) -> Result<Self, MqttSetupError> {
+        let (host, port) = vitalmq_mqtt_client::host_port(&link.address)?;
+        Ok(Self {
+            host,
+            port,
+            client_id: client_id.to_owned(),
+            tls: tls_config(link)?,
+            connect: ConnectOptions {
+                clean: true,
+                manual_acks: false,
+                ..connect_options(link, false)
+            },
+        })
+    }
+
+    /// A new client and its event loop (not connected until polled).
+    pub fn client(&self, capacity: usize) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+        options::v5_client(
+            &self.host,
+            self.port,
+            &self.client_id,
+            &self.tls,
+            &self.connect,
+            capacity,
+        )
+    }
 }

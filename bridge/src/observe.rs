@@ -74,6 +74,10 @@ fn describe() {
         "vitalmq_bridge_alerts_delivered_total",
         "Alert rows confirmed by each handler."
     );
+    describe_counter!(
+        "vitalmq_bridge_alerts_expired_total",
+        "Alert rows not published because their expiry ([alert_expiry]) passed first."
+    );
     describe_gauge!(
         "vitalmq_bridge_backlog",
         "Events recorded and not yet confirmed by a sink."

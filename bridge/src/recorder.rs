@@ -484,6 +484,7 @@ impl Recorder {
                     topic: a.topic.clone(),
                     body: a.body.clone(),
                     level: a.level,
+                    created_at_ms: a.created_at_ms,
                 };
                 if feed.memory.try_send(row).is_err() {
                     warn!(alert_id = %a.alert_id, "alert handler's memory queue full; the alert goes out once the store takes it");

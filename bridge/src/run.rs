@@ -328,12 +328,9 @@ pub async fn run(
             key: a.publisher.key.clone(),
             ..config.broker.clone()
         };
-        handlers.push(Handler::Mqtt {
-            options: Box::new(
-                mqtt::options(&publisher, &a.publisher.client_id, false).map_err(RunError::Mqtt)?,
-            ),
-            link: None,
-        });
+        handlers.push(Handler::mqtt(
+            mqtt::V5Endpoint::new(&publisher, &a.publisher.client_id).map_err(RunError::Mqtt)?,
+        ));
         for w in &a.webhooks {
             let secret = std::env::var(&w.secret_env).map_err(|source| RunError::WebhookEnv {
                 webhook: w.name.clone(),

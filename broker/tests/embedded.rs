@@ -186,3 +186,95 @@ async fn connect_when_ready(
         tokio::task::yield_now().await;
     }
 }
+
+/// vitalmq patch 15 (issue 18): a PUBLISH from an MQTT 5 client with properties (the
+/// bridge's alerts carry Message Expiry Interval, Content Type and Payload Format
+/// Indicator) reaches an MQTT 3.1.1 subscriber as a 3.1.1 PUBLISH without them
+/// (MQTT 3.1.1 section 3.3 has no properties). Before the patch rumqttd's 3.1.1 encoder
+/// hit `unreachable!`: the subscriber's connection died and the message was lost.
+#[tokio::test]
+async fn a_v5_publish_with_properties_reaches_a_v311_subscriber_without_them() {
+    use rumqttc::v5::mqttbytes::v5;
+
+    let embedded = EmbeddedBroker::start(&EmbeddedSettings::default()).expect("starts");
+    let secret = embedded.password();
+    let (mut subscriber, code) = connect(&embedded, "integrator", &secret, None).await;
+    assert_eq!(code, Some(v4::ConnectReturnCode::Success));
+    send(&mut subscriber, |b| {
+        v4::Subscribe::new("alerts/#", QoS::AtLeastOnce)
+            .write(b)
+            .expect("encode SUBSCRIBE");
+    })
+    .await;
+    let mut sub_buf = BytesMut::new();
+    assert!(matches!(
+        read_packet(&mut subscriber, &mut sub_buf).await,
+        Some(v4::Packet::SubAck(_))
+    ));
+
+    let mut publisher = embedded.connect(Version::V5);
+    let connect = v5::Connect {
+        keep_alive: 30,
+        client_id: "bridge-01-alerts".into(),
+        clean_start: true,
+        properties: None,
+    };
+    let login = Some(v5::Login::new("anyone", &*secret));
+    send(&mut publisher, |b| {
+        connect.write(&None, &login, b).expect("encode CONNECT");
+    })
+    .await;
+    let mut pub_buf = BytesMut::new();
+    assert!(matches!(
+        read_v5(&mut publisher, &mut pub_buf).await,
+        v5::Packet::ConnAck(ack) if ack.code == v5::ConnectReturnCode::Success
+    ));
+    let properties = v5::PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(3600),
+        content_type: Some("application/json".into()),
+        ..Default::default()
+    };
+    let mut publish = v5::Publish::new(
+        "alerts/site-01/info/dev-00001",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        &b"{\"state\":\"open\"}"[..],
+        Some(properties),
+    );
+    publish.pkid = 1;
+    send(&mut publisher, |b| {
+        publish.write(b).expect("encode PUBLISH");
+    })
+    .await;
+    assert!(matches!(
+        read_v5(&mut publisher, &mut pub_buf).await,
+        v5::Packet::PubAck(ack) if ack.pkid == 1
+    ));
+    match read_packet(&mut subscriber, &mut sub_buf).await {
+        Some(v4::Packet::Publish(p)) => {
+            assert_eq!(p.topic, "alerts/site-01/info/dev-00001");
+            assert_eq!(&p.payload[..], b"{\"state\":\"open\"}");
+            assert_eq!(p.qos, QoS::AtLeastOnce);
+        }
+        other => panic!("expected the PUBLISH at the 3.1.1 subscriber, got {other:?}"),
+    }
+}
+
+/// Reads one whole MQTT 5 packet from rumqttd.
+async fn read_v5(
+    pipe: &mut DuplexStream,
+    buf: &mut BytesMut,
+) -> rumqttc::v5::mqttbytes::v5::Packet {
+    loop {
+        match rumqttc::v5::mqttbytes::v5::Packet::read(buf, Some(1 << 20)) {
+            Ok(packet) => return packet,
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("rumqttd sent a malformed packet: {e:?}"),
+        }
+        let n = tokio::time::timeout(WAIT, pipe.read_buf(buf))
+            .await
+            .expect("rumqttd answers in time")
+            .expect("read from rumqttd");
+        assert!(n > 0, "rumqttd closed the MQTT 5 connection");
+    }
+}

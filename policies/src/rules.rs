@@ -75,7 +75,8 @@ impl Severity {
         }
     }
 
-    pub(crate) fn parse(s: &str) -> Option<Self> {
+    /// The severity named `s` (`info`, `review`, `urgent`, as in topics and policy).
+    pub fn parse(s: &str) -> Option<Self> {
         match s {
             "info" => Some(Self::Info),
             "review" => Some(Self::Review),

@@ -17,6 +17,9 @@ pub struct StoredAlert {
     /// The escalation level it is delivered at: the policy names the handlers of each
     /// (`RuleSet::handlers_for_level`).
     pub level: u32,
+    /// When the bridge made the change (its clock, ms since the Unix epoch): alert
+    /// expiry counts from here, not from when a handler got it out.
+    pub created_at_ms: u64,
 }
 
 /// A sink's position in the outbox.
@@ -55,7 +58,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT position, alert_id, state, topic, body, level FROM alerts
+                "SELECT position, alert_id, state, topic, body, level, created_at_ms FROM alerts
                  WHERE position > ?1 ORDER BY position LIMIT ?2",
             )
             .map_err(|e| self.err(e))?;
@@ -70,6 +73,7 @@ impl Store {
                         topic: r.get(3)?,
                         body: r.get(4)?,
                         level: r.get(5)?,
+                        created_at_ms: i2u(r.get(6)?),
                     })
                 },
             )

@@ -1,7 +1,8 @@
 //! What happens to an alert after it is raised, and the alerts that no reading raises
 //! (issue 17, SPEC 5.1 and 5.2): acknowledgement times per severity, handlers per
 //! escalation level, silence (`no-data`) times, the mapping of device alarm levels to
-//! severities, and the low-battery threshold.
+//! severities, and the low-battery threshold. Since issue 18 also how long an alert
+//! message stays deliverable ([`Alerting::expiry_after_s`], `[alert_expiry]`).
 //!
 //! Every section is optional; without it the SPEC defaults apply ([`Alerting::default`]).
 
@@ -10,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use toml::Spanned;
 use vitalmq_envelope::DeviceId;
 
-use super::raw::{RawAcknowledge, RawAlarms, RawBattery, RawEscalationLevels, RawSilence};
+use super::raw::{
+    RawAcknowledge, RawAlarms, RawAlertExpiry, RawBattery, RawEscalationLevels, RawSilence,
+};
 use super::{MAX_SECONDS, Severity};
 use crate::error::Problems;
 use crate::registry::SiteId;
@@ -33,6 +36,9 @@ pub struct Alerting {
     /// itself.
     pub alarm_map: BTreeMap<SiteId, BTreeMap<Severity, Severity>>,
     pub battery: BatteryPolicy,
+    /// Message Expiry Interval per severity (info, review, urgent), seconds; `None` =
+    /// the message never expires. See [`Alerting::expiry_after_s`].
+    pub expiry_s: [Option<u64>; 3],
 }
 
 impl Default for Alerting {
@@ -43,6 +49,7 @@ impl Default for Alerting {
             silence: SilencePolicy::default(),
             alarm_map: BTreeMap::new(),
             battery: BatteryPolicy::default(),
+            expiry_s: [None; 3],
         }
     }
 }
@@ -118,6 +125,20 @@ impl Alerting {
         self.ack_s[severity as usize]
     }
 
+    /// Seconds an alert message of `severity` stays deliverable once the bridge made it
+    /// (the MQTT 5 Message Expiry Interval it is published with, less the time it
+    /// already waited); `None` = it never expires (the default for every severity).
+    ///
+    /// The expiry is per message: every state change (open, escalated, acknowledged,
+    /// resolved) is its own message on the topic of the severity it carries, measured
+    /// from when that change was made. So a later change is not cut short by the age of
+    /// the episode, an escalation to a severity without expiry does not expire, and a
+    /// receiver may get a change (e.g. `resolved`) of an alert whose `open` expired
+    /// unseen; each message carries the whole alert (SPEC section 5), so it stands alone.
+    pub fn expiry_after_s(&self, severity: Severity) -> Option<u64> {
+        self.expiry_s[severity as usize]
+    }
+
     /// The severity of a device alarm of `level` at `site`.
     pub fn alarm_severity(&self, site: &SiteId, level: Severity) -> Severity {
         self.alarm_map
@@ -155,6 +176,7 @@ pub(super) struct RawAlerting<'a> {
     pub(super) silence: Option<&'a Spanned<RawSilence>>,
     pub(super) alarms: Option<&'a Spanned<RawAlarms>>,
     pub(super) battery: Option<&'a Spanned<RawBattery>>,
+    pub(super) alert_expiry: Option<&'a Spanned<RawAlertExpiry>>,
 }
 
 pub(super) fn validate_alerting(
@@ -182,6 +204,28 @@ pub(super) fn validate_alerting(
             if let Some(v) = v {
                 let s = secs(v, format!("acknowledge.{name}"), problems);
                 out.ack_s[sev as usize] = (s > 0).then_some(s);
+            }
+        }
+    }
+    if let Some(a) = raw.alert_expiry.map(Spanned::get_ref) {
+        for (sev, v, name) in [
+            (Severity::Info, &a.info_s, "info_s"),
+            (Severity::Review, &a.review_s, "review_s"),
+            (Severity::Urgent, &a.urgent_s, "urgent_s"),
+        ] {
+            if let Some(v) = v {
+                let field = format!("alert_expiry.{name}");
+                if *v.get_ref() == 0 {
+                    // 0 would read as "expires at once" to some and "never" to others:
+                    // neither is stated by writing it.
+                    problems.add(
+                        Some(v.span()),
+                        field,
+                        "must be at least 1 (leave the severity out for no expiry)",
+                    );
+                } else {
+                    out.expiry_s[sev as usize] = Some(secs(v, field, problems));
+                }
             }
         }
     }

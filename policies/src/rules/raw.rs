@@ -26,6 +26,17 @@ pub(super) struct RawFile {
     pub(super) silence: Option<Spanned<RawSilence>>,
     pub(super) alarms: Option<Spanned<RawAlarms>>,
     pub(super) battery: Option<Spanned<RawBattery>>,
+    pub(super) alert_expiry: Option<Spanned<RawAlertExpiry>>,
+}
+
+/// `[alert_expiry]`: seconds an alert message of each severity stays deliverable
+/// (MQTT 5 Message Expiry Interval); a severity left out never expires.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAlertExpiry {
+    pub(super) urgent_s: Option<Spanned<u64>>,
+    pub(super) review_s: Option<Spanned<u64>>,
+    pub(super) info_s: Option<Spanned<u64>>,
 }
 
 /// `[acknowledge]`: seconds an alert of each severity may stay unacknowledged; 0 = never.

@@ -786,6 +786,72 @@ fn the_example_states_how_alerts_are_acknowledged_silenced_and_mapped() {
     assert_eq!(bare.alerting().ack_after_s(Severity::Urgent), Some(300));
 }
 
+/// Issue 18: the example lets info alerts expire after an hour and keeps review and
+/// urgent ones deliverable however late; without `[alert_expiry]` nothing expires.
+#[test]
+fn the_example_expires_info_alerts_only_and_nothing_expires_by_default() {
+    let a = example();
+    let a = a.alerting();
+    assert_eq!(a.expiry_after_s(Severity::Info), Some(3600));
+    assert_eq!(a.expiry_after_s(Severity::Review), None);
+    assert_eq!(a.expiry_after_s(Severity::Urgent), None);
+    let text = edit(EXAMPLE, "[alert_expiry]\ninfo_s = 3600\n", "");
+    let set = RuleSet::parse(&text, Path::new(PATH)).expect("valid");
+    for sev in [Severity::Info, Severity::Review, Severity::Urgent] {
+        assert_eq!(set.alerting().expiry_after_s(sev), None, "{sev}");
+    }
+    let text = edit(
+        EXAMPLE,
+        "info_s = 3600\n",
+        "info_s = 2\nreview_s = 604800\nurgent_s = 1\n",
+    );
+    let set = RuleSet::parse(&text, Path::new(PATH)).expect("valid");
+    let a = set.alerting();
+    assert_eq!(a.expiry_after_s(Severity::Info), Some(2));
+    assert_eq!(a.expiry_after_s(Severity::Review), Some(604_800));
+    assert_eq!(a.expiry_after_s(Severity::Urgent), Some(1));
+}
+
+/// Zero (which could mean "at once" or "never") and more than seven days are refused
+/// with file, line and field, as are unknown severities.
+#[test]
+fn alert_expiry_mistakes_are_named_with_line_and_field() {
+    let text = edit(
+        EXAMPLE,
+        "info_s = 3600\n",
+        "info_s = 0\nreview_s = 604801\nloud_s = 5\n",
+    );
+    let err = RuleSet::parse(&text, Path::new(PATH)).expect_err("unknown key");
+    assert!(
+        err.to_string().contains("loud_s")
+            && err
+                .to_string()
+                .contains(&format!("{PATH}:{}", line_of(&text, "loud_s = 5"))),
+        "{err}"
+    );
+    let text = edit(
+        EXAMPLE,
+        "info_s = 3600\n",
+        "info_s = 0\nreview_s = 604801\n",
+    );
+    let err = RuleSet::parse(&text, Path::new(PATH)).expect_err("invalid");
+    has(
+        &err,
+        &text,
+        "info_s = 0\nreview_s = 604801",
+        "alert_expiry.info_s",
+        "at least 1 (leave the severity out for no expiry)",
+    );
+    has(
+        &err,
+        &text,
+        "review_s = 604801",
+        "alert_expiry.review_s",
+        "at most 604800",
+    );
+    assert_eq!(err.0.len(), 2, "{err}");
+}
+
 #[test]
 fn escalation_levels_route_handlers_and_the_last_level_repeats() {
     let text =

@@ -205,6 +205,7 @@ pub(super) fn validate(raw: RawFile, set: &mut RuleSet, problems: &mut Problems<
             silence: raw.silence.as_ref(),
             alarms: raw.alarms.as_ref(),
             battery: raw.battery.as_ref(),
+            alert_expiry: raw.alert_expiry.as_ref(),
         },
         &set.cohorts,
         problems,
