@@ -343,7 +343,10 @@ impl GateSession {
         let mut buf = BytesMut::new();
         match ack.write(&mut buf) {
             Ok(_) => {
-                self.announced_max_packet = Some(announced as usize);
+                self.announced = Some(limits::Announced {
+                    max_packet: announced as usize,
+                    receive_max: limits::RECEIVE_MAXIMUM,
+                });
                 buf.freeze()
             }
             Err(_) => bytes,

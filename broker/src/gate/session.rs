@@ -25,6 +25,7 @@ use super::connect::INTERNAL_KEEPALIVE_S;
 use super::frame::{
     Frame, FrameError, Version, check_fixed_header, connect_version, kind, next_frame,
 };
+use super::limits::{self, Announced};
 use super::rate::RateGate;
 use super::reply;
 use crate::authz::{Authorizer, Denial, DenyReason, Kind as _, Permit, kind as decision};
@@ -134,9 +135,9 @@ pub struct GateSession {
     pub(super) unacked_to_client: HashSet<u16>,
     /// Packet ids rumqttd answered with PUBREC, awaiting the client's PUBREL.
     pub(super) awaiting_pubrel: HashSet<u16>,
-    /// The Maximum Packet Size the MQTT 5 CONNACK announced (the limit enforced from
-    /// then on, for the whole connection).
-    pub(super) announced_max_packet: Option<usize>,
+    /// The limits the MQTT 5 CONNACK the client got announced (enforced from then on,
+    /// for the whole connection); `None` until it has gone out.
+    pub(super) announced: Option<Announced>,
     /// Packet ids of the client's QoS 1 and 2 PUBLISHes rumqttd has not completed
     /// (MQTT 5 Receive Maximum, see `limits`).
     pub(super) inbound_unacked: HashSet<u16>,
@@ -197,7 +198,7 @@ impl GateSession {
             clean_session: true,
             unacked_to_client: HashSet::new(),
             awaiting_pubrel: HashSet::new(),
-            announced_max_packet: None,
+            announced: None,
             inbound_unacked: HashSet::new(),
             deferred: None,
             counters: Counters::new(),
@@ -233,12 +234,19 @@ impl GateSession {
         self.state == State::Closed
     }
 
-    /// The largest packet the client may send: once an MQTT 5 CONNACK announced a
-    /// Maximum Packet Size, that (MQTT-3.2.2-15); otherwise the role's payload limit
-    /// plus room for a topic and properties.
+    /// The largest packet the client may send. MQTT 5: the Maximum Packet Size the
+    /// CONNACK announced (MQTT-3.2.2-15), and before it has gone out the one it will
+    /// announce, so a packet sent before the CONNACK is held to no stricter a limit
+    /// (see `limits`). A CONNECT, and MQTT 3.1.1: the role's payload limit plus room
+    /// for a topic and properties (3.1.1 checks the payload itself, `publish`).
     pub(super) fn max_packet(&self) -> usize {
-        self.announced_max_packet
-            .unwrap_or_else(|| self.max_payload.saturating_add(HEADER_ROOM))
+        match (self.announced, self.state) {
+            (Some(announced), _) => announced.max_packet,
+            (None, State::Connected(Version::V5)) => {
+                limits::max_packet_size(self.max_payload) as usize
+            }
+            _ => self.max_payload.saturating_add(HEADER_ROOM),
+        }
     }
 
     /// True while a rate-limited PUBLISH waits: the relay pauses, then calls

@@ -1642,3 +1642,82 @@ fn mqtt5_4_9_more_unacknowledged_publishes_than_the_receive_maximum_get_0x93() {
         Some("receive_maximum_exceeded".into())
     )));
 }
+
+/// MQTT 5 3.2.2.3.3 (Receive Maximum, absent = 65,535) and 3.1.4 (a client need not
+/// wait for CONNACK): until the CONNACK announcing the gate's Receive Maximum has gone
+/// to the client, the client may have up to 65,535 QoS 1/2 PUBLISHes in flight, so
+/// the gate counts them but does not hold them to its own limit. Once announced, the
+/// limit applies to what is in flight, including what came before the CONNACK.
+#[test]
+fn mqtt5_3_2_2_3_3_publishes_sent_before_the_connack_are_held_to_65535_not_the_announced_limit() {
+    let topic = "devices/dev-00001/telemetry";
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let out = h.client(v5_connect("dev-00001"));
+    assert_eq!(out.first(), Some(&Output::OpenBroker(Version::V5)));
+    let early = super::limits::RECEIVE_MAXIMUM + 5;
+    for pkid in 1..=early {
+        let out = h.client(v5_publish(topic, None, pkid));
+        assert_eq!(closed(&out), None, "pkid {pkid} sent before the CONNACK");
+        assert_eq!(to_broker(&out).len(), 1, "pkid {pkid} forwarded");
+    }
+    assert_eq!(h.session.inbound_in_flight(), usize::from(early));
+    let v5::Packet::ConnAck(ack) = read_v5(&to_client(&h.broker(v5_connack()))[0]) else {
+        panic!("not a CONNACK")
+    };
+    let receive_max = ack
+        .properties
+        .and_then(|p| p.receive_max)
+        .expect("announced");
+    assert_eq!(receive_max, super::limits::RECEIVE_MAXIMUM);
+    // Told the limit, the client waits until fewer than that are in flight.
+    for pkid in 1..=6 {
+        assert_eq!(to_client(&h.broker(v5_puback(pkid))).len(), 1);
+    }
+    let out = h.client(v5_publish(topic, None, early + 1));
+    assert_eq!(
+        closed(&out),
+        None,
+        "one below the limit again: room for one"
+    );
+    assert_eq!(to_broker(&out).len(), 1);
+    // Now at the announced limit: one more is a protocol violation.
+    let out = h.client(v5_publish(topic, None, early + 2));
+    assert!(to_broker(&out).is_empty());
+    let v5::Packet::Disconnect(d) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a DISCONNECT")
+    };
+    assert_eq!(
+        d.reason_code,
+        v5::DisconnectReasonCode::ReceiveMaximumExceeded
+    );
+}
+
+/// MQTT 5 3.2.2.3.6 (Maximum Packet Size, absent = no limit) and 3.1.4: a PUBLISH sent
+/// before the CONNACK is held to the same whole-packet limit the CONNACK then announces,
+/// never to the stricter payload check of MQTT 3.1.1 (a payload above the role's
+/// `max_payload_bytes` that fits the announced size passes, before and after).
+#[test]
+fn mqtt5_3_2_2_3_6_before_the_connack_the_size_check_is_no_stricter_than_the_announced_one() {
+    let topic = "alerts/site-01/ack/int-site-01";
+    let mut h = Harness::new(Role::Integrator, "int-site-01");
+    h.client(v5_connect("int-site-01"));
+    let announced = super::limits::max_packet_size(4096) as usize;
+    let early = v5_publish_of_size(topic, 1, announced);
+    let out = h.client(early.clone());
+    assert_eq!(
+        closed(&out),
+        None,
+        "a payload over the role limit, within the size"
+    );
+    assert_eq!(to_broker(&out), vec![early]);
+    let out = h.client(v5_publish_of_size(topic, 2, announced + 1));
+    assert_eq!(
+        closed(&out),
+        Some("packet_too_large"),
+        "same limit as after"
+    );
+    let v5::Packet::Disconnect(d) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a DISCONNECT")
+    };
+    assert_eq!(d.reason_code, v5::DisconnectReasonCode::PacketTooLarge);
+}
