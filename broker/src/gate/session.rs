@@ -138,6 +138,12 @@ pub struct GateSession {
     /// The limits the MQTT 5 CONNACK the client got announced (enforced from then on,
     /// for the whole connection); `None` until it has gone out.
     pub(super) announced: Option<Announced>,
+    /// The Maximum Packet Size the MQTT 5 client set in its CONNECT: nothing the gate
+    /// writes to it is larger (see `client_limit`).
+    pub(super) client_max_packet: Option<usize>,
+    /// A CONNACK with a code below 0x80 has gone to the client (only then may a
+    /// DISCONNECT, MQTT-3.14.0-1).
+    pub(super) connack_to_client: bool,
     /// Packet ids of the client's QoS 1 and 2 PUBLISHes rumqttd has not completed
     /// (MQTT 5 Receive Maximum, see `limits`).
     pub(super) inbound_unacked: HashSet<u16>,
@@ -199,6 +205,8 @@ impl GateSession {
             unacked_to_client: HashSet::new(),
             awaiting_pubrel: HashSet::new(),
             announced: None,
+            client_max_packet: None,
+            connack_to_client: false,
             inbound_unacked: HashSet::new(),
             deferred: None,
             counters: Counters::new(),
@@ -257,6 +265,12 @@ impl GateSession {
 
     /// Consumes every complete packet the client sent.
     pub fn on_client_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
+        let from = out.len();
+        self.client_bytes(buf, out);
+        self.hold_to_client(out, from);
+    }
+
+    fn client_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
         if let Some(frame) = self.deferred.take() {
             if let State::Connected(version) = self.state {
                 self.client_frame(version, frame, out);
@@ -287,6 +301,12 @@ impl GateSession {
 
     /// Consumes every complete packet rumqttd sent.
     pub fn on_broker_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
+        let from = out.len();
+        self.broker_bytes(buf, out);
+        self.hold_to_client(out, from);
+    }
+
+    fn broker_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
         let State::Connected(version) = self.state else {
             // Closed: only watch for the CONNACK the relay may be waiting for.
             if self.opened_broker
@@ -506,10 +526,7 @@ impl GateSession {
     fn broker_frame(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
         if frame.packet_type() == kind::CONNACK {
             self.broker_connack_seen = true;
-            if !self.connack(version, &frame, out) {
-                return;
-            }
-            self.clean_session = !session_present(&frame);
+            return self.connack(version, frame, out);
         }
         if frame.packet_type() == kind::PINGRESP && self.own_pingresp() {
             return;
@@ -519,22 +536,9 @@ impl GateSession {
             self.release_inbound(&frame);
         }
         match frame.packet_type() {
-            kind::CONNACK if version == Version::V5 => {
-                let connack = self.connack_v5(frame);
-                out.push(Output::ToClient(connack))
-            }
             kind::SUBACK | kind::UNSUBACK => self.merge_ack(frame, out),
             kind::PUBLISH => self.deliver(frame, out),
             _ => out.push(Output::ToClient(frame.bytes().clone())),
         }
     }
-}
-
-/// The Session Present flag of a CONNACK (bit 0 of its first variable-header byte, in
-/// both versions).
-fn session_present(connack: &Frame) -> bool {
-    connack
-        .bytes()
-        .get(connack.header_len())
-        .is_some_and(|flags| flags & 1 == 1)
 }
