@@ -111,7 +111,19 @@ impl GateSession {
     /// Holds the packets for the client in `out[from..]` to its Maximum Packet Size
     /// and lets no DISCONNECT precede a successful CONNACK (see the module docs).
     pub(super) fn hold_to_client(&mut self, out: &mut Vec<Output>, from: usize) {
-        if out.len() <= from {
+        // Most calls carry nothing to look at (forwarded PUBLISHes, deliveries).
+        let needs_a_look = out.get(from..).unwrap_or_default().iter().any(|output| {
+            let Output::ToClient(packet) = output else {
+                return false;
+            };
+            match packet.first().map_or(0, |b| b >> 4) {
+                kind::PUBLISH => false,
+                kind::CONNACK => true,
+                kind::DISCONNECT if !self.connack_to_client => true,
+                _ => self.client_max_packet.is_some_and(|l| packet.len() > l),
+            }
+        });
+        if !needs_a_look {
             return;
         }
         let mut connack_too_large = None;

@@ -9,8 +9,11 @@
 //! sibling modules: `connect` (CONNECT, will, CONNACK, keepalive), `publish` (client
 //! PUBLISH), `filters` (SUBSCRIBE and UNSUBSCRIBE, SUBACK and UNSUBACK), `acks`
 //! (packet ids the client acknowledges or releases), `delivery` (PUBLISH to the
-//! client) and `limits` (what the MQTT 5 CONNACK announces and the gate enforces). Client frames reach rumqttd only through their module's forwarding path,
-//! which takes the [`Permit`](crate::authz::Permit) of its kind.
+//! client), `limits` (what the MQTT 5 CONNACK announces and the gate enforces) and
+//! `client_limit` (what the gate writes held to the client's own Maximum Packet Size,
+//! which every packet for the client passes on its way out). Client frames reach
+//! rumqttd only through their module's forwarding path, which takes the
+//! [`Permit`](crate::authz::Permit) of its kind.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
