@@ -8,6 +8,7 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use vitalmq_audit::{Decision, Event};
 
+use super::client_limit;
 use super::frame::{Frame, FrameError, Version, kind};
 use super::limits;
 use super::reply;
@@ -85,6 +86,17 @@ impl ConnectPacket {
         }
     }
 
+    /// The Maximum Packet Size an MQTT 5 client will take (MQTT 5 3.1.2.11.4).
+    fn max_packet_size(&self) -> Option<usize> {
+        match self {
+            Self::V311(_) => None,
+            Self::V5(c) => {
+                let limit = c.0.properties.as_ref()?.max_packet_size?;
+                Some(usize::try_from(limit).unwrap_or(usize::MAX))
+            }
+        }
+    }
+
     fn keep_alive(&self) -> u16 {
         match self {
             Self::V311(c) => c.keep_alive,
@@ -147,6 +159,8 @@ impl GateSession {
             Err(e) => return self.refuse_unframeable(e, out),
         };
         let claimed = connect.client_id().to_owned();
+        // Binds what the gate writes from here on, refusals included (`client_limit`).
+        self.client_max_packet = connect.max_packet_size();
         let permit = match self.admit(&connect) {
             Ok(permit) => permit,
             Err(denial) => {
@@ -273,21 +287,28 @@ impl GateSession {
         self.close(out, CloseReason::new("connect_denied", reason.to_owned()));
     }
 
-    /// rumqttd answered the forwarded CONNECT. Success: audit `connection_accepted`
-    /// and let the CONNACK through (false, and the connection closed, when the audit
-    /// log cannot take the record: no unaudited connection). Failure: audit the
+    /// rumqttd answered the forwarded CONNECT. Success: the CONNACK as the client gets
+    /// it (MQTT 5: with the gate's limits, [`Self::connack_v5`]) within the client's
+    /// Maximum Packet Size; audit `connection_accepted` and pass it on. The connection
+    /// closes instead, never audited as accepted, when the audit log cannot take the
+    /// record or the CONNACK does not fit (see `client_limit`). Failure: audit the
     /// refusal, pass the CONNACK on and close.
-    pub(super) fn connack(
-        &mut self,
-        version: Version,
-        frame: &Frame,
-        out: &mut Vec<Output>,
-    ) -> bool {
-        let Some(permit) = self.connect_pending.take() else {
-            return true;
+    pub(super) fn connack(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
+        let code = connack_code(&frame);
+        let pending = self.connect_pending.take();
+        if code != Some(0) && pending.is_some() {
+            return self.broker_refused(version, code, frame, out);
+        }
+        let session_present = session_present(&frame);
+        let (connack, announced) = match version {
+            Version::V5 => self.connack_v5(frame),
+            Version::V311 => (frame.bytes().clone(), None),
         };
-        let code = connack_code(frame);
-        if code == Some(0) {
+        let connack = match client_limit::fit(connack, self.client_max_packet) {
+            Ok(connack) => connack,
+            Err(too_large) => return self.connack_too_large(version, pending, too_large, out),
+        };
+        if let Some(permit) = pending {
             let record = self
                 .record(Event::ConnectionAccepted)
                 .action(decision::Connect::ACTION)
@@ -295,13 +316,24 @@ impl GateSession {
                 .rule(permit.rule().to_owned())
                 .detail("mqtt", version.as_str());
             if self.audit.record(record).is_err() {
-                self.audit_failed(out);
-                return false;
+                return self.audit_failed(out);
             }
             self.accepted = true;
             tracing::info!(peer.id = %self.peer.spiffe.id, peer.role = %self.peer.spiffe.role, mqtt = version.as_str(), "connected");
-            return true;
         }
+        self.clean_session = !session_present;
+        self.announced = announced;
+        out.push(Output::ToClient(connack));
+    }
+
+    /// rumqttd refused the forwarded CONNECT (`code`): audited, passed on, closed.
+    fn broker_refused(
+        &mut self,
+        version: Version,
+        code: Option<u8>,
+        frame: Frame,
+        out: &mut Vec<Output>,
+    ) {
         let code = code.map_or_else(|| "unreadable".to_owned(), |c| format!("0x{c:02x}"));
         tracing::info!(peer.id = %self.peer.spiffe.id, code, "broker refused connection");
         let record = self
@@ -314,39 +346,76 @@ impl GateSession {
         let _ = self.audit.record(record);
         out.push(Output::ToClient(frame.bytes().clone()));
         self.close(out, CloseReason::new("broker_refused", code));
-        false
     }
 
-    /// rumqttd's successful MQTT 5 CONNACK as the client gets it: rumqttd's own
-    /// properties (session expiry, ...) kept, plus the limits the gate enforces on this
-    /// connection (MQTT 5 3.2.2.3): Maximum Packet Size, Receive Maximum and Topic Alias
-    /// Maximum (see [`super::limits`]), and, for a client that sent an empty client id,
-    /// the id it was given (the certificate's). Availability flags stay absent: retain,
-    /// wildcards, subscription identifiers and shared subscriptions are all available,
-    /// and absent means available. From here on the announced packet size is the one
-    /// the gate enforces on this connection.
-    pub(super) fn connack_v5(&mut self, frame: Frame) -> Bytes {
+    /// The successful CONNACK does not fit the client's Maximum Packet Size even
+    /// without its optional properties: it must not be sent (MQTT-3.1.2-24), the
+    /// connection cannot go on without it, and no DISCONNECT may precede it
+    /// (MQTT-3.14.0-1), so the connection is closed and audited as refused.
+    fn connack_too_large(
+        &mut self,
+        version: Version,
+        pending: Option<Permit<decision::Connect>>,
+        too_large: client_limit::TooLarge,
+        out: &mut Vec<Output>,
+    ) {
+        tracing::info!(
+            peer.id = %self.peer.spiffe.id,
+            size = too_large.size,
+            limit = too_large.limit,
+            "CONNACK larger than the client's Maximum Packet Size: connection closed"
+        );
+        if let Some(permit) = pending {
+            let record = self
+                .record(Event::ConnectionRefused)
+                .action(decision::Connect::ACTION)
+                .decision(Decision::Deny)
+                .reason("connack_too_large")
+                .rule(permit.rule().to_owned())
+                .detail("connack_bytes", too_large.size)
+                .detail("client_maximum_packet_size", too_large.limit)
+                .detail("mqtt", version.as_str());
+            let _ = self.audit.record(record);
+        }
+        let detail = format!(
+            "CONNACK of {} bytes, client maximum {}",
+            too_large.size, too_large.limit
+        );
+        self.close(out, CloseReason::new("connack_too_large", detail));
+    }
+
+    /// rumqttd's successful MQTT 5 CONNACK as the client gets it, with the limits it
+    /// announces: rumqttd's own properties (session expiry, ...) kept, plus the limits
+    /// the gate enforces on this connection (MQTT 5 3.2.2.3): Maximum Packet Size,
+    /// Receive Maximum and Topic Alias Maximum (see [`super::limits`]), and, for a
+    /// client that sent an empty client id, the id it was given (the certificate's).
+    /// Availability flags stay absent: retain, wildcards, subscription identifiers and
+    /// shared subscriptions are all available, and absent means available. From the
+    /// moment it goes out the announced limits are the ones the gate enforces on this
+    /// connection (`None`: rumqttd's CONNACK passed as it was).
+    fn connack_v5(&self, frame: Frame) -> (Bytes, Option<limits::Announced>) {
         let Frame::V5 { header, bytes } = frame else {
-            return frame.bytes().clone();
+            return (frame.bytes().clone(), None);
         };
         let Ok(mut ack) = v5::ConnAck::read(header, bytes.clone()) else {
-            return bytes;
+            return (bytes, None);
         };
-        let announced = limits::max_packet_size(self.max_payload);
+        let max_packet_size = limits::max_packet_size(self.max_payload);
+        let announced = limits::Announced {
+            max_packet: max_packet_size as usize,
+            receive_max: limits::RECEIVE_MAXIMUM,
+        };
         let props = ack.properties.get_or_insert_with(empty_connack_properties);
-        props.max_packet_size = Some(announced);
-        props.receive_max = Some(limits::RECEIVE_MAXIMUM);
+        props.max_packet_size = Some(max_packet_size);
+        props.receive_max = Some(announced.receive_max);
         props.topic_alias_max = Some(TOPIC_ALIAS_MAXIMUM);
         if self.assign_client_id {
             props.assigned_client_identifier = Some(self.peer.spiffe.id.as_str().to_owned());
         }
         let mut buf = BytesMut::new();
         match ack.write(&mut buf) {
-            Ok(_) => {
-                self.announced_max_packet = Some(announced as usize);
-                buf.freeze()
-            }
-            Err(_) => bytes,
+            Ok(_) => (buf.freeze(), Some(announced)),
+            Err(_) => (bytes, None),
         }
     }
 
@@ -404,6 +473,15 @@ impl GateSession {
             _ => false,
         }
     }
+}
+
+/// The Session Present flag of a CONNACK (bit 0 of its first variable-header byte, in
+/// both versions).
+fn session_present(connack: &Frame) -> bool {
+    connack
+        .bytes()
+        .get(connack.header_len())
+        .is_some_and(|flags| flags & 1 == 1)
 }
 
 /// The return code (3.1.1) or reason code (5) of a framed CONNACK.

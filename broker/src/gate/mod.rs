@@ -3,6 +3,7 @@
 
 mod acks;
 mod audit;
+mod client_limit;
 mod connect;
 mod delivery;
 mod filters;

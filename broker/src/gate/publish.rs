@@ -188,9 +188,9 @@ impl GateSession {
             let _ = self.audit.record(record);
             return self.close(out, CloseReason::new("topic_alias", e.to_string()));
         }
-        // Once MQTT 5 announced a Maximum Packet Size, the frame limit is the size check
-        // (`limits`); before that, and in 3.1.1, the payload is checked.
-        if self.announced_max_packet.is_none() && publish.payload_len > self.max_payload {
+        // In MQTT 5 the frame limit, the Maximum Packet Size, is the size check, before
+        // the CONNACK too (`limits`); 3.1.1 has none to announce: the payload is checked.
+        if version == Version::V311 && publish.payload_len > self.max_payload {
             let denial = Denial::new(DenyReason::Oversized, "max-payload");
             return self.refuse_publish(version, &publish, denial, out);
         }

@@ -9,8 +9,11 @@
 //! sibling modules: `connect` (CONNECT, will, CONNACK, keepalive), `publish` (client
 //! PUBLISH), `filters` (SUBSCRIBE and UNSUBSCRIBE, SUBACK and UNSUBACK), `acks`
 //! (packet ids the client acknowledges or releases), `delivery` (PUBLISH to the
-//! client) and `limits` (what the MQTT 5 CONNACK announces and the gate enforces). Client frames reach rumqttd only through their module's forwarding path,
-//! which takes the [`Permit`](crate::authz::Permit) of its kind.
+//! client), `limits` (what the MQTT 5 CONNACK announces and the gate enforces) and
+//! `client_limit` (what the gate writes held to the client's own Maximum Packet Size,
+//! which every packet for the client passes on its way out). Client frames reach
+//! rumqttd only through their module's forwarding path, which takes the
+//! [`Permit`](crate::authz::Permit) of its kind.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -25,6 +28,7 @@ use super::connect::INTERNAL_KEEPALIVE_S;
 use super::frame::{
     Frame, FrameError, Version, check_fixed_header, connect_version, kind, next_frame,
 };
+use super::limits::{self, Announced};
 use super::rate::RateGate;
 use super::reply;
 use crate::authz::{Authorizer, Denial, DenyReason, Kind as _, Permit, kind as decision};
@@ -134,9 +138,15 @@ pub struct GateSession {
     pub(super) unacked_to_client: HashSet<u16>,
     /// Packet ids rumqttd answered with PUBREC, awaiting the client's PUBREL.
     pub(super) awaiting_pubrel: HashSet<u16>,
-    /// The Maximum Packet Size the MQTT 5 CONNACK announced (the limit enforced from
-    /// then on, for the whole connection).
-    pub(super) announced_max_packet: Option<usize>,
+    /// The limits the MQTT 5 CONNACK the client got announced (enforced from then on,
+    /// for the whole connection); `None` until it has gone out.
+    pub(super) announced: Option<Announced>,
+    /// The Maximum Packet Size the MQTT 5 client set in its CONNECT: nothing the gate
+    /// writes to it is larger (see `client_limit`).
+    pub(super) client_max_packet: Option<usize>,
+    /// A CONNACK with a code below 0x80 has gone to the client (only then may a
+    /// DISCONNECT, MQTT-3.14.0-1).
+    pub(super) connack_to_client: bool,
     /// Packet ids of the client's QoS 1 and 2 PUBLISHes rumqttd has not completed
     /// (MQTT 5 Receive Maximum, see `limits`).
     pub(super) inbound_unacked: HashSet<u16>,
@@ -197,7 +207,9 @@ impl GateSession {
             clean_session: true,
             unacked_to_client: HashSet::new(),
             awaiting_pubrel: HashSet::new(),
-            announced_max_packet: None,
+            announced: None,
+            client_max_packet: None,
+            connack_to_client: false,
             inbound_unacked: HashSet::new(),
             deferred: None,
             counters: Counters::new(),
@@ -233,12 +245,19 @@ impl GateSession {
         self.state == State::Closed
     }
 
-    /// The largest packet the client may send: once an MQTT 5 CONNACK announced a
-    /// Maximum Packet Size, that (MQTT-3.2.2-15); otherwise the role's payload limit
-    /// plus room for a topic and properties.
+    /// The largest packet the client may send. MQTT 5: the Maximum Packet Size the
+    /// CONNACK announced (MQTT-3.2.2-15), and before it has gone out the one it will
+    /// announce, so a packet sent before the CONNACK is held to no stricter a limit
+    /// (see `limits`). A CONNECT, and MQTT 3.1.1: the role's payload limit plus room
+    /// for a topic and properties (3.1.1 checks the payload itself, `publish`).
     pub(super) fn max_packet(&self) -> usize {
-        self.announced_max_packet
-            .unwrap_or_else(|| self.max_payload.saturating_add(HEADER_ROOM))
+        match (self.announced, self.state) {
+            (Some(announced), _) => announced.max_packet,
+            (None, State::Connected(Version::V5)) => {
+                limits::max_packet_size(self.max_payload) as usize
+            }
+            _ => self.max_payload.saturating_add(HEADER_ROOM),
+        }
     }
 
     /// True while a rate-limited PUBLISH waits: the relay pauses, then calls
@@ -249,6 +268,12 @@ impl GateSession {
 
     /// Consumes every complete packet the client sent.
     pub fn on_client_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
+        let from = out.len();
+        self.client_bytes(buf, out);
+        self.hold_to_client(out, from);
+    }
+
+    fn client_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
         if let Some(frame) = self.deferred.take() {
             if let State::Connected(version) = self.state {
                 self.client_frame(version, frame, out);
@@ -279,6 +304,12 @@ impl GateSession {
 
     /// Consumes every complete packet rumqttd sent.
     pub fn on_broker_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
+        let from = out.len();
+        self.broker_bytes(buf, out);
+        self.hold_to_client(out, from);
+    }
+
+    fn broker_bytes(&mut self, buf: &mut BytesMut, out: &mut Vec<Output>) {
         let State::Connected(version) = self.state else {
             // Closed: only watch for the CONNACK the relay may be waiting for.
             if self.opened_broker
@@ -498,10 +529,7 @@ impl GateSession {
     fn broker_frame(&mut self, version: Version, frame: Frame, out: &mut Vec<Output>) {
         if frame.packet_type() == kind::CONNACK {
             self.broker_connack_seen = true;
-            if !self.connack(version, &frame, out) {
-                return;
-            }
-            self.clean_session = !session_present(&frame);
+            return self.connack(version, frame, out);
         }
         if frame.packet_type() == kind::PINGRESP && self.own_pingresp() {
             return;
@@ -511,22 +539,9 @@ impl GateSession {
             self.release_inbound(&frame);
         }
         match frame.packet_type() {
-            kind::CONNACK if version == Version::V5 => {
-                let connack = self.connack_v5(frame);
-                out.push(Output::ToClient(connack))
-            }
             kind::SUBACK | kind::UNSUBACK => self.merge_ack(frame, out),
             kind::PUBLISH => self.deliver(frame, out),
             _ => out.push(Output::ToClient(frame.bytes().clone())),
         }
     }
-}
-
-/// The Session Present flag of a CONNACK (bit 0 of its first variable-header byte, in
-/// both versions).
-fn session_present(connack: &Frame) -> bool {
-    connack
-        .bytes()
-        .get(connack.header_len())
-        .is_some_and(|flags| flags & 1 == 1)
 }

@@ -1123,6 +1123,8 @@ fn malformed_fixed_headers_close_with_an_audit_record_and_0x81_in_mqtt5() {
             let mut h = Harness::new(Role::Device, "dev-00001");
             if v5 {
                 h.client(v5_connect("dev-00001"));
+                // After the CONNACK: no DISCONNECT may come before it (MQTT-3.14.0-1).
+                h.broker(v5_connack());
             } else {
                 h.client(v4_connect("dev-00001", None));
             }
@@ -1152,8 +1154,7 @@ fn malformed_fixed_headers_close_with_an_audit_record_and_0x81_in_mqtt5() {
 
 #[test]
 fn a_topic_alias_above_the_advertised_maximum_is_refused_with_0x94() {
-    let mut h = Harness::new(Role::Device, "dev-00001");
-    h.client(v5_connect("dev-00001"));
+    let (mut h, _) = connected_v5(Role::Device, "dev-00001", v5_connack());
     let max = crate::embedded::TOPIC_ALIAS_MAXIMUM;
     let out = h.client(v5_publish("devices/dev-00001/telemetry", Some(max), 1));
     assert_eq!(to_broker(&out).len(), 1, "the largest alias is fine");
@@ -1233,6 +1234,7 @@ fn retained_telemetry_closes_the_connection_when_the_policy_refuses_it() {
         };
         let publish = if v5 {
             h.client(v5_connect("dev-00001"));
+            h.broker(v5_connack());
             v5_publish("devices/dev-00001/telemetry", None, 1)
         } else {
             h.client(v4_connect("dev-00001", None));
@@ -1641,4 +1643,239 @@ fn mqtt5_4_9_more_unacknowledged_publishes_than_the_receive_maximum_get_0x93() {
         Some("publish".into()),
         Some("receive_maximum_exceeded".into())
     )));
+}
+
+/// MQTT 5 3.2.2.3.3 (Receive Maximum, absent = 65,535) and 3.1.4 (a client need not
+/// wait for CONNACK): until the CONNACK announcing the gate's Receive Maximum has gone
+/// to the client, the client may have up to 65,535 QoS 1/2 PUBLISHes in flight, so
+/// the gate counts them but does not hold them to its own limit. Once announced, the
+/// limit applies to what is in flight, including what came before the CONNACK.
+#[test]
+fn mqtt5_3_2_2_3_3_publishes_sent_before_the_connack_are_held_to_65535_not_the_announced_limit() {
+    let topic = "devices/dev-00001/telemetry";
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let out = h.client(v5_connect("dev-00001"));
+    assert_eq!(out.first(), Some(&Output::OpenBroker(Version::V5)));
+    let early = super::limits::RECEIVE_MAXIMUM + 5;
+    for pkid in 1..=early {
+        let out = h.client(v5_publish(topic, None, pkid));
+        assert_eq!(closed(&out), None, "pkid {pkid} sent before the CONNACK");
+        assert_eq!(to_broker(&out).len(), 1, "pkid {pkid} forwarded");
+    }
+    assert_eq!(h.session.inbound_in_flight(), usize::from(early));
+    let v5::Packet::ConnAck(ack) = read_v5(&to_client(&h.broker(v5_connack()))[0]) else {
+        panic!("not a CONNACK")
+    };
+    let receive_max = ack
+        .properties
+        .and_then(|p| p.receive_max)
+        .expect("announced");
+    assert_eq!(receive_max, super::limits::RECEIVE_MAXIMUM);
+    // Told the limit, the client waits until fewer than that are in flight.
+    for pkid in 1..=6 {
+        assert_eq!(to_client(&h.broker(v5_puback(pkid))).len(), 1);
+    }
+    let out = h.client(v5_publish(topic, None, early + 1));
+    assert_eq!(
+        closed(&out),
+        None,
+        "one below the limit again: room for one"
+    );
+    assert_eq!(to_broker(&out).len(), 1);
+    // Now at the announced limit: one more is a protocol violation.
+    let out = h.client(v5_publish(topic, None, early + 2));
+    assert!(to_broker(&out).is_empty());
+    let v5::Packet::Disconnect(d) = read_v5(&to_client(&out)[0]) else {
+        panic!("not a DISCONNECT")
+    };
+    assert_eq!(
+        d.reason_code,
+        v5::DisconnectReasonCode::ReceiveMaximumExceeded
+    );
+}
+
+/// MQTT 5 3.2.2.3.6 (Maximum Packet Size, absent = no limit) and 3.1.4: a PUBLISH sent
+/// before the CONNACK is held to the same whole-packet limit the CONNACK then announces,
+/// never to the stricter payload check of MQTT 3.1.1 (a payload above the role's
+/// `max_payload_bytes` that fits the announced size passes, before and after).
+#[test]
+fn mqtt5_3_2_2_3_6_before_the_connack_the_size_check_is_no_stricter_than_the_announced_one() {
+    let topic = "alerts/site-01/ack/int-site-01";
+    let mut h = Harness::new(Role::Integrator, "int-site-01");
+    h.client(v5_connect("int-site-01"));
+    let announced = super::limits::max_packet_size(4096) as usize;
+    let early = v5_publish_of_size(topic, 1, announced);
+    let out = h.client(early.clone());
+    assert_eq!(
+        closed(&out),
+        None,
+        "a payload over the role limit, within the size"
+    );
+    assert_eq!(to_broker(&out), vec![early]);
+    let out = h.client(v5_publish_of_size(topic, 2, announced + 1));
+    assert_eq!(
+        closed(&out),
+        Some("packet_too_large"),
+        "same limit as after"
+    );
+    // MQTT-3.14.0-1: no DISCONNECT before a CONNACK; the connection just closes
+    // (MQTT 5 4.13.1).
+    assert!(
+        to_client(&out).is_empty(),
+        "no DISCONNECT before the CONNACK"
+    );
+}
+
+// ------------------------------------- the client's Maximum Packet Size (issue 18, 8)
+
+/// An MQTT 5 CONNECT announcing the Maximum Packet Size `limit`.
+fn v5_connect_with_limit(client_id: &str, limit: u32) -> Bytes {
+    let c = v5::Connect {
+        keep_alive: 30,
+        client_id: client_id.into(),
+        clean_start: true,
+        properties: Some(v5::ConnectProperties {
+            max_packet_size: Some(limit),
+            ..v5::ConnectProperties::new()
+        }),
+    };
+    v4_bytes(|b| {
+        c.write(&None, &None, b).expect("encode");
+    })
+}
+
+/// rumqttd's successful CONNACK with a session expiry and a reason string.
+fn v5_connack_with_reason(reason: &str) -> Bytes {
+    v4_bytes(|b| {
+        v5::ConnAck {
+            session_present: false,
+            code: v5::ConnectReturnCode::Success,
+            properties: Some(v5::ConnAckProperties {
+                session_expiry_interval: Some(60),
+                reason_string: Some(reason.into()),
+                user_properties: vec![("from".into(), "rumqttd".into())],
+                ..super::connect::empty_connack_properties()
+            }),
+        }
+        .write(b)
+        .expect("encode");
+    })
+}
+
+/// MQTT-3.1.2-24 / MQTT-3.2.2-19/20: the CONNACK the gate enlarges with its limits
+/// stays within the client's Maximum Packet Size, its Reason String and User
+/// Properties left out when they would not fit; one that cannot fit at all is not
+/// sent: the connection closes (no DISCONNECT may precede a CONNACK, MQTT-3.14.0-1) and
+/// is audited as refused, never as accepted.
+#[test]
+fn mqtt_3_1_2_24_the_connack_fits_the_clients_maximum_packet_size_or_is_not_sent() {
+    let limit = 24;
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect_with_limit("dev-00001", limit));
+    let out = h.broker(v5_connack_with_reason("session created on this connection"));
+    let sent = to_client(&out);
+    assert_eq!(sent.len(), 1, "a CONNACK");
+    assert!(sent[0].len() <= limit as usize, "{} bytes", sent[0].len());
+    let v5::Packet::ConnAck(ack) = read_v5(&sent[0]) else {
+        panic!("not a CONNACK")
+    };
+    let props = ack.properties.expect("the limits");
+    assert_eq!(props.reason_string, None, "left out to fit");
+    assert!(props.user_properties.is_empty(), "left out to fit");
+    assert_eq!(props.session_expiry_interval, Some(60), "kept");
+    assert_eq!(props.receive_max, Some(super::limits::RECEIVE_MAXIMUM));
+    assert!(props.max_packet_size.is_some());
+    assert_eq!(closed(&out), None);
+    assert!(h.session.is_accepted());
+
+    // Smaller than the CONNACK's limits alone: nothing legal to leave out.
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect_with_limit("dev-00001", 12));
+    let out = h.broker(v5_connack());
+    assert!(to_client(&out).is_empty(), "no CONNACK, no DISCONNECT");
+    assert_eq!(closed(&out), Some("connack_too_large"));
+    assert!(!h.session.is_accepted());
+    h.session.finish("client_closed");
+    let events = h.audit.events();
+    assert!(events.contains(&(
+        Event::ConnectionRefused,
+        Some("connect".into()),
+        Some("connack_too_large".into())
+    )));
+    assert!(
+        events.iter().all(|e| e.0 != Event::ConnectionAccepted),
+        "{events:?}"
+    );
+
+    // A refusal the gate writes itself is held to the limit too.
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    let out = h.client(v5_connect_with_limit("dev-00002", 4));
+    assert!(to_client(&out).is_empty(), "a 5-byte CONNACK is too large");
+    assert_eq!(closed(&out), Some("connect_denied"));
+}
+
+/// MQTT-3.1.2-24/25 and MQTT-3.9.2-1/2: a SUBACK the gate enlarges (refused filters
+/// merged back) or writes itself stays within the client's Maximum Packet Size, without
+/// rumqttd's Reason String and User Properties if need be; one that cannot fit is
+/// discarded without being sent and the connection goes on.
+#[test]
+fn mqtt_3_1_2_25_a_suback_the_gate_enlarges_fits_the_clients_limit_or_is_discarded() {
+    // Just the CONNACK with the gate's limits (16 bytes).
+    let limit = 16;
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.client(v5_connect_with_limit("dev-00001", limit));
+    assert_eq!(
+        to_client(&h.broker(v5_connack())).len(),
+        1,
+        "the CONNACK fits"
+    );
+    let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+    let mut subscribe = v5::Subscribe::new_many(
+        [
+            v5::Filter::new("devices/dev-00001/config", qos),
+            v5::Filter::new("#", qos),
+            v5::Filter::new("devices/+/config", qos),
+        ],
+        None,
+    );
+    subscribe.pkid = 7;
+    let out = h.client(v4_bytes(|b| {
+        subscribe.write(b).expect("encode");
+    }));
+    assert_eq!(to_broker(&out).len(), 1, "the allowed filter is forwarded");
+    // rumqttd measured its own SUBACK (one code, a reason string) against the limit
+    // before the gate merged two refused codes into it.
+    let broker_ack = v4_bytes(|b| {
+        v5::SubAck {
+            pkid: 7,
+            return_codes: vec![v5::SubscribeReasonCode::Success(qos)],
+            properties: Some(v5::SubAckProperties {
+                reason_string: Some("granted".into()),
+                user_properties: Vec::new(),
+            }),
+        }
+        .write(b)
+        .expect("encode");
+    });
+    let sent = to_client(&h.broker(broker_ack));
+    assert_eq!(sent.len(), 1, "a SUBACK");
+    assert!(sent[0].len() <= limit as usize, "{} bytes", sent[0].len());
+    let v5::Packet::SubAck(ack) = read_v5(&sent[0]) else {
+        panic!("not a SUBACK")
+    };
+    assert_eq!(ack.return_codes.len(), 3);
+    assert_eq!(ack.properties.and_then(|p| p.reason_string), None);
+
+    // Twelve refused filters: the gate's own SUBACK is 17 bytes, nothing to leave out.
+    let mut subscribe = v5::Subscribe::new_many(
+        (0..12).map(|i| v5::Filter::new(format!("other/{i}/#"), qos)),
+        None,
+    );
+    subscribe.pkid = 8;
+    let out = h.client(v4_bytes(|b| {
+        subscribe.write(b).expect("encode");
+    }));
+    assert!(to_broker(&out).is_empty());
+    assert!(to_client(&out).is_empty(), "discarded, not sent");
+    assert_eq!(closed(&out), None, "the connection goes on");
 }
