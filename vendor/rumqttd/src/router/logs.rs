@@ -524,9 +524,9 @@ impl AckLog {
 mod test {
     use super::DataLog;
     use crate::protocol::{Publish, PublishProperties};
-    use std::time::{Duration, Instant};
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn publish_filters_updating_correctly_on_new_topic_subscription() {
