@@ -1,7 +1,8 @@
 //! The embedded rumqttd honours an MQTT 5 client's own limits (issue 18 point 7,
-//! `vendor/rumqttd/VITALMQ-PATCHES.md` 11a and 11b): its Receive Maximum bounds the
+//! `vendor/rumqttd/VITALMQ-PATCHES.md` 13 and 14): its Receive Maximum bounds the
 //! QoS 1/2 deliveries in flight to it, and a delivery larger than its Maximum Packet
-//! Size is discarded and completed by rumqttd, so the messages after it still flow.
+//! Size is discarded and completed by rumqttd, so the messages after it still flow and
+//! a resumed session holds nothing of it.
 
 use std::time::Duration;
 
