@@ -1,7 +1,8 @@
 //! The embedded rumqttd honours an MQTT 5 client's own limits (issue 18 point 7,
-//! `vendor/rumqttd/VITALMQ-PATCHES.md` 11a and 11b): its Receive Maximum bounds the
+//! `vendor/rumqttd/VITALMQ-PATCHES.md` 13 and 14): its Receive Maximum bounds the
 //! QoS 1/2 deliveries in flight to it, and a delivery larger than its Maximum Packet
-//! Size is discarded and completed by rumqttd, so the messages after it still flow.
+//! Size is discarded and completed by rumqttd, so the messages after it still flow and
+//! a resumed session holds nothing of it.
 
 use std::time::Duration;
 
@@ -26,6 +27,20 @@ impl Client {
         client_id: &str,
         props: Option<v5::ConnectProperties>,
     ) -> Self {
+        Self::connect_with(embedded, client_id, true, props, None)
+            .await
+            .0
+    }
+
+    /// [`Client::connect`] with Clean Start `clean_start` and a will; also returns
+    /// Session Present.
+    async fn connect_with(
+        embedded: &EmbeddedBroker,
+        client_id: &str,
+        clean_start: bool,
+        props: Option<v5::ConnectProperties>,
+        will: Option<v5::LastWill>,
+    ) -> (Self, bool) {
         let mut client = Self {
             pipe: embedded.connect(Version::V5),
             buf: BytesMut::new(),
@@ -33,18 +48,21 @@ impl Client {
         let connect = v5::Connect {
             keep_alive: 30,
             client_id: client_id.into(),
-            clean_start: true,
+            clean_start,
             properties: props,
         };
         let login = Some(v5::Login::new("anyone", &*embedded.password()));
         client
-            .send(|b| connect.write(&None, &login, b).map(drop))
+            .send(|b| connect.write(&will, &login, b).map(drop))
             .await;
-        match client.read().await {
-            v5::Packet::ConnAck(ack) => assert_eq!(ack.code, v5::ConnectReturnCode::Success),
+        let session_present = match client.read().await {
+            v5::Packet::ConnAck(ack) => {
+                assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+                ack.session_present
+            }
             other => panic!("expected CONNACK, got {other:?}"),
-        }
-        client
+        };
+        (client, session_present)
     }
 
     async fn send(
@@ -233,4 +251,78 @@ async fn mqtt_3_1_2_25_an_oversize_delivery_is_discarded_and_completed() {
         subscriber.deliveries_until_quiet().await.is_empty(),
         "nothing else"
     );
+}
+
+/// MQTT-3.1.2-25 with MQTT 5 4.3.3 / 4.4 (a PUBREL is only sent for a PUBLISH the
+/// client received and answered with PUBREC; an unknown one is a Protocol Error to
+/// stock clients): a QoS 2 delivery discarded as too large leaves nothing for a
+/// resumed session. rumqttd (patch 14 before its amendment) completed it in two steps
+/// and kept the packet id as an unacknowledged PUBREL when the connection ended in
+/// between, then sent that PUBREL on resume, so the client reconnected in a loop. The
+/// connection is dropped right after each oversize delivery, over several rounds, to
+/// land in that gap; its will (published once rumqttd has ended the connection) says
+/// when to resume.
+#[tokio::test]
+async fn mqtt_3_1_2_25_a_discarded_qos2_delivery_leaves_no_pubrel_for_a_resumed_session() {
+    const ROUNDS: u16 = 24;
+    let embedded = embedded();
+    let props = || v5::ConnectProperties {
+        max_packet_size: Some(256),
+        session_expiry_interval: Some(3600),
+        ..v5::ConnectProperties::new()
+    };
+    let will = || {
+        Some(v5::LastWill::new(
+            "gone/resumer",
+            "",
+            QoS::AtMostOnce,
+            false,
+            None,
+        ))
+    };
+    let mut watcher = Client::connect(&embedded, "watcher", None).await;
+    watcher.subscribe("gone/#", QoS::AtMostOnce).await;
+    let (mut subscriber, _) =
+        Client::connect_with(&embedded, "resumer", true, Some(props()), will()).await;
+    subscriber.subscribe("resume/#", QoS::ExactlyOnce).await;
+    let mut publisher = Client::connect(&embedded, "writer", None).await;
+
+    for round in 1..=ROUNDS {
+        publisher
+            .publish("resume/big", QoS::ExactlyOnce, round, vec![b'z'; 1000])
+            .await;
+        // The connection is lost; the session is kept (Session Expiry 3600).
+        drop(subscriber);
+        let gone = watcher.deliveries(1).await;
+        assert_eq!(&gone[0].topic[..], b"gone/resumer");
+        let (resumed, session_present) =
+            Client::connect_with(&embedded, "resumer", false, Some(props()), will()).await;
+        assert!(session_present, "round {round}: the session was kept");
+        subscriber = resumed;
+        // A PUBREL (or anything but PINGRESP) fails here.
+        assert!(
+            subscriber.deliveries_until_quiet().await.is_empty(),
+            "round {round}: the discarded message is never sent"
+        );
+    }
+
+    // The session still works: a small QoS 2 message runs its whole flow.
+    publisher
+        .publish(
+            "resume/small",
+            QoS::ExactlyOnce,
+            ROUNDS + 1,
+            b"fits".to_vec(),
+        )
+        .await;
+    let got = subscriber.deliveries(1).await;
+    assert_eq!(&got[0].payload[..], b"fits");
+    let pkid = got[0].pkid;
+    subscriber
+        .send(|b| v5::PubRec::new(pkid, None).write(b).map(drop))
+        .await;
+    match subscriber.read().await {
+        v5::Packet::PubRel(rel) => assert_eq!(rel.pkid, pkid),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
 }

@@ -62,8 +62,8 @@ pub struct RemoteLink<P> {
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
     /// vitalmq patch 14: QoS 2 deliveries too large for the client, completed towards
-    /// the router by the link: their PUBREL is answered here, not sent.
-    undelivered_qos2: HashSet<u16>,
+    /// the router by the link: their PUBREL is dropped here, not sent.
+    undelivered_qos2: UndeliveredQos2,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -143,7 +143,7 @@ impl<P: Protocol> RemoteLink<P> {
             // vitalmq patch 1: grow on demand.
             notifications: VecDeque::new(),
             will_delay_interval,
-            undelivered_qos2: HashSet::new(),
+            undelivered_qos2: UndeliveredQos2::default(),
         })
     }
 
@@ -173,25 +173,18 @@ impl<P: Protocol> RemoteLink<P> {
                     let mut packets = VecDeque::new();
                     let mut unscheduled = false;
 
-                    let mut completions = Vec::new();
                     for notif in self.notifications.drain(..) {
                         match notif.into() {
                             // vitalmq patch 14: the PUBREL of a QoS 2 delivery the client
-                            // never got is answered by the link.
+                            // never got is not sent.
                             Some(Packet::PubRel(pubrel, _))
-                                if self.undelivered_qos2.remove(&pubrel.pkid) =>
-                            {
-                                completions.push(Packet::PubComp(
-                                    PubComp { pkid: pubrel.pkid, reason: PubCompReason::Success },
-                                    None,
-                                ));
-                            }
+                                if self.undelivered_qos2.takes_pubrel(pubrel.pkid) => {}
                             Some(packet) => packets.push_back(packet),
                             None => unscheduled = true,
                         }
                     }
                     let dropped = self.network.writev(packets).await?;
-                    completions.extend(self.complete_undelivered(dropped));
+                    let completions = self.complete_undelivered(dropped);
                     if !completions.is_empty() {
                         self.link_tx.buffer().extend(completions);
                         self.link_tx.notify().await?;
@@ -209,7 +202,7 @@ impl<P> RemoteLink<P> {
     /// vitalmq patch 14: packets the client's Maximum Packet Size kept from it. The
     /// server "MUST discard it without sending it and then behave as if it had completed
     /// sending that Application Message" (MQTT-3.1.2-25): for a QoS 1 delivery the link
-    /// hands the router the PUBACK, for QoS 2 the PUBREC (and later the PUBCOMP), as if
+    /// hands the router the PUBACK, for QoS 2 the PUBREC and PUBCOMP together, as if
     /// the client had sent them, so its in-flight slot is freed and the next messages
     /// flow. Returns those acknowledgements.
     fn complete_undelivered(&mut self, dropped: Vec<Packet>) -> Vec<Packet> {
@@ -229,19 +222,62 @@ impl<P> RemoteLink<P> {
             match publish.qos {
                 QoS::AtMostOnce => {}
                 QoS::AtLeastOnce => completions.push(Packet::PubAck(
-                    PubAck { pkid, reason: PubAckReason::Success },
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
                     None,
                 )),
-                QoS::ExactlyOnce => {
-                    self.undelivered_qos2.insert(pkid);
-                    completions.push(Packet::PubRec(
-                        PubRec { pkid, reason: PubRecReason::Success },
-                        None,
-                    ));
-                }
+                QoS::ExactlyOnce => completions.extend(self.undelivered_qos2.complete(pkid)),
             }
         }
         completions
+    }
+}
+
+/// vitalmq patch 14: the QoS 2 deliveries the link completed for the client because they
+/// were too large for it.
+///
+/// Their flow is completed at once: the router gets the PUBREC and the PUBCOMP in one
+/// batch, so its session state never holds a PUBREL for a packet the client never got.
+/// (Completing it in two steps, PUBCOMP only when the router's PUBREL came back, left the
+/// packet id among the session's unacknowledged PUBRELs if the connection ended in
+/// between; on resume the router then sent the client a PUBREL for a packet id it never
+/// received, which clients treat as a protocol error, reconnecting in a loop.) The
+/// router still answers the PUBREC with a PUBREL: that one is dropped here. The router
+/// sends a connection's pending acknowledgements before any further delivery, so it
+/// reaches the link before a later delivery could reuse the packet id.
+#[derive(Debug, Default)]
+struct UndeliveredQos2 {
+    awaiting_pubrel: HashSet<u16>,
+}
+
+impl UndeliveredQos2 {
+    /// The acknowledgements that complete delivery `pkid` towards the router.
+    fn complete(&mut self, pkid: u16) -> [Packet; 2] {
+        self.awaiting_pubrel.insert(pkid);
+        [
+            Packet::PubRec(
+                PubRec {
+                    pkid,
+                    reason: PubRecReason::Success,
+                },
+                None,
+            ),
+            Packet::PubComp(
+                PubComp {
+                    pkid,
+                    reason: PubCompReason::Success,
+                },
+                None,
+            ),
+        ]
+    }
+
+    /// Whether the router's PUBREL for `pkid` belongs to a completed delivery (and is
+    /// therefore not to be sent); it is expected once.
+    fn takes_pubrel(&mut self, pkid: u16) -> bool {
+        self.awaiting_pubrel.remove(&pkid)
     }
 }
 
@@ -349,7 +385,26 @@ mod tests {
 
     use crate::{protocol::Login, ConnectionSettings};
 
-    use super::handle_auth;
+    use super::{handle_auth, UndeliveredQos2};
+    use crate::protocol::Packet;
+
+    /// MQTT-3.1.2-25 / MQTT 5 4.3.3 (vitalmq patch 14): a QoS 2 delivery discarded as
+    /// too large is completed towards the router in one batch (PUBREC then PUBCOMP), and
+    /// the router's answering PUBREL is kept from the client once; a later delivery
+    /// with the same packet id runs its flow normally.
+    #[test]
+    fn mqtt_3_1_2_25_a_discarded_qos2_delivery_is_completed_at_once() {
+        let mut undelivered = UndeliveredQos2::default();
+        let acks = undelivered.complete(7);
+        assert!(matches!(&acks[0], Packet::PubRec(rec, None) if rec.pkid == 7));
+        assert!(matches!(&acks[1], Packet::PubComp(comp, None) if comp.pkid == 7));
+        assert!(
+            !undelivered.takes_pubrel(8),
+            "another delivery's PUBREL is sent"
+        );
+        assert!(undelivered.takes_pubrel(7), "the completed one's is not");
+        assert!(!undelivered.takes_pubrel(7), "only once");
+    }
 
     fn config() -> ConnectionSettings {
         ConnectionSettings {

@@ -74,6 +74,11 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// vitalmq patch 18: the packet ids in `inflight_buffer` and `unacked_pubrels`, so
+    /// that none is handed out again while in use. Built at the first packet id handed
+    /// out (after a resumed session's `unacked_pubrels` is in place), so a connection
+    /// that never gets a QoS 1/2 delivery pays nothing.
+    pkids_in_use: Option<PkidsInUse>,
     /// vitalmq patch 13: most unacknowledged QoS 1/2 deliveries: the client's Receive
     /// Maximum (MQTT 5 3.1.2.11.3, 65,535 when absent) within `MAX_INFLIGHT`.
     max_inflight: usize,
@@ -97,6 +102,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            pkids_in_use: None,
             max_inflight: MAX_INFLIGHT,
             meter: Default::default(),
         };
@@ -140,23 +146,17 @@ impl Outgoing {
         publishes: impl Iterator<Item = Forward>,
         filter_idx: usize,
     ) -> (usize, usize) {
-        let mut buffer = self.data_buffer.lock();
+        // A handle of its own, so that handing out packet ids may borrow `self`.
+        let data_buffer = self.data_buffer.clone();
+        let mut buffer = data_buffer.lock();
 
         for mut p in publishes {
             if p.publish.qos == QoS::AtMostOnce {
                 p.publish.pkid = 0;
             } else {
-                // Index and pkid of current outgoing packet
-                self.last_pkid += 1;
-                p.publish.pkid = self.last_pkid;
-
-                self.inflight_buffer
-                    .push_back((self.last_pkid, filter_idx, p.cursor));
-
-                // Place max pkid packet at index 0
-                if self.last_pkid == MAX_PKID {
-                    self.last_pkid = 0;
-                }
+                let pkid = self.next_pkid();
+                p.publish.pkid = pkid;
+                self.inflight_buffer.push_back((pkid, filter_idx, p.cursor));
             }
 
             self.meter.publish_count += 1;
@@ -177,6 +177,50 @@ impl Outgoing {
         (buffer_count, inflight_count)
     }
 
+    /// The next packet id not in use, after `last_pkid` in the cycle 1..=`MAX_PKID`.
+    ///
+    /// vitalmq patch 18: rumqttd handed ids out strictly in turn, which is safe only
+    /// while acknowledgements come in order. Since patch 14 one may come late (an old
+    /// delivery still unacknowledged while 2,999 later ones completed), and a resumed
+    /// session starts again at 1 while its unacknowledged PUBRELs may hold low ids; the
+    /// same id then named two messages in flight and an ack matched the first one
+    /// (MQTT-2.2.1-3: an id is reusable only once its flow completed). In-use ids are
+    /// skipped. Cost: one bit test per id handed out while acks come in order; a skipped
+    /// id moves the cursor on, so a whole cycle of `MAX_PKID` ids costs at most
+    /// `MAX_PKID` extra tests. Reads are bounded by `free_slots` (never above
+    /// `MAX_PKID` ids in use), so a free id exists; should none, the id in turn is used
+    /// as rumqttd did, with an error.
+    fn next_pkid(&mut self) -> u16 {
+        let in_use = self.pkids_in_use.get_or_insert_with(|| {
+            let mut in_use = PkidsInUse::default();
+            let inflight = self.inflight_buffer.iter().map(|(pkid, ..)| *pkid);
+            inflight
+                .chain(self.unacked_pubrels.iter().copied())
+                .for_each(|pkid| in_use.insert(pkid));
+            in_use
+        });
+        let mut pkid = self.last_pkid;
+        for _ in 0..MAX_PKID {
+            pkid = pkid % MAX_PKID + 1;
+            if !in_use.contains(pkid) {
+                break;
+            }
+        }
+        if in_use.contains(pkid) {
+            error!(pkid, "every packet id is in flight; reusing one");
+        }
+        in_use.insert(pkid);
+        self.last_pkid = pkid;
+        pkid
+    }
+
+    /// vitalmq patch 18: `pkid` no longer in use.
+    fn release_pkid(&mut self, pkid: u16) {
+        if let Some(in_use) = self.pkids_in_use.as_mut() {
+            in_use.remove(pkid);
+        }
+    }
+
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
     ///
@@ -194,6 +238,7 @@ impl Outgoing {
             debug!(pkid, "out of order ack.");
         }
         self.inflight_buffer.remove(at);
+        self.release_pkid(pkid);
         Some(())
     }
 
@@ -201,6 +246,10 @@ impl Outgoing {
         // NOTE: we can return true of false
         // to indicate whether this is duplicate or not
         self.unacked_pubrels.push_back(pkid);
+        // vitalmq patch 18: in use until its PUBCOMP.
+        if let Some(in_use) = self.pkids_in_use.as_mut() {
+            in_use.insert(pkid);
+        }
     }
 
     // OASIS standards don't specify anything about ordering of PubComp
@@ -215,6 +264,7 @@ impl Outgoing {
             return None;
         };
         self.unacked_pubrels.remove(at);
+        self.release_pkid(pkid);
         Some(())
     }
 
@@ -233,9 +283,118 @@ impl Outgoing {
     }
 }
 
+/// vitalmq patch 18: a set of packet ids 1..=`MAX_PKID`, one bit each (376 bytes). Ids
+/// above `MAX_PKID` are never handed out, so they are not tracked.
+#[derive(Debug)]
+struct PkidsInUse([u64; MAX_PKID as usize / 64 + 1]);
+
+impl Default for PkidsInUse {
+    fn default() -> Self {
+        Self([0; MAX_PKID as usize / 64 + 1])
+    }
+}
+
+impl PkidsInUse {
+    fn slot(pkid: u16) -> Option<(usize, u64)> {
+        (pkid <= MAX_PKID).then(|| (usize::from(pkid / 64), 1 << (pkid % 64)))
+    }
+
+    fn insert(&mut self, pkid: u16) {
+        if let Some((word, bit)) = Self::slot(pkid) {
+            self.0[word] |= bit;
+        }
+    }
+
+    fn remove(&mut self, pkid: u16) {
+        if let Some((word, bit)) = Self::slot(pkid) {
+            self.0[word] &= !bit;
+        }
+    }
+
+    fn contains(&self, pkid: u16) -> bool {
+        Self::slot(pkid).is_some_and(|(word, bit)| self.0[word] & bit != 0)
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::protocol::Publish;
+
+    /// Pushes one QoS 1 forward (cursor `(0, offset)`) and returns its packet id.
+    fn deliver(outgoing: &mut Outgoing, offset: u64) -> u16 {
+        let mut publish = Publish::new("alerts/a", "x", false);
+        publish.qos = QoS::AtLeastOnce;
+        let forward = Forward {
+            cursor: Some((0, offset)),
+            size: 0,
+            publish,
+            properties: None,
+        };
+        outgoing.push_forwards(std::iter::once(forward), 0);
+        let last = outgoing.data_buffer.lock().pop_back();
+        match last {
+            Some(Notification::Forward(f)) => f.publish.pkid,
+            other => panic!("expected a forward, got {other:?}"),
+        }
+    }
+
+    /// MQTT-2.2.1-3 (MQTT 5 2.2.1): a packet id is reusable only once its flow has
+    /// completed. vitalmq patch 18: one old delivery stays unacknowledged while more
+    /// than a whole cycle of later ones is delivered and acknowledged (acks may come out
+    /// of order since patch 14); its id is never handed out again meanwhile, and its ack
+    /// then completes that delivery.
+    #[test]
+    fn mqtt_2_2_1_3_an_unacknowledged_packet_id_is_not_reused() {
+        let (mut outgoing, _rx) = Outgoing::new("pkids".to_owned());
+        let old = deliver(&mut outgoing, 0);
+        for offset in 1..=(2 * u64::from(MAX_PKID) + 10) {
+            let pkid = deliver(&mut outgoing, offset);
+            assert_ne!(pkid, old, "delivery {offset} reused the unacknowledged id");
+            assert_eq!(outgoing.register_ack(pkid), Some(()));
+        }
+        assert_eq!(outgoing.inflight_buffer.len(), 1);
+        assert_eq!(outgoing.register_ack(old), Some(()));
+        assert!(outgoing.inflight_buffer.is_empty());
+    }
+
+    /// MQTT-2.2.1-3 for QoS 2: an id whose PUBREL awaits its PUBCOMP is still in use;
+    /// after the PUBCOMP it may be handed out again.
+    #[test]
+    fn mqtt_2_2_1_3_a_packet_id_awaiting_pubcomp_is_not_reused() {
+        let (mut outgoing, _rx) = Outgoing::new("pkids".to_owned());
+        let old = deliver(&mut outgoing, 0);
+        assert_eq!(outgoing.register_ack(old), Some(()));
+        outgoing.register_pubrec(old);
+        for offset in 1..=u64::from(MAX_PKID) + 10 {
+            let pkid = deliver(&mut outgoing, offset);
+            assert_ne!(
+                pkid, old,
+                "delivery {offset} reused the id awaiting PUBCOMP"
+            );
+            assert_eq!(outgoing.register_ack(pkid), Some(()));
+        }
+        assert_eq!(outgoing.register_pubcomp(old), Some(()));
+        let reused = (1..=u64::from(MAX_PKID)).any(|offset| {
+            let pkid = deliver(&mut outgoing, offset);
+            outgoing.register_ack(pkid);
+            pkid == old
+        });
+        assert!(reused, "a completed id is free again");
+    }
+
+    /// MQTT-2.2.1-3 across a resumed session (MQTT 5 4.1: the unacknowledged PUBRELs
+    /// are part of the session state): the new connection's ids start over, but skip
+    /// the ids of the session's PUBRELs still awaiting PUBCOMP.
+    #[test]
+    fn mqtt_2_2_1_3_a_resumed_sessions_pubrel_ids_are_not_reused() {
+        let (mut outgoing, _rx) = Outgoing::new("pkids".to_owned());
+        outgoing.unacked_pubrels = VecDeque::from([1, 2, 5]);
+        let pkids: Vec<u16> = (0..4)
+            .map(|offset| deliver(&mut outgoing, offset))
+            .collect();
+        assert_eq!(pkids, [3, 4, 6, 7]);
+    }
 
     #[test]
     fn retransmission_map_is_calculated_accurately() {

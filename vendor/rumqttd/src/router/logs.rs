@@ -317,34 +317,28 @@ impl DataLog {
         after: Option<&str>,
         limit: usize,
     ) -> (Vec<(Topic, PubWithProp)>, bool) {
+        self.read_retained_messages_at(filter, after, limit, Instant::now())
+    }
+
+    /// `read_retained_messages` as of `now`.
+    ///
+    /// vitalmq patch 17: the Message Expiry Interval sent with a retained message is
+    /// what remains of the published one at `now` (MQTT 5 3.3.2.3.3), computed on the
+    /// returned copy; the stored message keeps the published interval and its arrival
+    /// time. rumqttd subtracted the age from the stored interval on every read, so each
+    /// read took the whole age off again and a message read often expired early.
+    fn read_retained_messages_at(
+        &mut self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<(Topic, PubWithProp)>, bool) {
         trace!(info = "reading retain msg", filter = &filter);
-        let now = Instant::now();
 
         // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
-        });
+        self.retained_publishes
+            .retain(|_, pubdata| expiry_at(pubdata, now) != Expiry::Expired);
 
         // no need to include timestamp when returning
         let mut topics: Vec<&Topic> = self
@@ -360,10 +354,44 @@ impl DataLog {
             .take(limit)
             .filter_map(|topic| {
                 let p = self.retained_publishes.get(topic)?;
-                Some((topic.clone(), (p.publish.clone(), p.properties.clone())))
+                let mut properties = p.properties.clone();
+                if let Expiry::Left(remaining) = expiry_at(p, now) {
+                    // set message_expiry_interval to (original value - time spent waiting in server)
+                    // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
+                    if let Some(properties) = properties.as_mut() {
+                        properties.message_expiry_interval = Some(remaining);
+                    }
+                }
+                Some((topic.clone(), (p.publish.clone(), properties)))
             })
             .collect();
         (read, more)
+    }
+}
+
+/// vitalmq patch 17: where a stored message stands against its Message Expiry Interval.
+#[derive(Debug, PartialEq, Eq)]
+enum Expiry {
+    /// No Message Expiry Interval: the message never expires.
+    Never,
+    Expired,
+    /// Seconds left.
+    Left(u32),
+}
+
+fn expiry_at(pubdata: &PublishData, now: Instant) -> Expiry {
+    let Some(interval) = pubdata
+        .properties
+        .as_ref()
+        .and_then(|p| p.message_expiry_interval)
+    else {
+        return Expiry::Never;
+    };
+    let time_spent = now.saturating_duration_since(pubdata.timestamp).as_secs();
+    let time_spent = u32::try_from(time_spent).unwrap_or(u32::MAX);
+    match interval.checked_sub(time_spent) {
+        Some(left) if left > 0 => Expiry::Left(left),
+        _ => Expiry::Expired,
     }
 }
 
@@ -495,8 +523,10 @@ impl AckLog {
 #[cfg(test)]
 mod test {
     use super::DataLog;
+    use crate::protocol::{Publish, PublishProperties};
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn publish_filters_updating_correctly_on_new_topic_subscription() {
@@ -535,6 +565,64 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    fn datalog() -> DataLog {
+        DataLog::new(RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        })
+        .unwrap()
+    }
+
+    fn expiry_read(data: &mut DataLog, now: Instant) -> Vec<Option<u32>> {
+        let (read, _) = data.read_retained_messages_at("alerts/#", None, 10, now);
+        read.into_iter()
+            .map(|(_, (_, props))| props.and_then(|p| p.message_expiry_interval))
+            .collect()
+    }
+
+    /// MQTT 5 3.3.2.3.3 (Message Expiry Interval): a retained message is sent with the
+    /// published interval minus the time it waited, and is kept until the whole
+    /// interval has passed, however often it is read (vitalmq patch 17: rumqttd took
+    /// the message's whole age off the stored interval on every read).
+    #[test]
+    fn mqtt5_3_3_2_3_3_retained_message_expiry_counts_down_once_per_read() {
+        let mut data = datalog();
+        let publish = Publish::new("alerts/a", "x", true);
+        let props = PublishProperties {
+            message_expiry_interval: Some(100),
+            ..Default::default()
+        };
+        data.insert_to_retained_publishes(publish, Some(props), "alerts/a".into(), "c".into());
+        let published = data.retained_publishes["alerts/a"].timestamp;
+
+        let at = |secs| published + Duration::from_secs(secs);
+        assert_eq!(expiry_read(&mut data, at(30)), vec![Some(70)]);
+        assert_eq!(expiry_read(&mut data, at(60)), vec![Some(40)]);
+        assert_eq!(expiry_read(&mut data, at(75)), vec![Some(25)]);
+        assert_eq!(expiry_read(&mut data, at(99)), vec![Some(1)]);
+        // The stored message keeps the published interval.
+        let stored = data.retained_publishes["alerts/a"].properties.clone();
+        assert_eq!(stored.and_then(|p| p.message_expiry_interval), Some(100));
+        // Expired at 100 s, and then gone from the store.
+        assert_eq!(expiry_read(&mut data, at(100)), Vec::<Option<u32>>::new());
+        assert!(data.retained_publishes.is_empty());
+    }
+
+    #[test]
+    fn a_retained_message_without_expiry_is_read_unchanged() {
+        let mut data = datalog();
+        let publish = Publish::new("alerts/b", "x", true);
+        data.insert_to_retained_publishes(publish, None, "alerts/b".into(), "c".into());
+        let published = data.retained_publishes["alerts/b"].timestamp;
+        let much_later = published + Duration::from_secs(u64::from(u32::MAX) + 10);
+        assert_eq!(expiry_read(&mut data, much_later), vec![None]);
     }
 
     //     #[test]
