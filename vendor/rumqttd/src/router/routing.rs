@@ -1709,7 +1709,14 @@ fn forward_device_data(
 
     if publishes.is_empty() {
         // vitalmq patch 11: a read whose messages were all left out (No Local,
-        // expired) has not necessarily reached the end of the log.
+        // expired) has not necessarily reached the end of the log. A shared
+        // subscription reads from its group's cursor, so the group must move past what
+        // the read left out (the member stays the group's current one: it was sent
+        // nothing); otherwise every read starts again at the same message and the
+        // connection is never paused.
+        if let Some(share) = shared_group {
+            share.cursor = request.cursor;
+        }
         return if caughtup {
             ConsumeStatus::FilterCaughtup
         } else {

@@ -517,3 +517,70 @@ fn mqtt_3_8_4_a_repeated_subscribe_replaces_the_subscriptions_options() {
     );
     assert!(received(&mut router, id).is_empty());
 }
+
+/// Consumes until no connection is ready; the number of connection turns it took, or
+/// `None` if the router was still busy after `limit` turns (a connection rescheduled
+/// for ever).
+fn turns_until_idle(router: &mut Router, limit: usize) -> Option<usize> {
+    (0..limit).find(|_| router.consume().is_none())
+}
+
+/// A QoS 1 PUBLISH whose Message Expiry Interval (MQTT 5 3.3.2.3.3) is 0: expired as
+/// soon as it is stored.
+fn expired_publish(topic: &str, pkid: u16) -> Packet {
+    let Packet::Publish(publish, _) = publish(topic, QoS::AtLeastOnce, false, pkid) else {
+        unreachable!("publish() makes a PUBLISH");
+    };
+    let properties = protocol::PublishProperties {
+        message_expiry_interval: Some(0),
+        ..Default::default()
+    };
+    Packet::Publish(publish, Some(properties))
+}
+
+/// MQTT 5 3.3.2.3.3 (an expired message is not delivered) on a shared subscription
+/// (MQTT 5 4.8.2): the group reads past the expired message, delivers the live one
+/// after it, and the router goes idle. A round-robin group reads one message at a
+/// time and moved its cursor only after a non-empty read, so an expired message
+/// (or any read left empty) was read again for ever: the member never paused.
+#[test]
+fn mqtt5_4_8_2_a_shared_group_reads_past_an_expired_message_and_goes_idle() {
+    let mut router = router(100);
+    let publisher = connect(&mut router, "publisher");
+    let member = connect(&mut router, "member");
+    send(
+        &mut router,
+        member,
+        vec![subscribe(filter("$share/g/t/#", QoS::AtLeastOnce))],
+    );
+    assert_eq!(turns_until_idle(&mut router, 10), Some(0));
+
+    // Both reach the log before the group reads.
+    push(
+        &mut router,
+        publisher,
+        vec![
+            expired_publish("t/expired", 1),
+            publish("t/live", QoS::AtLeastOnce, false, 2),
+        ],
+    );
+    let turns = turns_until_idle(&mut router, 1_000);
+    assert!(
+        turns.is_some_and(|n| n <= 4),
+        "the router kept rescheduling: {turns:?}"
+    );
+    assert!(router.scheduler.readyqueue.is_empty());
+    let got = received(&mut router, member);
+    assert_eq!(
+        got.iter().map(|p| p.topic.clone()).collect::<Vec<_>>(),
+        vec!["t/live"]
+    );
+
+    // The group still follows the log.
+    send(
+        &mut router,
+        publisher,
+        vec![publish("t/next", QoS::AtLeastOnce, false, 3)],
+    );
+    assert_eq!(received(&mut router, member).len(), 1);
+}
