@@ -357,6 +357,8 @@ impl Router {
             Tracker::new(client_id.clone())
         };
 
+        self.rejoin_shared_groups(&client_id, &tracker);
+
         let ackslog = AckLog::new();
 
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
@@ -518,29 +520,34 @@ impl Router {
             connection.events.events.pop_front();
         }
 
+        // Add inflight data requests back to tracker
+        inflight_data_requests
+            .into_iter()
+            .for_each(|r| tracker.register_data_request(r));
+
+        // The reads of the session's subscriptions start again at the first delivery
+        // the client did not acknowledge (rumqttd retransmits from the log).
+        for request in tracker.data_requests.iter_mut() {
+            if let Some(cursor) = retransmissions.get(&request.filter_idx) {
+                request.cursor = *cursor;
+            }
+        }
+
+        // vitalmq patch 16: what a member of a shared subscription was sent and did not
+        // acknowledge goes back to the group (MQTT 5 4.8.2), whether or not the session
+        // is kept. rumqttd did this only for a kept session, and `expect`ed the group to
+        // exist, which the removal above had deleted if the client was its sole member:
+        // the router thread panicked and every connection went with it.
+        for request in tracker.data_requests.iter() {
+            if retransmissions.contains_key(&request.filter_idx) {
+                self.rewind_shared_group(request);
+            }
+        }
+
         // Save state for persistent sessions. vitalmq patch 9: kept as long as the
         // session expiry says (rumqttd kept it for ever iff clean session was false).
         let kept_until = connection.session_expiry.deadline(Instant::now());
         if let Some(expires_at) = kept_until {
-            // Add inflight data requests back to tracker
-            inflight_data_requests
-                .into_iter()
-                .for_each(|r| tracker.register_data_request(r));
-
-            for request in tracker.data_requests.iter_mut() {
-                if let Some(cursor) = retransmissions.get(&request.filter_idx) {
-                    request.cursor = *cursor;
-                    // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
-                    }
-                }
-            }
-
             self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
@@ -555,6 +562,56 @@ impl Router {
             self.graveyard.save_metrics(id, connection.events);
         }
         self.router_meters.total_connections -= 1;
+    }
+
+    /// vitalmq patch 16: moves the cursor of `request`'s shared group (if it still has
+    /// members) back to `request.cursor`, never forward, and wakes the members that
+    /// were waiting at the end of the log, so that another member gets the messages the
+    /// departed one did not acknowledge. Messages after them that other members already
+    /// received are delivered again (at least once, as QoS 1 and 2 allow across a
+    /// member's loss; the log keeps no per-message record of which member acked what).
+    fn rewind_shared_group(&mut self, request: &DataRequest) {
+        let Some(group) = request
+            .group
+            .as_ref()
+            .and_then(|name| self.shared_subscriptions.get_mut(name))
+        else {
+            return;
+        };
+        if request.cursor >= group.cursor {
+            return;
+        }
+        group.cursor = request.cursor;
+        for member in group.clients() {
+            let Some(&id) = self.connection_map.get(member) else {
+                continue;
+            };
+            if let Some(waiting) = self
+                .datalog
+                .take_waiter(id, request.filter_idx, &request.filter)
+            {
+                self.scheduler.track(id, waiting);
+                self.scheduler.reschedule(id, ScheduleReason::FreshData);
+            }
+        }
+    }
+
+    /// vitalmq patch 16: a resumed session's shared subscriptions are part of its state
+    /// (MQTT 5 4.8.2): the client joins their groups again (each made again at the
+    /// request's cursor if it lost its last member meanwhile). rumqttd restored the
+    /// requests but not the membership, so they were skipped for ever (the group never
+    /// named the client as the one to read).
+    fn rejoin_shared_groups(&mut self, client_id: &str, tracker: &Tracker) {
+        for request in tracker.data_requests.iter() {
+            let Some(name) = &request.group else {
+                continue;
+            };
+            let strategy = &self.config.shared_subscriptions_strategy;
+            self.shared_subscriptions
+                .entry(name.clone())
+                .or_insert_with(|| SharedGroup::new(request.cursor, strategy.clone()))
+                .add_client(client_id.to_owned());
+        }
     }
 
     /// Handles new incoming data on a topic

@@ -41,8 +41,10 @@ struct Client {
     _wake: flume::Receiver<()>,
 }
 
-/// Runs the router until it has nothing left to do.
+/// Runs the router until it has nothing left to do (a bounded number of connection
+/// turns: a connection that is rescheduled for ever fails the test, not hangs it).
 fn pump(router: &mut Router) {
+    let mut turns = 0;
     for _ in 0..1000 {
         let mut busy = false;
         while let Ok((id, event)) = router.router_rx.try_recv() {
@@ -51,6 +53,8 @@ fn pump(router: &mut Router) {
         }
         while router.consume().is_some() {
             busy = true;
+            turns += 1;
+            assert!(turns < 10_000, "router never settled");
         }
         if !busy {
             return;
@@ -352,4 +356,99 @@ fn mqtt5_3_1_4_3_a_takeover_resumes_the_old_session_only_if_it_outlives_its_conn
     subscribe(&mut router, &old);
     let (_, session_present) = connect(&mut router, "other", false, Some(hour));
     assert!(!session_present);
+}
+
+const SHARED: &str = "$share/integrators/alerts/site-01/#";
+
+fn subscribe_to(router: &mut Router, client: &Client, path: &str) {
+    let filter = SubFilter {
+        path: path.to_owned(),
+        qos: QoS::AtLeastOnce,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    };
+    let subscribe = Subscribe {
+        pkid: 1,
+        filters: vec![filter],
+    };
+    send(router, client, Packet::Subscribe(subscribe, None));
+    drain(client);
+}
+
+fn publish_qos1(router: &mut Router, client: &Client, payload: &'static str, pkid: u16) {
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        topic: TOPIC.into(),
+        pkid,
+        payload: payload.into(),
+    };
+    send(router, client, Packet::Publish(publish, None));
+}
+
+/// MQTT 5 4.8.2 and 4.1 (a session's subscriptions, shared ones included, are session
+/// state): the sole member of a shared group, with a kept session and a QoS 1 delivery
+/// it did not acknowledge, loses its connection. The router deleted the empty group and
+/// then `expect`ed it to reset its cursor: it panicked, taking every connection down.
+/// Resumed, the session gets the unacknowledged message again and what came meanwhile.
+#[test]
+fn mqtt5_4_8_2_a_kept_session_that_is_a_shared_groups_sole_member_disconnects_unacked() {
+    let mut router = router();
+    let hour = SessionExpiry::from_interval(3600);
+    let (member, _) = connect(&mut router, "member", false, Some(hour));
+    subscribe_to(&mut router, &member, SHARED);
+    let (publisher, _) = connect(&mut router, "pub", true, Some(SessionExpiry::AtDisconnect));
+    publish_qos1(&mut router, &publisher, "unacked", 1);
+    assert_eq!(payloads(&member), [Bytes::from("unacked")]);
+
+    drop_connection(&mut router, &member);
+    assert!(router.graveyard.has_session("member"));
+    publish_qos1(&mut router, &publisher, "while-away", 2);
+
+    let (member, session_present) = connect(&mut router, "member", false, Some(hour));
+    assert!(session_present);
+    assert_eq!(
+        payloads(&member),
+        [Bytes::from("unacked"), Bytes::from("while-away")]
+    );
+    publish_qos1(&mut router, &publisher, "after", 3);
+    assert_eq!(payloads(&member), [Bytes::from("after")]);
+    assert!(router.scheduler.readyqueue.is_empty());
+}
+
+/// MQTT 5 4.8.2: a member's unacknowledged delivery goes to another member when it
+/// leaves, and a resumed session is a member of its shared groups again (rumqttd kept
+/// its request but not its membership: the group never chose it, its request was
+/// skipped on every turn and its connection never paused).
+#[test]
+fn mqtt5_4_8_2_a_resumed_session_is_a_member_of_its_shared_group_again() {
+    let mut router = router();
+    let hour = SessionExpiry::from_interval(3600);
+    let (kept, _) = connect(&mut router, "kept", false, Some(hour));
+    subscribe_to(&mut router, &kept, SHARED);
+    let (other, _) = connect(&mut router, "other", true, Some(SessionExpiry::AtDisconnect));
+    subscribe_to(&mut router, &other, SHARED);
+    let (publisher, _) = connect(&mut router, "pub", true, Some(SessionExpiry::AtDisconnect));
+
+    publish_qos1(&mut router, &publisher, "one", 1);
+    assert_eq!(payloads(&kept), [Bytes::from("one")]);
+    assert!(payloads(&other).is_empty());
+
+    // "one" was not acknowledged: the group's other member gets it.
+    drop_connection(&mut router, &kept);
+    assert_eq!(payloads(&other), [Bytes::from("one")]);
+
+    let (kept, session_present) = connect(&mut router, "kept", false, Some(hour));
+    assert!(session_present);
+    assert!(payloads(&kept).is_empty(), "the group already delivered it");
+
+    // Round robin over both members again.
+    publish_qos1(&mut router, &publisher, "two", 2);
+    publish_qos1(&mut router, &publisher, "three", 3);
+    let (to_kept, to_other) = (payloads(&kept), payloads(&other));
+    assert_eq!(to_kept.len(), 1, "kept: {to_kept:?}, other: {to_other:?}");
+    assert_eq!(to_other.len(), 1, "kept: {to_kept:?}, other: {to_other:?}");
+    assert!(router.scheduler.readyqueue.is_empty());
 }
