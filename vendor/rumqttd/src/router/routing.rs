@@ -345,6 +345,8 @@ impl Router {
                 || Tracker::new(client_id.clone()),
                 |session_state| {
                     connection.subscriptions = session_state.subscriptions;
+                    // vitalmq patch 16: QoS 2 messages the client has not released yet.
+                    connection.unreleased = session_state.unreleased;
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
@@ -553,6 +555,7 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                connection.unreleased,
                 expires_at,
             );
         } else {
@@ -676,13 +679,37 @@ impl Router {
                             force_ack = true;
                         }
                         QoS::ExactlyOnce => {
+                            // vitalmq patch 16: kept by packet id in the session until
+                            // its PUBREL (rumqttd kept it in this connection's ack log,
+                            // in arrival order). A topic alias belongs to this network
+                            // connection (MQTT 5 3.3.2.3.4), so it is resolved now: the
+                            // PUBREL may come on the next one.
+                            let mut publish = publish;
+                            let mut properties = properties;
+                            let connection = &mut self.connections[id];
+                            let alias = properties.as_mut().and_then(|p| p.topic_alias.take());
+                            if let Some(alias) = alias {
+                                if let Err(e) =
+                                    validate_and_set_topic_alias(&mut publish, connection, alias)
+                                {
+                                    error!(reason = ?e, "Invalid topic alias");
+                                    disconnect = true;
+                                    if let RouterError::Disconnect(code) = e {
+                                        disconnect_reason = Some(code);
+                                    }
+                                    break;
+                                }
+                            }
+                            // A resent PUBLISH (DUP) replaces the one it repeats: the
+                            // message is stored once, on PUBREL (MQTT 5 4.3.3).
+                            connection.unreleased.insert(pkid, (publish, properties));
+
                             let pubrec = PubRec {
                                 pkid,
                                 reason: PubRecReason::Success,
                             };
-
                             let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.pubrec(publish, properties, pubrec);
+                            ackslog.pubrec(pubrec);
                             force_ack = true;
                             continue;
                         }
@@ -898,26 +925,35 @@ impl Router {
                     ackslog.pubrel(pubrel);
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
-                Packet::PubRel(pubrel, None) => {
+                Packet::PubRel(pubrel, _) => {
                     let span = tracing::info_span!("pubrel", pkid = pubrel.pkid);
                     let _guard = span.enter();
 
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
-                    let pubcomp = PubComp {
-                        pkid: pubrel.pkid,
-                        reason: PubCompReason::Success,
-                    };
-
-                    // NOTE: client can try to resend previously unacked pubrels
-                    // on reconnection ( with clean session false )
-                    // we try to retrive publish assuming broker saved the previous state
-                    // successfully in graveyard.
-                    let (publish, props) = match ackslog.pubcomp(pubcomp) {
-                        Some(v) => v,
+                    // vitalmq patch 16: the PUBREL releases the message with its packet
+                    // id, also one received before a reconnect (the client resends
+                    // PUBREL then, MQTT-4.4.0-1). rumqttd released the oldest message
+                    // of this connection whatever the id, and disconnected the client
+                    // when there was none (a resumed session's PUBREL: the client
+                    // reconnected, resent it and was disconnected again until its
+                    // session expired; the message was lost).
+                    let released = self.connections[id].unreleased.remove(&pubrel.pkid);
+                    let reason = match released {
+                        Some(_) => PubCompReason::Success,
+                        // Already released (a PUBCOMP that was lost) or never received:
+                        // MQTT 5 3.7.2.1 0x92; an MQTT 3.1.1 PUBCOMP has no reason code.
                         None => {
-                            disconnect = true;
-                            break;
+                            debug!(pkid = pubrel.pkid, "PUBREL for a packet id not held");
+                            PubCompReason::PacketIdentifierNotFound
                         }
+                    };
+                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    ackslog.pubcomp(PubComp {
+                        pkid: pubrel.pkid,
+                        reason,
+                    });
+                    let Some((publish, props)) = released else {
+                        self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
+                        continue;
                     };
 
                     // Try to append publish to commitlog

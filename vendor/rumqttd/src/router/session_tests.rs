@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 
 use super::*;
 use crate::protocol::{Disconnect, DisconnectProperties, Filter as SubFilter, RetainForwardRule};
-use crate::protocol::{Subscribe, SubscribeReasonCode};
+use crate::protocol::{PubCompReason, PubRel, PubRelReason, Subscribe, SubscribeReasonCode};
 use crate::router::iobufs::{Incoming, Outgoing};
 use crate::router::{Ack, Connection, SessionExpiry};
 use crate::RouterConfig;
@@ -451,4 +451,117 @@ fn mqtt5_4_8_2_a_resumed_session_is_a_member_of_its_shared_group_again() {
     assert_eq!(to_kept.len(), 1, "kept: {to_kept:?}, other: {to_other:?}");
     assert_eq!(to_other.len(), 1, "kept: {to_kept:?}, other: {to_other:?}");
     assert!(router.scheduler.readyqueue.is_empty());
+}
+
+fn publish_qos2(router: &mut Router, client: &Client, payload: &'static str, pkid: u16) {
+    let publish = Publish {
+        dup: false,
+        qos: QoS::ExactlyOnce,
+        retain: false,
+        topic: TOPIC.into(),
+        pkid,
+        payload: payload.into(),
+    };
+    send(router, client, Packet::Publish(publish, None));
+}
+
+fn pubrel(router: &mut Router, client: &Client, pkid: u16) {
+    let pubrel = PubRel {
+        pkid,
+        reason: PubRelReason::Success,
+    };
+    send(router, client, Packet::PubRel(pubrel, None));
+}
+
+/// The PUBRECs and PUBCOMPs the router sent `client` since the last drain, as
+/// (packet id, whether the reason is Success).
+fn qos2_acks(client: &Client) -> (Vec<u16>, Vec<(u16, PubCompReason)>) {
+    let (mut pubrecs, mut pubcomps) = (Vec::new(), Vec::new());
+    for notification in drain(client) {
+        match notification {
+            Notification::DeviceAck(Ack::PubRec(p)) => pubrecs.push(p.pkid),
+            Notification::DeviceAck(Ack::PubComp(p)) => pubcomps.push((p.pkid, p.reason)),
+            _ => {}
+        }
+    }
+    (pubrecs, pubcomps)
+}
+
+/// MQTT 5 4.3.3 and 4.4 (MQTT-4.4.0-1: on a resumed session the client resends its
+/// PUBRELs), 4.1 (QoS 2 messages received and not completed are session state): a
+/// QoS 2 PUBLISH acknowledged with PUBREC, the connection lost, the session resumed;
+/// the resent PUBREL gets PUBCOMP and the message reaches the subscriber once.
+/// rumqttd kept the message in the connection's ack log only: the PUBREL found nothing,
+/// the client was disconnected (on every reconnect) and the message was lost.
+#[test]
+fn mqtt5_4_3_3_a_resumed_sessions_pubrel_releases_the_message_received_before() {
+    let mut router = router();
+    let hour = SessionExpiry::from_interval(3600);
+    let (sub, _) = connect(&mut router, "sub", true, Some(SessionExpiry::AtDisconnect));
+    subscribe(&mut router, &sub);
+    let (publisher, _) = connect(&mut router, "q2pub", false, Some(hour));
+    publish_qos2(&mut router, &publisher, "exactly-once", 7);
+    assert_eq!(qos2_acks(&publisher), (vec![7], vec![]));
+    assert!(payloads(&sub).is_empty(), "stored on PUBREL");
+
+    drop_connection(&mut router, &publisher);
+    let (publisher, session_present) = connect(&mut router, "q2pub", false, Some(hour));
+    assert!(session_present);
+    pubrel(&mut router, &publisher, 7);
+    assert_eq!(
+        qos2_acks(&publisher),
+        (vec![], vec![(7, PubCompReason::Success)])
+    );
+    assert!(router.obufs.contains(publisher.id), "still connected");
+    assert_eq!(payloads(&sub), [Bytes::from("exactly-once")]);
+
+    // Its PUBCOMP lost, the client sends the PUBREL again: PUBCOMP, nothing stored.
+    pubrel(&mut router, &publisher, 7);
+    assert_eq!(
+        qos2_acks(&publisher),
+        (vec![], vec![(7, PubCompReason::PacketIdentifierNotFound)])
+    );
+    assert!(payloads(&sub).is_empty(), "delivered exactly once");
+}
+
+/// MQTT 5 4.3.3 / MQTT 3.1.1 4.3.3: a PUBREL releases the message with its packet id,
+/// in whatever order PUBRELs come (rumqttd released the oldest message for any PUBREL).
+/// A resent PUBLISH (DUP) before the PUBREL is still one message.
+#[test]
+fn mqtt5_4_3_3_pubrels_release_messages_by_packet_id_not_by_arrival() {
+    let mut router = router();
+    let (sub, _) = connect(&mut router, "sub", true, Some(SessionExpiry::AtDisconnect));
+    subscribe(&mut router, &sub);
+    let (publisher, _) = connect(&mut router, "q2pub", true, Some(SessionExpiry::AtDisconnect));
+    publish_qos2(&mut router, &publisher, "first", 1);
+    publish_qos2(&mut router, &publisher, "second", 2);
+    publish_qos2(&mut router, &publisher, "second", 2);
+    assert_eq!(qos2_acks(&publisher), (vec![1, 2, 2], vec![]));
+
+    pubrel(&mut router, &publisher, 2);
+    assert_eq!(payloads(&sub), [Bytes::from("second")]);
+    pubrel(&mut router, &publisher, 1);
+    assert_eq!(payloads(&sub), [Bytes::from("first")]);
+    assert_eq!(
+        qos2_acks(&publisher),
+        (
+            vec![],
+            vec![(2, PubCompReason::Success), (1, PubCompReason::Success)]
+        )
+    );
+}
+
+/// MQTT 5 3.7.2.1: a PUBREL for a packet id the server does not hold gets PUBCOMP
+/// 0x92 Packet Identifier not found (an MQTT 3.1.1 PUBCOMP, which has no reason code,
+/// is a plain PUBCOMP); the client stays connected (rumqttd disconnected it).
+#[test]
+fn mqtt5_3_7_2_1_an_unknown_pubrel_gets_pubcomp_packet_identifier_not_found() {
+    let mut router = router();
+    let (client, _) = connect(&mut router, "q2pub", true, Some(SessionExpiry::AtDisconnect));
+    pubrel(&mut router, &client, 42);
+    assert_eq!(
+        qos2_acks(&client),
+        (vec![], vec![(42, PubCompReason::PacketIdentifierNotFound)])
+    );
+    assert!(router.obufs.contains(client.id), "still connected");
 }
