@@ -1890,6 +1890,15 @@ fn forward_device_data(
         len
     );
 
+    // update the state of shared subscription. vitalmq patch 16: before the BufferFull
+    // return below, which rumqttd took first: the group then read the messages just
+    // sent again when the member resumed (the last one went out twice).
+    if let Some(share) = shared_group {
+        share.update_next_client();
+        // update the shared cursor
+        share.cursor = request.cursor;
+    }
+
     if len >= MAX_CHANNEL_CAPACITY - 1 {
         debug!("Outgoing channel reached its capacity");
         outgoing.push_notification(Notification::Unschedule);
@@ -1898,13 +1907,6 @@ fn forward_device_data(
     }
 
     outgoing.handle.try_send(()).ok();
-
-    // update the state of shared subscription
-    if let Some(share) = shared_group {
-        share.update_next_client();
-        // update the shared cursor
-        share.cursor = request.cursor;
-    }
 
     if caughtup {
         ConsumeStatus::FilterCaughtup

@@ -584,3 +584,63 @@ fn mqtt5_4_8_2_a_shared_group_reads_past_an_expired_message_and_goes_idle() {
     );
     assert_eq!(received(&mut router, member).len(), 1);
 }
+
+/// MQTT 5 4.8.2 (each message of a shared subscription goes to one member, once): a
+/// member's outgoing queue filling up (`MAX_CHANNEL_CAPACITY`) pauses the member after
+/// the read that filled it; the group's cursor must already be past that read, or the
+/// group reads (and sends) its last message again when the member resumes.
+#[test]
+fn mqtt5_4_8_2_a_shared_member_paused_with_a_full_queue_gets_no_message_twice() {
+    let mut router = router(100);
+    let publisher = connect(&mut router, "publisher");
+    let member = connect(&mut router, "member");
+    send(
+        &mut router,
+        member,
+        vec![subscribe(filter("$share/g/t/#", QoS::AtMostOnce))],
+    );
+
+    let count = MAX_CHANNEL_CAPACITY + 10;
+    let publishes = (0..count)
+        .map(|i| {
+            Packet::Publish(
+                Publish {
+                    dup: false,
+                    qos: QoS::AtMostOnce,
+                    pkid: 0,
+                    retain: false,
+                    topic: Bytes::from_static(b"t/a"),
+                    payload: Bytes::from(i.to_string()),
+                },
+                None,
+            )
+        })
+        .collect();
+    send(&mut router, publisher, publishes);
+
+    // As the link does: drain the queue and, if the router unscheduled the
+    // connection, say it is ready again.
+    let mut got = Vec::new();
+    let mut pauses = 0;
+    loop {
+        let notifications: Vec<_> = router.obufs[member].data_buffer.lock().drain(..).collect();
+        let mut unscheduled = false;
+        for notification in notifications {
+            match notification {
+                Notification::Forward(f) => got.push(f.publish.payload),
+                Notification::Unschedule => unscheduled = true,
+                _ => {}
+            }
+        }
+        if !unscheduled {
+            break;
+        }
+        pauses += 1;
+        router.events(member, Event::Ready);
+        settle(&mut router);
+    }
+    assert_eq!(pauses, 1, "the queue filled once");
+    let expected: Vec<Bytes> = (0..count).map(|i| Bytes::from(i.to_string())).collect();
+    assert_eq!(got.len(), expected.len(), "each message once");
+    assert_eq!(got, expected);
+}
