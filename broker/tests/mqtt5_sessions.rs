@@ -4,15 +4,18 @@
 //!
 //! An integrator's session with a Session Expiry Interval outlives its connection: an
 //! alert published while it is offline is queued and delivered when it reconnects with
-//! Clean Start=0. Without one (absent = 0), Clean Start=0 finds no session.
+//! Clean Start=0. Without one (absent = 0), Clean Start=0 finds no session. A QoS 2
+//! publication cut off after its PUBREC completes on the resumed session (MQTT 5 4.3.3,
+//! MQTT-4.4.0-1).
 
 mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{ConnAck, Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{self, ConnAck, Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject as _;
@@ -28,6 +31,10 @@ const ALERT_TOPIC: &str = "alerts/site-01/sessions/spo2";
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn tls(layout: &Layout, role: Role, id: &str) -> Transport {
+    Transport::tls_with_config(TlsConfiguration::Rustls(client_config(layout, role, id)))
+}
+
+fn client_config(layout: &Layout, role: Role, id: &str) -> Arc<rustls::ClientConfig> {
     let id = PrincipalId::new(id).expect("id");
     let chain = CertificateDer::pem_file_iter(layout.identity_cert(role, &id))
         .expect("cert")
@@ -42,7 +49,7 @@ fn tls(layout: &Layout, role: Role, id: &str) -> Transport {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .expect("client auth");
-    Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config)))
+    Arc::new(config)
 }
 
 /// Connects and returns the client, its event loop and the CONNACK.
@@ -185,5 +192,147 @@ async fn mqtt5_3_1_2_11_2_without_session_expiry_clean_start_0_finds_no_session(
         !connack.session_present,
         "MQTT-3.2.2-2: no session was kept"
     );
+    broker.shutdown().await;
+}
+
+/// A hand-driven MQTT 5 connection through the gate, for an exchange a stock client
+/// does not let a test stop half-way (rumqttc answers a PUBREC with its PUBREL at once).
+struct RawClient {
+    stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: BytesMut,
+}
+
+impl RawClient {
+    /// Connects with Clean Start `clean_start` and a Session Expiry Interval; returns the
+    /// CONNACK too.
+    async fn connect(
+        layout: &Layout,
+        port: u16,
+        (role, id): (Role, &str),
+        clean_start: bool,
+        session_expiry: u32,
+    ) -> (RawClient, v5::ConnAck) {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("tcp");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let stream = tokio_rustls::TlsConnector::from(client_config(layout, role, id))
+            .connect(name, tcp)
+            .await
+            .expect("tls");
+        let mut client = RawClient {
+            stream,
+            buf: BytesMut::new(),
+        };
+        let mut properties = v5::ConnectProperties::new();
+        properties.session_expiry_interval = Some(session_expiry);
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: id.into(),
+            clean_start,
+            properties: Some(properties),
+        };
+        client
+            .send(|b| connect.write(&None, &None, b).map(drop))
+            .await;
+        match client.read("CONNACK").await {
+            Packet::ConnAck(ack) => {
+                assert_eq!(ack.code, v5::ConnectReturnCode::Success);
+                (client, ack)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        encode: impl FnOnce(&mut BytesMut) -> Result<(), rumqttc::v5::mqttbytes::Error>,
+    ) {
+        use tokio::io::AsyncWriteExt as _;
+        let mut buf = BytesMut::new();
+        encode(&mut buf).expect("encode");
+        self.stream.write_all(&buf).await.expect("write");
+        self.stream.flush().await.expect("flush");
+    }
+
+    /// The next packet from the broker, within [`DEADLINE`].
+    async fn read(&mut self, what: &str) -> Packet {
+        use tokio::io::AsyncReadExt as _;
+        let wait = async {
+            loop {
+                match Packet::read(&mut self.buf, None) {
+                    Ok(packet) => return packet,
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => panic!("malformed packet waiting for {what}: {e:?}"),
+                }
+                let n = self.stream.read_buf(&mut self.buf).await.expect("read");
+                assert_ne!(n, 0, "connection closed waiting for {what}");
+            }
+        };
+        tokio::time::timeout(DEADLINE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {DEADLINE:?}"))
+    }
+}
+
+/// MQTT 5 4.3.3 and MQTT-4.4.0-1: the bridge publishes an alert at QoS 2, gets PUBREC
+/// and loses its connection before its PUBREL; it resumes its session (Clean Start=0)
+/// and resends the PUBREL: PUBCOMP, and the integrator gets the alert exactly once.
+/// Before rumqttd patch 16 the resent PUBREL got the bridge disconnected (on every
+/// reconnect) and the alert was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_4_3_3_a_qos2_alert_cut_off_after_pubrec_completes_on_the_resumed_session() {
+    let (_dir, pki, config) = common::deployment();
+    let layout = Layout::new(&pki);
+    let broker = Broker::start(config).await.expect("broker starts");
+    let port = broker.local_addr().port();
+    let bridge = (Role::Bridge, "bridge-01");
+
+    let (integrator, mut integrator_loop, _) =
+        connect(&layout, port, (Role::Integrator, INTEGRATOR), true, None).await;
+    subscribe(&integrator, &mut integrator_loop).await;
+
+    let (mut raw, connack) = RawClient::connect(&layout, port, bridge, true, 3600).await;
+    assert!(!connack.session_present);
+    let mut alert = v5::Publish::new(ALERT_TOPIC, QoS::ExactlyOnce, "exactly once", None);
+    alert.pkid = 7;
+    raw.send(|b| alert.write(b).map(drop)).await;
+    match raw.read("PUBREC").await {
+        Packet::PubRec(rec) => assert_eq!(rec.pkid, 7),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    // The link dies before the PUBREL (no DISCONNECT).
+    drop(raw);
+
+    let (mut raw, connack) = RawClient::connect(&layout, port, bridge, false, 3600).await;
+    assert!(connack.session_present, "the bridge's session was kept");
+    raw.send(|b| v5::PubRel::new(7, None).write(b).map(drop))
+        .await;
+    match raw.read("PUBCOMP").await {
+        Packet::PubComp(comp) => {
+            assert_eq!(comp.pkid, 7);
+            assert_eq!(comp.reason, v5::PubCompReason::Success);
+        }
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+    // A QoS 1 marker after it: the integrator's next message after the alert.
+    let mut marker = v5::Publish::new(ALERT_TOPIC, QoS::AtLeastOnce, "marker", None);
+    marker.pkid = 8;
+    raw.send(|b| marker.write(b).map(drop)).await;
+    match raw.read("PUBACK").await {
+        Packet::PubAck(ack) => assert_eq!(ack.pkid, 8),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+
+    let mut received = Vec::new();
+    for what in ["the alert", "the marker"] {
+        let publish: Publish = next(&mut integrator_loop, what, |p| match p {
+            Packet::Publish(p) => Some(p),
+            _ => None,
+        })
+        .await;
+        received.push(publish.payload);
+    }
+    assert_eq!(received, [&b"exactly once"[..], &b"marker"[..]]);
     broker.shutdown().await;
 }

@@ -1,12 +1,19 @@
 use slab::Slab;
 
-use crate::protocol::LastWillProperties;
+use crate::protocol::{LastWillProperties, Publish, PublishProperties};
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::ConnectionEvents;
+
+/// vitalmq patch 16: the QoS 2 messages a client published that the server has
+/// acknowledged with PUBREC and not yet released (no PUBREL yet), by packet id. Session
+/// state (MQTT 5 4.1, MQTT 3.1.1 4.1): kept with a session across a reconnect, so that
+/// the PUBREL the client resends then (MQTT-4.4.0-1) stores the message and gets its
+/// PUBCOMP. A packet id can be held once only, so at most 65,535 entries.
+pub(crate) type Unreleased = HashMap<u16, (Publish, Option<PublishProperties>)>;
 
 /// Used to register a new connection with the router
 /// Connection messages encompasses a handle for router to
@@ -38,6 +45,8 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// vitalmq patch 16: incoming QoS 2 messages waiting for their PUBREL
+    pub(crate) unreleased: Unreleased,
 }
 
 impl Connection {
@@ -72,6 +81,7 @@ impl Connection {
             topic_aliases: HashMap::new(),
             broker_topic_aliases: None,
             subscription_ids: HashMap::new(),
+            unreleased: Unreleased::new(),
         }
     }
 

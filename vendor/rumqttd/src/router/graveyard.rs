@@ -2,6 +2,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use super::{
+    connection::Unreleased,
     scheduler::{PauseReason, Tracker},
     ConnectionEvents,
 };
@@ -47,6 +48,7 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
+        unreleased: Unreleased,
         expires_at: Option<Instant>,
     ) {
         tracker.pause(PauseReason::Busy);
@@ -56,6 +58,7 @@ impl Graveyard {
             tracker,
             subscriptions,
             unacked_pubrels,
+            unreleased,
             expires_at,
         };
 
@@ -141,6 +144,8 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
+    /// vitalmq patch 16: incoming QoS 2 messages not yet released by PUBREL
+    pub unreleased: Unreleased,
     /// vitalmq patch 9: when the session expires (`None`: never).
     pub expires_at: Option<Instant>,
 }

@@ -459,8 +459,9 @@ where
 pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
-    // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    // vitalmq patch 16: the QoS 2 publishes waiting for PUBREL are session state, kept
+    // by packet id in `Connection::unreleased`, no longer here (this log is new at
+    // every connect).
 }
 
 impl AckLog {
@@ -469,7 +470,6 @@ impl AckLog {
         // vitalmq patch 1: grow on demand (see iobufs::Incoming::new).
         AckLog {
             committed: VecDeque::new(),
-            recorded: VecDeque::new(),
         }
     }
 
@@ -488,9 +488,8 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
+    pub fn pubrec(&mut self, ack: PubRec) {
         let ack = Ack::PubRec(ack);
-        self.recorded.push_back((publish, props));
         self.committed.push_back(ack);
     }
 
@@ -499,10 +498,9 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+    pub fn pubcomp(&mut self, ack: PubComp) {
         let ack = Ack::PubComp(ack);
         self.committed.push_back(ack);
-        self.recorded.pop_front()
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {

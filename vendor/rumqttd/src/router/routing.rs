@@ -345,6 +345,8 @@ impl Router {
                 || Tracker::new(client_id.clone()),
                 |session_state| {
                     connection.subscriptions = session_state.subscriptions;
+                    // vitalmq patch 16: QoS 2 messages the client has not released yet.
+                    connection.unreleased = session_state.unreleased;
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
@@ -356,6 +358,8 @@ impl Router {
             connection.events = saved.map_or_else(ConnectionEvents::default, |s| s.metrics);
             Tracker::new(client_id.clone())
         };
+
+        self.rejoin_shared_groups(&client_id, &tracker);
 
         let ackslog = AckLog::new();
 
@@ -518,34 +522,40 @@ impl Router {
             connection.events.events.pop_front();
         }
 
+        // Add inflight data requests back to tracker
+        inflight_data_requests
+            .into_iter()
+            .for_each(|r| tracker.register_data_request(r));
+
+        // The reads of the session's subscriptions start again at the first delivery
+        // the client did not acknowledge (rumqttd retransmits from the log).
+        for request in tracker.data_requests.iter_mut() {
+            if let Some(cursor) = retransmissions.get(&request.filter_idx) {
+                request.cursor = *cursor;
+            }
+        }
+
+        // vitalmq patch 16: what a member of a shared subscription was sent and did not
+        // acknowledge goes back to the group (MQTT 5 4.8.2), whether or not the session
+        // is kept. rumqttd did this only for a kept session, and `expect`ed the group to
+        // exist, which the removal above had deleted if the client was its sole member:
+        // the router thread panicked and every connection went with it.
+        for request in tracker.data_requests.iter() {
+            if retransmissions.contains_key(&request.filter_idx) {
+                self.rewind_shared_group(request);
+            }
+        }
+
         // Save state for persistent sessions. vitalmq patch 9: kept as long as the
         // session expiry says (rumqttd kept it for ever iff clean session was false).
         let kept_until = connection.session_expiry.deadline(Instant::now());
         if let Some(expires_at) = kept_until {
-            // Add inflight data requests back to tracker
-            inflight_data_requests
-                .into_iter()
-                .for_each(|r| tracker.register_data_request(r));
-
-            for request in tracker.data_requests.iter_mut() {
-                if let Some(cursor) = retransmissions.get(&request.filter_idx) {
-                    request.cursor = *cursor;
-                    // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
-                    }
-                }
-            }
-
             self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                connection.unreleased,
                 expires_at,
             );
         } else {
@@ -555,6 +565,56 @@ impl Router {
             self.graveyard.save_metrics(id, connection.events);
         }
         self.router_meters.total_connections -= 1;
+    }
+
+    /// vitalmq patch 16: moves the cursor of `request`'s shared group (if it still has
+    /// members) back to `request.cursor`, never forward, and wakes the members that
+    /// were waiting at the end of the log, so that another member gets the messages the
+    /// departed one did not acknowledge. Messages after them that other members already
+    /// received are delivered again (at least once, as QoS 1 and 2 allow across a
+    /// member's loss; the log keeps no per-message record of which member acked what).
+    fn rewind_shared_group(&mut self, request: &DataRequest) {
+        let Some(group) = request
+            .group
+            .as_ref()
+            .and_then(|name| self.shared_subscriptions.get_mut(name))
+        else {
+            return;
+        };
+        if request.cursor >= group.cursor {
+            return;
+        }
+        group.cursor = request.cursor;
+        for member in group.clients() {
+            let Some(&id) = self.connection_map.get(member) else {
+                continue;
+            };
+            if let Some(waiting) = self
+                .datalog
+                .take_waiter(id, request.filter_idx, &request.filter)
+            {
+                self.scheduler.track(id, waiting);
+                self.scheduler.reschedule(id, ScheduleReason::FreshData);
+            }
+        }
+    }
+
+    /// vitalmq patch 16: a resumed session's shared subscriptions are part of its state
+    /// (MQTT 5 4.8.2): the client joins their groups again (each made again at the
+    /// request's cursor if it lost its last member meanwhile). rumqttd restored the
+    /// requests but not the membership, so they were skipped for ever (the group never
+    /// named the client as the one to read).
+    fn rejoin_shared_groups(&mut self, client_id: &str, tracker: &Tracker) {
+        for request in tracker.data_requests.iter() {
+            let Some(name) = &request.group else {
+                continue;
+            };
+            let strategy = &self.config.shared_subscriptions_strategy;
+            self.shared_subscriptions
+                .entry(name.clone())
+                .or_insert_with(|| SharedGroup::new(request.cursor, strategy.clone()))
+                .add_client(client_id.to_owned());
+        }
     }
 
     /// Handles new incoming data on a topic
@@ -619,13 +679,37 @@ impl Router {
                             force_ack = true;
                         }
                         QoS::ExactlyOnce => {
+                            // vitalmq patch 16: kept by packet id in the session until
+                            // its PUBREL (rumqttd kept it in this connection's ack log,
+                            // in arrival order). A topic alias belongs to this network
+                            // connection (MQTT 5 3.3.2.3.4), so it is resolved now: the
+                            // PUBREL may come on the next one.
+                            let mut publish = publish;
+                            let mut properties = properties;
+                            let connection = &mut self.connections[id];
+                            let alias = properties.as_mut().and_then(|p| p.topic_alias.take());
+                            if let Some(alias) = alias {
+                                if let Err(e) =
+                                    validate_and_set_topic_alias(&mut publish, connection, alias)
+                                {
+                                    error!(reason = ?e, "Invalid topic alias");
+                                    disconnect = true;
+                                    if let RouterError::Disconnect(code) = e {
+                                        disconnect_reason = Some(code);
+                                    }
+                                    break;
+                                }
+                            }
+                            // A resent PUBLISH (DUP) replaces the one it repeats: the
+                            // message is stored once, on PUBREL (MQTT 5 4.3.3).
+                            connection.unreleased.insert(pkid, (publish, properties));
+
                             let pubrec = PubRec {
                                 pkid,
                                 reason: PubRecReason::Success,
                             };
-
                             let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.pubrec(publish, properties, pubrec);
+                            ackslog.pubrec(pubrec);
                             force_ack = true;
                             continue;
                         }
@@ -841,26 +925,35 @@ impl Router {
                     ackslog.pubrel(pubrel);
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
-                Packet::PubRel(pubrel, None) => {
+                Packet::PubRel(pubrel, _) => {
                     let span = tracing::info_span!("pubrel", pkid = pubrel.pkid);
                     let _guard = span.enter();
 
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
-                    let pubcomp = PubComp {
-                        pkid: pubrel.pkid,
-                        reason: PubCompReason::Success,
-                    };
-
-                    // NOTE: client can try to resend previously unacked pubrels
-                    // on reconnection ( with clean session false )
-                    // we try to retrive publish assuming broker saved the previous state
-                    // successfully in graveyard.
-                    let (publish, props) = match ackslog.pubcomp(pubcomp) {
-                        Some(v) => v,
+                    // vitalmq patch 16: the PUBREL releases the message with its packet
+                    // id, also one received before a reconnect (the client resends
+                    // PUBREL then, MQTT-4.4.0-1). rumqttd released the oldest message
+                    // of this connection whatever the id, and disconnected the client
+                    // when there was none (a resumed session's PUBREL: the client
+                    // reconnected, resent it and was disconnected again until its
+                    // session expired; the message was lost).
+                    let released = self.connections[id].unreleased.remove(&pubrel.pkid);
+                    let reason = match released {
+                        Some(_) => PubCompReason::Success,
+                        // Already released (a PUBCOMP that was lost) or never received:
+                        // MQTT 5 3.7.2.1 0x92; an MQTT 3.1.1 PUBCOMP has no reason code.
                         None => {
-                            disconnect = true;
-                            break;
+                            debug!(pkid = pubrel.pkid, "PUBREL for a packet id not held");
+                            PubCompReason::PacketIdentifierNotFound
                         }
+                    };
+                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    ackslog.pubcomp(PubComp {
+                        pkid: pubrel.pkid,
+                        reason,
+                    });
+                    let Some((publish, props)) = released else {
+                        self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
+                        continue;
                     };
 
                     // Try to append publish to commitlog
@@ -1709,7 +1802,14 @@ fn forward_device_data(
 
     if publishes.is_empty() {
         // vitalmq patch 11: a read whose messages were all left out (No Local,
-        // expired) has not necessarily reached the end of the log.
+        // expired) has not necessarily reached the end of the log. A shared
+        // subscription reads from its group's cursor, so the group must move past what
+        // the read left out (the member stays the group's current one: it was sent
+        // nothing); otherwise every read starts again at the same message and the
+        // connection is never paused.
+        if let Some(share) = shared_group {
+            share.cursor = request.cursor;
+        }
         return if caughtup {
             ConsumeStatus::FilterCaughtup
         } else {
@@ -1790,6 +1890,15 @@ fn forward_device_data(
         len
     );
 
+    // update the state of shared subscription. vitalmq patch 16: before the BufferFull
+    // return below, which rumqttd took first: the group then read the messages just
+    // sent again when the member resumed (the last one went out twice).
+    if let Some(share) = shared_group {
+        share.update_next_client();
+        // update the shared cursor
+        share.cursor = request.cursor;
+    }
+
     if len >= MAX_CHANNEL_CAPACITY - 1 {
         debug!("Outgoing channel reached its capacity");
         outgoing.push_notification(Notification::Unschedule);
@@ -1798,13 +1907,6 @@ fn forward_device_data(
     }
 
     outgoing.handle.try_send(()).ok();
-
-    // update the state of shared subscription
-    if let Some(share) = shared_group {
-        share.update_next_client();
-        // update the shared cursor
-        share.cursor = request.cursor;
-    }
 
     if caughtup {
         ConsumeStatus::FilterCaughtup

@@ -517,3 +517,130 @@ fn mqtt_3_8_4_a_repeated_subscribe_replaces_the_subscriptions_options() {
     );
     assert!(received(&mut router, id).is_empty());
 }
+
+/// Consumes until no connection is ready; the number of connection turns it took, or
+/// `None` if the router was still busy after `limit` turns (a connection rescheduled
+/// for ever).
+fn turns_until_idle(router: &mut Router, limit: usize) -> Option<usize> {
+    (0..limit).find(|_| router.consume().is_none())
+}
+
+/// A QoS 1 PUBLISH whose Message Expiry Interval (MQTT 5 3.3.2.3.3) is 0: expired as
+/// soon as it is stored.
+fn expired_publish(topic: &str, pkid: u16) -> Packet {
+    let Packet::Publish(publish, _) = publish(topic, QoS::AtLeastOnce, false, pkid) else {
+        unreachable!("publish() makes a PUBLISH");
+    };
+    let properties = protocol::PublishProperties {
+        message_expiry_interval: Some(0),
+        ..Default::default()
+    };
+    Packet::Publish(publish, Some(properties))
+}
+
+/// MQTT 5 3.3.2.3.3 (an expired message is not delivered) on a shared subscription
+/// (MQTT 5 4.8.2): the group reads past the expired message, delivers the live one
+/// after it, and the router goes idle. A round-robin group reads one message at a
+/// time and moved its cursor only after a non-empty read, so an expired message
+/// (or any read left empty) was read again for ever: the member never paused.
+#[test]
+fn mqtt5_4_8_2_a_shared_group_reads_past_an_expired_message_and_goes_idle() {
+    let mut router = router(100);
+    let publisher = connect(&mut router, "publisher");
+    let member = connect(&mut router, "member");
+    send(
+        &mut router,
+        member,
+        vec![subscribe(filter("$share/g/t/#", QoS::AtLeastOnce))],
+    );
+    assert_eq!(turns_until_idle(&mut router, 10), Some(0));
+
+    // Both reach the log before the group reads.
+    push(
+        &mut router,
+        publisher,
+        vec![
+            expired_publish("t/expired", 1),
+            publish("t/live", QoS::AtLeastOnce, false, 2),
+        ],
+    );
+    let turns = turns_until_idle(&mut router, 1_000);
+    assert!(
+        turns.is_some_and(|n| n <= 4),
+        "the router kept rescheduling: {turns:?}"
+    );
+    assert!(router.scheduler.readyqueue.is_empty());
+    let got = received(&mut router, member);
+    assert_eq!(
+        got.iter().map(|p| p.topic.clone()).collect::<Vec<_>>(),
+        vec!["t/live"]
+    );
+
+    // The group still follows the log.
+    send(
+        &mut router,
+        publisher,
+        vec![publish("t/next", QoS::AtLeastOnce, false, 3)],
+    );
+    assert_eq!(received(&mut router, member).len(), 1);
+}
+
+/// MQTT 5 4.8.2 (each message of a shared subscription goes to one member, once): a
+/// member's outgoing queue filling up (`MAX_CHANNEL_CAPACITY`) pauses the member after
+/// the read that filled it; the group's cursor must already be past that read, or the
+/// group reads (and sends) its last message again when the member resumes.
+#[test]
+fn mqtt5_4_8_2_a_shared_member_paused_with_a_full_queue_gets_no_message_twice() {
+    let mut router = router(100);
+    let publisher = connect(&mut router, "publisher");
+    let member = connect(&mut router, "member");
+    send(
+        &mut router,
+        member,
+        vec![subscribe(filter("$share/g/t/#", QoS::AtMostOnce))],
+    );
+
+    let count = MAX_CHANNEL_CAPACITY + 10;
+    let publishes = (0..count)
+        .map(|i| {
+            Packet::Publish(
+                Publish {
+                    dup: false,
+                    qos: QoS::AtMostOnce,
+                    pkid: 0,
+                    retain: false,
+                    topic: Bytes::from_static(b"t/a"),
+                    payload: Bytes::from(i.to_string()),
+                },
+                None,
+            )
+        })
+        .collect();
+    send(&mut router, publisher, publishes);
+
+    // As the link does: drain the queue and, if the router unscheduled the
+    // connection, say it is ready again.
+    let mut got = Vec::new();
+    let mut pauses = 0;
+    loop {
+        let notifications: Vec<_> = router.obufs[member].data_buffer.lock().drain(..).collect();
+        let mut unscheduled = false;
+        for notification in notifications {
+            match notification {
+                Notification::Forward(f) => got.push(f.publish.payload),
+                Notification::Unschedule => unscheduled = true,
+                _ => {}
+            }
+        }
+        if !unscheduled {
+            break;
+        }
+        pauses += 1;
+        router.events(member, Event::Ready);
+        settle(&mut router);
+    }
+    assert_eq!(pauses, 1, "the queue filled once");
+    let expected: Vec<Bytes> = (0..count).map(|i| Bytes::from(i.to_string())).collect();
+    assert_eq!(got.len(), expected.len(), "each message once");
+    assert_eq!(got, expected);
+}

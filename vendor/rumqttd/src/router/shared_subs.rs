@@ -24,6 +24,11 @@ impl SharedGroup {
         self.clients.is_empty()
     }
 
+    /// vitalmq patch 16: the members, to wake them when the group's cursor moves back.
+    pub fn clients(&self) -> &[String] {
+        &self.clients
+    }
+
     pub fn current_client(&self) -> Option<&String> {
         self.clients.get(self.current_client_index)
     }
