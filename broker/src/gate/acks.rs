@@ -28,14 +28,17 @@ impl GateSession {
             Some(pkid) if self.dropped_qos2.remove(&pkid) => {
                 out.push(Output::ToClient(reply::pubcomp(version, pkid)))
             }
-            // A resumed session may release what it published on an earlier connection.
-            Some(pkid) if !self.awaiting_pubrel.remove(&pkid) && self.clean_session => self
-                .protocol_violation(
-                    version,
-                    "unknown_packet_id",
-                    format!("PUBREL for packet id {pkid}, which has no PUBREC"),
-                    out,
-                ),
+            // A resumed session may release what it published on an earlier connection;
+            // otherwise rumqttd holds nothing under this id. A PUBREL is always answered
+            // with PUBCOMP (MQTT 3.1.1 4.3.3; MQTT 5 3.7.2.1: 0x92), not a disconnect:
+            // a client that lost its session state may release an id twice.
+            Some(pkid) if !self.awaiting_pubrel.remove(&pkid) && self.clean_session => {
+                tracing::debug!(
+                    pkid,
+                    "PUBREL for a packet id with no PUBREC: PUBCOMP not found"
+                );
+                out.push(Output::ToClient(reply::pubcomp_not_found(version, pkid)))
+            }
             Some(_) => out.push(Output::ToBroker(frame.bytes().clone())),
             None => self.refuse_unframeable(FrameError::Malformed("short PUBREL".into()), out),
         }

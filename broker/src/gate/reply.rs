@@ -161,6 +161,22 @@ pub(super) fn pubcomp(version: Version, pkid: u16) -> Bytes {
     }
 }
 
+/// PUBCOMP for a PUBREL whose packet id is unknown here: MQTT 5 says so (0x92, Packet
+/// Identifier not found); MQTT 3.1.1 answers every PUBREL with a plain PUBCOMP (4.3.3).
+pub(super) fn pubcomp_not_found(version: Version, pkid: u16) -> Bytes {
+    match version {
+        Version::V311 => encode(|b| v4::PubComp::new(pkid).write(b)),
+        Version::V5 => encode(|b| {
+            v5::PubComp {
+                pkid,
+                reason: v5::PubCompReason::PacketIdentifierNotFound,
+                properties: None,
+            }
+            .write(b)
+        }),
+    }
+}
+
 /// MQTT 5 DISCONNECT from the server with a reason; 3.1.1 has none (the socket closes).
 pub(super) fn disconnect_v5(reason: v5::DisconnectReasonCode) -> Bytes {
     // Written by hand: rumqttc's `Disconnect::write` without properties counts a

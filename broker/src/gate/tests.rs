@@ -931,7 +931,7 @@ fn a_second_connect_is_audited_and_closes_the_connection() {
 }
 
 #[test]
-fn acknowledgements_for_unknown_packet_ids_are_audited_and_close_the_connection() {
+fn an_unknown_puback_is_audited_and_closes_the_connection_an_unknown_pubrel_gets_pubcomp() {
     let puback = |pkid| {
         v4_bytes(|b| {
             v4::PubAck::new(pkid).write(b).expect("encode");
@@ -963,18 +963,26 @@ fn acknowledgements_for_unknown_packet_ids_are_audited_and_close_the_connection(
     }));
     assert_eq!(to_broker(&h.client(pubrel(3))), vec![pubrel(3)]);
 
-    // The same ids again are unknown now.
-    for (ack, what) in [(puback(7), "PUBACK"), (pubrel(3), "PUBREL")] {
-        let mut h = connected_v4(Role::Device, "dev-00001");
-        h.broker(v4_connack(v4::ConnectReturnCode::Success));
-        let out = h.client(ack);
-        assert!(to_broker(&out).is_empty(), "{what}");
-        assert_eq!(closed(&out), Some("unknown_packet_id"), "{what}");
-        let records = h.audit.0.lock().expect("audit lock").clone();
-        let last = records.last().expect("a record");
-        assert_eq!(last.event, Event::ConnectionClosed, "{what}");
-        assert_eq!(last.reason.as_deref(), Some("unknown_packet_id"), "{what}");
-    }
+    // The same ids again are unknown now: a PUBACK for nothing delivered is refused; a
+    // PUBREL is answered with PUBCOMP, as 3.1.1 4.3.3 requires of every PUBREL.
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    h.broker(v4_connack(v4::ConnectReturnCode::Success));
+    let out = h.client(pubrel(3));
+    assert!(to_broker(&out).is_empty());
+    assert_eq!(closed(&out), None);
+    assert_eq!(
+        to_client(&out),
+        vec![reply::pubcomp_not_found(Version::V311, 3)]
+    );
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    h.broker(v4_connack(v4::ConnectReturnCode::Success));
+    let out = h.client(puback(7));
+    assert!(to_broker(&out).is_empty());
+    assert_eq!(closed(&out), Some("unknown_packet_id"));
+    let records = h.audit.0.lock().expect("audit lock").clone();
+    let last = records.last().expect("a record");
+    assert_eq!(last.event, Event::ConnectionClosed);
+    assert_eq!(last.reason.as_deref(), Some("unknown_packet_id"));
 }
 
 // ------------------------------------------------------------- SUBSCRIBE limits
@@ -1391,7 +1399,20 @@ fn mqtt5_3_2_2_1_1_a_pubrel_from_an_earlier_connection_passes_only_when_the_sess
     h.broker(v5_connack_session(false));
     let out = h.client(v5_pubrel(4));
     assert!(to_broker(&out).is_empty());
-    assert_eq!(closed(&out), Some("unknown_packet_id"));
+    assert_eq!(closed(&out), None);
+    // MQTT 5 3.7.2.1: PUBCOMP 0x92, Packet Identifier not found.
+    assert_eq!(
+        to_client(&out),
+        vec![v4_bytes(|b| {
+            v5::PubComp {
+                pkid: 4,
+                reason: v5::PubCompReason::PacketIdentifierNotFound,
+                properties: None,
+            }
+            .write(b)
+            .expect("encode");
+        })]
+    );
 }
 
 /// MQTT 5 3.14.2.2.2: the Session Expiry Interval a client sets on DISCONNECT reaches
