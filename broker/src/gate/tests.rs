@@ -173,11 +173,20 @@ fn v4_connect(client_id: &str, will: Option<&str>) -> Bytes {
 }
 
 fn v5_connect(client_id: &str) -> Bytes {
+    v5_connect_with(client_id, true, None)
+}
+
+/// An MQTT 5 CONNECT with `clean_start` and CONNECT properties.
+fn v5_connect_with(
+    client_id: &str,
+    clean_start: bool,
+    properties: Option<v5::ConnectProperties>,
+) -> Bytes {
     let c = v5::Connect {
         keep_alive: 30,
         client_id: client_id.into(),
-        clean_start: true,
-        properties: None,
+        clean_start,
+        properties,
     };
     v4_bytes(|b| {
         c.write(&None, &None, b).expect("encode");
@@ -1350,18 +1359,11 @@ fn a_third_party_authorizer_grants_and_denies_through_its_asks() {
 // ------------------------------------------------- MQTT 5 sessions (issue 18, point 4)
 
 fn v5_connect_resuming(client_id: &str, session_expiry: u32) -> Bytes {
-    let c = v5::Connect {
-        keep_alive: 30,
-        client_id: client_id.into(),
-        clean_start: false,
-        properties: Some(v5::ConnectProperties {
-            session_expiry_interval: Some(session_expiry),
-            ..v5::ConnectProperties::new()
-        }),
+    let properties = v5::ConnectProperties {
+        session_expiry_interval: Some(session_expiry),
+        ..v5::ConnectProperties::new()
     };
-    v4_bytes(|b| {
-        c.write(&None, &None, b).expect("encode");
-    })
+    v5_connect_with(client_id, false, Some(properties))
 }
 
 fn v5_connack_session(session_present: bool) -> Bytes {
@@ -1471,15 +1473,7 @@ fn mqtt_3_1_3_8_an_empty_id_without_clean_session_is_refused_with_0x02_in_311() 
 
     // MQTT 5: Clean Start 0 with an empty id is answered with the assigned id.
     let mut h = Harness::new(Role::Device, "dev-00001");
-    let c = v5::Connect {
-        keep_alive: 30,
-        client_id: String::new(),
-        clean_start: false,
-        properties: None,
-    };
-    let out = h.client(v4_bytes(|b| {
-        c.write(&None, &None, b).expect("encode");
-    }));
+    let out = h.client(v5_connect_with("", false, None));
     let v5::Packet::Connect(forwarded, _, _) = read_v5(&to_broker(&out)[0]) else {
         panic!("not a CONNECT")
     };
@@ -1751,18 +1745,11 @@ fn mqtt5_3_2_2_3_6_before_the_connack_the_size_check_is_no_stricter_than_the_ann
 
 /// An MQTT 5 CONNECT announcing the Maximum Packet Size `limit`.
 fn v5_connect_with_limit(client_id: &str, limit: u32) -> Bytes {
-    let c = v5::Connect {
-        keep_alive: 30,
-        client_id: client_id.into(),
-        clean_start: true,
-        properties: Some(v5::ConnectProperties {
-            max_packet_size: Some(limit),
-            ..v5::ConnectProperties::new()
-        }),
+    let properties = v5::ConnectProperties {
+        max_packet_size: Some(limit),
+        ..v5::ConnectProperties::new()
     };
-    v4_bytes(|b| {
-        c.write(&None, &None, b).expect("encode");
-    })
+    v5_connect_with(client_id, true, Some(properties))
 }
 
 /// rumqttd's successful CONNACK with a session expiry and a reason string.
