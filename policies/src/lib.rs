@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod acl;
+mod assignment;
 mod error;
 mod identity;
 mod registry;
@@ -14,6 +15,7 @@ mod rules;
 pub use acl::{
     AclPolicy, Decision, DeniedPublishV311, RetainedTelemetry, RoleLimits, is_telemetry_topic,
 };
+pub use assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
 pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use registry::{DeviceEntry, DeviceRegistry, SiteBound, SiteId};
