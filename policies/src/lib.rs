@@ -18,7 +18,10 @@ pub use acl::{
 pub use assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
 pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
-pub use registry::{DeviceEntry, DeviceRegistry, SiteBound, SiteId};
+pub use registry::{
+    DeviceEntry, DeviceRegistry, RegistryChangeError, SiteBound, SiteId, TimeError, format_rfc3339,
+    parse_rfc3339,
+};
 pub use rules::{
     AlertRule, Alerting, BatteryPolicy, ChangeDirection, ClockPolicy, Compare, CompareOp,
     DeviationSide, Escalation, MAX_SECONDS, Measure, Persist, Plausibility, PlausibleRange,

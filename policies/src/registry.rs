@@ -2,9 +2,15 @@
 //! reference and their COSE public key; which gateways and integrators serve which site;
 //! which operators are enrolled (an operator certificate alone does not admit its holder).
 //!
-//! The file is TOML (`vitalmq-registry/v1`); see `policies/examples/registry.toml`.
+//! The file is TOML, `vitalmq-registry/v2` (see `policies/examples/registry.toml`): each
+//! device has a history of time-bound assignments (`[[devices.assignments]]`, RFC 3339
+//! `valid_from`/`valid_to`, a patient pseudonym and a site) and may be `retired_at` an
+//! instant, loaded into a [`History`] per device. `vitalmq-registry/v1` files (one `site`
+//! and `patient_ref` per device) keep loading: each v1 device is one open assignment from
+//! the Unix epoch. [`DeviceRegistry::to_toml`] always writes v2.
+//!
 //! The bridge verifies telemetry against it (it implements [`KeyLookup`]) and the broker
-//! uses the site bindings for gateway and integrator ACLs.
+//! uses the site bindings for gateway and integrator ACLs and refuses retired devices.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,10 +20,29 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 use vitalmq_envelope::{Algorithm, DeviceId, KeyLookup, VerifyingKey};
 
+use crate::assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
 use crate::error::{PolicyErrors, Problems};
 use crate::identity::{PrincipalId, TrustDomain};
 
-const FORMAT: &str = "vitalmq-registry/v1";
+mod rfc3339;
+
+pub use rfc3339::{TimeError, format_rfc3339, parse_rfc3339};
+
+const FORMAT_V1: &str = "vitalmq-registry/v1";
+const FORMAT_V2: &str = "vitalmq-registry/v2";
+
+/// Why [`DeviceRegistry::change_history`] refused a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryChangeError {
+    #[error("device `{0}` is not registered")]
+    UnknownDevice(DeviceId),
+    #[error("device `{device}`: {source}")]
+    Assignment {
+        device: DeviceId,
+        #[source]
+        source: AssignmentError,
+    },
+}
 
 /// A site (a hospital-at-home region, a ward): same grammar as an id.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -54,6 +79,10 @@ impl fmt::Display for SiteId {
 }
 
 /// One registered device.
+///
+/// `site` and `patient_ref` are the device's latest assignment: the open one while it
+/// has one (what v1 meant), the last closed one after an unassignment or retirement.
+/// What the device served at a given instant is [`DeviceRegistry::assignment_at`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceEntry {
     pub id: DeviceId,
@@ -80,6 +109,8 @@ pub struct SiteBound {
 pub struct DeviceRegistry {
     trust_domain: TrustDomain,
     devices: BTreeMap<DeviceId, DeviceEntry>,
+    /// Every registered device has one (the invariant `insert_device` keeps).
+    histories: BTreeMap<DeviceId, History>,
     gateways: BTreeMap<PrincipalId, SiteId>,
     integrators: BTreeMap<PrincipalId, SiteId>,
     operators: std::collections::BTreeSet<PrincipalId>,
@@ -113,8 +144,12 @@ pub(crate) struct RawOperator {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawDevice {
     pub id: String,
-    pub site: String,
-    pub patient_ref: String,
+    /// v1 only (v2: in `assignments`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
+    /// v1 only (v2: in `assignments`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient_ref: Option<String>,
     pub alg: String,
     /// Hex: 32 bytes for EdDSA, the 65-byte uncompressed SEC1 point for ES256.
     pub public_key: String,
@@ -122,6 +157,23 @@ pub(crate) struct RawDevice {
     pub consent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processing_policy: Option<String>,
+    /// v2: RFC 3339; from then on the device may not publish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<Spanned<String>>,
+    /// v2: the device's assignment periods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub assignments: Vec<Spanned<RawAssignment>>,
+}
+
+/// One `[[devices.assignments]]` entry (v2).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAssignment {
+    pub valid_from: Spanned<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_to: Option<Spanned<String>>,
+    pub patient_ref: String,
+    pub site: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -136,6 +188,7 @@ impl DeviceRegistry {
         Self {
             trust_domain,
             devices: BTreeMap::new(),
+            histories: BTreeMap::new(),
             gateways: BTreeMap::new(),
             integrators: BTreeMap::new(),
             operators: std::collections::BTreeSet::new(),
@@ -158,9 +211,18 @@ impl DeviceRegistry {
                 return problems.finish(Self::new(placeholder_domain()));
             }
         };
-        if raw.format != FORMAT {
-            problems.add(None, "format", format!("expected \"{FORMAT}\""));
-        }
+        let v2 = match raw.format.as_str() {
+            FORMAT_V1 => false,
+            FORMAT_V2 => true,
+            _ => {
+                problems.add(
+                    None,
+                    "format",
+                    format!("expected \"{FORMAT_V2}\" (or \"{FORMAT_V1}\")"),
+                );
+                true
+            }
+        };
         let trust_domain = TrustDomain::new(raw.trust_domain).unwrap_or_else(|e| {
             problems.add(None, "trust_domain", e.to_string());
             placeholder_domain()
@@ -172,15 +234,11 @@ impl DeviceRegistry {
             let field = |name: &str| format!("devices[{i}].{name}");
             let id = DeviceId::new(d.id.clone())
                 .map_err(|e| problems.add(span.clone(), field("id"), e.to_string()));
-            let site = SiteId::new(d.site.clone())
-                .map_err(|e| problems.add(span.clone(), field("site"), e.to_string()));
-            if PrincipalId::new(d.patient_ref.clone()).is_err() {
-                problems.add(
-                    span.clone(),
-                    field("patient_ref"),
-                    "must be a pseudonymous token ([A-Za-z0-9][A-Za-z0-9._-]{0,63}), never a name or direct identifier",
-                );
-            }
+            let history = if v2 {
+                device_history_v2(&mut problems, i, entry)
+            } else {
+                device_history_v1(&mut problems, i, entry)
+            };
             let key = d
                 .alg
                 .parse::<Algorithm>()
@@ -189,16 +247,16 @@ impl DeviceRegistry {
                     VerifyingKey::from_hex(alg, &d.public_key)
                         .map_err(|e| problems.add(span.clone(), field("public_key"), e.to_string()))
                 });
-            if let (Ok(id), Ok(site), Ok(key)) = (id, site, key) {
+            if let (Ok(id), Some((history, (site, patient_ref))), Ok(key)) = (id, history, key) {
                 let device = DeviceEntry {
                     id,
                     site,
-                    patient_ref: d.patient_ref.clone(),
+                    patient_ref,
                     key,
                     consent: d.consent.clone(),
                     processing_policy: d.processing_policy.clone(),
                 };
-                if let Err(dup) = registry.insert_device(device) {
+                if let Err(dup) = registry.insert_device_with_history(device, history) {
                     problems.add(
                         span,
                         field("id"),
@@ -254,12 +312,64 @@ impl DeviceRegistry {
         problems.finish(registry)
     }
 
-    /// Adds a device; returns its id back if it was already registered.
+    /// Adds a device, assigned to its `patient_ref` and `site` from the Unix epoch on
+    /// (what a v1 entry means); returns its id back if it was already registered.
     pub fn insert_device(&mut self, device: DeviceEntry) -> Result<(), DeviceId> {
+        let history = history_from_epoch(device.patient_ref.clone(), device.site.clone());
+        self.insert_device_with_history(device, history)
+    }
+
+    fn insert_device_with_history(
+        &mut self,
+        device: DeviceEntry,
+        history: History,
+    ) -> Result<(), DeviceId> {
         if self.devices.contains_key(&device.id) {
             return Err(device.id);
         }
+        self.histories.insert(device.id.clone(), history);
         self.devices.insert(device.id.clone(), device);
+        Ok(())
+    }
+
+    /// A device's assignment history.
+    pub fn history(&self, id: &DeviceId) -> Option<&History> {
+        self.histories.get(id)
+    }
+
+    /// What the device served at `t` (Unix ms): the assignment, or the retirement,
+    /// whose period contains `t`; `None` for an unknown device or an unassigned time.
+    pub fn assignment_at(&self, id: &DeviceId, t: UnixMillis) -> Option<&Assignment> {
+        self.histories.get(id)?.at(t)
+    }
+
+    /// Since when the device is retired, if it is.
+    pub fn retired_since(&self, id: &DeviceId) -> Option<UnixMillis> {
+        self.histories.get(id)?.retired_since()
+    }
+
+    /// Applies `change` to a device's history (see [`History`]'s `reassign`, `close`,
+    /// `retire`); a refused change leaves the registry as it was. The entry's `site`
+    /// and `patient_ref` follow the latest assignment.
+    pub fn change_history(
+        &mut self,
+        id: &DeviceId,
+        change: impl FnOnce(&mut History) -> Result<(), AssignmentError>,
+    ) -> Result<(), RegistryChangeError> {
+        let (Some(history), Some(entry)) = (self.histories.get_mut(id), self.devices.get_mut(id))
+        else {
+            return Err(RegistryChangeError::UnknownDevice(id.clone()));
+        };
+        let mut next = history.clone();
+        change(&mut next).map_err(|source| RegistryChangeError::Assignment {
+            device: id.clone(),
+            source,
+        })?;
+        if let Some((site, patient_ref)) = latest_assigned(&next) {
+            entry.site = site;
+            entry.patient_ref = patient_ref;
+        }
+        *history = next;
         Ok(())
     }
 
@@ -321,22 +431,46 @@ impl DeviceRegistry {
             Spanned::new(0..0, RawSiteBound { id, site })
         };
         let file = RegistryFile {
-            format: FORMAT.to_owned(),
+            format: FORMAT_V2.to_owned(),
             trust_domain: self.trust_domain.to_string(),
             devices: self
                 .devices
                 .values()
                 .map(|d| {
+                    let history = self.histories.get(&d.id);
+                    let periods = history.map(History::periods).unwrap_or_default();
+                    let unspanned = |s: String| Spanned::new(0..0, s);
                     Spanned::new(
                         0..0,
                         RawDevice {
                             id: d.id.to_string(),
-                            site: d.site.to_string(),
-                            patient_ref: d.patient_ref.clone(),
+                            site: None,
+                            patient_ref: None,
                             alg: d.key.algorithm().name().to_owned(),
                             public_key: d.key.to_hex(),
                             consent: d.consent.clone(),
                             processing_policy: d.processing_policy.clone(),
+                            retired_at: history
+                                .and_then(History::retired_since)
+                                .map(|t| unspanned(format_rfc3339(t))),
+                            assignments: periods
+                                .iter()
+                                .filter_map(|a| match &a.serves {
+                                    Use::Assigned { patient_ref, site } => Some(Spanned::new(
+                                        0..0,
+                                        RawAssignment {
+                                            valid_from: unspanned(format_rfc3339(a.period.from)),
+                                            valid_to: a
+                                                .period
+                                                .to
+                                                .map(|t| unspanned(format_rfc3339(t))),
+                                            patient_ref: patient_ref.clone(),
+                                            site: site.to_string(),
+                                        },
+                                    )),
+                                    Use::Retired => None,
+                                })
+                                .collect(),
                         },
                     )
                 })
@@ -352,6 +486,192 @@ impl DeviceRegistry {
         let body = toml::to_string(&file).expect("the registry model always serializes to TOML");
         format!("# vitalmq device registry (SPEC sections 1 and 3). Public keys only.\n{body}")
     }
+}
+
+/// One open assignment from the Unix epoch: a v1 device.
+fn history_from_epoch(patient_ref: String, site: SiteId) -> History {
+    let mut history = History::default();
+    history
+        .insert(Assignment {
+            period: Period { from: 0, to: None },
+            serves: Use::Assigned { patient_ref, site },
+        })
+        .expect("an empty history accepts any period");
+    history
+}
+
+/// The site and patient of the latest assigned period.
+fn latest_assigned(history: &History) -> Option<(SiteId, String)> {
+    history
+        .periods()
+        .iter()
+        .rev()
+        .find_map(|a| match &a.serves {
+            Use::Assigned { patient_ref, site } => Some((site.clone(), patient_ref.clone())),
+            Use::Retired => None,
+        })
+}
+
+/// A checked patient pseudonym.
+fn patient_ref_ok(p: &str) -> bool {
+    PrincipalId::new(p.to_owned()).is_ok()
+}
+
+const PATIENT_REF_RULE: &str = "must be a pseudonymous token ([A-Za-z0-9][A-Za-z0-9._-]{0,63}), never a name or direct identifier";
+
+/// A v1 device: `site` and `patient_ref` on the device, one open period from the epoch.
+fn device_history_v1(
+    problems: &mut Problems<'_>,
+    i: usize,
+    entry: &Spanned<RawDevice>,
+) -> Option<(History, (SiteId, String))> {
+    let span = Some(entry.span());
+    let d = entry.get_ref();
+    let field = |name: &str| format!("devices[{i}].{name}");
+    if d.retired_at.is_some() || !d.assignments.is_empty() {
+        problems.add(
+            span.clone(),
+            field(if d.retired_at.is_some() {
+                "retired_at"
+            } else {
+                "assignments"
+            }),
+            format!("only in \"{FORMAT_V2}\" files"),
+        );
+    }
+    let site = match &d.site {
+        Some(s) => SiteId::new(s.clone())
+            .map_err(|e| problems.add(span.clone(), field("site"), e.to_string()))
+            .ok(),
+        None => {
+            problems.add(span.clone(), field("site"), "missing (required in v1)");
+            None
+        }
+    };
+    let patient_ref = match &d.patient_ref {
+        Some(p) if patient_ref_ok(p) => Some(p.clone()),
+        Some(_) => {
+            problems.add(span.clone(), field("patient_ref"), PATIENT_REF_RULE);
+            None
+        }
+        None => {
+            problems.add(span, field("patient_ref"), "missing (required in v1)");
+            None
+        }
+    };
+    let (site, patient_ref) = (site?, patient_ref?);
+    let history = history_from_epoch(patient_ref.clone(), site.clone());
+    Some((history, (site, patient_ref)))
+}
+
+/// A v2 device: its `[[devices.assignments]]` and `retired_at` as a [`History`]; every
+/// problem (bad time, empty or overlapping period, retirement not last) reported.
+fn device_history_v2(
+    problems: &mut Problems<'_>,
+    i: usize,
+    entry: &Spanned<RawDevice>,
+) -> Option<(History, (SiteId, String))> {
+    let span = Some(entry.span());
+    let d = entry.get_ref();
+    let field = |name: &str| format!("devices[{i}].{name}");
+    let mut ok = true;
+    for (name, present) in [
+        ("site", d.site.is_some()),
+        ("patient_ref", d.patient_ref.is_some()),
+    ] {
+        if present {
+            problems.add(
+                span.clone(),
+                field(name),
+                format!("in v2, `{name}` belongs in [[devices.assignments]]"),
+            );
+            ok = false;
+        }
+    }
+    if d.assignments.is_empty() {
+        problems.add(
+            span.clone(),
+            field("assignments"),
+            "at least one [[devices.assignments]] entry is needed",
+        );
+        ok = false;
+    }
+    let time = |problems: &mut Problems<'_>, s: &Spanned<String>, name: String, ok: &mut bool| {
+        parse_rfc3339(s.get_ref())
+            .map_err(|e| {
+                problems.add(Some(s.span()), name, e.to_string());
+                *ok = false;
+            })
+            .ok()
+    };
+    let mut periods = Vec::new();
+    for (j, a) in d.assignments.iter().enumerate() {
+        let at = |name: &str| format!("devices[{i}].assignments[{j}].{name}");
+        let r = a.get_ref();
+        let from = time(problems, &r.valid_from, at("valid_from"), &mut ok);
+        let to = match &r.valid_to {
+            Some(t) => time(problems, t, at("valid_to"), &mut ok).map(Some),
+            None => Some(None),
+        };
+        let site = SiteId::new(r.site.clone())
+            .map_err(|e| problems.add(Some(a.span()), at("site"), e.to_string()))
+            .ok();
+        if !patient_ref_ok(&r.patient_ref) {
+            problems.add(Some(a.span()), at("patient_ref"), PATIENT_REF_RULE);
+        }
+        let (Some(from), Some(to), Some(site)) = (from, to, site) else {
+            ok = false;
+            continue;
+        };
+        let Some(period) = Period::new(from, to) else {
+            let to_span = r.valid_to.as_ref().map(Spanned::span);
+            problems.add(to_span, at("valid_to"), "must be after valid_from");
+            ok = false;
+            continue;
+        };
+        let serves = Use::Assigned {
+            patient_ref: r.patient_ref.clone(),
+            site,
+        };
+        periods.push((a.span(), at(""), Assignment { period, serves }));
+    }
+    let retired = d
+        .retired_at
+        .as_ref()
+        .and_then(|t| Some((t.span(), time(problems, t, field("retired_at"), &mut ok)?)));
+    let mut history = History::default();
+    for (span, name, a) in periods {
+        if let Err(e) = history.insert(a) {
+            problems.add(
+                Some(span),
+                name.trim_end_matches('.').to_owned(),
+                e.to_string(),
+            );
+            ok = false;
+        }
+    }
+    if let Some((span, since)) = retired {
+        let retirement = Assignment {
+            period: Period {
+                from: since,
+                to: None,
+            },
+            serves: Use::Retired,
+        };
+        if let Err(e) = history.insert(retirement) {
+            problems.add(
+                Some(span),
+                field("retired_at"),
+                format!("a retirement is last, after every assignment has ended: {e}"),
+            );
+            ok = false;
+        }
+    }
+    let current = latest_assigned(&history);
+    if !ok {
+        return None;
+    }
+    Some((history, current?))
 }
 
 fn placeholder_domain() -> TrustDomain {
@@ -465,5 +785,214 @@ id = "ops-01"
         assert!(err.to_string().contains("devices[0].public_key"), "{err}");
         let off_curve = GOOD.replace("04c4ab", "04c4ac");
         assert!(DeviceRegistry::parse(&off_curve, Path::new("r.toml")).is_err());
+    }
+
+    const EXAMPLE: &str = include_str!("../examples/registry.toml");
+
+    fn ms(t: &str) -> UnixMillis {
+        parse_rfc3339(t).expect("test time")
+    }
+
+    fn dev(id: &str) -> DeviceId {
+        DeviceId::new(id).expect("id")
+    }
+
+    fn patient_at(reg: &DeviceRegistry, id: &str, t: &str) -> Option<String> {
+        match &reg.assignment_at(&dev(id), ms(t))?.serves {
+            Use::Assigned { patient_ref, .. } => Some(patient_ref.clone()),
+            Use::Retired => Some("retired".into()),
+        }
+    }
+
+    #[test]
+    fn a_v1_device_is_one_open_assignment_from_the_epoch() {
+        let reg = DeviceRegistry::parse(GOOD, Path::new("registry.toml")).expect("v1 loads");
+        assert_eq!(
+            patient_at(&reg, "dev-00042", "1970-01-01T00:00:00Z").as_deref(),
+            Some("pt-3f9c2a1b")
+        );
+        assert_eq!(
+            patient_at(&reg, "dev-00042", "2099-01-01T00:00:00Z").as_deref(),
+            Some("pt-3f9c2a1b")
+        );
+        assert_eq!(reg.retired_since(&dev("dev-00042")), None);
+        // Written back as v2, it reads back the same.
+        let text = reg.to_toml();
+        assert!(text.contains("format = \"vitalmq-registry/v2\""), "{text}");
+        assert!(
+            text.contains("valid_from = \"1970-01-01T00:00:00Z\""),
+            "{text}"
+        );
+        assert_eq!(
+            DeviceRegistry::parse(&text, Path::new("out.toml")).expect("v2"),
+            reg
+        );
+    }
+
+    #[test]
+    fn the_v2_example_loads_with_its_history() {
+        let reg = DeviceRegistry::parse(EXAMPLE, Path::new("policies/examples/registry.toml"))
+            .expect("the example is valid");
+        assert_eq!(
+            patient_at(&reg, "dev-00042", "2026-02-10T12:29:59.999Z").as_deref(),
+            Some("pt-3f9c2a1b")
+        );
+        assert_eq!(
+            patient_at(&reg, "dev-00042", "2026-02-10T12:30:00Z").as_deref(),
+            Some("pt-81d07e44")
+        );
+        assert_eq!(patient_at(&reg, "dev-00042", "2026-01-01T00:00:00Z"), None);
+        let d = reg.device(&dev("dev-00042")).expect("device");
+        assert_eq!(
+            (d.site.as_str(), d.patient_ref.as_str()),
+            ("site-a", "pt-81d07e44"),
+            "the entry's site and patient are the open assignment's"
+        );
+        assert_eq!(
+            reg.retired_since(&dev("dev-00077")),
+            Some(ms("2026-03-01T00:00:00Z"))
+        );
+        assert_eq!(
+            patient_at(&reg, "dev-00077", "2026-01-20T08:00:00Z").as_deref(),
+            Some("pt-77"),
+            "09:00+01:00 is 08:00Z"
+        );
+        assert_eq!(
+            patient_at(&reg, "dev-00077", "2026-03-01T00:00:00Z").as_deref(),
+            Some("retired")
+        );
+        let again =
+            DeviceRegistry::parse(&reg.to_toml(), Path::new("out.toml")).expect("round trip");
+        assert_eq!(again, reg);
+    }
+
+    #[test]
+    fn v2_problems_are_each_reported_with_line_and_field() {
+        // Line numbers: the example's lines as they are (the replacements keep them).
+        let bad = EXAMPLE
+            .replace(
+                "valid_from = \"2026-02-10T12:30:00Z\"",
+                "valid_from = \"2026-02-10T12:00:00Z\"",
+            )
+            .replace(
+                "retired_at = \"2026-03-01T00:00:00Z\"",
+                "retired_at = \"2026-02-01T00:00:00Z\"",
+            )
+            .replace(
+                "valid_from = \"2026-01-20T09:00:00+01:00\"",
+                "valid_from = \"2026-01-20 nine\"",
+            );
+        let err = DeviceRegistry::parse(&bad, Path::new("r.toml")).expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 2, "{text}");
+        assert!(
+            text.contains("r.toml:27: devices[0].assignments[1]: the period"),
+            "overlap: {text}"
+        );
+        assert!(
+            text.contains("r.toml:40: devices[1].assignments[0].valid_from: not an RFC 3339"),
+            "bad time: {text}"
+        );
+
+        // A retirement before an assignment has ended.
+        let early = EXAMPLE.replace(
+            "retired_at = \"2026-03-01T00:00:00Z\"",
+            "retired_at = \"2026-02-01T00:00:00Z\"",
+        );
+        let err = DeviceRegistry::parse(&early, Path::new("r.toml")).expect_err("not last");
+        assert!(
+            err.to_string()
+                .contains("r.toml:37: devices[1].retired_at: a retirement is last"),
+            "{err}"
+        );
+
+        // An empty period, an assignment without a valid pseudonym, v1 fields in v2.
+        let more = EXAMPLE
+            .replace(
+                "valid_to = \"2026-03-01T00:00:00Z\"",
+                "valid_to = \"2026-01-01T00:00:00Z\"",
+            )
+            .replace(
+                "patient_ref = \"pt-81d07e44\"",
+                "patient_ref = \"Jane Doe\"",
+            )
+            .replace(
+                "consent = \"care\"",
+                "consent = \"care\"\nsite = \"site-a\"",
+            );
+        let err = DeviceRegistry::parse(&more, Path::new("r.toml")).expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 3, "{text}");
+        assert!(text.contains("devices[0].site: in v2"), "{text}");
+        assert!(
+            text.contains("devices[0].assignments[1].patient_ref"),
+            "{text}"
+        );
+        assert!(
+            text.contains("devices[1].assignments[0].valid_to: must be after valid_from"),
+            "{text}"
+        );
+
+        // A v2 device needs an assignment; v1 has no history fields.
+        let none = "format = \"vitalmq-registry/v2\"\ntrust_domain = \"d\"\n[[devices]]\nid = \"dev-1\"\nalg = \"EdDSA\"\npublic_key = \"50163016231421c3895b50daa2c884654e188d01a090529bbddd36d151e50d2f\"\n";
+        let err = DeviceRegistry::parse(none, Path::new("r.toml")).expect_err("no assignment");
+        assert!(
+            err.to_string().contains("r.toml:3: devices[0].assignments"),
+            "{err}"
+        );
+        let v1 = GOOD.replace(
+            "consent = \"care\"",
+            "retired_at = \"2026-01-01T00:00:00Z\"",
+        );
+        let err = DeviceRegistry::parse(&v1, Path::new("r.toml")).expect_err("v1");
+        assert!(
+            err.to_string().contains("devices[1].retired_at: only in"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn changes_keep_history_and_refused_ones_change_nothing() {
+        let mut reg = DeviceRegistry::parse(EXAMPLE, Path::new("r.toml")).expect("example");
+        let id = dev("dev-00042");
+        let site = SiteId::new("site-c").expect("site");
+        reg.change_history(&id, |h| {
+            h.reassign(
+                ms("2026-04-01T00:00:00Z"),
+                None,
+                "pt-new".into(),
+                site.clone(),
+            )
+        })
+        .expect("reassign");
+        assert_eq!(reg.history(&id).expect("history").periods().len(), 3);
+        let d = reg.device(&id).expect("device");
+        assert_eq!(
+            (d.site.as_str(), d.patient_ref.as_str()),
+            ("site-c", "pt-new")
+        );
+        let before = reg.clone();
+        let err = reg
+            .change_history(&dev("dev-00077"), |h| {
+                h.reassign(
+                    ms("2026-04-01T00:00:00Z"),
+                    None,
+                    "pt-x".into(),
+                    site.clone(),
+                )
+            })
+            .expect_err("retired");
+        assert!(matches!(
+            err,
+            RegistryChangeError::Assignment {
+                source: AssignmentError::Retired { .. },
+                ..
+            }
+        ));
+        assert_eq!(
+            reg.change_history(&dev("dev-99999"), |h| h.close(1)),
+            Err(RegistryChangeError::UnknownDevice(dev("dev-99999")))
+        );
+        assert_eq!(reg, before);
     }
 }
