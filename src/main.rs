@@ -11,6 +11,7 @@ mod envelope_cmd;
 mod loadgen_cmd;
 mod log_format;
 mod operator_audit;
+mod registry_cmd;
 mod sim_cmd;
 mod stop;
 mod trace_cmd;
@@ -50,6 +51,9 @@ enum Command {
     /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines).
     #[command(subcommand)]
     Store(bridge_cmd::StoreCommand),
+    /// Change device assignments in a registry file: assign, unassign, retire (audited).
+    #[command(subcommand)]
+    Registry(registry_cmd::RegistryCommand),
     /// Load generator: throughput, latency, losses and reconnect storms over mTLS.
     Loadgen(loadgen_cmd::LoadgenArgs),
     /// The provenance chain of an alert or event, from the local records.
@@ -114,6 +118,7 @@ fn main() -> std::process::ExitCode {
         Command::Store(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),
+        Command::Registry(cmd) => cmd.run(),
         Command::Sim(args) => sim_cmd::run(args),
         Command::Trace(args) => trace_cmd::run(args),
     };

@@ -1,0 +1,271 @@
+//! `vitalmq registry assign|unassign|retire` (issue 19): changes go through the
+//! assignment history's rules, refused ones leave the file as it was, accepted ones are
+//! written as a valid v2 registry, and every change is a verified operator action.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Ran, run, temp_dir, vitalmq_ok};
+use serde_json::Value;
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::{DeviceRegistry, Use, parse_rfc3339};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A v1 registry: the command must migrate it.
+const V1: &str = r#"format = "vitalmq-registry/v1"
+trust_domain = "demo.vitalmq"
+
+[[devices]]
+id = "dev-00042"
+site = "site-a"
+patient_ref = "pt-first"
+alg = "EdDSA"
+public_key = "50163016231421c3895b50daa2c884654e188d01a090529bbddd36d151e50d2f"
+"#;
+
+fn bin() -> &'static Path {
+    vitalmq_bin!()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+fn registry(reg: &Path, args: &[&str]) -> Ran {
+    let mut all = vec!["registry"];
+    all.extend_from_slice(&args[..1]);
+    all.extend_from_slice(&["--registry", s(reg), "--device", "dev-00042"]);
+    all.extend_from_slice(&args[1..]);
+    run(Command::new(bin()).args(&all), TIMEOUT)
+}
+
+fn ok(reg: &Path, args: &[&str]) -> Ran {
+    let ran = registry(reg, args);
+    assert!(ran.success, "{args:?}:\n{}", ran.all());
+    ran
+}
+
+/// A refused change: non-zero exit, the error on stderr, the file byte for byte as it
+/// was.
+fn refused(reg: &Path, args: &[&str], why: &str) {
+    let before = std::fs::read(reg).expect("registry");
+    let ran = registry(reg, args);
+    assert!(!ran.success, "{args:?} was accepted:\n{}", ran.all());
+    assert!(ran.stderr.contains(why), "{args:?}: {}", ran.all());
+    assert_eq!(
+        std::fs::read(reg).expect("registry"),
+        before,
+        "file untouched"
+    );
+}
+
+fn patient_at(reg: &DeviceRegistry, t: &str) -> Option<String> {
+    let dev = DeviceId::new("dev-00042").expect("id");
+    let t = parse_rfc3339(t).expect("time");
+    match &reg.assignment_at(&dev, t)?.serves {
+        Use::Assigned { patient_ref, site } => Some(format!("{patient_ref}@{site}")),
+        Use::Retired => Some("retired".into()),
+    }
+}
+
+fn verified_records(log: &Path) -> Vec<Value> {
+    let public = std::fs::read_to_string(log.with_file_name("audit-signing.key.pem.pub"))
+        .expect("the signing key's public half is beside the log");
+    let ran = vitalmq_ok(
+        bin(),
+        &["audit", "verify", s(log), "--trusted-key", public.trim()],
+    );
+    assert!(ran.stdout.contains("chain intact"), "{}", ran.all());
+    std::fs::read_to_string(log)
+        .expect("log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("record"))
+        .collect()
+}
+
+#[test]
+fn assign_reassign_unassign_retire_keep_history_and_are_audited() {
+    let dir = temp_dir("registry-cmd");
+    let reg = dir.path().join("registry.toml");
+    std::fs::write(&reg, V1).expect("write v1");
+
+    // A reassignment of the v1 device: its open period is closed, a new one opens.
+    let ran = ok(
+        &reg,
+        &[
+            "assign",
+            "--patient-ref",
+            "pt-second",
+            "--site",
+            "site-a",
+            "--at",
+            "2026-01-01T00:00:00Z",
+        ],
+    );
+    assert!(
+        ran.stdout
+            .contains("- 1970-01-01T00:00:00Z .. open: patient pt-first on site-a"),
+        "{}",
+        ran.all()
+    );
+    assert!(
+        ran.stdout
+            .contains("+ 1970-01-01T00:00:00Z .. 2026-01-01T00:00:00Z: patient pt-first"),
+        "{}",
+        ran.all()
+    );
+    assert!(
+        ran.stdout
+            .contains("+ 2026-01-01T00:00:00Z .. open: patient pt-second on site-a"),
+        "{}",
+        ran.all()
+    );
+    let text = std::fs::read_to_string(&reg).expect("registry");
+    assert!(text.contains("format = \"vitalmq-registry/v2\""), "{text}");
+    let mode = std::fs::metadata(&reg).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "written owner-only");
+
+    ok(
+        &reg,
+        &[
+            "assign",
+            "--patient-ref",
+            "pt-third",
+            "--site",
+            "site-b",
+            "--at",
+            "2026-02-01T00:00:00+01:00",
+        ],
+    );
+    // Overlapping: a period from mid-2025 would run into the later ones.
+    refused(
+        &reg,
+        &[
+            "assign",
+            "--patient-ref",
+            "pt-x",
+            "--site",
+            "site-a",
+            "--at",
+            "2025-06-01T00:00:00Z",
+        ],
+        "overlaps",
+    );
+    ok(&reg, &["unassign", "--at", "2026-03-01T00:00:00Z"]);
+    ok(&reg, &["retire", "--at", "2026-04-01T00:00:00Z"]);
+    refused(
+        &reg,
+        &["assign", "--patient-ref", "pt-y", "--site", "site-a"],
+        "retired since",
+    );
+    refused(&reg, &["unassign", "--at", "nope"], "--at nope");
+
+    let loaded = DeviceRegistry::load(&reg).expect("the file is still a valid registry");
+    assert_eq!(
+        patient_at(&loaded, "2025-12-31T23:59:59.999Z").as_deref(),
+        Some("pt-first@site-a")
+    );
+    assert_eq!(
+        patient_at(&loaded, "2026-01-15T00:00:00Z").as_deref(),
+        Some("pt-second@site-a")
+    );
+    assert_eq!(
+        patient_at(&loaded, "2026-01-31T23:00:00Z").as_deref(),
+        Some("pt-third@site-b"),
+        "00:00+01:00 is 23:00Z the day before"
+    );
+    assert_eq!(
+        patient_at(&loaded, "2026-03-15T00:00:00Z"),
+        None,
+        "unassigned"
+    );
+    assert_eq!(
+        patient_at(&loaded, "2030-01-01T00:00:00Z").as_deref(),
+        Some("retired")
+    );
+    let no_tmp = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .all(|e| !e.file_name().to_string_lossy().ends_with(".tmp"));
+    assert!(no_tmp, "no temporary left behind");
+
+    // The operator log beside the registry: every attempt, refused ones as failed.
+    let records = verified_records(&dir.path().join("audit/operator.jsonl"));
+    let outcomes = |action: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["event"] == "operator_action" && r["action"] == action)
+            .map(|r| {
+                assert_eq!(r["resource"], "device/dev-00042");
+                assert!(
+                    !r.to_string().contains("pt-"),
+                    "no patient pseudonym in the operator log: {r}"
+                );
+                r["reason"].as_str().expect("reason").to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(
+        outcomes("registry.assign"),
+        [
+            "started",
+            "succeeded",
+            "started",
+            "succeeded",
+            "started",
+            "failed",
+            "started",
+            "failed"
+        ]
+    );
+    assert_eq!(
+        outcomes("registry.unassign"),
+        ["started", "succeeded", "started", "failed"]
+    );
+    assert_eq!(outcomes("registry.retire"), ["started", "succeeded"]);
+    let failed = records
+        .iter()
+        .find(|r| r["action"] == "registry.assign" && r["reason"] == "failed")
+        .expect("a failed assign");
+    assert!(
+        failed["details"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("overlaps")),
+        "{failed}"
+    );
+}
+
+#[test]
+fn an_unknown_device_or_a_bad_pseudonym_changes_nothing() {
+    let dir = temp_dir("registry-cmd-bad");
+    let reg = dir.path().join("registry.toml");
+    std::fs::write(&reg, V1).expect("write v1");
+    refused(
+        &reg,
+        &["assign", "--patient-ref", "Jane Doe", "--site", "site-a"],
+        "pseudonymous token",
+    );
+    let before = std::fs::read(&reg).expect("registry");
+    let ran = run(
+        Command::new(bin()).args([
+            "registry",
+            "retire",
+            "--registry",
+            s(&reg),
+            "--device",
+            "dev-99999",
+        ]),
+        TIMEOUT,
+    );
+    assert!(
+        !ran.success && ran.stderr.contains("dev-99999"),
+        "{}",
+        ran.all()
+    );
+    assert_eq!(std::fs::read(&reg).expect("registry"), before);
+}
