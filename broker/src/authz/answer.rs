@@ -175,6 +175,8 @@ pub enum DenyReason {
     TooManyFilters,
     /// A new policy withdrew what a live connection was allowed.
     RevokedByPolicy,
+    /// The registry retires the device at or before now (issue 19): it may not connect.
+    DeviceRetired,
 }
 
 impl DenyReason {
@@ -189,6 +191,7 @@ impl DenyReason {
             Self::RetainNotSupported => "retain_not_supported",
             Self::TooManyFilters => "too_many_filters",
             Self::RevokedByPolicy => "revoked_by_policy",
+            Self::DeviceRetired => "device_retired",
         }
     }
 }
@@ -242,6 +245,7 @@ mod tests {
             (DenyReason::RetainNotSupported, "retain_not_supported"),
             (DenyReason::TooManyFilters, "too_many_filters"),
             (DenyReason::RevokedByPolicy, "revoked_by_policy"),
+            (DenyReason::DeviceRetired, "device_retired"),
         ] {
             assert_eq!(reason.as_str(), text);
         }

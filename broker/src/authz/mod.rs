@@ -11,7 +11,7 @@ mod answer;
 use std::sync::Arc;
 
 use vitalmq_policies::{
-    AclPolicy, DeniedPublishV311, DeviceRegistry, RetainedTelemetry, RoleLimits,
+    AclPolicy, DeniedPublishV311, DeviceRegistry, RetainedTelemetry, Role, RoleLimits, UnixMillis,
 };
 
 pub use answer::{Ask, Denial, DenyReason, Kind, Misdirected, Permit, kind};
@@ -112,7 +112,10 @@ impl dyn Authorizer + '_ {
     }
 }
 
-/// The default hook: the ACL policy file plus the device registry.
+/// The default hook: the ACL policy file plus the device registry. A device the registry
+/// retires at or before now is refused at CONNECT ([`DenyReason::DeviceRetired`]); the
+/// registry reload that brings a retirement also closes the device's live connection
+/// (the gate re-asks `connect` when its authorizer is replaced).
 #[derive(Debug, Clone)]
 pub struct PolicyAuthorizer {
     acl: Arc<AclPolicy>,
@@ -123,6 +126,18 @@ impl PolicyAuthorizer {
     pub fn new(acl: Arc<AclPolicy>, registry: Arc<DeviceRegistry>) -> Self {
         Self { acl, registry }
     }
+}
+
+/// The audit rule of a refusal for retirement.
+pub const RETIRED_RULE: &str = "registry.retired";
+
+/// Now, in Unix milliseconds (a clock before 1970 counts as the epoch).
+fn now_ms() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            UnixMillis::try_from(d.as_millis()).unwrap_or(UnixMillis::MAX)
+        })
 }
 
 /// The policy's decision on `ask`, as an answer.
@@ -140,7 +155,16 @@ impl Authorizer for PolicyAuthorizer {
         who: &PeerIdentity,
         ask: Ask<'_, kind::Connect>,
     ) -> Result<Permit<kind::Connect>, Denial> {
-        answer(ask, self.acl.connect(&who.spiffe, &self.registry))
+        let permit = answer(ask, self.acl.connect(&who.spiffe, &self.registry))?;
+        if who.spiffe.role == Role::Device {
+            let device = who.spiffe.id.to_device_id();
+            if let Some(since) = self.registry.retired_since(&device) {
+                if since <= now_ms() {
+                    return Err(Denial::new(DenyReason::DeviceRetired, RETIRED_RULE));
+                }
+            }
+        }
+        Ok(permit)
     }
 
     fn publish(

@@ -610,6 +610,59 @@ fn a_new_policy_revokes_live_subscriptions_and_connections() {
     assert_eq!(closed(&out), Some("connect_revoked"));
 }
 
+/// The test registry with `id` retired from `since` (Unix ms).
+fn registry_retiring(id: &str, since: u64) -> Arc<DeviceRegistry> {
+    let mut registry = registry();
+    registry
+        .change_history(&DeviceId::new(id).expect("id"), |h| h.retire(since))
+        .expect("retire");
+    Arc::new(registry)
+}
+
+#[test]
+fn a_retired_device_is_refused_at_connect_and_a_reload_that_retires_it_closes_it() {
+    // Retired in the past: CONNECT refused, audited as device_retired.
+    let retired = registry_retiring("dev-00001", 1_000);
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.session.authz = Arc::new(PolicyAuthorizer::new(acl(|t| t), retired.clone()));
+    let out = h.client(v4_connect("dev-00001", None));
+    assert_eq!(closed(&out), Some("connect_denied"));
+    assert!(to_broker(&out).is_empty(), "nothing reaches rumqttd");
+    let refused = h.audit.0.lock().expect("audit lock").clone();
+    assert!(
+        refused.iter().any(|r| r.event == Event::ConnectionRefused
+            && r.reason.as_deref() == Some("device_retired")
+            && r.rule.as_deref() == Some(crate::authz::RETIRED_RULE)),
+        "{refused:?}"
+    );
+    // Another device of the same registry still connects.
+    let mut h = Harness::new(Role::Device, "dev-00002");
+    h.session.authz = Arc::new(PolicyAuthorizer::new(acl(|t| t), retired));
+    let out = h.client(v4_connect("dev-00002", None));
+    assert_eq!(out.first(), Some(&Output::OpenBroker(Version::V311)));
+
+    // Retired only from a future instant: still admitted now.
+    let mut h = Harness::new(Role::Device, "dev-00001");
+    h.session.authz = Arc::new(PolicyAuthorizer::new(
+        acl(|t| t),
+        registry_retiring("dev-00001", u64::MAX / 2),
+    ));
+    let out = h.client(v4_connect("dev-00001", None));
+    assert_eq!(out.first(), Some(&Output::OpenBroker(Version::V311)));
+
+    // A reload whose registry retires a connected device closes its connection.
+    let mut h = connected_v4(Role::Device, "dev-00001");
+    let mut out = Vec::new();
+    h.session.replace_authorizer(
+        Arc::new(PolicyAuthorizer::new(
+            acl(|t| t),
+            registry_retiring("dev-00001", 1_000),
+        )),
+        &mut out,
+    );
+    assert_eq!(closed(&out), Some("connect_revoked"));
+}
+
 #[test]
 fn acknowledge_and_drop_completes_qos2_without_routing() {
     let lenient = acl(|t| {
