@@ -607,6 +607,83 @@ fn an_operator_not_in_the_registry_is_refused() {
     ]);
 }
 
+// ------------------------------------------------------------------------ retirement
+
+/// Issue 19: `vitalmq registry retire` on the broker's registry, then a reload: the
+/// retired device's CONNECT is refused (audited `device_retired`); the other device is
+/// still admitted.
+#[test]
+fn a_device_retired_by_command_is_refused_after_a_reload() {
+    let broker = Broker::start("retired");
+    let device = "dev-00002";
+    let accepted = [0x20, 0x02, 0x00, 0x00];
+    let before = broker
+        .raw(
+            "device",
+            device,
+            &[Step::Send(connect_v4(device)), Step::Recv(1)],
+        )
+        .ok();
+    assert_eq!(before.packets[0], accepted, "admitted before retirement");
+
+    let registry = broker.pki().join("registry.toml");
+    let reloads = broker.count(&[("/event", "policy_reloaded")]);
+    let ran = run(
+        Command::new(env!("CARGO_BIN_EXE_vitalmq")).args([
+            "registry",
+            "retire",
+            "--registry",
+            registry.to_str().expect("UTF-8 path"),
+            "--device",
+            device,
+        ]),
+        CLIENT,
+    );
+    assert!(ran.success, "registry retire: {}", ran.all());
+    broker.broker.sighup();
+    let deadline = Instant::now() + EVENTUALLY;
+    while broker.count(&[("/event", "policy_reloaded")]) == reloads {
+        assert!(
+            Instant::now() < deadline,
+            "no reload:\n{}",
+            broker.broker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for v5 in [false, true] {
+        let session = broker
+            .raw(
+                "device",
+                device,
+                &[Step::Send(connect(v5, device)), Step::Eof],
+            )
+            .ok();
+        let code = if v5 { 0x87 } else { 0x05 };
+        assert!(session.closed);
+        assert_eq!(session.packets.len(), 1, "{:02x?}", session.packets);
+        assert_eq!(kind(&session.packets[0]), 2, "CONNACK");
+        assert_eq!(session.packets[0][3], code, "{}", version(v5));
+    }
+    broker.audited(&[
+        ("/event", "connection_refused"),
+        ("/reason", "device_retired"),
+        ("/rule", "registry.retired"),
+        ("/actor/identity", &spiffe("device", device)),
+    ]);
+    let other = "dev-00001";
+    let session = broker
+        .raw(
+            "device",
+            other,
+            &[Step::Send(connect_v4(other)), Step::Recv(1)],
+        )
+        .ok();
+    assert_eq!(
+        session.packets[0], accepted,
+        "the other device is not retired"
+    );
+}
+
 // ------------------------------------------------------------------------ SUBSCRIBE limits
 
 /// The issue's probe: one SUBSCRIBE with 10,000 filters, five times. In MQTT 5 with
