@@ -36,7 +36,7 @@ const FORMAT_V2: &str = "vitalmq-registry/v2";
 pub enum RegistryChangeError {
     #[error("device `{0}` is not registered")]
     UnknownDevice(DeviceId),
-    #[error("device `{device}`: {source}")]
+    #[error("device `{device}`: {}", explain(source))]
     Assignment {
         device: DeviceId,
         #[source]
@@ -488,6 +488,40 @@ impl DeviceRegistry {
     }
 }
 
+/// A period in RFC 3339, as the file and the operator write it.
+fn show(p: &Period) -> String {
+    let until = p.to.map_or("open".to_owned(), format_rfc3339);
+    format!("[{} .. {until})", format_rfc3339(p.from))
+}
+
+/// An [`AssignmentError`] with its instants in RFC 3339 rather than Unix milliseconds.
+fn explain(e: &AssignmentError) -> String {
+    match e {
+        AssignmentError::Overlap { new, existing } => format!(
+            "the period {} overlaps the existing period {}",
+            show(new),
+            show(existing)
+        ),
+        AssignmentError::Retired { since } => format!(
+            "the device is retired since {}; a retired device is not assigned again",
+            format_rfc3339(*since)
+        ),
+        AssignmentError::NothingOpen { at } => {
+            format!("no assignment is open at {}", format_rfc3339(*at))
+        }
+        AssignmentError::NotAfterStart { at, open } => format!(
+            "{} is not after the start of the open period {}",
+            format_rfc3339(*at),
+            show(open)
+        ),
+        AssignmentError::Empty { from, to } => format!(
+            "an empty period (from {} to {})",
+            format_rfc3339(*from),
+            format_rfc3339(*to)
+        ),
+    }
+}
+
 /// One open assignment from the Unix epoch: a v1 device.
 fn history_from_epoch(patient_ref: String, site: SiteId) -> History {
     let mut history = History::default();
@@ -645,7 +679,7 @@ fn device_history_v2(
             problems.add(
                 Some(span),
                 name.trim_end_matches('.').to_owned(),
-                e.to_string(),
+                explain(&e),
             );
             ok = false;
         }
@@ -662,7 +696,10 @@ fn device_history_v2(
             problems.add(
                 Some(span),
                 field("retired_at"),
-                format!("a retirement is last, after every assignment has ended: {e}"),
+                format!(
+                    "a retirement is last, after every assignment has ended: {}",
+                    explain(&e)
+                ),
             );
             ok = false;
         }
@@ -886,7 +923,7 @@ id = "ops-01"
         let text = err.to_string();
         assert_eq!(err.0.len(), 2, "{text}");
         assert!(
-            text.contains("r.toml:27: devices[0].assignments[1]: the period"),
+            text.contains("r.toml:27: devices[0].assignments[1]: the period [2026-02-10T12:00:00Z .. open) overlaps the existing period [2026-01-05T08:00:00Z .. 2026-02-10T12:30:00Z)"),
             "overlap: {text}"
         );
         assert!(
