@@ -5,6 +5,9 @@
 //! accepted one is written as `vitalmq-registry/v2`, atomically (a 0600 temporary in the
 //! same directory, synced, renamed over the file, the directory synced), after checking
 //! that the new text loads. Broker and bridge pick it up on their next registry reload.
+//! Concurrent commands on one registry take turns: each holds an exclusive `flock` on
+//! the registry's directory from reading the file until the new one is in place (the
+//! file itself is replaced, so it cannot carry the lock).
 //!
 //! Every change is an operator action (see `operator_audit`): logged by default in
 //! `audit/operator.jsonl` beside the registry (the PKI's log when the registry is
@@ -16,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use nix::fcntl::{Flock, FlockArg};
 use serde_json::{Map, Value};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{
@@ -96,6 +100,7 @@ impl RegistryCommand {
             };
             (t.registry.clone(), device, at)
         };
+        let _turn = lock_dir(dir_of(&path))?;
         let mut registry = DeviceRegistry::load(&path)?;
         let before = registry
             .history(&device)
@@ -174,13 +179,26 @@ fn describe(a: &Assignment) -> String {
     }
 }
 
+/// The directory `path` is in.
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Waits for, then holds, an exclusive lock on `dir` (released on drop).
+fn lock_dir(dir: &Path) -> anyhow::Result<Flock<std::fs::File>> {
+    let file =
+        std::fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| anyhow::anyhow!("cannot lock {}: {errno}", dir.display()))
+}
+
 /// Replaces `path` with `text`: a 0600 temporary in the same directory, synced, renamed
 /// over `path`, then the directory synced, so a crash leaves the old or the new file.
 fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = dir_of(path);
     // tempfile creates the file 0600 (O_EXCL, random name).
     let mut tmp = tempfile::Builder::new()
         .prefix(".registry-")

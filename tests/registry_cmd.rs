@@ -269,3 +269,58 @@ fn an_unknown_device_or_a_bad_pseudonym_changes_nothing() {
     );
     assert_eq!(std::fs::read(&reg).expect("registry"), before);
 }
+
+/// Eight operators at once, each unassigning another device: every change is in the
+/// file afterwards (none lost to a read-modify-write race).
+#[test]
+fn concurrent_changes_take_turns() {
+    let dir = temp_dir("registry-cmd-race");
+    let reg = dir.path().join("registry.toml");
+    let ids: Vec<String> = (1..=8).map(|n| format!("dev-{n:05}")).collect();
+    let (head, device) = V1.split_once("[[devices]]").expect("a device");
+    let mut text = head.to_owned();
+    for id in &ids {
+        text.push_str("[[devices]]");
+        text.push_str(&device.replace("dev-00042", id));
+    }
+    std::fs::write(&reg, &text).expect("write");
+    DeviceRegistry::load(&reg).expect("eight devices");
+    let children: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            Command::new(bin())
+                .args([
+                    "registry",
+                    "unassign",
+                    "--registry",
+                    s(&reg),
+                    "--device",
+                    id,
+                    "--at",
+                    "2026-01-01T00:00:00Z",
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let loaded = DeviceRegistry::load(&reg).expect("valid");
+    let t = parse_rfc3339("2026-06-01T00:00:00Z").expect("time");
+    for id in &ids {
+        let dev = DeviceId::new(id.clone()).expect("id");
+        assert!(
+            loaded.assignment_at(&dev, t).is_none(),
+            "{id}'s unassignment was lost:\n{}",
+            std::fs::read_to_string(&reg).expect("registry")
+        );
+    }
+}
