@@ -520,11 +520,12 @@ impl Bindings for Subject<'_> {
         let Some(site) = self.site else {
             return false;
         };
-        // Not a device id means not a device; no lookup needed.
+        // Not a device id means not a device; no lookup needed. A retired device is no
+        // longer any site's (issue 19): a gateway may not relay for it.
         DeviceId::new(level)
             .ok()
             .and_then(|id| self.registry.device(&id))
-            .is_some_and(|d| d.site == *site)
+            .is_some_and(|d| d.site == *site && !self.registry.retired_now(&d.id))
     }
 }
 

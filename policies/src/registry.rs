@@ -348,6 +348,22 @@ impl DeviceRegistry {
         self.histories.get(id)?.retired_since()
     }
 
+    /// Whether the device is retired at `t` (its retirement began at or before `t`).
+    pub fn retired_by(&self, id: &DeviceId, t: UnixMillis) -> bool {
+        self.retired_since(id).is_some_and(|since| since <= t)
+    }
+
+    /// Whether the device is retired now (by the system clock): the broker refuses it
+    /// at CONNECT and a gateway may no longer relay for it.
+    pub fn retired_now(&self, id: &DeviceId) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| {
+                UnixMillis::try_from(d.as_millis()).unwrap_or(UnixMillis::MAX)
+            });
+        self.retired_by(id, now)
+    }
+
     /// Applies `change` to a device's history (see [`History`]'s `reassign`, `close`,
     /// `retire`); a refused change leaves the registry as it was. The entry's `site`
     /// and `patient_ref` follow the latest assignment.

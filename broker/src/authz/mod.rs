@@ -11,7 +11,7 @@ mod answer;
 use std::sync::Arc;
 
 use vitalmq_policies::{
-    AclPolicy, DeniedPublishV311, DeviceRegistry, RetainedTelemetry, Role, RoleLimits, UnixMillis,
+    AclPolicy, DeniedPublishV311, DeviceRegistry, RetainedTelemetry, Role, RoleLimits,
 };
 
 pub use answer::{Ask, Denial, DenyReason, Kind, Misdirected, Permit, kind};
@@ -115,7 +115,8 @@ impl dyn Authorizer + '_ {
 /// The default hook: the ACL policy file plus the device registry. A device the registry
 /// retires at or before now is refused at CONNECT ([`DenyReason::DeviceRetired`]); the
 /// registry reload that brings a retirement also closes the device's live connection
-/// (the gate re-asks `connect` when its authorizer is replaced).
+/// (the gate re-asks `connect` when its authorizer is replaced), and the ACL no longer
+/// counts a retired device as its site's, so no gateway relays for it.
 #[derive(Debug, Clone)]
 pub struct PolicyAuthorizer {
     acl: Arc<AclPolicy>,
@@ -130,15 +131,6 @@ impl PolicyAuthorizer {
 
 /// The audit rule of a refusal for retirement.
 pub const RETIRED_RULE: &str = "registry.retired";
-
-/// Now, in Unix milliseconds (a clock before 1970 counts as the epoch).
-fn now_ms() -> UnixMillis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| {
-            UnixMillis::try_from(d.as_millis()).unwrap_or(UnixMillis::MAX)
-        })
-}
 
 /// The policy's decision on `ask`, as an answer.
 fn answer<K: Kind>(ask: Ask<'_, K>, d: vitalmq_policies::Decision) -> Result<Permit<K>, Denial> {
@@ -156,13 +148,10 @@ impl Authorizer for PolicyAuthorizer {
         ask: Ask<'_, kind::Connect>,
     ) -> Result<Permit<kind::Connect>, Denial> {
         let permit = answer(ask, self.acl.connect(&who.spiffe, &self.registry))?;
-        if who.spiffe.role == Role::Device {
-            let device = who.spiffe.id.to_device_id();
-            if let Some(since) = self.registry.retired_since(&device) {
-                if since <= now_ms() {
-                    return Err(Denial::new(DenyReason::DeviceRetired, RETIRED_RULE));
-                }
-            }
+        if who.spiffe.role == Role::Device
+            && self.registry.retired_now(&who.spiffe.id.to_device_id())
+        {
+            return Err(Denial::new(DenyReason::DeviceRetired, RETIRED_RULE));
         }
         Ok(permit)
     }

@@ -777,3 +777,25 @@ fn retained_telemetry_is_stripped_unless_the_policy_refuses_it() {
         assert_eq!(is_telemetry_topic(topic), is, "{topic}");
     }
 }
+
+/// Issue 19: a retired device is no longer its site's, so its gateway may not relay for
+/// it; a retirement still to come changes nothing yet.
+#[test]
+fn a_gateway_may_not_relay_for_a_retired_device() {
+    let p = policy();
+    let mut r = registry();
+    let retire = |r: &mut DeviceRegistry, id: &str, at: u64| {
+        r.change_history(&DeviceId::new(id).expect("id"), |h| h.retire(at))
+            .expect("retire");
+    };
+    retire(&mut r, "dev-00002", 1_000);
+    retire(&mut r, "dev-00001", u64::MAX / 2);
+    denied(
+        publish(&p, &r, GW, "devices/dev-00002/telemetry"),
+        Decision::DEFAULT_DENY,
+    );
+    allowed(
+        publish(&p, &r, GW, "devices/dev-00001/telemetry"),
+        "gateway-site-telemetry",
+    );
+}
