@@ -349,3 +349,30 @@ fn only_the_reid_command_names_the_store_files() {
         "outside `vitalmq reid`: {offenders:?}"
     );
 }
+
+/// Enrolments racing on a new store agree on one key and record the id once: the key
+/// is linked into place whole, and the map is appended under an exclusive lock.
+#[test]
+fn racing_first_enrolments_share_one_key_and_one_record() {
+    let tmp = temp_dir("reid-race");
+    let store = tmp.path().join("reid");
+    let racers: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            std::thread::spawn(move || enrol(&store, "E-4001"))
+        })
+        .collect();
+    let printed: Vec<String> = racers
+        .into_iter()
+        .map(|t| t.join().expect("racer"))
+        .collect();
+    assert!(printed.iter().all(|p| p == &printed[0]), "{printed:?}");
+    let map = std::fs::read_to_string(store.join("reid.jsonl")).expect("map");
+    assert_eq!(map.lines().count(), 1, "{map}");
+    let leftovers: Vec<_> = std::fs::read_dir(&store)
+        .expect("store")
+        .map(|e| e.expect("entry").file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

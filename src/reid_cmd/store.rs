@@ -66,20 +66,26 @@ impl Store {
     /// Creates a store in `dir` (which must be absent or empty), or opens the one there.
     pub fn create_or_open(dir: &Path) -> anyhow::Result<Self> {
         if !Self::exists(dir) {
-            let empty = match std::fs::read_dir(dir) {
-                Ok(mut entries) => entries.next().is_none(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            // Another `enrol` creating this store at the same moment leaves only its
+            // temporary key here until it links the key in; after that, the key is
+            // there before anything else is, so look for it again before refusing.
+            let foreign = match std::fs::read_dir(dir) {
+                Ok(mut entries) => entries
+                    .any(|e| e.map_or(true, |e| !is_key_tmp(&e.file_name().to_string_lossy()))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
                 Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
             };
             anyhow::ensure!(
-                empty,
+                !foreign || Self::exists(dir),
                 "{}: not empty and not a re-identification store (no {KEY_FILE}); refusing to make one here",
                 dir.display()
             );
-            vitalmq_private_fs::create_dir_all(dir)?;
-            write_new_key(dir)?;
-            write_if_absent(&dir.join(AUTHORISED_FILE), AUTHORISED_TEMPLATE.as_bytes())?;
-            tracing::info!(store = %dir.display(), "re-identification store created");
+            if !foreign {
+                vitalmq_private_fs::create_dir_all(dir)?;
+                write_new_key(dir)?;
+                write_if_absent(&dir.join(AUTHORISED_FILE), AUTHORISED_TEMPLATE.as_bytes())?;
+                tracing::info!(store = %dir.display(), "re-identification store created");
+            }
         }
         Self::open(dir)
     }
@@ -196,13 +202,21 @@ fn find(path: &Path, file: &std::fs::File, pseudonym: &str) -> anyhow::Result<Op
     Ok(None)
 }
 
+/// Suffix of the temporary file a new key is written to before it is linked in.
+const KEY_TMP_SUFFIX: &str = ".tmp";
+
+/// Whether `name` is a key still being written by some `enrol`.
+fn is_key_tmp(name: &str) -> bool {
+    name.starts_with(KEY_FILE) && name.ends_with(KEY_TMP_SUFFIX)
+}
+
 /// Writes 32 fresh random bytes as the store's key, atomically: a concurrent creator
 /// either wins (and its key is complete) or loses and this one is used.
 fn write_new_key(dir: &Path) -> anyhow::Result<()> {
     let mut key = [0u8; 32];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
         .map_err(|_| anyhow::anyhow!("the system random generator failed"))?;
-    let tmp = dir.join(format!("{KEY_FILE}.{}.tmp", std::process::id()));
+    let tmp = dir.join(format!("{KEY_FILE}.{}{KEY_TMP_SUFFIX}", std::process::id()));
     let result = (|| {
         let mut file = vitalmq_private_fs::create_options()
             .write(true)
