@@ -12,6 +12,7 @@ mod loadgen_cmd;
 mod log_format;
 mod operator_audit;
 mod registry_cmd;
+mod reid_cmd;
 mod sim_cmd;
 mod stop;
 mod trace_cmd;
@@ -48,6 +49,9 @@ enum Command {
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
+    /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
+    #[command(subcommand)]
+    Reid(reid_cmd::ReidCommand),
     /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines).
     #[command(subcommand)]
     Store(bridge_cmd::StoreCommand),
@@ -115,6 +119,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo_cmd::run(args, cli.log_format),
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),
+        Command::Reid(cmd) => cmd.run(),
         Command::Store(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),

@@ -9,6 +9,7 @@ mod acl;
 mod assignment;
 mod error;
 mod identity;
+mod pseudonym;
 mod registry;
 mod rules;
 
@@ -18,6 +19,7 @@ pub use acl::{
 pub use assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
 pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
+pub use pseudonym::{CARE_PURPOSE, PSEUDONYM_PREFIX, PseudonymError, Pseudonymiser, is_pseudonym};
 pub use registry::{
     DeviceEntry, DeviceRegistry, RegistryChangeError, SiteBound, SiteId, TimeError, format_rfc3339,
     parse_rfc3339,
