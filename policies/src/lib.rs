@@ -7,6 +7,7 @@
 
 mod acl;
 mod assignment;
+mod consent;
 mod error;
 mod identity;
 mod pseudonym;
@@ -17,6 +18,7 @@ pub use acl::{
     AclPolicy, Decision, DeniedPublishV311, RetainedTelemetry, RoleLimits, is_telemetry_topic,
 };
 pub use assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
+pub use consent::{Consent, ConsentError, Grant, Purpose, UnknownPurpose};
 pub use error::{PolicyError, PolicyErrors};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use pseudonym::{CARE_PURPOSE, PSEUDONYM_PREFIX, PseudonymError, Pseudonymiser, is_pseudonym};
