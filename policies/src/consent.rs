@@ -357,7 +357,11 @@ mod tests {
         c.grant(grant(Purpose::Surveillance, 4_000, None))
             .expect("grant");
         c.withdraw(Purpose::Surveillance, 4_000).expect("withdraw");
-        assert!(c.grants().iter().all(|g| g.purpose != Purpose::Surveillance));
+        assert!(
+            c.grants()
+                .iter()
+                .all(|g| g.purpose != Purpose::Surveillance)
+        );
     }
 
     #[test]
@@ -368,7 +372,10 @@ mod tests {
         c.grant(grant(Purpose::Surveillance, 6_000, None))
             .expect("grant");
         let closed = c.clipped_to(period(0, Some(5_000)));
-        assert_eq!(closed.grants(), &[grant(Purpose::Research, 1_000, Some(5_000))]);
+        assert_eq!(
+            closed.grants(),
+            &[grant(Purpose::Research, 1_000, Some(5_000))]
+        );
         assert!(!closed.covers(Purpose::Research, 5_000));
     }
 

@@ -9,6 +9,12 @@
 //! and `patient_ref` per device) keep loading: each v1 device is one open assignment from
 //! the Unix epoch. [`DeviceRegistry::to_toml`] always writes v2.
 //!
+//! Each v2 assignment may carry consent grants, `consent = [{ purpose = "research",
+//! valid_from = ..., valid_to = ... }]` (see [`crate::Consent`]): care is implied for the
+//! assignment's whole period; a grant lies inside its assignment's period and never
+//! overlaps another grant of its purpose. [`DeviceRegistry::consent_at`] is the consent
+//! in force for what a device observed at an instant.
+//!
 //! The bridge verifies telemetry against it (it implements [`KeyLookup`]) and the broker
 //! uses the site bindings for gateway and integrator ACLs and refuses retired devices.
 
@@ -21,6 +27,7 @@ use toml::Spanned;
 use vitalmq_envelope::{Algorithm, DeviceId, KeyLookup, VerifyingKey};
 
 use crate::assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
+use crate::consent::{Consent, ConsentError, Grant, Purpose};
 use crate::error::{PolicyErrors, Problems};
 use crate::identity::{PrincipalId, TrustDomain};
 
@@ -42,6 +49,14 @@ pub enum RegistryChangeError {
         #[source]
         source: AssignmentError,
     },
+    #[error("device `{device}`: {}", explain_consent(source))]
+    Consent {
+        device: DeviceId,
+        #[source]
+        source: ConsentError,
+    },
+    #[error("device `{device}` has no assignment at {}", format_rfc3339(*at))]
+    Unassigned { device: DeviceId, at: UnixMillis },
 }
 
 /// A site (a hospital-at-home region, a ward): same grammar as an id.
@@ -111,6 +126,9 @@ pub struct DeviceRegistry {
     devices: BTreeMap<DeviceId, DeviceEntry>,
     /// Every registered device has one (the invariant `insert_device` keeps).
     histories: BTreeMap<DeviceId, History>,
+    /// The consent of each assigned period, by device and the period's start; every
+    /// assigned period of `histories` has exactly one, over that very period.
+    consents: BTreeMap<DeviceId, BTreeMap<UnixMillis, Consent>>,
     gateways: BTreeMap<PrincipalId, SiteId>,
     integrators: BTreeMap<PrincipalId, SiteId>,
     operators: std::collections::BTreeSet<PrincipalId>,
@@ -174,6 +192,19 @@ pub(crate) struct RawAssignment {
     pub valid_to: Option<Spanned<String>>,
     pub patient_ref: String,
     pub site: String,
+    /// Consent grants for purposes other than care (care is implied).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consent: Vec<Spanned<RawGrant>>,
+}
+
+/// One `consent = [{ purpose, valid_from, valid_to }]` entry of an assignment (v2).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawGrant {
+    pub purpose: Spanned<String>,
+    pub valid_from: Spanned<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_to: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -189,6 +220,7 @@ impl DeviceRegistry {
             trust_domain,
             devices: BTreeMap::new(),
             histories: BTreeMap::new(),
+            consents: BTreeMap::new(),
             gateways: BTreeMap::new(),
             integrators: BTreeMap::new(),
             operators: std::collections::BTreeSet::new(),
@@ -247,7 +279,9 @@ impl DeviceRegistry {
                     VerifyingKey::from_hex(alg, &d.public_key)
                         .map_err(|e| problems.add(span.clone(), field("public_key"), e.to_string()))
                 });
-            if let (Ok(id), Some((history, (site, patient_ref))), Ok(key)) = (id, history, key) {
+            if let (Ok(id), Some((history, (site, patient_ref), consents)), Ok(key)) =
+                (id, history, key)
+            {
                 let device = DeviceEntry {
                     id,
                     site,
@@ -256,7 +290,7 @@ impl DeviceRegistry {
                     consent: d.consent.clone(),
                     processing_policy: d.processing_policy.clone(),
                 };
-                if let Err(dup) = registry.insert_device_with_history(device, history) {
+                if let Err(dup) = registry.insert_device_with_history(device, history, consents) {
                     problems.add(
                         span,
                         field("id"),
@@ -316,17 +350,20 @@ impl DeviceRegistry {
     /// (what a v1 entry means); returns its id back if it was already registered.
     pub fn insert_device(&mut self, device: DeviceEntry) -> Result<(), DeviceId> {
         let history = history_from_epoch(device.patient_ref.clone(), device.site.clone());
-        self.insert_device_with_history(device, history)
+        self.insert_device_with_history(device, history, BTreeMap::new())
     }
 
     fn insert_device_with_history(
         &mut self,
         device: DeviceEntry,
         history: History,
+        consents: BTreeMap<UnixMillis, Consent>,
     ) -> Result<(), DeviceId> {
         if self.devices.contains_key(&device.id) {
             return Err(device.id);
         }
+        self.consents
+            .insert(device.id.clone(), consents_for(&history, &consents));
         self.histories.insert(device.id.clone(), history);
         self.devices.insert(device.id.clone(), device);
         Ok(())
@@ -341,6 +378,72 @@ impl DeviceRegistry {
     /// whose period contains `t`; `None` for an unknown device or an unassigned time.
     pub fn assignment_at(&self, id: &DeviceId, t: UnixMillis) -> Option<&Assignment> {
         self.histories.get(id)?.at(t)
+    }
+
+    /// The consent in force for what the device observed at `t`: that of the assignment
+    /// whose period contains `t`; `None` for an unknown device, an unassigned time or
+    /// a retired device (no assignment, so no purpose, not even care).
+    pub fn consent_at(&self, id: &DeviceId, t: UnixMillis) -> Option<&Consent> {
+        let a = self.assignment_at(id, t)?;
+        match a.serves {
+            Use::Assigned { .. } => self.consents.get(id)?.get(&a.period.from),
+            Use::Retired => None,
+        }
+    }
+
+    /// Adds a consent grant to the assignment whose period contains the grant's start.
+    pub fn grant_consent(
+        &mut self,
+        id: &DeviceId,
+        grant: Grant,
+    ) -> Result<(), RegistryChangeError> {
+        self.change_consent(id, grant.period.from, |c| c.grant(grant))
+    }
+
+    /// Withdraws consent for `purpose` from `at` on (see [`Consent::withdraw`]): events
+    /// observed from then on no longer flow to sinks of that purpose.
+    pub fn withdraw_consent(
+        &mut self,
+        id: &DeviceId,
+        purpose: Purpose,
+        at: UnixMillis,
+    ) -> Result<(), RegistryChangeError> {
+        self.change_consent(id, at, |c| c.withdraw(purpose, at))
+    }
+
+    fn change_consent(
+        &mut self,
+        id: &DeviceId,
+        at: UnixMillis,
+        change: impl FnOnce(&mut Consent) -> Result<(), ConsentError>,
+    ) -> Result<(), RegistryChangeError> {
+        let from = match self.assignment_at(id, at) {
+            Some(Assignment {
+                period,
+                serves: Use::Assigned { .. },
+            }) => period.from,
+            _ if !self.devices.contains_key(id) => {
+                return Err(RegistryChangeError::UnknownDevice(id.clone()));
+            }
+            _ => {
+                return Err(RegistryChangeError::Unassigned {
+                    device: id.clone(),
+                    at,
+                });
+            }
+        };
+        let consent = self
+            .consents
+            .get_mut(id)
+            .and_then(|c| c.get_mut(&from))
+            .expect("every assigned period has its consent");
+        let mut next = consent.clone();
+        change(&mut next).map_err(|source| RegistryChangeError::Consent {
+            device: id.clone(),
+            source,
+        })?;
+        *consent = next;
+        Ok(())
     }
 
     /// Since when the device is retired, if it is.
@@ -384,6 +487,10 @@ impl DeviceRegistry {
         if let Some((site, patient_ref)) = latest_assigned(&next) {
             entry.site = site;
             entry.patient_ref = patient_ref;
+        }
+        // A period closed by the change takes its grants with it, cut to its new end.
+        if let Some(consents) = self.consents.get_mut(id) {
+            *consents = consents_for(&next, consents);
         }
         *history = next;
         Ok(())
@@ -482,6 +589,12 @@ impl DeviceRegistry {
                                                 .map(|t| unspanned(format_rfc3339(t))),
                                             patient_ref: patient_ref.clone(),
                                             site: site.to_string(),
+                                            consent: self
+                                                .consents
+                                                .get(&d.id)
+                                                .and_then(|c| c.get(&a.period.from))
+                                                .map(raw_grants)
+                                                .unwrap_or_default(),
                                         },
                                     )),
                                     Use::Retired => None,
@@ -538,6 +651,67 @@ fn explain(e: &AssignmentError) -> String {
     }
 }
 
+/// The grants of a consent as the file writes them.
+fn raw_grants(c: &Consent) -> Vec<Spanned<RawGrant>> {
+    let unspanned = |s: String| Spanned::new(0..0, s);
+    c.grants()
+        .iter()
+        .map(|g| {
+            Spanned::new(
+                0..0,
+                RawGrant {
+                    purpose: unspanned(g.purpose.to_string()),
+                    valid_from: unspanned(format_rfc3339(g.period.from)),
+                    valid_to: g.period.to.map(|t| unspanned(format_rfc3339(t))),
+                },
+            )
+        })
+        .collect()
+}
+
+/// One consent per assigned period of `history`: the one in `old` for a period of the
+/// same start (cut to the period as it is now), else care only.
+fn consents_for(
+    history: &History,
+    old: &BTreeMap<UnixMillis, Consent>,
+) -> BTreeMap<UnixMillis, Consent> {
+    history
+        .periods()
+        .iter()
+        .filter(|a| matches!(a.serves, Use::Assigned { .. }))
+        .map(|a| {
+            let consent = old
+                .get(&a.period.from)
+                .map_or_else(|| Consent::new(a.period), |c| c.clipped_to(a.period));
+            (a.period.from, consent)
+        })
+        .collect()
+}
+
+/// A [`ConsentError`] with its instants in RFC 3339 rather than Unix milliseconds.
+fn explain_consent(e: &ConsentError) -> String {
+    match e {
+        ConsentError::CareIsImplied => e.to_string(),
+        ConsentError::OutsideAssignment { grant, assignment } => format!(
+            "the grant {} lies outside its assignment's period {}",
+            show(grant),
+            show(assignment)
+        ),
+        ConsentError::Overlap {
+            purpose,
+            new,
+            existing,
+        } => format!(
+            "the {purpose} grant {} overlaps the {purpose} grant {}",
+            show(new),
+            show(existing)
+        ),
+        ConsentError::NothingToWithdraw { purpose, at } => {
+            format!("no {purpose} grant is in force at {}", format_rfc3339(*at))
+        }
+    }
+}
+
 /// One open assignment from the Unix epoch: a v1 device.
 fn history_from_epoch(patient_ref: String, site: SiteId) -> History {
     let mut history = History::default();
@@ -574,7 +748,7 @@ fn device_history_v1(
     problems: &mut Problems<'_>,
     i: usize,
     entry: &Spanned<RawDevice>,
-) -> Option<(History, (SiteId, String))> {
+) -> Option<(History, (SiteId, String), BTreeMap<UnixMillis, Consent>)> {
     let span = Some(entry.span());
     let d = entry.get_ref();
     let field = |name: &str| format!("devices[{i}].{name}");
@@ -611,16 +785,17 @@ fn device_history_v1(
     };
     let (site, patient_ref) = (site?, patient_ref?);
     let history = history_from_epoch(patient_ref.clone(), site.clone());
-    Some((history, (site, patient_ref)))
+    Some((history, (site, patient_ref), BTreeMap::new()))
 }
 
 /// A v2 device: its `[[devices.assignments]]` and `retired_at` as a [`History`]; every
-/// problem (bad time, empty or overlapping period, retirement not last) reported.
+/// problem (bad time, empty or overlapping period, retirement not last, a consent grant
+/// that is unknown, outside its assignment or overlapping another) reported.
 fn device_history_v2(
     problems: &mut Problems<'_>,
     i: usize,
     entry: &Spanned<RawDevice>,
-) -> Option<(History, (SiteId, String))> {
+) -> Option<(History, (SiteId, String), BTreeMap<UnixMillis, Consent>)> {
     let span = Some(entry.span());
     let d = entry.get_ref();
     let field = |name: &str| format!("devices[{i}].{name}");
@@ -683,14 +858,46 @@ fn device_history_v2(
             patient_ref: r.patient_ref.clone(),
             site,
         };
-        periods.push((a.span(), at(""), Assignment { period, serves }));
+        let mut consent = Consent::new(period);
+        for (k, g) in r.consent.iter().enumerate() {
+            let at = |name: &str| format!("devices[{i}].assignments[{j}].consent[{k}]{name}");
+            let g = g.get_ref();
+            let purpose = g
+                .purpose
+                .get_ref()
+                .parse::<Purpose>()
+                .map_err(|e| problems.add(Some(g.purpose.span()), at(".purpose"), e.to_string()))
+                .ok();
+            let from = time(problems, &g.valid_from, at(".valid_from"), &mut ok);
+            let to = match &g.valid_to {
+                Some(t) => time(problems, t, at(".valid_to"), &mut ok).map(Some),
+                None => Some(None),
+            };
+            let (Some(purpose), Some(from), Some(to)) = (purpose, from, to) else {
+                ok = false;
+                continue;
+            };
+            let Some(period) = Period::new(from, to) else {
+                let to_span = g.valid_to.as_ref().map(Spanned::span);
+                problems.add(to_span, at(".valid_to"), "must be after valid_from");
+                ok = false;
+                continue;
+            };
+            if let Err(e) = consent.grant(Grant { purpose, period }) {
+                problems.add(Some(g.purpose.span()), at(""), explain_consent(&e));
+                ok = false;
+            }
+        }
+        periods.push((a.span(), at(""), Assignment { period, serves }, consent));
     }
     let retired = d
         .retired_at
         .as_ref()
         .and_then(|t| Some((t.span(), time(problems, t, field("retired_at"), &mut ok)?)));
     let mut history = History::default();
-    for (span, name, a) in periods {
+    let mut consents = BTreeMap::new();
+    for (span, name, a, consent) in periods {
+        let from = a.period.from;
         if let Err(e) = history.insert(a) {
             problems.add(
                 Some(span),
@@ -698,6 +905,8 @@ fn device_history_v2(
                 explain(&e),
             );
             ok = false;
+        } else {
+            consents.insert(from, consent);
         }
     }
     if let Some((span, since)) = retired {
@@ -724,7 +933,7 @@ fn device_history_v2(
     if !ok {
         return None;
     }
-    Some((history, current?))
+    Some((history, current?, consents))
 }
 
 fn placeholder_domain() -> TrustDomain {
@@ -1047,5 +1256,187 @@ id = "ops-01"
             Err(RegistryChangeError::UnknownDevice(dev("dev-99999")))
         );
         assert_eq!(reg, before);
+    }
+
+    /// Line numbers in the tests below are this text's.
+    const CONSENTS: &str = r#"format = "vitalmq-registry/v2"
+trust_domain = "demo.vitalmq"
+
+[[devices]]
+id = "dev-00042"
+alg = "EdDSA"
+public_key = "50163016231421c3895b50daa2c884654e188d01a090529bbddd36d151e50d2f"
+
+[[devices.assignments]]
+valid_from = "2026-01-01T00:00:00Z"
+patient_ref = "pt-a"
+site = "site-a"
+consent = [
+  { purpose = "research", valid_from = "2026-01-10T00:00:00Z", valid_to = "2026-02-01T00:00:00Z" },
+  { purpose = "surveillance", valid_from = "2026-01-01T00:00:00Z" },
+]
+"#;
+
+    #[test]
+    fn consent_grants_load_per_assignment_and_round_trip() {
+        let reg = DeviceRegistry::parse(CONSENTS, Path::new("r.toml")).expect("valid");
+        let id = dev("dev-00042");
+        let covers = |p: Purpose, t: &str| {
+            reg.consent_at(&id, ms(t))
+                .is_some_and(|c| c.covers(p, ms(t)))
+        };
+        assert!(
+            covers(Purpose::Care, "2026-01-01T00:00:00Z"),
+            "care implied"
+        );
+        assert!(!covers(Purpose::Research, "2026-01-09T23:59:59.999Z"));
+        assert!(covers(Purpose::Research, "2026-01-10T00:00:00Z"));
+        assert!(!covers(Purpose::Research, "2026-02-01T00:00:00Z"));
+        assert!(covers(Purpose::Surveillance, "2030-01-01T00:00:00Z"));
+        assert!(!covers(Purpose::ModelTraining, "2026-01-15T00:00:00Z"));
+        assert!(
+            reg.consent_at(&id, ms("2025-12-31T23:59:59Z")).is_none(),
+            "before the assignment: no consent at all"
+        );
+        let text = reg.to_toml();
+        assert!(text.contains("purpose = \"research\""), "{text}");
+        assert_eq!(
+            DeviceRegistry::parse(&text, Path::new("out.toml")).expect("round trip"),
+            reg
+        );
+        // A v1 device: care only, for its open period from the epoch.
+        let v1 = DeviceRegistry::parse(GOOD, Path::new("v1.toml")).expect("v1");
+        let c = v1
+            .consent_at(&id, ms("2026-01-01T00:00:00Z"))
+            .expect("assigned");
+        assert!(c.covers(Purpose::Care, ms("2026-01-01T00:00:00Z")));
+        assert!(c.grants().is_empty());
+    }
+
+    #[test]
+    fn consent_problems_are_each_reported_with_line_and_field() {
+        let bad = CONSENTS
+            .replace("purpose = \"research\"", "purpose = \"marketing\"")
+            .replace(
+                "{ purpose = \"surveillance\", valid_from = \"2026-01-01T00:00:00Z\" }",
+                "{ purpose = \"care\", valid_from = \"2026-01-01T00:00:00Z\" }",
+            )
+            .replace(
+                "valid_from = \"2026-01-01T00:00:00Z\"\npatient_ref",
+                "valid_from = \"2026-01-01T00:00:00Z\"\nvalid_to = \"2026-01-20T00:00:00Z\"\npatient_ref",
+            );
+        let err = DeviceRegistry::parse(&bad, Path::new("r.toml")).expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 2, "{text}");
+        assert!(
+            text.contains("r.toml:15: devices[0].assignments[0].consent[0].purpose: unknown purpose `marketing`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("r.toml:16: devices[0].assignments[0].consent[1]: care is implied"),
+            "{text}"
+        );
+
+        // Grants running past their assignment's end (the open one too).
+        let bad = CONSENTS.replace(
+            "valid_from = \"2026-01-01T00:00:00Z\"\npatient_ref",
+            "valid_from = \"2026-01-01T00:00:00Z\"\nvalid_to = \"2026-01-20T00:00:00Z\"\npatient_ref",
+        );
+        let err = DeviceRegistry::parse(&bad, Path::new("r.toml")).expect_err("invalid");
+        let text = err.to_string();
+        assert_eq!(err.0.len(), 2, "{text}");
+        assert!(
+            text.contains("r.toml:15: devices[0].assignments[0].consent[0]: the grant [2026-01-10T00:00:00Z .. 2026-02-01T00:00:00Z) lies outside its assignment's period [2026-01-01T00:00:00Z .. 2026-01-20T00:00:00Z)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("r.toml:16: devices[0].assignments[0].consent[1]: the grant [2026-01-01T00:00:00Z .. open) lies outside"),
+            "{text}"
+        );
+
+        // Two grants of one purpose that overlap.
+        let bad = CONSENTS.replace(
+            "{ purpose = \"surveillance\", valid_from = \"2026-01-01T00:00:00Z\" }",
+            "{ purpose = \"research\", valid_from = \"2026-01-05T00:00:00Z\", valid_to = \"2026-01-11T00:00:00Z\" }",
+        );
+        let err = DeviceRegistry::parse(&bad, Path::new("r.toml")).expect_err("overlap");
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert!(
+            err.to_string().contains("r.toml:15: devices[0].assignments[0].consent[1]: the research grant [2026-01-05T00:00:00Z .. 2026-01-11T00:00:00Z) overlaps the research grant [2026-01-10T00:00:00Z .. 2026-02-01T00:00:00Z)"),
+            "{err}"
+        );
+
+        // Times are checked like the assignment's.
+        let bad = CONSENTS.replace(
+            "valid_to = \"2026-02-01T00:00:00Z\"",
+            "valid_to = \"2026-01-05T00:00:00Z\"",
+        );
+        let err = DeviceRegistry::parse(&bad, Path::new("r.toml")).expect_err("empty");
+        assert!(
+            err.to_string().contains(
+                "devices[0].assignments[0].consent[0].valid_to: must be after valid_from"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn withdrawal_and_unassignment_end_consent_from_then_on() {
+        let mut reg = DeviceRegistry::parse(CONSENTS, Path::new("r.toml")).expect("valid");
+        let id = dev("dev-00042");
+        let covers = |reg: &DeviceRegistry, p: Purpose, t: &str| {
+            reg.consent_at(&id, ms(t))
+                .is_some_and(|c| c.covers(p, ms(t)))
+        };
+        reg.withdraw_consent(&id, Purpose::Surveillance, ms("2026-03-01T00:00:00Z"))
+            .expect("withdraw");
+        assert!(covers(&reg, Purpose::Surveillance, "2026-02-28T23:59:59Z"));
+        assert!(!covers(&reg, Purpose::Surveillance, "2026-03-01T00:00:00Z"));
+        let before = reg.clone();
+        let err = reg
+            .withdraw_consent(&id, Purpose::Surveillance, ms("2026-03-02T00:00:00Z"))
+            .expect_err("nothing in force");
+        assert!(
+            err.to_string()
+                .contains("no surveillance grant is in force at 2026-03-02T00:00:00Z"),
+            "{err}"
+        );
+        assert_eq!(
+            reg.withdraw_consent(&id, Purpose::Research, ms("2025-01-01T00:00:00Z")),
+            Err(RegistryChangeError::Unassigned {
+                device: id.clone(),
+                at: ms("2025-01-01T00:00:00Z")
+            })
+        );
+        assert_eq!(reg, before, "refused changes change nothing");
+
+        // Grant model training anew, then unassign: the open grant ends with the
+        // assignment, and the registry written out stays loadable.
+        reg.grant_consent(
+            &id,
+            Grant {
+                purpose: Purpose::ModelTraining,
+                period: Period::new(ms("2026-04-01T00:00:00Z"), None).expect("period"),
+            },
+        )
+        .expect("grant");
+        assert!(covers(&reg, Purpose::ModelTraining, "2026-04-02T00:00:00Z"));
+        reg.change_history(&id, |h| h.close(ms("2026-05-01T00:00:00Z")))
+            .expect("unassign");
+        assert!(covers(&reg, Purpose::ModelTraining, "2026-04-30T00:00:00Z"));
+        assert!(reg.consent_at(&id, ms("2026-05-01T00:00:00Z")).is_none());
+        let c = reg
+            .consent_at(&id, ms("2026-04-30T00:00:00Z"))
+            .expect("assigned");
+        assert!(
+            c.grants().iter().all(|g| g
+                .period
+                .to
+                .is_some_and(|to| to <= ms("2026-05-01T00:00:00Z"))),
+            "{c:?}"
+        );
+        let again = DeviceRegistry::parse(&reg.to_toml(), Path::new("out.toml"))
+            .expect("still valid after the unassignment");
+        assert_eq!(again, reg);
     }
 }
