@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use vitalmq_policies::Purpose;
+
+use crate::governance::{EVENT_FIELDS, Fields};
 use crate::window::{WindowError, WindowSize};
 
 /// The parsed configuration, paths resolved.
@@ -139,6 +142,20 @@ pub struct WebhookConfig {
     /// Environment variable holding the signing secrets (never a secret itself here):
     /// Standard Webhooks `whsec_<base64>` keys, separated by white space, newest first.
     pub secret_env: String,
+    /// The purpose the handler serves; clinical alerting runs under care (the default).
+    #[serde(default)]
+    pub purpose: Purpose,
+    /// Allow-list of alert fields the handler receives (default: see
+    /// [`Fields::default_for`]).
+    #[serde(default)]
+    pub fields: Option<Vec<String>>,
+}
+
+impl WebhookConfig {
+    /// The alert fields the handler receives.
+    pub fn fields(&self) -> Fields {
+        resolve_fields(self.purpose, self.fields.as_deref())
+    }
 }
 
 /// An MQTT connection over mTLS.
@@ -219,6 +236,14 @@ pub enum SinkConfig {
         batch_max_events: usize,
         #[serde(default = "default_batch_age")]
         batch_max_age_ms: u64,
+        /// The purpose the sink serves (default care): events flow to it only under
+        /// consent for it.
+        #[serde(default)]
+        purpose: Purpose,
+        /// Allow-list of normalized-event fields the sink receives (default: see
+        /// [`Fields::default_for`]).
+        #[serde(default)]
+        fields: Option<Vec<String>>,
     },
     /// An upstream (cloud) broker: verified messages forwarded unmodified.
     Upstream {
@@ -229,6 +254,12 @@ pub enum SinkConfig {
         client_id: String,
         #[serde(default = "default_batch_events")]
         batch_max_events: usize,
+        /// As for `objects`.
+        #[serde(default)]
+        purpose: Purpose,
+        /// As for `objects`.
+        #[serde(default)]
+        fields: Option<Vec<String>>,
     },
 }
 
@@ -287,6 +318,87 @@ impl SinkConfig {
             Self::Objects { name, .. } | Self::Upstream { name, .. } => name,
         }
     }
+
+    /// The purpose the sink serves.
+    pub fn purpose(&self) -> Purpose {
+        match self {
+            Self::Objects { purpose, .. } | Self::Upstream { purpose, .. } => *purpose,
+        }
+    }
+
+    /// The event fields the sink receives.
+    pub fn fields(&self) -> Fields {
+        match self {
+            Self::Objects { fields, .. } | Self::Upstream { fields, .. } => {
+                resolve_fields(self.purpose(), fields.as_deref())
+            }
+        }
+    }
+}
+
+/// Every `purpose` of a sink or alert handler names a [`Purpose`].
+fn check_purposes(table: &toml::Table) -> Result<(), Invalid> {
+    fn entries(v: Option<&toml::Value>) -> Vec<&toml::Table> {
+        v.and_then(toml::Value::as_array)
+            .map(|a| a.iter().filter_map(toml::Value::as_table).collect())
+            .unwrap_or_default()
+    }
+    let webhooks = table
+        .get("alerts")
+        .and_then(toml::Value::as_table)
+        .and_then(|a| a.get("webhooks"));
+    for (list, entry) in entries(table.get("sinks"))
+        .into_iter()
+        .map(|e| ("sinks", e))
+        .chain(
+            entries(webhooks)
+                .into_iter()
+                .map(|e| ("alerts.webhooks", e)),
+        )
+    {
+        if let Some(purpose) = entry.get("purpose").and_then(toml::Value::as_str) {
+            purpose
+                .parse::<Purpose>()
+                .map_err(|source| Invalid::Purpose {
+                    list,
+                    name: entry
+                        .get("name")
+                        .and_then(toml::Value::as_str)
+                        .unwrap_or("?")
+                        .to_owned(),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// The allow-list as configured, or the purpose's default.
+fn resolve_fields(purpose: Purpose, listed: Option<&[String]>) -> Fields {
+    match listed {
+        None => Fields::default_for(purpose),
+        Some(list) => Fields::Only(list.iter().cloned().collect()),
+    }
+}
+
+/// Each name in `listed` known (when `known` is given) and listed once.
+fn check_fields(
+    listed: Option<&[String]>,
+    known: Option<&[&str]>,
+) -> Result<(), (String, &'static str)> {
+    let mut seen = std::collections::HashSet::new();
+    for f in listed.unwrap_or_default() {
+        if known.is_some_and(|known| !known.contains(&f.as_str())) {
+            return Err((f.clone(), "is not a field of the normalized event"));
+        }
+        if f.is_empty() {
+            return Err((f.clone(), "is empty"));
+        }
+        if !seen.insert(f) {
+            return Err((f.clone(), "is listed twice"));
+        }
+    }
+    Ok(())
 }
 
 /// A configuration the bridge cannot run with, naming the file; the cause is the source
@@ -340,6 +452,25 @@ pub enum Invalid {
     SinkTwice(String),
     #[error("sinks.{0}: give exactly one of `path` and `s3`")]
     SinkTarget(String),
+    #[error("sinks.{sink}.fields: {field:?} {problem}")]
+    SinkField {
+        sink: String,
+        field: String,
+        problem: &'static str,
+    },
+    #[error("{list}.{name}.purpose")]
+    Purpose {
+        list: &'static str,
+        name: String,
+        #[source]
+        source: vitalmq_policies::UnknownPurpose,
+    },
+    #[error("alerts.webhooks.{handler}.fields: {field:?} {problem}")]
+    WebhookField {
+        handler: String,
+        field: String,
+        problem: &'static str,
+    },
 }
 
 impl BridgeConfig {
@@ -349,6 +480,14 @@ impl BridgeConfig {
             path: path_buf(),
             source,
         })?;
+        // Purposes first, so an unknown one is reported with the sink's name rather
+        // than only the line of its table.
+        if let Ok(table) = text.parse::<toml::Table>() {
+            check_purposes(&table).map_err(|source| ConfigError::Invalid {
+                path: path_buf(),
+                source,
+            })?;
+        }
         let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path_buf(),
             source,
@@ -435,6 +574,14 @@ impl BridgeConfig {
                 if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
                     return Err(Invalid::WebhookUrl(w.name.clone()));
                 }
+                // Alert fields are not the event's: only the list's shape is checked.
+                check_fields(w.fields.as_deref(), None).map_err(|(field, problem)| {
+                    Invalid::WebhookField {
+                        handler: w.name.clone(),
+                        field,
+                        problem,
+                    }
+                })?;
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -447,6 +594,14 @@ impl BridgeConfig {
             {
                 return Err(Invalid::SinkTarget(name.clone()));
             }
+            let (SinkConfig::Objects { fields, .. } | SinkConfig::Upstream { fields, .. }) = sink;
+            check_fields(fields.as_deref(), Some(EVENT_FIELDS)).map_err(|(field, problem)| {
+                Invalid::SinkField {
+                    sink: sink.name().to_owned(),
+                    field,
+                    problem,
+                }
+            })?;
         }
         Ok(())
     }
@@ -485,6 +640,42 @@ mod tests {
             ("broker", "audit-7y")
         );
         assert!(broker.path.is_absolute() && broker.path.ends_with("data/broker/audit.jsonl"));
+        assert_eq!(c.sinks[0].purpose(), Purpose::Care, "care unless named");
+        assert_eq!(c.sinks[0].fields(), Fields::All);
+    }
+
+    #[test]
+    fn sinks_and_handlers_declare_purpose_and_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        std::fs::write(
+            &path,
+            "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n\
+             [broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+             [[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"research\"\n\
+             [[sinks]]\nkind = \"upstream\"\nname = \"trainer\"\naddress = \"h:2\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+             client_id = \"u\"\npurpose = \"model-training\"\nfields = [\"m\", \"observed_at\"]\n\
+             [alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\n\
+             webhooks = [{ name = \"ehr\", url = \"https://e\", secret_env = \"S\" }]\n",
+        )
+        .expect("write");
+        let c = BridgeConfig::load(&path).expect("valid");
+        assert_eq!(c.sinks[0].purpose(), Purpose::Research);
+        let study = c.sinks[0].fields();
+        assert!(!study.allows("patient_ref") && !study.allows("extra"));
+        assert!(study.allows("m") && study.allows("site"));
+        assert_eq!(c.sinks[1].purpose(), Purpose::ModelTraining);
+        assert_eq!(
+            c.sinks[1].fields(),
+            Fields::Only(["m", "observed_at"].map(String::from).into())
+        );
+        let ehr = &c.alerts.as_ref().expect("alerts").webhooks[0];
+        assert_eq!(
+            ehr.purpose,
+            Purpose::Care,
+            "clinical alerting runs under care"
+        );
+        assert_eq!(ehr.fields(), Fields::All);
     }
 
     #[test]
@@ -531,6 +722,26 @@ mod tests {
                 "own audit log",
             ),
             ("[[audit_ship]]\ncomponent = \"broker\"\n", "path"),
+            (
+                "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"research\"\nfields = [\"m\", \"name\"]\n",
+                "sinks.study.fields: \"name\" is not a field",
+            ),
+            (
+                "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\nfields = [\"m\", \"m\"]\n",
+                "sinks.study.fields: \"m\" is listed twice",
+            ),
+            (
+                "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"marketing\"\n",
+                "sinks.study.purpose: unknown purpose `marketing`",
+            ),
+            (
+                "[alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\nwebhooks = [{ name = \"ehr\", url = \"https://e\", secret_env = \"S\", purpose = \"sales\" }]\n",
+                "alerts.webhooks.ehr.purpose: unknown purpose `sales`",
+            ),
+            (
+                "[alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\nwebhooks = [{ name = \"ehr\", url = \"https://e\", secret_env = \"S\", fields = [\"\"] }]\n",
+                "alerts.webhooks.ehr.fields",
+            ),
         ] {
             let path = dir.path().join("bridge.toml");
             // Top-level keys must come before the first table.

@@ -13,6 +13,7 @@ mod config;
 mod delivery;
 mod drain;
 mod gaps;
+pub mod governance;
 mod link;
 mod link5;
 mod mqtt;

@@ -48,6 +48,13 @@ impl Purpose {
     }
 }
 
+/// Care, the purpose of a sink or handler that names none.
+impl Default for Purpose {
+    fn default() -> Self {
+        Purpose::Care
+    }
+}
+
 impl fmt::Display for Purpose {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

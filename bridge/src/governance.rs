@@ -1,0 +1,312 @@
+//! Consent as a data-flow control (issue 19, point 3), as pure decisions: whether an
+//! event may flow to a sink of a given purpose ([`decide`]), and what of it the sink may
+//! see ([`minimise`]). No I/O and no state: the delivery path asks these per event and
+//! sink, counts what is withheld per sink and reason, and audits it (never silently).
+//!
+//! An event is judged by its `observed_at`, not by when it arrives: consent withdrawn
+//! at `t` stops every event observed from `t` on, also one that arrives late, and never
+//! reaches back to events observed before `t`.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+use vitalmq_policies::{Consent, Purpose, UnixMillis};
+
+/// The top-level fields of a normalized event (`vitalmq-event/v1`, see
+/// [`crate::normalize`]): what a field allow-list may name.
+pub const EVENT_FIELDS: &[&str] = &[
+    "format",
+    "event_id",
+    "device",
+    "site",
+    "patient_ref",
+    "epoch",
+    "seq",
+    "type",
+    "ts",
+    "observed_at",
+    "received_at",
+    "m",
+    "q",
+    "fw",
+    "model",
+    "schema",
+    "extra",
+    "provenance",
+    "implausible",
+    "clock_skew",
+];
+
+/// Kept whatever the allow-list says: the format tag says what the record is, and the
+/// event id (a hash of device, epoch and sequence number, no patient data) is what
+/// makes redelivery to a sink idempotent.
+pub const ALWAYS_KEPT: &[&str] = &["format", "event_id"];
+
+/// The event field that names the patient (their care pseudonym).
+pub const PATIENT_REF: &str = "patient_ref";
+/// The event field holding payload keys the schema does not know.
+pub const UNKNOWN_PAYLOAD: &str = "extra";
+
+/// Whether an event flows to a sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Send,
+    Withheld(Reason),
+}
+
+/// Why an event was withheld from a sink; a label of the withheld-events count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// No grant for the sink's purpose covered the event's observation time, and none
+    /// had ended before it.
+    NoConsent,
+    /// A grant for the purpose had been in force earlier in the assignment but was
+    /// withdrawn (or ran out) by the event's observation time.
+    Withdrawn,
+    /// The device served no patient at the observation time (before its first
+    /// assignment, between two, or retired): there is no consent of anyone to flow under.
+    Unassigned,
+}
+
+impl Reason {
+    /// The label in metrics, store statistics and audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoConsent => "no_consent",
+            Reason::Withdrawn => "withdrawn",
+            Reason::Unassigned => "unassigned",
+        }
+    }
+}
+
+/// Whether an event observed at `observed_at` may flow to a sink serving `purpose`,
+/// given the consent of the assignment open then (`None`: none was; see
+/// `DeviceRegistry::consent_at`).
+pub fn decide(consent: Option<&Consent>, purpose: Purpose, observed_at: UnixMillis) -> Flow {
+    let Some(consent) = consent else {
+        return Flow::Withheld(Reason::Unassigned);
+    };
+    if !consent.assignment().contains(observed_at) {
+        return Flow::Withheld(Reason::Unassigned);
+    }
+    if consent.covers(purpose, observed_at) {
+        Flow::Send
+    } else if consent.lapsed(purpose, observed_at) {
+        Flow::Withheld(Reason::Withdrawn)
+    } else {
+        Flow::Withheld(Reason::NoConsent)
+    }
+}
+
+/// Which event fields a sink receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fields {
+    /// The whole event.
+    All,
+    /// Only these (and [`ALWAYS_KEPT`]).
+    Only(BTreeSet<String>),
+}
+
+impl Fields {
+    /// What a sink of `purpose` receives when its configuration lists no fields: the
+    /// whole event for care; for any other purpose everything but the patient's
+    /// pseudonym and the payload keys the schema does not know (minimisation: what is
+    /// not needed and not understood is not passed on).
+    pub fn default_for(purpose: Purpose) -> Self {
+        match purpose {
+            Purpose::Care => Fields::All,
+            _ => Fields::Only(
+                EVENT_FIELDS
+                    .iter()
+                    .filter(|f| ![PATIENT_REF, UNKNOWN_PAYLOAD].contains(f))
+                    .map(|f| (*f).to_owned())
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Whether `field` is passed on.
+    pub fn allows(&self, field: &str) -> bool {
+        match self {
+            Fields::All => true,
+            Fields::Only(set) => ALWAYS_KEPT.contains(&field) || set.contains(field),
+        }
+    }
+}
+
+/// Why an event could not be minimised.
+#[derive(Debug, thiserror::Error)]
+pub enum MinimiseError {
+    #[error("the event is not JSON")]
+    NotJson(#[from] serde_json::Error),
+    #[error("the event is not a JSON object")]
+    NotAnObject,
+}
+
+/// The event with every field `fields` does not allow removed, the others in their
+/// order. An allow-list, so a field added to events later reaches no restricted sink
+/// until it is listed.
+///
+/// TODO(issue 19): a research sink may receive a per-purpose pseudonym in place of
+/// `patient_ref` (`vitalmq_policies::Pseudonymiser` with the purpose). It is derived
+/// from the enrolment identifier, which only the re-identification store holds; the
+/// bridge has neither it nor the key, so until the store can hand the bridge a
+/// per-purpose mapping, `patient_ref` is dropped for such sinks (see
+/// [`substitute_patient_ref`] for the seam).
+pub fn minimise(event_json: &str, fields: &Fields) -> Result<String, MinimiseError> {
+    if *fields == Fields::All {
+        return Ok(event_json.to_owned());
+    }
+    let event: Map<String, Value> = match serde_json::from_str(event_json)? {
+        Value::Object(map) => map,
+        _ => return Err(MinimiseError::NotAnObject),
+    };
+    let kept: Map<String, Value> = event
+        .into_iter()
+        .filter(|(k, _)| fields.allows(k))
+        .collect();
+    Ok(serde_json::to_string(&kept)?)
+}
+
+/// The seam for per-purpose pseudonyms: the event (minimised or not) with its
+/// `patient_ref` replaced by `pseudonym(care_ref)`, or removed when that gives none.
+/// Not used yet (see [`minimise`]).
+pub fn substitute_patient_ref(
+    event_json: &str,
+    pseudonym: impl FnOnce(&str) -> Option<String>,
+) -> Result<String, MinimiseError> {
+    let mut event: Map<String, Value> = match serde_json::from_str(event_json)? {
+        Value::Object(map) => map,
+        _ => return Err(MinimiseError::NotAnObject),
+    };
+    let Some(care_ref) = event.get(PATIENT_REF).and_then(Value::as_str) else {
+        return Ok(event_json.to_owned());
+    };
+    match pseudonym(care_ref) {
+        Some(p) => {
+            event.insert(PATIENT_REF.to_owned(), Value::String(p));
+        }
+        None => {
+            event.shift_remove(PATIENT_REF);
+        }
+    }
+    Ok(serde_json::to_string(&event)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use vitalmq_policies::{Grant, Period};
+
+    use super::*;
+
+    fn period(from: u64, to: Option<u64>) -> Period {
+        Period::new(from, to).expect("non-empty period")
+    }
+
+    /// Assigned [1000, 10000); research granted [2000, open), withdrawn at 5000.
+    fn consent() -> Consent {
+        let mut c = Consent::new(period(1_000, Some(10_000)));
+        c.grant(Grant {
+            purpose: Purpose::Research,
+            period: period(2_000, Some(10_000)),
+        })
+        .expect("grant");
+        c.withdraw(Purpose::Research, 5_000).expect("withdraw");
+        c
+    }
+
+    #[test]
+    fn care_flows_for_the_whole_assignment() {
+        let c = consent();
+        assert_eq!(decide(Some(&c), Purpose::Care, 1_000), Flow::Send);
+        assert_eq!(decide(Some(&c), Purpose::Care, 9_999), Flow::Send);
+        assert_eq!(
+            decide(Some(&c), Purpose::Care, 10_000),
+            Flow::Withheld(Reason::Unassigned)
+        );
+        assert_eq!(
+            decide(None, Purpose::Care, 5_000),
+            Flow::Withheld(Reason::Unassigned),
+            "no assignment, not even care"
+        );
+    }
+
+    #[test]
+    fn other_purposes_flow_only_under_a_grant_and_stop_at_withdrawal() {
+        let c = consent();
+        assert_eq!(
+            decide(Some(&c), Purpose::Research, 1_999),
+            Flow::Withheld(Reason::NoConsent),
+            "before the grant"
+        );
+        assert_eq!(decide(Some(&c), Purpose::Research, 2_000), Flow::Send);
+        assert_eq!(
+            decide(Some(&c), Purpose::Research, 4_999),
+            Flow::Send,
+            "observed before the withdrawal: still flows, however late it arrives"
+        );
+        assert_eq!(
+            decide(Some(&c), Purpose::Research, 5_000),
+            Flow::Withheld(Reason::Withdrawn)
+        );
+        assert_eq!(
+            decide(Some(&c), Purpose::ModelTraining, 3_000),
+            Flow::Withheld(Reason::NoConsent)
+        );
+        assert_eq!(
+            decide(Some(&c), Purpose::Surveillance, 500),
+            Flow::Withheld(Reason::Unassigned)
+        );
+        assert_eq!(Reason::Withdrawn.as_str(), "withdrawn");
+    }
+
+    const EVENT: &str = r#"{"format":"vitalmq-event/v1","event_id":"ev1-00","device":"dev-1","site":"site-a","patient_ref":"pt-a","ts":1,"m":{"hr":60},"extra":{"note":"x"},"provenance":{"kid":"dev-1"}}"#;
+
+    #[test]
+    fn care_gets_the_event_as_it_is() {
+        assert_eq!(
+            minimise(EVENT, &Fields::default_for(Purpose::Care)).expect("json"),
+            EVENT
+        );
+    }
+
+    #[test]
+    fn other_purposes_lose_the_patient_and_unknown_payload_keys_by_default() {
+        let out = minimise(EVENT, &Fields::default_for(Purpose::Research)).expect("json");
+        assert_eq!(
+            out,
+            r#"{"format":"vitalmq-event/v1","event_id":"ev1-00","device":"dev-1","site":"site-a","ts":1,"m":{"hr":60},"provenance":{"kid":"dev-1"}}"#
+        );
+    }
+
+    #[test]
+    fn an_allow_list_keeps_only_what_it_names_and_the_event_identity() {
+        let fields = Fields::Only(["m", "patient_ref"].map(String::from).into());
+        let out = minimise(EVENT, &fields).expect("json");
+        assert_eq!(
+            out,
+            r#"{"format":"vitalmq-event/v1","event_id":"ev1-00","patient_ref":"pt-a","m":{"hr":60}}"#
+        );
+        assert!(matches!(
+            minimise("[1]", &fields),
+            Err(MinimiseError::NotAnObject)
+        ));
+        assert!(matches!(
+            minimise("{", &fields),
+            Err(MinimiseError::NotJson(_))
+        ));
+    }
+
+    #[test]
+    fn the_pseudonym_seam_replaces_or_removes_the_patient() {
+        let out = substitute_patient_ref(EVENT, |care| {
+            assert_eq!(care, "pt-a");
+            Some("pt-research".into())
+        })
+        .expect("json");
+        assert!(out.contains(r#""patient_ref":"pt-research""#), "{out}");
+        assert!(!out.contains("pt-a\""), "{out}");
+        let out = substitute_patient_ref(EVENT, |_| None).expect("json");
+        assert!(!out.contains("patient_ref"), "{out}");
+    }
+}
