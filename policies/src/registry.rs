@@ -743,12 +743,16 @@ fn patient_ref_ok(p: &str) -> bool {
 
 const PATIENT_REF_RULE: &str = "must be a pseudonymous token ([A-Za-z0-9][A-Za-z0-9._-]{0,63}), never a name or direct identifier";
 
+/// What a device entry yields: its history, its latest site and patient, and the consent
+/// of each assigned period by the period's start.
+type LoadedHistory = (History, (SiteId, String), BTreeMap<UnixMillis, Consent>);
+
 /// A v1 device: `site` and `patient_ref` on the device, one open period from the epoch.
 fn device_history_v1(
     problems: &mut Problems<'_>,
     i: usize,
     entry: &Spanned<RawDevice>,
-) -> Option<(History, (SiteId, String), BTreeMap<UnixMillis, Consent>)> {
+) -> Option<LoadedHistory> {
     let span = Some(entry.span());
     let d = entry.get_ref();
     let field = |name: &str| format!("devices[{i}].{name}");
@@ -795,7 +799,7 @@ fn device_history_v2(
     problems: &mut Problems<'_>,
     i: usize,
     entry: &Spanned<RawDevice>,
-) -> Option<(History, (SiteId, String), BTreeMap<UnixMillis, Consent>)> {
+) -> Option<LoadedHistory> {
     let span = Some(entry.span());
     let d = entry.get_ref();
     let field = |name: &str| format!("devices[{i}].{name}");
