@@ -260,6 +260,41 @@ mod tests {
         assert_eq!(Reason::Withdrawn.as_str(), "withdrawn");
     }
 
+    proptest::proptest! {
+        /// `decide` sends exactly what the consent covers; it says `Unassigned` exactly
+        /// outside the assignment and `Withdrawn` only after a grant of the purpose
+        /// ended.
+        #[test]
+        fn decide_sends_exactly_what_consent_covers(
+            grants in proptest::collection::vec((0usize..4, 0u64..1_000, 1u64..400), 0..8),
+            withdrawals in proptest::collection::vec((0usize..4, 0u64..1_000), 0..4),
+        ) {
+            let mut c = Consent::new(period(100, Some(900)));
+            for (p, from, len) in grants {
+                if let Some(period) = Period::new(from, Some(from + len)) {
+                    let _refused_or_not = c.grant(Grant { purpose: Purpose::ALL[p], period });
+                }
+            }
+            for (p, at) in withdrawals {
+                let _refused_or_not = c.withdraw(Purpose::ALL[p], at);
+            }
+            for p in Purpose::ALL {
+                for t in (0u64..1_000).step_by(7) {
+                    let flow = decide(Some(&c), p, t);
+                    proptest::prop_assert_eq!(flow == Flow::Send, c.covers(p, t));
+                    proptest::prop_assert_eq!(
+                        flow == Flow::Withheld(Reason::Unassigned),
+                        !c.assignment().contains(t)
+                    );
+                    if flow == Flow::Withheld(Reason::Withdrawn) {
+                        proptest::prop_assert!(c.grants().iter().any(|g| g.purpose == p
+                            && g.period.to.is_some_and(|to| to <= t)));
+                    }
+                }
+            }
+        }
+    }
+
     const EVENT: &str = r#"{"format":"vitalmq-event/v1","event_id":"ev1-00","device":"dev-1","site":"site-a","patient_ref":"pt-a","ts":1,"m":{"hr":60},"extra":{"note":"x"},"provenance":{"kid":"dev-1"}}"#;
 
     #[test]
