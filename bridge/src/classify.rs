@@ -20,6 +20,7 @@ use crate::alerts::evaluated::Evaluated;
 use crate::alerts::presence::Presence;
 use crate::alerts::status::StatusKeys;
 use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
+use crate::attribute::attribute;
 use crate::gaps::{Gap, OpenGaps};
 use crate::normalize::Receipt;
 use crate::plausible::Assessment;
@@ -419,7 +420,7 @@ impl Sequencer {
                         }
                         Verdict::Accept(a) => a,
                     };
-                    let Some(entry) = registry.device(&device) else {
+                    let Some(current) = registry.device(&device) else {
                         // Only if the registry was reloaded between verify and here.
                         let refusal =
                             Refusal::new(ReasonClass::UnknownKey, "device left the registry");
@@ -432,6 +433,38 @@ impl Sequencer {
                         );
                         continue;
                     };
+                    let assessment = match &self.rules {
+                        Some(r) => Assessment::of(
+                            &verified,
+                            incoming.received_at_ms,
+                            r.plausibility(),
+                            r.clock(),
+                        ),
+                        None => Assessment::of(
+                            &verified,
+                            incoming.received_at_ms,
+                            &Default::default(),
+                            &Default::default(),
+                        ),
+                    };
+                    // The patient and site are those of the assignment covering the
+                    // reading's observed_at, not the device's current ones. Refused
+                    // before the window moves: nothing of an unattributable reading
+                    // is kept but its quarantine row.
+                    let entry = match attribute(registry, current, assessment.observed_at_ms) {
+                        Ok(entry) => entry,
+                        Err(refusal) => {
+                            refuse(
+                                &mut commit,
+                                &mut dispositions,
+                                incoming,
+                                Some(device),
+                                refusal,
+                            );
+                            continue;
+                        }
+                    };
+                    let entry = entry.as_ref();
                     // Window and gaps.
                     let mut changed = Vec::new();
                     match (&mut track.window, accepted) {
@@ -468,30 +501,17 @@ impl Sequencer {
                         publisher: &publisher,
                         bridge: &origin.bridge,
                     };
-                    let assessment = match &self.rules {
-                        Some(r) => Assessment::of(
-                            &verified,
-                            incoming.received_at_ms,
-                            r.plausibility(),
-                            r.clock(),
-                        ),
-                        None => Assessment::of(
-                            &verified,
-                            incoming.received_at_ms,
-                            &Default::default(),
-                            &Default::default(),
-                        ),
-                    };
                     let event =
                         RecordedEvent::new(&verified, accepted, entry, &receipt, &assessment);
                     let event_id = event.event_id().to_owned();
                     if let Some(rules) = &self.rules {
-                        track.site = Some(entry.site.clone());
+                        // Silence is about the device now: its current site and entry.
+                        track.site = Some(current.site.clone());
                         let state = &mut track.alerts;
                         let mut out = Vec::new();
                         out.extend(state.silence.on_accepted(
                             rules.sha256(),
-                            entry,
+                            current,
                             incoming.received_at_ms,
                         ));
                         // Once per (epoch, seq), however often the store could not

@@ -5,6 +5,7 @@
 //! bridge process's own machinery, reached through [`run`].
 
 mod alerts;
+mod attribute;
 mod audit_ship;
 mod audit_size;
 mod certwatch;

@@ -125,6 +125,8 @@ pub struct Recorder {
     pub store: Store,
     pub sequencer: Sequencer,
     pub registry: Arc<DeviceRegistry>,
+    /// Reloaded registries: the next batch is sequenced and attributed with the newest.
+    pub registry_updates: Option<watch::Receiver<Arc<DeviceRegistry>>>,
     pub origin: Origin,
     pub auditor: Auditor,
     pub settings: RecorderSettings,
@@ -313,6 +315,11 @@ impl Recorder {
             {
                 let fresh = Arc::clone(&rules.borrow_and_update());
                 self.sequencer.set_rules(Some(fresh));
+            }
+            if let Some(updates) = &mut self.registry_updates
+                && updates.has_changed().unwrap_or(false)
+            {
+                self.registry = Arc::clone(&updates.borrow_and_update());
             }
             self.watch_backlog(&mut st);
             let mut tokens = Vec::new();

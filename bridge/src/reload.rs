@@ -1,16 +1,17 @@
-//! Alert rules change without a restart: the rule file is reloaded when it changes on
-//! disk or on SIGHUP. A file with a mistake is refused (the error names file and line)
-//! and the rules in force stay; every reload and refusal is audited with the old and
-//! new SHA-256.
+//! Alert rules and the device registry change without a restart: each file is reloaded
+//! when it changes on disk or on SIGHUP. A file with a mistake is refused (the error
+//! names file and line) and what is in force stays; every reload and refusal is audited
+//! with the old and new SHA-256.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Decision, Event};
-use vitalmq_policies::RuleSet;
+use vitalmq_policies::{DeviceRegistry, PolicyErrors, RuleSet};
 
 /// Keeps the rule set current; drop the returned watcher to stop watching the file.
 #[derive(Debug)]
@@ -43,20 +44,7 @@ pub fn watch_rules(
     let watcher = file_watcher(&path, trigger.clone());
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::spawn(async move {
-        loop {
-            let fired = async {
-                match hup.as_mut() {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                t = triggers.recv() => if t.is_none() { return },
-                _ = fired => {}
-            }
-            // Let an editor finish writing before reading.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            while triggers.try_recv().is_ok() {}
+        while next_trigger(&mut triggers, &mut hup, tx.closed()).await {
             let old = tx.borrow().sha256().to_owned();
             let path2 = path.clone();
             let loaded = tokio::task::spawn_blocking(move || RuleSet::load(&path2)).await;
@@ -112,6 +100,152 @@ pub fn watch_rules(
     }
 }
 
+/// Waits for a file change or SIGHUP, then lets an editor finish writing and swallows
+/// the burst of events it made; false once nobody reads what is reloaded (`stop`).
+/// Without a file watcher (`triggers` closed at once) SIGHUP still reloads.
+async fn next_trigger(
+    triggers: &mut mpsc::Receiver<()>,
+    hup: &mut Option<tokio::signal::unix::Signal>,
+    stop: impl std::future::Future<Output = ()>,
+) -> bool {
+    tokio::pin!(stop);
+    let mut watching = !triggers.is_closed();
+    loop {
+        let fired = async {
+            match hup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            t = triggers.recv(), if watching => match t {
+                Some(()) => break,
+                None => watching = false,
+            },
+            Some(()) = fired => break,
+            () = &mut stop => return false,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while triggers.try_recv().is_ok() {}
+    true
+}
+
+/// A registry as read from its file, with the file's SHA-256 (hex): what the audit
+/// records name, and how a reload tells a real change from a touched file.
+#[derive(Debug, Clone)]
+pub struct LoadedRegistry {
+    pub registry: Arc<DeviceRegistry>,
+    pub sha256: String,
+}
+
+/// Reads and validates the registry file (all of it or nothing).
+pub fn load_registry(path: &std::path::Path) -> Result<LoadedRegistry, PolicyErrors> {
+    // Read once and hash the bytes that were parsed, so the recorded hash is the
+    // registry in force even when the file changes again meanwhile.
+    let bytes = std::fs::read(path).map_err(|e| {
+        PolicyErrors(vec![vitalmq_policies::PolicyError {
+            file: path.to_path_buf(),
+            line: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let text = String::from_utf8(bytes).map_err(|e| {
+        PolicyErrors(vec![vitalmq_policies::PolicyError {
+            file: path.to_path_buf(),
+            line: None,
+            field: None,
+            message: format!("not UTF-8: {e}"),
+        }])
+    })?;
+    let registry = DeviceRegistry::parse(&text, path)?;
+    Ok(LoadedRegistry {
+        registry: Arc::new(registry),
+        sha256,
+    })
+}
+
+/// Keeps the device registry current; drop it to stop watching the file.
+#[derive(Debug)]
+pub struct RegistryWatch {
+    pub registry: watch::Receiver<Arc<DeviceRegistry>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// Starts watching the registry at `path` (already loaded as `initial`). The
+/// `vitalmq registry` commands write it by rename, which the directory watch sees; a
+/// registry that does not validate is refused whole and the one in force stays.
+pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) -> RegistryWatch {
+    let (tx, rx) = watch::channel(initial.registry);
+    let (trigger, mut triggers) = mpsc::channel::<()>(1);
+    let watcher = file_watcher(&path, trigger.clone());
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut in_force = initial.sha256;
+    tokio::spawn(async move {
+        while next_trigger(&mut triggers, &mut hup, tx.closed()).await {
+            let path2 = path.clone();
+            match tokio::task::spawn_blocking(move || load_registry(&path2)).await {
+                Ok(Ok(loaded)) => {
+                    if loaded.sha256 == in_force {
+                        continue;
+                    }
+                    let domain = tx.borrow().trust_domain().clone();
+                    if loaded.registry.trust_domain() != &domain {
+                        // The bridge's own identity and every SPIFFE check were made
+                        // for the domain it started with.
+                        error!(registry = %path.display(), "device registry names another trust domain; the registry in force stays (restart to change it)");
+                        let _ = auditor.record(
+                            AuditRecord::new(Component::Bridge, Event::PolicyRejected)
+                                .resource(path.display().to_string())
+                                .decision(Decision::Deny)
+                                .policy_sha256(in_force.clone())
+                                .reason("trust_domain_changed")
+                                .detail("new_sha256", loaded.sha256)
+                                .detail(
+                                    "new_trust_domain",
+                                    loaded.registry.trust_domain().to_string(),
+                                ),
+                        );
+                        continue;
+                    }
+                    let devices = loaded.registry.devices().count();
+                    info!(registry = %path.display(), old = %in_force, new = %loaded.sha256, devices, "device registry reloaded");
+                    let _ = auditor.record(
+                        AuditRecord::new(Component::Bridge, Event::PolicyReloaded)
+                            .resource(path.display().to_string())
+                            .decision(Decision::Allow)
+                            .policy_sha256(loaded.sha256.clone())
+                            .detail("old_sha256", in_force.clone())
+                            .detail("new_sha256", loaded.sha256.clone())
+                            .detail("devices", devices),
+                    );
+                    in_force = loaded.sha256;
+                    let _ = tx.send(loaded.registry);
+                }
+                Ok(Err(e)) => {
+                    error!(registry = %path.display(), error = %e, "device registry refused; the registry in force stays");
+                    let _ = auditor.record(
+                        AuditRecord::new(Component::Bridge, Event::PolicyRejected)
+                            .resource(path.display().to_string())
+                            .decision(Decision::Deny)
+                            .policy_sha256(in_force.clone())
+                            .reason("invalid_registry")
+                            .detail("error", e.to_string()),
+                    );
+                }
+                Err(e) => error!(error = %e, "registry reload task failed"),
+            }
+        }
+    });
+    drop(trigger);
+    RegistryWatch {
+        registry: rx,
+        _watcher: watcher,
+    }
+}
+
 fn file_watcher(
     path: &std::path::Path,
     trigger: mpsc::Sender<()>,
@@ -145,10 +279,121 @@ fn file_watcher(
 #[cfg(test)]
 mod tests {
     use std::path::Path;
+    use std::time::Duration;
 
-    use vitalmq_policies::RuleSet;
+    use vitalmq_envelope::{Algorithm, DeviceId, SigningKey};
+    use vitalmq_policies::{DeviceRegistry, RuleSet, Use};
 
-    use super::unknown_handlers;
+    use super::{load_registry, unknown_handlers, watch_registry};
+
+    /// A v2 registry: `dev-1` worn by `patient` on `north` from 2025 on.
+    fn registry_text(key_hex: &str, domain: &str, patient: &str) -> String {
+        format!(
+            "format = \"vitalmq-registry/v2\"\ntrust_domain = \"{domain}\"\n[[devices]]\nid = \"dev-1\"\nalg = \"EdDSA\"\npublic_key = \"{key_hex}\"\n[[devices.assignments]]\nvalid_from = \"2025-01-01T00:00:00Z\"\npatient_ref = \"{patient}\"\nsite = \"north\"\n"
+        )
+    }
+
+    /// Writes `text` over `path` as the `vitalmq registry` commands do: by rename.
+    fn replace(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, path).expect("rename");
+    }
+
+    /// Polls the audit log until a line contains `needle`.
+    async fn audited(log: &Path, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return line.to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no audit record with {needle}: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn patient(registry: &DeviceRegistry) -> String {
+        let dev = DeviceId::new("dev-1").expect("id");
+        match registry
+            .assignment_at(&dev, 1_750_000_000_000)
+            .map(|a| a.serves.clone())
+        {
+            Some(Use::Assigned { patient_ref, .. }) => patient_ref,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_registry_reloads_on_change_and_a_bad_one_is_refused_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.toml");
+        let log = dir.path().join("audit.jsonl");
+        let key = SigningKey::generate(Algorithm::EdDsa)
+            .expect("key")
+            .verifying_key()
+            .to_hex();
+        std::fs::write(&path, registry_text(&key, "test.vitalmq", "pt-a")).expect("write");
+        let audit = vitalmq_audit::AuditLog::open(&log, 64).expect("audit");
+        let initial = load_registry(&path).expect("valid");
+        let first_sha = initial.sha256.clone();
+        let mut watch = watch_registry(path.clone(), initial, audit.auditor());
+
+        replace(&path, &registry_text(&key, "test.vitalmq", "pt-b"));
+        tokio::time::timeout(Duration::from_secs(10), watch.registry.changed())
+            .await
+            .expect("reloaded in time")
+            .expect("watch open");
+        assert_eq!(patient(&watch.registry.borrow_and_update()), "pt-b");
+        let line = audited(&log, "policy_reloaded").await;
+        assert!(line.contains(&first_sha), "old hash recorded: {line}");
+
+        // A broken file and one naming another trust domain: refused, audited, and
+        // the registry in force stays.
+        replace(&path, "format = \"vitalmq-registry/v2\"\ntrust_domain = ");
+        let line = audited(&log, "invalid_registry").await;
+        assert!(line.contains("policy_rejected"), "{line}");
+        replace(&path, &registry_text(&key, "other.vitalmq", "pt-c"));
+        audited(&log, "trust_domain_changed").await;
+        assert!(!watch.registry.has_changed().expect("open"));
+        assert_eq!(patient(&watch.registry.borrow()), "pt-b");
+        drop(audit);
+    }
+
+    /// SIGHUP alone reloads: the file is changed where the watcher does not look (a
+    /// write through a hard link in another directory; inotify reports the change on
+    /// the linked path only).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sighup_reloads_the_registry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.toml");
+        let key = SigningKey::generate(Algorithm::EdDsa)
+            .expect("key")
+            .verifying_key()
+            .to_hex();
+        std::fs::write(&path, registry_text(&key, "test.vitalmq", "pt-a")).expect("write");
+        let link = elsewhere.path().join("registry.toml");
+        std::fs::hard_link(&path, &link).expect("hard link");
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let initial = load_registry(&path).expect("valid");
+        let mut watch = watch_registry(path.clone(), initial, audit.auditor());
+        std::fs::write(&link, registry_text(&key, "test.vitalmq", "pt-b")).expect("write");
+        let hup = std::process::Command::new("kill")
+            .args(["-HUP", &std::process::id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(hup.success());
+        tokio::time::timeout(Duration::from_secs(10), watch.registry.changed())
+            .await
+            .expect("reloaded in time")
+            .expect("watch open");
+        assert_eq!(patient(&watch.registry.borrow()), "pt-b");
+    }
 
     fn rules(escalation: &str) -> RuleSet {
         let text = format!(

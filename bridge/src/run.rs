@@ -211,7 +211,9 @@ pub async fn run(
         Arc::clone(&store_writable),
     )
     .await?;
-    let registry = Arc::new(DeviceRegistry::load(&config.registry).map_err(RunError::Registry)?);
+    let loaded_registry =
+        crate::reload::load_registry(&config.registry).map_err(RunError::Registry)?;
+    let registry = Arc::clone(&loaded_registry.registry);
     // Before anything is opened: patient data must not be readable by other users.
     let private_paths = config.private_paths();
     let exposed = vitalmq_private_fs::check(
@@ -239,6 +241,12 @@ pub async fn run(
             }
         })?;
     let auditor = audit.auditor();
+    // The registry, reloaded on change: attribution follows the assignments as the
+    // `vitalmq registry` commands change them, without a restart. Watched as soon as
+    // there is an audit log (a change before this is picked up at the next one or
+    // SIGHUP).
+    let registry_watch =
+        crate::reload::watch_registry(config.registry.clone(), loaded_registry, auditor.clone());
     let rules = match &config.alerts {
         Some(a) => Some(Arc::new(
             vitalmq_policies::RuleSet::load(&a.rules).map_err(RunError::Rules)?,
@@ -354,6 +362,7 @@ pub async fn run(
         store,
         sequencer,
         registry: Arc::clone(&registry),
+        registry_updates: Some(registry_watch.registry.clone()),
         origin: Origin {
             broker: config.broker.address.clone(),
             bridge: bridge_identity.clone(),
@@ -382,7 +391,7 @@ pub async fn run(
     let ingest = tokio::spawn(ingest(
         incoming_rx,
         batch_tx,
-        Arc::clone(&registry),
+        registry_watch.registry.clone(),
         config.pipeline.batch_max,
     ));
     let connection = Arc::new(AtomicU64::new(0));
@@ -472,6 +481,7 @@ pub async fn run(
         AuditRecord::new(Component::Bridge, AuditEvent::ComponentStopped).resource(bridge_identity),
     );
     drop(rules_watch);
+    drop(registry_watch);
     audit.close().map_err(RunError::CloseAudit)?;
     Ok(())
 }
@@ -694,7 +704,7 @@ type Pending = futures::future::BoxFuture<'static, Result<Work<AckToken>, tokio:
 async fn ingest(
     mut incoming: mpsc::UnboundedReceiver<Inbound>,
     batches: mpsc::Sender<Work<AckToken>>,
-    registry: Arc<DeviceRegistry>,
+    registry: watch::Receiver<Arc<DeviceRegistry>>,
     batch_max: usize,
 ) {
     use futures::{FutureExt as _, StreamExt as _};
@@ -752,7 +762,9 @@ async fn ingest(
                         Err(_) => break,
                     }
                 }
-                let registry = Arc::clone(&registry);
+                // The registry in force when the batch starts (a reload between verify
+                // and sequence is handled there: see `Sequencer::sequence`).
+                let registry = Arc::clone(&registry.borrow());
                 verifying.push_back(
                     tokio::task::spawn_blocking(move || {
                         let started = std::time::Instant::now();

@@ -3,7 +3,10 @@
 use std::fmt;
 
 /// Refusal reason classes of SPEC section 3 and, from the sequence rules of section 4,
-/// `duplicate` and `replay` (which the bridge's sequence window reports, not envelope).
+/// `duplicate` and `replay` (which the bridge's sequence window reports, not envelope),
+/// and `unassigned` (issue 19; not in SPEC section 3): a verified reading observed when
+/// no assignment of the device covers it (unassigned, or retired), which the bridge
+/// cannot attribute to a patient and site.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
@@ -19,11 +22,12 @@ pub enum ReasonClass {
     PayloadSchema,
     Duplicate,
     Replay,
+    Unassigned,
 }
 
 impl ReasonClass {
-    /// Every class, in SPEC order.
-    pub const ALL: [Self; 9] = [
+    /// Every class, in SPEC order, then `unassigned`.
+    pub const ALL: [Self; 10] = [
         Self::Oversized,
         Self::Malformed,
         Self::BadSignature,
@@ -33,6 +37,7 @@ impl ReasonClass {
         Self::PayloadSchema,
         Self::Duplicate,
         Self::Replay,
+        Self::Unassigned,
     ];
 
     /// The SPEC's spelling, used in audit records, metrics labels and JSON.
@@ -47,6 +52,7 @@ impl ReasonClass {
             Self::PayloadSchema => "payload_schema",
             Self::Duplicate => "duplicate",
             Self::Replay => "replay",
+            Self::Unassigned => "unassigned",
         }
     }
 

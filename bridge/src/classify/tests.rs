@@ -497,3 +497,99 @@ fn a_skewed_device_clock_cannot_move_the_alert_clock() {
         "{bodies:?}"
     );
 }
+
+/// Issue 19: the event carries the patient and site of the assignment that covered its
+/// observed_at, although the bridge processes it after the reassignment.
+#[test]
+fn a_reading_observed_before_a_reassignment_is_recorded_for_the_earlier_patient() {
+    let mut f = fixture();
+    let dev = DeviceId::new("dev-00001").expect("id");
+    // Readings are observed at 1_718_260_201_000 + seq; the device changes hands at
+    // seq 5's instant, before the batch below is processed.
+    let switch = 1_718_260_201_005;
+    f.registry
+        .change_history(&dev, |h| {
+            h.reassign(
+                switch,
+                None,
+                "pt-b".into(),
+                SiteId::new("site-02").expect("site"),
+            )
+        })
+        .expect("reassigned");
+    assert_eq!(f.registry.device(&dev).expect("entry").patient_ref, "pt-b");
+    let mut s = sequencer();
+    let out = f.run(
+        &mut s,
+        vec![f.message("dev-00001", 1, 4), f.message("dev-00001", 1, 5)],
+    );
+    let owner = |i: usize| {
+        let e: serde_json::Value =
+            serde_json::from_str(out.commit.events[i].normalized_json()).expect("json");
+        (e["patient_ref"].clone(), e["site"].clone())
+    };
+    assert_eq!(owner(0), ("pt-7f3a".into(), "site-01".into()));
+    assert_eq!(owner(1), ("pt-b".into(), "site-02".into()));
+}
+
+/// Issue 19: a reading observed while no assignment covers the device cannot be
+/// attributed; it is quarantined as `unassigned` and does not move the window.
+#[test]
+fn a_reading_observed_while_unassigned_is_quarantined_and_not_sequenced() {
+    let mut f = fixture();
+    let dev = DeviceId::new("dev-00001").expect("id");
+    f.registry
+        .change_history(&dev, |h| h.close(1_718_260_201_003))
+        .expect("unassigned");
+    let mut s = sequencer();
+    let out = f.run(
+        &mut s,
+        vec![f.message("dev-00001", 1, 2), f.message("dev-00001", 1, 3)],
+    );
+    assert_eq!(out.commit.events.len(), 1, "seq 2 was still assigned");
+    assert_eq!(out.commit.quarantine.len(), 1);
+    let q = &out.commit.quarantine[0];
+    assert_eq!(q.reason, "unassigned");
+    assert!(q.detail.contains("no assignment"), "{}", q.detail);
+    assert!(matches!(
+        out.dispositions[1].0,
+        Disposition::Refused {
+            reason: ReasonClass::Unassigned,
+            ..
+        }
+    ));
+    assert_eq!(
+        out.commit.counters,
+        vec![("dev-00001".to_owned(), "unassigned", 1)]
+    );
+    let highest: Vec<_> = out
+        .commit
+        .sequences
+        .iter()
+        .map(|(d, w)| (d.as_str(), w.highest()))
+        .collect();
+    assert_eq!(
+        highest,
+        vec![("dev-00001", 2)],
+        "the refused reading did not move the window"
+    );
+
+    // Retired: refused too, with the reason said.
+    f.registry
+        .change_history(&dev, |h| {
+            h.reassign(
+                1_718_260_201_004,
+                None,
+                "pt-b".into(),
+                SiteId::new("site-01").expect("site"),
+            )?;
+            h.retire(1_718_260_201_006)
+        })
+        .expect("retired");
+    let out = f.run(
+        &mut s,
+        vec![f.message("dev-00001", 1, 5), f.message("dev-00001", 1, 6)],
+    );
+    assert_eq!(out.commit.events.len(), 1);
+    assert!(out.commit.quarantine[0].detail.contains("retired"));
+}
