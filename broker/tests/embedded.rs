@@ -61,6 +61,30 @@ async fn connect(
     (pipe, code)
 }
 
+/// Connects `client_id` (MQTT 3.1.1, no will), subscribes to `filter` at QoS 1 and waits
+/// for the SUBACK; returns the pipe and its read buffer.
+async fn subscriber(
+    embedded: &EmbeddedBroker,
+    client_id: &str,
+    password: &str,
+    filter: &str,
+) -> (DuplexStream, BytesMut) {
+    let (mut pipe, code) = connect(embedded, client_id, password, None).await;
+    assert_eq!(code, Some(v4::ConnectReturnCode::Success));
+    send(&mut pipe, |b| {
+        v4::Subscribe::new(filter, QoS::AtLeastOnce)
+            .write(b)
+            .expect("encode SUBSCRIBE");
+    })
+    .await;
+    let mut buf = BytesMut::new();
+    assert!(matches!(
+        read_packet(&mut pipe, &mut buf).await,
+        Some(v4::Packet::SubAck(_))
+    ));
+    (pipe, buf)
+}
+
 #[tokio::test]
 async fn only_the_gate_secret_is_admitted() {
     let embedded = EmbeddedBroker::start(&EmbeddedSettings::default()).expect("starts");
@@ -83,19 +107,7 @@ async fn messages_route_between_pipes_and_a_dropped_pipe_fires_its_will() {
     };
     let embedded = EmbeddedBroker::start(&settings).expect("starts");
     let secret = embedded.password();
-    let (mut subscriber, code) = connect(&embedded, "watcher", &secret, None).await;
-    assert_eq!(code, Some(v4::ConnectReturnCode::Success));
-    send(&mut subscriber, |b| {
-        v4::Subscribe::new("t/#", QoS::AtLeastOnce)
-            .write(b)
-            .expect("encode SUBSCRIBE");
-    })
-    .await;
-    let mut sub_buf = BytesMut::new();
-    assert!(matches!(
-        read_packet(&mut subscriber, &mut sub_buf).await,
-        Some(v4::Packet::SubAck(_))
-    ));
+    let (mut subscriber, mut sub_buf) = subscriber(&embedded, "watcher", &secret, "t/#").await;
 
     let will = v4::LastWill::new("t/will", "gone", QoS::AtLeastOnce, false);
     let (mut publisher, code) = connect(&embedded, "sender", &secret, Some(will)).await;
@@ -198,19 +210,8 @@ async fn a_v5_publish_with_properties_reaches_a_v311_subscriber_without_them() {
 
     let embedded = EmbeddedBroker::start(&EmbeddedSettings::default()).expect("starts");
     let secret = embedded.password();
-    let (mut subscriber, code) = connect(&embedded, "integrator", &secret, None).await;
-    assert_eq!(code, Some(v4::ConnectReturnCode::Success));
-    send(&mut subscriber, |b| {
-        v4::Subscribe::new("alerts/#", QoS::AtLeastOnce)
-            .write(b)
-            .expect("encode SUBSCRIBE");
-    })
-    .await;
-    let mut sub_buf = BytesMut::new();
-    assert!(matches!(
-        read_packet(&mut subscriber, &mut sub_buf).await,
-        Some(v4::Packet::SubAck(_))
-    ));
+    let (mut subscriber, mut sub_buf) =
+        subscriber(&embedded, "integrator", &secret, "alerts/#").await;
 
     let mut publisher = embedded.connect(Version::V5);
     let connect = v5::Connect {
