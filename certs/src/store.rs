@@ -88,7 +88,9 @@ impl Pki {
             let path = layout.cose_key(&PrincipalId::from(device.id.clone()));
             layout::write_new(&path, &device.key.to_pkcs8_pem()?, Mode::Secret)?;
         }
-        layout::write_new(&layout.registry(), &fleet.registry.to_toml(), Mode::Public)?;
+        // The registry links devices to patient pseudonyms and consent: owner-only, as
+        // `vitalmq registry` writes it.
+        layout::write_new(&layout.registry(), &fleet.registry.to_toml(), Mode::Secret)?;
         let mut pki = Self {
             layout,
             ca: fleet.ca,
@@ -175,7 +177,7 @@ impl Pki {
             if let Some(key) = device_key {
                 layout::write_new(&cose_path, &key.to_pkcs8_pem()?, Mode::Secret)?;
             }
-            layout::replace(&self.layout.registry(), &registry.to_toml(), Mode::Public)?;
+            layout::replace(&self.layout.registry(), &registry.to_toml(), Mode::Secret)?;
         }
         let new = entry(
             &self.layout,
@@ -378,6 +380,12 @@ mod tests {
         assert_eq!(key.verifying_key(), dev.key);
         let mode = std::fs::metadata(&cose).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        let registry_mode = std::fs::metadata(pki.layout().registry())
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(registry_mode, 0o600, "patient pseudonyms and consent: owner only");
 
         let no_site = IssueRequest {
             site: None,
