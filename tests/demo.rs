@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{BridgeProcess, BrokerProcess, run, temp_dir};
 
-const DEVICES: u32 = 12;
+const DEVICES: u32 = 14;
 
 fn bin() -> &'static std::path::Path {
     std::path::Path::new(env!("CARGO_BIN_EXE_vitalmq"))

@@ -40,14 +40,14 @@ pub struct Check {
 }
 
 impl Check {
-    fn new(ok: bool, text: impl Into<String>) -> Self {
+    pub(super) fn new(ok: bool, text: impl Into<String>) -> Self {
         Self {
             outcome: if ok { Outcome::Passed } else { Outcome::Failed },
             text: text.into(),
         }
     }
 
-    fn skipped(text: impl Into<String>) -> Self {
+    pub(super) fn skipped(text: impl Into<String>) -> Self {
         Self {
             outcome: Outcome::Skipped,
             text: text.into(),

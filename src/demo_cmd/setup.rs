@@ -46,8 +46,10 @@ pub const ALARM_FOR: Duration = Duration::from_secs(6);
 pub const SILENT_DEVICE: &str = "dev-00002";
 
 /// Fewest devices the scenario needs: one with the episode and the alarm, one that goes
-/// silent, one per fault, and the one whose certificate is revoked.
-pub const MIN_DEVICES: u32 = 12;
+/// silent, one per fault (3 to 11), the reassigned one and the one whose research
+/// consent is withdrawn (12 and 13, see `governance`), and the one whose certificate is
+/// revoked (the last).
+pub const MIN_DEVICES: u32 = 14;
 
 /// Shortest run the scenario fits in.
 pub const MIN_DURATION: Duration = Duration::from_secs(15);
@@ -61,6 +63,9 @@ pub struct WorkDir {
 impl WorkDir {
     pub fn pki(&self) -> PathBuf {
         self.root.join("pki")
+    }
+    pub fn registry(&self) -> PathBuf {
+        self.pki().join("registry.toml")
     }
     pub fn acl(&self) -> PathBuf {
         self.root.join("acl.toml")
@@ -126,6 +131,7 @@ pub fn create(
         &demo_rules(clock_ahead, AlertTimes::for_run(duration)),
     )?;
     write(&work.broker_config(), &broker_config_toml())?;
+    super::governance::grant_research_consent(&work, devices)?;
     Ok((work, summary))
 }
 
@@ -203,11 +209,12 @@ retention = "audit-7y"
 kind = "objects"
 name = "objects"
 path = "objects"
-
+{research}
 [alerts]
 rules = "rules.toml"
 publisher = {{ client_id = "bridge-01-alerts", cert = "pki/identities/bridge/bridge-01-alerts.pem", key = "pki/identities/bridge/bridge-01-alerts.key.pem" }}
-"#
+"#,
+        research = super::governance::research_sink_toml()
     )
 }
 
@@ -409,7 +416,7 @@ mod tests {
         std::fs::write(&bridge, bridge_config_toml(8883)).expect("write");
         let c = vitalmq_bridge::BridgeConfig::load(&bridge).expect("bridge config");
         assert_eq!(c.broker.address, "127.0.0.1:8883");
-        assert_eq!(c.sinks.len(), 1);
+        assert_eq!(c.sinks.len(), 2, "care and research");
         assert_eq!(c.audit_ship.len(), 2);
         assert_eq!(c.audit_ship[0].component, "broker");
         assert_eq!(
