@@ -1,18 +1,22 @@
-//! `vitalmq registry assign|unassign|retire`: change a device's assignment history in a
-//! registry file (issue 19). Each change is applied through the registry's
-//! [`History`](vitalmq_policies::History) rules (no overlaps, nothing after a
-//! retirement), so a refused change exits non-zero and leaves the file as it was; an
-//! accepted one is written as `vitalmq-registry/v2`, atomically (a 0600 temporary in the
-//! same directory, synced, renamed over the file, the directory synced), after checking
-//! that the new text loads. Broker and bridge pick it up on their next registry reload.
-//! Concurrent commands on one registry take turns: each holds an exclusive `flock` on
-//! the registry's directory from reading the file until the new one is in place (the
-//! file itself is replaced, so it cannot carry the lock).
+//! `vitalmq registry assign|unassign|retire|consent`: change a device's assignment
+//! history or its consent grants in a registry file (issue 19). Each change is applied
+//! through the registry's [`History`](vitalmq_policies::History) and
+//! [`Consent`](vitalmq_policies::Consent) rules (no overlaps, nothing after a
+//! retirement, grants inside their assignment), so a refused change exits non-zero and
+//! leaves the file as it was; an accepted one is written as `vitalmq-registry/v2`,
+//! atomically (a 0600 temporary in the same directory, synced, renamed over the file,
+//! the directory synced), after checking that the new text loads. Broker and bridge
+//! pick it up on their next registry reload. Concurrent changes of one registry take
+//! turns: each holds an exclusive `flock` on the registry's directory from reading the
+//! file until the new one is in place (the file itself is replaced, so it cannot carry
+//! the lock).
 //!
-//! Every change is an operator action (see `operator_audit`): logged by default in
+//! [`apply`] is the one place a change happens, for the CLI (acting as the local
+//! service account) and for the admin API (acting as an authenticated operator): every
+//! change is an operator action (see `operator_audit`), logged by default in
 //! `audit/operator.jsonl` beside the registry (the PKI's log when the registry is
-//! `<pki>/registry.toml`), or in `$VITALMQ_OPERATOR_AUDIT`. The record names the device
-//! and site, never the patient pseudonym.
+//! `<pki>/registry.toml`), or in `$VITALMQ_OPERATOR_AUDIT`. The record names the device,
+//! site or purpose and the acting identity, never the patient pseudonym.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -20,11 +24,12 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{
-    Assignment, DeviceRegistry, History, PrincipalId, SiteId, UnixMillis, Use, format_rfc3339,
-    parse_rfc3339,
+    Assignment, DeviceRegistry, Grant, History, Period, PrincipalId, Purpose, SiteId, UnixMillis,
+    Use, format_rfc3339, parse_rfc3339,
 };
 
 use crate::operator_audit;
@@ -53,91 +58,329 @@ pub enum RegistryCommand {
         #[command(flatten)]
         target: Target,
     },
+    /// Grant or withdraw consent for a purpose (research, surveillance, model-training;
+    /// care is implied by the assignment).
+    #[command(subcommand)]
+    Consent(ConsentCommand),
 }
 
-/// The registry file, the device and the instant of a change.
+#[derive(Debug, Subcommand)]
+pub enum ConsentCommand {
+    /// Grant consent for `--purpose` from `--from` (now when absent) until `--until`
+    /// (open when absent), inside the assignment open at `--from`.
+    Grant {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long)]
+        purpose: String,
+        /// Start of the grant (RFC 3339); now when absent.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the grant (RFC 3339, exclusive); open when absent.
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Withdraw consent for `--purpose` from `--at` (now when absent) on: events
+    /// observed from then on no longer flow to sinks of that purpose.
+    Withdraw {
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[arg(long)]
+        purpose: String,
+        /// When the withdrawal takes effect (RFC 3339); now when absent.
+        #[arg(long)]
+        at: Option<String>,
+    },
+}
+
+/// The registry file and the device of a change.
 #[derive(Debug, Args)]
-pub struct Target {
+pub struct DeviceArgs {
     /// The registry file (v1 or v2; written back as v2).
     #[arg(long)]
     registry: PathBuf,
     #[arg(long)]
     device: String,
+}
+
+/// The registry file, the device and the instant of a change.
+#[derive(Debug, Args)]
+pub struct Target {
+    #[command(flatten)]
+    device: DeviceArgs,
     /// When the change takes effect (RFC 3339); now when absent.
     #[arg(long)]
     at: Option<String>,
 }
 
+/// One change of a device's registry entry, as the CLI parses it and as the admin API
+/// receives it (JSON, `{"change": "assign", ...}`). Times are RFC 3339; absent means now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Change {
+    Assign {
+        patient_ref: String,
+        site: String,
+        #[serde(default)]
+        at: Option<String>,
+    },
+    Unassign {
+        #[serde(default)]
+        at: Option<String>,
+    },
+    Retire {
+        #[serde(default)]
+        at: Option<String>,
+    },
+    ConsentGrant {
+        purpose: String,
+        #[serde(default)]
+        from: Option<String>,
+        #[serde(default)]
+        until: Option<String>,
+    },
+    ConsentWithdraw {
+        purpose: String,
+        #[serde(default)]
+        at: Option<String>,
+    },
+}
+
+impl Change {
+    /// The operator action name of the change.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Self::Assign { .. } => "registry.assign",
+            Self::Unassign { .. } => "registry.unassign",
+            Self::Retire { .. } => "registry.retire",
+            Self::ConsentGrant { .. } => "registry.consent.grant",
+            Self::ConsentWithdraw { .. } => "registry.consent.withdraw",
+        }
+    }
+}
+
+/// Who makes a change: the local account running the CLI (the service account), or an
+/// operator authenticated by the admin API, with the role and purpose it acted under.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    /// The operator's SPIFFE id; `None` for the local account.
+    pub identity: Option<String>,
+    pub role: Option<String>,
+    pub purpose: Option<String>,
+}
+
+/// What an accepted change did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub device: String,
+    /// When it took effect (RFC 3339).
+    pub at: String,
+    /// One line per period or grant that went (`- ...`) or came (`+ ...`).
+    pub changes: Vec<String>,
+}
+
 impl RegistryCommand {
     pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
-        let (name, target) = match &self {
-            Self::Assign { target, .. } => ("registry.assign", target),
-            Self::Unassign { target } => ("registry.unassign", target),
-            Self::Retire { target } => ("registry.retire", target),
+        let (device, change) = match self {
+            Self::Assign {
+                target,
+                patient_ref,
+                site,
+            } => (
+                target.device,
+                Change::Assign {
+                    patient_ref,
+                    site,
+                    at: target.at,
+                },
+            ),
+            Self::Unassign { target } => (target.device, Change::Unassign { at: target.at }),
+            Self::Retire { target } => (target.device, Change::Retire { at: target.at }),
+            Self::Consent(ConsentCommand::Grant {
+                device,
+                purpose,
+                from,
+                until,
+            }) => (
+                device,
+                Change::ConsentGrant {
+                    purpose,
+                    from,
+                    until,
+                },
+            ),
+            Self::Consent(ConsentCommand::Withdraw {
+                device,
+                purpose,
+                at,
+            }) => (device, Change::ConsentWithdraw { purpose, at }),
         };
-        let mut action = operator_audit::Action::new(name, audit_log(&target.registry))
-            .resource(Some(format!("device/{}", target.device)))
-            .detail("registry", operator_audit::absolute(&target.registry));
-        if let Self::Assign { site, .. } = &self {
-            action = action.detail("site", site.as_str());
+        let applied = apply(&device.registry, &device.device, &change, &Actor::default())?;
+        for line in &applied.changes {
+            println!("{}: {line}", applied.device);
         }
-        action.run(|| self.apply())?;
+        println!("wrote {} (vitalmq-registry/v2)", device.registry.display());
         Ok(std::process::ExitCode::SUCCESS)
     }
+}
 
-    fn apply(self) -> anyhow::Result<((), Map<String, Value>)> {
-        let (path, device, at) = {
-            let t = match &self {
-                Self::Assign { target, .. }
-                | Self::Unassign { target }
-                | Self::Retire { target } => target,
-            };
-            let device = DeviceId::new(t.device.clone())
-                .with_context(|| format!("--device {}", t.device))?;
-            let at = match &t.at {
-                Some(text) => parse_rfc3339(text).with_context(|| format!("--at {text}"))?,
-                None => now_ms()?,
-            };
-            (t.registry.clone(), device, at)
-        };
-        let _turn = lock_dir(dir_of(&path))?;
-        let mut registry = DeviceRegistry::load(&path)?;
-        let before = registry
-            .history(&device)
-            .cloned()
-            .with_context(|| format!("device `{device}` is not in {}", path.display()))?;
-        match self {
-            Self::Assign {
-                patient_ref, site, ..
-            } => {
-                anyhow::ensure!(
-                    PrincipalId::new(patient_ref.clone()).is_ok(),
-                    "--patient-ref must be a pseudonymous token ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}), never a name or direct identifier"
-                );
-                let site = SiteId::new(site.clone()).with_context(|| format!("--site {site}"))?;
-                registry.change_history(&device, |h| h.reassign(at, None, patient_ref, site))?
-            }
-            Self::Unassign { .. } => registry.change_history(&device, |h| h.close(at))?,
-            Self::Retire { .. } => registry.change_history(&device, |h| h.retire(at))?,
-        }
-        let text = registry.to_toml();
-        // What is written must load: never leave a registry the broker would refuse.
-        DeviceRegistry::parse(&text, &path)
-            .context("the changed registry does not validate; nothing was written")?;
-        write_atomically(&path, &text)?;
-        let after = registry
-            .history(&device)
-            .cloned()
-            .expect("a registered device keeps its history");
-        for line in changes(&before, &after) {
-            println!("{device}: {line}");
-        }
-        println!("wrote {} (vitalmq-registry/v2)", path.display());
-        tracing::info!(device = %device, at = %format_rfc3339(at), "registry changed");
-        let mut details = Map::new();
-        details.insert("at".into(), format_rfc3339(at).into());
-        Ok(((), details))
+/// Applies `change` to `device` in the registry file `path` as `actor`: an audited
+/// operator action; refused changes leave the file untouched.
+pub fn apply(path: &Path, device: &str, change: &Change, actor: &Actor) -> anyhow::Result<Applied> {
+    let mut action = operator_audit::Action::new(change.action(), audit_log(path))
+        .resource(Some(format!("device/{device}")))
+        .detail("registry", operator_audit::absolute(path));
+    if let Some(identity) = &actor.identity {
+        action = action.detail("identity", identity.as_str());
     }
+    if let Some(role) = &actor.role {
+        action = action.detail("role", role.as_str());
+    }
+    if let Some(purpose) = &actor.purpose {
+        action = action.detail("purpose", purpose.as_str());
+    }
+    match change {
+        Change::Assign { site, .. } => action = action.detail("site", site.as_str()),
+        Change::ConsentGrant { purpose, .. } | Change::ConsentWithdraw { purpose, .. } => {
+            action = action.detail("consent_purpose", purpose.as_str());
+        }
+        Change::Unassign { .. } | Change::Retire { .. } => {}
+    }
+    action.run(|| change_file(path, device, change))
+}
+
+/// `--at`-style time: RFC 3339, or now.
+fn instant(text: Option<&String>, flag: &str) -> anyhow::Result<UnixMillis> {
+    match text {
+        Some(text) => parse_rfc3339(text).with_context(|| format!("--{flag} {text}")),
+        None => now_ms(),
+    }
+}
+
+fn purpose_of(text: &str) -> anyhow::Result<Purpose> {
+    text.parse::<Purpose>()
+        .with_context(|| format!("--purpose {text}"))
+}
+
+fn change_file(
+    path: &Path,
+    device: &str,
+    change: &Change,
+) -> anyhow::Result<(Applied, Map<String, Value>)> {
+    let device = DeviceId::new(device.to_owned()).with_context(|| format!("--device {device}"))?;
+    let _turn = lock_dir(dir_of(path))?;
+    let mut registry = DeviceRegistry::load(path)?;
+    let before = registry
+        .history(&device)
+        .cloned()
+        .with_context(|| format!("device `{device}` is not in {}", path.display()))?;
+    let grants_before = grants(&registry, &device, &before);
+    let at = match change {
+        Change::Assign {
+            patient_ref,
+            site,
+            at,
+        } => {
+            let at = instant(at.as_ref(), "at")?;
+            anyhow::ensure!(
+                PrincipalId::new(patient_ref.clone()).is_ok(),
+                "--patient-ref must be a pseudonymous token ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}), never a name or direct identifier"
+            );
+            let site = SiteId::new(site.clone()).with_context(|| format!("--site {site}"))?;
+            registry
+                .change_history(&device, |h| h.reassign(at, None, patient_ref.clone(), site))?;
+            at
+        }
+        Change::Unassign { at } => {
+            let at = instant(at.as_ref(), "at")?;
+            registry.change_history(&device, |h| h.close(at))?;
+            at
+        }
+        Change::Retire { at } => {
+            let at = instant(at.as_ref(), "at")?;
+            registry.change_history(&device, |h| h.retire(at))?;
+            at
+        }
+        Change::ConsentGrant {
+            purpose,
+            from,
+            until,
+        } => {
+            let purpose = purpose_of(purpose)?;
+            let from = instant(from.as_ref(), "from")?;
+            let until = until
+                .as_ref()
+                .map(|t| parse_rfc3339(t).with_context(|| format!("--until {t}")))
+                .transpose()?;
+            let period = Period::new(from, until)
+                .context("--until must be after --from (a grant is never empty)")?;
+            registry.grant_consent(&device, Grant { purpose, period })?;
+            from
+        }
+        Change::ConsentWithdraw { purpose, at } => {
+            let purpose = purpose_of(purpose)?;
+            let at = instant(at.as_ref(), "at")?;
+            registry.withdraw_consent(&device, purpose, at)?;
+            at
+        }
+    };
+    let text = registry.to_toml();
+    // What is written must load: never leave a registry the broker would refuse.
+    DeviceRegistry::parse(&text, path)
+        .context("the changed registry does not validate; nothing was written")?;
+    write_atomically(path, &text)?;
+    let after = registry
+        .history(&device)
+        .cloned()
+        .expect("a registered device keeps its history");
+    let grants_after = grants(&registry, &device, &after);
+    let mut lines = changes(&before, &after);
+    lines.extend(diff(&grants_before, &grants_after));
+    tracing::info!(device = %device, action = change.action(), at = %format_rfc3339(at), "registry changed");
+    let mut details = Map::new();
+    details.insert("at".into(), format_rfc3339(at).into());
+    Ok((
+        Applied {
+            device: device.to_string(),
+            at: format_rfc3339(at),
+            changes: lines,
+        },
+        details,
+    ))
+}
+
+/// Every consent grant of the device's assigned periods, described.
+fn grants(registry: &DeviceRegistry, device: &DeviceId, history: &History) -> Vec<String> {
+    history
+        .periods()
+        .iter()
+        .filter_map(|a| registry.consent_at(device, a.period.from))
+        .flat_map(|c| c.grants().iter().copied())
+        .map(|g| {
+            let until = g.period.to.map_or("open".to_owned(), format_rfc3339);
+            format!(
+                "consent {} {} .. {until}",
+                g.purpose,
+                format_rfc3339(g.period.from)
+            )
+        })
+        .collect()
+}
+
+/// `- x` for what is only in `before`, `+ x` for what is only in `after`.
+fn diff<T: PartialEq>(before: &[T], after: &[T]) -> Vec<String>
+where
+    T: std::fmt::Display,
+{
+    let gone = before
+        .iter()
+        .filter(|p| !after.contains(p))
+        .map(|p| format!("- {p}"));
+    let came = after
+        .iter()
+        .filter(|p| !before.contains(p))
+        .map(|p| format!("+ {p}"));
+    gone.chain(came).collect()
 }
 
 /// The operator log for changes to `registry`.
@@ -155,17 +398,8 @@ fn now_ms() -> anyhow::Result<UnixMillis> {
 
 /// One line per period that went (`-`) or came (`+`).
 fn changes(before: &History, after: &History) -> Vec<String> {
-    let gone = before
-        .periods()
-        .iter()
-        .filter(|p| !after.periods().contains(p))
-        .map(|p| format!("- {}", describe(p)));
-    let came = after
-        .periods()
-        .iter()
-        .filter(|p| !before.periods().contains(p))
-        .map(|p| format!("+ {}", describe(p)));
-    gone.chain(came).collect()
+    let describe_all = |h: &History| h.periods().iter().map(describe).collect::<Vec<_>>();
+    diff(&describe_all(before), &describe_all(after))
 }
 
 fn describe(a: &Assignment) -> String {

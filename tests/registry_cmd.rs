@@ -324,3 +324,117 @@ fn concurrent_changes_take_turns() {
         );
     }
 }
+
+/// `registry consent grant|withdraw`: the grant and the withdrawal land in the file
+/// (read back through the registry's own consent rules), refused ones (care, an
+/// overlap, nothing to withdraw) change nothing, and each attempt is audited.
+#[test]
+fn consent_grant_and_withdraw_are_written_and_audited() {
+    let dir = temp_dir("registry-cmd-consent");
+    let reg = dir.path().join("registry.toml");
+    std::fs::write(&reg, V1).expect("write v1");
+    let consent = |sub: &str, rest: &[&str]| {
+        let mut all = vec![
+            "registry",
+            "consent",
+            sub,
+            "--registry",
+            s(&reg),
+            "--device",
+            "dev-00042",
+        ];
+        all.extend_from_slice(rest);
+        run(Command::new(bin()).args(&all), TIMEOUT)
+    };
+    let ran = consent(
+        "grant",
+        &[
+            "--purpose",
+            "research",
+            "--from",
+            "2026-01-10T00:00:00Z",
+            "--until",
+            "2026-06-01T00:00:00Z",
+        ],
+    );
+    assert!(ran.success, "{}", ran.all());
+    assert!(
+        ran.stdout
+            .contains("+ consent research 2026-01-10T00:00:00Z .. 2026-06-01T00:00:00Z"),
+        "{}",
+        ran.all()
+    );
+    let refused_consent = |sub: &str, rest: &[&str], why: &str| {
+        let before = std::fs::read(&reg).expect("registry");
+        let ran = consent(sub, rest);
+        assert!(!ran.success && ran.stderr.contains(why), "{}", ran.all());
+        assert_eq!(std::fs::read(&reg).expect("registry"), before);
+    };
+    refused_consent(
+        "grant",
+        &["--purpose", "research", "--from", "2026-03-01T00:00:00Z"],
+        "overlaps",
+    );
+    refused_consent(
+        "grant",
+        &["--purpose", "care", "--from", "2026-03-01T00:00:00Z"],
+        "care is implied",
+    );
+    refused_consent(
+        "grant",
+        &["--purpose", "marketing", "--from", "2026-03-01T00:00:00Z"],
+        "unknown purpose",
+    );
+    let ran = consent(
+        "withdraw",
+        &["--purpose", "research", "--at", "2026-02-01T00:00:00Z"],
+    );
+    assert!(ran.success, "{}", ran.all());
+    refused_consent(
+        "withdraw",
+        &["--purpose", "research", "--at", "2026-03-01T00:00:00Z"],
+        "no research grant",
+    );
+
+    let loaded = DeviceRegistry::load(&reg).expect("valid");
+    let dev = DeviceId::new("dev-00042").expect("id");
+    let covers = |t: &str| {
+        let t = parse_rfc3339(t).expect("time");
+        loaded
+            .consent_at(&dev, t)
+            .expect("assigned")
+            .covers(vitalmq_policies::Purpose::Research, t)
+    };
+    assert!(!covers("2026-01-09T23:59:59Z"), "before the grant");
+    assert!(covers("2026-01-20T00:00:00Z"), "granted");
+    assert!(!covers("2026-02-01T00:00:00Z"), "withdrawn from --at on");
+
+    let records = verified_records(&dir.path().join("audit/operator.jsonl"));
+    let outcomes = |action: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| r["action"] == action)
+            .map(|r| {
+                assert_eq!(r["resource"], "device/dev-00042");
+                r["reason"].as_str().expect("reason").to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(
+        outcomes("registry.consent.grant"),
+        [
+            "started",
+            "succeeded",
+            "started",
+            "failed",
+            "started",
+            "failed",
+            "started",
+            "failed"
+        ]
+    );
+    assert_eq!(
+        outcomes("registry.consent.withdraw"),
+        ["started", "succeeded", "started", "failed"]
+    );
+}
