@@ -52,16 +52,39 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn trace(args: &TraceArgs, store: &Store) -> anyhow::Result<ExitCode> {
-    let broker = match &args.broker_audit {
-        Some(p) => Some(BrokerAudit::read(p, &wanted(store, &args.id)?)?),
+/// The trace of `id` from `store` (and the broker audit log, when given).
+fn build(store: &Store, id: &str, broker_audit: Option<&Path>) -> anyhow::Result<Option<Trace>> {
+    let broker = match broker_audit {
+        Some(p) => Some(BrokerAudit::read(p, &wanted(store, id)?)?),
         None => None,
     };
-    let trace = if args.id.starts_with("al-") {
-        trace_alert(store, &args.id, broker.as_ref())?
+    if id.starts_with("al-") {
+        trace_alert(store, id, broker.as_ref())
     } else {
-        trace_event(store, &args.id, broker.as_ref())?
+        trace_event(store, id, broker.as_ref())
+    }
+}
+
+/// The trace of `id` as `vitalmq trace --json` prints it, and the site it belongs to,
+/// for the admin API (the caller audits the read).
+pub fn trace_json(
+    data: &Path,
+    broker_audit: Option<&Path>,
+    id: &str,
+) -> anyhow::Result<Option<(Json, Option<String>)>> {
+    let store = crate::bridge_cmd::open_existing(data)?;
+    let Some(trace) = build(&store, id, broker_audit)? else {
+        return Ok(None);
     };
+    let site = match &trace {
+        Trace::Event(e) => Some(e.event.detail.head.site.to_string()),
+        Trace::Alert(a) => a.site.clone(),
+    };
+    Ok(Some((serde_json::to_value(&trace)?, site)))
+}
+
+fn trace(args: &TraceArgs, store: &Store) -> anyhow::Result<ExitCode> {
+    let trace = build(store, &args.id, args.broker_audit.as_deref())?;
     let Some(trace) = trace else {
         eprintln!("{}: not found in {}", args.id, store.path().display());
         return Ok(ExitCode::from(1));
