@@ -37,19 +37,23 @@ pub struct EnrolArgs {
 
 #[derive(Debug, Args)]
 pub struct LookupArgs {
-    /// The re-identification store directory.
-    #[arg(long)]
-    store: PathBuf,
+    /// The re-identification store directory; not with `--server`.
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    store: Option<PathBuf>,
     /// The pseudonym to re-identify (`pt-...`).
     #[arg(long)]
     pseudonym: String,
+    /// The SPIFFE identity asking; it must be listed in the store's `authorised.toml`.
+    /// With `--server`, the identity is the operator certificate's.
+    #[arg(long, conflicts_with = "server")]
+    identity: Option<String>,
     /// Why the pseudonym is re-identified (recorded in the audit log). Required: a
     /// lookup without one is refused, and the refusal audited.
     #[arg(long)]
     purpose: Option<String>,
-    /// The SPIFFE identity asking; it must be listed in the store's `authorised.toml`.
-    #[arg(long)]
-    identity: Option<String>,
+    /// The admin API to ask instead of the local store.
+    #[command(flatten)]
+    client: crate::admin_cmd::client::ClientArgs,
 }
 
 impl ReidCommand {
@@ -81,8 +85,13 @@ fn enrol(args: EnrolArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 fn lookup(args: LookupArgs) -> anyhow::Result<std::process::ExitCode> {
+    let store = match (args.client.remote(), &args.store) {
+        (Some(server), _) => return args.client.reid_lookup(server, &args.pseudonym, args.purpose.as_deref()),
+        (None, Some(store)) => store,
+        (None, None) => anyhow::bail!("--store or --server is required"),
+    };
     let enrolment_id = lookup_as(
-        &args.store,
+        store,
         &args.pseudonym,
         args.identity.as_deref(),
         args.purpose.as_deref(),

@@ -22,25 +22,38 @@ use vitalmq_policies::{Role, SpiffeId};
 pub struct TraceArgs {
     /// An alert id (`al-...`) or an event id (`ev1-...`).
     id: String,
-    /// The bridge's data directory.
-    #[arg(long)]
-    data: PathBuf,
+    /// The bridge's data directory; not with `--server`.
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    data: Option<PathBuf>,
     /// The broker's audit log: adds the publisher's certificate and the recipients.
     #[arg(long)]
     broker_audit: Option<PathBuf>,
-    /// One JSON object instead of text.
+    /// One JSON object instead of text (always, with `--server`).
     #[arg(long)]
     json: bool,
+    /// Why the trace is read (recorded in the audit log; required with `--server`).
+    #[arg(long)]
+    purpose: Option<String>,
+    #[command(flatten)]
+    client: crate::admin_cmd::client::ClientArgs,
 }
 
 pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
-    let store = crate::bridge_cmd::open_existing(&args.data)?;
+    let data = match (args.client.remote(), &args.data) {
+        (Some(server), _) => return args.client.trace(server, &args.id, args.purpose.as_deref()),
+        (None, Some(data)) => data.clone(),
+        (None, None) => anyhow::bail!("--data or --server is required"),
+    };
+    let store = crate::bridge_cmd::open_existing(&data)?;
     let mut action = crate::operator_audit::Action::new(
         "trace",
-        crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&args.data)),
+        crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&data)),
     )
     .resource(Some(args.id.clone()))
-    .detail("data_dir", crate::operator_audit::absolute(&args.data));
+    .detail("data_dir", crate::operator_audit::absolute(&data));
+    if let Some(purpose) = &args.purpose {
+        action = action.detail("purpose", purpose.as_str());
+    }
     if let Some(b) = &args.broker_audit {
         action = action.detail("broker_audit", crate::operator_audit::absolute(b));
     }

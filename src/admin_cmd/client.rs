@@ -116,3 +116,104 @@ impl ClientArgs {
             .build()?)
     }
 }
+
+impl ClientArgs {
+    /// The server, when the command is to be a client of it.
+    pub fn remote(&self) -> Option<&str> {
+        self.server.as_deref()
+    }
+
+    /// `vitalmq store events|alerts|quarantine --server ...`: the rows as JSON lines.
+    pub fn store_rows(
+        &self,
+        server: &str,
+        kind: &str,
+        device: Option<&str>,
+        purpose: Option<&str>,
+    ) -> anyhow::Result<std::process::ExitCode> {
+        let query = device.map_or(String::new(), |d| format!("?device={d}"));
+        let answer = self.call(
+            server,
+            Call {
+                method: reqwest::Method::GET,
+                path: format!("/v1/{kind}{query}"),
+                purpose,
+                body: None,
+            },
+        )?;
+        for row in answer["rows"].as_array().into_iter().flatten() {
+            println!("{row}");
+        }
+        if let Some(n) = answer["withheld_outside_scope"].as_u64() {
+            eprintln!("{n} rows outside your role's sites were left out (--break-glass REASON to read them)");
+        }
+        Ok(std::process::ExitCode::SUCCESS)
+    }
+
+    /// `vitalmq trace ID --server ...`: the trace as JSON (as `--json` prints it).
+    pub fn trace(
+        &self,
+        server: &str,
+        id: &str,
+        purpose: Option<&str>,
+    ) -> anyhow::Result<std::process::ExitCode> {
+        let mut answer = self.call(
+            server,
+            Call {
+                method: reqwest::Method::GET,
+                path: format!("/v1/trace/{id}"),
+                purpose,
+                body: None,
+            },
+        )?;
+        if let Value::Object(map) = &mut answer {
+            map.remove("break_glass");
+        }
+        println!("{answer}");
+        Ok(std::process::ExitCode::SUCCESS)
+    }
+
+    /// `vitalmq registry ... --server ...`: the change, applied and audited by the server.
+    pub fn registry(
+        &self,
+        server: &str,
+        device: &str,
+        change: &crate::registry_cmd::Change,
+        purpose: Option<&str>,
+    ) -> anyhow::Result<std::process::ExitCode> {
+        let answer = self.call(
+            server,
+            Call {
+                method: reqwest::Method::POST,
+                path: format!("/v1/registry/{device}"),
+                purpose,
+                body: Some(serde_json::to_value(change)?),
+            },
+        )?;
+        for line in answer["changes"].as_array().into_iter().flatten() {
+            println!("{device}: {}", line.as_str().unwrap_or_default());
+        }
+        println!("changed through {server}");
+        Ok(std::process::ExitCode::SUCCESS)
+    }
+
+    /// `vitalmq reid lookup --server ...`: the enrolment id.
+    pub fn reid_lookup(
+        &self,
+        server: &str,
+        pseudonym: &str,
+        purpose: Option<&str>,
+    ) -> anyhow::Result<std::process::ExitCode> {
+        let answer = self.call(
+            server,
+            Call {
+                method: reqwest::Method::POST,
+                path: "/v1/reid/lookup".into(),
+                purpose,
+                body: Some(serde_json::json!({ "pseudonym": pseudonym })),
+            },
+        )?;
+        println!("{}", answer["enrolment_id"].as_str().unwrap_or_default());
+        Ok(std::process::ExitCode::SUCCESS)
+    }
+}
