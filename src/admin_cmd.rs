@@ -199,9 +199,9 @@ impl Backend for LocalBackend {
                 "pseudonym": pseudonym,
                 "enrolment_id": enrolment_id,
             })),
-            Err(e) if format!("{e:#}").contains("no enrolment") => {
-                Err(BackendError::NotFound("no enrolment under this pseudonym".into()))
-            }
+            Err(e) if format!("{e:#}").contains("no enrolment") => Err(BackendError::NotFound(
+                "no enrolment under this pseudonym".into(),
+            )),
             Err(e) => Err(BackendError::Refused(format!("{e:#}"))),
         }
     }

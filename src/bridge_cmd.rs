@@ -110,9 +110,16 @@ impl StoreCommand {
                     Self::Events(_) => "events",
                     Self::Alerts(_) => "alerts",
                     Self::Quarantine(_) => "quarantine",
-                    _ => anyhow::bail!("only events, alerts and quarantine are served by the admin API"),
+                    _ => anyhow::bail!(
+                        "only events, alerts and quarantine are served by the admin API"
+                    ),
                 };
-                return d.client.store_rows(server, kind, d.device.as_deref(), d.purpose.as_deref());
+                return d.client.store_rows(
+                    server,
+                    kind,
+                    d.device.as_deref(),
+                    d.purpose.as_deref(),
+                );
             }
             (None, Some(data)) => data,
             (None, None) => anyhow::bail!("--data or --server is required"),

@@ -222,7 +222,14 @@ impl RegistryCommand {
             }) => (device, Change::ConsentWithdraw { purpose, at }),
         };
         let registry = match (device.client.remote(), &device.registry) {
-            (Some(server), _) => return device.client.registry(server, &device.device, &change, device.reason.as_deref()),
+            (Some(server), _) => {
+                return device.client.registry(
+                    server,
+                    &device.device,
+                    &change,
+                    device.reason.as_deref(),
+                );
+            }
             (None, Some(registry)) => registry,
             (None, None) => anyhow::bail!("--registry or --server is required"),
         };

@@ -86,7 +86,11 @@ fn enrol(args: EnrolArgs) -> anyhow::Result<std::process::ExitCode> {
 
 fn lookup(args: LookupArgs) -> anyhow::Result<std::process::ExitCode> {
     let store = match (args.client.remote(), &args.store) {
-        (Some(server), _) => return args.client.reid_lookup(server, &args.pseudonym, args.purpose.as_deref()),
+        (Some(server), _) => {
+            return args
+                .client
+                .reid_lookup(server, &args.pseudonym, args.purpose.as_deref());
+        }
         (None, Some(store)) => store,
         (None, None) => anyhow::bail!("--store or --server is required"),
     };

@@ -92,7 +92,9 @@ impl ClientArgs {
             need(&self.ca, "ca")?,
         );
         let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&ca).with_context(|| format!("--ca {}", ca.display()))? {
+        for c in
+            CertificateDer::pem_file_iter(&ca).with_context(|| format!("--ca {}", ca.display()))?
+        {
             roots
                 .add(c.with_context(|| format!("--ca {}", ca.display()))?)
                 .with_context(|| format!("--ca {}", ca.display()))?;
@@ -145,7 +147,9 @@ impl ClientArgs {
             println!("{row}");
         }
         if let Some(n) = answer["withheld_outside_scope"].as_u64() {
-            eprintln!("{n} rows outside your role's sites were left out (--break-glass REASON to read them)");
+            eprintln!(
+                "{n} rows outside your role's sites were left out (--break-glass REASON to read them)"
+            );
         }
         Ok(std::process::ExitCode::SUCCESS)
     }
