@@ -390,10 +390,7 @@ fn grants(registry: &DeviceRegistry, device: &DeviceId, history: &History) -> Ve
 }
 
 /// `- x` for what is only in `before`, `+ x` for what is only in `after`.
-fn diff<T: PartialEq>(before: &[T], after: &[T]) -> Vec<String>
-where
-    T: std::fmt::Display,
-{
+fn diff<T: PartialEq + std::fmt::Display>(before: &[T], after: &[T]) -> Vec<String> {
     let gone = before
         .iter()
         .filter(|p| !after.contains(p))

@@ -66,7 +66,7 @@ pub fn statement(
 #[derive(Debug)]
 pub struct RolesFile {
     path: PathBuf,
-    current: Mutex<(Option<(SystemTime, u64)>, Arc<AdminRoles>)>,
+    current: Mutex<(Option<Stamp>, Arc<AdminRoles>)>,
 }
 
 impl RolesFile {
@@ -102,7 +102,10 @@ impl RolesFile {
     }
 }
 
-fn stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+/// What tells a changed file: modification time and length.
+type Stamp = (SystemTime, u64);
+
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
