@@ -44,7 +44,8 @@ struct Answer {
 }
 
 impl Admin {
-    fn start(rig: &Rig) -> Self {
+    /// `mqtt`: also publish break-glass alerts to the rig's broker as `bridge/admin-api`.
+    fn start(rig: &Rig, mqtt: bool) -> Self {
         let dir = rig.dir().to_path_buf();
         std::fs::copy(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/admin-roles.toml"),
@@ -74,6 +75,20 @@ trust_domain = "demo.vitalmq"
 "#,
         )
         .expect("admin config");
+        if mqtt {
+            let mut config = std::fs::read_to_string(dir.join("admin.toml")).expect("config");
+            config.push_str(&format!(
+                r#"[ops_mqtt]
+broker = "127.0.0.1:{}"
+client_id = "admin-api"
+cert = "pki/identities/bridge/admin-api.pem"
+key = "pki/identities/bridge/admin-api.key.pem"
+ca = "pki/ca/ca.pem"
+"#,
+                rig.broker.port
+            ));
+            std::fs::write(dir.join("admin.toml"), config).expect("admin config");
+        }
         let process = Spawned::start(
             Command::new(bin())
                 .args(["admin", "serve", "--config"])
@@ -188,16 +203,16 @@ fn rows(answer: &Answer) -> &Vec<Value> {
     answer.body["rows"].as_array().expect("rows")
 }
 
-fn issue_operator(rig: &Rig, id: &str) {
+fn issue(pki: &Path, role: &str, id: &str) {
     vitalmq_ok(
         bin(),
         &[
             "certs",
             "issue",
             "--dir",
-            s(&rig.pki()),
+            s(pki),
             "--role",
-            "operator",
+            role,
             "--id",
             id,
         ],
@@ -206,10 +221,14 @@ fn issue_operator(rig: &Rig, id: &str) {
 
 #[test]
 fn roles_scope_break_glass_and_revocation_through_curl() {
-    let rig = Rig::start(bin(), "admin-api", 4, |_| {});
-    for id in ["alice", "aurora", "priya", "adam", "mallory", "rex"] {
-        issue_operator(&rig, id);
-    }
+    // Identities issued before the broker reads the registry.
+    let rig = Rig::start(bin(), "admin-api", 4, |dir| {
+        let pki = dir.join("pki");
+        for id in ["alice", "aurora", "priya", "adam", "mallory", "rex"] {
+            issue(&pki, "operator", id);
+        }
+        issue(&pki, "bridge", "admin-api");
+    });
     let _bridge = rig.bridge("", "");
     let mut sim = rig.sim(2, 5);
     common::sim_summary_all_receipted(&mut sim);
@@ -237,7 +256,8 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     )
     .expect("authorise priya");
 
-    let admin = Admin::start(&rig);
+    let admin = Admin::start(&rig, true);
+    let ops = rig.mosquitto_sub("operator", "ops-01", "ops/admin/#");
 
     // The auditor reads everything; from it, a device of each site.
     let all = admin.get("aurora", "/v1/events", "audit");
@@ -328,6 +348,12 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     assert_eq!(alert["identity"], "spiffe://demo.vitalmq/operator/alice");
     assert_eq!(alert["role"], "clinician");
     assert_eq!(alert["device"], other.as_str());
+    let alert_id = alert["alert_id"].as_str().expect("alert id").to_owned();
+    assert!(
+        ops.wait_output(TIMEOUT, |out| out.contains(&alert_id)),
+        "the break-glass alert reaches an operator subscribed to ops/admin/#:\n{}",
+        ops.all()
+    );
 
     // Missing purpose; no role; a device certificate.
     let unstated = admin.curl("operator", "aurora", "GET", "/v1/events", &[], None);
@@ -483,14 +509,15 @@ fn verifies(admin: &Admin) -> bool {
 
 #[test]
 fn the_cli_with_server_answers_what_curl_does() {
-    let rig = Rig::start(bin(), "admin-cli", 2, |_| {});
-    issue_operator(&rig, "aurora");
-    issue_operator(&rig, "adam");
+    let rig = Rig::start(bin(), "admin-cli", 2, |dir| {
+        issue(&dir.join("pki"), "operator", "aurora");
+        issue(&dir.join("pki"), "operator", "adam");
+    });
     let _bridge = rig.bridge("", "");
     let mut sim = rig.sim(2, 3);
     common::sim_summary_all_receipted(&mut sim);
     rig.wait_stats(TIMEOUT, "6 events stored", |st| st["events"] == 6);
-    let admin = Admin::start(&rig);
+    let admin = Admin::start(&rig, false);
 
     let by_curl = admin.get("aurora", "/v1/events", "audit");
     expect(&by_curl, 200, "curl");

@@ -429,7 +429,7 @@ async fn answer(
                     &now_rfc3339(),
                     &nonce(),
                 );
-                if let Err(e) = app.outbox.write(&alert).await {
+                if let Err(e) = app.outbox.raise(&alert).await {
                     tracing::error!(error = %e, "the break-glass alert cannot be written; refusing the read");
                     return refuse(
                         app,

@@ -11,6 +11,12 @@
 //! registry = "pki/registry.toml"     # the device registry (changes)
 //! reid_store = "reid"                # optional: the re-identification store
 //! broker_audit = "broker-audit.jsonl"  # optional: adds publishers to traces
+//! [ops_mqtt]                         # optional: also publish break-glass alerts
+//! broker = "127.0.0.1:8883"
+//! client_id = "admin-api"
+//! cert = "pki/identities/bridge/admin-api.pem"
+//! key = "pki/identities/bridge/admin-api.key.pem"
+//! ca = "pki/ca/ca.pem"
 //! [tls]                              # the broker's [tls] table
 //! server_cert = "pki/server/broker.pem"
 //! ...
@@ -46,6 +52,25 @@ pub struct AdminConfig {
     #[serde(default)]
     pub broker_audit: Option<PathBuf>,
     pub tls: TlsSettings,
+    /// Where break-glass alerts are also published (`ops/admin/break_glass`, QoS 1);
+    /// without it they are only written to `ops_outbox`.
+    #[serde(default)]
+    pub ops_mqtt: Option<OpsMqtt>,
+}
+
+/// The broker connection of the break-glass alerts: a service identity of the PKI
+/// (`vitalmq certs issue --role bridge --id admin-api`; the shipped ACL lets bridge
+/// identities publish `ops/admin/#`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsMqtt {
+    /// `host:port` of the broker.
+    pub broker: String,
+    /// The client id: the identity's id (the broker binds it to the certificate).
+    pub client_id: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 /// Why the configuration was refused.
@@ -103,6 +128,11 @@ impl AdminConfig {
         }
         if let Some(p) = &mut config.broker_audit {
             resolve(p);
+        }
+        if let Some(m) = &mut config.ops_mqtt {
+            resolve(&mut m.cert);
+            resolve(&mut m.key);
+            resolve(&mut m.ca);
         }
         resolve(&mut config.tls.server_cert);
         resolve(&mut config.tls.server_key);

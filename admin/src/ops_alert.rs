@@ -1,21 +1,32 @@
 //! The operational alert a break-glass read raises (SPEC section 5, topic
 //! `ops/admin/break_glass`): written durably, one JSON line per alert, to the
-//! configured outbox before the read it allows is answered. It names who read what
+//! configured outbox before the read it allows is answered, then (when `[ops_mqtt]` is
+//! configured) published to the broker over mTLS, QoS 1, in the background: a publish
+//! that fails is logged and the outbox line stays the record (no resend). It names who read what
 //! under which role, never the stated reason (that is in the audit record) or any
 //! patient value.
 
 use std::io::Write as _;
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
+use vitalmq_mqtt_client::{Event, MqttVersion, Session, SessionOptions, Target, host_port};
+
+use crate::config::OpsMqtt;
+
+/// Time to connect, publish and get the PUBACK.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The topic the alert is meant for.
 pub const TOPIC: &str = "ops/admin/break_glass";
 
-/// The break-glass outbox.
+/// The break-glass outbox, and the broker it also publishes to.
 #[derive(Debug, Clone)]
 pub struct OpsOutbox {
     path: PathBuf,
+    mqtt: Option<OpsMqtt>,
 }
 
 /// What a break-glass read was.
@@ -31,8 +42,8 @@ pub struct BreakGlass<'a> {
 }
 
 impl OpsOutbox {
-    pub fn new(path: PathBuf) -> Self {
-        Self { path }
+    pub fn new(path: PathBuf, mqtt: Option<OpsMqtt>) -> Self {
+        Self { path, mqtt }
     }
 
     /// The alert JSON of `read` raised at `now` (RFC 3339).
@@ -57,8 +68,32 @@ impl OpsOutbox {
         })
     }
 
+    /// Appends `alert` and syncs it; then publishes it, when configured, in the
+    /// background.
+    pub async fn raise(&self, alert: &Value) -> std::io::Result<()> {
+        self.write(alert).await?;
+        if let Some(mqtt) = self.mqtt.clone() {
+            let payload = serde_json::to_vec(alert).map_err(std::io::Error::other)?;
+            tokio::spawn(async move {
+                match tokio::time::timeout(PUBLISH_TIMEOUT, publish(&mqtt, payload)).await {
+                    Ok(Ok(())) => tracing::info!(topic = TOPIC, "break-glass alert published"),
+                    Ok(Err(e)) => {
+                        tracing::error!(topic = TOPIC, error = %e, "break-glass alert not published (it is in the outbox)");
+                    }
+                    Err(_) => {
+                        tracing::error!(
+                            topic = TOPIC,
+                            "break-glass alert not published in time (it is in the outbox)"
+                        );
+                    }
+                }
+            });
+        }
+        Ok(())
+    }
+
     /// Appends `alert` and syncs it.
-    pub async fn write(&self, alert: &Value) -> std::io::Result<()> {
+    async fn write(&self, alert: &Value) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(alert).map_err(std::io::Error::other)?;
         line.push(b'\n');
         let path = self.path.clone();
@@ -73,5 +108,44 @@ impl OpsOutbox {
         })
         .await
         .map_err(std::io::Error::other)?
+    }
+}
+
+/// Why a break-glass alert was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("ops_mqtt.broker: {0}")]
+    Address(#[from] vitalmq_mqtt_client::BadAddress),
+    #[error("ops_mqtt TLS: {0}")]
+    Tls(#[from] vitalmq_mqtt_client::TlsError),
+    #[error("broker: {0}")]
+    Session(#[from] vitalmq_mqtt_client::SessionError),
+    #[error("publish: {0}")]
+    Request(#[from] vitalmq_mqtt_client::RequestError),
+    #[error("the broker refused the publish: {0}")]
+    Refused(String),
+    #[error("the connection ended before the PUBACK: {0}")]
+    Down(String),
+}
+
+/// One clean session: connect, publish QoS 1, wait for the PUBACK.
+async fn publish(mqtt: &OpsMqtt, payload: Vec<u8>) -> Result<(), PublishError> {
+    let (host, port) = host_port(&mqtt.broker)?;
+    let tls = vitalmq_mqtt_client::tls::client_config_from_files(&mqtt.ca, &mqtt.cert, &mqtt.key)?;
+    let target = Target {
+        host,
+        port,
+        version: MqttVersion::V5,
+    };
+    let mut session = Session::open(&target, &mqtt.client_id, &tls, &SessionOptions::default());
+    session.connected().await?;
+    session.publish(TOPIC.to_owned(), payload)?;
+    loop {
+        match session.next().await {
+            Event::Acked { refused: None } => return Ok(()),
+            Event::Acked { refused: Some(r) } => return Err(PublishError::Refused(r)),
+            Event::Down { reason } => return Err(PublishError::Down(reason)),
+            _ => {}
+        }
     }
 }

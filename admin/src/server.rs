@@ -55,7 +55,7 @@ pub async fn serve(
     let app = Arc::new(App {
         roles: RolesFile::load(config.roles.clone())?,
         audit: AdminAudit::new(config.audit_log.clone()),
-        outbox: OpsOutbox::new(config.ops_outbox.clone()),
+        outbox: OpsOutbox::new(config.ops_outbox.clone(), config.ops_mqtt.clone()),
         backend,
     });
     let router = api::router(Arc::clone(&app));
