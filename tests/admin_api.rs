@@ -362,6 +362,16 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     let nobody = admin.get("mallory", "/v1/events", "curiosity");
     expect(&nobody, 403, "operator without a role");
     assert_eq!(reason(&nobody), "no_role");
+    // The roles file is re-read when it changes: mallory becomes an auditor.
+    let roles = admin.dir.join("admin-roles.toml");
+    let mut text = std::fs::read_to_string(&roles).expect("roles");
+    text.push_str("\n[[operators]]\nid = \"mallory\"\nrole = \"auditor\"\n");
+    std::fs::write(&roles, text).expect("roles");
+    wait_until(TIMEOUT, "mallory's new role applies", || {
+        admin.get("mallory", "/v1/events", "audit").status == 200
+    });
+    let unknown = admin.get("aurora", "/v1/erase-everything", "audit");
+    expect(&unknown, 404, "unknown endpoint");
     let device = admin.curl(
         "device",
         &own,
@@ -463,6 +473,8 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     assert!(find("events.read", "refused:outside_scope", "/alice"));
     assert!(find("events.read", "refused:no_purpose", "/aurora"));
     assert!(find("events.read", "refused:no_role", "/mallory"));
+    assert!(find("events.read", "allowed", "/mallory"));
+    assert!(find("unknown", "refused:no_such_endpoint", "/aurora"));
     assert!(find(
         "events.read",
         "refused:not_an_operator",

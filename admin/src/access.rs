@@ -116,3 +116,36 @@ pub struct Granted {
     pub grantee: Grantee,
     pub policy_sha256: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn a_statement_comes_from_the_header_first_and_must_be_plain_text() {
+        let mut headers = HeaderMap::new();
+        let query = "from the query".to_owned();
+        assert_eq!(statement(&headers, PURPOSE_HEADER, None), Ok(None));
+        assert_eq!(
+            statement(&headers, PURPOSE_HEADER, Some(&query)),
+            Ok(Some(query.clone()))
+        );
+        headers.insert(PURPOSE_HEADER, HeaderValue::from_static("  care  "));
+        assert_eq!(
+            statement(&headers, PURPOSE_HEADER, Some(&query)),
+            Ok(Some("care".into()))
+        );
+        headers.insert(PURPOSE_HEADER, HeaderValue::from_static("   "));
+        assert_eq!(
+            statement(&headers, PURPOSE_HEADER, None),
+            Ok(None),
+            "blank is absent"
+        );
+        let long = "x".repeat(MAX_STATEMENT + 1);
+        assert!(statement(&HeaderMap::new(), PURPOSE_HEADER, Some(&long)).is_err());
+        let control = "a\u{7}b".to_owned();
+        assert!(statement(&HeaderMap::new(), PURPOSE_HEADER, Some(&control)).is_err());
+    }
+}

@@ -62,10 +62,28 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/trace/:id", get(trace))
         .route("/v1/registry/:device", post(change))
         .route("/v1/reid/lookup", post(reid_lookup))
+        .fallback(unknown)
         .with_state(app)
 }
 
 type Q = Query<HashMap<String, String>>;
+
+/// Anything else: refused (404) and audited like every call.
+async fn unknown(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    uri: axum::http::Uri,
+) -> Response {
+    refuse(
+        &app,
+        &caller,
+        Entry::new("unknown", Some(uri.path().chars().take(200).collect())),
+        StatusCode::NOT_FOUND,
+        "no_such_endpoint",
+        "no such endpoint".into(),
+    )
+    .await
+}
 
 /// A JSON answer.
 fn reply(status: StatusCode, body: Value) -> Response {
@@ -632,4 +650,58 @@ fn nonce() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     format!("{t}-{}-{n}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::json;
+    use vitalmq_policies::{AdminRole, Grantee, Scope, SiteId};
+
+    use super::*;
+
+    fn clinician_of(site: &str) -> Grantee {
+        Grantee {
+            role: AdminRole {
+                name: "clinician".into(),
+                actions: BTreeSet::from([AdminAction::EventsRead]),
+                scope: Scope::Sites,
+            },
+            sites: BTreeSet::from([SiteId::new(site).expect("site")]),
+        }
+    }
+
+    #[test]
+    fn a_site_scoped_role_reaches_only_its_sites_and_never_an_unknown_one() {
+        let g = clinician_of("site-01");
+        assert!(in_scope(&g, Some("site-01")));
+        assert!(!in_scope(&g, Some("site-02")));
+        assert!(!in_scope(&g, None), "a record without a site is outside");
+        assert!(!in_scope(&g, Some("not a site!")));
+        let all = Grantee {
+            role: AdminRole {
+                scope: Scope::All,
+                ..g.role.clone()
+            },
+            sites: BTreeSet::new(),
+        };
+        assert!(in_scope(&all, None) && in_scope(&all, Some("site-99")));
+    }
+
+    #[test]
+    fn each_change_names_its_action_and_nothing_else_does() {
+        for (tag, action) in [
+            ("assign", AdminAction::RegistryAssign),
+            ("unassign", AdminAction::RegistryUnassign),
+            ("retire", AdminAction::RegistryRetire),
+            ("consent-grant", AdminAction::ConsentGrant),
+            ("consent-withdraw", AdminAction::ConsentWithdraw),
+        ] {
+            assert_eq!(change_action(&json!({ "change": tag })), Some(action));
+        }
+        assert_eq!(change_action(&json!({ "change": "erase" })), None);
+        assert_eq!(change_action(&json!({ "assign": true })), None);
+        assert_eq!(change_action(&json!("assign")), None);
+    }
 }

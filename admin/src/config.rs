@@ -141,3 +141,35 @@ impl AdminConfig {
         Ok(config)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_loads_with_paths_beside_it() {
+        let text = include_str!("../examples/admin.toml");
+        let config = AdminConfig::parse(text, Path::new("/etc/vitalmq/admin.toml")).expect("valid");
+        assert_eq!(config.roles, Path::new("/etc/vitalmq/admin-roles.toml"));
+        assert_eq!(config.tls.crls, [PathBuf::from("/etc/vitalmq/pki/crl.pem")]);
+        let mqtt = config.ops_mqtt.expect("ops_mqtt");
+        assert_eq!(
+            mqtt.cert,
+            Path::new("/etc/vitalmq/pki/identities/bridge/admin-api.pem")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_formats_are_refused_with_the_line() {
+        let text = include_str!("../examples/admin.toml");
+        let err = AdminConfig::parse(&format!("colour = 1\n{text}"), Path::new("a.toml"))
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("a.toml: line 1"), "{err}");
+        let err = AdminConfig::parse(
+            &text.replace("vitalmq-admin/v1", "vitalmq-admin/v9"),
+            Path::new("a.toml"),
+        )
+        .expect_err("format");
+        assert!(err.to_string().contains("format"), "{err}");
+    }
+}

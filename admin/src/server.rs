@@ -117,7 +117,11 @@ pub async fn serve(
                 }
             };
             let service = TowerToHyperService::new(router.layer(Extension(Arc::new(caller))));
+            // One request per connection: every call is made by a certificate checked
+            // against the CA and CRL in force when it was made (a keep-alive
+            // connection would outlive a revocation).
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(tls), service)
                 .await
             {
