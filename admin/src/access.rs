@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use axum::http::HeaderMap;
-use vitalmq_policies::{AdminRoles, Grantee, PolicyErrors, Role, SpiffeId};
+use vitalmq_policies::{AdminRoles, PolicyErrors, Role, SpiffeId};
 
 /// Header (or query parameter `purpose`) stating why the call is made. Required.
 pub const PURPOSE_HEADER: &str = "x-vitalmq-purpose";
@@ -108,13 +108,6 @@ type Stamp = (SystemTime, u64);
 fn stamp(path: &std::path::Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
-}
-
-/// An operator with a role, as a call is decided for it.
-#[derive(Debug, Clone)]
-pub struct Granted {
-    pub grantee: Grantee,
-    pub policy_sha256: String,
 }
 
 #[cfg(test)]
