@@ -66,9 +66,19 @@ pub struct ResetArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct DataDir {
-    /// The bridge's data directory (`data_dir` in its configuration).
+    /// The bridge's data directory (`data_dir` in its configuration); not with
+    /// `--server`.
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    data: Option<PathBuf>,
+    /// Only this device's rows (with `--server`).
+    #[arg(long, requires = "server")]
+    device: Option<String>,
+    /// Why the records are read (recorded in the audit log; required with `--server`).
     #[arg(long)]
-    data: PathBuf,
+    purpose: Option<String>,
+    /// The admin API to ask instead of the local store (events, alerts, quarantine).
+    #[command(flatten)]
+    client: crate::admin_cmd::client::ClientArgs,
 }
 
 impl StoreCommand {
@@ -94,7 +104,27 @@ impl StoreCommand {
             | Self::Gaps(d)
             | Self::Alerts(d) => d,
         };
-        let store = open_existing(&d.data)?;
+        let data = match (d.client.remote(), &d.data) {
+            (Some(server), _) => {
+                let kind = match &self {
+                    Self::Events(_) => "events",
+                    Self::Alerts(_) => "alerts",
+                    Self::Quarantine(_) => "quarantine",
+                    _ => anyhow::bail!(
+                        "only events, alerts and quarantine are served by the admin API"
+                    ),
+                };
+                return d.client.store_rows(
+                    server,
+                    kind,
+                    d.device.as_deref(),
+                    d.purpose.as_deref(),
+                );
+            }
+            (None, Some(data)) => data,
+            (None, None) => anyhow::bail!("--data or --server is required"),
+        };
+        let store = open_existing(data)?;
         let read = || -> anyhow::Result<((), serde_json::Map<String, serde_json::Value>)> {
             let rows = match &self {
                 Self::Stats(_) => json_lines(&[store.stats()?])?,
@@ -116,9 +146,10 @@ impl StoreCommand {
             None => read().map(|((), _)| ())?,
             Some(action) => crate::operator_audit::Action::new(
                 action,
-                crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&d.data)),
+                crate::operator_audit::log_path(crate::operator_audit::data_dir_log(data)),
             )
-            .detail("data_dir", crate::operator_audit::absolute(&d.data))
+            .detail("data_dir", crate::operator_audit::absolute(data))
+            .detail("purpose", d.purpose.clone())
             .run(read)?,
         }
         Ok(ExitCode::SUCCESS)

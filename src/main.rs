@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod admin_cmd;
 mod audit_cmd;
 mod bridge_cmd;
 mod broker_cmd;
@@ -34,6 +35,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The admin API: patient-linked reads and governance changes over mutual TLS.
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCommand),
     /// Check audit logs.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -114,6 +118,7 @@ fn main() -> std::process::ExitCode {
     let json_stderr =
         cli.log_format == log_format::LogFormat::Json && !matches!(cli.command, Command::Demo(_));
     let result = match cli.command {
+        Command::Admin(cmd) => cmd.run(),
         Command::Certs(cmd) => certs(cmd),
         Command::Envelope(cmd) => cmd.run(),
         Command::Demo(args) => demo_cmd::run(args, cli.log_format),

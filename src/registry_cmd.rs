@@ -96,11 +96,17 @@ pub enum ConsentCommand {
 /// The registry file and the device of a change.
 #[derive(Debug, Args)]
 pub struct DeviceArgs {
-    /// The registry file (v1 or v2; written back as v2).
-    #[arg(long)]
-    registry: PathBuf,
+    /// The registry file (v1 or v2; written back as v2); not with `--server`.
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    registry: Option<PathBuf>,
     #[arg(long)]
     device: String,
+    /// Why the change is made (its purpose in the audit records); required by the
+    /// admin API with `--server`.
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    client: crate::admin_cmd::client::ClientArgs,
 }
 
 /// The registry file, the device and the instant of a change.
@@ -215,11 +221,27 @@ impl RegistryCommand {
                 at,
             }) => (device, Change::ConsentWithdraw { purpose, at }),
         };
-        let applied = apply(&device.registry, &device.device, &change, &Actor::default())?;
+        let registry = match (device.client.remote(), &device.registry) {
+            (Some(server), _) => {
+                return device.client.registry(
+                    server,
+                    &device.device,
+                    &change,
+                    device.reason.as_deref(),
+                );
+            }
+            (None, Some(registry)) => registry,
+            (None, None) => anyhow::bail!("--registry or --server is required"),
+        };
+        let actor = Actor {
+            purpose: device.reason.clone(),
+            ..Actor::default()
+        };
+        let applied = apply(registry, &device.device, &change, &actor)?;
         for line in &applied.changes {
             println!("{}: {line}", applied.device);
         }
-        println!("wrote {} (vitalmq-registry/v2)", device.registry.display());
+        println!("wrote {} (vitalmq-registry/v2)", registry.display());
         Ok(std::process::ExitCode::SUCCESS)
     }
 }
@@ -368,10 +390,7 @@ fn grants(registry: &DeviceRegistry, device: &DeviceId, history: &History) -> Ve
 }
 
 /// `- x` for what is only in `before`, `+ x` for what is only in `after`.
-fn diff<T: PartialEq>(before: &[T], after: &[T]) -> Vec<String>
-where
-    T: std::fmt::Display,
-{
+fn diff<T: PartialEq + std::fmt::Display>(before: &[T], after: &[T]) -> Vec<String> {
     let gone = before
         .iter()
         .filter(|p| !after.contains(p))

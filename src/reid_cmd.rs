@@ -8,7 +8,7 @@
 
 mod store;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use serde_json::Map;
@@ -37,19 +37,23 @@ pub struct EnrolArgs {
 
 #[derive(Debug, Args)]
 pub struct LookupArgs {
-    /// The re-identification store directory.
-    #[arg(long)]
-    store: PathBuf,
+    /// The re-identification store directory; not with `--server`.
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    store: Option<PathBuf>,
     /// The pseudonym to re-identify (`pt-...`).
     #[arg(long)]
     pseudonym: String,
+    /// The SPIFFE identity asking; it must be listed in the store's `authorised.toml`.
+    /// With `--server`, the identity is the operator certificate's.
+    #[arg(long, conflicts_with = "server")]
+    identity: Option<String>,
     /// Why the pseudonym is re-identified (recorded in the audit log). Required: a
     /// lookup without one is refused, and the refusal audited.
     #[arg(long)]
     purpose: Option<String>,
-    /// The SPIFFE identity asking; it must be listed in the store's `authorised.toml`.
-    #[arg(long)]
-    identity: Option<String>,
+    /// The admin API to ask instead of the local store.
+    #[command(flatten)]
+    client: crate::admin_cmd::client::ClientArgs,
 }
 
 impl ReidCommand {
@@ -81,27 +85,49 @@ fn enrol(args: EnrolArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 fn lookup(args: LookupArgs) -> anyhow::Result<std::process::ExitCode> {
+    let store = match (args.client.remote(), &args.store) {
+        (Some(server), _) => {
+            return args
+                .client
+                .reid_lookup(server, &args.pseudonym, args.purpose.as_deref());
+        }
+        (None, Some(store)) => store,
+        (None, None) => anyhow::bail!("--store or --server is required"),
+    };
+    let enrolment_id = lookup_as(
+        store,
+        &args.pseudonym,
+        args.identity.as_deref(),
+        args.purpose.as_deref(),
+    )?;
+    println!("{enrolment_id}");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The enrolment id behind `pseudonym` in the store `dir`, for `identity` (which must
+/// be authorised) and a stated `purpose`: an audited operator action, refused ones
+/// included. The CLI states the identity; the admin API passes the verified one.
+pub fn lookup_as(
+    dir: &Path,
+    pseudonym: &str,
+    identity: Option<&str>,
+    purpose: Option<&str>,
+) -> anyhow::Result<String> {
     // No store, nothing to audit: do not create an audit log in a mistyped directory.
-    let store = Store::open(&args.store)?;
-    let enrolment_id = Action::new(
+    let store = Store::open(dir)?;
+    Action::new(
         "reid.lookup",
-        operator_audit::log_path(Store::operator_audit(&args.store)),
+        operator_audit::log_path(Store::operator_audit(dir)),
     )
-    .resource(Some(args.pseudonym.clone()))
-    .detail("store", operator_audit::absolute(&args.store))
-    .detail("identity", args.identity.clone())
-    .detail("purpose", args.purpose.clone())
+    .resource(Some(pseudonym.to_owned()))
+    .detail("store", operator_audit::absolute(dir))
+    .detail("identity", identity)
+    .detail("purpose", purpose)
     .run(|| {
-        let purpose = args
-            .purpose
-            .as_deref()
-            .map(str::trim)
-            .filter(|p| !p.is_empty());
+        let purpose = purpose.map(str::trim).filter(|p| !p.is_empty());
         anyhow::ensure!(purpose.is_some(), "refused: no purpose stated (--purpose)");
-        let identity = args
-            .identity
-            .as_deref()
-            .ok_or_else(|| anyhow::anyhow!("refused: no identity stated (--identity)"))?;
+        let identity =
+            identity.ok_or_else(|| anyhow::anyhow!("refused: no identity stated (--identity)"))?;
         let identity = SpiffeId::parse(identity)
             .map_err(|e| anyhow::anyhow!("refused: --identity is not a SPIFFE id: {e}"))?;
         anyhow::ensure!(
@@ -109,16 +135,14 @@ fn lookup(args: LookupArgs) -> anyhow::Result<std::process::ExitCode> {
             "refused: {identity} is not authorised to re-identify (authorised.toml)"
         );
         anyhow::ensure!(
-            is_pseudonym(&args.pseudonym),
+            is_pseudonym(pseudonym),
             "not a pseudonym (pt- and 32 hex digits)"
         );
         let found = store
-            .lookup(&args.pseudonym)?
+            .lookup(pseudonym)?
             .ok_or_else(|| anyhow::anyhow!("no enrolment under this pseudonym"))?;
         let mut details = Map::new();
         details.insert("granted".to_owned(), true.into());
         Ok((found, details))
-    })?;
-    println!("{enrolment_id}");
-    Ok(std::process::ExitCode::SUCCESS)
+    })
 }

@@ -22,25 +22,38 @@ use vitalmq_policies::{Role, SpiffeId};
 pub struct TraceArgs {
     /// An alert id (`al-...`) or an event id (`ev1-...`).
     id: String,
-    /// The bridge's data directory.
-    #[arg(long)]
-    data: PathBuf,
+    /// The bridge's data directory; not with `--server`.
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    data: Option<PathBuf>,
     /// The broker's audit log: adds the publisher's certificate and the recipients.
     #[arg(long)]
     broker_audit: Option<PathBuf>,
-    /// One JSON object instead of text.
+    /// One JSON object instead of text (always, with `--server`).
     #[arg(long)]
     json: bool,
+    /// Why the trace is read (recorded in the audit log; required with `--server`).
+    #[arg(long)]
+    purpose: Option<String>,
+    #[command(flatten)]
+    client: crate::admin_cmd::client::ClientArgs,
 }
 
 pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
-    let store = crate::bridge_cmd::open_existing(&args.data)?;
+    let data = match (args.client.remote(), &args.data) {
+        (Some(server), _) => return args.client.trace(server, &args.id, args.purpose.as_deref()),
+        (None, Some(data)) => data.clone(),
+        (None, None) => anyhow::bail!("--data or --server is required"),
+    };
+    let store = crate::bridge_cmd::open_existing(&data)?;
     let mut action = crate::operator_audit::Action::new(
         "trace",
-        crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&args.data)),
+        crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&data)),
     )
     .resource(Some(args.id.clone()))
-    .detail("data_dir", crate::operator_audit::absolute(&args.data));
+    .detail("data_dir", crate::operator_audit::absolute(&data));
+    if let Some(purpose) = &args.purpose {
+        action = action.detail("purpose", purpose.as_str());
+    }
     if let Some(b) = &args.broker_audit {
         action = action.detail("broker_audit", crate::operator_audit::absolute(b));
     }
@@ -52,16 +65,39 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn trace(args: &TraceArgs, store: &Store) -> anyhow::Result<ExitCode> {
-    let broker = match &args.broker_audit {
-        Some(p) => Some(BrokerAudit::read(p, &wanted(store, &args.id)?)?),
+/// The trace of `id` from `store` (and the broker audit log, when given).
+fn build(store: &Store, id: &str, broker_audit: Option<&Path>) -> anyhow::Result<Option<Trace>> {
+    let broker = match broker_audit {
+        Some(p) => Some(BrokerAudit::read(p, &wanted(store, id)?)?),
         None => None,
     };
-    let trace = if args.id.starts_with("al-") {
-        trace_alert(store, &args.id, broker.as_ref())?
+    if id.starts_with("al-") {
+        trace_alert(store, id, broker.as_ref())
     } else {
-        trace_event(store, &args.id, broker.as_ref())?
+        trace_event(store, id, broker.as_ref())
+    }
+}
+
+/// The trace of `id` as `vitalmq trace --json` prints it, and the site it belongs to,
+/// for the admin API (the caller audits the read).
+pub fn trace_json(
+    data: &Path,
+    broker_audit: Option<&Path>,
+    id: &str,
+) -> anyhow::Result<Option<(Json, Option<String>)>> {
+    let store = crate::bridge_cmd::open_existing(data)?;
+    let Some(trace) = build(&store, id, broker_audit)? else {
+        return Ok(None);
     };
+    let site = match &trace {
+        Trace::Event(e) => Some(e.event.detail.head.site.to_string()),
+        Trace::Alert(a) => a.site.clone(),
+    };
+    Ok(Some((serde_json::to_value(&trace)?, site)))
+}
+
+fn trace(args: &TraceArgs, store: &Store) -> anyhow::Result<ExitCode> {
+    let trace = build(store, &args.id, args.broker_audit.as_deref())?;
     let Some(trace) = trace else {
         eprintln!("{}: not found in {}", args.id, store.path().display());
         return Ok(ExitCode::from(1));

@@ -13,6 +13,8 @@ pub enum Component {
     Broker,
     Bridge,
     Cli,
+    /// The admin API (`vitalmq admin serve`).
+    Admin,
 }
 
 /// What happened. New kinds are added at the end; readers keep unknown ones as text.
@@ -46,6 +48,10 @@ pub enum Event {
     /// An alert acknowledgement was refused (`reason`: malformed, unknown_acknowledger,
     /// unknown_alert, other_site, resolved).
     AlertAckRefused,
+    /// A call to the admin API, allowed or refused: `actor.identity` the operator,
+    /// `action` what it asked, `decision` and `reason` the outcome, `details` its role,
+    /// purpose and any break-glass reason.
+    AdminRequest,
 }
 
 /// The security decision a record documents, when there is one.

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod acl;
+mod admin_roles;
 mod assignment;
 mod consent;
 mod error;
@@ -17,6 +18,7 @@ mod rules;
 pub use acl::{
     AclPolicy, Decision, DeniedPublishV311, RetainedTelemetry, RoleLimits, is_telemetry_topic,
 };
+pub use admin_roles::{AdminAction, AdminRole, AdminRoles, Grantee, Scope};
 pub use assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
 pub use consent::{Consent, ConsentError, Grant, Purpose, UnknownPurpose};
 pub use error::{PolicyError, PolicyErrors};

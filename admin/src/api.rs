@@ -1,0 +1,707 @@
+//! The routes of the admin API (JSON in and out). Every call states a purpose
+//! (`X-Vitalmq-Purpose` header or `?purpose=`); every call, allowed or refused, is
+//! audited before its answer leaves.
+//!
+//! | method | path | action |
+//! |---|---|---|
+//! | GET | `/v1/events[?device=D]` | `events.read` |
+//! | GET | `/v1/alerts[?device=D]` | `alerts.read` |
+//! | GET | `/v1/quarantine[?device=D]` | `quarantine.read` |
+//! | GET | `/v1/trace/{id}` | `trace.read` |
+//! | POST | `/v1/registry/{device}` (body `{"change": "assign", ...}`) | `registry.<change>` |
+//! | POST | `/v1/reid/lookup` (body `{"pseudonym": "pt-..."}`) | `reid.lookup` |
+//!
+//! Scope: a site-scoped role reads only records of its sites. A listing without
+//! `device` leaves the others out (and says how many); a read naming a device, or a
+//! trace, that reaches outside the scope is refused (403) unless the call gives a
+//! break-glass reason (`X-Vitalmq-Break-Glass` or `?break_glass=`): then it is answered
+//! in full, audited as `break_glass` with the reason, and an operational alert is
+//! written to the break-glass outbox first. Changes never break glass.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use vitalmq_audit::Decision;
+use vitalmq_policies::{AdminAction, Grantee, Scope, SiteId};
+
+use crate::access::{BREAK_GLASS_HEADER, Caller, PURPOSE_HEADER, RolesFile, statement};
+use crate::audit::{AdminAudit, Entry};
+use crate::backend::{Acting, Backend, BackendError, Record, Rows};
+use crate::ops_alert::{BreakGlass, OpsOutbox};
+
+/// What the routes share.
+pub struct App {
+    pub roles: RolesFile,
+    pub audit: AdminAudit,
+    pub outbox: OpsOutbox,
+    pub backend: Arc<dyn Backend>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("roles", &self.roles)
+            .field("audit", &self.audit)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The routes; the server adds the [`Caller`] of each connection as an extension.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/events", get(events))
+        .route("/v1/alerts", get(alerts))
+        .route("/v1/quarantine", get(quarantine))
+        .route("/v1/trace/:id", get(trace))
+        .route("/v1/registry/:device", post(change))
+        .route("/v1/reid/lookup", post(reid_lookup))
+        .fallback(unknown)
+        .with_state(app)
+}
+
+type Q = Query<HashMap<String, String>>;
+
+/// Anything else: refused (404) and audited like every call.
+async fn unknown(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    uri: axum::http::Uri,
+) -> Response {
+    refuse(
+        &app,
+        &caller,
+        Entry::new("unknown", Some(uri.path().chars().take(200).collect())),
+        StatusCode::NOT_FOUND,
+        "no_such_endpoint",
+        "no such endpoint".into(),
+    )
+    .await
+}
+
+/// A JSON answer.
+fn reply(status: StatusCode, body: Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+/// A call that was decided: who, under which role and purpose.
+struct Decided {
+    grantee: Grantee,
+    identity: String,
+    purpose: String,
+    entry: Entry,
+}
+
+impl Decided {
+    fn acting(&self) -> Acting {
+        Acting {
+            identity: self.identity.clone(),
+            role: self.grantee.role.name.clone(),
+            purpose: self.purpose.clone(),
+        }
+    }
+}
+
+/// Writes `entry` (refused: `why`, answered with `status`) and the answer to send.
+async fn refuse(
+    app: &App,
+    caller: &Caller,
+    mut entry: Entry,
+    status: StatusCode,
+    why: &str,
+    message: String,
+) -> Response {
+    entry.decision = Decision::Deny;
+    entry.reason = format!("refused:{why}");
+    entry = entry.detail("status", status.as_u16());
+    if let Err(e) = app.audit.record(Some(caller), &entry).await {
+        return audit_down(&e);
+    }
+    reply(status, json!({"error": message, "reason": why}))
+}
+
+fn audit_down(e: &dyn std::error::Error) -> Response {
+    tracing::error!(error = %e, "the admin audit log cannot be written; answering 503");
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "the audit log cannot be written, so nothing is served", "reason": "audit_unavailable"}),
+    )
+}
+
+/// Who the caller is, its role and purpose; a refusal is audited and returned.
+async fn decide(
+    app: &App,
+    caller: &Caller,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    action: AdminAction,
+    resource: Option<String>,
+) -> Result<Decided, Response> {
+    let mut entry = Entry::new(action.as_str(), resource);
+    let Some(operator) = caller.operator().cloned() else {
+        let who = caller
+            .identity
+            .as_ref()
+            .map_or("no SPIFFE id".to_owned(), |i| format!("role {}", i.role));
+        return Err(refuse(
+            app,
+            caller,
+            entry,
+            StatusCode::FORBIDDEN,
+            "not_an_operator",
+            format!("only operator certificates may use the admin API ({who})"),
+        )
+        .await);
+    };
+    let purpose = match statement(headers, PURPOSE_HEADER, query.get("purpose")) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(refuse(
+                app,
+                caller,
+                entry,
+                StatusCode::BAD_REQUEST,
+                "no_purpose",
+                format!("state the purpose of the call ({PURPOSE_HEADER} or ?purpose=)"),
+            )
+            .await);
+        }
+        Err(why) => {
+            return Err(refuse(
+                app,
+                caller,
+                entry,
+                StatusCode::BAD_REQUEST,
+                "bad_purpose",
+                format!("purpose {why}"),
+            )
+            .await);
+        }
+    };
+    entry.purpose = Some(purpose.clone());
+    let roles = app.roles.current();
+    entry.policy_sha256 = Some(roles.sha256().to_owned());
+    let Some(grantee) = roles.grantee(&operator).cloned() else {
+        return Err(refuse(
+            app,
+            caller,
+            entry,
+            StatusCode::FORBIDDEN,
+            "no_role",
+            format!("operator `{operator}` has no role in the admin roles policy"),
+        )
+        .await);
+    };
+    entry.role = Some(grantee.role.name.clone());
+    if !grantee.may(action) {
+        return Err(refuse(
+            app,
+            caller,
+            entry,
+            StatusCode::FORBIDDEN,
+            "action_not_in_role",
+            format!("role `{}` may not {action}", grantee.role.name),
+        )
+        .await);
+    }
+    Ok(Decided {
+        grantee,
+        identity: caller
+            .identity
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        purpose,
+        entry,
+    })
+}
+
+fn in_scope(grantee: &Grantee, site: Option<&str>) -> bool {
+    grantee.role.scope == Scope::All
+        || site
+            .and_then(|s| SiteId::new(s).ok())
+            .is_some_and(|s| grantee.reaches(&s))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(BackendError::Failed(format!("backend task failed: {e}"))))
+}
+
+/// A backend error: audited as the call's outcome, answered with its status.
+async fn failed(app: &App, caller: &Caller, mut entry: Entry, e: BackendError) -> Response {
+    let (status, reason) = match &e {
+        BackendError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        BackendError::Refused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "failed"),
+        BackendError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+    };
+    entry.reason = reason.to_owned();
+    entry = entry
+        .detail("status", status.as_u16())
+        .detail("error", e.to_string());
+    if let Err(e) = app.audit.record(Some(caller), &entry).await {
+        return audit_down(&e);
+    }
+    reply(status, json!({"error": e.to_string(), "reason": reason}))
+}
+
+async fn events(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Query(q): Q,
+) -> Response {
+    read(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        Rows::Events,
+        AdminAction::EventsRead,
+    )
+    .await
+}
+
+async fn alerts(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Query(q): Q,
+) -> Response {
+    read(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        Rows::Alerts,
+        AdminAction::AlertsRead,
+    )
+    .await
+}
+
+async fn quarantine(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Query(q): Q,
+) -> Response {
+    read(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        Rows::Quarantine,
+        AdminAction::QuarantineRead,
+    )
+    .await
+}
+
+async fn trace(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Q,
+) -> Response {
+    let decided = match decide(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        AdminAction::TraceRead,
+        Some(id.clone()),
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let backend = Arc::clone(&app.backend);
+    match blocking(move || backend.trace(&id)).await {
+        Ok(record) => {
+            answer(
+                &app,
+                &caller,
+                &headers,
+                &q,
+                decided,
+                vec![record],
+                true,
+                |rows| rows.into_iter().next().unwrap_or(Value::Null),
+            )
+            .await
+        }
+        Err(e) => failed(&app, &caller, decided.entry, e).await,
+    }
+}
+
+async fn read(
+    app: &App,
+    caller: &Caller,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    rows: Rows,
+    action: AdminAction,
+) -> Response {
+    let device = q.get("device").cloned();
+    let resource = Some(
+        device
+            .as_ref()
+            .map_or("all".to_owned(), |d| format!("device/{d}")),
+    );
+    let decided = match decide(app, caller, headers, q, action, resource).await {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let backend = Arc::clone(&app.backend);
+    let named = device.is_some();
+    match blocking(move || backend.rows(rows, device.as_deref())).await {
+        Ok(records) => {
+            answer(
+                app,
+                caller,
+                headers,
+                q,
+                decided,
+                records,
+                named,
+                |rows| json!({ "rows": rows }),
+            )
+            .await
+        }
+        Err(e) => failed(app, caller, decided.entry, e).await,
+    }
+}
+
+/// Applies the caller's scope to what was read, breaks glass when asked, audits and
+/// answers. `named`: the call asked for one device or record, so reaching outside the
+/// scope is refused rather than filtered.
+#[allow(clippy::too_many_arguments)]
+async fn answer(
+    app: &App,
+    caller: &Caller,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    decided: Decided,
+    records: Vec<Record>,
+    named: bool,
+    shape: impl FnOnce(Vec<Value>) -> Value,
+) -> Response {
+    let Decided {
+        grantee,
+        identity,
+        entry,
+        ..
+    } = decided;
+    let mut entry = entry;
+    let break_glass = match statement(headers, BREAK_GLASS_HEADER, q.get("break_glass")) {
+        Ok(b) => b,
+        Err(why) => {
+            return refuse(
+                app,
+                caller,
+                entry,
+                StatusCode::BAD_REQUEST,
+                "bad_break_glass",
+                format!("break-glass reason {why}"),
+            )
+            .await;
+        }
+    };
+    let (inside, outside): (Vec<Record>, Vec<Record>) = records
+        .into_iter()
+        .partition(|r| in_scope(&grantee, r.site.as_deref()));
+    let outside_sites: BTreeSet<String> = outside
+        .iter()
+        .map(|r| r.site.clone().unwrap_or_else(|| "unknown".to_owned()))
+        .collect();
+    let mut body_rows: Vec<Value> = inside.into_iter().map(|r| r.body).collect();
+    let mut glass = false;
+    let mut withheld = 0usize;
+    if !outside.is_empty() {
+        match &break_glass {
+            Some(reason) => {
+                glass = true;
+                let sites: Vec<String> = outside_sites.iter().cloned().collect();
+                let device = q.get("device").map(String::as_str);
+                let audit_log = app.audit.path().display().to_string();
+                let alert = OpsOutbox::alert(
+                    &BreakGlass {
+                        identity: &identity,
+                        role: &grantee.role.name,
+                        action: &entry.action,
+                        resource: entry.resource.as_deref(),
+                        device,
+                        sites: &sites,
+                        audit_log: &audit_log,
+                    },
+                    &now_rfc3339(),
+                    &nonce(),
+                );
+                if let Err(e) = app.outbox.raise(&alert).await {
+                    tracing::error!(error = %e, "the break-glass alert cannot be written; refusing the read");
+                    return refuse(
+                        app,
+                        caller,
+                        entry,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "alert_unavailable",
+                        "the break-glass alert cannot be raised, so the read is refused".into(),
+                    )
+                    .await;
+                }
+                entry = entry
+                    .detail("break_glass_reason", reason.as_str())
+                    .detail("outside_sites", sites)
+                    .detail("alert_id", alert["alert_id"].clone());
+                body_rows.extend(outside.into_iter().map(|r| r.body));
+            }
+            None if named => {
+                return refuse(
+                    app,
+                    caller,
+                    entry.detail("outside_sites", outside_sites.into_iter().collect::<Vec<_>>()),
+                    StatusCode::FORBIDDEN,
+                    "outside_scope",
+                    format!(
+                        "outside the sites of role `{}`; state a break-glass reason ({BREAK_GLASS_HEADER}) to read it anyway",
+                        grantee.role.name
+                    ),
+                )
+                .await;
+            }
+            None => withheld = outside.len(),
+        }
+    }
+    entry.decision = Decision::Allow;
+    entry.reason = if glass { "break_glass" } else { "allowed" }.to_owned();
+    entry = entry.detail("status", 200).detail("rows", body_rows.len());
+    if withheld > 0 {
+        entry = entry.detail("withheld_outside_scope", withheld);
+    }
+    if let Err(e) = app.audit.record(Some(caller), &entry).await {
+        return audit_down(&e);
+    }
+    let mut body = shape(body_rows);
+    if let Value::Object(map) = &mut body {
+        map.insert("break_glass".into(), glass.into());
+        if withheld > 0 {
+            map.insert("withheld_outside_scope".into(), withheld.into());
+        }
+    }
+    reply(StatusCode::OK, body)
+}
+
+/// The registry action of a change body's `change` tag.
+fn change_action(body: &Value) -> Option<AdminAction> {
+    Some(match body.get("change")?.as_str()? {
+        "assign" => AdminAction::RegistryAssign,
+        "unassign" => AdminAction::RegistryUnassign,
+        "retire" => AdminAction::RegistryRetire,
+        "consent-grant" => AdminAction::ConsentGrant,
+        "consent-withdraw" => AdminAction::ConsentWithdraw,
+        _ => return None,
+    })
+}
+
+async fn change(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Path(device): Path<String>,
+    Query(q): Q,
+    body: Bytes,
+) -> Response {
+    let resource = Some(format!("device/{device}"));
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let Some(action) = parsed.as_ref().and_then(change_action) else {
+        return refuse(
+            &app,
+            &caller,
+            Entry::new("registry.change", resource),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body must be JSON with \"change\": assign, unassign, retire, consent-grant or consent-withdraw".into(),
+        )
+        .await;
+    };
+    let decided = match decide(&app, &caller, &headers, &q, action, resource).await {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    if decided.grantee.role.scope == Scope::Sites {
+        let backend = Arc::clone(&app.backend);
+        let d = device.clone();
+        let sites = match blocking(move || backend.device_sites(&d)).await {
+            Ok(s) => s,
+            Err(e) => return failed(&app, &caller, decided.entry, e).await,
+        };
+        if sites.iter().any(|s| !in_scope(&decided.grantee, Some(s))) {
+            return refuse(
+                &app,
+                &caller,
+                decided.entry,
+                StatusCode::FORBIDDEN,
+                "outside_scope",
+                "the device served sites outside the role's scope".into(),
+            )
+            .await;
+        }
+    }
+    let acting = decided.acting();
+    let mut started = decided.entry.clone();
+    started.decision = Decision::Allow;
+    started.reason = "allowed".into();
+    if let Err(e) = app.audit.record(Some(&caller), &started).await {
+        return audit_down(&e);
+    }
+    let backend = Arc::clone(&app.backend);
+    let body = parsed.unwrap_or(Value::Null);
+    let result = blocking(move || backend.change(&device, body, &acting)).await;
+    finish(&app, &caller, started, result).await
+}
+
+/// Audits the outcome of an allowed change or lookup and answers with it.
+async fn finish(
+    app: &App,
+    caller: &Caller,
+    mut entry: Entry,
+    result: Result<Value, BackendError>,
+) -> Response {
+    match result {
+        Ok(value) => {
+            entry.reason = "succeeded".into();
+            entry = entry.detail("status", 200);
+            if let Err(e) = app.audit.record(Some(caller), &entry).await {
+                return audit_down(&e);
+            }
+            reply(StatusCode::OK, value)
+        }
+        Err(e) => failed(app, caller, entry, e).await,
+    }
+}
+
+async fn reid_lookup(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    body: Bytes,
+) -> Response {
+    let pseudonym = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("pseudonym")?.as_str().map(str::to_owned));
+    let Some(pseudonym) = pseudonym else {
+        return refuse(
+            &app,
+            &caller,
+            Entry::new(AdminAction::ReidLookup.as_str(), None),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body must be JSON with \"pseudonym\"".into(),
+        )
+        .await;
+    };
+    let decided = match decide(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        AdminAction::ReidLookup,
+        Some(pseudonym.clone()),
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let acting = decided.acting();
+    let mut started = decided.entry.clone();
+    started.decision = Decision::Allow;
+    started.reason = "allowed".into();
+    if let Err(e) = app.audit.record(Some(&caller), &started).await {
+        return audit_down(&e);
+    }
+    let backend = Arc::clone(&app.backend);
+    let result = blocking(move || backend.reid_lookup(&pseudonym, &acting)).await;
+    finish(&app, &caller, started, result).await
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A short unique suffix for an alert id: time and a process-wide counter.
+fn nonce() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{t}-{}-{n}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::json;
+    use vitalmq_policies::{AdminRole, Grantee, Scope, SiteId};
+
+    use super::*;
+
+    fn clinician_of(site: &str) -> Grantee {
+        Grantee {
+            role: AdminRole {
+                name: "clinician".into(),
+                actions: BTreeSet::from([AdminAction::EventsRead]),
+                scope: Scope::Sites,
+            },
+            sites: BTreeSet::from([SiteId::new(site).expect("site")]),
+        }
+    }
+
+    #[test]
+    fn a_site_scoped_role_reaches_only_its_sites_and_never_an_unknown_one() {
+        let g = clinician_of("site-01");
+        assert!(in_scope(&g, Some("site-01")));
+        assert!(!in_scope(&g, Some("site-02")));
+        assert!(!in_scope(&g, None), "a record without a site is outside");
+        assert!(!in_scope(&g, Some("not a site!")));
+        let all = Grantee {
+            role: AdminRole {
+                scope: Scope::All,
+                ..g.role.clone()
+            },
+            sites: BTreeSet::new(),
+        };
+        assert!(in_scope(&all, None) && in_scope(&all, Some("site-99")));
+    }
+
+    #[test]
+    fn each_change_names_its_action_and_nothing_else_does() {
+        for (tag, action) in [
+            ("assign", AdminAction::RegistryAssign),
+            ("unassign", AdminAction::RegistryUnassign),
+            ("retire", AdminAction::RegistryRetire),
+            ("consent-grant", AdminAction::ConsentGrant),
+            ("consent-withdraw", AdminAction::ConsentWithdraw),
+        ] {
+            assert_eq!(change_action(&json!({ "change": tag })), Some(action));
+        }
+        assert_eq!(change_action(&json!({ "change": "erase" })), None);
+        assert_eq!(change_action(&json!({ "assign": true })), None);
+        assert_eq!(change_action(&json!("assign")), None);
+    }
+}

@@ -1,0 +1,59 @@
+//! What the admin API reads and changes. The binary implements it with the same code
+//! the CLI runs (the store reads, `registry_cmd::apply`, the re-identification store),
+//! so an answer through the API is the answer of the local command.
+
+use serde_json::Value;
+
+/// Which patient-linked rows to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    Events,
+    Alerts,
+    Quarantine,
+}
+
+/// One record read, with the site it belongs to (for the caller's scope); `None` when
+/// the record names none (it is then outside every site-scoped caller's scope).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub site: Option<String>,
+    pub body: Value,
+}
+
+/// Who acts on a change or lookup, as the audit records of the backend name them.
+#[derive(Debug, Clone)]
+pub struct Acting {
+    /// SPIFFE id of the operator.
+    pub identity: String,
+    pub role: String,
+    pub purpose: String,
+}
+
+/// Why the backend did not do what it was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// Nothing of that id (HTTP 404).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request is invalid or refused by the rules it is checked against (HTTP
+    /// 422): an overlapping assignment, an unknown purpose, an unauthorised lookup.
+    #[error("{0}")]
+    Refused(String),
+    /// The backend could not do it (HTTP 500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The data behind the API.
+pub trait Backend: Send + Sync + 'static {
+    /// Rows of one kind, of `device` only when given.
+    fn rows(&self, rows: Rows, device: Option<&str>) -> Result<Vec<Record>, BackendError>;
+    /// The provenance chain of an alert (`al-...`) or event (`ev1-...`).
+    fn trace(&self, id: &str) -> Result<Record, BackendError>;
+    /// Every site the device was ever assigned to (its scope for changes).
+    fn device_sites(&self, device: &str) -> Result<Vec<String>, BackendError>;
+    /// Applies a registry change (`{"change": "assign", ...}`) to `device`.
+    fn change(&self, device: &str, change: Value, acting: &Acting) -> Result<Value, BackendError>;
+    /// The enrolment id behind a pseudonym.
+    fn reid_lookup(&self, pseudonym: &str, acting: &Acting) -> Result<Value, BackendError>;
+}

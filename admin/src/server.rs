@@ -1,0 +1,147 @@
+//! The accept loop: TCP, the TLS handshake against the current [`Edge`], the caller's
+//! identity from its verified certificate, then HTTP/1.1 with the [`api`] routes.
+//! A refused handshake is audited (`action` `connect`, the TLS refusal reason) where
+//! the server sees it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::Extension;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use vitalmq_audit::Decision;
+use vitalmq_broker::identity::{CertName, cert_identity};
+use vitalmq_policies::PolicyErrors;
+
+use crate::access::{Caller, RolesFile};
+use crate::api::{self, App};
+use crate::audit::{AdminAudit, Entry};
+use crate::backend::Backend;
+use crate::config::AdminConfig;
+use crate::edge::Edge;
+use crate::ops_alert::OpsOutbox;
+
+/// Time a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the server did not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("admin TLS: {0}")]
+    Tls(#[from] vitalmq_broker::tls::TlsError),
+    #[error("admin roles: {0}")]
+    Roles(#[from] PolicyErrors),
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("accepting connections: {0}")]
+    Accept(#[source] std::io::Error),
+}
+
+/// Serves the admin API until `stop` completes. `ready` is told the bound address.
+pub async fn serve(
+    config: AdminConfig,
+    backend: Arc<dyn Backend>,
+    ready: impl FnOnce(SocketAddr),
+    stop: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let edge = Arc::new(Edge::new(config.tls.clone())?);
+    let trust_domain = config.tls.trust_domain.clone();
+    let app = Arc::new(App {
+        roles: RolesFile::load(config.roles.clone())?,
+        audit: AdminAudit::new(config.audit_log.clone()),
+        outbox: OpsOutbox::new(config.ops_outbox.clone(), config.ops_mqtt.clone()),
+        backend,
+    });
+    let router = api::router(Arc::clone(&app));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Accept)?;
+    tracing::info!(%addr, audit_log = %config.audit_log.display(), "admin API listening (mTLS)");
+    ready(addr);
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut stop => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, go on.
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = edge.acceptor();
+        let router = router.clone();
+        let app = Arc::clone(&app);
+        let trust_domain = trust_domain.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    let reason = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .map_or("handshake_failed", vitalmq_broker::tls::tls_reason);
+                    refused_handshake(&app, peer, reason).await;
+                    return;
+                }
+                Err(_) => {
+                    refused_handshake(&app, peer, "handshake_timeout").await;
+                    return;
+                }
+            };
+            let caller = {
+                let (_, session) = tls.get_ref();
+                let leaf = session.peer_certificates().and_then(|c| c.first());
+                let known = leaf.and_then(|der| cert_identity(der, &trust_domain, false).ok());
+                Caller {
+                    identity: known.as_ref().and_then(|k| match &k.name {
+                        CertName::Spiffe(id) => Some(id.clone()),
+                        CertName::CommonName(_) => None,
+                    }),
+                    cert_sha256: known.as_ref().map(|k| k.fingerprint_sha256_hex.clone()),
+                    cert_serial: known.as_ref().map(|k| k.serial_hex.clone()),
+                    addr: peer,
+                }
+            };
+            let service = TowerToHyperService::new(router.layer(Extension(Arc::new(caller))));
+            // One request per connection: every call is made by a certificate checked
+            // against the CA and CRL in force when it was made (a keep-alive
+            // connection would outlive a revocation).
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(error = %e, %peer, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn refused_handshake(app: &App, peer: SocketAddr, reason: &str) {
+    let mut entry = Entry::new("connect", None);
+    entry.decision = Decision::Deny;
+    entry.reason = format!("refused:{reason}");
+    let caller = Caller {
+        identity: None,
+        cert_sha256: None,
+        cert_serial: None,
+        addr: peer,
+    };
+    if let Err(e) = app.audit.record(Some(&caller), &entry).await {
+        tracing::error!(error = %e, "a refused admin handshake could not be audited");
+    }
+}

@@ -1,0 +1,208 @@
+//! `vitalmq admin serve --config admin.toml`: the admin API (see the `vitalmq_admin`
+//! crate) over this binary's own read and change code: the bridge store reads of
+//! `vitalmq store`, `vitalmq trace`, `registry_cmd::apply` and the re-identification
+//! store of `vitalmq reid` (which the admin service may open; broker and bridge never
+//! do). [`client`] is the other side: the CLI commands given `--server`.
+
+pub mod client;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use serde_json::Value;
+use vitalmq_admin::backend::{Acting, Backend, BackendError, Record, Rows};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::{DeviceRegistry, Use};
+
+use crate::registry_cmd::{self, Actor, Change};
+
+/// Line printed on stderr once the server listens, followed by its address.
+pub const READY: &str = "vitalmq admin listening on ";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AdminCommand {
+    /// Serve the admin API over mutual TLS (operators only; every call audited).
+    Serve {
+        /// The admin configuration (`vitalmq-admin/v1`, TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+impl AdminCommand {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let Self::Serve { config: path } = self;
+        let config = vitalmq_admin::AdminConfig::load(&path)?;
+        let backend = Arc::new(LocalBackend {
+            data_dir: config.data_dir.clone(),
+            registry: config.registry.clone(),
+            reid_store: config.reid_store.clone(),
+            broker_audit: config.broker_audit.clone(),
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        runtime
+            .block_on(vitalmq_admin::serve(
+                config,
+                backend,
+                |addr| eprintln!("{READY}{addr}"),
+                crate::stop::wait_for_stop(),
+            ))
+            .with_context(|| format!("admin API from {}", path.display()))?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// The data the admin API serves: the files of this host.
+#[derive(Debug)]
+struct LocalBackend {
+    data_dir: PathBuf,
+    registry: PathBuf,
+    reid_store: Option<PathBuf>,
+    broker_audit: Option<PathBuf>,
+}
+
+fn failed(e: anyhow::Error) -> BackendError {
+    BackendError::Failed(format!("{e:#}"))
+}
+
+fn json<T: serde::Serialize>(row: &T) -> Result<Value, BackendError> {
+    serde_json::to_value(row).map_err(|e| BackendError::Failed(e.to_string()))
+}
+
+impl LocalBackend {
+    fn load_registry(&self) -> Result<DeviceRegistry, BackendError> {
+        DeviceRegistry::load(&self.registry).map_err(|e| BackendError::Failed(e.to_string()))
+    }
+}
+
+/// The site the device served at `t`, if it was assigned then.
+fn site_at(registry: &DeviceRegistry, device: &DeviceId, t: u64) -> Option<String> {
+    match &registry.assignment_at(device, t)?.serves {
+        Use::Assigned { site, .. } => Some(site.to_string()),
+        Use::Retired => None,
+    }
+}
+
+impl Backend for LocalBackend {
+    fn rows(&self, rows: Rows, device: Option<&str>) -> Result<Vec<Record>, BackendError> {
+        let store = crate::bridge_cmd::open_existing(&self.data_dir).map_err(failed)?;
+        let keep = |d: Option<&str>| device.is_none_or(|want| d == Some(want));
+        let store_err = |e: vitalmq_bridge::store::StoreError| BackendError::Failed(e.to_string());
+        match rows {
+            Rows::Events => store
+                .list_events()
+                .map_err(store_err)?
+                .iter()
+                .filter(|r| keep(Some(r.head.device.as_str())))
+                .map(|r| {
+                    Ok(Record {
+                        site: Some(r.head.site.to_string()),
+                        body: json(r)?,
+                    })
+                })
+                .collect(),
+            Rows::Alerts => store
+                .list_alerts()
+                .map_err(store_err)?
+                .iter()
+                .filter(|r| keep(r.device.as_ref().map(DeviceId::as_str)))
+                .map(|r| {
+                    // The site is the topic's: alerts/{site}/... (SPEC section 5).
+                    let site = r
+                        .topic
+                        .strip_prefix("alerts/")
+                        .and_then(|t| t.split('/').next())
+                        .map(str::to_owned);
+                    Ok(Record {
+                        site,
+                        body: json(r)?,
+                    })
+                })
+                .collect(),
+            Rows::Quarantine => {
+                let registry = self.load_registry()?;
+                store
+                    .list_quarantine()
+                    .map_err(store_err)?
+                    .iter()
+                    .filter(|r| keep(r.device.as_ref().map(DeviceId::as_str)))
+                    .map(|r| {
+                        let site = r
+                            .device
+                            .as_ref()
+                            .and_then(|d| site_at(&registry, d, r.received_at_ms));
+                        Ok(Record {
+                            site,
+                            body: json(r)?,
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn trace(&self, id: &str) -> Result<Record, BackendError> {
+        match crate::trace_cmd::trace_json(&self.data_dir, self.broker_audit.as_deref(), id)
+            .map_err(failed)?
+        {
+            Some((body, site)) => Ok(Record { site, body }),
+            None => Err(BackendError::NotFound(id.to_owned())),
+        }
+    }
+
+    fn device_sites(&self, device: &str) -> Result<Vec<String>, BackendError> {
+        let registry = self.load_registry()?;
+        let id = DeviceId::new(device.to_owned())
+            .map_err(|e| BackendError::Refused(format!("device: {e}")))?;
+        let history = registry
+            .history(&id)
+            .ok_or_else(|| BackendError::NotFound(format!("device {device}")))?;
+        Ok(history
+            .periods()
+            .iter()
+            .filter_map(|a| match &a.serves {
+                Use::Assigned { site, .. } => Some(site.to_string()),
+                Use::Retired => None,
+            })
+            .collect())
+    }
+
+    fn change(&self, device: &str, change: Value, acting: &Acting) -> Result<Value, BackendError> {
+        let change: Change = serde_json::from_value(change)
+            .map_err(|e| BackendError::Refused(format!("not a registry change: {e}")))?;
+        let actor = Actor {
+            identity: Some(acting.identity.clone()),
+            role: Some(acting.role.clone()),
+            purpose: Some(acting.purpose.clone()),
+        };
+        let applied = registry_cmd::apply(&self.registry, device, &change, &actor)
+            .map_err(|e| BackendError::Refused(format!("{e:#}")))?;
+        json(&applied)
+    }
+
+    fn reid_lookup(&self, pseudonym: &str, acting: &Acting) -> Result<Value, BackendError> {
+        let store = self.reid_store.as_deref().ok_or_else(|| {
+            BackendError::Failed("no reid_store in the admin configuration".into())
+        })?;
+        let found = crate::reid_cmd::lookup_as(
+            store,
+            pseudonym,
+            Some(&acting.identity),
+            Some(&acting.purpose),
+        );
+        match found {
+            Ok(enrolment_id) => Ok(serde_json::json!({
+                "pseudonym": pseudonym,
+                "enrolment_id": enrolment_id,
+            })),
+            Err(e) if format!("{e:#}").contains("no enrolment") => Err(BackendError::NotFound(
+                "no enrolment under this pseudonym".into(),
+            )),
+            Err(e) => Err(BackendError::Refused(format!("{e:#}"))),
+        }
+    }
+}
