@@ -35,12 +35,7 @@ impl AdminCommand {
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let Self::Serve { config: path } = self;
         let config = vitalmq_admin::AdminConfig::load(&path)?;
-        let backend = Arc::new(LocalBackend {
-            data_dir: config.data_dir.clone(),
-            registry: config.registry.clone(),
-            reid_store: config.reid_store.clone(),
-            broker_audit: config.broker_audit.clone(),
-        });
+        let backend = Arc::new(LocalBackend::of(&config));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
@@ -58,7 +53,7 @@ impl AdminCommand {
 
 /// The data the admin API serves: the files of this host.
 #[derive(Debug)]
-struct LocalBackend {
+pub struct LocalBackend {
     data_dir: PathBuf,
     registry: PathBuf,
     reid_store: Option<PathBuf>,
@@ -74,6 +69,16 @@ fn json<T: serde::Serialize>(row: &T) -> Result<Value, BackendError> {
 }
 
 impl LocalBackend {
+    /// The files `config` names.
+    pub fn of(config: &vitalmq_admin::AdminConfig) -> Self {
+        Self {
+            data_dir: config.data_dir.clone(),
+            registry: config.registry.clone(),
+            reid_store: config.reid_store.clone(),
+            broker_audit: config.broker_audit.clone(),
+        }
+    }
+
     fn load_registry(&self) -> Result<DeviceRegistry, BackendError> {
         DeviceRegistry::load(&self.registry).map_err(|e| BackendError::Failed(e.to_string()))
     }

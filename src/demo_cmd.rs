@@ -13,6 +13,8 @@
 //! (alarm, silence, acknowledgement, re-escalation), audit chains intact.
 //! Logs go to `demo.log` in the work directory ([`log`]).
 
+mod admin;
+mod governance;
 mod log;
 mod operator;
 mod progress;
@@ -43,7 +45,7 @@ pub struct DemoArgs {
     /// Work directory (must be new or empty); defaults to `vitalmq-demo/run-<time>`.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Number of simulated devices (at least 12: the scenario uses devices 1 to 11 and
+    /// Number of simulated devices (at least 14: the scenario uses devices 1 to 13 and
     /// the last one).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(i64::from(setup::MIN_DEVICES)..=5000))]
     devices: u32,
@@ -164,6 +166,12 @@ async fn demo(
     describe_scenario(args, &sim_opts);
     let (control, control_rx) = watch::channel(Control::Run);
     let devices = args.devices as usize;
+    let device_clock = governance::DeviceClock::starting_now(args.time_scale)?;
+    let mut changes = governance::Changes::default();
+    let withdraw_due = tokio::time::sleep(args.duration.mul_f64(0.3));
+    let reassign_due = tokio::time::sleep(args.duration.mul_f64(0.45));
+    tokio::pin!(withdraw_due, reassign_due);
+    let (mut withdraw_tried, mut reassign_tried) = (false, false);
     let connected = Arc::clone(&live);
     let sim_started = tokio::time::Instant::now();
     let mut stopped_at = args.duration;
@@ -208,6 +216,31 @@ async fn demo(
                     let _ = control.send(Control::Finish);
                 }
             }
+            () = &mut withdraw_due, if !withdraw_tried && !finishing => {
+                withdraw_tried = true;
+                match governance::withdraw(work, &device_clock) {
+                    Ok(at) => {
+                        changes.withdrawn_at = Some(at);
+                        println!("  {} withdrew research consent from {} (device time); the bridge reloads the registry by itself", governance::WITHDRAWN_DEVICE, vitalmq_policies::format_rfc3339(at));
+                    }
+                    Err(e) => println!("  withdrawing research consent failed: {e:#}"),
+                }
+            }
+            () = &mut reassign_due, if !reassign_tried && !finishing => {
+                reassign_tried = true;
+                // Effective when the reconnect storm starts: what the devices still hold
+                // then arrives after the change, observed before it.
+                match governance::reassign(work, &device_clock, args.duration.mul_f64(0.15)) {
+                    Ok(r) => {
+                        println!("  {} reassigned from {} to {} from {} (device time)", governance::REASSIGNED_DEVICE, r.previous_patient, governance::NEW_PATIENT, vitalmq_policies::format_rfc3339(r.at));
+                        if let Err(e) = broker.reload().await {
+                            println!("  the broker did not reload the registry: {e}");
+                        }
+                        changes.reassigned = Some(r);
+                    }
+                    Err(e) => println!("  the reassignment failed: {e:#}"),
+                }
+            }
             Some(device) = revoked.recv() => match broker.reload().await {
                 Ok(()) => println!("  revoked the certificate of {device}; the broker reloaded its CRL"),
                 Err(e) => println!("  revoked the certificate of {device}, but the broker reload failed: {e}"),
@@ -232,6 +265,7 @@ async fn demo(
         Ok(Err(e)) => println!("  the bridge task failed: {e}"),
         Err(_) => println!("  the bridge did not stop within 30 s"),
     }
+    let reads = clinician_reads(args, work, port, &mut view, &mut alerts, &mut ack).await;
     for note in view.stop().await {
         println!("  {note}");
         keep(note, &mut alerts, &mut ack);
@@ -240,14 +274,16 @@ async fn demo(
     println!("  stopped cleanly");
 
     let times = AlertTimes::for_run(args.duration);
-    let checks = evidence_and_checks(
+    let mut checks = evidence_and_checks(
         work,
         &summary,
         &sim_opts.mqtt5,
         stopped_at,
         times,
         ack.as_ref(),
+        &changes,
     )?;
+    checks.extend(admin::checks(work, reads.as_ref(), &alerts));
     print_summary(work, port, &summary, &checks, &alerts)?;
     let failed = checks.iter().filter(|c| c.failed()).count();
     let skipped = checks
@@ -271,6 +307,61 @@ async fn demo(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The admin API step (see [`admin`]): a clinician's refused and break-glass reads of
+/// a device of another site, and the operator seeing the break-glass alert. `None`
+/// with one site (nothing is outside the clinician's scope).
+async fn clinician_reads(
+    args: &DemoArgs,
+    work: &WorkDir,
+    port: u16,
+    view: &mut OperatorView,
+    alerts: &mut Vec<AlertSeen>,
+    ack: &mut Option<AckSent>,
+) -> Option<anyhow::Result<admin::Reads>> {
+    if args.sites < 2 {
+        return None;
+    }
+    // Devices are spread over the sites round-robin: device 2 is on site-02.
+    let device = setup::device(2);
+    println!(
+        "\nadmin API: clinician {} of {} asks for the events of {device} (site-02)",
+        admin::CLINICIAN,
+        admin::CLINICIAN_SITE
+    );
+    let reads = match admin::write_config(work, port) {
+        Ok(()) => admin::clinician_reads(work, &device).await,
+        Err(e) => Err(e),
+    };
+    match &reads {
+        Ok(r) => {
+            println!(
+                "  without a reason: {}",
+                r.refused.as_deref().unwrap_or("answered (not refused!)")
+            );
+            match &r.break_glass {
+                Ok(n) => println!(
+                    "  break-glass ({:?}): {n} events, audited, operators alerted",
+                    admin::BREAK_GLASS_REASON
+                ),
+                Err(e) => println!("  break-glass: {e}"),
+            }
+        }
+        Err(e) => println!("  the admin API step failed: {e:#}"),
+    }
+    // The break-glass alert reaches the operator's ops/# subscription.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !alerts.iter().any(|a| a.topic == admin::BREAK_GLASS_TOPIC) {
+        match tokio::time::timeout_at(deadline, view.next()).await {
+            Ok(Some(note)) => {
+                println!("  {note}");
+                keep(note, alerts, ack);
+            }
+            _ => break,
+        }
+    }
+    Some(reads)
 }
 
 /// Files what the operator view reported.
@@ -395,6 +486,7 @@ fn evidence_and_checks(
     stopped_at: Duration,
     times: AlertTimes,
     ack: Option<&AckSent>,
+    changes: &governance::Changes,
 ) -> anyhow::Result<Vec<Check>> {
     let store = vitalmq_bridge::store::Store::open(&work.bridge_data())?;
     let view = StoreView::read(&store)?;
@@ -423,7 +515,18 @@ fn evidence_and_checks(
             ),
         ],
     };
-    Ok(report::checks(&evidence))
+    let mut checks = report::checks(&evidence);
+    let withheld = store
+        .stats()?
+        .withheld
+        .iter()
+        .filter_map(|(key, n)| {
+            let reason = key.strip_prefix("research/")?;
+            Some((reason.to_owned(), u64::try_from(n).unwrap_or(0)))
+        })
+        .collect();
+    checks.extend(governance::checks(work, changes, &withheld)?);
+    Ok(checks)
 }
 
 fn verify_chain(path: &Path) -> anyhow::Result<u64> {
@@ -513,7 +616,36 @@ fn print_summary(
         "  store        vitalmq store stats --data {}   (also: events, gaps, alerts)",
         data.display()
     );
-    println!("  objects      {}", work.objects().display());
+    println!(
+        "  objects      {} (care), {} (research: consented, minimised)",
+        work.objects().display(),
+        work.root.join(governance::RESEARCH_DIR).display()
+    );
+    println!(
+        "  registry     vitalmq registry consent withdraw --registry {} --device {} --purpose research",
+        work.registry().display(),
+        governance::WITHDRAWN_DEVICE
+    );
+    println!(
+        "               (also: assign, unassign, retire, consent grant; audited in {})",
+        work.pki().join("audit/operator.jsonl").display()
+    );
+    let (cert, key) = work.clinician();
+    println!(
+        "  admin API    vitalmq admin serve --config {}   (prints its address)",
+        work.admin_config().display()
+    );
+    println!(
+        "               curl --cert {} --key {} --cacert {} -H 'X-Vitalmq-Purpose: care' \\\n                 -H 'X-Vitalmq-Break-Glass: <reason>' 'https://<address>/v1/events?device={}'",
+        cert.display(),
+        key.display(),
+        work.pki().join("ca/ca.pem").display(),
+        setup::device(2)
+    );
+    println!(
+        "               (or: vitalmq store events --server https://<address> --cert ... --key ... --ca ... --purpose care; audited in {})",
+        work.admin_audit().display()
+    );
     println!(
         "  shipped      {}   (broker and bridge audit logs)",
         work.objects().join("audit/retention=audit-7y").display()

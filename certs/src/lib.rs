@@ -26,4 +26,4 @@ pub use fleet::{
 };
 pub use issue::{IssuedCert, ServerName};
 pub use layout::Layout;
-pub use store::{InitSummary, Pki};
+pub use store::{InitSummary, IssueRequest, Pki};

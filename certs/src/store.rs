@@ -35,7 +35,7 @@ pub struct InitSummary {
 
 /// One more identity to issue from an existing CA.
 #[derive(Debug, Clone)]
-pub(crate) struct IssueRequest {
+pub struct IssueRequest {
     pub role: Role,
     pub id: PrincipalId,
     /// Required for devices, gateways and integrators (they are bound to a site in the
@@ -132,7 +132,7 @@ impl Pki {
 
     /// Issues one identity; a device also gets a COSE key and a registry entry, a
     /// gateway or integrator a registry binding to its site. Refuses to replace anything.
-    pub(crate) fn issue(&mut self, req: &IssueRequest) -> Result<IndexEntry, CertsError> {
+    pub fn issue(&mut self, req: &IssueRequest) -> Result<IndexEntry, CertsError> {
         let needs_site = matches!(req.role, Role::Device | Role::Gateway | Role::Integrator);
         let site = match (&req.site, needs_site) {
             (Some(site), true) => Some(site.clone()),

@@ -45,8 +45,6 @@ pub const RESEARCH_FIELDS: &[&str] = &[
     "fw",
     "model",
 ];
-/// Always in a record whatever the allow-list says (see `bridge::governance`).
-const ALWAYS_KEPT: &[&str] = &["format", "event_id"];
 
 /// How long after a change is made it takes effect (wall time): the bridge's file
 /// watch must have reloaded the registry before the devices' clocks reach it.
@@ -274,7 +272,7 @@ pub fn checks(
     }
     let allowed: BTreeSet<&str> = RESEARCH_FIELDS
         .iter()
-        .chain(ALWAYS_KEPT)
+        .chain(vitalmq_bridge::governance::ALWAYS_KEPT)
         .copied()
         .collect();
     let mut checks = Vec::new();
@@ -327,8 +325,7 @@ pub fn checks(
             .iter()
             .filter(|r| r.device == WITHDRAWN_DEVICE && r.observed_at < at)
             .count();
-        let stored_after = e
-            .stored
+        let stored_after = stored
             .get(WITHDRAWN_DEVICE)
             .map_or(0, |v| v.iter().filter(|(o, _, _)| *o >= at).count());
         checks.push(Check::new(

@@ -132,6 +132,7 @@ pub fn create(
     )?;
     write(&work.broker_config(), &broker_config_toml())?;
     super::governance::grant_research_consent(&work, devices)?;
+    super::admin::setup(&work)?;
     Ok((work, summary))
 }
 
