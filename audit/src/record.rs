@@ -46,6 +46,10 @@ pub enum Event {
     /// An alert acknowledgement was refused (`reason`: malformed, unknown_acknowledger,
     /// unknown_alert, other_site, resolved).
     AlertAckRefused,
+    /// Events (or alert changes) of one delivered batch withheld from a sink (or alert
+    /// handler) by consent (issue 19): `resource` is the sink or handler, `details` the
+    /// batch range, purpose and counts per reason. One per batch, never per event.
+    EventsWithheld,
 }
 
 /// The security decision a record documents, when there is one.
@@ -187,6 +191,7 @@ mod tests {
         for (event, name) in [
             (Event::AlertAcknowledged, "\"alert_acknowledged\""),
             (Event::AlertAckRefused, "\"alert_ack_refused\""),
+            (Event::EventsWithheld, "\"events_withheld\""),
         ] {
             assert_eq!(serde_json::to_string(&event).expect("json"), name);
             assert_eq!(serde_json::from_str::<Event>(name).expect("parse"), event);

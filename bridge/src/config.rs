@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use vitalmq_policies::Purpose;
 
-use crate::governance::{EVENT_FIELDS, Fields};
+use crate::governance::{EVENT_FIELDS, Fields, RAW_FIELD};
 use crate::window::{WindowError, WindowSize};
 
 /// The parsed configuration, paths resolved.
@@ -241,7 +241,10 @@ pub enum SinkConfig {
         #[serde(default)]
         purpose: Purpose,
         /// Allow-list of normalized-event fields the sink receives (default: see
-        /// [`Fields::default_for`]).
+        /// [`Fields::default_for`]), and `raw` for the signed COSE messages (the
+        /// `raw/` objects). With a list, or by default for a purpose other than care,
+        /// the sink gets no `raw/` objects unless the list names `raw`: the signed
+        /// bytes carry every payload key and the device id, and cannot be minimised.
         #[serde(default)]
         fields: Option<Vec<String>>,
     },
@@ -257,7 +260,10 @@ pub enum SinkConfig {
         /// As for `objects`.
         #[serde(default)]
         purpose: Purpose,
-        /// As for `objects`.
+        /// As for `objects`. The sink forwards the signed messages and nothing else,
+        /// so they cannot be minimised: a list (or a purpose other than care, whose
+        /// default is a list) must name `raw`, stating that the destination gets
+        /// whole messages of the events consent lets through.
         #[serde(default)]
         fields: Option<Vec<String>>,
     },
@@ -452,6 +458,10 @@ pub enum Invalid {
     SinkTwice(String),
     #[error("sinks.{0}: give exactly one of `path` and `s3`")]
     SinkTarget(String),
+    #[error(
+        "sinks.{0}.fields: an upstream sink forwards the signed messages whole; a restricted list must name \"raw\" (or leave purpose care and fields unset)"
+    )]
+    UpstreamWithoutRaw(String),
     #[error("sinks.{sink}.fields: {field:?} {problem}")]
     SinkField {
         sink: String,
@@ -595,13 +605,21 @@ impl BridgeConfig {
                 return Err(Invalid::SinkTarget(name.clone()));
             }
             let (SinkConfig::Objects { fields, .. } | SinkConfig::Upstream { fields, .. }) = sink;
-            check_fields(fields.as_deref(), Some(EVENT_FIELDS)).map_err(|(field, problem)| {
+            let known: Vec<&str> = EVENT_FIELDS
+                .iter()
+                .copied()
+                .chain(std::iter::once(RAW_FIELD))
+                .collect();
+            check_fields(fields.as_deref(), Some(&known)).map_err(|(field, problem)| {
                 Invalid::SinkField {
                     sink: sink.name().to_owned(),
                     field,
                     problem,
                 }
             })?;
+            if matches!(sink, SinkConfig::Upstream { .. }) && !sink.fields().allows_raw() {
+                return Err(Invalid::UpstreamWithoutRaw(sink.name().to_owned()));
+            }
         }
         Ok(())
     }
@@ -654,7 +672,7 @@ mod tests {
              [broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
              [[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"research\"\n\
              [[sinks]]\nkind = \"upstream\"\nname = \"trainer\"\naddress = \"h:2\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
-             client_id = \"u\"\npurpose = \"model-training\"\nfields = [\"m\", \"observed_at\"]\n\
+             client_id = \"u\"\npurpose = \"model-training\"\nfields = [\"raw\", \"m\", \"observed_at\"]\n\
              [alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\n\
              webhooks = [{ name = \"ehr\", url = \"https://e\", secret_env = \"S\" }]\n",
         )
@@ -667,8 +685,9 @@ mod tests {
         assert_eq!(c.sinks[1].purpose(), Purpose::ModelTraining);
         assert_eq!(
             c.sinks[1].fields(),
-            Fields::Only(["m", "observed_at"].map(String::from).into())
+            Fields::Only(["raw", "m", "observed_at"].map(String::from).into())
         );
+        assert!(c.sinks[1].fields().allows_raw() && !study.allows_raw());
         let ehr = &c.alerts.as_ref().expect("alerts").webhooks[0];
         assert_eq!(
             ehr.purpose,
@@ -725,6 +744,10 @@ mod tests {
             (
                 "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"research\"\nfields = [\"m\", \"name\"]\n",
                 "sinks.study.fields: \"name\" is not a field",
+            ),
+            (
+                "[[sinks]]\nkind = \"upstream\"\nname = \"cloud\"\naddress = \"h:2\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\nclient_id = \"u\"\npurpose = \"research\"\n",
+                "sinks.cloud.fields: an upstream sink forwards the signed messages whole",
             ),
             (
                 "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\nfields = [\"m\", \"m\"]\n",

@@ -46,6 +46,13 @@ pub const ALWAYS_KEPT: &[&str] = &["format", "event_id"];
 pub const PATIENT_REF: &str = "patient_ref";
 /// The event field holding payload keys the schema does not know.
 pub const UNKNOWN_PAYLOAD: &str = "extra";
+/// Not an event field: the name a sink's allow-list uses for the signed COSE bytes as
+/// the device published them. They carry every payload key (unknown ones included)
+/// and the device id, and cannot be cut down without breaking the signature, so a sink
+/// whose fields are restricted receives them only when its list names `raw`: an
+/// objects sink writes its `raw/` objects only then; an upstream sink, which forwards
+/// nothing else, must name it (see `crate::config`).
+pub const RAW_FIELD: &str = "raw";
 
 /// Whether an event flows to a sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +132,14 @@ impl Fields {
         }
     }
 
+    /// Whether the raw signed messages are passed on (see [`RAW_FIELD`]).
+    pub fn allows_raw(&self) -> bool {
+        match self {
+            Fields::All => true,
+            Fields::Only(set) => set.contains(RAW_FIELD),
+        }
+    }
+
     /// Whether `field` is passed on.
     pub fn allows(&self, field: &str) -> bool {
         match self {
@@ -191,6 +206,75 @@ pub fn substitute_patient_ref(
         }
     }
     Ok(serde_json::to_string(&event)?)
+}
+
+/// How many records were withheld, per reason (the labels of [`Reason::as_str`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Withheld(std::collections::BTreeMap<Reason, u64>);
+
+impl Withheld {
+    pub fn add(&mut self, reason: Reason) {
+        *self.0.entry(reason).or_default() += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `(label, count)` per reason, in a fixed order.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        self.0.iter().map(|(r, n)| (r.as_str(), *n)).collect()
+    }
+}
+
+/// What one sink may receive of `records`: those `flow` lets through (in the bridge:
+/// [`decide`] on the consent the registry in force holds for the record's device at
+/// its observation time), each minimised to `fields` and, when `pseudonym` is given
+/// and `fields` allows `patient_ref`, with `patient_ref` replaced through it; and the
+/// count of the others per reason.
+pub fn govern<'a, R, F>(
+    records: impl IntoIterator<Item = &'a R>,
+    flow: F,
+    fields: &Fields,
+    pseudonym: Option<&dyn Fn(&str) -> Option<String>>,
+) -> Result<(Vec<R>, Withheld), MinimiseError>
+where
+    R: Governed + Clone + 'a,
+    F: Fn(&str, UnixMillis) -> Flow,
+{
+    let mut kept = Vec::new();
+    let mut withheld = Withheld::default();
+    for r in records {
+        match flow(r.device(), r.observed_at()) {
+            Flow::Withheld(reason) => withheld.add(reason),
+            Flow::Send => {
+                let mut r = r.clone();
+                if *fields != Fields::All || pseudonym.is_some() {
+                    let mut json = minimise(r.event_json(), fields)?;
+                    if let Some(p) = pseudonym
+                        && fields.allows(PATIENT_REF)
+                    {
+                        json = substitute_patient_ref(&json, p)?;
+                    }
+                    r.set_event_json(json);
+                }
+                kept.push(r);
+            }
+        }
+    }
+    Ok((kept, withheld))
+}
+
+/// A record [`govern`] can judge and minimise.
+pub trait Governed {
+    fn device(&self) -> &str;
+    fn observed_at(&self) -> UnixMillis;
+    fn event_json(&self) -> &str;
+    fn set_event_json(&mut self, json: String);
 }
 
 #[cfg(test)]

@@ -138,7 +138,9 @@ fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
             name,
             path: Some(path),
             ..
-        } => objects(ObjectStoreSink::local(name.clone(), path)?),
+        } => objects(
+            ObjectStoreSink::local(name.clone(), path)?.with_raw(config.fields().allows_raw()),
+        ),
         SinkConfig::Objects {
             name, s3: Some(s3), ..
         } => {
@@ -149,18 +151,21 @@ fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
                     source,
                 })
             };
-            objects(ObjectStoreSink::s3(
-                name.clone(),
-                S3Settings {
-                    bucket: s3.bucket.clone(),
-                    endpoint: s3.endpoint.clone(),
-                    region: s3.region.clone(),
-                    access_key_id: env("AWS_ACCESS_KEY_ID")?,
-                    secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
-                    allow_http: s3.allow_http,
-                    prefix: s3.prefix.clone(),
-                },
-            )?)
+            objects(
+                ObjectStoreSink::s3(
+                    name.clone(),
+                    S3Settings {
+                        bucket: s3.bucket.clone(),
+                        endpoint: s3.endpoint.clone(),
+                        region: s3.region.clone(),
+                        access_key_id: env("AWS_ACCESS_KEY_ID")?,
+                        secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
+                        allow_http: s3.allow_http,
+                        prefix: s3.prefix.clone(),
+                    },
+                )?
+                .with_raw(config.fields().allows_raw()),
+            )
         }
         SinkConfig::Objects { name, .. } => return Err(RunError::SinkTarget(name.clone())),
         SinkConfig::Upstream {
@@ -289,8 +294,17 @@ pub async fn run(
     for s in &config.sinks {
         store.register_sink(s.name())?;
         let (sink, objects) = build_sink(s)?;
-        object_sinks.extend(objects);
-        sinks.push((sink, drain_settings(s)));
+        // The audit logs name devices, operators and patients' alerts: they are
+        // shipped to care sinks only, never into a research or other data set.
+        if s.purpose() == vitalmq_policies::Purpose::Care {
+            object_sinks.extend(objects);
+        }
+        let governance = crate::drain::SinkGovernance::new(
+            s.purpose(),
+            s.fields(),
+            registry_watch.registry.clone(),
+        );
+        sinks.push((sink, drain_settings(s), governance));
     }
     let bridge_identity = format!("spiffe://{}/bridge/{}", registry.trust_domain(), config.id);
     auditor.record(
@@ -403,12 +417,13 @@ pub async fn run(
         Arc::clone(&connection),
     ));
     let mut drains = Vec::new();
-    for (sink, settings) in sinks {
+    for (sink, settings, governance) in sinks {
         let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
         drains.push(tokio::spawn(drain::drain(
             sink,
             store,
             settings,
+            governance,
             auditor.clone(),
             ops_tx.clone(),
             stop_rx.clone(),

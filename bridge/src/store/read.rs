@@ -145,6 +145,11 @@ pub struct StoreStats {
     pub alerts: Tally,
     /// Alert handler -> delivered through (alert position).
     pub alert_handlers: Tally,
+    /// `sink/reason` -> events withheld from the sink by consent (issue 19; reasons
+    /// `no_consent`, `withdrawn`, `unassigned`).
+    pub withheld: Tally,
+    /// `handler/reason` -> alert changes withheld from the handler by consent.
+    pub alerts_withheld: Tally,
     /// Highest outbox position.
     pub head: i64,
 }
@@ -521,6 +526,12 @@ impl Store {
                 "SELECT kind || '/' || state, COUNT(*) FROM alerts GROUP BY kind, state",
             )?,
             alert_handlers: tally("SELECT handler, delivered_through FROM handler_cursors")?,
+            withheld: tally(
+                "SELECT target || '/' || reason, count FROM withheld WHERE kind = 'sink' ORDER BY target, reason",
+            )?,
+            alerts_withheld: tally(
+                "SELECT target || '/' || reason, count FROM withheld WHERE kind = 'handler' ORDER BY target, reason",
+            )?,
             head: self.head()?,
         })
     }
