@@ -146,9 +146,12 @@ pub struct StoreStats {
     /// Alert handler -> delivered through (alert position).
     pub alert_handlers: Tally,
     /// `sink/reason` -> events withheld from the sink by consent (issue 19; reasons
-    /// `no_consent`, `withdrawn`, `unassigned`).
+    /// `no_consent`, `withdrawn`, `unassigned`). Left out while nothing was withheld.
+    #[serde(skip_serializing_if = "Tally::is_empty")]
     pub withheld: Tally,
-    /// `handler/reason` -> alert changes withheld from the handler by consent.
+    /// `handler/reason` -> alert changes withheld from the handler by consent. Left out
+    /// while nothing was withheld.
+    #[serde(skip_serializing_if = "Tally::is_empty")]
     pub alerts_withheld: Tally,
     /// Highest outbox position.
     pub head: i64,
@@ -165,6 +168,10 @@ impl Tally {
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, v)| *v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
