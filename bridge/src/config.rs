@@ -145,8 +145,10 @@ pub struct WebhookConfig {
     /// The purpose the handler serves; clinical alerting runs under care (the default).
     #[serde(default)]
     pub purpose: Purpose,
-    /// Allow-list of alert fields the handler receives (default: see
-    /// [`Fields::default_for`]).
+    /// Allow-list of alert fields the handler receives (default: the whole alert for
+    /// care, every field but `patient_ref` otherwise, see
+    /// [`Fields::alert_default_for`]). A handler of another purpose than care gets a
+    /// clinical alert change only under consent (see `crate::delivery`).
     #[serde(default)]
     pub fields: Option<Vec<String>>,
 }
@@ -154,7 +156,10 @@ pub struct WebhookConfig {
 impl WebhookConfig {
     /// The alert fields the handler receives.
     pub fn fields(&self) -> Fields {
-        resolve_fields(self.purpose, self.fields.as_deref())
+        match self.fields.as_deref() {
+            None => Fields::alert_default_for(self.purpose),
+            Some(list) => Fields::Only(list.iter().cloned().collect()),
+        }
     }
 }
 

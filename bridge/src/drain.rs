@@ -360,7 +360,7 @@ async fn deliver_until_confirmed(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use vitalmq_envelope::{Algorithm, SigningKey};
 
     use super::*;
@@ -368,7 +368,7 @@ mod tests {
 
     /// `dev-1` assigned from 2025 with research granted from 2026-01-01; `dev-2`
     /// assigned, no research grant.
-    fn registry(withdrawn: Option<&str>) -> Arc<DeviceRegistry> {
+    pub(crate) fn registry(withdrawn: Option<&str>) -> Arc<DeviceRegistry> {
         let key = SigningKey::generate(Algorithm::EdDsa)
             .expect("key")
             .verifying_key()
@@ -387,7 +387,7 @@ mod tests {
         )
     }
 
-    const JAN_2026: u64 = 1_767_225_600_000;
+    pub(crate) const JAN_2026: u64 = 1_767_225_600_000;
 
     fn record(position: i64, device: &str, observed_at_ms: u64) -> OutboxRecord {
         OutboxRecord {

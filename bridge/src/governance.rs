@@ -37,6 +37,37 @@ pub const EVENT_FIELDS: &[&str] = &[
     "clock_skew",
 ];
 
+/// The top-level fields of an alert message (SPEC section 5, `crate::alerts::message`):
+/// what the default allow-list of an alert handler of a purpose other than care is
+/// made of ([`Fields::alert_default_for`]).
+pub const ALERT_FIELDS: &[&str] = &[
+    "alert_id",
+    "kind",
+    "state",
+    "severity",
+    "rule",
+    "rule_version",
+    "policy_sha256",
+    "device",
+    "site",
+    "patient_ref",
+    "metric",
+    "value",
+    "threshold",
+    "window_s",
+    "evidence",
+    "fw",
+    "model",
+    "raised_at",
+    "measure",
+    "measured",
+    "baseline",
+    "escalation",
+    "reason",
+    "suppressed",
+    "suppressed_reasons",
+];
+
 /// Kept whatever the allow-list says: the format tag says what the record is, and the
 /// event id (a hash of device, epoch and sequence number, no patient data) is what
 /// makes redelivery to a sink idempotent.
@@ -126,6 +157,22 @@ impl Fields {
                 EVENT_FIELDS
                     .iter()
                     .filter(|f| ![PATIENT_REF, UNKNOWN_PAYLOAD].contains(f))
+                    .map(|f| (*f).to_owned())
+                    .collect(),
+            ),
+        }
+    }
+
+    /// What an alert handler of `purpose` receives when its configuration lists no
+    /// fields: the whole alert for care; for any other purpose every alert field but
+    /// the patient's pseudonym.
+    pub fn alert_default_for(purpose: Purpose) -> Self {
+        match purpose {
+            Purpose::Care => Fields::All,
+            _ => Fields::Only(
+                ALERT_FIELDS
+                    .iter()
+                    .filter(|f| **f != PATIENT_REF)
                     .map(|f| (*f).to_owned())
                     .collect(),
             ),

@@ -30,6 +30,7 @@ use crate::classify::{self, Control, Incoming, Origin, Sequencer};
 use crate::config::{BridgeConfig, SinkConfig};
 use crate::delivery::Handler;
 use crate::drain::{self, DrainSettings};
+use crate::governance::Fields;
 use crate::mqtt;
 use crate::ops::{OpsAlert, OpsKind, RateWatch};
 use crate::recorder::{Recorded, Recorder, RecorderSettings, Work, now_ms};
@@ -337,6 +338,7 @@ pub async fn run(
     // Alert rules (reloaded on change) and handlers, each with its own cursor and task.
     let mut rules_watch = None;
     let mut handlers = Vec::new();
+    let mut alert_governance = Vec::new();
     if let (Some(a), Some(initial)) = (&config.alerts, &rules) {
         let names = handler_names(a);
         rules_watch = Some(crate::reload::watch_rules(
@@ -353,6 +355,8 @@ pub async fn run(
         handlers.push(Handler::mqtt(
             mqtt::V5Endpoint::new(&publisher, &a.publisher.client_id).map_err(RunError::Mqtt)?,
         ));
+        // Clinical alerting runs under care: the publisher is never judged.
+        alert_governance.push(None);
         for w in &a.webhooks {
             let secret = std::env::var(&w.secret_env).map_err(|source| RunError::WebhookEnv {
                 webhook: w.name.clone(),
@@ -367,6 +371,16 @@ pub async fn run(
                 }
             })?;
             handlers.push(Handler::webhook(w.name.clone(), w.url.clone(), signer)?);
+            let fields = w.fields();
+            alert_governance.push(
+                (w.purpose != vitalmq_policies::Purpose::Care || fields != Fields::All).then(
+                    || crate::delivery::AlertGovernance {
+                        purpose: w.purpose,
+                        fields,
+                        registry: registry_watch.registry.clone(),
+                    },
+                ),
+            );
         }
     }
     let (feeds, inboxes): (Vec<_>, Vec<_>) =
@@ -429,13 +443,14 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
-    for (handler, inbox) in handlers.into_iter().zip(inboxes) {
+    for ((handler, inbox), governance) in handlers.into_iter().zip(inboxes).zip(alert_governance) {
         let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
         drains.push(tokio::spawn(crate::delivery::run_handler(
             handler,
             store,
             inbox,
             rules_watch.as_ref().map(|w| w.rules.clone()),
+            governance,
             auditor.clone(),
             ops_tx.clone(),
             stop_rx.clone(),
