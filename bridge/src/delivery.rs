@@ -123,6 +123,9 @@ pub enum Handler {
         url: String,
         signer: WebhookSigner,
         client: reqwest::Client,
+        /// Consent and minimisation, for a handler of a purpose other than care or
+        /// with a field allow-list.
+        governance: Option<AlertGovernance>,
     },
 }
 
@@ -155,7 +158,25 @@ impl Handler {
             url,
             signer,
             client,
+            governance: None,
         })
+    }
+
+    /// The handler, judged and minimised by `governance` (webhooks only: the MQTT
+    /// publisher is clinical alerting, under care).
+    pub fn governed(mut self, governance: Option<AlertGovernance>) -> Self {
+        if let Self::Webhook { governance: g, .. } = &mut self {
+            *g = governance;
+        }
+        self
+    }
+
+    /// Consent and minimisation of the handler, if any.
+    pub fn governance(&self) -> Option<&AlertGovernance> {
+        match self {
+            Self::Mqtt { .. } => None,
+            Self::Webhook { governance, .. } => governance.as_ref(),
+        }
     }
 
     /// The cursor key in the store.
@@ -509,12 +530,12 @@ pub async fn run_handler(
     store: Arc<Mutex<Store>>,
     inbox: HandlerInbox,
     rules: Option<watch::Receiver<Arc<RuleSet>>>,
-    governance: Option<AlertGovernance>,
     auditor: Auditor,
     ops: mpsc::UnboundedSender<OpsAlert>,
     mut stop: watch::Receiver<bool>,
 ) {
     let name = handler.name();
+    let governance = handler.governance().cloned();
     let HandlerInbox {
         wake,
         memory: mut from_memory,
@@ -1010,7 +1031,6 @@ mod tests {
             handler,
             Arc::clone(&store),
             inbox,
-            None,
             None,
             audit.auditor(),
             ops,

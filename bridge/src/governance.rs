@@ -287,7 +287,7 @@ pub fn govern<'a, R, F>(
     records: impl IntoIterator<Item = &'a R>,
     flow: F,
     fields: &Fields,
-    pseudonym: Option<&dyn Fn(&str) -> Option<String>>,
+    pseudonym: Option<PseudonymOf<'_>>,
 ) -> Result<(Vec<R>, Withheld), MinimiseError>
 where
     R: Governed + Clone + 'a,
@@ -315,6 +315,9 @@ where
     }
     Ok((kept, withheld))
 }
+
+/// The pseudonym for a sink's purpose of a care `patient_ref` (`None`: remove it).
+pub type PseudonymOf<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// A record [`govern`] can judge and minimise.
 pub trait Governed {

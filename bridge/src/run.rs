@@ -338,7 +338,6 @@ pub async fn run(
     // Alert rules (reloaded on change) and handlers, each with its own cursor and task.
     let mut rules_watch = None;
     let mut handlers = Vec::new();
-    let mut alert_governance = Vec::new();
     if let (Some(a), Some(initial)) = (&config.alerts, &rules) {
         let names = handler_names(a);
         rules_watch = Some(crate::reload::watch_rules(
@@ -355,8 +354,6 @@ pub async fn run(
         handlers.push(Handler::mqtt(
             mqtt::V5Endpoint::new(&publisher, &a.publisher.client_id).map_err(RunError::Mqtt)?,
         ));
-        // Clinical alerting runs under care: the publisher is never judged.
-        alert_governance.push(None);
         for w in &a.webhooks {
             let secret = std::env::var(&w.secret_env).map_err(|source| RunError::WebhookEnv {
                 webhook: w.name.clone(),
@@ -370,16 +367,16 @@ pub async fn run(
                     source,
                 }
             })?;
-            handlers.push(Handler::webhook(w.name.clone(), w.url.clone(), signer)?);
             let fields = w.fields();
-            alert_governance.push(
-                (w.purpose != vitalmq_policies::Purpose::Care || fields != Fields::All).then(
-                    || crate::delivery::AlertGovernance {
-                        purpose: w.purpose,
-                        fields,
-                        registry: registry_watch.registry.clone(),
-                    },
-                ),
+            let governance = (w.purpose != vitalmq_policies::Purpose::Care
+                || fields != Fields::All)
+                .then(|| crate::delivery::AlertGovernance {
+                    purpose: w.purpose,
+                    fields,
+                    registry: registry_watch.registry.clone(),
+                });
+            handlers.push(
+                Handler::webhook(w.name.clone(), w.url.clone(), signer)?.governed(governance),
             );
         }
     }
@@ -443,14 +440,13 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
-    for ((handler, inbox), governance) in handlers.into_iter().zip(inboxes).zip(alert_governance) {
+    for (handler, inbox) in handlers.into_iter().zip(inboxes) {
         let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
         drains.push(tokio::spawn(crate::delivery::run_handler(
             handler,
             store,
             inbox,
             rules_watch.as_ref().map(|w| w.rules.clone()),
-            governance,
             auditor.clone(),
             ops_tx.clone(),
             stop_rx.clone(),
