@@ -7,7 +7,9 @@
 //! with our code: no event observed at or after the withdrawal reached the research
 //! sink, its events carry only allowed keys and no raw messages, the care sink has
 //! every event, and the withheld counts (store stats and audit records) are exactly
-//! what the care sink has and the research sink has not.
+//! what the care sink has and the research sink has not. The research sink lists
+//! `patient_ref` and gets the research pseudonym of the care reference (bridge config
+//! `[pseudonyms]`), checked against an HMAC computed in Python.
 
 mod common;
 
@@ -22,7 +24,7 @@ use vitalmq_policies::{DeviceRegistry, Grant, Period, Purpose};
 const CONSENTING: &str = "dev-00001";
 const NOT_CONSENTING: &str = "dev-00002";
 /// What the research sink may receive (`format` and `event_id` are always kept).
-const RESEARCH_FIELDS: &[&str] = &["device", "seq", "observed_at", "m"];
+const RESEARCH_FIELDS: &[&str] = &["device", "seq", "observed_at", "m", "patient_ref"];
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
@@ -94,6 +96,13 @@ fn withdrawn_consent_stops_the_research_flow_under_traffic_and_every_withheld_ev
             .create(d)
             .expect("objects dir");
     }
+    let key_file = rig.dir().join("pseudonym.key");
+    std::fs::write(&key_file, [0x5a; 32]).expect("key");
+    std::fs::set_permissions(
+        &key_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
     let fields = RESEARCH_FIELDS
         .iter()
         .map(|f| format!("\"{f}\""))
@@ -102,9 +111,11 @@ fn withdrawn_consent_stops_the_research_flow_under_traffic_and_every_withheld_ev
     let mut bridge = rig.bridge(
         "",
         &format!(
-            "[[sinks]]\nkind = \"objects\"\nname = \"care\"\npath = \"{}\"\nbatch_max_events = 20\nbatch_max_age_ms = 100\n\
+            "[pseudonyms]\nkey_file = \"{}\"\n\
+             [[sinks]]\nkind = \"objects\"\nname = \"care\"\npath = \"{}\"\nbatch_max_events = 20\nbatch_max_age_ms = 100\n\
              [[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"{}\"\nbatch_max_events = 20\nbatch_max_age_ms = 100\n\
              purpose = \"research\"\nfields = [{fields}]\n",
+            s(&key_file),
             s(&care),
             s(&research)
         ),
@@ -186,6 +197,30 @@ fn withdrawn_consent_stops_the_research_flow_under_traffic_and_every_withheld_ev
         latest < withdrawn_at,
         "observed at {latest}, at or after the withdrawal at {withdrawn_at}"
     );
+
+    // The research patient_ref is the research pseudonym of the care one, never the
+    // care one: one pseudonym for the consenting device's patient.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/governance_objects.py");
+    let ran = common::run(
+        std::process::Command::new("python3").arg(script).args([
+            "--pseudonyms",
+            s(&key_file),
+            "research",
+            s(&care),
+            s(&research),
+        ]),
+        Duration::from_secs(30),
+    );
+    assert!(ran.success, "{}", ran.all());
+    let linked: Json = serde_json::from_str(ran.stdout.trim()).expect("JSON");
+    assert_eq!(
+        linked["checked"].as_u64(),
+        Some(count(research_objects, CONSENTING)),
+        "{linked}"
+    );
+    assert_eq!(linked["mismatched"], 0, "{linked}");
+    assert_eq!(linked["care_refs_seen"], 0, "{linked}");
+    assert_eq!(linked["distinct_pseudonyms"], 1, "{linked}");
 
     // Withheld: exactly what care has and research has not, per reason.
     let care_consenting = count(care_objects, CONSENTING);

@@ -49,6 +49,25 @@ pub struct BridgeConfig {
     /// log is readable by other local users: `refuse` (default) or `warn`.
     #[serde(default)]
     pub private_files: vitalmq_private_fs::ExposurePolicy,
+    /// Per-purpose pseudonyms; required by a sink or alert handler of a purpose other
+    /// than care whose field list names `patient_ref`.
+    #[serde(default)]
+    pub pseudonyms: Option<PseudonymsConfig>,
+}
+
+/// `[pseudonyms]`: a sink or alert handler of a purpose other than care that lists
+/// `patient_ref` gets, in its place, `pt-` + 32 hex of HMAC-SHA256(key,
+/// "vitalmq-pseudonym/v1" NUL purpose NUL care `patient_ref`) (the construction of
+/// `vitalmq_policies::Pseudonymiser`, with the care pseudonym as input): one patient's
+/// events link within the purpose, and without the key nobody links them to the care
+/// pseudonym or across purposes. Use a key of its own, not the re-identification
+/// store's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PseudonymsConfig {
+    /// 32 random bytes (raw, as `vitalmq reid` keeps its key), readable only by the
+    /// bridge's user.
+    pub key_file: PathBuf,
 }
 
 /// `[metrics]`: where the bridge serves Prometheus `/metrics`, `/healthz` and `/readyz`.
@@ -154,6 +173,11 @@ pub struct WebhookConfig {
 }
 
 impl WebhookConfig {
+    /// Whether the handler gets a per-purpose pseudonym in place of `patient_ref`.
+    pub fn pseudonymised(&self) -> bool {
+        self.purpose != Purpose::Care && self.fields().allows(crate::governance::PATIENT_REF)
+    }
+
     /// The alert fields the handler receives.
     pub fn fields(&self) -> Fields {
         match self.fields.as_deref() {
@@ -317,6 +341,9 @@ impl BridgeConfig {
                 paths.push(p.clone());
             }
         }
+        if let Some(p) = &self.pseudonyms {
+            paths.push(p.key_file.clone());
+        }
         paths.sort();
         paths.dedup();
         paths
@@ -335,6 +362,11 @@ impl SinkConfig {
         match self {
             Self::Objects { purpose, .. } | Self::Upstream { purpose, .. } => *purpose,
         }
+    }
+
+    /// Whether the sink gets a per-purpose pseudonym in place of `patient_ref`.
+    pub fn pseudonymised(&self) -> bool {
+        self.purpose() != Purpose::Care && self.fields().allows(crate::governance::PATIENT_REF)
     }
 
     /// The event fields the sink receives.
@@ -467,6 +499,10 @@ pub enum Invalid {
         "sinks.{0}.fields: an upstream sink forwards the signed messages whole; a restricted list must name \"raw\" (or leave purpose care and fields unset)"
     )]
     UpstreamWithoutRaw(String),
+    #[error(
+        "{0}.fields: a purpose other than care gets patient_ref only as its own pseudonym; configure [pseudonyms] key_file, or leave patient_ref out"
+    )]
+    PatientRefWithoutPseudonyms(String),
     #[error("sinks.{sink}.fields: {field:?} {problem}")]
     SinkField {
         sink: String,
@@ -524,6 +560,9 @@ impl BridgeConfig {
         };
         fix(&mut self.data_dir);
         fix(&mut self.registry);
+        if let Some(p) = &mut self.pseudonyms {
+            fix(&mut p.key_file);
+        }
         if let Some(a) = &mut self.audit {
             fix(a);
         }
@@ -589,6 +628,12 @@ impl BridgeConfig {
                 if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
                     return Err(Invalid::WebhookUrl(w.name.clone()));
                 }
+                if w.pseudonymised() && self.pseudonyms.is_none() {
+                    return Err(Invalid::PatientRefWithoutPseudonyms(format!(
+                        "alerts.webhooks.{}",
+                        w.name
+                    )));
+                }
                 // Alert fields are not the event's: only the list's shape is checked.
                 check_fields(w.fields.as_deref(), None).map_err(|(field, problem)| {
                     Invalid::WebhookField {
@@ -624,6 +669,12 @@ impl BridgeConfig {
             })?;
             if matches!(sink, SinkConfig::Upstream { .. }) && !sink.fields().allows_raw() {
                 return Err(Invalid::UpstreamWithoutRaw(sink.name().to_owned()));
+            }
+            if sink.pseudonymised() && self.pseudonyms.is_none() {
+                return Err(Invalid::PatientRefWithoutPseudonyms(format!(
+                    "sinks.{}",
+                    sink.name()
+                )));
             }
         }
         Ok(())
@@ -753,6 +804,14 @@ mod tests {
             (
                 "[[sinks]]\nkind = \"upstream\"\nname = \"cloud\"\naddress = \"h:2\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\nclient_id = \"u\"\npurpose = \"research\"\n",
                 "sinks.cloud.fields: an upstream sink forwards the signed messages whole",
+            ),
+            (
+                "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"research\"\nfields = [\"m\", \"patient_ref\"]\n",
+                "sinks.study.fields: a purpose other than care gets patient_ref only as its own pseudonym",
+            ),
+            (
+                "[alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\nwebhooks = [{ name = \"study\", url = \"https://e\", secret_env = \"S\", purpose = \"research\", fields = [\"patient_ref\"] }]\n",
+                "alerts.webhooks.study.fields: a purpose other than care",
             ),
             (
                 "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\nfields = [\"m\", \"m\"]\n",

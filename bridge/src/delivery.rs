@@ -57,7 +57,10 @@ use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{DeviceRegistry, Purpose, RuleSet, Severity};
 
-use crate::governance::{Fields, Flow, Reason, Withheld, decide, minimise};
+use crate::governance::{
+    Fields, Flow, PATIENT_REF, PurposePseudonym, Reason, Withheld, decide, minimise,
+    substitute_patient_ref,
+};
 
 use crate::link::LinkError;
 use crate::link5::{Link5, Publish5};
@@ -349,6 +352,8 @@ pub struct AlertGovernance {
     pub purpose: Purpose,
     pub fields: Fields,
     pub registry: watch::Receiver<Arc<DeviceRegistry>>,
+    /// Replaces `patient_ref` for a handler whose fields allow it.
+    pub pseudonym: Option<PurposePseudonym>,
 }
 
 /// Whether a change flows to a handler of `purpose`, given the device and the
@@ -432,7 +437,15 @@ fn govern_alerts(
             }
             Flow::Send => {
                 if governance.fields != Fields::All {
-                    match minimise(&a.body, &governance.fields) {
+                    let minimised = minimise(&a.body, &governance.fields).and_then(|body| {
+                        match &governance.pseudonym {
+                            Some(p) if governance.fields.allows(PATIENT_REF) => {
+                                substitute_patient_ref(&body, |care| p.of(care))
+                            }
+                            _ => Ok(body),
+                        }
+                    });
+                    match minimised {
                         Ok(body) => a.body = body,
                         Err(e) => {
                             // Our own JSON: cannot happen; never sent unminimised.
@@ -921,6 +934,7 @@ mod tests {
             purpose: Purpose::Research,
             fields: Fields::alert_default_for(Purpose::Research),
             registry: rx,
+            pseudonym: None,
         };
         let row = |position: i64, topic: &str, device: &str, made: u64| StoredAlert {
             position,

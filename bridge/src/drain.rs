@@ -30,7 +30,9 @@ use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{DeviceRegistry, Purpose};
 
-use crate::governance::{Fields, Flow, MinimiseError, Reason, Withheld, decide, govern};
+use crate::governance::{
+    Fields, Flow, MinimiseError, PurposePseudonym, Reason, Withheld, decide, govern,
+};
 use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
 use crate::sink::{Batch, Sink};
@@ -40,12 +42,9 @@ use crate::store::{Store, StoreError, lock};
 /// batch's newest record before judging the batch (see the module docs).
 pub const REGISTRY_SETTLE: Duration = Duration::from_secs(2);
 
-/// A pseudonym per purpose in place of the care `patient_ref` (issue 19, point 4).
-pub type Pseudonym = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
-
 /// What a sink may receive: its purpose, its field allow-list, and the registry in
 /// force (reloaded by [`crate::reload::watch_registry`]).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct SinkGovernance {
     pub purpose: Purpose,
     pub fields: Fields,
@@ -54,18 +53,7 @@ pub struct SinkGovernance {
     /// judging it; [`REGISTRY_SETTLE`] for purposes other than care, else zero.
     pub settle: Duration,
     /// Replaces `patient_ref` for a sink whose fields allow it (research pseudonyms).
-    pub pseudonym: Option<Pseudonym>,
-}
-
-impl std::fmt::Debug for SinkGovernance {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SinkGovernance")
-            .field("purpose", &self.purpose)
-            .field("fields", &self.fields)
-            .field("settle", &self.settle)
-            .field("pseudonym", &self.pseudonym.is_some())
-            .finish()
-    }
+    pub pseudonym: Option<PurposePseudonym>,
 }
 
 impl SinkGovernance {
@@ -97,10 +85,11 @@ impl SinkGovernance {
             Ok(id) => decide(registry.consent_at(&id, t), purpose, t),
             Err(_) => Flow::Withheld(Reason::Unassigned),
         };
+        let of = |care: &str| self.pseudonym.as_ref().and_then(|p| p.of(care));
         let pseudonym = self
             .pseudonym
             .as_ref()
-            .map(|p| p.as_ref() as &dyn Fn(&str) -> Option<String>);
+            .map(|_| &of as &dyn Fn(&str) -> Option<String>);
         let (records, withheld) = govern(&batch.records, flow, &self.fields, pseudonym)?;
         Ok((
             Batch {
@@ -464,6 +453,34 @@ pub(crate) mod tests {
         assert_eq!(
             withheld.counts(),
             [("no_consent", 2), ("withdrawn", 1), ("unassigned", 1)]
+        );
+    }
+
+    /// A research sink that lists `patient_ref` gets the research pseudonym of the care
+    /// reference, never the care one.
+    #[test]
+    fn a_listed_patient_ref_becomes_the_purpose_pseudonym() {
+        let (_tx, rx) = watch::channel(registry(None));
+        let mut gov = SinkGovernance::new(
+            Purpose::Research,
+            Fields::Only(["patient_ref"].map(String::from).into()),
+            rx,
+        );
+        gov.pseudonym = Some(PurposePseudonym::new([7; 32], Purpose::Research));
+        let (sent, _) = gov.apply(&batch()).expect("govern");
+        let expected = vitalmq_policies::Pseudonymiser::new([7; 32])
+            .pseudonym("pt", Some("research"))
+            .expect("pseudonym");
+        assert_eq!(
+            sent.records[0].normalized_json,
+            format!(
+                r#"{{"format":"vitalmq-event/v1","event_id":"ev-2","patient_ref":"{expected}"}}"#
+            )
+        );
+        assert_ne!(
+            Some(expected),
+            PurposePseudonym::new([7; 32], Purpose::ModelTraining).of("pt"),
+            "another purpose, another pseudonym"
         );
     }
 

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
-use vitalmq_policies::{Consent, Purpose, UnixMillis};
+use vitalmq_policies::{Consent, Pseudonymiser, Purpose, UnixMillis};
 
 /// The top-level fields of a normalized event (`vitalmq-event/v1`, see
 /// [`crate::normalize`]): what a field allow-list may name.
@@ -209,12 +209,10 @@ pub enum MinimiseError {
 /// order. An allow-list, so a field added to events later reaches no restricted sink
 /// until it is listed.
 ///
-/// TODO(issue 19): a research sink may receive a per-purpose pseudonym in place of
-/// `patient_ref` (`vitalmq_policies::Pseudonymiser` with the purpose). It is derived
-/// from the enrolment identifier, which only the re-identification store holds; the
-/// bridge has neither it nor the key, so until the store can hand the bridge a
-/// per-purpose mapping, `patient_ref` is dropped for such sinks (see
-/// [`substitute_patient_ref`] for the seam).
+/// A sink of another purpose than care gets `patient_ref` only when its list names it,
+/// and then as its purpose's pseudonym of the care reference ([`PurposePseudonym`],
+/// applied by [`govern`] through [`substitute_patient_ref`]; the configuration refuses
+/// such a list without `[pseudonyms]`).
 pub fn minimise(event_json: &str, fields: &Fields) -> Result<String, MinimiseError> {
     if *fields == Fields::All {
         return Ok(event_json.to_owned());
@@ -232,7 +230,6 @@ pub fn minimise(event_json: &str, fields: &Fields) -> Result<String, MinimiseErr
 
 /// The seam for per-purpose pseudonyms: the event (minimised or not) with its
 /// `patient_ref` replaced by `pseudonym(care_ref)`, or removed when that gives none.
-/// Not used yet (see [`minimise`]).
 pub fn substitute_patient_ref(
     event_json: &str,
     pseudonym: impl FnOnce(&str) -> Option<String>,
@@ -318,6 +315,33 @@ where
 
 /// The pseudonym for a sink's purpose of a care `patient_ref` (`None`: remove it).
 pub type PseudonymOf<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Per-purpose pseudonyms of care references (issue 19, point 4; bridge config
+/// `[pseudonyms]`): `vitalmq_policies::Pseudonymiser` under the bridge's key, with the
+/// care `patient_ref` as input and the sink's purpose as the purpose, so one patient's
+/// events link within a research data set that never holds the care pseudonym.
+#[derive(Debug, Clone)]
+pub struct PurposePseudonym {
+    pseudonymiser: Pseudonymiser,
+    purpose: Purpose,
+}
+
+impl PurposePseudonym {
+    pub fn new(key: [u8; 32], purpose: Purpose) -> Self {
+        Self {
+            pseudonymiser: Pseudonymiser::new(key),
+            purpose,
+        }
+    }
+
+    /// The purpose's pseudonym of `care_ref`; `None` (the field is then removed) only
+    /// for an empty reference.
+    pub fn of(&self, care_ref: &str) -> Option<String> {
+        self.pseudonymiser
+            .pseudonym(care_ref, Some(self.purpose.as_str()))
+            .ok()
+    }
+}
 
 /// A record [`govern`] can judge and minimise.
 pub trait Governed {

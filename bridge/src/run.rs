@@ -30,7 +30,7 @@ use crate::classify::{self, Control, Incoming, Origin, Sequencer};
 use crate::config::{BridgeConfig, SinkConfig};
 use crate::delivery::Handler;
 use crate::drain::{self, DrainSettings};
-use crate::governance::Fields;
+use crate::governance::{Fields, PurposePseudonym};
 use crate::mqtt;
 use crate::ops::{OpsAlert, OpsKind, RateWatch};
 use crate::recorder::{Recorded, Recorder, RecorderSettings, Work, now_ms};
@@ -119,10 +119,27 @@ pub enum RunError {
     UnknownHandlers { path: PathBuf, unknown: Vec<String> },
     #[error("start the recorder thread")]
     RecorderThread(#[source] std::io::Error),
+    #[error("[pseudonyms] key_file {}: {detail}", path.display())]
+    PseudonymKey { path: PathBuf, detail: String },
     #[error("close the audit log")]
     CloseAudit(#[source] AuditError),
     #[error(transparent)]
     Observe(#[from] vitalmq_ops_http::OpsHttpError),
+}
+
+/// The `[pseudonyms]` key: exactly 32 bytes.
+fn read_pseudonym_key(path: &std::path::Path) -> Result<[u8; 32], RunError> {
+    let bytes = std::fs::read(path).map_err(|source| RunError::PseudonymKey {
+        path: path.to_path_buf(),
+        detail: source.to_string(),
+    })?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| RunError::PseudonymKey {
+            path: path.to_path_buf(),
+            detail: format!("a pseudonym key is 32 bytes, this file has {}", bytes.len()),
+        })
 }
 
 /// A sink, and for object storage also the concrete sink the audit shipper writes to.
@@ -290,6 +307,10 @@ pub async fn run(
         alert_states,
         rules.clone(),
     );
+    let pseudonym_key = match &config.pseudonyms {
+        Some(p) => Some(read_pseudonym_key(&p.key_file)?),
+        None => None,
+    };
     let mut sinks = Vec::new();
     let mut object_sinks = Vec::new();
     for s in &config.sinks {
@@ -300,11 +321,14 @@ pub async fn run(
         if s.purpose() == vitalmq_policies::Purpose::Care {
             object_sinks.extend(objects);
         }
-        let governance = crate::drain::SinkGovernance::new(
+        let mut governance = crate::drain::SinkGovernance::new(
             s.purpose(),
             s.fields(),
             registry_watch.registry.clone(),
         );
+        governance.pseudonym = pseudonym_key
+            .filter(|_| s.pseudonymised())
+            .map(|k| PurposePseudonym::new(k, s.purpose()));
         sinks.push((sink, drain_settings(s), governance));
     }
     let bridge_identity = format!("spiffe://{}/bridge/{}", registry.trust_domain(), config.id);
@@ -374,6 +398,9 @@ pub async fn run(
                     purpose: w.purpose,
                     fields,
                     registry: registry_watch.registry.clone(),
+                    pseudonym: pseudonym_key
+                        .filter(|_| w.pseudonymised())
+                        .map(|k| PurposePseudonym::new(k, w.purpose)),
                 });
             handlers.push(
                 Handler::webhook(w.name.clone(), w.url.clone(), signer)?.governed(governance),

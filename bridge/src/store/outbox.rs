@@ -311,7 +311,12 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let path = self.path.clone();
         let err = |e| super::classify(&path, e);
-        let tx = self.conn.transaction().map_err(err)?;
+        // Immediate: the write lock from the start, so a read inside cannot be
+        // outdated by the recorder's commit (a deferred upgrade would fail BUSY).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
         let moved = tx
             .execute(
                 "UPDATE sink_cursors SET delivered_through = ?2, pending_first = NULL, pending_last = NULL
@@ -338,7 +343,12 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let path = self.path.clone();
         let err = |e| super::classify(&path, e);
-        let tx = self.conn.transaction().map_err(err)?;
+        // Immediate: the write lock from the start, so a read inside cannot be
+        // outdated by the recorder's commit (a deferred upgrade would fail BUSY).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
         let through: i64 = tx
             .query_row(
                 "SELECT delivered_through FROM handler_cursors WHERE handler = ?1",
