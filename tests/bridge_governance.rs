@@ -111,7 +111,7 @@ fn withdrawn_consent_stops_the_research_flow_under_traffic_and_every_withheld_ev
     let mut bridge = rig.bridge(
         "",
         &format!(
-            "[pseudonyms]\nkey_file = \"{}\"\n\
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[pseudonyms]\nkey_file = \"{}\"\n\
              [[sinks]]\nkind = \"objects\"\nname = \"care\"\npath = \"{}\"\nbatch_max_events = 20\nbatch_max_age_ms = 100\n\
              [[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"{}\"\nbatch_max_events = 20\nbatch_max_age_ms = 100\n\
              purpose = \"research\"\nfields = [{fields}]\n",
@@ -272,5 +272,45 @@ fn withdrawn_consent_stops_the_research_flow_under_traffic_and_every_withheld_ev
         audited.get("no_consent").copied(),
         withheld["study/no_consent"].as_u64()
     );
+    // And the counter, as the bridge serves it.
+    let port = common::reported_addr(&bridge.process.stderr(), "metrics on /metrics addr=")
+        .expect("the metrics address is logged")
+        .port();
+    let exposition = metrics(port);
+    for (reason, stat) in
+        ["withdrawn", "no_consent"].map(|r| (r, withheld[format!("study/{r}")].as_u64()))
+    {
+        // Label order is the exporter's: match both labels, in any order.
+        let labels = [format!("sink=\"study\""), format!("reason=\"{reason}\"")];
+        let value = exposition
+            .lines()
+            .filter_map(|l| l.strip_prefix("vitalmq_bridge_withheld_total{"))
+            .filter_map(|l| l.split_once('}'))
+            .find(|(set, _)| {
+                let set: Vec<&str> = set.split(',').collect();
+                labels.iter().all(|l| set.contains(&l.as_str()))
+            })
+            .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("study/{reason} missing:\n{exposition}"));
+        assert_eq!(Some(value as u64), stat, "study/{reason}");
+    }
     assert!(bridge.process.running(), "{}", bridge.process.all());
+}
+
+/// The bridge's `/metrics` text.
+fn metrics(port: u16) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }
