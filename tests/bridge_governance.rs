@@ -281,7 +281,7 @@ fn withdrawn_consent_stops_the_research_flow_under_traffic_and_every_withheld_ev
         ["withdrawn", "no_consent"].map(|r| (r, withheld[format!("study/{r}")].as_u64()))
     {
         // Label order is the exporter's: match both labels, in any order.
-        let labels = [format!("sink=\"study\""), format!("reason=\"{reason}\"")];
+        let labels = ["sink=\"study\"".to_owned(), format!("reason=\"{reason}\"")];
         let value = exposition
             .lines()
             .filter_map(|l| l.strip_prefix("vitalmq_bridge_withheld_total{"))
