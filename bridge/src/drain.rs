@@ -78,13 +78,31 @@ impl SinkGovernance {
     }
 
     /// What of `batch` the sink receives now, and what it does not, per reason.
+    #[cfg(test)]
     pub fn apply(&self, batch: &Batch) -> Result<(Batch, Withheld), MinimiseError> {
+        let (sent, withheld) = self.judge(batch)?;
+        Ok((sent.unwrap_or_else(|| batch.clone()), withheld))
+    }
+
+    /// What of `batch` the sink receives now (`None`: the batch as it is, every record
+    /// flowing whole, the common case of a care sink, without a copy), and what it does
+    /// not, per reason.
+    pub fn judge(&self, batch: &Batch) -> Result<(Option<Batch>, Withheld), MinimiseError> {
         let registry = Arc::clone(&self.registry.borrow());
         let purpose = self.purpose;
         let flow = |device: &str, t: u64| match DeviceId::new(device) {
             Ok(id) => decide(registry.consent_at(&id, t), purpose, t),
             Err(_) => Flow::Withheld(Reason::Unassigned),
         };
+        if self.fields == Fields::All
+            && self.pseudonym.is_none()
+            && batch
+                .records
+                .iter()
+                .all(|r| flow(&r.device, r.observed_at_ms) == Flow::Send)
+        {
+            return Ok((None, Withheld::default()));
+        }
         let of = |care: &str| self.pseudonym.as_ref().and_then(|p| p.of(care));
         let pseudonym = self
             .pseudonym
@@ -92,11 +110,11 @@ impl SinkGovernance {
             .map(|_| &of as &dyn Fn(&str) -> Option<String>);
         let (records, withheld) = govern(&batch.records, flow, &self.fields, pseudonym)?;
         Ok((
-            Batch {
+            Some(Batch {
                 first: batch.first,
                 last: batch.last,
                 records,
-            },
+            }),
             withheld,
         ))
     }
@@ -296,13 +314,18 @@ async fn deliver_until_confirmed(
     let mut failures = 0u32;
     let mut delay = Duration::from_millis(200);
     loop {
-        let attempt = match governance.apply(batch) {
-            Ok((allowed, withheld)) if allowed.records.is_empty() => Ok((0, withheld)),
-            Ok((allowed, withheld)) => sink
-                .deliver(&allowed)
-                .await
-                .map(|()| (allowed.records.len(), withheld))
-                .map_err(|e| e.to_string()),
+        let attempt = match governance.judge(batch) {
+            Ok((allowed, withheld)) => {
+                let allowed = allowed.as_ref().unwrap_or(batch);
+                if allowed.records.is_empty() {
+                    Ok((0, withheld))
+                } else {
+                    sink.deliver(allowed)
+                        .await
+                        .map(|()| (allowed.records.len(), withheld))
+                        .map_err(|e| e.to_string())
+                }
+            }
             Err(e) => Err(format!("cannot minimise the batch: {e}")),
         };
         match attempt {
@@ -494,5 +517,13 @@ pub(crate) mod tests {
         let (sent, withheld) = gov.apply(&batch).expect("govern");
         assert_eq!(sent.records, batch.records[..4]);
         assert_eq!(withheld.counts(), [("unassigned", 1)]);
+        let assigned = Batch {
+            first: 1,
+            last: 4,
+            records: batch.records[..4].to_vec(),
+        };
+        let (as_is, withheld) = gov.judge(&assigned).expect("govern");
+        assert!(as_is.is_none(), "delivered as it is, without a copy");
+        assert!(withheld.is_empty());
     }
 }
