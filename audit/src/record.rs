@@ -52,6 +52,10 @@ pub enum Event {
     /// `action` what it asked, `decision` and `reason` the outcome, `details` its role,
     /// purpose and any break-glass reason.
     AdminRequest,
+    /// Events (or alert changes) of one delivered batch withheld from a sink (or alert
+    /// handler) by consent (issue 19): `resource` is the sink or handler, `details` the
+    /// batch range, purpose and counts per reason. One per batch, never per event.
+    EventsWithheld,
 }
 
 /// The security decision a record documents, when there is one.
@@ -189,10 +193,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn acknowledgement_events_have_stable_names() {
+    fn events_have_stable_names() {
         for (event, name) in [
             (Event::AlertAcknowledged, "\"alert_acknowledged\""),
             (Event::AlertAckRefused, "\"alert_ack_refused\""),
+            (Event::EventsWithheld, "\"events_withheld\""),
+            (Event::AdminRequest, "\"admin_request\""),
         ] {
             assert_eq!(serde_json::to_string(&event).expect("json"), name);
             assert_eq!(serde_json::from_str::<Event>(name).expect("parse"), event);

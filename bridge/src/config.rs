@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use vitalmq_policies::Purpose;
 
-use crate::governance::{EVENT_FIELDS, Fields};
+use crate::governance::{EVENT_FIELDS, Fields, RAW_FIELD};
 use crate::window::{WindowError, WindowSize};
 
 /// The parsed configuration, paths resolved.
@@ -49,6 +49,25 @@ pub struct BridgeConfig {
     /// log is readable by other local users: `refuse` (default) or `warn`.
     #[serde(default)]
     pub private_files: vitalmq_private_fs::ExposurePolicy,
+    /// Per-purpose pseudonyms; required by a sink or alert handler of a purpose other
+    /// than care whose field list names `patient_ref`.
+    #[serde(default)]
+    pub pseudonyms: Option<PseudonymsConfig>,
+}
+
+/// `[pseudonyms]`: a sink or alert handler of a purpose other than care that lists
+/// `patient_ref` gets, in its place, `pt-` + 32 hex of HMAC-SHA256(key,
+/// "vitalmq-pseudonym/v1" NUL purpose NUL care `patient_ref`) (the construction of
+/// `vitalmq_policies::Pseudonymiser`, with the care pseudonym as input): one patient's
+/// events link within the purpose, and without the key nobody links them to the care
+/// pseudonym or across purposes. Use a key of its own, not the re-identification
+/// store's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PseudonymsConfig {
+    /// 32 random bytes (raw, as `vitalmq reid` keeps its key), readable only by the
+    /// bridge's user.
+    pub key_file: PathBuf,
 }
 
 /// `[metrics]`: where the bridge serves Prometheus `/metrics`, `/healthz` and `/readyz`.
@@ -145,16 +164,26 @@ pub struct WebhookConfig {
     /// The purpose the handler serves; clinical alerting runs under care (the default).
     #[serde(default)]
     pub purpose: Purpose,
-    /// Allow-list of alert fields the handler receives (default: see
-    /// [`Fields::default_for`]).
+    /// Allow-list of alert fields the handler receives (default: the whole alert for
+    /// care, every field but `patient_ref` otherwise, see
+    /// [`Fields::alert_default_for`]). A handler of another purpose than care gets a
+    /// clinical alert change only under consent (see `crate::delivery`).
     #[serde(default)]
     pub fields: Option<Vec<String>>,
 }
 
 impl WebhookConfig {
+    /// Whether the handler gets a per-purpose pseudonym in place of `patient_ref`.
+    pub fn pseudonymised(&self) -> bool {
+        self.purpose != Purpose::Care && self.fields().allows(crate::governance::PATIENT_REF)
+    }
+
     /// The alert fields the handler receives.
     pub fn fields(&self) -> Fields {
-        resolve_fields(self.purpose, self.fields.as_deref())
+        match self.fields.as_deref() {
+            None => Fields::alert_default_for(self.purpose),
+            Some(list) => Fields::Only(list.iter().cloned().collect()),
+        }
     }
 }
 
@@ -241,7 +270,10 @@ pub enum SinkConfig {
         #[serde(default)]
         purpose: Purpose,
         /// Allow-list of normalized-event fields the sink receives (default: see
-        /// [`Fields::default_for`]).
+        /// [`Fields::default_for`]), and `raw` for the signed COSE messages (the
+        /// `raw/` objects). With a list, or by default for a purpose other than care,
+        /// the sink gets no `raw/` objects unless the list names `raw`: the signed
+        /// bytes carry every payload key and the device id, and cannot be minimised.
         #[serde(default)]
         fields: Option<Vec<String>>,
     },
@@ -257,7 +289,10 @@ pub enum SinkConfig {
         /// As for `objects`.
         #[serde(default)]
         purpose: Purpose,
-        /// As for `objects`.
+        /// As for `objects`. The sink forwards the signed messages and nothing else,
+        /// so they cannot be minimised: a list (or a purpose other than care, whose
+        /// default is a list) must name `raw`, stating that the destination gets
+        /// whole messages of the events consent lets through.
         #[serde(default)]
         fields: Option<Vec<String>>,
     },
@@ -306,6 +341,9 @@ impl BridgeConfig {
                 paths.push(p.clone());
             }
         }
+        if let Some(p) = &self.pseudonyms {
+            paths.push(p.key_file.clone());
+        }
         paths.sort();
         paths.dedup();
         paths
@@ -324,6 +362,11 @@ impl SinkConfig {
         match self {
             Self::Objects { purpose, .. } | Self::Upstream { purpose, .. } => *purpose,
         }
+    }
+
+    /// Whether the sink gets a per-purpose pseudonym in place of `patient_ref`.
+    pub fn pseudonymised(&self) -> bool {
+        self.purpose() != Purpose::Care && self.fields().allows(crate::governance::PATIENT_REF)
     }
 
     /// The event fields the sink receives.
@@ -452,6 +495,14 @@ pub enum Invalid {
     SinkTwice(String),
     #[error("sinks.{0}: give exactly one of `path` and `s3`")]
     SinkTarget(String),
+    #[error(
+        "sinks.{0}.fields: an upstream sink forwards the signed messages whole; a restricted list must name \"raw\" (or leave purpose care and fields unset)"
+    )]
+    UpstreamWithoutRaw(String),
+    #[error(
+        "{0}.fields: a purpose other than care gets patient_ref only as its own pseudonym; configure [pseudonyms] key_file, or leave patient_ref out"
+    )]
+    PatientRefWithoutPseudonyms(String),
     #[error("sinks.{sink}.fields: {field:?} {problem}")]
     SinkField {
         sink: String,
@@ -509,6 +560,9 @@ impl BridgeConfig {
         };
         fix(&mut self.data_dir);
         fix(&mut self.registry);
+        if let Some(p) = &mut self.pseudonyms {
+            fix(&mut p.key_file);
+        }
         if let Some(a) = &mut self.audit {
             fix(a);
         }
@@ -574,6 +628,12 @@ impl BridgeConfig {
                 if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
                     return Err(Invalid::WebhookUrl(w.name.clone()));
                 }
+                if w.pseudonymised() && self.pseudonyms.is_none() {
+                    return Err(Invalid::PatientRefWithoutPseudonyms(format!(
+                        "alerts.webhooks.{}",
+                        w.name
+                    )));
+                }
                 // Alert fields are not the event's: only the list's shape is checked.
                 check_fields(w.fields.as_deref(), None).map_err(|(field, problem)| {
                     Invalid::WebhookField {
@@ -595,13 +655,27 @@ impl BridgeConfig {
                 return Err(Invalid::SinkTarget(name.clone()));
             }
             let (SinkConfig::Objects { fields, .. } | SinkConfig::Upstream { fields, .. }) = sink;
-            check_fields(fields.as_deref(), Some(EVENT_FIELDS)).map_err(|(field, problem)| {
+            let known: Vec<&str> = EVENT_FIELDS
+                .iter()
+                .copied()
+                .chain(std::iter::once(RAW_FIELD))
+                .collect();
+            check_fields(fields.as_deref(), Some(&known)).map_err(|(field, problem)| {
                 Invalid::SinkField {
                     sink: sink.name().to_owned(),
                     field,
                     problem,
                 }
             })?;
+            if matches!(sink, SinkConfig::Upstream { .. }) && !sink.fields().allows_raw() {
+                return Err(Invalid::UpstreamWithoutRaw(sink.name().to_owned()));
+            }
+            if sink.pseudonymised() && self.pseudonyms.is_none() {
+                return Err(Invalid::PatientRefWithoutPseudonyms(format!(
+                    "sinks.{}",
+                    sink.name()
+                )));
+            }
         }
         Ok(())
     }
@@ -654,7 +728,7 @@ mod tests {
              [broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
              [[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"research\"\n\
              [[sinks]]\nkind = \"upstream\"\nname = \"trainer\"\naddress = \"h:2\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
-             client_id = \"u\"\npurpose = \"model-training\"\nfields = [\"m\", \"observed_at\"]\n\
+             client_id = \"u\"\npurpose = \"model-training\"\nfields = [\"raw\", \"m\", \"observed_at\"]\n\
              [alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\n\
              webhooks = [{ name = \"ehr\", url = \"https://e\", secret_env = \"S\" }]\n",
         )
@@ -667,8 +741,9 @@ mod tests {
         assert_eq!(c.sinks[1].purpose(), Purpose::ModelTraining);
         assert_eq!(
             c.sinks[1].fields(),
-            Fields::Only(["m", "observed_at"].map(String::from).into())
+            Fields::Only(["raw", "m", "observed_at"].map(String::from).into())
         );
+        assert!(c.sinks[1].fields().allows_raw() && !study.allows_raw());
         let ehr = &c.alerts.as_ref().expect("alerts").webhooks[0];
         assert_eq!(
             ehr.purpose,
@@ -725,6 +800,18 @@ mod tests {
             (
                 "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"research\"\nfields = [\"m\", \"name\"]\n",
                 "sinks.study.fields: \"name\" is not a field",
+            ),
+            (
+                "[[sinks]]\nkind = \"upstream\"\nname = \"cloud\"\naddress = \"h:2\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\nclient_id = \"u\"\npurpose = \"research\"\n",
+                "sinks.cloud.fields: an upstream sink forwards the signed messages whole",
+            ),
+            (
+                "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"research\"\nfields = [\"m\", \"patient_ref\"]\n",
+                "sinks.study.fields: a purpose other than care gets patient_ref only as its own pseudonym",
+            ),
+            (
+                "[alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\nwebhooks = [{ name = \"study\", url = \"https://e\", secret_env = \"S\", purpose = \"research\", fields = [\"patient_ref\"] }]\n",
+                "alerts.webhooks.study.fields: a purpose other than care",
             ),
             (
                 "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\nfields = [\"m\", \"m\"]\n",

@@ -25,6 +25,20 @@
 //! the rule set in force routes to it (`RuleSet::handlers_for_level`, reloaded with the
 //! rules) and moves its cursor over the others.
 //!
+//! Consent (issue 19): clinical alerting runs under care, so the MQTT publisher and the
+//! webhooks of purpose care deliver every change as before (a care webhook with a field
+//! allow-list gets its alerts minimised to it). A webhook of another purpose
+//! ([`AlertGovernance`]) gets a clinical alert change only if consent for its purpose
+//! covered the observation time of every reading in the change's `evidence` (each
+//! looked up in the store; a change without evidence, or one whose readings are no
+//! longer found, is judged at the time the bridge made it), minimised to its
+//! allow-list (by default everything but `patient_ref`). Withheld changes are counted
+//! per handler and reason with the cursor advance (`vitalmq store stats`,
+//! `alerts_withheld`), in `vitalmq_bridge_alerts_withheld_total{handler,reason}` and in
+//! one `events_withheld` audit record per delivered batch. Operational alerts
+//! (`ops/...`) carry no patient reference and no reading's value (see
+//! `alerts::message`): every handler gets them whole, whatever its purpose.
+//!
 //! While the store cannot take alert rows (recording paused, see `recorder`), the
 //! recorder hands them to each handler directly ([`HandlerFeed`]): a bounded queue the
 //! handler delivers before its store outbox. It remembers what it delivered from
@@ -40,7 +54,13 @@ use serde_json::{Map, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
-use vitalmq_policies::{RuleSet, Severity};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::{DeviceRegistry, Purpose, RuleSet, Severity};
+
+use crate::governance::{
+    Fields, Flow, PATIENT_REF, PurposePseudonym, Reason, Withheld, decide, minimise,
+    substitute_patient_ref,
+};
 
 use crate::link::LinkError;
 use crate::link5::{Link5, Publish5};
@@ -106,6 +126,9 @@ pub enum Handler {
         url: String,
         signer: WebhookSigner,
         client: reqwest::Client,
+        /// Consent and minimisation, for a handler of a purpose other than care or
+        /// with a field allow-list.
+        governance: Option<AlertGovernance>,
     },
 }
 
@@ -138,7 +161,25 @@ impl Handler {
             url,
             signer,
             client,
+            governance: None,
         })
+    }
+
+    /// The handler, judged and minimised by `governance` (webhooks only: the MQTT
+    /// publisher is clinical alerting, under care).
+    pub fn governed(mut self, governance: Option<AlertGovernance>) -> Self {
+        if let Self::Webhook { governance: g, .. } = &mut self {
+            *g = governance;
+        }
+        self
+    }
+
+    /// Consent and minimisation of the handler, if any.
+    pub fn governance(&self) -> Option<&AlertGovernance> {
+        match self {
+            Self::Mqtt { .. } => None,
+            Self::Webhook { governance, .. } => governance.as_ref(),
+        }
     }
 
     /// The cursor key in the store.
@@ -304,6 +345,150 @@ fn mqtt_publishes(
     (items, expired)
 }
 
+/// What an alert handler of a purpose other than care may receive (see the module
+/// docs); `None` for the MQTT publisher and care webhooks without a field list.
+#[derive(Debug, Clone)]
+pub struct AlertGovernance {
+    pub purpose: Purpose,
+    pub fields: Fields,
+    pub registry: watch::Receiver<Arc<DeviceRegistry>>,
+    /// Replaces `patient_ref` for a handler whose fields allow it.
+    pub pseudonym: Option<PurposePseudonym>,
+}
+
+/// Whether a change flows to a handler of `purpose`, given the device and the
+/// observation times of its evidence (empty: judged at `made_at`): only if consent
+/// covered every one of them; the first reason found otherwise. Care always flows
+/// (clinical alerting runs under care).
+pub fn alert_flow(
+    registry: &DeviceRegistry,
+    purpose: Purpose,
+    device: Option<&str>,
+    evidence_observed_at: &[u64],
+    made_at: u64,
+) -> Flow {
+    if purpose == Purpose::Care {
+        return Flow::Send;
+    }
+    let Some(id) = device.and_then(|d| DeviceId::new(d).ok()) else {
+        return Flow::Withheld(Reason::Unassigned);
+    };
+    let times: &[u64] = if evidence_observed_at.is_empty() {
+        &[made_at]
+    } else {
+        evidence_observed_at
+    };
+    for &t in times {
+        if let Flow::Withheld(r) = decide(registry.consent_at(&id, t), purpose, t) {
+            return Flow::Withheld(r);
+        }
+    }
+    Flow::Send
+}
+
+/// Whether an alert row is operational (`ops/...`): no patient data, not judged.
+fn operational(alert: &StoredAlert) -> bool {
+    alert.topic.starts_with("ops/")
+}
+
+/// The alerts of `rows` that may go to the handler, minimised, and what was withheld
+/// per reason, with the change ids of the withheld ones.
+fn govern_alerts(
+    rows: Vec<StoredAlert>,
+    governance: &AlertGovernance,
+    store: &Mutex<Store>,
+) -> (Vec<StoredAlert>, Withheld, HashSet<String>) {
+    let registry = Arc::clone(&governance.registry.borrow());
+    let mut sent = Vec::with_capacity(rows.len());
+    let mut withheld = Withheld::default();
+    let mut withheld_ids = HashSet::new();
+    for mut a in rows {
+        if operational(&a) {
+            sent.push(a);
+            continue;
+        }
+        let body: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
+        let device = body["device"].as_str();
+        let evidence: Vec<u64> = if governance.purpose == Purpose::Care {
+            Vec::new()
+        } else {
+            let store = lock(store);
+            body["evidence"]
+                .as_array()
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(serde_json::Value::as_str)
+                        .filter_map(|id| store.event_detail(id).ok().flatten())
+                        .map(|e| e.observed_at_ms)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        match alert_flow(
+            &registry,
+            governance.purpose,
+            device,
+            &evidence,
+            a.created_at_ms,
+        ) {
+            Flow::Withheld(reason) => {
+                withheld.add(reason);
+                withheld_ids.insert(change_id(&a));
+            }
+            Flow::Send => {
+                if governance.fields != Fields::All {
+                    let minimised = minimise(&a.body, &governance.fields).and_then(|body| {
+                        match &governance.pseudonym {
+                            Some(p) if governance.fields.allows(PATIENT_REF) => {
+                                substitute_patient_ref(&body, |care| p.of(care))
+                            }
+                            _ => Ok(body),
+                        }
+                    });
+                    match minimised {
+                        Ok(body) => a.body = body,
+                        Err(e) => {
+                            // Our own JSON: cannot happen; never sent unminimised.
+                            warn!(alert_id = %a.alert_id, error = %e, "alert body not minimisable; withheld");
+                            withheld.add(Reason::NoConsent);
+                            withheld_ids.insert(change_id(&a));
+                            continue;
+                        }
+                    }
+                }
+                sent.push(a);
+            }
+        }
+    }
+    (sent, withheld, withheld_ids)
+}
+
+/// Counts, logs (counts only) and audits what consent withheld from one batch of alert
+/// changes.
+fn report_alerts_withheld(
+    name: &str,
+    purpose: Purpose,
+    last: i64,
+    withheld: &Withheld,
+    auditor: &Auditor,
+) {
+    let mut per_reason = Map::new();
+    for (reason, n) in withheld.counts() {
+        metrics::counter!("vitalmq_bridge_alerts_withheld_total", "handler" => name.to_owned(), "reason" => reason)
+            .increment(n);
+        per_reason.insert(reason.to_owned(), json!(n));
+    }
+    info!(handler = %name, purpose = %purpose, through = last, withheld = withheld.total(), "alert changes withheld by consent");
+    let _ = auditor.record(
+        AuditRecord::new(Component::Bridge, Event::EventsWithheld)
+            .resource(name)
+            .action("deliver_alerts")
+            .detail("purpose", purpose.as_str())
+            .detail("last", last)
+            .detail("withheld", serde_json::Value::Object(per_reason)),
+    );
+}
+
 /// Alert rows for a handler that the store could not take, delivered from memory.
 pub const MEMORY_QUEUE: usize = 1024;
 
@@ -363,6 +548,7 @@ pub async fn run_handler(
     mut stop: watch::Receiver<bool>,
 ) {
     let name = handler.name();
+    let governance = handler.governance().cloned();
     let HandlerInbox {
         wake,
         memory: mut from_memory,
@@ -432,6 +618,21 @@ pub async fn run_handler(
             let n = memory.len().min(100);
             (memory.iter().take(n).cloned().collect(), None, Vec::new())
         };
+        let taken = alerts.len();
+        let (alerts, withheld, withheld_ids) = match &governance {
+            Some(g) => {
+                let g = g.clone();
+                let store = Arc::clone(&store);
+                match tokio::task::spawn_blocking(move || govern_alerts(alerts, &g, &store)).await {
+                    Ok(governed) => governed,
+                    Err(e) => {
+                        warn!(handler = %name, error = %e, "consent task failed");
+                        continue;
+                    }
+                }
+            }
+            None => (alerts, Withheld::default(), HashSet::new()),
+        };
         let outcome = if alerts.is_empty() {
             Ok(0)
         } else {
@@ -448,13 +649,20 @@ pub async fn run_handler(
                 if let Some(last) = skipped_last {
                     let store = Arc::clone(&store);
                     let n = name.clone();
+                    let counts = withheld.counts();
                     let moved = match tokio::task::spawn_blocking(move || {
-                        lock(&store).alert_delivered(&n, last)
+                        lock(&store).alert_delivered_withheld(&n, last, &counts)
                     })
                     .await
                     {
-                        Ok(Ok(())) => {
+                        Ok(Ok(counted)) => {
                             debug!(handler = %name, n = alerts.len(), "alerts delivered");
+                            if counted
+                                && !withheld.is_empty()
+                                && let Some(g) = &governance
+                            {
+                                report_alerts_withheld(&name, g.purpose, last, &withheld, &auditor);
+                            }
                             true
                         }
                         Ok(Err(e)) => {
@@ -479,8 +687,13 @@ pub async fn run_handler(
                         delay = (delay * 2).min(Duration::from_secs(10));
                     }
                 } else {
-                    for a in memory.drain(..alerts.len()) {
-                        from_memory_delivered.insert(change_id(&a));
+                    // Withheld ones are judged (and counted) again once the store
+                    // has them.
+                    for a in memory.drain(..taken) {
+                        let id = change_id(&a);
+                        if !withheld_ids.contains(&id) {
+                            from_memory_delivered.insert(id);
+                        }
                     }
                     info!(handler = %name, n = alerts.len(), "alerts delivered from memory (not recorded yet)");
                 }
@@ -670,6 +883,84 @@ mod tests {
         );
         assert_eq!(topic_severity("alerts/site-01/ack/int-01"), None);
         assert_eq!(topic_severity("alerts/site-01/urgent"), None);
+    }
+
+    /// Issue 19: a research handler gets a clinical change only if research consent
+    /// covered every reading of its evidence; care always (clinical alerting runs
+    /// under care); the first reason otherwise.
+    #[test]
+    fn a_handler_of_another_purpose_gets_a_change_only_if_consent_covered_its_evidence() {
+        use crate::drain::tests::{JAN_2026, registry};
+        let r = registry(Some("2026-01-01T00:00:30Z"));
+        let dev1 = Some("dev-1");
+        let flow = |device, evidence: &[u64]| {
+            alert_flow(&r, Purpose::Research, device, evidence, JAN_2026 + 10_000)
+        };
+        assert_eq!(
+            flow(dev1, &[JAN_2026 + 1_000, JAN_2026 + 2_000]),
+            Flow::Send
+        );
+        assert_eq!(
+            flow(dev1, &[JAN_2026 - 1, JAN_2026 + 1_000]),
+            Flow::Withheld(Reason::NoConsent),
+            "one reading before the grant is enough to withhold"
+        );
+        assert_eq!(
+            flow(dev1, &[JAN_2026 + 1_000, JAN_2026 + 30_000]),
+            Flow::Withheld(Reason::Withdrawn)
+        );
+        assert_eq!(flow(dev1, &[]), Flow::Send, "no evidence: when it was made");
+        assert_eq!(
+            flow(Some("dev-2"), &[JAN_2026 + 1_000]),
+            Flow::Withheld(Reason::NoConsent)
+        );
+        assert_eq!(flow(None, &[]), Flow::Withheld(Reason::Unassigned));
+        assert_eq!(
+            alert_flow(&r, Purpose::Care, Some("dev-2"), &[0], 0),
+            Flow::Send,
+            "care: always"
+        );
+    }
+
+    /// Operational alerts go whole to every handler; clinical ones are judged and
+    /// minimised (by default everything but `patient_ref`).
+    #[test]
+    fn governed_alerts_are_minimised_and_operational_ones_pass_whole() {
+        use crate::drain::tests::{JAN_2026, registry};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Mutex::new(Store::open(dir.path()).expect("store"));
+        let (_tx, rx) = watch::channel(registry(None));
+        let g = AlertGovernance {
+            purpose: Purpose::Research,
+            fields: Fields::alert_default_for(Purpose::Research),
+            registry: rx,
+            pseudonym: None,
+        };
+        let row = |position: i64, topic: &str, device: &str, made: u64| StoredAlert {
+            position,
+            alert_id: format!("al-{position}"),
+            state: "open".into(),
+            topic: topic.into(),
+            body: format!(
+                r#"{{"alert_id":"al-{position}","kind":"clinical","device":"{device}","patient_ref":"pt-a","value":88,"evidence":["ev-unknown"]}}"#
+            ),
+            level: 0,
+            created_at_ms: made,
+        };
+        let rows = vec![
+            row(1, "alerts/north/urgent/dev-1", "dev-1", JAN_2026 + 5_000),
+            row(2, "alerts/north/urgent/dev-2", "dev-2", JAN_2026 + 5_000),
+            row(3, "ops/bridge/sensor_fault", "dev-2", JAN_2026 + 5_000),
+        ];
+        let (sent, withheld, ids) = govern_alerts(rows.clone(), &g, &store);
+        assert_eq!(sent.iter().map(|a| a.position).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(
+            sent[0].body,
+            r#"{"alert_id":"al-1","kind":"clinical","device":"dev-1","value":88,"evidence":["ev-unknown"]}"#
+        );
+        assert_eq!(sent[1].body, rows[2].body, "operational: whole");
+        assert_eq!(withheld.counts(), [("no_consent", 1)]);
+        assert!(ids.contains(&change_id(&rows[1])));
     }
 
     /// An HTTP endpoint on 127.0.0.1 that answers every request 200 and counts them.

@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
-use vitalmq_policies::{Consent, Purpose, UnixMillis};
+use vitalmq_policies::{Consent, Pseudonymiser, Purpose, UnixMillis};
 
 /// The top-level fields of a normalized event (`vitalmq-event/v1`, see
 /// [`crate::normalize`]): what a field allow-list may name.
@@ -37,6 +37,37 @@ pub const EVENT_FIELDS: &[&str] = &[
     "clock_skew",
 ];
 
+/// The top-level fields of an alert message (SPEC section 5, `crate::alerts::message`):
+/// what the default allow-list of an alert handler of a purpose other than care is
+/// made of ([`Fields::alert_default_for`]).
+pub const ALERT_FIELDS: &[&str] = &[
+    "alert_id",
+    "kind",
+    "state",
+    "severity",
+    "rule",
+    "rule_version",
+    "policy_sha256",
+    "device",
+    "site",
+    "patient_ref",
+    "metric",
+    "value",
+    "threshold",
+    "window_s",
+    "evidence",
+    "fw",
+    "model",
+    "raised_at",
+    "measure",
+    "measured",
+    "baseline",
+    "escalation",
+    "reason",
+    "suppressed",
+    "suppressed_reasons",
+];
+
 /// Kept whatever the allow-list says: the format tag says what the record is, and the
 /// event id (a hash of device, epoch and sequence number, no patient data) is what
 /// makes redelivery to a sink idempotent.
@@ -46,6 +77,13 @@ pub const ALWAYS_KEPT: &[&str] = &["format", "event_id"];
 pub const PATIENT_REF: &str = "patient_ref";
 /// The event field holding payload keys the schema does not know.
 pub const UNKNOWN_PAYLOAD: &str = "extra";
+/// Not an event field: the name a sink's allow-list uses for the signed COSE bytes as
+/// the device published them. They carry every payload key (unknown ones included)
+/// and the device id, and cannot be cut down without breaking the signature, so a sink
+/// whose fields are restricted receives them only when its list names `raw`: an
+/// objects sink writes its `raw/` objects only then; an upstream sink, which forwards
+/// nothing else, must name it (see `crate::config`).
+pub const RAW_FIELD: &str = "raw";
 
 /// Whether an event flows to a sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +163,30 @@ impl Fields {
         }
     }
 
+    /// What an alert handler of `purpose` receives when its configuration lists no
+    /// fields: the whole alert for care; for any other purpose every alert field but
+    /// the patient's pseudonym.
+    pub fn alert_default_for(purpose: Purpose) -> Self {
+        match purpose {
+            Purpose::Care => Fields::All,
+            _ => Fields::Only(
+                ALERT_FIELDS
+                    .iter()
+                    .filter(|f| **f != PATIENT_REF)
+                    .map(|f| (*f).to_owned())
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Whether the raw signed messages are passed on (see [`RAW_FIELD`]).
+    pub fn allows_raw(&self) -> bool {
+        match self {
+            Fields::All => true,
+            Fields::Only(set) => set.contains(RAW_FIELD),
+        }
+    }
+
     /// Whether `field` is passed on.
     pub fn allows(&self, field: &str) -> bool {
         match self {
@@ -147,12 +209,10 @@ pub enum MinimiseError {
 /// order. An allow-list, so a field added to events later reaches no restricted sink
 /// until it is listed.
 ///
-/// TODO(issue 19): a research sink may receive a per-purpose pseudonym in place of
-/// `patient_ref` (`vitalmq_policies::Pseudonymiser` with the purpose). It is derived
-/// from the enrolment identifier, which only the re-identification store holds; the
-/// bridge has neither it nor the key, so until the store can hand the bridge a
-/// per-purpose mapping, `patient_ref` is dropped for such sinks (see
-/// [`substitute_patient_ref`] for the seam).
+/// A sink of another purpose than care gets `patient_ref` only when its list names it,
+/// and then as its purpose's pseudonym of the care reference ([`PurposePseudonym`],
+/// applied by [`govern`] through [`substitute_patient_ref`]; the configuration refuses
+/// such a list without `[pseudonyms]`).
 pub fn minimise(event_json: &str, fields: &Fields) -> Result<String, MinimiseError> {
     if *fields == Fields::All {
         return Ok(event_json.to_owned());
@@ -170,7 +230,6 @@ pub fn minimise(event_json: &str, fields: &Fields) -> Result<String, MinimiseErr
 
 /// The seam for per-purpose pseudonyms: the event (minimised or not) with its
 /// `patient_ref` replaced by `pseudonym(care_ref)`, or removed when that gives none.
-/// Not used yet (see [`minimise`]).
 pub fn substitute_patient_ref(
     event_json: &str,
     pseudonym: impl FnOnce(&str) -> Option<String>,
@@ -191,6 +250,105 @@ pub fn substitute_patient_ref(
         }
     }
     Ok(serde_json::to_string(&event)?)
+}
+
+/// How many records were withheld, per reason (the labels of [`Reason::as_str`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Withheld(std::collections::BTreeMap<Reason, u64>);
+
+impl Withheld {
+    pub fn add(&mut self, reason: Reason) {
+        *self.0.entry(reason).or_default() += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// `(label, count)` per reason, in a fixed order.
+    pub fn counts(&self) -> Vec<(&'static str, u64)> {
+        self.0.iter().map(|(r, n)| (r.as_str(), *n)).collect()
+    }
+}
+
+/// What one sink may receive of `records`: those `flow` lets through (in the bridge:
+/// [`decide`] on the consent the registry in force holds for the record's device at
+/// its observation time), each minimised to `fields` and, when `pseudonym` is given
+/// and `fields` allows `patient_ref`, with `patient_ref` replaced through it; and the
+/// count of the others per reason.
+pub fn govern<'a, R, F>(
+    records: impl IntoIterator<Item = &'a R>,
+    flow: F,
+    fields: &Fields,
+    pseudonym: Option<PseudonymOf<'_>>,
+) -> Result<(Vec<R>, Withheld), MinimiseError>
+where
+    R: Governed + Clone + 'a,
+    F: Fn(&str, UnixMillis) -> Flow,
+{
+    let mut kept = Vec::new();
+    let mut withheld = Withheld::default();
+    for r in records {
+        match flow(r.device(), r.observed_at()) {
+            Flow::Withheld(reason) => withheld.add(reason),
+            Flow::Send => {
+                let mut r = r.clone();
+                if *fields != Fields::All || pseudonym.is_some() {
+                    let mut json = minimise(r.event_json(), fields)?;
+                    if let Some(p) = pseudonym
+                        && fields.allows(PATIENT_REF)
+                    {
+                        json = substitute_patient_ref(&json, p)?;
+                    }
+                    r.set_event_json(json);
+                }
+                kept.push(r);
+            }
+        }
+    }
+    Ok((kept, withheld))
+}
+
+/// The pseudonym for a sink's purpose of a care `patient_ref` (`None`: remove it).
+pub type PseudonymOf<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Per-purpose pseudonyms of care references (issue 19, point 4; bridge config
+/// `[pseudonyms]`): `vitalmq_policies::Pseudonymiser` under the bridge's key, with the
+/// care `patient_ref` as input and the sink's purpose as the purpose, so one patient's
+/// events link within a research data set that never holds the care pseudonym.
+#[derive(Debug, Clone)]
+pub struct PurposePseudonym {
+    pseudonymiser: Pseudonymiser,
+    purpose: Purpose,
+}
+
+impl PurposePseudonym {
+    pub fn new(key: [u8; 32], purpose: Purpose) -> Self {
+        Self {
+            pseudonymiser: Pseudonymiser::new(key),
+            purpose,
+        }
+    }
+
+    /// The purpose's pseudonym of `care_ref`; `None` (the field is then removed) only
+    /// for an empty reference.
+    pub fn of(&self, care_ref: &str) -> Option<String> {
+        self.pseudonymiser
+            .pseudonym(care_ref, Some(self.purpose.as_str()))
+            .ok()
+    }
+}
+
+/// A record [`govern`] can judge and minimise.
+pub trait Governed {
+    fn device(&self) -> &str;
+    fn observed_at(&self) -> UnixMillis;
+    fn event_json(&self) -> &str;
+    fn set_event_json(&mut self, json: String);
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use crate::classify::{self, Control, Incoming, Origin, Sequencer};
 use crate::config::{BridgeConfig, SinkConfig};
 use crate::delivery::Handler;
 use crate::drain::{self, DrainSettings};
+use crate::governance::{Fields, PurposePseudonym};
 use crate::mqtt;
 use crate::ops::{OpsAlert, OpsKind, RateWatch};
 use crate::recorder::{Recorded, Recorder, RecorderSettings, Work, now_ms};
@@ -118,10 +119,27 @@ pub enum RunError {
     UnknownHandlers { path: PathBuf, unknown: Vec<String> },
     #[error("start the recorder thread")]
     RecorderThread(#[source] std::io::Error),
+    #[error("[pseudonyms] key_file {}: {detail}", path.display())]
+    PseudonymKey { path: PathBuf, detail: String },
     #[error("close the audit log")]
     CloseAudit(#[source] AuditError),
     #[error(transparent)]
     Observe(#[from] vitalmq_ops_http::OpsHttpError),
+}
+
+/// The `[pseudonyms]` key: exactly 32 bytes.
+fn read_pseudonym_key(path: &std::path::Path) -> Result<[u8; 32], RunError> {
+    let bytes = std::fs::read(path).map_err(|source| RunError::PseudonymKey {
+        path: path.to_path_buf(),
+        detail: source.to_string(),
+    })?;
+    bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| RunError::PseudonymKey {
+            path: path.to_path_buf(),
+            detail: format!("a pseudonym key is 32 bytes, this file has {}", bytes.len()),
+        })
 }
 
 /// A sink, and for object storage also the concrete sink the audit shipper writes to.
@@ -138,7 +156,9 @@ fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
             name,
             path: Some(path),
             ..
-        } => objects(ObjectStoreSink::local(name.clone(), path)?),
+        } => objects(
+            ObjectStoreSink::local(name.clone(), path)?.with_raw(config.fields().allows_raw()),
+        ),
         SinkConfig::Objects {
             name, s3: Some(s3), ..
         } => {
@@ -149,18 +169,21 @@ fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
                     source,
                 })
             };
-            objects(ObjectStoreSink::s3(
-                name.clone(),
-                S3Settings {
-                    bucket: s3.bucket.clone(),
-                    endpoint: s3.endpoint.clone(),
-                    region: s3.region.clone(),
-                    access_key_id: env("AWS_ACCESS_KEY_ID")?,
-                    secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
-                    allow_http: s3.allow_http,
-                    prefix: s3.prefix.clone(),
-                },
-            )?)
+            objects(
+                ObjectStoreSink::s3(
+                    name.clone(),
+                    S3Settings {
+                        bucket: s3.bucket.clone(),
+                        endpoint: s3.endpoint.clone(),
+                        region: s3.region.clone(),
+                        access_key_id: env("AWS_ACCESS_KEY_ID")?,
+                        secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
+                        allow_http: s3.allow_http,
+                        prefix: s3.prefix.clone(),
+                    },
+                )?
+                .with_raw(config.fields().allows_raw()),
+            )
         }
         SinkConfig::Objects { name, .. } => return Err(RunError::SinkTarget(name.clone())),
         SinkConfig::Upstream {
@@ -284,13 +307,29 @@ pub async fn run(
         alert_states,
         rules.clone(),
     );
+    let pseudonym_key = match &config.pseudonyms {
+        Some(p) => Some(read_pseudonym_key(&p.key_file)?),
+        None => None,
+    };
     let mut sinks = Vec::new();
     let mut object_sinks = Vec::new();
     for s in &config.sinks {
         store.register_sink(s.name())?;
         let (sink, objects) = build_sink(s)?;
-        object_sinks.extend(objects);
-        sinks.push((sink, drain_settings(s)));
+        // The audit logs name devices, operators and patients' alerts: they are
+        // shipped to care sinks only, never into a research or other data set.
+        if s.purpose() == vitalmq_policies::Purpose::Care {
+            object_sinks.extend(objects);
+        }
+        let mut governance = crate::drain::SinkGovernance::new(
+            s.purpose(),
+            s.fields(),
+            registry_watch.registry.clone(),
+        );
+        governance.pseudonym = pseudonym_key
+            .filter(|_| s.pseudonymised())
+            .map(|k| PurposePseudonym::new(k, s.purpose()));
+        sinks.push((sink, drain_settings(s), governance));
     }
     let bridge_identity = format!("spiffe://{}/bridge/{}", registry.trust_domain(), config.id);
     auditor.record(
@@ -352,7 +391,20 @@ pub async fn run(
                     source,
                 }
             })?;
-            handlers.push(Handler::webhook(w.name.clone(), w.url.clone(), signer)?);
+            let fields = w.fields();
+            let governance = (w.purpose != vitalmq_policies::Purpose::Care
+                || fields != Fields::All)
+                .then(|| crate::delivery::AlertGovernance {
+                    purpose: w.purpose,
+                    fields,
+                    registry: registry_watch.registry.clone(),
+                    pseudonym: pseudonym_key
+                        .filter(|_| w.pseudonymised())
+                        .map(|k| PurposePseudonym::new(k, w.purpose)),
+                });
+            handlers.push(
+                Handler::webhook(w.name.clone(), w.url.clone(), signer)?.governed(governance),
+            );
         }
     }
     let (feeds, inboxes): (Vec<_>, Vec<_>) =
@@ -403,12 +455,13 @@ pub async fn run(
         Arc::clone(&connection),
     ));
     let mut drains = Vec::new();
-    for (sink, settings) in sinks {
+    for (sink, settings, governance) in sinks {
         let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
         drains.push(tokio::spawn(drain::drain(
             sink,
             store,
             settings,
+            governance,
             auditor.clone(),
             ops_tx.clone(),
             stop_rx.clone(),

@@ -21,6 +21,7 @@
 //! | `sink_cursors` | — | per sink: last outbox position confirmed, and the batch in flight |
 //! | `audit_ship_cursors` | — | per (objects sink, audit log): last record shipped (seq, hash, where its line starts) and the segment in flight |
 //! | `sequence_resets` | — | operator requests to reset a device's sequence state, and when the bridge applied each (see `resets`) |
+//! | `withheld` | — | per sink (kind `sink`) or alert handler (kind `handler`) and reason: events or alert changes withheld by consent (issue 19) |
 //!
 //! The raw and normalized planes are written once, in the same transaction, and never
 //! updated; `(device, epoch, seq)` is UNIQUE, so even a bug upstream cannot store an

@@ -126,6 +126,8 @@ mod tests {
             sinks: [("objects", 100)].into_iter().collect(),
             alerts: Tally::default(),
             alert_handlers: Tally::default(),
+            withheld: Tally::default(),
+            alerts_withheld: Tally::default(),
             head: 120,
         };
         let c = Counts::from_stats(&stats);

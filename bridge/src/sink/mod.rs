@@ -11,6 +11,11 @@
 //!   (the object store answered the PUT, the upstream broker sent PUBACK). The sink's
 //!   cursor advances only after that.
 //! * Errors are retried by the caller with backoff; a sink never drops a record.
+//! * Consent and minimisation are the drain's (issue 19, [`crate::governance`]): a sink
+//!   gets only the records of the batch that may flow to its purpose, minimised to its
+//!   field allow-list, still under the batch's range (the withheld positions are simply
+//!   absent); a batch whose every record is withheld is not handed to the sink at all,
+//!   and its cursor advances all the same.
 
 pub mod object;
 pub(crate) mod upstream;
@@ -46,6 +51,24 @@ pub struct OutboxRecord {
     pub raw: bytes::Bytes,
     /// The normalized event: one JSON object, no trailing newline.
     pub normalized_json: String,
+}
+
+impl crate::governance::Governed for OutboxRecord {
+    fn device(&self) -> &str {
+        &self.device
+    }
+
+    fn observed_at(&self) -> u64 {
+        self.observed_at_ms
+    }
+
+    fn event_json(&self) -> &str {
+        &self.normalized_json
+    }
+
+    fn set_event_json(&mut self, json: String) {
+        self.normalized_json = json;
+    }
 }
 
 /// A fixed range of outbox positions `first..=last` and the records in it, in order.

@@ -32,6 +32,11 @@
 //! Line *i* of an `.ndjson` object and item *i* of the `.cborseq` object with the same
 //! name stem are the same record. The Content-Type is set where the store keeps one (S3).
 //!
+//! A sink whose field allow-list does not name `raw` ([`ObjectStoreSink::with_raw`],
+//! issue 19) writes no `raw/` objects at all, and its `.ndjson` lines are the minimised
+//! events of the records consent let through (a batch's objects may then hold fewer
+//! records than its range, or none: a range wholly withheld writes nothing).
+//!
 //! # Invariants
 //!
 //! * Object names derive only from the batch range and the records' partition keys, and
@@ -167,6 +172,8 @@ pub struct ObjectStoreSink {
     prefix: ObjectPath,
     /// Set for a local directory, whose writes `object_store` does not `fsync`.
     local: Option<LocalRoot>,
+    /// Whether the `raw/` objects are written (see [`Self::with_raw`]).
+    raw: bool,
 }
 
 /// The local filesystem behind a sink, to `fsync` what it wrote.
@@ -203,6 +210,7 @@ impl ObjectStoreSink {
             store,
             prefix,
             local: None,
+            raw: true,
         })
     }
 
@@ -270,7 +278,17 @@ impl ObjectStoreSink {
             store: Arc::new(InMemory::new()),
             prefix: ObjectPath::default(),
             local: None,
+            raw: true,
         }
+    }
+
+    /// Whether the sink writes the `raw/` objects (the default). A sink whose field
+    /// allow-list does not name `raw` writes only the `normalized/` ones: the signed
+    /// bytes carry every payload key and the device id, which minimisation removes
+    /// from its events (see `crate::governance::RAW_FIELD`).
+    pub fn with_raw(mut self, raw: bool) -> Self {
+        self.raw = raw;
+        self
     }
 
     /// The store written to (tests and tools read back through it).
@@ -354,12 +372,18 @@ impl ObjectStoreSink {
             let normalized = self.object_path(ObjectKind::Normalized, &key, batch)?;
             puts.push(async move {
                 // Raw first: an .ndjson object is never visible without its .cborseq.
-                self.put(&raw, part.raw.into_iter().collect()).await?;
+                if self.raw {
+                    self.put(&raw, part.raw.into_iter().collect()).await?;
+                }
                 self.put(&normalized, part.ndjson.into()).await?;
-                Ok::<_, SinkError>([raw, normalized])
+                Ok::<_, SinkError>(if self.raw {
+                    vec![raw, normalized]
+                } else {
+                    vec![normalized]
+                })
             });
         }
-        let written: Vec<[ObjectPath; 2]> = futures::stream::iter(puts)
+        let written: Vec<Vec<ObjectPath>> = futures::stream::iter(puts)
             .buffer_unordered(PARALLEL_PUTS)
             .try_collect()
             .await?;

@@ -296,14 +296,80 @@ impl Store {
 
     /// Records that `sink` confirmed the batch ending at `last`.
     pub fn batch_delivered(&mut self, sink: &str, last: i64) -> Result<(), StoreError> {
-        self.conn
+        self.batch_delivered_withheld(sink, last, &[]).map(|_| ())
+    }
+
+    /// Records that `sink` confirmed the batch ending at `last`, of which `withheld`
+    /// (reason, count) were withheld by consent, in one transaction: the counts are
+    /// added only when this moves the cursor, so a batch delivered again (the cursor
+    /// advance failed, or a crash came first) is counted once. True when it moved.
+    pub fn batch_delivered_withheld(
+        &mut self,
+        sink: &str,
+        last: i64,
+        withheld: &[(&str, u64)],
+    ) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let err = |e| super::classify(&path, e);
+        // Immediate: the write lock from the start, so a read inside cannot be
+        // outdated by the recorder's commit (a deferred upgrade would fail BUSY).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let moved = tx
             .execute(
                 "UPDATE sink_cursors SET delivered_through = ?2, pending_first = NULL, pending_last = NULL
-                 WHERE sink = ?1",
+                 WHERE sink = ?1 AND delivered_through < ?2",
                 params![sink, last],
             )
-            .map_err(|e| self.err(e))?;
-        Ok(())
+            .map_err(err)?
+            > 0;
+        if moved {
+            add_withheld(&tx, sink, "sink", withheld).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(moved)
+    }
+
+    /// As [`Self::alert_delivered`], adding `withheld` (reason, count) to the handler's
+    /// withheld counts in the same transaction, only when the cursor moves. True when
+    /// it moved.
+    pub fn alert_delivered_withheld(
+        &mut self,
+        handler: &str,
+        position: i64,
+        withheld: &[(&str, u64)],
+    ) -> Result<bool, StoreError> {
+        let path = self.path.clone();
+        let err = |e| super::classify(&path, e);
+        // Immediate: the write lock from the start, so a read inside cannot be
+        // outdated by the recorder's commit (a deferred upgrade would fail BUSY).
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let through: i64 = tx
+            .query_row(
+                "SELECT delivered_through FROM handler_cursors WHERE handler = ?1",
+                params![handler],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?
+            .unwrap_or_default();
+        let moved = position > through;
+        if moved {
+            tx.execute(
+                "INSERT INTO handler_cursors (handler, delivered_through) VALUES (?1, ?2)
+                 ON CONFLICT(handler) DO UPDATE SET delivered_through = ?2",
+                params![handler, position],
+            )
+            .map_err(err)?;
+            add_withheld(&tx, handler, "handler", withheld).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(moved)
     }
 
     /// The outbox records with positions in `first..=last`, in order.
@@ -336,4 +402,21 @@ impl Store {
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
     }
+}
+
+/// Adds `withheld` to the counts of `target` (of `kind`), inside the caller's transaction.
+fn add_withheld(
+    tx: &rusqlite::Transaction<'_>,
+    target: &str,
+    kind: &str,
+    withheld: &[(&str, u64)],
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO withheld (target, kind, reason, count) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(target, kind, reason) DO UPDATE SET count = count + ?4",
+    )?;
+    for (reason, n) in withheld.iter().filter(|(_, n)| *n > 0) {
+        stmt.execute(params![target, kind, reason, u2i(*n)])?;
+    }
+    Ok(())
 }

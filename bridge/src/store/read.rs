@@ -145,6 +145,14 @@ pub struct StoreStats {
     pub alerts: Tally,
     /// Alert handler -> delivered through (alert position).
     pub alert_handlers: Tally,
+    /// `sink/reason` -> events withheld from the sink by consent (issue 19; reasons
+    /// `no_consent`, `withdrawn`, `unassigned`). Left out while nothing was withheld.
+    #[serde(skip_serializing_if = "Tally::is_empty")]
+    pub withheld: Tally,
+    /// `handler/reason` -> alert changes withheld from the handler by consent. Left out
+    /// while nothing was withheld.
+    #[serde(skip_serializing_if = "Tally::is_empty")]
+    pub alerts_withheld: Tally,
     /// Highest outbox position.
     pub head: i64,
 }
@@ -160,6 +168,10 @@ impl Tally {
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, v)| *v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, i64)> {
@@ -521,6 +533,12 @@ impl Store {
                 "SELECT kind || '/' || state, COUNT(*) FROM alerts GROUP BY kind, state",
             )?,
             alert_handlers: tally("SELECT handler, delivered_through FROM handler_cursors")?,
+            withheld: tally(
+                "SELECT target || '/' || reason, count FROM withheld WHERE kind = 'sink' ORDER BY target, reason",
+            )?,
+            alerts_withheld: tally(
+                "SELECT target || '/' || reason, count FROM withheld WHERE kind = 'handler' ORDER BY target, reason",
+            )?,
             head: self.head()?,
         })
     }

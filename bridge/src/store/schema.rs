@@ -260,16 +260,31 @@ fn add_alert_level(tx: &Transaction<'_>) -> HookResult {
     Ok(())
 }
 
+/// Version 3 (issue 19): events (and alert changes) withheld from a sink (or alert
+/// handler) by consent, counted per target and reason. A sink's counts are added in
+/// the transaction that advances its cursor, so a batch delivered again after a failed
+/// advance is counted once.
+const V3_WITHHELD: &str = "
+CREATE TABLE IF NOT EXISTS withheld (
+    target          TEXT    NOT NULL,
+    kind            TEXT    NOT NULL,
+    reason          TEXT    NOT NULL,
+    count           INTEGER NOT NULL,
+    PRIMARY KEY (target, kind, reason)
+);
+";
+
 /// The migrations, oldest first; the store's version is how many have run.
 static MIGRATIONS: std::sync::LazyLock<Migrations<'static>> = std::sync::LazyLock::new(|| {
     Migrations::new(vec![
         M::up_with_hook(V1, adopt_v1),
         M::up_with_hook("", add_alert_level),
+        M::up(V3_WITHHELD),
     ])
 });
 
 /// The schema version this code writes.
-pub const VERSION: usize = 2;
+pub const VERSION: usize = 3;
 
 /// The store's recorded schema version.
 pub fn version(conn: &Connection) -> rusqlite::Result<usize> {

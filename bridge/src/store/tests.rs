@@ -432,3 +432,54 @@ fn audit_cursors_are_per_sink_and_log_keep_the_pending_segment_and_survive_reope
         "the migration does not overwrite later cursors"
     );
 }
+
+/// Issue 19: withheld counts are added in the transaction that advances the cursor, so
+/// a batch confirmed again (its first cursor advance committed, the drain did not learn
+/// it, or a retry after a failed advance) is counted once.
+#[test]
+fn withheld_counts_are_added_with_the_cursor_once_per_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    commit_events(&mut store, 10);
+    store.register_sink("study").expect("register");
+    let batch = store.next_batch("study", 4).expect("plan").expect("batch");
+    let counts = [("withdrawn", 3), ("no_consent", 1)];
+    assert!(
+        store
+            .batch_delivered_withheld("study", batch.last, &counts)
+            .expect("delivered")
+    );
+    assert!(
+        !store
+            .batch_delivered_withheld("study", batch.last, &counts)
+            .expect("again"),
+        "the same batch again: the cursor does not move, nothing is counted"
+    );
+    let next = store.next_batch("study", 4).expect("plan").expect("batch");
+    assert_eq!(next.first, 5);
+    assert!(
+        store
+            .batch_delivered_withheld("study", next.last, &[("withdrawn", 2)])
+            .expect("delivered")
+    );
+    // Handlers: counted with the cursor too.
+    assert!(
+        store
+            .alert_delivered_withheld("webhook:study", 3, &[("no_consent", 1)])
+            .expect("handler")
+    );
+    assert!(
+        !store
+            .alert_delivered_withheld("webhook:study", 3, &[("no_consent", 1)])
+            .expect("handler again")
+    );
+    drop(store);
+    let stats = Store::open(dir.path())
+        .expect("reopen")
+        .stats()
+        .expect("stats");
+    assert_eq!(stats.withheld.get("study/withdrawn"), 5);
+    assert_eq!(stats.withheld.get("study/no_consent"), 1);
+    assert_eq!(stats.sinks.get("study"), 8);
+    assert_eq!(stats.alerts_withheld.get("webhook:study/no_consent"), 1);
+}
