@@ -221,7 +221,7 @@ async fn demo(
                 match governance::withdraw(work, &device_clock) {
                     Ok(at) => {
                         changes.withdrawn_at = Some(at);
-                        println!("  {} withdrew research consent from {} (device time); the bridge reloads the registry by itself", governance::WITHDRAWN_DEVICE, vitalmq_policies::format_rfc3339(at));
+                        println!("  research consent for {} withdrawn from {} (device time); the bridge reloads the registry by itself", governance::WITHDRAWN_DEVICE, vitalmq_policies::format_rfc3339(at));
                     }
                     Err(e) => println!("  withdrawing research consent failed: {e:#}"),
                 }

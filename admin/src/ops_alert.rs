@@ -53,6 +53,7 @@ impl OpsOutbox {
             "kind": "operational",
             "state": "open",
             "severity": "urgent",
+            "type": "break_glass",
             "rule": "break-glass",
             "component": "admin",
             "reason": "break_glass",

@@ -385,7 +385,10 @@ mod tests {
             .permissions()
             .mode()
             & 0o777;
-        assert_eq!(registry_mode, 0o600, "patient pseudonyms and consent: owner only");
+        assert_eq!(
+            registry_mode, 0o600,
+            "patient pseudonyms and consent: owner only"
+        );
 
         let no_site = IssueRequest {
             site: None,

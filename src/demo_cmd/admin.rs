@@ -141,8 +141,6 @@ pub struct Reads {
     pub refused: Option<String>,
     /// The break-glass call: the rows answered, or why it failed.
     pub break_glass: Result<usize, String>,
-    /// The server's address.
-    pub server: String,
 }
 
 /// Starts the admin API, makes the clinician's two calls about `device`, stops it.
@@ -165,10 +163,9 @@ pub async fn clinician_reads(work: &WorkDir, device: &str) -> anyhow::Result<Rea
         .await
         .context("the admin API did not start within 10 s")?
         .context("the admin API stopped at start")?;
-    let server_url = format!("https://{addr}");
+    let url = format!("https://{addr}");
     let (cert, key) = work.clinician();
     let ca = work.pki().join("ca/ca.pem");
-    let url = server_url.clone();
     let path = format!("/v1/events?device={device}");
     // The client makes its own runtime, so it runs on a thread of its own.
     let reads = std::thread::spawn(move || {
@@ -203,7 +200,6 @@ pub async fn clinician_reads(work: &WorkDir, device: &str) -> anyhow::Result<Rea
         device: device.to_owned(),
         refused: reads.0,
         break_glass: reads.1,
-        server: server_url,
     })
 }
 
