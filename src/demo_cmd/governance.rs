@@ -329,7 +329,7 @@ pub fn checks(
             .get(WITHDRAWN_DEVICE)
             .map_or(0, |v| v.iter().filter(|(o, _, _)| *o >= at).count());
         checks.push(Check::new(
-            after == 0 && before > 0,
+            after == 0 && before > 0 && stored_after > 0,
             format!(
                 "consent withdrawal: {WITHDRAWN_DEVICE}'s {before} events observed before it reached research, none of the {stored_after} observed after ({after})"
             ),
