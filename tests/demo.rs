@@ -3,7 +3,9 @@
 //! own and report every device connected, every injected fault refused by the party and
 //! with the reason the SPEC gives, nothing lost, every alert path of SPEC 5.1/5.2 taken
 //! (a device alarm opened and resolved, a silent device's `no-data`, the operator's
-//! acknowledgement, an unacknowledged alert re-sent escalated), and audit logs whose
+//! acknowledgement, an unacknowledged alert re-sent escalated), the governance scenario
+//! (a research sink of consented, minimised events, a consent withdrawal, a reassignment,
+//! a clinician's refused and break-glass reads through the admin API), and audit logs whose
 //! chains verify; and the commands it suggests for looking around must work on what it
 //! left behind, the `mosquitto_pub` acknowledgement included (against the demo's broker
 //! and bridge started again from the configurations it wrote).
@@ -119,10 +121,10 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
         ("foreign-client-id on dev-00009", "CONNACK NotAuthorized"),
         ("foreign-client-id on dev-00009", "client_id_mismatch"),
         (
-            "revoked-certificate on dev-00012",
+            "revoked-certificate on dev-00014",
             "TLS alert CertificateRevoked",
         ),
-        ("revoked-certificate on dev-00012", "as certificate_revoked"),
+        ("revoked-certificate on dev-00014", "as certificate_revoked"),
         ("clock-skew on dev-00010", "0 refused"),
         ("reboot-storm on dev-00011", "0 replays"),
         ("reconnect storm", "reconnected"),
@@ -141,6 +143,36 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
         stdout,
         "nothing lost: every message a device sent is stored exactly once",
     );
+    // Governance (issue 19): the research sink, the withdrawal, the reassignment and
+    // the admin API, each checked against what the sinks wrote and the audit logs.
+    for (what, evidence) in [
+        ("research sink:", "each with only the allowed fields"),
+        (
+            "research sink: nothing from devices without research consent",
+            "every fifth",
+        ),
+        (
+            "consent withdrawal: dev-00013",
+            "reached research, none of the",
+        ),
+        ("withheld from research, counted:", "no_consent"),
+        ("reassignment: dev-00012", "(0 misattributed)"),
+        (
+            "admin API: clin-01 (site-01) reading dev-00002",
+            "refused (403",
+        ),
+        (
+            "admin API: break-glass read answered",
+            "seen on ops/admin/break_glass",
+        ),
+        ("admin audit chain intact", "records"),
+    ] {
+        let line = passed(stdout, what);
+        assert!(
+            line.contains(evidence),
+            "{what}: {evidence:?} missing in {line}"
+        );
+    }
     // The alert paths of issue 17, each checked against the store and the audit log.
     for (what, evidence) in [
         (
@@ -240,6 +272,7 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
     assert!(verified.success, "{}", verified.all());
 
     acknowledge_as_printed(&dir, stdout);
+    break_glass_as_printed(stdout);
 
     // A second run into the same directory refuses rather than overwrite anything.
     let again = run(
@@ -248,6 +281,93 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
     );
     assert!(!again.success, "re-running into a used directory must fail");
     assert!(again.stderr.contains("not empty"), "{}", again.stderr);
+}
+
+/// Runs the admin API commands of the "look around" block: `vitalmq admin serve` as
+/// printed, then its `curl` with the clinician's certificate, once without the
+/// break-glass header (403) and once with a reason (the device's events).
+fn break_glass_as_printed(stdout: &str) {
+    let serve = stdout
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("admin API    "))
+        .and_then(|l| l.split("   (").next())
+        .unwrap_or_else(|| panic!("no admin API command in:\n{stdout}"));
+    let args: Vec<&str> = serve.split_whitespace().collect();
+    assert_eq!(&args[..3], ["vitalmq", "admin", "serve"], "{serve}");
+    let server = common::Spawned::start(Command::new(bin()).args(&args[1..]));
+    assert!(
+        server.wait_output(Duration::from_secs(30), |out| {
+            common::reported_addr(out, "vitalmq admin listening on ").is_some()
+        }),
+        "the admin server did not start:\n{}",
+        server.all()
+    );
+    let addr =
+        common::reported_addr(&server.stderr(), "vitalmq admin listening on ").expect("address");
+    // The curl command spans two printed lines ending in a backslash.
+    let at = stdout.find("curl --cert ").expect("a curl command");
+    let curl: String = stdout[at..]
+        .lines()
+        .take(2)
+        .map(|l| l.trim().trim_end_matches('\\'))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("<address>", &addr.to_string());
+    let words = shell_words(&curl);
+    let call = |break_glass: bool| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "/dev/stdout", "-w", "\n%{http_code}"]);
+        let mut skip_next = false;
+        for (i, w) in words.iter().enumerate().skip(1) {
+            if skip_next {
+                skip_next = false;
+                continue;
+            }
+            if !break_glass && w == "-H" && words[i + 1].starts_with("X-Vitalmq-Break-Glass") {
+                skip_next = true;
+                continue;
+            }
+            cmd.arg(w.replace("<reason>", "demo test: covering site-02"));
+        }
+        let out = run(&mut cmd, Duration::from_secs(30));
+        assert!(out.success, "{}", out.all());
+        let (body, code) = out.stdout.trim().rsplit_once('\n').expect("status line");
+        (code.to_owned(), body.to_owned())
+    };
+    let (code, body) = call(false);
+    assert_eq!(
+        code, "403",
+        "no reason: outside the clinician's scope: {body}"
+    );
+    let (code, body) = call(true);
+    assert_eq!(code, "200", "break-glass: {body}");
+    let rows: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(
+        rows["rows"].as_array().is_some_and(|r| !r.is_empty()),
+        "the device's events: {body}"
+    );
+}
+
+/// Splits a printed command line into words (single quotes group, as a shell would).
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '\'' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    words
 }
 
 /// Runs the `mosquitto_pub` of the "look around" block against the demo's broker and
