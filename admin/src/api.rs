@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -62,6 +63,8 @@ impl std::fmt::Debug for App {
 
 /// Largest request body accepted (a change or a lookup is a few hundred bytes).
 pub const MAX_BODY: usize = 64 * 1024;
+/// Time a client has to send its request body once its head is read.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The routes; the server adds the [`Caller`] of each connection as an extension.
 pub fn router(app: Arc<App>) -> Router {
@@ -74,11 +77,44 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/reid/lookup", post(reid_lookup))
         .fallback(unknown)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(read_body))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             audit_unaudited,
         ))
         .with_state(app)
+}
+
+/// Reads the whole body (at most [`MAX_BODY`], within [`BODY_READ_TIMEOUT`]) before
+/// any handler runs, so a peer that stops sending cannot hold a handler; a body too
+/// large (413) or too slow (408) is answered here and audited by [`audit_unaudited`].
+async fn read_body(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e))
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) =>
+        {
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {MAX_BODY} bytes"),
+            )
+                .into_response()
+        }
+        Ok(Err(_)) => (StatusCode::BAD_REQUEST, "the body was cut off").into_response(),
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body was not sent within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )
+            .into_response(),
+    }
 }
 
 /// Marks an answer whose call its handler audited.
@@ -137,6 +173,7 @@ fn rejection_reason(status: StatusCode) -> &'static str {
     match status {
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::REQUEST_TIMEOUT => "body_timeout",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
         StatusCode::NOT_FOUND => "no_such_endpoint",
         s if s.is_client_error() => "bad_request",
@@ -1070,5 +1107,42 @@ role = "admin"
             .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(rig.audit().len(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_not_sent_in_time_is_answered_408_and_audited() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let rig = Rig::new();
+        let caller = Caller {
+            identity: Some("spiffe://demo.vitalmq/operator/adam".parse().expect("id")),
+            cert_sha256: None,
+            cert_serial: None,
+            addr: "127.0.0.1:1".parse().expect("addr"),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            router(Arc::clone(&rig.app)).layer(Extension(Arc::new(caller))),
+        );
+        let (mut client, server) = tokio::io::duplex(4096);
+        let served = tokio::spawn(crate::server::http(server, service));
+        let started = tokio::time::Instant::now();
+        client
+            .write_all(
+                b"POST /v1/registry/dev-a HTTP/1.1\r\nhost: admin\r\n\
+                  x-vitalmq-purpose: governance\r\ncontent-length: 40\r\n\r\n{\"change\"",
+            )
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        tokio::time::timeout(BODY_READ_TIMEOUT * 3, client.read_to_string(&mut answer))
+            .await
+            .expect("the server answers a stalled body instead of waiting for it")
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(started.elapsed() >= BODY_READ_TIMEOUT);
+        let _ = served.await;
+        let audit = rig.audit();
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert_eq!(audit[0]["reason"], "refused:body_timeout");
+        assert!(rig.changed().is_empty());
     }
 }
