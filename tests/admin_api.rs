@@ -659,3 +659,31 @@ fn the_cli_with_server_answers_what_curl_does() {
         "{operator_log:?}"
     );
 }
+
+#[test]
+fn silent_peers_fill_the_connection_slots_and_the_next_call_waits_for_one() {
+    let rig = Rig::start(bin(), "admin-slots", 1, |dir| {
+        issue(&dir.join("pki"), "operator", "aurora");
+    });
+    let admin = Admin::start(&rig, false);
+    let addr = admin.url.trim_start_matches("https://").to_owned();
+    // Every slot taken by a peer that connects and says nothing.
+    let silent: Vec<std::net::TcpStream> = (0..vitalmq_admin::MAX_CONNECTIONS)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    let unknown = admin.get("aurora", "/v1/nowhere", "audit");
+    expect(&unknown, 404, "a call once a slot is free");
+    drop(silent);
+    // The call was served only after a silent peer's handshake timed out and freed its
+    // slot: its record comes after one of theirs.
+    let records = admin.audit();
+    let first_timeout = records
+        .iter()
+        .position(|r| r["action"] == "connect" && r["reason"] == "refused:handshake_timeout")
+        .expect("the silent peers' handshakes time out, audited");
+    let call = records
+        .iter()
+        .position(|r| r["action"] == "unknown")
+        .expect("the call is audited");
+    assert!(first_timeout < call, "{records:?}");
+}

@@ -38,4 +38,4 @@ pub mod ops_alert;
 mod server;
 
 pub use config::{AdminConfig, ConfigError};
-pub use server::{ServeError, serve};
+pub use server::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, ServeError, serve};
