@@ -52,9 +52,14 @@ impl Admin {
             dir.join("admin-roles.toml"),
         )
         .expect("copy the roles");
-        // rex: an auditor whose certificate will be revoked.
+        // rex: an auditor whose certificate will be revoked; sid: assigns devices of
+        // site-01 only.
         let mut roles = std::fs::read_to_string(dir.join("admin-roles.toml")).expect("roles");
         roles.push_str("\n[[operators]]\nid = \"rex\"\nrole = \"auditor\"\n");
+        roles.push_str(
+            "\n[[operators]]\nid = \"sid\"\nrole = \"site-admin\"\nsites = [\"site-01\"]\n\
+             \n[roles.site-admin]\nactions = [\"registry.assign\", \"registry.unassign\"]\nscope = \"sites\"\n",
+        );
         std::fs::write(dir.join("admin-roles.toml"), roles).expect("roles");
         std::fs::write(
             dir.join("admin.toml"),
@@ -224,7 +229,7 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     // Identities issued before the broker reads the registry.
     let rig = Rig::start(bin(), "admin-api", 4, |dir| {
         let pki = dir.join("pki");
-        for id in ["alice", "aurora", "priya", "adam", "mallory", "rex"] {
+        for id in ["alice", "aurora", "priya", "adam", "mallory", "rex", "sid"] {
             issue(&pki, "operator", id);
         }
         issue(&pki, "bridge", "admin-api");
@@ -426,6 +431,56 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
         registry.contains("pt-newpatient") && registry.contains("research"),
         "{registry}"
     );
+    // A site-scoped role assigns neither to another site nor a device of another site
+    // nor one the registry does not know, break-glass reason or not.
+    for (device, site) in [
+        (own.as_str(), "site-02"),
+        (other.as_str(), "site-01"),
+        ("dev-99999", "site-01"),
+    ] {
+        let refused = admin.curl(
+            "operator",
+            "sid",
+            "POST",
+            &format!("/v1/registry/{device}"),
+            &[
+                "X-Vitalmq-Purpose: governance",
+                "X-Vitalmq-Break-Glass: urgent",
+            ],
+            Some(&serde_json::json!({"change": "assign", "patient_ref": "pt-elsewhere", "site": site})),
+        );
+        expect(
+            &refused,
+            403,
+            &format!("site-01 admin assigns {device} to {site}"),
+        );
+        assert_eq!(reason(&refused), "outside_scope");
+    }
+    let registry = std::fs::read_to_string(rig.pki().join("registry.toml")).expect("registry");
+    assert!(!registry.contains("pt-elsewhere"), "{registry}");
+
+    // Answers no handler makes are audited too: a wrong method, an undecodable path,
+    // a body over the limit.
+    let wrong_method = admin.curl(
+        "operator",
+        "aurora",
+        "DELETE",
+        "/v1/events",
+        &["X-Vitalmq-Purpose: audit"],
+        None,
+    );
+    expect(&wrong_method, 405, "DELETE /v1/events");
+    assert_eq!(reason(&wrong_method), "method_not_allowed");
+    let undecodable = admin.get("aurora", "/v1/trace/%ff", "audit");
+    expect(&undecodable, 400, "an id that is not UTF-8");
+    let oversized = admin.post(
+        "priya",
+        "/v1/reid/lookup",
+        &Value::String("x".repeat(70 * 1024)),
+    );
+    expect(&oversized, 413, "a body over 64 KiB");
+    assert_eq!(reason(&oversized), "body_too_large");
+
     let found = admin.post(
         "priya",
         "/v1/reid/lookup",
@@ -483,6 +538,10 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     assert!(find("registry.assign", "succeeded", "/adam"));
     assert!(find("reid.lookup", "succeeded", "/priya"));
     assert!(find("reid.lookup", "refused:action_not_in_role", "/alice"));
+    assert!(find("registry.assign", "refused:outside_scope", "/sid"));
+    assert!(find("request", "refused:method_not_allowed", "/aurora"));
+    assert!(find("request", "refused:bad_request", "/aurora"));
+    assert!(find("request", "refused:body_too_large", "/priya"));
     let glass_record = records
         .iter()
         .find(|r| r["reason"] == "break_glass")
@@ -599,4 +658,32 @@ fn the_cli_with_server_answers_what_curl_does() {
                 && r["details"]["purpose"] == "device returned"),
         "{operator_log:?}"
     );
+}
+
+#[test]
+fn silent_peers_fill_the_connection_slots_and_the_next_call_waits_for_one() {
+    let rig = Rig::start(bin(), "admin-slots", 1, |dir| {
+        issue(&dir.join("pki"), "operator", "aurora");
+    });
+    let admin = Admin::start(&rig, false);
+    let addr = admin.url.trim_start_matches("https://").to_owned();
+    // Every slot taken by a peer that connects and says nothing.
+    let silent: Vec<std::net::TcpStream> = (0..vitalmq_admin::MAX_CONNECTIONS)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    let unknown = admin.get("aurora", "/v1/nowhere", "audit");
+    expect(&unknown, 404, "a call once a slot is free");
+    drop(silent);
+    // The call was served only after a silent peer's handshake timed out and freed its
+    // slot: its record comes after one of theirs.
+    let records = admin.audit();
+    let first_timeout = records
+        .iter()
+        .position(|r| r["action"] == "connect" && r["reason"] == "refused:handshake_timeout")
+        .expect("the silent peers' handshakes time out, audited");
+    let call = records
+        .iter()
+        .position(|r| r["action"] == "unknown")
+        .expect("the call is audited");
+    assert!(first_timeout < call, "{records:?}");
 }

@@ -16,15 +16,23 @@
 //! trace, that reaches outside the scope is refused (403) unless the call gives a
 //! break-glass reason (`X-Vitalmq-Break-Glass` or `?break_glass=`): then it is answered
 //! in full, audited as `break_glass` with the reason, and an operational alert is
-//! written to the break-glass outbox first. Changes never break glass.
+//! written to the break-glass outbox first. Changes never break glass: a site-scoped
+//! role changes only a device that served at least one site and only sites of its
+//! scope, and assigns it only to a site of its scope.
+//!
+//! Every answer is audited, including those no handler makes: a wrong method (405), a
+//! query, path or body the extractors reject (400, 413): [`audit_unaudited`] records
+//! any answer whose handler did not, before it leaves.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Extension, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -53,6 +61,11 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// Largest request body accepted (a change or a lookup is a few hundred bytes).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Time a client has to send its request body once its head is read.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The routes; the server adds the [`Caller`] of each connection as an extension.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
@@ -63,7 +76,109 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/registry/:device", post(change))
         .route("/v1/reid/lookup", post(reid_lookup))
         .fallback(unknown)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(read_body))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            audit_unaudited,
+        ))
         .with_state(app)
+}
+
+/// Reads the whole body (at most [`MAX_BODY`], within [`BODY_READ_TIMEOUT`]) before
+/// any handler runs, so a peer that stops sending cannot hold a handler; a body too
+/// large (413) or too slow (408) is answered here and audited by [`audit_unaudited`].
+async fn read_body(request: Request, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e))
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) =>
+        {
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is larger than {MAX_BODY} bytes"),
+            )
+                .into_response()
+        }
+        Ok(Err(_)) => (StatusCode::BAD_REQUEST, "the body was cut off").into_response(),
+        Err(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body was not sent within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// Marks an answer whose call its handler audited.
+#[derive(Debug, Clone, Copy)]
+struct Audited;
+
+/// Audits an answer no handler audited (axum's own 405, an extractor's rejection) as a
+/// refused `request`, and answers it as the handlers do (JSON `error` and `reason`).
+async fn audit_unaudited(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let caller = request.extensions().get::<Arc<Caller>>().cloned();
+    let method = request.method().clone();
+    let path: String = request.uri().path().chars().take(200).collect();
+    let response = next.run(request).await;
+    if response.extensions().get::<Audited>().is_some() {
+        return response;
+    }
+    let status = response.status();
+    let entry = Entry::new("request", Some(path)).detail("method", method.as_str());
+    if status.is_success() || status.is_redirection() {
+        // No handler answers so; should one ever, it is still audited.
+        let mut entry = entry.detail("status", status.as_u16());
+        entry.decision = Decision::Allow;
+        entry.reason = "answered".into();
+        if let Err(e) = app.audit.record(caller.as_deref(), &entry).await {
+            return audit_down(&e);
+        }
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("refused").to_owned()
+    } else {
+        text
+    };
+    let mut answer = refuse_as(
+        &app,
+        caller.as_deref(),
+        entry,
+        status,
+        rejection_reason(status),
+        message,
+    )
+    .await;
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        answer.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    answer
+}
+
+/// The audited reason of a rejection by its status.
+fn rejection_reason(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::REQUEST_TIMEOUT => "body_timeout",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::NOT_FOUND => "no_such_endpoint",
+        s if s.is_client_error() => "bad_request",
+        _ => "server_error",
+    }
 }
 
 type Q = Query<HashMap<String, String>>;
@@ -85,9 +200,11 @@ async fn unknown(
     .await
 }
 
-/// A JSON answer.
+/// A JSON answer of a call its handler audited.
 fn reply(status: StatusCode, body: Value) -> Response {
-    (status, axum::Json(body)).into_response()
+    let mut response = (status, axum::Json(body)).into_response();
+    response.extensions_mut().insert(Audited);
+    response
 }
 
 /// A call that was decided: who, under which role and purpose.
@@ -112,6 +229,17 @@ impl Decided {
 async fn refuse(
     app: &App,
     caller: &Caller,
+    entry: Entry,
+    status: StatusCode,
+    why: &str,
+    message: String,
+) -> Response {
+    refuse_as(app, Some(caller), entry, status, why, message).await
+}
+
+async fn refuse_as(
+    app: &App,
+    caller: Option<&Caller>,
     mut entry: Entry,
     status: StatusCode,
     why: &str,
@@ -120,7 +248,7 @@ async fn refuse(
     entry.decision = Decision::Deny;
     entry.reason = format!("refused:{why}");
     entry = entry.detail("status", status.as_u16());
-    if let Err(e) = app.audit.record(Some(caller), &entry).await {
+    if let Err(e) = app.audit.record(caller, &entry).await {
         return audit_down(&e);
     }
     reply(status, json!({"error": message, "reason": why}))
@@ -513,6 +641,36 @@ fn change_action(body: &Value) -> Option<AdminAction> {
     })
 }
 
+/// The `site` an `assign` body moves the device to.
+fn assign_target(body: &Value) -> Option<&str> {
+    body.get("site")?.as_str()
+}
+
+/// Why a site-scoped role may not make this change, if it may not: every site the
+/// device ever served (`sites`; `None` when the registry does not know it) must be in
+/// its scope and there must be at least one, and an assignment's `target` site must be
+/// in its scope too. Changes never break glass.
+fn change_outside_scope(
+    grantee: &Grantee,
+    action: AdminAction,
+    target: Option<&str>,
+    sites: Option<&[String]>,
+) -> Option<&'static str> {
+    if grantee.role.scope == Scope::All {
+        return None;
+    }
+    let Some(sites) = sites.filter(|s| !s.is_empty()) else {
+        return Some("the device was never assigned to a site of the role's scope");
+    };
+    if sites.iter().any(|s| !in_scope(grantee, Some(s))) {
+        return Some("the device served sites outside the role's scope");
+    }
+    if action == AdminAction::RegistryAssign && !in_scope(grantee, target) {
+        return Some("the assignment's site is outside the role's scope");
+    }
+    None
+}
+
 async fn change(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Arc<Caller>>,
@@ -539,20 +697,24 @@ async fn change(
         Err(refused) => return refused,
     };
     if decided.grantee.role.scope == Scope::Sites {
+        let target = parsed.as_ref().and_then(assign_target);
         let backend = Arc::clone(&app.backend);
         let d = device.clone();
         let sites = match blocking(move || backend.device_sites(&d)).await {
-            Ok(s) => s,
+            Ok(s) => Some(s),
+            // A device the registry does not know is in no site's scope.
+            Err(BackendError::NotFound(_)) => None,
             Err(e) => return failed(&app, &caller, decided.entry, e).await,
         };
-        if sites.iter().any(|s| !in_scope(&decided.grantee, Some(s))) {
+        if let Some(why) = change_outside_scope(&decided.grantee, action, target, sites.as_deref())
+        {
             return refuse(
                 &app,
                 &caller,
                 decided.entry,
                 StatusCode::FORBIDDEN,
                 "outside_scope",
-                "the device served sites outside the role's scope".into(),
+                why.into(),
             )
             .await;
         }
@@ -703,5 +865,284 @@ mod tests {
         assert_eq!(change_action(&json!({ "change": "erase" })), None);
         assert_eq!(change_action(&json!({ "assign": true })), None);
         assert_eq!(change_action(&json!("assign")), None);
+    }
+
+    /// A backend of two devices: `dev-a` served site-01 only, `dev-b` site-01 then
+    /// site-02, `dev-new` was never assigned; it counts the changes that reach it.
+    #[derive(Default)]
+    struct Fake {
+        changes: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Backend for Fake {
+        fn rows(&self, _: Rows, _: Option<&str>) -> Result<Vec<Record>, BackendError> {
+            Ok(vec![])
+        }
+        fn trace(&self, id: &str) -> Result<Record, BackendError> {
+            Err(BackendError::NotFound(id.to_owned()))
+        }
+        fn device_sites(&self, device: &str) -> Result<Vec<String>, BackendError> {
+            match device {
+                "dev-a" => Ok(vec!["site-01".into()]),
+                "dev-b" => Ok(vec!["site-01".into(), "site-02".into()]),
+                "dev-new" => Ok(vec![]),
+                _ => Err(BackendError::NotFound(format!("device {device}"))),
+            }
+        }
+        fn change(&self, device: &str, _: Value, _: &Acting) -> Result<Value, BackendError> {
+            self.changes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(device.to_owned());
+            Ok(json!({"changes": []}))
+        }
+        fn reid_lookup(&self, _: &str, _: &Acting) -> Result<Value, BackendError> {
+            Err(BackendError::Refused("no".into()))
+        }
+    }
+
+    const ROLES: &str = r#"format = "vitalmq-admin-roles/v1"
+[roles.site-admin]
+actions = ["registry.assign", "registry.unassign", "events.read"]
+scope = "sites"
+[roles.admin]
+actions = ["registry.assign"]
+scope = "all"
+[[operators]]
+id = "sam"
+role = "site-admin"
+sites = ["site-01"]
+[[operators]]
+id = "adam"
+role = "admin"
+"#;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        app: Arc<App>,
+        fake: Arc<Fake>,
+    }
+
+    impl Rig {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let roles = dir.path().join("roles.toml");
+            std::fs::write(&roles, ROLES).expect("roles");
+            let fake = Arc::new(Fake::default());
+            let app = Arc::new(App {
+                roles: RolesFile::load(roles).expect("roles load"),
+                audit: AdminAudit::new(dir.path().join("audit/admin.jsonl")),
+                outbox: OpsOutbox::new(dir.path().join("audit/ops.jsonl"), None),
+                backend: Arc::clone(&fake) as Arc<dyn Backend>,
+            });
+            Self {
+                _dir: dir,
+                app,
+                fake,
+            }
+        }
+
+        /// Sends `request` as operator `id`; the status and the JSON answer.
+        async fn call(
+            &self,
+            id: &str,
+            request: axum::http::Request<axum::body::Body>,
+        ) -> (StatusCode, Value) {
+            use hyper::service::Service as _;
+            let caller = Caller {
+                identity: Some(
+                    format!("spiffe://demo.vitalmq/operator/{id}")
+                        .parse()
+                        .expect("id"),
+                ),
+                cert_sha256: None,
+                cert_serial: None,
+                addr: "127.0.0.1:1".parse().expect("addr"),
+            };
+            let service = hyper_util::service::TowerToHyperService::new(
+                router(Arc::clone(&self.app)).layer(Extension(Arc::new(caller))),
+            );
+            let response = service.call(request).await.expect("infallible");
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+        }
+
+        async fn change(&self, id: &str, device: &str, body: Value) -> (StatusCode, Value) {
+            let request = axum::http::Request::post(format!("/v1/registry/{device}"))
+                .header(PURPOSE_HEADER, "governance")
+                .header(BREAK_GLASS_HEADER, "urgent")
+                .body(axum::body::Body::from(body.to_string()))
+                .expect("request");
+            self.call(id, request).await
+        }
+
+        fn changed(&self) -> Vec<String> {
+            self.fake
+                .changes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        }
+
+        /// The audit records written, as JSON.
+        fn audit(&self) -> Vec<Value> {
+            std::fs::read_to_string(self.app.audit.path())
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|r| r["event"] == "admin_request")
+                .collect()
+        }
+    }
+
+    fn assign(site: &str) -> Value {
+        json!({"change": "assign", "patient_ref": "pt-x", "site": site})
+    }
+
+    #[tokio::test]
+    async fn a_site_scoped_role_changes_only_devices_and_targets_of_its_sites() {
+        let rig = Rig::new();
+        // Allowed: a device of its site, assigned within its site; an unassignment.
+        assert_eq!(
+            rig.change("sam", "dev-a", assign("site-01")).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            rig.change("sam", "dev-a", json!({"change": "unassign"}))
+                .await
+                .0,
+            StatusCode::OK
+        );
+        // Refused, break-glass reason or not: another site as the target, a device that
+        // served another site, a device never assigned, one the registry does not know,
+        // an assignment without a site.
+        for (device, body) in [
+            ("dev-a", assign("site-02")),
+            ("dev-b", assign("site-01")),
+            ("dev-b", json!({"change": "unassign"})),
+            ("dev-new", assign("site-01")),
+            ("dev-new", json!({"change": "unassign"})),
+            ("dev-unknown", assign("site-01")),
+            ("dev-a", json!({"change": "assign", "patient_ref": "pt-x"})),
+        ] {
+            let (status, answer) = rig.change("sam", device, body.clone()).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{device} {body}: {answer}");
+            assert_eq!(answer["reason"], "outside_scope", "{device} {body}");
+        }
+        assert_eq!(
+            rig.changed(),
+            ["dev-a", "dev-a"],
+            "no refused change reached the backend"
+        );
+        // A role of all sites assigns anywhere, a new device too.
+        assert_eq!(
+            rig.change("adam", "dev-new", assign("site-02")).await.0,
+            StatusCode::OK
+        );
+        let refused = rig
+            .audit()
+            .iter()
+            .filter(|r| r["reason"] == "refused:outside_scope")
+            .count();
+        assert_eq!(refused, 7, "each refusal audited");
+    }
+
+    #[tokio::test]
+    async fn answers_no_handler_makes_are_audited_too() {
+        let rig = Rig::new();
+        let request = |method: &str, uri: &str, body: Vec<u8>| {
+            axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header(PURPOSE_HEADER, "governance")
+                .body(axum::body::Body::from(body))
+                .expect("request")
+        };
+        let cases = [
+            (
+                request("DELETE", "/v1/events", vec![]),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "refused:method_not_allowed",
+                "/v1/events",
+            ),
+            (
+                request("GET", "/v1/trace/%ff", vec![]),
+                StatusCode::BAD_REQUEST,
+                "refused:bad_request",
+                "/v1/trace/%ff",
+            ),
+            (
+                request("POST", "/v1/registry/dev-a", vec![b' '; MAX_BODY + 1]),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "refused:body_too_large",
+                "/v1/registry/dev-a",
+            ),
+        ];
+        for (n, (request, status, reason, path)) in cases.into_iter().enumerate() {
+            let (got, answer) = rig.call("adam", request).await;
+            assert_eq!(got, status, "{path}: {answer}");
+            assert_eq!(
+                format!("refused:{}", answer["reason"].as_str().unwrap_or("")),
+                reason
+            );
+            let audit = rig.audit();
+            assert_eq!(audit.len(), n + 1, "one record per answer: {audit:?}");
+            let record = &audit[n];
+            assert_eq!(record["reason"], reason, "{record}");
+            assert_eq!(record["decision"], "deny", "{record}");
+            assert_eq!(record["resource"], path, "{record}");
+            assert_eq!(record["details"]["status"], status.as_u16(), "{record}");
+            assert_eq!(
+                record["actor"]["identity"], "spiffe://demo.vitalmq/operator/adam",
+                "{record}"
+            );
+        }
+        assert!(rig.changed().is_empty());
+        // A handler's own answer is audited once, not twice.
+        let (status, _) = rig
+            .call("adam", request("GET", "/v1/nowhere", vec![]))
+            .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(rig.audit().len(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_not_sent_in_time_is_answered_408_and_audited() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let rig = Rig::new();
+        let caller = Caller {
+            identity: Some("spiffe://demo.vitalmq/operator/adam".parse().expect("id")),
+            cert_sha256: None,
+            cert_serial: None,
+            addr: "127.0.0.1:1".parse().expect("addr"),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(
+            router(Arc::clone(&rig.app)).layer(Extension(Arc::new(caller))),
+        );
+        let (mut client, server) = tokio::io::duplex(4096);
+        let served = tokio::spawn(crate::server::http(server, service));
+        let started = tokio::time::Instant::now();
+        client
+            .write_all(
+                b"POST /v1/registry/dev-a HTTP/1.1\r\nhost: admin\r\n\
+                  x-vitalmq-purpose: governance\r\ncontent-length: 40\r\n\r\n{\"change\"",
+            )
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        tokio::time::timeout(BODY_READ_TIMEOUT * 3, client.read_to_string(&mut answer))
+            .await
+            .expect("the server answers a stalled body instead of waiting for it")
+            .expect("read");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(started.elapsed() >= BODY_READ_TIMEOUT);
+        let _ = served.await;
+        let audit = rig.audit();
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert_eq!(audit[0]["reason"], "refused:body_timeout");
+        assert!(rig.changed().is_empty());
     }
 }

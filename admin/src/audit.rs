@@ -9,6 +9,11 @@
 //! patient value), `decision`, `reason` (the outcome: `allowed`, `break_glass`,
 //! `succeeded`, `failed`, `not_found`, or `refused:<why>`), and in `details` the role,
 //! purpose, break-glass reason, HTTP status and row counts.
+//!
+//! A call no handler answered (a wrong method, an undecodable path, a body too large or
+//! too slow) is recorded as `action` `request`, `resource` the path, with `reason`
+//! `refused:method_not_allowed`, `refused:bad_request`, `refused:body_too_large` or
+//! `refused:body_timeout` and the method and status in `details`.
 
 use std::path::PathBuf;
 

@@ -15,8 +15,17 @@
 //!   code, the registry change function and the re-identification store live there);
 //! - [`api`]: the routes.
 //!
-//! Architecture invariant: no call reaches the [`backend::Backend`] before its audit
-//! record of the decision is on disk, and no refused call reaches it at all.
+//! Architecture invariants:
+//! - nothing is served unaudited: every answer, a handler's or one axum or an extractor
+//!   makes (405, 400, 408, 413), leaves only once its record is on disk; when the log
+//!   cannot be written the answer is 503 and serves nothing;
+//! - a call refused for its caller, role, purpose or request never reaches the
+//!   [`backend::Backend`];
+//! - a change or re-identification reaches the backend only once its `allowed` record
+//!   is on disk (its outcome is recorded after); for a site-scoped role the registry is
+//!   read first (`device_sites`) to decide the scope;
+//! - a read reaches the backend before its record, because the scope is decided on
+//!   the sites of what was read: a read refused for its scope was read, never served.
 #![forbid(unsafe_code)]
 
 pub mod access;
@@ -29,4 +38,4 @@ pub mod ops_alert;
 mod server;
 
 pub use config::{AdminConfig, ConfigError};
-pub use server::{ServeError, serve};
+pub use server::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, ServeError, serve};

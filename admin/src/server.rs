@@ -2,6 +2,11 @@
 //! identity from its verified certificate, then HTTP/1.1 with the [`api`] routes.
 //! A refused handshake is audited (`action` `connect`, the TLS refusal reason) where
 //! the server sees it.
+//!
+//! A silent or slow peer cannot hold the server: the handshake, the request head
+//! ([`HEADER_READ_TIMEOUT`]) and the body ([`crate::api::BODY_READ_TIMEOUT`]) each have
+//! a deadline, and at most [`MAX_CONNECTIONS`] connections are served at once (more
+//! wait in the listen backlog).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::Extension;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use vitalmq_audit::Decision;
 use vitalmq_broker::identity::{CertName, cert_identity};
@@ -25,6 +30,10 @@ use crate::ops_alert::OpsOutbox;
 
 /// Time a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send its request head once the handshake is done.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once (handshakes included).
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// Why the server did not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +78,20 @@ pub async fn serve(
     tracing::info!(%addr, audit_log = %config.audit_log.display(), "admin API listening (mTLS)");
     ready(addr);
     tokio::pin!(stop);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        if slots.available_permits() == 0 {
+            tracing::warn!(
+                max = MAX_CONNECTIONS,
+                "admin API at its connection limit; new connections wait"
+            );
+        }
+        let slot = tokio::select! {
+            () = &mut stop => return Ok(()),
+            slot = Arc::clone(&slots).acquire_owned() => {
+                slot.expect("the connection semaphore is never closed")
+            }
+        };
         let (tcp, peer) = tokio::select! {
             () = &mut stop => return Ok(()),
             accepted = listener.accept() => match accepted {
@@ -87,6 +109,7 @@ pub async fn serve(
         let app = Arc::clone(&app);
         let trust_domain = trust_domain.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -117,18 +140,32 @@ pub async fn serve(
                 }
             };
             let service = TowerToHyperService::new(router.layer(Extension(Arc::new(caller))));
-            // One request per connection: every call is made by a certificate checked
-            // against the CA and CRL in force when it was made (a keep-alive
-            // connection would outlive a revocation).
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
+            if let Err(e) = http(tls, service).await {
                 tracing::debug!(error = %e, %peer, "admin connection ended with an error");
             }
         });
     }
+}
+
+/// Serves one request on `io`. One request per connection: every call is made by a
+/// certificate checked against the CA and CRL in force when it was made (a keep-alive
+/// connection would outlive a revocation). A head not read within
+/// [`HEADER_READ_TIMEOUT`] closes the connection.
+pub(crate) async fn http<I, S>(io: I, service: S) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming> + Send,
+    S::Future: Send + 'static,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Data: Send,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(io), service)
+        .await
 }
 
 async fn refused_handshake(app: &App, peer: SocketAddr, reason: &str) {
@@ -143,5 +180,35 @@ async fn refused_handshake(app: &App, peer: SocketAddr, reason: &str) {
     };
     if let Err(e) = app.audit.record(Some(&caller), &entry).await {
         tracing::error!(error = %e, "a refused admin handshake could not be audited");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_finishes_its_request_head_is_dropped() {
+        let service = TowerToHyperService::new(axum::Router::new());
+        let (mut client, server) = tokio::io::duplex(4096);
+        let served = tokio::spawn(http(server, service));
+        let started = tokio::time::Instant::now();
+        client
+            .write_all(b"GET /v1/events HTTP/1.1\r\nhost: admin\r\n")
+            .await
+            .expect("write");
+        let mut rest = Vec::new();
+        tokio::time::timeout(HEADER_READ_TIMEOUT * 3, client.read_to_end(&mut rest))
+            .await
+            .expect("the server closes the connection instead of waiting for the head")
+            .expect("read");
+        assert!(started.elapsed() >= HEADER_READ_TIMEOUT);
+        let ended = served.await.expect("the connection task");
+        assert!(
+            ended.is_err(),
+            "the connection ends with a timeout: {ended:?}"
+        );
     }
 }

@@ -37,10 +37,37 @@ pub struct ClientArgs {
 #[derive(Debug)]
 pub struct Call<'a> {
     pub method: reqwest::Method,
-    /// Path and query, e.g. `/v1/events?device=dev-00001`.
-    pub path: String,
+    /// The path's segments, e.g. `["v1", "trace", id]`: each is percent-encoded as one
+    /// segment, so an id cannot reach another endpoint.
+    pub path: Vec<&'a str>,
+    /// Query pairs, e.g. `[("device", id)]`: percent-encoded, so an id cannot add a
+    /// parameter (`dev-1&break_glass=x`).
+    pub query: Vec<(&'a str, &'a str)>,
     pub purpose: Option<&'a str>,
     pub body: Option<Value>,
+}
+
+/// The URL of `path` and `query` under `server`, each segment and value encoded.
+pub fn endpoint(
+    server: &str,
+    path: &[&str],
+    query: &[(&str, &str)],
+) -> anyhow::Result<reqwest::Url> {
+    // `.` and `..` would be dropped as segments (the call would reach another path);
+    // an empty one would name the collection: none is an id.
+    if let Some(bad) = path.iter().find(|s| matches!(**s, "" | "." | "..")) {
+        anyhow::bail!("`{bad}` is not an id");
+    }
+    let mut url =
+        reqwest::Url::parse(server).with_context(|| format!("--server {server}: not a URL"))?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("--server {server}: not an https://host:port URL"))?
+        .pop_if_empty()
+        .extend(path);
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    Ok(url)
 }
 
 impl ClientArgs {
@@ -48,12 +75,12 @@ impl ClientArgs {
     /// carrying the server's reason.
     pub fn call(&self, server: &str, call: Call<'_>) -> anyhow::Result<Value> {
         let client = self.client()?;
-        let url = format!("{}{}", server.trim_end_matches('/'), call.path);
+        let url = endpoint(server, &call.path, &call.query)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         runtime.block_on(async {
-            let mut request = client.request(call.method, &url);
+            let mut request = client.request(call.method, url.clone());
             if let Some(p) = call.purpose {
                 request = request.header(vitalmq_admin::access::PURPOSE_HEADER, p);
             }
@@ -133,12 +160,12 @@ impl ClientArgs {
         device: Option<&str>,
         purpose: Option<&str>,
     ) -> anyhow::Result<std::process::ExitCode> {
-        let query = device.map_or(String::new(), |d| format!("?device={d}"));
         let answer = self.call(
             server,
             Call {
                 method: reqwest::Method::GET,
-                path: format!("/v1/{kind}{query}"),
+                path: vec!["v1", kind],
+                query: device.map(|d| ("device", d)).into_iter().collect(),
                 purpose,
                 body: None,
             },
@@ -165,7 +192,8 @@ impl ClientArgs {
             server,
             Call {
                 method: reqwest::Method::GET,
-                path: format!("/v1/trace/{id}"),
+                path: vec!["v1", "trace", id],
+                query: vec![],
                 purpose,
                 body: None,
             },
@@ -189,7 +217,8 @@ impl ClientArgs {
             server,
             Call {
                 method: reqwest::Method::POST,
-                path: format!("/v1/registry/{device}"),
+                path: vec!["v1", "registry", device],
+                query: vec![],
                 purpose,
                 body: Some(serde_json::to_value(change)?),
             },
@@ -212,12 +241,55 @@ impl ClientArgs {
             server,
             Call {
                 method: reqwest::Method::POST,
-                path: "/v1/reid/lookup".into(),
+                path: vec!["v1", "reid", "lookup"],
+                query: vec![],
                 purpose,
                 body: Some(serde_json::json!({ "pseudonym": pseudonym })),
             },
         )?;
         println!("{}", answer["enrolment_id"].as_str().unwrap_or_default());
         Ok(std::process::ExitCode::SUCCESS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_stays_one_segment_or_one_value() {
+        let url = endpoint(
+            "https://127.0.0.1:8443/",
+            &["v1", "registry", "../reid/lookup?x=1#y"],
+            &[],
+        )
+        .expect("url");
+        let segments: Vec<&str> = url.path_segments().expect("segments").collect();
+        assert_eq!(segments.len(), 3, "{url}");
+        assert_eq!(segments[..2], ["v1", "registry"]);
+        assert_eq!(segments[2], "..%2Freid%2Flookup%3Fx=1%23y", "{url}");
+        assert_eq!(url.query(), None, "{url}");
+        assert_eq!(url.fragment(), None, "{url}");
+
+        let url = endpoint(
+            "https://127.0.0.1:8443",
+            &["v1", "events"],
+            &[("device", "dev-1&break_glass=x")],
+        )
+        .expect("url");
+        assert_eq!(url.path(), "/v1/events");
+        let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+        assert_eq!(
+            pairs,
+            [("device".to_owned(), "dev-1&break_glass=x".to_owned())],
+            "{url}"
+        );
+
+        for bad in ["..", ".", ""] {
+            assert!(
+                endpoint("https://h:1", &["v1", "trace", bad], &[]).is_err(),
+                "`{bad}`"
+            );
+        }
     }
 }

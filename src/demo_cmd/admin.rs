@@ -166,7 +166,7 @@ pub async fn clinician_reads(work: &WorkDir, device: &str) -> anyhow::Result<Rea
     let url = format!("https://{addr}");
     let (cert, key) = work.clinician();
     let ca = work.pki().join("ca/ca.pem");
-    let path = format!("/v1/events?device={device}");
+    let query_device = device.to_owned();
     // The client makes its own runtime, so it runs on a thread of its own.
     let reads = std::thread::spawn(move || {
         let client = |break_glass: Option<&str>| ClientArgs {
@@ -178,7 +178,8 @@ pub async fn clinician_reads(work: &WorkDir, device: &str) -> anyhow::Result<Rea
         };
         let call = || Call {
             method: reqwest::Method::GET,
-            path: path.clone(),
+            path: vec!["v1", "events"],
+            query: vec![("device", query_device.as_str())],
             purpose: Some("care"),
             body: None,
         };
