@@ -8,7 +8,8 @@
 //! the directory synced), after checking that the new text loads. Broker and bridge
 //! pick it up on their next registry reload. Concurrent changes of one registry take
 //! turns: each holds an exclusive `flock` on the registry's directory from reading the
-//! file until the new one is in place (the file itself is replaced, so it cannot carry
+//! file until the new one is in place ([`vitalmq_private_fs::lock_dir`], the lock
+//! `vitalmq certs issue` takes too; the file itself is replaced, so it cannot carry
 //! the lock).
 //!
 //! [`apply`] is the one place a change happens, for the CLI (acting as the local
@@ -23,10 +24,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use vitalmq_envelope::DeviceId;
+use vitalmq_private_fs::{dir_of, lock_dir};
 use vitalmq_policies::{
     Assignment, DeviceRegistry, Grant, History, Period, PrincipalId, Purpose, SiteId, UnixMillis,
     Use, format_rfc3339, parse_rfc3339,
@@ -430,22 +431,6 @@ fn describe(a: &Assignment) -> String {
         }
         Use::Retired => format!("{span}: retired"),
     }
-}
-
-/// The directory `path` is in.
-fn dir_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// Waits for, then holds, an exclusive lock on `dir` (released on drop).
-fn lock_dir(dir: &Path) -> anyhow::Result<Flock<std::fs::File>> {
-    let file =
-        std::fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, errno)| anyhow::anyhow!("cannot lock {}: {errno}", dir.display()))
 }
 
 /// Replaces `path` with `text`: a 0600 temporary in the same directory, synced, renamed

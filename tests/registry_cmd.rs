@@ -438,3 +438,81 @@ fn consent_grant_and_withdraw_are_written_and_audited() {
         ["started", "succeeded", "started", "failed"]
     );
 }
+
+/// `vitalmq certs issue` adds devices to a PKI's registry while operators change it
+/// (`registry unassign`, as the admin API does through the same code): both take the
+/// lock on the registry's directory and re-read the file under it, so neither
+/// overwrites the other's change. Several rounds of both at once; nothing is lost.
+#[test]
+fn certs_issue_and_registry_changes_take_turns() {
+    const ROUNDS: usize = 4;
+    const EACH: usize = 3;
+    let dir = temp_dir("registry-cmd-certs-race");
+    let pki = dir.path().join("pki");
+    let devices = (ROUNDS * EACH).to_string();
+    vitalmq_ok(
+        bin(),
+        &["certs", "init", "--dir", s(&pki), "--devices", &devices],
+    );
+    let reg = pki.join("registry.toml");
+    let spawn = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut issued = Vec::new();
+    let mut unassigned = Vec::new();
+    for round in 0..ROUNDS {
+        let mut children = Vec::new();
+        for k in 0..EACH {
+            let new = format!("dev-{:05}", 10_000 + round * EACH + k);
+            children.push(spawn(&[
+                "certs", "issue", "--dir", s(&pki), "--role", "device", "--id", &new, "--site",
+                "site-01",
+            ]));
+            issued.push(new);
+            let old = format!("dev-{:05}", 1 + round * EACH + k);
+            children.push(spawn(&[
+                "registry",
+                "unassign",
+                "--registry",
+                s(&reg),
+                "--device",
+                &old,
+                "--at",
+                "2026-01-01T00:00:00Z",
+            ]));
+            unassigned.push(old);
+        }
+        for child in children {
+            let out = child.wait_with_output().expect("wait");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let loaded = DeviceRegistry::load(&reg).expect("valid");
+    let text = || std::fs::read_to_string(&reg).expect("registry");
+    for id in &issued {
+        let dev = DeviceId::new(id.clone()).expect("id");
+        assert!(
+            loaded.device(&dev).is_some(),
+            "issued {id} was lost:\n{}",
+            text()
+        );
+    }
+    let t = parse_rfc3339("2026-06-01T00:00:00Z").expect("time");
+    for id in &unassigned {
+        let dev = DeviceId::new(id.clone()).expect("id");
+        assert!(
+            loaded.assignment_at(&dev, t).is_none(),
+            "{id}'s unassignment was lost:\n{}",
+            text()
+        );
+    }
+}
