@@ -37,12 +37,11 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, DirLockError> {
         path: dir.to_path_buf(),
         source,
     })?;
-    let lock = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, source)| {
-        DirLockError::Lock {
+    let lock =
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, source)| DirLockError::Lock {
             path: dir.to_path_buf(),
             source,
-        }
-    })?;
+        })?;
     Ok(DirLock { _lock: lock })
 }
 
