@@ -837,6 +837,35 @@ fn an_unassigned_or_retired_device_stops_being_watched_and_its_silence_resolves(
             .all(|(d, b)| d == "dev-00002" && b["state"] == "escalated"),
         "{later:?}"
     );
+
+    // A refusal while unassigned (a bad signature) is nobody's: once the device is
+    // assigned again its silence opens for the new patient as `offline`, not `refused`.
+    let t1 = T0 + 311_000 + 20 * 60_000;
+    let mut forged = vitals(&f, "dev-00001", 1, 97.0, t1 + 1_000);
+    let mut bytes = forged.payload.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    forged.payload = Bytes::from(bytes);
+    run(&f, &mut s, vec![forged], t1 + 1_000);
+    change(&mut f, "dev-00001", |h| {
+        h.reassign(
+            t1 + 2_000,
+            None,
+            "pt-next-0001".into(),
+            SiteId::new("site-01").expect("site"),
+        )
+    });
+    let watched = t1 + 60_000;
+    tick(&f, &mut s, watched);
+    let reopened: Vec<Json> = no_data(&tick(&f, &mut s, watched + 300_000))
+        .into_iter()
+        .filter(|(d, _)| d == "dev-00001")
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(reopened.len(), 1, "{reopened:?}");
+    assert_eq!(reopened[0]["state"], "open");
+    assert_eq!(reopened[0]["patient_ref"], "pt-next-0001");
+    assert_eq!(reopened[0]["reason"], "offline");
 }
 
 /// Issue 19: a reassigned device is watched under its new assignment from when the
