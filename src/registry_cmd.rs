@@ -8,7 +8,8 @@
 //! the directory synced), after checking that the new text loads. Broker and bridge
 //! pick it up on their next registry reload. Concurrent changes of one registry take
 //! turns: each holds an exclusive `flock` on the registry's directory from reading the
-//! file until the new one is in place (the file itself is replaced, so it cannot carry
+//! file until the new one is in place ([`vitalmq_private_fs::lock_dir`], the lock
+//! `vitalmq certs issue` takes too; the file itself is replaced, so it cannot carry
 //! the lock).
 //!
 //! [`apply`] is the one place a change happens, for the CLI (acting as the local
@@ -23,14 +24,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{
-    Assignment, DeviceRegistry, Grant, History, Period, PrincipalId, Purpose, SiteId, UnixMillis,
-    Use, format_rfc3339, parse_rfc3339,
+    Assignment, DeviceRegistry, Grant, History, PSEUDONYM_PREFIX, Period, PrincipalId, Purpose,
+    SiteId, UnixMillis, Use, format_rfc3339, parse_rfc3339,
 };
+use vitalmq_private_fs::{dir_of, lock_dir};
 
 use crate::operator_audit;
 
@@ -41,7 +42,8 @@ pub enum RegistryCommand {
     Assign {
         #[command(flatten)]
         target: Target,
-        /// Pseudonym of the patient (never a name or direct identifier).
+        /// Pseudonym of the patient: `pt-` then at least 8 of [0-9a-z-] (never a name,
+        /// record number or other direct identifier).
         #[arg(long)]
         patient_ref: String,
         #[arg(long)]
@@ -271,6 +273,31 @@ pub fn apply(path: &Path, device: &str, change: &Change, actor: &Actor) -> anyho
     action.run(|| change_file(path, device, change))
 }
 
+/// Fewest characters after [`PSEUDONYM_PREFIX`] in a patient reference.
+const MIN_PSEUDONYM_BODY: usize = 8;
+
+/// A patient reference given to `assign` must look like a pseudonym, `pt-` then at
+/// least [`MIN_PSEUDONYM_BODY`] of `[0-9a-z-]` (64 characters in all at most, an id's
+/// limit), so that a medical record number or a name is refused rather than written
+/// into the registry. Looser than [`vitalmq_policies::is_pseudonym`] (`pt-` and 32 hex
+/// digits): registries and the demo use shorter `pt-...` references. The registry
+/// loader does not apply this, so existing files keep loading.
+fn check_patient_ref(patient_ref: &str) -> anyhow::Result<()> {
+    let body = patient_ref.strip_prefix(PSEUDONYM_PREFIX);
+    let ok = body.is_some_and(|b| {
+        b.len() >= MIN_PSEUDONYM_BODY
+            && b.bytes()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase() || c == b'-')
+    }) && PrincipalId::new(patient_ref.to_owned()).is_ok();
+    anyhow::ensure!(
+        ok,
+        "--patient-ref must be a pseudonymous token: `{PSEUDONYM_PREFIX}` then at least \
+         {MIN_PSEUDONYM_BODY} characters of [0-9a-z-], 64 in all at most (for example \
+         `{PSEUDONYM_PREFIX}7f3a91c2`), never a name, record number or other direct identifier"
+    );
+    Ok(())
+}
+
 /// `--at`-style time: RFC 3339, or now.
 fn instant(text: Option<&String>, flag: &str) -> anyhow::Result<UnixMillis> {
     match text {
@@ -304,10 +331,7 @@ fn change_file(
             at,
         } => {
             let at = instant(at.as_ref(), "at")?;
-            anyhow::ensure!(
-                PrincipalId::new(patient_ref.clone()).is_ok(),
-                "--patient-ref must be a pseudonymous token ([A-Za-z0-9][A-Za-z0-9._-]{{0,63}}), never a name or direct identifier"
-            );
+            check_patient_ref(patient_ref)?;
             let site = SiteId::new(site.clone()).with_context(|| format!("--site {site}"))?;
             registry
                 .change_history(&device, |h| h.reassign(at, None, patient_ref.clone(), site))?;
@@ -430,22 +454,6 @@ fn describe(a: &Assignment) -> String {
         }
         Use::Retired => format!("{span}: retired"),
     }
-}
-
-/// The directory `path` is in.
-fn dir_of(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// Waits for, then holds, an exclusive lock on `dir` (released on drop).
-fn lock_dir(dir: &Path) -> anyhow::Result<Flock<std::fs::File>> {
-    let file =
-        std::fs::File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, errno)| anyhow::anyhow!("cannot lock {}: {errno}", dir.display()))
 }
 
 /// Replaces `path` with `text`: a 0600 temporary in the same directory, synced, renamed

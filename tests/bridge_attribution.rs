@@ -127,7 +127,7 @@ fn readings_are_attributed_by_observed_at_across_a_live_reassignment() {
         &[
             "assign",
             "--patient-ref",
-            "pt-later",
+            "pt-later-0001",
             "--site",
             &site,
             "--at",
@@ -139,7 +139,10 @@ fn readings_are_attributed_by_observed_at_across_a_live_reassignment() {
     // Observed after the switch: the new one.
     publish(&rig, 2, switch + 1);
     assert_eq!(owner_of(&objects, 1), (first_patient.clone(), site.clone()));
-    assert_eq!(owner_of(&objects, 2), ("pt-later".to_owned(), site.clone()));
+    assert_eq!(
+        owner_of(&objects, 2),
+        ("pt-later-0001".to_owned(), site.clone())
+    );
 
     // Unassigned now: a reading observed after it is quarantined as `unassigned`, one
     // observed before it (arriving later still) is the second patient's.
@@ -147,7 +150,10 @@ fn readings_are_attributed_by_observed_at_across_a_live_reassignment() {
     change_registry(&rig, &["unassign", "--at", &format_rfc3339(unassigned)]);
     publish(&rig, 3, unassigned + 1);
     publish(&rig, 4, unassigned - 1);
-    assert_eq!(owner_of(&objects, 4), ("pt-later".to_owned(), site.clone()));
+    assert_eq!(
+        owner_of(&objects, 4),
+        ("pt-later-0001".to_owned(), site.clone())
+    );
     let quarantine = rig.rows("quarantine");
     assert_eq!(quarantine.len(), 1, "{quarantine:?}");
     assert_eq!(quarantine[0]["reason"], "unassigned", "{quarantine:?}");

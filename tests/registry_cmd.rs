@@ -100,7 +100,7 @@ fn assign_reassign_unassign_retire_keep_history_and_are_audited() {
         &[
             "assign",
             "--patient-ref",
-            "pt-second",
+            "pt-second-01",
             "--site",
             "site-a",
             "--at",
@@ -121,7 +121,7 @@ fn assign_reassign_unassign_retire_keep_history_and_are_audited() {
     );
     assert!(
         ran.stdout
-            .contains("+ 2026-01-01T00:00:00Z .. open: patient pt-second on site-a"),
+            .contains("+ 2026-01-01T00:00:00Z .. open: patient pt-second-01 on site-a"),
         "{}",
         ran.all()
     );
@@ -135,7 +135,7 @@ fn assign_reassign_unassign_retire_keep_history_and_are_audited() {
         &[
             "assign",
             "--patient-ref",
-            "pt-third",
+            "pt-third-001",
             "--site",
             "site-b",
             "--at",
@@ -148,7 +148,7 @@ fn assign_reassign_unassign_retire_keep_history_and_are_audited() {
         &[
             "assign",
             "--patient-ref",
-            "pt-x",
+            "pt-x0000001",
             "--site",
             "site-a",
             "--at",
@@ -160,7 +160,7 @@ fn assign_reassign_unassign_retire_keep_history_and_are_audited() {
     ok(&reg, &["retire", "--at", "2026-04-01T00:00:00Z"]);
     refused(
         &reg,
-        &["assign", "--patient-ref", "pt-y", "--site", "site-a"],
+        &["assign", "--patient-ref", "pt-y0000001", "--site", "site-a"],
         "retired since",
     );
     refused(&reg, &["unassign", "--at", "nope"], "--at nope");
@@ -172,11 +172,11 @@ fn assign_reassign_unassign_retire_keep_history_and_are_audited() {
     );
     assert_eq!(
         patient_at(&loaded, "2026-01-15T00:00:00Z").as_deref(),
-        Some("pt-second@site-a")
+        Some("pt-second-01@site-a")
     );
     assert_eq!(
         patient_at(&loaded, "2026-01-31T23:00:00Z").as_deref(),
-        Some("pt-third@site-b"),
+        Some("pt-third-001@site-b"),
         "00:00+01:00 is 23:00Z the day before"
     );
     assert_eq!(
@@ -245,10 +245,27 @@ fn an_unknown_device_or_a_bad_pseudonym_changes_nothing() {
     let dir = temp_dir("registry-cmd-bad");
     let reg = dir.path().join("registry.toml");
     std::fs::write(&reg, V1).expect("write v1");
-    refused(
+    // Names, record numbers and refs that only start like a pseudonym are refused, by
+    // the CLI and (through the same code) the admin API.
+    for bad in [
+        "Jane Doe",
+        "MRN4711",
+        "mrn-12345678",
+        "pt-4711",
+        "pt-1234567",
+        "pt-ABCDEF12",
+        "pt-1234_5678",
+        "PT-12345678",
+    ] {
+        refused(
+            &reg,
+            &["assign", "--patient-ref", bad, "--site", "site-a"],
+            "pseudonymous token",
+        );
+    }
+    ok(
         &reg,
-        &["assign", "--patient-ref", "Jane Doe", "--site", "site-a"],
-        "pseudonymous token",
+        &["assign", "--patient-ref", "pt-12345678", "--site", "site-a"],
     );
     let before = std::fs::read(&reg).expect("registry");
     let ran = run(
@@ -437,4 +454,90 @@ fn consent_grant_and_withdraw_are_written_and_audited() {
         outcomes("registry.consent.withdraw"),
         ["started", "succeeded", "started", "failed"]
     );
+}
+
+/// `vitalmq certs issue` adds devices to a PKI's registry while operators change it
+/// (`registry unassign`, as the admin API does through the same code): both take the
+/// lock on the registry's directory and re-read the file under it, so neither
+/// overwrites the other's change. Several rounds of both at once; nothing is lost.
+#[test]
+fn certs_issue_and_registry_changes_take_turns() {
+    const ROUNDS: usize = 4;
+    const EACH: usize = 3;
+    let dir = temp_dir("registry-cmd-certs-race");
+    let pki = dir.path().join("pki");
+    let devices = (ROUNDS * EACH).to_string();
+    vitalmq_ok(
+        bin(),
+        &["certs", "init", "--dir", s(&pki), "--devices", &devices],
+    );
+    let reg = pki.join("registry.toml");
+    let spawn = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut issued = Vec::new();
+    let mut unassigned = Vec::new();
+    for round in 0..ROUNDS {
+        let mut children = Vec::new();
+        for k in 0..EACH {
+            let new = format!("dev-{:05}", 10_000 + round * EACH + k);
+            children.push(spawn(&[
+                "certs",
+                "issue",
+                "--dir",
+                s(&pki),
+                "--role",
+                "device",
+                "--id",
+                &new,
+                "--site",
+                "site-01",
+            ]));
+            issued.push(new);
+            let old = format!("dev-{:05}", 1 + round * EACH + k);
+            children.push(spawn(&[
+                "registry",
+                "unassign",
+                "--registry",
+                s(&reg),
+                "--device",
+                &old,
+                "--at",
+                "2026-01-01T00:00:00Z",
+            ]));
+            unassigned.push(old);
+        }
+        for child in children {
+            let out = child.wait_with_output().expect("wait");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let loaded = DeviceRegistry::load(&reg).expect("valid");
+    let text = || std::fs::read_to_string(&reg).expect("registry");
+    for id in &issued {
+        let dev = DeviceId::new(id.clone()).expect("id");
+        assert!(
+            loaded.device(&dev).is_some(),
+            "issued {id} was lost:\n{}",
+            text()
+        );
+    }
+    let t = parse_rfc3339("2026-06-01T00:00:00Z").expect("time");
+    for id in &unassigned {
+        let dev = DeviceId::new(id.clone()).expect("id");
+        assert!(
+            loaded.assignment_at(&dev, t).is_none(),
+            "{id}'s unassignment was lost:\n{}",
+            text()
+        );
+    }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 use vitalmq_envelope::{DeviceId, MessageType, ReasonClass, Refusal, Telemetry, Verified};
-use vitalmq_policies::{DeviceRegistry, RuleSet, SiteId};
+use vitalmq_policies::{DeviceRegistry, RuleSet, SiteId, Use};
 
 use crate::alerts::alarm::{self, AlarmEvent};
 use crate::alerts::book::Outgoing;
@@ -385,9 +385,14 @@ impl Sequencer {
                     device,
                     refusal,
                 } => {
+                    // A refusal counts toward the silence of a device assigned now only:
+                    // one unassigned or retired is watched for nobody (issue 19).
                     if self.rules.is_some()
                         && let Some(d) = &device
                         && registry.device(d).is_some()
+                        && registry
+                            .assignment_at(d, now_ms)
+                            .is_some_and(|a| matches!(a.serves, Use::Assigned { .. }))
                     {
                         let track = staged
                             .entry(d.clone())

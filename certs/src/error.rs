@@ -85,6 +85,9 @@ pub enum CertsError {
     SiteRequired(Role),
     #[error("a {0} is not bound to a site: drop --site")]
     SiteNotAllowed(Role),
+    /// The registry's directory could not be locked for a change.
+    #[error(transparent)]
+    RegistryLock(#[from] vitalmq_private_fs::DirLockError),
     #[error("{role} `{id}` is already in {}", path.display())]
     InRegistry {
         role: Role,

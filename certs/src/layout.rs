@@ -19,7 +19,9 @@
 //! Invariants: a private key is created with mode 0600 from the start (never widened
 //! then narrowed), and nothing is ever silently overwritten: certificates and keys are
 //! created with `create_new`; only the CA's own state files (index, CRL, registry) are
-//! replaced, atomically, by a rename.
+//! replaced, atomically, by a rename; the registry, which `vitalmq registry` and the
+//! admin API change too, only under the lock on its directory
+//! ([`vitalmq_private_fs::lock_dir`]), read again under it.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;

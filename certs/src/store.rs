@@ -162,7 +162,17 @@ impl Pki {
             return Err(CertsError::Exists { path: path.clone() });
         }
 
-        // The registry change is prepared (and checked) before anything is written.
+        // The registry change is prepared (and checked) before anything is written,
+        // under the lock every registry writer takes (`vitalmq registry`, the admin API)
+        // and held until the changed registry is in place: the registry is read under
+        // it, so a consent or assignment change made meanwhile is kept, not overwritten.
+        let registry_path = self.layout.registry();
+        let _turn = match (&site, req.role) {
+            (Some(_), _) | (None, Role::Operator) => Some(vitalmq_private_fs::lock_dir(
+                vitalmq_private_fs::dir_of(&registry_path),
+            )?),
+            (None, _) => None,
+        };
         let registry = match (site, req.role) {
             (Some(site), _) => Some(self.registry_with(req, site)?),
             // Operators are enrolled in the registry too (no site): the broker admits
@@ -177,7 +187,7 @@ impl Pki {
             if let Some(key) = device_key {
                 layout::write_new(&cose_path, &key.to_pkcs8_pem()?, Mode::Secret)?;
             }
-            layout::replace(&self.layout.registry(), &registry.to_toml(), Mode::Secret)?;
+            layout::replace(&registry_path, &registry.to_toml(), Mode::Secret)?;
         }
         let new = entry(
             &self.layout,

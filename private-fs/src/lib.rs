@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod dir_lock;
+pub use dir_lock::{DirLock, DirLockError, dir_of, lock_dir};
+
 /// Mode of the directories vitalmq creates.
 pub(crate) const DIR_MODE: u32 = 0o700;
 /// Mode of the files vitalmq creates.

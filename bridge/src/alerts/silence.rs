@@ -14,6 +14,14 @@
 //! reason is decided when it opens: `refused` if messages arrived since the last
 //! accepted one and were all refused (with the newest refusal's class), else `silent`
 //! when the device (or a gateway of its site) is connected, else `offline`.
+//!
+//! Only a device assigned to a patient now (the assignment in force at the bridge's
+//! clock) is watched, and its alerts name that assignment's patient and site (issue
+//! 19). When the watched assignment ends (unassigned, retired or reassigned), an open
+//! episode is resolved with reason `unassigned` naming the patient it was about
+//! ([`SilenceState::on_unassigned`]), and the watch starts over for the next assignment,
+//! if any. SPEC 5.1 names no reason for a resolution; `data_resumed` and `unassigned`
+//! are ours.
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -26,6 +34,10 @@ use crate::normalize::rfc3339_ms;
 
 /// The rule name of silence alerts.
 pub const NO_DATA_RULE: &str = "no-data";
+/// The `reason` of a silence alert resolved by accepted data.
+pub const RESOLVED_DATA_RESUMED: &str = "data_resumed";
+/// The `reason` of a silence alert resolved because the assignment it was about ended.
+pub const RESOLVED_UNASSIGNED: &str = "unassigned";
 
 /// An open silence alert.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,7 +69,21 @@ pub struct SilenceState {
     pub interval_s: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open: Option<SilenceEpisode>,
+    /// Start (`from`, Unix ms) of the assignment being watched, so that its end or a
+    /// reassignment is noticed; `None` until a tick has seen the device assigned (and in
+    /// states saved before it was kept: the assignment in force is then adopted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment_from: Option<u64>,
 }
+
+/// What a silence message says happened: the episode opened, or it was resolved for
+/// the given reason.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Opened,
+    Resolved(&'static str),
+}
+use Change::{Opened, Resolved};
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
@@ -94,13 +120,34 @@ impl SilenceState {
         entry: &DeviceEntry,
         now_ms: u64,
     ) -> Option<Outgoing> {
-        let out = self
-            .open
-            .take()
-            .map(|ep| self.message(policy_sha256, entry, &ep, "resolved", None, now_ms));
+        let out = self.open.take().map(|ep| {
+            let state = Resolved(RESOLVED_DATA_RESUMED);
+            self.message(policy_sha256, entry, &ep, state, None, now_ms)
+        });
         self.last_seen_ms = Some(now_ms);
         self.refused = None;
         self.refused_count = 0;
+        out
+    }
+
+    /// The watched assignment ended at the bridge's `now_ms` (the device is unassigned,
+    /// retired or reassigned): resolves an open episode, naming `entry` (the device as
+    /// the ended assignment had it), and forgets the watch, so nothing measured under
+    /// that assignment (last message, refusals) carries over to the next one.
+    pub fn on_unassigned(
+        &mut self,
+        policy_sha256: &str,
+        entry: &DeviceEntry,
+        now_ms: u64,
+    ) -> Option<Outgoing> {
+        let out = self.open.take().map(|ep| {
+            let state = Resolved(RESOLVED_UNASSIGNED);
+            self.message(policy_sha256, entry, &ep, state, None, now_ms)
+        });
+        *self = Self {
+            interval_s: self.interval_s,
+            ..Self::default()
+        };
         out
     }
 
@@ -140,7 +187,7 @@ impl SilenceState {
         let expected = policy
             .silence
             .after_s(&entry.id, &entry.site, self.interval_s);
-        let out = self.message(policy_sha256, entry, &ep, "open", Some(expected), now_ms);
+        let out = self.message(policy_sha256, entry, &ep, Opened, Some(expected), now_ms);
         self.open = Some(ep);
         Some(out)
     }
@@ -150,10 +197,14 @@ impl SilenceState {
         policy_sha256: &str,
         entry: &DeviceEntry,
         ep: &SilenceEpisode,
-        state: &str,
+        change: Change,
         expected: Option<u64>,
         now_ms: u64,
     ) -> Outgoing {
+        let (state, reason) = match change {
+            Opened => ("open", ep.reason.as_str()),
+            Resolved(why) => ("resolved", why),
+        };
         let mut body = json!({
             "alert_id": ep.alert_id,
             "kind": "clinical",
@@ -173,7 +224,7 @@ impl SilenceState {
             "fw": null,
             "model": null,
             "raised_at": rfc3339_ms(now_ms),
-            "reason": if state == "resolved" { "data_resumed" } else { ep.reason.as_str() },
+            "reason": reason,
             "last_seen_at": self.last_seen_ms.and_then(rfc3339_ms),
         });
         if let Some(after) = expected {

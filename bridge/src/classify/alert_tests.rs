@@ -754,3 +754,190 @@ fn status_reports_low_battery_with_hysteresis_and_dropped_messages() {
             .all(|a| a.device.as_deref() != Some("dev-00001"))
     );
 }
+
+/// The no-data alerts of a tick, by device: `(device, body)`.
+fn no_data(o: &Sequenced<()>) -> Vec<(String, Json)> {
+    let mut v: Vec<(String, Json)> = o
+        .commit
+        .alerts
+        .iter()
+        .filter(|a| a.rule.as_deref() == Some("no-data"))
+        .map(|a| (a.device.clone().expect("device"), body(a)))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn change(
+    f: &mut F,
+    dev: &str,
+    c: impl FnOnce(&mut vitalmq_policies::History) -> Result<(), vitalmq_policies::AssignmentError>,
+) {
+    f.registry
+        .change_history(&DeviceId::new(dev).expect("id"), c)
+        .expect("registry change");
+}
+
+/// Issue 19: an unassigned or retired device is not watched for silence (it is nobody's
+/// monitoring any more): its open episode is resolved `unassigned` at the next tick,
+/// naming the patient it was about, and nothing opens again, not even while its
+/// readings arrive and are refused as `unassigned`.
+#[test]
+fn an_unassigned_or_retired_device_stops_being_watched_and_its_silence_resolves() {
+    let mut f = fixture();
+    let mut s = sequencer();
+    tick(&f, &mut s, T0);
+    let opened = no_data(&tick(&f, &mut s, T0 + 300_000));
+    assert_eq!(opened.len(), 3);
+    assert!(opened.iter().all(|(_, b)| b["patient_ref"] == "pt-7f3a"));
+    assert_eq!(s.gauges().silent_devices, 3);
+
+    change(&mut f, "dev-00001", |h| h.close(T0 + 310_000));
+    change(&mut f, "dev-00003", |h| h.retire(T0 + 310_000));
+    // Before the next scan (every minute): the open episodes are checked every tick.
+    let ended = tick(&f, &mut s, T0 + 311_000);
+    let resolved = no_data(&ended);
+    let devices: Vec<&str> = resolved.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(devices, ["dev-00001", "dev-00003"]);
+    for (_, b) in &resolved {
+        assert_eq!(b["state"], "resolved");
+        assert_eq!(b["reason"], "unassigned");
+        assert_eq!(
+            b["patient_ref"], "pt-7f3a",
+            "the patient the episode was about"
+        );
+    }
+    assert_eq!(s.gauges().silent_devices, 1);
+    let fleet = ended
+        .ops
+        .iter()
+        .find(|o| o.kind == crate::ops::OpsKind::NoData)
+        .expect("fleet count changed");
+    let fleet: Json = serde_json::from_str(&fleet.to_json()).expect("json");
+    assert_eq!(fleet["count"], 1);
+
+    // Readings of the unassigned device are refused as `unassigned`...
+    let refused = run(
+        &f,
+        &mut s,
+        vec![vitals(&f, "dev-00001", 0, 97.0, T0 + 320_000)],
+        T0 + 320_000,
+    );
+    assert_eq!(refused.commit.quarantine.len(), 1);
+    assert_eq!(refused.commit.quarantine[0].reason, "unassigned");
+    // ...and open nothing, through scans and past any silence time; the device still
+    // assigned is re-sent unacknowledged as before.
+    let mut later = Vec::new();
+    for n in 1..=20 {
+        later.extend(no_data(&tick(&f, &mut s, T0 + 311_000 + n * 60_000)));
+    }
+    assert!(
+        later
+            .iter()
+            .all(|(d, b)| d == "dev-00002" && b["state"] == "escalated"),
+        "{later:?}"
+    );
+
+    // A refusal while unassigned (a bad signature) is nobody's: once the device is
+    // assigned again its silence opens for the new patient as `offline`, not `refused`.
+    let t1 = T0 + 311_000 + 20 * 60_000;
+    let mut forged = vitals(&f, "dev-00001", 1, 97.0, t1 + 1_000);
+    let mut bytes = forged.payload.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    forged.payload = Bytes::from(bytes);
+    run(&f, &mut s, vec![forged], t1 + 1_000);
+    change(&mut f, "dev-00001", |h| {
+        h.reassign(
+            t1 + 2_000,
+            None,
+            "pt-next-0001".into(),
+            SiteId::new("site-01").expect("site"),
+        )
+    });
+    let watched = t1 + 60_000;
+    tick(&f, &mut s, watched);
+    let reopened: Vec<Json> = no_data(&tick(&f, &mut s, watched + 300_000))
+        .into_iter()
+        .filter(|(d, _)| d == "dev-00001")
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(reopened.len(), 1, "{reopened:?}");
+    assert_eq!(reopened[0]["state"], "open");
+    assert_eq!(reopened[0]["patient_ref"], "pt-next-0001");
+    assert_eq!(reopened[0]["reason"], "offline");
+}
+
+/// Issue 19: a reassigned device is watched under its new assignment from when the
+/// bridge sees it, and its silence alert names the new patient and site.
+#[test]
+fn a_reassigned_device_is_watched_for_its_new_patient() {
+    let mut f = fixture();
+    let mut s = sequencer();
+    tick(&f, &mut s, T0);
+    change(&mut f, "dev-00002", |h| {
+        h.reassign(
+            T0 + 100_000,
+            None,
+            "pt-new-0001".into(),
+            SiteId::new("site-02").expect("site"),
+        )
+    });
+    // dev-00002's old watch (from T0) does not open an alert for anyone at T0 + 300 s:
+    // its assignment changed, so the watch starts over.
+    let first = no_data(&tick(&f, &mut s, T0 + 300_000));
+    let devices: Vec<&str> = first.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(devices, ["dev-00001", "dev-00003"]);
+    assert!(no_data(&tick(&f, &mut s, T0 + 599_999)).is_empty());
+    let renewed = tick(&f, &mut s, T0 + 600_000);
+    // (dev-00001 and dev-00003, unacknowledged, are re-sent at the same time.)
+    let opened: Vec<(String, Json)> = no_data(&renewed)
+        .into_iter()
+        .filter(|(d, _)| d == "dev-00002")
+        .collect();
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    let (device, b) = &opened[0];
+    assert_eq!(device, "dev-00002");
+    assert_eq!(b["state"], "open");
+    assert_eq!(b["patient_ref"], "pt-new-0001");
+    assert_eq!(b["site"], "site-02");
+    let topic = &renewed
+        .commit
+        .alerts
+        .iter()
+        .find(|a| a.device.as_deref() == Some("dev-00002"))
+        .expect("alert")
+        .topic;
+    assert!(topic.starts_with("alerts/site-02/"), "{topic}");
+
+    // Reassigned while its silence is open: resolved for the former patient, then
+    // watched afresh for the next.
+    change(&mut f, "dev-00002", |h| {
+        h.reassign(
+            T0 + 700_000,
+            None,
+            "pt-third-001".into(),
+            SiteId::new("site-01").expect("site"),
+        )
+    });
+    let ended = no_data(&tick(&f, &mut s, T0 + 700_500));
+    let of_2: Vec<&Json> = ended
+        .iter()
+        .filter(|(d, _)| d == "dev-00002")
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(of_2.len(), 1, "{ended:?}");
+    assert_eq!(of_2[0]["state"], "resolved");
+    assert_eq!(of_2[0]["reason"], "unassigned");
+    assert_eq!(of_2[0]["patient_ref"], "pt-new-0001");
+    let next = no_data(&tick(&f, &mut s, T0 + 1_000_500));
+    let of_2: Vec<&Json> = next
+        .iter()
+        .filter(|(d, _)| d == "dev-00002")
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(of_2.len(), 1, "{next:?}");
+    assert_eq!(of_2[0]["state"], "open");
+    assert_eq!(of_2[0]["patient_ref"], "pt-third-001");
+    assert_eq!(of_2[0]["site"], "site-01");
+}

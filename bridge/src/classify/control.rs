@@ -22,12 +22,16 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, json};
 use sha2::{Digest as _, Sha256};
+use std::borrow::Cow;
 use vitalmq_audit::{Actor, AuditRecord, Component, Decision, Event};
 use vitalmq_envelope::DeviceId;
-use vitalmq_policies::{DeviceRegistry, PrincipalId, Role, SiteId, SpiffeId};
+
+use vitalmq_policies::{DeviceEntry, DeviceRegistry, PrincipalId, Role, SiteId, SpiffeId, Use};
 
 use super::{Sequenced, Sequencer, Track, new_alert};
 use crate::alerts::presence::Presence;
+use crate::alerts::silence::SilenceState;
+use crate::attribute::attribute;
 use crate::ops::{OpsAlert, OpsKind};
 
 /// One input to the recorder that is not a device message.
@@ -261,25 +265,37 @@ impl Sequencer {
         let policy = rules.alerting();
         let mut fleet = self.fleet.clone();
         let mut persist: Vec<DeviceId> = Vec::new();
+        let mut closed = 0u64;
         // Devices never heard from are watched from the first tick (and after each
-        // enrolment, within a minute); the site of every device is cached for deadlines.
-        if now_ms >= fleet.next_scan_ms {
+        // enrolment or assignment, within a minute); devices whose watched assignment
+        // ended stop being watched. A device with an open silence alert is checked at
+        // every tick, so its episode is resolved as soon as its assignment ends.
+        let scan = now_ms >= fleet.next_scan_ms;
+        if scan {
             fleet.next_scan_ms = now_ms.saturating_add(SCAN_EVERY_MS);
-            for entry in registry.devices() {
-                let current = self.tracks.get(&entry.id);
-                let fresh = current.is_none_or(|t| {
-                    t.alerts.silence.since_ms().is_none() || t.site.as_ref() != Some(&entry.site)
-                });
-                if !fresh {
-                    continue;
-                }
-                let mut track = current.cloned().unwrap_or_default();
-                track.site = Some(entry.site.clone());
-                if track.alerts.silence.watch(now_ms) {
-                    persist.push(entry.id.clone());
-                }
-                out.staged.insert(entry.id.clone(), track);
+        }
+        let candidates: Vec<&DeviceEntry> = if scan {
+            registry.devices().collect()
+        } else {
+            self.silent
+                .iter()
+                .filter_map(|d| registry.device(d))
+                .collect()
+        };
+        for entry in candidates {
+            let current = self.tracks.get(&entry.id);
+            if !needs_follow(registry, entry, current, now_ms) {
+                continue;
             }
+            let mut track = current.cloned().unwrap_or_default();
+            if self
+                .follow(registry, entry, &mut track, now_ms, out, &mut closed)
+                .is_some()
+            {
+                track.alerts.silence.watch(now_ms);
+            }
+            persist.push(entry.id.clone());
+            out.staged.insert(entry.id.clone(), track);
         }
         let mut opened = 0u64;
         let due = self.deadlines.iter().take_while(|(t, _)| *t <= now_ms);
@@ -292,22 +308,25 @@ impl Sequencer {
                 Some(t) => t,
                 None => self.tracks.get(device).cloned().unwrap_or_default(),
             };
-            track.site = Some(entry.site.clone());
-            let connected = self
-                .presence
-                .device_connected(registry, device.as_str(), &entry.site);
-            let state = &mut track.alerts;
             let mut sent = Vec::new();
-            if let Some(mut o) =
-                state
-                    .silence
-                    .on_tick(policy, rules.sha256(), entry, connected, now_ms)
+            if let Some(assigned) =
+                self.follow(registry, entry, &mut track, now_ms, out, &mut closed)
             {
-                opened += 1;
-                state.book.record(&mut o, now_ms);
-                sent.push(o);
+                let connected =
+                    self.presence
+                        .device_connected(registry, device.as_str(), &assigned.site);
+                let state = &mut track.alerts;
+                if let Some(mut o) =
+                    state
+                        .silence
+                        .on_tick(policy, rules.sha256(), &assigned, connected, now_ms)
+                {
+                    opened += 1;
+                    state.book.record(&mut o, now_ms);
+                    sent.push(o);
+                }
             }
-            sent.extend(state.book.due(policy, device.as_str(), now_ms));
+            sent.extend(track.alerts.book.due(policy, device.as_str(), now_ms));
             for o in sent {
                 out.commit.alerts.push(new_alert(o, now_ms));
             }
@@ -325,8 +344,9 @@ impl Sequencer {
                 out.commit.alert_states.push((device, json));
             }
         }
-        // The fleet-wide count (resolutions come with data, already adopted).
-        let count = self.silent.len() as u64 + opened;
+        // The fleet-wide count (resolutions by data come with it, already adopted; those
+        // of ended assignments are this tick's).
+        let count = (self.silent.len() as u64 + opened).saturating_sub(closed);
         if count != fleet.no_data_sent {
             let (state, id) = match (&fleet.no_data_alert, count) {
                 (Some(id), 0) => ("resolved", Some(id.clone())),
@@ -352,6 +372,49 @@ impl Sequencer {
         if fleet != self.fleet {
             out.fleet = Some(fleet);
         }
+    }
+
+    /// Points the device's silence watch at the assignment in force at `now_ms`: when
+    /// the watched one ended, an open episode is resolved (`unassigned`, naming the
+    /// patient it was about) and the watch is forgotten. The device as assigned now
+    /// (patient and site of that assignment), or `None` when it is unassigned or
+    /// retired: then it is not watched.
+    fn follow<'a>(
+        &self,
+        registry: &DeviceRegistry,
+        entry: &'a DeviceEntry,
+        track: &mut Track,
+        now_ms: u64,
+        out: &mut Sequenced<()>,
+        closed: &mut u64,
+    ) -> Option<Cow<'a, DeviceEntry>> {
+        let now = assigned_at(registry, entry, now_ms);
+        let silence = &mut track.alerts.silence;
+        let watched = silence.assignment_from;
+        let same = match (&now, watched) {
+            (Some((_, from)), Some(w)) => *from == w,
+            // Not watched under an assignment yet: adopt the one in force.
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if !same {
+            // The episode was about the ended assignment's patient.
+            let former = watched
+                .and_then(|w| assigned_at(registry, entry, w))
+                .map_or(Cow::Borrowed(entry), |(e, _)| e);
+            if let Some(rules) = &self.rules
+                && let Some(mut o) = silence.on_unassigned(rules.sha256(), &former, now_ms)
+            {
+                *closed += 1;
+                track.alerts.book.record(&mut o, now_ms);
+                out.commit.alerts.push(new_alert(o, now_ms));
+            }
+            track.site = None;
+        }
+        let (assigned, from) = now?;
+        track.alerts.silence.assignment_from = Some(from);
+        track.site = Some(assigned.site.clone());
+        Some(assigned)
     }
 
     /// The figures of [`AlertGauges`] for the adopted state.
@@ -383,6 +446,51 @@ impl Sequencer {
         g.oldest_unacknowledged_urgent_s = oldest.map(age);
         g
     }
+}
+
+/// The device as the assignment in force at `t` has it (its patient and site), with
+/// that assignment's start; `None` when unassigned or retired at `t`.
+fn assigned_at<'a>(
+    registry: &DeviceRegistry,
+    entry: &'a DeviceEntry,
+    t: u64,
+) -> Option<(Cow<'a, DeviceEntry>, u64)> {
+    let from = registry.assignment_at(&entry.id, t)?.period.from;
+    let assigned = attribute(registry, entry, t).ok()?;
+    Some((assigned, from))
+}
+
+/// Whether [`Sequencer::follow`] would change the device's silence watch: it is watched
+/// but not assigned now, or assigned now but not watched under that assignment (or not
+/// watched at all, or under another site).
+fn needs_follow(
+    registry: &DeviceRegistry,
+    entry: &DeviceEntry,
+    track: Option<&Track>,
+    now_ms: u64,
+) -> bool {
+    match registry.assignment_at(&entry.id, now_ms) {
+        Some(a) => match &a.serves {
+            Use::Assigned { site, .. } => track.is_none_or(|t| {
+                t.alerts.silence.since_ms().is_none()
+                    || t.alerts.silence.assignment_from != Some(a.period.from)
+                    || t.site.as_ref() != Some(site)
+            }),
+            Use::Retired => watched(track),
+        },
+        None => watched(track),
+    }
+}
+
+/// Whether anything of a silence watch is left on the track.
+fn watched(track: Option<&Track>) -> bool {
+    track.is_some_and(|t| {
+        let s: &SilenceState = &t.alerts.silence;
+        s.since_ms().is_some()
+            || s.open.is_some()
+            || s.assignment_from.is_some()
+            || t.site.is_some()
+    })
 }
 
 fn refuse_ack(
