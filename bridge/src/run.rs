@@ -329,6 +329,7 @@ pub async fn run(
         governance.pseudonym = pseudonym_key
             .filter(|_| s.pseudonymised())
             .map(|k| PurposePseudonym::new(k, s.purpose()));
+        governance.stale = Some(registry_watch.stale.clone());
         sinks.push((sink, drain_settings(s), governance));
     }
     let bridge_identity = format!("spiffe://{}/bridge/{}", registry.trust_domain(), config.id);
@@ -354,6 +355,11 @@ pub async fn run(
     let (client, eventloop) = mqtt::client(options, 4096);
 
     let (ops_tx, ops_rx) = mpsc::unbounded_channel::<OpsAlert>();
+    tokio::spawn(crate::reload::report_stale(
+        registry_watch.stale.clone(),
+        config.registry.clone(),
+        ops_tx.clone(),
+    ));
     let (incoming_tx, incoming_rx) = mpsc::unbounded_channel::<Inbound>();
     let (batch_tx, batch_rx) = mpsc::channel::<Work<AckToken>>(2);
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Recorded<AckToken>>();
@@ -401,6 +407,7 @@ pub async fn run(
                     pseudonym: pseudonym_key
                         .filter(|_| w.pseudonymised())
                         .map(|k| PurposePseudonym::new(k, w.purpose)),
+                    stale: Some(registry_watch.stale.clone()),
                 });
             handlers.push(
                 Handler::webhook(w.name.clone(), w.url.clone(), signer)?.governed(governance),
