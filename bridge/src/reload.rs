@@ -417,14 +417,81 @@ mod tests {
 
         // A broken file and one naming another trust domain: refused, audited, and
         // the registry in force stays.
+        assert!(!*watch.stale.borrow(), "reloaded: not stale");
         replace(&path, "format = \"vitalmq-registry/v2\"\ntrust_domain = ");
         let line = audited(&log, "invalid_registry").await;
         assert!(line.contains("policy_rejected"), "{line}");
+        stale_turns(&mut watch.stale, true).await;
         replace(&path, &registry_text(&key, "other.vitalmq", "pt-c"));
         audited(&log, "trust_domain_changed").await;
         assert!(!watch.registry.has_changed().expect("open"));
         assert_eq!(patient(&watch.registry.borrow()), "pt-b");
+        assert!(*watch.stale.borrow(), "still not reloaded: still stale");
+
+        // Fixed: reloaded, no longer stale.
+        replace(&path, &registry_text(&key, "test.vitalmq", "pt-d"));
+        stale_turns(&mut watch.stale, false).await;
+        assert_eq!(patient(&watch.registry.borrow()), "pt-d");
         drop(audit);
+    }
+
+    /// Waits until the registry watch's `stale` is `want`.
+    async fn stale_turns(stale: &mut tokio::sync::watch::Receiver<bool>, want: bool) {
+        tokio::time::timeout(Duration::from_secs(10), stale.wait_for(|s| *s == want))
+            .await
+            .expect("in time")
+            .expect("watch open");
+    }
+
+    /// An unreadable registry is a failed reload too: stale until it can be read
+    /// again, which the watch notices by itself (it polls while stale), and the
+    /// operational alert opens and resolves with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_registry_is_stale_until_read_again_and_raises_an_ops_alert() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.toml");
+        let key = SigningKey::generate(Algorithm::EdDsa)
+            .expect("key")
+            .verifying_key()
+            .to_hex();
+        std::fs::write(&path, registry_text(&key, "test.vitalmq", "pt-a")).expect("write");
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let initial = load_registry(&path).expect("valid");
+        let mut watch = watch_registry(path.clone(), initial, audit.auditor());
+        let (ops_tx, mut ops_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(super::report_stale(
+            watch.stale.clone(),
+            path.clone(),
+            ops_tx,
+        ));
+
+        // Root reads anything: make it unreadable by making it a directory's name.
+        let moved = dir.path().join("registry.saved");
+        std::fs::rename(&path, &moved).expect("move away");
+        std::fs::create_dir(&path).expect("a directory in its place");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        stale_turns(&mut watch.stale, true).await;
+        let open = tokio::time::timeout(Duration::from_secs(10), ops_rx.recv())
+            .await
+            .expect("in time")
+            .expect("an alert");
+        assert_eq!(
+            (open.topic().as_str(), open.state),
+            ("ops/bridge/registry_stale", "open")
+        );
+
+        // Put back: reloaded, no longer stale.
+        std::fs::remove_dir(&path).expect("rmdir");
+        std::fs::hard_link(&moved, &path).expect("link back");
+        stale_turns(&mut watch.stale, false).await;
+        let resolved = tokio::time::timeout(Duration::from_secs(10), ops_rx.recv())
+            .await
+            .expect("in time")
+            .expect("an alert");
+        assert_eq!(resolved.state, "resolved");
+        assert_eq!(resolved.alert_id, open.alert_id);
     }
 
     /// SIGHUP alone reloads: the file is changed where the watcher does not look (a

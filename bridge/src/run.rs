@@ -156,9 +156,7 @@ fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
             name,
             path: Some(path),
             ..
-        } => objects(
-            ObjectStoreSink::local(name.clone(), path)?.with_raw(config.fields().allows_raw()),
-        ),
+        } => objects(ObjectStoreSink::local(name.clone(), path)?.with_fields(&config.fields())),
         SinkConfig::Objects {
             name, s3: Some(s3), ..
         } => {
@@ -182,7 +180,7 @@ fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
                         prefix: s3.prefix.clone(),
                     },
                 )?
-                .with_raw(config.fields().allows_raw()),
+                .with_fields(&config.fields()),
             )
         }
         SinkConfig::Objects { name, .. } => return Err(RunError::SinkTarget(name.clone())),
