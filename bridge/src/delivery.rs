@@ -651,7 +651,7 @@ pub async fn run_handler(
                         .max();
                     if !crate::drain::settle_after(newest, crate::drain::REGISTRY_SETTLE, &mut stop)
                         .await
-                        || !crate::drain::registry_fresh(g.stale.as_ref(), &mut stop).await
+                        || !crate::drain::registry_fresh(g.stale.as_ref(), &name, &mut stop).await
                     {
                         return;
                     }

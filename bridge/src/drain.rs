@@ -288,21 +288,31 @@ pub(crate) async fn settle_after(
 }
 
 /// Waits while `stale` says the last reload of the registry failed (`None`: not
-/// watched); false when stopping meanwhile.
+/// watched); false when stopping meanwhile. `who` (a sink or handler) is logged when
+/// it pauses and resumes.
 pub(crate) async fn registry_fresh(
     stale: Option<&watch::Receiver<bool>>,
+    who: &str,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
     let Some(stale) = stale else {
         return true;
     };
     let mut stale = stale.clone();
+    let mut paused = false;
     loop {
         if *stop.borrow() {
             return false;
         }
         if !*stale.borrow_and_update() {
+            if paused {
+                info!(to = %who, "registry reloaded: delivery resumes");
+            }
             return true;
+        }
+        if !paused {
+            paused = true;
+            warn!(to = %who, "registry stale: delivery paused until a reload succeeds");
         }
         tokio::select! {
             changed = stale.changed() => if changed.is_err() {
@@ -361,7 +371,7 @@ async fn deliver_until_confirmed(
     let mut delay = Duration::from_millis(200);
     loop {
         if governance.purpose != Purpose::Care
-            && !registry_fresh(governance.stale.as_ref(), stop).await
+            && !registry_fresh(governance.stale.as_ref(), name, stop).await
         {
             return None;
         }
