@@ -28,11 +28,16 @@
 //! Consent (issue 19): clinical alerting runs under care, so the MQTT publisher and the
 //! webhooks of purpose care deliver every change as before (a care webhook with a field
 //! allow-list gets its alerts minimised to it). A webhook of another purpose
-//! ([`AlertGovernance`]) gets a clinical alert change only if consent for its purpose
-//! covered the observation time of every reading in the change's `evidence` (each
-//! looked up in the store; a change without evidence, or one whose readings are no
-//! longer found, is judged at the time the bridge made it), minimised to its
-//! allow-list (by default everything but `patient_ref`). Withheld changes are counted
+//! ([`AlertGovernance`]) gets a clinical alert change only if, at the observation time
+//! of every reading in the change's `evidence` (each looked up in the store; a change
+//! without evidence is judged at the time the bridge made it), the registry still
+//! attributes the device to the patient and site the change names and their consent
+//! covered its purpose, minimised to its allow-list (by default everything but
+//! `patient_ref`). A change some of whose readings are not in the store is withheld
+//! (`evidence_missing`); a store error during the lookup sends nothing and retries
+//! with backoff. Such a handler waits [`crate::drain::REGISTRY_SETTLE`] after a change
+//! was made before judging it, and pauses while the last registry reload failed, as
+//! sinks of its purpose do. Withheld changes are counted
 //! per handler and reason with the cursor advance (`vitalmq store stats`,
 //! `alerts_withheld`), in `vitalmq_bridge_alerts_withheld_total{handler,reason}` and in
 //! one `events_withheld` audit record per delivered batch. Operational alerts

@@ -9,7 +9,11 @@
 //! judged record by record with the registry in force at that moment
 //! ([`crate::governance::govern`]), so a withdrawal the bridge reloaded a moment ago
 //! also stops the backlog; the sink gets only what may flow to its purpose, minimised
-//! to its allow-list. What was withheld is counted per reason in the store in the
+//! to its allow-list. A record flows to a purpose other than care only under the
+//! consent of the patient it was recorded for: if the registry now attributes its
+//! observation time to someone else or to no one (a backdated change), it is withheld
+//! as `reattributed` ([`crate::governance::judge_recorded`]). A care sink withholds
+//! nothing: it is the clinical record of every event as attributed at ingest. What was withheld is counted per reason in the store in the
 //! transaction that advances the cursor (so a batch delivered again is counted once),
 //! then in `vitalmq_bridge_withheld_total{sink,reason}` and in one `events_withheld`
 //! audit record per batch.
@@ -19,6 +23,11 @@
 //! registry when the bridge received an event has been reloaded by then (the reload
 //! waits 200 ms for the writer to finish), so an event observed after the withdrawal
 //! cannot slip out under the registry that was in force a moment before it.
+//!
+//! Fail closed: while the last reload of the registry failed
+//! ([`crate::reload::RegistryWatch::stale`]), a sink of a purpose other than care
+//! delivers nothing and keeps its cursor until a reload succeeds (logged per sink; the
+//! bridge raises `ops/bridge/registry_stale`). Care sinks go on.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -627,14 +627,18 @@ impl PartitionKey {
     /// The partition of `record` in a sink partitioning `by` (site and device are
     /// checked whether or not they name a level).
     fn of(record: &OutboxRecord, by: PartitionBy) -> Result<Self, BadRecord> {
-        let mut key = Self::new(&record.site, &record.device, record.received_at_ms)?;
+        Ok(Self::new(&record.site, &record.device, record.received_at_ms)?.within(by))
+    }
+
+    /// The key as a sink partitioning `by` names it (without the levels it leaves out).
+    pub fn within(mut self, by: PartitionBy) -> Self {
         if !by.site {
-            key.site = None;
+            self.site = None;
         }
         if !by.device {
-            key.device = None;
+            self.device = None;
         }
-        Ok(key)
+        self
     }
 
     /// `site={site}/device={device}/date={YYYY-MM-DD}`, without the levels the sink
