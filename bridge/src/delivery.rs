@@ -1184,4 +1184,90 @@ mod tests {
         let _ = task.await;
         audit.close().expect("close");
     }
+
+    /// A research webhook pauses while the last registry reload failed: it sends
+    /// nothing and keeps its cursor, then delivers once a reload succeeded.
+    #[tokio::test]
+    async fn a_handler_of_another_purpose_pauses_while_the_registry_is_stale() {
+        use crate::drain::tests::{JAN_2026, registry};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let (url, requests) = counting_endpoint().await;
+        let signer = WebhookSigner::parse("whsec_bmV3LWtleS1uZXcta2V5LW5ldy1rZXktbmV3LWtleS0=")
+            .expect("secret");
+        let (_registry_tx, registry_rx) = watch::channel(registry(None));
+        let (stale_tx, stale_rx) = watch::channel(true);
+        let g = AlertGovernance {
+            purpose: Purpose::Research,
+            fields: Fields::alert_default_for(Purpose::Research),
+            registry: registry_rx,
+            pseudonym: None,
+            stale: Some(stale_rx),
+        };
+        let handler = Handler::webhook("study".into(), url, signer)
+            .expect("client")
+            .governed(Some(g));
+        let (feed, inbox) = feed();
+        let (ops, _ops_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop) = watch::channel(false);
+        // Made long ago: no settling wait; consented (research granted from 2026).
+        lock(&store)
+            .commit_alerts_only(&Commit {
+                alerts: vec![NewAlert {
+                    alert_id: "al-1".into(),
+                    state: "open".into(),
+                    kind: "clinical".into(),
+                    topic: "alerts/north/urgent/dev-1".into(),
+                    device: Some("dev-1".into()),
+                    rule: Some("spo2-low".into()),
+                    created_at_ms: JAN_2026 + 5_000,
+                    body: r#"{"alert_id":"al-1","device":"dev-1","site":"north","patient_ref":"pt-a","evidence":[]}"#.into(),
+                    level: 0,
+                }],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let watching = stale_tx.receiver_count();
+        let task = tokio::spawn(run_handler(
+            handler,
+            Arc::clone(&store),
+            inbox,
+            None,
+            audit.auditor(),
+            ops,
+            stop,
+        ));
+        feed.wake.notify_one();
+        // The handler waits on the staleness: it holds one more receiver of it.
+        until("the handler pauses", || {
+            stale_tx.receiver_count() > watching
+        })
+        .await;
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            0,
+            "nothing sent while stale"
+        );
+        assert_eq!(
+            lock(&store)
+                .handler_cursor("webhook:study")
+                .expect("cursor"),
+            0
+        );
+
+        stale_tx.send(false).expect("reloaded");
+        until("delivered after the reload", || {
+            lock(&store)
+                .handler_cursor("webhook:study")
+                .expect("cursor")
+                == 1
+        })
+        .await;
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
+        stop_tx.send(true).expect("stop");
+        let _ = task.await;
+        audit.close().expect("close");
+    }
 }
