@@ -211,10 +211,16 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
             // Fail closed until this attempt succeeds.
             let loaded = tokio::task::spawn_blocking(move || load_registry(&path2)).await;
             let refused = !matches!(&loaded, Ok(Ok(l)) if l.registry.trust_domain() == tx.borrow().trust_domain());
-            stale_tx.send_if_modified(|stale| std::mem::replace(stale, refused) != refused);
+            // Stale at once on a failure; fresh only once the new registry is in force,
+            // so nothing paused resumes under the old one.
+            let fresh = || stale_tx.send_if_modified(|stale| std::mem::replace(stale, false));
+            if refused {
+                stale_tx.send_if_modified(|stale| !std::mem::replace(stale, true));
+            }
             match loaded {
                 Ok(Ok(loaded)) => {
                     if loaded.sha256 == in_force {
+                        fresh();
                         continue;
                     }
                     let domain = tx.borrow().trust_domain().clone();
@@ -249,6 +255,7 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
                     );
                     in_force = loaded.sha256;
                     let _ = tx.send(loaded.registry);
+                    fresh();
                 }
                 Ok(Err(e)) => {
                     error!(registry = %path.display(), error = %e, "device registry refused; the registry in force stays");
