@@ -185,6 +185,31 @@ fn withdrawn_consent_stops_the_research_flow_under_traffic_and_every_withheld_ev
         );
     }
     assert_eq!(research_objects["raw_objects"], false, "{research_objects}");
+    // Object names tell no more than the events: the research sink lists `device` but
+    // not `site`, so its names have a device level and no site level; care has both.
+    let research_names = object_names(&research);
+    assert!(!research_names.is_empty());
+    for name in &research_names {
+        let levels: Vec<&str> = name.split('/').collect();
+        assert!(
+            levels.len() == 4
+                && levels[0] == "normalized"
+                && levels[1].starts_with("device=")
+                && levels[2].starts_with("date="),
+            "{name}"
+        );
+        assert!(!name.contains("site="), "{name}");
+    }
+    for name in object_names(&care)
+        .iter()
+        .filter(|n| n.starts_with("normalized/") || n.starts_with("raw/"))
+    {
+        let levels: Vec<&str> = name.split('/').collect();
+        assert!(
+            levels.len() == 5 && levels[1].starts_with("site=") && levels[2].starts_with("device="),
+            "{name}"
+        );
+    }
     assert_eq!(
         count(research_objects, NOT_CONSENTING),
         0,
@@ -297,6 +322,26 @@ fn withdrawn_consent_stops_the_research_flow_under_traffic_and_every_withheld_ev
     assert!(bridge.process.running(), "{}", bridge.process.all());
 }
 
+/// The names of the objects under `root` (files, relative, `/`-separated), read with
+/// the file system, not with our code.
+fn object_names(root: &Path) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, into: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(root, &path, into);
+            } else {
+                let rel = path.strip_prefix(root).expect("under root");
+                into.push(rel.to_str().expect("UTF-8 names").to_owned());
+            }
+        }
+    }
+    let mut names = Vec::new();
+    walk(root, root, &mut names);
+    names.sort();
+    names
+}
+
 /// The bridge's `/metrics` text.
 fn metrics(port: u16) -> String {
     use std::io::{Read as _, Write as _};
@@ -313,4 +358,97 @@ fn metrics(port: u16) -> String {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
+}
+
+/// Fail closed (issue 19 review): while the last reload of the registry failed, the
+/// consent in force may be one since withdrawn, so the research sink delivers nothing
+/// and does not advance; the care sink goes on. Once the file is fixed and reloaded,
+/// the research sink catches up.
+#[test]
+fn a_failed_registry_reload_pauses_research_until_a_reload_succeeds_but_not_care() {
+    let rig = Rig::start(vitalmq_bin!(), "governance-stale", 1, |dir| {
+        change_registry(&dir.join("pki/registry.toml"), |r| {
+            r.grant_consent(
+                &device(CONSENTING),
+                Grant {
+                    purpose: Purpose::Research,
+                    period: Period::new(now_ms() - 3_600_000, None).expect("period"),
+                },
+            )
+            .expect("grant");
+        });
+    });
+    let care = rig.dir().join("care");
+    let research = rig.dir().join("research");
+    for d in [&care, &research] {
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(d)
+            .expect("objects dir");
+    }
+    let mut bridge = rig.bridge(
+        "",
+        &format!(
+            "[[sinks]]\nkind = \"objects\"\nname = \"care\"\npath = \"{}\"\nbatch_max_events = 20\nbatch_max_age_ms = 100\n\
+             [[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"{}\"\nbatch_max_events = 20\nbatch_max_age_ms = 100\n\
+             purpose = \"research\"\nfields = [\"device\", \"observed_at\", \"m\"]\n",
+            s(&care),
+            s(&research)
+        ),
+    );
+
+    // The registry becomes invalid (written by rename, as an editor would).
+    let registry = rig.pki().join("registry.toml");
+    let good = std::fs::read_to_string(&registry).expect("registry");
+    let tmp = registry.with_extension("toml.tmp");
+    std::fs::write(&tmp, "format = \"vitalmq-registry/v2\"\ntrust_domain = ").expect("write");
+    std::fs::rename(&tmp, &registry).expect("rename");
+    assert!(
+        bridge
+            .process
+            .wait_output(Duration::from_secs(20), |out| out
+                .contains("registry reload failed")),
+        "the bridge notices the failed reload: {}",
+        bridge.process.all()
+    );
+
+    let mut sim = rig.sim(1, 40);
+    common::sim_summary_all_receipted(&mut sim);
+    let stats = rig.wait_stats(Duration::from_secs(60), "care drained the outbox", |st| {
+        let head = st["head"].as_i64().unwrap_or(-1);
+        head > 0 && st["sinks"]["care"] == head
+    });
+    let head = stats["head"].as_i64().expect("head");
+    assert!(
+        bridge
+            .process
+            .wait_output(Duration::from_secs(30), |out| out
+                .lines()
+                .any(|l| l.contains("delivery paused") && l.contains("study"))),
+        "the research sink pauses: {}",
+        bridge.process.all()
+    );
+    let stats = rig.stats();
+    assert_eq!(
+        stats["sinks"]["study"], 0,
+        "research did not advance: {stats}"
+    );
+    assert_eq!(stats["sinks"]["care"], head, "{stats}");
+    assert!(
+        object_names(&research).is_empty(),
+        "nothing reached research"
+    );
+    assert_eq!(count(&read_back(&[&care])[s(&care)], CONSENTING), 40);
+
+    // Fixed: reloaded, and research catches up with every event (all consented).
+    std::fs::write(&tmp, good).expect("write");
+    std::fs::rename(&tmp, &registry).expect("rename");
+    rig.wait_stats(Duration::from_secs(60), "research catches up", |st| {
+        st["sinks"]["study"] == head
+    });
+    assert_eq!(
+        count(&read_back(&[&research])[s(&research)], CONSENTING),
+        40
+    );
+    assert!(bridge.process.all().contains("delivery resumes"));
+    assert!(bridge.process.running(), "{}", bridge.process.all());
 }

@@ -28,11 +28,16 @@
 //! Consent (issue 19): clinical alerting runs under care, so the MQTT publisher and the
 //! webhooks of purpose care deliver every change as before (a care webhook with a field
 //! allow-list gets its alerts minimised to it). A webhook of another purpose
-//! ([`AlertGovernance`]) gets a clinical alert change only if consent for its purpose
-//! covered the observation time of every reading in the change's `evidence` (each
-//! looked up in the store; a change without evidence, or one whose readings are no
-//! longer found, is judged at the time the bridge made it), minimised to its
-//! allow-list (by default everything but `patient_ref`). Withheld changes are counted
+//! ([`AlertGovernance`]) gets a clinical alert change only if, at the observation time
+//! of every reading in the change's `evidence` (each looked up in the store; a change
+//! without evidence is judged at the time the bridge made it), the registry still
+//! attributes the device to the patient and site the change names and their consent
+//! covered its purpose, minimised to its allow-list (by default everything but
+//! `patient_ref`). A change some of whose readings are not in the store is withheld
+//! (`evidence_missing`); a store error during the lookup sends nothing and retries
+//! with backoff. Such a handler waits [`crate::drain::REGISTRY_SETTLE`] after a change
+//! was made before judging it, and pauses while the last registry reload failed, as
+//! sinks of its purpose do. Withheld changes are counted
 //! per handler and reason with the cursor advance (`vitalmq store stats`,
 //! `alerts_withheld`), in `vitalmq_bridge_alerts_withheld_total{handler,reason}` and in
 //! one `events_withheld` audit record per delivered batch. Operational alerts
@@ -54,11 +59,10 @@ use serde_json::{Map, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
-use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{DeviceRegistry, Purpose, RuleSet, Severity};
 
 use crate::governance::{
-    Fields, Flow, PATIENT_REF, PurposePseudonym, Reason, Withheld, decide, minimise,
+    Fields, Flow, PATIENT_REF, PurposePseudonym, Reason, Withheld, judge_recorded, minimise,
     substitute_patient_ref,
 };
 
@@ -67,7 +71,7 @@ use crate::link5::{Link5, Publish5};
 use crate::mqtt::V5Endpoint;
 use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
-use crate::store::{Store, StoredAlert, lock};
+use crate::store::{Store, StoreError, StoredAlert, lock};
 use crate::webhook::{
     HEADER_WEBHOOK_ID, HEADER_WEBHOOK_SIGNATURE, HEADER_WEBHOOK_TIMESTAMP, SignError, WebhookSigner,
 };
@@ -354,23 +358,29 @@ pub struct AlertGovernance {
     pub registry: watch::Receiver<Arc<DeviceRegistry>>,
     /// Replaces `patient_ref` for a handler whose fields allow it.
     pub pseudonym: Option<PurposePseudonym>,
+    /// True while the last reload of the registry failed: a handler of a purpose other
+    /// than care then delivers no change and does not advance until a reload succeeds.
+    pub stale: Option<watch::Receiver<bool>>,
 }
 
-/// Whether a change flows to a handler of `purpose`, given the device and the
-/// observation times of its evidence (empty: judged at `made_at`): only if consent
-/// covered every one of them; the first reason found otherwise. Care always flows
+/// Whether a change flows to a handler of `purpose`, given the device, the patient
+/// and site the change names (`recorded`) and the observation times of its evidence
+/// (empty: judged at `made_at`): only if, at every one of them, the registry still
+/// attributes the device to that patient and site and their consent covered the
+/// purpose ([`judge_recorded`]); the first reason found otherwise. Care always flows
 /// (clinical alerting runs under care).
 pub fn alert_flow(
     registry: &DeviceRegistry,
     purpose: Purpose,
     device: Option<&str>,
+    recorded: Option<(&str, &str)>,
     evidence_observed_at: &[u64],
     made_at: u64,
 ) -> Flow {
     if purpose == Purpose::Care {
         return Flow::Send;
     }
-    let Some(id) = device.and_then(|d| DeviceId::new(d).ok()) else {
+    let Some(device) = device else {
         return Flow::Withheld(Reason::Unassigned);
     };
     let times: &[u64] = if evidence_observed_at.is_empty() {
@@ -379,7 +389,7 @@ pub fn alert_flow(
         evidence_observed_at
     };
     for &t in times {
-        if let Flow::Withheld(r) = decide(registry.consent_at(&id, t), purpose, t) {
+        if let Flow::Withheld(r) = judge_recorded(registry, device, recorded, purpose, t) {
             return Flow::Withheld(r);
         }
     }
@@ -392,12 +402,15 @@ fn operational(alert: &StoredAlert) -> bool {
 }
 
 /// The alerts of `rows` that may go to the handler, minimised, and what was withheld
-/// per reason, with the change ids of the withheld ones.
+/// per reason, with the change ids of the withheld ones. A change whose evidence
+/// readings are not all in the store is withheld (`evidence_missing`): consent is never
+/// judged on part of the evidence. A store error fails the whole batch (nothing sent,
+/// the cursor stays; the handler tries again).
 fn govern_alerts(
     rows: Vec<StoredAlert>,
     governance: &AlertGovernance,
     store: &Mutex<Store>,
-) -> (Vec<StoredAlert>, Withheld, HashSet<String>) {
+) -> Result<(Vec<StoredAlert>, Withheld, HashSet<String>), StoreError> {
     let registry = Arc::clone(&governance.registry.borrow());
     let mut sent = Vec::with_capacity(rows.len());
     let mut withheld = Withheld::default();
@@ -409,28 +422,39 @@ fn govern_alerts(
         }
         let body: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
         let device = body["device"].as_str();
-        let evidence: Vec<u64> = if governance.purpose == Purpose::Care {
-            Vec::new()
+        let recorded = body["patient_ref"].as_str().zip(body["site"].as_str());
+        let flow = if governance.purpose == Purpose::Care {
+            Flow::Send
         } else {
-            let store = lock(store);
-            body["evidence"]
+            let ids: Vec<&str> = body["evidence"]
                 .as_array()
-                .map(|ids| {
-                    ids.iter()
-                        .filter_map(serde_json::Value::as_str)
-                        .filter_map(|id| store.event_detail(id).ok().flatten())
-                        .map(|e| e.observed_at_ms)
-                        .collect()
-                })
-                .unwrap_or_default()
+                .map(|ids| ids.iter().filter_map(serde_json::Value::as_str).collect())
+                .unwrap_or_default();
+            let mut evidence = Vec::with_capacity(ids.len());
+            let mut missing = false;
+            {
+                let store = lock(store);
+                for id in ids {
+                    match store.event_detail(id)? {
+                        Some(e) => evidence.push(e.observed_at_ms),
+                        None => missing = true,
+                    }
+                }
+            }
+            if missing {
+                Flow::Withheld(Reason::EvidenceMissing)
+            } else {
+                alert_flow(
+                    &registry,
+                    governance.purpose,
+                    device,
+                    recorded,
+                    &evidence,
+                    a.created_at_ms,
+                )
+            }
         };
-        match alert_flow(
-            &registry,
-            governance.purpose,
-            device,
-            &evidence,
-            a.created_at_ms,
-        ) {
+        match flow {
             Flow::Withheld(reason) => {
                 withheld.add(reason);
                 withheld_ids.insert(change_id(&a));
@@ -460,7 +484,7 @@ fn govern_alerts(
             }
         }
     }
-    (sent, withheld, withheld_ids)
+    Ok((sent, withheld, withheld_ids))
 }
 
 /// Counts, logs (counts only) and audits what consent withheld from one batch of alert
@@ -621,10 +645,35 @@ pub async fn run_handler(
         let taken = alerts.len();
         let (alerts, withheld, withheld_ids) = match &governance {
             Some(g) => {
+                // Like a sink of its purpose: judged once the registry had time to
+                // reload what was written when the newest change was made, and never
+                // while the last reload failed.
+                if g.purpose != Purpose::Care {
+                    let newest = alerts
+                        .iter()
+                        .filter(|a| !operational(a))
+                        .map(|a| a.created_at_ms)
+                        .max();
+                    if !crate::drain::settle_after(newest, crate::drain::REGISTRY_SETTLE, &mut stop)
+                        .await
+                        || !crate::drain::registry_fresh(g.stale.as_ref(), &name, &mut stop).await
+                    {
+                        return;
+                    }
+                }
                 let g = g.clone();
                 let store = Arc::clone(&store);
                 match tokio::task::spawn_blocking(move || govern_alerts(alerts, &g, &store)).await {
-                    Ok(governed) => governed,
+                    Ok(Ok(governed)) => governed,
+                    Ok(Err(e)) => {
+                        warn!(handler = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot look up the evidence of alert changes; consent not judged, nothing sent");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = stop.changed() => {}
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
                     Err(e) => {
                         warn!(handler = %name, error = %e, "consent task failed");
                         continue;
@@ -886,44 +935,66 @@ mod tests {
     }
 
     /// Issue 19: a research handler gets a clinical change only if research consent
-    /// covered every reading of its evidence; care always (clinical alerting runs
-    /// under care); the first reason otherwise.
+    /// of the patient the change names covered every reading of its evidence; care
+    /// always (clinical alerting runs under care); the first reason otherwise.
     #[test]
     fn a_handler_of_another_purpose_gets_a_change_only_if_consent_covered_its_evidence() {
         use crate::drain::tests::{JAN_2026, registry};
         let r = registry(Some("2026-01-01T00:00:30Z"));
         let dev1 = Some("dev-1");
-        let flow = |device, evidence: &[u64]| {
-            alert_flow(&r, Purpose::Research, device, evidence, JAN_2026 + 10_000)
+        let pt_a = Some(("pt-a", "north"));
+        let flow = |device, recorded, evidence: &[u64]| {
+            alert_flow(
+                &r,
+                Purpose::Research,
+                device,
+                recorded,
+                evidence,
+                JAN_2026 + 10_000,
+            )
         };
         assert_eq!(
-            flow(dev1, &[JAN_2026 + 1_000, JAN_2026 + 2_000]),
+            flow(dev1, pt_a, &[JAN_2026 + 1_000, JAN_2026 + 2_000]),
             Flow::Send
         );
         assert_eq!(
-            flow(dev1, &[JAN_2026 - 1, JAN_2026 + 1_000]),
+            flow(dev1, pt_a, &[JAN_2026 - 1, JAN_2026 + 1_000]),
             Flow::Withheld(Reason::NoConsent),
             "one reading before the grant is enough to withhold"
         );
         assert_eq!(
-            flow(dev1, &[JAN_2026 + 1_000, JAN_2026 + 30_000]),
+            flow(dev1, pt_a, &[JAN_2026 + 1_000, JAN_2026 + 30_000]),
             Flow::Withheld(Reason::Withdrawn)
         );
-        assert_eq!(flow(dev1, &[]), Flow::Send, "no evidence: when it was made");
         assert_eq!(
-            flow(Some("dev-2"), &[JAN_2026 + 1_000]),
+            flow(dev1, pt_a, &[]),
+            Flow::Send,
+            "no evidence: when it was made"
+        );
+        assert_eq!(
+            flow(dev1, Some(("pt-z", "north")), &[JAN_2026 + 1_000]),
+            Flow::Withheld(Reason::Reattributed),
+            "a change naming another patient than the registry: not under pt-a's grant"
+        );
+        assert_eq!(
+            flow(dev1, Some(("pt-a", "south")), &[JAN_2026 + 1_000]),
+            Flow::Withheld(Reason::Reattributed)
+        );
+        assert_eq!(
+            flow(Some("dev-2"), Some(("pt-b", "north")), &[JAN_2026 + 1_000]),
             Flow::Withheld(Reason::NoConsent)
         );
-        assert_eq!(flow(None, &[]), Flow::Withheld(Reason::Unassigned));
+        assert_eq!(flow(None, pt_a, &[]), Flow::Withheld(Reason::Unassigned));
         assert_eq!(
-            alert_flow(&r, Purpose::Care, Some("dev-2"), &[0], 0),
+            alert_flow(&r, Purpose::Care, Some("dev-2"), None, &[0], 0),
             Flow::Send,
             "care: always"
         );
     }
 
     /// Operational alerts go whole to every handler; clinical ones are judged and
-    /// minimised (by default everything but `patient_ref`).
+    /// minimised (by default everything but `patient_ref`); a change whose evidence is
+    /// not in the store is withheld, never judged at another time.
     #[test]
     fn governed_alerts_are_minimised_and_operational_ones_pass_whole() {
         use crate::drain::tests::{JAN_2026, registry};
@@ -935,32 +1006,45 @@ mod tests {
             fields: Fields::alert_default_for(Purpose::Research),
             registry: rx,
             pseudonym: None,
+            stale: None,
         };
-        let row = |position: i64, topic: &str, device: &str, made: u64| StoredAlert {
+        let row = |position: i64, topic: &str, device: &str, evidence: &str| StoredAlert {
             position,
             alert_id: format!("al-{position}"),
             state: "open".into(),
             topic: topic.into(),
             body: format!(
-                r#"{{"alert_id":"al-{position}","kind":"clinical","device":"{device}","patient_ref":"pt-a","value":88,"evidence":["ev-unknown"]}}"#
+                r#"{{"alert_id":"al-{position}","kind":"clinical","device":"{device}","site":"north","patient_ref":"{}","value":88,"evidence":[{evidence}]}}"#,
+                if device == "dev-1" { "pt-a" } else { "pt-b" }
             ),
             level: 0,
-            created_at_ms: made,
+            created_at_ms: JAN_2026 + 5_000,
         };
         let rows = vec![
-            row(1, "alerts/north/urgent/dev-1", "dev-1", JAN_2026 + 5_000),
-            row(2, "alerts/north/urgent/dev-2", "dev-2", JAN_2026 + 5_000),
-            row(3, "ops/bridge/sensor_fault", "dev-2", JAN_2026 + 5_000),
+            row(1, "alerts/north/urgent/dev-1", "dev-1", ""),
+            row(2, "alerts/north/urgent/dev-2", "dev-2", ""),
+            row(3, "ops/bridge/sensor_fault", "dev-2", ""),
+            row(4, "alerts/north/urgent/dev-1", "dev-1", r#""ev-unknown""#),
         ];
-        let (sent, withheld, ids) = govern_alerts(rows.clone(), &g, &store);
+        let (sent, withheld, ids) = govern_alerts(rows.clone(), &g, &store).expect("store");
         assert_eq!(sent.iter().map(|a| a.position).collect::<Vec<_>>(), [1, 3]);
         assert_eq!(
             sent[0].body,
-            r#"{"alert_id":"al-1","kind":"clinical","device":"dev-1","value":88,"evidence":["ev-unknown"]}"#
+            r#"{"alert_id":"al-1","kind":"clinical","device":"dev-1","site":"north","value":88,"evidence":[]}"#
         );
         assert_eq!(sent[1].body, rows[2].body, "operational: whole");
-        assert_eq!(withheld.counts(), [("no_consent", 1)]);
+        assert_eq!(
+            withheld.counts(),
+            [("no_consent", 1), ("evidence_missing", 1)]
+        );
         assert!(ids.contains(&change_id(&rows[1])));
+        assert!(ids.contains(&change_id(&rows[3])));
+
+        // The evidence cannot be looked up: nothing is sent, the batch fails whole.
+        rusqlite::Connection::open(dir.path().join(crate::store::DB_FILE))
+            .and_then(|c| c.execute_batch("DROP TABLE event_index"))
+            .expect("break the store");
+        assert!(govern_alerts(rows, &g, &store).is_err());
     }
 
     /// An HTTP endpoint on 127.0.0.1 that answers every request 200 and counts them.
@@ -1096,6 +1180,92 @@ mod tests {
             2,
             "al-1 once (from memory), al-2 once (from the store)"
         );
+        stop_tx.send(true).expect("stop");
+        let _ = task.await;
+        audit.close().expect("close");
+    }
+
+    /// A research webhook pauses while the last registry reload failed: it sends
+    /// nothing and keeps its cursor, then delivers once a reload succeeded.
+    #[tokio::test]
+    async fn a_handler_of_another_purpose_pauses_while_the_registry_is_stale() {
+        use crate::drain::tests::{JAN_2026, registry};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let (url, requests) = counting_endpoint().await;
+        let signer = WebhookSigner::parse("whsec_bmV3LWtleS1uZXcta2V5LW5ldy1rZXktbmV3LWtleS0=")
+            .expect("secret");
+        let (_registry_tx, registry_rx) = watch::channel(registry(None));
+        let (stale_tx, stale_rx) = watch::channel(true);
+        let g = AlertGovernance {
+            purpose: Purpose::Research,
+            fields: Fields::alert_default_for(Purpose::Research),
+            registry: registry_rx,
+            pseudonym: None,
+            stale: Some(stale_rx),
+        };
+        let handler = Handler::webhook("study".into(), url, signer)
+            .expect("client")
+            .governed(Some(g));
+        let (feed, inbox) = feed();
+        let (ops, _ops_rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop) = watch::channel(false);
+        // Made long ago: no settling wait; consented (research granted from 2026).
+        lock(&store)
+            .commit_alerts_only(&Commit {
+                alerts: vec![NewAlert {
+                    alert_id: "al-1".into(),
+                    state: "open".into(),
+                    kind: "clinical".into(),
+                    topic: "alerts/north/urgent/dev-1".into(),
+                    device: Some("dev-1".into()),
+                    rule: Some("spo2-low".into()),
+                    created_at_ms: JAN_2026 + 5_000,
+                    body: r#"{"alert_id":"al-1","device":"dev-1","site":"north","patient_ref":"pt-a","evidence":[]}"#.into(),
+                    level: 0,
+                }],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let watching = stale_tx.receiver_count();
+        let task = tokio::spawn(run_handler(
+            handler,
+            Arc::clone(&store),
+            inbox,
+            None,
+            audit.auditor(),
+            ops,
+            stop,
+        ));
+        feed.wake.notify_one();
+        // The handler waits on the staleness: it holds one more receiver of it.
+        until("the handler pauses", || {
+            stale_tx.receiver_count() > watching
+        })
+        .await;
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            0,
+            "nothing sent while stale"
+        );
+        assert_eq!(
+            lock(&store)
+                .handler_cursor("webhook:study")
+                .expect("cursor"),
+            0
+        );
+
+        stale_tx.send(false).expect("reloaded");
+        until("delivered after the reload", || {
+            lock(&store)
+                .handler_cursor("webhook:study")
+                .expect("cursor")
+                == 1
+        })
+        .await;
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
         stop_tx.send(true).expect("stop");
         let _ = task.await;
         audit.close().expect("close");

@@ -9,7 +9,11 @@
 //! judged record by record with the registry in force at that moment
 //! ([`crate::governance::govern`]), so a withdrawal the bridge reloaded a moment ago
 //! also stops the backlog; the sink gets only what may flow to its purpose, minimised
-//! to its allow-list. What was withheld is counted per reason in the store in the
+//! to its allow-list. A record flows to a purpose other than care only under the
+//! consent of the patient it was recorded for: if the registry now attributes its
+//! observation time to someone else or to no one (a backdated change), it is withheld
+//! as `reattributed` ([`crate::governance::judge_recorded`]). A care sink withholds
+//! nothing: it is the clinical record of every event as attributed at ingest. What was withheld is counted per reason in the store in the
 //! transaction that advances the cursor (so a batch delivered again is counted once),
 //! then in `vitalmq_bridge_withheld_total{sink,reason}` and in one `events_withheld`
 //! audit record per batch.
@@ -19,6 +23,11 @@
 //! registry when the bridge received an event has been reloaded by then (the reload
 //! waits 200 ms for the writer to finish), so an event observed after the withdrawal
 //! cannot slip out under the registry that was in force a moment before it.
+//!
+//! Fail closed: while the last reload of the registry failed
+//! ([`crate::reload::RegistryWatch::stale`]), a sink of a purpose other than care
+//! delivers nothing and keeps its cursor until a reload succeeds (logged per sink; the
+//! bridge raises `ops/bridge/registry_stale`). Care sinks go on.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,15 +36,14 @@ use serde_json::{Map, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
-use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{DeviceRegistry, Purpose};
 
 use crate::governance::{
-    Fields, Flow, MinimiseError, PurposePseudonym, Reason, Withheld, decide, govern,
+    Fields, Flow, MinimiseError, PurposePseudonym, Withheld, govern, judge_recorded,
 };
 use crate::ops::{Episodes, OpsAlert, OpsKind};
 use crate::recorder::now_ms;
-use crate::sink::{Batch, Sink};
+use crate::sink::{Batch, OutboxRecord, Sink};
 use crate::store::{Store, StoreError, lock};
 
 /// How long a sink of a purpose other than care waits after the bridge received a
@@ -54,6 +62,10 @@ pub struct SinkGovernance {
     pub settle: Duration,
     /// Replaces `patient_ref` for a sink whose fields allow it (research pseudonyms).
     pub pseudonym: Option<PurposePseudonym>,
+    /// True while the last reload of the registry failed
+    /// ([`crate::reload::RegistryWatch::stale`]): a sink of a purpose other than care
+    /// then delivers nothing and does not advance (fail closed) until a reload succeeds.
+    pub stale: Option<watch::Receiver<bool>>,
 }
 
 impl SinkGovernance {
@@ -74,6 +86,7 @@ impl SinkGovernance {
             registry,
             settle,
             pseudonym: None,
+            stale: None,
         }
     }
 
@@ -90,16 +103,21 @@ impl SinkGovernance {
     pub fn judge(&self, batch: &Batch) -> Result<(Option<Batch>, Withheld), MinimiseError> {
         let registry = Arc::clone(&self.registry.borrow());
         let purpose = self.purpose;
-        let flow = |device: &str, t: u64| match DeviceId::new(device) {
-            Ok(id) => decide(registry.consent_at(&id, t), purpose, t),
-            Err(_) => Flow::Withheld(Reason::Unassigned),
+        let flow = |r: &OutboxRecord| {
+            let recorded = r.recorded();
+            judge_recorded(
+                &registry,
+                &r.device,
+                recorded.as_ref().map(|(p, s)| (p.as_ref(), *s)),
+                purpose,
+                r.observed_at_ms,
+            )
         };
+        // Care never withholds (see `judge_recorded`): a care sink without an
+        // allow-list gets the batch as it is, without reading a record.
         if self.fields == Fields::All
             && self.pseudonym.is_none()
-            && batch
-                .records
-                .iter()
-                .all(|r| flow(&r.device, r.observed_at_ms) == Flow::Send)
+            && (purpose == Purpose::Care || batch.records.iter().all(|r| flow(r) == Flow::Send))
         {
             return Ok((None, Withheld::default()));
         }
@@ -249,10 +267,20 @@ fn report_withheld(
 /// Waits until `settle` passed since the bridge received the batch's newest record;
 /// false when stopping meanwhile.
 async fn settle(batch: &Batch, settle: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    let newest = batch.records.iter().map(|r| r.received_at_ms).max();
+    settle_after(newest, settle, stop).await
+}
+
+/// Waits until `settle` passed since `newest` (ms since the Unix epoch, the bridge's
+/// clock; `None`: nothing to wait for); false when stopping meanwhile.
+pub(crate) async fn settle_after(
+    newest: Option<u64>,
+    settle: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
     if settle.is_zero() {
         return true;
     }
-    let newest = batch.records.iter().map(|r| r.received_at_ms).max();
     let Some(due) = newest.map(|t| t.saturating_add(settle.as_millis() as u64)) else {
         return true;
     };
@@ -265,6 +293,43 @@ async fn settle(batch: &Batch, settle: Duration, stop: &mut watch::Receiver<bool
             return true;
         }
         let _ = tokio::time::timeout(Duration::from_millis(due - now), stop.changed()).await;
+    }
+}
+
+/// Waits while `stale` says the last reload of the registry failed (`None`: not
+/// watched); false when stopping meanwhile. `who` (a sink or handler) is logged when
+/// it pauses and resumes.
+pub(crate) async fn registry_fresh(
+    stale: Option<&watch::Receiver<bool>>,
+    who: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let Some(stale) = stale else {
+        return true;
+    };
+    let mut stale = stale.clone();
+    let mut paused = false;
+    loop {
+        if *stop.borrow() {
+            return false;
+        }
+        if !*stale.borrow_and_update() {
+            if paused {
+                info!(to = %who, "registry reloaded: delivery resumes");
+            }
+            return true;
+        }
+        if !paused {
+            paused = true;
+            warn!(to = %who, "registry stale: delivery paused until a reload succeeds");
+        }
+        tokio::select! {
+            changed = stale.changed() => if changed.is_err() {
+                // The watch ended (shutting down): look again in a while.
+                let _ = tokio::time::timeout(Duration::from_secs(1), stop.changed()).await;
+            },
+            _ = stop.changed() => {}
+        }
     }
 }
 
@@ -314,6 +379,11 @@ async fn deliver_until_confirmed(
     let mut failures = 0u32;
     let mut delay = Duration::from_millis(200);
     loop {
+        if governance.purpose != Purpose::Care
+            && !registry_fresh(governance.stale.as_ref(), name, stop).await
+        {
+            return None;
+        }
         let attempt = match governance.judge(batch) {
             Ok((allowed, withheld)) => {
                 let allowed = allowed.as_ref().unwrap_or(batch);
@@ -376,7 +446,7 @@ pub(crate) mod tests {
     use vitalmq_envelope::{Algorithm, SigningKey};
 
     use super::*;
-    use crate::sink::OutboxRecord;
+    use crate::governance::Reason;
 
     /// `dev-1` assigned from 2025 with research granted from 2026-01-01; `dev-2`
     /// assigned, no research grant.
@@ -401,7 +471,18 @@ pub(crate) mod tests {
 
     pub(crate) const JAN_2026: u64 = 1_767_225_600_000;
 
+    /// A record as ingest attributed it: `dev-1` to `pt-a`, `dev-2` to `pt-b`, others
+    /// to `pt-x`, all on `north`.
     fn record(position: i64, device: &str, observed_at_ms: u64) -> OutboxRecord {
+        let patient = match device {
+            "dev-1" => "pt-a",
+            "dev-2" => "pt-b",
+            _ => "pt-x",
+        };
+        attributed(position, device, patient, observed_at_ms)
+    }
+
+    fn attributed(position: i64, device: &str, patient: &str, observed_at_ms: u64) -> OutboxRecord {
         OutboxRecord {
             position,
             event_id: format!("ev-{position}"),
@@ -414,7 +495,7 @@ pub(crate) mod tests {
             topic: format!("devices/{device}/telemetry"),
             raw: bytes::Bytes::from_static(&[0xf6]),
             normalized_json: format!(
-                r#"{{"format":"vitalmq-event/v1","event_id":"ev-{position}","device":"{device}","patient_ref":"pt","m":{{"hr":60}},"extra":{{"x":1}}}}"#
+                r#"{{"format":"vitalmq-event/v1","event_id":"ev-{position}","device":"{device}","patient_ref":"{patient}","m":{{"hr":60}},"extra":{{"x":1}}}}"#
             ),
         }
     }
@@ -461,8 +542,8 @@ pub(crate) mod tests {
         );
         assert_eq!(
             withheld.counts(),
-            [("no_consent", 2), ("unassigned", 1)],
-            "dev-1 before its grant and dev-2; dev-9 has no assignment"
+            [("no_consent", 2), ("reattributed", 1)],
+            "dev-1 before its grant and dev-2; dev-9 is no longer in the registry"
         );
 
         // Withdrawn 30 s after the grant's start, reloaded: the same batch again.
@@ -475,7 +556,7 @@ pub(crate) mod tests {
         );
         assert_eq!(
             withheld.counts(),
-            [("no_consent", 2), ("withdrawn", 1), ("unassigned", 1)]
+            [("no_consent", 2), ("withdrawn", 1), ("reattributed", 1)]
         );
     }
 
@@ -492,7 +573,7 @@ pub(crate) mod tests {
         gov.pseudonym = Some(PurposePseudonym::new([7; 32], Purpose::Research));
         let (sent, _) = gov.apply(&batch()).expect("govern");
         let expected = vitalmq_policies::Pseudonymiser::new([7; 32])
-            .pseudonym("pt", Some("research"))
+            .pseudonym("pt-a", Some("research"))
             .expect("pseudonym");
         assert_eq!(
             sent.records[0].normalized_json,
@@ -502,28 +583,83 @@ pub(crate) mod tests {
         );
         assert_ne!(
             Some(expected),
-            PurposePseudonym::new([7; 32], Purpose::ModelTraining).of("pt"),
+            PurposePseudonym::new([7; 32], Purpose::ModelTraining).of("pt-a"),
             "another purpose, another pseudonym"
         );
     }
 
-    /// Care sees every assigned event whole, without waiting.
+    /// Care sees every recorded event whole, without waiting: the clinical record is
+    /// what ingest attributed, whatever the registry says later.
     #[test]
-    fn a_care_sink_gets_every_assigned_event_whole() {
-        let (_tx, rx) = watch::channel(registry(None));
+    fn a_care_sink_gets_every_recorded_event_whole() {
+        let (tx, rx) = watch::channel(registry(None));
         let gov = SinkGovernance::new(Purpose::Care, Fields::All, rx);
         assert_eq!(gov.settle, Duration::ZERO);
         let batch = batch();
-        let (sent, withheld) = gov.apply(&batch).expect("govern");
-        assert_eq!(sent.records, batch.records[..4]);
-        assert_eq!(withheld.counts(), [("unassigned", 1)]);
-        let assigned = Batch {
-            first: 1,
-            last: 4,
-            records: batch.records[..4].to_vec(),
-        };
-        let (as_is, withheld) = gov.judge(&assigned).expect("govern");
+        let (as_is, withheld) = gov.judge(&batch).expect("govern");
         assert!(as_is.is_none(), "delivered as it is, without a copy");
         assert!(withheld.is_empty());
+        // Backdated: dev-1 reassigned to another patient from 2025 on. Care still
+        // gets every event, as recorded.
+        tx.send(reassigned("pt-z", "north")).expect("reload");
+        let (as_is, withheld) = gov.judge(&batch).expect("govern");
+        assert!(as_is.is_none());
+        assert!(withheld.is_empty(), "{withheld:?}");
+        // An allow-list minimises care but withholds nothing.
+        let gov = SinkGovernance::new(
+            Purpose::Care,
+            Fields::Only(["m"].map(String::from).into()),
+            gov.registry.clone(),
+        );
+        let (sent, withheld) = gov.apply(&batch).expect("govern");
+        assert_eq!(sent.records.len(), 5);
+        assert!(withheld.is_empty());
+    }
+
+    /// The registry of [`registry`] with `dev-1`'s assignment (and its research grant)
+    /// naming `patient` on `site` instead: a backdated reassignment.
+    fn reassigned(patient: &str, site: &str) -> Arc<DeviceRegistry> {
+        let text = registry(None).to_toml();
+        let text = text.replacen(
+            "patient_ref = \"pt-a\"",
+            &format!("patient_ref = \"{patient}\""),
+            1,
+        );
+        let text = if site == "north" {
+            text
+        } else {
+            text.replacen("site = \"north\"", &format!("site = \"{site}\""), 1)
+        };
+        Arc::new(DeviceRegistry::parse(&text, std::path::Path::new("r.toml")).expect("registry"))
+    }
+
+    /// A backdated reassignment: events stored as `pt-a` never flow under the grant of
+    /// whoever the registry names now, nor when the site changed; they are withheld as
+    /// `reattributed`. Events stored as the patient the registry still names flow.
+    #[test]
+    fn a_research_sink_never_sends_an_event_under_another_patients_consent() {
+        let (tx, rx) = watch::channel(reassigned("pt-z", "north"));
+        let gov = SinkGovernance::new(Purpose::Research, Fields::All, rx);
+        let batch = Batch {
+            first: 1,
+            last: 2,
+            records: vec![
+                record(1, "dev-1", JAN_2026 + 1_000),
+                attributed(2, "dev-1", "pt-z", JAN_2026 + 2_000),
+            ],
+        };
+        let (sent, withheld) = gov.apply(&batch).expect("govern");
+        assert_eq!(
+            sent.records.iter().map(|r| r.position).collect::<Vec<_>>(),
+            [2],
+            "only the event recorded as the patient whose grant covers it"
+        );
+        assert_eq!(withheld.counts(), [("reattributed", 1)]);
+        assert_eq!(Reason::Reattributed.as_str(), "reattributed");
+
+        tx.send(reassigned("pt-a", "south")).expect("reload");
+        let (sent, withheld) = gov.apply(&batch).expect("govern");
+        assert!(sent.records.is_empty(), "another site, another attribution");
+        assert_eq!(withheld.counts(), [("reattributed", 2)]);
     }
 }

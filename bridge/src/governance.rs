@@ -10,7 +10,8 @@
 use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
-use vitalmq_policies::{Consent, Pseudonymiser, Purpose, UnixMillis};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::{Consent, DeviceRegistry, Pseudonymiser, Purpose, UnixMillis, Use};
 
 /// The top-level fields of a normalized event (`vitalmq-event/v1`, see
 /// [`crate::normalize`]): what a field allow-list may name.
@@ -104,6 +105,14 @@ pub enum Reason {
     /// The device served no patient at the observation time (before its first
     /// assignment, between two, or retired): there is no consent of anyone to flow under.
     Unassigned,
+    /// The registry in force no longer attributes the observation time to the patient
+    /// and site the stored record names (a backdated reassignment, unassignment or
+    /// retirement, or a device removed): the consent of whoever the registry names now
+    /// is not the recorded patient's, so nothing flows to a purpose other than care.
+    Reattributed,
+    /// A clinical alert change some of whose evidence readings are not in the store:
+    /// when they were observed, and so whose consent covered them, cannot be told.
+    EvidenceMissing,
 }
 
 impl Reason {
@@ -113,6 +122,8 @@ impl Reason {
             Reason::NoConsent => "no_consent",
             Reason::Withdrawn => "withdrawn",
             Reason::Unassigned => "unassigned",
+            Reason::Reattributed => "reattributed",
+            Reason::EvidenceMissing => "evidence_missing",
         }
     }
 }
@@ -133,6 +144,42 @@ pub fn decide(consent: Option<&Consent>, purpose: Purpose, observed_at: UnixMill
         Flow::Withheld(Reason::Withdrawn)
     } else {
         Flow::Withheld(Reason::NoConsent)
+    }
+}
+
+/// Whether a record attributed at ingest to `recorded` (its `patient_ref` and site;
+/// `None`: it names no patient), observed by `device` at `observed_at`, may flow to a
+/// sink or handler serving `purpose` under `registry` as it stands now.
+///
+/// Care always flows: the care record is every event as attributed at ingest (which
+/// already refused what no assignment covered), whatever the registry says later. Any
+/// other purpose flows only under the consent of the recorded patient: the assignment
+/// at `observed_at` must still name that patient and site ([`Reason::Reattributed`]
+/// otherwise), and its consent must cover the purpose then ([`decide`]).
+pub fn judge_recorded(
+    registry: &DeviceRegistry,
+    device: &str,
+    recorded: Option<(&str, &str)>,
+    purpose: Purpose,
+    observed_at: UnixMillis,
+) -> Flow {
+    if purpose == Purpose::Care {
+        return Flow::Send;
+    }
+    let Some((patient, site)) = recorded else {
+        return Flow::Withheld(Reason::Unassigned);
+    };
+    let Ok(id) = DeviceId::new(device) else {
+        return Flow::Withheld(Reason::Unassigned);
+    };
+    match registry.assignment_at(&id, observed_at).map(|a| &a.serves) {
+        Some(Use::Assigned {
+            patient_ref,
+            site: now_site,
+        }) if patient_ref == patient && now_site.as_str() == site => {
+            decide(registry.consent_at(&id, observed_at), purpose, observed_at)
+        }
+        _ => Flow::Withheld(Reason::Reattributed),
     }
 }
 
@@ -276,8 +323,7 @@ impl Withheld {
 }
 
 /// What one sink may receive of `records`: those `flow` lets through (in the bridge:
-/// [`decide`] on the consent the registry in force holds for the record's device at
-/// its observation time), each minimised to `fields` and, when `pseudonym` is given
+/// [`judge_recorded`] under the registry in force), each minimised to `fields` and, when `pseudonym` is given
 /// and `fields` allows `patient_ref`, with `patient_ref` replaced through it; and the
 /// count of the others per reason.
 pub fn govern<'a, R, F>(
@@ -288,12 +334,12 @@ pub fn govern<'a, R, F>(
 ) -> Result<(Vec<R>, Withheld), MinimiseError>
 where
     R: Governed + Clone + 'a,
-    F: Fn(&str, UnixMillis) -> Flow,
+    F: Fn(&R) -> Flow,
 {
     let mut kept = Vec::new();
     let mut withheld = Withheld::default();
     for r in records {
-        match flow(r.device(), r.observed_at()) {
+        match flow(r) {
             Flow::Withheld(reason) => withheld.add(reason),
             Flow::Send => {
                 let mut r = r.clone();

@@ -39,6 +39,9 @@ pub enum OpsKind {
     AckRefused,
     /// The fleet-wide count of devices with an open `no-data` alert.
     NoData,
+    /// The last reload of the device registry failed: consent may be out of date, so
+    /// sinks and alert handlers of purposes other than care are paused.
+    RegistryStale,
 }
 
 impl OpsKind {
@@ -58,6 +61,7 @@ impl OpsKind {
             Self::Dropped => "dropped",
             Self::AckRefused => "ack_refused",
             Self::NoData => "no_data",
+            Self::RegistryStale => "registry_stale",
         }
     }
 }

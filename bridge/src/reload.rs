@@ -44,7 +44,7 @@ pub fn watch_rules(
     let watcher = file_watcher(&path, trigger.clone());
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::spawn(async move {
-        while next_trigger(&mut triggers, &mut hup, tx.closed()).await {
+        while next_trigger(&mut triggers, &mut hup, tx.closed(), None).await {
             let old = tx.borrow().sha256().to_owned();
             let path2 = path.clone();
             let loaded = tokio::task::spawn_blocking(move || RuleSet::load(&path2)).await;
@@ -103,10 +103,13 @@ pub fn watch_rules(
 /// Waits for a file change or SIGHUP, then lets an editor finish writing and swallows
 /// the burst of events it made; false once nobody reads what is reloaded (`stop`).
 /// Without a file watcher (`triggers` closed at once) SIGHUP still reloads.
+///
+/// With `poll`, it also fires when that long passed without either.
 async fn next_trigger(
     triggers: &mut mpsc::Receiver<()>,
     hup: &mut Option<tokio::signal::unix::Signal>,
     stop: impl std::future::Future<Output = ()>,
+    poll: Option<Duration>,
 ) -> bool {
     tokio::pin!(stop);
     let mut watching = !triggers.is_closed();
@@ -123,6 +126,7 @@ async fn next_trigger(
                 None => watching = false,
             },
             Some(()) = fired => break,
+            () = tokio::time::sleep(poll.unwrap_or(Duration::MAX)), if poll.is_some() => break,
             () = &mut stop => return false,
         }
     }
@@ -171,24 +175,52 @@ pub fn load_registry(path: &std::path::Path) -> Result<LoadedRegistry, PolicyErr
 #[derive(Debug)]
 pub struct RegistryWatch {
     pub registry: watch::Receiver<Arc<DeviceRegistry>>,
+    /// True while the last reload attempt failed (the file unreadable, invalid, or
+    /// naming another trust domain): the registry in force may hold a consent since
+    /// withdrawn, so sinks and handlers of purposes other than care pause (fail
+    /// closed) until a reload succeeds. Care goes on under the registry in force.
+    pub stale: watch::Receiver<bool>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
+
+/// How often the registry file is read again while the last reload failed, or when
+/// there is no file watcher (a change would otherwise wait for SIGHUP).
+pub const REGISTRY_POLL: Duration = Duration::from_secs(2);
 
 /// Starts watching the registry at `path` (already loaded as `initial`). The
 /// `vitalmq registry` commands write it by rename, which the directory watch sees; a
 /// registry that does not validate is refused whole and the one in force stays.
+///
+/// Without a file watcher the file is read every [`REGISTRY_POLL`]; while the last
+/// reload failed, too, so a fixed file is picked up even if no change is seen.
 pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) -> RegistryWatch {
     let (tx, rx) = watch::channel(initial.registry);
+    let (stale_tx, stale_rx) = watch::channel(false);
     let (trigger, mut triggers) = mpsc::channel::<()>(1);
     let watcher = file_watcher(&path, trigger.clone());
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut in_force = initial.sha256;
+    let watched = watcher.is_some();
     tokio::spawn(async move {
-        while next_trigger(&mut triggers, &mut hup, tx.closed()).await {
+        loop {
+            let poll = (!watched || *stale_tx.borrow()).then_some(REGISTRY_POLL);
+            if !next_trigger(&mut triggers, &mut hup, tx.closed(), poll).await {
+                break;
+            }
             let path2 = path.clone();
-            match tokio::task::spawn_blocking(move || load_registry(&path2)).await {
+            // Fail closed until this attempt succeeds.
+            let loaded = tokio::task::spawn_blocking(move || load_registry(&path2)).await;
+            let refused = !matches!(&loaded, Ok(Ok(l)) if l.registry.trust_domain() == tx.borrow().trust_domain());
+            // Stale at once on a failure; fresh only once the new registry is in force,
+            // so nothing paused resumes under the old one.
+            let fresh = || stale_tx.send_if_modified(|stale| std::mem::replace(stale, false));
+            if refused {
+                stale_tx.send_if_modified(|stale| !std::mem::replace(stale, true));
+            }
+            match loaded {
                 Ok(Ok(loaded)) => {
                     if loaded.sha256 == in_force {
+                        fresh();
                         continue;
                     }
                     let domain = tx.borrow().trust_domain().clone();
@@ -223,6 +255,7 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
                     );
                     in_force = loaded.sha256;
                     let _ = tx.send(loaded.registry);
+                    fresh();
                 }
                 Ok(Err(e)) => {
                     error!(registry = %path.display(), error = %e, "device registry refused; the registry in force stays");
@@ -242,7 +275,45 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
     drop(trigger);
     RegistryWatch {
         registry: rx,
+        stale: stale_rx,
         _watcher: watcher,
+    }
+}
+
+/// Raises `ops/bridge/registry_stale` while `stale` is true (the last reload of the
+/// registry at `path` failed) and resolves it when a reload succeeds; runs until the
+/// registry watch ends.
+pub async fn report_stale(
+    mut stale: watch::Receiver<bool>,
+    path: PathBuf,
+    ops: mpsc::UnboundedSender<crate::ops::OpsAlert>,
+) {
+    let mut episodes = crate::ops::Episodes::default();
+    let subject = "registry";
+    loop {
+        let now = crate::recorder::now_ms();
+        let alert = if *stale.borrow_and_update() {
+            let mut details = serde_json::Map::new();
+            details.insert("registry".into(), path.display().to_string().into());
+            error!(registry = %path.display(), "registry reload failed: sinks and alert handlers of purposes other than care are paused until a reload succeeds");
+            episodes.raise(
+                crate::ops::OpsKind::RegistryStale,
+                subject,
+                "registry_reload_failed",
+                details,
+                now,
+            )
+        } else {
+            episodes
+                .resolve(crate::ops::OpsKind::RegistryStale, subject, now)
+                .inspect(|_| info!(registry = %path.display(), "registry reloaded: paused sinks and alert handlers resume"))
+        };
+        if let Some(a) = alert {
+            let _ = ops.send(a);
+        }
+        if stale.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -353,14 +424,81 @@ mod tests {
 
         // A broken file and one naming another trust domain: refused, audited, and
         // the registry in force stays.
+        assert!(!*watch.stale.borrow(), "reloaded: not stale");
         replace(&path, "format = \"vitalmq-registry/v2\"\ntrust_domain = ");
         let line = audited(&log, "invalid_registry").await;
         assert!(line.contains("policy_rejected"), "{line}");
+        stale_turns(&mut watch.stale, true).await;
         replace(&path, &registry_text(&key, "other.vitalmq", "pt-c"));
         audited(&log, "trust_domain_changed").await;
         assert!(!watch.registry.has_changed().expect("open"));
         assert_eq!(patient(&watch.registry.borrow()), "pt-b");
+        assert!(*watch.stale.borrow(), "still not reloaded: still stale");
+
+        // Fixed: reloaded, no longer stale.
+        replace(&path, &registry_text(&key, "test.vitalmq", "pt-d"));
+        stale_turns(&mut watch.stale, false).await;
+        assert_eq!(patient(&watch.registry.borrow()), "pt-d");
         drop(audit);
+    }
+
+    /// Waits until the registry watch's `stale` is `want`.
+    async fn stale_turns(stale: &mut tokio::sync::watch::Receiver<bool>, want: bool) {
+        tokio::time::timeout(Duration::from_secs(10), stale.wait_for(|s| *s == want))
+            .await
+            .expect("in time")
+            .expect("watch open");
+    }
+
+    /// An unreadable registry is a failed reload too: stale until it can be read
+    /// again, which the watch notices by itself (it polls while stale), and the
+    /// operational alert opens and resolves with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_registry_is_stale_until_read_again_and_raises_an_ops_alert() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.toml");
+        let key = SigningKey::generate(Algorithm::EdDsa)
+            .expect("key")
+            .verifying_key()
+            .to_hex();
+        std::fs::write(&path, registry_text(&key, "test.vitalmq", "pt-a")).expect("write");
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let initial = load_registry(&path).expect("valid");
+        let mut watch = watch_registry(path.clone(), initial, audit.auditor());
+        let (ops_tx, mut ops_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(super::report_stale(
+            watch.stale.clone(),
+            path.clone(),
+            ops_tx,
+        ));
+
+        // Root reads anything: make it unreadable by making it a directory's name.
+        let moved = dir.path().join("registry.saved");
+        std::fs::rename(&path, &moved).expect("move away");
+        std::fs::create_dir(&path).expect("a directory in its place");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        stale_turns(&mut watch.stale, true).await;
+        let open = tokio::time::timeout(Duration::from_secs(10), ops_rx.recv())
+            .await
+            .expect("in time")
+            .expect("an alert");
+        assert_eq!(
+            (open.topic().as_str(), open.state),
+            ("ops/bridge/registry_stale", "open")
+        );
+
+        // Put back: reloaded, no longer stale.
+        std::fs::remove_dir(&path).expect("rmdir");
+        std::fs::hard_link(&moved, &path).expect("link back");
+        stale_turns(&mut watch.stale, false).await;
+        let resolved = tokio::time::timeout(Duration::from_secs(10), ops_rx.recv())
+            .await
+            .expect("in time")
+            .expect("an alert");
+        assert_eq!(resolved.state, "resolved");
+        assert_eq!(resolved.alert_id, open.alert_id);
     }
 
     /// SIGHUP alone reloads: the file is changed where the watcher does not look (a

@@ -156,9 +156,7 @@ fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
             name,
             path: Some(path),
             ..
-        } => objects(
-            ObjectStoreSink::local(name.clone(), path)?.with_raw(config.fields().allows_raw()),
-        ),
+        } => objects(ObjectStoreSink::local(name.clone(), path)?.with_fields(&config.fields())),
         SinkConfig::Objects {
             name, s3: Some(s3), ..
         } => {
@@ -182,7 +180,7 @@ fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
                         prefix: s3.prefix.clone(),
                     },
                 )?
-                .with_raw(config.fields().allows_raw()),
+                .with_fields(&config.fields()),
             )
         }
         SinkConfig::Objects { name, .. } => return Err(RunError::SinkTarget(name.clone())),
@@ -329,6 +327,7 @@ pub async fn run(
         governance.pseudonym = pseudonym_key
             .filter(|_| s.pseudonymised())
             .map(|k| PurposePseudonym::new(k, s.purpose()));
+        governance.stale = Some(registry_watch.stale.clone());
         sinks.push((sink, drain_settings(s), governance));
     }
     let bridge_identity = format!("spiffe://{}/bridge/{}", registry.trust_domain(), config.id);
@@ -354,6 +353,11 @@ pub async fn run(
     let (client, eventloop) = mqtt::client(options, 4096);
 
     let (ops_tx, ops_rx) = mpsc::unbounded_channel::<OpsAlert>();
+    tokio::spawn(crate::reload::report_stale(
+        registry_watch.stale.clone(),
+        config.registry.clone(),
+        ops_tx.clone(),
+    ));
     let (incoming_tx, incoming_rx) = mpsc::unbounded_channel::<Inbound>();
     let (batch_tx, batch_rx) = mpsc::channel::<Work<AckToken>>(2);
     let (done_tx, done_rx) = mpsc::unbounded_channel::<Recorded<AckToken>>();
@@ -401,6 +405,7 @@ pub async fn run(
                     pseudonym: pseudonym_key
                         .filter(|_| w.pseudonymised())
                         .map(|k| PurposePseudonym::new(k, w.purpose)),
+                    stale: Some(registry_watch.stale.clone()),
                 });
             handlers.push(
                 Handler::webhook(w.name.clone(), w.url.clone(), signer)?.governed(governance),

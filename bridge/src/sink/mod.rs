@@ -53,6 +53,22 @@ pub struct OutboxRecord {
     pub normalized_json: String,
 }
 
+impl OutboxRecord {
+    /// The patient and site the event was attributed to at ingest (its `patient_ref`,
+    /// read from the normalized event, and its site); `None` when it names no patient.
+    pub fn recorded(&self) -> Option<(std::borrow::Cow<'_, str>, &str)> {
+        #[derive(serde::Deserialize)]
+        struct Attributed<'a> {
+            #[serde(borrow)]
+            patient_ref: Option<std::borrow::Cow<'a, str>>,
+        }
+        serde_json::from_str::<Attributed<'_>>(&self.normalized_json)
+            .ok()?
+            .patient_ref
+            .map(|p| (p, self.site.as_str()))
+    }
+}
+
 impl crate::governance::Governed for OutboxRecord {
     fn device(&self) -> &str {
         &self.device

@@ -37,6 +37,19 @@
 //! events of the records consent let through (a batch's objects may then hold fewer
 //! records than its range, or none: a range wholly withheld writes nothing).
 //!
+//! Object names minimise too ([`ObjectStoreSink::with_fields`], [`PartitionBy`]): a sink
+//! whose allow-list does not name `site` has no `site={site}/` level, one that does not
+//! name `device` no `device={device}/` level; the `date=` level is always there. So a
+//! research sink allowed neither writes
+//!
+//! ```text
+//! {prefix}/normalized/date={date}/{first:020}-{last:020}.ndjson
+//! ```
+//!
+//! one object per reception date of each batch, its records of every site and device
+//! together in outbox order. The names still derive only from the batch range and the
+//! partition key, so delivery stays idempotent.
+//!
 //! # Invariants
 //!
 //! * Object names derive only from the batch range and the records' partition keys, and
@@ -77,6 +90,7 @@ use vitalmq_envelope::DeviceId;
 use vitalmq_policies::SiteId;
 
 use super::{Batch, OutboxRecord, Sink, SinkError, SinkFailure};
+use crate::governance::Fields;
 
 /// How many PUTs of one batch run at once.
 pub(crate) const PARALLEL_PUTS: usize = 8;
@@ -174,6 +188,8 @@ pub struct ObjectStoreSink {
     local: Option<LocalRoot>,
     /// Whether the `raw/` objects are written (see [`Self::with_raw`]).
     raw: bool,
+    /// Which identifying levels object names carry (see [`Self::with_fields`]).
+    partition_by: PartitionBy,
 }
 
 /// The local filesystem behind a sink, to `fsync` what it wrote.
@@ -211,6 +227,7 @@ impl ObjectStoreSink {
             prefix,
             local: None,
             raw: true,
+            partition_by: PartitionBy::ALL,
         })
     }
 
@@ -279,6 +296,7 @@ impl ObjectStoreSink {
             prefix: ObjectPath::default(),
             local: None,
             raw: true,
+            partition_by: PartitionBy::ALL,
         }
     }
 
@@ -288,6 +306,15 @@ impl ObjectStoreSink {
     /// from its events (see `crate::governance::RAW_FIELD`).
     pub fn with_raw(mut self, raw: bool) -> Self {
         self.raw = raw;
+        self
+    }
+
+    /// The sink as its field allow-list makes it: `raw/` objects only if `fields`
+    /// names `raw` ([`Self::with_raw`]), and `site=` and `device=` levels in object
+    /// names only if `fields` names `site` and `device` ([`PartitionBy::allowed_by`]).
+    pub fn with_fields(mut self, fields: &Fields) -> Self {
+        self.raw = fields.allows_raw();
+        self.partition_by = PartitionBy::allowed_by(fields);
         self
     }
 
@@ -356,7 +383,7 @@ impl ObjectStoreSink {
     }
 
     async fn deliver_batch(&self, batch: &Batch) -> Result<(), SinkError> {
-        let partitions = partition(batch).map_err(|source| {
+        let partitions = partition(batch, self.partition_by).map_err(|source| {
             SinkError::refused(
                 self.name.clone(),
                 SinkFailure::Batch {
@@ -539,9 +566,37 @@ impl Sink for ObjectStoreSink {
 /// ids that stay inside their path segment.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PartitionKey {
-    site: SiteId,
-    device: DeviceId,
+    /// `None`: the sink does not partition by site (see [`PartitionBy`]).
+    site: Option<SiteId>,
+    /// `None`: the sink does not partition by device.
+    device: Option<DeviceId>,
     date: Date,
+}
+
+/// Which identifying levels a sink's object names carry. A sink whose field allow-list
+/// does not name `site` (or `device`) gets no `site=` (or `device=`) level, so its
+/// object names never tell what its events do not (issue 19, minimisation); the date
+/// level is always there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionBy {
+    pub site: bool,
+    pub device: bool,
+}
+
+impl PartitionBy {
+    /// Both levels: a sink receiving whole events.
+    pub const ALL: Self = Self {
+        site: true,
+        device: true,
+    };
+
+    /// The levels `fields` allows.
+    pub fn allowed_by(fields: &Fields) -> Self {
+        Self {
+            site: fields.allows("site"),
+            device: fields.allows("device"),
+        }
+    }
 }
 
 impl PartitionKey {
@@ -562,26 +617,50 @@ impl PartitionKey {
         let date = OffsetDateTime::from_unix_timestamp_nanos(nanos)
             .map_err(|_| BadRecord::Time)?
             .date();
-        Ok(Self { site, device, date })
+        Ok(Self {
+            site: Some(site),
+            device: Some(device),
+            date,
+        })
     }
 
-    fn of(record: &OutboxRecord) -> Result<Self, BadRecord> {
-        Self::new(&record.site, &record.device, record.received_at_ms)
+    /// The partition of `record` in a sink partitioning `by` (site and device are
+    /// checked whether or not they name a level).
+    fn of(record: &OutboxRecord, by: PartitionBy) -> Result<Self, BadRecord> {
+        Ok(Self::new(&record.site, &record.device, record.received_at_ms)?.within(by))
     }
 
-    /// `site={site}/device={device}/date={YYYY-MM-DD}`.
+    /// The key as a sink partitioning `by` names it (without the levels it leaves out).
+    pub fn within(mut self, by: PartitionBy) -> Self {
+        if !by.site {
+            self.site = None;
+        }
+        if !by.device {
+            self.device = None;
+        }
+        self
+    }
+
+    /// `site={site}/device={device}/date={YYYY-MM-DD}`, without the levels the sink
+    /// does not partition by.
     pub fn name(&self) -> String {
         // The id grammar keeps site and device inside one `key=value` segment (no '/',
         // '=', control characters; never empty or "."/".."). The date of a record's
         // u64 milliseconds is in 1970..=9999 (`PartitionKey::new`), so `{:04}` is exact.
-        format!(
-            "site={}/device={}/date={:04}-{:02}-{:02}",
-            self.site.as_str(),
-            self.device.as_str(),
+        let mut name = String::new();
+        if let Some(site) = &self.site {
+            name.push_str(&format!("site={}/", site.as_str()));
+        }
+        if let Some(device) = &self.device {
+            name.push_str(&format!("device={}/", device.as_str()));
+        }
+        name.push_str(&format!(
+            "date={:04}-{:02}-{:02}",
             self.date.year(),
             u8::from(self.date.month()),
             self.date.day(),
-        )
+        ));
+        name
     }
 }
 
@@ -627,7 +706,10 @@ struct Partition {
 
 /// Checks the batch and groups its records into partitions, keeping outbox order within
 /// each. Errors name the record (position and event id) and the rule, not its values.
-fn partition(batch: &Batch) -> Result<BTreeMap<PartitionKey, Partition>, BadBatch> {
+fn partition(
+    batch: &Batch,
+    by: PartitionBy,
+) -> Result<BTreeMap<PartitionKey, Partition>, BadBatch> {
     if batch.first < 0 || batch.first > batch.last {
         return Err(BadBatch::NotARange);
     }
@@ -646,7 +728,7 @@ fn partition(batch: &Batch) -> Result<BTreeMap<PartitionKey, Partition>, BadBatc
             return Err(at(BadRecord::Order));
         }
         previous = Some(record.position);
-        let key = PartitionKey::of(record).map_err(at)?;
+        let key = PartitionKey::of(record, by).map_err(at)?;
         if record.normalized_json.is_empty() || record.normalized_json.contains('\n') {
             return Err(at(BadRecord::Normalized));
         }

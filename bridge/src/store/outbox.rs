@@ -327,6 +327,15 @@ impl Store {
             > 0;
         if moved {
             add_withheld(&tx, sink, "sink", withheld).map_err(err)?;
+        } else {
+            // Already past `last`: a pending range that ends at or before the cursor
+            // is delivered already; left in place it would be planned again forever.
+            tx.execute(
+                "UPDATE sink_cursors SET pending_first = NULL, pending_last = NULL
+                 WHERE sink = ?1 AND pending_last IS NOT NULL AND pending_last <= delivered_through",
+                params![sink],
+            )
+            .map_err(err)?;
         }
         tx.commit().map_err(err)?;
         Ok(moved)

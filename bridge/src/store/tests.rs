@@ -436,6 +436,56 @@ fn audit_cursors_are_per_sink_and_log_keep_the_pending_segment_and_survive_reope
 /// Issue 19: withheld counts are added in the transaction that advances the cursor, so
 /// a batch confirmed again (its first cursor advance committed, the drain did not learn
 /// it, or a retry after a failed advance) is counted once.
+/// A pending range the cursor is already past (delivered, then planned again) is
+/// cleared by the confirmation that finds the cursor past it, so it is not planned
+/// (and delivered) again forever; a newer pending range stays.
+#[test]
+fn a_confirmation_behind_the_cursor_clears_a_stale_pending_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = Store::open(dir.path()).expect("open");
+    commit_events(&mut store, 10);
+    store.register_sink("study").expect("register");
+    let batch = store.next_batch("study", 4).expect("plan").expect("batch");
+    assert!(
+        store
+            .batch_delivered_withheld("study", batch.last, &[])
+            .expect("delivered")
+    );
+    let raw = rusqlite::Connection::open(dir.path().join(crate::store::DB_FILE)).expect("db");
+    raw.execute(
+        "UPDATE sink_cursors SET pending_first = ?1, pending_last = ?2 WHERE sink = 'study'",
+        rusqlite::params![batch.first, batch.last],
+    )
+    .expect("a stale pending range");
+    assert_eq!(
+        store.cursor("study").expect("cursor").pending,
+        Some((batch.first, batch.last))
+    );
+    assert!(
+        !store
+            .batch_delivered_withheld("study", batch.last, &[("withdrawn", 1)])
+            .expect("again"),
+        "the cursor does not move"
+    );
+    assert_eq!(store.cursor("study").expect("cursor").pending, None);
+    let next = store.next_batch("study", 4).expect("plan").expect("batch");
+    assert_eq!(
+        next.first,
+        batch.last + 1,
+        "the next range, not the stale one"
+    );
+    assert!(
+        !store
+            .batch_delivered_withheld("study", batch.last, &[])
+            .expect("old")
+    );
+    assert_eq!(
+        store.cursor("study").expect("cursor").pending,
+        Some((next.first, next.last)),
+        "a newer pending range stays"
+    );
+}
+
 #[test]
 fn withheld_counts_are_added_with_the_cursor_once_per_batch() {
     let dir = tempfile::tempdir().expect("tempdir");

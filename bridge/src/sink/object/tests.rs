@@ -154,6 +154,53 @@ async fn partitions_by_site_device_and_utc_date_with_names_from_the_range() {
     );
 }
 
+/// A sink whose allow-list names neither `site` nor `device` writes names with only
+/// the date level (no raw objects without `raw`); one naming `device` only, no `site=`
+/// level; names stay the same on a retry.
+#[tokio::test]
+async fn a_restricted_sink_partitions_only_by_what_its_fields_allow() {
+    use crate::governance::Fields;
+    let only = |f: &[&str]| Fields::Only(f.iter().map(|s| (*s).to_owned()).collect());
+    let sink = prefixed_sink().with_fields(&only(&["m", "observed_at"]));
+    let batch = mixed_batch();
+    sink.deliver(&batch).await.expect("delivered");
+    let names = sink.list_objects("").await.expect("list");
+    assert_eq!(
+        names,
+        [
+            format!("{PREFIX}/normalized/date=2025-03-01/{RANGE}.ndjson"),
+            format!("{PREFIX}/normalized/date=2025-03-02/{RANGE}.ndjson"),
+        ]
+    );
+    let first = snapshot(&sink).await;
+    let lines = first[&names[0]]
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count();
+    assert_eq!(lines, 5, "every site and device of the date, in one object");
+    sink.deliver(&batch).await.expect("again");
+    assert_eq!(snapshot(&sink).await, first, "idempotent");
+
+    let sink = prefixed_sink().with_fields(&only(&["device", "raw"]));
+    sink.deliver(&batch).await.expect("delivered");
+    let names = sink.list_objects("").await.expect("list");
+    assert!(names.iter().all(|n| !n.contains("site=")), "{names:?}");
+    assert!(
+        names.contains(&format!(
+            "{PREFIX}/raw/device=dev-c/date=2025-03-02/{RANGE}.cborseq"
+        )),
+        "{names:?}"
+    );
+
+    let sink = prefixed_sink().with_fields(&Fields::All);
+    sink.deliver(&batch).await.expect("delivered");
+    assert_eq!(
+        sink.list_objects("").await.expect("list").len(),
+        10,
+        "whole events: every level"
+    );
+}
+
 #[tokio::test]
 async fn ndjson_lines_and_cborseq_items_are_the_records_in_order() {
     let sink = prefixed_sink();
