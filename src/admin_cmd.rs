@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use serde_json::Value;
-use vitalmq_admin::backend::{Acting, Backend, BackendError, Record, Rows};
+use vitalmq_admin::backend::{Acting, Backend, BackendError, Record, Rows, ScopeCheck};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{DeviceRegistry, Use};
 
@@ -166,17 +166,16 @@ impl Backend for LocalBackend {
         let history = registry
             .history(&id)
             .ok_or_else(|| BackendError::NotFound(format!("device {device}")))?;
-        Ok(history
-            .periods()
-            .iter()
-            .filter_map(|a| match &a.serves {
-                Use::Assigned { site, .. } => Some(site.to_string()),
-                Use::Retired => None,
-            })
-            .collect())
+        Ok(registry_cmd::sites_of(history))
     }
 
-    fn change(&self, device: &str, change: Value, acting: &Acting) -> Result<Value, BackendError> {
+    fn change(
+        &self,
+        device: &str,
+        change: Value,
+        acting: &Acting,
+        scope: Option<&ScopeCheck>,
+    ) -> Result<Value, BackendError> {
         let change: Change = serde_json::from_value(change)
             .map_err(|e| BackendError::Refused(format!("not a registry change: {e}")))?;
         let actor = Actor {
@@ -184,8 +183,22 @@ impl Backend for LocalBackend {
             role: Some(acting.role.clone()),
             purpose: Some(acting.purpose.clone()),
         };
-        let applied = registry_cmd::apply(&self.registry, device, &change, &actor)
-            .map_err(|e| BackendError::Refused(format!("{e:#}")))?;
+        let scope = scope.map(|check| check as registry_cmd::ScopeCheck<'_>);
+        let applied = registry_cmd::apply_scoped(&self.registry, device, &change, &actor, scope)
+            .map_err(|e| {
+                if let Some(out) = e.downcast_ref::<registry_cmd::OutsideScope>() {
+                    BackendError::OutsideScope(out.0.clone())
+                } else if e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<vitalmq_private_fs::DirLockError>(),
+                        Some(vitalmq_private_fs::DirLockError::Busy { .. })
+                    )
+                }) {
+                    BackendError::Busy(format!("{e:#}"))
+                } else {
+                    BackendError::Refused(format!("{e:#}"))
+                }
+            })?;
         json(&applied)
     }
 

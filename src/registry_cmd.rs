@@ -8,9 +8,11 @@
 //! the directory synced), after checking that the new text loads. Broker and bridge
 //! pick it up on their next registry reload. Concurrent changes of one registry take
 //! turns: each holds an exclusive `flock` on the registry's directory from reading the
-//! file until the new one is in place ([`vitalmq_private_fs::lock_dir`], the lock
-//! `vitalmq certs issue` takes too; the file itself is replaced, so it cannot carry
-//! the lock).
+//! file until the new one is in place ([`vitalmq_private_fs::lock_dir_timeout`], the
+//! lock `vitalmq certs issue` takes too; the file itself is replaced, so it cannot
+//! carry the lock). A holder that keeps it past [`LOCK_TIMEOUT`] (a stuck writer)
+//! makes the change fail, audited ([`vitalmq_private_fs::DirLockError::Busy`]; 503
+//! through the admin API), rather than wait for ever.
 //!
 //! [`apply`] is the one place a change happens, for the CLI (acting as the local
 //! service account) and for the admin API (acting as an authenticated operator): every
@@ -31,7 +33,7 @@ use vitalmq_policies::{
     Assignment, DeviceRegistry, Grant, History, PSEUDONYM_PREFIX, Period, PrincipalId, Purpose,
     SiteId, UnixMillis, Use, format_rfc3339, parse_rfc3339,
 };
-use vitalmq_private_fs::{dir_of, lock_dir};
+use vitalmq_private_fs::{dir_of, lock_dir_timeout};
 
 use crate::operator_audit;
 
@@ -248,9 +250,53 @@ impl RegistryCommand {
     }
 }
 
+/// Longest wait for the registry's lock before a change gives up.
+pub const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether the acting caller's scope allows a change of a device that served these
+/// sites (`None`: a device the registry does not know): `Some(why)` refuses it.
+pub type ScopeCheck<'a> = &'a dyn Fn(Option<&[String]>) -> Option<String>;
+
+/// A change refused by the [`ScopeCheck`] it was applied under.
+#[derive(Debug)]
+pub struct OutsideScope(pub String);
+
+impl std::fmt::Display for OutsideScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OutsideScope {}
+
+/// Every site the device of `history` was ever assigned to (its scope for changes).
+pub fn sites_of(history: &History) -> Vec<String> {
+    history
+        .periods()
+        .iter()
+        .filter_map(|a| match &a.serves {
+            Use::Assigned { site, .. } => Some(site.to_string()),
+            Use::Retired => None,
+        })
+        .collect()
+}
+
 /// Applies `change` to `device` in the registry file `path` as `actor`: an audited
 /// operator action; refused changes leave the file untouched.
 pub fn apply(path: &Path, device: &str, change: &Change, actor: &Actor) -> anyhow::Result<Applied> {
+    apply_scoped(path, device, change, actor, None)
+}
+
+/// [`apply`], refused with [`OutsideScope`] when `scope` refuses the device's sites as
+/// read under the registry's lock (so a change made meanwhile cannot move the device
+/// out of the caller's scope between the check and the change).
+pub fn apply_scoped(
+    path: &Path,
+    device: &str,
+    change: &Change,
+    actor: &Actor,
+    scope: Option<ScopeCheck<'_>>,
+) -> anyhow::Result<Applied> {
     let mut action = operator_audit::Action::new(change.action(), audit_log(path))
         .resource(Some(format!("device/{device}")))
         .detail("registry", operator_audit::absolute(path));
@@ -270,7 +316,7 @@ pub fn apply(path: &Path, device: &str, change: &Change, actor: &Actor) -> anyho
         }
         Change::Unassign { .. } | Change::Retire { .. } => {}
     }
-    action.run(|| change_file(path, device, change))
+    action.run(|| change_file(path, device, change, scope))
 }
 
 /// Fewest characters after [`PSEUDONYM_PREFIX`] in a patient reference.
@@ -315,14 +361,17 @@ fn change_file(
     path: &Path,
     device: &str,
     change: &Change,
+    scope: Option<ScopeCheck<'_>>,
 ) -> anyhow::Result<(Applied, Map<String, Value>)> {
     let device = DeviceId::new(device.to_owned()).with_context(|| format!("--device {device}"))?;
-    let _turn = lock_dir(dir_of(path))?;
+    let _turn = lock_dir_timeout(dir_of(path), LOCK_TIMEOUT)?;
     let mut registry = DeviceRegistry::load(path)?;
-    let before = registry
-        .history(&device)
-        .cloned()
-        .with_context(|| format!("device `{device}` is not in {}", path.display()))?;
+    let before = registry.history(&device).cloned();
+    if let Some(why) = scope.and_then(|check| check(before.as_ref().map(sites_of).as_deref())) {
+        return Err(OutsideScope(why).into());
+    }
+    let before =
+        before.with_context(|| format!("device `{device}` is not in {}", path.display()))?;
     let grants_before = grants(&registry, &device, &before);
     let at = match change {
         Change::Assign {

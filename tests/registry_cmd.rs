@@ -290,6 +290,24 @@ fn an_unknown_device_or_a_bad_pseudonym_changes_nothing() {
 /// Eight operators at once, each unassigning another device: every change is in the
 /// file afterwards (none lost to a read-modify-write race).
 #[test]
+fn a_change_gives_up_on_a_registry_locked_past_the_deadline() {
+    let dir = temp_dir("registry-cmd-stuck");
+    let reg = dir.path().join("registry.toml");
+    std::fs::write(&reg, V1).expect("write v1");
+    // A stuck writer: this test holds the registry directory's lock throughout.
+    let held = vitalmq_private_fs::lock_dir(dir.path()).expect("lock");
+    let started = std::time::Instant::now();
+    refused(&reg, &["unassign"], "stayed locked by another writer");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < TIMEOUT,
+        "gave up after its deadline, not before and not never: {waited:?}"
+    );
+    drop(held);
+    ok(&reg, &["unassign"]);
+}
+
+#[test]
 fn concurrent_changes_take_turns() {
     let dir = temp_dir("registry-cmd-race");
     let reg = dir.path().join("registry.toml");
@@ -538,6 +556,24 @@ fn certs_issue_and_registry_changes_take_turns() {
             loaded.assignment_at(&dev, t).is_none(),
             "{id}'s unassignment was lost:\n{}",
             text()
+        );
+    }
+    // Every issued certificate is in the CA's index: concurrent issues each read the
+    // index under the lock, so none saves over another's entry.
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(pki.join("ca/index.json")).expect("the CA index"),
+    )
+    .expect("index JSON");
+    let ids: Vec<&str> = index["certs"]
+        .as_array()
+        .expect("certs")
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    for id in &issued {
+        assert!(
+            ids.contains(&id.as_str()),
+            "issued {id} is not in the index: {ids:?}"
         );
     }
 }

@@ -41,7 +41,7 @@ use vitalmq_policies::{AdminAction, Grantee, Scope, SiteId};
 
 use crate::access::{BREAK_GLASS_HEADER, Caller, PURPOSE_HEADER, RolesFile, statement};
 use crate::audit::{AdminAudit, Entry};
-use crate::backend::{Acting, Backend, BackendError, Record, Rows};
+use crate::backend::{Acting, Backend, BackendError, Record, Rows, ScopeCheck};
 use crate::ops_alert::{BreakGlass, OpsOutbox};
 
 /// What the routes share.
@@ -370,6 +370,8 @@ async fn failed(app: &App, caller: &Caller, mut entry: Entry, e: BackendError) -
     let (status, reason) = match &e {
         BackendError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
         BackendError::Refused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "failed"),
+        BackendError::OutsideScope(_) => (StatusCode::FORBIDDEN, "outside_scope"),
+        BackendError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         BackendError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
     };
     entry.reason = reason.to_owned();
@@ -696,6 +698,16 @@ async fn change(
         Ok(d) => d,
         Err(refused) => return refused,
     };
+    // The scope is checked twice: here, so a change outside it is refused before its
+    // `allowed` record, and by the backend on the registry it reads under its lock,
+    // so a change made meanwhile cannot move the device out of scope unnoticed.
+    let scope: Option<Box<ScopeCheck>> = (decided.grantee.role.scope == Scope::Sites).then(|| {
+        let grantee = decided.grantee.clone();
+        let target = parsed.as_ref().and_then(assign_target).map(str::to_owned);
+        Box::new(move |sites: Option<&[String]>| {
+            change_outside_scope(&grantee, action, target.as_deref(), sites).map(str::to_owned)
+        }) as Box<ScopeCheck>
+    });
     if decided.grantee.role.scope == Scope::Sites {
         let target = parsed.as_ref().and_then(assign_target);
         let backend = Arc::clone(&app.backend);
@@ -728,7 +740,7 @@ async fn change(
     }
     let backend = Arc::clone(&app.backend);
     let body = parsed.unwrap_or(Value::Null);
-    let result = blocking(move || backend.change(&device, body, &acting)).await;
+    let result = blocking(move || backend.change(&device, body, &acting, scope.as_deref())).await;
     finish(&app, &caller, started, result).await
 }
 
@@ -886,10 +898,29 @@ mod tests {
                 "dev-a" => Ok(vec!["site-01".into()]),
                 "dev-b" => Ok(vec!["site-01".into(), "site-02".into()]),
                 "dev-new" => Ok(vec![]),
+                "dev-moved" | "dev-locked" => Ok(vec!["site-01".into()]),
                 _ => Err(BackendError::NotFound(format!("device {device}"))),
             }
         }
-        fn change(&self, device: &str, _: Value, _: &Acting) -> Result<Value, BackendError> {
+        fn change(
+            &self,
+            device: &str,
+            _: Value,
+            _: &Acting,
+            scope: Option<&ScopeCheck>,
+        ) -> Result<Value, BackendError> {
+            // `dev-moved` was moved to site-02 between the API's scope check and the
+            // change: the registry read under the lock says so.
+            let sites = match device {
+                "dev-moved" => Ok(vec!["site-01".into(), "site-02".into()]),
+                _ => self.device_sites(device),
+            };
+            if let Some(why) = scope.and_then(|check| check(sites.ok().as_deref())) {
+                return Err(BackendError::OutsideScope(why));
+            }
+            if device == "dev-locked" {
+                return Err(BackendError::Busy("the registry stayed locked".into()));
+            }
             self.changes
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1048,6 +1079,46 @@ role = "admin"
             .filter(|r| r["reason"] == "refused:outside_scope")
             .count();
         assert_eq!(refused, 7, "each refusal audited");
+    }
+
+    #[tokio::test]
+    async fn the_scope_is_checked_again_on_what_the_backend_reads_under_its_lock() {
+        let rig = Rig::new();
+        // dev-moved served only site-01 when the API looked, site-02 too by the time
+        // the backend holds the lock: refused, not changed.
+        let (status, answer) = rig
+            .change("sam", "dev-moved", json!({"change": "unassign"}))
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+        assert_eq!(answer["reason"], "outside_scope");
+        assert!(rig.changed().is_empty());
+        // A role of all sites has no scope to check.
+        assert_eq!(
+            rig.change("adam", "dev-moved", assign("site-02")).await.0,
+            StatusCode::OK
+        );
+        let outcomes: Vec<_> = rig
+            .audit()
+            .iter()
+            .map(|r| r["reason"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(
+            outcomes,
+            ["allowed", "outside_scope", "allowed", "succeeded"],
+            "the refusal is the audited outcome of the allowed call"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_registry_locked_past_its_deadline_answers_503_audited() {
+        let rig = Rig::new();
+        let (status, answer) = rig.change("adam", "dev-locked", assign("site-01")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+        assert_eq!(answer["reason"], "busy");
+        let audit = rig.audit();
+        let last = audit.last().expect("records");
+        assert_eq!(last["reason"], "busy", "{audit:?}");
+        assert_eq!(last["details"]["status"], 503, "{last}");
     }
 
     #[tokio::test]

@@ -39,10 +39,23 @@ pub enum BackendError {
     /// 422): an overlapping assignment, an unknown purpose, an unauthorised lookup.
     #[error("{0}")]
     Refused(String),
+    /// The caller's scope, checked again by the backend on what it read under the
+    /// registry's lock, does not cover the change (HTTP 403, `outside_scope`).
+    #[error("{0}")]
+    OutsideScope(String),
+    /// The backend is busy (a registry lock held past its deadline); nothing was done
+    /// and the call may be repeated (HTTP 503).
+    #[error("{0}")]
+    Busy(String),
     /// The backend could not do it (HTTP 500).
     #[error("{0}")]
     Failed(String),
 }
+
+/// Whether the caller's scope allows a change of a device that served these sites
+/// (`None`: a device the registry does not know): `Some(why)` refuses it. The backend
+/// runs it on the registry as read under the lock the change is made under.
+pub type ScopeCheck = dyn Fn(Option<&[String]>) -> Option<String> + Send + Sync;
 
 /// The data behind the API.
 pub trait Backend: Send + Sync + 'static {
@@ -52,8 +65,15 @@ pub trait Backend: Send + Sync + 'static {
     fn trace(&self, id: &str) -> Result<Record, BackendError>;
     /// Every site the device was ever assigned to (its scope for changes).
     fn device_sites(&self, device: &str) -> Result<Vec<String>, BackendError>;
-    /// Applies a registry change (`{"change": "assign", ...}`) to `device`.
-    fn change(&self, device: &str, change: Value, acting: &Acting) -> Result<Value, BackendError>;
+    /// Applies a registry change (`{"change": "assign", ...}`) to `device`, refused
+    /// with [`BackendError::OutsideScope`] when `scope` (if given) refuses it.
+    fn change(
+        &self,
+        device: &str,
+        change: Value,
+        acting: &Acting,
+        scope: Option<&ScopeCheck>,
+    ) -> Result<Value, BackendError>;
     /// The enrolment id behind a pseudonym.
     fn reid_lookup(&self, pseudonym: &str, acting: &Acting) -> Result<Value, BackendError>;
 }

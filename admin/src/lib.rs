@@ -16,14 +16,26 @@
 //! - [`api`]: the routes.
 //!
 //! Architecture invariants:
-//! - nothing is served unaudited: every answer, a handler's or one axum or an extractor
-//!   makes (405, 400, 408, 413), leaves only once its record is on disk; when the log
-//!   cannot be written the answer is 503 and serves nothing;
+//! - nothing is served unaudited: every answer that reaches the router, a handler's
+//!   or one axum or an extractor makes (405, 400, 408, 413), leaves only once its
+//!   record is on disk; when the log cannot be written the answer is 503 and serves
+//!   nothing. Not audited, because hyper answers them itself before any request
+//!   exists (no data is served): a malformed request head (400), an oversized one
+//!   (431), a head not read within [`HEADER_READ_TIMEOUT`] (the connection is closed),
+//!   and an operator's connection closed because no operator slot freed within that
+//!   time (logged). A refused or timed-out TLS handshake is audited (`connect`);
 //! - a call refused for its caller, role, purpose or request never reaches the
 //!   [`backend::Backend`];
 //! - a change or re-identification reaches the backend only once its `allowed` record
 //!   is on disk (its outcome is recorded after); for a site-scoped role the registry is
-//!   read first (`device_sites`) to decide the scope;
+//!   read first (`device_sites`) to decide the scope, and the backend checks the scope
+//!   again on the registry it reads under its lock, before changing anything
+//!   ([`backend::ScopeCheck`]; refused: 403 `outside_scope`, the call's outcome);
+//! - a change whose registry lock stays held past its deadline answers 503 `busy`,
+//!   its outcome audited;
+//! - connections are capped in two: [`MAX_HANDSHAKES`] before the peer has shown an
+//!   operator certificate, [`MAX_CONNECTIONS`] operators' calls after, so peers that
+//!   never finish a handshake cannot keep an operator out;
 //! - a read reaches the backend before its record, because the scope is decided on
 //!   the sites of what was read: a read refused for its scope was read, never served.
 #![forbid(unsafe_code)]
@@ -38,4 +50,6 @@ pub mod ops_alert;
 mod server;
 
 pub use config::{AdminConfig, ConfigError};
-pub use server::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, ServeError, serve};
+pub use server::{
+    HANDSHAKE_TIMEOUT, HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_HANDSHAKES, ServeError, serve,
+};

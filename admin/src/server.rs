@@ -3,10 +3,15 @@
 //! A refused handshake is audited (`action` `connect`, the TLS refusal reason) where
 //! the server sees it.
 //!
-//! A silent or slow peer cannot hold the server: the handshake, the request head
-//! ([`HEADER_READ_TIMEOUT`]) and the body ([`crate::api::BODY_READ_TIMEOUT`]) each have
-//! a deadline, and at most [`MAX_CONNECTIONS`] connections are served at once (more
-//! wait in the listen backlog).
+//! A silent or slow peer cannot hold the server: the handshake ([`HANDSHAKE_TIMEOUT`]),
+//! the request head ([`HEADER_READ_TIMEOUT`]) and the body
+//! ([`crate::api::BODY_READ_TIMEOUT`]) each have a deadline. Two caps bound what is
+//! held at once: at most [`MAX_HANDSHAKES`] connections that have not yet shown an
+//! operator certificate (in their handshake, or served a refusal for a certificate
+//! that is not an operator's), and at most [`MAX_CONNECTIONS`] operators' calls. A
+//! peer without a certificate of the trust domain's operators can take only the
+//! first, larger cap, so plain TCP connects, however many, never keep an operator
+//! out of the second (more connections wait in the listen backlog).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,11 +33,16 @@ use crate::config::AdminConfig;
 use crate::edge::Edge;
 use crate::ops_alert::OpsOutbox;
 
-/// Time a client has to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to finish its TLS handshake (a local operator's takes
+/// milliseconds).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to send its request head once the handshake is done.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once (handshakes included).
+/// Connections held at once before their peer showed an operator certificate: in the
+/// TLS handshake, waiting for an operator slot, or served (a refusal) under a
+/// certificate that is not an operator's.
+pub const MAX_HANDSHAKES: usize = 512;
+/// Operators' calls served at once (after a handshake with an operator certificate).
 pub const MAX_CONNECTIONS: usize = 64;
 
 /// Why the server did not start or stopped.
@@ -78,18 +88,19 @@ pub async fn serve(
     tracing::info!(%addr, audit_log = %config.audit_log.display(), "admin API listening (mTLS)");
     ready(addr);
     tokio::pin!(stop);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        if slots.available_permits() == 0 {
+        if handshakes.available_permits() == 0 {
             tracing::warn!(
-                max = MAX_CONNECTIONS,
-                "admin API at its connection limit; new connections wait"
+                max = MAX_HANDSHAKES,
+                "admin API at its limit of connections in handshake; new connections wait"
             );
         }
-        let slot = tokio::select! {
+        let handshake = tokio::select! {
             () = &mut stop => return Ok(()),
-            slot = Arc::clone(&slots).acquire_owned() => {
-                slot.expect("the connection semaphore is never closed")
+            permit = Arc::clone(&handshakes).acquire_owned() => {
+                permit.expect("the handshake semaphore is never closed")
             }
         };
         let (tcp, peer) = tokio::select! {
@@ -108,8 +119,8 @@ pub async fn serve(
         let router = router.clone();
         let app = Arc::clone(&app);
         let trust_domain = trust_domain.clone();
+        let slots = Arc::clone(&slots);
         tokio::spawn(async move {
-            let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -138,6 +149,25 @@ pub async fn serve(
                     cert_serial: known.as_ref().map(|k| k.serial_hex.clone()),
                     addr: peer,
                 }
+            };
+            // An operator's call moves to an operator slot (waiting for one at most
+            // as long as a request head may take); anything else is refused by the
+            // API under the handshake permit it holds.
+            let _permit = if caller.operator().is_some() {
+                let Ok(Ok(slot)) =
+                    tokio::time::timeout(HEADER_READ_TIMEOUT, slots.acquire_owned()).await
+                else {
+                    tracing::warn!(
+                        max = MAX_CONNECTIONS,
+                        %peer,
+                        "admin API at its operator connection limit; connection closed"
+                    );
+                    return;
+                };
+                drop(handshake);
+                slot
+            } else {
+                handshake
             };
             let service = TowerToHyperService::new(router.layer(Extension(Arc::new(caller))));
             if let Err(e) = http(tls, service).await {

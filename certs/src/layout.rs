@@ -19,9 +19,10 @@
 //! Invariants: a private key is created with mode 0600 from the start (never widened
 //! then narrowed), and nothing is ever silently overwritten: certificates and keys are
 //! created with `create_new`; only the CA's own state files (index, CRL, registry) are
-//! replaced, atomically, by a rename; the registry, which `vitalmq registry` and the
-//! admin API change too, only under the lock on its directory
-//! ([`vitalmq_private_fs::lock_dir`]), read again under it.
+//! replaced, atomically, by a rename, and only under the lock on the PKI directory
+//! ([`vitalmq_private_fs::lock_dir`], the lock `vitalmq registry` and the admin API
+//! take to change the registry), each read again under it: concurrent `certs issue`
+//! and `revoke` runs take turns and none loses another's index entry.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write as _;

@@ -96,7 +96,7 @@ impl Pki {
             ca: fleet.ca,
             index,
         };
-        pki.write_crl(now)?;
+        pki.sign_crl(now)?;
         Ok(InitSummary {
             devices: fleet.device_keys.len(),
             es256_devices: fleet
@@ -133,6 +133,9 @@ impl Pki {
     /// Issues one identity; a device also gets a COSE key and a registry entry, a
     /// gateway or integrator a registry binding to its site. Refuses to replace anything.
     pub fn issue(&mut self, req: &IssueRequest) -> Result<IndexEntry, CertsError> {
+        // Held until the index (and registry) changes are in place; every check below
+        // is made on the state read under it.
+        let _turn = self.take_turn()?;
         let needs_site = matches!(req.role, Role::Device | Role::Gateway | Role::Integrator);
         let site = match (&req.site, needs_site) {
             (Some(site), true) => Some(site.clone()),
@@ -163,16 +166,11 @@ impl Pki {
         }
 
         // The registry change is prepared (and checked) before anything is written,
-        // under the lock every registry writer takes (`vitalmq registry`, the admin API)
-        // and held until the changed registry is in place: the registry is read under
-        // it, so a consent or assignment change made meanwhile is kept, not overwritten.
+        // under the turn taken above (the lock every registry writer takes: `vitalmq
+        // registry`, the admin API), held until the changed registry is in place: the
+        // registry is read under it, so a consent or assignment change made meanwhile
+        // is kept, not overwritten.
         let registry_path = self.layout.registry();
-        let _turn = match (&site, req.role) {
-            (Some(_), _) | (None, Role::Operator) => Some(vitalmq_private_fs::lock_dir(
-                vitalmq_private_fs::dir_of(&registry_path),
-            )?),
-            (None, _) => None,
-        };
         let registry = match (site, req.role) {
             (Some(site), _) => Some(self.registry_with(req, site)?),
             // Operators are enrolled in the registry too (no site): the broker admits
@@ -286,14 +284,32 @@ impl Pki {
         reason: Reason,
         now: OffsetDateTime,
     ) -> Result<IndexEntry, CertsError> {
+        let _turn = self.take_turn()?;
         let revoked = self.index.revoke(target, now, reason)?.clone();
-        self.write_crl(now)?;
+        self.sign_crl(now)?;
         Ok(revoked)
+    }
+
+    /// Takes the PKI's turn (the lock on its directory, the one the registry's writers
+    /// take: the registry is `<dir>/registry.toml`) and reads the index again under
+    /// it: the index read by [`Pki::open`] may be stale by now, and saving a change
+    /// made to it would drop what a concurrent `certs issue` or `revoke` added.
+    fn take_turn(&mut self) -> Result<vitalmq_private_fs::DirLock, CertsError> {
+        let turn = vitalmq_private_fs::lock_dir(self.layout.root())?;
+        let index_path = self.layout.index();
+        self.index = Index::parse(&layout::read(&index_path)?, &index_path)?;
+        Ok(turn)
     }
 
     /// Signs a fresh CRL of everything revoked so far (number + 1), valid for
     /// [`DEFAULT_CRL_DAYS`], then saves the index. Also used to refresh an ageing CRL.
     pub fn write_crl(&mut self, now: OffsetDateTime) -> Result<u64, CertsError> {
+        let _turn = self.take_turn()?;
+        self.sign_crl(now)
+    }
+
+    /// [`Pki::write_crl`] for a caller that holds the turn.
+    fn sign_crl(&mut self, now: OffsetDateTime) -> Result<u64, CertsError> {
         let number = self.index.crl_number + 1;
         let pem = self
             .ca

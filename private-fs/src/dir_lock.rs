@@ -7,7 +7,9 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 /// Why the lock could not be taken.
@@ -23,6 +25,9 @@ pub enum DirLockError {
         path: PathBuf,
         source: nix::errno::Errno,
     },
+    /// Another holder kept the lock past the deadline (a stuck or slow writer).
+    #[error("{} stayed locked by another writer for {waited:?}; try again later", path.display())]
+    Busy { path: PathBuf, waited: Duration },
 }
 
 /// An exclusive lock on a directory, held until dropped.
@@ -43,6 +48,42 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, DirLockError> {
             source,
         })?;
     Ok(DirLock { _lock: lock })
+}
+
+/// Longest pause between two tries of [`lock_dir_timeout`].
+const MAX_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Holds an exclusive lock on `dir`, trying until `deadline` has passed: a holder that
+/// is stuck makes this fail with [`DirLockError::Busy`] rather than wait for ever
+/// (and with it everything waiting behind this caller).
+pub fn lock_dir_timeout(dir: &Path, deadline: Duration) -> Result<DirLock, DirLockError> {
+    let started = Instant::now();
+    let mut file = File::open(dir).map_err(|source| DirLockError::Open {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(DirLock { _lock: lock }),
+            Err((back, Errno::EWOULDBLOCK | Errno::EINTR)) => file = back,
+            Err((_, source)) => {
+                return Err(DirLockError::Lock {
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
+        }
+        let waited = started.elapsed();
+        if waited >= deadline {
+            return Err(DirLockError::Busy {
+                path: dir.to_path_buf(),
+                waited,
+            });
+        }
+        std::thread::sleep(pause.min(deadline - waited));
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
+    }
 }
 
 /// The directory `file` is in (`.` for a bare file name), to pass to [`lock_dir`].
@@ -69,6 +110,21 @@ mod tests {
         assert!(!try_lock(dir.path()), "a second holder must wait");
         drop(held);
         assert!(try_lock(dir.path()), "free once released");
+    }
+
+    #[test]
+    fn a_held_lock_times_out_busy_and_is_taken_once_free() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = lock_dir(dir.path()).expect("first");
+        let deadline = Duration::from_millis(200);
+        let started = Instant::now();
+        let busy = lock_dir_timeout(dir.path(), deadline);
+        assert!(matches!(busy, Err(DirLockError::Busy { .. })), "{busy:?}");
+        assert!(started.elapsed() >= deadline, "tried until the deadline");
+        drop(held);
+        let taken = lock_dir_timeout(dir.path(), deadline).expect("free once released");
+        assert!(!try_lock(dir.path()), "and held");
+        drop(taken);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod dir_lock;
-pub use dir_lock::{DirLock, DirLockError, dir_of, lock_dir};
+pub use dir_lock::{DirLock, DirLockError, dir_of, lock_dir, lock_dir_timeout};
 
 /// Mode of the directories vitalmq creates.
 pub(crate) const DIR_MODE: u32 = 0o700;
