@@ -17,7 +17,8 @@
 //!
 //! Only a device assigned to a patient now (the assignment in force at the bridge's
 //! clock) is watched, and its alerts name that assignment's patient and site (issue
-//! 19). When the watched assignment ends (unassigned, retired or reassigned), an open
+//! 19); an episode keeps the patient and site it opened for, and its resolution
+//! (`data_resumed` or `unassigned`) names those. When the watched assignment ends (unassigned, retired or reassigned), an open
 //! episode is resolved with reason `unassigned` naming the patient it was about
 //! ([`SilenceState::on_unassigned`]), and the watch starts over for the next assignment,
 //! if any. SPEC 5.1 names no reason for a resolution; `data_resumed` and `unassigned`
