@@ -475,17 +475,28 @@ pub(crate) mod tests {
     }
 
     /// A stop sender dropped without sending stops a paused sink; it must not spin.
-    #[tokio::test(start_paused = true)]
-    async fn a_paused_sink_stops_when_the_stop_sender_is_gone() {
-        let (_stale_tx, stale) = watch::channel(true);
-        let (stop_tx, mut stop) = watch::channel(false);
-        drop(stop_tx);
-        let fresh = tokio::time::timeout(
-            Duration::from_secs(60),
-            registry_fresh(Some(&stale), "sink", &mut stop),
-        )
-        .await;
-        assert_eq!(fresh, Ok(false), "stopped, not spinning");
+    /// Judged from another thread: a spinning wait never yields to a timer.
+    #[test]
+    fn a_paused_sink_stops_when_the_stop_sender_is_gone() {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime");
+            let fresh = rt.block_on(async {
+                let (_stale_tx, stale) = watch::channel(true);
+                let (stop_tx, mut stop) = watch::channel(false);
+                drop(stop_tx);
+                registry_fresh(Some(&stale), "sink", &mut stop).await
+            });
+            let _ = done_tx.send(fresh);
+        });
+        assert_eq!(
+            done.recv_timeout(Duration::from_secs(10)),
+            Ok(false),
+            "stopped, not spinning"
+        );
     }
 
     pub(crate) const JAN_2026: u64 = 1_767_225_600_000;
