@@ -977,13 +977,18 @@ fn a_resolution_after_a_reassignment_names_the_patient_the_episode_was_about() {
         .commit
         .alerts
         .iter()
-        .filter(|a| a.rule.as_deref() == Some("no-data") && a.device.as_deref() == Some("dev-00002"))
+        .filter(|a| {
+            a.rule.as_deref() == Some("no-data") && a.device.as_deref() == Some("dev-00002")
+        })
         .collect();
     assert_eq!(resolved.len(), 1, "{:?}", resumed.commit.alerts);
     let b = body(resolved[0]);
     assert_eq!(b["state"], "resolved");
     assert_eq!(b["alert_id"], open["alert_id"]);
-    assert_eq!(b["patient_ref"], "pt-7f3a", "the patient the episode was about");
+    assert_eq!(
+        b["patient_ref"], "pt-7f3a",
+        "the patient the episode was about"
+    );
     assert_eq!(b["site"], "site-01");
     assert!(
         resolved[0].topic.starts_with("alerts/site-01/"),
