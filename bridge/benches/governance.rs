@@ -46,7 +46,7 @@ fn registry() -> DeviceRegistry {
             "[[devices]]\nid = \"dev-{n:05}\"\nalg = \"EdDSA\"\npublic_key = \"{key}\"\n\
              [[devices.assignments]]\nvalid_from = \"2025-01-01T00:00:00Z\"\n\
              patient_ref = \"pt-{n:08x}\"\nsite = \"north\"\n\
-             consent = [{{ purpose = \"care\", valid_from = \"2025-01-01T00:00:00Z\" }}, \
+             consent = [{{ purpose = \"surveillance\", valid_from = \"2025-01-01T00:00:00Z\" }}, \
              {{ purpose = \"research\", valid_from = \"2025-06-01T00:00:00Z\" }}]\n"
         ));
     }
