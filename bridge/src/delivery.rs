@@ -1099,6 +1099,23 @@ mod tests {
         (url, count)
     }
 
+    /// A log writer into a shared buffer.
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     async fn until(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::timeout(Duration::from_secs(20), async {
             while !done() {
@@ -1229,7 +1246,15 @@ mod tests {
                 ..Commit::default()
             })
             .expect("commit");
-        let watching = stale_tx.receiver_count();
+        // The pause is seen in the handler's log (this runtime runs on this thread).
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let captured = Arc::clone(&logs);
+        let _logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_writer(move || Captured(Arc::clone(&captured)))
+                .finish(),
+        );
         let task = tokio::spawn(run_handler(
             handler,
             Arc::clone(&store),
@@ -1240,9 +1265,9 @@ mod tests {
             stop,
         ));
         feed.wake.notify_one();
-        // The handler waits on the staleness: it holds one more receiver of it.
         until("the handler pauses", || {
-            stale_tx.receiver_count() > watching
+            String::from_utf8_lossy(&logs.lock().expect("logs"))
+                .contains("registry stale: delivery paused until a reload succeeds")
         })
         .await;
         assert_eq!(

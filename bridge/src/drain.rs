@@ -326,9 +326,14 @@ pub(crate) async fn registry_fresh(
         tokio::select! {
             changed = stale.changed() => if changed.is_err() {
                 // The watch ended (shutting down): look again in a while.
-                let _ = tokio::time::timeout(Duration::from_secs(1), stop.changed()).await;
+                if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), stop.changed()).await {
+                    return false;
+                }
             },
-            _ = stop.changed() => {}
+            // A stop sender dropped without sending is a stop too (else this spins).
+            changed = stop.changed() => if changed.is_err() {
+                return false;
+            },
         }
     }
 }
@@ -467,6 +472,31 @@ pub(crate) mod tests {
         Arc::new(
             DeviceRegistry::parse(&text, std::path::Path::new("registry.toml")).expect("registry"),
         )
+    }
+
+    /// A stop sender dropped without sending stops a paused sink; it must not spin.
+    /// Judged from another thread: a spinning wait never yields to a timer.
+    #[test]
+    fn a_paused_sink_stops_when_the_stop_sender_is_gone() {
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime");
+            let fresh = rt.block_on(async {
+                let (_stale_tx, stale) = watch::channel(true);
+                let (stop_tx, mut stop) = watch::channel(false);
+                drop(stop_tx);
+                registry_fresh(Some(&stale), "sink", &mut stop).await
+            });
+            let _ = done_tx.send(fresh);
+        });
+        assert_eq!(
+            done.recv_timeout(Duration::from_secs(10)),
+            Ok(false),
+            "stopped, not spinning"
+        );
     }
 
     pub(crate) const JAN_2026: u64 = 1_767_225_600_000;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info};
+use tracing::{debug, error, info};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Decision, Event};
 use vitalmq_policies::{DeviceRegistry, PolicyErrors, RuleSet};
 
@@ -201,6 +201,9 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut in_force = initial.sha256;
     let watched = watcher.is_some();
+    // The refusal last logged and audited: while stale the file is polled, and the
+    // same refusal found again is not news (it would chain a record every poll).
+    let mut refused_last: Option<Refusal> = None;
     tokio::spawn(async move {
         loop {
             let poll = (!watched || *stale_tx.borrow()).then_some(REGISTRY_POLL);
@@ -209,7 +212,18 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
             }
             let path2 = path.clone();
             // Fail closed until this attempt succeeds.
-            let loaded = tokio::task::spawn_blocking(move || load_registry(&path2)).await;
+            let loaded = tokio::task::spawn_blocking(move || {
+                let loaded = load_registry(&path2);
+                // What was refused, to tell a new refusal from the same one again.
+                let digest = loaded.is_err().then(|| {
+                    std::fs::read(&path2)
+                        .ok()
+                        .map(|b| hex::encode(Sha256::digest(&b)))
+                });
+                (loaded, digest.flatten())
+            })
+            .await
+            .map(|(loaded, digest)| loaded.map_err(|e| (e, digest)));
             let refused = !matches!(&loaded, Ok(Ok(l)) if l.registry.trust_domain() == tx.borrow().trust_domain());
             // Stale at once on a failure; fresh only once the new registry is in force,
             // so nothing paused resumes under the old one.
@@ -220,11 +234,20 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
             match loaded {
                 Ok(Ok(loaded)) => {
                     if loaded.sha256 == in_force {
+                        refused_last = None;
                         fresh();
                         continue;
                     }
                     let domain = tx.borrow().trust_domain().clone();
                     if loaded.registry.trust_domain() != &domain {
+                        let refusal = Refusal::TrustDomain {
+                            sha256: loaded.sha256.clone(),
+                        };
+                        if refused_last.as_ref() == Some(&refusal) {
+                            debug!(registry = %path.display(), "device registry still names another trust domain");
+                            continue;
+                        }
+                        refused_last = Some(refusal);
                         // The bridge's own identity and every SPIFFE check were made
                         // for the domain it started with.
                         error!(registry = %path.display(), "device registry names another trust domain; the registry in force stays (restart to change it)");
@@ -254,10 +277,20 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
                             .detail("devices", devices),
                     );
                     in_force = loaded.sha256;
+                    refused_last = None;
                     let _ = tx.send(loaded.registry);
                     fresh();
                 }
-                Ok(Err(e)) => {
+                Ok(Err((e, sha256))) => {
+                    let refusal = Refusal::Invalid {
+                        sha256,
+                        error: e.to_string(),
+                    };
+                    if refused_last.as_ref() == Some(&refusal) {
+                        debug!(registry = %path.display(), "device registry still refused");
+                        continue;
+                    }
+                    refused_last = Some(refusal);
                     error!(registry = %path.display(), error = %e, "device registry refused; the registry in force stays");
                     let _ = auditor.record(
                         AuditRecord::new(Component::Bridge, Event::PolicyRejected)
@@ -278,6 +311,19 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
         stale: stale_rx,
         _watcher: watcher,
     }
+}
+
+/// Why a registry reload was refused: the file's SHA-256 (none when it could not be
+/// read) with the error, or the digest of a registry naming another trust domain.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    Invalid {
+        sha256: Option<String>,
+        error: String,
+    },
+    TrustDomain {
+        sha256: String,
+    },
 }
 
 /// Raises `ops/bridge/registry_stale` while `stale` is true (the last reload of the
@@ -440,6 +486,76 @@ mod tests {
         stale_turns(&mut watch.stale, false).await;
         assert_eq!(patient(&watch.registry.borrow()), "pt-d");
         drop(audit);
+    }
+
+    /// Counts the audit records holding `needle` once there are at least `want`,
+    /// waiting (the clock is paused) with a real-time deadline.
+    async fn audited_times(log: &Path, needle: &str, want: usize) -> usize {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let n = text.lines().filter(|l| l.contains(needle)).count();
+            if n >= want {
+                return n;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} audit records with {needle}, not {want}: {text}"
+            );
+            // The paused clock moves on (the watch's timers fire) and so does real time
+            // (the file watcher's thread reports).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(5)))
+                .await
+                .expect("sleep");
+        }
+    }
+
+    /// While stale the watch reads the file every poll; the same refusal found again
+    /// is neither logged nor audited again, a changed file is (and so is a refusal
+    /// after a reload succeeded in between).
+    #[tokio::test(start_paused = true)]
+    async fn a_registry_refused_again_unchanged_is_audited_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("registry.toml");
+        let log = dir.path().join("audit.jsonl");
+        let key = SigningKey::generate(Algorithm::EdDsa)
+            .expect("key")
+            .verifying_key()
+            .to_hex();
+        std::fs::write(&path, registry_text(&key, "test.vitalmq", "pt-a")).expect("write");
+        let audit = vitalmq_audit::AuditLog::open(&log, 64).expect("audit");
+        let initial = load_registry(&path).expect("valid");
+        let mut watch = watch_registry(path.clone(), initial, audit.auditor());
+        let polls = super::REGISTRY_POLL * 30;
+
+        let broken = "format = \"vitalmq-registry/v2\"\ntrust_domain = ";
+        replace(&path, broken);
+        audited_times(&log, "invalid_registry", 1).await;
+        stale_turns(&mut watch.stale, true).await;
+        // Some 27 polls find the same broken file.
+        tokio::time::sleep(polls).await;
+        // Another mistake is news; every record before it is written by then.
+        replace(&path, &format!("# changed\n{broken}"));
+        assert_eq!(audited_times(&log, "invalid_registry", 2).await, 2);
+
+        replace(&path, &registry_text(&key, "other.vitalmq", "pt-c"));
+        audited_times(&log, "trust_domain_changed", 1).await;
+        tokio::time::sleep(polls).await;
+        replace(&path, &registry_text(&key, "other.vitalmq", "pt-d"));
+        assert_eq!(audited_times(&log, "trust_domain_changed", 2).await, 2);
+
+        // Fixed, then the first mistake again: refused anew, so audited again.
+        replace(&path, &registry_text(&key, "test.vitalmq", "pt-e"));
+        stale_turns(&mut watch.stale, false).await;
+        replace(&path, broken);
+        assert_eq!(audited_times(&log, "invalid_registry", 3).await, 3);
+        assert_eq!(
+            audited_times(&log, "trust_domain_changed", 2).await,
+            2,
+            "no repeat of the trust domain refusal"
+        );
+        audit.close().expect("close");
     }
 
     /// Waits until the registry watch's `stale` is `want`.

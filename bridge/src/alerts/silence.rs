@@ -17,7 +17,8 @@
 //!
 //! Only a device assigned to a patient now (the assignment in force at the bridge's
 //! clock) is watched, and its alerts name that assignment's patient and site (issue
-//! 19). When the watched assignment ends (unassigned, retired or reassigned), an open
+//! 19); an episode keeps the patient and site it opened for, and its resolution
+//! (`data_resumed` or `unassigned`) names those. When the watched assignment ends (unassigned, retired or reassigned), an open
 //! episode is resolved with reason `unassigned` naming the patient it was about
 //! ([`SilenceState::on_unassigned`]), and the watch starts over for the next assignment,
 //! if any. SPEC 5.1 names no reason for a resolution; `data_resumed` and `unassigned`
@@ -47,6 +48,13 @@ pub struct SilenceEpisode {
     /// `offline`, `silent` or `refused`.
     pub reason: String,
     pub opened_ms: u64,
+    /// The patient and site the episode was about (the assignment in force when it
+    /// opened): its resolution names them, whatever the registry says by then. `None`
+    /// in states saved before they were kept: the device as the caller gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patient_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<SiteId>,
 }
 
 /// What the bridge knows about a device's silence.
@@ -183,6 +191,8 @@ impl SilenceState {
             severity: policy.silence.severity,
             reason: reason.to_owned(),
             opened_ms: now_ms,
+            patient_ref: Some(entry.patient_ref.clone()),
+            site: Some(entry.site.clone()),
         };
         let expected = policy
             .silence
@@ -205,6 +215,8 @@ impl SilenceState {
             Opened => ("open", ep.reason.as_str()),
             Resolved(why) => ("resolved", why),
         };
+        let site = ep.site.as_ref().unwrap_or(&entry.site);
+        let patient_ref = ep.patient_ref.as_ref().unwrap_or(&entry.patient_ref);
         let mut body = json!({
             "alert_id": ep.alert_id,
             "kind": "clinical",
@@ -214,8 +226,8 @@ impl SilenceState {
             "rule_version": "1",
             "policy_sha256": policy_sha256,
             "device": entry.id.as_str(),
-            "site": entry.site.as_str(),
-            "patient_ref": entry.patient_ref,
+            "site": site.as_str(),
+            "patient_ref": patient_ref,
             "metric": null,
             "value": null,
             "threshold": null,
@@ -241,7 +253,7 @@ impl SilenceState {
             alert_id: ep.alert_id.clone(),
             state: state.to_owned(),
             kind: "clinical",
-            topic: format!("alerts/{}/{}/{}", entry.site, ep.severity, entry.id),
+            topic: format!("alerts/{}/{}/{}", site, ep.severity, entry.id),
             device: entry.id.to_string(),
             rule: Some(NO_DATA_RULE.to_owned()),
             severity: Some(ep.severity),

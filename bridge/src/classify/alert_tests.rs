@@ -941,3 +941,68 @@ fn a_reassigned_device_is_watched_for_its_new_patient() {
     assert_eq!(of_2[0]["patient_ref"], "pt-third-001");
     assert_eq!(of_2[0]["site"], "site-01");
 }
+
+/// A silence episode resolves naming the patient and site it was about: data that
+/// arrives after a reassignment (before any tick saw it) resolves it for the former
+/// patient, not for the one the registry names now.
+#[test]
+fn a_resolution_after_a_reassignment_names_the_patient_the_episode_was_about() {
+    let mut f = fixture();
+    let mut s = sequencer();
+    tick(&f, &mut s, T0);
+    let opened = no_data(&tick(&f, &mut s, T0 + 300_000));
+    let (_, open) = opened
+        .iter()
+        .find(|(d, _)| d == "dev-00002")
+        .expect("dev-00002 silent");
+    assert_eq!(
+        (&open["patient_ref"], &open["site"]),
+        (&serde_json::json!("pt-7f3a"), &serde_json::json!("site-01"))
+    );
+    change(&mut f, "dev-00002", |h| {
+        h.reassign(
+            T0 + 310_000,
+            None,
+            "pt-new-0001".into(),
+            SiteId::new("site-02").expect("site"),
+        )
+    });
+    let resumed = run(
+        &f,
+        &mut s,
+        vec![vitals(&f, "dev-00002", 0, 97.0, T0 + 320_000)],
+        T0 + 320_000,
+    );
+    let resolved: Vec<&NewAlert> = resumed
+        .commit
+        .alerts
+        .iter()
+        .filter(|a| {
+            a.rule.as_deref() == Some("no-data") && a.device.as_deref() == Some("dev-00002")
+        })
+        .collect();
+    assert_eq!(resolved.len(), 1, "{:?}", resumed.commit.alerts);
+    let b = body(resolved[0]);
+    assert_eq!(b["state"], "resolved");
+    assert_eq!(b["alert_id"], open["alert_id"]);
+    assert_eq!(
+        b["patient_ref"], "pt-7f3a",
+        "the patient the episode was about"
+    );
+    assert_eq!(b["site"], "site-01");
+    assert!(
+        resolved[0].topic.starts_with("alerts/site-01/"),
+        "{}",
+        resolved[0].topic
+    );
+}
+
+/// Silence state saved before episodes kept their patient and site still loads.
+#[test]
+fn an_episode_saved_without_its_patient_still_loads() {
+    let ep: crate::alerts::silence::SilenceEpisode = serde_json::from_str(
+        r#"{"alert_id":"al-1","severity":"urgent","reason":"offline","opened_ms":1}"#,
+    )
+    .expect("old state");
+    assert_eq!((ep.patient_ref, ep.site), (None, None));
+}

@@ -398,7 +398,8 @@ impl Sequencer {
             (None, _) => false,
         };
         if !same {
-            // The episode was about the ended assignment's patient.
+            // The episode was about the ended assignment's patient (it names them
+            // itself; this is for states saved before it did).
             let former = watched
                 .and_then(|w| assigned_at(registry, entry, w))
                 .map_or(Cow::Borrowed(entry), |(e, _)| e);
