@@ -69,9 +69,18 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The routes; the server adds the [`Caller`] of each connection as an extension.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/v1/events", get(events))
-        .route("/v1/alerts", get(alerts))
-        .route("/v1/quarantine", get(quarantine))
+        .route(
+            "/v1/events",
+            get(listing(Rows::Events, AdminAction::EventsRead)),
+        )
+        .route(
+            "/v1/alerts",
+            get(listing(Rows::Alerts, AdminAction::AlertsRead)),
+        )
+        .route(
+            "/v1/quarantine",
+            get(listing(Rows::Quarantine, AdminAction::QuarantineRead)),
+        )
         .route("/v1/trace/:id", get(trace))
         .route("/v1/registry/:device", post(change))
         .route("/v1/reid/lookup", post(reid_lookup))
@@ -384,55 +393,21 @@ async fn failed(app: &App, caller: &Caller, mut entry: Entry, e: BackendError) -
     reply(status, json!({"error": e.to_string(), "reason": reason}))
 }
 
-async fn events(
-    State(app): State<Arc<App>>,
-    Extension(caller): Extension<Arc<Caller>>,
-    headers: HeaderMap,
-    Query(q): Q,
-) -> Response {
-    read(
-        &app,
-        &caller,
-        &headers,
-        &q,
-        Rows::Events,
-        AdminAction::EventsRead,
-    )
-    .await
-}
+/// The answer of a handler made by a function (see [`listing`]).
+type Answering = std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
 
-async fn alerts(
-    State(app): State<Arc<App>>,
-    Extension(caller): Extension<Arc<Caller>>,
-    headers: HeaderMap,
-    Query(q): Q,
-) -> Response {
-    read(
-        &app,
-        &caller,
-        &headers,
-        &q,
-        Rows::Alerts,
-        AdminAction::AlertsRead,
-    )
-    .await
-}
-
-async fn quarantine(
-    State(app): State<Arc<App>>,
-    Extension(caller): Extension<Arc<Caller>>,
-    headers: HeaderMap,
-    Query(q): Q,
-) -> Response {
-    read(
-        &app,
-        &caller,
-        &headers,
-        &q,
-        Rows::Quarantine,
-        AdminAction::QuarantineRead,
-    )
-    .await
+/// The handler of a listing endpoint: `rows` under `action`.
+fn listing(
+    rows: Rows,
+    action: AdminAction,
+) -> impl Fn(State<Arc<App>>, Extension<Arc<Caller>>, HeaderMap, Q) -> Answering
++ Clone
++ Send
++ Sync
++ 'static {
+    move |State(app), Extension(caller), headers, Query(q)| {
+        Box::pin(async move { read(&app, &caller, &headers, &q, rows, action).await })
+    }
 }
 
 async fn trace(
