@@ -410,10 +410,15 @@ impl ObjectStoreSink {
                 })
             });
         }
-        let written: Vec<Vec<ObjectPath>> = futures::stream::iter(puts)
+        // Every put of the attempt settles before this returns, also after a failure:
+        // a local put runs on a blocking thread that dropping its future does not stop,
+        // so returning at the first error would leave writes going on behind the
+        // caller (and behind its retry of the same objects).
+        let settled: Vec<Result<Vec<ObjectPath>, SinkError>> = futures::stream::iter(puts)
             .buffer_unordered(PARALLEL_PUTS)
-            .try_collect()
-            .await?;
+            .collect()
+            .await;
+        let written: Vec<Vec<ObjectPath>> = settled.into_iter().collect::<Result<_, _>>()?;
         if let Some(local) = &self.local {
             self.sync_local(local, written.into_iter().flatten().collect())
                 .await?;
