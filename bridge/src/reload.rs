@@ -3,7 +3,7 @@
 //! names file and line) and what is in force stays; every reload and refusal is audited
 //! with the old and new SHA-256.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,23 +57,14 @@ pub fn watch_rules(
                     if !unknown.is_empty() {
                         error!(rules = %path.display(), unknown = ?unknown, "alert rules name handlers this bridge does not have; the rules in force stay");
                         let _ = auditor.record(
-                            AuditRecord::new(Component::Bridge, Event::PolicyRejected)
-                                .resource(path.display().to_string())
-                                .decision(Decision::Deny)
-                                .policy_sha256(old)
-                                .reason("unknown_handler")
+                            rejected(&path, old, "unknown_handler")
                                 .detail("unknown_handlers", unknown),
                         );
                         continue;
                     }
                     info!(rules = %path.display(), old = %old, new = %rules.sha256(), "alert rules reloaded");
                     let _ = auditor.record(
-                        AuditRecord::new(Component::Bridge, Event::PolicyReloaded)
-                            .resource(path.display().to_string())
-                            .decision(Decision::Allow)
-                            .policy_sha256(rules.sha256())
-                            .detail("old_sha256", old)
-                            .detail("new_sha256", rules.sha256())
+                        reloaded(&path, old, rules.sha256())
                             .detail("rules_version", rules.version()),
                     );
                     let _ = tx.send(Arc::new(rules));
@@ -81,12 +72,7 @@ pub fn watch_rules(
                 Ok(Err(e)) => {
                     error!(rules = %path.display(), error = %e, "alert rules refused; the rules in force stay");
                     let _ = auditor.record(
-                        AuditRecord::new(Component::Bridge, Event::PolicyRejected)
-                            .resource(path.display().to_string())
-                            .decision(Decision::Deny)
-                            .policy_sha256(old)
-                            .reason("invalid_rules")
-                            .detail("error", e.to_string()),
+                        rejected(&path, old, "invalid_rules").detail("error", e.to_string()),
                     );
                 }
                 Err(e) => error!(error = %e, "rule reload task failed"),
@@ -98,6 +84,26 @@ pub fn watch_rules(
         rules: rx,
         _watcher: watcher,
     }
+}
+
+/// The audit record of a policy file refused on reload (`reason`), naming the one that
+/// stays in force.
+fn rejected(path: &Path, in_force: impl Into<String>, reason: &str) -> AuditRecord {
+    AuditRecord::new(Component::Bridge, Event::PolicyRejected)
+        .resource(path.display().to_string())
+        .decision(Decision::Deny)
+        .policy_sha256(in_force)
+        .reason(reason)
+}
+
+/// The audit record of a policy file taken into force on reload.
+fn reloaded(path: &Path, old: impl Into<String>, new: impl Into<String> + Clone) -> AuditRecord {
+    AuditRecord::new(Component::Bridge, Event::PolicyReloaded)
+        .resource(path.display().to_string())
+        .decision(Decision::Allow)
+        .policy_sha256(new.clone())
+        .detail("old_sha256", old.into())
+        .detail("new_sha256", new.into())
 }
 
 /// Waits for a file change or SIGHUP, then lets an editor finish writing and swallows
@@ -252,11 +258,7 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
                         // for the domain it started with.
                         error!(registry = %path.display(), "device registry names another trust domain; the registry in force stays (restart to change it)");
                         let _ = auditor.record(
-                            AuditRecord::new(Component::Bridge, Event::PolicyRejected)
-                                .resource(path.display().to_string())
-                                .decision(Decision::Deny)
-                                .policy_sha256(in_force.clone())
-                                .reason("trust_domain_changed")
+                            rejected(&path, in_force.clone(), "trust_domain_changed")
                                 .detail("new_sha256", loaded.sha256)
                                 .detail(
                                     "new_trust_domain",
@@ -268,12 +270,7 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
                     let devices = loaded.registry.devices().count();
                     info!(registry = %path.display(), old = %in_force, new = %loaded.sha256, devices, "device registry reloaded");
                     let _ = auditor.record(
-                        AuditRecord::new(Component::Bridge, Event::PolicyReloaded)
-                            .resource(path.display().to_string())
-                            .decision(Decision::Allow)
-                            .policy_sha256(loaded.sha256.clone())
-                            .detail("old_sha256", in_force.clone())
-                            .detail("new_sha256", loaded.sha256.clone())
+                        reloaded(&path, in_force.clone(), loaded.sha256.clone())
                             .detail("devices", devices),
                     );
                     in_force = loaded.sha256;
@@ -293,11 +290,7 @@ pub fn watch_registry(path: PathBuf, initial: LoadedRegistry, auditor: Auditor) 
                     refused_last = Some(refusal);
                     error!(registry = %path.display(), error = %e, "device registry refused; the registry in force stays");
                     let _ = auditor.record(
-                        AuditRecord::new(Component::Bridge, Event::PolicyRejected)
-                            .resource(path.display().to_string())
-                            .decision(Decision::Deny)
-                            .policy_sha256(in_force.clone())
-                            .reason("invalid_registry")
+                        rejected(&path, in_force.clone(), "invalid_registry")
                             .detail("error", e.to_string()),
                     );
                 }
