@@ -707,12 +707,10 @@ async fn change(
         }
     }
     let acting = decided.acting();
-    let mut started = decided.entry.clone();
-    started.decision = Decision::Allow;
-    started.reason = "allowed".into();
-    if let Err(e) = app.audit.record(Some(&caller), &started).await {
-        return audit_down(&e);
-    }
+    let started = match record_allowed(&app, &caller, &decided.entry).await {
+        Ok(entry) => entry,
+        Err(down) => return down,
+    };
     let backend = Arc::clone(&app.backend);
     let body = parsed.unwrap_or(Value::Null);
     let result = blocking(move || backend.change(&device, body, &acting, scope.as_deref())).await;
@@ -774,15 +772,25 @@ async fn reid_lookup(
         Err(refused) => return refused,
     };
     let acting = decided.acting();
-    let mut started = decided.entry.clone();
-    started.decision = Decision::Allow;
-    started.reason = "allowed".into();
-    if let Err(e) = app.audit.record(Some(&caller), &started).await {
-        return audit_down(&e);
-    }
+    let started = match record_allowed(&app, &caller, &decided.entry).await {
+        Ok(entry) => entry,
+        Err(down) => return down,
+    };
     let backend = Arc::clone(&app.backend);
     let result = blocking(move || backend.reid_lookup(&pseudonym, &acting)).await;
     finish(&app, &caller, started, result).await
+}
+
+/// Records that a change or re-identification is allowed, before it runs (its outcome
+/// is recorded after); the entry to finish with, or the 503 when the log is down.
+async fn record_allowed(app: &App, caller: &Caller, entry: &Entry) -> Result<Entry, Response> {
+    let mut started = entry.clone();
+    started.decision = Decision::Allow;
+    started.reason = "allowed".into();
+    match app.audit.record(Some(caller), &started).await {
+        Ok(()) => Ok(started),
+        Err(e) => Err(audit_down(&e)),
+    }
 }
 
 fn now_rfc3339() -> String {
