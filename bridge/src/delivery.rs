@@ -62,8 +62,7 @@ use vitalmq_audit::{AuditRecord, Auditor, Component, Event};
 use vitalmq_policies::{DeviceRegistry, Purpose, RuleSet, Severity};
 
 use crate::governance::{
-    Fields, Flow, PATIENT_REF, PurposePseudonym, Reason, Withheld, judge_recorded, minimise,
-    substitute_patient_ref,
+    Fields, Flow, PseudonymOf, PurposePseudonym, Reason, Withheld, judge_recorded, reshape,
 };
 
 use crate::link::LinkError;
@@ -461,14 +460,15 @@ fn govern_alerts(
             }
             Flow::Send => {
                 if governance.fields != Fields::All {
-                    let minimised = minimise(&a.body, &governance.fields).and_then(|body| {
-                        match &governance.pseudonym {
-                            Some(p) if governance.fields.allows(PATIENT_REF) => {
-                                substitute_patient_ref(&body, |care| p.of(care))
-                            }
-                            _ => Ok(body),
-                        }
-                    });
+                    let of = governance
+                        .pseudonym
+                        .as_ref()
+                        .map(|p| move |care: &str| p.of(care));
+                    let minimised = reshape(
+                        &a.body,
+                        &governance.fields,
+                        of.as_ref().map(|f| f as PseudonymOf<'_>),
+                    );
                     match minimised {
                         Ok(body) => a.body = body,
                         Err(e) => {

@@ -264,15 +264,47 @@ pub fn minimise(event_json: &str, fields: &Fields) -> Result<String, MinimiseErr
     if *fields == Fields::All {
         return Ok(event_json.to_owned());
     }
+    reshape(event_json, fields, None)
+}
+
+/// The event minimised to `fields` and, when `pseudonym` is given and `fields` allows
+/// `patient_ref`, with `patient_ref` replaced through it: one parse, one serialisation.
+/// What a sink (through [`govern`]) or a handler of another purpose receives.
+pub fn reshape(
+    event_json: &str,
+    fields: &Fields,
+    pseudonym: Option<PseudonymOf<'_>>,
+) -> Result<String, MinimiseError> {
     let event: Map<String, Value> = match serde_json::from_str(event_json)? {
         Value::Object(map) => map,
         _ => return Err(MinimiseError::NotAnObject),
     };
-    let kept: Map<String, Value> = event
+    let mut kept: Map<String, Value> = event
         .into_iter()
         .filter(|(k, _)| fields.allows(k))
         .collect();
+    if let Some(p) = pseudonym
+        && fields.allows(PATIENT_REF)
+    {
+        pseudonymise(&mut kept, p);
+    }
     Ok(serde_json::to_string(&kept)?)
+}
+
+/// Replaces `patient_ref` (when the event has one) by `pseudonym(care_ref)`, or removes
+/// it when that gives none; the field keeps its place.
+fn pseudonymise(event: &mut Map<String, Value>, pseudonym: impl FnOnce(&str) -> Option<String>) {
+    let Some(care_ref) = event.get(PATIENT_REF).and_then(Value::as_str) else {
+        return;
+    };
+    match pseudonym(care_ref) {
+        Some(p) => {
+            event.insert(PATIENT_REF.to_owned(), Value::String(p));
+        }
+        None => {
+            event.shift_remove(PATIENT_REF);
+        }
+    }
 }
 
 /// The seam for per-purpose pseudonyms: the event (minimised or not) with its
@@ -285,17 +317,10 @@ pub fn substitute_patient_ref(
         Value::Object(map) => map,
         _ => return Err(MinimiseError::NotAnObject),
     };
-    let Some(care_ref) = event.get(PATIENT_REF).and_then(Value::as_str) else {
+    if !event.contains_key(PATIENT_REF) {
         return Ok(event_json.to_owned());
-    };
-    match pseudonym(care_ref) {
-        Some(p) => {
-            event.insert(PATIENT_REF.to_owned(), Value::String(p));
-        }
-        None => {
-            event.shift_remove(PATIENT_REF);
-        }
     }
+    pseudonymise(&mut event, pseudonym);
     Ok(serde_json::to_string(&event)?)
 }
 
@@ -344,12 +369,7 @@ where
             Flow::Send => {
                 let mut r = r.clone();
                 if *fields != Fields::All || pseudonym.is_some() {
-                    let mut json = minimise(r.event_json(), fields)?;
-                    if let Some(p) = pseudonym
-                        && fields.allows(PATIENT_REF)
-                    {
-                        json = substitute_patient_ref(&json, p)?;
-                    }
+                    let json = reshape(r.event_json(), fields, pseudonym)?;
                     r.set_event_json(json);
                 }
                 kept.push(r);
