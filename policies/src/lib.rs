@@ -13,6 +13,7 @@ mod error;
 mod identity;
 mod pseudonym;
 mod registry;
+mod retention;
 mod rules;
 
 pub use acl::{
@@ -28,6 +29,7 @@ pub use registry::{
     DeviceEntry, DeviceRegistry, RegistryChangeError, SiteBound, SiteId, TimeError, format_rfc3339,
     parse_rfc3339,
 };
+pub use retention::{Action, AuditLog, Plane, RetentionClass, RetentionPolicy, UnknownPlane};
 pub use rules::{
     AlertRule, Alerting, BatteryPolicy, ChangeDirection, ClockPolicy, Compare, CompareOp,
     DeviationSide, Escalation, MAX_SECONDS, Measure, Persist, Plausibility, PlausibleRange,
