@@ -10,6 +10,7 @@ mod admin_roles;
 mod assignment;
 mod consent;
 mod error;
+mod hold;
 mod identity;
 mod pseudonym;
 mod registry;
@@ -23,6 +24,7 @@ pub use admin_roles::{AdminAction, AdminRole, AdminRoles, Grantee, Scope};
 pub use assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
 pub use consent::{Consent, ConsentError, Grant, Purpose, UnknownPurpose};
 pub use error::{PolicyError, PolicyErrors};
+pub use hold::{Disposition, Hold, LegalHolds, RecordMeta, disposition};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use pseudonym::{CARE_PURPOSE, PSEUDONYM_PREFIX, PseudonymError, Pseudonymiser, is_pseudonym};
 pub use registry::{
