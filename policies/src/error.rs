@@ -104,6 +104,11 @@ impl<'a> Problems<'a> {
         });
     }
 
+    /// How many problems were found so far.
+    pub(crate) fn len(&self) -> usize {
+        self.found.len()
+    }
+
     pub(crate) fn finish<T>(self, value: T) -> Result<T, PolicyErrors> {
         if self.found.is_empty() {
             Ok(value)

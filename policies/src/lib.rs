@@ -10,9 +10,11 @@ mod admin_roles;
 mod assignment;
 mod consent;
 mod error;
+mod hold;
 mod identity;
 mod pseudonym;
 mod registry;
+mod retention;
 mod rules;
 
 pub use acl::{
@@ -22,12 +24,14 @@ pub use admin_roles::{AdminAction, AdminRole, AdminRoles, Grantee, Scope};
 pub use assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
 pub use consent::{Consent, ConsentError, Grant, Purpose, UnknownPurpose};
 pub use error::{PolicyError, PolicyErrors};
+pub use hold::{Disposition, Hold, LegalHolds, RecordMeta, disposition};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use pseudonym::{CARE_PURPOSE, PSEUDONYM_PREFIX, PseudonymError, Pseudonymiser, is_pseudonym};
 pub use registry::{
     DeviceEntry, DeviceRegistry, RegistryChangeError, SiteBound, SiteId, TimeError, format_rfc3339,
     parse_rfc3339,
 };
+pub use retention::{Action, AuditLog, Plane, RetentionClass, RetentionPolicy, UnknownPlane};
 pub use rules::{
     AlertRule, Alerting, BatteryPolicy, ChangeDirection, ClockPolicy, Compare, CompareOp,
     DeviationSide, Escalation, MAX_SECONDS, Measure, Persist, Plausibility, PlausibleRange,
