@@ -71,10 +71,16 @@ pub enum KeyProblem {
     /// Not a PKCS#8 Ed25519 key, or one that cannot be encoded.
     #[error(transparent)]
     Pkcs8(#[from] ed25519_dalek::pkcs8::Error),
+    /// A sealed key file its key provider could not open.
+    #[error(transparent)]
+    Sealed(#[from] vitalmq_keyring::KeyError),
+    #[error("the key file is not UTF-8 PEM")]
+    NotPem,
 }
 
 impl CheckpointKey {
-    /// Loads the PKCS#8 PEM key at `path`, or creates one (mode 0600, never overwriting)
+    /// Loads the PKCS#8 PEM key at `path` (plaintext, or sealed under a key provider:
+    /// `vitalmq_keyring::read_secret`), or creates one (mode 0600, never overwriting)
     /// with its public key in hex beside it at `<path>.pub`.
     pub fn load_or_create(path: &Path, component: Component) -> Result<Self, KeyError> {
         Self::load_or_create_at(path, component).map_err(|why| KeyError {
@@ -85,7 +91,12 @@ impl CheckpointKey {
 
     fn load_or_create_at(path: &Path, component: Component) -> Result<Self, KeyProblem> {
         let key = if path.exists() {
-            SigningKey::from_pkcs8_pem(&std::fs::read_to_string(path)?)?
+            // Plaintext PEM, or sealed under a key provider (`vitalmq keys seal-file`).
+            let pem = vitalmq_keyring::read_secret(path)?;
+            let pem = zeroize::Zeroizing::new(
+                String::from_utf8(pem.to_vec()).map_err(|_| KeyProblem::NotPem)?,
+            );
+            SigningKey::from_pkcs8_pem(&pem)?
         } else {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 vitalmq_private_fs::create_dir_all(dir)?;
@@ -270,6 +281,20 @@ mod tests {
 
     use super::*;
     use crate::{AuditLog, verify_chain};
+
+    #[test]
+    fn a_signing_key_sealed_under_a_key_provider_loads_as_the_same_key() {
+        let dir = tempfile::tempdir().expect("dir");
+        let plain = dir.path().join("audit-signing.key.pem");
+        let made = CheckpointKey::load_or_create(&plain, Component::Bridge).expect("key");
+        let kek = vitalmq_keyring::LocalKeyFile::create(&dir.path().join("kek.json")).expect("kek");
+        let sealed = dir.path().join("sealed.key.pem");
+        vitalmq_keyring::seal_file(&kek, &plain, &sealed).expect("seal");
+        let loaded = CheckpointKey::load_or_create(&sealed, Component::Bridge).expect("load");
+        assert_eq!(loaded.public_hex(), made.public_hex());
+        std::fs::remove_file(dir.path().join("kek.json")).expect("rm");
+        assert!(CheckpointKey::load_or_create(&sealed, Component::Bridge).is_err());
+    }
 
     fn write_log(dir: &Path, records: u64) -> (PathBuf, String) {
         let path = dir.join("audit.jsonl");

@@ -34,7 +34,8 @@ use crate::identity::{CertIdentity, IdentityError, cert_identity};
 pub struct TlsSettings {
     /// The broker's certificate chain, PEM (leaf first).
     pub server_cert: PathBuf,
-    /// Its private key, PEM (PKCS#8, SEC1 or PKCS#1).
+    /// Its private key, PEM (PKCS#8, SEC1 or PKCS#1), plaintext or sealed under a key
+    /// provider (`vitalmq keys seal-file`).
     pub server_key: PathBuf,
     /// CA certificates (PEM, one or more per file) that client certificates must chain to.
     pub client_ca: Vec<PathBuf>,
@@ -162,7 +163,12 @@ pub fn build(settings: &TlsSettings) -> Result<TlsEdge, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(SpiffeClientVerifier::from_settings(settings, &provider)?);
     let chain = read_certs(&settings.server_cert)?;
-    let key_pem = read(&settings.server_key)?;
+    // Plaintext PEM, or sealed under a key provider (`vitalmq keys seal-file`).
+    let key_pem =
+        vitalmq_keyring::read_secret(&settings.server_key).map_err(|e| TlsError::BadFile {
+            path: settings.server_key.clone(),
+            message: e.to_string(),
+        })?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::BadFile {
         path: settings.server_key.clone(),
         message: format!("no usable private key: {e}"),

@@ -288,6 +288,32 @@ async fn valid_identities_complete_the_handshake_with_the_right_identity() {
     }
 }
 
+/// A server key sealed under a key provider (`vitalmq keys seal-file`) serves the same
+/// handshakes, and the sealed file on disk holds no plaintext key.
+#[tokio::test]
+async fn a_server_key_sealed_under_a_key_provider_serves_handshakes() {
+    let pki = Pki::new();
+    let mut settings = pki.settings(&[], 1);
+    let kek = vitalmq_keyring::LocalKeyFile::create(&pki.dir.path().join("kek.json")).expect("kek");
+    let sealed = pki.dir.path().join("server.key.sealed");
+    vitalmq_keyring::seal_file(&kek, &settings.server_key, &sealed).expect("seal");
+    let on_disk = std::fs::read_to_string(&sealed).expect("read");
+    assert!(!on_disk.contains("PRIVATE KEY"), "{on_disk}");
+    std::fs::remove_file(&settings.server_key).expect("remove the plaintext key");
+    settings.server_key = sealed;
+    let mut server = Server::start(&settings, limits()).await;
+    let cert = pki.identity(Role::Device, "dev-00001");
+    let config = client_config(&pki.fleet.ca, Some(full(cert)), BOTH);
+    let (_local, client) = connect(server.addr, config).await;
+    client.expect("client handshake");
+    let (_stream, peer) = server.next().await.result.expect("accepted");
+    assert_eq!(peer.identity.spiffe.id.as_str(), "dev-00001");
+    // Without its KEK the sealed key is a clear configuration error, not a panic.
+    std::fs::remove_file(pki.dir.path().join("kek.json")).expect("remove kek");
+    let err = vitalmq_broker::tls::build(&settings).expect_err("no kek");
+    assert!(err.to_string().contains("kek.json"), "{err}");
+}
+
 /// Name, client certificate and key (PEM), expected `reason()` and `detail()`.
 type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, &'a str, &'a str);
 

@@ -20,19 +20,26 @@
 //!   is what makes erasure reach backups: a store backup holds ciphertext only, and the
 //!   key it needs is gone from the keyring after the erasure.
 //!
+//! - [`secret_file`]: service private keys (TLS, audit signing) sealed under the
+//!   provider's KEK, read through [`read_secret`] whatever their form.
+//!
 //! Rotation: [`Keyring::rotate`] starts a new data-key version for a subject (new data is
 //! sealed under it, old data still opens under the old version); a KEK rotation
 //! ([`LocalKeyFile::rotate`] then [`Keyring::rewrap_all`]) re-wraps every data key under
 //! the new KEK version without touching any ciphertext.
 
+#[cfg(feature = "store")]
 pub mod keyring;
 pub mod provider;
 pub mod sealed;
+pub mod secret_file;
 mod subject;
 
+#[cfg(feature = "store")]
 pub use keyring::{Keyring, Tombstone};
 pub use provider::{DataKey, KeyProvider, LocalKeyFile, WrappedKey};
 pub use sealed::{SealedHeader, is_sealed};
+pub use secret_file::{read_secret, seal_file};
 pub use subject::Subject;
 
 /// File name of the keyring inside a data directory, when the configuration names no
@@ -65,6 +72,7 @@ pub enum KeyError {
     InvalidSubject(String),
     #[error("{path}: {detail}")]
     KeyFile { path: String, detail: String },
+    #[cfg(feature = "store")]
     #[error("keyring {path}: {source}")]
     Sqlite {
         path: String,

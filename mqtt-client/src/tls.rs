@@ -27,6 +27,12 @@ pub enum TlsError {
         path: PathBuf,
         source: rustls::Error,
     },
+    /// A sealed private key its key provider could not open.
+    #[error("{}: {source}", path.display())]
+    Sealed {
+        path: PathBuf,
+        source: vitalmq_keyring::KeyError,
+    },
     /// The certificate chain and key do not make a client identity.
     #[error("{}: client certificate and key: {source}", cert.display())]
     Identity {
@@ -66,7 +72,12 @@ pub fn client_config(
             path: cert.to_path_buf(),
             source,
         })?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem {
+    // Plaintext PEM, or sealed under a key provider (`vitalmq keys seal-file`).
+    let key_pem = vitalmq_keyring::read_secret(key).map_err(|source| TlsError::Sealed {
+        path: key.to_path_buf(),
+        source,
+    })?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| TlsError::Pem {
         path: key.to_path_buf(),
         source,
     })?;
