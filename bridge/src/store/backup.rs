@@ -52,7 +52,9 @@ const LOCKED_FOR: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BackupError {
-    #[error("{path}: exists and is not empty; a backup or restore only writes into a new directory")]
+    #[error(
+        "{path}: exists and is not empty; a backup or restore only writes into a new directory"
+    )]
     NotEmpty { path: PathBuf },
     #[error("{path}: {what}: {source}")]
     Io {
@@ -243,12 +245,12 @@ fn copy_online(
 
 /// `PRAGMA integrity_check` of `conn` (the database at `path`).
 fn integrity_check(conn: &Connection, path: &Path) -> Result<(), BackupError> {
-    let mut stmt = conn
-        .prepare("PRAGMA integrity_check")
-        .map_err(|source| BackupError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let mut stmt =
+        conn.prepare("PRAGMA integrity_check")
+            .map_err(|source| BackupError::Sqlite {
+                path: path.to_path_buf(),
+                source,
+            })?;
     let found: Vec<String> = stmt
         .query_map([], |r| r.get(0))
         .and_then(Iterator::collect)
@@ -268,12 +270,13 @@ fn integrity_check(conn: &Connection, path: &Path) -> Result<(), BackupError> {
 
 /// Schema version, row counts and highest event position of the database at `db`.
 fn describe(db: &Path) -> Result<(usize, BackupCounts, i64), BackupError> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
-        |source| BackupError::Sqlite {
-            path: db.to_path_buf(),
-            source,
-        },
-    )?;
+    let conn =
+        Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+            BackupError::Sqlite {
+                path: db.to_path_buf(),
+                source,
+            }
+        })?;
     counts_of(&conn).map_err(|source| BackupError::Sqlite {
         path: db.to_path_buf(),
         source,
@@ -323,11 +326,12 @@ pub fn restore(backup_dir: &Path, data_dir: &Path) -> Result<RestoreReport, Back
     let made = NewDir::make(data_dir)?;
     let target = data_dir.join(DB_FILE);
     let restored = copy_verified(&source, &target, &manifest.sha256).and_then(|()| {
-        let conn = Connection::open_with_flags(&target, OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|source| BackupError::Sqlite {
+        let conn = Connection::open_with_flags(&target, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(
+            |source| BackupError::Sqlite {
                 path: target.clone(),
                 source,
-            })?;
+            },
+        )?;
         integrity_check(&conn, &target)?;
         drop(conn);
         let store = Store::open(data_dir)?;
@@ -373,8 +377,7 @@ pub fn read_manifest(path: &Path) -> Result<BackupManifest, BackupError> {
         what: "cannot read the backup manifest",
         source,
     })?;
-    let manifest: BackupManifest =
-        serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    let manifest: BackupManifest = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
     if manifest.format != BACKUP_FORMAT {
         return Err(bad(format!(
             "format {:?}, this vitalmq reads {BACKUP_FORMAT:?}",
@@ -382,7 +385,10 @@ pub fn read_manifest(path: &Path) -> Result<BackupManifest, BackupError> {
         )));
     }
     if manifest.database != DB_FILE {
-        return Err(bad(format!("database {:?}, not {DB_FILE:?}", manifest.database)));
+        return Err(bad(format!(
+            "database {:?}, not {DB_FILE:?}",
+            manifest.database
+        )));
     }
     Ok(manifest)
 }
@@ -580,7 +586,11 @@ mod tests {
     }
 
     fn mode(path: &Path) -> u32 {
-        std::fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
     }
 
     #[test]
@@ -618,7 +628,10 @@ mod tests {
         let after = committed.load(Ordering::SeqCst);
         stop.store(true, Ordering::SeqCst);
         writer.join().expect("writer");
-        assert!(after > before, "the recorder kept committing during the backup");
+        assert!(
+            after > before,
+            "the recorder kept committing during the backup"
+        );
         assert_eq!(manifest.format, BACKUP_FORMAT);
         assert_eq!(manifest.schema_version, schema::VERSION);
         let events = manifest.counts.events;
@@ -628,7 +641,10 @@ mod tests {
         );
         assert_eq!(events % BATCH, 0, "whole commits only: {manifest:?}");
         assert_eq!(manifest.counts.raw_messages, events);
-        assert_eq!(manifest.highest_event_position, i64::try_from(events).expect("i64"));
+        assert_eq!(
+            manifest.highest_event_position,
+            i64::try_from(events).expect("i64")
+        );
         // The manifest describes the file: hash, counts, and the window of that point.
         let db = dest.join(DB_FILE);
         assert_eq!(hash_file(&db).expect("hash").0, manifest.sha256);
@@ -639,7 +655,11 @@ mod tests {
         let copy = Store::open(&restored).expect("open copy");
         let windows = copy.load_sequences(WindowSize::default()).expect("windows");
         let window = &windows[&DeviceId::new("dev-00001").expect("id")];
-        assert_eq!(window.highest(), events - 1, "the window travels with its events");
+        assert_eq!(
+            window.highest(),
+            events - 1,
+            "the window travels with its events"
+        );
     }
 
     #[test]
@@ -674,7 +694,9 @@ mod tests {
         let taken = dir.path().join("taken");
         std::fs::create_dir(&taken).expect("mkdir");
         std::fs::write(taken.join("keep"), b"x").expect("write");
-        let err = store.backup_to(&taken).expect_err("non-empty backup target");
+        let err = store
+            .backup_to(&taken)
+            .expect_err("non-empty backup target");
         assert!(matches!(err, BackupError::NotEmpty { .. }), "{err}");
         let dest = dir.path().join("backup");
         store.backup_to(&dest).expect("backup");
@@ -710,7 +732,10 @@ mod tests {
         let target = dir.path().join("restored");
         let err = restore(&dest, &target).expect_err("damaged backup");
         assert!(matches!(err, BackupError::HashMismatch { .. }), "{err}");
-        assert!(err.to_string().contains("does not match the manifest"), "{err}");
+        assert!(
+            err.to_string().contains("does not match the manifest"),
+            "{err}"
+        );
         assert!(!target.exists(), "nothing written");
         // A manifest of another format is refused before anything is read.
         std::fs::write(dest.join(MANIFEST_FILE), br#"{"format":"other"}"#).expect("write");
