@@ -1,6 +1,7 @@
 //! `vitalmq bridge --config FILE` runs the bridge; `vitalmq store ...` reads what a
 //! bridge stored (running or stopped) as JSON lines, and `vitalmq store reset-sequence`
-//! asks the bridge to forget a device's sequence state.
+//! asks the bridge to forget a device's sequence state; `vitalmq store backup|restore`
+//! are in `backup_cmd`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,13 @@ pub enum StoreCommand {
     /// bridge applies the request before its next batch (or when it starts) and audits
     /// it; this command records it and is audited in the operator log.
     ResetSequence(ResetArgs),
+    /// Online backup of the store into a new directory (the bridge may be running):
+    /// the database and a manifest with its SHA-256 and row counts. The keyring is not
+    /// included (by design); audited in the operator log.
+    Backup(crate::backup_cmd::BackupArgs),
+    /// Restore a backup into a new, empty data directory (checked against its manifest
+    /// first); audited in the operator log of the backup directory.
+    Restore(crate::backup_cmd::RestoreArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -92,12 +100,16 @@ impl StoreCommand {
             Self::Gaps(_) => Some("store.gaps"),
             Self::Alerts(_) => Some("store.alerts"),
             Self::ResetSequence(_) => Some("store.reset_sequence"),
+            Self::Backup(_) => Some("store.backup"),
+            Self::Restore(_) => Some("store.restore"),
         }
     }
 
     pub fn run(self) -> anyhow::Result<ExitCode> {
         let d = match &self {
             Self::ResetSequence(args) => return reset_sequence(args),
+            Self::Backup(args) => return crate::backup_cmd::backup(args),
+            Self::Restore(args) => return crate::backup_cmd::restore_cmd(args),
             Self::Stats(d)
             | Self::Events(d)
             | Self::Quarantine(d)
@@ -133,7 +145,7 @@ impl StoreCommand {
                 Self::Gaps(_) => json_lines(&store.list_gaps()?)?,
                 Self::Alerts(_) => json_lines(&store.list_alerts()?)?,
                 // Returned above.
-                Self::ResetSequence(_) => Vec::new(),
+                Self::ResetSequence(_) | Self::Backup(_) | Self::Restore(_) => Vec::new(),
             };
             for row in &rows {
                 println!("{row}");

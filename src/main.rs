@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 mod admin_cmd;
 mod audit_cmd;
+mod backup_cmd;
 mod bridge_cmd;
 mod broker_cmd;
 mod demo_cmd;
@@ -56,7 +57,8 @@ enum Command {
     /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
     #[command(subcommand)]
     Reid(reid_cmd::ReidCommand),
-    /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines).
+    /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines); back it up
+    /// and restore it.
     #[command(subcommand)]
     Store(bridge_cmd::StoreCommand),
     /// Change device assignments in a registry file: assign, unassign, retire (audited).

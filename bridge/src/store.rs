@@ -204,12 +204,17 @@ impl Store {
     }
 }
 
+mod backup;
 mod outbox;
 mod read;
 mod resets;
 pub mod schema;
 mod write;
 
+pub use backup::{
+    BACKUP_FORMAT, BackupCounts, BackupError, BackupManifest, MANIFEST_FILE, RestoreReport,
+    read_manifest, restore,
+};
 pub use outbox::{AuditCursor, Cursor, ShippedAudit, StoredAlert};
 pub use read::{
     AlertChangeRow, AlertRow, EventDetail, EventHead, EventRow, GapRow, QuarantineRow, RawRef,
