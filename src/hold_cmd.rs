@@ -273,7 +273,11 @@ fn change_file(
     LegalHolds::parse(&text, path)
         .context("the changed holds do not validate; nothing was written")?;
     registry_cmd::write_atomically(path, &text)?;
-    tracing::info!(hold = change.id(), action = change.action(), "legal holds changed");
+    tracing::info!(
+        hold = change.id(),
+        action = change.action(),
+        "legal holds changed"
+    );
     let mut details = Map::new();
     details.insert("at".into(), format_rfc3339(now).into());
     details.insert("active_holds".into(), holds.holds().len().into());

@@ -873,7 +873,8 @@ async fn place_hold(
             Entry::new(AdminAction::HoldPlace.as_str(), None),
             StatusCode::BAD_REQUEST,
             "bad_request",
-            "the body must be JSON with \"id\", \"reason\" and a patient_ref, device, from or to".into(),
+            "the body must be JSON with \"id\", \"reason\" and a patient_ref, device, from or to"
+                .into(),
         )
         .await;
     };
@@ -928,8 +929,7 @@ async fn lift_hold(
         )
         .await;
     };
-    let decided = match decide(&app, &caller, &headers, &q, AdminAction::HoldLift, resource).await
-    {
+    let decided = match decide(&app, &caller, &headers, &q, AdminAction::HoldLift, resource).await {
         Ok(d) => d,
         Err(refused) => return refused,
     };
@@ -1083,10 +1083,10 @@ mod tests {
 
     const ROLES: &str = r#"format = "vitalmq-admin-roles/v1"
 [roles.site-admin]
-actions = ["registry.assign", "registry.unassign", "events.read"]
+actions = ["registry.assign", "registry.unassign", "events.read", "holds.read"]
 scope = "sites"
 [roles.admin]
-actions = ["registry.assign"]
+actions = ["registry.assign", "holds.read", "hold.place"]
 scope = "all"
 [[operators]]
 id = "sam"
@@ -1255,6 +1255,57 @@ role = "admin"
             outcomes,
             ["allowed", "outside_scope", "allowed", "succeeded"],
             "the refusal is the audited outcome of the allowed call"
+        );
+    }
+
+    #[tokio::test]
+    async fn holds_need_a_role_of_every_site_and_a_configured_file() {
+        let rig = Rig::new();
+        let get = |id: &'static str| {
+            let request = axum::http::Request::get("/v1/holds")
+                .header(PURPOSE_HEADER, "audit")
+                .body(axum::body::Body::empty())
+                .expect("request");
+            rig.call(id, request)
+        };
+        let (status, answer) = get("sam").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+        assert_eq!(answer["reason"], "outside_scope", "holds span sites");
+        // The fake backend has no holds file: 501, audited as the outcome.
+        let (status, answer) = get("adam").await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{answer}");
+        assert_eq!(answer["reason"], "not_configured");
+        let post = |body: Value| {
+            let request = axum::http::Request::post("/v1/holds")
+                .header(PURPOSE_HEADER, "legal")
+                .body(axum::body::Body::from(body.to_string()))
+                .expect("request");
+            rig.call("adam", request)
+        };
+        let (status, answer) = post(json!({"reason": "no id"})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let (status, _) = post(json!({"id": "h1", "reason": "r", "device": "dev-a"})).await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        let outcomes: Vec<_> = rig
+            .audit()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r["action"].as_str().unwrap_or_default(),
+                    r["reason"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "holds.read refused:outside_scope",
+                "holds.read not_configured",
+                "hold.place refused:bad_request",
+                "hold.place allowed",
+                "hold.place not_configured",
+            ]
         );
     }
 

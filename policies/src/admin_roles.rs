@@ -368,7 +368,13 @@ mod tests {
         }
         let names: BTreeSet<_> = AdminAction::ALL.iter().map(|a| a.as_str()).collect();
         assert_eq!(names.len(), AdminAction::ALL.len(), "names are distinct");
-        for name in ["holds.read", "hold.place", "hold.lift", "patient.erase", "patient.export"] {
+        for name in [
+            "holds.read",
+            "hold.place",
+            "hold.lift",
+            "patient.erase",
+            "patient.export",
+        ] {
             assert!(names.contains(name), "{name}");
         }
     }

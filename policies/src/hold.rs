@@ -119,13 +119,13 @@ pub struct HoldRequest {
 /// Why a hold was not placed or lifted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HoldError {
-    #[error(
-        "hold id `{0}` is invalid: it must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}"
-    )]
+    #[error("hold id `{0}` is invalid: it must match [A-Za-z0-9][A-Za-z0-9._-]{{0,63}}")]
     BadId(String),
     #[error("hold `{0}` exists already (ids of lifted holds are not reused either)")]
     DuplicateId(String),
-    #[error("the reason must not be empty, longer than {MAX_REASON} bytes or hold control characters")]
+    #[error(
+        "the reason must not be empty, longer than {MAX_REASON} bytes or hold control characters"
+    )]
     BadReason,
     #[error(
         "the patient reference must be a pseudonymous token: `{PSEUDONYM_PREFIX}` then at least \
@@ -710,7 +710,11 @@ mod tests {
         assert_eq!(lifted[0].reason, "audit closed, report 2026/31");
         let dev = DeviceId::new("dev-0017").expect("device");
         let in_range = parse_rfc3339("2026-04-01T00:00:00Z").expect("time");
-        assert!(lifted[0].hold.covers(&record(Plane::Raw, in_range, None, Some(&dev))));
+        assert!(
+            lifted[0]
+                .hold
+                .covers(&record(Plane::Raw, in_range, None, Some(&dev)))
+        );
         assert!(
             holds
                 .held(&record(Plane::Raw, in_range, None, Some(&dev)))
@@ -742,7 +746,13 @@ mod tests {
                 },
                 HoldError::BadId("has space".into()),
             ),
-            (HoldRequest { id: String::new(), ..request("x") }, HoldError::BadId(String::new())),
+            (
+                HoldRequest {
+                    id: String::new(),
+                    ..request("x")
+                },
+                HoldError::BadId(String::new()),
+            ),
             (
                 HoldRequest {
                     reason: "  ".into(),
@@ -808,7 +818,10 @@ mod tests {
             officer(),
             5,
         );
-        assert!(matches!(bad_device, Err(HoldError::BadDevice(_))), "{bad_device:?}");
+        assert!(
+            matches!(bad_device, Err(HoldError::BadDevice(_))),
+            "{bad_device:?}"
+        );
         assert_eq!(holds, before);
 
         // A device alone, a range alone (either end open), a pseudonym of the
@@ -828,7 +841,11 @@ mod tests {
             .clone();
         assert_eq!(placed.placed_by, officer());
         assert_eq!(placed.placed_at, 7);
-        assert!(holds.held(&record(Plane::Raw, 1, None, Some(&dev))).is_some());
+        assert!(
+            holds
+                .held(&record(Plane::Raw, 1, None, Some(&dev)))
+                .is_some()
+        );
         holds
             .place(
                 HoldRequest {
@@ -840,8 +857,16 @@ mod tests {
                 7,
             )
             .expect("range hold");
-        assert!(holds.held(&record(Plane::Quarantine, 99, None, None)).is_some());
-        assert!(holds.held(&record(Plane::Quarantine, 100, None, None)).is_none());
+        assert!(
+            holds
+                .held(&record(Plane::Quarantine, 99, None, None))
+                .is_some()
+        );
+        assert!(
+            holds
+                .held(&record(Plane::Quarantine, 100, None, None))
+                .is_none()
+        );
         holds
             .place(
                 HoldRequest {
@@ -860,7 +885,10 @@ mod tests {
         holds.place(request("h1"), officer(), 1).expect("placed");
         let rec = record(Plane::Normalized, 50, Some("pt-7f3a91c2"), None);
         assert!(holds.held(&rec).is_some());
-        assert_eq!(holds.lift("h1", "  ", officer(), 2), Err(HoldError::BadReason));
+        assert_eq!(
+            holds.lift("h1", "  ", officer(), 2),
+            Err(HoldError::BadReason)
+        );
         let lifted = holds
             .lift("h1", "claim settled", officer(), 2)
             .expect("lifted")
@@ -880,7 +908,9 @@ mod tests {
             Err(HoldError::UnknownHold("h9".into()))
         );
         assert_eq!(
-            holds.place(request("h1"), officer(), 4).map(|h| h.id.clone()),
+            holds
+                .place(request("h1"), officer(), 4)
+                .map(|h| h.id.clone()),
             Err(HoldError::DuplicateId("h1".into())),
             "an id is never reused"
         );
@@ -944,7 +974,11 @@ mod tests {
                     device = \"dev-1\"\n\
                     lifted_at = \"2026-02-01T00:00:00Z\"\n";
         let err = LegalHolds::parse(text, Path::new("h.toml")).expect_err("half a lift");
-        assert!(err.to_string().contains("holds[0].lifted_at: a lifted hold has"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("holds[0].lifted_at: a lifted hold has"),
+            "{err}"
+        );
     }
 
     mod prop {
