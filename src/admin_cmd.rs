@@ -1,6 +1,7 @@
 //! `vitalmq admin serve --config admin.toml`: the admin API (see the `vitalmq_admin`
 //! crate) over this binary's own read and change code: the bridge store reads of
-//! `vitalmq store`, `vitalmq trace`, `registry_cmd::apply` and the re-identification
+//! `vitalmq store`, `vitalmq trace`, `registry_cmd::apply`, `hold_cmd::apply` and the
+//! re-identification
 //! store of `vitalmq reid` (which the admin service may open; broker and bridge never
 //! do). [`client`] is the other side: the CLI commands given `--server`.
 
@@ -14,8 +15,9 @@ use anyhow::Context as _;
 use serde_json::Value;
 use vitalmq_admin::backend::{Acting, Backend, BackendError, Record, Rows, ScopeCheck};
 use vitalmq_envelope::DeviceId;
-use vitalmq_policies::{DeviceRegistry, Use};
+use vitalmq_policies::{DeviceRegistry, HoldError, Use};
 
+use crate::hold_cmd;
 use crate::registry_cmd::{self, Actor, Change};
 
 /// Line printed on stderr once the server listens, followed by its address.
@@ -58,10 +60,38 @@ pub struct LocalBackend {
     registry: PathBuf,
     reid_store: Option<PathBuf>,
     broker_audit: Option<PathBuf>,
+    holds: Option<PathBuf>,
 }
 
 fn failed(e: anyhow::Error) -> BackendError {
     BackendError::Failed(format!("{e:#}"))
+}
+
+/// The backend error of a refused change: outside the caller's scope, a lock held past
+/// its deadline (busy), an unknown hold (not found), or refused by the rules.
+fn change_error(e: &anyhow::Error) -> BackendError {
+    if let Some(out) = e.downcast_ref::<registry_cmd::OutsideScope>() {
+        BackendError::OutsideScope(out.0.clone())
+    } else if e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<vitalmq_private_fs::DirLockError>(),
+            Some(vitalmq_private_fs::DirLockError::Busy { .. })
+        )
+    }) {
+        BackendError::Busy(format!("{e:#}"))
+    } else if let Some(HoldError::UnknownHold(id)) = e.downcast_ref::<HoldError>() {
+        BackendError::NotFound(format!("hold {id}"))
+    } else {
+        BackendError::Refused(format!("{e:#}"))
+    }
+}
+
+fn actor_of(acting: &Acting) -> Actor {
+    Actor {
+        identity: Some(acting.identity.clone()),
+        role: Some(acting.role.clone()),
+        purpose: Some(acting.purpose.clone()),
+    }
 }
 
 fn json<T: serde::Serialize>(row: &T) -> Result<Value, BackendError> {
@@ -76,7 +106,16 @@ impl LocalBackend {
             registry: config.registry.clone(),
             reid_store: config.reid_store.clone(),
             broker_audit: config.broker_audit.clone(),
+            holds: config.holds.clone(),
         }
+    }
+
+    fn holds_file(&self) -> Result<&std::path::Path, BackendError> {
+        self.holds.as_deref().ok_or_else(|| {
+            BackendError::NotConfigured(
+                "no legal holds file in the admin configuration (`holds`)".into(),
+            )
+        })
     }
 
     fn load_registry(&self) -> Result<DeviceRegistry, BackendError> {
@@ -178,28 +217,39 @@ impl Backend for LocalBackend {
     ) -> Result<Value, BackendError> {
         let change: Change = serde_json::from_value(change)
             .map_err(|e| BackendError::Refused(format!("not a registry change: {e}")))?;
-        let actor = Actor {
-            identity: Some(acting.identity.clone()),
-            role: Some(acting.role.clone()),
-            purpose: Some(acting.purpose.clone()),
-        };
         let scope = scope.map(|check| check as registry_cmd::ScopeCheck<'_>);
-        let applied = registry_cmd::apply_scoped(&self.registry, device, &change, &actor, scope)
-            .map_err(|e| {
-                if let Some(out) = e.downcast_ref::<registry_cmd::OutsideScope>() {
-                    BackendError::OutsideScope(out.0.clone())
-                } else if e.chain().any(|c| {
-                    matches!(
-                        c.downcast_ref::<vitalmq_private_fs::DirLockError>(),
-                        Some(vitalmq_private_fs::DirLockError::Busy { .. })
-                    )
-                }) {
-                    BackendError::Busy(format!("{e:#}"))
-                } else {
-                    BackendError::Refused(format!("{e:#}"))
-                }
-            })?;
+        let applied =
+            registry_cmd::apply_scoped(&self.registry, device, &change, &actor_of(acting), scope)
+                .map_err(|e| change_error(&e))?;
         json(&applied)
+    }
+
+    fn holds(&self) -> Result<Vec<Value>, BackendError> {
+        let path = self.holds_file()?;
+        if !path.exists() {
+            // No hold was ever placed: none holds.
+            return Ok(Vec::new());
+        }
+        hold_cmd::read(path).map_err(failed)
+    }
+
+    fn place_hold(&self, hold: Value, acting: &Acting) -> Result<Value, BackendError> {
+        let path = self.holds_file()?;
+        let place: hold_cmd::Place = serde_json::from_value(hold)
+            .map_err(|e| BackendError::Refused(format!("not a hold: {e}")))?;
+        hold_cmd::apply(path, &hold_cmd::Change::Place(place), &actor_of(acting))
+            .map_err(|e| change_error(&e))
+    }
+
+    fn lift_hold(&self, id: &str, lift: Value, acting: &Acting) -> Result<Value, BackendError> {
+        let path = self.holds_file()?;
+        let lift: hold_cmd::Lift = serde_json::from_value(lift)
+            .map_err(|e| BackendError::Refused(format!("not a lift: {e}")))?;
+        let change = hold_cmd::Change::Lift {
+            id: id.to_owned(),
+            reason: lift.reason,
+        };
+        hold_cmd::apply(path, &change, &actor_of(acting)).map_err(|e| change_error(&e))
     }
 
     fn reid_lookup(&self, pseudonym: &str, acting: &Acting) -> Result<Value, BackendError> {

@@ -10,6 +10,7 @@ mod bridge_cmd;
 mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
+mod hold_cmd;
 mod loadgen_cmd;
 mod log_format;
 mod operator_audit;
@@ -54,6 +55,10 @@ enum Command {
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
+    /// Legal holds: place, lift and list them (audited); held records are never
+    /// deleted, anonymised, archived or erased.
+    #[command(subcommand)]
+    Hold(hold_cmd::HoldCommand),
     /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
     #[command(subcommand)]
     Reid(reid_cmd::ReidCommand),
@@ -126,6 +131,7 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => demo_cmd::run(args, cli.log_format),
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),
+        Command::Hold(cmd) => cmd.run(),
         Command::Reid(cmd) => cmd.run(),
         Command::Store(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),

@@ -481,7 +481,7 @@ fn audit_log(registry: &Path) -> PathBuf {
     operator_audit::log_path(dir.join("audit").join("operator.jsonl"))
 }
 
-fn now_ms() -> anyhow::Result<UnixMillis> {
+pub(crate) fn now_ms() -> anyhow::Result<UnixMillis> {
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?;
@@ -507,7 +507,7 @@ fn describe(a: &Assignment) -> String {
 
 /// Replaces `path` with `text`: a 0600 temporary in the same directory, synced, renamed
 /// over `path`, then the directory synced, so a crash leaves the old or the new file.
-fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+pub(crate) fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
     let dir = dir_of(path);
     // tempfile creates the file 0600 (O_EXCL, random name).
     let mut tmp = tempfile::Builder::new()

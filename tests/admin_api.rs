@@ -2,8 +2,9 @@
 //! the test PKI against `vitalmq admin serve` over a live bridge's store: each role's
 //! allowed and refused calls, a device certificate, an operator without a role, a
 //! revoked operator and a call without a purpose refused; break-glass answered, audited
-//! and alerted; the admin audit chain verifies afterwards; the CLI with `--server`
-//! answers what curl does.
+//! and alerted; legal holds placed and lifted by a privacy officer, read by an auditor,
+//! refused to a clinician; the admin audit chain verifies afterwards; the CLI with
+//! `--server` answers what curl does.
 
 mod common;
 
@@ -71,6 +72,7 @@ ops_outbox = "admin-audit/ops-alerts.jsonl"
 data_dir = "bridge-data"
 registry = "pki/registry.toml"
 reid_store = "reid"
+holds = "holds.toml"
 [tls]
 server_cert = "pki/broker/server.pem"
 server_key = "pki/broker/server.key.pem"
@@ -489,6 +491,73 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     expect(&found, 200, "privacy officer re-identifies");
     assert_eq!(found.body["enrolment_id"], "MRN-4711");
 
+    // Legal holds: the privacy officer places and lifts, the auditor reads, the
+    // clinician may do neither; the hold's patient is in no audit record.
+    let held = "pt-heldpatient1";
+    let placed = admin.post(
+        "priya",
+        "/v1/holds",
+        &serde_json::json!({"id": "lh-api-1", "reason": "claim 2027/4", "patient_ref": held}),
+    );
+    expect(&placed, 200, "privacy officer places a hold");
+    assert_eq!(placed.body["active"], true, "{}", placed.body);
+    assert_eq!(placed.body["placed_by"], "priya", "{}", placed.body);
+    let duplicate = admin.post(
+        "priya",
+        "/v1/holds",
+        &serde_json::json!({"id": "lh-api-1", "reason": "again", "device": own}),
+    );
+    expect(&duplicate, 422, "a hold id is never reused");
+    let clinician = admin.post(
+        "alice",
+        "/v1/holds",
+        &serde_json::json!({"id": "lh-api-2", "reason": "mine", "device": own}),
+    );
+    expect(&clinician, 403, "a clinician places no hold");
+    assert_eq!(reason(&clinician), "action_not_in_role");
+    expect(
+        &admin.get("alice", "/v1/holds", "care"),
+        403,
+        "a clinician reads no holds",
+    );
+    let listed = admin.get("aurora", "/v1/holds", "audit");
+    expect(&listed, 200, "the auditor reads the holds");
+    assert_eq!(rows(&listed).len(), 1, "{}", listed.body);
+    assert_eq!(rows(&listed)[0]["patient_ref"], held);
+    let auditor_lift = admin.post(
+        "aurora",
+        "/v1/holds/lh-api-1/lift",
+        &serde_json::json!({"reason": "not mine to lift"}),
+    );
+    expect(&auditor_lift, 403, "an auditor lifts no hold");
+    let lifted = admin.post(
+        "priya",
+        "/v1/holds/lh-api-1/lift",
+        &serde_json::json!({"reason": "claim settled"}),
+    );
+    expect(&lifted, 200, "privacy officer lifts the hold");
+    assert_eq!(lifted.body["active"], false, "{}", lifted.body);
+    assert_eq!(lifted.body["lifted_by"], "priya", "{}", lifted.body);
+    let unknown_hold = admin.post(
+        "priya",
+        "/v1/holds/lh-none/lift",
+        &serde_json::json!({"reason": "x"}),
+    );
+    expect(&unknown_hold, 404, "lifting a hold that does not exist");
+    let after = admin.get("aurora", "/v1/holds", "audit");
+    expect(&after, 200, "the lifted hold is still listed");
+    assert_eq!(rows(&after).len(), 1, "{}", after.body);
+    assert_eq!(rows(&after)[0]["active"], false, "{}", after.body);
+    let holds_file = admin.dir.join("holds.toml");
+    let loaded = vitalmq_policies::LegalHolds::load(&holds_file).expect("the holds load");
+    assert!(loaded.holds().is_empty() && loaded.lifted().len() == 1);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&holds_file).expect("holds").permissions()
+        ) & 0o777,
+        0o600
+    );
+
     // rex works until revoked; the new CRL is picked up without a restart.
     expect(
         &admin.get("rex", "/v1/alerts", "audit"),
@@ -542,6 +611,15 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     assert!(find("request", "refused:method_not_allowed", "/aurora"));
     assert!(find("request", "refused:bad_request", "/aurora"));
     assert!(find("request", "refused:body_too_large", "/priya"));
+    assert!(find("hold.place", "allowed", "/priya"));
+    assert!(find("hold.place", "succeeded", "/priya"));
+    assert!(find("hold.place", "failed", "/priya"));
+    assert!(find("hold.place", "refused:action_not_in_role", "/alice"));
+    assert!(find("holds.read", "refused:action_not_in_role", "/alice"));
+    assert!(find("holds.read", "allowed", "/aurora"));
+    assert!(find("hold.lift", "refused:action_not_in_role", "/aurora"));
+    assert!(find("hold.lift", "succeeded", "/priya"));
+    assert!(find("hold.lift", "not_found", "/priya"));
     let glass_record = records
         .iter()
         .find(|r| r["reason"] == "break_glass")
@@ -560,7 +638,7 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
     );
     let text = std::fs::read_to_string(admin.dir.join("admin-audit/admin.jsonl")).expect("log");
     assert!(
-        !text.contains("MRN-4711") && !text.contains("pt-newpatient"),
+        !text.contains("MRN-4711") && !text.contains("pt-newpatient") && !text.contains(held),
         "no patient values"
     );
     wait_until(TIMEOUT, "the audit chain verifies", || verifies(&admin));

@@ -10,6 +10,9 @@
 //! | GET | `/v1/trace/{id}` | `trace.read` |
 //! | POST | `/v1/registry/{device}` (body `{"change": "assign", ...}`) | `registry.<change>` |
 //! | POST | `/v1/reid/lookup` (body `{"pseudonym": "pt-..."}`) | `reid.lookup` |
+//! | GET | `/v1/holds` | `holds.read` |
+//! | POST | `/v1/holds` (body `{"id", "reason", "patient_ref"?, "device"?, "from"?, "to"?}`) | `hold.place` |
+//! | POST | `/v1/holds/{id}/lift` (body `{"reason"}`) | `hold.lift` |
 //!
 //! Scope: a site-scoped role reads only records of its sites. A listing without
 //! `device` leaves the others out (and says how many); a read naming a device, or a
@@ -18,7 +21,9 @@
 //! in full, audited as `break_glass` with the reason, and an operational alert is
 //! written to the break-glass outbox first. Changes never break glass: a site-scoped
 //! role changes only a device that served at least one site and only sites of its
-//! scope, and assigns it only to a site of its scope.
+//! scope, and assigns it only to a site of its scope. Legal holds span sites: only a
+//! role of scope `all` reads, places or lifts them (a site-scoped role is refused, 403
+//! `outside_scope`); without a holds file configured they answer 501 `not_configured`.
 //!
 //! Every answer is audited, including those no handler makes: a wrong method (405), a
 //! query, path or body the extractors reject (400, 413): [`audit_unaudited`] records
@@ -84,6 +89,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/trace/:id", get(trace))
         .route("/v1/registry/:device", post(change))
         .route("/v1/reid/lookup", post(reid_lookup))
+        .route("/v1/holds", get(list_holds).post(place_hold))
+        .route("/v1/holds/:id/lift", post(lift_hold))
         .fallback(unknown)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(read_body))
@@ -382,6 +389,7 @@ async fn failed(app: &App, caller: &Caller, mut entry: Entry, e: BackendError) -
         BackendError::OutsideScope(_) => (StatusCode::FORBIDDEN, "outside_scope"),
         BackendError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         BackendError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+        BackendError::NotConfigured(_) => (StatusCode::NOT_IMPLEMENTED, "not_configured"),
     };
     entry.reason = reason.to_owned();
     entry = entry
@@ -781,6 +789,164 @@ async fn reid_lookup(
     finish(&app, &caller, started, result).await
 }
 
+/// Legal holds span sites: only a role of every site reads or changes them.
+async fn holds_in_scope(app: &App, caller: &Caller, decided: Decided) -> Result<Decided, Response> {
+    if decided.grantee.role.scope == Scope::Sites {
+        return Err(refuse(
+            app,
+            caller,
+            decided.entry,
+            StatusCode::FORBIDDEN,
+            "outside_scope",
+            "legal holds span sites: only a role of scope \"all\" reads or changes them".into(),
+        )
+        .await);
+    }
+    Ok(decided)
+}
+
+async fn list_holds(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Query(q): Q,
+) -> Response {
+    let decided = match decide(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        AdminAction::HoldsRead,
+        Some("holds".into()),
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let decided = match holds_in_scope(&app, &caller, decided).await {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let backend = Arc::clone(&app.backend);
+    match blocking(move || backend.holds()).await {
+        Ok(holds) => {
+            let records = holds
+                .into_iter()
+                .map(|body| Record { site: None, body })
+                .collect();
+            answer(
+                &app,
+                &caller,
+                &headers,
+                &q,
+                decided,
+                records,
+                false,
+                |rows| json!({ "rows": rows }),
+            )
+            .await
+        }
+        Err(e) => failed(&app, &caller, decided.entry, e).await,
+    }
+}
+
+/// The audited resource of a hold: `hold/<id>` (cut to a bounded length).
+fn hold_resource(id: &str) -> String {
+    format!("hold/{}", id.chars().take(80).collect::<String>())
+}
+
+async fn place_hold(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Query(q): Q,
+    body: Bytes,
+) -> Response {
+    let parsed = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .filter(|v| v.get("id").is_some_and(Value::is_string));
+    let Some(hold) = parsed else {
+        return refuse(
+            &app,
+            &caller,
+            Entry::new(AdminAction::HoldPlace.as_str(), None),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body must be JSON with \"id\", \"reason\" and a patient_ref, device, from or to"
+                .into(),
+        )
+        .await;
+    };
+    let id = hold["id"].as_str().unwrap_or_default().to_owned();
+    let decided = match decide(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        AdminAction::HoldPlace,
+        Some(hold_resource(&id)),
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let decided = match holds_in_scope(&app, &caller, decided).await {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let acting = decided.acting();
+    let started = match record_allowed(&app, &caller, &decided.entry).await {
+        Ok(entry) => entry,
+        Err(down) => return down,
+    };
+    let backend = Arc::clone(&app.backend);
+    let result = blocking(move || backend.place_hold(hold, &acting)).await;
+    finish(&app, &caller, started, result).await
+}
+
+async fn lift_hold(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Q,
+    body: Bytes,
+) -> Response {
+    let resource = Some(hold_resource(&id));
+    let parsed = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .filter(|v| v.get("reason").is_some_and(Value::is_string));
+    let Some(lift) = parsed else {
+        return refuse(
+            &app,
+            &caller,
+            Entry::new(AdminAction::HoldLift.as_str(), resource),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body must be JSON with \"reason\"".into(),
+        )
+        .await;
+    };
+    let decided = match decide(&app, &caller, &headers, &q, AdminAction::HoldLift, resource).await {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let decided = match holds_in_scope(&app, &caller, decided).await {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let acting = decided.acting();
+    let started = match record_allowed(&app, &caller, &decided.entry).await {
+        Ok(entry) => entry,
+        Err(down) => return down,
+    };
+    let backend = Arc::clone(&app.backend);
+    let result = blocking(move || backend.lift_hold(&id, lift, &acting)).await;
+    finish(&app, &caller, started, result).await
+}
+
 /// Records that a change or re-identification is allowed, before it runs (its outcome
 /// is recorded after); the entry to finish with, or the 503 when the log is down.
 async fn record_allowed(app: &App, caller: &Caller, entry: &Entry) -> Result<Entry, Response> {
@@ -917,10 +1083,10 @@ mod tests {
 
     const ROLES: &str = r#"format = "vitalmq-admin-roles/v1"
 [roles.site-admin]
-actions = ["registry.assign", "registry.unassign", "events.read"]
+actions = ["registry.assign", "registry.unassign", "events.read", "holds.read"]
 scope = "sites"
 [roles.admin]
-actions = ["registry.assign"]
+actions = ["registry.assign", "holds.read", "hold.place"]
 scope = "all"
 [[operators]]
 id = "sam"
@@ -1089,6 +1255,57 @@ role = "admin"
             outcomes,
             ["allowed", "outside_scope", "allowed", "succeeded"],
             "the refusal is the audited outcome of the allowed call"
+        );
+    }
+
+    #[tokio::test]
+    async fn holds_need_a_role_of_every_site_and_a_configured_file() {
+        let rig = Rig::new();
+        let get = |id: &'static str| {
+            let request = axum::http::Request::get("/v1/holds")
+                .header(PURPOSE_HEADER, "audit")
+                .body(axum::body::Body::empty())
+                .expect("request");
+            rig.call(id, request)
+        };
+        let (status, answer) = get("sam").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+        assert_eq!(answer["reason"], "outside_scope", "holds span sites");
+        // The fake backend has no holds file: 501, audited as the outcome.
+        let (status, answer) = get("adam").await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{answer}");
+        assert_eq!(answer["reason"], "not_configured");
+        let post = |body: Value| {
+            let request = axum::http::Request::post("/v1/holds")
+                .header(PURPOSE_HEADER, "legal")
+                .body(axum::body::Body::from(body.to_string()))
+                .expect("request");
+            rig.call("adam", request)
+        };
+        let (status, answer) = post(json!({"reason": "no id"})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let (status, _) = post(json!({"id": "h1", "reason": "r", "device": "dev-a"})).await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        let outcomes: Vec<_> = rig
+            .audit()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r["action"].as_str().unwrap_or_default(),
+                    r["reason"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "holds.read refused:outside_scope",
+                "holds.read not_configured",
+                "hold.place refused:bad_request",
+                "hold.place allowed",
+                "hold.place not_configured",
+            ]
         );
     }
 

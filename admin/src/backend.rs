@@ -1,5 +1,6 @@
 //! What the admin API reads and changes. The binary implements it with the same code
-//! the CLI runs (the store reads, `registry_cmd::apply`, the re-identification store),
+//! the CLI runs (the store reads, `registry_cmd::apply`, `hold_cmd::apply`, the
+//! re-identification store),
 //! so an answer through the API is the answer of the local command.
 
 use serde_json::Value;
@@ -50,6 +51,10 @@ pub enum BackendError {
     /// The backend could not do it (HTTP 500).
     #[error("{0}")]
     Failed(String),
+    /// What the call needs is not configured (HTTP 501): legal holds without a holds
+    /// file in the admin configuration.
+    #[error("{0}")]
+    NotConfigured(String),
 }
 
 /// Whether the caller's scope allows a change of a device that served these sites
@@ -76,4 +81,23 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Value, BackendError>;
     /// The enrolment id behind a pseudonym.
     fn reid_lookup(&self, pseudonym: &str, acting: &Acting) -> Result<Value, BackendError>;
+    /// Every legal hold, active and lifted.
+    fn holds(&self) -> Result<Vec<Value>, BackendError> {
+        Err(not_configured())
+    }
+    /// Places the hold `hold` (`{"id", "reason", "patient_ref"|"device"|"from"|"to"}`)
+    /// as `acting`; the hold as placed.
+    fn place_hold(&self, hold: Value, acting: &Acting) -> Result<Value, BackendError> {
+        let _ = (hold, acting);
+        Err(not_configured())
+    }
+    /// Lifts the active hold `id` (`lift`: `{"reason"}`) as `acting`; the lifted hold.
+    fn lift_hold(&self, id: &str, lift: Value, acting: &Acting) -> Result<Value, BackendError> {
+        let _ = (id, lift, acting);
+        Err(not_configured())
+    }
+}
+
+fn not_configured() -> BackendError {
+    BackendError::NotConfigured("no legal holds file in the admin configuration (`holds`)".into())
 }

@@ -10,6 +10,7 @@
 //! data_dir = "bridge-data"           # the bridge's store (reads)
 //! registry = "pki/registry.toml"     # the device registry (changes)
 //! reid_store = "reid"                # optional: the re-identification store
+//! holds = "holds.toml"               # optional: the legal holds (vitalmq-holds/v1)
 //! broker_audit = "broker-audit.jsonl"  # optional: adds publishers to traces
 //! [ops_mqtt]                         # optional: also publish break-glass alerts
 //! broker = "127.0.0.1:8883"
@@ -51,6 +52,10 @@ pub struct AdminConfig {
     pub reid_store: Option<PathBuf>,
     #[serde(default)]
     pub broker_audit: Option<PathBuf>,
+    /// The legal holds file (`vitalmq-holds/v1`) `/v1/holds` reads and changes; without
+    /// it those endpoints answer 501 `not_configured`.
+    #[serde(default)]
+    pub holds: Option<PathBuf>,
     pub tls: TlsSettings,
     /// Where break-glass alerts are also published (`ops/admin/break_glass`, QoS 1);
     /// without it they are only written to `ops_outbox`.
@@ -129,6 +134,9 @@ impl AdminConfig {
         if let Some(p) = &mut config.broker_audit {
             resolve(p);
         }
+        if let Some(p) = &mut config.holds {
+            resolve(p);
+        }
         if let Some(m) = &mut config.ops_mqtt {
             resolve(&mut m.cert);
             resolve(&mut m.key);
@@ -152,6 +160,10 @@ mod tests {
         let config = AdminConfig::parse(text, Path::new("/etc/vitalmq/admin.toml")).expect("valid");
         assert_eq!(config.roles, Path::new("/etc/vitalmq/admin-roles.toml"));
         assert_eq!(config.tls.crls, [PathBuf::from("/etc/vitalmq/pki/crl.pem")]);
+        assert_eq!(
+            config.holds.as_deref(),
+            Some(Path::new("/etc/vitalmq/holds.toml"))
+        );
         let mqtt = config.ops_mqtt.expect("ops_mqtt");
         assert_eq!(
             mqtt.cert,

@@ -46,10 +46,18 @@ pub enum AdminAction {
     ConsentGrant,
     ConsentWithdraw,
     ReidLookup,
+    /// List the legal holds, active and lifted (issue 20).
+    HoldsRead,
+    HoldPlace,
+    HoldLift,
+    /// Erase a patient by crypto-shredding (issue 20).
+    PatientErase,
+    /// Export one patient's data (issue 20).
+    PatientExport,
 }
 
 impl AdminAction {
-    pub const ALL: [AdminAction; 10] = [
+    pub const ALL: [AdminAction; 15] = [
         Self::EventsRead,
         Self::AlertsRead,
         Self::TraceRead,
@@ -60,6 +68,11 @@ impl AdminAction {
         Self::ConsentGrant,
         Self::ConsentWithdraw,
         Self::ReidLookup,
+        Self::HoldsRead,
+        Self::HoldPlace,
+        Self::HoldLift,
+        Self::PatientErase,
+        Self::PatientExport,
     ];
 
     /// The name in the policy file and in audit records.
@@ -75,6 +88,11 @@ impl AdminAction {
             Self::ConsentGrant => "registry.consent.grant",
             Self::ConsentWithdraw => "registry.consent.withdraw",
             Self::ReidLookup => "reid.lookup",
+            Self::HoldsRead => "holds.read",
+            Self::HoldPlace => "hold.place",
+            Self::HoldLift => "hold.lift",
+            Self::PatientErase => "patient.erase",
+            Self::PatientExport => "patient.export",
         }
     }
 
@@ -317,6 +335,48 @@ mod tests {
                 .grantee(&PrincipalId::new("mallory").expect("id"))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn the_example_gives_holds_erasure_and_export_to_the_privacy_officer() {
+        let roles = AdminRoles::parse(EXAMPLE, Path::new("admin-roles.toml")).expect("valid");
+        let of = |id: &str| {
+            roles
+                .grantee(&PrincipalId::new(id).expect("id"))
+                .unwrap_or_else(|| panic!("{id} has a role"))
+        };
+        let lifecycle = [
+            AdminAction::HoldsRead,
+            AdminAction::HoldPlace,
+            AdminAction::HoldLift,
+            AdminAction::PatientErase,
+            AdminAction::PatientExport,
+        ];
+        let may = |id: &str| -> Vec<AdminAction> {
+            lifecycle.into_iter().filter(|a| of(id).may(*a)).collect()
+        };
+        assert_eq!(may("priya"), lifecycle);
+        assert_eq!(may("aurora"), [AdminAction::HoldsRead]);
+        assert_eq!(may("adam"), [AdminAction::HoldsRead]);
+        assert_eq!(may("alice"), []);
+    }
+
+    #[test]
+    fn every_action_name_parses_back_to_its_action() {
+        for action in AdminAction::ALL {
+            assert_eq!(action.as_str().parse::<AdminAction>(), Ok(action));
+        }
+        let names: BTreeSet<_> = AdminAction::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(names.len(), AdminAction::ALL.len(), "names are distinct");
+        for name in [
+            "holds.read",
+            "hold.place",
+            "hold.lift",
+            "patient.erase",
+            "patient.export",
+        ] {
+            assert!(names.contains(name), "{name}");
+        }
     }
 
     #[test]

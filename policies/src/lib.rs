@@ -24,7 +24,10 @@ pub use admin_roles::{AdminAction, AdminRole, AdminRoles, Grantee, Scope};
 pub use assignment::{Assignment, AssignmentError, History, Period, UnixMillis, Use};
 pub use consent::{Consent, ConsentError, Grant, Purpose, UnknownPurpose};
 pub use error::{PolicyError, PolicyErrors};
-pub use hold::{Disposition, Hold, LegalHolds, RecordMeta, disposition};
+pub use hold::{
+    Disposition, Hold, HoldError, HoldRequest, LegalHolds, LiftedHold, RecordMeta, disposition,
+    is_patient_ref,
+};
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
 pub use pseudonym::{CARE_PURPOSE, PSEUDONYM_PREFIX, PseudonymError, Pseudonymiser, is_pseudonym};
 pub use registry::{
