@@ -11,6 +11,7 @@ mod demo_cmd;
 mod envelope_cmd;
 mod loadgen_cmd;
 mod log_format;
+mod objects_cmd;
 mod operator_audit;
 mod registry_cmd;
 mod reid_cmd;
@@ -56,6 +57,9 @@ enum Command {
     /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
     #[command(subcommand)]
     Reid(reid_cmd::ReidCommand),
+    /// Sealed telemetry objects: open one for an operator (audited).
+    #[command(subcommand)]
+    Objects(objects_cmd::ObjectsCommand),
     /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines).
     #[command(subcommand)]
     Store(bridge_cmd::StoreCommand),
@@ -126,6 +130,7 @@ fn main() -> std::process::ExitCode {
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),
         Command::Reid(cmd) => cmd.run(),
         Command::Store(cmd) => cmd.run(),
+        Command::Objects(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),
         Command::Registry(cmd) => cmd.run(),
