@@ -13,6 +13,7 @@ mod envelope_cmd;
 mod hold_cmd;
 mod loadgen_cmd;
 mod log_format;
+mod objects_cmd;
 mod operator_audit;
 mod registry_cmd;
 mod reid_cmd;
@@ -62,6 +63,9 @@ enum Command {
     /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
     #[command(subcommand)]
     Reid(reid_cmd::ReidCommand),
+    /// Sealed telemetry objects: open one for an operator (audited).
+    #[command(subcommand)]
+    Objects(objects_cmd::ObjectsCommand),
     /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines); back it up
     /// and restore it.
     #[command(subcommand)]
@@ -134,6 +138,7 @@ fn main() -> std::process::ExitCode {
         Command::Hold(cmd) => cmd.run(),
         Command::Reid(cmd) => cmd.run(),
         Command::Store(cmd) => cmd.run(),
+        Command::Objects(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),
         Command::Registry(cmd) => cmd.run(),

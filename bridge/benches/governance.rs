@@ -73,6 +73,7 @@ fn record(n: usize, seq: u64) -> OutboxRecord {
         topic: format!("telemetry/north/dev-{n:05}"),
         raw: bytes::Bytes::from_static(&[0u8; 180]),
         normalized_json: event(n, seq),
+        ingest_patient: None,
     }
 }
 

@@ -527,6 +527,7 @@ pub(crate) mod tests {
             normalized_json: format!(
                 r#"{{"format":"vitalmq-event/v1","event_id":"ev-{position}","device":"{device}","patient_ref":"{patient}","m":{{"hr":60}},"extra":{{"x":1}}}}"#
             ),
+            ingest_patient: None,
         }
     }
 

@@ -200,6 +200,7 @@ fn record(
         raw: Bytes::from(raw),
         normalized_json:
             serde_json::json!({"event_id": format!("ev-{position}"), "device": device}).to_string(),
+        ingest_patient: None,
     }
 }
 

@@ -51,6 +51,11 @@ pub struct OutboxRecord {
     pub raw: bytes::Bytes,
     /// The normalized event: one JSON object, no trailing newline.
     pub normalized_json: String,
+    /// The `patient_ref` the event named at ingest, kept here when governance rewrote
+    /// `normalized_json` for a sink (minimised it, or put a purpose pseudonym in place
+    /// of the care reference; see the `Governed` impl). `None` as the store reads it:
+    /// [`OutboxRecord::subject`] then reads `normalized_json`.
+    pub ingest_patient: Option<String>,
 }
 
 impl OutboxRecord {
@@ -66,6 +71,16 @@ impl OutboxRecord {
             .ok()?
             .patient_ref
             .map(|p| (p, self.site.as_str()))
+    }
+
+    /// The care `patient_ref` the event was attributed to at ingest, also after
+    /// governance minimised or pseudonymised `normalized_json`: whose data key seals the
+    /// sink's copy of it, so that erasing that patient reaches every sink.
+    pub fn subject(&self) -> Option<std::borrow::Cow<'_, str>> {
+        match &self.ingest_patient {
+            Some(p) => Some(std::borrow::Cow::Borrowed(p.as_str())),
+            None => self.recorded().map(|(p, _)| p),
+        }
     }
 }
 
@@ -83,6 +98,11 @@ impl crate::governance::Governed for OutboxRecord {
     }
 
     fn set_event_json(&mut self, json: String) {
+        // The rewritten event may no longer name the care patient (field removed, or a
+        // purpose pseudonym in its place); keep who it was for sealing.
+        if self.ingest_patient.is_none() {
+            self.ingest_patient = self.recorded().map(|(p, _)| p.into_owned());
+        }
         self.normalized_json = json;
     }
 }
@@ -189,6 +209,12 @@ pub enum SinkFailure {
     },
     #[error("fsync task failed: {0}")]
     FsyncTask(#[source] tokio::task::JoinError),
+    /// Sealing an object under its subject's data key failed (keyring or key provider
+    /// unavailable); the records wait in the outbox.
+    #[error("sealing: {0}")]
+    Seal(#[source] vitalmq_keyring::KeyError),
+    #[error("sealing task failed: {0}")]
+    SealTask(#[source] tokio::task::JoinError),
     #[error(transparent)]
     Link(LinkError),
     /// The upstream broker refused to let the sink subscribe to the devices' receipts.

@@ -50,11 +50,31 @@
 //! together in outbox order. The names still derive only from the batch range and the
 //! partition key, so delivery stays idempotent.
 //!
+//! # Sealed objects
+//!
+//! A sink with a keyring ([`ObjectStoreSink::with_keyring`], issue 20) writes every
+//! object sealed under the data key of its records' patient ([`sealed`]): a partition's
+//! records are further grouped by the care `patient_ref` they were attributed to at
+//! ingest (unattributed ones by [`sealed::UNATTRIBUTED`]), and each group's objects are
+//! named by the batch range and the outbox position of the group's first record, with
+//! `.vmqs` after the plain extension:
+//!
+//! ```text
+//! {prefix}/normalized/site={site}/device={device}/date={date}/{first:020}-{last:020}-{at:020}.ndjson.vmqs
+//! ```
+//!
+//! The names never carry the patient. Each object is one `VMQS` blob (the readable
+//! header names the subject and key version) of exactly the bytes the plain object
+//! would hold; `vitalmq objects open` prints them for an operator (audited). A group
+//! whose patient was erased is not written (the outbox skips erased events anyway).
+//!
 //! # Invariants
 //!
-//! * Object names derive only from the batch range and the records' partition keys, and
-//!   the bytes only from the records, so a retry of the same batch overwrites the same
-//!   objects with identical bytes ([`PutMode::Overwrite`]): delivery is idempotent.
+//! * Object names derive only from the batch range and the records' partition keys
+//!   (and, sealed, the group's first position), and the bytes only from the records, so
+//!   a retry of the same batch overwrites the same objects with identical bytes (sealed:
+//!   identical plaintext under a fresh nonce) ([`PutMode::Overwrite`]): delivery is
+//!   idempotent.
 //! * A partition's raw object is written before its normalized object, so a reader that
 //!   finds an `.ndjson` object also finds its `.cborseq` (after a failed attempt a batch
 //!   may have some objects written; its retry completes it).
@@ -89,8 +109,12 @@ use time::{Date, OffsetDateTime};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::SiteId;
 
+use vitalmq_keyring::{KeyError, Keyring, Subject};
+
 use super::{Batch, OutboxRecord, Sink, SinkError, SinkFailure};
 use crate::governance::Fields;
+
+pub mod sealed;
 
 /// How many PUTs of one batch run at once.
 pub(crate) const PARALLEL_PUTS: usize = 8;
@@ -190,6 +214,8 @@ pub struct ObjectStoreSink {
     raw: bool,
     /// Which identifying levels object names carry (see [`Self::with_fields`]).
     partition_by: PartitionBy,
+    /// Seals every telemetry object per patient (see [`Self::with_keyring`]).
+    keyring: Option<Arc<Keyring>>,
 }
 
 /// The local filesystem behind a sink, to `fsync` what it wrote.
@@ -207,6 +233,7 @@ impl fmt::Debug for ObjectStoreSink {
             .field("name", &self.name)
             .field("store", &format_args!("{}", self.store))
             .field("prefix", &self.prefix.as_ref())
+            .field("sealed", &self.keyring.is_some())
             .finish()
     }
 }
@@ -228,6 +255,7 @@ impl ObjectStoreSink {
             local: None,
             raw: true,
             partition_by: PartitionBy::ALL,
+            keyring: None,
         })
     }
 
@@ -269,6 +297,8 @@ impl ObjectStoreSink {
         for kind in [ObjectKind::Raw, ObjectKind::Normalized] {
             client = client.with_content_type_for_suffix(kind.extension(), kind.media_type());
         }
+        client = client
+            .with_content_type_for_suffix(sealed::SEALED_EXTENSION, sealed::SEALED_MEDIA_TYPE);
         let mut builder = AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_region(&settings.region)
@@ -297,6 +327,7 @@ impl ObjectStoreSink {
             local: None,
             raw: true,
             partition_by: PartitionBy::ALL,
+            keyring: None,
         }
     }
 
@@ -315,6 +346,17 @@ impl ObjectStoreSink {
     pub fn with_fields(mut self, fields: &Fields) -> Self {
         self.raw = fields.allows_raw();
         self.partition_by = PartitionBy::allowed_by(fields);
+        self
+    }
+
+    /// Seals every telemetry object under its patient's data key in `keyring`
+    /// ([`sealed`]): an object then holds the records of one subject (the care
+    /// patient, or [`sealed::UNATTRIBUTED`]) and is named
+    /// `{first:020}-{last:020}-{at:020}.{ext}.vmqs`, `at` the outbox position of its
+    /// first record. Audit segments ([`Self::put_durable`]) stay plain: they hold
+    /// hashes and ids, no patient values.
+    pub fn with_keyring(mut self, keyring: Arc<Keyring>) -> Self {
+        self.keyring = Some(keyring);
         self
     }
 
@@ -361,19 +403,55 @@ impl ObjectStoreSink {
         Ok(names)
     }
 
+    /// Reads the object named `name` (a full name, as [`Self::list_objects`] gives).
+    pub async fn read_object(&self, name: &str) -> Result<Bytes, SinkError> {
+        let location = ObjectPath::parse(name).map_err(|e| {
+            SinkError::refused(
+                self.name.clone(),
+                SinkFailure::ObjectPath {
+                    name: name.to_owned(),
+                    source: e,
+                },
+            )
+        })?;
+        let got = self
+            .store
+            .get(&location)
+            .await
+            .map_err(|e| self.store_error("GET", &location, e))?;
+        got.bytes()
+            .await
+            .map_err(|e| self.store_error("GET", &location, e))
+    }
+
+    /// The name of a group's object of `kind`: the batch range, and for a sealing sink
+    /// the group's first position (several subjects may share a partition) and the
+    /// sealed extension.
     fn object_path(
         &self,
         kind: ObjectKind,
-        key: &PartitionKey,
+        key: &GroupKey,
+        group: &Partition,
         batch: &Batch,
     ) -> Result<ObjectPath, SinkError> {
-        let name = format!(
-            "{}/{:020}-{:020}.{}",
-            self.partition_prefix(kind, key),
-            batch.first,
-            batch.last,
-            kind.extension(),
-        );
+        let dir = self.partition_prefix(kind, &key.partition);
+        let name = if self.keyring.is_some() {
+            format!(
+                "{dir}/{:020}-{:020}-{:020}.{}.{}",
+                batch.first,
+                batch.last,
+                group.at,
+                kind.extension(),
+                sealed::SEALED_EXTENSION,
+            )
+        } else {
+            format!(
+                "{dir}/{:020}-{:020}.{}",
+                batch.first,
+                batch.last,
+                kind.extension(),
+            )
+        };
         ObjectPath::parse(&name).map_err(|e| {
             SinkError::refused(
                 self.name.clone(),
@@ -383,7 +461,8 @@ impl ObjectStoreSink {
     }
 
     async fn deliver_batch(&self, batch: &Batch) -> Result<(), SinkError> {
-        let partitions = partition(batch, self.partition_by).map_err(|source| {
+        let per_subject = self.keyring.is_some();
+        let partitions = partition(batch, self.partition_by, per_subject).map_err(|source| {
             SinkError::refused(
                 self.name.clone(),
                 SinkFailure::Batch {
@@ -393,21 +472,33 @@ impl ObjectStoreSink {
                 },
             )
         })?;
-        let mut puts = Vec::with_capacity(partitions.len());
+        let mut objects = Vec::with_capacity(partitions.len());
         for (key, part) in partitions {
-            let raw = self.object_path(ObjectKind::Raw, &key, batch)?;
-            let normalized = self.object_path(ObjectKind::Normalized, &key, batch)?;
+            let raw = self.object_path(ObjectKind::Raw, &key, &part, batch)?;
+            let normalized = self.object_path(ObjectKind::Normalized, &key, &part, batch)?;
+            objects.push(GroupObjects {
+                subject: key.subject,
+                raw: self.raw.then(|| (raw, PutPayload::from_iter(part.raw))),
+                normalized: (normalized, PutPayload::from(part.ndjson)),
+                records: part.records,
+            });
+        }
+        if let Some(keyring) = &self.keyring {
+            objects = self.seal(keyring, objects, batch).await?;
+        }
+        let mut puts = Vec::with_capacity(objects.len());
+        for group in objects {
             puts.push(async move {
+                let mut written = Vec::with_capacity(2);
                 // Raw first: an .ndjson object is never visible without its .cborseq.
-                if self.raw {
-                    self.put(&raw, part.raw.into_iter().collect()).await?;
+                if let Some((raw, body)) = group.raw {
+                    self.put(&raw, body).await?;
+                    written.push(raw);
                 }
-                self.put(&normalized, part.ndjson.into()).await?;
-                Ok::<_, SinkError>(if self.raw {
-                    vec![raw, normalized]
-                } else {
-                    vec![normalized]
-                })
+                let (normalized, body) = group.normalized;
+                self.put(&normalized, body).await?;
+                written.push(normalized);
+                Ok::<_, SinkError>(written)
             });
         }
         // Every put of the attempt settles before this returns, also after a failure:
@@ -431,6 +522,47 @@ impl ObjectStoreSink {
             "batch written"
         );
         Ok(())
+    }
+
+    /// Seals each group's objects for its subject, on a blocking thread (the keyring is
+    /// SQLite). A group whose subject was erased is left out, never written plain: the
+    /// store's outbox skips erased events, so this is only a record read just before
+    /// the erasure; it is counted and the rest of the batch goes on.
+    async fn seal(
+        &self,
+        keyring: &Arc<Keyring>,
+        objects: Vec<GroupObjects>,
+        batch: &Batch,
+    ) -> Result<Vec<GroupObjects>, SinkError> {
+        let keyring = Arc::clone(keyring);
+        let sealed = tokio::task::spawn_blocking(move || seal_groups(&keyring, objects)).await;
+        let (objects, erased) = match sealed {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                return Err(SinkError::unavailable(
+                    self.name.clone(),
+                    SinkFailure::Seal(e),
+                ));
+            }
+            Err(e) => {
+                return Err(SinkError::unavailable(
+                    self.name.clone(),
+                    SinkFailure::SealTask(e),
+                ));
+            }
+        };
+        if erased > 0 {
+            metrics::counter!("vitalmq_bridge_sink_erased_skipped_total", "sink" => self.name.clone())
+                .increment(erased as u64);
+            tracing::debug!(
+                sink = %self.name,
+                batch.first = batch.first,
+                batch.last = batch.last,
+                records = erased,
+                "records of erased subjects left out of the objects"
+            );
+        }
+        Ok(objects)
     }
 
     /// Writes one object at `{prefix}/{key}` durably (idempotent: same key, same bytes);
@@ -695,30 +827,94 @@ pub enum BadRecord {
     Device,
     #[error("received_at_ms is past year 9999")]
     Time,
+    #[error("patient_ref cannot name a data key (1 to 64 of [0-9A-Za-z._:-])")]
+    Subject,
     #[error("normalized event is not one non-empty line")]
     Normalized,
     #[error("raw is not one CBOR item: {0}")]
     Raw(#[source] vitalmq_envelope::cbor::CborError),
 }
 
-/// The bodies of one partition's two objects.
-#[derive(Debug, Default)]
+/// Which objects a record goes to: its partition and, in a sealing sink, its subject
+/// (`None` in a plain sink, where a partition's records share their objects).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct GroupKey {
+    partition: PartitionKey,
+    subject: Option<Subject>,
+}
+
+/// The bodies of one group's two objects.
+#[derive(Debug)]
 struct Partition {
+    /// Outbox position of the group's first record (names a sealed group's objects).
+    at: i64,
     /// The records' `raw` bytes in order; concatenated they are the CBOR sequence.
     raw: Vec<Bytes>,
     ndjson: Vec<u8>,
+    records: usize,
 }
 
-/// Checks the batch and groups its records into partitions, keeping outbox order within
-/// each. Errors name the record (position and event id) and the rule, not its values.
+/// One group's objects, named, ready to write.
+struct GroupObjects {
+    subject: Option<Subject>,
+    raw: Option<(ObjectPath, PutPayload)>,
+    normalized: (ObjectPath, PutPayload),
+    records: usize,
+}
+
+/// The groups with their bodies sealed (see [`ObjectStoreSink::seal`]), and how many
+/// records were left out because their subject was erased.
+fn seal_groups(
+    keyring: &Keyring,
+    objects: Vec<GroupObjects>,
+) -> Result<(Vec<GroupObjects>, usize), KeyError> {
+    let seal_one = |subject: &Subject, (path, body): (ObjectPath, PutPayload)| {
+        let mut plain = Vec::with_capacity(body.content_length());
+        body.iter().for_each(|chunk| plain.extend_from_slice(chunk));
+        let context = sealed::context(path.as_ref()).map_err(|e| match e {
+            sealed::OpenError::Key(k) => k,
+            other => KeyError::Malformed(other.to_string()),
+        })?;
+        let blob = keyring.seal(subject, &context, &plain)?;
+        Ok::<_, KeyError>((path, PutPayload::from(blob)))
+    };
+    let mut out = Vec::with_capacity(objects.len());
+    let mut erased = 0;
+    for group in objects {
+        let subject = match &group.subject {
+            Some(s) => s.clone(),
+            None => Subject::new(sealed::UNATTRIBUTED)?,
+        };
+        let sealed = (|| {
+            let raw = group.raw.map(|raw| seal_one(&subject, raw)).transpose()?;
+            Ok((raw, seal_one(&subject, group.normalized)?))
+        })();
+        match sealed {
+            Ok((raw, normalized)) => out.push(GroupObjects {
+                subject: Some(subject),
+                raw,
+                normalized,
+                records: group.records,
+            }),
+            Err(KeyError::Erased { .. }) => erased += group.records,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((out, erased))
+}
+
+/// Checks the batch and groups its records into partitions (and, `per_subject`, by
+/// subject within each), keeping outbox order within each. Errors name the record
+/// (position and event id) and the rule, not its values.
 fn partition(
     batch: &Batch,
     by: PartitionBy,
-) -> Result<BTreeMap<PartitionKey, Partition>, BadBatch> {
+    per_subject: bool,
+) -> Result<BTreeMap<GroupKey, Partition>, BadBatch> {
     if batch.first < 0 || batch.first > batch.last {
         return Err(BadBatch::NotARange);
     }
-    let mut partitions: BTreeMap<PartitionKey, Partition> = BTreeMap::new();
+    let mut partitions: BTreeMap<GroupKey, Partition> = BTreeMap::new();
     let mut previous = None;
     for record in &batch.records {
         let at = |why| BadBatch::Record {
@@ -733,13 +929,27 @@ fn partition(
             return Err(at(BadRecord::Order));
         }
         previous = Some(record.position);
-        let key = PartitionKey::of(record, by).map_err(at)?;
+        let partition = PartitionKey::of(record, by).map_err(at)?;
+        let subject = if per_subject {
+            let name = record.subject();
+            let name = name.as_deref().unwrap_or(sealed::UNATTRIBUTED);
+            Some(Subject::new(name).map_err(|_| at(BadRecord::Subject))?)
+        } else {
+            None
+        };
+        let key = GroupKey { partition, subject };
         if record.normalized_json.is_empty() || record.normalized_json.contains('\n') {
             return Err(at(BadRecord::Normalized));
         }
         vitalmq_envelope::cbor::check_single_item(&record.raw)
             .map_err(|e| at(BadRecord::Raw(e)))?;
-        let part = partitions.entry(key).or_default();
+        let part = partitions.entry(key).or_insert_with(|| Partition {
+            at: record.position,
+            raw: Vec::new(),
+            ndjson: Vec::new(),
+            records: 0,
+        });
+        part.records += 1;
         part.raw.push(record.raw.clone());
         part.ndjson
             .extend_from_slice(record.normalized_json.as_bytes());
@@ -748,5 +958,7 @@ fn partition(
     Ok(partitions)
 }
 
+#[cfg(test)]
+mod sealed_tests;
 #[cfg(test)]
 mod tests;

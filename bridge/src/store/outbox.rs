@@ -406,6 +406,7 @@ impl Store {
                     topic: r.get(8)?,
                     raw: bytes::Bytes::from(r.get::<_, Vec<u8>>(9)?),
                     normalized_json: r.get(10)?,
+                    ingest_patient: None,
                 })
             })
             .map_err(|e| self.err(e))?;

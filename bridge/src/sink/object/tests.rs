@@ -11,7 +11,7 @@ use time::macros::datetime;
 
 use super::*;
 
-const NAME: &str = "objects";
+pub(super) const NAME: &str = "objects";
 const PREFIX: &str = "tenant-a/vitalmq";
 /// Bound on a failing delivery in these tests: failures must come back promptly.
 const PROMPTLY: Duration = Duration::from_secs(10);
@@ -39,7 +39,7 @@ fn cose(position: i64) -> Bytes {
     out.into()
 }
 
-fn record(position: i64, site: &str, device: &str, received_at_ms: u64) -> OutboxRecord {
+pub(super) fn record(position: i64, site: &str, device: &str, received_at_ms: u64) -> OutboxRecord {
     let event_id = format!("ev-{position}");
     OutboxRecord {
         position,
@@ -59,6 +59,7 @@ fn record(position: i64, site: &str, device: &str, received_at_ms: u64) -> Outbo
             "hr": 60 + position,
         })
         .to_string(),
+        ingest_patient: None,
     }
 }
 
@@ -98,7 +99,7 @@ fn prefixed_sink() -> ObjectStoreSink {
 }
 
 /// Every object of the store: name to bytes.
-async fn snapshot(sink: &ObjectStoreSink) -> BTreeMap<String, Bytes> {
+pub(super) async fn snapshot(sink: &ObjectStoreSink) -> BTreeMap<String, Bytes> {
     let mut all = BTreeMap::new();
     for name in sink.list_objects("").await.expect("list") {
         let bytes = sink
@@ -115,7 +116,7 @@ async fn snapshot(sink: &ObjectStoreSink) -> BTreeMap<String, Bytes> {
 }
 
 /// Splits an RFC 8742 CBOR sequence into its items' bytes, decoding each with ciborium.
-fn cbor_items(mut rest: &[u8]) -> Vec<Vec<u8>> {
+pub(super) fn cbor_items(mut rest: &[u8]) -> Vec<Vec<u8>> {
     let mut items = Vec::new();
     while !rest.is_empty() {
         let before = rest;
