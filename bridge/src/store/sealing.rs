@@ -68,12 +68,65 @@ pub enum Payload {
     /// Its subject was erased: sealed under a destroyed key, or scrubbed. The time is
     /// known for a sealed row whose tombstone the keyring holds.
     Erased { erased_at_ms: Option<u64> },
+    /// Sealed, and this reader has no key to open it (no keyring, or one opened
+    /// without the key file): not erased, just not readable here.
+    Locked,
 }
 
 impl Payload {
     pub fn is_erased(&self) -> bool {
         matches!(self, Self::Erased { .. })
     }
+
+    /// The payload as JSON for a reader: the value (a string if it is not JSON), or
+    /// null when erased or locked.
+    pub fn json(&self) -> serde_json::Value {
+        match self {
+            Self::Plain(b) => {
+                serde_json::from_slice(b).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                })
+            }
+            Self::Erased { .. } | Self::Locked => serde_json::Value::Null,
+        }
+    }
+
+    /// The payload as text (empty when erased or locked).
+    pub fn text(&self) -> String {
+        match self {
+            Self::Plain(b) => String::from_utf8_lossy(b).into_owned(),
+            Self::Erased { .. } | Self::Locked => String::new(),
+        }
+    }
+
+    /// The erasure facts a reader prints beside the row's ids.
+    pub fn marks(&self) -> PayloadMarks {
+        match self {
+            Self::Plain(_) => PayloadMarks::default(),
+            Self::Erased { erased_at_ms } => PayloadMarks {
+                erased: true,
+                erased_at_ms: *erased_at_ms,
+                sealed: false,
+            },
+            Self::Locked => PayloadMarks {
+                sealed: true,
+                ..PayloadMarks::default()
+            },
+        }
+    }
+}
+
+/// Why a row's payload is not shown, flattened into the row a reader prints: nothing
+/// for a readable row; `"erased": true` (with the tombstone's time when known) for an
+/// erased patient's; `"sealed": true` when it is sealed and no key was given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PayloadMarks {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub erased: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub erased_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sealed: bool,
 }
 
 /// The bytes of a TEXT or BLOB column (sealed payloads are BLOBs in TEXT columns).
@@ -81,6 +134,7 @@ pub(super) fn column_bytes(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<
     Ok(match r.get_ref(i)? {
         ValueRef::Text(b) | ValueRef::Blob(b) => b.to_vec(),
         ValueRef::Null => Vec::new(),
+        // Integers and reals are no payload this store writes.
         other => {
             return Err(rusqlite::Error::FromSqlConversionFailure(
                 i,
@@ -136,15 +190,14 @@ impl Store {
             return Ok(Payload::Plain(stored.to_vec()));
         }
         let Some(k) = &self.keyring else {
-            return Err(StoreError::NoKeyring {
-                path: self.path.clone(),
-            });
+            return Ok(Payload::Locked);
         };
         match k.unseal(stored, context.as_bytes()) {
             Ok(plain) => Ok(Payload::Plain(plain)),
             Err(KeyError::Erased { erased_at_ms, .. }) => Ok(Payload::Erased {
                 erased_at_ms: Some(erased_at_ms),
             }),
+            Err(KeyError::UnknownKek { .. }) => Ok(Payload::Locked),
             Err(e) => Err(self.key_err(e)),
         }
     }
