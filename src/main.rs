@@ -9,6 +9,7 @@ mod bridge_cmd;
 mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
+mod erase_cmd;
 mod loadgen_cmd;
 mod log_format;
 mod operator_audit;
@@ -50,6 +51,9 @@ enum Command {
     Certs(vitalmq_certs::cli::CertsCommand),
     /// Run the system on an embedded default and show it working.
     Demo(demo_cmd::DemoArgs),
+    /// Erase one patient by crypto-shredding: destroy their data keys, scrub legacy
+    /// plaintext rows (refused under legal hold or while assigned; audited).
+    Erase(erase_cmd::EraseArgs),
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
@@ -121,6 +125,7 @@ fn main() -> std::process::ExitCode {
         Command::Admin(cmd) => cmd.run(),
         Command::Certs(cmd) => certs(cmd),
         Command::Envelope(cmd) => cmd.run(),
+        Command::Erase(args) => erase_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args, cli.log_format),
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),

@@ -34,6 +34,10 @@ pub struct TraceArgs {
     /// Why the trace is read (recorded in the audit log; required with `--server`).
     #[arg(long)]
     purpose: Option<String>,
+    /// The key file (`[encryption] key_file`), to open sealed payloads; without it a
+    /// sealed payload is shown as sealed (an erased one as erased either way).
+    #[arg(long, conflicts_with = "server")]
+    key_file: Option<PathBuf>,
     #[command(flatten)]
     client: crate::admin_cmd::client::ClientArgs,
 }
@@ -44,7 +48,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         (None, Some(data)) => data.clone(),
         (None, None) => anyhow::bail!("--data or --server is required"),
     };
-    let store = crate::bridge_cmd::open_existing(&data)?;
+    let store = crate::bridge_cmd::open_existing_with(&data, args.key_file.as_deref())?;
     let mut action = crate::operator_audit::Action::new(
         "trace",
         crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&data)),
@@ -317,6 +321,10 @@ struct AlertTrace {
     patient_ref: Option<String>,
     fw: Option<String>,
     model: Option<String>,
+    /// Why the alert's bodies are not shown: `erased at <time> (crypto-shredded)`, or
+    /// `sealed`; absent when they are readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<String>,
     changes: Vec<Change>,
     evidence: Vec<Evidence>,
     /// `None` (null) without the broker audit log: unknown, not "nobody".
@@ -604,10 +612,27 @@ fn trace_alert(
         patient_ref: body.patient_ref.clone(),
         fw: body.fw.clone(),
         model: body.model.clone(),
+        payload: history
+            .iter()
+            .find_map(|h| payload_note(&h.marks)),
         changes,
         evidence,
         recipients,
     }))))
+}
+
+/// What a trace says of a payload it cannot show: erased (with when, if known), or
+/// sealed without a key; `None` when readable.
+fn payload_note(marks: &vitalmq_bridge::store::sealing::PayloadMarks) -> Option<String> {
+    if marks.erased {
+        return Some(match marks.erased_at_ms.and_then(rfc3339) {
+            Some(at) => format!("erased at {at} (crypto-shredded)"),
+            None => "erased (keys destroyed or scrubbed)".to_owned(),
+        });
+    }
+    marks
+        .sealed
+        .then(|| "sealed (give --key-file to open it)".to_owned())
 }
 
 /// The text of a value the trace may not know: `-` when it does not.
@@ -669,6 +694,9 @@ fn render_event(out: &mut String, e: &EventChain, indent: &str) {
         )),
         _ => out.push_str(&format!("{indent}  publisher: {}\n", raw.row.publisher)),
     }
+    if let Some(note) = payload_note(&d.marks) {
+        out.push_str(&format!("{indent}  payload: {note}\n"));
+    }
 }
 
 /// An evidence id the store does not hold, in the shape of an event with nothing known.
@@ -712,6 +740,9 @@ fn render(t: &Trace) -> String {
         or_dash(t.fw.as_ref()),
         or_dash(t.model.as_ref())
     ));
+    if let Some(note) = &t.payload {
+        out.push_str(&format!("  payload: {note}\n"));
+    }
     out.push_str("state changes:\n");
     for c in &t.changes {
         out.push_str(&format!(

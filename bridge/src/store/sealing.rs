@@ -241,6 +241,34 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// The devices `patient_ref`'s events came from, and the span of their observation
+    /// times `(first, last)` (ms), for deciding whether a legal hold covers the patient.
+    pub fn patient_span(
+        &self,
+        patient_ref: &str,
+    ) -> Result<(Vec<String>, Option<(u64, u64)>), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT device FROM events WHERE patient_ref = ?1 ORDER BY device")
+            .map_err(|e| self.err(e))?;
+        let devices = stmt
+            .query_map(params![patient_ref], |r| r.get(0))
+            .and_then(Iterator::collect)
+            .map_err(|e| self.err(e))?;
+        let span: (Option<i64>, Option<i64>) = self
+            .conn
+            .query_row(
+                "SELECT MIN(observed_at_ms), MAX(observed_at_ms) FROM events WHERE patient_ref = ?1",
+                params![patient_ref],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok((
+            devices,
+            span.0.zip(span.1).map(|(a, b)| (super::i2u(a), super::i2u(b))),
+        ))
+    }
+
     /// Overwrites in place every plaintext payload of `patient_ref` (rows written
     /// before encryption was on): normalized events and alert bodies become
     /// [`ERASED_MARKER`], raw bytes become empty; ids, hashes and positions stay. Sealed
