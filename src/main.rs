@@ -10,6 +10,7 @@ mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
 mod erase_cmd;
+mod keys_cmd;
 mod loadgen_cmd;
 mod log_format;
 mod operator_audit;
@@ -57,6 +58,9 @@ enum Command {
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
+    /// Encryption at rest: key file, data-key and KEK rotation, keyring status (audited).
+    #[command(subcommand)]
+    Keys(keys_cmd::KeysCommand),
     /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
     #[command(subcommand)]
     Reid(reid_cmd::ReidCommand),
@@ -130,6 +134,7 @@ fn main() -> std::process::ExitCode {
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),
         Command::Reid(cmd) => cmd.run(),
+        Command::Keys(cmd) => cmd.run(),
         Command::Store(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),

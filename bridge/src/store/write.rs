@@ -124,6 +124,12 @@ impl RecordedEvent {
         &self.normalized_json
     }
 
+    /// For tests of the store: the raw bytes it stores.
+    #[cfg(test)]
+    pub(crate) fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
     /// For tests of the store: the same event attributed to another patient.
     #[cfg(test)]
     pub(crate) fn for_patient(mut self, patient_ref: &str) -> Self {
@@ -249,7 +255,6 @@ pub struct NewAlert {
 /// message from before the erasure). They are not stored (never as plaintext), while
 /// the rest of the batch is; the recorder acknowledges, counts and audits them.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-#[must_use]
 pub struct Committed {
     /// `(event_id, device)` of each event not stored.
     pub erased_events: Vec<(String, String)>,
