@@ -25,8 +25,8 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use vitalmq_bridge::store::{NoKeys, Store};
-use vitalmq_keyring::{KeyProvider, Keyring, LocalKeyFile, Subject};
 use vitalmq_envelope::DeviceId;
+use vitalmq_keyring::{KeyProvider, Keyring, LocalKeyFile, Subject};
 use vitalmq_policies::{DeviceRegistry, LegalHolds, Period, Use};
 
 use crate::operator_audit::{self, Action};
@@ -122,33 +122,36 @@ pub fn run(args: EraseArgs) -> anyhow::Result<ExitCode> {
 /// Erases one patient (see the module docs): an audited operator action, refusals
 /// included.
 pub fn erase(req: &Request) -> anyhow::Result<Report> {
-    let subject = Subject::new(&req.patient_ref)
-        .map_err(|e| anyhow::anyhow!("refused: --patient: {e}"))?;
+    let subject =
+        Subject::new(&req.patient_ref).map_err(|e| anyhow::anyhow!("refused: --patient: {e}"))?;
     anyhow::ensure!(
         req.patient_ref.starts_with("pt-"),
         "refused: --patient is not a patient pseudonym (pt-...)"
     );
     // No store, nothing to erase or audit: a typo must not create one.
     let mut store = crate::bridge_cmd::open_existing(&req.data)?;
-    Action::new("erase", operator_audit::log_path(operator_audit::data_dir_log(&req.data)))
-        .resource(Some(req.patient_ref.clone()))
-        .detail("data", operator_audit::absolute(&req.data))
-        .detail("reason", req.reason.clone())
-        .detail("by", req.by.clone())
-        .run(|| {
-            let keyring = open_keyring(req)?;
-            let report = erase_in(req, &subject, &keyring, &mut store)?;
-            let mut details = Map::new();
-            details.insert("erased_at_ms".into(), report.erased_at_ms.into());
-            details.insert("keys_destroyed".into(), report.keys_destroyed.into());
-            details.insert(
-                "unreadable_rows".into(),
-                serde_json::to_value(report.unreadable_rows)?,
-            );
-            details.insert("legacy_scrubbed".into(), report.legacy_scrubbed.into());
-            details.insert("already_erased".into(), Value::Bool(report.already_erased));
-            Ok((report, details))
-        })
+    Action::new(
+        "erase",
+        operator_audit::log_path(operator_audit::data_dir_log(&req.data)),
+    )
+    .resource(Some(req.patient_ref.clone()))
+    .detail("data", operator_audit::absolute(&req.data))
+    .detail("reason", req.reason.clone())
+    .detail("by", req.by.clone())
+    .run(|| {
+        let keyring = open_keyring(req)?;
+        let report = erase_in(req, &subject, &keyring, &mut store)?;
+        let mut details = Map::new();
+        details.insert("erased_at_ms".into(), report.erased_at_ms.into());
+        details.insert("keys_destroyed".into(), report.keys_destroyed.into());
+        details.insert(
+            "unreadable_rows".into(),
+            serde_json::to_value(report.unreadable_rows)?,
+        );
+        details.insert("legacy_scrubbed".into(), report.legacy_scrubbed.into());
+        details.insert("already_erased".into(), Value::Bool(report.already_erased));
+        Ok((report, details))
+    })
 }
 
 fn open_keyring(req: &Request) -> anyhow::Result<Keyring> {
@@ -181,7 +184,9 @@ fn erase_in(
         }
     };
     if std::env::var_os(ABORT_AFTER_KEYRING_ENV).is_some() {
-        eprintln!("{ABORT_AFTER_KEYRING_ENV} set: aborting between the keyring erase and the cleanup");
+        eprintln!(
+            "{ABORT_AFTER_KEYRING_ENV} set: aborting between the keyring erase and the cleanup"
+        );
         std::process::abort();
     }
     let legacy_scrubbed = store.scrub_patient(patient)?;
@@ -232,7 +237,8 @@ fn refuse_if_held(req: &Request, store: &Store) -> anyhow::Result<()> {
         let by_device = h.device.as_ref().is_some_and(|d| devices.contains(d));
         let by_time = h.patient_ref.is_none()
             && h.device.is_none()
-            && h.during.is_some_and(|d| periods.iter().any(|p| p.overlaps(&d)));
+            && h.during
+                .is_some_and(|d| periods.iter().any(|p| p.overlaps(&d)));
         if by_patient || by_device || by_time {
             anyhow::bail!(
                 "refused: legal hold {} covers this patient ({}); lift it first",

@@ -612,9 +612,7 @@ fn trace_alert(
         patient_ref: body.patient_ref.clone(),
         fw: body.fw.clone(),
         model: body.model.clone(),
-        payload: history
-            .iter()
-            .find_map(|h| payload_note(&h.marks)),
+        payload: history.iter().find_map(|h| payload_note(&h.marks)),
         changes,
         evidence,
         recipients,
@@ -911,6 +909,7 @@ mod tests {
             "site": "site-1", "policy_sha256": "ab", "evidence": ["ev1-gone"], "raised_at": null});
         let b = AlertBody::of(&body);
         let trace = Trace::Alert(Box::new(AlertTrace {
+            payload: None,
             alert_id: "al-op".into(),
             rule: b.rule,
             rule_version: b.rule_version,
@@ -985,6 +984,7 @@ mod tests {
             true
         );
         let trace = Trace::Alert(Box::new(AlertTrace {
+            payload: None,
             alert_id: "al-1".into(),
             rule: Some("no-data".into()),
             rule_version: None,

@@ -3,7 +3,9 @@
 
 use rusqlite::{OptionalExtension as _, params};
 
-use super::sealing::{ERASED_MARKER, Payload, alert_context, column_bytes, normalized_context, raw_context};
+use super::sealing::{
+    ERASED_MARKER, Payload, alert_context, column_bytes, normalized_context, raw_context,
+};
 use super::{Store, StoreError, i2u, u2i};
 use crate::sink::{Batch, OutboxRecord};
 
@@ -83,7 +85,9 @@ impl Store {
                 },
             )
             .map_err(|e| self.err(e))?;
-        let rows = rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))?;
+        let rows = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(rows.len());
         for (mut a, stored) in rows {
             match self.open_payload(&stored, &alert_context(&a.alert_id, &a.state))? {
@@ -477,7 +481,9 @@ impl Store {
                 .with_stored(column_bytes(r, 9)?, column_bytes(r, 10)?))
             })
             .map_err(|e| self.err(e))?;
-        let rows = rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))?;
+        let rows = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(rows.len());
         for (mut rec, raw, normalized) in rows {
             let normalized = self.open_payload(&normalized, &normalized_context(&rec.event_id))?;

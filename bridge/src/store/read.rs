@@ -487,30 +487,32 @@ impl Store {
                  FROM events e JOIN raw_messages r ON r.id = e.raw_id WHERE e.position = ?1"
             ))
             .map_err(|e| self.err(e))?;
-        let found = stmt.query_row(params![position], |r| {
-            let detail = EventDetail {
-                head: event_head(r)?,
-                observed_at_ms: i2u(r.get(7)?),
-                received_at_ms: i2u(r.get(8)?),
-                normalized: serde_json::Value::Null,
-                marks: PayloadMarks::default(),
-                raw: RawRef {
-                    store_row: r.get(10)?,
-                    sha256: r.get(11)?,
-                    topic: r.get(12)?,
-                    broker: r.get(13)?,
-                    publisher: r.get(14)?,
-                    bytes: r.get(15)?,
-                },
-            };
-            Ok((detail, column_bytes(r, 9)?))
-        })
-        .optional()
-        .map_err(|e| self.err(e))?;
+        let found = stmt
+            .query_row(params![position], |r| {
+                let detail = EventDetail {
+                    head: event_head(r)?,
+                    observed_at_ms: i2u(r.get(7)?),
+                    received_at_ms: i2u(r.get(8)?),
+                    normalized: serde_json::Value::Null,
+                    marks: PayloadMarks::default(),
+                    raw: RawRef {
+                        store_row: r.get(10)?,
+                        sha256: r.get(11)?,
+                        topic: r.get(12)?,
+                        broker: r.get(13)?,
+                        publisher: r.get(14)?,
+                        bytes: r.get(15)?,
+                    },
+                };
+                Ok((detail, column_bytes(r, 9)?))
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
         let Some((mut detail, stored)) = found else {
             return Ok(None);
         };
-        let payload = self.open_payload(&stored, &normalized_context(detail.head.event_id.as_str()))?;
+        let payload =
+            self.open_payload(&stored, &normalized_context(detail.head.event_id.as_str()))?;
         detail.normalized = payload.json();
         detail.marks = payload.marks();
         Ok(Some(detail))
@@ -524,8 +526,10 @@ impl Store {
     /// Alert state changes whose body names `event_id` (as evidence). Sealed bodies
     /// are opened to look; an erased one cannot say what it cited and is left out.
     pub fn alerts_citing(&self, event_id: &str) -> Result<Vec<AlertChangeRow>, StoreError> {
-        let rows =
-            self.alert_changes("WHERE body LIKE '%' || ?1 || '%' OR typeof(body) = 'blob'", event_id)?;
+        let rows = self.alert_changes(
+            "WHERE body LIKE '%' || ?1 || '%' OR typeof(body) = 'blob'",
+            event_id,
+        )?;
         Ok(rows
             .into_iter()
             .filter(|a| a.body.to_string().contains(event_id))

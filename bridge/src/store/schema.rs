@@ -282,7 +282,9 @@ CREATE TABLE IF NOT EXISTS withheld (
 fn add_patient_ref(tx: &Transaction<'_>) -> HookResult {
     for (table, source) in [("events", "normalized"), ("alerts", "body")] {
         let present: i64 = tx.query_row(
-            &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'patient_ref'"),
+            &format!(
+                "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'patient_ref'"
+            ),
             [],
             |r| r.get(0),
         )?;

@@ -60,6 +60,9 @@ pub(super) fn alert_patient(body: &str) -> Option<String> {
     v.get("patient_ref")?.as_str().map(str::to_owned)
 }
 
+/// The devices of a patient's stored events, and the span of their observation times.
+pub type PatientSpan = (Vec<String>, Option<(u64, u64)>);
+
 /// A stored payload as a reader gets it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Payload {
@@ -82,11 +85,9 @@ impl Payload {
     /// null when erased or locked.
     pub fn json(&self) -> serde_json::Value {
         match self {
-            Self::Plain(b) => {
-                serde_json::from_slice(b).unwrap_or_else(|_| {
-                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
-                })
-            }
+            Self::Plain(b) => serde_json::from_slice(b).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+            }),
             Self::Erased { .. } | Self::Locked => serde_json::Value::Null,
         }
     }
@@ -215,8 +216,7 @@ impl Store {
             return Ok(None);
         };
         let header = vitalmq_keyring::sealed::header(stored).map_err(|e| self.key_err(e))?;
-        Ok(k
-            .erased(&header.subject)
+        Ok(k.erased(&header.subject)
             .map_err(|e| self.key_err(e))?
             .map(|t| t.erased_at_ms))
     }
@@ -243,10 +243,7 @@ impl Store {
 
     /// The devices `patient_ref`'s events came from, and the span of their observation
     /// times `(first, last)` (ms), for deciding whether a legal hold covers the patient.
-    pub fn patient_span(
-        &self,
-        patient_ref: &str,
-    ) -> Result<(Vec<String>, Option<(u64, u64)>), StoreError> {
+    pub fn patient_span(&self, patient_ref: &str) -> Result<PatientSpan, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT DISTINCT device FROM events WHERE patient_ref = ?1 ORDER BY device")
@@ -265,7 +262,9 @@ impl Store {
             .map_err(|e| self.err(e))?;
         Ok((
             devices,
-            span.0.zip(span.1).map(|(a, b)| (super::i2u(a), super::i2u(b))),
+            span.0
+                .zip(span.1)
+                .map(|(a, b)| (super::i2u(a), super::i2u(b))),
         ))
     }
 

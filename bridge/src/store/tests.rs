@@ -601,27 +601,48 @@ fn sealed_payloads_read_back_and_leave_no_plaintext_in_the_file() {
     let bytes = store_file_bytes(dir.path());
     for e in [&a, &b] {
         assert!(!contains(&bytes, e.raw()), "raw bytes sealed");
-        assert!(!contains(&bytes, e.normalized_json().as_bytes()), "normalized sealed");
+        assert!(
+            !contains(&bytes, e.normalized_json().as_bytes()),
+            "normalized sealed"
+        );
     }
     assert!(!contains(&bytes, b"distinctive-4711"), "alert body sealed");
-    assert!(!contains(&bytes, b"refused-bytes-0815"), "quarantine sealed");
+    assert!(
+        !contains(&bytes, b"refused-bytes-0815"),
+        "quarantine sealed"
+    );
     // Every reader opens them.
     let records = store.read_range(1, 2).expect("range");
     assert_eq!(records.len(), 2);
     assert_eq!(&records[0].raw[..], a.raw());
     assert_eq!(records[0].normalized_json, a.normalized_json());
-    let detail = store.event_detail(b.event_id()).expect("read").expect("found");
-    assert_eq!(detail.normalized.to_string(), serde_json::from_str::<serde_json::Value>(b.normalized_json()).expect("json").to_string());
+    let detail = store
+        .event_detail(b.event_id())
+        .expect("read")
+        .expect("found");
+    assert_eq!(
+        detail.normalized.to_string(),
+        serde_json::from_str::<serde_json::Value>(b.normalized_json())
+            .expect("json")
+            .to_string()
+    );
     assert_eq!(detail.marks, sealing::PayloadMarks::default());
     let alerts = store.alerts_after("mqtt", 10).expect("alerts");
     assert!(alerts[0].body.contains("distinctive-4711"));
-    assert!(store.list_alerts().expect("list")[0].body.contains("distinctive-4711"));
+    assert!(
+        store.list_alerts().expect("list")[0]
+            .body
+            .contains("distinctive-4711")
+    );
     // The patient is findable without opening anything.
     assert_eq!(store.patient_rows("pt-a").expect("rows"), (1, 1, 1));
     // Without the keyring a reader sees them as sealed, never as garbage.
     let plain = Store::open(dir.path()).expect("open without keyring");
     assert!(plain.list_alerts().expect("list")[0].marks.sealed);
-    assert!(matches!(plain.read_range(1, 2), Err(StoreError::NoKeyring { .. })));
+    assert!(matches!(
+        plain.read_range(1, 2),
+        Err(StoreError::NoKeyring { .. })
+    ));
 }
 
 #[test]
@@ -637,12 +658,17 @@ fn an_erased_patients_rows_read_as_erased_and_are_withheld_from_sinks() {
                 event("dev-00001", 1, 1).for_patient("pt-a"),
                 event("dev-00002", 1, 1).for_patient("pt-b"),
             ],
-            alerts: vec![clinical_alert("pt-a", "open"), clinical_alert("pt-b", "open")],
+            alerts: vec![
+                clinical_alert("pt-a", "open"),
+                clinical_alert("pt-b", "open"),
+            ],
             ..Commit::default()
         })
         .expect("commit");
     let subject = vitalmq_keyring::Subject::new("pt-a").expect("subject");
-    let t = keys.erase(&subject, "test", "request", 1_000).expect("erase");
+    let t = keys
+        .erase(&subject, "test", "request", 1_000)
+        .expect("erase");
     let events = store.list_events().expect("events");
     assert!(events[0].marks.erased, "pt-a's event erased");
     assert_eq!(events[0].marks.erased_at_ms, Some(1_000));
@@ -655,21 +681,38 @@ fn an_erased_patients_rows_read_as_erased_and_are_withheld_from_sinks() {
         .expect("found");
     assert!(detail.marks.erased && detail.normalized.is_null());
     // Sinks get pt-b only; pt-a's is counted as withheld (erased).
-    let batch = store.next_batch("objects", 10).expect("batch").expect("some");
+    let batch = store
+        .next_batch("objects", 10)
+        .expect("batch")
+        .expect("some");
     assert_eq!(batch.records.len(), 1);
     assert_eq!(batch.records[0].device, "dev-00002");
-    assert!(store
-        .batch_delivered_withheld("objects", batch.last, &[])
-        .expect("delivered"));
-    assert_eq!(store.stats().expect("stats").withheld.get("objects/erased"), 1);
+    assert!(
+        store
+            .batch_delivered_withheld("objects", batch.last, &[])
+            .expect("delivered")
+    );
+    assert_eq!(
+        store.stats().expect("stats").withheld.get("objects/erased"),
+        1
+    );
     // Alert handlers likewise.
     let alerts = store.alerts_after("mqtt", 10).expect("alerts");
     assert_eq!(alerts.len(), 1);
     assert!(alerts[0].body.contains("pt-b"));
-    assert!(store
-        .alert_delivered_withheld("mqtt", 2, &[])
-        .expect("delivered"));
-    assert_eq!(store.stats().expect("stats").alerts_withheld.get("mqtt/erased"), 1);
+    assert!(
+        store
+            .alert_delivered_withheld("mqtt", 2, &[])
+            .expect("delivered")
+    );
+    assert_eq!(
+        store
+            .stats()
+            .expect("stats")
+            .alerts_withheld
+            .get("mqtt/erased"),
+        1
+    );
     assert!(store.list_alerts().expect("alerts")[0].marks.erased);
     assert_eq!(t.keys_destroyed, 1);
 }
@@ -682,7 +725,8 @@ fn a_late_reading_of_an_erased_patient_is_dropped_not_stored() {
         .expect("open")
         .with_keyring(keys.clone());
     let subject = vitalmq_keyring::Subject::new("pt-a").expect("subject");
-    keys.erase(&subject, "test", "request", 1_000).expect("erase");
+    keys.erase(&subject, "test", "request", 1_000)
+        .expect("erase");
     let late = event("dev-00001", 1, 1).for_patient("pt-a");
     let other = event("dev-00002", 1, 1).for_patient("pt-b");
     let committed = store
@@ -696,12 +740,18 @@ fn a_late_reading_of_an_erased_patient_is_dropped_not_stored() {
         committed.erased_events,
         [(late.event_id().to_owned(), "dev-00001".to_owned())]
     );
-    assert_eq!(committed.erased_alerts, [("al-pt-a".to_owned(), "open".to_owned())]);
+    assert_eq!(
+        committed.erased_alerts,
+        [("al-pt-a".to_owned(), "open".to_owned())]
+    );
     let events = store.list_events().expect("events");
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].head.device.as_str(), "dev-00002");
     assert!(store.list_alerts().expect("alerts").is_empty());
-    assert!(!contains(&store_file_bytes(dir.path()), late.raw()), "never stored");
+    assert!(
+        !contains(&store_file_bytes(dir.path()), late.raw()),
+        "never stored"
+    );
 }
 
 #[test]
@@ -732,10 +782,15 @@ fn legacy_plaintext_rows_stay_readable_and_are_scrubbed_on_erasure() {
     assert_eq!(records.len(), 3, "plaintext and sealed rows read alike");
     assert_eq!(&records[0].raw[..], legacy.raw());
     let subject = vitalmq_keyring::Subject::new("pt-a").expect("subject");
-    keys.erase(&subject, "test", "request", 1_000).expect("erase");
+    keys.erase(&subject, "test", "request", 1_000)
+        .expect("erase");
     // Before the cleanup the legacy row is still plaintext in the file.
     assert!(contains(&store_file_bytes(dir.path()), legacy.raw()));
-    assert_eq!(store.scrub_patient("pt-a").expect("scrub"), 3, "raw, normalized, alert");
+    assert_eq!(
+        store.scrub_patient("pt-a").expect("scrub"),
+        3,
+        "raw, normalized, alert"
+    );
     assert_eq!(store.scrub_patient("pt-a").expect("again"), 0, "idempotent");
     let bytes = store_file_bytes(dir.path());
     assert!(!contains(&bytes, legacy.raw()), "legacy raw bytes gone");

@@ -439,7 +439,13 @@ impl Store {
         let quarantine = c
             .quarantine
             .iter()
-            .map(|m| stored(QUARANTINE_SUBJECT, quarantine_context(&m.sha256_hex), &m.raw[..]))
+            .map(|m| {
+                stored(
+                    QUARANTINE_SUBJECT,
+                    quarantine_context(&m.sha256_hex),
+                    &m.raw[..],
+                )
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(key_err)?;
         let mut alerts = Vec::with_capacity(c.alerts.len());
@@ -452,7 +458,8 @@ impl Store {
             match body {
                 Ok(body) => alerts.push(Some((body, patient))),
                 Err(KeyError::Erased { .. }) => {
-                    out.erased_alerts.push((a.alert_id.clone(), a.state.clone()));
+                    out.erased_alerts
+                        .push((a.alert_id.clone(), a.state.clone()));
                     alerts.push(None);
                 }
                 Err(e) => return Err(key_err(e)),
