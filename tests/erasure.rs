@@ -159,7 +159,7 @@ fn an_erased_patient_is_unreadable_everywhere_and_everyone_else_is_intact() {
         format!(
             "format = \"vitalmq-holds/v1\"\n[[holds]]\nid = \"hold-1\"\nreason = \"litigation\"\n\
              placed_by = \"privacy-officer-1\"\nplaced_at = \"2026-01-01T00:00:00Z\"\n\
-             patient_ref = \"{a}\"\n"
+             device = \"dev-00001\"\n"
         ),
     )
     .expect("holds");
