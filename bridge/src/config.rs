@@ -755,6 +755,44 @@ mod tests {
     }
 
     #[test]
+    fn encryption_names_a_key_file_and_keeps_the_keyring_in_the_data_directory_by_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n\
+                    [broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
+        std::fs::write(&path, base).expect("write");
+        assert!(
+            BridgeConfig::load(&path)
+                .expect("plain")
+                .encryption
+                .is_none()
+        );
+        std::fs::write(
+            &path,
+            format!("{base}[encryption]\nkey_file = \"kek.json\"\n"),
+        )
+        .expect("write");
+        let c = BridgeConfig::load(&path).expect("encrypted");
+        let e = c.encryption.as_ref().expect("section");
+        assert_eq!(e.key_file, dir.path().join("kek.json"));
+        assert_eq!(
+            e.keyring_path(&c.data_dir),
+            dir.path().join("d/keyring.sqlite3")
+        );
+        assert!(c.private_paths().contains(&dir.path().join("kek.json")));
+        std::fs::write(
+            &path,
+            format!("{base}[encryption]\nkey_file = \"k\"\nkeyring = \"elsewhere/ring\"\n"),
+        )
+        .expect("write");
+        let c = BridgeConfig::load(&path).expect("keyring elsewhere");
+        assert_eq!(
+            c.encryption.expect("section").keyring_path(&c.data_dir),
+            dir.path().join("elsewhere/ring")
+        );
+    }
+
+    #[test]
     fn sinks_and_handlers_declare_purpose_and_fields() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("bridge.toml");
