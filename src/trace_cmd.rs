@@ -794,6 +794,70 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn the_trace_of_an_erased_patients_alert_says_it_was_erased_and_keeps_its_ids() {
+        use vitalmq_bridge::store::{Commit, NewAlert};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let provider =
+            vitalmq_keyring::LocalKeyFile::create(&dir.path().join("kek.json")).expect("kek");
+        let keyring = std::sync::Arc::new(
+            vitalmq_keyring::Keyring::open(
+                &dir.path().join(vitalmq_keyring::KEYRING_FILE),
+                std::sync::Arc::new(provider),
+            )
+            .expect("keyring"),
+        );
+        let mut store = Store::open(dir.path())
+            .expect("store")
+            .with_keyring(keyring.clone());
+        let body = json!({"alert_id": "al-1", "kind": "clinical", "rule": "spo2-low",
+            "device": "dev-00001", "patient_ref": "pt-a", "state": "open",
+            "evidence": ["ev1-x"]});
+        store
+            .commit(&Commit {
+                alerts: vec![NewAlert {
+                    alert_id: "al-1".into(),
+                    state: "open".into(),
+                    kind: "clinical".into(),
+                    topic: "alerts/site-01/review/dev-00001".into(),
+                    device: Some("dev-00001".into()),
+                    rule: Some("spo2-low".into()),
+                    created_at_ms: 7,
+                    body: body.to_string(),
+                    level: 0,
+                }],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let readable = render(&build(&store, "al-1", None).expect("trace").expect("found"));
+        assert!(readable.contains("patient pt-a"), "{readable}");
+        assert!(!readable.contains("payload:"), "{readable}");
+        keyring
+            .erase(
+                &vitalmq_keyring::Subject::new("pt-a").expect("subject"),
+                "test",
+                "request",
+                1_700_000_000_000,
+            )
+            .expect("erase");
+        let trace = build(&store, "al-1", None).expect("trace").expect("found");
+        let text = render(&trace);
+        assert!(
+            text.contains("payload: erased at 2023-11-14T22:13:20")
+                && text.contains("(crypto-shredded)"),
+            "{text}"
+        );
+        assert!(text.starts_with("alert al-1"), "the id stays: {text}");
+        assert!(!text.contains("pt-a"), "nothing of the patient: {text}");
+        let json = serde_json::to_value(&trace).expect("json");
+        assert!(
+            json["payload"]
+                .as_str()
+                .expect("payload")
+                .starts_with("erased at")
+        );
+    }
+
     fn line(seq: u64, at: &str, event: &str, who: &str, resource: Option<&str>) -> String {
         let mut r = json!({
             "format": "vitalmq-audit/v1", "seq": seq, "at": at, "component": "broker",
