@@ -156,11 +156,9 @@ fn an_erased_patient_is_unreadable_everywhere_and_everyone_else_is_intact() {
     let holds = rig.dir().join("holds.toml");
     std::fs::write(
         &holds,
-        format!(
-            "format = \"vitalmq-holds/v1\"\n[[holds]]\nid = \"hold-1\"\nreason = \"litigation\"\n\
-             placed_by = \"privacy-officer-1\"\nplaced_at = \"2026-01-01T00:00:00Z\"\n\
-             device = \"dev-00001\"\n"
-        ),
+        "format = \"vitalmq-holds/v1\"\n[[holds]]\nid = \"hold-1\"\nreason = \"litigation\"\n\
+         placed_by = \"privacy-officer-1\"\nplaced_at = \"2026-01-01T00:00:00Z\"\n\
+         device = \"dev-00001\"\n",
     )
     .expect("holds");
     let held = erase(&data, &a, &["--holds", s(&holds)], None);
