@@ -239,8 +239,34 @@ fn reset_sequence(args: &ResetArgs) -> anyhow::Result<ExitCode> {
 
 /// Opens the store of a bridge data directory that must already hold one (a typo in
 /// `--data` must not create an empty store, or an operator audit log, somewhere).
+/// With a keyring at its default place, an erased patient's rows read as erased; sealed
+/// payloads open only with a key file ([`open_existing_with`]).
 pub fn open_existing(data: &std::path::Path) -> anyhow::Result<Store> {
+    open_existing_with(data, None)
+}
+
+/// As [`open_existing`], opening sealed payloads with the keyring of `data` and the
+/// key-encryption keys of `key_file` (`[encryption] key_file`) when given.
+pub fn open_existing_with(
+    data: &std::path::Path,
+    key_file: Option<&std::path::Path>,
+) -> anyhow::Result<Store> {
     let db = data.join(vitalmq_bridge::store::DB_FILE);
     anyhow::ensure!(db.exists(), "{}: no bridge store here", db.display());
-    Ok(Store::open(data)?)
+    let store = Store::open(data)?;
+    let keyring_path = data.join(vitalmq_keyring::KEYRING_FILE);
+    if !keyring_path.exists() {
+        anyhow::ensure!(
+            key_file.is_none(),
+            "{}: no keyring here, so nothing to open with --key-file",
+            keyring_path.display()
+        );
+        return Ok(store);
+    }
+    let provider: std::sync::Arc<dyn vitalmq_keyring::KeyProvider> = match key_file {
+        Some(f) => std::sync::Arc::new(vitalmq_keyring::LocalKeyFile::load(f)?),
+        None => std::sync::Arc::new(vitalmq_bridge::store::NoKeys),
+    };
+    let keyring = vitalmq_keyring::Keyring::open(&keyring_path, provider)?;
+    Ok(store.with_keyring(std::sync::Arc::new(keyring)))
 }

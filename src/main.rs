@@ -10,7 +10,9 @@ mod bridge_cmd;
 mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
+mod erase_cmd;
 mod hold_cmd;
+mod keys_cmd;
 mod loadgen_cmd;
 mod log_format;
 mod objects_cmd;
@@ -53,6 +55,9 @@ enum Command {
     Certs(vitalmq_certs::cli::CertsCommand),
     /// Run the system on an embedded default and show it working.
     Demo(demo_cmd::DemoArgs),
+    /// Erase one patient by crypto-shredding: destroy their data keys, scrub legacy
+    /// plaintext rows (refused under legal hold or while assigned; audited).
+    Erase(erase_cmd::EraseArgs),
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
@@ -60,6 +65,9 @@ enum Command {
     /// deleted, anonymised, archived or erased.
     #[command(subcommand)]
     Hold(hold_cmd::HoldCommand),
+    /// Encryption at rest: key file, data-key and KEK rotation, keyring status (audited).
+    #[command(subcommand)]
+    Keys(keys_cmd::KeysCommand),
     /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
     #[command(subcommand)]
     Reid(reid_cmd::ReidCommand),
@@ -132,11 +140,13 @@ fn main() -> std::process::ExitCode {
         Command::Admin(cmd) => cmd.run(),
         Command::Certs(cmd) => certs(cmd),
         Command::Envelope(cmd) => cmd.run(),
+        Command::Erase(args) => erase_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args, cli.log_format),
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),
         Command::Hold(cmd) => cmd.run(),
         Command::Reid(cmd) => cmd.run(),
+        Command::Keys(cmd) => cmd.run(),
         Command::Store(cmd) => cmd.run(),
         Command::Objects(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),

@@ -34,6 +34,10 @@ pub struct TraceArgs {
     /// Why the trace is read (recorded in the audit log; required with `--server`).
     #[arg(long)]
     purpose: Option<String>,
+    /// The key file (`[encryption] key_file`), to open sealed payloads; without it a
+    /// sealed payload is shown as sealed (an erased one as erased either way).
+    #[arg(long, conflicts_with = "server")]
+    key_file: Option<PathBuf>,
     #[command(flatten)]
     client: crate::admin_cmd::client::ClientArgs,
 }
@@ -44,7 +48,7 @@ pub fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
         (None, Some(data)) => data.clone(),
         (None, None) => anyhow::bail!("--data or --server is required"),
     };
-    let store = crate::bridge_cmd::open_existing(&data)?;
+    let store = crate::bridge_cmd::open_existing_with(&data, args.key_file.as_deref())?;
     let mut action = crate::operator_audit::Action::new(
         "trace",
         crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&data)),
@@ -317,6 +321,10 @@ struct AlertTrace {
     patient_ref: Option<String>,
     fw: Option<String>,
     model: Option<String>,
+    /// Why the alert's bodies are not shown: `erased at <time> (crypto-shredded)`, or
+    /// `sealed`; absent when they are readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<String>,
     changes: Vec<Change>,
     evidence: Vec<Evidence>,
     /// `None` (null) without the broker audit log: unknown, not "nobody".
@@ -604,10 +612,25 @@ fn trace_alert(
         patient_ref: body.patient_ref.clone(),
         fw: body.fw.clone(),
         model: body.model.clone(),
+        payload: history.iter().find_map(|h| payload_note(&h.marks)),
         changes,
         evidence,
         recipients,
     }))))
+}
+
+/// What a trace says of a payload it cannot show: erased (with when, if known), or
+/// sealed without a key; `None` when readable.
+fn payload_note(marks: &vitalmq_bridge::store::sealing::PayloadMarks) -> Option<String> {
+    if marks.erased {
+        return Some(match marks.erased_at_ms.and_then(rfc3339) {
+            Some(at) => format!("erased at {at} (crypto-shredded)"),
+            None => "erased (keys destroyed or scrubbed)".to_owned(),
+        });
+    }
+    marks
+        .sealed
+        .then(|| "sealed (give --key-file to open it)".to_owned())
 }
 
 /// The text of a value the trace may not know: `-` when it does not.
@@ -669,6 +692,9 @@ fn render_event(out: &mut String, e: &EventChain, indent: &str) {
         )),
         _ => out.push_str(&format!("{indent}  publisher: {}\n", raw.row.publisher)),
     }
+    if let Some(note) = payload_note(&d.marks) {
+        out.push_str(&format!("{indent}  payload: {note}\n"));
+    }
 }
 
 /// An evidence id the store does not hold, in the shape of an event with nothing known.
@@ -712,6 +738,9 @@ fn render(t: &Trace) -> String {
         or_dash(t.fw.as_ref()),
         or_dash(t.model.as_ref())
     ));
+    if let Some(note) = &t.payload {
+        out.push_str(&format!("  payload: {note}\n"));
+    }
     out.push_str("state changes:\n");
     for c in &t.changes {
         out.push_str(&format!(
@@ -764,6 +793,70 @@ fn render(t: &Trace) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_trace_of_an_erased_patients_alert_says_it_was_erased_and_keeps_its_ids() {
+        use vitalmq_bridge::store::{Commit, NewAlert};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let provider =
+            vitalmq_keyring::LocalKeyFile::create(&dir.path().join("kek.json")).expect("kek");
+        let keyring = std::sync::Arc::new(
+            vitalmq_keyring::Keyring::open(
+                &dir.path().join(vitalmq_keyring::KEYRING_FILE),
+                std::sync::Arc::new(provider),
+            )
+            .expect("keyring"),
+        );
+        let mut store = Store::open(dir.path())
+            .expect("store")
+            .with_keyring(keyring.clone());
+        let body = json!({"alert_id": "al-1", "kind": "clinical", "rule": "spo2-low",
+            "device": "dev-00001", "patient_ref": "pt-a", "state": "open",
+            "evidence": ["ev1-x"]});
+        store
+            .commit(&Commit {
+                alerts: vec![NewAlert {
+                    alert_id: "al-1".into(),
+                    state: "open".into(),
+                    kind: "clinical".into(),
+                    topic: "alerts/site-01/review/dev-00001".into(),
+                    device: Some("dev-00001".into()),
+                    rule: Some("spo2-low".into()),
+                    created_at_ms: 7,
+                    body: body.to_string(),
+                    level: 0,
+                }],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let readable = render(&build(&store, "al-1", None).expect("trace").expect("found"));
+        assert!(readable.contains("patient pt-a"), "{readable}");
+        assert!(!readable.contains("payload:"), "{readable}");
+        keyring
+            .erase(
+                &vitalmq_keyring::Subject::new("pt-a").expect("subject"),
+                "test",
+                "request",
+                1_700_000_000_000,
+            )
+            .expect("erase");
+        let trace = build(&store, "al-1", None).expect("trace").expect("found");
+        let text = render(&trace);
+        assert!(
+            text.contains("payload: erased at 2023-11-14T22:13:20")
+                && text.contains("(crypto-shredded)"),
+            "{text}"
+        );
+        assert!(text.starts_with("alert al-1"), "the id stays: {text}");
+        assert!(!text.contains("pt-a"), "nothing of the patient: {text}");
+        let json = serde_json::to_value(&trace).expect("json");
+        assert!(
+            json["payload"]
+                .as_str()
+                .expect("payload")
+                .starts_with("erased at")
+        );
+    }
 
     fn line(seq: u64, at: &str, event: &str, who: &str, resource: Option<&str>) -> String {
         let mut r = json!({
@@ -880,6 +973,7 @@ mod tests {
             "site": "site-1", "policy_sha256": "ab", "evidence": ["ev1-gone"], "raised_at": null});
         let b = AlertBody::of(&body);
         let trace = Trace::Alert(Box::new(AlertTrace {
+            payload: None,
             alert_id: "al-op".into(),
             rule: b.rule,
             rule_version: b.rule_version,
@@ -954,6 +1048,7 @@ mod tests {
             true
         );
         let trace = Trace::Alert(Box::new(AlertTrace {
+            payload: None,
             alert_id: "al-1".into(),
             rule: Some("no-data".into()),
             rule_version: None,

@@ -53,6 +53,32 @@ pub struct BridgeConfig {
     /// than care whose field list names `patient_ref`.
     #[serde(default)]
     pub pseudonyms: Option<PseudonymsConfig>,
+    /// Encryption at rest of the store's payloads; plaintext (as before issue 20)
+    /// without it.
+    #[serde(default)]
+    pub encryption: Option<EncryptionConfig>,
+}
+
+/// `[encryption]`: every payload the store writes (raw bytes, normalized events, alert
+/// bodies with patient content, quarantined bytes) is sealed under a per-subject data
+/// key from the keyring (`vitalmq_keyring`); erasing a patient destroys their keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// The key-encryption keys (`vitalmq-kek/v1`, made by `vitalmq keys init`).
+    pub key_file: PathBuf,
+    /// The keyring; default `DATA_DIR/keyring.sqlite3`. Keep it out of store backups.
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
+}
+
+impl EncryptionConfig {
+    /// Where the keyring is, for a bridge whose data directory is `data_dir`.
+    pub fn keyring_path(&self, data_dir: &std::path::Path) -> PathBuf {
+        self.keyring
+            .clone()
+            .unwrap_or_else(|| data_dir.join(vitalmq_keyring::KEYRING_FILE))
+    }
 }
 
 /// `[pseudonyms]`: a sink or alert handler of a purpose other than care that lists
@@ -344,6 +370,10 @@ impl BridgeConfig {
         if let Some(p) = &self.pseudonyms {
             paths.push(p.key_file.clone());
         }
+        if let Some(e) = &self.encryption {
+            paths.push(e.key_file.clone());
+            paths.push(e.keyring_path(&self.data_dir));
+        }
         paths.sort();
         paths.dedup();
         paths
@@ -563,6 +593,12 @@ impl BridgeConfig {
         if let Some(p) = &mut self.pseudonyms {
             fix(&mut p.key_file);
         }
+        if let Some(e) = &mut self.encryption {
+            fix(&mut e.key_file);
+            if let Some(k) = &mut e.keyring {
+                fix(k);
+            }
+        }
         if let Some(a) = &mut self.audit {
             fix(a);
         }
@@ -716,6 +752,44 @@ mod tests {
         assert!(broker.path.is_absolute() && broker.path.ends_with("data/broker/audit.jsonl"));
         assert_eq!(c.sinks[0].purpose(), Purpose::Care, "care unless named");
         assert_eq!(c.sinks[0].fields(), Fields::All);
+    }
+
+    #[test]
+    fn encryption_names_a_key_file_and_keeps_the_keyring_in_the_data_directory_by_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n\
+                    [broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
+        std::fs::write(&path, base).expect("write");
+        assert!(
+            BridgeConfig::load(&path)
+                .expect("plain")
+                .encryption
+                .is_none()
+        );
+        std::fs::write(
+            &path,
+            format!("{base}[encryption]\nkey_file = \"kek.json\"\n"),
+        )
+        .expect("write");
+        let c = BridgeConfig::load(&path).expect("encrypted");
+        let e = c.encryption.as_ref().expect("section");
+        assert_eq!(e.key_file, dir.path().join("kek.json"));
+        assert_eq!(
+            e.keyring_path(&c.data_dir),
+            dir.path().join("d/keyring.sqlite3")
+        );
+        assert!(c.private_paths().contains(&dir.path().join("kek.json")));
+        std::fs::write(
+            &path,
+            format!("{base}[encryption]\nkey_file = \"k\"\nkeyring = \"elsewhere/ring\"\n"),
+        )
+        .expect("write");
+        let c = BridgeConfig::load(&path).expect("keyring elsewhere");
+        assert_eq!(
+            c.encryption.expect("section").keyring_path(&c.data_dir),
+            dir.path().join("elsewhere/ring")
+        );
     }
 
     #[test]

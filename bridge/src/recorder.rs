@@ -398,7 +398,8 @@ impl Recorder {
             } else {
                 let started = Instant::now();
                 match self.store.commit(&s.commit) {
-                    Ok(()) => {
+                    Ok(committed) => {
+                        audited &= self.erased_dropped(&committed);
                         crate::observe::commit_duration(started.elapsed());
                         st.stats.add(s.dispositions.len(), started.elapsed());
                         if st.store_failure.take().is_some() {
@@ -469,7 +470,9 @@ impl Recorder {
         }
         if worth_trying {
             match self.store.commit_alerts_only(&alerts_only) {
-                Ok(()) => {
+                Ok(committed) => {
+                    // An unaudited drop is still a drop: the next audit failure shows.
+                    let _ = self.erased_dropped(&committed);
                     if !alerts_only.alerts.is_empty() {
                         self.wake_handlers();
                     }
@@ -500,6 +503,48 @@ impl Recorder {
             feed.wake.notify_one();
         }
         false
+    }
+
+    /// Counts and audits (ids only) what a commit left out because its patient was
+    /// erased: a late message from before the erasure. It is acknowledged and receipted
+    /// like a stored one, so the device stops resending it, and never stored (the
+    /// patient's key is gone; there is no plaintext fallback). False when the audit log
+    /// refused a record.
+    fn erased_dropped(&self, committed: &crate::store::Committed) -> bool {
+        let mut audited = true;
+        for (event_id, device) in &committed.erased_events {
+            metrics::counter!("vitalmq_bridge_erased_dropped_total", "kind" => "event")
+                .increment(1);
+            info!(event_id = %event_id, device = %device, "reading of an erased patient dropped");
+            if let Err(e) = self.auditor.record(
+                AuditRecord::new(Component::Bridge, Event::EventsWithheld)
+                    .action("record")
+                    .resource(device.clone())
+                    .decision(Decision::Deny)
+                    .reason("erased_patient_dropped")
+                    .detail("event_id", event_id.clone()),
+            ) {
+                error!(error = %e, "audit log refused a record");
+                audited = false;
+            }
+        }
+        for (alert_id, state) in &committed.erased_alerts {
+            metrics::counter!("vitalmq_bridge_erased_dropped_total", "kind" => "alert")
+                .increment(1);
+            if let Err(e) = self.auditor.record(
+                AuditRecord::new(Component::Bridge, Event::EventsWithheld)
+                    .action("record")
+                    .resource("alert")
+                    .decision(Decision::Deny)
+                    .reason("erased_patient_dropped")
+                    .detail("alert_id", alert_id.clone())
+                    .detail("state", state.clone()),
+            ) {
+                error!(error = %e, "audit log refused a record");
+                audited = false;
+            }
+        }
+        audited
     }
 
     fn store_failed(&mut self, st: &mut State, e: &StoreError) {

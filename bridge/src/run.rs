@@ -69,6 +69,8 @@ pub enum RunError {
     PrivateFs(#[from] PrivateFsError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("encryption at rest: {0}")]
+    Keyring(#[from] vitalmq_keyring::KeyError),
     #[error(transparent)]
     CheckpointKey(#[from] vitalmq_audit::KeyError),
     #[error("audit log {}", path.display())]
@@ -244,7 +246,15 @@ pub async fn run(
             .collect::<Vec<_>>(),
         config.private_files,
     )?;
-    let store = Store::open(&config.data_dir)?;
+    let keyring = open_keyring(&config)?;
+    let open_store = || -> Result<Store, StoreError> {
+        let store = Store::open(&config.data_dir)?;
+        Ok(match &keyring {
+            Some(k) => store.with_keyring(Arc::clone(k)),
+            None => store,
+        })
+    };
+    let store = open_store()?;
     if config.pipeline.max_store_bytes > 0 {
         store.set_quota(config.pipeline.max_store_bytes)?;
     }
@@ -461,7 +471,7 @@ pub async fn run(
     ));
     let mut drains = Vec::new();
     for (sink, settings, governance) in sinks {
-        let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
+        let store = Arc::new(Mutex::new(open_store()?));
         drains.push(tokio::spawn(drain::drain(
             sink,
             store,
@@ -473,7 +483,7 @@ pub async fn run(
         )));
     }
     for (handler, inbox) in handlers.into_iter().zip(inboxes) {
-        let store = Arc::new(Mutex::new(Store::open(&config.data_dir)?));
+        let store = Arc::new(Mutex::new(open_store()?));
         drains.push(tokio::spawn(crate::delivery::run_handler(
             handler,
             store,
@@ -489,7 +499,7 @@ pub async fn run(
     drains.push(tokio::spawn(crate::audit_ship::ship(
         audit_logs.clone(),
         object_sinks,
-        Arc::new(Mutex::new(Store::open(&config.data_dir)?)),
+        Arc::new(Mutex::new(open_store()?)),
         auditor.clone(),
         ops_tx.clone(),
         stop_rx.clone(),
@@ -909,4 +919,20 @@ async fn flush_receipts(client: &AsyncClient, pending: &mut HashMap<DeviceId, Re
             warn!(error = %e, device = %device, "cannot send a receipt; the next one covers it");
         }
     }
+}
+
+/// The keyring of `[encryption]`, if configured: every store connection of this bridge
+/// seals with it. Its key file must exist (`vitalmq keys init`); the keyring file is
+/// made on first use.
+fn open_keyring(
+    config: &BridgeConfig,
+) -> Result<Option<Arc<vitalmq_keyring::Keyring>>, vitalmq_keyring::KeyError> {
+    let Some(e) = &config.encryption else {
+        return Ok(None);
+    };
+    let provider = vitalmq_keyring::LocalKeyFile::load(&e.key_file)?;
+    let keyring =
+        vitalmq_keyring::Keyring::open(&e.keyring_path(&config.data_dir), Arc::new(provider))?;
+    info!(keyring = %keyring.path().display(), "encryption at rest on: new payloads are sealed");
+    Ok(Some(Arc::new(keyring)))
 }

@@ -35,7 +35,12 @@
 //! The module is split by concept: [`schema`] (tables and their versions), `write` (the
 //! recorder's commit transaction and the state it loads at start), `outbox` (the sink and
 //! alert-handler outboxes with their cursors, and the audit-ship cursors), `read` (typed
-//! rows for `vitalmq store`, `vitalmq trace` and the demo report) and `resets`.
+//! rows for `vitalmq store`, `vitalmq trace` and the demo report), `resets` and
+//! [`sealing`] (encryption at rest of the payloads, and scrubbing for erasure).
+//!
+//! Since schema v4 `events` and `alerts` carry the row's `patient_ref` (NULL for
+//! operational alerts) in the clear, so erasure, export and retention find a patient's
+//! rows without opening any payload.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,6 +91,16 @@ pub enum StoreError {
         from: usize,
         source: Box<rusqlite_migration::Error>,
     },
+    /// A sealed payload could not be opened or sealed (not an erasure: erased payloads
+    /// read as erased).
+    #[error("{path}: {source}")]
+    Key {
+        path: PathBuf,
+        source: vitalmq_keyring::KeyError,
+    },
+    /// The store holds sealed payloads and was opened without a keyring.
+    #[error("{path}: the store holds sealed payloads; its keyring is needed to read them")]
+    NoKeyring { path: PathBuf },
     #[error("{path}: stored state of device {device} is corrupt: {detail}")]
     Corrupt {
         path: PathBuf,
@@ -99,6 +114,8 @@ pub enum StoreError {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// Seals new payloads and opens sealed ones ([`sealing`]); plaintext without it.
+    keyring: Option<std::sync::Arc<vitalmq_keyring::Keyring>>,
 }
 
 /// Locks a store shared between tasks. A panic while holding the lock leaves the
@@ -163,7 +180,11 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let mut store = Self { conn, path };
+        let mut store = Self {
+            conn,
+            path,
+            keyring: None,
+        };
         store
             .conn
             .busy_timeout(Duration::from_secs(10))
@@ -209,6 +230,7 @@ mod outbox;
 mod read;
 mod resets;
 pub mod schema;
+pub mod sealing;
 mod write;
 
 pub use backup::{
@@ -222,7 +244,8 @@ pub use read::{
 };
 pub use resets::SequenceReset;
 pub use schema::EVENT_INDEX_BUCKET;
-pub use write::{Commit, NewAlert, Quarantined, RecordedEvent};
+pub use sealing::{NoKeys, Payload};
+pub use write::{Commit, Committed, NewAlert, Quarantined, RecordedEvent};
 
 #[cfg(test)]
 mod tests;

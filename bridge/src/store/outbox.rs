@@ -3,6 +3,9 @@
 
 use rusqlite::{OptionalExtension as _, params};
 
+use super::sealing::{
+    ERASED_MARKER, Payload, alert_context, column_bytes, normalized_context, raw_context,
+};
 use super::{Store, StoreError, i2u, u2i};
 use crate::sink::{Batch, OutboxRecord};
 
@@ -52,7 +55,8 @@ pub struct ShippedAudit {
 }
 
 impl Store {
-    /// Up to `max` alerts after `handler`'s cursor, in order.
+    /// Up to `max` alerts after `handler`'s cursor, in order; an erased patient's are
+    /// left out (counted as withheld, reason `erased`, when the cursor passes them).
     pub fn alerts_after(&self, handler: &str, max: usize) -> Result<Vec<StoredAlert>, StoreError> {
         let through = self.handler_cursor(handler)?;
         let mut stmt = self
@@ -66,19 +70,59 @@ impl Store {
             .query_map(
                 params![through, i64::try_from(max).unwrap_or(i64::MAX)],
                 |r| {
-                    Ok(StoredAlert {
-                        position: r.get(0)?,
-                        alert_id: r.get(1)?,
-                        state: r.get(2)?,
-                        topic: r.get(3)?,
-                        body: r.get(4)?,
-                        level: r.get(5)?,
-                        created_at_ms: i2u(r.get(6)?),
-                    })
+                    Ok((
+                        StoredAlert {
+                            position: r.get(0)?,
+                            alert_id: r.get(1)?,
+                            state: r.get(2)?,
+                            topic: r.get(3)?,
+                            body: String::new(),
+                            level: r.get(5)?,
+                            created_at_ms: i2u(r.get(6)?),
+                        },
+                        column_bytes(r, 4)?,
+                    ))
                 },
             )
             .map_err(|e| self.err(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        let rows = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (mut a, stored) in rows {
+            match self.open_payload(&stored, &alert_context(&a.alert_id, &a.state))? {
+                Payload::Plain(body) => {
+                    a.body = String::from_utf8(body).map_err(|e| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        device: a.alert_id.clone(),
+                        detail: format!("alert body is not UTF-8: {e}"),
+                    })?;
+                    out.push(a);
+                }
+                Payload::Erased { .. } => {}
+                Payload::Locked => {
+                    return Err(StoreError::NoKeyring {
+                        path: self.path.clone(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Subjects the keyring holds tombstones of (none without a keyring).
+    fn erased_subjects(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let Some(k) = &self.keyring else {
+            return Ok(Default::default());
+        };
+        Ok(k.tombstones()
+            .map_err(|source| StoreError::Key {
+                path: self.path.clone(),
+                source,
+            })?
+            .into_iter()
+            .map(|t| t.subject)
+            .collect())
     }
 
     /// The last alert position `handler` confirmed (0 before its first).
@@ -309,6 +353,7 @@ impl Store {
         last: i64,
         withheld: &[(&str, u64)],
     ) -> Result<bool, StoreError> {
+        let erased_subjects = self.erased_subjects()?;
         let path = self.path.clone();
         let err = |e| super::classify(&path, e);
         // Immediate: the write lock from the start, so a read inside cannot be
@@ -316,6 +361,17 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let through: i64 = tx
+            .query_row(
+                "SELECT delivered_through FROM sink_cursors WHERE sink = ?1",
+                params![sink],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)?
+            .unwrap_or_default();
+        let erased = count_erased(&tx, "events", "normalized", through, last, &erased_subjects)
             .map_err(err)?;
         let moved = tx
             .execute(
@@ -327,6 +383,11 @@ impl Store {
             > 0;
         if moved {
             add_withheld(&tx, sink, "sink", withheld).map_err(err)?;
+            add_withheld(&tx, sink, "sink", &[("erased", erased)]).map_err(err)?;
+            if erased > 0 {
+                metrics::counter!("vitalmq_bridge_withheld_total", "sink" => sink.to_owned(), "reason" => "erased")
+                    .increment(erased);
+            }
         } else {
             // Already past `last`: a pending range that ends at or before the cursor
             // is delivered already; left in place it would be planned again forever.
@@ -350,6 +411,7 @@ impl Store {
         position: i64,
         withheld: &[(&str, u64)],
     ) -> Result<bool, StoreError> {
+        let erased_subjects = self.erased_subjects()?;
         let path = self.path.clone();
         let err = |e| super::classify(&path, e);
         // Immediate: the write lock from the start, so a read inside cannot be
@@ -376,12 +438,21 @@ impl Store {
             )
             .map_err(err)?;
             add_withheld(&tx, handler, "handler", withheld).map_err(err)?;
+            let erased = count_erased(&tx, "alerts", "body", through, position, &erased_subjects)
+                .map_err(err)?;
+            add_withheld(&tx, handler, "handler", &[("erased", erased)]).map_err(err)?;
+            if erased > 0 {
+                metrics::counter!("vitalmq_bridge_alerts_withheld_total", "handler" => handler.to_owned(), "reason" => "erased")
+                    .increment(erased);
+            }
         }
         tx.commit().map_err(err)?;
         Ok(moved)
     }
 
-    /// The outbox records with positions in `first..=last`, in order.
+    /// The outbox records with positions in `first..=last`, in order, payloads opened;
+    /// an erased patient's events are left out (a batch may have holes), and counted
+    /// as withheld (`erased`) when the sink's cursor passes them.
     pub fn read_range(&self, first: i64, last: i64) -> Result<Vec<OutboxRecord>, StoreError> {
         let mut stmt = self
             .conn
@@ -404,14 +475,80 @@ impl Store {
                     observed_at_ms: i2u(r.get(6)?),
                     received_at_ms: i2u(r.get(7)?),
                     topic: r.get(8)?,
-                    raw: bytes::Bytes::from(r.get::<_, Vec<u8>>(9)?),
-                    normalized_json: r.get(10)?,
+                    raw: bytes::Bytes::new(),
+                    normalized_json: String::new(),
                     ingest_patient: None,
-                })
+                }
+                .with_stored(column_bytes(r, 9)?, column_bytes(r, 10)?))
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        let rows = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (mut rec, raw, normalized) in rows {
+            let normalized = self.open_payload(&normalized, &normalized_context(&rec.event_id))?;
+            let raw = self.open_payload(&raw, &raw_context(&rec.event_id))?;
+            match (raw, normalized) {
+                (Payload::Plain(raw), Payload::Plain(normalized)) if !raw.is_empty() => {
+                    rec.raw = bytes::Bytes::from(raw);
+                    rec.normalized_json =
+                        String::from_utf8(normalized).map_err(|e| StoreError::Corrupt {
+                            path: self.path.clone(),
+                            device: rec.device.clone(),
+                            detail: format!("normalized event is not UTF-8: {e}"),
+                        })?;
+                    out.push(rec);
+                }
+                (Payload::Locked, _) | (_, Payload::Locked) => {
+                    return Err(StoreError::NoKeyring {
+                        path: self.path.clone(),
+                    });
+                }
+                // Erased (crypto-shredded or scrubbed): not delivered.
+                _ => {}
+            }
+        }
+        Ok(out)
     }
+}
+
+trait WithStored: Sized {
+    fn with_stored(self, raw: Vec<u8>, normalized: Vec<u8>) -> (Self, Vec<u8>, Vec<u8>) {
+        (self, raw, normalized)
+    }
+}
+
+impl WithStored for OutboxRecord {}
+
+/// How many rows of `table` at positions in `(after, through]` are erased: their
+/// `patient_ref` has a tombstone, or their payload `column` is the erased marker.
+fn count_erased(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    column: &str,
+    after: i64,
+    through: i64,
+    erased_subjects: &std::collections::HashSet<String>,
+) -> rusqlite::Result<u64> {
+    if through <= after {
+        return Ok(0);
+    }
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT patient_ref, {column} = ?3, COUNT(*) FROM {table}
+         WHERE position > ?1 AND position <= ?2 AND patient_ref IS NOT NULL
+         GROUP BY patient_ref, {column} = ?3"
+    ))?;
+    let mut rows = stmt.query(params![after, through, ERASED_MARKER])?;
+    let mut n = 0u64;
+    while let Some(r) = rows.next()? {
+        let patient: String = r.get(0)?;
+        let marker: bool = r.get::<_, Option<bool>>(1)?.unwrap_or(false);
+        if marker || erased_subjects.contains(&patient) {
+            n += i2u(r.get(2)?);
+        }
+    }
+    Ok(n)
 }
 
 /// Adds `withheld` to the counts of `target` (of `kind`), inside the caller's transaction.

@@ -10,6 +10,7 @@ use vitalmq_envelope::{DeviceId, ReasonClass};
 use vitalmq_policies::SiteId;
 
 use super::schema::{EVENT_INDEX_BUCKET, event_key};
+use super::sealing::{PayloadMarks, alert_context, column_bytes, normalized_context};
 use super::{Store, StoreError, i2u};
 use crate::gaps::GapState;
 use crate::normalize::EventId;
@@ -43,6 +44,9 @@ pub struct EventRow {
     pub received_at_ms: u64,
     /// SHA-256 (hex) of the raw message.
     pub raw_sha256: String,
+    /// Set when the event's patient was erased.
+    #[serde(flatten)]
+    pub marks: PayloadMarks,
 }
 
 /// One refused message, without its bytes (`vitalmq store quarantine`).
@@ -84,8 +88,10 @@ pub struct AlertRow {
     pub device: Option<DeviceId>,
     pub rule: Option<String>,
     pub created_at_ms: u64,
-    /// The alert JSON exactly as published.
+    /// The alert JSON exactly as published (empty when erased or sealed).
     pub body: String,
+    #[serde(flatten)]
+    pub marks: PayloadMarks,
 }
 
 /// One alert state change as a trace shows it: the body parsed.
@@ -96,8 +102,11 @@ pub struct AlertChangeRow {
     pub state: String,
     pub topic: String,
     pub recorded_at_ms: u64,
-    /// The published alert JSON (a string if it somehow is not JSON).
+    /// The published alert JSON (a string if it somehow is not JSON; null when erased
+    /// or sealed).
     pub body: serde_json::Value,
+    #[serde(flatten)]
+    pub marks: PayloadMarks,
 }
 
 /// One event with its raw-plane row and normalized body (`vitalmq trace`). Serializes
@@ -108,8 +117,11 @@ pub struct EventDetail {
     pub head: EventHead,
     pub observed_at_ms: u64,
     pub received_at_ms: u64,
-    /// The normalized event (a string if it somehow is not JSON).
+    /// The normalized event (a string if it somehow is not JSON; null when erased or
+    /// sealed).
     pub normalized: serde_json::Value,
+    #[serde(flatten)]
+    pub marks: PayloadMarks,
     #[serde(skip)]
     pub raw: RawRef,
 }
@@ -271,8 +283,10 @@ fn optional_device(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<DeviceId>> 
     }
 }
 
-fn json_or_text(text: String) -> serde_json::Value {
-    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+impl AlertRow {
+    fn with_stored(self, stored: Vec<u8>) -> (Self, Vec<u8>) {
+        (self, stored)
+    }
 }
 
 impl Store {
@@ -287,21 +301,35 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Accepted events in outbox order.
+    /// Accepted events in outbox order; an erased patient's are marked erased (told
+    /// from the keyring's tombstones, no key needed).
     pub fn list_events(&self) -> Result<Vec<EventRow>, StoreError> {
-        self.rows(
+        let rows = self.rows(
             &format!(
-                "SELECT {EVENT_HEAD_COLUMNS}, e.received_at_ms, r.sha256
+                "SELECT {EVENT_HEAD_COLUMNS}, e.received_at_ms, r.sha256, e.normalized
                  FROM events e JOIN raw_messages r ON r.id = e.raw_id ORDER BY e.position"
             ),
             |r| {
-                Ok(EventRow {
-                    head: event_head(r)?,
-                    received_at_ms: i2u(r.get(7)?),
-                    raw_sha256: r.get(8)?,
-                })
+                Ok((
+                    EventRow {
+                        head: event_head(r)?,
+                        received_at_ms: i2u(r.get(7)?),
+                        raw_sha256: r.get(8)?,
+                        marks: PayloadMarks::default(),
+                    },
+                    column_bytes(r, 9)?,
+                ))
             },
-        )
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (mut row, normalized) in rows {
+            if let Some(at) = self.payload_erased(&normalized)? {
+                row.marks.erased = true;
+                row.marks.erased_at_ms = (at > 0).then_some(at);
+            }
+            out.push(row);
+        }
+        Ok(out)
     }
 
     /// Refused messages in the order they came.
@@ -342,9 +370,10 @@ impl Store {
         )
     }
 
-    /// Every recorded alert state change, in order (the bodies as published).
+    /// Every recorded alert state change, in order (the bodies as published; opened
+    /// when sealed, marked when erased or not openable here).
     pub fn list_alerts(&self) -> Result<Vec<AlertRow>, StoreError> {
-        self.rows(
+        let rows = self.rows(
             "SELECT position, alert_id, state, kind, topic, device, rule, created_at_ms, body
              FROM alerts ORDER BY position",
             |r| {
@@ -357,10 +386,21 @@ impl Store {
                     device: optional_device(r, 5)?,
                     rule: r.get(6)?,
                     created_at_ms: i2u(r.get(7)?),
-                    body: r.get(8)?,
-                })
+                    body: String::new(),
+                    marks: PayloadMarks::default(),
+                }
+                .with_stored(column_bytes(r, 8)?))
             },
-        )
+        )?;
+        rows.into_iter()
+            .map(|(mut row, stored)| {
+                let payload =
+                    self.open_payload(&stored, &alert_context(&row.alert_id, &row.state))?;
+                row.body = payload.text();
+                row.marks = payload.marks();
+                Ok(row)
+            })
+            .collect()
     }
 
     /// An outbox position whose event was received about `ms` (bridge clock): a lookup
@@ -447,24 +487,35 @@ impl Store {
                  FROM events e JOIN raw_messages r ON r.id = e.raw_id WHERE e.position = ?1"
             ))
             .map_err(|e| self.err(e))?;
-        stmt.query_row(params![position], |r| {
-            Ok(EventDetail {
-                head: event_head(r)?,
-                observed_at_ms: i2u(r.get(7)?),
-                received_at_ms: i2u(r.get(8)?),
-                normalized: json_or_text(r.get(9)?),
-                raw: RawRef {
-                    store_row: r.get(10)?,
-                    sha256: r.get(11)?,
-                    topic: r.get(12)?,
-                    broker: r.get(13)?,
-                    publisher: r.get(14)?,
-                    bytes: r.get(15)?,
-                },
+        let found = stmt
+            .query_row(params![position], |r| {
+                let detail = EventDetail {
+                    head: event_head(r)?,
+                    observed_at_ms: i2u(r.get(7)?),
+                    received_at_ms: i2u(r.get(8)?),
+                    normalized: serde_json::Value::Null,
+                    marks: PayloadMarks::default(),
+                    raw: RawRef {
+                        store_row: r.get(10)?,
+                        sha256: r.get(11)?,
+                        topic: r.get(12)?,
+                        broker: r.get(13)?,
+                        publisher: r.get(14)?,
+                        bytes: r.get(15)?,
+                    },
+                };
+                Ok((detail, column_bytes(r, 9)?))
             })
-        })
-        .optional()
-        .map_err(|e| self.err(e))
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((mut detail, stored)) = found else {
+            return Ok(None);
+        };
+        let payload =
+            self.open_payload(&stored, &normalized_context(detail.head.event_id.as_str()))?;
+        detail.normalized = payload.json();
+        detail.marks = payload.marks();
+        Ok(Some(detail))
     }
 
     /// Every state change of one alert, in order.
@@ -472,9 +523,17 @@ impl Store {
         self.alert_changes("WHERE alert_id = ?1", alert_id)
     }
 
-    /// Alert state changes whose body names `event_id` (as evidence).
+    /// Alert state changes whose body names `event_id` (as evidence). Sealed bodies
+    /// are opened to look; an erased one cannot say what it cited and is left out.
     pub fn alerts_citing(&self, event_id: &str) -> Result<Vec<AlertChangeRow>, StoreError> {
-        self.alert_changes("WHERE body LIKE '%' || ?1 || '%'", event_id)
+        let rows = self.alert_changes(
+            "WHERE body LIKE '%' || ?1 || '%' OR typeof(body) = 'blob'",
+            event_id,
+        )?;
+        Ok(rows
+            .into_iter()
+            .filter(|a| a.body.to_string().contains(event_id))
+            .collect())
     }
 
     fn alert_changes(&self, filter: &str, arg: &str) -> Result<Vec<AlertChangeRow>, StoreError> {
@@ -482,18 +541,32 @@ impl Store {
             "SELECT position, alert_id, state, topic, created_at_ms, body FROM alerts {filter} ORDER BY position"
         );
         let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
-        stmt.query_map(params![arg], |r| {
-            Ok(AlertChangeRow {
-                position: r.get(0)?,
-                alert_id: r.get(1)?,
-                state: r.get(2)?,
-                topic: r.get(3)?,
-                recorded_at_ms: i2u(r.get(4)?),
-                body: json_or_text(r.get(5)?),
+        let rows: Vec<(AlertChangeRow, Vec<u8>)> = stmt
+            .query_map(params![arg], |r| {
+                Ok((
+                    AlertChangeRow {
+                        position: r.get(0)?,
+                        alert_id: r.get(1)?,
+                        state: r.get(2)?,
+                        topic: r.get(3)?,
+                        recorded_at_ms: i2u(r.get(4)?),
+                        body: serde_json::Value::Null,
+                        marks: PayloadMarks::default(),
+                    },
+                    column_bytes(r, 5)?,
+                ))
             })
-        })
-        .and_then(Iterator::collect)
-        .map_err(|e| self.err(e))
+            .and_then(Iterator::collect)
+            .map_err(|e| self.err(e))?;
+        rows.into_iter()
+            .map(|(mut row, stored)| {
+                let payload =
+                    self.open_payload(&stored, &alert_context(&row.alert_id, &row.state))?;
+                row.body = payload.json();
+                row.marks = payload.marks();
+                Ok(row)
+            })
+            .collect()
     }
 
     /// Sinks whose cursor has passed `position`: `(sink, delivered_through)`.

@@ -274,17 +274,47 @@ CREATE TABLE IF NOT EXISTS withheld (
 );
 ";
 
+/// Version 4 (issue 20): `events` and `alerts` carry the row's `patient_ref` in the
+/// clear (NULL for operational alerts), so erasure, export and retention find a
+/// patient's rows without opening a payload (payloads may be sealed since). Rows
+/// written before it are plaintext and get theirs from their own JSON. The columns are
+/// added only when missing, so a second run is harmless.
+fn add_patient_ref(tx: &Transaction<'_>) -> HookResult {
+    for (table, source) in [("events", "normalized"), ("alerts", "body")] {
+        let present: i64 = tx.query_row(
+            &format!(
+                "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = 'patient_ref'"
+            ),
+            [],
+            |r| r.get(0),
+        )?;
+        if present == 0 {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN patient_ref TEXT;
+                 UPDATE {table} SET patient_ref = json_extract({source}, '$.patient_ref')
+                     WHERE json_valid({source});"
+            ))?;
+        }
+    }
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS events_by_patient ON events(patient_ref);
+         CREATE INDEX IF NOT EXISTS alerts_by_patient ON alerts(patient_ref);",
+    )?;
+    Ok(())
+}
+
 /// The migrations, oldest first; the store's version is how many have run.
 static MIGRATIONS: std::sync::LazyLock<Migrations<'static>> = std::sync::LazyLock::new(|| {
     Migrations::new(vec![
         M::up_with_hook(V1, adopt_v1),
         M::up_with_hook("", add_alert_level),
         M::up(V3_WITHHELD),
+        M::up_with_hook("", add_patient_ref),
     ])
 });
 
 /// The schema version this code writes.
-pub const VERSION: usize = 3;
+pub const VERSION: usize = 4;
 
 /// The store's recorded schema version.
 pub fn version(conn: &Connection) -> rusqlite::Result<usize> {

@@ -293,7 +293,7 @@ fn a_full_store_is_reported_as_full_and_keeps_what_it_had() {
             ..Commit::default()
         };
         match store.commit(&c) {
-            Ok(()) => stored += 1,
+            Ok(_) => stored += 1,
             Err(e) => break e,
         }
         assert!(stored < 100_000, "the quota never bit");
@@ -532,4 +532,318 @@ fn withheld_counts_are_added_with_the_cursor_once_per_batch() {
     assert_eq!(stats.withheld.get("study/no_consent"), 1);
     assert_eq!(stats.sinks.get("study"), 8);
     assert_eq!(stats.alerts_withheld.get("webhook:study/no_consent"), 1);
+}
+
+/// Encryption at rest (issue 20): a keyring in `dir` under a new key file.
+fn keyring(dir: &std::path::Path) -> std::sync::Arc<vitalmq_keyring::Keyring> {
+    let provider = vitalmq_keyring::LocalKeyFile::create(&dir.join("kek.json")).expect("kek");
+    std::sync::Arc::new(
+        vitalmq_keyring::Keyring::open(&dir.join("keyring.sqlite3"), std::sync::Arc::new(provider))
+            .expect("keyring"),
+    )
+}
+
+/// The database file and its WAL, as bytes.
+fn store_file_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = std::fs::read(dir.join(DB_FILE)).expect("db");
+    if let Ok(wal) = std::fs::read(dir.join(format!("{DB_FILE}-wal"))) {
+        all.extend(wal);
+    }
+    all
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn clinical_alert(patient: &str, state: &str) -> NewAlert {
+    NewAlert {
+        alert_id: format!("al-{patient}"),
+        state: state.into(),
+        kind: "clinical".into(),
+        topic: "alerts/site-01/review/dev-00001".into(),
+        device: Some("dev-00001".into()),
+        rule: Some("spo2-low".into()),
+        created_at_ms: 7,
+        body: format!(
+            "{{\"alert_id\":\"al-{patient}\",\"patient_ref\":\"{patient}\",\"value\":\"distinctive-4711\"}}"
+        ),
+        level: 0,
+    }
+}
+
+#[test]
+fn sealed_payloads_read_back_and_leave_no_plaintext_in_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keyring(dir.path());
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(keys.clone());
+    let a = event("dev-00001", 1, 1).for_patient("pt-a");
+    let b = event("dev-00002", 1, 1).for_patient("pt-b");
+    let committed = store
+        .commit(&Commit {
+            events: vec![a.clone(), b.clone()],
+            alerts: vec![clinical_alert("pt-a", "open")],
+            quarantine: vec![Quarantined {
+                received_at_ms: 1,
+                topic: "devices/dev-00009/telemetry".into(),
+                device: None,
+                reason: "unknown_device".into(),
+                detail: "d".into(),
+                sha256_hex: "00".into(),
+                raw: bytes::Bytes::from_static(b"refused-bytes-0815"),
+            }],
+            ..Commit::default()
+        })
+        .expect("commit");
+    assert_eq!(committed, Committed::default());
+    let bytes = store_file_bytes(dir.path());
+    for e in [&a, &b] {
+        assert!(!contains(&bytes, e.raw()), "raw bytes sealed");
+        assert!(
+            !contains(&bytes, e.normalized_json().as_bytes()),
+            "normalized sealed"
+        );
+    }
+    assert!(!contains(&bytes, b"distinctive-4711"), "alert body sealed");
+    assert!(
+        !contains(&bytes, b"refused-bytes-0815"),
+        "quarantine sealed"
+    );
+    // Every reader opens them.
+    let records = store.read_range(1, 2).expect("range");
+    assert_eq!(records.len(), 2);
+    assert_eq!(&records[0].raw[..], a.raw());
+    assert_eq!(records[0].normalized_json, a.normalized_json());
+    let detail = store
+        .event_detail(b.event_id())
+        .expect("read")
+        .expect("found");
+    assert_eq!(
+        detail.normalized.to_string(),
+        serde_json::from_str::<serde_json::Value>(b.normalized_json())
+            .expect("json")
+            .to_string()
+    );
+    assert_eq!(detail.marks, sealing::PayloadMarks::default());
+    let alerts = store.alerts_after("mqtt", 10).expect("alerts");
+    assert!(alerts[0].body.contains("distinctive-4711"));
+    assert!(
+        store.list_alerts().expect("list")[0]
+            .body
+            .contains("distinctive-4711")
+    );
+    // The patient is findable without opening anything.
+    assert_eq!(store.patient_rows("pt-a").expect("rows"), (1, 1, 1));
+    // Without the keyring a reader sees them as sealed, never as garbage.
+    let plain = Store::open(dir.path()).expect("open without keyring");
+    assert!(plain.list_alerts().expect("list")[0].marks.sealed);
+    assert!(matches!(
+        plain.read_range(1, 2),
+        Err(StoreError::NoKeyring { .. })
+    ));
+}
+
+#[test]
+fn an_erased_patients_rows_read_as_erased_and_are_withheld_from_sinks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keyring(dir.path());
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(keys.clone());
+    store
+        .commit(&Commit {
+            events: vec![
+                event("dev-00001", 1, 1).for_patient("pt-a"),
+                event("dev-00002", 1, 1).for_patient("pt-b"),
+            ],
+            alerts: vec![
+                clinical_alert("pt-a", "open"),
+                clinical_alert("pt-b", "open"),
+            ],
+            ..Commit::default()
+        })
+        .expect("commit");
+    let subject = vitalmq_keyring::Subject::new("pt-a").expect("subject");
+    let t = keys
+        .erase(&subject, "test", "request", 1_000)
+        .expect("erase");
+    let events = store.list_events().expect("events");
+    assert!(events[0].marks.erased, "pt-a's event erased");
+    assert_eq!(events[0].marks.erased_at_ms, Some(1_000));
+    assert!(!events[1].marks.erased, "pt-b's readable");
+    let json = serde_json::to_value(&events[0]).expect("json");
+    assert_eq!(json["erased"], true);
+    let detail = store
+        .event_detail(events[0].head.event_id.as_str())
+        .expect("detail")
+        .expect("found");
+    assert!(detail.marks.erased && detail.normalized.is_null());
+    // Sinks get pt-b only; pt-a's is counted as withheld (erased).
+    let batch = store
+        .next_batch("objects", 10)
+        .expect("batch")
+        .expect("some");
+    assert_eq!(batch.records.len(), 1);
+    assert_eq!(batch.records[0].device, "dev-00002");
+    assert!(
+        store
+            .batch_delivered_withheld("objects", batch.last, &[])
+            .expect("delivered")
+    );
+    assert_eq!(
+        store.stats().expect("stats").withheld.get("objects/erased"),
+        1
+    );
+    // Alert handlers likewise.
+    let alerts = store.alerts_after("mqtt", 10).expect("alerts");
+    assert_eq!(alerts.len(), 1);
+    assert!(alerts[0].body.contains("pt-b"));
+    assert!(
+        store
+            .alert_delivered_withheld("mqtt", 2, &[])
+            .expect("delivered")
+    );
+    assert_eq!(
+        store
+            .stats()
+            .expect("stats")
+            .alerts_withheld
+            .get("mqtt/erased"),
+        1
+    );
+    assert!(store.list_alerts().expect("alerts")[0].marks.erased);
+    assert_eq!(t.keys_destroyed, 1);
+}
+
+#[test]
+fn a_late_reading_of_an_erased_patient_is_dropped_not_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keyring(dir.path());
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(keys.clone());
+    let subject = vitalmq_keyring::Subject::new("pt-a").expect("subject");
+    keys.erase(&subject, "test", "request", 1_000)
+        .expect("erase");
+    let late = event("dev-00001", 1, 1).for_patient("pt-a");
+    let other = event("dev-00002", 1, 1).for_patient("pt-b");
+    let committed = store
+        .commit(&Commit {
+            events: vec![late.clone(), other],
+            alerts: vec![clinical_alert("pt-a", "open")],
+            ..Commit::default()
+        })
+        .expect("the rest of the batch commits");
+    assert_eq!(
+        committed.erased_events,
+        [(late.event_id().to_owned(), "dev-00001".to_owned())]
+    );
+    assert_eq!(
+        committed.erased_alerts,
+        [("al-pt-a".to_owned(), "open".to_owned())]
+    );
+    let events = store.list_events().expect("events");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].head.device.as_str(), "dev-00002");
+    assert!(store.list_alerts().expect("alerts").is_empty());
+    assert!(
+        !contains(&store_file_bytes(dir.path()), late.raw()),
+        "never stored"
+    );
+}
+
+#[test]
+fn legacy_plaintext_rows_stay_readable_and_are_scrubbed_on_erasure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let legacy = event("dev-00001", 1, 1).for_patient("pt-a");
+    {
+        let mut store = Store::open(dir.path()).expect("open plaintext");
+        store
+            .commit(&Commit {
+                events: vec![legacy.clone(), event("dev-00002", 1, 1).for_patient("pt-b")],
+                alerts: vec![clinical_alert("pt-a", "open")],
+                ..Commit::default()
+            })
+            .expect("commit");
+    }
+    let keys = keyring(dir.path());
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(keys.clone());
+    store
+        .commit(&Commit {
+            events: vec![event("dev-00001", 1, 2).for_patient("pt-a")],
+            ..Commit::default()
+        })
+        .expect("commit sealed");
+    let records = store.read_range(1, 3).expect("range");
+    assert_eq!(records.len(), 3, "plaintext and sealed rows read alike");
+    assert_eq!(&records[0].raw[..], legacy.raw());
+    let subject = vitalmq_keyring::Subject::new("pt-a").expect("subject");
+    keys.erase(&subject, "test", "request", 1_000)
+        .expect("erase");
+    // Before the cleanup the legacy row is still plaintext in the file.
+    assert!(contains(&store_file_bytes(dir.path()), legacy.raw()));
+    assert_eq!(
+        store.scrub_patient("pt-a").expect("scrub"),
+        3,
+        "raw, normalized, alert"
+    );
+    assert_eq!(store.scrub_patient("pt-a").expect("again"), 0, "idempotent");
+    let bytes = store_file_bytes(dir.path());
+    assert!(!contains(&bytes, legacy.raw()), "legacy raw bytes gone");
+    assert!(!contains(&bytes, legacy.normalized_json().as_bytes()));
+    assert!(!contains(&bytes, b"distinctive-4711"));
+    let records = store.read_range(1, 3).expect("range");
+    assert_eq!(records.len(), 1, "only pt-b's");
+    let events = store.list_events().expect("events");
+    assert_eq!(
+        events.iter().map(|e| e.marks.erased).collect::<Vec<_>>(),
+        [true, false, true]
+    );
+    // Ids and hashes stay.
+    assert_eq!(events[0].head.event_id.as_str(), legacy.event_id());
+}
+
+#[test]
+fn rows_sealed_before_and_after_a_key_rotation_both_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = keyring(dir.path());
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(keys.clone());
+    let before = event("dev-00001", 1, 1).for_patient("pt-a");
+    store
+        .commit(&Commit {
+            events: vec![before.clone()],
+            ..Commit::default()
+        })
+        .expect("commit");
+    let subject = vitalmq_keyring::Subject::new("pt-a").expect("subject");
+    assert_eq!(keys.rotate(&subject).expect("rotate"), 2);
+    let after = event("dev-00001", 1, 2).for_patient("pt-a");
+    store
+        .commit(&Commit {
+            events: vec![after.clone()],
+            ..Commit::default()
+        })
+        .expect("commit");
+    let versions: Vec<u32> = store
+        .conn
+        .prepare("SELECT normalized FROM events ORDER BY position")
+        .expect("prepare")
+        .query_map([], |r| sealing::column_bytes(r, 0))
+        .expect("query")
+        .map(|b| {
+            vitalmq_keyring::sealed::header(&b.expect("row"))
+                .expect("sealed")
+                .key_version
+        })
+        .collect();
+    assert_eq!(versions, [1, 2], "new data under the new version");
+    let records = store.read_range(1, 2).expect("range");
+    assert_eq!(records[0].normalized_json, before.normalized_json());
+    assert_eq!(records[1].normalized_json, after.normalized_json());
 }

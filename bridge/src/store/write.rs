@@ -60,6 +60,9 @@ pub struct RecordedEvent {
     sha256_hex: String,
     raw: bytes::Bytes,
     normalized_json: String,
+    /// The patient the reading is attributed to (the subject its payloads are sealed
+    /// for).
+    patient_ref: String,
 }
 
 impl RecordedEvent {
@@ -93,7 +96,13 @@ impl RecordedEvent {
             sha256_hex: hex::encode(verified.message_sha256()),
             raw: verified.message().clone(),
             normalized_json,
+            patient_ref: entry.patient_ref.clone(),
         }
+    }
+
+    /// The patient the reading is attributed to.
+    pub fn patient_ref(&self) -> &str {
+        &self.patient_ref
     }
 
     /// The deterministic event id of `(device, epoch, seq)`.
@@ -113,6 +122,19 @@ impl RecordedEvent {
     /// The normalized event JSON (plane 2).
     pub fn normalized_json(&self) -> &str {
         &self.normalized_json
+    }
+
+    /// For tests of the store: the raw bytes it stores.
+    #[cfg(test)]
+    pub(crate) fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// For tests of the store: the same event attributed to another patient.
+    #[cfg(test)]
+    pub(crate) fn for_patient(mut self, patient_ref: &str) -> Self {
+        patient_ref.clone_into(&mut self.patient_ref);
+        self
     }
 
     /// For tests of the store: the same event received at another time.
@@ -229,6 +251,52 @@ pub struct NewAlert {
     pub level: u32,
 }
 
+/// What a commit left out: events and alert changes of an erased patient (a late
+/// message from before the erasure). They are not stored (never as plaintext), while
+/// the rest of the batch is; the recorder acknowledges, counts and audits them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// `(event_id, device)` of each event not stored.
+    pub erased_events: Vec<(String, String)>,
+    /// `(alert_id, state)` of each alert change not stored.
+    pub erased_alerts: Vec<(String, String)>,
+}
+
+/// A payload as it goes into its column: sealed, or plaintext without a keyring.
+enum Stored<'a> {
+    Plain(&'a [u8]),
+    Sealed(Vec<u8>),
+}
+
+impl Stored<'_> {
+    fn value(&self) -> rusqlite::types::ToSqlOutput<'_> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        match self {
+            Self::Plain(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+            Self::Sealed(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+        }
+    }
+
+    fn text(&self) -> rusqlite::types::ToSqlOutput<'_> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        match self {
+            Self::Plain(b) => ToSqlOutput::Borrowed(ValueRef::Text(b)),
+            Self::Sealed(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+        }
+    }
+}
+
+/// The payloads of one batch, sealed before its transaction starts (the keyring is a
+/// database of its own).
+struct SealedBatch<'a> {
+    /// Per event of the commit: raw and normalized, or `None` when its patient was
+    /// erased.
+    events: Vec<Option<(Stored<'a>, Stored<'a>)>>,
+    quarantine: Vec<Stored<'a>>,
+    /// Per alert: the body and its patient, or `None` when the patient was erased.
+    alerts: Vec<Option<(Stored<'a>, Option<String>)>>,
+}
+
 /// Everything one batch changes, written in one transaction.
 #[derive(Debug, Default)]
 pub struct Commit {
@@ -323,8 +391,94 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes one batch in one transaction, durable when this returns `Ok`.
-    pub fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
+    /// Seals the payloads of `c` (a no-op without a keyring). An erased patient's
+    /// events and alert changes are left out ([`Committed`]); any other key failure
+    /// fails the commit.
+    fn seal_batch<'a>(&self, c: &'a Commit) -> Result<(SealedBatch<'a>, Committed), StoreError> {
+        use super::sealing::{
+            QUARANTINE_SUBJECT, UNATTRIBUTED_SUBJECT, alert_context, alert_patient,
+            normalized_context, quarantine_context, raw_context,
+        };
+        use vitalmq_keyring::KeyError;
+        let key_err = |source| StoreError::Key {
+            path: self.path.clone(),
+            source,
+        };
+        let stored = |subject: &str, context: String, plain: &'a [u8]| {
+            Ok::<_, KeyError>(match self.seal(subject, &context, plain)? {
+                Some(sealed) => Stored::Sealed(sealed),
+                None => Stored::Plain(plain),
+            })
+        };
+        let mut out = Committed::default();
+        let mut events = Vec::with_capacity(c.events.len());
+        for e in &c.events {
+            let subject = if e.patient_ref.is_empty() {
+                UNATTRIBUTED_SUBJECT
+            } else {
+                e.patient_ref.as_str()
+            };
+            let sealed = stored(subject, raw_context(&e.event_id), &e.raw[..]).and_then(|raw| {
+                let normalized = stored(
+                    subject,
+                    normalized_context(&e.event_id),
+                    e.normalized_json.as_bytes(),
+                )?;
+                Ok((raw, normalized))
+            });
+            match sealed {
+                Ok(pair) => events.push(Some(pair)),
+                Err(KeyError::Erased { .. }) => {
+                    out.erased_events
+                        .push((e.event_id.clone(), e.device.to_string()));
+                    events.push(None);
+                }
+                Err(e) => return Err(key_err(e)),
+            }
+        }
+        let quarantine = c
+            .quarantine
+            .iter()
+            .map(|m| {
+                stored(
+                    QUARANTINE_SUBJECT,
+                    quarantine_context(&m.sha256_hex),
+                    &m.raw[..],
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(key_err)?;
+        let mut alerts = Vec::with_capacity(c.alerts.len());
+        for a in &c.alerts {
+            let patient = alert_patient(&a.body);
+            let body = match &patient {
+                Some(p) => stored(p, alert_context(&a.alert_id, &a.state), a.body.as_bytes()),
+                None => Ok(Stored::Plain(a.body.as_bytes())),
+            };
+            match body {
+                Ok(body) => alerts.push(Some((body, patient))),
+                Err(KeyError::Erased { .. }) => {
+                    out.erased_alerts
+                        .push((a.alert_id.clone(), a.state.clone()));
+                    alerts.push(None);
+                }
+                Err(e) => return Err(key_err(e)),
+            }
+        }
+        Ok((
+            SealedBatch {
+                events,
+                quarantine,
+                alerts,
+            },
+            out,
+        ))
+    }
+
+    /// Writes one batch in one transaction, durable when this returns `Ok`; says
+    /// which events and alert changes of erased patients it left out.
+    pub fn commit(&mut self, c: &Commit) -> Result<Committed, StoreError> {
+        let (sealed, committed) = self.seal_batch(c)?;
         let path = self.path.clone();
         let err = |source| classify(&path, source);
         let tx = self.conn.transaction().map_err(err)?;
@@ -338,8 +492,8 @@ impl Store {
             let mut event = tx
                 .prepare_cached(
                     "INSERT INTO events (event_id, raw_id, device, site, epoch, seq,
-                         observed_at_ms, received_at_ms, verdict, normalized)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                         observed_at_ms, received_at_ms, verdict, normalized, patient_ref)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT(device, epoch, seq) DO NOTHING",
                 )
                 .map_err(err)?;
@@ -348,14 +502,17 @@ impl Store {
                     "INSERT INTO event_index (bucket, key, position) VALUES (?1, ?2, ?3)",
                 )
                 .map_err(err)?;
-            for e in &c.events {
+            for (e, payloads) in c.events.iter().zip(&sealed.events) {
+                let Some((raw_bytes, normalized)) = payloads else {
+                    continue;
+                };
                 raw.execute(params![
                     u2i(e.received_at_ms),
                     e.broker,
                     e.publisher,
                     e.topic,
                     e.sha256_hex,
-                    &e.raw[..]
+                    raw_bytes.value()
                 ])
                 .map_err(err)?;
                 let raw_id = tx.last_insert_rowid();
@@ -370,7 +527,8 @@ impl Store {
                         u2i(e.observed_at_ms),
                         u2i(e.received_at_ms),
                         e.verdict,
-                        e.normalized_json
+                        normalized.text(),
+                        (!e.patient_ref.is_empty()).then_some(e.patient_ref.as_str())
                     ])
                     .map_err(err)?;
                 if inserted == 0 {
@@ -402,7 +560,7 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(err)?;
-            for m in &c.quarantine {
+            for (m, bytes) in c.quarantine.iter().zip(&sealed.quarantine) {
                 q.execute(params![
                     u2i(m.received_at_ms),
                     m.topic,
@@ -410,7 +568,7 @@ impl Store {
                     m.reason,
                     m.detail,
                     m.sha256_hex,
-                    &m.raw[..]
+                    bytes.value()
                 ])
                 .map_err(err)?;
             }
@@ -464,8 +622,9 @@ impl Store {
                     .map_err(err)?;
             }
         }
-        write_alerts(&tx, c).map_err(err)?;
-        tx.commit().map_err(err)
+        write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(committed)
     }
 
     /// Writes only the alert part of `c` (alert rows and alert states), in one
@@ -473,12 +632,18 @@ impl Store {
     /// `max_backlog`, or a store that refused the whole batch), so the alert handlers
     /// deliver as usual while events, quarantine, windows, gaps and counters wait for
     /// the devices to resend.
-    pub fn commit_alerts_only(&mut self, c: &Commit) -> Result<(), StoreError> {
+    pub fn commit_alerts_only(&mut self, c: &Commit) -> Result<Committed, StoreError> {
+        let alerts_only = Commit {
+            alerts: c.alerts.clone(),
+            ..Commit::default()
+        };
+        let (sealed, committed) = self.seal_batch(&alerts_only)?;
         let path = self.path.clone();
         let err = |source| classify(&path, source);
         let tx = self.conn.transaction().map_err(err)?;
-        write_alerts(&tx, c).map_err(err)?;
-        tx.commit().map_err(err)
+        write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(committed)
     }
 
     /// The alert engine's stored state per device (JSON).
@@ -519,12 +684,20 @@ impl Store {
 }
 
 /// The alert rows and alert states of `c`, inside the caller's transaction.
-fn write_alerts(tx: &rusqlite::Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
+fn write_alerts(
+    tx: &rusqlite::Transaction<'_>,
+    c: &Commit,
+    sealed: &[Option<(Stored<'_>, Option<String>)>],
+) -> rusqlite::Result<()> {
     let mut alert = tx.prepare_cached(
-        "INSERT INTO alerts (alert_id, state, kind, topic, device, rule, created_at_ms, body, level)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO alerts (alert_id, state, kind, topic, device, rule, created_at_ms, body, level,
+             patient_ref)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?;
-    for a in &c.alerts {
+    for (a, body) in c.alerts.iter().zip(sealed) {
+        let Some((body, patient)) = body else {
+            continue;
+        };
         alert.execute(params![
             a.alert_id,
             a.state,
@@ -533,8 +706,9 @@ fn write_alerts(tx: &rusqlite::Transaction<'_>, c: &Commit) -> rusqlite::Result<
             a.device,
             a.rule,
             u2i(a.created_at_ms),
-            a.body,
-            a.level
+            body.text(),
+            a.level,
+            patient
         ])?;
     }
     let mut alert_state = tx.prepare_cached(

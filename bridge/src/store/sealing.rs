@@ -1,0 +1,362 @@
+//! Encryption at rest of the store's payloads, and what erasure leaves of them.
+//!
+//! With a keyring ([`Store::with_keyring`]) every payload the store writes is sealed
+//! (`vitalmq_keyring`, AES-256-GCM under a per-subject data key), bound to a context
+//! that names the row, so a sealed blob moved to another row does not open:
+//!
+//! | column | subject | context |
+//! |---|---|---|
+//! | `raw_messages.bytes` | the event's `patient_ref` | `raw\|<event_id>` |
+//! | `events.normalized` | the event's `patient_ref` | `normalized\|<event_id>` |
+//! | `alerts.body` (bodies naming a `patient_ref`) | that `patient_ref` | `alert\|<alert_id>\|<state>` |
+//! | `quarantine.bytes` | `sys:quarantine` | `quarantine\|<sha256>` |
+//!
+//! An accepted event always carries a patient (attribution quarantines unassigned
+//! readings); one that did not would be sealed under `sys:unattributed`. Operational
+//! alerts carry no patient content and stay plaintext. Rows written without a keyring
+//! (before encryption was turned on) stay plaintext and readable; readers tell the two
+//! apart with [`vitalmq_keyring::is_sealed`].
+//!
+//! Erasure (`vitalmq erase`) destroys the subject's data keys in the keyring: its sealed
+//! rows no longer open ([`Payload::Erased`]). Its plaintext rows are then scrubbed in
+//! place ([`Store::scrub_patient`]): the payload becomes [`ERASED_MARKER`] (raw bytes:
+//! empty), while ids, hashes and positions stay, so windows, cursors and audit
+//! references keep pointing at something.
+
+use std::sync::Arc;
+
+use rusqlite::params;
+use rusqlite::types::ValueRef;
+use vitalmq_keyring::{KeyError, Keyring, Subject};
+
+use super::{Store, StoreError};
+
+/// The subject of quarantined bytes: no patient is attributable to refused data.
+pub const QUARANTINE_SUBJECT: &str = "sys:quarantine";
+/// The subject of an accepted event without a patient (should not occur).
+pub const UNATTRIBUTED_SUBJECT: &str = "sys:unattributed";
+/// What a scrubbed (erased plaintext) normalized event or alert body holds.
+pub const ERASED_MARKER: &str = r#"{"erased":true}"#;
+
+pub(super) fn raw_context(event_id: &str) -> String {
+    format!("raw|{event_id}")
+}
+
+pub(super) fn normalized_context(event_id: &str) -> String {
+    format!("normalized|{event_id}")
+}
+
+pub(super) fn alert_context(alert_id: &str, state: &str) -> String {
+    format!("alert|{alert_id}|{state}")
+}
+
+pub(super) fn quarantine_context(sha256_hex: &str) -> String {
+    format!("quarantine|{sha256_hex}")
+}
+
+/// The `patient_ref` an alert body names, if any (clinical alerts do).
+pub(super) fn alert_patient(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get("patient_ref")?.as_str().map(str::to_owned)
+}
+
+/// The devices of a patient's stored events, and the span of their observation times.
+pub type PatientSpan = (Vec<String>, Option<(u64, u64)>);
+
+/// A stored payload as a reader gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Readable: plaintext as stored, or opened.
+    Plain(Vec<u8>),
+    /// Its subject was erased: sealed under a destroyed key, or scrubbed. The time is
+    /// known for a sealed row whose tombstone the keyring holds.
+    Erased { erased_at_ms: Option<u64> },
+    /// Sealed, and this reader has no key to open it (no keyring, or one opened
+    /// without the key file): not erased, just not readable here.
+    Locked,
+}
+
+impl Payload {
+    pub fn is_erased(&self) -> bool {
+        matches!(self, Self::Erased { .. })
+    }
+
+    /// The payload as JSON for a reader: the value (a string if it is not JSON), or
+    /// null when erased or locked.
+    pub fn json(&self) -> serde_json::Value {
+        match self {
+            Self::Plain(b) => serde_json::from_slice(b).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+            }),
+            Self::Erased { .. } | Self::Locked => serde_json::Value::Null,
+        }
+    }
+
+    /// The payload as text (empty when erased or locked).
+    pub fn text(&self) -> String {
+        match self {
+            Self::Plain(b) => String::from_utf8_lossy(b).into_owned(),
+            Self::Erased { .. } | Self::Locked => String::new(),
+        }
+    }
+
+    /// The erasure facts a reader prints beside the row's ids.
+    pub fn marks(&self) -> PayloadMarks {
+        match self {
+            Self::Plain(_) => PayloadMarks::default(),
+            Self::Erased { erased_at_ms } => PayloadMarks {
+                erased: true,
+                erased_at_ms: *erased_at_ms,
+                sealed: false,
+            },
+            Self::Locked => PayloadMarks {
+                sealed: true,
+                ..PayloadMarks::default()
+            },
+        }
+    }
+}
+
+/// Why a row's payload is not shown, flattened into the row a reader prints: nothing
+/// for a readable row; `"erased": true` (with the tombstone's time when known) for an
+/// erased patient's; `"sealed": true` when it is sealed and no key was given.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PayloadMarks {
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub erased: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub erased_at_ms: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sealed: bool,
+}
+
+/// The bytes of a TEXT or BLOB column (sealed payloads are BLOBs in TEXT columns).
+pub(super) fn column_bytes(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Vec<u8>> {
+    Ok(match r.get_ref(i)? {
+        ValueRef::Text(b) | ValueRef::Blob(b) => b.to_vec(),
+        ValueRef::Null => Vec::new(),
+        // Integers and reals are no payload this store writes.
+        other => {
+            return Err(rusqlite::Error::FromSqlConversionFailure(
+                i,
+                other.data_type(),
+                "not a payload".into(),
+            ));
+        }
+    })
+}
+
+impl Store {
+    /// Seals every payload this store writes from now on with `keyring`; reads open
+    /// sealed payloads with it.
+    #[must_use]
+    pub fn with_keyring(mut self, keyring: Arc<Keyring>) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    pub fn keyring(&self) -> Option<&Arc<Keyring>> {
+        self.keyring.as_ref()
+    }
+
+    fn key_err(&self, source: KeyError) -> StoreError {
+        StoreError::Key {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Seals `plain` for `subject` when the store has a keyring, else returns it as is.
+    /// `KeyError::Erased` when the subject was erased.
+    pub(super) fn seal(
+        &self,
+        subject: &str,
+        context: &str,
+        plain: &[u8],
+    ) -> Result<Option<Vec<u8>>, KeyError> {
+        let Some(k) = &self.keyring else {
+            return Ok(None);
+        };
+        let subject = Subject::new(subject)?;
+        k.seal(&subject, context.as_bytes(), plain).map(Some)
+    }
+
+    /// Opens a stored payload: plaintext as is (the erased marker as erased), sealed
+    /// through the keyring. An erased subject is [`Payload::Erased`], not an error.
+    pub fn open_payload(&self, stored: &[u8], context: &str) -> Result<Payload, StoreError> {
+        if !vitalmq_keyring::is_sealed(stored) {
+            if stored == ERASED_MARKER.as_bytes() {
+                return Ok(Payload::Erased { erased_at_ms: None });
+            }
+            return Ok(Payload::Plain(stored.to_vec()));
+        }
+        let Some(k) = &self.keyring else {
+            return Ok(Payload::Locked);
+        };
+        match k.unseal(stored, context.as_bytes()) {
+            Ok(plain) => Ok(Payload::Plain(plain)),
+            Err(KeyError::Erased { erased_at_ms, .. }) => Ok(Payload::Erased {
+                erased_at_ms: Some(erased_at_ms),
+            }),
+            Err(KeyError::UnknownKek { .. }) => Ok(Payload::Locked),
+            Err(e) => Err(self.key_err(e)),
+        }
+    }
+
+    /// Whether a stored payload is erased, without opening it: the erased marker, or
+    /// sealed for a subject the keyring holds a tombstone of (needs no key).
+    pub fn payload_erased(&self, stored: &[u8]) -> Result<Option<u64>, StoreError> {
+        if stored == ERASED_MARKER.as_bytes() || stored.is_empty() {
+            return Ok(Some(0));
+        }
+        if !vitalmq_keyring::is_sealed(stored) {
+            return Ok(None);
+        }
+        let Some(k) = &self.keyring else {
+            return Ok(None);
+        };
+        let header = vitalmq_keyring::sealed::header(stored).map_err(|e| self.key_err(e))?;
+        Ok(k.erased(&header.subject)
+            .map_err(|e| self.key_err(e))?
+            .map(|t| t.erased_at_ms))
+    }
+
+    /// How many of `patient_ref`'s rows the store holds: `(events, raw, alerts)`.
+    pub fn patient_rows(&self, patient_ref: &str) -> Result<(u64, u64, u64), StoreError> {
+        self.conn
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM events WHERE patient_ref = ?1),
+                        (SELECT COUNT(*) FROM raw_messages r JOIN events e ON e.raw_id = r.id
+                           WHERE e.patient_ref = ?1),
+                        (SELECT COUNT(*) FROM alerts WHERE patient_ref = ?1)",
+                params![patient_ref],
+                |r| {
+                    Ok((
+                        super::i2u(r.get(0)?),
+                        super::i2u(r.get(1)?),
+                        super::i2u(r.get(2)?),
+                    ))
+                },
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// The devices `patient_ref`'s events came from, and the span of their observation
+    /// times `(first, last)` (ms), for deciding whether a legal hold covers the patient.
+    pub fn patient_span(&self, patient_ref: &str) -> Result<PatientSpan, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT device FROM events WHERE patient_ref = ?1 ORDER BY device")
+            .map_err(|e| self.err(e))?;
+        let devices = stmt
+            .query_map(params![patient_ref], |r| r.get(0))
+            .and_then(Iterator::collect)
+            .map_err(|e| self.err(e))?;
+        let span: (Option<i64>, Option<i64>) = self
+            .conn
+            .query_row(
+                "SELECT MIN(observed_at_ms), MAX(observed_at_ms) FROM events WHERE patient_ref = ?1",
+                params![patient_ref],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok((
+            devices,
+            span.0
+                .zip(span.1)
+                .map(|(a, b)| (super::i2u(a), super::i2u(b))),
+        ))
+    }
+
+    /// Overwrites in place every plaintext payload of `patient_ref` (rows written
+    /// before encryption was on): normalized events and alert bodies become
+    /// [`ERASED_MARKER`], raw bytes become empty; ids, hashes and positions stay. Sealed
+    /// rows are left as they are (their key is gone). One transaction, with SQLite's
+    /// `secure_delete` so the old cells are zeroed, then a WAL checkpoint so no old page
+    /// image lingers in the WAL. Idempotent; returns how many rows it changed.
+    pub fn scrub_patient(&mut self, patient_ref: &str) -> Result<u64, StoreError> {
+        let path = self.path.clone();
+        let err = |e| super::classify(&path, e);
+        self.conn
+            .pragma_update(None, "secure_delete", "ON")
+            .map_err(err)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        // Sealed payloads are BLOBs starting with the magic; plaintext ones are not.
+        let plain = |col: &str| {
+            format!("(typeof({col}) <> 'blob' OR substr({col}, 1, 4) <> CAST('VMQS' AS BLOB))")
+        };
+        let mut changed = tx
+            .execute(
+                &format!(
+                    "UPDATE raw_messages SET bytes = X''
+                     WHERE id IN (SELECT raw_id FROM events WHERE patient_ref = ?1)
+                       AND length(bytes) > 0 AND {}",
+                    plain("bytes")
+                ),
+                params![patient_ref],
+            )
+            .map_err(err)?;
+        changed += tx
+            .execute(
+                &format!(
+                    "UPDATE events SET normalized = ?2
+                     WHERE patient_ref = ?1 AND normalized <> ?2 AND {}",
+                    plain("normalized")
+                ),
+                params![patient_ref, ERASED_MARKER],
+            )
+            .map_err(err)?;
+        changed += tx
+            .execute(
+                &format!(
+                    "UPDATE alerts SET body = ?2
+                     WHERE patient_ref = ?1 AND body <> ?2 AND {}",
+                    plain("body")
+                ),
+                params![patient_ref, ERASED_MARKER],
+            )
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(err)?;
+        Ok(changed as u64)
+    }
+}
+
+/// A key provider that holds no key: a keyring opened with it answers what needs no
+/// key (tombstones, whether a sealed row is erased) and refuses everything else. For
+/// readers such as `vitalmq store events` that are given no key file.
+#[derive(Debug, Default)]
+pub struct NoKeys;
+
+impl vitalmq_keyring::KeyProvider for NoKeys {
+    fn describe(&self) -> String {
+        "no key file".to_owned()
+    }
+
+    fn current_version(&self) -> u32 {
+        0
+    }
+
+    fn wrap(
+        &self,
+        _context: &[u8],
+        _secret: &[u8],
+    ) -> Result<vitalmq_keyring::WrappedKey, KeyError> {
+        Err(KeyError::UnknownKek { version: 0 })
+    }
+
+    fn unwrap(
+        &self,
+        _context: &[u8],
+        wrapped: &vitalmq_keyring::WrappedKey,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+        Err(KeyError::UnknownKek {
+            version: wrapped.kek_version,
+        })
+    }
+}
