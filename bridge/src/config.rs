@@ -53,6 +53,42 @@ pub struct BridgeConfig {
     /// than care whose field list names `patient_ref`.
     #[serde(default)]
     pub pseudonyms: Option<PseudonymsConfig>,
+    /// The retention job (issue 20); none, and nothing is ever deleted, without it.
+    #[serde(default)]
+    pub lifecycle: Option<LifecycleConfig>,
+}
+
+/// `[lifecycle]`: the retention job (`crate::lifecycle`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// The retention classes (`vitalmq-retention/v1`), read at every run.
+    pub retention: PathBuf,
+    /// The legal holds (`vitalmq-holds/v1`), read at every run, so a hold placed
+    /// between runs counts at the next one.
+    #[serde(default)]
+    pub holds: Option<PathBuf>,
+    /// How often the job runs (a `humantime` duration; default 1h).
+    #[serde(default = "default_lifecycle_every")]
+    pub every: String,
+    /// Store rows per transaction.
+    #[serde(default = "default_lifecycle_batch")]
+    pub batch: usize,
+}
+
+impl LifecycleConfig {
+    /// `every` as a duration (checked when the configuration was loaded).
+    pub fn every(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.every).unwrap_or(std::time::Duration::from_secs(3600))
+    }
+}
+
+fn default_lifecycle_every() -> String {
+    "1h".to_owned()
+}
+
+fn default_lifecycle_batch() -> usize {
+    500
 }
 
 /// `[pseudonyms]`: a sink or alert handler of a purpose other than care that lists
@@ -485,6 +521,10 @@ pub enum Invalid {
     ShipsOwnLog(String),
     #[error("pipeline.batch_max: must be at least 1")]
     BatchMax,
+    #[error("lifecycle.every {0:?}: a duration longer than zero, such as \"1h\"")]
+    LifecycleEvery(String),
+    #[error("lifecycle.batch: must be at least 1")]
+    LifecycleBatch,
     #[error("pipeline.resume_backlog: must not exceed max_backlog")]
     ResumeBacklog,
     #[error("alerts.webhooks: the name {0:?} is used twice")]
@@ -563,6 +603,12 @@ impl BridgeConfig {
         if let Some(p) = &mut self.pseudonyms {
             fix(&mut p.key_file);
         }
+        if let Some(l) = &mut self.lifecycle {
+            fix(&mut l.retention);
+            if let Some(h) = &mut l.holds {
+                fix(h);
+            }
+        }
         if let Some(a) = &mut self.audit {
             fix(a);
         }
@@ -615,6 +661,15 @@ impl BridgeConfig {
         }
         if self.pipeline.batch_max == 0 {
             return Err(Invalid::BatchMax);
+        }
+        if let Some(l) = &self.lifecycle {
+            match humantime::parse_duration(&l.every) {
+                Ok(d) if !d.is_zero() => {}
+                _ => return Err(Invalid::LifecycleEvery(l.every.clone())),
+            }
+            if l.batch == 0 {
+                return Err(Invalid::LifecycleBatch);
+            }
         }
         if self.pipeline.resume_backlog > self.pipeline.max_backlog {
             return Err(Invalid::ResumeBacklog);

@@ -207,6 +207,7 @@ impl Store {
 mod outbox;
 mod read;
 mod resets;
+mod retention;
 pub mod schema;
 mod write;
 
@@ -216,7 +217,13 @@ pub use read::{
     StoreStats, Tally,
 };
 pub use resets::SequenceReset;
+pub use retention::{
+    ANONYMIZED_DEVICE, ANONYMIZED_VERDICT, RetainedAlert, RetainedEvent, RetainedQuarantine,
+    StoreAct,
+};
 pub use schema::EVENT_INDEX_BUCKET;
+#[cfg(test)]
+pub(crate) use write::test_events;
 pub use write::{Commit, NewAlert, Quarantined, RecordedEvent};
 
 #[cfg(test)]
