@@ -505,3 +505,125 @@ fn a_dry_run_changes_nothing_and_reports_the_same() {
     assert_eq!(dry, real);
     assert_eq!(real.count("normalized", "anonymize"), 5);
 }
+
+const STEM: &str = "00000000000000000001-00000000000000000002";
+
+#[tokio::test]
+async fn objects_are_deleted_moved_or_kept_and_a_rerun_finishes_a_half_move() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = dir.path().join("objects");
+    let sink = Arc::new(ObjectStoreSink::local("objects", &objects).expect("sink"));
+    let old = "date=2026-01-01";
+    let new = "date=2026-01-05";
+    let names = [
+        format!("raw/site=s1/device=dev-00001/{old}/{STEM}.cborseq"),
+        format!("raw/site=s1/device=dev-00002/{old}/{STEM}.cborseq"),
+        format!("raw/site=s1/device=dev-00001/{new}/{STEM}.cborseq"),
+        // The day before: outside the hold's range (a hold keeps the audit segments of
+        // its range, whoever they name).
+        format!("audit/retention=x/component=admin/date=2025-12-31/{STEM}.jsonl"),
+        format!("audit/retention=x/component=bridge/date=2025-12-31/{STEM}.jsonl"),
+    ];
+    for n in &names {
+        sink.put_durable(n, bytes::Bytes::from(n.clone())).await.expect("put");
+    }
+    // A half move from an earlier run: the copy is there, the original too.
+    sink.put_durable(&format!("archive/audit/{}", names[3]), bytes::Bytes::from(names[3].clone()))
+        .await
+        .expect("put");
+    std::fs::write(dir.path().join("retention.toml"), POLICY).expect("policy");
+    std::fs::write(
+        dir.path().join("holds.toml"),
+        "format = \"vitalmq-holds/v1\"\n[[holds]]\nid = \"lh-2\"\nreason = \"recall\"\n\
+         placed_by = \"po-1\"\nplaced_at = \"2026-01-01T00:00:00Z\"\ndevice = \"dev-00002\"\n\
+         from = \"2026-01-01T12:00:00Z\"\nto = \"2026-01-01T13:00:00Z\"\n",
+    )
+    .expect("holds");
+    let mut job = job(dir.path(), &[]);
+    job.holds = Some(dir.path().join("holds.toml"));
+    job.objects = vec![ObjectsTarget { sink: Arc::clone(&sink), purpose: Purpose::Care }];
+    Store::open(dir.path()).expect("store");
+
+    let dry = run_once(&job, T0 + DAY, true, None).await.expect("dry run");
+    assert_eq!(sink.list_objects("").await.expect("list").len(), names.len() + 1, "dry: untouched");
+    let outcome = run_once(&job, T0 + DAY, false, None).await.expect("run");
+    assert_eq!(dry.report, outcome.report);
+    let left = sink.list_objects("").await.expect("list");
+    assert_eq!(
+        left,
+        vec![
+            format!("archive/audit/{}", names[3]),
+            names[2].clone(),
+            names[1].clone(),
+        ],
+        "old raw of dev-00001 and the bridge segment deleted, the admin segment moved, \
+         the held device and the new day kept"
+    );
+    let r = &outcome.report;
+    assert_eq!(r.count("raw", "delete"), 1);
+    assert_eq!(r.count("audit:bridge", "delete"), 1);
+    assert_eq!(r.count("audit:admin", "archive"), 1);
+    assert_eq!(r.held["raw"], 1);
+    assert!(r.holds_kept.contains("lh-2"));
+    assert_eq!(r.objects.len(), 3);
+    let record = outcome.record();
+    assert_eq!(record.event, vitalmq_audit::Event::RetentionRun);
+    assert_eq!(record.details["objects"]["count"], serde_json::json!(3));
+    assert_eq!(record.details["dry_run"], serde_json::json!(false));
+    assert_eq!(record.policy_sha256.as_deref(), Some(outcome.policy_sha256.as_str()));
+    assert!(!outcome.holds_sha256.is_empty());
+    // Nothing left to do.
+    let again = run_once(&job, T0 + DAY, false, None).await.expect("rerun");
+    assert!(again.report.acted.is_empty() && again.report.objects.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_schedule_runs_every_period_on_the_injected_clock_and_audits_each_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("retention.toml"), POLICY).expect("policy");
+    let store = store_with_events(dir.path());
+    for p in 1..=5 {
+        store.retime_event(p, T0 - 3 * DAY, T0 - 3 * DAY);
+    }
+    drop(store);
+    let log_path = dir.path().join("audit.jsonl");
+    let log = vitalmq_audit::AuditLog::open(&log_path, 64).expect("audit log");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Arc::clone(&runs);
+    let clock = move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        T0
+    };
+    let task = tokio::spawn(schedule(
+        job(dir.path(), &[]),
+        Duration::from_secs(3600),
+        clock,
+        log.auditor(),
+        stop_rx,
+    ));
+    let records = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"retention_run\""))
+            .count()
+    };
+    // The first run at once, the next an hour later (the paused clock jumps there).
+    for want in 1..=2 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3600 + 60);
+        while runs.load(std::sync::atomic::Ordering::SeqCst) < want {
+            assert!(tokio::time::Instant::now() < deadline, "run {want} did not happen");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    stop_tx.send(true).expect("stop");
+    task.await.expect("schedule ends");
+    log.close().expect("close");
+    assert!(records() >= 2, "each run audited");
+    let store = Store::open(dir.path()).expect("open");
+    assert_eq!(
+        store.retention_events(0, 100).expect("events").iter().filter(|e| e.anonymized).count(),
+        5
+    );
+}
