@@ -14,6 +14,7 @@ mod log_format;
 mod operator_audit;
 mod registry_cmd;
 mod reid_cmd;
+mod retention_cmd;
 mod sim_cmd;
 mod stop;
 mod trace_cmd;
@@ -56,6 +57,9 @@ enum Command {
     /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
     #[command(subcommand)]
     Reid(reid_cmd::ReidCommand),
+    /// Enforce the retention classes once (the bridge runs this on a schedule).
+    #[command(subcommand)]
+    Retention(retention_cmd::RetentionCommand),
     /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines).
     #[command(subcommand)]
     Store(bridge_cmd::StoreCommand),
@@ -125,6 +129,7 @@ fn main() -> std::process::ExitCode {
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),
         Command::Reid(cmd) => cmd.run(),
+        Command::Retention(cmd) => cmd.run(),
         Command::Store(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),

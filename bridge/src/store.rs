@@ -218,7 +218,7 @@ pub use read::{
 };
 pub use resets::SequenceReset;
 pub use retention::{
-    ANONYMIZED_DEVICE, ANONYMIZED_VERDICT, RetainedAlert, RetainedEvent, RetainedQuarantine,
+    ANONYMIZED_DEVICE, ANONYMIZED_ID_PREFIX, RetainedAlert, RetainedEvent, RetainedQuarantine,
     StoreAct,
 };
 pub use schema::EVENT_INDEX_BUCKET;

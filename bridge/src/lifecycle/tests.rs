@@ -525,12 +525,17 @@ async fn objects_are_deleted_moved_or_kept_and_a_rerun_finishes_a_half_move() {
         format!("audit/retention=x/component=bridge/date=2025-12-31/{STEM}.jsonl"),
     ];
     for n in &names {
-        sink.put_durable(n, bytes::Bytes::from(n.clone())).await.expect("put");
+        sink.put_durable(n, bytes::Bytes::from(n.clone()))
+            .await
+            .expect("put");
     }
     // A half move from an earlier run: the copy is there, the original too.
-    sink.put_durable(&format!("archive/audit/{}", names[3]), bytes::Bytes::from(names[3].clone()))
-        .await
-        .expect("put");
+    sink.put_durable(
+        &format!("archive/audit/{}", names[3]),
+        bytes::Bytes::from(names[3].clone()),
+    )
+    .await
+    .expect("put");
     std::fs::write(dir.path().join("retention.toml"), POLICY).expect("policy");
     std::fs::write(
         dir.path().join("holds.toml"),
@@ -541,11 +546,18 @@ async fn objects_are_deleted_moved_or_kept_and_a_rerun_finishes_a_half_move() {
     .expect("holds");
     let mut job = job(dir.path(), &[]);
     job.holds = Some(dir.path().join("holds.toml"));
-    job.objects = vec![ObjectsTarget { sink: Arc::clone(&sink), purpose: Purpose::Care }];
+    job.objects = vec![ObjectsTarget {
+        sink: Arc::clone(&sink),
+        purpose: Purpose::Care,
+    }];
     Store::open(dir.path()).expect("store");
 
     let dry = run_once(&job, T0 + DAY, true, None).await.expect("dry run");
-    assert_eq!(sink.list_objects("").await.expect("list").len(), names.len() + 1, "dry: untouched");
+    assert_eq!(
+        sink.list_objects("").await.expect("list").len(),
+        names.len() + 1,
+        "dry: untouched"
+    );
     let outcome = run_once(&job, T0 + DAY, false, None).await.expect("run");
     assert_eq!(dry.report, outcome.report);
     let left = sink.list_objects("").await.expect("list");
@@ -570,7 +582,10 @@ async fn objects_are_deleted_moved_or_kept_and_a_rerun_finishes_a_half_move() {
     assert_eq!(record.event, vitalmq_audit::Event::RetentionRun);
     assert_eq!(record.details["objects"]["count"], serde_json::json!(3));
     assert_eq!(record.details["dry_run"], serde_json::json!(false));
-    assert_eq!(record.policy_sha256.as_deref(), Some(outcome.policy_sha256.as_str()));
+    assert_eq!(
+        record.policy_sha256.as_deref(),
+        Some(outcome.policy_sha256.as_str())
+    );
     assert!(!outcome.holds_sha256.is_empty());
     // Nothing left to do.
     let again = run_once(&job, T0 + DAY, false, None).await.expect("rerun");
@@ -613,7 +628,10 @@ async fn the_schedule_runs_every_period_on_the_injected_clock_and_audits_each_ru
     for want in 1..=2 {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3600 + 60);
         while runs.load(std::sync::atomic::Ordering::SeqCst) < want {
-            assert!(tokio::time::Instant::now() < deadline, "run {want} did not happen");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {want} did not happen"
+            );
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -623,7 +641,12 @@ async fn the_schedule_runs_every_period_on_the_injected_clock_and_audits_each_ru
     assert!(records() >= 2, "each run audited");
     let store = Store::open(dir.path()).expect("open");
     assert_eq!(
-        store.retention_events(0, 100).expect("events").iter().filter(|e| e.anonymized).count(),
+        store
+            .retention_events(0, 100)
+            .expect("events")
+            .iter()
+            .filter(|e| e.anonymized)
+            .count(),
         5
     );
 }

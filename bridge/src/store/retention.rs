@@ -20,8 +20,9 @@ use rusqlite::{OptionalExtension as _, Transaction, params};
 
 use super::{Store, StoreError, i2u, u2i};
 
-/// The verdict column of an anonymized event (its sequence verdict named the gap).
-pub const ANONYMIZED_VERDICT: &str = "anonymized";
+/// The event id of an anonymized event starts so (real ids are `ev1-`): the old id, a
+/// hash of device, epoch and seq, would link it back to the device.
+pub const ANONYMIZED_ID_PREFIX: &str = "anon-";
 /// The device column of an anonymized event (and `epoch` 0, `seq` its position, so
 /// the `(device, epoch, seq)` index stays unique).
 pub const ANONYMIZED_DEVICE: &str = "anonymized";
@@ -114,14 +115,14 @@ impl Store {
             .conn
             .prepare_cached(
                 "SELECT e.position, e.raw_id, e.device, e.observed_at_ms, e.received_at_ms,
-                        e.normalized, e.verdict, length(r.bytes)
+                        e.normalized, e.event_id, length(r.bytes)
                  FROM events e JOIN raw_messages r ON r.id = e.raw_id
                  WHERE e.position > ?1 ORDER BY e.position LIMIT ?2",
             )
             .map_err(|e| self.err(e))?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         stmt.query_map(params![after, limit], |r| {
-            let verdict: String = r.get(6)?;
+            let event_id: String = r.get(6)?;
             let raw_len: i64 = r.get(7)?;
             Ok(RetainedEvent {
                 position: r.get(0)?,
@@ -130,7 +131,7 @@ impl Store {
                 observed_at_ms: i2u(r.get(3)?),
                 received_at_ms: i2u(r.get(4)?),
                 normalized: load_normalized(r.get(5)?),
-                anonymized: verdict == ANONYMIZED_VERDICT,
+                anonymized: event_id.starts_with(ANONYMIZED_ID_PREFIX),
                 raw_present: raw_len > 0,
             })
         })
@@ -254,14 +255,13 @@ fn apply(tx: &Transaction<'_>, act: &StoreAct) -> rusqlite::Result<()> {
             delete_index(tx, *position)?;
             tx.execute(
                 "UPDATE events SET event_id = ?2, device = ?3, epoch = 0, seq = ?1,
-                        observed_at_ms = ?4, received_at_ms = ?4, verdict = ?5, normalized = ?6
+                        observed_at_ms = ?4, received_at_ms = ?4, normalized = ?5
                  WHERE position = ?1",
                 params![
                     position,
-                    format!("anon-{position}"),
+                    format!("{ANONYMIZED_ID_PREFIX}{position}"),
                     ANONYMIZED_DEVICE,
                     u2i(*hour_ms),
-                    ANONYMIZED_VERDICT,
                     store_normalized(json),
                 ],
             )?;
