@@ -155,7 +155,7 @@ pub fn alert(ctx: &Context<'_>, row: &RetainedAlert, report: &mut Report) -> Opt
             None
         }
         Disposition::Keep => None,
-        Disposition::Due(_) if !ctx.handlers_through.is_none_or(|t| row.position <= t) => {
+        Disposition::Due(_) if ctx.handlers_through.is_some_and(|t| row.position > t) => {
             report.skipped(plane, "unconfirmed");
             None
         }
