@@ -809,6 +809,49 @@ mod tests {
     }
 
     #[test]
+    fn lifecycle_is_optional_with_defaults_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n[broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
+        std::fs::write(&path, base).expect("write");
+        assert!(
+            BridgeConfig::load(&path)
+                .expect("valid")
+                .lifecycle
+                .is_none()
+        );
+        std::fs::write(
+            &path,
+            format!("{base}[lifecycle]\nretention = \"ret.toml\"\n"),
+        )
+        .expect("write");
+        let l = BridgeConfig::load(&path)
+            .expect("valid")
+            .lifecycle
+            .expect("lifecycle");
+        assert_eq!(l.retention, dir.path().join("ret.toml"));
+        assert_eq!(l.every(), std::time::Duration::from_secs(3600));
+        assert_eq!((l.batch, l.holds), (500, None));
+        for (extra, expect) in [
+            ("every = \"0s\"\n", "lifecycle.every"),
+            ("every = \"often\"\n", "lifecycle.every"),
+            ("batch = 0\n", "lifecycle.batch"),
+        ] {
+            std::fs::write(
+                &path,
+                format!("{base}[lifecycle]\nretention = \"r.toml\"\n{extra}"),
+            )
+            .expect("write");
+            let e = BridgeConfig::load(&path).expect_err(extra);
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            assert!(
+                cause.as_deref().is_some_and(|c| c.contains(expect)),
+                "{cause:?}"
+            );
+        }
+    }
+
+    #[test]
     fn mistakes_name_the_file_and_the_field() {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n[broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
