@@ -19,6 +19,7 @@ mod objects_cmd;
 mod operator_audit;
 mod registry_cmd;
 mod reid_cmd;
+mod retention_cmd;
 mod sim_cmd;
 mod stop;
 mod trace_cmd;
@@ -74,6 +75,9 @@ enum Command {
     /// Sealed telemetry objects: open one for an operator (audited).
     #[command(subcommand)]
     Objects(objects_cmd::ObjectsCommand),
+    /// Enforce the retention classes once (the bridge runs this on a schedule).
+    #[command(subcommand)]
+    Retention(retention_cmd::RetentionCommand),
     /// Read a bridge's store: stats, events, quarantine, gaps (JSON lines); back it up
     /// and restore it.
     #[command(subcommand)]
@@ -147,6 +151,7 @@ fn main() -> std::process::ExitCode {
         Command::Hold(cmd) => cmd.run(),
         Command::Reid(cmd) => cmd.run(),
         Command::Keys(cmd) => cmd.run(),
+        Command::Retention(cmd) => cmd.run(),
         Command::Store(cmd) => cmd.run(),
         Command::Objects(cmd) => cmd.run(),
         Command::Audit(cmd) => cmd.run(),

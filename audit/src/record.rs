@@ -56,6 +56,11 @@ pub enum Event {
     /// handler) by consent (issue 19): `resource` is the sink or handler, `details` the
     /// batch range, purpose and counts per reason. One per batch, never per event.
     EventsWithheld,
+    /// One run of the retention job (issue 20): `policy_sha256` the retention policy,
+    /// `details` the holds file's hash, `now`, `dry_run`, the counts and instant ranges
+    /// per plane and action, what holds kept, and the objects acted on (capped list,
+    /// count, SHA-256 over the full sorted list).
+    RetentionRun,
 }
 
 /// The security decision a record documents, when there is one.
@@ -198,6 +203,7 @@ mod tests {
             (Event::AlertAcknowledged, "\"alert_acknowledged\""),
             (Event::AlertAckRefused, "\"alert_ack_refused\""),
             (Event::EventsWithheld, "\"events_withheld\""),
+            (Event::RetentionRun, "\"retention_run\""),
             (Event::AdminRequest, "\"admin_request\""),
         ] {
             assert_eq!(serde_json::to_string(&event).expect("json"), name);

@@ -57,6 +57,9 @@ pub struct BridgeConfig {
     /// without it.
     #[serde(default)]
     pub encryption: Option<EncryptionConfig>,
+    /// The retention job (issue 20); none, and nothing is ever deleted, without it.
+    #[serde(default)]
+    pub lifecycle: Option<LifecycleConfig>,
 }
 
 /// `[encryption]`: every payload the store writes (raw bytes, normalized events, alert
@@ -79,6 +82,39 @@ impl EncryptionConfig {
             .clone()
             .unwrap_or_else(|| data_dir.join(vitalmq_keyring::KEYRING_FILE))
     }
+}
+
+/// `[lifecycle]`: the retention job (`crate::lifecycle`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// The retention classes (`vitalmq-retention/v1`), read at every run.
+    pub retention: PathBuf,
+    /// The legal holds (`vitalmq-holds/v1`), read at every run, so a hold placed
+    /// between runs counts at the next one.
+    #[serde(default)]
+    pub holds: Option<PathBuf>,
+    /// How often the job runs (a `humantime` duration; default 1h).
+    #[serde(default = "default_lifecycle_every")]
+    pub every: String,
+    /// Store rows per transaction.
+    #[serde(default = "default_lifecycle_batch")]
+    pub batch: usize,
+}
+
+impl LifecycleConfig {
+    /// `every` as a duration (checked when the configuration was loaded).
+    pub fn every(&self) -> std::time::Duration {
+        humantime::parse_duration(&self.every).unwrap_or(std::time::Duration::from_secs(3600))
+    }
+}
+
+fn default_lifecycle_every() -> String {
+    "1h".to_owned()
+}
+
+fn default_lifecycle_batch() -> usize {
+    500
 }
 
 /// `[pseudonyms]`: a sink or alert handler of a purpose other than care that lists
@@ -515,6 +551,10 @@ pub enum Invalid {
     ShipsOwnLog(String),
     #[error("pipeline.batch_max: must be at least 1")]
     BatchMax,
+    #[error("lifecycle.every {0:?}: a duration longer than zero, such as \"1h\"")]
+    LifecycleEvery(String),
+    #[error("lifecycle.batch: must be at least 1")]
+    LifecycleBatch,
     #[error("pipeline.resume_backlog: must not exceed max_backlog")]
     ResumeBacklog,
     #[error("alerts.webhooks: the name {0:?} is used twice")]
@@ -599,6 +639,12 @@ impl BridgeConfig {
                 fix(k);
             }
         }
+        if let Some(l) = &mut self.lifecycle {
+            fix(&mut l.retention);
+            if let Some(h) = &mut l.holds {
+                fix(h);
+            }
+        }
         if let Some(a) = &mut self.audit {
             fix(a);
         }
@@ -651,6 +697,15 @@ impl BridgeConfig {
         }
         if self.pipeline.batch_max == 0 {
             return Err(Invalid::BatchMax);
+        }
+        if let Some(l) = &self.lifecycle {
+            match humantime::parse_duration(&l.every) {
+                Ok(d) if !d.is_zero() => {}
+                _ => return Err(Invalid::LifecycleEvery(l.every.clone())),
+            }
+            if l.batch == 0 {
+                return Err(Invalid::LifecycleBatch);
+            }
         }
         if self.pipeline.resume_backlog > self.pipeline.max_backlog {
             return Err(Invalid::ResumeBacklog);
@@ -825,6 +880,49 @@ mod tests {
             "clinical alerting runs under care"
         );
         assert_eq!(ehr.fields(), Fields::All);
+    }
+
+    #[test]
+    fn lifecycle_is_optional_with_defaults_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n[broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
+        std::fs::write(&path, base).expect("write");
+        assert!(
+            BridgeConfig::load(&path)
+                .expect("valid")
+                .lifecycle
+                .is_none()
+        );
+        std::fs::write(
+            &path,
+            format!("{base}[lifecycle]\nretention = \"ret.toml\"\n"),
+        )
+        .expect("write");
+        let l = BridgeConfig::load(&path)
+            .expect("valid")
+            .lifecycle
+            .expect("lifecycle");
+        assert_eq!(l.retention, dir.path().join("ret.toml"));
+        assert_eq!(l.every(), std::time::Duration::from_secs(3600));
+        assert_eq!((l.batch, l.holds), (500, None));
+        for (extra, expect) in [
+            ("every = \"0s\"\n", "lifecycle.every"),
+            ("every = \"often\"\n", "lifecycle.every"),
+            ("batch = 0\n", "lifecycle.batch"),
+        ] {
+            std::fs::write(
+                &path,
+                format!("{base}[lifecycle]\nretention = \"r.toml\"\n{extra}"),
+            )
+            .expect("write");
+            let e = BridgeConfig::load(&path).expect_err(extra);
+            let cause = std::error::Error::source(&e).map(ToString::to_string);
+            assert!(
+                cause.as_deref().is_some_and(|c| c.contains(expect)),
+                "{cause:?}"
+            );
+        }
     }
 
     #[test]

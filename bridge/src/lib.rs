@@ -15,6 +15,7 @@ mod delivery;
 mod drain;
 mod gaps;
 pub mod governance;
+pub mod lifecycle;
 mod link;
 mod link5;
 mod mqtt;
@@ -31,5 +32,5 @@ pub mod store;
 mod webhook;
 pub mod window;
 
-pub use config::{BridgeConfig, ConfigError, Invalid};
+pub use config::{BridgeConfig, ConfigError, Invalid, LifecycleConfig};
 pub use run::{READY, RunError, run};

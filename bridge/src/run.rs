@@ -148,7 +148,7 @@ fn read_pseudonym_key(path: &std::path::Path) -> Result<[u8; 32], RunError> {
 type BuiltSink = (Arc<dyn Sink>, Option<Arc<ObjectStoreSink>>);
 
 /// The sink of `config`.
-fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
+pub(crate) fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
     let objects = |s: ObjectStoreSink| {
         let s = Arc::new(s);
         (Arc::clone(&s) as Arc<dyn Sink>, Some(s))
@@ -504,6 +504,7 @@ pub async fn run(
         ops_tx.clone(),
         stop_rx.clone(),
     )));
+    crate::lifecycle::spawn(&config, &auditor, stop_rx.clone())?;
     tokio::spawn(crate::audit_size::watch(
         audit_logs,
         crate::audit_size::Limits {
@@ -556,7 +557,7 @@ pub async fn run(
 
 /// The names of the alert handlers `alerts` configures, as the rule set's `[escalation]`
 /// names them: `mqtt`, then `webhook:<name>` per webhook.
-fn handler_names(alerts: &crate::config::AlertsConfig) -> Vec<String> {
+pub(crate) fn handler_names(alerts: &crate::config::AlertsConfig) -> Vec<String> {
     std::iter::once("mqtt".to_owned())
         .chain(
             alerts

@@ -229,6 +229,7 @@ mod backup;
 mod outbox;
 mod read;
 mod resets;
+mod retention;
 pub mod schema;
 pub mod sealing;
 mod write;
@@ -243,7 +244,13 @@ pub use read::{
     StoreStats, Tally,
 };
 pub use resets::SequenceReset;
+pub use retention::{
+    ANONYMIZED_DEVICE, ANONYMIZED_ID_PREFIX, RetainedAlert, RetainedEvent, RetainedQuarantine,
+    StoreAct,
+};
 pub use schema::EVENT_INDEX_BUCKET;
+#[cfg(test)]
+pub(crate) use write::test_events;
 pub use sealing::{NoKeys, Payload};
 pub use write::{Commit, Committed, NewAlert, Quarantined, RecordedEvent};
 

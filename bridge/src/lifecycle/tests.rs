@@ -1,0 +1,652 @@
+use std::path::Path;
+
+use vitalmq_policies::{Hold, PrincipalId};
+
+use super::*;
+use crate::store::test_events::event;
+use crate::store::{Commit, NewAlert, Quarantined, RetainedEvent, StoreAct};
+
+const DAY: u64 = plan::DAY_MS;
+/// A Monday, 00:00 UTC (2026-01-05).
+const T0: u64 = 1_767_571_200_000;
+
+const POLICY: &str = r#"
+format = "vitalmq-retention/v1"
+[planes.raw]
+keep_for = "1day"
+action = "delete"
+[planes.normalized]
+keep_for = "2days"
+action = "anonymize"
+[planes.normalized.purposes.research]
+keep_for = "1day"
+action = "archive"
+archive_to = "archive/research/"
+[planes.clinical]
+keep_for = "1day"
+action = "delete"
+[planes.quarantine]
+keep_for = "1day"
+action = "delete"
+[planes."audit:broker"]
+keep_for = "1day"
+action = "delete"
+[planes."audit:bridge"]
+keep_for = "1day"
+action = "delete"
+[planes."audit:admin"]
+keep_for = "1day"
+action = "archive"
+archive_to = "archive/audit/"
+[planes."audit:operator"]
+keep_for = "1day"
+action = "anonymize"
+"#;
+
+fn policy() -> RetentionPolicy {
+    RetentionPolicy::parse(POLICY, Path::new("retention.toml")).expect("policy")
+}
+
+fn hold(id: &str, patient: Option<&str>, device: Option<&str>, during: Option<(u64, u64)>) -> Hold {
+    Hold {
+        id: id.into(),
+        reason: "test".into(),
+        placed_by: PrincipalId::new("tester").expect("id"),
+        placed_at: 0,
+        patient_ref: patient.map(str::to_owned),
+        device: device.map(|d| vitalmq_envelope::DeviceId::new(d).expect("device")),
+        during: during.and_then(|(from, to)| vitalmq_policies::Period::new(from, Some(to))),
+    }
+}
+
+fn ctx<'a>(policy: &'a RetentionPolicy, holds: &'a LegalHolds, now: u64) -> Context<'a> {
+    Context {
+        policy,
+        holds,
+        now,
+        sinks_through: None,
+        archived_through: None,
+        handlers_through: None,
+    }
+}
+
+fn row(position: i64, observed: u64, received: u64) -> RetainedEvent {
+    RetainedEvent {
+        position,
+        raw_id: position,
+        device: "dev-00001".into(),
+        observed_at_ms: observed,
+        received_at_ms: received,
+        normalized: Some(
+            r#"{"format":"vitalmq-event/v1","device":"dev-00001","patient_ref":"pt-7f3a","m":{"spo2":97}}"#
+                .into(),
+        ),
+        anonymized: false,
+        raw_present: true,
+    }
+}
+
+#[test]
+fn an_event_is_due_exactly_at_keep_for_and_raw_before_normalized() {
+    let (policy, holds) = (policy(), LegalHolds::none());
+    let r = row(1, T0, T0);
+    let mut report = Report::default();
+    // Just before a day: nothing.
+    assert_eq!(
+        plan::event(&ctx(&policy, &holds, T0 + DAY - 1), &r, &mut report),
+        None
+    );
+    // Exactly a day: the raw bytes go, the event stays.
+    assert_eq!(
+        plan::event(&ctx(&policy, &holds, T0 + DAY), &r, &mut report),
+        Some(StoreAct::PurgeRaw { raw_id: 1 })
+    );
+    let purged = RetainedEvent {
+        raw_present: false,
+        ..r.clone()
+    };
+    assert_eq!(
+        plan::event(
+            &ctx(&policy, &holds, T0 + 2 * DAY - 1),
+            &purged,
+            &mut report
+        ),
+        None
+    );
+    // Exactly two days: anonymized.
+    match plan::event(&ctx(&policy, &holds, T0 + 2 * DAY), &purged, &mut report) {
+        Some(StoreAct::AnonymizeEvent {
+            position: 1,
+            hour_ms,
+            json,
+            ..
+        }) => {
+            assert_eq!(hour_ms, T0);
+            assert!(
+                !json.contains("pt-7f3a") && !json.contains("dev-00001"),
+                "{json}"
+            );
+        }
+        other => panic!("expected anonymize, got {other:?}"),
+    }
+    assert_eq!(report.count("raw", "delete"), 1);
+    assert_eq!(report.count("normalized", "anonymize"), 1);
+    // An anonymized event is left alone from then on.
+    let done = RetainedEvent {
+        anonymized: true,
+        ..purged
+    };
+    assert_eq!(
+        plan::event(&ctx(&policy, &holds, T0 + 100 * DAY), &done, &mut report),
+        None
+    );
+}
+
+#[test]
+fn holds_keep_the_whole_row_and_are_reported() {
+    let policy = policy();
+    let now = T0 + 10 * DAY;
+    let r = row(1, T0, T0);
+    for (holds, id) in [
+        (
+            LegalHolds::from_holds(vec![hold("by-patient", Some("pt-7f3a"), None, None)]),
+            "by-patient",
+        ),
+        (
+            LegalHolds::from_holds(vec![hold("by-device", None, Some("dev-00001"), None)]),
+            "by-device",
+        ),
+        (
+            LegalHolds::from_holds(vec![hold("by-range", None, None, Some((T0, T0 + 1)))]),
+            "by-range",
+        ),
+    ] {
+        let mut report = Report::default();
+        assert_eq!(
+            plan::event(&ctx(&policy, &holds, now), &r, &mut report),
+            None,
+            "{id}"
+        );
+        assert!(report.holds_kept.contains(id), "{id}");
+        assert!(report.acted.is_empty());
+    }
+    // Another patient's hold, another device's, a range elsewhere: due as usual.
+    let holds = LegalHolds::from_holds(vec![
+        hold("a", Some("pt-other"), None, None),
+        hold("b", None, Some("dev-00002"), None),
+        hold("c", None, None, Some((T0 + 1, T0 + 2))),
+    ]);
+    let mut report = Report::default();
+    assert!(plan::event(&ctx(&policy, &holds, now), &r, &mut report).is_some());
+}
+
+#[test]
+fn unconfirmed_rows_wait_and_archive_needs_the_copy() {
+    let policy = policy();
+    let holds = LegalHolds::none();
+    let now = T0 + 10 * DAY;
+    let mut c = ctx(&policy, &holds, now);
+    c.sinks_through = Some(4);
+    let mut report = Report::default();
+    assert_eq!(plan::event(&c, &row(5, T0, T0), &mut report), None);
+    assert_eq!(
+        report.skipped[&("normalized".into(), "unconfirmed".into())],
+        1
+    );
+    assert!(plan::event(&c, &row(4, T0, T0), &mut report).is_some());
+
+    // Alerts wait for their handlers.
+    c.handlers_through = Some(1);
+    let alert = crate::store::RetainedAlert {
+        position: 2,
+        device: Some("dev-00001".into()),
+        created_at_ms: T0,
+        body: r#"{"patient_ref":"pt-7f3a"}"#.into(),
+    };
+    assert_eq!(plan::alert(&c, &alert, &mut report), None);
+    c.handlers_through = Some(2);
+    assert_eq!(
+        plan::alert(&c, &alert, &mut report),
+        Some(StoreAct::DeleteAlert { position: 2 })
+    );
+}
+
+#[test]
+fn objects_follow_their_day_purpose_and_holds() {
+    let policy = policy();
+    let holds = LegalHolds::none();
+    let name = |n: &str| ObjectName::parse(n).expect(n);
+    let raw = name(
+        "pfx/raw/site=s1/device=dev-00001/date=2026-01-05/00000000000000000001-00000000000000000002.cborseq",
+    );
+    assert_eq!(raw.prefix, "pfx/");
+    assert_eq!(raw.day_ms, T0);
+    let mut report = Report::default();
+    // The day's end is the instant: due a day after it, not a day after its start.
+    assert_eq!(
+        plan::object(
+            &ctx(&policy, &holds, T0 + DAY),
+            &raw,
+            Purpose::Care,
+            &mut report
+        ),
+        None
+    );
+    assert_eq!(
+        plan::object(
+            &ctx(&policy, &holds, T0 + 2 * DAY - 1),
+            &raw,
+            Purpose::Care,
+            &mut report
+        ),
+        Some(ObjectAct::Delete)
+    );
+    // A research sink's normalized objects are archived after a day; a care sink's
+    // would be anonymized after two, which objects do not support: reported.
+    let research =
+        name("normalized/date=2026-01-05/00000000000000000001-00000000000000000002.ndjson");
+    let now = T0 + 3 * DAY;
+    assert_eq!(
+        plan::object(&ctx(&policy, &holds, now), &research, Purpose::Research, &mut report),
+        Some(ObjectAct::Move(
+            "archive/research/normalized/date=2026-01-05/00000000000000000001-00000000000000000002.ndjson".into()
+        ))
+    );
+    assert_eq!(
+        plan::object(
+            &ctx(&policy, &holds, now),
+            &research,
+            Purpose::Care,
+            &mut report
+        ),
+        None
+    );
+    assert_eq!(
+        report.skipped[&("normalized".into(), "anonymize_unsupported".into())],
+        1
+    );
+    assert!(plan::archived(&policy, "archive/research/normalized/x"));
+    assert!(!plan::archived(&policy, "normalized/x"));
+    // Holds: the device's partition, a day overlapping the range, any object for a
+    // patient hold; another device's partition is not held.
+    for h in [
+        hold("d", None, Some("dev-00001"), None),
+        hold("r", None, None, Some((T0 + DAY - 1, T0 + DAY))),
+        hold("p", Some("pt-7f3a"), None, None),
+    ] {
+        let holds = LegalHolds::from_holds(vec![h]);
+        assert_eq!(
+            plan::object(&ctx(&policy, &holds, now), &raw, Purpose::Care, &mut report),
+            None
+        );
+    }
+    let holds = LegalHolds::from_holds(vec![hold("d", None, Some("dev-00002"), None)]);
+    assert!(plan::object(&ctx(&policy, &holds, now), &raw, Purpose::Care, &mut report).is_some());
+    // Audit segments: their component's plane.
+    let admin = name(
+        "audit/retention=x/component=admin/date=2026-01-05/00000000000000000001-00000000000000000002.jsonl",
+    );
+    assert_eq!(
+        admin.plane,
+        vitalmq_policies::Plane::Audit(vitalmq_policies::AuditLog::Admin)
+    );
+    assert!(matches!(
+        plan::object(&ctx(&policy, &LegalHolds::none(), now), &admin, Purpose::Care, &mut report),
+        Some(ObjectAct::Move(to)) if to.starts_with("archive/audit/audit/")
+    ));
+    assert!(
+        ObjectName::parse("audit/retention=x/component=other/date=2026-01-05/a.jsonl").is_none()
+    );
+    assert!(ObjectName::parse("raw/site=s/device=d/no-date.cborseq").is_none());
+}
+
+/// A store with four events of dev-00001 and one of dev-00002 (positions 1..=5), an
+/// alert and a quarantined message, aged as the test says.
+fn store_with_events(dir: &Path) -> Store {
+    let mut store = Store::open(dir).expect("open");
+    store
+        .commit(&Commit {
+            events: vec![
+                event("dev-00001", 1, 1),
+                event("dev-00001", 1, 2),
+                event("dev-00001", 1, 3),
+                event("dev-00001", 1, 4),
+                event("dev-00002", 1, 1),
+            ],
+            quarantine: vec![Quarantined {
+                received_at_ms: T0,
+                topic: "devices/dev-00001/telemetry".into(),
+                device: Some("dev-00001".into()),
+                reason: "bad_signature".into(),
+                detail: String::new(),
+                sha256_hex: String::new(),
+                raw: bytes::Bytes::from_static(b"x"),
+            }],
+            alerts: vec![NewAlert {
+                alert_id: "al-1".into(),
+                state: "open".into(),
+                kind: "clinical".into(),
+                topic: "alerts/site-01/dev-00001".into(),
+                device: Some("dev-00001".into()),
+                rule: None,
+                created_at_ms: T0,
+                body: r#"{"alert_id":"al-1","patient_ref":"pt-7f3a","device":"dev-00001"}"#.into(),
+                level: 0,
+            }],
+            ..Commit::default()
+        })
+        .expect("commit");
+    store
+}
+
+fn job(dir: &Path, sinks: &[&str]) -> Job {
+    Job {
+        retention: dir.join("retention.toml"),
+        holds: None,
+        batch: 2,
+        data_dir: dir.to_path_buf(),
+        sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
+        care_objects: Vec::new(),
+        handlers: Vec::new(),
+        objects: Vec::new(),
+    }
+}
+
+#[test]
+fn the_store_loses_what_is_due_and_keeps_what_is_held_or_unconfirmed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = store_with_events(dir.path());
+    // 1: three days old (anonymized); 2: 1.5 days (raw purged); 3: new (kept);
+    // 4: three days old but past the sink's cursor (waits); 5: three days, held device.
+    let now = T0 + DAY;
+    for (position, age) in [
+        (1, 3 * DAY),
+        (2, DAY + DAY / 2),
+        (3, 0),
+        (4, 3 * DAY),
+        (5, 3 * DAY),
+    ] {
+        store.retime_event(position, now - age, now - age);
+    }
+    store.register_sink("objects").expect("sink");
+    store.batch_delivered("objects", 3).expect("cursor");
+    let (policy, holds) = (
+        policy(),
+        LegalHolds::from_holds(vec![hold("lh-dev2", None, Some("dev-00002"), None)]),
+    );
+    let job = job(dir.path(), &["objects"]);
+    let report = run_store(&job, &mut store, &policy, &holds, now, false, None).expect("run");
+
+    let events = store.retention_events(0, 100).expect("events");
+    let by_pos = |p: i64| events.iter().find(|e| e.position == p).expect("row");
+    let one = by_pos(1);
+    assert!(one.anonymized && one.device == crate::store::ANONYMIZED_DEVICE);
+    let json = one.normalized.as_deref().expect("json");
+    assert!(
+        json.contains("\"spo2\":97") && !json.contains("pt-7f3a"),
+        "{json}"
+    );
+    assert_eq!(store.raw_of(1), Some((0, String::new(), String::new())));
+    assert_eq!(
+        store
+            .event_detail(&crate::normalize::event_id(
+                &vitalmq_envelope::DeviceId::new("dev-00001").expect("id"),
+                1,
+                1
+            ))
+            .expect("lookup"),
+        None,
+        "the old id no longer finds it"
+    );
+    let two = by_pos(2);
+    assert!(
+        !two.anonymized && !two.raw_present,
+        "raw purged, event kept"
+    );
+    assert!(by_pos(3).raw_present && by_pos(4).raw_present && by_pos(5).raw_present);
+    assert_eq!(
+        report.skipped[&("normalized".into(), "unconfirmed".into())],
+        1
+    );
+    assert_eq!(report.held["normalized"], 1);
+    assert!(report.holds_kept.contains("lh-dev2"));
+    // The alert and the quarantined message were a day old: deleted.
+    assert_eq!(store.rows_in("alerts"), 0);
+    assert_eq!(store.rows_in("quarantine"), 0);
+
+    // A second run finds nothing more to do.
+    let again = run_store(&job, &mut store, &policy, &holds, now, false, None).expect("rerun");
+    assert!(again.acted.is_empty(), "{:?}", again.acted);
+}
+
+#[test]
+fn a_run_stopped_after_a_batch_is_finished_by_the_next() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (policy, holds) = (policy(), LegalHolds::none());
+    let tables = |store: &Store| {
+        (
+            store.rows_in("events"),
+            store.rows_in("raw_messages"),
+            store.retention_events(0, 100).expect("events"),
+        )
+    };
+    let mut whole = {
+        let d = dir.path().join("whole");
+        let mut store = store_with_events(&d);
+        for p in 1..=5 {
+            store.retime_event(p, T0 - 3 * DAY, T0 - 3 * DAY);
+        }
+        run_store(&job(&d, &[]), &mut store, &policy, &holds, T0, false, None).expect("run");
+        tables(&store)
+    };
+    let d = dir.path().join("stopped");
+    let mut store = store_with_events(&d);
+    for p in 1..=5 {
+        store.retime_event(p, T0 - 3 * DAY, T0 - 3 * DAY);
+    }
+    // The hook panics after the first transaction, as a kill would stop the run.
+    let hook: BatchHook = Arc::new(|n| assert!(n < 1, "stopped after batch {n}"));
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_store(
+            &job(&d, &[]),
+            &mut store,
+            &policy,
+            &holds,
+            T0,
+            false,
+            Some(&hook),
+        )
+    }));
+    assert!(stopped.is_err(), "the hook stopped the run");
+    let half = store.retention_events(0, 100).expect("events");
+    assert_eq!(
+        half.iter().filter(|e| e.anonymized).count(),
+        2,
+        "one batch of two done"
+    );
+    run_store(&job(&d, &[]), &mut store, &policy, &holds, T0, false, None).expect("rerun");
+    let mut finished = tables(&store);
+    // Same rows (the anonymized ids are positions, so they compare equal).
+    whole.2.iter_mut().for_each(|e| e.raw_id = 0);
+    finished.2.iter_mut().for_each(|e| e.raw_id = 0);
+    assert_eq!(finished, whole);
+}
+
+#[test]
+fn a_dry_run_changes_nothing_and_reports_the_same() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut store = store_with_events(dir.path());
+    for p in 1..=5 {
+        store.retime_event(p, T0 - 3 * DAY, T0 - 3 * DAY);
+    }
+    let (policy, holds) = (policy(), LegalHolds::none());
+    let before = store.retention_events(0, 100).expect("events");
+    let dry = run_store(
+        &job(dir.path(), &[]),
+        &mut store,
+        &policy,
+        &holds,
+        T0,
+        true,
+        None,
+    )
+    .expect("dry");
+    assert_eq!(store.retention_events(0, 100).expect("events"), before);
+    let real = run_store(
+        &job(dir.path(), &[]),
+        &mut store,
+        &policy,
+        &holds,
+        T0,
+        false,
+        None,
+    )
+    .expect("run");
+    assert_eq!(dry, real);
+    assert_eq!(real.count("normalized", "anonymize"), 5);
+}
+
+const STEM: &str = "00000000000000000001-00000000000000000002";
+
+#[tokio::test]
+async fn objects_are_deleted_moved_or_kept_and_a_rerun_finishes_a_half_move() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let objects = dir.path().join("objects");
+    let sink = Arc::new(ObjectStoreSink::local("objects", &objects).expect("sink"));
+    let old = "date=2026-01-01";
+    let new = "date=2026-01-05";
+    let names = [
+        format!("raw/site=s1/device=dev-00001/{old}/{STEM}.cborseq"),
+        format!("raw/site=s1/device=dev-00002/{old}/{STEM}.cborseq"),
+        format!("raw/site=s1/device=dev-00001/{new}/{STEM}.cborseq"),
+        // The day before: outside the hold's range (a hold keeps the audit segments of
+        // its range, whoever they name).
+        format!("audit/retention=x/component=admin/date=2025-12-31/{STEM}.jsonl"),
+        format!("audit/retention=x/component=bridge/date=2025-12-31/{STEM}.jsonl"),
+    ];
+    for n in &names {
+        sink.put_durable(n, bytes::Bytes::from(n.clone()))
+            .await
+            .expect("put");
+    }
+    // A half move from an earlier run: the copy is there, the original too.
+    sink.put_durable(
+        &format!("archive/audit/{}", names[3]),
+        bytes::Bytes::from(names[3].clone()),
+    )
+    .await
+    .expect("put");
+    std::fs::write(dir.path().join("retention.toml"), POLICY).expect("policy");
+    std::fs::write(
+        dir.path().join("holds.toml"),
+        "format = \"vitalmq-holds/v1\"\n[[holds]]\nid = \"lh-2\"\nreason = \"recall\"\n\
+         placed_by = \"po-1\"\nplaced_at = \"2026-01-01T00:00:00Z\"\ndevice = \"dev-00002\"\n\
+         from = \"2026-01-01T12:00:00Z\"\nto = \"2026-01-01T13:00:00Z\"\n",
+    )
+    .expect("holds");
+    let mut job = job(dir.path(), &[]);
+    job.holds = Some(dir.path().join("holds.toml"));
+    job.objects = vec![ObjectsTarget {
+        sink: Arc::clone(&sink),
+        purpose: Purpose::Care,
+    }];
+    Store::open(dir.path()).expect("store");
+
+    let dry = run_once(&job, T0 + DAY, true, None).await.expect("dry run");
+    assert_eq!(
+        sink.list_objects("").await.expect("list").len(),
+        names.len() + 1,
+        "dry: untouched"
+    );
+    let outcome = run_once(&job, T0 + DAY, false, None).await.expect("run");
+    assert_eq!(dry.report, outcome.report);
+    let left = sink.list_objects("").await.expect("list");
+    assert_eq!(
+        left,
+        vec![
+            format!("archive/audit/{}", names[3]),
+            names[2].clone(),
+            names[1].clone(),
+        ],
+        "old raw of dev-00001 and the bridge segment deleted, the admin segment moved, \
+         the held device and the new day kept"
+    );
+    let r = &outcome.report;
+    assert_eq!(r.count("raw", "delete"), 1);
+    assert_eq!(r.count("audit:bridge", "delete"), 1);
+    assert_eq!(r.count("audit:admin", "archive"), 1);
+    assert_eq!(r.held["raw"], 1);
+    assert!(r.holds_kept.contains("lh-2"));
+    assert_eq!(r.objects.len(), 3);
+    let record = outcome.record();
+    assert_eq!(record.event, vitalmq_audit::Event::RetentionRun);
+    assert_eq!(record.details["objects"]["count"], serde_json::json!(3));
+    assert_eq!(record.details["dry_run"], serde_json::json!(false));
+    assert_eq!(
+        record.policy_sha256.as_deref(),
+        Some(outcome.policy_sha256.as_str())
+    );
+    assert!(!outcome.holds_sha256.is_empty());
+    // Nothing left to do.
+    let again = run_once(&job, T0 + DAY, false, None).await.expect("rerun");
+    assert!(again.report.acted.is_empty() && again.report.objects.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_schedule_runs_every_period_on_the_injected_clock_and_audits_each_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("retention.toml"), POLICY).expect("policy");
+    let store = store_with_events(dir.path());
+    for p in 1..=5 {
+        store.retime_event(p, T0 - 3 * DAY, T0 - 3 * DAY);
+    }
+    drop(store);
+    let log_path = dir.path().join("audit.jsonl");
+    let log = vitalmq_audit::AuditLog::open(&log_path, 64).expect("audit log");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = Arc::clone(&runs);
+    let clock = move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        T0
+    };
+    let task = tokio::spawn(schedule(
+        job(dir.path(), &[]),
+        Duration::from_secs(3600),
+        clock,
+        log.auditor(),
+        stop_rx,
+    ));
+    let records = || {
+        std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"retention_run\""))
+            .count()
+    };
+    // The first run at once, the next an hour later (the paused clock jumps there).
+    for want in 1..=2 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3600 + 60);
+        while runs.load(std::sync::atomic::Ordering::SeqCst) < want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "run {want} did not happen"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    stop_tx.send(true).expect("stop");
+    task.await.expect("schedule ends");
+    log.close().expect("close");
+    assert!(records() >= 2, "each run audited");
+    let store = Store::open(dir.path()).expect("open");
+    assert_eq!(
+        store
+            .retention_events(0, 100)
+            .expect("events")
+            .iter()
+            .filter(|e| e.anonymized)
+            .count(),
+        5
+    );
+}

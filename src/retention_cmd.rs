@@ -1,0 +1,101 @@
+//! `vitalmq retention run --config BRIDGE_CONFIG [--now T] [--dry-run]`: one run of the
+//! bridge's retention job (`vitalmq_bridge::lifecycle`) from the command line, with the
+//! bridge's `[lifecycle]` settings, its store and its objects sinks.
+//!
+//! It may run while the bridge runs (the store takes one short transaction per page;
+//! every act is idempotent). The run is an operator action: `retention.run` in the
+//! operator audit log (`<data dir>/operator-audit/operator.jsonl` or
+//! `$VITALMQ_OPERATOR_AUDIT`), a `started` record before and a `succeeded` record
+//! carrying the run's details after (the fields of the bridge's `retention_run`
+//! record, plus `policy_sha256`). The details are also printed as one JSON object.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use vitalmq_bridge::BridgeConfig;
+use vitalmq_bridge::lifecycle::{self, BatchHook};
+
+/// Test hook: the process aborts (as `kill -9` would stop it) after this many store
+/// transactions, so a test can prove that a rerun finishes a run cut short.
+const ABORT_AFTER_ENV: &str = "VITALMQ_TEST_RETENTION_ABORT_AFTER_BATCHES";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RetentionCommand {
+    /// Run the retention job once (the bridge runs it every `[lifecycle] every`).
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The bridge's configuration (TOML) with a `[lifecycle]` section.
+    #[arg(long)]
+    config: PathBuf,
+    /// The instant to decide at (RFC 3339); default: now.
+    #[arg(long)]
+    now: Option<String>,
+    /// Decide and report, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+impl RetentionCommand {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Self::Run(args) => run(args),
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = BridgeConfig::load(&args.config)?;
+    let now = match &args.now {
+        None => lifecycle::wall_clock(),
+        Some(text) => {
+            let t =
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                    .with_context(|| format!("--now {text:?}: not an RFC 3339 time"))?;
+            u64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+                .with_context(|| format!("--now {text:?}: before 1970"))?
+        }
+    };
+    let Some((job, _every)) = lifecycle::job_of(&config)? else {
+        anyhow::bail!(
+            "{}: no [lifecycle] section, so no retention policy to run",
+            args.config.display()
+        );
+    };
+    let hook: Option<BatchHook> = std::env::var(ABORT_AFTER_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|after| -> BatchHook {
+            Arc::new(move |done| {
+                if done >= after {
+                    std::process::abort();
+                }
+            })
+        });
+    let log =
+        crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&config.data_dir));
+    let details = crate::operator_audit::Action::new("retention.run", log)
+        .detail("config", crate::operator_audit::absolute(&args.config))
+        .detail(
+            "data_dir",
+            crate::operator_audit::absolute(&config.data_dir),
+        )
+        .run(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let outcome = runtime.block_on(lifecycle::run_once(&job, now, args.dry_run, hook))?;
+            let mut details =
+                outcome
+                    .report
+                    .details(&outcome.holds_sha256, outcome.now, outcome.dry_run);
+            details.insert("policy_sha256".into(), outcome.policy_sha256.clone().into());
+            Ok((details.clone(), details))
+        })?;
+    println!("{}", serde_json::Value::Object(details));
+    Ok(ExitCode::SUCCESS)
+}
