@@ -92,6 +92,9 @@ pub struct Job {
     pub handlers: Vec<String>,
     /// The objects sinks whose objects are subject to retention.
     pub objects: Vec<ObjectsTarget>,
+    /// With `[encryption]`: sealed payloads are opened (to anonymize, and to find the
+    /// patient of rows from before schema v4) and anonymized ones sealed again.
+    pub keyring: Option<Arc<vitalmq_keyring::Keyring>>,
 }
 
 /// The result of one run.
@@ -136,6 +139,9 @@ pub async fn run_once(
     let (p, h) = (Arc::clone(&policy), Arc::clone(&holds));
     let mut report = tokio::task::spawn_blocking(move || {
         let mut store = Store::open(&store_job.data_dir)?;
+        if let Some(k) = &store_job.keyring {
+            store = store.with_keyring(Arc::clone(k));
+        }
         run_store(&store_job, &mut store, &p, &h, now, dry_run, hook.as_ref())
     })
     .await
@@ -336,7 +342,8 @@ pub fn job_of(config: &BridgeConfig) -> Result<Option<(Job, Duration)>, RunError
     let mut care_objects = Vec::new();
     for s in &config.sinks {
         if let SinkConfig::Objects { name, .. } = s {
-            if let (_, Some(sink)) = crate::run::build_sink(s)? {
+            // Retention lists, copies and deletes objects; it never opens them.
+            if let (_, Some(sink)) = crate::run::build_sink(s, None)? {
                 objects.push(ObjectsTarget {
                     sink,
                     purpose: s.purpose(),
@@ -361,6 +368,7 @@ pub fn job_of(config: &BridgeConfig) -> Result<Option<(Job, Duration)>, RunError
         care_objects,
         handlers,
         objects,
+        keyring: crate::run::open_keyring(config)?,
     };
     Ok(Some((job, l.every())))
 }

@@ -148,9 +148,17 @@ fn read_pseudonym_key(path: &std::path::Path) -> Result<[u8; 32], RunError> {
 type BuiltSink = (Arc<dyn Sink>, Option<Arc<ObjectStoreSink>>);
 
 /// The sink of `config`.
-pub(crate) fn build_sink(config: &SinkConfig) -> Result<BuiltSink, RunError> {
+/// `keyring`: with `[encryption]`, objects sinks seal every object under its patient's
+/// data key (see `sink::object::sealed`).
+pub(crate) fn build_sink(
+    config: &SinkConfig,
+    keyring: Option<&Arc<vitalmq_keyring::Keyring>>,
+) -> Result<BuiltSink, RunError> {
     let objects = |s: ObjectStoreSink| {
-        let s = Arc::new(s);
+        let s = Arc::new(match keyring {
+            Some(k) => s.with_keyring(Arc::clone(k)),
+            None => s,
+        });
         (Arc::clone(&s) as Arc<dyn Sink>, Some(s))
     };
     Ok(match config {
@@ -323,7 +331,7 @@ pub async fn run(
     let mut object_sinks = Vec::new();
     for s in &config.sinks {
         store.register_sink(s.name())?;
-        let (sink, objects) = build_sink(s)?;
+        let (sink, objects) = build_sink(s, keyring.as_ref())?;
         // The audit logs name devices, operators and patients' alerts: they are
         // shipped to care sinks only, never into a research or other data set.
         if s.purpose() == vitalmq_policies::Purpose::Care {
@@ -925,7 +933,7 @@ async fn flush_receipts(client: &AsyncClient, pending: &mut HashMap<DeviceId, Re
 /// The keyring of `[encryption]`, if configured: every store connection of this bridge
 /// seals with it. Its key file must exist (`vitalmq keys init`); the keyring file is
 /// made on first use.
-fn open_keyring(
+pub(crate) fn open_keyring(
     config: &BridgeConfig,
 ) -> Result<Option<Arc<vitalmq_keyring::Keyring>>, vitalmq_keyring::KeyError> {
     let Some(e) = &config.encryption else {

@@ -249,9 +249,9 @@ pub use retention::{
     StoreAct,
 };
 pub use schema::EVENT_INDEX_BUCKET;
+pub use sealing::{NoKeys, Payload};
 #[cfg(test)]
 pub(crate) use write::test_events;
-pub use sealing::{NoKeys, Payload};
 pub use write::{Commit, Committed, NewAlert, Quarantined, RecordedEvent};
 
 #[cfg(test)]

@@ -49,17 +49,20 @@ pub fn event(ctx: &Context<'_>, row: &RetainedEvent, report: &mut Report) -> Opt
     if row.anonymized {
         return None;
     }
-    let Some(json) = row.normalized.as_deref() else {
+    let json = row.normalized.as_deref();
+    // An erased patient's row can still be deleted or archived; one that is merely
+    // unreadable here (sealed, no key) is left for a run that can read it.
+    if json.is_none() && !row.erased {
         report.skipped("normalized", "unreadable");
         return None;
-    };
-    let patient = anonymize::patient_ref(json);
+    }
+    let patient = row.patient_ref.as_deref();
     let device = DeviceId::new(&row.device).ok();
     let meta = |plane, at| RecordMeta {
         plane,
         purpose: Some(Purpose::Care),
         at,
-        patient_ref: patient.as_deref(),
+        patient_ref: patient,
         device: device.as_ref(),
     };
     let normalized = disposition(
@@ -98,7 +101,7 @@ pub fn event(ctx: &Context<'_>, row: &RetainedEvent, report: &mut Report) -> Opt
                     raw_id: row.raw_id,
                 });
             }
-            Action::Anonymize => match anonymize::event(json, row.observed_at_ms) {
+            Action::Anonymize => match json.and_then(|j| anonymize::event(j, row.observed_at_ms)) {
                 Some(json) => {
                     report.acted(plane, "anonymize", at);
                     return Some(StoreAct::AnonymizeEvent {
@@ -106,6 +109,14 @@ pub fn event(ctx: &Context<'_>, row: &RetainedEvent, report: &mut Report) -> Opt
                         raw_id: row.raw_id,
                         json,
                         hour_ms: anonymize::hour_of(row.observed_at_ms),
+                    });
+                }
+                // Nothing readable is left to keep: the husk (ids and ciphertext) goes.
+                None if row.erased => {
+                    report.acted(plane, "delete_erased", at);
+                    return Some(StoreAct::DeleteEvent {
+                        position: row.position,
+                        raw_id: row.raw_id,
                     });
                 }
                 None => report.skipped(plane, "unreadable"),
@@ -140,7 +151,7 @@ pub fn event(ctx: &Context<'_>, row: &RetainedEvent, report: &mut Report) -> Opt
 /// What happens to one alert row (clinical plane).
 pub fn alert(ctx: &Context<'_>, row: &RetainedAlert, report: &mut Report) -> Option<StoreAct> {
     let plane = "clinical";
-    let patient = anonymize::patient_ref(&row.body);
+    let patient = row.patient_ref.clone();
     let device = row.device.as_deref().and_then(|d| DeviceId::new(d).ok());
     let meta = RecordMeta {
         plane: Plane::Clinical,

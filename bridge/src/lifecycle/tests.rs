@@ -81,6 +81,8 @@ fn row(position: i64, observed: u64, received: u64) -> RetainedEvent {
             r#"{"format":"vitalmq-event/v1","device":"dev-00001","patient_ref":"pt-7f3a","m":{"spo2":97}}"#
                 .into(),
         ),
+        patient_ref: Some("pt-7f3a".into()),
+        erased: false,
         anonymized: false,
         raw_present: true,
     }
@@ -202,6 +204,7 @@ fn unconfirmed_rows_wait_and_archive_needs_the_copy() {
         device: Some("dev-00001".into()),
         created_at_ms: T0,
         body: r#"{"patient_ref":"pt-7f3a"}"#.into(),
+        patient_ref: Some("pt-7f3a".into()),
     };
     assert_eq!(plan::alert(&c, &alert, &mut report), None);
     c.handlers_through = Some(2);
@@ -349,7 +352,85 @@ fn job(dir: &Path, sinks: &[&str]) -> Job {
         care_objects: Vec::new(),
         handlers: Vec::new(),
         objects: Vec::new(),
+        keyring: None,
     }
+}
+
+/// With `[encryption]`: an anonymized event is sealed under no patient's key, so it
+/// stays readable after the patient's erasure, and holds no plaintext at rest; an
+/// erased patient's events that fall due for anonymization are deleted (nothing
+/// readable is left to keep).
+#[test]
+fn anonymized_events_outlive_the_erasure_and_erased_ones_are_deleted_when_due() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kek = std::sync::Arc::new(
+        vitalmq_keyring::LocalKeyFile::create(&dir.path().join("kek.json")).expect("kek"),
+    );
+    let keyring = std::sync::Arc::new(
+        vitalmq_keyring::Keyring::open(&dir.path().join("keyring.sqlite3"), kek).expect("ring"),
+    );
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(std::sync::Arc::clone(&keyring));
+    store
+        .commit(&Commit {
+            events: vec![event("dev-00001", 1, 1), event("dev-00001", 1, 2)],
+            ..Commit::default()
+        })
+        .expect("commit");
+    let now = T0 + 10 * DAY;
+    store.retime_event(1, now - 3 * DAY, now - 3 * DAY);
+    store.retime_event(2, now, now);
+    store.register_sink("objects").expect("sink");
+    store.batch_delivered("objects", 2).expect("cursor");
+    let (policy, holds) = (policy(), LegalHolds::none());
+    let mut job = job(dir.path(), &["objects"]);
+    job.keyring = Some(std::sync::Arc::clone(&keyring));
+    run_store(&job, &mut store, &policy, &holds, now, false, None).expect("run");
+    let one = store.retention_events(0, 10).expect("events")[0].clone();
+    assert!(one.anonymized && one.patient_ref.is_none(), "{one:?}");
+
+    keyring
+        .erase(
+            &vitalmq_keyring::Subject::new("pt-7f3a").expect("s"),
+            "po",
+            "test",
+            1,
+        )
+        .expect("erase");
+    let events = store.retention_events(0, 10).expect("events");
+    assert!(
+        events[0]
+            .normalized
+            .as_deref()
+            .is_some_and(|j| j.contains("\"spo2\":97")),
+        "the anonymized event is no longer the patient's: {:?}",
+        events[0]
+    );
+    assert!(events[1].erased && events[1].normalized.is_none());
+    let file = std::fs::read(dir.path().join(crate::store::DB_FILE)).expect("db");
+    assert!(
+        !file.windows(6).any(|w| w == b"\"spo2\""),
+        "no plaintext reading at rest"
+    );
+
+    // Later, event 2 falls due for anonymization: it is erased, so it goes.
+    let report = run_store(
+        &job,
+        &mut store,
+        &policy,
+        &holds,
+        now + 3 * DAY,
+        false,
+        None,
+    )
+    .expect("run");
+    assert_eq!(store.retention_events(0, 10).expect("events").len(), 1);
+    assert_eq!(
+        report.acted[&("normalized".into(), "delete_erased".into())].count,
+        1,
+        "{report:?}"
+    );
 }
 
 #[test]

@@ -13,12 +13,19 @@
 //! raw row itself goes with its event. An anonymized event's raw row is purged and its
 //! `publisher` and `topic` (which name the device) are blanked too.
 //!
-//! The normalized payload is read and written only through [`load_normalized`] and
-//! [`store_normalized`], the one place that knows how it is kept at rest.
+//! Sealed payloads (`[encryption]`) are opened through the store's keyring; an
+//! anonymized payload no longer belongs to a patient, so it is sealed again under the
+//! system subject [`ANONYMIZED_SUBJECT`] and stays readable after the patient's
+//! erasure. Rows of an erased patient read as erased: they can still be deleted or
+//! archived, not anonymized (nothing readable is left to keep).
 
 use rusqlite::{OptionalExtension as _, Transaction, params};
 
-use super::{Store, StoreError, i2u, u2i};
+use super::sealing::{alert_context, column_bytes, normalized_context};
+use super::{Payload, Store, StoreError, i2u, u2i};
+
+/// The keyring subject anonymized payloads are sealed under: no patient's.
+pub const ANONYMIZED_SUBJECT: &str = "sys:anonymized";
 
 /// The event id of an anonymized event starts so (real ids are `ev1-`): the old id, a
 /// hash of device, epoch and seq, would link it back to the device.
@@ -36,8 +43,14 @@ pub struct RetainedEvent {
     pub device: String,
     pub observed_at_ms: u64,
     pub received_at_ms: u64,
-    /// The normalized event JSON; `None` when it cannot be read (see [`load_normalized`]).
+    /// The normalized event JSON; `None` when it cannot be read (erased, or sealed and
+    /// this store has no keyring).
     pub normalized: Option<String>,
+    /// The patient the event was attributed to (the clear column of schema v4, or the
+    /// JSON of older rows).
+    pub patient_ref: Option<String>,
+    /// Its patient was erased: the payload is unreadable for good.
+    pub erased: bool,
     /// Already anonymized (by an earlier run).
     pub anonymized: bool,
     /// The raw row still holds its COSE bytes.
@@ -50,7 +63,10 @@ pub struct RetainedAlert {
     pub position: i64,
     pub device: Option<String>,
     pub created_at_ms: u64,
+    /// The body JSON; empty when it cannot be read (erased, or sealed without a key).
     pub body: String,
+    /// The patient the alert is about (clear column of schema v4, or the body's).
+    pub patient_ref: Option<String>,
 }
 
 /// A quarantine row.
@@ -94,16 +110,6 @@ pub enum StoreAct {
     },
 }
 
-/// Reads the stored normalized payload (today the TEXT column as it is).
-fn load_normalized(stored: String) -> Option<String> {
-    Some(stored)
-}
-
-/// The stored form of a normalized payload (today the JSON text as it is).
-fn store_normalized(json: &str) -> String {
-    json.to_owned()
-}
-
 impl Store {
     /// Up to `limit` events after position `after`, in position order.
     pub fn retention_events(
@@ -115,7 +121,7 @@ impl Store {
             .conn
             .prepare_cached(
                 "SELECT e.position, e.raw_id, e.device, e.observed_at_ms, e.received_at_ms,
-                        e.normalized, e.event_id, length(r.bytes)
+                        e.normalized, e.event_id, length(r.bytes), e.patient_ref
                  FROM events e JOIN raw_messages r ON r.id = e.raw_id
                  WHERE e.position > ?1 ORDER BY e.position LIMIT ?2",
             )
@@ -124,19 +130,43 @@ impl Store {
         stmt.query_map(params![after, limit], |r| {
             let event_id: String = r.get(6)?;
             let raw_len: i64 = r.get(7)?;
-            Ok(RetainedEvent {
-                position: r.get(0)?,
-                raw_id: r.get(1)?,
-                device: r.get(2)?,
-                observed_at_ms: i2u(r.get(3)?),
-                received_at_ms: i2u(r.get(4)?),
-                normalized: load_normalized(r.get(5)?),
-                anonymized: event_id.starts_with(ANONYMIZED_ID_PREFIX),
-                raw_present: raw_len > 0,
-            })
+            let column_patient: Option<String> = r.get(8)?;
+            Ok((
+                event_id,
+                raw_len,
+                column_patient,
+                column_bytes(r, 5)?,
+                RetainedEvent {
+                    position: r.get(0)?,
+                    raw_id: r.get(1)?,
+                    device: r.get(2)?,
+                    observed_at_ms: i2u(r.get(3)?),
+                    received_at_ms: i2u(r.get(4)?),
+                    normalized: None,
+                    patient_ref: None,
+                    erased: false,
+                    anonymized: false,
+                    raw_present: false,
+                },
+            ))
         })
-        .and_then(Iterator::collect)
-        .map_err(|e| self.err(e))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| self.err(e))?
+        .into_iter()
+        .map(|(event_id, raw_len, column_patient, stored, mut row)| {
+            let payload = self.open_payload(&stored, &normalized_context(&event_id))?;
+            row.erased = payload.is_erased();
+            row.normalized = readable(payload);
+            row.patient_ref = column_patient.or_else(|| {
+                row.normalized
+                    .as_deref()
+                    .and_then(crate::lifecycle::anonymize::patient_ref)
+            });
+            row.anonymized = event_id.starts_with(ANONYMIZED_ID_PREFIX);
+            row.raw_present = raw_len > 0;
+            Ok(row)
+        })
+        .collect()
     }
 
     /// Up to `limit` alert rows after position `after`, in order.
@@ -148,23 +178,35 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT position, device, created_at_ms, body FROM alerts
-                 WHERE position > ?1 ORDER BY position LIMIT ?2",
+                "SELECT position, device, created_at_ms, body, alert_id, state, patient_ref
+                 FROM alerts WHERE position > ?1 ORDER BY position LIMIT ?2",
             )
             .map_err(|e| self.err(e))?;
         stmt.query_map(
             params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
             |r| {
-                Ok(RetainedAlert {
+                let context = alert_context(&r.get::<_, String>(4)?, &r.get::<_, String>(5)?);
+                let row = RetainedAlert {
                     position: r.get(0)?,
                     device: r.get(1)?,
                     created_at_ms: i2u(r.get(2)?),
-                    body: r.get(3)?,
-                })
+                    body: String::new(),
+                    patient_ref: r.get(6)?,
+                };
+                Ok((context, column_bytes(r, 3)?, row))
             },
         )
-        .and_then(Iterator::collect)
-        .map_err(|e| self.err(e))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| self.err(e))?
+        .into_iter()
+        .map(|(context, stored, mut row)| {
+            row.body = readable(self.open_payload(&stored, &context)?).unwrap_or_default();
+            if row.patient_ref.is_none() {
+                row.patient_ref = crate::lifecycle::anonymize::patient_ref(&row.body);
+            }
+            Ok(row)
+        })
+        .collect()
     }
 
     /// Up to `limit` quarantine rows after id `after`, in order.
@@ -226,19 +268,71 @@ impl Store {
 
     /// Applies `acts` in one transaction: all of them or none.
     pub fn apply_retention(&mut self, acts: &[StoreAct]) -> Result<(), StoreError> {
+        // Anonymized payloads are sealed (under no patient's key) before the transaction.
+        let mut stored = Vec::with_capacity(acts.len());
+        for act in acts {
+            stored.push(match act {
+                StoreAct::AnonymizeEvent { position, json, .. } => Some(self.seal_anonymized(
+                    &normalized_context(&format!("{ANONYMIZED_ID_PREFIX}{position}")),
+                    json,
+                )?),
+                StoreAct::AnonymizeAlert { position, body } => {
+                    let (alert_id, state): (String, String) = self
+                        .conn
+                        .query_row(
+                            "SELECT alert_id, state FROM alerts WHERE position = ?1",
+                            params![position],
+                            |r| Ok((r.get(0)?, r.get(1)?)),
+                        )
+                        .map_err(|e| self.err(e))?;
+                    Some(self.seal_anonymized(&alert_context(&alert_id, &state), body)?)
+                }
+                _ => None,
+            });
+        }
         let path = self.path.clone();
         let tx = self
             .conn
             .transaction()
             .map_err(|e| super::classify(&path, e))?;
-        for act in acts {
-            apply(&tx, act).map_err(|e| super::classify(&path, e))?;
+        for (act, stored) in acts.iter().zip(&stored) {
+            apply(&tx, act, stored.as_deref()).map_err(|e| super::classify(&path, e))?;
         }
         tx.commit().map_err(|e| super::classify(&path, e))
     }
+
+    /// An anonymized payload as stored: sealed under [`ANONYMIZED_SUBJECT`] with a
+    /// keyring, else as it is.
+    fn seal_anonymized(&self, context: &str, json: &str) -> Result<Vec<u8>, StoreError> {
+        match self.seal(ANONYMIZED_SUBJECT, context, json.as_bytes()) {
+            Ok(Some(sealed)) => Ok(sealed),
+            Ok(None) => Ok(json.as_bytes().to_vec()),
+            Err(e) => Err(self.key_err(e)),
+        }
+    }
 }
 
-fn apply(tx: &Transaction<'_>, act: &StoreAct) -> rusqlite::Result<()> {
+/// The readable text of a payload; `None` when erased or locked.
+fn readable(payload: Payload) -> Option<String> {
+    match payload {
+        Payload::Plain(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        Payload::Erased { .. } | Payload::Locked => None,
+    }
+}
+
+/// A payload for a TEXT column: UTF-8 JSON as text (as before encryption), sealed bytes
+/// as a blob.
+fn payload_value(stored: &[u8]) -> rusqlite::types::Value {
+    match std::str::from_utf8(stored) {
+        Ok(text) if !vitalmq_keyring::is_sealed(stored) => {
+            rusqlite::types::Value::Text(text.to_owned())
+        }
+        _ => rusqlite::types::Value::Blob(stored.to_vec()),
+    }
+}
+
+/// `stored`: the anonymized payload as stored, for the anonymize acts.
+fn apply(tx: &Transaction<'_>, act: &StoreAct, stored: Option<&[u8]>) -> rusqlite::Result<()> {
     match act {
         StoreAct::DeleteEvent { position, raw_id } => {
             delete_index(tx, *position)?;
@@ -251,18 +345,20 @@ fn apply(tx: &Transaction<'_>, act: &StoreAct) -> rusqlite::Result<()> {
             json,
             hour_ms,
         } => {
+            let payload = payload_value(stored.unwrap_or(json.as_bytes()));
             // The old id (a hash of device, epoch and seq) is forgotten with its index.
             delete_index(tx, *position)?;
             tx.execute(
                 "UPDATE events SET event_id = ?2, device = ?3, epoch = 0, seq = ?1,
-                        observed_at_ms = ?4, received_at_ms = ?4, normalized = ?5
+                        observed_at_ms = ?4, received_at_ms = ?4, normalized = ?5,
+                        patient_ref = NULL
                  WHERE position = ?1",
                 params![
                     position,
                     format!("{ANONYMIZED_ID_PREFIX}{position}"),
                     ANONYMIZED_DEVICE,
                     u2i(*hour_ms),
-                    store_normalized(json),
+                    payload,
                 ],
             )?;
             tx.execute(
@@ -283,8 +379,8 @@ fn apply(tx: &Transaction<'_>, act: &StoreAct) -> rusqlite::Result<()> {
         }
         StoreAct::AnonymizeAlert { position, body } => {
             tx.execute(
-                "UPDATE alerts SET device = NULL, body = ?2 WHERE position = ?1",
-                params![position, body],
+                "UPDATE alerts SET device = NULL, patient_ref = NULL, body = ?2 WHERE position = ?1",
+                params![position, payload_value(stored.unwrap_or(body.as_bytes()))],
             )?;
         }
         StoreAct::DeleteQuarantine { id } => {

@@ -159,7 +159,7 @@ impl Store {
         self.keyring.as_ref()
     }
 
-    fn key_err(&self, source: KeyError) -> StoreError {
+    pub(super) fn key_err(&self, source: KeyError) -> StoreError {
         StoreError::Key {
             path: self.path.clone(),
             source,
