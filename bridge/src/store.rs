@@ -225,6 +225,7 @@ impl Store {
     }
 }
 
+pub mod export;
 mod outbox;
 mod read;
 mod resets;
