@@ -9,6 +9,7 @@ mod bridge_cmd;
 mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
+mod export_cmd;
 mod loadgen_cmd;
 mod log_format;
 mod operator_audit;
@@ -53,6 +54,9 @@ enum Command {
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
+    /// Export one patient's data (events, raw messages, alerts, provenance) with a
+    /// manifest of hashes (GDPR access and portability; audited).
+    Export(export_cmd::ExportArgs),
     /// The re-identification store: enrol patients, re-identify pseudonyms (audited).
     #[command(subcommand)]
     Reid(reid_cmd::ReidCommand),
@@ -121,6 +125,7 @@ fn main() -> std::process::ExitCode {
         Command::Admin(cmd) => cmd.run(),
         Command::Certs(cmd) => certs(cmd),
         Command::Envelope(cmd) => cmd.run(),
+        Command::Export(args) => export_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args, cli.log_format),
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),
