@@ -11,6 +11,7 @@ mod broker_cmd;
 mod demo_cmd;
 mod envelope_cmd;
 mod erase_cmd;
+mod export_cmd;
 mod hold_cmd;
 mod keys_cmd;
 mod loadgen_cmd;
@@ -62,6 +63,9 @@ enum Command {
     /// Verify or inspect signed telemetry (COSE_Sign1) for debugging devices.
     #[command(subcommand)]
     Envelope(envelope_cmd::EnvelopeCommand),
+    /// Export one patient's data (events, raw messages, alerts, provenance) with a
+    /// manifest of hashes (GDPR access and portability; audited).
+    Export(export_cmd::ExportArgs),
     /// Legal holds: place, lift and list them (audited); held records are never
     /// deleted, anonymised, archived or erased.
     #[command(subcommand)]
@@ -145,6 +149,7 @@ fn main() -> std::process::ExitCode {
         Command::Certs(cmd) => certs(cmd),
         Command::Envelope(cmd) => cmd.run(),
         Command::Erase(args) => erase_cmd::run(args),
+        Command::Export(args) => export_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args, cli.log_format),
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),

@@ -33,7 +33,7 @@ pub struct EventHead {
 }
 
 /// The columns of an [`EventHead`] (`events e`), in the order [`event_head`] reads them.
-const EVENT_HEAD_COLUMNS: &str =
+pub(super) const EVENT_HEAD_COLUMNS: &str =
     "e.position, e.event_id, e.device, e.site, e.epoch, e.seq, e.verdict";
 
 /// One accepted event, without its bodies (`vitalmq store events`).
@@ -264,7 +264,7 @@ fn verdict(r: &Row<'_>, i: usize) -> rusqlite::Result<Accepted> {
 }
 
 /// The [`EventHead`] in the first columns of `r` ([`EVENT_HEAD_COLUMNS`]).
-fn event_head(r: &Row<'_>) -> rusqlite::Result<EventHead> {
+pub(super) fn event_head(r: &Row<'_>) -> rusqlite::Result<EventHead> {
     Ok(EventHead {
         position: r.get(0)?,
         event_id: EventId::stored(r.get(1)?),
