@@ -9,6 +9,9 @@
 //! - `rotate-kek --key-file F --keyring K`: a new KEK version in the key file, then
 //!   every data key re-wrapped under it (ciphertext untouched).
 //! - `status --key-file F --keyring K`: key counts and tombstones (stdout only).
+//! - `seal-file --key-file F --input KEY.pem --output KEY.pem.sealed`: a service private
+//!   key sealed under the KEK (`vitalmq_keyring::secret_file`); the services read either
+//!   form from the same configured path.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -41,6 +44,16 @@ pub enum KeysCommand {
         key_file: PathBuf,
         #[arg(long)]
         keyring: PathBuf,
+    },
+    /// Seal a service private key (PEM) under the KEK: point the configuration at the
+    /// output and remove the plaintext input.
+    SealFile {
+        #[arg(long)]
+        key_file: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Data-key counts and erasure tombstones, as JSON on stdout.
     Status {
@@ -106,6 +119,22 @@ impl KeysCommand {
                         Ok(((kek, moved), d))
                     })?;
                 println!("{}", json!({"kek_version": kek, "rewrapped": moved}));
+            }
+            Self::SealFile {
+                key_file,
+                input,
+                output,
+            } => {
+                Action::new("keys.seal_file", log_for(&key_file))
+                    .detail("key_file", operator_audit::absolute(&key_file))
+                    .detail("input", operator_audit::absolute(&input))
+                    .detail("output", operator_audit::absolute(&output))
+                    .run(|| {
+                        let kek = LocalKeyFile::load(&key_file)?;
+                        vitalmq_keyring::seal_file(&kek, &input, &output)?;
+                        Ok(((), Map::new()))
+                    })?;
+                println!("{}", json!({"sealed": output, "from": input}));
             }
             Self::Status { key_file, keyring } => {
                 let status = Action::new("keys.status", log_for(&key_file))

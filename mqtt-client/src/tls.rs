@@ -31,7 +31,7 @@ pub enum TlsError {
     #[error("{}: {source}", path.display())]
     Sealed {
         path: PathBuf,
-        source: vitalmq_keyring::KeyError,
+        source: Box<vitalmq_keyring::KeyError>,
     },
     /// The certificate chain and key do not make a client identity.
     #[error("{}: client certificate and key: {source}", cert.display())]
@@ -75,7 +75,7 @@ pub fn client_config(
     // Plaintext PEM, or sealed under a key provider (`vitalmq keys seal-file`).
     let key_pem = vitalmq_keyring::read_secret(key).map_err(|source| TlsError::Sealed {
         path: key.to_path_buf(),
-        source,
+        source: Box::new(source),
     })?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| TlsError::Pem {
         path: key.to_path_buf(),
