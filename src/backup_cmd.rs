@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use serde_json::{Map, Value};
+use vitalmq_bridge::store::coverage::Coverage;
 use vitalmq_bridge::store::{BackupCounts, MANIFEST_FILE, restore};
 
 use crate::operator_audit::{Action, absolute, data_dir_log, log_path};
@@ -35,6 +36,15 @@ pub struct RestoreArgs {
     /// The new data directory to restore into: new, or empty. Never an existing store.
     #[arg(long)]
     data: PathBuf,
+    /// The keyring the restored store will be read with (the bridge's `[encryption]
+    /// keyring`): the restore is refused unless it holds every key the backup's sealed
+    /// rows need (or knows them erased). Without it, a backup holding sealed rows is
+    /// refused: restoring beside the wrong keyring leaves them unreadable.
+    #[arg(long, requires = "key_file")]
+    keyring: Option<PathBuf>,
+    /// The key file of that keyring.
+    #[arg(long, requires = "keyring")]
+    key_file: Option<PathBuf>,
 }
 
 /// The hash and counts of a copy, as operator audit details.
@@ -76,6 +86,34 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Checks, before anything is written, that the keyring the restored store will be read
+/// with holds every key its sealed rows need; `None` for a backup without sealed rows.
+fn keys_cover(args: &RestoreArgs) -> anyhow::Result<Option<Coverage>> {
+    let db = args.from.join(vitalmq_bridge::store::DB_FILE);
+    let (Some(keyring), Some(key_file)) = (&args.keyring, &args.key_file) else {
+        anyhow::ensure!(
+            !vitalmq_bridge::store::coverage::holds_sealed_rows(&db)?,
+            "the backup holds sealed payloads: give --keyring and --key-file (the bridge's \
+             [encryption] keyring) so the restore can check they will be readable"
+        );
+        return Ok(None);
+    };
+    let ring = vitalmq_keyring::Keyring::open(
+        keyring,
+        std::sync::Arc::new(vitalmq_keyring::LocalKeyFile::load(key_file)?),
+    )?;
+    let c = vitalmq_bridge::store::coverage::coverage(&db, &ring)?;
+    anyhow::ensure!(
+        c.missing == 0,
+        "refused: {} of the {} data-key versions the backup's sealed rows need are not in {} \
+         (and not erased): this is not the keyring of this store",
+        c.missing,
+        c.key_versions,
+        keyring.display()
+    );
+    Ok(Some(c))
+}
+
 pub fn restore_cmd(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     // A typo in `--from` must not leave an operator audit log somewhere.
     let manifest = args.from.join(MANIFEST_FILE);
@@ -88,16 +126,21 @@ pub fn restore_cmd(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
     let report = Action::new("store.restore", log)
         .detail("from", absolute(&args.from))
         .detail("data_dir", absolute(&args.data))
+        .detail("keyring", args.keyring.as_deref().map(absolute))
         .run(|| {
+            let covered = keys_cover(args)?;
             let r = restore(&args.from, &args.data)?;
-            let d = details(
+            let mut d = details(
                 &r.sha256,
                 r.schema_version,
                 r.counts,
                 r.highest_event_position,
             );
-            Ok((r, d))
+            d.insert("keyring_coverage".into(), serde_json::to_value(&covered)?);
+            Ok(((r, covered), d))
         })?;
-    println!("{}", serde_json::to_string(&report)?);
+    let mut summary = serde_json::to_value(&report.0)?;
+    summary["keyring_coverage"] = serde_json::to_value(&report.1)?;
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -69,10 +69,25 @@ fn stored(rig: &Rig, data: &Path) -> BTreeMap<(String, u64), String> {
     out
 }
 
+/// The bridges' `[encryption]`: the keyring beside the data directory, not in it.
+const ENCRYPTION: &str = "[encryption]\nkey_file = \"kek.json\"\nkeyring = \"keyring.sqlite3\"\n";
+
 #[test]
 fn a_restored_store_resumes_exactly_once_from_the_devices_resends() {
     let rig = Rig::start(vitalmq_bin!(), "backup-restore", 2, |_| {});
-    let mut bridge = rig.bridge("", "");
+    // Encryption at rest on, with the keyring outside the data directory: a backup
+    // holds ciphertext only, and the restored store is read with the same keyring.
+    let key_file = rig.dir().join("kek.json");
+    vitalmq_ok(
+        &rig.bin,
+        &[
+            "keys",
+            "init",
+            "--key-file",
+            key_file.to_str().expect("utf-8"),
+        ],
+    );
+    let mut bridge = rig.bridge("", ENCRYPTION);
     // What the devices make, signed up front: they resend these bytes later.
     let mut signed = BTreeMap::new();
     for device in DEVICES {
@@ -126,20 +141,53 @@ fn a_restored_store_resumes_exactly_once_from_the_devices_resends() {
     bridge.process.signal("TERM");
     bridge.process.finish(Duration::from_secs(30));
 
-    // Restore into a new directory; the operator log of the backup records it.
+    // Restore into a new directory; the operator log of the backup records it. Not
+    // beside an unknown keyring: without one, or with a fresh one, it is refused before
+    // anything is written.
     let restored = rig.dir().join("restored-data");
-    let ran = vitalmq_ok(
-        &rig.bin,
-        &[
-            "store",
-            "restore",
-            "--from",
-            backup.to_str().expect("utf-8"),
-            "--data",
-            restored.to_str().expect("utf-8"),
-        ],
+    let restore = |keyring: Option<&str>| {
+        let mut args = vec![
+            "store".to_owned(),
+            "restore".to_owned(),
+            "--from".to_owned(),
+            backup.to_str().expect("utf-8").to_owned(),
+            "--data".to_owned(),
+            restored.to_str().expect("utf-8").to_owned(),
+        ];
+        if let Some(k) = keyring {
+            args.extend([
+                "--keyring".to_owned(),
+                rig.dir().join(k).to_str().expect("utf-8").to_owned(),
+                "--key-file".to_owned(),
+                key_file.to_str().expect("utf-8").to_owned(),
+            ]);
+        }
+        common::run(
+            std::process::Command::new(&rig.bin).args(&args),
+            Duration::from_secs(30),
+        )
+    };
+    let refused = restore(None);
+    assert!(
+        !refused.success && refused.all().contains("holds sealed payloads"),
+        "{}",
+        refused.all()
     );
+    let refused = restore(Some("fresh-keyring.sqlite3"));
+    assert!(
+        !refused.success && refused.all().contains("not the keyring of this store"),
+        "{}",
+        refused.all()
+    );
+    assert!(!restored.exists(), "a refused restore writes nothing");
+    let ran = restore(Some("keyring.sqlite3"));
+    assert!(ran.success, "{}", ran.all());
     let report: Json = serde_json::from_str(ran.stdout.trim()).expect("restore summary");
+    assert_eq!(report["keyring_coverage"]["missing"], 0, "{report}");
+    assert!(
+        report["keyring_coverage"]["sealed_rows"].as_u64() > Some(0),
+        "{report}"
+    );
     assert_eq!(report["sha256"], manifest["sha256"]);
     assert_eq!(report["counts"], manifest["counts"]);
     let audit = common::audit_records(&backup.join("operator-audit/operator.jsonl"));
@@ -161,8 +209,29 @@ fn a_restored_store_resumes_exactly_once_from_the_devices_resends() {
     }
     let before = stats(&rig, &restored);
 
+    // A bridge on the restored store beside a fresh keyring refuses to start.
+    let foreign = BridgeProcess::config(
+        rig.broker.port,
+        &ENCRYPTION.replace("keyring.sqlite3", "fresh-keyring-2.sqlite3"),
+    )
+    .replace("data_dir = \"bridge-data\"", "data_dir = \"restored-data\"");
+    let foreign_path = rig.dir().join("bridge-foreign.toml");
+    std::fs::write(&foreign_path, foreign).expect("config");
+    let refused = common::run(
+        std::process::Command::new(&rig.bin)
+            .arg("bridge")
+            .arg("--config")
+            .arg(&foreign_path),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !refused.success && refused.all().contains("not this store's keyring"),
+        "{}",
+        refused.all()
+    );
+
     // A bridge on the restored store; the devices resend everything they made.
-    let config = BridgeProcess::config(rig.broker.port, "")
+    let config = BridgeProcess::config(rig.broker.port, ENCRYPTION)
         .replace("data_dir = \"bridge-data\"", "data_dir = \"restored-data\"");
     let _resumed = BridgeProcess::start(&rig.bin, rig.dir(), &config, Duration::from_secs(30));
     publish(&rig, &signed, 1..=N);

@@ -71,6 +71,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("encryption at rest: {0}")]
     Keyring(#[from] vitalmq_keyring::KeyError),
+    #[error("encryption at rest: {0}")]
+    ForeignKeyring(String),
     #[error(transparent)]
     CheckpointKey(#[from] vitalmq_audit::KeyError),
     #[error("audit log {}", path.display())]
@@ -263,6 +265,9 @@ pub async fn run(
         })
     };
     let store = open_store()?;
+    if let Some(k) = &keyring {
+        refuse_foreign_keyring(&store, k)?;
+    }
     if config.pipeline.max_store_bytes > 0 {
         store.set_quota(config.pipeline.max_store_bytes)?;
     }
@@ -928,6 +933,29 @@ async fn flush_receipts(client: &AsyncClient, pending: &mut HashMap<DeviceId, Re
             warn!(error = %e, device = %device, "cannot send a receipt; the next one covers it");
         }
     }
+}
+
+/// Refuses to start on a store holding sealed rows beside a keyring with no key and no
+/// tombstone: the wrong keyring (a restore beside a fresh default one, say) would leave
+/// every sealed row unreadable and seal new data under keys that collide with the lost
+/// ones.
+fn refuse_foreign_keyring(
+    store: &Store,
+    keyring: &vitalmq_keyring::Keyring,
+) -> Result<(), RunError> {
+    let sealed = crate::store::coverage::holds_sealed_rows(store.path()).map_err(|source| {
+        RunError::ForeignKeyring(format!("{}: {source}", store.path().display()))
+    })?;
+    if sealed && keyring.key_counts()?.0 == 0 && keyring.tombstones()?.is_empty() {
+        return Err(RunError::ForeignKeyring(format!(
+            "the store {} holds sealed payloads but the keyring {} holds no key: it is not \
+             this store's keyring (after a restore, point [encryption] keyring at the \
+             original one)",
+            store.path().display(),
+            keyring.path().display()
+        )));
+    }
+    Ok(())
 }
 
 /// The keyring of `[encryption]`, if configured: every store connection of this bridge

@@ -226,6 +226,7 @@ impl Store {
 }
 
 mod backup;
+pub mod coverage;
 pub mod export;
 mod outbox;
 mod read;

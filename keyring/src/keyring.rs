@@ -428,6 +428,19 @@ impl Keyring {
         Ok(t)
     }
 
+    /// Whether the keyring holds data-key `version` of `subject` (without unwrapping it).
+    pub fn has_key(&self, subject: &Subject, version: u32) -> Result<bool, KeyError> {
+        let inner = self.lock()?;
+        inner
+            .conn
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM data_keys WHERE subject = ?1 AND version = ?2)",
+                params![subject.as_str(), version],
+                |r| r.get(0),
+            )
+            .map_err(self.sql())
+    }
+
     /// The tombstone of `subject`, if it was erased.
     pub fn erased(&self, subject: &Subject) -> Result<Option<Tombstone>, KeyError> {
         let inner = self.lock()?;

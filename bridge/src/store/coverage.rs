@@ -1,0 +1,157 @@
+//! Does a keyring hold the keys a store's sealed payloads need? (issue 20)
+//!
+//! A store backup holds ciphertext only; the keyring lives apart. Restoring a store
+//! beside the wrong keyring (a new, empty one, as a default configuration would make)
+//! would leave every sealed row unreadable, and new data sealed under fresh keys whose
+//! version numbers collide with the lost ones. So a restore given the keyring checks
+//! that every (subject, key version) named in the copy's sealed headers is in it, or
+//! erased; and the bridge refuses to start on a store holding sealed rows beside a
+//! keyring that holds no key and no tombstone at all.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+use serde::Serialize;
+use vitalmq_keyring::{KeyError, Keyring, Subject};
+
+/// The columns that may hold sealed payloads.
+const SEALED_COLUMNS: [(&str, &str); 4] = [
+    ("events", "normalized"),
+    ("raw_messages", "bytes"),
+    ("alerts", "body"),
+    ("quarantine", "bytes"),
+];
+
+/// How far a keyring covers a store's sealed rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Coverage {
+    /// Sealed payloads in the store.
+    pub sealed_rows: u64,
+    /// Distinct (subject, key version) pairs they name.
+    pub key_versions: u64,
+    /// Pairs whose subject the keyring holds a tombstone of (erased: unreadable by
+    /// design).
+    pub erased: u64,
+    /// Pairs the keyring neither holds nor knows as erased.
+    pub missing: u64,
+}
+
+/// Every distinct (subject, key version) named by a sealed payload of the store file
+/// `db` (opened read-only), and how many sealed payloads there are.
+pub fn sealed_key_refs(db: &Path) -> rusqlite::Result<(u64, BTreeSet<(String, u32)>)> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut refs = BTreeSet::new();
+    let mut rows = 0u64;
+    for (table, column) in SEALED_COLUMNS {
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {column} FROM {table} WHERE typeof({column}) = 'blob'"
+        ))?;
+        let mut q = stmt.query([])?;
+        while let Some(row) = q.next()? {
+            let bytes: Vec<u8> = row.get(0)?;
+            if let Ok(h) = vitalmq_keyring::sealed::header(&bytes) {
+                rows += 1;
+                refs.insert((h.subject.as_str().to_owned(), h.key_version));
+            }
+        }
+    }
+    Ok((rows, refs))
+}
+
+/// Checks the store file `db` against `keyring`.
+pub fn coverage(db: &Path, keyring: &Keyring) -> Result<Coverage, CoverageError> {
+    let (sealed_rows, refs) = sealed_key_refs(db).map_err(|source| CoverageError::Sqlite {
+        path: db.display().to_string(),
+        source,
+    })?;
+    let mut c = Coverage {
+        sealed_rows,
+        key_versions: refs.len() as u64,
+        ..Coverage::default()
+    };
+    for (subject, version) in &refs {
+        let subject = Subject::new(subject)?;
+        if keyring.has_key(&subject, *version)? {
+            continue;
+        }
+        if keyring.erased(&subject)?.is_some() {
+            c.erased += 1;
+        } else {
+            c.missing += 1;
+        }
+    }
+    Ok(c)
+}
+
+/// Whether the store file `db` holds any sealed payload (a quick look, for start-up).
+pub fn holds_sealed_rows(db: &Path) -> rusqlite::Result<bool> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    for (table, column) in SEALED_COLUMNS {
+        let found: bool = conn.query_row(
+            &format!("SELECT EXISTS(SELECT 1 FROM {table} WHERE typeof({column}) = 'blob')"),
+            [],
+            |r| r.get(0),
+        )?;
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoverageError {
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::store::write::test_events::event;
+    use crate::store::{Commit, DB_FILE, Store};
+
+    fn keyring(dir: &Path, name: &str) -> Keyring {
+        let kek = vitalmq_keyring::LocalKeyFile::load(&dir.join("kek.json"))
+            .or_else(|_| vitalmq_keyring::LocalKeyFile::create(&dir.join("kek.json")))
+            .expect("kek");
+        Keyring::open(&dir.join(name), Arc::new(kek)).expect("keyring")
+    }
+
+    #[test]
+    fn a_keyring_covers_its_store_and_a_fresh_one_does_not() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ring = Arc::new(keyring(dir.path(), "keyring.sqlite3"));
+        let db = dir.path().join(DB_FILE);
+        assert!(!holds_sealed_rows(&db).unwrap_or(false));
+        let mut store = Store::open(dir.path())
+            .expect("open")
+            .with_keyring(Arc::clone(&ring));
+        store
+            .commit(&Commit {
+                events: vec![event("dev-00001", 1, 1), event("dev-00001", 1, 2)],
+                ..Commit::default()
+            })
+            .expect("commit");
+        assert!(holds_sealed_rows(&db).expect("look"));
+        let own = coverage(&db, &ring).expect("coverage");
+        assert_eq!(own.sealed_rows, 4, "raw and normalized of two events");
+        assert_eq!((own.key_versions, own.missing, own.erased), (1, 0, 0));
+
+        let fresh = keyring(dir.path(), "other.sqlite3");
+        assert_eq!(coverage(&db, &fresh).expect("coverage").missing, 1);
+
+        ring.erase(&Subject::new("pt-7f3a").expect("s"), "po", "t", 1)
+            .expect("erase");
+        let after = coverage(&db, &ring).expect("coverage");
+        assert_eq!((after.missing, after.erased), (0, 1));
+    }
+}
