@@ -8,11 +8,11 @@
 //! (`<backup>/operator-audit/`): the new data directory must be empty until the restore
 //! has written it, and the `started` record comes before the restore runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde_json::{Map, Value};
-use vitalmq_bridge::store::{BackupCounts, MANIFEST_FILE, restore};
+use vitalmq_bridge::store::{BackupCounts, BackupManifest, MANIFEST_FILE, RestoreReport, restore};
 
 use crate::operator_audit::{Action, absolute, data_dir_log, log_path};
 
@@ -56,12 +56,22 @@ fn details(
 }
 
 pub fn backup(args: &BackupArgs) -> anyhow::Result<ExitCode> {
-    let store = crate::bridge_cmd::open_existing(&args.data)?;
-    let manifest = Action::new("store.backup", log_path(data_dir_log(&args.data)))
-        .detail("data_dir", absolute(&args.data))
-        .detail("to", absolute(&args.to))
+    let manifest = backup_audited(&args.data, &args.to)?;
+    let mut summary = serde_json::to_value(&manifest)?;
+    summary["backup"] = absolute(&args.to).into();
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Backs the store of `data` up into `to`, audited as `store.backup` (the CLI's and
+/// the demo's path).
+pub fn backup_audited(data: &Path, to: &Path) -> anyhow::Result<BackupManifest> {
+    let store = crate::bridge_cmd::open_existing(data)?;
+    Action::new("store.backup", log_path(data_dir_log(data)))
+        .detail("data_dir", absolute(data))
+        .detail("to", absolute(to))
         .run(|| {
-            let m = store.backup_to(&args.to)?;
+            let m = store.backup_to(to)?;
             let d = details(
                 &m.sha256,
                 m.schema_version,
@@ -69,27 +79,31 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<ExitCode> {
                 m.highest_event_position,
             );
             Ok((m, d))
-        })?;
-    let mut summary = serde_json::to_value(&manifest)?;
-    summary["backup"] = absolute(&args.to).into();
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(ExitCode::SUCCESS)
+        })
 }
 
 pub fn restore_cmd(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let report = restore_audited(&args.from, &args.data)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Restores the backup in `from` into the new data directory `data`, audited as
+/// `store.restore` in the backup directory's operator log.
+pub fn restore_audited(from: &Path, data: &Path) -> anyhow::Result<RestoreReport> {
     // A typo in `--from` must not leave an operator audit log somewhere.
-    let manifest = args.from.join(MANIFEST_FILE);
+    let manifest = from.join(MANIFEST_FILE);
     anyhow::ensure!(
         manifest.exists(),
         "{}: no backup manifest here (made by `vitalmq store backup`?)",
         manifest.display()
     );
-    let log = log_path(args.from.join("operator-audit").join("operator.jsonl"));
-    let report = Action::new("store.restore", log)
-        .detail("from", absolute(&args.from))
-        .detail("data_dir", absolute(&args.data))
+    let log = log_path(from.join("operator-audit").join("operator.jsonl"));
+    Action::new("store.restore", log)
+        .detail("from", absolute(from))
+        .detail("data_dir", absolute(data))
         .run(|| {
-            let r = restore(&args.from, &args.data)?;
+            let r = restore(from, data)?;
             let d = details(
                 &r.sha256,
                 r.schema_version,
@@ -97,7 +111,5 @@ pub fn restore_cmd(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
                 r.highest_event_position,
             );
             Ok((r, d))
-        })?;
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(ExitCode::SUCCESS)
+        })
 }
