@@ -185,6 +185,7 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
         "  erasure   the patient reassigned away from dev-00012:",
         "  export    the patient of dev-00003:",
         "  retention dry run at now + 31 days:",
+        "kept by lh-demo-001, with every object",
         "  retention run at now: 0 records and 0 objects acted on",
     ] {
         assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");

@@ -32,8 +32,10 @@ pub const HOLD_ID: &str = "lh-demo-001";
 pub const HELD_DEVICE: &str = setup::EPISODE_DEVICE;
 /// The device whose patient is exported.
 pub const EXPORTED_DEVICE: &str = "dev-00003";
-/// Plaintext a sealed payload never shows: JSON keys of measurements.
-const READINGS: [&[u8]; 2] = [b"\"spo2\"", b"\"hr\""];
+/// Plaintext a sealed payload never shows: JSON keys of measurements with their value
+/// following (`"m":{"pulse":79,...,"spo2":97}`); the metric's name alone is no reading
+/// (the alert engine's state names the metric a rule watches).
+const READINGS: [&[u8]; 2] = [b"\"spo2\":", b"\"pulse\":"];
 const DAY_MS: u64 = 86_400_000;
 
 /// Where the step writes, in the work directory.
@@ -95,7 +97,10 @@ pub fn step(work: &WorkDir, erased: Option<&str>, now: u64) -> anyhow::Result<Ve
         )),
     }
     checks.push(export(work, &keyring, &exported)?);
-    checks.extend(retention(work, &keyring, &held, now)?);
+    // The erasure keeps the rows (their ciphertext): the backup's count is still the
+    // store's.
+    let raw_total = manifest.counts.raw_messages;
+    checks.extend(retention(work, &keyring, &held, raw_total, now)?);
     checks.push(audit_chains(work));
     Ok(checks)
 }
@@ -152,7 +157,7 @@ fn at_rest(work: &WorkDir, keyring: &Keyring) -> anyhow::Result<Vec<Check>> {
     }
     let events = Store::open(&work.bridge_data())?.stats()?.events;
     println!(
-        "  at rest   store and WAL: {scanned} bytes searched for \"spo2\" and \"hr\": {}",
+        "  at rest   store and WAL: {scanned} bytes searched for \"spo2\": and \"pulse\": {}",
         if plain_in.is_empty() { "none" } else { "FOUND" }
     );
     let store_check = Check::new(
@@ -417,7 +422,7 @@ fn export(work: &WorkDir, keyring: &Arc<Keyring>, patient: &str) -> anyhow::Resu
 /// The number at `path` in `v` (0 when absent).
 fn count(v: &Value, path: &[&str]) -> u64 {
     path.iter()
-        .fold(Some(v), |v, k| v?.get(k))
+        .try_fold(v, |v, k| v.get(k))
         .and_then(Value::as_u64)
         .unwrap_or(0)
 }
@@ -428,9 +433,12 @@ fn retention(
     work: &WorkDir,
     keyring: &Arc<Keyring>,
     held: &str,
+    raw_total: u64,
     now: u64,
 ) -> anyhow::Result<Vec<Check>> {
-    let (held_rows, _, _) = open_store(work, keyring)?.patient_rows(held)?;
+    let store = open_store(work, keyring)?;
+    let (held_rows, held_raw, _) = store.patient_rows(held)?;
+    drop(store);
     let ahead = now + 31 * DAY_MS;
     let dry = Value::Object(retention_cmd::run_audited(
         &work.bridge_config(),
@@ -438,17 +446,31 @@ fn retention(
         true,
     )?);
     let due = count(&dry, &["acted", "raw", "delete", "count"]);
+    let skipped: u64 = ["raw", "normalized"]
+        .iter()
+        .flat_map(|p| {
+            dry["skipped"][p]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+        })
+        .filter_map(Value::as_u64)
+        .sum();
     let kept = count(&dry, &["held", "normalized"]);
     let kept_by = dry["holds_kept"]
         .as_array()
         .is_some_and(|h| h.iter().any(|id| id == HOLD_ID));
     println!(
-        "  retention dry run at now + 31 days: {due} raw rows due for deletion, {kept} of the held patient's events kept by {HOLD_ID}"
+        "  retention dry run at now + 31 days: {due} raw rows due for deletion; the held patient's {held_rows} events kept by {HOLD_ID}, with every object (a patient hold keeps objects: their names do not say whose records they hold)"
     );
     let mut checks = vec![Check::new(
-        due > 0 && kept == held_rows && held_rows > 0 && kept_by,
+        due > 0
+            && held_raw > 0
+            && due + held_raw + skipped == raw_total
+            && kept >= held_rows
+            && kept_by,
         format!(
-            "retention (dry run at now + 31 days): {due} raw rows due for deletion; the held patient's {held_rows} events kept by {HOLD_ID} ({kept} held)"
+            "retention (dry run at now + 31 days): {due} of {raw_total} raw rows due for deletion, the held patient's {held_raw} kept by {HOLD_ID} ({skipped} skipped)"
         ),
     )];
 
@@ -469,7 +491,7 @@ fn retention(
         .iter()
         .any(|r| {
             r["action"] == "retention.run"
-                && r["outcome"] == "succeeded"
+                && r["reason"] == "succeeded"
                 && r["details"]["now_ms"].as_u64() == Some(now)
                 && r["details"]["dry_run"] == false
         });
@@ -553,7 +575,8 @@ mod tests {
     #[test]
     fn a_reading_is_found_in_plaintext_and_not_in_a_seal() {
         assert!(has_reading(br#"{"m":{"spo2":97}}"#));
-        assert!(has_reading(br#"{"hr":61}"#));
+        assert!(has_reading(br#"{"pulse":61}"#));
+        assert!(!has_reading(br#"{"metric":"spo2","threshold":90.0}"#));
         assert!(!has_reading(b"VMQS\x01 sealed bytes spo2-low"));
     }
 
