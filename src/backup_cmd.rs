@@ -8,12 +8,12 @@
 //! (`<backup>/operator-audit/`): the new data directory must be empty until the restore
 //! has written it, and the `started` record comes before the restore runs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use serde_json::{Map, Value};
 use vitalmq_bridge::store::coverage::Coverage;
-use vitalmq_bridge::store::{BackupCounts, MANIFEST_FILE, restore};
+use vitalmq_bridge::store::{BackupCounts, BackupManifest, MANIFEST_FILE, RestoreReport, restore};
 
 use crate::operator_audit::{Action, absolute, data_dir_log, log_path};
 
@@ -66,12 +66,22 @@ fn details(
 }
 
 pub fn backup(args: &BackupArgs) -> anyhow::Result<ExitCode> {
-    let store = crate::bridge_cmd::open_existing(&args.data)?;
-    let manifest = Action::new("store.backup", log_path(data_dir_log(&args.data)))
-        .detail("data_dir", absolute(&args.data))
-        .detail("to", absolute(&args.to))
+    let manifest = backup_audited(&args.data, &args.to)?;
+    let mut summary = serde_json::to_value(&manifest)?;
+    summary["backup"] = absolute(&args.to).into();
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Backs the store of `data` up into `to`, audited as `store.backup` (the CLI's and
+/// the demo's path).
+pub fn backup_audited(data: &Path, to: &Path) -> anyhow::Result<BackupManifest> {
+    let store = crate::bridge_cmd::open_existing(data)?;
+    Action::new("store.backup", log_path(data_dir_log(data)))
+        .detail("data_dir", absolute(data))
+        .detail("to", absolute(to))
         .run(|| {
-            let m = store.backup_to(&args.to)?;
+            let m = store.backup_to(to)?;
             let d = details(
                 &m.sha256,
                 m.schema_version,
@@ -79,18 +89,21 @@ pub fn backup(args: &BackupArgs) -> anyhow::Result<ExitCode> {
                 m.highest_event_position,
             );
             Ok((m, d))
-        })?;
-    let mut summary = serde_json::to_value(&manifest)?;
-    summary["backup"] = absolute(&args.to).into();
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(ExitCode::SUCCESS)
+        })
+}
+
+/// The keyring a restored store will be read with, and its key file.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreKeys<'a> {
+    pub keyring: &'a Path,
+    pub key_file: &'a Path,
 }
 
 /// Checks, before anything is written, that the keyring the restored store will be read
 /// with holds every key its sealed rows need; `None` for a backup without sealed rows.
-fn keys_cover(args: &RestoreArgs) -> anyhow::Result<Option<Coverage>> {
-    let db = args.from.join(vitalmq_bridge::store::DB_FILE);
-    let (Some(keyring), Some(key_file)) = (&args.keyring, &args.key_file) else {
+fn keys_cover(from: &Path, keys: Option<RestoreKeys<'_>>) -> anyhow::Result<Option<Coverage>> {
+    let db = from.join(vitalmq_bridge::store::DB_FILE);
+    let Some(keys) = keys else {
         anyhow::ensure!(
             !vitalmq_bridge::store::coverage::holds_sealed_rows(&db)?,
             "the backup holds sealed payloads: give --keyring and --key-file (the bridge's \
@@ -99,8 +112,8 @@ fn keys_cover(args: &RestoreArgs) -> anyhow::Result<Option<Coverage>> {
         return Ok(None);
     };
     let ring = vitalmq_keyring::Keyring::open(
-        keyring,
-        std::sync::Arc::new(vitalmq_keyring::LocalKeyFile::load(key_file)?),
+        keys.keyring,
+        std::sync::Arc::new(vitalmq_keyring::LocalKeyFile::load(keys.key_file)?),
     )?;
     let c = vitalmq_bridge::store::coverage::coverage(&db, &ring)?;
     anyhow::ensure!(
@@ -109,27 +122,46 @@ fn keys_cover(args: &RestoreArgs) -> anyhow::Result<Option<Coverage>> {
          (and not erased): this is not the keyring of this store",
         c.missing,
         c.key_versions,
-        keyring.display()
+        keys.keyring.display()
     );
     Ok(Some(c))
 }
 
 pub fn restore_cmd(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let keys = match (&args.keyring, &args.key_file) {
+        (Some(keyring), Some(key_file)) => Some(RestoreKeys { keyring, key_file }),
+        _ => None,
+    };
+    let (report, coverage) = restore_audited(&args.from, &args.data, keys)?;
+    let mut summary = serde_json::to_value(&report)?;
+    summary["keyring_coverage"] = serde_json::to_value(&coverage)?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Restores the backup in `from` into the new data directory `data`, audited as
+/// `store.restore` in the backup directory's operator log; refused before anything is
+/// written unless `keys` holds every key the backup's sealed rows need.
+pub fn restore_audited(
+    from: &Path,
+    data: &Path,
+    keys: Option<RestoreKeys<'_>>,
+) -> anyhow::Result<(RestoreReport, Option<Coverage>)> {
     // A typo in `--from` must not leave an operator audit log somewhere.
-    let manifest = args.from.join(MANIFEST_FILE);
+    let manifest = from.join(MANIFEST_FILE);
     anyhow::ensure!(
         manifest.exists(),
         "{}: no backup manifest here (made by `vitalmq store backup`?)",
         manifest.display()
     );
-    let log = log_path(args.from.join("operator-audit").join("operator.jsonl"));
-    let report = Action::new("store.restore", log)
-        .detail("from", absolute(&args.from))
-        .detail("data_dir", absolute(&args.data))
-        .detail("keyring", args.keyring.as_deref().map(absolute))
+    let log = log_path(from.join("operator-audit").join("operator.jsonl"));
+    Action::new("store.restore", log)
+        .detail("from", absolute(from))
+        .detail("data_dir", absolute(data))
+        .detail("keyring", keys.map(|k| absolute(k.keyring)))
         .run(|| {
-            let covered = keys_cover(args)?;
-            let r = restore(&args.from, &args.data)?;
+            let covered = keys_cover(from, keys)?;
+            let r = restore(from, data)?;
             let mut d = details(
                 &r.sha256,
                 r.schema_version,
@@ -138,9 +170,5 @@ pub fn restore_cmd(args: &RestoreArgs) -> anyhow::Result<ExitCode> {
             );
             d.insert("keyring_coverage".into(), serde_json::to_value(&covered)?);
             Ok(((r, covered), d))
-        })?;
-    let mut summary = serde_json::to_value(&report.0)?;
-    summary["keyring_coverage"] = serde_json::to_value(&report.1)?;
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(ExitCode::SUCCESS)
+        })
 }

@@ -10,11 +10,14 @@
 //! send what they hold and wait for receipts), then the bridge, then the broker, and
 //! checks what happened ([`report`]): every device connected, every fault refused by
 //! the party and with the reason the SPEC gives, nothing lost, every alert path taken
-//! (alarm, silence, acknowledgement, re-escalation), audit chains intact.
+//! (alarm, silence, acknowledgement, re-escalation), audit chains intact. Then the data
+//! lifecycle step ([`lifecycle`]): encryption at rest, backup, legal hold, erasure,
+//! export and retention, each checked.
 //! Logs go to `demo.log` in the work directory ([`log`]).
 
 mod admin;
 mod governance;
+mod lifecycle;
 mod log;
 mod operator;
 mod progress;
@@ -284,6 +287,24 @@ async fn demo(
         &changes,
     )?;
     checks.extend(admin::checks(work, reads.as_ref(), &alerts));
+    // After every other check: the erasure makes a patient's data unreadable.
+    let erased = changes
+        .reassigned
+        .as_ref()
+        .map(|r| r.previous_patient.clone());
+    let step_work = work.clone();
+    let step = tokio::task::spawn_blocking(move || {
+        lifecycle::step(&step_work, erased.as_deref(), lifecycle::wall_now())
+    })
+    .await
+    .context("the lifecycle step")?;
+    match step {
+        Ok(done) => checks.extend(done),
+        Err(e) => {
+            println!("  the lifecycle step failed: {e:#}");
+            checks.push(Check::new(false, format!("lifecycle step: {e:#}")));
+        }
+    }
     print_summary(work, port, &summary, &checks, &alerts)?;
     let failed = checks.iter().filter(|c| c.failed()).count();
     let skipped = checks
@@ -488,7 +509,8 @@ fn evidence_and_checks(
     ack: Option<&AckSent>,
     changes: &governance::Changes,
 ) -> anyhow::Result<Vec<Check>> {
-    let store = vitalmq_bridge::store::Store::open(&work.bridge_data())?;
+    let keyring = lifecycle::open_keyring(work)?;
+    let store = lifecycle::open_store(work, &keyring)?;
     let view = StoreView::read(&store)?;
     let broker = AuditLog::read(&work.broker_audit())?;
     let bridge = AuditLog::read(&work.bridge_audit())?;
@@ -525,7 +547,7 @@ fn evidence_and_checks(
             Some((reason.to_owned(), u64::try_from(n).unwrap_or(0)))
         })
         .collect();
-    checks.extend(governance::checks(work, changes, &withheld)?);
+    checks.extend(governance::checks(work, &keyring, changes, &withheld)?);
     Ok(checks)
 }
 
@@ -676,6 +698,19 @@ fn print_summary(
     println!(
         "  configs      {} and {} (vitalmq broker/bridge --config ...)",
         work.broker_config().display(),
+        work.bridge_config().display()
+    );
+    println!(
+        "  sealed       vitalmq objects open --key-file {} --keyring {} <objects/normalized/.../*.vmqs>",
+        work.key_file().display(),
+        work.keyring().display()
+    );
+    println!(
+        "  lifecycle    vitalmq hold list --holds {}   (also: hold place|lift, erase, export)",
+        work.holds().display()
+    );
+    println!(
+        "               vitalmq retention run --config {} --dry-run --now <RFC 3339>",
         work.bridge_config().display()
     );
     println!("  log          {}", work.log().display());

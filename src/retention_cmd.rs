@@ -9,7 +9,7 @@
 //! carrying the run's details after (the fields of the bridge's `retention_run`
 //! record, plus `policy_sha256`). The details are also printed as one JSON object.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -49,7 +49,6 @@ impl RetentionCommand {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let config = BridgeConfig::load(&args.config)?;
     let now = match &args.now {
         None => lifecycle::wall_clock(),
         Some(text) => {
@@ -60,10 +59,24 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--now {text:?}: before 1970"))?
         }
     };
+    let details = run_audited(&args.config, now, args.dry_run)?;
+    println!("{}", serde_json::Value::Object(details));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One run of the retention job of the bridge configured by `config_path` at `now`
+/// (ms), audited as `retention.run`; returns the run's details (the fields of the
+/// bridge's `retention_run` record, plus `policy_sha256`).
+pub fn run_audited(
+    config_path: &Path,
+    now: u64,
+    dry_run: bool,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let config = BridgeConfig::load(config_path)?;
     let Some((job, _every)) = lifecycle::job_of(&config)? else {
         anyhow::bail!(
             "{}: no [lifecycle] section, so no retention policy to run",
-            args.config.display()
+            config_path.display()
         );
     };
     let hook: Option<BatchHook> = std::env::var(ABORT_AFTER_ENV)
@@ -78,8 +91,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         });
     let log =
         crate::operator_audit::log_path(crate::operator_audit::data_dir_log(&config.data_dir));
-    let details = crate::operator_audit::Action::new("retention.run", log)
-        .detail("config", crate::operator_audit::absolute(&args.config))
+    crate::operator_audit::Action::new("retention.run", log)
+        .detail("config", crate::operator_audit::absolute(config_path))
         .detail(
             "data_dir",
             crate::operator_audit::absolute(&config.data_dir),
@@ -88,14 +101,12 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let outcome = runtime.block_on(lifecycle::run_once(&job, now, args.dry_run, hook))?;
+            let outcome = runtime.block_on(lifecycle::run_once(&job, now, dry_run, hook))?;
             let mut details =
                 outcome
                     .report
                     .details(&outcome.holds_sha256, outcome.now, outcome.dry_run);
             details.insert("policy_sha256".into(), outcome.policy_sha256.clone().into());
             Ok((details.clone(), details))
-        })?;
-    println!("{}", serde_json::Value::Object(details));
-    Ok(ExitCode::SUCCESS)
+        })
 }

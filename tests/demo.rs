@@ -5,8 +5,10 @@
 //! (a device alarm opened and resolved, a silent device's `no-data`, the operator's
 //! acknowledgement, an unacknowledged alert re-sent escalated), the governance scenario
 //! (a research sink of consented, minimised events, a consent withdrawal, a reassignment,
-//! a clinician's refused and break-glass reads through the admin API), and audit logs whose
-//! chains verify; and the commands it suggests for looking around must work on what it
+//! a clinician's refused and break-glass reads through the admin API), the data lifecycle
+//! (encryption at rest, a backup, a legal hold refusing an erasure, the erasure of a
+//! patient reaching the backup taken before it, an export, retention runs), and audit
+//! logs whose chains verify; and the commands it suggests for looking around must work on what it
 //! left behind, the `mosquitto_pub` acknowledgement included (against the demo's broker
 //! and bridge started again from the configurations it wrote).
 
@@ -173,6 +175,63 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
             "{what}: {evidence:?} missing in {line}"
         );
     }
+    // The data lifecycle (issue 20), after the bridge stopped: each step printed and
+    // checked against the store, the objects, the backup and the audit logs.
+    for line in [
+        "lifecycle: encryption at rest, backup, legal hold, erasure, export, retention",
+        "  backup    ",
+        "  hold      lh-demo-001 placed on the patient of dev-00001",
+        "  hold      erasing that patient: refused under the hold",
+        "  erasure   the patient reassigned away from dev-00012:",
+        "  export    the patient of dev-00003:",
+        "  retention dry run at now + 31 days:",
+        "kept by lh-demo-001, with every object",
+        "  retention run at now: 0 records and 0 objects acted on",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing:\n{stdout}");
+    }
+    for (what, evidence) in [
+        ("at rest: the store", "holds no reading in plaintext"),
+        (
+            "at rest: every telemetry object of both sinks is sealed",
+            "VMQS header",
+        ),
+        (
+            "legal hold: erasing the patient of dev-00001 under hold lh-demo-001 is refused",
+            "legal hold covers this patient",
+        ),
+        ("erasure: the store reads the patient's", "stay readable"),
+        ("erasure: the patient's", "objects no longer open (erased)"),
+        (
+            "erasure reaches the backup taken before it",
+            "no reading in plaintext in the backup",
+        ),
+        ("erasure: `vitalmq trace`", "says it was erased"),
+        ("export: the patient of dev-00003", "match the manifest"),
+        (
+            "retention (dry run at now + 31 days)",
+            "kept by lh-demo-001",
+        ),
+        ("retention (run at now)", "nothing due, 0 acted on"),
+        ("audit chains intact after the lifecycle step", "records"),
+    ] {
+        let line = passed(stdout, what);
+        assert!(
+            line.contains(evidence),
+            "{what}: {evidence:?} missing in {line}"
+        );
+    }
+    assert!(
+        number_after(stdout, "retention dry run at now + 31 days:") > 0,
+        "raw rows due a month on:\n{stdout}"
+    );
+    assert_eq!(
+        number_after(stdout, "demo ok: all"),
+        checks(stdout).len(),
+        "every check is listed"
+    );
+    lifecycle_left_behind(&dir);
+
     // The alert paths of issue 17, each checked against the store and the audit log.
     for (what, evidence) in [
         (
@@ -281,6 +340,55 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
     );
     assert!(!again.success, "re-running into a used directory must fail");
     assert!(again.stderr.contains("not empty"), "{}", again.stderr);
+}
+
+/// What the lifecycle step left, read with tools that share no code with it: the key
+/// file owner-only, no plaintext telemetry object, the export's manifest verified by
+/// `sha256sum -c`, the legal hold listed by `vitalmq hold list`.
+fn lifecycle_left_behind(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.join("kek.json"))
+        .expect("kek.json")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the key file is owner-only: {mode:o}");
+    let mut pending = vec![dir.join("objects/normalized"), dir.join("objects/raw")];
+    let mut sealed = 0;
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).expect("objects dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).expect("object");
+            assert!(
+                path.extension().is_some_and(|e| e == "vmqs") && bytes.starts_with(b"VMQS"),
+                "not sealed: {}",
+                path.display()
+            );
+            sealed += 1;
+        }
+    }
+    assert!(sealed > 0, "no telemetry objects");
+    let checked = run(
+        Command::new("sha256sum")
+            .args(["-c", "manifest.sha256"])
+            .current_dir(dir.join("export")),
+        Duration::from_secs(30),
+    );
+    assert!(checked.success, "{}", checked.all());
+    let listed = run(
+        Command::new(bin())
+            .args(["hold", "list", "--holds"])
+            .arg(dir.join("holds.toml")),
+        Duration::from_secs(30),
+    );
+    assert!(
+        listed.success && listed.stdout.contains("\"id\":\"lh-demo-001\""),
+        "{}",
+        listed.all()
+    );
 }
 
 /// Runs the admin API commands of the "look around" block: `vitalmq admin serve` as
@@ -419,17 +527,23 @@ fn acknowledge_as_printed(dir: &std::path::Path, stdout: &str) {
     let data = dir.join("bridge-data");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let acked = common::store_rows(bin(), "alerts", &data)
+        // Alert bodies are sealed at rest: `trace` opens them with the demo's key file.
+        let traced = run(
+            Command::new(bin())
+                .args(["trace", &alert_id, "--json", "--data"])
+                .arg(&data)
+                .arg("--key-file")
+                .arg(dir.join("kek.json")),
+            Duration::from_secs(20),
+        );
+        assert!(traced.success, "{}", traced.all());
+        let trace: serde_json::Value =
+            serde_json::from_str(traced.stdout.trim()).expect("trace JSON");
+        let acked = trace["changes"]
+            .as_array()
             .into_iter()
-            .any(|row| {
-                row["alert_id"] == alert_id.as_str() && row["state"] == "acknowledged" && {
-                    let body: serde_json::Value = match &row["body"] {
-                        serde_json::Value::String(s) => serde_json::from_str(s).unwrap_or_default(),
-                        other => other.clone(),
-                    };
-                    body["ack"]["by"] == by
-                }
-            });
+            .flatten()
+            .any(|c| c["state"] == "acknowledged" && c["ack"]["by"] == by);
         if acked {
             break;
         }

@@ -17,6 +17,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use serde_json::Value;
+use vitalmq_bridge::sink::object::sealed as object_sealed;
+use vitalmq_keyring::Keyring;
 use vitalmq_policies::{Use, format_rfc3339, parse_rfc3339};
 
 use super::report::Check;
@@ -204,19 +206,26 @@ struct SinkRecord {
     keys: BTreeSet<String>,
 }
 
-/// Every record of the `.ndjson` objects of the objects sink in `dir`.
-fn sink_records(dir: &Path) -> anyhow::Result<Vec<SinkRecord>> {
+/// Every record of the `.ndjson` objects of the objects sink in `dir`; sealed ones
+/// (`.ndjson.vmqs`, encryption at rest) opened with `keyring`.
+fn sink_records(dir: &Path, keyring: &Keyring) -> anyhow::Result<Vec<SinkRecord>> {
     let mut out = Vec::new();
     let normalized = dir.join("normalized");
     if !normalized.exists() {
         return Ok(out);
     }
     for entry in walkdir(&normalized)? {
-        if entry.extension().is_none_or(|e| e != "ndjson") {
+        let name = entry.display().to_string();
+        let bytes = if name.ends_with(".ndjson") {
+            std::fs::read(&entry).with_context(|| format!("reading {name}"))?
+        } else if name.ends_with(".ndjson.vmqs") {
+            let sealed = std::fs::read(&entry).with_context(|| format!("reading {name}"))?;
+            object_sealed::open(keyring, &name, &sealed)
+                .with_context(|| format!("opening {name}"))?
+        } else {
             continue;
-        }
-        let text = std::fs::read_to_string(&entry)
-            .with_context(|| format!("reading {}", entry.display()))?;
+        };
+        let text = String::from_utf8(bytes).with_context(|| format!("{name}: not UTF-8"))?;
         for line in text.lines() {
             let v: serde_json::Map<String, Value> = serde_json::from_str(line)
                 .with_context(|| format!("a line of {}", entry.display()))?;
@@ -239,7 +248,7 @@ fn sink_records(dir: &Path) -> anyhow::Result<Vec<SinkRecord>> {
     Ok(out)
 }
 
-fn walkdir(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+pub(super) fn walkdir(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(d) = pending.pop() {
@@ -259,12 +268,13 @@ fn walkdir(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
 /// research sink wrote and the research sink's withheld counts per reason.
 pub fn checks(
     work: &WorkDir,
+    keyring: &Keyring,
     changes: &Changes,
     withheld: &BTreeMap<String, u64>,
 ) -> anyhow::Result<Vec<Check>> {
-    let records = sink_records(&work.root.join(RESEARCH_DIR))?;
+    let records = sink_records(&work.root.join(RESEARCH_DIR), keyring)?;
     let mut stored: BTreeMap<String, Vec<(u64, u64, Option<String>)>> = BTreeMap::new();
-    for r in sink_records(&work.objects())? {
+    for r in sink_records(&work.objects(), keyring)? {
         stored
             .entry(r.device)
             .or_default()

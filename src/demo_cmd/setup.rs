@@ -24,6 +24,10 @@ pub const TRUST_DOMAIN: &str = "demo.vitalmq";
 const SHIPPED_ACL: &str = include_str!("../../policies/examples/acl.toml");
 /// The shipped alert rules, embedded for the same reason.
 const SHIPPED_RULES: &str = include_str!("../../policies/examples/rules.toml");
+/// The shipped retention classes (issue 20), the demo's retention policy as shipped.
+const SHIPPED_RETENTION: &str = include_str!("../../policies/examples/retention.toml");
+/// The demo's legal holds file before the lifecycle step places one: no hold.
+const NO_HOLDS: &str = "# Written by `vitalmq demo`; change with `vitalmq hold place|lift`.\nformat = \"vitalmq-holds/v1\"\n";
 
 /// The device with the scripted clinical episode.
 pub const EPISODE_DEVICE: &str = "dev-00001";
@@ -94,6 +98,21 @@ impl WorkDir {
     pub fn log(&self) -> PathBuf {
         self.root.join("demo.log")
     }
+    /// The key-encryption key file (`vitalmq-kek/v1`, 0600) the bridge's keyring wraps
+    /// its data keys with.
+    pub fn key_file(&self) -> PathBuf {
+        self.root.join("kek.json")
+    }
+    /// The bridge's keyring, at its default place in the data directory.
+    pub fn keyring(&self) -> PathBuf {
+        self.bridge_data().join(vitalmq_keyring::KEYRING_FILE)
+    }
+    pub fn retention(&self) -> PathBuf {
+        self.root.join("retention.toml")
+    }
+    pub fn holds(&self) -> PathBuf {
+        self.root.join("holds.toml")
+    }
 }
 
 /// Creates the work directory (which must be missing or empty) with the PKI, the ACL,
@@ -131,6 +150,10 @@ pub fn create(
         &demo_rules(clock_ahead, AlertTimes::for_run(duration)),
     )?;
     write(&work.broker_config(), &broker_config_toml())?;
+    vitalmq_keyring::LocalKeyFile::create(&work.key_file())
+        .with_context(|| format!("creating {}", work.key_file().display()))?;
+    write(&work.retention(), SHIPPED_RETENTION)?;
+    crate::registry_cmd::write_atomically(&work.holds(), NO_HOLDS)?;
     super::governance::grant_research_consent(&work, devices)?;
     super::admin::setup(&work)?;
     Ok((work, summary))
@@ -173,7 +196,9 @@ path = "broker/audit.jsonl"
 
 /// The bridge's configuration: the PKI's bridge identity, its store, quarantine and
 /// audit log in `bridge-data/`, and one local object sink in `objects/`, which also
-/// receives the broker's audit log (`objects/audit/.../component=broker/`).
+/// receives the broker's audit log (`objects/audit/.../component=broker/`); encryption
+/// at rest under the work directory's key file (the keyring in `bridge-data/`), and the
+/// retention job with the shipped retention classes and the demo's holds file.
 ///
 /// This is the one place to change when the bridge gains settings the demo should use
 /// (e.g. `rules = "rules.toml"` for clinical alert rules).
@@ -192,6 +217,17 @@ key = "pki/identities/bridge/bridge-01.key.pem"
 
 [pipeline]
 receipt_interval_ms = 100
+
+# Encryption at rest: every patient-linked payload (store and objects) is sealed under
+# the patient's data key; the keyring is bridge-data/keyring.sqlite3.
+[encryption]
+key_file = "kek.json"
+
+# The retention job: the shipped retention classes, under the legal holds of holds.toml.
+[lifecycle]
+retention = "retention.toml"
+holds = "holds.toml"
+every = "1h"
 
 # The broker's audit log goes to the objects sink too, beside the bridge's own.
 [[audit_ship]]
@@ -418,6 +454,22 @@ mod tests {
         let c = vitalmq_bridge::BridgeConfig::load(&bridge).expect("bridge config");
         assert_eq!(c.broker.address, "127.0.0.1:8883");
         assert_eq!(c.sinks.len(), 2, "care and research");
+        let e = c.encryption.as_ref().expect("[encryption]");
+        assert_eq!(e.key_file, dir.path().join("kek.json"));
+        assert_eq!(
+            e.keyring_path(&c.data_dir),
+            dir.path().join("bridge-data/keyring.sqlite3")
+        );
+        let l = c.lifecycle.as_ref().expect("[lifecycle]");
+        assert_eq!(l.retention, dir.path().join("retention.toml"));
+        assert_eq!(
+            l.holds.as_deref(),
+            Some(dir.path().join("holds.toml").as_path())
+        );
+        vitalmq_policies::RetentionPolicy::parse(SHIPPED_RETENTION, Path::new("r.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        vitalmq_policies::LegalHolds::parse(NO_HOLDS, Path::new("h.toml"))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.audit_ship.len(), 2);
         assert_eq!(c.audit_ship[0].component, "broker");
         assert_eq!(
