@@ -81,6 +81,11 @@ pub struct DataDir {
     /// Only this device's rows (with `--server`).
     #[arg(long, requires = "server")]
     device: Option<String>,
+    /// The key file of `[encryption]`: sealed payloads are opened with the keyring in
+    /// the data directory (without it they show as `"sealed": true`; erased ones as
+    /// `"erased": true` either way).
+    #[arg(long, conflicts_with = "server")]
+    key_file: Option<PathBuf>,
     /// Why the records are read (recorded in the audit log; required with `--server`).
     #[arg(long)]
     purpose: Option<String>,
@@ -136,7 +141,7 @@ impl StoreCommand {
             (None, Some(data)) => data,
             (None, None) => anyhow::bail!("--data or --server is required"),
         };
-        let store = open_existing(data)?;
+        let store = open_existing_with(data, d.key_file.as_deref())?;
         let read = || -> anyhow::Result<((), serde_json::Map<String, serde_json::Value>)> {
             let rows = match &self {
                 Self::Stats(_) => json_lines(&[store.stats()?])?,
