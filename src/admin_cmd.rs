@@ -1,9 +1,10 @@
 //! `vitalmq admin serve --config admin.toml`: the admin API (see the `vitalmq_admin`
 //! crate) over this binary's own read and change code: the bridge store reads of
-//! `vitalmq store`, `vitalmq trace`, `registry_cmd::apply`, `hold_cmd::apply` and the
-//! re-identification
-//! store of `vitalmq reid` (which the admin service may open; broker and bridge never
-//! do). [`client`] is the other side: the CLI commands given `--server`.
+//! `vitalmq store`, `vitalmq trace`, `registry_cmd::apply`, `hold_cmd::apply`,
+//! `erase_cmd::erase`, `export_cmd::export` and the re-identification store of
+//! `vitalmq reid` (which the admin service may open; broker and bridge never do).
+//! Every store read opens the store with its keyring ([`LocalBackend::open_store`]).
+//! [`client`] is the other side: the CLI commands given `--server`.
 
 pub mod client;
 
@@ -12,13 +13,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use serde_json::Value;
+use serde_json::{Value, json};
 use vitalmq_admin::backend::{Acting, Backend, BackendError, Record, Rows, ScopeCheck};
+use vitalmq_bridge::store::{NoKeys, Store};
 use vitalmq_envelope::DeviceId;
-use vitalmq_policies::{DeviceRegistry, HoldError, Use};
+use vitalmq_keyring::{KeyProvider, Keyring, LocalKeyFile};
+use vitalmq_policies::{DeviceRegistry, HoldError, SpiffeId, Use};
 
-use crate::hold_cmd;
 use crate::registry_cmd::{self, Actor, Change};
+use crate::{erase_cmd, export_cmd, hold_cmd};
 
 /// Line printed on stderr once the server listens, followed by its address.
 pub const READY: &str = "vitalmq admin listening on ";
@@ -61,6 +64,11 @@ pub struct LocalBackend {
     reid_store: Option<PathBuf>,
     broker_audit: Option<PathBuf>,
     holds: Option<PathBuf>,
+    /// `[encryption] key_file`: sealed payloads open with it.
+    key_file: Option<PathBuf>,
+    /// `[encryption] keyring`, or the data directory's.
+    keyring: PathBuf,
+    exports_dir: Option<PathBuf>,
 }
 
 fn failed(e: anyhow::Error) -> BackendError {
@@ -86,6 +94,49 @@ fn change_error(e: &anyhow::Error) -> BackendError {
     }
 }
 
+/// The backend error of a failed erasure or export: a refusal by the state of the data
+/// (a legal hold, an open assignment, an erased patient) is a conflict.
+fn patient_error(e: anyhow::Error) -> BackendError {
+    if e.downcast_ref::<erase_cmd::Refused>().is_some()
+        || e.downcast_ref::<export_cmd::Refused>().is_some()
+    {
+        BackendError::Conflict(format!("{e:#}"))
+    } else {
+        failed(e)
+    }
+}
+
+/// The operator id of an API caller (`priya` of `spiffe://.../operator/priya`): who an
+/// erasure or export is by.
+fn operator_id(acting: &Acting) -> Result<String, BackendError> {
+    acting
+        .identity
+        .parse::<SpiffeId>()
+        .map(|id| id.id.as_str().to_owned())
+        .map_err(|e| BackendError::Failed(format!("`{}`: {e}", acting.identity)))
+}
+
+/// A new export directory's name: UTC time and a random suffix, never the patient
+/// (a listing of the exports directory says nothing of whose data is there).
+fn export_name() -> Result<String, BackendError> {
+    use ring::rand::SecureRandom as _;
+    let mut suffix = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut suffix)
+        .map_err(|_| BackendError::Failed("no randomness for an export name".into()))?;
+    let t = time::OffsetDateTime::now_utc();
+    Ok(format!(
+        "{:04}{:02}{:02}T{:02}{:02}{:02}Z-{}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        hex::encode(suffix)
+    ))
+}
+
 fn actor_of(acting: &Acting) -> Actor {
     Actor {
         identity: Some(acting.identity.clone()),
@@ -107,7 +158,36 @@ impl LocalBackend {
             reid_store: config.reid_store.clone(),
             broker_audit: config.broker_audit.clone(),
             holds: config.holds.clone(),
+            key_file: config.encryption.as_ref().map(|e| e.key_file.clone()),
+            keyring: config
+                .encryption
+                .as_ref()
+                .and_then(|e| e.keyring.clone())
+                .unwrap_or_else(|| config.data_dir.join(vitalmq_keyring::KEYRING_FILE)),
+            exports_dir: config.exports_dir.clone(),
         }
+    }
+
+    /// The bridge's store, with the keyring when there is one: with `[encryption]`
+    /// sealed payloads open (a clinician reads plaintext); without it they read as
+    /// `"sealed": true`. An erased patient's rows read as erased either way (the
+    /// keyring's tombstones need no key). The key file is read at each call, so a KEK
+    /// rotation applies without a restart.
+    fn open_store(&self) -> anyhow::Result<Store> {
+        let db = self.data_dir.join(vitalmq_bridge::store::DB_FILE);
+        anyhow::ensure!(db.exists(), "{}: no bridge store here", db.display());
+        let store = Store::open(&self.data_dir)?;
+        if !self.keyring.exists() {
+            // No keyring: the store was never encrypted, nothing in it is sealed.
+            return Ok(store);
+        }
+        let provider: Arc<dyn KeyProvider> = match &self.key_file {
+            Some(f) => Arc::new(LocalKeyFile::load(f)?),
+            None => Arc::new(NoKeys),
+        };
+        let keyring = Keyring::open(&self.keyring, provider)
+            .with_context(|| format!("keyring {}", self.keyring.display()))?;
+        Ok(store.with_keyring(Arc::new(keyring)))
     }
 
     fn holds_file(&self) -> Result<&std::path::Path, BackendError> {
@@ -133,7 +213,7 @@ fn site_at(registry: &DeviceRegistry, device: &DeviceId, t: u64) -> Option<Strin
 
 impl Backend for LocalBackend {
     fn rows(&self, rows: Rows, device: Option<&str>) -> Result<Vec<Record>, BackendError> {
-        let store = crate::bridge_cmd::open_existing(&self.data_dir).map_err(failed)?;
+        let store = self.open_store().map_err(failed)?;
         let keep = |d: Option<&str>| device.is_none_or(|want| d == Some(want));
         let store_err = |e: vitalmq_bridge::store::StoreError| BackendError::Failed(e.to_string());
         match rows {
@@ -190,7 +270,8 @@ impl Backend for LocalBackend {
     }
 
     fn trace(&self, id: &str) -> Result<Record, BackendError> {
-        match crate::trace_cmd::trace_json(&self.data_dir, self.broker_audit.as_deref(), id)
+        let store = self.open_store().map_err(failed)?;
+        match crate::trace_cmd::trace_json(&store, self.broker_audit.as_deref(), id)
             .map_err(failed)?
         {
             Some((body, site)) => Ok(Record { site, body }),
@@ -250,6 +331,72 @@ impl Backend for LocalBackend {
             reason: lift.reason,
         };
         hold_cmd::apply(path, &change, &actor_of(acting)).map_err(|e| change_error(&e))
+    }
+
+    fn erase_patient(
+        &self,
+        patient_ref: &str,
+        request: Value,
+        acting: &Acting,
+    ) -> Result<Value, BackendError> {
+        let reason = request
+            .get("reason")
+            .and_then(Value::as_str)
+            .ok_or_else(|| BackendError::Refused("an erasure needs a \"reason\"".into()))?;
+        let report = erase_cmd::erase(&erase_cmd::Request {
+            patient_ref: patient_ref.to_owned(),
+            reason: reason.to_owned(),
+            data: self.data_dir.clone(),
+            registry: Some(self.registry.clone()),
+            // No holds file yet: no hold was ever placed.
+            holds: self.holds.clone().filter(|p| p.exists()),
+            key_file: self.key_file.clone(),
+            keyring: Some(self.keyring.clone()),
+            by: operator_id(acting)?,
+        })
+        .map_err(patient_error)?;
+        json(&report)
+    }
+
+    fn export_patient(
+        &self,
+        patient_ref: &str,
+        request: Value,
+        acting: &Acting,
+    ) -> Result<Value, BackendError> {
+        let root = self.exports_dir.as_deref().ok_or_else(|| {
+            BackendError::NotConfigured(
+                "no exports directory in the admin configuration (`exports_dir`)".into(),
+            )
+        })?;
+        vitalmq_private_fs::create_dir_all(root)
+            .map_err(|e| BackendError::Failed(e.to_string()))?;
+        let purpose = request
+            .get("purpose")
+            .and_then(Value::as_str)
+            .unwrap_or(&acting.purpose)
+            .to_owned();
+        let report = export_cmd::export(&export_cmd::ExportRequest {
+            patient_ref: patient_ref.to_owned(),
+            data: self.data_dir.clone(),
+            out: root.join(export_name()?),
+            key_file: self.key_file.clone(),
+            keyring: Some(self.keyring.clone()),
+            purpose: Some(purpose),
+            requested_by: Some(operator_id(acting)?),
+        })
+        .map_err(patient_error)?;
+        let manifest = std::fs::read(report.out.join(export_cmd::MANIFEST))
+            .map_err(|e| BackendError::Failed(format!("{}: {e}", report.out.display())))?;
+        let manifest: Value = serde_json::from_slice(&manifest)
+            .map_err(|e| BackendError::Failed(format!("the manifest written: {e}")))?;
+        Ok(json!({
+            "dir": report.out,
+            "manifest_sha256": report.manifest_sha256,
+            "events": report.events,
+            "alerts": report.alerts,
+            "manifest": manifest,
+        }))
     }
 
     fn reid_lookup(&self, pseudonym: &str, acting: &Acting) -> Result<Value, BackendError> {

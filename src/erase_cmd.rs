@@ -75,6 +75,20 @@ pub struct Request {
     pub by: String,
 }
 
+/// An erasure refused by the state of the data: an active legal hold covers the
+/// patient, or a device is still assigned to them; nothing was erased. Callers (the
+/// admin API) tell it apart by downcasting the error of [`erase`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Store rows of the patient, by plane.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct Rows {
@@ -240,8 +254,8 @@ fn refuse_if_held(req: &Request, store: &Store) -> anyhow::Result<()> {
             && h.during
                 .is_some_and(|d| periods.iter().any(|p| p.overlaps(&d)));
         if by_patient || by_device || by_time {
-            anyhow::bail!(
-                "refused: legal hold {} covers this patient ({}); lift it first",
+            return Err(Refused(format!(
+                "legal hold {} covers this patient ({}); lift it first",
                 h.id,
                 if by_patient {
                     "names the patient"
@@ -250,7 +264,8 @@ fn refuse_if_held(req: &Request, store: &Store) -> anyhow::Result<()> {
                 } else {
                     "its time range overlaps the patient's"
                 }
-            );
+            ))
+            .into());
         }
     }
     Ok(())
@@ -267,9 +282,10 @@ fn refuse_if_assigned(req: &Request) -> anyhow::Result<()> {
         .into_iter()
         .find(|(_, p)| p.to.is_none_or(|to| to > now))
     {
-        anyhow::bail!(
-            "refused: device {id} is still assigned to this patient; unassign it first (`vitalmq registry unassign`)"
-        );
+        return Err(Refused(format!(
+            "device {id} is still assigned to this patient; unassign it first (`vitalmq registry unassign`)"
+        ))
+        .into());
     }
     Ok(())
 }

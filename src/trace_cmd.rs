@@ -82,15 +82,15 @@ fn build(store: &Store, id: &str, broker_audit: Option<&Path>) -> anyhow::Result
     }
 }
 
-/// The trace of `id` as `vitalmq trace --json` prints it, and the site it belongs to,
-/// for the admin API (the caller audits the read).
+/// The trace of `id` in `store` as `vitalmq trace --json` prints it, and the site it
+/// belongs to, for the admin API (the caller opens the store with its keyring and
+/// audits the read).
 pub fn trace_json(
-    data: &Path,
+    store: &Store,
     broker_audit: Option<&Path>,
     id: &str,
 ) -> anyhow::Result<Option<(Json, Option<String>)>> {
-    let store = crate::bridge_cmd::open_existing(data)?;
-    let Some(trace) = build(&store, id, broker_audit)? else {
+    let Some(trace) = build(store, id, broker_audit)? else {
         return Ok(None);
     };
     let site = match &trace {

@@ -4,7 +4,10 @@
 //! revoked operator and a call without a purpose refused; break-glass answered, audited
 //! and alerted; legal holds placed and lifted by a privacy officer, read by an auditor,
 //! refused to a clinician; the admin audit chain verifies afterwards; the CLI with
-//! `--server` answers what curl does.
+//! `--server` answers what curl does. Over an encrypted store: reads in plaintext, a
+//! patient exported (checked with sha256sum) and erased by a privacy officer, refused
+//! to a clinician, while assigned and under a hold; then erased through the API, the
+//! other patient intact, and every audit log verifies.
 
 mod common;
 
@@ -47,6 +50,12 @@ struct Answer {
 impl Admin {
     /// `mqtt`: also publish break-glass alerts to the rig's broker as `bridge/admin-api`.
     fn start(rig: &Rig, mqtt: bool) -> Self {
+        Self::start_with(rig, mqtt, "")
+    }
+
+    /// As [`Self::start`], with `extra` (top-level keys, then tables) at the end of the
+    /// configuration's top-level keys.
+    fn start_with(rig: &Rig, mqtt: bool, extra: &str) -> Self {
         let dir = rig.dir().to_path_buf();
         std::fs::copy(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/admin-roles.toml"),
@@ -79,7 +88,8 @@ server_key = "pki/broker/server.key.pem"
 client_ca = ["pki/ca/ca.pem"]
 crls = ["pki/crl.pem"]
 trust_domain = "demo.vitalmq"
-"#,
+"#
+            .replace("[tls]", &format!("{extra}[tls]")),
         )
         .expect("admin config");
         if mqtt {
@@ -642,6 +652,278 @@ fn roles_scope_break_glass_and_revocation_through_curl() {
         "no patient values"
     );
     wait_until(TIMEOUT, "the audit chain verifies", || verifies(&admin));
+}
+
+/// The patient of `device` in the registry.
+fn patient_of(registry: &Path, device: &str) -> String {
+    let reg = vitalmq_policies::DeviceRegistry::load(registry).expect("registry");
+    let id = vitalmq_envelope::DeviceId::new(device).expect("id");
+    reg.device(&id).expect("device").patient_ref.clone()
+}
+
+/// An operator log verifies (live: its tail may be unsigned).
+fn operator_log_verifies(log: &Path) {
+    let ran = vitalmq_ok(bin(), &["audit", "verify", s(log), "--allow-unsigned-tail"]);
+    assert!(ran.stdout.contains("chain intact"), "{}", ran.all());
+}
+
+#[test]
+fn a_privacy_officer_exports_and_erases_a_patient_of_an_encrypted_store() {
+    let rig = Rig::start(bin(), "admin-erase", 2, |dir| {
+        for id in ["alice", "aurora", "priya"] {
+            issue(&dir.join("pki"), "operator", id);
+        }
+    });
+    let registry = rig.pki().join("registry.toml");
+    let (a, b) = (
+        patient_of(&registry, "dev-00001"),
+        patient_of(&registry, "dev-00002"),
+    );
+    let key_file = rig.dir().join("kek.json");
+    vitalmq_ok(bin(), &["keys", "init", "--key-file", s(&key_file)]);
+    let _bridge = rig.bridge("", "[encryption]\nkey_file = \"kek.json\"\n");
+    let mut sim = rig.sim(2, 3);
+    common::sim_summary_all_receipted(&mut sim);
+    rig.wait_stats(TIMEOUT, "6 events stored", |st| st["events"] == 6);
+    let admin = Admin::start_with(
+        &rig,
+        false,
+        "exports_dir = \"exports\"\n[encryption]\nkey_file = \"kek.json\"\n",
+    );
+
+    // The store is sealed, the API reads it in plaintext with the key file.
+    let events = admin.get("aurora", "/v1/events", "audit");
+    expect(&events, 200, "auditor reads the sealed store");
+    assert_eq!(rows(&events).len(), 6, "{}", events.body);
+    let event_of = |device: &str| -> String {
+        rows(&events)
+            .iter()
+            .find(|r| r["device"] == device)
+            .and_then(|r| r["event_id"].as_str())
+            .unwrap_or_else(|| panic!("an event of {device}: {}", events.body))
+            .to_owned()
+    };
+    let (a_event, b_event) = (event_of("dev-00001"), event_of("dev-00002"));
+    let normalized = |event: &str| -> Value {
+        let traced = admin.get("aurora", &format!("/v1/trace/{event}"), "audit");
+        expect(&traced, 200, "trace");
+        traced.body["event"].clone()
+    };
+    let before = normalized(&a_event);
+    assert_eq!(
+        before["normalized"]["event_id"], a_event,
+        "A's sealed event reads in plaintext: {before}"
+    );
+    assert!(before.get("sealed").is_none(), "{before}");
+
+    // A clinician may neither export nor erase.
+    let erase_path = format!("/v1/patients/{a}/erase");
+    let export_path = format!("/v1/patients/{a}/export");
+    let erase_body = serde_json::json!({"reason": "GDPR art. 17, ticket 4711"});
+    for path in [&erase_path, &export_path] {
+        let refused = admin.post("alice", path, &erase_body);
+        expect(&refused, 403, path);
+        assert_eq!(reason(&refused), "action_not_in_role");
+    }
+
+    // The privacy officer exports A: a new owner-only directory not named after A,
+    // whose manifest and files check with sha256sum.
+    let exported = admin.post(
+        "priya",
+        &export_path,
+        &serde_json::json!({"purpose": "GDPR art. 15 access request"}),
+    );
+    expect(&exported, 200, "privacy officer exports A");
+    let dir = PathBuf::from(exported.body["dir"].as_str().expect("dir"));
+    assert!(
+        dir.starts_with(admin.dir.join("exports")),
+        "{}",
+        dir.display()
+    );
+    assert!(
+        !s(&dir).contains(&a),
+        "the directory does not name the patient"
+    );
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&dir).expect("dir").permissions()
+        ) & 0o777,
+        0o700
+    );
+    let manifest = &exported.body["manifest"];
+    assert_eq!(manifest["patient_ref"], a.as_str(), "{manifest}");
+    assert_eq!(manifest["counts"]["events"], 3, "{manifest}");
+    assert_eq!(manifest["requested_by"], "priya", "{manifest}");
+    assert_eq!(manifest["purpose"], "GDPR art. 15 access request");
+    let sums: String = manifest["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| {
+            format!(
+                "{}  {}\n",
+                f["sha256"].as_str().expect("sha256"),
+                f["name"].as_str().expect("name")
+            )
+        })
+        .collect();
+    let files_sums = rig.dir().join("export-files.sha256");
+    std::fs::write(&files_sums, sums).expect("sums");
+    for list in [dir.join("manifest.sha256"), files_sums] {
+        let check = run(
+            Command::new("sha256sum")
+                .arg("-c")
+                .arg(&list)
+                .current_dir(&dir),
+            TIMEOUT,
+        );
+        assert!(check.success, "{}", check.all());
+    }
+    let exported_events = std::fs::read_to_string(dir.join("events.jsonl")).expect("events");
+    assert_eq!(exported_events.lines().count(), 3);
+    assert!(exported_events.contains(&a_event) && !exported_events.contains(&b));
+
+    // Erasure: refused while A's device is assigned, then under a hold on it (409,
+    // nothing destroyed); done once the device is unassigned and the hold lifted.
+    let assigned = admin.post("priya", &erase_path, &erase_body);
+    expect(&assigned, 409, "erasure while assigned");
+    assert_eq!(reason(&assigned), "conflict");
+    assert!(
+        assigned.body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("still assigned")),
+        "{}",
+        assigned.body
+    );
+    expect(
+        &admin.post(
+            "priya",
+            "/v1/holds",
+            &serde_json::json!({"id": "lh-erase-1", "reason": "claim 2027/9", "device": "dev-00001"}),
+        ),
+        200,
+        "a hold on A's device",
+    );
+    vitalmq_ok(
+        bin(),
+        &[
+            "registry",
+            "unassign",
+            "--registry",
+            s(&registry),
+            "--device",
+            "dev-00001",
+        ],
+    );
+    let held = admin.post("priya", &erase_path, &erase_body);
+    expect(&held, 409, "erasure under a hold");
+    assert!(
+        held.body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("legal hold lh-erase-1")),
+        "{}",
+        held.body
+    );
+    assert_eq!(
+        normalized(&a_event)["normalized"]["event_id"],
+        a_event,
+        "still readable"
+    );
+    expect(
+        &admin.post(
+            "priya",
+            "/v1/holds/lh-erase-1/lift",
+            &serde_json::json!({"reason": "claim settled"}),
+        ),
+        200,
+        "the hold lifted",
+    );
+    let erased = admin.post("priya", &erase_path, &erase_body);
+    expect(&erased, 200, "privacy officer erases A");
+    assert_eq!(erased.body["erased_by"], "priya", "{}", erased.body);
+    assert_eq!(erased.body["already_erased"], false, "{}", erased.body);
+    assert_eq!(
+        erased.body["unreadable_rows"]["events"], 3,
+        "{}",
+        erased.body
+    );
+    assert!(erased.body["keys_destroyed"].as_u64().expect("n") >= 1);
+
+    // Read through the API: A's rows erased, B's readable; A cannot be exported.
+    let after = admin.get("aurora", "/v1/events", "audit");
+    expect(&after, 200, "events after the erasure");
+    for r in rows(&after) {
+        assert_eq!(r["erased"] == true, r["device"] == "dev-00001", "{r}");
+    }
+    let a_after = normalized(&a_event);
+    assert_eq!(a_after["erased"], true, "{a_after}");
+    assert!(a_after["normalized"].is_null(), "{a_after}");
+    assert_eq!(normalized(&b_event)["normalized"]["event_id"], b_event);
+    let gone = admin.post("priya", &export_path, &serde_json::json!({}));
+    expect(&gone, 409, "export of an erased patient");
+    assert_eq!(reason(&gone), "conflict");
+
+    // Audited: each outcome, the patient only as the resource, none of their data.
+    let records = admin.audit();
+    let outcomes: Vec<String> = records
+        .iter()
+        .filter(|r| {
+            r["action"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("patient."))
+        })
+        .map(|r| {
+            assert_eq!(r["resource"], format!("patient/{a}"), "{r}");
+            format!(
+                "{} {}",
+                r["action"].as_str().unwrap_or_default(),
+                r["reason"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "patient.erase refused:action_not_in_role",
+            "patient.export refused:action_not_in_role",
+            "patient.export allowed",
+            "patient.export succeeded",
+            "patient.erase allowed",
+            "patient.erase conflict",
+            "patient.erase allowed",
+            "patient.erase conflict",
+            "patient.erase allowed",
+            "patient.erase succeeded",
+            "patient.export allowed",
+            "patient.export conflict",
+        ]
+    );
+    let text = std::fs::read_to_string(admin.dir.join("admin-audit/admin.jsonl")).expect("log");
+    assert!(
+        !text.contains("spo2") && !text.contains(&b) && !text.contains("ticket 4711"),
+        "no patient data, no other patient, not the request's text"
+    );
+    wait_until(TIMEOUT, "the admin audit chain verifies", || {
+        verifies(&admin)
+    });
+    // The erasure and the export are operator actions of the data directory too, by
+    // the API caller; every operator log verifies.
+    let data_log = rig.data().join("operator-audit/operator.jsonl");
+    let ops = common::audit_records(&data_log);
+    for action in ["erase", "patient.export"] {
+        assert!(
+            ops.iter()
+                .any(|r| r["action"] == action && r["reason"] == "succeeded"),
+            "{action}: {ops:?}"
+        );
+    }
+    for log in [
+        data_log,
+        rig.pki().join("audit/operator.jsonl"),
+        rig.dir().join("audit/operator.jsonl"),
+    ] {
+        operator_log_verifies(&log);
+    }
 }
 
 /// `vitalmq audit verify` on the admin log with its checkpoint key.

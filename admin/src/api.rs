@@ -13,6 +13,8 @@
 //! | GET | `/v1/holds` | `holds.read` |
 //! | POST | `/v1/holds` (body `{"id", "reason", "patient_ref"?, "device"?, "from"?, "to"?}`) | `hold.place` |
 //! | POST | `/v1/holds/{id}/lift` (body `{"reason"}`) | `hold.lift` |
+//! | POST | `/v1/patients/{patient_ref}/erase` (body `{"reason"}`) | `patient.erase` |
+//! | POST | `/v1/patients/{patient_ref}/export` (body `{"purpose"?}`) | `patient.export` |
 //!
 //! Scope: a site-scoped role reads only records of its sites. A listing without
 //! `device` leaves the others out (and says how many); a read naming a device, or a
@@ -24,6 +26,12 @@
 //! scope, and assigns it only to a site of its scope. Legal holds span sites: only a
 //! role of scope `all` reads, places or lifts them (a site-scoped role is refused, 403
 //! `outside_scope`); without a holds file configured they answer 501 `not_configured`.
+//! Erasure and export of a patient also need a role of scope `all` (a patient's data
+//! spans the sites of every device they had); `patient_ref` must be a care pseudonym
+//! (`pt-...`), anything else is refused (400) without being recorded. Both are audited
+//! as changes are (`allowed`, then the outcome: `succeeded`, `conflict` (409: under a
+//! legal hold, a device still assigned, an erased patient), `failed`), with the
+//! resource `patient/<patient_ref>` and counts and hashes, never the patient's data.
 //!
 //! Every answer is audited, including those no handler makes: a wrong method (405), a
 //! query, path or body the extractors reject (400, 413): [`audit_unaudited`] records
@@ -42,7 +50,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use vitalmq_audit::Decision;
-use vitalmq_policies::{AdminAction, Grantee, Scope, SiteId};
+use vitalmq_policies::{AdminAction, Grantee, PrincipalId, Scope, SiteId};
 
 use crate::access::{BREAK_GLASS_HEADER, Caller, PURPOSE_HEADER, RolesFile, statement};
 use crate::audit::{AdminAudit, Entry};
@@ -91,6 +99,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/reid/lookup", post(reid_lookup))
         .route("/v1/holds", get(list_holds).post(place_hold))
         .route("/v1/holds/:id/lift", post(lift_hold))
+        .route("/v1/patients/:patient_ref/erase", post(erase_patient))
+        .route("/v1/patients/:patient_ref/export", post(export_patient))
         .fallback(unknown)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(read_body))
@@ -390,6 +400,7 @@ async fn failed(app: &App, caller: &Caller, mut entry: Entry, e: BackendError) -
         BackendError::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
         BackendError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
         BackendError::NotConfigured(_) => (StatusCode::NOT_IMPLEMENTED, "not_configured"),
+        BackendError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
     };
     entry.reason = reason.to_owned();
     entry = entry
@@ -791,6 +802,22 @@ async fn reid_lookup(
 
 /// Legal holds span sites: only a role of every site reads or changes them.
 async fn holds_in_scope(app: &App, caller: &Caller, decided: Decided) -> Result<Decided, Response> {
+    all_sites_only(
+        app,
+        caller,
+        decided,
+        "legal holds span sites: only a role of scope \"all\" reads or changes them",
+    )
+    .await
+}
+
+/// Refuses (403 `outside_scope`, audited) a call of a site-scoped role.
+async fn all_sites_only(
+    app: &App,
+    caller: &Caller,
+    decided: Decided,
+    why: &str,
+) -> Result<Decided, Response> {
     if decided.grantee.role.scope == Scope::Sites {
         return Err(refuse(
             app,
@@ -798,7 +825,7 @@ async fn holds_in_scope(app: &App, caller: &Caller, decided: Decided) -> Result<
             decided.entry,
             StatusCode::FORBIDDEN,
             "outside_scope",
-            "legal holds span sites: only a role of scope \"all\" reads or changes them".into(),
+            why.to_owned(),
         )
         .await);
     }
@@ -947,6 +974,167 @@ async fn lift_hold(
     finish(&app, &caller, started, result).await
 }
 
+/// A care pseudonym as the registry accepts one (`pt-` then more, 1 to 64 of
+/// `[A-Za-z0-9._-]` in all); anything else (it might be a name) is refused unrecorded.
+fn is_patient_ref(p: &str) -> bool {
+    p.len() > "pt-".len() && p.starts_with("pt-") && PrincipalId::new(p.to_owned()).is_ok()
+}
+
+/// What the body of a patient action must hold: erasure a non-blank `reason`; export
+/// nothing or an optional `purpose` string (an empty body is `{}`).
+fn patient_body(action: AdminAction, body: &[u8]) -> Result<Value, &'static str> {
+    let blank = |v: &Value, key: &str| {
+        v.get(key)
+            .and_then(Value::as_str)
+            .is_none_or(|s| s.trim().is_empty())
+    };
+    if action == AdminAction::PatientExport {
+        let value = if body.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            serde_json::from_slice::<Value>(body).map_err(|_| "the body must be a JSON object")?
+        };
+        return match value.get("purpose") {
+            _ if !value.is_object() => Err("the body must be a JSON object"),
+            Some(p) if !p.is_string() || blank(&value, "purpose") => {
+                Err("\"purpose\" must be a non-blank string")
+            }
+            _ => Ok(value),
+        };
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) if !blank(&v, "reason") => Ok(v),
+        _ => Err("the body must be JSON with a non-blank \"reason\""),
+    }
+}
+
+async fn erase_patient(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Path(patient_ref): Path<String>,
+    Query(q): Q,
+    body: Bytes,
+) -> Response {
+    patient_action(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        patient_ref,
+        &body,
+        AdminAction::PatientErase,
+    )
+    .await
+}
+
+async fn export_patient(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Arc<Caller>>,
+    headers: HeaderMap,
+    Path(patient_ref): Path<String>,
+    Query(q): Q,
+    body: Bytes,
+) -> Response {
+    patient_action(
+        &app,
+        &caller,
+        &headers,
+        &q,
+        patient_ref,
+        &body,
+        AdminAction::PatientExport,
+    )
+    .await
+}
+
+/// Erasure or export of one patient: checked, allowed by a role of every site,
+/// recorded as allowed, run, and its outcome recorded with what it did (counts,
+/// hashes; never the patient's data).
+async fn patient_action(
+    app: &App,
+    caller: &Caller,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+    patient_ref: String,
+    body: &[u8],
+    action: AdminAction,
+) -> Response {
+    if !is_patient_ref(&patient_ref) {
+        return refuse(
+            app,
+            caller,
+            Entry::new(action.as_str(), None),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the path must name a patient pseudonym (pt-...)".into(),
+        )
+        .await;
+    }
+    let resource = Some(format!("patient/{patient_ref}"));
+    let request = match patient_body(action, body) {
+        Ok(v) => v,
+        Err(why) => {
+            return refuse(
+                app,
+                caller,
+                Entry::new(action.as_str(), resource),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                why.into(),
+            )
+            .await;
+        }
+    };
+    let decided = match decide(app, caller, headers, q, action, resource).await {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let decided = match all_sites_only(
+        app,
+        caller,
+        decided,
+        "a patient's data spans the sites of every device they had: only a role of scope \"all\" erases or exports it",
+    )
+    .await
+    {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
+    let acting = decided.acting();
+    let mut started = match record_allowed(app, caller, &decided.entry).await {
+        Ok(entry) => entry,
+        Err(down) => return down,
+    };
+    let backend = Arc::clone(&app.backend);
+    let result = blocking(move || {
+        if action == AdminAction::PatientErase {
+            backend.erase_patient(&patient_ref, request, &acting)
+        } else {
+            backend.export_patient(&patient_ref, request, &acting)
+        }
+    })
+    .await;
+    if let Ok(done) = &result {
+        // What was done, for the auditor: counts, key and manifest facts.
+        for key in [
+            "keys_destroyed",
+            "already_erased",
+            "unreadable_rows",
+            "legacy_scrubbed",
+            "manifest_sha256",
+            "events",
+            "alerts",
+            "dir",
+        ] {
+            if let Some(v) = done.get(key) {
+                started = started.detail(key, v.clone());
+            }
+        }
+    }
+    finish(app, caller, started, result).await
+}
+
 /// Records that a change or re-identification is allowed, before it runs (its outcome
 /// is recorded after); the entry to finish with, or the 503 when the log is down.
 async fn record_allowed(app: &App, caller: &Caller, entry: &Entry) -> Result<Entry, Response> {
@@ -1079,14 +1267,32 @@ mod tests {
         fn reid_lookup(&self, _: &str, _: &Acting) -> Result<Value, BackendError> {
             Err(BackendError::Refused("no".into()))
         }
+        fn erase_patient(
+            &self,
+            patient_ref: &str,
+            request: Value,
+            acting: &Acting,
+        ) -> Result<Value, BackendError> {
+            if patient_ref == "pt-held" {
+                return Err(BackendError::Conflict(
+                    "refused: legal hold h1 covers this patient".into(),
+                ));
+            }
+            self.changes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(format!("erase {patient_ref} by {}", acting.identity));
+            Ok(json!({"patient_ref": patient_ref, "keys_destroyed": 2,
+                "already_erased": false, "reason": request["reason"]}))
+        }
     }
 
     const ROLES: &str = r#"format = "vitalmq-admin-roles/v1"
 [roles.site-admin]
-actions = ["registry.assign", "registry.unassign", "events.read", "holds.read"]
+actions = ["registry.assign", "registry.unassign", "events.read", "holds.read", "patient.erase"]
 scope = "sites"
 [roles.admin]
-actions = ["registry.assign", "holds.read", "hold.place"]
+actions = ["registry.assign", "holds.read", "hold.place", "patient.erase", "patient.export"]
 scope = "all"
 [[operators]]
 id = "sam"
@@ -1307,6 +1513,101 @@ role = "admin"
                 "hold.place not_configured",
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn erasure_and_export_need_a_pseudonym_a_role_of_every_site_and_are_audited() {
+        let rig = Rig::new();
+        let post = |id: &'static str, path: &str, body: &str| {
+            let request = axum::http::Request::post(path)
+                .header(PURPOSE_HEADER, "gdpr")
+                .body(axum::body::Body::from(body.to_owned()))
+                .expect("request");
+            rig.call(id, request)
+        };
+        let erase = |p: &str| format!("/v1/patients/{p}/erase");
+        let reason = r#"{"reason": "art. 17, ticket 9"}"#;
+        // Not a pseudonym (it might be a name): refused, and not recorded.
+        let (status, answer) = post("adam", &erase("Jane%20Doe"), reason).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        // No reason, a blank one, no JSON.
+        for body in ["{}", r#"{"reason": " "}"#, "erase"] {
+            let (status, answer) = post("adam", &erase("pt-a1"), body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        }
+        // A site-scoped role may not, whatever its actions.
+        let (status, answer) = post("sam", &erase("pt-a1"), reason).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+        assert_eq!(answer["reason"], "outside_scope");
+        // Under a hold: 409, the refusal is the audited outcome.
+        let (status, answer) = post("adam", &erase("pt-held"), reason).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+        assert_eq!(answer["reason"], "conflict");
+        let (status, answer) = post("adam", &erase("pt-a1"), reason).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["keys_destroyed"], 2);
+        assert_eq!(
+            rig.changed(),
+            ["erase pt-a1 by spiffe://demo.vitalmq/operator/adam"]
+        );
+        // Export: a bad purpose is refused; without an exports directory, 501.
+        let export = "/v1/patients/pt-a1/export";
+        let (status, _) = post("adam", export, r#"{"purpose": 7}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, answer) = post("adam", export, "").await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{answer}");
+        let records = rig.audit();
+        let outcomes: Vec<_> = records
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    r["action"].as_str().unwrap_or_default(),
+                    r["resource"].as_str().unwrap_or("-"),
+                    r["reason"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                "patient.erase - refused:bad_request",
+                "patient.erase patient/pt-a1 refused:bad_request",
+                "patient.erase patient/pt-a1 refused:bad_request",
+                "patient.erase patient/pt-a1 refused:bad_request",
+                "patient.erase patient/pt-a1 refused:outside_scope",
+                "patient.erase patient/pt-held allowed",
+                "patient.erase patient/pt-held conflict",
+                "patient.erase patient/pt-a1 allowed",
+                "patient.erase patient/pt-a1 succeeded",
+                "patient.export patient/pt-a1 refused:bad_request",
+                "patient.export patient/pt-a1 allowed",
+                "patient.export patient/pt-a1 not_configured",
+            ]
+        );
+        let done = &records[8];
+        assert_eq!(done["details"]["keys_destroyed"], 2, "{done}");
+        assert_eq!(done["details"]["status"], 200, "{done}");
+        let log = std::fs::read_to_string(rig.app.audit.path()).expect("log");
+        assert!(
+            !log.contains("Jane") && !log.contains("ticket 9"),
+            "neither a name in the path nor the request's text is recorded"
+        );
+    }
+
+    #[test]
+    fn a_patient_ref_is_a_pseudonym() {
+        assert!(is_patient_ref("pt-a1b2.c_d-e"));
+        for p in [
+            "",
+            "pt-",
+            "a1",
+            "Jane Doe",
+            "pt-a/b",
+            &format!("pt-{}", "a".repeat(70)),
+        ] {
+            assert!(!is_patient_ref(p), "{p}");
+        }
     }
 
     #[tokio::test]

@@ -5,10 +5,12 @@
 //! `audit-signing.key.pem.pub` beside the log).
 //!
 //! A record names the operator (`actor.identity`, certificate fingerprint and serial,
-//! address), `action`, `resource` (a device, alert or event id, or `pseudonym`: never a
-//! patient value), `decision`, `reason` (the outcome: `allowed`, `break_glass`,
-//! `succeeded`, `failed`, `not_found`, or `refused:<why>`), and in `details` the role,
-//! purpose, break-glass reason, HTTP status and row counts.
+//! address), `action`, `resource` (a device, alert or event id, a pseudonym, a hold id
+//! or `patient/<pseudonym>`: never a patient value), `decision`, `reason` (the outcome:
+//! `allowed`, `break_glass`, `succeeded`, `failed`, `not_found`, `conflict`, or
+//! `refused:<why>`), and in `details` the role, purpose, break-glass reason, HTTP
+//! status and row counts (for an erasure the keys destroyed and rows made unreadable,
+//! for an export the manifest's SHA-256, counts and directory).
 //!
 //! A call no handler answered (a wrong method, an undecodable path, a body too large or
 //! too slow) is recorded as `action` `request`, `resource` the path, with `reason`

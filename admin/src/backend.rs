@@ -1,7 +1,7 @@
 //! What the admin API reads and changes. The binary implements it with the same code
 //! the CLI runs (the store reads, `registry_cmd::apply`, `hold_cmd::apply`, the
-//! re-identification store),
-//! so an answer through the API is the answer of the local command.
+//! re-identification store, `erase_cmd::erase`, `export_cmd::export`), so an answer
+//! through the API is the answer of the local command.
 
 use serde_json::Value;
 
@@ -52,9 +52,14 @@ pub enum BackendError {
     #[error("{0}")]
     Failed(String),
     /// What the call needs is not configured (HTTP 501): legal holds without a holds
-    /// file in the admin configuration.
+    /// file in the admin configuration, an export without `exports_dir`.
     #[error("{0}")]
     NotConfigured(String),
+    /// The state of the data refuses the request (HTTP 409): an erasure under a legal
+    /// hold or while a device is still assigned to the patient, an export of an erased
+    /// patient. Nothing was done; it may succeed once that state changes.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Whether the caller's scope allows a change of a device that served these sites
@@ -95,6 +100,34 @@ pub trait Backend: Send + Sync + 'static {
     fn lift_hold(&self, id: &str, lift: Value, acting: &Acting) -> Result<Value, BackendError> {
         let _ = (id, lift, acting);
         Err(not_configured())
+    }
+    /// Erases the patient `patient_ref` by crypto-shredding (`{"reason"}`) as `acting`;
+    /// the erasure report. Refused ([`BackendError::Conflict`]) under a legal hold or
+    /// while a device is assigned to the patient.
+    fn erase_patient(
+        &self,
+        patient_ref: &str,
+        request: Value,
+        acting: &Acting,
+    ) -> Result<Value, BackendError> {
+        let _ = (patient_ref, request, acting);
+        Err(BackendError::NotConfigured(
+            "erasure is not served here".into(),
+        ))
+    }
+    /// Exports the data of the patient `patient_ref` (`{"purpose"?}`) as `acting` into a
+    /// new directory; the manifest and where it is. Refused
+    /// ([`BackendError::Conflict`]) for an erased patient.
+    fn export_patient(
+        &self,
+        patient_ref: &str,
+        request: Value,
+        acting: &Acting,
+    ) -> Result<Value, BackendError> {
+        let _ = (patient_ref, request, acting);
+        Err(BackendError::NotConfigured(
+            "no exports directory in the admin configuration (`exports_dir`)".into(),
+        ))
     }
 }
 

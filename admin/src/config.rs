@@ -12,6 +12,10 @@
 //! reid_store = "reid"                # optional: the re-identification store
 //! holds = "holds.toml"               # optional: the legal holds (vitalmq-holds/v1)
 //! broker_audit = "broker-audit.jsonl"  # optional: adds publishers to traces
+//! exports_dir = "exports"            # optional: where patient exports are written
+//! [encryption]                       # optional: the bridge's [encryption] keys
+//! key_file = "kek.json"              # opens sealed payloads for reads
+//! keyring = "bridge-data/keyring.sqlite3"  # default DATA_DIR/keyring.sqlite3
 //! [ops_mqtt]                         # optional: also publish break-glass alerts
 //! broker = "127.0.0.1:8883"
 //! client_id = "admin-api"
@@ -56,6 +60,16 @@ pub struct AdminConfig {
     /// it those endpoints answer 501 `not_configured`.
     #[serde(default)]
     pub holds: Option<PathBuf>,
+    /// Where `POST /v1/patients/{ref}/export` writes each export, in a new directory
+    /// (0700) named by time and a random suffix, never the patient; without it that
+    /// endpoint answers 501 `not_configured`.
+    #[serde(default)]
+    pub exports_dir: Option<PathBuf>,
+    /// The store's encryption at rest, as the bridge's `[encryption]`: with it, reads
+    /// open sealed payloads (clinicians read plaintext); without it a sealed payload is
+    /// shown as `"sealed": true`. An erased patient's rows show as erased either way.
+    #[serde(default)]
+    pub encryption: Option<Encryption>,
     pub tls: TlsSettings,
     /// Where break-glass alerts are also published (`ops/admin/break_glass`, QoS 1);
     /// without it they are only written to `ops_outbox`.
@@ -76,6 +90,17 @@ pub struct OpsMqtt {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+}
+
+/// `[encryption]`: the key-encryption keys and the keyring of the bridge's store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    /// The key-encryption keys (`vitalmq-kek/v1`, the bridge's `[encryption] key_file`).
+    pub key_file: PathBuf,
+    /// The keyring; default `DATA_DIR/keyring.sqlite3`.
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
 }
 
 /// Why the configuration was refused.
@@ -137,6 +162,15 @@ impl AdminConfig {
         if let Some(p) = &mut config.holds {
             resolve(p);
         }
+        if let Some(p) = &mut config.exports_dir {
+            resolve(p);
+        }
+        if let Some(e) = &mut config.encryption {
+            resolve(&mut e.key_file);
+            if let Some(k) = &mut e.keyring {
+                resolve(k);
+            }
+        }
         if let Some(m) = &mut config.ops_mqtt {
             resolve(&mut m.cert);
             resolve(&mut m.key);
@@ -164,6 +198,13 @@ mod tests {
             config.holds.as_deref(),
             Some(Path::new("/etc/vitalmq/holds.toml"))
         );
+        assert_eq!(
+            config.exports_dir.as_deref(),
+            Some(Path::new("/etc/vitalmq/exports"))
+        );
+        let encryption = config.encryption.as_ref().expect("[encryption]");
+        assert_eq!(encryption.key_file, Path::new("/etc/vitalmq/kek.json"));
+        assert_eq!(encryption.keyring, None, "the data directory's by default");
         let mqtt = config.ops_mqtt.expect("ops_mqtt");
         assert_eq!(
             mqtt.cert,
