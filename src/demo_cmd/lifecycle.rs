@@ -354,7 +354,7 @@ fn erasure(work: &WorkDir, keyring: &Arc<Keyring>, patient: &str) -> anyhow::Res
 
     // The trace of one of their events says it was erased.
     let traced = match erased.first() {
-        Some(id) => crate::trace_cmd::trace_json(&work.bridge_data(), None, id)?
+        Some(id) => crate::trace_cmd::trace_json(&open_store(work, keyring)?, None, id)?
             .map(|(json, _)| json.to_string()),
         None => None,
     };
