@@ -395,7 +395,11 @@ fn without_data_empty_files_without_the_key_nothing_and_an_erased_patient_is_ref
     for name in ["pt-Jane.Doe", "Jane.Doe", "pt-x"] {
         let ran = f.export(name, "out-name", true);
         assert!(!ran.success, "{name}: {}", ran.all());
-        assert!(ran.all().contains("not a patient pseudonym"), "{}", ran.all());
+        assert!(
+            ran.all().contains("not a patient pseudonym"),
+            "{}",
+            ran.all()
+        );
         assert!(!f.path("out-name").exists());
         let log = std::fs::read_to_string(f.audit_log()).unwrap_or_default();
         assert!(!log.contains(name), "{name} recorded: {log}");

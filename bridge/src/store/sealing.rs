@@ -520,8 +520,7 @@ mod tests {
         );
         // Zeroed, not just unlinked: neither the state nor the bytes are in the file.
         let mut bytes = std::fs::read(dir.path().join(super::super::DB_FILE)).expect("db");
-        if let Ok(wal) = std::fs::read(dir.path().join(format!("{}-wal", super::super::DB_FILE)))
-        {
+        if let Ok(wal) = std::fs::read(dir.path().join(format!("{}-wal", super::super::DB_FILE))) {
             bytes.extend(wal);
         }
         let has = |n: &[u8]| bytes.windows(n.len()).any(|w| w == n);

@@ -243,7 +243,8 @@ fn an_erasure_says_whether_the_wal_was_checkpointed_and_a_reader_in_the_way_is_r
     let _: i64 = reader
         .query_row("SELECT COUNT(*) FROM data_keys", [], |r| r.get(0))
         .expect("read");
-    ring.seal(&pt("pt-cccc3333"), b"c", b"x").expect("write after the snapshot");
+    ring.seal(&pt("pt-cccc3333"), b"c", b"x")
+        .expect("write after the snapshot");
     let started = std::time::Instant::now();
     assert!(
         !ring
