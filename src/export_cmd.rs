@@ -161,18 +161,14 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// A patient pseudonym as the registry accepts one (never a name: a value that is not
-/// one is neither read nor recorded).
-fn is_patient_ref(p: &str) -> bool {
-    vitalmq_policies::PrincipalId::new(p.to_owned()).is_ok()
-}
-
 /// Exports one patient's data (see the module docs), recorded as the operator action
 /// `patient.export` in the operator log of the data directory.
 pub fn export(req: &ExportRequest) -> anyhow::Result<ExportReport> {
+    // A pseudonym as holds accept one (never a name: a value that is not one is
+    // neither read nor recorded).
     anyhow::ensure!(
-        is_patient_ref(&req.patient_ref),
-        "--patient is not a patient pseudonym (pt-..., 1 to 64 of [A-Za-z0-9._-])"
+        vitalmq_policies::is_patient_ref(&req.patient_ref),
+        "--patient is not a patient pseudonym (pt- then at least 8 of [0-9a-z-])"
     );
     check_out(&req.out)?;
     let store = crate::bridge_cmd::open_existing(&req.data)?;

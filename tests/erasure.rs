@@ -55,6 +55,22 @@ fn sealed_per_python(db: &Path, device: &str) -> String {
     ran.stdout.trim().to_owned()
 }
 
+/// How many `alert_state` rows of `device` python3's sqlite3 reads from a store file.
+fn alert_states_per_python(db: &Path, device: &str) -> u64 {
+    let script = format!(
+        "import sqlite3\n\
+         c = sqlite3.connect('file:{}?mode=ro', uri=True)\n\
+         print(c.execute('SELECT COUNT(*) FROM alert_state WHERE device = ?', ('{device}',)).fetchone()[0])\n",
+        db.display()
+    );
+    let ran = run(
+        Command::new("python3").args(["-c", &script]),
+        Duration::from_secs(20),
+    );
+    assert!(ran.success, "python3: {}", ran.all());
+    ran.stdout.trim().parse().expect("a count")
+}
+
 /// The store file and its WAL in `dir`, as bytes.
 fn file_bytes(dir: &Path) -> Vec<u8> {
     let mut all = Vec::new();
@@ -70,7 +86,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-fn erase(data: &Path, patient: &str, extra: &[&str], env: Option<(&str, &str)>) -> common::Ran {
+fn erase(config: &Path, patient: &str, extra: &[&str], env: Option<(&str, &str)>) -> common::Ran {
     let mut cmd = Command::new(bin());
     cmd.args([
         "erase",
@@ -78,9 +94,9 @@ fn erase(data: &Path, patient: &str, extra: &[&str], env: Option<(&str, &str)>) 
         patient,
         "--reason",
         "art. 17 request",
-        "--data",
+        "--config",
     ])
-    .arg(data)
+    .arg(config)
     .args(extra);
     if let Some((k, v)) = env {
         cmd.env(k, v);
@@ -145,15 +161,71 @@ fn an_erased_patient_is_unreadable_everywhere_and_everyone_else_is_intact() {
         ],
     );
     assert!(!before.stdout.contains("payload:"), "{}", before.stdout);
+    // A known measurement of A, readable before the erasure (with the key).
+    let before_json = vitalmq_ok(
+        bin(),
+        &[
+            "trace",
+            &a_event_id,
+            "--json",
+            "--data",
+            s(&data),
+            "--key-file",
+            s(&key_file),
+        ],
+    );
+    assert!(
+        before_json.stdout.contains("\"spo2\"") && before_json.stdout.contains("\"dev-00001\""),
+        "{}",
+        before_json.stdout
+    );
+
+    // Fail closed: no holds file known, or no encryption at rest, is a refusal.
+    let bridge_toml = std::fs::read_to_string(rig.dir().join("bridge.toml")).expect("config");
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/retention.toml");
+    let lifecycle = format!(
+        "[lifecycle]\nretention = {:?}\nholds = \"holds.toml\"\n",
+        s(&policy)
+    );
+    let config = rig.dir().join("erase.toml");
+    std::fs::write(&config, format!("{bridge_toml}{lifecycle}")).expect("erase config");
+    let no_holds = erase(&rig.dir().join("bridge.toml"), &a, &[], None);
+    assert!(
+        !no_holds.success && no_holds.all().contains("refused: no legal holds file"),
+        "{}",
+        no_holds.all()
+    );
+    let plain = rig.dir().join("plain.toml");
+    let without_encryption = bridge_toml.replace("[encryption]\nkey_file = \"kek.json\"\n", "");
+    assert_ne!(without_encryption, bridge_toml);
+    std::fs::write(&plain, format!("{without_encryption}{lifecycle}")).expect("plain config");
+    let unencrypted = erase(&plain, &a, &[], None);
+    assert!(
+        !unencrypted.success
+            && unencrypted
+                .all()
+                .contains("erasure needs encryption at rest"),
+        "{}",
+        unencrypted.all()
+    );
+    // The holds file is named but absent: refused too (never "nothing held").
+    let missing = erase(&config, &a, &[], None);
+    assert!(
+        !missing.success && missing.all().contains("legal holds cannot be read"),
+        "{}",
+        missing.all()
+    );
+    let holds = rig.dir().join("holds.toml");
+    let no_hold = "format = \"vitalmq-holds/v1\"\n";
+    std::fs::write(&holds, no_hold).expect("holds");
 
     // Refused while assigned, and under a legal hold.
-    let refused = erase(&data, &a, &["--registry", s(&registry)], None);
+    let refused = erase(&config, &a, &[], None);
     assert!(
         !refused.success && refused.all().contains("still assigned"),
         "{}",
         refused.all()
     );
-    let holds = rig.dir().join("holds.toml");
     std::fs::write(
         &holds,
         "format = \"vitalmq-holds/v1\"\n[[holds]]\nid = \"hold-1\"\nreason = \"litigation\"\n\
@@ -161,12 +233,13 @@ fn an_erased_patient_is_unreadable_everywhere_and_everyone_else_is_intact() {
          device = \"dev-00001\"\n",
     )
     .expect("holds");
-    let held = erase(&data, &a, &["--holds", s(&holds)], None);
+    let held = erase(&config, &a, &[], None);
     assert!(
         !held.success && held.all().contains("legal hold hold-1"),
         "{}",
         held.all()
     );
+    std::fs::write(&holds, no_hold).expect("hold gone");
     vitalmq_ok(
         bin(),
         &[
@@ -181,13 +254,13 @@ fn an_erased_patient_is_unreadable_everywhere_and_everyone_else_is_intact() {
 
     // Killed between the keyring erase and the cleanup: the rerun finishes.
     let crashed = erase(
-        &data,
+        &config,
         &a,
-        &["--registry", s(&registry)],
+        &[],
         Some(("VITALMQ_ERASE_ABORT_AFTER_KEYRING", "1")),
     );
     assert!(!crashed.success, "aborted: {}", crashed.all());
-    let done = erase(&data, &a, &["--registry", s(&registry)], None);
+    let done = erase(&config, &a, &[], None);
     assert!(done.success, "{}", done.all());
     let report: Json = serde_json::from_str(done.stdout.trim()).expect("report");
     assert_eq!(report["already_erased"], true, "{report}");
@@ -195,6 +268,14 @@ fn an_erased_patient_is_unreadable_everywhere_and_everyone_else_is_intact() {
     assert!(
         report["keys_destroyed"].as_u64().expect("n") >= 1,
         "{report}"
+    );
+    assert_eq!(report["wal_checkpointed"], true, "{report}");
+    // This rig runs no alert rules (no alert state): the unit test of
+    // `Store::erase_cleanup` covers the alert-state and quarantine deletions.
+    assert_eq!(
+        alert_states_per_python(&db, "dev-00001"),
+        0,
+        "A's alert state"
     );
 
     // A's rows read as erased, B's do not; here and in the copy (with the live keyring).
@@ -246,11 +327,19 @@ fn an_erased_patient_is_unreadable_everywhere_and_everyone_else_is_intact() {
         "B readable: {}",
         b_trace.stdout
     );
-    // No plaintext anywhere: the normalized JSON's keys are in no file.
+    // No plaintext anywhere: the normalized JSON's keys, a measurement and A's device
+    // inside JSON are in no file (main file, WAL, pre-erasure copy).
     for dir in [&data, &copy] {
         let bytes = file_bytes(dir);
         assert!(!bytes.is_empty());
-        assert!(!contains(&bytes, b"\"provenance\""), "{}", dir.display());
+        for needle in [&b"\"provenance\""[..], b"\"spo2\"", b"\"dev-00001\""] {
+            assert!(
+                !contains(&bytes, needle),
+                "{} in {}",
+                String::from_utf8_lossy(needle),
+                dir.display()
+            );
+        }
     }
     // Every audit chain verifies.
     verifies(&data.join("audit.jsonl"));

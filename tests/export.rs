@@ -390,8 +390,22 @@ fn one_patients_export_verifies_independently_and_is_audited() {
 #[test]
 fn without_data_empty_files_without_the_key_nothing_and_an_erased_patient_is_refused() {
     let f = Fixture::new();
+    // Not a pseudonym (it might be a name, `PrincipalId` would take it): refused
+    // before anything is read or recorded.
+    for name in ["pt-Jane.Doe", "Jane.Doe", "pt-x"] {
+        let ran = f.export(name, "out-name", true);
+        assert!(!ran.success, "{name}: {}", ran.all());
+        assert!(
+            ran.all().contains("not a patient pseudonym"),
+            "{}",
+            ran.all()
+        );
+        assert!(!f.path("out-name").exists());
+        let log = std::fs::read_to_string(f.audit_log()).unwrap_or_default();
+        assert!(!log.contains(name), "{name} recorded: {log}");
+    }
     // A patient without data: an export of empty files, not an error.
-    let ran = f.export("pt-nobody", "out-none", true);
+    let ran = f.export("pt-nobody-01", "out-none", true);
     assert!(ran.success, "{}", ran.all());
     let out = f.path("out-none");
     for name in [

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, Nonce, RandomizedNonceKey};
 use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
@@ -56,6 +57,53 @@ pub struct Tombstone {
     /// How many data-key versions the erasure destroyed.
     pub keys_destroyed: u64,
 }
+
+/// What [`Keyring::erase_checked`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Erasure {
+    pub tombstone: Tombstone,
+    /// Whether the WAL was checkpointed and truncated afterwards, so no old page image
+    /// with the destroyed wrapped keys is left in it.
+    pub wal_checkpointed: bool,
+}
+
+/// How long an erasure retries its WAL checkpoint while readers hold the WAL.
+pub const CHECKPOINT_WITHIN: Duration = Duration::from_secs(5);
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)` on `conn`, retried with a short pause while it
+/// reports busy (a reader or writer of another connection in the way), for at most
+/// `within`. True when a pass completed: every WAL frame is in the database file and
+/// the WAL is truncated to zero bytes. SQLite reports an incomplete checkpoint in a
+/// result row, not as an error, so it must be read. The connection's busy timeout is
+/// shortened meanwhile so one pass cannot outlast `within`, then restored to
+/// `restore_busy`.
+pub fn checkpoint_wal_with(
+    conn: &Connection,
+    within: Duration,
+    restore_busy: Duration,
+) -> rusqlite::Result<bool> {
+    let deadline = std::time::Instant::now() + within;
+    conn.busy_timeout(Duration::from_millis(50).min(within))?;
+    let done = (|| loop {
+        let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+        if busy == 0 {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    })();
+    conn.busy_timeout(restore_busy)?;
+    done
+}
+
+fn checkpoint_wal(conn: &Connection, within: Duration) -> rusqlite::Result<bool> {
+    checkpoint_wal_with(conn, within, BUSY_TIMEOUT)
+}
+
+/// How long a keyring connection waits for another one's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Per-subject data keys, wrapped by a [`KeyProvider`]; see the module docs.
 pub struct Keyring {
@@ -115,8 +163,7 @@ impl Keyring {
             source,
         };
         let mut conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sql)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -372,7 +419,8 @@ impl Keyring {
 
     /// Destroys every data key of `subject` and records its tombstone, in one
     /// transaction; idempotent (a second call returns the first tombstone). From here
-    /// on nothing sealed for the subject opens, anywhere it was copied.
+    /// on nothing sealed for the subject opens, anywhere it was copied. See
+    /// [`Self::erase_checked`] for whether the WAL was checkpointed after it.
     pub fn erase(
         &self,
         subject: &Subject,
@@ -380,6 +428,19 @@ impl Keyring {
         reason: &str,
         now_ms: u64,
     ) -> Result<Tombstone, KeyError> {
+        self.erase_checked(subject, erased_by, reason, now_ms)
+            .map(|e| e.tombstone)
+    }
+
+    /// [`Self::erase`], then a WAL checkpoint (retried for up to [`CHECKPOINT_WITHIN`]
+    /// while a reader holds the WAL), and says whether it completed.
+    pub fn erase_checked(
+        &self,
+        subject: &Subject,
+        erased_by: &str,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<Erasure, KeyError> {
         let mut inner = self.lock()?;
         let tx = inner
             .conn
@@ -420,12 +481,27 @@ impl Keyring {
         tx.commit().map_err(self.sql())?;
         inner.cache.remove(subject);
         // Old page images with the wrapped key sit in the WAL until a checkpoint.
-        inner
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .map_err(self.sql())?;
+        let wal_checkpointed =
+            checkpoint_wal(&inner.conn, CHECKPOINT_WITHIN).map_err(self.sql())?;
+        if !wal_checkpointed {
+            tracing::warn!(
+                keyring = %self.path.display(),
+                "keyring WAL not checkpointed after an erasure (a reader held it): old page images may still hold the destroyed key until the next checkpoint"
+            );
+        }
         inner.data_version = data_version(&inner.conn).map_err(self.sql())?;
-        Ok(t)
+        Ok(Erasure {
+            tombstone: t,
+            wal_checkpointed,
+        })
+    }
+
+    /// Checkpoints the keyring's WAL into the file and truncates it, retrying while a
+    /// reader holds it, for at most `within`; false when it could not complete (old
+    /// page images, such as a destroyed key, are then still in the WAL).
+    pub fn checkpoint(&self, within: Duration) -> Result<bool, KeyError> {
+        let inner = self.lock()?;
+        checkpoint_wal(&inner.conn, within).map_err(self.sql())
     }
 
     /// Whether the keyring holds data-key `version` of `subject` (without unwrapping it).

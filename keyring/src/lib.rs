@@ -36,7 +36,7 @@ pub mod secret_file;
 mod subject;
 
 #[cfg(feature = "store")]
-pub use keyring::{Keyring, Tombstone};
+pub use keyring::{CHECKPOINT_WITHIN, Erasure, Keyring, Tombstone, checkpoint_wal_with};
 pub use provider::{DataKey, KeyProvider, LocalKeyFile, WrappedKey};
 pub use sealed::{SealedHeader, is_sealed};
 pub use secret_file::{read_secret, seal_file};

@@ -35,6 +35,8 @@ use super::{Store, StoreError};
 pub const QUARANTINE_SUBJECT: &str = "sys:quarantine";
 /// The subject of an accepted event without a patient (should not occur).
 pub const UNATTRIBUTED_SUBJECT: &str = "sys:unattributed";
+/// The busy timeout `Store::open` gives its connection, restored after a checkpoint.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// What a scrubbed (erased plaintext) normalized event or alert body holds.
 pub const ERASED_MARKER: &str = r#"{"erased":true}"#;
 
@@ -269,12 +271,36 @@ impl Store {
     }
 
     /// Overwrites in place every plaintext payload of `patient_ref` (rows written
-    /// before encryption was on): normalized events and alert bodies become
-    /// [`ERASED_MARKER`], raw bytes become empty; ids, hashes and positions stay. Sealed
-    /// rows are left as they are (their key is gone). One transaction, with SQLite's
-    /// `secure_delete` so the old cells are zeroed, then a WAL checkpoint so no old page
-    /// image lingers in the WAL. Idempotent; returns how many rows it changed.
+    /// before encryption was on); see [`Self::erase_cleanup`], of which this is the
+    /// payload part alone. Returns how many rows it changed.
     pub fn scrub_patient(&mut self, patient_ref: &str) -> Result<u64, StoreError> {
+        self.erase_cleanup(patient_ref, &ErasureScope::default())
+            .map(|c| c.legacy_scrubbed)
+    }
+
+    /// The store's part of an erasure, after the patient's keys were destroyed, in one
+    /// transaction with SQLite's `secure_delete` (old cells are zeroed):
+    ///
+    /// - every plaintext payload of `patient_ref` (rows written before encryption was
+    ///   on) is overwritten in place: normalized events and alert bodies become
+    ///   [`ERASED_MARKER`], raw bytes become empty; ids, hashes and positions stay.
+    ///   Sealed rows are left as they are (their key is gone).
+    /// - the alert engine's state (`alert_state`: baselines, recent measurements, in
+    ///   plaintext) of every device in `scope.devices` is deleted. That state is per
+    ///   device, not per patient: a device that now serves another patient loses its
+    ///   baselines too, and the engine starts them afresh (as after a sequence reset).
+    /// - quarantined messages (sealed under [`QUARANTINE_SUBJECT`], not the patient's
+    ///   key, so the key erasure does not reach them) of a device in `scope.received`
+    ///   received within its period are deleted.
+    ///
+    /// Then the WAL is checkpointed and truncated (retried up to
+    /// [`vitalmq_keyring::CHECKPOINT_WITHIN`] while a reader holds it), so no old page
+    /// image lingers in it; whether that completed is reported. Idempotent.
+    pub fn erase_cleanup(
+        &mut self,
+        patient_ref: &str,
+        scope: &ErasureScope,
+    ) -> Result<Cleanup, StoreError> {
         let path = self.path.clone();
         let err = |e| super::classify(&path, e);
         self.conn
@@ -319,12 +345,68 @@ impl Store {
                 params![patient_ref, ERASED_MARKER],
             )
             .map_err(err)?;
+        let mut alert_states = 0;
+        for device in &scope.devices {
+            alert_states += tx
+                .execute("DELETE FROM alert_state WHERE device = ?1", params![device])
+                .map_err(err)?;
+        }
+        let mut quarantine = 0;
+        for (device, from, to) in &scope.received {
+            quarantine += tx
+                .execute(
+                    "DELETE FROM quarantine
+                     WHERE device = ?1 AND received_at_ms >= ?2 AND (?3 IS NULL OR received_at_ms < ?3)",
+                    params![device, super::u2i(*from), to.map(super::u2i)],
+                )
+                .map_err(err)?;
+        }
         tx.commit().map_err(err)?;
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .map_err(err)?;
-        Ok(changed as u64)
+        let wal_checkpointed = vitalmq_keyring::checkpoint_wal_with(
+            &self.conn,
+            vitalmq_keyring::CHECKPOINT_WITHIN,
+            BUSY_TIMEOUT,
+        )
+        .map_err(err)?;
+        if !wal_checkpointed {
+            tracing::warn!(
+                store = %self.path.display(),
+                "store WAL not checkpointed after an erasure cleanup (a reader held it): old page images stay in the WAL until the next checkpoint"
+            );
+        }
+        Ok(Cleanup {
+            legacy_scrubbed: changed as u64,
+            alert_states: alert_states as u64,
+            quarantine: quarantine as u64,
+            wal_checkpointed,
+        })
     }
+}
+
+/// Whose rows beyond the patient's own an erasure cleanup removes
+/// ([`Store::erase_cleanup`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErasureScope {
+    /// Devices the patient had (registry history, stored events): their alert state
+    /// is deleted.
+    pub devices: Vec<String>,
+    /// `(device, from, to)` (ms, `to` exclusive, open when `None`): the patient's
+    /// assignment periods; quarantined messages of the device received within one
+    /// are deleted.
+    pub received: Vec<(String, u64, Option<u64>)>,
+}
+
+/// What [`Store::erase_cleanup`] changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Cleanup {
+    /// Plaintext payloads (written before encryption was on) overwritten.
+    pub legacy_scrubbed: u64,
+    /// Devices whose alert-engine state was deleted.
+    pub alert_states: u64,
+    /// Quarantined messages deleted.
+    pub quarantine: u64,
+    /// Whether the WAL was checkpointed and truncated afterwards.
+    pub wal_checkpointed: bool,
 }
 
 /// A key provider that holds no key: a keyring opened with it answers what needs no
@@ -358,5 +440,95 @@ impl vitalmq_keyring::KeyProvider for NoKeys {
         Err(KeyError::UnknownKek {
             version: wrapped.kek_version,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vitalmq_envelope::DeviceId;
+
+    use super::super::write::test_events::event;
+    use super::super::{Commit, Quarantined};
+    use super::*;
+
+    fn quarantined(device: &str, at: u64) -> Quarantined {
+        Quarantined {
+            received_at_ms: at,
+            topic: format!("devices/{device}/telemetry"),
+            device: Some(device.to_owned()),
+            reason: "implausible".into(),
+            detail: "d".into(),
+            sha256_hex: format!("{at:02x}"),
+            raw: bytes::Bytes::from(format!("q-{device}-{at}")),
+        }
+    }
+
+    fn count(store: &Store, sql: &str) -> i64 {
+        store.conn.query_row(sql, [], |r| r.get(0)).expect("count")
+    }
+
+    #[test]
+    fn the_cleanup_deletes_alert_state_of_the_devices_and_quarantine_within_the_periods() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let dev = |d: &str| DeviceId::new(d).expect("id");
+        store
+            .commit(&Commit {
+                events: vec![event("dev-00001", 1, 1).for_patient("pt-a")],
+                // dev-00001 was A's during [100, 200); dev-00002 is someone else's.
+                quarantine: vec![
+                    quarantined("dev-00001", 50),
+                    quarantined("dev-00001", 100),
+                    quarantined("dev-00001", 199),
+                    quarantined("dev-00001", 200),
+                    quarantined("dev-00002", 150),
+                ],
+                alert_states: vec![
+                    (dev("dev-00001"), r#"{"baseline":{"spo2":97}}"#.into()),
+                    (dev("dev-00002"), r#"{"baseline":{"spo2":95}}"#.into()),
+                ],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let scope = ErasureScope {
+            devices: vec!["dev-00001".into()],
+            received: vec![("dev-00001".into(), 100, Some(200))],
+        };
+        let done = store.erase_cleanup("pt-a", &scope).expect("cleanup");
+        assert_eq!((done.alert_states, done.quarantine), (1, 2), "{done:?}");
+        assert!(done.wal_checkpointed);
+        let states = store.load_alert_states().expect("states");
+        assert!(!states.contains_key(&dev("dev-00001")), "A's device reset");
+        assert!(states.contains_key(&dev("dev-00002")), "others' kept");
+        let left: Vec<(String, i64)> = {
+            let mut stmt = store
+                .conn
+                .prepare("SELECT device, received_at_ms FROM quarantine ORDER BY id")
+                .expect("prepare");
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(Iterator::collect)
+                .expect("rows")
+        };
+        assert_eq!(
+            left,
+            [
+                ("dev-00001".to_owned(), 50),
+                ("dev-00001".to_owned(), 200),
+                ("dev-00002".to_owned(), 150)
+            ],
+            "only the device's rows within the period"
+        );
+        // Zeroed, not just unlinked: neither the state nor the bytes are in the file.
+        let mut bytes = std::fs::read(dir.path().join(super::super::DB_FILE)).expect("db");
+        if let Ok(wal) = std::fs::read(dir.path().join(format!("{}-wal", super::super::DB_FILE))) {
+            bytes.extend(wal);
+        }
+        let has = |n: &[u8]| bytes.windows(n.len()).any(|w| w == n);
+        assert!(!has(b"\"spo2\":97"), "alert state zeroed");
+        assert!(!has(b"q-dev-00001-100") && !has(b"q-dev-00001-199"));
+        assert!(has(b"q-dev-00002-150"), "the check can see plaintext");
+        let again = store.erase_cleanup("pt-a", &scope).expect("again");
+        assert_eq!((again.alert_states, again.quarantine), (0, 0), "idempotent");
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM quarantine"), 3);
     }
 }

@@ -222,3 +222,38 @@ fn two_keyrings_racing_for_a_first_key_agree_on_one() {
     }
     assert_eq!(a.key_counts().expect("counts").0, 1);
 }
+
+#[test]
+fn an_erasure_says_whether_the_wal_was_checkpointed_and_a_reader_in_the_way_is_reported() {
+    let f = Fixture::new();
+    let ring = f.keyring();
+    ring.seal(&pt("pt-aaaa1111"), b"c", b"x").expect("seal");
+    ring.seal(&pt("pt-bbbb2222"), b"c", b"x").expect("seal");
+    let done = ring
+        .erase_checked(&pt("pt-aaaa1111"), "po", "r", 1)
+        .expect("erase");
+    assert!(done.wal_checkpointed, "nobody in the way");
+    let wal = f.dir.path().join("keyring.sqlite3-wal");
+    assert_eq!(std::fs::metadata(&wal).map_or(0, |m| m.len()), 0);
+
+    // A reader holding a snapshot from before a write keeps the checkpoint from
+    // completing: reported as false within the deadline, not ignored.
+    let reader = rusqlite::Connection::open(ring.path()).expect("reader");
+    reader.execute_batch("BEGIN").expect("begin");
+    let _: i64 = reader
+        .query_row("SELECT COUNT(*) FROM data_keys", [], |r| r.get(0))
+        .expect("read");
+    ring.seal(&pt("pt-cccc3333"), b"c", b"x")
+        .expect("write after the snapshot");
+    let started = std::time::Instant::now();
+    assert!(
+        !ring
+            .checkpoint(Duration::from_millis(300))
+            .expect("checkpoint"),
+        "a reader was in the way"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded");
+    reader.execute_batch("COMMIT").expect("end");
+    drop(reader);
+    assert!(ring.checkpoint(Duration::from_secs(2)).expect("checkpoint"));
+}
