@@ -348,11 +348,15 @@ impl Backend for LocalBackend {
             reason: reason.to_owned(),
             data: self.data_dir.clone(),
             registry: Some(self.registry.clone()),
-            // No holds file yet: no hold was ever placed.
-            holds: self.holds.clone().filter(|p| p.exists()),
+            // Fail closed: without the deployment's holds file (the bridge's
+            // `[lifecycle] holds`), the erasure is refused.
+            holds: self.holds.clone(),
             key_file: self.key_file.clone(),
             keyring: Some(self.keyring.clone()),
             by: operator_id(acting)?,
+            encrypted_at_rest: self.key_file.is_some(),
+            scrub_plaintext_only: false,
+            now_ms: None,
         })
         .map_err(patient_error)?;
         json(&report)

@@ -293,8 +293,14 @@ async fn demo(
         .as_ref()
         .map(|r| r.previous_patient.clone());
     let step_work = work.clone();
+    let device_now = device_clock.now_ms()?;
     let step = tokio::task::spawn_blocking(move || {
-        lifecycle::step(&step_work, erased.as_deref(), lifecycle::wall_now())
+        lifecycle::step(
+            &step_work,
+            erased.as_deref(),
+            lifecycle::wall_now(),
+            device_now,
+        )
     })
     .await
     .context("the lifecycle step")?;

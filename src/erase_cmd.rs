@@ -115,6 +115,9 @@ pub struct Request {
     pub encrypted_at_rest: bool,
     /// Erase without encryption at rest (scrub only; see [`EraseArgs`]).
     pub scrub_plaintext_only: bool,
+    /// The instant the open-assignment check is made at; `None`: the wall clock. (The
+    /// demo's devices run on a faster clock, and their assignments with them.)
+    pub now_ms: Option<u64>,
 }
 
 impl Request {
@@ -138,6 +141,7 @@ impl Request {
             by,
             encrypted_at_rest: encryption.is_some(),
             scrub_plaintext_only: false,
+            now_ms: None,
         }
     }
 }
@@ -337,7 +341,7 @@ fn erase_in(
             let _turn = lock_dir_timeout(dir_of(&sources.holds), registry_cmd::LOCK_TIMEOUT)
                 .with_context(|| format!("lock of {}", sources.holds.display()))?;
             refuse_if_held(patient, &sources.holds, &stored_devices, span, &assignments)?;
-            refuse_if_assigned(&assignments)?;
+            refuse_if_assigned(&assignments, req.now_ms.unwrap_or_else(now_ms))?;
             let done = keyring.erase_checked(subject, &req.by, &req.reason, now_ms())?;
             tracing::info!(
                 keys_destroyed = done.tombstone.keys_destroyed,
@@ -448,8 +452,7 @@ fn refuse_if_held(
 }
 
 /// Refused while the registry assigns a device to the patient (open assignment).
-fn refuse_if_assigned(assignments: &[(DeviceId, Period)]) -> anyhow::Result<()> {
-    let now = now_ms();
+fn refuse_if_assigned(assignments: &[(DeviceId, Period)], now: u64) -> anyhow::Result<()> {
     if let Some((id, _)) = assignments
         .iter()
         .find(|(_, p)| p.to.is_none_or(|to| to > now))

@@ -690,6 +690,10 @@ fn a_privacy_officer_exports_and_erases_a_patient_of_an_encrypted_store() {
         false,
         "exports_dir = \"exports\"\n[encryption]\nkey_file = \"kek.json\"\n",
     );
+    // The deployment's holds file exists from the start (an erasure without it is
+    // refused: no hold could be ruled out).
+    std::fs::write(admin.dir.join("holds.toml"), "format = \"vitalmq-holds/v1\"\n")
+        .expect("holds file");
 
     // The store is sealed, the API reads it in plaintext with the key file.
     let events = admin.get("aurora", "/v1/events", "audit");

@@ -110,6 +110,11 @@ impl DeviceClock {
         })
     }
 
+    /// What the devices' clocks read now.
+    pub fn now_ms(&self) -> anyhow::Result<u64> {
+        self.reads_in(Duration::ZERO)
+    }
+
     /// What the devices' clocks read `ahead` of wall time from now.
     fn reads_in(&self, ahead: Duration) -> anyhow::Result<u64> {
         let elapsed = Duration::from_millis(wall_ms()?.saturating_sub(self.origin_ms)) + ahead;

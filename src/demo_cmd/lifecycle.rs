@@ -69,8 +69,14 @@ pub fn wall_now() -> u64 {
 
 /// Runs the step, printing what it does; returns its checks. `erased` is the patient
 /// to erase (the one reassigned away from [`REASSIGNED_DEVICE`]), if the reassignment
-/// happened. Blocking (the retention run has its own runtime).
-pub fn step(work: &WorkDir, erased: Option<&str>, now: u64) -> anyhow::Result<Vec<Check>> {
+/// happened; `device_now` what the devices' clocks read (assignments are on it).
+/// Blocking (the retention run has its own runtime).
+pub fn step(
+    work: &WorkDir,
+    erased: Option<&str>,
+    now: u64,
+    device_now: u64,
+) -> anyhow::Result<Vec<Check>> {
     println!("\nlifecycle: encryption at rest, backup, legal hold, erasure, export, retention");
     let keyring = open_keyring(work)?;
     let mut checks = at_rest(work, &keyring)?;
@@ -88,10 +94,10 @@ pub fn step(work: &WorkDir, erased: Option<&str>, now: u64) -> anyhow::Result<Ve
         &manifest.sha256[..12]
     );
 
-    checks.push(hold_refuses_erasure(work, &held)?);
+    checks.push(hold_refuses_erasure(work, &held, device_now)?);
 
     match erased {
-        Some(patient) => checks.extend(erasure(work, &keyring, patient)?),
+        Some(patient) => checks.extend(erasure(work, &keyring, patient, device_now)?),
         None => checks.push(Check::skipped(
             "erasure (the reassignment was not made: stopped before it was due)",
         )),
@@ -207,7 +213,7 @@ fn at_rest(work: &WorkDir, keyring: &Keyring) -> anyhow::Result<Vec<Check>> {
 }
 
 /// Places the hold on `held` and checks that erasing them is refused.
-fn hold_refuses_erasure(work: &WorkDir, held: &str) -> anyhow::Result<Check> {
+fn hold_refuses_erasure(work: &WorkDir, held: &str, device_now: u64) -> anyhow::Result<Check> {
     hold_cmd::apply(
         &work.holds(),
         &hold_cmd::Change::Place(hold_cmd::Place {
@@ -224,7 +230,7 @@ fn hold_refuses_erasure(work: &WorkDir, held: &str) -> anyhow::Result<Check> {
         "  hold      {HOLD_ID} placed on the patient of {HELD_DEVICE} ({}, audited hold.place)",
         work.holds().display()
     );
-    let refused = erase_cmd::erase(&erase_request(work, held));
+    let refused = erase_cmd::erase(&erase_request(work, held, device_now));
     let text = match &refused {
         Ok(_) => "erased (not refused!)".to_owned(),
         Err(e) => format!("{e:#}"),
@@ -247,20 +253,23 @@ fn hold_refuses_erasure(work: &WorkDir, held: &str) -> anyhow::Result<Check> {
     ))
 }
 
-/// An erasure request for `patient` as the demo's operator. Without the registry: the
-/// devices' clocks run `--time-scale` times faster than the wall clock, so the end of
-/// the erased patient's assignment (the reassignment, in device time) is still in the
-/// wall clock's future and the open-assignment precondition would refuse it.
-fn erase_request(work: &WorkDir, patient: &str) -> erase_cmd::Request {
+/// An erasure request for `patient` as the demo's operator, its open-assignment check
+/// made at `device_now`: the devices' clocks (and the assignments set on them) run
+/// `--time-scale` times faster than the wall clock, so the end of the erased patient's
+/// assignment (the reassignment, in device time) is still in the wall clock's future.
+fn erase_request(work: &WorkDir, patient: &str, device_now: u64) -> erase_cmd::Request {
     erase_cmd::Request {
         patient_ref: patient.to_owned(),
         reason: "demo: the patient asked for erasure (GDPR art. 17)".to_owned(),
         data: work.bridge_data(),
-        registry: None,
+        registry: Some(work.registry()),
         holds: Some(work.holds()),
         key_file: Some(work.key_file()),
         keyring: None,
         by: "vitalmq-demo".to_owned(),
+        encrypted_at_rest: true,
+        scrub_plaintext_only: false,
+        now_ms: Some(device_now),
     }
 }
 
@@ -278,11 +287,16 @@ fn erased_events(store: &Store) -> anyhow::Result<(Vec<String>, usize)> {
 
 /// Erases `patient` and checks the store, the objects, the backup taken before and
 /// the trace of one of their events.
-fn erasure(work: &WorkDir, keyring: &Arc<Keyring>, patient: &str) -> anyhow::Result<Vec<Check>> {
+fn erasure(
+    work: &WorkDir,
+    keyring: &Arc<Keyring>,
+    patient: &str,
+    device_now: u64,
+) -> anyhow::Result<Vec<Check>> {
     let store = open_store(work, keyring)?;
     let (rows_before, _, _) = store.patient_rows(patient)?;
     drop(store);
-    let report = erase_cmd::erase(&erase_request(work, patient))?;
+    let report = erase_cmd::erase(&erase_request(work, patient, device_now))?;
     println!(
         "  erasure   the patient reassigned away from {REASSIGNED_DEVICE}: {} data keys destroyed, {} events unreadable (audited erase)",
         report.keys_destroyed, report.unreadable_rows.events
