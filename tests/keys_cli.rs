@@ -29,7 +29,11 @@ fn keys_rotate_rewrap_and_seal_under_audit() {
     let (k, r) = (s(&key_file), s(&keyring));
 
     vitalmq_ok(bin(), &["keys", "init", "--key-file", k]);
-    let mode = std::fs::metadata(&key_file).expect("kek").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&key_file)
+        .expect("kek")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let again = common::run(
         std::process::Command::new(bin()).args(["keys", "init", "--key-file", k]),
@@ -42,7 +46,16 @@ fn keys_rotate_rewrap_and_seal_under_audit() {
     for expected in [1, 2] {
         let ran = vitalmq_ok(
             bin(),
-            &["keys", "rotate", "--key-file", k, "--keyring", r, "--subject", subject],
+            &[
+                "keys",
+                "rotate",
+                "--key-file",
+                k,
+                "--keyring",
+                r,
+                "--subject",
+                subject,
+            ],
         );
         assert_eq!(json(&ran)["version"], expected, "{}", ran.all());
     }
@@ -77,11 +90,24 @@ fn keys_rotate_rewrap_and_seal_under_audit() {
     let sealed = tmp.path().join("server.key.sealed");
     vitalmq_ok(
         bin(),
-        &["keys", "seal-file", "--key-file", k, "--input", s(&pem), "--output", s(&sealed)],
+        &[
+            "keys",
+            "seal-file",
+            "--key-file",
+            k,
+            "--input",
+            s(&pem),
+            "--output",
+            s(&sealed),
+        ],
     );
     let text = std::fs::read_to_string(&sealed).expect("sealed");
     assert!(text.contains("vitalmq-sealed-secret/v1") && !text.contains("PRIVATE KEY"));
-    let mode = std::fs::metadata(&sealed).expect("sealed").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&sealed)
+        .expect("sealed")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
 
     // Every action is in the operator log beside the key file, and the chain verifies.
@@ -94,8 +120,18 @@ fn keys_rotate_rewrap_and_seal_under_audit() {
         "keys.status",
         "keys.seal_file",
     ] {
-        assert!(records.contains(&format!("\"{action}\"")), "{action} not audited");
+        assert!(
+            records.contains(&format!("\"{action}\"")),
+            "{action} not audited"
+        );
     }
-    let verified = vitalmq_ok(bin(), &["audit", "verify", s(&log), "--allow-unsigned-tail"]);
-    assert!(verified.stdout.contains("chain intact"), "{}", verified.all());
+    let verified = vitalmq_ok(
+        bin(),
+        &["audit", "verify", s(&log), "--allow-unsigned-tail"],
+    );
+    assert!(
+        verified.stdout.contains("chain intact"),
+        "{}",
+        verified.all()
+    );
 }
