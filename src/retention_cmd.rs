@@ -8,6 +8,10 @@
 //! `$VITALMQ_OPERATOR_AUDIT`), a `started` record before and a `succeeded` record
 //! carrying the run's details after (the fields of the bridge's `retention_run`
 //! record, plus `policy_sha256`). The details are also printed as one JSON object.
+//!
+//! A `--now` more than [`FUTURE_SLACK_MS`] ahead of the wall clock is refused (exit 1,
+//! nothing done, a `failed` record in the operator log) unless `--allow-future-now` is
+//! given: a mistyped year would otherwise make everything due at once.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,6 +24,9 @@ use vitalmq_bridge::lifecycle::{self, BatchHook};
 /// Test hook: the process aborts (as `kill -9` would stop it) after this many store
 /// transactions, so a test can prove that a rerun finishes a run cut short.
 const ABORT_AFTER_ENV: &str = "VITALMQ_TEST_RETENTION_ABORT_AFTER_BATCHES";
+
+/// How far `--now` may be ahead of the wall clock without `--allow-future-now` (1 day).
+pub const FUTURE_SLACK_MS: u64 = 86_400_000;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum RetentionCommand {
@@ -38,6 +45,9 @@ pub struct RunArgs {
     /// Decide and report, change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Accept a `--now` more than a day ahead of the wall clock (tests, rehearsals).
+    #[arg(long)]
+    allow_future_now: bool,
 }
 
 impl RetentionCommand {
@@ -97,7 +107,18 @@ pub fn run_audited(
             "data_dir",
             crate::operator_audit::absolute(&config.data_dir),
         )
+        .detail("now_ms", now)
+        .detail("allow_future_now", args.allow_future_now)
         .run(|| {
+            let wall = lifecycle::wall_clock();
+            if now > wall.saturating_add(FUTURE_SLACK_MS) && !args.allow_future_now {
+                anyhow::bail!(
+                    "--now {}: more than a day ahead of the clock ({}); a run then would \
+                     act on everything due until then; give --allow-future-now if that is meant",
+                    args.now.as_deref().unwrap_or_default(),
+                    vitalmq_bridge::normalize::rfc3339_ms(wall).unwrap_or_default()
+                );
+            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

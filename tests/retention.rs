@@ -269,6 +269,8 @@ fn retention_run_acts_on_what_is_due_keeps_what_is_held_and_is_audited() {
             .iter()
             .all(|e| e.head.device.as_str() == "anonymized")
     );
+    // Their raw rows keep no hash of the message (a lookup key back to the device).
+    assert!(anonymized.iter().all(|e| e.raw_sha256.is_empty()));
     // The held patient's device keeps every reading as it was.
     let held = |rows: &[EventRow]| -> Vec<EventRow> {
         rows.iter()
@@ -382,4 +384,39 @@ fn a_run_killed_after_its_first_transaction_is_finished_by_the_next() {
     // them), and the same objects.
     assert_eq!(rows(&killed), rows(&whole));
     assert_eq!(objects(&killed), objects(&whole));
+}
+
+#[test]
+fn a_now_more_than_a_day_ahead_is_refused_unless_allowed() {
+    let dir = temp_dir("retention-future");
+    let config = setup(dir.path());
+    let before = events(dir.path());
+    let future = "2999-03-01T00:00:00Z";
+    let args = ["retention", "run", "--config", s(&config), "--now", future];
+    let refused = run(Command::new(bin()).args(args), Duration::from_secs(30));
+    assert!(!refused.success, "{}", refused.all());
+    assert!(
+        refused.stderr.contains("--allow-future-now"),
+        "{}",
+        refused.all()
+    );
+    assert_eq!(events(dir.path()), before, "nothing done");
+    let log = std::fs::read_to_string(dir.path().join("data/operator-audit/operator.jsonl"))
+        .expect("log");
+    assert!(
+        log.lines()
+            .map(|l| serde_json::from_str::<Value>(l).expect("record"))
+            .any(|r| r["action"] == "retention.run"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("failed"))),
+        "the refusal is audited: {log}"
+    );
+
+    let ran = vitalmq_ok(
+        bin(),
+        &[&args[..], &["--allow-future-now", "--dry-run"]].concat(),
+    );
+    let report: Value = serde_json::from_str(ran.stdout.trim()).expect("json");
+    assert_eq!(report["now"], future, "{report}");
 }

@@ -203,12 +203,14 @@ fn run_store(
     }
     let mut after = 0;
     loop {
-        let rows = store.retention_alerts(after, batch)?;
-        let Some(last) = rows.last() else { break };
-        after = last.position;
-        let acts = rows
+        // Each alert comes whole (all its states), with its first state's page.
+        let page = store.retention_alerts(after, batch)?;
+        let Some(last) = page.last else { break };
+        after = last;
+        let acts = page
+            .alerts
             .iter()
-            .filter_map(|r| plan::alert(&ctx, r, &mut report))
+            .flat_map(|rows| plan::alert(&ctx, rows, &mut report))
             .collect();
         apply(store, acts)?;
     }
@@ -314,6 +316,7 @@ pub async fn schedule(
                     acted = outcome.report.acted.values().map(|t| t.count).sum::<u64>(),
                     held = outcome.report.held.values().sum::<u64>(),
                     objects = outcome.report.objects.len(),
+                    held_by_patient_hold_without_range = outcome.report.patient_hold_without_range,
                     "retention run done"
                 );
                 if let Err(e) = auditor.record(outcome.record()) {

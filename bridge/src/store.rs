@@ -189,12 +189,16 @@ impl Store {
             .conn
             .busy_timeout(Duration::from_secs(10))
             .map_err(|e| store.err(e))?;
+        // secure_delete: what a retention delete or an erasure scrub removes is
+        // overwritten with zeros in the file, not left in free pages or free space of a
+        // page (issue 20). Older copies may still sit in WAL frames until overwritten.
         store
             .conn
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = ON;",
+                 PRAGMA foreign_keys = ON;
+                 PRAGMA secure_delete = ON;",
             )
             .map_err(|e| store.err(e))?;
         schema::migrate(&mut store.conn, &store.path)?;
@@ -247,8 +251,8 @@ pub use read::{
 };
 pub use resets::SequenceReset;
 pub use retention::{
-    ANONYMIZED_DEVICE, ANONYMIZED_ID_PREFIX, RetainedAlert, RetainedEvent, RetainedQuarantine,
-    StoreAct,
+    ANONYMIZED_DEVICE, ANONYMIZED_ID_PREFIX, AlertPage, RetainedAlert, RetainedEvent,
+    RetainedQuarantine, StoreAct, anonymized_alert_id,
 };
 pub use schema::EVENT_INDEX_BUCKET;
 pub use sealing::{NoKeys, Payload};

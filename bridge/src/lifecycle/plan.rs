@@ -13,7 +13,15 @@
 //!   it is skipped as `no_archive_copy`;
 //! * `anonymize` of raw bytes or of a quarantined message (signed bytes naming the
 //!   device) deletes them; of a normalized object is skipped as `anonymize_unsupported`
-//!   (reported, never silent); of an audit segment likewise (a chain cannot lose fields).
+//!   (reported, never silent); of an audit segment likewise (a chain cannot lose fields);
+//! * alerts are decided per alert (all its state rows, [`alert`]): `anonymize` waits
+//!   until its last state is due and none is held, then anonymizes every state in one
+//!   transaction under one new id; an erased patient's alert is deleted instead
+//!   (nothing readable is left to keep). `delete` goes row by row;
+//! * an object is held by a patient hold whenever the hold's range (if any) overlaps
+//!   its day, since its name does not say whose records it holds: a patient hold
+//!   without a range keeps every object forever. Such objects are counted apart
+//!   ([`Report::patient_hold_without_range`]) so the cost of that hold is visible.
 
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{
@@ -148,58 +156,105 @@ pub fn event(ctx: &Context<'_>, row: &RetainedEvent, report: &mut Report) -> Opt
     }
 }
 
-/// What happens to one alert row (clinical plane).
-pub fn alert(ctx: &Context<'_>, row: &RetainedAlert, report: &mut Report) -> Option<StoreAct> {
+/// What happens to one alert: `rows` are all its state rows, in position order.
+pub fn alert(ctx: &Context<'_>, rows: &[RetainedAlert], report: &mut Report) -> Vec<StoreAct> {
     let plane = "clinical";
-    let patient = row.patient_ref.clone();
-    let device = row.device.as_deref().and_then(|d| DeviceId::new(d).ok());
-    let meta = RecordMeta {
-        plane: Plane::Clinical,
-        purpose: Some(Purpose::Care),
-        at: row.created_at_ms,
-        patient_ref: patient.as_deref(),
-        device: device.as_ref(),
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Vec::new();
     };
-    match disposition(ctx.policy, ctx.holds, &meta, ctx.now) {
-        Disposition::Held(h) => {
+    // An anonymized alert names nobody: it is no longer subject to the plane.
+    if first.anonymized {
+        return Vec::new();
+    }
+    let dispositions: Vec<Disposition<'_>> = rows
+        .iter()
+        .map(|row| {
+            let device = row.device.as_deref().and_then(|d| DeviceId::new(d).ok());
+            let meta = RecordMeta {
+                plane: Plane::Clinical,
+                purpose: Some(Purpose::Care),
+                at: row.created_at_ms,
+                patient_ref: row.patient_ref.as_deref(),
+                device: device.as_ref(),
+            };
+            disposition(ctx.policy, ctx.holds, &meta, ctx.now)
+        })
+        .collect();
+    let confirmed = |row: &RetainedAlert| ctx.handlers_through.is_none_or(|t| row.position <= t);
+    let mut any_held = false;
+    for d in &dispositions {
+        if let Disposition::Held(h) = d {
             report.held(plane, &h.id);
-            None
+            any_held = true;
         }
-        Disposition::Keep => None,
-        Disposition::Due(_) if ctx.handlers_through.is_some_and(|t| row.position > t) => {
-            report.skipped(plane, "unconfirmed");
-            None
-        }
-        Disposition::Due(Action::Delete) => {
-            report.acted(plane, "delete", row.created_at_ms);
-            Some(StoreAct::DeleteAlert {
-                position: row.position,
-            })
-        }
-        Disposition::Due(Action::Anonymize) => {
-            let anonymized = serde_json::from_str::<serde_json::Value>(&row.body)
-                .ok()
-                .and_then(|v| v.get("anonymized").cloned());
-            if anonymized.is_some() {
-                return None;
-            }
-            match anonymize::alert(&row.body) {
-                Some(body) => {
-                    report.acted(plane, "anonymize", row.created_at_ms);
-                    Some(StoreAct::AnonymizeAlert {
+    }
+    let action = &ctx
+        .policy
+        .class(Plane::Clinical, Some(Purpose::Care))
+        .action;
+    if *action != Action::Anonymize {
+        // Row by row: each state goes when it is due.
+        let mut acts = Vec::new();
+        for (row, d) in rows.iter().zip(&dispositions) {
+            match d {
+                Disposition::Due(_) if !confirmed(row) => report.skipped(plane, "unconfirmed"),
+                Disposition::Due(Action::Delete) => {
+                    report.acted(plane, "delete", row.created_at_ms);
+                    acts.push(StoreAct::DeleteAlert {
                         position: row.position,
-                        body,
-                    })
+                    });
                 }
-                None => {
-                    report.skipped(plane, "unreadable");
-                    None
-                }
+                Disposition::Due(_) => report.skipped(plane, "no_archive_copy"),
+                Disposition::Held(_) | Disposition::Keep => {}
             }
         }
-        Disposition::Due(Action::Archive { .. }) => {
-            report.skipped(plane, "no_archive_copy");
-            None
+        return acts;
+    }
+    // Anonymize: the whole alert, once its last state is due and nothing of it held.
+    if any_held || !matches!(dispositions.last(), Some(Disposition::Due(_))) {
+        return Vec::new();
+    }
+    if !confirmed(last) {
+        (0..rows.len()).for_each(|_| report.skipped(plane, "unconfirmed"));
+        return Vec::new();
+    }
+    if rows.iter().any(|r| r.erased) {
+        // Nothing readable is left to keep: the husks (ids and ciphertext) go.
+        return rows
+            .iter()
+            .map(|row| {
+                report.acted(plane, "delete_erased", row.created_at_ms);
+                StoreAct::DeleteAlert {
+                    position: row.position,
+                }
+            })
+            .collect();
+    }
+    let alert_id = crate::store::anonymized_alert_id(first.position);
+    let anonymized: Option<Vec<StoreAct>> = rows
+        .iter()
+        .map(|row| {
+            let body = anonymize::alert(&row.body, &alert_id)?;
+            Some(StoreAct::AnonymizeAlert {
+                position: row.position,
+                alert_id: alert_id.clone(),
+                state: row.state.clone(),
+                topic: anonymize::alert_topic(&row.topic),
+                created_at_ms: anonymize::hour_of(row.created_at_ms),
+                body,
+            })
+        })
+        .collect();
+    match anonymized {
+        Some(acts) => {
+            rows.iter()
+                .for_each(|row| report.acted(plane, "anonymize", row.created_at_ms));
+            acts
+        }
+        // Sealed without a key here (or not JSON): left for a run that can read it.
+        None => {
+            (0..rows.len()).for_each(|_| report.skipped(plane, "unreadable"));
+            Vec::new()
         }
     }
 }
@@ -323,6 +378,9 @@ pub fn object(
     let end = name.day_ms + DAY_MS - 1;
     if let Some(h) = object_hold(ctx.holds, name) {
         report.held(plane, &h.id);
+        if h.patient_ref.is_some() && h.during.is_none() {
+            report.patient_hold_without_range += 1;
+        }
         return None;
     }
     let purpose = name.plane.has_purpose().then_some(purpose);
@@ -347,20 +405,31 @@ pub fn object(
     Some(act)
 }
 
-/// The first hold that may cover a record in the object: its range (if any) overlaps
-/// the object's day, its device (if any) is the object's or the object has no device
+/// A hold that may cover a record in the object: its range (if any) overlaps the
+/// object's day, its device (if any) is the object's or the object has no device
 /// level, and a patient hold always may (an object's name does not say whose records
 /// it holds). Audit segments are kept by any hold whose range overlaps their day: they
-/// name devices and patients' alerts.
+/// name devices and patients' alerts. A hold that covers the object without being a
+/// patient hold without a range is preferred, so the report counts under
+/// [`Report::patient_hold_without_range`] only what nothing else would keep.
 fn object_hold<'a>(holds: &'a LegalHolds, name: &ObjectName) -> Option<&'a Hold> {
     let day = Period::new(name.day_ms, Some(name.day_ms + DAY_MS))?;
-    holds.holds().iter().find(|h| {
+    let mut covering = holds.holds().iter().filter(|h| {
         h.during.is_none_or(|p| p.overlaps(&day))
             && (matches!(name.plane, Plane::Audit(_))
                 || h.device
                     .as_ref()
                     .is_none_or(|d| name.device.as_ref().is_none_or(|n| n == d)))
-    })
+    });
+    let first = covering.next()?;
+    if first.patient_ref.is_some() && first.during.is_none() {
+        return Some(
+            covering
+                .find(|h| h.patient_ref.is_none() || h.during.is_some())
+                .unwrap_or(first),
+        );
+    }
+    Some(first)
 }
 
 /// Whether `relative` (a name under a sink's prefix) lies under an archive target of

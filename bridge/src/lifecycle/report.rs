@@ -6,8 +6,11 @@
 //! `from`/`to`, RFC 3339), `held` (per plane: records kept by a hold), `skipped` (per
 //! plane, per reason: records due but not acted on, e.g. `unconfirmed`,
 //! `no_archive_copy`, `anonymize_unsupported`, `unreadable`), `holds_kept` (the ids of
-//! the holds that kept something), and `objects` (`count`, `sha256` over the sorted
-//! full list, one name per line, and `names`, the first [`NAMES_CAP`] of them).
+//! the holds that kept something), `held_by_patient_hold_without_range` (objects kept
+//! only because a patient hold without a time range may cover them: such a hold keeps
+//! every object of every objects sink forever, since an object's name does not say
+//! whose records it holds), and `objects` (`count`, `sha256` over the sorted full list,
+//! one name per line, and `names`, the first [`NAMES_CAP`] of them).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -37,6 +40,8 @@ pub struct Report {
     pub skipped: BTreeMap<(String, String), u64>,
     /// Ids of the holds that kept something.
     pub holds_kept: BTreeSet<String>,
+    /// Objects kept only by a patient hold without a time range (also in `held`).
+    pub patient_hold_without_range: u64,
     /// Objects acted on (full names as stored; an archived one as its original name).
     pub objects: BTreeSet<String>,
 }
@@ -120,6 +125,10 @@ impl Report {
         details.insert("skipped".into(), Value::Object(skipped));
         details.insert("holds_kept".into(), json!(self.holds_kept));
         details.insert(
+            "held_by_patient_hold_without_range".into(),
+            json!(self.patient_hold_without_range),
+        );
+        details.insert(
             "objects".into(),
             json!({
                 "count": self.objects.len(),
@@ -157,6 +166,7 @@ mod tests {
         r.acted("raw", "delete", 1_000);
         r.held("normalized", "lh-1");
         r.skipped("clinical", "no_archive_copy");
+        r.patient_hold_without_range = 3;
         for i in 0..(NAMES_CAP + 5) {
             r.objects
                 .insert(format!("raw/date=2020-01-01/{i:05}.cborseq"));
@@ -174,6 +184,7 @@ mod tests {
         assert_eq!(d["held"]["normalized"], json!(1));
         assert_eq!(d["holds_kept"], json!(["lh-1"]));
         assert_eq!(d["skipped"]["clinical"]["no_archive_copy"], json!(1));
+        assert_eq!(d["held_by_patient_hold_without_range"], json!(3));
         assert_eq!(d["dry_run"], json!(true));
         assert_eq!(d["objects"]["count"], json!(NAMES_CAP + 5));
         assert_eq!(

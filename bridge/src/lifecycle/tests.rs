@@ -201,16 +201,24 @@ fn unconfirmed_rows_wait_and_archive_needs_the_copy() {
     c.handlers_through = Some(1);
     let alert = crate::store::RetainedAlert {
         position: 2,
+        alert_id: "al-1".into(),
+        state: "open".into(),
+        topic: "alerts/site-01/high/dev-00001".into(),
         device: Some("dev-00001".into()),
         created_at_ms: T0,
         body: r#"{"patient_ref":"pt-7f3a"}"#.into(),
         patient_ref: Some("pt-7f3a".into()),
+        erased: false,
+        anonymized: false,
     };
-    assert_eq!(plan::alert(&c, &alert, &mut report), None);
+    assert_eq!(
+        plan::alert(&c, std::slice::from_ref(&alert), &mut report),
+        vec![]
+    );
     c.handlers_through = Some(2);
     assert_eq!(
-        plan::alert(&c, &alert, &mut report),
-        Some(StoreAct::DeleteAlert { position: 2 })
+        plan::alert(&c, std::slice::from_ref(&alert), &mut report),
+        vec![StoreAct::DeleteAlert { position: 2 }]
     );
 }
 
@@ -467,7 +475,24 @@ fn the_store_loses_what_is_due_and_keeps_what_is_held_or_unconfirmed() {
         json.contains("\"spo2\":97") && !json.contains("pt-7f3a"),
         "{json}"
     );
-    assert_eq!(store.raw_of(1), Some((0, String::new(), String::new())));
+    // Nothing of the message is left: not its bytes, nor who sent it, where, through
+    // which broker, nor its hash (a lookup key back to device, epoch and seq).
+    assert_eq!(
+        store.raw_of(1),
+        Some((
+            0,
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new()
+        ))
+    );
+    let (bytes, publisher, topic, broker, sha256) = store.raw_of(2).expect("raw row");
+    assert!(
+        bytes == 0 && !publisher.is_empty() && !topic.is_empty(),
+        "a purged raw row keeps its receipt metadata"
+    );
+    assert!(!broker.is_empty() && sha256.len() == 64);
     assert_eq!(
         store
             .event_detail(&crate::normalize::event_id(
@@ -730,4 +755,288 @@ async fn the_schedule_runs_every_period_on_the_injected_clock_and_audits_each_ru
             .count(),
         5
     );
+}
+
+/// [`POLICY`] with the clinical plane anonymized after a day.
+fn anonymizing_alerts() -> RetentionPolicy {
+    let text = POLICY.replace(
+        "[planes.clinical]\nkeep_for = \"1day\"\naction = \"delete\"",
+        "[planes.clinical]\nkeep_for = \"1day\"\naction = \"anonymize\"",
+    );
+    assert_ne!(text, POLICY);
+    RetentionPolicy::parse(&text, Path::new("retention.toml")).expect("policy")
+}
+
+/// One state change of a clinical alert of `patient` on dev-00001.
+fn clinical(alert_id: &str, state: &str, patient: &str, at: u64) -> NewAlert {
+    let body = serde_json::json!({
+        "alert_id": alert_id, "kind": "clinical", "state": state, "severity": "high",
+        "rule": "spo2-low", "rule_version": "1", "policy_sha256": "ab",
+        "device": "dev-00001", "site": "site-01", "patient_ref": patient,
+        "metric": "spo2", "value": 84, "threshold": 85, "window_s": 30,
+        "evidence": ["ev1-0011"], "fw": "1.0.0", "model": "w1",
+        "raised_at": crate::normalize::rfc3339_ms(at).expect("time"),
+        "measure": "value", "measured": 84
+    });
+    NewAlert {
+        alert_id: alert_id.into(),
+        state: state.into(),
+        kind: "clinical".into(),
+        topic: "alerts/site-01/high/dev-00001".into(),
+        device: Some("dev-00001".into()),
+        rule: Some("spo2-low".into()),
+        created_at_ms: at,
+        body: body.to_string(),
+        level: 0,
+    }
+}
+
+fn keyring_in(dir: &Path) -> Arc<vitalmq_keyring::Keyring> {
+    let kek = Arc::new(vitalmq_keyring::LocalKeyFile::create(&dir.join("kek.json")).expect("kek"));
+    Arc::new(vitalmq_keyring::Keyring::open(&dir.join("keyring.sqlite3"), kek).expect("ring"))
+}
+
+/// All states of an alert are anonymized together, once the last is due and none is
+/// held, under one new id (sealed under that id, so readers open it), with the topic's
+/// device level, the device and patient columns, the exact times and the device
+/// details gone; an erased patient's alert is deleted when it falls due.
+#[test]
+fn an_alert_is_anonymized_whole_once_its_last_state_is_due_and_an_erased_one_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keyring = keyring_in(dir.path());
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(Arc::clone(&keyring));
+    let (p, erased) = ("pt-7f3a", "pt-9e9e");
+    let min = 60_000;
+    store
+        .commit(&Commit {
+            alerts: vec![
+                clinical("al-1", "open", p, T0 + 10 * min + 123),
+                clinical("al-2", "open", p, T0 + 5 * min),
+                clinical("al-1", "escalated", p, T0 + 125 * min),
+                clinical("al-3", "open", erased, T0),
+                clinical("al-3", "resolved", erased, T0 + min),
+                clinical("al-1", "resolved", p, T0 + DAY),
+            ],
+            ..Commit::default()
+        })
+        .expect("commit");
+    keyring
+        .erase(
+            &vitalmq_keyring::Subject::new(erased).expect("s"),
+            "po",
+            "test",
+            1,
+        )
+        .expect("erase");
+    let policy = anonymizing_alerts();
+    let job = job(dir.path(), &[]);
+    let none = LegalHolds::none();
+    let alerts = |store: &Store| store.list_alerts().expect("alerts");
+
+    // al-1's first states are due, its last is not: it waits whole. al-2 is anonymized,
+    // al-3 (erased) deleted.
+    let report = run_store(
+        &job,
+        &mut store,
+        &policy,
+        &none,
+        T0 + DAY + DAY / 2,
+        false,
+        None,
+    )
+    .expect("run");
+    assert_eq!(report.count("clinical", "anonymize"), 1, "{report:?}");
+    assert_eq!(report.count("clinical", "delete_erased"), 2, "{report:?}");
+    let rows = alerts(&store);
+    let ids: Vec<&str> = rows.iter().map(|a| a.alert_id.as_str()).collect();
+    assert_eq!(ids, ["al-1", "anon-a2", "al-1", "al-1"]);
+    assert!(rows[0].body.contains(p), "al-1 untouched");
+
+    // A hold on the escalation's instant keeps the whole alert.
+    let held = LegalHolds::from_holds(vec![hold(
+        "lh-t",
+        None,
+        None,
+        Some((T0 + 125 * min, T0 + 126 * min)),
+    )]);
+    let now = T0 + 2 * DAY;
+    let report = run_store(&job, &mut store, &policy, &held, now, false, None).expect("run");
+    assert!(report.acted.is_empty(), "{report:?}");
+    assert_eq!(report.held["clinical"], 1);
+    assert_eq!(alerts(&store)[0].alert_id, "al-1");
+
+    // Without it, all three states go at once, under the first state's position.
+    let report = run_store(&job, &mut store, &policy, &none, now, false, None).expect("run");
+    assert_eq!(report.count("clinical", "anonymize"), 3, "{report:?}");
+    let rows = alerts(&store);
+    let al1: Vec<_> = rows.iter().filter(|a| a.alert_id == "anon-a1").collect();
+    assert_eq!(al1.len(), 3, "{rows:?}");
+    assert_eq!(
+        al1.iter().map(|a| a.created_at_ms).collect::<Vec<_>>(),
+        [T0, T0 + 2 * 60 * min, T0 + DAY],
+        "creation times to the hour"
+    );
+    for a in &al1 {
+        assert_eq!(a.topic, "alerts/site-01/high");
+        assert!(a.device.is_none());
+        let body: serde_json::Value =
+            serde_json::from_str(&a.body).expect("opens under its new id");
+        assert_eq!(body["alert_id"], "anon-a1");
+        assert_eq!(body["value"], 84);
+        for gone in ["patient_ref", "device", "evidence", "fw", "model"] {
+            assert!(body.get(gone).is_none(), "{gone}: {body}");
+        }
+        assert!(
+            !a.body.contains("al-1") && !a.body.contains(p),
+            "{}",
+            a.body
+        );
+    }
+    let raised: Vec<_> = al1
+        .iter()
+        .map(|a| {
+            serde_json::from_str::<serde_json::Value>(&a.body).expect("json")["raised_at"].clone()
+        })
+        .collect();
+    assert_eq!(
+        raised,
+        [
+            "2026-01-05T00:00:00Z",
+            "2026-01-05T02:00:00Z",
+            "2026-01-06T00:00:00Z"
+        ]
+    );
+    let retained = store.retention_alerts(0, 100).expect("page");
+    assert!(
+        retained
+            .alerts
+            .iter()
+            .flatten()
+            .all(|a| a.anonymized && a.patient_ref.is_none() && !a.erased),
+        "{retained:?}"
+    );
+    // Nothing left to do, and the anonymized alerts outlive the patient's erasure.
+    keyring
+        .erase(
+            &vitalmq_keyring::Subject::new(p).expect("s"),
+            "po",
+            "test",
+            2,
+        )
+        .expect("erase");
+    let again = run_store(
+        &job,
+        &mut store,
+        &policy,
+        &none,
+        now + 100 * DAY,
+        false,
+        None,
+    )
+    .expect("rerun");
+    assert!(again.acted.is_empty(), "{again:?}");
+    assert!(alerts(&store).iter().all(|a| !a.body.is_empty()));
+}
+
+/// With `secure_delete`, what retention deletes is not left in the file's free pages.
+#[test]
+fn deleted_rows_leave_nothing_in_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = b"QUARANTINED-SECRET-0123456789";
+    let raw: Vec<u8> = marker
+        .iter()
+        .copied()
+        .cycle()
+        .take(20 * marker.len())
+        .collect();
+    let mut store = Store::open(dir.path()).expect("open");
+    store
+        .commit(&Commit {
+            quarantine: vec![Quarantined {
+                received_at_ms: T0,
+                topic: "devices/dev-00001/telemetry".into(),
+                device: Some("dev-00001".into()),
+                reason: "bad_signature".into(),
+                detail: String::new(),
+                sha256_hex: String::new(),
+                raw: bytes::Bytes::from(raw),
+            }],
+            ..Commit::default()
+        })
+        .expect("commit");
+    let in_file = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .expect("dir")
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(crate::store::DB_FILE)
+            })
+            .any(|e| {
+                std::fs::read(e.path())
+                    .unwrap_or_default()
+                    .windows(marker.len())
+                    .any(|w| w == marker)
+            })
+    };
+    drop(store);
+    assert!(in_file(dir.path()), "the marker is in the file before");
+    let mut store = Store::open(dir.path()).expect("open");
+    let report = run_store(
+        &job(dir.path(), &[]),
+        &mut store,
+        &policy(),
+        &LegalHolds::none(),
+        T0 + 2 * DAY,
+        false,
+        None,
+    )
+    .expect("run");
+    assert_eq!(report.count("quarantine", "delete"), 1);
+    drop(store);
+    assert!(
+        !in_file(dir.path()),
+        "the deleted row left its bytes in the file"
+    );
+}
+
+/// A patient hold without a range keeps every object; the run says how many.
+#[test]
+fn objects_kept_only_by_a_patient_hold_without_range_are_counted() {
+    let policy = policy();
+    let raw = ObjectName::parse(&format!(
+        "raw/site=s1/device=dev-00001/date=2026-01-05/{STEM}.cborseq"
+    ))
+    .expect("name");
+    let now = T0 + 10 * DAY;
+    let patient = hold("p", Some("pt-7f3a"), None, None);
+    let mut report = Report::default();
+    let holds = LegalHolds::from_holds(vec![patient.clone()]);
+    assert_eq!(
+        plan::object(&ctx(&policy, &holds, now), &raw, Purpose::Care, &mut report),
+        None
+    );
+    assert_eq!(report.patient_hold_without_range, 1);
+    assert_eq!(
+        report.details("", now, false)["held_by_patient_hold_without_range"],
+        serde_json::json!(1)
+    );
+    // Kept by a device hold as well: that one is named, not counted.
+    let holds = LegalHolds::from_holds(vec![patient, hold("d", None, Some("dev-00001"), None)]);
+    let mut report = Report::default();
+    assert_eq!(
+        plan::object(&ctx(&policy, &holds, now), &raw, Purpose::Care, &mut report),
+        None
+    );
+    assert_eq!(report.patient_hold_without_range, 0);
+    assert!(report.holds_kept.contains("d"));
+    // A patient hold with a range keeps only the objects of its range: not counted.
+    let holds = LegalHolds::from_holds(vec![hold("pr", Some("pt-7f3a"), None, Some((T0, T0 + 1)))]);
+    let mut report = Report::default();
+    plan::object(&ctx(&policy, &holds, now), &raw, Purpose::Care, &mut report);
+    assert_eq!(report.patient_hold_without_range, 0);
+    assert_eq!(report.held["raw"], 1);
 }

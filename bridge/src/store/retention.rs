@@ -11,7 +11,12 @@
 //! replaced by an empty blob and the row keeps only its receipt metadata (time, broker,
 //! publisher, topic, SHA-256), which the event's provenance (`vitalmq trace`) cites. The
 //! raw row itself goes with its event. An anonymized event's raw row is purged and its
-//! `publisher` and `topic` (which name the device) are blanked too.
+//! `publisher`, `topic` (they name the device), `broker` and `sha256` (a lookup key
+//! back to the signed message, so to device, epoch and seq) are blanked too.
+//!
+//! Alerts are read in groups: every state row of one alert (`alert_id`) together, at
+//! the position of its first state, so all states of an alert are anonymized in one
+//! transaction, under one new id ([`anonymized_alert_id`]).
 //!
 //! Sealed payloads (`[encryption]`) are opened through the store's keyring; an
 //! anonymized payload no longer belongs to a patient, so it is sealed again under the
@@ -30,6 +35,13 @@ pub const ANONYMIZED_SUBJECT: &str = "sys:anonymized";
 /// The event id of an anonymized event starts so (real ids are `ev1-`): the old id, a
 /// hash of device, epoch and seq, would link it back to the device.
 pub const ANONYMIZED_ID_PREFIX: &str = "anon-";
+/// The id every state of an anonymized alert gets: [`ANONYMIZED_ID_PREFIX`], `a` and
+/// the position of the alert's first state (the old id, a hash of device, rule and
+/// opening event, would link it back).
+pub fn anonymized_alert_id(first_position: i64) -> String {
+    format!("{ANONYMIZED_ID_PREFIX}a{first_position}")
+}
+
 /// The device column of an anonymized event (and `epoch` 0, `seq` its position, so
 /// the `(device, epoch, seq)` index stays unique).
 pub const ANONYMIZED_DEVICE: &str = "anonymized";
@@ -57,16 +69,32 @@ pub struct RetainedEvent {
     pub raw_present: bool,
 }
 
-/// An alert row (clinical plane).
+/// An alert row (clinical plane): one state change of an alert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetainedAlert {
     pub position: i64,
+    pub alert_id: String,
+    pub state: String,
+    pub topic: String,
     pub device: Option<String>,
     pub created_at_ms: u64,
     /// The body JSON; empty when it cannot be read (erased, or sealed without a key).
     pub body: String,
     /// The patient the alert is about (clear column of schema v4, or the body's).
     pub patient_ref: Option<String>,
+    /// Its patient was erased: the body is unreadable for good.
+    pub erased: bool,
+    /// Already anonymized (by an earlier run).
+    pub anonymized: bool,
+}
+
+/// One page of alerts: the alerts whose first state lies in the page, each with all
+/// its state rows in position order, and the last position the page covered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AlertPage {
+    pub alerts: Vec<Vec<RetainedAlert>>,
+    /// The key to read the next page after; `None` when there are no more rows.
+    pub last: Option<i64>,
 }
 
 /// A quarantine row.
@@ -100,9 +128,15 @@ pub enum StoreAct {
     DeleteAlert {
         position: i64,
     },
-    /// Replace the alert's body by its anonymized form and forget its device.
+    /// Replace one state row of an alert by its anonymized form: new id, body (from
+    /// `crate::lifecycle::anonymize`), topic and creation time; forget its device and
+    /// patient. All states of an alert are in the same batch (one transaction).
     AnonymizeAlert {
         position: i64,
+        alert_id: String,
+        state: String,
+        topic: String,
+        created_at_ms: u64,
         body: String,
     },
     DeleteQuarantine {
@@ -169,41 +203,72 @@ impl Store {
         .collect()
     }
 
-    /// Up to `limit` alert rows after position `after`, in order.
-    pub fn retention_alerts(
-        &self,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<RetainedAlert>, StoreError> {
+    /// The alerts whose first state is among the `limit` alert rows after position
+    /// `after`, each with every one of its state rows (also those past the page).
+    pub fn retention_alerts(&self, after: i64, limit: usize) -> Result<AlertPage, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT position, device, created_at_ms, body, alert_id, state, patient_ref
-                 FROM alerts WHERE position > ?1 ORDER BY position LIMIT ?2",
+                "SELECT a.position, a.alert_id, NOT EXISTS (
+                        SELECT 1 FROM alerts b WHERE b.alert_id = a.alert_id
+                                               AND b.position < a.position)
+                 FROM alerts a WHERE a.position > ?1 ORDER BY a.position LIMIT ?2",
             )
             .map_err(|e| self.err(e))?;
-        stmt.query_map(
-            params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
-            |r| {
-                let context = alert_context(&r.get::<_, String>(4)?, &r.get::<_, String>(5)?);
-                let row = RetainedAlert {
-                    position: r.get(0)?,
-                    device: r.get(1)?,
-                    created_at_ms: i2u(r.get(2)?),
-                    body: String::new(),
-                    patient_ref: r.get(6)?,
-                };
-                Ok((context, column_bytes(r, 3)?, row))
-            },
-        )
+        let page: Vec<(i64, String, bool)> = stmt
+            .query_map(
+                params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .and_then(Iterator::collect)
+            .map_err(|e| self.err(e))?;
+        let mut out = AlertPage {
+            alerts: Vec::new(),
+            last: page.last().map(|(p, _, _)| *p),
+        };
+        for (_, alert_id, first) in page {
+            if first {
+                out.alerts.push(self.alert_states(&alert_id)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every state row of `alert_id`, in position order.
+    fn alert_states(&self, alert_id: &str) -> Result<Vec<RetainedAlert>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT position, device, created_at_ms, body, alert_id, state, patient_ref, topic
+                 FROM alerts WHERE alert_id = ?1 ORDER BY position",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map(params![alert_id], |r| {
+            let row = RetainedAlert {
+                position: r.get(0)?,
+                alert_id: r.get(4)?,
+                state: r.get(5)?,
+                topic: r.get(7)?,
+                device: r.get(1)?,
+                created_at_ms: i2u(r.get(2)?),
+                body: String::new(),
+                patient_ref: r.get(6)?,
+                erased: false,
+                anonymized: false,
+            };
+            Ok((column_bytes(r, 3)?, row))
+        })
         .and_then(Iterator::collect::<Result<Vec<_>, _>>)
         .map_err(|e| self.err(e))?
         .into_iter()
-        .map(|(context, stored, mut row)| {
-            row.body = readable(self.open_payload(&stored, &context)?).unwrap_or_default();
+        .map(|(stored, mut row)| {
+            let payload = self.open_payload(&stored, &alert_context(&row.alert_id, &row.state))?;
+            row.erased = payload.is_erased();
+            row.body = readable(payload).unwrap_or_default();
             if row.patient_ref.is_none() {
                 row.patient_ref = crate::lifecycle::anonymize::patient_ref(&row.body);
             }
+            row.anonymized = row.alert_id.starts_with(ANONYMIZED_ID_PREFIX);
             Ok(row)
         })
         .collect()
@@ -276,17 +341,13 @@ impl Store {
                     &normalized_context(&format!("{ANONYMIZED_ID_PREFIX}{position}")),
                     json,
                 )?),
-                StoreAct::AnonymizeAlert { position, body } => {
-                    let (alert_id, state): (String, String) = self
-                        .conn
-                        .query_row(
-                            "SELECT alert_id, state FROM alerts WHERE position = ?1",
-                            params![position],
-                            |r| Ok((r.get(0)?, r.get(1)?)),
-                        )
-                        .map_err(|e| self.err(e))?;
-                    Some(self.seal_anonymized(&alert_context(&alert_id, &state), body)?)
-                }
+                // Readers open an alert body with its row's (new) id and state.
+                StoreAct::AnonymizeAlert {
+                    alert_id,
+                    state,
+                    body,
+                    ..
+                } => Some(self.seal_anonymized(&alert_context(alert_id, state), body)?),
                 _ => None,
             });
         }
@@ -362,8 +423,8 @@ fn apply(tx: &Transaction<'_>, act: &StoreAct, stored: Option<&[u8]>) -> rusqlit
                 ],
             )?;
             tx.execute(
-                "UPDATE raw_messages SET bytes = X'', publisher = '', topic = '',
-                        received_at_ms = ?2
+                "UPDATE raw_messages SET bytes = X'', publisher = '', topic = '', broker = '',
+                        sha256 = '', received_at_ms = ?2
                  WHERE id = ?1",
                 params![raw_id, u2i(*hour_ms)],
             )?;
@@ -377,10 +438,25 @@ fn apply(tx: &Transaction<'_>, act: &StoreAct, stored: Option<&[u8]>) -> rusqlit
         StoreAct::DeleteAlert { position } => {
             tx.execute("DELETE FROM alerts WHERE position = ?1", params![position])?;
         }
-        StoreAct::AnonymizeAlert { position, body } => {
+        StoreAct::AnonymizeAlert {
+            position,
+            alert_id,
+            topic,
+            created_at_ms,
+            body,
+            ..
+        } => {
             tx.execute(
-                "UPDATE alerts SET device = NULL, patient_ref = NULL, body = ?2 WHERE position = ?1",
-                params![position, payload_value(stored.unwrap_or(body.as_bytes()))],
+                "UPDATE alerts SET alert_id = ?2, topic = ?3, created_at_ms = ?4, device = NULL,
+                        patient_ref = NULL, body = ?5
+                 WHERE position = ?1",
+                params![
+                    position,
+                    alert_id,
+                    topic,
+                    u2i(*created_at_ms),
+                    payload_value(stored.unwrap_or(body.as_bytes()))
+                ],
             )?;
         }
         StoreAct::DeleteQuarantine { id } => {
@@ -418,14 +494,15 @@ impl Store {
             .expect("retime raw");
     }
 
-    /// For tests: the raw bytes' length, publisher and topic of the event at `position`.
-    pub(crate) fn raw_of(&self, position: i64) -> Option<(i64, String, String)> {
+    /// For tests: the raw bytes' length, publisher, topic, broker and SHA-256 of the
+    /// event at `position`.
+    pub(crate) fn raw_of(&self, position: i64) -> Option<(i64, String, String, String, String)> {
         self.conn
             .query_row(
-                "SELECT length(r.bytes), r.publisher, r.topic FROM events e
+                "SELECT length(r.bytes), r.publisher, r.topic, r.broker, r.sha256 FROM events e
                  JOIN raw_messages r ON r.id = e.raw_id WHERE e.position = ?1",
                 params![position],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .expect("raw row")
