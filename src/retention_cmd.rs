@@ -69,18 +69,20 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--now {text:?}: before 1970"))?
         }
     };
-    let details = run_audited(&args.config, now, args.dry_run)?;
+    let details = run_audited(&args.config, now, args.dry_run, args.allow_future_now)?;
     println!("{}", serde_json::Value::Object(details));
     Ok(ExitCode::SUCCESS)
 }
 
 /// One run of the retention job of the bridge configured by `config_path` at `now`
 /// (ms), audited as `retention.run`; returns the run's details (the fields of the
-/// bridge's `retention_run` record, plus `policy_sha256`).
+/// bridge's `retention_run` record, plus `policy_sha256`). A `now` more than a day ahead
+/// of the clock is refused unless `allow_future_now`.
 pub fn run_audited(
     config_path: &Path,
     now: u64,
     dry_run: bool,
+    allow_future_now: bool,
 ) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let config = BridgeConfig::load(config_path)?;
     let Some((job, _every)) = lifecycle::job_of(&config)? else {
@@ -108,14 +110,14 @@ pub fn run_audited(
             crate::operator_audit::absolute(&config.data_dir),
         )
         .detail("now_ms", now)
-        .detail("allow_future_now", args.allow_future_now)
+        .detail("allow_future_now", allow_future_now)
         .run(|| {
             let wall = lifecycle::wall_clock();
-            if now > wall.saturating_add(FUTURE_SLACK_MS) && !args.allow_future_now {
+            if now > wall.saturating_add(FUTURE_SLACK_MS) && !allow_future_now {
                 anyhow::bail!(
                     "--now {}: more than a day ahead of the clock ({}); a run then would \
                      act on everything due until then; give --allow-future-now if that is meant",
-                    args.now.as_deref().unwrap_or_default(),
+                    vitalmq_bridge::normalize::rfc3339_ms(now).unwrap_or_default(),
                     vitalmq_bridge::normalize::rfc3339_ms(wall).unwrap_or_default()
                 );
             }

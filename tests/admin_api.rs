@@ -692,8 +692,11 @@ fn a_privacy_officer_exports_and_erases_a_patient_of_an_encrypted_store() {
     );
     // The deployment's holds file exists from the start (an erasure without it is
     // refused: no hold could be ruled out).
-    std::fs::write(admin.dir.join("holds.toml"), "format = \"vitalmq-holds/v1\"\n")
-        .expect("holds file");
+    std::fs::write(
+        admin.dir.join("holds.toml"),
+        "format = \"vitalmq-holds/v1\"\n",
+    )
+    .expect("holds file");
 
     // The store is sealed, the API reads it in plaintext with the key file.
     let events = admin.get("aurora", "/v1/events", "audit");

@@ -466,6 +466,8 @@ fn retention(
         &work.bridge_config(),
         ahead,
         true,
+        // A month ahead on purpose: a dry run shows what would fall due.
+        true,
     )?);
     let due = count(&dry, &["acted", "raw", "delete", "count"]);
     let skipped: u64 = ["raw", "normalized"]
@@ -499,6 +501,7 @@ fn retention(
     let real = Value::Object(retention_cmd::run_audited(
         &work.bridge_config(),
         now,
+        false,
         false,
     )?);
     let acted: u64 = real["acted"]
