@@ -189,16 +189,16 @@ impl Store {
             .conn
             .busy_timeout(Duration::from_secs(10))
             .map_err(|e| store.err(e))?;
-        // secure_delete: what a retention delete or an erasure scrub removes is
-        // overwritten with zeros in the file, not left in free pages or free space of a
-        // page (issue 20). Older copies may still sit in WAL frames until overwritten.
+        // secure_delete (zeroing what is deleted) is turned on by the connections that
+        // delete patient data: retention (`apply_retention`) and the erasure cleanup.
+        // The recorder's connection deletes none, and zeroing the cells its in-place
+        // updates free (windows, cursors) would cost every commit (issue 20).
         store
             .conn
             .execute_batch(
                 "PRAGMA journal_mode = WAL;
                  PRAGMA synchronous = FULL;
-                 PRAGMA foreign_keys = ON;
-                 PRAGMA secure_delete = ON;",
+                 PRAGMA foreign_keys = ON;",
             )
             .map_err(|e| store.err(e))?;
         schema::migrate(&mut store.conn, &store.path)?;

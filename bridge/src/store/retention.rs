@@ -352,6 +352,11 @@ impl Store {
             });
         }
         let path = self.path.clone();
+        // What retention deletes is zeroed in the file, not left in free pages or the
+        // free space of a page (older copies may sit in WAL frames until overwritten).
+        self.conn
+            .pragma_update(None, "secure_delete", "ON")
+            .map_err(|e| super::classify(&path, e))?;
         let tx = self
             .conn
             .transaction()
