@@ -946,13 +946,21 @@ fn refuse_foreign_keyring(
     let sealed = crate::store::coverage::holds_sealed_rows(store.path()).map_err(|source| {
         RunError::ForeignKeyring(format!("{}: {source}", store.path().display()))
     })?;
-    if sealed && keyring.key_counts()?.0 == 0 && keyring.tombstones()?.is_empty() {
+    if !sealed {
+        return Ok(());
+    }
+    let newest = crate::store::coverage::coverage_of_newest(store.path(), keyring, 64)
+        .map_err(|e| RunError::ForeignKeyring(e.to_string()))?;
+    if newest.missing > 0 {
         return Err(RunError::ForeignKeyring(format!(
-            "the store {} holds sealed payloads but the keyring {} holds no key: it is not \
-             this store's keyring (after a restore, point [encryption] keyring at the \
-             original one)",
+            "the store {} holds sealed payloads whose keys the keyring {} does not hold \
+             ({} of the {} key versions its newest rows name): it is not this store's \
+             keyring, or an older copy of it (after a restore, point [encryption] keyring \
+             at the original one)",
             store.path().display(),
-            keyring.path().display()
+            keyring.path().display(),
+            newest.missing,
+            newest.key_versions
         )));
     }
     Ok(())

@@ -69,6 +69,27 @@ pub(crate) fn aad(header_bytes: &[u8], context: &[u8]) -> Vec<u8> {
     aad
 }
 
+/// Reads the header from the first bytes of a sealed blob (a prefix is enough: the
+/// nonce and ciphertext need not be there).
+pub fn header_only(bytes: &[u8]) -> Result<SealedHeader, KeyError> {
+    let malformed = |what: &str| KeyError::Malformed(what.to_owned());
+    if !is_sealed(bytes) {
+        return Err(malformed("no VMQS magic and format 1"));
+    }
+    let len_at = MAGIC.len() + 1;
+    let name_len = usize::from(*bytes.get(len_at).ok_or_else(|| malformed("truncated"))?);
+    let name_end = len_at + 1 + name_len;
+    let version = bytes
+        .get(name_end..name_end + 4)
+        .ok_or_else(|| malformed("truncated"))?;
+    let name = std::str::from_utf8(&bytes[len_at + 1..name_end])
+        .map_err(|_| malformed("subject is not ASCII"))?;
+    Ok(SealedHeader {
+        subject: Subject::new(name)?,
+        key_version: u32::from_be_bytes([version[0], version[1], version[2], version[3]]),
+    })
+}
+
 /// Reads the header of a sealed blob without opening it.
 pub fn header(bytes: &[u8]) -> Result<SealedHeader, KeyError> {
     parse(bytes).map(|p| p.header)

@@ -45,7 +45,8 @@ pub fn sealed_key_refs(db: &Path) -> rusqlite::Result<(u64, BTreeSet<(String, u3
     let mut rows = 0u64;
     for (table, column) in SEALED_COLUMNS {
         let mut stmt = conn.prepare(&format!(
-            "SELECT {column} FROM {table} WHERE typeof({column}) = 'blob'"
+            "SELECT {column} FROM {table} WHERE {}",
+            sealed_condition(column)
         ))?;
         let mut q = stmt.query([])?;
         while let Some(row) = q.next()? {
@@ -65,12 +66,82 @@ pub fn coverage(db: &Path, keyring: &Keyring) -> Result<Coverage, CoverageError>
         path: db.display().to_string(),
         source,
     })?;
+    check(keyring, sealed_rows, &refs)
+}
+
+/// The SQL condition "column `c` holds a sealed payload": a blob starting with the
+/// sealed format's magic and version (plaintext raw bytes and scrubbed payloads are
+/// blobs too).
+fn sealed_condition(column: &str) -> String {
+    format!("typeof({column}) = 'blob' AND substr({column}, 1, 5) = X'564D515301'")
+}
+
+/// Whether the store file `db` holds any sealed payload (a quick look, for start-up).
+pub fn holds_sealed_rows(db: &Path) -> rusqlite::Result<bool> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    for (table, column) in SEALED_COLUMNS {
+        let found: bool = conn.query_row(
+            &format!(
+                "SELECT EXISTS(SELECT 1 FROM {table} WHERE {})",
+                sealed_condition(column)
+            ),
+            [],
+            |r| r.get(0),
+        )?;
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Like [`coverage`], on the `per_column` newest sealed payloads of each column only: a
+/// cheap look at start-up that catches a keyring of another store, or an older copy of
+/// this one, without reading every row.
+pub fn coverage_of_newest(
+    db: &Path,
+    keyring: &Keyring,
+    per_column: u32,
+) -> Result<Coverage, CoverageError> {
+    let sql = |source| CoverageError::Sqlite {
+        path: db.display().to_string(),
+        source,
+    };
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql)?;
+    let mut refs = BTreeSet::new();
+    let mut rows = 0u64;
+    for (table, column) in SEALED_COLUMNS {
+        let mut stmt = conn
+            .prepare(&format!(
+                "SELECT substr({column}, 1, 80) FROM {table} WHERE {} ORDER BY rowid DESC LIMIT ?1",
+                sealed_condition(column)
+            ))
+            .map_err(sql)?;
+        let heads: Vec<Vec<u8>> = stmt
+            .query_map([per_column], |r| r.get(0))
+            .and_then(Iterator::collect)
+            .map_err(sql)?;
+        for head in heads {
+            if let Ok(h) = vitalmq_keyring::sealed::header_only(&head) {
+                rows += 1;
+                refs.insert((h.subject.as_str().to_owned(), h.key_version));
+            }
+        }
+    }
+    check(keyring, rows, &refs)
+}
+
+fn check(
+    keyring: &Keyring,
+    sealed_rows: u64,
+    refs: &BTreeSet<(String, u32)>,
+) -> Result<Coverage, CoverageError> {
     let mut c = Coverage {
         sealed_rows,
         key_versions: refs.len() as u64,
         ..Coverage::default()
     };
-    for (subject, version) in &refs {
+    for (subject, version) in refs {
         let subject = Subject::new(subject)?;
         if keyring.has_key(&subject, *version)? {
             continue;
@@ -82,22 +153,6 @@ pub fn coverage(db: &Path, keyring: &Keyring) -> Result<Coverage, CoverageError>
         }
     }
     Ok(c)
-}
-
-/// Whether the store file `db` holds any sealed payload (a quick look, for start-up).
-pub fn holds_sealed_rows(db: &Path) -> rusqlite::Result<bool> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    for (table, column) in SEALED_COLUMNS {
-        let found: bool = conn.query_row(
-            &format!("SELECT EXISTS(SELECT 1 FROM {table} WHERE typeof({column}) = 'blob')"),
-            [],
-            |r| r.get(0),
-        )?;
-        if found {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +181,24 @@ mod tests {
         Keyring::open(&dir.join(name), Arc::new(kek)).expect("keyring")
     }
 
+    /// Plaintext raw bytes and scrubbed payloads are blobs too: a store never sealed
+    /// does not count as sealed (a plain backup restores without keys; encryption can
+    /// be turned on for it).
+    #[test]
+    fn a_plaintext_store_holds_no_sealed_rows() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .commit(&Commit {
+                events: vec![event("dev-00001", 1, 1)],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let db = dir.path().join(DB_FILE);
+        assert!(!holds_sealed_rows(&db).expect("look"));
+        assert_eq!(sealed_key_refs(&db).expect("refs").0, 0);
+    }
+
     #[test]
     fn a_keyring_covers_its_store_and_a_fresh_one_does_not() {
         let dir = tempfile::tempdir().expect("dir");
@@ -148,6 +221,12 @@ mod tests {
 
         let fresh = keyring(dir.path(), "other.sqlite3");
         assert_eq!(coverage(&db, &fresh).expect("coverage").missing, 1);
+        assert_eq!(
+            coverage_of_newest(&db, &fresh, 8).expect("newest").missing,
+            1,
+            "the start-up look catches another keyring"
+        );
+        assert_eq!(coverage_of_newest(&db, &ring, 8).expect("newest").missing, 0);
 
         ring.erase(&Subject::new("pt-7f3a").expect("s"), "po", "t", 1)
             .expect("erase");
