@@ -168,6 +168,27 @@ impl LocalBackend {
         }
     }
 
+    /// Whether the bridge seals what it stores, judged from the data (the admin API
+    /// does not read the bridge's configuration): the store holds sealed rows, or the
+    /// keyring holds a key. An admin configuration with `[encryption]` beside a bridge
+    /// without it must not let an erasure pass for a crypto-shred.
+    fn bridge_seals(&self) -> Result<bool, BackendError> {
+        let failed = |e: String| BackendError::Failed(e);
+        let db = self.data_dir.join(vitalmq_bridge::store::DB_FILE);
+        if db.exists()
+            && vitalmq_bridge::store::coverage::holds_sealed_rows(&db)
+                .map_err(|e| failed(e.to_string()))?
+        {
+            return Ok(true);
+        }
+        if !self.keyring.exists() {
+            return Ok(false);
+        }
+        let keyring = Keyring::open(&self.keyring, Arc::new(vitalmq_bridge::store::NoKeys))
+            .map_err(|e| failed(e.to_string()))?;
+        Ok(keyring.key_counts().map_err(|e| failed(e.to_string()))?.0 > 0)
+    }
+
     /// The bridge's store, with the keyring when there is one: with `[encryption]`
     /// sealed payloads open (a clinician reads plaintext); without it they read as
     /// `"sealed": true`. An erased patient's rows read as erased either way (the
@@ -354,7 +375,7 @@ impl Backend for LocalBackend {
             key_file: self.key_file.clone(),
             keyring: Some(self.keyring.clone()),
             by: operator_id(acting)?,
-            encrypted_at_rest: self.key_file.is_some(),
+            encrypted_at_rest: self.bridge_seals()?,
             scrub_plaintext_only: false,
             now_ms: None,
         })

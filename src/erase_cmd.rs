@@ -227,12 +227,14 @@ pub fn run(args: EraseArgs) -> anyhow::Result<ExitCode> {
 /// Erases one patient (see the module docs): an audited operator action, refusals
 /// included.
 pub fn erase(req: &Request) -> anyhow::Result<Report> {
+    // The one rule of holds, export and erasure, checked before anything is recorded:
+    // what is refused here might be a name.
+    anyhow::ensure!(
+        vitalmq_policies::is_patient_ref(&req.patient_ref),
+        "refused: --patient is not a patient pseudonym (pt- and at least 8 of [0-9a-z-])"
+    );
     let subject =
         Subject::new(&req.patient_ref).map_err(|e| anyhow::anyhow!("refused: --patient: {e}"))?;
-    anyhow::ensure!(
-        req.patient_ref.starts_with("pt-"),
-        "refused: --patient is not a patient pseudonym (pt-...)"
-    );
     // No store, nothing to erase or audit: a typo must not create one.
     let mut store = crate::bridge_cmd::open_existing(&req.data)?;
     Action::new(
@@ -330,16 +332,33 @@ fn erase_in(
     store: &mut Store,
 ) -> anyhow::Result<Report> {
     let patient = req.patient_ref.as_str();
-    let registry = DeviceRegistry::load(&sources.registry).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let assignments = assignments_of(&registry, patient);
+    let load_assignments = || -> anyhow::Result<Vec<(DeviceId, Period)>> {
+        let registry =
+            DeviceRegistry::load(&sources.registry).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(assignments_of(&registry, patient))
+    };
+    let mut assignments = load_assignments()?;
     let (stored_devices, span) = store.patient_span(patient)?;
     let (tombstone, already_erased, keyring_checkpointed) = match keyring.erased(subject)? {
         Some(t) => (t, true, true),
         None => {
-            // A hold placed between the check and the erase would be missed: both run
-            // under the lock `vitalmq hold` (and the admin API) take to change holds.
-            let _turn = lock_dir_timeout(dir_of(&sources.holds), registry_cmd::LOCK_TIMEOUT)
-                .with_context(|| format!("lock of {}", sources.holds.display()))?;
+            // A hold placed or a device assigned between the checks and the erase would
+            // be missed: all three run under the locks `vitalmq hold` and `vitalmq
+            // registry` (and the admin API) take to change them, registry first (nobody
+            // takes them the other way round), one lock when both files share a
+            // directory; the registry is read again under its lock.
+            let (registry_dir, holds_dir) = (dir_of(&sources.registry), dir_of(&sources.holds));
+            let _registry_turn = lock_dir_timeout(registry_dir, registry_cmd::LOCK_TIMEOUT)
+                .with_context(|| format!("lock of {}", sources.registry.display()))?;
+            let _holds_turn = if same_dir(registry_dir, holds_dir) {
+                None
+            } else {
+                Some(
+                    lock_dir_timeout(holds_dir, registry_cmd::LOCK_TIMEOUT)
+                        .with_context(|| format!("lock of {}", sources.holds.display()))?,
+                )
+            };
+            assignments = load_assignments()?;
             refuse_if_held(patient, &sources.holds, &stored_devices, span, &assignments)?;
             refuse_if_assigned(&assignments, req.now_ms.unwrap_or_else(now_ms))?;
             let done = keyring.erase_checked(subject, &req.by, &req.reason, now_ms())?;
@@ -449,6 +468,14 @@ fn refuse_if_held(
         }
     }
     Ok(())
+}
+
+/// Whether two directories are the same one (then one lock covers both files).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// Refused while the registry assigns a device to the patient (open assignment).

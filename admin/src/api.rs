@@ -50,7 +50,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 use vitalmq_audit::Decision;
-use vitalmq_policies::{AdminAction, Grantee, PrincipalId, Scope, SiteId};
+use vitalmq_policies::{AdminAction, Grantee, Scope, SiteId};
 
 use crate::access::{BREAK_GLASS_HEADER, Caller, PURPOSE_HEADER, RolesFile, statement};
 use crate::audit::{AdminAudit, Entry};
@@ -974,10 +974,11 @@ async fn lift_hold(
     finish(&app, &caller, started, result).await
 }
 
-/// A care pseudonym as the registry accepts one (`pt-` then more, 1 to 64 of
-/// `[A-Za-z0-9._-]` in all); anything else (it might be a name) is refused unrecorded.
+/// A care pseudonym as the registry accepts one (`vitalmq_policies::is_patient_ref`, the
+/// one rule of holds, export and erasure); anything else (it might be a name) is refused
+/// unrecorded.
 fn is_patient_ref(p: &str) -> bool {
-    p.len() > "pt-".len() && p.starts_with("pt-") && PrincipalId::new(p.to_owned()).is_ok()
+    vitalmq_policies::is_patient_ref(p)
 }
 
 /// What the body of a patient action must hold: erasure a non-blank `reason`; export
@@ -1273,7 +1274,7 @@ mod tests {
             request: Value,
             acting: &Acting,
         ) -> Result<Value, BackendError> {
-            if patient_ref == "pt-held" {
+            if patient_ref == "pt-held0000" {
                 return Err(BackendError::Conflict(
                     "refused: legal hold h1 covers this patient".into(),
                 ));
@@ -1532,26 +1533,26 @@ role = "admin"
         assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
         // No reason, a blank one, no JSON.
         for body in ["{}", r#"{"reason": " "}"#, "erase"] {
-            let (status, answer) = post("adam", &erase("pt-a1"), body).await;
+            let (status, answer) = post("adam", &erase("pt-a1a1a1a1"), body).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
         }
         // A site-scoped role may not, whatever its actions.
-        let (status, answer) = post("sam", &erase("pt-a1"), reason).await;
+        let (status, answer) = post("sam", &erase("pt-a1a1a1a1"), reason).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
         assert_eq!(answer["reason"], "outside_scope");
         // Under a hold: 409, the refusal is the audited outcome.
-        let (status, answer) = post("adam", &erase("pt-held"), reason).await;
+        let (status, answer) = post("adam", &erase("pt-held0000"), reason).await;
         assert_eq!(status, StatusCode::CONFLICT, "{answer}");
         assert_eq!(answer["reason"], "conflict");
-        let (status, answer) = post("adam", &erase("pt-a1"), reason).await;
+        let (status, answer) = post("adam", &erase("pt-a1a1a1a1"), reason).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         assert_eq!(answer["keys_destroyed"], 2);
         assert_eq!(
             rig.changed(),
-            ["erase pt-a1 by spiffe://demo.vitalmq/operator/adam"]
+            ["erase pt-a1a1a1a1 by spiffe://demo.vitalmq/operator/adam"]
         );
         // Export: a bad purpose is refused; without an exports directory, 501.
-        let export = "/v1/patients/pt-a1/export";
+        let export = "/v1/patients/pt-a1a1a1a1/export";
         let (status, _) = post("adam", export, r#"{"purpose": 7}"#).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let (status, answer) = post("adam", export, "").await;
@@ -1572,17 +1573,17 @@ role = "admin"
             outcomes,
             [
                 "patient.erase - refused:bad_request",
-                "patient.erase patient/pt-a1 refused:bad_request",
-                "patient.erase patient/pt-a1 refused:bad_request",
-                "patient.erase patient/pt-a1 refused:bad_request",
-                "patient.erase patient/pt-a1 refused:outside_scope",
-                "patient.erase patient/pt-held allowed",
-                "patient.erase patient/pt-held conflict",
-                "patient.erase patient/pt-a1 allowed",
-                "patient.erase patient/pt-a1 succeeded",
-                "patient.export patient/pt-a1 refused:bad_request",
-                "patient.export patient/pt-a1 allowed",
-                "patient.export patient/pt-a1 not_configured",
+                "patient.erase patient/pt-a1a1a1a1 refused:bad_request",
+                "patient.erase patient/pt-a1a1a1a1 refused:bad_request",
+                "patient.erase patient/pt-a1a1a1a1 refused:bad_request",
+                "patient.erase patient/pt-a1a1a1a1 refused:outside_scope",
+                "patient.erase patient/pt-held0000 allowed",
+                "patient.erase patient/pt-held0000 conflict",
+                "patient.erase patient/pt-a1a1a1a1 allowed",
+                "patient.erase patient/pt-a1a1a1a1 succeeded",
+                "patient.export patient/pt-a1a1a1a1 refused:bad_request",
+                "patient.export patient/pt-a1a1a1a1 allowed",
+                "patient.export patient/pt-a1a1a1a1 not_configured",
             ]
         );
         let done = &records[8];
@@ -1597,12 +1598,14 @@ role = "admin"
 
     #[test]
     fn a_patient_ref_is_a_pseudonym() {
-        assert!(is_patient_ref("pt-a1b2.c_d-e"));
+        assert!(is_patient_ref("pt-a1b2c3d4-e5"));
         for p in [
             "",
             "pt-",
             "a1",
             "Jane Doe",
+            "pt-Jane.Doe",
+            "pt-a1b2.c_d-e",
             "pt-a/b",
             &format!("pt-{}", "a".repeat(70)),
         ] {

@@ -388,11 +388,41 @@ pub fn spawn(
             tracing::info!("retention off: no [lifecycle] in the configuration, nothing is deleted")
         }
         Some((job, every)) => {
+            if let Some(holds) = &job.holds {
+                create_empty_holds(holds)?;
+            }
             tracing::info!(every_s = every.as_secs(), retention = %job.retention.display(), "retention job on");
             tokio::spawn(schedule(job, every, wall_clock, auditor.clone(), stop));
         }
     }
     Ok(())
+}
+
+/// Creates the deployment's holds file, holding no hold, when it does not exist yet: a
+/// named but missing file fails closed (no retention run, no erasure: no hold could be
+/// ruled out), so a deployment that never placed a hold would never delete anything.
+fn create_empty_holds(path: &std::path::Path) -> Result<(), RunError> {
+    use std::io::Write as _;
+    let io = |source| RunError::HoldsFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    vitalmq_private_fs::create_parent(path).map_err(io)?;
+    match vitalmq_private_fs::create_options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(mut file) => {
+            file.write_all(b"# vitalmq legal holds: `vitalmq hold place|lift|list`\nformat = \"vitalmq-holds/v1\"\n")
+                .and_then(|()| file.sync_all())
+                .map_err(io)?;
+            tracing::info!(holds = %path.display(), "no legal holds file yet: made one holding no hold");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io(e)),
+    }
 }
 
 #[cfg(test)]

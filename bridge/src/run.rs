@@ -73,6 +73,11 @@ pub enum RunError {
     Keyring(#[from] vitalmq_keyring::KeyError),
     #[error("encryption at rest: {0}")]
     ForeignKeyring(String),
+    #[error("legal holds file {path}: {source}")]
+    HoldsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     CheckpointKey(#[from] vitalmq_audit::KeyError),
     #[error("audit log {}", path.display())]

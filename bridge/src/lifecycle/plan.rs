@@ -210,8 +210,14 @@ pub fn alert(ctx: &Context<'_>, rows: &[RetainedAlert], report: &mut Report) -> 
         }
         return acts;
     }
-    // Anonymize: the whole alert, once its last state is due and nothing of it held.
+    // Anonymize: the whole alert, once it is over (its last state `resolved`: an open
+    // alert's later states would be written under its old id, with its patient), its
+    // last state is due and nothing of it is held.
     if any_held || !matches!(dispositions.last(), Some(Disposition::Due(_))) {
+        return Vec::new();
+    }
+    if last.state != "resolved" && !rows.iter().any(|r| r.erased) {
+        report.skipped(plane, "open");
         return Vec::new();
     }
     if !confirmed(last) {
@@ -310,9 +316,11 @@ impl ObjectName {
     /// (including an audit segment of a component that is not a retention plane).
     pub fn parse(full: &str) -> Option<Self> {
         let parts: Vec<&str> = full.split('/').collect();
+        // The last kind segment, as the sealing context takes it: a sink prefix may
+        // itself contain one (`vm/raw`).
         let top = parts
             .iter()
-            .position(|p| matches!(*p, "raw" | "normalized" | "audit"))?;
+            .rposition(|p| matches!(*p, "raw" | "normalized" | "audit"))?;
         let mut plane = match parts[top] {
             "raw" => Plane::Raw,
             "normalized" => Plane::Normalized,

@@ -818,6 +818,9 @@ fn an_alert_is_anonymized_whole_once_its_last_state_is_due_and_an_erased_one_del
                 clinical("al-3", "open", erased, T0),
                 clinical("al-3", "resolved", erased, T0 + min),
                 clinical("al-1", "resolved", p, T0 + DAY),
+                clinical("al-2", "resolved", p, T0 + 6 * min),
+                // Still open: its later states would carry its old id; it waits.
+                clinical("al-4", "open", p, T0),
             ],
             ..Commit::default()
         })
@@ -847,11 +850,16 @@ fn an_alert_is_anonymized_whole_once_its_last_state_is_due_and_an_erased_one_del
         None,
     )
     .expect("run");
-    assert_eq!(report.count("clinical", "anonymize"), 1, "{report:?}");
+    assert_eq!(report.count("clinical", "anonymize"), 2, "{report:?}");
     assert_eq!(report.count("clinical", "delete_erased"), 2, "{report:?}");
+    assert_eq!(
+        report.skipped[&("clinical".into(), "open".into())],
+        1,
+        "{report:?}"
+    );
     let rows = alerts(&store);
     let ids: Vec<&str> = rows.iter().map(|a| a.alert_id.as_str()).collect();
-    assert_eq!(ids, ["al-1", "anon-a2", "al-1", "al-1"]);
+    assert_eq!(ids, ["al-1", "anon-a2", "al-1", "al-1", "anon-a2", "al-4"]);
     assert!(rows[0].body.contains(p), "al-1 untouched");
 
     // A hold on the escalation's instant keeps the whole alert.
@@ -914,6 +922,7 @@ fn an_alert_is_anonymized_whole_once_its_last_state_is_due_and_an_erased_one_del
             .alerts
             .iter()
             .flatten()
+            .filter(|a| a.alert_id != "al-4")
             .all(|a| a.anonymized && a.patient_ref.is_none() && !a.erased),
         "{retained:?}"
     );
@@ -936,7 +945,9 @@ fn an_alert_is_anonymized_whole_once_its_last_state_is_due_and_an_erased_one_del
         None,
     )
     .expect("rerun");
-    assert!(again.acted.is_empty(), "{again:?}");
+    // Only the open al-4, now its patient's erased husk, goes.
+    assert_eq!(again.acted.len(), 1, "{again:?}");
+    assert_eq!(again.count("clinical", "delete_erased"), 1, "{again:?}");
     assert!(alerts(&store).iter().all(|a| !a.body.is_empty()));
 }
 
@@ -1039,4 +1050,41 @@ fn objects_kept_only_by_a_patient_hold_without_range_are_counted() {
     plan::object(&ctx(&policy, &holds, now), &raw, Purpose::Care, &mut report);
     assert_eq!(report.patient_hold_without_range, 0);
     assert_eq!(report.held["raw"], 1);
+}
+
+/// A named holds file that does not exist yet is made, holding no hold (a missing one
+/// fails closed: no run, no erasure); an existing one is left as it is.
+#[test]
+fn a_missing_holds_file_is_made_empty_and_an_existing_one_kept() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("governance").join("holds.toml");
+    super::create_empty_holds(&path).expect("made");
+    let holds = LegalHolds::load(&path).expect("loads");
+    assert!(holds.holds().is_empty());
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::write(&path, "format = \"vitalmq-holds/v1\"\n# kept\n").expect("write");
+    super::create_empty_holds(&path).expect("kept");
+    assert!(
+        std::fs::read_to_string(&path)
+            .expect("read")
+            .contains("# kept")
+    );
+}
+
+/// Object names are read from their last kind segment, as the sealing context is: a
+/// sink prefix holding one (`vm/raw`) does not shift the name.
+#[test]
+fn an_object_name_under_a_prefix_naming_a_kind_parses_from_the_last_kind() {
+    let name = plan::ObjectName::parse(
+        "vm/raw/normalized/site=site-01/device=dev-00001/date=2026-01-05/00000000000000000001-00000000000000000002-00000000000000000001.ndjson.vmqs",
+    )
+    .expect("parses");
+    assert_eq!(name.prefix, "vm/raw/");
+    assert!(
+        name.relative.starts_with("normalized/site=site-01/"),
+        "{}",
+        name.relative
+    );
 }

@@ -226,7 +226,10 @@ mod tests {
             1,
             "the start-up look catches another keyring"
         );
-        assert_eq!(coverage_of_newest(&db, &ring, 8).expect("newest").missing, 0);
+        assert_eq!(
+            coverage_of_newest(&db, &ring, 8).expect("newest").missing,
+            0
+        );
 
         ring.erase(&Subject::new("pt-7f3a").expect("s"), "po", "t", 1)
             .expect("erase");
