@@ -606,8 +606,11 @@ impl Keyring {
     }
 }
 
+/// Asked at every seal and open (twice per stored event): the statement is prepared
+/// once per connection, not parsed each time.
 fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+    conn.prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))
 }
 
 fn tombstone_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Tombstone> {
