@@ -99,8 +99,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/reid/lookup", post(reid_lookup))
         .route("/v1/holds", get(list_holds).post(place_hold))
         .route("/v1/holds/:id/lift", post(lift_hold))
-        .route("/v1/patients/:patient_ref/erase", post(erase_patient))
-        .route("/v1/patients/:patient_ref/export", post(export_patient))
+        .route(
+            "/v1/patients/:patient_ref/erase",
+            post(patient(AdminAction::PatientErase)),
+        )
+        .route(
+            "/v1/patients/:patient_ref/export",
+            post(patient(AdminAction::PatientExport)),
+        )
         .fallback(unknown)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(read_body))
@@ -1009,44 +1015,19 @@ fn patient_body(action: AdminAction, body: &[u8]) -> Result<Value, &'static str>
     }
 }
 
-async fn erase_patient(
-    State(app): State<Arc<App>>,
-    Extension(caller): Extension<Arc<Caller>>,
-    headers: HeaderMap,
-    Path(patient_ref): Path<String>,
-    Query(q): Q,
-    body: Bytes,
-) -> Response {
-    patient_action(
-        &app,
-        &caller,
-        &headers,
-        &q,
-        patient_ref,
-        &body,
-        AdminAction::PatientErase,
-    )
-    .await
-}
-
-async fn export_patient(
-    State(app): State<Arc<App>>,
-    Extension(caller): Extension<Arc<Caller>>,
-    headers: HeaderMap,
-    Path(patient_ref): Path<String>,
-    Query(q): Q,
-    body: Bytes,
-) -> Response {
-    patient_action(
-        &app,
-        &caller,
-        &headers,
-        &q,
-        patient_ref,
-        &body,
-        AdminAction::PatientExport,
-    )
-    .await
+/// The handler of a patient action (erasure, export): one shape, its `action`.
+fn patient(
+    action: AdminAction,
+) -> impl Fn(State<Arc<App>>, Extension<Arc<Caller>>, HeaderMap, Path<String>, Q, Bytes) -> Answering
++ Clone
++ Send
++ Sync
++ 'static {
+    move |State(app), Extension(caller), headers, Path(patient_ref), Query(q), body| {
+        Box::pin(async move {
+            patient_action(&app, &caller, &headers, &q, patient_ref, &body, action).await
+        })
+    }
 }
 
 /// Erasure or export of one patient: checked, allowed by a role of every site,
