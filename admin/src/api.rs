@@ -1016,6 +1016,10 @@ fn patient_body(action: AdminAction, body: &[u8]) -> Result<Value, &'static str>
 }
 
 /// The handler of a patient action (erasure, export): one shape, its `action`.
+#[expect(
+    clippy::type_complexity,
+    reason = "the extractor list axum calls the handler with; spelled once, here"
+)]
 fn patient(
     action: AdminAction,
 ) -> impl Fn(State<Arc<App>>, Extension<Arc<Caller>>, HeaderMap, Path<String>, Q, Bytes) -> Answering
