@@ -15,9 +15,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde_json::{Value, json};
 use vitalmq_admin::backend::{Acting, Backend, BackendError, Record, Rows, ScopeCheck};
-use vitalmq_bridge::store::{NoKeys, Store};
+use vitalmq_bridge::store::Store;
 use vitalmq_envelope::DeviceId;
-use vitalmq_keyring::{KeyProvider, Keyring, LocalKeyFile};
 use vitalmq_policies::{DeviceRegistry, HoldError, SpiffeId, Use};
 
 use crate::registry_cmd::{self, Actor, Change};
@@ -184,8 +183,8 @@ impl LocalBackend {
         if !self.keyring.exists() {
             return Ok(false);
         }
-        let keyring = Keyring::open(&self.keyring, Arc::new(vitalmq_bridge::store::NoKeys))
-            .map_err(|e| failed(e.to_string()))?;
+        let keyring = crate::bridge_cmd::open_keyring(&self.keyring, None)
+            .map_err(|e| failed(format!("{e:#}")))?;
         Ok(keyring.key_counts().map_err(|e| failed(e.to_string()))?.0 > 0)
     }
 
@@ -202,12 +201,7 @@ impl LocalBackend {
             // No keyring: the store was never encrypted, nothing in it is sealed.
             return Ok(store);
         }
-        let provider: Arc<dyn KeyProvider> = match &self.key_file {
-            Some(f) => Arc::new(LocalKeyFile::load(f)?),
-            None => Arc::new(NoKeys),
-        };
-        let keyring = Keyring::open(&self.keyring, provider)
-            .with_context(|| format!("keyring {}", self.keyring.display()))?;
+        let keyring = crate::bridge_cmd::open_keyring(&self.keyring, self.key_file.as_deref())?;
         Ok(store.with_keyring(Arc::new(keyring)))
     }
 

@@ -268,10 +268,22 @@ pub fn open_existing_with(
         );
         return Ok(store);
     }
+    let keyring = open_keyring(&keyring_path, key_file)?;
+    Ok(store.with_keyring(std::sync::Arc::new(keyring)))
+}
+
+/// The keyring at `path`, unwrapping with the KEKs of `key_file`; without one it holds
+/// no key (`NoKeys`) but still tells an erased patient from a merely sealed one. The
+/// one opening every command that reads a store shares (store reads, trace, erase,
+/// export, the admin API).
+pub fn open_keyring(
+    path: &std::path::Path,
+    key_file: Option<&std::path::Path>,
+) -> anyhow::Result<vitalmq_keyring::Keyring> {
     let provider: std::sync::Arc<dyn vitalmq_keyring::KeyProvider> = match key_file {
         Some(f) => std::sync::Arc::new(vitalmq_keyring::LocalKeyFile::load(f)?),
         None => std::sync::Arc::new(vitalmq_bridge::store::NoKeys),
     };
-    let keyring = vitalmq_keyring::Keyring::open(&keyring_path, provider)?;
-    Ok(store.with_keyring(std::sync::Arc::new(keyring)))
+    vitalmq_keyring::Keyring::open(path, provider)
+        .with_context(|| format!("keyring {}", path.display()))
 }

@@ -41,16 +41,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use vitalmq_bridge::BridgeConfig;
+use vitalmq_bridge::store::Store;
 use vitalmq_bridge::store::sealing::ErasureScope;
-use vitalmq_bridge::store::{NoKeys, Store};
 use vitalmq_envelope::DeviceId;
-use vitalmq_keyring::{KeyProvider, Keyring, LocalKeyFile, Subject};
+use vitalmq_keyring::{Keyring, Subject};
 use vitalmq_policies::{DeviceRegistry, LegalHolds, Period, Use};
 use vitalmq_private_fs::{dir_of, lock_dir_timeout};
 
@@ -313,15 +312,11 @@ impl Sources {
 }
 
 fn open_keyring(req: &Request) -> anyhow::Result<Keyring> {
-    let provider: Arc<dyn KeyProvider> = match &req.key_file {
-        Some(f) => Arc::new(LocalKeyFile::load(f)?),
-        None => Arc::new(NoKeys),
-    };
     let path = req
         .keyring
         .clone()
         .unwrap_or_else(|| req.data.join(vitalmq_keyring::KEYRING_FILE));
-    Keyring::open(&path, provider).with_context(|| format!("keyring {}", path.display()))
+    crate::bridge_cmd::open_keyring(&path, req.key_file.as_deref())
 }
 
 fn erase_in(

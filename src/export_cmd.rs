@@ -38,8 +38,8 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json, json};
 use vitalmq_bridge::normalize::rfc3339_ms;
 use vitalmq_bridge::store::export::{PatientAlert, PatientEvent, PatientRow};
-use vitalmq_bridge::store::{NoKeys, Payload, Store};
-use vitalmq_keyring::{KeyProvider, Keyring, LocalKeyFile};
+use vitalmq_bridge::store::{Payload, Store};
+use vitalmq_keyring::Keyring;
 
 use crate::operator_audit::{self, Action};
 
@@ -221,17 +221,18 @@ fn open_keyring(req: &ExportRequest) -> anyhow::Result<Option<Arc<Keyring>>> {
         .keyring
         .clone()
         .unwrap_or_else(|| req.data.join(vitalmq_keyring::KEYRING_FILE));
-    let provider: Arc<dyn KeyProvider> = match &req.key_file {
-        Some(file) => Arc::new(LocalKeyFile::load(file)?),
-        None if !path.exists() => return Ok(None),
-        None => Arc::new(NoKeys),
-    };
+    if req.key_file.is_none() && !path.exists() {
+        return Ok(None);
+    }
     anyhow::ensure!(
         path.exists(),
         "{}: no keyring here (--keyring)",
         path.display()
     );
-    Ok(Some(Arc::new(Keyring::open(&path, provider)?)))
+    Ok(Some(Arc::new(crate::bridge_cmd::open_keyring(
+        &path,
+        req.key_file.as_deref(),
+    )?)))
 }
 
 /// Refuses an output path that exists and is not an empty directory.
