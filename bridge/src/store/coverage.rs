@@ -72,7 +72,7 @@ pub fn coverage(db: &Path, keyring: &Keyring) -> Result<Coverage, CoverageError>
 /// The SQL condition "column `c` holds a sealed payload": a blob starting with the
 /// sealed format's magic and version (plaintext raw bytes and scrubbed payloads are
 /// blobs too).
-fn sealed_condition(column: &str) -> String {
+pub(super) fn sealed_condition(column: &str) -> String {
     format!("typeof({column}) = 'blob' AND substr({column}, 1, 5) = X'564D515301'")
 }
 

@@ -310,10 +310,7 @@ impl Store {
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
-        // Sealed payloads are BLOBs starting with the magic; plaintext ones are not.
-        let plain = |col: &str| {
-            format!("(typeof({col}) <> 'blob' OR substr({col}, 1, 4) <> CAST('VMQS' AS BLOB))")
-        };
+        let plain = |col: &str| format!("NOT ({})", super::coverage::sealed_condition(col));
         let mut changed = tx
             .execute(
                 &format!(
@@ -325,26 +322,18 @@ impl Store {
                 params![patient_ref],
             )
             .map_err(err)?;
-        changed += tx
-            .execute(
-                &format!(
-                    "UPDATE events SET normalized = ?2
-                     WHERE patient_ref = ?1 AND normalized <> ?2 AND {}",
-                    plain("normalized")
-                ),
-                params![patient_ref, ERASED_MARKER],
-            )
-            .map_err(err)?;
-        changed += tx
-            .execute(
-                &format!(
-                    "UPDATE alerts SET body = ?2
-                     WHERE patient_ref = ?1 AND body <> ?2 AND {}",
-                    plain("body")
-                ),
-                params![patient_ref, ERASED_MARKER],
-            )
-            .map_err(err)?;
+        for (table, column) in [("events", "normalized"), ("alerts", "body")] {
+            changed += tx
+                .execute(
+                    &format!(
+                        "UPDATE {table} SET {column} = ?2
+                         WHERE patient_ref = ?1 AND {column} <> ?2 AND {}",
+                        plain(column)
+                    ),
+                    params![patient_ref, ERASED_MARKER],
+                )
+                .map_err(err)?;
+        }
         let mut alert_states = 0;
         for device in &scope.devices {
             alert_states += tx
