@@ -40,18 +40,26 @@ pub struct Coverage {
 /// Every distinct (subject, key version) named by a sealed payload of the store file
 /// `db` (opened read-only), and how many sealed payloads there are.
 pub fn sealed_key_refs(db: &Path) -> rusqlite::Result<(u64, BTreeSet<(String, u32)>)> {
+    key_refs(db, None)
+}
+
+/// The (subject, key version) pairs of the sealed payloads of `db`, every one or the
+/// `newest` of each column; only the first bytes of each are read (the header).
+fn key_refs(db: &Path, newest: Option<u32>) -> rusqlite::Result<(u64, BTreeSet<(String, u32)>)> {
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    // SQLite's LIMIT -1: no limit.
+    let limit = newest.map_or(-1, i64::from);
     let mut refs = BTreeSet::new();
     let mut rows = 0u64;
     for (table, column) in SEALED_COLUMNS {
         let mut stmt = conn.prepare(&format!(
-            "SELECT {column} FROM {table} WHERE {}",
+            "SELECT substr({column}, 1, 80) FROM {table} WHERE {} ORDER BY rowid DESC LIMIT ?1",
             sealed_condition(column)
         ))?;
-        let mut q = stmt.query([])?;
+        let mut q = stmt.query([limit])?;
         while let Some(row) = q.next()? {
-            let bytes: Vec<u8> = row.get(0)?;
-            if let Ok(h) = vitalmq_keyring::sealed::header(&bytes) {
+            let head: Vec<u8> = row.get(0)?;
+            if let Ok(h) = vitalmq_keyring::sealed::header_only(&head) {
                 rows += 1;
                 refs.insert((h.subject.as_str().to_owned(), h.key_version));
             }
@@ -103,31 +111,10 @@ pub fn coverage_of_newest(
     keyring: &Keyring,
     per_column: u32,
 ) -> Result<Coverage, CoverageError> {
-    let sql = |source| CoverageError::Sqlite {
+    let (rows, refs) = key_refs(db, Some(per_column)).map_err(|source| CoverageError::Sqlite {
         path: db.display().to_string(),
         source,
-    };
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql)?;
-    let mut refs = BTreeSet::new();
-    let mut rows = 0u64;
-    for (table, column) in SEALED_COLUMNS {
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT substr({column}, 1, 80) FROM {table} WHERE {} ORDER BY rowid DESC LIMIT ?1",
-                sealed_condition(column)
-            ))
-            .map_err(sql)?;
-        let heads: Vec<Vec<u8>> = stmt
-            .query_map([per_column], |r| r.get(0))
-            .and_then(Iterator::collect)
-            .map_err(sql)?;
-        for head in heads {
-            if let Ok(h) = vitalmq_keyring::sealed::header_only(&head) {
-                rows += 1;
-                refs.insert((h.subject.as_str().to_owned(), h.key_version));
-            }
-        }
-    }
+    })?;
     check(keyring, rows, &refs)
 }
 
