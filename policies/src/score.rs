@@ -281,6 +281,7 @@ enum Scoring {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ParameterTable {
     metric: String,
+    unit: Option<String>,
     scoring: Scoring,
 }
 
@@ -296,6 +297,7 @@ struct RiskBand {
 pub struct ScoreTable {
     model: String,
     version: String,
+    source: Option<String>,
     sha256: String,
     parameters: BTreeMap<Parameter, ParameterTable>,
     risk_bands: Vec<RiskBand>,
@@ -310,7 +312,6 @@ struct RawTable {
     model: Spanned<String>,
     version: Spanned<String>,
     #[serde(default)]
-    #[expect(dead_code, reason = "documentation for the reader of the file")]
     source: Option<String>,
     #[serde(default)]
     parameters: BTreeMap<Spanned<String>, Spanned<RawParameter>>,
@@ -322,7 +323,6 @@ struct RawTable {
 struct RawParameter {
     metric: Option<Spanned<String>>,
     #[serde(default)]
-    #[expect(dead_code, reason = "documentation for the reader of the file")]
     unit: Option<String>,
     decimals: Option<Spanned<u32>>,
     bands: Option<Spanned<Vec<Spanned<RawBand>>>>,
@@ -428,6 +428,7 @@ impl ScoreTable {
         let table = Self {
             model: raw.model.into_inner(),
             version: raw.version.into_inner(),
+            source: raw.source,
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
             parameters,
             risk_bands,
@@ -445,6 +446,16 @@ impl ScoreTable {
     /// The chart's version, e.g. `rcp-2017.1`.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// Where the chart comes from (free text), if the file says.
+    pub fn source(&self) -> Option<&str> {
+        self.source.as_deref()
+    }
+
+    /// The unit a numeric parameter is charted in (free text), if the file says.
+    pub fn unit(&self, p: Parameter) -> Option<&str> {
+        self.table(p).unit.as_deref()
     }
 
     /// SHA-256 (hex) of the file's text: the configuration digest.
@@ -984,6 +995,7 @@ fn parameter(
     }
     Some(ParameterTable {
         metric: metric?,
+        unit: raw.unit.clone(),
         scoring: scoring?,
     })
 }

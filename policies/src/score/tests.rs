@@ -37,6 +37,12 @@ fn the_chart_loads_with_its_identity() {
     assert_eq!(t.sha256(), hex::encode(Sha256::digest(EXAMPLE.as_bytes())));
     assert_eq!(t.metric(Parameter::Pulse), "pulse");
     assert_eq!(t.metric(Parameter::Spo2Scale2), "spo2");
+    assert_eq!(t.unit(Parameter::Temperature), Some("°C"));
+    assert_eq!(t.unit(Parameter::Consciousness), None);
+    assert!(
+        t.source()
+            .is_some_and(|s| s.contains("Royal College of Physicians"))
+    );
     let s = score(&t, &normal());
     assert_eq!(s.aggregate, 0);
     assert_eq!(s.assessment, Assessment::Exact(Risk::Low));
