@@ -16,6 +16,7 @@ mod pseudonym;
 mod registry;
 mod retention;
 mod rules;
+mod score;
 
 pub use acl::{
     AclPolicy, Decision, DeniedPublishV311, RetainedTelemetry, RoleLimits, is_telemetry_topic,
@@ -39,4 +40,8 @@ pub use rules::{
     AlertRule, Alerting, BatteryPolicy, ChangeDirection, ClockPolicy, Compare, CompareOp,
     DeviationSide, Escalation, MAX_SECONDS, Measure, Persist, Plausibility, PlausibleRange,
     QualityPolicy, RuleKind, RuleParams, RuleSet, Severity, SilencePolicy,
+};
+pub use score::{
+    Acvpu, AirOrOxygen, Assessment, Inputs, Parameter, Risk, Score, ScoreTable, Spo2Scale,
+    UnknownParameter, score,
 };
