@@ -12,6 +12,7 @@ mod demo_cmd;
 mod envelope_cmd;
 mod erase_cmd;
 mod export_cmd;
+mod fhir_cmd;
 mod hold_cmd;
 mod keys_cmd;
 mod loadgen_cmd;
@@ -66,6 +67,10 @@ enum Command {
     /// Export one patient's data (events, raw messages, alerts, provenance) with a
     /// manifest of hashes (GDPR access and portability; audited).
     Export(export_cmd::ExportArgs),
+    /// FHIR R4: export a patient's or device's data as a Bundle, re-verify the device
+    /// signatures a Bundle's Provenance carries (docs/fhir.md).
+    #[command(subcommand)]
+    Fhir(fhir_cmd::FhirCommand),
     /// Legal holds: place, lift and list them (audited); held records are never
     /// deleted, anonymised, archived or erased.
     #[command(subcommand)]
@@ -150,6 +155,7 @@ fn main() -> std::process::ExitCode {
         Command::Envelope(cmd) => cmd.run(),
         Command::Erase(args) => erase_cmd::run(args),
         Command::Export(args) => export_cmd::run(args),
+        Command::Fhir(cmd) => cmd.run(),
         Command::Demo(args) => demo_cmd::run(args, cli.log_format),
         Command::Bridge(args) => bridge_cmd::run(args),
         Command::Broker(args) => broker_cmd::run(args, cli.log_format),

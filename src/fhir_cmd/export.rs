@@ -1,0 +1,317 @@
+//! `vitalmq fhir export --config BRIDGE.toml (--patient pt-... | --device dev-...)
+//! [--since T] [--until T] --out BUNDLE.json [--ndjson DIR]`.
+//!
+//! Reads, in one store snapshot, the patient's events and alert changes (for
+//! `--device`: those of the patient the registry assigns the device to, restricted to
+//! that device), opens sealed payloads with the configured `[encryption]` keyring, and
+//! writes a FHIR R4 **transaction** Bundle (loadable as is into a FHIR server, with the
+//! same conditional requests as the sink: re-loading it creates nothing twice):
+//! Device, Observations and their Provenance carrying the device's COSE_Sign1, and per
+//! clinical alert change its DetectedIssue, Task, Communication and Provenance.
+//! `--ndjson DIR` also writes bulk-export style files, `<Type>.ndjson`, one resource per
+//! line. Time range: events by `observed_at`, alert changes by the time recorded,
+//! `since <= t < until`.
+//!
+//! Patient-linked: recorded as the operator action `fhir.export` (resource the
+//! patient_ref; counts and the Bundle's SHA-256, never the data). An erased patient is
+//! refused; new files only, owner-only.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use serde_json::{Map, Value as Json};
+use vitalmq_bridge::BridgeConfig;
+use vitalmq_bridge::store::Payload;
+use vitalmq_bridge::store::export::{PatientAlert, PatientEvent, PatientRow};
+use vitalmq_fhir::{AlertChange, BundleBuilder, DeviceFacts, Event};
+use vitalmq_policies::{DeviceEntry, DeviceRegistry};
+
+use crate::export_cmd::Refused;
+use crate::operator_audit::{self, Action};
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("who").required(true).args(["patient", "device"])))]
+pub struct ExportArgs {
+    /// The bridge's configuration: data directory, registry, `[encryption]`.
+    #[arg(long)]
+    config: PathBuf,
+    /// The patient's pseudonym (`pt-...`).
+    #[arg(long)]
+    patient: Option<String>,
+    /// A device id: its readings and alerts for the patient it is assigned to.
+    #[arg(long)]
+    device: Option<String>,
+    /// From this time (RFC 3339), inclusive.
+    #[arg(long)]
+    since: Option<String>,
+    /// Until this time (RFC 3339), exclusive.
+    #[arg(long)]
+    until: Option<String>,
+    /// The Bundle to write (a new file).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write NDJSON, one file per resource type, into this new directory.
+    #[arg(long)]
+    ndjson: Option<PathBuf>,
+    /// Why the data is exported (recorded in the operator audit log).
+    #[arg(long)]
+    purpose: Option<String>,
+}
+
+/// What the export read and wrote.
+#[derive(Debug, Default, serde::Serialize)]
+struct Report {
+    events: u64,
+    observations: u64,
+    alert_changes: u64,
+    entries: u64,
+    bundle_sha256: String,
+}
+
+pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let config = BridgeConfig::load(&args.config)
+        .with_context(|| format!("--config {}", args.config.display()))?;
+    let registry = DeviceRegistry::load(&config.registry)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.registry.display()))?;
+    let (patient_ref, device) = match (&args.patient, &args.device) {
+        (Some(p), None) => (p.clone(), None),
+        (None, Some(d)) => {
+            let id = vitalmq_envelope::DeviceId::new(d.as_str())?;
+            let entry = registry
+                .device(&id)
+                .with_context(|| format!("--device {d}: not in the registry"))?;
+            (entry.patient_ref.clone(), Some(d.clone()))
+        }
+        _ => anyhow::bail!("give one of --patient and --device"),
+    };
+    anyhow::ensure!(
+        vitalmq_policies::is_patient_ref(&patient_ref),
+        "--patient is not a patient pseudonym (pt- then at least 8 of [0-9a-z-])"
+    );
+    let since = args.since.as_deref().map(parse_time).transpose()?;
+    let until = args.until.as_deref().map(parse_time).transpose()?;
+    new_file_ok(&args.out)?;
+    if let Some(dir) = &args.ndjson {
+        anyhow::ensure!(
+            !dir.exists(),
+            "{}: exists; NDJSON goes into a new directory",
+            dir.display()
+        );
+    }
+    let store = crate::bridge_cmd::open_existing(&config.data_dir)?;
+    let store = match &config.encryption {
+        Some(enc) => store.with_keyring(Arc::new(crate::bridge_cmd::open_keyring(
+            &enc.keyring_path(&config.data_dir),
+            Some(&enc.key_file),
+        )?)),
+        None => store,
+    };
+    Action::new(
+        "fhir.export",
+        operator_audit::log_path(operator_audit::data_dir_log(&config.data_dir)),
+    )
+    .resource(Some(patient_ref.clone()))
+    .detail("device", device.clone())
+    .detail("since", args.since.clone())
+    .detail("until", args.until.clone())
+    .detail("out", operator_audit::absolute(&args.out))
+    .detail("purpose", args.purpose.clone())
+    .run(|| {
+        if let Some(erased) = store.patient_erased(&patient_ref)? {
+            return Err(Refused {
+                erased_at_ms: erased.erased_at_ms,
+            }
+            .into());
+        }
+        let mut collect = Collect {
+            device: device.as_deref(),
+            since,
+            until,
+            builder: BundleBuilder::new(),
+            devices: Vec::new(),
+            report: Report::default(),
+        };
+        store.read_patient(&patient_ref, |row| match row {
+            PatientRow::Event(e) => collect.event(&e),
+            PatientRow::Alert(a) => collect.alert(&a),
+        })?;
+        let Collect {
+            mut builder,
+            devices,
+            mut report,
+            ..
+        } = collect;
+        for facts in &devices {
+            let entry = vitalmq_envelope::DeviceId::new(facts.id.as_str())
+                .ok()
+                .and_then(|id| registry.device(&id).cloned());
+            let mut facts = facts.clone();
+            (facts.lot, facts.hardware_model, facts.region) = registry_extras(entry.as_ref());
+            builder.device(&facts);
+        }
+        let bundle = builder.transaction();
+        let mut text = serde_json::to_vec_pretty(&bundle)?;
+        text.push(b'\n');
+        report.entries = builder.entries().len() as u64;
+        report.bundle_sha256 = hex::encode(ring::digest::digest(&ring::digest::SHA256, &text));
+        write_new(&args.out, &text)?;
+        if let Some(dir) = &args.ndjson {
+            write_ndjson(dir, &builder)?;
+        }
+        let mut done = Map::new();
+        done.insert("events".into(), report.events.into());
+        done.insert("alert_changes".into(), report.alert_changes.into());
+        done.insert("bundle_sha256".into(), report.bundle_sha256.clone().into());
+        Ok((report, done))
+    })
+    .and_then(|report| {
+        println!("{}", serde_json::to_string(&report)?);
+        Ok(ExitCode::SUCCESS)
+    })
+    .or_else(|e| {
+        if e.downcast_ref::<Refused>().is_some() {
+            eprintln!("{e:#}");
+            Ok(ExitCode::from(1))
+        } else {
+            Err(e)
+        }
+    })
+}
+
+/// lot, hardware model and region of a registry entry (issue 21's registry fields; none
+/// until the registry carries them).
+fn registry_extras(
+    entry: Option<&DeviceEntry>,
+) -> (Option<String>, Option<String>, Option<String>) {
+    let _ = entry;
+    (None, None, None)
+}
+
+struct Collect<'a> {
+    device: Option<&'a str>,
+    since: Option<u64>,
+    until: Option<u64>,
+    builder: BundleBuilder,
+    /// Per device, the facts of its newest event (events come in outbox order).
+    devices: Vec<DeviceFacts>,
+    report: Report,
+}
+
+impl Collect<'_> {
+    fn in_range(&self, t: u64) -> bool {
+        self.since.is_none_or(|s| t >= s) && self.until.is_none_or(|u| t < u)
+    }
+
+    fn event(&mut self, e: &PatientEvent) -> anyhow::Result<()> {
+        let device = e.head.device.as_str();
+        if self.device.is_some_and(|d| d != device) || !self.in_range(e.observed_at_ms) {
+            return Ok(());
+        }
+        let id = e.head.event_id.as_str();
+        let json: Json = serde_json::from_slice(readable(&e.normalized, "normalized events")?)
+            .with_context(|| format!("event {id}: the stored normalized event is not JSON"))?;
+        let event = Event::from_json(&json).with_context(|| format!("event {id}"))?;
+        let raw = readable(&e.raw, "raw messages")?;
+        anyhow::ensure!(
+            hex::encode(ring::digest::digest(&ring::digest::SHA256, raw))
+                == event.provenance.raw_sha256,
+            "event {id}: the raw message does not hash to the event's raw_sha256"
+        );
+        let facts = DeviceFacts {
+            id: device.to_owned(),
+            site: event.site.clone(),
+            patient_ref: Some(event.patient_ref.clone()),
+            fw: Some(event.fw.clone()),
+            model: event.model.clone(),
+            ..DeviceFacts::default()
+        };
+        match self.devices.iter_mut().find(|f| f.id == device) {
+            Some(f) => *f = facts,
+            None => self.devices.push(facts),
+        }
+        self.report.events += 1;
+        self.report.observations += self.builder.reading(&event, raw)? as u64;
+        Ok(())
+    }
+
+    fn alert(&mut self, a: &PatientAlert) -> anyhow::Result<()> {
+        if a.kind != "clinical"
+            || self
+                .device
+                .is_some_and(|d| a.device.as_ref().is_none_or(|x| x.as_str() != d))
+            || !self.in_range(a.created_at_ms)
+        {
+            return Ok(());
+        }
+        let body: Json =
+            serde_json::from_slice(readable(&a.body, "alert bodies")?).with_context(|| {
+                format!(
+                    "alert {} ({}): the stored body is not JSON",
+                    a.alert_id, a.state
+                )
+            })?;
+        self.builder.alert(&AlertChange {
+            body,
+            recorded_at_ms: a.created_at_ms,
+        })?;
+        self.report.alert_changes += 1;
+        Ok(())
+    }
+}
+
+/// The bytes of a payload: an erased one refuses the export, a locked one needs the key.
+fn readable<'a>(payload: &'a Payload, what: &str) -> anyhow::Result<&'a [u8]> {
+    match payload {
+        Payload::Plain(bytes) => Ok(bytes),
+        Payload::Erased { erased_at_ms } => Err(Refused {
+            erased_at_ms: *erased_at_ms,
+        }
+        .into()),
+        Payload::Locked => anyhow::bail!(
+            "the store holds this patient's {what} sealed and the configuration gives no key file"
+        ),
+    }
+}
+
+fn parse_time(s: &str) -> anyhow::Result<u64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("{s}: not an RFC 3339 time"))?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).context("a time before 1970")
+}
+
+fn new_file_ok(path: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !path.exists(),
+        "{}: exists; the Bundle goes into a new file",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Writes a new owner-only file and syncs it.
+fn write_new(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut file = vitalmq_private_fs::create_options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("{}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn write_ndjson(dir: &Path, builder: &BundleBuilder) -> anyhow::Result<()> {
+    vitalmq_private_fs::create_dir_all(dir)?;
+    for (resource_type, resources) in builder.by_type() {
+        let mut text = Vec::new();
+        for r in resources {
+            serde_json::to_writer(&mut text, &r)?;
+            text.push(b'\n');
+        }
+        write_new(&dir.join(format!("{resource_type}.ndjson")), &text)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,572 @@
+//! `vitalmq fhir export|verify` (issue 22): a store written through the bridge's store
+//! API (real signed, verified messages, encrypted at rest) exported as FHIR R4 and
+//! checked by independent tools: every resource and the Bundle (and the NDJSON) parse
+//! with the `fhir.resources` R4B models and the vital-signs profile rules
+//! (tests/py/fhir_validate.py), every device signature re-verified by pycose from the
+//! exported Provenance with the registry's keys (tests/py/fhir_pycose.py); then our
+//! own `fhir verify` accepts it offline and refuses a changed value, a changed
+//! signature and an unsigned Observation. Every metric, the BP panel with a missing
+//! half, every clinical alert state (open, escalated, acknowledged, resolved), a device
+//! alarm and a silence alert are in it; nothing of another patient; audited.
+//! Needs `python3 -m pip install pycose 'cbor2<6' 'fhir.resources==8.*'`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Ran, run, temp_dir};
+use serde_json::{Value as Json, json};
+use vitalmq_bridge::normalize::Receipt;
+use vitalmq_bridge::plausible::Assessment;
+use vitalmq_bridge::store::{Commit, NewAlert, RecordedEvent, Store};
+use vitalmq_bridge::window::Accepted;
+use vitalmq_envelope::{
+    Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey, Telemetry, sign, verify,
+};
+use vitalmq_keyring::{Keyring, LocalKeyFile};
+use vitalmq_policies::{DeviceEntry, SiteId};
+
+const A: &str = "pt-aaaa1111";
+const B: &str = "pt-bbbb2222";
+const T0: u64 = 1_763_726_400_000;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_vitalmq"))
+}
+
+struct Device {
+    key: SigningKey,
+    entry: DeviceEntry,
+}
+
+impl Device {
+    fn new(id: &str, alg: Algorithm, patient: &str) -> Self {
+        let key = SigningKey::generate(alg).expect("key");
+        let entry = DeviceEntry {
+            id: DeviceId::new(id).expect("id"),
+            site: SiteId::new("site-01").expect("site"),
+            patient_ref: patient.into(),
+            key: key.verifying_key(),
+            consent: Some("care".into()),
+            processing_policy: None,
+        };
+        Self { key, entry }
+    }
+
+    fn registry_toml(&self) -> String {
+        format!(
+            "[[devices]]\nid = {:?}\nsite = \"site-01\"\npatient_ref = {:?}\nalg = {:?}\npublic_key = {:?}\n",
+            self.entry.id.as_str(),
+            self.entry.patient_ref,
+            self.key.algorithm().name(),
+            self.entry.key.to_hex()
+        )
+    }
+
+    fn event(
+        &self,
+        seq: u64,
+        kind: MessageType,
+        m: &[(&str, Number)],
+        publisher: &str,
+    ) -> RecordedEvent {
+        let telemetry = Telemetry {
+            dev: self.entry.id.clone(),
+            epoch: 1,
+            seq,
+            ts: T0 + seq * 5_000,
+            fw: "5.12.1".into(),
+            kind,
+            m: (!m.is_empty()).then(|| m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()),
+            q: Some(0.9),
+            model: Some("arrhythmia-net/2.1.0".into()),
+            schema: None,
+            extra: if kind == MessageType::Status {
+                BTreeMap::from([("battery".to_owned(), ciborium::Value::Float(0.5))])
+            } else {
+                BTreeMap::new()
+            },
+        };
+        let bytes = sign(&telemetry, &self.key).expect("sign");
+        let verified = verify(
+            &bytes,
+            &AnyKid(self.entry.key.clone()),
+            Some(&self.entry.id),
+        )
+        .expect("verify");
+        let topic = format!("devices/{}/telemetry", self.entry.id.as_str());
+        let received = T0 + 100 + seq * 5_000;
+        let receipt = Receipt {
+            received_at_ms: received,
+            topic: &topic,
+            broker: "127.0.0.1:8883",
+            publisher,
+            bridge: "spiffe://demo.vitalmq/bridge/bridge-01",
+        };
+        let assessment = Assessment::of(
+            &verified,
+            received,
+            &Default::default(),
+            &Default::default(),
+        );
+        RecordedEvent::new(
+            &verified,
+            Accepted::InOrder,
+            &self.entry,
+            &receipt,
+            &assessment,
+        )
+    }
+}
+
+fn alert(
+    id: &str,
+    state: &str,
+    severity: &str,
+    rule: &str,
+    patient: &str,
+    device: &str,
+    evidence: &[&str],
+    at: u64,
+) -> NewAlert {
+    let mut body = json!({"alert_id": id, "kind": "clinical", "state": state, "severity": severity,
+        "rule": rule, "rule_version": "3", "policy_sha256": "ab12cd34", "device": device,
+        "site": "site-01", "patient_ref": patient, "metric": "spo2", "value": 86, "threshold": 90,
+        "window_s": 120, "evidence": evidence, "fw": "5.12.1", "model": null,
+        "raised_at": "2025-11-21T12:00:05Z"});
+    match state {
+        "acknowledged" => {
+            body["ack"] = json!({"by": "spiffe://demo.vitalmq/integrator/nurse-1", "at": "2025-11-21T12:02:00Z"})
+        }
+        "escalated" => {
+            body["escalation_level"] = json!(1);
+            body["reason"] = json!("unacknowledged");
+        }
+        _ => {}
+    }
+    if rule != "spo2-low" {
+        for k in ["metric", "value", "threshold"] {
+            body[k] = Json::Null;
+        }
+    }
+    if rule == "no-data" {
+        body["reason"] = json!("offline");
+        body["last_seen_at"] = json!("2025-11-21T12:00:05Z");
+        body["expected_interval_s"] = json!(5);
+    }
+    NewAlert {
+        alert_id: id.into(),
+        state: state.into(),
+        kind: "clinical".into(),
+        topic: format!("alerts/site-01/{severity}/{device}"),
+        device: Some(device.into()),
+        rule: Some(rule.into()),
+        created_at_ms: at,
+        body: body.to_string(),
+        level: 0,
+    }
+}
+
+/// An encrypted store with A on dev-a (EdDSA, directly and through a gateway) and B on
+/// dev-b (ES256), a bridge configuration and a registry.
+struct Fixture {
+    tmp: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tmp = temp_dir("vitalmq-fhir-");
+        let a = Device::new("dev-a", Algorithm::EdDsa, A);
+        let b = Device::new("dev-b", Algorithm::Es256, B);
+        let keyring = Arc::new(
+            Keyring::open(
+                &tmp.path().join("data/keyring.sqlite3"),
+                Arc::new(LocalKeyFile::create(&tmp.path().join("kek.json")).expect("kek")),
+            )
+            .expect("keyring"),
+        );
+        let mut store = Store::open(&tmp.path().join("data"))
+            .expect("store")
+            .with_keyring(keyring);
+        let own = "spiffe://demo.vitalmq/device/dev-a";
+        let gw = "spiffe://demo.vitalmq/gateway/gw-1";
+        let i = Number::Int;
+        let events = vec![
+            a.event(
+                0,
+                MessageType::Vitals,
+                &[
+                    ("spo2", i(96)),
+                    ("pulse", i(72)),
+                    ("resp", i(16)),
+                    ("temp", Number::Float(37.2)),
+                    ("sbp", i(121)),
+                    ("dbp", i(79)),
+                ],
+                own,
+            ),
+            // Half a blood pressure and a metric SPEC does not list, through a gateway.
+            a.event(
+                1,
+                MessageType::Vitals,
+                &[("sbp", i(118)), ("etco2", i(35))],
+                gw,
+            ),
+            a.event(2, MessageType::Vitals, &[("spo2", i(86))], own),
+            a.event(3, MessageType::Status, &[], own),
+            b.event(
+                0,
+                MessageType::Vitals,
+                &[("spo2", i(99)), ("pulse", i(60))],
+                "spiffe://demo.vitalmq/device/dev-b",
+            ),
+        ];
+        let ev: Vec<String> = events.iter().map(|e| e.event_id().to_owned()).collect();
+        let at = T0 + 60_000;
+        let alerts = vec![
+            alert(
+                "al-a1",
+                "open",
+                "urgent",
+                "spo2-low",
+                A,
+                "dev-a",
+                &[&ev[2]],
+                at,
+            ),
+            alert(
+                "al-a1",
+                "escalated",
+                "urgent",
+                "spo2-low",
+                A,
+                "dev-a",
+                &[&ev[2]],
+                at + 1,
+            ),
+            alert(
+                "al-a1",
+                "acknowledged",
+                "urgent",
+                "spo2-low",
+                A,
+                "dev-a",
+                &[&ev[2]],
+                at + 2,
+            ),
+            alert(
+                "al-a1",
+                "resolved",
+                "urgent",
+                "spo2-low",
+                A,
+                "dev-a",
+                &[&ev[2]],
+                at + 3,
+            ),
+            alert(
+                "al-a2",
+                "open",
+                "review",
+                "device-alarm:arrhythmia",
+                A,
+                "dev-a",
+                &[&ev[3]],
+                at + 4,
+            ),
+            alert("al-a3", "open", "info", "no-data", A, "dev-a", &[], at + 5),
+            alert(
+                "al-b1",
+                "open",
+                "urgent",
+                "spo2-low",
+                B,
+                "dev-b",
+                &[&ev[4]],
+                at + 6,
+            ),
+        ];
+        store
+            .commit(&Commit {
+                events,
+                alerts,
+                now_ms: at + 10,
+                ..Commit::default()
+            })
+            .expect("commit");
+        let registry = format!(
+            "format = \"vitalmq-registry/v1\"\ntrust_domain = \"demo.vitalmq\"\n\n{}\n{}",
+            a.registry_toml(),
+            b.registry_toml()
+        );
+        std::fs::write(tmp.path().join("registry.toml"), registry).expect("registry");
+        std::fs::write(
+            tmp.path().join("bridge.toml"),
+            r#"id = "bridge-01"
+data_dir = "data"
+registry = "registry.toml"
+[broker]
+address = "127.0.0.1:1"
+ca = "ca.pem"
+cert = "bridge.pem"
+key = "bridge.key.pem"
+[encryption]
+key_file = "kek.json"
+"#,
+        )
+        .expect("bridge config");
+        Self { tmp }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    fn vitalmq(&self, args: &[&str]) -> Ran {
+        let mut cmd = Command::new(bin());
+        cmd.current_dir(self.tmp.path())
+            .env_remove("VITALMQ_OPERATOR_AUDIT")
+            .args(args);
+        run(&mut cmd, Duration::from_secs(30))
+    }
+
+    fn export(&self, who: &[&str], out: &str, extra: &[&str]) -> Ran {
+        let mut args = vec!["fhir", "export", "--config", "bridge.toml", "--out", out];
+        args.extend(who);
+        args.extend(extra);
+        self.vitalmq(&args)
+    }
+
+    fn verify(&self, file: &str) -> Ran {
+        self.vitalmq(&["fhir", "verify", file, "--registry", "registry.toml"])
+    }
+
+    fn bundle(&self, name: &str) -> Json {
+        serde_json::from_slice(&std::fs::read(self.path(name)).expect("bundle")).expect("json")
+    }
+
+    fn write(&self, name: &str, doc: &Json) {
+        std::fs::write(self.path(name), serde_json::to_vec(doc).expect("json")).expect("write");
+    }
+}
+
+fn python(script: &str, args: &[&Path]) -> Json {
+    let mut py = Command::new("python3");
+    py.arg(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/py")
+            .join(script),
+    )
+    .args(args);
+    let ran = run(&mut py, Duration::from_secs(60));
+    assert!(
+        !ran.stderr.contains("ModuleNotFoundError"),
+        "install the peers: python3 -m pip install pycose 'cbor2<6' 'fhir.resources==8.*'\n{}",
+        ran.stderr
+    );
+    assert!(ran.success, "{script}: {}", ran.all());
+    serde_json::from_str(ran.stdout.trim()).expect("summary")
+}
+
+fn count(bundle: &Json, resource_type: &str) -> usize {
+    bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["resource"]["resourceType"] == resource_type)
+        .count()
+}
+
+#[test]
+fn exported_bundle_validates_and_its_signatures_verify_independently() {
+    let f = Fixture::new();
+    let ran = f.export(
+        &["--patient", A],
+        "a.json",
+        &["--ndjson", "a-ndjson", "--purpose", "care"],
+    );
+    assert!(ran.success, "{}", ran.all());
+    let report: Json = serde_json::from_str(ran.stdout.trim()).expect("report");
+    assert_eq!(report["events"], 4, "{report}");
+    assert_eq!(report["alert_changes"], 6, "{report}");
+
+    let text = std::fs::read_to_string(f.path("a.json")).expect("bundle");
+    assert!(
+        !text.contains(B) && !text.contains("dev-b"),
+        "nothing of another patient"
+    );
+    let bundle: Json = serde_json::from_str(&text).expect("json");
+    assert_eq!(bundle["type"], "transaction");
+    // Event 0: spo2, pulse, resp, temp, BP panel; event 1: BP panel, etco2; event 2: spo2.
+    assert_eq!(count(&bundle, "Observation"), 8);
+    assert_eq!(count(&bundle, "Device"), 1);
+    assert_eq!(count(&bundle, "DetectedIssue"), 3);
+    assert_eq!(count(&bundle, "Task"), 2, "urgent and review alerts");
+    assert_eq!(count(&bundle, "Communication"), 6);
+    assert_eq!(count(&bundle, "Provenance"), 3 + 6);
+    let states: Vec<&str> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["resource"]["resourceType"] == "Communication")
+        .filter_map(|e| e["resource"]["identifier"][0]["value"].as_str())
+        .collect();
+    for state in ["open", "escalated", "acknowledged", "resolved"] {
+        assert!(
+            states
+                .iter()
+                .any(|k| k.starts_with(&format!("al-a1/{state}/"))),
+            "{state}: {states:?}"
+        );
+    }
+
+    // The independent validator: the Bundle, and every NDJSON file.
+    let mut files = vec![f.path("a.json")];
+    for entry in std::fs::read_dir(f.path("a-ndjson")).expect("ndjson") {
+        files.push(entry.expect("entry").path());
+    }
+    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let summary = python("fhir_validate.py", &paths);
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+    assert_eq!(
+        summary["counts"]["Observation"], 16,
+        "Bundle and NDJSON: {summary}"
+    );
+
+    // pycose, with the registry's keys: every reading's signature and values.
+    let summary = python(
+        "fhir_pycose.py",
+        &[&f.path("a.json"), &f.path("registry.toml")],
+    );
+    assert_eq!(summary["verified"], 3, "{summary}");
+
+    // Our verify agrees, offline.
+    let ran = f.verify("a.json");
+    assert!(ran.success, "{}", ran.all());
+    assert!(ran.stdout.contains("\"ok\":true"), "{}", ran.all());
+
+    // Same store, same Bundle.
+    let again = f.export(&["--patient", A], "a2.json", &[]);
+    assert!(again.success, "{}", again.all());
+    assert_eq!(f.bundle("a2.json"), bundle, "deterministic");
+
+    // Audited: the operator log records both exports of A's data.
+    let log = std::fs::read_to_string(f.path("data/operator-audit/operator.jsonl")).expect("log");
+    let exports: Vec<Json> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+        .filter(|r| r.to_string().contains("fhir.export") && r.to_string().contains("succeeded"))
+        .collect();
+    assert_eq!(exports.len(), 2, "{log}");
+    assert!(exports.iter().all(|r| r.to_string().contains(A)));
+}
+
+#[test]
+fn verify_refuses_changed_values_signatures_and_unsigned_observations() {
+    let f = Fixture::new();
+    assert!(f.export(&["--patient", A], "a.json", &[]).success);
+    let bundle = f.bundle("a.json");
+    let entries = || bundle["entry"].as_array().expect("entries").clone();
+
+    // A value changed after signing.
+    let mut changed = bundle.clone();
+    let i = entries()
+        .iter()
+        .position(|e| e["resource"]["valueQuantity"]["value"] == 86)
+        .expect("the spo2 of 86");
+    changed["entry"][i]["resource"]["valueQuantity"]["value"] = json!(96);
+    f.write("value.json", &changed);
+    let ran = f.verify("value.json");
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    assert!(ran.stdout.contains("the device signed"), "{}", ran.all());
+
+    // A signature byte changed.
+    let mut forged = bundle.clone();
+    let p = entries()
+        .iter()
+        .position(|e| e["resource"]["signature"].is_array())
+        .expect("a signed provenance");
+    let data = forged["entry"][p]["resource"]["signature"][0]["data"]
+        .as_str()
+        .expect("data")
+        .to_owned();
+    let mut bytes = base64_decode(&data);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    forged["entry"][p]["resource"]["signature"][0]["data"] = json!(base64_encode(&bytes));
+    f.write("sig.json", &forged);
+    let ran = f.verify("sig.json");
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    assert!(ran.stdout.contains("signature refused"), "{}", ran.all());
+
+    // An Observation no signature covers.
+    let mut extra = bundle.clone();
+    let mut obs = entries()[i].clone();
+    obs["fullUrl"] = json!("urn:uuid:00000000-0000-5000-8000-000000000000");
+    obs["resource"]["identifier"][0]["value"] = json!("ev1-made-up/spo2");
+    extra["entry"].as_array_mut().expect("entries").push(obs);
+    f.write("extra.json", &extra);
+    let ran = f.verify("extra.json");
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    assert!(ran.stdout.contains("ev1-made-up/spo2"), "{}", ran.all());
+
+    // A lone Provenance: its signature and hash verify; its targets are not in the file.
+    f.write("prov.json", &entries()[p]["resource"]);
+    let ran = f.verify("prov.json");
+    assert!(ran.success, "{}", ran.all());
+}
+
+#[test]
+fn device_and_time_range_exports() {
+    let f = Fixture::new();
+    let ran = f.export(&["--device", "dev-b"], "b.json", &[]);
+    assert!(ran.success, "{}", ran.all());
+    let b = f.bundle("b.json");
+    assert!(!b.to_string().contains(A));
+    assert_eq!(count(&b, "Observation"), 2);
+    let summary = python("fhir_validate.py", &[&f.path("b.json")]);
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+    let summary = python(
+        "fhir_pycose.py",
+        &[&f.path("b.json"), &f.path("registry.toml")],
+    );
+    assert_eq!(summary["verified"], 1, "ES256 too: {summary}");
+    assert!(f.verify("b.json").success);
+
+    // Only event 1 (T0 + 5 s) and no alert change (recorded at T0 + 60 s).
+    let ran = f.export(
+        &["--patient", A],
+        "range.json",
+        &[
+            "--since",
+            "2025-11-21T12:00:05Z",
+            "--until",
+            "2025-11-21T12:00:10Z",
+        ],
+    );
+    assert!(ran.success, "{}", ran.all());
+    let r = f.bundle("range.json");
+    assert_eq!(count(&r, "Observation"), 2, "the BP panel and etco2");
+    assert_eq!(count(&r, "Communication"), 0);
+
+    // Not a pseudonym, an unknown device, an existing file: refused.
+    assert!(!f.export(&["--patient", "Jane Doe"], "x.json", &[]).success);
+    assert!(!f.export(&["--device", "dev-zz"], "x.json", &[]).success);
+    assert!(!f.export(&["--patient", A], "b.json", &[]).success);
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .expect("base64")
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}

@@ -1,0 +1,109 @@
+"""Re-verifies, with pycose (an independent COSE implementation), every device signature
+a FHIR Bundle's Provenance carries, with the device's public key read from the device
+registry (`vitalmq-registry/v1` or `/v2` TOML: `[[devices]]` with `id`, `alg`,
+`public_key`), and checks that the target Observations say what was signed.
+
+    python3 fhir_pycose.py BUNDLE.json REGISTRY.toml
+
+For each Provenance with `signature.sigFormat` = application/cose: base64-decodes
+`signature.data`, verifies it under the key of the device `signature.who` names (which
+must be the COSE kid), checks SHA-256(data) against the raw-message entity and each
+target Observation's values and effectiveDateTime against the signed payload.
+Prints a JSON summary; exits non-zero on any failure or when nothing was verified.
+Needs: pip install pycose 'cbor2<6' fhir.resources (the latter not here).
+"""
+import base64
+import datetime
+import hashlib
+import json
+import sys
+import tomllib
+
+import cbor2
+from pycose.headers import KID
+from pycose.keys import EC2Key, OKPKey
+from pycose.keys.curves import P256, Ed25519
+from pycose.messages import CoseMessage
+
+LOINC = {"59408-5": "spo2", "8867-4": "pulse", "9279-1": "resp", "8310-5": "temp",
+         "8480-6": "sbp", "8462-4": "dbp"}
+
+
+def public_key(alg, public_hex):
+    raw = bytes.fromhex(public_hex)
+    if alg == "EdDSA":
+        return OKPKey(crv=Ed25519, x=raw)
+    return EC2Key(crv=P256, x=raw[1:33], y=raw[33:])
+
+
+def claimed(o):
+    out = {}
+    parts = o.get("component") or [o]
+    for p in parts:
+        for c in p["code"]["coding"]:
+            metric = LOINC.get(c["code"]) if c["system"] == "http://loinc.org" else None
+            if c["system"] == "urn:vitalmq:metric":
+                metric = c["code"]
+            if metric:
+                out[metric] = p.get("valueQuantity", {}).get("value")
+                break
+    return out
+
+
+def main(bundle_path, registry_path):
+    with open(registry_path, "rb") as f:
+        keys = {d["id"]: (d["alg"], d["public_key"]) for d in tomllib.load(f)["devices"]}
+    with open(bundle_path, encoding="utf-8") as f:
+        bundle = json.load(f)
+    by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
+    errors, verified, values = [], 0, 0
+    for e in bundle["entry"]:
+        p = e["resource"]
+        if p["resourceType"] != "Provenance":
+            continue
+        for sig in p.get("signature", []):
+            if sig.get("sigFormat") != "application/cose":
+                continue
+            data = base64.b64decode(sig["data"])
+            device = sig["who"]["identifier"]["value"]
+            msg = CoseMessage.decode(data)
+            kid = (msg.uhdr.get(KID) or b"").decode()
+            if kid != device:
+                errors.append(f"{e['fullUrl']}: kid {kid} is not the signer {device}")
+                continue
+            alg, public = keys[device]
+            msg.key = public_key(alg, public)
+            if not msg.verify_signature():
+                errors.append(f"{e['fullUrl']}: the signature does not verify")
+                continue
+            verified += 1
+            sha = hashlib.sha256(data).hexdigest()
+            entity = [x["what"]["identifier"]["value"] for x in p.get("entity", [])
+                      if x["what"].get("identifier", {}).get("system") == "urn:vitalmq:raw-sha256"]
+            if entity != [sha]:
+                errors.append(f"{e['fullUrl']}: entity {entity} is not SHA-256 {sha}")
+            payload = cbor2.loads(msg.payload)
+            signed = payload.get("m", {})
+            when = datetime.datetime.fromtimestamp(payload["ts"] / 1000, datetime.timezone.utc)
+            seen = {}
+            for t in p["target"]:
+                o = by_url[t["reference"]]
+                effective = datetime.datetime.fromisoformat(o["effectiveDateTime"].replace("Z", "+00:00"))
+                if effective != when:
+                    errors.append(f"{t['reference']}: effective {effective} is not ts {when}")
+                seen.update(claimed(o))
+            for metric, value in seen.items():
+                values += 1
+                if metric not in signed and value is None:
+                    continue
+                if signed.get(metric) != value:
+                    errors.append(f"{e['fullUrl']}: {metric} says {value}, signed {signed.get(metric)}")
+            for metric in signed:
+                if metric not in seen:
+                    errors.append(f"{e['fullUrl']}: signed {metric} is in no Observation")
+    print(json.dumps({"verified": verified, "values": values, "errors": errors}))
+    return 1 if errors or verified == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2]))
