@@ -451,6 +451,13 @@ fn exported_bundle_validates_and_its_signatures_verify_independently() {
     assert!(ran.success, "{}", ran.all());
     assert!(ran.stdout.contains("\"ok\":true"), "{}", ran.all());
 
+    // Owner-only files.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: PathBuf| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
+    assert_eq!(mode(f.path("a.json")), 0o600);
+    assert_eq!(mode(f.path("a-ndjson/Observation.ndjson")), 0o600);
+    assert_eq!(mode(f.path("a-ndjson")) & 0o077, 0);
+
     // Same store, same Bundle.
     let again = f.export(&["--patient", A], "a2.json", &[]);
     assert!(again.success, "{}", again.all());
