@@ -209,12 +209,21 @@ impl BundleBuilder {
     }
 
     /// The resources grouped by type, in entry order (bulk-export NDJSON: one file per
-    /// type, one resource per line). Each resource gets `id` = its fullUrl's UUID so
-    /// references between files can be resolved as `Type/id`.
+    /// type, one resource per line). Each resource gets `id` = its fullUrl's UUID and
+    /// references to other entries become `Type/id`, as resources on a server would.
     pub fn by_type(&self) -> Vec<(String, Vec<Json>)> {
+        let local: HashMap<&str, String> = self
+            .entries
+            .iter()
+            .map(|e| {
+                let id = e.full_url.trim_start_matches("urn:uuid:");
+                (e.full_url.as_str(), format!("{}/{id}", e.resource_type))
+            })
+            .collect();
         let mut out: Vec<(String, Vec<Json>)> = Vec::new();
         for e in &self.entries {
             let mut r = e.resource.clone();
+            relative_references(&mut r, &local);
             r["id"] = e.full_url.trim_start_matches("urn:uuid:").into();
             match out.iter_mut().find(|(t, _)| *t == e.resource_type) {
                 Some((_, list)) => list.push(r),
@@ -222,6 +231,26 @@ impl BundleBuilder {
             }
         }
         out
+    }
+}
+
+/// Rewrites every `"reference": "urn:uuid:..."` naming an entry to its `Type/id`.
+fn relative_references(value: &mut Json, local: &HashMap<&str, String>) {
+    match value {
+        Json::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                match v {
+                    Json::String(s) if k == "reference" => {
+                        if let Some(r) = local.get(s.as_str()) {
+                            *s = r.clone();
+                        }
+                    }
+                    _ => relative_references(v, local),
+                }
+            }
+        }
+        Json::Array(items) => items.iter_mut().for_each(|v| relative_references(v, local)),
+        _ => {}
     }
 }
 
@@ -358,6 +387,25 @@ mod tests {
         assert_eq!(
             prov["resource"]["signature"][0]["sigFormat"],
             "application/cose"
+        );
+    }
+
+    #[test]
+    fn ndjson_references_are_relative() {
+        let mut b = BundleBuilder::new();
+        b.device(&facts());
+        let e = Event::from_json(&event_json(json!({"pulse": 70}))).expect("event");
+        b.reading(&e, b"x").expect("reading");
+        let groups = b.by_type();
+        let (t, obs) = &groups[1];
+        assert_eq!(t, "Observation");
+        let device_id = groups[0].1[0]["id"].as_str().expect("id");
+        assert_eq!(obs[0]["device"]["reference"], format!("Device/{device_id}"));
+        let (_, prov) = &groups[2];
+        let obs_id = obs[0]["id"].as_str().expect("id");
+        assert_eq!(
+            prov[0]["target"][0]["reference"],
+            format!("Observation/{obs_id}")
         );
     }
 
