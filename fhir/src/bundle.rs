@@ -1,0 +1,381 @@
+//! FHIR R4 Bundles of mapped resources.
+//!
+//! Every entry has a deterministic `urn:uuid:` fullUrl ([`ids::full_url`]) and a
+//! transaction request that makes re-sending harmless:
+//!
+//! | resource | request |
+//! |---|---|
+//! | Observation, DetectedIssue, Communication | `POST`, `ifNoneExist: identifier=<system>\|<value>` |
+//! | Provenance of a reading | `POST`, `ifNoneExist: entity:identifier=urn:vitalmq:raw-sha256\|<hex>` (R4 Provenance has no identifier) |
+//! | Provenance of an alert change | `POST`, `ifNoneExist: target:identifier=urn:vitalmq:alert-change\|<key>` |
+//! | Device, Task | `PUT Device?identifier=...` / `PUT Task?identifier=...` (conditional update: firmware and the alert workflow move on) |
+//!
+//! A resource added twice (the same device for many readings, the same alert's Task
+//! for each change) is one entry holding the newest version: a transaction may not
+//! touch one resource twice.
+
+use std::collections::HashMap;
+
+use serde_json::{Value as Json, json};
+
+use crate::alert::AlertChange;
+use crate::device::{self, DeviceFacts};
+use crate::event::Event;
+use crate::ids;
+use crate::{observation, provenance};
+
+/// A transaction request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Conditional create.
+    Create { if_none_exist: String },
+    /// Conditional update on the identifier.
+    Update { identifier: String },
+}
+
+/// One Bundle entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub full_url: String,
+    pub resource_type: String,
+    pub resource: Json,
+    pub request: Request,
+}
+
+impl Entry {
+    fn new(
+        resource_type: &str,
+        system: &str,
+        value: &str,
+        resource: Json,
+        request: Request,
+    ) -> Self {
+        Self {
+            full_url: ids::full_url(resource_type, system, value),
+            resource_type: resource_type.into(),
+            resource,
+            request,
+        }
+    }
+
+    fn create(resource_type: &str, system: &str, value: &str, resource: Json) -> Self {
+        let if_none_exist = format!("identifier={system}|{value}");
+        Self::new(
+            resource_type,
+            system,
+            value,
+            resource,
+            Request::Create { if_none_exist },
+        )
+    }
+
+    fn update(resource_type: &str, system: &str, value: &str, resource: Json) -> Self {
+        let identifier = format!("{system}|{value}");
+        Self::new(
+            resource_type,
+            system,
+            value,
+            resource,
+            Request::Update { identifier },
+        )
+    }
+
+    /// The entry as it appears in a transaction Bundle.
+    pub fn to_json(&self) -> Json {
+        let request = match &self.request {
+            Request::Create { if_none_exist } => json!({
+                "method": "POST", "url": self.resource_type, "ifNoneExist": if_none_exist,
+            }),
+            Request::Update { identifier } => json!({
+                "method": "PUT", "url": format!("{}?identifier={identifier}", self.resource_type),
+            }),
+        };
+        json!({"fullUrl": self.full_url, "resource": self.resource, "request": request})
+    }
+}
+
+/// Collects mapped resources into one Bundle.
+#[derive(Debug, Default)]
+pub struct BundleBuilder {
+    entries: Vec<Entry>,
+    by_url: HashMap<String, usize>,
+}
+
+impl BundleBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an entry, replacing an earlier one with the same fullUrl in place.
+    pub fn push(&mut self, entry: Entry) {
+        match self.by_url.get(&entry.full_url) {
+            Some(&i) => self.entries[i] = entry,
+            None => {
+                self.by_url
+                    .insert(entry.full_url.clone(), self.entries.len());
+                self.entries.push(entry);
+            }
+        }
+    }
+
+    /// The Device.
+    pub fn device(&mut self, facts: &DeviceFacts) {
+        self.push(Entry::update(
+            "Device",
+            ids::DEVICE,
+            &facts.id,
+            device::device(facts),
+        ));
+    }
+
+    /// One accepted reading: its Observations and their Provenance carrying `raw` (the
+    /// COSE_Sign1 bytes as received). The device's entry is the caller's (see
+    /// [`Self::device`]). A `status` or `alarm` event has no Observation and adds
+    /// nothing; returns how many Observations were added.
+    pub fn reading(&mut self, event: &Event, raw: &[u8]) -> Result<usize, crate::Error> {
+        let observations = observation::observations(event)?;
+        if observations.is_empty() {
+            return Ok(0);
+        }
+        let prov = provenance::reading(event, &observations, raw)?;
+        for o in &observations {
+            self.push(Entry::create(
+                "Observation",
+                ids::OBSERVATION,
+                &o.key,
+                o.resource.clone(),
+            ));
+        }
+        let sha = &event.provenance.raw_sha256;
+        self.push(Entry::new(
+            "Provenance",
+            ids::RAW_SHA256,
+            sha,
+            prov,
+            Request::Create {
+                if_none_exist: format!("entity:identifier={}|{sha}", ids::RAW_SHA256),
+            },
+        ));
+        Ok(observations.len())
+    }
+
+    /// One clinical alert state change.
+    pub fn alert(&mut self, change: &AlertChange) -> Result<(), crate::Error> {
+        let r = change.map()?;
+        let prov = provenance::alert(&r)?;
+        let id = &r.alert.alert_id;
+        self.push(Entry::create(
+            "DetectedIssue",
+            ids::ALERT,
+            id,
+            r.detected_issue.clone(),
+        ));
+        if let Some(task) = &r.task {
+            self.push(Entry::update("Task", ids::ALERT, id, task.clone()));
+        }
+        self.push(Entry::create(
+            "Communication",
+            ids::ALERT_CHANGE,
+            &r.change_key,
+            r.communication.clone(),
+        ));
+        self.push(Entry::new(
+            "Provenance",
+            ids::ALERT_CHANGE,
+            &r.change_key,
+            prov,
+            Request::Create {
+                if_none_exist: format!("target:identifier={}|{}", ids::ALERT_CHANGE, r.change_key),
+            },
+        ));
+        Ok(())
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// A `transaction` Bundle of the entries, in the order they were first added.
+    pub fn transaction(&self) -> Json {
+        json!({
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": self.entries.iter().map(Entry::to_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// The resources grouped by type, in entry order (bulk-export NDJSON: one file per
+    /// type, one resource per line). Each resource gets `id` = its fullUrl's UUID so
+    /// references between files can be resolved as `Type/id`.
+    pub fn by_type(&self) -> Vec<(String, Vec<Json>)> {
+        let mut out: Vec<(String, Vec<Json>)> = Vec::new();
+        for e in &self.entries {
+            let mut r = e.resource.clone();
+            r["id"] = e.full_url.trim_start_matches("urn:uuid:").into();
+            match out.iter_mut().find(|(t, _)| *t == e.resource_type) {
+                Some((_, list)) => list.push(r),
+                None => out.push((e.resource_type.clone(), vec![r])),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observation::tests::event_json;
+
+    fn facts() -> DeviceFacts {
+        DeviceFacts {
+            id: "dev-1".into(),
+            site: "site-01".into(),
+            patient_ref: Some("pt-aaaa1111".into()),
+            fw: Some("5.12.1".into()),
+            model: Some("arrhythmia-net/2.1.0".into()),
+            lot: Some("L-7".into()),
+            hardware_model: Some("vw-200".into()),
+            region: Some("uk-south".into()),
+        }
+    }
+
+    fn bundle() -> Json {
+        let mut b = BundleBuilder::new();
+        b.device(&facts());
+        let e = Event::from_json(&event_json(json!({"spo2": 95, "sbp": 120, "dbp": 80})))
+            .expect("event");
+        assert_eq!(b.reading(&e, b"\xd2\x84cose").expect("reading"), 2);
+        for (i, state) in crate::alert::STATES.iter().enumerate() {
+            let mut body = json!({
+                "alert_id": "al-1", "kind": "clinical", "state": state, "severity": "urgent",
+                "rule": "spo2-low", "rule_version": "3", "policy_sha256": "ab12",
+                "device": "dev-1", "patient_ref": "pt-aaaa1111", "evidence": ["ev1-0123"],
+                "raised_at": "2025-11-21T12:00:05Z",
+            });
+            if *state == "acknowledged" {
+                body["ack"] =
+                    json!({"by": "spiffe://d/integrator/n-1", "at": "2025-11-21T12:01:00Z"});
+            }
+            b.alert(&AlertChange {
+                body,
+                recorded_at_ms: 1_763_726_460_000 + i as u64,
+            })
+            .expect("alert");
+        }
+        b.transaction()
+    }
+
+    #[test]
+    fn transaction_entries_are_idempotent_requests() {
+        let b = bundle();
+        assert_eq!(b, bundle(), "the same input gives the same Bundle");
+        let entries = b["entry"].as_array().expect("entries");
+        let types: Vec<&str> = entries
+            .iter()
+            .map(|e| e["resource"]["resourceType"].as_str().expect("type"))
+            .collect();
+        // Device, 2 Observations, Provenance; DetectedIssue and Task once; a
+        // Communication and a Provenance per change.
+        assert_eq!(types.iter().filter(|t| **t == "Observation").count(), 2);
+        assert_eq!(types.iter().filter(|t| **t == "DetectedIssue").count(), 1);
+        assert_eq!(types.iter().filter(|t| **t == "Task").count(), 1);
+        assert_eq!(types.iter().filter(|t| **t == "Communication").count(), 4);
+        assert_eq!(types.iter().filter(|t| **t == "Provenance").count(), 5);
+        let task = entries
+            .iter()
+            .find(|e| e["resource"]["resourceType"] == "Task")
+            .expect("task");
+        assert_eq!(
+            task["resource"]["status"], "completed",
+            "the newest state wins"
+        );
+        assert_eq!(task["request"]["method"], "PUT");
+        assert_eq!(
+            task["request"]["url"],
+            "Task?identifier=urn:vitalmq:alert|al-1"
+        );
+        let obs = entries
+            .iter()
+            .find(|e| e["resource"]["resourceType"] == "Observation")
+            .expect("obs");
+        assert_eq!(obs["request"]["method"], "POST");
+        assert_eq!(
+            obs["request"]["ifNoneExist"],
+            "identifier=urn:vitalmq:observation|ev1-0123/spo2"
+        );
+        for e in entries {
+            assert!(
+                e["fullUrl"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with("urn:uuid:"))
+            );
+        }
+        // References to resources of the Bundle resolve to their fullUrls.
+        let device_url = ids::full_url("Device", ids::DEVICE, "dev-1");
+        assert_eq!(obs["resource"]["device"]["reference"], device_url.as_str());
+    }
+
+    #[test]
+    fn signed_readings_resolve_their_observations() {
+        let b = bundle();
+        let readings = crate::read::signed_readings(&b).expect("reads");
+        assert_eq!(readings.len(), 1);
+        let r = &readings[0];
+        assert_eq!(r.cose, b"\xd2\x84cose");
+        assert_eq!(r.device.as_deref(), Some("dev-1"));
+        assert_eq!(r.author.as_deref(), Some("dev-1"));
+        assert_eq!(r.entity_sha256.as_deref(), Some("aa".repeat(32).as_str()));
+        assert!(r.missing_targets.is_empty());
+        let mut values: Vec<(String, Option<f64>)> = r
+            .observations
+            .iter()
+            .flat_map(|o| o.values.clone())
+            .collect();
+        values.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            values,
+            vec![
+                ("dbp".into(), Some(80.0)),
+                ("sbp".into(), Some(120.0)),
+                ("spo2".into(), Some(95.0))
+            ]
+        );
+        // The gateway that relayed it and the bridge are agents too.
+        let prov = b["entry"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["resource"]["signature"].is_array()))
+            .expect("provenance");
+        let agents = prov["resource"]["agent"].as_array().expect("agents");
+        assert_eq!(agents.len(), 3);
+        assert_eq!(
+            prov["resource"]["signature"][0]["type"][0]["code"],
+            "1.2.840.10065.1.12.1.5"
+        );
+        assert_eq!(
+            prov["resource"]["signature"][0]["sigFormat"],
+            "application/cose"
+        );
+    }
+
+    #[test]
+    fn device_carries_its_facts() {
+        let d = device::device(&facts());
+        assert_eq!(d["lotNumber"], "L-7");
+        assert_eq!(d["modelNumber"], "vw-200");
+        assert_eq!(d["version"][0]["value"], "5.12.1");
+        assert_eq!(d["version"][1]["value"], "arrhythmia-net/2.1.0");
+        assert_eq!(d["property"][0]["valueCode"][0]["text"], "uk-south");
+        assert_eq!(d["location"]["identifier"]["value"], "site-01");
+        assert_eq!(d["patient"]["identifier"]["system"], ids::PATIENT);
+        let bare = device::device(&DeviceFacts {
+            id: "d".into(),
+            site: "s".into(),
+            ..Default::default()
+        });
+        assert!(bare.get("lotNumber").is_none() && bare.get("version").is_none());
+    }
+}

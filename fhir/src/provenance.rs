@@ -1,0 +1,160 @@
+//! Chain of custody as FHIR R4 Provenance.
+//!
+//! A reading: targets = its Observations; agents = the device (author), the gateway
+//! that relayed it if one did (informant), the bridge that verified and recorded it
+//! (custodian); entity = the raw message by its SHA-256; signature = the device's own
+//! COSE_Sign1 bytes, so any FHIR consumer can re-verify the reading with the device's
+//! public key, without vitalmq.
+//!
+//! An alert state change: targets = its Communication (and the episode's DetectedIssue
+//! and Task); agents = the bridge (author) and, for an acknowledgement, the
+//! acknowledger (verifier); entities = the evidence events; `policy` = the rule and its
+//! version, the policy digest and the on-device model the alert names.
+
+use base64::Engine as _;
+use serde_json::{Value as Json, json};
+
+use crate::alert::AlertResources;
+use crate::event::Event;
+use crate::ids;
+use crate::observation::MappedObservation;
+
+/// ASTM E1762-95 signature types; `1.2.840.10065.1.12.1.5` is "Verification Signature".
+pub const SIGNATURE_TYPE_SYSTEM: &str = "urn:iso-astm:E1762-95:2013";
+pub const VERIFICATION_SIGNATURE: &str = "1.2.840.10065.1.12.1.5";
+/// `Provenance.signature.sigFormat` of a COSE_Sign1 (RFC 9052).
+pub const COSE: &str = "application/cose";
+const PARTICIPANT: &str = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
+
+fn agent(code: &str, who: Json) -> Json {
+    json!({"type": {"coding": [{"system": PARTICIPANT, "code": code}]}, "who": who})
+}
+
+/// A URI-identified system or person (a SPIFFE id) as a Reference.
+fn by_uri(resource_type: Option<&str>, uri: &str) -> Json {
+    let mut r = json!({"identifier": ids::identifier(ids::URI, uri), "display": uri});
+    if let Some(t) = resource_type {
+        r["type"] = t.into();
+    }
+    r
+}
+
+/// The Provenance of a reading, with `raw` = the COSE_Sign1 bytes as received (their
+/// SHA-256 is the event's `raw_sha256`; the caller checks that before calling).
+pub fn reading(
+    event: &Event,
+    observations: &[MappedObservation],
+    raw: &[u8],
+) -> Result<Json, crate::Error> {
+    let recorded = match &event.received_at {
+        Some(t) => t.clone(),
+        None => ids::instant(event.ts)?,
+    };
+    let targets: Vec<Json> = observations
+        .iter()
+        .map(|o| ids::local("Observation", ids::OBSERVATION, &o.key))
+        .collect();
+    let mut agents = vec![agent("author", ids::device(&event.device))];
+    if let Some(gateway) = event.relayed_by() {
+        agents.push(agent("informant", by_uri(Some("Device"), gateway)));
+    }
+    agents.push(agent(
+        "custodian",
+        by_uri(Some("Device"), &event.provenance.bridge),
+    ));
+    let mut p = json!({
+        "resourceType": "Provenance",
+        "target": targets,
+        "occurredDateTime": ids::instant(event.ts)?,
+        "recorded": recorded,
+        "policy": [format!("urn:vitalmq:transformation:{}", event.provenance.transformation)],
+        "agent": agents,
+        "entity": [{
+            "role": "source",
+            "what": {
+                "identifier": ids::identifier(ids::RAW_SHA256, &event.provenance.raw_sha256),
+                "display": format!("COSE_Sign1 message {} seq {} epoch {}", event.event_id, event.seq, event.epoch),
+            },
+        }],
+        "signature": [{
+            "type": [{
+                "system": SIGNATURE_TYPE_SYSTEM,
+                "code": VERIFICATION_SIGNATURE,
+                "display": "Verification Signature",
+            }],
+            "when": recorded,
+            "who": ids::device(&event.device),
+            "targetFormat": "application/cbor",
+            "sigFormat": COSE,
+            "data": base64::engine::general_purpose::STANDARD.encode(raw),
+        }],
+    });
+    if let (Some(c), Some(policy)) = (&event.provenance.consent, p["policy"].as_array_mut()) {
+        policy.push(format!("urn:vitalmq:consent:{c}").into());
+    }
+    Ok(p)
+}
+
+/// The Provenance of an alert state change.
+pub fn alert(r: &AlertResources) -> Result<Json, crate::Error> {
+    let a = &r.alert;
+    let recorded = r.communication["sent"].clone();
+    let mut targets = vec![ids::local(
+        "Communication",
+        ids::ALERT_CHANGE,
+        &r.change_key,
+    )];
+    targets.push(ids::local("DetectedIssue", ids::ALERT, &a.alert_id));
+    if r.task.is_some() {
+        targets.push(ids::local("Task", ids::ALERT, &a.alert_id));
+    }
+    let mut agents = vec![agent(
+        "author",
+        ids::logical("Device", ids::COMPONENT, "bridge"),
+    )];
+    if let Some(dev) = &a.device {
+        agents.push(agent("informant", ids::device(dev)));
+    }
+    if let Some(ack) = &a.ack {
+        agents.push(agent("verifier", by_uri(None, &ack.by)));
+    }
+    let mut policy = Vec::new();
+    if let Some(rule) = &a.rule {
+        policy.push(format!(
+            "urn:vitalmq:rule:{rule}:{}",
+            a.rule_version.as_deref().unwrap_or("unversioned")
+        ));
+    }
+    if let Some(digest) = &a.policy_sha256 {
+        policy.push(format!("urn:vitalmq:policy-sha256:{digest}"));
+    }
+    if let Some(model) = &a.model {
+        policy.push(format!("urn:vitalmq:model:{model}"));
+    }
+    if let Some(fw) = &a.fw {
+        policy.push(format!("urn:vitalmq:firmware:{fw}"));
+    }
+    let entities: Vec<Json> = a
+        .evidence
+        .iter()
+        .map(|e| json!({"role": "source", "what": ids::logical("Observation", ids::EVENT, e)}))
+        .collect();
+    let mut p = json!({
+        "resourceType": "Provenance",
+        "target": targets,
+        "recorded": recorded,
+        "policy": policy,
+        "activity": {"coding": [{
+            "system": "urn:vitalmq:alert-state",
+            "code": a.state,
+        }], "text": format!("alert {}", a.state)},
+        "agent": agents,
+    });
+    if let Some(at) = &a.raised_at {
+        p["occurredDateTime"] = at.as_str().into();
+    }
+    if !entities.is_empty() {
+        p["entity"] = Json::Array(entities);
+    }
+    Ok(p)
+}
