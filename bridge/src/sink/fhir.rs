@@ -199,7 +199,9 @@ impl FhirSink {
 
     /// One transaction of `batch`, with one fresh token after a `401`.
     async fn transact(&self, batch: &Batch) -> Result<(), FhirFailure> {
-        let bundle = bundle::bundle_for(batch)?;
+        let Some(bundle) = bundle::bundle_for(batch)? else {
+            return Ok(()); // nothing FHIR records (no event of the batch maps)
+        };
         let sent = bundle["entry"].as_array().map_or(0, Vec::len);
         let body = bytes::Bytes::from(
             serde_json::to_vec(&bundle).map_err(|e| FhirFailure::Mapping(e.to_string()))?,

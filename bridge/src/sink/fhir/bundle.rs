@@ -1,55 +1,42 @@
-//! One batch of outbox records as one FHIR R4 `transaction` Bundle of conditional
-//! creates: every entry `POST <type>` with `ifNoneExist = identifier=<system>|<value>`,
-//! so a batch delivered again (after a timeout, a crash) creates nothing twice.
-//!
-//! PLACEHOLDER until the mapping crate (`vitalmq-fhir`) is merged: one minimal
-//! Observation per event, identified by its event id.
+//! One batch of outbox records as one FHIR R4 `transaction` Bundle, mapped by
+//! `vitalmq-fhir` (docs/fhir.md): per record the device's Device (conditional update,
+//! the newest facts of the batch), and per vitals reading its Observations and their
+//! Provenance carrying the device's COSE_Sign1 bytes (conditional creates). Every
+//! entry is idempotent, so a batch delivered again creates nothing twice.
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use vitalmq_fhir::{BundleBuilder, DeviceFacts, Event};
 
 use super::FhirFailure;
-use crate::sink::Batch;
+use crate::sink::{Batch, OutboxRecord};
 
-/// Identifier system of an event (the mapping's).
-const EVENT_SYSTEM: &str = "urn:vitalmq:event";
-
-/// The transaction Bundle of `batch`.
-pub fn bundle_for(batch: &Batch) -> Result<Value, FhirFailure> {
-    let mut entries = Vec::with_capacity(batch.records.len());
+/// The transaction Bundle of `batch`; `None` when nothing in it maps to FHIR.
+pub fn bundle_for(batch: &Batch) -> Result<Option<Value>, FhirFailure> {
+    let mut bundle = BundleBuilder::new();
     for r in &batch.records {
-        let observation = json!({
-            "resourceType": "Observation",
-            "status": "final",
-            "identifier": [{"system": EVENT_SYSTEM, "value": r.event_id}],
-            "code": {"text": "vitalmq event"},
-            "effectiveDateTime": rfc3339(r.observed_at_ms)?,
-            "issued": rfc3339(r.received_at_ms)?,
-        });
-        entries.push(entry(observation, EVENT_SYSTEM, &r.event_id));
+        let json: Value = serde_json::from_str(&r.normalized_json)
+            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
+        let event = Event::from_json(&json)
+            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
+        bundle.device(&facts(r, &event));
+        bundle
+            .reading(&event, &r.raw)
+            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
     }
-    Ok(json!({"resourceType": "Bundle", "type": "transaction", "entry": entries}))
+    Ok((!bundle.is_empty()).then(|| bundle.transaction()))
 }
 
-/// A conditional-create entry of `resource`, identified by `system|value`.
-fn entry(resource: Value, system: &str, value: &str) -> Value {
-    let kind = resource["resourceType"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    json!({
-        "resource": resource,
-        "request": {
-            "method": "POST",
-            "url": kind,
-            "ifNoneExist": format!("identifier={system}|{value}"),
-        }
-    })
-}
-
-fn rfc3339(ms: u64) -> Result<String, FhirFailure> {
-    let bad = |e: String| FhirFailure::Mapping(format!("time {ms}: {e}"));
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .map_err(|e| bad(e.to_string()))?
-        .format(&time::format_description::well_known::Rfc3339)
-        .map_err(|e| bad(e.to_string()))
+/// What the Device says: the event's own facts and the registry's (lot, hardware
+/// model, region: `None` until the device registry carries them, issue 21).
+fn facts(r: &OutboxRecord, event: &Event) -> DeviceFacts {
+    DeviceFacts {
+        id: r.device.clone(),
+        site: r.site.clone(),
+        patient_ref: Some(event.patient_ref.clone()),
+        fw: Some(event.fw.clone()),
+        model: event.model.clone(),
+        lot: None,
+        hardware_model: None,
+        region: None,
+    }
 }

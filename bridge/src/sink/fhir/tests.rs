@@ -139,6 +139,25 @@ fn sink(base: &str, dir: &tempfile::TempDir) -> FhirSink {
     .expect("sink")
 }
 
+/// A normalized vitals event (as `normalize.rs` writes it) at outbox position `p`.
+fn event_json(p: i64) -> String {
+    serde_json::json!({
+        "format": "vitalmq-event/v1", "event_id": format!("ev-{p}"), "device": "dev-1",
+        "site": "north", "patient_ref": "pt-aaaa1111", "epoch": 1, "seq": p,
+        "type": "vitals", "ts": 1_767_225_600_000u64,
+        "observed_at": "2026-01-01T00:00:00Z", "received_at": "2026-01-01T00:00:01Z",
+        "m": {"spo2": 97, "pulse": 72, "sbp": 120, "dbp": 80}, "q": 0.93, "fw": "5.12.1",
+        "model": "arrhythmia-net/2.1.0", "schema": 1, "extra": {},
+        "provenance": {"kid": "dev-1", "alg": "EdDSA", "raw_sha256": format!("{p:064x}"),
+            "topic": "devices/dev-1/telemetry", "broker": "127.0.0.1:1",
+            "publisher": "spiffe://demo.vitalmq/device/dev-1",
+            "bridge": "spiffe://demo.vitalmq/bridge/b-1", "sequence": "in_order",
+            "transformation": "vitalmq-normalize/2", "consent": "care",
+            "processing_policy": null},
+    })
+    .to_string()
+}
+
 fn batch(first: i64, n: i64) -> Batch {
     Batch {
         first,
@@ -155,7 +174,7 @@ fn batch(first: i64, n: i64) -> Batch {
                 received_at_ms: 1_767_225_601_000,
                 topic: "devices/dev-1/telemetry".into(),
                 raw: bytes::Bytes::from_static(&[0xf6]),
-                normalized_json: format!(r#"{{"event_id":"ev-{p}","device":"dev-1"}}"#),
+                normalized_json: event_json(p),
                 ingest_patient: None,
             })
             .collect(),
@@ -200,19 +219,24 @@ async fn a_batch_is_one_transaction_of_conditional_creates_under_a_cached_token(
     assert_eq!(bundle["type"], "transaction");
     let entries = bundle["entry"].as_array().expect("entries");
     assert!(!entries.is_empty());
+    let kinds: Vec<&str> = entries
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().expect("type"))
+        .collect();
+    // One Device for the batch, per reading 3 Observations (spo2, pulse, the BP
+    // panel) and their Provenance.
+    assert_eq!(kinds.iter().filter(|k| **k == "Device").count(), 1);
+    assert_eq!(kinds.iter().filter(|k| **k == "Observation").count(), 9);
+    assert_eq!(kinds.iter().filter(|k| **k == "Provenance").count(), 3);
     for e in entries {
-        assert_eq!(e["request"]["method"], "POST");
-        assert_eq!(e["request"]["url"], e["resource"]["resourceType"]);
-        let cond = e["request"]["ifNoneExist"].as_str().expect("ifNoneExist");
-        let ids = e["resource"]["identifier"].as_array().expect("identifier");
+        let conditional = match e["request"]["method"].as_str() {
+            Some("POST") => e["request"]["ifNoneExist"].as_str(),
+            Some("PUT") => e["request"]["url"].as_str(),
+            _ => None,
+        };
         assert!(
-            ids.iter().any(|i| cond
-                == format!(
-                    "identifier={}|{}",
-                    i["system"].as_str().expect("system"),
-                    i["value"].as_str().expect("value")
-                )),
-            "{e}"
+            conditional.is_some_and(|c| c.contains("identifier=urn:vitalmq:")),
+            "every entry conditional on an identifier: {e}"
         );
     }
     assert!(
