@@ -203,6 +203,11 @@ pub struct AlertsConfig {
     pub publisher: AlertPublisher,
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// FHIR sinks (by name) whose server also gets every clinical alert change as
+    /// DetectedIssue, Task, Communication and Provenance; handler `fhir:<name>` in
+    /// `[escalation]`. Care, like the sink.
+    #[serde(default)]
+    pub fhir: Vec<String>,
 }
 
 /// Certificate and key of the alert publisher, and its client id (the certificate's id).
@@ -663,6 +668,10 @@ pub enum Invalid {
         "sinks.{0}.purpose: a FHIR sink writes the clinical record and serves care only (remove purpose, or set it to \"care\")"
     )]
     FhirPurpose(String),
+    #[error("alerts.fhir: {0:?} is not the name of a sink of kind \"fhir\"")]
+    AlertsFhir(String),
+    #[error("alerts.fhir: {0:?} is listed twice")]
+    AlertsFhirTwice(String),
     #[error("sinks.{sink}.{field}: {problem}")]
     FhirSetting {
         sink: String,
@@ -835,6 +844,21 @@ impl BridgeConfig {
                         problem,
                     }
                 })?;
+            }
+        }
+        if let Some(a) = &self.alerts {
+            let mut seen = std::collections::HashSet::new();
+            for name in &a.fhir {
+                if !self
+                    .sinks
+                    .iter()
+                    .any(|s| matches!(s, SinkConfig::Fhir(f) if &f.name == name))
+                {
+                    return Err(Invalid::AlertsFhir(name.clone()));
+                }
+                if !seen.insert(name) {
+                    return Err(Invalid::AlertsFhirTwice(name.clone()));
+                }
             }
         }
         let mut names = std::collections::HashSet::new();
@@ -1037,6 +1061,22 @@ mod tests {
                 cause.as_deref().is_some_and(|c| c.contains(expect)),
                 "{extra}: {cause:?}"
             );
+        }
+        let alerts = "[alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\n";
+        std::fs::write(&path, format!("{base}{alerts}fhir = [\"ehr\"]\n")).expect("write");
+        let c = BridgeConfig::load(&path).expect("alerts to the FHIR sink's server");
+        assert_eq!(c.alerts.expect("alerts").fhir, ["ehr"]);
+        for (list, expect) in [
+            (
+                "[\"lab\"]",
+                "alerts.fhir: \"lab\" is not the name of a sink of kind \"fhir\"",
+            ),
+            ("[\"ehr\", \"ehr\"]", "alerts.fhir: \"ehr\" is listed twice"),
+        ] {
+            std::fs::write(&path, format!("{base}{alerts}fhir = {list}\n")).expect("write");
+            let err = BridgeConfig::load(&path).expect_err(list);
+            let cause = std::error::Error::source(&err).map(ToString::to_string);
+            assert_eq!(cause.as_deref(), Some(expect));
         }
         std::fs::write(
             &path,

@@ -458,6 +458,19 @@ pub async fn run(
                 Handler::webhook(w.name.clone(), w.url.clone(), signer)?.governed(governance),
             );
         }
+        for name in &a.fhir {
+            // validate() checked that it names a FHIR sink.
+            if let Some(SinkConfig::Fhir(f)) = config.sinks.iter().find(|s| s.name() == name) {
+                let sink = FhirSink::new(f).map_err(|source| RunError::FhirSink {
+                    sink: f.name.clone(),
+                    source,
+                })?;
+                handlers.push(Handler::Fhir {
+                    name: name.clone(),
+                    sink: Box::new(sink),
+                });
+            }
+        }
     }
     let (feeds, inboxes): (Vec<_>, Vec<_>) =
         handlers.iter().map(|_| crate::delivery::feed()).unzip();
@@ -602,6 +615,7 @@ pub(crate) fn handler_names(alerts: &crate::config::AlertsConfig) -> Vec<String>
                 .iter()
                 .map(|w| format!("webhook:{}", w.name)),
         )
+        .chain(alerts.fhir.iter().map(|f| format!("fhir:{f}")))
         .collect()
 }
 

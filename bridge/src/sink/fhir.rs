@@ -199,12 +199,30 @@ impl FhirSink {
 
     /// One transaction of `batch`, with one fresh token after a `401`.
     async fn transact(&self, batch: &Batch) -> Result<(), FhirFailure> {
-        let Some(bundle) = bundle::bundle_for(batch)? else {
-            return Ok(()); // nothing FHIR records (no event of the batch maps)
-        };
+        match bundle::bundle_for(batch)? {
+            Some(bundle) => self.send(&bundle).await,
+            None => Ok(()), // nothing FHIR records (no event of the batch maps)
+        }
+    }
+
+    /// Sends the clinical alert changes of `alerts` (the `fhir` alert handler, see
+    /// `crate::delivery`) as one transaction; `Ok` at once when none is clinical.
+    pub async fn deliver_alerts(
+        &self,
+        alerts: &[crate::store::StoredAlert],
+    ) -> Result<(), FhirFailure> {
+        match bundle::alert_bundle(alerts)? {
+            Some(bundle) => self.send(&bundle).await,
+            None => Ok(()),
+        }
+    }
+
+    /// POSTs the transaction `bundle`, with one fresh token after a `401`; `Ok` on a
+    /// 200 transaction-response whose entries are all 2xx.
+    async fn send(&self, bundle: &serde_json::Value) -> Result<(), FhirFailure> {
         let sent = bundle["entry"].as_array().map_or(0, Vec::len);
         let body = bytes::Bytes::from(
-            serde_json::to_vec(&bundle).map_err(|e| FhirFailure::Mapping(e.to_string()))?,
+            serde_json::to_vec(bundle).map_err(|e| FhirFailure::Mapping(e.to_string()))?,
         );
         let token = self.tokens.token(false).await?;
         let (mut status, mut answer) = self.post(&body, &token).await?;

@@ -5,10 +5,11 @@
 //! entry is idempotent, so a batch delivered again creates nothing twice.
 
 use serde_json::Value;
-use vitalmq_fhir::{BundleBuilder, DeviceFacts, Event};
+use vitalmq_fhir::{AlertChange, BundleBuilder, DeviceFacts, Event};
 
 use super::FhirFailure;
 use crate::sink::{Batch, OutboxRecord};
+use crate::store::StoredAlert;
 
 /// The transaction Bundle of `batch`; `None` when nothing in it maps to FHIR.
 pub fn bundle_for(batch: &Batch) -> Result<Option<Value>, FhirFailure> {
@@ -39,4 +40,31 @@ fn facts(r: &OutboxRecord, event: &Event) -> DeviceFacts {
         hardware_model: None,
         region: None,
     }
+}
+
+/// The transaction Bundle of alert state changes (the `fhir` alert handler): per
+/// clinical change its DetectedIssue (conditional create on the alert id), Task
+/// (conditional update: the workflow moves on), Communication and Provenance (rule
+/// version and policy digest). Operational alerts are fleet records, not the patient's:
+/// they are left out. `None` when no change of `alerts` is clinical.
+pub fn alert_bundle(alerts: &[StoredAlert]) -> Result<Option<Value>, FhirFailure> {
+    let mut bundle = BundleBuilder::new();
+    for a in alerts {
+        let body: Value = serde_json::from_str(&a.body)
+            .map_err(|e| FhirFailure::Mapping(format!("alert at {}: {e}", a.position)))?;
+        let change = AlertChange {
+            body,
+            recorded_at_ms: a.created_at_ms,
+        };
+        match bundle.alert(&change) {
+            Ok(()) | Err(vitalmq_fhir::Error::NotClinical { .. }) => {}
+            Err(e) => {
+                return Err(FhirFailure::Mapping(format!(
+                    "alert at {}: {e}",
+                    a.position
+                )));
+            }
+        }
+    }
+    Ok((!bundle.is_empty()).then(|| bundle.transaction()))
 }

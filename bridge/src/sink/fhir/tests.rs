@@ -363,3 +363,69 @@ async fn an_expired_token_is_fetched_again() {
         .collect();
     assert_eq!(auth, ["Bearer tok-0", "Bearer tok-1"]);
 }
+
+/// A stored alert change (as the `alerts` table holds it) of `kind`.
+fn alert(position: i64, kind: &str, state: &str) -> crate::store::StoredAlert {
+    let mut body = serde_json::json!({
+        "alert_id": "al-1", "kind": kind, "state": state, "severity": "urgent",
+        "rule": "spo2-low", "rule_version": "3", "policy_sha256": "ab12",
+        "device": "dev-1", "site": "north", "patient_ref": "pt-aaaa1111",
+        "evidence": ["ev-1"], "raised_at": "2026-01-01T00:00:05Z",
+    });
+    if state == "acknowledged" {
+        body["ack"] =
+            serde_json::json!({"by": "spiffe://d/integrator/n-1", "at": "2026-01-01T00:01:00Z"});
+    }
+    crate::store::StoredAlert {
+        position,
+        alert_id: "al-1".into(),
+        state: state.into(),
+        topic: "alerts/north/urgent/dev-1".into(),
+        body: body.to_string(),
+        level: 0,
+        created_at_ms: 1_767_225_605_000 + position as u64,
+    }
+}
+
+/// The `fhir` alert handler: clinical changes as one transaction (DetectedIssue once,
+/// the Task at its newest state, a Communication and a Provenance per change);
+/// operational alerts never go to the clinical record.
+#[tokio::test]
+async fn clinical_alert_changes_go_as_one_transaction_and_operational_ones_not_at_all() {
+    let (base, seen) = scripted(Arc::new(|r: &Seen, n| match r.path.as_str() {
+        "/token" => (200, token(n)),
+        _ => (200, created(&r.body)),
+    }))
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sink = sink(&base, &dir);
+    sink.deliver_alerts(&[alert(1, "operational", "open")])
+        .await
+        .expect("nothing to send");
+    assert!(seen.lock().expect("log").is_empty(), "not even a token");
+    sink.deliver_alerts(&[
+        alert(2, "clinical", "open"),
+        alert(3, "operational", "open"),
+        alert(4, "clinical", "acknowledged"),
+    ])
+    .await
+    .expect("delivered");
+    let seen = seen.lock().expect("log").clone();
+    let tx = seen
+        .iter()
+        .find(|s| s.path == "/fhir")
+        .expect("a transaction");
+    let bundle: serde_json::Value = serde_json::from_str(&tx.body).expect("bundle");
+    let kinds: Vec<&str> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["resource"]["resourceType"].as_str().expect("type"))
+        .collect();
+    let count = |t: &str| kinds.iter().filter(|k| **k == t).count();
+    assert_eq!(count("DetectedIssue"), 1, "{kinds:?}");
+    assert_eq!(count("Communication"), 2, "{kinds:?}");
+    assert_eq!(count("Provenance"), 2, "{kinds:?}");
+    assert!(count("Task") <= 1, "{kinds:?}");
+    assert!(!tx.body.contains("\"operational\""), "no operational alert");
+}
