@@ -15,8 +15,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    Rig, Spawned, audit_records, has_fields, reported_addr, run, sim_summary_all_receipted,
-    wait_until,
+    Rig, Spawned, audit_records, desaturation, has_fields, recent_device_time_origin,
+    reported_addr, run, sim_summary_all_receipted, wait_until,
 };
 use serde_json::Value as Json;
 
@@ -93,9 +93,8 @@ fn sink(port: u16) -> String {
     )
 }
 
-#[test]
-fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_kill() {
-    let rig = Rig::start(vitalmq_bin!(), "fhir-sink", 2, |_| {});
+/// The client secret, owner-only, in the rig's directory (where [`sink`] names it).
+fn write_secret(rig: &Rig) -> std::path::PathBuf {
     let secret = rig.dir().join("fhir.secret");
     std::fs::OpenOptions::new()
         .write(true)
@@ -104,6 +103,37 @@ fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_k
         .open(&secret)
         .and_then(|mut f| f.write_all(format!("{SECRET}\n").as_bytes()))
         .expect("secret file");
+    secret
+}
+
+/// What the server stored, checked: nothing refused by validation, nothing stored
+/// twice, every create conditional.
+fn assert_clean(dump: &Json) {
+    assert_eq!(dump["validation_errors"], Json::Array(vec![]), "{dump}");
+    assert_eq!(
+        dump["refused_validation"], 0,
+        "zero validation errors: {dump}"
+    );
+    assert_eq!(dump["unconditional"], 0, "every create conditional: {dump}");
+    let per_identifier = dump["per_identifier"].as_object().expect("per_identifier");
+    let twice: Vec<_> = per_identifier.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} stored more than once, e.g. {:?}",
+        twice.len(),
+        twice.first()
+    );
+    assert_eq!(
+        per_identifier.len() as u64,
+        dump["created"].as_u64().expect("created"),
+        "every resource created under its identifier"
+    );
+}
+
+#[test]
+fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_kill() {
+    let rig = Rig::start(vitalmq_bin!(), "fhir-sink", 2, |_| {});
+    let secret = write_secret(&rig);
     // Tokens live 2 s: the bridge fetches new ones throughout the run.
     let server = FhirServer::start(&secret, 2);
     let mut bridge = rig.bridge("", &sink(server.port));
@@ -143,28 +173,10 @@ fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_k
     });
 
     let dump = server.dump();
-    assert_eq!(dump["validation_errors"], Json::Array(vec![]), "{dump}");
-    assert_eq!(
-        dump["refused_validation"], 0,
-        "zero validation errors: {dump}"
-    );
-    assert_eq!(dump["unconditional"], 0, "every create conditional: {dump}");
+    assert_clean(&dump);
     assert!(
         dump["existing"].as_u64() > Some(0),
         "a batch was sent again and found what it had created: {dump}"
-    );
-    let per_identifier = dump["per_identifier"].as_object().expect("per_identifier");
-    let twice: Vec<_> = per_identifier.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(
-        twice.is_empty(),
-        "{} stored more than once, e.g. {:?}",
-        twice.len(),
-        twice.first()
-    );
-    assert_eq!(
-        per_identifier.len() as u64,
-        dump["created"].as_u64().expect("created"),
-        "every resource created under its identifier"
     );
     assert_eq!(dump["resources"]["Device"], 2, "{dump}");
 
@@ -201,4 +213,82 @@ fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_k
     for log in [log_before, bridge.process.all()] {
         assert!(!log.contains(SECRET), "the client secret never in the log");
     }
+}
+
+/// `[alerts] fhir = ["ehr"]`: a desaturation's clinical alert reaches the FHIR server
+/// as a DetectedIssue with a Communication and a Provenance per state change, valid,
+/// each once; the sink's readings beside it.
+#[test]
+fn fhir_alert_handler_records_a_desaturation() {
+    let rig = Rig::start(vitalmq_bin!(), "fhir-alerts", 1, |_| {});
+    let secret = write_secret(&rig);
+    let server = FhirServer::start(&secret, 60);
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
+    let alerts = format!(
+        "[alerts]\nrules = \"{}\"\nfhir = [\"ehr\"]\n\
+         publisher = {{ client_id = \"bridge-01-alerts\", cert = \"pki/identities/bridge/bridge-01-alerts.pem\", key = \"pki/identities/bridge/bridge-01-alerts.key.pem\" }}\n",
+        rules.display()
+    );
+    let bridge = rig.bridge("", &(sink(server.port) + &alerts));
+    // Signed with dev-00001's key, device clock ten minutes ago (inside the rules'
+    // clock limits): the shipped spo2-low rule opens, then the recovery resolves it.
+    let t0_ms = recent_device_time_origin();
+    for ((t_s, spo2), seq) in desaturation().into_iter().zip(0u64..) {
+        let ts = (t0_ms + t_s * 1000).to_string();
+        let spo2 = format!("spo2={spo2}");
+        let args = ["--ts", &ts, "--m", &spo2, "--m", "pulse=72", "--q", "0.95"];
+        let bytes = rig.sign("dev-00001", "dev-00001", 1, seq, &args);
+        rig.mosquitto_pub("device", "dev-00001", "devices/dev-00001/telemetry", &bytes);
+    }
+    let readings = desaturation().len() as u64;
+    // spo2-falling and spo2-low open, escalate and resolve: every change of both sent.
+    let st = rig.wait_stats(Duration::from_secs(30), "readings and alerts sent", |s| {
+        s["events"] == readings
+            && s["sinks"]["ehr"] == s["head"]
+            && s["alerts"]["clinical/resolved"].as_u64() >= Some(1)
+            && s["alert_handlers"]["fhir:ehr"] == s["alert_handlers"]["mqtt"]
+    });
+    let alerts = rig.rows("alerts");
+    assert_eq!(
+        Some(alerts.len() as u64),
+        st["alert_handlers"]["fhir:ehr"].as_u64(),
+        "every change went through the fhir handler: {st}"
+    );
+    let alert_ids: std::collections::BTreeSet<&str> = alerts
+        .iter()
+        .map(|a| a["alert_id"].as_str().expect("alert_id"))
+        .collect();
+    let dump = server.dump();
+    assert_clean(&dump);
+    let keys: Vec<&String> = dump["per_identifier"]
+        .as_object()
+        .expect("per_identifier")
+        .keys()
+        .collect();
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with("DetectedIssue|identifier=urn:vitalmq:alert|")),
+        "{keys:?}"
+    );
+    assert_eq!(
+        dump["resources"]["DetectedIssue"].as_u64(),
+        Some(alert_ids.len() as u64),
+        "one DetectedIssue per alert: {dump}"
+    );
+    assert_eq!(
+        dump["resources"]["Communication"].as_u64(),
+        Some(alerts.len() as u64),
+        "one Communication per state change: {dump}"
+    );
+    assert_eq!(
+        dump["resources"]["Provenance"].as_u64(),
+        Some(readings + alerts.len() as u64),
+        "a Provenance per reading and per alert change: {dump}"
+    );
+    assert!(
+        dump["resources"]["Observation"].as_u64() >= Some(2 * readings),
+        "spo2 and pulse of every reading: {dump}"
+    );
+    assert!(!bridge.process.all().contains(SECRET));
 }
