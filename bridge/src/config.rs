@@ -203,6 +203,11 @@ pub struct AlertsConfig {
     pub publisher: AlertPublisher,
     #[serde(default)]
     pub webhooks: Vec<WebhookConfig>,
+    /// FHIR sinks (by name) whose server also gets every clinical alert change as
+    /// DetectedIssue, Task, Communication and Provenance; handler `fhir:<name>` in
+    /// `[escalation]`. Care, like the sink.
+    #[serde(default)]
+    pub fhir: Vec<String>,
 }
 
 /// Certificate and key of the alert publisher, and its client id (the certificate's id).
@@ -358,6 +363,57 @@ pub enum SinkConfig {
         #[serde(default)]
         fields: Option<Vec<String>>,
     },
+    /// A FHIR R4 server: each batch one `transaction` Bundle of conditional creates
+    /// (see `crate::sink::fhir`).
+    Fhir(FhirSinkConfig),
+}
+
+/// `[[sinks]] kind = "fhir"`: a FHIR R4 base URL, reached with an OAuth 2.0
+/// client-credentials bearer token (RFC 6749 section 4.4).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirSinkConfig {
+    pub name: String,
+    /// The FHIR base URL the transaction Bundles are POSTed to (`http://` or `https://`).
+    pub base_url: String,
+    /// The OAuth 2.0 token endpoint.
+    pub token_url: String,
+    pub client_id: String,
+    /// The client secret, alone in an owner-only file (plaintext, or sealed with
+    /// `vitalmq keys seal-file`); never in this file.
+    pub client_secret_file: PathBuf,
+    /// The `scope` asked for (e.g. `system/Observation.write system/Device.write`).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// An extra root certificate (PEM) trusted for `https://` URLs, beside the system's.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Care only: the FHIR server is a clinical record (refused otherwise at load).
+    #[serde(default)]
+    pub purpose: Purpose,
+    /// Events per transaction Bundle.
+    #[serde(default = "default_fhir_batch_events")]
+    pub batch_max_events: usize,
+    #[serde(default = "default_batch_age")]
+    pub batch_max_age_ms: u64,
+    /// Deadline of one HTTP request (token or transaction), connection included.
+    #[serde(default = "default_fhir_timeout")]
+    pub timeout_ms: u64,
+    /// Deadline of establishing a connection.
+    #[serde(default = "default_fhir_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_fhir_batch_events() -> usize {
+    100
+}
+
+fn default_fhir_timeout() -> u64 {
+    10_000
+}
+
+fn default_fhir_connect_timeout() -> u64 {
+    3_000
 }
 
 fn default_batch_events() -> usize {
@@ -399,8 +455,10 @@ impl BridgeConfig {
         paths.push(vitalmq_audit::signing_key_path(&audit));
         paths.push(audit);
         for sink in &self.sinks {
-            if let SinkConfig::Objects { path: Some(p), .. } = sink {
-                paths.push(p.clone());
+            match sink {
+                SinkConfig::Objects { path: Some(p), .. } => paths.push(p.clone()),
+                SinkConfig::Fhir(f) => paths.push(f.client_secret_file.clone()),
+                _ => {}
             }
         }
         if let Some(p) = &self.pseudonyms {
@@ -416,10 +474,40 @@ impl BridgeConfig {
     }
 }
 
+impl FhirSinkConfig {
+    /// Care only, usable URLs and limits.
+    fn validate(&self) -> Result<(), Invalid> {
+        if self.purpose != Purpose::Care {
+            return Err(Invalid::FhirPurpose(self.name.clone()));
+        }
+        let bad = |field, problem| Invalid::FhirSetting {
+            sink: self.name.clone(),
+            field,
+            problem,
+        };
+        for (field, url) in [("base_url", &self.base_url), ("token_url", &self.token_url)] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(bad(field, "must be an http:// or https:// URL"));
+            }
+        }
+        if self.client_id.is_empty() {
+            return Err(bad("client_id", "must not be empty"));
+        }
+        if self.batch_max_events == 0 {
+            return Err(bad("batch_max_events", "must be at least 1"));
+        }
+        if self.timeout_ms == 0 || self.connect_timeout_ms == 0 {
+            return Err(bad("timeout_ms", "timeouts must be longer than zero"));
+        }
+        Ok(())
+    }
+}
+
 impl SinkConfig {
     pub fn name(&self) -> &str {
         match self {
             Self::Objects { name, .. } | Self::Upstream { name, .. } => name,
+            Self::Fhir(f) => &f.name,
         }
     }
 
@@ -427,6 +515,7 @@ impl SinkConfig {
     pub fn purpose(&self) -> Purpose {
         match self {
             Self::Objects { purpose, .. } | Self::Upstream { purpose, .. } => *purpose,
+            Self::Fhir(f) => f.purpose,
         }
     }
 
@@ -441,6 +530,8 @@ impl SinkConfig {
             Self::Objects { fields, .. } | Self::Upstream { fields, .. } => {
                 resolve_fields(self.purpose(), fields.as_deref())
             }
+            // The clinical record: the whole event (care only, see `validate`).
+            Self::Fhir(_) => Fields::All,
         }
     }
 }
@@ -573,6 +664,20 @@ pub enum Invalid {
         "{0}.fields: a purpose other than care gets patient_ref only as its own pseudonym; configure [pseudonyms] key_file, or leave patient_ref out"
     )]
     PatientRefWithoutPseudonyms(String),
+    #[error(
+        "sinks.{0}.purpose: a FHIR sink writes the clinical record and serves care only (remove purpose, or set it to \"care\")"
+    )]
+    FhirPurpose(String),
+    #[error("alerts.fhir: {0:?} is not the name of a sink of kind \"fhir\"")]
+    AlertsFhir(String),
+    #[error("alerts.fhir: {0:?} is listed twice")]
+    AlertsFhirTwice(String),
+    #[error("sinks.{sink}.{field}: {problem}")]
+    FhirSetting {
+        sink: String,
+        field: &'static str,
+        problem: &'static str,
+    },
     #[error("sinks.{sink}.fields: {field:?} {problem}")]
     SinkField {
         sink: String,
@@ -670,6 +775,12 @@ impl BridgeConfig {
             match sink {
                 SinkConfig::Objects { path: Some(p), .. } => fix(p),
                 SinkConfig::Upstream { link, .. } => fix_link(link),
+                SinkConfig::Fhir(f) => {
+                    fix(&mut f.client_secret_file);
+                    if let Some(ca) = &mut f.ca {
+                        fix(ca);
+                    }
+                }
                 SinkConfig::Objects { path: None, .. } => {}
             }
         }
@@ -735,6 +846,21 @@ impl BridgeConfig {
                 })?;
             }
         }
+        if let Some(a) = &self.alerts {
+            let mut seen = std::collections::HashSet::new();
+            for name in &a.fhir {
+                if !self
+                    .sinks
+                    .iter()
+                    .any(|s| matches!(s, SinkConfig::Fhir(f) if &f.name == name))
+                {
+                    return Err(Invalid::AlertsFhir(name.clone()));
+                }
+                if !seen.insert(name) {
+                    return Err(Invalid::AlertsFhirTwice(name.clone()));
+                }
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for sink in &self.sinks {
             if !names.insert(sink.name()) {
@@ -745,7 +871,13 @@ impl BridgeConfig {
             {
                 return Err(Invalid::SinkTarget(name.clone()));
             }
-            let (SinkConfig::Objects { fields, .. } | SinkConfig::Upstream { fields, .. }) = sink;
+            let fields = match sink {
+                SinkConfig::Objects { fields, .. } | SinkConfig::Upstream { fields, .. } => fields,
+                SinkConfig::Fhir(f) => {
+                    f.validate()?;
+                    continue;
+                }
+            };
             let known: Vec<&str> = EVENT_FIELDS
                 .iter()
                 .copied()
@@ -880,6 +1012,83 @@ mod tests {
             "clinical alerting runs under care"
         );
         assert_eq!(ehr.fields(), Fields::All);
+    }
+
+    #[test]
+    fn a_fhir_sink_names_its_server_and_credentials_and_serves_care_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n\
+                    [broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+                    [[sinks]]\nkind = \"fhir\"\nname = \"ehr\"\nbase_url = \"https://fhir.example/r4\"\n\
+                    token_url = \"https://auth.example/token\"\nclient_id = \"bridge-01\"\n\
+                    client_secret_file = \"fhir.secret\"\n";
+        std::fs::write(
+            &path,
+            format!("{base}ca = \"fhir-ca.pem\"\nscope = \"system/*.write\"\n"),
+        )
+        .expect("write");
+        let c = BridgeConfig::load(&path).expect("valid");
+        let SinkConfig::Fhir(f) = &c.sinks[0] else {
+            panic!("a fhir sink: {:?}", c.sinks[0]);
+        };
+        assert_eq!(f.client_secret_file, dir.path().join("fhir.secret"));
+        assert_eq!(
+            f.ca.as_deref(),
+            Some(dir.path().join("fhir-ca.pem").as_path())
+        );
+        assert_eq!((f.batch_max_events, f.timeout_ms), (100, 10_000));
+        assert_eq!(
+            (c.sinks[0].purpose(), c.sinks[0].fields()),
+            (Purpose::Care, Fields::All)
+        );
+        assert!(
+            c.private_paths().contains(&dir.path().join("fhir.secret")),
+            "the secret must be owner-only"
+        );
+        for (extra, expect) in [
+            (
+                "purpose = \"research\"\n",
+                "sinks.ehr.purpose: a FHIR sink writes the clinical record and serves care only",
+            ),
+            ("batch_max_events = 0\n", "sinks.ehr.batch_max_events"),
+            ("client_secret = \"s\"\n", "unknown field"),
+        ] {
+            std::fs::write(&path, format!("{base}{extra}")).expect("write");
+            let err = BridgeConfig::load(&path).expect_err(extra);
+            let cause = std::error::Error::source(&err).map(ToString::to_string);
+            assert!(
+                cause.as_deref().is_some_and(|c| c.contains(expect)),
+                "{extra}: {cause:?}"
+            );
+        }
+        let alerts = "[alerts]\nrules = \"r\"\npublisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\n";
+        std::fs::write(&path, format!("{base}{alerts}fhir = [\"ehr\"]\n")).expect("write");
+        let c = BridgeConfig::load(&path).expect("alerts to the FHIR sink's server");
+        assert_eq!(c.alerts.expect("alerts").fhir, ["ehr"]);
+        for (list, expect) in [
+            (
+                "[\"lab\"]",
+                "alerts.fhir: \"lab\" is not the name of a sink of kind \"fhir\"",
+            ),
+            ("[\"ehr\", \"ehr\"]", "alerts.fhir: \"ehr\" is listed twice"),
+        ] {
+            std::fs::write(&path, format!("{base}{alerts}fhir = {list}\n")).expect("write");
+            let err = BridgeConfig::load(&path).expect_err(list);
+            let cause = std::error::Error::source(&err).map(ToString::to_string);
+            assert_eq!(cause.as_deref(), Some(expect));
+        }
+        std::fs::write(
+            &path,
+            base.replace("https://fhir.example/r4", "fhir.example"),
+        )
+        .expect("write");
+        let cause = std::error::Error::source(&BridgeConfig::load(&path).expect_err("url"))
+            .map(ToString::to_string);
+        assert_eq!(
+            cause.as_deref(),
+            Some("sinks.ehr.base_url: must be an http:// or https:// URL")
+        );
     }
 
     #[test]

@@ -98,6 +98,8 @@ enum DeliveryError {
         url: String,
         status: reqwest::StatusCode,
     },
+    #[error("FHIR: {0}")]
+    Fhir(#[from] crate::sink::fhir::FhirFailure),
 }
 
 /// The id of one alert change: `<alert_id>/<state>/<16 hex of SHA-256(body)>`. The
@@ -132,6 +134,14 @@ pub enum Handler {
         /// Consent and minimisation, for a handler of a purpose other than care or
         /// with a field allow-list.
         governance: Option<AlertGovernance>,
+    },
+    /// A FHIR server (that of the FHIR sink `name`): each batch of clinical alert
+    /// changes one transaction Bundle (DetectedIssue, Task, Communication, Provenance;
+    /// see `crate::sink::fhir::bundle::alert_bundle`), idempotent by identifier.
+    /// Operational alerts are not sent. Care.
+    Fhir {
+        name: String,
+        sink: Box<crate::sink::fhir::FhirSink>,
     },
 }
 
@@ -180,7 +190,7 @@ impl Handler {
     /// Consent and minimisation of the handler, if any.
     pub fn governance(&self) -> Option<&AlertGovernance> {
         match self {
-            Self::Mqtt { .. } => None,
+            Self::Mqtt { .. } | Self::Fhir { .. } => None,
             Self::Webhook { governance, .. } => governance.as_ref(),
         }
     }
@@ -190,6 +200,7 @@ impl Handler {
         match self {
             Self::Mqtt { .. } => "mqtt".to_owned(),
             Self::Webhook { name, .. } => format!("webhook:{name}"),
+            Self::Fhir { name, .. } => format!("fhir:{name}"),
         }
     }
 
@@ -262,6 +273,10 @@ impl Handler {
                         });
                     }
                 }
+                Ok(0)
+            }
+            Self::Fhir { sink, .. } => {
+                sink.deliver_alerts(alerts).await?;
                 Ok(0)
             }
         }

@@ -8,7 +8,7 @@
 //!                                        ▼
 //!                                     recorder thread: sequence/control, commit (fsync)
 //!                                        │ or, paused, alerts only; audit
-//!            PUBACK, receipts ◀── acker ◀┘        store ──▶ drain per sink ──▶ objects / upstream
+//!            PUBACK, receipts ◀── acker ◀┘        store ──▶ drain per sink ──▶ objects / upstream / FHIR
 //!                                                 store / memory ──▶ alert handlers
 //! ```
 
@@ -34,6 +34,7 @@ use crate::governance::{Fields, PurposePseudonym};
 use crate::mqtt;
 use crate::ops::{OpsAlert, OpsKind, RateWatch};
 use crate::recorder::{Recorded, Recorder, RecorderSettings, Work, now_ms};
+use crate::sink::fhir::FhirSink;
 use crate::sink::object::{ObjectStoreSink, S3Settings};
 use crate::sink::upstream::UpstreamSink;
 use crate::sink::{Sink, SinkError};
@@ -101,6 +102,12 @@ pub enum RunError {
         var: &'static str,
         #[source]
         source: std::env::VarError,
+    },
+    #[error("sink {sink}")]
+    FhirSink {
+        sink: String,
+        #[source]
+        source: crate::sink::fhir::FhirSetupError,
     },
     #[error("sink {0}: neither path nor s3")]
     SinkTarget(String),
@@ -210,6 +217,13 @@ pub(crate) fn build_sink(
             Arc::new(UpstreamSink::start(name.clone(), link, client_id).map_err(RunError::Mqtt)?),
             None,
         ),
+        SinkConfig::Fhir(f) => (
+            Arc::new(FhirSink::new(f).map_err(|source| RunError::FhirSink {
+                sink: f.name.clone(),
+                source,
+            })?),
+            None,
+        ),
     })
 }
 
@@ -229,6 +243,11 @@ fn drain_settings(config: &SinkConfig) -> DrainSettings {
         } => DrainSettings {
             batch_max_events: (*batch_max_events).max(1),
             batch_max_age: Duration::from_millis(20),
+            down_after: 3,
+        },
+        SinkConfig::Fhir(f) => DrainSettings {
+            batch_max_events: f.batch_max_events.max(1),
+            batch_max_age: Duration::from_millis(f.batch_max_age_ms),
             down_after: 3,
         },
     }
@@ -439,6 +458,19 @@ pub async fn run(
                 Handler::webhook(w.name.clone(), w.url.clone(), signer)?.governed(governance),
             );
         }
+        for name in &a.fhir {
+            // validate() checked that it names a FHIR sink.
+            if let Some(SinkConfig::Fhir(f)) = config.sinks.iter().find(|s| s.name() == name) {
+                let sink = FhirSink::new(f).map_err(|source| RunError::FhirSink {
+                    sink: f.name.clone(),
+                    source,
+                })?;
+                handlers.push(Handler::Fhir {
+                    name: name.clone(),
+                    sink: Box::new(sink),
+                });
+            }
+        }
     }
     let (feeds, inboxes): (Vec<_>, Vec<_>) =
         handlers.iter().map(|_| crate::delivery::feed()).unzip();
@@ -583,6 +615,7 @@ pub(crate) fn handler_names(alerts: &crate::config::AlertsConfig) -> Vec<String>
                 .iter()
                 .map(|w| format!("webhook:{}", w.name)),
         )
+        .chain(alerts.fhir.iter().map(|f| format!("fhir:{f}")))
         .collect()
 }
 

@@ -1,4 +1,5 @@
-//! Sinks: where the outbox drains to (cloud object storage, an upstream broker).
+//! Sinks: where the outbox drains to (cloud object storage, an upstream broker, a FHIR
+//! server).
 //!
 //! The contract every sink keeps, relied on by [`crate::drain`]:
 //!
@@ -17,6 +18,7 @@
 //!   absent); a batch whose every record is withheld is not handed to the sink at all,
 //!   and its cursor advances all the same.
 
+pub mod fhir;
 pub mod object;
 pub(crate) mod upstream;
 
@@ -224,6 +226,9 @@ pub enum SinkFailure {
     NoReceipt,
     #[error("no connection")]
     NotConnected,
+    /// The FHIR server or its token endpoint (see [`fhir`]).
+    #[error(transparent)]
+    Fhir(fhir::FhirFailure),
 }
 
 /// A destination the outbox drains to. See the module docs for the contract.

@@ -1,0 +1,70 @@
+//! One batch of outbox records as one FHIR R4 `transaction` Bundle, mapped by
+//! `vitalmq-fhir` (docs/fhir.md): per record the device's Device (conditional update,
+//! the newest facts of the batch), and per vitals reading its Observations and their
+//! Provenance carrying the device's COSE_Sign1 bytes (conditional creates). Every
+//! entry is idempotent, so a batch delivered again creates nothing twice.
+
+use serde_json::Value;
+use vitalmq_fhir::{AlertChange, BundleBuilder, DeviceFacts, Event};
+
+use super::FhirFailure;
+use crate::sink::{Batch, OutboxRecord};
+use crate::store::StoredAlert;
+
+/// The transaction Bundle of `batch`; `None` when nothing in it maps to FHIR.
+pub fn bundle_for(batch: &Batch) -> Result<Option<Value>, FhirFailure> {
+    let mut bundle = BundleBuilder::new();
+    for r in &batch.records {
+        let json: Value = serde_json::from_str(&r.normalized_json)
+            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
+        let event = Event::from_json(&json)
+            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
+        bundle.device(&facts(r, &event));
+        bundle
+            .reading(&event, &r.raw)
+            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
+    }
+    Ok((!bundle.is_empty()).then(|| bundle.transaction()))
+}
+
+/// What the Device says: the event's own facts and the registry's (lot, hardware
+/// model, region: `None` until the device registry carries them, issue 21).
+fn facts(r: &OutboxRecord, event: &Event) -> DeviceFacts {
+    DeviceFacts {
+        id: r.device.clone(),
+        site: r.site.clone(),
+        patient_ref: Some(event.patient_ref.clone()),
+        fw: Some(event.fw.clone()),
+        model: event.model.clone(),
+        lot: None,
+        hardware_model: None,
+        region: None,
+    }
+}
+
+/// The transaction Bundle of alert state changes (the `fhir` alert handler): per
+/// clinical change its DetectedIssue (conditional create on the alert id), Task
+/// (conditional update: the workflow moves on), Communication and Provenance (rule
+/// version and policy digest). Operational alerts are fleet records, not the patient's:
+/// they are left out. `None` when no change of `alerts` is clinical.
+pub fn alert_bundle(alerts: &[StoredAlert]) -> Result<Option<Value>, FhirFailure> {
+    let mut bundle = BundleBuilder::new();
+    for a in alerts {
+        let body: Value = serde_json::from_str(&a.body)
+            .map_err(|e| FhirFailure::Mapping(format!("alert at {}: {e}", a.position)))?;
+        let change = AlertChange {
+            body,
+            recorded_at_ms: a.created_at_ms,
+        };
+        match bundle.alert(&change) {
+            Ok(()) | Err(vitalmq_fhir::Error::NotClinical { .. }) => {}
+            Err(e) => {
+                return Err(FhirFailure::Mapping(format!(
+                    "alert at {}: {e}",
+                    a.position
+                )));
+            }
+        }
+    }
+    Ok((!bundle.is_empty()).then(|| bundle.transaction()))
+}
