@@ -384,7 +384,17 @@ mod tests {
         // The shadow alert is not counted.
         assert_eq!(get("alerts", "lot", "L1").n, 1);
         let o = outliers(&data, &r);
-        assert_eq!(o[0].measure, "alerts");
+        // Fleet: 3 gaps over 4 device-weeks; W47 holds them all over 2 device-weeks:
+        // expected 1.5, ratio 2, z = 1.5 / sqrt(1.5): the top, but not standing out.
+        let top = &o[0];
+        assert_eq!(
+            (top.measure.as_str(), top.value.as_str()),
+            ("gaps", "2026-W47")
+        );
+        assert_eq!(
+            (top.expected, top.ratio, top.z),
+            (1.5, Some(2.0), Some(1.225))
+        );
         assert!(o.iter().all(|x| !x.stands_out));
     }
 }
