@@ -156,10 +156,13 @@ fn occurrences(data: &DataSet) -> Vec<(&'static str, Option<&str>, String, Dims,
     out
 }
 
+/// Distinct (device, ISO week) pairs.
+type DeviceWeeks<'a> = BTreeSet<(Option<&'a str>, String)>;
+
 /// Rates per measure, dimension and value, ordered as `rates_by.sql` orders them.
 pub fn rates(data: &DataSet) -> Vec<Rate> {
     type Key = (&'static str, String);
-    let mut exposure: BTreeMap<Key, (BTreeSet<(Option<&str>, String)>, u64)> = BTreeMap::new();
+    let mut exposure: BTreeMap<Key, (DeviceWeeks<'_>, u64)> = BTreeMap::new();
     for e in &data.events {
         let week = iso_week(e.observed_at);
         for g in groups(&e.dims, &week) {
@@ -210,7 +213,7 @@ pub fn rates(data: &DataSet) -> Vec<Rate> {
 
 /// Fleet device-weeks (each once) and occurrences per measure.
 fn fleet(data: &DataSet) -> (u64, BTreeMap<&'static str, i64>) {
-    let device_weeks: BTreeSet<(Option<&str>, String)> = data
+    let device_weeks: DeviceWeeks<'_> = data
         .events
         .iter()
         .map(|e| (e.device.as_deref(), iso_week(e.observed_at)))
