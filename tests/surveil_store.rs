@@ -215,7 +215,7 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
     assert_eq!(w47["per_device_week"], 3.0);
     assert_eq!(
         get("dropped", "2026-W48")["n"],
-        4,
+        9,
         "a new epoch starts from zero"
     );
     assert_eq!(get("device_alarms", "2026-W48")["n"], 1);
