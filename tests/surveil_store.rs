@@ -23,7 +23,7 @@ use vitalmq_envelope::{
     Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey, Telemetry, sign, verify,
 };
 use vitalmq_keyring::{Keyring, LocalKeyFile};
-use vitalmq_policies::{DeviceEntry, SiteId};
+use vitalmq_policies::{DeviceEntry, DeviceRegistry, SiteId, TrustDomain};
 
 /// Monday 2026-11-16, 00:00 UTC (2026-W47).
 const W47: u64 = 1_794_787_200_000;
@@ -44,6 +44,9 @@ impl Device {
             key: key.verifying_key(),
             consent: Some("care".into()),
             processing_policy: None,
+            lot: Some("LOT-C".into()),
+            hardware_model: None,
+            region: Some("eu-west".into()),
         };
         Self { key, entry }
     }
@@ -175,13 +178,28 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
         })
         .expect("commit");
     drop(store);
+    // The registry gives each device's lot and region.
+    let mut registry = DeviceRegistry::new(TrustDomain::new("demo.vitalmq").expect("domain"));
+    for d in [&a, &b] {
+        registry.insert_device(d.entry.clone()).expect("new device");
+    }
+    let registry_file = tmp.path().join("registry.toml");
+    std::fs::write(&registry_file, registry.to_toml()).expect("registry");
 
     let bin = Path::new(env!("CARGO_BIN_EXE_vitalmq"));
     let audit = tmp.path().join("operator.jsonl");
     let ask = |args: &[&str]| {
         let mut all = vec!["surveil"];
         all.extend_from_slice(args);
-        all.extend_from_slice(&["--data", s(&data), "--json", "--purpose", "pms-q4"]);
+        all.extend_from_slice(&[
+            "--data",
+            s(&data),
+            "--registry",
+            s(&registry_file),
+            "--json",
+            "--purpose",
+            "pms-q4",
+        ]);
         run(
             Command::new(bin)
                 .args(&all)
@@ -225,6 +243,23 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
         "open + resolved is one alert"
     );
     assert_eq!(get("alerts", "2026-W48")["n"], 1);
+    // By lot, from the registry: both devices are in LOT-C, 5 + 9 + 1 dropped.
+    let by_lot = ask(&[
+        "rates",
+        "--dimension",
+        "lot",
+        "--measure",
+        "dropped",
+        "--key-file",
+        s(&kek),
+    ]);
+    assert!(by_lot.success, "{}", by_lot.all());
+    let lots: Vec<Json> = serde_json::from_str(&by_lot.stdout).expect("JSON rows");
+    assert_eq!(lots.len(), 1, "{lots:?}");
+    assert_eq!(
+        (&lots[0]["value"], &lots[0]["n"], &lots[0]["device_weeks"]),
+        (&json!("LOT-C"), &json!(15), &json!(3))
+    );
     assert!(
         !out.stdout.contains("pt-"),
         "a subject in the output: {}",

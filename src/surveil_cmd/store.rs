@@ -13,10 +13,13 @@ use super::rows::{Alert, DataSet, Dims, Event, Occurrence};
 /// Events read per store query.
 const PAGE: i64 = 5_000;
 
-/// Lot, region and hardware model of a device: the registry v2 fields (`lot`,
-/// `region`, `hardware_model`) once `DeviceEntry` has them; until then unknown.
-fn device_facts(_entry: &DeviceEntry) -> (Option<String>, Option<String>, Option<String>) {
-    (None, None, None)
+/// Lot, region and hardware model of a device (registry v2 fields).
+fn device_facts(entry: &DeviceEntry) -> (Option<String>, Option<String>, Option<String>) {
+    (
+        entry.lot.clone(),
+        entry.region.clone(),
+        entry.hardware_model.clone(),
+    )
 }
 
 /// What a device's rows carry from the registry.
