@@ -24,6 +24,7 @@ mod reid_cmd;
 mod retention_cmd;
 mod sim_cmd;
 mod stop;
+mod surveil_cmd;
 mod trace_cmd;
 
 #[derive(Debug, Parser)]
@@ -98,6 +99,10 @@ enum Command {
     Loadgen(loadgen_cmd::LoadgenArgs),
     /// The provenance chain of an alert or event, from the local records.
     Trace(trace_cmd::TraceArgs),
+    /// Surveillance questions over a local store: rates by firmware, model, lot,
+    /// region, hardware model and week; outliers; drift (PSI). Audited.
+    #[command(subcommand_required = true)]
+    Surveil(surveil_cmd::SurveilArgs),
     /// Simulated wearables: signed vitals over mTLS, kept until a receipt covers them.
     Sim(sim_cmd::SimArgs),
 }
@@ -169,6 +174,7 @@ fn main() -> std::process::ExitCode {
         Command::Loadgen(args) => loadgen_cmd::run(args),
         Command::Registry(cmd) => cmd.run(),
         Command::Sim(args) => sim_cmd::run(args),
+        Command::Surveil(args) => surveil_cmd::run(args),
         Command::Trace(args) => trace_cmd::run(args),
     };
     match result {

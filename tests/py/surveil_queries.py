@@ -1,0 +1,318 @@
+"""The shipped DuckDB SQL (queries/) against a small simulated fleet with known answers.
+
+Usage: surveil_queries.py QUERIES_DIR WORK_DIR
+
+Builds the fleet as rows (WORK_DIR/fleet.json, the same rows `vitalmq surveil --rows`
+reads), writes it as the surveillance Parquet data set exactly as docs/surveillance.md
+pins it (pyarrow; Hive partitions `week=YYYY-Www`, files `part-<first>-<last>.parquet`),
+runs EVERY .sql file of QUERIES_DIR with duckdb, asserts the known answers and prints
+the results as one JSON object (query name -> rows) for the Rust driver
+(tests/surveil_queries.rs) to compare with the command's.
+
+The fleet: 40 devices, 4 lots of 10 (LOT-A..LOT-D), 3 ISO weeks (2026-W47..W49), four
+vitals readings and two status messages per device-week. LOT-C has the planted defect:
+its devices drop 5 messages a week (the others 1) and open a gap every week (the others
+one gap in W48 for every fifth device). dev-00001 reboots in W48 (its dropped counter
+goes 2 -> 1). Devices 1-5 report an unapproved model. SpO2 shifts down in W49; the
+NEWS2 candidate version 1.1.0 scores 3 points above the live 1.0.0.
+"""
+
+import datetime as dt
+import json
+import math
+import os
+import sys
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+UTC = dt.timezone.utc
+MONDAY = dt.datetime(2026, 11, 16, tzinfo=UTC)
+WEEKS = 3
+TS = pa.timestamp("ms", tz="UTC")
+
+EVENTS = pa.schema([
+    pa.field("event_id", pa.string(), nullable=False),
+    ("kind", pa.string()), ("observed_at", TS), ("received_at", TS),
+    ("device", pa.string()), ("subject", pa.string()), ("site", pa.string()),
+    ("region", pa.string()), ("lot", pa.string()), ("hardware_model", pa.string()),
+    ("fw", pa.string()), ("model", pa.string()), ("model_status", pa.string()),
+    ("spo2", pa.float64()), ("pulse", pa.float64()), ("resp", pa.float64()),
+    ("temp", pa.float64()), ("sbp", pa.float64()), ("dbp", pa.float64()),
+    ("q", pa.float64()), ("implausible", pa.bool_()), ("battery", pa.float64()),
+    ("dropped", pa.int64()), ("alarm_code", pa.string()), ("alarm_level", pa.string()),
+    ("alarm_active", pa.bool_()),
+])
+ALERTS = pa.schema([
+    ("alert_id", pa.string()), ("state", pa.string()), ("rule", pa.string()),
+    ("rule_version", pa.string()), ("severity", pa.string()), ("source", pa.string()),
+    ("role", pa.string()), ("at", TS), ("device", pa.string()), ("subject", pa.string()),
+    ("site", pa.string()), ("region", pa.string()), ("lot", pa.string()),
+    ("hardware_model", pa.string()), ("fw", pa.string()), ("model", pa.string()),
+    ("model_status", pa.string()),
+])
+SCORES = pa.schema([
+    ("score_id", pa.string()), ("model", pa.string()), ("version", pa.string()),
+    ("config_sha256", pa.string()), ("role", pa.string()), ("observed_at", TS),
+    ("subject", pa.string()), ("site", pa.string()), ("region", pa.string()),
+    ("device", pa.string()), ("lot", pa.string()), ("hardware_model", pa.string()),
+    ("fw", pa.string()), ("aggregate", pa.int32()), ("risk", pa.string()),
+    ("complete", pa.bool_()), ("red", pa.bool_()), ("missing", pa.string()),
+])
+REFUSALS = pa.schema([
+    ("at", TS), ("device", pa.string()), ("site", pa.string()), ("region", pa.string()),
+    ("lot", pa.string()), ("hardware_model", pa.string()), ("fw", pa.string()),
+    ("reason", pa.string()),
+])
+GAPS = pa.schema([
+    ("device", pa.string()), ("site", pa.string()), ("region", pa.string()),
+    ("lot", pa.string()), ("hardware_model", pa.string()), ("fw", pa.string()),
+    ("epoch", pa.int64()), ("from_seq", pa.int64()), ("to_seq", pa.int64()),
+    ("state", pa.string()), ("opened_at", TS),
+])
+TABLES = {"events": (EVENTS, "observed_at"), "alerts": (ALERTS, "at"),
+          "scores": (SCORES, "observed_at"), "refusals": (REFUSALS, "at"),
+          "gaps": (GAPS, "opened_at")}
+
+
+def ms(t):
+    return int(t.timestamp() * 1000)
+
+
+def at(week, day, hour, minute=0):
+    return ms(MONDAY + dt.timedelta(days=7 * week + day, hours=hour, minutes=minute))
+
+
+def device_facts(i):
+    return {
+        "device": f"dev-{i:05d}",
+        "site": "site-1" if i <= 20 else "site-2",
+        "region": "eu-west" if i % 2 else "eu-north",
+        "lot": "LOT-" + "ABCD"[(i - 1) // 10],
+        "hardware_model": "hw-a" if (i // 2) % 2 == 0 else "hw-b",
+        "fw": "5.12.1" if i % 4 in (0, 1) else "5.13.0",
+    }
+
+
+def model_of(i):
+    if i <= 5:
+        return {"model": "arrhythmia-net/2.2.0", "model_status": "unapproved"}
+    return {"model": "arrhythmia-net/2.1.0", "model_status": "approved"}
+
+
+def dropped_series(i):
+    if i == 1:
+        return [0, 1, 2, 1, 1, 2]  # reboots in W48: 2 -> 1 is a new boot
+    if 21 <= i <= 30:
+        return [0, 5, 5, 10, 10, 15]  # LOT-C
+    return [0, 1, 1, 2, 2, 3]
+
+
+def fleet():
+    """The fleet as rows: table -> list of dicts (times in ms since the epoch, UTC)."""
+    rows = {t: [] for t in TABLES}
+    for i in range(1, 41):
+        d = device_facts(i)
+        m = model_of(i)
+        subject = f"sp-{i:05d}"
+        drops = dropped_series(i)
+        for w in range(WEEKS):
+            spo2 = [97, 95, 93, 97] if w < 2 else [93, 91, 93, 95]
+            for k, s in enumerate(spo2):
+                t = at(w, 1, 8 + 2 * k, i)
+                rows["events"].append({
+                    "event_id": f"ev-{i}-{w}-v{k}", "kind": "vitals", "observed_at": t,
+                    "received_at": t + 500, **d, "subject": subject, **m,
+                    "spo2": float(s), "pulse": 80.0, "resp": 16.0, "temp": 37.0,
+                    "sbp": 120.0, "dbp": 75.0, "q": 0.95, "implausible": False,
+                })
+            for k in range(2):
+                t = at(w, 2 + 3 * k, 9, i)
+                rows["events"].append({
+                    "event_id": f"ev-{i}-{w}-s{k}", "kind": "status", "observed_at": t,
+                    "received_at": t + 500, **d, "subject": subject, **m,
+                    "battery": 0.8, "dropped": drops[2 * w + k],
+                })
+            # LOT-C opens a gap every week, every fifth other device one in W48.
+            if 21 <= i <= 30 or (i % 5 == 0 and w == 1):
+                rows["gaps"].append({
+                    **d, "epoch": 1, "from_seq": 100 * w + 50, "to_seq": 100 * w + 52,
+                    "state": "closed" if w < 2 else "open", "opened_at": at(w, 3, 6, i),
+                })
+            if i <= 4:
+                for k in range(2):
+                    rows["refusals"].append({
+                        "at": at(w, 4, 7 + k, i), **d, "reason": "bad_signature"})
+            for version, role, shift in (("1.0.0", "live", 0), ("1.1.0", "shadow", 3)):
+                for k in range(2):
+                    agg = (i + w + k) % 4 + shift
+                    rows["scores"].append({
+                        "score_id": f"sc-{version}-{i}-{w}-{k}", "model": "news2",
+                        "version": version, "config_sha256": "ab" * 32, "role": role,
+                        "observed_at": at(w, 1, 15 + k, i), "subject": subject,
+                        **d, "aggregate": agg,
+                        "risk": "low" if agg <= 4 else "medium",
+                        "complete": True, "red": False, "missing": "",
+                    })
+        if i <= 6:  # a device alarm raised and cleared in W48
+            for k, active in enumerate((True, False)):
+                t = at(1, 3, 10 + k, i)
+                rows["events"].append({
+                    "event_id": f"ev-{i}-alarm-{k}", "kind": "alarm", "observed_at": t,
+                    "received_at": t + 500, **d, "subject": subject, **m,
+                    "alarm_code": "arrhythmia", "alarm_level": "urgent",
+                    "alarm_active": active,
+                })
+        alert = {**d, **m, "subject": subject, "rule_version": "3",
+                 "severity": "high"}
+        if i <= 8:  # raised and resolved in W49
+            for k, state in enumerate(("open", "resolved")):
+                rows["alerts"].append({
+                    **alert, "alert_id": f"al-{i}", "state": state, "rule": "spo2-low",
+                    "source": "rule", "role": "live", "at": at(2, 4, 10 + k, i)})
+        if i <= 3:  # shadow outputs are never delivered: not counted
+            rows["alerts"].append({
+                **alert, "alert_id": f"sh-{i}", "state": "open", "rule": "spo2-low",
+                "source": "rule", "role": "shadow", "at": at(2, 4, 12, i)})
+        if i == 9:  # opened and escalated: one alert
+            for k, state in enumerate(("open", "escalated")):
+                rows["alerts"].append({
+                    **alert, "alert_id": "nd-9", "state": state, "rule": "no-data",
+                    "source": "no-data", "role": None, "at": at(0, 5, 10 + k, i)})
+    # A refusal whose topic named no device.
+    rows["refusals"].append({"at": at(2, 6, 1), "device": None, "reason": "malformed"})
+    return rows
+
+
+def iso_week(t_ms):
+    y, w, _ = dt.datetime.fromtimestamp(t_ms / 1000, UTC).isocalendar()
+    return f"{y}-W{w:02d}"
+
+
+def write_parquet(rows, root):
+    for table, (schema, time_col) in TABLES.items():
+        by_week = {}
+        for n, row in enumerate(rows[table], start=1):
+            by_week.setdefault(iso_week(row[time_col]), []).append((n, row))
+        for week, part in sorted(by_week.items()):
+            first, last = part[0][0], part[-1][0]
+            cols = {}
+            for f in schema:
+                values = [r.get(f.name) for _, r in part]
+                if pa.types.is_timestamp(f.type):
+                    values = [None if v is None else dt.datetime.fromtimestamp(v / 1000, UTC)
+                              for v in values]
+                cols[f.name] = values
+            path = os.path.join(root, table, f"week={week}")
+            os.makedirs(path, exist_ok=True)
+            pq.write_table(pa.Table.from_pydict(cols, schema=schema),
+                           os.path.join(path, f"part-{first}-{last}.parquet"))
+
+
+def query(con, path, **variables):
+    for k, v in variables.items():
+        con.execute(f"SET VARIABLE {k} = ?", [v])
+    with open(path) as f:
+        cur = con.execute(f.read())
+    names = [d[0] for d in cur.description]
+    out = [dict(zip(names, r)) for r in cur.fetchall()]
+    for k in variables:
+        con.execute(f"RESET VARIABLE {k}")
+    return out
+
+
+def main():
+    queries, work = sys.argv[1], sys.argv[2]
+    rows = fleet()
+    with open(os.path.join(work, "fleet.json"), "w") as f:
+        json.dump(rows, f)
+    root = os.path.join(work, "surveillance")
+    write_parquet(rows, root)
+
+    # The data set reads back as written (pyarrow), partitions and all.
+    back = pq.read_table(os.path.join(root, "events")).num_rows
+    assert back == len(rows["events"]), (back, len(rows["events"]))
+
+    con = duckdb.connect()
+    con.execute("SET VARIABLE surveillance_root = ?", [root])
+    con.execute(open(os.path.join(queries, "views.sql")).read())
+    shipped = sorted(f for f in os.listdir(queries) if f.endswith(".sql") and f != "views.sql")
+    q = lambda name, **v: query(con, os.path.join(queries, name), **v)
+    results = {}
+    ran = set()
+
+    # rates_by: every measure and dimension at once, then one variable-filtered view.
+    rates = q("rates_by.sql")
+    ran.add("rates_by.sql")
+    results["rates_by"] = rates
+    get = {(r["measure"], r["dimension"], r["value"]): r for r in rates}
+    # Exposure: 40 devices x 3 weeks, 4 readings each.
+    for lot in "ABCD":
+        r = get[("dropped", "lot", f"LOT-{lot}")]
+        assert (r["device_weeks"], r["readings"]) == (30, 120), r
+    # Dropped: per-boot counter increases; dev-00001's reboot adds its new value.
+    assert get[("dropped", "lot", "LOT-A")]["n"] == 9 * 3 + 4, get[("dropped", "lot", "LOT-A")]
+    assert get[("dropped", "lot", "LOT-B")]["n"] == 30
+    assert get[("dropped", "lot", "LOT-C")]["n"] == 150
+    assert get[("dropped", "lot", "LOT-C")]["per_device_week"] == 5.0
+    assert get[("dropped", "week", "2026-W48")]["n"] == 2 + 28 * 1 + 10 * 5 + 1, \
+        get[("dropped", "week", "2026-W48")]
+    assert get[("gaps", "lot", "LOT-C")]["n"] == 30
+    assert get[("gaps", "lot", "LOT-A")]["n"] == 2
+    assert get[("gaps", "week", "2026-W48")]["n"] == 10 + 6
+    assert get[("refusals", "lot", "LOT-A")]["n"] == 24
+    none = get[("refusals", "lot", "(none)")]
+    assert (none["n"], none["device_weeks"], none["per_device_week"]) == (1, 0, None), none
+    assert get[("device_alarms", "model", "arrhythmia-net/2.2.0 [unapproved]")]["n"] == 5
+    assert get[("device_alarms", "model", "arrhythmia-net/2.1.0 [approved]")]["n"] == 1
+    assert get[("device_alarms", "model_status", "unapproved")]["device_weeks"] == 15
+    assert get[("alerts", "week", "2026-W49")]["n"] == 8  # shadow outputs excluded
+    assert get[("alerts", "week", "2026-W47")]["n"] == 1  # open + escalated: one alert
+    assert get[("alerts", "lot", "LOT-A")]["n"] == 9
+    only = q("rates_by.sql", measure="gaps", dimension="lot")
+    assert [r["value"] for r in only] == ["LOT-A", "LOT-B", "LOT-C", "LOT-D"], only
+
+    # outliers: LOT-C stands out for dropped messages and for gaps, found by the query.
+    top = q("outliers.sql", measure="dropped")
+    ran.add("outliers.sql")
+    assert (top[0]["dimension"], top[0]["value"]) == ("lot", "LOT-C"), top[:3]
+    assert top[0]["stands_out"] and top[0]["ratio"] > 2, top[0]
+    assert [r["value"] for r in top if r["stands_out"]] == ["LOT-C"], \
+        [r for r in top if r["stands_out"]]
+    gaps_top = q("outliers.sql", measure="gaps", dimension="lot")
+    assert gaps_top[0]["value"] == "LOT-C" and gaps_top[0]["stands_out"], gaps_top
+    results["outliers_dropped"] = top
+    results["outliers_all"] = q("outliers.sql")
+
+    # PSI of SpO2: identical weeks ~0, the shifted week far above 0.25.
+    same = q("psi.sql", metric="spo2", reference_from="2026-W47", reference_to="2026-W47",
+             compare_from="2026-W48", compare_to="2026-W48")[0]
+    ran.add("psi.sql")
+    assert same["reference_n"] == 160 and same["compare_n"] == 160, same
+    assert abs(same["psi"]) < 1e-9, same
+    shifted = q("psi.sql", metric="spo2", reference_from="2026-W47",
+                reference_to="2026-W48", compare_from="2026-W49", compare_to="2026-W49")[0]
+    e = 0.0001
+    expected = ((0.25 - e) * math.log(0.25 / e) + (0.5 - 0.25) * math.log(0.5 / 0.25)
+                + (e - 0.5) * math.log(e / 0.5))
+    assert shifted["psi"] > 0.25 and abs(shifted["psi"] - expected) < 1e-5, (shifted, expected)
+    results["psi_same"] = same
+    results["psi_shifted"] = shifted
+
+    # PSI of the score between versions: a version against itself 0, the candidate > 0.25.
+    self_psi = q("psi_score.sql", reference_version="1.0.0", compare_version="1.0.0")[0]
+    ran.add("psi_score.sql")
+    assert self_psi["reference_n"] == 240 and abs(self_psi["psi"]) < 1e-9, self_psi
+    cand = q("psi_score.sql", reference_version="1.0.0", compare_version="1.1.0")[0]
+    assert cand["compare_n"] == 240 and cand["psi"] > 0.25, cand
+    results["psi_score_self"] = self_psi
+    results["psi_score_candidate"] = cand
+
+    missing = sorted(set(shipped) - ran)
+    assert not missing, f"shipped SQL without a test here: {missing}"
+    print(json.dumps(results, default=str))
+
+
+if __name__ == "__main__":
+    main()
