@@ -53,6 +53,9 @@ impl Device {
             key: key.verifying_key(),
             consent: Some("care".into()),
             processing_policy: None,
+            lot: Some("LOT-A".into()),
+            hardware_model: Some("vw-band-2".into()),
+            region: Some("eu-west".into()),
         };
         Self { key, entry }
     }

@@ -181,13 +181,13 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// lot, hardware model and region of a registry entry (issue 21's registry fields; none
-/// until the registry carries them).
+/// lot, hardware model and region of a registry entry.
 fn registry_extras(
     entry: Option<&DeviceEntry>,
 ) -> (Option<String>, Option<String>, Option<String>) {
-    let _ = entry;
-    (None, None, None)
+    entry.map_or((None, None, None), |e| {
+        (e.lot.clone(), e.hardware_model.clone(), e.region.clone())
+    })
 }
 
 struct Collect<'a> {
