@@ -18,6 +18,7 @@
 //!   and its cursor advances all the same.
 
 pub mod object;
+pub mod parquet;
 pub(crate) mod upstream;
 
 use std::fmt;
@@ -224,6 +225,9 @@ pub enum SinkFailure {
     NoReceipt,
     #[error("no connection")]
     NotConnected,
+    /// Encoding a surveillance file failed (a bug: the rows are built in memory).
+    #[error(transparent)]
+    Parquet(#[from] crate::surveillance::write::WriteError),
 }
 
 /// A destination the outbox drains to. See the module docs for the contract.
