@@ -142,5 +142,9 @@ impl Sink for ParquetSink {
     }
 }
 
+mod follow;
+
+pub use follow::{ALERT_FIELDS, FollowError, Follower, cursor_name, read_scores};
+
 #[cfg(test)]
 mod tests;
