@@ -167,6 +167,11 @@ fn a_synthetic_fleet_reads_back_in_pyarrow_and_duckdb_with_the_defect_visible() 
     );
     // The planted defect stands out: LOT-C drops more than any other lot.
     let dropped = found["events"]["dropped_by_lot"].as_object().expect("lots");
+    assert_eq!(
+        dropped.values().filter_map(Json::as_u64).sum::<u64>(),
+        summary.dropped,
+        "every dropped message reported by a status row"
+    );
     let defect = dropped[DEFECT_LOT].as_u64().expect("LOT-C");
     for (lot, n) in dropped {
         if lot != DEFECT_LOT {

@@ -289,7 +289,7 @@ pub fn generate(config: &SynthConfig, root: &Path) -> Result<SynthSummary, Synth
                         summary.events += 1;
                     }
                 }
-                if (at - config.start_ms) % 3_600_000 + interval_ms > 3_600_000 {
+                if (at - config.start_ms) % 3_600_000 + interval_ms >= 3_600_000 {
                     if let Rows::Events(rows) = &mut outs[0].rows {
                         let mut status = base_row(device, seq, at, "status");
                         status.battery = Some(100.0 - ((at / 3_600_000) % 24) as f64 * 3.0);
@@ -463,5 +463,30 @@ mod tests {
             (got - expected).abs() < expected * 0.25,
             "{got} vs {expected}"
         );
+        // Every drop is reported by the hour's status row, as a device does.
+        let mut reported = 0;
+        for file in summary
+            .files
+            .iter()
+            .filter(|f| f.to_string_lossy().contains("events"))
+        {
+            let bytes = bytes::Bytes::from(std::fs::read(file).expect("read"));
+            let reader =
+                parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                    .expect("parquet")
+                    .build()
+                    .expect("reader");
+            for batch in reader {
+                let batch = batch.expect("batch");
+                let dropped = batch
+                    .column_by_name("dropped")
+                    .expect("dropped")
+                    .as_any()
+                    .downcast_ref::<arrow_array::Int64Array>()
+                    .expect("int64");
+                reported += dropped.iter().flatten().sum::<i64>();
+            }
+        }
+        assert_eq!(u64::try_from(reported).ok(), Some(summary.dropped));
     }
 }
