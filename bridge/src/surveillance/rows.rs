@@ -26,9 +26,8 @@ pub struct DeviceFacts {
 }
 
 impl DeviceFacts {
-    /// The facts of `device` in `registry` (none when it is not there). The one place
-    /// that reads them: `lot`, `hardware_model` and `region` join it when the device
-    /// registry gains them (issue 21, helper MODELS).
+    /// The facts of `device` in `registry` (none when it is not there): its site and
+    /// the optional `region`, `lot` and `hardware_model` of its registry entry.
     pub fn of(registry: &vitalmq_policies::DeviceRegistry, device: &str) -> Self {
         let Ok(id) = vitalmq_envelope::DeviceId::new(device) else {
             return Self::default();
@@ -36,9 +35,9 @@ impl DeviceFacts {
         match registry.device(&id) {
             Some(entry) => Self {
                 site: Some(entry.site.as_str().to_owned()),
-                region: None,
-                lot: None,
-                hardware_model: None,
+                region: entry.region.clone(),
+                lot: entry.lot.clone(),
+                hardware_model: entry.hardware_model.clone(),
             },
             None => Self::default(),
         }
@@ -598,6 +597,33 @@ mod tests {
         assert_eq!(row.implausible, Some(true));
         assert_eq!(row.model_status.as_deref(), Some("approved"));
         assert_eq!(row.subject.as_deref(), Some("ps-1"), "what the caller gave");
+    }
+
+    #[test]
+    fn device_facts_come_from_the_registry_entry() {
+        let key = vitalmq_envelope::SigningKey::generate(vitalmq_envelope::Algorithm::EdDsa)
+            .expect("key")
+            .verifying_key()
+            .to_hex();
+        let text = format!(
+            "format = \"vitalmq-registry/v2\"\ntrust_domain = \"t.vitalmq\"\n\
+             [[devices]]\nid = \"dev-1\"\nalg = \"EdDSA\"\npublic_key = \"{key}\"\n\
+             lot = \"LOT-C\"\nhardware_model = \"hm-2\"\nregion = \"eu-west\"\n\
+             [[devices.assignments]]\nvalid_from = \"2025-01-01T00:00:00Z\"\npatient_ref = \"pt-a\"\nsite = \"north\"\n"
+        );
+        let registry =
+            vitalmq_policies::DeviceRegistry::parse(&text, std::path::Path::new("r.toml"))
+                .expect("registry");
+        assert_eq!(
+            DeviceFacts::of(&registry, "dev-1"),
+            DeviceFacts {
+                site: Some("north".into()),
+                region: Some("eu-west".into()),
+                lot: Some("LOT-C".into()),
+                hardware_model: Some("hm-2".into()),
+            }
+        );
+        assert_eq!(DeviceFacts::of(&registry, "dev-9"), DeviceFacts::default());
     }
 
     #[test]
