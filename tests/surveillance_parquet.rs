@@ -146,7 +146,20 @@ fn a_synthetic_fleet_reads_back_in_pyarrow_and_duckdb_with_the_defect_visible() 
         interval_s: 300,
         ..SynthConfig::default()
     };
+    let started = std::time::Instant::now();
     let summary = synth::generate(&config, &root).expect("generate");
+    let bytes: u64 = summary
+        .files
+        .iter()
+        .map(|f| std::fs::metadata(f).expect("file").len())
+        .sum();
+    eprintln!(
+        "synth: {} events, {} files, {bytes} bytes ({:.1} bytes/event) in {:?}",
+        summary.events,
+        summary.files.len(),
+        bytes as f64 / summary.events.max(1) as f64,
+        started.elapsed()
+    );
     let found = read_back(&root);
     assert_columns(&found, "events", EVENT_COLUMNS);
     assert_columns(&found, "gaps", GAP_COLUMNS);
