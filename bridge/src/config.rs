@@ -344,6 +344,25 @@ pub enum SinkConfig {
         #[serde(default)]
         fields: Option<Vec<String>>,
     },
+    /// The surveillance data set (issue 21, `docs/surveillance.md`): normalized events,
+    /// alerts, refusals and gaps as Parquet files in a local directory or S3-compatible
+    /// storage. Its purpose is always `surveillance` and its fields are the sink's own
+    /// allow-list ([`crate::sink::parquet::FIELDS`]), with the purpose pseudonym in
+    /// place of `patient_ref` (so it needs `[pseudonyms]`).
+    Parquet {
+        name: String,
+        /// Local directory.
+        #[serde(default)]
+        path: Option<PathBuf>,
+        #[serde(default)]
+        s3: Option<S3Config>,
+        /// Events per file at most (a file covers one outbox batch and ISO week).
+        #[serde(default = "default_parquet_batch")]
+        batch_max_events: usize,
+        /// How long a batch waits to fill before it is written anyway.
+        #[serde(default = "default_parquet_age")]
+        batch_max_age_ms: u64,
+    },
     /// An upstream (cloud) broker: verified messages forwarded unmodified.
     Upstream {
         name: String,
@@ -424,6 +443,14 @@ fn default_batch_age() -> u64 {
     1000
 }
 
+fn default_parquet_batch() -> usize {
+    50_000
+}
+
+fn default_parquet_age() -> u64 {
+    60_000
+}
+
 /// S3-compatible storage; credentials come from the environment
 /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), never from this file.
 #[derive(Debug, Clone, Deserialize)]
@@ -456,7 +483,8 @@ impl BridgeConfig {
         paths.push(audit);
         for sink in &self.sinks {
             match sink {
-                SinkConfig::Objects { path: Some(p), .. } => paths.push(p.clone()),
+                SinkConfig::Objects { path: Some(p), .. }
+                | SinkConfig::Parquet { path: Some(p), .. } => paths.push(p.clone()),
                 SinkConfig::Fhir(f) => paths.push(f.client_secret_file.clone()),
                 _ => {}
             }
@@ -506,7 +534,9 @@ impl FhirSinkConfig {
 impl SinkConfig {
     pub fn name(&self) -> &str {
         match self {
-            Self::Objects { name, .. } | Self::Upstream { name, .. } => name,
+            Self::Objects { name, .. }
+            | Self::Upstream { name, .. }
+            | Self::Parquet { name, .. } => name,
             Self::Fhir(f) => &f.name,
         }
     }
@@ -516,6 +546,7 @@ impl SinkConfig {
         match self {
             Self::Objects { purpose, .. } | Self::Upstream { purpose, .. } => *purpose,
             Self::Fhir(f) => f.purpose,
+            Self::Parquet { .. } => Purpose::Surveillance,
         }
     }
 
@@ -532,6 +563,7 @@ impl SinkConfig {
             }
             // The clinical record: the whole event (care only, see `validate`).
             Self::Fhir(_) => Fields::All,
+            Self::Parquet { .. } => crate::sink::parquet::fields(),
         }
     }
 }
@@ -773,7 +805,8 @@ impl BridgeConfig {
         }
         for sink in &mut self.sinks {
             match sink {
-                SinkConfig::Objects { path: Some(p), .. } => fix(p),
+                SinkConfig::Objects { path: Some(p), .. }
+                | SinkConfig::Parquet { path: Some(p), .. } => fix(p),
                 SinkConfig::Upstream { link, .. } => fix_link(link),
                 SinkConfig::Fhir(f) => {
                     fix(&mut f.client_secret_file);
@@ -781,7 +814,8 @@ impl BridgeConfig {
                         fix(ca);
                     }
                 }
-                SinkConfig::Objects { path: None, .. } => {}
+                SinkConfig::Objects { path: None, .. } | SinkConfig::Parquet { path: None, .. } => {
+                }
             }
         }
     }
@@ -866,7 +900,8 @@ impl BridgeConfig {
             if !names.insert(sink.name()) {
                 return Err(Invalid::SinkTwice(sink.name().to_owned()));
             }
-            if let SinkConfig::Objects { name, path, s3, .. } = sink
+            if let SinkConfig::Objects { name, path, s3, .. }
+            | SinkConfig::Parquet { name, path, s3, .. } = sink
                 && path.is_some() == s3.is_some()
             {
                 return Err(Invalid::SinkTarget(name.clone()));
@@ -875,6 +910,16 @@ impl BridgeConfig {
                 SinkConfig::Objects { fields, .. } | SinkConfig::Upstream { fields, .. } => fields,
                 SinkConfig::Fhir(f) => {
                     f.validate()?;
+                    continue;
+                }
+                SinkConfig::Parquet { .. } => {
+                    // The parquet sink's fields are its own allow-list, not configured.
+                    if self.pseudonyms.is_none() {
+                        return Err(Invalid::PatientRefWithoutPseudonyms(format!(
+                            "sinks.{}",
+                            sink.name()
+                        )));
+                    }
                     continue;
                 }
             };
@@ -1135,6 +1180,36 @@ mod tests {
     }
 
     #[test]
+    fn a_parquet_sink_serves_surveillance_with_its_own_fields() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        std::fs::write(
+            &path,
+            "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n\
+             [broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+             [pseudonyms]\nkey_file = \"p.key\"\n\
+             [[sinks]]\nkind = \"parquet\"\nname = \"surveil\"\npath = \"pq\"\n",
+        )
+        .expect("write");
+        let c = BridgeConfig::load(&path).expect("valid");
+        let sink = &c.sinks[0];
+        assert_eq!(sink.purpose(), Purpose::Surveillance);
+        assert_eq!(sink.fields(), crate::sink::parquet::fields());
+        assert!(sink.pseudonymised());
+        assert!(
+            c.private_paths().contains(&dir.path().join("pq")),
+            "owner-only"
+        );
+        let SinkConfig::Parquet {
+            batch_max_events, ..
+        } = sink
+        else {
+            panic!("a parquet sink: {sink:?}");
+        };
+        assert_eq!(*batch_max_events, 50_000);
+    }
+
+    #[test]
     fn mistakes_name_the_file_and_the_field() {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n[broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n";
@@ -1197,6 +1272,18 @@ mod tests {
             (
                 "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\nfields = [\"m\", \"m\"]\n",
                 "sinks.study.fields: \"m\" is listed twice",
+            ),
+            (
+                "[[sinks]]\nkind = \"parquet\"\nname = \"surveil\"\n",
+                "exactly one of",
+            ),
+            (
+                "[[sinks]]\nkind = \"parquet\"\nname = \"surveil\"\npath = \"x\"\n",
+                "sinks.surveil.fields: a purpose other than care gets patient_ref only as its own pseudonym",
+            ),
+            (
+                "[[sinks]]\nkind = \"parquet\"\nname = \"surveil\"\npath = \"x\"\nfields = [\"m\"]\n",
+                "unknown field `fields`",
             ),
             (
                 "[[sinks]]\nkind = \"objects\"\nname = \"study\"\npath = \"x\"\npurpose = \"marketing\"\n",

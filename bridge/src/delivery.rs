@@ -420,7 +420,7 @@ fn operational(alert: &StoredAlert) -> bool {
 /// readings are not all in the store is withheld (`evidence_missing`): consent is never
 /// judged on part of the evidence. A store error fails the whole batch (nothing sent,
 /// the cursor stays; the handler tries again).
-fn govern_alerts(
+pub(crate) fn govern_alerts(
     rows: Vec<StoredAlert>,
     governance: &AlertGovernance,
     store: &Mutex<Store>,
@@ -504,7 +504,7 @@ fn govern_alerts(
 
 /// Counts, logs (counts only) and audits what consent withheld from one batch of alert
 /// changes.
-fn report_alerts_withheld(
+pub(crate) fn report_alerts_withheld(
     name: &str,
     purpose: Purpose,
     last: i64,

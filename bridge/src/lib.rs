@@ -29,6 +29,7 @@ mod reload;
 mod run;
 pub mod sink;
 pub mod store;
+pub mod surveillance;
 mod webhook;
 pub mod window;
 

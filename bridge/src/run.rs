@@ -158,6 +158,11 @@ fn read_pseudonym_key(path: &std::path::Path) -> Result<[u8; 32], RunError> {
         })
 }
 
+/// How often the surveillance sinks look for new alerts, refusals, gaps and scores.
+const SURVEIL_EVERY: Duration = Duration::from_secs(5);
+/// Rows per table and pass at most.
+const SURVEIL_BATCH: usize = 50_000;
+
 /// A sink, and for object storage also the concrete sink the audit shipper writes to.
 type BuiltSink = (Arc<dyn Sink>, Option<Arc<ObjectStoreSink>>);
 
@@ -176,38 +181,11 @@ pub(crate) fn build_sink(
         (Arc::clone(&s) as Arc<dyn Sink>, Some(s))
     };
     Ok(match config {
-        SinkConfig::Objects {
-            name,
-            path: Some(path),
-            ..
-        } => objects(ObjectStoreSink::local(name.clone(), path)?.with_fields(&config.fields())),
-        SinkConfig::Objects {
-            name, s3: Some(s3), ..
-        } => {
-            let env = |var: &'static str| {
-                std::env::var(var).map_err(|source| RunError::SinkEnv {
-                    sink: name.clone(),
-                    var,
-                    source,
-                })
-            };
-            objects(
-                ObjectStoreSink::s3(
-                    name.clone(),
-                    S3Settings {
-                        bucket: s3.bucket.clone(),
-                        endpoint: s3.endpoint.clone(),
-                        region: s3.region.clone(),
-                        access_key_id: env("AWS_ACCESS_KEY_ID")?,
-                        secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
-                        allow_http: s3.allow_http,
-                        prefix: s3.prefix.clone(),
-                    },
-                )?
-                .with_fields(&config.fields()),
-            )
-        }
-        SinkConfig::Objects { name, .. } => return Err(RunError::SinkTarget(name.clone())),
+        SinkConfig::Objects { name, path, s3, .. } => objects(
+            object_store_of(name, path.as_deref(), s3.as_ref())?.with_fields(&config.fields()),
+        ),
+        // Built by `parquet_sink` (it needs the registry); never an objects target.
+        SinkConfig::Parquet { name, .. } => return Err(RunError::SinkTarget(name.clone())),
         SinkConfig::Upstream {
             name,
             link,
@@ -227,9 +205,64 @@ pub(crate) fn build_sink(
     })
 }
 
+/// The object storage of an objects or parquet sink: a local directory or S3.
+fn object_store_of(
+    name: &str,
+    path: Option<&std::path::Path>,
+    s3: Option<&crate::config::S3Config>,
+) -> Result<ObjectStoreSink, RunError> {
+    match (path, s3) {
+        (Some(path), _) => Ok(ObjectStoreSink::local(name.to_owned(), path)?),
+        (None, Some(s3)) => {
+            let env = |var: &'static str| {
+                std::env::var(var).map_err(|source| RunError::SinkEnv {
+                    sink: name.to_owned(),
+                    var,
+                    source,
+                })
+            };
+            Ok(ObjectStoreSink::s3(
+                name.to_owned(),
+                S3Settings {
+                    bucket: s3.bucket.clone(),
+                    endpoint: s3.endpoint.clone(),
+                    region: s3.region.clone(),
+                    access_key_id: env("AWS_ACCESS_KEY_ID")?,
+                    secret_access_key: env("AWS_SECRET_ACCESS_KEY")?,
+                    allow_http: s3.allow_http,
+                    prefix: s3.prefix.clone(),
+                },
+            )?)
+        }
+        (None, None) => Err(RunError::SinkTarget(name.to_owned())),
+    }
+}
+
+/// The surveillance sink of a `parquet` sink config (`None` for another kind). Its
+/// files are not sealed: the data set holds purpose pseudonyms only, and its readers
+/// (DuckDB, pyarrow) read plain Parquet.
+fn parquet_sink(
+    config: &SinkConfig,
+    registry: &watch::Receiver<Arc<vitalmq_policies::DeviceRegistry>>,
+) -> Result<Option<Arc<crate::sink::parquet::ParquetSink>>, RunError> {
+    let SinkConfig::Parquet { name, path, s3, .. } = config else {
+        return Ok(None);
+    };
+    let files = object_store_of(name, path.as_deref(), s3.as_ref())?;
+    Ok(Some(Arc::new(crate::sink::parquet::ParquetSink::new(
+        files,
+        registry.clone(),
+    ))))
+}
+
 fn drain_settings(config: &SinkConfig) -> DrainSettings {
     match config {
         SinkConfig::Objects {
+            batch_max_events,
+            batch_max_age_ms,
+            ..
+        }
+        | SinkConfig::Parquet {
             batch_max_events,
             batch_max_age_ms,
             ..
@@ -358,9 +391,16 @@ pub async fn run(
     };
     let mut sinks = Vec::new();
     let mut object_sinks = Vec::new();
+    let mut parquet_sinks = Vec::new();
     for s in &config.sinks {
         store.register_sink(s.name())?;
-        let (sink, objects) = build_sink(s, keyring.as_ref())?;
+        let (sink, objects) = match parquet_sink(s, &registry_watch.registry)? {
+            Some(parquet) => {
+                parquet_sinks.push(Arc::clone(&parquet));
+                (parquet as Arc<dyn Sink>, None)
+            }
+            None => build_sink(s, keyring.as_ref())?,
+        };
         // The audit logs name devices, operators and patients' alerts: they are
         // shipped to care sinks only, never into a research or other data set.
         if s.purpose() == vitalmq_policies::Purpose::Care {
@@ -531,6 +571,19 @@ pub async fn run(
             ops_tx.clone(),
             stop_rx.clone(),
         )));
+    }
+    // The surveillance sinks' other tables (alerts, refusals, gaps, scores).
+    for parquet in parquet_sinks {
+        let follower = crate::sink::parquet::Follower {
+            sink: parquet,
+            store: Arc::new(Mutex::new(open_store()?)),
+            registry: registry_watch.registry.clone(),
+            pseudonym: pseudonym_key
+                .map(|k| PurposePseudonym::new(k, vitalmq_policies::Purpose::Surveillance)),
+            auditor: auditor.clone(),
+            batch_max: SURVEIL_BATCH,
+        };
+        drains.push(tokio::spawn(follower.run(SURVEIL_EVERY, stop_rx.clone())));
     }
     for (handler, inbox) in handlers.into_iter().zip(inboxes) {
         let store = Arc::new(Mutex::new(open_store()?));

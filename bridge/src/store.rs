@@ -238,6 +238,7 @@ mod resets;
 mod retention;
 pub mod schema;
 pub mod sealing;
+mod surveil;
 mod write;
 
 pub use backup::{
@@ -256,6 +257,7 @@ pub use retention::{
 };
 pub use schema::EVENT_INDEX_BUCKET;
 pub use sealing::{NoKeys, Payload};
+pub use surveil::{StoredGap, StoredRefusal, StoredScore};
 #[cfg(test)]
 pub(crate) use write::test_events;
 pub use write::{Commit, Committed, NewAlert, Quarantined, RecordedEvent};

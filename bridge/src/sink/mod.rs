@@ -20,6 +20,7 @@
 
 pub mod fhir;
 pub mod object;
+pub mod parquet;
 pub(crate) mod upstream;
 
 use std::fmt;
@@ -229,6 +230,9 @@ pub enum SinkFailure {
     /// The FHIR server or its token endpoint (see [`fhir`]).
     #[error(transparent)]
     Fhir(fhir::FhirFailure),
+    /// Encoding a surveillance file failed (a bug: the rows are built in memory).
+    #[error(transparent)]
+    Parquet(#[from] crate::surveillance::write::WriteError),
 }
 
 /// A destination the outbox drains to. See the module docs for the contract.

@@ -1,0 +1,154 @@
+//! What the surveillance sink (`sink::parquet`) reads besides the events outbox: the
+//! quarantine (refusals), the gaps and the scores, each after a cursor kept in
+//! `handler_cursors` under a name of its own (`surveil:<sink>:<table>`).
+
+use rusqlite::{OptionalExtension as _, params};
+
+use super::sealing::{Payload, column_bytes};
+use super::{Store, StoreError, i2u};
+
+/// A quarantined message, as the data set's `refusals` table needs it (no payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRefusal {
+    pub id: i64,
+    pub received_at_ms: u64,
+    pub device: Option<String>,
+    pub reason: String,
+}
+
+/// A gap, followed by its `rowid`: gaps are keyed by `(device, epoch, first)`, but
+/// SQLite gives each row a rowid that grows with insertion and is kept by updates, so
+/// it orders them as they were opened (a gap is exported once, in the state it has
+/// when the sink reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredGap {
+    pub rowid: i64,
+    pub device: String,
+    pub epoch: i64,
+    pub first: i64,
+    pub last: i64,
+    pub state: String,
+    pub opened_at_ms: u64,
+}
+
+/// A score row with its payload opened (JSON `vitalmq-score/v1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredScore {
+    pub id: i64,
+    pub device: String,
+    pub observed_at_ms: u64,
+    pub payload: String,
+}
+
+impl Store {
+    /// Up to `max` quarantined messages with ids above `after`, in order.
+    pub fn refusals_after(&self, after: i64, max: usize) -> Result<Vec<StoredRefusal>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, received_at_ms, device, reason FROM quarantine
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after, limit(max)], |r| {
+                Ok(StoredRefusal {
+                    id: r.get(0)?,
+                    received_at_ms: i2u(r.get(1)?),
+                    device: r.get(2)?,
+                    reason: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Up to `max` gaps with rowids above `after`, in order.
+    pub fn gaps_after(&self, after: i64, max: usize) -> Result<Vec<StoredGap>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT rowid, device, epoch, first, last, state, opened_at_ms FROM gaps
+                 WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after, limit(max)], |r| {
+                Ok(StoredGap {
+                    rowid: r.get(0)?,
+                    device: r.get(1)?,
+                    epoch: r.get(2)?,
+                    first: r.get(3)?,
+                    last: r.get(4)?,
+                    state: r.get(5)?,
+                    opened_at_ms: i2u(r.get(6)?),
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Up to `max` scores with ids above `after`, payloads opened (an erased patient's
+    /// are left out); empty while the store has no `scores` table (before the SCORE
+    /// migration). The one reader of scores for the surveillance sink.
+    pub fn surveil_scores_after(
+        &self,
+        after: i64,
+        max: usize,
+    ) -> Result<Vec<StoredScore>, StoreError> {
+        let exists: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'scores'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, score_id, device, observed_at_ms, payload FROM scores
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after, limit(max)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    column_bytes(r, 4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (id, score_id, device, observed_at, stored) in rows {
+            match self.open_payload(&stored, &format!("score|{score_id}"))? {
+                Payload::Plain(p) => out.push(StoredScore {
+                    id,
+                    device,
+                    observed_at_ms: i2u(observed_at),
+                    payload: String::from_utf8_lossy(&p).into_owned(),
+                }),
+                Payload::Erased { .. } => {}
+                Payload::Locked => {
+                    return Err(StoreError::NoKeyring {
+                        path: self.path.clone(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn limit(max: usize) -> i64 {
+    i64::try_from(max).unwrap_or(i64::MAX)
+}
