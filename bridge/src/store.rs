@@ -237,6 +237,7 @@ mod read;
 mod resets;
 mod retention;
 pub mod schema;
+mod scores;
 pub mod sealing;
 mod write;
 
@@ -255,6 +256,7 @@ pub use retention::{
     RetainedQuarantine, StoreAct, anonymized_alert_id,
 };
 pub use schema::EVENT_INDEX_BUCKET;
+pub use scores::StoredScore;
 pub use sealing::{NoKeys, Payload};
 #[cfg(test)]
 pub(crate) use write::test_events;

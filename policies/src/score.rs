@@ -492,9 +492,26 @@ impl ScoreTable {
         )
     }
 
+    /// The lowest aggregate of a risk's band (`None` when no band gives that risk).
+    pub fn risk_min(&self, risk: Risk) -> Option<u32> {
+        self.risk_bands
+            .iter()
+            .filter(|b| b.risk == risk)
+            .map(|b| b.min)
+            .min()
+    }
+
+    /// The sub-score that makes a parameter red (3 in NEWS2).
+    pub fn red_score(&self) -> u8 {
+        self.red_score
+    }
+
     /// The `m` keys the table reads (each once).
     pub fn metrics(&self) -> std::collections::BTreeSet<&str> {
-        self.parameters.values().map(|t| t.metric.as_str()).collect()
+        self.parameters
+            .values()
+            .map(|t| t.metric.as_str())
+            .collect()
     }
 
     /// The `m` key (SPEC section 3) a parameter reads.

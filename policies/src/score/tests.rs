@@ -39,6 +39,10 @@ fn the_chart_loads_with_its_identity() {
     assert_eq!(t.metric(Parameter::Spo2Scale2), "spo2");
     assert_eq!(t.unit(Parameter::Temperature), Some("°C"));
     assert_eq!(t.unit(Parameter::Consciousness), None);
+    assert_eq!(t.risk_min(Risk::Medium), Some(5));
+    assert_eq!(t.risk_min(Risk::High), Some(7));
+    assert_eq!(t.risk_min(Risk::LowMedium), None);
+    assert_eq!(t.red_score(), 3);
     assert!(
         t.source()
             .is_some_and(|s| s.contains("Royal College of Physicians"))
@@ -669,10 +673,7 @@ fn a_reading_older_than_its_valid_for_is_missing() {
     assert!(s.missing.contains(&Parameter::Pulse));
     assert_eq!(s.assessment, Assessment::Incomplete);
     // A reading from the future (of the scoring time) is not valid yet.
-    assert_eq!(
-        t.inputs_at(obs(at + 1), at, Spo2Scale::Scale1).pulse,
-        None
-    );
+    assert_eq!(t.inputs_at(obs(at + 1), at, Spo2Scale::Scale1).pulse, None);
 }
 
 #[test]
@@ -680,7 +681,10 @@ fn valid_for_is_required_and_must_be_a_duration() {
     let shown = refused(&EXAMPLE.replacen("valid_for = \"15m\"\n", "", 1));
     assert_has(&shown, &["parameters.spo2_scale1.valid_for", "missing"]);
     let shown = refused(&EXAMPLE.replacen("valid_for = \"15m\"", "valid_for = \"soon\"", 1));
-    assert_has(&shown, &["parameters.spo2_scale1.valid_for", "not a duration"]);
+    assert_has(
+        &shown,
+        &["parameters.spo2_scale1.valid_for", "not a duration"],
+    );
     let shown = refused(&EXAMPLE.replacen("valid_for = \"15m\"", "valid_for = \"0s\"", 1));
     assert_has(&shown, &["valid_for", "longer than 0"]);
 }
