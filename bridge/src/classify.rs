@@ -828,3 +828,6 @@ mod tests;
 
 #[cfg(test)]
 mod alert_tests;
+
+#[cfg(test)]
+mod score_tests;
