@@ -253,7 +253,7 @@ pub use read::{
 pub use resets::SequenceReset;
 pub use retention::{
     ANONYMIZED_DEVICE, ANONYMIZED_ID_PREFIX, AlertPage, RetainedAlert, RetainedEvent,
-    RetainedQuarantine, StoreAct, anonymized_alert_id,
+    RetainedQuarantine, RetainedScore, StoreAct, anonymized_alert_id, anonymized_score_id,
 };
 pub use schema::EVENT_INDEX_BUCKET;
 pub use scores::StoredScore;

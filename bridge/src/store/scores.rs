@@ -150,3 +150,17 @@ impl Store {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+impl Store {
+    /// For tests: the stored payload bytes of every score, by id.
+    pub(crate) fn score_payloads_at_rest(&self) -> Vec<Vec<u8>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT payload FROM scores ORDER BY id")
+            .expect("prepare");
+        stmt.query_map([], |r| super::sealing::column_bytes(r, 0))
+            .and_then(Iterator::collect)
+            .expect("payloads")
+    }
+}
