@@ -256,7 +256,7 @@ pub use retention::{
     RetainedQuarantine, RetainedScore, StoreAct, anonymized_alert_id, anonymized_score_id,
 };
 pub use schema::EVENT_INDEX_BUCKET;
-pub use scores::StoredScore;
+pub use scores::{ScoreRow, StoredScore};
 pub use sealing::{NoKeys, Payload};
 #[cfg(test)]
 pub(crate) use write::test_events;

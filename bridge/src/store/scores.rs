@@ -67,7 +67,60 @@ pub struct StoredScore {
     pub payload: Payload,
 }
 
+/// One stored score as `vitalmq store scores` prints it: the clear columns and the
+/// payload JSON (empty when erased or sealed without a key, see the marks).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ScoreRow {
+    pub id: u64,
+    pub score_id: String,
+    pub patient_ref: String,
+    pub site: String,
+    pub device: String,
+    pub model: String,
+    pub version: String,
+    pub config_sha256: String,
+    pub role: String,
+    pub observed_at_ms: u64,
+    pub created_at_ms: u64,
+    pub payload: String,
+    #[serde(flatten)]
+    pub marks: super::sealing::PayloadMarks,
+}
+
+impl From<StoredScore> for ScoreRow {
+    fn from(s: StoredScore) -> Self {
+        Self {
+            id: s.id,
+            score_id: s.score_id,
+            patient_ref: s.patient_ref,
+            site: s.site,
+            device: s.device,
+            model: s.model,
+            version: s.version,
+            config_sha256: s.config_sha256,
+            role: s.role,
+            observed_at_ms: s.observed_at_ms,
+            created_at_ms: s.created_at_ms,
+            payload: s.payload.text(),
+            marks: s.payload.marks(),
+        }
+    }
+}
+
 impl Store {
+    /// Every stored score in id order, for `vitalmq store scores`.
+    pub fn list_scores(&self) -> Result<Vec<ScoreRow>, StoreError> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.scores(after, None, 1000)?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            out.extend(page.into_iter().map(ScoreRow::from));
+        }
+        Ok(out)
+    }
+
     /// The scoring state per patient (JSON), loaded at start.
     pub fn load_patient_score_states(&self) -> Result<HashMap<String, String>, StoreError> {
         let mut stmt = self
