@@ -61,6 +61,9 @@ fn registry_from_keys_json(dir: &Path) -> PathBuf {
                 key: VerifyingKey::from_hex(alg, &public).expect("key"),
                 consent: None,
                 processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
             })
             .expect("unique");
     }
@@ -380,6 +383,9 @@ fn the_cli_and_the_bridge_agree_on_every_probe() {
             key: key.verifying_key(),
             consent: None,
             processing_policy: None,
+            lot: None,
+            hardware_model: None,
+            region: None,
         })
         .expect("insert");
     let registry_file = dir.path().join("registry.toml");

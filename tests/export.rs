@@ -55,6 +55,9 @@ impl Device {
             key: key.verifying_key(),
             consent: Some("care".into()),
             processing_policy: None,
+            lot: None,
+            hardware_model: None,
+            region: None,
         };
         Self { key, entry }
     }

@@ -196,6 +196,9 @@ fn store_with_one_event(dir: &Path) -> (PathBuf, String) {
         key: key.verifying_key(),
         consent: None,
         processing_policy: None,
+        lot: None,
+        hardware_model: None,
+        region: None,
     };
     let telemetry = Telemetry {
         dev: entry.id.clone(),

@@ -159,6 +159,9 @@ fn messages_pycose_signs_verify_in_envelope_and_the_cli() {
                 key: public,
                 consent: None,
                 processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
             })
             .expect("unique device");
         signed.push((alg, dev, message, payload));

@@ -82,6 +82,9 @@ fn reading(device: &str, patient: &str, key: &SigningKey, seq: u64, at: u64) -> 
         key: key.verifying_key(),
         consent: None,
         processing_policy: None,
+        lot: None,
+        hardware_model: None,
+        region: None,
     };
     let telemetry = Telemetry {
         dev: entry.id.clone(),

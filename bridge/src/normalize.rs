@@ -348,6 +348,9 @@ mod tests {
             key: key.verifying_key(),
             consent: Some("care".into()),
             processing_policy: None,
+            lot: None,
+            hardware_model: None,
+            region: None,
         };
         let keys = HashMap::from([(t.dev.clone(), key.verifying_key())]);
         let bytes = vitalmq_envelope::sign(t, &key).expect("sign");

@@ -124,8 +124,40 @@ pub fn enroll_device(
         key: key.verifying_key(),
         consent: None,
         processing_policy: None,
+        lot: None,
+        hardware_model: None,
+        region: None,
     };
     Ok((DeviceKey { id, key }, entry))
+}
+
+/// Lot, hardware model and region of simulated device `n` at site number `site`,
+/// deterministic so tests and surveillance queries know them in advance:
+/// - lot `LOT-A`, `LOT-B`, `LOT-C`, `LOT-D` round-robin by device (device n has lot
+///   `(n - 1) mod 4`): `LOT-C` (devices 3, 7, 11, ...) is the lot surveillance tests
+///   plant a defect in;
+/// - hardware model `vw-band-2` for devices 1-4, `vw-band-3` for 5-8, and so on in
+///   blocks of four (so every lot has both);
+/// - region `eu-west` for odd site numbers, `eu-north` for even ones.
+pub fn simulated_fleet_facts(n: u32, site: u32) -> (String, String, String) {
+    let lot = ["LOT-A", "LOT-B", "LOT-C", "LOT-D"][(n.saturating_sub(1) % 4) as usize];
+    let hardware = if (n.saturating_sub(1) / 4) % 2 == 0 {
+        "vw-band-2"
+    } else {
+        "vw-band-3"
+    };
+    let region = if site % 2 == 1 { "eu-west" } else { "eu-north" };
+    (lot.to_owned(), hardware.to_owned(), region.to_owned())
+}
+
+/// `entry` with the lot, hardware model and region of simulated device `n` at site
+/// number `site` ([`simulated_fleet_facts`]).
+fn with_fleet_facts(mut entry: DeviceEntry, n: u32, site: u32) -> DeviceEntry {
+    let (lot, hardware_model, region) = simulated_fleet_facts(n, site);
+    entry.lot = Some(lot);
+    entry.hardware_model = Some(hardware_model);
+    entry.region = Some(region);
+    entry
 }
 
 /// A registry (trust domain `trust_domain`) of devices 1..=`devices`, device n at site
@@ -138,10 +170,10 @@ pub fn device_registry(
 ) -> Result<DeviceRegistry, CertsError> {
     let mut registry = DeviceRegistry::new(trust_domain);
     for n in 1..=devices {
-        let site = site_id((n - 1) % sites.max(1) + 1);
-        let (_, entry) = enroll_device(device_id(n), site, Algorithm::EdDsa)?;
+        let s = (n - 1) % sites.max(1) + 1;
+        let (_, entry) = enroll_device(device_id(n), site_id(s), Algorithm::EdDsa)?;
         registry
-            .insert_device(entry)
+            .insert_device(with_fleet_facts(entry, n, s))
             .map_err(CertsError::DuplicateDevice)?;
     }
     Ok(registry)
@@ -175,11 +207,11 @@ impl Fleet {
         let mut device_keys = Vec::new();
         for n in 1..=plan.devices {
             let id = device_id(n);
-            let site = site_id((n - 1) % plan.sites + 1);
-            let (key, entry) = enroll_device(id.clone(), site, plan.algorithm_of(n, &id))?;
+            let s = (n - 1) % plan.sites + 1;
+            let (key, entry) = enroll_device(id.clone(), site_id(s), plan.algorithm_of(n, &id))?;
             // Ids are distinct by construction, so the registry cannot refuse one.
             registry
-                .insert_device(entry)
+                .insert_device(with_fleet_facts(entry, n, s))
                 .map_err(CertsError::DuplicateDevice)?;
             device_keys.push(key);
             parties.push((Role::Device, PrincipalId::from(id)));
@@ -243,6 +275,29 @@ mod tests {
             sites,
             ["site-01", "site-02", "site-01", "site-02", "site-01"]
         );
+        let facts: Vec<_> = fleet
+            .registry
+            .devices()
+            .map(|d| {
+                [&d.lot, &d.hardware_model, &d.region]
+                    .map(|f| f.clone().unwrap_or_default())
+                    .join(" ")
+            })
+            .collect();
+        assert_eq!(
+            facts,
+            [
+                "LOT-A vw-band-2 eu-west",
+                "LOT-B vw-band-2 eu-north",
+                "LOT-C vw-band-2 eu-west",
+                "LOT-D vw-band-2 eu-north",
+                "LOT-A vw-band-3 eu-west",
+            ]
+        );
+        // The registry file keeps them.
+        let again = DeviceRegistry::parse(&fleet.registry.to_toml(), std::path::Path::new("r"))
+            .expect("round trip");
+        assert_eq!(again, fleet.registry);
         for key in &fleet.device_keys {
             let entry = fleet.registry.device(&key.id).expect("registered");
             assert_eq!(entry.key, key.key.verifying_key());

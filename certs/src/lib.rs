@@ -22,7 +22,8 @@ pub use ca::{Ca, Serial, Validity};
 pub use crl::{Reason, Revoked};
 pub use error::CertsError;
 pub use fleet::{
-    DeviceKey, Fleet, FleetPlan, IssuedIdentity, device_id, device_registry, enroll_device, site_id,
+    DeviceKey, Fleet, FleetPlan, IssuedIdentity, device_id, device_registry, enroll_device,
+    simulated_fleet_facts, site_id,
 };
 pub use issue::{IssuedCert, ServerName};
 pub use layout::Layout;

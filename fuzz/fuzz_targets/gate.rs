@@ -41,6 +41,9 @@ static SETUP: LazyLock<(Arc<dyn Authorizer>, PeerIdentity)> = LazyLock::new(|| {
                 .verifying_key(),
             consent: None,
             processing_policy: None,
+            lot: None,
+            hardware_model: None,
+            region: None,
         })
         .expect("one device");
     let authz: Arc<dyn Authorizer> = Arc::new(PolicyAuthorizer::new(Arc::new(acl), Arc::new(registry)));

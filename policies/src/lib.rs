@@ -12,6 +12,7 @@ mod consent;
 mod error;
 mod hold;
 mod identity;
+mod models;
 mod pseudonym;
 mod registry;
 mod retention;
@@ -30,6 +31,10 @@ pub use hold::{
     is_patient_ref,
 };
 pub use identity::{IdentityError, PrincipalId, Role, SpiffeId, TrustDomain};
+pub use models::{
+    Approval, ApprovedFor, Canary, DeviceFacts, ModelEntry, ModelKind, ModelRegistry, ModelRole,
+    ModelStatus, Rollout, UnapprovedAlarms,
+};
 pub use pseudonym::{CARE_PURPOSE, PSEUDONYM_PREFIX, PseudonymError, Pseudonymiser, is_pseudonym};
 pub use registry::{
     DeviceEntry, DeviceRegistry, RegistryChangeError, SiteBound, SiteId, TimeError, format_rfc3339,

@@ -110,6 +110,14 @@ pub struct DeviceEntry {
     pub consent: Option<String>,
     /// Name of the processing policy the data falls under (retention, permitted use).
     pub processing_policy: Option<String>,
+    /// Manufacturing lot or batch (v2, optional; `[A-Za-z0-9._-]{1,64}`): lets
+    /// surveillance compare lots.
+    pub lot: Option<String>,
+    /// Hardware model, e.g. `vw-band-3` (v2, optional; same charset); model approvals
+    /// may name hardware models.
+    pub hardware_model: Option<String>,
+    /// Deployment region, e.g. `eu-west` (v2, optional; same charset).
+    pub region: Option<String>,
 }
 
 /// A gateway or integrator bound to a site.
@@ -175,6 +183,15 @@ pub(crate) struct RawDevice {
     pub consent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub processing_policy: Option<String>,
+    /// v2: manufacturing lot or batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lot: Option<Spanned<String>>,
+    /// v2: hardware model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_model: Option<Spanned<String>>,
+    /// v2: deployment region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Spanned<String>>,
     /// v2: RFC 3339; from then on the device may not publish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retired_at: Option<Spanned<String>>,
@@ -279,9 +296,11 @@ impl DeviceRegistry {
                     VerifyingKey::from_hex(alg, &d.public_key)
                         .map_err(|e| problems.add(span.clone(), field("public_key"), e.to_string()))
                 });
-            if let (Ok(id), Some((history, (site, patient_ref), consents)), Ok(key)) =
-                (id, history, key)
+            let fleet = fleet_facts(&mut problems, i, d, v2);
+            if let (Ok(id), Some((history, (site, patient_ref), consents)), Ok(key), Some(fleet)) =
+                (id, history, key, fleet)
             {
+                let [lot, hardware_model, region] = fleet;
                 let device = DeviceEntry {
                     id,
                     site,
@@ -289,6 +308,9 @@ impl DeviceRegistry {
                     key,
                     consent: d.consent.clone(),
                     processing_policy: d.processing_policy.clone(),
+                    lot,
+                    hardware_model,
+                    region,
                 };
                 if let Err(dup) = registry.insert_device_with_history(device, history, consents) {
                     problems.add(
@@ -573,6 +595,9 @@ impl DeviceRegistry {
                             public_key: d.key.to_hex(),
                             consent: d.consent.clone(),
                             processing_policy: d.processing_policy.clone(),
+                            lot: d.lot.clone().map(unspanned),
+                            hardware_model: d.hardware_model.clone().map(unspanned),
+                            region: d.region.clone().map(unspanned),
                             retired_at: history
                                 .and_then(History::retired_since)
                                 .map(|t| unspanned(format_rfc3339(t))),
@@ -734,6 +759,49 @@ fn latest_assigned(history: &History) -> Option<(SiteId, String)> {
             Use::Assigned { patient_ref, site } => Some((site.clone(), patient_ref.clone())),
             Use::Retired => None,
         })
+}
+
+/// The optional `lot`, `hardware_model` and `region` of a device entry, each checked
+/// against `[A-Za-z0-9._-]{1,64}`; v2 only. `None` when any is wrong (each reported).
+fn fleet_facts(
+    problems: &mut Problems<'_>,
+    i: usize,
+    d: &RawDevice,
+    v2: bool,
+) -> Option<[Option<String>; 3]> {
+    let mut ok = true;
+    let mut out = [None, None, None];
+    for (slot, (name, value)) in out.iter_mut().zip([
+        ("lot", &d.lot),
+        ("hardware_model", &d.hardware_model),
+        ("region", &d.region),
+    ]) {
+        let Some(value) = value else { continue };
+        let field = format!("devices[{i}].{name}");
+        if !v2 {
+            problems.add(
+                Some(value.span()),
+                field,
+                format!("only in \"{FORMAT_V2}\" files"),
+            );
+            ok = false;
+        } else if !fleet_value_ok(value.get_ref()) {
+            problems.add(Some(value.span()), field, FLEET_RULE);
+            ok = false;
+        } else {
+            *slot = Some(value.get_ref().clone());
+        }
+    }
+    ok.then_some(out)
+}
+
+const FLEET_RULE: &str = "must match [A-Za-z0-9._-]{1,64}";
+
+/// `[A-Za-z0-9._-]{1,64}`.
+fn fleet_value_ok(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// A checked patient pseudonym.
@@ -1006,6 +1074,74 @@ id = "ops-01"
     }
 
     #[test]
+    fn fleet_facts_load_round_trip_and_are_checked() {
+        let text = include_str!("../examples/registry.toml");
+        let reg = DeviceRegistry::parse(text, Path::new("registry.toml")).expect("example");
+        let d = reg.device(&dev("dev-00042")).expect("dev-00042");
+        assert_eq!(
+            (
+                d.lot.as_deref(),
+                d.hardware_model.as_deref(),
+                d.region.as_deref()
+            ),
+            (Some("LOT-A"), Some("vw-band-3"), Some("eu-west"))
+        );
+        let other = reg.device(&dev("dev-00077")).expect("dev-00077");
+        assert_eq!(
+            (&other.lot, &other.hardware_model, &other.region),
+            (&None, &None, &None)
+        );
+        let out = reg.to_toml();
+        assert!(out.contains("lot = \"LOT-A\""), "{out}");
+        let again = DeviceRegistry::parse(&out, Path::new("out.toml")).expect("round trip");
+        assert_eq!(again, reg);
+        // A history change (what `vitalmq registry` commands do) keeps them.
+        let mut changed = reg.clone();
+        changed
+            .change_history(&dev("dev-00042"), |h| h.retire(ms("2026-04-01T00:00:00Z")))
+            .expect("retire");
+        let again = DeviceRegistry::parse(&changed.to_toml(), Path::new("out.toml")).expect("ok");
+        let d = again.device(&dev("dev-00042")).expect("dev-00042");
+        assert_eq!(d.lot.as_deref(), Some("LOT-A"));
+        assert_eq!(d.region.as_deref(), Some("eu-west"));
+
+        let bad = text
+            .replacen("lot = \"LOT-A\"", "lot = \"LOT A\"", 1)
+            .replacen("hardware_model = \"vw-band-3\"", "hardware_model = \"\"", 1)
+            .replacen(
+                "region = \"eu-west\"",
+                &format!("region = \"{}\"", "r".repeat(65)),
+                1,
+            );
+        let err = DeviceRegistry::parse(&bad, Path::new("registry.toml")).unwrap_err();
+        for (field, needle) in [
+            ("devices[0].lot", "lot = "),
+            ("devices[0].hardware_model", "hardware_model = "),
+            ("devices[0].region", "region = "),
+        ] {
+            let line = bad[..bad.find(needle).expect("needle")]
+                .matches('\n')
+                .count()
+                + 1;
+            assert!(
+                err.0.iter().any(|e| e.to_string()
+                    == format!("registry.toml:{line}: {field}: must match [A-Za-z0-9._-]{{1,64}}")),
+                "{field}: {err}"
+            );
+        }
+        assert_eq!(err.0.len(), 3, "{err}");
+        let v1 = GOOD.replacen(
+            "consent = \"care\"",
+            "consent = \"care\"\nlot = \"LOT-B\"",
+            1,
+        );
+        let err = DeviceRegistry::parse(&v1, Path::new("registry.toml")).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].field.as_deref(), Some("devices[1].lot"));
+        assert!(err.0[0].message.contains("only in"), "{err}");
+    }
+
+    #[test]
     fn reports_every_problem_with_file_line_and_field() {
         let bad = GOOD
             .replace("alg = \"ES256\"", "alg = \"ES384\"")
@@ -1152,11 +1288,11 @@ id = "ops-01"
         let text = err.to_string();
         assert_eq!(err.0.len(), 2, "{text}");
         assert!(
-            text.contains("r.toml:27: devices[0].assignments[1]: the period [2026-02-10T12:00:00Z .. open) overlaps the existing period [2026-01-05T08:00:00Z .. 2026-02-10T12:30:00Z)"),
+            text.contains("r.toml:32: devices[0].assignments[1]: the period [2026-02-10T12:00:00Z .. open) overlaps the existing period [2026-01-05T08:00:00Z .. 2026-02-10T12:30:00Z)"),
             "overlap: {text}"
         );
         assert!(
-            text.contains("r.toml:40: devices[1].assignments[0].valid_from: not an RFC 3339"),
+            text.contains("r.toml:45: devices[1].assignments[0].valid_from: not an RFC 3339"),
             "bad time: {text}"
         );
 
@@ -1168,7 +1304,7 @@ id = "ops-01"
         let err = DeviceRegistry::parse(&early, Path::new("r.toml")).expect_err("not last");
         assert!(
             err.to_string()
-                .contains("r.toml:37: devices[1].retired_at: a retirement is last"),
+                .contains("r.toml:42: devices[1].retired_at: a retirement is last"),
             "{err}"
         );
 

@@ -65,6 +65,9 @@ fn fixture() -> F {
                 key: key.verifying_key(),
                 consent: None,
                 processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
             })
             .expect("insert");
         keys.insert(id.to_owned(), key);

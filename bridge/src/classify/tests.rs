@@ -27,6 +27,9 @@ fn fixture() -> Fixture {
                 key: key.verifying_key(),
                 consent: Some("care".into()),
                 processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
             })
             .expect("insert");
         keys.insert(id.to_owned(), key);

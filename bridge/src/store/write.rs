@@ -182,6 +182,9 @@ pub(crate) mod test_events {
                         key: key.verifying_key(),
                         consent: None,
                         processing_policy: None,
+                        lot: None,
+                        hardware_model: None,
+                        region: None,
                     };
                     (id, (key, entry))
                 })

@@ -81,6 +81,9 @@ fn registry() -> DeviceRegistry {
                     .verifying_key(),
                 consent: None,
                 processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
             })
             .expect("unique");
     }
