@@ -53,6 +53,9 @@ fn fixture() -> F {
                 key: key.verifying_key(),
                 consent: None,
                 processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
             })
             .expect("insert");
         keys.insert(id.to_owned(), key);
@@ -92,6 +95,7 @@ fn scoring(shadow: bool) -> Arc<Scoring> {
     Arc::new(Scoring {
         models,
         spo2_scale2_cohorts: ["copd".to_owned()].into(),
+        registry: None,
     })
 }
 
@@ -511,4 +515,88 @@ fn scores_and_patient_state_are_in_the_commit_of_the_reading() {
         next.commit.alerts.is_empty(),
         "still medium: no second open"
     );
+}
+
+/// The candidate as a canary for cohort copd (dev-00003, patient pt-b): live there,
+/// the old live version shadow; elsewhere the candidate does not run.
+fn canary_registry() -> Arc<vitalmq_policies::ModelRegistry> {
+    let cand = &scoring(true).models[1].table;
+    let text = include_str!("../../../policies/examples/models.toml")
+        .replace(
+            "[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"",
+            &format!(
+                "[[models]]\nname = \"news2\"\nversion = \"cand-2\"\nkind = \"score\"\n\
+                 artifact_sha256 = \"{}\"\nlineage = \"test\"\nfeature_pipeline = \"vitals-latest/1\"\n\
+                 intended_use = \"test\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+                 approved_at = \"2025-06-01T09:00:00Z\"\n\n\
+                 [[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"\n\
+                 canary = [{{ version = \"cand-2\", cohorts = [\"copd\"] }}]",
+                cand.sha256()
+            ),
+        );
+    Arc::new(
+        vitalmq_policies::ModelRegistry::parse(&text, std::path::Path::new("models.toml"))
+            .expect("models"),
+    )
+}
+
+#[test]
+fn a_canary_cohort_gets_the_candidates_alerts_and_every_output_names_its_version() {
+    let f = fixture();
+    let rules = Arc::new(RuleSet::parse(RULES, std::path::Path::new("r.toml")).expect("rules"));
+    let mut with_registry = (*scoring(true)).clone();
+    with_registry.registry = Some(canary_registry());
+    let mut s = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        Some(rules),
+    )
+    .with_scoring(Some(Arc::new(with_registry)), HashMap::new());
+    // Aggregate 6 on scale 2 (resp 21: 2, pulse 111: 2, temp 38.5: 1, sbp 105: 1).
+    let six = with(&[
+        ("resp", 21.0),
+        ("pulse", 111.0),
+        ("temp", 38.5),
+        ("sbp", 105.0),
+        ("spo2", 90.0),
+    ]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00003", 1, &six, T0), T0);
+    let roles: Vec<_> = out
+        .commit
+        .scores
+        .iter()
+        .map(|r| (r.version.as_str(), r.role.as_str()))
+        .collect();
+    assert_eq!(roles, [("rcp-2017.1", "shadow"), ("cand-2", "canary")]);
+    let got: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| (a.rule.as_deref(), body(a)["rule_version"].clone()))
+        .collect();
+    assert_eq!(got, [(Some("news2-high"), Json::from("cand-2"))]);
+    assert_eq!(body(&out.commit.alerts[0])["role"], "canary");
+    assert_eq!(
+        payload(&out.commit.scores[0])["alert"]["rule"],
+        "news2-medium"
+    );
+
+    // Outside the cohort (scale 1, SpO2 98): the live version alone, live.
+    let six = with(&[
+        ("resp", 21.0),
+        ("pulse", 111.0),
+        ("temp", 38.5),
+        ("sbp", 105.0),
+    ]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &six, T0), T0);
+    let roles: Vec<_> = out
+        .commit
+        .scores
+        .iter()
+        .map(|r| (r.version.as_str(), r.role.as_str()))
+        .collect();
+    assert_eq!(roles, [("rcp-2017.1", "live")]);
+    assert_eq!(body(&out.commit.alerts[0])["rule"], "news2-medium");
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
-use vitalmq_policies::{ScoreTable, Spo2Scale};
+use vitalmq_policies::{ModelRegistry, ModelRole, ScoreTable, SiteId, Spo2Scale};
 
 /// What a version's outputs may do (issue 21, part 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,20 +47,33 @@ pub struct ScoreModel {
     pub path: String,
 }
 
-/// The scoring in force: the tables (the first is the live version until a model
-/// registry assigns roles) and the rule-set cohorts scored on SpO2 scale 2.
+/// The scoring in force: the tables, the rule-set cohorts scored on SpO2 scale 2, and
+/// the model registry whose `[[rollout]]` of each table's model gives the versions'
+/// roles (without one, the first table is live and the others shadow).
 #[derive(Debug, Clone, Default)]
 pub struct Scoring {
     pub models: Vec<ScoreModel>,
     pub spo2_scale2_cohorts: BTreeSet<String>,
+    pub registry: Option<Arc<ModelRegistry>>,
 }
 
 impl Scoring {
-    /// The role of the `index`-th table for a patient at `site` in `cohorts`: the first
-    /// configured table is live, the others shadow. (A model registry's
-    /// `role(model, version, site, cohorts)` replaces this once merged.)
-    pub fn role(&self, index: usize, _site: &str, _cohorts: &[&str]) -> Role {
-        if index == 0 { Role::Live } else { Role::Shadow }
+    /// The role of the `index`-th table for a device at `site` in `cohorts`: the model
+    /// registry's (`ModelRegistry::role`; `None`, the version does not run there: no
+    /// score); without a registry the first table is live and the others shadow.
+    pub fn role(&self, index: usize, site: &SiteId, cohorts: &[&str]) -> Option<Role> {
+        match &self.registry {
+            Some(r) => {
+                let table = &self.models.get(index)?.table;
+                r.role(table.model(), table.version(), site, cohorts)
+                    .map(|role| match role {
+                        ModelRole::Live => Role::Live,
+                        ModelRole::Shadow => Role::Shadow,
+                        ModelRole::Canary => Role::Canary,
+                    })
+            }
+            None => Some(if index == 0 { Role::Live } else { Role::Shadow }),
+        }
     }
 
     /// The SpO2 scale of a device in `cohorts`: scale 2 when any is configured so.

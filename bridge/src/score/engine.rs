@@ -80,7 +80,9 @@ pub fn on_vitals(
     for (i, (model, inputs)) in scoring.models.iter().zip(after).enumerate() {
         let Some(inputs) = inputs else { continue };
         let table = &model.table;
-        let role = scoring.role(i, sample.site.as_str(), cohorts);
+        let Some(role) = scoring.role(i, &sample.site, cohorts) else {
+            continue;
+        };
         let s = score(table, &inputs);
         let score_id = row::score_id(
             &sample.patient_ref,
