@@ -41,6 +41,9 @@ pub enum StoreCommand {
     Gaps(DataDir),
     /// Alert state changes (clinical and operational) as published, one per line.
     Alerts(DataDir),
+    /// Server-side scores (NEWS2, every version: live, shadow, canary) in id order,
+    /// one per line, payloads opened with `--key-file`.
+    Scores(DataDir),
     /// Ask the bridge to forget a device's sequence state (window and open gaps), e.g.
     /// after re-keying it or after it sent `epoch` = u64::MAX and is locked out. The
     /// bridge applies the request before its next batch (or when it starts) and audits
@@ -104,6 +107,7 @@ impl StoreCommand {
             Self::Quarantine(_) => Some("store.quarantine"),
             Self::Gaps(_) => Some("store.gaps"),
             Self::Alerts(_) => Some("store.alerts"),
+            Self::Scores(_) => Some("store.scores"),
             Self::ResetSequence(_) => Some("store.reset_sequence"),
             Self::Backup(_) => Some("store.backup"),
             Self::Restore(_) => Some("store.restore"),
@@ -119,7 +123,8 @@ impl StoreCommand {
             | Self::Events(d)
             | Self::Quarantine(d)
             | Self::Gaps(d)
-            | Self::Alerts(d) => d,
+            | Self::Alerts(d)
+            | Self::Scores(d) => d,
         };
         let data = match (d.client.remote(), &d.data) {
             (Some(server), _) => {
@@ -149,6 +154,7 @@ impl StoreCommand {
                 Self::Quarantine(_) => json_lines(&store.list_quarantine()?)?,
                 Self::Gaps(_) => json_lines(&store.list_gaps()?)?,
                 Self::Alerts(_) => json_lines(&store.list_alerts()?)?,
+                Self::Scores(_) => json_lines(&store.list_scores()?)?,
                 // Returned above.
                 Self::ResetSequence(_) | Self::Backup(_) | Self::Restore(_) => Vec::new(),
             };

@@ -24,6 +24,7 @@ use crate::attribute::attribute;
 use crate::gaps::{Gap, OpenGaps};
 use crate::normalize::Receipt;
 use crate::plausible::Assessment;
+use crate::score::{self, PatientScoreState, Scoring};
 use crate::store::{Commit, NewAlert, Quarantined, RecordedEvent};
 use crate::window::{self, Accepted, DeviceSequence, ReceiptPoint, Rejected, Verdict, WindowSize};
 
@@ -149,6 +150,8 @@ pub struct Sequenced<T> {
     /// store cannot take it, at once).
     pub ops: Vec<crate::ops::OpsAlert>,
     staged: HashMap<DeviceId, Track>,
+    /// Scoring state of the patients the batch touched.
+    staged_patients: HashMap<String, PatientScoreState>,
     /// Presence messages to apply on adoption.
     presence: Vec<(String, Bytes)>,
     /// Fleet-wide bookkeeping of a tick, to adopt.
@@ -168,6 +171,7 @@ impl<T> Sequenced<T> {
             audit: Vec::new(),
             ops: Vec::new(),
             staged: HashMap::new(),
+            staged_patients: HashMap::new(),
             presence: Vec::new(),
             fleet: None,
             forget: Vec::new(),
@@ -193,6 +197,8 @@ impl<T> Sequenced<T> {
             && c.counters.is_empty()
             && c.alerts.is_empty()
             && c.alert_states.is_empty()
+            && c.scores.is_empty()
+            && c.patient_states.is_empty()
             && self.dispositions.is_empty()
             && self.audit.is_empty()
             && self.ops.is_empty()
@@ -239,6 +245,10 @@ pub struct Sequencer {
     fleet: control::Fleet,
     /// The newest bridge time adopted (for ages in the gauges).
     clock_ms: u64,
+    /// Server-side scores (issue 21); `None` scores nothing.
+    scoring: Option<Arc<Scoring>>,
+    /// Scoring state per patient (`patient_ref`).
+    patients: HashMap<String, PatientScoreState>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -283,11 +293,25 @@ impl Sequencer {
             presence: Presence::default(),
             fleet: control::Fleet::default(),
             clock_ms: 0,
+            scoring: None,
+            patients: HashMap::new(),
         };
         for (device, track) in tracks {
             s.install(device, track);
         }
         s
+    }
+
+    /// Scores vitals readings with `scoring` (needs a rule set: cohorts and the alert
+    /// book come with it), starting from the stored per-patient states.
+    pub fn with_scoring(
+        mut self,
+        scoring: Option<Arc<Scoring>>,
+        patients: HashMap<String, PatientScoreState>,
+    ) -> Self {
+        self.scoring = scoring;
+        self.patients = patients;
+        self
     }
 
     /// Puts a reloaded rule set in force for the next batch (deadlines depend on it).
@@ -371,6 +395,9 @@ impl Sequencer {
         now_ms: u64,
     ) -> Sequenced<T> {
         let mut staged: HashMap<DeviceId, Track> = HashMap::new();
+        let mut staged_patients: HashMap<String, PatientScoreState> = HashMap::new();
+        // Score alert changes for the book of a device other than the reading's.
+        let mut other_books: Vec<(DeviceId, Outgoing)> = Vec::new();
         let mut commit = Commit {
             now_ms,
             ..Commit::default()
@@ -535,6 +562,29 @@ impl Sequencer {
                                     let changes =
                                         alerts::evaluate(rules, rules.sha256(), state, &sample);
                                     out.extend(changes.iter().map(outgoing));
+                                    if let Some(scoring) = &self.scoring {
+                                        let patient = staged_patients
+                                            .entry(sample.patient_ref.clone())
+                                            .or_insert_with(|| {
+                                                self.patients
+                                                    .get(&sample.patient_ref)
+                                                    .cloned()
+                                                    .unwrap_or_default()
+                                            });
+                                        let cohorts: Vec<&str> =
+                                            rules.cohorts_of(&device).collect();
+                                        let scored = score::on_vitals(
+                                            scoring, patient, &sample, &cohorts, now_ms,
+                                        );
+                                        commit.scores.extend(scored.rows);
+                                        for a in scored.alerts {
+                                            if a.book_device == device.as_str() {
+                                                out.push(a.out);
+                                            } else if let Ok(d) = DeviceId::new(&a.book_device) {
+                                                other_books.push((d, a.out));
+                                            }
+                                        }
+                                    }
                                 }
                                 MessageType::Alarm => {
                                     if let Some(alarm) = AlarmEvent::of(&verified) {
@@ -584,6 +634,18 @@ impl Sequencer {
                 }
             }
         }
+        for (device, mut o) in other_books {
+            let track = staged
+                .entry(device.clone())
+                .or_insert_with(|| self.tracks.get(&device).cloned().unwrap_or_default());
+            track.alerts.book.record(&mut o, now_ms);
+            commit.alerts.push(new_alert(o, now_ms));
+            alerted.insert(device);
+        }
+        commit.patient_states = staged_patients
+            .iter()
+            .filter_map(|(p, s)| Some((p.clone(), serde_json::to_string(s).ok()?)))
+            .collect();
         commit.sequences = staged
             .iter()
             .filter_map(|(d, t)| t.window.clone().map(|w| (d.clone(), w)))
@@ -600,6 +662,7 @@ impl Sequencer {
         out.dispositions = dispositions;
         out.ops = ops;
         out.staged = staged;
+        out.staged_patients = staged_patients;
         out
     }
 
@@ -630,6 +693,7 @@ impl Sequencer {
             track.site = staged.site;
             self.install(device, track);
         }
+        self.adopt_patients(sequenced);
         self.adopt_control(sequenced);
     }
 
@@ -638,7 +702,21 @@ impl Sequencer {
         for (device, track) in std::mem::take(&mut sequenced.staged) {
             self.install(device, track);
         }
+        self.adopt_patients(sequenced);
         self.adopt_control(sequenced);
+    }
+
+    /// The patients' scoring state of a batch (with the alert state: it holds the
+    /// score alert episodes).
+    fn adopt_patients<T>(&mut self, sequenced: &mut Sequenced<T>) {
+        self.patients
+            .extend(std::mem::take(&mut sequenced.staged_patients));
+    }
+
+    /// The scoring state of a patient as adopted (for tests and status).
+    #[cfg(test)]
+    pub(crate) fn patient_score_state(&self, patient_ref: &str) -> Option<&PatientScoreState> {
+        self.patients.get(patient_ref)
     }
 
     /// Presence, fleet counts and forgotten devices of a control input.
@@ -750,3 +828,6 @@ mod tests;
 
 #[cfg(test)]
 mod alert_tests;
+
+#[cfg(test)]
+mod score_tests;

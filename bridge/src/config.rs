@@ -60,6 +60,24 @@ pub struct BridgeConfig {
     /// The retention job (issue 20); none, and nothing is ever deleted, without it.
     #[serde(default)]
     pub lifecycle: Option<LifecycleConfig>,
+    /// Server-side scores (issue 21); needs `[alerts]` (cohorts, alert book). None
+    /// without it.
+    #[serde(default)]
+    pub scoring: Option<ScoringConfig>,
+}
+
+/// `[scoring]`: the score tables (`vitalmq-score/v1`) every accepted vitals reading of
+/// a patient is scored with. Until a model registry assigns roles, the first table is
+/// the live version (its alerts are delivered) and the others run in shadow.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScoringConfig {
+    /// Score table files, live first.
+    pub tables: Vec<PathBuf>,
+    /// Rule-set `[cohorts]` whose patients are scored on SpO2 scale 2 (hypercapnic
+    /// respiratory failure); their air/oxygen flag is the `o2` metric when sent.
+    #[serde(default)]
+    pub spo2_scale2_cohorts: Vec<String>,
 }
 
 /// `[encryption]`: every payload the store writes (raw bytes, normalized events, alert
@@ -662,6 +680,10 @@ pub enum ConfigError {
 pub enum Invalid {
     #[error("pipeline.window")]
     Window(#[source] WindowError),
+    #[error("scoring.tables: at least one score table")]
+    ScoringTables,
+    #[error("[scoring] needs [alerts]: cohorts and the alert book come with the rule set")]
+    ScoringWithoutAlerts,
     #[error("audit_retention: letters, digits, '-' and '_' only")]
     AuditRetention,
     #[error("audit_ship.component {0:?}: letters, digits, '-' and '_' only (at most 64)")]
@@ -785,6 +807,11 @@ impl BridgeConfig {
         if let Some(a) = &mut self.audit {
             fix(a);
         }
+        if let Some(sc) = &mut self.scoring {
+            for t in &mut sc.tables {
+                fix(t);
+            }
+        }
         for a in &mut self.audit_ship {
             fix(&mut a.path);
         }
@@ -822,6 +849,14 @@ impl BridgeConfig {
 
     fn validate(&self) -> Result<(), Invalid> {
         WindowSize::new(self.pipeline.window).map_err(Invalid::Window)?;
+        if let Some(sc) = &self.scoring {
+            if sc.tables.is_empty() {
+                return Err(Invalid::ScoringTables);
+            }
+            if self.alerts.is_none() {
+                return Err(Invalid::ScoringWithoutAlerts);
+            }
+        }
         if !is_object_name_part(&self.audit_retention) {
             return Err(Invalid::AuditRetention);
         }

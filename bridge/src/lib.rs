@@ -27,6 +27,7 @@ mod receipt;
 pub mod recorder;
 mod reload;
 mod run;
+mod score;
 pub mod sink;
 pub mod store;
 pub mod surveillance;

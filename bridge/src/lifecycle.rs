@@ -216,6 +216,17 @@ fn run_store(
     }
     let mut after = 0;
     loop {
+        let rows = store.retention_scores(after, batch)?;
+        let Some(last) = rows.last() else { break };
+        after = last.id;
+        let acts = rows
+            .iter()
+            .filter_map(|r| plan::score(&ctx, r, &mut report))
+            .collect();
+        apply(store, acts)?;
+    }
+    let mut after = 0;
+    loop {
         let rows = store.retention_quarantine(after, batch)?;
         let Some(last) = rows.last() else { break };
         after = last.id;
@@ -427,3 +438,6 @@ fn create_empty_holds(path: &std::path::Path) -> Result<(), RunError> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod score_tests;

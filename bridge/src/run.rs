@@ -96,6 +96,14 @@ pub enum RunError {
         #[source]
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    ScoreTable(PolicyErrors),
+    #[error("{}: stored scoring state of a patient", path.display())]
+    ScoreState {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("sink {sink}: environment variable {var} is not set")]
     SinkEnv {
         sink: String,
@@ -378,13 +386,43 @@ pub async fn run(
         })?;
         alert_states.insert(device, state);
     }
+    let scoring = match &config.scoring {
+        Some(sc) => {
+            let mut models = Vec::new();
+            for path in &sc.tables {
+                let table =
+                    vitalmq_policies::ScoreTable::load(path).map_err(RunError::ScoreTable)?;
+                info!(model = %table.model(), version = %table.version(), config_sha256 = %table.sha256(), path = %path.display(), "score table loaded");
+                models.push(crate::score::ScoreModel {
+                    table: Arc::new(table),
+                    path: path.display().to_string(),
+                });
+            }
+            Some(Arc::new(crate::score::Scoring {
+                models,
+                spo2_scale2_cohorts: sc.spo2_scale2_cohorts.iter().cloned().collect(),
+                // The `[models]` file (helper MODELS' config field) sets this once wired.
+                registry: None,
+            }))
+        }
+        None => None,
+    };
+    let mut patients = HashMap::new();
+    for (patient, json) in store.load_patient_score_states()? {
+        let state = serde_json::from_str(&json).map_err(|source| RunError::ScoreState {
+            path: store.path().to_path_buf(),
+            source,
+        })?;
+        patients.insert(patient, state);
+    }
     let sequencer = Sequencer::new(
         config.window(),
         store.load_sequences(config.window())?,
         store.load_open_gaps()?,
         alert_states,
         rules.clone(),
-    );
+    )
+    .with_scoring(scoring, patients);
     let pseudonym_key = match &config.pseudonyms {
         Some(p) => Some(read_pseudonym_key(&p.key_file)?),
         None => None,

@@ -237,6 +237,7 @@ mod read;
 mod resets;
 mod retention;
 pub mod schema;
+mod scores;
 pub mod sealing;
 mod surveil;
 mod write;
@@ -253,9 +254,10 @@ pub use read::{
 pub use resets::SequenceReset;
 pub use retention::{
     ANONYMIZED_DEVICE, ANONYMIZED_ID_PREFIX, AlertPage, RetainedAlert, RetainedEvent,
-    RetainedQuarantine, StoreAct, anonymized_alert_id,
+    RetainedQuarantine, RetainedScore, StoreAct, anonymized_alert_id, anonymized_score_id,
 };
 pub use schema::EVENT_INDEX_BUCKET;
+pub use scores::{ScoreRow, StoredScore};
 pub use sealing::{NoKeys, Payload};
 pub use surveil::{StoredGap, StoredRefusal, StoredScore};
 #[cfg(test)]

@@ -446,6 +446,15 @@ impl RuleSet {
         &self.clock
     }
 
+    /// The names of the `[cohorts]` a device is in (issue 21: a score table's SpO2
+    /// scale and a model's rollout follow them).
+    pub fn cohorts_of<'a>(&'a self, device: &'a DeviceId) -> impl Iterator<Item = &'a str> + 'a {
+        self.cohorts
+            .iter()
+            .filter(move |(_, devices)| devices.contains(device))
+            .map(|(name, _)| name.as_str())
+    }
+
     /// The cohorts by name.
     #[cfg(test)]
     pub(crate) fn cohorts(&self) -> &BTreeMap<String, BTreeSet<DeviceId>> {

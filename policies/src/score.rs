@@ -23,6 +23,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -282,6 +283,8 @@ enum Scoring {
 struct ParameterTable {
     metric: String,
     unit: Option<String>,
+    /// How long a reading stays valid after it was observed.
+    valid_for: Duration,
     scoring: Scoring,
 }
 
@@ -325,6 +328,7 @@ struct RawParameter {
     #[serde(default)]
     unit: Option<String>,
     decimals: Option<Spanned<u32>>,
+    valid_for: Option<Spanned<String>>,
     bands: Option<Spanned<Vec<Spanned<RawBand>>>>,
     categories: Option<Spanned<Vec<Spanned<RawCategory>>>>,
 }
@@ -463,6 +467,53 @@ impl ScoreTable {
         &self.sha256
     }
 
+    /// How long a reading of a parameter stays valid after it was observed: older, the
+    /// parameter is missing.
+    pub fn valid_for(&self, p: Parameter) -> Duration {
+        self.table(p).valid_for
+    }
+
+    /// The inputs valid at `at_ms` (ms since the Unix epoch): `metric` returns the
+    /// latest value of an `m` key with the time it was observed; a value older than its
+    /// parameter's `valid_for` (or observed after `at_ms`) counts as missing.
+    pub fn inputs_at(
+        &self,
+        metric: impl Fn(&str) -> Option<(f64, u64)>,
+        at_ms: u64,
+        spo2_scale: Spo2Scale,
+    ) -> Inputs {
+        self.inputs_by(
+            |p| {
+                let (v, observed) = metric(self.metric(p))?;
+                let age = at_ms.checked_sub(observed)?;
+                (u128::from(age) <= self.valid_for(p).as_millis()).then_some(v)
+            },
+            spo2_scale,
+        )
+    }
+
+    /// The lowest aggregate of a risk's band (`None` when no band gives that risk).
+    pub fn risk_min(&self, risk: Risk) -> Option<u32> {
+        self.risk_bands
+            .iter()
+            .filter(|b| b.risk == risk)
+            .map(|b| b.min)
+            .min()
+    }
+
+    /// The sub-score that makes a parameter red (3 in NEWS2).
+    pub fn red_score(&self) -> u8 {
+        self.red_score
+    }
+
+    /// The `m` keys the table reads (each once).
+    pub fn metrics(&self) -> std::collections::BTreeSet<&str> {
+        self.parameters
+            .values()
+            .map(|t| t.metric.as_str())
+            .collect()
+    }
+
     /// The `m` key (SPEC section 3) a parameter reads.
     pub fn metric(&self, p: Parameter) -> &str {
         &self.table(p).metric
@@ -472,7 +523,12 @@ impl ScoreTable {
     /// value of an `m` key, if any). The SpO2 scale is the patient's, not a reading. A
     /// categorical metric whose number is no category's code counts as missing.
     pub fn inputs(&self, metric: impl Fn(&str) -> Option<f64>, spo2_scale: Spo2Scale) -> Inputs {
-        let num = |p: Parameter| metric(self.metric(p));
+        self.inputs_by(|p| metric(self.metric(p)), spo2_scale)
+    }
+
+    /// The inputs of the values `value` gives per parameter.
+    fn inputs_by(&self, value: impl Fn(Parameter) -> Option<f64>, spo2_scale: Spo2Scale) -> Inputs {
+        let num = |p: Parameter| value(p);
         let cat = |p: Parameter| {
             let v = num(p)?;
             match &self.table(p).scoring {
@@ -813,6 +869,35 @@ fn parameter(
             None
         }
     };
+    let valid_for = match &raw.valid_for {
+        None => {
+            problems.add(
+                Some(span.clone()),
+                format!("{field}.valid_for"),
+                "missing: how long a reading stays valid (e.g. \"15m\")",
+            );
+            None
+        }
+        Some(v) => match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                problems.add(
+                    Some(v.span()),
+                    format!("{field}.valid_for"),
+                    "must be longer than 0",
+                );
+                None
+            }
+            Err(e) => {
+                problems.add(
+                    Some(v.span()),
+                    format!("{field}.valid_for"),
+                    format!("not a duration: {e}"),
+                );
+                None
+            }
+        },
+    };
     let score_ok = |problems: &mut Problems<'_>, s: &Spanned<u8>, f: String| {
         if *s.get_ref() > MAX_SUB_SCORE {
             problems.add(Some(s.span()), f, format!("must be 0..={MAX_SUB_SCORE}"));
@@ -996,6 +1081,7 @@ fn parameter(
     Some(ParameterTable {
         metric: metric?,
         unit: raw.unit.clone(),
+        valid_for: valid_for?,
         scoring: scoring?,
     })
 }

@@ -144,6 +144,49 @@ pub fn alert(body: &str, alert_id: &str) -> Option<String> {
     serde_json::to_string(&Value::Object(out)).ok()
 }
 
+/// The score payload fields an anonymized score keeps as they are.
+const SCORE_KEPT: &[&str] = &[
+    "format",
+    "model",
+    "version",
+    "config_sha256",
+    "role",
+    "site",
+    "aggregate",
+    "risk",
+    "complete",
+    "assessment",
+    "red",
+    "sub_scores",
+    "missing",
+];
+
+/// The anonymized form of a score payload (`vitalmq-score/v1`) under its new id:
+/// keeps the score and its version facts; `observed_at` coarsened to the hour; drops
+/// `patient_ref`, `device`, `alert` and `inputs` (their event ids lead back to the
+/// readings; their values are in the anonymized events). `None` when not a JSON object.
+pub fn score(json: &str, score_id: &str, observed_at_ms: u64) -> Option<String> {
+    let Value::Object(full) = serde_json::from_str::<Value>(json).ok()? else {
+        return None;
+    };
+    let mut out = Map::new();
+    out.insert("score_id".to_owned(), Value::String(score_id.to_owned()));
+    for key in SCORE_KEPT {
+        if let Some(v) = full.get(*key) {
+            out.insert((*key).to_owned(), v.clone());
+        }
+    }
+    out.insert(
+        "observed_at".to_owned(),
+        crate::normalize::rfc3339_ms(hour_of(observed_at_ms)).map_or(Value::Null, Value::String),
+    );
+    out.insert(
+        "anonymized".to_owned(),
+        Value::String(ANONYMIZED.to_owned()),
+    );
+    serde_json::to_string(&Value::Object(out)).ok()
+}
+
 /// The topic of an anonymized alert: a clinical alert's `alerts/{site}/{severity}/
 /// {device}` without its device level; other topics (`ops/bridge/{type}`) name no
 /// device and stay.

@@ -31,7 +31,7 @@ use vitalmq_policies::{
 
 use super::anonymize;
 use super::report::Report;
-use crate::store::{RetainedAlert, RetainedEvent, RetainedQuarantine, StoreAct};
+use crate::store::{RetainedAlert, RetainedEvent, RetainedQuarantine, RetainedScore, StoreAct};
 
 /// One day in milliseconds.
 pub const DAY_MS: u64 = 86_400_000;
@@ -261,6 +261,65 @@ pub fn alert(ctx: &Context<'_>, rows: &[RetainedAlert], report: &mut Report) -> 
         None => {
             (0..rows.len()).for_each(|_| report.skipped(plane, "unreadable"));
             Vec::new()
+        }
+    }
+}
+
+/// What happens to one score row (clinical plane, purpose care, like an alert):
+/// `delete` deletes it, `anonymize` replaces it by [`anonymize::score`] (an erased
+/// patient's score is deleted: nothing readable is left), `archive` is skipped as
+/// `no_archive_copy` (no objects sink holds scores yet).
+pub fn score(ctx: &Context<'_>, row: &RetainedScore, report: &mut Report) -> Option<StoreAct> {
+    let plane = "clinical";
+    if row.anonymized {
+        return None;
+    }
+    let device = DeviceId::new(&row.device).ok();
+    let meta = RecordMeta {
+        plane: Plane::Clinical,
+        purpose: Some(Purpose::Care),
+        at: row.observed_at_ms,
+        patient_ref: row.patient_ref.as_deref(),
+        device: device.as_ref(),
+    };
+    match disposition(ctx.policy, ctx.holds, &meta, ctx.now) {
+        Disposition::Held(h) => {
+            report.held(plane, &h.id);
+            None
+        }
+        Disposition::Keep => None,
+        Disposition::Due(Action::Delete) => {
+            report.acted(plane, "delete", row.observed_at_ms);
+            Some(StoreAct::DeleteScore { id: row.id })
+        }
+        Disposition::Due(Action::Anonymize) if row.erased => {
+            report.acted(plane, "delete_erased", row.observed_at_ms);
+            Some(StoreAct::DeleteScore { id: row.id })
+        }
+        Disposition::Due(Action::Anonymize) => {
+            let id = crate::store::anonymized_score_id(row.id);
+            match row
+                .payload
+                .as_deref()
+                .and_then(|p| anonymize::score(p, &id, row.observed_at_ms))
+            {
+                Some(json) => {
+                    report.acted(plane, "anonymize", row.observed_at_ms);
+                    Some(StoreAct::AnonymizeScore {
+                        id: row.id,
+                        json,
+                        hour_ms: anonymize::hour_of(row.observed_at_ms),
+                    })
+                }
+                None => {
+                    report.skipped(plane, "unreadable");
+                    None
+                }
+            }
+        }
+        Disposition::Due(_) => {
+            report.skipped(plane, "no_archive_copy");
+            None
         }
     }
 }

@@ -26,7 +26,7 @@
 
 use rusqlite::{OptionalExtension as _, Transaction, params};
 
-use super::sealing::{alert_context, column_bytes, normalized_context};
+use super::sealing::{alert_context, column_bytes, normalized_context, score_context};
 use super::{Payload, Store, StoreError, i2u, u2i};
 
 /// The keyring subject anonymized payloads are sealed under: no patient's.
@@ -97,6 +97,29 @@ pub struct AlertPage {
     pub last: Option<i64>,
 }
 
+/// A score row (clinical plane, issue 21).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetainedScore {
+    pub id: i64,
+    pub score_id: String,
+    pub device: String,
+    pub observed_at_ms: u64,
+    pub created_at_ms: u64,
+    /// The payload JSON; `None` when it cannot be read (erased, or sealed without a key).
+    pub payload: Option<String>,
+    pub patient_ref: Option<String>,
+    /// Its patient was erased: the payload is unreadable for good.
+    pub erased: bool,
+    /// Already anonymized (by an earlier run).
+    pub anonymized: bool,
+}
+
+/// The id an anonymized score gets: [`ANONYMIZED_ID_PREFIX`], `s` and its row id (the
+/// old id, a hash of patient, version and reading, would link it back).
+pub fn anonymized_score_id(id: i64) -> String {
+    format!("{ANONYMIZED_ID_PREFIX}s{id}")
+}
+
 /// A quarantine row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetainedQuarantine {
@@ -141,6 +164,17 @@ pub enum StoreAct {
     },
     DeleteQuarantine {
         id: i64,
+    },
+    DeleteScore {
+        id: i64,
+    },
+    /// Replace the score by its anonymized form (`json`, from
+    /// `crate::lifecycle::anonymize::score`), times coarsened to `hour_ms`; forget its
+    /// patient and device.
+    AnonymizeScore {
+        id: i64,
+        json: String,
+        hour_ms: u64,
     },
 }
 
@@ -274,6 +308,50 @@ impl Store {
         .collect()
     }
 
+    /// Up to `limit` score rows after id `after`, in order.
+    pub fn retention_scores(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<RetainedScore>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, score_id, device, observed_at_ms, created_at_ms, patient_ref, payload
+                 FROM scores WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map(
+            params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                let patient: String = r.get(5)?;
+                let row = RetainedScore {
+                    id: r.get(0)?,
+                    score_id: r.get(1)?,
+                    device: r.get(2)?,
+                    observed_at_ms: i2u(r.get(3)?),
+                    created_at_ms: i2u(r.get(4)?),
+                    payload: None,
+                    patient_ref: (!patient.is_empty()).then_some(patient),
+                    erased: false,
+                    anonymized: false,
+                };
+                Ok((column_bytes(r, 6)?, row))
+            },
+        )
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| self.err(e))?
+        .into_iter()
+        .map(|(stored, mut row)| {
+            let payload = self.open_payload(&stored, &score_context(&row.score_id))?;
+            row.erased = payload.is_erased();
+            row.payload = readable(payload);
+            row.anonymized = row.score_id.starts_with(ANONYMIZED_ID_PREFIX);
+            Ok(row)
+        })
+        .collect()
+    }
+
     /// Up to `limit` quarantine rows after id `after`, in order.
     pub fn retention_quarantine(
         &self,
@@ -348,6 +426,9 @@ impl Store {
                     body,
                     ..
                 } => Some(self.seal_anonymized(&alert_context(alert_id, state), body)?),
+                StoreAct::AnonymizeScore { id, json, .. } => {
+                    Some(self.seal_anonymized(&score_context(&anonymized_score_id(*id)), json)?)
+                }
                 _ => None,
             });
         }
@@ -466,6 +547,24 @@ fn apply(tx: &Transaction<'_>, act: &StoreAct, stored: Option<&[u8]>) -> rusqlit
         }
         StoreAct::DeleteQuarantine { id } => {
             tx.execute("DELETE FROM quarantine WHERE id = ?1", params![id])?;
+        }
+        StoreAct::DeleteScore { id } => {
+            tx.execute("DELETE FROM scores WHERE id = ?1", params![id])?;
+        }
+        StoreAct::AnonymizeScore { id, json, hour_ms } => {
+            let payload = stored.map_or_else(|| json.as_bytes().to_vec(), <[u8]>::to_vec);
+            tx.execute(
+                "UPDATE scores SET score_id = ?2, patient_ref = '', device = ?3,
+                        observed_at_ms = ?4, created_at_ms = ?4, payload = ?5
+                 WHERE id = ?1",
+                params![
+                    id,
+                    anonymized_score_id(*id),
+                    ANONYMIZED_DEVICE,
+                    u2i(*hour_ms),
+                    payload
+                ],
+            )?;
         }
     }
     Ok(())

@@ -303,6 +303,35 @@ fn add_patient_ref(tx: &Transaction<'_>) -> HookResult {
     Ok(())
 }
 
+/// Version 5 (issue 21): server-side scores (NEWS2), one row per score table version
+/// per scoring, clinical plane, payload sealed per patient (context `score|<score_id>`);
+/// `id` is monotonic so sinks follow it with their own cursor. Beside it, the scoring
+/// state of each patient (latest valid reading per parameter, open score alerts), JSON,
+/// written in the transaction of the readings that changed it: a table of its own,
+/// keyed by patient, because a patient has several devices (and a cluster will move
+/// this state elsewhere).
+const V5_SCORES: &str = "
+CREATE TABLE IF NOT EXISTS scores (
+    id              INTEGER PRIMARY KEY,
+    score_id        TEXT    NOT NULL UNIQUE,
+    patient_ref     TEXT    NOT NULL,
+    site            TEXT    NOT NULL,
+    device          TEXT    NOT NULL,
+    model           TEXT    NOT NULL,
+    version         TEXT    NOT NULL,
+    config_sha256   TEXT    NOT NULL,
+    role            TEXT    NOT NULL,
+    observed_at_ms  INTEGER NOT NULL,
+    created_at_ms   INTEGER NOT NULL,
+    payload         BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS scores_by_patient ON scores(patient_ref);
+CREATE TABLE IF NOT EXISTS patient_score_state (
+    patient_ref     TEXT    PRIMARY KEY,
+    state           TEXT    NOT NULL
+);
+";
+
 /// The migrations, oldest first; the store's version is how many have run.
 static MIGRATIONS: std::sync::LazyLock<Migrations<'static>> = std::sync::LazyLock::new(|| {
     Migrations::new(vec![
@@ -310,11 +339,12 @@ static MIGRATIONS: std::sync::LazyLock<Migrations<'static>> = std::sync::LazyLoc
         M::up_with_hook("", add_alert_level),
         M::up(V3_WITHHELD),
         M::up_with_hook("", add_patient_ref),
+        M::up(V5_SCORES),
     ])
 });
 
 /// The schema version this code writes.
-pub const VERSION: usize = 4;
+pub const VERSION: usize = 5;
 
 /// The store's recorded schema version.
 pub fn version(conn: &Connection) -> rusqlite::Result<usize> {

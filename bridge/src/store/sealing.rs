@@ -52,6 +52,11 @@ pub(super) fn alert_context(alert_id: &str, state: &str) -> String {
     format!("alert|{alert_id}|{state}")
 }
 
+/// A score's payload (issue 21), sealed for its patient.
+pub(crate) fn score_context(score_id: &str) -> String {
+    format!("score|{score_id}")
+}
+
 pub(super) fn quarantine_context(sha256_hex: &str) -> String {
     format!("quarantine|{sha256_hex}")
 }
@@ -289,6 +294,8 @@ impl Store {
     ///   plaintext) of every device in `scope.devices` is deleted. That state is per
     ///   device, not per patient: a device that now serves another patient loses its
     ///   baselines too, and the engine starts them afresh (as after a sequence reset).
+    /// - the patient's scoring state (`patient_score_state`: latest readings, in
+    ///   plaintext) is deleted; plaintext score payloads are scrubbed like the rest.
     /// - quarantined messages (sealed under [`QUARANTINE_SUBJECT`], not the patient's
     ///   key, so the key erasure does not reach them) of a device in `scope.received`
     ///   received within its period are deleted.
@@ -322,7 +329,11 @@ impl Store {
                 params![patient_ref],
             )
             .map_err(err)?;
-        for (table, column) in [("events", "normalized"), ("alerts", "body")] {
+        for (table, column) in [
+            ("events", "normalized"),
+            ("alerts", "body"),
+            ("scores", "payload"),
+        ] {
             changed += tx
                 .execute(
                     &format!(
@@ -340,6 +351,13 @@ impl Store {
                 .execute("DELETE FROM alert_state WHERE device = ?1", params![device])
                 .map_err(err)?;
         }
+        // The patient's scoring state: latest readings in plaintext.
+        let score_states = tx
+            .execute(
+                "DELETE FROM patient_score_state WHERE patient_ref = ?1",
+                params![patient_ref],
+            )
+            .map_err(err)?;
         let mut quarantine = 0;
         for (device, from, to) in &scope.received {
             quarantine += tx
@@ -366,6 +384,7 @@ impl Store {
         Ok(Cleanup {
             legacy_scrubbed: changed as u64,
             alert_states: alert_states as u64,
+            score_states: score_states as u64,
             quarantine: quarantine as u64,
             wal_checkpointed,
         })
@@ -392,6 +411,8 @@ pub struct Cleanup {
     pub legacy_scrubbed: u64,
     /// Devices whose alert-engine state was deleted.
     pub alert_states: u64,
+    /// The patient's scoring state rows deleted (0 or 1).
+    pub score_states: u64,
     /// Quarantined messages deleted.
     pub quarantine: u64,
     /// Whether the WAL was checkpointed and truncated afterwards.

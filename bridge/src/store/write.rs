@@ -266,13 +266,13 @@ pub struct Committed {
 }
 
 /// A payload as it goes into its column: sealed, or plaintext without a keyring.
-enum Stored<'a> {
+pub(super) enum Stored<'a> {
     Plain(&'a [u8]),
     Sealed(Vec<u8>),
 }
 
 impl Stored<'_> {
-    fn value(&self) -> rusqlite::types::ToSqlOutput<'_> {
+    pub(super) fn value(&self) -> rusqlite::types::ToSqlOutput<'_> {
         use rusqlite::types::{ToSqlOutput, ValueRef};
         match self {
             Self::Plain(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
@@ -298,6 +298,10 @@ struct SealedBatch<'a> {
     quarantine: Vec<Stored<'a>>,
     /// Per alert: the body and its patient, or `None` when the patient was erased.
     alerts: Vec<Option<(Stored<'a>, Option<String>)>>,
+    /// Per score: the payload, or `None` when the patient was erased.
+    scores: Vec<Option<Stored<'a>>>,
+    /// Patients found erased while sealing: their scoring state is not written back.
+    erased_patients: std::collections::BTreeSet<String>,
 }
 
 /// Everything one batch changes, written in one transaction.
@@ -312,6 +316,10 @@ pub struct Commit {
     pub alerts: Vec<NewAlert>,
     /// The alert engine's state of each device the batch touched, JSON.
     pub alert_states: Vec<(DeviceId, String)>,
+    /// Scores computed from this batch's readings (issue 21).
+    pub scores: Vec<crate::score::NewScore>,
+    /// The scoring state of each patient the batch touched, JSON.
+    pub patient_states: Vec<(String, String)>,
     pub now_ms: u64,
 }
 
@@ -400,7 +408,7 @@ impl Store {
     fn seal_batch<'a>(&self, c: &'a Commit) -> Result<(SealedBatch<'a>, Committed), StoreError> {
         use super::sealing::{
             QUARANTINE_SUBJECT, UNATTRIBUTED_SUBJECT, alert_context, alert_patient,
-            normalized_context, quarantine_context, raw_context,
+            normalized_context, quarantine_context, raw_context, score_context,
         };
         use vitalmq_keyring::KeyError;
         let key_err = |source| StoreError::Key {
@@ -414,6 +422,7 @@ impl Store {
             })
         };
         let mut out = Committed::default();
+        let mut erased_patients = std::collections::BTreeSet::new();
         let mut events = Vec::with_capacity(c.events.len());
         for e in &c.events {
             let subject = if e.patient_ref.is_empty() {
@@ -434,6 +443,7 @@ impl Store {
                 Err(KeyError::Erased { .. }) => {
                     out.erased_events
                         .push((e.event_id.clone(), e.device.to_string()));
+                    erased_patients.insert(e.patient_ref.clone());
                     events.push(None);
                 }
                 Err(e) => return Err(key_err(e)),
@@ -468,11 +478,29 @@ impl Store {
                 Err(e) => return Err(key_err(e)),
             }
         }
+        let mut scores = Vec::with_capacity(c.scores.len());
+        for sc in &c.scores {
+            match stored(
+                &sc.patient_ref,
+                score_context(&sc.score_id),
+                sc.payload.as_bytes(),
+            ) {
+                Ok(p) => scores.push(Some(p)),
+                // A late reading of an erased patient makes no score.
+                Err(KeyError::Erased { .. }) => {
+                    erased_patients.insert(sc.patient_ref.clone());
+                    scores.push(None);
+                }
+                Err(e) => return Err(key_err(e)),
+            }
+        }
         Ok((
             SealedBatch {
                 events,
                 quarantine,
                 alerts,
+                scores,
+                erased_patients,
             },
             out,
         ))
@@ -626,6 +654,8 @@ impl Store {
             }
         }
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
+        super::scores::write_scores(&tx, c, &sealed.scores, &sealed.erased_patients)
+            .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)
     }
@@ -640,11 +670,19 @@ impl Store {
             alerts: c.alerts.clone(),
             ..Commit::default()
         };
+        // The patients' scoring state goes with the alert state it holds the score
+        // alert episodes of; the scores of a batch the store did not take are not
+        // stored (their alerts are).
         let (sealed, committed) = self.seal_batch(&alerts_only)?;
         let path = self.path.clone();
         let err = |source| classify(&path, source);
         let tx = self.conn.transaction().map_err(err)?;
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
+        let states = Commit {
+            patient_states: c.patient_states.clone(),
+            ..Commit::default()
+        };
+        super::scores::write_scores(&tx, &states, &[], &sealed.erased_patients).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)
     }

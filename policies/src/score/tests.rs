@@ -39,6 +39,10 @@ fn the_chart_loads_with_its_identity() {
     assert_eq!(t.metric(Parameter::Spo2Scale2), "spo2");
     assert_eq!(t.unit(Parameter::Temperature), Some("°C"));
     assert_eq!(t.unit(Parameter::Consciousness), None);
+    assert_eq!(t.risk_min(Risk::Medium), Some(5));
+    assert_eq!(t.risk_min(Risk::High), Some(7));
+    assert_eq!(t.risk_min(Risk::LowMedium), None);
+    assert_eq!(t.red_score(), 3);
     assert!(
         t.source()
             .is_some_and(|s| s.contains("Royal College of Physicians"))
@@ -580,7 +584,11 @@ fn unknown_and_missing_parameters_and_bad_fields_are_refused() {
         &["aggregate.bands: gap: 5 to 5 are in no band"],
     );
     let text = EXAMPLE.replace("model = \"news2\"", "model = \"mews\"");
-    assert_has(&refused(&text), &["s.toml:21: model: unknown model"]);
+    let line = line_of(&text, "model = \"mews\"");
+    assert_has(
+        &refused(&text),
+        &[&format!("s.toml:{line}: model: unknown model")],
+    );
     let text = EXAMPLE.replace(
         "[parameters.pulse]\n",
         "[parameters.pulse]\ncolour = \"red\"\n",
@@ -633,4 +641,50 @@ proptest! {
         prop_assert_eq!(s.aggregate, s.sub_scores.values().map(|&x| u32::from(x)).sum::<u32>());
         prop_assert!(matches!(s.assessment, Assessment::Exact(_)));
     }
+}
+
+#[test]
+fn a_reading_older_than_its_valid_for_is_missing() {
+    let t = table();
+    assert_eq!(
+        t.valid_for(Parameter::Pulse),
+        std::time::Duration::from_secs(15 * 60)
+    );
+    assert_eq!(
+        t.valid_for(Parameter::Temperature),
+        std::time::Duration::from_secs(4 * 3600)
+    );
+    let at = 10 * 3_600_000u64;
+    // Pulse observed 15 min ago is still valid; 15 min + 1 ms ago it is missing.
+    let obs = |pulse_at: u64| {
+        move |k: &str| match k {
+            "pulse" => Some((131.0, pulse_at)),
+            "temp" => Some((37.0, at - 3_600_000)),
+            _ => None,
+        }
+    };
+    let i = t.inputs_at(obs(at - 15 * 60_000), at, Spo2Scale::Scale1);
+    assert_eq!((i.pulse, i.temperature), (Some(131.0), Some(37.0)));
+    let s = score(&t, &i);
+    assert_eq!(s.assessment, Assessment::AtLeast(Risk::LowMedium));
+    let i = t.inputs_at(obs(at - 15 * 60_000 - 1), at, Spo2Scale::Scale1);
+    assert_eq!(i.pulse, None);
+    let s = score(&t, &i);
+    assert!(s.missing.contains(&Parameter::Pulse));
+    assert_eq!(s.assessment, Assessment::Incomplete);
+    // A reading from the future (of the scoring time) is not valid yet.
+    assert_eq!(t.inputs_at(obs(at + 1), at, Spo2Scale::Scale1).pulse, None);
+}
+
+#[test]
+fn valid_for_is_required_and_must_be_a_duration() {
+    let shown = refused(&EXAMPLE.replacen("valid_for = \"15m\"\n", "", 1));
+    assert_has(&shown, &["parameters.spo2_scale1.valid_for", "missing"]);
+    let shown = refused(&EXAMPLE.replacen("valid_for = \"15m\"", "valid_for = \"soon\"", 1));
+    assert_has(
+        &shown,
+        &["parameters.spo2_scale1.valid_for", "not a duration"],
+    );
+    let shown = refused(&EXAMPLE.replacen("valid_for = \"15m\"", "valid_for = \"0s\"", 1));
+    assert_has(&shown, &["valid_for", "longer than 0"]);
 }

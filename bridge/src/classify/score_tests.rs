@@ -1,0 +1,602 @@
+//! Issue 21 through the sequencer: NEWS2 per patient (validity expiry, several devices
+//! of one patient, SpO2 scale 2 by cohort), the alerts of the live version at 5 and 7,
+//! a shadow version that stores rows and never an `alerts` row, and kill-safety (the
+//! scores and the patient state are in the commit of the reading). Every time is
+//! explicit.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value as Json;
+use vitalmq_envelope::{Algorithm, Number, SigningKey};
+use vitalmq_policies::{DeviceEntry, ScoreTable, SiteId, TrustDomain};
+
+use super::*;
+use crate::score::{ScoreModel, Scoring};
+use crate::store::Store;
+
+const T0: u64 = 1_718_260_200_000;
+const MIN: u64 = 60_000;
+const NEWS2: &str = include_str!("../../../policies/examples/news2.toml");
+const RULES: &str = r#"
+format = "vitalmq-rules/v1"
+version = "t1"
+[quality]
+low_below = 0.5
+max_low_fraction = 0.5
+over_n = 20
+
+[cohorts]
+copd = ["dev-00003"]
+"#;
+
+struct F {
+    registry: DeviceRegistry,
+    keys: HashMap<String, SigningKey>,
+    origin: Origin,
+}
+
+/// dev-00001 and dev-00002 serve patient pt-a; dev-00003 (cohort copd) serves pt-b.
+fn fixture() -> F {
+    let mut registry = DeviceRegistry::new(TrustDomain::new("test.vitalmq").expect("td"));
+    let mut keys = HashMap::new();
+    for (id, patient) in [
+        ("dev-00001", "pt-a"),
+        ("dev-00002", "pt-a"),
+        ("dev-00003", "pt-b"),
+    ] {
+        let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+        registry
+            .insert_device(DeviceEntry {
+                id: DeviceId::new(id).expect("id"),
+                site: SiteId::new("site-01").expect("site"),
+                patient_ref: patient.into(),
+                key: key.verifying_key(),
+                consent: None,
+                processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
+            })
+            .expect("insert");
+        keys.insert(id.to_owned(), key);
+    }
+    F {
+        registry,
+        keys,
+        origin: Origin {
+            broker: "127.0.0.1:8883".into(),
+            bridge: "spiffe://test.vitalmq/bridge/bridge-01".into(),
+        },
+    }
+}
+
+/// The shipped chart as the live version and, with `shadow`, a candidate version
+/// whose high band starts at 6 instead of 7.
+fn scoring(shadow: bool) -> Arc<Scoring> {
+    let live = ScoreTable::parse(NEWS2, std::path::Path::new("news2.toml")).expect("chart");
+    let mut models = vec![ScoreModel {
+        table: Arc::new(live),
+        path: "news2.toml".into(),
+    }];
+    if shadow {
+        let text = NEWS2
+            .replace("version = \"rcp-2017.1\"", "version = \"cand-2\"")
+            .replace(
+                "{ min = 5, max = 6, risk = \"medium\" },\n  { min = 7, risk = \"high\" },",
+                "{ min = 5, max = 5, risk = \"medium\" },\n  { min = 6, risk = \"high\" },",
+            );
+        let t = ScoreTable::parse(&text, std::path::Path::new("cand.toml")).expect("cand");
+        assert_eq!(t.risk_min(vitalmq_policies::Risk::High), Some(6));
+        models.push(ScoreModel {
+            table: Arc::new(t),
+            path: "cand.toml".into(),
+        });
+    }
+    Arc::new(Scoring {
+        models,
+        spo2_scale2_cohorts: ["copd".to_owned()].into(),
+        registry: None,
+    })
+}
+
+fn sequencer(shadow: bool) -> Sequencer {
+    let rules = Arc::new(RuleSet::parse(RULES, std::path::Path::new("r.toml")).expect("rules"));
+    Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        Some(rules),
+    )
+    .with_scoring(Some(scoring(shadow)), HashMap::new())
+}
+
+fn vitals(f: &F, dev: &str, seq: u64, m: &[(&str, f64)], at_ms: u64) -> Incoming<u32> {
+    let t = Telemetry {
+        dev: DeviceId::new(dev).expect("id"),
+        epoch: 1,
+        seq,
+        ts: at_ms,
+        fw: "5.12.1".into(),
+        kind: MessageType::Vitals,
+        m: Some(
+            m.iter()
+                .map(|(k, v)| ((*k).to_owned(), Number::Float(*v)))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+        q: None,
+        model: None,
+        schema: None,
+        extra: BTreeMap::new(),
+    };
+    Incoming {
+        topic: format!("devices/{dev}/telemetry"),
+        payload: Bytes::from(vitalmq_envelope::sign(&t, &f.keys[dev]).expect("sign")),
+        received_at_ms: at_ms,
+        token: 0,
+    }
+}
+
+/// All normal on scale 1 and on air.
+const NORMAL: [(&str, f64); 7] = [
+    ("resp", 16.0),
+    ("spo2", 98.0),
+    ("o2", 0.0),
+    ("sbp", 120.0),
+    ("pulse", 70.0),
+    ("acvpu", 0.0),
+    ("temp", 37.0),
+];
+
+fn with(changes: &[(&'static str, f64)]) -> Vec<(&'static str, f64)> {
+    NORMAL
+        .iter()
+        .map(|(k, v)| {
+            changes
+                .iter()
+                .find(|(c, _)| c == k)
+                .map_or((*k, *v), |c| *c)
+        })
+        .collect()
+}
+
+/// Sequences one message and adopts it (as after a durable commit).
+fn feed(s: &mut Sequencer, f: &F, msg: Incoming<u32>, now_ms: u64) -> Sequenced<u32> {
+    let checked = verify(&f.registry, msg);
+    let mut out = s.sequence(&f.registry, &f.origin, vec![checked], now_ms);
+    s.adopt(&mut out);
+    out
+}
+
+fn payload(row: &crate::score::NewScore) -> Json {
+    serde_json::from_str(&row.payload).expect("payload json")
+}
+
+fn body(a: &NewAlert) -> Json {
+    serde_json::from_str(&a.body).expect("alert json")
+}
+
+#[test]
+fn a_reading_past_its_validity_window_is_missing_not_normal() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &NORMAL, T0), T0);
+    assert_eq!(out.commit.scores.len(), 1);
+    let p = payload(&out.commit.scores[0]);
+    assert_eq!(p["complete"], true);
+    assert_eq!(p["assessment"], "exact");
+    assert_eq!(
+        (p["aggregate"].as_u64(), p["risk"].as_str()),
+        (Some(0), Some("low"))
+    );
+    assert_eq!(p["inputs"].as_array().map(Vec::len), Some(7));
+    assert_eq!(p["role"], "live");
+    assert_eq!(p["format"], "vitalmq-score/v1");
+
+    // 16 minutes on, a respiration rate alone: SpO2 and pulse (valid 15 min) are
+    // missing; blood pressure, temperature, consciousness (1 h, 4 h) still count.
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 2, &[("resp", 22.0)], T0 + 16 * MIN),
+        T0 + 16 * MIN,
+    );
+    assert_eq!(out.commit.scores.len(), 1);
+    let p = payload(&out.commit.scores[0]);
+    assert_eq!(p["complete"], false);
+    assert_eq!(p["assessment"], "incomplete");
+    assert_eq!(p["risk"], Json::Null);
+    assert_eq!(p["missing"], serde_json::json!(["spo2_scale1", "pulse"]));
+    assert_eq!(p["aggregate"], 2);
+    assert!(p["sub_scores"].get("pulse").is_none());
+    assert_eq!(out.commit.scores[0].observed_at_ms, T0 + 16 * MIN);
+    // The same values again change no input: no score.
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 3, &[("resp", 22.0)], T0 + 16 * MIN),
+        T0 + 16 * MIN,
+    );
+    assert!(out.commit.scores.is_empty());
+}
+
+#[test]
+fn the_devices_of_one_patient_combine_into_one_score() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    let a = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 1, &[("spo2", 98.0), ("pulse", 70.0)], T0),
+        T0,
+    );
+    let p = payload(&a.commit.scores[0]);
+    assert_eq!(p["complete"], false);
+    let first = a.commit.events[0].event_id().to_owned();
+    let rest: Vec<_> = NORMAL
+        .iter()
+        .filter(|(k, _)| *k != "spo2" && *k != "pulse")
+        .copied()
+        .collect();
+    let b = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00002", 1, &rest, T0 + MIN),
+        T0 + MIN,
+    );
+    let second = b.commit.events[0].event_id().to_owned();
+    let row = &b.commit.scores[0];
+    assert_eq!(
+        (row.patient_ref.as_str(), row.device.as_str()),
+        ("pt-a", "dev-00002")
+    );
+    let p = payload(row);
+    assert_eq!(p["complete"], true, "{p}");
+    let ids: Vec<&str> = p["inputs"]
+        .as_array()
+        .expect("inputs")
+        .iter()
+        .filter_map(|i| i["event_id"].as_str())
+        .collect();
+    assert!(ids.contains(&first.as_str()) && ids.contains(&second.as_str()));
+    // The other patient is untouched.
+    assert!(s.patient_score_state("pt-b").is_none());
+    assert_eq!(
+        b.commit
+            .patient_states
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .collect::<Vec<_>>(),
+        ["pt-a"]
+    );
+}
+
+#[test]
+fn a_copd_cohort_is_scored_on_spo2_scale_2() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    // SpO2 88 scores 0 on scale 2 (3 on scale 1).
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00003", 1, &with(&[("spo2", 88.0)]), T0),
+        T0,
+    );
+    let p = payload(&out.commit.scores[0]);
+    assert_eq!(p["sub_scores"]["spo2_scale2"], 0, "{p}");
+    assert_eq!(
+        (p["aggregate"].as_u64(), p["complete"].as_bool()),
+        (Some(0), Some(true))
+    );
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 1, &with(&[("spo2", 88.0)]), T0),
+        T0,
+    );
+    let p = payload(&out.commit.scores[0]);
+    assert_eq!(p["sub_scores"]["spo2_scale1"], 3);
+    assert_eq!(p["risk"], "low-medium");
+}
+
+#[test]
+fn the_live_version_alerts_at_5_and_7_and_a_shadow_one_never_in_alerts() {
+    let f = fixture();
+    let mut s = sequencer(true);
+    // resp 21 (2) + pulse 111 (2) + temp 38.5 (1) = 5: medium.
+    let five = with(&[("resp", 21.0), ("pulse", 111.0), ("temp", 38.5)]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &five, T0), T0);
+    assert_eq!(out.commit.scores.len(), 2, "one row per version");
+    let (live, shadow) = (&out.commit.scores[0], &out.commit.scores[1]);
+    assert_eq!(
+        (live.role.as_str(), live.version.as_str()),
+        ("live", "rcp-2017.1")
+    );
+    assert_eq!(
+        (shadow.role.as_str(), shadow.version.as_str()),
+        ("shadow", "cand-2")
+    );
+    assert_ne!(live.config_sha256, shadow.config_sha256);
+    assert_eq!(out.commit.alerts.len(), 1);
+    let a = &out.commit.alerts[0];
+    assert_eq!(
+        (a.rule.as_deref(), a.state.as_str()),
+        (Some("news2-medium"), "open")
+    );
+    assert_eq!(a.kind, "clinical");
+    assert_eq!(a.topic, "alerts/site-01/review/dev-00001");
+    let b = body(a);
+    assert_eq!(b["rule_version"], "rcp-2017.1");
+    assert_eq!(b["score_id"].as_str(), Some(live.score_id.as_str()));
+    assert_eq!(
+        (b["value"].as_u64(), b["threshold"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert_eq!(b["evidence"].as_array().map(Vec::len), Some(7));
+    assert_eq!(b["patient_ref"], "pt-a");
+    // The candidate (high from 6) would have said medium too: in its row only.
+    let sp = payload(shadow);
+    assert_eq!(sp["alert"]["rule"], "news2-medium");
+    assert_eq!(sp["alert"]["transition"], "open");
+    assert!(payload(live).get("alert").is_none());
+    // Acknowledgement and escalation apply: the alert is in the device's book.
+    assert!(
+        s.tracks[&DeviceId::new("dev-00001").expect("id")]
+            .alerts
+            .book
+            .get(&a.alert_id)
+            .is_some()
+    );
+
+    // + sbp 105 (1) = 6: the candidate's high, never an alerts row.
+    let six = with(&[
+        ("resp", 21.0),
+        ("pulse", 111.0),
+        ("temp", 38.5),
+        ("sbp", 105.0),
+    ]);
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 2, &six, T0 + MIN),
+        T0 + MIN,
+    );
+    assert!(out.commit.alerts.is_empty(), "{:?}", out.commit.alerts);
+    let sp = payload(&out.commit.scores[1]);
+    assert_eq!(sp["alert"]["rule"], "news2-high");
+    assert_eq!(sp["alert"]["replaces"], "news2-medium");
+
+    // resp 25 (3) instead: 7, high for the live version: medium superseded, high open.
+    let seven = with(&[
+        ("resp", 25.0),
+        ("pulse", 111.0),
+        ("temp", 38.5),
+        ("sbp", 105.0),
+    ]);
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 3, &seven, T0 + 2 * MIN),
+        T0 + 2 * MIN,
+    );
+    let got: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| (a.rule.as_deref(), a.state.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (Some("news2-medium"), "resolved"),
+            (Some("news2-high"), "open")
+        ]
+    );
+    assert_eq!(body(&out.commit.alerts[0])["reason"], "superseded");
+    assert_eq!(
+        out.commit.alerts[1].topic,
+        "alerts/site-01/urgent/dev-00001"
+    );
+    assert!(
+        out.commit
+            .alerts
+            .iter()
+            .all(|a| body(a)["rule_version"] == "rcp-2017.1")
+    );
+
+    // Back to normal, complete: high resolves (recovered) in both.
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 4, &NORMAL, T0 + 3 * MIN),
+        T0 + 3 * MIN,
+    );
+    let got: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| (a.rule.as_deref(), a.state.as_str()))
+        .collect();
+    assert_eq!(got, [(Some("news2-high"), "resolved")]);
+    assert_eq!(body(&out.commit.alerts[0])["reason"], "recovered");
+    assert_eq!(
+        payload(&out.commit.scores[1])["alert"]["transition"],
+        "resolved"
+    );
+}
+
+#[test]
+fn a_partial_score_raises_what_it_proves_and_missing_never_resolves() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    // Pulse 131 alone: a single red parameter proves news2-medium (low-medium).
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 1, &[("pulse", 131.0)], T0),
+        T0,
+    );
+    assert_eq!(out.commit.alerts.len(), 1);
+    let b = body(&out.commit.alerts[0]);
+    assert_eq!(b["rule"], "news2-medium");
+    assert_eq!(b["score"]["assessment"], "at_least");
+    assert_eq!(b["score"]["complete"], false);
+    assert_eq!(b["score"]["red"], serde_json::json!(["pulse"]));
+    assert_eq!(b["threshold"], 3);
+    // 20 minutes later the pulse expired and a normal temperature arrives: nothing is
+    // proven, but missing readings are no recovery: the alert stays open.
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 2, &[("temp", 37.0)], T0 + 20 * MIN),
+        T0 + 20 * MIN,
+    );
+    assert_eq!(payload(&out.commit.scores[0])["assessment"], "incomplete");
+    assert!(out.commit.alerts.is_empty());
+}
+
+#[test]
+fn scores_and_patient_state_are_in_the_commit_of_the_reading() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("dir");
+    let five = with(&[("resp", 21.0), ("pulse", 111.0), ("temp", 38.5)]);
+    {
+        let mut store = Store::open(dir.path()).expect("open");
+        let s = sequencer(true);
+        let checked = verify(&f.registry, vitals(&f, "dev-00001", 1, &five, T0));
+        let out = s.sequence(&f.registry, &f.origin, vec![checked], T0);
+        store.commit(&out.commit).expect("commit");
+        // Killed here: committed, never adopted.
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    let rows = store.scores(0, None, 10).expect("scores");
+    assert_eq!(
+        rows.iter().map(|r| r.role.as_str()).collect::<Vec<_>>(),
+        ["live", "shadow"]
+    );
+    assert_eq!(store.scores(0, Some("pt-b"), 10).expect("scores").len(), 0);
+    let states = store.load_patient_score_states().expect("states");
+    let state: PatientScoreState = serde_json::from_str(&states["pt-a"]).expect("state");
+    assert_eq!(state.episodes["rcp-2017.1"].rule, "news2-medium");
+    let alert_states: HashMap<DeviceId, crate::alerts::DeviceAlertState> = store
+        .load_alert_states()
+        .expect("alert states")
+        .into_iter()
+        .map(|(d, j)| (d, serde_json::from_str(&j).expect("state")))
+        .collect();
+    // Restarted from the store: the resent reading is a duplicate (no second score,
+    // no second alert), and a new reading continues the same episode.
+    let rules = Arc::new(RuleSet::parse(RULES, std::path::Path::new("r.toml")).expect("rules"));
+    let patients = HashMap::from([("pt-a".to_owned(), state)]);
+    let mut s = Sequencer::new(
+        WindowSize::default(),
+        store.load_sequences(WindowSize::default()).expect("seq"),
+        HashMap::new(),
+        alert_states,
+        Some(rules),
+    )
+    .with_scoring(Some(scoring(true)), patients);
+    let again = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &five, T0), T0 + 1);
+    assert!(again.commit.scores.is_empty() && again.commit.alerts.is_empty());
+    let next = feed(
+        &mut s,
+        &f,
+        vitals(
+            &f,
+            "dev-00001",
+            2,
+            &with(&[("resp", 22.0), ("pulse", 111.0), ("temp", 38.5)]),
+            T0 + MIN,
+        ),
+        T0 + MIN,
+    );
+    assert_eq!(next.commit.scores.len(), 2);
+    assert!(
+        next.commit.alerts.is_empty(),
+        "still medium: no second open"
+    );
+}
+
+/// The candidate as a canary for cohort copd (dev-00003, patient pt-b): live there,
+/// the old live version shadow; elsewhere the candidate does not run.
+fn canary_registry() -> Arc<vitalmq_policies::ModelRegistry> {
+    let cand = &scoring(true).models[1].table;
+    let text = include_str!("../../../policies/examples/models.toml")
+        .replace(
+            "[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"",
+            &format!(
+                "[[models]]\nname = \"news2\"\nversion = \"cand-2\"\nkind = \"score\"\n\
+                 artifact_sha256 = \"{}\"\nlineage = \"test\"\nfeature_pipeline = \"vitals-latest/1\"\n\
+                 intended_use = \"test\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+                 approved_at = \"2025-06-01T09:00:00Z\"\n\n\
+                 [[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"\n\
+                 canary = [{{ version = \"cand-2\", cohorts = [\"copd\"] }}]",
+                cand.sha256()
+            ),
+        );
+    Arc::new(
+        vitalmq_policies::ModelRegistry::parse(&text, std::path::Path::new("models.toml"))
+            .expect("models"),
+    )
+}
+
+#[test]
+fn a_canary_cohort_gets_the_candidates_alerts_and_every_output_names_its_version() {
+    let f = fixture();
+    let rules = Arc::new(RuleSet::parse(RULES, std::path::Path::new("r.toml")).expect("rules"));
+    let mut with_registry = (*scoring(true)).clone();
+    with_registry.registry = Some(canary_registry());
+    let mut s = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        Some(rules),
+    )
+    .with_scoring(Some(Arc::new(with_registry)), HashMap::new());
+    // Aggregate 6 on scale 2 (resp 21: 2, pulse 111: 2, temp 38.5: 1, sbp 105: 1).
+    let six = with(&[
+        ("resp", 21.0),
+        ("pulse", 111.0),
+        ("temp", 38.5),
+        ("sbp", 105.0),
+        ("spo2", 90.0),
+    ]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00003", 1, &six, T0), T0);
+    let roles: Vec<_> = out
+        .commit
+        .scores
+        .iter()
+        .map(|r| (r.version.as_str(), r.role.as_str()))
+        .collect();
+    assert_eq!(roles, [("rcp-2017.1", "shadow"), ("cand-2", "canary")]);
+    let got: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| (a.rule.as_deref(), body(a)["rule_version"].clone()))
+        .collect();
+    assert_eq!(got, [(Some("news2-high"), Json::from("cand-2"))]);
+    assert_eq!(body(&out.commit.alerts[0])["role"], "canary");
+    assert_eq!(
+        payload(&out.commit.scores[0])["alert"]["rule"],
+        "news2-medium"
+    );
+
+    // Outside the cohort (scale 1, SpO2 98): the live version alone, live.
+    let six = with(&[
+        ("resp", 21.0),
+        ("pulse", 111.0),
+        ("temp", 38.5),
+        ("sbp", 105.0),
+    ]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &six, T0), T0);
+    let roles: Vec<_> = out
+        .commit
+        .scores
+        .iter()
+        .map(|r| (r.version.as_str(), r.role.as_str()))
+        .collect();
+    assert_eq!(roles, [("rcp-2017.1", "live")]);
+    assert_eq!(body(&out.commit.alerts[0])["rule"], "news2-medium");
+}

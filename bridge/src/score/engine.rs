@@ -1,0 +1,363 @@
+//! One accepted vitals reading in, the patient's scores and score alert changes out.
+//! Pure: the caller stages the state and adopts it after the commit.
+
+use serde_json::{Value as Json, json};
+use vitalmq_policies::{Assessment, Parameter, Risk, Score, ScoreTable, score};
+
+use super::alert::{ScoreRule, Transition, transition};
+use super::config::{Role, Scoring};
+use super::row::{self, NewScore};
+use super::state::{Episode, PatientScoreState};
+use crate::alerts::Sample;
+use crate::alerts::book::Outgoing;
+use crate::normalize::rfc3339_ms;
+
+/// A score alert change for the `alerts` table, and the device whose alert book keeps
+/// the episode (the one whose reading opened it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreAlert {
+    pub book_device: String,
+    pub out: Outgoing,
+}
+
+/// What one reading made of a patient's scores.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Scored {
+    /// One row per configured version, when the reading changed an input.
+    pub rows: Vec<NewScore>,
+    /// Alert changes of the delivering versions (live, canary), in order.
+    pub alerts: Vec<ScoreAlert>,
+}
+
+/// Scores the patient of `sample` after its reading (`sample.metrics` holds only its
+/// plausible values; `sample.ts_ms` is its observed time), on `cohorts` of the device.
+/// `state` is the patient's, updated in place.
+pub fn on_vitals(
+    scoring: &Scoring,
+    state: &mut PatientScoreState,
+    sample: &Sample,
+    cohorts: &[&str],
+    now_ms: u64,
+) -> Scored {
+    let mut out = Scored::default();
+    if scoring.models.is_empty() || sample.patient_ref.is_empty() {
+        return out;
+    }
+    let scale = scoring.spo2_scale(cohorts);
+    let metrics = scoring.metrics();
+    let inputs_of = |state: &PatientScoreState, table: &ScoreTable| {
+        state
+            .newest_ms()
+            .map(|at| table.inputs_at(|k| state.value(k), at, scale))
+    };
+    let before: Vec<_> = scoring
+        .models
+        .iter()
+        .map(|m| inputs_of(state, &m.table))
+        .collect();
+    let values = sample
+        .metrics
+        .iter()
+        .filter(|(k, _)| metrics.contains(k.as_str()))
+        .map(|(k, v)| (k.as_str(), *v));
+    if !state.observe(
+        values,
+        &sample.event_id,
+        sample.ts_ms,
+        sample.device.as_str(),
+    ) {
+        return out;
+    }
+    let after: Vec<_> = scoring
+        .models
+        .iter()
+        .map(|m| inputs_of(state, &m.table))
+        .collect();
+    if before == after {
+        return out;
+    }
+    let at_ms = state.newest_ms().unwrap_or(sample.ts_ms);
+    for (i, (model, inputs)) in scoring.models.iter().zip(after).enumerate() {
+        let Some(inputs) = inputs else { continue };
+        let table = &model.table;
+        let Some(role) = scoring.role(i, &sample.site, cohorts) else {
+            continue;
+        };
+        let s = score(table, &inputs);
+        let score_id = row::score_id(
+            &sample.patient_ref,
+            table.model(),
+            table.version(),
+            &sample.event_id,
+        );
+        let current = state
+            .episodes
+            .get(table.version())
+            .and_then(|e| ScoreRule::parse(&e.rule));
+        let t = transition(current, s.assessment);
+        let evidence = used_inputs(table, state, at_ms, scale);
+        let mut payload = payload(&Payload {
+            score_id: &score_id,
+            table,
+            role,
+            sample,
+            at_ms,
+            score: &s,
+            inputs: &evidence,
+        });
+        if t != Transition::Unchanged {
+            let ctx = AlertCtx {
+                table,
+                role,
+                sample,
+                score_id: &score_id,
+                score: &s,
+                evidence: evidence.iter().map(|e| e.2.clone()).collect(),
+                now_ms,
+            };
+            let (changes, shadow) = apply(state, &ctx, t);
+            if role.delivers() {
+                out.alerts.extend(changes);
+            } else if let Json::Object(m) = &mut payload {
+                m.insert("alert".into(), shadow);
+            }
+        }
+        out.rows.push(NewScore {
+            score_id,
+            patient_ref: sample.patient_ref.clone(),
+            site: sample.site.to_string(),
+            device: sample.device.to_string(),
+            model: table.model().to_owned(),
+            version: table.version().to_owned(),
+            config_sha256: table.sha256().to_owned(),
+            role: role.as_str().to_owned(),
+            observed_at_ms: at_ms,
+            created_at_ms: now_ms,
+            payload: payload.to_string(),
+        });
+    }
+    out
+}
+
+/// `(metric, value, event id, observed at)` of every reading a score used.
+type Used = (String, f64, String, u64);
+
+fn used_inputs(
+    table: &ScoreTable,
+    state: &PatientScoreState,
+    at_ms: u64,
+    scale: vitalmq_policies::Spo2Scale,
+) -> Vec<Used> {
+    let skip = match scale {
+        vitalmq_policies::Spo2Scale::Scale1 => Parameter::Spo2Scale2,
+        vitalmq_policies::Spo2Scale::Scale2 => Parameter::Spo2Scale1,
+    };
+    let mut out: Vec<Used> = Vec::new();
+    for p in Parameter::ALL.into_iter().filter(|p| *p != skip) {
+        let metric = table.metric(p);
+        let Some(r) = state.latest.get(metric) else {
+            continue;
+        };
+        let fresh = at_ms
+            .checked_sub(r.observed_at_ms)
+            .is_some_and(|age| u128::from(age) <= table.valid_for(p).as_millis());
+        if fresh && !out.iter().any(|u| u.0 == metric) {
+            out.push((
+                metric.to_owned(),
+                r.value,
+                r.event_id.clone(),
+                r.observed_at_ms,
+            ));
+        }
+    }
+    out
+}
+
+struct Payload<'a> {
+    score_id: &'a str,
+    table: &'a ScoreTable,
+    role: Role,
+    sample: &'a Sample,
+    at_ms: u64,
+    score: &'a Score,
+    inputs: &'a [Used],
+}
+
+fn assessment_str(a: Assessment) -> &'static str {
+    match a {
+        Assessment::Exact(_) => "exact",
+        Assessment::AtLeast(_) => "at_least",
+        Assessment::Incomplete => "incomplete",
+    }
+}
+
+/// `vitalmq-score/v1` (the shared design pins the fields).
+fn payload(p: &Payload<'_>) -> Json {
+    let s = p.score;
+    json!({
+        "format": "vitalmq-score/v1",
+        "score_id": p.score_id,
+        "model": p.table.model(),
+        "version": p.table.version(),
+        "config_sha256": p.table.sha256(),
+        "role": p.role.as_str(),
+        "patient_ref": p.sample.patient_ref,
+        "site": p.sample.site.as_str(),
+        "device": p.sample.device.as_str(),
+        "observed_at": rfc3339_ms(p.at_ms),
+        "aggregate": s.aggregate,
+        "risk": s.assessment.risk().map(|r| r.as_str()),
+        "complete": s.complete,
+        "assessment": assessment_str(s.assessment),
+        "red": s.any_red(),
+        "sub_scores": s.sub_scores.iter()
+            .map(|(p, v)| (p.as_str().to_owned(), json!(v)))
+            .collect::<serde_json::Map<_, _>>(),
+        "missing": s.missing.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        "inputs": p.inputs.iter().map(|(metric, value, event_id, at)| json!({
+            "metric": metric,
+            "value": value,
+            "event_id": event_id,
+            "observed_at": rfc3339_ms(*at),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+struct AlertCtx<'a> {
+    table: &'a ScoreTable,
+    role: Role,
+    sample: &'a Sample,
+    score_id: &'a str,
+    score: &'a Score,
+    evidence: Vec<String>,
+    now_ms: u64,
+}
+
+/// Applies a transition to the version's episode: the alert changes (for a delivering
+/// role) and the `"alert"` object a shadow row records instead.
+fn apply(
+    state: &mut PatientScoreState,
+    ctx: &AlertCtx<'_>,
+    t: Transition,
+) -> (Vec<ScoreAlert>, Json) {
+    let version = ctx.table.version();
+    let mut changes = Vec::new();
+    let (rule, transition, replaces) = match t {
+        Transition::Unchanged => return (changes, Json::Null),
+        Transition::Resolve { from } => {
+            if let Some(e) = state.episodes.remove(version) {
+                changes.push(change(ctx, &e, from, "resolved", Some("recovered")));
+            }
+            (from, "resolved", None)
+        }
+        Transition::Open { from, to } => {
+            if let Some(from) = from
+                && let Some(e) = state.episodes.remove(version)
+            {
+                changes.push(change(ctx, &e, from, "resolved", Some("superseded")));
+            }
+            let e = Episode {
+                rule: to.id().to_owned(),
+                alert_id: row::alert_id(
+                    &ctx.sample.patient_ref,
+                    version,
+                    to.id(),
+                    &ctx.sample.event_id,
+                ),
+                device: ctx.sample.device.to_string(),
+                opened_at_ms: ctx.now_ms,
+            };
+            changes.push(change(ctx, &e, to, "open", None));
+            state.episodes.insert(version.to_owned(), e);
+            (to, "open", from)
+        }
+    };
+    let shadow = json!({
+        "rule": rule.id(),
+        "transition": transition,
+        "replaces": replaces.map(ScoreRule::id),
+    });
+    (changes, shadow)
+}
+
+/// The threshold the rule stands for: the lowest aggregate of its risk band, or the
+/// red score when a single red parameter (not the aggregate) proves `news2-medium`.
+fn threshold(table: &ScoreTable, rule: ScoreRule, s: &Score) -> Option<u32> {
+    match (rule, s.assessment.risk()) {
+        (ScoreRule::Medium, Some(Risk::LowMedium)) => Some(u32::from(table.red_score())),
+        (ScoreRule::Medium, _) => table.risk_min(Risk::Medium),
+        (ScoreRule::High, _) => table.risk_min(Risk::High),
+    }
+}
+
+/// One alert change: the clinical alert fields of SPEC section 5 in their order, then
+/// the score's. `metric` is the model, `value` and `measured` the aggregate, and
+/// `threshold` the aggregate band's lower bound the rule stands for.
+fn change(
+    ctx: &AlertCtx<'_>,
+    e: &Episode,
+    rule: ScoreRule,
+    state: &str,
+    reason: Option<&str>,
+) -> ScoreAlert {
+    let s = ctx.score;
+    let severity = rule.severity();
+    let device = e.device.as_str();
+    let mut body = json!({
+        "alert_id": e.alert_id,
+        "kind": "clinical",
+        "state": state,
+        "severity": severity.as_str(),
+        "rule": rule.id(),
+        "rule_version": ctx.table.version(),
+        "policy_sha256": ctx.table.sha256(),
+        "device": device,
+        "site": ctx.sample.site.as_str(),
+        "patient_ref": ctx.sample.patient_ref,
+        "metric": ctx.table.model(),
+        "value": s.aggregate,
+        "threshold": threshold(ctx.table, rule, s),
+        "window_s": ctx.now_ms.saturating_sub(e.opened_at_ms) / 1000,
+        "evidence": ctx.evidence,
+        "fw": ctx.sample.fw,
+        "model": ctx.sample.model,
+        "raised_at": rfc3339_ms(ctx.sample.ts_ms),
+        "measure": "score",
+        "measured": s.aggregate,
+        "source": "score",
+        "role": ctx.role.as_str(),
+        "score_id": ctx.score_id,
+        "score": {
+            "model": ctx.table.model(),
+            "version": ctx.table.version(),
+            "aggregate": s.aggregate,
+            "risk": s.assessment.risk().map(|r| r.as_str()),
+            "assessment": assessment_str(s.assessment),
+            "complete": s.complete,
+            "red": s.red.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+            "missing": s.missing.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        },
+    });
+    if let (Some(r), Json::Object(m)) = (reason, &mut body) {
+        m.insert("reason".into(), json!(r));
+    }
+    ScoreAlert {
+        book_device: device.to_owned(),
+        out: Outgoing {
+            alert_id: e.alert_id.clone(),
+            state: state.to_owned(),
+            kind: "clinical",
+            topic: format!(
+                "alerts/{}/{}/{}",
+                ctx.sample.site,
+                severity.as_str(),
+                device
+            ),
+            device: device.to_owned(),
+            rule: Some(rule.id().to_owned()),
+            severity: Some(severity),
+            body: body.to_string(),
+            level: 0,
+        },
+    }
+}
