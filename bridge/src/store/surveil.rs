@@ -2,7 +2,7 @@
 //! quarantine (refusals), the gaps and the scores, each after a cursor kept in
 //! `handler_cursors` under a name of its own (`surveil:<sink>:<table>`).
 
-use rusqlite::{OptionalExtension as _, params};
+use rusqlite::params;
 
 use super::sealing::{Payload, column_bytes};
 use super::{Store, StoreError, i2u};
@@ -33,7 +33,7 @@ pub struct StoredGap {
 
 /// A score row with its payload opened (JSON `vitalmq-score/v1`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredScore {
+pub struct SurveilScore {
     pub id: i64,
     pub device: String,
     pub observed_at_ms: u64,
@@ -89,25 +89,12 @@ impl Store {
     }
 
     /// Up to `max` scores with ids above `after`, payloads opened (an erased patient's
-    /// are left out); empty while the store has no `scores` table (before the SCORE
-    /// migration). The one reader of scores for the surveillance sink.
+    /// are left out). The one reader of scores for the surveillance sink.
     pub fn surveil_scores_after(
         &self,
         after: i64,
         max: usize,
-    ) -> Result<Vec<StoredScore>, StoreError> {
-        let exists: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'scores'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
-        if exists.is_none() {
-            return Ok(Vec::new());
-        }
+    ) -> Result<Vec<SurveilScore>, StoreError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -131,7 +118,7 @@ impl Store {
         let mut out = Vec::with_capacity(rows.len());
         for (id, score_id, device, observed_at, stored) in rows {
             match self.open_payload(&stored, &format!("score|{score_id}"))? {
-                Payload::Plain(p) => out.push(StoredScore {
+                Payload::Plain(p) => out.push(SurveilScore {
                     id,
                     device,
                     observed_at_ms: i2u(observed_at),

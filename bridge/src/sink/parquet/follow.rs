@@ -372,13 +372,12 @@ impl Follower {
     }
 }
 
-/// The scores after `after` (helper SCORE's `scores` table, pinned in issue 21's
-/// design): the one place the sink reads them. Empty while the store has no such
-/// table.
+/// The scores after `after` (the `scores` table, schema v5): the one place the sink
+/// reads them.
 pub fn read_scores(
     store: &Mutex<Store>,
     after: i64,
     max: usize,
-) -> Result<Vec<crate::store::StoredScore>, StoreError> {
+) -> Result<Vec<crate::store::SurveilScore>, StoreError> {
     lock(store).surveil_scores_after(after, max)
 }
