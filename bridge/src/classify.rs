@@ -225,6 +225,8 @@ pub struct Sequencer {
     tracks: HashMap<DeviceId, Track>,
     /// The alert rules in force; `None` runs no alert engine.
     rules: Option<Arc<RuleSet>>,
+    /// The model registry in force; `None` checks no models (`[models]` absent).
+    models: Option<Arc<vitalmq_policies::ModelRegistry>>,
     /// Open and recently resolved clinical alert ids -> device (rebuilt at load).
     index: HashMap<String, DeviceId>,
     /// The ids each device put in `index`.
@@ -275,6 +277,7 @@ impl Sequencer {
             size,
             tracks: HashMap::new(),
             rules,
+            models: None,
             index: HashMap::new(),
             by_device: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -288,6 +291,11 @@ impl Sequencer {
             s.install(device, track);
         }
         s
+    }
+
+    /// Puts a (re)loaded model registry in force for the next batch.
+    pub fn set_models(&mut self, models: Option<Arc<vitalmq_policies::ModelRegistry>>) {
+        self.models = models;
     }
 
     /// Puts a reloaded rule set in force for the next batch (deadlines depend on it).
@@ -438,7 +446,7 @@ impl Sequencer {
                         );
                         continue;
                     };
-                    let assessment = match &self.rules {
+                    let mut assessment = match &self.rules {
                         Some(r) => Assessment::of(
                             &verified,
                             incoming.received_at_ms,
@@ -470,6 +478,14 @@ impl Sequencer {
                         }
                     };
                     let entry = entry.as_ref();
+                    if let Some(models) = &self.models {
+                        assessment.model = Some(crate::models::check(
+                            models,
+                            self.rules.as_deref(),
+                            entry,
+                            &verified,
+                        ));
+                    }
                     // Window and gaps.
                     let mut changed = Vec::new();
                     match (&mut track.window, accepted) {

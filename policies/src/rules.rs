@@ -446,6 +446,16 @@ impl RuleSet {
         &self.clock
     }
 
+    /// Names of the cohorts `device` is in (`[cohorts]`), in name order: what model
+    /// approvals and rollouts name.
+    pub fn cohorts_of(&self, device: &DeviceId) -> Vec<&str> {
+        self.cohorts
+            .iter()
+            .filter(|(_, devices)| devices.contains(device))
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+
     /// The cohorts by name.
     #[cfg(test)]
     pub(crate) fn cohorts(&self) -> &BTreeMap<String, BTreeSet<DeviceId>> {
