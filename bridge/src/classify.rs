@@ -155,6 +155,9 @@ pub struct Sequenced<T> {
     fleet: Option<control::Fleet>,
     /// Devices no longer in the registry: out of the deadline index.
     forget: Vec<DeviceId>,
+    /// Messages whose reported model needs attention: `(device, model, status)`, for
+    /// the fleet counts on adoption.
+    models_seen: Vec<(DeviceId, String, vitalmq_policies::ModelStatus)>,
 }
 
 impl<T> Sequenced<T> {
@@ -171,6 +174,7 @@ impl<T> Sequenced<T> {
             presence: Vec::new(),
             fleet: None,
             forget: Vec::new(),
+            models_seen: Vec::new(),
         }
     }
 }
@@ -227,6 +231,8 @@ pub struct Sequencer {
     rules: Option<Arc<RuleSet>>,
     /// The model registry in force; `None` checks no models (`[models]` absent).
     models: Option<Arc<vitalmq_policies::ModelRegistry>>,
+    /// Open `model_unapproved` episodes.
+    model_fleet: crate::models::ModelFleet,
     /// Open and recently resolved clinical alert ids -> device (rebuilt at load).
     index: HashMap<String, DeviceId>,
     /// The ids each device put in `index`.
@@ -278,6 +284,7 @@ impl Sequencer {
             tracks: HashMap::new(),
             rules,
             models: None,
+            model_fleet: crate::models::ModelFleet::default(),
             index: HashMap::new(),
             by_device: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -294,8 +301,18 @@ impl Sequencer {
     }
 
     /// Puts a (re)loaded model registry in force for the next batch.
-    pub fn set_models(&mut self, models: Option<Arc<vitalmq_policies::ModelRegistry>>) {
+    /// Returns the `model_unapproved` episodes the new registry resolves.
+    pub fn set_models(
+        &mut self,
+        models: Option<Arc<vitalmq_policies::ModelRegistry>>,
+        now_ms: u64,
+    ) -> Vec<crate::ops::OpsAlert> {
+        let resolved = match &models {
+            Some(m) => self.model_fleet.on_reload(m, now_ms),
+            None => Vec::new(),
+        };
         self.models = models;
+        resolved
     }
 
     /// Puts a reloaded rule set in force for the next batch (deadlines depend on it).
@@ -386,6 +403,7 @@ impl Sequencer {
         let mut dispositions = Vec::with_capacity(batch.len());
         let mut alerted = BTreeSet::new();
         let mut ops = Vec::new();
+        let mut models_seen = Vec::new();
         for checked in batch {
             match checked {
                 Checked::Refused {
@@ -479,12 +497,16 @@ impl Sequencer {
                     };
                     let entry = entry.as_ref();
                     if let Some(models) = &self.models {
-                        assessment.model = Some(crate::models::check(
-                            models,
-                            self.rules.as_deref(),
-                            entry,
-                            &verified,
-                        ));
+                        let check =
+                            crate::models::check(models, self.rules.as_deref(), entry, &verified);
+                        if check.status.needs_attention() {
+                            models_seen.push((
+                                device.clone(),
+                                verified.model.clone().unwrap_or_default(),
+                                check.status,
+                            ));
+                        }
+                        assessment.model = Some(check);
                     }
                     // Window and gaps.
                     let mut changed = Vec::new();
@@ -616,6 +638,7 @@ impl Sequencer {
         out.dispositions = dispositions;
         out.ops = ops;
         out.staged = staged;
+        out.models_seen = models_seen;
         out
     }
 
@@ -659,6 +682,12 @@ impl Sequencer {
 
     /// Presence, fleet counts and forgotten devices of a control input.
     fn adopt_control<T>(&mut self, sequenced: &mut Sequenced<T>) {
+        let now_ms = sequenced.commit.now_ms;
+        for (device, model, status) in std::mem::take(&mut sequenced.models_seen) {
+            sequenced
+                .ops
+                .extend(self.model_fleet.observe(&device, &model, status, now_ms));
+        }
         self.clock_ms = self.clock_ms.max(sequenced.commit.now_ms);
         for (topic, payload) in std::mem::take(&mut sequenced.presence) {
             // Checked when staged; a failure here changes nothing.

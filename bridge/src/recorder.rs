@@ -322,7 +322,9 @@ impl Recorder {
                 && models.has_changed().unwrap_or(false)
             {
                 let fresh = Arc::clone(&models.borrow_and_update());
-                self.sequencer.set_models(Some(fresh));
+                for a in self.sequencer.set_models(Some(fresh), now_ms()) {
+                    let _ = self.ops.send(a);
+                }
             }
             if let Some(updates) = &mut self.registry_updates
                 && updates.has_changed().unwrap_or(false)

@@ -345,7 +345,7 @@ pub async fn run(
     if let Some(m) = &models {
         info!(policy_sha256 = %m.sha256(), models = m.entries().len(), unapproved_alarms = m.unapproved_alarms().as_str(), "model checking on");
     }
-    sequencer.set_models(models.clone());
+    sequencer.set_models(models.clone(), 0);
     let models_watch = match (&config.models, &models) {
         (Some(c), Some(m)) => Some(crate::reload::watch_models(
             c.file.clone(),

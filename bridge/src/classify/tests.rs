@@ -642,7 +642,7 @@ fn reported_models_are_resolved_into_the_provenance() {
     let out = f.run(&mut s, vec![signed(0, Some("arrhythmia-net/2.1.0"))]);
     assert_eq!(marks(&out), [("-".to_owned(), "-".to_owned())]);
 
-    s.set_models(Some(Arc::new(models.clone())));
+    s.set_models(Some(Arc::new(models.clone())), 0);
     let out = f.run(
         &mut s,
         vec![
@@ -665,6 +665,29 @@ fn reported_models_are_resolved_into_the_provenance() {
             pair("none", "-"),
         ]
     );
+    // One operational episode per model needing attention, with its fleet counts.
+    let opened: Vec<_> = out
+        .ops
+        .iter()
+        .map(|o| {
+            (
+                o.kind.as_str(),
+                o.state,
+                o.details["model"].as_str().unwrap_or("").to_owned(),
+                o.details["devices"].as_u64(),
+            )
+        })
+        .collect();
+    let op = |m: &str| ("model_unapproved", "open", m.to_owned(), Some(1));
+    assert_eq!(
+        opened,
+        [
+            op("arrhythmia-net/2.1.0"),
+            op("arrhythmia-net/2.2.0-rc1"),
+            op("arrhythmia-net/2.0.3"),
+            op("nobody/1"),
+        ]
+    );
     // Approving 2.1.0 everywhere (a reloaded file) approves the next message.
     let everywhere = include_str!("../../../policies/examples/models.toml").replace(
         "hardware_models = [\"vw-band-2\", \"vw-band-3\"]",
@@ -673,7 +696,12 @@ fn reported_models_are_resolved_into_the_provenance() {
     let reloaded =
         vitalmq_policies::ModelRegistry::parse(&everywhere, std::path::Path::new("models.toml"))
             .expect("valid");
-    s.set_models(Some(Arc::new(reloaded)));
+    let resolved = s.set_models(Some(Arc::new(reloaded)), 0);
+    assert_eq!(
+        resolved.len(),
+        1,
+        "2.1.0 approved for all now: its episode resolves"
+    );
     let out = f.run(&mut s, vec![signed(6, Some("arrhythmia-net/2.1.0"))]);
     assert_eq!(marks(&out), [pair("approved", "3b7e4f0c")]);
 }
