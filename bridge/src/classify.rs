@@ -576,16 +576,24 @@ impl Sequencer {
                                 }
                                 MessageType::Alarm => {
                                     if let Some(alarm) = AlarmEvent::of(&verified) {
-                                        out.extend(alarm::on_alarm(
-                                            &mut state.alarms,
-                                            rules.alerting(),
-                                            rules.sha256(),
-                                            entry,
-                                            &verified,
-                                            &event_id,
-                                            &alarm,
-                                            now_ms,
-                                        ));
+                                        out.extend(
+                                            alarm::on_alarm(
+                                                &mut state.alarms,
+                                                rules.alerting(),
+                                                rules.sha256(),
+                                                entry,
+                                                &verified,
+                                                &event_id,
+                                                &alarm,
+                                                now_ms,
+                                            )
+                                            .map(|o| {
+                                                crate::models::mark_alarm(
+                                                    o,
+                                                    assessment.model.as_ref(),
+                                                )
+                                            }),
+                                        );
                                     }
                                 }
                                 MessageType::Status => {

@@ -56,6 +56,26 @@ pub fn check(
     }
 }
 
+/// An alarm alert of a device whose reported model needs attention, marked with
+/// `model_status` in its body (an extra field, SPEC section 5 allows them); approved
+/// models' alerts, and any without a models file, are left as they are.
+pub(crate) fn mark_alarm(
+    mut alert: crate::alerts::book::Outgoing,
+    check: Option<&ModelCheck>,
+) -> crate::alerts::book::Outgoing {
+    let Some(check) = check.filter(|c| c.status.needs_attention()) else {
+        return alert;
+    };
+    if let Ok(serde_json::Value::Object(mut body)) = serde_json::from_str(&alert.body) {
+        body.insert(
+            "model_status".into(),
+            serde_json::json!(check.status.as_str()),
+        );
+        alert.body = serde_json::Value::Object(body).to_string();
+    }
+    alert
+}
+
 /// Most models with an open `model_unapproved` episode at once; reports of further
 /// models join the episode of `(other)`, so a device sending arbitrary text cannot
 /// grow the bridge's memory or the alert stream without bound.
