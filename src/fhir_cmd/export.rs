@@ -24,10 +24,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde_json::{Map, Value as Json};
 use vitalmq_bridge::BridgeConfig;
+use vitalmq_bridge::sink::fhir::bundle::device_facts;
 use vitalmq_bridge::store::Payload;
 use vitalmq_bridge::store::export::{PatientAlert, PatientEvent, PatientRow};
-use vitalmq_fhir::{AlertChange, BundleBuilder, DeviceFacts, Event};
-use vitalmq_policies::{DeviceEntry, DeviceRegistry};
+use vitalmq_fhir::{AlertChange, BundleBuilder, Event};
+use vitalmq_policies::DeviceRegistry;
 
 use crate::export_cmd::Refused;
 use crate::operator_audit::{self, Action};
@@ -144,13 +145,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
             mut report,
             ..
         } = collect;
-        for facts in &devices {
-            let entry = vitalmq_envelope::DeviceId::new(facts.id.as_str())
+        for (device, site, event) in &devices {
+            let entry = vitalmq_envelope::DeviceId::new(device.as_str())
                 .ok()
-                .and_then(|id| registry.device(&id).cloned());
-            let mut facts = facts.clone();
-            (facts.lot, facts.hardware_model, facts.region) = registry_extras(entry.as_ref());
-            builder.device(&facts);
+                .and_then(|id| registry.device(&id));
+            builder.device(&device_facts(device, site, event, entry));
         }
         let bundle = builder.transaction();
         let mut text = serde_json::to_vec_pretty(&bundle)?;
@@ -181,22 +180,14 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// lot, hardware model and region of a registry entry.
-fn registry_extras(
-    entry: Option<&DeviceEntry>,
-) -> (Option<String>, Option<String>, Option<String>) {
-    entry.map_or((None, None, None), |e| {
-        (e.lot.clone(), e.hardware_model.clone(), e.region.clone())
-    })
-}
-
 struct Collect<'a> {
     device: Option<&'a str>,
     since: Option<u64>,
     until: Option<u64>,
     builder: BundleBuilder,
-    /// Per device, the facts of its newest event (events come in outbox order).
-    devices: Vec<DeviceFacts>,
+    /// Per device (id, site), its newest event (events come in outbox order): its
+    /// Device is mapped from it as the sink maps it.
+    devices: Vec<(String, String, Event)>,
     report: Report,
 }
 
@@ -220,20 +211,13 @@ impl Collect<'_> {
                 == event.provenance.raw_sha256,
             "event {id}: the raw message does not hash to the event's raw_sha256"
         );
-        let facts = DeviceFacts {
-            id: device.to_owned(),
-            site: event.site.clone(),
-            patient_ref: Some(event.patient_ref.clone()),
-            fw: Some(event.fw.clone()),
-            model: event.model.clone(),
-            ..DeviceFacts::default()
-        };
-        match self.devices.iter_mut().find(|f| f.id == device) {
-            Some(f) => *f = facts,
-            None => self.devices.push(facts),
-        }
         self.report.events += 1;
         self.report.observations += self.builder.reading(&event, raw)? as u64;
+        let newest = (device.to_owned(), e.head.site.as_str().to_owned(), event);
+        match self.devices.iter_mut().find(|(d, ..)| d == device) {
+            Some(f) => *f = newest,
+            None => self.devices.push(newest),
+        }
         Ok(())
     }
 
