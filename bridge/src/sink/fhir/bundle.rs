@@ -1,6 +1,7 @@
 //! One batch of outbox records as one FHIR R4 `transaction` Bundle, mapped by
 //! `vitalmq-fhir` (docs/fhir.md): per record the device's Device (conditional update,
-//! the newest facts of the batch), and per vitals reading its Observations and their
+//! the newest facts of the batch; lot, hardware model and region from the registry in
+//! force, see [`device_facts`]), and per vitals reading its Observations and their
 //! Provenance carrying the device's COSE_Sign1 bytes (conditional creates). Every
 //! entry is idempotent, so a batch delivered again creates nothing twice.
 
