@@ -9,8 +9,11 @@
 //! (encryption at rest, a backup, a legal hold refusing an erasure, the erasure of a
 //! patient reaching the backup taken before it, an export, retention runs), and audit
 //! logs whose chains verify; and the commands it suggests for looking around must work on what it
-//! left behind, the `mosquitto_pub` acknowledgement included (against the demo's broker
-//! and bridge started again from the configurations it wrote).
+//! left behind, the `mosquitto_pub` acknowledgement and the `fhir export|verify` included
+//! (against the demo's broker and bridge started again from the configurations it wrote).
+//! Every patient of the run exported as FHIR from the store it left validates with
+//! `fhir.resources` (zero errors) and re-verifies with `vitalmq fhir verify`; only the
+//! erased patient's export is refused.
 
 mod common;
 
