@@ -687,6 +687,9 @@ fn print_summary(
         data.display(),
         work.broker_audit().display()
     );
+    let (export, verify) = fhir_commands(work)?;
+    println!("  fhir         {export}");
+    println!("               {verify}");
     let (command, what) = ack_command(work, port, alerts);
     println!("  acknowledge  {command}");
     println!(
@@ -721,6 +724,33 @@ fn print_summary(
     );
     println!("  log          {}", work.log().display());
     Ok(())
+}
+
+/// `vitalmq fhir export` of the scripted episode's patient (the wearer of
+/// [`setup::EPISODE_DEVICE`]: its desaturation, device alarm, acknowledgement and
+/// escalation; under legal hold, so never the erased one) into a new file of the work
+/// dir, and the `vitalmq fhir verify` of that file.
+fn fhir_commands(work: &WorkDir) -> anyhow::Result<(String, String)> {
+    let registry = vitalmq_policies::DeviceRegistry::load(&work.registry())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", work.registry().display()))?;
+    let device = vitalmq_envelope::DeviceId::new(setup::EPISODE_DEVICE)?;
+    let patient = registry
+        .device(&device)
+        .map(|d| d.patient_ref.clone())
+        .with_context(|| format!("{}: not in the registry", setup::EPISODE_DEVICE))?;
+    let bundle = work.root.join(format!("fhir-{patient}.json"));
+    Ok((
+        format!(
+            "vitalmq fhir export --config {} --patient {patient} --out {}",
+            work.bridge_config().display(),
+            bundle.display()
+        ),
+        format!(
+            "vitalmq fhir verify {} --registry {}",
+            bundle.display(),
+            work.registry().display()
+        ),
+    ))
 }
 
 /// A ready-to-run `mosquitto_pub` that acknowledges an alert as the demo's operator

@@ -9,8 +9,11 @@
 //! (encryption at rest, a backup, a legal hold refusing an erasure, the erasure of a
 //! patient reaching the backup taken before it, an export, retention runs), and audit
 //! logs whose chains verify; and the commands it suggests for looking around must work on what it
-//! left behind, the `mosquitto_pub` acknowledgement included (against the demo's broker
-//! and bridge started again from the configurations it wrote).
+//! left behind, the `mosquitto_pub` acknowledgement and the `fhir export|verify` included
+//! (against the demo's broker and bridge started again from the configurations it wrote).
+//! Every patient of the run exported as FHIR from the store it left validates with
+//! `fhir.resources` (zero errors) and re-verifies with `vitalmq fhir verify`; only the
+//! erased patient's export is refused.
 
 mod common;
 
@@ -330,6 +333,8 @@ fn demo_runs_the_whole_system_and_accounts_for_every_fault() {
     );
     assert!(verified.success, "{}", verified.all());
 
+    fhir_as_printed(stdout);
+    fhir_for_every_patient(&dir);
     acknowledge_as_printed(&dir, stdout);
     break_glass_as_printed(stdout);
 
@@ -454,6 +459,148 @@ fn break_glass_as_printed(stdout: &str) {
         rows["rows"].as_array().is_some_and(|r| !r.is_empty()),
         "the device's events: {body}"
     );
+}
+
+/// The `vitalmq fhir export` and `fhir verify` the "look around" block prints, run as
+/// printed: the export writes the episode patient's Bundle, which verifies.
+fn fhir_as_printed(stdout: &str) {
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .map(|l| {
+                let l = l.trim();
+                l.strip_prefix("fhir").map_or(l, str::trim_start)
+            })
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no `{prefix}` in the look-around block:\n{stdout}"))
+    };
+    for command in [line("vitalmq fhir export "), line("vitalmq fhir verify ")] {
+        let words = shell_words(&command);
+        let ran = run(
+            Command::new(bin()).args(&words[1..]),
+            Duration::from_secs(30),
+        );
+        assert!(ran.success, "{command}\n{}", ran.all());
+    }
+}
+
+/// Every refusal-free path of the demo as FHIR: each patient the demo's registry ever
+/// assigned a device to, exported from the store the demo left; every Bundle parses
+/// under the independent validator (fhir.resources, R4 StructureDefinitions) with
+/// zero errors and its signatures re-verify with `vitalmq fhir verify`. The only
+/// export refused is the erased patient's. Together the Bundles hold the demo's alert
+/// paths (a device alarm, the silent device's `no-data`, acknowledged and escalated
+/// changes) as DetectedIssue and Communication.
+fn fhir_for_every_patient(dir: &std::path::Path) {
+    let registry = vitalmq_policies::DeviceRegistry::load(&dir.join("pki/registry.toml"))
+        .expect("the demo's registry");
+    let mut patients = std::collections::BTreeSet::new();
+    for device in registry.devices() {
+        let history = registry.history(&device.id).expect("history");
+        for a in history.periods() {
+            if let vitalmq_policies::Use::Assigned { patient_ref, .. } = &a.serves {
+                patients.insert(patient_ref.clone());
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    let out = dir.join("fhir-every-patient");
+    std::fs::create_dir(&out).expect("fhir dir");
+    let (mut bundles, mut refused) = (Vec::new(), Vec::new());
+    for patient in &patients {
+        let bundle = out.join(format!("{patient}.json"));
+        let ran = run(
+            Command::new(bin())
+                .args(["fhir", "export", "--config"])
+                .arg(dir.join("bridge.toml"))
+                .args(["--patient", patient, "--out"])
+                .arg(&bundle),
+            Duration::from_secs(30),
+        );
+        if ran.code == Some(1) && ran.stderr.contains("erased") {
+            refused.push(patient.clone());
+            continue;
+        }
+        assert!(ran.success, "{patient}: {}", ran.all());
+        bundles.push(bundle);
+    }
+    assert_eq!(refused.len(), 1, "only the erased patient: {refused:?}");
+    assert!(
+        bundles.len() >= DEVICES as usize,
+        "{} Bundles of {} patients",
+        bundles.len(),
+        patients.len()
+    );
+
+    let mut validate = Command::new("python3");
+    validate
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/py/fhir_validate.py"
+        ))
+        .args(&bundles);
+    let ran = run(&mut validate, Duration::from_secs(60));
+    assert!(
+        !ran.stderr.contains("ModuleNotFoundError"),
+        "install the peers: python3 -m pip install 'fhir.resources==8.*'\n{}",
+        ran.stderr
+    );
+    assert!(ran.success, "fhir_validate.py: {}", ran.all());
+    let summary: serde_json::Value = serde_json::from_str(ran.stdout.trim()).expect("summary");
+    assert_eq!(summary["errors"], serde_json::json!([]), "{summary}");
+
+    let (mut rules, mut changes) = (std::collections::BTreeSet::new(), Vec::new());
+    for bundle in &bundles {
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle).expect("bundle")).expect("json");
+        let entries = doc["entry"].as_array().expect("entries");
+        let of = |t: &'static str| {
+            entries
+                .iter()
+                .filter(move |e| e["resource"]["resourceType"] == t)
+                .map(|e| &e["resource"])
+        };
+        for d in of("DetectedIssue") {
+            rules.insert(d["code"]["text"].as_str().expect("rule").to_owned());
+        }
+        for c in of("Communication") {
+            changes.push(
+                c["identifier"][0]["value"]
+                    .as_str()
+                    .expect("key")
+                    .to_owned(),
+            );
+        }
+        if of("Observation").next().is_none() {
+            continue; // verify wants at least one signed reading
+        }
+        let ran = run(
+            Command::new(bin())
+                .args(["fhir", "verify"])
+                .arg(bundle)
+                .arg("--registry")
+                .arg(dir.join("pki/registry.toml")),
+            Duration::from_secs(30),
+        );
+        assert!(ran.success, "{}: {}", bundle.display(), ran.all());
+    }
+    eprintln!(
+        "fhir: {} Bundles in {:?}, {summary}; rules {rules:?}; {} alert changes; refused {refused:?}",
+        bundles.len(),
+        started.elapsed(),
+        changes.len()
+    );
+    // The desaturation episode, the device alarm, the silent device.
+    for rule in ["spo2-low", "device-alarm:arrhythmia", "no-data"] {
+        assert!(rules.contains(rule), "{rule}: {rules:?}");
+    }
+    for state in ["open", "acknowledged", "escalated", "resolved"] {
+        assert!(
+            changes.iter().any(|k| k.contains(&format!("/{state}/"))),
+            "{state}: {changes:?}"
+        );
+    }
 }
 
 /// Splits a printed command line into words (single quotes group, as a shell would).

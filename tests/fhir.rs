@@ -32,6 +32,10 @@ use vitalmq_policies::{DeviceEntry, SiteId};
 
 const A: &str = "pt-aaaa1111";
 const B: &str = "pt-bbbb2222";
+/// Wore dev-b before B.
+const C: &str = "pt-cccc3333";
+/// When dev-b passed from C to B (T0 + 5 s).
+const SWAP: &str = "2025-11-21T12:00:05Z";
 const T0: u64 = 1_763_726_400_000;
 
 fn bin() -> &'static Path {
@@ -60,14 +64,32 @@ impl Device {
         Self { key, entry }
     }
 
-    fn registry_toml(&self) -> String {
-        format!(
-            "[[devices]]\nid = {:?}\nsite = \"site-01\"\npatient_ref = {:?}\nalg = {:?}\npublic_key = {:?}\n",
+    /// Its `vitalmq-registry/v2` entry: worn by each `(patient, from, to)` in turn.
+    fn registry_toml(&self, worn: &[(&str, &str, Option<&str>)]) -> String {
+        let mut t = format!(
+            "[[devices]]\nid = {:?}\nalg = {:?}\npublic_key = {:?}\n",
             self.entry.id.as_str(),
-            self.entry.patient_ref,
             self.key.algorithm().name(),
             self.entry.key.to_hex()
-        )
+        );
+        for (k, v) in [
+            ("lot", &self.entry.lot),
+            ("hardware_model", &self.entry.hardware_model),
+            ("region", &self.entry.region),
+        ] {
+            if let Some(v) = v {
+                t.push_str(&format!("{k} = {v:?}\n"));
+            }
+        }
+        for (patient, from, to) in worn {
+            t.push_str(&format!(
+                "[[devices.assignments]]\nvalid_from = {from:?}\npatient_ref = {patient:?}\nsite = \"site-01\"\n"
+            ));
+            if let Some(to) = to {
+                t.push_str(&format!("valid_to = {to:?}\n"));
+            }
+        }
+        t
     }
 
     fn event(
@@ -175,7 +197,8 @@ fn alert(
 }
 
 /// An encrypted store with A on dev-a (EdDSA, directly and through a gateway) and B on
-/// dev-b (ES256), a bridge configuration and a registry.
+/// dev-b (ES256; worn by C until 12:00:05, then by B), a bridge configuration and a
+/// registry.
 struct Fixture {
     tmp: tempfile::TempDir,
 }
@@ -184,7 +207,14 @@ impl Fixture {
     fn new() -> Self {
         let tmp = temp_dir("vitalmq-fhir-");
         let a = Device::new("dev-a", Algorithm::EdDsa, A);
-        let b = Device::new("dev-b", Algorithm::Es256, B);
+        let mut b = Device::new("dev-b", Algorithm::Es256, C);
+        let c_on_b = b.event(
+            0,
+            MessageType::Vitals,
+            &[("spo2", Number::Int(98))],
+            "spiffe://demo.vitalmq/device/dev-b",
+        );
+        b.entry.patient_ref = B.into();
         let keyring = Arc::new(
             Keyring::open(
                 &tmp.path().join("data/keyring.sqlite3"),
@@ -222,11 +252,12 @@ impl Fixture {
             a.event(2, MessageType::Vitals, &[("spo2", i(86))], own),
             a.event(3, MessageType::Status, &[], own),
             b.event(
-                0,
+                2,
                 MessageType::Vitals,
                 &[("spo2", i(99)), ("pulse", i(60))],
                 "spiffe://demo.vitalmq/device/dev-b",
             ),
+            c_on_b,
         ];
         let ev: Vec<String> = events.iter().map(|e| e.event_id().to_owned()).collect();
         let at = T0 + 60_000;
@@ -304,9 +335,9 @@ impl Fixture {
             })
             .expect("commit");
         let registry = format!(
-            "format = \"vitalmq-registry/v1\"\ntrust_domain = \"demo.vitalmq\"\n\n{}\n{}",
-            a.registry_toml(),
-            b.registry_toml()
+            "format = \"vitalmq-registry/v2\"\ntrust_domain = \"demo.vitalmq\"\n\n{}\n{}",
+            a.registry_toml(&[(A, "2025-01-01T00:00:00Z", None)]),
+            b.registry_toml(&[(C, "2025-01-01T00:00:00Z", Some(SWAP)), (B, SWAP, None)])
         );
         std::fs::write(tmp.path().join("registry.toml"), registry).expect("registry");
         std::fs::write(
@@ -535,19 +566,45 @@ fn verify_refuses_changed_values_signatures_and_unsigned_observations() {
 #[test]
 fn device_and_time_range_exports() {
     let f = Fixture::new();
+    // dev-b's whole assignment history: C's reading (before the swap) and B's.
     let ran = f.export(&["--device", "dev-b"], "b.json", &[]);
     assert!(ran.success, "{}", ran.all());
     let b = f.bundle("b.json");
-    assert!(!b.to_string().contains(A));
-    assert_eq!(count(&b, "Observation"), 2);
+    let text = b.to_string();
+    assert!(!text.contains(A) && !text.contains("dev-a"));
+    assert!(text.contains(B) && text.contains(C), "both wearers: {text}");
+    assert_eq!(count(&b, "Observation"), 3, "C's spo2, B's spo2 and pulse");
+    let wearers: std::collections::BTreeSet<&str> = b["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["resource"]["resourceType"] == "Observation")
+        .filter_map(|e| e["resource"]["subject"]["identifier"]["value"].as_str())
+        .collect();
+    assert_eq!(wearers, [B, C].into(), "each reading with its own wearer");
     let summary = python("fhir_validate.py", &[&f.path("b.json")]);
     assert_eq!(summary["errors"], json!([]), "{summary}");
     let summary = python(
         "fhir_pycose.py",
         &[&f.path("b.json"), &f.path("registry.toml")],
     );
-    assert_eq!(summary["verified"], 1, "ES256 too: {summary}");
+    assert_eq!(summary["verified"], 2, "ES256 too: {summary}");
     assert!(f.verify("b.json").success);
+    // The range picks the wearers: before the swap only C, from it only B.
+    let ran = f.export(&["--device", "dev-b", "--until", SWAP], "bc.json", &[]);
+    assert!(ran.success, "{}", ran.all());
+    let bc = f.bundle("bc.json").to_string();
+    assert!(bc.contains(C) && !bc.contains(B), "{bc}");
+    let ran = f.export(&["--device", "dev-b", "--since", SWAP], "bb.json", &[]);
+    assert!(ran.success, "{}", ran.all());
+    let bb = f.bundle("bb.json").to_string();
+    assert!(bb.contains(B) && !bb.contains(C), "{bb}");
+    let log = std::fs::read_to_string(f.path("data/operator-audit/operator.jsonl")).expect("log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("fhir.export") && l.contains(B) && l.contains(C)),
+        "the device's export names both wearers: {log}"
+    );
 
     // Only event 1 (T0 + 5 s) and no alert change (recorded at T0 + 60 s).
     let ran = f.export(
@@ -581,4 +638,62 @@ fn base64_decode(s: &str) -> Vec<u8> {
 fn base64_encode(b: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// The FHIR sink and `fhir export` give the same reading the same resources: the
+/// sink's transaction Bundle of the outbox (mapped as the drain hands it over, Devices
+/// from the registry in force) holds no entry the export's Bundle does not hold
+/// identically (same fullUrl, same resource, same request).
+#[test]
+fn the_sink_maps_a_reading_as_the_export_does() {
+    let f = Fixture::new();
+    let ran = f.export(&["--device", "dev-a"], "a.json", &[]);
+    assert!(ran.success, "{}", ran.all());
+    let exported = f.bundle("a.json");
+    let by_url: BTreeMap<&str, &Json> = exported["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| (e["fullUrl"].as_str().expect("fullUrl"), e))
+        .collect();
+
+    let keyring = Arc::new(
+        Keyring::open(
+            &f.path("data/keyring.sqlite3"),
+            Arc::new(LocalKeyFile::load(&f.path("kek.json")).expect("kek")),
+        )
+        .expect("keyring"),
+    );
+    let store = Store::open(&f.path("data"))
+        .expect("store")
+        .with_keyring(keyring);
+    let records: Vec<_> = store
+        .read_range(1, store.head().expect("head"))
+        .expect("outbox")
+        .into_iter()
+        .filter(|r| r.device == "dev-a")
+        .collect();
+    assert_eq!(records.len(), 4, "dev-a's events");
+    let batch = vitalmq_bridge::sink::Batch {
+        first: records[0].position,
+        last: records[records.len() - 1].position,
+        records,
+    };
+    let registry =
+        vitalmq_policies::DeviceRegistry::load(&f.path("registry.toml")).expect("registry");
+    let sent = vitalmq_bridge::sink::fhir::bundle::bundle_for(&batch, Some(&registry))
+        .expect("maps")
+        .expect("a Bundle");
+    let entries = sent["entry"].as_array().expect("entries");
+    // The Device, 8 Observations and 3 Provenance of dev-a's readings.
+    assert_eq!(entries.len(), 1 + 8 + 3, "{sent}");
+    for e in entries {
+        let url = e["fullUrl"].as_str().expect("fullUrl");
+        assert_eq!(Some(&e), by_url.get(url), "{url}");
+    }
+    let device = entries
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "Device")
+        .expect("Device");
+    assert_eq!(device["resource"]["lotNumber"], "LOT-A", "{device}");
 }

@@ -357,7 +357,7 @@ pub fn job_of(config: &BridgeConfig) -> Result<Option<(Job, Duration)>, RunError
     for s in &config.sinks {
         if let SinkConfig::Objects { name, .. } = s {
             // Retention lists, copies and deletes objects; it never opens them.
-            if let (_, Some(sink)) = crate::run::build_sink(s, None)? {
+            if let (_, Some(sink)) = crate::run::build_sink(s, None, None)? {
                 objects.push(ObjectsTarget {
                     sink,
                     purpose: s.purpose(),

@@ -178,10 +178,12 @@ type BuiltSink = (Arc<dyn Sink>, Option<Arc<ObjectStoreSink>>);
 
 /// The sink of `config`.
 /// `keyring`: with `[encryption]`, objects sinks seal every object under its patient's
-/// data key (see `sink::object::sealed`).
+/// data key (see `sink::object::sealed`). `registry`: the registry in force, for the
+/// FHIR sink's Devices (lot, hardware model, region).
 pub(crate) fn build_sink(
     config: &SinkConfig,
     keyring: Option<&Arc<vitalmq_keyring::Keyring>>,
+    registry: Option<&watch::Receiver<Arc<vitalmq_policies::DeviceRegistry>>>,
 ) -> Result<BuiltSink, RunError> {
     let objects = |s: ObjectStoreSink| {
         let s = Arc::new(match keyring {
@@ -205,13 +207,17 @@ pub(crate) fn build_sink(
             Arc::new(UpstreamSink::start(name.clone(), link, client_id).map_err(RunError::Mqtt)?),
             None,
         ),
-        SinkConfig::Fhir(f) => (
-            Arc::new(FhirSink::new(f).map_err(|source| RunError::FhirSink {
+        SinkConfig::Fhir(f) => {
+            let sink = FhirSink::new(f).map_err(|source| RunError::FhirSink {
                 sink: f.name.clone(),
                 source,
-            })?),
-            None,
-        ),
+            })?;
+            let sink = match registry {
+                Some(r) => sink.with_registry(r.clone()),
+                None => sink,
+            };
+            (Arc::new(sink), None)
+        }
     })
 }
 
@@ -458,7 +464,7 @@ pub async fn run(
                 parquet_sinks.push(Arc::clone(&parquet));
                 (parquet as Arc<dyn Sink>, None)
             }
-            None => build_sink(s, keyring.as_ref())?,
+            None => build_sink(s, keyring.as_ref(), Some(&registry_watch.registry))?,
         };
         // The audit logs name devices, operators and patients' alerts: they are
         // shipped to care sinks only, never into a research or other data set.

@@ -2,8 +2,9 @@
 //! [--since T] [--until T] --out BUNDLE.json [--ndjson DIR]`.
 //!
 //! Reads, in one store snapshot, the patient's events and alert changes (for
-//! `--device`: those of the patient the registry assigns the device to, restricted to
-//! that device), opens sealed payloads with the configured `[encryption]` keyring, and
+//! `--device`: those of every patient the registry's assignment history gives the
+//! device for some time of the range, each in its own snapshot, restricted to that
+//! device), opens sealed payloads with the configured `[encryption]` keyring, and
 //! writes a FHIR R4 **transaction** Bundle (loadable as is into a FHIR server, with the
 //! same conditional requests as the sink: re-loading it creates nothing twice):
 //! Device, Observations and their Provenance carrying the device's COSE_Sign1, and per
@@ -13,8 +14,9 @@
 //! `since <= t < until`.
 //!
 //! Patient-linked: recorded as the operator action `fhir.export` (resource the
-//! patient_ref; counts and the Bundle's SHA-256, never the data). An erased patient is
-//! refused; new files only, owner-only.
+//! patient_ref, or the device with its wearers in the details; counts and the Bundle's
+//! SHA-256, never the data). An erased patient (for `--device`: any wearer in the
+//! range; narrow it with `--since`) is refused; new files only, owner-only.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -24,10 +26,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use serde_json::{Map, Value as Json};
 use vitalmq_bridge::BridgeConfig;
+use vitalmq_bridge::sink::fhir::bundle::device_facts;
 use vitalmq_bridge::store::Payload;
 use vitalmq_bridge::store::export::{PatientAlert, PatientEvent, PatientRow};
-use vitalmq_fhir::{AlertChange, BundleBuilder, DeviceFacts, Event};
-use vitalmq_policies::{DeviceEntry, DeviceRegistry};
+use vitalmq_fhir::{AlertChange, BundleBuilder, Event};
+use vitalmq_policies::{DeviceRegistry, History, Use};
 
 use crate::export_cmd::Refused;
 use crate::operator_audit::{self, Action};
@@ -76,23 +79,30 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("--config {}", args.config.display()))?;
     let registry = DeviceRegistry::load(&config.registry)
         .map_err(|e| anyhow::anyhow!("{}: {e}", config.registry.display()))?;
-    let (patient_ref, device) = match (&args.patient, &args.device) {
-        (Some(p), None) => (p.clone(), None),
+    let since = args.since.as_deref().map(parse_time).transpose()?;
+    let until = args.until.as_deref().map(parse_time).transpose()?;
+    let (patients, device) = match (&args.patient, &args.device) {
+        (Some(p), None) => (vec![p.clone()], None),
         (None, Some(d)) => {
             let id = vitalmq_envelope::DeviceId::new(d.as_str())?;
-            let entry = registry
-                .device(&id)
+            let history = registry
+                .history(&id)
                 .with_context(|| format!("--device {d}: not in the registry"))?;
-            (entry.patient_ref.clone(), Some(d.clone()))
+            let patients = wearers(history, since, until);
+            anyhow::ensure!(
+                !patients.is_empty(),
+                "--device {d}: assigned to no patient in the time range"
+            );
+            (patients, Some(d.clone()))
         }
         _ => anyhow::bail!("give one of --patient and --device"),
     };
-    anyhow::ensure!(
-        vitalmq_policies::is_patient_ref(&patient_ref),
-        "--patient is not a patient pseudonym (pt- then at least 8 of [0-9a-z-])"
-    );
-    let since = args.since.as_deref().map(parse_time).transpose()?;
-    let until = args.until.as_deref().map(parse_time).transpose()?;
+    for p in &patients {
+        anyhow::ensure!(
+            vitalmq_policies::is_patient_ref(p),
+            "--patient is not a patient pseudonym (pt- then at least 8 of [0-9a-z-])"
+        );
+    }
     new_file_ok(&args.out)?;
     if let Some(dir) = &args.ndjson {
         anyhow::ensure!(
@@ -113,19 +123,19 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         "fhir.export",
         operator_audit::log_path(operator_audit::data_dir_log(&config.data_dir)),
     )
-    .resource(Some(patient_ref.clone()))
+    // One patient: the patient. A device's export: the device, and every wearer it
+    // reads in the details.
+    .resource(match &device {
+        Some(d) => Some(d.clone()),
+        None => patients.first().cloned(),
+    })
     .detail("device", device.clone())
+    .detail("patients", patients.clone())
     .detail("since", args.since.clone())
     .detail("until", args.until.clone())
     .detail("out", operator_audit::absolute(&args.out))
     .detail("purpose", args.purpose.clone())
     .run(|| {
-        if let Some(erased) = store.patient_erased(&patient_ref)? {
-            return Err(Refused {
-                erased_at_ms: erased.erased_at_ms,
-            }
-            .into());
-        }
         let mut collect = Collect {
             device: device.as_deref(),
             since,
@@ -134,23 +144,30 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
             devices: Vec::new(),
             report: Report::default(),
         };
-        store.read_patient(&patient_ref, |row| match row {
-            PatientRow::Event(e) => collect.event(&e),
-            PatientRow::Alert(a) => collect.alert(&a),
-        })?;
+        // One read snapshot per patient; a device's wearers one after the other.
+        for patient_ref in &patients {
+            if let Some(erased) = store.patient_erased(patient_ref)? {
+                return Err(Refused {
+                    erased_at_ms: erased.erased_at_ms,
+                }
+                .into());
+            }
+            store.read_patient(patient_ref, |row| match row {
+                PatientRow::Event(e) => collect.event(&e),
+                PatientRow::Alert(a) => collect.alert(&a),
+            })?;
+        }
         let Collect {
             mut builder,
             devices,
             mut report,
             ..
         } = collect;
-        for facts in &devices {
-            let entry = vitalmq_envelope::DeviceId::new(facts.id.as_str())
+        for (device, site, event) in &devices {
+            let entry = vitalmq_envelope::DeviceId::new(device.as_str())
                 .ok()
-                .and_then(|id| registry.device(&id).cloned());
-            let mut facts = facts.clone();
-            (facts.lot, facts.hardware_model, facts.region) = registry_extras(entry.as_ref());
-            builder.device(&facts);
+                .and_then(|id| registry.device(&id));
+            builder.device(&device_facts(device, site, event, entry));
         }
         let bundle = builder.transaction();
         let mut text = serde_json::to_vec_pretty(&bundle)?;
@@ -181,22 +198,14 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// lot, hardware model and region of a registry entry.
-fn registry_extras(
-    entry: Option<&DeviceEntry>,
-) -> (Option<String>, Option<String>, Option<String>) {
-    entry.map_or((None, None, None), |e| {
-        (e.lot.clone(), e.hardware_model.clone(), e.region.clone())
-    })
-}
-
 struct Collect<'a> {
     device: Option<&'a str>,
     since: Option<u64>,
     until: Option<u64>,
     builder: BundleBuilder,
-    /// Per device, the facts of its newest event (events come in outbox order).
-    devices: Vec<DeviceFacts>,
+    /// Per device (id, site), its newest event (events come in outbox order): its
+    /// Device is mapped from it as the sink maps it.
+    devices: Vec<(String, String, Event)>,
     report: Report,
 }
 
@@ -220,20 +229,13 @@ impl Collect<'_> {
                 == event.provenance.raw_sha256,
             "event {id}: the raw message does not hash to the event's raw_sha256"
         );
-        let facts = DeviceFacts {
-            id: device.to_owned(),
-            site: event.site.clone(),
-            patient_ref: Some(event.patient_ref.clone()),
-            fw: Some(event.fw.clone()),
-            model: event.model.clone(),
-            ..DeviceFacts::default()
-        };
-        match self.devices.iter_mut().find(|f| f.id == device) {
-            Some(f) => *f = facts,
-            None => self.devices.push(facts),
-        }
         self.report.events += 1;
         self.report.observations += self.builder.reading(&event, raw)? as u64;
+        let newest = (device.to_owned(), e.head.site.as_str().to_owned(), event);
+        match self.devices.iter_mut().find(|(d, ..)| d == device) {
+            Some(f) => *f = newest,
+            None => self.devices.push(newest),
+        }
         Ok(())
     }
 
@@ -260,6 +262,26 @@ impl Collect<'_> {
         self.report.alert_changes += 1;
         Ok(())
     }
+}
+
+/// Every patient `history` assigns the device to for some time of `[since, until)`,
+/// oldest first, each once: a device's export follows its wearers, not only today's.
+fn wearers(history: &History, since: Option<u64>, until: Option<u64>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for a in history.periods() {
+        let Use::Assigned { patient_ref, .. } = &a.serves else {
+            continue;
+        };
+        let starts_before_until = until.is_none_or(|u| a.period.from < u);
+        let ends_after_since = match (a.period.to, since) {
+            (Some(to), Some(s)) => to > s,
+            _ => true,
+        };
+        if starts_before_until && ends_after_since && !out.contains(patient_ref) {
+            out.push(patient_ref.clone());
+        }
+    }
+    out
 }
 
 /// The bytes of a payload: an erased one refuses the export, a locked one needs the key.

@@ -27,11 +27,14 @@ pub mod oauth;
 pub mod response;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use reqwest::StatusCode;
+use tokio::sync::watch;
 use tracing::{debug, warn};
+use vitalmq_policies::DeviceRegistry;
 
 use super::{Batch, Sink, SinkError, SinkFailure};
 use crate::config::FhirSinkConfig;
@@ -118,6 +121,9 @@ pub struct FhirSink {
     base_url: String,
     client: reqwest::Client,
     tokens: TokenSource,
+    /// The device registry in force (reloaded on change): the Devices' lot, hardware
+    /// model and region. `None` for the alert handler, whose Bundles hold no Device.
+    registry: Option<watch::Receiver<Arc<DeviceRegistry>>>,
 }
 
 impl std::fmt::Debug for FhirSink {
@@ -173,7 +179,16 @@ impl FhirSink {
             base_url: config.base_url.clone(),
             client,
             tokens,
+            registry: None,
         })
+    }
+
+    /// Reads the Devices' lot, hardware model and region from `registry`, the registry
+    /// in force when each batch is mapped (as the drain's governance does).
+    #[must_use]
+    pub fn with_registry(mut self, registry: watch::Receiver<Arc<DeviceRegistry>>) -> Self {
+        self.registry = Some(registry);
+        self
     }
 
     /// POSTs `body` (a transaction Bundle) with `token`: the status and the answer.
@@ -199,7 +214,9 @@ impl FhirSink {
 
     /// One transaction of `batch`, with one fresh token after a `401`.
     async fn transact(&self, batch: &Batch) -> Result<(), FhirFailure> {
-        match bundle::bundle_for(batch)? {
+        // Cloned out of the watch so no borrow is held across the send.
+        let registry = self.registry.as_ref().map(|r| Arc::clone(&r.borrow()));
+        match bundle::bundle_for(batch, registry.as_deref())? {
             Some(bundle) => self.send(&bundle).await,
             None => Ok(()), // nothing FHIR records (no event of the batch maps)
         }

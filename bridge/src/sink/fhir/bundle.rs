@@ -1,25 +1,37 @@
 //! One batch of outbox records as one FHIR R4 `transaction` Bundle, mapped by
 //! `vitalmq-fhir` (docs/fhir.md): per record the device's Device (conditional update,
-//! the newest facts of the batch), and per vitals reading its Observations and their
+//! the newest facts of the batch; lot, hardware model and region from the registry in
+//! force, see [`device_facts`]), and per vitals reading its Observations and their
 //! Provenance carrying the device's COSE_Sign1 bytes (conditional creates). Every
 //! entry is idempotent, so a batch delivered again creates nothing twice.
 
 use serde_json::Value;
 use vitalmq_fhir::{AlertChange, BundleBuilder, DeviceFacts, Event};
+use vitalmq_policies::{DeviceEntry, DeviceRegistry};
 
 use super::FhirFailure;
-use crate::sink::{Batch, OutboxRecord};
+use crate::sink::Batch;
 use crate::store::StoredAlert;
 
-/// The transaction Bundle of `batch`; `None` when nothing in it maps to FHIR.
-pub fn bundle_for(batch: &Batch) -> Result<Option<Value>, FhirFailure> {
+/// The transaction Bundle of `batch`, the Devices' lot, hardware model and region read
+/// from `registry` (the one in force; `None`: without them); `None` when nothing in
+/// the batch maps to FHIR.
+pub fn bundle_for(
+    batch: &Batch,
+    registry: Option<&DeviceRegistry>,
+) -> Result<Option<Value>, FhirFailure> {
     let mut bundle = BundleBuilder::new();
     for r in &batch.records {
         let json: Value = serde_json::from_str(&r.normalized_json)
             .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
         let event = Event::from_json(&json)
             .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
-        bundle.device(&facts(r, &event));
+        let entry = registry.and_then(|reg| {
+            vitalmq_envelope::DeviceId::new(r.device.as_str())
+                .ok()
+                .and_then(|id| reg.device(&id))
+        });
+        bundle.device(&device_facts(&r.device, &r.site, &event, entry));
         bundle
             .reading(&event, &r.raw)
             .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
@@ -27,18 +39,25 @@ pub fn bundle_for(batch: &Batch) -> Result<Option<Value>, FhirFailure> {
     Ok((!bundle.is_empty()).then(|| bundle.transaction()))
 }
 
-/// What the Device says: the event's own facts and the registry's (lot, hardware
-/// model, region: `None` until the device registry carries them, issue 21).
-fn facts(r: &OutboxRecord, event: &Event) -> DeviceFacts {
+/// What the Device of one reading says: the event's own facts (site, wearer,
+/// firmware, on-device model) and the registry entry's lot, hardware model and region.
+/// One function for the sink and `vitalmq fhir export`, so both map a reading to the
+/// same Device.
+pub fn device_facts(
+    device: &str,
+    site: &str,
+    event: &Event,
+    entry: Option<&DeviceEntry>,
+) -> DeviceFacts {
     DeviceFacts {
-        id: r.device.clone(),
-        site: r.site.clone(),
+        id: device.to_owned(),
+        site: site.to_owned(),
         patient_ref: Some(event.patient_ref.clone()),
         fw: Some(event.fw.clone()),
         model: event.model.clone(),
-        lot: None,
-        hardware_model: None,
-        region: None,
+        lot: entry.and_then(|e| e.lot.clone()),
+        hardware_model: entry.and_then(|e| e.hardware_model.clone()),
+        region: entry.and_then(|e| e.region.clone()),
     }
 }
 

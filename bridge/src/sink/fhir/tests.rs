@@ -429,3 +429,72 @@ async fn clinical_alert_changes_go_as_one_transaction_and_operational_ones_not_a
     assert!(count("Task") <= 1, "{kinds:?}");
     assert!(!tx.body.contains("\"operational\""), "no operational alert");
 }
+
+/// A registry with `dev-1` of `lot` (hardware model `hm-2`, region `eu-west`).
+fn registry_with_lot(lot: &str) -> Arc<vitalmq_policies::DeviceRegistry> {
+    let key = vitalmq_envelope::SigningKey::generate(vitalmq_envelope::Algorithm::EdDsa)
+        .expect("key")
+        .verifying_key()
+        .to_hex();
+    let text = format!(
+        "format = \"vitalmq-registry/v2\"\ntrust_domain = \"t.vitalmq\"\n\
+         [[devices]]\nid = \"dev-1\"\nalg = \"EdDSA\"\npublic_key = \"{key}\"\n\
+         lot = \"{lot}\"\nhardware_model = \"hm-2\"\nregion = \"eu-west\"\n\
+         [[devices.assignments]]\nvalid_from = \"2025-01-01T00:00:00Z\"\npatient_ref = \"pt-aaaa1111\"\nsite = \"north\"\n"
+    );
+    Arc::new(
+        vitalmq_policies::DeviceRegistry::parse(&text, std::path::Path::new("r.toml"))
+            .expect("registry"),
+    )
+}
+
+/// The Device entry of a POSTed transaction Bundle.
+fn device_of(body: &str) -> serde_json::Value {
+    let bundle: serde_json::Value = serde_json::from_str(body).expect("bundle");
+    bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "Device")
+        .map(|e| e["resource"].clone())
+        .expect("a Device")
+}
+
+/// The Device carries the lot, hardware model and region of the registry in force when
+/// the batch is mapped: a reload between two batches shows in the second.
+#[tokio::test]
+async fn the_device_carries_the_registry_facts_in_force() {
+    let (base, seen) = scripted(Arc::new(|r: &Seen, n| match r.path.as_str() {
+        "/token" => (200, token(n)),
+        _ => (200, created(&r.body)),
+    }))
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (tx, rx) = tokio::sync::watch::channel(registry_with_lot("LOT-A"));
+    let sink = sink(&base, &dir).with_registry(rx);
+    sink.deliver(&batch(1, 2)).await.expect("first batch");
+    tx.send(registry_with_lot("LOT-B")).expect("reload");
+    sink.deliver(&batch(3, 1)).await.expect("second batch");
+    let seen = seen.lock().expect("log").clone();
+    let posted: Vec<&Seen> = seen.iter().filter(|s| s.path == "/fhir").collect();
+    assert_eq!(posted.len(), 2);
+
+    let first = device_of(&posted[0].body);
+    assert_eq!(first["lotNumber"], "LOT-A");
+    assert_eq!(first["modelNumber"], "hm-2");
+    assert_eq!(first["property"][0]["type"]["coding"][0]["code"], "region");
+    assert_eq!(
+        first["property"][0]["valueCode"][0]["coding"][0]["code"],
+        "eu-west"
+    );
+    assert_eq!(device_of(&posted[1].body)["lotNumber"], "LOT-B", "reloaded");
+
+    // Without a registry (or a device it does not list) the Device says nothing of them.
+    let bare = bundle::bundle_for(&batch(1, 1), None)
+        .expect("maps")
+        .expect("a bundle");
+    let bare = device_of(&bare.to_string());
+    for key in ["lotNumber", "modelNumber", "property"] {
+        assert!(bare.get(key).is_none(), "{key}: {bare}");
+    }
+}
