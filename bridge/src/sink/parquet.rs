@@ -34,6 +34,7 @@ pub const FIELDS: &[&str] = &[
     "event_id",
     "device",
     "site",
+    "epoch",
     "patient_ref",
     "type",
     "observed_at",
