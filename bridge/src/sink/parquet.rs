@@ -145,7 +145,7 @@ impl Sink for ParquetSink {
 
 mod follow;
 
-pub use follow::{ALERT_FIELDS, FollowError, Follower, cursor_name, read_scores};
+pub use follow::{ALERT_FIELDS, EMPTY_WEEK, FollowError, Follower, cursor_name, read_scores};
 
 #[cfg(test)]
 mod tests;
