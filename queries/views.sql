@@ -7,7 +7,7 @@
 -- Base views, one per table, all partitions (`week` comes from the Hive path):
 --   events, alerts, scores, refusals, gaps
 -- Every table directory must hold at least one file (DuckDB binds a view to the
--- files it finds).
+-- files it finds): the sink writes a zero-row file per table when it starts.
 --
 -- Shared definitions (the same in `vitalmq surveil`, src/surveil_cmd/):
 --   dims         a row's grouping values as text, NULL spelled '(none)'; `model` is

@@ -15,9 +15,9 @@ use std::time::Duration;
 use ciborium::Value as Cbor;
 use common::{run, temp_dir, vitalmq_ok};
 use serde_json::{Value as Json, json};
+use vitalmq_bridge::NewScore;
 use vitalmq_bridge::normalize::Receipt;
 use vitalmq_bridge::plausible::Assessment;
-use vitalmq_bridge::NewScore;
 use vitalmq_bridge::store::{Commit, NewAlert, RecordedEvent, Store};
 use vitalmq_bridge::window::Accepted;
 use vitalmq_envelope::{
@@ -134,7 +134,14 @@ fn alert(id: &str, state: &str, device: &str, at: u64) -> NewAlert {
 
 /// A NEWS2 score of `patient` as the bridge stores it (payload `vitalmq-score/v1`,
 /// sealed by the store with the patient's key).
-fn score(n: u32, patient: &str, version: &str, role: &str, aggregate: i64, complete: bool) -> NewScore {
+fn score(
+    n: u32,
+    patient: &str,
+    version: &str,
+    role: &str,
+    aggregate: i64,
+    complete: bool,
+) -> NewScore {
     let score_id = format!("sc-{version}-{n}");
     let at = W47 + DAY + u64::from(n);
     NewScore {
@@ -357,7 +364,11 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
         "--compare-version",
         "1.1.0",
     ]);
-    assert!(!refused.success, "sealed scores read without keys: {}", refused.all());
+    assert!(
+        !refused.success,
+        "sealed scores read without keys: {}",
+        refused.all()
+    );
 
     // Audited: what was asked, how many rows, never a value or a subject.
     let log = std::fs::read_to_string(&audit).expect("operator audit log");

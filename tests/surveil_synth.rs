@@ -15,16 +15,18 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Rig, Spawned, now_ms, run, sim_summary_all_receipted, temp_dir, vitalmq_ok, wait_until};
+use common::{
+    Rig, Spawned, now_ms, run, sim_summary_all_receipted, temp_dir, vitalmq_ok, wait_until,
+};
+use serde_json::Value as Json;
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{DeviceRegistry, Grant, Period, Purpose};
-use serde_json::Value as Json;
 
 fn check_sql(root: &Path, extra: &[&str]) -> Json {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -48,7 +50,11 @@ fn check_sql(root: &Path, extra: &[&str]) -> Json {
 /// Every file and directory under `dir` is owner-only.
 fn assert_owner_only(dir: &Path) {
     for entry in walk(dir) {
-        let mode = std::fs::metadata(&entry).expect("meta").permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&entry)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode & 0o077, 0, "{} is {mode:o}", entry.display());
     }
 }
@@ -238,9 +244,11 @@ fn shipped_sql_over_a_real_bridge_parquet_sink_gives_the_stores_counts() {
         );
         out.stdout.trim().parse().unwrap_or(0)
     };
-    wait_until(Duration::from_secs(30), "the sink writes every event", || {
-        count() == expected
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the sink writes every event",
+        || count() == expected,
+    );
     // The side tables' empty files are there (no gaps, refusals or alerts in this run).
     wait_until(Duration::from_secs(30), "every table has a file", || {
         ["alerts", "scores", "refusals", "gaps"]

@@ -194,7 +194,10 @@ fn scores(store: &Store) -> anyhow::Result<Vec<Score>> {
                 model: text(&p, "model").unwrap_or_default(),
                 version: text(&p, "version").unwrap_or_default(),
                 observed_at: i64::try_from(s.observed_at_ms)?,
-                aggregate: p.get("aggregate").and_then(Json::as_i64).unwrap_or_default(),
+                aggregate: p
+                    .get("aggregate")
+                    .and_then(Json::as_i64)
+                    .unwrap_or_default(),
                 complete: p.get("complete").and_then(Json::as_bool).unwrap_or(false),
             });
         }

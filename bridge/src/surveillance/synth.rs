@@ -652,7 +652,14 @@ impl DeviceWeek<'_> {
                     device: Some(self.device.id.clone()),
                     fw: Some(self.device.fw.clone()),
                     aggregate: Some(aggregate),
-                    risk: Some(if aggregate >= ALERT_AGGREGATE { "medium" } else { "low" }.to_owned()),
+                    risk: Some(
+                        if aggregate >= ALERT_AGGREGATE {
+                            "medium"
+                        } else {
+                            "low"
+                        }
+                        .to_owned(),
+                    ),
                     complete: Some(true),
                     red: Some(false),
                     missing: Some(String::new()),
@@ -693,16 +700,8 @@ fn news2_like(v: &Vitals) -> i32 {
             &[(41.0, 3), (51.0, 1), (91.0, 0), (111.0, 1), (131.0, 2)],
             3,
         )
-        + band(
-            v.temp,
-            &[(35.05, 3), (36.05, 1), (38.05, 0), (39.05, 1)],
-            2,
-        )
-        + band(
-            v.sbp,
-            &[(91.0, 3), (101.0, 2), (111.0, 1), (220.0, 0)],
-            3,
-        )
+        + band(v.temp, &[(35.05, 3), (36.05, 1), (38.05, 0), (39.05, 1)], 2)
+        + band(v.sbp, &[(91.0, 3), (101.0, 2), (111.0, 1), (220.0, 0)], 3)
 }
 
 #[cfg(test)]
