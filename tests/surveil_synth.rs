@@ -128,7 +128,7 @@ fn grant_surveillance(registry: &Path) {
     let from = now_ms() - 3_600_000;
     for i in 1..=3 {
         r.grant_consent(
-            &DeviceId::new(&format!("dev-{i:05}")).expect("id"),
+            &DeviceId::new(format!("dev-{i:05}")).expect("id"),
             Grant {
                 purpose: Purpose::Surveillance,
                 period: Period::new(from, None).expect("period"),
@@ -145,8 +145,9 @@ fn store_truth(data: &Path, registry: &DeviceRegistry) -> Json {
     let store = vitalmq_bridge::store::Store::open(data).expect("the bridge's store");
     let head = store.head().expect("head");
     let records = store.read_range(1, head).expect("events");
-    let mut lots: std::collections::BTreeMap<String, (u64, u64, BTreeSet<(String, String)>)> =
-        Default::default();
+    // Per lot: readings, dropped, and its (device, ISO week) pairs.
+    type Lot = (u64, u64, BTreeSet<(String, String)>);
+    let mut lots: std::collections::BTreeMap<String, Lot> = Default::default();
     let mut boots: std::collections::BTreeMap<(String, u64), (String, i64)> = Default::default();
     let mut statuses = 0;
     for rec in &records {

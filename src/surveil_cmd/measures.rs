@@ -89,7 +89,8 @@ pub fn dropped_increases(events: &[Event]) -> Vec<(usize, i64)> {
         ))
     });
     // Per (device, epoch): (highest value so far, previous value).
-    let mut last: HashMap<(Option<&str>, Option<u64>), (i64, i64)> = HashMap::new();
+    type Boot<'a> = (Option<&'a str>, Option<u64>);
+    let mut last: HashMap<Boot<'_>, (i64, i64)> = HashMap::new();
     let mut out = Vec::with_capacity(status.len());
     for i in status {
         let e = &events[i];
