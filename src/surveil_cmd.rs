@@ -8,6 +8,9 @@
 //! (`--json`, an array of the rows the SQL returns, same column names). Each run is an
 //! operator action (`surveil.<question>`) recording what was asked (question and
 //! parameters, data directory, purpose) and how many rows came out, never values.
+//!
+//! `vitalmq surveil generate` is not a question: it writes a synthetic fleet as a data
+//! set for the shipped SQL's tests and benchmark (`generate`).
 
 mod generate;
 mod measures;
