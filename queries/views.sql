@@ -7,7 +7,7 @@
 -- Base views, one per table, all partitions (`week` comes from the Hive path):
 --   events, alerts, scores, refusals, gaps
 -- Every table directory must hold at least one file (DuckDB binds a view to the
--- files it finds).
+-- files it finds): the sink writes a zero-row file per table when it starts.
 --
 -- Shared definitions (the same in `vitalmq surveil`, src/surveil_cmd/):
 --   dims         a row's grouping values as text, NULL spelled '(none)'; `model` is
@@ -22,9 +22,11 @@
 --       refusals       refused messages
 --       dropped        messages the device dropped from its own buffer: `dropped` of a
 --                      status event is a per-boot cumulative counter, so each status
---                      adds its increase over the device's previous status, and a
---                      value lower than the previous one is a new boot (it adds its
---                      whole value); the first status of a device adds its value.
+--                      adds its increase over the highest value of the same (device,
+--                      epoch) before it (the first status of a boot adds its whole
+--                      value; a lower value adds nothing). Rows without an epoch
+--                      (files written before the column existed) fall back to a guess:
+--                      per device, a value lower than the previous one is a new boot.
 --   rates        per measure, dimension (firmware, model, model_status, lot, region,
 --                hardware_model, week) and value: device_weeks, readings, n, and the
 --                rates per device-week and per 1000 readings.
@@ -59,10 +61,15 @@ GROUP BY ALL;
 
 CREATE OR REPLACE VIEW dropped_increases AS
 SELECT device, week, fw, model, model_status, lot, region, hardware_model,
-       CASE WHEN previous IS NULL OR dropped < previous THEN dropped
+       CASE WHEN epoch IS NOT NULL THEN greatest(dropped - coalesce(highest, 0), 0)
+            WHEN previous IS NULL OR dropped < previous THEN dropped
             ELSE dropped - previous END AS increase
 FROM (
-    SELECT *, lag(dropped) OVER (PARTITION BY device ORDER BY observed_at, event_id) AS previous
+    SELECT *,
+           max(dropped) OVER (PARTITION BY device, epoch ORDER BY observed_at, event_id
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS highest,
+           lag(dropped) OVER (PARTITION BY device, epoch ORDER BY observed_at, event_id)
+               AS previous
     FROM events
     WHERE kind = 'status' AND dropped IS NOT NULL
 );

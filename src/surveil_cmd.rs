@@ -8,7 +8,11 @@
 //! (`--json`, an array of the rows the SQL returns, same column names). Each run is an
 //! operator action (`surveil.<question>`) recording what was asked (question and
 //! parameters, data directory, purpose) and how many rows came out, never values.
+//!
+//! `vitalmq surveil generate` is not a question: it writes a synthetic fleet as a data
+//! set for the shipped SQL's tests and benchmark (`generate`).
 
+mod generate;
 mod measures;
 mod psi;
 mod rows;
@@ -77,6 +81,9 @@ enum Question {
         #[arg(long)]
         weeks: Option<psi::Weeks>,
     },
+    /// Write a synthetic fleet (planted LOT-C defect) as a surveillance data set, for
+    /// the shipped queries' benchmark (`scripts/bench-surveil`); not a question.
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -103,6 +110,7 @@ impl Question {
             Self::Outliers(_) => "outliers",
             Self::Psi { .. } => "psi",
             Self::PsiScore { .. } => "psi-score",
+            Self::Generate(_) => "generate",
         }
     }
 
@@ -146,6 +154,7 @@ impl Question {
                         .into(),
                 );
             }
+            Self::Generate(_) => {}
         }
         m
     }
@@ -199,6 +208,7 @@ impl Question {
                 row.extend(as_object(&p)?);
                 vec![Json::Object(row)]
             }
+            Self::Generate(_) => anyhow::bail!("generate writes a data set, it asks nothing"),
         };
         Ok(rows)
     }
@@ -216,6 +226,10 @@ fn to_rows<T: serde::Serialize>(rows: impl Iterator<Item = T>) -> anyhow::Result
 }
 
 pub fn run(args: SurveilArgs) -> anyhow::Result<ExitCode> {
+    if let Question::Generate(g) = &args.question {
+        generate::run(g, args.json)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let rows = if let Some(file) = &args.rows {
         let data: DataSet = serde_json::from_slice(
             &std::fs::read(file).with_context(|| format!("{}", file.display()))?,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use ciborium::Value as Cbor;
 use common::{run, temp_dir, vitalmq_ok};
 use serde_json::{Value as Json, json};
+use vitalmq_bridge::NewScore;
 use vitalmq_bridge::normalize::Receipt;
 use vitalmq_bridge::plausible::Assessment;
 use vitalmq_bridge::store::{Commit, NewAlert, RecordedEvent, Store};
@@ -131,6 +132,38 @@ fn alert(id: &str, state: &str, device: &str, at: u64) -> NewAlert {
     }
 }
 
+/// A NEWS2 score of `patient` as the bridge stores it (payload `vitalmq-score/v1`,
+/// sealed by the store with the patient's key).
+fn score(
+    n: u32,
+    patient: &str,
+    version: &str,
+    role: &str,
+    aggregate: i64,
+    complete: bool,
+) -> NewScore {
+    let score_id = format!("sc-{version}-{n}");
+    let at = W47 + DAY + u64::from(n);
+    NewScore {
+        score_id: score_id.clone(),
+        patient_ref: patient.into(),
+        site: "site-01".into(),
+        device: "dev-a".into(),
+        model: "news2".into(),
+        version: version.into(),
+        config_sha256: "ab".repeat(32),
+        role: role.into(),
+        observed_at_ms: at,
+        created_at_ms: at + 5,
+        payload: json!({"format": "vitalmq-score/v1", "score_id": score_id, "model": "news2",
+            "version": version, "config_sha256": "ab".repeat(32), "role": role,
+            "patient_ref": patient, "site": "site-01", "observed_at": "2026-11-17T00:00:00Z",
+            "aggregate": aggregate, "risk": "low", "complete": complete, "red": false,
+            "assessment": "routine", "sub_scores": {}, "missing": [], "inputs": []})
+        .to_string(),
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
@@ -173,6 +206,20 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
                 alert("al-1", "resolved", "dev-a", W47 + 4 * DAY + 1),
                 alert("al-2", "open", "dev-b", W47 + 8 * DAY),
             ],
+            // The live NEWS2 version and its shadow candidate (two points higher), and
+            // an incomplete score, which PSI leaves out.
+            scores: [1, 2, 3, 1]
+                .into_iter()
+                .enumerate()
+                .flat_map(|(n, agg)| {
+                    let n = u32::try_from(n).expect("n");
+                    [
+                        score(n, "pt-aaaa1111", "1.0.0", "live", agg, true),
+                        score(n, "pt-aaaa1111", "1.1.0", "shadow", agg + 2, true),
+                    ]
+                })
+                .chain([score(9, "pt-bbbb2222", "1.0.0", "live", 7, false)])
+                .collect(),
             now_ms: W47 + 10 * DAY,
             ..Commit::default()
         })
@@ -281,6 +328,47 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
         ],
     );
     assert!(text.stdout.starts_with("measure"), "{}", text.stdout);
+
+    // PSI of the score between versions, from the store's (sealed) scores table.
+    let psi = |compare: &str| -> Json {
+        let out = ask(&[
+            "psi-score",
+            "--reference-version",
+            "1.0.0",
+            "--compare-version",
+            compare,
+            "--key-file",
+            s(&kek),
+        ]);
+        assert!(out.success, "{}", out.all());
+        let rows: Vec<Json> = serde_json::from_str(&out.stdout).expect("JSON rows");
+        rows[0].clone()
+    };
+    let same = psi("1.0.0");
+    assert_eq!(
+        (&same["reference_n"], &same["compare_n"]),
+        (&json!(4), &json!(4)),
+        "complete scores only: {same}"
+    );
+    assert_eq!(same["psi"].as_f64(), Some(0.0), "{same}");
+    let shifted = psi("1.1.0");
+    assert_eq!(shifted["compare_n"], 4, "{shifted}");
+    assert!(
+        shifted["psi"].as_f64().expect("psi") > 0.25,
+        "the candidate scores two points higher: {shifted}"
+    );
+    let refused = ask(&[
+        "psi-score",
+        "--reference-version",
+        "1.0.0",
+        "--compare-version",
+        "1.1.0",
+    ]);
+    assert!(
+        !refused.success,
+        "sealed scores read without keys: {}",
+        refused.all()
+    );
 
     // Audited: what was asked, how many rows, never a value or a subject.
     let log = std::fs::read_to_string(&audit).expect("operator audit log");

@@ -82,6 +82,7 @@ const EVENT_COLUMNS: &[(&str, &str, &str)] = &[
     ("alarm_code", "string", "VARCHAR"),
     ("alarm_level", "string", "VARCHAR"),
     ("alarm_active", "bool", "BOOLEAN"),
+    ("epoch", "int64", "BIGINT"),
 ];
 
 const GAP_COLUMNS: &[(&str, &str, &str)] = &[
@@ -183,7 +184,7 @@ fn a_synthetic_fleet_reads_back_in_pyarrow_and_duckdb_with_the_defect_visible() 
     assert_eq!(
         dropped.values().filter_map(Json::as_u64).sum::<u64>(),
         summary.dropped,
-        "every dropped message reported by a status row"
+        "every dropped message reported by a status row's per-boot counter"
     );
     let defect = dropped[DEFECT_LOT].as_u64().expect("LOT-C");
     for (lot, n) in dropped {

@@ -37,3 +37,5 @@ pub mod window;
 
 pub use config::{BridgeConfig, ConfigError, Invalid, LifecycleConfig};
 pub use run::{READY, RunError, run};
+/// A score row as a commit takes it (tests write stores with scores).
+pub use score::NewScore;

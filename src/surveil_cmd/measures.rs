@@ -69,38 +69,43 @@ fn groups(d: &Dims, week: &str) -> [(&'static str, String); 7] {
     ]
 }
 
-/// Messages dropped per status event: `dropped` is cumulative per boot, so each status
-/// adds its increase over the boot's highest value so far. A boot ends with a new
-/// epoch when the row knows it, otherwise with a value lower than the previous one
-/// (then the whole value is new). Returns (index into `events`, increase).
+/// Messages dropped per status event (`dropped_increases` of `views.sql`): `dropped`
+/// is cumulative per boot, so each status adds its increase over the highest value of
+/// the same (device, epoch) before it (a boot's first status adds its whole value, a
+/// lower value nothing). Rows without an epoch fall back to a guess, per device: a
+/// value lower than the previous one is a new boot (then the whole value is new).
+/// Returns (index into `events`, increase).
 pub fn dropped_increases(events: &[Event]) -> Vec<(usize, i64)> {
     let mut status: Vec<usize> = (0..events.len())
         .filter(|&i| events[i].kind == "status" && events[i].dropped.is_some())
         .collect();
     status.sort_by(|&a, &b| {
         let (x, y) = (&events[a], &events[b]);
-        (&x.device, x.observed_at, &x.event_id).cmp(&(&y.device, y.observed_at, &y.event_id))
+        (&x.device, x.epoch, x.observed_at, &x.event_id).cmp(&(
+            &y.device,
+            y.epoch,
+            y.observed_at,
+            &y.event_id,
+        ))
     });
-    // Per device: (epoch, highest value of this boot, previous value).
-    let mut last: HashMap<Option<&str>, (Option<u64>, i64, i64)> = HashMap::new();
+    // Per (device, epoch): (highest value so far, previous value).
+    type Boot<'a> = (Option<&'a str>, Option<u64>);
+    let mut last: HashMap<Boot<'_>, (i64, i64)> = HashMap::new();
     let mut out = Vec::with_capacity(status.len());
     for i in status {
         let e = &events[i];
         let d = e.dropped.unwrap_or(0);
-        let increase = match last.get(&e.device.as_deref()) {
-            None => d,
-            Some(&(epoch, highest, previous)) => match (epoch, e.epoch) {
-                (Some(a), Some(b)) if a != b => d,
-                (Some(_), Some(_)) => (d - highest).max(0),
-                _ if d < previous => d,
-                _ => d - previous,
-            },
+        let key = (e.device.as_deref(), e.epoch);
+        let seen = last.get(&key).copied();
+        let increase = match (e.epoch, seen) {
+            (Some(_), None) => d.max(0),
+            (Some(_), Some((highest, _))) => (d - highest).max(0),
+            (None, None) => d,
+            (None, Some((_, previous))) if d < previous => d,
+            (None, Some((_, previous))) => d - previous,
         };
-        let highest = match last.get(&e.device.as_deref()) {
-            Some(&(epoch, h, _)) if epoch == e.epoch && e.epoch.is_some() => h.max(d),
-            _ => d,
-        };
-        last.insert(e.device.as_deref(), (e.epoch, highest, d));
+        let highest = seen.map_or(d, |(h, _)| h.max(d));
+        last.insert(key, (highest, d));
         out.push((i, increase));
     }
     out
@@ -317,6 +322,13 @@ mod tests {
             status("dev-1", W47 + 4, 2, Some(2)),
         ];
         assert_eq!(increases(&e), [3, 2, 0, 1, 2]);
+        // A new boot whose counter is not lower than the last boot's: only the epoch
+        // tells (the guess without epochs would add 1).
+        let e = vec![
+            status("dev-1", W47, 2, Some(1)),
+            status("dev-1", W47 + 1, 3, Some(2)),
+        ];
+        assert_eq!(increases(&e), [2, 3]);
         // Devices do not mix.
         let e = vec![status("a", W47, 4, None), status("b", W47 + 1, 1, None)];
         assert_eq!(increases(&e), [4, 1]);

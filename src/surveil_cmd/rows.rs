@@ -37,9 +37,8 @@ pub struct Event {
     pub implausible: Option<bool>,
     pub dropped: Option<i64>,
     pub alarm_active: Option<bool>,
-    /// The device's boot epoch: known in a store, not a column of the data set (there a
-    /// lower `dropped` than the previous one marks a new boot).
-    #[serde(skip)]
+    /// The device's boot epoch (`dropped` counts per boot); absent in rows written
+    /// before the data set had the column.
     pub epoch: Option<u64>,
 }
 

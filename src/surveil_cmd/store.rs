@@ -1,5 +1,6 @@
 //! The data set's rows read from a bridge's local store: events (payloads opened with
-//! the keyring), alert changes, gaps and refusals, with lot, region and hardware model
+//! the keyring), alert changes, gaps, refusals and scores (sealed payloads opened with
+//! the keyring, an erased patient's left out), with lot, region and hardware model
 //! from the device registry. Subjects are not read: the questions are aggregates.
 
 use std::collections::HashMap;
@@ -8,7 +9,7 @@ use serde_json::Value as Json;
 use vitalmq_bridge::store::Store;
 use vitalmq_policies::{DeviceEntry, DeviceRegistry};
 
-use super::rows::{Alert, DataSet, Dims, Event, Occurrence};
+use super::rows::{Alert, DataSet, Dims, Event, Occurrence, Score};
 
 /// Events read per store query.
 const PAGE: i64 = 5_000;
@@ -172,5 +173,33 @@ pub fn load(store: &Store, registry: Option<&DeviceRegistry>) -> anyhow::Result<
         );
         data.refusals.push(Occurrence { at, device, dims });
     }
+    data.scores = scores(store)?;
     Ok(data)
+}
+
+/// Every score of the store (the `scores` table, payloads opened), as the data set's
+/// `scores` rows: model and version, observation time, aggregate, completeness.
+fn scores(store: &Store) -> anyhow::Result<Vec<Score>> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.surveil_scores_after(after, usize::try_from(PAGE)?)?;
+        let Some(last) = page.last() else {
+            return Ok(out);
+        };
+        after = last.id;
+        for s in page {
+            let p: Json = serde_json::from_str(&s.payload)?;
+            out.push(Score {
+                model: text(&p, "model").unwrap_or_default(),
+                version: text(&p, "version").unwrap_or_default(),
+                observed_at: i64::try_from(s.observed_at_ms)?,
+                aggregate: p
+                    .get("aggregate")
+                    .and_then(Json::as_i64)
+                    .unwrap_or_default(),
+                complete: p.get("complete").and_then(Json::as_bool).unwrap_or(false),
+            });
+        }
+    }
 }

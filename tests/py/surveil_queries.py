@@ -13,7 +13,9 @@ The fleet: 40 devices, 4 lots of 10 (LOT-A..LOT-D), 3 ISO weeks (2026-W47..W49),
 vitals readings and two status messages per device-week. LOT-C has the planted defect:
 its devices drop 5 messages a week (the others 1) and open a gap every week (the others
 one gap in W48 for every fifth device). dev-00001 reboots in W48 (its dropped counter
-goes 2 -> 1). Devices 1-5 report an unapproved model. SpO2 shifts down in W49; the
+goes 2 -> 1, epoch 1 -> 2); dev-00002 reboots there too, but its new boot's counter
+(3) is not lower than the old one's (1): only the `epoch` column shows the boot, so
+its 3 messages count whole (a guess from a falling counter would count 2). Devices 1-5 report an unapproved model. SpO2 shifts down in W49; the
 NEWS2 candidate version 1.1.0 scores 3 points above the live 1.0.0.
 """
 
@@ -42,7 +44,7 @@ EVENTS = pa.schema([
     ("temp", pa.float64()), ("sbp", pa.float64()), ("dbp", pa.float64()),
     ("q", pa.float64()), ("implausible", pa.bool_()), ("battery", pa.float64()),
     ("dropped", pa.int64()), ("alarm_code", pa.string()), ("alarm_level", pa.string()),
-    ("alarm_active", pa.bool_()),
+    ("alarm_active", pa.bool_()), ("epoch", pa.int64()),
 ])
 ALERTS = pa.schema([
     ("alert_id", pa.string()), ("state", pa.string()), ("rule", pa.string()),
@@ -104,9 +106,18 @@ def model_of(i):
 def dropped_series(i):
     if i == 1:
         return [0, 1, 2, 1, 1, 2]  # reboots in W48: 2 -> 1 is a new boot
+    if i == 2:
+        return [0, 1, 1, 3, 3, 4]  # reboots in W48: 1 -> 3, a new boot all the same
     if 21 <= i <= 30:
         return [0, 5, 5, 10, 10, 15]  # LOT-C
     return [0, 1, 1, 2, 2, 3]
+
+
+REBOOT = 3  # index of the first status of the new boot (dev-00001 and dev-00002)
+
+
+def epoch_of(i, status_index):
+    return 2 if i in (1, 2) and status_index >= REBOOT else 1
 
 
 def fleet():
@@ -126,6 +137,7 @@ def fleet():
                     "received_at": t + 500, **d, "subject": subject, **m,
                     "spo2": float(s), "pulse": 80.0, "resp": 16.0, "temp": 37.0,
                     "sbp": 120.0, "dbp": 75.0, "q": 0.95, "implausible": False,
+                    "epoch": epoch_of(i, 2 * w),
                 })
             for k in range(2):
                 t = at(w, 2 + 3 * k, 9, i)
@@ -133,6 +145,7 @@ def fleet():
                     "event_id": f"ev-{i}-{w}-s{k}", "kind": "status", "observed_at": t,
                     "received_at": t + 500, **d, "subject": subject, **m,
                     "battery": 0.8, "dropped": drops[2 * w + k],
+                    "epoch": epoch_of(i, 2 * w + k),
                 })
             # LOT-C opens a gap every week, every fifth other device one in W48.
             if 21 <= i <= 30 or (i % 5 == 0 and w == 1):
@@ -162,7 +175,7 @@ def fleet():
                     "event_id": f"ev-{i}-alarm-{k}", "kind": "alarm", "observed_at": t,
                     "received_at": t + 500, **d, "subject": subject, **m,
                     "alarm_code": "arrhythmia", "alarm_level": "urgent",
-                    "alarm_active": active,
+                    "alarm_active": active, "epoch": epoch_of(i, 3),
                 })
         alert = {**d, **m, "subject": subject, "rule_version": "3",
                  "severity": "high"}
@@ -251,12 +264,13 @@ def main():
     for lot in "ABCD":
         r = get[("dropped", "lot", f"LOT-{lot}")]
         assert (r["device_weeks"], r["readings"]) == (30, 120), r
-    # Dropped: per-boot counter increases; dev-00001's reboot adds its new value.
-    assert get[("dropped", "lot", "LOT-A")]["n"] == 9 * 3 + 4, get[("dropped", "lot", "LOT-A")]
+    # Dropped: per-boot counter increases, per (device, epoch); the reboots of
+    # dev-00001 (4 in all) and dev-00002 (1 + 4 = 5) add their new boots' values.
+    assert get[("dropped", "lot", "LOT-A")]["n"] == 8 * 3 + 4 + 5, get[("dropped", "lot", "LOT-A")]
     assert get[("dropped", "lot", "LOT-B")]["n"] == 30
     assert get[("dropped", "lot", "LOT-C")]["n"] == 150
     assert get[("dropped", "lot", "LOT-C")]["per_device_week"] == 5.0
-    assert get[("dropped", "week", "2026-W48")]["n"] == 2 + 28 * 1 + 10 * 5 + 1, \
+    assert get[("dropped", "week", "2026-W48")]["n"] == 2 + 3 + 28 * 1 + 10 * 5, \
         get[("dropped", "week", "2026-W48")]
     assert get[("gaps", "lot", "LOT-C")]["n"] == 30
     assert get[("gaps", "lot", "LOT-A")]["n"] == 2

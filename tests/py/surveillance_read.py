@@ -57,11 +57,13 @@ def main():
                 s for s in set(table.column("subject").to_pylist()) if s is not None
             )
         if name == "events":
-            # The planted defect: dropped messages per lot (status rows carry counts).
+            # The planted defect: dropped messages per lot. Status rows carry a per-boot
+            # cumulative counter, so a boot's messages are its highest value.
             entry["dropped_by_lot"] = {
                 lot: int(n)
                 for lot, n in con.execute(
-                    f"SELECT lot, coalesce(sum(dropped), 0) FROM {rel} GROUP BY lot"
+                    f"SELECT lot, coalesce(sum(top), 0) FROM (SELECT lot, device, epoch, "
+                    f"max(dropped) AS top FROM {rel} GROUP BY ALL) GROUP BY lot"
                 ).fetchall()
                 if lot is not None
             }

@@ -34,6 +34,7 @@ pub const FIELDS: &[&str] = &[
     "event_id",
     "device",
     "site",
+    "epoch",
     "patient_ref",
     "type",
     "observed_at",
@@ -144,7 +145,7 @@ impl Sink for ParquetSink {
 
 mod follow;
 
-pub use follow::{ALERT_FIELDS, FollowError, Follower, cursor_name, read_scores};
+pub use follow::{ALERT_FIELDS, EMPTY_WEEK, FollowError, Follower, cursor_name, read_scores};
 
 #[cfg(test)]
 mod tests;

@@ -70,6 +70,9 @@ pub struct EventRow {
     pub alarm_code: Option<String>,
     pub alarm_level: Option<String>,
     pub alarm_active: Option<bool>,
+    /// The device's boot epoch (SPEC section 4): `dropped` is cumulative per boot, so
+    /// queries take its increases per (device, epoch).
+    pub epoch: Option<i64>,
 }
 
 fn text(v: &Json, key: &str) -> Option<String> {
@@ -131,6 +134,7 @@ impl EventRow {
             alarm_code: text(&extra, "alarm"),
             alarm_level: text(&extra, "level"),
             alarm_active: extra.get("active").and_then(Json::as_bool),
+            epoch: event.get("epoch").and_then(Json::as_i64),
         }
     }
 }
@@ -398,6 +402,7 @@ fn event_columns(rows: &[EventRow]) -> Vec<Column> {
         col("alarm_code", values!(rows, Str, |r| r.alarm_code.clone())),
         col("alarm_level", values!(rows, Str, |r| r.alarm_level.clone())),
         col("alarm_active", values!(rows, Bool, |r| r.alarm_active)),
+        col("epoch", values!(rows, I64, |r| r.epoch)),
     ]
 }
 
@@ -568,7 +573,7 @@ mod tests {
             "format": "vitalmq-event/v1", "event_id": "ev1-a", "device": "dev-1",
             "site": "north", "patient_ref": "pt-care", "type": "vitals",
             "m": {"spo2": 97, "pulse": 61, "resp": 14, "temp": 36.9},
-            "q": 0.9, "fw": "1.2.0", "model": "arrhythmia-net/2.1.0",
+            "q": 0.9, "fw": "1.2.0", "model": "arrhythmia-net/2.1.0", "epoch": 4,
             "extra": {"battery": 81, "dropped": 3},
             "implausible": ["spo2"],
             "provenance": {"model_status": "approved"}
@@ -594,6 +599,7 @@ mod tests {
             (Some(97.0), Some(61.0), Some(14.0), Some(36.9), None)
         );
         assert_eq!((row.battery, row.dropped), (Some(81.0), Some(3)));
+        assert_eq!(row.epoch, Some(4), "the boot the counter belongs to");
         assert_eq!(row.implausible, Some(true));
         assert_eq!(row.model_status.as_deref(), Some("approved"));
         assert_eq!(row.subject.as_deref(), Some("ps-1"), "what the caller gave");

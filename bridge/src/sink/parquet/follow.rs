@@ -59,6 +59,20 @@ fn pending_name(sink: &str, table: Table) -> String {
     format!("{}:pending", cursor_name(sink, table))
 }
 
+/// The Hive partition of each table's zero-row file ([`Follower::write_schemas`]):
+/// `<table>/week=0000-W00/part-0-0.parquet`, before any real ISO week.
+pub const EMPTY_WEEK: &str = "0000-W00";
+
+fn empty_rows(table: Table) -> Rows {
+    match table {
+        Table::Events => Rows::Events(Vec::new()),
+        Table::Alerts => Rows::Alerts(Vec::new()),
+        Table::Scores => Rows::Scores(Vec::new()),
+        Table::Refusals => Rows::Refusals(Vec::new()),
+        Table::Gaps => Rows::Gaps(Vec::new()),
+    }
+}
+
 /// Why a pass stopped (its cursor stays; the next pass tries again).
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
@@ -354,10 +368,33 @@ impl Follower {
         Ok((Some(Planned { first, last, weeks }), Some(withheld)))
     }
 
+    /// Writes the zero-row file of every table ([`EMPTY_WEEK`]), so the data set's
+    /// readers bind all five tables before each has rows (DuckDB's `read_parquet`
+    /// fails on a glob without files; `queries/views.sql` reads all five). The same
+    /// names each time: idempotent.
+    pub async fn write_schemas(&self) -> Result<(), FollowError> {
+        for table in Table::ALL {
+            let bytes = to_parquet(&empty_rows(table))
+                .map_err(|e| SinkError::refused(self.name(), SinkFailure::Parquet(e)))?;
+            let file = file_name(table, EMPTY_WEEK, 0, 0);
+            self.sink.files().put_durable(&file, bytes.into()).await?;
+        }
+        Ok(())
+    }
+
     /// Passes every `every` until `stop` turns true; a failed pass is logged and tried
     /// again at the next tick (its cursors did not move).
     pub async fn run(self, every: Duration, mut stop: watch::Receiver<bool>) {
+        let mut schemas = false;
         loop {
+            if !schemas {
+                match self.write_schemas().await {
+                    Ok(()) => schemas = true,
+                    Err(e) => {
+                        warn!(sink = %self.name(), error = %e, "surveillance table schemas not written; retrying");
+                    }
+                }
+            }
             if let Err(e) = self.pass().await {
                 warn!(sink = %self.name(), error = %e, "surveillance tables not written; retrying");
             }

@@ -281,4 +281,48 @@ mod follow {
             );
         }
     }
+
+    /// Every table has a zero-row file with its schema from the start, so readers bind
+    /// all five before each has rows.
+    #[tokio::test]
+    async fn each_table_starts_with_an_empty_file_of_its_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let (_tx, rx) = watch::channel(surveillance_registry());
+        let sink = Arc::new(ParquetSink::new(
+            ObjectStoreSink::in_memory("surveil"),
+            rx.clone(),
+        ));
+        let follower = Follower {
+            sink: Arc::clone(&sink),
+            store,
+            registry: rx,
+            pseudonym: None,
+            auditor: audit.auditor(),
+            batch_max: 100,
+        };
+        follower.write_schemas().await.expect("schemas");
+        follower.write_schemas().await.expect("again, same names");
+        let mut names = sink.files().list_objects("").await.expect("list");
+        names.sort();
+        let mut expected: Vec<String> = Table::ALL
+            .iter()
+            .map(|t| crate::surveillance::file_name(*t, EMPTY_WEEK, 0, 0))
+            .collect();
+        expected.sort();
+        assert_eq!(names, expected);
+        for table in Table::ALL {
+            let name = crate::surveillance::file_name(table, EMPTY_WEEK, 0, 0);
+            let bytes = sink.files().read_object(&name).await.expect("read");
+            let builder = ParquetRecordBatchReaderBuilder::try_new(bytes).expect("parquet");
+            assert_eq!(
+                builder.schema().fields(),
+                crate::surveillance::rows::schema(table).fields(),
+                "{name}"
+            );
+            assert_eq!(builder.metadata().file_metadata().num_rows(), 0, "{name}");
+        }
+    }
 }
