@@ -7,7 +7,9 @@
 //! normalized events are byte for byte what they were before.
 
 use vitalmq_envelope::Telemetry;
-use vitalmq_policies::{DeviceEntry, DeviceFacts, ModelRegistry, ModelStatus, RuleSet};
+use vitalmq_policies::{
+    DeviceEntry, DeviceFacts, ModelRegistry, ModelStatus, RuleSet, UnapprovedAlarms,
+};
 
 /// What the registry made of one message's reported model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +78,47 @@ pub(crate) fn mark_alarm(
     alert
 }
 
+/// Whether the models policy withholds the alarms of a message checked as `check`:
+/// `[policy] unapproved_alarms = "withhold"` and a model that needs attention.
+pub(crate) fn withholds(models: Option<&ModelRegistry>, check: Option<&ModelCheck>) -> bool {
+    models.is_some_and(|m| m.unapproved_alarms() == UnapprovedAlarms::Withhold)
+        && check.is_some_and(|c| c.status.needs_attention())
+}
+
+/// The audit record of an alarm the models policy withheld (`state` `open` or
+/// `resolved`, the clear of a withheld episode), counted in
+/// `vitalmq_bridge_alarms_withheld_total{status}`. Device, alarm and model facts only:
+/// never the patient reference.
+pub(crate) fn withheld_record(
+    device: &vitalmq_envelope::DeviceId,
+    alarm: &crate::alerts::alarm::AlarmEvent,
+    reported: Option<&str>,
+    status: ModelStatus,
+    event_id: &str,
+    alert_id: &str,
+    state: &str,
+) -> vitalmq_audit::AuditRecord {
+    metrics::counter!("vitalmq_bridge_alarms_withheld_total", "status" => status.as_str())
+        .increment(1);
+    tracing::info!(device = %device, code = %alarm.code, model_status = status.as_str(), state, "device alarm withheld by the models policy");
+    vitalmq_audit::AuditRecord::new(
+        vitalmq_audit::Component::Bridge,
+        vitalmq_audit::Event::AlarmWithheld,
+    )
+    .action("withhold")
+    .resource(device.as_str())
+    .reason(status.as_str())
+    .rule(format!("device-alarm:{}", alarm.code))
+    .detail("code", alarm.code.as_str())
+    .detail("level", alarm.level.as_str())
+    .detail("active", alarm.active)
+    .detail("state", state)
+    .detail("model", reported.unwrap_or(""))
+    .detail("model_status", status.as_str())
+    .detail("event_id", event_id)
+    .detail("alert_id", alert_id)
+}
+
 /// Most models with an open `model_unapproved` episode at once; reports of further
 /// models join the episode of `(other)`, so a device sending arbitrary text cannot
 /// grow the bridge's memory or the alert stream without bound.
@@ -90,6 +133,9 @@ const OTHER: &str = "(other)";
 ///   each time another device joins it, with the counts: `devices`, `messages` since it
 ///   opened, and `statuses` (devices per status: a model may be out of cohort for some
 ///   devices and approved for others).
+/// - `withheld_alarms` counts the alarm messages of the model the policy withheld
+///   (`[policy] unapproved_alarms = "withhold"`); the episode is sent again when it
+///   withholds its first.
 /// - It resolves when a reload of the models file approves the model (its registry
 ///   entry's status becomes `approved`). A device still outside the approval (e.g.
 ///   out of cohort) opens a new episode with its next message, so nothing is lost.
@@ -103,6 +149,7 @@ struct Episode {
     alert_id: String,
     devices: std::collections::BTreeMap<vitalmq_envelope::DeviceId, ModelStatus>,
     messages: u64,
+    withheld_alarms: u64,
 }
 
 impl ModelFleet {
@@ -127,10 +174,24 @@ impl ModelFleet {
             alert_id: format!("ops-bridge-model_unapproved-{}-{now_ms}", sanitize(key)),
             devices: std::collections::BTreeMap::new(),
             messages: 0,
+            withheld_alarms: 0,
         });
         episode.messages += 1;
         let joined = episode.devices.insert(device.clone(), status) != Some(status);
         joined.then(|| alert(key, episode, "open", now_ms))
+    }
+
+    /// One alarm message of `reported` the models policy withheld (after its
+    /// [`Self::observe`]); the episode to send again when it is its first.
+    pub fn withheld(&mut self, reported: &str, now_ms: u64) -> Option<crate::ops::OpsAlert> {
+        let key = if self.open.contains_key(reported) {
+            reported
+        } else {
+            OTHER
+        };
+        let episode = self.open.get_mut(key)?;
+        episode.withheld_alarms += 1;
+        (episode.withheld_alarms == 1).then(|| alert(key, episode, "open", now_ms))
     }
 
     /// Resolves the episodes of every model `models` now approves.
@@ -182,6 +243,10 @@ fn alert(model: &str, e: &Episode, state: &'static str, now_ms: u64) -> crate::o
     details.insert("devices".into(), serde_json::json!(e.devices.len()));
     details.insert("messages".into(), serde_json::json!(e.messages));
     details.insert("statuses".into(), serde_json::Value::Object(statuses));
+    details.insert(
+        "withheld_alarms".into(),
+        serde_json::json!(e.withheld_alarms),
+    );
     let reason = match state {
         "resolved" => format!("model {model} is approved now"),
         _ => format!(
