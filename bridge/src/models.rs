@@ -8,7 +8,7 @@
 
 use vitalmq_envelope::Telemetry;
 use vitalmq_policies::{
-    DeviceEntry, DeviceFacts, ModelRegistry, ModelStatus, RuleSet, UnapprovedAlarms,
+    DeviceEntry, DeviceFacts, ModelKind, ModelRegistry, ModelStatus, RuleSet, UnapprovedAlarms,
 };
 
 /// What the registry made of one message's reported model.
@@ -36,8 +36,10 @@ pub fn check(
     };
     let reported = telemetry.model.as_deref();
     let status = models.resolve(reported, &facts);
+    // A device's model only: a score or rule set named by a device is `unknown`.
     let artifact_sha256 = reported
         .and_then(|r| models.reported_entry(r))
+        .filter(|e| e.kind == ModelKind::Device)
         .map(|e| e.artifact_sha256.clone());
     // Only registered models get their own label: a device reporting arbitrary text
     // must not grow the metric without bound.
@@ -202,7 +204,7 @@ impl ModelFleet {
             .filter(|m| {
                 models
                     .reported_entry(m)
-                    .is_some_and(|e| e.approval.is_approved())
+                    .is_some_and(|e| e.kind == ModelKind::Device && e.approval.is_approved())
             })
             .cloned()
             .collect();
@@ -328,6 +330,28 @@ mod tests {
             .observe(&d(1), rc, ModelStatus::OutOfCohort, 40)
             .expect("reopens");
         assert_ne!(again.alert_id, open.alert_id);
+    }
+
+    /// A device naming a score model resolves `unknown`; approving scores does not
+    /// resolve it, only a device model of that name would.
+    #[test]
+    fn a_score_model_reported_by_a_device_stays_open() {
+        let mut fleet = ModelFleet::default();
+        let d = DeviceId::new("dev-00001").expect("id");
+        assert!(
+            fleet
+                .observe(&d, "news2/rcp-2017.1", ModelStatus::Unknown, 1)
+                .is_some()
+        );
+        let text = include_str!("../../policies/examples/models.toml");
+        let models = ModelRegistry::parse(text, Path::new("m.toml")).expect("valid");
+        assert!(fleet.on_reload(&models, 2).is_empty());
+        assert!(
+            fleet.withheld("news2/rcp-2017.1", 3).is_some(),
+            "the first withheld alarm re-sends the episode"
+        );
+        assert!(fleet.withheld("news2/rcp-2017.1", 4).is_none());
+        assert!(fleet.withheld("never/seen", 5).is_none());
     }
 
     #[test]
