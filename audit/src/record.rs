@@ -61,6 +61,11 @@ pub enum Event {
     /// per plane and action, what holds kept, and the objects acted on (capped list,
     /// count, SHA-256 over the full sorted list).
     RetentionRun,
+    /// A device alarm of a model that needs attention, withheld by the models file's
+    /// `[policy] unapproved_alarms = "withhold"` (issue 21): stored, never delivered.
+    /// `resource` the device, `details` the alarm code, level, active, model, status
+    /// and event id (never patient references).
+    AlarmWithheld,
 }
 
 /// The security decision a record documents, when there is one.
@@ -204,6 +209,7 @@ mod tests {
             (Event::AlertAckRefused, "\"alert_ack_refused\""),
             (Event::EventsWithheld, "\"events_withheld\""),
             (Event::RetentionRun, "\"retention_run\""),
+            (Event::AlarmWithheld, "\"alarm_withheld\""),
             (Event::AdminRequest, "\"admin_request\""),
         ] {
             assert_eq!(serde_json::to_string(&event).expect("json"), name);

@@ -14,7 +14,7 @@ use sha2::{Digest as _, Sha256};
 use vitalmq_envelope::{DeviceId, MessageType, ReasonClass, Refusal, Telemetry, Verified};
 use vitalmq_policies::{DeviceRegistry, RuleSet, SiteId, Use};
 
-use crate::alerts::alarm::{self, AlarmEvent};
+use crate::alerts::alarm::{self, AlarmEvent, AlarmOutcome};
 use crate::alerts::book::Outgoing;
 use crate::alerts::evaluated::Evaluated;
 use crate::alerts::presence::Presence;
@@ -161,6 +161,9 @@ pub struct Sequenced<T> {
     /// Messages whose reported model needs attention: `(device, model, status)`, for
     /// the fleet counts on adoption.
     models_seen: Vec<(DeviceId, String, vitalmq_policies::ModelStatus)>,
+    /// The reported models of the alarm messages the models policy withheld, for the
+    /// episodes' counts on adoption.
+    alarms_withheld: Vec<String>,
 }
 
 impl<T> Sequenced<T> {
@@ -179,6 +182,7 @@ impl<T> Sequenced<T> {
             fleet: None,
             forget: Vec::new(),
             models_seen: Vec::new(),
+            alarms_withheld: Vec::new(),
         }
     }
 }
@@ -431,6 +435,8 @@ impl Sequencer {
         let mut alerted = BTreeSet::new();
         let mut ops = Vec::new();
         let mut models_seen = Vec::new();
+        let mut audit = Vec::new();
+        let mut alarms_withheld = Vec::new();
         for checked in batch {
             match checked {
                 Checked::Refused {
@@ -625,24 +631,41 @@ impl Sequencer {
                                 }
                                 MessageType::Alarm => {
                                     if let Some(alarm) = AlarmEvent::of(&verified) {
-                                        out.extend(
-                                            alarm::on_alarm(
-                                                &mut state.alarms,
-                                                rules.alerting(),
-                                                rules.sha256(),
-                                                entry,
-                                                &verified,
-                                                &event_id,
-                                                &alarm,
-                                                now_ms,
-                                            )
-                                            .map(|o| {
-                                                crate::models::mark_alarm(
-                                                    o,
-                                                    assessment.model.as_ref(),
-                                                )
-                                            }),
-                                        );
+                                        let check = assessment.model.as_ref();
+                                        match alarm::on_alarm(
+                                            &mut state.alarms,
+                                            rules.alerting(),
+                                            rules.sha256(),
+                                            entry,
+                                            &verified,
+                                            &event_id,
+                                            &alarm,
+                                            crate::models::withholds(self.models.as_deref(), check),
+                                            now_ms,
+                                        ) {
+                                            AlarmOutcome::Alert(o) => {
+                                                out.push(crate::models::mark_alarm(o, check));
+                                            }
+                                            AlarmOutcome::Withheld { alert_id, state } => {
+                                                let status = check.map_or(
+                                                    vitalmq_policies::ModelStatus::None,
+                                                    |c| c.status,
+                                                );
+                                                audit.push(crate::models::withheld_record(
+                                                    &device,
+                                                    &alarm,
+                                                    verified.model.as_deref(),
+                                                    status,
+                                                    &event_id,
+                                                    &alert_id,
+                                                    state,
+                                                ));
+                                                alarms_withheld.push(
+                                                    verified.model.clone().unwrap_or_default(),
+                                                );
+                                            }
+                                            AlarmOutcome::Nothing => {}
+                                        }
                                     }
                                 }
                                 MessageType::Status => {
@@ -709,6 +732,8 @@ impl Sequencer {
         out.staged = staged;
         out.staged_patients = staged_patients;
         out.models_seen = models_seen;
+        out.alarms_withheld = alarms_withheld;
+        out.audit = audit;
         out
     }
 
@@ -772,6 +797,11 @@ impl Sequencer {
             sequenced
                 .ops
                 .extend(self.model_fleet.observe(&device, &model, status, now_ms));
+        }
+        for model in std::mem::take(&mut sequenced.alarms_withheld) {
+            sequenced
+                .ops
+                .extend(self.model_fleet.withheld(&model, now_ms));
         }
         self.clock_ms = self.clock_ms.max(sequenced.commit.now_ms);
         for (topic, payload) in std::mem::take(&mut sequenced.presence) {

@@ -7,7 +7,9 @@
 //! normalized events are byte for byte what they were before.
 
 use vitalmq_envelope::Telemetry;
-use vitalmq_policies::{DeviceEntry, DeviceFacts, ModelRegistry, ModelStatus, RuleSet};
+use vitalmq_policies::{
+    DeviceEntry, DeviceFacts, ModelKind, ModelRegistry, ModelStatus, RuleSet, UnapprovedAlarms,
+};
 
 /// What the registry made of one message's reported model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +36,10 @@ pub fn check(
     };
     let reported = telemetry.model.as_deref();
     let status = models.resolve(reported, &facts);
+    // A device's model only: a score or rule set named by a device is `unknown`.
     let artifact_sha256 = reported
         .and_then(|r| models.reported_entry(r))
+        .filter(|e| e.kind == ModelKind::Device)
         .map(|e| e.artifact_sha256.clone());
     // Only registered models get their own label: a device reporting arbitrary text
     // must not grow the metric without bound.
@@ -76,6 +80,47 @@ pub(crate) fn mark_alarm(
     alert
 }
 
+/// Whether the models policy withholds the alarms of a message checked as `check`:
+/// `[policy] unapproved_alarms = "withhold"` and a model that needs attention.
+pub(crate) fn withholds(models: Option<&ModelRegistry>, check: Option<&ModelCheck>) -> bool {
+    models.is_some_and(|m| m.unapproved_alarms() == UnapprovedAlarms::Withhold)
+        && check.is_some_and(|c| c.status.needs_attention())
+}
+
+/// The audit record of an alarm the models policy withheld (`state` `open` or
+/// `resolved`, the clear of a withheld episode), counted in
+/// `vitalmq_bridge_alarms_withheld_total{status}`. Device, alarm and model facts only:
+/// never the patient reference.
+pub(crate) fn withheld_record(
+    device: &vitalmq_envelope::DeviceId,
+    alarm: &crate::alerts::alarm::AlarmEvent,
+    reported: Option<&str>,
+    status: ModelStatus,
+    event_id: &str,
+    alert_id: &str,
+    state: &str,
+) -> vitalmq_audit::AuditRecord {
+    metrics::counter!("vitalmq_bridge_alarms_withheld_total", "status" => status.as_str())
+        .increment(1);
+    tracing::info!(device = %device, code = %alarm.code, model_status = status.as_str(), state, "device alarm withheld by the models policy");
+    vitalmq_audit::AuditRecord::new(
+        vitalmq_audit::Component::Bridge,
+        vitalmq_audit::Event::AlarmWithheld,
+    )
+    .action("withhold")
+    .resource(device.as_str())
+    .reason(status.as_str())
+    .rule(format!("device-alarm:{}", alarm.code))
+    .detail("code", alarm.code.as_str())
+    .detail("level", alarm.level.as_str())
+    .detail("active", alarm.active)
+    .detail("state", state)
+    .detail("model", reported.unwrap_or(""))
+    .detail("model_status", status.as_str())
+    .detail("event_id", event_id)
+    .detail("alert_id", alert_id)
+}
+
 /// Most models with an open `model_unapproved` episode at once; reports of further
 /// models join the episode of `(other)`, so a device sending arbitrary text cannot
 /// grow the bridge's memory or the alert stream without bound.
@@ -90,6 +135,9 @@ const OTHER: &str = "(other)";
 ///   each time another device joins it, with the counts: `devices`, `messages` since it
 ///   opened, and `statuses` (devices per status: a model may be out of cohort for some
 ///   devices and approved for others).
+/// - `withheld_alarms` counts the alarm messages of the model the policy withheld
+///   (`[policy] unapproved_alarms = "withhold"`); the episode is sent again when it
+///   withholds its first.
 /// - It resolves when a reload of the models file approves the model (its registry
 ///   entry's status becomes `approved`). A device still outside the approval (e.g.
 ///   out of cohort) opens a new episode with its next message, so nothing is lost.
@@ -103,6 +151,7 @@ struct Episode {
     alert_id: String,
     devices: std::collections::BTreeMap<vitalmq_envelope::DeviceId, ModelStatus>,
     messages: u64,
+    withheld_alarms: u64,
 }
 
 impl ModelFleet {
@@ -127,10 +176,24 @@ impl ModelFleet {
             alert_id: format!("ops-bridge-model_unapproved-{}-{now_ms}", sanitize(key)),
             devices: std::collections::BTreeMap::new(),
             messages: 0,
+            withheld_alarms: 0,
         });
         episode.messages += 1;
         let joined = episode.devices.insert(device.clone(), status) != Some(status);
         joined.then(|| alert(key, episode, "open", now_ms))
+    }
+
+    /// One alarm message of `reported` the models policy withheld (after its
+    /// [`Self::observe`]); the episode to send again when it is its first.
+    pub fn withheld(&mut self, reported: &str, now_ms: u64) -> Option<crate::ops::OpsAlert> {
+        let key = if self.open.contains_key(reported) {
+            reported
+        } else {
+            OTHER
+        };
+        let episode = self.open.get_mut(key)?;
+        episode.withheld_alarms += 1;
+        (episode.withheld_alarms == 1).then(|| alert(key, episode, "open", now_ms))
     }
 
     /// Resolves the episodes of every model `models` now approves.
@@ -141,7 +204,7 @@ impl ModelFleet {
             .filter(|m| {
                 models
                     .reported_entry(m)
-                    .is_some_and(|e| e.approval.is_approved())
+                    .is_some_and(|e| e.kind == ModelKind::Device && e.approval.is_approved())
             })
             .cloned()
             .collect();
@@ -182,6 +245,10 @@ fn alert(model: &str, e: &Episode, state: &'static str, now_ms: u64) -> crate::o
     details.insert("devices".into(), serde_json::json!(e.devices.len()));
     details.insert("messages".into(), serde_json::json!(e.messages));
     details.insert("statuses".into(), serde_json::Value::Object(statuses));
+    details.insert(
+        "withheld_alarms".into(),
+        serde_json::json!(e.withheld_alarms),
+    );
     let reason = match state {
         "resolved" => format!("model {model} is approved now"),
         _ => format!(
@@ -263,6 +330,28 @@ mod tests {
             .observe(&d(1), rc, ModelStatus::OutOfCohort, 40)
             .expect("reopens");
         assert_ne!(again.alert_id, open.alert_id);
+    }
+
+    /// A device naming a score model resolves `unknown`; approving scores does not
+    /// resolve it, only a device model of that name would.
+    #[test]
+    fn a_score_model_reported_by_a_device_stays_open() {
+        let mut fleet = ModelFleet::default();
+        let d = DeviceId::new("dev-00001").expect("id");
+        assert!(
+            fleet
+                .observe(&d, "news2/rcp-2017.1", ModelStatus::Unknown, 1)
+                .is_some()
+        );
+        let text = include_str!("../../policies/examples/models.toml");
+        let models = ModelRegistry::parse(text, Path::new("m.toml")).expect("valid");
+        assert!(fleet.on_reload(&models, 2).is_empty());
+        assert!(
+            fleet.withheld("news2/rcp-2017.1", 3).is_some(),
+            "the first withheld alarm re-sends the episode"
+        );
+        assert!(fleet.withheld("news2/rcp-2017.1", 4).is_none());
+        assert!(fleet.withheld("never/seen", 5).is_none());
     }
 
     #[test]

@@ -6,6 +6,13 @@
 //! Bounded: at most [`MAX_OPEN_ALARMS`] open codes per device; beyond, a new code is
 //! still sent (a clinician must hear it) but not tracked, so it is never resolved or
 //! re-escalated by the bridge (logged).
+//!
+//! Withheld (issue 21): when the models file says `[policy] unapproved_alarms =
+//! "withhold"` and the message's reported model needs attention, an alarm opens an
+//! episode marked `withheld` but raises no alert ([`AlarmOutcome::Withheld`]; the
+//! caller audits it); the clear of a withheld episode raises nothing either. A repeat
+//! of the active alarm once it is no longer withheld (model approved, policy back to
+//! deliver) raises it then: a real alarm is not lost to the paperwork.
 
 use std::collections::BTreeMap;
 
@@ -68,12 +75,31 @@ pub struct AlarmEpisode {
     pub severity: Severity,
     /// Bridge clock.
     pub opened_ms: u64,
+    /// Opened without an alert: the models policy withheld it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withheld: bool,
 }
 
 /// A device's open alarms by code.
 pub type Alarms = BTreeMap<String, AlarmEpisode>;
 
-/// One alarm message of one device through its episodes.
+/// What one alarm message did to its episode.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlarmOutcome {
+    /// Nothing to send: a repeat of an active alarm, or the clear of one not open.
+    Nothing,
+    /// The alert change to send.
+    Alert(Outgoing),
+    /// Withheld by the models policy: the episode opened (`open`) or cleared
+    /// (`resolved`) without an alert.
+    Withheld {
+        alert_id: String,
+        state: &'static str,
+    },
+}
+
+/// One alarm message of one device through its episodes; `withhold` when the models
+/// policy withholds this message's alarms (see the module doc).
 #[allow(clippy::too_many_arguments)]
 pub fn on_alarm(
     alarms: &mut Alarms,
@@ -83,32 +109,53 @@ pub fn on_alarm(
     t: &Telemetry,
     event_id: &str,
     alarm: &AlarmEvent,
+    withhold: bool,
     now_ms: u64,
-) -> Option<Outgoing> {
+) -> AlarmOutcome {
     let rule = format!("device-alarm:{}", alarm.code);
-    let (id, state, severity) = match (alarms.get(&alarm.code), alarm.active) {
-        (Some(_), true) | (None, false) => return None,
-        (None, true) => {
-            let id = alert_id(&entry.id, &rule, event_id);
-            let severity = policy.alarm_severity(&entry.site, alarm.level);
-            if alarms.len() < MAX_OPEN_ALARMS {
-                alarms.insert(
-                    alarm.code.clone(),
-                    AlarmEpisode {
-                        alert_id: id.clone(),
-                        severity,
-                        opened_ms: now_ms,
-                    },
-                );
-            } else {
-                tracing::warn!(device = %entry.id, code = %alarm.code, "too many open device alarms: this one is sent but not tracked");
-            }
-            (id, "open", severity)
+    let open_now = match (alarms.get(&alarm.code), alarm.active) {
+        (None, true) => true,
+        // Withheld while it needed attention; delivered at its next report once not.
+        (Some(ep), true) => ep.withheld && !withhold,
+        (None, false) => false,
+        (Some(_), false) => false,
+    };
+    let (id, state, severity) = if open_now {
+        let id = alert_id(&entry.id, &rule, event_id);
+        let severity = policy.alarm_severity(&entry.site, alarm.level);
+        if alarms.len() < MAX_OPEN_ALARMS || alarms.contains_key(&alarm.code) {
+            alarms.insert(
+                alarm.code.clone(),
+                AlarmEpisode {
+                    alert_id: id.clone(),
+                    severity,
+                    opened_ms: now_ms,
+                    withheld: withhold,
+                },
+            );
+        } else {
+            tracing::warn!(device = %entry.id, code = %alarm.code, "too many open device alarms: this one is sent but not tracked");
         }
-        (Some(_), false) => {
-            let ep = alarms.remove(&alarm.code)?;
-            (ep.alert_id, "resolved", ep.severity)
+        if withhold {
+            return AlarmOutcome::Withheld {
+                alert_id: id,
+                state: "open",
+            };
         }
+        (id, "open", severity)
+    } else if !alarm.active {
+        let Some(ep) = alarms.remove(&alarm.code) else {
+            return AlarmOutcome::Nothing;
+        };
+        if ep.withheld {
+            return AlarmOutcome::Withheld {
+                alert_id: ep.alert_id,
+                state: "resolved",
+            };
+        }
+        (ep.alert_id, "resolved", ep.severity)
+    } else {
+        return AlarmOutcome::Nothing;
     };
     let mut body = json!({
         "alert_id": id,
@@ -141,7 +188,7 @@ pub fn on_alarm(
     if state == "resolved" {
         body["reason"] = json!("cleared");
     }
-    Some(Outgoing {
+    AlarmOutcome::Alert(Outgoing {
         alert_id: id,
         state: state.to_owned(),
         kind: "clinical",

@@ -1040,3 +1040,126 @@ fn an_alarm_of_an_unapproved_model_is_delivered_marked() {
     assert_eq!(out.commit.alerts.len(), 1);
     assert_eq!(body(&out.commit.alerts[0])["model_status"], Json::Null);
 }
+
+/// With `[policy] unapproved_alarms = "withhold"`, an alarm of a model that needs
+/// attention is stored but raises no alert: audited (`alarm_withheld`, no patient
+/// reference) and counted in the model's `model_unapproved` episode; its clear raises
+/// nothing either. Once the model is approved, the still-active alarm's next report
+/// raises it.
+#[test]
+fn withhold_stores_and_audits_an_unapproved_models_alarm_without_alerting() {
+    let f = fixture();
+    let mut s = sequencer();
+    let text = include_str!("../../../policies/examples/models.toml").replace(
+        "unapproved_alarms = \"deliver\"",
+        "unapproved_alarms = \"withhold\"",
+    );
+    let withhold = vitalmq_policies::ModelRegistry::parse(&text, std::path::Path::new("m.toml"))
+        .expect("models");
+    // The fixture's devices have no hardware model: 2.1.0 is out of cohort for them.
+    let _ = s.set_models(Some(Arc::new(withhold)), T0);
+    let out = run(&f, &mut s, vec![alarm(&f, "dev-00001", 0, true, T0)], T0);
+    assert_eq!(out.commit.events.len(), 1, "stored like any other event");
+    assert!(out.commit.alerts.is_empty(), "no clinical alert");
+    assert_eq!(out.audit.len(), 1);
+    let r = &out.audit[0];
+    assert_eq!(r.event, vitalmq_audit::Event::AlarmWithheld);
+    assert_eq!(r.resource.as_deref(), Some("dev-00001"));
+    assert_eq!(r.details["code"], "arrhythmia");
+    assert_eq!(r.details["level"], "urgent");
+    assert_eq!(r.details["state"], "open");
+    assert_eq!(r.details["model"], "arrhythmia-net/2.1.0");
+    assert_eq!(r.details["model_status"], "out_of_cohort");
+    assert_eq!(
+        r.details["event_id"],
+        out.commit.events[0].event_id(),
+        "names the stored event"
+    );
+    let line = serde_json::to_string(r).expect("json");
+    assert!(!line.contains("pt-7f3a"), "{line}");
+    // The episode opened with this message, and is sent again counting the alarm.
+    let ops: Vec<_> = out
+        .ops
+        .iter()
+        .filter(|o| o.kind.as_str() == "model_unapproved")
+        .collect();
+    assert_eq!(ops.len(), 2, "{ops:?}");
+    assert_eq!(ops[0].details["withheld_alarms"], 0);
+    assert_eq!(ops[1].details["withheld_alarms"], 1);
+    assert_eq!(ops[0].alert_id, ops[1].alert_id);
+
+    // A repeat is withheld as nothing (the episode is open), the clear is audited only.
+    let out = run(
+        &f,
+        &mut s,
+        vec![
+            alarm(&f, "dev-00001", 1, true, T0 + 1000),
+            alarm(&f, "dev-00001", 2, false, T0 + 2000),
+        ],
+        T0 + 2000,
+    );
+    assert_eq!(out.commit.events.len(), 2);
+    assert!(out.commit.alerts.is_empty(), "the clear raises nothing");
+    assert_eq!(out.audit.len(), 1);
+    assert_eq!(out.audit[0].details["state"], "resolved");
+
+    // Withheld again, then the model is approved for the device (and the policy still
+    // withholds): the active alarm's next report is delivered, unmarked.
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm(&f, "dev-00001", 3, true, T0 + 3000)],
+        T0 + 3000,
+    );
+    assert!(out.commit.alerts.is_empty());
+    let everywhere = text.replace(
+        "hardware_models = [\"vw-band-2\", \"vw-band-3\"]",
+        "hardware_models = []",
+    );
+    let open = vitalmq_policies::ModelRegistry::parse(&everywhere, std::path::Path::new("m.toml"))
+        .expect("models");
+    let _ = s.set_models(Some(Arc::new(open)), T0 + 3500);
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm(&f, "dev-00001", 4, true, T0 + 4000)],
+        T0 + 4000,
+    );
+    assert!(out.audit.is_empty());
+    assert_eq!(out.commit.alerts.len(), 1, "raised once no longer withheld");
+    let b = body(&out.commit.alerts[0]);
+    assert_eq!(
+        (b["state"].as_str(), b["model_status"].as_str()),
+        (Some("open"), None)
+    );
+    // and its clear resolves it
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm(&f, "dev-00001", 5, false, T0 + 5000)],
+        T0 + 5000,
+    );
+    assert_eq!(out.commit.alerts.len(), 1);
+    assert_eq!(body(&out.commit.alerts[0])["state"], "resolved");
+}
+
+/// Deliver (the default) with the same model: delivered and marked, nothing audited.
+#[test]
+fn deliver_raises_the_alarm_marked_and_audits_no_withholding() {
+    let f = fixture();
+    let mut s = sequencer();
+    let text = include_str!("../../../policies/examples/models.toml");
+    let models = vitalmq_policies::ModelRegistry::parse(text, std::path::Path::new("m.toml"))
+        .expect("models");
+    let _ = s.set_models(Some(Arc::new(models)), T0);
+    let out = run(&f, &mut s, vec![alarm(&f, "dev-00001", 0, true, T0)], T0);
+    assert_eq!(out.commit.alerts.len(), 1);
+    assert!(out.audit.is_empty());
+    let ops: Vec<_> = out
+        .ops
+        .iter()
+        .filter(|o| o.kind.as_str() == "model_unapproved")
+        .collect();
+    assert_eq!(ops.len(), 1);
+    assert_eq!(ops[0].details["withheld_alarms"], 0);
+}
