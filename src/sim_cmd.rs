@@ -249,6 +249,11 @@ struct Behaviour {
     /// Devices on external power (`charging` true), or `all`.
     #[arg(long, value_delimiter = ',', value_name = "DEVICE", value_parser = parse_scope)]
     charging: Vec<Scope>,
+    /// The model a device reports on vitals and alarms, DEVICE=NAME/VERSION (or
+    /// all=NAME/VERSION); repeatable, the first that names a device wins. E.g.
+    /// `--device-model dev-00003=arrhythmia-net/2.2.0-rc1`.
+    #[arg(long = "device-model", value_name = "DEVICE=MODEL", value_parser = parse_device_model)]
+    device_model: Vec<(Scope, String)>,
     /// Devices that stop publishing but stay connected, DURATION (all) or DEVICE@DURATION.
     #[arg(
         long = "silent-after",
@@ -330,6 +335,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
         charging: args.behaviour.charging,
         silent: args.behaviour.silent_after,
         forged_only: args.behaviour.forged_only,
+        device_models: args.behaviour.device_model,
         faults: args.faults,
         mqtt5: args.mqtt5,
         via_gateway: args.via_gateway,
@@ -392,4 +398,27 @@ pub fn run(args: SimArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `DEVICE=NAME/VERSION` (or `all=NAME/VERSION`) of `--device-model`.
+fn parse_device_model(s: &str) -> Result<(Scope, String), String> {
+    let (scope, model) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected DEVICE=NAME/VERSION"))?;
+    let valid = model
+        .split_once('/')
+        .is_some_and(|(n, v)| !n.is_empty() && !v.is_empty())
+        && model.len() <= 129
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+    if !valid {
+        return Err(format!(
+            "`{model}`: expected NAME/VERSION, e.g. arrhythmia-net/2.1.0"
+        ));
+    }
+    Ok((
+        parse_scope(scope).map_err(|e| e.to_string())?,
+        model.to_owned(),
+    ))
 }

@@ -158,6 +158,9 @@ pub struct Sequenced<T> {
     fleet: Option<control::Fleet>,
     /// Devices no longer in the registry: out of the deadline index.
     forget: Vec<DeviceId>,
+    /// Messages whose reported model needs attention: `(device, model, status)`, for
+    /// the fleet counts on adoption.
+    models_seen: Vec<(DeviceId, String, vitalmq_policies::ModelStatus)>,
 }
 
 impl<T> Sequenced<T> {
@@ -175,6 +178,7 @@ impl<T> Sequenced<T> {
             presence: Vec::new(),
             fleet: None,
             forget: Vec::new(),
+            models_seen: Vec::new(),
         }
     }
 }
@@ -231,6 +235,10 @@ pub struct Sequencer {
     tracks: HashMap<DeviceId, Track>,
     /// The alert rules in force; `None` runs no alert engine.
     rules: Option<Arc<RuleSet>>,
+    /// The model registry in force; `None` checks no models (`[models]` absent).
+    models: Option<Arc<vitalmq_policies::ModelRegistry>>,
+    /// Open `model_unapproved` episodes.
+    model_fleet: crate::models::ModelFleet,
     /// Open and recently resolved clinical alert ids -> device (rebuilt at load).
     index: HashMap<String, DeviceId>,
     /// The ids each device put in `index`.
@@ -285,6 +293,8 @@ impl Sequencer {
             size,
             tracks: HashMap::new(),
             rules,
+            models: None,
+            model_fleet: crate::models::ModelFleet::default(),
             index: HashMap::new(),
             by_device: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -312,6 +322,21 @@ impl Sequencer {
         self.scoring = scoring;
         self.patients = patients;
         self
+    }
+
+    /// Puts a (re)loaded model registry in force for the next batch.
+    /// Returns the `model_unapproved` episodes the new registry resolves.
+    pub fn set_models(
+        &mut self,
+        models: Option<Arc<vitalmq_policies::ModelRegistry>>,
+        now_ms: u64,
+    ) -> Vec<crate::ops::OpsAlert> {
+        let resolved = match &models {
+            Some(m) => self.model_fleet.on_reload(m, now_ms),
+            None => Vec::new(),
+        };
+        self.models = models;
+        resolved
     }
 
     /// Puts a reloaded rule set in force for the next batch (deadlines depend on it).
@@ -405,6 +430,7 @@ impl Sequencer {
         let mut dispositions = Vec::with_capacity(batch.len());
         let mut alerted = BTreeSet::new();
         let mut ops = Vec::new();
+        let mut models_seen = Vec::new();
         for checked in batch {
             match checked {
                 Checked::Refused {
@@ -465,7 +491,7 @@ impl Sequencer {
                         );
                         continue;
                     };
-                    let assessment = match &self.rules {
+                    let mut assessment = match &self.rules {
                         Some(r) => Assessment::of(
                             &verified,
                             incoming.received_at_ms,
@@ -497,6 +523,18 @@ impl Sequencer {
                         }
                     };
                     let entry = entry.as_ref();
+                    if let Some(models) = &self.models {
+                        let check =
+                            crate::models::check(models, self.rules.as_deref(), entry, &verified);
+                        if check.status.needs_attention() {
+                            models_seen.push((
+                                device.clone(),
+                                verified.model.clone().unwrap_or_default(),
+                                check.status,
+                            ));
+                        }
+                        assessment.model = Some(check);
+                    }
                     // Window and gaps.
                     let mut changed = Vec::new();
                     match (&mut track.window, accepted) {
@@ -571,8 +609,7 @@ impl Sequencer {
                                                     .cloned()
                                                     .unwrap_or_default()
                                             });
-                                        let cohorts: Vec<&str> =
-                                            rules.cohorts_of(&device).collect();
+                                        let cohorts: Vec<&str> = rules.cohorts_of(&device);
                                         let scored = score::on_vitals(
                                             scoring, patient, &sample, &cohorts, now_ms,
                                         );
@@ -588,16 +625,24 @@ impl Sequencer {
                                 }
                                 MessageType::Alarm => {
                                     if let Some(alarm) = AlarmEvent::of(&verified) {
-                                        out.extend(alarm::on_alarm(
-                                            &mut state.alarms,
-                                            rules.alerting(),
-                                            rules.sha256(),
-                                            entry,
-                                            &verified,
-                                            &event_id,
-                                            &alarm,
-                                            now_ms,
-                                        ));
+                                        out.extend(
+                                            alarm::on_alarm(
+                                                &mut state.alarms,
+                                                rules.alerting(),
+                                                rules.sha256(),
+                                                entry,
+                                                &verified,
+                                                &event_id,
+                                                &alarm,
+                                                now_ms,
+                                            )
+                                            .map(|o| {
+                                                crate::models::mark_alarm(
+                                                    o,
+                                                    assessment.model.as_ref(),
+                                                )
+                                            }),
+                                        );
                                     }
                                 }
                                 MessageType::Status => {
@@ -663,6 +708,7 @@ impl Sequencer {
         out.ops = ops;
         out.staged = staged;
         out.staged_patients = staged_patients;
+        out.models_seen = models_seen;
         out
     }
 
@@ -721,6 +767,12 @@ impl Sequencer {
 
     /// Presence, fleet counts and forgotten devices of a control input.
     fn adopt_control<T>(&mut self, sequenced: &mut Sequenced<T>) {
+        let now_ms = sequenced.commit.now_ms;
+        for (device, model, status) in std::mem::take(&mut sequenced.models_seen) {
+            sequenced
+                .ops
+                .extend(self.model_fleet.observe(&device, &model, status, now_ms));
+        }
         self.clock_ms = self.clock_ms.max(sequenced.commit.now_ms);
         for (topic, payload) in std::mem::take(&mut sequenced.presence) {
             // Checked when staged; a failure here changes nothing.

@@ -42,6 +42,9 @@ pub struct BridgeConfig {
     pub alerts: Option<AlertsConfig>,
     #[serde(default)]
     pub ops: OpsConfig,
+    /// The model registry device-reported models are checked against; none when absent.
+    #[serde(default)]
+    pub models: Option<ModelsConfig>,
     /// The operations endpoint (`/metrics`, `/healthz`, `/readyz`); none when absent.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
@@ -148,6 +151,15 @@ pub struct PseudonymsConfig {
     /// 32 random bytes (raw, as `vitalmq reid` keeps its key), readable only by the
     /// bridge's user.
     pub key_file: PathBuf,
+}
+
+/// `[models]`: the model registry (`vitalmq-models/v1`) device-reported models are
+/// checked against (issue 21); reloaded on change or SIGHUP. Without it no model is
+/// checked and the normalized events carry no `model_status`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    pub file: PathBuf,
 }
 
 /// `[metrics]`: where the bridge serves Prometheus `/metrics`, `/healthz` and `/readyz`.
@@ -789,6 +801,9 @@ impl BridgeConfig {
         };
         fix(&mut self.data_dir);
         fix(&mut self.registry);
+        if let Some(m) = &mut self.models {
+            fix(&mut m.file);
+        }
         if let Some(p) = &mut self.pseudonyms {
             fix(&mut p.key_file);
         }

@@ -18,6 +18,7 @@ pub mod governance;
 pub mod lifecycle;
 mod link;
 mod link5;
+pub mod models;
 mod mqtt;
 pub mod normalize;
 mod observe;

@@ -139,6 +139,11 @@ pub fn normalize(
             transformation: TRANSFORMATION,
             consent: device.consent.as_deref(),
             processing_policy: device.processing_policy.as_deref(),
+            model_status: assessment.model.as_ref().map(|m| m.status.as_str()),
+            model_artifact_sha256: assessment
+                .model
+                .as_ref()
+                .and_then(|m| m.artifact_sha256.as_deref()),
         },
         implausible: (!assessment.implausible.is_empty()).then_some(&assessment.implausible),
         clock_skew: ClockSkew::of(assessment.clock),
@@ -210,6 +215,12 @@ struct Provenance<'a> {
     transformation: &'static str,
     consent: Option<&'a str>,
     processing_policy: Option<&'a str>,
+    /// With a models file: the reported model's [`vitalmq_policies::ModelStatus`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_status: Option<&'static str>,
+    /// With a models file: the registry's artifact digest of the reported model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_artifact_sha256: Option<&'a str>,
 }
 
 /// `m` as a JSON object (`{}` when absent); non-finite floats become `null`.
@@ -322,6 +333,16 @@ mod tests {
             },
         });
         let obj = v.as_object_mut().expect("an object");
+        if let Some(m) = &assessment.model {
+            let prov = obj
+                .get_mut("provenance")
+                .and_then(Json::as_object_mut)
+                .expect("provenance");
+            prov.insert("model_status".into(), json!(m.status.as_str()));
+            if let Some(sha) = &m.artifact_sha256 {
+                prov.insert("model_artifact_sha256".into(), json!(sha));
+            }
+        }
         if !assessment.implausible.is_empty() {
             obj.insert("implausible".into(), json!(assessment.implausible));
         }
@@ -442,8 +463,24 @@ mod tests {
         ]));
         t.ts = 0;
         cases.push(t);
-        for (i, t) in cases.iter().enumerate() {
-            let a = assessed(t);
+        let checks = [
+            None,
+            Some(crate::models::ModelCheck {
+                status: vitalmq_policies::ModelStatus::OutOfCohort,
+                artifact_sha256: Some("ab".repeat(32)),
+            }),
+            Some(crate::models::ModelCheck {
+                status: vitalmq_policies::ModelStatus::Unknown,
+                artifact_sha256: None,
+            }),
+        ];
+        for (i, (t, model)) in cases
+            .iter()
+            .flat_map(|t| checks.iter().map(move |m| (t, m)))
+            .enumerate()
+        {
+            let mut a = assessed(t);
+            a.model = model.clone();
             for alg in [Algorithm::EdDsa, Algorithm::Es256] {
                 let (verified, mut entry) = signed(t, alg);
                 for consent in [Some("care".to_owned()), None] {
@@ -455,7 +492,12 @@ mod tests {
                         normalize_via_value(&verified, &entry, &receipt(), &a),
                         "case {i}"
                     );
-                    let _: Json = serde_json::from_str(&new).expect("valid JSON");
+                    let json: Json = serde_json::from_str(&new).expect("valid JSON");
+                    let status = &json["provenance"]["model_status"];
+                    match model {
+                        None => assert!(status.is_null(), "no models file, no mark: {new}"),
+                        Some(m) => assert_eq!(status, m.status.as_str()),
+                    }
                 }
             }
         }

@@ -42,6 +42,9 @@ pub enum OpsKind {
     /// The last reload of the device registry failed: consent may be out of date, so
     /// sinks and alert handlers of purposes other than care are paused.
     RegistryStale,
+    /// Devices report a model the model registry does not approve for them (unknown,
+    /// draft, withdrawn, out of cohort): one episode per model, with fleet counts.
+    ModelUnapproved,
 }
 
 impl OpsKind {
@@ -62,6 +65,7 @@ impl OpsKind {
             Self::AckRefused => "ack_refused",
             Self::NoData => "no_data",
             Self::RegistryStale => "registry_stale",
+            Self::ModelUnapproved => "model_unapproved",
         }
     }
 }

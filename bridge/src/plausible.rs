@@ -45,6 +45,9 @@ pub struct Assessment {
     /// The time the bridge relies on for the reading: `ts` when within the clock
     /// policy, else the reception time.
     pub observed_at_ms: u64,
+    /// What the model registry made of the model the message reports; `None` when the
+    /// bridge has no models file (nothing is recorded then).
+    pub model: Option<crate::models::ModelCheck>,
 }
 
 impl Assessment {
@@ -87,6 +90,7 @@ impl Assessment {
             } else {
                 ts
             },
+            model: None,
         }
     }
 

@@ -133,6 +133,8 @@ pub struct Recorder {
     pub ops: mpsc::UnboundedSender<OpsAlert>,
     /// Reloaded alert rules, when the alert engine runs.
     pub rules: Option<watch::Receiver<Arc<RuleSet>>>,
+    /// Reloaded model registries, when `[models]` is configured.
+    pub models: Option<watch::Receiver<Arc<vitalmq_policies::ModelRegistry>>>,
     /// One per alert handler: woken after alerts were recorded, and fed the alert rows
     /// the store could not take.
     pub handlers: Vec<HandlerFeed>,
@@ -315,6 +317,14 @@ impl Recorder {
             {
                 let fresh = Arc::clone(&rules.borrow_and_update());
                 self.sequencer.set_rules(Some(fresh));
+            }
+            if let Some(models) = &mut self.models
+                && models.has_changed().unwrap_or(false)
+            {
+                let fresh = Arc::clone(&models.borrow_and_update());
+                for a in self.sequencer.set_models(Some(fresh), now_ms()) {
+                    let _ = self.ops.send(a);
+                }
             }
             if let Some(updates) = &mut self.registry_updates
                 && updates.has_changed().unwrap_or(false)

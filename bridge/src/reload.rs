@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info};
 use vitalmq_audit::{AuditRecord, Auditor, Component, Decision, Event};
-use vitalmq_policies::{DeviceRegistry, PolicyErrors, RuleSet};
+use vitalmq_policies::{DeviceRegistry, ModelRegistry, PolicyErrors, RuleSet};
 
 /// Keeps the rule set current; drop the returned watcher to stop watching the file.
 #[derive(Debug)]
@@ -82,6 +82,55 @@ pub fn watch_rules(
     drop(trigger);
     RulesWatch {
         rules: rx,
+        _watcher: watcher,
+    }
+}
+
+/// Keeps the model registry current; drop it to stop watching the file.
+#[derive(Debug)]
+pub struct ModelsWatch {
+    pub models: watch::Receiver<Arc<ModelRegistry>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// Starts watching the models file `path` (already loaded as `initial`): reloaded on
+/// change or SIGHUP, audited `policy_reloaded` (old and new SHA-256) or
+/// `policy_rejected` (`invalid_models`, the registry in force stays).
+pub fn watch_models(path: PathBuf, initial: Arc<ModelRegistry>, auditor: Auditor) -> ModelsWatch {
+    let (tx, rx) = watch::channel(initial);
+    let (trigger, mut triggers) = mpsc::channel::<()>(1);
+    let watcher = file_watcher(&path, trigger.clone());
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    tokio::spawn(async move {
+        while next_trigger(&mut triggers, &mut hup, tx.closed(), None).await {
+            let old = tx.borrow().sha256().to_owned();
+            let path2 = path.clone();
+            let loaded = tokio::task::spawn_blocking(move || ModelRegistry::load(&path2)).await;
+            match loaded {
+                Ok(Ok(models)) => {
+                    if models.sha256() == old {
+                        continue;
+                    }
+                    info!(models = %path.display(), old = %old, new = %models.sha256(), "model registry reloaded");
+                    let _ = auditor.record(
+                        reloaded(&path, old, models.sha256())
+                            .detail("unapproved_alarms", models.unapproved_alarms().as_str()),
+                    );
+                    let _ = tx.send(Arc::new(models));
+                }
+                Ok(Err(e)) => {
+                    error!(models = %path.display(), error = %e, "model registry refused; the one in force stays");
+                    let _ = auditor.record(
+                        rejected(&path, old, "invalid_models").detail("error", e.to_string()),
+                    );
+                }
+                Err(e) => error!(error = %e, "model registry reload task failed"),
+            }
+        }
+    });
+    drop(trigger);
+    ModelsWatch {
+        models: rx,
         _watcher: watcher,
     }
 }
@@ -483,6 +532,56 @@ mod tests {
 
     /// Counts the audit records holding `needle` once there are at least `want`,
     /// waiting (the clock is paused) with a real-time deadline.
+    /// The models file reloads on change, audited with both hashes; a broken one is
+    /// refused (audited, the registry in force stays).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_models_file_reloads_and_a_bad_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("models.toml");
+        let log = dir.path().join("audit.jsonl");
+        let text = include_str!("../../policies/examples/models.toml");
+        std::fs::write(&path, text).expect("write");
+        let audit = vitalmq_audit::AuditLog::open(&log, 64).expect("audit");
+        let initial =
+            std::sync::Arc::new(vitalmq_policies::ModelRegistry::load(&path).expect("valid"));
+        let first_sha = initial.sha256().to_owned();
+        let mut watch = super::watch_models(path.clone(), initial, audit.auditor());
+
+        let approved = text.replacen(
+            "status = \"draft\"",
+            "status = \"approved\"\napproved_by = \"board\"\napproved_at = \"2026-01-01T00:00:00Z\"",
+            1,
+        );
+        replace(&path, &approved);
+        tokio::time::timeout(Duration::from_secs(10), watch.models.changed())
+            .await
+            .expect("reloaded in time")
+            .expect("watch open");
+        let fresh = std::sync::Arc::clone(&watch.models.borrow_and_update());
+        assert!(
+            fresh
+                .entry("arrhythmia-net", "2.2.0-rc1")
+                .is_some_and(|e| e.approval.is_approved())
+        );
+        let line = audited(&log, "policy_reloaded").await;
+        assert!(
+            line.contains(&first_sha) && line.contains(fresh.sha256()),
+            "{line}"
+        );
+
+        replace(
+            &path,
+            "format = \"vitalmq-models/v1\"\n[[models]]\nname = 1\n",
+        );
+        let line = audited(&log, "invalid_models").await;
+        assert!(
+            line.contains("policy_rejected") && line.contains(fresh.sha256()),
+            "{line}"
+        );
+        assert!(!watch.models.has_changed().expect("open"));
+        drop(audit);
+    }
+
     async fn audited_times(log: &Path, needle: &str, want: usize) -> usize {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -67,6 +67,8 @@ pub enum RunError {
     #[error(transparent)]
     Rules(PolicyErrors),
     #[error(transparent)]
+    Models(PolicyErrors),
+    #[error(transparent)]
     PrivateFs(#[from] PrivateFsError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -415,7 +417,7 @@ pub async fn run(
         })?;
         patients.insert(patient, state);
     }
-    let sequencer = Sequencer::new(
+    let mut sequencer = Sequencer::new(
         config.window(),
         store.load_sequences(config.window())?,
         store.load_open_gaps()?,
@@ -423,6 +425,25 @@ pub async fn run(
         rules.clone(),
     )
     .with_scoring(scoring, patients);
+    // The model registry (issue 21): an invalid file refuses the start, like the rules.
+    let models = match &config.models {
+        Some(m) => Some(Arc::new(
+            vitalmq_policies::ModelRegistry::load(&m.file).map_err(RunError::Models)?,
+        )),
+        None => None,
+    };
+    if let Some(m) = &models {
+        info!(policy_sha256 = %m.sha256(), models = m.entries().len(), unapproved_alarms = m.unapproved_alarms().as_str(), "model checking on");
+    }
+    sequencer.set_models(models.clone(), 0);
+    let models_watch = match (&config.models, &models) {
+        (Some(c), Some(m)) => Some(crate::reload::watch_models(
+            c.file.clone(),
+            Arc::clone(m),
+            auditor.clone(),
+        )),
+        _ => None,
+    };
     let pseudonym_key = match &config.pseudonyms {
         Some(p) => Some(read_pseudonym_key(&p.key_file)?),
         None => None,
@@ -570,6 +591,7 @@ pub async fn run(
         },
         ops: ops_tx.clone(),
         rules: rules_watch.as_ref().map(|w| w.rules.clone()),
+        models: models_watch.as_ref().map(|w| w.models.clone()),
         handlers: feeds,
         rate_watches: vec![
             RateWatch::new(OpsKind::Refusals, config.ops.refusals_per_minute),

@@ -195,6 +195,9 @@ pub(crate) struct DeviceProfile {
     pub interval_s: Option<u64>,
     /// Sign every message with a foreign key of the same algorithm.
     pub forged_only: bool,
+    /// The model (`name/version`) its vitals and alarms report (`--device-model`);
+    /// `None`: vitals report none, alarms their script's.
+    pub model: Option<String>,
 }
 
 /// One simulated wearable; see the module documentation.
@@ -203,6 +206,8 @@ pub(crate) struct SimDevice {
     id: DeviceId,
     key: SigningKey,
     fw: String,
+    /// See [`DeviceProfile::model`].
+    model: Option<String>,
     epoch_store: EpochStore,
     epoch: u64,
     next_seq: u64,
@@ -233,6 +238,7 @@ impl SimDevice {
             id,
             key,
             fw: fw.into(),
+            model: None,
             epoch_store,
             epoch,
             next_seq: 0,
@@ -253,6 +259,7 @@ impl SimDevice {
         self.alarms = profile.alarms;
         self.battery = profile.battery;
         self.interval_s = profile.interval_s;
+        self.model = profile.model;
         self.forger = if profile.forged_only {
             tracing::info!(device.id = %self.id, "forged-only: every message is signed with a foreign key");
             Some(SigningKey::generate(self.key.algorithm())?)
@@ -317,7 +324,7 @@ impl SimDevice {
             ts_ms,
             Some(m),
             Some(s.q),
-            None,
+            self.model.clone(),
             BTreeMap::new(),
         )?;
         self.stats.vitals_made += 1;
@@ -333,7 +340,7 @@ impl SimDevice {
                 ts_ms,
                 None,
                 None,
-                Some(event.model.clone()),
+                Some(self.model.clone().unwrap_or_else(|| event.model.clone())),
                 event.alarm.to_fields().collect(),
             )?;
             self.stats.alarms_made += 1;
@@ -831,6 +838,38 @@ mod tests {
         assert!(!cleared.active);
         assert_eq!(f.device.outbox().len(), 10, "alarms wait for receipts too");
         assert_eq!(f.device.report(0, None).alarms, 2);
+    }
+
+    #[test]
+    fn a_device_model_is_reported_on_vitals_and_alarms() {
+        let episodes: Vec<crate::alarms::AlarmEpisodeSpec> =
+            vec!["dev-00001:arrhythmia:urgent:at=1s".parse().expect("spec")];
+        let f = fixture();
+        let rc = "arrhythmia-net/2.2.0-rc1";
+        let mut f = Fixture {
+            device: f
+                .device
+                .with_profile(DeviceProfile {
+                    alarms: AlarmScript::new(&episodes),
+                    model: Some(rc.to_owned()),
+                    ..DeviceProfile::default()
+                })
+                .expect("profile"),
+            ..f
+        };
+        vitals(&mut f.device, 0);
+        assert_eq!(
+            f.device
+                .make_alarms(Duration::from_secs(1), 1_700_000_001_000)
+                .expect("alarms"),
+            1
+        );
+        assert_eq!(verified(&f, Key::new(1, 0)).model.as_deref(), Some(rc));
+        let alarm = verified(&f, Key::new(1, 1));
+        assert_eq!(
+            (alarm.kind, alarm.model.as_deref()),
+            (MessageType::Alarm, Some(rc))
+        );
     }
 
     #[test]

@@ -138,6 +138,9 @@ pub struct SimOptions {
     pub silent: Vec<SilentSpec>,
     /// Devices whose every message is signed with a foreign key (`--forged-only`).
     pub forged_only: Vec<Scope>,
+    /// The model devices report on vitals and alarms (`--device-model`); the first
+    /// scope that includes a device wins.
+    pub device_models: Vec<(Scope, String)>,
     pub faults: Vec<FaultSpec>,
     /// Devices that speak MQTT 5 whatever `link.target.version` says.
     pub mqtt5: Vec<String>,
@@ -184,6 +187,7 @@ impl SimOptions {
             charging: Vec::new(),
             silent: Vec::new(),
             forged_only: Vec::new(),
+            device_models: Vec::new(),
             faults: Vec::new(),
             mqtt5: Vec::new(),
             link,
@@ -586,6 +590,11 @@ fn boot_device(opts: &SimOptions, pki: &Pki, device: &str) -> Result<SimDevice, 
         },
         interval_s: Some(interval_s(opts.schedule.rate)),
         forged_only: opts.forged_only.iter().any(|s| s.includes(device)),
+        model: opts
+            .device_models
+            .iter()
+            .find(|(s, _)| s.includes(device))
+            .map(|(_, m)| m.clone()),
     };
     SimDevice::boot(id, key, opts.fw.clone(), model, &opts.state)
         .and_then(|d| d.with_profile(profile))

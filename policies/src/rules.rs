@@ -446,13 +446,14 @@ impl RuleSet {
         &self.clock
     }
 
-    /// The names of the `[cohorts]` a device is in (issue 21: a score table's SpO2
-    /// scale and a model's rollout follow them).
-    pub fn cohorts_of<'a>(&'a self, device: &'a DeviceId) -> impl Iterator<Item = &'a str> + 'a {
+    /// Names of the cohorts `device` is in (`[cohorts]`), in name order: what model
+    /// approvals and rollouts name.
+    pub fn cohorts_of(&self, device: &DeviceId) -> Vec<&str> {
         self.cohorts
             .iter()
-            .filter(move |(_, devices)| devices.contains(device))
+            .filter(|(_, devices)| devices.contains(device))
             .map(|(name, _)| name.as_str())
+            .collect()
     }
 
     /// The cohorts by name.

@@ -1009,3 +1009,34 @@ fn an_episode_saved_without_its_patient_still_loads() {
     .expect("old state");
     assert_eq!((ep.patient_ref, ep.site), (None, None));
 }
+
+/// With a models file, an alarm of a model not approved for the device is delivered
+/// (the default policy) and marked with `model_status`; an approved one is not marked.
+#[test]
+fn an_alarm_of_an_unapproved_model_is_delivered_marked() {
+    let f = fixture();
+    let mut s = sequencer();
+    let text = include_str!("../../../policies/examples/models.toml");
+    let strict = vitalmq_policies::ModelRegistry::parse(text, std::path::Path::new("m.toml"))
+        .expect("models");
+    // The fixture's devices have no hardware model: 2.1.0 is out of cohort for them.
+    let _ = s.set_models(Some(Arc::new(strict)), T0);
+    let out = run(&f, &mut s, vec![alarm(&f, "dev-00001", 0, true, T0)], T0);
+    assert_eq!(out.commit.alerts.len(), 1);
+    assert_eq!(body(&out.commit.alerts[0])["model_status"], "out_of_cohort");
+    let everywhere = text.replace(
+        "hardware_models = [\"vw-band-2\", \"vw-band-3\"]",
+        "hardware_models = []",
+    );
+    let open = vitalmq_policies::ModelRegistry::parse(&everywhere, std::path::Path::new("m.toml"))
+        .expect("models");
+    let _ = s.set_models(Some(Arc::new(open)), T0);
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm(&f, "dev-00001", 1, false, T0 + 1000)],
+        T0 + 1000,
+    );
+    assert_eq!(out.commit.alerts.len(), 1);
+    assert_eq!(body(&out.commit.alerts[0])["model_status"], Json::Null);
+}

@@ -596,3 +596,112 @@ fn a_reading_observed_while_unassigned_is_quarantined_and_not_sequenced() {
     assert_eq!(out.commit.events.len(), 1);
     assert!(out.commit.quarantine[0].detail.contains("retired"));
 }
+
+/// With a model registry in force every accepted message's provenance names what its
+/// reported model resolved to (and the artifact digest of a registered one); a
+/// reloaded registry changes the mark of the next message; without one, no mark.
+#[test]
+fn reported_models_are_resolved_into_the_provenance() {
+    let f = fixture();
+    let mut s = sequencer();
+    let models = vitalmq_policies::ModelRegistry::parse(
+        include_str!("../../../policies/examples/models.toml"),
+        std::path::Path::new("models.toml"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let signed = |seq: u64, model: Option<&str>| {
+        let mut t = telemetry("dev-00001", 1, seq, MessageType::Vitals);
+        t.model = model.map(str::to_owned);
+        Incoming {
+            topic: "devices/dev-00001/telemetry".to_owned(),
+            payload: Bytes::from(vitalmq_envelope::sign(&t, &f.keys["dev-00001"]).expect("sign")),
+            received_at_ms: 1_718_260_202_000,
+            token: 0u32,
+        }
+    };
+    let marks = |out: &Sequenced<u32>| -> Vec<(String, String)> {
+        out.commit
+            .events
+            .iter()
+            .map(|e| {
+                let json: serde_json::Value =
+                    serde_json::from_str(e.normalized_json()).expect("json");
+                let p = &json["provenance"];
+                (
+                    p["model_status"].as_str().unwrap_or("-").to_owned(),
+                    p["model_artifact_sha256"]
+                        .as_str()
+                        .unwrap_or("-")
+                        .chars()
+                        .take(8)
+                        .collect(),
+                )
+            })
+            .collect()
+    };
+    let out = f.run(&mut s, vec![signed(0, Some("arrhythmia-net/2.1.0"))]);
+    assert_eq!(marks(&out), [("-".to_owned(), "-".to_owned())]);
+
+    s.set_models(Some(Arc::new(models.clone())), 0);
+    let out = f.run(
+        &mut s,
+        vec![
+            // the fixture's device has no hardware model: outside 2.1.0's approval
+            signed(1, Some("arrhythmia-net/2.1.0")),
+            signed(2, Some("arrhythmia-net/2.2.0-rc1")),
+            signed(3, Some("arrhythmia-net/2.0.3")),
+            signed(4, Some("nobody/1")),
+            signed(5, None),
+        ],
+    );
+    let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
+    assert_eq!(
+        marks(&out),
+        [
+            pair("out_of_cohort", "3b7e4f0c"),
+            pair("unapproved", "9c2d5e8f"),
+            pair("withdrawn", "1f0e2d3c"),
+            pair("unknown", "-"),
+            pair("none", "-"),
+        ]
+    );
+    // One operational episode per model needing attention, with its fleet counts.
+    let opened: Vec<_> = out
+        .ops
+        .iter()
+        .map(|o| {
+            (
+                o.kind.as_str(),
+                o.state,
+                o.details["model"].as_str().unwrap_or("").to_owned(),
+                o.details["devices"].as_u64(),
+            )
+        })
+        .collect();
+    let op = |m: &str| ("model_unapproved", "open", m.to_owned(), Some(1));
+    assert_eq!(
+        opened,
+        [
+            op("arrhythmia-net/2.1.0"),
+            op("arrhythmia-net/2.2.0-rc1"),
+            op("arrhythmia-net/2.0.3"),
+            op("nobody/1"),
+        ]
+    );
+    // Approving 2.1.0 everywhere (a reloaded file) approves the next message.
+    let everywhere = include_str!("../../../policies/examples/models.toml").replace(
+        "hardware_models = [\"vw-band-2\", \"vw-band-3\"]",
+        "hardware_models = []",
+    );
+    let reloaded =
+        vitalmq_policies::ModelRegistry::parse(&everywhere, std::path::Path::new("models.toml"))
+            .expect("valid");
+    let resolved = s.set_models(Some(Arc::new(reloaded)), 0);
+    assert_eq!(
+        resolved.len(),
+        1,
+        "2.1.0 approved for all now: its episode resolves"
+    );
+    let out = f.run(&mut s, vec![signed(6, Some("arrhythmia-net/2.1.0"))]);
+    assert_eq!(marks(&out), [pair("approved", "3b7e4f0c")]);
+}
