@@ -403,7 +403,7 @@ pub async fn run(
             Some(Arc::new(crate::score::Scoring {
                 models,
                 spo2_scale2_cohorts: sc.spo2_scale2_cohorts.iter().cloned().collect(),
-                // The `[models]` file (helper MODELS' config field) sets this once wired.
+                // Set from the `[models]` file by `Sequencer::set_models` below.
                 registry: None,
             }))
         }
