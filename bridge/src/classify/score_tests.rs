@@ -645,7 +645,10 @@ fn a_canary_and_its_rollback_hand_over_open_alerts() {
         (opened.rule.as_deref(), body(opened)["rule_version"].clone()),
         (Some("news2-medium"), Json::from("rcp-2017.1"))
     );
-    assert_eq!(payload(&out.commit.scores[1])["alert"]["rule"], "news2-high");
+    assert_eq!(
+        payload(&out.commit.scores[1])["alert"]["rule"],
+        "news2-high"
+    );
 
     // Canary on the site: the live alert resolves, the candidate opens its own.
     s.set_models(
@@ -698,7 +701,10 @@ fn a_canary_and_its_rollback_hand_over_open_alerts() {
     let canary_id = out.commit.alerts[1].alert_id.clone();
     // The old live version, now shadow, starts its would-be episode afresh.
     assert_eq!(payload(&out.commit.scores[0])["role"], "shadow");
-    assert_eq!(payload(&out.commit.scores[0])["alert"]["transition"], "open");
+    assert_eq!(
+        payload(&out.commit.scores[0])["alert"]["transition"],
+        "open"
+    );
 
     // Rollback under traffic: the canary's alert resolves, live delivers again.
     s.set_models(Some(shadow), T0 + 2 * MIN);
@@ -727,7 +733,10 @@ fn a_canary_and_its_rollback_hand_over_open_alerts() {
         )
     );
     assert_eq!(
-        (got[1].1.as_str(), body(&out.commit.alerts[1])["rule_version"].clone()),
+        (
+            got[1].1.as_str(),
+            body(&out.commit.alerts[1])["rule_version"].clone()
+        ),
         ("open", Json::from("rcp-2017.1"))
     );
     assert_ne!(got[1].0, opened.alert_id, "a new episode, not the old id");
