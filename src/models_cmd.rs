@@ -202,9 +202,7 @@ fn status(config_path: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
 
 fn parse_time(s: Option<&str>) -> anyhow::Result<Option<u64>> {
     s.map(|s| {
-        vitalmq_policies::parse_rfc3339(s)
-            .map(u64::from)
-            .with_context(|| format!("{s}: not an RFC 3339 time"))
+        vitalmq_policies::parse_rfc3339(s).with_context(|| format!("{s}: not an RFC 3339 time"))
     })
     .transpose()
 }

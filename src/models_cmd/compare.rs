@@ -185,6 +185,9 @@ fn starts(
     out
 }
 
+/// The `from` and `to` rows of one trigger.
+type Pair<'a> = (Option<&'a ScoreIn>, Option<&'a ScoreIn>);
+
 /// The comparison of `from` and `to` (rows already limited to the model and period).
 pub fn compare(
     model: &str,
@@ -194,7 +197,7 @@ pub fn compare(
     alerts: &[AlertIn],
     window_ms: u64,
 ) -> Report {
-    let mut by_trigger: HashMap<(&str, u64), (Option<&ScoreIn>, Option<&ScoreIn>)> = HashMap::new();
+    let mut by_trigger: HashMap<(&str, u64), Pair<'_>> = HashMap::new();
     for s in scores {
         let slot = by_trigger
             .entry((s.patient.as_str(), s.observed_at_ms))
