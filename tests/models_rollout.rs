@@ -143,6 +143,19 @@ fn shadow_canary_and_rollback_under_traffic_are_audited_and_delivered_by_role() 
     std::fs::write(&models, &shadow).expect("write");
     let check = vitalmq_ok(bin, &["models", "check", models.to_str().expect("utf-8")]);
     assert!(check.stdout.contains("ok"), "{}", check.all());
+    // A broken one: every problem at file:line, exit 1.
+    let bad = dir.join("bad-models.toml");
+    std::fs::write(
+        &bad,
+        shadow.replace(&format!("shadow = [\"{CAND}\"]"), "shadow = [\"nope\"]"),
+    )
+    .expect("write");
+    let ran = common::run(
+        Command::new(bin).args(["models", "check"]).arg(&bad),
+        Duration::from_secs(20),
+    );
+    assert!(!ran.success, "{}", ran.all());
+    assert!(ran.stderr.contains("bad-models.toml:"), "{}", ran.all());
 
     let config = format!(
         "{}\n[alerts]\nrules = \"{}\"\npublisher = {{ client_id = \"bridge-01-alerts\", cert = \"pki/identities/bridge/bridge-01-alerts.pem\", key = \"pki/identities/bridge/bridge-01-alerts.key.pem\" }}\n\n[models]\nfile = \"models.toml\"\n\n[scoring]\ntables = [\"news2.toml\", \"news2-cand.toml\"]\n",
