@@ -17,6 +17,7 @@ mod hold_cmd;
 mod keys_cmd;
 mod loadgen_cmd;
 mod log_format;
+mod models_cmd;
 mod objects_cmd;
 mod operator_audit;
 mod registry_cmd;
@@ -95,6 +96,10 @@ enum Command {
     /// Change device assignments in a registry file: assign, unassign, retire (audited).
     #[command(subcommand)]
     Registry(registry_cmd::RegistryCommand),
+    /// The model registry: check a models file, the rollout in force, compare two
+    /// versions of a score over a period (docs/models.md).
+    #[command(subcommand)]
+    Models(models_cmd::ModelsCommand),
     /// Load generator: throughput, latency, losses and reconnect storms over mTLS.
     Loadgen(loadgen_cmd::LoadgenArgs),
     /// The provenance chain of an alert or event, from the local records.
@@ -173,6 +178,7 @@ fn main() -> std::process::ExitCode {
         Command::Audit(cmd) => cmd.run(),
         Command::Loadgen(args) => loadgen_cmd::run(args),
         Command::Registry(cmd) => cmd.run(),
+        Command::Models(cmd) => cmd.run(),
         Command::Sim(args) => sim_cmd::run(args),
         Command::Surveil(args) => surveil_cmd::run(args),
         Command::Trace(args) => trace_cmd::run(args),

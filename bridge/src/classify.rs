@@ -339,6 +339,11 @@ impl Sequencer {
             Some(m) => self.model_fleet.on_reload(m, now_ms),
             None => Vec::new(),
         };
+        // The rollout in force gives the score versions their roles: a reload is how a
+        // canary starts and how a rollback happens (issue 21, part 4).
+        if let Some(scoring) = &mut self.scoring {
+            Arc::make_mut(scoring).registry.clone_from(&models);
+        }
         self.models = models;
         resolved
     }

@@ -27,6 +27,7 @@ pub mod plausible;
 mod receipt;
 pub mod recorder;
 mod reload;
+pub mod rollout;
 mod run;
 mod score;
 pub mod sink;

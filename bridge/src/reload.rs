@@ -112,10 +112,19 @@ pub fn watch_models(path: PathBuf, initial: Arc<ModelRegistry>, auditor: Auditor
                         continue;
                     }
                     info!(models = %path.display(), old = %old, new = %models.sha256(), "model registry reloaded");
+                    let transitions = crate::rollout::transitions(&tx.borrow(), &models);
                     let _ = auditor.record(
-                        reloaded(&path, old, models.sha256())
-                            .detail("unapproved_alarms", models.unapproved_alarms().as_str()),
+                        reloaded(&path, old.clone(), models.sha256())
+                            .detail("unapproved_alarms", models.unapproved_alarms().as_str())
+                            .detail("rollout_transitions", transitions.len()),
                     );
+                    // One record per role that changed (issue 21: every transition
+                    // audited, rollbacks included).
+                    for t in &transitions {
+                        info!(model = %t.model, version = %t.version, scope = %t.scope, old_role = ?t.old, new_role = ?t.new, "rollout transition");
+                        let _ =
+                            auditor.record(crate::rollout::audit_record(t, &old, models.sha256()));
+                    }
                     let _ = tx.send(Arc::new(models));
                 }
                 Ok(Err(e)) => {

@@ -394,6 +394,7 @@ pub async fn run(
         })?;
         alert_states.insert(device, state);
     }
+    let mut loaded_tables = Vec::new();
     let scoring = match &config.scoring {
         Some(sc) => {
             let mut models = Vec::new();
@@ -406,10 +407,11 @@ pub async fn run(
                     path: path.display().to_string(),
                 });
             }
+            loaded_tables.clone_from(&models);
             Some(Arc::new(crate::score::Scoring {
                 models,
                 spo2_scale2_cohorts: sc.spo2_scale2_cohorts.iter().cloned().collect(),
-                // The `[models]` file (helper MODELS' config field) sets this once wired.
+                // Set from the `[models]` file by `Sequencer::set_models` below.
                 registry: None,
             }))
         }
@@ -442,6 +444,16 @@ pub async fn run(
         info!(policy_sha256 = %m.sha256(), models = m.entries().len(), unapproved_alarms = m.unapproved_alarms().as_str(), "model checking on");
     }
     sequencer.set_models(models.clone(), 0);
+    // The score tables taken into force, with their roles in the rollout at start.
+    for t in &loaded_tables {
+        let _ = auditor.record(crate::rollout::table_loaded_record(
+            t.table.model(),
+            t.table.version(),
+            t.table.sha256(),
+            &t.path,
+            models.as_deref(),
+        ));
+    }
     let models_watch = match (&config.models, &models) {
         (Some(c), Some(m)) => Some(crate::reload::watch_models(
             c.file.clone(),

@@ -600,3 +600,144 @@ fn a_canary_cohort_gets_the_candidates_alerts_and_every_output_names_its_version
     assert_eq!(roles, [("rcp-2017.1", "live")]);
     assert_eq!(body(&out.commit.alerts[0])["rule"], "news2-medium");
 }
+
+/// The shipped registry with cand-2 approved and `rollout` as the news2 rollout.
+fn registry_with(rollout: &str) -> Arc<vitalmq_policies::ModelRegistry> {
+    let cand = &scoring(true).models[1].table;
+    let text = include_str!("../../../policies/examples/models.toml").replace(
+        "[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"",
+        &format!(
+            "[[models]]\nname = \"news2\"\nversion = \"cand-2\"\nkind = \"score\"\n\
+             artifact_sha256 = \"{}\"\nlineage = \"test\"\nfeature_pipeline = \"vitals-latest/1\"\n\
+             intended_use = \"test\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+             approved_at = \"2025-06-01T09:00:00Z\"\n\n\
+             [[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"\n{rollout}",
+            cand.sha256()
+        ),
+    );
+    Arc::new(
+        vitalmq_policies::ModelRegistry::parse(&text, std::path::Path::new("models.toml"))
+            .expect("models"),
+    )
+}
+
+/// A models reload changes the roles under traffic: the version that stops delivering
+/// has its open alert resolved (`rollout_changed`, `model_rollback` for a canary) at the
+/// patient's next score; the one that starts delivering opens its own alert from no
+/// episode (its shadow would-be episode is never resolved as if delivered).
+#[test]
+fn a_canary_and_its_rollback_hand_over_open_alerts() {
+    let f = fixture();
+    let mut s = sequencer(true);
+    let shadow = registry_with("shadow = [\"cand-2\"]");
+    s.set_models(Some(Arc::clone(&shadow)), T0);
+    let six = |pulse: f64| {
+        with(&[
+            ("resp", 21.0),
+            ("pulse", pulse),
+            ("temp", 38.5),
+            ("sbp", 105.0),
+        ])
+    };
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &six(111.0), T0), T0);
+    let opened = &out.commit.alerts[0];
+    assert_eq!(
+        (opened.rule.as_deref(), body(opened)["rule_version"].clone()),
+        (Some("news2-medium"), Json::from("rcp-2017.1"))
+    );
+    assert_eq!(
+        payload(&out.commit.scores[1])["alert"]["rule"],
+        "news2-high"
+    );
+
+    // Canary on the site: the live alert resolves, the candidate opens its own.
+    s.set_models(
+        Some(registry_with(
+            "canary = [{ version = \"cand-2\", sites = [\"site-01\"] }]",
+        )),
+        T0 + MIN,
+    );
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 2, &six(112.0), T0 + MIN),
+        T0 + MIN,
+    );
+    let got: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| {
+            let b = body(a);
+            (
+                a.rule.clone(),
+                a.state.clone(),
+                b["rule_version"].clone(),
+                b["role"].clone(),
+                b["reason"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                Some("news2-medium".into()),
+                "resolved".into(),
+                Json::from("rcp-2017.1"),
+                Json::from("live"),
+                Json::from("rollout_changed")
+            ),
+            (
+                Some("news2-high".into()),
+                "open".into(),
+                Json::from("cand-2"),
+                Json::from("canary"),
+                Json::Null
+            ),
+        ]
+    );
+    assert_eq!(out.commit.alerts[0].alert_id, opened.alert_id);
+    let canary_id = out.commit.alerts[1].alert_id.clone();
+    // The old live version, now shadow, starts its would-be episode afresh.
+    assert_eq!(payload(&out.commit.scores[0])["role"], "shadow");
+    assert_eq!(
+        payload(&out.commit.scores[0])["alert"]["transition"],
+        "open"
+    );
+
+    // Rollback under traffic: the canary's alert resolves, live delivers again.
+    s.set_models(Some(shadow), T0 + 2 * MIN);
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00001", 3, &six(113.0), T0 + 2 * MIN),
+        T0 + 2 * MIN,
+    );
+    let got: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| {
+            let b = body(a);
+            (a.alert_id.clone(), a.state.clone(), b["reason"].clone())
+        })
+        .collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        got[0],
+        (
+            canary_id,
+            "resolved".to_owned(),
+            Json::from("model_rollback")
+        )
+    );
+    assert_eq!(
+        (
+            got[1].1.as_str(),
+            body(&out.commit.alerts[1])["rule_version"].clone()
+        ),
+        ("open", Json::from("rcp-2017.1"))
+    );
+    assert_ne!(got[1].0, opened.alert_id, "a new episode, not the old id");
+}

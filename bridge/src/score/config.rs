@@ -27,6 +27,12 @@ impl Role {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Live, Self::Shadow, Self::Canary]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+
     /// Whether its alerts go to the `alerts` table (and so to the handlers).
     pub const fn delivers(self) -> bool {
         matches!(self, Self::Live | Self::Canary)

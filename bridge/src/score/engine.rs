@@ -77,12 +77,12 @@ pub fn on_vitals(
         return out;
     }
     let at_ms = state.newest_ms().unwrap_or(sample.ts_ms);
+    // Alerts a role change retires go out before any version opens its own.
+    let mut retired = Vec::new();
     for (i, (model, inputs)) in scoring.models.iter().zip(after).enumerate() {
         let Some(inputs) = inputs else { continue };
         let table = &model.table;
-        let Some(role) = scoring.role(i, &sample.site, cohorts) else {
-            continue;
-        };
+        let role = scoring.role(i, &sample.site, cohorts);
         let s = score(table, &inputs);
         let score_id = row::score_id(
             &sample.patient_ref,
@@ -90,12 +90,30 @@ pub fn on_vitals(
             table.version(),
             &sample.event_id,
         );
+        let evidence = used_inputs(table, state, at_ms, scale);
+        if let Some(retired_alert) = hand_over(
+            state,
+            role,
+            &AlertCtx {
+                table,
+                role: Role::Live,
+                sample,
+                score_id: &score_id,
+                score: &s,
+                evidence: evidence.iter().map(|e| e.2.clone()).collect(),
+                now_ms,
+            },
+        ) {
+            retired.push(retired_alert);
+        }
+        let Some(role) = role else {
+            continue;
+        };
         let current = state
             .episodes
             .get(table.version())
             .and_then(|e| ScoreRule::parse(&e.rule));
         let t = transition(current, s.assessment);
-        let evidence = used_inputs(table, state, at_ms, scale);
         let mut payload = payload(&Payload {
             score_id: &score_id,
             table,
@@ -136,6 +154,8 @@ pub fn on_vitals(
             payload: payload.to_string(),
         });
     }
+    retired.append(&mut out.alerts);
+    out.alerts = retired;
     out
 }
 
@@ -266,6 +286,7 @@ fn apply(
                 ),
                 device: ctx.sample.device.to_string(),
                 opened_at_ms: ctx.now_ms,
+                role: Some(ctx.role.as_str().to_owned()),
             };
             changes.push(change(ctx, &e, to, "open", None));
             state.episodes.insert(version.to_owned(), e);
@@ -278,6 +299,51 @@ fn apply(
         "replaces": replaces.map(ScoreRule::id),
     });
     (changes, shadow)
+}
+
+/// A version's episode when its role changed since it opened (a reload of the models
+/// file changed the rollout), at the patient's first score after it, like a removed
+/// rule's alert at the device's next sample:
+/// - it delivered and no longer does (canary rolled back, live replaced by a canary or
+///   another live version, version taken out): its alert is resolved, reason
+///   `model_rollback` when it was a canary's, else `rollout_changed`, so no subscriber
+///   keeps an alert nobody will resolve;
+/// - it did not deliver (shadow) and now does: its would-be episode is dropped, never
+///   resolved (its alert id was never delivered). The version starts from no episode,
+///   so the same score opens a delivered alert at once if it proves one;
+/// - a version that no longer runs drops its would-be episode too.
+///
+/// `ctx.role` is ignored: the resolution names the role the alert was delivered under.
+fn hand_over(
+    state: &mut PatientScoreState,
+    now: Option<Role>,
+    ctx: &AlertCtx<'_>,
+) -> Option<ScoreAlert> {
+    let version = ctx.table.version();
+    let e = state.episodes.get(version)?;
+    let was = e.role.as_deref().and_then(Role::parse);
+    let delivers_now = now.is_some_and(Role::delivers);
+    let delivered = was.map_or(delivers_now, Role::delivers);
+    if delivered == delivers_now && now.is_some() {
+        return None;
+    }
+    let e = state.episodes.remove(version)?;
+    if !delivered {
+        return None;
+    }
+    let was = was.unwrap_or(Role::Live);
+    let rule = ScoreRule::parse(&e.rule)?;
+    let reason = if was == Role::Canary {
+        "model_rollback"
+    } else {
+        "rollout_changed"
+    };
+    let ctx = AlertCtx {
+        role: was,
+        evidence: ctx.evidence.clone(),
+        ..*ctx
+    };
+    Some(change(&ctx, &e, rule, "resolved", Some(reason)))
 }
 
 /// The threshold the rule stands for: the lowest aggregate of its risk band, or the

@@ -29,6 +29,11 @@ pub struct Episode {
     /// The device whose reading opened it: its alert book acknowledges and escalates it.
     pub device: String,
     pub opened_at_ms: u64,
+    /// The version's role when the episode opened (`live`, `canary`, `shadow`): whether
+    /// its alert was delivered. Absent in states stored before rollouts: taken as
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// Everything scoring remembers about one patient.

@@ -1,0 +1,299 @@
+//! Rollout transitions (issue 21, part 4): what a reload of the models file changed in
+//! which version of a score or rule set runs where, as one audit record per
+//! `(model, version, scope)` whose role changed, besides the file's `policy_reloaded`.
+//!
+//! A scope is where a rollout can give a version a role: `*` (every site and cohort no
+//! canary names), `site:<id>` or `cohort:<name>` (one a canary names). The role of a
+//! version in a scope is what [`ModelRegistry::role`] gives a device there: a canary
+//! is `canary` in its scopes and the live version `shadow` there; elsewhere live is
+//! `live`; shadows are `shadow` everywhere; otherwise the version does not run there
+//! (`none`). A rollback is such a transition back (`canary -> shadow|none`,
+//! `shadow -> live`), so it is audited the same way.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use vitalmq_audit::{AuditRecord, Component, Decision, Event};
+use vitalmq_policies::{ModelRegistry, ModelRole, Rollout};
+
+/// Where a role applies (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Everywhere,
+    Site(String),
+    Cohort(String),
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Everywhere => f.write_str("*"),
+            Self::Site(s) => write!(f, "site:{s}"),
+            Self::Cohort(c) => write!(f, "cohort:{c}"),
+        }
+    }
+}
+
+/// The scopes a rollout distinguishes.
+fn scopes(r: &Rollout) -> BTreeSet<Scope> {
+    let mut out = BTreeSet::from([Scope::Everywhere]);
+    for c in &r.canary {
+        out.extend(c.sites.iter().map(|s| Scope::Site(s.as_str().to_owned())));
+        out.extend(c.cohorts.iter().cloned().map(Scope::Cohort));
+    }
+    out
+}
+
+/// The role of `version` in `scope` under `r` (the rule of [`ModelRegistry::role`]).
+fn role_in(r: &Rollout, version: &str, scope: &Scope) -> Option<ModelRole> {
+    let canary = r.canary.iter().find(|c| match scope {
+        Scope::Everywhere => false,
+        Scope::Site(s) => c.sites.iter().any(|x| x.as_str() == s),
+        Scope::Cohort(n) => c.cohorts.contains(n),
+    });
+    match canary {
+        Some(c) if c.version == version => return Some(ModelRole::Canary),
+        Some(_) if r.live == version => return Some(ModelRole::Shadow),
+        None if r.live == version => return Some(ModelRole::Live),
+        _ => {}
+    }
+    r.shadow
+        .iter()
+        .any(|v| v == version)
+        .then_some(ModelRole::Shadow)
+}
+
+fn versions(r: &Rollout) -> BTreeSet<&str> {
+    let mut out = BTreeSet::from([r.live.as_str()]);
+    out.extend(r.shadow.iter().map(String::as_str));
+    out.extend(r.canary.iter().map(|c| c.version.as_str()));
+    out
+}
+
+/// Every `(model, version, scope)` with a role in `models`, and the role.
+pub fn roles(models: &ModelRegistry) -> BTreeMap<(String, String, Scope), ModelRole> {
+    let mut out = BTreeMap::new();
+    for r in models.rollouts() {
+        for scope in scopes(r) {
+            for v in versions(r) {
+                if let Some(role) = role_in(r, v, &scope) {
+                    out.insert((r.model.clone(), v.to_owned(), scope.clone()), role);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One changed role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub model: String,
+    pub version: String,
+    pub scope: Scope,
+    pub old: Option<ModelRole>,
+    pub new: Option<ModelRole>,
+}
+
+impl Transition {
+    /// A version that delivered in the scope and no longer does, or the live version
+    /// taking the scope back from a canary.
+    pub fn is_rollback(&self) -> bool {
+        matches!(
+            (self.old, self.new),
+            (Some(ModelRole::Canary), Some(ModelRole::Shadow) | None)
+                | (Some(ModelRole::Shadow), Some(ModelRole::Live))
+        )
+    }
+}
+
+fn role_str(r: Option<ModelRole>) -> &'static str {
+    r.map_or("none", ModelRole::as_str)
+}
+
+/// The role changes from `old` to `new`, in (model, version, scope) order. A scope one
+/// side does not name is compared with that side's role there, so a canary added for a
+/// site reads `shadow -> canary` for the candidate and `live -> shadow` for the live
+/// version, not `none -> ...`.
+pub fn transitions(old: &ModelRegistry, new: &ModelRegistry) -> Vec<Transition> {
+    let models: BTreeSet<&str> = old
+        .rollouts()
+        .chain(new.rollouts())
+        .map(|r| r.model.as_str())
+        .collect();
+    let mut out = Vec::new();
+    for model in models {
+        let (a, b) = (old.rollout(model), new.rollout(model));
+        let mut all_scopes = BTreeSet::new();
+        let mut all_versions = BTreeSet::new();
+        for r in [a, b].into_iter().flatten() {
+            all_scopes.extend(scopes(r));
+            all_versions.extend(versions(r));
+        }
+        for scope in &all_scopes {
+            for v in &all_versions {
+                let was = a.and_then(|r| role_in(r, v, scope));
+                let now = b.and_then(|r| role_in(r, v, scope));
+                if was != now {
+                    out.push(Transition {
+                        model: model.to_owned(),
+                        version: (*v).to_owned(),
+                        scope: scope.clone(),
+                        old: was,
+                        new: now,
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The audit record of one transition, naming both models file digests.
+pub fn audit_record(t: &Transition, old_sha256: &str, new_sha256: &str) -> AuditRecord {
+    AuditRecord::new(Component::Bridge, Event::PolicyReloaded)
+        .action("rollout_transition")
+        .resource(format!("{}/{}", t.model, t.version))
+        .decision(Decision::Allow)
+        .policy_sha256(new_sha256.to_owned())
+        .reason(if t.is_rollback() {
+            "rollback"
+        } else {
+            "rollout_changed"
+        })
+        .detail("model", t.model.clone())
+        .detail("version", t.version.clone())
+        .detail("scope", t.scope.to_string())
+        .detail("old_role", role_str(t.old))
+        .detail("new_role", role_str(t.new))
+        .detail("old_sha256", old_sha256.to_owned())
+        .detail("new_sha256", new_sha256.to_owned())
+}
+
+/// The audit record of a score table taken into force at start: what every score row
+/// names (`model`, `version`, `config_sha256`), traceable to the file and to its role
+/// in the rollout in force at start (`roles`, by scope; empty without a models file).
+pub fn table_loaded_record(
+    model: &str,
+    version: &str,
+    sha256: &str,
+    path: &str,
+    models: Option<&ModelRegistry>,
+) -> AuditRecord {
+    let roles: serde_json::Map<String, serde_json::Value> = models
+        .map(roles)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|((m, v, _), _)| m == model && v == version)
+        .map(|((_, _, scope), role)| (scope.to_string(), role.as_str().into()))
+        .collect();
+    AuditRecord::new(Component::Bridge, Event::ComponentStarted)
+        .action("score_table_loaded")
+        .resource(path.to_owned())
+        .policy_sha256(sha256.to_owned())
+        .detail("model", model.to_owned())
+        .detail("version", version.to_owned())
+        .detail("config_sha256", sha256.to_owned())
+        .detail("roles", serde_json::Value::Object(roles))
+        .detail(
+            "models_sha256",
+            models.map(|m| m.sha256().to_owned()).unwrap_or_default(),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(rollout: &str) -> ModelRegistry {
+        let text = include_str!("../../policies/examples/models.toml").replace(
+            "[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"",
+            &format!(
+                "[[models]]\nname = \"news2\"\nversion = \"cand-2\"\nkind = \"score\"\n\
+                 artifact_sha256 = \"{}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
+                 intended_use = \"t\"\nstatus = \"draft\"\n\n\
+                 [[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"\n{rollout}",
+                "0".repeat(64)
+            ),
+        );
+        ModelRegistry::parse(&text, std::path::Path::new("models.toml")).expect("models")
+    }
+
+    fn seen(ts: &[Transition]) -> Vec<(String, String, &'static str, &'static str)> {
+        ts.iter()
+            .map(|t| {
+                (
+                    t.version.clone(),
+                    t.scope.to_string(),
+                    role_str(t.old),
+                    role_str(t.new),
+                )
+            })
+            .collect()
+    }
+
+    fn t(
+        v: &str,
+        s: &str,
+        a: &'static str,
+        b: &'static str,
+    ) -> (String, String, &'static str, &'static str) {
+        (v.into(), s.into(), a, b)
+    }
+
+    #[test]
+    fn shadow_to_canary_and_back_is_one_transition_per_version_and_scope() {
+        let shadow = registry("shadow = [\"cand-2\"]");
+        let canary = registry("canary = [{ version = \"cand-2\", sites = [\"site-b\"] }]");
+        assert!(transitions(&shadow, &shadow).is_empty());
+        let on = transitions(&shadow, &canary);
+        assert_eq!(
+            seen(&on),
+            [
+                t("cand-2", "*", "shadow", "none"),
+                t("cand-2", "site:site-b", "shadow", "canary"),
+                t("rcp-2017.1", "site:site-b", "live", "shadow"),
+            ]
+        );
+        assert!(on.iter().all(|t| !t.is_rollback()));
+        let back = transitions(&canary, &shadow);
+        assert_eq!(
+            seen(&back),
+            [
+                t("cand-2", "*", "none", "shadow"),
+                t("cand-2", "site:site-b", "canary", "shadow"),
+                t("rcp-2017.1", "site:site-b", "shadow", "live"),
+            ]
+        );
+        assert_eq!(back.iter().filter(|t| t.is_rollback()).count(), 2);
+        let r = audit_record(&back[1], shadow.sha256(), canary.sha256());
+        let line = serde_json::to_string(&r).expect("json");
+        for needle in [
+            "rollout_transition",
+            "\"old_role\":\"canary\"",
+            "\"new_role\":\"shadow\"",
+            "\"reason\":\"rollback\"",
+            shadow.sha256(),
+            canary.sha256(),
+        ] {
+            assert!(line.contains(needle), "{needle} in {line}");
+        }
+    }
+
+    #[test]
+    fn a_cohort_canary_is_its_own_scope() {
+        let live = registry("");
+        let canary = registry("canary = [{ version = \"cand-2\", cohorts = [\"copd\"] }]");
+        assert_eq!(
+            seen(&transitions(&live, &canary)),
+            [
+                t("cand-2", "cohort:copd", "none", "canary"),
+                t("rcp-2017.1", "cohort:copd", "live", "shadow"),
+            ]
+        );
+        let roles = roles(&canary);
+        assert_eq!(
+            roles.get(&("news2".into(), "rcp-2017.1".into(), Scope::Everywhere)),
+            Some(&ModelRole::Live)
+        );
+    }
+}
