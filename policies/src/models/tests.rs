@@ -663,3 +663,38 @@ fn withhold_policy_is_read() {
     let text = edit(EXAMPLE, "[policy]\n", "[policy]\nflavour = 1\n");
     assert!(parse(&text).is_err());
 }
+
+#[test]
+fn the_quiet_period_is_read_and_bounded() {
+    assert_eq!(parse(EXAMPLE).expect("ok").unapproved_quiet_minutes(), 60);
+    let text = edit(EXAMPLE, "unapproved_quiet_minutes = 60\n", "");
+    assert_eq!(
+        parse(&text).expect("ok").unapproved_quiet_minutes(),
+        60,
+        "default"
+    );
+    let text = edit(
+        EXAMPLE,
+        "unapproved_quiet_minutes = 60",
+        "unapproved_quiet_minutes = 15",
+    );
+    assert_eq!(parse(&text).expect("ok").unapproved_quiet_minutes(), 15);
+    for bad in ["0", "-5", "10081"] {
+        let line = format!("unapproved_quiet_minutes = {bad}");
+        let text = edit(EXAMPLE, "unapproved_quiet_minutes = 60", &line);
+        let err = parse(&text).unwrap_err();
+        has(
+            &err,
+            &text,
+            &line,
+            "policy.unapproved_quiet_minutes",
+            "1 to 10080",
+        );
+    }
+    let text = edit(
+        EXAMPLE,
+        "unapproved_quiet_minutes = 60",
+        "unapproved_quiet_minutes = \"soon\"",
+    );
+    assert!(parse(&text).is_err());
+}
