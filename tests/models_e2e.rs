@@ -195,6 +195,13 @@ file = "{}"
     assert_eq!(ops["statuses"]["unapproved"], 2, "{ops}");
     assert!(ops["messages"].as_u64().unwrap_or(0) >= 2, "{ops}");
     let ops_id = ops["alert_id"].clone();
+    // Deterministic per model and UTC day, so a restarted bridge continues it.
+    assert!(
+        ops_id.as_str().is_some_and(
+            |id| id.starts_with("ops-bridge-model_unapproved-arrhythmia-net_2.2.0-rc1-20")
+        ),
+        "{ops}"
+    );
     assert!(
         !messages(&watch)
             .iter()
@@ -250,6 +257,7 @@ file = "{}"
         },
     );
     assert_eq!(resolved["model"], DRAFT, "{resolved}");
+    assert_eq!(resolved["resolved_by"], "approval", "{resolved}");
 
     // Withhold: an alarm of a withdrawn model is stored and audited, never alerted.
     rewrite(

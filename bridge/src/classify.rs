@@ -158,9 +158,8 @@ pub struct Sequenced<T> {
     fleet: Option<control::Fleet>,
     /// Devices no longer in the registry: out of the deadline index.
     forget: Vec<DeviceId>,
-    /// Messages whose reported model needs attention: `(device, model, status)`, for
-    /// the fleet counts on adoption.
-    models_seen: Vec<(DeviceId, String, vitalmq_policies::ModelStatus)>,
+    /// Messages whose reported model needs attention, for the fleet counts on adoption.
+    models_seen: Vec<crate::models::Seen>,
     /// The reported models of the alarm messages the models policy withheld, for the
     /// episodes' counts on adoption.
     alarms_withheld: Vec<String>,
@@ -538,9 +537,10 @@ impl Sequencer {
                         let check =
                             crate::models::check(models, self.rules.as_deref(), entry, &verified);
                         if check.status.needs_attention() {
-                            models_seen.push((
-                                device.clone(),
-                                verified.model.clone().unwrap_or_default(),
+                            models_seen.push(crate::models::Seen::of(
+                                self.rules.as_deref(),
+                                entry,
+                                &verified,
                                 check.status,
                             ));
                         }
@@ -798,16 +798,15 @@ impl Sequencer {
     /// Presence, fleet counts and forgotten devices of a control input.
     fn adopt_control<T>(&mut self, sequenced: &mut Sequenced<T>) {
         let now_ms = sequenced.commit.now_ms;
-        for (device, model, status) in std::mem::take(&mut sequenced.models_seen) {
-            sequenced
-                .ops
-                .extend(self.model_fleet.observe(&device, &model, status, now_ms));
+        for seen in std::mem::take(&mut sequenced.models_seen) {
+            sequenced.ops.extend(self.model_fleet.observe(seen, now_ms));
         }
         for model in std::mem::take(&mut sequenced.alarms_withheld) {
             sequenced
                 .ops
                 .extend(self.model_fleet.withheld(&model, now_ms));
         }
+        sequenced.ops.extend(self.model_fleet.on_tick(now_ms));
         self.clock_ms = self.clock_ms.max(sequenced.commit.now_ms);
         for (topic, payload) in std::mem::take(&mut sequenced.presence) {
             // Checked when staged; a failure here changes nothing.

@@ -317,11 +317,15 @@ impl UnapprovedAlarms {
     }
 }
 
+/// Default of `[policy] unapproved_quiet_minutes`.
+const DEFAULT_QUIET_MINUTES: u32 = 60;
+
 /// A validated, immutable model registry; share it in an `Arc` and swap it on reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelRegistry {
     sha256: String,
     unapproved_alarms: UnapprovedAlarms,
+    unapproved_quiet_minutes: u32,
     entries: Vec<ModelEntry>,
     /// `(name, version)` to its index in `entries`.
     index: BTreeMap<(String, String), usize>,
@@ -342,6 +346,7 @@ impl ModelRegistry {
         let mut registry = Self {
             sha256: hex::encode(Sha256::digest(text.as_bytes())),
             unapproved_alarms: UnapprovedAlarms::default(),
+            unapproved_quiet_minutes: DEFAULT_QUIET_MINUTES,
             entries: Vec::new(),
             index: BTreeMap::new(),
             rollouts: BTreeMap::new(),
@@ -361,6 +366,13 @@ impl ModelRegistry {
     /// `[policy] unapproved_alarms`.
     pub fn unapproved_alarms(&self) -> UnapprovedAlarms {
         self.unapproved_alarms
+    }
+
+    /// `[policy] unapproved_quiet_minutes` (default 60): a
+    /// `model_unapproved` operational episode with no message needing attention for
+    /// this long resolves (`quiet`).
+    pub fn unapproved_quiet_minutes(&self) -> u32 {
+        self.unapproved_quiet_minutes
     }
 
     /// Every entry in file order.

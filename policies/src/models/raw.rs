@@ -20,6 +20,7 @@ pub(super) struct RawFile {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPolicy {
     pub(super) unapproved_alarms: Option<Spanned<String>>,
+    pub(super) unapproved_quiet_minutes: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -663,3 +663,96 @@ fn withhold_policy_is_read() {
     let text = edit(EXAMPLE, "[policy]\n", "[policy]\nflavour = 1\n");
     assert!(parse(&text).is_err());
 }
+
+#[test]
+fn the_quiet_period_is_read_and_bounded() {
+    assert_eq!(parse(EXAMPLE).expect("ok").unapproved_quiet_minutes(), 60);
+    let text = edit(EXAMPLE, "unapproved_quiet_minutes = 60\n", "");
+    assert_eq!(
+        parse(&text).expect("ok").unapproved_quiet_minutes(),
+        60,
+        "default"
+    );
+    let text = edit(
+        EXAMPLE,
+        "unapproved_quiet_minutes = 60",
+        "unapproved_quiet_minutes = 15",
+    );
+    assert_eq!(parse(&text).expect("ok").unapproved_quiet_minutes(), 15);
+    for bad in ["0", "-5", "10081"] {
+        let line = format!("unapproved_quiet_minutes = {bad}");
+        let text = edit(EXAMPLE, "unapproved_quiet_minutes = 60", &line);
+        let err = parse(&text).unwrap_err();
+        has(
+            &err,
+            &text,
+            &line,
+            "policy.unapproved_quiet_minutes",
+            "1 to 10080",
+        );
+    }
+    let text = edit(
+        EXAMPLE,
+        "unapproved_quiet_minutes = 60",
+        "unapproved_quiet_minutes = \"soon\"",
+    );
+    assert!(parse(&text).is_err());
+}
+
+/// Firmware strings that are not (padded) semver versions, and pre-releases, meet no
+/// firmware requirement: the model is `out_of_cohort` there (fails closed), as
+/// docs/models.md says.
+#[test]
+fn odd_firmware_strings_fail_closed() {
+    let reg = example();
+    let m = Some("arrhythmia-net/2.1.0");
+    let facts = |fw: &'static str| DeviceFacts {
+        site: None,
+        cohorts: &[],
+        fw: Some(fw),
+        hardware_model: Some("vw-band-2"),
+    };
+    for fw in ["5.1.2.4", "05.1", "5.2.0-rc1", "5.x", "5.1 ", ""] {
+        assert_eq!(
+            reg.resolve(m, &facts(fw)),
+            ModelStatus::OutOfCohort,
+            "{fw:?}"
+        );
+    }
+    for fw in ["5", "5.1", "5.1.2", "v5.1.2", "5.1.2+build.7"] {
+        assert_eq!(reg.resolve(m, &facts(fw)), ModelStatus::Approved, "{fw:?}");
+    }
+}
+
+/// An approved entry without `[models.approved_for]`, or with every list empty and no
+/// firmware, covers every device, even one of which nothing is known.
+#[test]
+fn an_approval_without_approved_for_covers_every_device() {
+    let unknown = DeviceFacts::default();
+    let text = edit(
+        EXAMPLE,
+        "firmware = \">=5.0, <6\"                # semver requirement on the device's `fw`\n",
+        "",
+    );
+    let text = edit(
+        &text,
+        "hardware_models = [\"vw-band-2\", \"vw-band-3\"]",
+        "hardware_models = []",
+    );
+    let reg = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        reg.resolve(Some("arrhythmia-net/2.1.0"), &unknown),
+        ModelStatus::Approved
+    );
+    // the draft approved as is: it has no approved_for at all
+    let text = edit(
+        EXAMPLE,
+        "status = \"draft\"",
+        "status = \"approved\"\napproved_by = \"b\"\napproved_at = \"2026-01-01T00:00:00Z\"",
+    );
+    let reg = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        reg.resolve(Some("arrhythmia-net/2.2.0-rc1"), &unknown),
+        ModelStatus::Approved
+    );
+}

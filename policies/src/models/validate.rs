@@ -18,6 +18,8 @@ use super::{check_name, parse_rfc3339};
 const MAX_TEXT: usize = 1024;
 /// Longest name, version, cohort or hardware model.
 const MAX_NAME: usize = 64;
+/// Longest quiet period of a `model_unapproved` episode: a week.
+const MAX_QUIET_MINUTES: u32 = 7 * 24 * 60;
 
 pub(super) fn validate(raw: RawFile, reg: &mut ModelRegistry, p: &mut Problems<'_>) {
     if raw.format.get_ref() != FORMAT {
@@ -39,6 +41,20 @@ pub(super) fn validate(raw: RawFile, reg: &mut ModelRegistry, p: &mut Problems<'
                 Some(u.span()),
                 "policy.unapproved_alarms",
                 "must be \"deliver\" or \"withhold\"",
+            ),
+        }
+    }
+    if let Some(q) = raw
+        .policy
+        .as_ref()
+        .and_then(|policy| policy.get_ref().unapproved_quiet_minutes.as_ref())
+    {
+        match u32::try_from(*q.get_ref()) {
+            Ok(n) if (1..=MAX_QUIET_MINUTES).contains(&n) => reg.unapproved_quiet_minutes = n,
+            _ => p.add(
+                Some(q.span()),
+                "policy.unapproved_quiet_minutes",
+                format!("must be a whole number of minutes from 1 to {MAX_QUIET_MINUTES}"),
             ),
         }
     }
