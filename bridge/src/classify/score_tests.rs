@@ -741,3 +741,51 @@ fn a_canary_and_its_rollback_hand_over_open_alerts() {
     );
     assert_ne!(got[1].0, opened.alert_id, "a new episode, not the old id");
 }
+
+/// Recording paused (disk full, `max_backlog`): the alert part of the batch is written
+/// alone and its `news2-*` alert delivered. The score that alert names is written with
+/// it: the resend of the reading is not scored again (its evaluation was adopted with
+/// the alert state), so a score left out then would never exist.
+#[test]
+fn the_alerts_only_commit_writes_the_score_its_alert_names() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut store = Store::open(dir.path()).expect("open");
+    let mut s = sequencer(false);
+    let high = with(&[("resp", 25.0), ("pulse", 131.0), ("temp", 39.5)]);
+    let checked = verify(&f.registry, vitals(&f, "dev-00001", 1, &high, T0));
+    let mut out = s.sequence(&f.registry, &f.origin, vec![checked], T0);
+    let named = body(&out.commit.alerts[0])["score_id"]
+        .as_str()
+        .expect("score_id")
+        .to_owned();
+    // The whole commit is refused; the recorder writes the alert part alone.
+    let alert_part = out.commit.take_alert_part();
+    store.commit_alerts_only(&alert_part).expect("alerts only");
+    s.adopt_unrecorded(&mut out);
+    let rows = store.scores(0, None, 10).expect("scores");
+    assert_eq!(
+        rows.iter().map(|r| r.score_id.as_str()).collect::<Vec<_>>(),
+        [named.as_str()],
+        "the score the delivered alert names is stored"
+    );
+    assert!(
+        store
+            .load_patient_score_states()
+            .expect("states")
+            .contains_key("pt-a"),
+        "the episode's state goes with its alert"
+    );
+    // The device resends; the whole batch is recorded now: no second score row.
+    let resent = verify(&f.registry, vitals(&f, "dev-00001", 1, &high, T0));
+    let mut again = s.sequence(&f.registry, &f.origin, vec![resent], T0 + 1);
+    assert!(again.commit.scores.is_empty() && again.commit.alerts.is_empty());
+    assert_eq!(
+        again.commit.events.len(),
+        1,
+        "the reading itself is recorded"
+    );
+    store.commit(&again.commit).expect("commit");
+    s.adopt(&mut again);
+    assert_eq!(store.scores(0, None, 10).expect("scores").len(), 1);
+}

@@ -323,6 +323,24 @@ pub struct Commit {
     pub now_ms: u64,
 }
 
+impl Commit {
+    /// Takes the alert part of the commit: alert rows, alert states, and the scores
+    /// with the patients' scoring states (clinical outputs like the alerts, which name
+    /// their `score_id`, and the state that holds the score alert episodes). What the
+    /// recorder writes with [`Store::commit_alerts_only`] while recording is paused;
+    /// the events, windows and gaps stay for the devices' resends.
+    pub fn take_alert_part(&mut self) -> Commit {
+        Commit {
+            alerts: std::mem::take(&mut self.alerts),
+            alert_states: std::mem::take(&mut self.alert_states),
+            scores: std::mem::take(&mut self.scores),
+            patient_states: std::mem::take(&mut self.patient_states),
+            now_ms: self.now_ms,
+            ..Commit::default()
+        }
+    }
+}
+
 impl Store {
     /// The stored sequence windows, converted to `size` if it changed.
     pub fn load_sequences(
@@ -660,29 +678,31 @@ impl Store {
         Ok(committed)
     }
 
-    /// Writes only the alert part of `c` (alert rows and alert states), in one
-    /// transaction: what the recorder commits while recording is paused (the outbox at
+    /// Writes only the alert part of `c` (alert rows, alert states, scores and the
+    /// patients' scoring states; see [`Commit::take_alert_part`]), in one transaction:
+    /// what the recorder commits while recording is paused (the outbox at
     /// `max_backlog`, or a store that refused the whole batch), so the alert handlers
     /// deliver as usual while events, quarantine, windows, gaps and counters wait for
     /// the devices to resend.
+    ///
+    /// The scores go with the alerts: a `news2-*` alert names its `score_id`, and the
+    /// resent reading is not scored again (its evaluation was adopted with the alert
+    /// state), so a score left out here would never exist. A score already stored
+    /// (`score_id` is deterministic) is kept once.
     pub fn commit_alerts_only(&mut self, c: &Commit) -> Result<Committed, StoreError> {
-        let alerts_only = Commit {
+        let alert_part = Commit {
             alerts: c.alerts.clone(),
+            scores: c.scores.clone(),
+            patient_states: c.patient_states.clone(),
             ..Commit::default()
         };
-        // The patients' scoring state goes with the alert state it holds the score
-        // alert episodes of; the scores of a batch the store did not take are not
-        // stored (their alerts are).
-        let (sealed, committed) = self.seal_batch(&alerts_only)?;
+        let (sealed, committed) = self.seal_batch(&alert_part)?;
         let path = self.path.clone();
         let err = |source| classify(&path, source);
         let tx = self.conn.transaction().map_err(err)?;
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
-        let states = Commit {
-            patient_states: c.patient_states.clone(),
-            ..Commit::default()
-        };
-        super::scores::write_scores(&tx, &states, &[], &sealed.erased_patients).map_err(err)?;
+        super::scores::write_scores(&tx, &alert_part, &sealed.scores, &sealed.erased_patients)
+            .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)
     }
