@@ -152,6 +152,9 @@ pub struct Sequenced<T> {
     staged: HashMap<DeviceId, Track>,
     /// Scoring state of the patients the batch touched.
     staged_patients: HashMap<String, PatientScoreState>,
+    /// Patients the store found erased while committing the batch: their scoring
+    /// state is dropped on adoption, not made current.
+    erased_patients: Vec<String>,
     /// Presence messages to apply on adoption.
     presence: Vec<(String, Bytes)>,
     /// Fleet-wide bookkeeping of a tick, to adopt.
@@ -178,6 +181,7 @@ impl<T> Sequenced<T> {
             ops: Vec::new(),
             staged: HashMap::new(),
             staged_patients: HashMap::new(),
+            erased_patients: Vec::new(),
             presence: Vec::new(),
             fleet: None,
             forget: Vec::new(),
@@ -188,6 +192,16 @@ impl<T> Sequenced<T> {
 }
 
 impl<T> Sequenced<T> {
+    /// Drops the scoring state of patients the store found erased while committing
+    /// this batch (`Committed::erased_patients`): adoption forgets them, so no
+    /// pre-erasure reading is kept in memory or scored again.
+    pub fn forget_patients(&mut self, erased: &[String]) {
+        for p in erased {
+            self.staged_patients.remove(p);
+        }
+        self.erased_patients.extend_from_slice(erased);
+    }
+
     /// Gap changes in this batch (for audit and operational reporting).
     pub fn gaps(&self) -> &[(DeviceId, Gap)] {
         &self.commit.gaps
@@ -787,6 +801,9 @@ impl Sequencer {
     fn adopt_patients<T>(&mut self, sequenced: &mut Sequenced<T>) {
         self.patients
             .extend(std::mem::take(&mut sequenced.staged_patients));
+        for p in std::mem::take(&mut sequenced.erased_patients) {
+            self.patients.remove(&p);
+        }
     }
 
     /// The scoring state of a patient as adopted (for tests and status).

@@ -440,6 +440,7 @@ impl Recorder {
                 match self.store.commit(&s.commit) {
                     Ok(committed) => {
                         audited &= self.erased_dropped(&committed);
+                        s.forget_patients(&committed.erased_patients);
                         crate::observe::commit_duration(started.elapsed());
                         st.stats.add(s.dispositions.len(), started.elapsed());
                         if st.store_failure.take().is_some() {
@@ -509,6 +510,7 @@ impl Recorder {
                 Ok(committed) => {
                     // An unaudited drop is still a drop: the next audit failure shows.
                     let _ = self.erased_dropped(&committed);
+                    s.forget_patients(&committed.erased_patients);
                     if !alerts_only.alerts.is_empty() {
                         self.wake_handlers();
                     }

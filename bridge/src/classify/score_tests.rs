@@ -789,3 +789,18 @@ fn the_alerts_only_commit_writes_the_score_its_alert_names() {
     s.adopt(&mut again);
     assert_eq!(store.scores(0, None, 10).expect("scores").len(), 1);
 }
+
+/// A patient the store found erased while committing is forgotten on adoption: no
+/// pre-erasure reading stays in memory to be scored or written again.
+#[test]
+fn an_erased_patients_scoring_state_is_dropped_from_memory() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    feed(&mut s, &f, vitals(&f, "dev-00001", 1, &NORMAL, T0), T0);
+    assert!(s.patient_score_state("pt-a").is_some());
+    let checked = verify(&f.registry, vitals(&f, "dev-00001", 2, &NORMAL, T0 + MIN));
+    let mut out = s.sequence(&f.registry, &f.origin, vec![checked], T0 + MIN);
+    out.forget_patients(&["pt-a".to_owned()]);
+    s.adopt(&mut out);
+    assert!(s.patient_score_state("pt-a").is_none());
+}

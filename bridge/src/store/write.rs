@@ -263,6 +263,9 @@ pub struct Committed {
     pub erased_events: Vec<(String, String)>,
     /// `(alert_id, state)` of each alert change not stored.
     pub erased_alerts: Vec<(String, String)>,
+    /// Patients found erased while sealing: their scoring state was not written, and
+    /// the sequencer drops it from memory (`Sequenced::forget_patients`).
+    pub erased_patients: Vec<String>,
 }
 
 /// A payload as it goes into its column: sealed, or plaintext without a keyring.
@@ -300,8 +303,9 @@ struct SealedBatch<'a> {
     alerts: Vec<Option<(Stored<'a>, Option<String>)>>,
     /// Per score: the payload, or `None` when the patient was erased.
     scores: Vec<Option<Stored<'a>>>,
-    /// Patients found erased while sealing: their scoring state is not written back.
-    erased_patients: std::collections::BTreeSet<String>,
+    /// Per patient scoring state: the state, or `None` when the patient was erased
+    /// (found so by any payload of the batch): never written back.
+    patient_states: Vec<Option<Stored<'a>>>,
 }
 
 /// Everything one batch changes, written in one transaction.
@@ -427,6 +431,7 @@ impl Store {
         use super::sealing::{
             QUARANTINE_SUBJECT, UNATTRIBUTED_SUBJECT, alert_context, alert_patient,
             normalized_context, quarantine_context, raw_context, score_context,
+            score_state_context,
         };
         use vitalmq_keyring::KeyError;
         let key_err = |source| StoreError::Key {
@@ -491,6 +496,7 @@ impl Store {
                 Err(KeyError::Erased { .. }) => {
                     out.erased_alerts
                         .push((a.alert_id.clone(), a.state.clone()));
+                    erased_patients.extend(patient);
                     alerts.push(None);
                 }
                 Err(e) => return Err(key_err(e)),
@@ -512,13 +518,32 @@ impl Store {
                 Err(e) => return Err(key_err(e)),
             }
         }
+        // The scoring state holds the patient's latest readings and their event ids:
+        // sealed for the patient like the readings, and never written back for a
+        // patient any payload of the batch found erased.
+        let mut patient_states = Vec::with_capacity(c.patient_states.len());
+        for (patient, json) in &c.patient_states {
+            if erased_patients.contains(patient) {
+                patient_states.push(None);
+                continue;
+            }
+            match stored(patient, score_state_context(patient), json.as_bytes()) {
+                Ok(p) => patient_states.push(Some(p)),
+                Err(KeyError::Erased { .. }) => {
+                    erased_patients.insert(patient.clone());
+                    patient_states.push(None);
+                }
+                Err(e) => return Err(key_err(e)),
+            }
+        }
+        out.erased_patients = erased_patients.into_iter().collect();
         Ok((
             SealedBatch {
                 events,
                 quarantine,
                 alerts,
                 scores,
-                erased_patients,
+                patient_states,
             },
             out,
         ))
@@ -672,8 +697,7 @@ impl Store {
             }
         }
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
-        super::scores::write_scores(&tx, c, &sealed.scores, &sealed.erased_patients)
-            .map_err(err)?;
+        super::scores::write_scores(&tx, c, &sealed.scores, &sealed.patient_states).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)
     }
@@ -701,7 +725,7 @@ impl Store {
         let err = |source| classify(&path, source);
         let tx = self.conn.transaction().map_err(err)?;
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
-        super::scores::write_scores(&tx, &alert_part, &sealed.scores, &sealed.erased_patients)
+        super::scores::write_scores(&tx, &alert_part, &sealed.scores, &sealed.patient_states)
             .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)
