@@ -625,7 +625,11 @@ impl Sequencer {
                                     let changes =
                                         alerts::evaluate(rules, rules.sha256(), state, &sample);
                                     out.extend(changes.iter().map(outgoing));
-                                    if let Some(scoring) = &self.scoring {
+                                    // A reading of no patient scores nothing, and
+                                    // must not stage a state keyed "".
+                                    if let Some(scoring) = &self.scoring
+                                        && !sample.patient_ref.is_empty()
+                                    {
                                         let patient = staged_patients
                                             .entry(sample.patient_ref.clone())
                                             .or_insert_with(|| {

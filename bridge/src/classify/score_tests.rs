@@ -804,3 +804,34 @@ fn an_erased_patients_scoring_state_is_dropped_from_memory() {
     s.adopt(&mut out);
     assert!(s.patient_score_state("pt-a").is_none());
 }
+
+/// A reading attributed to no patient (an empty `patient_ref`) is not scored and
+/// leaves no scoring state keyed "".
+#[test]
+fn a_reading_without_a_patient_leaves_no_scoring_state() {
+    let mut f = fixture();
+    let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+    f.registry
+        .insert_device(DeviceEntry {
+            id: DeviceId::new("dev-00009").expect("id"),
+            site: SiteId::new("site-01").expect("site"),
+            patient_ref: String::new(),
+            key: key.verifying_key(),
+            consent: None,
+            processing_policy: None,
+            lot: None,
+            hardware_model: None,
+            region: None,
+        })
+        .expect("insert");
+    f.keys.insert("dev-00009".into(), key);
+    let mut s = sequencer(false);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00009", 1, &NORMAL, T0), T0);
+    assert!(out.commit.scores.is_empty());
+    assert!(
+        out.commit.patient_states.is_empty(),
+        "{:?}",
+        out.commit.patient_states
+    );
+    assert!(s.patient_score_state("").is_none());
+}
