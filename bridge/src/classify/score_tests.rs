@@ -835,3 +835,33 @@ fn a_reading_without_a_patient_leaves_no_scoring_state() {
     );
     assert!(s.patient_score_state("").is_none());
 }
+
+/// A device whose clock is ahead (within the accepted skew) does not become the
+/// patient's clock: its reading counts as observed now, another device's real-time
+/// reading a moment later is newer and taken, and the score is never dated in the
+/// future.
+#[test]
+fn a_device_clock_ahead_does_not_set_the_patients_clock() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    let mut ahead = vitals(&f, "dev-00001", 1, &NORMAL, T0 + 4 * MIN);
+    ahead.received_at_ms = T0;
+    let first = feed(&mut s, &f, ahead, T0);
+    assert_eq!(first.commit.scores.len(), 1);
+    assert_eq!(
+        first.commit.scores[0].observed_at_ms, T0,
+        "not in the future"
+    );
+    let later = T0 + 10_000;
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00002", 1, &[("pulse", 131.0)], later),
+        later,
+    );
+    assert_eq!(out.commit.scores.len(), 1, "the real-time reading is taken");
+    let p = payload(&out.commit.scores[0]);
+    assert_eq!(p["sub_scores"]["pulse"], 3);
+    assert_eq!(out.commit.scores[0].observed_at_ms, later);
+    assert_eq!(p["missing"].as_array().map(Vec::len), Some(0));
+}

@@ -45,10 +45,14 @@ pub fn on_vitals(
     }
     let scale = scoring.spo2_scale(cohorts);
     let metrics = scoring.metrics();
+    // The bridge's clock bounds the patient's: a device clock ahead (the clock policy
+    // accepts some skew) must neither make the other devices' real-time readings look
+    // older nor age the other parameters against a future instant. A reading observed
+    // after `now_ms` is taken as observed at `now_ms`.
+    let observed_ms = sample.ts_ms.min(now_ms);
+    let clock = |state: &PatientScoreState| state.newest_ms().map(|t| t.min(now_ms));
     let inputs_of = |state: &PatientScoreState, table: &ScoreTable| {
-        state
-            .newest_ms()
-            .map(|at| table.inputs_at(|k| state.value(k), at, scale))
+        clock(state).map(|at| table.inputs_at(|k| state.value(k), at, scale))
     };
     let before: Vec<_> = scoring
         .models
@@ -63,7 +67,7 @@ pub fn on_vitals(
     if !state.observe(
         values,
         &sample.event_id,
-        sample.ts_ms,
+        observed_ms,
         sample.device.as_str(),
     ) {
         return out;
@@ -76,7 +80,7 @@ pub fn on_vitals(
     if before == after {
         return out;
     }
-    let at_ms = state.newest_ms().unwrap_or(sample.ts_ms);
+    let at_ms = clock(state).unwrap_or(observed_ms);
     // Alerts a role change retires go out before any version opens its own.
     let mut retired = Vec::new();
     for (i, (model, inputs)) in scoring.models.iter().zip(after).enumerate() {
