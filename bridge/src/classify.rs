@@ -810,6 +810,56 @@ impl Sequencer {
         }
     }
 
+    /// On a tick: resolves (`no_data`) the open score episodes whose inputs all
+    /// expired ([`score::on_expiry`]), recording the changes in their devices' books
+    /// and staging the patients' states. Returns the devices whose alert state
+    /// changed.
+    fn expire_scores(
+        &self,
+        registry: &DeviceRegistry,
+        rules: &RuleSet,
+        now_ms: u64,
+        out: &mut Sequenced<()>,
+    ) -> Vec<DeviceId> {
+        let Some(scoring) = &self.scoring else {
+            return Vec::new();
+        };
+        let site_of = |device: &str| {
+            let d = DeviceId::new(device).ok()?;
+            let site = registry.device(&d)?.site.clone();
+            Some((site, scoring.spo2_scale(&rules.cohorts_of(&d))))
+        };
+        let mut devices = Vec::new();
+        for (patient, state) in &self.patients {
+            if state.episodes.is_empty() {
+                continue;
+            }
+            let mut staged = state.clone();
+            let changes = score::on_expiry(scoring, &mut staged, patient, site_of, now_ms);
+            if staged == *state {
+                continue;
+            }
+            for a in changes {
+                let Ok(d) = DeviceId::new(&a.book_device) else {
+                    continue;
+                };
+                let mut o = a.out;
+                let track = out
+                    .staged
+                    .entry(d.clone())
+                    .or_insert_with(|| self.tracks.get(&d).cloned().unwrap_or_default());
+                track.alerts.book.record(&mut o, now_ms);
+                out.commit.alerts.push(new_alert(o, now_ms));
+                devices.push(d);
+            }
+            if let Ok(json) = serde_json::to_string(&staged) {
+                out.commit.patient_states.push((patient.clone(), json));
+            }
+            out.staged_patients.insert(patient.clone(), staged);
+        }
+        devices
+    }
+
     /// The scoring state of a patient as adopted (for tests and status).
     #[cfg(test)]
     pub(crate) fn patient_score_state(&self, patient_ref: &str) -> Option<&PatientScoreState> {

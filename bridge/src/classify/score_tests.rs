@@ -865,3 +865,65 @@ fn a_device_clock_ahead_does_not_set_the_patients_clock() {
     assert_eq!(out.commit.scores[0].observed_at_ms, later);
     assert_eq!(p["missing"].as_array().map(Vec::len), Some(0));
 }
+
+/// A patient whose devices stopped (discharged, unassigned, switched off): once every
+/// input of the version expired, the tick resolves its open score alert with reason
+/// `no_data`, never `recovered`; before, a partial expiry changes nothing.
+#[test]
+fn an_open_score_alert_resolves_no_data_once_every_input_expired() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    let high = with(&[("resp", 25.0), ("pulse", 131.0), ("temp", 39.5)]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &high, T0), T0);
+    assert_eq!(out.commit.alerts[0].rule.as_deref(), Some("news2-high"));
+    let alert_id = out.commit.alerts[0].alert_id.clone();
+    let tick = |s: &mut Sequencer, at: u64| {
+        let mut o = s.control(&f.registry, Control::Tick { now_ms: at }, at);
+        s.adopt(&mut o);
+        o
+    };
+    let news2 = |o: &Sequenced<()>| -> Vec<NewAlert> {
+        o.commit
+            .alerts
+            .iter()
+            .filter(|a| a.alert_id == alert_id && a.state == "resolved")
+            .cloned()
+            .collect()
+    };
+    // Some inputs (15 min, 1 h) expired, others (4 h) not: still open.
+    let partial = tick(&mut s, T0 + 2 * 60 * MIN);
+    assert!(news2(&partial).is_empty());
+    assert!(
+        s.patient_score_state("pt-a")
+            .expect("state")
+            .episodes
+            .contains_key("rcp-2017.1")
+    );
+    let all = tick(&mut s, T0 + 4 * 60 * MIN + 1);
+    let resolved = news2(&all);
+    assert_eq!(resolved.len(), 1, "{:?}", all.commit.alerts);
+    let b = body(&resolved[0]);
+    assert_eq!(b["reason"], "no_data");
+    assert_eq!(b["rule"], "news2-high");
+    assert!(b["score_id"].is_null());
+    assert!(
+        !all.commit.patient_states.is_empty(),
+        "the state is committed"
+    );
+    assert!(
+        s.patient_score_state("pt-a")
+            .expect("state")
+            .episodes
+            .is_empty()
+    );
+    // Out of the device's book: no re-escalation, and no second resolution.
+    let dev = DeviceId::new("dev-00001").expect("id");
+    assert!(
+        s.tracks[&dev]
+            .alerts
+            .book
+            .entries()
+            .all(|(id, _)| *id != alert_id)
+    );
+    assert!(news2(&tick(&mut s, T0 + 5 * 60 * MIN)).is_empty());
+}

@@ -163,6 +163,77 @@ pub fn on_vitals(
     out
 }
 
+/// The open score episodes of a patient none of whose version's inputs is still valid
+/// at `now_ms` (a patient discharged or unassigned, a device stopped): resolved with
+/// reason `no_data` (never `recovered`: missing parameters are no evidence of
+/// recovery), as the tick finds them; otherwise such an episode would stay open, and
+/// re-escalate, for ever. A shadow version's would-be episode is dropped without
+/// output. `site_of` gives the site and SpO2 scale of an episode's device (`None`: the
+/// device left the registry; the episode stays, and its book still re-escalates it).
+/// The resolution names no score (`score_id` null): none produced it.
+pub fn on_expiry(
+    scoring: &Scoring,
+    state: &mut PatientScoreState,
+    patient_ref: &str,
+    site_of: impl Fn(&str) -> Option<(vitalmq_policies::SiteId, vitalmq_policies::Spo2Scale)>,
+    now_ms: u64,
+) -> Vec<ScoreAlert> {
+    let mut out = Vec::new();
+    for model in &scoring.models {
+        let table = &model.table;
+        let Some(e) = state.episodes.get(table.version()) else {
+            continue;
+        };
+        let Some((site, scale)) = site_of(&e.device) else {
+            continue;
+        };
+        let Ok(device) = vitalmq_envelope::DeviceId::new(&e.device) else {
+            continue;
+        };
+        if !used_inputs(table, state, now_ms, scale).is_empty() {
+            continue;
+        }
+        let Some(e) = state.episodes.remove(table.version()) else {
+            continue;
+        };
+        let was = e
+            .role
+            .as_deref()
+            .and_then(Role::parse)
+            .unwrap_or(Role::Live);
+        let Some(rule) = ScoreRule::parse(&e.rule) else {
+            continue;
+        };
+        if !was.delivers() {
+            continue;
+        }
+        let sample = Sample {
+            event_id: String::new(),
+            device,
+            site,
+            patient_ref: patient_ref.to_owned(),
+            ts_ms: now_ms,
+            metrics: std::collections::BTreeMap::new(),
+            implausible: Vec::new(),
+            q: None,
+            fw: String::new(),
+            model: None,
+        };
+        let s = score(table, &table.inputs_at(|_| None, now_ms, scale));
+        let ctx = AlertCtx {
+            table,
+            role: was,
+            sample: &sample,
+            score_id: "",
+            score: &s,
+            evidence: Vec::new(),
+            now_ms,
+        };
+        out.push(change(&ctx, &e, rule, "resolved", Some("no_data")));
+    }
+    out
+}
+
 /// `(metric, value, event id, observed at)` of every reading a score used.
 type Used = (String, f64, String, u64);
 
@@ -396,7 +467,7 @@ fn change(
         "measured": s.aggregate,
         "source": "score",
         "role": ctx.role.as_str(),
-        "score_id": ctx.score_id,
+        "score_id": (!ctx.score_id.is_empty()).then_some(ctx.score_id),
         "score": {
             "model": ctx.table.model(),
             "version": ctx.table.version(),
