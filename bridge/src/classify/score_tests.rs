@@ -927,3 +927,35 @@ fn an_open_score_alert_resolves_no_data_once_every_input_expired() {
     );
     assert!(news2(&tick(&mut s, T0 + 5 * 60 * MIN)).is_empty());
 }
+
+/// The documented rounding convention (docs/models.md): a value is charted at its
+/// parameter's decimals, half away from zero, then banded: SpO2 91.5 is 92 (2 points),
+/// 91.4 is 91 (3 points, red); temperature 38.05 is 38.1 (1 point).
+#[test]
+fn values_are_banded_as_charted_rounded_to_the_tables_decimals() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    let cases = [
+        ("spo2", 91.5, 2),
+        ("spo2", 91.4, 3),
+        ("temp", 38.05, 1),
+        ("temp", 38.04, 0),
+    ];
+    for (seq, (metric, value, points)) in (1..).zip(cases) {
+        let at = T0 + seq * MIN;
+        let out = feed(
+            &mut s,
+            &f,
+            vitals(&f, "dev-00001", seq, &with(&[(metric, value)]), at),
+            at,
+        );
+        let p = payload(&out.commit.scores[0]);
+        let sub = p["sub_scores"]
+            .as_object()
+            .expect("sub_scores")
+            .iter()
+            .find(|(k, _)| k.starts_with(if metric == "temp" { "temp" } else { "spo2" }))
+            .map(|(_, v)| v.clone());
+        assert_eq!(sub, Some(Json::from(points)), "{metric} {value}: {p}");
+    }
+}
