@@ -152,6 +152,9 @@ pub struct Sequenced<T> {
     staged: HashMap<DeviceId, Track>,
     /// Scoring state of the patients the batch touched.
     staged_patients: HashMap<String, PatientScoreState>,
+    /// Patients the store found erased while committing the batch: their scoring
+    /// state is dropped on adoption, not made current.
+    erased_patients: Vec<String>,
     /// Presence messages to apply on adoption.
     presence: Vec<(String, Bytes)>,
     /// Fleet-wide bookkeeping of a tick, to adopt.
@@ -177,6 +180,7 @@ impl<T> Sequenced<T> {
             ops: Vec::new(),
             staged: HashMap::new(),
             staged_patients: HashMap::new(),
+            erased_patients: Vec::new(),
             presence: Vec::new(),
             fleet: None,
             forget: Vec::new(),
@@ -187,6 +191,16 @@ impl<T> Sequenced<T> {
 }
 
 impl<T> Sequenced<T> {
+    /// Drops the scoring state of patients the store found erased while committing
+    /// this batch (`Committed::erased_patients`): adoption forgets them, so no
+    /// pre-erasure reading is kept in memory or scored again.
+    pub fn forget_patients(&mut self, erased: &[String]) {
+        for p in erased {
+            self.staged_patients.remove(p);
+        }
+        self.erased_patients.extend_from_slice(erased);
+    }
+
     /// Gap changes in this batch (for audit and operational reporting).
     pub fn gaps(&self) -> &[(DeviceId, Gap)] {
         &self.commit.gaps
@@ -611,7 +625,11 @@ impl Sequencer {
                                     let changes =
                                         alerts::evaluate(rules, rules.sha256(), state, &sample);
                                     out.extend(changes.iter().map(outgoing));
-                                    if let Some(scoring) = &self.scoring {
+                                    // A reading of no patient scores nothing, and
+                                    // must not stage a state keyed "".
+                                    if let Some(scoring) = &self.scoring
+                                        && !sample.patient_ref.is_empty()
+                                    {
                                         let patient = staged_patients
                                             .entry(sample.patient_ref.clone())
                                             .or_insert_with(|| {
@@ -787,6 +805,59 @@ impl Sequencer {
     fn adopt_patients<T>(&mut self, sequenced: &mut Sequenced<T>) {
         self.patients
             .extend(std::mem::take(&mut sequenced.staged_patients));
+        for p in std::mem::take(&mut sequenced.erased_patients) {
+            self.patients.remove(&p);
+        }
+    }
+
+    /// On a tick: resolves (`no_data`) the open score episodes whose inputs all
+    /// expired ([`score::on_expiry`]), recording the changes in their devices' books
+    /// and staging the patients' states. Returns the devices whose alert state
+    /// changed.
+    fn expire_scores(
+        &self,
+        registry: &DeviceRegistry,
+        rules: &RuleSet,
+        now_ms: u64,
+        out: &mut Sequenced<()>,
+    ) -> Vec<DeviceId> {
+        let Some(scoring) = &self.scoring else {
+            return Vec::new();
+        };
+        let site_of = |device: &str| {
+            let d = DeviceId::new(device).ok()?;
+            let site = registry.device(&d)?.site.clone();
+            Some((site, scoring.spo2_scale(&rules.cohorts_of(&d))))
+        };
+        let mut devices = Vec::new();
+        for (patient, state) in &self.patients {
+            if state.episodes.is_empty() {
+                continue;
+            }
+            let mut staged = state.clone();
+            let changes = score::on_expiry(scoring, &mut staged, patient, site_of, now_ms);
+            if staged == *state {
+                continue;
+            }
+            for a in changes {
+                let Ok(d) = DeviceId::new(&a.book_device) else {
+                    continue;
+                };
+                let mut o = a.out;
+                let track = out
+                    .staged
+                    .entry(d.clone())
+                    .or_insert_with(|| self.tracks.get(&d).cloned().unwrap_or_default());
+                track.alerts.book.record(&mut o, now_ms);
+                out.commit.alerts.push(new_alert(o, now_ms));
+                devices.push(d);
+            }
+            if let Ok(json) = serde_json::to_string(&staged) {
+                out.commit.patient_states.push((patient.clone(), json));
+            }
+            out.staged_patients.insert(patient.clone(), staged);
+        }
+        devices
     }
 
     /// The scoring state of a patient as adopted (for tests and status).

@@ -160,11 +160,14 @@ struct StoreFailure {
 }
 
 /// Alert rows and alert states decided while the store could not take them, in
-/// order: written with the first commit the store takes.
+/// order: written with the first commit the store takes. With them the scores and
+/// patients' scoring states of the same batches (`Commit::take_alert_part`).
 #[derive(Debug, Default)]
 struct Unrecorded {
     alerts: Vec<NewAlert>,
     states: BTreeMap<DeviceId, String>,
+    scores: Vec<crate::score::NewScore>,
+    patient_states: BTreeMap<String, String>,
 }
 
 impl Unrecorded {
@@ -179,6 +182,17 @@ impl Unrecorded {
                 .into_iter()
                 .filter(|(d, _)| !fresh.contains(d)),
         );
+        commit.scores.splice(0..0, self.scores.drain(..));
+        let fresh: BTreeSet<String> = commit
+            .patient_states
+            .iter()
+            .map(|(p, _)| p.clone())
+            .collect();
+        commit.patient_states.extend(
+            std::mem::take(&mut self.patient_states)
+                .into_iter()
+                .filter(|(p, _)| !fresh.contains(p)),
+        );
     }
 
     /// Undoes [`Self::merge_into`] after the commit failed, keeping the commit's own
@@ -187,6 +201,18 @@ impl Unrecorded {
         self.alerts.append(&mut commit.alerts);
         for (d, s) in commit.alert_states.drain(..) {
             self.states.insert(d, s);
+        }
+        self.scores.append(&mut commit.scores);
+        for (p, s) in commit.patient_states.drain(..) {
+            self.patient_states.insert(p, s);
+        }
+        if self.scores.len() > PENDING_ALERTS_MAX {
+            let over = self.scores.len() - PENDING_ALERTS_MAX;
+            error!(
+                dropped = over,
+                "too many score rows waiting for the store; the oldest will not be recorded"
+            );
+            self.scores.drain(..over);
         }
         if self.alerts.len() > PENDING_ALERTS_MAX {
             let over = self.alerts.len() - PENDING_ALERTS_MAX;
@@ -291,7 +317,11 @@ fn carries_messages(c: &Commit) -> bool {
 }
 
 fn is_empty(c: &Commit) -> bool {
-    !carries_messages(c) && c.alerts.is_empty() && c.alert_states.is_empty()
+    !carries_messages(c)
+        && c.alerts.is_empty()
+        && c.alert_states.is_empty()
+        && c.scores.is_empty()
+        && c.patient_states.is_empty()
 }
 
 impl Recorder {
@@ -410,6 +440,7 @@ impl Recorder {
                 match self.store.commit(&s.commit) {
                     Ok(committed) => {
                         audited &= self.erased_dropped(&committed);
+                        s.forget_patients(&committed.erased_patients);
                         crate::observe::commit_duration(started.elapsed());
                         st.stats.add(s.dispositions.len(), started.elapsed());
                         if st.store_failure.take().is_some() {
@@ -466,13 +497,9 @@ impl Recorder {
         s: &mut Sequenced<U>,
         fresh: &[NewAlert],
     ) -> bool {
-        // Only the alert part is written; the rest waits for the devices' resends.
-        let mut alerts_only = Commit {
-            alerts: std::mem::take(&mut s.commit.alerts),
-            alert_states: std::mem::take(&mut s.commit.alert_states),
-            now_ms: s.commit.now_ms,
-            ..Commit::default()
-        };
+        // Only the alert part (with its scores) is written; the rest waits for the
+        // devices' resends.
+        let mut alerts_only = s.commit.take_alert_part();
         let worth_trying = st.store_failure.is_none() || !fresh.is_empty();
         st.unrecorded.merge_into(&mut alerts_only);
         if is_empty(&alerts_only) {
@@ -483,6 +510,7 @@ impl Recorder {
                 Ok(committed) => {
                     // An unaudited drop is still a drop: the next audit failure shows.
                     let _ = self.erased_dropped(&committed);
+                    s.forget_patients(&committed.erased_patients);
                     if !alerts_only.alerts.is_empty() {
                         self.wake_handlers();
                     }
@@ -1025,6 +1053,46 @@ mod tests {
         assert_eq!(kept.alerts.len(), 3);
         assert_eq!(kept.states[&device("dev-00001")], "new");
         assert!(next.alerts.is_empty() && next.alert_states.is_empty());
+    }
+
+    /// The scores and patients' scoring states of an unrecorded batch are kept with
+    /// its alert rows (an alert names its score) and written with them.
+    #[test]
+    fn unrecorded_scores_are_kept_with_the_alerts_they_explain() {
+        let score = |id: &str| crate::score::NewScore {
+            score_id: id.into(),
+            patient_ref: "pt-a".into(),
+            site: "site-01".into(),
+            device: "dev-00001".into(),
+            model: "news2".into(),
+            version: "v1".into(),
+            config_sha256: String::new(),
+            role: "live".into(),
+            observed_at_ms: 1,
+            created_at_ms: 1,
+            payload: "{}".into(),
+        };
+        let mut kept = Unrecorded::default();
+        let mut first = Commit {
+            alerts: vec![alert("a", "open")],
+            scores: vec![score("sc-1")],
+            patient_states: vec![("pt-a".into(), "old".into())],
+            ..Commit::default()
+        };
+        let mut part = first.take_alert_part();
+        assert!(first.scores.is_empty() && first.patient_states.is_empty());
+        assert!(!is_empty(&part));
+        kept.merge_into(&mut part);
+        kept.take_back(&mut part);
+        let mut next = Commit {
+            scores: vec![score("sc-2")],
+            patient_states: vec![("pt-a".into(), "new".into())],
+            ..Commit::default()
+        };
+        kept.merge_into(&mut next);
+        let ids: Vec<&str> = next.scores.iter().map(|s| s.score_id.as_str()).collect();
+        assert_eq!(ids, ["sc-1", "sc-2"]);
+        assert_eq!(next.patient_states, [("pt-a".to_owned(), "new".to_owned())]);
     }
 
     /// While the audit log cannot write, acknowledgements wait (an ack is applied only

@@ -333,6 +333,8 @@ impl Sequencer {
             persist.push(device.clone());
             out.staged.insert(device.clone(), track);
         }
+        // Score episodes whose inputs all expired resolve (`no_data`).
+        persist.extend(self.expire_scores(registry, rules, now_ms, out));
         persist.sort();
         persist.dedup();
         for device in persist {

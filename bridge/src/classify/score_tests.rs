@@ -741,3 +741,221 @@ fn a_canary_and_its_rollback_hand_over_open_alerts() {
     );
     assert_ne!(got[1].0, opened.alert_id, "a new episode, not the old id");
 }
+
+/// Recording paused (disk full, `max_backlog`): the alert part of the batch is written
+/// alone and its `news2-*` alert delivered. The score that alert names is written with
+/// it: the resend of the reading is not scored again (its evaluation was adopted with
+/// the alert state), so a score left out then would never exist.
+#[test]
+fn the_alerts_only_commit_writes_the_score_its_alert_names() {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut store = Store::open(dir.path()).expect("open");
+    let mut s = sequencer(false);
+    let high = with(&[("resp", 25.0), ("pulse", 131.0), ("temp", 39.5)]);
+    let checked = verify(&f.registry, vitals(&f, "dev-00001", 1, &high, T0));
+    let mut out = s.sequence(&f.registry, &f.origin, vec![checked], T0);
+    let named = body(&out.commit.alerts[0])["score_id"]
+        .as_str()
+        .expect("score_id")
+        .to_owned();
+    // The whole commit is refused; the recorder writes the alert part alone.
+    let alert_part = out.commit.take_alert_part();
+    store.commit_alerts_only(&alert_part).expect("alerts only");
+    s.adopt_unrecorded(&mut out);
+    let rows = store.scores(0, None, 10).expect("scores");
+    assert_eq!(
+        rows.iter().map(|r| r.score_id.as_str()).collect::<Vec<_>>(),
+        [named.as_str()],
+        "the score the delivered alert names is stored"
+    );
+    assert!(
+        store
+            .load_patient_score_states()
+            .expect("states")
+            .contains_key("pt-a"),
+        "the episode's state goes with its alert"
+    );
+    // The device resends; the whole batch is recorded now: no second score row.
+    let resent = verify(&f.registry, vitals(&f, "dev-00001", 1, &high, T0));
+    let mut again = s.sequence(&f.registry, &f.origin, vec![resent], T0 + 1);
+    assert!(again.commit.scores.is_empty() && again.commit.alerts.is_empty());
+    assert_eq!(
+        again.commit.events.len(),
+        1,
+        "the reading itself is recorded"
+    );
+    store.commit(&again.commit).expect("commit");
+    s.adopt(&mut again);
+    assert_eq!(store.scores(0, None, 10).expect("scores").len(), 1);
+}
+
+/// A patient the store found erased while committing is forgotten on adoption: no
+/// pre-erasure reading stays in memory to be scored or written again.
+#[test]
+fn an_erased_patients_scoring_state_is_dropped_from_memory() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    feed(&mut s, &f, vitals(&f, "dev-00001", 1, &NORMAL, T0), T0);
+    assert!(s.patient_score_state("pt-a").is_some());
+    let checked = verify(&f.registry, vitals(&f, "dev-00001", 2, &NORMAL, T0 + MIN));
+    let mut out = s.sequence(&f.registry, &f.origin, vec![checked], T0 + MIN);
+    out.forget_patients(&["pt-a".to_owned()]);
+    s.adopt(&mut out);
+    assert!(s.patient_score_state("pt-a").is_none());
+}
+
+/// A reading attributed to no patient (an empty `patient_ref`) is not scored and
+/// leaves no scoring state keyed "".
+#[test]
+fn a_reading_without_a_patient_leaves_no_scoring_state() {
+    let mut f = fixture();
+    let key = SigningKey::generate(Algorithm::EdDsa).expect("key");
+    f.registry
+        .insert_device(DeviceEntry {
+            id: DeviceId::new("dev-00009").expect("id"),
+            site: SiteId::new("site-01").expect("site"),
+            patient_ref: String::new(),
+            key: key.verifying_key(),
+            consent: None,
+            processing_policy: None,
+            lot: None,
+            hardware_model: None,
+            region: None,
+        })
+        .expect("insert");
+    f.keys.insert("dev-00009".into(), key);
+    let mut s = sequencer(false);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00009", 1, &NORMAL, T0), T0);
+    assert!(out.commit.scores.is_empty());
+    assert!(
+        out.commit.patient_states.is_empty(),
+        "{:?}",
+        out.commit.patient_states
+    );
+    assert!(s.patient_score_state("").is_none());
+}
+
+/// A device whose clock is ahead (within the accepted skew) does not become the
+/// patient's clock: its reading counts as observed now, another device's real-time
+/// reading a moment later is newer and taken, and the score is never dated in the
+/// future.
+#[test]
+fn a_device_clock_ahead_does_not_set_the_patients_clock() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    let mut ahead = vitals(&f, "dev-00001", 1, &NORMAL, T0 + 4 * MIN);
+    ahead.received_at_ms = T0;
+    let first = feed(&mut s, &f, ahead, T0);
+    assert_eq!(first.commit.scores.len(), 1);
+    assert_eq!(
+        first.commit.scores[0].observed_at_ms, T0,
+        "not in the future"
+    );
+    let later = T0 + 10_000;
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00002", 1, &[("pulse", 131.0)], later),
+        later,
+    );
+    assert_eq!(out.commit.scores.len(), 1, "the real-time reading is taken");
+    let p = payload(&out.commit.scores[0]);
+    assert_eq!(p["sub_scores"]["pulse"], 3);
+    assert_eq!(out.commit.scores[0].observed_at_ms, later);
+    assert_eq!(p["missing"].as_array().map(Vec::len), Some(0));
+}
+
+/// A patient whose devices stopped (discharged, unassigned, switched off): once every
+/// input of the version expired, the tick resolves its open score alert with reason
+/// `no_data`, never `recovered`; before, a partial expiry changes nothing.
+#[test]
+fn an_open_score_alert_resolves_no_data_once_every_input_expired() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    let high = with(&[("resp", 25.0), ("pulse", 131.0), ("temp", 39.5)]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &high, T0), T0);
+    assert_eq!(out.commit.alerts[0].rule.as_deref(), Some("news2-high"));
+    let alert_id = out.commit.alerts[0].alert_id.clone();
+    let tick = |s: &mut Sequencer, at: u64| {
+        let mut o = s.control(&f.registry, Control::Tick { now_ms: at }, at);
+        s.adopt(&mut o);
+        o
+    };
+    let news2 = |o: &Sequenced<()>| -> Vec<NewAlert> {
+        o.commit
+            .alerts
+            .iter()
+            .filter(|a| a.alert_id == alert_id && a.state == "resolved")
+            .cloned()
+            .collect()
+    };
+    // Some inputs (15 min, 1 h) expired, others (4 h) not: still open.
+    let partial = tick(&mut s, T0 + 2 * 60 * MIN);
+    assert!(news2(&partial).is_empty());
+    assert!(
+        s.patient_score_state("pt-a")
+            .expect("state")
+            .episodes
+            .contains_key("rcp-2017.1")
+    );
+    let all = tick(&mut s, T0 + 4 * 60 * MIN + 1);
+    let resolved = news2(&all);
+    assert_eq!(resolved.len(), 1, "{:?}", all.commit.alerts);
+    let b = body(&resolved[0]);
+    assert_eq!(b["reason"], "no_data");
+    assert_eq!(b["rule"], "news2-high");
+    assert!(b["score_id"].is_null());
+    assert!(
+        !all.commit.patient_states.is_empty(),
+        "the state is committed"
+    );
+    assert!(
+        s.patient_score_state("pt-a")
+            .expect("state")
+            .episodes
+            .is_empty()
+    );
+    // Out of the device's book: no re-escalation, and no second resolution.
+    let dev = DeviceId::new("dev-00001").expect("id");
+    assert!(
+        s.tracks[&dev]
+            .alerts
+            .book
+            .entries()
+            .all(|(id, _)| *id != alert_id)
+    );
+    assert!(news2(&tick(&mut s, T0 + 5 * 60 * MIN)).is_empty());
+}
+
+/// The documented rounding convention (docs/models.md): a value is charted at its
+/// parameter's decimals, half away from zero, then banded: SpO2 91.5 is 92 (2 points),
+/// 91.4 is 91 (3 points, red); temperature 38.05 is 38.1 (1 point).
+#[test]
+fn values_are_banded_as_charted_rounded_to_the_tables_decimals() {
+    let f = fixture();
+    let mut s = sequencer(false);
+    let cases = [
+        ("spo2", 91.5, 2),
+        ("spo2", 91.4, 3),
+        ("temp", 38.05, 1),
+        ("temp", 38.04, 0),
+    ];
+    for (seq, (metric, value, points)) in (1..).zip(cases) {
+        let at = T0 + seq * MIN;
+        let out = feed(
+            &mut s,
+            &f,
+            vitals(&f, "dev-00001", seq, &with(&[(metric, value)]), at),
+            at,
+        );
+        let p = payload(&out.commit.scores[0]);
+        let sub = p["sub_scores"]
+            .as_object()
+            .expect("sub_scores")
+            .iter()
+            .find(|(k, _)| k.starts_with(if metric == "temp" { "temp" } else { "spo2" }))
+            .map(|(_, v)| v.clone());
+        assert_eq!(sub, Some(Json::from(points)), "{metric} {value}: {p}");
+    }
+}

@@ -252,3 +252,85 @@ fn an_anonymized_score_keeps_the_score_and_forgets_the_patient() {
         None
     );
 }
+
+/// The scoring state holds the patient's latest readings and their event ids: sealed
+/// for the patient at rest (so backups hold no plaintext readings), opened at load.
+#[test]
+fn the_patient_scoring_state_is_sealed_at_rest_and_opened_at_load() {
+    let dir = tempfile::tempdir().expect("dir");
+    let keys = tempfile::tempdir().expect("keys");
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(keyring_in(keys.path()));
+    let state = r#"{"latest":{"spo2":{"value":87.25,"event_id":"ev1-secret-reading","observed_at_ms":1,"device":"dev-00001"}}}"#;
+    store
+        .commit(&Commit {
+            patient_states: vec![("pt-7f3a".into(), state.into())],
+            ..Commit::default()
+        })
+        .expect("commit");
+    let at_rest = store.score_state_at_rest("pt-7f3a").expect("row");
+    assert!(vitalmq_keyring::is_sealed(&at_rest), "sealed at rest");
+    for clear in ["87.25", "ev1-secret-reading", "spo2"] {
+        assert!(
+            !at_rest.windows(clear.len()).any(|w| w == clear.as_bytes()),
+            "{clear} in the state at rest"
+        );
+    }
+    let loaded = store.load_patient_score_states().expect("states");
+    assert_eq!(loaded["pt-7f3a"], state);
+    // Without its keyring, the store does not pretend there was no state.
+    drop(store);
+    assert!(matches!(
+        Store::open(dir.path())
+            .expect("reopen")
+            .load_patient_score_states(),
+        Err(crate::store::StoreError::NoKeyring { .. })
+    ));
+}
+
+/// While recording is paused the alert part is written alone: an erased patient's
+/// late alert change is dropped, and with it the patient's scoring state (it would
+/// write the pre-erasure readings back); the commit names the patient so the
+/// sequencer forgets it.
+#[test]
+fn the_alerts_only_commit_does_not_write_back_an_erased_patients_state() {
+    let dir = tempfile::tempdir().expect("dir");
+    let keys = tempfile::tempdir().expect("keys");
+    let keyring = keyring_in(keys.path());
+    let mut store = Store::open(dir.path())
+        .expect("open")
+        .with_keyring(Arc::clone(&keyring));
+    keyring
+        .erase(
+            &vitalmq_keyring::Subject::new("pt-7f3a").expect("s"),
+            "po",
+            "test",
+            1,
+        )
+        .expect("erase");
+    let alert = crate::store::NewAlert {
+        alert_id: "al-1".into(),
+        state: "open".into(),
+        kind: "clinical".into(),
+        topic: "alerts/site-01/urgent/dev-00001".into(),
+        device: Some("dev-00001".into()),
+        rule: Some("news2-high".into()),
+        created_at_ms: T0,
+        body: r#"{"alert_id":"al-1","patient_ref":"pt-7f3a","score_id":"sc-1"}"#.into(),
+        level: 0,
+    };
+    let committed = store
+        .commit_alerts_only(&Commit {
+            alerts: vec![alert],
+            patient_states: vec![("pt-7f3a".into(), r#"{"latest":{}}"#.into())],
+            ..Commit::default()
+        })
+        .expect("alerts only");
+    assert_eq!(committed.erased_alerts.len(), 1);
+    assert_eq!(committed.erased_patients, ["pt-7f3a"]);
+    assert!(
+        store.score_state_at_rest("pt-7f3a").is_none(),
+        "not written back"
+    );
+}

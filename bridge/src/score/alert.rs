@@ -17,7 +17,9 @@
 //! - a higher proven rule opens at once (the lower one, if open, resolves as
 //!   `superseded`);
 //! - a lower one takes over (or the episode resolves as `recovered`) only on a
-//!   complete score: missing parameters are never evidence of recovery.
+//!   complete score: missing parameters are never evidence of recovery;
+//! - when every input of the version expired (devices stopped, patient discharged),
+//!   the tick resolves the episode with reason `no_data` (`engine::on_expiry`).
 
 use vitalmq_policies::{Assessment, Risk, Severity};
 

@@ -45,10 +45,14 @@ pub fn on_vitals(
     }
     let scale = scoring.spo2_scale(cohorts);
     let metrics = scoring.metrics();
+    // The bridge's clock bounds the patient's: a device clock ahead (the clock policy
+    // accepts some skew) must neither make the other devices' real-time readings look
+    // older nor age the other parameters against a future instant. A reading observed
+    // after `now_ms` is taken as observed at `now_ms`.
+    let observed_ms = sample.ts_ms.min(now_ms);
+    let clock = |state: &PatientScoreState| state.newest_ms().map(|t| t.min(now_ms));
     let inputs_of = |state: &PatientScoreState, table: &ScoreTable| {
-        state
-            .newest_ms()
-            .map(|at| table.inputs_at(|k| state.value(k), at, scale))
+        clock(state).map(|at| table.inputs_at(|k| state.value(k), at, scale))
     };
     let before: Vec<_> = scoring
         .models
@@ -63,7 +67,7 @@ pub fn on_vitals(
     if !state.observe(
         values,
         &sample.event_id,
-        sample.ts_ms,
+        observed_ms,
         sample.device.as_str(),
     ) {
         return out;
@@ -76,7 +80,7 @@ pub fn on_vitals(
     if before == after {
         return out;
     }
-    let at_ms = state.newest_ms().unwrap_or(sample.ts_ms);
+    let at_ms = clock(state).unwrap_or(observed_ms);
     // Alerts a role change retires go out before any version opens its own.
     let mut retired = Vec::new();
     for (i, (model, inputs)) in scoring.models.iter().zip(after).enumerate() {
@@ -156,6 +160,77 @@ pub fn on_vitals(
     }
     retired.append(&mut out.alerts);
     out.alerts = retired;
+    out
+}
+
+/// The open score episodes of a patient none of whose version's inputs is still valid
+/// at `now_ms` (a patient discharged or unassigned, a device stopped): resolved with
+/// reason `no_data` (never `recovered`: missing parameters are no evidence of
+/// recovery), as the tick finds them; otherwise such an episode would stay open, and
+/// re-escalate, for ever. A shadow version's would-be episode is dropped without
+/// output. `site_of` gives the site and SpO2 scale of an episode's device (`None`: the
+/// device left the registry; the episode stays, and its book still re-escalates it).
+/// The resolution names no score (`score_id` null): none produced it.
+pub fn on_expiry(
+    scoring: &Scoring,
+    state: &mut PatientScoreState,
+    patient_ref: &str,
+    site_of: impl Fn(&str) -> Option<(vitalmq_policies::SiteId, vitalmq_policies::Spo2Scale)>,
+    now_ms: u64,
+) -> Vec<ScoreAlert> {
+    let mut out = Vec::new();
+    for model in &scoring.models {
+        let table = &model.table;
+        let Some(e) = state.episodes.get(table.version()) else {
+            continue;
+        };
+        let Some((site, scale)) = site_of(&e.device) else {
+            continue;
+        };
+        let Ok(device) = vitalmq_envelope::DeviceId::new(&e.device) else {
+            continue;
+        };
+        if !used_inputs(table, state, now_ms, scale).is_empty() {
+            continue;
+        }
+        let Some(e) = state.episodes.remove(table.version()) else {
+            continue;
+        };
+        let was = e
+            .role
+            .as_deref()
+            .and_then(Role::parse)
+            .unwrap_or(Role::Live);
+        let Some(rule) = ScoreRule::parse(&e.rule) else {
+            continue;
+        };
+        if !was.delivers() {
+            continue;
+        }
+        let sample = Sample {
+            event_id: String::new(),
+            device,
+            site,
+            patient_ref: patient_ref.to_owned(),
+            ts_ms: now_ms,
+            metrics: std::collections::BTreeMap::new(),
+            implausible: Vec::new(),
+            q: None,
+            fw: String::new(),
+            model: None,
+        };
+        let s = score(table, &table.inputs_at(|_| None, now_ms, scale));
+        let ctx = AlertCtx {
+            table,
+            role: was,
+            sample: &sample,
+            score_id: "",
+            score: &s,
+            evidence: Vec::new(),
+            now_ms,
+        };
+        out.push(change(&ctx, &e, rule, "resolved", Some("no_data")));
+    }
     out
 }
 
@@ -392,7 +467,7 @@ fn change(
         "measured": s.aggregate,
         "source": "score",
         "role": ctx.role.as_str(),
-        "score_id": ctx.score_id,
+        "score_id": (!ctx.score_id.is_empty()).then_some(ctx.score_id),
         "score": {
             "model": ctx.table.model(),
             "version": ctx.table.version(),

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 pub struct Reading {
     pub value: f64,
     pub event_id: String,
-    /// The time the bridge relies on for the reading (ms since the Unix epoch).
+    /// The time the bridge relies on for the reading (ms since the Unix epoch), never
+    /// after the bridge's clock when it was scored (a device clock ahead is bounded).
     pub observed_at_ms: u64,
     pub device: String,
 }
@@ -84,7 +85,8 @@ impl PatientScoreState {
         changed
     }
 
-    /// The newest observed time held: the instant the patient is scored at.
+    /// The newest observed time held: the instant the patient is scored at (bounded by
+    /// the bridge's clock, see `engine::on_vitals`).
     pub fn newest_ms(&self) -> Option<u64> {
         self.latest.values().map(|r| r.observed_at_ms).max()
     }

@@ -1,20 +1,21 @@
 //! Scores (issue 21, schema v5): the `scores` rows a commit writes with the readings
 //! that triggered them, the per-patient scoring state beside them, and the readers.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use rusqlite::params;
 
 use super::write::{Commit, Stored};
 use super::{Payload, Store, StoreError, i2u, u2i};
 
-/// The scores and patient scoring states of `c`, inside the caller's transaction. A
-/// score whose patient was erased (`None`) is not written, nor is that patient's state.
+/// The scores and patient scoring states of `c`, inside the caller's transaction, as
+/// sealed (`seal_batch`): a score or state whose patient was erased (`None`) is not
+/// written.
 pub(super) fn write_scores(
     tx: &rusqlite::Transaction<'_>,
     c: &Commit,
     sealed: &[Option<Stored<'_>>],
-    erased: &BTreeSet<String>,
+    states: &[Option<Stored<'_>>],
 ) -> rusqlite::Result<()> {
     let mut row = tx.prepare_cached(
         "INSERT INTO scores (score_id, patient_ref, site, device, model, version, config_sha256,
@@ -42,9 +43,9 @@ pub(super) fn write_scores(
         "INSERT INTO patient_score_state (patient_ref, state) VALUES (?1, ?2)
          ON CONFLICT(patient_ref) DO UPDATE SET state = ?2",
     )?;
-    for (patient, json) in &c.patient_states {
-        if !erased.contains(patient) {
-            state.execute(params![patient, json])?;
+    for ((patient, _), sealed) in c.patient_states.iter().zip(states) {
+        if let Some(sealed) = sealed {
+            state.execute(params![patient, sealed.value()])?;
         }
     }
     Ok(())
@@ -121,16 +122,42 @@ impl Store {
         Ok(out)
     }
 
-    /// The scoring state per patient (JSON), loaded at start.
+    /// The scoring state per patient (JSON), loaded at start: opened through the
+    /// keyring (sealed for the patient, context `score-state|<patient_ref>`); an
+    /// erased patient's state is left out. A sealed state without a keyring is
+    /// [`StoreError::NoKeyring`]: scoring must not restart from nothing unnoticed.
     pub fn load_patient_score_states(&self) -> Result<HashMap<String, String>, StoreError> {
         let mut stmt = self
             .conn
             .prepare("SELECT patient_ref, state FROM patient_score_state")
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, super::sealing::column_bytes(r, 1)?))
+            })
             .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+        let mut out = HashMap::new();
+        for row in rows {
+            let (patient, bytes) = row.map_err(|e| self.err(e))?;
+            let context = super::sealing::score_state_context(&patient);
+            match self.open_payload(&bytes, &context)? {
+                Payload::Plain(b) => {
+                    let json = String::from_utf8(b).map_err(|e| StoreError::Corrupt {
+                        path: self.path.clone(),
+                        device: patient.clone(),
+                        detail: format!("scoring state: {e}"),
+                    })?;
+                    out.insert(patient, json);
+                }
+                Payload::Erased { .. } => {}
+                Payload::Locked => {
+                    return Err(StoreError::NoKeyring {
+                        path: self.path.clone(),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Scores after `after_id` (ascending), at most `limit`, optionally of one patient,
@@ -206,6 +233,19 @@ impl Store {
 
 #[cfg(test)]
 impl Store {
+    /// For tests: the stored payload bytes of every score, by id.
+    pub(crate) fn score_state_at_rest(&self, patient_ref: &str) -> Option<Vec<u8>> {
+        use rusqlite::OptionalExtension as _;
+        self.conn
+            .query_row(
+                "SELECT state FROM patient_score_state WHERE patient_ref = ?1",
+                params![patient_ref],
+                |r| super::sealing::column_bytes(r, 0),
+            )
+            .optional()
+            .expect("state")
+    }
+
     /// For tests: the stored payload bytes of every score, by id.
     pub(crate) fn score_payloads_at_rest(&self) -> Vec<Vec<u8>> {
         let mut stmt = self

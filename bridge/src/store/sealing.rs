@@ -9,6 +9,8 @@
 //! | `raw_messages.bytes` | the event's `patient_ref` | `raw\|<event_id>` |
 //! | `events.normalized` | the event's `patient_ref` | `normalized\|<event_id>` |
 //! | `alerts.body` (bodies naming a `patient_ref`) | that `patient_ref` | `alert\|<alert_id>\|<state>` |
+//! | `scores.payload` | the score's `patient_ref` | `score\|<score_id>` |
+//! | `patient_score_state.state` | its `patient_ref` | `score-state\|<patient_ref>` |
 //! | `quarantine.bytes` | `sys:quarantine` | `quarantine\|<sha256>` |
 //!
 //! An accepted event always carries a patient (attribution quarantines unassigned
@@ -55,6 +57,12 @@ pub(super) fn alert_context(alert_id: &str, state: &str) -> String {
 /// A score's payload (issue 21), sealed for its patient.
 pub(crate) fn score_context(score_id: &str) -> String {
     format!("score|{score_id}")
+}
+
+/// A patient's scoring state (issue 21: latest readings with their event ids, open
+/// score episodes), sealed for the patient.
+pub(crate) fn score_state_context(patient_ref: &str) -> String {
+    format!("score-state|{patient_ref}")
 }
 
 pub(super) fn quarantine_context(sha256_hex: &str) -> String {
@@ -294,8 +302,8 @@ impl Store {
     ///   plaintext) of every device in `scope.devices` is deleted. That state is per
     ///   device, not per patient: a device that now serves another patient loses its
     ///   baselines too, and the engine starts them afresh (as after a sequence reset).
-    /// - the patient's scoring state (`patient_score_state`: latest readings, in
-    ///   plaintext) is deleted; plaintext score payloads are scrubbed like the rest.
+    /// - the patient's scoring state (`patient_score_state`: latest readings; sealed
+    ///   with a keyring, plaintext when written without) is deleted; plaintext score payloads are scrubbed like the rest.
     /// - quarantined messages (sealed under [`QUARANTINE_SUBJECT`], not the patient's
     ///   key, so the key erasure does not reach them) of a device in `scope.received`
     ///   received within its period are deleted.
@@ -351,7 +359,7 @@ impl Store {
                 .execute("DELETE FROM alert_state WHERE device = ?1", params![device])
                 .map_err(err)?;
         }
-        // The patient's scoring state: latest readings in plaintext.
+        // The patient's scoring state: latest readings (plaintext without a keyring).
         let score_states = tx
             .execute(
                 "DELETE FROM patient_score_state WHERE patient_ref = ?1",

@@ -263,6 +263,9 @@ pub struct Committed {
     pub erased_events: Vec<(String, String)>,
     /// `(alert_id, state)` of each alert change not stored.
     pub erased_alerts: Vec<(String, String)>,
+    /// Patients found erased while sealing: their scoring state was not written, and
+    /// the sequencer drops it from memory (`Sequenced::forget_patients`).
+    pub erased_patients: Vec<String>,
 }
 
 /// A payload as it goes into its column: sealed, or plaintext without a keyring.
@@ -300,8 +303,9 @@ struct SealedBatch<'a> {
     alerts: Vec<Option<(Stored<'a>, Option<String>)>>,
     /// Per score: the payload, or `None` when the patient was erased.
     scores: Vec<Option<Stored<'a>>>,
-    /// Patients found erased while sealing: their scoring state is not written back.
-    erased_patients: std::collections::BTreeSet<String>,
+    /// Per patient scoring state: the state, or `None` when the patient was erased
+    /// (found so by any payload of the batch): never written back.
+    patient_states: Vec<Option<Stored<'a>>>,
 }
 
 /// Everything one batch changes, written in one transaction.
@@ -321,6 +325,24 @@ pub struct Commit {
     /// The scoring state of each patient the batch touched, JSON.
     pub patient_states: Vec<(String, String)>,
     pub now_ms: u64,
+}
+
+impl Commit {
+    /// Takes the alert part of the commit: alert rows, alert states, and the scores
+    /// with the patients' scoring states (clinical outputs like the alerts, which name
+    /// their `score_id`, and the state that holds the score alert episodes). What the
+    /// recorder writes with [`Store::commit_alerts_only`] while recording is paused;
+    /// the events, windows and gaps stay for the devices' resends.
+    pub fn take_alert_part(&mut self) -> Commit {
+        Commit {
+            alerts: std::mem::take(&mut self.alerts),
+            alert_states: std::mem::take(&mut self.alert_states),
+            scores: std::mem::take(&mut self.scores),
+            patient_states: std::mem::take(&mut self.patient_states),
+            now_ms: self.now_ms,
+            ..Commit::default()
+        }
+    }
 }
 
 impl Store {
@@ -409,6 +431,7 @@ impl Store {
         use super::sealing::{
             QUARANTINE_SUBJECT, UNATTRIBUTED_SUBJECT, alert_context, alert_patient,
             normalized_context, quarantine_context, raw_context, score_context,
+            score_state_context,
         };
         use vitalmq_keyring::KeyError;
         let key_err = |source| StoreError::Key {
@@ -473,6 +496,7 @@ impl Store {
                 Err(KeyError::Erased { .. }) => {
                     out.erased_alerts
                         .push((a.alert_id.clone(), a.state.clone()));
+                    erased_patients.extend(patient);
                     alerts.push(None);
                 }
                 Err(e) => return Err(key_err(e)),
@@ -494,13 +518,32 @@ impl Store {
                 Err(e) => return Err(key_err(e)),
             }
         }
+        // The scoring state holds the patient's latest readings and their event ids:
+        // sealed for the patient like the readings, and never written back for a
+        // patient any payload of the batch found erased.
+        let mut patient_states = Vec::with_capacity(c.patient_states.len());
+        for (patient, json) in &c.patient_states {
+            if erased_patients.contains(patient) {
+                patient_states.push(None);
+                continue;
+            }
+            match stored(patient, score_state_context(patient), json.as_bytes()) {
+                Ok(p) => patient_states.push(Some(p)),
+                Err(KeyError::Erased { .. }) => {
+                    erased_patients.insert(patient.clone());
+                    patient_states.push(None);
+                }
+                Err(e) => return Err(key_err(e)),
+            }
+        }
+        out.erased_patients = erased_patients.into_iter().collect();
         Ok((
             SealedBatch {
                 events,
                 quarantine,
                 alerts,
                 scores,
-                erased_patients,
+                patient_states,
             },
             out,
         ))
@@ -654,35 +697,36 @@ impl Store {
             }
         }
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
-        super::scores::write_scores(&tx, c, &sealed.scores, &sealed.erased_patients)
-            .map_err(err)?;
+        super::scores::write_scores(&tx, c, &sealed.scores, &sealed.patient_states).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)
     }
 
-    /// Writes only the alert part of `c` (alert rows and alert states), in one
-    /// transaction: what the recorder commits while recording is paused (the outbox at
+    /// Writes only the alert part of `c` (alert rows, alert states, scores and the
+    /// patients' scoring states; see [`Commit::take_alert_part`]), in one transaction:
+    /// what the recorder commits while recording is paused (the outbox at
     /// `max_backlog`, or a store that refused the whole batch), so the alert handlers
     /// deliver as usual while events, quarantine, windows, gaps and counters wait for
     /// the devices to resend.
+    ///
+    /// The scores go with the alerts: a `news2-*` alert names its `score_id`, and the
+    /// resent reading is not scored again (its evaluation was adopted with the alert
+    /// state), so a score left out here would never exist. A score already stored
+    /// (`score_id` is deterministic) is kept once.
     pub fn commit_alerts_only(&mut self, c: &Commit) -> Result<Committed, StoreError> {
-        let alerts_only = Commit {
+        let alert_part = Commit {
             alerts: c.alerts.clone(),
+            scores: c.scores.clone(),
+            patient_states: c.patient_states.clone(),
             ..Commit::default()
         };
-        // The patients' scoring state goes with the alert state it holds the score
-        // alert episodes of; the scores of a batch the store did not take are not
-        // stored (their alerts are).
-        let (sealed, committed) = self.seal_batch(&alerts_only)?;
+        let (sealed, committed) = self.seal_batch(&alert_part)?;
         let path = self.path.clone();
         let err = |source| classify(&path, source);
         let tx = self.conn.transaction().map_err(err)?;
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
-        let states = Commit {
-            patient_states: c.patient_states.clone(),
-            ..Commit::default()
-        };
-        super::scores::write_scores(&tx, &states, &[], &sealed.erased_patients).map_err(err)?;
+        super::scores::write_scores(&tx, &alert_part, &sealed.scores, &sealed.patient_states)
+            .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)
     }
