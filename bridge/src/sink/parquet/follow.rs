@@ -256,6 +256,7 @@ impl Follower {
                 &a.alert_id,
                 &a.state,
                 a.created_at_ms,
+                &a.topic,
                 &body,
                 subject,
                 facts,
