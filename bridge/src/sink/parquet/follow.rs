@@ -252,7 +252,7 @@ impl Follower {
             };
             let device = body.get("device").and_then(Json::as_str).unwrap_or("");
             let facts = DeviceFacts::of(registry, device);
-            let row = AlertRow::from_alert(
+            let mut row = AlertRow::from_alert(
                 &a.alert_id,
                 &a.state,
                 a.created_at_ms,
@@ -261,6 +261,14 @@ impl Follower {
                 subject,
                 facts,
             );
+            // An alert body without firmware and model (no-data, older bodies) takes
+            // what the device last reported, as `vitalmq surveil` does.
+            if row.fw.is_none() && row.model.is_none() && !device.is_empty() {
+                let r = lock(&self.store).reported_at(device, a.created_at_ms)?;
+                row.fw = r.fw;
+                row.model = r.model;
+                row.model_status = r.model_status;
+            }
             push(&mut weeks, a.created_at_ms, Rows::Alerts(vec![row]));
         }
         Ok((Some(Planned { first, last, weeks }), Some(withheld)))
