@@ -410,6 +410,16 @@ mod tests {
                     at: W47,
                     device: Some("a".into()),
                     dims: dims("L1"),
+                    ..Alert::default()
+                },
+                Alert {
+                    alert_id: "z".into(),
+                    state: "open".into(),
+                    source: Some("ops".into()),
+                    at: W47,
+                    device: Some("a".into()),
+                    dims: dims("L1"),
+                    ..Alert::default()
                 },
             ],
             ..DataSet::default()
@@ -427,7 +437,7 @@ mod tests {
         assert_eq!(l1.per_1000_readings, Some(250.0));
         assert_eq!(get("gaps", "week", "2026-W47").n, 3);
         assert_eq!(get("gaps", "week", "2026-W48").n, 0);
-        // The shadow alert is not counted.
+        // The shadow alert and the operational one are not counted.
         assert_eq!(get("alerts", "lot", "L1").n, 1);
         let o = outliers(&data, &r);
         // Fleet: 3 gaps over 4 device-weeks; W47 holds them all over 2 device-weeks:
