@@ -12,11 +12,13 @@
 -- Shared definitions (the same in `vitalmq surveil`, src/surveil_cmd/):
 --   dims         a row's grouping values as text, NULL spelled '(none)'; `model` is
 --                reported as '<name/version> [<model_status>]'.
---   exposure     one row per device-week (and per firmware/model seen in it) with its
---                readings (vitals events): the denominators.
+--   exposure     one row per device-week (and per firmware/model seen in it) in which
+--                the device left any row (events, refusals, gaps), with its readings
+--                (vitals events): the denominators.
 --   occurrences  per measure, device-week and group, how many: the numerators.
 --       alerts         alerts raised (distinct alert_id with a state 'open' row), any
---                      source, shadow outputs excluded (they are never delivered)
+--                      clinical source, shadow outputs excluded (they are never
+--                      delivered), operational alerts (source 'ops') excluded
 --       device_alarms  alarm events raised by the device (alarm_active = true)
 --       gaps           sequence gaps opened (the gap's week is that of opened_at)
 --       refusals       refused messages
@@ -53,10 +55,23 @@ CREATE OR REPLACE MACRO dim_text(x) AS coalesce(CAST(x AS VARCHAR), '(none)');
 CREATE OR REPLACE MACRO model_text(model, status) AS
     dim_text(model) || ' [' || dim_text(status) || ']';
 
+-- Every row of events, refusals and gaps that names a device: a device-week counts
+-- when the device left any row in it, so a group whose messages were all refused (a
+-- lot with a bad key has no events) still has exposure and can stand out.
 CREATE OR REPLACE VIEW exposure AS
 SELECT device, week, fw, model, model_status, lot, region, hardware_model,
        count(*) FILTER (WHERE kind = 'vitals') AS readings
-FROM events
+FROM (
+    SELECT device, week, fw, model, model_status, lot, region, hardware_model, kind
+    FROM events
+    UNION ALL
+    SELECT device, week, fw, NULL, NULL, lot, region, hardware_model, NULL
+    FROM refusals
+    UNION ALL
+    SELECT device, week, fw, NULL, NULL, lot, region, hardware_model, NULL
+    FROM gaps
+)
+WHERE device IS NOT NULL
 GROUP BY ALL;
 
 CREATE OR REPLACE VIEW dropped_increases AS
@@ -79,6 +94,7 @@ SELECT 'alerts' AS measure, device, week, fw, model, model_status, lot, region,
        hardware_model, count(DISTINCT alert_id) AS n
 FROM alerts
 WHERE state = 'open' AND coalesce(role, 'live') <> 'shadow'
+  AND coalesce(source, '') <> 'ops'
 GROUP BY ALL
 UNION ALL
 SELECT 'device_alarms', device, week, fw, model, model_status, lot, region,

@@ -4,7 +4,10 @@
 //!
 //! The store is opened as `vitalmq store` opens it (`--data`, `--key-file` for sealed
 //! payloads); lot, region and hardware model come from the device registry
-//! (`--registry`). Output is aggregates only, never a subject: a text table, or JSON
+//! (`--registry`, required), and so do the consents: the command reads only what the
+//! surveillance sink would write (`store`), under the `surveillance` purpose and no
+//! other, and reports what consent withheld per table and reason (stderr and the
+//! audit record, counts only). Output is aggregates only, never a subject: a text table, or JSON
 //! (`--json`, an array of the rows the SQL returns, same column names). Each run is an
 //! operator action (`surveil.<question>`) recording what was asked (question and
 //! parameters, data directory, purpose) and how many rows came out, never values.
@@ -34,15 +37,18 @@ pub struct SurveilArgs {
     /// The bridge's data directory.
     #[arg(long, global = true)]
     data: Option<PathBuf>,
-    /// The device registry (lot, region, hardware model of each device).
+    /// The device registry: the assignments and consents rows are judged by (required
+    /// with `--data`), and the lot, region and hardware model of each device.
     #[arg(long, global = true)]
     registry: Option<PathBuf>,
     /// The key file of `[encryption]`, to open sealed payloads.
     #[arg(long, global = true)]
     key_file: Option<PathBuf>,
-    /// Why the data is read (recorded in the operator audit log).
-    #[arg(long, global = true)]
-    purpose: Option<String>,
+    /// The purpose the data is read under: surveillance only (the consent every row
+    /// is judged by; recorded in the operator audit log).
+    #[arg(long, global = true, default_value = "surveillance",
+          value_parser = clap::builder::PossibleValuesParser::new(["surveillance"]))]
+    purpose: String,
     /// Print JSON (an array of rows) instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -241,11 +247,9 @@ pub fn run(args: SurveilArgs) -> anyhow::Result<ExitCode> {
             .data
             .as_ref()
             .context("--data (the bridge's data directory) is required")?;
-        let registry = args
-            .registry
-            .as_ref()
-            .map(|p| vitalmq_policies::DeviceRegistry::load(p))
-            .transpose()?;
+        let registry = vitalmq_policies::DeviceRegistry::load(args.registry.as_ref().context(
+            "--registry is required: each row is judged by the surveillance consent it records",
+        )?)?;
         let store = crate::bridge_cmd::open_existing_with(data_dir, args.key_file.as_deref())?;
         let mut action = Action::new(
             format!("surveil.{}", args.question.name()),
@@ -257,10 +261,18 @@ pub fn run(args: SurveilArgs) -> anyhow::Result<ExitCode> {
             action = action.detail(&k, v);
         }
         action.run(|| {
-            let data = store::load(&store, registry.as_ref())?;
+            let (data, withheld) = store::load(&store, &registry)?;
             let rows = args.question.answer(&data)?;
+            // Counts only, on stderr: stdout stays the rows.
+            if withheld.total() > 0 {
+                eprintln!(
+                    "withheld under surveillance consent (not counted): {}",
+                    withheld.to_json()
+                );
+            }
             let mut done = Map::new();
             done.insert("rows".into(), rows.len().into());
+            done.insert("withheld".into(), withheld.to_json());
             Ok((rows, done))
         })?
     };

@@ -102,6 +102,11 @@ fn the_command_answers_as_the_sql_does() {
         &ask(&["outliers", "--measure", "dropped"]),
     );
     assert_same("outliers", &sql["outliers_all"], &ask(&["outliers"]));
+    // A lot whose every message is refused stands out in the command as in the SQL.
+    let refused = ask(&["outliers", "--measure", "refusals", "--dimension", "lot"]);
+    assert_same("outliers refusals", &sql["outliers_refusals"], &refused);
+    assert_eq!(refused[0]["value"], "LOT-E", "{refused}");
+    assert_eq!(refused[0]["stands_out"], true, "{refused}");
     let one = |v: Json| {
         v.as_array()
             .and_then(|a| a.first().cloned())

@@ -18,13 +18,13 @@ use serde_json::{Value as Json, json};
 use vitalmq_bridge::NewScore;
 use vitalmq_bridge::normalize::Receipt;
 use vitalmq_bridge::plausible::Assessment;
-use vitalmq_bridge::store::{Commit, NewAlert, RecordedEvent, Store};
+use vitalmq_bridge::store::{Commit, NewAlert, Quarantined, RecordedEvent, Store};
 use vitalmq_bridge::window::Accepted;
 use vitalmq_envelope::{
     Algorithm, AnyKid, DeviceId, MessageType, Number, SigningKey, Telemetry, sign, verify,
 };
 use vitalmq_keyring::{Keyring, LocalKeyFile};
-use vitalmq_policies::{DeviceEntry, DeviceRegistry, SiteId, TrustDomain};
+use vitalmq_policies::{DeviceEntry, DeviceRegistry, Grant, Period, Purpose, SiteId, TrustDomain};
 
 /// Monday 2026-11-16, 00:00 UTC (2026-W47).
 const W47: u64 = 1_794_787_200_000;
@@ -116,7 +116,7 @@ impl Device {
     }
 }
 
-fn alert(id: &str, state: &str, device: &str, at: u64) -> NewAlert {
+fn alert(id: &str, state: &str, device: &str, patient: &str, at: u64) -> NewAlert {
     NewAlert {
         alert_id: id.into(),
         state: state.into(),
@@ -126,7 +126,7 @@ fn alert(id: &str, state: &str, device: &str, at: u64) -> NewAlert {
         rule: Some("spo2-low".into()),
         created_at_ms: at,
         body: json!({"alert_id": id, "state": state, "rule": "spo2-low", "device": device,
-            "patient_ref": "pt-aaaa1111", "severity": "urgent"})
+            "patient_ref": patient, "site": "site-01", "severity": "urgent"})
         .to_string(),
         level: 0,
     }
@@ -148,7 +148,12 @@ fn score(
         score_id: score_id.clone(),
         patient_ref: patient.into(),
         site: "site-01".into(),
-        device: "dev-a".into(),
+        device: if patient == "pt-bbbb2222" {
+            "dev-b"
+        } else {
+            "dev-a"
+        }
+        .into(),
         model: "news2".into(),
         version: version.into(),
         config_sha256: "ab".repeat(32),
@@ -183,6 +188,8 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
     let mut store = Store::open(&data).expect("store").with_keyring(keyring);
     let a = Device::new("dev-a", "pt-aaaa1111");
     let b = Device::new("dev-b", "pt-bbbb2222");
+    // dev-c's patient gave no surveillance consent: none of its rows may count.
+    let c = Device::new("dev-c", "pt-cccc3333");
     let mut events = Vec::new();
     // dev-a, W47: 3 readings; status dropped 2 then 5 (epoch 1) = 5.
     // W48: reboot (epoch 2), status dropped 6 then 9 = 9 (not 6 - 5 + 3: a new epoch
@@ -198,13 +205,39 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
     // dev-b, W47: 1 reading, dropped 1.
     events.push(b.event(1, 10, W47 + DAY, MessageType::Vitals));
     events.push(b.event(1, 1, W47 + 2 * DAY, MessageType::Status));
+    for k in 0..3 {
+        events.push(c.event(1, 10 + k, W47 + DAY + k, MessageType::Vitals));
+    }
+    events.push(c.event(1, 7, W47 + 2 * DAY, MessageType::Status));
+    events.push(c.event(1, 30, W47 + 2 * DAY + 1, MessageType::Alarm));
+    let refusal = |device: &str, at: u64| Quarantined {
+        received_at_ms: at,
+        topic: format!("devices/{device}/telemetry"),
+        device: Some(device.into()),
+        reason: "bad_signature".into(),
+        detail: "x".into(),
+        sha256_hex: "00".into(),
+        raw: bytes::Bytes::from_static(b"x"),
+    };
     store
         .commit(&Commit {
             events,
             alerts: vec![
-                alert("al-1", "open", "dev-a", W47 + 4 * DAY),
-                alert("al-1", "resolved", "dev-a", W47 + 4 * DAY + 1),
-                alert("al-2", "open", "dev-b", W47 + 8 * DAY),
+                alert("al-1", "open", "dev-a", "pt-aaaa1111", W47 + 4 * DAY),
+                alert(
+                    "al-1",
+                    "resolved",
+                    "dev-a",
+                    "pt-aaaa1111",
+                    W47 + 4 * DAY + 1,
+                ),
+                alert("al-2", "open", "dev-b", "pt-bbbb2222", W47 + 8 * DAY),
+                alert("al-3", "open", "dev-c", "pt-cccc3333", W47 + 4 * DAY),
+            ],
+            // dev-a's refusal takes the firmware it last reported; dev-c's is withheld.
+            quarantine: vec![
+                refusal("dev-a", W47 + 5 * DAY),
+                refusal("dev-c", W47 + 5 * DAY),
             ],
             // The live NEWS2 version and its shadow candidate (two points higher), and
             // an incomplete score, which PSI leaves out.
@@ -225,10 +258,22 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
         })
         .expect("commit");
     drop(store);
-    // The registry gives each device's lot and region.
+    // The registry gives each device's lot and region, and the consents: surveillance
+    // granted for dev-a's and dev-b's patients, not for dev-c's.
     let mut registry = DeviceRegistry::new(TrustDomain::new("demo.vitalmq").expect("domain"));
-    for d in [&a, &b] {
+    for d in [&a, &b, &c] {
         registry.insert_device(d.entry.clone()).expect("new device");
+    }
+    for d in [&a, &b] {
+        registry
+            .grant_consent(
+                &d.entry.id,
+                Grant {
+                    purpose: Purpose::Surveillance,
+                    period: Period::new(W47 - DAY, None).expect("period"),
+                },
+            )
+            .expect("grant");
     }
     let registry_file = tmp.path().join("registry.toml");
     std::fs::write(&registry_file, registry.to_toml()).expect("registry");
@@ -244,8 +289,6 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
             "--registry",
             s(&registry_file),
             "--json",
-            "--purpose",
-            "pms-q4",
         ]);
         run(
             Command::new(bin)
@@ -290,7 +333,38 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
         "open + resolved is one alert"
     );
     assert_eq!(get("alerts", "2026-W48")["n"], 1);
-    // By lot, from the registry: both devices are in LOT-C, 5 + 9 + 1 dropped.
+    // Not a single row of dev-c: its readings, drops, alarm and alert are withheld.
+    assert_eq!(get("device_alarms", "2026-W47")["n"], 0, "dev-c's alarm");
+    assert!(
+        out.stderr.contains("no_consent"),
+        "withheld counts reported: {}",
+        out.stderr
+    );
+    for table in ["events", "alerts", "refusals"] {
+        assert!(
+            out.stderr.contains(&format!("\"{table}\"")),
+            "{}",
+            out.stderr
+        );
+    }
+    // Refusals are attributed to the firmware the device last reported.
+    let by_fw = ask(&[
+        "rates",
+        "--dimension",
+        "firmware",
+        "--measure",
+        "refusals",
+        "--key-file",
+        s(&kek),
+    ]);
+    assert!(by_fw.success, "{}", by_fw.all());
+    let fw: Vec<Json> = serde_json::from_str(&by_fw.stdout).expect("JSON rows");
+    assert_eq!(fw.len(), 1, "{fw:?}");
+    assert_eq!(
+        (&fw[0]["value"], &fw[0]["n"]),
+        (&json!("5.12.1"), &json!(1))
+    );
+    // By lot, from the registry: dev-a and dev-b are in LOT-C, 5 + 9 + 1 dropped.
     let by_lot = ask(&[
         "rates",
         "--dimension",
@@ -323,11 +397,35 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
             "dropped",
             "--data",
             s(&data),
+            "--registry",
+            s(&registry_file),
             "--key-file",
             s(&kek),
         ],
     );
     assert!(text.stdout.starts_with("measure"), "{}", text.stdout);
+    // Consent is judged by the registry: none given, no answer; no other purpose.
+    for extra in [
+        &[][..],
+        &["--registry", s(&registry_file), "--purpose", "research"][..],
+    ] {
+        let mut args = vec![
+            "surveil",
+            "rates",
+            "--data",
+            s(&data),
+            "--key-file",
+            s(&kek),
+        ];
+        args.extend_from_slice(extra);
+        let out = run(
+            Command::new(bin)
+                .args(&args)
+                .env("VITALMQ_OPERATOR_AUDIT", &audit),
+            Duration::from_secs(20),
+        );
+        assert!(!out.success, "{args:?}: {}", out.all());
+    }
 
     // PSI of the score between versions, from the store's (sealed) scores table.
     let psi = |compare: &str| -> Json {
@@ -382,8 +480,12 @@ fn rates_over_an_encrypted_store_are_counted_per_boot_and_audited() {
         .collect();
     assert!(asked.len() >= 4, "started and outcome of both runs: {log}");
     assert!(
-        log.contains("pms-q4") && log.contains("\"dimension\":\"week\""),
+        log.contains("\"purpose\":\"surveillance\"") && log.contains("\"dimension\":\"week\""),
         "{log}"
+    );
+    assert!(
+        log.contains("\"withheld\":{") && log.contains("no_consent"),
+        "withheld counts audited: {log}"
     );
     assert!(!log.contains("pt-") && !log.contains("dev-a"), "{log}");
 }

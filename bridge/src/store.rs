@@ -259,7 +259,7 @@ pub use retention::{
 pub use schema::EVENT_INDEX_BUCKET;
 pub use scores::{ScoreRow, StoredScore};
 pub use sealing::{NoKeys, Payload};
-pub use surveil::{StoredGap, StoredRefusal, SurveilScore};
+pub use surveil::{Reported, StoredGap, StoredRefusal, SurveilScore};
 #[cfg(test)]
 pub(crate) use write::test_events;
 pub use write::{Commit, Committed, NewAlert, Quarantined, RecordedEvent};

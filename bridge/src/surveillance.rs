@@ -12,6 +12,7 @@
 //! File names: `<table>/week=YYYY-Www/part-<first id>-<last id>.parquet`, the ids of
 //! the store rows the file covers ([`file_name`]); a redelivery writes the same name.
 
+pub mod consent;
 pub mod rows;
 pub mod synth;
 pub mod write;

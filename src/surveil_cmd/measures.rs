@@ -116,7 +116,10 @@ fn occurrences(data: &DataSet) -> Vec<(&'static str, Option<&str>, String, Dims,
     let mut out = Vec::new();
     let mut alerts: BTreeMap<(Option<&str>, String, &Dims), BTreeSet<&str>> = BTreeMap::new();
     for a in &data.alerts {
-        if a.state == "open" && a.role.as_deref() != Some("shadow") {
+        if a.state == "open"
+            && a.role.as_deref() != Some("shadow")
+            && a.source.as_deref() != Some("ops")
+        {
             alerts
                 .entry((a.device.as_deref(), iso_week(a.at), &a.dims))
                 .or_default()
@@ -164,16 +167,45 @@ fn occurrences(data: &DataSet) -> Vec<(&'static str, Option<&str>, String, Dims,
 /// Distinct (device, ISO week) pairs.
 type DeviceWeeks<'a> = BTreeSet<(Option<&'a str>, String)>;
 
+/// The exposure rows (`exposure` of `views.sql`): every row of events, refusals and
+/// gaps that names a device, as (device, week, dims, is a reading). A device-week
+/// counts when the device left any row in it, so a group whose messages were all
+/// refused (a lot with a bad key) still has exposure and can stand out.
+fn exposure_rows(data: &DataSet) -> Vec<(&str, String, Dims, bool)> {
+    let mut out = Vec::new();
+    for e in &data.events {
+        if let Some(d) = e.device.as_deref() {
+            out.push((
+                d,
+                iso_week(e.observed_at),
+                e.dims.clone(),
+                e.kind == "vitals",
+            ));
+        }
+    }
+    for r in data.refusals.iter().chain(&data.gaps) {
+        if let Some(d) = r.device.as_deref() {
+            // Gaps and refusals carry no model (views.sql: NULL).
+            let dims = Dims {
+                model: None,
+                model_status: None,
+                ..r.dims.clone()
+            };
+            out.push((d, iso_week(r.at), dims, false));
+        }
+    }
+    out
+}
+
 /// Rates per measure, dimension and value, ordered as `rates_by.sql` orders them.
 pub fn rates(data: &DataSet) -> Vec<Rate> {
     type Key = (&'static str, String);
     let mut exposure: BTreeMap<Key, (DeviceWeeks<'_>, u64)> = BTreeMap::new();
-    for e in &data.events {
-        let week = iso_week(e.observed_at);
-        for g in groups(&e.dims, &week) {
+    for (device, week, dims, reading) in exposure_rows(data) {
+        for g in groups(&dims, &week) {
             let x = exposure.entry(g).or_default();
-            x.0.insert((e.device.as_deref(), week.clone()));
-            x.1 += u64::from(e.kind == "vitals");
+            x.0.insert((Some(device), week.clone()));
+            x.1 += u64::from(reading);
         }
     }
     let mut counts: BTreeMap<(&str, Key), i64> = BTreeMap::new();
@@ -218,10 +250,9 @@ pub fn rates(data: &DataSet) -> Vec<Rate> {
 
 /// Fleet device-weeks (each once) and occurrences per measure.
 fn fleet(data: &DataSet) -> (u64, BTreeMap<&'static str, i64>) {
-    let device_weeks: DeviceWeeks<'_> = data
-        .events
-        .iter()
-        .map(|e| (e.device.as_deref(), iso_week(e.observed_at)))
+    let device_weeks: DeviceWeeks<'_> = exposure_rows(data)
+        .into_iter()
+        .map(|(device, week, _, _)| (Some(device), week))
         .collect();
     let mut n = BTreeMap::new();
     for (measure, _, _, _, k) in occurrences(data) {
@@ -379,6 +410,16 @@ mod tests {
                     at: W47,
                     device: Some("a".into()),
                     dims: dims("L1"),
+                    ..Alert::default()
+                },
+                Alert {
+                    alert_id: "z".into(),
+                    state: "open".into(),
+                    source: Some("ops".into()),
+                    at: W47,
+                    device: Some("a".into()),
+                    dims: dims("L1"),
+                    ..Alert::default()
                 },
             ],
             ..DataSet::default()
@@ -396,7 +437,7 @@ mod tests {
         assert_eq!(l1.per_1000_readings, Some(250.0));
         assert_eq!(get("gaps", "week", "2026-W47").n, 3);
         assert_eq!(get("gaps", "week", "2026-W48").n, 0);
-        // The shadow alert is not counted.
+        // The shadow alert and the operational one are not counted.
         assert_eq!(get("alerts", "lot", "L1").n, 1);
         let o = outliers(&data, &r);
         // Fleet: 3 gaps over 4 device-weeks; W47 holds them all over 2 device-weeks:

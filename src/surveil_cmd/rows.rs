@@ -48,6 +48,9 @@ pub struct Alert {
     pub alert_id: String,
     pub state: String,
     pub role: Option<String>,
+    /// `ops` for an operational alert (not counted as an alert); otherwise the
+    /// clinical sources (`rule`, `device-alarm`, `no-data`, `score`).
+    pub source: Option<String>,
     pub at: i64,
     pub device: Option<String>,
     #[serde(flatten)]

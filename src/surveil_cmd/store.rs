@@ -1,12 +1,16 @@
 //! The data set's rows read from a bridge's local store: events (payloads opened with
 //! the keyring), alert changes, gaps, refusals and scores (sealed payloads opened with
 //! the keyring, an erased patient's left out), with lot, region and hardware model
-//! from the device registry. Subjects are not read: the questions are aggregates.
+//! from the device registry. Only the rows the surveillance sink would write: each is
+//! judged under the `surveillance` purpose by the sink's own rules, the withheld
+//! counted per table and reason. Subjects are not read: the questions are aggregates.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use serde_json::Value as Json;
+use vitalmq_bridge::governance::{Flow, Withheld};
 use vitalmq_bridge::store::Store;
+use vitalmq_bridge::surveillance::consent;
 use vitalmq_policies::{DeviceEntry, DeviceRegistry};
 
 use super::rows::{Alert, DataSet, Dims, Event, Occurrence, Score};
@@ -47,39 +51,80 @@ fn model_status(v: &Json) -> Option<String> {
     text(v, "model_status").or_else(|| v.get("provenance").and_then(|p| text(p, "model_status")))
 }
 
-/// A device's firmware and model over time, to attribute rows that do not carry them
-/// (gaps, refusals, alerts) to what the device last reported.
-#[derive(Default)]
-struct Timeline(HashMap<String, Vec<(i64, Dims)>>);
+/// What the rows of one table withheld under surveillance consent, per reason.
+#[derive(Debug, Default)]
+pub struct WithheldRows(pub BTreeMap<&'static str, Withheld>);
 
-impl Timeline {
-    fn at(&self, device: Option<&str>, t: i64) -> Option<&Dims> {
-        let seen = self.0.get(device?)?;
-        let k = seen.partition_point(|(at, _)| *at <= t);
-        seen.get(k.saturating_sub(1)).map(|(_, d)| d)
+impl WithheldRows {
+    fn add(&mut self, table: &'static str, flow: &Flow) -> bool {
+        match flow {
+            Flow::Send => false,
+            Flow::Withheld(reason) => {
+                self.0.entry(table).or_default().add(*reason);
+                true
+            }
+        }
+    }
+
+    /// `{table: {reason: n}}`, for the output and the audit record (counts only).
+    pub fn to_json(&self) -> Json {
+        Json::Object(
+            self.0
+                .iter()
+                .map(|(table, w)| {
+                    let reasons = w
+                        .counts()
+                        .into_iter()
+                        .map(|(r, n)| (r.to_owned(), Json::from(n)))
+                        .collect();
+                    ((*table).to_owned(), Json::Object(reasons))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.values().map(Withheld::total).sum()
     }
 }
 
-fn with_reported(base: Dims, reported: Option<&Dims>) -> Dims {
-    match reported {
-        Some(r) => Dims {
-            fw: r.fw.clone(),
-            model: r.model.clone(),
-            model_status: r.model_status.clone(),
-            ..base
-        },
-        None => base,
-    }
+/// Firmware and model a row that carries none takes from what its device last
+/// reported at or before the row's time ([`Store::reported_at`], the sink's rule).
+fn reported_dims(store: &Store, base: Dims, device: Option<&str>, at: u64) -> anyhow::Result<Dims> {
+    let Some(device) = device else {
+        return Ok(base);
+    };
+    let r = store.reported_at(device, at)?;
+    Ok(Dims {
+        fw: r.fw,
+        model: r.model,
+        model_status: r.model_status,
+        ..base
+    })
 }
 
-/// Reads every row of the store into the data set's shape.
-pub fn load(store: &Store, registry: Option<&DeviceRegistry>) -> anyhow::Result<DataSet> {
+/// Reads the rows of the store the surveillance data set would hold: each judged under
+/// the `surveillance` purpose as the Parquet sink judges it
+/// ([`vitalmq_bridge::surveillance::consent`]); what consent withholds is counted, never
+/// read into an answer.
+pub fn load(store: &Store, registry: &DeviceRegistry) -> anyhow::Result<(DataSet, WithheldRows)> {
     let mut data = DataSet::default();
+    let mut withheld = WithheldRows::default();
     let head = store.head()?;
     let mut first = 1;
     while first <= head {
         let last = (first + PAGE - 1).min(head);
         for rec in store.read_range(first, last)? {
+            let recorded = rec.recorded();
+            let flow = consent::event_flow(
+                registry,
+                &rec.device,
+                recorded.as_ref().map(|(p, s)| (p.as_ref(), *s)),
+                rec.observed_at_ms,
+            );
+            if withheld.add("events", &flow) {
+                continue;
+            }
             let v: Json = serde_json::from_str(&rec.normalized_json)?;
             let m = v.get("m").cloned().unwrap_or(Json::Null);
             let extra = v.get("extra").cloned().unwrap_or(Json::Null);
@@ -91,7 +136,7 @@ pub fn load(store: &Store, registry: Option<&DeviceRegistry>) -> anyhow::Result<
                     fw: text(&v, "fw"),
                     model: text(&v, "model"),
                     model_status: model_status(&v),
-                    ..registry_dims(registry, Some(&rec.device))
+                    ..registry_dims(Some(registry), Some(&rec.device))
                 },
                 spo2: metric("spo2"),
                 pulse: metric("pulse"),
@@ -114,24 +159,15 @@ pub fn load(store: &Store, registry: Option<&DeviceRegistry>) -> anyhow::Result<
         }
         first = last + 1;
     }
-    let mut timeline = Timeline::default();
-    for e in &data.events {
-        if let Some(d) = &e.device {
-            timeline
-                .0
-                .entry(d.clone())
-                .or_default()
-                .push((e.observed_at, e.dims.clone()));
-        }
-    }
-    for seen in timeline.0.values_mut() {
-        seen.sort_by_key(|(at, _)| *at);
-    }
     for a in store.list_alerts()? {
         let body: Json = serde_json::from_str(&a.body).unwrap_or(Json::Null);
+        let flow = consent::alert_change_flow(registry, store, &a.topic, &body, a.created_at_ms)?;
+        if withheld.add("alerts", &flow) {
+            continue;
+        }
         let device = a.device.as_ref().map(|d| d.as_str().to_owned());
         let at = i64::try_from(a.created_at_ms)?;
-        let base = registry_dims(registry, device.as_deref());
+        let base = registry_dims(Some(registry), device.as_deref());
         let dims = if body.get("fw").is_some() || body.get("model").is_some() {
             Dims {
                 fw: text(&body, "fw"),
@@ -140,46 +176,76 @@ pub fn load(store: &Store, registry: Option<&DeviceRegistry>) -> anyhow::Result<
                 ..base
             }
         } else {
-            with_reported(base, timeline.at(device.as_deref(), at))
+            reported_dims(store, base, device.as_deref(), a.created_at_ms)?
         };
         data.alerts.push(Alert {
             alert_id: a.alert_id,
             state: a.state,
             role: text(&body, "role"),
+            source: a.topic.starts_with("ops/").then(|| "ops".to_owned()),
             at,
             device,
             dims,
         });
     }
-    for g in store.list_gaps()? {
-        let device = g.device.as_str().to_owned();
-        let at = i64::try_from(g.opened_at_ms)?;
-        let dims = with_reported(
-            registry_dims(registry, Some(&device)),
-            timeline.at(Some(&device), at),
-        );
-        data.gaps.push(Occurrence {
-            at,
-            device: Some(device),
-            dims,
-        });
+    // The sink's readers of gaps and refusals, from the start.
+    let mut after = 0;
+    loop {
+        let page = store.gaps_after(after, usize::try_from(PAGE)?)?;
+        let Some(last) = page.last() else { break };
+        after = last.rowid;
+        for g in page {
+            let flow = consent::device_flow(registry, Some(&g.device), g.opened_at_ms);
+            if withheld.add("gaps", &flow) {
+                continue;
+            }
+            let dims = reported_dims(
+                store,
+                registry_dims(Some(registry), Some(&g.device)),
+                Some(&g.device),
+                g.opened_at_ms,
+            )?;
+            data.gaps.push(Occurrence {
+                at: i64::try_from(g.opened_at_ms)?,
+                device: Some(g.device),
+                dims,
+            });
+        }
     }
-    for q in store.list_quarantine()? {
-        let device = q.device.as_ref().map(|d| d.as_str().to_owned());
-        let at = i64::try_from(q.received_at_ms)?;
-        let dims = with_reported(
-            registry_dims(registry, device.as_deref()),
-            timeline.at(device.as_deref(), at),
-        );
-        data.refusals.push(Occurrence { at, device, dims });
+    let mut after = 0;
+    loop {
+        let page = store.refusals_after(after, usize::try_from(PAGE)?)?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for q in page {
+            let flow = consent::device_flow(registry, q.device.as_deref(), q.received_at_ms);
+            if withheld.add("refusals", &flow) {
+                continue;
+            }
+            let dims = reported_dims(
+                store,
+                registry_dims(Some(registry), q.device.as_deref()),
+                q.device.as_deref(),
+                q.received_at_ms,
+            )?;
+            data.refusals.push(Occurrence {
+                at: i64::try_from(q.received_at_ms)?,
+                device: q.device,
+                dims,
+            });
+        }
     }
-    data.scores = scores(store)?;
-    Ok(data)
+    data.scores = scores(store, registry, &mut withheld)?;
+    Ok((data, withheld))
 }
 
 /// Every score of the store (the `scores` table, payloads opened), as the data set's
 /// `scores` rows: model and version, observation time, aggregate, completeness.
-fn scores(store: &Store) -> anyhow::Result<Vec<Score>> {
+fn scores(
+    store: &Store,
+    registry: &DeviceRegistry,
+    withheld: &mut WithheldRows,
+) -> anyhow::Result<Vec<Score>> {
     let mut out = Vec::new();
     let mut after = 0;
     loop {
@@ -190,6 +256,10 @@ fn scores(store: &Store) -> anyhow::Result<Vec<Score>> {
         after = last.id;
         for s in page {
             let p: Json = serde_json::from_str(&s.payload)?;
+            let flow = consent::score_flow(registry, store, &p, &s.device, s.observed_at_ms)?;
+            if withheld.add("scores", &flow) {
+                continue;
+            }
             out.push(Score {
                 model: text(&p, "model").unwrap_or_default(),
                 version: text(&p, "version").unwrap_or_default(),

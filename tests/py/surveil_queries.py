@@ -16,7 +16,9 @@ one gap in W48 for every fifth device). dev-00001 reboots in W48 (its dropped co
 goes 2 -> 1, epoch 1 -> 2); dev-00002 reboots there too, but its new boot's counter
 (3) is not lower than the old one's (1): only the `epoch` column shows the boot, so
 its 3 messages count whole (a guess from a falling counter would count 2). Devices 1-5 report an unapproved model. SpO2 shifts down in W49; the
-NEWS2 candidate version 1.1.0 scores 3 points above the live 1.0.0.
+NEWS2 candidate version 1.1.0 scores 3 points above the live 1.0.0. LOT-E (5 more
+devices) has a bad key: all its messages are refused, it has no events, and must stand
+out for refusals all the same. One operational alert (source `ops`) is not counted.
 """
 
 import datetime as dt
@@ -91,7 +93,7 @@ def device_facts(i):
         "device": f"dev-{i:05d}",
         "site": "site-1" if i <= 20 else "site-2",
         "region": "eu-west" if i % 2 else "eu-north",
-        "lot": "LOT-" + "ABCD"[(i - 1) // 10],
+        "lot": "LOT-" + "ABCDE"[(i - 1) // 10],
         "hardware_model": "hw-a" if (i // 2) % 2 == 0 else "hw-b",
         "fw": "5.12.1" if i % 4 in (0, 1) else "5.13.0",
     }
@@ -193,6 +195,17 @@ def fleet():
                 rows["alerts"].append({
                     **alert, "alert_id": "nd-9", "state": state, "rule": "no-data",
                     "source": "no-data", "role": None, "at": at(0, 5, 10 + k, i)})
+    # LOT-E (dev-00041..45) signs with a bad key: every message refused, no events at
+    # all. Its device-weeks come from its refusals, so it can stand out.
+    for i in range(41, 46):
+        for w in range(WEEKS):
+            for k in range(4):
+                rows["refusals"].append({
+                    "at": at(w, 2, 7 + k, i), **device_facts(i), "reason": "unknown_key"})
+    # An operational alert (store trouble): not a clinical alert, not counted.
+    rows["alerts"].append({
+        **device_facts(10), "alert_id": "op-1", "state": "open", "rule": "ops/store",
+        "source": "ops", "role": "live", "at": at(0, 5, 12)})
     # A refusal whose topic named no device.
     rows["refusals"].append({"at": at(2, 6, 1), "device": None, "reason": "malformed"})
     return rows
@@ -284,8 +297,11 @@ def main():
     assert get[("alerts", "week", "2026-W49")]["n"] == 8  # shadow outputs excluded
     assert get[("alerts", "week", "2026-W47")]["n"] == 1  # open + escalated: one alert
     assert get[("alerts", "lot", "LOT-A")]["n"] == 9
+    lot_e = get[("refusals", "lot", "LOT-E")]
+    assert (lot_e["n"], lot_e["device_weeks"], lot_e["readings"]) == (60, 15, 0), lot_e
+    assert get[("refusals", "firmware", "5.12.1")]["n"] > 0  # refusals carry firmware
     only = q("rates_by.sql", measure="gaps", dimension="lot")
-    assert [r["value"] for r in only] == ["LOT-A", "LOT-B", "LOT-C", "LOT-D"], only
+    assert [r["value"] for r in only] == ["LOT-A", "LOT-B", "LOT-C", "LOT-D", "LOT-E"], only
 
     # outliers: LOT-C stands out for dropped messages and for gaps, found by the query.
     top = q("outliers.sql", measure="dropped")
@@ -296,6 +312,10 @@ def main():
         [r for r in top if r["stands_out"]]
     gaps_top = q("outliers.sql", measure="gaps", dimension="lot")
     assert gaps_top[0]["value"] == "LOT-C" and gaps_top[0]["stands_out"], gaps_top
+    refused_top = q("outliers.sql", measure="refusals", dimension="lot")
+    assert refused_top[0]["value"] == "LOT-E" and refused_top[0]["stands_out"], refused_top
+    assert [r["value"] for r in refused_top if r["stands_out"]] == ["LOT-E"], refused_top
+    results["outliers_refusals"] = refused_top
     results["outliers_dropped"] = top
     results["outliers_all"] = q("outliers.sql")
 

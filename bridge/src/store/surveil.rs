@@ -4,7 +4,7 @@
 
 use rusqlite::params;
 
-use super::sealing::{Payload, column_bytes};
+use super::sealing::{Payload, column_bytes, normalized_context};
 use super::{Store, StoreError, i2u};
 
 /// A quarantined message, as the data set's `refusals` table needs it (no payload).
@@ -29,6 +29,36 @@ pub struct StoredGap {
     pub last: i64,
     pub state: String,
     pub opened_at_ms: u64,
+}
+
+/// What a device last reported at or before a time (firmware, model and the bridge's
+/// judgement of it), from its newest event by `observed_at` not after that time: the
+/// one rule by which rows that carry none of these (gaps, refusals, alerts without
+/// them) are attributed, in the Parquet sink and in `vitalmq surveil` alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub fw: Option<String>,
+    pub model: Option<String>,
+    pub model_status: Option<String>,
+}
+
+impl Reported {
+    /// The fields of a normalized event (`vitalmq-event/v1` JSON).
+    pub fn of_event(event: &serde_json::Value) -> Self {
+        let text = |v: &serde_json::Value, k: &str| {
+            v.get(k)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned)
+        };
+        let provenance = event.get("provenance").cloned().unwrap_or_default();
+        Self {
+            fw: text(event, "fw"),
+            model: text(event, "model"),
+            model_status: text(&provenance, "model_status")
+                .or_else(|| provenance.get("model").and_then(|m| text(m, "status")))
+                .or_else(|| text(event, "model_status")),
+        }
+    }
 }
 
 /// A score row with its payload opened (JSON `vitalmq-score/v1`).
@@ -86,6 +116,40 @@ impl Store {
             })
             .map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
+    /// What `device` last reported at or before `at_ms` ([`Reported`]); empty when it
+    /// sent nothing by then or that event's payload was erased.
+    pub fn reported_at(&self, device: &str, at_ms: u64) -> Result<Reported, StoreError> {
+        let at = i64::try_from(at_ms).unwrap_or(i64::MAX);
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT event_id, normalized FROM events
+                 WHERE device = ?1 AND observed_at_ms <= ?2
+                 ORDER BY observed_at_ms DESC, position DESC LIMIT 1",
+            )
+            .map_err(|e| self.err(e))?;
+        let found = stmt
+            .query_map(params![device, at], |r| {
+                Ok((r.get::<_, String>(0)?, column_bytes(r, 1)?))
+            })
+            .map_err(|e| self.err(e))?
+            .next()
+            .transpose()
+            .map_err(|e| self.err(e))?;
+        let Some((event_id, stored)) = found else {
+            return Ok(Reported::default());
+        };
+        match self.open_payload(&stored, &normalized_context(&event_id))? {
+            Payload::Plain(p) => Ok(serde_json::from_slice(&p)
+                .map(|v: serde_json::Value| Reported::of_event(&v))
+                .unwrap_or_default()),
+            Payload::Erased { .. } => Ok(Reported::default()),
+            Payload::Locked => Err(StoreError::NoKeyring {
+                path: self.path.clone(),
+            }),
+        }
     }
 
     /// Up to `max` scores with ids above `after`, payloads opened (an erased patient's

@@ -114,8 +114,10 @@ impl EventRow {
             received_at: i64::try_from(received_at_ms).ok(),
             device: text(event, "device"),
             subject,
+            // The site the row was recorded at, not the registry's now: a device
+            // moved between sites must not rewrite history (nor a redelivery differ).
             facts: DeviceFacts {
-                site: facts.site.or_else(|| text(event, "site")),
+                site: text(event, "site").or(facts.site),
                 ..facts
             },
             fw: text(event, "fw"),
@@ -159,17 +161,22 @@ pub struct AlertRow {
 }
 
 impl AlertRow {
-    /// The row of one stored alert change: its body as published, the change's time.
+    /// The row of one stored alert change: its topic and body as published, the
+    /// change's time. Operational alerts (`ops/...`) are source `ops`: not clinical,
+    /// the data set's `alerts` measure leaves them out.
     pub fn from_alert(
         alert_id: &str,
         state: &str,
         at_ms: u64,
+        topic: &str,
         body: &Json,
         subject: Option<String>,
         facts: DeviceFacts,
     ) -> Self {
         let rule = text(body, "rule");
-        let source = if body.get("alarm").is_some_and(|a| !a.is_null()) {
+        let source = if topic.starts_with("ops/") {
+            "ops"
+        } else if body.get("alarm").is_some_and(|a| !a.is_null()) {
             "device-alarm"
         } else if rule.as_deref().is_some_and(|r| r.starts_with("news2")) {
             "score"
@@ -195,8 +202,10 @@ impl AlertRow {
             at: i64::try_from(at_ms).ok(),
             device: text(body, "device"),
             subject,
+            // The site the row was recorded at, not the registry's now: a device
+            // moved between sites must not rewrite history (nor a redelivery differ).
             facts: DeviceFacts {
-                site: facts.site.or_else(|| text(body, "site")),
+                site: text(body, "site").or(facts.site),
                 ..facts
             },
             fw: text(body, "fw"),
@@ -251,8 +260,10 @@ impl ScoreRow {
             role: text(payload, "role"),
             observed_at: i64::try_from(observed_at_ms).ok(),
             subject,
+            // The site the row was recorded at, not the registry's now: a device
+            // moved between sites must not rewrite history (nor a redelivery differ).
             facts: DeviceFacts {
-                site: facts.site.or_else(|| text(payload, "site")),
+                site: text(payload, "site").or(facts.site),
                 ..facts
             },
             device: Some(device.to_owned()),
@@ -648,18 +659,85 @@ mod tests {
     fn alert_rows_name_their_source() {
         let body = json!({"rule": "spo2-low", "rule_version": "3", "severity": "high",
             "device": "dev-1", "site": "north", "fw": "1.2.0", "patient_ref": "pt-care"});
-        let row = AlertRow::from_alert("al-1", "open", 9, &body, None, DeviceFacts::default());
+        let row = AlertRow::from_alert(
+            "al-1",
+            "open",
+            9,
+            "alerts/north/high/dev-1",
+            &body,
+            None,
+            DeviceFacts::default(),
+        );
         assert_eq!(row.source.as_deref(), Some("rule"));
         assert_eq!(row.role.as_deref(), Some("live"), "the default role");
         assert_eq!(row.rule_version.as_deref(), Some("3"));
         let alarm = json!({"rule": "device-alarm", "alarm": {"code": "x"}});
-        let row = AlertRow::from_alert("al-2", "open", 9, &alarm, None, DeviceFacts::default());
+        let row = AlertRow::from_alert(
+            "al-2",
+            "open",
+            9,
+            "alerts/north/high/dev-1",
+            &alarm,
+            None,
+            DeviceFacts::default(),
+        );
         assert_eq!(row.source.as_deref(), Some("device-alarm"));
         let score = json!({"rule": "news2-high", "rule_version": "1.0.0", "role": "shadow"});
-        let row = AlertRow::from_alert("al-3", "open", 9, &score, None, DeviceFacts::default());
+        let row = AlertRow::from_alert(
+            "al-3",
+            "open",
+            9,
+            "alerts/north/high/dev-1",
+            &score,
+            None,
+            DeviceFacts::default(),
+        );
         assert_eq!(
             (row.source.as_deref(), row.role.as_deref()),
             (Some("score"), Some("shadow"))
+        );
+        let ops = json!({"type": "store", "state": "open"});
+        let row = AlertRow::from_alert(
+            "op-1",
+            "open",
+            9,
+            "ops/bridge/store",
+            &ops,
+            None,
+            DeviceFacts::default(),
+        );
+        assert_eq!(row.source.as_deref(), Some("ops"), "not a clinical alert");
+    }
+
+    /// A row keeps the site it was recorded at: the registry's site now (a device
+    /// moved since) does not rewrite history.
+    #[test]
+    fn rows_keep_the_recorded_site() {
+        let moved = DeviceFacts {
+            site: Some("south".into()),
+            ..DeviceFacts::default()
+        };
+        let row = EventRow::from_event(&event(), 5, 6, None, moved.clone());
+        assert_eq!(row.facts.site.as_deref(), Some("north"));
+        let body = json!({"rule": "spo2-low", "device": "dev-1", "site": "north"});
+        let row = AlertRow::from_alert(
+            "al-1",
+            "open",
+            9,
+            "alerts/north/high/dev-1",
+            &body,
+            None,
+            moved.clone(),
+        );
+        assert_eq!(row.facts.site.as_deref(), Some("north"));
+        let payload = json!({"score_id": "sc-1", "site": "north"});
+        let row = ScoreRow::from_payload(&payload, "dev-1", 9, None, None, moved.clone());
+        assert_eq!(row.facts.site.as_deref(), Some("north"));
+        let row = EventRow::from_event(&json!({"event_id": "e"}), 5, 6, None, moved);
+        assert_eq!(
+            row.facts.site.as_deref(),
+            Some("south"),
+            "the registry's when the row names none"
         );
     }
 

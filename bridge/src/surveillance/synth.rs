@@ -442,7 +442,8 @@ pub fn generate(config: &SynthConfig, root: &Path) -> Result<SynthSummary, Synth
                 outs.flush_full(&mut summary)?;
                 at += interval_ms;
             }
-            if state.counts.events > 0 {
+            // Exposure as `queries/views.sql` counts it: any row of the device-week.
+            if state.counts.events + state.counts.refusals + state.counts.gaps > 0 {
                 state.counts.device_weeks = 1;
             }
             counts.add(&state.counts);

@@ -11,8 +11,12 @@
 //! Alerts carry a patient: they go through the same governance as an alert handler of
 //! the `surveillance` purpose ([`crate::delivery::govern_alerts`]: consent must cover
 //! the evidence's observation times, `patient_ref` becomes the purpose pseudonym) and
-//! withheld changes are counted with the cursor. Scores are judged at their
-//! `observed_at` the same way. Refusals and gaps carry no patient and always flow.
+//! withheld changes are counted with the cursor. Scores, refusals and gaps are judged
+//! by [`crate::surveillance::consent`] (scores at every input's observation time with
+//! the input's device; refusals and gaps by their device's assignment and consent at
+//! their time), their withheld rows counted and audited likewise. Rows that do not
+//! carry the device's firmware (gaps, refusals) take it from what the device last
+//! reported at or before their time ([`Store::reported_at`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -25,10 +29,11 @@ use vitalmq_audit::Auditor;
 use vitalmq_policies::{DeviceRegistry, Purpose};
 
 use super::ParquetSink;
-use crate::delivery::{AlertGovernance, alert_flow, govern_alerts, report_alerts_withheld};
+use crate::delivery::{AlertGovernance, govern_alerts, report_alerts_withheld};
 use crate::governance::{Fields, Flow, PurposePseudonym, Withheld};
 use crate::sink::{Sink as _, SinkError, SinkFailure};
 use crate::store::{Store, StoreError, lock};
+use crate::surveillance::consent::{device_flow, score_flow};
 use crate::surveillance::rows::{AlertRow, DeviceFacts, GapRow, RefusalRow, Rows, ScoreRow};
 use crate::surveillance::write::to_parquet;
 use crate::surveillance::{Table, file_name, iso_week};
@@ -147,8 +152,8 @@ impl Follower {
         let registry = Arc::clone(&self.registry.borrow());
         let (planned, withheld) = match table {
             Table::Alerts => self.plan_alerts(through, pending, &registry)?,
-            Table::Refusals => (self.plan_refusals(through, pending, &registry)?, None),
-            Table::Gaps => (self.plan_gaps(through, pending, &registry)?, None),
+            Table::Refusals => self.plan_refusals(through, pending, &registry)?,
+            Table::Gaps => self.plan_gaps(through, pending, &registry)?,
             Table::Scores => self.plan_scores(through, pending, &registry)?,
             Table::Events => return Ok(0),
         };
@@ -247,14 +252,23 @@ impl Follower {
             };
             let device = body.get("device").and_then(Json::as_str).unwrap_or("");
             let facts = DeviceFacts::of(registry, device);
-            let row = AlertRow::from_alert(
+            let mut row = AlertRow::from_alert(
                 &a.alert_id,
                 &a.state,
                 a.created_at_ms,
+                &a.topic,
                 &body,
                 subject,
                 facts,
             );
+            // An alert body without firmware and model (no-data, older bodies) takes
+            // what the device last reported, as `vitalmq surveil` does.
+            if row.fw.is_none() && row.model.is_none() && !device.is_empty() {
+                let r = lock(&self.store).reported_at(device, a.created_at_ms)?;
+                row.fw = r.fw;
+                row.model = r.model;
+                row.model_status = r.model_status;
+            }
             push(&mut weeks, a.created_at_ms, Rows::Alerts(vec![row]));
         }
         Ok((Some(Planned { first, last, weeks }), Some(withheld)))
@@ -265,31 +279,41 @@ impl Follower {
         through: i64,
         pending: Option<i64>,
         registry: &DeviceRegistry,
-    ) -> Result<Option<Planned>, StoreError> {
-        let mut rows = lock(&self.store).refusals_after(through, self.batch_max)?;
+    ) -> Result<(Option<Planned>, Option<Withheld>), StoreError> {
+        let store = lock(&self.store);
+        let mut rows = store.refusals_after(through, self.batch_max)?;
         if let Some(p) = pending {
             rows.retain(|r| r.id <= p);
         }
         let Some((first, last)) = Self::range(through, pending, rows.last().map(|r| r.id)) else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let mut weeks = BTreeMap::new();
+        let mut withheld = Withheld::default();
         for r in rows {
-            let facts = r
-                .device
-                .as_deref()
-                .map(|d| DeviceFacts::of(registry, d))
-                .unwrap_or_default();
+            if let Flow::Withheld(reason) =
+                device_flow(registry, r.device.as_deref(), r.received_at_ms)
+            {
+                withheld.add(reason);
+                continue;
+            }
+            let (facts, reported) = match r.device.as_deref() {
+                Some(d) => (
+                    DeviceFacts::of(registry, d),
+                    store.reported_at(d, r.received_at_ms)?,
+                ),
+                None => Default::default(),
+            };
             let row = RefusalRow {
                 at: i64::try_from(r.received_at_ms).ok(),
                 device: r.device,
                 facts,
-                fw: None,
+                fw: reported.fw,
                 reason: Some(r.reason),
             };
             push(&mut weeks, r.received_at_ms, Rows::Refusals(vec![row]));
         }
-        Ok(Some(Planned { first, last, weeks }))
+        Ok((Some(Planned { first, last, weeks }), Some(withheld)))
     }
 
     fn plan_gaps(
@@ -297,21 +321,28 @@ impl Follower {
         through: i64,
         pending: Option<i64>,
         registry: &DeviceRegistry,
-    ) -> Result<Option<Planned>, StoreError> {
-        let mut rows = lock(&self.store).gaps_after(through, self.batch_max)?;
+    ) -> Result<(Option<Planned>, Option<Withheld>), StoreError> {
+        let store = lock(&self.store);
+        let mut rows = store.gaps_after(through, self.batch_max)?;
         if let Some(p) = pending {
             rows.retain(|g| g.rowid <= p);
         }
         let Some((first, last)) = Self::range(through, pending, rows.last().map(|g| g.rowid))
         else {
-            return Ok(None);
+            return Ok((None, None));
         };
         let mut weeks = BTreeMap::new();
+        let mut withheld = Withheld::default();
         for g in rows {
+            if let Flow::Withheld(reason) = device_flow(registry, Some(&g.device), g.opened_at_ms) {
+                withheld.add(reason);
+                continue;
+            }
+            let reported = store.reported_at(&g.device, g.opened_at_ms)?;
             let row = GapRow {
                 facts: DeviceFacts::of(registry, &g.device),
                 device: Some(g.device),
-                fw: None,
+                fw: reported.fw,
                 epoch: Some(g.epoch),
                 from_seq: Some(g.first),
                 to_seq: Some(g.last),
@@ -320,7 +351,7 @@ impl Follower {
             };
             push(&mut weeks, g.opened_at_ms, Rows::Gaps(vec![row]));
         }
-        Ok(Some(Planned { first, last, weeks }))
+        Ok((Some(Planned { first, last, weeks }), Some(withheld)))
     }
 
     fn plan_scores(
@@ -341,15 +372,13 @@ impl Follower {
         for s in rows {
             let payload: Json = serde_json::from_str(&s.payload).unwrap_or_default();
             let care = payload.get("patient_ref").and_then(Json::as_str);
-            let site = payload.get("site").and_then(Json::as_str);
-            let flow = alert_flow(
+            let flow = score_flow(
                 registry,
-                Purpose::Surveillance,
-                Some(&s.device),
-                care.zip(site),
-                &[s.observed_at_ms],
+                &lock(&self.store),
+                &payload,
+                &s.device,
                 s.observed_at_ms,
-            );
+            )?;
             if let Flow::Withheld(reason) = flow {
                 withheld.add(reason);
                 continue;

@@ -282,6 +282,184 @@ mod follow {
         }
     }
 
+    /// `dev-00001` (patient `pt-s`) with surveillance granted; `dev-00002` assigned to
+    /// the same patient, no grant.
+    fn consent_registry() -> Arc<DeviceRegistry> {
+        let key = vitalmq_envelope::SigningKey::generate(vitalmq_envelope::Algorithm::EdDsa)
+            .expect("key")
+            .verifying_key()
+            .to_hex();
+        let text = format!(
+            "format = \"vitalmq-registry/v2\"\ntrust_domain = \"t.vitalmq\"\n\
+             [[devices]]\nid = \"dev-00001\"\nalg = \"EdDSA\"\npublic_key = \"{key}\"\n\
+             [[devices.assignments]]\nvalid_from = \"1970-01-01T00:00:00Z\"\npatient_ref = \"pt-s\"\nsite = \"site-01\"\n\
+             consent = [{{ purpose = \"surveillance\", valid_from = \"1970-01-01T00:00:00Z\" }}]\n\
+             [[devices]]\nid = \"dev-00002\"\nalg = \"EdDSA\"\npublic_key = \"{key}\"\n\
+             [[devices.assignments]]\nvalid_from = \"1970-01-01T00:00:00Z\"\npatient_ref = \"pt-s\"\nsite = \"site-01\"\n"
+        );
+        Arc::new(DeviceRegistry::parse(&text, std::path::Path::new("r.toml")).expect("registry"))
+    }
+
+    fn score_of(n: u32, device: &str, inputs: &[&str], at: u64) -> crate::score::NewScore {
+        let score_id = format!("sc-{n}");
+        let inputs: Vec<serde_json::Value> = inputs
+            .iter()
+            .map(|id| {
+                serde_json::json!({"metric": "spo2", "value": 97, "event_id": id,
+                "observed_at": "1970-01-01T00:00:00.001Z"})
+            })
+            .collect();
+        crate::score::NewScore {
+            score_id: score_id.clone(),
+            patient_ref: "pt-s".into(),
+            site: "site-01".into(),
+            device: device.into(),
+            model: "news2".into(),
+            version: "1.0.0".into(),
+            config_sha256: "ab".repeat(32),
+            role: "live".into(),
+            observed_at_ms: at,
+            created_at_ms: at,
+            payload: serde_json::json!({"format": "vitalmq-score/v1", "score_id": score_id,
+                "model": "news2", "version": "1.0.0", "config_sha256": "ab".repeat(32),
+                "role": "live", "patient_ref": "pt-s", "site": "site-01", "aggregate": 1,
+                "risk": "low", "complete": true, "red": false, "missing": [],
+                "inputs": inputs})
+            .to_string(),
+        }
+    }
+
+    fn strings(batch: &arrow_array::RecordBatch, column: &str) -> Vec<Option<String>> {
+        batch
+            .column_by_name(column)
+            .expect("column")
+            .as_any()
+            .downcast_ref::<arrow_array::StringArray>()
+            .expect("strings")
+            .iter()
+            .map(|v| v.map(str::to_owned))
+            .collect()
+    }
+
+    /// Gaps and refusals take the firmware the device last reported at or before their
+    /// time and follow its consent (a device without a surveillance grant is withheld,
+    /// counted); a score flows only if every input's device and time was consented.
+    #[tokio::test]
+    async fn firmware_and_consent_of_device_rows_and_score_inputs() {
+        use crate::store::test_events::event;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Mutex::new(Store::open(dir.path()).expect("store")));
+        let ok = event("dev-00001", 1, 1);
+        let other = event("dev-00002", 1, 1);
+        let at = JAN_2026;
+        let gap = |device: &str| {
+            (
+                DeviceId::new(device).expect("id"),
+                Gap {
+                    epoch: 1,
+                    first: 5,
+                    last: 7,
+                    filled: 0,
+                    state: GapState::Open,
+                    opened_at_ms: at,
+                },
+            )
+        };
+        let mut no_device = refusal(at);
+        no_device.device = None;
+        let mut refused_other = refusal(at);
+        refused_other.device = Some("dev-00002".into());
+        let mut refused_ok = refusal(at);
+        refused_ok.device = Some("dev-00001".into());
+        lock(&store)
+            .commit(&Commit {
+                events: vec![ok.clone(), other.clone()],
+                quarantine: vec![refused_ok, refused_other, no_device],
+                gaps: vec![gap("dev-00001"), gap("dev-00002")],
+                scores: vec![
+                    score_of(1, "dev-00001", &[ok.event_id()], at),
+                    score_of(2, "dev-00001", &[ok.event_id(), other.event_id()], at),
+                    score_of(3, "dev-00001", &["ev-not-stored"], at),
+                ],
+                now_ms: at,
+                ..Commit::default()
+            })
+            .expect("commit");
+        let audit =
+            vitalmq_audit::AuditLog::open(&dir.path().join("audit.jsonl"), 64).expect("audit");
+        let (_tx, rx) = watch::channel(consent_registry());
+        let sink = Arc::new(ParquetSink::new(
+            ObjectStoreSink::in_memory("surveil"),
+            rx.clone(),
+        ));
+        let follower = Follower {
+            sink: Arc::clone(&sink),
+            store: Arc::clone(&store),
+            registry: rx,
+            pseudonym: None,
+            auditor: audit.auditor(),
+            batch_max: 100,
+        };
+        // Refusals: dev-00001's and the device-less one; gaps: dev-00001's; scores: 1.
+        assert_eq!(follower.pass().await.expect("pass"), 4);
+        let files = read_back(&sink).await;
+        let of = |prefix: &str| -> Vec<&arrow_array::RecordBatch> {
+            files
+                .iter()
+                .filter(|(n, _)| n.starts_with(prefix))
+                .map(|(_, b)| b)
+                .collect()
+        };
+        let gaps = of("gaps/");
+        assert_eq!(gaps.len(), 1);
+        assert_eq!(strings(gaps[0], "device"), [Some("dev-00001".to_owned())]);
+        assert_eq!(strings(gaps[0], "fw"), [Some("1.0.0".to_owned())]);
+        let refusals = of("refusals/");
+        let mut fw: Vec<_> = refusals
+            .iter()
+            .flat_map(|b| strings(b, "device").into_iter().zip(strings(b, "fw")))
+            .collect();
+        fw.sort();
+        assert_eq!(
+            fw,
+            [
+                (None, None),
+                (Some("dev-00001".into()), Some("1.0.0".into()))
+            ]
+        );
+        let scores = of("scores/");
+        let ids: Vec<_> = scores.iter().flat_map(|b| strings(b, "score_id")).collect();
+        assert_eq!(
+            ids,
+            [Some("sc-1".to_owned())],
+            "an input of a device without a grant, or not stored, withholds the score"
+        );
+        let s = lock(&store);
+        for (table, through) in [(Table::Refusals, 3), (Table::Gaps, 2), (Table::Scores, 3)] {
+            assert_eq!(
+                s.handler_cursor(&cursor_name("surveil", table))
+                    .expect("cursor"),
+                through,
+                "{table:?}: withheld rows are passed"
+            );
+        }
+        drop(s);
+        // The same rule the command attributes by.
+        assert_eq!(
+            lock(&store)
+                .reported_at("dev-00001", at)
+                .expect("reported")
+                .fw
+                .as_deref(),
+            Some("1.0.0")
+        );
+        assert_eq!(
+            lock(&store).reported_at("dev-00001", 0).expect("reported"),
+            crate::store::Reported::default(),
+            "nothing reported before its first event"
+        );
+    }
+
     /// Every table has a zero-row file with its schema from the start, so readers bind
     /// all five before each has rows.
     #[tokio::test]
