@@ -563,6 +563,97 @@ fn verify_refuses_changed_values_signatures_and_unsigned_observations() {
     assert!(ran.success, "{}", ran.all());
 }
 
+/// The last line `fhir verify` prints: its summary.
+fn summary(ran: &Ran) -> Json {
+    serde_json::from_str(ran.stdout.lines().last().unwrap_or_default()).expect("summary")
+}
+
+#[test]
+fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations() {
+    let f = Fixture::new();
+    assert!(f.export(&["--patient", A], "a.json", &[]).success);
+    let bundle = f.bundle("a.json");
+    let entries = bundle["entry"].as_array().expect("entries").clone();
+    let spo2 = entries
+        .iter()
+        .position(|e| e["resource"]["valueQuantity"]["value"] == 86)
+        .expect("the spo2 of 86");
+    let key = entries[spo2]["resource"]["identifier"][0]["value"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    let refused = |name: &str, doc: &Json, needle: &str| {
+        f.write(name, doc);
+        let ran = f.verify(name);
+        assert_eq!(ran.code, Some(1), "{name}: {}", ran.all());
+        assert!(ran.stdout.contains(needle), "{name}: {needle}: {}", ran.all());
+        ran
+    };
+    let with = |entry: Json| {
+        let mut b = bundle.clone();
+        b["entry"].as_array_mut().expect("entries").push(entry);
+        b
+    };
+
+    // (a) A second Observation under the signed one's identifier, another value.
+    let mut copy = entries[spo2].clone();
+    copy["fullUrl"] = json!("urn:uuid:00000000-0000-5000-8000-000000000001");
+    copy["resource"]["valueQuantity"]["value"] = json!(42);
+    let ran = refused("copy.json", &with(copy), &key);
+    assert_eq!(
+        summary(&ran)["observation_identifiers_duplicated"],
+        json!([key]),
+        "{}",
+        ran.all()
+    );
+
+    // (b) An Observation without any identifier.
+    let mut bare = entries[spo2].clone();
+    bare["fullUrl"] = json!("urn:uuid:00000000-0000-5000-8000-000000000002");
+    bare["resource"]["valueQuantity"]["value"] = json!(42);
+    bare["resource"]
+        .as_object_mut()
+        .expect("object")
+        .remove("identifier");
+    let ran = refused("bare.json", &with(bare), "no urn:vitalmq:observation identifier");
+    assert_eq!(
+        summary(&ran)["observations_without_a_verified_signature"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{}",
+        ran.all()
+    );
+
+    // (c) The signed value as a component, another one as valueQuantity.
+    let mut ambiguous = bundle.clone();
+    let o = &mut ambiguous["entry"][spo2]["resource"];
+    o["component"] = json!([{"code": o["code"].clone(), "valueQuantity": o["valueQuantity"].clone()}]);
+    o["valueQuantity"]["value"] = json!(42);
+    refused("component.json", &ambiguous, "valueQuantity together with component");
+
+    // (d) Another unit, the same number.
+    let temp = entries
+        .iter()
+        .position(|e| e["resource"]["valueQuantity"]["code"] == "Cel")
+        .expect("a temperature");
+    let mut unit = bundle.clone();
+    unit["entry"][temp]["resource"]["valueQuantity"]["code"] = json!("[degF]");
+    unit["entry"][temp]["resource"]["valueQuantity"]["unit"] = json!("degF");
+    refused("unit.json", &unit, "[degF]");
+
+    // (e) The reading relabelled as another event.
+    let other = "ev1-00000000000000000000000000000000";
+    let mut relabelled = bundle.clone();
+    let o = &mut relabelled["entry"][spo2]["resource"];
+    o["identifier"][0]["value"] = json!(format!("{other}/spo2"));
+    o["identifier"][1]["value"] = json!(other);
+    refused("relabel.json", &relabelled, "is not the signed message's");
+
+    // The untouched Bundle still verifies.
+    assert!(f.verify("a.json").success);
+}
+
 #[test]
 fn device_and_time_range_exports() {
     let f = Fixture::new();

@@ -72,6 +72,11 @@ pub fn key(event_id: &str, metric: &str) -> String {
     format!("{event_id}/{metric}")
 }
 
+/// The identifier value of the blood-pressure panel of event `event_id`.
+pub fn panel_key(event_id: &str) -> String {
+    key(event_id, codes::BP)
+}
+
 /// The blood-pressure panel, when the event carries `sbp` or `dbp` (a missing half is a
 /// component with `dataAbsentReason`, as the bp profile requires both components).
 fn bp_panel(event: &Event) -> Result<Option<MappedObservation>, crate::Error> {
@@ -97,7 +102,7 @@ fn bp_panel(event: &Event) -> Result<Option<MappedObservation>, crate::Error> {
     o["component"] = Json::Array(components);
     Ok(Some(MappedObservation {
         metric: codes::BP.into(),
-        key: key(&event.event_id, codes::BP),
+        key: panel_key(&event.event_id),
         resource: o,
     }))
 }

@@ -30,12 +30,24 @@ pub struct SignedReading {
 /// A target Observation's claims.
 #[derive(Debug, Clone)]
 pub struct TargetObservation {
-    /// Its `urn:vitalmq:observation` identifier value.
+    /// Its index among the resources read ([`resources`]): coverage is per resource,
+    /// not per identifier, so a copy under the same identifier is not covered.
+    pub index: usize,
+    /// Its `urn:vitalmq:observation` identifier value (empty when it has none).
     pub key: String,
+    /// Its `urn:vitalmq:event` identifier value.
+    pub event: Option<String>,
     pub effective: Option<String>,
     pub device: Option<String>,
     /// (metric, value) pairs; `None` when absent (dataAbsentReason).
     pub values: Vec<(String, Option<f64>)>,
+    /// The `urn:vitalmq:observation` identifier the mapping gives such an Observation
+    /// of event `event_id` ([`Self::expected_key`]): a panel's, or its metric's.
+    pub panel: bool,
+    pub metric: Option<String>,
+    /// What the mapping never produces: `value[x]` next to `component`, a unit other
+    /// than the mapping table's.
+    pub problems: Vec<String>,
 }
 
 /// The resources of `doc`: a Bundle's entry resources, or the document itself.
@@ -69,21 +81,9 @@ fn reference_device(r: &Json) -> Option<String> {
         .flatten()
 }
 
-/// The metric values an Observation claims.
+/// The metric values an Observation claims (the components of a panel, else its
+/// `valueQuantity`); see [`problems`] for what makes such a reading ambiguous.
 pub fn values(o: &Json) -> Vec<(String, Option<f64>)> {
-    let metric_of = |code: &Json| -> Option<String> {
-        let codings = code["coding"].as_array()?;
-        codings.iter().find_map(|c| {
-            let code = c["code"].as_str()?;
-            if c["system"] == codes::LOINC {
-                codes::metric_of(code).map(str::to_owned)
-            } else if c["system"] == codes::METRIC {
-                Some(code.to_owned())
-            } else {
-                None
-            }
-        })
-    };
     let mut out = Vec::new();
     if let Some(components) = o["component"].as_array() {
         for c in components {
@@ -95,6 +95,92 @@ pub fn values(o: &Json) -> Vec<(String, Option<f64>)> {
         out.push((m, o["valueQuantity"]["value"].as_f64()));
     }
     out
+}
+
+fn metric_of(code: &Json) -> Option<String> {
+    let codings = code["coding"].as_array()?;
+    codings.iter().find_map(|c| {
+        let code = c["code"].as_str()?;
+        if c["system"] == codes::LOINC {
+            codes::metric_of(code).map(str::to_owned)
+        } else if c["system"] == codes::METRIC {
+            Some(code.to_owned())
+        } else {
+            None
+        }
+    })
+}
+
+/// The unit (UCUM code) the mapping gives `metric`; `None` for a metric SPEC does not
+/// list (its Quantity carries no unit).
+fn expected_ucum(metric: &str) -> Option<&'static str> {
+    codes::vital(metric).map(|v| v.ucum).or_else(|| {
+        codes::BP_PARTS
+            .iter()
+            .any(|(m, _)| *m == metric)
+            .then_some(codes::MM_HG)
+    })
+}
+
+fn unit_problem(metric: &str, quantity: &Json) -> Option<String> {
+    if quantity.is_null() {
+        return None;
+    }
+    let (system, code) = (quantity["system"].as_str(), quantity["code"].as_str());
+    match expected_ucum(metric) {
+        Some(ucum) if system == Some(codes::UCUM) && code == Some(ucum) => None,
+        None if system.is_none() && code.is_none() => None,
+        expected => Some(format!(
+            "{metric}: unit {system:?}|{code:?}, the mapping's is {:?}",
+            expected.map(|u| format!("{}|{u}", codes::UCUM))
+        )),
+    }
+}
+
+/// What makes an Observation's claims differ from what the mapping produces: a
+/// `value[x]` next to `component` (a reader could take either), a unit other than the
+/// mapping table's (a value is only the signed one in the signed unit).
+pub fn problems(o: &Json) -> Vec<String> {
+    let mut out = Vec::new();
+    let components = o["component"].as_array();
+    let value_x = o
+        .as_object()
+        .map(|m| {
+            m.keys()
+                .filter(|k| k.starts_with("value"))
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    if components.is_some() && !value_x.is_empty() {
+        out.push(format!("{} together with component", value_x.join(", ")));
+    }
+    if components.is_none() && value_x.iter().any(|k| k != "valueQuantity") {
+        out.push(format!("{} is not a valueQuantity", value_x.join(", ")));
+    }
+    if let Some(components) = components {
+        for c in components {
+            if let Some(m) = metric_of(&c["code"]) {
+                out.extend(unit_problem(&m, &c["valueQuantity"]));
+            }
+        }
+    } else if let Some(m) = metric_of(&o["code"]) {
+        out.extend(unit_problem(&m, &o["valueQuantity"]));
+    }
+    out
+}
+
+impl TargetObservation {
+    /// The identifier value the mapping gives this Observation in event `event_id`.
+    pub fn expected_key(&self, event_id: &str) -> Option<String> {
+        if self.panel {
+            Some(crate::observation::panel_key(event_id))
+        } else {
+            self.metric
+                .as_deref()
+                .map(|m| crate::observation::key(event_id, m))
+        }
+    }
 }
 
 /// Every Provenance in `doc` with a COSE signature, with its target Observations
@@ -171,7 +257,15 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
                 });
             match found.filter(|o| o["resourceType"] == "Observation") {
                 Some(o) => observations.push(TargetObservation {
+                    index: all
+                        .iter()
+                        .position(|r| std::ptr::eq(*r, o))
+                        .unwrap_or(usize::MAX),
                     key: observation_key(o).unwrap_or_default().to_owned(),
+                    event: identifier_value(&o["identifier"], ids::EVENT).map(str::to_owned),
+                    panel: o["component"].is_array(),
+                    metric: metric_of(&o["code"]),
+                    problems: problems(o),
                     effective: o["effectiveDateTime"].as_str().map(str::to_owned),
                     device: reference_device(&o["device"]),
                     values: values(o),

@@ -5,15 +5,21 @@
 //!    names, which must be the kid, the payload's `dev` and the `author` agent;
 //! 2. the SHA-256 of the bytes equals the raw-message entity's;
 //! 3. every target Observation found in the file names that device, has
-//!    `effectiveDateTime` = the signed `ts`, and claims exactly the signed values (no
-//!    value changed, added or dropped).
+//!    `effectiveDateTime` = the signed `ts`, carries the event id recomputed from the
+//!    signed `dev`/`epoch`/`seq` (and the identifier the mapping derives from it), and
+//!    claims exactly the signed values in the mapping table's units (no value changed,
+//!    added or dropped; no `value[x]` next to `component`, which a reader could take
+//!    instead of the checked one).
 //!
-//! Then every Observation of the file that no verified Provenance covers is a failure
-//! too (an unsigned reading slipped in). One JSON line per Provenance, a summary line;
+//! Then every Observation resource of the file that no verified Provenance targets is
+//! a failure too (an unsigned reading slipped in, with or without an identifier), and
+//! so is an Observation identifier that occurs twice (a copy next to the signed one).
+//! The `subject` is not covered: the device does not sign the patient; the attribution
+//! is the bridge's (see `docs/fhir.md`). One JSON line per Provenance, a summary line;
 //! exit 1 on any failure. Reads no store: nothing patient-linked is accessed beyond
 //! the file the operator already holds.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,6 +43,7 @@ struct Checked {
     index: usize,
     device: Option<String>,
     covered: Vec<String>,
+    covered_resources: Vec<usize>,
     errors: Vec<String>,
     unchecked_targets: Vec<String>,
 }
@@ -49,11 +56,11 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.registry.display()))?;
     let readings = read::signed_readings(&doc)?;
     let mut failed = 0usize;
-    let mut covered: HashSet<String> = HashSet::new();
+    let mut covered: HashSet<usize> = HashSet::new();
     for r in &readings {
         let c = check(r, &registry);
         if c.errors.is_empty() {
-            covered.extend(c.covered.iter().cloned());
+            covered.extend(c.covered_resources.iter().copied());
         } else {
             failed += 1;
         }
@@ -69,13 +76,35 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             })
         );
     }
-    let unsigned: Vec<&str> = read::resources(&doc)
+    let observations: Vec<(usize, Option<&str>)> = read::resources(&doc)
         .into_iter()
-        .filter(|r| r["resourceType"] == "Observation")
-        .filter_map(read::observation_key)
-        .filter(|k| !covered.contains(*k))
+        .enumerate()
+        .filter(|(_, r)| r["resourceType"] == "Observation")
+        .map(|(i, r)| (i, read::observation_key(r)))
         .collect();
-    let ok = failed == 0 && unsigned.is_empty() && !readings.is_empty();
+    let name = |i: usize, key: Option<&str>| match key {
+        Some(k) => k.to_owned(),
+        None => format!("resource #{i} (no urn:vitalmq:observation identifier)"),
+    };
+    let unsigned: Vec<String> = observations
+        .iter()
+        .filter(|(i, _)| !covered.contains(i))
+        .map(|(i, k)| name(*i, *k))
+        .collect();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (_, k) in &observations {
+        if let Some(k) = k {
+            *seen.entry(k).or_default() += 1;
+        }
+    }
+    let duplicated: Vec<&str> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| *k)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let ok = failed == 0 && unsigned.is_empty() && duplicated.is_empty() && !readings.is_empty();
     println!(
         "{}",
         json!({
@@ -83,6 +112,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             "signed_provenances": readings.len(),
             "failed": failed,
             "observations_without_a_verified_signature": unsigned,
+            "observation_identifiers_duplicated": duplicated,
         })
     );
     tracing::info!(
@@ -103,6 +133,7 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
         index: r.index,
         device: r.device.clone(),
         covered: Vec::new(),
+        covered_resources: Vec::new(),
         errors: Vec::new(),
         unchecked_targets: r.missing_targets.clone(),
     };
@@ -148,6 +179,8 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
             })
             .collect();
     let ts = vitalmq_fhir::ids::instant(t.ts).ok();
+    // The event id is a function of what the device signed: recomputed, not trusted.
+    let event_id = vitalmq_bridge::normalize::event_id(&t.dev, t.epoch, t.seq);
     let mut claimed: BTreeMap<String, Option<f64>> = BTreeMap::new();
     for o in &r.observations {
         if o.device.as_deref() != Some(device) {
@@ -162,6 +195,22 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
                 o.key, o.effective
             ));
         }
+        if o.event.as_deref() != Some(event_id.as_str()) {
+            c.errors.push(format!(
+                "Observation {}: event {:?} is not the signed message's {event_id}",
+                o.key, o.event
+            ));
+        }
+        let expected = o.expected_key(&event_id);
+        if expected.as_deref() != Some(o.key.as_str()) {
+            c.errors.push(format!(
+                "Observation {:?}: the mapping of the signed message identifies it as {expected:?}",
+                o.key
+            ));
+        }
+        for p in &o.problems {
+            c.errors.push(format!("Observation {}: {p}", o.key));
+        }
         for (metric, value) in &o.values {
             if claimed.insert(metric.clone(), *value).is_some() {
                 c.errors
@@ -169,6 +218,7 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
             }
         }
         c.covered.push(o.key.clone());
+        c.covered_resources.push(o.index);
     }
     if !r.observations.is_empty() {
         for (metric, value) in &claimed {
