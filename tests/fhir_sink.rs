@@ -115,6 +115,10 @@ fn assert_clean(dump: &Json) {
         "zero validation errors: {dump}"
     );
     assert_eq!(dump["unconditional"], 0, "every create conditional: {dump}");
+    assert_eq!(
+        dump["refused_unsupported"], 0,
+        "nothing a real server refuses (chained searches, unresolvable references): {dump}"
+    );
     let per_identifier = dump["per_identifier"].as_object().expect("per_identifier");
     let twice: Vec<_> = per_identifier.iter().filter(|(_, n)| **n != 1).collect();
     assert!(

@@ -6,9 +6,14 @@
 //! | resource | request |
 //! |---|---|
 //! | Observation, DetectedIssue, Communication | `POST`, `ifNoneExist: identifier=<system>\|<value>` |
-//! | Provenance of a reading | `POST`, `ifNoneExist: entity:identifier=urn:vitalmq:raw-sha256\|<hex>` (R4 Provenance has no identifier) |
-//! | Provenance of an alert change | `POST`, `ifNoneExist: target:identifier=urn:vitalmq:alert-change\|<key>` |
+//! | Provenance of a reading | `PUT Provenance/<uuid v5 of urn:vitalmq:raw-sha256\|<hex>>` |
+//! | Provenance of an alert change | `PUT Provenance/<uuid v5 of urn:vitalmq:alert-change\|<key>>` |
 //! | Device, Task | `PUT Device?identifier=...` / `PUT Task?identifier=...` (conditional update: firmware and the alert workflow move on) |
+//!
+//! R4 Provenance has no `identifier`, and servers do not support chained
+//! `:identifier` searches in `ifNoneExist` (HAPI answers HAPI-2498, Azure has none):
+//! a Provenance gets a client-assigned id, the deterministic UUID of its fullUrl, and
+//! an update-as-create `PUT` to it (the same content again changes nothing).
 //!
 //! A resource added twice (the same device for many readings, the same alert's Task
 //! for each change) is one entry holding the newest version: a transaction may not
@@ -31,6 +36,8 @@ pub enum Request {
     Create { if_none_exist: String },
     /// Conditional update on the identifier.
     Update { identifier: String },
+    /// Update-as-create of a client-assigned id (the fullUrl's UUID).
+    Put,
 }
 
 /// One Bundle entry.
@@ -80,6 +87,19 @@ impl Entry {
         )
     }
 
+    /// The UUID of its fullUrl: the id a client-assigned resource gets.
+    pub fn id(&self) -> &str {
+        self.full_url.trim_start_matches("urn:uuid:")
+    }
+
+    /// An update-as-create of `resource` under the id derived from `system|value`.
+    fn put(resource_type: &str, system: &str, value: &str, mut resource: Json) -> Self {
+        let mut e = Self::new(resource_type, system, value, Json::Null, Request::Put);
+        resource["id"] = e.id().into();
+        e.resource = resource;
+        e
+    }
+
     /// The entry as it appears in a transaction Bundle.
     pub fn to_json(&self) -> Json {
         let request = match &self.request {
@@ -88,6 +108,9 @@ impl Entry {
             }),
             Request::Update { identifier } => json!({
                 "method": "PUT", "url": format!("{}?identifier={identifier}", self.resource_type),
+            }),
+            Request::Put => json!({
+                "method": "PUT", "url": format!("{}/{}", self.resource_type, self.id()),
             }),
         };
         json!({"fullUrl": self.full_url, "resource": self.resource, "request": request})
@@ -146,15 +169,11 @@ impl BundleBuilder {
                 o.resource.clone(),
             ));
         }
-        let sha = &event.provenance.raw_sha256;
-        self.push(Entry::new(
+        self.push(Entry::put(
             "Provenance",
             ids::RAW_SHA256,
-            sha,
+            &event.provenance.raw_sha256,
             prov,
-            Request::Create {
-                if_none_exist: format!("entity:identifier={}|{sha}", ids::RAW_SHA256),
-            },
         ));
         Ok(observations.len())
     }
@@ -179,14 +198,11 @@ impl BundleBuilder {
             &r.change_key,
             r.communication.clone(),
         ));
-        self.push(Entry::new(
+        self.push(Entry::put(
             "Provenance",
             ids::ALERT_CHANGE,
             &r.change_key,
             prov,
-            Request::Create {
-                if_none_exist: format!("target:identifier={}|{}", ids::ALERT_CHANGE, r.change_key),
-            },
         ));
         Ok(())
     }
@@ -335,6 +351,27 @@ mod tests {
         assert_eq!(
             obs["request"]["ifNoneExist"],
             "identifier=urn:vitalmq:observation|ev1-0123/spo2"
+        );
+        // Provenance: no identifier to search on, no chained search (HAPI-2498): PUT
+        // to the id derived from the raw message's hash, the same id as the fullUrl.
+        let provs: Vec<&Json> = entries
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "Provenance")
+            .collect();
+        for p in &provs {
+            assert_eq!(p["request"]["method"], "PUT", "{p}");
+            assert!(p["request"].get("ifNoneExist").is_none(), "{p}");
+            let id = p["resource"]["id"].as_str().expect("id");
+            assert_eq!(p["request"]["url"], format!("Provenance/{id}"));
+            assert_eq!(p["fullUrl"], format!("urn:uuid:{id}"));
+        }
+        assert_eq!(
+            provs[0]["fullUrl"],
+            ids::full_url("Provenance", ids::RAW_SHA256, &"aa".repeat(32)).as_str()
+        );
+        assert!(
+            !b.to_string().contains(":identifier="),
+            "no chained identifier search anywhere"
         );
         for e in entries {
             assert!(
