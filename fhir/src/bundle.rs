@@ -19,7 +19,7 @@
 //! for each change) is one entry holding the newest version: a transaction may not
 //! touch one resource twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value as Json, json};
 
@@ -215,13 +215,22 @@ impl BundleBuilder {
         self.entries.is_empty()
     }
 
-    /// A `transaction` Bundle of the entries, in the order they were first added.
+    /// A `transaction` Bundle of the entries, in the order they were first added. A
+    /// reference to a resource the Bundle does not hold (the Device of an alert whose
+    /// device had no reading in the batch) keeps only its identifier: a server refuses
+    /// a transaction with an unresolvable `urn:uuid:` placeholder.
     pub fn transaction(&self) -> Json {
-        json!({
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": self.entries.iter().map(Entry::to_json).collect::<Vec<_>>(),
-        })
+        let local: HashSet<&str> = self.entries.iter().map(|e| e.full_url.as_str()).collect();
+        let entries: Vec<Json> = self
+            .entries
+            .iter()
+            .map(|e| {
+                let mut j = e.to_json();
+                drop_unresolved(&mut j["resource"], &local);
+                j
+            })
+            .collect();
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
     }
 
     /// The resources grouped by type, in entry order (bulk-export NDJSON: one file per
@@ -240,6 +249,7 @@ impl BundleBuilder {
         for e in &self.entries {
             let mut r = e.resource.clone();
             relative_references(&mut r, &local);
+            drop_unresolved(&mut r, &HashSet::new());
             r["id"] = e.full_url.trim_start_matches("urn:uuid:").into();
             match out.iter_mut().find(|(t, _)| *t == e.resource_type) {
                 Some((_, list)) => list.push(r),
@@ -247,6 +257,24 @@ impl BundleBuilder {
             }
         }
         out
+    }
+}
+
+/// Removes every `"reference": "urn:uuid:..."` that is not in `local`, leaving the
+/// Reference logical (type and identifier, which [`ids::local`] always sets).
+fn drop_unresolved(value: &mut Json, local: &HashSet<&str>) {
+    match value {
+        Json::Object(map) => {
+            let unresolved = map.get("reference").and_then(Json::as_str).is_some_and(|r| {
+                r.starts_with("urn:uuid:") && !local.contains(r)
+            });
+            if unresolved {
+                map.remove("reference");
+            }
+            map.values_mut().for_each(|v| drop_unresolved(v, local));
+        }
+        Json::Array(items) => items.iter_mut().for_each(|v| drop_unresolved(v, local)),
+        _ => {}
     }
 }
 
@@ -425,6 +453,64 @@ mod tests {
             prov["resource"]["signature"][0]["sigFormat"],
             "application/cose"
         );
+    }
+
+    /// Every `urn:uuid:` reference of a Bundle names one of its entries.
+    fn placeholders_resolve(b: &Json) -> Vec<String> {
+        fn refs(v: &Json, out: &mut Vec<String>) {
+            match v {
+                Json::Object(m) => m.iter().for_each(|(k, v)| match v.as_str() {
+                    Some(r) if k == "reference" => out.push(r.to_owned()),
+                    _ => refs(v, out),
+                }),
+                Json::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let entries = b["entry"].as_array().expect("entries");
+        let urls: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e["fullUrl"].as_str())
+            .collect();
+        let mut out = Vec::new();
+        entries.iter().for_each(|e| refs(&e["resource"], &mut out));
+        out.retain(|r| r.starts_with("urn:uuid:") && !urls.contains(&r.as_str()));
+        out
+    }
+
+    #[test]
+    fn a_device_outside_the_bundle_is_referenced_by_identifier_only() {
+        let change = AlertChange {
+            body: json!({
+                "alert_id": "al-1", "kind": "clinical", "state": "open", "severity": "urgent",
+                "rule": "spo2-low", "rule_version": "3", "device": "dev-1",
+                "patient_ref": "pt-aaaa1111", "evidence": ["ev1-0123"],
+                "raised_at": "2025-11-21T12:00:05Z",
+            }),
+            recorded_at_ms: 1_763_726_460_000,
+        };
+        let mut alone = BundleBuilder::new();
+        alone.alert(&change).expect("alert");
+        let b = alone.transaction();
+        assert_eq!(placeholders_resolve(&b), Vec::<String>::new(), "{b}");
+        let issue = b["entry"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["resource"]["resourceType"] == "DetectedIssue"))
+            .expect("issue");
+        assert!(issue["resource"]["implicated"][0].get("reference").is_none());
+        assert_eq!(issue["resource"]["implicated"][0]["identifier"]["value"], "dev-1");
+        // NDJSON: no placeholder either.
+        for (_, list) in alone.by_type() {
+            assert!(!serde_json::to_string(&list).expect("json").contains("urn:uuid:"));
+        }
+        // With the Device in the Bundle, the reference resolves to it.
+        let mut with = BundleBuilder::new();
+        with.device(&facts());
+        with.alert(&change).expect("alert");
+        let b = with.transaction();
+        assert_eq!(placeholders_resolve(&b), Vec::<String>::new());
+        assert!(b.to_string().contains(&ids::full_url("Device", ids::DEVICE, "dev-1")));
+        assert_eq!(placeholders_resolve(&bundle()), Vec::<String>::new());
     }
 
     #[test]

@@ -17,7 +17,8 @@ Binds 127.0.0.1 on a free port and prints "fhir listening on 127.0.0.1:PORT".
                 replace the match or create; PUT Type/id (the resource's id must be
                 that id) creates or updates that id, as a real server's update-as-create.
                 Like HAPI (HAPI-2498) and Azure, a search parameter with a modifier or
-                chain (`entity:identifier=`, `target:identifier=`) is refused: 400.
+                chain (`entity:identifier=`, `target:identifier=`) is refused: 400; so
+                is a `urn:uuid:` reference to no entry of the Bundle.
   GET  /_dump   counts: resources per type, stored resources per the identifier
                 search (or `Type/id`) they were created under (a duplicate shows as 2), created/existing/refused answers, validation
                 errors, and every Observation's identifiers.
@@ -68,8 +69,9 @@ def identifiers_of(resource, param):
 
 def refused(bundle):
     """What a real server refuses before applying anything: modifiers and chains in
-    conditional requests, a PUT Type/id whose resource has another id."""
-    out = []
+    conditional requests, a PUT Type/id whose resource has another id, a `urn:uuid:`
+    reference that is no entry's fullUrl (HAPI: 400, placeholder not resolvable)."""
+    out = [f"unresolvable placeholder reference {r}" for r in fhir_validate.unresolved(bundle)]
     for e in bundle["entry"]:
         resource, request = e["resource"], e["request"]
         queries = [request.get("ifNoneExist") or ""]
