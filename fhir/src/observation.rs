@@ -13,6 +13,10 @@ use crate::ids;
 pub const EXT_SIGNAL_QUALITY: &str = "urn:vitalmq:fhir:extension:signal-quality";
 /// Extension: the device firmware version the reading was made with.
 pub const EXT_FIRMWARE: &str = "urn:vitalmq:fhir:extension:firmware";
+/// Extension: the device clock (ms since the Unix epoch, decimal text: R4 has no
+/// 64-bit integer) when it is beyond RFC 3339 and `effectiveDateTime` is the bridge's
+/// `observed_at` instead.
+pub const EXT_DEVICE_TIME: &str = "urn:vitalmq:fhir:extension:device-time";
 /// Extension: the on-device model (`name/version`) that produced or filtered it.
 pub const EXT_DEVICE_MODEL: &str = "urn:vitalmq:fhir:extension:device-model";
 
@@ -159,7 +163,11 @@ fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crat
         }]);
     }
     o["subject"] = ids::patient(&event.patient_ref);
-    o["effectiveDateTime"] = ids::instant(event.ts)?.into();
+    let (effective, substituted) = event.effective()?;
+    o["effectiveDateTime"] = effective.into();
+    if substituted && let Some(ext) = o["extension"].as_array_mut() {
+        ext.push(json!({"url": EXT_DEVICE_TIME, "valueString": event.ts.to_string()}));
+    }
     if let Some(issued) = &event.received_at {
         o["issued"] = issued.as_str().into();
     }
@@ -177,7 +185,12 @@ fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crat
             )}));
         }
     }
-    if let Some(skew) = &event.clock_skew {
+    if substituted {
+        notes.push(json!({"text": format!(
+            "device clock {} ms is beyond what FHIR can date; effectiveDateTime is the bridge's observation time, the device's time is in the device-time extension",
+            event.ts
+        )}));
+    } else if let Some(skew) = &event.clock_skew {
         notes.push(json!({"text": format!(
             "device clock outside the policy ({skew}); effectiveDateTime is the device's time, issued the reception time"
         )}));
@@ -313,6 +326,29 @@ pub(crate) mod tests {
                     .is_empty()
             );
         }
+    }
+
+    #[test]
+    fn a_clock_beyond_year_9999_still_maps() {
+        let mut e = event_json(json!({"spo2": 95, "sbp": 120}));
+        e["ts"] = json!(u64::MAX);
+        e["clock_skew"] = json!({"direction": "ahead", "by_ms": 1, "allowed_ms": 60000});
+        let event = Event::from_json(&e).expect("event");
+        let obs = observations(&event).expect("maps");
+        assert_eq!(obs.len(), 2);
+        for o in &obs {
+            let o = &o.resource;
+            assert_eq!(o["effectiveDateTime"], "2025-11-21T12:00:05.123Z");
+            let ext = o["extension"].as_array().expect("extensions");
+            assert!(ext.contains(
+                &json!({"url": EXT_DEVICE_TIME, "valueString": u64::MAX.to_string()})
+            ));
+        }
+        let p = crate::provenance::reading(&event, &obs, b"x").expect("provenance");
+        assert_eq!(p["occurredDateTime"], "2025-11-21T12:00:05.123Z");
+        // An ordinary clock has no such extension.
+        let o = &map(json!({"spo2": 95}))[0].resource;
+        assert!(!o.to_string().contains(EXT_DEVICE_TIME));
     }
 
     #[test]

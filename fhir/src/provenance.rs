@@ -46,9 +46,10 @@ pub fn reading(
     observations: &[MappedObservation],
     raw: &[u8],
 ) -> Result<Json, crate::Error> {
+    let (occurred, _) = event.effective()?;
     let recorded = match &event.received_at {
         Some(t) => t.clone(),
-        None => ids::instant(event.ts)?,
+        None => occurred.clone(),
     };
     let targets: Vec<Json> = observations
         .iter()
@@ -65,7 +66,7 @@ pub fn reading(
     let mut p = json!({
         "resourceType": "Provenance",
         "target": targets,
-        "occurredDateTime": ids::instant(event.ts)?,
+        "occurredDateTime": occurred,
         "recorded": recorded,
         "policy": [format!("urn:vitalmq:transformation:{}", event.provenance.transformation)],
         "agent": agents,

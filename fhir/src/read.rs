@@ -38,6 +38,8 @@ pub struct TargetObservation {
     /// Its `urn:vitalmq:event` identifier value.
     pub event: Option<String>,
     pub effective: Option<String>,
+    /// The device-time extension (the device clock, when beyond RFC 3339).
+    pub device_time: Option<String>,
     pub device: Option<String>,
     /// (metric, value) pairs; `None` when absent (dataAbsentReason).
     pub values: Vec<(String, Option<f64>)>,
@@ -267,6 +269,11 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
                     metric: metric_of(&o["code"]),
                     problems: problems(o),
                     effective: o["effectiveDateTime"].as_str().map(str::to_owned),
+                    device_time: o["extension"].as_array().and_then(|ext| {
+                        ext.iter()
+                            .find(|x| x["url"] == crate::observation::EXT_DEVICE_TIME)
+                            .and_then(|x| x["valueString"].as_str().map(str::to_owned))
+                    }),
                     device: reference_device(&o["device"]),
                     values: values(o),
                 }),

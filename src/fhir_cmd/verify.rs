@@ -189,10 +189,18 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
                 o.key, o.device
             ));
         }
-        if o.effective != ts {
+        if ts.is_some() && o.effective != ts {
             c.errors.push(format!(
                 "Observation {}: effectiveDateTime {:?} is not the signed time {ts:?}",
                 o.key, o.effective
+            ));
+        }
+        // A device clock beyond RFC 3339: the mapping dates it by the bridge's time
+        // and keeps the signed one in the device-time extension.
+        if ts.is_none() && o.device_time != Some(t.ts.to_string()) {
+            c.errors.push(format!(
+                "Observation {}: device time {:?} is not the signed {}",
+                o.key, o.device_time, t.ts
             ));
         }
         if o.event.as_deref() != Some(event_id.as_str()) {
