@@ -43,13 +43,13 @@ pub fn observations(event: &Event) -> Result<Vec<MappedObservation>, crate::Erro
         let resource = match codes::vital(metric) {
             Some(v) => {
                 let codings: Vec<Json> = v.codes.iter().map(loinc).collect();
-                let mut o = base(event, metric, Some(v.profile))?;
+                let mut o = base(event, Some(metric), Some(v.profile))?;
                 o["code"] = json!({"coding": codings, "text": v.codes[0].display});
                 put_value(&mut o, value, v.ucum, v.unit);
                 o
             }
             None => {
-                let mut o = base(event, metric, None)?;
+                let mut o = base(event, Some(metric), None)?;
                 o["code"] = json!({
                     "coding": [{"system": codes::METRIC, "code": metric}],
                     "text": metric,
@@ -76,9 +76,11 @@ pub fn key(event_id: &str, metric: &str) -> String {
     format!("{event_id}/{metric}")
 }
 
-/// The identifier value of the blood-pressure panel of event `event_id`.
+/// The identifier value of the blood-pressure panel of event `event_id`:
+/// `<event id>:bp`. A device may name a metric anything (SPEC: a map of text), `bp`
+/// included, so the panel's key is outside the `<event id>/<metric>` space.
 pub fn panel_key(event_id: &str) -> String {
-    key(event_id, codes::BP)
+    format!("{event_id}:{}", codes::BP)
 }
 
 /// The blood-pressure panel, when the event carries `sbp` or `dbp` (a missing half is a
@@ -90,7 +92,7 @@ fn bp_panel(event: &Event) -> Result<Option<MappedObservation>, crate::Error> {
     {
         return Ok(None);
     }
-    let mut o = base(event, codes::BP, Some(codes::BP_PROFILE))?;
+    let mut o = base(event, None, Some(codes::BP_PROFILE))?;
     o["code"] = json!({"coding": [loinc(&codes::BP_PANEL)], "text": "Blood pressure"});
     let components: Vec<Json> = codes::BP_PARTS
         .iter()
@@ -136,8 +138,8 @@ fn put_value(o: &mut Json, value: &Json, ucum: &str, unit: &str) {
     }
 }
 
-/// What every Observation of the event shares.
-fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crate::Error> {
+/// What every Observation of the event shares; `metric` `None` for the BP panel.
+fn base(event: &Event, metric: Option<&str>, profile: Option<&str>) -> Result<Json, crate::Error> {
     let mut o = json!({"resourceType": "Observation"});
     if let Some(p) = profile {
         o["meta"] = json!({"profile": [codes::profile_url(p)]});
@@ -152,7 +154,10 @@ fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crat
     }
     o["extension"] = Json::Array(extension);
     o["identifier"] = json!([
-        ids::identifier(ids::OBSERVATION, &key(&event.event_id, metric)),
+        ids::identifier(
+            ids::OBSERVATION,
+            &metric.map_or_else(|| panel_key(&event.event_id), |m| key(&event.event_id, m)),
+        ),
         ids::identifier(ids::EVENT, &event.event_id),
     ]);
     o["status"] = "final".into();
@@ -173,10 +178,9 @@ fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crat
     }
     o["device"] = ids::device(&event.device);
     let mut notes = Vec::new();
-    let parts: Vec<&str> = if metric == codes::BP {
-        codes::BP_PARTS.iter().map(|(m, _)| *m).collect()
-    } else {
-        vec![metric]
+    let parts: Vec<&str> = match metric {
+        Some(m) => vec![m],
+        None => codes::BP_PARTS.iter().map(|(m, _)| *m).collect(),
     };
     for part in parts {
         if let Some(limits) = event.implausible.get(part) {
@@ -285,6 +289,26 @@ pub(crate) mod tests {
         assert_eq!(o["component"][0]["valueQuantity"]["code"], "mm[Hg]");
         assert_eq!(o["component"][1]["code"]["coding"][0]["code"], "8462-4");
         assert_eq!(o["component"][1]["valueQuantity"]["value"], 80);
+    }
+
+    #[test]
+    fn a_metric_named_bp_does_not_clash_with_the_panel() {
+        let obs = map(json!({"bp": 1, "sbp": 120, "dbp": 80}));
+        assert_eq!(obs.len(), 2);
+        let keys: Vec<&str> = obs.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["ev1-0123/bp", "ev1-0123:bp"]);
+        let ids: Vec<&Json> = obs
+            .iter()
+            .map(|o| &o.resource["identifier"][0]["value"])
+            .collect();
+        assert_ne!(ids[0], ids[1]);
+        assert_eq!(obs[1].resource["identifier"][0]["value"], "ev1-0123:bp");
+        // The device's own `bp` gets no blood-pressure notes.
+        let mut e = event_json(json!({"bp": 1, "sbp": 300}));
+        e["implausible"] = json!({"sbp": {"min": 40, "max": 260, "unit": "mm[Hg]"}});
+        let obs = observations(&Event::from_json(&e).expect("event")).expect("maps");
+        assert!(obs[0].resource.get("note").is_none(), "{}", obs[0].resource);
+        assert!(obs[1].resource["note"].is_array());
     }
 
     #[test]
