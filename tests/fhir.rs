@@ -564,7 +564,7 @@ fn verify_refuses_changed_values_signatures_and_unsigned_observations() {
 }
 
 /// The last line `fhir verify` prints: its summary.
-fn summary(ran: &Ran) -> Json {
+fn summary_of(ran: &Ran) -> Json {
     serde_json::from_str(ran.stdout.lines().last().unwrap_or_default()).expect("summary")
 }
 
@@ -601,7 +601,7 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
     copy["resource"]["valueQuantity"]["value"] = json!(42);
     let ran = refused("copy.json", &with(copy), &key);
     assert_eq!(
-        summary(&ran)["observation_identifiers_duplicated"],
+        summary_of(&ran)["observation_identifiers_duplicated"],
         json!([key]),
         "{}",
         ran.all()
@@ -617,7 +617,7 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
         .remove("identifier");
     let ran = refused("bare.json", &with(bare), "no urn:vitalmq:observation identifier");
     assert_eq!(
-        summary(&ran)["observations_without_a_verified_signature"]
+        summary_of(&ran)["observations_without_a_verified_signature"]
             .as_array()
             .map(Vec::len),
         Some(1),
@@ -652,6 +652,68 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
 
     // The untouched Bundle still verifies.
     assert!(f.verify("a.json").success);
+}
+
+/// Retention purged one reading's raw message: the export still goes, that reading
+/// with a Provenance without signature, and `verify` reports it as unsigned (raw
+/// purged), apart from tampering: a failure unless `--allow-unsigned`.
+#[test]
+fn a_reading_whose_raw_retention_purged_exports_unsigned() {
+    let f = Fixture::new();
+    {
+        let mut store = Store::open(&f.path("data")).expect("store");
+        let first = store
+            .retention_events(0, 100)
+            .expect("events")
+            .into_iter()
+            .find(|e| e.device == "dev-a")
+            .expect("a reading of dev-a");
+        store
+            .apply_retention(&[vitalmq_bridge::store::StoreAct::PurgeRaw {
+                raw_id: first.raw_id,
+            }])
+            .expect("purge");
+    }
+    let ran = f.export(&["--patient", A], "a.json", &[]);
+    assert!(ran.success, "{}", ran.all());
+    let report: Json = serde_json::from_str(ran.stdout.trim()).expect("report");
+    assert_eq!(report["raw_purged"], 1, "{report}");
+    assert_eq!(report["events"], 4, "{report}");
+    let bundle = f.bundle("a.json");
+    let provs: Vec<&Json> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "Provenance" && r.get("target").is_some())
+        .filter(|r| r.to_string().contains("urn:vitalmq:raw-purged"))
+        .collect();
+    assert_eq!(provs.len(), 1);
+    assert!(provs[0].get("signature").is_none());
+    let summary = python("fhir_validate.py", &[&f.path("a.json")]);
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+
+    let ran = f.verify("a.json");
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    let s = summary_of(&ran);
+    assert_eq!(s["failed"], 0, "no tampering: {}", ran.all());
+    assert_eq!(s["observations_without_a_verified_signature"], json!([]));
+    assert_eq!(
+        s["unsigned_raw_purged"].as_array().map(Vec::len),
+        Some(5),
+        "event 0's spo2, pulse, resp, temp and BP panel: {}",
+        ran.all()
+    );
+    assert!(ran.stdout.contains("\"unsigned\":\"raw purged\""), "{}", ran.all());
+    let ran = f.vitalmq(&[
+        "fhir",
+        "verify",
+        "a.json",
+        "--registry",
+        "registry.toml",
+        "--allow-unsigned",
+    ]);
+    assert!(ran.success, "{}", ran.all());
 }
 
 #[test]

@@ -156,11 +156,34 @@ impl BundleBuilder {
     /// [`Self::device`]). A `status` or `alarm` event has no Observation and adds
     /// nothing; returns how many Observations were added.
     pub fn reading(&mut self, event: &Event, raw: &[u8]) -> Result<usize, crate::Error> {
-        let observations = observation::observations(event)?;
+        self.add_reading(event, Some(raw))
+    }
+
+    /// A reading whose raw message retention purged (the event is kept): its
+    /// Observations, each with a note saying so, and a Provenance without signature
+    /// ([`provenance::reading_raw_purged`]).
+    pub fn reading_raw_purged(&mut self, event: &Event) -> Result<usize, crate::Error> {
+        self.add_reading(event, None)
+    }
+
+    fn add_reading(&mut self, event: &Event, raw: Option<&[u8]>) -> Result<usize, crate::Error> {
+        let mut observations = observation::observations(event)?;
         if observations.is_empty() {
             return Ok(0);
         }
-        let prov = provenance::reading(event, &observations, raw)?;
+        let prov = match raw {
+            Some(raw) => provenance::reading(event, &observations, raw)?,
+            None => {
+                for o in &mut observations {
+                    let note = json!({"text": "the raw message and its device signature were purged by retention: this reading can no longer be re-verified"});
+                    match o.resource["note"].as_array_mut() {
+                        Some(notes) => notes.push(note),
+                        None => o.resource["note"] = Json::Array(vec![note]),
+                    }
+                }
+                provenance::reading_raw_purged(event, &observations)?
+            }
+        };
         for o in &observations {
             self.push(Entry::create(
                 "Observation",
@@ -511,6 +534,34 @@ mod tests {
         assert_eq!(placeholders_resolve(&b), Vec::<String>::new());
         assert!(b.to_string().contains(&ids::full_url("Device", ids::DEVICE, "dev-1")));
         assert_eq!(placeholders_resolve(&bundle()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_purged_raw_message_gives_an_unsigned_provenance() {
+        let mut b = BundleBuilder::new();
+        let e = Event::from_json(&event_json(json!({"spo2": 95}))).expect("event");
+        assert_eq!(b.reading_raw_purged(&e).expect("reading"), 1);
+        let t = b.transaction();
+        let p = t["entry"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["resource"]["resourceType"] == "Provenance"))
+            .expect("provenance");
+        assert!(p["resource"].get("signature").is_none());
+        assert_eq!(
+            p["resource"]["entity"][0]["what"]["identifier"]["value"],
+            "aa".repeat(32)
+        );
+        assert!(p["resource"]["policy"]
+            .as_array()
+            .expect("policy")
+            .contains(&json!(provenance::RAW_PURGED)));
+        assert!(t["entry"][0]["resource"]["note"][0]["text"]
+            .as_str()
+            .is_some_and(|n| n.contains("purged")));
+        assert!(crate::read::signed_readings(&t).expect("reads").is_empty());
+        let purged = crate::read::purged_readings(&t);
+        assert_eq!(purged.len(), 1);
+        assert_eq!(purged[0].observations.len(), 1);
     }
 
     #[test]

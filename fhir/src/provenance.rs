@@ -39,12 +39,35 @@ fn by_uri(resource_type: Option<&str>, uri: &str) -> Json {
     r
 }
 
+/// `Provenance.policy` of a reading whose raw message retention purged: no
+/// `signature` (the COSE bytes are gone), the entity keeps its SHA-256.
+pub const RAW_PURGED: &str = "urn:vitalmq:raw-purged";
+
 /// The Provenance of a reading, with `raw` = the COSE_Sign1 bytes as received (their
 /// SHA-256 is the event's `raw_sha256`; the caller checks that before calling).
 pub fn reading(
     event: &Event,
     observations: &[MappedObservation],
     raw: &[u8],
+) -> Result<Json, crate::Error> {
+    of_reading(event, observations, Some(raw))
+}
+
+/// The Provenance of a reading whose raw message retention purged (the event is kept):
+/// the same chain of custody without `signature`, the entity naming the SHA-256 the
+/// message had, `policy` [`RAW_PURGED`]. Nobody can re-verify it: verifiers report it
+/// apart from tampering.
+pub fn reading_raw_purged(
+    event: &Event,
+    observations: &[MappedObservation],
+) -> Result<Json, crate::Error> {
+    of_reading(event, observations, None)
+}
+
+fn of_reading(
+    event: &Event,
+    observations: &[MappedObservation],
+    raw: Option<&[u8]>,
 ) -> Result<Json, crate::Error> {
     let (occurred, _) = event.effective()?;
     let recorded = match &event.received_at {
@@ -77,7 +100,7 @@ pub fn reading(
                 "display": format!("COSE_Sign1 message {} seq {} epoch {}", event.event_id, event.seq, event.epoch),
             },
         }],
-        "signature": [{
+        "signature": raw.map(|raw| json!([{
             "type": [{
                 "system": SIGNATURE_TYPE_SYSTEM,
                 "code": VERIFICATION_SIGNATURE,
@@ -88,8 +111,21 @@ pub fn reading(
             "targetFormat": "application/cbor",
             "sigFormat": COSE,
             "data": base64::engine::general_purpose::STANDARD.encode(raw),
-        }],
+        }])),
     });
+    if raw.is_none() {
+        if let Some(o) = p.as_object_mut() {
+            o.remove("signature");
+        }
+        p["entity"][0]["what"]["display"] = format!(
+            "COSE_Sign1 message {} seq {} epoch {}, purged by retention (only its SHA-256 remains)",
+            event.event_id, event.seq, event.epoch
+        )
+        .into();
+        if let Some(policy) = p["policy"].as_array_mut() {
+            policy.push(RAW_PURGED.into());
+        }
+    }
     if let (Some(c), Some(policy)) = (&event.provenance.consent, p["policy"].as_array_mut()) {
         policy.push(format!("urn:vitalmq:consent:{c}").into());
     }

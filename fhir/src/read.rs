@@ -185,66 +185,39 @@ impl TargetObservation {
     }
 }
 
-/// Every Provenance in `doc` with a COSE signature, with its target Observations
-/// resolved (by fullUrl within a Bundle, else by identifier).
-pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
-    let mut by_url: HashMap<&str, &Json> = HashMap::new();
-    if let Some(es) = doc["entry"].as_array() {
-        for e in es {
-            if let Some(u) = e["fullUrl"].as_str() {
-                by_url.insert(u, &e["resource"]);
+/// The resources of a document, indexed for resolving Provenance targets.
+struct Index<'a> {
+    all: Vec<&'a Json>,
+    by_url: HashMap<&'a str, &'a Json>,
+    by_key: HashMap<&'a str, &'a Json>,
+}
+
+impl<'a> Index<'a> {
+    fn new(doc: &'a Json) -> Self {
+        let mut by_url: HashMap<&str, &Json> = HashMap::new();
+        if let Some(es) = doc["entry"].as_array() {
+            for e in es {
+                if let Some(u) = e["fullUrl"].as_str() {
+                    by_url.insert(u, &e["resource"]);
+                }
             }
         }
-    }
-    let all = resources(doc);
-    let mut by_key: HashMap<&str, &Json> = HashMap::new();
-    for r in &all {
-        if r["resourceType"] == "Observation"
-            && let Some(k) = observation_key(r)
-        {
-            by_key.insert(k, r);
+        let all = resources(doc);
+        let mut by_key: HashMap<&str, &Json> = HashMap::new();
+        for r in &all {
+            if r["resourceType"] == "Observation"
+                && let Some(k) = observation_key(r)
+            {
+                by_key.insert(k, r);
+            }
         }
+        Self { all, by_url, by_key }
     }
-    let mut out = Vec::new();
-    for (index, p) in all.iter().enumerate() {
-        if p["resourceType"] != "Provenance" {
-            continue;
-        }
-        let Some(sig) = p["signature"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["sigFormat"] == provenance::COSE))
-        else {
-            continue;
-        };
-        let data = sig["data"].as_str().ok_or_else(|| {
-            crate::Error::Bundle(format!(
-                "Provenance #{index}: a COSE signature without data"
-            ))
-        })?;
-        let cose = base64::engine::general_purpose::STANDARD
-            .decode(data)
-            .map_err(|e| {
-                crate::Error::Bundle(format!("Provenance #{index}: signature data: {e}"))
-            })?;
-        let author = p["agent"].as_array().and_then(|agents| {
-            agents.iter().find_map(|a| {
-                let author = a["type"]["coding"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["code"] == "author"));
-                if author {
-                    reference_device(&a["who"])
-                } else {
-                    None
-                }
-            })
-        });
-        let entity_sha256 = p["entity"].as_array().and_then(|es| {
-            es.iter().find_map(|e| {
-                (e["what"]["identifier"]["system"] == ids::RAW_SHA256)
-                    .then(|| e["what"]["identifier"]["value"].as_str().map(str::to_owned))
-                    .flatten()
-            })
-        });
+
+    /// The target Observations of Provenance `p` found (by fullUrl within a Bundle,
+    /// else by identifier), and the targets not found.
+    fn targets(&self, p: &Json) -> (Vec<TargetObservation>, Vec<String>) {
+        let (all, by_url, by_key) = (&self.all, &self.by_url, &self.by_key);
         let mut observations = Vec::new();
         let mut missing_targets = Vec::new();
         for t in p["target"].as_array().into_iter().flatten() {
@@ -286,6 +259,89 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
                 ),
             }
         }
+        (observations, missing_targets)
+    }
+}
+
+/// A Provenance of a reading whose raw message retention purged ([`provenance::RAW_PURGED`]):
+/// no signature to verify, its targets are unsigned, not tampered with.
+#[derive(Debug, Clone)]
+pub struct PurgedReading {
+    pub index: usize,
+    pub observations: Vec<TargetObservation>,
+    pub missing_targets: Vec<String>,
+}
+
+/// Every Provenance in `doc` without a COSE signature that says its raw message was
+/// purged by retention.
+pub fn purged_readings(doc: &Json) -> Vec<PurgedReading> {
+    let idx = Index::new(doc);
+    let mut out = Vec::new();
+    for (index, p) in idx.all.iter().enumerate() {
+        let signed = p["signature"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["sigFormat"] == provenance::COSE));
+        let purged = p["policy"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|x| x == provenance::RAW_PURGED));
+        if p["resourceType"] != "Provenance" || signed || !purged {
+            continue;
+        }
+        let (observations, missing_targets) = idx.targets(p);
+        out.push(PurgedReading {
+            index,
+            observations,
+            missing_targets,
+        });
+    }
+    out
+}
+
+/// Every Provenance in `doc` with a COSE signature, with its target Observations
+/// resolved (by fullUrl within a Bundle, else by identifier).
+pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
+    let idx = Index::new(doc);
+    let mut out = Vec::new();
+    for (index, p) in idx.all.iter().enumerate() {
+        if p["resourceType"] != "Provenance" {
+            continue;
+        }
+        let Some(sig) = p["signature"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["sigFormat"] == provenance::COSE))
+        else {
+            continue;
+        };
+        let data = sig["data"].as_str().ok_or_else(|| {
+            crate::Error::Bundle(format!(
+                "Provenance #{index}: a COSE signature without data"
+            ))
+        })?;
+        let cose = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .map_err(|e| {
+                crate::Error::Bundle(format!("Provenance #{index}: signature data: {e}"))
+            })?;
+        let author = p["agent"].as_array().and_then(|agents| {
+            agents.iter().find_map(|a| {
+                let author = a["type"]["coding"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["code"] == "author"));
+                if author {
+                    reference_device(&a["who"])
+                } else {
+                    None
+                }
+            })
+        });
+        let entity_sha256 = p["entity"].as_array().and_then(|es| {
+            es.iter().find_map(|e| {
+                (e["what"]["identifier"]["system"] == ids::RAW_SHA256)
+                    .then(|| e["what"]["identifier"]["value"].as_str().map(str::to_owned))
+                    .flatten()
+            })
+        });
+        let (observations, missing_targets) = idx.targets(p);
         out.push(SignedReading {
             index,
             device: reference_device(&sig["who"]),

@@ -14,6 +14,9 @@
 //! Then every Observation resource of the file that no verified Provenance targets is
 //! a failure too (an unsigned reading slipped in, with or without an identifier), and
 //! so is an Observation identifier that occurs twice (a copy next to the signed one).
+//! A reading whose raw message retention purged (Provenance without signature, policy
+//! `urn:vitalmq:raw-purged`) cannot be re-verified: reported as "unsigned (raw
+//! purged)", apart from tampering; a failure unless `--allow-unsigned`.
 //! The `subject` is not covered: the device does not sign the patient; the attribution
 //! is the bridge's (see `docs/fhir.md`). One JSON line per Provenance, a summary line;
 //! exit 1 on any failure. Reads no store: nothing patient-linked is accessed beyond
@@ -36,6 +39,11 @@ pub struct VerifyArgs {
     /// The device registry (`vitalmq-registry/v2`) holding the devices' public keys.
     #[arg(long)]
     registry: PathBuf,
+    /// Accept readings whose raw message retention purged (a Provenance without
+    /// signature, policy `urn:vitalmq:raw-purged`): reported as "unsigned (raw purged)"
+    /// either way, a failure without this flag.
+    #[arg(long)]
+    allow_unsigned: bool,
 }
 
 /// The outcome for one Provenance.
@@ -76,6 +84,31 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             })
         );
     }
+    // Retention purged the raw message: nothing to verify, reported apart from
+    // tampering, and covered only when the operator accepts unsigned readings.
+    let mut purged: Vec<String> = Vec::new();
+    for p in read::purged_readings(&doc) {
+        let keys: Vec<&str> = p.observations.iter().map(|o| o.key.as_str()).collect();
+        println!(
+            "{}",
+            json!({
+                "provenance": p.index,
+                "ok": args.allow_unsigned,
+                "unsigned": "raw purged",
+                "observations": keys,
+                "targets_not_in_file": p.missing_targets,
+            })
+        );
+        for o in &p.observations {
+            if covered.contains(&o.index) {
+                continue;
+            }
+            purged.push(o.key.clone());
+            if args.allow_unsigned {
+                covered.insert(o.index);
+            }
+        }
+    }
     let observations: Vec<(usize, Option<&str>)> = read::resources(&doc)
         .into_iter()
         .enumerate()
@@ -86,9 +119,10 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         Some(k) => k.to_owned(),
         None => format!("resource #{i} (no urn:vitalmq:observation identifier)"),
     };
+    let purged_set: HashSet<&str> = purged.iter().map(String::as_str).collect();
     let unsigned: Vec<String> = observations
         .iter()
-        .filter(|(i, _)| !covered.contains(i))
+        .filter(|(i, k)| !covered.contains(i) && !k.is_some_and(|k| purged_set.contains(k)))
         .map(|(i, k)| name(*i, *k))
         .collect();
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -104,7 +138,11 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let ok = failed == 0 && unsigned.is_empty() && duplicated.is_empty() && !readings.is_empty();
+    let ok = failed == 0
+        && unsigned.is_empty()
+        && duplicated.is_empty()
+        && (args.allow_unsigned || purged.is_empty())
+        && (!readings.is_empty() || (args.allow_unsigned && !purged.is_empty()));
     println!(
         "{}",
         json!({
@@ -113,6 +151,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             "failed": failed,
             "observations_without_a_verified_signature": unsigned,
             "observation_identifiers_duplicated": duplicated,
+            "unsigned_raw_purged": purged,
         })
     );
     tracing::info!(
