@@ -442,6 +442,13 @@ fn exported_bundle_validates_and_its_signatures_verify_independently() {
     assert_eq!(count(&bundle, "Device"), 1);
     assert_eq!(count(&bundle, "DetectedIssue"), 3);
     assert_eq!(count(&bundle, "Task"), 2, "urgent and review alerts");
+    // An export never rolls a live server back: Device and Task only if absent.
+    for e in bundle["entry"].as_array().expect("entries") {
+        if matches!(e["resource"]["resourceType"].as_str(), Some("Device" | "Task")) {
+            assert_eq!(e["request"]["method"], "POST", "{e}");
+            assert!(e["request"]["ifNoneExist"].is_string(), "{e}");
+        }
+    }
     assert_eq!(count(&bundle, "Communication"), 6);
     assert_eq!(count(&bundle, "Provenance"), 3 + 6);
     let states: Vec<&str> = bundle["entry"]
@@ -842,7 +849,16 @@ fn the_sink_maps_a_reading_as_the_export_does() {
     assert_eq!(entries.len(), 1 + 8 + 3, "{sent}");
     for e in entries {
         let url = e["fullUrl"].as_str().expect("fullUrl");
-        assert_eq!(Some(&e), by_url.get(url), "{url}");
+        let exported = by_url.get(url).expect(url);
+        assert_eq!(e["resource"], exported["resource"], "{url}");
+        // The same request, except that the export creates a Device only if absent
+        // where the sink (moving forward in store order) updates it.
+        if e["resource"]["resourceType"] == "Device" {
+            assert_eq!(e["request"]["method"], "PUT", "{e}");
+            assert_eq!(exported["request"]["method"], "POST", "{exported}");
+        } else {
+            assert_eq!(e["request"], exported["request"], "{url}");
+        }
     }
     let device = entries
         .iter()

@@ -8,7 +8,8 @@
 //! | Observation, DetectedIssue, Communication | `POST`, `ifNoneExist: identifier=<system>\|<value>` |
 //! | Provenance of a reading | `PUT Provenance/<uuid v5 of urn:vitalmq:raw-sha256\|<hex>>` |
 //! | Provenance of an alert change | `PUT Provenance/<uuid v5 of urn:vitalmq:alert-change\|<key>>` |
-//! | Device, Task | `PUT Device?identifier=...` / `PUT Task?identifier=...` (conditional update: firmware and the alert workflow move on) |
+//! | Device, Task (sink) | `PUT Device?identifier=...` / `PUT Task?identifier=...` (conditional update: firmware and the alert workflow move on) |
+//! | Device, Task (export, [`BundleBuilder::for_export`]) | `POST`, `ifNoneExist: identifier=...` (an old range must not roll a live server back) |
 //!
 //! R4 Provenance has no `identifier`, and servers do not support chained
 //! `:identifier` searches in `ifNoneExist` (HAPI answers HAPI-2498, Azure has none):
@@ -122,11 +123,34 @@ impl Entry {
 pub struct BundleBuilder {
     entries: Vec<Entry>,
     by_url: HashMap<String, usize>,
+    /// Device and Task as conditional creates, not updates ([`Self::for_export`]).
+    create_only: bool,
 }
 
 impl BundleBuilder {
+    /// The sink's builder: Device and Task are conditional updates, since the sink
+    /// sends in store order and they only move forward.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The export's builder: Device and Task are conditional creates (`ifNoneExist`),
+    /// since an export of an old range loaded into a live server must not roll the
+    /// Device's wearer and firmware or the alert's Task status back.
+    pub fn for_export() -> Self {
+        Self {
+            create_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// Device or Task: updated by the sink, created only if absent by the export.
+    fn current(&self, resource_type: &str, system: &str, value: &str, resource: Json) -> Entry {
+        if self.create_only {
+            Entry::create(resource_type, system, value, resource)
+        } else {
+            Entry::update(resource_type, system, value, resource)
+        }
     }
 
     /// Adds an entry, replacing an earlier one with the same fullUrl in place.
@@ -143,12 +167,8 @@ impl BundleBuilder {
 
     /// The Device.
     pub fn device(&mut self, facts: &DeviceFacts) {
-        self.push(Entry::update(
-            "Device",
-            ids::DEVICE,
-            &facts.id,
-            device::device(facts),
-        ));
+        let entry = self.current("Device", ids::DEVICE, &facts.id, device::device(facts));
+        self.push(entry);
     }
 
     /// One accepted reading: its Observations and their Provenance carrying `raw` (the
@@ -213,7 +233,8 @@ impl BundleBuilder {
             r.detected_issue.clone(),
         ));
         if let Some(task) = &r.task {
-            self.push(Entry::update("Task", ids::ALERT, id, task.clone()));
+            let entry = self.current("Task", ids::ALERT, id, task.clone());
+            self.push(entry);
         }
         self.push(Entry::create(
             "Communication",
@@ -562,6 +583,41 @@ mod tests {
         let purged = crate::read::purged_readings(&t);
         assert_eq!(purged.len(), 1);
         assert_eq!(purged[0].observations.len(), 1);
+    }
+
+    #[test]
+    fn an_export_creates_device_and_task_only_if_absent() {
+        let mut b = BundleBuilder::for_export();
+        b.device(&facts());
+        b.alert(&AlertChange {
+            body: json!({
+                "alert_id": "al-1", "kind": "clinical", "state": "open", "severity": "urgent",
+                "rule": "spo2-low", "rule_version": "3", "device": "dev-1",
+                "patient_ref": "pt-aaaa1111", "evidence": ["ev1-0123"],
+                "raised_at": "2025-11-21T12:00:05Z",
+            }),
+            recorded_at_ms: 1_763_726_460_000,
+        })
+        .expect("alert");
+        let t = b.transaction();
+        for (rt, key) in [
+            ("Device", "urn:vitalmq:device|dev-1"),
+            ("Task", "urn:vitalmq:alert|al-1"),
+        ] {
+            let e = t["entry"]
+                .as_array()
+                .and_then(|es| es.iter().find(|e| e["resource"]["resourceType"] == rt))
+                .expect(rt);
+            assert_eq!(e["request"]["method"], "POST", "{e}");
+            assert_eq!(e["request"]["ifNoneExist"], format!("identifier={key}"));
+        }
+        // The sink's builder keeps updating them.
+        let t = bundle();
+        let device = t["entry"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["resource"]["resourceType"] == "Device"))
+            .expect("device");
+        assert_eq!(device["request"]["method"], "PUT");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! device for some time of the range, each in its own snapshot, restricted to that
 //! device), opens sealed payloads with the configured `[encryption]` keyring, and
 //! writes a FHIR R4 **transaction** Bundle (loadable as is into a FHIR server, with the
-//! same conditional requests as the sink: re-loading it creates nothing twice):
+//! sink's conditional requests except that Device and Task are created only if absent,
+//! never updated: an old range must not roll a live server back; re-loading it creates
+//! nothing twice):
 //! Device, Observations and their Provenance carrying the device's COSE_Sign1, and per
 //! clinical alert change its DetectedIssue, Task, Communication and Provenance.
 //! `--ndjson DIR` also writes bulk-export style files, `<Type>.ndjson`, one resource per
@@ -143,7 +145,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
             device: device.as_deref(),
             since,
             until,
-            builder: BundleBuilder::new(),
+            builder: BundleBuilder::for_export(),
             devices: Vec::new(),
             report: Report::default(),
         };
