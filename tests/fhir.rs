@@ -444,7 +444,10 @@ fn exported_bundle_validates_and_its_signatures_verify_independently() {
     assert_eq!(count(&bundle, "Task"), 2, "urgent and review alerts");
     // An export never rolls a live server back: Device and Task only if absent.
     for e in bundle["entry"].as_array().expect("entries") {
-        if matches!(e["resource"]["resourceType"].as_str(), Some("Device" | "Task")) {
+        if matches!(
+            e["resource"]["resourceType"].as_str(),
+            Some("Device" | "Task")
+        ) {
             assert_eq!(e["request"]["method"], "POST", "{e}");
             assert!(e["request"]["ifNoneExist"].is_string(), "{e}");
         }
@@ -593,7 +596,11 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
         f.write(name, doc);
         let ran = f.verify(name);
         assert_eq!(ran.code, Some(1), "{name}: {}", ran.all());
-        assert!(ran.stdout.contains(needle), "{name}: {needle}: {}", ran.all());
+        assert!(
+            ran.stdout.contains(needle),
+            "{name}: {needle}: {}",
+            ran.all()
+        );
         ran
     };
     let with = |entry: Json| {
@@ -622,7 +629,11 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
         .as_object_mut()
         .expect("object")
         .remove("identifier");
-    let ran = refused("bare.json", &with(bare), "no urn:vitalmq:observation identifier");
+    let ran = refused(
+        "bare.json",
+        &with(bare),
+        "no urn:vitalmq:observation identifier",
+    );
     assert_eq!(
         summary_of(&ran)["observations_without_a_verified_signature"]
             .as_array()
@@ -635,9 +646,14 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
     // (c) The signed value as a component, another one as valueQuantity.
     let mut ambiguous = bundle.clone();
     let o = &mut ambiguous["entry"][spo2]["resource"];
-    o["component"] = json!([{"code": o["code"].clone(), "valueQuantity": o["valueQuantity"].clone()}]);
+    o["component"] =
+        json!([{"code": o["code"].clone(), "valueQuantity": o["valueQuantity"].clone()}]);
     o["valueQuantity"]["value"] = json!(42);
-    refused("component.json", &ambiguous, "valueQuantity together with component");
+    refused(
+        "component.json",
+        &ambiguous,
+        "valueQuantity together with component",
+    );
 
     // (d) Another unit, the same number.
     let temp = entries
@@ -711,7 +727,11 @@ fn a_reading_whose_raw_retention_purged_exports_unsigned() {
         "event 0's spo2, pulse, resp, temp and BP panel: {}",
         ran.all()
     );
-    assert!(ran.stdout.contains("\"unsigned\":\"raw purged\""), "{}", ran.all());
+    assert!(
+        ran.stdout.contains("\"unsigned\":\"raw purged\""),
+        "{}",
+        ran.all()
+    );
     let ran = f.vitalmq(&[
         "fhir",
         "verify",

@@ -172,9 +172,11 @@ fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_k
     // durable cursor, so it must send that transaction again and find what it created.
     let lost = server.dump()["lost"].as_u64().expect("lost");
     server.call("POST", "/_down?mode=lost");
-    wait_until(Duration::from_secs(20), "an answer lost before the kill", || {
-        server.dump()["lost"].as_u64() > Some(lost)
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "an answer lost before the kill",
+        || server.dump()["lost"].as_u64() > Some(lost),
+    );
     bridge.process.kill9();
     let at_kill = server.dump();
     server.call("POST", "/_up");

@@ -535,7 +535,10 @@ impl BridgeConfig {
 
 /// Whether `url`'s host is this machine (127.0.0.0/8, `::1`, `localhost`).
 fn loopback_url(url: &str) -> bool {
-    match url::Url::parse(url).ok().and_then(|u| u.host().map(|h| h.to_owned())) {
+    match url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()))
+    {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
@@ -1223,11 +1226,12 @@ mod tests {
             if ok {
                 loaded.expect(url);
             } else {
-                let cause = std::error::Error::source(&loaded.expect_err(url))
-                    .map(ToString::to_string);
+                let cause =
+                    std::error::Error::source(&loaded.expect_err(url)).map(ToString::to_string);
                 assert!(
-                    cause.as_deref().is_some_and(|c| c
-                        .starts_with(&format!("sinks.ehr.{field}: must be https://"))),
+                    cause.as_deref().is_some_and(
+                        |c| c.starts_with(&format!("sinks.ehr.{field}: must be https://"))
+                    ),
                     "{url}: {cause:?}"
                 );
             }

@@ -309,9 +309,10 @@ impl BundleBuilder {
 fn drop_unresolved(value: &mut Json, local: &HashSet<&str>) {
     match value {
         Json::Object(map) => {
-            let unresolved = map.get("reference").and_then(Json::as_str).is_some_and(|r| {
-                r.starts_with("urn:uuid:") && !local.contains(r)
-            });
+            let unresolved = map
+                .get("reference")
+                .and_then(Json::as_str)
+                .is_some_and(|r| r.starts_with("urn:uuid:") && !local.contains(r));
             if unresolved {
                 map.remove("reference");
             }
@@ -539,13 +540,27 @@ mod tests {
         assert_eq!(placeholders_resolve(&b), Vec::<String>::new(), "{b}");
         let issue = b["entry"]
             .as_array()
-            .and_then(|es| es.iter().find(|e| e["resource"]["resourceType"] == "DetectedIssue"))
+            .and_then(|es| {
+                es.iter()
+                    .find(|e| e["resource"]["resourceType"] == "DetectedIssue")
+            })
             .expect("issue");
-        assert!(issue["resource"]["implicated"][0].get("reference").is_none());
-        assert_eq!(issue["resource"]["implicated"][0]["identifier"]["value"], "dev-1");
+        assert!(
+            issue["resource"]["implicated"][0]
+                .get("reference")
+                .is_none()
+        );
+        assert_eq!(
+            issue["resource"]["implicated"][0]["identifier"]["value"],
+            "dev-1"
+        );
         // NDJSON: no placeholder either.
         for (_, list) in alone.by_type() {
-            assert!(!serde_json::to_string(&list).expect("json").contains("urn:uuid:"));
+            assert!(
+                !serde_json::to_string(&list)
+                    .expect("json")
+                    .contains("urn:uuid:")
+            );
         }
         // With the Device in the Bundle, the reference resolves to it.
         let mut with = BundleBuilder::new();
@@ -553,7 +568,10 @@ mod tests {
         with.alert(&change).expect("alert");
         let b = with.transaction();
         assert_eq!(placeholders_resolve(&b), Vec::<String>::new());
-        assert!(b.to_string().contains(&ids::full_url("Device", ids::DEVICE, "dev-1")));
+        assert!(
+            b.to_string()
+                .contains(&ids::full_url("Device", ids::DEVICE, "dev-1"))
+        );
         assert_eq!(placeholders_resolve(&bundle()), Vec::<String>::new());
     }
 
@@ -565,20 +583,27 @@ mod tests {
         let t = b.transaction();
         let p = t["entry"]
             .as_array()
-            .and_then(|es| es.iter().find(|e| e["resource"]["resourceType"] == "Provenance"))
+            .and_then(|es| {
+                es.iter()
+                    .find(|e| e["resource"]["resourceType"] == "Provenance")
+            })
             .expect("provenance");
         assert!(p["resource"].get("signature").is_none());
         assert_eq!(
             p["resource"]["entity"][0]["what"]["identifier"]["value"],
             "aa".repeat(32)
         );
-        assert!(p["resource"]["policy"]
-            .as_array()
-            .expect("policy")
-            .contains(&json!(provenance::RAW_PURGED)));
-        assert!(t["entry"][0]["resource"]["note"][0]["text"]
-            .as_str()
-            .is_some_and(|n| n.contains("purged")));
+        assert!(
+            p["resource"]["policy"]
+                .as_array()
+                .expect("policy")
+                .contains(&json!(provenance::RAW_PURGED))
+        );
+        assert!(
+            t["entry"][0]["resource"]["note"][0]["text"]
+                .as_str()
+                .is_some_and(|n| n.contains("purged"))
+        );
         assert!(crate::read::signed_readings(&t).expect("reads").is_empty());
         let purged = crate::read::purged_readings(&t);
         assert_eq!(purged.len(), 1);
@@ -615,7 +640,10 @@ mod tests {
         let t = bundle();
         let device = t["entry"]
             .as_array()
-            .and_then(|es| es.iter().find(|e| e["resource"]["resourceType"] == "Device"))
+            .and_then(|es| {
+                es.iter()
+                    .find(|e| e["resource"]["resourceType"] == "Device")
+            })
             .expect("device");
         assert_eq!(device["request"]["method"], "PUT");
     }

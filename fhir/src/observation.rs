@@ -364,9 +364,9 @@ pub(crate) mod tests {
             let o = &o.resource;
             assert_eq!(o["effectiveDateTime"], "2025-11-21T12:00:05.123Z");
             let ext = o["extension"].as_array().expect("extensions");
-            assert!(ext.contains(
-                &json!({"url": EXT_DEVICE_TIME, "valueString": u64::MAX.to_string()})
-            ));
+            assert!(
+                ext.contains(&json!({"url": EXT_DEVICE_TIME, "valueString": u64::MAX.to_string()}))
+            );
         }
         let p = crate::provenance::reading(&event, &obs, b"x").expect("provenance");
         assert_eq!(p["occurredDateTime"], "2025-11-21T12:00:05.123Z");

@@ -211,7 +211,11 @@ impl<'a> Index<'a> {
                 by_key.insert(k, r);
             }
         }
-        Self { all, by_url, by_key }
+        Self {
+            all,
+            by_url,
+            by_key,
+        }
     }
 
     /// The target Observations of Provenance `p` found (by fullUrl within a Bundle,
