@@ -492,7 +492,7 @@ mod tests {
         assert_eq!(agents.len(), 3);
         assert_eq!(
             prov["resource"]["signature"][0]["type"][0]["code"],
-            "1.2.840.10065.1.12.1.5"
+            "1.2.840.10065.1.12.1.1"
         );
         assert_eq!(
             prov["resource"]["signature"][0]["sigFormat"],

@@ -19,9 +19,12 @@ use crate::event::Event;
 use crate::ids;
 use crate::observation::MappedObservation;
 
-/// ASTM E1762-95 signature types; `1.2.840.10065.1.12.1.5` is "Verification Signature".
+/// ASTM E1762-95 signature types; `1.2.840.10065.1.12.1.1` is "Author's Signature":
+/// the device signed its own message as its originator (it is the `author` agent);
+/// nobody signs as a verifier ("Verification Signature", `...1.5`, would say someone
+/// attested content they did not author).
 pub const SIGNATURE_TYPE_SYSTEM: &str = "urn:iso-astm:E1762-95:2013";
-pub const VERIFICATION_SIGNATURE: &str = "1.2.840.10065.1.12.1.5";
+pub const AUTHOR_SIGNATURE: &str = "1.2.840.10065.1.12.1.1";
 /// `Provenance.signature.sigFormat` of a COSE_Sign1 (RFC 9052).
 pub const COSE: &str = "application/cose";
 const PARTICIPANT: &str = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
@@ -103,8 +106,8 @@ fn of_reading(
         "signature": raw.map(|raw| json!([{
             "type": [{
                 "system": SIGNATURE_TYPE_SYSTEM,
-                "code": VERIFICATION_SIGNATURE,
-                "display": "Verification Signature",
+                "code": AUTHOR_SIGNATURE,
+                "display": "Author's Signature",
             }],
             "when": recorded,
             "who": ids::device(&event.device),
