@@ -442,6 +442,16 @@ fn exported_bundle_validates_and_its_signatures_verify_independently() {
     assert_eq!(count(&bundle, "Device"), 1);
     assert_eq!(count(&bundle, "DetectedIssue"), 3);
     assert_eq!(count(&bundle, "Task"), 2, "urgent and review alerts");
+    // An export never rolls a live server back: Device and Task only if absent.
+    for e in bundle["entry"].as_array().expect("entries") {
+        if matches!(
+            e["resource"]["resourceType"].as_str(),
+            Some("Device" | "Task")
+        ) {
+            assert_eq!(e["request"]["method"], "POST", "{e}");
+            assert!(e["request"]["ifNoneExist"].is_string(), "{e}");
+        }
+    }
     assert_eq!(count(&bundle, "Communication"), 6);
     assert_eq!(count(&bundle, "Provenance"), 3 + 6);
     let states: Vec<&str> = bundle["entry"]
@@ -560,6 +570,176 @@ fn verify_refuses_changed_values_signatures_and_unsigned_observations() {
     // A lone Provenance: its signature and hash verify; its targets are not in the file.
     f.write("prov.json", &entries()[p]["resource"]);
     let ran = f.verify("prov.json");
+    assert!(ran.success, "{}", ran.all());
+}
+
+/// The last line `fhir verify` prints: its summary.
+fn summary_of(ran: &Ran) -> Json {
+    serde_json::from_str(ran.stdout.lines().last().unwrap_or_default()).expect("summary")
+}
+
+#[test]
+fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations() {
+    let f = Fixture::new();
+    assert!(f.export(&["--patient", A], "a.json", &[]).success);
+    let bundle = f.bundle("a.json");
+    let entries = bundle["entry"].as_array().expect("entries").clone();
+    let spo2 = entries
+        .iter()
+        .position(|e| e["resource"]["valueQuantity"]["value"] == 86)
+        .expect("the spo2 of 86");
+    let key = entries[spo2]["resource"]["identifier"][0]["value"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    let refused = |name: &str, doc: &Json, needle: &str| {
+        f.write(name, doc);
+        let ran = f.verify(name);
+        assert_eq!(ran.code, Some(1), "{name}: {}", ran.all());
+        assert!(
+            ran.stdout.contains(needle),
+            "{name}: {needle}: {}",
+            ran.all()
+        );
+        ran
+    };
+    let with = |entry: Json| {
+        let mut b = bundle.clone();
+        b["entry"].as_array_mut().expect("entries").push(entry);
+        b
+    };
+
+    // (a) A second Observation under the signed one's identifier, another value.
+    let mut copy = entries[spo2].clone();
+    copy["fullUrl"] = json!("urn:uuid:00000000-0000-5000-8000-000000000001");
+    copy["resource"]["valueQuantity"]["value"] = json!(42);
+    let ran = refused("copy.json", &with(copy), &key);
+    assert_eq!(
+        summary_of(&ran)["observation_identifiers_duplicated"],
+        json!([key]),
+        "{}",
+        ran.all()
+    );
+
+    // (b) An Observation without any identifier.
+    let mut bare = entries[spo2].clone();
+    bare["fullUrl"] = json!("urn:uuid:00000000-0000-5000-8000-000000000002");
+    bare["resource"]["valueQuantity"]["value"] = json!(42);
+    bare["resource"]
+        .as_object_mut()
+        .expect("object")
+        .remove("identifier");
+    let ran = refused(
+        "bare.json",
+        &with(bare),
+        "no urn:vitalmq:observation identifier",
+    );
+    assert_eq!(
+        summary_of(&ran)["observations_without_a_verified_signature"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{}",
+        ran.all()
+    );
+
+    // (c) The signed value as a component, another one as valueQuantity.
+    let mut ambiguous = bundle.clone();
+    let o = &mut ambiguous["entry"][spo2]["resource"];
+    o["component"] =
+        json!([{"code": o["code"].clone(), "valueQuantity": o["valueQuantity"].clone()}]);
+    o["valueQuantity"]["value"] = json!(42);
+    refused(
+        "component.json",
+        &ambiguous,
+        "valueQuantity together with component",
+    );
+
+    // (d) Another unit, the same number.
+    let temp = entries
+        .iter()
+        .position(|e| e["resource"]["valueQuantity"]["code"] == "Cel")
+        .expect("a temperature");
+    let mut unit = bundle.clone();
+    unit["entry"][temp]["resource"]["valueQuantity"]["code"] = json!("[degF]");
+    unit["entry"][temp]["resource"]["valueQuantity"]["unit"] = json!("degF");
+    refused("unit.json", &unit, "[degF]");
+
+    // (e) The reading relabelled as another event.
+    let other = "ev1-00000000000000000000000000000000";
+    let mut relabelled = bundle.clone();
+    let o = &mut relabelled["entry"][spo2]["resource"];
+    o["identifier"][0]["value"] = json!(format!("{other}/spo2"));
+    o["identifier"][1]["value"] = json!(other);
+    refused("relabel.json", &relabelled, "is not the signed message's");
+
+    // The untouched Bundle still verifies.
+    assert!(f.verify("a.json").success);
+}
+
+/// Retention purged one reading's raw message: the export still goes, that reading
+/// with a Provenance without signature, and `verify` reports it as unsigned (raw
+/// purged), apart from tampering: a failure unless `--allow-unsigned`.
+#[test]
+fn a_reading_whose_raw_retention_purged_exports_unsigned() {
+    let f = Fixture::new();
+    {
+        let mut store = Store::open(&f.path("data")).expect("store");
+        let first = store
+            .retention_events(0, 100)
+            .expect("events")
+            .into_iter()
+            .find(|e| e.device == "dev-a")
+            .expect("a reading of dev-a");
+        store
+            .apply_retention(&[vitalmq_bridge::store::StoreAct::PurgeRaw {
+                raw_id: first.raw_id,
+            }])
+            .expect("purge");
+    }
+    let ran = f.export(&["--patient", A], "a.json", &[]);
+    assert!(ran.success, "{}", ran.all());
+    let report: Json = serde_json::from_str(ran.stdout.trim()).expect("report");
+    assert_eq!(report["raw_purged"], 1, "{report}");
+    assert_eq!(report["events"], 4, "{report}");
+    let bundle = f.bundle("a.json");
+    let provs: Vec<&Json> = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| &e["resource"])
+        .filter(|r| r["resourceType"] == "Provenance" && r.get("target").is_some())
+        .filter(|r| r.to_string().contains("urn:vitalmq:raw-purged"))
+        .collect();
+    assert_eq!(provs.len(), 1);
+    assert!(provs[0].get("signature").is_none());
+    let summary = python("fhir_validate.py", &[&f.path("a.json")]);
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+
+    let ran = f.verify("a.json");
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    let s = summary_of(&ran);
+    assert_eq!(s["failed"], 0, "no tampering: {}", ran.all());
+    assert_eq!(s["observations_without_a_verified_signature"], json!([]));
+    assert_eq!(
+        s["unsigned_raw_purged"].as_array().map(Vec::len),
+        Some(5),
+        "event 0's spo2, pulse, resp, temp and BP panel: {}",
+        ran.all()
+    );
+    assert!(
+        ran.stdout.contains("\"unsigned\":\"raw purged\""),
+        "{}",
+        ran.all()
+    );
+    let ran = f.vitalmq(&[
+        "fhir",
+        "verify",
+        "a.json",
+        "--registry",
+        "registry.toml",
+        "--allow-unsigned",
+    ]);
     assert!(ran.success, "{}", ran.all());
 }
 
@@ -689,7 +869,16 @@ fn the_sink_maps_a_reading_as_the_export_does() {
     assert_eq!(entries.len(), 1 + 8 + 3, "{sent}");
     for e in entries {
         let url = e["fullUrl"].as_str().expect("fullUrl");
-        assert_eq!(Some(&e), by_url.get(url), "{url}");
+        let exported = by_url.get(url).expect(url);
+        assert_eq!(e["resource"], exported["resource"], "{url}");
+        // The same request, except that the export creates a Device only if absent
+        // where the sink (moving forward in store order) updates it.
+        if e["resource"]["resourceType"] == "Device" {
+            assert_eq!(e["request"]["method"], "PUT", "{e}");
+            assert_eq!(exported["request"]["method"], "POST", "{exported}");
+        } else {
+            assert_eq!(e["request"], exported["request"], "{url}");
+        }
     }
     let device = entries
         .iter()

@@ -115,6 +115,10 @@ fn assert_clean(dump: &Json) {
         "zero validation errors: {dump}"
     );
     assert_eq!(dump["unconditional"], 0, "every create conditional: {dump}");
+    assert_eq!(
+        dump["refused_unsupported"], 0,
+        "nothing a real server refuses (chained searches, unresolvable references): {dump}"
+    );
     let per_identifier = dump["per_identifier"].as_object().expect("per_identifier");
     let twice: Vec<_> = per_identifier.iter().filter(|(_, n)| **n != 1).collect();
     assert!(
@@ -163,8 +167,19 @@ fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_k
             .any(|r| has_fields(r, &[("/event", "sink_recovered"), ("/resource", "ehr")]))
     });
 
-    // kill -9 mid-stream, then the same bridge again: it resumes from its cursor.
+    // kill -9 with a transaction the server applied but the bridge never saw
+    // confirmed (its answer lost), then the same bridge again: it resumes from its
+    // durable cursor, so it must send that transaction again and find what it created.
+    let lost = server.dump()["lost"].as_u64().expect("lost");
+    server.call("POST", "/_down?mode=lost");
+    wait_until(
+        Duration::from_secs(20),
+        "an answer lost before the kill",
+        || server.dump()["lost"].as_u64() > Some(lost),
+    );
     bridge.process.kill9();
+    let at_kill = server.dump();
+    server.call("POST", "/_up");
     let log_before = bridge.process.all();
     let bridge = rig.bridge("", &sink(server.port));
     sim_summary_all_receipted(&mut sim);
@@ -175,8 +190,9 @@ fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_k
     let dump = server.dump();
     assert_clean(&dump);
     assert!(
-        dump["existing"].as_u64() > Some(0),
-        "a batch was sent again and found what it had created: {dump}"
+        dump["existing"].as_u64() > at_kill["existing"].as_u64(),
+        "after the kill the restarted bridge sent the unconfirmed batch again and found \
+         what it had created: at the kill {at_kill}, now {dump}"
     );
     assert_eq!(dump["resources"]["Device"], 2, "{dump}");
 

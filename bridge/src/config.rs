@@ -423,7 +423,8 @@ pub enum SinkConfig {
 #[serde(deny_unknown_fields)]
 pub struct FhirSinkConfig {
     pub name: String,
-    /// The FHIR base URL the transaction Bundles are POSTed to (`http://` or `https://`).
+    /// The FHIR base URL the transaction Bundles are POSTed to (`https://`; `http://`
+    /// only to a loopback host).
     pub base_url: String,
     /// The OAuth 2.0 token endpoint.
     pub token_url: String,
@@ -532,6 +533,19 @@ impl BridgeConfig {
     }
 }
 
+/// Whether `url`'s host is this machine (127.0.0.0/8, `::1`, `localhost`).
+fn loopback_url(url: &str) -> bool {
+    match url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host().map(|h| h.to_owned()))
+    {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 impl FhirSinkConfig {
     /// Care only, usable URLs and limits.
     fn validate(&self) -> Result<(), Invalid> {
@@ -546,6 +560,14 @@ impl FhirSinkConfig {
         for (field, url) in [("base_url", &self.base_url), ("token_url", &self.token_url)] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(bad(field, "must be an http:// or https:// URL"));
+            }
+            // The bearer token, the client secret and patient data travel here: in the
+            // clear only to this host itself (a local proxy or test server).
+            if url.starts_with("http://") && !loopback_url(url) {
+                return Err(bad(
+                    field,
+                    "must be https:// (http:// only to a loopback host: 127.0.0.0/8, ::1, localhost)",
+                ));
             }
         }
         if self.client_id.is_empty() {
@@ -1184,6 +1206,36 @@ mod tests {
             cause.as_deref(),
             Some("sinks.ehr.base_url: must be an http:// or https:// URL")
         );
+        // Cleartext only to this machine: the token, the secret and patient data go there.
+        for (field, url, ok) in [
+            ("base_url", "http://fhir.example/r4", false),
+            ("base_url", "http://10.0.0.7:8080/fhir", false),
+            ("base_url", "http://127.0.0.2:8080/fhir", true),
+            ("base_url", "http://localhost:8080/fhir", true),
+            ("base_url", "http://[::1]:8080/fhir", true),
+            ("token_url", "http://auth.example/token", false),
+            ("token_url", "http://127.0.0.1:9/token", true),
+        ] {
+            let from = if field == "base_url" {
+                "https://fhir.example/r4"
+            } else {
+                "https://auth.example/token"
+            };
+            std::fs::write(&path, base.replace(from, url)).expect("write");
+            let loaded = BridgeConfig::load(&path);
+            if ok {
+                loaded.expect(url);
+            } else {
+                let cause =
+                    std::error::Error::source(&loaded.expect_err(url)).map(ToString::to_string);
+                assert!(
+                    cause.as_deref().is_some_and(
+                        |c| c.starts_with(&format!("sinks.ehr.{field}: must be https://"))
+                    ),
+                    "{url}: {cause:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -6,15 +6,21 @@
 //! | resource | request |
 //! |---|---|
 //! | Observation, DetectedIssue, Communication | `POST`, `ifNoneExist: identifier=<system>\|<value>` |
-//! | Provenance of a reading | `POST`, `ifNoneExist: entity:identifier=urn:vitalmq:raw-sha256\|<hex>` (R4 Provenance has no identifier) |
-//! | Provenance of an alert change | `POST`, `ifNoneExist: target:identifier=urn:vitalmq:alert-change\|<key>` |
-//! | Device, Task | `PUT Device?identifier=...` / `PUT Task?identifier=...` (conditional update: firmware and the alert workflow move on) |
+//! | Provenance of a reading | `PUT Provenance/<uuid v5 of urn:vitalmq:raw-sha256\|<hex>>` |
+//! | Provenance of an alert change | `PUT Provenance/<uuid v5 of urn:vitalmq:alert-change\|<key>>` |
+//! | Device, Task (sink) | `PUT Device?identifier=...` / `PUT Task?identifier=...` (conditional update: firmware and the alert workflow move on) |
+//! | Device, Task (export, [`BundleBuilder::for_export`]) | `POST`, `ifNoneExist: identifier=...` (an old range must not roll a live server back) |
+//!
+//! R4 Provenance has no `identifier`, and servers do not support chained
+//! `:identifier` searches in `ifNoneExist` (HAPI answers HAPI-2498, Azure has none):
+//! a Provenance gets a client-assigned id, the deterministic UUID of its fullUrl, and
+//! an update-as-create `PUT` to it (the same content again changes nothing).
 //!
 //! A resource added twice (the same device for many readings, the same alert's Task
 //! for each change) is one entry holding the newest version: a transaction may not
 //! touch one resource twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{Value as Json, json};
 
@@ -31,6 +37,8 @@ pub enum Request {
     Create { if_none_exist: String },
     /// Conditional update on the identifier.
     Update { identifier: String },
+    /// Update-as-create of a client-assigned id (the fullUrl's UUID).
+    Put,
 }
 
 /// One Bundle entry.
@@ -80,6 +88,19 @@ impl Entry {
         )
     }
 
+    /// The UUID of its fullUrl: the id a client-assigned resource gets.
+    pub fn id(&self) -> &str {
+        self.full_url.trim_start_matches("urn:uuid:")
+    }
+
+    /// An update-as-create of `resource` under the id derived from `system|value`.
+    fn put(resource_type: &str, system: &str, value: &str, mut resource: Json) -> Self {
+        let mut e = Self::new(resource_type, system, value, Json::Null, Request::Put);
+        resource["id"] = e.id().into();
+        e.resource = resource;
+        e
+    }
+
     /// The entry as it appears in a transaction Bundle.
     pub fn to_json(&self) -> Json {
         let request = match &self.request {
@@ -88,6 +109,9 @@ impl Entry {
             }),
             Request::Update { identifier } => json!({
                 "method": "PUT", "url": format!("{}?identifier={identifier}", self.resource_type),
+            }),
+            Request::Put => json!({
+                "method": "PUT", "url": format!("{}/{}", self.resource_type, self.id()),
             }),
         };
         json!({"fullUrl": self.full_url, "resource": self.resource, "request": request})
@@ -99,11 +123,34 @@ impl Entry {
 pub struct BundleBuilder {
     entries: Vec<Entry>,
     by_url: HashMap<String, usize>,
+    /// Device and Task as conditional creates, not updates ([`Self::for_export`]).
+    create_only: bool,
 }
 
 impl BundleBuilder {
+    /// The sink's builder: Device and Task are conditional updates, since the sink
+    /// sends in store order and they only move forward.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The export's builder: Device and Task are conditional creates (`ifNoneExist`),
+    /// since an export of an old range loaded into a live server must not roll the
+    /// Device's wearer and firmware or the alert's Task status back.
+    pub fn for_export() -> Self {
+        Self {
+            create_only: true,
+            ..Self::default()
+        }
+    }
+
+    /// Device or Task: updated by the sink, created only if absent by the export.
+    fn current(&self, resource_type: &str, system: &str, value: &str, resource: Json) -> Entry {
+        if self.create_only {
+            Entry::create(resource_type, system, value, resource)
+        } else {
+            Entry::update(resource_type, system, value, resource)
+        }
     }
 
     /// Adds an entry, replacing an earlier one with the same fullUrl in place.
@@ -120,12 +167,8 @@ impl BundleBuilder {
 
     /// The Device.
     pub fn device(&mut self, facts: &DeviceFacts) {
-        self.push(Entry::update(
-            "Device",
-            ids::DEVICE,
-            &facts.id,
-            device::device(facts),
-        ));
+        let entry = self.current("Device", ids::DEVICE, &facts.id, device::device(facts));
+        self.push(entry);
     }
 
     /// One accepted reading: its Observations and their Provenance carrying `raw` (the
@@ -133,11 +176,34 @@ impl BundleBuilder {
     /// [`Self::device`]). A `status` or `alarm` event has no Observation and adds
     /// nothing; returns how many Observations were added.
     pub fn reading(&mut self, event: &Event, raw: &[u8]) -> Result<usize, crate::Error> {
-        let observations = observation::observations(event)?;
+        self.add_reading(event, Some(raw))
+    }
+
+    /// A reading whose raw message retention purged (the event is kept): its
+    /// Observations, each with a note saying so, and a Provenance without signature
+    /// ([`provenance::reading_raw_purged`]).
+    pub fn reading_raw_purged(&mut self, event: &Event) -> Result<usize, crate::Error> {
+        self.add_reading(event, None)
+    }
+
+    fn add_reading(&mut self, event: &Event, raw: Option<&[u8]>) -> Result<usize, crate::Error> {
+        let mut observations = observation::observations(event)?;
         if observations.is_empty() {
             return Ok(0);
         }
-        let prov = provenance::reading(event, &observations, raw)?;
+        let prov = match raw {
+            Some(raw) => provenance::reading(event, &observations, raw)?,
+            None => {
+                for o in &mut observations {
+                    let note = json!({"text": "the raw message and its device signature were purged by retention: this reading can no longer be re-verified"});
+                    match o.resource["note"].as_array_mut() {
+                        Some(notes) => notes.push(note),
+                        None => o.resource["note"] = Json::Array(vec![note]),
+                    }
+                }
+                provenance::reading_raw_purged(event, &observations)?
+            }
+        };
         for o in &observations {
             self.push(Entry::create(
                 "Observation",
@@ -146,15 +212,11 @@ impl BundleBuilder {
                 o.resource.clone(),
             ));
         }
-        let sha = &event.provenance.raw_sha256;
-        self.push(Entry::new(
+        self.push(Entry::put(
             "Provenance",
             ids::RAW_SHA256,
-            sha,
+            &event.provenance.raw_sha256,
             prov,
-            Request::Create {
-                if_none_exist: format!("entity:identifier={}|{sha}", ids::RAW_SHA256),
-            },
         ));
         Ok(observations.len())
     }
@@ -171,7 +233,8 @@ impl BundleBuilder {
             r.detected_issue.clone(),
         ));
         if let Some(task) = &r.task {
-            self.push(Entry::update("Task", ids::ALERT, id, task.clone()));
+            let entry = self.current("Task", ids::ALERT, id, task.clone());
+            self.push(entry);
         }
         self.push(Entry::create(
             "Communication",
@@ -179,14 +242,11 @@ impl BundleBuilder {
             &r.change_key,
             r.communication.clone(),
         ));
-        self.push(Entry::new(
+        self.push(Entry::put(
             "Provenance",
             ids::ALERT_CHANGE,
             &r.change_key,
             prov,
-            Request::Create {
-                if_none_exist: format!("target:identifier={}|{}", ids::ALERT_CHANGE, r.change_key),
-            },
         ));
         Ok(())
     }
@@ -199,13 +259,22 @@ impl BundleBuilder {
         self.entries.is_empty()
     }
 
-    /// A `transaction` Bundle of the entries, in the order they were first added.
+    /// A `transaction` Bundle of the entries, in the order they were first added. A
+    /// reference to a resource the Bundle does not hold (the Device of an alert whose
+    /// device had no reading in the batch) keeps only its identifier: a server refuses
+    /// a transaction with an unresolvable `urn:uuid:` placeholder.
     pub fn transaction(&self) -> Json {
-        json!({
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": self.entries.iter().map(Entry::to_json).collect::<Vec<_>>(),
-        })
+        let local: HashSet<&str> = self.entries.iter().map(|e| e.full_url.as_str()).collect();
+        let entries: Vec<Json> = self
+            .entries
+            .iter()
+            .map(|e| {
+                let mut j = e.to_json();
+                drop_unresolved(&mut j["resource"], &local);
+                j
+            })
+            .collect();
+        json!({"resourceType": "Bundle", "type": "transaction", "entry": entries})
     }
 
     /// The resources grouped by type, in entry order (bulk-export NDJSON: one file per
@@ -224,6 +293,7 @@ impl BundleBuilder {
         for e in &self.entries {
             let mut r = e.resource.clone();
             relative_references(&mut r, &local);
+            drop_unresolved(&mut r, &HashSet::new());
             r["id"] = e.full_url.trim_start_matches("urn:uuid:").into();
             match out.iter_mut().find(|(t, _)| *t == e.resource_type) {
                 Some((_, list)) => list.push(r),
@@ -231,6 +301,25 @@ impl BundleBuilder {
             }
         }
         out
+    }
+}
+
+/// Removes every `"reference": "urn:uuid:..."` that is not in `local`, leaving the
+/// Reference logical (type and identifier, which [`ids::local`] always sets).
+fn drop_unresolved(value: &mut Json, local: &HashSet<&str>) {
+    match value {
+        Json::Object(map) => {
+            let unresolved = map
+                .get("reference")
+                .and_then(Json::as_str)
+                .is_some_and(|r| r.starts_with("urn:uuid:") && !local.contains(r));
+            if unresolved {
+                map.remove("reference");
+            }
+            map.values_mut().for_each(|v| drop_unresolved(v, local));
+        }
+        Json::Array(items) => items.iter_mut().for_each(|v| drop_unresolved(v, local)),
+        _ => {}
     }
 }
 
@@ -336,6 +425,27 @@ mod tests {
             obs["request"]["ifNoneExist"],
             "identifier=urn:vitalmq:observation|ev1-0123/spo2"
         );
+        // Provenance: no identifier to search on, no chained search (HAPI-2498): PUT
+        // to the id derived from the raw message's hash, the same id as the fullUrl.
+        let provs: Vec<&Json> = entries
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "Provenance")
+            .collect();
+        for p in &provs {
+            assert_eq!(p["request"]["method"], "PUT", "{p}");
+            assert!(p["request"].get("ifNoneExist").is_none(), "{p}");
+            let id = p["resource"]["id"].as_str().expect("id");
+            assert_eq!(p["request"]["url"], format!("Provenance/{id}"));
+            assert_eq!(p["fullUrl"], format!("urn:uuid:{id}"));
+        }
+        assert_eq!(
+            provs[0]["fullUrl"],
+            ids::full_url("Provenance", ids::RAW_SHA256, &"aa".repeat(32)).as_str()
+        );
+        assert!(
+            !b.to_string().contains(":identifier="),
+            "no chained identifier search anywhere"
+        );
         for e in entries {
             assert!(
                 e["fullUrl"]
@@ -382,12 +492,160 @@ mod tests {
         assert_eq!(agents.len(), 3);
         assert_eq!(
             prov["resource"]["signature"][0]["type"][0]["code"],
-            "1.2.840.10065.1.12.1.5"
+            "1.2.840.10065.1.12.1.1"
         );
         assert_eq!(
             prov["resource"]["signature"][0]["sigFormat"],
             "application/cose"
         );
+    }
+
+    /// Every `urn:uuid:` reference of a Bundle names one of its entries.
+    fn placeholders_resolve(b: &Json) -> Vec<String> {
+        fn refs(v: &Json, out: &mut Vec<String>) {
+            match v {
+                Json::Object(m) => m.iter().for_each(|(k, v)| match v.as_str() {
+                    Some(r) if k == "reference" => out.push(r.to_owned()),
+                    _ => refs(v, out),
+                }),
+                Json::Array(a) => a.iter().for_each(|v| refs(v, out)),
+                _ => {}
+            }
+        }
+        let entries = b["entry"].as_array().expect("entries");
+        let urls: Vec<&str> = entries
+            .iter()
+            .filter_map(|e| e["fullUrl"].as_str())
+            .collect();
+        let mut out = Vec::new();
+        entries.iter().for_each(|e| refs(&e["resource"], &mut out));
+        out.retain(|r| r.starts_with("urn:uuid:") && !urls.contains(&r.as_str()));
+        out
+    }
+
+    #[test]
+    fn a_device_outside_the_bundle_is_referenced_by_identifier_only() {
+        let change = AlertChange {
+            body: json!({
+                "alert_id": "al-1", "kind": "clinical", "state": "open", "severity": "urgent",
+                "rule": "spo2-low", "rule_version": "3", "device": "dev-1",
+                "patient_ref": "pt-aaaa1111", "evidence": ["ev1-0123"],
+                "raised_at": "2025-11-21T12:00:05Z",
+            }),
+            recorded_at_ms: 1_763_726_460_000,
+        };
+        let mut alone = BundleBuilder::new();
+        alone.alert(&change).expect("alert");
+        let b = alone.transaction();
+        assert_eq!(placeholders_resolve(&b), Vec::<String>::new(), "{b}");
+        let issue = b["entry"]
+            .as_array()
+            .and_then(|es| {
+                es.iter()
+                    .find(|e| e["resource"]["resourceType"] == "DetectedIssue")
+            })
+            .expect("issue");
+        assert!(
+            issue["resource"]["implicated"][0]
+                .get("reference")
+                .is_none()
+        );
+        assert_eq!(
+            issue["resource"]["implicated"][0]["identifier"]["value"],
+            "dev-1"
+        );
+        // NDJSON: no placeholder either.
+        for (_, list) in alone.by_type() {
+            assert!(
+                !serde_json::to_string(&list)
+                    .expect("json")
+                    .contains("urn:uuid:")
+            );
+        }
+        // With the Device in the Bundle, the reference resolves to it.
+        let mut with = BundleBuilder::new();
+        with.device(&facts());
+        with.alert(&change).expect("alert");
+        let b = with.transaction();
+        assert_eq!(placeholders_resolve(&b), Vec::<String>::new());
+        assert!(
+            b.to_string()
+                .contains(&ids::full_url("Device", ids::DEVICE, "dev-1"))
+        );
+        assert_eq!(placeholders_resolve(&bundle()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_purged_raw_message_gives_an_unsigned_provenance() {
+        let mut b = BundleBuilder::new();
+        let e = Event::from_json(&event_json(json!({"spo2": 95}))).expect("event");
+        assert_eq!(b.reading_raw_purged(&e).expect("reading"), 1);
+        let t = b.transaction();
+        let p = t["entry"]
+            .as_array()
+            .and_then(|es| {
+                es.iter()
+                    .find(|e| e["resource"]["resourceType"] == "Provenance")
+            })
+            .expect("provenance");
+        assert!(p["resource"].get("signature").is_none());
+        assert_eq!(
+            p["resource"]["entity"][0]["what"]["identifier"]["value"],
+            "aa".repeat(32)
+        );
+        assert!(
+            p["resource"]["policy"]
+                .as_array()
+                .expect("policy")
+                .contains(&json!(provenance::RAW_PURGED))
+        );
+        assert!(
+            t["entry"][0]["resource"]["note"][0]["text"]
+                .as_str()
+                .is_some_and(|n| n.contains("purged"))
+        );
+        assert!(crate::read::signed_readings(&t).expect("reads").is_empty());
+        let purged = crate::read::purged_readings(&t);
+        assert_eq!(purged.len(), 1);
+        assert_eq!(purged[0].observations.len(), 1);
+    }
+
+    #[test]
+    fn an_export_creates_device_and_task_only_if_absent() {
+        let mut b = BundleBuilder::for_export();
+        b.device(&facts());
+        b.alert(&AlertChange {
+            body: json!({
+                "alert_id": "al-1", "kind": "clinical", "state": "open", "severity": "urgent",
+                "rule": "spo2-low", "rule_version": "3", "device": "dev-1",
+                "patient_ref": "pt-aaaa1111", "evidence": ["ev1-0123"],
+                "raised_at": "2025-11-21T12:00:05Z",
+            }),
+            recorded_at_ms: 1_763_726_460_000,
+        })
+        .expect("alert");
+        let t = b.transaction();
+        for (rt, key) in [
+            ("Device", "urn:vitalmq:device|dev-1"),
+            ("Task", "urn:vitalmq:alert|al-1"),
+        ] {
+            let e = t["entry"]
+                .as_array()
+                .and_then(|es| es.iter().find(|e| e["resource"]["resourceType"] == rt))
+                .expect(rt);
+            assert_eq!(e["request"]["method"], "POST", "{e}");
+            assert_eq!(e["request"]["ifNoneExist"], format!("identifier={key}"));
+        }
+        // The sink's builder keeps updating them.
+        let t = bundle();
+        let device = t["entry"]
+            .as_array()
+            .and_then(|es| {
+                es.iter()
+                    .find(|e| e["resource"]["resourceType"] == "Device")
+            })
+            .expect("device");
+        assert_eq!(device["request"]["method"], "PUT");
     }
 
     #[test]

@@ -108,7 +108,8 @@ pub const BP_PARTS: [(&str, Loinc); 2] = [
         },
     ),
 ];
-/// The panel's pseudo-metric name (identifiers `<event id>/bp`).
+/// The panel's pseudo-metric name (identifiers `<event id>:bp`, see
+/// [`crate::observation::panel_key`]).
 pub const BP: &str = "bp";
 /// UCUM code of blood pressure.
 pub const MM_HG: &str = "mm[Hg]";

@@ -20,6 +20,10 @@ pub struct Event {
     pub kind: String,
     /// The device clock (ms since the Unix epoch), as signed.
     pub ts: u64,
+    /// The time the bridge relies on (RFC 3339): the device's `ts`, or the reception
+    /// time when the device clock was outside the policy.
+    #[serde(default)]
+    pub observed_at: Option<String>,
     /// Reception by the bridge (RFC 3339).
     pub received_at: Option<String>,
     /// Measurements; a non-finite float is `null`.
@@ -57,6 +61,22 @@ impl Event {
     /// Reads a normalized event.
     pub fn from_json(value: &Json) -> Result<Self, crate::Error> {
         Self::deserialize(value).map_err(crate::Error::Event)
+    }
+
+    /// When the reading was taken, as FHIR can say it: the device clock, or when that
+    /// is beyond what RFC 3339 can write (after year 9999: SPEC allows any u64 and the
+    /// bridge accepts it, marked `clock_skew`) the bridge's `observed_at` (else the
+    /// reception time), with `true`. A reading is never unmappable for its clock.
+    pub fn effective(&self) -> Result<(String, bool), crate::Error> {
+        match crate::ids::instant(self.ts) {
+            Ok(t) => Ok((t, false)),
+            Err(e) => self
+                .observed_at
+                .clone()
+                .or_else(|| self.received_at.clone())
+                .map(|t| (t, true))
+                .ok_or(e),
+        }
     }
 
     /// Whether a gateway (not the device itself) relayed the message.

@@ -8,7 +8,7 @@
 use serde_json::{Value as Json, json};
 use uuid::Uuid;
 
-/// Observation: `<event id>/<metric>` (`bp` for the blood-pressure panel).
+/// Observation: `<event id>/<metric>`; the blood-pressure panel `<event id>:bp`.
 pub const OBSERVATION: &str = "urn:vitalmq:observation";
 /// The event a resource comes from (`ev1-...`, SPEC section 4's deterministic id).
 pub const EVENT: &str = "urn:vitalmq:event";

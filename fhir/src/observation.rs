@@ -13,6 +13,10 @@ use crate::ids;
 pub const EXT_SIGNAL_QUALITY: &str = "urn:vitalmq:fhir:extension:signal-quality";
 /// Extension: the device firmware version the reading was made with.
 pub const EXT_FIRMWARE: &str = "urn:vitalmq:fhir:extension:firmware";
+/// Extension: the device clock (ms since the Unix epoch, decimal text: R4 has no
+/// 64-bit integer) when it is beyond RFC 3339 and `effectiveDateTime` is the bridge's
+/// `observed_at` instead.
+pub const EXT_DEVICE_TIME: &str = "urn:vitalmq:fhir:extension:device-time";
 /// Extension: the on-device model (`name/version`) that produced or filtered it.
 pub const EXT_DEVICE_MODEL: &str = "urn:vitalmq:fhir:extension:device-model";
 
@@ -39,13 +43,13 @@ pub fn observations(event: &Event) -> Result<Vec<MappedObservation>, crate::Erro
         let resource = match codes::vital(metric) {
             Some(v) => {
                 let codings: Vec<Json> = v.codes.iter().map(loinc).collect();
-                let mut o = base(event, metric, Some(v.profile))?;
+                let mut o = base(event, Some(metric), Some(v.profile))?;
                 o["code"] = json!({"coding": codings, "text": v.codes[0].display});
                 put_value(&mut o, value, v.ucum, v.unit);
                 o
             }
             None => {
-                let mut o = base(event, metric, None)?;
+                let mut o = base(event, Some(metric), None)?;
                 o["code"] = json!({
                     "coding": [{"system": codes::METRIC, "code": metric}],
                     "text": metric,
@@ -72,6 +76,13 @@ pub fn key(event_id: &str, metric: &str) -> String {
     format!("{event_id}/{metric}")
 }
 
+/// The identifier value of the blood-pressure panel of event `event_id`:
+/// `<event id>:bp`. A device may name a metric anything (SPEC: a map of text), `bp`
+/// included, so the panel's key is outside the `<event id>/<metric>` space.
+pub fn panel_key(event_id: &str) -> String {
+    format!("{event_id}:{}", codes::BP)
+}
+
 /// The blood-pressure panel, when the event carries `sbp` or `dbp` (a missing half is a
 /// component with `dataAbsentReason`, as the bp profile requires both components).
 fn bp_panel(event: &Event) -> Result<Option<MappedObservation>, crate::Error> {
@@ -81,7 +92,7 @@ fn bp_panel(event: &Event) -> Result<Option<MappedObservation>, crate::Error> {
     {
         return Ok(None);
     }
-    let mut o = base(event, codes::BP, Some(codes::BP_PROFILE))?;
+    let mut o = base(event, None, Some(codes::BP_PROFILE))?;
     o["code"] = json!({"coding": [loinc(&codes::BP_PANEL)], "text": "Blood pressure"});
     let components: Vec<Json> = codes::BP_PARTS
         .iter()
@@ -97,7 +108,7 @@ fn bp_panel(event: &Event) -> Result<Option<MappedObservation>, crate::Error> {
     o["component"] = Json::Array(components);
     Ok(Some(MappedObservation {
         metric: codes::BP.into(),
-        key: key(&event.event_id, codes::BP),
+        key: panel_key(&event.event_id),
         resource: o,
     }))
 }
@@ -127,8 +138,8 @@ fn put_value(o: &mut Json, value: &Json, ucum: &str, unit: &str) {
     }
 }
 
-/// What every Observation of the event shares.
-fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crate::Error> {
+/// What every Observation of the event shares; `metric` `None` for the BP panel.
+fn base(event: &Event, metric: Option<&str>, profile: Option<&str>) -> Result<Json, crate::Error> {
     let mut o = json!({"resourceType": "Observation"});
     if let Some(p) = profile {
         o["meta"] = json!({"profile": [codes::profile_url(p)]});
@@ -143,7 +154,10 @@ fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crat
     }
     o["extension"] = Json::Array(extension);
     o["identifier"] = json!([
-        ids::identifier(ids::OBSERVATION, &key(&event.event_id, metric)),
+        ids::identifier(
+            ids::OBSERVATION,
+            &metric.map_or_else(|| panel_key(&event.event_id), |m| key(&event.event_id, m)),
+        ),
         ids::identifier(ids::EVENT, &event.event_id),
     ]);
     o["status"] = "final".into();
@@ -154,16 +168,19 @@ fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crat
         }]);
     }
     o["subject"] = ids::patient(&event.patient_ref);
-    o["effectiveDateTime"] = ids::instant(event.ts)?.into();
+    let (effective, substituted) = event.effective()?;
+    o["effectiveDateTime"] = effective.into();
+    if substituted && let Some(ext) = o["extension"].as_array_mut() {
+        ext.push(json!({"url": EXT_DEVICE_TIME, "valueString": event.ts.to_string()}));
+    }
     if let Some(issued) = &event.received_at {
         o["issued"] = issued.as_str().into();
     }
     o["device"] = ids::device(&event.device);
     let mut notes = Vec::new();
-    let parts: Vec<&str> = if metric == codes::BP {
-        codes::BP_PARTS.iter().map(|(m, _)| *m).collect()
-    } else {
-        vec![metric]
+    let parts: Vec<&str> = match metric {
+        Some(m) => vec![m],
+        None => codes::BP_PARTS.iter().map(|(m, _)| *m).collect(),
     };
     for part in parts {
         if let Some(limits) = event.implausible.get(part) {
@@ -172,7 +189,12 @@ fn base(event: &Event, metric: &str, profile: Option<&str>) -> Result<Json, crat
             )}));
         }
     }
-    if let Some(skew) = &event.clock_skew {
+    if substituted {
+        notes.push(json!({"text": format!(
+            "device clock {} ms is beyond what FHIR can date; effectiveDateTime is the bridge's observation time, the device's time is in the device-time extension",
+            event.ts
+        )}));
+    } else if let Some(skew) = &event.clock_skew {
         notes.push(json!({"text": format!(
             "device clock outside the policy ({skew}); effectiveDateTime is the device's time, issued the reception time"
         )}));
@@ -270,6 +292,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_metric_named_bp_does_not_clash_with_the_panel() {
+        let obs = map(json!({"bp": 1, "sbp": 120, "dbp": 80}));
+        assert_eq!(obs.len(), 2);
+        let keys: Vec<&str> = obs.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["ev1-0123/bp", "ev1-0123:bp"]);
+        let ids: Vec<&Json> = obs
+            .iter()
+            .map(|o| &o.resource["identifier"][0]["value"])
+            .collect();
+        assert_ne!(ids[0], ids[1]);
+        assert_eq!(obs[1].resource["identifier"][0]["value"], "ev1-0123:bp");
+        // The device's own `bp` gets no blood-pressure notes.
+        let mut e = event_json(json!({"bp": 1, "sbp": 300}));
+        e["implausible"] = json!({"sbp": {"min": 40, "max": 260, "unit": "mm[Hg]"}});
+        let obs = observations(&Event::from_json(&e).expect("event")).expect("maps");
+        assert!(obs[0].resource.get("note").is_none(), "{}", obs[0].resource);
+        assert!(obs[1].resource["note"].is_array());
+    }
+
+    #[test]
     fn missing_values_are_said_so() {
         // Half a blood pressure: the other half is absent, not made up.
         let obs = map(json!({"sbp": 120}));
@@ -308,6 +350,29 @@ pub(crate) mod tests {
                     .is_empty()
             );
         }
+    }
+
+    #[test]
+    fn a_clock_beyond_year_9999_still_maps() {
+        let mut e = event_json(json!({"spo2": 95, "sbp": 120}));
+        e["ts"] = json!(u64::MAX);
+        e["clock_skew"] = json!({"direction": "ahead", "by_ms": 1, "allowed_ms": 60000});
+        let event = Event::from_json(&e).expect("event");
+        let obs = observations(&event).expect("maps");
+        assert_eq!(obs.len(), 2);
+        for o in &obs {
+            let o = &o.resource;
+            assert_eq!(o["effectiveDateTime"], "2025-11-21T12:00:05.123Z");
+            let ext = o["extension"].as_array().expect("extensions");
+            assert!(
+                ext.contains(&json!({"url": EXT_DEVICE_TIME, "valueString": u64::MAX.to_string()}))
+            );
+        }
+        let p = crate::provenance::reading(&event, &obs, b"x").expect("provenance");
+        assert_eq!(p["occurredDateTime"], "2025-11-21T12:00:05.123Z");
+        // An ordinary clock has no such extension.
+        let o = &map(json!({"spo2": 95}))[0].resource;
+        assert!(!o.to_string().contains(EXT_DEVICE_TIME));
     }
 
     #[test]

@@ -19,9 +19,12 @@ use crate::event::Event;
 use crate::ids;
 use crate::observation::MappedObservation;
 
-/// ASTM E1762-95 signature types; `1.2.840.10065.1.12.1.5` is "Verification Signature".
+/// ASTM E1762-95 signature types; `1.2.840.10065.1.12.1.1` is "Author's Signature":
+/// the device signed its own message as its originator (it is the `author` agent);
+/// nobody signs as a verifier ("Verification Signature", `...1.5`, would say someone
+/// attested content they did not author).
 pub const SIGNATURE_TYPE_SYSTEM: &str = "urn:iso-astm:E1762-95:2013";
-pub const VERIFICATION_SIGNATURE: &str = "1.2.840.10065.1.12.1.5";
+pub const AUTHOR_SIGNATURE: &str = "1.2.840.10065.1.12.1.1";
 /// `Provenance.signature.sigFormat` of a COSE_Sign1 (RFC 9052).
 pub const COSE: &str = "application/cose";
 const PARTICIPANT: &str = "http://terminology.hl7.org/CodeSystem/provenance-participant-type";
@@ -39,6 +42,10 @@ fn by_uri(resource_type: Option<&str>, uri: &str) -> Json {
     r
 }
 
+/// `Provenance.policy` of a reading whose raw message retention purged: no
+/// `signature` (the COSE bytes are gone), the entity keeps its SHA-256.
+pub const RAW_PURGED: &str = "urn:vitalmq:raw-purged";
+
 /// The Provenance of a reading, with `raw` = the COSE_Sign1 bytes as received (their
 /// SHA-256 is the event's `raw_sha256`; the caller checks that before calling).
 pub fn reading(
@@ -46,9 +53,29 @@ pub fn reading(
     observations: &[MappedObservation],
     raw: &[u8],
 ) -> Result<Json, crate::Error> {
+    of_reading(event, observations, Some(raw))
+}
+
+/// The Provenance of a reading whose raw message retention purged (the event is kept):
+/// the same chain of custody without `signature`, the entity naming the SHA-256 the
+/// message had, `policy` [`RAW_PURGED`]. Nobody can re-verify it: verifiers report it
+/// apart from tampering.
+pub fn reading_raw_purged(
+    event: &Event,
+    observations: &[MappedObservation],
+) -> Result<Json, crate::Error> {
+    of_reading(event, observations, None)
+}
+
+fn of_reading(
+    event: &Event,
+    observations: &[MappedObservation],
+    raw: Option<&[u8]>,
+) -> Result<Json, crate::Error> {
+    let (occurred, _) = event.effective()?;
     let recorded = match &event.received_at {
         Some(t) => t.clone(),
-        None => ids::instant(event.ts)?,
+        None => occurred.clone(),
     };
     let targets: Vec<Json> = observations
         .iter()
@@ -65,7 +92,7 @@ pub fn reading(
     let mut p = json!({
         "resourceType": "Provenance",
         "target": targets,
-        "occurredDateTime": ids::instant(event.ts)?,
+        "occurredDateTime": occurred,
         "recorded": recorded,
         "policy": [format!("urn:vitalmq:transformation:{}", event.provenance.transformation)],
         "agent": agents,
@@ -76,19 +103,32 @@ pub fn reading(
                 "display": format!("COSE_Sign1 message {} seq {} epoch {}", event.event_id, event.seq, event.epoch),
             },
         }],
-        "signature": [{
+        "signature": raw.map(|raw| json!([{
             "type": [{
                 "system": SIGNATURE_TYPE_SYSTEM,
-                "code": VERIFICATION_SIGNATURE,
-                "display": "Verification Signature",
+                "code": AUTHOR_SIGNATURE,
+                "display": "Author's Signature",
             }],
             "when": recorded,
             "who": ids::device(&event.device),
             "targetFormat": "application/cbor",
             "sigFormat": COSE,
             "data": base64::engine::general_purpose::STANDARD.encode(raw),
-        }],
+        }])),
     });
+    if raw.is_none() {
+        if let Some(o) = p.as_object_mut() {
+            o.remove("signature");
+        }
+        p["entity"][0]["what"]["display"] = format!(
+            "COSE_Sign1 message {} seq {} epoch {}, purged by retention (only its SHA-256 remains)",
+            event.event_id, event.seq, event.epoch
+        )
+        .into();
+        if let Some(policy) = p["policy"].as_array_mut() {
+            policy.push(RAW_PURGED.into());
+        }
+    }
     if let (Some(c), Some(policy)) = (&event.provenance.consent, p["policy"].as_array_mut()) {
         policy.push(format!("urn:vitalmq:consent:{c}").into());
     }

@@ -30,12 +30,26 @@ pub struct SignedReading {
 /// A target Observation's claims.
 #[derive(Debug, Clone)]
 pub struct TargetObservation {
-    /// Its `urn:vitalmq:observation` identifier value.
+    /// Its index among the resources read ([`resources`]): coverage is per resource,
+    /// not per identifier, so a copy under the same identifier is not covered.
+    pub index: usize,
+    /// Its `urn:vitalmq:observation` identifier value (empty when it has none).
     pub key: String,
+    /// Its `urn:vitalmq:event` identifier value.
+    pub event: Option<String>,
     pub effective: Option<String>,
+    /// The device-time extension (the device clock, when beyond RFC 3339).
+    pub device_time: Option<String>,
     pub device: Option<String>,
     /// (metric, value) pairs; `None` when absent (dataAbsentReason).
     pub values: Vec<(String, Option<f64>)>,
+    /// The `urn:vitalmq:observation` identifier the mapping gives such an Observation
+    /// of event `event_id` ([`Self::expected_key`]): a panel's, or its metric's.
+    pub panel: bool,
+    pub metric: Option<String>,
+    /// What the mapping never produces: `value[x]` next to `component`, a unit other
+    /// than the mapping table's.
+    pub problems: Vec<String>,
 }
 
 /// The resources of `doc`: a Bundle's entry resources, or the document itself.
@@ -69,21 +83,9 @@ fn reference_device(r: &Json) -> Option<String> {
         .flatten()
 }
 
-/// The metric values an Observation claims.
+/// The metric values an Observation claims (the components of a panel, else its
+/// `valueQuantity`); see [`problems`] for what makes such a reading ambiguous.
 pub fn values(o: &Json) -> Vec<(String, Option<f64>)> {
-    let metric_of = |code: &Json| -> Option<String> {
-        let codings = code["coding"].as_array()?;
-        codings.iter().find_map(|c| {
-            let code = c["code"].as_str()?;
-            if c["system"] == codes::LOINC {
-                codes::metric_of(code).map(str::to_owned)
-            } else if c["system"] == codes::METRIC {
-                Some(code.to_owned())
-            } else {
-                None
-            }
-        })
-    };
     let mut out = Vec::new();
     if let Some(components) = o["component"].as_array() {
         for c in components {
@@ -97,28 +99,214 @@ pub fn values(o: &Json) -> Vec<(String, Option<f64>)> {
     out
 }
 
+fn metric_of(code: &Json) -> Option<String> {
+    let codings = code["coding"].as_array()?;
+    codings.iter().find_map(|c| {
+        let code = c["code"].as_str()?;
+        if c["system"] == codes::LOINC {
+            codes::metric_of(code).map(str::to_owned)
+        } else if c["system"] == codes::METRIC {
+            Some(code.to_owned())
+        } else {
+            None
+        }
+    })
+}
+
+/// The unit (UCUM code) the mapping gives `metric`; `None` for a metric SPEC does not
+/// list (its Quantity carries no unit).
+fn expected_ucum(metric: &str) -> Option<&'static str> {
+    codes::vital(metric).map(|v| v.ucum).or_else(|| {
+        codes::BP_PARTS
+            .iter()
+            .any(|(m, _)| *m == metric)
+            .then_some(codes::MM_HG)
+    })
+}
+
+fn unit_problem(metric: &str, quantity: &Json) -> Option<String> {
+    if quantity.is_null() {
+        return None;
+    }
+    let (system, code) = (quantity["system"].as_str(), quantity["code"].as_str());
+    match expected_ucum(metric) {
+        Some(ucum) if system == Some(codes::UCUM) && code == Some(ucum) => None,
+        None if system.is_none() && code.is_none() => None,
+        expected => Some(format!(
+            "{metric}: unit {system:?}|{code:?}, the mapping's is {:?}",
+            expected.map(|u| format!("{}|{u}", codes::UCUM))
+        )),
+    }
+}
+
+/// What makes an Observation's claims differ from what the mapping produces: a
+/// `value[x]` next to `component` (a reader could take either), a unit other than the
+/// mapping table's (a value is only the signed one in the signed unit).
+pub fn problems(o: &Json) -> Vec<String> {
+    let mut out = Vec::new();
+    let components = o["component"].as_array();
+    let value_x = o
+        .as_object()
+        .map(|m| {
+            m.keys()
+                .filter(|k| k.starts_with("value"))
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    if components.is_some() && !value_x.is_empty() {
+        out.push(format!("{} together with component", value_x.join(", ")));
+    }
+    if components.is_none() && value_x.iter().any(|k| k != "valueQuantity") {
+        out.push(format!("{} is not a valueQuantity", value_x.join(", ")));
+    }
+    if let Some(components) = components {
+        for c in components {
+            if let Some(m) = metric_of(&c["code"]) {
+                out.extend(unit_problem(&m, &c["valueQuantity"]));
+            }
+        }
+    } else if let Some(m) = metric_of(&o["code"]) {
+        out.extend(unit_problem(&m, &o["valueQuantity"]));
+    }
+    out
+}
+
+impl TargetObservation {
+    /// The identifier value the mapping gives this Observation in event `event_id`.
+    pub fn expected_key(&self, event_id: &str) -> Option<String> {
+        if self.panel {
+            Some(crate::observation::panel_key(event_id))
+        } else {
+            self.metric
+                .as_deref()
+                .map(|m| crate::observation::key(event_id, m))
+        }
+    }
+}
+
+/// The resources of a document, indexed for resolving Provenance targets.
+struct Index<'a> {
+    all: Vec<&'a Json>,
+    by_url: HashMap<&'a str, &'a Json>,
+    by_key: HashMap<&'a str, &'a Json>,
+}
+
+impl<'a> Index<'a> {
+    fn new(doc: &'a Json) -> Self {
+        let mut by_url: HashMap<&str, &Json> = HashMap::new();
+        if let Some(es) = doc["entry"].as_array() {
+            for e in es {
+                if let Some(u) = e["fullUrl"].as_str() {
+                    by_url.insert(u, &e["resource"]);
+                }
+            }
+        }
+        let all = resources(doc);
+        let mut by_key: HashMap<&str, &Json> = HashMap::new();
+        for r in &all {
+            if r["resourceType"] == "Observation"
+                && let Some(k) = observation_key(r)
+            {
+                by_key.insert(k, r);
+            }
+        }
+        Self {
+            all,
+            by_url,
+            by_key,
+        }
+    }
+
+    /// The target Observations of Provenance `p` found (by fullUrl within a Bundle,
+    /// else by identifier), and the targets not found.
+    fn targets(&self, p: &Json) -> (Vec<TargetObservation>, Vec<String>) {
+        let (all, by_url, by_key) = (&self.all, &self.by_url, &self.by_key);
+        let mut observations = Vec::new();
+        let mut missing_targets = Vec::new();
+        for t in p["target"].as_array().into_iter().flatten() {
+            let found = t["reference"]
+                .as_str()
+                .and_then(|u| by_url.get(u).copied())
+                .or_else(|| {
+                    (t["identifier"]["system"] == ids::OBSERVATION)
+                        .then(|| t["identifier"]["value"].as_str())
+                        .flatten()
+                        .and_then(|k| by_key.get(k).copied())
+                });
+            match found.filter(|o| o["resourceType"] == "Observation") {
+                Some(o) => observations.push(TargetObservation {
+                    index: all
+                        .iter()
+                        .position(|r| std::ptr::eq(*r, o))
+                        .unwrap_or(usize::MAX),
+                    key: observation_key(o).unwrap_or_default().to_owned(),
+                    event: identifier_value(&o["identifier"], ids::EVENT).map(str::to_owned),
+                    panel: o["component"].is_array(),
+                    metric: metric_of(&o["code"]),
+                    problems: problems(o),
+                    effective: o["effectiveDateTime"].as_str().map(str::to_owned),
+                    device_time: o["extension"].as_array().and_then(|ext| {
+                        ext.iter()
+                            .find(|x| x["url"] == crate::observation::EXT_DEVICE_TIME)
+                            .and_then(|x| x["valueString"].as_str().map(str::to_owned))
+                    }),
+                    device: reference_device(&o["device"]),
+                    values: values(o),
+                }),
+                None => missing_targets.push(
+                    t["reference"]
+                        .as_str()
+                        .or_else(|| t["identifier"]["value"].as_str())
+                        .unwrap_or("?")
+                        .to_owned(),
+                ),
+            }
+        }
+        (observations, missing_targets)
+    }
+}
+
+/// A Provenance of a reading whose raw message retention purged ([`provenance::RAW_PURGED`]):
+/// no signature to verify, its targets are unsigned, not tampered with.
+#[derive(Debug, Clone)]
+pub struct PurgedReading {
+    pub index: usize,
+    pub observations: Vec<TargetObservation>,
+    pub missing_targets: Vec<String>,
+}
+
+/// Every Provenance in `doc` without a COSE signature that says its raw message was
+/// purged by retention.
+pub fn purged_readings(doc: &Json) -> Vec<PurgedReading> {
+    let idx = Index::new(doc);
+    let mut out = Vec::new();
+    for (index, p) in idx.all.iter().enumerate() {
+        let signed = p["signature"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["sigFormat"] == provenance::COSE));
+        let purged = p["policy"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|x| x == provenance::RAW_PURGED));
+        if p["resourceType"] != "Provenance" || signed || !purged {
+            continue;
+        }
+        let (observations, missing_targets) = idx.targets(p);
+        out.push(PurgedReading {
+            index,
+            observations,
+            missing_targets,
+        });
+    }
+    out
+}
+
 /// Every Provenance in `doc` with a COSE signature, with its target Observations
 /// resolved (by fullUrl within a Bundle, else by identifier).
 pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
-    let mut by_url: HashMap<&str, &Json> = HashMap::new();
-    if let Some(es) = doc["entry"].as_array() {
-        for e in es {
-            if let Some(u) = e["fullUrl"].as_str() {
-                by_url.insert(u, &e["resource"]);
-            }
-        }
-    }
-    let all = resources(doc);
-    let mut by_key: HashMap<&str, &Json> = HashMap::new();
-    for r in &all {
-        if r["resourceType"] == "Observation"
-            && let Some(k) = observation_key(r)
-        {
-            by_key.insert(k, r);
-        }
-    }
+    let idx = Index::new(doc);
     let mut out = Vec::new();
-    for (index, p) in all.iter().enumerate() {
+    for (index, p) in idx.all.iter().enumerate() {
         if p["resourceType"] != "Provenance" {
             continue;
         }
@@ -157,34 +345,7 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
                     .flatten()
             })
         });
-        let mut observations = Vec::new();
-        let mut missing_targets = Vec::new();
-        for t in p["target"].as_array().into_iter().flatten() {
-            let found = t["reference"]
-                .as_str()
-                .and_then(|u| by_url.get(u).copied())
-                .or_else(|| {
-                    (t["identifier"]["system"] == ids::OBSERVATION)
-                        .then(|| t["identifier"]["value"].as_str())
-                        .flatten()
-                        .and_then(|k| by_key.get(k).copied())
-                });
-            match found.filter(|o| o["resourceType"] == "Observation") {
-                Some(o) => observations.push(TargetObservation {
-                    key: observation_key(o).unwrap_or_default().to_owned(),
-                    effective: o["effectiveDateTime"].as_str().map(str::to_owned),
-                    device: reference_device(&o["device"]),
-                    values: values(o),
-                }),
-                None => missing_targets.push(
-                    t["reference"]
-                        .as_str()
-                        .or_else(|| t["identifier"]["value"].as_str())
-                        .unwrap_or("?")
-                        .to_owned(),
-                ),
-            }
-        }
+        let (observations, missing_targets) = idx.targets(p);
         out.push(SignedReading {
             index,
             device: reference_device(&sig["who"]),

@@ -6,7 +6,9 @@
 //! device for some time of the range, each in its own snapshot, restricted to that
 //! device), opens sealed payloads with the configured `[encryption]` keyring, and
 //! writes a FHIR R4 **transaction** Bundle (loadable as is into a FHIR server, with the
-//! same conditional requests as the sink: re-loading it creates nothing twice):
+//! sink's conditional requests except that Device and Task are created only if absent,
+//! never updated: an old range must not roll a live server back; re-loading it creates
+//! nothing twice):
 //! Device, Observations and their Provenance carrying the device's COSE_Sign1, and per
 //! clinical alert change its DetectedIssue, Task, Communication and Provenance.
 //! `--ndjson DIR` also writes bulk-export style files, `<Type>.ndjson`, one resource per
@@ -15,7 +17,8 @@
 //!
 //! Patient-linked: recorded as the operator action `fhir.export` (resource the
 //! patient_ref, or the device with its wearers in the details; counts and the Bundle's
-//! SHA-256, never the data). An erased patient (for `--device`: any wearer in the
+//! SHA-256, never the data). A reading whose raw message retention purged goes with a
+//! Provenance without signature (`raw_purged` in the report). An erased patient (for `--device`: any wearer in the
 //! range; narrow it with `--since`) is refused; new files only, owner-only.
 
 use std::io::Write as _;
@@ -70,6 +73,8 @@ struct Report {
     events: u64,
     observations: u64,
     alert_changes: u64,
+    /// Readings whose raw message retention purged: exported without signature.
+    raw_purged: u64,
     entries: u64,
     bundle_sha256: String,
 }
@@ -140,7 +145,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
             device: device.as_deref(),
             since,
             until,
-            builder: BundleBuilder::new(),
+            builder: BundleBuilder::for_export(),
             devices: Vec::new(),
             report: Report::default(),
         };
@@ -181,6 +186,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
         let mut done = Map::new();
         done.insert("events".into(), report.events.into());
         done.insert("alert_changes".into(), report.alert_changes.into());
+        done.insert("raw_purged".into(), report.raw_purged.into());
         done.insert("bundle_sha256".into(), report.bundle_sha256.clone().into());
         Ok((report, done))
     })
@@ -223,14 +229,21 @@ impl Collect<'_> {
         let json: Json = serde_json::from_slice(readable(&e.normalized, "normalized events")?)
             .with_context(|| format!("event {id}: the stored normalized event is not JSON"))?;
         let event = Event::from_json(&json).with_context(|| format!("event {id}"))?;
-        let raw = readable(&e.raw, "raw messages")?;
-        anyhow::ensure!(
-            hex::encode(ring::digest::digest(&ring::digest::SHA256, raw))
-                == event.provenance.raw_sha256,
-            "event {id}: the raw message does not hash to the event's raw_sha256"
-        );
         self.report.events += 1;
-        self.report.observations += self.builder.reading(&event, raw)? as u64;
+        if matches!(e.raw, Payload::Erased { erased_at_ms: None }) {
+            // The patient is not erased (checked before reading), so an empty raw row
+            // is retention's purge: the reading goes without its device signature.
+            self.report.raw_purged += 1;
+            self.report.observations += self.builder.reading_raw_purged(&event)? as u64;
+        } else {
+            let raw = readable(&e.raw, "raw messages")?;
+            anyhow::ensure!(
+                hex::encode(ring::digest::digest(&ring::digest::SHA256, raw))
+                    == event.provenance.raw_sha256,
+                "event {id}: the raw message does not hash to the event's raw_sha256"
+            );
+            self.report.observations += self.builder.reading(&event, raw)? as u64;
+        }
         let newest = (device.to_owned(), e.head.site.as_str().to_owned(), event);
         match self.devices.iter_mut().find(|(d, ..)| d == device) {
             Some(f) => *f = newest,

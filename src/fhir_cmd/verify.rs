@@ -5,15 +5,24 @@
 //!    names, which must be the kid, the payload's `dev` and the `author` agent;
 //! 2. the SHA-256 of the bytes equals the raw-message entity's;
 //! 3. every target Observation found in the file names that device, has
-//!    `effectiveDateTime` = the signed `ts`, and claims exactly the signed values (no
-//!    value changed, added or dropped).
+//!    `effectiveDateTime` = the signed `ts`, carries the event id recomputed from the
+//!    signed `dev`/`epoch`/`seq` (and the identifier the mapping derives from it), and
+//!    claims exactly the signed values in the mapping table's units (no value changed,
+//!    added or dropped; no `value[x]` next to `component`, which a reader could take
+//!    instead of the checked one).
 //!
-//! Then every Observation of the file that no verified Provenance covers is a failure
-//! too (an unsigned reading slipped in). One JSON line per Provenance, a summary line;
+//! Then every Observation resource of the file that no verified Provenance targets is
+//! a failure too (an unsigned reading slipped in, with or without an identifier), and
+//! so is an Observation identifier that occurs twice (a copy next to the signed one).
+//! A reading whose raw message retention purged (Provenance without signature, policy
+//! `urn:vitalmq:raw-purged`) cannot be re-verified: reported as "unsigned (raw
+//! purged)", apart from tampering; a failure unless `--allow-unsigned`.
+//! The `subject` is not covered: the device does not sign the patient; the attribution
+//! is the bridge's (see `docs/fhir.md`). One JSON line per Provenance, a summary line;
 //! exit 1 on any failure. Reads no store: nothing patient-linked is accessed beyond
 //! the file the operator already holds.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -30,6 +39,11 @@ pub struct VerifyArgs {
     /// The device registry (`vitalmq-registry/v2`) holding the devices' public keys.
     #[arg(long)]
     registry: PathBuf,
+    /// Accept readings whose raw message retention purged (a Provenance without
+    /// signature, policy `urn:vitalmq:raw-purged`): reported as "unsigned (raw purged)"
+    /// either way, a failure without this flag.
+    #[arg(long)]
+    allow_unsigned: bool,
 }
 
 /// The outcome for one Provenance.
@@ -37,6 +51,7 @@ struct Checked {
     index: usize,
     device: Option<String>,
     covered: Vec<String>,
+    covered_resources: Vec<usize>,
     errors: Vec<String>,
     unchecked_targets: Vec<String>,
 }
@@ -49,11 +64,11 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.registry.display()))?;
     let readings = read::signed_readings(&doc)?;
     let mut failed = 0usize;
-    let mut covered: HashSet<String> = HashSet::new();
+    let mut covered: HashSet<usize> = HashSet::new();
     for r in &readings {
         let c = check(r, &registry);
         if c.errors.is_empty() {
-            covered.extend(c.covered.iter().cloned());
+            covered.extend(c.covered_resources.iter().copied());
         } else {
             failed += 1;
         }
@@ -69,13 +84,65 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             })
         );
     }
-    let unsigned: Vec<&str> = read::resources(&doc)
+    // Retention purged the raw message: nothing to verify, reported apart from
+    // tampering, and covered only when the operator accepts unsigned readings.
+    let mut purged: Vec<String> = Vec::new();
+    for p in read::purged_readings(&doc) {
+        let keys: Vec<&str> = p.observations.iter().map(|o| o.key.as_str()).collect();
+        println!(
+            "{}",
+            json!({
+                "provenance": p.index,
+                "ok": args.allow_unsigned,
+                "unsigned": "raw purged",
+                "observations": keys,
+                "targets_not_in_file": p.missing_targets,
+            })
+        );
+        for o in &p.observations {
+            if covered.contains(&o.index) {
+                continue;
+            }
+            purged.push(o.key.clone());
+            if args.allow_unsigned {
+                covered.insert(o.index);
+            }
+        }
+    }
+    let observations: Vec<(usize, Option<&str>)> = read::resources(&doc)
         .into_iter()
-        .filter(|r| r["resourceType"] == "Observation")
-        .filter_map(read::observation_key)
-        .filter(|k| !covered.contains(*k))
+        .enumerate()
+        .filter(|(_, r)| r["resourceType"] == "Observation")
+        .map(|(i, r)| (i, read::observation_key(r)))
         .collect();
-    let ok = failed == 0 && unsigned.is_empty() && !readings.is_empty();
+    let name = |i: usize, key: Option<&str>| match key {
+        Some(k) => k.to_owned(),
+        None => format!("resource #{i} (no urn:vitalmq:observation identifier)"),
+    };
+    let purged_set: HashSet<&str> = purged.iter().map(String::as_str).collect();
+    let unsigned: Vec<String> = observations
+        .iter()
+        .filter(|(i, k)| !covered.contains(i) && !k.is_some_and(|k| purged_set.contains(k)))
+        .map(|(i, k)| name(*i, *k))
+        .collect();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (_, k) in &observations {
+        if let Some(k) = k {
+            *seen.entry(k).or_default() += 1;
+        }
+    }
+    let duplicated: Vec<&str> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| *k)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let ok = failed == 0
+        && unsigned.is_empty()
+        && duplicated.is_empty()
+        && (args.allow_unsigned || purged.is_empty())
+        && (!readings.is_empty() || (args.allow_unsigned && !purged.is_empty()));
     println!(
         "{}",
         json!({
@@ -83,6 +150,8 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             "signed_provenances": readings.len(),
             "failed": failed,
             "observations_without_a_verified_signature": unsigned,
+            "observation_identifiers_duplicated": duplicated,
+            "unsigned_raw_purged": purged,
         })
     );
     tracing::info!(
@@ -103,6 +172,7 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
         index: r.index,
         device: r.device.clone(),
         covered: Vec::new(),
+        covered_resources: Vec::new(),
         errors: Vec::new(),
         unchecked_targets: r.missing_targets.clone(),
     };
@@ -148,6 +218,8 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
             })
             .collect();
     let ts = vitalmq_fhir::ids::instant(t.ts).ok();
+    // The event id is a function of what the device signed: recomputed, not trusted.
+    let event_id = vitalmq_bridge::normalize::event_id(&t.dev, t.epoch, t.seq);
     let mut claimed: BTreeMap<String, Option<f64>> = BTreeMap::new();
     for o in &r.observations {
         if o.device.as_deref() != Some(device) {
@@ -156,11 +228,35 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
                 o.key, o.device
             ));
         }
-        if o.effective != ts {
+        if ts.is_some() && o.effective != ts {
             c.errors.push(format!(
                 "Observation {}: effectiveDateTime {:?} is not the signed time {ts:?}",
                 o.key, o.effective
             ));
+        }
+        // A device clock beyond RFC 3339: the mapping dates it by the bridge's time
+        // and keeps the signed one in the device-time extension.
+        if ts.is_none() && o.device_time != Some(t.ts.to_string()) {
+            c.errors.push(format!(
+                "Observation {}: device time {:?} is not the signed {}",
+                o.key, o.device_time, t.ts
+            ));
+        }
+        if o.event.as_deref() != Some(event_id.as_str()) {
+            c.errors.push(format!(
+                "Observation {}: event {:?} is not the signed message's {event_id}",
+                o.key, o.event
+            ));
+        }
+        let expected = o.expected_key(&event_id);
+        if expected.as_deref() != Some(o.key.as_str()) {
+            c.errors.push(format!(
+                "Observation {:?}: the mapping of the signed message identifies it as {expected:?}",
+                o.key
+            ));
+        }
+        for p in &o.problems {
+            c.errors.push(format!("Observation {}: {p}", o.key));
         }
         for (metric, value) in &o.values {
             if claimed.insert(metric.clone(), *value).is_some() {
@@ -169,6 +265,7 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
             }
         }
         c.covered.push(o.key.clone());
+        c.covered_resources.push(o.index);
     }
     if !r.observations.is_empty() {
         for (metric, value) in &claimed {

@@ -27,6 +27,27 @@ from pycose.messages import CoseMessage
 
 LOINC = {"59408-5": "spo2", "8867-4": "pulse", "9279-1": "resp", "8310-5": "temp",
          "8480-6": "sbp", "8462-4": "dbp"}
+# The mapping's UCUM unit per metric (docs/fhir.md); an unlisted metric has none.
+UCUM = {"spo2": "%", "pulse": "/min", "resp": "/min", "temp": "Cel", "sbp": "mm[Hg]",
+        "dbp": "mm[Hg]"}
+
+
+def problems(o):
+    """What makes the claims ambiguous: value[x] next to component, another unit."""
+    out = []
+    value_x = [k for k in o if k.startswith("value")]
+    if "component" in o and value_x:
+        out.append(f"{value_x} together with component")
+    for p in o.get("component") or [o]:
+        q = p.get("valueQuantity")
+        if q is None:
+            continue
+        for metric in claimed({"code": p["code"], "valueQuantity": q}):
+            want = UCUM.get(metric)
+            have = (q.get("system"), q.get("code"))
+            if have != (("http://unitsofmeasure.org", want) if want else (None, None)):
+                out.append(f"{metric}: unit {have}, the mapping's {want}")
+    return out
 
 
 def public_key(alg, public_hex):
@@ -91,6 +112,7 @@ def main(bundle_path, registry_path):
                 effective = datetime.datetime.fromisoformat(o["effectiveDateTime"].replace("Z", "+00:00"))
                 if effective != when:
                     errors.append(f"{t['reference']}: effective {effective} is not ts {when}")
+                errors.extend(f"{t['reference']}: {x}" for x in problems(o))
                 seen.update(claimed(o))
             for metric, value in seen.items():
                 values += 1

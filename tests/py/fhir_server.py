@@ -12,11 +12,15 @@ Binds 127.0.0.1 on a free port and prints "fhir listening on 127.0.0.1:PORT".
   POST /fhir    a `transaction` Bundle, under a valid bearer token (else 401). Every
                 entry's resource is validated (400 + OperationOutcome on any error,
                 nothing applied: transactions are atomic). Conditional creates
-                (ifNoneExist: `identifier`, `entity:identifier`, `target:identifier`)
-                answer 200 for an existing match, else create (201); conditional
-                updates (PUT Type?identifier=...) replace the match or create.
+                (ifNoneExist: `identifier=system|value`) answer 200 for an existing
+                match, else create (201); conditional updates (PUT Type?identifier=...)
+                replace the match or create; PUT Type/id (the resource's id must be
+                that id) creates or updates that id, as a real server's update-as-create.
+                Like HAPI (HAPI-2498) and Azure, a search parameter with a modifier or
+                chain (`entity:identifier=`, `target:identifier=`) is refused: 400; so
+                is a `urn:uuid:` reference to no entry of the Bundle.
   GET  /_dump   counts: resources per type, stored resources per the identifier
-                search they were created under (a duplicate shows as 2), created/existing/refused answers, validation
+                search (or `Type/id`) they were created under (a duplicate shows as 2), created/existing/refused answers, validation
                 errors, and every Observation's identifiers.
   POST /_down?mode=503|close|lost, POST /_up
                 an outage: answer 503, close the connection unanswered, or apply the
@@ -47,21 +51,41 @@ STORE = {}  # resource type -> list of resources
 CREATED = {}  # "Type|<search>" a resource was created under -> how many stored
 STATE = {"down": None, "created": 0, "existing": 0, "updated": 0, "transactions": 0,
          "refused_validation": 0, "refused_token": 0, "validation_errors": [],
-         "unconditional": 0, "lost": 0}
+         "unconditional": 0, "lost": 0, "refused_unsupported": 0, "unsupported": []}
+
+
+class Unsupported(ValueError):
+    """A request a real server refuses (400)."""
 
 
 def identifiers_of(resource, param):
     """The (system, value) pairs a search parameter reaches in a stored resource."""
-    if param == "identifier":
-        ids = resource.get("identifier", [])
-        ids = ids if isinstance(ids, list) else [ids]
-    elif param == "entity:identifier":
-        ids = [e.get("what", {}).get("identifier", {}) for e in resource.get("entity", [])]
-    elif param == "target:identifier":
-        ids = [t.get("identifier", {}) for t in resource.get("target", [])]
-    else:
-        raise ValueError(f"unsupported search parameter {param}")
+    if param != "identifier":
+        raise Unsupported(f"HAPI-2498: unsupported search parameter {param!r}")
+    ids = resource.get("identifier", [])
+    ids = ids if isinstance(ids, list) else [ids]
     return {(i.get("system"), i.get("value")) for i in ids if i}
+
+
+def refused(bundle):
+    """What a real server refuses before applying anything: modifiers and chains in
+    conditional requests, a PUT Type/id whose resource has another id, a `urn:uuid:`
+    reference that is no entry's fullUrl (HAPI: 400, placeholder not resolvable)."""
+    out = [f"unresolvable placeholder reference {r}" for r in fhir_validate.unresolved(bundle)]
+    for e in bundle["entry"]:
+        resource, request = e["resource"], e["request"]
+        queries = [request.get("ifNoneExist") or ""]
+        url, _, query = request["url"].partition("?")
+        queries.append(query)
+        for q in queries:
+            param = q.partition("=")[0]
+            if q and param != "identifier":
+                out.append(f"HAPI-2498: unsupported search parameter {param!r} in {q!r}")
+        if request["method"] == "PUT" and not query:
+            rtype, _, rid = url.partition("/")
+            if rtype != resource["resourceType"] or not rid or resource.get("id") != rid:
+                out.append(f"PUT {url}: the resource's id is {resource.get('id')!r}")
+    return out
 
 
 def search(rtype, query):
@@ -93,6 +117,19 @@ def apply(bundle):
                 STATE["existing"] += 1
                 answers.append({"status": "200 OK", "location": f"{rtype}/{found[0]['id']}"})
                 continue
+        elif "?" not in request["url"]:  # PUT Type/id: update-as-create
+            query = request["url"]
+            found = [r for r in STORE.get(rtype, []) if r["id"] == resource["id"]]
+            if found:
+                STORE[rtype] = [resource if r is found[0] else r for r in STORE[rtype]]
+                STATE["updated"] += 1
+                answers.append({"status": "200 OK", "location": request["url"]})
+                continue
+            STORE.setdefault(rtype, []).append(resource)
+            CREATED[query] = CREATED.get(query, 0) + 1
+            STATE["created"] += 1
+            answers.append({"status": "201 Created", "location": request["url"]})
+            continue
         else:  # PUT Type?identifier=...
             _, _, query = request["url"].partition("?")
             found = search(rtype, query)
@@ -201,6 +238,12 @@ class Handler(BaseHTTPRequestHandler):
             errors.append("not a transaction Bundle")
         else:
             fhir_validate.check(bundle, "Bundle", counts, errors)
+        if not errors:
+            unsupported = refused(bundle)
+            if unsupported:
+                STATE["refused_unsupported"] += 1
+                STATE["unsupported"].extend(unsupported[:20])
+                return self.reply(400, outcome("not-supported", "; ".join(unsupported[:5])))
         if errors:
             STATE["refused_validation"] += 1
             STATE["validation_errors"].extend(errors[:20])

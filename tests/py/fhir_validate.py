@@ -6,8 +6,9 @@ R4's Observation, Device, Provenance, DetectedIssue, Task, Communication and Bun
                                        (.ndjson, one resource per line)
 
 Parses every resource on its own and every Bundle whole; checks the vital-signs profile
-rules the base models do not (category, LOINC and UCUM codes, the BP components);
-prints one JSON summary line and exits non-zero on any error.
+rules the base models do not (category, LOINC and UCUM codes, the BP components) and
+that every `urn:uuid:` reference is the fullUrl of an entry of the same Bundle (a server
+refuses a transaction with an unresolvable placeholder; a lone resource has none); prints one JSON summary line and exits non-zero on any error.
 """
 import json
 import sys
@@ -116,15 +117,42 @@ def check(resource, where, counts, errors):
             check(e["resource"], f"{where} entry {i}", counts, errors)
 
 
+def references(value):
+    """Every `reference` string inside a JSON value."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == "reference" and isinstance(v, str):
+                yield v
+            else:
+                yield from references(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from references(v)
+
+
+def unresolved(doc):
+    """The `urn:uuid:` references of `doc` no entry of the same Bundle has as fullUrl."""
+    entries = doc.get("entry", []) if doc.get("resourceType") == "Bundle" else []
+    local = {e.get("fullUrl") for e in entries}
+    resources = [e.get("resource", {}) for e in entries] if entries else [doc]
+    return sorted({r for res in resources for r in references(res)
+                   if r.startswith("urn:uuid:") and r not in local})
+
+
+def check_document(doc, where, counts, errors):
+    check(doc, where, counts, errors)
+    errors.extend(f"{where}: unresolvable placeholder reference {r}" for r in unresolved(doc))
+
+
 def main(paths):
     counts, errors = {}, []
     for path in paths:
         with open(path, encoding="utf-8") as f:
             if path.endswith(".ndjson"):
                 for n, line in enumerate(f, 1):
-                    check(json.loads(line), f"{path}:{n}", counts, errors)
+                    check_document(json.loads(line), f"{path}:{n}", counts, errors)
             else:
-                check(json.load(f), path, counts, errors)
+                check_document(json.load(f), path, counts, errors)
     print(json.dumps({"counts": counts, "errors": errors}))
     return 1 if errors or not counts else 0
 

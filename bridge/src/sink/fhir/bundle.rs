@@ -9,6 +9,8 @@ use serde_json::Value;
 use vitalmq_fhir::{AlertChange, BundleBuilder, DeviceFacts, Event};
 use vitalmq_policies::{DeviceEntry, DeviceRegistry};
 
+use tracing::warn;
+
 use super::FhirFailure;
 use crate::sink::Batch;
 use crate::store::StoredAlert;
@@ -22,21 +24,37 @@ pub fn bundle_for(
 ) -> Result<Option<Value>, FhirFailure> {
     let mut bundle = BundleBuilder::new();
     for r in &batch.records {
-        let json: Value = serde_json::from_str(&r.normalized_json)
-            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
-        let event = Event::from_json(&json)
-            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
-        let entry = registry.and_then(|reg| {
-            vitalmq_envelope::DeviceId::new(r.device.as_str())
-                .ok()
-                .and_then(|id| reg.device(&id))
-        });
-        bundle.device(&device_facts(&r.device, &r.site, &event, entry));
-        bundle
-            .reading(&event, &r.raw)
-            .map_err(|e| FhirFailure::Mapping(format!("event at {}: {e}", r.position)))?;
+        // A record that cannot be mapped is left out, never holding the batch (and
+        // every other patient's readings behind it) in the outbox forever: counted
+        // and logged by position and device, the store keeps it.
+        let mut tried = BundleBuilder::new();
+        if let Err(e) = map_record(&mut tried, r, registry) {
+            metrics::counter!("vitalmq_bridge_fhir_unmapped_total").increment(1);
+            warn!(position = r.position, device = %r.device, error = %e, "a stored event does not map to FHIR; left out of the transaction");
+            continue;
+        }
+        for entry in tried.entries() {
+            bundle.push(entry.clone());
+        }
     }
     Ok((!bundle.is_empty()).then(|| bundle.transaction()))
+}
+
+fn map_record(
+    bundle: &mut BundleBuilder,
+    r: &crate::sink::OutboxRecord,
+    registry: Option<&DeviceRegistry>,
+) -> Result<(), String> {
+    let json: Value = serde_json::from_str(&r.normalized_json).map_err(|e| e.to_string())?;
+    let event = Event::from_json(&json).map_err(|e| e.to_string())?;
+    let entry = registry.and_then(|reg| {
+        vitalmq_envelope::DeviceId::new(r.device.as_str())
+            .ok()
+            .and_then(|id| reg.device(&id))
+    });
+    bundle.device(&device_facts(&r.device, &r.site, &event, entry));
+    bundle.reading(&event, &r.raw).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// What the Device of one reading says: the event's own facts (site, wearer,
