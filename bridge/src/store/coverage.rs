@@ -16,11 +16,14 @@ use serde::Serialize;
 use vitalmq_keyring::{KeyError, Keyring, Subject};
 
 /// The columns that may hold sealed payloads.
-const SEALED_COLUMNS: [(&str, &str); 4] = [
+const SEALED_COLUMNS: [(&str, &str); 6] = [
     ("events", "normalized"),
     ("raw_messages", "bytes"),
     ("alerts", "body"),
     ("quarantine", "bytes"),
+    // Schema v5 (issue 21): a store written before it has neither table.
+    ("scores", "payload"),
+    ("patient_score_state", "state"),
 ];
 
 /// How far a keyring covers a store's sealed rows.
@@ -52,6 +55,14 @@ fn key_refs(db: &Path, newest: Option<u32>) -> rusqlite::Result<(u64, BTreeSet<(
     let mut refs = BTreeSet::new();
     let mut rows = 0u64;
     for (table, column) in SEALED_COLUMNS {
+        let present: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+            [table],
+            |r| r.get(0),
+        )?;
+        if !present {
+            continue;
+        }
         let mut stmt = conn.prepare(&format!(
             "SELECT substr({column}, 1, 80) FROM {table} WHERE {} ORDER BY rowid DESC LIMIT ?1",
             sealed_condition(column)
@@ -222,5 +233,40 @@ mod tests {
             .expect("erase");
         let after = coverage(&db, &ring).expect("coverage");
         assert_eq!((after.missing, after.erased), (0, 1));
+    }
+
+    /// Scores and the scoring state (schema v5) are sealed per patient too: a keyring
+    /// missing their keys must not pass the check because no event names the patient.
+    #[test]
+    fn sealed_scores_and_scoring_states_count() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ring = Arc::new(keyring(dir.path(), "keyring.sqlite3"));
+        drop(Store::open(dir.path()).expect("open"));
+        let db = dir.path().join(DB_FILE);
+        let subject = Subject::new("pt-scored01").expect("s");
+        let payload = ring.seal(&subject, b"score|sc-1", b"{}").expect("seal");
+        let state = ring
+            .seal(&subject, b"score-state|pt-scored01", b"{}")
+            .expect("seal");
+        let conn = Connection::open(&db).expect("db");
+        conn.execute(
+            "INSERT INTO scores (score_id, patient_ref, site, device, model, version,
+               config_sha256, role, observed_at_ms, created_at_ms, payload)
+             VALUES ('sc-1', 'pt-scored01', 'site-01', 'dev-00001', 'news2', 'v', 'x',
+               'live', 1, 1, ?1)",
+            [&payload],
+        )
+        .expect("score");
+        conn.execute(
+            "INSERT INTO patient_score_state (patient_ref, state) VALUES ('pt-scored01', ?1)",
+            [&state],
+        )
+        .expect("state");
+        drop(conn);
+        assert!(holds_sealed_rows(&db).expect("look"));
+        let own = coverage(&db, &ring).expect("coverage");
+        assert_eq!((own.sealed_rows, own.missing), (2, 0));
+        let fresh = keyring(dir.path(), "other.sqlite3");
+        assert_eq!(coverage(&db, &fresh).expect("coverage").missing, 1);
     }
 }
