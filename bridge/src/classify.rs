@@ -638,7 +638,13 @@ impl Sequencer {
                                                     .cloned()
                                                     .unwrap_or_default()
                                             });
-                                        let cohorts: Vec<&str> = rules.cohorts_of(&device);
+                                        let cohorts = patient_cohorts(
+                                            rules,
+                                            registry,
+                                            &sample.patient_ref,
+                                            patient,
+                                            Some(&device),
+                                        );
                                         let scored = score::on_vitals(
                                             scoring, patient, &sample, &cohorts, now_ms,
                                         );
@@ -824,16 +830,17 @@ impl Sequencer {
         let Some(scoring) = &self.scoring else {
             return Vec::new();
         };
-        let site_of = |device: &str| {
-            let d = DeviceId::new(device).ok()?;
-            let site = registry.device(&d)?.site.clone();
-            Some((site, scoring.spo2_scale(&rules.cohorts_of(&d))))
-        };
         let mut devices = Vec::new();
         for (patient, state) in &self.patients {
             if state.episodes.is_empty() {
                 continue;
             }
+            let scale = scoring.spo2_scale(&patient_cohorts(rules, registry, patient, state, None));
+            let site_of = |device: &str| {
+                let d = DeviceId::new(device).ok()?;
+                let site = registry.device(&d)?.site.clone();
+                Some((site, scale))
+            };
             let mut staged = state.clone();
             let changes = score::on_expiry(scoring, &mut staged, patient, site_of, now_ms);
             if staged == *state {
@@ -892,6 +899,39 @@ impl Sequencer {
             }
         }
     }
+}
+
+/// The rule-set cohorts of a patient, for the score versions' roles and the SpO2
+/// scale: the union over the devices the patient's scoring state holds readings or
+/// episodes of that the registry in force still assigns to the patient, and `device`
+/// (the one whose reading is being scored). One decision per patient, whichever of its
+/// devices sent the reading: cohorts of the sending device alone made the role and the
+/// scale flip between an oximeter in a cohort and a cuff outside it (alerts opened and
+/// resolved with no policy change).
+fn patient_cohorts<'r>(
+    rules: &'r RuleSet,
+    registry: &DeviceRegistry,
+    patient_ref: &str,
+    state: &PatientScoreState,
+    device: Option<&DeviceId>,
+) -> Vec<&'r str> {
+    let held = state
+        .latest
+        .values()
+        .map(|r| r.device.as_str())
+        .chain(state.episodes.values().map(|e| e.device.as_str()))
+        .filter_map(|d| DeviceId::new(d).ok())
+        .filter(|d| {
+            registry
+                .device(d)
+                .is_some_and(|e| e.patient_ref == patient_ref)
+        });
+    let mut devices: BTreeSet<DeviceId> = held.collect();
+    devices.extend(device.cloned());
+    let mut cohorts: Vec<&str> = devices.iter().flat_map(|d| rules.cohorts_of(d)).collect();
+    cohorts.sort_unstable();
+    cohorts.dedup();
+    cohorts
 }
 
 /// An engine change on its way to the book and the store.

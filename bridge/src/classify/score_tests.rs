@@ -959,3 +959,72 @@ fn values_are_banded_as_charted_rounded_to_the_tables_decimals() {
         assert_eq!(sub, Some(Json::from(points)), "{metric} {value}: {p}");
     }
 }
+
+/// One patient, an oximeter in cohort copd (dev-00002) and a cuff outside it
+/// (dev-00001): the patient's cohorts are the union over its devices, so the canary's
+/// role and SpO2 scale 2 hold whichever device sent the reading; alternating readings
+/// that leave the score as it is change no alert.
+#[test]
+fn a_patients_devices_in_different_cohorts_make_one_role_and_one_scale() {
+    let f = fixture();
+    let rules = RULES.replace("copd = [\"dev-00003\"]", "copd = [\"dev-00002\"]");
+    let rules = Arc::new(RuleSet::parse(&rules, std::path::Path::new("r.toml")).expect("rules"));
+    let mut with_registry = (*scoring(true)).clone();
+    with_registry.registry = Some(canary_registry());
+    let mut s = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        Some(rules),
+    )
+    .with_scoring(Some(Arc::new(with_registry)), HashMap::new());
+    // Aggregate 6 on scale 2 (SpO2 90 scores 0 there, 3 on scale 1).
+    let oximeter = |pulse: f64| {
+        with(&[
+            ("resp", 21.0),
+            ("pulse", pulse),
+            ("temp", 38.5),
+            ("sbp", 105.0),
+            ("spo2", 90.0),
+        ])
+    };
+    let out = feed(
+        &mut s,
+        &f,
+        vitals(&f, "dev-00002", 1, &oximeter(111.0), T0),
+        T0,
+    );
+    let opened: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| (a.state.clone(), body(a)["rule_version"].clone()))
+        .collect();
+    assert_eq!(opened, [("open".to_owned(), Json::from("cand-2"))]);
+    for i in 1..=6_u64 {
+        let at = T0 + i * MIN;
+        let msg = if i % 2 == 1 {
+            let sbp = if i % 4 == 1 { 106.0 } else { 107.0 };
+            vitals(&f, "dev-00001", i, &[("sbp", sbp)], at)
+        } else {
+            vitals(&f, "dev-00002", i, &oximeter(111.0 + i as f64 / 2.0), at)
+        };
+        let out = feed(&mut s, &f, msg, at);
+        assert!(!out.commit.scores.is_empty(), "reading {i} was scored");
+        let changes: Vec<_> = out
+            .commit
+            .alerts
+            .iter()
+            .map(|a| (a.state.clone(), body(a)["reason"].clone()))
+            .collect();
+        assert!(
+            changes.is_empty(),
+            "reading {i} changed alerts: {changes:?}"
+        );
+        let roles: Vec<_> = out.commit.scores.iter().map(|r| r.role.clone()).collect();
+        assert_eq!(roles, ["shadow", "canary"], "reading {i}");
+        let p = payload(&out.commit.scores[1]);
+        assert_eq!(p["aggregate"], 6, "reading {i}: scale 2 for the patient");
+    }
+}

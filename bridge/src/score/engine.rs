@@ -30,7 +30,8 @@ pub struct Scored {
 }
 
 /// Scores the patient of `sample` after its reading (`sample.metrics` holds only its
-/// plausible values; `sample.ts_ms` is its observed time), on `cohorts` of the device.
+/// plausible values; `sample.ts_ms` is its observed time), on the patient's `cohorts`
+/// (the union over its devices: one role and one SpO2 scale per patient).
 /// `state` is the patient's, updated in place.
 pub fn on_vitals(
     scoring: &Scoring,
