@@ -95,8 +95,15 @@ pub struct ModelsWatch {
 
 /// Starts watching the models file `path` (already loaded as `initial`): reloaded on
 /// change or SIGHUP, audited `policy_reloaded` (old and new SHA-256) or
-/// `policy_rejected` (`invalid_models`, the registry in force stays).
-pub fn watch_models(path: PathBuf, initial: Arc<ModelRegistry>, auditor: Auditor) -> ModelsWatch {
+/// `policy_rejected` (`invalid_models`, the registry in force stays). A registry the
+/// loaded score `tables` do not fit (`rollout::check_tables`) is refused the same way,
+/// reason `models_tables_mismatch`.
+pub fn watch_models(
+    path: PathBuf,
+    initial: Arc<ModelRegistry>,
+    tables: Vec<crate::score::ScoreModel>,
+    auditor: Auditor,
+) -> ModelsWatch {
     let (tx, rx) = watch::channel(initial);
     let (trigger, mut triggers) = mpsc::channel::<()>(1);
     let watcher = file_watcher(&path, trigger.clone());
@@ -109,6 +116,17 @@ pub fn watch_models(path: PathBuf, initial: Arc<ModelRegistry>, auditor: Auditor
             match loaded {
                 Ok(Ok(models)) => {
                     if models.sha256() == old {
+                        continue;
+                    }
+                    if !tables.is_empty()
+                        && let Err(e) = crate::rollout::check_tables(&tables, &models)
+                    {
+                        error!(models = %path.display(), error = %e, "model registry refused: the score tables do not fit it; the one in force stays");
+                        let _ = auditor.record(
+                            rejected(&path, old, "models_tables_mismatch")
+                                .detail("error", e.to_string())
+                                .detail("refused_sha256", models.sha256().to_owned()),
+                        );
                         continue;
                     }
                     info!(models = %path.display(), old = %old, new = %models.sha256(), "model registry reloaded");
@@ -554,7 +572,7 @@ mod tests {
         let initial =
             std::sync::Arc::new(vitalmq_policies::ModelRegistry::load(&path).expect("valid"));
         let first_sha = initial.sha256().to_owned();
-        let mut watch = super::watch_models(path.clone(), initial, audit.auditor());
+        let mut watch = super::watch_models(path.clone(), initial, Vec::new(), audit.auditor());
 
         let approved = text.replacen(
             "status = \"draft\"",

@@ -148,6 +148,119 @@ pub fn transitions(old: &ModelRegistry, new: &ModelRegistry) -> Vec<Transition> 
     out
 }
 
+/// Why the `[scoring] tables` and a models file cannot run together: the bridge
+/// refuses to start, and a models reload that would bring this about is refused
+/// (`policy_rejected`, reason `models_tables_mismatch`; the registry in force stays).
+/// Otherwise an edited table would run under an approved version's name, a table
+/// would get no role without a word, or a live or canary version nobody loaded would
+/// stop the score.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TablesError {
+    #[error("score table {path} ({model}/{version}) is not in the model registry")]
+    NotRegistered {
+        path: String,
+        model: String,
+        version: String,
+    },
+    #[error(
+        "score table {path} ({model}/{version}) has SHA-256 {table_sha256}, the model registry's artifact_sha256 is {registry_sha256}"
+    )]
+    Digest {
+        path: String,
+        model: String,
+        version: String,
+        table_sha256: String,
+        registry_sha256: String,
+    },
+    #[error(
+        "score table {path} ({model}/{version}): the model registry has no [[rollout]] for {model}"
+    )]
+    NoRollout {
+        path: String,
+        model: String,
+        version: String,
+    },
+    #[error("the [[rollout]] of {model} makes {version} {role}, but no [scoring] table has it")]
+    NotLoaded {
+        model: String,
+        version: String,
+        role: &'static str,
+    },
+}
+
+/// Checks the loaded score tables against `models` (see [`TablesError`]): every table
+/// is a registry entry of its model and version with the table's digest, its model has
+/// a `[[rollout]]`, and that rollout's live and canary versions are loaded tables (a
+/// shadow version not loaded is not computed: it delivers nothing either way, and is
+/// logged at start by `table_loaded_record`'s roles).
+pub fn check_tables(
+    tables: &[crate::score::ScoreModel],
+    models: &ModelRegistry,
+) -> Result<(), TablesError> {
+    for t in tables {
+        let (model, version) = (t.table.model(), t.table.version());
+        let named = || (t.path.clone(), model.to_owned(), version.to_owned());
+        let Some(entry) = models.entry(model, version) else {
+            let (path, model, version) = named();
+            return Err(TablesError::NotRegistered {
+                path,
+                model,
+                version,
+            });
+        };
+        if !entry.artifact_sha256.eq_ignore_ascii_case(t.table.sha256()) {
+            let (path, model, version) = named();
+            return Err(TablesError::Digest {
+                path,
+                model,
+                version,
+                table_sha256: t.table.sha256().to_owned(),
+                registry_sha256: entry.artifact_sha256.clone(),
+            });
+        }
+        let Some(rollout) = models.rollout(model) else {
+            let (path, model, version) = named();
+            return Err(TablesError::NoRollout {
+                path,
+                model,
+                version,
+            });
+        };
+        let loaded = |v: &str| {
+            tables
+                .iter()
+                .any(|x| x.table.model() == model && x.table.version() == v)
+        };
+        let needed = std::iter::once((rollout.live.as_str(), "live")).chain(
+            rollout
+                .canary
+                .iter()
+                .map(|c| (c.version.as_str(), "canary")),
+        );
+        for (v, role) in needed {
+            if !loaded(v) {
+                return Err(TablesError::NotLoaded {
+                    model: model.to_owned(),
+                    version: v.to_owned(),
+                    role,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The audit record of a start refused because the score tables do not fit the
+/// models file (`models_sha256`).
+pub fn tables_refused_record(e: &TablesError, models_sha256: &str) -> AuditRecord {
+    AuditRecord::new(Component::Bridge, Event::PolicyRejected)
+        .action("score_tables_checked")
+        .decision(Decision::Deny)
+        .policy_sha256(models_sha256.to_owned())
+        .reason("models_tables_mismatch")
+        .detail("error", e.to_string())
+}
+
 /// The audit record of one transition, naming both models file digests.
 pub fn audit_record(t: &Transition, old_sha256: &str, new_sha256: &str) -> AuditRecord {
     AuditRecord::new(Component::Bridge, Event::PolicyReloaded)
@@ -210,7 +323,8 @@ mod tests {
             &format!(
                 "[[models]]\nname = \"news2\"\nversion = \"cand-2\"\nkind = \"score\"\n\
                  artifact_sha256 = \"{}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
-                 intended_use = \"t\"\nstatus = \"draft\"\n\n\
+                 intended_use = \"t\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+                 approved_at = \"2025-06-01T09:00:00Z\"\n\n\
                  [[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"\n{rollout}",
                 "0".repeat(64)
             ),
@@ -277,6 +391,65 @@ mod tests {
         ] {
             assert!(line.contains(needle), "{needle} in {line}");
         }
+    }
+
+    fn table(text: &str) -> crate::score::ScoreModel {
+        let t = vitalmq_policies::ScoreTable::parse(text, std::path::Path::new("t.toml"))
+            .expect("table");
+        crate::score::ScoreModel {
+            table: std::sync::Arc::new(t),
+            path: "t.toml".into(),
+        }
+    }
+
+    const NEWS2: &str = include_str!("../../policies/examples/news2.toml");
+
+    #[test]
+    fn score_tables_must_be_the_registrys_and_its_rollouts_loaded() {
+        let live = table(NEWS2);
+        let shipped = registry("");
+        assert_eq!(check_tables(std::slice::from_ref(&live), &shipped), Ok(()));
+
+        // An edited chart under the approved version's name.
+        let edited = table(&format!("{NEWS2}\n# edited after approval\n"));
+        assert_ne!(edited.table.sha256(), live.table.sha256());
+        match check_tables(std::slice::from_ref(&edited), &shipped) {
+            Err(TablesError::Digest {
+                table_sha256,
+                registry_sha256,
+                ..
+            }) => {
+                assert_eq!(table_sha256, edited.table.sha256());
+                assert_eq!(registry_sha256, live.table.sha256());
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // A version the registry does not know.
+        let unknown = table(&NEWS2.replace("version = \"rcp-2017.1\"", "version = \"x-9\""));
+        assert!(matches!(
+            check_tables(&[live.clone(), unknown], &shipped),
+            Err(TablesError::NotRegistered { version, .. }) if version == "x-9"
+        ));
+
+        // No rollout for the table's model.
+        let text = include_str!("../../policies/examples/models.toml")
+            .replace("[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"", "");
+        let none = ModelRegistry::parse(&text, std::path::Path::new("m.toml")).expect("models");
+        assert!(matches!(
+            check_tables(std::slice::from_ref(&live), &none),
+            Err(TablesError::NoRollout { .. })
+        ));
+
+        // A canary nobody loaded would leave its sites without a score.
+        let canary = registry("canary = [{ version = \"cand-2\", sites = [\"site-b\"] }]");
+        assert!(matches!(
+            check_tables(std::slice::from_ref(&live), &canary),
+            Err(TablesError::NotLoaded { version, role: "canary", .. }) if version == "cand-2"
+        ));
+        // A shadow nobody loaded delivers nothing: allowed.
+        let shadow = registry("shadow = [\"cand-2\"]");
+        assert_eq!(check_tables(std::slice::from_ref(&live), &shadow), Ok(()));
     }
 
     #[test]

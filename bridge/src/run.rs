@@ -100,6 +100,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     ScoreTable(PolicyErrors),
+    #[error("[scoring] tables and the models file disagree: {0}")]
+    ScoreTables(#[from] crate::rollout::TablesError),
     #[error("{}: stored scoring state of a patient", path.display())]
     ScoreState {
         path: PathBuf,
@@ -440,6 +442,12 @@ pub async fn run(
         )),
         None => None,
     };
+    if let (Some(m), Some(_)) = (&models, &config.scoring) {
+        if let Err(e) = crate::rollout::check_tables(&loaded_tables, m) {
+            let _ = auditor.record(crate::rollout::tables_refused_record(&e, m.sha256()));
+            return Err(e.into());
+        }
+    }
     if let Some(m) = &models {
         info!(policy_sha256 = %m.sha256(), models = m.entries().len(), unapproved_alarms = m.unapproved_alarms().as_str(), "model checking on");
     }
@@ -458,6 +466,7 @@ pub async fn run(
         (Some(c), Some(m)) => Some(crate::reload::watch_models(
             c.file.clone(),
             Arc::clone(m),
+            loaded_tables.clone(),
             auditor.clone(),
         )),
         _ => None,
