@@ -75,7 +75,9 @@ artifact_sha256 = "0000000000000000000000000000000000000000000000000000000000000
 lineage = "l"
 feature_pipeline = "f"
 intended_use = "u"
-status = "draft"
+status = "approved"
+approved_by = "board"
+approved_at = "2025-01-02T00:00:00Z"
 
 [[models]]
 name = "det"
@@ -755,4 +757,50 @@ fn an_approval_without_approved_for_covers_every_device() {
         reg.resolve(Some("arrhythmia-net/2.2.0-rc1"), &unknown),
         ModelStatus::Approved
     );
+}
+
+/// A canary delivers clinical alerts where it runs: a draft or withdrawn version may be
+/// a shadow (it delivers nothing), never a canary.
+#[test]
+fn a_canary_must_be_approved_a_shadow_need_not() {
+    let with = |server: &str, r: &str| {
+        format!("{server}\n[[rollout]]\nmodel = \"news2\"\nlive = \"v1\"\n{r}\n")
+    };
+    let canary_error = |text: &str, status: &str| {
+        let err = parse(text).unwrap_err();
+        let e = err
+            .0
+            .iter()
+            .find(|e| e.field.as_deref() == Some("rollout[0].canary[0].version"))
+            .unwrap_or_else(|| panic!("no canary error in {err}"));
+        assert!(
+            e.message
+                .contains(&format!("{status}: a canary version must be approved")),
+            "{e:?}"
+        );
+        assert_eq!(e.line, Some(line_of(text, "canary = [")));
+    };
+    // v2 is a draft.
+    let draft = with(
+        SERVER,
+        "canary = [{ version = \"v2\", sites = [\"site-b\"] }]",
+    );
+    canary_error(&draft, "draft");
+    parse(&with(SERVER, "shadow = [\"v2\"]")).unwrap_or_else(|e| panic!("{e}"));
+
+    // v3 withdrawn.
+    let approved =
+        "status = \"approved\"\napproved_by = \"board\"\napproved_at = \"2025-01-02T00:00:00Z\"\n";
+    assert_eq!(SERVER.matches(approved).count(), 1);
+    let server = SERVER.replace(
+        approved,
+        "status = \"withdrawn\"\napproved_by = \"board\"\napproved_at = \"2025-01-02T00:00:00Z\"\n\
+         withdrawn_at = \"2025-03-01T00:00:00Z\"\nwithdrawn_reason = \"FSN\"\n",
+    );
+    let withdrawn = with(
+        &server,
+        "canary = [{ version = \"v3\", cohorts = [\"copd\"] }]",
+    );
+    canary_error(&withdrawn, "withdrawn");
+    parse(&with(&server, "shadow = [\"v3\"]")).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -455,6 +455,20 @@ fn rollout(
         } else if canary.iter().any(|c| c.version == *v.get_ref()) {
             p.add(Some(v.span()), field("version"), "has a canary already");
             false
+        } else if !versions[v.get_ref().as_str()].approval.is_approved() {
+            // A canary delivers clinical alerts where it runs: like the live version,
+            // it must be approved (a draft or withdrawn version may run as shadow only,
+            // which delivers nothing).
+            p.add(
+                Some(v.span()),
+                field("version"),
+                format!(
+                    "`{model}/{}` is {}: a canary version must be approved",
+                    v.get_ref(),
+                    versions[v.get_ref().as_str()].approval.as_str()
+                ),
+            );
+            false
         } else {
             true
         };
