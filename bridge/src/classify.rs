@@ -157,6 +157,9 @@ pub struct Sequenced<T> {
     erased_patients: Vec<String>,
     /// Presence messages to apply on adoption.
     presence: Vec<(String, Bytes)>,
+    /// The models registry (SHA-256) whose rollout a tick handed the patients' score
+    /// episodes over to.
+    rollout_handed: Option<String>,
     /// Fleet-wide bookkeeping of a tick, to adopt.
     fleet: Option<control::Fleet>,
     /// Devices no longer in the registry: out of the deadline index.
@@ -182,6 +185,7 @@ impl<T> Sequenced<T> {
             staged_patients: HashMap::new(),
             erased_patients: Vec::new(),
             presence: Vec::new(),
+            rollout_handed: None,
             fleet: None,
             forget: Vec::new(),
             models_seen: Vec::new(),
@@ -274,6 +278,9 @@ pub struct Sequencer {
     scoring: Option<Arc<Scoring>>,
     /// Scoring state per patient (`patient_ref`).
     patients: HashMap<String, PatientScoreState>,
+    /// The SHA-256 of a models registry put in force whose rollout the patients'
+    /// open score episodes have not been handed over to yet (the next tick does it).
+    rollout_pending: Option<String>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -322,6 +329,7 @@ impl Sequencer {
             clock_ms: 0,
             scoring: None,
             patients: HashMap::new(),
+            rollout_pending: None,
         };
         for (device, track) in tracks {
             s.install(device, track);
@@ -355,7 +363,20 @@ impl Sequencer {
         // The rollout in force gives the score versions their roles: a reload is how a
         // canary starts and how a rollback happens (issue 21, part 4).
         if let Some(scoring) = &mut self.scoring {
+            let changed = match (&scoring.registry, &models) {
+                (Some(a), Some(b)) => a.sha256() != b.sha256(),
+                (None, None) => false,
+                _ => true,
+            };
             Arc::make_mut(scoring).registry.clone_from(&models);
+            if changed {
+                self.rollout_pending = Some(
+                    models
+                        .as_ref()
+                        .map(|m| m.sha256().to_owned())
+                        .unwrap_or_default(),
+                );
+            }
         }
         self.models = models;
         resolved
@@ -867,6 +888,78 @@ impl Sequencer {
         devices
     }
 
+    /// On the first tick after a models reload changed the rollout: every patient with
+    /// an open score episode is rescored under the new roles ([`score::on_rollout`]),
+    /// so a rollback resolves a canary's alert now, not at the patient's next reading
+    /// that changes an input. Staged like [`Self::expire_scores`] (after it, from its
+    /// staged state); returns the devices whose alert state changed.
+    fn hand_over_scores(
+        &self,
+        registry: &DeviceRegistry,
+        rules: &RuleSet,
+        now_ms: u64,
+        out: &mut Sequenced<()>,
+    ) -> Vec<DeviceId> {
+        let (Some(scoring), Some(sha)) = (&self.scoring, &self.rollout_pending) else {
+            return Vec::new();
+        };
+        out.rollout_handed = Some(sha.clone());
+        let mut devices = Vec::new();
+        for (patient, adopted) in &self.patients {
+            let state = out.staged_patients.get(patient).unwrap_or(adopted);
+            if state.episodes.is_empty() {
+                continue;
+            }
+            let Some(newest) = state.latest.values().max_by_key(|r| r.observed_at_ms) else {
+                continue;
+            };
+            let Some(entry) = DeviceId::new(&newest.device)
+                .ok()
+                .and_then(|d| registry.device(&d))
+            else {
+                continue;
+            };
+            let sample = Sample {
+                event_id: format!("rollout-{sha}"),
+                device: entry.id.clone(),
+                site: entry.site.clone(),
+                patient_ref: patient.clone(),
+                ts_ms: now_ms,
+                metrics: std::collections::BTreeMap::new(),
+                implausible: Vec::new(),
+                q: None,
+                fw: String::new(),
+                model: None,
+            };
+            let cohorts = patient_cohorts(rules, registry, patient, state, None);
+            let mut staged = state.clone();
+            let scored = score::on_rollout(scoring, &mut staged, &sample, &cohorts, now_ms);
+            if staged == *state {
+                continue;
+            }
+            out.commit.scores.extend(scored.rows);
+            for a in scored.alerts {
+                let Ok(d) = DeviceId::new(&a.book_device) else {
+                    continue;
+                };
+                let mut o = a.out;
+                let track = out
+                    .staged
+                    .entry(d.clone())
+                    .or_insert_with(|| self.tracks.get(&d).cloned().unwrap_or_default());
+                track.alerts.book.record(&mut o, now_ms);
+                out.commit.alerts.push(new_alert(o, now_ms));
+                devices.push(d);
+            }
+            out.commit.patient_states.retain(|(p, _)| p != patient);
+            if let Ok(json) = serde_json::to_string(&staged) {
+                out.commit.patient_states.push((patient.clone(), json));
+            }
+            out.staged_patients.insert(patient.clone(), staged);
+        }
+        devices
+    }
+
     /// The scoring state of a patient as adopted (for tests and status).
     #[cfg(test)]
     pub(crate) fn patient_score_state(&self, patient_ref: &str) -> Option<&PatientScoreState> {
@@ -876,6 +969,11 @@ impl Sequencer {
     /// Presence, fleet counts and forgotten devices of a control input.
     fn adopt_control<T>(&mut self, sequenced: &mut Sequenced<T>) {
         let now_ms = sequenced.commit.now_ms;
+        if let Some(sha) = sequenced.rollout_handed.take()
+            && self.rollout_pending.as_ref() == Some(&sha)
+        {
+            self.rollout_pending = None;
+        }
         for seen in std::mem::take(&mut sequenced.models_seen) {
             sequenced.ops.extend(self.model_fleet.observe(seen, now_ms));
         }

@@ -22,6 +22,6 @@ pub mod row;
 pub mod state;
 
 pub use config::{ScoreModel, Scoring};
-pub use engine::{on_expiry, on_vitals};
+pub use engine::{on_expiry, on_rollout, on_vitals};
 pub use row::NewScore;
 pub use state::PatientScoreState;

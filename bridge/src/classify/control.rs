@@ -335,6 +335,8 @@ impl Sequencer {
         }
         // Score episodes whose inputs all expired resolve (`no_data`).
         persist.extend(self.expire_scores(registry, rules, now_ms, out));
+        // Score episodes whose version's role a models reload changed hand over.
+        persist.extend(self.hand_over_scores(registry, rules, now_ms, out));
         persist.sort();
         persist.dedup();
         for device in persist {

@@ -1028,3 +1028,91 @@ fn a_patients_devices_in_different_cohorts_make_one_role_and_one_scale() {
         assert_eq!(p["aggregate"], 6, "reading {i}: scale 2 for the patient");
     }
 }
+
+/// A rollback under a stable patient (no further reading): the next tick hands the
+/// episodes over, so the canary's alert resolves (`model_rollback`) and the live
+/// version opens what the current score proves, each named by a stored score; no
+/// second tick repeats it.
+#[test]
+fn a_rollback_hands_over_a_stable_patients_alerts_at_the_next_tick() {
+    let f = fixture();
+    let mut s = sequencer(true);
+    s.set_models(
+        Some(registry_with(
+            "canary = [{ version = \"cand-2\", sites = [\"site-01\"] }]",
+        )),
+        T0,
+    );
+    let six = with(&[
+        ("resp", 21.0),
+        ("pulse", 111.0),
+        ("temp", 38.5),
+        ("sbp", 105.0),
+    ]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &six, T0), T0);
+    let canary: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| (a.alert_id.clone(), body(a)["role"].clone()))
+        .collect();
+    assert_eq!(canary.len(), 1, "{canary:?}");
+    assert_eq!(canary[0].1, "canary");
+    let tick = |s: &mut Sequencer, at: u64| {
+        let mut o = s.control(&f.registry, Control::Tick { now_ms: at }, at);
+        s.adopt(&mut o);
+        o
+    };
+    assert!(tick(&mut s, T0 + MIN).commit.alerts.is_empty());
+
+    // Rollback; the patient sends nothing more.
+    s.set_models(Some(registry_with("shadow = [\"cand-2\"]")), T0 + 2 * MIN);
+    let out = tick(&mut s, T0 + 2 * MIN);
+    let got: Vec<_> = out
+        .commit
+        .alerts
+        .iter()
+        .map(|a| {
+            let b = body(a);
+            (
+                a.state.clone(),
+                b["rule_version"].clone(),
+                b["role"].clone(),
+                b["reason"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "resolved".to_owned(),
+                Json::from("cand-2"),
+                Json::from("canary"),
+                Json::from("model_rollback")
+            ),
+            (
+                "open".to_owned(),
+                Json::from("rcp-2017.1"),
+                Json::from("live"),
+                Json::Null
+            ),
+        ]
+    );
+    assert_eq!(out.commit.alerts[0].alert_id, canary[0].0);
+    let opened = body(&out.commit.alerts[1]);
+    assert_eq!(opened["rule"], "news2-medium");
+    assert!(
+        out.commit
+            .scores
+            .iter()
+            .any(|r| Json::from(r.score_id.clone()) == opened["score_id"] && r.role == "live"),
+        "the opened alert names a stored score"
+    );
+    assert!(
+        !out.commit.patient_states.is_empty(),
+        "the state is committed"
+    );
+    let again = tick(&mut s, T0 + 3 * MIN);
+    assert!(again.commit.alerts.is_empty() && again.commit.scores.is_empty());
+}

@@ -40,7 +40,7 @@ pub fn on_vitals(
     cohorts: &[&str],
     now_ms: u64,
 ) -> Scored {
-    let mut out = Scored::default();
+    let out = Scored::default();
     if scoring.models.is_empty() || sample.patient_ref.is_empty() {
         return out;
     }
@@ -82,11 +82,54 @@ pub fn on_vitals(
         return out;
     }
     let at_ms = clock(state).unwrap_or(observed_ms);
+    score_all(scoring, state, sample, cohorts, at_ms, now_ms)
+}
+
+/// After a models reload, the patient's versions whose role changed hand over now
+/// ([`hand_over`]) rather than at the patient's next reading that changes an input: a
+/// stable patient's canary alert stayed open, and re-escalated, after a rollback. A
+/// version that now delivers opens what the current score proves (it starts from no
+/// episode). Scored at the patient's clock from the readings held, with `sample`
+/// standing for the reload (its `event_id` names it, its device and site are those of
+/// the patient's newest reading). Nothing (no rows) when no episode changed.
+pub fn on_rollout(
+    scoring: &Scoring,
+    state: &mut PatientScoreState,
+    sample: &Sample,
+    cohorts: &[&str],
+    now_ms: u64,
+) -> Scored {
+    let Some(at_ms) = state.newest_ms().map(|t| t.min(now_ms)) else {
+        return Scored::default();
+    };
+    if scoring.models.is_empty() || sample.patient_ref.is_empty() {
+        return Scored::default();
+    }
+    let before = state.episodes.clone();
+    let out = score_all(scoring, state, sample, cohorts, at_ms, now_ms);
+    if state.episodes == before {
+        return Scored::default();
+    }
+    out
+}
+
+/// Every configured version's score of the patient at `at_ms`, its role's hand-over
+/// and alert transition.
+fn score_all(
+    scoring: &Scoring,
+    state: &mut PatientScoreState,
+    sample: &Sample,
+    cohorts: &[&str],
+    at_ms: u64,
+    now_ms: u64,
+) -> Scored {
+    let mut out = Scored::default();
+    let scale = scoring.spo2_scale(cohorts);
     // Alerts a role change retires go out before any version opens its own.
     let mut retired = Vec::new();
-    for (i, (model, inputs)) in scoring.models.iter().zip(after).enumerate() {
-        let Some(inputs) = inputs else { continue };
+    for (i, model) in scoring.models.iter().enumerate() {
         let table = &model.table;
+        let inputs = table.inputs_at(|k| state.value(k), at_ms, scale);
         let role = scoring.role(i, &sample.site, cohorts);
         let s = score(table, &inputs);
         let score_id = row::score_id(
