@@ -7,8 +7,10 @@
 //! version in a scope is what [`ModelRegistry::role`] gives a device there: a canary
 //! is `canary` in its scopes and the live version `shadow` there; elsewhere live is
 //! `live`; shadows are `shadow` everywhere; otherwise the version does not run there
-//! (`none`). A rollback is such a transition back (`canary -> shadow|none`,
-//! `shadow -> live`), so it is audited the same way.
+//! (`none`). Each record's `reason` says what the transition stands for ([`Change`]):
+//! `rollback` (a canary taken back, `canary -> shadow|none`, or the version live before
+//! taking a scope back, `shadow -> live`), `promotion` (another version becomes live)
+//! or `rollout_changed`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -92,17 +94,47 @@ pub struct Transition {
     pub scope: Scope,
     pub old: Option<ModelRole>,
     pub new: Option<ModelRole>,
+    /// The model's live version before the reload (`None`: no rollout then).
+    pub old_live: Option<String>,
+}
+
+/// What a transition stands for, the audit record's `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A canary taken back (`canary -> shadow|none`), or the live version taking a
+    /// scope back from a canary (`shadow -> live` of the version live before).
+    Rollback,
+    /// Another version becomes live where it was not (`* -> live` of a version that
+    /// was not the live one): a new version goes live.
+    Promotion,
+    /// Anything else (a canary or shadow started, a live version demoted by a
+    /// promotion or a canary).
+    RolloutChanged,
+}
+
+impl Change {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Rollback => "rollback",
+            Self::Promotion => "promotion",
+            Self::RolloutChanged => "rollout_changed",
+        }
+    }
 }
 
 impl Transition {
-    /// A version that delivered in the scope and no longer does, or the live version
-    /// taking the scope back from a canary.
+    pub fn change(&self) -> Change {
+        let was_live = self.old_live.as_deref() == Some(self.version.as_str());
+        match (self.old, self.new) {
+            (Some(ModelRole::Canary), Some(ModelRole::Shadow) | None) => Change::Rollback,
+            (Some(ModelRole::Shadow), Some(ModelRole::Live)) if was_live => Change::Rollback,
+            (old, Some(ModelRole::Live)) if old != Some(ModelRole::Live) => Change::Promotion,
+            _ => Change::RolloutChanged,
+        }
+    }
+
     pub fn is_rollback(&self) -> bool {
-        matches!(
-            (self.old, self.new),
-            (Some(ModelRole::Canary), Some(ModelRole::Shadow) | None)
-                | (Some(ModelRole::Shadow), Some(ModelRole::Live))
-        )
+        self.change() == Change::Rollback
     }
 }
 
@@ -140,6 +172,7 @@ pub fn transitions(old: &ModelRegistry, new: &ModelRegistry) -> Vec<Transition> 
                         scope: scope.clone(),
                         old: was,
                         new: now,
+                        old_live: a.map(|r| r.live.clone()),
                     });
                 }
             }
@@ -268,14 +301,11 @@ pub fn audit_record(t: &Transition, old_sha256: &str, new_sha256: &str) -> Audit
         .resource(format!("{}/{}", t.model, t.version))
         .decision(Decision::Allow)
         .policy_sha256(new_sha256.to_owned())
-        .reason(if t.is_rollback() {
-            "rollback"
-        } else {
-            "rollout_changed"
-        })
+        .reason(t.change().as_str())
         .detail("model", t.model.clone())
         .detail("version", t.version.clone())
         .detail("scope", t.scope.to_string())
+        .detail("old_live", t.old_live.clone().unwrap_or_default())
         .detail("old_role", role_str(t.old))
         .detail("new_role", role_str(t.new))
         .detail("old_sha256", old_sha256.to_owned())
@@ -379,18 +409,60 @@ mod tests {
             ]
         );
         assert_eq!(back.iter().filter(|t| t.is_rollback()).count(), 2);
-        let r = audit_record(&back[1], shadow.sha256(), canary.sha256());
-        let line = serde_json::to_string(&r).expect("json");
-        for needle in [
-            "rollout_transition",
-            "\"old_role\":\"canary\"",
-            "\"new_role\":\"shadow\"",
-            "\"reason\":\"rollback\"",
-            shadow.sha256(),
-            canary.sha256(),
-        ] {
-            assert!(line.contains(needle), "{needle} in {line}");
-        }
+        let r = audit_record(&back[1], canary.sha256(), shadow.sha256());
+        let line: serde_json::Value = serde_json::to_value(&r).expect("json");
+        assert_eq!(line["action"], "rollout_transition");
+        assert_eq!(line["reason"], "rollback");
+        assert_eq!(line["details"]["old_role"], "canary");
+        assert_eq!(line["details"]["new_role"], "shadow");
+        assert_eq!(line["details"]["old_sha256"], canary.sha256());
+        assert_eq!(line["details"]["new_sha256"], shadow.sha256());
+        assert_eq!(line["policy_sha256"], shadow.sha256());
+    }
+
+    /// Promoting the shadow version to live is a promotion, not a rollback; the
+    /// demoted live version's transition is a rollout change.
+    #[test]
+    fn a_promotion_is_audited_as_one() {
+        let before = registry("shadow = [\"cand-2\"]");
+        let text = include_str!("../../policies/examples/models.toml");
+        let promoted = ModelRegistry::parse(
+            &text.replace(
+                "[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"",
+                &format!(
+                    "[[models]]\nname = \"news2\"\nversion = \"cand-2\"\nkind = \"score\"\n\
+                     artifact_sha256 = \"{}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
+                     intended_use = \"t\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+                     approved_at = \"2025-06-01T09:00:00Z\"\n\n\
+                     [[rollout]]\nmodel = \"news2\"\nlive = \"cand-2\"\nshadow = [\"rcp-2017.1\"]",
+                    "0".repeat(64)
+                ),
+            ),
+            std::path::Path::new("models.toml"),
+        )
+        .expect("models");
+        let ts = transitions(&before, &promoted);
+        let reasons: Vec<_> = ts
+            .iter()
+            .map(|t| (t.version.as_str(), t.change().as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [("cand-2", "promotion"), ("rcp-2017.1", "rollout_changed")]
+        );
+        let r = serde_json::to_value(audit_record(&ts[0], before.sha256(), promoted.sha256()))
+            .expect("json");
+        assert_eq!(r["reason"], "promotion");
+        assert_eq!(r["details"]["old_sha256"], before.sha256());
+        assert_eq!(r["details"]["new_sha256"], promoted.sha256());
+        // And back: two files alone cannot tell the return of a version live before
+        // from a first promotion; it is audited a promotion, naming the live version
+        // it replaces (`old_live`).
+        let back = transitions(&promoted, &before);
+        assert!(
+            back.iter()
+                .any(|t| t.version == "rcp-2017.1" && t.change() == Change::Promotion)
+        );
     }
 
     fn table(text: &str) -> crate::score::ScoreModel {
