@@ -196,8 +196,11 @@ impl Unrecorded {
     }
 
     /// Undoes [`Self::merge_into`] after the commit failed, keeping the commit's own
-    /// alert part too (it was not recorded either).
-    fn take_back(&mut self, commit: &mut Commit) {
+    /// alert part too (it was not recorded either). Returns what it had to drop
+    /// beyond `PENDING_ALERTS_MAX` (the oldest), for the caller to count and audit.
+    #[must_use]
+    fn take_back(&mut self, commit: &mut Commit) -> Overflow {
+        let mut dropped = Overflow::default();
         self.alerts.append(&mut commit.alerts);
         for (d, s) in commit.alert_states.drain(..) {
             self.states.insert(d, s);
@@ -212,7 +215,7 @@ impl Unrecorded {
                 dropped = over,
                 "too many score rows waiting for the store; the oldest will not be recorded"
             );
-            self.scores.drain(..over);
+            dropped.scores = self.scores.drain(..over).map(|r| r.score_id).collect();
         }
         if self.alerts.len() > PENDING_ALERTS_MAX {
             let over = self.alerts.len() - PENDING_ALERTS_MAX;
@@ -220,8 +223,36 @@ impl Unrecorded {
                 dropped = over,
                 "too many alert rows waiting for the store; the oldest will not be recorded (they were delivered)"
             );
-            self.alerts.drain(..over);
+            dropped.alerts = self.alerts.drain(..over).map(|a| a.alert_id).collect();
         }
+        dropped
+    }
+}
+
+/// Rows [`Unrecorded::take_back`] dropped, by id: never recorded.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Overflow {
+    scores: Vec<String>,
+    alerts: Vec<String>,
+}
+
+impl Overflow {
+    /// One audit record per kind of row dropped: how many, the first and last id.
+    fn records(&self) -> Vec<AuditRecord> {
+        [("score", &self.scores), ("alert", &self.alerts)]
+            .into_iter()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(kind, ids)| {
+                AuditRecord::new(Component::Bridge, Event::EventsWithheld)
+                    .action("record")
+                    .resource(kind)
+                    .decision(Decision::Deny)
+                    .reason("unrecorded_overflow")
+                    .detail("count", ids.len())
+                    .detail("first_id", ids.first().cloned().unwrap_or_default())
+                    .detail("last_id", ids.last().cloned().unwrap_or_default())
+            })
+            .collect()
     }
 }
 
@@ -450,7 +481,8 @@ impl Recorder {
                     }
                     Err(e) => {
                         self.store_failed(st, &e);
-                        st.unrecorded.take_back(&mut s.commit);
+                        let dropped = st.unrecorded.take_back(&mut s.commit);
+                        audited &= self.overflowed(&dropped);
                     }
                 }
             }
@@ -519,7 +551,9 @@ impl Recorder {
                 Err(e) => self.store_failed(st, &e),
             }
         }
-        st.unrecorded.take_back(&mut alerts_only);
+        let dropped = st.unrecorded.take_back(&mut alerts_only);
+        // An unaudited drop still shows in the metric; the next audit failure shows.
+        let _ = self.overflowed(&dropped);
         if fresh.is_empty() {
             return false;
         }
@@ -578,6 +612,24 @@ impl Recorder {
                     .detail("alert_id", alert_id.clone())
                     .detail("state", state.clone()),
             ) {
+                error!(error = %e, "audit log refused a record");
+                audited = false;
+            }
+        }
+        audited
+    }
+
+    /// Counts (`vitalmq_bridge_unrecorded_dropped_total{kind}`) and audits the rows
+    /// kept for the store that had to be dropped. False when the audit log refused a
+    /// record.
+    fn overflowed(&self, dropped: &Overflow) -> bool {
+        metrics::counter!("vitalmq_bridge_unrecorded_dropped_total", "kind" => "score")
+            .increment(dropped.scores.len() as u64);
+        metrics::counter!("vitalmq_bridge_unrecorded_dropped_total", "kind" => "alert")
+            .increment(dropped.alerts.len() as u64);
+        let mut audited = true;
+        for r in dropped.records() {
+            if let Err(e) = self.auditor.record(r) {
                 error!(error = %e, "audit log refused a record");
                 audited = false;
             }
@@ -1034,7 +1086,7 @@ mod tests {
             ..Commit::default()
         };
         kept.merge_into(&mut first);
-        kept.take_back(&mut first);
+        assert_eq!(kept.take_back(&mut first), Overflow::default());
         let mut next = Commit {
             alerts: vec![alert("a", "escalated"), alert("b", "open")],
             alert_states: vec![(device("dev-00001"), "new".into())],
@@ -1049,7 +1101,7 @@ mod tests {
         assert_eq!(order, [("a", "open"), ("a", "escalated"), ("b", "open")]);
         assert_eq!(next.alert_states, [(device("dev-00001"), "new".to_owned())]);
         assert!(kept.alerts.is_empty() && kept.states.is_empty());
-        kept.take_back(&mut next);
+        assert_eq!(kept.take_back(&mut next), Overflow::default());
         assert_eq!(kept.alerts.len(), 3);
         assert_eq!(kept.states[&device("dev-00001")], "new");
         assert!(next.alerts.is_empty() && next.alert_states.is_empty());
@@ -1083,7 +1135,7 @@ mod tests {
         assert!(first.scores.is_empty() && first.patient_states.is_empty());
         assert!(!is_empty(&part));
         kept.merge_into(&mut part);
-        kept.take_back(&mut part);
+        assert_eq!(kept.take_back(&mut part), Overflow::default());
         let mut next = Commit {
             scores: vec![score("sc-2")],
             patient_states: vec![("pt-a".into(), "new".into())],
@@ -1093,6 +1145,27 @@ mod tests {
         let ids: Vec<&str> = next.scores.iter().map(|s| s.score_id.as_str()).collect();
         assert_eq!(ids, ["sc-1", "sc-2"]);
         assert_eq!(next.patient_states, [("pt-a".to_owned(), "new".to_owned())]);
+
+        // Beyond the cap the oldest score rows go, named for the metric and the audit.
+        assert_eq!(kept.take_back(&mut next), Overflow::default());
+        let mut over = Commit {
+            scores: (0..PENDING_ALERTS_MAX)
+                .map(|i| score(&format!("sc-x{i}")))
+                .collect(),
+            ..Commit::default()
+        };
+        let dropped = kept.take_back(&mut over);
+        assert_eq!(dropped.scores, ["sc-1", "sc-2"]);
+        assert!(dropped.alerts.is_empty());
+        assert_eq!(kept.scores.len(), PENDING_ALERTS_MAX);
+        let records = dropped.records();
+        assert_eq!(records.len(), 1);
+        let r = serde_json::to_value(&records[0]).expect("json");
+        assert_eq!(r["reason"], "unrecorded_overflow");
+        assert_eq!(r["resource"], "score");
+        assert_eq!(r["details"]["count"], 2);
+        assert_eq!(r["details"]["first_id"], "sc-1");
+        assert_eq!(r["details"]["last_id"], "sc-2");
     }
 
     /// While the audit log cannot write, acknowledgements wait (an ack is applied only
