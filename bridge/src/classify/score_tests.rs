@@ -1106,7 +1106,7 @@ fn a_rollback_hands_over_a_stable_patients_alerts_at_the_next_tick() {
         out.commit
             .scores
             .iter()
-            .any(|r| Json::from(r.score_id.clone()) == opened["score_id"] && r.role == "live"),
+            .any(|r| opened["score_id"] == r.score_id.as_str() && r.role == "live"),
         "the opened alert names a stored score"
     );
     assert!(
