@@ -609,6 +609,55 @@ mod tests {
         drop(audit);
     }
 
+    /// A models file the loaded score tables do not fit (here a canary version no
+    /// table has) is refused on reload, audited; the registry in force stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_models_file_the_score_tables_do_not_fit_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("models.toml");
+        let log = dir.path().join("audit.jsonl");
+        let text = include_str!("../../policies/examples/models.toml");
+        std::fs::write(&path, text).expect("write");
+        let audit = vitalmq_audit::AuditLog::open(&log, 64).expect("audit");
+        let initial =
+            std::sync::Arc::new(vitalmq_policies::ModelRegistry::load(&path).expect("valid"));
+        let table = vitalmq_policies::ScoreTable::parse(
+            include_str!("../../policies/examples/news2.toml"),
+            Path::new("news2.toml"),
+        )
+        .expect("table");
+        let tables = vec![crate::score::ScoreModel {
+            table: std::sync::Arc::new(table),
+            path: "news2.toml".into(),
+        }];
+        crate::rollout::check_tables(&tables, &initial).expect("the shipped pair fits");
+        let in_force = initial.sha256().to_owned();
+        let watch = super::watch_models(path.clone(), initial, tables, audit.auditor());
+        let unloaded_canary = text.replace(
+            "[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"",
+            &format!(
+                "[[models]]\nname = \"news2\"\nversion = \"cand-9\"\nkind = \"score\"\n\
+                 artifact_sha256 = \"{}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
+                 intended_use = \"t\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+                 approved_at = \"2026-01-01T00:00:00Z\"\n\n\
+                 [[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"\n\
+                 canary = [{{ version = \"cand-9\", sites = [\"site-01\"] }}]",
+                "0".repeat(64)
+            ),
+        );
+        vitalmq_policies::ModelRegistry::parse(&unloaded_canary, Path::new("m.toml"))
+            .expect("a valid models file by itself");
+        replace(&path, &unloaded_canary);
+        let line = audited(&log, "models_tables_mismatch").await;
+        assert!(
+            line.contains("policy_rejected") && line.contains(&in_force) && line.contains("cand-9"),
+            "{line}"
+        );
+        assert!(!watch.models.has_changed().expect("open"));
+        assert_eq!(watch.models.borrow().sha256(), in_force);
+        drop(audit);
+    }
+
     async fn audited_times(log: &Path, needle: &str, want: usize) -> usize {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
