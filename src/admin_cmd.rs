@@ -414,6 +414,7 @@ impl Backend for LocalBackend {
             "manifest_sha256": report.manifest_sha256,
             "events": report.events,
             "alerts": report.alerts,
+            "scores": report.scores,
             "manifest": manifest,
         }))
     }

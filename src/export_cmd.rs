@@ -12,6 +12,7 @@
 //! | `raw.jsonl` | event | `event_id`, `position`, `device`, `epoch`, `seq`, `sha256`, `length`, `cose_sign1_base64` (the bytes as received, so the recipient can verify the device signature), `received_at(_ms)`, `topic`, `broker`, `publisher` |
 //! | `alerts.jsonl` | alert state change, in order | `position`, `alert_id`, `state`, `kind`, `topic`, `device`, `rule`, `recorded_at(_ms)`, `body` (the alert as published) |
 //! | `provenance.jsonl` | event, then alert change | event: `kind` "event", ids, `raw_sha256`, `verdict`, times, `sinks` (whose cursor passed it), the event's own `provenance`; alert: `kind` "alert", ids, rule and policy, `evidence` and `evidence_not_exported` |
+//! | `scores.jsonl` | server-side score (issue 21), id order | `score_id`, `model`, `version`, `config_sha256`, `role`, `device`, `site`, `observed_at(_ms)`, `recorded_at_ms`, `score` (the stored score: aggregate, risk, sub-scores, missing, inputs) |
 //!
 //! then `manifest.json` (`vitalmq-export/v1`: patient, time, source store and schema
 //! version, who asked and why, per file its name, lines, bytes and SHA-256), and last
@@ -46,11 +47,12 @@ use crate::operator_audit::{self, Action};
 /// The manifest's format.
 pub const FORMAT: &str = "vitalmq-export/v1";
 /// The data files, in the order the manifest lists them.
-pub const FILES: [&str; 4] = [
+pub const FILES: [&str; 5] = [
     "events.jsonl",
     "raw.jsonl",
     "alerts.jsonl",
     "provenance.jsonl",
+    "scores.jsonl",
 ];
 pub const MANIFEST: &str = "manifest.json";
 pub const MANIFEST_SHA256: &str = "manifest.sha256";
@@ -103,6 +105,7 @@ pub struct ExportReport {
     pub manifest_sha256: String,
     pub events: u64,
     pub alerts: u64,
+    pub scores: u64,
     pub files: Vec<FileEntry>,
 }
 
@@ -471,11 +474,35 @@ fn write_export(
         PatientRow::Event(e) => files.event(&e),
         PatientRow::Alert(a) => files.alert(&a),
     })?;
+    // The patient's scores (schema v5), read right after the snapshot: a score is
+    // committed with the reading that triggered it, so it may name an event the
+    // snapshot did not see (it was recorded meanwhile), never the other way round.
+    let mut scores = Lines::create(out, FILES[4])?;
+    let mut score_count = 0u64;
+    for s in store.scores(0, Some(&req.patient_ref), usize::MAX)? {
+        let score: Json = serde_json::from_slice(readable(&s.payload, "scores")?)
+            .with_context(|| format!("score {}: the stored payload is not JSON", s.score_id))?;
+        scores.json(&json!({
+            "score_id": s.score_id,
+            "model": s.model,
+            "version": s.version,
+            "config_sha256": s.config_sha256,
+            "role": s.role,
+            "device": s.device,
+            "site": s.site,
+            "observed_at": rfc3339_ms(s.observed_at_ms),
+            "observed_at_ms": s.observed_at_ms,
+            "recorded_at_ms": s.created_at_ms,
+            "score": score,
+        }))?;
+        score_count += 1;
+    }
     let entries = vec![
         files.events.finish()?,
         files.raw.finish()?,
         files.alerts.finish()?,
         files.provenance.finish()?,
+        scores.finish()?,
     ];
     let manifest = json!({
         "format": FORMAT,
@@ -489,7 +516,7 @@ fn write_export(
         },
         "requested_by": requested_by,
         "purpose": req.purpose,
-        "counts": {"events": snapshot.events, "alerts": snapshot.alerts},
+        "counts": {"events": snapshot.events, "alerts": snapshot.alerts, "scores": score_count},
         "files": entries,
     });
     let mut text = serde_json::to_vec_pretty(&manifest)?;
@@ -508,6 +535,7 @@ fn write_export(
         manifest_sha256,
         events: snapshot.events,
         alerts: snapshot.alerts,
+        scores: score_count,
         files: entries,
     })
 }

@@ -29,6 +29,25 @@ use vitalmq_envelope::{
 use vitalmq_keyring::{Keyring, LocalKeyFile, Subject};
 use vitalmq_policies::{DeviceEntry, SiteId};
 
+/// A NEWS2 score of `patient` as the bridge stores it (sealed by the store).
+fn score(id: &str, patient: &str, device: &str) -> vitalmq_bridge::NewScore {
+    vitalmq_bridge::NewScore {
+        score_id: id.into(),
+        patient_ref: patient.into(),
+        site: "site-01".into(),
+        device: device.into(),
+        model: "news2".into(),
+        version: "rcp-2017.1".into(),
+        config_sha256: "ab".repeat(32),
+        role: "live".into(),
+        observed_at_ms: 1_763_726_400_000,
+        created_at_ms: 1_763_726_400_005,
+        payload: json!({"format": "vitalmq-score/v1", "score_id": id, "patient_ref": patient,
+            "aggregate": 6, "risk": "medium", "complete": false, "missing": ["consciousness"]})
+        .to_string(),
+    }
+}
+
 const A: &str = "pt-aaaa1111";
 const B: &str = "pt-bbbb2222";
 
@@ -186,6 +205,7 @@ impl Fixture {
                     alert("al-b1", "open", B, "dev-b", &[&b_event]),
                     alert("al-a1", "closed", A, "dev-a", &[&a_events[2]]),
                 ],
+                scores: vec![score("sc-a1", A, "dev-a"), score("sc-b1", B, "dev-b")],
                 now_ms: 1_763_726_500_000,
                 ..Commit::default()
             })
@@ -309,6 +329,7 @@ fn one_patients_export_verifies_independently_and_is_audited() {
         "raw.jsonl",
         "alerts.jsonl",
         "provenance.jsonl",
+        "scores.jsonl",
         "manifest.json",
         "manifest.sha256",
     ] {
@@ -323,9 +344,18 @@ fn one_patients_export_verifies_independently_and_is_audited() {
     assert_eq!(manifest["patient_ref"], A);
     assert_eq!(manifest["requested_by"], "dpo@hospital");
     assert_eq!(manifest["purpose"], "subject access request");
-    assert_eq!(manifest["source"]["schema_version"], 4);
+    assert_eq!(manifest["source"]["schema_version"], 5);
     assert_eq!(manifest["source"]["encrypted"], true);
-    assert_eq!(manifest["counts"], json!({"events": 3, "alerts": 2}));
+    assert_eq!(
+        manifest["counts"],
+        json!({"events": 3, "alerts": 2, "scores": 1})
+    );
+    // The patient's score, opened; not the other patient's.
+    let scores = lines(&out, "scores.jsonl");
+    assert_eq!(scores.len(), 1, "{scores:?}");
+    assert_eq!(scores[0]["score_id"], "sc-a1");
+    assert_eq!(scores[0]["score"]["aggregate"], 6);
+    assert_eq!(scores[0]["score"]["missing"], json!(["consciousness"]));
 
     // The events in order, as stored; provenance per event and per alert change.
     let events = lines(&out, "events.jsonl");
@@ -416,6 +446,7 @@ fn without_data_empty_files_without_the_key_nothing_and_an_erased_patient_is_ref
         "raw.jsonl",
         "alerts.jsonl",
         "provenance.jsonl",
+        "scores.jsonl",
     ] {
         assert_eq!(
             std::fs::read(out.join(name)).expect("file").len(),
