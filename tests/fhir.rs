@@ -673,6 +673,60 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
     o["identifier"][1]["value"] = json!(other);
     refused("relabel.json", &relabelled, "is not the signed message's");
 
+    // Recoded: what a LOINC consumer reads differs from what was signed, though the
+    // first coding (the one a naive verifier reads) still names the signed metric.
+    let panel = |dbp_absent: bool| {
+        entries
+            .iter()
+            .position(|e| {
+                e["resource"]["code"]["coding"][0]["code"] == "85354-9"
+                    && e["resource"]["component"][1]["dataAbsentReason"].is_object() == dbp_absent
+            })
+            .expect("a panel")
+    };
+    let not_mapped = "not what the mapping makes of the signed message";
+    // (f) BP components swapped for a LOINC reader: systolic 79, diastolic 121.
+    let bp = panel(false);
+    let mut swapped = bundle.clone();
+    let comps = &mut swapped["entry"][bp]["resource"]["component"];
+    for (i, (metric, loinc)) in [("sbp", "8462-4"), ("dbp", "8480-6")].iter().enumerate() {
+        comps[i]["code"]["coding"] = json!([
+            {"system": "urn:vitalmq:metric", "code": metric},
+            {"system": "http://loinc.org", "code": loinc},
+        ]);
+    }
+    refused("bp-swapped.json", &swapped, not_mapped);
+    // (g) A pulse that is also a respiratory rate.
+    let pulse = entries
+        .iter()
+        .position(|e| e["resource"]["code"]["coding"][0]["code"] == "8867-4")
+        .expect("a pulse");
+    let mut pulse_resp = bundle.clone();
+    pulse_resp["entry"][pulse]["resource"]["code"]["coding"]
+        .as_array_mut()
+        .expect("codings")
+        .push(json!({"system": "http://loinc.org", "code": "9279-1"}));
+    refused("pulse-resp.json", &pulse_resp, not_mapped);
+    // (h) The diastolic the device did not send, given a value next to its absence.
+    let half = panel(true);
+    let mut made_up = bundle.clone();
+    made_up["entry"][half]["resource"]["component"][1]["valueInteger"] = json!(95);
+    refused("dbp-made-up.json", &made_up, not_mapped);
+    // pycose's independent check reads the LOINC codes too.
+    for name in ["bp-swapped.json", "pulse-resp.json"] {
+        let mut py = Command::new("python3");
+        py.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/fhir_pycose.py"))
+            .arg(f.path(name))
+            .arg(f.path("registry.toml"));
+        let ran = run(&mut py, Duration::from_secs(60));
+        assert!(!ran.success, "{name}: pycose accepted it: {}", ran.all());
+        assert!(
+            ran.stdout.contains("not the mapping's"),
+            "{name}: {}",
+            ran.all()
+        );
+    }
+
     // The untouched Bundle still verifies.
     assert!(f.verify("a.json").success);
 }

@@ -50,6 +50,8 @@ pub struct TargetObservation {
     /// What the mapping never produces: `value[x]` next to `component`, a unit other
     /// than the mapping table's.
     pub problems: Vec<String>,
+    /// Its [`projection`]: what the mapping derives from the signed message.
+    pub projection: Json,
 }
 
 /// The resources of `doc`: a Bundle's entry resources, or the document itself.
@@ -172,6 +174,95 @@ pub fn problems(o: &Json) -> Vec<String> {
     out
 }
 
+/// The fields of an Observation that are unsigned (identifiers, subject, device,
+/// times, bridge-side notes and extensions, narrative, server metadata): checked apart
+/// or not at all; everything else the mapping derives from the signed message.
+const UNSIGNED_FIELDS: [&str; 10] = [
+    "id",
+    "identifier",
+    "subject",
+    "device",
+    "issued",
+    "effectiveDateTime",
+    "extension",
+    "note",
+    "text",
+    "meta",
+];
+
+/// What of Observation `o` the mapping derives from the signed message: `o` without
+/// its [`UNSIGNED_FIELDS`] (but with `meta.profile`), codings as a set (sorted),
+/// numbers as f64. Two Observations with equal projections say the same thing to any
+/// reader (same codes, values, units, components, status, category), so a verifier
+/// compares the given one's with the projection of what the mapping makes of the
+/// signed payload ([`expected_projections`]): nothing recoded, added or left over.
+pub fn projection(o: &Json) -> Json {
+    let Some(map) = o.as_object() else {
+        return o.clone();
+    };
+    let mut out = serde_json::Map::new();
+    for (k, v) in map {
+        if !UNSIGNED_FIELDS.contains(&k.as_str()) {
+            out.insert(k.clone(), canonical(v));
+        }
+    }
+    if let Some(profile) = o["meta"].get("profile") {
+        out.insert("meta.profile".into(), canonical(profile));
+    }
+    Json::Object(out)
+}
+
+/// Numbers as f64 (`120` and `120.0` are one value), every `coding` array sorted.
+fn canonical(v: &Json) -> Json {
+    match v {
+        Json::Number(n) => n.as_f64().map_or_else(|| v.clone(), Json::from),
+        Json::Array(a) => Json::Array(a.iter().map(canonical).collect()),
+        Json::Object(m) => Json::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let mut v = canonical(v);
+                    if k == "coding"
+                        && let Some(a) = v.as_array_mut()
+                    {
+                        a.sort_by_key(Json::to_string);
+                    }
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        _ => v.clone(),
+    }
+}
+
+/// The [`projection`]s of the Observations the mapping makes of a signed `vitals`
+/// message (`m`: metric -> value, `None` for a non-finite one), by their
+/// `urn:vitalmq:observation` identifier value.
+pub fn expected_projections(
+    event_id: &str,
+    device: &str,
+    ts: u64,
+    m: &std::collections::BTreeMap<String, Option<f64>>,
+) -> Result<HashMap<String, Json>, crate::Error> {
+    // Only what the device signed matters; the unsigned fields are placeholders the
+    // projection leaves out.
+    let m: serde_json::Map<String, Json> = m
+        .iter()
+        .map(|(k, v)| (k.clone(), v.map_or(Json::Null, Json::from)))
+        .collect();
+    let event = crate::event::Event::from_json(&serde_json::json!({
+        "event_id": event_id, "device": device, "site": "", "patient_ref": "",
+        "epoch": 0, "seq": 0, "type": "vitals", "ts": ts,
+        "observed_at": "1970-01-01T00:00:00Z", "received_at": null,
+        "m": m, "q": null, "fw": "", "model": null,
+        "provenance": {"kid": device, "alg": "", "raw_sha256": "", "publisher": "",
+            "bridge": "", "transformation": "", "consent": null},
+    }))?;
+    Ok(crate::observation::observations(&event)?
+        .into_iter()
+        .map(|o| (o.key, projection(&o.resource)))
+        .collect())
+}
+
 impl TargetObservation {
     /// The identifier value the mapping gives this Observation in event `event_id`.
     pub fn expected_key(&self, event_id: &str) -> Option<String> {
@@ -253,6 +344,7 @@ impl<'a> Index<'a> {
                     }),
                     device: reference_device(&o["device"]),
                     values: values(o),
+                    projection: projection(o),
                 }),
                 None => missing_targets.push(
                     t["reference"]

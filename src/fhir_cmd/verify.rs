@@ -220,8 +220,28 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
     let ts = vitalmq_fhir::ids::instant(t.ts).ok();
     // The event id is a function of what the device signed: recomputed, not trusted.
     let event_id = vitalmq_bridge::normalize::event_id(&t.dev, t.epoch, t.seq);
+    let owned: BTreeMap<String, Option<f64>> =
+        signed.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+    // What the mapping makes of the signed message, compared as a whole: no coding
+    // added or recoded, no component, unit or value[x] beyond the mapping's.
+    let expected = match vitalmq_fhir::read::expected_projections(&event_id, device, t.ts, &owned) {
+        Ok(e) => e,
+        Err(e) => {
+            c.errors
+                .push(format!("the signed message does not map: {e}"));
+            HashMap::new()
+        }
+    };
     let mut claimed: BTreeMap<String, Option<f64>> = BTreeMap::new();
     for o in &r.observations {
+        if let Some(want) = expected.get(&o.key)
+            && *want != o.projection
+        {
+            c.errors.push(format!(
+                "Observation {}: not what the mapping makes of the signed message (codes, units, components, status or category differ): {} instead of {want}",
+                o.key, o.projection
+            ));
+        }
         if o.device.as_deref() != Some(device) {
             c.errors.push(format!(
                 "Observation {}: another device {:?}",

@@ -42,7 +42,7 @@ def problems(o):
         q = p.get("valueQuantity")
         if q is None:
             continue
-        for metric in claimed({"code": p["code"], "valueQuantity": q}):
+        for metric in claimed({"code": p["code"], "valueQuantity": q}, []):
             want = UCUM.get(metric)
             have = (q.get("system"), q.get("code"))
             if have != (("http://unitsofmeasure.org", want) if want else (None, None)):
@@ -57,17 +57,47 @@ def public_key(alg, public_hex):
     return EC2Key(crv=P256, x=raw[1:33], y=raw[33:])
 
 
-def claimed(o):
+# The mapping's codings (system, code) per metric (docs/fhir.md): a reading is the signed
+# one only when its code.coding is exactly this set (no coding added or recoded).
+L = "http://loinc.org"
+CODINGS = {"spo2": {(L, "59408-5"), (L, "2708-6")}, "pulse": {(L, "8867-4")},
+           "resp": {(L, "9279-1")}, "temp": {(L, "8310-5")}, "sbp": {(L, "8480-6")},
+           "dbp": {(L, "8462-4")}}
+PANEL = {(L, "85354-9")}
+
+
+def metric_of(code, errors):
+    """The metric a code's codings name: all of them, as the mapping gives them."""
+    have = {(c.get("system"), c.get("code")) for c in code.get("coding", [])}
+    for metric, want in CODINGS.items():
+        if have == want:
+            return metric
+    if len(have) == 1:
+        system, value = next(iter(have))
+        if system == "urn:vitalmq:metric" and value not in CODINGS:
+            return value
+    errors.append(f"codings {sorted(have, key=str)} are not the mapping's")
+    return None
+
+
+def claimed(o, errors):
     out = {}
-    parts = o.get("component") or [o]
+    if "component" in o:
+        have = {(c.get("system"), c.get("code")) for c in o["code"].get("coding", [])}
+        if have != PANEL:
+            errors.append(f"panel codings {sorted(have, key=str)} are not the mapping's")
+        parts = o["component"]
+        if [metric_of(p["code"], []) for p in parts] != ["sbp", "dbp"]:
+            errors.append("the panel's components are not systolic then diastolic")
+    else:
+        parts = [o]
     for p in parts:
-        for c in p["code"]["coding"]:
-            metric = LOINC.get(c["code"]) if c["system"] == "http://loinc.org" else None
-            if c["system"] == "urn:vitalmq:metric":
-                metric = c["code"]
-            if metric:
-                out[metric] = p.get("valueQuantity", {}).get("value")
-                break
+        metric = metric_of(p["code"], errors)
+        extra = [k for k in p if k.startswith("value") and k != "valueQuantity"]
+        if extra:
+            errors.append(f"{metric}: {extra} is not the mapping's")
+        if metric:
+            out[metric] = p.get("valueQuantity", {}).get("value")
     return out
 
 
@@ -113,7 +143,9 @@ def main(bundle_path, registry_path):
                 if effective != when:
                     errors.append(f"{t['reference']}: effective {effective} is not ts {when}")
                 errors.extend(f"{t['reference']}: {x}" for x in problems(o))
-                seen.update(claimed(o))
+                found = []
+                seen.update(claimed(o, found))
+                errors.extend(f"{t['reference']}: {x}" for x in found)
             for metric, value in seen.items():
                 values += 1
                 if metric not in signed and value is None:
