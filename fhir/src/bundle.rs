@@ -7,6 +7,7 @@
 //! |---|---|
 //! | Observation, DetectedIssue, Communication | `POST`, `ifNoneExist: identifier=<system>\|<value>` |
 //! | Provenance of a reading | `PUT Provenance/<uuid v5 of urn:vitalmq:raw-sha256\|<hex>>` |
+//! | Provenance of a reading whose raw message was purged (unsigned) | `PUT Provenance/<uuid v5 of urn:vitalmq:raw-purged\|<hex>>`: never the signed one's id |
 //! | Provenance of an alert change | `PUT Provenance/<uuid v5 of urn:vitalmq:alert-change\|<key>>` |
 //! | Device, Task (sink) | `PUT Device?identifier=...` / `PUT Task?identifier=...` (conditional update: firmware and the alert workflow move on) |
 //! | Device, Task (export, [`BundleBuilder::for_export`]) | `POST`, `ifNoneExist: identifier=...` (an old range must not roll a live server back) |
@@ -212,9 +213,16 @@ impl BundleBuilder {
                 o.resource.clone(),
             ));
         }
+        // The unsigned Provenance of a purged reading has its own id: under the signed
+        // one's, loading an export into a server the sink fed would replace the
+        // signature a consumer re-verifies with a Provenance vouching for nothing.
+        let system = match raw {
+            Some(_) => ids::RAW_SHA256,
+            None => provenance::RAW_PURGED,
+        };
         self.push(Entry::put(
             "Provenance",
-            ids::RAW_SHA256,
+            system,
             &event.provenance.raw_sha256,
             prov,
         ));
@@ -608,6 +616,30 @@ mod tests {
         let purged = crate::read::purged_readings(&t);
         assert_eq!(purged.len(), 1);
         assert_eq!(purged[0].observations.len(), 1);
+        // Never under the signed Provenance's id: a purged export loaded into a server
+        // the sink fed must not replace the signature there.
+        let mut signed = BundleBuilder::new();
+        signed.reading(&e, b"\xd2\x84cose").expect("reading");
+        let s = signed.transaction();
+        let s = s["entry"]
+            .as_array()
+            .and_then(|es| {
+                es.iter()
+                    .find(|e| e["resource"]["resourceType"] == "Provenance")
+            })
+            .expect("signed provenance")
+            .clone();
+        assert_ne!(s["fullUrl"], p["fullUrl"]);
+        assert_ne!(s["resource"]["id"], p["resource"]["id"]);
+        assert_ne!(s["request"]["url"], p["request"]["url"]);
+        assert_eq!(
+            p["request"]["url"],
+            format!(
+                "Provenance/{}",
+                ids::full_url("Provenance", provenance::RAW_PURGED, &"aa".repeat(32))
+                    .trim_start_matches("urn:uuid:")
+            )
+        );
     }
 
     #[test]
