@@ -68,7 +68,7 @@ impl Entry {
     }
 
     fn create(resource_type: &str, system: &str, value: &str, resource: Json) -> Self {
-        let if_none_exist = format!("identifier={system}|{value}");
+        let if_none_exist = format!("identifier={}", ids::token_query(system, value));
         Self::new(
             resource_type,
             system,
@@ -79,7 +79,7 @@ impl Entry {
     }
 
     fn update(resource_type: &str, system: &str, value: &str, resource: Json) -> Self {
-        let identifier = format!("{system}|{value}");
+        let identifier = ids::token_query(system, value);
         Self::new(
             resource_type,
             system,
@@ -393,6 +393,71 @@ mod tests {
             .expect("alert");
         }
         b.transaction()
+    }
+
+    #[test]
+    fn search_values_are_escaped_and_odd_metric_names_stay_valid() {
+        let mut e = event_json(json!({"spo2,x": 1, "a&b#c%+=": 2, "": 3, "a  b": 4}));
+        e["fw"] = json!("");
+        let e = Event::from_json(&e).expect("event");
+        let mut b = BundleBuilder::new();
+        assert_eq!(b.reading(&e, b"x").expect("reading"), 4);
+        b.device(&DeviceFacts {
+            id: "dev,1|x".into(),
+            fw: Some(String::new()),
+            ..facts()
+        });
+        let t = b.transaction();
+        let entries = t["entry"].as_array().expect("entries");
+        let requests: Vec<String> = entries
+            .iter()
+            .map(|e| {
+                let r = &e["request"];
+                r["ifNoneExist"]
+                    .as_str()
+                    .map_or_else(|| r["url"].as_str().unwrap_or("").to_owned(), str::to_owned)
+            })
+            .collect();
+        for want in [
+            r"identifier=urn:vitalmq:observation|ev1-0123/spo2%5C%2Cx",
+            "identifier=urn:vitalmq:observation|ev1-0123/a%26b%23c%2525%2B%3D",
+            "identifier=urn:vitalmq:observation|ev1-0123/%25",
+            "identifier=urn:vitalmq:observation|ev1-0123/a%2520%2520b",
+            "Device?identifier=urn:vitalmq:device|dev%5C%2C1%5C%7Cx",
+        ] {
+            assert!(requests.iter().any(|r| r == want), "{want}: {requests:#?}");
+        }
+        for o in entries
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "Observation")
+        {
+            let o = &o["resource"];
+            let code = o["code"]["coding"][0]["code"].as_str().expect("code");
+            assert!(!code.is_empty() && !code.contains("  "), "{o}");
+            assert!(o["code"]["text"] != "", "{o}");
+            assert!(
+                !o.to_string().contains(crate::observation::EXT_FIRMWARE),
+                "{o}"
+            );
+        }
+        let device = entries
+            .iter()
+            .find(|e| e["resource"]["resourceType"] == "Device")
+            .expect("device");
+        assert!(
+            device["resource"]["version"]
+                .as_array()
+                .is_none_or(|v| v.iter().all(|x| x["value"] != "")),
+            "{device}"
+        );
+        // The verifier reads the original names back.
+        let obs: Vec<(String, Option<f64>)> = entries
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "Observation")
+            .flat_map(|e| crate::read::values(&e["resource"]))
+            .collect();
+        let names: HashSet<&str> = obs.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(names, HashSet::from(["spo2,x", "a&b#c%+=", "", "a  b"]));
     }
 
     #[test]

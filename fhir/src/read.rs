@@ -108,7 +108,7 @@ fn metric_of(code: &Json) -> Option<String> {
         if c["system"] == codes::LOINC {
             codes::metric_of(code).map(str::to_owned)
         } else if c["system"] == codes::METRIC {
-            Some(code.to_owned())
+            codes::metric_name(code)
         } else {
             None
         }

@@ -18,6 +18,7 @@ import hashlib
 import json
 import sys
 import tomllib
+import urllib.parse
 
 import cbor2
 from pycose.headers import KID
@@ -75,7 +76,8 @@ def metric_of(code, errors):
     if len(have) == 1:
         system, value = next(iter(have))
         if system == "urn:vitalmq:metric" and value not in CODINGS:
-            return value
+            # The mapping's safe code: the name itself, else percent-encoded ("%": "").
+            return "" if value == "%" else urllib.parse.unquote(value)
     errors.append(f"codings {sorted(have, key=str)} are not the mapping's")
     return None
 
