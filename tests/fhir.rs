@@ -712,6 +712,41 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
     let mut made_up = bundle.clone();
     made_up["entry"][half]["resource"]["component"][1]["valueInteger"] = json!(95);
     refused("dbp-made-up.json", &made_up, not_mapped);
+    // (i) dev-a's Observation pointing its device reference at dev-b's Device, its
+    // identifier left as dev-a: a reader resolving the reference sees dev-b.
+    let mut repointed = bundle.clone();
+    repointed["entry"][spo2]["resource"]["device"]["reference"] = json!(
+        vitalmq_fhir::ids::full_url("Device", "urn:vitalmq:device", "dev-b")
+    );
+    refused(
+        "device-ref.json",
+        &repointed,
+        "is not the Device of its identifier",
+    );
+    // (j) A Provenance target whose reference and identifier name different readings.
+    let prov = entries
+        .iter()
+        .position(|e| {
+            e["resource"]["resourceType"] == "Provenance"
+                && e["resource"]["target"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t["identifier"]["value"] == key.as_str()))
+        })
+        .expect("the spo2's provenance");
+    let mut retargeted = bundle.clone();
+    let targets = retargeted["entry"][prov]["resource"]["target"]
+        .as_array_mut()
+        .expect("targets");
+    let t = targets
+        .iter_mut()
+        .find(|t| t["identifier"]["value"] == key.as_str())
+        .expect("target");
+    t["identifier"]["value"] = json!("ev1-other/spo2");
+    refused(
+        "target-ref.json",
+        &retargeted,
+        "the resource it references has",
+    );
     // pycose's independent check reads the LOINC codes too.
     for name in ["bp-swapped.json", "pulse-resp.json"] {
         let mut py = Command::new("python3");

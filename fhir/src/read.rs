@@ -21,6 +21,8 @@ pub struct SignedReading {
     pub cose: Vec<u8>,
     /// The raw message SHA-256 the entity names (hex).
     pub entity_sha256: Option<String>,
+    /// References of the Provenance whose `reference` and `identifier` disagree.
+    pub problems: Vec<String>,
     /// The target Observations found: identifier value -> their metric values.
     pub observations: Vec<TargetObservation>,
     /// Targets that could not be found among the resources.
@@ -77,6 +79,25 @@ fn identifier_value<'a>(identifiers: &'a Json, system: &str) -> Option<&'a str> 
 /// The business key of an Observation.
 pub fn observation_key(o: &Json) -> Option<&str> {
     identifier_value(&o["identifier"], ids::OBSERVATION)
+}
+
+/// Where Reference `r` has both a `reference` and an `identifier`, what is wrong when
+/// they name different resources: a reader resolves the reference, a checker reading
+/// only the identifier would vouch for another resource. The reference must be the
+/// mapping's fullUrl of its `type` (else `resource_type`) with that identifier (or its
+/// `Type/id`).
+pub fn reference_problem(r: &Json, resource_type: &str) -> Option<String> {
+    let reference = r["reference"].as_str()?;
+    let resource_type = r["type"].as_str().unwrap_or(resource_type);
+    let (system, value) = (
+        r["identifier"]["system"].as_str()?,
+        r["identifier"]["value"].as_str()?,
+    );
+    let url = ids::full_url(resource_type, system, value);
+    let relative = format!("{resource_type}/{}", url.trim_start_matches("urn:uuid:"));
+    (reference != url && reference != relative).then(|| {
+        format!("reference {reference} is not the {resource_type} of its identifier {system}|{value} ({url})")
+    })
 }
 
 fn reference_device(r: &Json) -> Option<String> {
@@ -326,7 +347,22 @@ impl<'a> Index<'a> {
                         .and_then(|k| by_key.get(k).copied())
                 });
             match found.filter(|o| o["resourceType"] == "Observation") {
-                Some(o) => observations.push(TargetObservation {
+                Some(o) => observations.push({
+                    let mut problems = problems(o);
+                    problems.extend(reference_problem(&o["device"], "Device"));
+                    // Resolved by reference: its identifier must name that resource.
+                    if t["reference"].is_string() && !t["identifier"].is_null() {
+                        let key = observation_key(o);
+                        if t["identifier"]["system"] != ids::OBSERVATION
+                            || t["identifier"]["value"].as_str() != key
+                        {
+                            problems.push(format!(
+                                "the Provenance target {} names identifier {}, the resource it references has {key:?}",
+                                t["reference"], t["identifier"]
+                            ));
+                        }
+                    }
+                    TargetObservation {
                     index: all
                         .iter()
                         .position(|r| std::ptr::eq(*r, o))
@@ -335,7 +371,7 @@ impl<'a> Index<'a> {
                     event: identifier_value(&o["identifier"], ids::EVENT).map(str::to_owned),
                     panel: o["component"].is_array(),
                     metric: metric_of(&o["code"]),
-                    problems: problems(o),
+                    problems,
                     effective: o["effectiveDateTime"].as_str().map(str::to_owned),
                     device_time: o["extension"].as_array().and_then(|ext| {
                         ext.iter()
@@ -345,6 +381,7 @@ impl<'a> Index<'a> {
                     device: reference_device(&o["device"]),
                     values: values(o),
                     projection: projection(o),
+                }
                 }),
                 None => missing_targets.push(
                     t["reference"]
@@ -437,6 +474,14 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
                     .flatten()
             })
         });
+        let mut problems: Vec<String> = reference_problem(&sig["who"], "Device")
+            .into_iter()
+            .map(|x| format!("signature.who: {x}"))
+            .collect();
+        for a in p["agent"].as_array().into_iter().flatten() {
+            problems
+                .extend(reference_problem(&a["who"], "Device").map(|x| format!("agent.who: {x}")));
+        }
         let (observations, missing_targets) = idx.targets(p);
         out.push(SignedReading {
             index,
@@ -444,6 +489,7 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
             author,
             cose,
             entity_sha256,
+            problems,
             observations,
             missing_targets,
         });

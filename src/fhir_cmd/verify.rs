@@ -176,6 +176,7 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
         errors: Vec::new(),
         unchecked_targets: r.missing_targets.clone(),
     };
+    c.errors.extend(r.problems.iter().cloned());
     let Some(device) = r.device.as_deref() else {
         c.errors
             .push("signature.who names no urn:vitalmq:device".into());
