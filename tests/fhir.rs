@@ -830,6 +830,59 @@ fn a_reading_whose_raw_retention_purged_exports_unsigned() {
         "--allow-unsigned",
     ]);
     assert!(ran.success, "{}", ran.all());
+
+    // `--allow-unsigned` still checks the structure: a purged reading relabelled as
+    // another event, given to another device, or without the raw message's SHA-256 is
+    // refused, so the flag vouches only for what retention really purged.
+    let purged_prov = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .position(|e| {
+            e["resource"].to_string().contains("urn:vitalmq:raw-purged")
+                && e["resource"]["resourceType"] == "Provenance"
+        })
+        .expect("the purged provenance");
+    let target = bundle["entry"][purged_prov]["resource"]["target"][0]["reference"].clone();
+    let obs = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .position(|e| e["fullUrl"] == target)
+        .expect("a purged target");
+    let allow = |name: &str, doc: &Json, needle: &str| {
+        f.write(name, doc);
+        let ran = f.vitalmq(&[
+            "fhir",
+            "verify",
+            name,
+            "--registry",
+            "registry.toml",
+            "--allow-unsigned",
+        ]);
+        assert_eq!(ran.code, Some(1), "{name}: {}", ran.all());
+        assert!(
+            ran.stdout.contains(needle),
+            "{name}: {needle}: {}",
+            ran.all()
+        );
+    };
+    let mut relabelled = bundle.clone();
+    relabelled["entry"][obs]["resource"]["identifier"][1]["value"] = json!("ev1-other");
+    allow("purged-relabel.json", &relabelled, "identifies it as");
+    let mut moved = bundle.clone();
+    moved["entry"][obs]["resource"]["device"] =
+        json!({"type": "Device", "identifier": {"system": "urn:vitalmq:device", "value": "dev-b"}});
+    allow("purged-device.json", &moved, "is not the author");
+    let mut no_sha = bundle.clone();
+    no_sha["entry"][purged_prov]["resource"]
+        .as_object_mut()
+        .expect("provenance")
+        .remove("entity");
+    allow("purged-sha.json", &no_sha, "no raw-message SHA-256 entity");
+    let mut ambiguous = bundle.clone();
+    ambiguous["entry"][obs]["resource"]["valueString"] = json!("42");
+    allow("purged-value.json", &ambiguous, "valueString");
 }
 
 #[test]

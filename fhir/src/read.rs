@@ -396,11 +396,53 @@ impl<'a> Index<'a> {
     }
 }
 
+/// The device of Provenance `p`'s `author` agent.
+fn author_of(p: &Json) -> Option<String> {
+    p["agent"].as_array().and_then(|agents| {
+        agents.iter().find_map(|a| {
+            let author = a["type"]["coding"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["code"] == "author"));
+            if author {
+                reference_device(&a["who"])
+            } else {
+                None
+            }
+        })
+    })
+}
+
+/// The raw-message SHA-256 (hex) Provenance `p`'s entity names.
+fn entity_sha256_of(p: &Json) -> Option<String> {
+    p["entity"].as_array().and_then(|es| {
+        es.iter().find_map(|e| {
+            (e["what"]["identifier"]["system"] == ids::RAW_SHA256)
+                .then(|| e["what"]["identifier"]["value"].as_str().map(str::to_owned))
+                .flatten()
+        })
+    })
+}
+
+fn agent_problems(p: &Json) -> Vec<String> {
+    p["agent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| reference_problem(&a["who"], "Device").map(|x| format!("agent.who: {x}")))
+        .collect()
+}
+
 /// A Provenance of a reading whose raw message retention purged ([`provenance::RAW_PURGED`]):
 /// no signature to verify, its targets are unsigned, not tampered with.
 #[derive(Debug, Clone)]
 pub struct PurgedReading {
     pub index: usize,
+    /// The device named as `author` agent.
+    pub author: Option<String>,
+    /// The raw message SHA-256 the entity names (hex).
+    pub entity_sha256: Option<String>,
+    /// References whose `reference` and `identifier` disagree.
+    pub problems: Vec<String>,
     pub observations: Vec<TargetObservation>,
     pub missing_targets: Vec<String>,
 }
@@ -423,6 +465,9 @@ pub fn purged_readings(doc: &Json) -> Vec<PurgedReading> {
         let (observations, missing_targets) = idx.targets(p);
         out.push(PurgedReading {
             index,
+            author: author_of(p),
+            entity_sha256: entity_sha256_of(p),
+            problems: agent_problems(p),
             observations,
             missing_targets,
         });
@@ -455,33 +500,13 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
             .map_err(|e| {
                 crate::Error::Bundle(format!("Provenance #{index}: signature data: {e}"))
             })?;
-        let author = p["agent"].as_array().and_then(|agents| {
-            agents.iter().find_map(|a| {
-                let author = a["type"]["coding"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["code"] == "author"));
-                if author {
-                    reference_device(&a["who"])
-                } else {
-                    None
-                }
-            })
-        });
-        let entity_sha256 = p["entity"].as_array().and_then(|es| {
-            es.iter().find_map(|e| {
-                (e["what"]["identifier"]["system"] == ids::RAW_SHA256)
-                    .then(|| e["what"]["identifier"]["value"].as_str().map(str::to_owned))
-                    .flatten()
-            })
-        });
+        let author = author_of(p);
+        let entity_sha256 = entity_sha256_of(p);
         let mut problems: Vec<String> = reference_problem(&sig["who"], "Device")
             .into_iter()
             .map(|x| format!("signature.who: {x}"))
             .collect();
-        for a in p["agent"].as_array().into_iter().flatten() {
-            problems
-                .extend(reference_problem(&a["who"], "Device").map(|x| format!("agent.who: {x}")));
-        }
+        problems.extend(agent_problems(p));
         let (observations, missing_targets) = idx.targets(p);
         out.push(SignedReading {
             index,

@@ -86,19 +86,29 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     }
     // Retention purged the raw message: nothing to verify, reported apart from
     // tampering, and covered only when the operator accepts unsigned readings.
+    // What is checked is only the structure (the mapping's identifiers, one device,
+    // no ambiguous claim): `--allow-unsigned` vouches for nothing signed.
     let mut purged: Vec<String> = Vec::new();
     for p in read::purged_readings(&doc) {
         let keys: Vec<&str> = p.observations.iter().map(|o| o.key.as_str()).collect();
+        let errors = purged_errors(&p);
+        if !errors.is_empty() {
+            failed += 1;
+        }
         println!(
             "{}",
             json!({
                 "provenance": p.index,
-                "ok": args.allow_unsigned,
+                "ok": args.allow_unsigned && errors.is_empty(),
                 "unsigned": "raw purged",
                 "observations": keys,
                 "targets_not_in_file": p.missing_targets,
+                "errors": errors,
             })
         );
+        if !errors.is_empty() {
+            continue;
+        }
         for o in &p.observations {
             if covered.contains(&o.index) {
                 continue;
@@ -165,6 +175,48 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The structural checks of a purged reading's Provenance (nothing signed to verify):
+/// the raw message's SHA-256 named, every target of the `author` device, identified as
+/// the mapping identifies it from its event id, and without the ambiguities
+/// [`read::problems`] finds.
+fn purged_errors(p: &read::PurgedReading) -> Vec<String> {
+    let mut errors = p.problems.clone();
+    let sha_ok = p
+        .entity_sha256
+        .as_deref()
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !sha_ok {
+        errors.push(format!(
+            "no raw-message SHA-256 entity ({:?})",
+            p.entity_sha256
+        ));
+    }
+    if p.author.is_none() {
+        errors.push("no author device agent".into());
+    }
+    for o in &p.observations {
+        if o.device.is_none() || o.device != p.author {
+            errors.push(format!(
+                "Observation {}: device {:?} is not the author {:?}",
+                o.key, o.device, p.author
+            ));
+        }
+        let expected = o.event.as_deref().and_then(|e| o.expected_key(e));
+        if expected.as_deref() != Some(o.key.as_str()) {
+            errors.push(format!(
+                "Observation {:?}: its event {:?} identifies it as {expected:?}",
+                o.key, o.event
+            ));
+        }
+        errors.extend(
+            o.problems
+                .iter()
+                .map(|x| format!("Observation {}: {x}", o.key)),
+        );
+    }
+    errors
 }
 
 fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
