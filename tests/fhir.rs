@@ -99,11 +99,23 @@ impl Device {
         m: &[(&str, Number)],
         publisher: &str,
     ) -> RecordedEvent {
+        self.event_at(seq, T0 + seq * 5_000, kind, m, publisher).0
+    }
+
+    /// The event of a message signed with device clock `ts`, and its COSE bytes.
+    fn event_at(
+        &self,
+        seq: u64,
+        ts: u64,
+        kind: MessageType,
+        m: &[(&str, Number)],
+        publisher: &str,
+    ) -> (RecordedEvent, Vec<u8>) {
         let telemetry = Telemetry {
             dev: self.entry.id.clone(),
             epoch: 1,
             seq,
-            ts: T0 + seq * 5_000,
+            ts,
             fw: "5.12.1".into(),
             kind,
             m: (!m.is_empty()).then(|| m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()),
@@ -138,12 +150,15 @@ impl Device {
             &Default::default(),
             &Default::default(),
         );
-        RecordedEvent::new(
-            &verified,
-            Accepted::InOrder,
-            &self.entry,
-            &receipt,
-            &assessment,
+        (
+            RecordedEvent::new(
+                &verified,
+                Accepted::InOrder,
+                &self.entry,
+                &receipt,
+                &assessment,
+            ),
+            bytes.to_vec(),
         )
     }
 }
@@ -1027,4 +1042,93 @@ fn the_sink_maps_a_reading_as_the_export_does() {
         .find(|e| e["resource"]["resourceType"] == "Device")
         .expect("Device");
     assert_eq!(device["resource"]["lotNumber"], "LOT-A", "{device}");
+}
+
+/// A device clock beyond what FHIR can date (`ts` = u64::MAX, which SPEC allows): the
+/// Observation is dated by the bridge and the signed ts kept in the device-time
+/// extension; verify (and pycose) accept it untouched and refuse a changed extension,
+/// and refuse such an extension on a reading whose ts is datable.
+#[test]
+fn a_clock_beyond_year_9999_verifies_by_its_device_time_extension() {
+    let tmp = temp_dir("vitalmq-fhir-clock-");
+    let a = Device::new("dev-a", Algorithm::EdDsa, A);
+    std::fs::write(
+        tmp.path().join("registry.toml"),
+        format!(
+            "format = \"vitalmq-registry/v2\"\ntrust_domain = \"demo.vitalmq\"\n\n{}",
+            a.registry_toml(&[(A, "2025-01-01T00:00:00Z", None)])
+        ),
+    )
+    .expect("registry");
+    let own = "spiffe://demo.vitalmq/device/dev-a";
+    let bundle_of = |seq: u64, ts: u64| {
+        let (recorded, raw) = a.event_at(
+            seq,
+            ts,
+            MessageType::Vitals,
+            &[("spo2", Number::Int(95))],
+            own,
+        );
+        let json: Json = serde_json::from_str(recorded.normalized_json()).expect("event");
+        let event = vitalmq_fhir::Event::from_json(&json).expect("event");
+        let mut b = vitalmq_fhir::BundleBuilder::for_export();
+        assert_eq!(b.reading(&event, &raw).expect("maps"), 1);
+        b.transaction()
+    };
+    let verify = |name: &str, doc: &Json| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, serde_json::to_vec(doc).expect("json")).expect("write");
+        let mut cmd = Command::new(bin());
+        cmd.current_dir(tmp.path())
+            .env_remove("VITALMQ_OPERATOR_AUDIT")
+            .args(["fhir", "verify", name, "--registry", "registry.toml"]);
+        run(&mut cmd, Duration::from_secs(30))
+    };
+    let obs = |b: &Json| {
+        b["entry"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .position(|e| e["resource"]["resourceType"] == "Observation")
+            .expect("an observation")
+    };
+    let device_time = "urn:vitalmq:fhir:extension:device-time";
+
+    let far = bundle_of(0, u64::MAX);
+    let i = obs(&far);
+    let ext = far["entry"][i]["resource"]["extension"]
+        .as_array()
+        .expect("extensions")
+        .iter()
+        .position(|x| x["url"] == device_time)
+        .expect("the device-time extension");
+    let ran = verify("far.json", &far);
+    assert!(ran.success, "{}", ran.all());
+    let summary = python(
+        "fhir_pycose.py",
+        &[
+            &tmp.path().join("far.json"),
+            &tmp.path().join("registry.toml"),
+        ],
+    );
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+    assert_eq!(summary["verified"], 1, "{summary}");
+
+    let mut tampered = far.clone();
+    tampered["entry"][i]["resource"]["extension"][ext]["valueString"] = json!("1763726405123");
+    let ran = verify("far-tampered.json", &tampered);
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    assert!(ran.stdout.contains("is not the signed"), "{}", ran.all());
+
+    let near = bundle_of(1, T0);
+    let i = obs(&near);
+    let mut extended = near.clone();
+    extended["entry"][i]["resource"]["extension"]
+        .as_array_mut()
+        .expect("extensions")
+        .push(json!({"url": device_time, "valueString": u64::MAX.to_string()}));
+    let ran = verify("near-extended.json", &extended);
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    assert!(ran.stdout.contains("is datable"), "{}", ran.all());
+    assert!(verify("near.json", &near).success);
 }

@@ -309,6 +309,13 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
         }
         // A device clock beyond RFC 3339: the mapping dates it by the bridge's time
         // and keeps the signed one in the device-time extension.
+        // A datable clock has no such extension: a reader might take it for the time.
+        if ts.is_some() && o.device_time.is_some() {
+            c.errors.push(format!(
+                "Observation {}: a device-time extension {:?} though the signed time {ts:?} is datable",
+                o.key, o.device_time
+            ));
+        }
         if ts.is_none() && o.device_time != Some(t.ts.to_string()) {
             c.errors.push(format!(
                 "Observation {}: device time {:?} is not the signed {}",
