@@ -178,7 +178,19 @@ fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_k
         || server.dump()["lost"].as_u64() > Some(lost),
     );
     bridge.process.kill9();
-    let at_kill = server.dump();
+    // A request the killed bridge had in flight may still be applied: the snapshot is
+    // taken once the server's counters have stood still for a few polls.
+    let (mut at_kill, mut still) = (server.dump(), 0);
+    wait_until(
+        Duration::from_secs(10),
+        "the server quiet after the kill",
+        || {
+            let now = server.dump();
+            still = if now == at_kill { still + 1 } else { 0 };
+            at_kill = now;
+            still >= 5
+        },
+    );
     server.call("POST", "/_up");
     let log_before = bridge.process.all();
     let bridge = rig.bridge("", &sink(server.port));
