@@ -234,6 +234,22 @@ impl BundleBuilder {
         let r = change.map()?;
         let prov = provenance::alert(&r)?;
         let id = &r.alert.alert_id;
+        // The implicated Device, when no fuller entry of it is in the Bundle: a minimal
+        // conditional create (identifier only), so `implicated` resolves on a real
+        // server (an identifier-only Reference is not resolved by HAPI and the like),
+        // while a server that has the Device keeps it untouched. A later
+        // [`Self::device`] replaces it in place with the full one.
+        if let Some(dev) = &r.alert.device {
+            let url = ids::full_url("Device", ids::DEVICE, dev);
+            if !self.by_url.contains_key(&url) {
+                self.push(Entry::create(
+                    "Device",
+                    ids::DEVICE,
+                    dev,
+                    json!({"resourceType": "Device", "identifier": [ids::identifier(ids::DEVICE, dev)]}),
+                ));
+            }
+        }
         self.push(Entry::create(
             "DetectedIssue",
             ids::ALERT,
@@ -597,7 +613,7 @@ mod tests {
     }
 
     #[test]
-    fn a_device_outside_the_bundle_is_referenced_by_identifier_only() {
+    fn an_alert_brings_its_device_as_a_minimal_conditional_create() {
         let change = AlertChange {
             body: json!({
                 "alert_id": "al-1", "kind": "clinical", "state": "open", "severity": "urgent",
@@ -618,14 +634,24 @@ mod tests {
                     .find(|e| e["resource"]["resourceType"] == "DetectedIssue")
             })
             .expect("issue");
-        assert!(
-            issue["resource"]["implicated"][0]
-                .get("reference")
-                .is_none()
-        );
+        // `implicated` resolves, to a minimal Device created only if absent.
+        let dev_url = ids::full_url("Device", ids::DEVICE, "dev-1");
         assert_eq!(
-            issue["resource"]["implicated"][0]["identifier"]["value"],
-            "dev-1"
+            issue["resource"]["implicated"][0]["reference"],
+            dev_url.as_str()
+        );
+        let device = b["entry"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["fullUrl"] == dev_url.as_str()))
+            .expect("the implicated Device");
+        assert_eq!(
+            device["resource"],
+            json!({"resourceType": "Device", "identifier": [{"system": ids::DEVICE, "value": "dev-1"}]})
+        );
+        assert_eq!(device["request"]["method"], "POST");
+        assert_eq!(
+            device["request"]["ifNoneExist"],
+            "identifier=urn:vitalmq:device|dev-1"
         );
         // NDJSON: no placeholder either.
         for (_, list) in alone.by_type() {
@@ -635,10 +661,23 @@ mod tests {
                     .contains("urn:uuid:")
             );
         }
-        // With the Device in the Bundle, the reference resolves to it.
+        // With the Device in the Bundle, the reference resolves to it, before or after
+        // the alert: the full entry, never the minimal one.
+        let mut after = BundleBuilder::new();
+        after.alert(&change).expect("alert");
+        after.device(&facts());
         let mut with = BundleBuilder::new();
         with.device(&facts());
         with.alert(&change).expect("alert");
+        for b in [&after, &with] {
+            let d = b
+                .entries()
+                .iter()
+                .filter(|e| e.resource_type == "Device")
+                .collect::<Vec<_>>();
+            assert_eq!(d.len(), 1);
+            assert_eq!(d[0].resource["status"], "active", "the full Device");
+        }
         let b = with.transaction();
         assert_eq!(placeholders_resolve(&b), Vec::<String>::new());
         assert!(
