@@ -1113,6 +1113,27 @@ fn a_clock_beyond_year_9999_verifies_by_its_device_time_extension() {
     );
     assert_eq!(summary["errors"], json!([]), "{summary}");
     assert_eq!(summary["verified"], 1, "{summary}");
+    // Targets by identifier only (as a server may return them): pycose resolves them.
+    let mut by_identifier = far.clone();
+    for e in by_identifier["entry"].as_array_mut().expect("entries") {
+        for t in e["resource"]["target"].as_array_mut().into_iter().flatten() {
+            t.as_object_mut().expect("target").remove("reference");
+        }
+    }
+    std::fs::write(
+        tmp.path().join("far-ids.json"),
+        serde_json::to_vec(&by_identifier).expect("json"),
+    )
+    .expect("write");
+    let summary = python(
+        "fhir_pycose.py",
+        &[
+            &tmp.path().join("far-ids.json"),
+            &tmp.path().join("registry.toml"),
+        ],
+    );
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+    assert_eq!(summary["values"], 1, "the target checked: {summary}");
 
     let mut tampered = far.clone();
     tampered["entry"][i]["resource"]["extension"][ext]["valueString"] = json!("1763726405123");
