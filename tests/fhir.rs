@@ -99,11 +99,23 @@ impl Device {
         m: &[(&str, Number)],
         publisher: &str,
     ) -> RecordedEvent {
+        self.event_at(seq, T0 + seq * 5_000, kind, m, publisher).0
+    }
+
+    /// The event of a message signed with device clock `ts`, and its COSE bytes.
+    fn event_at(
+        &self,
+        seq: u64,
+        ts: u64,
+        kind: MessageType,
+        m: &[(&str, Number)],
+        publisher: &str,
+    ) -> (RecordedEvent, Vec<u8>) {
         let telemetry = Telemetry {
             dev: self.entry.id.clone(),
             epoch: 1,
             seq,
-            ts: T0 + seq * 5_000,
+            ts,
             fw: "5.12.1".into(),
             kind,
             m: (!m.is_empty()).then(|| m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()),
@@ -138,12 +150,15 @@ impl Device {
             &Default::default(),
             &Default::default(),
         );
-        RecordedEvent::new(
-            &verified,
-            Accepted::InOrder,
-            &self.entry,
-            &receipt,
-            &assessment,
+        (
+            RecordedEvent::new(
+                &verified,
+                Accepted::InOrder,
+                &self.entry,
+                &receipt,
+                &assessment,
+            ),
+            bytes.to_vec(),
         )
     }
 }
@@ -673,6 +688,95 @@ fn verify_refuses_copies_unidentified_ambiguous_unit_and_relabelled_observations
     o["identifier"][1]["value"] = json!(other);
     refused("relabel.json", &relabelled, "is not the signed message's");
 
+    // Recoded: what a LOINC consumer reads differs from what was signed, though the
+    // first coding (the one a naive verifier reads) still names the signed metric.
+    let panel = |dbp_absent: bool| {
+        entries
+            .iter()
+            .position(|e| {
+                e["resource"]["code"]["coding"][0]["code"] == "85354-9"
+                    && e["resource"]["component"][1]["dataAbsentReason"].is_object() == dbp_absent
+            })
+            .expect("a panel")
+    };
+    let not_mapped = "not what the mapping makes of the signed message";
+    // (f) BP components swapped for a LOINC reader: systolic 79, diastolic 121.
+    let bp = panel(false);
+    let mut swapped = bundle.clone();
+    let comps = &mut swapped["entry"][bp]["resource"]["component"];
+    for (i, (metric, loinc)) in [("sbp", "8462-4"), ("dbp", "8480-6")].iter().enumerate() {
+        comps[i]["code"]["coding"] = json!([
+            {"system": "urn:vitalmq:metric", "code": metric},
+            {"system": "http://loinc.org", "code": loinc},
+        ]);
+    }
+    refused("bp-swapped.json", &swapped, not_mapped);
+    // (g) A pulse that is also a respiratory rate.
+    let pulse = entries
+        .iter()
+        .position(|e| e["resource"]["code"]["coding"][0]["code"] == "8867-4")
+        .expect("a pulse");
+    let mut pulse_resp = bundle.clone();
+    pulse_resp["entry"][pulse]["resource"]["code"]["coding"]
+        .as_array_mut()
+        .expect("codings")
+        .push(json!({"system": "http://loinc.org", "code": "9279-1"}));
+    refused("pulse-resp.json", &pulse_resp, not_mapped);
+    // (h) The diastolic the device did not send, given a value next to its absence.
+    let half = panel(true);
+    let mut made_up = bundle.clone();
+    made_up["entry"][half]["resource"]["component"][1]["valueInteger"] = json!(95);
+    refused("dbp-made-up.json", &made_up, not_mapped);
+    // (i) dev-a's Observation pointing its device reference at dev-b's Device, its
+    // identifier left as dev-a: a reader resolving the reference sees dev-b.
+    let mut repointed = bundle.clone();
+    repointed["entry"][spo2]["resource"]["device"]["reference"] = json!(
+        vitalmq_fhir::ids::full_url("Device", "urn:vitalmq:device", "dev-b")
+    );
+    refused(
+        "device-ref.json",
+        &repointed,
+        "is not the Device of its identifier",
+    );
+    // (j) A Provenance target whose reference and identifier name different readings.
+    let prov = entries
+        .iter()
+        .position(|e| {
+            e["resource"]["resourceType"] == "Provenance"
+                && e["resource"]["target"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t["identifier"]["value"] == key.as_str()))
+        })
+        .expect("the spo2's provenance");
+    let mut retargeted = bundle.clone();
+    let targets = retargeted["entry"][prov]["resource"]["target"]
+        .as_array_mut()
+        .expect("targets");
+    let t = targets
+        .iter_mut()
+        .find(|t| t["identifier"]["value"] == key.as_str())
+        .expect("target");
+    t["identifier"]["value"] = json!("ev1-other/spo2");
+    refused(
+        "target-ref.json",
+        &retargeted,
+        "the resource it references has",
+    );
+    // pycose's independent check reads the LOINC codes too.
+    for name in ["bp-swapped.json", "pulse-resp.json"] {
+        let mut py = Command::new("python3");
+        py.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/fhir_pycose.py"))
+            .arg(f.path(name))
+            .arg(f.path("registry.toml"));
+        let ran = run(&mut py, Duration::from_secs(60));
+        assert!(!ran.success, "{name}: pycose accepted it: {}", ran.all());
+        assert!(
+            ran.stdout.contains("not the mapping's"),
+            "{name}: {}",
+            ran.all()
+        );
+    }
+
     // The untouched Bundle still verifies.
     assert!(f.verify("a.json").success);
 }
@@ -741,6 +845,59 @@ fn a_reading_whose_raw_retention_purged_exports_unsigned() {
         "--allow-unsigned",
     ]);
     assert!(ran.success, "{}", ran.all());
+
+    // `--allow-unsigned` still checks the structure: a purged reading relabelled as
+    // another event, given to another device, or without the raw message's SHA-256 is
+    // refused, so the flag vouches only for what retention really purged.
+    let purged_prov = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .position(|e| {
+            e["resource"].to_string().contains("urn:vitalmq:raw-purged")
+                && e["resource"]["resourceType"] == "Provenance"
+        })
+        .expect("the purged provenance");
+    let target = bundle["entry"][purged_prov]["resource"]["target"][0]["reference"].clone();
+    let obs = bundle["entry"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .position(|e| e["fullUrl"] == target)
+        .expect("a purged target");
+    let allow = |name: &str, doc: &Json, needle: &str| {
+        f.write(name, doc);
+        let ran = f.vitalmq(&[
+            "fhir",
+            "verify",
+            name,
+            "--registry",
+            "registry.toml",
+            "--allow-unsigned",
+        ]);
+        assert_eq!(ran.code, Some(1), "{name}: {}", ran.all());
+        assert!(
+            ran.stdout.contains(needle),
+            "{name}: {needle}: {}",
+            ran.all()
+        );
+    };
+    let mut relabelled = bundle.clone();
+    relabelled["entry"][obs]["resource"]["identifier"][1]["value"] = json!("ev1-other");
+    allow("purged-relabel.json", &relabelled, "identifies it as");
+    let mut moved = bundle.clone();
+    moved["entry"][obs]["resource"]["device"] =
+        json!({"type": "Device", "identifier": {"system": "urn:vitalmq:device", "value": "dev-b"}});
+    allow("purged-device.json", &moved, "is not the author");
+    let mut no_sha = bundle.clone();
+    no_sha["entry"][purged_prov]["resource"]
+        .as_object_mut()
+        .expect("provenance")
+        .remove("entity");
+    allow("purged-sha.json", &no_sha, "no raw-message SHA-256 entity");
+    let mut ambiguous = bundle.clone();
+    ambiguous["entry"][obs]["resource"]["valueString"] = json!("42");
+    allow("purged-value.json", &ambiguous, "valueString");
 }
 
 #[test]
@@ -885,4 +1042,114 @@ fn the_sink_maps_a_reading_as_the_export_does() {
         .find(|e| e["resource"]["resourceType"] == "Device")
         .expect("Device");
     assert_eq!(device["resource"]["lotNumber"], "LOT-A", "{device}");
+}
+
+/// A device clock beyond what FHIR can date (`ts` = u64::MAX, which SPEC allows): the
+/// Observation is dated by the bridge and the signed ts kept in the device-time
+/// extension; verify (and pycose) accept it untouched and refuse a changed extension,
+/// and refuse such an extension on a reading whose ts is datable.
+#[test]
+fn a_clock_beyond_year_9999_verifies_by_its_device_time_extension() {
+    let tmp = temp_dir("vitalmq-fhir-clock-");
+    let a = Device::new("dev-a", Algorithm::EdDsa, A);
+    std::fs::write(
+        tmp.path().join("registry.toml"),
+        format!(
+            "format = \"vitalmq-registry/v2\"\ntrust_domain = \"demo.vitalmq\"\n\n{}",
+            a.registry_toml(&[(A, "2025-01-01T00:00:00Z", None)])
+        ),
+    )
+    .expect("registry");
+    let own = "spiffe://demo.vitalmq/device/dev-a";
+    let bundle_of = |seq: u64, ts: u64| {
+        let (recorded, raw) = a.event_at(
+            seq,
+            ts,
+            MessageType::Vitals,
+            &[("spo2", Number::Int(95))],
+            own,
+        );
+        let json: Json = serde_json::from_str(recorded.normalized_json()).expect("event");
+        let event = vitalmq_fhir::Event::from_json(&json).expect("event");
+        let mut b = vitalmq_fhir::BundleBuilder::for_export();
+        assert_eq!(b.reading(&event, &raw).expect("maps"), 1);
+        b.transaction()
+    };
+    let verify = |name: &str, doc: &Json| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, serde_json::to_vec(doc).expect("json")).expect("write");
+        let mut cmd = Command::new(bin());
+        cmd.current_dir(tmp.path())
+            .env_remove("VITALMQ_OPERATOR_AUDIT")
+            .args(["fhir", "verify", name, "--registry", "registry.toml"]);
+        run(&mut cmd, Duration::from_secs(30))
+    };
+    let obs = |b: &Json| {
+        b["entry"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .position(|e| e["resource"]["resourceType"] == "Observation")
+            .expect("an observation")
+    };
+    let device_time = "urn:vitalmq:fhir:extension:device-time";
+
+    let far = bundle_of(0, u64::MAX);
+    let i = obs(&far);
+    let ext = far["entry"][i]["resource"]["extension"]
+        .as_array()
+        .expect("extensions")
+        .iter()
+        .position(|x| x["url"] == device_time)
+        .expect("the device-time extension");
+    let ran = verify("far.json", &far);
+    assert!(ran.success, "{}", ran.all());
+    let summary = python(
+        "fhir_pycose.py",
+        &[
+            &tmp.path().join("far.json"),
+            &tmp.path().join("registry.toml"),
+        ],
+    );
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+    assert_eq!(summary["verified"], 1, "{summary}");
+    // Targets by identifier only (as a server may return them): pycose resolves them.
+    let mut by_identifier = far.clone();
+    for e in by_identifier["entry"].as_array_mut().expect("entries") {
+        for t in e["resource"]["target"].as_array_mut().into_iter().flatten() {
+            t.as_object_mut().expect("target").remove("reference");
+        }
+    }
+    std::fs::write(
+        tmp.path().join("far-ids.json"),
+        serde_json::to_vec(&by_identifier).expect("json"),
+    )
+    .expect("write");
+    let summary = python(
+        "fhir_pycose.py",
+        &[
+            &tmp.path().join("far-ids.json"),
+            &tmp.path().join("registry.toml"),
+        ],
+    );
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+    assert_eq!(summary["values"], 1, "the target checked: {summary}");
+
+    let mut tampered = far.clone();
+    tampered["entry"][i]["resource"]["extension"][ext]["valueString"] = json!("1763726405123");
+    let ran = verify("far-tampered.json", &tampered);
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    assert!(ran.stdout.contains("is not the signed"), "{}", ran.all());
+
+    let near = bundle_of(1, T0);
+    let i = obs(&near);
+    let mut extended = near.clone();
+    extended["entry"][i]["resource"]["extension"]
+        .as_array_mut()
+        .expect("extensions")
+        .push(json!({"url": device_time, "valueString": u64::MAX.to_string()}));
+    let ran = verify("near-extended.json", &extended);
+    assert_eq!(ran.code, Some(1), "{}", ran.all());
+    assert!(ran.stdout.contains("is datable"), "{}", ran.all());
+    assert!(verify("near.json", &near).success);
 }

@@ -178,7 +178,19 @@ fn fhir_sink_delivers_every_reading_once_through_a_lost_answer_an_outage_and_a_k
         || server.dump()["lost"].as_u64() > Some(lost),
     );
     bridge.process.kill9();
-    let at_kill = server.dump();
+    // A request the killed bridge had in flight may still be applied: the snapshot is
+    // taken once the server's counters have stood still for a few polls.
+    let (mut at_kill, mut still) = (server.dump(), 0);
+    wait_until(
+        Duration::from_secs(10),
+        "the server quiet after the kill",
+        || {
+            let now = server.dump();
+            still = if now == at_kill { still + 1 } else { 0 };
+            at_kill = now;
+            still >= 5
+        },
+    );
     server.call("POST", "/_up");
     let log_before = bridge.process.all();
     let bridge = rig.bridge("", &sink(server.port));
@@ -307,4 +319,136 @@ fn fhir_alert_handler_records_a_desaturation() {
         "spo2 and pulse of every reading: {dump}"
     );
     assert!(!bridge.process.all().contains(SECRET));
+}
+
+/// One HTTP/1.0 request with headers and a body to the stand-in server: (status, body).
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, Json) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut head = format!(
+        "{method} {path} HTTP/1.0\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("request");
+    s.write_all(body).expect("body");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    let (status_line, rest) = answer.split_once("\r\n").expect("an HTTP answer");
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    let (_, body) = rest.split_once("\r\n\r\n").expect("a body");
+    (status, serde_json::from_str(body).unwrap_or(Json::Null))
+}
+
+/// A stand-in server and a bearer token from it (the directory holds its secret).
+fn server_with_token() -> (tempfile::TempDir, FhirServer, String) {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().expect("tmp");
+    let secret = dir.path().join("fhir.secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let server = FhirServer::start(&secret, 300);
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT_ID}:{SECRET}"));
+    let (status, token) = http(
+        server.port,
+        "POST",
+        "/token",
+        &[
+            ("Authorization", format!("Basic {basic}")),
+            ("Content-Type", "application/x-www-form-urlencoded".into()),
+        ],
+        b"grant_type=client_credentials",
+    );
+    assert_eq!(status, 200, "{token}");
+    let bearer = format!("Bearer {}", token["access_token"].as_str().expect("token"));
+    (dir, server, bearer)
+}
+
+/// POSTs a transaction Bundle; its answer must be 200.
+fn transact(server: &FhirServer, bearer: &str, bundle: &Json) {
+    let body = serde_json::to_vec(bundle).expect("json");
+    let (status, answer) = http(
+        server.port,
+        "POST",
+        "/fhir",
+        &[
+            ("Authorization", bearer.to_owned()),
+            ("Content-Type", "application/fhir+json".into()),
+        ],
+        &body,
+    );
+    assert_eq!(status, 200, "{answer}");
+}
+
+fn test_event(m: Json) -> vitalmq_fhir::event::Event {
+    vitalmq_fhir::event::Event::from_json(&serde_json::json!({
+        "event_id": "ev1-0123", "device": "dev-1", "site": "site-01",
+        "patient_ref": "pt-aaaa1111", "epoch": 1, "seq": 7, "type": "vitals",
+        "ts": 1_763_726_405_123u64, "observed_at": "2025-11-21T12:00:05.123Z",
+        "received_at": "2025-11-21T12:00:05.2Z", "m": m, "q": null, "fw": "", "model": null,
+        "provenance": {"kid": "dev-1", "alg": "EdDSA", "raw_sha256": "aa".repeat(32),
+            "publisher": "spiffe://demo.vitalmq/device/dev-1",
+            "bridge": "spiffe://demo.vitalmq/bridge/b-1", "transformation": "vitalmq-normalize/2",
+            "consent": "care"},
+    }))
+    .expect("event")
+}
+
+/// The sink sent a reading with its signed Provenance; later an export of the same
+/// reading, its raw message purged by then, is loaded into the same server: the
+/// unsigned Provenance is added next to the signed one, which stays current.
+#[test]
+fn a_purged_export_never_replaces_the_signed_provenance() {
+    let (_dir, server, bearer) = server_with_token();
+    let event = test_event(serde_json::json!({"spo2": 95}));
+    let mut signed = vitalmq_fhir::bundle::BundleBuilder::new();
+    signed.reading(&event, b"\xd2\x84cose").expect("reading");
+    transact(&server, &bearer, &signed.transaction());
+    let mut purged = vitalmq_fhir::bundle::BundleBuilder::for_export();
+    purged.reading_raw_purged(&event).expect("reading");
+    transact(&server, &bearer, &purged.transaction());
+    let dump = server.dump();
+    assert_clean(&dump);
+    assert_eq!(dump["resources"]["Provenance"], 2, "{dump}");
+    assert_eq!(dump["updated"], 0, "nothing replaced: {dump}");
+    assert_eq!(dump["resources"]["Observation"], 1, "{dump}");
+}
+
+/// A metric is any text a device names: `spo2,x` must not search as `spo2` OR `x`
+/// (that finds the reading's `spo2` and never creates `spo2,x`), `&#%+=` must not break
+/// the query, an empty name or firmware must not make an invalid R4 code or string (a
+/// 400 that would stick the batch). The stand-in parses the searches as a real server
+/// does (URL-decoding, OR on unescaped `,`, escapes; 412 on two matches).
+#[test]
+fn fhir_searches_are_escaped_and_odd_names_are_valid_r4() {
+    let (_dir, server, bearer) = server_with_token();
+    let event = test_event(serde_json::json!(
+        {"spo2": 95, "spo2,x": 1, "a&b#c%+=": 2, "": 3, "a  b": 4}
+    ));
+    let mut b = vitalmq_fhir::bundle::BundleBuilder::new();
+    assert_eq!(b.reading(&event, b"x").expect("reading"), 5);
+    // Twice: the second time every conditional create finds its one match.
+    for _ in 0..2 {
+        transact(&server, &bearer, &b.transaction());
+    }
+    let dump = server.dump();
+    assert_clean(&dump);
+    assert_eq!(dump["resources"]["Observation"], 5, "{dump}");
+    assert_eq!(
+        dump["existing"], 5,
+        "the second round found each one: {dump}"
+    );
 }

@@ -424,7 +424,8 @@ pub enum SinkConfig {
 pub struct FhirSinkConfig {
     pub name: String,
     /// The FHIR base URL the transaction Bundles are POSTed to (`https://`; `http://`
-    /// only to a loopback host).
+    /// only to a loopback host: 127.0.0.0/8, `::1` or `localhost`); no user info, no
+    /// fragment.
     pub base_url: String,
     /// The OAuth 2.0 token endpoint.
     pub token_url: String,
@@ -560,6 +561,23 @@ impl FhirSinkConfig {
         for (field, url) in [("base_url", &self.base_url), ("token_url", &self.token_url)] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(bad(field, "must be an http:// or https:// URL"));
+            }
+            // Credentials only in client_id / client_secret_file (a password in a URL
+            // ends up in logs and errors); a fragment is never sent, so it means a
+            // mistyped URL. `localhost` by name counts as loopback (RFC 6761 reserves
+            // it to this machine), like the literal addresses.
+            match url::Url::parse(url) {
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+                    return Err(bad(
+                        field,
+                        "must not carry user info (credentials go in client_id and client_secret_file)",
+                    ));
+                }
+                Ok(u) if u.fragment().is_some() => {
+                    return Err(bad(field, "must not have a #fragment"));
+                }
+                Ok(_) => {}
+                Err(_) => return Err(bad(field, "must be an http:// or https:// URL")),
             }
             // The bearer token, the client secret and patient data travel here: in the
             // clear only to this host itself (a local proxy or test server).
@@ -1235,6 +1253,54 @@ mod tests {
                     "{url}: {cause:?}"
                 );
             }
+        }
+        // No credentials in the URL, no fragment.
+        for (field, url, problem) in [
+            (
+                "base_url",
+                "https://user:pw@fhir.example/r4",
+                "must not carry user info",
+            ),
+            (
+                "base_url",
+                "https://user@fhir.example/r4",
+                "must not carry user info",
+            ),
+            (
+                "token_url",
+                "https://id:secret@auth.example/token",
+                "must not carry user info",
+            ),
+            (
+                "base_url",
+                "https://fhir.example/r4#x",
+                "must not have a #fragment",
+            ),
+            (
+                "token_url",
+                "https://auth.example/token#",
+                "must not have a #fragment",
+            ),
+            (
+                "base_url",
+                "http://127.0.0.1:8080/fhir#frag",
+                "must not have a #fragment",
+            ),
+        ] {
+            let from = if field == "base_url" {
+                "https://fhir.example/r4"
+            } else {
+                "https://auth.example/token"
+            };
+            std::fs::write(&path, base.replace(from, url)).expect("write");
+            let cause = std::error::Error::source(&BridgeConfig::load(&path).expect_err(url))
+                .map(ToString::to_string);
+            assert!(
+                cause
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with(&format!("sinks.ehr.{field}: {problem}"))),
+                "{url}: {cause:?}"
+            );
         }
     }
 

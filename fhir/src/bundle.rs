@@ -7,6 +7,7 @@
 //! |---|---|
 //! | Observation, DetectedIssue, Communication | `POST`, `ifNoneExist: identifier=<system>\|<value>` |
 //! | Provenance of a reading | `PUT Provenance/<uuid v5 of urn:vitalmq:raw-sha256\|<hex>>` |
+//! | Provenance of a reading whose raw message was purged (unsigned) | `PUT Provenance/<uuid v5 of urn:vitalmq:raw-purged\|<hex>>`: never the signed one's id |
 //! | Provenance of an alert change | `PUT Provenance/<uuid v5 of urn:vitalmq:alert-change\|<key>>` |
 //! | Device, Task (sink) | `PUT Device?identifier=...` / `PUT Task?identifier=...` (conditional update: firmware and the alert workflow move on) |
 //! | Device, Task (export, [`BundleBuilder::for_export`]) | `POST`, `ifNoneExist: identifier=...` (an old range must not roll a live server back) |
@@ -67,7 +68,7 @@ impl Entry {
     }
 
     fn create(resource_type: &str, system: &str, value: &str, resource: Json) -> Self {
-        let if_none_exist = format!("identifier={system}|{value}");
+        let if_none_exist = format!("identifier={}", ids::token_query(system, value));
         Self::new(
             resource_type,
             system,
@@ -78,7 +79,7 @@ impl Entry {
     }
 
     fn update(resource_type: &str, system: &str, value: &str, resource: Json) -> Self {
-        let identifier = format!("{system}|{value}");
+        let identifier = ids::token_query(system, value);
         Self::new(
             resource_type,
             system,
@@ -212,9 +213,16 @@ impl BundleBuilder {
                 o.resource.clone(),
             ));
         }
+        // The unsigned Provenance of a purged reading has its own id: under the signed
+        // one's, loading an export into a server the sink fed would replace the
+        // signature a consumer re-verifies with a Provenance vouching for nothing.
+        let system = match raw {
+            Some(_) => ids::RAW_SHA256,
+            None => provenance::RAW_PURGED,
+        };
         self.push(Entry::put(
             "Provenance",
-            ids::RAW_SHA256,
+            system,
             &event.provenance.raw_sha256,
             prov,
         ));
@@ -226,6 +234,22 @@ impl BundleBuilder {
         let r = change.map()?;
         let prov = provenance::alert(&r)?;
         let id = &r.alert.alert_id;
+        // The implicated Device, when no fuller entry of it is in the Bundle: a minimal
+        // conditional create (identifier only), so `implicated` resolves on a real
+        // server (an identifier-only Reference is not resolved by HAPI and the like),
+        // while a server that has the Device keeps it untouched. A later
+        // [`Self::device`] replaces it in place with the full one.
+        if let Some(dev) = &r.alert.device {
+            let url = ids::full_url("Device", ids::DEVICE, dev);
+            if !self.by_url.contains_key(&url) {
+                self.push(Entry::create(
+                    "Device",
+                    ids::DEVICE,
+                    dev,
+                    json!({"resourceType": "Device", "identifier": [ids::identifier(ids::DEVICE, dev)]}),
+                ));
+            }
+        }
         self.push(Entry::create(
             "DetectedIssue",
             ids::ALERT,
@@ -388,6 +412,71 @@ mod tests {
     }
 
     #[test]
+    fn search_values_are_escaped_and_odd_metric_names_stay_valid() {
+        let mut e = event_json(json!({"spo2,x": 1, "a&b#c%+=": 2, "": 3, "a  b": 4}));
+        e["fw"] = json!("");
+        let e = Event::from_json(&e).expect("event");
+        let mut b = BundleBuilder::new();
+        assert_eq!(b.reading(&e, b"x").expect("reading"), 4);
+        b.device(&DeviceFacts {
+            id: "dev,1|x".into(),
+            fw: Some(String::new()),
+            ..facts()
+        });
+        let t = b.transaction();
+        let entries = t["entry"].as_array().expect("entries");
+        let requests: Vec<String> = entries
+            .iter()
+            .map(|e| {
+                let r = &e["request"];
+                r["ifNoneExist"]
+                    .as_str()
+                    .map_or_else(|| r["url"].as_str().unwrap_or("").to_owned(), str::to_owned)
+            })
+            .collect();
+        for want in [
+            r"identifier=urn:vitalmq:observation|ev1-0123/spo2%5C%2Cx",
+            "identifier=urn:vitalmq:observation|ev1-0123/a%26b%23c%2525%2B%3D",
+            "identifier=urn:vitalmq:observation|ev1-0123/%25",
+            "identifier=urn:vitalmq:observation|ev1-0123/a%2520%2520b",
+            "Device?identifier=urn:vitalmq:device|dev%5C%2C1%5C%7Cx",
+        ] {
+            assert!(requests.iter().any(|r| r == want), "{want}: {requests:#?}");
+        }
+        for o in entries
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "Observation")
+        {
+            let o = &o["resource"];
+            let code = o["code"]["coding"][0]["code"].as_str().expect("code");
+            assert!(!code.is_empty() && !code.contains("  "), "{o}");
+            assert!(o["code"]["text"] != "", "{o}");
+            assert!(
+                !o.to_string().contains(crate::observation::EXT_FIRMWARE),
+                "{o}"
+            );
+        }
+        let device = entries
+            .iter()
+            .find(|e| e["resource"]["resourceType"] == "Device")
+            .expect("device");
+        assert!(
+            device["resource"]["version"]
+                .as_array()
+                .is_none_or(|v| v.iter().all(|x| x["value"] != "")),
+            "{device}"
+        );
+        // The verifier reads the original names back.
+        let obs: Vec<(String, Option<f64>)> = entries
+            .iter()
+            .filter(|e| e["resource"]["resourceType"] == "Observation")
+            .flat_map(|e| crate::read::values(&e["resource"]))
+            .collect();
+        let names: HashSet<&str> = obs.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(names, HashSet::from(["spo2,x", "a&b#c%+=", "", "a  b"]));
+    }
+
+    #[test]
     fn transaction_entries_are_idempotent_requests() {
         let b = bundle();
         assert_eq!(b, bundle(), "the same input gives the same Bundle");
@@ -524,7 +613,7 @@ mod tests {
     }
 
     #[test]
-    fn a_device_outside_the_bundle_is_referenced_by_identifier_only() {
+    fn an_alert_brings_its_device_as_a_minimal_conditional_create() {
         let change = AlertChange {
             body: json!({
                 "alert_id": "al-1", "kind": "clinical", "state": "open", "severity": "urgent",
@@ -545,14 +634,24 @@ mod tests {
                     .find(|e| e["resource"]["resourceType"] == "DetectedIssue")
             })
             .expect("issue");
-        assert!(
-            issue["resource"]["implicated"][0]
-                .get("reference")
-                .is_none()
-        );
+        // `implicated` resolves, to a minimal Device created only if absent.
+        let dev_url = ids::full_url("Device", ids::DEVICE, "dev-1");
         assert_eq!(
-            issue["resource"]["implicated"][0]["identifier"]["value"],
-            "dev-1"
+            issue["resource"]["implicated"][0]["reference"],
+            dev_url.as_str()
+        );
+        let device = b["entry"]
+            .as_array()
+            .and_then(|es| es.iter().find(|e| e["fullUrl"] == dev_url.as_str()))
+            .expect("the implicated Device");
+        assert_eq!(
+            device["resource"],
+            json!({"resourceType": "Device", "identifier": [{"system": ids::DEVICE, "value": "dev-1"}]})
+        );
+        assert_eq!(device["request"]["method"], "POST");
+        assert_eq!(
+            device["request"]["ifNoneExist"],
+            "identifier=urn:vitalmq:device|dev-1"
         );
         // NDJSON: no placeholder either.
         for (_, list) in alone.by_type() {
@@ -562,10 +661,23 @@ mod tests {
                     .contains("urn:uuid:")
             );
         }
-        // With the Device in the Bundle, the reference resolves to it.
+        // With the Device in the Bundle, the reference resolves to it, before or after
+        // the alert: the full entry, never the minimal one.
+        let mut after = BundleBuilder::new();
+        after.alert(&change).expect("alert");
+        after.device(&facts());
         let mut with = BundleBuilder::new();
         with.device(&facts());
         with.alert(&change).expect("alert");
+        for b in [&after, &with] {
+            let d = b
+                .entries()
+                .iter()
+                .filter(|e| e.resource_type == "Device")
+                .collect::<Vec<_>>();
+            assert_eq!(d.len(), 1);
+            assert_eq!(d[0].resource["status"], "active", "the full Device");
+        }
         let b = with.transaction();
         assert_eq!(placeholders_resolve(&b), Vec::<String>::new());
         assert!(
@@ -608,6 +720,30 @@ mod tests {
         let purged = crate::read::purged_readings(&t);
         assert_eq!(purged.len(), 1);
         assert_eq!(purged[0].observations.len(), 1);
+        // Never under the signed Provenance's id: a purged export loaded into a server
+        // the sink fed must not replace the signature there.
+        let mut signed = BundleBuilder::new();
+        signed.reading(&e, b"\xd2\x84cose").expect("reading");
+        let s = signed.transaction();
+        let s = s["entry"]
+            .as_array()
+            .and_then(|es| {
+                es.iter()
+                    .find(|e| e["resource"]["resourceType"] == "Provenance")
+            })
+            .expect("signed provenance")
+            .clone();
+        assert_ne!(s["fullUrl"], p["fullUrl"]);
+        assert_ne!(s["resource"]["id"], p["resource"]["id"]);
+        assert_ne!(s["request"]["url"], p["request"]["url"]);
+        assert_eq!(
+            p["request"]["url"],
+            format!(
+                "Provenance/{}",
+                ids::full_url("Provenance", provenance::RAW_PURGED, &"aa".repeat(32))
+                    .trim_start_matches("urn:uuid:")
+            )
+        );
     }
 
     #[test]

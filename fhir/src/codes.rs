@@ -140,3 +140,74 @@ pub fn metric_of(loinc: &str) -> Option<&'static str> {
                 .map(|(m, _)| *m)
         })
 }
+
+/// Percent-encoded in a metric's safe code: controls, whitespace and `%` itself.
+const METRIC_UNSAFE: &percent_encoding::AsciiSet =
+    &percent_encoding::CONTROLS.add(b' ').add(b'%').add(0x7f);
+
+/// The `urn:vitalmq:metric` code (and identifier part) of a metric SPEC does not list.
+/// A device may name a metric any text, but an R4 `code` is non-empty with no leading,
+/// trailing or double whitespace: a name that is such a code and has no `%` is itself;
+/// any other is percent-encoded (whitespace, controls, `%`), and the empty name is
+/// `%` (which no encoding produces). Injective: two names never share a code. The
+/// original name goes in `code.text` ([`metric_name`] inverts it).
+pub fn metric_code(metric: &str) -> std::borrow::Cow<'_, str> {
+    if metric.is_empty() {
+        return "%".into();
+    }
+    if is_code(metric) && !metric.contains('%') {
+        return metric.into();
+    }
+    percent_encoding::utf8_percent_encode(metric, METRIC_UNSAFE)
+        .to_string()
+        .into()
+}
+
+/// The metric name a [`metric_code`] stands for (`None`: not one it produces).
+pub fn metric_name(code: &str) -> Option<String> {
+    if code == "%" {
+        return Some(String::new());
+    }
+    if !code.contains('%') {
+        return Some(code.to_owned());
+    }
+    let name = percent_encoding::percent_decode_str(code)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    (metric_code(&name) == code).then_some(name)
+}
+
+/// An R4 `code`: `[^\s]+( [^\s]+)*` (FHIR's whitespace: space, tab, CR, LF).
+fn is_code(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(' ')
+        && !s.ends_with(' ')
+        && !s.contains("  ")
+        && !s
+            .chars()
+            .any(|c| c.is_whitespace() && c != ' ' || c.is_control())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_codes_are_valid_r4_codes_and_injective() {
+        let names = [
+            "etco2", "spo2,x", "a b", "a  b", " a", "a ", "", "%", "a%20b", "a\tb", "x\u{7f}",
+            "%25", "&#+",
+        ];
+        let codes: Vec<String> = names.iter().map(|n| metric_code(n).into_owned()).collect();
+        for (n, c) in names.iter().zip(&codes) {
+            assert!(is_code(c), "{n:?} -> {c:?}");
+            assert_eq!(metric_name(c).as_deref(), Some(*n), "{c:?}");
+        }
+        let unique: std::collections::HashSet<&String> = codes.iter().collect();
+        assert_eq!(unique.len(), names.len(), "{codes:?}");
+        assert_eq!(metric_code("etco2"), "etco2");
+        assert_eq!(metric_code("spo2,x"), "spo2,x");
+        assert_eq!(metric_code("a  b"), "a%20%20b");
+    }
+}

@@ -42,7 +42,8 @@ pub fn device(facts: &DeviceFacts) -> Json {
     }
     let mut versions = Vec::new();
     for (code, value) in [("firmware", &facts.fw), ("model", &facts.model)] {
-        if let Some(v) = value {
+        // An R4 string is never empty: an empty version says nothing.
+        if let Some(v) = value.as_deref().filter(|v| !v.trim().is_empty()) {
             versions.push(json!({
                 "type": {"coding": [{"system": VERSION_TYPE, "code": code}], "text": code},
                 "value": v,

@@ -42,6 +42,40 @@ pub fn full_url(resource_type: &str, system: &str, value: &str) -> String {
     format!("urn:uuid:{}", Uuid::new_v5(&namespace(), name.as_bytes()))
 }
 
+/// What FHIR search parameter values must escape (R4 3.1.1.5.7 "Escaping Search
+/// Parameters"): `\\`, `,` (OR), `|` (system separator), `$` (composite).
+fn search_escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '\\' | ',' | '|' | '$') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Percent-encoded in a URL query: everything but RFC 3986 unreserved characters and
+/// the `:`/`/` URIs are made of (so `&`, `#`, `%`, `+`, `=`, spaces and the search
+/// escapes cannot break the query).
+const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b':')
+    .remove(b'/');
+
+/// The token search `system|value` as it goes into a URL query (`ifNoneExist`,
+/// a conditional update's URL): each part FHIR-escaped, then percent-encoded; the
+/// separating `|` stays. A metric, device or alert name is arbitrary text: unescaped,
+/// `a,b` would search for `a` OR `b` (two matches: 412, the batch stuck).
+pub fn token_query(system: &str, value: &str) -> String {
+    let enc =
+        |s: &str| percent_encoding::utf8_percent_encode(&search_escape(s), QUERY_VALUE).to_string();
+    format!("{}|{}", enc(system), enc(value))
+}
+
 /// An Identifier.
 pub fn identifier(system: &str, value: &str) -> Json {
     json!({"system": system, "value": value})

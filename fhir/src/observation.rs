@@ -51,9 +51,12 @@ pub fn observations(event: &Event) -> Result<Vec<MappedObservation>, crate::Erro
             None => {
                 let mut o = base(event, Some(metric), None)?;
                 o["code"] = json!({
-                    "coding": [{"system": codes::METRIC, "code": metric}],
-                    "text": metric,
+                    "coding": [{"system": codes::METRIC, "code": codes::metric_code(metric)}],
                 });
+                // An R4 string is never empty (nor all whitespace).
+                if !metric.trim().is_empty() {
+                    o["code"]["text"] = metric.as_str().into();
+                }
                 put_value(&mut o, value, "", "");
                 o
             }
@@ -73,7 +76,7 @@ pub fn observations(event: &Event) -> Result<Vec<MappedObservation>, crate::Erro
 
 /// The identifier value of the Observation of `metric` in event `event_id`.
 pub fn key(event_id: &str, metric: &str) -> String {
-    format!("{event_id}/{metric}")
+    format!("{event_id}/{}", codes::metric_code(metric))
 }
 
 /// The identifier value of the blood-pressure panel of event `event_id`:
@@ -148,7 +151,10 @@ fn base(event: &Event, metric: Option<&str>, profile: Option<&str>) -> Result<Js
     if let Some(q) = event.q {
         extension.push(json!({"url": EXT_SIGNAL_QUALITY, "valueDecimal": q}));
     }
-    extension.push(json!({"url": EXT_FIRMWARE, "valueString": event.fw}));
+    // An R4 string is never empty: a device that sends `fw = ""` names no firmware.
+    if !event.fw.trim().is_empty() {
+        extension.push(json!({"url": EXT_FIRMWARE, "valueString": event.fw}));
+    }
     if let Some(model) = &event.model {
         extension.push(json!({"url": EXT_DEVICE_MODEL, "valueString": model}));
     }

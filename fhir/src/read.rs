@@ -21,6 +21,8 @@ pub struct SignedReading {
     pub cose: Vec<u8>,
     /// The raw message SHA-256 the entity names (hex).
     pub entity_sha256: Option<String>,
+    /// References of the Provenance whose `reference` and `identifier` disagree.
+    pub problems: Vec<String>,
     /// The target Observations found: identifier value -> their metric values.
     pub observations: Vec<TargetObservation>,
     /// Targets that could not be found among the resources.
@@ -50,6 +52,8 @@ pub struct TargetObservation {
     /// What the mapping never produces: `value[x]` next to `component`, a unit other
     /// than the mapping table's.
     pub problems: Vec<String>,
+    /// Its [`projection`]: what the mapping derives from the signed message.
+    pub projection: Json,
 }
 
 /// The resources of `doc`: a Bundle's entry resources, or the document itself.
@@ -75,6 +79,25 @@ fn identifier_value<'a>(identifiers: &'a Json, system: &str) -> Option<&'a str> 
 /// The business key of an Observation.
 pub fn observation_key(o: &Json) -> Option<&str> {
     identifier_value(&o["identifier"], ids::OBSERVATION)
+}
+
+/// Where Reference `r` has both a `reference` and an `identifier`, what is wrong when
+/// they name different resources: a reader resolves the reference, a checker reading
+/// only the identifier would vouch for another resource. The reference must be the
+/// mapping's fullUrl of its `type` (else `resource_type`) with that identifier (or its
+/// `Type/id`).
+pub fn reference_problem(r: &Json, resource_type: &str) -> Option<String> {
+    let reference = r["reference"].as_str()?;
+    let resource_type = r["type"].as_str().unwrap_or(resource_type);
+    let (system, value) = (
+        r["identifier"]["system"].as_str()?,
+        r["identifier"]["value"].as_str()?,
+    );
+    let url = ids::full_url(resource_type, system, value);
+    let relative = format!("{resource_type}/{}", url.trim_start_matches("urn:uuid:"));
+    (reference != url && reference != relative).then(|| {
+        format!("reference {reference} is not the {resource_type} of its identifier {system}|{value} ({url})")
+    })
 }
 
 fn reference_device(r: &Json) -> Option<String> {
@@ -106,7 +129,7 @@ fn metric_of(code: &Json) -> Option<String> {
         if c["system"] == codes::LOINC {
             codes::metric_of(code).map(str::to_owned)
         } else if c["system"] == codes::METRIC {
-            Some(code.to_owned())
+            codes::metric_name(code)
         } else {
             None
         }
@@ -172,6 +195,95 @@ pub fn problems(o: &Json) -> Vec<String> {
     out
 }
 
+/// The fields of an Observation that are unsigned (identifiers, subject, device,
+/// times, bridge-side notes and extensions, narrative, server metadata): checked apart
+/// or not at all; everything else the mapping derives from the signed message.
+const UNSIGNED_FIELDS: [&str; 10] = [
+    "id",
+    "identifier",
+    "subject",
+    "device",
+    "issued",
+    "effectiveDateTime",
+    "extension",
+    "note",
+    "text",
+    "meta",
+];
+
+/// What of Observation `o` the mapping derives from the signed message: `o` without
+/// its [`UNSIGNED_FIELDS`] (but with `meta.profile`), codings as a set (sorted),
+/// numbers as f64. Two Observations with equal projections say the same thing to any
+/// reader (same codes, values, units, components, status, category), so a verifier
+/// compares the given one's with the projection of what the mapping makes of the
+/// signed payload ([`expected_projections`]): nothing recoded, added or left over.
+pub fn projection(o: &Json) -> Json {
+    let Some(map) = o.as_object() else {
+        return o.clone();
+    };
+    let mut out = serde_json::Map::new();
+    for (k, v) in map {
+        if !UNSIGNED_FIELDS.contains(&k.as_str()) {
+            out.insert(k.clone(), canonical(v));
+        }
+    }
+    if let Some(profile) = o["meta"].get("profile") {
+        out.insert("meta.profile".into(), canonical(profile));
+    }
+    Json::Object(out)
+}
+
+/// Numbers as f64 (`120` and `120.0` are one value), every `coding` array sorted.
+fn canonical(v: &Json) -> Json {
+    match v {
+        Json::Number(n) => n.as_f64().map_or_else(|| v.clone(), Json::from),
+        Json::Array(a) => Json::Array(a.iter().map(canonical).collect()),
+        Json::Object(m) => Json::Object(
+            m.iter()
+                .map(|(k, v)| {
+                    let mut v = canonical(v);
+                    if k == "coding"
+                        && let Some(a) = v.as_array_mut()
+                    {
+                        a.sort_by_key(Json::to_string);
+                    }
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        _ => v.clone(),
+    }
+}
+
+/// The [`projection`]s of the Observations the mapping makes of a signed `vitals`
+/// message (`m`: metric -> value, `None` for a non-finite one), by their
+/// `urn:vitalmq:observation` identifier value.
+pub fn expected_projections(
+    event_id: &str,
+    device: &str,
+    ts: u64,
+    m: &std::collections::BTreeMap<String, Option<f64>>,
+) -> Result<HashMap<String, Json>, crate::Error> {
+    // Only what the device signed matters; the unsigned fields are placeholders the
+    // projection leaves out.
+    let m: serde_json::Map<String, Json> = m
+        .iter()
+        .map(|(k, v)| (k.clone(), v.map_or(Json::Null, Json::from)))
+        .collect();
+    let event = crate::event::Event::from_json(&serde_json::json!({
+        "event_id": event_id, "device": device, "site": "", "patient_ref": "",
+        "epoch": 0, "seq": 0, "type": "vitals", "ts": ts,
+        "observed_at": "1970-01-01T00:00:00Z", "received_at": null,
+        "m": m, "q": null, "fw": "", "model": null,
+        "provenance": {"kid": device, "alg": "", "raw_sha256": "", "publisher": "",
+            "bridge": "", "transformation": "", "consent": null},
+    }))?;
+    Ok(crate::observation::observations(&event)?
+        .into_iter()
+        .map(|o| (o.key, projection(&o.resource)))
+        .collect())
+}
+
 impl TargetObservation {
     /// The identifier value the mapping gives this Observation in event `event_id`.
     pub fn expected_key(&self, event_id: &str) -> Option<String> {
@@ -235,7 +347,22 @@ impl<'a> Index<'a> {
                         .and_then(|k| by_key.get(k).copied())
                 });
             match found.filter(|o| o["resourceType"] == "Observation") {
-                Some(o) => observations.push(TargetObservation {
+                Some(o) => observations.push({
+                    let mut problems = problems(o);
+                    problems.extend(reference_problem(&o["device"], "Device"));
+                    // Resolved by reference: its identifier must name that resource.
+                    if t["reference"].is_string() && !t["identifier"].is_null() {
+                        let key = observation_key(o);
+                        if t["identifier"]["system"] != ids::OBSERVATION
+                            || t["identifier"]["value"].as_str() != key
+                        {
+                            problems.push(format!(
+                                "the Provenance target {} names identifier {}, the resource it references has {key:?}",
+                                t["reference"], t["identifier"]
+                            ));
+                        }
+                    }
+                    TargetObservation {
                     index: all
                         .iter()
                         .position(|r| std::ptr::eq(*r, o))
@@ -244,7 +371,7 @@ impl<'a> Index<'a> {
                     event: identifier_value(&o["identifier"], ids::EVENT).map(str::to_owned),
                     panel: o["component"].is_array(),
                     metric: metric_of(&o["code"]),
-                    problems: problems(o),
+                    problems,
                     effective: o["effectiveDateTime"].as_str().map(str::to_owned),
                     device_time: o["extension"].as_array().and_then(|ext| {
                         ext.iter()
@@ -253,6 +380,8 @@ impl<'a> Index<'a> {
                     }),
                     device: reference_device(&o["device"]),
                     values: values(o),
+                    projection: projection(o),
+                }
                 }),
                 None => missing_targets.push(
                     t["reference"]
@@ -267,11 +396,53 @@ impl<'a> Index<'a> {
     }
 }
 
+/// The device of Provenance `p`'s `author` agent.
+fn author_of(p: &Json) -> Option<String> {
+    p["agent"].as_array().and_then(|agents| {
+        agents.iter().find_map(|a| {
+            let author = a["type"]["coding"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["code"] == "author"));
+            if author {
+                reference_device(&a["who"])
+            } else {
+                None
+            }
+        })
+    })
+}
+
+/// The raw-message SHA-256 (hex) Provenance `p`'s entity names.
+fn entity_sha256_of(p: &Json) -> Option<String> {
+    p["entity"].as_array().and_then(|es| {
+        es.iter().find_map(|e| {
+            (e["what"]["identifier"]["system"] == ids::RAW_SHA256)
+                .then(|| e["what"]["identifier"]["value"].as_str().map(str::to_owned))
+                .flatten()
+        })
+    })
+}
+
+fn agent_problems(p: &Json) -> Vec<String> {
+    p["agent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| reference_problem(&a["who"], "Device").map(|x| format!("agent.who: {x}")))
+        .collect()
+}
+
 /// A Provenance of a reading whose raw message retention purged ([`provenance::RAW_PURGED`]):
 /// no signature to verify, its targets are unsigned, not tampered with.
 #[derive(Debug, Clone)]
 pub struct PurgedReading {
     pub index: usize,
+    /// The device named as `author` agent.
+    pub author: Option<String>,
+    /// The raw message SHA-256 the entity names (hex).
+    pub entity_sha256: Option<String>,
+    /// References whose `reference` and `identifier` disagree.
+    pub problems: Vec<String>,
     pub observations: Vec<TargetObservation>,
     pub missing_targets: Vec<String>,
 }
@@ -294,6 +465,9 @@ pub fn purged_readings(doc: &Json) -> Vec<PurgedReading> {
         let (observations, missing_targets) = idx.targets(p);
         out.push(PurgedReading {
             index,
+            author: author_of(p),
+            entity_sha256: entity_sha256_of(p),
+            problems: agent_problems(p),
             observations,
             missing_targets,
         });
@@ -326,25 +500,13 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
             .map_err(|e| {
                 crate::Error::Bundle(format!("Provenance #{index}: signature data: {e}"))
             })?;
-        let author = p["agent"].as_array().and_then(|agents| {
-            agents.iter().find_map(|a| {
-                let author = a["type"]["coding"]
-                    .as_array()
-                    .is_some_and(|c| c.iter().any(|c| c["code"] == "author"));
-                if author {
-                    reference_device(&a["who"])
-                } else {
-                    None
-                }
-            })
-        });
-        let entity_sha256 = p["entity"].as_array().and_then(|es| {
-            es.iter().find_map(|e| {
-                (e["what"]["identifier"]["system"] == ids::RAW_SHA256)
-                    .then(|| e["what"]["identifier"]["value"].as_str().map(str::to_owned))
-                    .flatten()
-            })
-        });
+        let author = author_of(p);
+        let entity_sha256 = entity_sha256_of(p);
+        let mut problems: Vec<String> = reference_problem(&sig["who"], "Device")
+            .into_iter()
+            .map(|x| format!("signature.who: {x}"))
+            .collect();
+        problems.extend(agent_problems(p));
         let (observations, missing_targets) = idx.targets(p);
         out.push(SignedReading {
             index,
@@ -352,6 +514,7 @@ pub fn signed_readings(doc: &Json) -> Result<Vec<SignedReading>, crate::Error> {
             author,
             cose,
             entity_sha256,
+            problems,
             observations,
             missing_targets,
         });

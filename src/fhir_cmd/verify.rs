@@ -86,19 +86,29 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     }
     // Retention purged the raw message: nothing to verify, reported apart from
     // tampering, and covered only when the operator accepts unsigned readings.
+    // What is checked is only the structure (the mapping's identifiers, one device,
+    // no ambiguous claim): `--allow-unsigned` vouches for nothing signed.
     let mut purged: Vec<String> = Vec::new();
     for p in read::purged_readings(&doc) {
         let keys: Vec<&str> = p.observations.iter().map(|o| o.key.as_str()).collect();
+        let errors = purged_errors(&p);
+        if !errors.is_empty() {
+            failed += 1;
+        }
         println!(
             "{}",
             json!({
                 "provenance": p.index,
-                "ok": args.allow_unsigned,
+                "ok": args.allow_unsigned && errors.is_empty(),
                 "unsigned": "raw purged",
                 "observations": keys,
                 "targets_not_in_file": p.missing_targets,
+                "errors": errors,
             })
         );
+        if !errors.is_empty() {
+            continue;
+        }
         for o in &p.observations {
             if covered.contains(&o.index) {
                 continue;
@@ -167,6 +177,48 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The structural checks of a purged reading's Provenance (nothing signed to verify):
+/// the raw message's SHA-256 named, every target of the `author` device, identified as
+/// the mapping identifies it from its event id, and without the ambiguities
+/// [`read::problems`] finds.
+fn purged_errors(p: &read::PurgedReading) -> Vec<String> {
+    let mut errors = p.problems.clone();
+    let sha_ok = p
+        .entity_sha256
+        .as_deref()
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !sha_ok {
+        errors.push(format!(
+            "no raw-message SHA-256 entity ({:?})",
+            p.entity_sha256
+        ));
+    }
+    if p.author.is_none() {
+        errors.push("no author device agent".into());
+    }
+    for o in &p.observations {
+        if o.device.is_none() || o.device != p.author {
+            errors.push(format!(
+                "Observation {}: device {:?} is not the author {:?}",
+                o.key, o.device, p.author
+            ));
+        }
+        let expected = o.event.as_deref().and_then(|e| o.expected_key(e));
+        if expected.as_deref() != Some(o.key.as_str()) {
+            errors.push(format!(
+                "Observation {:?}: its event {:?} identifies it as {expected:?}",
+                o.key, o.event
+            ));
+        }
+        errors.extend(
+            o.problems
+                .iter()
+                .map(|x| format!("Observation {}: {x}", o.key)),
+        );
+    }
+    errors
+}
+
 fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
     let mut c = Checked {
         index: r.index,
@@ -176,6 +228,7 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
         errors: Vec::new(),
         unchecked_targets: r.missing_targets.clone(),
     };
+    c.errors.extend(r.problems.iter().cloned());
     let Some(device) = r.device.as_deref() else {
         c.errors
             .push("signature.who names no urn:vitalmq:device".into());
@@ -220,8 +273,28 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
     let ts = vitalmq_fhir::ids::instant(t.ts).ok();
     // The event id is a function of what the device signed: recomputed, not trusted.
     let event_id = vitalmq_bridge::normalize::event_id(&t.dev, t.epoch, t.seq);
+    let owned: BTreeMap<String, Option<f64>> =
+        signed.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+    // What the mapping makes of the signed message, compared as a whole: no coding
+    // added or recoded, no component, unit or value[x] beyond the mapping's.
+    let expected = match vitalmq_fhir::read::expected_projections(&event_id, device, t.ts, &owned) {
+        Ok(e) => e,
+        Err(e) => {
+            c.errors
+                .push(format!("the signed message does not map: {e}"));
+            HashMap::new()
+        }
+    };
     let mut claimed: BTreeMap<String, Option<f64>> = BTreeMap::new();
     for o in &r.observations {
+        if let Some(want) = expected.get(&o.key)
+            && *want != o.projection
+        {
+            c.errors.push(format!(
+                "Observation {}: not what the mapping makes of the signed message (codes, units, components, status or category differ): {} instead of {want}",
+                o.key, o.projection
+            ));
+        }
         if o.device.as_deref() != Some(device) {
             c.errors.push(format!(
                 "Observation {}: another device {:?}",
@@ -236,6 +309,13 @@ fn check(r: &SignedReading, registry: &DeviceRegistry) -> Checked {
         }
         // A device clock beyond RFC 3339: the mapping dates it by the bridge's time
         // and keeps the signed one in the device-time extension.
+        // A datable clock has no such extension: a reader might take it for the time.
+        if ts.is_some() && o.device_time.is_some() {
+            c.errors.push(format!(
+                "Observation {}: a device-time extension {:?} though the signed time {ts:?} is datable",
+                o.key, o.device_time
+            ));
+        }
         if ts.is_none() && o.device_time != Some(t.ts.to_string()) {
             c.errors.push(format!(
                 "Observation {}: device time {:?} is not the signed {}",

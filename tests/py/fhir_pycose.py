@@ -18,6 +18,7 @@ import hashlib
 import json
 import sys
 import tomllib
+import urllib.parse
 
 import cbor2
 from pycose.headers import KID
@@ -42,7 +43,7 @@ def problems(o):
         q = p.get("valueQuantity")
         if q is None:
             continue
-        for metric in claimed({"code": p["code"], "valueQuantity": q}):
+        for metric in claimed({"code": p["code"], "valueQuantity": q}, []):
             want = UCUM.get(metric)
             have = (q.get("system"), q.get("code"))
             if have != (("http://unitsofmeasure.org", want) if want else (None, None)):
@@ -57,17 +58,49 @@ def public_key(alg, public_hex):
     return EC2Key(crv=P256, x=raw[1:33], y=raw[33:])
 
 
-def claimed(o):
+# The mapping's codings (system, code) per metric (docs/fhir.md): a reading is the signed
+# one only when its code.coding is exactly this set (no coding added or recoded).
+L = "http://loinc.org"
+CODINGS = {"spo2": {(L, "59408-5"), (L, "2708-6")}, "pulse": {(L, "8867-4")},
+           "resp": {(L, "9279-1")}, "temp": {(L, "8310-5")}, "sbp": {(L, "8480-6")},
+           "dbp": {(L, "8462-4")}}
+PANEL = {(L, "85354-9")}
+DEVICE_TIME = "urn:vitalmq:fhir:extension:device-time"
+
+
+def metric_of(code, errors):
+    """The metric a code's codings name: all of them, as the mapping gives them."""
+    have = {(c.get("system"), c.get("code")) for c in code.get("coding", [])}
+    for metric, want in CODINGS.items():
+        if have == want:
+            return metric
+    if len(have) == 1:
+        system, value = next(iter(have))
+        if system == "urn:vitalmq:metric" and value not in CODINGS:
+            # The mapping's safe code: the name itself, else percent-encoded ("%": "").
+            return "" if value == "%" else urllib.parse.unquote(value)
+    errors.append(f"codings {sorted(have, key=str)} are not the mapping's")
+    return None
+
+
+def claimed(o, errors):
     out = {}
-    parts = o.get("component") or [o]
+    if "component" in o:
+        have = {(c.get("system"), c.get("code")) for c in o["code"].get("coding", [])}
+        if have != PANEL:
+            errors.append(f"panel codings {sorted(have, key=str)} are not the mapping's")
+        parts = o["component"]
+        if [metric_of(p["code"], []) for p in parts] != ["sbp", "dbp"]:
+            errors.append("the panel's components are not systolic then diastolic")
+    else:
+        parts = [o]
     for p in parts:
-        for c in p["code"]["coding"]:
-            metric = LOINC.get(c["code"]) if c["system"] == "http://loinc.org" else None
-            if c["system"] == "urn:vitalmq:metric":
-                metric = c["code"]
-            if metric:
-                out[metric] = p.get("valueQuantity", {}).get("value")
-                break
+        metric = metric_of(p["code"], errors)
+        extra = [k for k in p if k.startswith("value") and k != "valueQuantity"]
+        if extra:
+            errors.append(f"{metric}: {extra} is not the mapping's")
+        if metric:
+            out[metric] = p.get("valueQuantity", {}).get("value")
     return out
 
 
@@ -77,6 +110,9 @@ def main(bundle_path, registry_path):
     with open(bundle_path, encoding="utf-8") as f:
         bundle = json.load(f)
     by_url = {e["fullUrl"]: e["resource"] for e in bundle["entry"]}
+    by_key = {i["value"]: e["resource"] for e in bundle["entry"]
+              for i in e["resource"].get("identifier", [])
+              if isinstance(i, dict) and i.get("system") == "urn:vitalmq:observation"}
     errors, verified, values = [], 0, 0
     for e in bundle["entry"]:
         p = e["resource"]
@@ -105,15 +141,35 @@ def main(bundle_path, registry_path):
                 errors.append(f"{e['fullUrl']}: entity {entity} is not SHA-256 {sha}")
             payload = cbor2.loads(msg.payload)
             signed = payload.get("m", {})
-            when = datetime.datetime.fromtimestamp(payload["ts"] / 1000, datetime.timezone.utc)
+            try:
+                when = datetime.datetime.fromtimestamp(payload["ts"] / 1000, datetime.timezone.utc)
+            except (OverflowError, OSError, ValueError):
+                # Beyond what a date can say (SPEC allows any u64): the mapping dates it
+                # by the bridge and keeps the signed ts in the device-time extension.
+                when = None
             seen = {}
             for t in p["target"]:
-                o = by_url[t["reference"]]
-                effective = datetime.datetime.fromisoformat(o["effectiveDateTime"].replace("Z", "+00:00"))
-                if effective != when:
-                    errors.append(f"{t['reference']}: effective {effective} is not ts {when}")
-                errors.extend(f"{t['reference']}: {x}" for x in problems(o))
-                seen.update(claimed(o))
+                name = t.get("reference") or json.dumps(t.get("identifier"))
+                o = by_url.get(t.get("reference")) or by_key.get(
+                    (t.get("identifier") or {}).get("value"))
+                if o is None:
+                    continue  # not in the file: not checked here
+                device_time = [x.get("valueString") for x in o.get("extension", [])
+                               if x.get("url") == DEVICE_TIME]
+                if when is None:
+                    if device_time != [str(payload["ts"])]:
+                        errors.append(f"{name}: device time {device_time} is not ts {payload['ts']}")
+                else:
+                    effective = datetime.datetime.fromisoformat(
+                        o["effectiveDateTime"].replace("Z", "+00:00"))
+                    if effective != when:
+                        errors.append(f"{name}: effective {effective} is not ts {when}")
+                    if device_time:
+                        errors.append(f"{name}: a device-time extension for a datable ts")
+                errors.extend(f"{name}: {x}" for x in problems(o))
+                found = []
+                seen.update(claimed(o, found))
+                errors.extend(f"{name}: {x}" for x in found)
             for metric, value in seen.items():
                 values += 1
                 if metric not in signed and value is None:

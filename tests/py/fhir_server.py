@@ -13,7 +13,9 @@ Binds 127.0.0.1 on a free port and prints "fhir listening on 127.0.0.1:PORT".
                 entry's resource is validated (400 + OperationOutcome on any error,
                 nothing applied: transactions are atomic). Conditional creates
                 (ifNoneExist: `identifier=system|value`) answer 200 for an existing
-                match, else create (201); conditional updates (PUT Type?identifier=...)
+                match, else create (201), 412 for more than one match (the query
+                parsed as a real server does: URL-decoded, `,` an OR, `\\,` `\\|`
+                `\\$` `\\\\` escapes); conditional updates (PUT Type?identifier=...)
                 replace the match or create; PUT Type/id (the resource's id must be
                 that id) creates or updates that id, as a real server's update-as-create.
                 Like HAPI (HAPI-2498) and Azure, a search parameter with a modifier or
@@ -88,11 +90,61 @@ def refused(bundle):
     return out
 
 
+def split_unescaped(text, sep):
+    """Splits on `sep` not preceded by a backslash escape (FHIR search escaping)."""
+    parts, cur, i = [], "", 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur += text[i:i + 2]
+            i += 2
+            continue
+        if c == sep:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    parts.append(cur)
+    return parts
+
+
+def unescape(text):
+    """`\\,` `\\|` `\\$` `\\\\` to the character."""
+    out, i = "", 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out += text[i + 1]
+            i += 2
+        else:
+            out += text[i]
+            i += 1
+    return out
+
+
 def search(rtype, query):
-    """Stored resources of `rtype` matching `param=system|value`."""
-    param, _, token = query.partition("=")
-    system, _, value = urllib.parse.unquote(token).partition("|")
-    return [r for r in STORE.get(rtype, []) if (system, value) in identifiers_of(r, param)]
+    """Stored resources of `rtype` matching `param=system|value[,system|value...]`,
+    parsed as a real server does: URL-decoded, OR on unescaped `,`, the system
+    separator an unescaped `|`, escapes undone."""
+    param, _, token = urllib.parse.unquote(query).partition("=")
+    wanted = []
+    for alt in split_unescaped(token, ","):
+        parts = split_unescaped(alt, "|")
+        if len(parts) > 2:
+            raise Unsupported(f"token {alt!r} has more than one unescaped |")
+        # `value` alone: any system.
+        system = unescape(parts[0]) if len(parts) == 2 else None
+        wanted.append((system, unescape(parts[-1])))
+
+    def matches(r):
+        have = identifiers_of(r, param)
+        return any((s, v) in have if s is not None else any(v == hv for _, hv in have)
+                   for s, v in wanted)
+    return [r for r in STORE.get(rtype, []) if matches(r)]
+
+
+class Ambiguous(ValueError):
+    """A conditional request matching more than one resource (412)."""
 
 
 def outcome(code, diagnostics, expression=None):
@@ -113,6 +165,8 @@ def apply(bundle):
             found = search(rtype, cond) if cond else []
             if not cond:
                 STATE["unconditional"] += 1
+            if len(found) > 1:
+                raise Ambiguous(f"{rtype}?{cond} matches {len(found)}")
             if found:
                 STATE["existing"] += 1
                 answers.append({"status": "200 OK", "location": f"{rtype}/{found[0]['id']}"})
@@ -133,6 +187,8 @@ def apply(bundle):
         else:  # PUT Type?identifier=...
             _, _, query = request["url"].partition("?")
             found = search(rtype, query)
+            if len(found) > 1:
+                raise Ambiguous(f"{rtype}?{query} matches {len(found)}")
             if found:
                 resource = dict(resource, id=found[0]["id"])
                 STORE[rtype] = [resource if r is found[0] else r for r in STORE[rtype]]
@@ -248,8 +304,23 @@ class Handler(BaseHTTPRequestHandler):
             STATE["refused_validation"] += 1
             STATE["validation_errors"].extend(errors[:20])
             return self.reply(400, outcome("invalid", "; ".join(errors[:5]), "Bundle"))
+        # Atomic: a failed entry leaves the store as it was.
+        saved = ({t: list(rs) for t, rs in STORE.items()}, dict(CREATED),
+                 {k: v for k, v in STATE.items() if not isinstance(v, list)})
+        try:
+            response = apply(bundle)
+        except (Ambiguous, Unsupported) as e:
+            STORE.clear()
+            STORE.update(saved[0])
+            CREATED.clear()
+            CREATED.update(saved[1])
+            STATE.update(saved[2])
+            STATE["refused_unsupported"] += 1
+            STATE["unsupported"].append(str(e))
+            status = 412 if isinstance(e, Ambiguous) else 400
+            return self.reply(status, outcome("duplicate" if status == 412 else "not-supported",
+                                              str(e)))
         STATE["transactions"] += 1
-        response = apply(bundle)
         if lost:
             STATE["lost"] += 1
             return self.drop()
