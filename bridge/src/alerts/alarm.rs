@@ -13,6 +13,10 @@
 //! caller audits it); the clear of a withheld episode raises nothing either. A repeat
 //! of the active alarm once it is no longer withheld (model approved, policy back to
 //! deliver) raises it then: a real alarm is not lost to the paperwork.
+//!
+//! An `urgent` alarm is never withheld: SPEC 3.1 sends `active: true` once, so a
+//! withheld urgent alarm would be heard only if the device repeated it after the
+//! model's approval. It is delivered (the caller marks it with the model status).
 
 use std::collections::BTreeMap;
 
@@ -112,6 +116,7 @@ pub fn on_alarm(
     withhold: bool,
     now_ms: u64,
 ) -> AlarmOutcome {
+    let withhold = withhold && alarm.level != Severity::Urgent;
     let rule = format!("device-alarm:{}", alarm.code);
     let open_now = match (alarms.get(&alarm.code), alarm.active) {
         (None, true) => true,
