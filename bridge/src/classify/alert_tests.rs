@@ -1173,6 +1173,65 @@ fn withhold_stores_and_audits_an_unapproved_models_alarm_without_alerting() {
     assert_eq!(body(&out.commit.alerts[0])["state"], "resolved");
 }
 
+/// A withheld alarm still open when a reload stops withholding it is raised at the
+/// device's next message of any kind (SPEC 3.1 sends `active: true` once), and its
+/// clear then resolves it.
+#[test]
+fn a_withheld_alarm_is_raised_at_the_next_message_once_no_longer_withheld() {
+    let f = fixture();
+    let mut s = sequencer();
+    let text = include_str!("../../../policies/examples/models.toml").replace(
+        "unapproved_alarms = \"deliver\"",
+        "unapproved_alarms = \"withhold\"",
+    );
+    let withhold = vitalmq_policies::ModelRegistry::parse(&text, std::path::Path::new("m.toml"))
+        .expect("models");
+    let _ = s.set_models(Some(Arc::new(withhold)), T0);
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm_at_level(&f, "dev-00001", 0, true, T0, "review")],
+        T0,
+    );
+    assert!(out.commit.alerts.is_empty(), "withheld");
+    let everywhere = text.replace(
+        "hardware_models = [\"vw-band-2\", \"vw-band-3\"]",
+        "hardware_models = []",
+    );
+    let open = vitalmq_policies::ModelRegistry::parse(&everywhere, std::path::Path::new("m.toml"))
+        .expect("models");
+    let _ = s.set_models(Some(Arc::new(open)), T0 + 500);
+    let out = run(
+        &f,
+        &mut s,
+        vec![vitals(&f, "dev-00001", 1, 97.0, T0 + 1000)],
+        T0 + 1000,
+    );
+    let raised: Vec<Json> = out.commit.alerts.iter().map(body).collect();
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(
+        (raised[0]["state"].as_str(), raised[0]["rule"].as_str()),
+        (Some("open"), Some("device-alarm:arrhythmia"))
+    );
+    assert_eq!(raised[0]["alarm"]["level"], "review");
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm_at_level(
+            &f,
+            "dev-00001",
+            2,
+            false,
+            T0 + 2000,
+            "review",
+        )],
+        T0 + 2000,
+    );
+    assert!(out.audit.is_empty());
+    assert_eq!(out.commit.alerts.len(), 1);
+    assert_eq!(body(&out.commit.alerts[0])["state"], "resolved");
+}
+
 /// An `urgent` alarm is never withheld (SPEC 3.1 sends `active: true` once: withheld, it
 /// would be heard only if repeated after approval): delivered, marked, nothing audited.
 #[test]
