@@ -12,6 +12,7 @@
 //!   and prints aggregates only.
 
 mod compare;
+mod read;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -51,10 +52,10 @@ pub struct CompareArgs {
     /// The candidate version.
     #[arg(long)]
     to: String,
-    /// Only scores observed at or after this RFC 3339 time.
+    /// Only scores and alerts the bridge recorded at or after this RFC 3339 time.
     #[arg(long)]
     since: Option<String>,
-    /// Only scores observed before this RFC 3339 time.
+    /// Only scores and alerts the bridge recorded before this RFC 3339 time.
     #[arg(long)]
     until: Option<String>,
     /// How far apart two versions' episode starts of one patient may be to count as
@@ -226,66 +227,15 @@ fn run_compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     .detail("until", args.until.clone())
     .detail("purpose", args.purpose.clone());
     let report = action.run(|| {
-        let in_period = |at: u64| since.is_none_or(|s| at >= s) && until.is_none_or(|u| at < u);
         let versions = [args.from.as_str(), args.to.as_str()];
-        let mut scores = Vec::new();
-        let mut after = 0;
-        loop {
-            let page = store.scores(after, None, 1000)?;
-            let Some(last) = page.last() else { break };
-            after = last.id;
-            for s in page {
-                if s.model != args.model
-                    || !versions.contains(&s.version.as_str())
-                    || !in_period(s.observed_at_ms)
-                {
-                    continue;
-                }
-                let p: Json = serde_json::from_str(&s.payload.text()).unwrap_or(Json::Null);
-                let text = |v: &Json, k: &str| v.get(k).and_then(Json::as_str).map(str::to_owned);
-                let shadow_alert = p.get("alert").and_then(|a| {
-                    Some((
-                        text(a, "rule")?,
-                        text(a, "transition")?,
-                        text(a, "replaces"),
-                    ))
-                });
-                scores.push(compare::ScoreIn {
-                    score_id: s.score_id,
-                    patient: s.patient_ref,
-                    version: s.version,
-                    role: s.role,
-                    observed_at_ms: s.observed_at_ms,
-                    risk: text(&p, "risk"),
-                    shadow_alert,
-                });
-            }
-        }
-        let mut alerts = Vec::new();
-        for a in store.list_alerts()? {
-            let b: Json = serde_json::from_str(&a.body).unwrap_or(Json::Null);
-            let text = |k: &str| b.get(k).and_then(Json::as_str).map(str::to_owned);
-            if text("source").as_deref() != Some("score")
-                || text("metric").as_deref() != Some(args.model.as_str())
-            {
-                continue;
-            }
-            let Some(version) = text("rule_version") else {
-                continue;
-            };
-            if !versions.contains(&version.as_str()) || !in_period(a.created_at_ms) {
-                continue;
-            }
-            alerts.push(compare::AlertIn {
-                alert_id: a.alert_id,
-                state: a.state,
-                rule: a.rule.unwrap_or_default(),
-                version,
-                score_id: text("score_id"),
-                created_at_ms: a.created_at_ms,
-            });
-        }
-        let report = compare::compare(
+        let read::Read {
+            scores,
+            alerts,
+            erased_rows,
+            erased_alert_rows,
+        } = read::rows(&store, &args.model, versions, (since, until))
+            .with_context(|| format!("{}", args.config.display()))?;
+        let mut report = compare::compare(
             &args.model,
             &args.from,
             &args.to,
@@ -293,8 +243,11 @@ fn run_compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
             &alerts,
             args.match_window_s.saturating_mul(1000),
         );
+        report.erased_rows = erased_rows;
+        report.erased_alert_rows = erased_alert_rows;
         let mut done = Map::new();
         done.insert("scores_read".into(), scores.len().into());
+        done.insert("erased_rows".into(), erased_rows.into());
         done.insert("pairs".into(), report.pairs.into());
         Ok((report, done))
     })?;
@@ -314,6 +267,13 @@ fn text_report(r: &compare::Report) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(s, "{} {} -> {}", r.model, r.from, r.to);
+    if r.erased_rows + r.erased_alert_rows > 0 {
+        let _ = writeln!(
+            s,
+            "not compared (patient erased): {} score rows, {} alert rows",
+            r.erased_rows, r.erased_alert_rows
+        );
+    }
     for (v, roles) in &r.rows {
         let roles: Vec<String> = roles.iter().map(|(k, n)| format!("{k} {n}")).collect();
         let _ = writeln!(s, "rows {v}: {}", roles.join(", "));

@@ -630,6 +630,23 @@ impl Sequencer {
                             current,
                             incoming.received_at_ms,
                         ));
+                        // Alarms withheld before a reload that stopped withholding them.
+                        let check = assessment.model.as_ref();
+                        if state.alarms.values().any(|e| e.withheld)
+                            && !crate::models::withholds(self.models.as_deref(), check)
+                        {
+                            out.extend(
+                                alarm::release_withheld(
+                                    &mut state.alarms,
+                                    rules.sha256(),
+                                    entry,
+                                    &verified,
+                                    &event_id,
+                                )
+                                .into_iter()
+                                .map(|o| crate::models::mark_alarm(o, check)),
+                            );
+                        }
                         // Once per (epoch, seq), however often the store could not
                         // record it and the device resent it.
                         if Evaluated::admit(

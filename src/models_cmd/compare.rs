@@ -2,19 +2,28 @@
 //! store's `scores` rows (payloads opened) and `alerts` rows. Pure over what was read,
 //! so the definitions are tested here:
 //!
-//! - **Pairs**: a `from` row and a `to` row of the same trigger, i.e. the same patient
-//!   and the same `observed_at` (both versions score every reading that changes an
-//!   input; a version that did not run for the patient then has no row). Rows without
-//!   a partner are counted (`only_from_rows`, `only_to_rows`).
+//! - **Period**: rows the bridge recorded in it (`created_at_ms`, the bridge's clock),
+//!   scores and alerts alike, so an alert and the score that raised it (one commit)
+//!   are both in or both out.
+//! - **Pairs**: a `from` row and a `to` row of the same trigger: both versions score
+//!   every reading that changes an input, so the same patient, `observed_at`, trigger
+//!   device and set of input event ids observed at that instant (the trigger's
+//!   readings; not every input, as versions with different validity windows use
+//!   different older ones). A second device's reading at the same instant is another
+//!   trigger. A version that did not run for the patient has no row; rows without a
+//!   partner are counted (`only_from_rows`, `only_to_rows`). Rows whose patient was
+//!   erased are not compared (`erased_rows`; the caller counts them).
 //! - **Agreement**: over the pairs, the share with the same risk category (`low`,
 //!   `low-medium`, `medium`, `high`, or `unknown` for an incomplete score), Cohen's
 //!   kappa, and the confusion matrix (rows `from`, columns `to`).
 //! - **Alert counts** per rule and version: `delivered`, the `open` changes in the
 //!   `alerts` table with `rule_version` = the version (live or canary), and `shadow`,
 //!   the would-be `open` transitions in the version's shadow score payloads.
-//! - **Timing**: per patient, episode starts of each version (an open with no alert of
-//!   that version open for the patient just before; times are the observed time of
-//!   the score that opened it); each `from` start is paired with the first unpaired
+//! - **Timing**: per patient (the alert body's `patient_ref`), episode starts of each
+//!   version: an open with no alert of that version open for the patient just before,
+//!   and not the continuation of an escalation (a delivered open right after a
+//!   `superseded` resolve, a shadow open that `replaces` a rule); times are the
+//!   observed time of the score that opened it. Each `from` start is paired with the first unpaired
 //!   `to` start within `window` of it. For the pairs, `to - from` in seconds: median,
 //!   min, max; starts without a partner are counted per side.
 //!
@@ -32,9 +41,13 @@ pub const CATEGORIES: [&str; 5] = ["low", "low-medium", "medium", "high", "unkno
 pub struct ScoreIn {
     pub score_id: String,
     pub patient: String,
+    /// The device whose reading triggered the score.
+    pub device: String,
     pub version: String,
     pub role: String,
     pub observed_at_ms: u64,
+    /// The event ids of the inputs observed at `observed_at_ms` (the trigger's), sorted.
+    pub trigger_inputs: Vec<String>,
     /// `None`: incomplete (no proven risk).
     pub risk: Option<String>,
     /// A shadow row's would-be transition: `(rule, transition, replaces)`.
@@ -48,6 +61,10 @@ pub struct AlertIn {
     pub state: String,
     pub rule: String,
     pub version: String,
+    /// The body's `patient_ref` (a `no_data` resolve names no score).
+    pub patient: Option<String>,
+    /// The body's `reason` (`superseded`, `recovered`, `no_data`, ...).
+    pub reason: Option<String>,
     pub score_id: Option<String>,
     pub created_at_ms: u64,
 }
@@ -84,6 +101,10 @@ pub struct Report {
     pub confusion: Vec<Vec<u64>>,
     pub only_from_rows: usize,
     pub only_to_rows: usize,
+    /// Score rows in the period whose patient was erased: not compared.
+    pub erased_rows: u64,
+    /// Alert rows in the period whose patient was erased: not counted.
+    pub erased_alert_rows: u64,
     pub alerts: BTreeMap<String, AlertCounts>,
     pub timing: Timing,
 }
@@ -128,32 +149,33 @@ fn starts(
     alerts: &[AlertIn],
     observed: &HashMap<&str, u64>,
 ) -> BTreeMap<String, Vec<u64>> {
-    let patient_of: HashMap<&str, &str> = scores
-        .iter()
-        .map(|s| (s.score_id.as_str(), s.patient.as_str()))
-        .collect();
     let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    // Delivered: alerts of the version, open ids per patient.
-    let mut open: HashMap<&str, Vec<&str>> = HashMap::new();
+    // Delivered: alerts of the version, open ids per patient, and whether the last
+    // change was a `superseded` resolve (the open that follows continues the episode).
+    let mut open: HashMap<&str, (Vec<&str>, bool)> = HashMap::new();
     for a in alerts.iter().filter(|a| a.version == version) {
-        let Some(patient) = a.score_id.as_deref().and_then(|s| patient_of.get(s)) else {
+        let Some(patient) = a.patient.as_deref() else {
             continue;
         };
-        let ids = open.entry(patient).or_default();
+        let (ids, escalating) = open.entry(patient).or_default();
         match a.state.as_str() {
             "open" => {
-                if ids.is_empty() {
+                if ids.is_empty() && !*escalating {
                     let at = a
                         .score_id
                         .as_deref()
                         .and_then(|s| observed.get(s))
                         .copied()
                         .unwrap_or(a.created_at_ms);
-                    out.entry((*patient).to_owned()).or_default().push(at);
+                    out.entry(patient.to_owned()).or_default().push(at);
                 }
                 ids.push(&a.alert_id);
+                *escalating = false;
             }
-            "resolved" => ids.retain(|id| *id != a.alert_id),
+            "resolved" => {
+                ids.retain(|id| *id != a.alert_id);
+                *escalating = a.reason.as_deref() == Some("superseded");
+            }
             _ => {}
         }
     }
@@ -187,6 +209,8 @@ fn starts(
 
 /// The `from` and `to` rows of one trigger.
 type Pair<'a> = (Option<&'a ScoreIn>, Option<&'a ScoreIn>);
+/// A trigger: patient, observed time, device, the event ids observed at that time.
+type Trigger<'a> = (&'a str, u64, &'a str, &'a [String]);
 
 /// The comparison of `from` and `to` (rows already limited to the model and period).
 pub fn compare(
@@ -197,10 +221,15 @@ pub fn compare(
     alerts: &[AlertIn],
     window_ms: u64,
 ) -> Report {
-    let mut by_trigger: HashMap<(&str, u64), Pair<'_>> = HashMap::new();
+    let mut by_trigger: HashMap<Trigger<'_>, Pair<'_>> = HashMap::new();
     for s in scores {
         let slot = by_trigger
-            .entry((s.patient.as_str(), s.observed_at_ms))
+            .entry((
+                s.patient.as_str(),
+                s.observed_at_ms,
+                s.device.as_str(),
+                s.trigger_inputs.as_slice(),
+            ))
             .or_default();
         if s.version == from {
             slot.0 = Some(s);
@@ -291,6 +320,8 @@ pub fn compare(
         confusion,
         only_from_rows,
         only_to_rows,
+        erased_rows: 0,
+        erased_alert_rows: 0,
         alerts: counts,
         timing,
     }
@@ -304,9 +335,11 @@ mod tests {
         ScoreIn {
             score_id: id.into(),
             patient: p.into(),
+            device: "dev-1".into(),
             version: v.into(),
             role: "live".into(),
             observed_at_ms: at,
+            trigger_inputs: vec![format!("ev-{p}-{at}")],
             risk: risk.map(str::to_owned),
             shadow_alert: None,
         }
@@ -318,12 +351,21 @@ mod tests {
         s
     }
 
-    fn alert(id: &str, state: &str, rule: &str, v: &str, score: &str, at: u64) -> AlertIn {
+    fn alert(
+        id: &str,
+        state: &str,
+        rule: &str,
+        v: &str,
+        (p, score): (&str, &str),
+        at: u64,
+    ) -> AlertIn {
         AlertIn {
             alert_id: id.into(),
             state: state.into(),
             rule: rule.into(),
             version: v.into(),
+            patient: Some(p.into()),
+            reason: None,
             score_id: Some(score.into()),
             created_at_ms: at,
         }
@@ -370,9 +412,9 @@ mod tests {
             row("a5", "pt-c", "v1", 0, None),
         ];
         let alerts = vec![
-            alert("x1", "open", "news2-medium", "v1", "a1", 5),
-            alert("x1", "resolved", "news2-medium", "v1", "a2", 6),
-            alert("x2", "open", "news2-high", "v1", "a4", 7),
+            alert("x1", "open", "news2-medium", "v1", ("pt-a", "a1"), 5),
+            alert("x1", "resolved", "news2-medium", "v1", ("pt-a", "a2"), 6),
+            alert("x2", "open", "news2-high", "v1", ("pt-b", "a4"), 7),
         ];
         let r = compare("news2", "v1", "v2", &scores, &alerts, 600_000);
         assert_eq!((r.pairs, r.agree), (3, 1));
@@ -402,6 +444,81 @@ mod tests {
         assert_eq!(
             (r.timing.matched, r.timing.only_from, r.timing.only_to),
             (1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn an_escalation_continues_the_episode_and_no_data_resolves_close_it() {
+        let scores = vec![
+            row("a1", "pt-a", "v1", 0, Some("medium")),
+            row("a2", "pt-a", "v1", 60_000, Some("high")),
+            row("a3", "pt-a", "v1", 600_000, Some("medium")),
+            // v2 (shadow) escalates the same way: open medium, then open high replacing it.
+            shadow(
+                row("b1", "pt-a", "v2", 0, Some("medium")),
+                "open",
+                "news2-medium",
+            ),
+            {
+                let mut s = row("b2", "pt-a", "v2", 60_000, Some("high"));
+                s.role = "shadow".into();
+                s.shadow_alert = Some((
+                    "news2-high".into(),
+                    "open".into(),
+                    Some("news2-medium".into()),
+                ));
+                s
+            },
+        ];
+        let mut superseded = alert("x1", "resolved", "news2-medium", "v1", ("pt-a", "a2"), 2);
+        superseded.reason = Some("superseded".into());
+        let mut no_data = alert("x2", "resolved", "news2-high", "v1", ("pt-a", ""), 4);
+        (no_data.reason, no_data.score_id) = (Some("no_data".into()), None);
+        let alerts = vec![
+            alert("x1", "open", "news2-medium", "v1", ("pt-a", "a1"), 1),
+            // Escalation medium -> high: one episode, as on the shadow side.
+            superseded,
+            alert("x2", "open", "news2-high", "v1", ("pt-a", "a2"), 3),
+            // The tick closes it (no score): the next open is a new episode.
+            no_data,
+            alert("x3", "open", "news2-medium", "v1", ("pt-a", "a3"), 5),
+        ];
+        let observed = scores
+            .iter()
+            .map(|s| (s.score_id.as_str(), s.observed_at_ms))
+            .collect();
+        let v1 = starts("v1", &scores, &alerts, &observed);
+        assert_eq!(v1["pt-a"], vec![0, 600_000]);
+        let v2 = starts("v2", &scores, &alerts, &observed);
+        assert_eq!(v2["pt-a"], vec![0]);
+        let r = compare("news2", "v1", "v2", &scores, &alerts, 1_000);
+        // v1 starts at 0 and 600 s, v2 at 0: one matched (diff 0), one v1 only.
+        assert_eq!(
+            (r.timing.matched, r.timing.only_from, r.timing.only_to),
+            (1, 1, 0),
+            "{:?}",
+            r.timing
+        );
+        assert_eq!(r.timing.max_s, Some(0.0));
+    }
+
+    #[test]
+    fn readings_of_two_devices_at_one_instant_are_two_pairs() {
+        let mut rows = Vec::new();
+        for (v, risks) in [("v1", ["low", "medium"]), ("v2", ["low", "high"])] {
+            let mut a = row(&format!("{v}a"), "pt-a", v, 0, Some(risks[0]));
+            a.trigger_inputs = vec!["ev-a".into()];
+            let mut b = row(&format!("{v}b"), "pt-a", v, 0, Some(risks[1]));
+            b.device = "dev-2".into();
+            b.trigger_inputs = vec!["ev-a".into(), "ev-b".into()];
+            rows.extend([a, b]);
+        }
+        let r = compare("news2", "v1", "v2", &rows, &[], 1_000);
+        assert_eq!((r.pairs, r.agree), (2, 1));
+        assert_eq!((r.only_from_rows, r.only_to_rows), (0, 0));
+        assert_eq!(
+            r.confusion[category(Some("medium"))][category(Some("high"))],
+            1
         );
     }
 }

@@ -10,9 +10,14 @@
 //! Withheld (issue 21): when the models file says `[policy] unapproved_alarms =
 //! "withhold"` and the message's reported model needs attention, an alarm opens an
 //! episode marked `withheld` but raises no alert ([`AlarmOutcome::Withheld`]; the
-//! caller audits it); the clear of a withheld episode raises nothing either. A repeat
-//! of the active alarm once it is no longer withheld (model approved, policy back to
-//! deliver) raises it then: a real alarm is not lost to the paperwork.
+//! caller audits it); the clear of a withheld episode raises nothing either. Once it is
+//! no longer withheld (model approved, policy back to deliver), the device's next
+//! accepted message raises a still-open episode ([`release_withheld`]): a real alarm is
+//! not lost to the paperwork.
+//!
+//! An `urgent` alarm is never withheld: SPEC 3.1 sends `active: true` once, so a
+//! withheld urgent alarm would be heard only if the device repeated it after the
+//! model's approval. It is delivered (the caller marks it with the model status).
 
 use std::collections::BTreeMap;
 
@@ -78,6 +83,10 @@ pub struct AlarmEpisode {
     /// Opened without an alert: the models policy withheld it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub withheld: bool,
+    /// The alarm as the device sent it, kept while withheld so that it can be raised
+    /// once no longer withheld ([`release_withheld`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<Severity>,
 }
 
 /// A device's open alarms by code.
@@ -98,6 +107,38 @@ pub enum AlarmOutcome {
     },
 }
 
+/// The device's withheld episodes, at its first accepted message once its messages are
+/// no longer withheld (the models file reloaded: model approved, or policy back to
+/// deliver): each raised now as an `open` alert (the caller marks it). SPEC 3.1 sends
+/// `active: true` once, so waiting for a repeat could lose the alarm.
+pub fn release_withheld(
+    alarms: &mut Alarms,
+    policy_sha256: &str,
+    entry: &DeviceEntry,
+    t: &Telemetry,
+    event_id: &str,
+) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    for (code, ep) in alarms.iter_mut().filter(|(_, e)| e.withheld) {
+        ep.withheld = false;
+        let alarm = AlarmEvent {
+            code: code.clone(),
+            level: ep.level.take().unwrap_or(ep.severity),
+            active: true,
+            detail: None,
+        };
+        out.push(alert(
+            &alarm,
+            (&ep.alert_id, "open", ep.severity),
+            policy_sha256,
+            entry,
+            t,
+            event_id,
+        ));
+    }
+    out
+}
+
 /// One alarm message of one device through its episodes; `withhold` when the models
 /// policy withholds this message's alarms (see the module doc).
 #[allow(clippy::too_many_arguments)]
@@ -112,6 +153,7 @@ pub fn on_alarm(
     withhold: bool,
     now_ms: u64,
 ) -> AlarmOutcome {
+    let withhold = withhold && alarm.level != Severity::Urgent;
     let rule = format!("device-alarm:{}", alarm.code);
     let open_now = match (alarms.get(&alarm.code), alarm.active) {
         (None, true) => true,
@@ -131,6 +173,7 @@ pub fn on_alarm(
                     severity,
                     opened_ms: now_ms,
                     withheld: withhold,
+                    level: withhold.then_some(alarm.level),
                 },
             );
         } else {
@@ -157,6 +200,26 @@ pub fn on_alarm(
     } else {
         return AlarmOutcome::Nothing;
     };
+    AlarmOutcome::Alert(alert(
+        alarm,
+        (&id, state, severity),
+        policy_sha256,
+        entry,
+        t,
+        event_id,
+    ))
+}
+
+/// The alert change of `alarm`: `(alert id, state, severity)`.
+fn alert(
+    alarm: &AlarmEvent,
+    (id, state, severity): (&str, &str, Severity),
+    policy_sha256: &str,
+    entry: &DeviceEntry,
+    t: &Telemetry,
+    event_id: &str,
+) -> Outgoing {
+    let rule = format!("device-alarm:{}", alarm.code);
     let mut body = json!({
         "alert_id": id,
         "kind": "clinical",
@@ -188,8 +251,8 @@ pub fn on_alarm(
     if state == "resolved" {
         body["reason"] = json!("cleared");
     }
-    AlarmOutcome::Alert(Outgoing {
-        alert_id: id,
+    Outgoing {
+        alert_id: id.to_owned(),
         state: state.to_owned(),
         kind: "clinical",
         topic: format!("alerts/{}/{}/{}", entry.site, severity, entry.id),
@@ -198,5 +261,5 @@ pub fn on_alarm(
         severity: Some(severity),
         body: body.to_string(),
         level: 0,
-    })
+    }
 }

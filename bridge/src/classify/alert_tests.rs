@@ -148,6 +148,10 @@ fn vitals(f: &F, dev: &str, seq: u64, spo2: f64, at: u64) -> Incoming<u32> {
 }
 
 fn alarm(f: &F, dev: &str, seq: u64, active: bool, at: u64) -> Incoming<u32> {
+    alarm_at_level(f, dev, seq, active, at, "urgent")
+}
+
+fn alarm_at_level(f: &F, dev: &str, seq: u64, active: bool, at: u64, level: &str) -> Incoming<u32> {
     msg(
         f,
         dev,
@@ -156,7 +160,7 @@ fn alarm(f: &F, dev: &str, seq: u64, active: bool, at: u64) -> Incoming<u32> {
         None,
         &[
             ("alarm", Value::Text("arrhythmia".into())),
-            ("level", Value::Text("urgent".into())),
+            ("level", Value::Text(level.into())),
             ("active", Value::Bool(active)),
             ("detail", Value::Text("AF suspected".into())),
         ],
@@ -1042,7 +1046,7 @@ fn an_alarm_of_an_unapproved_model_is_delivered_marked() {
 }
 
 /// With `[policy] unapproved_alarms = "withhold"`, an alarm of a model that needs
-/// attention is stored but raises no alert: audited (`alarm_withheld`, no patient
+/// attention (below `urgent`) is stored but raises no alert: audited (`alarm_withheld`, no patient
 /// reference) and counted in the model's `model_unapproved` episode; its clear raises
 /// nothing either. Once the model is approved, the still-active alarm's next report
 /// raises it.
@@ -1058,7 +1062,12 @@ fn withhold_stores_and_audits_an_unapproved_models_alarm_without_alerting() {
         .expect("models");
     // The fixture's devices have no hardware model: 2.1.0 is out of cohort for them.
     let _ = s.set_models(Some(Arc::new(withhold)), T0);
-    let out = run(&f, &mut s, vec![alarm(&f, "dev-00001", 0, true, T0)], T0);
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm_at_level(&f, "dev-00001", 0, true, T0, "review")],
+        T0,
+    );
     assert_eq!(out.commit.events.len(), 1, "stored like any other event");
     assert!(out.commit.alerts.is_empty(), "no clinical alert");
     assert_eq!(out.audit.len(), 1);
@@ -1066,7 +1075,7 @@ fn withhold_stores_and_audits_an_unapproved_models_alarm_without_alerting() {
     assert_eq!(r.event, vitalmq_audit::Event::AlarmWithheld);
     assert_eq!(r.resource.as_deref(), Some("dev-00001"));
     assert_eq!(r.details["code"], "arrhythmia");
-    assert_eq!(r.details["level"], "urgent");
+    assert_eq!(r.details["level"], "review");
     assert_eq!(r.details["state"], "open");
     assert_eq!(r.details["model"], "arrhythmia-net/2.1.0");
     assert_eq!(r.details["model_status"], "out_of_cohort");
@@ -1093,8 +1102,8 @@ fn withhold_stores_and_audits_an_unapproved_models_alarm_without_alerting() {
         &f,
         &mut s,
         vec![
-            alarm(&f, "dev-00001", 1, true, T0 + 1000),
-            alarm(&f, "dev-00001", 2, false, T0 + 2000),
+            alarm_at_level(&f, "dev-00001", 1, true, T0 + 1000, "review"),
+            alarm_at_level(&f, "dev-00001", 2, false, T0 + 2000, "review"),
         ],
         T0 + 2000,
     );
@@ -1108,7 +1117,14 @@ fn withhold_stores_and_audits_an_unapproved_models_alarm_without_alerting() {
     let out = run(
         &f,
         &mut s,
-        vec![alarm(&f, "dev-00001", 3, true, T0 + 3000)],
+        vec![alarm_at_level(
+            &f,
+            "dev-00001",
+            3,
+            true,
+            T0 + 3000,
+            "review",
+        )],
         T0 + 3000,
     );
     assert!(out.commit.alerts.is_empty());
@@ -1122,7 +1138,14 @@ fn withhold_stores_and_audits_an_unapproved_models_alarm_without_alerting() {
     let out = run(
         &f,
         &mut s,
-        vec![alarm(&f, "dev-00001", 4, true, T0 + 4000)],
+        vec![alarm_at_level(
+            &f,
+            "dev-00001",
+            4,
+            true,
+            T0 + 4000,
+            "review",
+        )],
         T0 + 4000,
     );
     assert!(out.audit.is_empty());
@@ -1136,11 +1159,106 @@ fn withhold_stores_and_audits_an_unapproved_models_alarm_without_alerting() {
     let out = run(
         &f,
         &mut s,
-        vec![alarm(&f, "dev-00001", 5, false, T0 + 5000)],
+        vec![alarm_at_level(
+            &f,
+            "dev-00001",
+            5,
+            false,
+            T0 + 5000,
+            "review",
+        )],
         T0 + 5000,
     );
     assert_eq!(out.commit.alerts.len(), 1);
     assert_eq!(body(&out.commit.alerts[0])["state"], "resolved");
+}
+
+/// A withheld alarm still open when a reload stops withholding it is raised at the
+/// device's next message of any kind (SPEC 3.1 sends `active: true` once), and its
+/// clear then resolves it.
+#[test]
+fn a_withheld_alarm_is_raised_at_the_next_message_once_no_longer_withheld() {
+    let f = fixture();
+    let mut s = sequencer();
+    let text = include_str!("../../../policies/examples/models.toml").replace(
+        "unapproved_alarms = \"deliver\"",
+        "unapproved_alarms = \"withhold\"",
+    );
+    let withhold = vitalmq_policies::ModelRegistry::parse(&text, std::path::Path::new("m.toml"))
+        .expect("models");
+    let _ = s.set_models(Some(Arc::new(withhold)), T0);
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm_at_level(&f, "dev-00001", 0, true, T0, "review")],
+        T0,
+    );
+    assert!(out.commit.alerts.is_empty(), "withheld");
+    let everywhere = text.replace(
+        "hardware_models = [\"vw-band-2\", \"vw-band-3\"]",
+        "hardware_models = []",
+    );
+    let open = vitalmq_policies::ModelRegistry::parse(&everywhere, std::path::Path::new("m.toml"))
+        .expect("models");
+    let _ = s.set_models(Some(Arc::new(open)), T0 + 500);
+    let out = run(
+        &f,
+        &mut s,
+        vec![vitals(&f, "dev-00001", 1, 97.0, T0 + 1000)],
+        T0 + 1000,
+    );
+    let raised: Vec<Json> = out.commit.alerts.iter().map(body).collect();
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(
+        (raised[0]["state"].as_str(), raised[0]["rule"].as_str()),
+        (Some("open"), Some("device-alarm:arrhythmia"))
+    );
+    assert_eq!(raised[0]["alarm"]["level"], "review");
+    let out = run(
+        &f,
+        &mut s,
+        vec![alarm_at_level(
+            &f,
+            "dev-00001",
+            2,
+            false,
+            T0 + 2000,
+            "review",
+        )],
+        T0 + 2000,
+    );
+    assert!(out.audit.is_empty());
+    assert_eq!(out.commit.alerts.len(), 1);
+    assert_eq!(body(&out.commit.alerts[0])["state"], "resolved");
+}
+
+/// An `urgent` alarm is never withheld (SPEC 3.1 sends `active: true` once: withheld, it
+/// would be heard only if repeated after approval): delivered, marked, nothing audited.
+#[test]
+fn withhold_never_withholds_an_urgent_alarm() {
+    let f = fixture();
+    let mut s = sequencer();
+    let text = include_str!("../../../policies/examples/models.toml").replace(
+        "unapproved_alarms = \"deliver\"",
+        "unapproved_alarms = \"withhold\"",
+    );
+    let withhold = vitalmq_policies::ModelRegistry::parse(&text, std::path::Path::new("m.toml"))
+        .expect("models");
+    let _ = s.set_models(Some(Arc::new(withhold)), T0);
+    let out = run(&f, &mut s, vec![alarm(&f, "dev-00001", 0, true, T0)], T0);
+    assert!(
+        out.audit
+            .iter()
+            .all(|r| r.event != vitalmq_audit::Event::AlarmWithheld),
+        "{:?}",
+        out.audit
+    );
+    assert_eq!(out.commit.alerts.len(), 1, "delivered");
+    let b = body(&out.commit.alerts[0]);
+    assert_eq!(
+        (b["state"].as_str(), b["model_status"].as_str()),
+        (Some("open"), Some("out_of_cohort"))
+    );
 }
 
 /// Deliver (the default) with the same model: delivered and marked, nothing audited.

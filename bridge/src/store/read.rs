@@ -403,6 +403,63 @@ impl Store {
             .collect()
     }
 
+    /// The alert changes of `rules` recorded in `[since_ms, until_ms)` (bridge clock), in
+    /// order, bodies opened like [`Store::list_alerts`]: only those rows are opened
+    /// (`vitalmq models compare`).
+    pub fn alerts_of_rules(
+        &self,
+        rules: &[&str],
+        since_ms: Option<u64>,
+        until_ms: Option<u64>,
+    ) -> Result<Vec<AlertRow>, StoreError> {
+        let marks = vec!["?"; rules.len()].join(", ");
+        let sql = format!(
+            "SELECT position, alert_id, state, kind, topic, device, rule, created_at_ms, body
+             FROM alerts WHERE rule IN ({marks})
+                 AND (?{a} IS NULL OR created_at_ms >= ?{a}) AND (?{b} IS NULL OR created_at_ms < ?{b})
+             ORDER BY position",
+            a = rules.len() + 1,
+            b = rules.len() + 2,
+        );
+        let mut values: Vec<rusqlite::types::Value> = rules
+            .iter()
+            .map(|r| rusqlite::types::Value::Text((*r).to_owned()))
+            .collect();
+        for t in [since_ms, until_ms] {
+            values.push(t.map_or(rusqlite::types::Value::Null, |t| {
+                rusqlite::types::Value::Integer(super::u2i(t))
+            }));
+        }
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows: Vec<(AlertRow, Vec<u8>)> = stmt
+            .query_map(rusqlite::params_from_iter(values), |r| {
+                Ok(AlertRow {
+                    position: r.get(0)?,
+                    alert_id: r.get(1)?,
+                    state: r.get(2)?,
+                    kind: r.get(3)?,
+                    topic: r.get(4)?,
+                    device: optional_device(r, 5)?,
+                    rule: r.get(6)?,
+                    created_at_ms: i2u(r.get(7)?),
+                    body: String::new(),
+                    marks: PayloadMarks::default(),
+                }
+                .with_stored(column_bytes(r, 8)?))
+            })
+            .and_then(Iterator::collect)
+            .map_err(|e| self.err(e))?;
+        rows.into_iter()
+            .map(|(mut row, stored)| {
+                let payload =
+                    self.open_payload(&stored, &alert_context(&row.alert_id, &row.state))?;
+                row.body = payload.text();
+                row.marks = payload.marks();
+                Ok(row)
+            })
+            .collect()
+    }
+
     /// An outbox position whose event was received about `ms` (bridge clock): a lookup
     /// hint for [`Store::event_detail_near`]. Binary search over positions, which follow
     /// reception order except across a clock step, where the hint is merely less good.

@@ -168,43 +168,76 @@ impl Store {
         patient_ref: Option<&str>,
         limit: usize,
     ) -> Result<Vec<StoredScore>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT id, score_id, patient_ref, site, device, model, version, config_sha256,
-                        role, observed_at_ms, created_at_ms, payload
-                 FROM scores WHERE id > ?1 AND (?2 IS NULL OR patient_ref = ?2)
-                 ORDER BY id LIMIT ?3",
-            )
-            .map_err(|e| self.err(e))?;
+        self.query_scores(
+            "SELECT id, score_id, patient_ref, site, device, model, version, config_sha256,
+                    role, observed_at_ms, created_at_ms, payload
+             FROM scores WHERE id > ?1 AND (?2 IS NULL OR patient_ref = ?2)
+             ORDER BY id LIMIT ?3",
+            params![
+                u2i(after_id),
+                patient_ref,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+        )
+    }
+
+    /// The scores of `model` at the two `versions` recorded (bridge clock) in
+    /// `[since_ms, until_ms)`, after `after_id` (ascending), at most `limit`: selected
+    /// before any payload is opened, so a reader opens only those
+    /// (`vitalmq models compare`).
+    pub fn scores_of(
+        &self,
+        model: &str,
+        versions: [&str; 2],
+        (since_ms, until_ms): (Option<u64>, Option<u64>),
+        after_id: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredScore>, StoreError> {
+        self.query_scores(
+            "SELECT id, score_id, patient_ref, site, device, model, version, config_sha256,
+                    role, observed_at_ms, created_at_ms, payload
+             FROM scores WHERE id > ?1 AND model = ?2 AND version IN (?3, ?4)
+                 AND (?5 IS NULL OR created_at_ms >= ?5) AND (?6 IS NULL OR created_at_ms < ?6)
+             ORDER BY id LIMIT ?7",
+            params![
+                u2i(after_id),
+                model,
+                versions[0],
+                versions[1],
+                since_ms.map(u2i),
+                until_ms.map(u2i),
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+        )
+    }
+
+    fn query_scores(
+        &self,
+        sql: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> Result<Vec<StoredScore>, StoreError> {
+        let mut stmt = self.conn.prepare(sql).map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(
-                params![
-                    u2i(after_id),
-                    patient_ref,
-                    i64::try_from(limit).unwrap_or(i64::MAX)
-                ],
-                |r| {
-                    Ok((
-                        (
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                            r.get::<_, String>(3)?,
-                            r.get::<_, String>(4)?,
-                            r.get::<_, String>(5)?,
-                        ),
-                        (
-                            r.get::<_, String>(6)?,
-                            r.get::<_, String>(7)?,
-                            r.get::<_, String>(8)?,
-                            r.get::<_, i64>(9)?,
-                            r.get::<_, i64>(10)?,
-                            super::sealing::column_bytes(r, 11)?,
-                        ),
-                    ))
-                },
-            )
+            .query_map(params, |r| {
+                Ok((
+                    (
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                    ),
+                    (
+                        r.get::<_, String>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, String>(8)?,
+                        r.get::<_, i64>(9)?,
+                        r.get::<_, i64>(10)?,
+                        super::sealing::column_bytes(r, 11)?,
+                    ),
+                ))
+            })
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in rows {
