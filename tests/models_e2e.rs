@@ -259,7 +259,8 @@ file = "{}"
     assert_eq!(resolved["model"], DRAFT, "{resolved}");
     assert_eq!(resolved["resolved_by"], "approval", "{resolved}");
 
-    // Withhold: an alarm of a withdrawn model is stored and audited, never alerted.
+    // Withhold: a (review-level: urgent ones are never withheld) alarm of a withdrawn
+    // model is stored and audited, never alerted.
     rewrite(
         &models,
         &draft_approved(&text).replace(
@@ -292,7 +293,7 @@ file = "{}"
             "--alarm",
             "arrhythmia",
             "--level",
-            "urgent",
+            "review",
             "--model",
             WITHDRAWN,
         ],
@@ -317,7 +318,7 @@ file = "{}"
         (&d["code"], &d["level"], &d["state"]),
         (
             &Json::from("arrhythmia"),
-            &Json::from("urgent"),
+            &Json::from("review"),
             &Json::from("open")
         )
     );
