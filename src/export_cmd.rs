@@ -55,6 +55,8 @@ pub const FILES: [&str; 5] = [
     "scores.jsonl",
 ];
 pub const MANIFEST: &str = "manifest.json";
+/// What `vitalmq export` says when a payload is sealed and it has no key.
+const KEY_HINT: &str = "give the key file (--key-file)";
 pub const MANIFEST_SHA256: &str = "manifest.sha256";
 
 #[derive(Debug, clap::Args)]
@@ -340,16 +342,23 @@ impl Lines {
 
 /// The bytes of a payload an export needs: an erased one refuses the export (the
 /// patient was erased while it ran), a locked one needs the key file.
-fn readable<'a>(payload: &'a Payload, what: &str) -> anyhow::Result<&'a [u8]> {
+/// The bytes of a payload for an export: an erased one refuses the export
+/// ([`Refused`]), a locked one needs the key (`key_hint` says where it comes from).
+/// `vitalmq export` and `vitalmq fhir export` both read through it.
+pub(crate) fn readable<'a>(
+    payload: &'a Payload,
+    what: &str,
+    key_hint: &str,
+) -> anyhow::Result<&'a [u8]> {
     match payload {
         Payload::Plain(bytes) => Ok(bytes),
         Payload::Erased { erased_at_ms } => Err(Refused {
             erased_at_ms: *erased_at_ms,
         }
         .into()),
-        Payload::Locked => anyhow::bail!(
-            "the store holds this patient's {what} sealed; give the key file (--key-file)"
-        ),
+        Payload::Locked => {
+            anyhow::bail!("the store holds this patient's {what} sealed; {key_hint}")
+        }
     }
 }
 
@@ -366,11 +375,11 @@ struct DataFiles {
 impl DataFiles {
     fn event(&mut self, e: &PatientEvent) -> anyhow::Result<()> {
         let id = e.head.event_id.as_str();
-        let normalized = readable(&e.normalized, "normalized events")?;
+        let normalized = readable(&e.normalized, "normalized events", KEY_HINT)?;
         let parsed: Json = serde_json::from_slice(normalized)
             .with_context(|| format!("event {id}: the stored normalized event is not JSON"))?;
         self.events.line(normalized)?;
-        let raw = readable(&e.raw, "raw messages")?;
+        let raw = readable(&e.raw, "raw messages", KEY_HINT)?;
         let received_at = rfc3339_ms(e.received_at_ms);
         self.raw.json(&json!({
             "event_id": id,
@@ -408,8 +417,8 @@ impl DataFiles {
     }
 
     fn alert(&mut self, a: &PatientAlert) -> anyhow::Result<()> {
-        let body: Json =
-            serde_json::from_slice(readable(&a.body, "alert bodies")?).with_context(|| {
+        let body: Json = serde_json::from_slice(readable(&a.body, "alert bodies", KEY_HINT)?)
+            .with_context(|| {
                 format!(
                     "alert {} ({}): the stored body is not JSON",
                     a.alert_id, a.state
@@ -480,7 +489,7 @@ fn write_export(
     let mut scores = Lines::create(out, FILES[4])?;
     let mut score_count = 0u64;
     for s in store.scores(0, Some(&req.patient_ref), usize::MAX)? {
-        let score: Json = serde_json::from_slice(readable(&s.payload, "scores")?)
+        let score: Json = serde_json::from_slice(readable(&s.payload, "scores", KEY_HINT)?)
             .with_context(|| format!("score {}: the stored payload is not JSON", s.score_id))?;
         scores.json(&json!({
             "score_id": s.score_id,

@@ -35,7 +35,10 @@ use vitalmq_bridge::store::export::{PatientAlert, PatientEvent, PatientRow};
 use vitalmq_fhir::{AlertChange, BundleBuilder, Event};
 use vitalmq_policies::{DeviceRegistry, History, Use};
 
-use crate::export_cmd::Refused;
+use crate::export_cmd::{Refused, readable};
+
+/// What `vitalmq fhir export` says when a payload is sealed and it has no key.
+const KEY_HINT: &str = "the configuration gives no key file";
 use crate::operator_audit::{self, Action};
 
 #[derive(Debug, clap::Args)]
@@ -226,8 +229,9 @@ impl Collect<'_> {
             return Ok(());
         }
         let id = e.head.event_id.as_str();
-        let json: Json = serde_json::from_slice(readable(&e.normalized, "normalized events")?)
-            .with_context(|| format!("event {id}: the stored normalized event is not JSON"))?;
+        let json: Json =
+            serde_json::from_slice(readable(&e.normalized, "normalized events", KEY_HINT)?)
+                .with_context(|| format!("event {id}: the stored normalized event is not JSON"))?;
         let event = Event::from_json(&json).with_context(|| format!("event {id}"))?;
         self.report.events += 1;
         if matches!(e.raw, Payload::Erased { erased_at_ms: None }) {
@@ -236,7 +240,7 @@ impl Collect<'_> {
             self.report.raw_purged += 1;
             self.report.observations += self.builder.reading_raw_purged(&event)? as u64;
         } else {
-            let raw = readable(&e.raw, "raw messages")?;
+            let raw = readable(&e.raw, "raw messages", KEY_HINT)?;
             anyhow::ensure!(
                 hex::encode(ring::digest::digest(&ring::digest::SHA256, raw))
                     == event.provenance.raw_sha256,
@@ -261,8 +265,8 @@ impl Collect<'_> {
         {
             return Ok(());
         }
-        let body: Json =
-            serde_json::from_slice(readable(&a.body, "alert bodies")?).with_context(|| {
+        let body: Json = serde_json::from_slice(readable(&a.body, "alert bodies", KEY_HINT)?)
+            .with_context(|| {
                 format!(
                     "alert {} ({}): the stored body is not JSON",
                     a.alert_id, a.state
@@ -295,20 +299,6 @@ fn wearers(history: &History, since: Option<u64>, until: Option<u64>) -> Vec<Str
         }
     }
     out
-}
-
-/// The bytes of a payload: an erased one refuses the export, a locked one needs the key.
-fn readable<'a>(payload: &'a Payload, what: &str) -> anyhow::Result<&'a [u8]> {
-    match payload {
-        Payload::Plain(bytes) => Ok(bytes),
-        Payload::Erased { erased_at_ms } => Err(Refused {
-            erased_at_ms: *erased_at_ms,
-        }
-        .into()),
-        Payload::Locked => anyhow::bail!(
-            "the store holds this patient's {what} sealed and the configuration gives no key file"
-        ),
-    }
 }
 
 fn parse_time(s: &str) -> anyhow::Result<u64> {
