@@ -159,33 +159,16 @@ impl Store {
         after: i64,
         max: usize,
     ) -> Result<Vec<SurveilScore>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, score_id, device, observed_at_ms, payload FROM scores
-                 WHERE id > ?1 ORDER BY id LIMIT ?2",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![after, limit(max)], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    column_bytes(r, 4)?,
-                ))
-            })
-            .map_err(|e| self.err(e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.err(e))?;
+        // The store's one reader of scores; this only drops erased rows and refuses
+        // sealed ones it cannot open.
+        let rows = self.scores(u64::try_from(after).unwrap_or(0), None, max)?;
         let mut out = Vec::with_capacity(rows.len());
-        for (id, score_id, device, observed_at, stored) in rows {
-            match self.open_payload(&stored, &format!("score|{score_id}"))? {
+        for s in rows {
+            match s.payload {
                 Payload::Plain(p) => out.push(SurveilScore {
-                    id,
-                    device,
-                    observed_at_ms: i2u(observed_at),
+                    id: i64::try_from(s.id).unwrap_or(i64::MAX),
+                    device: s.device,
+                    observed_at_ms: s.observed_at_ms,
                     payload: String::from_utf8_lossy(&p).into_owned(),
                 }),
                 Payload::Erased { .. } => {}
