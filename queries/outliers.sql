@@ -10,14 +10,16 @@
 -- a large fleet makes small excesses "significant", a small group makes large ratios
 -- noise). Counts of dropped messages are overdispersed (a device drops in bursts),
 -- so read z as a ranking, not as a p-value.
-WITH fleet AS (
+WITH dw AS MATERIALIZED (
+    SELECT * FROM device_weeks
+), fleet AS (
     SELECT measure, n::DOUBLE / device_weeks AS rate
-    FROM fleet_rates
+    FROM fleet_rates_of('dw')
     WHERE device_weeks > 0
 ), scored AS (
     SELECT r.measure, r.dimension, r.value, r.device_weeks, r.n,
            f.rate * r.device_weeks AS expected
-    FROM rates r JOIN fleet f USING (measure)
+    FROM rates_of('dw') r JOIN fleet f USING (measure)
     WHERE r.device_weeks > 0
       AND r.measure = coalesce(getvariable('measure'), r.measure)
       AND r.dimension = coalesce(getvariable('dimension'), r.dimension)

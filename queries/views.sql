@@ -55,25 +55,20 @@ CREATE OR REPLACE MACRO dim_text(x) AS coalesce(CAST(x AS VARCHAR), '(none)');
 CREATE OR REPLACE MACRO model_text(model, status) AS
     dim_text(model) || ' [' || dim_text(status) || ']';
 
--- Every row of events, refusals and gaps that names a device: a device-week counts
--- when the device left any row in it, so a group whose messages were all refused (a
--- lot with a bad key has no events) still has exposure and can stand out.
-CREATE OR REPLACE VIEW exposure AS
-SELECT device, week, fw, model, model_status, lot, region, hardware_model,
-       count(*) FILTER (WHERE kind = 'vitals') AS readings
-FROM (
-    SELECT device, week, fw, model, model_status, lot, region, hardware_model, kind
-    FROM events
-    UNION ALL
-    SELECT device, week, fw, NULL, NULL, lot, region, hardware_model, NULL
-    FROM refusals
-    UNION ALL
-    SELECT device, week, fw, NULL, NULL, lot, region, hardware_model, NULL
-    FROM gaps
-)
-WHERE device IS NOT NULL
-GROUP BY ALL;
+-- The weeks a rollup (rollup.sql) holds and this session reads from it; none here:
+-- every question reads the raw tables. rollup.sql sets it (and redefines the two
+-- `*_rolled` views below) after bringing the rollup up to date.
+SET VARIABLE rolled_weeks = []::VARCHAR[];
 
+-- Per (device, epoch), the counter to start each boot's increases from, as of the end
+-- of the rolled-up weeks: the highest value (`dropped`) and, for rows without an epoch,
+-- the last one. None without a rollup.
+CREATE OR REPLACE VIEW dropped_seed AS
+SELECT NULL::VARCHAR AS device, NULL::BIGINT AS epoch, NULL::BIGINT AS dropped
+WHERE false;
+
+-- The increases of the status rows of the weeks not rolled up (see `dropped` above),
+-- each boot continuing from its seed.
 CREATE OR REPLACE VIEW dropped_increases AS
 SELECT device, week, fw, model, model_status, lot, region, hardware_model,
        CASE WHEN epoch IS NOT NULL THEN greatest(dropped - coalesce(highest, 0), 0)
@@ -81,61 +76,129 @@ SELECT device, week, fw, model, model_status, lot, region, hardware_model,
             ELSE dropped - previous END AS increase
 FROM (
     SELECT *,
-           max(dropped) OVER (PARTITION BY device, epoch ORDER BY observed_at, event_id
+           max(dropped) OVER (PARTITION BY device, epoch
+                              ORDER BY seed DESC, observed_at, event_id
                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS highest,
-           lag(dropped) OVER (PARTITION BY device, epoch ORDER BY observed_at, event_id)
-               AS previous
-    FROM events
-    WHERE kind = 'status' AND dropped IS NOT NULL
-);
+           lag(dropped) OVER (PARTITION BY device, epoch
+                              ORDER BY seed DESC, observed_at, event_id) AS previous
+    FROM (
+        SELECT device, epoch, week, observed_at, event_id, dropped, fw, model,
+               model_status, lot, region, hardware_model, false AS seed
+        FROM events
+        WHERE kind = 'status' AND dropped IS NOT NULL
+          AND NOT list_contains(getvariable('rolled_weeks'), week)
+        UNION ALL
+        SELECT device, epoch, NULL, NULL, NULL, dropped, NULL, NULL, NULL, NULL, NULL,
+               NULL, true
+        FROM dropped_seed
+    )
+)
+WHERE NOT seed;
 
-CREATE OR REPLACE VIEW occurrences AS
-SELECT 'alerts' AS measure, device, week, fw, model, model_status, lot, region,
-       hardware_model, count(DISTINCT alert_id) AS n
-FROM alerts
-WHERE state = 'open' AND coalesce(role, 'live') <> 'shadow'
-  AND coalesce(source, '') <> 'ops'
-GROUP BY ALL
-UNION ALL
-SELECT 'device_alarms', device, week, fw, model, model_status, lot, region,
-       hardware_model, count(*)
-FROM events
-WHERE kind = 'alarm' AND alarm_active
-GROUP BY ALL
-UNION ALL
-SELECT 'gaps', device, week, fw, NULL, NULL, lot, region, hardware_model, count(*)
-FROM gaps
-GROUP BY ALL
-UNION ALL
-SELECT 'refusals', device, week, fw, NULL, NULL, lot, region, hardware_model, count(*)
-FROM refusals
-GROUP BY ALL
-UNION ALL
-SELECT 'dropped', device, week, fw, model, model_status, lot, region, hardware_model,
-       sum(increase)
-FROM dropped_increases
+-- One row per device, week and group (fw, model, model_status, lot, region,
+-- hardware_model) of the weeks not rolled up: `exposed` when the device left any row
+-- of events, refusals or gaps in it (a device-week counts when the device left any row,
+-- so a group whose messages were all refused, a lot with a bad key, still has exposure
+-- and can stand out), its readings (vitals events), and per measure its occurrences
+-- (NULL: no row of that measure in the group).
+CREATE OR REPLACE VIEW device_weeks_raw AS
+SELECT device, week, fw, model, model_status, lot, region, hardware_model,
+       bool_or(exposed) AS exposed, sum(readings) AS readings, sum(alerts) AS alerts,
+       sum(device_alarms) AS device_alarms, sum(gaps) AS gaps,
+       sum(refusals) AS refusals, sum(dropped) AS dropped
+FROM (
+    SELECT device, week, fw, model, model_status, lot, region, hardware_model,
+           true AS exposed, count(*) FILTER (WHERE kind = 'vitals') AS readings,
+           NULL::BIGINT AS alerts,
+           nullif(count(*) FILTER (WHERE kind = 'alarm' AND alarm_active), 0)
+               AS device_alarms,
+           NULL::BIGINT AS gaps, NULL::BIGINT AS refusals, NULL::BIGINT AS dropped
+    FROM events
+    WHERE NOT list_contains(getvariable('rolled_weeks'), week)
+    GROUP BY ALL
+    UNION ALL
+    SELECT device, week, fw, NULL, NULL, lot, region, hardware_model, true, 0, NULL,
+           NULL, NULL, count(*), NULL
+    FROM refusals
+    WHERE NOT list_contains(getvariable('rolled_weeks'), week)
+    GROUP BY ALL
+    UNION ALL
+    SELECT device, week, fw, NULL, NULL, lot, region, hardware_model, true, 0, NULL,
+           NULL, count(*), NULL, NULL
+    FROM gaps
+    WHERE NOT list_contains(getvariable('rolled_weeks'), week)
+    GROUP BY ALL
+    UNION ALL
+    SELECT device, week, fw, model, model_status, lot, region, hardware_model, false, 0,
+           count(DISTINCT alert_id), NULL, NULL, NULL, NULL
+    FROM alerts
+    WHERE state = 'open' AND coalesce(role, 'live') <> 'shadow'
+      AND coalesce(source, '') <> 'ops'
+      AND NOT list_contains(getvariable('rolled_weeks'), week)
+    GROUP BY ALL
+    UNION ALL
+    SELECT device, week, fw, model, model_status, lot, region, hardware_model, false, 0,
+           NULL, NULL, NULL, NULL, sum(increase)
+    FROM dropped_increases
+    GROUP BY ALL
+)
 GROUP BY ALL;
 
--- Both sides in long form: one row per (dimension, value) a row belongs to.
-CREATE OR REPLACE VIEW exposure_long AS
+-- The rolled-up weeks' rows (rollup.sql); none here.
+CREATE OR REPLACE VIEW device_weeks_rolled AS
+SELECT * FROM device_weeks_raw WHERE false;
+
+CREATE OR REPLACE VIEW device_weeks AS
+SELECT * FROM device_weeks_rolled
+UNION ALL BY NAME
+SELECT * FROM device_weeks_raw;
+
+-- The questions below are table macros over a relation shaped like `device_weeks`,
+-- named by a string (`query_table`), so `rates` and `fleet_rates` each compute
+-- `device_weeks` once (a MATERIALIZED CTE) however many times they use it.
+
+-- Denominators: the device-weeks (and groups) with exposure.
+CREATE OR REPLACE MACRO exposure_of(rel) AS TABLE
+SELECT device, week, fw, model, model_status, lot, region, hardware_model,
+       coalesce(readings, 0) AS readings
+FROM query_table(rel)
+WHERE exposed AND device IS NOT NULL;
+
+-- Numerators: one row per measure, device, week and group with rows of the measure.
+CREATE OR REPLACE MACRO occurrences_of(rel) AS TABLE
 UNPIVOT (
-    SELECT device, week AS week_key, readings,
-           dim_text(fw) AS firmware, model_text(model, model_status) AS model,
-           dim_text(model_status) AS model_status, dim_text(lot) AS lot,
-           dim_text(region) AS region, dim_text(hardware_model) AS hardware_model,
-           dim_text(week) AS week
-    FROM exposure
+    SELECT device, week, fw, model, model_status, lot, region, hardware_model,
+           alerts, device_alarms, gaps, refusals, dropped
+    FROM query_table(rel)
+) ON alerts, device_alarms, gaps, refusals, dropped
+INTO NAME measure VALUE n;
+
+-- A row's grouping values as text, one column per dimension.
+CREATE OR REPLACE MACRO dims_of(rel) AS TABLE
+SELECT *, dim_text(fw) AS d_firmware, model_text(model, model_status) AS d_model,
+       dim_text(model_status) AS d_model_status, dim_text(lot) AS d_lot,
+       dim_text(region) AS d_region, dim_text(hardware_model) AS d_hardware_model,
+       dim_text(week) AS d_week
+FROM query_table(rel);
+
+-- Both sides in long form: one row per (dimension, value) a row belongs to.
+CREATE OR REPLACE MACRO exposure_long_of(rel) AS TABLE
+WITH e AS (SELECT * FROM exposure_of(rel)), d AS (SELECT * FROM dims_of('e'))
+UNPIVOT (
+    SELECT device, week AS week_key, readings, d_firmware AS firmware, d_model AS model,
+           d_model_status AS model_status, d_lot AS lot, d_region AS region,
+           d_hardware_model AS hardware_model, d_week AS week
+    FROM d
 ) ON firmware, model, model_status, lot, region, hardware_model, week
 INTO NAME dimension VALUE value;
 
-CREATE OR REPLACE VIEW occurrences_long AS
+CREATE OR REPLACE MACRO occurrences_long_of(rel) AS TABLE
+WITH o AS (SELECT * FROM occurrences_of(rel)), d AS (SELECT * FROM dims_of('o'))
 UNPIVOT (
-    SELECT measure, n,
-           dim_text(fw) AS firmware, model_text(model, model_status) AS model,
-           dim_text(model_status) AS model_status, dim_text(lot) AS lot,
-           dim_text(region) AS region, dim_text(hardware_model) AS hardware_model,
-           dim_text(week) AS week
-    FROM occurrences
+    SELECT measure, n, d_firmware AS firmware, d_model AS model,
+           d_model_status AS model_status, d_lot AS lot, d_region AS region,
+           d_hardware_model AS hardware_model, d_week AS week
+    FROM d
 ) ON firmware, model, model_status, lot, region, hardware_model, week
 INTO NAME dimension VALUE value;
 
@@ -143,15 +206,15 @@ CREATE OR REPLACE VIEW measures AS
 SELECT * FROM (VALUES ('alerts'), ('device_alarms'), ('gaps'), ('refusals'), ('dropped'))
     AS m(measure);
 
-CREATE OR REPLACE VIEW rates AS
+CREATE OR REPLACE MACRO rates_of(rel) AS TABLE
 WITH exp AS (
     SELECT dimension, value, count(DISTINCT (device, week_key)) AS device_weeks,
            sum(readings) AS readings
-    FROM exposure_long
+    FROM exposure_long_of(rel)
     GROUP BY ALL
 ), occ AS (
     SELECT measure, dimension, value, sum(n) AS n
-    FROM occurrences_long
+    FROM occurrences_long_of(rel)
     GROUP BY ALL
 ), grid AS (
     SELECT m.measure, exp.dimension, exp.value FROM measures m CROSS JOIN exp
@@ -171,14 +234,27 @@ LEFT JOIN exp USING (dimension, value)
 LEFT JOIN occ USING (measure, dimension, value);
 
 -- Fleet totals per measure (each device-week once).
-CREATE OR REPLACE VIEW fleet_rates AS
+CREATE OR REPLACE MACRO fleet_rates_of(rel) AS TABLE
 WITH exp AS (
     SELECT count(DISTINCT (device, week)) AS device_weeks, sum(readings) AS readings
-    FROM exposure
+    FROM exposure_of(rel)
+), occ AS (
+    SELECT measure, sum(n) AS n FROM occurrences_of(rel) GROUP BY measure
 )
-SELECT m.measure, exp.device_weeks, exp.readings,
-       coalesce((SELECT sum(n) FROM occurrences o WHERE o.measure = m.measure), 0) AS n
-FROM measures m CROSS JOIN exp;
+SELECT m.measure, exp.device_weeks, exp.readings, coalesce(occ.n, 0) AS n
+FROM measures m CROSS JOIN exp LEFT JOIN occ USING (measure);
+
+CREATE OR REPLACE VIEW exposure AS SELECT * FROM exposure_of('device_weeks');
+CREATE OR REPLACE VIEW occurrences AS SELECT * FROM occurrences_of('device_weeks');
+CREATE OR REPLACE VIEW exposure_long AS SELECT * FROM exposure_long_of('device_weeks');
+CREATE OR REPLACE VIEW occurrences_long AS
+SELECT * FROM occurrences_long_of('device_weeks');
+CREATE OR REPLACE VIEW rates AS
+WITH dw AS MATERIALIZED (SELECT * FROM device_weeks)
+SELECT * FROM rates_of('dw');
+CREATE OR REPLACE VIEW fleet_rates AS
+WITH dw AS MATERIALIZED (SELECT * FROM device_weeks)
+SELECT * FROM fleet_rates_of('dw');
 
 -- Fixed bins of the vital signs for the population stability index: the NEWS2
 -- (RCP 2017) bands of each parameter (SpO2 scale 1), so a shift between bins is a

@@ -248,6 +248,96 @@ def query(con, path, **variables):
     return out
 
 
+def session(queries, root, rollup):
+    """A fresh DuckDB session over the data set: views.sql, then rollup.sql if asked."""
+    con = duckdb.connect()
+    con.execute("SET VARIABLE surveillance_root = ?", [root])
+    con.execute(open(os.path.join(queries, "views.sql")).read())
+    if rollup:
+        con.execute(open(os.path.join(queries, "rollup.sql")).read())
+    return con
+
+
+def answers(con, queries):
+    """Every rate question's answer, as compared between the raw tables and the rollup."""
+    q = lambda name, **v: query(con, os.path.join(queries, name), **v)
+    return {
+        "rates": q("rates_by.sql"),
+        "rates_dropped_lot": q("rates_by.sql", measure="dropped", dimension="lot"),
+        "outliers": q("outliers.sql"),
+        "outliers_dropped": q("outliers.sql", measure="dropped"),
+        "fleet": con.execute("SELECT * FROM fleet_rates ORDER BY measure").fetchall(),
+    }
+
+
+def rollup_files(root):
+    out = []
+    for table in ("rollup_device_weeks", "rollup_dropped_carry"):
+        for dirpath, _, files in os.walk(os.path.join(root, table)):
+            out += [os.path.join(dirpath, f) for f in files]
+    return sorted(out)
+
+
+def check_rollup(queries, root, rows):
+    """rollup.sql: the same answers as the raw tables, row for row; a second run with
+    no new data writes nothing; a late file in a rolled-up week is noticed (that week
+    and every later one recomputed, the dropped counters carried from the week before
+    it) and the answers again equal the raw ones, which the late rows changed."""
+    raw = answers(session(queries, root, False), queries)
+    con = session(queries, root, True)
+    weeks = con.execute("SELECT getvariable('rolled_weeks')").fetchone()[0]
+    assert weeks == ["2026-W47", "2026-W48", "2026-W49"], weeks
+    assert answers(con, queries) == raw
+    # The rate questions now read no raw row: the raw part of device_weeks is empty.
+    assert con.execute("SELECT count(*) FROM device_weeks_raw").fetchone()[0] == 0
+    written = rollup_files(root)
+    # One file per (week, fingerprint) and table, plus each table's placeholder.
+    assert len(written) == 2 * (3 + 1), written
+    # (The placeholders, week=none, are written at every run.)
+    stamps = {f: os.stat(f).st_mtime_ns for f in written if "week=none" not in f}
+
+    again = session(queries, root, True)
+    assert answers(again, queries) == raw
+    assert rollup_files(root) == written
+    assert {f: os.stat(f).st_mtime_ns for f in stamps} == stamps, "a fresh week was rewritten"
+
+    # Late rows for W48: a LOT-C status whose counter went up by 7 (dev-00021, boot 1:
+    # 10 -> 17 before the W49 statuses at 10 and 15, which then add nothing), and a
+    # refusal of dev-00001.
+    late_status = {**device_facts(21), **model_of(21), "event_id": "ev-late-21",
+                   "kind": "status", "observed_at": at(1, 6, 9, 21),
+                   "received_at": at(1, 6, 9, 21) + 500, "subject": "sp-00021",
+                   "battery": 0.7, "dropped": 17, "epoch": 1}
+    late_refusal = {"at": at(1, 6, 10, 1), **device_facts(1), "reason": "bad_signature"}
+    for table, row, name in (("events", late_status, "part-9001-9001.parquet"),
+                             ("refusals", late_refusal, "part-9002-9002.parquet")):
+        schema, _ = TABLES[table]
+        cols = {}
+        for f in schema:
+            v = row.get(f.name)
+            if pa.types.is_timestamp(f.type) and v is not None:
+                v = dt.datetime.fromtimestamp(v / 1000, UTC)
+            cols[f.name] = [v]
+        pq.write_table(pa.Table.from_pydict(cols, schema=schema),
+                       os.path.join(root, table, "week=2026-W48", name))
+    late_raw = answers(session(queries, root, False), queries)
+    assert late_raw != raw
+    n = lambda a, *k: {(r["measure"], r["dimension"], r["value"]): r["n"]
+                       for r in a["rates"]}[k]
+    # +7 in W48; W49's statuses (10, 15) now add nothing: 5 fewer there.
+    assert n(late_raw, "dropped", "lot", "LOT-C") == 150 + 7 - 5
+    assert n(late_raw, "dropped", "week", "2026-W48") == n(raw, "dropped", "week", "2026-W48") + 7
+    assert n(late_raw, "dropped", "week", "2026-W49") == n(raw, "dropped", "week", "2026-W49") - 5
+    assert n(late_raw, "refusals", "lot", "LOT-A") == 24 + 1
+    late = session(queries, root, True)
+    assert answers(late, queries) == late_raw
+    after = rollup_files(root)
+    # W48 under its new fingerprint; W47 untouched; W49 rewritten in place.
+    assert len(after) == len(written) + 2, after
+    assert all(os.stat(f).st_mtime_ns == stamps[f] for f in stamps if "2026-W47" in f)
+    assert any(os.stat(f).st_mtime_ns != stamps[f] for f in stamps if "2026-W49" in f)
+
+
 def main():
     queries, work = sys.argv[1], sys.argv[2]
     rows = fleet()
@@ -342,6 +432,9 @@ def main():
     assert cand["compare_n"] == 240 and cand["psi"] > 0.25, cand
     results["psi_score_self"] = self_psi
     results["psi_score_candidate"] = cand
+
+    check_rollup(queries, root, rows)
+    ran.add("rollup.sql")
 
     missing = sorted(set(shipped) - ran)
     assert not missing, f"shipped SQL without a test here: {missing}"
