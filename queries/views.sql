@@ -12,9 +12,14 @@
 -- Shared definitions (the same in `vitalmq surveil`, src/surveil_cmd/):
 --   dims         a row's grouping values as text, NULL spelled '(none)'; `model` is
 --                reported as '<name/version> [<model_status>]'.
---   exposure     one row per device-week (and per firmware/model seen in it) in which
---                the device left any row (events, refusals, gaps), with its readings
---                (vitals events): the denominators.
+--   device_weeks one row per device, ISO week and group (firmware, model, lot, ...):
+--                whether the device left any row of events, refusals or gaps in it,
+--                its readings, and its count of each measure. Every rate question
+--                reads only this, computed from the raw tables here, or read from the
+--                rollup (rollup.sql) for the weeks it holds: the same rows either way.
+--   exposure     the device-weeks (and groups) in which the device left any row
+--                (events, refusals, gaps), with its readings (vitals events): the
+--                denominators.
 --   occurrences  per measure, device-week and group, how many: the numerators.
 --       alerts         alerts raised (distinct alert_id with a state 'open' row), any
 --                      clinical source, shadow outputs excluded (they are never

@@ -38,6 +38,18 @@ def open_views(queries, root):
     return con
 
 
+def rollup_agrees(con, queries):
+    """rollup.sql over this data set gives the rate questions' answers of the raw
+    tables, row for row, and leaves no raw row for them to read."""
+    q = lambda name, **v: query(con, os.path.join(queries, name), **v)
+    raw = [q("rates_by.sql"), q("outliers.sql"), q("outliers.sql", measure="dropped")]
+    con.execute(open(os.path.join(queries, "rollup.sql")).read())
+    assert con.execute("SELECT len(getvariable('rolled_weeks'))").fetchone()[0] > 0
+    assert con.execute("SELECT count(*) FROM device_weeks_raw").fetchone()[0] == 0
+    rolled = [q("rates_by.sql"), q("outliers.sql"), q("outliers.sql", measure="dropped")]
+    assert rolled == raw, "rollup answers differ from the raw tables'"
+
+
 def shipped(queries):
     return sorted(f for f in os.listdir(queries) if f.endswith(".sql") and f != "views.sql")
 
@@ -108,6 +120,8 @@ def synthetic(queries, root):
     assert shifted["compare_n"] == truth["fleet"]["candidate_scores"], shifted
     assert shifted["psi"] > 0.25, shifted
 
+    rollup_agrees(con, queries)
+    ran.add("rollup.sql")
     missing = sorted(set(shipped(queries)) - ran)
     assert not missing, f"shipped SQL without a check here: {missing}"
     return {"outliers_dropped": top[:3], "psi_score": shifted["psi"], "psi_spo2": psi["psi"]}
@@ -145,6 +159,8 @@ def bridge(queries, root):
     score = q("psi_score.sql", reference_version="1.0.0", compare_version="1.0.0")[0]
     ran.add("psi_score.sql")
     assert score["psi"] is None or abs(score["psi"]) < 1e-9, score
+    rollup_agrees(con, queries)
+    ran.add("rollup.sql")
     missing = sorted(set(shipped(queries)) - ran)
     assert not missing, f"shipped SQL without a check here: {missing}"
     return {"dropped_by_lot": {lot: get[("dropped", "lot", lot)]["n"] for lot in truth["lots"]}}
