@@ -1,0 +1,106 @@
+//! Rule-set versions per device (issue 21, part 4): which version's engine state
+//! delivers for the device, the shadow versions' own states, and the hand-over when a
+//! reload of the models file changed who delivers. Pure, like the engine.
+//!
+//! Decisions:
+//! - one [`EngineState`] per version that runs for the device: the delivering one in
+//!   [`DeviceAlertState::engine`], shadows in [`DeviceAlertState::shadows`]; a version
+//!   that runs for the device no more (or is not loaded) is dropped, so the state stays
+//!   bounded by the configured versions;
+//! - the hand-over happens at the device's first sample after the change, before that
+//!   sample is evaluated: the previous deliverer's open clinical episodes are resolved
+//!   (delivered changes) with reason `model_rollback` when it delivered as a canary,
+//!   else `rollout_changed`, so no subscriber keeps an alert nobody will resolve; its
+//!   state goes on as its shadow state (episodes dropped) if it still has a role;
+//! - the new deliverer starts from its shadow state with episodes, pending and resolve
+//!   runs dropped (learned baselines and change windows kept): nothing it only computed
+//!   in shadow is ever delivered as "already open", and a condition that persists opens
+//!   a delivered alert once the new version's own persistence holds again;
+//! - the device's operational episodes (signal quality, sensor fault) are about the
+//!   device, not the version: the new deliverer takes them over as they are (same alert
+//!   ids, no duplicate or orphan), and the old one's copy goes on without them.
+
+use vitalmq_policies::ModelRole;
+
+use super::Sample;
+use super::engine::resolved;
+use super::message::{AlertChange, ResolveReason};
+use super::state::{DeviceAlertState, EngineState, EngineVersion, QualityState, SensorState};
+
+/// The rule-set versions that run for one device now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running<'a> {
+    /// The version that delivers (role live or canary).
+    pub deliver: &'a str,
+    pub role: ModelRole,
+    /// The versions that run in shadow (never the delivering one).
+    pub shadows: Vec<&'a str>,
+}
+
+/// Makes `running.deliver` the device's delivering version, handing over from the
+/// previous one if it differs, and drops the shadow states of versions that no longer
+/// run. `base_version` is the version a state stored before candidates (no
+/// `engine_version`) belongs to, as live; `policy_sha256_of(version)` the digest the
+/// old deliverer's resolutions name (the policy it delivered under). Returns the
+/// delivered resolutions, in rule order.
+pub fn hand_over<'a>(
+    state: &mut DeviceAlertState,
+    base_version: &str,
+    running: &Running<'_>,
+    policy_sha256_of: impl Fn(&str) -> &'a str,
+    sample: &Sample,
+) -> Vec<AlertChange> {
+    let old = state.engine_version.clone().unwrap_or(EngineVersion {
+        version: base_version.to_owned(),
+        role: ModelRole::Live,
+    });
+    let mut out = Vec::new();
+    if old.version != running.deliver {
+        let reason = if old.role == ModelRole::Canary {
+            ResolveReason::ModelRollback
+        } else {
+            ResolveReason::RolloutChanged
+        };
+        let sha = policy_sha256_of(&old.version);
+        let mut previous = std::mem::take(&mut state.engine);
+        for (rule, rs) in &mut previous.rules {
+            if let Some(e) = rs.episode.take() {
+                out.push(resolved(e, rule, reason, sha, sample));
+            }
+            rs.resolving = None;
+        }
+        let mut next = state.shadows.remove(running.deliver).unwrap_or_default();
+        for rs in next.rules.values_mut() {
+            rs.episode = None;
+            rs.pending = Default::default();
+            rs.resolving = None;
+        }
+        next.quality = std::mem::take(&mut previous.quality);
+        next.sensor = std::mem::take(&mut previous.sensor);
+        previous.quality = QualityState {
+            bits: next.quality.bits,
+            open: None,
+        };
+        previous.sensor = SensorState::default();
+        state.engine = next;
+        if running.shadows.contains(&old.version.as_str()) {
+            state.shadows.insert(old.version, previous);
+        }
+    }
+    state.engine_version = Some(EngineVersion {
+        version: running.deliver.to_owned(),
+        role: running.role,
+    });
+    state
+        .shadows
+        .retain(|v, _| running.shadows.contains(&v.as_str()));
+    out
+}
+
+/// The engine state of shadow `version` (a fresh one the first time it runs).
+pub fn shadow_mut<'s>(state: &'s mut DeviceAlertState, version: &str) -> &'s mut EngineState {
+    state.shadows.entry(version.to_owned()).or_default()
+}
+
+#[cfg(test)]
+mod tests;
