@@ -238,6 +238,7 @@ mod resets;
 mod retention;
 pub mod schema;
 mod scores;
+mod shadow_alerts;
 pub mod sealing;
 mod surveil;
 mod write;
@@ -258,6 +259,7 @@ pub use retention::{
 };
 pub use schema::EVENT_INDEX_BUCKET;
 pub use scores::{ScoreRow, StoredScore};
+pub use shadow_alerts::{NewShadowAlert, StoredShadowAlert, shadow_change_id};
 pub use sealing::{NoKeys, Payload};
 pub use surveil::{Reported, StoredGap, StoredRefusal, SurveilScore};
 #[cfg(test)]
