@@ -223,6 +223,7 @@ impl<T> Sequenced<T> {
             && c.alerts.is_empty()
             && c.alert_states.is_empty()
             && c.scores.is_empty()
+            && c.shadow_alerts.is_empty()
             && c.patient_states.is_empty()
             && self.dispositions.is_empty()
             && self.audit.is_empty()
@@ -256,6 +257,9 @@ pub struct Sequencer {
     tracks: HashMap<DeviceId, Track>,
     /// The alert rules in force; `None` runs no alert engine.
     rules: Option<Arc<RuleSet>>,
+    /// Candidate rule sets (issue 21, `[alerts] candidates`): versions of the rule set
+    /// that run in shadow or as a canary as the models file says (see `rulesets`).
+    candidates: Vec<Arc<RuleSet>>,
     /// The model registry in force; `None` checks no models (`[models]` absent).
     models: Option<Arc<vitalmq_policies::ModelRegistry>>,
     /// Open `model_unapproved` episodes.
@@ -317,6 +321,7 @@ impl Sequencer {
             size,
             tracks: HashMap::new(),
             rules,
+            candidates: Vec::new(),
             models: None,
             model_fleet: crate::models::ModelFleet::default(),
             index: HashMap::new(),
@@ -347,6 +352,18 @@ impl Sequencer {
         self.scoring = scoring;
         self.patients = patients;
         self
+    }
+
+    /// Runs the candidate rule sets next to the base one (`[alerts] candidates`), each
+    /// in the role the models file's `[[rollout]]` gives it per device.
+    pub fn with_candidates(mut self, candidates: Vec<Arc<RuleSet>>) -> Self {
+        self.candidates = candidates;
+        self
+    }
+
+    /// The candidate rule sets loaded at start.
+    pub fn candidates(&self) -> &[Arc<RuleSet>] {
+        &self.candidates
     }
 
     /// Puts a (re)loaded model registry in force for the next batch.
@@ -476,6 +493,9 @@ impl Sequencer {
         let mut models_seen = Vec::new();
         let mut audit = Vec::new();
         let mut alarms_withheld = Vec::new();
+        let versions = self.rules.as_deref().and_then(|r| {
+            rulesets::Versions::of(r, &self.candidates, self.models.as_deref())
+        });
         for checked in batch {
             match checked {
                 Checked::Refused {
@@ -660,8 +680,21 @@ impl Sequencer {
                                     let sample =
                                         Sample::from_telemetry(event_id.clone(), &verified, entry)
                                             .assessed(&assessment);
-                                    let changes =
-                                        alerts::evaluate(rules, rules.sha256(), state, &sample);
+                                    let changes = match &versions {
+                                        None => alerts::evaluate(
+                                            rules,
+                                            rules.sha256(),
+                                            state,
+                                            &sample,
+                                        ),
+                                        Some(v) => v.evaluate(
+                                            state,
+                                            &sample,
+                                            &rules.cohorts_of(&device),
+                                            now_ms,
+                                            &mut commit.shadow_alerts,
+                                        ),
+                                    };
                                     out.extend(changes.iter().map(outgoing));
                                     // A reading of no patient scores nothing, and
                                     // must not stage a state keyed "".
@@ -1133,6 +1166,7 @@ fn publisher_of(topic: &str) -> String {
 }
 
 mod control;
+mod rulesets;
 pub use control::{AlertGauges, Control};
 
 #[cfg(test)]

@@ -33,11 +33,85 @@ pub fn unknown_handlers(rules: &RuleSet, handlers: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// With `[alerts] candidates`: the base rule set and the models file in force, shared
+/// by their two watchers, so a reload of either is checked
+/// ([`check_rule_sets`](crate::rollout::check_rule_sets)) against the other one in
+/// force and refused (`models_rule_sets_mismatch`) when they would not fit.
+#[derive(Debug, Clone)]
+pub struct RuleSetGuard {
+    inner: Arc<std::sync::Mutex<InForce>>,
+}
+
+#[derive(Debug)]
+struct InForce {
+    base_path: String,
+    base: Arc<RuleSet>,
+    /// `(path, rule set)`, loaded at start (not reloaded).
+    candidates: Vec<(String, Arc<RuleSet>)>,
+    models: Arc<ModelRegistry>,
+}
+
+impl RuleSetGuard {
+    pub fn new(
+        base_path: String,
+        base: Arc<RuleSet>,
+        candidates: Vec<(String, Arc<RuleSet>)>,
+        models: Arc<ModelRegistry>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(std::sync::Mutex::new(InForce {
+                base_path,
+                base,
+                candidates,
+                models,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InForce> {
+        // A panic while holding it leaves plain data behind: still usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn check(
+        f: &InForce,
+        base: &RuleSet,
+        models: &ModelRegistry,
+    ) -> Result<String, crate::rollout::RuleSetsError> {
+        let sets: Vec<(&str, &RuleSet)> = std::iter::once((f.base_path.as_str(), base))
+            .chain(f.candidates.iter().map(|(p, s)| (p.as_str(), s.as_ref())))
+            .collect();
+        crate::rollout::check_rule_sets(&sets, models)
+    }
+
+    /// Takes `models` into force if the rule sets in force fit it.
+    fn try_models(&self, models: &Arc<ModelRegistry>) -> Result<(), crate::rollout::RuleSetsError> {
+        let mut f = self.lock();
+        Self::check(&f, &f.base, models)?;
+        f.models = Arc::clone(models);
+        Ok(())
+    }
+
+    /// Takes the base rule set `rules` into force if it fits the models in force.
+    fn try_base(&self, rules: &Arc<RuleSet>) -> Result<(), crate::rollout::RuleSetsError> {
+        let mut f = self.lock();
+        Self::check(&f, rules, &f.models)?;
+        f.base = Arc::clone(rules);
+        Ok(())
+    }
+}
+
+/// Starts watching the rule set at `path` (already loaded as `initial`). With
+/// candidates (`rule_sets`), a rule set the models file in force does not fit is
+/// refused (`models_rule_sets_mismatch`).
 pub fn watch_rules(
     path: PathBuf,
     initial: Arc<RuleSet>,
     handlers: Vec<String>,
     auditor: Auditor,
+    rule_sets: Option<RuleSetGuard>,
 ) -> RulesWatch {
     let (tx, rx) = watch::channel(initial);
     let (trigger, mut triggers) = mpsc::channel::<()>(1);
@@ -62,12 +136,24 @@ pub fn watch_rules(
                         );
                         continue;
                     }
+                    let rules = Arc::new(rules);
+                    if let Some(g) = &rule_sets
+                        && let Err(e) = g.try_base(&rules)
+                    {
+                        error!(rules = %path.display(), error = %e, "alert rules refused: the models file does not fit them with the candidates; the rules in force stay");
+                        let _ = auditor.record(
+                            rejected(&path, old, "models_rule_sets_mismatch")
+                                .detail("error", e.to_string())
+                                .detail("refused_sha256", rules.sha256().to_owned()),
+                        );
+                        continue;
+                    }
                     info!(rules = %path.display(), old = %old, new = %rules.sha256(), "alert rules reloaded");
                     let _ = auditor.record(
                         reloaded(&path, old, rules.sha256())
                             .detail("rules_version", rules.version()),
                     );
-                    let _ = tx.send(Arc::new(rules));
+                    let _ = tx.send(rules);
                 }
                 Ok(Err(e)) => {
                     error!(rules = %path.display(), error = %e, "alert rules refused; the rules in force stay");
@@ -97,12 +183,14 @@ pub struct ModelsWatch {
 /// change or SIGHUP, audited `policy_reloaded` (old and new SHA-256) or
 /// `policy_rejected` (`invalid_models`, the registry in force stays). A registry the
 /// loaded score `tables` do not fit (`rollout::check_tables`) is refused the same way,
-/// reason `models_tables_mismatch`.
+/// reason `models_tables_mismatch`, and one the rule sets do not fit (`rule_sets`,
+/// with candidates) reason `models_rule_sets_mismatch`.
 pub fn watch_models(
     path: PathBuf,
     initial: Arc<ModelRegistry>,
     tables: Vec<crate::score::ScoreModel>,
     auditor: Auditor,
+    rule_sets: Option<RuleSetGuard>,
 ) -> ModelsWatch {
     let (tx, rx) = watch::channel(initial);
     let (trigger, mut triggers) = mpsc::channel::<()>(1);
@@ -129,6 +217,18 @@ pub fn watch_models(
                         );
                         continue;
                     }
+                    let models = Arc::new(models);
+                    if let Some(g) = &rule_sets
+                        && let Err(e) = g.try_models(&models)
+                    {
+                        error!(models = %path.display(), error = %e, "model registry refused: the rule sets do not fit it; the one in force stays");
+                        let _ = auditor.record(
+                            rejected(&path, old, "models_rule_sets_mismatch")
+                                .detail("error", e.to_string())
+                                .detail("refused_sha256", models.sha256().to_owned()),
+                        );
+                        continue;
+                    }
                     info!(models = %path.display(), old = %old, new = %models.sha256(), "model registry reloaded");
                     let transitions = crate::rollout::transitions(&tx.borrow(), &models);
                     let _ = auditor.record(
@@ -143,7 +243,7 @@ pub fn watch_models(
                         let _ =
                             auditor.record(crate::rollout::audit_record(t, &old, models.sha256()));
                     }
-                    let _ = tx.send(Arc::new(models));
+                    let _ = tx.send(models);
                 }
                 Ok(Err(e)) => {
                     error!(models = %path.display(), error = %e, "model registry refused; the one in force stays");
@@ -572,7 +672,7 @@ mod tests {
         let initial =
             std::sync::Arc::new(vitalmq_policies::ModelRegistry::load(&path).expect("valid"));
         let first_sha = initial.sha256().to_owned();
-        let mut watch = super::watch_models(path.clone(), initial, Vec::new(), audit.auditor());
+        let mut watch = super::watch_models(path.clone(), initial, Vec::new(), audit.auditor(), None);
 
         let approved = text.replacen(
             "status = \"draft\"",
@@ -632,7 +732,7 @@ mod tests {
         }];
         crate::rollout::check_tables(&tables, &initial).expect("the shipped pair fits");
         let in_force = initial.sha256().to_owned();
-        let watch = super::watch_models(path.clone(), initial, tables, audit.auditor());
+        let watch = super::watch_models(path.clone(), initial, tables, audit.auditor(), None);
         let unloaded_canary = text.replace(
             "[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"",
             &format!(

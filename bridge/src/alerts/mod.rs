@@ -78,7 +78,7 @@ use crate::plausible::Assessment;
 
 pub(crate) use engine::{evaluate, evaluate_engine};
 pub(crate) use message::AlertChange;
-pub(crate) use state::{DeviceAlertState, EngineState};
+pub(crate) use state::DeviceAlertState;
 
 /// One accepted vitals event as the alert engine sees it.
 #[derive(Debug, Clone, PartialEq)]
