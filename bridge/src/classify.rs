@@ -493,9 +493,10 @@ impl Sequencer {
         let mut models_seen = Vec::new();
         let mut audit = Vec::new();
         let mut alarms_withheld = Vec::new();
-        let versions = self.rules.as_deref().and_then(|r| {
-            rulesets::Versions::of(r, &self.candidates, self.models.as_deref())
-        });
+        let versions = self
+            .rules
+            .as_deref()
+            .and_then(|r| rulesets::Versions::of(r, &self.candidates, self.models.as_deref()));
         for checked in batch {
             match checked {
                 Checked::Refused {
@@ -681,12 +682,9 @@ impl Sequencer {
                                         Sample::from_telemetry(event_id.clone(), &verified, entry)
                                             .assessed(&assessment);
                                     let changes = match &versions {
-                                        None => alerts::evaluate(
-                                            rules,
-                                            rules.sha256(),
-                                            state,
-                                            &sample,
-                                        ),
+                                        None => {
+                                            alerts::evaluate(rules, rules.sha256(), state, &sample)
+                                        }
                                         Some(v) => v.evaluate(
                                             state,
                                             &sample,
@@ -1177,3 +1175,6 @@ mod alert_tests;
 
 #[cfg(test)]
 mod score_tests;
+
+#[cfg(test)]
+mod rulesets_tests;

@@ -672,7 +672,8 @@ mod tests {
         let initial =
             std::sync::Arc::new(vitalmq_policies::ModelRegistry::load(&path).expect("valid"));
         let first_sha = initial.sha256().to_owned();
-        let mut watch = super::watch_models(path.clone(), initial, Vec::new(), audit.auditor(), None);
+        let mut watch =
+            super::watch_models(path.clone(), initial, Vec::new(), audit.auditor(), None);
 
         let approved = text.replacen(
             "status = \"draft\"",

@@ -238,8 +238,8 @@ mod resets;
 mod retention;
 pub mod schema;
 mod scores;
-mod shadow_alerts;
 pub mod sealing;
+mod shadow_alerts;
 mod surveil;
 mod write;
 
@@ -259,8 +259,8 @@ pub use retention::{
 };
 pub use schema::EVENT_INDEX_BUCKET;
 pub use scores::{ScoreRow, StoredScore};
-pub use shadow_alerts::{NewShadowAlert, StoredShadowAlert, shadow_change_id};
 pub use sealing::{NoKeys, Payload};
+pub use shadow_alerts::{NewShadowAlert, StoredShadowAlert, shadow_change_id};
 pub use surveil::{Reported, StoredGap, StoredRefusal, SurveilScore};
 #[cfg(test)]
 pub(crate) use write::test_events;

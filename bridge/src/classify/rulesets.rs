@@ -116,12 +116,8 @@ impl<'a> Versions<'a> {
         out.extend(alerts::evaluate(deliver, deliver.sha256(), state, sample));
         for v in &running.shadows {
             let set = self.set(v);
-            let changes = alerts::evaluate_engine(
-                set,
-                set.sha256(),
-                versions::shadow_mut(state, v),
-                sample,
-            );
+            let changes =
+                alerts::evaluate_engine(set, set.sha256(), versions::shadow_mut(state, v), sample);
             shadow_alerts.extend(
                 changes
                     .iter()
