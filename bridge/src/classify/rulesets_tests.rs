@@ -219,7 +219,7 @@ fn a_shadow_candidate_is_stored_never_delivered() {
             "c1",
             &sa.alert_id,
             "open",
-            &body["evidence"][0].as_str().expect("evidence").to_owned()
+            body["evidence"][0].as_str().expect("evidence")
         ),
     );
     // Persisted with the device's state, and it loads back.
