@@ -759,6 +759,105 @@ mod tests {
         drop(audit);
     }
 
+    /// With candidate rule sets, a models file that canaries a version nobody loaded,
+    /// and a base rule set the registry does not name with its digest, are refused on
+    /// reload (`models_rule_sets_mismatch`), audited; what is in force stays. A models
+    /// file that fits goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reloads_the_rule_sets_do_not_fit_are_refused() {
+        use std::sync::Arc;
+        use vitalmq_policies::{ModelRegistry, RuleSet};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let models_path = dir.path().join("models.toml");
+        let rules_path = dir.path().join("rules.toml");
+        let log = dir.path().join("audit.jsonl");
+        let rules_text = include_str!("../../policies/examples/rules.toml");
+        let cand_text = rules_text.replacen(
+            "version = \"2025-06-01.1\"",
+            "version = \"2025-07-01.1\"",
+            1,
+        );
+        let base = Arc::new(RuleSet::parse(rules_text, Path::new("rules.toml")).expect("base"));
+        let cand = Arc::new(RuleSet::parse(&cand_text, Path::new("cand.toml")).expect("cand"));
+        let entry = |version: &str, sha: &str| {
+            format!(
+                "[[models]]\nname = \"rules\"\nversion = \"{version}\"\nkind = \"rules\"\n\
+                 artifact_sha256 = \"{sha}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
+                 intended_use = \"t\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+                 approved_at = \"2026-01-01T00:00:00Z\"\n\n"
+            )
+        };
+        let shipped = include_str!("../../policies/examples/models.toml");
+        let models_text = |rollout: &str| {
+            format!(
+                "{shipped}\n{}[[rollout]]\nmodel = \"rules\"\nlive = \"2025-06-01.1\"\n{rollout}\n",
+                entry("2025-07-01.1", cand.sha256())
+            )
+        };
+        std::fs::write(&models_path, models_text("shadow = [\"2025-07-01.1\"]")).expect("write");
+        std::fs::write(&rules_path, rules_text).expect("write");
+        let audit = vitalmq_audit::AuditLog::open(&log, 64).expect("audit");
+        let initial = Arc::new(ModelRegistry::load(&models_path).expect("valid"));
+        let guard = super::RuleSetGuard::new(
+            "rules.toml".into(),
+            Arc::clone(&base),
+            vec![("cand.toml".into(), Arc::clone(&cand))],
+            Arc::clone(&initial),
+        );
+        let in_force = initial.sha256().to_owned();
+        let mut models = super::watch_models(
+            models_path.clone(),
+            initial,
+            Vec::new(),
+            audit.auditor(),
+            Some(guard.clone()),
+        );
+        let rules = super::watch_rules(
+            rules_path.clone(),
+            Arc::clone(&base),
+            vec!["mqtt".into()],
+            audit.auditor(),
+            Some(guard),
+        );
+
+        // A canary of a version no rule set has (registered, approved, not loaded).
+        let unloaded = format!(
+            "{shipped}\n{}{}[[rollout]]\nmodel = \"rules\"\nlive = \"2025-06-01.1\"\n\
+             canary = [{{ version = \"2025-08-01.1\", sites = [\"site-01\"] }}]\n",
+            entry("2025-07-01.1", cand.sha256()),
+            entry("2025-08-01.1", &"0".repeat(64)),
+        );
+        ModelRegistry::parse(&unloaded, Path::new("m.toml")).expect("valid by itself");
+        replace(&models_path, &unloaded);
+        let line = audited(&log, "models_rule_sets_mismatch").await;
+        assert!(
+            line.contains("policy_rejected")
+                && line.contains(&in_force)
+                && line.contains("2025-08-01.1"),
+            "{line}"
+        );
+        assert!(!models.models.has_changed().expect("open"));
+
+        // An edited base rule set: its digest is nobody's.
+        replace(&rules_path, &format!("{rules_text}\n# edited\n"));
+        let line = audited_times(&log, "models_rule_sets_mismatch", 2).await;
+        assert_eq!(line, 2);
+        assert!(!rules.rules.has_changed().expect("open"));
+        assert_eq!(rules.rules.borrow().sha256(), base.sha256());
+
+        // A canary of the loaded candidate fits.
+        replace(
+            &models_path,
+            &models_text("canary = [{ version = \"2025-07-01.1\", sites = [\"site-01\"] }]"),
+        );
+        tokio::time::timeout(Duration::from_secs(10), models.models.changed())
+            .await
+            .expect("reloaded in time")
+            .expect("watch open");
+        assert_ne!(models.models.borrow_and_update().sha256(), in_force);
+        drop(audit);
+    }
+
     async fn audited_times(log: &Path, needle: &str, want: usize) -> usize {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
