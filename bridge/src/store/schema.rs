@@ -336,8 +336,8 @@ CREATE TABLE IF NOT EXISTS patient_score_state (
 /// shadow for a device, never delivered; clinical plane like `scores` (payload sealed
 /// per patient, context `shadow-alert|<change_id>`). `change_id` is deterministic, so a
 /// resent batch stores its changes once; `id` is monotonic for readers that follow it.
-/// Indexed by (model, version, at_ms) for `vitalmq models compare`, and by patient for
-/// erasure, export and retention.
+/// Indexed by (model, version, at_ms) for `vitalmq models compare`, by patient for
+/// erasure and export, and by alert id for retention (it anonymizes an episode whole).
 const V6_SHADOW_ALERTS: &str = "
 CREATE TABLE IF NOT EXISTS shadow_alerts (
     id              INTEGER PRIMARY KEY,
@@ -359,6 +359,7 @@ CREATE TABLE IF NOT EXISTS shadow_alerts (
 );
 CREATE INDEX IF NOT EXISTS shadow_alerts_by_version ON shadow_alerts(model, version, at_ms);
 CREATE INDEX IF NOT EXISTS shadow_alerts_by_patient ON shadow_alerts(patient_ref);
+CREATE INDEX IF NOT EXISTS shadow_alerts_by_alert ON shadow_alerts(alert_id);
 ";
 
 /// The migrations, oldest first; the store's version is how many have run.

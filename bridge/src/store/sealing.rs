@@ -309,7 +309,8 @@ impl Store {
     ///   device, not per patient: a device that now serves another patient loses its
     ///   baselines too, and the engine starts them afresh (as after a sequence reset).
     /// - the patient's scoring state (`patient_score_state`: latest readings; sealed
-    ///   with a keyring, plaintext when written without) is deleted; plaintext score payloads are scrubbed like the rest.
+    ///   with a keyring, plaintext when written without) is deleted; plaintext score
+    ///   and shadow alert payloads are scrubbed like the rest.
     /// - quarantined messages (sealed under [`QUARANTINE_SUBJECT`], not the patient's
     ///   key, so the key erasure does not reach them) of a device in `scope.received`
     ///   received within its period are deleted.
@@ -347,6 +348,7 @@ impl Store {
             ("events", "normalized"),
             ("alerts", "body"),
             ("scores", "payload"),
+            ("shadow_alerts", "payload"),
         ] {
             changed += tx
                 .execute(

@@ -113,6 +113,20 @@ pub struct StoredShadowAlert {
     pub payload: Payload,
 }
 
+/// One delivered clinical alert change (an `alerts` row), for comparing rule-set
+/// versions against their shadow alerts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveredChange {
+    pub position: i64,
+    pub alert_id: String,
+    pub state: String,
+    pub device: Option<String>,
+    pub rule: Option<String>,
+    pub created_at_ms: u64,
+    /// The body as published, opened through the keyring.
+    pub body: Payload,
+}
+
 const COLUMNS: &str = "id, change_id, alert_id, patient_ref, site, device, model, version,
     config_sha256, role, rule, state, severity, at_ms, created_at_ms, payload";
 
@@ -139,9 +153,10 @@ impl Store {
         )
     }
 
-    /// The shadow alert changes of `model` at the two `versions` whose change time
-    /// (`at_ms`) is in `[since_ms, until_ms)`, after `after_id` (ascending), at most
-    /// `limit`: selected before any payload is opened (`vitalmq models compare`).
+    /// The shadow alert changes of `model` at the two `versions` the bridge recorded
+    /// (`created_at_ms`, its clock, like the delivered alerts' period) in
+    /// `[since_ms, until_ms)`, after `after_id` (ascending), at most `limit`: selected
+    /// before any payload is opened (`vitalmq models compare`).
     pub fn shadow_alerts_of(
         &self,
         model: &str,
@@ -154,7 +169,7 @@ impl Store {
             &format!(
                 "SELECT {COLUMNS} FROM shadow_alerts
                  WHERE id > ?1 AND model = ?2 AND version IN (?3, ?4)
-                   AND (?5 IS NULL OR at_ms >= ?5) AND (?6 IS NULL OR at_ms < ?6)
+                   AND (?5 IS NULL OR created_at_ms >= ?5) AND (?6 IS NULL OR created_at_ms < ?6)
                  ORDER BY id LIMIT ?7"
             ),
             params![
@@ -167,6 +182,61 @@ impl Store {
                 i64::try_from(limit).unwrap_or(i64::MAX)
             ],
         )
+    }
+
+    /// The clinical alert changes the bridge recorded (`created_at_ms`) in
+    /// `[since_ms, until_ms)` after `after_position` (ascending), at most `limit`: the
+    /// delivered side of `vitalmq models compare` for rule sets (which keeps those whose
+    /// `policy_sha256` is a compared version's digest).
+    pub fn clinical_alerts_in(
+        &self,
+        (since_ms, until_ms): (Option<u64>, Option<u64>),
+        after_position: i64,
+        limit: usize,
+    ) -> Result<Vec<DeliveredChange>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT position, alert_id, state, device, rule, created_at_ms, body
+                 FROM alerts WHERE position > ?1 AND kind = 'clinical'
+                   AND (?2 IS NULL OR created_at_ms >= ?2) AND (?3 IS NULL OR created_at_ms < ?3)
+                 ORDER BY position LIMIT ?4",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows: Vec<(DeliveredChange, Vec<u8>)> = stmt
+            .query_map(
+                params![
+                    after_position,
+                    since_ms.map(u2i),
+                    until_ms.map(u2i),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |r| {
+                    Ok((
+                        DeliveredChange {
+                            position: r.get(0)?,
+                            alert_id: r.get(1)?,
+                            state: r.get(2)?,
+                            device: r.get(3)?,
+                            rule: r.get(4)?,
+                            created_at_ms: i2u(r.get(5)?),
+                            body: Payload::Locked,
+                        },
+                        super::sealing::column_bytes(r, 6)?,
+                    ))
+                },
+            )
+            .and_then(Iterator::collect)
+            .map_err(|e| self.err(e))?;
+        rows.into_iter()
+            .map(|(mut row, stored)| {
+                row.body = self.open_payload(
+                    &stored,
+                    &super::sealing::alert_context(&row.alert_id, &row.state),
+                )?;
+                Ok(row)
+            })
+            .collect()
     }
 
     fn query_shadow_alerts(
@@ -242,5 +312,248 @@ impl Store {
         stmt.query_map([], |r| super::sealing::column_bytes(r, 0))
             .and_then(Iterator::collect)
             .expect("payloads")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::write::test_events::event;
+    use super::*;
+
+    const T0: u64 = 1_767_571_200_000;
+
+    fn keyring_in(dir: &std::path::Path) -> Arc<vitalmq_keyring::Keyring> {
+        let kek =
+            Arc::new(vitalmq_keyring::LocalKeyFile::create(&dir.join("kek.json")).expect("kek"));
+        Arc::new(vitalmq_keyring::Keyring::open(&dir.join("keyring.sqlite3"), kek).expect("ring"))
+    }
+
+    /// A would-be change of version `v2` for `patient`, triggered by `event_id`.
+    fn change(patient: &str, state: &str, at_ms: u64, event_id: &str) -> NewShadowAlert {
+        let alert_id = "al-spo2-low-1".to_owned();
+        NewShadowAlert {
+            change_id: shadow_change_id("v2", &alert_id, state, event_id),
+            payload: serde_json::json!({"alert_id": alert_id, "kind": "clinical",
+                "state": state, "rule": "spo2-low", "rule_version": "v2",
+                "patient_ref": patient, "value": 87.25, "raised_at": "2026-01-05T00:00:00.000Z"})
+            .to_string(),
+            alert_id,
+            patient_ref: patient.into(),
+            site: "site-01".into(),
+            device: "dev-00001".into(),
+            model: "rules".into(),
+            version: "v2".into(),
+            config_sha256: "cd".repeat(32),
+            role: "shadow".into(),
+            rule: "spo2-low".into(),
+            state: state.into(),
+            severity: "urgent".into(),
+            at_ms,
+            created_at_ms: at_ms + 5,
+        }
+    }
+
+    #[test]
+    fn the_change_id_is_deterministic_and_names_each_part() {
+        let id = shadow_change_id("v2", "al-1", "open", "ev1-aa");
+        assert_eq!(id, shadow_change_id("v2", "al-1", "open", "ev1-aa"));
+        assert!(id.starts_with("sa-") && id.len() == 3 + 32, "{id}");
+        for other in [
+            shadow_change_id("v3", "al-1", "open", "ev1-aa"),
+            shadow_change_id("v2", "al-2", "open", "ev1-aa"),
+            shadow_change_id("v2", "al-1", "resolved", "ev1-aa"),
+            shadow_change_id("v2", "al-1", "open", "ev1-bb"),
+            // The separators keep the parts apart.
+            shadow_change_id("v2a", "l-1", "open", "ev1-aa"),
+        ] {
+            assert_ne!(id, other);
+        }
+    }
+
+    #[test]
+    fn shadow_alerts_are_written_with_the_batch_read_back_and_stored_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let open = change("pt-7f3a", "open", T0, "ev1-01");
+        let resolved = change("pt-7f3a", "resolved", T0 + 60_000, "ev1-02");
+        let batch = Commit {
+            events: vec![event("dev-00001", 1, 1)],
+            shadow_alerts: vec![open.clone(), resolved.clone()],
+            ..Commit::default()
+        };
+        store.commit(&batch).expect("commit");
+        // A resend of the batch (and the alert part alone, as while paused): once.
+        store.commit_alerts_only(&batch).expect("again");
+        let rows = store.shadow_alerts(0, None, 10).expect("read");
+        assert_eq!(rows.len(), 2);
+        let r = &rows[0];
+        assert_eq!(
+            (
+                r.change_id.as_str(),
+                r.alert_id.as_str(),
+                r.version.as_str(),
+                r.role.as_str(),
+                r.rule.as_str(),
+                r.state.as_str(),
+                r.severity.as_str(),
+                r.at_ms,
+                r.created_at_ms
+            ),
+            (
+                open.change_id.as_str(),
+                "al-spo2-low-1",
+                "v2",
+                "shadow",
+                "spo2-low",
+                "open",
+                "urgent",
+                T0,
+                T0 + 5
+            )
+        );
+        assert_eq!(r.payload, Payload::Plain(open.payload.clone().into_bytes()));
+        assert!(rows[1].id > rows[0].id, "monotonic ids");
+        // Paging, per patient, and the compare selection by version and period.
+        assert_eq!(store.shadow_alerts(rows[0].id, None, 10).expect("page").len(), 1);
+        assert!(store.shadow_alerts(0, Some("pt-other"), 10).expect("pt").is_empty());
+        let of = |versions, period| {
+            store
+                .shadow_alerts_of("rules", versions, period, 0, 10)
+                .expect("of")
+                .len()
+        };
+        assert_eq!(of(["v1", "v2"], (None, None)), 2);
+        assert_eq!(of(["v1", "v3"], (None, None)), 0);
+        // The period is the bridge's recording time.
+        assert_eq!(of(["v2", "v2"], (Some(T0 + 5), Some(T0 + 6))), 1);
+        assert_eq!(of(["v2", "v2"], (Some(T0 + 6), None)), 1);
+        // The alert part carries the shadow alerts (written while recording is paused).
+        let mut paused = Commit {
+            shadow_alerts: vec![change("pt-7f3a", "open", T0 + 120_000, "ev1-03")],
+            ..Commit::default()
+        };
+        let part = paused.take_alert_part();
+        assert!(paused.shadow_alerts.is_empty());
+        store.commit_alerts_only(&part).expect("alerts only");
+        assert_eq!(store.shadow_alerts(0, None, 10).expect("read").len(), 3);
+    }
+
+    #[test]
+    fn shadow_alerts_are_sealed_per_patient_and_an_erased_patient_gets_no_new_row() {
+        let dir = tempfile::tempdir().expect("dir");
+        let keys = tempfile::tempdir().expect("keys");
+        let keyring = keyring_in(keys.path());
+        let mut store = Store::open(dir.path())
+            .expect("open")
+            .with_keyring(Arc::clone(&keyring));
+        let mut unattributed = change("", "open", T0, "ev1-09");
+        unattributed.change_id = shadow_change_id("v2", "al-x", "open", "ev1-09");
+        store
+            .commit(&Commit {
+                shadow_alerts: vec![change("pt-7f3a", "open", T0, "ev1-01"), unattributed],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let at_rest = store.shadow_alert_payloads_at_rest();
+        assert!(vitalmq_keyring::is_sealed(&at_rest[0]), "sealed at rest");
+        // (The sealed header names its subject, the patient pseudonym, by design.)
+        for clear in ["87.25", "spo2-low"] {
+            assert!(
+                !at_rest[0].windows(clear.len()).any(|w| w == clear.as_bytes()),
+                "{clear} in the payload at rest"
+            );
+        }
+        assert!(
+            !vitalmq_keyring::is_sealed(&at_rest[1]),
+            "no patient: in the clear, like an alert body naming none"
+        );
+        let rows = store.shadow_alerts(0, None, 10).expect("read");
+        assert!(matches!(&rows[0].payload, Payload::Plain(p) if p.starts_with(b"{")));
+        // Without the keyring: locked, not erased.
+        let locked = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            locked.shadow_alerts(0, None, 10).expect("read")[0].payload,
+            Payload::Locked
+        );
+        drop(locked);
+
+        keyring
+            .erase(
+                &vitalmq_keyring::Subject::new("pt-7f3a").expect("s"),
+                "po",
+                "test",
+                1,
+            )
+            .expect("erase");
+        assert!(store.shadow_alerts(0, None, 10).expect("read")[0]
+            .payload
+            .is_erased());
+        // A late reading's shadow alert of the erased patient is not written.
+        let committed = store
+            .commit(&Commit {
+                shadow_alerts: vec![change("pt-7f3a", "resolved", T0 + 1, "ev1-02")],
+                ..Commit::default()
+            })
+            .expect("commit");
+        assert_eq!(committed.erased_patients, ["pt-7f3a"]);
+        assert_eq!(store.shadow_alerts(0, None, 10).expect("read").len(), 2);
+    }
+
+    #[test]
+    fn plaintext_shadow_alerts_are_scrubbed_on_erasure() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .commit(&Commit {
+                shadow_alerts: vec![
+                    change("pt-7f3a", "open", T0, "ev1-01"),
+                    change("pt-other", "resolved", T0, "ev1-02"),
+                ],
+                ..Commit::default()
+            })
+            .expect("commit");
+        let cleanup = store
+            .erase_cleanup("pt-7f3a", &super::super::sealing::ErasureScope::default())
+            .expect("cleanup");
+        assert_eq!(cleanup.legacy_scrubbed, 1);
+        let rows = store.shadow_alerts(0, None, 10).expect("read");
+        assert!(rows[0].payload.is_erased());
+        assert!(!rows[1].payload.is_erased(), "another patient's kept");
+    }
+
+    #[test]
+    fn a_version_5_store_gains_the_table_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            // As a store written by the previous release.
+            store
+                .conn
+                .execute_batch("DROP TABLE shadow_alerts; PRAGMA user_version = 5;")
+                .expect("v5");
+        }
+        let mut store = Store::open(dir.path()).expect("migrated");
+        assert_eq!(
+            super::super::schema::version(&store.conn).expect("version"),
+            6
+        );
+        store
+            .commit(&Commit {
+                shadow_alerts: vec![change("pt-7f3a", "open", T0, "ev1-01")],
+                ..Commit::default()
+            })
+            .expect("commit");
+        assert_eq!(store.shadow_alerts(0, None, 10).expect("read").len(), 1);
+        store
+            .conn
+            .execute_batch("PRAGMA user_version = 7;")
+            .expect("newer");
+        drop(store);
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::NewerSchema { found: 7, known: 6, .. })
+        ));
     }
 }
