@@ -81,6 +81,10 @@ pub struct EngineState {
 pub struct EngineVersion {
     pub(crate) version: String,
     pub(crate) role: vitalmq_policies::ModelRole,
+    /// The digest of the rule set it delivered under: what its resolutions name when
+    /// it stops delivering, even if it is no longer loaded then.
+    #[serde(default)]
+    pub(crate) policy_sha256: String,
 }
 
 /// An open alert, for status pages and metrics.

@@ -30,8 +30,9 @@ use super::state::{DeviceAlertState, EngineState, EngineVersion, QualityState, S
 /// The rule-set versions that run for one device now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Running<'a> {
-    /// The version that delivers (role live or canary).
+    /// The version that delivers (role live or canary), and its digest.
     pub deliver: &'a str,
+    pub deliver_sha256: &'a str,
     pub role: ModelRole,
     /// The versions that run in shadow (never the delivering one).
     pub shadows: Vec<&'a str>,
@@ -39,20 +40,19 @@ pub struct Running<'a> {
 
 /// Makes `running.deliver` the device's delivering version, handing over from the
 /// previous one if it differs, and drops the shadow states of versions that no longer
-/// run. `base_version` is the version a state stored before candidates (no
-/// `engine_version`) belongs to, as live; `policy_sha256_of(version)` the digest the
-/// old deliverer's resolutions name (the policy it delivered under). Returns the
-/// delivered resolutions, in rule order.
-pub fn hand_over<'a>(
+/// run. `base` (version, digest) is the rule set a state stored before candidates (no
+/// `engine_version`) belongs to, as live. The old deliverer's resolutions name the
+/// digest it delivered under. Returns the delivered resolutions, in rule order.
+pub fn hand_over(
     state: &mut DeviceAlertState,
-    base_version: &str,
+    base: (&str, &str),
     running: &Running<'_>,
-    policy_sha256_of: impl Fn(&str) -> &'a str,
     sample: &Sample,
 ) -> Vec<AlertChange> {
     let old = state.engine_version.clone().unwrap_or(EngineVersion {
-        version: base_version.to_owned(),
+        version: base.0.to_owned(),
         role: ModelRole::Live,
+        policy_sha256: base.1.to_owned(),
     });
     let mut out = Vec::new();
     if old.version != running.deliver {
@@ -61,7 +61,11 @@ pub fn hand_over<'a>(
         } else {
             ResolveReason::RolloutChanged
         };
-        let sha = policy_sha256_of(&old.version);
+        let sha = if old.policy_sha256.is_empty() {
+            base.1
+        } else {
+            old.policy_sha256.as_str()
+        };
         let mut previous = std::mem::take(&mut state.engine);
         for (rule, rs) in &mut previous.rules {
             if let Some(e) = rs.episode.take() {
@@ -90,10 +94,33 @@ pub fn hand_over<'a>(
     state.engine_version = Some(EngineVersion {
         version: running.deliver.to_owned(),
         role: running.role,
+        policy_sha256: running.deliver_sha256.to_owned(),
     });
     state
         .shadows
         .retain(|v, _| running.shadows.contains(&v.as_str()));
+    out
+}
+
+/// Back to one rule set (no candidates any more, e.g. after a restart without them):
+/// hands over to the base if another version delivered, then forgets versions, so the
+/// state is exactly one without candidates.
+pub fn single(
+    state: &mut DeviceAlertState,
+    base: (&str, &str),
+    sample: &Sample,
+) -> Vec<AlertChange> {
+    if state.engine_version.is_none() && state.shadows.is_empty() {
+        return Vec::new();
+    }
+    let running = Running {
+        deliver: base.0,
+        deliver_sha256: base.1,
+        role: ModelRole::Live,
+        shadows: Vec::new(),
+    };
+    let out = hand_over(state, base, &running, sample);
+    state.engine_version = None;
     out
 }
 

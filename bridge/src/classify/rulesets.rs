@@ -72,6 +72,7 @@ impl<'a> Versions<'a> {
             .iter()
             .find_map(|(v, r)| r.filter(|r| r.delivers()).map(|r| (*v, r)))
             .unwrap_or((self.sets[0].version(), ModelRole::Live));
+        let deliver_sha256 = self.set(deliver).sha256();
         let shadows = roles
             .iter()
             .filter(|(v, r)| *r == Some(ModelRole::Shadow) && *v != deliver)
@@ -79,6 +80,7 @@ impl<'a> Versions<'a> {
             .collect();
         Running {
             deliver,
+            deliver_sha256,
             role,
             shadows,
         }
@@ -105,13 +107,7 @@ impl<'a> Versions<'a> {
     ) -> Vec<AlertChange> {
         let running = self.running(sample, cohorts);
         let base = self.sets[0];
-        let mut out = versions::hand_over(
-            state,
-            base.version(),
-            &running,
-            |v| self.set(v).sha256(),
-            sample,
-        );
+        let mut out = versions::hand_over(state, (base.version(), base.sha256()), &running, sample);
         let deliver = self.set(running.deliver);
         out.extend(alerts::evaluate(deliver, deliver.sha256(), state, sample));
         for v in &running.shadows {

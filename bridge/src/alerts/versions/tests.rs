@@ -9,7 +9,7 @@ use vitalmq_policies::{ModelRole, RuleSet, SiteId};
 use super::super::message::ResolveReason;
 use super::super::state::{DeviceAlertState, EngineState};
 use super::super::{AlertChange, Sample, evaluate, evaluate_engine};
-use super::{Running, hand_over, shadow_mut};
+use super::{Running, hand_over, shadow_mut, single};
 use crate::normalize::event_id;
 
 const EXAMPLE: &str = include_str!("../../../../policies/examples/rules.toml");
@@ -109,15 +109,13 @@ impl Device {
         // Durable state between samples.
         let json = serde_json::to_string(&self.state).expect("serializes");
         self.state = serde_json::from_str(&json).expect("parses");
-        let (base, cand) = (self.base.clone(), self.cand.clone());
-        let sha_of = |v: &str| {
-            if v == base.version() {
-                base.sha256()
-            } else {
-                cand.sha256()
-            }
-        };
-        let mut delivered = hand_over(&mut self.state, base.version(), running, sha_of, &s);
+        let base = self.base.clone();
+        let mut delivered = hand_over(
+            &mut self.state,
+            (base.version(), base.sha256()),
+            running,
+            &s,
+        );
         let set = self.set(running.deliver).clone();
         delivered.extend(evaluate(&set, set.sha256(), &mut self.state, &s));
         let mut shadow = Vec::new();
@@ -137,9 +135,16 @@ impl Device {
 const BASE_V: &str = "2025-06-01.1";
 const CAND_V: &str = "2025-07-01.1";
 
+fn sha_of(version: &str) -> &'static str {
+    static SHAS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    let (b, c) = SHAS.get_or_init(|| (base().sha256().to_owned(), candidate().sha256().to_owned()));
+    if version == BASE_V { b } else { c }
+}
+
 fn live_with_shadow() -> Running<'static> {
     Running {
         deliver: BASE_V,
+        deliver_sha256: sha_of(BASE_V),
         role: ModelRole::Live,
         shadows: vec![CAND_V],
     }
@@ -148,6 +153,7 @@ fn live_with_shadow() -> Running<'static> {
 fn canary() -> Running<'static> {
     Running {
         deliver: CAND_V,
+        deliver_sha256: sha_of(CAND_V),
         role: ModelRole::Canary,
         shadows: vec![BASE_V],
     }
@@ -264,6 +270,7 @@ fn a_version_without_a_role_is_dropped() {
     assert!(d.state.shadows.contains_key(CAND_V));
     let alone = Running {
         deliver: BASE_V,
+        deliver_sha256: sha_of(BASE_V),
         role: ModelRole::Live,
         shadows: vec![],
     };
@@ -277,6 +284,7 @@ fn a_version_without_a_role_is_dropped() {
     assert!(d.state.engine.rules["spo2-low"].episode.is_some());
     let only = Running {
         deliver: CAND_V,
+        deliver_sha256: sha_of(CAND_V),
         role: ModelRole::Live,
         shadows: vec![],
     };
@@ -314,4 +322,30 @@ fn a_stored_state_from_before_loads() {
     assert_eq!(back, d.state);
     assert_eq!(back.shadows.len(), 1);
     let _: &EngineState = &back.shadows[CAND_V];
+}
+
+/// Candidates gone (a restart without them): a canary's open alert is resolved at the
+/// next sample, under the digest it was delivered with, and the state has no versions.
+#[test]
+fn without_candidates_the_base_takes_over() {
+    let mut d = Device::new();
+    let c = candidate();
+    for t in (0..=20).step_by(5) {
+        d.feed(&canary(), t, 92.0);
+    }
+    assert!(d.state.engine.rules["spo2-low"].episode.is_some());
+    let b = base();
+    let s = sample(100, 25, 92.0);
+    let out = single(&mut d.state, (b.version(), b.sha256()), &s);
+    assert_eq!(
+        seen(&out),
+        [(
+            "spo2-low".into(),
+            "resolved",
+            Some("model_rollback"),
+            c.sha256().to_owned()
+        )]
+    );
+    assert!(d.state.engine_version.is_none() && d.state.shadows.is_empty());
+    assert!(single(&mut d.state, (b.version(), b.sha256()), &s).is_empty());
 }
