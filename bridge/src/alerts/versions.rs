@@ -15,7 +15,10 @@
 //! - the new deliverer starts from its shadow state with episodes, pending and resolve
 //!   runs dropped (learned baselines and change windows kept): nothing it only computed
 //!   in shadow is ever delivered as "already open", and a condition that persists opens
-//!   a delivered alert once the new version's own persistence holds again;
+//!   a delivered alert once the new version's own persistence holds again; each
+//!   would-be episode a shadow drops this way (or because its version lost every role)
+//!   is closed by a shadow change `resolved`, reason `rollout_changed`, so a
+//!   comparison sees where it ended;
 //! - the device's operational episodes (signal quality, sensor fault) are about the
 //!   device, not the version: the new deliverer takes them over as they are (same alert
 //!   ids, no duplicate or orphan), and the old one's copy goes on without them.
@@ -38,23 +41,45 @@ pub struct Running<'a> {
     pub shadows: Vec<&'a str>,
 }
 
+/// What a hand-over emits.
+#[derive(Debug, Default)]
+pub struct HandOver {
+    /// Resolutions of the old deliverer's open clinical alerts: delivered.
+    pub delivered: Vec<AlertChange>,
+    /// `(version, change)`: resolutions (`rollout_changed`) of the would-be episodes a
+    /// shadow version drops (it starts delivering, or loses every role), stored as
+    /// shadow alerts so a comparison sees where each would-be episode ended.
+    pub shadow: Vec<(String, AlertChange)>,
+}
+
 /// Makes `running.deliver` the device's delivering version, handing over from the
 /// previous one if it differs, and drops the shadow states of versions that no longer
 /// run. `base` (version, digest) is the rule set a state stored before candidates (no
 /// `engine_version`) belongs to, as live. The old deliverer's resolutions name the
-/// digest it delivered under. Returns the delivered resolutions, in rule order.
-pub fn hand_over(
+/// digest it delivered under; a shadow version's, `shadow_sha256(version)` (none
+/// there: not emitted).
+pub fn hand_over<'s>(
     state: &mut DeviceAlertState,
     base: (&str, &str),
     running: &Running<'_>,
+    shadow_sha256: impl Fn(&str) -> Option<&'s str>,
     sample: &Sample,
-) -> Vec<AlertChange> {
+) -> HandOver {
     let old = state.engine_version.clone().unwrap_or(EngineVersion {
         version: base.0.to_owned(),
         role: ModelRole::Live,
         policy_sha256: base.1.to_owned(),
     });
-    let mut out = Vec::new();
+    let mut out = HandOver::default();
+    let mut close_shadow = |version: &str, engine: &mut EngineState| {
+        let sha = shadow_sha256(version);
+        for (rule, rs) in &mut engine.rules {
+            if let (Some(e), Some(sha)) = (rs.episode.take(), sha) {
+                let change = resolved(e, rule, ResolveReason::RolloutChanged, sha, sample);
+                out.shadow.push((version.to_owned(), change));
+            }
+        }
+    };
     if old.version != running.deliver {
         let reason = if old.role == ModelRole::Canary {
             ResolveReason::ModelRollback
@@ -69,11 +94,12 @@ pub fn hand_over(
         let mut previous = std::mem::take(&mut state.engine);
         for (rule, rs) in &mut previous.rules {
             if let Some(e) = rs.episode.take() {
-                out.push(resolved(e, rule, reason, sha, sample));
+                out.delivered.push(resolved(e, rule, reason, sha, sample));
             }
             rs.resolving = None;
         }
         let mut next = state.shadows.remove(running.deliver).unwrap_or_default();
+        close_shadow(running.deliver, &mut next);
         for rs in next.rules.values_mut() {
             rs.episode = None;
             rs.pending = Default::default();
@@ -96,9 +122,13 @@ pub fn hand_over(
         role: running.role,
         policy_sha256: running.deliver_sha256.to_owned(),
     });
-    state
-        .shadows
-        .retain(|v, _| running.shadows.contains(&v.as_str()));
+    state.shadows.retain(|v, engine| {
+        let runs = running.shadows.contains(&v.as_str());
+        if !runs {
+            close_shadow(v, engine);
+        }
+        runs
+    });
     out
 }
 
@@ -119,9 +149,9 @@ pub fn single(
         role: ModelRole::Live,
         shadows: Vec::new(),
     };
-    let out = hand_over(state, base, &running, sample);
+    let out = hand_over(state, base, &running, |_| None, sample);
     state.engine_version = None;
-    out
+    out.delivered
 }
 
 /// The engine state of shadow `version` (a fresh one the first time it runs).

@@ -86,6 +86,10 @@ impl<'a> Versions<'a> {
         }
     }
 
+    fn loaded(&self, version: &str) -> Option<&'a RuleSet> {
+        self.sets.iter().find(|s| s.version() == version).copied()
+    }
+
     fn set(&self, version: &str) -> &'a RuleSet {
         self.sets
             .iter()
@@ -107,7 +111,19 @@ impl<'a> Versions<'a> {
     ) -> Vec<AlertChange> {
         let running = self.running(sample, cohorts);
         let base = self.sets[0];
-        let mut out = versions::hand_over(state, (base.version(), base.sha256()), &running, sample);
+        let handed = versions::hand_over(
+            state,
+            (base.version(), base.sha256()),
+            &running,
+            |v| self.loaded(v).map(RuleSet::sha256),
+            sample,
+        );
+        for (v, change) in &handed.shadow {
+            if let Some(set) = self.loaded(v) {
+                shadow_alerts.push(shadow_row(change, self.model, set, sample, now_ms));
+            }
+        }
+        let mut out = handed.delivered;
         let deliver = self.set(running.deliver);
         out.extend(alerts::evaluate(deliver, deliver.sha256(), state, sample));
         for v in &running.shadows {

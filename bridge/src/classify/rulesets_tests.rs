@@ -313,6 +313,7 @@ fn canary_and_rollback_hand_over_at_the_next_sample() {
     let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 92.0)]);
     assert!(out.commit.alerts.is_empty());
     assert_eq!(out.commit.shadow_alerts.len(), 1);
+    let shadow_id = out.commit.shadow_alerts[0].alert_id.clone();
 
     let _ = s.set_models(Some(models(CANARY_SITE_02)), T0 + 1500);
     let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 2, 92.0)]);
@@ -327,7 +328,18 @@ fn canary_and_rollback_hand_over_at_the_next_sample() {
             None
         )]
     );
-    assert!(out.commit.shadow_alerts.is_empty());
+    // Its would-be episode is closed in shadow (so a comparison sees it end).
+    let [closed] = out.commit.shadow_alerts.as_slice() else {
+        panic!("{:?}", out.commit.shadow_alerts);
+    };
+    assert_eq!(
+        (
+            closed.alert_id.as_str(),
+            closed.state.as_str(),
+            closed.version.as_str()
+        ),
+        (shadow_id.as_str(), "resolved", "c1")
+    );
     let opened = out.commit.alerts[0].alert_id.clone();
     assert_eq!(book_len(&s, "dev-00003"), 1);
 

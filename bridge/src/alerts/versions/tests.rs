@@ -110,15 +110,23 @@ impl Device {
         let json = serde_json::to_string(&self.state).expect("serializes");
         self.state = serde_json::from_str(&json).expect("parses");
         let base = self.base.clone();
-        let mut delivered = hand_over(
+        let handed = hand_over(
             &mut self.state,
             (base.version(), base.sha256()),
             running,
+            |v| {
+                Some(if v == BASE_V {
+                    sha_of(BASE_V)
+                } else {
+                    sha_of(CAND_V)
+                })
+            },
             &s,
         );
+        let mut delivered = handed.delivered;
+        let mut shadow: Vec<AlertChange> = handed.shadow.into_iter().map(|(_, c)| c).collect();
         let set = self.set(running.deliver).clone();
         delivered.extend(evaluate(&set, set.sha256(), &mut self.state, &s));
-        let mut shadow = Vec::new();
         for v in &running.shadows {
             let set = self.set(v).clone();
             shadow.extend(evaluate_engine(
@@ -209,9 +217,16 @@ fn shadow_then_canary_then_rollback() {
             b.sha256().to_owned()
         )]
     );
-    assert!(
-        shadow.is_empty(),
-        "the base's shadow starts without episodes"
+    // The candidate's would-be episode ends where it starts delivering (stored as a
+    // shadow change, never delivered); the base's shadow starts without episodes.
+    assert_eq!(
+        seen(&shadow),
+        [(
+            "spo2-low".into(),
+            "resolved",
+            Some("rollout_changed"),
+            c.sha256().to_owned()
+        )]
     );
     assert!(d.state.engine.rules["spo2-low"].episode.is_none());
     assert_eq!(d.state.shadows.keys().collect::<Vec<_>>(), [BASE_V]);
