@@ -453,7 +453,7 @@ fn a_candidate_rule_set_in_shadow_canary_and_rollback() {
         common::BridgeProcess::config_with(rig.broker.port, "", ""),
         repo("policies/examples/rules.toml").display()
     );
-    let _bridge = common::BridgeProcess::start(bin, dir, &config, Duration::from_secs(30));
+    let bridge = common::BridgeProcess::start(bin, dir, &config, Duration::from_secs(30));
     let audit = rig.data().join("audit.jsonl");
     let loaded: Vec<Json> = common::audit_records(&audit)
         .into_iter()
@@ -609,4 +609,65 @@ fn a_candidate_rule_set_in_shadow_canary_and_rollback() {
             .filter(|r| r["body"]["site"] == "site-01")
             .all(|r| r["body"]["policy_sha256"] == base_sha.as_str())
     );
+    // Compare over the store: the counts it holds (read after, so at most those).
+    let ran = vitalmq_ok(
+        bin,
+        &[
+            "models",
+            "compare",
+            "--config",
+            bridge.config.to_str().expect("utf-8"),
+            "--model",
+            "rules",
+            "--from",
+            RULES_LIVE,
+            "--to",
+            RULES_CAND,
+            "--json",
+        ],
+    );
+    let report: Json = serde_json::from_str(ran.stdout.trim()).expect("compare json");
+    let shadow_rows = rig.rows("shadow-alerts");
+    // Every clinical rule alert (spo2-falling joins spo2-low on a desaturation).
+    let all: Vec<Json> = rig
+        .rows("alerts")
+        .into_iter()
+        .filter_map(|r| serde_json::from_str::<Json>(r["body"].as_str()?).ok())
+        .filter(|b| b["kind"] == "clinical")
+        .map(|body| serde_json::json!({ "body": body }))
+        .collect();
+    let rows = |v: &str, role: &str| report["rows"][v][role].as_u64().unwrap_or(0);
+    let stored_shadow = shadow_rows
+        .iter()
+        .filter(|r| r["version"] == RULES_CAND)
+        .filter(|r| !r["rule"].as_str().unwrap_or("ops/").starts_with("ops/"))
+        .count() as u64;
+    let stored = |sha: &str| {
+        all.iter()
+            .filter(|r| r["body"]["policy_sha256"] == sha)
+            .count() as u64
+    };
+    assert!(
+        rows(RULES_CAND, "shadow") >= 2 && rows(RULES_CAND, "shadow") <= stored_shadow,
+        "{report}"
+    );
+    assert!(
+        rows(RULES_CAND, "delivered") >= 2 && rows(RULES_CAND, "delivered") <= stored(&cand_sha),
+        "{report}"
+    );
+    assert!(
+        rows(RULES_LIVE, "delivered") >= 2 && rows(RULES_LIVE, "delivered") <= stored(&base_sha),
+        "{report}"
+    );
+    let opens = |v: &str, role: &str| report["opens"][v][role]["spo2-low"].as_u64().unwrap_or(0);
+    assert!(opens(RULES_CAND, "shadow") >= 2, "{report}");
+    assert!(opens(RULES_CAND, "delivered") >= 1, "{report}");
+    assert!(opens(RULES_LIVE, "delivered") >= 2, "{report}");
+    assert!(report["episodes"]["paired"].as_u64() >= Some(1), "{report}");
+    // The stricter candidate opens before the base in some pair.
+    assert!(
+        report["episodes"]["open_diff_min_s"].as_f64() <= Some(0.0),
+        "{report}"
+    );
+    assert!(!ran.stdout.contains("pt-"), "no patient reference printed");
 }
