@@ -683,7 +683,20 @@ impl Sequencer {
                                             .assessed(&assessment);
                                     let changes = match &versions {
                                         None => {
-                                            alerts::evaluate(rules, rules.sha256(), state, &sample)
+                                            // A state from a run with candidates is
+                                            // handed back to the base first.
+                                            let mut c = alerts::versions::single(
+                                                state,
+                                                (rules.version(), rules.sha256()),
+                                                &sample,
+                                            );
+                                            c.extend(alerts::evaluate(
+                                                rules,
+                                                rules.sha256(),
+                                                state,
+                                                &sample,
+                                            ));
+                                            c
                                         }
                                         Some(v) => v.evaluate(
                                             state,

@@ -391,3 +391,48 @@ fn without_candidates_nothing_changes() {
     let t = &s.tracks[&DeviceId::new("dev-00003").expect("id")].alerts;
     assert!(t.engine_version.is_none() && t.shadows.is_empty());
 }
+
+/// A restart without the candidates after a canary: the candidate's open alert is
+/// resolved at the device's next sample (under its own digest) and the base delivers.
+#[test]
+fn a_restart_without_candidates_hands_back_to_the_base() {
+    let f = fixture();
+    let mut s = sequencer(CANARY_SITE_02);
+    let cand = set(&candidate_text());
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 88.0)]);
+    assert_eq!(delivered(&out)[0].2, cand.sha256());
+    let states: HashMap<DeviceId, DeviceAlertState> = out
+        .commit
+        .alert_states
+        .iter()
+        .map(|(d, json)| (d.clone(), serde_json::from_str(json).expect("state")))
+        .collect();
+    let mut restarted = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        states,
+        Some(set(BASE)),
+    );
+    let _ = restarted.set_models(Some(models(CANARY_SITE_02)), T0);
+    let out = run(&f, &mut restarted, vec![vitals(&f, "dev-00003", 2, 88.0)]);
+    assert_eq!(
+        delivered(&out),
+        [
+            (
+                "spo2-low".into(),
+                "resolved".into(),
+                cand.sha256().to_owned(),
+                Some("model_rollback".into())
+            ),
+            (
+                "spo2-low".into(),
+                "open".into(),
+                set(BASE).sha256().to_owned(),
+                None
+            )
+        ]
+    );
+    let t = &restarted.tracks[&DeviceId::new("dev-00003").expect("id")].alerts;
+    assert!(t.engine_version.is_none() && t.shadows.is_empty());
+}
