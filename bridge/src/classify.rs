@@ -259,7 +259,7 @@ pub struct Sequencer {
     rules: Option<Arc<RuleSet>>,
     /// Candidate rule sets (issue 21, `[alerts] candidates`): versions of the rule set
     /// that run in shadow or as a canary as the models file says (see `rulesets`).
-    candidates: Vec<Arc<RuleSet>>,
+    candidates: rulesets::Candidates,
     /// The model registry in force; `None` checks no models (`[models]` absent).
     models: Option<Arc<vitalmq_policies::ModelRegistry>>,
     /// Open `model_unapproved` episodes.
@@ -321,7 +321,7 @@ impl Sequencer {
             size,
             tracks: HashMap::new(),
             rules,
-            candidates: Vec::new(),
+            candidates: rulesets::Candidates::default(),
             models: None,
             model_fleet: crate::models::ModelFleet::default(),
             index: HashMap::new(),
@@ -355,15 +355,11 @@ impl Sequencer {
     }
 
     /// Runs the candidate rule sets next to the base one (`[alerts] candidates`), each
-    /// in the role the models file's `[[rollout]]` gives it per device.
-    pub fn with_candidates(mut self, candidates: Vec<Arc<RuleSet>>) -> Self {
-        self.candidates = candidates;
+    /// in the role the models file's `[[rollout]]` gives it per device; `model` is the
+    /// rule set's registry name (`rollout::check_rule_sets` returns it).
+    pub fn with_candidates(mut self, model: String, sets: Vec<Arc<RuleSet>>) -> Self {
+        self.candidates = rulesets::Candidates { model, sets };
         self
-    }
-
-    /// The candidate rule sets loaded at start.
-    pub fn candidates(&self) -> &[Arc<RuleSet>] {
-        &self.candidates
     }
 
     /// Puts a (re)loaded model registry in force for the next batch.
@@ -685,11 +681,15 @@ impl Sequencer {
                                         None => {
                                             // A state from a run with candidates is
                                             // handed back to the base first.
-                                            let mut c = alerts::versions::single(
-                                                state,
-                                                (rules.version(), rules.sha256()),
-                                                &sample,
-                                            );
+                                            let mut c = if self.candidates.sets.is_empty() {
+                                                alerts::versions::single(
+                                                    state,
+                                                    (rules.version(), rules.sha256()),
+                                                    &sample,
+                                                )
+                                            } else {
+                                                Vec::new()
+                                            };
                                             c.extend(alerts::evaluate(
                                                 rules,
                                                 rules.sha256(),

@@ -44,6 +44,9 @@ pub struct RuleSetGuard {
 
 #[derive(Debug)]
 struct InForce {
+    /// The rule set's registry name at start: the running versions are looked up
+    /// under it, so a reload may not move them to another name.
+    model: String,
     base_path: String,
     base: Arc<RuleSet>,
     /// `(path, rule set)`, loaded at start (not reloaded).
@@ -53,6 +56,7 @@ struct InForce {
 
 impl RuleSetGuard {
     pub fn new(
+        model: String,
         base_path: String,
         base: Arc<RuleSet>,
         candidates: Vec<(String, Arc<RuleSet>)>,
@@ -60,6 +64,7 @@ impl RuleSetGuard {
     ) -> Self {
         Self {
             inner: Arc::new(std::sync::Mutex::new(InForce {
+                model,
                 base_path,
                 base,
                 candidates,
@@ -79,11 +84,18 @@ impl RuleSetGuard {
         f: &InForce,
         base: &RuleSet,
         models: &ModelRegistry,
-    ) -> Result<String, crate::rollout::RuleSetsError> {
+    ) -> Result<(), crate::rollout::RuleSetsError> {
         let sets: Vec<(&str, &RuleSet)> = std::iter::once((f.base_path.as_str(), base))
             .chain(f.candidates.iter().map(|(p, s)| (p.as_str(), s.as_ref())))
             .collect();
-        crate::rollout::check_rule_sets(&sets, models)
+        let model = crate::rollout::check_rule_sets(&sets, models)?;
+        if model != f.model {
+            return Err(crate::rollout::RuleSetsError::Renamed {
+                model,
+                was: f.model.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Takes `models` into force if the rule sets in force fit it.
@@ -799,6 +811,7 @@ mod tests {
         let audit = vitalmq_audit::AuditLog::open(&log, 64).expect("audit");
         let initial = Arc::new(ModelRegistry::load(&models_path).expect("valid"));
         let guard = super::RuleSetGuard::new(
+            "rules".into(),
             "rules.toml".into(),
             Arc::clone(&base),
             vec![("cand.toml".into(), Arc::clone(&cand))],
@@ -844,6 +857,20 @@ mod tests {
         assert_eq!(line, 2);
         assert!(!rules.rules.has_changed().expect("open"));
         assert_eq!(rules.rules.borrow().sha256(), base.sha256());
+
+        // The same files registered under another name: the running versions would
+        // be looked up under the old one.
+        let renamed = format!(
+            "{}\n{}[[rollout]]\nmodel = \"rules2\"\nlive = \"2025-06-01.1\"\n",
+            shipped.replace("name = \"rules\"", "name = \"rules2\""),
+            entry("2025-07-01.1", cand.sha256()).replace("name = \"rules\"", "name = \"rules2\""),
+        );
+        ModelRegistry::parse(&renamed, Path::new("m.toml")).expect("valid by itself");
+        replace(&models_path, &renamed);
+        assert_eq!(audited_times(&log, "models_rule_sets_mismatch", 3).await, 3);
+        let line = audited(&log, "a rename needs a restart").await;
+        assert!(line.contains("rules2"), "{line}");
+        assert!(!models.models.has_changed().expect("open"));
 
         // A canary of the loaded candidate fits.
         replace(

@@ -316,6 +316,10 @@ pub enum RuleSetsError {
         model: String,
         base_model: String,
     },
+    #[error(
+        "the rule sets are registered as {model}; the bridge started with them as {was} (a rename needs a restart)"
+    )]
+    Renamed { model: String, was: String },
     #[error("rule sets {path} and {other} are both version {version}")]
     Duplicate {
         path: String,

@@ -444,8 +444,7 @@ pub async fn run(
         alert_states,
         rules.clone(),
     )
-    .with_scoring(scoring, patients)
-    .with_candidates(candidates.iter().map(|(_, s)| Arc::clone(s)).collect());
+    .with_scoring(scoring, patients);
     // The model registry (issue 21): an invalid file refuses the start, like the rules.
     let models = match &config.models {
         Some(m) => Some(Arc::new(
@@ -486,7 +485,12 @@ pub async fn run(
                 m,
             ));
         }
+        sequencer = sequencer.with_candidates(
+            model.clone(),
+            candidates.iter().map(|(_, s)| Arc::clone(s)).collect(),
+        );
         rule_set_guard = Some(crate::reload::RuleSetGuard::new(
+            model,
             base_path.clone(),
             Arc::clone(base),
             candidates.clone(),

@@ -19,6 +19,13 @@ use crate::alerts::versions::{self, Running};
 use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
 use crate::store::{NewShadowAlert, shadow_change_id};
 
+/// The candidate rule sets loaded at start and the rule set's registry name.
+#[derive(Debug, Clone, Default)]
+pub struct Candidates {
+    pub model: String,
+    pub sets: Vec<Arc<RuleSet>>,
+}
+
 /// The loaded versions of the rule set, and the registry that gives them roles.
 #[derive(Debug)]
 pub(super) struct Versions<'a> {
@@ -30,24 +37,24 @@ pub(super) struct Versions<'a> {
 }
 
 impl<'a> Versions<'a> {
-    /// `None` (one rule set, as before candidates) without candidates, models file, or
-    /// a registry entry of the base (the start and reload checks make that impossible
-    /// with candidates).
+    /// `None` (one rule set, as before candidates) without candidates or models file.
+    /// `model` is the rule set's registry name, fixed at start by the check (every
+    /// reload of either file is checked against it: `reload::RuleSetGuard`), so a
+    /// batch between a rules and a models reload never loses the versions.
     pub(super) fn of(
         base: &'a RuleSet,
-        candidates: &'a [Arc<RuleSet>],
+        candidates: &'a Candidates,
         models: Option<&'a ModelRegistry>,
     ) -> Option<Self> {
-        if candidates.is_empty() {
+        if candidates.sets.is_empty() {
             return None;
         }
         let models = models?;
-        let model = crate::rollout::rule_set_entry(models, base)?.name.as_str();
         let sets = std::iter::once(base)
-            .chain(candidates.iter().map(AsRef::as_ref))
+            .chain(candidates.sets.iter().map(AsRef::as_ref))
             .collect();
         Some(Self {
-            model,
+            model: &candidates.model,
             sets,
             models,
         })

@@ -116,7 +116,7 @@ fn sequencer(rollout: &str) -> Sequencer {
         HashMap::new(),
         Some(set(BASE)),
     )
-    .with_candidates(vec![set(&candidate_text())]);
+    .with_candidates("rules".into(), vec![set(&candidate_text())]);
     let _ = s.set_models(Some(models(rollout)), T0);
     s
 }
