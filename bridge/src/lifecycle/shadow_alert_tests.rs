@@ -152,11 +152,21 @@ fn anonymize_waits_for_the_end_of_the_episode_then_renames_it_whole() {
         (rows[0].alert_id.as_str(), rows[2].alert_id.as_str()),
         ("anon-h1", "anon-h1")
     );
-    assert_eq!((rows[0].change_id.as_str(), rows[2].change_id.as_str()), ("anon-hc1", "anon-hc3"));
+    assert_eq!(
+        (rows[0].change_id.as_str(), rows[2].change_id.as_str()),
+        ("anon-hc1", "anon-hc3")
+    );
     assert_eq!(rows[1].alert_id, "al-2");
     for r in [&rows[0], &rows[2]] {
-        assert_eq!((r.patient_ref.as_str(), r.device.as_str()), ("", "anonymized"));
-        assert_eq!(r.at_ms % crate::lifecycle::anonymize::HOUR_MS, 0, "coarsened");
+        assert_eq!(
+            (r.patient_ref.as_str(), r.device.as_str()),
+            ("", "anonymized")
+        );
+        assert_eq!(
+            r.at_ms % crate::lifecycle::anonymize::HOUR_MS,
+            0,
+            "coarsened"
+        );
         let Payload::Plain(bytes) = &r.payload else {
             panic!("{:?}", r.payload)
         };
@@ -185,7 +195,12 @@ fn an_erased_patients_episode_is_deleted_not_anonymized() {
     store
         .erase_cleanup("pt-7f3a", &crate::store::sealing::ErasureScope::default())
         .expect("scrub");
-    let report = run(&mut store, &policy("anonymize"), &LegalHolds::none(), T0 + DAY);
+    let report = run(
+        &mut store,
+        &policy("anonymize"),
+        &LegalHolds::none(),
+        T0 + DAY,
+    );
     assert_eq!(report.count("clinical", "delete_erased"), 1);
     assert!(ids(&store).is_empty());
 }

@@ -416,8 +416,19 @@ mod tests {
         assert_eq!(r.payload, Payload::Plain(open.payload.clone().into_bytes()));
         assert!(rows[1].id > rows[0].id, "monotonic ids");
         // Paging, per patient, and the compare selection by version and period.
-        assert_eq!(store.shadow_alerts(rows[0].id, None, 10).expect("page").len(), 1);
-        assert!(store.shadow_alerts(0, Some("pt-other"), 10).expect("pt").is_empty());
+        assert_eq!(
+            store
+                .shadow_alerts(rows[0].id, None, 10)
+                .expect("page")
+                .len(),
+            1
+        );
+        assert!(
+            store
+                .shadow_alerts(0, Some("pt-other"), 10)
+                .expect("pt")
+                .is_empty()
+        );
         let of = |versions, period| {
             store
                 .shadow_alerts_of("rules", versions, period, 0, 10)
@@ -461,7 +472,9 @@ mod tests {
         // (The sealed header names its subject, the patient pseudonym, by design.)
         for clear in ["87.25", "spo2-low"] {
             assert!(
-                !at_rest[0].windows(clear.len()).any(|w| w == clear.as_bytes()),
+                !at_rest[0]
+                    .windows(clear.len())
+                    .any(|w| w == clear.as_bytes()),
                 "{clear} in the payload at rest"
             );
         }
@@ -487,9 +500,11 @@ mod tests {
                 1,
             )
             .expect("erase");
-        assert!(store.shadow_alerts(0, None, 10).expect("read")[0]
-            .payload
-            .is_erased());
+        assert!(
+            store.shadow_alerts(0, None, 10).expect("read")[0]
+                .payload
+                .is_erased()
+        );
         // A late reading's shadow alert of the erased patient is not written.
         let committed = store
             .commit(&Commit {
@@ -553,7 +568,11 @@ mod tests {
         drop(store);
         assert!(matches!(
             Store::open(dir.path()),
-            Err(StoreError::NewerSchema { found: 7, known: 6, .. })
+            Err(StoreError::NewerSchema {
+                found: 7,
+                known: 6,
+                ..
+            })
         ));
     }
 }
