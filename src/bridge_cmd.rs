@@ -28,6 +28,43 @@ pub fn run(args: BridgeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every shadow alert change of the store as JSON lines (`payload` opened when
+/// readable, else empty with `marks` saying why), like `store scores`.
+fn shadow_alert_lines(store: &vitalmq_bridge::store::Store) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.shadow_alerts(after, None, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for s in page {
+            out.push(
+                serde_json::json!({
+                    "id": s.id,
+                    "change_id": s.change_id,
+                    "alert_id": s.alert_id,
+                    "patient_ref": s.patient_ref,
+                    "site": s.site,
+                    "device": s.device,
+                    "model": s.model,
+                    "version": s.version,
+                    "config_sha256": s.config_sha256,
+                    "role": s.role,
+                    "rule": s.rule,
+                    "state": s.state,
+                    "severity": s.severity,
+                    "at_ms": s.at_ms,
+                    "created_at_ms": s.created_at_ms,
+                    "payload": s.payload.text(),
+                    "marks": s.payload.marks(),
+                })
+                .to_string(),
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// What to print from a bridge's store.
 #[derive(Debug, clap::Subcommand)]
 pub enum StoreCommand {
@@ -44,6 +81,9 @@ pub enum StoreCommand {
     /// Server-side scores (NEWS2, every version: live, shadow, canary) in id order,
     /// one per line, payloads opened with `--key-file`.
     Scores(DataDir),
+    /// Would-be alert changes of candidate rule sets running in shadow (issue 21), in
+    /// id order, one per line, payloads opened with `--key-file`.
+    ShadowAlerts(DataDir),
     /// Ask the bridge to forget a device's sequence state (window and open gaps), e.g.
     /// after re-keying it or after it sent `epoch` = u64::MAX and is locked out. The
     /// bridge applies the request before its next batch (or when it starts) and audits
@@ -108,6 +148,7 @@ impl StoreCommand {
             Self::Gaps(_) => Some("store.gaps"),
             Self::Alerts(_) => Some("store.alerts"),
             Self::Scores(_) => Some("store.scores"),
+            Self::ShadowAlerts(_) => Some("store.shadow_alerts"),
             Self::ResetSequence(_) => Some("store.reset_sequence"),
             Self::Backup(_) => Some("store.backup"),
             Self::Restore(_) => Some("store.restore"),
@@ -124,7 +165,8 @@ impl StoreCommand {
             | Self::Quarantine(d)
             | Self::Gaps(d)
             | Self::Alerts(d)
-            | Self::Scores(d) => d,
+            | Self::Scores(d)
+            | Self::ShadowAlerts(d) => d,
         };
         let data = match (d.client.remote(), &d.data) {
             (Some(server), _) => {
@@ -155,6 +197,7 @@ impl StoreCommand {
                 Self::Gaps(_) => json_lines(&store.list_gaps()?)?,
                 Self::Alerts(_) => json_lines(&store.list_alerts()?)?,
                 Self::Scores(_) => json_lines(&store.list_scores()?)?,
+                Self::ShadowAlerts(_) => shadow_alert_lines(&store)?,
                 // Returned above.
                 Self::ResetSequence(_) | Self::Backup(_) | Self::Restore(_) => Vec::new(),
             };

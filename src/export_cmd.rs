@@ -13,6 +13,7 @@
 //! | `alerts.jsonl` | alert state change, in order | `position`, `alert_id`, `state`, `kind`, `topic`, `device`, `rule`, `recorded_at(_ms)`, `body` (the alert as published) |
 //! | `provenance.jsonl` | event, then alert change | event: `kind` "event", ids, `raw_sha256`, `verdict`, times, `sinks` (whose cursor passed it), the event's own `provenance`; alert: `kind` "alert", ids, rule and policy, `evidence` and `evidence_not_exported` |
 //! | `scores.jsonl` | server-side score (issue 21), id order | `score_id`, `model`, `version`, `config_sha256`, `role`, `device`, `site`, `observed_at(_ms)`, `recorded_at_ms`, `score` (the stored score: aggregate, risk, sub-scores, missing, inputs) |
+//! | `shadow_alerts.jsonl` | would-be alert change of a rule-set version running in shadow (issue 21; never delivered), id order | `change_id`, `alert_id`, `model`, `version`, `config_sha256`, `role`, `rule`, `state`, `severity`, `device`, `site`, `at(_ms)`, `recorded_at_ms`, `alert` (the alert as it would have been published) |
 //!
 //! then `manifest.json` (`vitalmq-export/v1`: patient, time, source store and schema
 //! version, who asked and why, per file its name, lines, bytes and SHA-256), and last
@@ -47,12 +48,13 @@ use crate::operator_audit::{self, Action};
 /// The manifest's format.
 pub const FORMAT: &str = "vitalmq-export/v1";
 /// The data files, in the order the manifest lists them.
-pub const FILES: [&str; 5] = [
+pub const FILES: [&str; 6] = [
     "events.jsonl",
     "raw.jsonl",
     "alerts.jsonl",
     "provenance.jsonl",
     "scores.jsonl",
+    "shadow_alerts.jsonl",
 ];
 pub const MANIFEST: &str = "manifest.json";
 /// What `vitalmq export` says when a payload is sealed and it has no key.
@@ -108,6 +110,7 @@ pub struct ExportReport {
     pub events: u64,
     pub alerts: u64,
     pub scores: u64,
+    pub shadow_alerts: u64,
     pub files: Vec<FileEntry>,
 }
 
@@ -506,12 +509,43 @@ fn write_export(
         }))?;
         score_count += 1;
     }
+    // The patient's shadow alerts (schema v6), likewise after the snapshot.
+    let mut shadow = Lines::create(out, FILES[5])?;
+    let mut shadow_count = 0u64;
+    for a in store.shadow_alerts(0, Some(&req.patient_ref), usize::MAX)? {
+        let alert: Json = serde_json::from_slice(readable(&a.payload, "shadow alerts", KEY_HINT)?)
+            .with_context(|| {
+                format!(
+                    "shadow alert {}: the stored payload is not JSON",
+                    a.change_id
+                )
+            })?;
+        shadow.json(&json!({
+            "change_id": a.change_id,
+            "alert_id": a.alert_id,
+            "model": a.model,
+            "version": a.version,
+            "config_sha256": a.config_sha256,
+            "role": a.role,
+            "rule": a.rule,
+            "state": a.state,
+            "severity": a.severity,
+            "device": a.device,
+            "site": a.site,
+            "at": rfc3339_ms(a.at_ms),
+            "at_ms": a.at_ms,
+            "recorded_at_ms": a.created_at_ms,
+            "alert": alert,
+        }))?;
+        shadow_count += 1;
+    }
     let entries = vec![
         files.events.finish()?,
         files.raw.finish()?,
         files.alerts.finish()?,
         files.provenance.finish()?,
         scores.finish()?,
+        shadow.finish()?,
     ];
     let manifest = json!({
         "format": FORMAT,
@@ -525,7 +559,8 @@ fn write_export(
         },
         "requested_by": requested_by,
         "purpose": req.purpose,
-        "counts": {"events": snapshot.events, "alerts": snapshot.alerts, "scores": score_count},
+        "counts": {"events": snapshot.events, "alerts": snapshot.alerts, "scores": score_count,
+            "shadow_alerts": shadow_count},
         "files": entries,
     });
     let mut text = serde_json::to_vec_pretty(&manifest)?;
@@ -545,6 +580,7 @@ fn write_export(
         events: snapshot.events,
         alerts: snapshot.alerts,
         scores: score_count,
+        shadow_alerts: shadow_count,
         files: entries,
     })
 }

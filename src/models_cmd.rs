@@ -9,10 +9,13 @@
 //!   counts and timing differences of two versions over a period, from the bridge's
 //!   store (`compare`, where the definitions are). It reads patient-linked rows, so it
 //!   is an operator action (`models.compare`, in the data directory's operator log)
-//!   and prints aggregates only.
+//!   and prints aggregates only. A model whose registry entries are of kind `rules`
+//!   (a rule set) is compared by its alert episodes instead (`rules_compare`): the
+//!   delivered alerts of each version (by its registry digest) and its shadow alerts.
 
 mod compare;
 mod read;
+mod rules_compare;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,7 +39,8 @@ pub enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Compare two versions of a score model over a period (aggregates; audited).
+    /// Compare two versions of a score model or rule set over a period (aggregates;
+    /// audited).
     Compare(CompareArgs),
 }
 
@@ -208,11 +212,53 @@ fn parse_time(s: Option<&str>) -> anyhow::Result<Option<u64>> {
     .transpose()
 }
 
+/// The registry digests of `from` and `to` when `model` is a rule set (its entries are
+/// of kind `rules`); `None` for any other model (or without a models file).
+fn rule_set_digests(
+    config: &BridgeConfig,
+    args: &CompareArgs,
+) -> anyhow::Result<Option<(String, String)>> {
+    let Some(file) = config.models.as_ref().map(|m| &m.file) else {
+        return Ok(None);
+    };
+    let models = ModelRegistry::load(file)?;
+    let is_rules = models
+        .entries()
+        .iter()
+        .any(|e| e.name == args.model && e.kind == vitalmq_policies::ModelKind::Rules);
+    if !is_rules {
+        return Ok(None);
+    }
+    let digest = |version: &str| {
+        models
+            .entry(&args.model, version)
+            .map(|e| e.artifact_sha256.clone())
+            .with_context(|| {
+                format!(
+                    "{}: no registry entry {}/{version}",
+                    file.display(),
+                    args.model
+                )
+            })
+    };
+    let (from, to) = (digest(&args.from)?, digest(&args.to)?);
+    anyhow::ensure!(
+        from != to,
+        "{} and {} have the same artifact digest: their delivered alerts cannot be told apart",
+        args.from,
+        args.to
+    );
+    Ok(Some((from, to)))
+}
+
 fn run_compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
     let config =
         BridgeConfig::load(&args.config).with_context(|| format!("{}", args.config.display()))?;
     let since = parse_time(args.since.as_deref())?;
     let until = parse_time(args.until.as_deref())?;
+    if let Some(digests) = rule_set_digests(&config, args)? {
+        return run_rules_compare(args, &config, digests, (since, until));
+    }
     let key_file = config.encryption.as_ref().map(|e| e.key_file.as_path());
     let store = crate::bridge_cmd::open_existing_with(&config.data_dir, key_file)?;
     let action = Action::new(
@@ -255,6 +301,51 @@ fn run_compare(args: &CompareArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", text_report(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `models compare` of a rule set: see `rules_compare`.
+fn run_rules_compare(
+    args: &CompareArgs,
+    config: &BridgeConfig,
+    (from_sha256, to_sha256): (String, String),
+    period: (Option<u64>, Option<u64>),
+) -> anyhow::Result<ExitCode> {
+    let key_file = config.encryption.as_ref().map(|e| e.key_file.as_path());
+    let store = crate::bridge_cmd::open_existing_with(&config.data_dir, key_file)?;
+    let action = Action::new(
+        "models.compare",
+        operator_audit::log_path(operator_audit::data_dir_log(&config.data_dir)),
+    )
+    .detail("data_dir", operator_audit::absolute(&config.data_dir))
+    .detail("model", args.model.clone())
+    .detail("kind", "rules")
+    .detail("from", args.from.clone())
+    .detail("to", args.to.clone())
+    .detail("since", args.since.clone())
+    .detail("until", args.until.clone())
+    .detail("purpose", args.purpose.clone());
+    let report = action.run(|| {
+        let from = (args.from.as_str(), from_sha256.as_str());
+        let to = (args.to.as_str(), to_sha256.as_str());
+        let read = rules_compare::rows(&store, &args.model, [from, to], period)
+            .with_context(|| format!("{}", args.config.display()))?;
+        let mut report = rules_compare::compare(&args.model, from, to, &read.changes);
+        report.erased_rows = read.erased_rows;
+        report.erased_shadow_rows = read.erased_shadow_rows;
+        report.ops_rows = read.ops_rows;
+        let mut done = Map::new();
+        done.insert("changes_read".into(), read.changes.len().into());
+        done.insert("erased_rows".into(), read.erased_rows.into());
+        done.insert("erased_shadow_rows".into(), read.erased_shadow_rows.into());
+        done.insert("paired".into(), report.episodes.paired.into());
+        Ok((report, done))
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", rules_compare::text(&report));
     }
     Ok(ExitCode::SUCCESS)
 }

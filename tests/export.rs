@@ -48,6 +48,41 @@ fn score(id: &str, patient: &str, device: &str) -> vitalmq_bridge::NewScore {
     }
 }
 
+/// A would-be alert change of rule-set version `2025-07-01.1` running in shadow for
+/// `patient` (sealed by the store).
+fn shadow_alert(
+    alert_id: &str,
+    state: &str,
+    patient: &str,
+    device: &str,
+) -> vitalmq_bridge::store::NewShadowAlert {
+    vitalmq_bridge::store::NewShadowAlert {
+        change_id: vitalmq_bridge::store::shadow_change_id(
+            "2025-07-01.1",
+            alert_id,
+            state,
+            &format!("ev1-{alert_id}-{state}"),
+        ),
+        alert_id: alert_id.into(),
+        patient_ref: patient.into(),
+        site: "site-01".into(),
+        device: device.into(),
+        model: "rules".into(),
+        version: "2025-07-01.1".into(),
+        config_sha256: "cd".repeat(32),
+        role: "shadow".into(),
+        rule: "spo2-low".into(),
+        state: state.into(),
+        severity: "urgent".into(),
+        at_ms: 1_763_726_400_000,
+        created_at_ms: 1_763_726_400_005,
+        payload: json!({"alert_id": alert_id, "kind": "clinical", "state": state,
+            "rule": "spo2-low", "rule_version": "2025-07-01.1", "patient_ref": patient,
+            "device": device, "value": 87})
+        .to_string(),
+    }
+}
+
 const A: &str = "pt-aaaa1111";
 const B: &str = "pt-bbbb2222";
 
@@ -206,6 +241,11 @@ impl Fixture {
                     alert("al-a1", "closed", A, "dev-a", &[&a_events[2]]),
                 ],
                 scores: vec![score("sc-a1", A, "dev-a"), score("sc-b1", B, "dev-b")],
+                shadow_alerts: vec![
+                    shadow_alert("al-sa1", "open", A, "dev-a"),
+                    shadow_alert("al-sb1", "open", B, "dev-b"),
+                    shadow_alert("al-sa1", "resolved", A, "dev-a"),
+                ],
                 now_ms: 1_763_726_500_000,
                 ..Commit::default()
             })
@@ -330,13 +370,14 @@ fn one_patients_export_verifies_independently_and_is_audited() {
         "alerts.jsonl",
         "provenance.jsonl",
         "scores.jsonl",
+        "shadow_alerts.jsonl",
         "manifest.json",
         "manifest.sha256",
     ] {
         assert_eq!(mode(&out.join(name)), 0o600, "{name}");
         // Nothing of the other patient, their device or their alert.
         let text = std::fs::read_to_string(out.join(name)).expect("read");
-        for other in [B, "dev-b", "al-b1"] {
+        for other in [B, "dev-b", "al-b1", "al-sb1"] {
             assert!(!text.contains(other), "{name} mentions {other}");
         }
     }
@@ -344,12 +385,33 @@ fn one_patients_export_verifies_independently_and_is_audited() {
     assert_eq!(manifest["patient_ref"], A);
     assert_eq!(manifest["requested_by"], "dpo@hospital");
     assert_eq!(manifest["purpose"], "subject access request");
-    assert_eq!(manifest["source"]["schema_version"], 5);
+    assert_eq!(manifest["source"]["schema_version"], 6);
     assert_eq!(manifest["source"]["encrypted"], true);
     assert_eq!(
         manifest["counts"],
-        json!({"events": 3, "alerts": 2, "scores": 1})
+        json!({"events": 3, "alerts": 2, "scores": 1, "shadow_alerts": 2})
     );
+    // The patient's shadow alert changes (never delivered), opened, in order.
+    let shadow = lines(&out, "shadow_alerts.jsonl");
+    let changes: Vec<(&str, &str, &str)> = shadow
+        .iter()
+        .map(|a| {
+            (
+                a["alert_id"].as_str().expect("id"),
+                a["state"].as_str().expect("state"),
+                a["version"].as_str().expect("version"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("al-sa1", "open", "2025-07-01.1"),
+            ("al-sa1", "resolved", "2025-07-01.1")
+        ]
+    );
+    assert_eq!(shadow[0]["role"], "shadow");
+    assert_eq!(shadow[0]["alert"]["value"], 87);
     // The patient's score, opened; not the other patient's.
     let scores = lines(&out, "scores.jsonl");
     assert_eq!(scores.len(), 1, "{scores:?}");
@@ -447,6 +509,7 @@ fn without_data_empty_files_without_the_key_nothing_and_an_erased_patient_is_ref
         "alerts.jsonl",
         "provenance.jsonl",
         "scores.jsonl",
+        "shadow_alerts.jsonl",
     ] {
         assert_eq!(
             std::fs::read(out.join(name)).expect("file").len(),

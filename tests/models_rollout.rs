@@ -380,3 +380,294 @@ fn shadow_canary_and_rollback_under_traffic_are_audited_and_delivered_by_role() 
     let text = ran.stdout;
     assert!(!text.contains("pt-"), "no patient reference printed");
 }
+
+const RULES_LIVE: &str = "2025-06-01.1";
+const RULES_CAND: &str = "2025-07-01.1";
+
+/// The models file with a candidate rule set registered and the rule set's rollout
+/// `rollout` (TOML lines after `live`).
+fn rules_models_file(cand_sha: &str, rollout: &str) -> String {
+    let text = std::fs::read_to_string(repo("policies/examples/models.toml")).expect("models");
+    format!(
+        "{text}\n[[models]]\nname = \"rules\"\nversion = \"{RULES_CAND}\"\nkind = \"rules\"\n\
+         artifact_sha256 = \"{cand_sha}\"\nlineage = \"Clinical thresholds, stricter SpO2 (candidate)\"\n\
+         feature_pipeline = \"vitals-normalized/1\"\nintended_use = \"candidate\"\n\
+         status = \"approved\"\napproved_by = \"clinical-safety-board\"\n\
+         approved_at = \"2026-01-01T00:00:00Z\"\n\n\
+         [[rollout]]\nmodel = \"rules\"\nlive = \"{RULES_LIVE}\"\n{rollout}\n"
+    )
+}
+
+/// The `spo2-low` rows of the `alerts` table, body parsed.
+fn spo2_alerts(rig: &Rig) -> Vec<Json> {
+    rig.rows("alerts")
+        .into_iter()
+        .map(|mut r| {
+            let body: Json = r["body"]
+                .as_str()
+                .and_then(|b| serde_json::from_str(b).ok())
+                .unwrap_or(Json::Null);
+            r["body"] = body;
+            r
+        })
+        .filter(|r| r["body"]["rule"] == "spo2-low")
+        .collect()
+}
+
+/// Issue 21 part 4 for rule sets: the shipped rules live, a candidate (SpO2 below 93
+/// after 10 s, resolving only at 100) in shadow, then a canary on site-02, then the
+/// rollback under traffic.
+#[test]
+fn a_candidate_rule_set_in_shadow_canary_and_rollback() {
+    let bin = vitalmq_bin!();
+    let rig = Rig::start(bin, "rules-rollout", 2, |_| {});
+    let dir = rig.dir();
+    let shipped = std::fs::read_to_string(repo("policies/examples/rules.toml")).expect("rules");
+    let spo2 = "below = 90\nresolve_at = 92\nresolve_after_s = 60\npersist = { seconds = 30 }";
+    assert!(shipped.contains(spo2), "the shipped spo2-low rule changed");
+    let cand = shipped
+        .replacen(
+            &format!("version = \"{RULES_LIVE}\""),
+            &format!("version = \"{RULES_CAND}\""),
+            1,
+        )
+        .replacen(
+            spo2,
+            "below = 93\nresolve_at = 100\nresolve_after_s = 60\npersist = { seconds = 10 }",
+            1,
+        );
+    std::fs::write(dir.join("rules-cand.toml"), &cand).expect("write");
+    let base_sha = sha256_hex(shipped.as_bytes());
+    let cand_sha = sha256_hex(cand.as_bytes());
+    let models = dir.join("models.toml");
+    let shadow = rules_models_file(&cand_sha, &format!("shadow = [\"{RULES_CAND}\"]"));
+    let canary = rules_models_file(
+        &cand_sha,
+        &format!("canary = [{{ version = \"{RULES_CAND}\", sites = [\"site-02\"] }}]"),
+    );
+    std::fs::write(&models, &shadow).expect("write");
+    vitalmq_ok(bin, &["models", "check", models.to_str().expect("utf-8")]);
+
+    let config = format!(
+        "{}\n[alerts]\nrules = \"{}\"\ncandidates = [\"rules-cand.toml\"]\npublisher = {{ client_id = \"bridge-01-alerts\", cert = \"pki/identities/bridge/bridge-01-alerts.pem\", key = \"pki/identities/bridge/bridge-01-alerts.key.pem\" }}\n\n[models]\nfile = \"models.toml\"\n",
+        common::BridgeProcess::config_with(rig.broker.port, "", ""),
+        repo("policies/examples/rules.toml").display()
+    );
+    let bridge = common::BridgeProcess::start(bin, dir, &config, Duration::from_secs(30));
+    let audit = rig.data().join("audit.jsonl");
+    let loaded: Vec<Json> = common::audit_records(&audit)
+        .into_iter()
+        .filter(|r| r["action"] == "rule_set_loaded")
+        .collect();
+    assert_eq!(loaded.len(), 2, "base and candidate audited at start");
+    assert!(loaded.iter().any(|r| r["details"]["version"] == RULES_CAND
+        && r["details"]["config_sha256"] == cand_sha.as_str()
+        && r["details"]["candidate"] == true
+        && r["details"]["roles"]["*"] == "shadow"));
+    assert!(
+        loaded
+            .iter()
+            .any(|r| r["details"]["version"] == RULES_LIVE && r["details"]["roles"]["*"] == "live")
+    );
+
+    let site1 = rig.mosquitto_sub("integrator", "int-site-01", "alerts/site-01/#");
+    let site2 = rig.mosquitto_sub("integrator", "int-site-02", "alerts/site-02/#");
+    let mut episodes = vec!["desaturation:dev-00001@30s".to_owned()];
+    episodes.extend((0..20).map(|i| format!("desaturation:dev-00002@{}s", 30 + 270 * i)));
+    let sim = Spawned::start(
+        Command::new(bin)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info,rumqttc=warn")
+            .args(["sim", "--pki"])
+            .arg(rig.pki())
+            .arg("--broker")
+            .arg(format!("127.0.0.1:{}", rig.broker.port))
+            .arg("--state")
+            .arg(dir.join("sim-state"))
+            .args(["--devices", "2", "--rate", "10", "--time-scale", "60"])
+            .args(["--duration", "90s", "--resend-after", "1s"])
+            .args(["--episode", &episodes.join(",")]),
+    );
+    let by = |sha: &str, site: &str, state: &str| {
+        let (sha, site, state) = (sha.to_owned(), site.to_owned(), state.to_owned());
+        move |r: &Json| {
+            r["state"] == state.as_str()
+                && r["body"]["site"] == site.as_str()
+                && r["body"]["policy_sha256"] == sha.as_str()
+        }
+    };
+
+    // 1. Shadow: the candidate's changes are stored, never delivered.
+    let within = Duration::from_secs(20);
+    wait_for(
+        "base alerts on both sites, candidate changes in shadow_alerts",
+        within,
+        || {
+            let a = spo2_alerts(&rig);
+            let shadow_rows = rig.rows("shadow-alerts");
+            let stored = |site: &str| {
+                shadow_rows.iter().any(|s| {
+                    s["version"] == RULES_CAND
+                        && s["config_sha256"] == cand_sha.as_str()
+                        && s["role"] == "shadow"
+                        && s["rule"] == "spo2-low"
+                        && s["state"] == "open"
+                        && s["site"] == site
+                })
+            };
+            (a.iter().any(by(&base_sha, "site-01", "open"))
+                && a.iter().any(by(&base_sha, "site-02", "open"))
+                && stored("site-01")
+                && stored("site-02"))
+            .then_some(())
+        },
+    );
+    let before_canary = published(&site2);
+    assert!(
+        spo2_alerts(&rig)
+            .iter()
+            .all(|r| r["body"]["policy_sha256"] == base_sha.as_str()),
+        "no alert of the shadow version"
+    );
+    assert!(
+        before_canary
+            .iter()
+            .all(|a| a["policy_sha256"] != cand_sha.as_str()),
+        "nothing of the shadow candidate was published"
+    );
+
+    // 2. Canary on site-02.
+    replace(&models, &canary);
+    let ts = wait_for("canary transitions audited", within, || {
+        let ts = transitions(&audit);
+        has_transition(&ts, RULES_CAND, "site:site-02", "shadow", "canary").then_some(ts)
+    });
+    assert!(
+        has_transition(&ts, RULES_LIVE, "site:site-02", "live", "shadow"),
+        "{ts:?}"
+    );
+    let canary_alert = wait_for("a candidate alert on site-02", within, || {
+        spo2_alerts(&rig)
+            .into_iter()
+            .find(by(&cand_sha, "site-02", "open"))
+    });
+    assert_eq!(canary_alert["body"]["rule_version"], "3");
+
+    // 3. Rollback while the sim keeps publishing.
+    let before = spo2_alerts(&rig).len();
+    replace(&models, &shadow);
+    wait_for("rollback transitions audited", within, || {
+        let ts = transitions(&audit);
+        (has_transition(&ts, RULES_CAND, "site:site-02", "canary", "shadow")
+            && ts
+                .iter()
+                .any(|t| t["reason"] == "rollback" && t["details"]["model"] == "rules"))
+        .then_some(())
+    });
+    wait_for(
+        "the candidate's alert resolved by the rollback",
+        within,
+        || {
+            spo2_alerts(&rig)
+                .iter()
+                .any(|r| {
+                    r["alert_id"] == canary_alert["alert_id"]
+                        && r["state"] == "resolved"
+                        && r["body"]["reason"] == "model_rollback"
+                        && r["body"]["policy_sha256"] == cand_sha.as_str()
+                })
+                .then_some(())
+        },
+    );
+    wait_for("the base delivers on site-02 again", within, || {
+        spo2_alerts(&rig)
+            .iter()
+            .skip(before)
+            .any(by(&base_sha, "site-02", "open"))
+            .then_some(())
+    });
+    drop(sim);
+
+    // Subscribers: site-01 never saw the candidate; site-02 saw its canary alerts.
+    let seen1 = published(&site1);
+    let seen2 = published(&site2);
+    assert!(!seen1.is_empty());
+    assert!(
+        seen1
+            .iter()
+            .all(|a| a["policy_sha256"] != cand_sha.as_str()),
+        "site-01 saw the candidate"
+    );
+    assert!(
+        seen2
+            .iter()
+            .any(|a| a["policy_sha256"] == cand_sha.as_str() && a["state"] == "open")
+    );
+    assert!(
+        spo2_alerts(&rig)
+            .iter()
+            .filter(|r| r["body"]["site"] == "site-01")
+            .all(|r| r["body"]["policy_sha256"] == base_sha.as_str())
+    );
+    // Compare over the store: the counts it holds (read after, so at most those).
+    let ran = vitalmq_ok(
+        bin,
+        &[
+            "models",
+            "compare",
+            "--config",
+            bridge.config.to_str().expect("utf-8"),
+            "--model",
+            "rules",
+            "--from",
+            RULES_LIVE,
+            "--to",
+            RULES_CAND,
+            "--json",
+        ],
+    );
+    let report: Json = serde_json::from_str(ran.stdout.trim()).expect("compare json");
+    let shadow_rows = rig.rows("shadow-alerts");
+    // Every clinical rule alert (spo2-falling joins spo2-low on a desaturation).
+    let all: Vec<Json> = rig
+        .rows("alerts")
+        .into_iter()
+        .filter_map(|r| serde_json::from_str::<Json>(r["body"].as_str()?).ok())
+        .filter(|b| b["kind"] == "clinical")
+        .map(|body| serde_json::json!({ "body": body }))
+        .collect();
+    let rows = |v: &str, role: &str| report["rows"][v][role].as_u64().unwrap_or(0);
+    let stored_shadow = shadow_rows
+        .iter()
+        .filter(|r| r["version"] == RULES_CAND)
+        .filter(|r| !r["rule"].as_str().unwrap_or("ops/").starts_with("ops/"))
+        .count() as u64;
+    let stored = |sha: &str| {
+        all.iter()
+            .filter(|r| r["body"]["policy_sha256"] == sha)
+            .count() as u64
+    };
+    assert!(
+        rows(RULES_CAND, "shadow") >= 2 && rows(RULES_CAND, "shadow") <= stored_shadow,
+        "{report}"
+    );
+    assert!(
+        rows(RULES_CAND, "delivered") >= 2 && rows(RULES_CAND, "delivered") <= stored(&cand_sha),
+        "{report}"
+    );
+    assert!(
+        rows(RULES_LIVE, "delivered") >= 2 && rows(RULES_LIVE, "delivered") <= stored(&base_sha),
+        "{report}"
+    );
+    let opens = |v: &str, role: &str| report["opens"][v][role]["spo2-low"].as_u64().unwrap_or(0);
+    assert!(opens(RULES_CAND, "shadow") >= 2, "{report}");
+    assert!(opens(RULES_CAND, "delivered") >= 1, "{report}");
+    assert!(opens(RULES_LIVE, "delivered") >= 2, "{report}");
+    assert!(report["episodes"]["paired"].as_u64() >= Some(1), "{report}");
+    // The stricter candidate opens before the base in some pair.
+    assert!(
+        report["episodes"]["open_diff_min_s"].as_f64() <= Some(0.0),
+        "{report}"
+    );
+    assert!(!ran.stdout.contains("pt-"), "no patient reference printed");
+}

@@ -223,6 +223,7 @@ impl<T> Sequenced<T> {
             && c.alerts.is_empty()
             && c.alert_states.is_empty()
             && c.scores.is_empty()
+            && c.shadow_alerts.is_empty()
             && c.patient_states.is_empty()
             && self.dispositions.is_empty()
             && self.audit.is_empty()
@@ -256,6 +257,9 @@ pub struct Sequencer {
     tracks: HashMap<DeviceId, Track>,
     /// The alert rules in force; `None` runs no alert engine.
     rules: Option<Arc<RuleSet>>,
+    /// Candidate rule sets (issue 21, `[alerts] candidates`): versions of the rule set
+    /// that run in shadow or as a canary as the models file says (see `rulesets`).
+    candidates: rulesets::Candidates,
     /// The model registry in force; `None` checks no models (`[models]` absent).
     models: Option<Arc<vitalmq_policies::ModelRegistry>>,
     /// Open `model_unapproved` episodes.
@@ -317,6 +321,7 @@ impl Sequencer {
             size,
             tracks: HashMap::new(),
             rules,
+            candidates: rulesets::Candidates::default(),
             models: None,
             model_fleet: crate::models::ModelFleet::default(),
             index: HashMap::new(),
@@ -346,6 +351,14 @@ impl Sequencer {
     ) -> Self {
         self.scoring = scoring;
         self.patients = patients;
+        self
+    }
+
+    /// Runs the candidate rule sets next to the base one (`[alerts] candidates`), each
+    /// in the role the models file's `[[rollout]]` gives it per device; `model` is the
+    /// rule set's registry name (`rollout::check_rule_sets` returns it).
+    pub fn with_candidates(mut self, model: String, sets: Vec<Arc<RuleSet>>) -> Self {
+        self.candidates = rulesets::Candidates { model, sets };
         self
     }
 
@@ -476,6 +489,10 @@ impl Sequencer {
         let mut models_seen = Vec::new();
         let mut audit = Vec::new();
         let mut alarms_withheld = Vec::new();
+        let versions = self
+            .rules
+            .as_deref()
+            .and_then(|r| rulesets::Versions::of(r, &self.candidates, self.models.as_deref()));
         for checked in batch {
             match checked {
                 Checked::Refused {
@@ -660,8 +677,35 @@ impl Sequencer {
                                     let sample =
                                         Sample::from_telemetry(event_id.clone(), &verified, entry)
                                             .assessed(&assessment);
-                                    let changes =
-                                        alerts::evaluate(rules, rules.sha256(), state, &sample);
+                                    let changes = match &versions {
+                                        None => {
+                                            // A state from a run with candidates is
+                                            // handed back to the base first.
+                                            let mut c = if self.candidates.sets.is_empty() {
+                                                alerts::versions::single(
+                                                    state,
+                                                    (rules.version(), rules.sha256()),
+                                                    &sample,
+                                                )
+                                            } else {
+                                                Vec::new()
+                                            };
+                                            c.extend(alerts::evaluate(
+                                                rules,
+                                                rules.sha256(),
+                                                state,
+                                                &sample,
+                                            ));
+                                            c
+                                        }
+                                        Some(v) => v.evaluate(
+                                            state,
+                                            &sample,
+                                            &rules.cohorts_of(&device),
+                                            now_ms,
+                                            &mut commit.shadow_alerts,
+                                        ),
+                                    };
                                     out.extend(changes.iter().map(outgoing));
                                     // A reading of no patient scores nothing, and
                                     // must not stage a state keyed "".
@@ -1133,6 +1177,7 @@ fn publisher_of(topic: &str) -> String {
 }
 
 mod control;
+mod rulesets;
 pub use control::{AlertGauges, Control};
 
 #[cfg(test)]
@@ -1143,3 +1188,6 @@ mod alert_tests;
 
 #[cfg(test)]
 mod score_tests;
+
+#[cfg(test)]
+mod rulesets_tests;

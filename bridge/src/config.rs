@@ -225,8 +225,16 @@ impl Default for OpsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
-    /// Rule file (`vitalmq-rules/v1`); reloaded on change or SIGHUP.
+    /// Rule file (`vitalmq-rules/v1`); reloaded on change or SIGHUP. The BASE rule set:
+    /// escalation, acknowledgement, handlers, silence, alarms, battery, cohorts and
+    /// plausibility always come from it.
     pub rules: PathBuf,
+    /// Candidate rule sets (issue 21): more `vitalmq-rules/v1` files, loaded at start,
+    /// whose `[[rules]]` and `[quality]` run in shadow or as a canary as the models
+    /// file's `[[rollout]]` of the rule set says. Each must be an entry of the model
+    /// registry with its digest (so `[models]` is required with them).
+    #[serde(default)]
+    pub candidates: Vec<PathBuf>,
     /// The alert publisher's identity (role bridge, e.g. `bridge-01-alerts`): alerts go
     /// over a connection of their own so each PUBACK confirms one. Address and CA are
     /// the `[broker]` ones.
@@ -736,6 +744,10 @@ pub enum Invalid {
     ScoringTables,
     #[error("[scoring] needs [alerts]: cohorts and the alert book come with the rule set")]
     ScoringWithoutAlerts,
+    #[error(
+        "alerts.candidates needs [models]: the model registry's [[rollout]] says where a candidate rule set runs"
+    )]
+    CandidatesWithoutModels,
     #[error("audit_retention: letters, digits, '-' and '_' only")]
     AuditRetention,
     #[error("audit_ship.component {0:?}: letters, digits, '-' and '_' only (at most 64)")]
@@ -879,7 +891,10 @@ impl BridgeConfig {
         };
         fix_link(&mut self.broker);
         if let Some(a) = &mut self.alerts {
-            for p in [&mut a.rules, &mut a.publisher.cert, &mut a.publisher.key] {
+            for p in [&mut a.rules, &mut a.publisher.cert, &mut a.publisher.key]
+                .into_iter()
+                .chain(a.candidates.iter_mut())
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }
@@ -911,6 +926,14 @@ impl BridgeConfig {
             if self.alerts.is_none() {
                 return Err(Invalid::ScoringWithoutAlerts);
             }
+        }
+        if self.models.is_none()
+            && self
+                .alerts
+                .as_ref()
+                .is_some_and(|a| !a.candidates.is_empty())
+        {
+            return Err(Invalid::CandidatesWithoutModels);
         }
         if !is_object_name_part(&self.audit_retention) {
             return Err(Invalid::AuditRetention);
@@ -1147,6 +1170,32 @@ mod tests {
             "clinical alerting runs under care"
         );
         assert_eq!(ehr.fields(), Fields::All);
+    }
+
+    #[test]
+    fn candidate_rule_sets_need_the_models_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        let base = "id = \"b\"\ndata_dir = \"d\"\nregistry = \"r\"\n\
+                    [broker]\naddress = \"h:1\"\nca = \"c\"\ncert = \"c\"\nkey = \"k\"\n\
+                    [alerts]\nrules = \"r\"\ncandidates = [\"cand.toml\"]\n\
+                    publisher = { client_id = \"a\", cert = \"c\", key = \"k\" }\n";
+        std::fs::write(&path, base).expect("write");
+        let err = BridgeConfig::load(&path).expect_err("no [models]");
+        let cause = std::error::Error::source(&err).map(ToString::to_string);
+        assert!(
+            cause
+                .as_deref()
+                .is_some_and(|c| c.contains("alerts.candidates needs [models]")),
+            "{cause:?}"
+        );
+        std::fs::write(&path, format!("{base}[models]\nfile = \"m.toml\"\n")).expect("write");
+        let c = BridgeConfig::load(&path).expect("valid");
+        assert_eq!(
+            c.alerts.expect("alerts").candidates,
+            [dir.path().join("cand.toml")],
+            "relative to the config file"
+        );
     }
 
     #[test]

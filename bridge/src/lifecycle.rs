@@ -227,6 +227,19 @@ fn run_store(
     }
     let mut after = 0;
     loop {
+        // Each shadow alert episode comes whole, with its first change's page.
+        let page = store.retention_shadow_alerts(after, batch)?;
+        let Some(last) = page.last else { break };
+        after = last;
+        let acts = page
+            .alerts
+            .iter()
+            .flat_map(|rows| plan::shadow_alert(&ctx, rows, &mut report))
+            .collect();
+        apply(store, acts)?;
+    }
+    let mut after = 0;
+    loop {
         let rows = store.retention_quarantine(after, batch)?;
         let Some(last) = rows.last() else { break };
         after = last.id;
@@ -441,3 +454,5 @@ mod tests;
 
 #[cfg(test)]
 mod score_tests;
+#[cfg(test)]
+mod shadow_alert_tests;

@@ -33,11 +33,97 @@ pub fn unknown_handlers(rules: &RuleSet, handlers: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// With `[alerts] candidates`: the base rule set and the models file in force, shared
+/// by their two watchers, so a reload of either is checked
+/// ([`check_rule_sets`](crate::rollout::check_rule_sets)) against the other one in
+/// force and refused (`models_rule_sets_mismatch`) when they would not fit.
+#[derive(Debug, Clone)]
+pub struct RuleSetGuard {
+    inner: Arc<std::sync::Mutex<InForce>>,
+}
+
+#[derive(Debug)]
+struct InForce {
+    /// The rule set's registry name at start: the running versions are looked up
+    /// under it, so a reload may not move them to another name.
+    model: String,
+    base_path: String,
+    base: Arc<RuleSet>,
+    /// `(path, rule set)`, loaded at start (not reloaded).
+    candidates: Vec<(String, Arc<RuleSet>)>,
+    models: Arc<ModelRegistry>,
+}
+
+impl RuleSetGuard {
+    pub fn new(
+        model: String,
+        base_path: String,
+        base: Arc<RuleSet>,
+        candidates: Vec<(String, Arc<RuleSet>)>,
+        models: Arc<ModelRegistry>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(std::sync::Mutex::new(InForce {
+                model,
+                base_path,
+                base,
+                candidates,
+                models,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InForce> {
+        // A panic while holding it leaves plain data behind: still usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn check(
+        f: &InForce,
+        base: &RuleSet,
+        models: &ModelRegistry,
+    ) -> Result<(), crate::rollout::RuleSetsError> {
+        let sets: Vec<(&str, &RuleSet)> = std::iter::once((f.base_path.as_str(), base))
+            .chain(f.candidates.iter().map(|(p, s)| (p.as_str(), s.as_ref())))
+            .collect();
+        let model = crate::rollout::check_rule_sets(&sets, models)?;
+        if model != f.model {
+            return Err(crate::rollout::RuleSetsError::Renamed {
+                model,
+                was: f.model.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes `models` into force if the rule sets in force fit it.
+    fn try_models(&self, models: &Arc<ModelRegistry>) -> Result<(), crate::rollout::RuleSetsError> {
+        let mut f = self.lock();
+        Self::check(&f, &f.base, models)?;
+        f.models = Arc::clone(models);
+        Ok(())
+    }
+
+    /// Takes the base rule set `rules` into force if it fits the models in force.
+    fn try_base(&self, rules: &Arc<RuleSet>) -> Result<(), crate::rollout::RuleSetsError> {
+        let mut f = self.lock();
+        Self::check(&f, rules, &f.models)?;
+        f.base = Arc::clone(rules);
+        Ok(())
+    }
+}
+
+/// Starts watching the rule set at `path` (already loaded as `initial`). With
+/// candidates (`rule_sets`), a rule set the models file in force does not fit is
+/// refused (`models_rule_sets_mismatch`).
 pub fn watch_rules(
     path: PathBuf,
     initial: Arc<RuleSet>,
     handlers: Vec<String>,
     auditor: Auditor,
+    rule_sets: Option<RuleSetGuard>,
 ) -> RulesWatch {
     let (tx, rx) = watch::channel(initial);
     let (trigger, mut triggers) = mpsc::channel::<()>(1);
@@ -62,12 +148,24 @@ pub fn watch_rules(
                         );
                         continue;
                     }
+                    let rules = Arc::new(rules);
+                    if let Some(g) = &rule_sets
+                        && let Err(e) = g.try_base(&rules)
+                    {
+                        error!(rules = %path.display(), error = %e, "alert rules refused: the models file does not fit them with the candidates; the rules in force stay");
+                        let _ = auditor.record(
+                            rejected(&path, old, "models_rule_sets_mismatch")
+                                .detail("error", e.to_string())
+                                .detail("refused_sha256", rules.sha256().to_owned()),
+                        );
+                        continue;
+                    }
                     info!(rules = %path.display(), old = %old, new = %rules.sha256(), "alert rules reloaded");
                     let _ = auditor.record(
                         reloaded(&path, old, rules.sha256())
                             .detail("rules_version", rules.version()),
                     );
-                    let _ = tx.send(Arc::new(rules));
+                    let _ = tx.send(rules);
                 }
                 Ok(Err(e)) => {
                     error!(rules = %path.display(), error = %e, "alert rules refused; the rules in force stay");
@@ -97,12 +195,14 @@ pub struct ModelsWatch {
 /// change or SIGHUP, audited `policy_reloaded` (old and new SHA-256) or
 /// `policy_rejected` (`invalid_models`, the registry in force stays). A registry the
 /// loaded score `tables` do not fit (`rollout::check_tables`) is refused the same way,
-/// reason `models_tables_mismatch`.
+/// reason `models_tables_mismatch`, and one the rule sets do not fit (`rule_sets`,
+/// with candidates) reason `models_rule_sets_mismatch`.
 pub fn watch_models(
     path: PathBuf,
     initial: Arc<ModelRegistry>,
     tables: Vec<crate::score::ScoreModel>,
     auditor: Auditor,
+    rule_sets: Option<RuleSetGuard>,
 ) -> ModelsWatch {
     let (tx, rx) = watch::channel(initial);
     let (trigger, mut triggers) = mpsc::channel::<()>(1);
@@ -129,6 +229,18 @@ pub fn watch_models(
                         );
                         continue;
                     }
+                    let models = Arc::new(models);
+                    if let Some(g) = &rule_sets
+                        && let Err(e) = g.try_models(&models)
+                    {
+                        error!(models = %path.display(), error = %e, "model registry refused: the rule sets do not fit it; the one in force stays");
+                        let _ = auditor.record(
+                            rejected(&path, old, "models_rule_sets_mismatch")
+                                .detail("error", e.to_string())
+                                .detail("refused_sha256", models.sha256().to_owned()),
+                        );
+                        continue;
+                    }
                     info!(models = %path.display(), old = %old, new = %models.sha256(), "model registry reloaded");
                     let transitions = crate::rollout::transitions(&tx.borrow(), &models);
                     let _ = auditor.record(
@@ -143,7 +255,7 @@ pub fn watch_models(
                         let _ =
                             auditor.record(crate::rollout::audit_record(t, &old, models.sha256()));
                     }
-                    let _ = tx.send(Arc::new(models));
+                    let _ = tx.send(models);
                 }
                 Ok(Err(e)) => {
                     error!(models = %path.display(), error = %e, "model registry refused; the one in force stays");
@@ -572,7 +684,8 @@ mod tests {
         let initial =
             std::sync::Arc::new(vitalmq_policies::ModelRegistry::load(&path).expect("valid"));
         let first_sha = initial.sha256().to_owned();
-        let mut watch = super::watch_models(path.clone(), initial, Vec::new(), audit.auditor());
+        let mut watch =
+            super::watch_models(path.clone(), initial, Vec::new(), audit.auditor(), None);
 
         let approved = text.replacen(
             "status = \"draft\"",
@@ -632,7 +745,7 @@ mod tests {
         }];
         crate::rollout::check_tables(&tables, &initial).expect("the shipped pair fits");
         let in_force = initial.sha256().to_owned();
-        let watch = super::watch_models(path.clone(), initial, tables, audit.auditor());
+        let watch = super::watch_models(path.clone(), initial, tables, audit.auditor(), None);
         let unloaded_canary = text.replace(
             "[[rollout]]\nmodel = \"news2\"\nlive = \"rcp-2017.1\"",
             &format!(
@@ -655,6 +768,120 @@ mod tests {
         );
         assert!(!watch.models.has_changed().expect("open"));
         assert_eq!(watch.models.borrow().sha256(), in_force);
+        drop(audit);
+    }
+
+    /// With candidate rule sets, a models file that canaries a version nobody loaded,
+    /// and a base rule set the registry does not name with its digest, are refused on
+    /// reload (`models_rule_sets_mismatch`), audited; what is in force stays. A models
+    /// file that fits goes through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reloads_the_rule_sets_do_not_fit_are_refused() {
+        use std::sync::Arc;
+        use vitalmq_policies::{ModelRegistry, RuleSet};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let models_path = dir.path().join("models.toml");
+        let rules_path = dir.path().join("rules.toml");
+        let log = dir.path().join("audit.jsonl");
+        let rules_text = include_str!("../../policies/examples/rules.toml");
+        let cand_text = rules_text.replacen(
+            "version = \"2025-06-01.1\"",
+            "version = \"2025-07-01.1\"",
+            1,
+        );
+        let base = Arc::new(RuleSet::parse(rules_text, Path::new("rules.toml")).expect("base"));
+        let cand = Arc::new(RuleSet::parse(&cand_text, Path::new("cand.toml")).expect("cand"));
+        let entry = |version: &str, sha: &str| {
+            format!(
+                "[[models]]\nname = \"rules\"\nversion = \"{version}\"\nkind = \"rules\"\n\
+                 artifact_sha256 = \"{sha}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
+                 intended_use = \"t\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+                 approved_at = \"2026-01-01T00:00:00Z\"\n\n"
+            )
+        };
+        let shipped = include_str!("../../policies/examples/models.toml");
+        let models_text = |rollout: &str| {
+            format!(
+                "{shipped}\n{}[[rollout]]\nmodel = \"rules\"\nlive = \"2025-06-01.1\"\n{rollout}\n",
+                entry("2025-07-01.1", cand.sha256())
+            )
+        };
+        std::fs::write(&models_path, models_text("shadow = [\"2025-07-01.1\"]")).expect("write");
+        std::fs::write(&rules_path, rules_text).expect("write");
+        let audit = vitalmq_audit::AuditLog::open(&log, 64).expect("audit");
+        let initial = Arc::new(ModelRegistry::load(&models_path).expect("valid"));
+        let guard = super::RuleSetGuard::new(
+            "rules".into(),
+            "rules.toml".into(),
+            Arc::clone(&base),
+            vec![("cand.toml".into(), Arc::clone(&cand))],
+            Arc::clone(&initial),
+        );
+        let in_force = initial.sha256().to_owned();
+        let mut models = super::watch_models(
+            models_path.clone(),
+            initial,
+            Vec::new(),
+            audit.auditor(),
+            Some(guard.clone()),
+        );
+        let rules = super::watch_rules(
+            rules_path.clone(),
+            Arc::clone(&base),
+            vec!["mqtt".into()],
+            audit.auditor(),
+            Some(guard),
+        );
+
+        // A canary of a version no rule set has (registered, approved, not loaded).
+        let unloaded = format!(
+            "{shipped}\n{}{}[[rollout]]\nmodel = \"rules\"\nlive = \"2025-06-01.1\"\n\
+             canary = [{{ version = \"2025-08-01.1\", sites = [\"site-01\"] }}]\n",
+            entry("2025-07-01.1", cand.sha256()),
+            entry("2025-08-01.1", &"0".repeat(64)),
+        );
+        ModelRegistry::parse(&unloaded, Path::new("m.toml")).expect("valid by itself");
+        replace(&models_path, &unloaded);
+        let line = audited(&log, "models_rule_sets_mismatch").await;
+        assert!(
+            line.contains("policy_rejected")
+                && line.contains(&in_force)
+                && line.contains("2025-08-01.1"),
+            "{line}"
+        );
+        assert!(!models.models.has_changed().expect("open"));
+
+        // An edited base rule set: its digest is nobody's.
+        replace(&rules_path, &format!("{rules_text}\n# edited\n"));
+        let line = audited_times(&log, "models_rule_sets_mismatch", 2).await;
+        assert_eq!(line, 2);
+        assert!(!rules.rules.has_changed().expect("open"));
+        assert_eq!(rules.rules.borrow().sha256(), base.sha256());
+
+        // The same files registered under another name: the running versions would
+        // be looked up under the old one.
+        let renamed = format!(
+            "{}\n{}[[rollout]]\nmodel = \"rules2\"\nlive = \"2025-06-01.1\"\n",
+            shipped.replace("name = \"rules\"", "name = \"rules2\""),
+            entry("2025-07-01.1", cand.sha256()).replace("name = \"rules\"", "name = \"rules2\""),
+        );
+        ModelRegistry::parse(&renamed, Path::new("m.toml")).expect("valid by itself");
+        replace(&models_path, &renamed);
+        assert_eq!(audited_times(&log, "models_rule_sets_mismatch", 3).await, 3);
+        let line = audited(&log, "a rename needs a restart").await;
+        assert!(line.contains("rules2"), "{line}");
+        assert!(!models.models.has_changed().expect("open"));
+
+        // A canary of the loaded candidate fits.
+        replace(
+            &models_path,
+            &models_text("canary = [{ version = \"2025-07-01.1\", sites = [\"site-01\"] }]"),
+        );
+        tokio::time::timeout(Duration::from_secs(10), models.models.changed())
+            .await
+            .expect("reloaded in time")
+            .expect("watch open");
+        assert_ne!(models.models.borrow_and_update().sha256(), in_force);
         drop(audit);
     }
 

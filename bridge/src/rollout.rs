@@ -283,6 +283,151 @@ pub fn check_tables(
     Ok(())
 }
 
+/// Why `[alerts] rules` and `[alerts] candidates` cannot run with a models file: the
+/// bridge refuses to start, and a models (or rules) reload that would bring this about
+/// is refused (`policy_rejected`, reason `models_rule_sets_mismatch`; what is in force
+/// stays). The rule of [`TablesError`], for rule sets: an edited file would run under
+/// an approved version's name, or a live or canary version nobody loaded would leave
+/// its devices without clinical alerting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleSetsError {
+    #[error(
+        "rule set {path} (version {version}, SHA-256 {sha256}) is not a kind = \"rules\" entry of the model registry"
+    )]
+    NotRegistered {
+        path: String,
+        version: String,
+        sha256: String,
+    },
+    #[error(
+        "rule set {path} says version {file_version}; the model registry's entry with its digest is {model}/{registry_version}"
+    )]
+    Version {
+        path: String,
+        model: String,
+        file_version: String,
+        registry_version: String,
+    },
+    #[error(
+        "rule set {path} is registered as {model}, the base rule set as {base_model}: candidates are versions of the base's model"
+    )]
+    OtherModel {
+        path: String,
+        model: String,
+        base_model: String,
+    },
+    #[error(
+        "the rule sets are registered as {model}; the bridge started with them as {was} (a rename needs a restart)"
+    )]
+    Renamed { model: String, was: String },
+    #[error("rule sets {path} and {other} are both version {version}")]
+    Duplicate {
+        path: String,
+        other: String,
+        version: String,
+    },
+    #[error("the model registry has no [[rollout]] for the rule set {model}")]
+    NoRollout { model: String },
+    #[error("the [[rollout]] of {model} makes {version} {role}, but no loaded rule set has it")]
+    NotLoaded {
+        model: String,
+        version: String,
+        role: &'static str,
+    },
+}
+
+/// Checks the base rule set and the candidates (`(path, rule set)`, base first)
+/// against `models` (see [`RuleSetsError`]): each is the registry's `kind = "rules"`
+/// entry with its digest and its own `version`, all of one model, no version twice;
+/// that model has a `[[rollout]]` whose live and canary versions are loaded (a shadow
+/// not loaded computes nothing and delivers nothing: allowed, like a score table's).
+/// Returns the rule set's model name. Only with candidates: without them nothing is
+/// checked (as before issue 21's candidates).
+pub fn check_rule_sets(
+    sets: &[(&str, &vitalmq_policies::RuleSet)],
+    models: &ModelRegistry,
+) -> Result<String, RuleSetsError> {
+    let mut model: Option<String> = None;
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (path, set) in sets {
+        let Some(entry) = rule_set_entry(models, set) else {
+            return Err(RuleSetsError::NotRegistered {
+                path: (*path).to_owned(),
+                version: set.version().to_owned(),
+                sha256: set.sha256().to_owned(),
+            });
+        };
+        if entry.version != set.version() {
+            return Err(RuleSetsError::Version {
+                path: (*path).to_owned(),
+                model: entry.name.clone(),
+                file_version: set.version().to_owned(),
+                registry_version: entry.version.clone(),
+            });
+        }
+        match &model {
+            Some(m) if *m != entry.name => {
+                return Err(RuleSetsError::OtherModel {
+                    path: (*path).to_owned(),
+                    model: entry.name.clone(),
+                    base_model: m.clone(),
+                });
+            }
+            Some(_) => {}
+            None => model = Some(entry.name.clone()),
+        }
+        if let Some(other) = seen.insert(set.version(), path) {
+            return Err(RuleSetsError::Duplicate {
+                path: (*path).to_owned(),
+                other: other.to_owned(),
+                version: set.version().to_owned(),
+            });
+        }
+    }
+    let model = model.unwrap_or_default();
+    let Some(rollout) = models.rollout(&model) else {
+        return Err(RuleSetsError::NoRollout { model });
+    };
+    let needed = std::iter::once((rollout.live.as_str(), "live")).chain(
+        rollout
+            .canary
+            .iter()
+            .map(|c| (c.version.as_str(), "canary")),
+    );
+    for (v, role) in needed {
+        if !seen.contains_key(v) {
+            return Err(RuleSetsError::NotLoaded {
+                model,
+                version: v.to_owned(),
+                role,
+            });
+        }
+    }
+    Ok(model)
+}
+
+/// The registry entry of a rule set: kind `rules` with the file's digest.
+pub fn rule_set_entry<'m>(
+    models: &'m ModelRegistry,
+    set: &vitalmq_policies::RuleSet,
+) -> Option<&'m vitalmq_policies::ModelEntry> {
+    models.entries().iter().find(|e| {
+        e.kind == vitalmq_policies::ModelKind::Rules
+            && e.artifact_sha256.eq_ignore_ascii_case(set.sha256())
+    })
+}
+
+/// The audit record of a start (or reload) refused because the rule sets do not fit
+/// the models file (`models_sha256`).
+pub fn rule_sets_refused_record(e: &RuleSetsError, models_sha256: &str) -> AuditRecord {
+    AuditRecord::new(Component::Bridge, Event::PolicyRejected)
+        .action("rule_sets_checked")
+        .decision(Decision::Deny)
+        .policy_sha256(models_sha256.to_owned())
+        .reason("models_rule_sets_mismatch")
+        .detail("error", e.to_string())
+}
+
 /// The audit record of a start refused because the score tables do not fit the
 /// models file (`models_sha256`).
 pub fn tables_refused_record(e: &TablesError, models_sha256: &str) -> AuditRecord {
@@ -310,6 +455,21 @@ pub fn audit_record(t: &Transition, old_sha256: &str, new_sha256: &str) -> Audit
         .detail("new_role", role_str(t.new))
         .detail("old_sha256", old_sha256.to_owned())
         .detail("new_sha256", new_sha256.to_owned())
+}
+
+/// The audit record of a rule set taken into force at start with candidates
+/// (`rule_set_loaded`): what its alerts and shadow alerts name (`version`,
+/// `policy_sha256`), traceable to the file and its roles in the rollout (by scope).
+pub fn rule_set_loaded_record(
+    model: &str,
+    set: &vitalmq_policies::RuleSet,
+    path: &str,
+    candidate: bool,
+    models: &ModelRegistry,
+) -> AuditRecord {
+    table_loaded_record(model, set.version(), set.sha256(), path, Some(models))
+        .action("rule_set_loaded")
+        .detail("candidate", candidate)
 }
 
 /// The audit record of a score table taken into force at start: what every score row
@@ -522,6 +682,147 @@ mod tests {
         // A shadow nobody loaded delivers nothing: allowed.
         let shadow = registry("shadow = [\"cand-2\"]");
         assert_eq!(check_tables(std::slice::from_ref(&live), &shadow), Ok(()));
+    }
+
+    const RULES: &str = include_str!("../../policies/examples/rules.toml");
+
+    fn rule_set(text: &str) -> vitalmq_policies::RuleSet {
+        vitalmq_policies::RuleSet::parse(text, std::path::Path::new("r.toml")).expect("rules")
+    }
+
+    fn candidate_rules() -> vitalmq_policies::RuleSet {
+        rule_set(&RULES.replacen(
+            "version = \"2025-06-01.1\"",
+            "version = \"2025-07-01.1\"",
+            1,
+        ))
+    }
+
+    /// The shipped registry with the candidate rule set registered (`entry_sha256`,
+    /// `entry_version`) and `rollout` for the rule set (none when empty).
+    fn with_rules(entry_version: &str, entry_sha256: &str, rollout: &str) -> ModelRegistry {
+        let text = format!(
+            "{}\n[[models]]\nname = \"rules\"\nversion = \"{entry_version}\"\nkind = \"rules\"\n\
+             artifact_sha256 = \"{entry_sha256}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
+             intended_use = \"t\"\nstatus = \"approved\"\napproved_by = \"board\"\napproved_at = \"2025-07-01T09:00:00Z\"\n\n{rollout}",
+            include_str!("../../policies/examples/models.toml")
+        );
+        ModelRegistry::parse(&text, std::path::Path::new("models.toml")).expect("models")
+    }
+
+    #[test]
+    fn rule_sets_must_be_the_registrys_and_its_rollouts_loaded() {
+        let base = rule_set(RULES);
+        let cand = candidate_rules();
+        let shadow = "[[rollout]]\nmodel = \"rules\"\nlive = \"2025-06-01.1\"\nshadow = [\"2025-07-01.1\"]\n";
+        let models = with_rules("2025-07-01.1", cand.sha256(), shadow);
+        let sets = [("rules.toml", &base), ("cand.toml", &cand)];
+        assert_eq!(check_rule_sets(&sets, &models), Ok("rules".to_owned()));
+
+        // An edited candidate under the registered digest.
+        let edited = rule_set(&format!("{}\n# edited\n", cand_text()));
+        assert!(matches!(
+            check_rule_sets(&[("rules.toml", &base), ("cand.toml", &edited)], &models),
+            Err(RuleSetsError::NotRegistered { path, .. }) if path == "cand.toml"
+        ));
+        // The file says another version than its registry entry.
+        let misnamed = with_rules(
+            "2025-08-01.1",
+            cand.sha256(),
+            &shadow.replace("2025-07-01.1", "2025-08-01.1"),
+        );
+        assert!(matches!(
+            check_rule_sets(&sets, &misnamed),
+            Err(RuleSetsError::Version { file_version, registry_version, .. })
+                if file_version == "2025-07-01.1" && registry_version == "2025-08-01.1"
+        ));
+        // The same file twice.
+        assert!(matches!(
+            check_rule_sets(&[("rules.toml", &base), ("again.toml", &base)], &models),
+            Err(RuleSetsError::Duplicate { .. })
+        ));
+        // No rollout for the rule set.
+        let none = with_rules("2025-07-01.1", cand.sha256(), "");
+        assert_eq!(
+            check_rule_sets(&sets, &none),
+            Err(RuleSetsError::NoRollout {
+                model: "rules".into()
+            })
+        );
+        // A canary (or live version) nobody loaded.
+        let canary = with_rules(
+            "2025-07-01.1",
+            cand.sha256(),
+            "[[rollout]]\nmodel = \"rules\"\nlive = \"2025-06-01.1\"\ncanary = [{ version = \"2025-07-01.1\", sites = [\"site-b\"] }]\n",
+        );
+        assert_eq!(check_rule_sets(&sets, &canary), Ok("rules".to_owned()));
+        assert!(matches!(
+            check_rule_sets(&sets[..1], &canary),
+            Err(RuleSetsError::NotLoaded { version, role: "canary", .. }) if version == "2025-07-01.1"
+        ));
+        let promoted = with_rules(
+            "2025-07-01.1",
+            cand.sha256(),
+            "[[rollout]]\nmodel = \"rules\"\nlive = \"2025-07-01.1\"\n",
+        );
+        assert!(matches!(
+            check_rule_sets(&sets[..1], &promoted),
+            Err(RuleSetsError::NotLoaded { role: "live", .. })
+        ));
+        // A shadow not loaded: allowed (it computes nothing).
+        assert_eq!(check_rule_sets(&sets[..1], &models), Ok("rules".to_owned()));
+        // A candidate registered under another model name.
+        let text = format!(
+            "{}\n[[models]]\nname = \"other\"\nversion = \"2025-07-01.1\"\nkind = \"rules\"\n\
+             artifact_sha256 = \"{}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
+             intended_use = \"t\"\nstatus = \"approved\"\napproved_by = \"board\"\napproved_at = \"2025-07-01T09:00:00Z\"\n\n[[rollout]]\nmodel = \"rules\"\nlive = \"2025-06-01.1\"\n",
+            include_str!("../../policies/examples/models.toml"),
+            cand.sha256()
+        );
+        let other = ModelRegistry::parse(&text, std::path::Path::new("m.toml")).expect("models");
+        assert!(matches!(
+            check_rule_sets(&sets, &other),
+            Err(RuleSetsError::OtherModel { model, .. }) if model == "other"
+        ));
+        let line = serde_json::to_value(rule_sets_refused_record(
+            &RuleSetsError::NoRollout {
+                model: "rules".into(),
+            },
+            models.sha256(),
+        ))
+        .expect("json");
+        assert_eq!(line["reason"], "models_rule_sets_mismatch");
+        assert_eq!(line["decision"], "deny");
+
+        // The rules model's transitions are audited like a score's.
+        let canaried = transitions(&models, &canary);
+        assert!(canaried.iter().any(|t| t.model == "rules"
+            && t.version == "2025-07-01.1"
+            && t.new == Some(ModelRole::Canary)));
+        let back = transitions(&canary, &models);
+        assert!(
+            back.iter()
+                .any(|t| t.model == "rules" && t.change() == Change::Rollback)
+        );
+        let loaded = serde_json::to_value(rule_set_loaded_record(
+            "rules",
+            &cand,
+            "cand.toml",
+            true,
+            &canary,
+        ))
+        .expect("json");
+        assert_eq!(loaded["action"], "rule_set_loaded");
+        assert_eq!(loaded["details"]["roles"]["site:site-b"], "canary");
+        assert_eq!(loaded["details"]["roles"]["*"], serde_json::Value::Null);
+    }
+
+    fn cand_text() -> String {
+        RULES.replacen(
+            "version = \"2025-06-01.1\"",
+            "version = \"2025-07-01.1\"",
+            1,
+        )
     }
 
     #[test]

@@ -102,6 +102,8 @@ pub enum RunError {
     ScoreTable(PolicyErrors),
     #[error("[scoring] tables and the models file disagree: {0}")]
     ScoreTables(#[from] crate::rollout::TablesError),
+    #[error("[alerts] rules and candidates and the models file disagree: {0}")]
+    RuleSets(#[from] crate::rollout::RuleSetsError),
     #[error("{}: stored scoring state of a patient", path.display())]
     ScoreState {
         path: PathBuf,
@@ -381,6 +383,14 @@ pub async fn run(
             });
         }
     }
+    // Candidate rule sets (issue 21): loaded once, at start; checked against the models
+    // file below.
+    let mut candidates: Vec<(String, Arc<vitalmq_policies::RuleSet>)> = Vec::new();
+    for path in config.alerts.iter().flat_map(|a| &a.candidates) {
+        let set = vitalmq_policies::RuleSet::load(path).map_err(RunError::Rules)?;
+        info!(rules_version = %set.version(), policy_sha256 = %set.sha256(), path = %path.display(), "candidate rule set loaded");
+        candidates.push((path.display().to_string(), Arc::new(set)));
+    }
     match &rules {
         Some(r) => {
             info!(rules_version = %r.version(), policy_sha256 = %r.sha256(), rules = r.rules().len(), "alert engine on")
@@ -448,6 +458,45 @@ pub async fn run(
             return Err(e.into());
         }
     }
+    // With candidates: every rule set is the registry's, and the rollout's live and
+    // canary versions are loaded, else no start (audited).
+    let mut rule_set_guard = None;
+    if let (Some(a), Some(base), Some(m)) = (&config.alerts, &rules, &models)
+        && !candidates.is_empty()
+    {
+        let base_path = a.rules.display().to_string();
+        let sets: Vec<(&str, &vitalmq_policies::RuleSet)> =
+            std::iter::once((base_path.as_str(), base.as_ref()))
+                .chain(candidates.iter().map(|(p, s)| (p.as_str(), s.as_ref())))
+                .collect();
+        let model = match crate::rollout::check_rule_sets(&sets, m) {
+            Ok(model) => model,
+            Err(e) => {
+                let _ = auditor.record(crate::rollout::rule_sets_refused_record(&e, m.sha256()));
+                return Err(e.into());
+            }
+        };
+        for (i, (path, set)) in sets.iter().enumerate() {
+            let _ = auditor.record(crate::rollout::rule_set_loaded_record(
+                &model,
+                set,
+                path,
+                i > 0,
+                m,
+            ));
+        }
+        sequencer = sequencer.with_candidates(
+            model.clone(),
+            candidates.iter().map(|(_, s)| Arc::clone(s)).collect(),
+        );
+        rule_set_guard = Some(crate::reload::RuleSetGuard::new(
+            model,
+            base_path.clone(),
+            Arc::clone(base),
+            candidates.clone(),
+            Arc::clone(m),
+        ));
+    }
     if let Some(m) = &models {
         info!(policy_sha256 = %m.sha256(), models = m.entries().len(), unapproved_alarms = m.unapproved_alarms().as_str(), "model checking on");
     }
@@ -468,6 +517,7 @@ pub async fn run(
             Arc::clone(m),
             loaded_tables.clone(),
             auditor.clone(),
+            rule_set_guard.clone(),
         )),
         _ => None,
     };
@@ -546,6 +596,7 @@ pub async fn run(
             Arc::clone(initial),
             names,
             auditor.clone(),
+            rule_set_guard.clone(),
         ));
         let publisher = crate::config::BrokerLink {
             cert: a.publisher.cert.clone(),

@@ -239,6 +239,7 @@ mod retention;
 pub mod schema;
 mod scores;
 pub mod sealing;
+mod shadow_alerts;
 mod surveil;
 mod write;
 
@@ -254,11 +255,14 @@ pub use read::{
 pub use resets::SequenceReset;
 pub use retention::{
     ANONYMIZED_DEVICE, ANONYMIZED_ID_PREFIX, AlertPage, RetainedAlert, RetainedEvent,
-    RetainedQuarantine, RetainedScore, StoreAct, anonymized_alert_id, anonymized_score_id,
+    RetainedQuarantine, RetainedScore, RetainedShadowAlert, ShadowAlertPage, StoreAct,
+    anonymized_alert_id, anonymized_score_id, anonymized_shadow_alert_id,
+    anonymized_shadow_change_id,
 };
 pub use schema::EVENT_INDEX_BUCKET;
 pub use scores::{ScoreRow, StoredScore};
 pub use sealing::{NoKeys, Payload};
+pub use shadow_alerts::{DeliveredChange, NewShadowAlert, StoredShadowAlert, shadow_change_id};
 pub use surveil::{Reported, StoredGap, StoredRefusal, SurveilScore};
 #[cfg(test)]
 pub(crate) use write::test_events;

@@ -30,7 +30,9 @@ use super::message::{
     AlertChange, AlertState, ClinicalAlert, EscalationCause, OperationalAlert, OpsAlertType,
     ResolveReason, SensorFaultCounts, SuppressionReason, alert_id,
 };
-use super::state::{DeviceAlertState, Episode, OpsEpisode, RuleState, Run, push_bounded};
+use super::state::{
+    DeviceAlertState, EngineState, Episode, OpsEpisode, RuleState, Run, push_bounded,
+};
 
 /// A reading this much older than the newest one means the device clock was reset.
 pub const CLOCK_RESET_MS: u64 = 10 * 60 * 1000;
@@ -50,6 +52,17 @@ pub fn evaluate(
     rules: &RuleSet,
     policy_sha256: &str,
     state: &mut DeviceAlertState,
+    sample: &Sample,
+) -> Vec<AlertChange> {
+    evaluate_engine(rules, policy_sha256, &mut state.engine, sample)
+}
+
+/// [`evaluate`] on the engine state of one rule-set version (the delivering one, or a
+/// shadow: the engine cannot tell them apart).
+pub fn evaluate_engine(
+    rules: &RuleSet,
+    policy_sha256: &str,
+    state: &mut EngineState,
     sample: &Sample,
 ) -> Vec<AlertChange> {
     let mut out = Vec::new();
@@ -141,7 +154,7 @@ fn signature(rule: &AlertRule) -> String {
 /// Resolves and drops the state of rules that are gone or changed.
 fn reconcile(
     rules: &RuleSet,
-    state: &mut DeviceAlertState,
+    state: &mut EngineState,
     cx: &Context<'_>,
     out: &mut Vec<AlertChange>,
 ) {
@@ -153,45 +166,58 @@ fn reconcile(
             Some(_) => ResolveReason::RuleChanged,
         };
         if let Some(e) = rs.episode.take() {
-            let value = sample
-                .metrics
-                .get(&e.metric)
-                .copied()
-                .filter(|v| v.is_finite());
-            out.push(AlertChange::Clinical(Box::new(ClinicalAlert {
-                alert_id: e.alert_id,
-                state: AlertState::Resolved,
-                severity: e.severity,
-                rule: id.clone(),
-                rule_version: e.rule_version,
-                policy_sha256: cx.policy_sha256.to_owned(),
-                device: sample.device.clone(),
-                site: sample.site.clone(),
-                patient_ref: sample.patient_ref.clone(),
-                metric: e.metric,
-                value,
-                measure: "value",
-                measured: value,
-                baseline: None,
-                threshold: e.threshold,
-                window_s: seconds_between(e.opened_at_ms, sample.ts_ms),
-                evidence: Vec::new(),
-                fw: sample.fw.clone(),
-                model: sample.model.clone(),
-                raised_at_ms: sample.ts_ms,
-                escalation: None,
-                resolution: Some(reason),
-                suppressed: Some(e.suppressed.counts()),
-            })));
+            out.push(resolved(e, id, reason, cx.policy_sha256, sample));
         }
         false
     });
 }
 
+/// The resolution of an open episode the engine will not carry on (its rule left the
+/// rule set, or its rule-set version stopped delivering): `value` is the sample's
+/// reading of the metric, if any.
+pub(super) fn resolved(
+    e: Episode,
+    rule: &str,
+    reason: ResolveReason,
+    policy_sha256: &str,
+    sample: &Sample,
+) -> AlertChange {
+    let value = sample
+        .metrics
+        .get(&e.metric)
+        .copied()
+        .filter(|v| v.is_finite());
+    AlertChange::Clinical(Box::new(ClinicalAlert {
+        alert_id: e.alert_id,
+        state: AlertState::Resolved,
+        severity: e.severity,
+        rule: rule.to_owned(),
+        rule_version: e.rule_version,
+        policy_sha256: policy_sha256.to_owned(),
+        device: sample.device.clone(),
+        site: sample.site.clone(),
+        patient_ref: sample.patient_ref.clone(),
+        metric: e.metric,
+        value,
+        measure: "value",
+        measured: value,
+        baseline: None,
+        threshold: e.threshold,
+        window_s: seconds_between(e.opened_at_ms, sample.ts_ms),
+        evidence: Vec::new(),
+        fw: sample.fw.clone(),
+        model: sample.model.clone(),
+        raised_at_ms: sample.ts_ms,
+        escalation: None,
+        resolution: Some(reason),
+        suppressed: Some(e.suppressed.counts()),
+    }))
+}
+
 /// The device's signal-quality ring and its operational alert.
 fn quality(
     policy: &QualityPolicy,
-    state: &mut DeviceAlertState,
+    state: &mut EngineState,
     cx: &Context<'_>,
     out: &mut Vec<AlertChange>,
 ) {
@@ -252,7 +278,7 @@ fn quality(
 /// readings in a row without one.
 fn sensor_fault(
     resolve_after: u32,
-    state: &mut DeviceAlertState,
+    state: &mut EngineState,
     cx: &Context<'_>,
     out: &mut Vec<AlertChange>,
 ) {

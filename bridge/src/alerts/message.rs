@@ -91,6 +91,12 @@ pub enum ResolveReason {
     RuleRemoved,
     /// The rule now measures something else (metric, kind or direction).
     RuleChanged,
+    /// The rule-set version that raised it was a canary for the device and no longer
+    /// delivers there (rolled back), issue 21.
+    ModelRollback,
+    /// The rule-set version that raised it no longer delivers for the device (another
+    /// version became live or canary there, or it lost its role).
+    RolloutChanged,
 }
 
 impl ResolveReason {
@@ -99,6 +105,8 @@ impl ResolveReason {
             Self::Recovered => "recovered",
             Self::RuleRemoved => "rule_removed",
             Self::RuleChanged => "rule_changed",
+            Self::ModelRollback => "model_rollback",
+            Self::RolloutChanged => "rollout_changed",
         }
     }
 }

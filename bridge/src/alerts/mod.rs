@@ -67,6 +67,7 @@ pub(crate) mod presence;
 pub(crate) mod silence;
 mod state;
 pub(crate) mod status;
+pub(crate) mod versions;
 
 use std::collections::BTreeMap;
 
@@ -75,7 +76,7 @@ use vitalmq_policies::{DeviceEntry, SiteId};
 
 use crate::plausible::Assessment;
 
-pub(crate) use engine::evaluate;
+pub(crate) use engine::{evaluate, evaluate_engine};
 pub(crate) use message::AlertChange;
 pub(crate) use state::DeviceAlertState;
 

@@ -25,20 +25,18 @@ pub const EVIDENCE_CAP: usize = 10;
 /// Everything the engine remembers about one device.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceAlertState {
-    /// Newest device-clock time evaluated.
+    /// The state of the rule-set version that delivers for the device (flattened: a
+    /// state stored before rule-set versions existed reads as this one).
+    #[serde(flatten)]
+    pub(crate) engine: EngineState,
+    /// The rule-set version [`Self::engine`] belongs to and its role when it last
+    /// evaluated; `None` before candidates were configured (the base rule set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) newest_ts_ms: Option<u64>,
-    /// Readings older than the newest, not evaluated.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub(crate) late_ignored: u64,
-    /// By rule id.
+    pub(crate) engine_version: Option<EngineVersion>,
+    /// The engine states of the rule-set versions that run in shadow for the device,
+    /// by version (only versions loaded and with a role for the device).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) rules: BTreeMap<String, RuleState>,
-    #[serde(default)]
-    pub(crate) quality: QualityState,
-    /// Implausible readings and the device's sensor-fault alert.
-    #[serde(default, skip_serializing_if = "SensorState::is_quiet")]
-    pub(crate) sensor: SensorState,
+    pub(crate) shadows: BTreeMap<String, EngineState>,
     /// Acknowledgement and re-escalation of the open clinical alerts (issue 17).
     #[serde(default)]
     pub(crate) book: super::book::Book,
@@ -56,6 +54,37 @@ pub struct DeviceAlertState {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// What [`evaluate`](super::evaluate) reads and writes: the state of ONE rule-set
+/// version for one device (issue 21: a device holds one per version that runs for it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineState {
+    /// Newest device-clock time evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) newest_ts_ms: Option<u64>,
+    /// Readings older than the newest, not evaluated.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) late_ignored: u64,
+    /// By rule id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) rules: BTreeMap<String, RuleState>,
+    #[serde(default)]
+    pub(crate) quality: QualityState,
+    /// Implausible readings and the device's sensor-fault alert.
+    #[serde(default, skip_serializing_if = "SensorState::is_quiet")]
+    pub(crate) sensor: SensorState,
+}
+
+/// A rule-set version and the role it had for the device when it last evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineVersion {
+    pub(crate) version: String,
+    pub(crate) role: vitalmq_policies::ModelRole,
+    /// The digest of the rule set it delivered under: what its resolutions name when
+    /// it stops delivering, even if it is no longer loaded then.
+    #[serde(default)]
+    pub(crate) policy_sha256: String,
 }
 
 /// An open alert, for status pages and metrics.
@@ -76,15 +105,23 @@ impl DeviceAlertState {
 
     /// The newest device-clock time evaluated.
     pub fn newest_ts_ms(&self) -> Option<u64> {
-        self.newest_ts_ms
+        self.engine.newest_ts_ms
     }
 
     /// Readings that arrived older than the newest one and were not evaluated.
     pub fn late_ignored(&self) -> u64 {
-        self.late_ignored
+        self.engine.late_ignored
     }
 
     /// The device's open alerts, clinical ones by rule id, then the operational one.
+    pub fn open_alerts(&self) -> impl Iterator<Item = OpenAlert<'_>> {
+        self.engine.open_alerts()
+    }
+}
+
+impl EngineState {
+    /// The open alerts of this version, clinical ones by rule id, then the operational
+    /// ones.
     pub fn open_alerts(&self) -> impl Iterator<Item = OpenAlert<'_>> {
         self.rules
             .iter()

@@ -440,7 +440,7 @@ fn d_flapping_around_the_threshold_opens_once_and_does_not_resolve() {
     let changes = p.run("spo2", &readings, GOOD);
     assert_eq!(seen(&changes), [s("spo2-low", "open", "review", 30)]);
     // 91 is inside the hysteresis band (resolve at >= 92): no resolve run ever starts.
-    let rs = &p.state.rules["spo2-low"];
+    let rs = &p.state.engine.rules["spo2-low"];
     assert!(rs.resolving.is_none());
     let episode = rs.episode.as_ref().expect("still open");
     // Repeats: 88 at t=35, 40 and the 21 readings of 89.
@@ -606,7 +606,7 @@ fn g_state_stays_bounded_over_100k_samples() {
         largest < 6 * 1024,
         "largest serialized state: {largest} bytes"
     );
-    for rule in p.state.rules.values() {
+    for rule in p.state.engine.rules.values() {
         assert!(
             rule.pending
                 .run
@@ -643,7 +643,7 @@ fn a_removed_rule_resolves_its_open_alert_and_leaves_the_state() {
     assert_eq!(done.alert_id, clinical(&opened[0]).alert_id);
     assert_eq!(done.resolution, Some(ResolveReason::RuleRemoved));
     assert_eq!(done.suppressed.map(|c| c.total()), Some(2));
-    assert!(!p.state.rules.contains_key("spo2-low"));
+    assert!(!p.state.engine.rules.contains_key("spo2-low"));
     let j: Json = serde_json::from_str(&changes[0].to_json()).expect("json");
     assert_eq!(j["reason"], "rule_removed");
 }
@@ -703,7 +703,7 @@ fn late_readings_are_ignored_and_a_clock_reset_restarts_the_runs() {
     let before = p.state.clone();
     assert_eq!(seen(&p.feed(3, &[("spo2", 50.0)], GOOD)), NONE);
     assert_eq!(p.state.late_ignored(), 1);
-    assert_eq!(p.state.rules, before.rules);
+    assert_eq!(p.state.engine.rules, before.engine.rules);
     // The run continues: open at t=30.
     assert_eq!(
         seen(&p.run("spo2", &[(30, 88.0)], GOOD)),
@@ -736,7 +736,7 @@ fn unusable_readings_are_ignored() {
     // 0.45 are low quality (0.55 is not): 3 of every 5, so the operational alert opens
     // with the 11th low reading of the last 20 (t=15), and no clinical one.
     assert_eq!(seen(&changes), [s("signal_quality", "open", "-", 15)]);
-    assert!(!p.state.rules.contains_key("spo2-low"));
+    assert!(!p.state.engine.rules.contains_key("spo2-low"));
     // A reading without q is good.
     let changes = p.run("spo2", &every(5, 125, 160, |_| 70.0), None);
     assert_eq!(
@@ -769,7 +769,7 @@ fn extreme_numbers_never_panic() {
     }
     let json = serde_json::to_string(&p.state).expect("serializes");
     let back: DeviceAlertState = serde_json::from_str(&json).expect("parses");
-    assert_eq!(back.rules.len(), p.state.rules.len());
+    assert_eq!(back.engine.rules.len(), p.state.engine.rules.len());
 }
 
 #[test]

@@ -31,7 +31,9 @@ use vitalmq_policies::{
 
 use super::anonymize;
 use super::report::Report;
-use crate::store::{RetainedAlert, RetainedEvent, RetainedQuarantine, RetainedScore, StoreAct};
+use crate::store::{
+    RetainedAlert, RetainedEvent, RetainedQuarantine, RetainedScore, RetainedShadowAlert, StoreAct,
+};
 
 /// One day in milliseconds.
 pub const DAY_MS: u64 = 86_400_000;
@@ -320,6 +322,106 @@ pub fn score(ctx: &Context<'_>, row: &RetainedScore, report: &mut Report) -> Opt
         Disposition::Due(_) => {
             report.skipped(plane, "no_archive_copy");
             None
+        }
+    }
+}
+
+/// What happens to one shadow alert episode (clinical plane, purpose care, like an
+/// alert; `rows` are all its changes, in id order). No handler delivers shadow alerts,
+/// so nothing waits for a confirmation. `delete` goes row by row; `anonymize` waits
+/// until the episode is over (its last change `resolved`) and its last change is due
+/// with nothing held, then anonymizes every change under one new id
+/// ([`crate::store::anonymized_shadow_alert_id`]); an erased patient's episode is
+/// deleted instead; `archive` is skipped as `no_archive_copy`.
+pub fn shadow_alert(
+    ctx: &Context<'_>,
+    rows: &[RetainedShadowAlert],
+    report: &mut Report,
+) -> Vec<StoreAct> {
+    let plane = "clinical";
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Vec::new();
+    };
+    if first.anonymized {
+        return Vec::new();
+    }
+    let dispositions: Vec<Disposition<'_>> = rows
+        .iter()
+        .map(|row| {
+            let device = DeviceId::new(&row.device).ok();
+            let meta = RecordMeta {
+                plane: Plane::Clinical,
+                purpose: Some(Purpose::Care),
+                at: row.created_at_ms,
+                patient_ref: row.patient_ref.as_deref(),
+                device: device.as_ref(),
+            };
+            disposition(ctx.policy, ctx.holds, &meta, ctx.now)
+        })
+        .collect();
+    let mut any_held = false;
+    for d in &dispositions {
+        if let Disposition::Held(h) = d {
+            report.held(plane, &h.id);
+            any_held = true;
+        }
+    }
+    let action = &ctx
+        .policy
+        .class(Plane::Clinical, Some(Purpose::Care))
+        .action;
+    if *action != Action::Anonymize {
+        let mut acts = Vec::new();
+        for (row, d) in rows.iter().zip(&dispositions) {
+            match d {
+                Disposition::Due(Action::Delete) => {
+                    report.acted(plane, "delete", row.created_at_ms);
+                    acts.push(StoreAct::DeleteShadowAlert { id: row.id });
+                }
+                Disposition::Due(_) => report.skipped(plane, "no_archive_copy"),
+                Disposition::Held(_) | Disposition::Keep => {}
+            }
+        }
+        return acts;
+    }
+    if any_held || !matches!(dispositions.last(), Some(Disposition::Due(_))) {
+        return Vec::new();
+    }
+    let erased = rows.iter().any(|r| r.erased);
+    if last.state != "resolved" && !erased {
+        report.skipped(plane, "open");
+        return Vec::new();
+    }
+    if erased {
+        return rows
+            .iter()
+            .map(|row| {
+                report.acted(plane, "delete_erased", row.created_at_ms);
+                StoreAct::DeleteShadowAlert { id: row.id }
+            })
+            .collect();
+    }
+    let alert_id = crate::store::anonymized_shadow_alert_id(first.id);
+    let anonymized: Option<Vec<StoreAct>> = rows
+        .iter()
+        .map(|row| {
+            Some(StoreAct::AnonymizeShadowAlert {
+                id: row.id,
+                alert_id: alert_id.clone(),
+                json: anonymize::alert(&row.payload, &alert_id)?,
+                hour_ms: anonymize::hour_of(row.created_at_ms),
+            })
+        })
+        .collect();
+    match anonymized {
+        Some(acts) => {
+            rows.iter()
+                .for_each(|row| report.acted(plane, "anonymize", row.created_at_ms));
+            acts
+        }
+        None => {
+            (0..rows.len()).for_each(|_| report.skipped(plane, "unreadable"));
+            Vec::new()
         }
     }
 }

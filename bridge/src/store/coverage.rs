@@ -16,7 +16,7 @@ use serde::Serialize;
 use vitalmq_keyring::{KeyError, Keyring, Subject};
 
 /// The columns that may hold sealed payloads.
-const SEALED_COLUMNS: [(&str, &str); 6] = [
+const SEALED_COLUMNS: [(&str, &str); 7] = [
     ("events", "normalized"),
     ("raw_messages", "bytes"),
     ("alerts", "body"),
@@ -24,6 +24,8 @@ const SEALED_COLUMNS: [(&str, &str); 6] = [
     // Schema v5 (issue 21): a store written before it has neither table.
     ("scores", "payload"),
     ("patient_score_state", "state"),
+    // Schema v6 (issue 21): rule-set shadow alerts.
+    ("shadow_alerts", "payload"),
 ];
 
 /// How far a keyring covers a store's sealed rows.
@@ -266,6 +268,35 @@ mod tests {
         assert!(holds_sealed_rows(&db).expect("look"));
         let own = coverage(&db, &ring).expect("coverage");
         assert_eq!((own.sealed_rows, own.missing), (2, 0));
+        let fresh = keyring(dir.path(), "other.sqlite3");
+        assert_eq!(coverage(&db, &fresh).expect("coverage").missing, 1);
+    }
+
+    /// Shadow alerts (schema v6) are sealed per patient: a keyring missing their
+    /// patient's key must not pass the check because nothing else names the patient.
+    #[test]
+    fn sealed_shadow_alerts_count() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ring = Arc::new(keyring(dir.path(), "keyring.sqlite3"));
+        drop(Store::open(dir.path()).expect("open"));
+        let db = dir.path().join(DB_FILE);
+        let subject = Subject::new("pt-shadow01").expect("s");
+        let payload = ring
+            .seal(&subject, b"shadow-alert|sa-1", b"{}")
+            .expect("seal");
+        let conn = Connection::open(&db).expect("db");
+        conn.execute(
+            "INSERT INTO shadow_alerts (change_id, alert_id, patient_ref, site, device, model,
+               version, config_sha256, role, rule, state, severity, at_ms, created_at_ms, payload)
+             VALUES ('sa-1', 'al-1', 'pt-shadow01', 'site-01', 'dev-00001', 'rules', 'v2',
+               'x', 'shadow', 'spo2-low', 'open', 'urgent', 1, 1, ?1)",
+            [&payload],
+        )
+        .expect("shadow alert");
+        drop(conn);
+        assert!(holds_sealed_rows(&db).expect("look"));
+        let own = coverage(&db, &ring).expect("coverage");
+        assert_eq!((own.sealed_rows, own.missing), (1, 0));
         let fresh = keyring(dir.path(), "other.sqlite3");
         assert_eq!(coverage(&db, &fresh).expect("coverage").missing, 1);
     }

@@ -26,7 +26,9 @@
 
 use rusqlite::{OptionalExtension as _, Transaction, params};
 
-use super::sealing::{alert_context, column_bytes, normalized_context, score_context};
+use super::sealing::{
+    alert_context, column_bytes, normalized_context, score_context, shadow_alert_context,
+};
 use super::{Payload, Store, StoreError, i2u, u2i};
 
 /// The keyring subject anonymized payloads are sealed under: no patient's.
@@ -120,6 +122,49 @@ pub fn anonymized_score_id(id: i64) -> String {
     format!("{ANONYMIZED_ID_PREFIX}s{id}")
 }
 
+/// A shadow alert change row (clinical plane, issue 21): one would-be state change of
+/// a rule-set version running in shadow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetainedShadowAlert {
+    pub id: i64,
+    pub alert_id: String,
+    pub version: String,
+    pub state: String,
+    pub device: String,
+    pub at_ms: u64,
+    pub created_at_ms: u64,
+    /// The payload JSON; empty when it cannot be read (erased, or sealed without a key).
+    pub payload: String,
+    pub patient_ref: Option<String>,
+    /// Its patient was erased: the payload is unreadable for good.
+    pub erased: bool,
+    /// Already anonymized (by an earlier run).
+    pub anonymized: bool,
+}
+
+/// One page of shadow alerts: the episodes (rule-set version and `alert_id`) whose
+/// first change lies in the page, each with all its changes in id order, and the last
+/// id the page covered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShadowAlertPage {
+    pub alerts: Vec<Vec<RetainedShadowAlert>>,
+    /// The key to read the next page after; `None` when there are no more rows.
+    pub last: Option<i64>,
+}
+
+/// The `alert_id` every change of an anonymized shadow alert episode gets:
+/// [`ANONYMIZED_ID_PREFIX`], `h` and the row id of the episode's first change (the old
+/// id, a hash of device, rule and opening event, would link it back).
+pub fn anonymized_shadow_alert_id(first_id: i64) -> String {
+    format!("{ANONYMIZED_ID_PREFIX}h{first_id}")
+}
+
+/// The `change_id` of an anonymized shadow alert change: [`ANONYMIZED_ID_PREFIX`],
+/// `hc` and its row id.
+pub fn anonymized_shadow_change_id(id: i64) -> String {
+    format!("{ANONYMIZED_ID_PREFIX}hc{id}")
+}
+
 /// A quarantine row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetainedQuarantine {
@@ -173,6 +218,19 @@ pub enum StoreAct {
     /// patient and device.
     AnonymizeScore {
         id: i64,
+        json: String,
+        hour_ms: u64,
+    },
+    DeleteShadowAlert {
+        id: i64,
+    },
+    /// Replace one change of a shadow alert episode by its anonymized form: the
+    /// episode's new `alert_id`, its own new change id, the payload (from
+    /// `crate::lifecycle::anonymize::alert`), times coarsened to `hour_ms`; forget its
+    /// patient and device. All changes of an episode are in the same batch.
+    AnonymizeShadowAlert {
+        id: i64,
+        alert_id: String,
         json: String,
         hour_ms: u64,
     },
@@ -352,6 +410,87 @@ impl Store {
         .collect()
     }
 
+    /// The shadow alert episodes whose first change is among the `limit` rows after id
+    /// `after`, each with every one of its changes (also those past the page).
+    pub fn retention_shadow_alerts(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<ShadowAlertPage, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT a.id, a.version, a.alert_id, NOT EXISTS (
+                        SELECT 1 FROM shadow_alerts b WHERE b.alert_id = a.alert_id
+                            AND b.version = a.version AND b.id < a.id)
+                 FROM shadow_alerts a WHERE a.id > ?1 ORDER BY a.id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let page: Vec<(i64, String, String, bool)> = stmt
+            .query_map(
+                params![after, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .and_then(Iterator::collect)
+            .map_err(|e| self.err(e))?;
+        let mut out = ShadowAlertPage {
+            alerts: Vec::new(),
+            last: page.last().map(|(id, ..)| *id),
+        };
+        for (_, version, alert_id, first) in page {
+            if first {
+                out.alerts
+                    .push(self.shadow_alert_changes(&version, &alert_id)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every change of the shadow alert episode `alert_id` of `version`, in id order.
+    fn shadow_alert_changes(
+        &self,
+        version: &str,
+        alert_id: &str,
+    ) -> Result<Vec<RetainedShadowAlert>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, alert_id, version, state, device, at_ms, created_at_ms,
+                        patient_ref, change_id, payload
+                 FROM shadow_alerts WHERE alert_id = ?1 AND version = ?2 ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map(params![alert_id, version], |r| {
+            let patient: String = r.get(7)?;
+            let change_id: String = r.get(8)?;
+            let row = RetainedShadowAlert {
+                id: r.get(0)?,
+                alert_id: r.get(1)?,
+                version: r.get(2)?,
+                state: r.get(3)?,
+                device: r.get(4)?,
+                at_ms: i2u(r.get(5)?),
+                created_at_ms: i2u(r.get(6)?),
+                payload: String::new(),
+                patient_ref: (!patient.is_empty()).then_some(patient),
+                erased: false,
+                anonymized: false,
+            };
+            Ok((change_id, column_bytes(r, 9)?, row))
+        })
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| self.err(e))?
+        .into_iter()
+        .map(|(change_id, stored, mut row)| {
+            let payload = self.open_payload(&stored, &shadow_alert_context(&change_id))?;
+            row.erased = payload.is_erased();
+            row.payload = readable(payload).unwrap_or_default();
+            row.anonymized = row.alert_id.starts_with(ANONYMIZED_ID_PREFIX);
+            Ok(row)
+        })
+        .collect()
+    }
+
     /// Up to `limit` quarantine rows after id `after`, in order.
     pub fn retention_quarantine(
         &self,
@@ -429,6 +568,10 @@ impl Store {
                 StoreAct::AnonymizeScore { id, json, .. } => {
                     Some(self.seal_anonymized(&score_context(&anonymized_score_id(*id)), json)?)
                 }
+                StoreAct::AnonymizeShadowAlert { id, json, .. } => Some(self.seal_anonymized(
+                    &shadow_alert_context(&anonymized_shadow_change_id(*id)),
+                    json,
+                )?),
                 _ => None,
             });
         }
@@ -560,6 +703,30 @@ fn apply(tx: &Transaction<'_>, act: &StoreAct, stored: Option<&[u8]>) -> rusqlit
                 params![
                     id,
                     anonymized_score_id(*id),
+                    ANONYMIZED_DEVICE,
+                    u2i(*hour_ms),
+                    payload
+                ],
+            )?;
+        }
+        StoreAct::DeleteShadowAlert { id } => {
+            tx.execute("DELETE FROM shadow_alerts WHERE id = ?1", params![id])?;
+        }
+        StoreAct::AnonymizeShadowAlert {
+            id,
+            alert_id,
+            json,
+            hour_ms,
+        } => {
+            let payload = stored.map_or_else(|| json.as_bytes().to_vec(), <[u8]>::to_vec);
+            tx.execute(
+                "UPDATE shadow_alerts SET change_id = ?2, alert_id = ?3, patient_ref = '',
+                        device = ?4, at_ms = ?5, created_at_ms = ?5, payload = ?6
+                 WHERE id = ?1",
+                params![
+                    id,
+                    anonymized_shadow_change_id(*id),
+                    alert_id,
                     ANONYMIZED_DEVICE,
                     u2i(*hour_ms),
                     payload

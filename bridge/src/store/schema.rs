@@ -332,6 +332,36 @@ CREATE TABLE IF NOT EXISTS patient_score_state (
 );
 ";
 
+/// Version 6 (issue 21): the would-be alert changes of rule-set versions running in
+/// shadow for a device, never delivered; clinical plane like `scores` (payload sealed
+/// per patient, context `shadow-alert|<change_id>`). `change_id` is deterministic, so a
+/// resent batch stores its changes once; `id` is monotonic for readers that follow it.
+/// Indexed by (model, version, at_ms) for `vitalmq models compare`, by patient for
+/// erasure and export, and by alert id for retention (it anonymizes an episode whole).
+const V6_SHADOW_ALERTS: &str = "
+CREATE TABLE IF NOT EXISTS shadow_alerts (
+    id              INTEGER PRIMARY KEY,
+    change_id       TEXT    NOT NULL UNIQUE,
+    alert_id        TEXT    NOT NULL,
+    patient_ref     TEXT    NOT NULL,
+    site            TEXT    NOT NULL,
+    device          TEXT    NOT NULL,
+    model           TEXT    NOT NULL,
+    version         TEXT    NOT NULL,
+    config_sha256   TEXT    NOT NULL,
+    role            TEXT    NOT NULL,
+    rule            TEXT    NOT NULL,
+    state           TEXT    NOT NULL,
+    severity        TEXT    NOT NULL,
+    at_ms           INTEGER NOT NULL,
+    created_at_ms   INTEGER NOT NULL,
+    payload         BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shadow_alerts_by_version ON shadow_alerts(model, version, at_ms);
+CREATE INDEX IF NOT EXISTS shadow_alerts_by_patient ON shadow_alerts(patient_ref);
+CREATE INDEX IF NOT EXISTS shadow_alerts_by_alert ON shadow_alerts(alert_id);
+";
+
 /// The migrations, oldest first; the store's version is how many have run.
 static MIGRATIONS: std::sync::LazyLock<Migrations<'static>> = std::sync::LazyLock::new(|| {
     Migrations::new(vec![
@@ -340,11 +370,12 @@ static MIGRATIONS: std::sync::LazyLock<Migrations<'static>> = std::sync::LazyLoc
         M::up(V3_WITHHELD),
         M::up_with_hook("", add_patient_ref),
         M::up(V5_SCORES),
+        M::up(V6_SHADOW_ALERTS),
     ])
 });
 
 /// The schema version this code writes.
-pub const VERSION: usize = 5;
+pub const VERSION: usize = 6;
 
 /// The store's recorded schema version.
 pub fn version(conn: &Connection) -> rusqlite::Result<usize> {

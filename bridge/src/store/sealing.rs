@@ -11,6 +11,7 @@
 //! | `alerts.body` (bodies naming a `patient_ref`) | that `patient_ref` | `alert\|<alert_id>\|<state>` |
 //! | `scores.payload` | the score's `patient_ref` | `score\|<score_id>` |
 //! | `patient_score_state.state` | its `patient_ref` | `score-state\|<patient_ref>` |
+//! | `shadow_alerts.payload` (rows with a `patient_ref`) | that `patient_ref` | `shadow-alert\|<change_id>` |
 //! | `quarantine.bytes` | `sys:quarantine` | `quarantine\|<sha256>` |
 //!
 //! An accepted event always carries a patient (attribution quarantines unassigned
@@ -63,6 +64,11 @@ pub(crate) fn score_context(score_id: &str) -> String {
 /// score episodes), sealed for the patient.
 pub(crate) fn score_state_context(patient_ref: &str) -> String {
     format!("score-state|{patient_ref}")
+}
+
+/// A shadow alert change's payload (issue 21), sealed for its patient.
+pub(crate) fn shadow_alert_context(change_id: &str) -> String {
+    format!("shadow-alert|{change_id}")
 }
 
 pub(super) fn quarantine_context(sha256_hex: &str) -> String {
@@ -303,7 +309,8 @@ impl Store {
     ///   device, not per patient: a device that now serves another patient loses its
     ///   baselines too, and the engine starts them afresh (as after a sequence reset).
     /// - the patient's scoring state (`patient_score_state`: latest readings; sealed
-    ///   with a keyring, plaintext when written without) is deleted; plaintext score payloads are scrubbed like the rest.
+    ///   with a keyring, plaintext when written without) is deleted; plaintext score
+    ///   and shadow alert payloads are scrubbed like the rest.
     /// - quarantined messages (sealed under [`QUARANTINE_SUBJECT`], not the patient's
     ///   key, so the key erasure does not reach them) of a device in `scope.received`
     ///   received within its period are deleted.
@@ -341,6 +348,7 @@ impl Store {
             ("events", "normalized"),
             ("alerts", "body"),
             ("scores", "payload"),
+            ("shadow_alerts", "payload"),
         ] {
             changed += tx
                 .execute(

@@ -306,6 +306,8 @@ struct SealedBatch<'a> {
     /// Per patient scoring state: the state, or `None` when the patient was erased
     /// (found so by any payload of the batch): never written back.
     patient_states: Vec<Option<Stored<'a>>>,
+    /// Per shadow alert change: the payload, or `None` when the patient was erased.
+    shadow_alerts: Vec<Option<Stored<'a>>>,
 }
 
 /// Everything one batch changes, written in one transaction.
@@ -324,13 +326,18 @@ pub struct Commit {
     pub scores: Vec<crate::score::NewScore>,
     /// The scoring state of each patient the batch touched, JSON.
     pub patient_states: Vec<(String, String)>,
+    /// Would-be alert changes of rule-set versions in shadow for their device (issue
+    /// 21): stored, never delivered.
+    pub shadow_alerts: Vec<super::NewShadowAlert>,
     pub now_ms: u64,
 }
 
 impl Commit {
-    /// Takes the alert part of the commit: alert rows, alert states, and the scores
+    /// Takes the alert part of the commit: alert rows, alert states, the scores
     /// with the patients' scoring states (clinical outputs like the alerts, which name
-    /// their `score_id`, and the state that holds the score alert episodes). What the
+    /// their `score_id`, and the state that holds the score alert episodes), and the
+    /// shadow alert changes (their engine state is adopted with the alert states, so a
+    /// resend does not make them again). What the
     /// recorder writes with [`Store::commit_alerts_only`] while recording is paused;
     /// the events, windows and gaps stay for the devices' resends.
     pub fn take_alert_part(&mut self) -> Commit {
@@ -339,6 +346,7 @@ impl Commit {
             alert_states: std::mem::take(&mut self.alert_states),
             scores: std::mem::take(&mut self.scores),
             patient_states: std::mem::take(&mut self.patient_states),
+            shadow_alerts: std::mem::take(&mut self.shadow_alerts),
             now_ms: self.now_ms,
             ..Commit::default()
         }
@@ -431,7 +439,7 @@ impl Store {
         use super::sealing::{
             QUARANTINE_SUBJECT, UNATTRIBUTED_SUBJECT, alert_context, alert_patient,
             normalized_context, quarantine_context, raw_context, score_context,
-            score_state_context,
+            score_state_context, shadow_alert_context,
         };
         use vitalmq_keyring::KeyError;
         let key_err = |source| StoreError::Key {
@@ -518,6 +526,27 @@ impl Store {
                 Err(e) => return Err(key_err(e)),
             }
         }
+        let mut shadow_alerts = Vec::with_capacity(c.shadow_alerts.len());
+        for sa in &c.shadow_alerts {
+            let payload = if sa.patient_ref.is_empty() {
+                Ok(Stored::Plain(sa.payload.as_bytes()))
+            } else {
+                stored(
+                    &sa.patient_ref,
+                    shadow_alert_context(&sa.change_id),
+                    sa.payload.as_bytes(),
+                )
+            };
+            match payload {
+                Ok(p) => shadow_alerts.push(Some(p)),
+                // A late reading of an erased patient makes no shadow alert.
+                Err(KeyError::Erased { .. }) => {
+                    erased_patients.insert(sa.patient_ref.clone());
+                    shadow_alerts.push(None);
+                }
+                Err(e) => return Err(key_err(e)),
+            }
+        }
         // The scoring state holds the patient's latest readings and their event ids:
         // sealed for the patient like the readings, and never written back for a
         // patient any payload of the batch found erased.
@@ -544,6 +573,7 @@ impl Store {
                 alerts,
                 scores,
                 patient_states,
+                shadow_alerts,
             },
             out,
         ))
@@ -698,12 +728,13 @@ impl Store {
         }
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
         super::scores::write_scores(&tx, c, &sealed.scores, &sealed.patient_states).map_err(err)?;
+        super::shadow_alerts::write_shadow_alerts(&tx, c, &sealed.shadow_alerts).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)
     }
 
     /// Writes only the alert part of `c` (alert rows, alert states, scores and the
-    /// patients' scoring states; see [`Commit::take_alert_part`]), in one transaction:
+    /// patients' scoring states, shadow alert changes; see [`Commit::take_alert_part`]), in one transaction:
     /// what the recorder commits while recording is paused (the outbox at
     /// `max_backlog`, or a store that refused the whole batch), so the alert handlers
     /// deliver as usual while events, quarantine, windows, gaps and counters wait for
@@ -718,6 +749,7 @@ impl Store {
             alerts: c.alerts.clone(),
             scores: c.scores.clone(),
             patient_states: c.patient_states.clone(),
+            shadow_alerts: c.shadow_alerts.clone(),
             ..Commit::default()
         };
         let (sealed, committed) = self.seal_batch(&alert_part)?;
@@ -726,6 +758,8 @@ impl Store {
         let tx = self.conn.transaction().map_err(err)?;
         write_alerts(&tx, c, &sealed.alerts).map_err(err)?;
         super::scores::write_scores(&tx, &alert_part, &sealed.scores, &sealed.patient_states)
+            .map_err(err)?;
+        super::shadow_alerts::write_shadow_alerts(&tx, &alert_part, &sealed.shadow_alerts)
             .map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(committed)

@@ -1,0 +1,610 @@
+//! `vitalmq models compare` for a rule set (registry kind `rules`): two versions'
+//! alert changes over a period, delivered ones from `alerts` and would-be ones from
+//! `shadow_alerts`. Pure over what was read (the reader is [`rows`]), so the
+//! definitions are tested here:
+//!
+//! - **Period**: changes the bridge recorded in it (`created_at_ms`, its clock), on
+//!   both sides, as the score compare does.
+//! - **Which version**: a delivered change belongs to the version whose registry
+//!   `artifact_sha256` is the alert's `policy_sha256` (clinical rule alerts only:
+//!   device alarms, score alerts and no-data alerts are other sources); a shadow
+//!   change names its version. Shadow changes of the operational rules
+//!   (`ops/signal_quality`, `ops/sensor_fault`) are left out (`ops_rows`): their
+//!   delivered counterparts are operational alerts, not compared here.
+//! - **Rows** per version and role (`delivered`, or the shadow row's role), and
+//!   **opens** per rule per version, delivered and shadow.
+//! - **Episodes**: the changes of one `alert_id` of one version, from its `open` to its
+//!   `resolved` (still open at the end of the period: open-ended). An episode whose
+//!   open is not in the period is not counted (`partial_episodes`). Times are the
+//!   changes' own (`raised_at` of the reading behind it).
+//! - **Pairing**: a `from` episode and a `to` episode of the same device and rule
+//!   whose intervals overlap (touching counts); `from` episodes in open order, each
+//!   paired with the earliest-opened unpaired `to` episode that overlaps it.
+//!   `agreement = paired / (paired + only_from + only_to)`.
+//! - **Timing**: for the pairs, `to` open minus `from` open, seconds: median, min, max.
+//!
+//! Only aggregates come out: never a patient reference, a device or a value. Rows of
+//! an erased patient are skipped and counted; a sealed row this process cannot open
+//! stops the comparison (read as absent it would count as disagreement).
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::Value as Json;
+use vitalmq_bridge::store::{Payload, Store};
+
+/// One alert change as the comparison takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub alert_id: String,
+    pub version: String,
+    /// `delivered`, or the shadow row's role (`shadow`).
+    pub role: String,
+    pub device: String,
+    pub rule: String,
+    pub state: String,
+    /// The change's own time (the reading behind it).
+    pub at_ms: u64,
+}
+
+impl Change {
+    fn delivered(&self) -> bool {
+        self.role == "delivered"
+    }
+}
+
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Opens {
+    pub delivered: BTreeMap<String, u64>,
+    pub shadow: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Episodes {
+    /// Episodes per version.
+    pub per_version: BTreeMap<String, u64>,
+    pub paired: usize,
+    pub only_from: usize,
+    pub only_to: usize,
+    /// Alert ids whose open is not in the period (not counted).
+    pub partial: usize,
+    pub agreement_pct: Option<f64>,
+    /// `to` open minus `from` open over the pairs, seconds.
+    pub open_diff_median_s: Option<f64>,
+    pub open_diff_min_s: Option<f64>,
+    pub open_diff_max_s: Option<f64>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct Report {
+    pub model: String,
+    pub kind: &'static str,
+    pub from: String,
+    pub to: String,
+    /// The registry digest of each version (what delivered alerts are matched by).
+    pub from_sha256: String,
+    pub to_sha256: String,
+    /// Rows read per version and role.
+    pub rows: BTreeMap<String, BTreeMap<String, u64>>,
+    /// `open` changes per version, per rule.
+    pub opens: BTreeMap<String, Opens>,
+    pub episodes: Episodes,
+    /// Delivered clinical alert rows in the period whose patient was erased (their
+    /// version cannot be told): not compared.
+    pub erased_rows: u64,
+    /// Shadow rows of the two versions in the period whose patient was erased.
+    pub erased_shadow_rows: u64,
+    /// Shadow rows of operational rules (`ops/...`): not compared.
+    pub ops_rows: u64,
+}
+
+/// One episode of one version.
+#[derive(Debug, Clone)]
+struct Episode<'a> {
+    device: &'a str,
+    rule: &'a str,
+    open_ms: u64,
+    /// `None`: still open at the end of the period.
+    end_ms: Option<u64>,
+}
+
+impl Episode<'_> {
+    fn overlaps(&self, other: &Episode<'_>) -> bool {
+        self.open_ms <= other.end_ms.unwrap_or(u64::MAX)
+            && other.open_ms <= self.end_ms.unwrap_or(u64::MAX)
+    }
+}
+
+fn median(sorted: &[f64]) -> Option<f64> {
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
+/// The episodes of `version` in open order, and how many alert ids had no open.
+fn episodes<'a>(version: &str, changes: &'a [Change]) -> (Vec<Episode<'a>>, usize) {
+    let mut by_id: BTreeMap<&str, Vec<&Change>> = BTreeMap::new();
+    for c in changes.iter().filter(|c| c.version == version) {
+        by_id.entry(&c.alert_id).or_default().push(c);
+    }
+    let mut out = Vec::new();
+    let mut partial = 0;
+    for group in by_id.values_mut() {
+        group.sort_by_key(|c| c.at_ms);
+        let Some(open) = group.iter().find(|c| c.state == "open") else {
+            partial += 1;
+            continue;
+        };
+        let end_ms = group
+            .iter()
+            .find(|c| c.state == "resolved" && c.at_ms >= open.at_ms)
+            .map(|c| c.at_ms);
+        out.push(Episode {
+            device: &open.device,
+            rule: &open.rule,
+            open_ms: open.at_ms,
+            end_ms,
+        });
+    }
+    out.sort_by_key(|e| (e.open_ms, e.device, e.rule));
+    (out, partial)
+}
+
+/// The comparison of `from` and `to` (changes already limited to the two versions and
+/// the period).
+pub fn compare(
+    model: &str,
+    (from, from_sha256): (&str, &str),
+    (to, to_sha256): (&str, &str),
+    changes: &[Change],
+) -> Report {
+    let mut rows: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut opens: BTreeMap<String, Opens> = BTreeMap::new();
+    for v in [from, to] {
+        opens.entry(v.to_owned()).or_default();
+    }
+    for c in changes {
+        *rows
+            .entry(c.version.clone())
+            .or_default()
+            .entry(c.role.clone())
+            .or_default() += 1;
+        if c.state == "open" {
+            let o = opens.entry(c.version.clone()).or_default();
+            let side = if c.delivered() {
+                &mut o.delivered
+            } else {
+                &mut o.shadow
+            };
+            *side.entry(c.rule.clone()).or_default() += 1;
+        }
+    }
+    let (a, partial_a) = episodes(from, changes);
+    let (b, partial_b) = episodes(to, changes);
+    let mut unpaired: HashMap<(&str, &str), Vec<&Episode<'_>>> = HashMap::new();
+    for e in &b {
+        unpaired.entry((e.device, e.rule)).or_default().push(e);
+    }
+    let mut ep = Episodes {
+        per_version: BTreeMap::from([
+            (from.to_owned(), a.len() as u64),
+            (to.to_owned(), b.len() as u64),
+        ]),
+        partial: partial_a + partial_b,
+        ..Episodes::default()
+    };
+    let mut diffs = Vec::new();
+    for e in &a {
+        let theirs = unpaired.entry((e.device, e.rule)).or_default();
+        match theirs.iter().position(|u| u.overlaps(e)) {
+            Some(i) => {
+                let u = theirs.remove(i);
+                diffs.push((u.open_ms as f64 - e.open_ms as f64) / 1000.0);
+            }
+            None => ep.only_from += 1,
+        }
+    }
+    ep.only_to = unpaired.values().map(Vec::len).sum();
+    ep.paired = diffs.len();
+    let compared = ep.paired + ep.only_from + ep.only_to;
+    ep.agreement_pct = (compared > 0).then(|| 100.0 * ep.paired as f64 / compared as f64);
+    diffs.sort_by(f64::total_cmp);
+    ep.open_diff_median_s = median(&diffs);
+    ep.open_diff_min_s = diffs.first().copied();
+    ep.open_diff_max_s = diffs.last().copied();
+    Report {
+        model: model.to_owned(),
+        kind: "rules",
+        from: from.to_owned(),
+        to: to.to_owned(),
+        from_sha256: from_sha256.to_owned(),
+        to_sha256: to_sha256.to_owned(),
+        rows,
+        opens,
+        episodes: ep,
+        erased_rows: 0,
+        erased_shadow_rows: 0,
+        ops_rows: 0,
+    }
+}
+
+const LOCKED: &str = "alert or shadow alert payloads in the period are sealed and no key \
+    here opens them: give the [encryption] key file of the bridge that wrote them";
+
+/// What [`rows`] read.
+#[derive(Debug, Default)]
+pub struct Read {
+    pub changes: Vec<Change>,
+    pub erased_rows: u64,
+    pub erased_shadow_rows: u64,
+    pub ops_rows: u64,
+}
+
+/// Whether a delivered alert body is a clinical rule alert (not a device alarm, a
+/// score alert or a no-data alert).
+fn is_rule_alert(body: &Json) -> bool {
+    let text = |k: &str| body.get(k).and_then(Json::as_str);
+    let rule = text("rule").unwrap_or_default();
+    body.get("alarm").is_none_or(Json::is_null)
+        && text("source").is_none_or(|s| s == "rule")
+        && !rule.is_empty()
+        && !rule.starts_with("news2")
+        && rule != "no-data"
+        && text("kind") != Some("no_data")
+}
+
+/// The changes of `model` at the two versions (name, registry digest) the bridge
+/// recorded in `[since, until)`; rows selected in SQL before any payload is opened
+/// where the columns allow (shadow rows by version and time, delivered ones by kind
+/// and time).
+pub fn rows(
+    store: &Store,
+    model: &str,
+    versions: [(&str, &str); 2],
+    period: (Option<u64>, Option<u64>),
+) -> anyhow::Result<Read> {
+    let mut out = Read::default();
+    let mut after = 0;
+    loop {
+        let page = store.clinical_alerts_in(period, after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.position;
+        for a in page {
+            let body: Json = match &a.body {
+                Payload::Plain(b) => serde_json::from_slice(b)
+                    .with_context(|| format!("alert {}: body is not JSON", a.alert_id))?,
+                Payload::Erased { .. } => {
+                    out.erased_rows += 1;
+                    continue;
+                }
+                Payload::Locked => anyhow::bail!(LOCKED),
+            };
+            if !is_rule_alert(&body) {
+                continue;
+            }
+            let digest = body.get("policy_sha256").and_then(Json::as_str);
+            let Some((version, _)) = versions.iter().find(|(_, sha)| Some(*sha) == digest) else {
+                continue;
+            };
+            let at_ms = body
+                .get("raised_at")
+                .and_then(Json::as_str)
+                .and_then(|t| vitalmq_policies::parse_rfc3339(t).ok())
+                .unwrap_or(a.created_at_ms);
+            out.changes.push(Change {
+                alert_id: a.alert_id,
+                version: (*version).to_owned(),
+                role: "delivered".to_owned(),
+                device: a.device.unwrap_or_default(),
+                rule: a.rule.unwrap_or_default(),
+                state: a.state,
+                at_ms,
+            });
+        }
+    }
+    let names = [versions[0].0, versions[1].0];
+    let mut after = 0;
+    loop {
+        let page = store.shadow_alerts_of(model, names, period, after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.id;
+        for s in page {
+            match s.payload {
+                Payload::Plain(_) => {}
+                Payload::Erased { .. } => {
+                    out.erased_shadow_rows += 1;
+                    continue;
+                }
+                Payload::Locked => anyhow::bail!(LOCKED),
+            }
+            if s.rule.starts_with("ops/") {
+                out.ops_rows += 1;
+                continue;
+            }
+            out.changes.push(Change {
+                alert_id: s.alert_id,
+                version: s.version,
+                role: s.role,
+                device: s.device,
+                rule: s.rule,
+                state: s.state,
+                at_ms: s.at_ms,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |x| format!("{x:.2}"))
+}
+
+/// The report as text.
+pub fn text(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(s, "{} (rules) {} -> {}", r.model, r.from, r.to);
+    if r.erased_rows + r.erased_shadow_rows > 0 {
+        let _ = writeln!(
+            s,
+            "not compared (patient erased): {} delivered alert rows, {} shadow rows",
+            r.erased_rows, r.erased_shadow_rows
+        );
+    }
+    if r.ops_rows > 0 {
+        let _ = writeln!(
+            s,
+            "not compared (operational rules): {} shadow rows",
+            r.ops_rows
+        );
+    }
+    for (v, roles) in &r.rows {
+        let roles: Vec<String> = roles.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let _ = writeln!(s, "rows {v}: {}", roles.join(", "));
+    }
+    let _ = writeln!(s, "alert opens per rule (delivered / shadow):");
+    for (v, o) in &r.opens {
+        let rules: std::collections::BTreeSet<&String> =
+            o.delivered.keys().chain(o.shadow.keys()).collect();
+        for rule in rules {
+            let _ = writeln!(
+                s,
+                "  {v:<14} {rule:<20} {} / {}",
+                o.delivered.get(rule).copied().unwrap_or(0),
+                o.shadow.get(rule).copied().unwrap_or(0)
+            );
+        }
+    }
+    let e = &r.episodes;
+    let per: Vec<String> = e
+        .per_version
+        .iter()
+        .map(|(v, n)| format!("{v} {n}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "episodes: {}  paired {}  only {} {}  only {} {}  agreement {}%  (not counted, opened before the period: {})",
+        per.join(", "),
+        e.paired,
+        r.from,
+        e.only_from,
+        r.to,
+        e.only_to,
+        opt(e.agreement_pct),
+        e.partial
+    );
+    let _ = writeln!(
+        s,
+        "episode open, {} minus {} (s): median {}  min {}  max {}",
+        r.to,
+        r.from,
+        opt(e.open_diff_median_s),
+        opt(e.open_diff_min_s),
+        opt(e.open_diff_max_s)
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+    use vitalmq_bridge::store::{Commit, NewAlert, NewShadowAlert, shadow_change_id};
+    use vitalmq_keyring::{Keyring, LocalKeyFile, Subject};
+
+    use super::*;
+
+    const T0: u64 = 1_794_787_200_000;
+    const MIN: u64 = 60_000;
+    const SHA1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const SHA2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn ch(id: &str, v: &str, role: &str, dev: &str, state: &str, at: u64) -> Change {
+        Change {
+            alert_id: id.into(),
+            version: v.into(),
+            role: role.into(),
+            device: dev.into(),
+            rule: "spo2-low".into(),
+            state: state.into(),
+            at_ms: at,
+        }
+    }
+
+    #[test]
+    fn episodes_pair_by_device_rule_and_overlap() {
+        let changes = vec![
+            // dev-1: v1 [0, 10 min], v2 opens 2 min later, [2, 12]: paired, +120 s.
+            ch("a1", "v1", "delivered", "dev-1", "open", T0),
+            ch("a1", "v1", "delivered", "dev-1", "resolved", T0 + 10 * MIN),
+            ch("b1", "v2", "shadow", "dev-1", "open", T0 + 2 * MIN),
+            ch("b1", "v2", "shadow", "dev-1", "resolved", T0 + 12 * MIN),
+            // dev-1 later: v1 [20, open), v2 opened 1 min before it, still open: -60 s.
+            ch("a2", "v1", "delivered", "dev-1", "open", T0 + 20 * MIN),
+            ch("b2", "v2", "shadow", "dev-1", "open", T0 + 19 * MIN),
+            // dev-2: v1 [0, 1], v2 [5, 6]: no overlap, one each only.
+            ch("a3", "v1", "delivered", "dev-2", "open", T0),
+            ch("a3", "v1", "delivered", "dev-2", "resolved", T0 + MIN),
+            ch("b3", "v2", "shadow", "dev-2", "open", T0 + 5 * MIN),
+            ch("b3", "v2", "shadow", "dev-2", "resolved", T0 + 6 * MIN),
+            // dev-1 at the same time, another rule: not paired.
+            Change {
+                rule: "hr-high".into(),
+                ..ch("b4", "v2", "shadow", "dev-1", "open", T0)
+            },
+            // Opened before the period: not an episode.
+            ch("a5", "v1", "delivered", "dev-4", "resolved", T0),
+        ];
+        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &changes);
+        let e = &r.episodes;
+        assert_eq!((e.per_version["v1"], e.per_version["v2"]), (3, 4));
+        assert_eq!((e.paired, e.only_from, e.only_to, e.partial), (2, 1, 2, 1));
+        assert_eq!(e.agreement_pct, Some(40.0));
+        assert_eq!(
+            (e.open_diff_min_s, e.open_diff_max_s, e.open_diff_median_s),
+            (Some(-60.0), Some(120.0), Some(30.0))
+        );
+        assert_eq!(r.rows["v1"]["delivered"], 6);
+        assert_eq!(r.rows["v2"]["shadow"], 6);
+        assert_eq!(r.opens["v1"].delivered["spo2-low"], 3);
+        assert!(r.opens["v1"].shadow.is_empty());
+        assert_eq!(r.opens["v2"].shadow["spo2-low"], 3);
+        assert_eq!(r.opens["v2"].shadow["hr-high"], 1);
+        // Touching intervals overlap; a narrower one does not reach.
+        let touching = vec![
+            ch("a1", "v1", "delivered", "dev-1", "open", T0),
+            ch("a1", "v1", "delivered", "dev-1", "resolved", T0 + MIN),
+            ch("b1", "v2", "shadow", "dev-1", "open", T0 + MIN),
+        ];
+        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &touching);
+        assert_eq!(r.episodes.paired, 1);
+        assert_eq!(r.episodes.agreement_pct, Some(100.0));
+    }
+
+    fn delivered(id: &str, state: &str, sha: &str, patient: &str, at: u64) -> NewAlert {
+        NewAlert {
+            alert_id: id.into(),
+            state: state.into(),
+            kind: "clinical".into(),
+            topic: "alerts/site-01/urgent/dev-a".into(),
+            device: Some("dev-a".into()),
+            rule: Some("spo2-low".into()),
+            created_at_ms: at + 5,
+            body: json!({"alert_id": id, "kind": "clinical", "state": state,
+                "rule": "spo2-low", "rule_version": "x", "policy_sha256": sha,
+                "patient_ref": patient, "device": "dev-a",
+                "raised_at": vitalmq_bridge::normalize::rfc3339_ms(at)})
+            .to_string(),
+            level: 0,
+        }
+    }
+
+    fn shadow(id: &str, state: &str, version: &str, patient: &str, at: u64) -> NewShadowAlert {
+        NewShadowAlert {
+            change_id: shadow_change_id(version, id, state, &format!("ev-{at}")),
+            alert_id: id.into(),
+            patient_ref: patient.into(),
+            site: "site-01".into(),
+            device: "dev-a".into(),
+            model: "rules".into(),
+            version: version.into(),
+            config_sha256: SHA2.into(),
+            role: "shadow".into(),
+            rule: "spo2-low".into(),
+            state: state.into(),
+            severity: "urgent".into(),
+            at_ms: at,
+            created_at_ms: at + 5,
+            payload: json!({"alert_id": id, "state": state, "patient_ref": patient}).to_string(),
+        }
+    }
+
+    /// A store filled through the store API with known episodes: the delivered `v1`
+    /// (matched by digest) and the shadow `v2` of two patients, one erased.
+    #[test]
+    fn a_store_compare_has_the_known_answers_erased_rows_skipped_and_locked_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let data = tmp.path().join("data");
+        let keyring = Arc::new(
+            Keyring::open(
+                &data.join("keyring.sqlite3"),
+                Arc::new(LocalKeyFile::create(&tmp.path().join("kek.json")).expect("kek")),
+            )
+            .expect("keyring"),
+        );
+        let mut store = Store::open(&data)
+            .expect("store")
+            .with_keyring(keyring.clone());
+        let mut device_alarm = delivered("al-alarm", "open", SHA1, "pt-a", T0);
+        device_alarm.body = json!({"alert_id": "al-alarm", "state": "open", "rule": "spo2-low",
+            "policy_sha256": SHA1, "patient_ref": "pt-a", "alarm": {"code": "x"}})
+        .to_string();
+        store
+            .commit(&Commit {
+                alerts: vec![
+                    // pt-a: v1 delivers [0, 10 min]; v2 would open 3 min later, [3, 8].
+                    delivered("al-1", "open", SHA1, "pt-a", T0),
+                    delivered("al-1", "resolved", SHA1, "pt-a", T0 + 10 * MIN),
+                    // Another digest (a third version): not compared.
+                    delivered("al-9", "open", &"9".repeat(64), "pt-a", T0),
+                    device_alarm,
+                    // pt-b (erased below): its rows are counted, not compared.
+                    delivered("al-b", "open", SHA1, "pt-b", T0),
+                ],
+                shadow_alerts: vec![
+                    shadow("sh-1", "open", "v2", "pt-a", T0 + 3 * MIN),
+                    shadow("sh-1", "resolved", "v2", "pt-a", T0 + 8 * MIN),
+                    // pt-a later: v2 alone.
+                    shadow("sh-2", "open", "v2", "pt-a", T0 + 30 * MIN),
+                    // Operational rule: left out.
+                    NewShadowAlert {
+                        rule: "ops/signal_quality".into(),
+                        ..shadow("sh-3", "open", "v2", "pt-a", T0 + 30 * MIN)
+                    },
+                    // Another version: not read.
+                    shadow("sh-4", "open", "v3", "pt-a", T0),
+                    shadow("sh-b", "open", "v2", "pt-b", T0),
+                    // Recorded after the period.
+                    shadow("sh-5", "open", "v2", "pt-a", T0 + 120 * MIN),
+                ],
+                ..Commit::default()
+            })
+            .expect("commit");
+        keyring
+            .erase(&Subject::new("pt-b").expect("subject"), "test", "test", T0)
+            .expect("erase");
+        let period = (Some(T0), Some(T0 + 60 * MIN));
+        let versions = [("v1", SHA1), ("v2", SHA2)];
+        let read = rows(&store, "rules", versions, period).expect("read");
+        assert_eq!(
+            (read.erased_rows, read.erased_shadow_rows, read.ops_rows),
+            (1, 1, 1)
+        );
+        let mut r = compare("rules", versions[0], versions[1], &read.changes);
+        (r.erased_rows, r.erased_shadow_rows, r.ops_rows) =
+            (read.erased_rows, read.erased_shadow_rows, read.ops_rows);
+        assert_eq!(r.rows["v1"]["delivered"], 2);
+        assert_eq!(r.rows["v2"]["shadow"], 3);
+        assert_eq!(r.opens["v1"].delivered["spo2-low"], 1);
+        assert_eq!(r.opens["v2"].shadow["spo2-low"], 2);
+        let e = &r.episodes;
+        assert_eq!((e.paired, e.only_from, e.only_to), (1, 0, 1));
+        assert_eq!(e.agreement_pct, Some(50.0));
+        assert_eq!(e.open_diff_median_s, Some(180.0));
+        // Aggregates only: no patient, device or alert id in what is printed.
+        let printed = format!("{}{}", text(&r), serde_json::to_string(&r).expect("json"));
+        for secret in ["pt-a", "pt-b", "dev-a", "al-1", "sh-1"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        drop(store);
+        // The same store without its keyring: refused, not read as absent.
+        let store = Store::open(&data).expect("store");
+        let err = rows(&store, "rules", versions, period).expect_err("sealed");
+        assert!(err.to_string().contains("sealed"), "{err:#}");
+    }
+}
