@@ -108,9 +108,10 @@ WHERE NOT seed;
 -- (NULL: no row of that measure in the group).
 CREATE OR REPLACE VIEW device_weeks_raw AS
 SELECT device, week, fw, model, model_status, lot, region, hardware_model,
-       bool_or(exposed) AS exposed, sum(readings) AS readings, sum(alerts) AS alerts,
-       sum(device_alarms) AS device_alarms, sum(gaps) AS gaps,
-       sum(refusals) AS refusals, sum(dropped) AS dropped
+       bool_or(exposed) AS exposed, sum(readings)::BIGINT AS readings,
+       sum(alerts)::BIGINT AS alerts, sum(device_alarms)::BIGINT AS device_alarms,
+       sum(gaps)::BIGINT AS gaps, sum(refusals)::BIGINT AS refusals,
+       sum(dropped)::BIGINT AS dropped
 FROM (
     SELECT device, week, fw, model, model_status, lot, region, hardware_model,
            true AS exposed, count(*) FILTER (WHERE kind = 'vitals') AS readings,
@@ -154,9 +155,9 @@ CREATE OR REPLACE VIEW device_weeks_rolled AS
 SELECT * FROM device_weeks_raw WHERE false;
 
 CREATE OR REPLACE VIEW device_weeks AS
-SELECT * FROM device_weeks_rolled
+SELECT * FROM device_weeks_raw
 UNION ALL BY NAME
-SELECT * FROM device_weeks_raw;
+SELECT * FROM device_weeks_rolled;
 
 -- The questions below are table macros over a relation shaped like `device_weeks`,
 -- named by a string (`query_table`), so `rates` and `fleet_rates` each compute

@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import math
 import os
+import shutil
 import sys
 
 import duckdb
@@ -259,18 +260,39 @@ def session(queries, root, rollup):
 
 
 def answers(con, queries):
-    """Every rate question's answer, as compared between the raw tables and the rollup."""
-    q = lambda name, **v: query(con, os.path.join(queries, name), **v)
+    """Every rate question's answer with its column types, and device_weeks itself, as
+    compared between the raw tables and the rollup."""
+    def q(name, **variables):
+        for k, v in variables.items():
+            con.execute(f"SET VARIABLE {k} = ?", [v])
+        cur = con.execute(open(os.path.join(queries, name)).read())
+        out = ([(d[0], str(d[1])) for d in cur.description], cur.fetchall())
+        for k in variables:
+            con.execute(f"RESET VARIABLE {k}")
+        return out
+    def sql(text):
+        cur = con.execute(text)
+        return ([(d[0], str(d[1])) for d in cur.description], cur.fetchall())
     return {
         "rates": q("rates_by.sql"),
         "rates_dropped_lot": q("rates_by.sql", measure="dropped", dimension="lot"),
         "outliers": q("outliers.sql"),
         "outliers_dropped": q("outliers.sql", measure="dropped"),
-        "fleet": con.execute("SELECT * FROM fleet_rates ORDER BY measure").fetchall(),
+        "fleet": sql("SELECT * FROM fleet_rates ORDER BY measure"),
+        "device_weeks": sql("SELECT * FROM device_weeks ORDER BY ALL"),
     }
 
 
-def rollup_files(root):
+def rate(a, measure, dimension, value):
+    names = [n for n, _ in a["rates"][0]]
+    for row in a["rates"][1]:
+        r = dict(zip(names, row))
+        if (r["measure"], r["dimension"], r["value"]) == (measure, dimension, value):
+            return r["n"]
+    raise KeyError((measure, dimension, value))
+
+
+def rollup_data_files(root):
     out = []
     for table in ("rollup_device_weeks", "rollup_dropped_carry"):
         for dirpath, _, files in os.walk(os.path.join(root, table)):
@@ -278,64 +300,120 @@ def rollup_files(root):
     return sorted(out)
 
 
-def check_rollup(queries, root, rows):
-    """rollup.sql: the same answers as the raw tables, row for row; a second run with
-    no new data writes nothing; a late file in a rolled-up week is noticed (that week
-    and every later one recomputed, the dropped counters carried from the week before
-    it) and the answers again equal the raw ones, which the late rows changed."""
+def write_rows(root, table, week, name, rows):
+    schema, _ = TABLES[table]
+    cols = {}
+    for f in schema:
+        values = [r.get(f.name) for r in rows]
+        if pa.types.is_timestamp(f.type):
+            values = [None if v is None else dt.datetime.fromtimestamp(v / 1000, UTC)
+                      for v in values]
+        cols[f.name] = values
+    path = os.path.join(root, table, f"week={week}", name)
+    pq.write_table(pa.Table.from_pydict(cols, schema=schema), path)
+    return path
+
+
+def agrees(queries, root):
+    """rollup.sql in a fresh session answers as views.sql alone does, and reads no raw
+    row for the rate questions."""
     raw = answers(session(queries, root, False), queries)
     con = session(queries, root, True)
-    weeks = con.execute("SELECT getvariable('rolled_weeks')").fetchone()[0]
-    assert weeks == ["2026-W47", "2026-W48", "2026-W49"], weeks
-    assert answers(con, queries) == raw
-    # The rate questions now read no raw row: the raw part of device_weeks is empty.
     assert con.execute("SELECT count(*) FROM device_weeks_raw").fetchone()[0] == 0
-    written = rollup_files(root)
-    # One file per (week, fingerprint) and table, plus each table's placeholder.
-    assert len(written) == 2 * (3 + 1), written
-    # (The placeholders, week=none, are written at every run.)
-    stamps = {f: os.stat(f).st_mtime_ns for f in written if "week=none" not in f}
+    rolled = answers(con, queries)
+    for k in raw:
+        assert rolled[k] == raw[k], (k, rolled[k][0], raw[k][0])
+    return raw, con
 
-    again = session(queries, root, True)
-    assert answers(again, queries) == raw
-    assert rollup_files(root) == written
-    assert {f: os.stat(f).st_mtime_ns for f in stamps} == stamps, "a fresh week was rewritten"
+
+def check_rollup(queries, work, rows):
+    """rollup.sql gives the raw tables' answers, row for row and type for type, in every
+    state a data set goes through: first run, nothing new, a late file in a rolled week
+    (that week and every later one recomputed, the counters carried from the week
+    before), the late file gone again, a file rewritten under its name, an interrupted
+    run's broken file, a week deleted by retention."""
+    src = os.path.join(work, "surveillance")
+    root = os.path.join(work, "rollup-states")
+    shutil.copytree(src, root)
+    raw, con = agrees(queries, root)
+    weeks = con.execute("SELECT getvariable('rolled_weeks')").fetchone()[0]
+    assert sorted(weeks) == ["2026-W47", "2026-W48", "2026-W49"], weeks
+    written = rollup_data_files(root)
+    assert len(written) == 2 * 3, written  # one file per table and week
+    stamps = {f: os.stat(f).st_mtime_ns for f in written}
+
+    # Nothing new: nothing written, nothing rewritten.
+    agrees(queries, root)
+    assert rollup_data_files(root) == written
+    assert all(os.stat(f).st_mtime_ns == t for f, t in stamps.items())
 
     # Late rows for W48: a LOT-C status whose counter went up by 7 (dev-00021, boot 1:
     # 10 -> 17 before the W49 statuses at 10 and 15, which then add nothing), and a
     # refusal of dev-00001.
-    late_status = {**device_facts(21), **model_of(21), "event_id": "ev-late-21",
-                   "kind": "status", "observed_at": at(1, 6, 9, 21),
-                   "received_at": at(1, 6, 9, 21) + 500, "subject": "sp-00021",
-                   "battery": 0.7, "dropped": 17, "epoch": 1}
-    late_refusal = {"at": at(1, 6, 10, 1), **device_facts(1), "reason": "bad_signature"}
-    for table, row, name in (("events", late_status, "part-9001-9001.parquet"),
-                             ("refusals", late_refusal, "part-9002-9002.parquet")):
-        schema, _ = TABLES[table]
-        cols = {}
-        for f in schema:
-            v = row.get(f.name)
-            if pa.types.is_timestamp(f.type) and v is not None:
-                v = dt.datetime.fromtimestamp(v / 1000, UTC)
-            cols[f.name] = [v]
-        pq.write_table(pa.Table.from_pydict(cols, schema=schema),
-                       os.path.join(root, table, "week=2026-W48", name))
-    late_raw = answers(session(queries, root, False), queries)
-    assert late_raw != raw
-    n = lambda a, *k: {(r["measure"], r["dimension"], r["value"]): r["n"]
-                       for r in a["rates"]}[k]
+    late = [
+        write_rows(root, "events", "2026-W48", "part-9001-9001.parquet", [{
+            **device_facts(21), **model_of(21), "event_id": "ev-late-21",
+            "kind": "status", "observed_at": at(1, 6, 9, 21),
+            "received_at": at(1, 6, 9, 21) + 500, "subject": "sp-00021",
+            "battery": 0.7, "dropped": 17, "epoch": 1}]),
+        write_rows(root, "refusals", "2026-W48", "part-9002-9002.parquet", [{
+            "at": at(1, 6, 10, 1), **device_facts(1), "reason": "bad_signature"}]),
+    ]
+    late_raw, _ = agrees(queries, root)
     # +7 in W48; W49's statuses (10, 15) now add nothing: 5 fewer there.
-    assert n(late_raw, "dropped", "lot", "LOT-C") == 150 + 7 - 5
-    assert n(late_raw, "dropped", "week", "2026-W48") == n(raw, "dropped", "week", "2026-W48") + 7
-    assert n(late_raw, "dropped", "week", "2026-W49") == n(raw, "dropped", "week", "2026-W49") - 5
-    assert n(late_raw, "refusals", "lot", "LOT-A") == 24 + 1
-    late = session(queries, root, True)
-    assert answers(late, queries) == late_raw
-    after = rollup_files(root)
-    # W48 under its new fingerprint; W47 untouched; W49 rewritten in place.
-    assert len(after) == len(written) + 2, after
-    assert all(os.stat(f).st_mtime_ns == stamps[f] for f in stamps if "2026-W47" in f)
-    assert any(os.stat(f).st_mtime_ns != stamps[f] for f in stamps if "2026-W49" in f)
+    assert rate(late_raw, "dropped", "lot", "LOT-C") == 150 + 7 - 5
+    assert rate(late_raw, "dropped", "week", "2026-W48") == \
+        rate(raw, "dropped", "week", "2026-W48") + 7
+    assert rate(late_raw, "dropped", "week", "2026-W49") == \
+        rate(raw, "dropped", "week", "2026-W49") - 5
+    assert rate(late_raw, "refusals", "lot", "LOT-A") == 24 + 1
+    after = rollup_data_files(root)
+    # W48 and W49 under new fingerprints (chained), W47 untouched, nothing overwritten.
+    assert len(after) == len(written) + 2 * 2, after
+    assert all(os.stat(f).st_mtime_ns == t for f, t in stamps.items())
+
+    # The late files gone again: the earlier fingerprints, and answers, come back.
+    for f in late:
+        os.remove(f)
+    back, _ = agrees(queries, root)
+    assert back == raw
+
+    # A file rewritten under its own name, same rows, another lot for dev-00021 (a
+    # redelivery after a registry change): its size and time change the fingerprint.
+    w48 = os.path.join(root, "events", "week=2026-W48")
+    [name] = [f for f in os.listdir(w48)]
+    table = pq.read_table(os.path.join(w48, name)).to_pylist()
+    for r in table:
+        if r["device"] == "dev-00021":
+            r["lot"] = "LOT-Z"
+    events_schema, _ = TABLES["events"]
+    path = os.path.join(w48, name)
+    pq.write_table(pa.Table.from_pylist(table, schema=events_schema), path)
+    t = os.stat(path).st_mtime + 5
+    os.utime(path, (t, t))
+    rewritten, con = agrees(queries, root)
+    assert rewritten != raw
+
+    # An interrupted run: a broken file in a run directory without a marker, for the
+    # current fingerprint and newer than the complete run, is never read, and is
+    # listed as obsolete.
+    [fp] = con.execute("SELECT fp FROM rollup_source WHERE week = '2026-W49'").fetchone()
+    broken = os.path.join(root, "rollup_device_weeks", "week=2026-W49", f"fp={fp}",
+                          "run=99991231T235959-dead")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "data_0.parquet"), "wb") as f:
+        f.write(b"PAR1 half a file")
+    _, con = agrees(queries, root)
+    obsolete = [r[0] for r in con.execute("SELECT dir FROM rollup_obsolete").fetchall()]
+    assert broken in obsolete, obsolete
+
+    # Retention deletes a week: every later week's fingerprint changes with it.
+    for table in TABLES:
+        shutil.rmtree(os.path.join(root, table, "week=2026-W47"), ignore_errors=True)
+    gone, con = agrees(queries, root)
+    assert gone != rewritten
+    weeks = con.execute("SELECT getvariable('rolled_weeks')").fetchone()[0]
+    assert sorted(weeks) == ["2026-W48", "2026-W49"], weeks
 
 
 def main():
@@ -433,7 +511,7 @@ def main():
     results["psi_score_self"] = self_psi
     results["psi_score_candidate"] = cand
 
-    check_rollup(queries, root, rows)
+    check_rollup(queries, work, rows)
     ran.add("rollup.sql")
 
     missing = sorted(set(shipped) - ran)
