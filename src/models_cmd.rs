@@ -235,7 +235,9 @@ fn rule_set_digests(
             .map(|e| e.artifact_sha256.clone())
             .with_context(|| {
                 format!(
-                    "{}: no registry entry {}/{version}",
+                    "{}: no registry entry {}/{version} (a rule set version is compared by \
+                     its digest in the models file in force: a version removed from it \
+                     cannot be compared)",
                     file.display(),
                     args.model
                 )
