@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde_json::{Map, Value as Json, json};
 use vitalmq_bridge::BridgeConfig;
-use vitalmq_policies::{ModelRegistry, ScoreTable};
+use vitalmq_policies::{ModelRegistry, RuleSet, ScoreTable};
 
 use crate::operator_audit::{self, Action};
 
@@ -235,7 +235,9 @@ fn rule_set_digests(
             .map(|e| e.artifact_sha256.clone())
             .with_context(|| {
                 format!(
-                    "{}: no registry entry {}/{version}",
+                    "{}: no registry entry {}/{version} (a rule set version is compared by \
+                     its digest in the models file in force: a version removed from it \
+                     cannot be compared)",
                     file.display(),
                     args.model
                 )
@@ -312,6 +314,13 @@ fn run_rules_compare(
     (from_sha256, to_sha256): (String, String),
     period: (Option<u64>, Option<u64>),
 ) -> anyhow::Result<ExitCode> {
+    // The scope: the rollout in force and the base rule set's cohorts.
+    let (_, models) = load_config(&args.config)?;
+    let rules = config
+        .alerts
+        .as_ref()
+        .map(|a| RuleSet::load(&a.rules))
+        .transpose()?;
     let key_file = config.encryption.as_ref().map(|e| e.key_file.as_path());
     let store = crate::bridge_cmd::open_existing_with(&config.data_dir, key_file)?;
     let action = Action::new(
@@ -321,6 +330,7 @@ fn run_rules_compare(
     .detail("data_dir", operator_audit::absolute(&config.data_dir))
     .detail("model", args.model.clone())
     .detail("kind", "rules")
+    .detail("models_sha256", models.sha256().to_owned())
     .detail("from", args.from.clone())
     .detail("to", args.to.clone())
     .detail("since", args.since.clone())
@@ -331,7 +341,16 @@ fn run_rules_compare(
         let to = (args.to.as_str(), to_sha256.as_str());
         let read = rules_compare::rows(&store, &args.model, [from, to], period)
             .with_context(|| format!("{}", args.config.display()))?;
-        let mut report = rules_compare::compare(&args.model, from, to, &read.changes);
+        let scope = rules_compare::Scope {
+            models: &models,
+            rules: rules.as_ref(),
+            model: &args.model,
+            versions: [&args.from, &args.to],
+        };
+        let mut report = rules_compare::compare(&args.model, from, to, &read.changes, |d, s| {
+            scope.both_run(d, s)
+        });
+        report.scope_models_sha256 = models.sha256().to_owned();
         report.erased_rows = read.erased_rows;
         report.erased_shadow_rows = read.erased_shadow_rows;
         report.ops_rows = read.ops_rows;
@@ -340,6 +359,10 @@ fn run_rules_compare(
         done.insert("erased_rows".into(), read.erased_rows.into());
         done.insert("erased_shadow_rows".into(), read.erased_shadow_rows.into());
         done.insert("paired".into(), report.episodes.paired.into());
+        done.insert(
+            "outside_scope".into(),
+            serde_json::to_value(&report.episodes.outside_scope)?,
+        );
         Ok((report, done))
     })?;
     if args.json {

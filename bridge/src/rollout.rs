@@ -406,15 +406,21 @@ pub fn check_rule_sets(
     Ok(model)
 }
 
-/// The registry entry of a rule set: kind `rules` with the file's digest.
+/// The registry entry of a rule set: kind `rules` with the file's digest, the one
+/// naming the file's own version when the same file is registered under several
+/// versions (else the first, whose version the check then reports as not the file's).
 pub fn rule_set_entry<'m>(
     models: &'m ModelRegistry,
     set: &vitalmq_policies::RuleSet,
 ) -> Option<&'m vitalmq_policies::ModelEntry> {
-    models.entries().iter().find(|e| {
+    let mut matching = models.entries().iter().filter(|e| {
         e.kind == vitalmq_policies::ModelKind::Rules
             && e.artifact_sha256.eq_ignore_ascii_case(set.sha256())
-    })
+    });
+    matching
+        .clone()
+        .find(|e| e.version == set.version())
+        .or_else(|| matching.next())
 }
 
 /// The audit record of a start (or reload) refused because the rule sets do not fit
@@ -736,6 +742,31 @@ mod tests {
             Err(RuleSetsError::Version { file_version, registry_version, .. })
                 if file_version == "2025-07-01.1" && registry_version == "2025-08-01.1"
         ));
+        // The same file registered under two versions (an earlier entry first): the
+        // entry naming the file's version is the file's, not the first match.
+        let twice = {
+            let text = include_str!("../../policies/examples/models.toml");
+            let entry = |v: &str| {
+                format!(
+                    "[[models]]\nname = \"rules\"\nversion = \"{v}\"\nkind = \"rules\"\n\
+                     artifact_sha256 = \"{}\"\nlineage = \"t\"\nfeature_pipeline = \"f\"\n\
+                     intended_use = \"t\"\nstatus = \"approved\"\napproved_by = \"board\"\n\
+                     approved_at = \"2025-06-30T09:00:00Z\"\n\n",
+                    cand.sha256()
+                )
+            };
+            let text = format!(
+                "{text}\n{}{}{shadow}",
+                entry("2025-06-30.9"),
+                entry("2025-07-01.1")
+            );
+            ModelRegistry::parse(&text, std::path::Path::new("m.toml")).expect("models")
+        };
+        assert_eq!(
+            rule_set_entry(&twice, &cand).map(|e| e.version.as_str()),
+            Some("2025-07-01.1")
+        );
+        assert_eq!(check_rule_sets(&sets, &twice), Ok("rules".to_owned()));
         // The same file twice.
         assert!(matches!(
             check_rule_sets(&[("rules.toml", &base), ("again.toml", &base)], &models),

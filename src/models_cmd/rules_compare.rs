@@ -17,6 +17,16 @@
 //!   `resolved` (still open at the end of the period: open-ended). An episode whose
 //!   open is not in the period is not counted (`partial_episodes`). Times are the
 //!   changes' own (`raised_at` of the reading behind it).
+//! - **Scope**: only episodes of devices where BOTH versions have a role are compared
+//!   (under a canary, a device outside it runs the live version alone: counting its
+//!   episodes as `only_from` would make agreement measure the canary's reach). The
+//!   role is `ModelRegistry::role` of the models file in force (the one `--config`
+//!   names), as the bridge computes it: the site recorded with the episode's open
+//!   change and the device's cohorts in the base rule set (`[alerts] rules`). The
+//!   other devices' episodes are counted per version (`outside_scope`). A rollout
+//!   changed during the period is not reconstructed: the scope is judged by the
+//!   rollout in force now. `opens` and episodes are of the scope; `rows` are all
+//!   rows read.
 //! - **Pairing**: a `from` episode and a `to` episode of the same device and rule
 //!   whose intervals overlap (touching counts); `from` episodes in open order, each
 //!   paired with the earliest-opened unpaired `to` episode that overlaps it.
@@ -33,6 +43,8 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::Value as Json;
 use vitalmq_bridge::store::{Payload, Store};
+use vitalmq_envelope::DeviceId;
+use vitalmq_policies::{ModelRegistry, RuleSet, SiteId};
 
 /// One alert change as the comparison takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +54,8 @@ pub struct Change {
     /// `delivered`, or the shadow row's role (`shadow`).
     pub role: String,
     pub device: String,
+    /// The site the bridge evaluated the reading for (recorded with the change).
+    pub site: String,
     pub rule: String,
     pub state: String,
     /// The change's own time (the reading behind it).
@@ -69,6 +83,9 @@ pub struct Episodes {
     pub only_to: usize,
     /// Alert ids whose open is not in the period (not counted).
     pub partial: usize,
+    /// Episodes per version of devices where, under the rollout in force, the other
+    /// version has no role (not compared).
+    pub outside_scope: BTreeMap<String, u64>,
     pub agreement_pct: Option<f64>,
     /// `to` open minus `from` open over the pairs, seconds.
     pub open_diff_median_s: Option<f64>,
@@ -85,6 +102,10 @@ pub struct Report {
     /// The registry digest of each version (what delivered alerts are matched by).
     pub from_sha256: String,
     pub to_sha256: String,
+    /// How the compared devices were chosen (see [`SCOPE`]).
+    pub scope: &'static str,
+    /// SHA-256 of the models file whose rollout judged the scope.
+    pub scope_models_sha256: String,
     /// Rows read per version and role.
     pub rows: BTreeMap<String, BTreeMap<String, u64>>,
     /// `open` changes per version, per rule.
@@ -99,10 +120,43 @@ pub struct Report {
     pub ops_rows: u64,
 }
 
+/// What the report says of its scope.
+pub const SCOPE: &str = "devices where both versions have a role under the rollout of \
+    the models file in force (site recorded with the episode, cohorts of the base rule \
+    set); a rollout changed during the period is not reconstructed";
+
+/// Whether both versions of a rule set have a role for a device, under a rollout.
+pub struct Scope<'a> {
+    pub models: &'a ModelRegistry,
+    /// The base rule set (`[alerts] rules`): the device's cohorts.
+    pub rules: Option<&'a RuleSet>,
+    pub model: &'a str,
+    pub versions: [&'a str; 2],
+}
+
+impl Scope<'_> {
+    /// Both versions have a role for `device` at `site` (the bridge's
+    /// `ModelRegistry::role` with the base rule set's cohorts of the device). A device
+    /// or site that is not a valid id cannot be judged: out of scope.
+    pub fn both_run(&self, device: &str, site: &str) -> bool {
+        let (Ok(device), Ok(site)) = (DeviceId::new(device), SiteId::new(site)) else {
+            return false;
+        };
+        let cohorts = self
+            .rules
+            .map(|r| r.cohorts_of(&device))
+            .unwrap_or_default();
+        self.versions
+            .iter()
+            .all(|v| self.models.role(self.model, v, &site, &cohorts).is_some())
+    }
+}
+
 /// One episode of one version.
 #[derive(Debug, Clone)]
 struct Episode<'a> {
     device: &'a str,
+    site: &'a str,
     rule: &'a str,
     open_ms: u64,
     /// `None`: still open at the end of the period.
@@ -145,6 +199,7 @@ fn episodes<'a>(version: &str, changes: &'a [Change]) -> (Vec<Episode<'a>>, usiz
             .map(|c| c.at_ms);
         out.push(Episode {
             device: &open.device,
+            site: &open.site,
             rule: &open.rule,
             open_ms: open.at_ms,
             end_ms,
@@ -155,12 +210,14 @@ fn episodes<'a>(version: &str, changes: &'a [Change]) -> (Vec<Episode<'a>>, usiz
 }
 
 /// The comparison of `from` and `to` (changes already limited to the two versions and
-/// the period).
+/// the period) over the episodes whose device and site `in_scope` accepts
+/// ([`Scope::both_run`]).
 pub fn compare(
     model: &str,
     (from, from_sha256): (&str, &str),
     (to, to_sha256): (&str, &str),
     changes: &[Change],
+    in_scope: impl Fn(&str, &str) -> bool,
 ) -> Report {
     let mut rows: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut opens: BTreeMap<String, Opens> = BTreeMap::new();
@@ -173,7 +230,7 @@ pub fn compare(
             .or_default()
             .entry(c.role.clone())
             .or_default() += 1;
-        if c.state == "open" {
+        if c.state == "open" && in_scope(&c.device, &c.site) {
             let o = opens.entry(c.version.clone()).or_default();
             let side = if c.delivered() {
                 &mut o.delivered
@@ -183,8 +240,14 @@ pub fn compare(
             *side.entry(c.rule.clone()).or_default() += 1;
         }
     }
-    let (a, partial_a) = episodes(from, changes);
-    let (b, partial_b) = episodes(to, changes);
+    let (mut a, partial_a) = episodes(from, changes);
+    let (mut b, partial_b) = episodes(to, changes);
+    let mut outside_scope = BTreeMap::from([(from.to_owned(), 0), (to.to_owned(), 0)]);
+    for (v, list) in [(from, &mut a), (to, &mut b)] {
+        let before = list.len();
+        list.retain(|e| in_scope(e.device, e.site));
+        *outside_scope.entry(v.to_owned()).or_default() += (before - list.len()) as u64;
+    }
     let mut unpaired: HashMap<(&str, &str), Vec<&Episode<'_>>> = HashMap::new();
     for e in &b {
         unpaired.entry((e.device, e.rule)).or_default().push(e);
@@ -195,6 +258,7 @@ pub fn compare(
             (to.to_owned(), b.len() as u64),
         ]),
         partial: partial_a + partial_b,
+        outside_scope,
         ..Episodes::default()
     };
     let mut diffs = Vec::new();
@@ -223,6 +287,8 @@ pub fn compare(
         to: to.to_owned(),
         from_sha256: from_sha256.to_owned(),
         to_sha256: to_sha256.to_owned(),
+        scope: SCOPE,
+        scope_models_sha256: String::new(),
         rows,
         opens,
         episodes: ep,
@@ -290,6 +356,11 @@ pub fn rows(
             let Some((version, _)) = versions.iter().find(|(_, sha)| Some(*sha) == digest) else {
                 continue;
             };
+            let site = body
+                .get("site")
+                .and_then(Json::as_str)
+                .unwrap_or_default()
+                .to_owned();
             let at_ms = body
                 .get("raised_at")
                 .and_then(Json::as_str)
@@ -300,6 +371,7 @@ pub fn rows(
                 version: (*version).to_owned(),
                 role: "delivered".to_owned(),
                 device: a.device.unwrap_or_default(),
+                site,
                 rule: a.rule.unwrap_or_default(),
                 state: a.state,
                 at_ms,
@@ -330,6 +402,7 @@ pub fn rows(
                 version: s.version,
                 role: s.role,
                 device: s.device,
+                site: s.site,
                 rule: s.rule,
                 state: s.state,
                 at_ms: s.at_ms,
@@ -348,6 +421,22 @@ pub fn text(r: &Report) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let _ = writeln!(s, "{} (rules) {} -> {}", r.model, r.from, r.to);
+    let _ = writeln!(
+        s,
+        "compared: {} (models file sha256 {})",
+        r.scope, r.scope_models_sha256
+    );
+    let outside: Vec<String> = r
+        .episodes
+        .outside_scope
+        .iter()
+        .map(|(v, n)| format!("{v} {n}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "not compared (a version has no role for the device): episodes {}",
+        outside.join(", ")
+    );
     if r.erased_rows + r.erased_shadow_rows > 0 {
         let _ = writeln!(
             s,
@@ -424,12 +513,17 @@ mod tests {
     const SHA1: &str = "1111111111111111111111111111111111111111111111111111111111111111";
     const SHA2: &str = "2222222222222222222222222222222222222222222222222222222222222222";
 
+    fn all(_: &str, _: &str) -> bool {
+        true
+    }
+
     fn ch(id: &str, v: &str, role: &str, dev: &str, state: &str, at: u64) -> Change {
         Change {
             alert_id: id.into(),
             version: v.into(),
             role: role.into(),
             device: dev.into(),
+            site: "site-01".into(),
             rule: "spo2-low".into(),
             state: state.into(),
             at_ms: at,
@@ -460,7 +554,7 @@ mod tests {
             // Opened before the period: not an episode.
             ch("a5", "v1", "delivered", "dev-4", "resolved", T0),
         ];
-        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &changes);
+        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &changes, all);
         let e = &r.episodes;
         assert_eq!((e.per_version["v1"], e.per_version["v2"]), (3, 4));
         assert_eq!((e.paired, e.only_from, e.only_to, e.partial), (2, 1, 2, 1));
@@ -481,9 +575,154 @@ mod tests {
             ch("a1", "v1", "delivered", "dev-1", "resolved", T0 + MIN),
             ch("b1", "v2", "shadow", "dev-1", "open", T0 + MIN),
         ];
-        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &touching);
+        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &touching, all);
         assert_eq!(r.episodes.paired, 1);
         assert_eq!(r.episodes.agreement_pct, Some(100.0));
+    }
+
+    /// A models file with rule set versions v1 and v2 and this rollout of them.
+    fn models(rollout: &str) -> ModelRegistry {
+        let entry = |v: &str, sha: &str| {
+            format!(
+                "[[models]]\nname = \"rules\"\nversion = \"{v}\"\nkind = \"rules\"\n\
+                 artifact_sha256 = \"{sha}\"\nlineage = \"l\"\nfeature_pipeline = \"f/1\"\n\
+                 intended_use = \"u\"\nstatus = \"approved\"\napproved_by = \"b\"\n\
+                 approved_at = \"2026-01-01T00:00:00Z\"\n\n"
+            )
+        };
+        let text = format!(
+            "format = \"vitalmq-models/v1\"\n\n{}{}[[rollout]]\nmodel = \"rules\"\nlive = \"v1\"\n{rollout}\n",
+            entry("v1", SHA1),
+            entry("v2", SHA2)
+        );
+        ModelRegistry::parse(&text, std::path::Path::new("models.toml")).expect("models")
+    }
+
+    /// The shipped rule set: cohort `copd` = dev-00077, dev-00078.
+    fn base_rules() -> RuleSet {
+        RuleSet::load(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml"),
+        )
+        .expect("rules")
+    }
+
+    /// A canary of v2 on site-02 and the cohort copd, v2 in shadow nowhere else: the
+    /// devices that run v1 alone are not compared (else every v1 episode there would
+    /// count as v1 only), and two identically behaving versions agree 100 %.
+    #[test]
+    fn a_canary_compares_only_the_devices_where_both_versions_run() {
+        let rules = base_rules();
+        let canary =
+            models(r#"canary = [{ version = "v2", sites = ["site-02"], cohorts = ["copd"] }]"#);
+        let scope = Scope {
+            models: &canary,
+            rules: Some(&rules),
+            model: "rules",
+            versions: ["v1", "v2"],
+        };
+        assert!(!scope.both_run("dev-00001", "site-01"));
+        assert!(scope.both_run("dev-00002", "site-02"));
+        assert!(scope.both_run("dev-00077", "site-03"), "copd canary");
+        assert!(!scope.both_run("dev-00003", "site-03"));
+        assert!(!scope.both_run("not a device", "site-02"));
+        let at = |c: Change, site: &str| Change {
+            site: site.into(),
+            ..c
+        };
+        let changes = vec![
+            // The canary site: v2 delivers, v1 runs in shadow, the same episode.
+            at(
+                ch("c1", "v2", "delivered", "dev-00002", "open", T0),
+                "site-02",
+            ),
+            at(
+                ch(
+                    "c1",
+                    "v2",
+                    "delivered",
+                    "dev-00002",
+                    "resolved",
+                    T0 + 5 * MIN,
+                ),
+                "site-02",
+            ),
+            at(ch("s1", "v1", "shadow", "dev-00002", "open", T0), "site-02"),
+            at(
+                ch("s1", "v1", "shadow", "dev-00002", "resolved", T0 + 5 * MIN),
+                "site-02",
+            ),
+            // The canary cohort on site-03: the same, still open.
+            at(
+                ch("c2", "v2", "delivered", "dev-00077", "open", T0 + MIN),
+                "site-03",
+            ),
+            at(
+                ch("s2", "v1", "shadow", "dev-00077", "open", T0 + MIN),
+                "site-03",
+            ),
+            // Elsewhere v1 alone delivers: three episodes outside the scope.
+            at(
+                ch("l1", "v1", "delivered", "dev-00001", "open", T0),
+                "site-01",
+            ),
+            at(
+                ch("l2", "v1", "delivered", "dev-00001", "open", T0 + 20 * MIN),
+                "site-01",
+            ),
+            at(
+                ch("l3", "v1", "delivered", "dev-00003", "open", T0),
+                "site-03",
+            ),
+            // A v2 shadow row of dev-00003 from a rollout no longer in force.
+            at(ch("o1", "v2", "shadow", "dev-00003", "open", T0), "site-03"),
+        ];
+        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &changes, |d, s| {
+            scope.both_run(d, s)
+        });
+        let e = &r.episodes;
+        assert_eq!(
+            e.outside_scope,
+            BTreeMap::from([("v1".to_owned(), 3), ("v2".to_owned(), 1)])
+        );
+        assert_eq!((e.per_version["v1"], e.per_version["v2"]), (2, 2));
+        assert_eq!((e.paired, e.only_from, e.only_to, e.partial), (2, 0, 0, 0));
+        assert_eq!(e.agreement_pct, Some(100.0));
+        assert_eq!(
+            (e.open_diff_min_s, e.open_diff_median_s, e.open_diff_max_s),
+            (Some(0.0), Some(0.0), Some(0.0))
+        );
+        // Opens are of the scope; rows are all that was read.
+        assert_eq!(r.opens["v1"].shadow["spo2-low"], 2);
+        assert!(r.opens["v1"].delivered.is_empty());
+        assert_eq!(r.opens["v2"].delivered["spo2-low"], 2);
+        assert!(r.opens["v2"].shadow.is_empty());
+        assert_eq!(r.rows["v1"]["delivered"], 3);
+        assert_eq!(r.rows["v1"]["shadow"], 3);
+        assert_eq!(r.rows["v2"]["delivered"], 3);
+        assert_eq!(r.rows["v2"]["shadow"], 1);
+        assert_eq!(r.scope, SCOPE);
+        let printed = text(&r);
+        assert!(printed.contains("not reconstructed"), "{printed}");
+        assert!(printed.contains("episodes v1 3, v2 1"), "{printed}");
+
+        // v2 in shadow everywhere: every device is in the scope, the v1-only episodes
+        // count against agreement (2 of 5 paired: dev-00003's v2 row overlaps l3).
+        let shadow = models(r#"shadow = ["v2"]"#);
+        let everywhere = Scope {
+            models: &shadow,
+            ..scope
+        };
+        assert!(everywhere.both_run("dev-00001", "site-01"));
+        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &changes, |d, s| {
+            everywhere.both_run(d, s)
+        });
+        let e = &r.episodes;
+        assert_eq!(
+            e.outside_scope,
+            BTreeMap::from([("v1".to_owned(), 0), ("v2".to_owned(), 0)])
+        );
+        assert_eq!((e.paired, e.only_from, e.only_to), (3, 2, 0));
+        assert_eq!(e.agreement_pct, Some(60.0));
     }
 
     fn delivered(id: &str, state: &str, sha: &str, patient: &str, at: u64) -> NewAlert {
@@ -497,7 +736,7 @@ mod tests {
             created_at_ms: at + 5,
             body: json!({"alert_id": id, "kind": "clinical", "state": state,
                 "rule": "spo2-low", "rule_version": "x", "policy_sha256": sha,
-                "patient_ref": patient, "device": "dev-a",
+                "patient_ref": patient, "device": "dev-a", "site": "site-01",
                 "raised_at": vitalmq_bridge::normalize::rfc3339_ms(at)})
             .to_string(),
             level: 0,
@@ -585,7 +824,8 @@ mod tests {
             (read.erased_rows, read.erased_shadow_rows, read.ops_rows),
             (1, 1, 1)
         );
-        let mut r = compare("rules", versions[0], versions[1], &read.changes);
+        assert!(read.changes.iter().all(|c| c.site == "site-01"));
+        let mut r = compare("rules", versions[0], versions[1], &read.changes, all);
         (r.erased_rows, r.erased_shadow_rows, r.ops_rows) =
             (read.erased_rows, read.erased_shadow_rows, read.ops_rows);
         assert_eq!(r.rows["v1"]["delivered"], 2);

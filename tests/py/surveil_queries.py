@@ -55,7 +55,7 @@ ALERTS = pa.schema([
     ("role", pa.string()), ("at", TS), ("device", pa.string()), ("subject", pa.string()),
     ("site", pa.string()), ("region", pa.string()), ("lot", pa.string()),
     ("hardware_model", pa.string()), ("fw", pa.string()), ("model", pa.string()),
-    ("model_status", pa.string()),
+    ("model_status", pa.string()), ("rule_set_version", pa.string()),
 ])
 SCORES = pa.schema([
     ("score_id", pa.string()), ("model", pa.string()), ("version", pa.string()),

@@ -158,6 +158,9 @@ pub struct AlertRow {
     pub fw: Option<String>,
     pub model: Option<String>,
     pub model_status: Option<String>,
+    /// The rule set version that delivered the alert, when the rule engine ran
+    /// candidate rule sets (the body's `rule_set_version`); null otherwise.
+    pub rule_set_version: Option<String>,
 }
 
 impl AlertRow {
@@ -211,6 +214,7 @@ impl AlertRow {
             fw: text(body, "fw"),
             model: text(body, "model"),
             model_status: text(body, "model_status"),
+            rule_set_version: text(body, "rule_set_version"),
         }
     }
 }
@@ -442,6 +446,11 @@ fn alert_columns(rows: &[AlertRow]) -> Vec<Column> {
         col(
             "model_status",
             values!(rows, Str, |r| r.model_status.clone()),
+        ),
+        // Appended: files written before it read it as null (readers union by name).
+        col(
+            "rule_set_version",
+            values!(rows, Str, |r| r.rule_set_version.clone()),
         ),
     ]
 }
@@ -760,6 +769,56 @@ mod tests {
         assert_eq!(row.missing.as_deref(), Some("sbp,temp"));
         assert_eq!(row.facts.site.as_deref(), Some("north"));
         assert_eq!((row.complete, row.red), (Some(false), Some(true)));
+    }
+
+    /// An alert the rule engine delivered under candidate rule sets names the rule
+    /// set version and its role; one without those keys has a null version and the
+    /// role `live`, as before. Both reach the Parquet column.
+    #[test]
+    fn alert_rows_carry_the_rule_set_version_and_role() {
+        let alert = |body: &Json| {
+            AlertRow::from_alert(
+                "al-1",
+                "open",
+                9,
+                "alerts/north/high/dev-1",
+                body,
+                None,
+                DeviceFacts::default(),
+            )
+        };
+        let candidate = alert(&json!({"rule": "spo2-low", "rule_version": "3",
+            "rule_set_version": "2026-01-01.2", "role": "canary", "device": "dev-1"}));
+        assert_eq!(
+            (
+                candidate.rule_set_version.as_deref(),
+                candidate.role.as_deref()
+            ),
+            (Some("2026-01-01.2"), Some("canary"))
+        );
+        let before = alert(&json!({"rule": "spo2-low", "rule_version": "3", "device": "dev-1"}));
+        assert_eq!(
+            (before.rule_set_version.as_deref(), before.role.as_deref()),
+            (None, Some("live"))
+        );
+        let batch = Rows::Alerts(vec![candidate, before])
+            .to_batch()
+            .expect("batch");
+        assert_eq!(batch.schema(), schema(Table::Alerts));
+        let field = schema(Table::Alerts);
+        let field = field.field_with_name("rule_set_version").expect("column");
+        assert_eq!(field.data_type(), &DataType::Utf8);
+        assert!(field.is_nullable());
+        let column = batch
+            .column_by_name("rule_set_version")
+            .expect("column")
+            .as_any()
+            .downcast_ref::<arrow_array::StringArray>()
+            .expect("strings");
+        assert_eq!(
+            column.iter().collect::<Vec<_>>(),
+            [Some("2026-01-01.2"), None]
+        );
     }
 
     #[test]

@@ -615,6 +615,7 @@ impl DeviceWeek<'_> {
                 fw: Some(self.device.fw.clone()),
                 model: Some(self.device.model.clone()),
                 model_status: Some(self.device.model_status.clone()),
+                rule_set_version: None,
             });
             self.counts.alert_rows += 1;
         }

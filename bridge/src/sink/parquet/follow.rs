@@ -53,6 +53,7 @@ pub const ALERT_FIELDS: &[&str] = &[
     "model",
     "model_status",
     "alarm",
+    "rule_set_version",
 ];
 
 /// The cursor of `table` for sink `sink` in `handler_cursors`.

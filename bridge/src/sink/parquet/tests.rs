@@ -205,7 +205,15 @@ mod follow {
                     },
                 )],
                 alerts: vec![
-                    alert("al-1", "dev-1", "pt-a", at),
+                    // Delivered by a canary rule set (the engine names it).
+                    NewAlert {
+                        body: alert("al-1", "dev-1", "pt-a", at).body.replacen(
+                            "{",
+                            r#"{"rule_set_version":"2026-01-01.2","role":"canary","#,
+                            1,
+                        ),
+                        ..alert("al-1", "dev-1", "pt-a", at)
+                    },
                     alert("al-2", "dev-2", "pt-b", at), // no surveillance consent
                 ],
                 now_ms: at,
@@ -259,6 +267,22 @@ mod follow {
         let (names, rows) = rows_of(&sink, Table::Alerts).await;
         assert_eq!(names, ["alerts/week=2026-W01/part-1-2.parquet"]);
         assert_eq!(rows, 1, "al-2 withheld: no consent");
+        let alerts: Vec<_> = read_back(&sink)
+            .await
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("alerts/week=2026-W01/"))
+            .collect();
+        assert_eq!(
+            (
+                strings(&alerts[0].1, "rule_set_version"),
+                strings(&alerts[0].1, "role")
+            ),
+            (
+                vec![Some("2026-01-01.2".into())],
+                vec![Some("canary".into())]
+            ),
+            "the body's rule set version passes the sink's allow-list"
+        );
         let expected = PurposePseudonym::new([9; 32], Purpose::Surveillance).of("pt-a");
         for (name, batch) in read_back(&sink).await {
             if let Some(subject) = batch.column_by_name("subject") {
