@@ -214,6 +214,41 @@ pub(super) fn resolved(
     }))
 }
 
+/// The resolution of an open operational episode (signal quality or sensor fault) of
+/// a rule-set version that stops running for the device as a shadow: nothing resolves
+/// it any more, so it ends here, saying why.
+pub(super) fn ops_resolved(
+    alert_type: OpsAlertType,
+    e: OpsEpisode,
+    state: &EngineState,
+    policy_sha256: &str,
+    sample: &Sample,
+) -> AlertChange {
+    let sensor = (alert_type == OpsAlertType::SensorFault).then(|| SensorFaultCounts {
+        implausible: state.sensor.implausible,
+        metrics: state.sensor.metrics.clone(),
+        resolve_after: 0,
+    });
+    AlertChange::Operational(OperationalAlert {
+        alert_id: e.alert_id,
+        alert_type,
+        state: AlertState::Resolved,
+        device: sample.device.clone(),
+        site: sample.site.clone(),
+        reason: format!(
+            "{}: this rule-set version no longer runs in shadow for the device",
+            ResolveReason::RolloutChanged.as_str()
+        ),
+        low_quality: state.quality.bits.count_ones(),
+        over_n: 0,
+        low_below: 0.0,
+        policy_sha256: policy_sha256.to_owned(),
+        evidence: vec![sample.event_id.clone()],
+        raised_at_ms: sample.ts_ms,
+        sensor,
+    })
+}
+
 /// The device's signal-quality ring and its operational alert.
 fn quality(
     policy: &QualityPolicy,

@@ -36,7 +36,7 @@ pub struct DeviceAlertState {
     /// The engine states of the rule-set versions that run in shadow for the device,
     /// by version (only versions loaded and with a role for the device).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) shadows: BTreeMap<String, EngineState>,
+    pub(crate) shadows: BTreeMap<String, ShadowEngine>,
     /// Acknowledgement and re-escalation of the open clinical alerts (issue 17).
     #[serde(default)]
     pub(crate) book: super::book::Book,
@@ -74,6 +74,34 @@ pub struct EngineState {
     /// Implausible readings and the device's sensor-fault alert.
     #[serde(default, skip_serializing_if = "SensorState::is_quiet")]
     pub(crate) sensor: SensorState,
+}
+
+/// The engine state of one shadow version, with the names its shadow rows carry, so
+/// its would-be episodes can be closed when it stops running for the device even if
+/// its file is no longer loaded (or the bridge runs without candidates).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowEngine {
+    #[serde(flatten)]
+    pub(crate) engine: EngineState,
+    /// The rule set's registry name; empty in a state stored before it was kept.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) model: String,
+    /// The version's file digest; empty in a state stored before it was kept.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) policy_sha256: String,
+}
+
+impl std::ops::Deref for ShadowEngine {
+    type Target = EngineState;
+    fn deref(&self) -> &EngineState {
+        &self.engine
+    }
+}
+
+impl std::ops::DerefMut for ShadowEngine {
+    fn deref_mut(&mut self) -> &mut EngineState {
+        &mut self.engine
+    }
 }
 
 /// A rule-set version and the role it had for the device when it last evaluated.

@@ -121,26 +121,32 @@ impl<'a> Versions<'a> {
         let handed = versions::hand_over(
             state,
             (base.version(), base.sha256()),
+            self.model,
             &running,
             |v| self.loaded(v).map(RuleSet::sha256),
             sample,
         );
-        for (v, change) in &handed.shadow {
-            if let Some(set) = self.loaded(v) {
-                shadow_alerts.push(shadow_row(change, self.model, set, sample, now_ms));
-            }
-        }
+        shadow_alerts.extend(handed.shadow.iter().map(|c| {
+            shadow_row(
+                &c.change,
+                &c.model,
+                &c.version,
+                &c.policy_sha256,
+                sample,
+                now_ms,
+            )
+        }));
         let mut out = handed.delivered;
         let deliver = self.set(running.deliver);
         out.extend(alerts::evaluate(deliver, deliver.sha256(), state, sample));
         for v in &running.shadows {
             let set = self.set(v);
-            let changes =
-                alerts::evaluate_engine(set, set.sha256(), versions::shadow_mut(state, v), sample);
+            let engine = versions::shadow_mut(state, self.model, v, set.sha256());
+            let changes = alerts::evaluate_engine(set, set.sha256(), engine, sample);
             shadow_alerts.extend(
-                changes
-                    .iter()
-                    .map(|c| shadow_row(c, self.model, set, sample, now_ms)),
+                changes.iter().map(|c| {
+                    shadow_row(c, self.model, set.version(), set.sha256(), sample, now_ms)
+                }),
             );
         }
         out
@@ -149,11 +155,13 @@ impl<'a> Versions<'a> {
 
 /// The `shadow_alerts` row of one change of a shadow version: the message exactly as
 /// it would have been published. Operational changes (signal quality, sensor fault)
-/// have no severity: `operational`.
-fn shadow_row(
+/// have no severity: `operational`. `model`, `version`, `config_sha256`: the rule set's
+/// registry name, the version and its file digest.
+pub(super) fn shadow_row(
     change: &AlertChange,
     model: &str,
-    set: &RuleSet,
+    version: &str,
+    config_sha256: &str,
     sample: &Sample,
     now_ms: u64,
 ) -> NewShadowAlert {
@@ -171,14 +179,14 @@ fn shadow_row(
     };
     let state = change.state().as_str();
     NewShadowAlert {
-        change_id: shadow_change_id(set.version(), change.alert_id(), state, &sample.event_id),
+        change_id: shadow_change_id(version, change.alert_id(), state, &sample.event_id),
         alert_id: change.alert_id().to_owned(),
         patient_ref: sample.patient_ref.clone(),
         site: sample.site.to_string(),
         device: sample.device.to_string(),
         model: model.to_owned(),
-        version: set.version().to_owned(),
-        config_sha256: set.sha256().to_owned(),
+        version: version.to_owned(),
+        config_sha256: config_sha256.to_owned(),
         role: ModelRole::Shadow.as_str().to_owned(),
         rule,
         state: state.to_owned(),

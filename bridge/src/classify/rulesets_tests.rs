@@ -401,6 +401,13 @@ fn a_restart_without_candidates_hands_back_to_the_base() {
     let cand = set(&candidate_text());
     let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 88.0)]);
     assert_eq!(delivered(&out)[0].2, cand.sha256());
+    // The base runs in shadow for the canaried site: its would-be episode opens.
+    assert_eq!(out.commit.shadow_alerts.len(), 1);
+    let shadow_open = out.commit.shadow_alerts[0].clone();
+    assert_eq!(
+        (shadow_open.version.as_str(), shadow_open.state.as_str()),
+        ("b1", "open")
+    );
     let states: HashMap<DeviceId, DeviceAlertState> = out
         .commit
         .alert_states
@@ -433,6 +440,36 @@ fn a_restart_without_candidates_hands_back_to_the_base() {
             )
         ]
     );
+    // The base's would-be episode from its shadow days is closed, not left open for
+    // ever: a resolved shadow row under the name and digest its state kept.
+    let closed: Vec<_> = out
+        .commit
+        .shadow_alerts
+        .iter()
+        .map(|r| {
+            (
+                r.alert_id.as_str(),
+                r.model.as_str(),
+                r.version.as_str(),
+                r.config_sha256.as_str(),
+                r.state.as_str(),
+                r.patient_ref.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        closed,
+        [(
+            shadow_open.alert_id.as_str(),
+            "rules",
+            "b1",
+            set(BASE).sha256(),
+            "resolved",
+            "pt-dev-00003"
+        )]
+    );
+    let payload: Json = serde_json::from_str(&out.commit.shadow_alerts[0].payload).expect("json");
+    assert_eq!(payload["reason"], "rollout_changed");
     let t = &restarted.tracks[&DeviceId::new("dev-00003").expect("id")].alerts;
     assert!(t.engine_version.is_none() && t.shadows.is_empty());
 }
