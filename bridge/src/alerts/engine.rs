@@ -211,6 +211,7 @@ pub(super) fn resolved(
         escalation: None,
         resolution: Some(reason),
         suppressed: Some(e.suppressed.counts()),
+        delivered_by: None,
     }))
 }
 
@@ -224,10 +225,12 @@ pub(super) fn ops_resolved(
     policy_sha256: &str,
     sample: &Sample,
 ) -> AlertChange {
-    let sensor = (alert_type == OpsAlertType::SensorFault).then(|| SensorFaultCounts {
-        implausible: state.sensor.implausible,
-        metrics: state.sensor.metrics.clone(),
-        resolve_after: 0,
+    let sensor = (alert_type == OpsAlertType::SensorFault).then(|| {
+        Box::new(SensorFaultCounts {
+            implausible: state.sensor.implausible,
+            metrics: state.sensor.metrics.clone(),
+            resolve_after: 0,
+        })
     });
     AlertChange::Operational(OperationalAlert {
         alert_id: e.alert_id,
@@ -246,6 +249,7 @@ pub(super) fn ops_resolved(
         evidence: vec![sample.event_id.clone()],
         raised_at_ms: sample.ts_ms,
         sensor,
+        delivered_by: None,
     })
 }
 
@@ -277,6 +281,7 @@ fn quality(
             evidence: vec![sample.event_id.clone()],
             raised_at_ms: sample.ts_ms,
             sensor: None,
+            delivered_by: None,
         })
     };
     match &q.open {
@@ -334,7 +339,8 @@ fn sensor_fault(
             policy_sha256: cx.policy_sha256.to_owned(),
             evidence: vec![sample.event_id.clone()],
             raised_at_ms: sample.ts_ms,
-            sensor: Some(counts),
+            sensor: Some(Box::new(counts)),
+            delivered_by: None,
         })
     };
     match &s.open {
@@ -452,6 +458,7 @@ fn step(
         escalation: None,
         resolution: None,
         suppressed: None,
+        delivered_by: None,
     };
 
     if rs.episode.is_some() {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use vitalmq_policies::{ModelRegistry, ModelRole, RuleSet};
 
 use crate::alerts::versions::{self, Running};
-use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
+use crate::alerts::{self, AlertChange, DeliveredBy, DeviceAlertState, Sample};
 use crate::store::{NewShadowAlert, shadow_change_id};
 
 /// The candidate rule sets loaded at start and the rule set's registry name.
@@ -118,6 +118,17 @@ impl<'a> Versions<'a> {
     ) -> Vec<AlertChange> {
         let running = self.running(sample, cohorts);
         let base = self.sets[0];
+        // Who delivered until now: its hand-over resolutions are its last changes.
+        let before = state.engine_version.as_ref().map_or(
+            DeliveredBy {
+                version: base.version().to_owned(),
+                role: ModelRole::Live,
+            },
+            |v| DeliveredBy {
+                version: v.version.clone(),
+                role: v.role,
+            },
+        );
         let handed = versions::hand_over(
             state,
             (base.version(), base.sha256()),
@@ -137,8 +148,22 @@ impl<'a> Versions<'a> {
             )
         }));
         let mut out = handed.delivered;
+        for c in &mut out {
+            c.set_delivered_by(before.clone());
+        }
         let deliver = self.set(running.deliver);
-        out.extend(alerts::evaluate(deliver, deliver.sha256(), state, sample));
+        let now = DeliveredBy {
+            version: deliver.version().to_owned(),
+            role: running.role,
+        };
+        out.extend(
+            alerts::evaluate(deliver, deliver.sha256(), state, sample)
+                .into_iter()
+                .map(|mut c| {
+                    c.set_delivered_by(now.clone());
+                    c
+                }),
+        );
         for v in &running.shadows {
             let set = self.set(v);
             let engine = versions::shadow_mut(state, self.model, v, set.sha256());

@@ -274,6 +274,14 @@ fn a_site_canary_delivers_the_candidate_there_only() {
         )]
     );
     assert_eq!(out.commit.alerts[0].device.as_deref(), Some("dev-00003"));
+    let body: Json = serde_json::from_str(&out.commit.alerts[0].body).expect("json");
+    assert_eq!(body["rule_set_version"], "c1", "the canary names itself");
+    assert_eq!(body["role"], "canary");
+    // A live alert says so too.
+    let live = run(&f, &mut s, vec![vitals(&f, "dev-00001", 2, 85.0)]);
+    let body: Json = serde_json::from_str(&live.commit.alerts[0].body).expect("json");
+    assert_eq!(body["rule_set_version"], "b1");
+    assert_eq!(body["role"], "live");
     // The base runs as shadow on site-02 (sees nothing at 92); the candidate has no
     // role on site-01.
     assert!(out.commit.shadow_alerts.is_empty());
@@ -355,6 +363,12 @@ fn canary_and_rollback_hand_over_at_the_next_sample() {
         )]
     );
     assert_eq!(out.commit.alerts[0].alert_id, opened);
+    // The rollback's resolution is the canary's last change: it names the canary.
+    let body: Json = serde_json::from_str(&out.commit.alerts[0].body).expect("json");
+    assert_eq!(
+        (body["rule_set_version"].as_str(), body["role"].as_str()),
+        (Some("c1"), Some("canary"))
+    );
     assert_eq!(book_len(&s, "dev-00003"), 0, "the book saw it resolved");
     // The candidate is a shadow again, from a state without episodes: it reopens in
     // shadow, never delivered.
@@ -388,6 +402,11 @@ fn without_candidates_nothing_changes() {
     let _ = s.set_models(Some(models(CANARY_SITE_02)), T0);
     let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 88.0)]);
     assert_eq!(delivered(&out).len(), 1);
+    let body: Json = serde_json::from_str(&out.commit.alerts[0].body).expect("json");
+    assert!(
+        body.get("rule_set_version").is_none() && body.get("role").is_none(),
+        "the body is unchanged without candidates: {body}"
+    );
     let t = &s.tracks[&DeviceId::new("dev-00003").expect("id")].alerts;
     assert!(t.engine_version.is_none() && t.shadows.is_empty());
 }
