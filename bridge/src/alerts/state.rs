@@ -113,6 +113,13 @@ pub struct EngineVersion {
     /// it stops delivering, even if it is no longer loaded then.
     #[serde(default)]
     pub(crate) policy_sha256: String,
+    /// The scope it delivered for: the device's site and its cohorts in the base rule
+    /// set, so a hand-over can tell a canary taken back from a device that left the
+    /// canary's scope (empty in a state stored before it was kept).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) site: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) cohorts: Vec<String>,
 }
 
 /// An open alert, for status pages and metrics.

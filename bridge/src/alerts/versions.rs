@@ -9,8 +9,9 @@
 //!   bounded by the configured versions;
 //! - the hand-over happens at the device's first sample after the change, before that
 //!   sample is evaluated: the previous deliverer's open clinical episodes are resolved
-//!   (delivered changes) with reason `model_rollback` when it delivered as a canary,
-//!   else `rollout_changed`, so no subscriber keeps an alert nobody will resolve; its
+//!   (delivered changes) with reason `model_rollback` when it delivered as a canary
+//!   and the rollout no longer makes it one for the scope (site, cohorts) it delivered
+//!   for, else `rollout_changed` (also for a device that only left a canary's scope), so no subscriber keeps an alert nobody will resolve; its
 //!   state goes on as its shadow state (episodes dropped) if it still has a role;
 //! - the new deliverer starts from its shadow state with episodes, pending and resolve
 //!   runs dropped (learned baselines and change windows kept): nothing it only computed
@@ -138,22 +139,30 @@ fn close_shadow<'s>(
 /// `engine_version`) belongs to, as live; `model` the rule set's registry name. The
 /// old deliverer's resolutions name the digest it delivered under; a shadow version's,
 /// the digest kept with its state (`shadow_sha256(version)` for a state stored before).
+///
+/// `canary_kept(old)`: whether the rollout still makes the old deliverer (a canary) a
+/// canary for the scope it delivered for; then the device only left that scope (moved
+/// site, or a cohort edit dropped it) and its alerts resolve as `rollout_changed`, not
+/// `model_rollback`.
 pub fn hand_over<'s>(
     state: &mut DeviceAlertState,
     base: (&str, &str),
     model: &str,
     running: &Running<'_>,
     shadow_sha256: impl Fn(&str) -> Option<&'s str>,
+    canary_kept: impl Fn(&EngineVersion) -> bool,
     sample: &Sample,
 ) -> HandOver {
     let old = state.engine_version.clone().unwrap_or(EngineVersion {
         version: base.0.to_owned(),
         role: ModelRole::Live,
         policy_sha256: base.1.to_owned(),
+        site: String::new(),
+        cohorts: Vec::new(),
     });
     let mut out = HandOver::default();
     if old.version != running.deliver {
-        let reason = if old.role == ModelRole::Canary {
+        let reason = if old.role == ModelRole::Canary && !canary_kept(&old) {
             ResolveReason::ModelRollback
         } else {
             ResolveReason::RolloutChanged
@@ -204,10 +213,13 @@ pub fn hand_over<'s>(
             );
         }
     }
+    // The scope is the caller's to fill in (`EngineVersion::site`, `cohorts`).
     state.engine_version = Some(EngineVersion {
         version: running.deliver.to_owned(),
         role: running.role,
         policy_sha256: running.deliver_sha256.to_owned(),
+        site: sample.site.to_string(),
+        cohorts: Vec::new(),
     });
     state.shadows.retain(|v, engine| {
         let runs = running.shadows.contains(&v.as_str());
@@ -233,7 +245,7 @@ pub fn single(state: &mut DeviceAlertState, base: (&str, &str), sample: &Sample)
         role: ModelRole::Live,
         shadows: Vec::new(),
     };
-    let out = hand_over(state, base, "", &running, |_| None, sample);
+    let out = hand_over(state, base, "", &running, |_| None, |_| false, sample);
     state.engine_version = None;
     out
 }

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use vitalmq_policies::{ModelRegistry, ModelRole, RuleSet};
+use vitalmq_policies::{ModelRegistry, ModelRole, RuleSet, SiteId};
 
 use crate::alerts::versions::{self, Running};
 use crate::alerts::{self, AlertChange, DeliveredBy, DeviceAlertState, Sample};
@@ -135,8 +135,18 @@ impl<'a> Versions<'a> {
             self.model,
             &running,
             |v| self.loaded(v).map(RuleSet::sha256),
+            |old| {
+                let cohorts: Vec<&str> = old.cohorts.iter().map(String::as_str).collect();
+                SiteId::new(&old.site).is_ok_and(|site| {
+                    self.models.role(self.model, &old.version, &site, &cohorts)
+                        == Some(ModelRole::Canary)
+                })
+            },
             sample,
         );
+        if let Some(v) = &mut state.engine_version {
+            v.cohorts = cohorts.iter().map(|c| (*c).to_owned()).collect();
+        }
         shadow_alerts.extend(handed.shadow.iter().map(|c| {
             shadow_row(
                 &c.change,

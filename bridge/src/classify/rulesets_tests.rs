@@ -492,3 +492,96 @@ fn a_restart_without_candidates_hands_back_to_the_base() {
     let t = &restarted.tracks[&DeviceId::new("dev-00003").expect("id")].alerts;
     assert!(t.engine_version.is_none() && t.shadows.is_empty());
 }
+
+/// `f` with the devices at `sites` and patients `patients` (by device id), same keys.
+fn placed(f: F, sites: &[(&str, &str)], patients: &[(&str, &str)]) -> F {
+    let mut registry = DeviceRegistry::new(TrustDomain::new("test.vitalmq").expect("td"));
+    for (id, site) in [
+        ("dev-00001", "site-01"),
+        ("dev-00002", "site-01"),
+        ("dev-00003", "site-02"),
+    ] {
+        let site = sites
+            .iter()
+            .find(|(d, _)| *d == id)
+            .map_or(site, |(_, s)| *s);
+        let patient_ref = patients
+            .iter()
+            .find(|(d, _)| *d == id)
+            .map_or(format!("pt-{id}"), |(_, p)| (*p).to_owned());
+        registry
+            .insert_device(DeviceEntry {
+                id: DeviceId::new(id).expect("id"),
+                site: SiteId::new(site).expect("site"),
+                patient_ref,
+                key: f.keys[id].verifying_key(),
+                consent: None,
+                processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
+            })
+            .expect("insert");
+    }
+    F { registry, ..f }
+}
+
+/// A device that moves out of the canary's site while the canary stays: its canary
+/// alert is resolved `rollout_changed` (the canary was not taken back); a rollback of
+/// the canary itself stays `model_rollback` (`canary_and_rollback_...`).
+#[test]
+fn a_device_leaving_a_canary_site_is_not_a_rollback() {
+    let f = fixture();
+    let mut s = sequencer(CANARY_SITE_02);
+    let cand = set(&candidate_text());
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 88.0)]);
+    assert_eq!(delivered(&out)[0].2, cand.sha256());
+    let f = placed(f, &[("dev-00003", "site-01")], &[]);
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 2, 88.0)]);
+    assert_eq!(
+        delivered(&out),
+        [
+            (
+                "spo2-low".into(),
+                "resolved".into(),
+                cand.sha256().to_owned(),
+                Some("rollout_changed".into())
+            ),
+            (
+                "spo2-low".into(),
+                "open".into(),
+                set(BASE).sha256().to_owned(),
+                None
+            )
+        ]
+    );
+    let body: Json = serde_json::from_str(&out.commit.alerts[1].body).expect("json");
+    assert_eq!(body["site"], "site-01");
+    assert_eq!(body["role"], "live");
+}
+
+/// A device without a patient under candidates: its shadow version's rows are stored
+/// with an empty `patient_ref`, nothing of the shadow is delivered.
+#[test]
+fn a_device_without_a_patient_runs_its_shadow_too() {
+    let f = placed(fixture(), &[], &[("dev-00001", "")]);
+    let mut s = sequencer(SHADOW);
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00001", 1, 92.0)]);
+    assert!(out.commit.alerts.is_empty(), "the base sees nothing at 92");
+    let rows: Vec<_> = out
+        .commit
+        .shadow_alerts
+        .iter()
+        .map(|r| {
+            (
+                r.version.as_str(),
+                r.state.as_str(),
+                r.patient_ref.as_str(),
+                r.device.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, [("c1", "open", "", "dev-00001")]);
+    let body: Json = serde_json::from_str(&out.commit.shadow_alerts[0].payload).expect("json");
+    assert_eq!(body["patient_ref"], "");
+}

@@ -127,6 +127,7 @@ impl Device {
             MODEL,
             running,
             loaded,
+            |_| false,
             s,
         );
         let mut delivered = handed.delivered;
