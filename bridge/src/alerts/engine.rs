@@ -54,14 +54,24 @@ pub fn evaluate(
     state: &mut DeviceAlertState,
     sample: &Sample,
 ) -> Vec<AlertChange> {
-    evaluate_engine(rules, policy_sha256, &mut state.engine, sample)
+    let resolve_after = rules.plausibility().resolve_after;
+    evaluate_engine(
+        rules,
+        policy_sha256,
+        resolve_after,
+        &mut state.engine,
+        sample,
+    )
 }
 
 /// [`evaluate`] on the engine state of one rule-set version (the delivering one, or a
-/// shadow: the engine cannot tell them apart).
+/// shadow: the engine cannot tell them apart). `sensor_resolve_after` is the
+/// `[plausibility] resolve_after` of the rule set that flags implausible readings (the
+/// base's: a candidate governs its rules and quality only).
 pub fn evaluate_engine(
     rules: &RuleSet,
     policy_sha256: &str,
+    sensor_resolve_after: u32,
     state: &mut EngineState,
     sample: &Sample,
 ) -> Vec<AlertChange> {
@@ -71,7 +81,7 @@ pub fn evaluate_engine(
         sample,
     };
     // Before the time check: an implausible value counts even in a late reading.
-    sensor_fault(rules.plausibility().resolve_after, state, &cx, &mut out);
+    sensor_fault(sensor_resolve_after, state, &cx, &mut out);
     let ts = sample.ts_ms;
     if let Some(newest) = state.newest_ts_ms
         && ts < newest

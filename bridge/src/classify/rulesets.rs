@@ -167,17 +167,31 @@ impl<'a> Versions<'a> {
             role: running.role,
         };
         out.extend(
-            alerts::evaluate(deliver, deliver.sha256(), state, sample)
-                .into_iter()
-                .map(|mut c| {
-                    c.set_delivered_by(now.clone());
-                    c
-                }),
+            // Implausible readings are flagged by the base's limits: its
+            // `resolve_after` goes with them, whichever version delivers.
+            alerts::evaluate_engine(
+                deliver,
+                deliver.sha256(),
+                base.plausibility().resolve_after,
+                &mut state.engine,
+                sample,
+            )
+            .into_iter()
+            .map(|mut c| {
+                c.set_delivered_by(now.clone());
+                c
+            }),
         );
         for v in &running.shadows {
             let set = self.set(v);
             let engine = versions::shadow_mut(state, self.model, v, set.sha256());
-            let changes = alerts::evaluate_engine(set, set.sha256(), engine, sample);
+            let changes = alerts::evaluate_engine(
+                set,
+                set.sha256(),
+                base.plausibility().resolve_after,
+                engine,
+                sample,
+            );
             shadow_alerts.extend(
                 changes.iter().map(|c| {
                     shadow_row(c, self.model, set.version(), set.sha256(), sample, now_ms)

@@ -585,3 +585,60 @@ fn a_device_without_a_patient_runs_its_shadow_too() {
     let body: Json = serde_json::from_str(&out.commit.shadow_alerts[0].payload).expect("json");
     assert_eq!(body["patient_ref"], "");
 }
+
+/// A delivering candidate resolves the sensor-fault alert after the base's
+/// `[plausibility] resolve_after` (the base flags the implausible readings), not its
+/// own.
+#[test]
+fn a_delivering_candidate_resolves_sensor_faults_by_the_bases_plausibility() {
+    let plausible = "\n[plausibility]\nresolve_after = 2\n\n[plausibility.limits]\nspo2 = { min = 0, max = 100, unit = \"%\" }\n";
+    let base_text = format!("{BASE}{plausible}");
+    let cand_text = base_text
+        .replace("version = \"b1\"", "version = \"c1\"")
+        .replace("resolve_after = 2", "resolve_after = 9");
+    let (base, cand) = (set(&base_text), set(&cand_text));
+    let text = format!(
+        "format = \"vitalmq-models/v1\"\n\n{}{}[[rollout]]\nmodel = \"rules\"\nlive = \"b1\"\n{CANARY_SITE_02}\n",
+        entry("b1", base.sha256()),
+        entry("c1", cand.sha256()),
+    );
+    let registry =
+        ModelRegistry::parse(&text, std::path::Path::new("models.toml")).expect("models");
+    let mut s = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        Some(base),
+    )
+    .with_candidates("rules".into(), vec![Arc::clone(&cand)]);
+    let _ = s.set_models(Some(Arc::new(registry)), T0);
+    let f = fixture();
+    let ops = |out: &Sequenced<u32>| -> Vec<(String, String)> {
+        out.commit
+            .alerts
+            .iter()
+            .filter(|a| a.kind == "operational")
+            .map(|a| {
+                let b: Json = serde_json::from_str(&a.body).expect("json");
+                (
+                    b["type"].as_str().unwrap_or_default().to_owned(),
+                    a.state.clone(),
+                )
+            })
+            .collect()
+    };
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 150.0)]);
+    assert_eq!(ops(&out), [("sensor_fault".to_owned(), "open".to_owned())]);
+    let b: Json = serde_json::from_str(&out.commit.alerts[0].body).expect("json");
+    assert_eq!(b["policy_sha256"], cand.sha256(), "the canary delivers it");
+    assert_eq!(b["resolve_after"], 2);
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 2, 97.0)]);
+    assert!(ops(&out).is_empty());
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 3, 97.0)]);
+    assert_eq!(
+        ops(&out),
+        [("sensor_fault".to_owned(), "resolved".to_owned())],
+        "after the base's 2 clean readings"
+    );
+}

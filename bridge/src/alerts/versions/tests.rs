@@ -143,6 +143,7 @@ impl Device {
             shadow.extend(evaluate_engine(
                 &set,
                 set.sha256(),
+                self.base.plausibility().resolve_after,
                 shadow_mut(&mut self.state, MODEL, v, sha_of(v)),
                 s,
             ));
