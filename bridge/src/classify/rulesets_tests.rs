@@ -642,3 +642,59 @@ fn a_delivering_candidate_resolves_sensor_faults_by_the_bases_plausibility() {
         "after the base's 2 clean readings"
     );
 }
+
+/// A restart with another candidate: the shadow version no longer loaded still gets
+/// its would-be episode closed, under the digest its state kept.
+#[test]
+fn a_shadow_version_no_longer_loaded_is_closed_in_the_store() {
+    let f = fixture();
+    let mut s = sequencer(SHADOW);
+    let c1 = set(&candidate_text());
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00001", 1, 92.0)]);
+    assert_eq!(out.commit.shadow_alerts.len(), 1);
+    let opened = out.commit.shadow_alerts[0].alert_id.clone();
+    let states: HashMap<DeviceId, DeviceAlertState> = out
+        .commit
+        .alert_states
+        .iter()
+        .map(|(d, json)| (d.clone(), serde_json::from_str(json).expect("state")))
+        .collect();
+    // Restarted with c2 instead of c1.
+    let c2 = set(&candidate_text().replace("version = \"c1\"", "version = \"c2\""));
+    let text = format!(
+        "format = \"vitalmq-models/v1\"\n\n{}{}{}[[rollout]]\nmodel = \"rules\"\nlive = \"b1\"\nshadow = [\"c2\"]\n",
+        entry("b1", set(BASE).sha256()),
+        entry("c1", c1.sha256()),
+        entry("c2", c2.sha256()),
+    );
+    let registry =
+        ModelRegistry::parse(&text, std::path::Path::new("models.toml")).expect("models");
+    let mut restarted = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        states,
+        Some(set(BASE)),
+    )
+    .with_candidates("rules".into(), vec![c2]);
+    let _ = restarted.set_models(Some(Arc::new(registry)), T0);
+    let out = run(&f, &mut restarted, vec![vitals(&f, "dev-00001", 2, 92.0)]);
+    let c1_rows: Vec<_> = out
+        .commit
+        .shadow_alerts
+        .iter()
+        .filter(|r| r.version == "c1")
+        .map(|r| {
+            (
+                r.alert_id.as_str(),
+                r.state.as_str(),
+                r.config_sha256.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(c1_rows, [(opened.as_str(), "resolved", c1.sha256())]);
+    assert!(
+        out.commit.alerts.is_empty(),
+        "nothing of a shadow is delivered"
+    );
+}
