@@ -535,6 +535,13 @@ fn a_candidate_rule_set_in_shadow_canary_and_rollback() {
             .all(|a| a["policy_sha256"] != cand_sha.as_str()),
         "nothing of the shadow candidate was published"
     );
+    // A delivered alert names the rule-set version and role that delivered it.
+    let live_alert = spo2_alerts(&rig)
+        .into_iter()
+        .find(by(&base_sha, "site-02", "open"))
+        .expect("a base alert on site-02");
+    assert_eq!(live_alert["body"]["rule_set_version"], RULES_LIVE);
+    assert_eq!(live_alert["body"]["role"], "live");
 
     // 2. Canary on site-02.
     replace(&models, &canary);
@@ -552,6 +559,8 @@ fn a_candidate_rule_set_in_shadow_canary_and_rollback() {
             .find(by(&cand_sha, "site-02", "open"))
     });
     assert_eq!(canary_alert["body"]["rule_version"], "3");
+    assert_eq!(canary_alert["body"]["rule_set_version"], RULES_CAND);
+    assert_eq!(canary_alert["body"]["role"], "canary");
 
     // 3. Rollback while the sim keeps publishing.
     let before = spo2_alerts(&rig).len();

@@ -681,15 +681,27 @@ impl Sequencer {
                                         None => {
                                             // A state from a run with candidates is
                                             // handed back to the base first.
-                                            let mut c = if self.candidates.sets.is_empty() {
-                                                alerts::versions::single(
+                                            let mut c = Vec::new();
+                                            if self.candidates.sets.is_empty() {
+                                                let handed = alerts::versions::single(
                                                     state,
                                                     (rules.version(), rules.sha256()),
                                                     &sample,
-                                                )
-                                            } else {
-                                                Vec::new()
-                                            };
+                                                );
+                                                commit.shadow_alerts.extend(
+                                                    handed.shadow.iter().map(|s| {
+                                                        rulesets::shadow_row(
+                                                            &s.change,
+                                                            &s.model,
+                                                            &s.version,
+                                                            &s.policy_sha256,
+                                                            &sample,
+                                                            now_ms,
+                                                        )
+                                                    }),
+                                                );
+                                                c = handed.delivered;
+                                            }
                                             c.extend(alerts::evaluate(
                                                 rules,
                                                 rules.sha256(),

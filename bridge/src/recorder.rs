@@ -161,13 +161,16 @@ struct StoreFailure {
 
 /// Alert rows and alert states decided while the store could not take them, in
 /// order: written with the first commit the store takes. With them the scores and
-/// patients' scoring states of the same batches (`Commit::take_alert_part`).
+/// patients' scoring states and the shadow alert changes of the same batches
+/// (`Commit::take_alert_part`): the engine states that made those changes are adopted,
+/// so a resend does not make them again.
 #[derive(Debug, Default)]
 struct Unrecorded {
     alerts: Vec<NewAlert>,
     states: BTreeMap<DeviceId, String>,
     scores: Vec<crate::score::NewScore>,
     patient_states: BTreeMap<String, String>,
+    shadow_alerts: Vec<crate::store::NewShadowAlert>,
 }
 
 impl Unrecorded {
@@ -193,6 +196,9 @@ impl Unrecorded {
                 .into_iter()
                 .filter(|(p, _)| !fresh.contains(p)),
         );
+        commit
+            .shadow_alerts
+            .splice(0..0, self.shadow_alerts.drain(..));
     }
 
     /// Undoes [`Self::merge_into`] after the commit failed, keeping the commit's own
@@ -208,6 +214,19 @@ impl Unrecorded {
         self.scores.append(&mut commit.scores);
         for (p, s) in commit.patient_states.drain(..) {
             self.patient_states.insert(p, s);
+        }
+        self.shadow_alerts.append(&mut commit.shadow_alerts);
+        if self.shadow_alerts.len() > PENDING_ALERTS_MAX {
+            let over = self.shadow_alerts.len() - PENDING_ALERTS_MAX;
+            error!(
+                dropped = over,
+                "too many shadow alert rows waiting for the store; the oldest will not be recorded"
+            );
+            dropped.shadow_alerts = self
+                .shadow_alerts
+                .drain(..over)
+                .map(|r| r.change_id)
+                .collect();
         }
         if self.scores.len() > PENDING_ALERTS_MAX {
             let over = self.scores.len() - PENDING_ALERTS_MAX;
@@ -234,25 +253,31 @@ impl Unrecorded {
 struct Overflow {
     scores: Vec<String>,
     alerts: Vec<String>,
+    /// Shadow alert rows, by `change_id`.
+    shadow_alerts: Vec<String>,
 }
 
 impl Overflow {
     /// One audit record per kind of row dropped: how many, the first and last id.
     fn records(&self) -> Vec<AuditRecord> {
-        [("score", &self.scores), ("alert", &self.alerts)]
-            .into_iter()
-            .filter(|(_, ids)| !ids.is_empty())
-            .map(|(kind, ids)| {
-                AuditRecord::new(Component::Bridge, Event::EventsWithheld)
-                    .action("record")
-                    .resource(kind)
-                    .decision(Decision::Deny)
-                    .reason("unrecorded_overflow")
-                    .detail("count", ids.len())
-                    .detail("first_id", ids.first().cloned().unwrap_or_default())
-                    .detail("last_id", ids.last().cloned().unwrap_or_default())
-            })
-            .collect()
+        [
+            ("score", &self.scores),
+            ("alert", &self.alerts),
+            ("shadow_alert", &self.shadow_alerts),
+        ]
+        .into_iter()
+        .filter(|(_, ids)| !ids.is_empty())
+        .map(|(kind, ids)| {
+            AuditRecord::new(Component::Bridge, Event::EventsWithheld)
+                .action("record")
+                .resource(kind)
+                .decision(Decision::Deny)
+                .reason("unrecorded_overflow")
+                .detail("count", ids.len())
+                .detail("first_id", ids.first().cloned().unwrap_or_default())
+                .detail("last_id", ids.last().cloned().unwrap_or_default())
+        })
+        .collect()
     }
 }
 
@@ -353,6 +378,7 @@ fn is_empty(c: &Commit) -> bool {
         && c.alert_states.is_empty()
         && c.scores.is_empty()
         && c.patient_states.is_empty()
+        && c.shadow_alerts.is_empty()
 }
 
 impl Recorder {
@@ -627,6 +653,8 @@ impl Recorder {
             .increment(dropped.scores.len() as u64);
         metrics::counter!("vitalmq_bridge_unrecorded_dropped_total", "kind" => "alert")
             .increment(dropped.alerts.len() as u64);
+        metrics::counter!("vitalmq_bridge_unrecorded_dropped_total", "kind" => "shadow_alert")
+            .increment(dropped.shadow_alerts.len() as u64);
         let mut audited = true;
         for r in dropped.records() {
             if let Err(e) = self.auditor.record(r) {
@@ -1166,6 +1194,72 @@ mod tests {
         assert_eq!(r["details"]["count"], 2);
         assert_eq!(r["details"]["first_id"], "sc-1");
         assert_eq!(r["details"]["last_id"], "sc-2");
+    }
+
+    /// A batch with shadow changes and no delivered alert, while the store fails: its
+    /// shadow rows are kept (the engine states that made them are adopted, a resend
+    /// does not make them again), written in order with the next commit, counted when
+    /// the cap drops the oldest.
+    #[test]
+    fn unrecorded_shadow_alerts_are_kept_until_the_store_takes_them() {
+        let shadow = |id: &str| crate::store::NewShadowAlert {
+            change_id: id.into(),
+            alert_id: "al-1".into(),
+            patient_ref: "pt-a".into(),
+            site: "site-01".into(),
+            device: "dev-00001".into(),
+            model: "rules".into(),
+            version: "b1".into(),
+            config_sha256: String::new(),
+            role: "shadow".into(),
+            rule: "spo2-low".into(),
+            state: "open".into(),
+            severity: "high".into(),
+            at_ms: 1,
+            created_at_ms: 1,
+            payload: "{}".into(),
+        };
+        let mut kept = Unrecorded::default();
+        let mut first = Commit {
+            shadow_alerts: vec![shadow("sa-1")],
+            alert_states: vec![(device("dev-00001"), "old".into())],
+            ..Commit::default()
+        };
+        let mut part = first.take_alert_part();
+        assert!(first.shadow_alerts.is_empty());
+        part.alert_states.clear();
+        assert!(!is_empty(&part), "shadow rows alone are worth a commit");
+        kept.merge_into(&mut part);
+        assert_eq!(kept.take_back(&mut part), Overflow::default());
+        assert_eq!(kept.shadow_alerts.len(), 1);
+        let mut next = Commit {
+            shadow_alerts: vec![shadow("sa-2")],
+            ..Commit::default()
+        };
+        kept.merge_into(&mut next);
+        let ids: Vec<&str> = next
+            .shadow_alerts
+            .iter()
+            .map(|s| s.change_id.as_str())
+            .collect();
+        assert_eq!(ids, ["sa-1", "sa-2"]);
+        assert!(kept.shadow_alerts.is_empty());
+
+        assert_eq!(kept.take_back(&mut next), Overflow::default());
+        let mut over = Commit {
+            shadow_alerts: (0..PENDING_ALERTS_MAX)
+                .map(|i| shadow(&format!("sa-x{i}")))
+                .collect(),
+            ..Commit::default()
+        };
+        let dropped = kept.take_back(&mut over);
+        assert_eq!(dropped.shadow_alerts, ["sa-1", "sa-2"]);
+        assert_eq!(kept.shadow_alerts.len(), PENDING_ALERTS_MAX);
+        let records = dropped.records();
+        assert_eq!(records.len(), 1);
+        let r = serde_json::to_value(&records[0]).expect("json");
+        assert_eq!(r["resource"], "shadow_alert");
+        assert_eq!(r["details"]["count"], 2);
     }
 
     /// While the audit log cannot write, acknowledgements wait (an ack is applied only

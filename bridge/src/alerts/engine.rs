@@ -54,14 +54,24 @@ pub fn evaluate(
     state: &mut DeviceAlertState,
     sample: &Sample,
 ) -> Vec<AlertChange> {
-    evaluate_engine(rules, policy_sha256, &mut state.engine, sample)
+    let resolve_after = rules.plausibility().resolve_after;
+    evaluate_engine(
+        rules,
+        policy_sha256,
+        resolve_after,
+        &mut state.engine,
+        sample,
+    )
 }
 
 /// [`evaluate`] on the engine state of one rule-set version (the delivering one, or a
-/// shadow: the engine cannot tell them apart).
+/// shadow: the engine cannot tell them apart). `sensor_resolve_after` is the
+/// `[plausibility] resolve_after` of the rule set that flags implausible readings (the
+/// base's: a candidate governs its rules and quality only).
 pub fn evaluate_engine(
     rules: &RuleSet,
     policy_sha256: &str,
+    sensor_resolve_after: u32,
     state: &mut EngineState,
     sample: &Sample,
 ) -> Vec<AlertChange> {
@@ -71,7 +81,7 @@ pub fn evaluate_engine(
         sample,
     };
     // Before the time check: an implausible value counts even in a late reading.
-    sensor_fault(rules.plausibility().resolve_after, state, &cx, &mut out);
+    sensor_fault(sensor_resolve_after, state, &cx, &mut out);
     let ts = sample.ts_ms;
     if let Some(newest) = state.newest_ts_ms
         && ts < newest
@@ -211,7 +221,46 @@ pub(super) fn resolved(
         escalation: None,
         resolution: Some(reason),
         suppressed: Some(e.suppressed.counts()),
+        delivered_by: None,
     }))
+}
+
+/// The resolution of an open operational episode (signal quality or sensor fault) of
+/// a rule-set version that stops running for the device as a shadow: nothing resolves
+/// it any more, so it ends here, saying why.
+pub(super) fn ops_resolved(
+    alert_type: OpsAlertType,
+    e: OpsEpisode,
+    state: &EngineState,
+    policy_sha256: &str,
+    sample: &Sample,
+) -> AlertChange {
+    let sensor = (alert_type == OpsAlertType::SensorFault).then(|| {
+        Box::new(SensorFaultCounts {
+            implausible: state.sensor.implausible,
+            metrics: state.sensor.metrics.clone(),
+            resolve_after: 0,
+        })
+    });
+    AlertChange::Operational(OperationalAlert {
+        alert_id: e.alert_id,
+        alert_type,
+        state: AlertState::Resolved,
+        device: sample.device.clone(),
+        site: sample.site.clone(),
+        reason: format!(
+            "{}: this rule-set version no longer runs in shadow for the device",
+            ResolveReason::RolloutChanged.as_str()
+        ),
+        low_quality: state.quality.bits.count_ones(),
+        over_n: 0,
+        low_below: 0.0,
+        policy_sha256: policy_sha256.to_owned(),
+        evidence: vec![sample.event_id.clone()],
+        raised_at_ms: sample.ts_ms,
+        sensor,
+        delivered_by: None,
+    })
 }
 
 /// The device's signal-quality ring and its operational alert.
@@ -242,6 +291,7 @@ fn quality(
             evidence: vec![sample.event_id.clone()],
             raised_at_ms: sample.ts_ms,
             sensor: None,
+            delivered_by: None,
         })
     };
     match &q.open {
@@ -299,7 +349,8 @@ fn sensor_fault(
             policy_sha256: cx.policy_sha256.to_owned(),
             evidence: vec![sample.event_id.clone()],
             raised_at_ms: sample.ts_ms,
-            sensor: Some(counts),
+            sensor: Some(Box::new(counts)),
+            delivered_by: None,
         })
     };
     match &s.open {
@@ -417,6 +468,7 @@ fn step(
         escalation: None,
         resolution: None,
         suppressed: None,
+        delivered_by: None,
     };
 
     if rs.episode.is_some() {

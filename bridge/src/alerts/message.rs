@@ -22,6 +22,11 @@
 //!
 //! Operational alerts go to `ops/bridge/{type}` and carry no patient reference (and no
 //! reading's value: a sensor-fault alert names the metrics, not what they said).
+//!
+//! With candidate rule sets (`[alerts] candidates`), every change the engine delivers,
+//! clinical or operational, also carries `rule_set_version` (the `version` of the rule
+//! set file that delivered it) and `role` (`live` or `canary`, as score alerts do), so
+//! a canary's alert says so; without candidates the body is unchanged.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
@@ -170,6 +175,18 @@ pub struct ClinicalAlert {
     pub resolution: Option<ResolveReason>,
     /// On `resolved`.
     pub suppressed: Option<SuppressedCounts>,
+    /// The rule-set version that delivered it (only with candidate rule sets).
+    pub delivered_by: Option<DeliveredBy>,
+}
+
+/// The rule-set version that delivered a change and its role for the device: set on
+/// delivered changes when candidate rule sets are configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveredBy {
+    /// `RuleSet::version` of the delivering file.
+    pub version: String,
+    /// `live` or `canary`.
+    pub role: vitalmq_policies::ModelRole,
 }
 
 /// Kinds of operational alert the engine raises.
@@ -211,7 +228,10 @@ pub struct OperationalAlert {
     pub evidence: Vec<String>,
     pub raised_at_ms: u64,
     /// On a sensor-fault alert.
-    pub sensor: Option<SensorFaultCounts>,
+    /// (Boxed, like `delivered_by`: keeps the message small.)
+    pub sensor: Option<Box<SensorFaultCounts>>,
+    /// The rule-set version that delivered it (only with candidate rule sets).
+    pub delivered_by: Option<Box<DeliveredBy>>,
 }
 
 /// What a sensor-fault alert reports.
@@ -256,12 +276,25 @@ impl AlertChange {
         }
     }
 
+    /// Names the rule-set version that delivers this change (see the module doc).
+    pub fn set_delivered_by(&mut self, by: DeliveredBy) {
+        match self {
+            Self::Clinical(a) => a.delivered_by = Some(by),
+            Self::Operational(a) => a.delivered_by = Some(Box::new(by)),
+        }
+    }
+
     /// The payload: one JSON object, no trailing newline.
     pub fn to_json(&self) -> String {
-        match self {
-            Self::Clinical(a) => clinical_json(a).to_string(),
-            Self::Operational(a) => operational_json(a).to_string(),
+        let (mut v, by) = match self {
+            Self::Clinical(a) => (clinical_json(a), a.delivered_by.as_ref()),
+            Self::Operational(a) => (operational_json(a), a.delivered_by.as_deref()),
+        };
+        if let (Json::Object(m), Some(by)) = (&mut v, by) {
+            m.insert("rule_set_version".into(), json!(by.version));
+            m.insert("role".into(), json!(by.role.as_str()));
         }
+        v.to_string()
     }
 }
 

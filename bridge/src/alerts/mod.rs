@@ -77,7 +77,7 @@ use vitalmq_policies::{DeviceEntry, SiteId};
 use crate::plausible::Assessment;
 
 pub(crate) use engine::{evaluate, evaluate_engine};
-pub(crate) use message::AlertChange;
+pub(crate) use message::{AlertChange, DeliveredBy};
 pub(crate) use state::DeviceAlertState;
 
 /// One accepted vitals event as the alert engine sees it.

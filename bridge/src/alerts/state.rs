@@ -36,7 +36,7 @@ pub struct DeviceAlertState {
     /// The engine states of the rule-set versions that run in shadow for the device,
     /// by version (only versions loaded and with a role for the device).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) shadows: BTreeMap<String, EngineState>,
+    pub(crate) shadows: BTreeMap<String, ShadowEngine>,
     /// Acknowledgement and re-escalation of the open clinical alerts (issue 17).
     #[serde(default)]
     pub(crate) book: super::book::Book,
@@ -76,6 +76,34 @@ pub struct EngineState {
     pub(crate) sensor: SensorState,
 }
 
+/// The engine state of one shadow version, with the names its shadow rows carry, so
+/// its would-be episodes can be closed when it stops running for the device even if
+/// its file is no longer loaded (or the bridge runs without candidates).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowEngine {
+    #[serde(flatten)]
+    pub(crate) engine: EngineState,
+    /// The rule set's registry name; empty in a state stored before it was kept.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) model: String,
+    /// The version's file digest; empty in a state stored before it was kept.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) policy_sha256: String,
+}
+
+impl std::ops::Deref for ShadowEngine {
+    type Target = EngineState;
+    fn deref(&self) -> &EngineState {
+        &self.engine
+    }
+}
+
+impl std::ops::DerefMut for ShadowEngine {
+    fn deref_mut(&mut self) -> &mut EngineState {
+        &mut self.engine
+    }
+}
+
 /// A rule-set version and the role it had for the device when it last evaluated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineVersion {
@@ -85,6 +113,13 @@ pub struct EngineVersion {
     /// it stops delivering, even if it is no longer loaded then.
     #[serde(default)]
     pub(crate) policy_sha256: String,
+    /// The scope it delivered for: the device's site and its cohorts in the base rule
+    /// set, so a hand-over can tell a canary taken back from a device that left the
+    /// canary's scope (empty in a state stored before it was kept).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) site: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) cohorts: Vec<String>,
 }
 
 /// An open alert, for status pages and metrics.

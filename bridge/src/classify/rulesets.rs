@@ -13,10 +13,10 @@
 
 use std::sync::Arc;
 
-use vitalmq_policies::{ModelRegistry, ModelRole, RuleSet};
+use vitalmq_policies::{ModelRegistry, ModelRole, RuleSet, SiteId};
 
 use crate::alerts::versions::{self, Running};
-use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
+use crate::alerts::{self, AlertChange, DeliveredBy, DeviceAlertState, Sample};
 use crate::store::{NewShadowAlert, shadow_change_id};
 
 /// The candidate rule sets loaded at start and the rule set's registry name.
@@ -118,29 +118,84 @@ impl<'a> Versions<'a> {
     ) -> Vec<AlertChange> {
         let running = self.running(sample, cohorts);
         let base = self.sets[0];
+        // Who delivered until now: its hand-over resolutions are its last changes.
+        let before = state.engine_version.as_ref().map_or(
+            DeliveredBy {
+                version: base.version().to_owned(),
+                role: ModelRole::Live,
+            },
+            |v| DeliveredBy {
+                version: v.version.clone(),
+                role: v.role,
+            },
+        );
         let handed = versions::hand_over(
             state,
             (base.version(), base.sha256()),
+            self.model,
             &running,
             |v| self.loaded(v).map(RuleSet::sha256),
+            |old| {
+                let cohorts: Vec<&str> = old.cohorts.iter().map(String::as_str).collect();
+                SiteId::new(&old.site).is_ok_and(|site| {
+                    self.models.role(self.model, &old.version, &site, &cohorts)
+                        == Some(ModelRole::Canary)
+                })
+            },
             sample,
         );
-        for (v, change) in &handed.shadow {
-            if let Some(set) = self.loaded(v) {
-                shadow_alerts.push(shadow_row(change, self.model, set, sample, now_ms));
-            }
+        if let Some(v) = &mut state.engine_version {
+            v.cohorts = cohorts.iter().map(|c| (*c).to_owned()).collect();
         }
+        shadow_alerts.extend(handed.shadow.iter().map(|c| {
+            shadow_row(
+                &c.change,
+                &c.model,
+                &c.version,
+                &c.policy_sha256,
+                sample,
+                now_ms,
+            )
+        }));
         let mut out = handed.delivered;
+        for c in &mut out {
+            c.set_delivered_by(before.clone());
+        }
         let deliver = self.set(running.deliver);
-        out.extend(alerts::evaluate(deliver, deliver.sha256(), state, sample));
+        let now = DeliveredBy {
+            version: deliver.version().to_owned(),
+            role: running.role,
+        };
+        out.extend(
+            // Implausible readings are flagged by the base's limits: its
+            // `resolve_after` goes with them, whichever version delivers.
+            alerts::evaluate_engine(
+                deliver,
+                deliver.sha256(),
+                base.plausibility().resolve_after,
+                &mut state.engine,
+                sample,
+            )
+            .into_iter()
+            .map(|mut c| {
+                c.set_delivered_by(now.clone());
+                c
+            }),
+        );
         for v in &running.shadows {
             let set = self.set(v);
-            let changes =
-                alerts::evaluate_engine(set, set.sha256(), versions::shadow_mut(state, v), sample);
+            let engine = versions::shadow_mut(state, self.model, v, set.sha256());
+            let changes = alerts::evaluate_engine(
+                set,
+                set.sha256(),
+                base.plausibility().resolve_after,
+                engine,
+                sample,
+            );
             shadow_alerts.extend(
-                changes
-                    .iter()
-                    .map(|c| shadow_row(c, self.model, set, sample, now_ms)),
+                changes.iter().map(|c| {
+                    shadow_row(c, self.model, set.version(), set.sha256(), sample, now_ms)
+                }),
             );
         }
         out
@@ -149,11 +204,13 @@ impl<'a> Versions<'a> {
 
 /// The `shadow_alerts` row of one change of a shadow version: the message exactly as
 /// it would have been published. Operational changes (signal quality, sensor fault)
-/// have no severity: `operational`.
-fn shadow_row(
+/// have no severity: `operational`. `model`, `version`, `config_sha256`: the rule set's
+/// registry name, the version and its file digest.
+pub(super) fn shadow_row(
     change: &AlertChange,
     model: &str,
-    set: &RuleSet,
+    version: &str,
+    config_sha256: &str,
     sample: &Sample,
     now_ms: u64,
 ) -> NewShadowAlert {
@@ -171,14 +228,14 @@ fn shadow_row(
     };
     let state = change.state().as_str();
     NewShadowAlert {
-        change_id: shadow_change_id(set.version(), change.alert_id(), state, &sample.event_id),
+        change_id: shadow_change_id(version, change.alert_id(), state, &sample.event_id),
         alert_id: change.alert_id().to_owned(),
         patient_ref: sample.patient_ref.clone(),
         site: sample.site.to_string(),
         device: sample.device.to_string(),
         model: model.to_owned(),
-        version: set.version().to_owned(),
-        config_sha256: set.sha256().to_owned(),
+        version: version.to_owned(),
+        config_sha256: config_sha256.to_owned(),
         role: ModelRole::Shadow.as_str().to_owned(),
         rule,
         state: state.to_owned(),

@@ -274,6 +274,14 @@ fn a_site_canary_delivers_the_candidate_there_only() {
         )]
     );
     assert_eq!(out.commit.alerts[0].device.as_deref(), Some("dev-00003"));
+    let body: Json = serde_json::from_str(&out.commit.alerts[0].body).expect("json");
+    assert_eq!(body["rule_set_version"], "c1", "the canary names itself");
+    assert_eq!(body["role"], "canary");
+    // A live alert says so too.
+    let live = run(&f, &mut s, vec![vitals(&f, "dev-00001", 2, 85.0)]);
+    let body: Json = serde_json::from_str(&live.commit.alerts[0].body).expect("json");
+    assert_eq!(body["rule_set_version"], "b1");
+    assert_eq!(body["role"], "live");
     // The base runs as shadow on site-02 (sees nothing at 92); the candidate has no
     // role on site-01.
     assert!(out.commit.shadow_alerts.is_empty());
@@ -355,6 +363,12 @@ fn canary_and_rollback_hand_over_at_the_next_sample() {
         )]
     );
     assert_eq!(out.commit.alerts[0].alert_id, opened);
+    // The rollback's resolution is the canary's last change: it names the canary.
+    let body: Json = serde_json::from_str(&out.commit.alerts[0].body).expect("json");
+    assert_eq!(
+        (body["rule_set_version"].as_str(), body["role"].as_str()),
+        (Some("c1"), Some("canary"))
+    );
     assert_eq!(book_len(&s, "dev-00003"), 0, "the book saw it resolved");
     // The candidate is a shadow again, from a state without episodes: it reopens in
     // shadow, never delivered.
@@ -388,6 +402,11 @@ fn without_candidates_nothing_changes() {
     let _ = s.set_models(Some(models(CANARY_SITE_02)), T0);
     let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 88.0)]);
     assert_eq!(delivered(&out).len(), 1);
+    let body: Json = serde_json::from_str(&out.commit.alerts[0].body).expect("json");
+    assert!(
+        body.get("rule_set_version").is_none() && body.get("role").is_none(),
+        "the body is unchanged without candidates: {body}"
+    );
     let t = &s.tracks[&DeviceId::new("dev-00003").expect("id")].alerts;
     assert!(t.engine_version.is_none() && t.shadows.is_empty());
 }
@@ -401,6 +420,13 @@ fn a_restart_without_candidates_hands_back_to_the_base() {
     let cand = set(&candidate_text());
     let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 88.0)]);
     assert_eq!(delivered(&out)[0].2, cand.sha256());
+    // The base runs in shadow for the canaried site: its would-be episode opens.
+    assert_eq!(out.commit.shadow_alerts.len(), 1);
+    let shadow_open = out.commit.shadow_alerts[0].clone();
+    assert_eq!(
+        (shadow_open.version.as_str(), shadow_open.state.as_str()),
+        ("b1", "open")
+    );
     let states: HashMap<DeviceId, DeviceAlertState> = out
         .commit
         .alert_states
@@ -433,6 +459,242 @@ fn a_restart_without_candidates_hands_back_to_the_base() {
             )
         ]
     );
+    // The base's would-be episode from its shadow days is closed, not left open for
+    // ever: a resolved shadow row under the name and digest its state kept.
+    let closed: Vec<_> = out
+        .commit
+        .shadow_alerts
+        .iter()
+        .map(|r| {
+            (
+                r.alert_id.as_str(),
+                r.model.as_str(),
+                r.version.as_str(),
+                r.config_sha256.as_str(),
+                r.state.as_str(),
+                r.patient_ref.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        closed,
+        [(
+            shadow_open.alert_id.as_str(),
+            "rules",
+            "b1",
+            set(BASE).sha256(),
+            "resolved",
+            "pt-dev-00003"
+        )]
+    );
+    let payload: Json = serde_json::from_str(&out.commit.shadow_alerts[0].payload).expect("json");
+    assert_eq!(payload["reason"], "rollout_changed");
     let t = &restarted.tracks[&DeviceId::new("dev-00003").expect("id")].alerts;
     assert!(t.engine_version.is_none() && t.shadows.is_empty());
+}
+
+/// `f` with the devices at `sites` and patients `patients` (by device id), same keys.
+fn placed(f: F, sites: &[(&str, &str)], patients: &[(&str, &str)]) -> F {
+    let mut registry = DeviceRegistry::new(TrustDomain::new("test.vitalmq").expect("td"));
+    for (id, site) in [
+        ("dev-00001", "site-01"),
+        ("dev-00002", "site-01"),
+        ("dev-00003", "site-02"),
+    ] {
+        let site = sites
+            .iter()
+            .find(|(d, _)| *d == id)
+            .map_or(site, |(_, s)| *s);
+        let patient_ref = patients
+            .iter()
+            .find(|(d, _)| *d == id)
+            .map_or(format!("pt-{id}"), |(_, p)| (*p).to_owned());
+        registry
+            .insert_device(DeviceEntry {
+                id: DeviceId::new(id).expect("id"),
+                site: SiteId::new(site).expect("site"),
+                patient_ref,
+                key: f.keys[id].verifying_key(),
+                consent: None,
+                processing_policy: None,
+                lot: None,
+                hardware_model: None,
+                region: None,
+            })
+            .expect("insert");
+    }
+    F { registry, ..f }
+}
+
+/// A device that moves out of the canary's site while the canary stays: its canary
+/// alert is resolved `rollout_changed` (the canary was not taken back); a rollback of
+/// the canary itself stays `model_rollback` (`canary_and_rollback_...`).
+#[test]
+fn a_device_leaving_a_canary_site_is_not_a_rollback() {
+    let f = fixture();
+    let mut s = sequencer(CANARY_SITE_02);
+    let cand = set(&candidate_text());
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 88.0)]);
+    assert_eq!(delivered(&out)[0].2, cand.sha256());
+    let f = placed(f, &[("dev-00003", "site-01")], &[]);
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 2, 88.0)]);
+    assert_eq!(
+        delivered(&out),
+        [
+            (
+                "spo2-low".into(),
+                "resolved".into(),
+                cand.sha256().to_owned(),
+                Some("rollout_changed".into())
+            ),
+            (
+                "spo2-low".into(),
+                "open".into(),
+                set(BASE).sha256().to_owned(),
+                None
+            )
+        ]
+    );
+    let body: Json = serde_json::from_str(&out.commit.alerts[1].body).expect("json");
+    assert_eq!(body["site"], "site-01");
+    assert_eq!(body["role"], "live");
+}
+
+/// A device without a patient under candidates: its shadow version's rows are stored
+/// with an empty `patient_ref`, nothing of the shadow is delivered.
+#[test]
+fn a_device_without_a_patient_runs_its_shadow_too() {
+    let f = placed(fixture(), &[], &[("dev-00001", "")]);
+    let mut s = sequencer(SHADOW);
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00001", 1, 92.0)]);
+    assert!(out.commit.alerts.is_empty(), "the base sees nothing at 92");
+    let rows: Vec<_> = out
+        .commit
+        .shadow_alerts
+        .iter()
+        .map(|r| {
+            (
+                r.version.as_str(),
+                r.state.as_str(),
+                r.patient_ref.as_str(),
+                r.device.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, [("c1", "open", "", "dev-00001")]);
+    let body: Json = serde_json::from_str(&out.commit.shadow_alerts[0].payload).expect("json");
+    assert_eq!(body["patient_ref"], "");
+}
+
+/// A delivering candidate resolves the sensor-fault alert after the base's
+/// `[plausibility] resolve_after` (the base flags the implausible readings), not its
+/// own.
+#[test]
+fn a_delivering_candidate_resolves_sensor_faults_by_the_bases_plausibility() {
+    let plausible = "\n[plausibility]\nresolve_after = 2\n\n[plausibility.limits]\nspo2 = { min = 0, max = 100, unit = \"%\" }\n";
+    let base_text = format!("{BASE}{plausible}");
+    let cand_text = base_text
+        .replace("version = \"b1\"", "version = \"c1\"")
+        .replace("resolve_after = 2", "resolve_after = 9");
+    let (base, cand) = (set(&base_text), set(&cand_text));
+    let text = format!(
+        "format = \"vitalmq-models/v1\"\n\n{}{}[[rollout]]\nmodel = \"rules\"\nlive = \"b1\"\n{CANARY_SITE_02}\n",
+        entry("b1", base.sha256()),
+        entry("c1", cand.sha256()),
+    );
+    let registry =
+        ModelRegistry::parse(&text, std::path::Path::new("models.toml")).expect("models");
+    let mut s = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        HashMap::new(),
+        Some(base),
+    )
+    .with_candidates("rules".into(), vec![Arc::clone(&cand)]);
+    let _ = s.set_models(Some(Arc::new(registry)), T0);
+    let f = fixture();
+    let ops = |out: &Sequenced<u32>| -> Vec<(String, String)> {
+        out.commit
+            .alerts
+            .iter()
+            .filter(|a| a.kind == "operational")
+            .map(|a| {
+                let b: Json = serde_json::from_str(&a.body).expect("json");
+                (
+                    b["type"].as_str().unwrap_or_default().to_owned(),
+                    a.state.clone(),
+                )
+            })
+            .collect()
+    };
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 1, 150.0)]);
+    assert_eq!(ops(&out), [("sensor_fault".to_owned(), "open".to_owned())]);
+    let b: Json = serde_json::from_str(&out.commit.alerts[0].body).expect("json");
+    assert_eq!(b["policy_sha256"], cand.sha256(), "the canary delivers it");
+    assert_eq!(b["resolve_after"], 2);
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 2, 97.0)]);
+    assert!(ops(&out).is_empty());
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00003", 3, 97.0)]);
+    assert_eq!(
+        ops(&out),
+        [("sensor_fault".to_owned(), "resolved".to_owned())],
+        "after the base's 2 clean readings"
+    );
+}
+
+/// A restart with another candidate: the shadow version no longer loaded still gets
+/// its would-be episode closed, under the digest its state kept.
+#[test]
+fn a_shadow_version_no_longer_loaded_is_closed_in_the_store() {
+    let f = fixture();
+    let mut s = sequencer(SHADOW);
+    let c1 = set(&candidate_text());
+    let out = run(&f, &mut s, vec![vitals(&f, "dev-00001", 1, 92.0)]);
+    assert_eq!(out.commit.shadow_alerts.len(), 1);
+    let opened = out.commit.shadow_alerts[0].alert_id.clone();
+    let states: HashMap<DeviceId, DeviceAlertState> = out
+        .commit
+        .alert_states
+        .iter()
+        .map(|(d, json)| (d.clone(), serde_json::from_str(json).expect("state")))
+        .collect();
+    // Restarted with c2 instead of c1.
+    let c2 = set(&candidate_text().replace("version = \"c1\"", "version = \"c2\""));
+    let text = format!(
+        "format = \"vitalmq-models/v1\"\n\n{}{}{}[[rollout]]\nmodel = \"rules\"\nlive = \"b1\"\nshadow = [\"c2\"]\n",
+        entry("b1", set(BASE).sha256()),
+        entry("c1", c1.sha256()),
+        entry("c2", c2.sha256()),
+    );
+    let registry =
+        ModelRegistry::parse(&text, std::path::Path::new("models.toml")).expect("models");
+    let mut restarted = Sequencer::new(
+        WindowSize::default(),
+        HashMap::new(),
+        HashMap::new(),
+        states,
+        Some(set(BASE)),
+    )
+    .with_candidates("rules".into(), vec![c2]);
+    let _ = restarted.set_models(Some(Arc::new(registry)), T0);
+    let out = run(&f, &mut restarted, vec![vitals(&f, "dev-00001", 2, 92.0)]);
+    let c1_rows: Vec<_> = out
+        .commit
+        .shadow_alerts
+        .iter()
+        .filter(|r| r.version == "c1")
+        .map(|r| {
+            (
+                r.alert_id.as_str(),
+                r.state.as_str(),
+                r.config_sha256.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(c1_rows, [(opened.as_str(), "resolved", c1.sha256())]);
+    assert!(
+        out.commit.alerts.is_empty(),
+        "nothing of a shadow is delivered"
+    );
 }

@@ -1116,3 +1116,69 @@ fn a_rollback_hands_over_a_stable_patients_alerts_at_the_next_tick() {
     let again = tick(&mut s, T0 + 3 * MIN);
     assert!(again.commit.alerts.is_empty() && again.commit.scores.is_empty());
 }
+
+/// A patient whose device moves out of the canary's site while the canary stays: the
+/// canary's score alert resolves as `rollout_changed` (nothing was rolled back).
+#[test]
+fn a_patient_leaving_a_canary_site_is_not_a_rollback() {
+    let f = fixture();
+    let mut s = sequencer(true);
+    s.set_models(
+        Some(registry_with(
+            "canary = [{ version = \"cand-2\", sites = [\"site-01\"] }]",
+        )),
+        T0,
+    );
+    let six = with(&[
+        ("resp", 21.0),
+        ("pulse", 111.0),
+        ("temp", 38.5),
+        ("sbp", 105.0),
+    ]);
+    let out = feed(&mut s, &f, vitals(&f, "dev-00001", 1, &six, T0), T0);
+    assert_eq!(out.commit.alerts.len(), 1);
+    assert_eq!(body(&out.commit.alerts[0])["role"], "canary");
+    let canary_id = out.commit.alerts[0].alert_id.clone();
+
+    // The same device (same key), now registered on site-02.
+    let mut registry = DeviceRegistry::new(TrustDomain::new("test.vitalmq").expect("td"));
+    registry
+        .insert_device(DeviceEntry {
+            id: DeviceId::new("dev-00001").expect("id"),
+            site: SiteId::new("site-02").expect("site"),
+            patient_ref: "pt-a".into(),
+            key: f.keys["dev-00001"].verifying_key(),
+            consent: None,
+            processing_policy: None,
+            lot: None,
+            hardware_model: None,
+            region: None,
+        })
+        .expect("insert");
+    let moved = F { registry, ..f };
+    let out = feed(
+        &mut s,
+        &moved,
+        vitals(
+            &moved,
+            "dev-00001",
+            2,
+            &with(&[
+                ("resp", 21.0),
+                ("pulse", 112.0),
+                ("temp", 38.5),
+                ("sbp", 105.0),
+            ]),
+            T0 + MIN,
+        ),
+        T0 + MIN,
+    );
+    let resolved = out
+        .commit
+        .alerts
+        .iter()
+        .find(|a| a.alert_id == canary_id)
+        .expect("the canary's alert is resolved");
+    assert_eq!(resolved.state, "resolved");
+    assert_eq!(body(resolved)["reason"], "rollout_changed");
+}

@@ -140,6 +140,13 @@ fn score_all(
             &sample.event_id,
         );
         let evidence = used_inputs(table, state, at_ms, scale);
+        // A canary still a canary for the scope its episode opened for: the patient
+        // only left that scope (not a rollback).
+        let canary_kept = |e: &Episode| {
+            let cohorts: Vec<&str> = e.cohorts.iter().map(String::as_str).collect();
+            vitalmq_policies::SiteId::new(&e.site)
+                .is_ok_and(|site| scoring.role(i, &site, &cohorts) == Some(Role::Canary))
+        };
         if let Some(retired_alert) = hand_over(
             state,
             role,
@@ -151,7 +158,9 @@ fn score_all(
                 score: &s,
                 evidence: evidence.iter().map(|e| e.2.as_str()).collect(),
                 now_ms,
+                cohorts,
             },
+            canary_kept,
         ) {
             retired.push(retired_alert);
         }
@@ -173,6 +182,7 @@ fn score_all(
                 score: &s,
                 evidence: evidence.iter().map(|e| e.2.as_str()).collect(),
                 now_ms,
+                cohorts,
             };
             let (changes, would_be) = apply(state, &ctx, t);
             if role.delivers() {
@@ -277,6 +287,7 @@ pub fn on_expiry(
             score: &s,
             evidence: Vec::new(),
             now_ms,
+            cohorts: &[],
         };
         out.push(change(&ctx, &e, rule, "resolved", Some("no_data")));
     }
@@ -453,6 +464,8 @@ struct AlertCtx<'a> {
     score: &'a Score,
     evidence: Vec<&'a str>,
     now_ms: u64,
+    /// The patient's cohorts (the scope an opened episode keeps).
+    cohorts: &'a [&'a str],
 }
 
 /// Applies a transition to the version's episode: the alert changes (for a delivering
@@ -489,6 +502,8 @@ fn apply(
                 device: ctx.sample.device.to_string(),
                 opened_at_ms: ctx.now_ms,
                 role: Some(ctx.role.as_str().to_owned()),
+                site: ctx.sample.site.to_string(),
+                cohorts: ctx.cohorts.iter().map(|c| (*c).to_owned()).collect(),
             };
             changes.push(change(ctx, &e, to, "open", None));
             state.episodes.insert(version.to_owned(), e);
@@ -508,7 +523,9 @@ fn apply(
 /// rule's alert at the device's next sample:
 /// - it delivered and no longer does (canary rolled back, live replaced by a canary or
 ///   another live version, version taken out): its alert is resolved, reason
-///   `model_rollback` when it was a canary's, else `rollout_changed`, so no subscriber
+///   `model_rollback` when it was a canary's and the rollout no longer makes the
+///   version a canary for the scope (site, cohorts) the episode opened for, else
+///   `rollout_changed` (also when the patient only left that scope), so no subscriber
 ///   keeps an alert nobody will resolve;
 /// - it did not deliver (shadow) and now does: its would-be episode is dropped, never
 ///   resolved (its alert id was never delivered). The version starts from no episode,
@@ -520,6 +537,7 @@ fn hand_over(
     state: &mut PatientScoreState,
     now: Option<Role>,
     ctx: &AlertCtx<'_>,
+    canary_kept: impl Fn(&Episode) -> bool,
 ) -> Option<ScoreAlert> {
     let version = ctx.table.version();
     let e = state.episodes.get(version)?;
@@ -535,7 +553,7 @@ fn hand_over(
     }
     let was = was.unwrap_or(Role::Live);
     let rule = ScoreRule::parse(&e.rule)?;
-    let reason = if was == Role::Canary {
+    let reason = if was == Role::Canary && !canary_kept(&e) {
         "model_rollback"
     } else {
         "rollout_changed"

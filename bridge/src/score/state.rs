@@ -35,6 +35,13 @@ pub struct Episode {
     /// unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// The scope it opened for: the reading's site and the patient's cohorts, so a
+    /// hand-over can tell a canary taken back from a patient that left the canary's
+    /// scope (empty in states stored before it was kept).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub site: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cohorts: Vec<String>,
 }
 
 /// Everything scoring remembers about one patient.

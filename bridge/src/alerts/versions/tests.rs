@@ -106,6 +106,17 @@ impl Device {
     ) -> (Vec<AlertChange>, Vec<AlertChange>) {
         self.seq += 1;
         let s = sample(self.seq, t_s, spo2);
+        self.feed_sample(running, &s, |v| Some(sha_of(v)))
+    }
+
+    /// Feeds `s`; `loaded(version)` is the digest of a loaded version (`None`: its file
+    /// is not loaded any more).
+    fn feed_sample(
+        &mut self,
+        running: &Running<'_>,
+        s: &Sample,
+        loaded: impl Fn(&str) -> Option<&'static str>,
+    ) -> (Vec<AlertChange>, Vec<AlertChange>) {
         // Durable state between samples.
         let json = serde_json::to_string(&self.state).expect("serializes");
         self.state = serde_json::from_str(&json).expect("parses");
@@ -113,33 +124,35 @@ impl Device {
         let handed = hand_over(
             &mut self.state,
             (base.version(), base.sha256()),
+            MODEL,
             running,
-            |v| {
-                Some(if v == BASE_V {
-                    sha_of(BASE_V)
-                } else {
-                    sha_of(CAND_V)
-                })
-            },
-            &s,
+            loaded,
+            |_| false,
+            s,
         );
         let mut delivered = handed.delivered;
-        let mut shadow: Vec<AlertChange> = handed.shadow.into_iter().map(|(_, c)| c).collect();
+        for c in &handed.shadow {
+            assert_eq!(c.model, MODEL);
+            assert_eq!(c.policy_sha256, sha_of(&c.version));
+        }
+        let mut shadow: Vec<AlertChange> = handed.shadow.into_iter().map(|c| c.change).collect();
         let set = self.set(running.deliver).clone();
-        delivered.extend(evaluate(&set, set.sha256(), &mut self.state, &s));
+        delivered.extend(evaluate(&set, set.sha256(), &mut self.state, s));
         for v in &running.shadows {
             let set = self.set(v).clone();
             shadow.extend(evaluate_engine(
                 &set,
                 set.sha256(),
-                shadow_mut(&mut self.state, v),
-                &s,
+                self.base.plausibility().resolve_after,
+                shadow_mut(&mut self.state, MODEL, v, sha_of(v)),
+                s,
             ));
         }
         (delivered, shadow)
     }
 }
 
+const MODEL: &str = "rules";
 const BASE_V: &str = "2025-06-01.1";
 const CAND_V: &str = "2025-07-01.1";
 
@@ -336,7 +349,9 @@ fn a_stored_state_from_before_loads() {
     let back: DeviceAlertState = serde_json::from_str(&json).expect("loads");
     assert_eq!(back, d.state);
     assert_eq!(back.shadows.len(), 1);
-    let _: &EngineState = &back.shadows[CAND_V];
+    let _: &EngineState = &back.shadows[CAND_V].engine;
+    assert_eq!(back.shadows[CAND_V].model, MODEL);
+    assert_eq!(back.shadows[CAND_V].policy_sha256, sha_of(CAND_V));
 }
 
 /// Candidates gone (a restart without them): a canary's open alert is resolved at the
@@ -352,8 +367,9 @@ fn without_candidates_the_base_takes_over() {
     let b = base();
     let s = sample(100, 25, 92.0);
     let out = single(&mut d.state, (b.version(), b.sha256()), &s);
+    assert!(out.shadow.is_empty(), "the base in shadow had no episode");
     assert_eq!(
-        seen(&out),
+        seen(&out.delivered),
         [(
             "spo2-low".into(),
             "resolved",
@@ -362,5 +378,160 @@ fn without_candidates_the_base_takes_over() {
         )]
     );
     assert!(d.state.engine_version.is_none() && d.state.shadows.is_empty());
-    assert!(single(&mut d.state, (b.version(), b.sha256()), &s).is_empty());
+    let again = single(&mut d.state, (b.version(), b.sha256()), &s);
+    assert!(again.delivered.is_empty() && again.shadow.is_empty());
+}
+
+/// `(rule, state, reason)` of every change, operational ones as `ops/...`.
+fn all_seen(changes: &[AlertChange]) -> Vec<(String, &'static str)> {
+    changes
+        .iter()
+        .map(|c| match c {
+            AlertChange::Clinical(a) => (a.rule.clone(), a.state.as_str()),
+            AlertChange::Operational(a) => {
+                (format!("ops/{}", a.alert_type.as_str()), a.state.as_str())
+            }
+        })
+        .collect()
+}
+
+/// A restart without candidates: the would-be episode of the version that ran in
+/// shadow is closed (a `resolved` shadow change under the name and digest kept with
+/// its state, no file needed), so it never stays open for ever.
+#[test]
+fn without_candidates_the_shadow_episodes_are_closed() {
+    let mut d = Device::new();
+    for t in (0..=60).step_by(5) {
+        d.feed(&live_with_shadow(), t, 92.0);
+    }
+    let open_id = d.state.shadows[CAND_V].rules["spo2-low"]
+        .episode
+        .as_ref()
+        .map(|e| e.alert_id.clone())
+        .expect("the candidate's would-be episode is open");
+    let b = base();
+    let out = single(
+        &mut d.state,
+        (b.version(), b.sha256()),
+        &sample(100, 65, 92.0),
+    );
+    assert!(out.delivered.is_empty(), "the base delivered and goes on");
+    assert_eq!(out.shadow.len(), 1, "{:?}", out.shadow);
+    let c = &out.shadow[0];
+    assert_eq!(
+        (
+            c.model.as_str(),
+            c.version.as_str(),
+            c.policy_sha256.as_str()
+        ),
+        (MODEL, CAND_V, sha_of(CAND_V))
+    );
+    assert_eq!(c.change.alert_id(), open_id);
+    assert_eq!(
+        seen(std::slice::from_ref(&c.change)),
+        [(
+            "spo2-low".into(),
+            "resolved",
+            Some("rollout_changed"),
+            sha_of(CAND_V).to_owned()
+        )]
+    );
+    assert!(d.state.engine_version.is_none() && d.state.shadows.is_empty());
+}
+
+/// A shadow version whose file is no longer loaded (and loses its role): its would-be
+/// episode is closed under the digest kept with its state.
+#[test]
+fn a_shadow_no_longer_loaded_is_closed_with_its_own_digest() {
+    let mut d = Device::new();
+    for t in (0..=60).step_by(5) {
+        d.feed(&live_with_shadow(), t, 92.0);
+    }
+    let alone = Running {
+        deliver: BASE_V,
+        deliver_sha256: sha_of(BASE_V),
+        role: ModelRole::Live,
+        shadows: vec![],
+    };
+    d.seq += 1;
+    let s = sample(d.seq, 65, 92.0);
+    let (delivered, shadow) = d.feed_sample(&alone, &s, |v| (v == BASE_V).then(|| sha_of(BASE_V)));
+    assert!(delivered.is_empty());
+    assert_eq!(
+        seen(&shadow),
+        [(
+            "spo2-low".into(),
+            "resolved",
+            Some("rollout_changed"),
+            sha_of(CAND_V).to_owned()
+        )]
+    );
+    assert!(d.state.shadows.is_empty());
+}
+
+/// The operational would-be episodes of a shadow (signal quality, sensor fault) are
+/// closed like its clinical ones: when it starts delivering (it takes over the
+/// deliverer's own instead) and when it loses every role.
+#[test]
+fn a_shadows_operational_episodes_are_closed_too() {
+    let mut d = Device::new();
+    // Low signal quality: both versions open a signal-quality episode.
+    for t in 0..15 {
+        d.seq += 1;
+        let mut s = sample(d.seq, t, 97.0);
+        s.q = Some(0.1);
+        d.feed_sample(&live_with_shadow(), &s, |v| Some(sha_of(v)));
+    }
+    assert!(d.state.engine.quality.open.is_some());
+    let shadow_quality = d.state.shadows[CAND_V]
+        .quality
+        .open
+        .as_ref()
+        .map(|o| o.alert_id.clone())
+        .expect("the shadow's own signal-quality episode");
+    let delivered_quality = d.state.engine.quality.open.clone();
+    // Canary: the candidate's would-be quality episode ends, the delivered one passes
+    // on as it is.
+    d.seq += 1;
+    let mut s = sample(d.seq, 15, 97.0);
+    s.q = Some(0.1);
+    let (_, shadow) = d.feed_sample(&canary(), &s, |v| Some(sha_of(v)));
+    // (The base, now in shadow with the quality ring but no episode, opens its own.)
+    assert_eq!(
+        all_seen(&shadow[..1]),
+        [("ops/signal_quality".to_owned(), "resolved")]
+    );
+    assert_eq!(shadow[0].alert_id(), shadow_quality);
+    assert!(shadow[1..].iter().all(|c| c.alert_id() != shadow_quality));
+    assert_eq!(d.state.engine.quality.open, delivered_quality);
+
+    // Back to live with the candidate in shadow; an implausible reading opens a
+    // sensor fault in both; then the candidate loses every role.
+    d.feed(&live_with_shadow(), 16, 97.0);
+    d.seq += 1;
+    let mut s = sample(d.seq, 17, 97.0);
+    s.implausible = vec!["spo2".into()];
+    d.feed_sample(&live_with_shadow(), &s, |v| Some(sha_of(v)));
+    assert!(d.state.shadows[CAND_V].sensor.open.is_some());
+    assert!(d.state.engine.sensor.open.is_some());
+    let alone = Running {
+        deliver: BASE_V,
+        deliver_sha256: sha_of(BASE_V),
+        role: ModelRole::Live,
+        shadows: vec![],
+    };
+    let (_, shadow) = d.feed(&alone, 18, 97.0);
+    let ops: Vec<_> = all_seen(&shadow)
+        .into_iter()
+        .filter(|(r, _)| r.starts_with("ops/"))
+        .collect();
+    assert!(
+        ops.contains(&("ops/sensor_fault".to_owned(), "resolved")),
+        "{ops:?}"
+    );
+    assert!(d.state.shadows.is_empty());
+    assert!(
+        d.state.engine.sensor.open.is_some(),
+        "the delivered one goes on"
+    );
 }
