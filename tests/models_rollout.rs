@@ -618,65 +618,206 @@ fn a_candidate_rule_set_in_shadow_canary_and_rollback() {
             .filter(|r| r["body"]["site"] == "site-01")
             .all(|r| r["body"]["policy_sha256"] == base_sha.as_str())
     );
-    // Compare over the store: the counts it holds (read after, so at most those).
-    let ran = vitalmq_ok(
-        bin,
-        &[
-            "models",
-            "compare",
-            "--config",
-            bridge.config.to_str().expect("utf-8"),
-            "--model",
-            "rules",
-            "--from",
-            RULES_LIVE,
-            "--to",
-            RULES_CAND,
-            "--json",
-        ],
-    );
-    let report: Json = serde_json::from_str(ran.stdout.trim()).expect("compare json");
-    let shadow_rows = rig.rows("shadow-alerts");
-    // Every clinical rule alert (spo2-falling joins spo2-low on a desaturation).
-    let all: Vec<Json> = rig
-        .rows("alerts")
-        .into_iter()
-        .filter_map(|r| serde_json::from_str::<Json>(r["body"].as_str()?).ok())
-        .filter(|b| b["kind"] == "clinical")
-        .map(|body| serde_json::json!({ "body": body }))
-        .collect();
-    let rows = |v: &str, role: &str| report["rows"][v][role].as_u64().unwrap_or(0);
-    let stored_shadow = shadow_rows
-        .iter()
-        .filter(|r| r["version"] == RULES_CAND)
-        .filter(|r| !r["rule"].as_str().unwrap_or("ops/").starts_with("ops/"))
-        .count() as u64;
-    let stored = |sha: &str| {
-        all.iter()
-            .filter(|r| r["body"]["policy_sha256"] == sha)
-            .count() as u64
+    // Compare over the store: exact counts, read from the same store compare read.
+    let compare = |config: &std::path::Path| -> Json {
+        let ran = vitalmq_ok(
+            bin,
+            &[
+                "models",
+                "compare",
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--model",
+                "rules",
+                "--from",
+                RULES_LIVE,
+                "--to",
+                RULES_CAND,
+                "--json",
+            ],
+        );
+        assert!(!ran.stdout.contains("pt-"), "no patient reference printed");
+        serde_json::from_str(ran.stdout.trim()).expect("compare json")
     };
-    assert!(
-        rows(RULES_CAND, "shadow") >= 2 && rows(RULES_CAND, "shadow") <= stored_shadow,
+    // The store as compare saw it: a snapshot before and after agree (the sim has
+    // stopped; a resend still landing makes the loop read again).
+    let snapshot = || (rig.rows("alerts"), rig.rows("shadow-alerts"));
+    let (report, alert_rows, shadow_rows) =
+        wait_for("a compare over a quiet store", within, || {
+            let before = snapshot();
+            let report = compare(&bridge.config);
+            let after = snapshot();
+            (before == after).then_some((report, after.0, after.1))
+        });
+    // Clinical rule alerts as compare selects them.
+    let bodies: Vec<(Json, String)> = alert_rows
+        .iter()
+        .filter_map(|r| {
+            Some((
+                serde_json::from_str::<Json>(r["body"].as_str()?).ok()?,
+                r["state"].as_str()?.to_owned(),
+            ))
+        })
+        .filter(|(b, _)| {
+            b["kind"] == "clinical"
+                && b["alarm"].is_null()
+                && b["source"].as_str().is_none_or(|s| s == "rule")
+                && b["rule"]
+                    .as_str()
+                    .is_some_and(|r| !r.is_empty() && !r.starts_with("news2") && r != "no-data")
+        })
+        .collect();
+    let digest = |v: &str| {
+        if v == RULES_LIVE {
+            base_sha.clone()
+        } else {
+            cand_sha.clone()
+        }
+    };
+    let delivered = |v: &str| {
+        let sha = digest(v);
+        bodies
+            .iter()
+            .filter(move |(b, _)| b["policy_sha256"] == sha.as_str())
+    };
+    let shadowed = |v: &str| {
+        let v = v.to_owned();
+        shadow_rows.iter().filter(move |r| {
+            r["version"] == v.as_str() && !r["rule"].as_str().unwrap_or("ops/").starts_with("ops/")
+        })
+    };
+    let n = |j: &Json| j.as_u64().unwrap_or(0);
+    for v in [RULES_LIVE, RULES_CAND] {
+        assert_eq!(
+            n(&report["rows"][v]["delivered"]),
+            delivered(v).count() as u64,
+            "{v} {report}"
+        );
+        assert_eq!(
+            n(&report["rows"][v]["shadow"]),
+            shadowed(v).count() as u64,
+            "{v} {report}"
+        );
+        assert_eq!(
+            n(&report["opens"][v]["delivered"]["spo2-low"]),
+            delivered(v)
+                .filter(|(b, s)| s == "open" && b["rule"] == "spo2-low")
+                .count() as u64,
+            "{v} {report}"
+        );
+        assert_eq!(
+            n(&report["opens"][v]["shadow"]["spo2-low"]),
+            shadowed(v)
+                .filter(|r| r["state"] == "open" && r["rule"] == "spo2-low")
+                .count() as u64,
+            "{v} {report}"
+        );
+        // Episodes: the alert ids with an open change, delivered and shadow.
+        let ids: std::collections::BTreeSet<String> = delivered(v)
+            .filter(|(_, s)| s == "open")
+            .filter_map(|(b, _)| b["alert_id"].as_str().map(str::to_owned))
+            .chain(
+                shadowed(v)
+                    .filter(|r| r["state"] == "open")
+                    .filter_map(|r| r["alert_id"].as_str().map(str::to_owned)),
+            )
+            .collect();
+        assert_eq!(
+            n(&report["episodes"]["per_version"][v]),
+            ids.len() as u64,
+            "{v} {report}"
+        );
+    }
+    let e = &report["episodes"];
+    let (paired, only_from, only_to) = (n(&e["paired"]), n(&e["only_from"]), n(&e["only_to"]));
+    assert_eq!(
+        n(&e["per_version"][RULES_LIVE]),
+        paired + only_from,
         "{report}"
     );
-    assert!(
-        rows(RULES_CAND, "delivered") >= 2 && rows(RULES_CAND, "delivered") <= stored(&cand_sha),
+    assert_eq!(
+        n(&e["per_version"][RULES_CAND]),
+        paired + only_to,
         "{report}"
     );
-    assert!(
-        rows(RULES_LIVE, "delivered") >= 2 && rows(RULES_LIVE, "delivered") <= stored(&base_sha),
+    assert_eq!(
+        e["agreement_pct"].as_f64(),
+        Some(100.0 * paired as f64 / (paired + only_from + only_to) as f64),
         "{report}"
     );
-    let opens = |v: &str, role: &str| report["opens"][v][role]["spo2-low"].as_u64().unwrap_or(0);
-    assert!(opens(RULES_CAND, "shadow") >= 2, "{report}");
-    assert!(opens(RULES_CAND, "delivered") >= 1, "{report}");
-    assert!(opens(RULES_LIVE, "delivered") >= 2, "{report}");
-    assert!(report["episodes"]["paired"].as_u64() >= Some(1), "{report}");
-    // The stricter candidate opens before the base in some pair.
-    assert!(
-        report["episodes"]["open_diff_min_s"].as_f64() <= Some(0.0),
+    assert_eq!(
+        e["partial"], 0,
+        "every episode opened in the store: {report}"
+    );
+    // The rollout in force (shadow everywhere) gives both versions a role on every
+    // device: nothing outside the scope, and the scope names that models file.
+    assert_eq!(
+        e["outside_scope"],
+        serde_json::json!({RULES_LIVE: 0, RULES_CAND: 0}),
         "{report}"
     );
-    assert!(!ran.stdout.contains("pt-"), "no patient reference printed");
+    assert_eq!(
+        report["scope_models_sha256"],
+        sha256_hex(shadow.as_bytes()).as_str()
+    );
+    assert!(
+        report["scope"]
+            .as_str()
+            .is_some_and(|s| s.contains("not reconstructed"))
+    );
+    assert!(paired >= 1, "{report}");
+    assert!(e["open_diff_min_s"].as_f64() <= Some(0.0), "{report}");
+
+    // Judged by the canary rollout instead (a config naming a copy of the canary
+    // models file; the running bridge is not touched): dev-00001 (site-01) runs the
+    // base alone there, so its episodes of both versions are outside the scope.
+    let canary_models = dir.join("models-canary.toml");
+    std::fs::write(&canary_models, &canary).expect("write");
+    let canary_config = dir.join("bridge-canary.toml");
+    let text = std::fs::read_to_string(&bridge.config).expect("config");
+    assert!(text.contains("file = \"models.toml\""));
+    std::fs::write(
+        &canary_config,
+        text.replace("file = \"models.toml\"", "file = \"models-canary.toml\""),
+    )
+    .expect("write");
+    let scoped = compare(&canary_config);
+    let outside = |v: &str, dev: &str| {
+        let ids: std::collections::BTreeSet<String> = delivered(v)
+            .filter(|(b, s)| s == "open" && b["device"] == dev)
+            .filter_map(|(b, _)| b["alert_id"].as_str().map(str::to_owned))
+            .chain(
+                shadowed(v)
+                    .filter(|r| r["state"] == "open" && r["device"] == dev)
+                    .filter_map(|r| r["alert_id"].as_str().map(str::to_owned)),
+            )
+            .collect();
+        ids.len() as u64
+    };
+    let s = &scoped["episodes"];
+    assert_eq!(
+        n(&s["outside_scope"][RULES_LIVE]),
+        outside(RULES_LIVE, "dev-00001"),
+        "{scoped}"
+    );
+    assert_eq!(
+        n(&s["outside_scope"][RULES_CAND]),
+        outside(RULES_CAND, "dev-00001"),
+        "{scoped}"
+    );
+    assert!(n(&s["outside_scope"][RULES_LIVE]) >= 1, "{scoped}");
+    assert_eq!(
+        n(&s["per_version"][RULES_LIVE]),
+        n(&e["per_version"][RULES_LIVE]) - outside(RULES_LIVE, "dev-00001"),
+        "{scoped}"
+    );
+    assert_eq!(
+        n(&s["per_version"][RULES_CAND]),
+        n(&e["per_version"][RULES_CAND]) - outside(RULES_CAND, "dev-00001"),
+        "{scoped}"
+    );
+    assert_eq!(
+        scoped["scope_models_sha256"],
+        sha256_hex(canary.as_bytes()).as_str()
+    );
 }
