@@ -9,16 +9,18 @@
 --
 -- What it does, each time it runs:
 -- 1. fingerprints every week of the data set from the Parquet files of events, alerts,
---    gaps and refusals in the week's partitions (name, size, modification time, and
---    the row counts of the Parquet footers: no data is read), CHAINED: a week's
+--    gaps and refusals in the week's partitions (name, size, modification time to the
+--    second, and the row counts of the Parquet footers: no data is read) and of the
+--    definitions the rows come from, CHAINED: a week's
 --    fingerprint covers every earlier week too, because the dropped-message counters
 --    of a week carry into the next (a late, redelivered, rewritten or deleted earlier
 --    week changes every later fingerprint);
--- 2. computes every week whose fingerprint the rollup does not hold from the raw
---    tables (the weeks before it, which it holds, seed the counters) and writes it in a
+-- 2. computes every week from the first whose fingerprint the rollup does not hold
+--    from the raw tables (the weeks before it seed the counters) and writes it in a
 --    directory of this run: `<root>/rollup_device_weeks/week=W/fp=F/run=R/` and
 --    `<root>/rollup_dropped_carry/week=W/fp=F/run=R/` (the counter each boot of a device
---    reached in the week), then, last, the run's marker `<root>/rollup_runs/run=R/`.
+--    reached in the week), then, last, the run's marker `<root>/rollup_runs/run=R/`,
+--    written only when every file of the run reads back whole.
 --    Files of a run without a marker (interrupted) are never read; a run never writes
 --    into a directory that another run wrote;
 -- 3. points this session's `device_weeks` at the rollup's files of every week (those of
@@ -42,19 +44,27 @@ WITH files AS (
                     getvariable('surveillance_root') || '/gaps/*/*.parquet',
                     getvariable('surveillance_root') || '/refusals/*/*.parquet'])
 ), counts AS (
-    SELECT week, count(*) AS n FROM events GROUP BY week
-    UNION ALL SELECT week, count(*) FROM alerts GROUP BY week
-    UNION ALL SELECT week, count(*) FROM gaps GROUP BY week
-    UNION ALL SELECT week, count(*) FROM refusals GROUP BY week
+    SELECT week, 'events' AS t, count(*) AS n FROM events GROUP BY week
+    UNION ALL SELECT week, 'alerts', count(*) FROM alerts GROUP BY week
+    UNION ALL SELECT week, 'gaps', count(*) FROM gaps GROUP BY week
+    UNION ALL SELECT week, 'refusals', count(*) FROM refusals GROUP BY week
 ), weeks AS (
     SELECT week, md5(string_agg(part, ',' ORDER BY part)) AS own
-    FROM files
+    FROM (SELECT week, part FROM files
+          UNION ALL
+          SELECT week, t || ':' || n FROM counts)
     WHERE week IN (SELECT week FROM counts GROUP BY week HAVING sum(n) > 0)
     GROUP BY week
+), definitions AS (
+    -- The definitions the rollup's rows come from: another version of them (a newer
+    -- checkout on the same data set) makes every week's fingerprint another.
+    SELECT md5('vitalmq-rollup/v1;' || string_agg(sql, ';' ORDER BY view_name)) AS digest
+    FROM duckdb_views()
+    WHERE view_name IN ('device_weeks_raw', 'dropped_increases')
 )
 SELECT week,
-       md5(string_agg(own, ',') OVER (ORDER BY week
-           ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) AS fp
+       md5((SELECT digest FROM definitions) || ',' || string_agg(own, ',') OVER (
+           ORDER BY week ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) AS fp
 FROM weeks;
 
 -- This run's id: the time, then random (later runs sort later).
@@ -78,14 +88,24 @@ SELECT file, k.t AS t, k.week AS week, k.fp AS fp, k.run AS run,
 FROM data
 WHERE k.run IN (SELECT run FROM done);
 
--- The weeks whose current fingerprint the rollup holds (both tables), and the files
--- to read for them.
+-- The weeks the rollup holds under their current fingerprint (both tables), up to the
+-- first week it does not hold: a later week's counters must never seed an earlier one.
+CREATE OR REPLACE MACRO rollup_held() AS TABLE
+WITH stored AS (
+    SELECT week, fp FROM rollup_complete() WHERE newest
+    GROUP BY week, fp HAVING count(DISTINCT t) = 2
+), judged AS (
+    SELECT s.week, s.fp, st.week IS NOT NULL AS stored
+    FROM rollup_source s LEFT JOIN stored st USING (week, fp)
+)
+SELECT week, fp FROM judged
+WHERE stored AND week < coalesce((SELECT min(week) FROM judged WHERE NOT stored), '9999');
+
+-- The files to read for the held weeks.
 CREATE OR REPLACE MACRO rollup_files(table_name) AS TABLE
 SELECT c.file
-FROM rollup_complete() c JOIN rollup_source s USING (week, fp)
-WHERE c.newest AND c.t = table_name
-  AND (c.week, c.fp) IN (SELECT (week, fp) FROM rollup_complete() WHERE newest
-                         GROUP BY week, fp HAVING count(DISTINCT t) = 2);
+FROM rollup_complete() c JOIN rollup_held() h USING (week, fp)
+WHERE c.newest AND c.t = table_name;
 
 -- The rollup's rows from an explicit list of files (never a glob: an interrupted
 -- run's files are not in it), without the marker rows; none when the list is empty.
@@ -111,11 +131,8 @@ SELECT * FROM query(CASE WHEN len(getvariable('rolled_dropped_carry')) > 0
     ELSE 'SELECT NULL::VARCHAR AS device, NULL::BIGINT AS epoch,
                  NULL::BIGINT AS dropped WHERE false' END);
 
-SET VARIABLE rolled_weeks = (SELECT coalesce(list(DISTINCT week), []::VARCHAR[])
-                             FROM rollup_source
-                             WHERE (week, fp) IN (
-                                 SELECT (week, fp) FROM rollup_complete() WHERE newest
-                                 GROUP BY week, fp HAVING count(DISTINCT t) = 2));
+SET VARIABLE rolled_weeks = (SELECT coalesce(list(week), []::VARCHAR[])
+                             FROM rollup_held());
 SET VARIABLE rolled_device_weeks = (SELECT coalesce(list(file), []::VARCHAR[])
                                     FROM rollup_files('device_weeks'));
 SET VARIABLE rolled_dropped_carry = (SELECT coalesce(list(file), []::VARCHAR[])
@@ -151,23 +168,38 @@ COPY (
 TO (getvariable('surveillance_root') || '/rollup_dropped_carry')
    (FORMAT parquet, PARTITION_BY (week, fp, run), OVERWRITE_OR_IGNORE);
 
-COPY (SELECT getvariable('rollup_run') AS run, count(*) AS weeks FROM rollup_source
-      WHERE NOT list_contains(getvariable('rolled_weeks'), week))
+-- The marker, only once every file of the run reads back whole (a torn file makes
+-- this statement fail, and the run stays incomplete); none when nothing was written.
+SET VARIABLE rollup_written = (SELECT count(*) FROM rollup_source
+                               WHERE NOT list_contains(getvariable('rolled_weeks'), week));
+COPY (
+    SELECT getvariable('rollup_run') AS run, count(DISTINCT filename) AS files,
+           CASE WHEN count(DISTINCT filename) <> 2 * getvariable('rollup_written')
+                THEN error('rollup run ' || getvariable('rollup_run')
+                           || ': not every file was written')
+           END AS checked
+    FROM query(CASE WHEN getvariable('rollup_written') > 0
+        THEN 'SELECT filename FROM read_parquet(
+                  getvariable(''surveillance_root'') || ''/rollup_*/week=*/fp=*/run=''
+                      || getvariable(''rollup_run'') || ''/*.parquet'', filename = true)'
+        ELSE 'SELECT NULL::VARCHAR AS filename WHERE false' END)
+    HAVING getvariable('rollup_written') > 0
+)
 TO (getvariable('surveillance_root') || '/rollup_runs')
    (FORMAT parquet, PARTITION_BY (run), OVERWRITE_OR_IGNORE);
 
 -- 3. Every week is held now: read them all from the rollup.
-SET VARIABLE rolled_weeks = (SELECT coalesce(list(DISTINCT week), []::VARCHAR[])
-                             FROM rollup_source
-                             WHERE (week, fp) IN (
-                                 SELECT (week, fp) FROM rollup_complete() WHERE newest
-                                 GROUP BY week, fp HAVING count(DISTINCT t) = 2));
+SET VARIABLE rolled_weeks = (SELECT coalesce(list(week), []::VARCHAR[])
+                             FROM rollup_held());
 SET VARIABLE rolled_device_weeks = (SELECT coalesce(list(file), []::VARCHAR[])
                                     FROM rollup_files('device_weeks'));
 SET VARIABLE rolled_dropped_carry = (SELECT coalesce(list(file), []::VARCHAR[])
                                      FROM rollup_files('dropped_carry'));
 
--- The run directories no longer read (delete them when convenient).
+-- The run directories no longer read by this session: older fingerprints, runs
+-- without a marker, weeks deleted from the data set. Delete them only while no other
+-- session uses the rollup (another session may still read an older fingerprint, and
+-- a run in progress has no marker yet).
 CREATE OR REPLACE VIEW rollup_obsolete AS
 SELECT DISTINCT regexp_extract(file, '^(.*/run=[^/]+)/[^/]+$', 1) AS dir
 FROM glob(getvariable('surveillance_root') || '/rollup_*/week=*/fp=*/run=*/*.parquet')
