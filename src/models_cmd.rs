@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use serde_json::{Map, Value as Json, json};
 use vitalmq_bridge::BridgeConfig;
-use vitalmq_policies::{ModelRegistry, RuleSet, ScoreTable};
+use vitalmq_policies::{ModelRegistry, ScoreTable};
 
 use crate::operator_audit::{self, Action};
 
@@ -314,13 +314,13 @@ fn run_rules_compare(
     (from_sha256, to_sha256): (String, String),
     period: (Option<u64>, Option<u64>),
 ) -> anyhow::Result<ExitCode> {
-    // The scope: the rollout in force and the base rule set's cohorts.
+    // The scope: the versions the bridge loads, the rollout in force and the base rule
+    // set's cohorts.
     let (_, models) = load_config(&args.config)?;
-    let rules = config
-        .alerts
-        .as_ref()
-        .map(|a| RuleSet::load(&a.rules))
-        .transpose()?;
+    let (rules, loaded) = rules_compare::loaded_rule_sets(
+        config.alerts.as_ref().map(|a| a.rules.as_path()),
+        config.alerts.as_ref().map_or(&[][..], |a| &a.candidates),
+    )?;
     let key_file = config.encryption.as_ref().map(|e| e.key_file.as_path());
     let store = crate::bridge_cmd::open_existing_with(&config.data_dir, key_file)?;
     let action = Action::new(
@@ -344,6 +344,7 @@ fn run_rules_compare(
         let scope = rules_compare::Scope {
             models: &models,
             rules: rules.as_ref(),
+            loaded: &loaded,
             model: &args.model,
             versions: [&args.from, &args.to],
         };
@@ -351,6 +352,7 @@ fn run_rules_compare(
             scope.both_run(d, s)
         });
         report.scope_models_sha256 = models.sha256().to_owned();
+        report.loaded_versions = loaded.iter().cloned().collect();
         report.erased_rows = read.erased_rows;
         report.erased_shadow_rows = read.erased_shadow_rows;
         report.ops_rows = read.ops_rows;
@@ -359,6 +361,10 @@ fn run_rules_compare(
         done.insert("erased_rows".into(), read.erased_rows.into());
         done.insert("erased_shadow_rows".into(), read.erased_shadow_rows.into());
         done.insert("paired".into(), report.episodes.paired.into());
+        done.insert(
+            "loaded_versions".into(),
+            report.loaded_versions.clone().into(),
+        );
         done.insert(
             "outside_scope".into(),
             serde_json::to_value(&report.episodes.outside_scope)?,

@@ -817,6 +817,11 @@ fn a_candidate_rule_set_in_shadow_canary_and_rollback() {
         "{scoped}"
     );
     assert_eq!(
+        scoped["loaded_versions"],
+        serde_json::json!([RULES_LIVE, RULES_CAND]),
+        "{scoped}"
+    );
+    assert_eq!(
         scoped["scope_models_sha256"],
         sha256_hex(canary.as_bytes()).as_str()
     );

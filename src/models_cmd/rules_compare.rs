@@ -17,13 +17,17 @@
 //!   `resolved` (still open at the end of the period: open-ended). An episode whose
 //!   open is not in the period is not counted (`partial_episodes`). Times are the
 //!   changes' own (`raised_at` of the reading behind it).
-//! - **Scope**: only episodes of devices where BOTH versions have a role are compared
-//!   (under a canary, a device outside it runs the live version alone: counting its
-//!   episodes as `only_from` would make agreement measure the canary's reach). The
-//!   role is `ModelRegistry::role` of the models file in force (the one `--config`
-//!   names), as the bridge computes it: the site recorded with the episode's open
-//!   change and the device's cohorts in the base rule set (`[alerts] rules`). The
-//!   other devices' episodes are counted per version (`outside_scope`). A rollout
+//! - **Scope**: only episodes of devices where BOTH versions run are compared (under
+//!   a canary, a device outside it runs the live version alone: counting its episodes
+//!   as `only_from` would make agreement measure the canary's reach). A version runs
+//!   where the bridge loads it and the rollout gives it a role, as the bridge decides:
+//!   loaded means the `version` of the base rule set (`[alerts] rules`) or of one of
+//!   `[alerts] candidates` of the config `--config` names (`loaded_versions`; a version
+//!   with a role but no file never runs); the role is `ModelRegistry::role` of the
+//!   models file in force (the one that config names) with the site recorded with the
+//!   episode's open change and the device's cohorts in the base rule set. The other
+//!   episodes are counted per version (`outside_scope`; all of them when a compared
+//!   version is not loaded). A rollout
 //!   changed during the period is not reconstructed: the scope is judged by the
 //!   rollout in force now. `opens` and episodes are of the scope; `rows` are all
 //!   rows read.
@@ -37,7 +41,8 @@
 //! an erased patient are skipped and counted; a sealed row this process cannot open
 //! stops the comparison (read as absent it would count as disagreement).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -106,6 +111,9 @@ pub struct Report {
     pub scope: &'static str,
     /// SHA-256 of the models file whose rollout judged the scope.
     pub scope_models_sha256: String,
+    /// The rule set versions the bridge config loads (base and candidates), sorted: a
+    /// compared version not among them runs nowhere, so nothing is in the scope.
+    pub loaded_versions: Vec<String>,
     /// Rows read per version and role.
     pub rows: BTreeMap<String, BTreeMap<String, u64>>,
     /// `open` changes per version, per rule.
@@ -121,24 +129,54 @@ pub struct Report {
 }
 
 /// What the report says of its scope.
-pub const SCOPE: &str = "devices where both versions have a role under the rollout of \
-    the models file in force (site recorded with the episode, cohorts of the base rule \
-    set); a rollout changed during the period is not reconstructed";
+pub const SCOPE: &str = "devices where both versions are loaded by the bridge config \
+    ([alerts] rules or candidates) and have a role under the rollout of the models file in \
+    force (site recorded with the episode, cohorts of the base rule set); a rollout \
+    changed during the period is not reconstructed";
 
-/// Whether both versions of a rule set have a role for a device, under a rollout.
+/// The rule sets a bridge config loads, parsed as the bridge parses them: the base
+/// (`[alerts] rules`, also the source of the devices' cohorts) and the versions of it
+/// and of every `[alerts] candidates` file. A file that does not load is an error
+/// naming it (the bridge would not start with it either).
+pub fn loaded_rule_sets(
+    base: Option<&Path>,
+    candidates: &[PathBuf],
+) -> anyhow::Result<(Option<RuleSet>, BTreeSet<String>)> {
+    let load = |path: &Path, what: &str| {
+        RuleSet::load(path).with_context(|| format!("{}: {what} does not load", path.display()))
+    };
+    let base = base.map(|p| load(p, "[alerts] rules")).transpose()?;
+    let mut versions: BTreeSet<String> = base.iter().map(|r| r.version().to_owned()).collect();
+    for path in candidates {
+        versions.insert(
+            load(path, "an [alerts] candidates file")?
+                .version()
+                .to_owned(),
+        );
+    }
+    Ok((base, versions))
+}
+
+/// Whether both versions of a rule set run for a device: loaded by the bridge and
+/// given a role by the rollout.
 pub struct Scope<'a> {
     pub models: &'a ModelRegistry,
     /// The base rule set (`[alerts] rules`): the device's cohorts.
     pub rules: Option<&'a RuleSet>,
+    /// The rule set versions the bridge loads ([`loaded_rule_sets`]).
+    pub loaded: &'a BTreeSet<String>,
     pub model: &'a str,
     pub versions: [&'a str; 2],
 }
 
 impl Scope<'_> {
-    /// Both versions have a role for `device` at `site` (the bridge's
+    /// Both versions are loaded and have a role for `device` at `site` (the bridge's
     /// `ModelRegistry::role` with the base rule set's cohorts of the device). A device
     /// or site that is not a valid id cannot be judged: out of scope.
     pub fn both_run(&self, device: &str, site: &str) -> bool {
+        if !self.versions.iter().all(|v| self.loaded.contains(*v)) {
+            return false;
+        }
         let (Ok(device), Ok(site)) = (DeviceId::new(device), SiteId::new(site)) else {
             return false;
         };
@@ -289,6 +327,7 @@ pub fn compare(
         to_sha256: to_sha256.to_owned(),
         scope: SCOPE,
         scope_models_sha256: String::new(),
+        loaded_versions: Vec::new(),
         rows,
         opens,
         episodes: ep,
@@ -432,9 +471,10 @@ pub fn text(r: &Report) -> String {
         .iter()
         .map(|(v, n)| format!("{v} {n}"))
         .collect();
+    let _ = writeln!(s, "loaded by the bridge: {}", r.loaded_versions.join(", "));
     let _ = writeln!(
         s,
-        "not compared (a version has no role for the device): episodes {}",
+        "not compared (a version is not loaded or has no role for the device): episodes {}",
         outside.join(", ")
     );
     if r.erased_rows + r.erased_shadow_rows > 0 {
@@ -614,9 +654,11 @@ mod tests {
         let rules = base_rules();
         let canary =
             models(r#"canary = [{ version = "v2", sites = ["site-02"], cohorts = ["copd"] }]"#);
+        let both = BTreeSet::from(["v1".to_owned(), "v2".to_owned()]);
         let scope = Scope {
             models: &canary,
             rules: Some(&rules),
+            loaded: &both,
             model: "rules",
             versions: ["v1", "v2"],
         };
@@ -723,6 +765,67 @@ mod tests {
         );
         assert_eq!((e.paired, e.only_from, e.only_to), (3, 2, 0));
         assert_eq!(e.agreement_pct, Some(60.0));
+
+        // The same rollout, but the config loads v1 alone (no candidate file for v2):
+        // v2 runs nowhere, so every episode is outside the scope, none `only_from`.
+        let v1_only = BTreeSet::from(["v1".to_owned()]);
+        let unloaded = Scope {
+            loaded: &v1_only,
+            ..everywhere
+        };
+        assert!(!unloaded.both_run("dev-00001", "site-01"));
+        let r = compare("rules", ("v1", SHA1), ("v2", SHA2), &changes, |d, s| {
+            unloaded.both_run(d, s)
+        });
+        let e = &r.episodes;
+        assert_eq!(
+            e.outside_scope,
+            BTreeMap::from([("v1".to_owned(), 5), ("v2".to_owned(), 3)])
+        );
+        assert_eq!((e.per_version["v1"], e.per_version["v2"]), (0, 0));
+        assert_eq!((e.paired, e.only_from, e.only_to), (0, 0, 0));
+        assert_eq!(e.agreement_pct, None);
+        assert!(r.opens["v1"].delivered.is_empty() && r.opens["v2"].shadow.is_empty());
+    }
+
+    /// The versions loaded are those of the base and candidate files, parsed as the
+    /// bridge parses them; a candidate that does not parse is an error naming it.
+    #[test]
+    fn loaded_versions_are_the_base_and_candidate_files_versions() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let base =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/examples/rules.toml");
+        let text = std::fs::read_to_string(&base).expect("rules");
+        assert!(text.contains("\nversion = \"2025-06-01.1\"\n"));
+        let cand = tmp.path().join("cand.toml");
+        std::fs::write(
+            &cand,
+            text.replacen(
+                "\nversion = \"2025-06-01.1\"\n",
+                "\nversion = \"2026-01-01.1\"\n",
+                1,
+            ),
+        )
+        .expect("write");
+        let (rules, loaded) =
+            loaded_rule_sets(Some(&base), std::slice::from_ref(&cand)).expect("loaded");
+        assert_eq!(
+            rules.map(|r| r.version().to_owned()).as_deref(),
+            Some("2025-06-01.1")
+        );
+        assert_eq!(
+            loaded,
+            BTreeSet::from(["2025-06-01.1".to_owned(), "2026-01-01.1".to_owned()])
+        );
+        let (none, empty) = loaded_rule_sets(None, &[]).expect("no alerts");
+        assert!(none.is_none() && empty.is_empty());
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, "format = \"vitalmq-rules/v1\"\nversion = 3\n").expect("write");
+        let err = loaded_rule_sets(Some(&base), &[cand, bad.clone()]).expect_err("bad");
+        assert!(
+            format!("{err:#}").contains(&bad.display().to_string()),
+            "{err:#}"
+        );
     }
 
     fn delivered(id: &str, state: &str, sha: &str, patient: &str, at: u64) -> NewAlert {
