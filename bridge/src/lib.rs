@@ -12,6 +12,7 @@ mod certwatch;
 pub mod classify;
 mod config;
 mod delivery;
+mod derived_id;
 mod drain;
 mod gaps;
 pub mod governance;

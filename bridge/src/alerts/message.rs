@@ -30,7 +30,6 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
-use sha2::{Digest as _, Sha256};
 use vitalmq_envelope::DeviceId;
 use vitalmq_policies::{Severity, SiteId};
 
@@ -40,14 +39,11 @@ use crate::normalize::rfc3339_ms;
 /// SHA-256("vitalmq/alert/v1" 0x00 device 0x00 rule 0x00 opening event id). Re-evaluating
 /// the same events (after a failed commit, or a restart) gives the same ids.
 pub fn alert_id(device: &DeviceId, rule: &str, opening_event: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(b"vitalmq/alert/v1\0");
-    h.update(device.as_str().as_bytes());
-    h.update([0]);
-    h.update(rule.as_bytes());
-    h.update([0]);
-    h.update(opening_event.as_bytes());
-    format!("al-{}", hex::encode(&h.finalize()[..16]))
+    crate::derived_id::derived_id(
+        "al",
+        "vitalmq/alert/v1",
+        &[device.as_str(), rule, opening_event],
+    )
 }
 
 /// Where an episode is.

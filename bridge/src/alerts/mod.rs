@@ -77,6 +77,8 @@ use vitalmq_policies::{DeviceEntry, SiteId};
 use crate::plausible::Assessment;
 
 pub(crate) use engine::{evaluate, evaluate_engine};
+#[cfg(test)]
+pub(crate) use message::alert_id;
 pub(crate) use message::{AlertChange, DeliveredBy};
 pub(crate) use state::DeviceAlertState;
 

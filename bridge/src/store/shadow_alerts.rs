@@ -5,7 +5,6 @@
 //! (context `shadow-alert|<change_id>`), erased, retained and exported like them.
 
 use rusqlite::params;
-use sha2::{Digest as _, Sha256};
 
 use super::write::{Commit, Stored};
 use super::{Payload, Store, StoreError, i2u, u2i};
@@ -45,14 +44,11 @@ pub struct NewShadowAlert {
 
 /// The deterministic id of a shadow alert change (see [`NewShadowAlert::change_id`]).
 pub fn shadow_change_id(version: &str, alert_id: &str, state: &str, event_id: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(b"vitalmq/shadow-alert/v1\0");
-    for part in [version, alert_id, state] {
-        h.update(part.as_bytes());
-        h.update([0]);
-    }
-    h.update(event_id.as_bytes());
-    format!("sa-{}", hex::encode(&h.finalize()[..16]))
+    crate::derived_id::derived_id(
+        "sa",
+        "vitalmq/shadow-alert/v1",
+        &[version, alert_id, state, event_id],
+    )
 }
 
 /// The shadow alerts of `c`, inside the caller's transaction, as sealed
