@@ -19,7 +19,7 @@ use crate::alerts::book::Outgoing;
 use crate::alerts::evaluated::Evaluated;
 use crate::alerts::presence::Presence;
 use crate::alerts::status::StatusKeys;
-use crate::alerts::{self, AlertChange, DeviceAlertState, Sample};
+use crate::alerts::{AlertChange, DeviceAlertState, Sample};
 use crate::attribute::attribute;
 use crate::gaps::{Gap, OpenGaps};
 use crate::normalize::Receipt;
@@ -677,47 +677,15 @@ impl Sequencer {
                                     let sample =
                                         Sample::from_telemetry(event_id.clone(), &verified, entry)
                                             .assessed(&assessment);
-                                    let changes = match &versions {
-                                        None => {
-                                            // A state from a run with candidates is
-                                            // handed back to the base first.
-                                            let mut c = Vec::new();
-                                            if self.candidates.sets.is_empty() {
-                                                let handed = alerts::versions::single(
-                                                    state,
-                                                    (rules.version(), rules.sha256()),
-                                                    &sample,
-                                                );
-                                                commit.shadow_alerts.extend(
-                                                    handed.shadow.iter().map(|s| {
-                                                        rulesets::shadow_row(
-                                                            &s.change,
-                                                            &s.model,
-                                                            &s.version,
-                                                            &s.policy_sha256,
-                                                            &sample,
-                                                            now_ms,
-                                                        )
-                                                    }),
-                                                );
-                                                c = handed.delivered;
-                                            }
-                                            c.extend(alerts::evaluate(
-                                                rules,
-                                                rules.sha256(),
-                                                state,
-                                                &sample,
-                                            ));
-                                            c
-                                        }
-                                        Some(v) => v.evaluate(
-                                            state,
-                                            &sample,
-                                            &rules.cohorts_of(&device),
-                                            now_ms,
-                                            &mut commit.shadow_alerts,
-                                        ),
-                                    };
+                                    let changes = rulesets::evaluate(
+                                        versions.as_ref(),
+                                        rules,
+                                        &self.candidates,
+                                        state,
+                                        &sample,
+                                        now_ms,
+                                        &mut commit.shadow_alerts,
+                                    );
                                     out.extend(changes.iter().map(outgoing));
                                     // A reading of no patient scores nothing, and
                                     // must not stage a state keyed "".

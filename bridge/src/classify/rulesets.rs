@@ -26,6 +26,38 @@ pub struct Candidates {
     pub sets: Vec<Arc<RuleSet>>,
 }
 
+/// One vitals sample through the rule set: every version that runs for the device
+/// when candidates run ([`Versions::evaluate`]); otherwise the base alone, after a
+/// state from a run with candidates is handed back to it ([`versions::single`]).
+/// Returns the delivered changes; shadow changes go to `shadow_alerts`.
+pub(super) fn evaluate(
+    versions: Option<&Versions<'_>>,
+    base: &RuleSet,
+    candidates: &Candidates,
+    state: &mut DeviceAlertState,
+    sample: &Sample,
+    now_ms: u64,
+    shadow_alerts: &mut Vec<NewShadowAlert>,
+) -> Vec<AlertChange> {
+    if let Some(v) = versions {
+        return v.evaluate(
+            state,
+            sample,
+            &base.cohorts_of(&sample.device),
+            now_ms,
+            shadow_alerts,
+        );
+    }
+    let mut out = Vec::new();
+    if candidates.sets.is_empty() {
+        let handed = versions::single(state, (base.version(), base.sha256()), sample);
+        shadow_alerts.extend(handed_shadow_rows(&handed, sample, now_ms));
+        out = handed.delivered;
+    }
+    out.extend(alerts::evaluate(base, base.sha256(), state, sample));
+    out
+}
+
 /// The loaded versions of the rule set, and the registry that gives them roles.
 #[derive(Debug)]
 pub(super) struct Versions<'a> {
@@ -147,16 +179,7 @@ impl<'a> Versions<'a> {
         if let Some(v) = &mut state.engine_version {
             v.cohorts = cohorts.iter().map(|c| (*c).to_owned()).collect();
         }
-        shadow_alerts.extend(handed.shadow.iter().map(|c| {
-            shadow_row(
-                &c.change,
-                &c.model,
-                &c.version,
-                &c.policy_sha256,
-                sample,
-                now_ms,
-            )
-        }));
+        shadow_alerts.extend(handed_shadow_rows(&handed, sample, now_ms));
         let mut out = handed.delivered;
         for c in &mut out {
             c.set_delivered_by(before.clone());
@@ -206,7 +229,25 @@ impl<'a> Versions<'a> {
 /// it would have been published. Operational changes (signal quality, sensor fault)
 /// have no severity: `operational`. `model`, `version`, `config_sha256`: the rule set's
 /// registry name, the version and its file digest.
-pub(super) fn shadow_row(
+/// The shadow rows of a hand-over's closed would-be episodes.
+fn handed_shadow_rows<'h>(
+    handed: &'h versions::HandOver,
+    sample: &'h Sample,
+    now_ms: u64,
+) -> impl Iterator<Item = NewShadowAlert> + 'h {
+    handed.shadow.iter().map(move |c| {
+        shadow_row(
+            &c.change,
+            &c.model,
+            &c.version,
+            &c.policy_sha256,
+            sample,
+            now_ms,
+        )
+    })
+}
+
+fn shadow_row(
     change: &AlertChange,
     model: &str,
     version: &str,
